@@ -1,0 +1,237 @@
+"""Typed, keyword-only configuration dataclasses, nested the way the modules nest.
+
+    MoEConfig ─┬─ RouterConfig   (strategy, gate, noise, auxiliary-loss weights)
+               └─ ExpertsConfig  (expert kind, activation, bias, shared expert)
+
+Every config converts to and from plain dicts (``to_dict`` / ``from_dict``) so it can be saved as
+JSON next to weights and overridden from the command line by dotted keys. Later issues nest these
+inside ``BlockConfig`` and ``ModelConfig``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from typing import Any, Optional, TypeVar, Union
+
+__all__ = ["ConfigBase", "RouterConfig", "ExpertsConfig", "MoEConfig"]
+
+C = TypeVar("C", bound="ConfigBase")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ConfigBase:
+    """Shared dict conversion for config dataclasses."""
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain, JSON-serialisable dict (nested configs become nested dicts)."""
+        out: dict[str, Any] = {}
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, ConfigBase):
+                value = value.to_dict()
+            elif isinstance(value, tuple):
+                value = list(value)
+            out[field.name] = value
+        return out
+
+    @classmethod
+    def from_dict(cls: type[C], data: dict[str, Any]) -> C:
+        """Builds the config from a dict as written by ``to_dict``; unknown keys are errors."""
+        if not isinstance(data, dict):
+            raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - set(fields))
+        if unknown:
+            raise ValueError(
+                f"unknown {cls.__name__} keys {unknown}; known: {', '.join(sorted(fields))}"
+            )
+        hints = typing.get_type_hints(cls)
+        kwargs: dict[str, Any] = {}
+        for name, value in data.items():
+            sub = _config_type(hints[name])
+            if sub is not None and isinstance(value, dict):
+                value = sub.from_dict(value)
+            elif isinstance(value, list):
+                value = tuple(value)
+            kwargs[name] = value
+        return cls(**kwargs)
+
+    def replace(self: C, **changes: Any) -> C:
+        """A copy with some fields changed (validated again)."""
+        return dataclasses.replace(self, **changes)
+
+
+def _config_type(hint: Any) -> Optional[type]:
+    """The ConfigBase subclass inside a type hint such as ``RouterConfig | str``, if any."""
+    candidates = typing.get_args(hint) if typing.get_origin(hint) in (Union, _UnionType) else (hint,)
+    for candidate in candidates:
+        if isinstance(candidate, type) and issubclass(candidate, ConfigBase):
+            return candidate
+    return None
+
+
+_UnionType = type(int | str)
+
+NOISE_POLICIES = ("none", "gaussian", "jitter", "gumbel")
+DROP_POLICIES = ("in_order", "batch_prioritized")
+BALANCE_GROUPS = ("modality", "task")
+
+
+@dataclasses.dataclass(kw_only=True)
+class RouterConfig(ConfigBase):
+    """How tokens choose experts.
+
+    Attributes:
+        strategy: router input (registry ``ROUTERS``): ``token``, ``context``, ``modality``,
+            ``task``, ``attribute`` or ``hybrid``.
+        gate: how logits become assignments (registry ``GATES``): ``topk``, ``expert_choice``,
+            ``balanced`` (BASE layers, k=1) or ``hash`` (fixed, parameter-free; for tests).
+        normalize: renormalise the k gate weights to sum to 1. ``None`` means "when k > 1": with
+            k = 1 a renormalised weight is the constant 1 and the router would get no gradient.
+        noise: ``none``, ``gaussian`` (N(0, σ²) on the logits, σ = ``noise_std`` or 1/E as in
+            Uni-Perceiver-MoE), ``jitter`` (router input times U(1-ε, 1+ε), Switch) or ``gumbel``
+            (Gumbel noise on the logits when choosing, GShard-style sampling). Training only.
+        noise_std: σ for gaussian noise; ``None`` means 1/num_experts.
+        jitter_eps: ε for jitter noise.
+        num_modalities, num_roles, num_passes, num_tasks: sizes of the tag vocabularies, used by
+            the tag-based strategies (embedding tables and the attribute vector).
+        balance_loss_weight: Switch/GShard load-balance loss weight (content routers only).
+        balance_loss_groups: also compute the balance loss within each ``modality`` and/or ``task``
+            group and average over groups (``balance_modality``, ``balance_task``).
+        z_loss_weight: router z-loss weight (ST-MoE): mean squared log-sum-exp of the logits.
+        importance_loss_weight: importance loss weight (Shazeer et al. 2017): squared coefficient
+            of variation of the summed gate probabilities per expert.
+    """
+
+    strategy: str = "token"
+    gate: str = "topk"
+    normalize: Optional[bool] = None
+    noise: str = "none"
+    noise_std: Optional[float] = None
+    jitter_eps: float = 0.01
+    num_modalities: int = 9
+    num_roles: int = 3
+    num_passes: int = 3
+    num_tasks: int = 64
+    balance_loss_weight: float = 0.01
+    balance_loss_groups: tuple[str, ...] = ()
+    z_loss_weight: float = 0.001
+    importance_loss_weight: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.noise not in NOISE_POLICIES:
+            raise ValueError(f"unknown router noise {self.noise!r}; known: {', '.join(NOISE_POLICIES)}")
+        if self.noise_std is not None and self.noise_std < 0:
+            raise ValueError(f"router noise_std must be >= 0, got {self.noise_std}")
+        if not 0 <= self.jitter_eps < 1:
+            raise ValueError(f"router jitter_eps must be in [0, 1), got {self.jitter_eps}")
+        self.balance_loss_groups = tuple(self.balance_loss_groups)
+        for group in self.balance_loss_groups:
+            if group not in BALANCE_GROUPS:
+                raise ValueError(
+                    f"unknown balance_loss_groups entry {group!r}; known: {', '.join(BALANCE_GROUPS)}"
+                )
+        for name in ("num_modalities", "num_roles", "num_passes", "num_tasks"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"router {name} must be >= 1, got {getattr(self, name)}")
+        for name in ("balance_loss_weight", "z_loss_weight", "importance_loss_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"router {name} must be >= 0, got {getattr(self, name)}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class ExpertsConfig(ConfigBase):
+    """The experts: stacked weights ``[E, D, H]`` and ``[E, H, D]``.
+
+    Attributes:
+        kind: registry ``EXPERTS``: ``mlp`` (Linear-act-Linear), ``glu`` (gated, SwiGLU with
+            ``activation="silu"``) or ``linear`` (one projection per expert; mixtures of linear
+            experts merge exactly, as Uni-Perceiver-MoE does for attention projections).
+        activation: ``gelu``, ``gelu_tanh``, ``relu`` or ``silu``.
+        bias: whether expert projections have biases.
+        shared_expert: add a dense expert that every token uses (DeepSeek-MoE style).
+        shared_hidden: hidden size of the shared expert; ``None`` means ``d_hidden``.
+    """
+
+    kind: str = "mlp"
+    activation: str = "gelu"
+    bias: bool = True
+    shared_expert: bool = False
+    shared_hidden: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.shared_hidden is not None and self.shared_hidden < 1:
+            raise ValueError(f"shared_hidden must be >= 1, got {self.shared_hidden}")
+
+
+@dataclasses.dataclass(kw_only=True)
+class MoEConfig(ConfigBase):
+    """A mixture-of-experts layer.
+
+    ``MoEConfig(d_model=..., d_hidden=..., num_experts=..., top_k=..., router=...,
+    capacity_factor=None, backend=...)`` is the public API.
+
+    Attributes:
+        d_model: width D of the tokens.
+        d_hidden: hidden width H of each expert.
+        num_experts: E.
+        top_k: experts per token (k >= 1, k <= E). For ``expert_choice`` it sets the average
+            number of experts per token (capacity k·T/E per expert).
+        router: a ``RouterConfig`` or just its strategy name (``"attribute"``).
+        experts: an ``ExpertsConfig`` or just its kind (``"glu"``).
+        capacity_factor: ``None`` is dropless (every assignment is computed). A float f gives each
+            expert ``max(min_capacity, ceil(f·k·T/E))`` slots; assignments beyond are dropped,
+            counted, and the token keeps its residual path (MoE output 0 for that assignment).
+        min_capacity: lower bound on the per-expert capacity.
+        drop_policy: which assignments win slots when an expert is full: ``in_order`` (first
+            choices before second choices, then token order; GShard/tutel) or
+            ``batch_prioritized`` (first choices before second, then by gate weight; V-MoE BPR).
+        backend: dispatch backend (registry ``BACKENDS``): ``torch`` (default), ``eager``,
+            ``einsum`` or ``merged``.
+        check_finite: raise ``ValueError`` on non-finite inputs (costs a reduction per call).
+    """
+
+    d_model: int
+    d_hidden: int
+    num_experts: int
+    top_k: int = 2
+    router: Union[RouterConfig, str] = "token"
+    experts: Union[ExpertsConfig, str] = "mlp"
+    capacity_factor: Optional[float] = None
+    min_capacity: int = 4
+    drop_policy: str = "in_order"
+    backend: str = "torch"
+    check_finite: bool = False
+
+    def __post_init__(self) -> None:
+        if isinstance(self.router, str):
+            self.router = RouterConfig(strategy=self.router)
+        if isinstance(self.experts, str):
+            self.experts = ExpertsConfig(kind=self.experts)
+        for name in ("d_model", "d_hidden", "num_experts", "top_k"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"MoEConfig.{name} must be a positive int, got {value!r}")
+        if self.top_k > self.num_experts:
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} is larger than num_experts={self.num_experts}"
+            )
+        if self.capacity_factor is not None and not self.capacity_factor > 0:
+            raise ValueError(
+                f"MoEConfig.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
+            )
+        if self.min_capacity < 0:
+            raise ValueError(f"MoEConfig.min_capacity must be >= 0, got {self.min_capacity}")
+        if self.drop_policy not in DROP_POLICIES:
+            raise ValueError(
+                f"unknown drop_policy {self.drop_policy!r}; known: {', '.join(DROP_POLICIES)}"
+            )
+
+    @property
+    def normalize_gates(self) -> bool:
+        """Whether the k gate weights are renormalised (see ``RouterConfig.normalize``)."""
+        assert isinstance(self.router, RouterConfig)
+        if self.router.normalize is None:
+            return self.top_k > 1
+        return self.router.normalize

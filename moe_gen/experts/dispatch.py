@@ -1,0 +1,205 @@
+"""Dispatch backends: how routed tokens reach their experts and how results come back.
+
+Shape legend: T tokens, D model width, D' expert output width, E experts, K assignment slots per
+token, N computed assignments, C slots per expert, G route groups.
+
+Every backend computes the same function for the same ``RouterOutput``:
+
+    y[t] = Σ_k mask[t, k] · weights[t, k] · expert_{ids[t, k]}(x[t])
+
+in three steps that the MoE forward calls in order: ``dispatch`` (arrange inputs for the
+experts), ``run`` (compute the experts), ``combine`` (weight and scatter back to tokens).
+
+| backend | layout                                          | use                               |
+|---------|-------------------------------------------------|-----------------------------------|
+| eager   | per-expert index lists, one FFN call per expert | the oracle the others are tested against |
+| torch   | assignments sorted by expert, contiguous rows, grouped matmuls | the default, CPU and GPU |
+| einsum  | GShard one-hot dispatch/combine tensors [T,E,C]  | reference; O(T·E·C·D), tests only |
+| merged  | tokens grouped by identical route, each group one dense FFN with merged weights | tag routing at inference |
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+import torch
+
+from moe_gen.registry import BACKENDS
+from moe_gen.routing.router import RouterOutput
+
+__all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch", "MergedDispatch"]
+
+
+@dataclasses.dataclass
+class Dispatched:
+    """What ``dispatch`` hands to ``run`` and ``combine`` (layout depends on the backend)."""
+
+    inputs: Any
+    plan: Any
+
+
+class DispatchBackend:
+    """Base class; subclasses register with ``@BACKENDS.register(name)``.
+
+    Class attributes:
+        needs_shared_routes: only exact and efficient when routes are shared by tag groups.
+    """
+
+    needs_shared_routes = False
+
+    def dispatch(self, x_TD: torch.Tensor, routing: RouterOutput) -> Dispatched:
+        raise NotImplementedError
+
+    def run(self, experts, dispatched: Dispatched) -> Any:
+        raise NotImplementedError
+
+    def combine(self, outputs: Any, dispatched: Dispatched, x_TD: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def _computed_assignments(routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
+    """Flat indices (t·K + k) of computed assignments and their experts."""
+    flat = routing.mask.reshape(-1).nonzero().squeeze(1)
+    return flat, routing.topk_ids.reshape(-1)[flat]
+
+
+@BACKENDS.register("eager")
+class EagerDispatch(DispatchBackend):
+    """A plain loop over experts: select each expert's tokens, run it, add back weighted."""
+
+    def dispatch(self, x_TD, routing):
+        K = routing.topk_ids.shape[1]
+        flat, expert_N = _computed_assignments(routing)
+        per_expert = []
+        for e in range(routing.num_experts):
+            chosen = flat[expert_N == e]
+            token = chosen // K
+            per_expert.append((e, token, routing.topk_weights.reshape(-1)[chosen]))
+        inputs = [x_TD[token] for _, token, _ in per_expert]
+        return Dispatched(inputs, per_expert)
+
+    def run(self, experts, dispatched):
+        return [
+            experts.forward_expert(e, x) if x.shape[0] else None
+            for (e, _, _), x in zip(dispatched.plan, dispatched.inputs)
+        ]
+
+    def combine(self, outputs, dispatched, x_TD):
+        y_TD = None
+        for (e, token, weight), out in zip(dispatched.plan, outputs):
+            if out is None:
+                continue
+            contribution = out * weight.unsqueeze(1).to(out.dtype)
+            if y_TD is None:
+                y_TD = contribution.new_zeros(x_TD.shape[0], contribution.shape[1])
+            y_TD = y_TD.index_add(0, token, contribution)
+        return y_TD
+
+
+@dataclasses.dataclass
+class _SortedPlan:
+    token_N: torch.Tensor  # long, source token of each sorted row
+    weight_N: torch.Tensor  # fp32 gate weight of each sorted row
+    counts: list[int]  # rows per expert
+
+
+@BACKENDS.register("torch")
+class TorchDispatch(DispatchBackend):
+    """Sort assignments by expert; gather rows; grouped matmuls; weighted scatter-add back."""
+
+    def dispatch(self, x_TD, routing):
+        K = routing.topk_ids.shape[1]
+        flat_N, expert_N = _computed_assignments(routing)
+        expert_sorted_N, order_N = torch.sort(expert_N, stable=True)
+        flat_N = flat_N[order_N]
+        counts = torch.bincount(expert_sorted_N, minlength=routing.num_experts).tolist()
+        plan = _SortedPlan(flat_N // K, routing.topk_weights.reshape(-1)[flat_N], counts)
+        return Dispatched(x_TD.index_select(0, plan.token_N), plan)
+
+    def run(self, experts, dispatched):
+        return experts.forward_sorted(dispatched.inputs, dispatched.plan.counts)
+
+    def combine(self, y_ND, dispatched, x_TD):
+        plan = dispatched.plan
+        weighted_ND = y_ND * plan.weight_N.unsqueeze(1).to(y_ND.dtype)
+        return weighted_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_add(0, plan.token_N, weighted_ND)
+
+
+@BACKENDS.register("einsum")
+class EinsumDispatch(DispatchBackend):
+    """GShard's one-hot formulation: dispatch and combine tensors ``[T, E, C]`` and einsums.
+
+    Memory and time grow with T·E·C: a reference for tests and benchmarks, not for training.
+    """
+
+    def dispatch(self, x_TD, routing):
+        T, K = routing.topk_ids.shape
+        E, C = routing.num_experts, max(routing.capacity, 1)
+        t_N, k_N = routing.mask.nonzero(as_tuple=True)
+        e_N, c_N = routing.topk_ids[t_N, k_N], routing.positions[t_N, k_N]
+        dispatch_TEC = x_TD.new_zeros(T, E, C)
+        dispatch_TEC[t_N, e_N, c_N] = 1.0
+        combine_TEC = torch.zeros(T, E, C, dtype=routing.topk_weights.dtype, device=x_TD.device)
+        combine_TEC = combine_TEC.index_put((t_N, e_N, c_N), routing.topk_weights[t_N, k_N])
+        x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
+        return Dispatched(x_ECD, combine_TEC)
+
+    def run(self, experts, dispatched):
+        return experts.forward_padded(dispatched.inputs)
+
+    def combine(self, y_ECD, dispatched, x_TD):
+        return torch.einsum("tec,ecd->td", dispatched.plan.to(y_ECD.dtype), y_ECD)
+
+
+@dataclasses.dataclass
+class _Group:
+    token_n: torch.Tensor  # tokens sharing this route
+    ids_K: torch.Tensor  # the route's computed experts
+    weights_K: torch.Tensor  # their gate weights (from one member token: identical for all)
+
+
+@BACKENDS.register("merged")
+class MergedDispatch(DispatchBackend):
+    """Tokens with identical routes run as one group through one dense FFN with merged weights.
+
+    With content-independent routing (modality, task, attribute) every tag group has one route,
+    so a layer costs what a dense FFN of k·H hidden units costs, whatever E is. The gate weights
+    are taken from one member of each group; since the route is identical for every member, the
+    router's gradient is the same as the unmerged layer's.
+    """
+
+    needs_shared_routes = True
+
+    def dispatch(self, x_TD, routing):
+        mask_TK = routing.mask
+        has_route_T = mask_TK.any(-1)
+        key_TX = torch.cat(
+            [torch.where(mask_TK, routing.topk_ids, -1).to(routing.topk_weights.dtype),
+             routing.topk_weights.detach()], dim=1,
+        )[has_route_T]
+        tokens_T = has_route_T.nonzero().squeeze(1)
+        groups = []
+        if tokens_T.numel():
+            _, group_T = torch.unique(key_TX, dim=0, return_inverse=True)
+            for g in range(int(group_T.max()) + 1):
+                members = tokens_T[group_T == g]
+                first = members[0]
+                keep_K = mask_TK[first]
+                groups.append(_Group(members, routing.topk_ids[first][keep_K],
+                                     routing.topk_weights[first][keep_K]))
+        return Dispatched([x_TD[g.token_n] for g in groups], groups)
+
+    def run(self, experts, dispatched):
+        return [
+            experts.forward_merged(x, g.ids_K, g.weights_K)
+            for g, x in zip(dispatched.plan, dispatched.inputs)
+        ]
+
+    def combine(self, outputs, dispatched, x_TD):
+        y_TD = None
+        for group, out in zip(dispatched.plan, outputs):
+            if y_TD is None:
+                y_TD = out.new_zeros(x_TD.shape[0], out.shape[1])
+            y_TD = y_TD.index_add(0, group.token_n, out)
+        return y_TD

@@ -1,0 +1,242 @@
+"""Experts with stacked weights, and the dense FFN they are compared against.
+
+Shape legend: E experts, D model width, H expert hidden width, N rows sorted by expert, C slots
+per expert (padded layout), K experts merged for one tag group.
+
+Weights are stored stacked, ``w_in [E, D, H]`` and ``w_out [E, H, D]`` (``[E, D, 2H]`` holding
+``[gate | up]`` for gated experts), so that experts can be sliced, sharded and merged without a
+ModuleList. Each expert kind offers the entry points the dispatch backends need:
+
+- ``forward_sorted(x_ND, counts)``: rows already grouped by expert (the fast path);
+- ``forward_expert(e, x)``: one expert, plain autograd (the eager oracle);
+- ``forward_padded(x_ECD)``: a padded ``[E, C, D]`` batch (GShard's einsum layout);
+- ``forward_merged(x, ids_K, weights_K)``: one dense layer equal to Σ_k w_k · expert_k(x).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from moe_gen.config import ExpertsConfig
+from moe_gen.experts.grouped import ACTIVATIONS, activate, grouped_ffn
+from moe_gen.registry import EXPERTS
+
+__all__ = ["StackedExperts", "MLPExperts", "GLUExperts", "LinearExperts", "DenseFFN"]
+
+
+def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype matmuls would run in: the autocast dtype when autocast is on, else x's."""
+    device = x.device.type
+    if torch.is_autocast_enabled(device):
+        return torch.get_autocast_dtype(device)
+    return x.dtype
+
+
+class StackedExperts(nn.Module):
+    """E expert FFNs with weights stacked on a leading expert dimension.
+
+    Args:
+        d_model: D (input width).
+        d_hidden: H (hidden width; the output width for linear experts).
+        num_experts: E.
+        config: activation, bias.
+    """
+
+    gated = False
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, config: ExpertsConfig) -> None:
+        super().__init__()
+        if config.activation not in ACTIVATIONS:
+            raise ValueError(
+                f"unknown expert activation {config.activation!r}; known: {', '.join(ACTIVATIONS)}"
+            )
+        self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
+        self.activation = config.activation
+        in_width = 2 * d_hidden if self.gated else d_hidden
+        self.w_in = nn.Parameter(torch.empty(num_experts, d_model, in_width))
+        self.w_out = nn.Parameter(torch.empty(num_experts, d_hidden, d_model))
+        self.b_in = nn.Parameter(torch.empty(num_experts, in_width)) if config.bias else None
+        self.b_out = nn.Parameter(torch.empty(num_experts, d_model)) if config.bias else None
+        self.reset_parameters()
+
+    @property
+    def d_out(self) -> int:
+        return self.d_model
+
+    def reset_parameters(self) -> None:
+        # nn.Linear's default: U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases.
+        for w, b in ((self.w_in, self.b_in), (self.w_out, self.b_out)):
+            bound = 1.0 / math.sqrt(w.shape[1])
+            nn.init.uniform_(w, -bound, bound)
+            if b is not None:
+                nn.init.uniform_(b, -bound, bound)
+
+    def _params(self, dtype: torch.dtype):
+        cast = lambda p: None if p is None else p.to(dtype)  # noqa: E731
+        return cast(self.w_in), cast(self.b_in), cast(self.w_out), cast(self.b_out)
+
+    def forward_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        """Rows grouped by expert (``counts[e]`` rows for expert e, in expert order)."""
+        dtype = _autocast_dtype(x_ND)
+        w_in, b_in, w_out, b_out = self._params(dtype)
+        # Autocast off: the grouped function runs its matmuls in `dtype` as cast here.
+        with torch.autocast(x_ND.device.type, enabled=False):
+            return grouped_ffn(x_ND.to(dtype), counts, w_in, b_in, w_out, b_out,
+                               self.activation, self.gated)
+
+    def forward_expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        """Expert e on its tokens, plain autograd (the reference computation)."""
+        h = x_nD @ self.w_in[e]
+        if self.b_in is not None:
+            h = h + self.b_in[e]
+        y = activate(h, self.activation, self.gated) @ self.w_out[e]
+        if self.b_out is not None:
+            y = y + self.b_out[e]
+        return y
+
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        """All experts on a padded ``[E, C, D]`` batch with batched matmuls."""
+        h = torch.bmm(x_ECD, self.w_in)
+        if self.b_in is not None:
+            h = h + self.b_in.unsqueeze(1)
+        y = torch.bmm(activate(h, self.activation, self.gated), self.w_out)
+        if self.b_out is not None:
+            y = y + self.b_out.unsqueeze(1)
+        return y
+
+    def forward_merged(
+        self, x_nD: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor
+    ) -> torch.Tensor:
+        """Σ_k weights_K[k] · expert_{ids_K[k]}(x) as ONE dense FFN of hidden width K·H.
+
+        Exact for any activation: the K experts' input projections are concatenated along the
+        hidden dimension and their output projections, pre-scaled by the gate weights, stacked
+        along it, so act() sees exactly the per-expert hidden units. Cost: a dense FFN.
+        """
+        K, H = ids_K.numel(), self.d_hidden
+        w_in_KDH = self.w_in[ids_K]
+        if self.gated:
+            gate, up = w_in_KDH.chunk(2, dim=-1)
+            w_in_DX = torch.cat([_concat_hidden(gate), _concat_hidden(up)], dim=-1)
+        else:
+            w_in_DX = _concat_hidden(w_in_KDH)
+        w_out_XD = (self.w_out[ids_K] * weights_K.view(K, 1, 1).to(self.w_out.dtype)).reshape(K * H, -1)
+        h = x_nD @ w_in_DX
+        if self.b_in is not None:
+            b_in_KH = self.b_in[ids_K]
+            if self.gated:
+                gate_b, up_b = b_in_KH.chunk(2, dim=-1)
+                h = h + torch.cat([gate_b.reshape(-1), up_b.reshape(-1)])
+            else:
+                h = h + b_in_KH.reshape(-1)
+        y = activate(h, self.activation, self.gated) @ w_out_XD
+        if self.b_out is not None:
+            y = y + (weights_K.unsqueeze(1).to(self.b_out.dtype) * self.b_out[ids_K]).sum(0)
+        return y
+
+
+def _concat_hidden(w_KDH: torch.Tensor) -> torch.Tensor:
+    """[K, D, H] → [D, K·H]: expert k's hidden units in columns k·H … (k+1)·H-1."""
+    K, D, H = w_KDH.shape
+    return w_KDH.permute(1, 0, 2).reshape(D, K * H)
+
+
+@EXPERTS.register("mlp")
+class MLPExperts(StackedExperts):
+    """Linear → activation (GELU by default) → Linear, per expert."""
+
+
+@EXPERTS.register("glu")
+class GLUExperts(StackedExperts):
+    """Gated experts: (act(x·W_gate) ⊙ x·W_up)·W_down; SwiGLU with ``activation="silu"``.
+
+    ``w_in`` is ``[E, D, 2H]`` holding ``[gate | up]`` so one matmul computes both.
+    """
+
+    gated = True
+
+
+@EXPERTS.register("linear")
+class LinearExperts(nn.Module):
+    """One linear projection D → H per expert (mixtures of these merge exactly by weight sum).
+
+    Uni-Perceiver-MoE puts such mixtures in the attention and FFN projections; the merged form
+    Σ_k w_k·W_k is a single ``[D, H]`` matrix.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, num_experts: int, config: ExpertsConfig) -> None:
+        super().__init__()
+        self.d_model, self.d_hidden, self.num_experts = d_model, d_hidden, num_experts
+        self.weight = nn.Parameter(torch.empty(num_experts, d_model, d_hidden))
+        self.bias = nn.Parameter(torch.empty(num_experts, d_hidden)) if config.bias else None
+        bound = 1.0 / math.sqrt(d_model)
+        nn.init.uniform_(self.weight, -bound, bound)
+        if self.bias is not None:
+            nn.init.uniform_(self.bias, -bound, bound)
+
+    @property
+    def d_out(self) -> int:
+        return self.d_hidden
+
+    def forward_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
+        # One matmul per expert; unbind() (not w[e]) so backward stacks the grads once.
+        pieces = [
+            x @ w for x, w, n in zip(x_ND.split(counts), self.weight.unbind(0), counts) if n
+        ]
+        if not pieces:
+            return x_ND.new_zeros(0, self.d_hidden)
+        y = torch.cat(pieces)
+        if self.bias is not None:
+            expert_N = torch.repeat_interleave(
+                torch.arange(self.num_experts, device=x_ND.device),
+                torch.as_tensor(counts, device=x_ND.device),
+            )
+            y = y + self.bias[expert_N]
+        return y
+
+    def forward_expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
+        y = x_nD @ self.weight[e]
+        return y if self.bias is None else y + self.bias[e]
+
+    def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
+        y = torch.bmm(x_ECD, self.weight)
+        return y if self.bias is None else y + self.bias.unsqueeze(1)
+
+    def forward_merged(self, x_nD, ids_K, weights_K):
+        w = weights_K.to(self.weight.dtype)
+        y = x_nD @ (w.view(-1, 1, 1) * self.weight[ids_K]).sum(0)
+        if self.bias is not None:
+            y = y + (w.unsqueeze(1) * self.bias[ids_K]).sum(0)
+        return y
+
+
+class DenseFFN(nn.Module):
+    """A plain dense FFN (the baseline, and the shared expert): same kinds as the experts.
+
+    Args:
+        d_model: D.
+        d_hidden: H.
+        config: kind (``mlp``, ``glu`` or ``linear``), activation, bias.
+    """
+
+    def __init__(self, d_model: int, d_hidden: int, config: ExpertsConfig) -> None:
+        super().__init__()
+        self.kind, self.activation = config.kind, config.activation
+        if self.kind not in ("mlp", "glu", "linear"):
+            raise ValueError(f"DenseFFN supports kinds mlp, glu, linear; got {self.kind!r}")
+        if self.kind == "linear":
+            self.fc_in = nn.Linear(d_model, d_hidden, bias=config.bias)
+            self.fc_out = None
+        else:
+            width = 2 * d_hidden if self.kind == "glu" else d_hidden
+            self.fc_in = nn.Linear(d_model, width, bias=config.bias)
+            self.fc_out = nn.Linear(d_hidden, d_model, bias=config.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.fc_in(x)
+        if self.fc_out is None:
+            return h
+        return self.fc_out(activate(h, self.activation, self.kind == "glu"))

@@ -1,0 +1,204 @@
+"""The mixture-of-experts layer: route → dispatch → experts → combine (→ shared expert).
+
+Shape legend: B batch, S sequence, T = B·S flattened tokens, D model width, D' output width
+(D, or H for linear experts), E experts, K assignments per token.
+
+    moe = MoE(MoEConfig(d_model=512, d_hidden=1024, num_experts=8, top_k=2, router="attribute"))
+    out = moe(x_BSD, tags=tags_BS, padding_mask=pad_BS)
+    out.output        # [B, S, D]
+    out.aux_losses    # {"z": ..., ...} already weighted; out.aux_loss is their sum
+    out.routing       # RouterOutput: ids, weights, probs, counts, dropped
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_gen.config import MoEConfig
+from moe_gen.experts.dispatch import DispatchBackend
+from moe_gen.experts.experts import DenseFFN
+from moe_gen.registry import BACKENDS, EXPERTS
+from moe_gen.routing.losses import auxiliary_losses
+from moe_gen.routing.router import Router, RouterOutput
+from moe_gen.routing.tags import TokenTags
+
+# Registering modules: importing them fills ROUTERS, GATES, EXPERTS and BACKENDS.
+import moe_gen.routing  # noqa: F401,E402  isort: skip
+import moe_gen.experts  # noqa: F401,E402  isort: skip
+
+__all__ = ["MoE", "MoEOutput"]
+
+
+@dataclasses.dataclass
+class MoEOutput:
+    """What one MoE call returns.
+
+    Attributes:
+        output: ``[T, D']`` or ``[B, S, D']`` like the input; zero for padding and for tokens whose
+            every assignment was dropped (they continue on the residual path).
+        aux_losses: named auxiliary losses, each already multiplied by its configured weight.
+        routing: the router's decision (ids, weights, probabilities, counts, drops).
+    """
+
+    output: torch.Tensor
+    aux_losses: dict[str, torch.Tensor]
+    routing: RouterOutput
+
+    @property
+    def aux_loss(self) -> torch.Tensor:
+        """Sum of ``aux_losses`` (a zero tensor when there are none)."""
+        if not self.aux_losses:
+            return self.output.new_zeros((), dtype=torch.float32)
+        return torch.stack([v.float() for v in self.aux_losses.values()]).sum()
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts FFN routed by hidden states and/or per-token tags.
+
+    Args:
+        config: ``MoEConfig``; ``capacity_factor=None`` is dropless.
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.router = Router(config)
+        self.experts = EXPERTS.get(config.experts.kind)(
+            config.d_model, config.d_hidden, config.num_experts, config.experts
+        )
+        self.backend: DispatchBackend = BACKENDS.get(config.backend)()
+        if self.backend.needs_shared_routes and self.router.content_dependent:
+            raise ValueError(
+                f"backend {config.backend!r} runs each group of tokens that shares a route as one "
+                f"merged dense layer, but router strategy {config.router.strategy!r} routes every "
+                "token by its content; use a tag strategy (modality, task, attribute) or "
+                "backend='torch'"
+            )
+        self.shared: Optional[DenseFFN] = None
+        if config.experts.shared_expert:
+            hidden = config.experts.shared_hidden or config.d_hidden
+            self.shared = DenseFFN(config.d_model, hidden, config.experts)
+
+    def set_backend(self, name: str) -> None:
+        """Switches the dispatch backend (same weights, same function)."""
+        backend = BACKENDS.get(name)()
+        if backend.needs_shared_routes and self.router.content_dependent:
+            raise ValueError(
+                f"backend {name!r} needs content-independent routes; strategy "
+                f"{self.config.router.strategy!r} is content-dependent"
+            )
+        self.backend = backend
+        self.config = self.config.replace(backend=name)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        tags: Optional[TokenTags] = None,
+        padding_mask: Optional[torch.Tensor] = None,
+    ) -> MoEOutput:
+        """Args:
+            x: ``[T, D]`` or ``[B, S, D]`` hidden states.
+            tags: ``TokenTags`` shaped like the tokens (``[T]`` or ``[B, S]``); required by tag
+                strategies (modality, task, attribute, hybrid) and grouped balance losses.
+            padding_mask: bool, shaped like the tokens, True where a position is padding.
+                Padding is not routed, takes no capacity, adds to no loss and outputs zeros.
+
+        Returns:
+            ``MoEOutput`` (output shaped like x with width D').
+        """
+        x_TD, tags_T, valid_T, segment_T = self._flatten_inputs(x, tags, padding_mask)
+
+        routing = self.router(x_TD, tags_T, valid_T, segment_T)
+        aux_losses = auxiliary_losses(routing, tags_T, self.config.router)
+
+        dispatched = self.backend.dispatch(x_TD, routing)
+        expert_outputs = self.backend.run(self.experts, dispatched)
+        y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
+        if y_TD is None:  # no assignment computed at all (every token padding or dropped)
+            y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
+
+        if self.shared is not None:
+            shared_TD = self.shared(x_TD)
+            y_TD = y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
+        return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
+
+    def _flatten_inputs(self, x, tags, padding_mask):
+        """Validates the inputs and flattens them to tokens; errors name what is wrong."""
+        cfg = self.config
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(f"MoE input must be a floating-point tensor, got {_describe(x)}")
+        if x.dim() not in (2, 3):
+            raise ValueError(f"MoE input must be [T, D] or [B, S, D], got shape {tuple(x.shape)}")
+        if x.shape[-1] != cfg.d_model:
+            raise ValueError(
+                f"MoE input has feature size {x.shape[-1]} but the layer was built with "
+                f"d_model={cfg.d_model} (input shape {tuple(x.shape)})"
+            )
+        token_shape = tuple(x.shape[:-1])
+        T = x[..., 0].numel()
+
+        if padding_mask is None:
+            valid_T = torch.ones(T, dtype=torch.bool, device=x.device)
+        else:
+            if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != token_shape:
+                raise ValueError(
+                    f"padding_mask must be shaped like the tokens {token_shape}, got "
+                    f"{_describe(padding_mask)}"
+                )
+            if padding_mask.dtype != torch.bool:
+                raise ValueError(f"padding_mask must be bool (True = padding), got {padding_mask.dtype}")
+            valid_T = ~padding_mask.reshape(T)
+
+        x_TD = x.reshape(T, cfg.d_model)
+        if cfg.check_finite:
+            bad = ~torch.isfinite(x_TD).all(-1) & valid_T
+            if bool(bad.any()):
+                first = int(bad.nonzero()[0])
+                where = first if x.dim() == 2 else divmod(first, x.shape[1])
+                raise ValueError(
+                    f"MoE input has non-finite values in {int(bad.sum())} token(s); first at "
+                    f"{'token' if x.dim() == 2 else '(batch, position)'} {where}"
+                )
+
+        rc = cfg.router
+        if tags is None:
+            if self.router.needs_tags:
+                raise ValueError(
+                    f"router strategy {rc.strategy!r} routes by tags; pass tags=TokenTags(...) "
+                    f"shaped like the tokens {token_shape}"
+                )
+            if rc.balance_loss_groups and self.router.content_dependent and rc.balance_loss_weight > 0:
+                raise ValueError(
+                    f"balance_loss_groups={list(rc.balance_loss_groups)} needs tags; pass tags="
+                )
+            tags_T = None
+        else:
+            if not isinstance(tags, TokenTags):
+                raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
+            tags.validate(
+                token_shape, num_modalities=rc.num_modalities, num_roles=rc.num_roles,
+                num_passes=rc.num_passes, num_tasks=rc.num_tasks,
+            )
+            tags_T = tags.flatten()
+
+        # Sequence index of each token, for context pooling: rows of [B, S], refined by
+        # tags.sample when samples are packed into rows.
+        if x.dim() == 3:
+            segment_T = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
+        else:
+            segment_T = torch.zeros(T, dtype=torch.long, device=x.device)
+        if tags_T is not None and tags_T.sample is not None:
+            _, segment_T = torch.unique(
+                torch.stack([segment_T, tags_T.sample.long()], dim=1), dim=0, return_inverse=True
+            )
+        return x_TD, tags_T, valid_T, segment_T
+
+
+def _describe(value) -> str:
+    if isinstance(value, torch.Tensor):
+        return f"tensor of shape {tuple(value.shape)} and dtype {value.dtype}"
+    return type(value).__name__

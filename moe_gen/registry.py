@@ -1,0 +1,87 @@
+"""One small decorator registry, reused for every pluggable part of moe_gen.
+
+Routers, gates, expert kinds and dispatch backends register here by name; later parts of the
+package (modalities, tasks, objectives, metrics) use the same class.
+
+    @BACKENDS.register("torch")
+    class TorchDispatch: ...
+
+    BACKENDS.get("torch")       # -> TorchDispatch
+    BACKENDS.get("tourch")      # ValueError: unknown dispatch backend 'tourch'; known: eager, ...
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Generic, Iterator, TypeVar
+
+T = TypeVar("T")
+
+__all__ = ["Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS"]
+
+
+class Registry(Generic[T]):
+    """A name → object mapping filled by a decorator.
+
+    Args:
+        kind: what the entries are, used in error messages ("router strategy", "dispatch backend").
+    """
+
+    def __init__(self, kind: str) -> None:
+        self.kind = kind
+        self._entries: dict[str, T] = {}
+
+    def register(self, name: str) -> Callable[[T], T]:
+        """Decorator that registers ``obj`` under ``name``; duplicate names are rejected."""
+        if not isinstance(name, str) or not name:
+            raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+
+        def add(obj: T) -> T:
+            if name in self._entries:
+                raise ValueError(
+                    f"{self.kind} {name!r} is already registered (by {self._entries[name]!r}); "
+                    "pick another name"
+                )
+            self._entries[name] = obj
+            return obj
+
+        return add
+
+    def unregister(self, name: str) -> None:
+        """Removes an entry (for tests and for users replacing a part)."""
+        self.get(name)
+        del self._entries[name]
+
+    def get(self, name: str) -> T:
+        """Returns the entry for ``name``; unknown names are answered with the known ones."""
+        try:
+            return self._entries[name]
+        except (KeyError, TypeError):
+            raise ValueError(
+                f"unknown {self.kind} {name!r}; known: {', '.join(self.list()) or '(none)'}"
+            ) from None
+
+    def list(self) -> list[str]:
+        """The registered names, sorted."""
+        return sorted(self._entries)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._entries
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.list())
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def __repr__(self) -> str:
+        return f"Registry({self.kind!r}, {self.list()})"
+
+
+# Router input strategies: how a router turns hidden states and/or tags into its input z.
+ROUTERS: Registry = Registry("router strategy")
+# Gates: how router logits become expert assignments (top-k, expert choice, balanced, hash).
+GATES: Registry = Registry("gate")
+# Expert kinds with stacked weights (mlp, glu, linear).
+EXPERTS: Registry = Registry("expert kind")
+# Dispatch backends: how tokens reach their experts and come back.
+BACKENDS: Registry = Registry("dispatch backend")

@@ -1,0 +1,201 @@
+"""The router: tags and/or hidden states → expert assignments, with capacity applied.
+
+Shape legend: T tokens (flattened, padding included), D model width, E experts, K assignment
+slots per token (top_k, or E for expert choice).
+
+    z_TD      = strategy input (token, context, modality, task, attribute, hybrid)
+    logits_TE = z · W_gateᵀ                    (fp32, autocast off)
+    choice    = gate(logits + noise)           (top-k, expert choice, balanced, hash)
+    keep      = capacity(choice)               (dropless keeps all)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Optional
+
+import torch
+from torch import nn
+
+from moe_gen.config import MoEConfig, RouterConfig
+from moe_gen.registry import GATES, ROUTERS
+from moe_gen.routing.capacity import capacity_for, slot_positions
+from moe_gen.routing.gates import Gate
+from moe_gen.routing.tags import TokenTags
+
+__all__ = ["RouterOutput", "Router"]
+
+
+@dataclasses.dataclass
+class RouterOutput:
+    """What the router decided, typed.
+
+    Attributes:
+        topk_ids: long ``[T, K]`` expert of each assignment.
+        topk_weights: float32 ``[T, K]`` gate weight; 0 for dropped or absent assignments.
+        mask: bool ``[T, K]`` the assignment is computed (chosen, valid token, within capacity).
+        positions: long ``[T, K]`` slot of the assignment in its expert (for padded layouts).
+        capacity: slots per expert (for dropless: the largest expert load in this call).
+        probs: float32 ``[T, E]`` router probabilities (zero rows for padding).
+        logits: float32 ``[T, E]`` router logits, before noise.
+        valid: bool ``[T]`` real tokens (not padding).
+        expert_counts: long ``[E]`` assignments each expert computes (after drops).
+        dropped_assignments: long scalar, assignments dropped by capacity (or not picked by any
+            expert, for expert choice counted per token below).
+        dropped_tokens: long scalar, valid tokens with no computed assignment: their MoE output is
+            zero and they continue on the residual path.
+        content_dependent: whether routes depend on the hidden state (False for tag routing).
+        balanced_by_construction: the gate balances load itself (no balance loss applies).
+        learned_gate: the gate projection is trained (False for the hash gate: no z-loss).
+    """
+
+    topk_ids: torch.Tensor
+    topk_weights: torch.Tensor
+    mask: torch.Tensor
+    positions: torch.Tensor
+    capacity: int
+    probs: torch.Tensor
+    logits: torch.Tensor
+    valid: torch.Tensor
+    expert_counts: torch.Tensor
+    dropped_assignments: torch.Tensor
+    dropped_tokens: torch.Tensor
+    content_dependent: bool
+    balanced_by_construction: bool
+    learned_gate: bool
+
+    @property
+    def num_experts(self) -> int:
+        return self.probs.shape[1]
+
+
+class Router(nn.Module):
+    """Routes tokens to experts by the configured strategy, gate, noise and capacity.
+
+    Args:
+        config: the layer's ``MoEConfig`` (router settings in ``config.router``).
+    """
+
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__()
+        rc = config.router
+        assert isinstance(rc, RouterConfig)
+        self.config = config
+        self.router_config = rc
+        self.num_experts = config.num_experts
+        self.input = ROUTERS.get(rc.strategy)(config.d_model, rc)
+        self.gate: Gate = GATES.get(rc.gate)(config.num_experts, config.top_k, config.normalize_gates)
+        weight = torch.empty(config.num_experts, config.d_model)
+        nn.init.normal_(weight, std=1.0 / math.sqrt(config.d_model))
+        if self.gate.learned:
+            self.weight = nn.Parameter(weight)
+        else:
+            # Fixed projection: a buffer, so it is saved but never trained.
+            self.register_buffer("weight", weight)
+
+    @property
+    def content_dependent(self) -> bool:
+        return type(self.input).content_dependent
+
+    @property
+    def needs_tags(self) -> bool:
+        return type(self.input).needs_tags
+
+    def forward(
+        self,
+        x_TD: torch.Tensor,
+        tags: Optional[TokenTags],
+        valid_T: torch.Tensor,
+        segment_T: torch.Tensor,
+    ) -> RouterOutput:
+        """Args:
+            x_TD: hidden states (any float dtype).
+            tags: flattened tags ``[T]`` (required by tag strategies).
+            valid_T: bool, False for padding.
+            segment_T: long sequence index of each token (for context pooling).
+        """
+        rc, cfg = self.router_config, self.config
+        E = self.num_experts
+        noisy = self.training and rc.noise != "none"
+
+        # Rows the router scores: every token, or one representative per tag group.
+        rows_x, rows_tags, rows_segment, rows_valid = x_TD, tags, segment_T, valid_T
+        group_T = None
+        if not self.content_dependent and x_TD.shape[0] > 0:
+            # Route each tag group once and broadcast: identical routes for all members, bit
+            # for bit (and G rows of work instead of T). Noise, too, is drawn per group.
+            _, group_T = torch.unique(tags.group_key(), return_inverse=True)
+            token_T = torch.arange(x_TD.shape[0], device=x_TD.device)
+            first_G = torch.full((int(group_T.max()) + 1,), x_TD.shape[0], device=x_TD.device)
+            first_G = first_G.scatter_reduce(0, group_T, token_T, "amin")
+            rows_x, rows_tags = x_TD[first_G], tags.select(first_G)
+            rows_segment, rows_valid = segment_T[first_G], valid_T[first_G]
+
+        with torch.autocast(x_TD.device.type, enabled=False):
+            z_TD = self.input(rows_x, rows_tags, rows_segment, rows_valid).float()
+            if noisy and rc.noise == "jitter":
+                # Switch Transformer: multiplicative jitter on the router input.
+                z_TD = z_TD * torch.empty_like(z_TD).uniform_(1.0 - rc.jitter_eps, 1.0 + rc.jitter_eps)
+            logits_TE = torch.nn.functional.linear(z_TD, self.weight.float())
+            scores_TE = logits_TE
+            if noisy and rc.noise == "gaussian":
+                # Uni-Perceiver-MoE: N(0, (1/E)²) on the logits; weights follow the noisy logits.
+                std = rc.noise_std if rc.noise_std is not None else 1.0 / E
+                scores_TE = logits_TE + torch.randn_like(logits_TE) * std
+                probs_TE = scores_TE.softmax(-1)
+            elif noisy and rc.noise == "gumbel":
+                # Gumbel-top-k samples experts from the softmax without replacement; the weights
+                # stay the clean probabilities.
+                gumbel = -torch.log(-torch.log(torch.rand_like(logits_TE).clamp(1e-20, 1.0)))
+                scores_TE = logits_TE + gumbel
+                probs_TE = logits_TE.softmax(-1)
+            else:
+                probs_TE = logits_TE.softmax(-1)
+            if group_T is not None:
+                logits_TE, scores_TE, probs_TE = logits_TE[group_T], scores_TE[group_T], probs_TE[group_T]
+            probs_TE = torch.where(valid_T.unsqueeze(1), probs_TE, 0.0)
+
+            choice = self.gate.choose(
+                scores_TE, probs_TE, valid_T, capacity_factor=cfg.capacity_factor,
+                training=self.training,
+            )
+
+        ids_TK, mask_TK, weights_TK = choice.ids_TK, choice.mask_TK, choice.weights_TK
+        if choice.positions_TK is not None:
+            # The gate fixed slots and capacity itself (expert choice).
+            positions_TK, capacity = choice.positions_TK, int(choice.capacity)
+            keep_TK = mask_TK
+        else:
+            priority_T = None
+            if cfg.drop_policy == "batch_prioritized":
+                priority_T = torch.argsort(weights_TK.max(-1).values, descending=True, stable=True)
+            positions_TK, load_E = slot_positions(ids_TK, mask_TK, E, priority_T)
+            if cfg.capacity_factor is None:
+                capacity = int(load_E.max()) if load_E.numel() else 0
+                keep_TK = mask_TK
+            else:
+                num_valid = int(valid_T.sum())
+                capacity = capacity_for(num_valid, cfg.top_k, E, cfg.capacity_factor, cfg.min_capacity)
+                keep_TK = mask_TK & (positions_TK < capacity)
+
+        weights_TK = torch.where(keep_TK, weights_TK, 0.0)
+        expert_counts_E = torch.bincount(ids_TK[keep_TK], minlength=E)
+        dropped_assignments = (mask_TK & ~keep_TK).sum()
+        dropped_tokens = (valid_T & ~keep_TK.any(-1)).sum()
+        return RouterOutput(
+            topk_ids=ids_TK,
+            topk_weights=weights_TK,
+            mask=keep_TK,
+            positions=torch.where(keep_TK, positions_TK, 0),
+            capacity=capacity,
+            probs=probs_TE,
+            logits=logits_TE,
+            valid=valid_T,
+            expert_counts=expert_counts_E,
+            dropped_assignments=dropped_assignments,
+            dropped_tokens=dropped_tokens,
+            content_dependent=self.content_dependent,
+            balanced_by_construction=type(self.gate).balanced_by_construction,
+            learned_gate=type(self.gate).learned,
+        )

@@ -1,0 +1,40 @@
+"""Packaging for moe_gen.
+
+Install for development with ``pip install -e '.[dev]'`` (``make venv`` does it for you).
+"""
+
+from setuptools import find_packages, setup
+
+CORE = [
+    # The CUDA build of torch from the index; it runs on the CPU. Do not use the +cpu wheel:
+    # torchaudio from the index fails to load against it (libc10_cuda.so).
+    "torch>=2.4,<=2.14.1",
+    "torchaudio",
+    "sentencepiece>=0.2",
+    "transformers>=4.44",
+    "scipy>=1.11",
+    "numpy>=1.24",
+    "safetensors>=0.4",
+]
+
+EXTRAS = {
+    "dev": [
+        "pytest>=8",
+        "hypothesis>=6.100",
+        "ruff>=0.5",
+        # fairscale's GShard MOELayer is the reference baseline in benchmarks.
+        "fairscale==0.4.13",
+    ],
+}
+
+setup(
+    name="moe_gen",
+    version="0.1.0",
+    description="Generalist multimodal transformers with mixture-of-experts layers routed by task tags.",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    packages=find_packages(include=["moe_gen", "moe_gen.*"]),
+    install_requires=CORE,
+    extras_require=EXTRAS,
+)

@@ -1,0 +1,52 @@
+"""Helpers shared by the tests: random tags with several tag groups, backend comparison."""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+
+from moe_gen import MoE, TokenTags
+
+
+def random_tags(shape, num_tasks=3, generator=None) -> TokenTags:
+    """Tags with a few distinct tag groups (modality, task, role, causal vary by token)."""
+    g = generator or torch.Generator().manual_seed(1)
+    task = torch.randint(0, num_tasks, shape, generator=g)
+    modality = torch.randint(0, 3, shape, generator=g)  # TEXT, IMAGE, AUDIO
+    role = torch.randint(0, 2, shape, generator=g)
+    task_modalities = torch.zeros(*shape, 9, dtype=torch.bool)
+    # Task i uses TEXT plus modality i: a deterministic function of the task, as in real tasks.
+    task_modalities[..., 0] = True
+    task_modalities.scatter_(-1, task.unsqueeze(-1), True)
+    return TokenTags(
+        task=task,
+        modality=modality,
+        role=role,
+        task_modalities=task_modalities,
+        causal=role == 1,
+        pass_id=torch.zeros(shape, dtype=torch.long),
+    )
+
+
+
+def run_with_grads(moe: MoE, x: torch.Tensor, tags, padding_mask=None, seed: int = 0):
+    """Forward + backward of a fixed random projection of the output plus the aux loss.
+
+    Returns (output, aux losses dict, grad of x, {param name: grad}).
+    """
+    x = x.detach().clone().requires_grad_(True)
+    moe.zero_grad(set_to_none=True)
+    out = moe(x, tags=tags, padding_mask=padding_mask)
+    g = torch.Generator().manual_seed(seed)
+    probe = torch.randn(out.output.shape, generator=g, dtype=out.output.dtype)
+    ((out.output * probe).sum() + out.aux_loss).backward()
+    grads = {n: p.grad.detach().clone() for n, p in moe.named_parameters() if p.grad is not None}
+    return out.output.detach(), {k: v.detach() for k, v in out.aux_losses.items()}, x.grad, grads
+
+
+def with_backend(moe: MoE, backend: str) -> MoE:
+    """A deep copy of ``moe`` (same weights) using another dispatch backend."""
+    other = copy.deepcopy(moe)
+    other.set_backend(backend)
+    return other
