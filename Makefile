@@ -1,18 +1,29 @@
 # The two commands a newcomer runs: `make demo` and `make test`.
 # Both create .venv if it is missing and (re)install only when setup.py changed.
+SHELL := /bin/bash
+.SHELLFLAGS := -eo pipefail -c
 PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+# The stamp names a hash of setup.py: dependencies are reinstalled only when it changes.
+STAMP := $(VENV)/.installed-$(shell sha256sum setup.py | cut -c1-16)
+# Where the installed moe_gen lives must be this checkout (a cached venv may come from another).
+CHECK_HERE = import moe_gen, pathlib, sys; \
+	sys.exit(pathlib.Path(moe_gen.__file__).resolve().parent != pathlib.Path('$(CURDIR)/moe_gen').resolve())
+QUIET_PIP = 2>&1 | { grep -v "^WARNING: Location" || true; }
 
 .PHONY: demo test test-all venv lint bench clean
 
 venv: $(STAMP)
+	@(cd / && $(abspath $(PY)) -c "$(CHECK_HERE)" 2>/dev/null) \
+		|| $(PY) -m pip install --quiet --no-deps --no-build-isolation -e . $(QUIET_PIP)
 
-$(STAMP): setup.py
+$(STAMP):
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet --upgrade pip $(QUIET_PIP)
+	$(PY) -m pip install --quiet -e '.[dev]' $(QUIET_PIP)
+	$(PY) -c "import torch, torchaudio, moe_gen"
+	rm -f $(VENV)/.installed-*
 	touch $(STAMP)
 
 demo: venv

@@ -60,6 +60,16 @@ def _segments(counts: list[int]):
         start += n
 
 
+def _expert_grad_buffer(like: torch.Tensor, counts: list[int]) -> torch.Tensor:
+    """An uninitialised [E, ...] gradient buffer; only experts with no rows are zeroed (the
+    others are fully written by their matmul), which saves a pass over E·D·H values."""
+    buffer = torch.empty_like(like)
+    for e, n in enumerate(counts):
+        if n == 0:
+            buffer[e].zero_()
+    return buffer
+
+
 def _linear_rows(x, w, b, out):
     if b is None:
         torch.mm(x, w, out=out)
@@ -96,7 +106,7 @@ class _GroupedFFN(torch.autograd.Function):
         N, E = x_ND.shape[0], w_in.shape[0]
 
         grad_a_NH = grad_y_ND.new_empty(N, w_out.shape[1])
-        grad_w_out = torch.zeros_like(w_out) if need_w_out else None
+        grad_w_out = _expert_grad_buffer(w_out, counts) if need_w_out else None
         grad_b_out = grad_y_ND.new_zeros(E, w_out.shape[2]) if need_b_out and ctx.has_bias[1] else None
         for e, s, t in _segments(counts):
             torch.mm(grad_y_ND[s:t], w_out[e].t(), out=grad_a_NH[s:t])
@@ -109,7 +119,7 @@ class _GroupedFFN(torch.autograd.Function):
         grad_h_NH = _activation_backward(grad_a_NH, h_NH, activation, gated)
         del grad_a_NH
         grad_x = grad_y_ND.new_empty(N, x_ND.shape[1]) if need_x else None  # every row is written
-        grad_w_in = torch.zeros_like(w_in) if need_w_in else None
+        grad_w_in = _expert_grad_buffer(w_in, counts) if need_w_in else None
         grad_b_in = grad_y_ND.new_zeros(E, w_in.shape[2]) if need_b_in and ctx.has_bias[0] else None
         for e, s, t in _segments(counts):
             if grad_x is not None:

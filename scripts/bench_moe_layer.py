@@ -1,0 +1,196 @@
+"""Benchmark of one MoE layer on this machine: forward + backward time and peak memory.
+
+Usage:
+    python scripts/bench_moe_layer.py                 # full grid (~15 min on 2 CPU cores)
+    python scripts/bench_moe_layer.py --quick         # small grid (what `make demo` runs)
+    python scripts/bench_moe_layer.py --tokens 4096 --experts 64 --topk 2 --runs 7
+
+Rows, for each (T tokens, E experts, k):
+    moe_gen     moe_gen.MoE, token router, dropless, `torch` backend (the default layer)
+    dense       the dense FFN with the same active FLOPs: D → k·H → D (the floor)
+    eager       moe_gen.MoE with the `eager` per-expert loop backend (the oracle)
+    fairscale   fairscale's GShard MOELayer with Top2Gate (k=2 only; capacity 2T/E)
+
+Time is the median of --runs timed forward+backward passes after --warmup untimed ones; peak
+memory is what the torch CPU allocator holds above its level before the step, read from the
+profiler's memory events in one extra, untimed pass. Results: a table on stdout and JSON
+(--out, default bench_results/moe_layer.json) with every row and the machine's facts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
+
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from moe_gen import DenseFFN, ExpertsConfig, MoE, MoEConfig  # noqa: E402
+
+
+def build(impl: str, d_model: int, d_hidden: int, num_experts: int, top_k: int) -> nn.Module:
+    if impl == "dense":
+        return DenseFFN(d_model, top_k * d_hidden, ExpertsConfig(kind="mlp"))
+    if impl in ("moe_gen", "eager"):
+        return MoE(MoEConfig(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts,
+                             top_k=top_k, router="token", capacity_factor=None,
+                             backend="torch" if impl == "moe_gen" else "eager"))
+    if impl == "fairscale":
+        from fairscale.nn import MOELayer, Top2Gate
+
+        experts = nn.ModuleList(
+            [nn.Sequential(nn.Linear(d_model, d_hidden), nn.GELU(), nn.Linear(d_hidden, d_model))
+             for _ in range(num_experts)]
+        )
+        return MOELayer(Top2Gate(d_model, num_experts), experts)
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def step_fn(impl: str, module: nn.Module, x: torch.Tensor):
+    """One forward + backward, as training runs it (aux losses included where there are any)."""
+    if impl == "fairscale":
+        num_experts = len(module.experts)
+        x_in = x.view(num_experts, -1, x.shape[1])  # MOELayer wants [S, T, D] with E | S
+
+        def step():
+            y = module(x_in)
+            (y.sum() + module.l_aux).backward()
+    elif impl == "dense":
+        def step():
+            module(x).sum().backward()
+    else:
+        def step():
+            out = module(x)
+            (out.output.sum() + out.aux_loss).backward()
+    return step
+
+
+def peak_bytes(step, module: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes the CPU allocator held during one step, above its level at the start."""
+    from torch.profiler import ProfilerActivity, profile
+
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "trace.json")
+        prof.export_chrome_trace(path)
+        with open(path) as f:
+            events = json.load(f)["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    if not totals:
+        return 0
+    return max(totals) - min(0, min(totals))
+
+
+def measure(impl, tokens, d_model, d_hidden, num_experts, top_k, runs, warmup, memory=True):
+    torch.manual_seed(0)
+    module = build(impl, d_model, d_hidden, num_experts, top_k)
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    step = step_fn(impl, module, x)
+    for _ in range(warmup):
+        module.zero_grad(set_to_none=True)
+        step()
+    times = []
+    for _ in range(runs):
+        module.zero_grad(set_to_none=True)
+        x.grad = None
+        start = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - start)
+    row = {
+        "impl": impl, "tokens": tokens, "experts": num_experts, "top_k": top_k,
+        "d_model": d_model, "d_hidden": d_hidden, "runs": runs,
+        "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+        "peak_mb": peak_bytes(step, module, x) / 2**20 if memory else None,
+    }
+    return row
+
+
+def init_single_process_group() -> None:
+    """fairscale's MOELayer needs a process group; one gloo rank on the loopback address."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        with tempfile.NamedTemporaryFile(delete=False) as f:
+            store = f.name
+        os.unlink(store)
+        dist.init_process_group("gloo", init_method=f"file://{store}", rank=0, world_size=1)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096}, E=8, 3 runs")
+    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
+    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--topk", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--d-model", type=int, default=512)
+    parser.add_argument("--d-hidden", type=int, default=1024)
+    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--warmup", type=int, default=1)
+    parser.add_argument("--impls", nargs="+", default=["moe_gen", "dense", "eager", "fairscale"])
+    parser.add_argument("--no-memory", action="store_true", help="skip the profiled memory pass")
+    parser.add_argument("--out", default="bench_results/moe_layer.json")
+    args = parser.parse_args(argv)
+    if args.quick:
+        args.tokens, args.experts, args.runs = [1024, 4096], [8], 3
+
+    if "fairscale" in args.impls:
+        try:
+            init_single_process_group()
+        except Exception as exc:  # fairscale is a dev extra; the benchmark still runs without it
+            print(f"fairscale rows skipped: {exc}", file=sys.stderr)
+            args.impls = [i for i in args.impls if i != "fairscale"]
+
+    rows = []
+    header = f"{'T':>6} {'E':>3} {'k':>2} {'impl':>10} {'median ms':>10} {'/ dense':>8} {'peak MB':>8}"
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D={args.d_model}, "
+          f"H={args.d_hidden}, forward+backward, median of {args.runs}")
+    print(header)
+    print("-" * len(header))
+    for tokens in args.tokens:
+        for num_experts in args.experts:
+            for top_k in args.topk:
+                group = []
+                for impl in args.impls:
+                    if impl == "fairscale" and top_k != 2:
+                        continue  # fairscale's gate is top-2 only
+                    if impl == "fairscale" and tokens % num_experts:
+                        continue
+                    row = measure(impl, tokens, args.d_model, args.d_hidden, num_experts, top_k,
+                                  args.runs, args.warmup, memory=not args.no_memory)
+                    group.append(row)
+                floor = next((r["median_s"] for r in group if r["impl"] == "dense"), None)
+                for row in group:
+                    row["ratio_to_dense"] = row["median_s"] / floor if floor else None
+                    ratio = f"{row['ratio_to_dense']:.2f}x" if floor else "-"
+                    peak = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+                    print(f"{tokens:>6} {num_experts:>3} {top_k:>2} {row['impl']:>10} "
+                          f"{row['median_s'] * 1e3:>10.1f} {ratio:>8} {peak:>8}", flush=True)
+                rows.extend(group)
+
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    result = {
+        "benchmark": "moe_layer_forward_backward",
+        "machine": {"platform": platform.platform(), "processor": platform.processor(),
+                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "threads": torch.get_num_threads()},
+        "rows": rows,
+    }
+    with open(args.out, "w") as f:
+        json.dump(result, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
