@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import typing
-from typing import Any, Optional, TypeVar, Union
+from typing import Any, TypeVar, Union
 
 __all__ = ["ConfigBase", "RouterConfig", "ExpertsConfig", "MoEConfig"]
 
@@ -62,7 +62,7 @@ class ConfigBase:
         return dataclasses.replace(self, **changes)
 
 
-def _config_type(hint: Any) -> Optional[type]:
+def _config_type(hint: Any) -> type | None:
     """The ConfigBase subclass inside a type hint such as ``RouterConfig | str``, if any."""
     candidates = typing.get_args(hint) if typing.get_origin(hint) in (Union, _UnionType) else (hint,)
     for candidate in candidates:
@@ -106,9 +106,9 @@ class RouterConfig(ConfigBase):
 
     strategy: str = "token"
     gate: str = "topk"
-    normalize: Optional[bool] = None
+    normalize: bool | None = None
     noise: str = "none"
-    noise_std: Optional[float] = None
+    noise_std: float | None = None
     jitter_eps: float = 0.01
     num_modalities: int = 9
     num_roles: int = 3
@@ -158,7 +158,7 @@ class ExpertsConfig(ConfigBase):
     activation: str = "gelu"
     bias: bool = True
     shared_expert: bool = False
-    shared_hidden: Optional[int] = None
+    shared_hidden: int | None = None
 
     def __post_init__(self) -> None:
         if self.shared_hidden is not None and self.shared_hidden < 1:
@@ -198,7 +198,7 @@ class MoEConfig(ConfigBase):
     top_k: int = 2
     router: Union[RouterConfig, str] = "token"
     experts: Union[ExpertsConfig, str] = "mlp"
-    capacity_factor: Optional[float] = None
+    capacity_factor: float | None = None
     min_capacity: int = 4
     drop_policy: str = "in_order"
     backend: str = "torch"

@@ -10,8 +10,6 @@ only perturbs the router input, so noisy training steps are not bit-comparable.)
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -36,7 +34,7 @@ def _activation_name(act: nn.Module) -> str:
 
 
 def moe_from_mixtral(
-    block: nn.Module, *, backend: str = "torch", activation: Optional[str] = None
+    block: nn.Module, *, backend: str = "torch", activation: str | None = None
 ) -> MoE:
     """A ``MoE`` with the same weights and routing as a Mixtral sparse MoE block.
 

@@ -13,7 +13,6 @@ Shape legend: B batch, S sequence, T = B·S flattened tokens, D model width, D' 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
 
 import torch
 from torch import nn
@@ -78,7 +77,7 @@ class MoE(nn.Module):
                 "token by its content; use a tag strategy (modality, task, attribute) or "
                 "backend='torch'"
             )
-        self.shared: Optional[DenseFFN] = None
+        self.shared: DenseFFN | None = None
         if config.experts.shared_expert:
             hidden = config.experts.shared_hidden or config.d_hidden
             self.shared = DenseFFN(config.d_model, hidden, config.experts)
@@ -97,8 +96,8 @@ class MoE(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        tags: Optional[TokenTags] = None,
-        padding_mask: Optional[torch.Tensor] = None,
+        tags: TokenTags | None = None,
+        padding_mask: torch.Tensor | None = None,
     ) -> MoEOutput:
         """Args:
             x: ``[T, D]`` or ``[B, S, D]`` hidden states.

@@ -10,12 +10,14 @@ Every backend computes the same function for the same ``RouterOutput``:
 in three steps that the MoE forward calls in order: ``dispatch`` (arrange inputs for the
 experts), ``run`` (compute the experts), ``combine`` (weight and scatter back to tokens).
 
-| backend | layout                                          | use                               |
-|---------|-------------------------------------------------|-----------------------------------|
-| eager   | per-expert index lists, one FFN call per expert | the oracle the others are tested against |
-| torch   | assignments sorted by expert, contiguous rows, grouped matmuls | the default, CPU and GPU |
-| einsum  | GShard one-hot dispatch/combine tensors [T,E,C]  | reference; O(T·E·C·D), tests only |
-| merged  | tokens grouped by identical route, each group one dense FFN with merged weights | tag routing at inference |
+- ``eager``: per-expert index lists, one FFN call per expert; the oracle the others are
+  tested against.
+- ``torch``: assignments sorted by expert into contiguous rows, grouped matmuls, weighted
+  scatter-add back; the default on CPU and GPU.
+- ``einsum``: GShard's one-hot dispatch/combine tensors ``[T, E, C]``; O(T·E·C·D), a reference
+  for tests and benchmarks.
+- ``merged``: tokens grouped by identical route, each group one dense FFN with merged weights;
+  for tag routing (above all at inference).
 """
 
 from __future__ import annotations
@@ -87,7 +89,7 @@ class EagerDispatch(DispatchBackend):
 
     def combine(self, outputs, dispatched, x_TD):
         y_TD = None
-        for (e, token, weight), out in zip(dispatched.plan, outputs):
+        for (_, token, weight), out in zip(dispatched.plan, outputs):
             if out is None:
                 continue
             contribution = out * weight.unsqueeze(1).to(out.dtype)

@@ -14,7 +14,7 @@ FFN plus a few microseconds per expert.
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -135,9 +135,9 @@ def grouped_ffn(
     x_ND: torch.Tensor,
     counts: list[int],
     w_in_EDH: torch.Tensor,
-    b_in_EH: Optional[torch.Tensor],
+    b_in_EH: torch.Tensor | None,
     w_out_EHD: torch.Tensor,
-    b_out_ED: Optional[torch.Tensor],
+    b_out_ED: torch.Tensor | None,
     activation: str,
     gated: bool,
 ) -> torch.Tensor:

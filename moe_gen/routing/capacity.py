@@ -12,7 +12,6 @@ its "capacity" is the largest expert load (what a padded layout such as GShard's
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
@@ -30,7 +29,7 @@ def slot_positions(
     ids_TK: torch.Tensor,
     mask_TK: torch.Tensor,
     num_experts: int,
-    token_priority_T: Optional[torch.Tensor] = None,
+    token_priority_T: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each assignment's slot index within its expert, in priority order.
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import numpy as np
 import scipy.optimize
@@ -39,8 +38,8 @@ class GateChoice:
     ids_TK: torch.Tensor
     weights_TK: torch.Tensor
     mask_TK: torch.Tensor
-    positions_TK: Optional[torch.Tensor] = None
-    capacity: Optional[int] = None
+    positions_TK: torch.Tensor | None = None
+    capacity: int | None = None
 
 
 class Gate:
@@ -67,7 +66,7 @@ class Gate:
         probs_TE: torch.Tensor,
         valid_T: torch.Tensor,
         *,
-        capacity_factor: Optional[float],
+        capacity_factor: float | None,
         training: bool,
     ) -> GateChoice:
         """Args:

@@ -17,8 +17,6 @@ that is what makes merged inference (one dense layer per tag group) exact.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 from torch import nn
 
@@ -51,7 +49,7 @@ class RouterInput(nn.Module):
     def forward(
         self,
         x_TD: torch.Tensor,
-        tags: Optional[TokenTags],
+        tags: TokenTags | None,
         segment_T: torch.Tensor,
         valid_T: torch.Tensor,
     ) -> torch.Tensor:

@@ -20,8 +20,6 @@ also skipped for gates that balance by construction (expert choice, BASE) or lea
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 
 from moe_gen.config import RouterConfig
@@ -62,7 +60,7 @@ def _grouped_balance(probs_NE: torch.Tensor, ids_NK: torch.Tensor, group_N: torc
 
 
 def auxiliary_losses(
-    routing: RouterOutput, tags: Optional[TokenTags], config: RouterConfig
+    routing: RouterOutput, tags: TokenTags | None, config: RouterConfig
 ) -> dict[str, torch.Tensor]:
     """The configured auxiliary losses, each already multiplied by its weight.
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import Optional
 
 import torch
 from torch import nn
@@ -105,7 +104,7 @@ class Router(nn.Module):
     def forward(
         self,
         x_TD: torch.Tensor,
-        tags: Optional[TokenTags],
+        tags: TokenTags | None,
         valid_T: torch.Tensor,
         segment_T: torch.Tensor,
     ) -> RouterOutput:

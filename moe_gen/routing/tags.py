@@ -12,7 +12,7 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Union
+from typing import Sequence, Union
 
 import torch
 
@@ -66,7 +66,7 @@ class TokenTags:
     task_modalities: torch.Tensor
     causal: torch.Tensor
     pass_id: torch.Tensor
-    sample: Optional[torch.Tensor] = None
+    sample: torch.Tensor | None = None
 
     @classmethod
     def constant(
@@ -76,11 +76,11 @@ class TokenTags:
         task: int = 0,
         modality: Union[str, int] = "TEXT",
         role: Union[str, int] = "input",
-        task_modalities: Optional[Sequence[Union[str, int]]] = None,
+        task_modalities: Sequence[Union[str, int]] | None = None,
         causal: bool = False,
         pass_: Union[str, int] = "generative",
         num_modalities: int = len(MODALITIES),
-        device: Optional[torch.device] = None,
+        device: torch.device | None = None,
     ) -> "TokenTags":
         """Tags with the same value for every token of ``shape`` (build by hand, then ``cat``).
 

@@ -1,0 +1,383 @@
+"""Routers: strategies, gates, noise, capacity and auxiliary losses."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import pytest
+import torch
+from helpers import random_tags
+
+from moe_gen import ROUTERS, MoE, MoEConfig, RouterConfig, TokenTags
+from moe_gen.routing import attribute_dim, balance_loss, importance_loss, slot_positions, z_loss
+
+D, E = 16, 8
+
+
+def make_moe(**kwargs) -> MoE:
+    router = kwargs.pop("router", "token")
+    if isinstance(router, str):
+        router = RouterConfig(strategy=router)
+    defaults = dict(d_model=D, d_hidden=12, num_experts=E, top_k=2, router=router)
+    defaults.update(kwargs)
+    return MoE(MoEConfig(**defaults))
+
+
+@pytest.mark.parametrize("strategy", ["modality", "task", "attribute"])
+@pytest.mark.parametrize("noise", ["none", "gaussian", "gumbel", "jitter"])
+def test_content_independent_routes_are_identical_within_a_tag_group(strategy, noise):
+    moe = make_moe(router=RouterConfig(strategy=strategy, noise=noise)).train()
+    x = torch.randn(96, D)
+    tags = random_tags((96,))
+    routing = moe(x, tags=tags).routing
+    key = tags.group_key()
+    groups = torch.unique(key)
+    assert len(groups) > 3  # the fixture really mixes several tag groups
+    for g in groups:
+        members = (key == g).nonzero().squeeze(1)
+        ids, weights = routing.topk_ids[members], routing.topk_weights[members]
+        assert torch.equal(ids, ids[:1].expand_as(ids))
+        assert torch.equal(weights, weights[:1].expand_as(weights))
+
+
+def test_content_dependent_routes_vary_within_a_tag_group():
+    moe = make_moe(router="token")
+    routing = moe(torch.randn(64, D), tags=TokenTags.constant(64)).routing
+    assert len(torch.unique(routing.topk_ids, dim=0)) > 1
+
+
+def test_context_routing_ignores_padding_and_other_rows():
+    moe = make_moe(router="context")
+    x = torch.randn(3, 10, D)
+    pad = torch.zeros(3, 10, dtype=torch.bool)
+    pad[0, 6:] = True
+    full = moe(x, padding_mask=pad)
+    # Change the padding values and another row: row 0's valid routes and outputs stay.
+    x2 = x.clone()
+    x2[0, 6:] = float("nan")
+    x2[2] = torch.randn(10, D)
+    other = moe(x2, padding_mask=pad)
+    ids = full.routing.topk_ids.view(3, 10, -1)
+    ids2 = other.routing.topk_ids.view(3, 10, -1)
+    assert torch.equal(ids[0, :6], ids2[0, :6])
+    torch.testing.assert_close(full.output[0, :6], other.output[0, :6])
+    assert torch.equal(other.output[0, 6:], torch.zeros(4, D))
+
+
+def test_packed_samples_pool_context_per_sample():
+    moe = make_moe(router="context")
+    a, b = torch.randn(5, D), torch.randn(7, D)
+    tags = TokenTags.constant(12)
+    packed_tags = TokenTags(**{**tags.__dict__, "sample": torch.tensor([0] * 5 + [1] * 7)})
+    packed = moe(torch.cat([a, b]), tags=packed_tags).output
+    alone = moe(a, tags=TokenTags.constant(5)).output
+    torch.testing.assert_close(packed[:5], alone)
+
+
+@pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
+def test_topk_weights_normalisation(k):
+    x = torch.randn(32, D)
+    renorm = make_moe(top_k=k, router=RouterConfig(normalize=True))
+    raw = make_moe(top_k=k, router=RouterConfig(normalize=False))
+    raw.load_state_dict(renorm.state_dict())
+    r1, r2 = renorm(x).routing, raw(x).routing
+    assert torch.equal(r1.topk_ids, r2.topk_ids)
+    torch.testing.assert_close(r1.topk_weights.sum(-1), torch.ones(32))
+    torch.testing.assert_close(r2.topk_weights, r2.probs.gather(1, r2.topk_ids))
+    # ids are the k largest probabilities, in order
+    top = r2.probs.topk(k, dim=-1)
+    assert torch.equal(r2.topk_ids, top.indices)
+
+
+def test_k1_default_keeps_probability_so_router_learns():
+    moe = make_moe(top_k=1)
+    out = moe(torch.randn(32, D))
+    assert not torch.allclose(out.routing.topk_weights, torch.ones(32, 1))
+    out.output.sum().backward()
+    assert moe.router.weight.grad is not None and moe.router.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("strategy", ROUTERS.list())
+def test_router_receives_gradients_through_gate_weights(strategy):
+    moe = make_moe(router=RouterConfig(strategy=strategy, z_loss_weight=0.0, balance_loss_weight=0.0))
+    out = moe(torch.randn(40, D), tags=random_tags((40,)))
+    assert out.aux_losses == {}
+    out.output.pow(2).sum().backward()
+    router_grads = [p.grad for n, p in moe.named_parameters() if n.startswith("router.")]
+    assert router_grads and all(g is not None for g in router_grads)
+    assert sum(float(g.abs().sum()) for g in router_grads) > 0
+
+
+def test_gate_is_fp32_under_bf16_autocast():
+    moe = make_moe()
+    x = torch.randn(32, D, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(x)
+    assert out.routing.logits.dtype == torch.float32
+    assert out.routing.probs.dtype == torch.float32
+    assert out.routing.topk_weights.dtype == torch.float32
+    assert out.output.dtype == torch.bfloat16
+    (out.output.float().sum() + out.aux_loss).backward()
+    assert moe.router.weight.grad.dtype == torch.float32
+    assert moe.experts.w_in.grad is not None and x.grad is not None
+    # The fp32 routing equals routing computed without autocast.
+    assert torch.equal(out.routing.topk_ids, moe(x).routing.topk_ids)
+
+
+@pytest.mark.parametrize("noise", ["gaussian", "gumbel", "jitter"])
+def test_noise_only_in_training(noise):
+    moe = make_moe(router=RouterConfig(noise=noise, noise_std=0.5))
+    x = torch.randn(256, D)
+    moe.eval()
+    a, b = moe(x).routing, moe(x).routing
+    assert torch.equal(a.topk_ids, b.topk_ids) and torch.equal(a.topk_weights, b.topk_weights)
+    moe.train()
+    c = moe(x).routing
+    assert not torch.equal(a.topk_weights, c.topk_weights)
+    if noise == "gumbel":  # weights stay the clean probabilities of the chosen experts
+        torch.testing.assert_close(c.probs, a.probs)
+
+
+def test_gaussian_noise_default_sigma_is_one_over_e():
+    moe = make_moe(router=RouterConfig(noise="gaussian")).train()
+    moe.router.weight.data.zero_()  # clean logits are 0, so noisy probs reveal the noise scale
+    probs = moe(torch.randn(4000, D)).routing.probs.detach()
+    logits = probs.log() - probs.log().mean(-1, keepdim=True)  # noise minus its row mean
+    expected = (1.0 / E) * math.sqrt(1 - 1 / E)
+    assert abs(float(logits.std()) - expected) < 0.1 * expected
+
+
+def test_expert_choice_gives_each_expert_capacity_tokens():
+    moe = make_moe(top_k=2, router=RouterConfig(gate="expert_choice"))
+    T = 40
+    routing = moe(torch.randn(T, D)).routing
+    capacity = math.ceil(2 * T / E)
+    assert routing.capacity == capacity
+    assert routing.mask.shape == (T, E)
+    assert torch.equal(routing.expert_counts, torch.full((E,), capacity))
+    # each expert took its `capacity` highest-probability tokens
+    for e in range(E):
+        chosen = routing.mask[:, e].nonzero().squeeze(1)
+        best = routing.probs[:, e].topk(capacity).indices
+        assert set(chosen.tolist()) == set(best.tolist())
+    torch.testing.assert_close(routing.topk_weights, torch.where(routing.mask, routing.probs, 0.0))
+    assert int(routing.dropped_tokens) == int((~routing.mask.any(-1)).sum())
+
+
+def test_expert_choice_never_picks_padding():
+    moe = make_moe(top_k=2, router=RouterConfig(gate="expert_choice"))
+    pad = torch.zeros(2, 8, dtype=torch.bool)
+    pad[1, 3:] = True
+    routing = moe(torch.randn(2, 8, D), padding_mask=pad).routing
+    assert not routing.mask[pad.reshape(-1)].any()
+
+
+def test_balanced_assignment_is_balanced_and_optimal():
+    T, E_small = 6, 3
+    moe = MoE(MoEConfig(d_model=D, d_hidden=8, num_experts=E_small, top_k=1,
+                        router=RouterConfig(gate="balanced"))).train()
+    x = torch.randn(T, D)
+    routing = moe(x).routing
+    assert torch.equal(routing.expert_counts, torch.full((E_small,), T // E_small))
+    logits = routing.logits.detach()
+    best = max(
+        sum(float(logits[t, e]) for t, e in enumerate(assignment))
+        for assignment in itertools.product(range(E_small), repeat=T)
+        if all(assignment.count(e) <= T // E_small for e in range(E_small))
+    )
+    got = sum(float(logits[t, int(routing.topk_ids[t, 0])]) for t in range(T))
+    assert got == pytest.approx(best, abs=1e-5)
+    moe.eval()  # BASE picks greedily at inference
+    assert torch.equal(moe(x).routing.topk_ids[:, 0], logits.argmax(-1))
+
+
+def test_balanced_gate_needs_k1():
+    with pytest.raises(ValueError, match="top_k=1"):
+        make_moe(top_k=2, router=RouterConfig(gate="balanced"))
+
+
+def test_hash_gate_is_fixed_and_uniform():
+    moe = make_moe(top_k=2, router=RouterConfig(gate="hash"))
+    assert "router.weight" not in dict(moe.named_parameters())
+    assert "router.weight" in moe.state_dict()
+    x = torch.randn(30, D)
+    a = moe(x)
+    assert a.aux_losses == {}
+    torch.testing.assert_close(a.routing.topk_weights, torch.full((30, 2), 0.5))
+    assert torch.equal(a.routing.topk_ids, moe(x).routing.topk_ids)
+
+
+# ---- capacity -------------------------------------------------------------------------------
+
+
+def fixed_router_moe(capacity_factor, drop_policy="in_order", min_capacity=0, E_small=4, k=2):
+    """A token router whose logits are exactly x[:, :E] (identity projection)."""
+    moe = MoE(MoEConfig(d_model=E_small, d_hidden=4, num_experts=E_small, top_k=k,
+                        capacity_factor=capacity_factor, min_capacity=min_capacity,
+                        drop_policy=drop_policy, router=RouterConfig(normalize=False)))
+    moe.router.weight.data.copy_(torch.eye(E_small))
+    return moe
+
+
+def test_capacity_in_order_by_hand():
+    # 4 tokens, all prefer expert 0 then expert 1; capacity = ceil(0.5 * 2 * 4 / 4) = 1.
+    x = torch.tensor([[4.0, 3.0, 0.0, 0.0],
+                      [4.5, 3.5, 0.0, 0.0],
+                      [5.0, 1.0, 0.0, 0.0],
+                      [3.0, 2.0, 0.0, 0.0]])
+    routing = fixed_router_moe(0.5)(x).routing
+    assert routing.capacity == 1
+    assert routing.topk_ids.tolist() == [[0, 1]] * 4
+    # Expert 0's slot goes to token 0 (first choices, token order); expert 1's slot to token 0's
+    # second choice as well (second choices come after all first choices, in token order).
+    assert routing.mask.tolist() == [[True, True], [False, False], [False, False], [False, False]]
+    assert int(routing.dropped_assignments) == 6
+    assert int(routing.dropped_tokens) == 3
+    assert routing.expert_counts.tolist() == [1, 1, 0, 0]
+
+
+def test_capacity_batch_prioritized_by_hand():
+    x = torch.tensor([[4.0, 3.0, 0.0, 0.0],
+                      [4.5, 3.5, 0.0, 0.0],
+                      [5.0, 1.0, 0.0, 0.0],
+                      [3.0, 2.0, 0.0, 0.0]])
+    moe = fixed_router_moe(0.5, "batch_prioritized")
+    routing = moe(x).routing
+    # Priority by top-1 weight: token 2 (p≈0.96) first, so it takes expert 0 and expert 1 goes
+    # to the highest-priority token whose second choice is expert 1: token 2 again.
+    assert routing.mask[2].tolist() == [True, True]
+    assert int(routing.mask.sum()) == 2
+    assert int(routing.dropped_tokens) == 3
+
+
+def test_capacity_min_and_positions():
+    x = torch.tensor([[4.0, 3.0, 0.0, 0.0]] * 6)
+    routing = fixed_router_moe(0.1, min_capacity=2)(x).routing
+    assert routing.capacity == 2  # ceil(0.1·2·6/4) = 1 < min_capacity
+    assert routing.mask[:, 0].tolist() == [True, True, False, False, False, False]
+    assert routing.positions[:2, 0].tolist() == [0, 1]
+
+
+def test_dropped_token_outputs_zero_and_shared_expert_still_applies():
+    from moe_gen import ExpertsConfig
+
+    x = torch.tensor([[4.0, 3.0, 0.0, 0.0]] * 5)
+    moe = fixed_router_moe(0.2, min_capacity=1)
+    out = moe(x)
+    dropped = ~out.routing.mask.any(-1)
+    assert int(dropped.sum()) == 4 and int(out.routing.dropped_tokens) == 4
+    assert torch.equal(out.output[dropped], torch.zeros(4, 4))
+    shared = MoE(moe.config.replace(experts=ExpertsConfig(shared_expert=True)))
+    shared.load_state_dict(moe.state_dict(), strict=False)
+    with_shared = shared(x).output
+    torch.testing.assert_close(with_shared[dropped], shared.shared(x[dropped]))
+
+
+def test_dropless_computes_everything():
+    moe = make_moe(top_k=2, capacity_factor=None)
+    routing = moe(torch.randn(50, D)).routing
+    assert int(routing.dropped_assignments) == 0 and int(routing.dropped_tokens) == 0
+    assert int(routing.expert_counts.sum()) == 100
+    assert routing.capacity == int(routing.expert_counts.max())
+
+
+def test_slot_positions_by_hand():
+    ids = torch.tensor([[0, 1], [0, 2], [1, 0]])
+    mask = torch.tensor([[True, True], [True, True], [True, False]])
+    positions, counts = slot_positions(ids, mask, 3)
+    # first choices: t0→e0 (0), t1→e0 (1), t2→e1 (0); then second: t0→e1 (1), t1→e2 (0)
+    assert positions.tolist() == [[0, 1], [1, 0], [0, 0]]
+    assert counts.tolist() == [2, 2, 1]
+
+
+# ---- auxiliary losses ------------------------------------------------------------------------
+
+
+def test_balance_loss_is_one_when_uniform_and_larger_when_not():
+    probs = torch.full((8, 4), 0.25)
+    ids = torch.arange(8).remainder(4).unsqueeze(1)
+    assert float(balance_loss(probs, ids)) == pytest.approx(1.0)
+    skewed = torch.tensor([[0.7, 0.1, 0.1, 0.1]] * 8)
+    assert float(balance_loss(skewed, torch.zeros(8, 1, dtype=torch.long))) == pytest.approx(4 * 0.7)
+
+
+def test_z_and_importance_losses_by_hand():
+    logits = torch.zeros(5, 4)
+    assert float(z_loss(logits)) == pytest.approx(math.log(4) ** 2)
+    assert float(importance_loss(torch.full((6, 3), 1 / 3))) == pytest.approx(0.0, abs=1e-12)
+    probs = torch.tensor([[1.0, 0.0], [1.0, 0.0]])  # importance (2, 0): var 1, mean 1
+    assert float(importance_loss(probs)) == pytest.approx(1.0)
+
+
+def test_aux_losses_are_weighted_and_tag_routing_skips_count_losses():
+    cfg = dict(balance_loss_weight=0.5, z_loss_weight=0.25, importance_loss_weight=2.0)
+    x, tags = torch.randn(40, D), random_tags((40,))
+    token = make_moe(router=RouterConfig(strategy="token", **cfg))
+    out = token(x, tags=tags)
+    assert set(out.aux_losses) == {"balance", "z", "importance"}
+    r = out.routing
+    torch.testing.assert_close(out.aux_losses["balance"], 0.5 * balance_loss(r.probs, r.topk_ids))
+    torch.testing.assert_close(out.aux_losses["z"], 0.25 * z_loss(r.logits))
+    torch.testing.assert_close(out.aux_losses["importance"], 2.0 * importance_loss(r.probs))
+    torch.testing.assert_close(out.aux_loss, sum(out.aux_losses.values()))
+    for strategy in ("modality", "task", "attribute"):
+        tagged = make_moe(router=RouterConfig(strategy=strategy, **cfg))(x, tags=tags)
+        assert set(tagged.aux_losses) == {"z"}
+    hybrid = make_moe(router=RouterConfig(strategy="hybrid", **cfg))(x, tags=tags)
+    assert "balance" in hybrid.aux_losses
+
+
+def test_grouped_balance_losses_by_hand():
+    x, tags = torch.randn(60, D), random_tags((60,))
+    moe = make_moe(router=RouterConfig(balance_loss_weight=1.0, balance_loss_groups=("modality", "task")))
+    out = moe(x, tags=tags)
+    r = out.routing
+    for name, group in (("balance_modality", tags.modality), ("balance_task", tags.task)):
+        expected = torch.stack([
+            balance_loss(r.probs[group == g], r.topk_ids[group == g]) for g in torch.unique(group)
+        ]).mean()
+        torch.testing.assert_close(out.aux_losses[name], expected)
+
+
+def test_losses_ignore_padding():
+    moe = make_moe(router=RouterConfig(importance_loss_weight=1.0))
+    x = torch.randn(2, 10, D)
+    pad = torch.zeros(2, 10, dtype=torch.bool)
+    pad[1, 4:] = True
+    padded = moe(x, padding_mask=pad)
+    x2 = x.clone()
+    x2[1, 4:] = 1e4  # garbage in padding changes nothing
+    again = moe(x2, padding_mask=pad)
+    for name in padded.aux_losses:
+        torch.testing.assert_close(padded.aux_losses[name], again.aux_losses[name])
+    valid = torch.cat([x[0], x[1, :4]])
+    alone = moe(valid)
+    for name in padded.aux_losses:
+        torch.testing.assert_close(padded.aux_losses[name], alone.aux_losses[name])
+
+
+# ---- tags ------------------------------------------------------------------------------------
+
+
+def test_attribute_vector_layout():
+    tags = TokenTags.constant(2, modality="AUDIO", role="target", causal=True, pass_="contrastive",
+                              task_modalities=("AUDIO", "TEXT"))
+    vec = tags.attribute_vector(9, 3, 3)
+    assert vec.shape == (2, attribute_dim(9, 3, 3))
+    expected = torch.zeros(attribute_dim(9, 3, 3))
+    expected[[0, 2]] = 1  # task uses TEXT, AUDIO
+    expected[9 + 2] = 1  # token modality AUDIO
+    expected[18 + 1] = 1  # role target
+    expected[21] = 1  # causal
+    expected[22 + 1] = 1  # contrastive pass
+    assert torch.equal(vec[0], expected)
+
+
+def test_group_key_distinguishes_every_tag():
+    base = dict(task=1, modality="IMAGE", role="input", causal=False, pass_="generative")
+    variants = [dict(base), {**base, "task": 2}, {**base, "modality": "TEXT"},
+                {**base, "role": "target"}, {**base, "causal": True}, {**base, "pass_": "masked"},
+                {**base, "task_modalities": ("IMAGE", "TEXT")}]
+    keys = [int(TokenTags.constant(1, **v).group_key()[0]) for v in variants]
+    assert len(set(keys)) == len(keys)
