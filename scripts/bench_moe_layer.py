@@ -9,9 +9,11 @@ Rows, for each (T tokens, E experts, k):
     moe_gen     moe_gen.MoE, token router, dropless, `torch` backend (the default layer)
     dense       the dense FFN with the same active FLOPs: D → k·H → D (the floor)
     eager       moe_gen.MoE with the `eager` per-expert loop backend (the oracle)
-    fairscale   fairscale's GShard MOELayer with Top2Gate (k=2 only; capacity 2T/E)
+    fairscale   fairscale's GShard MOELayer with Top2Gate (k=2 only, its gate is top-2;
+                capacity 2T/E, so it may drop tokens that moe_gen computes)
 
-Time is the median of --runs timed forward+backward passes after --warmup untimed ones; peak
+Time is the median of --runs timed forward+backward passes after --warmup untimed ones, the
+implementations interleaved run by run (this machine's speed drifts); peak
 memory is what the torch CPU allocator holds above its level before the step, read from the
 profiler's memory events in one extra, untimed pass. Results: a table on stdout and JSON
 (--out, default bench_results/moe_layer.json) with every row and the machine's facts.
@@ -20,6 +22,7 @@ profiler's memory events in one extra, untimed pass. Results: a table on stdout 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -27,8 +30,6 @@ import statistics
 import sys
 import tempfile
 import time
-
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # keep the profiler quiet
 
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
@@ -73,47 +74,75 @@ def step_fn(impl: str, module: nn.Module, x: torch.Tensor):
     return step
 
 
+@contextlib.contextmanager
+def quiet_stderr():
+    """Silences C++-level stderr (the profiler backend logs every start and stop)."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+
+
 def peak_bytes(step, module: nn.Module, x: torch.Tensor) -> int:
     """Peak bytes the CPU allocator held during one step, above its level at the start."""
     from torch.profiler import ProfilerActivity, profile
 
     module.zero_grad(set_to_none=True)
     x.grad = None
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "trace.json")
         prof.export_chrome_trace(path)
         with open(path) as f:
             events = json.load(f)["traceEvents"]
-    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
-    if not totals:
+    memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
+    if not memory:
         return 0
-    return max(totals) - min(0, min(totals))
+    # The allocator's running total persists across profiler sessions: measure from its value
+    # just before this step's first event.
+    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
+    return max(e["args"]["Total Allocated"] for e in memory) - start
 
 
-def measure(impl, tokens, d_model, d_hidden, num_experts, top_k, runs, warmup, memory=True):
+def measure_group(impls, tokens, d_model, d_hidden, num_experts, top_k, runs, warmup, memory=True):
+    """Times every implementation on the same input, interleaved run by run.
+
+    Interleaving (run 1 of each, then run 2 of each, ...) spreads this machine's drifts in speed
+    evenly over the implementations, so ratios are fairer than timing each in one block.
+    """
     torch.manual_seed(0)
-    module = build(impl, d_model, d_hidden, num_experts, top_k)
     x = torch.randn(tokens, d_model, requires_grad=True)
-    step = step_fn(impl, module, x)
-    for _ in range(warmup):
-        module.zero_grad(set_to_none=True)
-        step()
-    times = []
+    entries = []
+    for impl in impls:
+        torch.manual_seed(0)
+        module = build(impl, d_model, d_hidden, num_experts, top_k)
+        entries.append((impl, module, step_fn(impl, module, x), []))
+    for _impl, module, step, _ in entries:
+        for _ in range(warmup):
+            module.zero_grad(set_to_none=True)
+            step()
     for _ in range(runs):
-        module.zero_grad(set_to_none=True)
-        x.grad = None
-        start = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - start)
-    row = {
-        "impl": impl, "tokens": tokens, "experts": num_experts, "top_k": top_k,
-        "d_model": d_model, "d_hidden": d_hidden, "runs": runs,
-        "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-        "peak_mb": peak_bytes(step, module, x) / 2**20 if memory else None,
-    }
-    return row
+        for _impl, module, step, times in entries:
+            module.zero_grad(set_to_none=True)
+            x.grad = None
+            start = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - start)
+    rows = []
+    for impl, module, step, times in entries:
+        rows.append({
+            "impl": impl, "tokens": tokens, "experts": num_experts, "top_k": top_k,
+            "d_model": d_model, "d_hidden": d_hidden, "runs": runs,
+            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
+            "peak_mb": peak_bytes(step, module, x) / 2**20 if memory else None,
+        })
+    return rows
 
 
 def init_single_process_group() -> None:
@@ -160,15 +189,10 @@ def main(argv=None) -> int:
     for tokens in args.tokens:
         for num_experts in args.experts:
             for top_k in args.topk:
-                group = []
-                for impl in args.impls:
-                    if impl == "fairscale" and top_k != 2:
-                        continue  # fairscale's gate is top-2 only
-                    if impl == "fairscale" and tokens % num_experts:
-                        continue
-                    row = measure(impl, tokens, args.d_model, args.d_hidden, num_experts, top_k,
-                                  args.runs, args.warmup, memory=not args.no_memory)
-                    group.append(row)
+                impls = [i for i in args.impls
+                         if i != "fairscale" or (top_k == 2 and tokens % num_experts == 0)]
+                group = measure_group(impls, tokens, args.d_model, args.d_hidden, num_experts,
+                                      top_k, args.runs, args.warmup, memory=not args.no_memory)
                 floor = next((r["median_s"] for r in group if r["impl"] == "dense"), None)
                 for row in group:
                     row["ratio_to_dense"] = row["median_s"] / floor if floor else None
@@ -183,7 +207,10 @@ def main(argv=None) -> int:
         "benchmark": "moe_layer_forward_backward",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
                     "cpus": os.cpu_count(), "torch": torch.__version__,
-                    "threads": torch.get_num_threads()},
+                    "threads": torch.get_num_threads(),
+                    "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
+        "settings": {"runs": args.runs, "warmup": args.warmup, "d_model": args.d_model,
+                     "d_hidden": args.d_hidden},
         "rows": rows,
     }
     with open(args.out, "w") as f:

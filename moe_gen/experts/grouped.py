@@ -88,9 +88,9 @@ class _GroupedFFN(torch.autograd.Function):
         y_ND = x_ND.new_empty(N, w_out.shape[2])
         for e, s, t in _segments(counts):
             _linear_rows(a_NH[s:t], w_out[e], None if b_out is None else b_out[e], y_ND[s:t])
-        # Save the pre-activation only; the activation is recomputed in backward (cheaper in
-        # memory than keeping both, and elementwise work is small next to the matmuls).
-        ctx.save_for_backward(x_ND, h_NH, w_in, w_out)
+        # Keep both the pre-activation (for act') and the activation (for the w_out gradient),
+        # as autograd would for a dense FFN: recomputing act() costs a full elementwise pass.
+        ctx.save_for_backward(x_ND, h_NH, a_NH, w_in, w_out)
         ctx.counts, ctx.activation, ctx.gated = counts, activation, gated
         ctx.has_bias = (b_in is not None, b_out is not None)
         return y_ND
@@ -98,11 +98,10 @@ class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_y_ND):
-        x_ND, h_NH, w_in, w_out = ctx.saved_tensors
+        x_ND, h_NH, a_NH, w_in, w_out = ctx.saved_tensors
         counts, activation, gated = ctx.counts, ctx.activation, ctx.gated
         need_x, need_w_in, need_b_in, need_w_out, need_b_out = ctx.needs_input_grad[:5]
         grad_y_ND = grad_y_ND.contiguous()
-        a_NH = activate(h_NH, activation, gated)
         N, E = x_ND.shape[0], w_in.shape[0]
 
         grad_a_NH = grad_y_ND.new_empty(N, w_out.shape[1])
