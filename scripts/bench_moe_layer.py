@@ -35,6 +35,7 @@ import torch  # noqa: E402
 from torch import nn  # noqa: E402
 
 from moe_gen import DenseFFN, ExpertsConfig, MoE, MoEConfig  # noqa: E402
+from moe_gen.runtime import keep_freed_memory  # noqa: E402
 
 
 def build(impl: str, d_model: int, d_hidden: int, num_experts: int, top_k: int) -> nn.Module:
@@ -168,10 +169,18 @@ def main(argv=None) -> int:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", nargs="+", default=["moe_gen", "dense", "eager", "fairscale"])
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled memory pass")
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="tell glibc malloc to reuse freed memory (moe_gen.runtime."
+                             "keep_freed_memory), for every implementation alike")
     parser.add_argument("--out", default="bench_results/moe_layer.json")
     args = parser.parse_args(argv)
     if args.quick:
         args.tokens, args.experts, args.runs = [1024, 4096], [8], 3
+
+    if args.keep_freed_memory and not keep_freed_memory():
+        print("--keep-freed-memory: not supported on this platform; using the system default",
+              file=sys.stderr)
+        args.keep_freed_memory = False
 
     if "fairscale" in args.impls:
         try:
@@ -182,8 +191,9 @@ def main(argv=None) -> int:
 
     rows = []
     header = f"{'T':>6} {'E':>3} {'k':>2} {'impl':>10} {'median ms':>10} {'/ dense':>8} {'peak MB':>8}"
+    allocator = "malloc keeps freed memory" if args.keep_freed_memory else "system malloc"
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D={args.d_model}, "
-          f"H={args.d_hidden}, forward+backward, median of {args.runs}")
+          f"H={args.d_hidden}, forward+backward, median of {args.runs}, {allocator}")
     print(header)
     print("-" * len(header))
     for tokens in args.tokens:
@@ -210,7 +220,7 @@ def main(argv=None) -> int:
                     "threads": torch.get_num_threads(),
                     "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
         "settings": {"runs": args.runs, "warmup": args.warmup, "d_model": args.d_model,
-                     "d_hidden": args.d_hidden},
+                     "d_hidden": args.d_hidden, "keep_freed_memory": args.keep_freed_memory},
         "rows": rows,
     }
     with open(args.out, "w") as f:
