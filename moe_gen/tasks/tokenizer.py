@@ -1,0 +1,178 @@
+"""The shared text vocabulary: sentencepiece pieces, location bins, sentinels.
+
+One vocabulary serves every text-like slot (TEXT, BOX, PHONE, STRUCT, CATEGORY), as in OFA:
+
+    id 0..3             <pad> <unk> <s> </s>
+    next num_bins       <bin_0> … <bin_{num_bins-1}>      box coordinates quantised to bins
+    next num_sentinels  <extra_id_0> …                   span-masking sentinels (T5 style)
+    the rest            sentencepiece pieces, with byte fallback so any text encodes
+
+The tokenizer is trained by the package from a corpus (``Tokenizer.train``) and saved with the
+model (``save`` / ``load``: the sentencepiece model proto plus a small JSON), so a saved model
+always decodes with the vocabulary it was trained with. Nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import json
+import os
+from typing import Iterable, Optional, Sequence
+
+import sentencepiece as spm
+
+__all__ = ["Tokenizer", "default_corpus"]
+
+PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+
+def default_corpus() -> list[str]:
+    """Lines of English prose shipped with CPython (``pydoc_data.topics``: 79 documents, 65k
+    words), the corpus the default tokenizer is trained on."""
+    from pydoc_data.topics import topics
+
+    return [line.strip() for doc in topics.values() for line in doc.splitlines() if line.strip()]
+
+
+class Tokenizer:
+    """A sentencepiece tokenizer with location-bin and sentinel tokens.
+
+    Args:
+        model_proto: the serialised sentencepiece model.
+        num_bins: number of ``<bin_k>`` location tokens in the model.
+        num_sentinels: number of ``<extra_id_k>`` sentinel tokens in the model.
+    """
+
+    pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+
+    def __init__(self, model_proto: bytes, num_bins: int, num_sentinels: int) -> None:
+        self.model_proto = bytes(model_proto)
+        self.sp = spm.SentencePieceProcessor(model_proto=self.model_proto)
+        self.num_bins, self.num_sentinels = num_bins, num_sentinels
+        self._first_bin = self.sp.piece_to_id("<bin_0>")
+        self._first_sentinel = self.sp.piece_to_id("<extra_id_0>")
+        if num_bins and self.sp.id_to_piece(self._first_bin) != "<bin_0>":
+            raise ValueError("the sentencepiece model has no <bin_0> piece; train it with Tokenizer.train")
+        if num_sentinels and self.sp.id_to_piece(self._first_sentinel) != "<extra_id_0>":
+            raise ValueError("the sentencepiece model has no <extra_id_0> piece")
+
+    # ---- construction --------------------------------------------------------------------
+
+    @classmethod
+    def train(
+        cls,
+        corpus: Iterable[str],
+        *,
+        vocab_size: int = 8000,
+        num_bins: int = 1000,
+        num_sentinels: int = 100,
+        extra_symbols: Sequence[str] = (),
+    ) -> "Tokenizer":
+        """Trains a unigram sentencepiece model on ``corpus`` (an iterable of lines).
+
+        ``vocab_size`` counts every id (specials, bins, sentinels, 256 byte pieces, pieces); it
+        must leave room for pieces. Training is deterministic for a given corpus.
+        """
+        reserved = 4 + num_bins + num_sentinels + len(extra_symbols) + 256
+        if vocab_size <= reserved:
+            raise ValueError(
+                f"vocab_size={vocab_size} leaves no room for pieces: {reserved} ids are reserved "
+                f"(4 specials, {num_bins} bins, {num_sentinels} sentinels, 256 bytes, "
+                f"{len(extra_symbols)} extra)"
+            )
+        symbols = [f"<bin_{k}>" for k in range(num_bins)]
+        symbols += [f"<extra_id_{k}>" for k in range(num_sentinels)] + list(extra_symbols)
+        lines = [line for line in corpus if line and line.strip()]
+        if not lines:
+            raise ValueError("Tokenizer.train needs a non-empty corpus")
+        model = io.BytesIO()
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            pad_id=PAD_ID, unk_id=UNK_ID, bos_id=BOS_ID, eos_id=EOS_ID,
+            byte_fallback=True,  # any character encodes, no <unk> at inference
+            character_coverage=1.0,
+            user_defined_symbols=symbols,
+            num_threads=1,  # deterministic piece selection
+            minloglevel=2,
+            # A small corpus cannot always fill the requested size; do not fail, use what it has.
+            hard_vocab_limit=False,
+        )
+        return cls(model.getvalue(), num_bins, num_sentinels)
+
+    @classmethod
+    @functools.lru_cache(maxsize=4)
+    def default(cls, vocab_size: int = 4000, num_bins: int = 1000, num_sentinels: int = 100) -> "Tokenizer":
+        """The tokenizer trained on ``default_corpus()`` (cached per process)."""
+        return cls.train(default_corpus(), vocab_size=vocab_size, num_bins=num_bins,
+                         num_sentinels=num_sentinels)
+
+    def save(self, directory: str) -> None:
+        """Writes ``tokenizer.model`` and ``tokenizer.json`` into ``directory``."""
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
+            f.write(self.model_proto)
+        with open(os.path.join(directory, "tokenizer.json"), "w") as f:
+            json.dump({"num_bins": self.num_bins, "num_sentinels": self.num_sentinels}, f)
+
+    @classmethod
+    def load(cls, directory: str) -> "Tokenizer":
+        """Reads a tokenizer written by ``save``."""
+        with open(os.path.join(directory, "tokenizer.model"), "rb") as f:
+            proto = f.read()
+        with open(os.path.join(directory, "tokenizer.json")) as f:
+            meta = json.load(f)
+        return cls(proto, int(meta["num_bins"]), int(meta["num_sentinels"]))
+
+    # ---- use -----------------------------------------------------------------------------
+
+    @property
+    def vocab_size(self) -> int:
+        return self.sp.get_piece_size()
+
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (location and sentinel tokens written out are recognised)."""
+        ids = self.sp.encode(text)
+        return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
+
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; padding, BOS and EOS are dropped."""
+        keep = [int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)]
+        return self.sp.decode(keep)
+
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        return [self.sp.id_to_piece(int(i)) for i in ids]
+
+    def bin_id(self, k: int) -> int:
+        """Id of ``<bin_k>``."""
+        if not 0 <= k < self.num_bins:
+            raise ValueError(f"location bin {k} is outside [0, {self.num_bins})")
+        return self._first_bin + k
+
+    def bin_index(self, token_id: int) -> Optional[int]:
+        """k for a ``<bin_k>`` id, else None."""
+        k = int(token_id) - self._first_bin
+        return k if self.num_bins and 0 <= k < self.num_bins else None
+
+    def sentinel_id(self, k: int) -> int:
+        """Id of ``<extra_id_k>``."""
+        if not 0 <= k < self.num_sentinels:
+            raise ValueError(f"sentinel {k} is outside [0, {self.num_sentinels})")
+        return self._first_sentinel + k
+
+    def is_special(self, token_id: int) -> bool:
+        """Padding, BOS, EOS, bins and sentinels."""
+        t = int(token_id)
+        return (t in (PAD_ID, BOS_ID, EOS_ID) or self.bin_index(t) is not None
+                or 0 <= t - self._first_sentinel < self.num_sentinels)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Tokenizer) and (
+            self.model_proto, self.num_bins, self.num_sentinels
+        ) == (other.model_proto, other.num_bins, other.num_sentinels)
+
+    def __hash__(self) -> int:
+        return hash((len(self.model_proto), self.num_bins, self.num_sentinels))
