@@ -1,0 +1,46 @@
+"""Box quantisation to location tokens and back."""
+
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from moe_gen.tasks.modalities.box import box_iou, dequantize_box, quantize_box, scale_box
+
+
+def test_quantize_by_hand():
+    assert quantize_box([0, 0, 640, 480], 640, 480) == [0, 0, 999, 999]
+    assert quantize_box([320, 120, 480, 240], 640, 480) == [500, 250, 749, 500]  # 499.5 rounds to 500
+    assert dequantize_box([0, 0, 999, 999], 640, 480) == [0.0, 0.0, 640.0, 480.0]
+
+
+@settings(max_examples=200, deadline=None)
+@given(w=st.integers(8, 2000), h=st.integers(8, 2000), data=st.data())
+def test_round_trip_error_is_below_one_bin_and_resizing_keeps_tokens(w, h, data):
+    xs = sorted(data.draw(st.lists(st.floats(0, w), min_size=2, max_size=2)))
+    ys = sorted(data.draw(st.lists(st.floats(0, h), min_size=2, max_size=2)))
+    box = [xs[0], ys[0], xs[1], ys[1]]
+    bins = quantize_box(box, w, h)
+    back = dequantize_box(bins, w, h)
+    for v, b, size in zip(box, back, (w, h, w, h)):
+        assert abs(v - b) <= 0.5 * size / 999 + 1e-9
+    # the same box on the image resized by 2x keeps its tokens
+    assert quantize_box(scale_box(box, 2.0, 2.0), 2 * w, 2 * h) == bins
+
+
+def test_bad_boxes_are_named():
+    with pytest.raises(ValueError, match="4 numbers"):
+        quantize_box([1, 2, 3], 10, 10)
+    with pytest.raises(ValueError, match="x1 < x0"):
+        quantize_box([5, 0, 1, 4], 10, 10)
+    with pytest.raises(ValueError, match="outside the 10x10 image"):
+        quantize_box([0, 0, 11, 4], 10, 10)
+    with pytest.raises(ValueError, match="exactly 4 location tokens"):
+        dequantize_box([1, 2], 10, 10)
+
+
+def test_iou():
+    assert box_iou([0, 0, 2, 2], [0, 0, 2, 2]) == 1.0
+    assert box_iou([0, 0, 2, 2], [1, 0, 3, 2]) == pytest.approx(1 / 3)
+    assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
