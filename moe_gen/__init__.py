@@ -8,13 +8,34 @@ from moe_gen.config import ExpertsConfig, MoEConfig, RouterConfig
 from moe_gen.experts import DenseFFN
 from moe_gen.interop import moe_from_mixtral
 from moe_gen.moe import MoE, MoEOutput
-from moe_gen.registry import BACKENDS, EXPERTS, GATES, ROUTERS, Registry
-from moe_gen.routing import MODALITIES, PASSES, ROLES, RouterOutput, TokenTags
+from moe_gen.registry import (
+    ADAPTERS,
+    BACKENDS,
+    EXPERTS,
+    GATES,
+    METRICS,
+    MODALITIES,
+    PREPROCESSORS,
+    ROUTERS,
+    TASKS,
+    Registry,
+)
+from moe_gen.routing import RouterOutput, TokenTags
 
 __version__ = "0.1.0"
 
 __all__ = [
     "MoE", "MoEOutput", "MoEConfig", "RouterConfig", "ExpertsConfig", "RouterOutput",
-    "TokenTags", "MODALITIES", "ROLES", "PASSES", "DenseFFN", "moe_from_mixtral",
-    "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS",
+    "TokenTags", "DenseFFN", "moe_from_mixtral",
+    "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
+    "TASKS", "METRICS", "Instruction", "InstructionError", "Task",
 ]
+
+
+def __getattr__(name):
+    # The task layer (sentencepiece, PIL, ...) loads on first use, so `import moe_gen` stays light.
+    if name in ("Instruction", "InstructionError", "Task"):
+        from moe_gen import tasks
+
+        return getattr(tasks, name)
+    raise AttributeError(f"module 'moe_gen' has no attribute {name!r}")

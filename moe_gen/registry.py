@@ -16,7 +16,10 @@ from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
 
-__all__ = ["Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS"]
+__all__ = [
+    "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
+    "TASKS", "METRICS",
+]
 
 
 class Registry(Generic[T]):
@@ -85,3 +88,12 @@ GATES: Registry = Registry("gate")
 EXPERTS: Registry = Registry("expert kind")
 # Dispatch backends: how tokens reach their experts and come back.
 BACKENDS: Registry = Registry("dispatch backend")
+# Modalities (TEXT, IMAGE, ...): their defaults and which attributes their slots accept.
+MODALITIES: Registry = Registry("modality")
+# Preprocessors: raw slot value -> token ids or feature rows (chosen by `preprocess=` or default).
+PREPROCESSORS: Registry = Registry("preprocessor")
+# Adapters: feature rows -> embeddings of width D (chosen by `adaptor=` or default).
+ADAPTERS: Registry = Registry("adapter")
+# Built-in tasks (presets) and metrics.
+TASKS: Registry = Registry("task")
+METRICS: Registry = Registry("metric")

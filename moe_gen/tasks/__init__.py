@@ -1,9 +1,33 @@
-"""Tasks: instructions, modalities, task plans, built-in tasks and their data.
+"""Tasks: instructions, modalities, task plans, batches, built-in tasks and their data.
 
-Built so far: the shared text vocabulary (``Tokenizer``). The instruction parser, modality
-registry, task plans and presets are being added (issue 3).
+    from moe_gen.tasks import Task, Tokenizer, collate
+    task = Task("caption", "[IMAGE:img] what does the image describe? -> [TEXT:cap]", rows)
+    tok = Tokenizer.default()
+    batch = collate(list(task.samples(tok)), tok, {"caption": 0})
 """
 
+from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side, collate, pack_rows
+from moe_gen.tasks.instruction import Instruction, InstructionError, Slot, Template
+from moe_gen.tasks.modalities.base import (
+    Adapter,
+    EncodeContext,
+    ModalitySpec,
+    Preprocessor,
+    SlotEncoding,
+    SlotValueError,
+    register_modality,
+)
+from moe_gen.tasks.plan import Chunk, DecodeSpec, Sample, SlotPlan, TaskDataError, TaskPlan
+from moe_gen.tasks.presets import load_preset, preset, preset_info
+from moe_gen.tasks.task import Task, load_jsonl
 from moe_gen.tasks.tokenizer import Tokenizer, default_corpus
 
-__all__ = ["Tokenizer", "default_corpus"]
+from moe_gen.tasks import metrics  # noqa: F401,E402  isort: skip  (fills METRICS)
+
+__all__ = [
+    "Instruction", "InstructionError", "Slot", "Template", "Task", "TaskPlan", "SlotPlan", "DecodeSpec",
+    "Sample", "Chunk", "TaskDataError", "Batch", "Side", "collate", "pack_rows", "IGNORE_INDEX",
+    "Tokenizer", "default_corpus", "ModalitySpec", "Preprocessor", "Adapter", "SlotEncoding",
+    "EncodeContext", "SlotValueError", "register_modality", "load_preset", "preset", "preset_info",
+    "load_jsonl",
+]

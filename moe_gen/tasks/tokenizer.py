@@ -22,9 +22,17 @@ from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
 
-__all__ = ["Tokenizer", "default_corpus"]
+__all__ = ["Tokenizer", "default_corpus", "PHONE_SYMBOLS"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+
+_ARPABET = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH "
+            "UH UW V W Y Z ZH").split()
+# Phone tokens of the PHONE modality: ARPAbet phones, letters and digits (how words missing from
+# the pronouncing dictionary are spelled) and the word separator.
+PHONE_SYMBOLS: tuple[str, ...] = tuple(
+    f"<ph_{p}>" for p in dict.fromkeys([*_ARPABET, *"ABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789", "|"])
+)
 
 
 def default_corpus() -> list[str]:
@@ -106,9 +114,9 @@ class Tokenizer:
     @classmethod
     @functools.lru_cache(maxsize=4)
     def default(cls, vocab_size: int = 4000, num_bins: int = 1000, num_sentinels: int = 100) -> "Tokenizer":
-        """The tokenizer trained on ``default_corpus()`` (cached per process)."""
+        """The tokenizer trained on ``default_corpus()``, with phone tokens (cached per process)."""
         return cls.train(default_corpus(), vocab_size=vocab_size, num_bins=num_bins,
-                         num_sentinels=num_sentinels)
+                         num_sentinels=num_sentinels, extra_symbols=PHONE_SYMBOLS)
 
     def save(self, directory: str) -> None:
         """Writes ``tokenizer.model`` and ``tokenizer.json`` into ``directory``."""
@@ -142,6 +150,13 @@ class Tokenizer:
         """Text of ``ids``; padding, BOS and EOS are dropped."""
         keep = [int(i) for i in ids if int(i) not in (PAD_ID, BOS_ID, EOS_ID)]
         return self.sp.decode(keep)
+
+    def symbol_id(self, piece: str) -> int:
+        """Id of a user-defined symbol such as ``<ph_AA>`` (no whitespace piece before it)."""
+        token = self.sp.piece_to_id(piece)
+        if token == UNK_ID or self.sp.id_to_piece(token) != piece:
+            raise ValueError(f"the vocabulary has no symbol {piece!r}")
+        return token
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.sp.id_to_piece(int(i)) for i in ids]

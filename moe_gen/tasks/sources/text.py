@@ -1,0 +1,66 @@
+"""Text from data that ships with Python and scikit-learn.
+
+- ``load_doc_paragraphs``: paragraphs of CPython's ``pydoc_data.topics`` (the help() texts of the
+  language reference) with the topic they come from, for infilling and topic naming.
+- ``load_iris_tables``: scikit-learn's iris measurements as small tables (STRUCT) with the
+  species and a sentence describing them, for table-to-text and table QA.
+
+Splits are deterministic (every 5th item is "test").
+"""
+
+from __future__ import annotations
+
+import functools
+
+__all__ = ["load_doc_paragraphs", "load_iris_tables"]
+
+
+def _split_keep(i: int, split: str) -> bool:
+    if split not in ("train", "test", "all"):
+        raise ValueError(f"unknown split {split!r}; known: train, test, all")
+    return split == "all" or (i % 5 == 0) == (split == "test")
+
+
+@functools.lru_cache(maxsize=1)
+def _paragraphs() -> list[tuple[str, str]]:
+    from pydoc_data.topics import topics
+
+    out = []
+    for topic in sorted(topics):
+        for block in topics[topic].split("\n\n"):
+            text = " ".join(block.split())
+            # prose only: skip code, grammar rules and very short lines
+            if 12 <= len(text.split()) <= 60 and not text.startswith((">>>", "::")) and "::=" not in text:
+                out.append((topic, text))
+    return out
+
+
+def load_doc_paragraphs(split: str = "train", limit: int | None = None) -> list[dict]:
+    """Rows ``{"text", "topic", "id"}`` of prose paragraphs (12–60 words) from pydoc's topics."""
+    rows = [{"text": text, "topic": topic, "id": f"pydoc/{i}"}
+            for i, (topic, text) in enumerate(_paragraphs()) if _split_keep(i, split)]
+    return rows[:limit] if limit else rows
+
+
+_FEATURES = ("sepal length", "sepal width", "petal length", "petal width")
+
+
+def load_iris_tables(split: str = "train") -> list[dict]:
+    """Rows ``{"table", "species", "description", "longest", "id"}``: each table holds one iris
+    flower's four measurements (cm) as rows ``{"measure", "cm"}``; ``longest`` names its longest
+    measure (table QA)."""
+    from sklearn.datasets import load_iris
+
+    data = load_iris()
+    rows = []
+    for i, (values, target) in enumerate(zip(data.data, data.target)):
+        if not _split_keep(i, split):
+            continue
+        species = str(data.target_names[target])
+        table = [{"measure": f, "cm": f"{v:.1f}"} for f, v in zip(_FEATURES, values)]
+        longest = _FEATURES[int(values.argmax())]
+        description = (f"an iris {species} flower with petals {values[2]:.1f} cm long and "
+                       f"{values[3]:.1f} cm wide")
+        rows.append({"table": table, "species": species, "description": description,
+                     "longest": longest, "id": f"iris/{i}"})
+    return rows

@@ -1,0 +1,95 @@
+"""Images and boxes from data that installed packages ship: scikit-learn's 1,797 handwritten
+8×8 digits (``load_digits``), and canvases with digits pasted at known places, which give exact
+boxes for grounding, grounded captioning, counting and detection.
+
+Splits are deterministic: digit i is in "test" when i % 5 == 0 (20%), else "train"; canvases of
+a split only use that split's digits, and canvas k of a split is drawn from ``Random(seed + k)``.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import TypedDict
+
+import numpy as np
+
+__all__ = ["DIGIT_NAMES", "load_digit_images", "make_canvases", "DigitRow", "CanvasRow", "SPLITS"]
+
+DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
+SPLITS = ("train", "test", "all")
+
+
+class DigitRow(TypedDict):
+    image: np.ndarray  # uint8 [8, 8] grey, 0..255
+    label: str  # "seven"
+    digit: int
+    id: str
+
+
+class CanvasRow(TypedDict):
+    image: np.ndarray  # uint8 [size, size, 3]
+    boxes: list  # [[x0, y0, x1, y1], ...] pixels
+    labels: list  # ["seven", ...], one per box
+    count: str  # number of digits as a word
+    query: str  # the name of one digit on the canvas that appears exactly once
+    query_box: list  # its box
+    width: int
+    height: int
+    id: str
+
+
+def _check_split(split: str) -> None:
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+
+
+@functools.lru_cache(maxsize=1)
+def _digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    images = np.clip(data.images * (255.0 / 16.0), 0, 255).astype(np.uint8)  # values are 0..16
+    return images, data.target.astype(np.int64)
+
+
+def load_digit_images(split: str = "train") -> list[DigitRow]:
+    """The scikit-learn digits as rows (8×8 grey uint8 images with their names)."""
+    _check_split(split)
+    images, targets = _digits()
+    keep = [i for i in range(len(images)) if split == "all" or (i % 5 == 0) == (split == "test")]
+    return [DigitRow(image=images[i].copy(), label=DIGIT_NAMES[targets[i]], digit=int(targets[i]),
+                     id=f"digits/{i}") for i in keep]
+
+
+def make_canvases(split: str = "train", count: int = 200, size: int = 64, scale: int = 2,
+                  max_digits: int = 3, seed: int = 0) -> list[CanvasRow]:
+    """Canvases of ``size``² pixels with 1..max_digits digits (each 8·scale px) at non-overlapping
+    places on a noisy grey background; boxes are exact by construction."""
+    _check_split(split)
+    digits = load_digit_images(split)
+    cell = 8 * scale
+    rows = []
+    for k in range(count):
+        rng = random.Random(seed * 100003 + k + (0 if split == "train" else 50000))
+        noise = np.random.default_rng(rng.randrange(2**32)).random((size, size), dtype=np.float32)
+        canvas = 20.0 + 10.0 * noise
+        n = rng.randint(1, max_digits)
+        boxes, labels, taken = [], [], []
+        while len(boxes) < n:
+            x, y = rng.randrange(0, size - cell + 1), rng.randrange(0, size - cell + 1)
+            if any(abs(x - a) < cell and abs(y - b) < cell for a, b in taken):
+                continue
+            digit = digits[rng.randrange(len(digits))]
+            patch = np.kron(digit["image"].astype(np.float32), np.ones((scale, scale), dtype=np.float32))
+            canvas[y:y + cell, x:x + cell] = np.maximum(canvas[y:y + cell, x:x + cell], patch)
+            taken.append((x, y))
+            boxes.append([x, y, x + cell, y + cell])
+            labels.append(digit["label"])
+        unique = [i for i, lab in enumerate(labels) if labels.count(lab) == 1]
+        q = unique[rng.randrange(len(unique))] if unique else 0
+        image = np.repeat(np.clip(canvas, 0, 255).astype(np.uint8)[..., None], 3, axis=2)
+        rows.append(CanvasRow(image=image, boxes=boxes, labels=labels, count=DIGIT_NAMES[n],
+                              query=labels[q], query_box=boxes[q], width=size, height=size,
+                              id=f"canvas/{split}/{k}"))
+    return rows

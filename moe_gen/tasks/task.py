@@ -1,0 +1,142 @@
+"""A task: a name, a one-line instruction, data, and how it is scored.
+
+    task = Task("caption_digits", "[IMAGE:image] what digit is this? -> [TEXT:label,closed_set]",
+                data=[{"image": array, "label": "seven"}, ...], metrics=("accuracy",))
+    plan = task.plan(tokenizer)
+    samples = list(task.samples(tokenizer))
+
+``data`` may be a list of dicts, a Hugging Face ``datasets`` dataset (anything with ``__len__``
+and ``__getitem__`` returning dicts), or the path of a JSONL file whose media fields hold arrays
+(as nested lists), file paths (relative to the JSONL file) or base64 bytes (``{"base64": ...}``).
+A row that fails to encode raises ``TaskDataError`` naming the task, column and row, or, with
+``on_error="skip"``, is skipped and counted in ``task.skipped``.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import zlib
+from typing import Any, Iterator, Optional, Sequence
+
+from moe_gen.tasks.instruction import Instruction
+from moe_gen.tasks.plan import Sample, TaskDataError, TaskPlan, _modality_attributes
+from moe_gen.tasks.tokenizer import Tokenizer
+
+__all__ = ["Task", "load_jsonl"]
+
+
+def load_jsonl(path: str) -> list[dict]:
+    """Rows of a JSONL file; ``{"base64": s}`` values become bytes, and string values naming an
+    existing file relative to the JSONL file become absolute paths."""
+    rows = []
+    base = os.path.dirname(os.path.abspath(path))
+    with open(path, encoding="utf-8") as f:
+        for number, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise TaskDataError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+            if not isinstance(row, dict):
+                raise TaskDataError(f"{path}, line {number}: a row must be a JSON object")
+            for key, value in row.items():
+                if isinstance(value, dict) and set(value) == {"base64"}:
+                    row[key] = base64.b64decode(value["base64"])
+                elif isinstance(value, str) and (os.sep in value or "." in value):
+                    candidate = os.path.join(base, value)
+                    if os.path.isfile(candidate):
+                        row[key] = candidate
+            rows.append(row)
+    return rows
+
+
+class Task:
+    """A task declared by instruction.
+
+    Args:
+        name: unique task name (its index in the model's task vocabulary is the ``task`` tag).
+        instruction: the instruction text (or a parsed ``Instruction``).
+        data: rows (list of dicts, HF dataset, or JSONL path).
+        objective: ``generative``, ``contrastive`` or ``masked`` (issue 4 runs them).
+        metrics: metric names (``moe_gen.tasks.metrics``).
+        weight: sampling/loss weight for the trainer.
+        on_error: ``raise`` or ``skip`` rows that fail to encode.
+        preprocessor_options: keyword arguments per preprocessor name.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        instruction: Any,
+        data: Any,
+        *,
+        objective: str = "generative",
+        metrics: Sequence[str] = (),
+        weight: float = 1.0,
+        on_error: str = "raise",
+        preprocessor_options: Optional[dict] = None,
+    ) -> None:
+        if on_error not in ("raise", "skip"):
+            raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        self.name = name
+        self.instruction = (instruction if isinstance(instruction, Instruction)
+                            else Instruction.parse(instruction, modalities=_modality_attributes()))
+        self.data = load_jsonl(data) if isinstance(data, (str, os.PathLike)) else data
+        if not hasattr(self.data, "__len__") or not hasattr(self.data, "__getitem__"):
+            raise ValueError(f"task {name!r}: data must be a list of rows, a dataset or a JSONL path")
+        self.objective, self.metrics, self.weight = objective, tuple(metrics), float(weight)
+        self.on_error = on_error
+        self.preprocessor_options = preprocessor_options or {}
+        self.skipped = 0
+        self.errors: list[str] = []
+        self._plans: dict[int, TaskPlan] = {}
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __repr__(self) -> str:
+        return f"Task({self.name!r}, {str(self.instruction)!r}, {len(self)} rows)"
+
+    def closed_sets(self) -> dict[str, list[str]]:
+        """Label sets of closed-set slots (``closed_set`` or CATEGORY), collected from the data."""
+        columns = {s.column for t in self.instruction.templates for s in t.decoder
+                   if s.column and (s.attrs.get("closed_set") or s.modality == "CATEGORY")}
+        labels: dict[str, set] = {c: set() for c in columns}
+        for i in range(len(self.data)):
+            row = self.data[i]
+            for c in columns:
+                if isinstance(row, dict) and c in row:
+                    labels[c].add(str(row[c]))
+        return {c: sorted(v) for c, v in labels.items()}
+
+    def plan(self, tokenizer: Tokenizer) -> TaskPlan:
+        """The task plan for this vocabulary (cached)."""
+        key = id(tokenizer)
+        if key not in self._plans:
+            self._plans[key] = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=self.closed_sets(),
+                                        preprocessor_options=self.preprocessor_options)
+        return self._plans[key]
+
+    def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True) -> Optional[Sample]:
+        """Row ``index`` encoded, or None when it fails and ``on_error="skip"``."""
+        # crc32, not hash(): str hashes change from process to process.
+        rng = random.Random(zlib.crc32(f"{self.name}/{index}/{seed}".encode()))
+        try:
+            return self.plan(tokenizer).encode(self.data[index], index, rng=rng, training=training)
+        except TaskDataError as exc:
+            if self.on_error == "raise":
+                raise
+            self.skipped += 1
+            self.errors.append(str(exc))
+            return None
+
+    def samples(self, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True) -> Iterator[Sample]:
+        """Every row encoded, in order (failed rows skipped and counted under ``on_error="skip"``)."""
+        for i in range(len(self.data)):
+            sample = self.encode(i, tokenizer, seed=seed, training=training)
+            if sample is not None:
+                yield sample

@@ -1,0 +1,237 @@
+"""From instruction and data to batches with tags: plans, encoding, collation, presets, errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from moe_gen import MODALITIES, TASKS
+from moe_gen.routing.tags import MODALITIES as TAG_MODALITIES
+from moe_gen.routing.tags import ROLES
+from moe_gen.tasks import (
+    IGNORE_INDEX,
+    Task,
+    TaskDataError,
+    TaskPlan,
+    Tokenizer,
+    collate,
+    load_preset,
+    pack_rows,
+    preset_info,
+)
+from moe_gen.tasks.modalities.box import dequantize_box
+
+INPUT, TARGET, PROMPT = (ROLES.index(r) for r in ("input", "target", "prompt"))
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def task_ids():
+    return {name: i for i, name in enumerate(TASKS.list())}
+
+
+def test_presets_cover_enough_tasks_and_modalities():
+    names = TASKS.list()
+    assert len(names) >= 16
+    modalities = set()
+    for name in names:
+        info = preset_info(name)
+        template = Task(name, info.instruction, []).instruction.templates[0]
+        modalities |= {s.modality for s in template.encoder + template.decoder if not s.is_literal}
+        assert info.metrics and info.source
+    assert len(modalities) >= 7, modalities
+
+
+@pytest.mark.parametrize("name", TASKS.list())
+def test_every_preset_encodes_and_collates_real_samples(name, tok, task_ids):
+    task = load_preset(name, "train", limit=4)
+    assert len(task) == 4
+    samples = list(task.samples(tok))
+    assert len(samples) == 4 and task.skipped == 0
+    batch = collate(samples, tok, task_ids)
+    enc, dec = batch.encoder, batch.decoder
+    B, S = enc.tokens.shape
+    L = dec.tokens.shape[1]
+    assert B == 4 and dec.padding_mask.shape == (4, L) and batch.labels.shape == (4, L)
+    # every valid encoder position is either a token or a feature row, exactly once
+    filled = enc.is_token.clone().reshape(-1)
+    for rows_index in enc.index.values():
+        assert not filled[rows_index].any()
+        filled[rows_index] = True
+    assert torch.equal(filled.view(B, S), ~enc.padding_mask)
+    for adaptor, rows in enc.rows.items():
+        assert rows.shape[0] == enc.index[adaptor].shape[0] == enc.positions[adaptor].shape[0]
+        assert torch.isfinite(rows).all()
+    # tags: task, bidirectional encoder, causal decoder, roles
+    assert (enc.tags.task[~enc.padding_mask] == task_ids[name]).all()
+    assert not enc.tags.causal[~enc.padding_mask].any()
+    assert dec.tags.causal[~dec.padding_mask].all()
+    assert set(enc.tags.role[~enc.padding_mask].tolist()) <= {INPUT, PROMPT}
+    assert INPUT in enc.tags.role[~enc.padding_mask].tolist()
+    # loss: token labels only at valid target positions; frames for continuous targets
+    scored = batch.labels != IGNORE_INDEX
+    assert not scored[dec.padding_mask].any()
+    assert (dec.tags.role[scored] == TARGET).all()
+    frames = sum(int(v.shape[0]) for v in batch.frame_targets.values())
+    assert scored.any() or frames > 0
+    # the task-modalities multi-hot holds the modality of every position of the sample
+    valid = ~enc.padding_mask
+    own = torch.nn.functional.one_hot(enc.tags.modality[valid], len(TAG_MODALITIES)).bool()
+    assert (enc.tags.task_modalities[valid] | ~own).all()
+    assert sum(batch.tokens_per_modality.values()) == int(valid.sum() + (~dec.padding_mask).sum())
+
+
+def test_grounding_example_by_hand(tok):
+    task = Task("ground", '[IMAGE:img] which region does the text " [TEXT:cap] " describe? -> [BOX:box]',
+                [{"img": np.zeros((100, 200, 3), dtype=np.uint8), "cap": "a dog", "box": [50, 25, 150, 75]}])
+    sample = task.plan(tok).encode(task.data[0], 0)
+    batch = collate([sample], tok, {"ground": 3})
+    enc, dec = batch.encoder, batch.decoder
+    prompt_a = tok.encode('which region does the text "')
+    caption = tok.encode("a dog")
+    prompt_b = tok.encode('" describe?')
+    n_img = 16  # 32x32 image, 8x8 patches
+    assert enc.tokens.shape == (1, n_img + len(prompt_a) + len(caption) + len(prompt_b))
+    assert not enc.is_token[0, :n_img].any() and enc.is_token[0, n_img:].all()
+    assert enc.tokens[0, n_img:].tolist() == prompt_a + caption + prompt_b
+    modality = enc.tags.modality[0].tolist()
+    assert modality == [TAG_MODALITIES.index("IMAGE")] * n_img + [0] * (len(prompt_a) + len(caption) + len(prompt_b))
+    roles = enc.tags.role[0].tolist()
+    assert roles == ([INPUT] * n_img + [PROMPT] * len(prompt_a) + [INPUT] * len(caption)
+                     + [PROMPT] * len(prompt_b))
+    assert (enc.tags.task == 3).all() and not enc.tags.causal.any()
+    used = enc.tags.task_modalities[0, 0]
+    assert {TAG_MODALITIES[i] for i in used.nonzero().squeeze(1).tolist()} == {"IMAGE", "TEXT", "BOX"}
+    # decoder: BOS then the 4 box tokens; labels are the 4 tokens and EOS
+    bins = [tok.bin_id(k) for k in (250, 250, 749, 749)]  # 50/200·999, 25/100·999, ...
+    assert dec.tokens[0].tolist() == [tok.bos_id] + bins
+    assert batch.labels[0].tolist() == bins + [tok.eos_id]
+    assert dec.tags.modality[0].tolist() == [TAG_MODALITIES.index("BOX")] * 5
+    assert dec.tags.role[0].tolist() == [TARGET] * 5 and dec.tags.causal.all()
+    back = dequantize_box([tok.bin_index(b) for b in bins], 200, 100)
+    assert np.allclose(back, [50, 25, 150, 75], atol=0.2)
+    assert task.plan(tok).decode_specs()[0].kind == "box"
+
+
+def test_closed_set_trie_and_forced_prefix(tok):
+    rows = [{"sentence": "great film", "label": "positive"}, {"sentence": "dull", "label": "negative"}]
+    instruction = ('is the sentiment of text " [TEXT:sentence] " positive or negative? -> is the sentiment '
+                   'of text " [TEXT:sentence,no_loss] " positive or negative? [TEXT:label,closed_set]')
+    task = Task("sst", instruction, rows)
+    plan = task.plan(tok)
+    spec = plan.decode_specs()[0]
+    assert spec.kind == "closed_set" and spec.labels == ("negative", "positive")
+    first = tok.encode("positive")[0]
+    assert first in spec.trie
+    sample = plan.encode(rows[0], 0)
+    batch = collate([sample], tok, {"sst": 0})
+    scored = (batch.labels[0] != IGNORE_INDEX).nonzero().squeeze(1).tolist()
+    # only the label and EOS carry loss; the copied sentence and literal text are prompt
+    assert batch.labels[0, scored].tolist() == tok.encode("positive") + [tok.eos_id]
+    assert set(batch.decoder.tags.role[0, : scored[0]].tolist()) == {PROMPT}
+    with pytest.raises(TaskDataError, match="label 'neutral' is not in the closed set"):
+        plan.encode({"sentence": "ok", "label": "neutral"}, 5)
+
+
+def test_repetition_expands_per_item(tok):
+    task = load_preset("digit_detection", "train", limit=3)
+    row = task.data[0]
+    sample = task.plan(tok).encode(row, 0)
+    boxes = [c for c in sample.decoder if c.modality == "BOX"]
+    assert len(boxes) == len(row["boxes"]) and all(len(c) == 4 for c in boxes)
+    bad = dict(row, labels=row["labels"] + ["extra"])
+    with pytest.raises(TaskDataError, match="repetition group 0 have different lengths"):
+        task.plan(tok).encode(bad, 7)
+
+
+def test_bad_data_names_task_column_and_row(tok, tmp_path):
+    task = Task("cap", "[IMAGE:img] what does the image describe? -> [TEXT:cap]",
+                [{"img": np.zeros((8, 8, 3), np.uint8), "cap": "x"}, {"image": 1, "cap": "y"},
+                 {"img": "a caption, not an image", "cap": "z"}])
+    with pytest.raises(TaskDataError, match=r"task 'cap', row 1: missing column 'img' \(the row has 'image', 'cap'\)"):
+        task.encode(1, tok)
+    with pytest.raises(TaskDataError, match="task 'cap', column 'img', row 2: an IMAGE slot got text"):
+        task.encode(2, tok)
+    with pytest.raises(TaskDataError, match="task 'swap', column 'cap', row 0: a TEXT slot needs text, got ndarray"):
+        Task("swap", "[TEXT:cap] -> [TEXT:cap]", [{"cap": np.zeros(3)}]).encode(0, tok)
+    corrupt = tmp_path / "broken.png"
+    corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    skipping = Task("cap", "[IMAGE:img] -> [TEXT:cap]",
+                    [{"img": str(corrupt), "cap": "a"}, {"img": np.zeros((8, 8)), "cap": "b"}], on_error="skip")
+    samples = list(skipping.samples(tok))
+    assert len(samples) == 1 and skipping.skipped == 1 and "cannot decode the image" in skipping.errors[0]
+
+
+def test_unknown_preprocessor_or_adaptor_is_a_planning_error(tok):
+    with pytest.raises(ValueError, match="unknown preprocessor 'image_vqgan'; known: "):
+        TaskPlan("t", "[IMAGE:img,preprocess=image_vqgan] -> [TEXT:c]", tok)
+    with pytest.raises(ValueError, match="unknown adaptor 'image_resnet'"):
+        TaskPlan("t", "[IMAGE:img,adaptor=image_resnet] -> [TEXT:c]", tok)
+
+
+def test_jsonl_rows_with_paths_bytes_and_arrays(tok, tmp_path):
+    from PIL import Image
+
+    Image.fromarray(np.full((10, 12, 3), 200, np.uint8)).save(tmp_path / "a.png")
+    import base64
+    import io
+
+    buffer = io.BytesIO()
+    Image.fromarray(np.zeros((6, 6, 3), np.uint8)).save(buffer, format="PNG")
+    lines = [{"img": "a.png", "cap": "from a path"},
+             {"img": {"base64": base64.b64encode(buffer.getvalue()).decode()}, "cap": "from bytes"},
+             {"img": np.ones((4, 4)).tolist(), "cap": "from a nested list"}]
+    path = tmp_path / "data.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in lines))
+    task = Task("cap", "[IMAGE:img] -> [TEXT:cap]", str(path))
+    samples = [task.encode(i, tok) for i in range(3)]
+    assert all(s.encoder[0].rows.shape == (16, 192) for s in samples)
+
+
+def test_packing_keeps_samples_apart_and_cuts_padding(tok):
+    task = load_preset("doc_topic", "train", limit=12)
+    samples = list(task.samples(tok))
+    ids = {"doc_topic": 0}
+    padded = collate(samples, tok, ids)
+    packed = collate(samples, tok, ids, pack=True, max_length=max(max(s.lengths()) for s in samples) * 2)
+    assert packed.encoder.tokens.shape[0] < len(samples)
+    assert packed.padding_fraction < padded.padding_fraction
+    assert sorted(packed.tasks) == sorted(padded.tasks)
+    # every packed sample's positions carry its own sample id, contiguous within the row
+    for b in range(packed.encoder.tokens.shape[0]):
+        valid = ~packed.encoder.padding_mask[b]
+        ids_b = packed.encoder.tags.sample[b][valid].tolist()
+        assert ids_b == sorted(ids_b)
+    # same token multiset overall
+    assert sorted(padded.encoder.tokens[~padded.encoder.padding_mask].tolist()) == sorted(
+        packed.encoder.tokens[~packed.encoder.padding_mask].tolist())
+    assert pack_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
+
+
+def test_continuous_targets_have_stop_flags(tok):
+    task = load_preset("text_to_speech", "train", limit=2)
+    batch = collate(list(task.samples(tok)), tok, {"text_to_speech": 0})
+    stop = batch.frame_stop["audio_tgt_fbank"]
+    assert stop.sum() == 2 and stop[-1] == 1
+    assert batch.frame_targets["audio_tgt_fbank"].shape[1] == 320
+    assert (batch.labels == IGNORE_INDEX).all()
+
+
+def test_encoding_is_deterministic_per_seed(tok):
+    task = load_preset("text_infilling", "train", limit=3)
+    a = [s.encoder[1].tokens for s in task.samples(tok, seed=1)]
+    b = [s.encoder[1].tokens for s in task.samples(tok, seed=1)]
+    c = [s.encoder[1].tokens for s in task.samples(tok, seed=2)]
+    assert a == b and a != c
+
+
+def test_modality_registry_has_all_builtins():
+    assert set(MODALITIES.list()) >= {"TEXT", "IMAGE", "AUDIO", "VIDEO", "MOTION", "BOX", "STRUCT", "PHONE",
+                                       "CATEGORY"}
