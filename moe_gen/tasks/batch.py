@@ -101,57 +101,68 @@ def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     return [sorted(r) for r in rows]
 
 
+@dataclasses.dataclass
+class _Run:
+    """Consecutive positions of one row that share their tags (one chunk, or part of one)."""
+
+    tokens: Optional[torch.Tensor]  # long [n], or None for feature rows
+    feature: Optional[tuple]  # (adaptor, rows [n, F], positions [n, 3])
+    modality: int
+    role: int
+    causal: bool
+    task: int
+    used: torch.Tensor  # bool [M]
+    sample: int
+    pass_id: int
+
+    def __len__(self) -> int:
+        return int(self.tokens.shape[0]) if self.tokens is not None else int(self.feature[1].shape[0])
+
+
 class _SideBuilder:
-    """Accumulates one side's positions, row by row."""
+    """Accumulates one side's runs of positions, row by row, and fills tensors run by run."""
 
-    def __init__(self, num_rows: int, task_ids: Mapping[str, int], num_modalities: int) -> None:
-        self.rows: list[list[dict]] = [[] for _ in range(num_rows)]
-        self.task_ids, self.num_modalities = task_ids, num_modalities
+    def __init__(self, num_rows: int) -> None:
+        self.rows: list[list[_Run]] = [[] for _ in range(num_rows)]
 
-    def add(self, row: int, *, token: Optional[int], feature: Optional[tuple], modality: str,
-            role: int, causal: bool, task: str, task_modalities: tuple[str, ...], sample: int,
-            pass_id: int) -> None:
-        self.rows[row].append(dict(token=token, feature=feature, modality=modality, role=role,
-                                   causal=causal, task=task, used=task_modalities, sample=sample,
-                                   pass_id=pass_id))
+    def length(self, row: int) -> int:
+        return sum(len(r) for r in self.rows[row])
 
-    def build(self, pad_id: int) -> Side:
+    def build(self, pad_id: int, num_modalities: int) -> Side:
         B = len(self.rows)
-        S = max([len(r) for r in self.rows] + [1])
+        S = max([self.length(b) for b in range(B)] + [1])
         tokens = torch.full((B, S), pad_id, dtype=torch.long)
         is_token = torch.zeros(B, S, dtype=torch.bool)
         padding = torch.ones(B, S, dtype=torch.bool)
-        task = torch.zeros(B, S, dtype=torch.long)
-        modality = torch.zeros(B, S, dtype=torch.long)
-        role = torch.zeros(B, S, dtype=torch.long)
+        fields = {name: torch.zeros(B, S, dtype=torch.long) for name in ("task", "modality", "role", "pass_id", "sample")}
         causal = torch.zeros(B, S, dtype=torch.bool)
-        pass_id = torch.zeros(B, S, dtype=torch.long)
-        sample = torch.zeros(B, S, dtype=torch.long)
-        used = torch.zeros(B, S, self.num_modalities, dtype=torch.bool)
+        used = torch.zeros(B, S, num_modalities, dtype=torch.bool)
         rows, index, positions = defaultdict(list), defaultdict(list), defaultdict(list)
-        for b, items in enumerate(self.rows):
-            for s, item in enumerate(items):
-                padding[b, s] = False
-                if item["token"] is not None:
-                    tokens[b, s], is_token[b, s] = item["token"], True
+        for b, runs in enumerate(self.rows):
+            at = 0
+            for run in runs:
+                n = len(run)
+                span = slice(at, at + n)
+                padding[b, span] = False
+                if run.tokens is not None:
+                    tokens[b, span], is_token[b, span] = run.tokens, True
                 else:
-                    adaptor, row, pos = item["feature"]
-                    rows[adaptor].append(row)
+                    adaptor, feats, pos = run.feature
+                    rows[adaptor].append(feats)
                     positions[adaptor].append(pos)
-                    index[adaptor].append(b * S + s)
-                task[b, s] = self.task_ids[item["task"]]
-                modality[b, s] = _modality_id(item["modality"])
-                role[b, s], causal[b, s] = item["role"], item["causal"]
-                pass_id[b, s], sample[b, s] = item["pass_id"], item["sample"]
-                for m in item["used"]:
-                    used[b, s, _modality_id(m)] = True
-        tags = TokenTags(task=task, modality=modality, role=role, task_modalities=used, causal=causal,
-                         pass_id=pass_id, sample=sample)
+                    index[adaptor].append(torch.arange(b * S + at, b * S + at + n))
+                for name in fields:
+                    fields[name][b, span] = getattr(run, name)
+                causal[b, span] = run.causal
+                used[b, span] = run.used
+                at += n
+        tags = TokenTags(task=fields["task"], modality=fields["modality"], role=fields["role"],
+                         task_modalities=used, causal=causal, pass_id=fields["pass_id"], sample=fields["sample"])
         return Side(
             tokens=tokens, is_token=is_token,
-            rows={k: torch.stack(v) for k, v in rows.items()},
-            index={k: torch.tensor(v, dtype=torch.long) for k, v in index.items()},
-            positions={k: torch.stack(v) for k, v in positions.items()},
+            rows={k: torch.cat(v) for k, v in rows.items()},
+            index={k: torch.cat(v) for k, v in index.items()},
+            positions={k: torch.cat(v) for k, v in positions.items()},
             padding_mask=padding, tags=tags,
         )
 
@@ -187,61 +198,74 @@ def collate(
         groups = [[i] for i in range(len(samples))]
     pass_id = PASSES.index(pass_name)
     M = len(TAG_MODALITIES)
-    enc, dec = _SideBuilder(len(groups), task_ids, M), _SideBuilder(len(groups), task_ids, M)
-    labels_rows: list[list[int]] = [[] for _ in groups]
-    frames = defaultdict(lambda: ([], [], []))  # adaptor -> (targets, (row, pos), stop)
+    enc, dec = _SideBuilder(len(groups)), _SideBuilder(len(groups))
+    labels_rows: list[list[torch.Tensor]] = [[] for _ in groups]
+    frames = defaultdict(lambda: ([], [], []))  # adaptor -> (targets, flat (row, t) lists, stop flags)
     counts: Counter = Counter()
     tasks = []
     for row, group in enumerate(groups):
         for local, i in enumerate(group):
             sample = samples[i]
             tasks.append(sample.task)
-            common = dict(task=sample.task, task_modalities=sample.task_modalities, sample=local,
-                          pass_id=pass_id)
+            used = torch.zeros(M, dtype=torch.bool)
+            used[[_modality_id(m) for m in sample.task_modalities]] = True
+            common = dict(task=task_ids[sample.task], used=used, sample=local, pass_id=pass_id)
             for chunk in sample.encoder:
                 counts[chunk.modality] += len(chunk)
-                for j in range(len(chunk)):
-                    feature = None if chunk.tokens is not None else (chunk.adaptor, chunk.rows[j],
-                                                                     chunk.positions[j])
-                    enc.add(row, token=chunk.tokens[j] if chunk.tokens is not None else None,
-                            feature=feature, modality=chunk.modality, role=chunk.role, causal=False,
-                            **common)
+                enc.rows[row].append(_Run(
+                    tokens=None if chunk.tokens is None else torch.tensor(chunk.tokens, dtype=torch.long),
+                    feature=None if chunk.tokens is not None else (chunk.adaptor, chunk.rows, chunk.positions),
+                    modality=_modality_id(chunk.modality), role=chunk.role, causal=False, **common))
             _add_decoder(sample, row, dec, labels_rows[row], frames, tokenizer, common, counts)
-    encoder, decoder = enc.build(tokenizer.pad_id), dec.build(tokenizer.pad_id)
+    encoder, decoder = enc.build(tokenizer.pad_id, M), dec.build(tokenizer.pad_id, M)
     B, L = decoder.padding_mask.shape
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
-    for b, lab in enumerate(labels_rows):
-        labels[b, : len(lab)] = torch.tensor(lab, dtype=torch.long)
+    for b, parts in enumerate(labels_rows):
+        if parts:
+            lab = torch.cat(parts)
+            labels[b, : lab.numel()] = lab
     frame_targets, frame_index, frame_stop = {}, {}, {}
     for adaptor, (targets, where, stops) in frames.items():
-        frame_targets[adaptor] = torch.stack(targets)
-        frame_index[adaptor] = torch.tensor([b * L + t for b, t in where], dtype=torch.long)
-        frame_stop[adaptor] = torch.tensor(stops, dtype=torch.float32)
+        frame_targets[adaptor] = torch.cat(targets)
+        frame_index[adaptor] = torch.cat([b * L + t for b, t in where])
+        frame_stop[adaptor] = torch.cat(stops)
     total = encoder.padding_mask.numel() + decoder.padding_mask.numel()
     padded = int(encoder.padding_mask.sum() + decoder.padding_mask.sum())
     return Batch(encoder, decoder, labels, frame_targets, frame_index, frame_stop, tasks,
                  dict(counts), padded / total if total else 0.0)
 
 
-def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list[int], frames, tokenizer,
-                 common, counts) -> None:
-    """Teacher forcing: the input of each position is the previous item (BOS first)."""
-    previous = ("token", tokenizer.bos_id, None)
+def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, frames, tokenizer, common,
+                 counts) -> None:
+    """Teacher forcing: position t reads item t-1 (BOS first) and is tagged like item t, which it predicts."""
+    previous = ("token", torch.tensor([tokenizer.bos_id]), None)  # the last item of the run before
     for chunk in sample.decoder:
-        counts[chunk.modality] += len(chunk)
-        for j in range(len(chunk)):
-            kind, token, feature = previous
-            dec.add(row, token=token if kind == "token" else None, feature=feature,
-                    modality=chunk.modality, role=chunk.role, causal=True, **common)
-            t = len(dec.rows[row]) - 1
+        n = len(chunk)
+        counts[chunk.modality] += n
+        start = dec.length(row)
+        tags = dict(modality=_modality_id(chunk.modality), role=chunk.role, causal=True, **common)
+        # The first position of the chunk reads the previous chunk's last item...
+        kind, token, feature = previous
+        dec.rows[row].append(_Run(tokens=token if kind == "token" else None, feature=feature, **tags))
+        # ...and the others read this chunk's items 0..n-2.
+        if n > 1:
             if chunk.tokens is not None:
-                labels.append(chunk.tokens[j] if chunk.loss else IGNORE_INDEX)
-                previous = ("token", chunk.tokens[j], None)
+                dec.rows[row].append(_Run(tokens=torch.tensor(chunk.tokens[:-1], dtype=torch.long), feature=None,
+                                          **tags))
             else:
-                labels.append(IGNORE_INDEX)
-                if chunk.loss:
-                    targets, where, stops = frames[chunk.adaptor]
-                    targets.append(chunk.rows[j])
-                    where.append((row, t))
-                    stops.append(1.0 if j == len(chunk) - 1 else 0.0)
-                previous = ("feature", None, (chunk.adaptor, chunk.rows[j], chunk.positions[j]))
+                dec.rows[row].append(_Run(tokens=None, feature=(chunk.adaptor, chunk.rows[:-1],
+                                                                chunk.positions[:-1]), **tags))
+        if chunk.tokens is not None:
+            ids = torch.tensor(chunk.tokens, dtype=torch.long)
+            labels.append(ids if chunk.loss else torch.full((n,), IGNORE_INDEX, dtype=torch.long))
+            previous = ("token", ids[-1:], None)
+        else:
+            labels.append(torch.full((n,), IGNORE_INDEX, dtype=torch.long))
+            if chunk.loss:
+                targets, where, stops = frames[chunk.adaptor]
+                targets.append(chunk.rows)
+                where.append((row, torch.arange(start, start + n)))
+                stop = torch.zeros(n)
+                stop[-1] = 1.0
+                stops.append(stop)
+            previous = ("feature", None, (chunk.adaptor, chunk.rows[-1:], chunk.positions[-1:]))

@@ -202,4 +202,7 @@ class PatchAdapter(Adapter):
 
 
 ADAPTERS.register("image_patch")(PatchAdapter)
+# OFASys's `image_vit`: a ViT's stem is exactly this linear patch projection plus positions; the
+# transformer that follows is the shared model itself.
+ADAPTERS.register("image_vit")(PatchAdapter)
 ADAPTERS.register("video_patch")(PatchAdapter)
