@@ -134,7 +134,8 @@ class _SideBuilder:
         tokens = torch.full((B, S), pad_id, dtype=torch.long)
         is_token = torch.zeros(B, S, dtype=torch.bool)
         padding = torch.ones(B, S, dtype=torch.bool)
-        fields = {name: torch.zeros(B, S, dtype=torch.long) for name in ("task", "modality", "role", "pass_id", "sample")}
+        fields = {name: torch.zeros(B, S, dtype=torch.long)
+                  for name in ("task", "modality", "role", "pass_id", "sample")}
         causal = torch.zeros(B, S, dtype=torch.bool)
         used = torch.zeros(B, S, num_modalities, dtype=torch.bool)
         rows, index, positions = defaultdict(list), defaultdict(list), defaultdict(list)
