@@ -213,6 +213,17 @@ def test_packing_keeps_samples_apart_and_cuts_padding(tok):
     assert sorted(padded.encoder.tokens[~padded.encoder.padding_mask].tolist()) == sorted(
         packed.encoder.tokens[~packed.encoder.padding_mask].tolist())
     assert pack_rows([5, 3, 4, 2], 7) == [[0, 3], [1, 2]]
+    # attention stays within each packed sample and never reaches padding
+    enc = packed.encoder
+    mask = enc.attention_mask()
+    same = enc.tags.sample.unsqueeze(2) == enc.tags.sample.unsqueeze(1)
+    assert not (mask & ~same).any() and not mask[enc.padding_mask].any()
+    valid = ~enc.padding_mask
+    assert mask[valid].any(-1).all()  # every real position sees at least itself
+    cross = packed.decoder.cross_attention_mask(enc)
+    assert not (cross & ~(packed.decoder.tags.sample.unsqueeze(2) == enc.tags.sample.unsqueeze(1))).any()
+    causal = packed.decoder.attention_mask(causal=True)
+    assert not causal.triu(1).any()
 
 
 def test_continuous_targets_have_stop_flags(tok):
@@ -230,6 +241,14 @@ def test_encoding_is_deterministic_per_seed(tok):
     b = [s.encoder[1].tokens for s in task.samples(tok, seed=1)]
     c = [s.encoder[1].tokens for s in task.samples(tok, seed=2)]
     assert a == b and a != c
+
+
+def test_motion_is_normalised_with_task_statistics(tok):
+    task = load_preset("motion_classification", "train", limit=40)
+    stats = task.motion_statistics()
+    assert stats["mean"].shape == (43,)
+    rows = torch.cat([s.encoder[0].rows for s in task.samples(tok)]).view(-1, 43)
+    assert abs(float(rows.mean())) < 0.2 and 0.5 < float(rows.std()) < 1.5
 
 
 def test_modality_registry_has_all_builtins():

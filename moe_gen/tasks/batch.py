@@ -53,6 +53,22 @@ class Side:
     padding_mask: torch.Tensor
     tags: TokenTags
 
+    def attention_mask(self, causal: bool = False) -> torch.Tensor:
+        """bool ``[B, S, S]``: query i may attend to key j (same packed sample, j not padding,
+        and j <= i when ``causal``). Padding queries see nothing."""
+        same = self.tags.sample.unsqueeze(2) == self.tags.sample.unsqueeze(1)
+        mask = same & ~self.padding_mask.unsqueeze(1) & ~self.padding_mask.unsqueeze(2)
+        if causal:
+            S = mask.shape[-1]
+            mask &= torch.ones(S, S, dtype=torch.bool).tril()
+        return mask
+
+    def cross_attention_mask(self, keys: "Side") -> torch.Tensor:
+        """bool ``[B, L, S]``: this side's positions may attend to ``keys`` positions of the same
+        packed sample (decoder → encoder)."""
+        same = self.tags.sample.unsqueeze(2) == keys.tags.sample.unsqueeze(1)
+        return same & ~keys.padding_mask.unsqueeze(1) & ~self.padding_mask.unsqueeze(2)
+
 
 @dataclasses.dataclass
 class Batch:

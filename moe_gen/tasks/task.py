@@ -21,6 +21,8 @@ import random
 import zlib
 from typing import Any, Iterator, Optional, Sequence
 
+import numpy as np
+
 from moe_gen.tasks.instruction import Instruction
 from moe_gen.tasks.plan import Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
@@ -113,12 +115,30 @@ class Task:
                     labels[c].add(str(row[c]))
         return {c: sorted(v) for c, v in labels.items()}
 
+    def motion_statistics(self, max_rows: int = 256) -> Optional[dict]:
+        """Per-feature mean and std of the task's MOTION columns over up to ``max_rows`` rows, so
+        every clip is normalised alike (and generated frames can be mapped back)."""
+        columns = {s.column for t in self.instruction.templates for s in t.encoder + t.decoder
+                   if s.modality == "MOTION" and s.column}
+        frames = [np.asarray(self.data[i][c], dtype=np.float64) for i in range(min(len(self.data), max_rows))
+                  for c in columns if isinstance(self.data[i], dict) and c in self.data[i]]
+        frames = [f for f in frames if f.ndim == 2 and len(f)]
+        if not frames or len({f.shape[1] for f in frames}) != 1:
+            return None
+        stacked = np.concatenate(frames)
+        return {"mean": stacked.mean(0).astype(np.float32), "std": stacked.std(0).astype(np.float32)}
+
     def plan(self, tokenizer: Tokenizer) -> TaskPlan:
         """The task plan for this vocabulary (cached)."""
         key = id(tokenizer)
         if key not in self._plans:
+            options = dict(self.preprocessor_options)
+            if "motion" not in options:
+                stats = self.motion_statistics()
+                if stats is not None:
+                    options["motion"] = stats
             self._plans[key] = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=self.closed_sets(),
-                                        preprocessor_options=self.preprocessor_options)
+                                        preprocessor_options=options)
         return self._plans[key]
 
     def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True) -> Optional[Sample]:
