@@ -219,8 +219,11 @@ class TaskPlan:
         return frozenset(c for t in self.instruction.templates for c in t.columns)
 
     def encode(self, row: Any, index: int = -1, *, rng: Optional[random.Random] = None,
-               training: bool = True, template: Optional[int] = None) -> Sample:
+               training: bool = True, template: Optional[int] = None, inference: bool = False) -> Sample:
         """Encodes one data row (a dict by column, or a sequence for slots without columns).
+
+        With ``inference=True`` the decoder keeps only its forced prefix (literal text and
+        ``no_loss`` slots before the first scored slot), and target columns may be absent.
 
         Raises:
             TaskDataError: naming the task, column and row at fault.
@@ -228,6 +231,9 @@ class TaskPlan:
         rng = rng or random.Random(index)
         t = rng.randrange(len(self.templates)) if template is None else template
         encoder_plan, decoder_plan = self.templates[t]
+        if inference:
+            first = next((i for i, p in enumerate(decoder_plan) if p.loss), len(decoder_plan))
+            decoder_plan = decoder_plan[:first]
         ctx = EncodeContext(self.tokenizer, rng, training, row if isinstance(row, Mapping) else {},
                             task=self.name, index=index)
         values = self._slot_values(row, encoder_plan + decoder_plan, index)
@@ -243,14 +249,21 @@ class TaskPlan:
         n_enc = len(encoder_plan)
         encoder = [c for cs in chunks[:n_enc] for c in cs]
         decoder = [c for cs in chunks[n_enc:] for c in cs]
-        if decoder and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan):
+        if decoder and not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan):
             last = decoder[-1]
             if last.tokens is not None:  # text-like target ends with EOS; frames end with a stop flag
                 decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id]))
         used = {p.modality.name for p in encoder_plan + decoder_plan if not p.slot.is_literal}
         if any(p.slot.is_literal for p in encoder_plan + decoder_plan):
             used.add("TEXT")
-        return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), {"template": t})
+        meta: dict[str, Any] = {"template": t}
+        for encoding in ctx.encoded.values():
+            if "original_size" in encoding.meta:
+                meta["image_size"] = encoding.meta["original_size"]
+                break
+        if inference:  # the task's modalities include its targets, as in training
+            used |= {p.modality.name for p in self.templates[t][1] if not p.slot.is_literal}
+        return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), meta)
 
     def _slot_values(self, row, plans: list[SlotPlan], index: int):
         """(plan, [values]) per slot; repetition groups expand to one value per item."""

@@ -1,0 +1,6 @@
+"""The generalist model: shared encoder-decoder with tag-routed MoE blocks."""
+
+from moe_gen.model.config import FLAVOURS, ModelConfig, flavour
+from moe_gen.model.model import GeneralistModel, ModelOutput
+
+__all__ = ["ModelConfig", "flavour", "FLAVOURS", "GeneralistModel", "ModelOutput"]

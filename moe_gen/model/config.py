@@ -1,0 +1,111 @@
+"""Model configuration and flavours (``debug``, ``tiny``, ``small``, ``base``).
+
+    ModelConfig ─ BlockConfig (attention heads, FFN width, MoE placement) ─ MoEConfig (router, experts)
+
+``moe_every``: 1 puts an MoE FFN in every block, 2 in every other block (the 2nd, 4th, ...),
+0 makes the model dense. A dense model of the same *active* size (``ffn_hidden = top_k ·
+expert_hidden``) is the same class with ``moe_every=0``: the baseline every benchmark compares to.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from moe_gen.config import ConfigBase, ExpertsConfig, MoEConfig, RouterConfig
+
+__all__ = ["ModelConfig", "flavour", "FLAVOURS"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class ModelConfig(ConfigBase):
+    """The generalist encoder-decoder.
+
+    Attributes:
+        d_model: width D.
+        num_heads: attention heads.
+        encoder_layers, decoder_layers: block counts.
+        ffn_hidden: hidden width of dense FFNs.
+        expert_hidden: hidden width of each expert (MoE FFNs).
+        num_experts, top_k: MoE size.
+        moe_every: 0 dense, 1 every block, 2 every other block.
+        moe_attention: also make the attention output projection a mixture of linear experts
+            (Uni-Perceiver-MoE puts MoE in attention projections too).
+        router: router settings for every MoE layer (strategy, gate, noise, losses).
+        capacity_factor: ``None`` dropless.
+        backend: dispatch backend of every MoE layer (``merged`` for tag routing at inference).
+        max_positions: learned positions for token sequences.
+        dropout: residual and attention dropout.
+        vocab_size: set from the tokenizer.
+        adapters: adapter name → feature width (set from the tasks when the model is built).
+        frame_adapters: adapters whose rows are also decoder targets (they get frame and stop heads).
+        tasks: the task vocabulary (names in tag order).
+        label_smoothing: for the token cross-entropy.
+    """
+
+    d_model: int = 64
+    num_heads: int = 4
+    encoder_layers: int = 2
+    decoder_layers: int = 2
+    ffn_hidden: int = 128
+    expert_hidden: int = 64
+    num_experts: int = 4
+    top_k: int = 2
+    moe_every: int = 1
+    moe_attention: bool = False
+    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    experts: ExpertsConfig = dataclasses.field(default_factory=ExpertsConfig)
+    capacity_factor: Optional[float] = None
+    backend: str = "torch"
+    max_positions: int = 1024
+    dropout: float = 0.0
+    vocab_size: int = 0
+    adapters: dict = dataclasses.field(default_factory=dict)
+    frame_adapters: tuple[str, ...] = ()
+    tasks: tuple[str, ...] = ()
+    label_smoothing: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.d_model % self.num_heads:
+            raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.moe_every not in (0, 1, 2):
+            raise ValueError(f"moe_every must be 0 (dense), 1 or 2, got {self.moe_every}")
+        self.tasks = tuple(self.tasks)
+        self.frame_adapters = tuple(self.frame_adapters)
+        if isinstance(self.router, dict):
+            self.router = RouterConfig.from_dict(self.router)
+        if isinstance(self.experts, dict):
+            self.experts = ExpertsConfig.from_dict(self.experts)
+
+    def is_moe(self, layer: int) -> bool:
+        """Whether block ``layer`` (0-based, per stack) has an MoE FFN."""
+        return self.moe_every == 1 or (self.moe_every == 2 and layer % 2 == 1)
+
+    def moe_config(self, d_hidden: Optional[int] = None, kind: Optional[str] = None) -> MoEConfig:
+        experts = self.experts if kind is None else dataclasses.replace(self.experts, kind=kind)
+        return MoEConfig(d_model=self.d_model, d_hidden=d_hidden or self.expert_hidden,
+                         num_experts=self.num_experts, top_k=self.top_k, router=self.router, experts=experts,
+                         capacity_factor=self.capacity_factor, backend=self.backend)
+
+    def dense_twin(self) -> "ModelConfig":
+        """The dense model with the same active parameters per token (FFN hidden = k · expert hidden)."""
+        return dataclasses.replace(self, moe_every=0, moe_attention=False, ffn_hidden=self.top_k * self.expert_hidden)
+
+
+FLAVOURS = {
+    "debug": dict(d_model=64, num_heads=4, encoder_layers=2, decoder_layers=2, ffn_hidden=128, expert_hidden=64,
+                  num_experts=4, top_k=2),
+    "tiny": dict(d_model=128, num_heads=4, encoder_layers=4, decoder_layers=2, ffn_hidden=512, expert_hidden=256,
+                 num_experts=8, top_k=2, moe_every=2),
+    "small": dict(d_model=256, num_heads=8, encoder_layers=6, decoder_layers=4, ffn_hidden=1024, expert_hidden=512,
+                  num_experts=8, top_k=2, moe_every=2),
+    "base": dict(d_model=512, num_heads=8, encoder_layers=12, decoder_layers=6, ffn_hidden=2048,
+                 expert_hidden=1024, num_experts=16, top_k=2, moe_every=2),
+}
+
+
+def flavour(name: str, **overrides) -> ModelConfig:
+    """A named model flavour, with keyword overrides."""
+    if name not in FLAVOURS:
+        raise ValueError(f"unknown model flavour {name!r}; known: {', '.join(FLAVOURS)}")
+    return ModelConfig(**{**FLAVOURS[name], **overrides})

@@ -1,0 +1,223 @@
+"""The generalist model: adapters embed every slot, one shared encoder-decoder does the work,
+heads produce tokens (shared vocabulary) and continuous frames.
+
+Shape legend: B rows, S encoder positions, L decoder positions, D width, V vocabulary, N feature
+rows of one adapter, F their width.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Sequence
+
+import torch
+from torch import nn
+
+from moe_gen.model.config import ModelConfig
+from moe_gen.model.transformer import Stack
+from moe_gen.registry import ADAPTERS
+from moe_gen.routing.tags import MODALITIES as TAG_MODALITIES
+from moe_gen.tasks.batch import Batch, Side
+from moe_gen.tasks.tokenizer import Tokenizer
+
+__all__ = ["GeneralistModel", "ModelOutput"]
+
+
+@dataclasses.dataclass
+class ModelOutput:
+    """What one forward pass returns.
+
+    Attributes:
+        logits: float ``[B, L, V]`` next-token logits of the decoder.
+        frames: adapter name → float ``[N, F]`` predicted rows at the batch's ``frame_index``.
+        stop_logits: adapter name → float ``[N]`` stop-flag logits there.
+        aux_losses: routing losses summed over MoE layers, by name (already weighted).
+        moe_outputs: every MoE call's output (routing decisions), encoder then decoder.
+        encoder_hidden: ``[B, S, D]``.
+    """
+
+    logits: torch.Tensor
+    frames: dict[str, torch.Tensor]
+    stop_logits: dict[str, torch.Tensor]
+    aux_losses: dict[str, torch.Tensor]
+    moe_outputs: list
+    encoder_hidden: torch.Tensor
+
+
+def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
+    """Index of each position within its packed sample (restarts where the sample id changes)."""
+    B, S = sample_BS.shape
+    arange = torch.arange(S, device=sample_BS.device).expand(B, S)
+    starts = torch.ones_like(sample_BS, dtype=torch.bool)
+    starts[:, 1:] = sample_BS[:, 1:] != sample_BS[:, :-1]
+    return arange - torch.where(starts, arange, 0).cummax(dim=1).values
+
+
+class GeneralistModel(nn.Module):
+    """One model for every task. Build it for a set of tasks with ``GeneralistModel.build``.
+
+    Args:
+        config: ``ModelConfig`` with ``vocab_size``, ``tasks`` and ``adapters`` filled in.
+        tokenizer: the shared vocabulary (saved with the model).
+    """
+
+    def __init__(self, config: ModelConfig, tokenizer: Tokenizer) -> None:
+        super().__init__()
+        if config.vocab_size != tokenizer.vocab_size:
+            raise ValueError(f"config.vocab_size={config.vocab_size} but the tokenizer has {tokenizer.vocab_size}")
+        self.config, self.tokenizer = config, tokenizer
+        D = config.d_model
+        self.token_embedding = nn.Embedding(config.vocab_size, D)
+        self.position_embedding = nn.Embedding(config.max_positions, D)
+        self.modality_embedding = nn.Embedding(len(TAG_MODALITIES), D)
+        self.adapters = nn.ModuleDict({name: ADAPTERS.get(name)(int(width), D)
+                                       for name, width in sorted(config.adapters.items())})
+        continuous = {name: int(config.adapters[name]) for name in config.frame_adapters}
+        self.frame_heads = nn.ModuleDict({name: nn.Linear(D, width) for name, width in sorted(continuous.items())})
+        self.stop_heads = nn.ModuleDict({name: nn.Linear(D, 1) for name in sorted(continuous)})
+        self.encoder = Stack(config, config.encoder_layers, cross=False)
+        self.decoder = Stack(config, config.decoder_layers, cross=True)
+        nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
+
+    # ---- building and saving -----------------------------------------------------------------
+
+    @classmethod
+    def build(cls, config: ModelConfig, tasks: Sequence, tokenizer: Tokenizer) -> "GeneralistModel":
+        """A model for ``tasks`` (``moe_gen.tasks.Task``): the task vocabulary, and an adapter for
+        every feature slot, sized from one encoded sample of each task."""
+        adapters: dict[str, int] = dict(config.adapters)
+        frame_adapters = list(config.frame_adapters)
+        for task in tasks:
+            sample = task.encode(0, tokenizer, training=False)
+            for chunk in (sample.encoder + sample.decoder) if sample else []:
+                if chunk.rows is not None:
+                    adapters[chunk.adaptor] = int(chunk.rows.shape[1])
+            for chunk in sample.decoder if sample else []:
+                if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
+                    frame_adapters.append(chunk.adaptor)
+        names = tuple(dict.fromkeys([*config.tasks, *(t.name for t in tasks)]))
+        router = dataclasses.replace(config.router, num_tasks=max(config.router.num_tasks, len(names)))
+        config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,
+                                     frame_adapters=tuple(frame_adapters), router=router)
+        return cls(config, tokenizer)
+
+    @property
+    def task_ids(self) -> dict[str, int]:
+        return {name: i for i, name in enumerate(self.config.tasks)}
+
+    def save_pretrained(self, directory: str) -> None:
+        """Writes ``config.json``, ``model.safetensors`` and the tokenizer."""
+        from safetensors.torch import save_file
+
+        os.makedirs(directory, exist_ok=True)
+        with open(os.path.join(directory, "config.json"), "w") as f:
+            json.dump(self.config.to_dict(), f, indent=2)
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        save_file(state, os.path.join(directory, "model.safetensors"))
+        self.tokenizer.save(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str) -> "GeneralistModel":
+        """Loads a model written by ``save_pretrained`` (safetensors: no pickles)."""
+        from safetensors.torch import load_file
+
+        with open(os.path.join(directory, "config.json")) as f:
+            config = ModelConfig.from_dict(json.load(f))
+        model = cls(config, Tokenizer.load(directory))
+        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+        return model
+
+    # ---- forward -----------------------------------------------------------------------------
+
+    def embed(self, side: Side) -> torch.Tensor:
+        """Token embeddings, adapter outputs scattered into place, positions within each sample and
+        a modality embedding. ``[B, S, D]``."""
+        B, S = side.tokens.shape
+        x = self.token_embedding(side.tokens) * side.is_token.unsqueeze(-1)
+        flat = x.reshape(B * S, -1)
+        for name, rows in side.rows.items():
+            if name not in self.adapters:
+                raise ValueError(f"the batch has {name!r} features but the model has no such adapter "
+                                 f"(adapters: {', '.join(self.adapters) or 'none'}); build the model with this task")
+            flat = flat.index_add(0, side.index[name], self.adapters[name](rows, side.positions[name]))
+        positions = _positions_in_sample(side.tags.sample).clamp_max(self.config.max_positions - 1)
+        return flat.view(B, S, -1) + self.position_embedding(positions) + self.modality_embedding(side.tags.modality)
+
+    def encode(self, enc: Side):
+        """The encoder over all input slots (bidirectional within each sample)."""
+        return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask)
+
+    def decode(self, dec: Side, enc: Side, memory):
+        """The decoder (causal, cross-attending to the encoder output ``memory``)."""
+        return self.decoder(self.embed(dec), dec.attention_mask(causal=True), dec.tags, dec.padding_mask,
+                            memory=memory.hidden, cross_mask=dec.cross_attention_mask(enc))
+
+    def forward(self, batch: Batch) -> ModelOutput:
+        enc, dec = batch.encoder, batch.decoder
+        memory = self.encode(enc)
+        out = self.decode(dec, enc, memory)
+        hidden = out.hidden
+        logits = hidden @ self.token_embedding.weight.t()  # tied output embedding
+        flat = hidden.reshape(-1, hidden.shape[-1])
+        frames, stops = {}, {}
+        for name, index in batch.frame_index.items():
+            frames[name] = self.frame_heads[name](flat[index])
+            stops[name] = self.stop_heads[name](flat[index]).squeeze(-1)
+        moe_outputs = memory.moe_outputs + out.moe_outputs
+        aux: dict[str, torch.Tensor] = {}
+        for moe_out in moe_outputs:
+            for name, value in moe_out.aux_losses.items():
+                aux[name] = aux[name] + value if name in aux else value
+        return ModelOutput(logits, frames, stops, aux, moe_outputs, memory.hidden)
+
+    def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64) -> list:
+        """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
+
+        Returns ``Prediction`` objects (``.text``, ``.box``, ``.frames``, ``.score``). Raises
+        ``ValueError`` for tasks outside the model's vocabulary, modalities it has no adapter
+        for, and rows that do not fit the instruction (naming column and row).
+        """
+        from moe_gen.model.generate import generate
+        from moe_gen.tasks import Task, load_preset
+
+        if isinstance(task, str):
+            task = load_preset(task, "test", limit=0)
+        if not isinstance(task, Task):
+            raise ValueError(f"infer needs a Task or a preset name, got {type(task).__name__}")
+        if task.name not in self.task_ids:
+            raise ValueError(f"the model was not built for task {task.name!r}; it knows: "
+                             f"{', '.join(self.config.tasks)}")
+        plan = task.plan(self.tokenizer)
+        samples = [plan.encode(row, i, training=False, inference=True, template=0) for i, row in enumerate(rows)]
+        for sample in samples:
+            for chunk in sample.encoder:
+                if chunk.rows is not None and chunk.adaptor not in self.adapters:
+                    raise ValueError(f"task {task.name!r}: the model has no adapter {chunk.adaptor!r} "
+                                     f"for {chunk.modality} (adapters: {', '.join(self.adapters)})")
+                if chunk.rows is not None and chunk.rows.shape[1] != self.config.adapters[chunk.adaptor]:
+                    raise ValueError(f"task {task.name!r}, row {sample.index}: {chunk.modality} features have width "
+                                     f"{chunk.rows.shape[1]}, the model's {chunk.adaptor} adapter expects "
+                                     f"{self.config.adapters[chunk.adaptor]}")
+        was_training = self.training
+        self.eval()
+        try:
+            return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames)
+        finally:
+            self.train(was_training)
+
+    def num_parameters(self, active: bool = False) -> int:
+        """Parameter count; ``active``: counting only top_k of each MoE layer's experts."""
+        total = sum(p.numel() for p in self.parameters())
+        if not active:
+            return total
+        from moe_gen.moe import MoE
+
+        for module in self.modules():
+            if isinstance(module, MoE):
+                expert_params = sum(p.numel() for p in module.experts.parameters())
+                total -= expert_params - expert_params * module.config.top_k // module.config.num_experts
+        return total
+
+

@@ -1,0 +1,112 @@
+"""Pre-norm transformer blocks whose FFN (and optionally attention output) is a tag-routed MoE.
+
+Shape legend: B batch, S query positions, K key positions, D width, H heads.
+
+    x = x + Attn(LN(x))                      self-attention (bidirectional or causal, within sample)
+    x = x + CrossAttn(LN(x), memory)         decoder only, within sample
+    x = x + FFN(LN(x))  or  MoE(LN(x), tags) routed by the tokens' tags
+
+Every MoE call returns its auxiliary losses and routing decision; blocks hand them up in a
+``BlockOutput`` list, never through module state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from moe_gen.experts.experts import DenseFFN
+from moe_gen.model.config import ModelConfig
+from moe_gen.moe import MoE, MoEOutput
+from moe_gen.routing.tags import TokenTags
+
+__all__ = ["Attention", "Block", "Stack", "StackOutput"]
+
+
+class Attention(nn.Module):
+    """Multi-head attention with a boolean mask (True = may attend); the output projection is a
+    mixture of linear experts when ``moe`` is set."""
+
+    def __init__(self, config: ModelConfig, moe: bool = False) -> None:
+        super().__init__()
+        D = config.d_model
+        self.num_heads, self.dropout = config.num_heads, config.dropout
+        self.q = nn.Linear(D, D)
+        self.kv = nn.Linear(D, 2 * D)
+        self.out = MoE(config.moe_config(d_hidden=D, kind="linear")) if moe else nn.Linear(D, D)
+
+    def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TokenTags], padding_BS):
+        B, S, D = x_BSD.shape
+        K, H = memory_BKD.shape[1], self.num_heads
+        q = self.q(x_BSD).view(B, S, H, D // H).transpose(1, 2)
+        k, v = self.kv(memory_BKD).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        # A padding query may have no key at all; SDPA would return NaN rows there, so such rows
+        # attend to every key (their output is ignored downstream).
+        mask = mask_BSK | ~mask_BSK.any(-1, keepdim=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
+                                           dropout_p=self.dropout if self.training else 0.0)
+        y = y.transpose(1, 2).reshape(B, S, D)
+        if isinstance(self.out, MoE):
+            moe_out = self.out(y, tags=tags, padding_mask=padding_BS)
+            return moe_out.output, moe_out
+        return self.out(y), None
+
+
+class Block(nn.Module):
+    """One pre-norm block; ``cross`` adds cross-attention (decoder)."""
+
+    def __init__(self, config: ModelConfig, layer: int, cross: bool) -> None:
+        super().__init__()
+        moe = config.is_moe(layer)
+        self.norm_self = nn.LayerNorm(config.d_model)
+        self.self_attn = Attention(config, moe=moe and config.moe_attention)
+        self.norm_cross = nn.LayerNorm(config.d_model) if cross else None
+        self.cross_attn = Attention(config) if cross else None
+        self.norm_ffn = nn.LayerNorm(config.d_model)
+        self.ffn = (MoE(config.moe_config()) if moe
+                    else DenseFFN(config.d_model, config.ffn_hidden, config.experts))
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None) -> tuple[torch.Tensor, list]:
+        routed: list[MoEOutput] = []
+        h, moe_out = self.self_attn(self.norm_self(x), self.norm_self(x), self_mask, tags, padding)
+        if moe_out is not None:
+            routed.append(moe_out)
+        x = x + self.drop(h)
+        if self.cross_attn is not None:
+            h, _ = self.cross_attn(self.norm_cross(x), memory, cross_mask, tags, padding)
+            x = x + self.drop(h)
+        h = self.norm_ffn(x)
+        if isinstance(self.ffn, MoE):
+            moe_out = self.ffn(h, tags=tags, padding_mask=padding)
+            routed.append(moe_out)
+            h = moe_out.output
+        else:
+            h = self.ffn(h)
+        return x + self.drop(h), routed
+
+
+@dataclasses.dataclass
+class StackOutput:
+    hidden: torch.Tensor  # [B, S, D] after the final norm
+    moe_outputs: list  # MoEOutput of every MoE call, in layer order
+
+
+class Stack(nn.Module):
+    """A stack of blocks with a final LayerNorm."""
+
+    def __init__(self, config: ModelConfig, layers: int, cross: bool) -> None:
+        super().__init__()
+        self.blocks = nn.ModuleList(Block(config, i, cross) for i in range(layers))
+        self.norm = nn.LayerNorm(config.d_model)
+
+    def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None) -> StackOutput:
+        routed = []
+        for block in self.blocks:
+            x, moe_outs = block(x, self_mask, tags, padding, memory, cross_mask)
+            routed.extend(moe_outs)
+        return StackOutput(self.norm(x), routed)
