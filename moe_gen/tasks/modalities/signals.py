@@ -122,18 +122,46 @@ class AudioPreprocessor(Preprocessor):
 
     modality = "AUDIO"
 
-    def __init__(self, frames_per_row: int = 4) -> None:
-        self.frames_per_row = frames_per_row
+    def __init__(self, frames_per_row: int = 4, augment: bool = True) -> None:
+        self.frames_per_row, self.augment = frames_per_row, augment
 
     def feature_dim(self) -> int:
         return self.frames_per_row * MEL_BINS
+
+    @staticmethod
+    def _perturb(wav: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
+        """Speed perturbation (×0.9, ×1.0, ×1.1 by resampling, Ko et al. 2015): new speakers'
+        tempo and pitch; training only."""
+        import torchaudio
+
+        factor = ctx.rng.choice((0.9, 1.0, 1.1))
+        if factor == 1.0:
+            return wav
+        return torchaudio.functional.resample(wav, int(SAMPLE_RATE * factor), SAMPLE_RATE)
+
+    @staticmethod
+    def _spec_augment(feats: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
+        """SpecAugment-style masks (Park et al. 2019): one band of up to 10 mel bins and one span
+        of up to 10% of the frames set to the (normalised) mean 0; training only."""
+        feats = feats.clone()
+        width = ctx.rng.randint(0, 10)
+        start = ctx.rng.randint(0, MEL_BINS - width)
+        feats[:, start:start + width] = 0.0
+        span = ctx.rng.randint(0, max(1, feats.shape[0] // 10))
+        begin = ctx.rng.randint(0, max(0, feats.shape[0] - span))
+        feats[begin:begin + span] = 0.0
+        return feats
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         try:
             wav = load_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        if ctx.training and self.augment:
+            wav = self._perturb(wav, ctx)
         feats = fbank(wav)
+        if ctx.training and self.augment:
+            feats = self._spec_augment(feats, ctx)
         max_rows = slot.attrs.get("max_length")
         rows = _stack(feats, self.frames_per_row)
         if max_rows is not None:

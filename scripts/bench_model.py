@@ -1,0 +1,120 @@
+"""Model benchmark: training-step throughput and inference latency, dense vs MoE.
+
+Usage:
+    python scripts/bench_model.py                    # debug and tiny flavours
+    python scripts/bench_model.py --flavours debug --steps 10
+
+For each flavour: the dense model of equal active size (FFN hidden = k · expert hidden), MoE with
+token routing, and MoE with attribute routing, on the same mixed batch of built-in tasks (images,
+speech, motion, boxes, tables). Training: tokens (valid encoder + decoder positions) per second of
+forward + backward + AdamW step, median over --steps. Inference: forward latency (eval, no grad)
+for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merged` backend).
+Prints tables and writes JSON (--out, default bench_results/model.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import torch
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.moe import MoE
+from moe_gen.objectives import GenerativeObjective
+from moe_gen.runtime import keep_freed_memory
+from moe_gen.tasks import Tokenizer, collate, load_preset
+
+TASKS = ["digit_classification", "speech_recognition", "motion_classification", "visual_grounding",
+         "table_to_text", "doc_topic"]
+
+
+def timed(fn, steps: int, warmup: int = 2) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--flavours", nargs="+", default=["debug", "tiny"])
+    parser.add_argument("--per-task", type=int, default=8, help="samples per task in the batch")
+    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--keep-freed-memory", action="store_true")
+    parser.add_argument("--out", default="bench_results/model.json")
+    args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        keep_freed_memory()
+    torch.manual_seed(0)
+    tok = Tokenizer.default()
+    tasks = [load_preset(n, "train", limit=args.per_task) for n in TASKS]
+    samples = [s for t in tasks for s in t.samples(tok, training=False)]
+    rows = []
+    for name in args.flavours:
+        base = flavour(name)
+        variants = {
+            "dense": base.dense_twin(),
+            "moe_token": base.replace(router=RouterConfig(strategy="token")),
+            "moe_attribute": base.replace(router=RouterConfig(strategy="attribute")),
+        }
+        models = {}
+        for label, config in variants.items():
+            torch.manual_seed(0)
+            models[label] = GeneralistModel.build(config, tasks, tok)
+        batch = collate(samples, tok, models["dense"].task_ids)
+        positions = int((~batch.encoder.padding_mask).sum() + (~batch.decoder.padding_mask).sum())
+        print(f"\n{name}: batch of {len(samples)} samples, {positions} positions")
+        print(f"{'model':<16} {'params':>9} {'active':>9} {'train tok/s':>12} {'× dense':>8}")
+        dense_rate = None
+        for label, model in models.items():
+            model.train()
+            objective = GenerativeObjective(model)
+            optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+            def step():
+                optimizer.zero_grad(set_to_none=True)
+                objective(batch)["loss"].backward()
+                optimizer.step()
+
+            rate = positions / timed(step, args.steps)
+            dense_rate = dense_rate or rate
+            rows.append({"flavour": name, "model": label, "kind": "train", "tokens_per_s": rate,
+                         "ratio_to_dense": rate / dense_rate, "params": model.num_parameters(),
+                         "active_params": model.num_parameters(active=True)})
+            print(f"{label:<16} {model.num_parameters():>9} {model.num_parameters(active=True):>9} "
+                  f"{rate:>12.0f} {rate / dense_rate:>7.2f}x", flush=True)
+        print(f"{'inference':<16} {'latency ms':>11} {'× dense':>8}")
+        latencies = {}
+        for label, model, backend in (("dense", models["dense"], None),
+                                      ("moe_attr_unmerged", models["moe_attribute"], "torch"),
+                                      ("moe_attr_merged", models["moe_attribute"], "merged")):
+            model.eval()
+            if backend:
+                for module in model.modules():
+                    if isinstance(module, MoE):
+                        module.set_backend(backend)
+            with torch.no_grad():
+                latencies[label] = timed(lambda: model(batch), args.steps)
+            ratio = latencies[label] / latencies["dense"]
+            rows.append({"flavour": name, "model": label, "kind": "inference", "latency_s": latencies[label],
+                         "ratio_to_dense": ratio})
+            print(f"{label:<16} {latencies[label] * 1e3:>11.1f} {ratio:>7.2f}x", flush=True)
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"benchmark": "model", "tasks": TASKS, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
