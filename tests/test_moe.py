@@ -294,3 +294,16 @@ def test_every_router_and_gate_runs_forward_and_backward(strategy, gate):
     (out.output.sum() + out.aux_loss).backward()
     assert out.output.shape == x.shape and torch.isfinite(out.output).all()
     assert x.grad is not None and torch.isfinite(x.grad).all()
+
+
+def test_merged_inference_cache_follows_weight_updates():
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    merged = MoE(moe.config.replace(backend="merged")).eval()
+    merged.load_state_dict(moe.state_dict())
+    x, tags = torch.randn(40, D), random_tags((40,))
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+        assert merged.backend._cache  # merged weights were cached per route
+        for module in (moe, merged):
+            module.experts.w_out.mul_(2.0)  # an in-place update bumps the version: the cache rebuilds
+        torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)

@@ -155,10 +155,10 @@ class EinsumDispatch(DispatchBackend):
 
 
 @dataclasses.dataclass
-class _Group:
-    token_n: torch.Tensor  # tokens sharing this route
-    ids_K: torch.Tensor  # the route's computed experts
-    weights_K: torch.Tensor  # their gate weights (from one member token: identical for all)
+class _Groups:
+    token_N: torch.Tensor  # tokens sorted by group
+    counts: list[int]  # tokens per group
+    routes: list[tuple[torch.Tensor, torch.Tensor]]  # (expert ids, gate weights) of each group
 
 
 @BACKENDS.register("merged")
@@ -166,12 +166,18 @@ class MergedDispatch(DispatchBackend):
     """Tokens with identical routes run as one group through one dense FFN with merged weights.
 
     With content-independent routing (modality, task, attribute) every tag group has one route,
-    so a layer costs what a dense FFN of k·H hidden units costs, whatever E is. The gate weights
-    are taken from one member of each group; since the route is identical for every member, the
-    router's gradient is the same as the unmerged layer's.
+    so a layer costs what a dense FFN of k·H hidden units costs, whatever E is; all groups go
+    through one grouped matmul call. The gate weights are taken from one member of each group;
+    since the route is identical for every member, the router's gradient is the same as the
+    unmerged layer's. Without autograd (inference) the merged weights are cached per route and
+    rebuilt only when the expert weights change.
     """
 
     needs_shared_routes = True
+
+    def __init__(self) -> None:
+        self._cache: dict = {}
+        self._cache_stamp = None
 
     def dispatch(self, x_TD, routing):
         mask_TK = routing.mask
@@ -181,27 +187,39 @@ class MergedDispatch(DispatchBackend):
              routing.topk_weights.detach()], dim=1,
         )[has_route_T]
         tokens_T = has_route_T.nonzero().squeeze(1)
-        groups = []
-        if tokens_T.numel():
-            _, group_T = torch.unique(key_TX, dim=0, return_inverse=True)
-            for g in range(int(group_T.max()) + 1):
-                members = tokens_T[group_T == g]
-                first = members[0]
-                keep_K = mask_TK[first]
-                groups.append(_Group(members, routing.topk_ids[first][keep_K],
-                                     routing.topk_weights[first][keep_K]))
-        return Dispatched([x_TD[g.token_n] for g in groups], groups)
+        if not tokens_T.numel():
+            return Dispatched(x_TD[:0], _Groups(tokens_T, [], []))
+        _, group_T = torch.unique(key_TX, dim=0, return_inverse=True)
+        group_sorted, order = torch.sort(group_T, stable=True)
+        token_N = tokens_T[order]
+        counts = torch.bincount(group_sorted).tolist()
+        firsts = torch.cumsum(torch.tensor([0] + counts[:-1]), 0).tolist()
+        routes = []
+        for first in firsts:
+            t = token_N[first]
+            keep_K = mask_TK[t]
+            routes.append((routing.topk_ids[t][keep_K], routing.topk_weights[t][keep_K]))
+        return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, routes))
+
+    def _merged(self, experts, ids_K, weights_K):
+        if torch.is_grad_enabled():
+            return experts.merged_weights(ids_K, weights_K)
+        stamp = tuple((p.data_ptr(), p._version) for p in experts.parameters())
+        if stamp != self._cache_stamp:
+            self._cache, self._cache_stamp = {}, stamp
+        key = (tuple(ids_K.tolist()), tuple(weights_K.tolist()))
+        if key not in self._cache:
+            self._cache[key] = experts.merged_weights(ids_K, weights_K)
+        return self._cache[key]
 
     def run(self, experts, dispatched):
-        return [
-            experts.forward_merged(x, g.ids_K, g.weights_K)
-            for g, x in zip(dispatched.plan, dispatched.inputs)
-        ]
+        groups = dispatched.plan
+        if not groups.counts:
+            return None
+        merged = [self._merged(experts, ids, weights) for ids, weights in groups.routes]
+        return experts.forward_merged_groups(dispatched.inputs, groups.counts, merged)
 
     def combine(self, outputs, dispatched, x_TD):
-        y_TD = None
-        for group, out in zip(dispatched.plan, outputs):
-            if y_TD is None:
-                y_TD = out.new_zeros(x_TD.shape[0], out.shape[1])
-            y_TD = y_TD.index_add(0, group.token_n, out)
-        return y_TD
+        if outputs is None:
+            return None
+        return outputs.new_zeros(x_TD.shape[0], outputs.shape[1]).index_add(0, dispatched.plan.token_N, outputs)

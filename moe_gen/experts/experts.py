@@ -107,10 +107,9 @@ class StackedExperts(nn.Module):
             y = y + self.b_out.unsqueeze(1)
         return y
 
-    def forward_merged(
-        self, x_nD: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor
-    ) -> torch.Tensor:
-        """Σ_k weights_K[k] · expert_{ids_K[k]}(x) as ONE dense FFN of hidden width K·H.
+    def merged_weights(self, ids_K: torch.Tensor, weights_K: torch.Tensor):
+        """The dense FFN equal to Σ_k weights_K[k] · expert_{ids_K[k]}: ``(w_in [D, X], b_in [X],
+        w_out [X', D], b_out [D])`` with X = K·H (2·K·H for gated experts, ``[gates | ups]``).
 
         Exact for any activation: the K experts' input projections are concatenated along the
         hidden dimension and their output projections, pre-scaled by the gate weights, stacked
@@ -124,18 +123,44 @@ class StackedExperts(nn.Module):
         else:
             w_in_DX = _concat_hidden(w_in_KDH)
         w_out_XD = (self.w_out[ids_K] * weights_K.view(K, 1, 1).to(self.w_out.dtype)).reshape(K * H, -1)
-        h = x_nD @ w_in_DX
+        b_in_X = b_out_D = None
         if self.b_in is not None:
             b_in_KH = self.b_in[ids_K]
             if self.gated:
                 gate_b, up_b = b_in_KH.chunk(2, dim=-1)
-                h = h + torch.cat([gate_b.reshape(-1), up_b.reshape(-1)])
+                b_in_X = torch.cat([gate_b.reshape(-1), up_b.reshape(-1)])
             else:
-                h = h + b_in_KH.reshape(-1)
-        y = activate(h, self.activation, self.gated) @ w_out_XD
+                b_in_X = b_in_KH.reshape(-1)
         if self.b_out is not None:
-            y = y + (weights_K.unsqueeze(1).to(self.b_out.dtype) * self.b_out[ids_K]).sum(0)
-        return y
+            b_out_D = (weights_K.unsqueeze(1).to(self.b_out.dtype) * self.b_out[ids_K]).sum(0)
+        return w_in_DX, b_in_X, w_out_XD, b_out_D
+
+    def forward_merged(self, x_nD: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:
+        """Σ_k weights_K[k] · expert_{ids_K[k]}(x) through the merged dense FFN."""
+        w_in, b_in, w_out, b_out = self.merged_weights(ids_K, weights_K)
+        h = x_nD @ w_in if b_in is None else torch.addmm(b_in, x_nD, w_in)
+        y = activate(h, self.activation, self.gated) @ w_out
+        return y if b_out is None else y + b_out
+
+    def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], merged: list) -> torch.Tensor:
+        """Rows sorted by group (``counts[g]`` rows each) through each group's merged FFN
+        (``merged[g]`` from ``merged_weights``), as one grouped call when all groups merge the same
+        number of experts."""
+        if len({m[0].shape for m in merged}) == 1:
+            stack = lambda i: None if merged[0][i] is None else torch.stack([m[i] for m in merged])  # noqa: E731
+            dtype = _autocast_dtype(x_ND)
+            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
+            with torch.autocast(x_ND.device.type, enabled=False):
+                return grouped_ffn(x_ND.to(dtype), counts, cast(stack(0)), cast(stack(1)), cast(stack(2)),
+                                   cast(stack(3)), self.activation, self.gated)
+        pieces, start = [], 0
+        for n, (w_in, b_in, w_out, b_out) in zip(counts, merged):
+            x = x_ND[start:start + n]
+            h = x @ w_in if b_in is None else x @ w_in + b_in
+            y = activate(h, self.activation, self.gated) @ w_out
+            pieces.append(y if b_out is None else y + b_out)
+            start += n
+        return torch.cat(pieces)
 
 
 def _concat_hidden(w_KDH: torch.Tensor) -> torch.Tensor:
@@ -205,12 +230,20 @@ class LinearExperts(nn.Module):
         y = torch.bmm(x_ECD, self.weight)
         return y if self.bias is None else y + self.bias.unsqueeze(1)
 
-    def forward_merged(self, x_nD, ids_K, weights_K):
+    def merged_weights(self, ids_K: torch.Tensor, weights_K: torch.Tensor):
+        """``(W [D, H], b [H] or None)`` with W = Σ_k w_k · W_{ids_k}: exact for linear experts."""
         w = weights_K.to(self.weight.dtype)
-        y = x_nD @ (w.view(-1, 1, 1) * self.weight[ids_K]).sum(0)
-        if self.bias is not None:
-            y = y + (w.unsqueeze(1) * self.bias[ids_K]).sum(0)
-        return y
+        bias = None if self.bias is None else (w.unsqueeze(1) * self.bias[ids_K]).sum(0)
+        return (w.view(-1, 1, 1) * self.weight[ids_K]).sum(0), bias
+
+    def forward_merged(self, x_nD, ids_K, weights_K):
+        weight, bias = self.merged_weights(ids_K, weights_K)
+        return x_nD @ weight if bias is None else torch.addmm(bias, x_nD, weight)
+
+    def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], merged: list) -> torch.Tensor:
+        pieces = [x @ w if b is None else torch.addmm(b, x, w)
+                  for x, (w, b), n in zip(x_ND.split(counts), merged, counts) if n]
+        return torch.cat(pieces) if pieces else x_ND.new_zeros(0, self.d_hidden)
 
 
 class DenseFFN(nn.Module):
