@@ -81,7 +81,7 @@ def main(argv=None) -> int:
             objective = GenerativeObjective(model)
             optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-            def step():
+            def step(optimizer=optimizer, objective=objective, batch=batch):
                 optimizer.zero_grad(set_to_none=True)
                 objective(batch)["loss"].backward()
                 optimizer.step()
@@ -104,7 +104,7 @@ def main(argv=None) -> int:
                     if isinstance(module, MoE):
                         module.set_backend(backend)
             with torch.no_grad():
-                latencies[label] = timed(lambda: model(batch), args.steps)
+                latencies[label] = timed(lambda model=model, batch=batch: model(batch), args.steps)
             ratio = latencies[label] / latencies["dense"]
             rows.append({"flavour": name, "model": label, "kind": "inference", "latency_s": latencies[label],
                          "ratio_to_dense": ratio})

@@ -56,7 +56,8 @@ def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = No
 
 
 @torch.no_grad()
-def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32, max_frames: int = 64) -> list[Prediction]:
+def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32,
+             max_frames: int = 64) -> list[Prediction]:
     """Greedy answers for encoded inference samples (``plan.encode(..., inference=True)``)."""
     spec = plan.decode_specs()[0]
     target = next(p for p in plan.templates[0][1] if p.loss)
@@ -73,7 +74,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
     nodes = [spec.trie for _ in range(B)]
     limit = 4 if spec.kind == "box" else max_new_tokens
     bins = torch.tensor([tok.bin_id(k) for k in range(tok.num_bins)])
-    for step in range(limit):
+    for _ in range(limit):
         batch = collate([_with_target(s, target.modality.name, g + [tok.pad_id]) for s, g in zip(samples, generated)],
                         tok, task_ids)
         out = model.decode(batch.decoder, enc_batch.encoder, memory)
