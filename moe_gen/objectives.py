@@ -35,10 +35,23 @@ class GenerativeObjective:
         parts: dict[str, torch.Tensor] = {}
         scored = batch.labels != IGNORE_INDEX
         zero = out.logits.sum() * 0.0
+        logits = out.logits.float()
+        if batch.allowed_index.numel():
+            # Closed-set targets: a softmax over the tokens the label trie allows, as decoding uses.
+            flat = logits.reshape(-1, logits.shape[-1])
+            rows = flat[batch.allowed_index]
+            keep = torch.zeros_like(rows, dtype=torch.bool)
+            valid = batch.allowed_tokens >= 0
+            keep[torch.arange(rows.shape[0]).unsqueeze(1).expand_as(valid)[valid], batch.allowed_tokens[valid]] = True
+            # -inf removes the other tokens exactly; with label smoothing (which spreads mass over every
+            # class) a large finite value keeps the loss finite, and masked logits carry no gradient.
+            fill = float("-inf") if self.model.config.label_smoothing == 0 else -1e4
+            flat = flat.index_put((batch.allowed_index,), rows.masked_fill(~keep, fill))
+            logits = flat.view_as(logits)
         if scored.any():
-            parts["token_loss"] = F.cross_entropy(out.logits[scored].float(), batch.labels[scored],
+            parts["token_loss"] = F.cross_entropy(logits[scored], batch.labels[scored],
                                                   label_smoothing=self.model.config.label_smoothing)
-            parts["token_accuracy"] = (out.logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
+            parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
         frame_terms = []
         for name, predicted in out.frames.items():
             target = batch.frame_targets[name]

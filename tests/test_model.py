@@ -55,6 +55,24 @@ def test_forward_backward_over_many_modalities_reaches_every_adapter_and_used_ex
         assert (grads[used] > 0).all() and (grads[~used] == 0).all()
 
 
+def test_closed_set_loss_is_a_softmax_over_allowed_tokens(tok):
+    task = load_preset("digit_classification", "train", limit=6)
+    model = build([task], tok)
+    batch = collate(list(task.samples(tok)), tok, model.task_ids)
+    restricted = GenerativeObjective(model)(batch)["token_loss"]
+    logits = model(batch).logits.float()
+    scored = batch.labels != -100
+    full = torch.nn.functional.cross_entropy(logits[scored], batch.labels[scored])
+    flat = logits.reshape(-1, logits.shape[-1])
+    expected = []
+    for position, options in zip(batch.allowed_index.tolist(), batch.allowed_tokens.tolist()):
+        options = [o for o in options if o >= 0]
+        label = int(batch.labels.reshape(-1)[position])
+        expected.append(-flat[position, options].log_softmax(-1)[options.index(label)])
+    torch.testing.assert_close(restricted, torch.stack(expected).mean(), atol=1e-5, rtol=1e-5)
+    assert restricted < full
+
+
 @pytest.mark.parametrize("strategy", ["token", "attribute"])
 def test_outputs_do_not_depend_on_batch_order_or_padding(mixed, tok, strategy):
     tasks, samples = mixed

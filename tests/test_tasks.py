@@ -136,6 +136,11 @@ def test_closed_set_trie_and_forced_prefix(tok):
     # only the label and EOS carry loss; the copied sentence and literal text are prompt
     assert batch.labels[0, scored].tolist() == tok.encode("positive") + [tok.eos_id]
     assert set(batch.decoder.tags.role[0, : scored[0]].tolist()) == {PROMPT}
+    # the loss of closed-set positions is a softmax over what the trie allows there
+    assert batch.allowed_index.numel() == len(scored)
+    first_options = set(batch.allowed_tokens[0][batch.allowed_tokens[0] >= 0].tolist())
+    assert first_options == {tok.encode("positive")[0], tok.encode("negative")[0]}
+    assert batch.allowed_tokens[-1].tolist()[:1] == [tok.eos_id]
     with pytest.raises(TaskDataError, match="label 'neutral' is not in the closed set"):
         plan.encode({"sentence": "ok", "label": "neutral"}, 5)
 

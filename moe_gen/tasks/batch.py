@@ -79,6 +79,8 @@ class Batch:
         labels: long ``[B, L]`` next-token targets, ``IGNORE_INDEX`` where nothing is scored.
         frame_targets: adapter name → float ``[N, F]`` regression targets at ``frame_index``
             (flat decoder positions), with ``frame_stop`` float ``[N]`` (1 on a run's last row).
+        allowed_index: long ``[P]`` flat decoder positions of closed-set targets, with
+            ``allowed_tokens`` long ``[P, A]`` the tokens the label trie allows there (-1 pads).
         tasks: the task name of each sample, in row-then-sample order.
         tokens_per_modality: valid positions per modality name, both sides.
         padding_fraction: share of padded positions over both sides.
@@ -90,6 +92,8 @@ class Batch:
     frame_targets: dict[str, torch.Tensor]
     frame_index: dict[str, torch.Tensor]
     frame_stop: dict[str, torch.Tensor]
+    allowed_index: torch.Tensor
+    allowed_tokens: torch.Tensor
     tasks: list[str]
     tokens_per_modality: dict[str, int]
     padding_fraction: float
@@ -217,6 +221,7 @@ def collate(
     M = len(TAG_MODALITIES)
     enc, dec = _SideBuilder(len(groups)), _SideBuilder(len(groups))
     labels_rows: list[list[torch.Tensor]] = [[] for _ in groups]
+    allowed: list[tuple[int, int, list[int]]] = []  # (row, position, allowed tokens)
     frames = defaultdict(lambda: ([], [], []))  # adaptor -> (targets, flat (row, t) lists, stop flags)
     counts: Counter = Counter()
     tasks = []
@@ -233,7 +238,13 @@ def collate(
                     tokens=None if chunk.tokens is None else torch.tensor(chunk.tokens, dtype=torch.long),
                     feature=None if chunk.tokens is not None else (chunk.adaptor, chunk.rows, chunk.positions),
                     modality=_modality_id(chunk.modality), role=chunk.role, causal=False, **common))
+            start = dec.length(row)
             _add_decoder(sample, row, dec, labels_rows[row], frames, tokenizer, common, counts)
+            at = start
+            for chunk in sample.decoder:
+                if chunk.allowed is not None and chunk.loss:
+                    allowed.extend((row, at + j, options) for j, options in enumerate(chunk.allowed))
+                at += len(chunk)
     encoder, decoder = enc.build(tokenizer.pad_id, M), dec.build(tokenizer.pad_id, M)
     B, L = decoder.padding_mask.shape
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
@@ -246,9 +257,14 @@ def collate(
         frame_targets[adaptor] = torch.cat(targets)
         frame_index[adaptor] = torch.cat([b * L + t for b, t in where])
         frame_stop[adaptor] = torch.cat(stops)
+    width = max([len(a) for _, _, a in allowed] + [1])
+    allowed_index = torch.tensor([b * L + t for b, t, _ in allowed], dtype=torch.long)
+    allowed_tokens = torch.full((len(allowed), width), -1, dtype=torch.long)
+    for i, (_, _, options) in enumerate(allowed):
+        allowed_tokens[i, : len(options)] = torch.tensor(options, dtype=torch.long)
     total = encoder.padding_mask.numel() + decoder.padding_mask.numel()
     padded = int(encoder.padding_mask.sum() + decoder.padding_mask.sum())
-    return Batch(encoder, decoder, labels, frame_targets, frame_index, frame_stop, tasks,
+    return Batch(encoder, decoder, labels, frame_targets, frame_index, frame_stop, allowed_index, allowed_tokens, tasks,
                  dict(counts), padded / total if total else 0.0)
 
 

@@ -83,6 +83,8 @@ class Chunk:
         rows: float32 ``[n, F]`` feature rows, or None; ``positions`` long ``[n, 3]``.
         adaptor: the adapter that embeds ``rows``.
         column: the source column (None for literals).
+        allowed: for closed-set targets, the tokens the label trie allows at each position (the
+            loss is a softmax over these only, as decoding is).
     """
 
     modality: str
@@ -93,6 +95,7 @@ class Chunk:
     positions: Optional[torch.Tensor] = None
     adaptor: Optional[str] = None
     column: Optional[str] = None
+    allowed: Optional[list[list[int]]] = None
 
     def __len__(self) -> int:
         return len(self.tokens) if self.tokens is not None else int(self.rows.shape[0])
@@ -252,7 +255,11 @@ class TaskPlan:
         if decoder and not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan):
             last = decoder[-1]
             if last.tokens is not None:  # text-like target ends with EOS; frames end with a stop flag
-                decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id]))
+                eos_allowed = [last.allowed[-1]] if last.allowed else None
+                if last.allowed:
+                    last.allowed = last.allowed[:-1]
+                decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id],
+                                     allowed=eos_allowed))
         used = {p.modality.name for p in encoder_plan + decoder_plan if not p.slot.is_literal}
         if any(p.slot.is_literal for p in encoder_plan + decoder_plan):
             used.add("TEXT")
@@ -339,7 +346,14 @@ class TaskPlan:
         for enc in encodings:
             column = plan.slot.column
             if enc.tokens is not None:
-                out.append(Chunk(plan.modality.name, plan.role, plan.loss, tokens=list(enc.tokens), column=column))
+                allowed = None
+                if plan.decode is not None and plan.decode.kind == "closed_set":
+                    allowed, node = [], plan.decode.trie
+                    for token in [*enc.tokens, self.tokenizer.eos_id]:
+                        allowed.append(sorted(node))
+                        node = node.get(token, {})
+                out.append(Chunk(plan.modality.name, plan.role, plan.loss, tokens=list(enc.tokens), column=column,
+                                 allowed=allowed))
             else:
                 out.append(Chunk(plan.modality.name, plan.role, plan.loss, rows=enc.features,
                                  positions=enc.positions, adaptor=str(plan.adaptor), column=column))
