@@ -6,14 +6,18 @@ target rows plus a binary stop-flag loss, and the routing auxiliary losses of ev
 
 from __future__ import annotations
 
+import dataclasses
+import math
+
 import torch
 import torch.nn.functional as F
 
 from moe_gen.model.model import GeneralistModel
 from moe_gen.registry import Registry
-from moe_gen.tasks.batch import IGNORE_INDEX, Batch
+from moe_gen.routing.tags import PASSES
+from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
 
-__all__ = ["OBJECTIVES", "GenerativeObjective"]
+__all__ = ["OBJECTIVES", "GenerativeObjective", "ContrastiveObjective", "contrastive_side"]
 
 OBJECTIVES: Registry = Registry("objective")
 
@@ -64,3 +68,55 @@ class GenerativeObjective:
         loss = parts.get("token_loss", zero) + self.frame_weight * parts.get("frame_loss", zero) + aux
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
+
+
+def contrastive_side(batch: Batch, pad_id: int) -> Side:
+    """The decoder input of the contrastive pass: the target tokens themselves (not shifted),
+    attended bidirectionally, tagged ``pass=contrastive`` and ``causal=False`` so routers see the
+    pass. Continuous targets take no part."""
+    dec = batch.decoder
+    is_token = batch.labels != IGNORE_INDEX
+    tokens = torch.where(is_token, batch.labels, pad_id)
+    tags = dataclasses.replace(dec.tags, causal=torch.zeros_like(dec.tags.causal),
+                               pass_id=torch.full_like(dec.tags.pass_id, PASSES.index("contrastive")))
+    return Side(tokens=tokens, is_token=is_token, rows={}, index={}, positions={}, padding_mask=~is_token, tags=tags)
+
+
+def _masked_mean(hidden_BSD: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tensor:
+    weights = valid_BS.unsqueeze(-1).to(hidden_BSD.dtype)
+    return (hidden_BSD * weights).sum(1) / weights.sum(1).clamp_min(1.0)
+
+
+@OBJECTIVES.register("contrastive")
+class ContrastiveObjective:
+    """MaMMUT's two passes in one step: the generative loss (captioning) plus a symmetric InfoNCE
+    between the pooled encoder output and the pooled bidirectional decoder pass over the target
+    text, with a learned temperature. Weights default to CoCa's: caption 2.0, contrastive 1.0.
+    Rows must hold one sample each (no packing): pooling is per row.
+    """
+
+    def __init__(self, model: GeneralistModel, caption_weight: float = 2.0, contrastive_weight: float = 1.0) -> None:
+        self.model = model
+        self.generative = GenerativeObjective(model)
+        self.caption_weight, self.contrastive_weight = caption_weight, contrastive_weight
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+        if int(batch.encoder.tags.sample.max()) > 0:
+            raise ValueError("the contrastive objective pools one sample per row; collate without pack=True")
+        model = self.model
+        caption = self.generative(batch)
+        memory = model.encode(batch.encoder)
+        side = contrastive_side(batch, model.tokenizer.pad_id)
+        text = model.decode_bidirectional(side)
+        pooled_image = _masked_mean(memory.hidden, ~batch.encoder.padding_mask)
+        image_BD = F.normalize(model.contrastive_image(pooled_image), dim=-1)
+        text_BD = F.normalize(model.contrastive_text(_masked_mean(text.hidden, side.is_token)), dim=-1)
+        scale = model.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the temperature
+        logits_BB = scale * image_BD @ text_BD.t()
+        targets = torch.arange(logits_BB.shape[0])
+        contrastive = 0.5 * (F.cross_entropy(logits_BB, targets) + F.cross_entropy(logits_BB.t(), targets))
+        aux = sum((o.aux_loss for o in memory.moe_outputs + text.moe_outputs), logits_BB.sum() * 0.0)
+        loss = self.caption_weight * caption["loss"] + self.contrastive_weight * contrastive + aux
+        retrieval = (logits_BB.argmax(1) == targets).float().mean().detach()
+        return {**caption, "loss": loss, "caption_loss": caption["loss"].detach(), "contrastive_loss": contrastive,
+                "retrieval_accuracy": retrieval}

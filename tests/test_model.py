@@ -187,3 +187,29 @@ def test_two_task_mixture_is_learned():
         predictions = model.infer(task, task.data)
         accuracy = sum(p.text == row[column] for p, row in zip(predictions, task.data)) / len(task.data)
         assert accuracy >= bound, (task.name, accuracy)
+
+
+def test_contrastive_two_pass_objective(tok):
+    from moe_gen.objectives import ContrastiveObjective, contrastive_side
+    from moe_gen.routing.tags import PASSES
+
+    task = load_preset("image_text_retrieval", "train", limit=8)
+    model = build([task], tok, router=RouterConfig(strategy="attribute"))
+    batch = collate(list(task.samples(tok)), tok, model.task_ids)
+    side = contrastive_side(batch, tok.pad_id)
+    valid = ~side.padding_mask
+    assert (side.tags.pass_id[valid] == PASSES.index("contrastive")).all() and not side.tags.causal.any()
+    assert torch.equal(side.tokens[valid], batch.labels[batch.labels != -100])
+    result = ContrastiveObjective(model)(batch)
+    assert torch.isfinite(result["loss"]) and result["contrastive_loss"] > 0
+    result["loss"].backward()
+    for p in (model.logit_scale, model.contrastive_text.weight, model.contrastive_image.weight):
+        assert p.grad is not None and p.grad.abs().sum() > 0
+    # the contrastive pass alone reaches the decoder through the bidirectional, cross-attention-free run
+    model.zero_grad()
+    ContrastiveObjective(model, caption_weight=0.0)(batch)["loss"].backward()
+    assert model.decoder.blocks[0].cross_attn.q.weight.grad is None or \
+        model.decoder.blocks[0].cross_attn.q.weight.grad.abs().sum() == 0
+    assert model.decoder.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="collate without pack=True"):
+        ContrastiveObjective(model)(collate(list(task.samples(tok)), tok, model.task_ids, pack=True, max_length=200))

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Sequence
 
@@ -77,6 +78,11 @@ class GeneralistModel(nn.Module):
         continuous = {name: int(config.adapters[name]) for name in config.frame_adapters}
         self.frame_heads = nn.ModuleDict({name: nn.Linear(D, width) for name, width in sorted(continuous.items())})
         self.stop_heads = nn.ModuleDict({name: nn.Linear(D, 1) for name in sorted(continuous)})
+        # Contrastive (MaMMUT) heads: projections of the pooled encoder and of the pooled
+        # bidirectional decoder pass, and a learned temperature starting at 1/0.07 (CLIP).
+        self.contrastive_image = nn.Linear(D, D, bias=False)
+        self.contrastive_text = nn.Linear(D, D, bias=False)
+        self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         self.encoder = Stack(config, config.encoder_layers, cross=False)
         self.decoder = Stack(config, config.decoder_layers, cross=True)
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
@@ -153,6 +159,10 @@ class GeneralistModel(nn.Module):
         """The decoder (causal, cross-attending to the encoder output ``memory``)."""
         return self.decoder(self.embed(dec), dec.attention_mask(causal=True), dec.tags, dec.padding_mask,
                             memory=memory.hidden, cross_mask=dec.cross_attention_mask(enc))
+
+    def decode_bidirectional(self, side: Side):
+        """The decoder's contrastive pass: same weights, bidirectional, no cross-attention."""
+        return self.decoder(self.embed(side), side.attention_mask(causal=False), side.tags, side.padding_mask)
 
     def forward(self, batch: Batch) -> ModelOutput:
         enc, dec = batch.encoder, batch.decoder

@@ -77,7 +77,7 @@ class Block(nn.Module):
         if moe_out is not None:
             routed.append(moe_out)
         x = x + self.drop(h)
-        if self.cross_attn is not None:
+        if self.cross_attn is not None and memory is not None:  # the contrastive pass skips it
             h, _ = self.cross_attn(self.norm_cross(x), memory, cross_mask, tags, padding)
             x = x + self.drop(h)
         h = self.norm_ffn(x)
