@@ -17,7 +17,7 @@ from moe_gen.registry import Registry
 from moe_gen.routing.tags import PASSES
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
 
-__all__ = ["OBJECTIVES", "GenerativeObjective", "ContrastiveObjective", "contrastive_side"]
+__all__ = ["OBJECTIVES", "GenerativeObjective", "ContrastiveObjective", "MaskedObjective", "contrastive_side"]
 
 OBJECTIVES: Registry = Registry("objective")
 
@@ -120,3 +120,30 @@ class ContrastiveObjective:
         retrieval = (logits_BB.argmax(1) == targets).float().mean().detach()
         return {**caption, "loss": loss, "caption_loss": caption["loss"].detach(), "contrastive_loss": contrastive,
                 "retrieval_accuracy": retrieval}
+
+
+@OBJECTIVES.register("masked")
+class MaskedObjective(GenerativeObjective):
+    """4M masked multimodal modeling: ``prepare`` masks samples to fixed input/target budgets split
+    by Dirichlet(α) across each sample's modalities (``moe_gen.masking``) and collates them with
+    ``pass=masked``; the loss is the generative one on the chosen targets. Build the model with
+    ``ModelConfig(predict_all_features=True)`` so feature targets have regression heads.
+    """
+
+    def __init__(self, model: GeneralistModel, *, input_budget: int = 128, target_budget: int = 128,
+                 alpha=0.5, frame_weight: float = 1.0) -> None:
+        super().__init__(model, frame_weight)
+        self.input_budget, self.target_budget, self.alpha = input_budget, target_budget, alpha
+
+    def prepare(self, samples, rng) -> Batch:
+        from moe_gen.masking import mask_sample
+        from moe_gen.tasks.batch import collate
+
+        masked = [mask_sample(s, input_budget=self.input_budget, target_budget=self.target_budget,
+                              alpha=self.alpha, rng=rng) for s in samples]
+        for sample in masked:
+            for chunk in sample.decoder:
+                if chunk.rows is not None and chunk.adaptor not in self.model.frame_heads:
+                    raise ValueError(f"masked modeling targets {chunk.adaptor!r} rows but the model has no frame head "
+                                     "for them; build it with ModelConfig(predict_all_features=True)")
+        return collate(masked, self.model.tokenizer, self.model.task_ids, pass_name="masked")

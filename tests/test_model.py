@@ -213,3 +213,29 @@ def test_contrastive_two_pass_objective(tok):
     assert model.decoder.blocks[0].self_attn.q.weight.grad.abs().sum() > 0
     with pytest.raises(ValueError, match="collate without pack=True"):
         ContrastiveObjective(model)(collate(list(task.samples(tok)), tok, model.task_ids, pack=True, max_length=200))
+
+
+def test_masked_modeling_budgets_and_loss(mixed, tok):
+    from moe_gen.masking import mask_sample, split_budget
+    from moe_gen.objectives import MaskedObjective
+    from moe_gen.routing.tags import PASSES
+
+    rng = random.Random(0)
+    split = split_budget(20, {"TEXT": 5, "IMAGE": 100, "AUDIO": 0}, 1.0, rng)
+    assert split["AUDIO"] == 0 and split["TEXT"] <= 5 and sum(split.values()) == 20
+    tasks, samples = mixed
+    for sample in samples:
+        masked = mask_sample(sample, input_budget=12, target_budget=8, alpha=0.5, rng=rng)
+        n_in, n_out = masked.lengths()
+        total = sum(len(c) for c in sample.encoder + sample.decoder if c.column is not None)
+        assert n_in == min(12, total) and n_out == min(8, total - n_in)  # fixed budgets, any modality count
+    model = build(tasks, tok, predict_all_features=True)
+    objective = MaskedObjective(model, input_budget=12, target_budget=8)
+    batch = objective.prepare(samples, random.Random(1))
+    assert (batch.decoder.tags.pass_id[~batch.decoder.padding_mask] == PASSES.index("masked")).all()
+    result = objective(batch)
+    assert torch.isfinite(result["loss"])
+    result["loss"].backward()
+    plain = build(tasks, tok)
+    with pytest.raises(ValueError, match="predict_all_features=True"):
+        MaskedObjective(plain, input_budget=12, target_budget=8).prepare(samples, random.Random(1))

@@ -39,6 +39,7 @@ class ModelConfig(ConfigBase):
         vocab_size: set from the tokenizer.
         adapters: adapter name → feature width (set from the tasks when the model is built).
         frame_adapters: adapters whose rows are also decoder targets (they get frame and stop heads).
+        predict_all_features: give every adapter a frame head (masked modeling predicts any modality).
         tasks: the task vocabulary (names in tag order).
         label_smoothing: for the token cross-entropy.
     """
@@ -62,6 +63,7 @@ class ModelConfig(ConfigBase):
     vocab_size: int = 0
     adapters: dict = dataclasses.field(default_factory=dict)
     frame_adapters: tuple[str, ...] = ()
+    predict_all_features: bool = False
     tasks: tuple[str, ...] = ()
     label_smoothing: float = 0.0
 

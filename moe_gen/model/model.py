@@ -103,6 +103,8 @@ class GeneralistModel(nn.Module):
             for chunk in sample.decoder if sample else []:
                 if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
                     frame_adapters.append(chunk.adaptor)
+        if config.predict_all_features:
+            frame_adapters += [name for name in adapters if name not in frame_adapters]
         names = tuple(dict.fromkeys([*config.tasks, *(t.name for t in tasks)]))
         router = dataclasses.replace(config.router, num_tasks=max(config.router.num_tasks, len(names)))
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,

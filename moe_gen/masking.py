@@ -1,0 +1,102 @@
+"""Masked multimodal modeling (4M, Mizrahi et al. 2023): fixed token budgets split by Dirichlet.
+
+Every sample gets the same input budget and target budget, whatever its number of modalities:
+per sample, a Dirichlet(α) draw over the sample's modalities splits each budget; a modality takes
+at most the positions it has, and what is left over goes to the modality with the largest share
+(as 4M does). Inputs and targets are disjoint random subsets of each modality's positions, kept in
+their original order. ``α`` may be a number or a dict by modality (``{"IMAGE": 1000, "TEXT": 1e-3}``
+approximates 4M's RGB-to-all mixture).
+
+moe_gen's decoder predicts the target positions in order, teacher-forced: token targets with the
+cross-entropy, feature targets (image patches, audio/motion rows) by regression with the frame
+heads. (4M predicts discrete tokens of per-modality tokenizers for every modality.)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+from typing import Mapping, Union
+
+import numpy as np
+import torch
+
+from moe_gen.tasks.plan import INPUT, TARGET, Chunk, Sample
+
+__all__ = ["split_budget", "mask_sample"]
+
+
+def split_budget(budget: int, available: Mapping[str, int], alpha: Union[float, Mapping[str, float]],
+                 rng: random.Random) -> dict[str, int]:
+    """Positions per modality: a Dirichlet(α) share of ``budget``, capped at what each modality has;
+    the remainder goes to the modality with the largest share that still has room."""
+    names = [m for m in sorted(available) if available[m] > 0]
+    if not names or budget <= 0:
+        return {m: 0 for m in available}
+    alphas = [float(alpha.get(m, 1.0)) if isinstance(alpha, Mapping) else float(alpha) for m in names]
+    gen = np.random.default_rng(rng.randrange(2**32))
+    shares = gen.dirichlet([max(a, 1e-6) for a in alphas])
+    counts = {m: min(int(s * budget), available[m]) for m, s in zip(names, shares)}
+    left = min(budget, sum(available[m] for m in names)) - sum(counts.values())
+    for m in sorted(names, key=lambda n: -shares[names.index(n)]):
+        if left <= 0:
+            break
+        extra = min(left, available[m] - counts[m])
+        counts[m] += extra
+        left -= extra
+    return {m: counts.get(m, 0) for m in available}
+
+
+def _streams(sample: Sample) -> dict[str, list[tuple[Chunk, int]]]:
+    """Every (chunk, index) position of the sample's data slots, by modality (prompts excluded)."""
+    streams: dict[str, list[tuple[Chunk, int]]] = {}
+    for chunk in sample.encoder + sample.decoder:
+        if chunk.column is None:  # literal prompt text and EOS markers carry no content
+            continue
+        streams.setdefault(chunk.modality, []).extend((chunk, j) for j in range(len(chunk)))
+    return streams
+
+
+def _gather(modality: str, picks: list[tuple[Chunk, int]], role: int, loss: bool) -> list[Chunk]:
+    """Consecutive picks from the same chunk become one chunk."""
+    out: list[Chunk] = []
+    for chunk, j in picks:
+        if out and out[-1].column is chunk.column and getattr(out[-1], "_source", None) is chunk:
+            last = out[-1]
+        else:
+            last = Chunk(modality, role, loss, tokens=[] if chunk.tokens is not None else None,
+                         rows=None, positions=None, adaptor=chunk.adaptor, column=chunk.column)
+            last._source = chunk  # type: ignore[attr-defined]
+            last._rows = []  # type: ignore[attr-defined]
+            out.append(last)
+        if chunk.tokens is not None:
+            last.tokens.append(chunk.tokens[j])
+        else:
+            last._rows.append(j)  # type: ignore[attr-defined]
+    for c in out:
+        if c.tokens is None:
+            index = torch.tensor(c._rows, dtype=torch.long)  # type: ignore[attr-defined]
+            c.rows, c.positions = c._source.rows[index], c._source.positions[index]  # type: ignore[attr-defined]
+        del c._source, c._rows  # type: ignore[attr-defined]
+    return out
+
+
+def mask_sample(sample: Sample, *, input_budget: int = 128, target_budget: int = 128,
+                alpha: Union[float, Mapping[str, float]] = 0.5, rng: random.Random) -> Sample:
+    """A 4M training sample: ``input_budget`` positions in, ``target_budget`` other positions to
+    predict, split across the sample's modalities by Dirichlet(α)."""
+    streams = _streams(sample)
+    available = {m: len(v) for m, v in streams.items()}
+    inputs = split_budget(input_budget, available, alpha, rng)
+    remaining = {m: available[m] - inputs[m] for m in available}
+    targets = split_budget(target_budget, remaining, alpha, rng)
+    encoder, decoder = [], []
+    for modality in sorted(streams):
+        positions = list(range(len(streams[modality])))
+        rng.shuffle(positions)
+        chosen_in = sorted(positions[: inputs[modality]])
+        chosen_out = sorted(positions[inputs[modality]: inputs[modality] + targets[modality]])
+        encoder += _gather(modality, [streams[modality][p] for p in chosen_in], INPUT, False)
+        decoder += _gather(modality, [streams[modality][p] for p in chosen_out], TARGET, True)
+    return dataclasses.replace(sample, encoder=encoder, decoder=decoder,
+                               meta={**sample.meta, "budgets": {"input": inputs, "target": targets}})
