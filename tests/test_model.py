@@ -239,3 +239,27 @@ def test_masked_modeling_budgets_and_loss(mixed, tok):
     plain = build(tasks, tok)
     with pytest.raises(ValueError, match="predict_all_features=True"):
         MaskedObjective(plain, input_budget=12, target_budget=8).prepare(samples, random.Random(1))
+
+
+def test_ranking_and_beam_search(tok):
+    task = load_preset("digit_classification", "train", limit=6)
+    model = build([task], tok).eval()
+    candidates = ["one", "two", "seven"]
+    ranked = model.infer(task, task.data[:2], candidates=candidates)
+    for prediction in ranked:
+        assert len(prediction.scores) == 3
+        assert prediction.text == candidates[max(range(3), key=prediction.scores.__getitem__)]
+    # a candidate's score is its teacher-forced log-likelihood with EOS
+    row = dict(task.data[0], label="two")
+    batch = collate([task.plan(tok).encode(row, 0, training=False)], tok, model.task_ids)
+    with torch.no_grad():
+        logp = model(batch).logits.float().log_softmax(-1)[0]
+    scored = (batch.labels[0] != -100).nonzero().squeeze(1)
+    expected = float(logp[scored, batch.labels[0, scored]].sum())
+    assert ranked[0].scores[1] == pytest.approx(expected, abs=1e-4)
+    labels = set(task.plan(tok).decode_specs()[0].labels)
+    beams = model.infer(task, task.data[:3], beams=4)
+    assert all(p.text in labels for p in beams)
+    with pytest.raises(ValueError, match="beam search decodes text"):
+        grounding = load_preset("visual_grounding", "train", limit=2)
+        build([grounding], tok).infer(grounding, grounding.data[:1], beams=2)

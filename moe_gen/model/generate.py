@@ -20,7 +20,7 @@ from moe_gen.tasks.batch import collate
 from moe_gen.tasks.modalities.box import dequantize_box
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
-__all__ = ["Prediction", "generate"]
+__all__ = ["Prediction", "generate", "rank", "beam_search"]
 
 
 @dataclasses.dataclass
@@ -33,6 +33,7 @@ class Prediction:
         frames: float ``[T, F]`` rows (continuous targets).
         tokens: generated token ids.
         score: sum of log-probabilities of the generated tokens.
+        scores: for ranking, the log-likelihood of every candidate (best first is ``argmax``).
     """
 
     text: Optional[str] = None
@@ -40,6 +41,7 @@ class Prediction:
     frames: Optional[torch.Tensor] = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     score: float = 0.0
+    scores: Optional[list[float]] = None
 
 
 def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = None,
@@ -143,3 +145,93 @@ def _generate_frames(model, samples, target, enc_batch, memory, max_frames) -> l
     return [Prediction(frames=f) for f in frames]
 
 
+
+
+@torch.no_grad()
+def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str]) -> list[Prediction]:
+    """Scores every candidate text as the answer of every sample: the sum of its tokens'
+    log-probabilities (EOS included) given the input, teacher-forced in one batch per sample.
+    ``text`` is the best candidate, ``scores`` all of them (retrieval, multiple choice)."""
+    tok = model.tokenizer
+    target = next(p for p in plan.templates[0][1] if p.loss)
+    encoded = [tok.encode(c) + [tok.eos_id] for c in candidates]
+    predictions = []
+    for sample in samples:
+        pairs = [_with_target(sample, target.modality.name, ids) for ids in encoded]
+        batch = collate(pairs, tok, model.task_ids)
+        logp = model(batch).logits.float().log_softmax(-1)
+        start = sum(len(c) for c in sample.decoder)  # positions before the candidate
+        scores = []
+        for b, ids in enumerate(encoded):
+            positions = torch.arange(start, start + len(ids))
+            scores.append(float(logp[b, positions, torch.tensor(ids)].sum()))
+        best = max(range(len(candidates)), key=scores.__getitem__)
+        predictions.append(Prediction(text=candidates[best], score=scores[best], scores=scores))
+    return predictions
+
+
+@torch.no_grad()
+def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_new_tokens: int = 32,
+                length_penalty: float = 1.0) -> list[Prediction]:
+    """Beam search for text targets (closed sets keep to their trie): the ``beams`` best partial
+    answers by summed log-probability, finished ones ranked by score / length^length_penalty."""
+    spec = plan.decode_specs()[0]
+    if spec.kind not in ("text", "closed_set"):
+        raise ValueError(f"beam search decodes text and closed-set targets, not {spec.kind!r}; use generate")
+    target = next(p for p in plan.templates[0][1] if p.loss)
+    tok = model.tokenizer
+    predictions = []
+    for sample in samples:
+        enc_batch = collate([sample], tok, model.task_ids)
+        memory = model.encode(enc_batch.encoder)
+        alive = [([], 0.0, spec.trie)]  # (tokens, score, trie node)
+        finished: list[tuple[list[int], float]] = []
+        for _ in range(max_new_tokens):
+            batch = collate([_with_target(sample, target.modality.name, t + [tok.pad_id]) for t, _, _ in alive],
+                            tok, model.task_ids)
+            hidden = model.decode(batch.decoder, _repeat(enc_batch.encoder, len(alive)),
+                                  _repeat_memory(memory, len(alive))).hidden
+            lengths = (~batch.decoder.padding_mask).sum(1)
+            logp = (hidden[torch.arange(len(alive)), lengths - 1] @ model.token_embedding.weight.t()).float()
+            logp = logp.log_softmax(-1)
+            expansions = []
+            for (tokens, score, node), row in zip(alive, logp):
+                options = sorted(node) if spec.kind == "closed_set" else None
+                values, ids = (row[options].topk(min(beams, len(options))) if options is not None
+                               else row.topk(beams))
+                for v, i in zip(values.tolist(), ids.tolist()):
+                    token = options[i] if options is not None else i
+                    child = node.get(token, {}) if node is not None else None
+                    expansions.append((tokens + [token], score + v, child))
+            expansions.sort(key=lambda e: -e[1])
+            alive = []
+            for tokens, score, node in expansions:
+                if tokens[-1] == tok.eos_id or (spec.kind == "closed_set" and not node):
+                    finished.append((tokens, score))
+                elif len(alive) < beams:
+                    alive.append((tokens, score, node))
+            if not alive or len(finished) >= beams:
+                break
+        finished += [(t, s) for t, s, _ in alive]
+        best, score = max(finished, key=lambda f: f[1] / max(len(f[0]), 1) ** length_penalty)
+        ids = [t for t in best if t != tok.eos_id]
+        predictions.append(Prediction(text=tok.decode(ids), tokens=ids, score=score))
+    return predictions
+
+
+def _repeat(side, n: int):
+    """A batch side with its single row repeated n times."""
+    rows = {k: v.repeat(n, 1) for k, v in side.rows.items()}
+    S = side.tokens.shape[1]
+    index = {k: torch.cat([v + i * S for i in range(n)]) for k, v in side.index.items()}
+    positions = {k: v.repeat(n, 1) for k, v in side.positions.items()}
+    tags = type(side.tags)(**{f: (None if getattr(side.tags, f) is None else
+                                  getattr(side.tags, f).repeat(n, *([1] * (getattr(side.tags, f).dim() - 1))))
+                              for f in ("task", "modality", "role", "task_modalities", "causal", "pass_id", "sample")})
+    return dataclasses.replace(side, tokens=side.tokens.repeat(n, 1), is_token=side.is_token.repeat(n, 1), rows=rows,
+                               index=index, positions=positions, padding_mask=side.padding_mask.repeat(n, 1),
+                               tags=tags)
+
+
+def _repeat_memory(memory, n: int):
+    return dataclasses.replace(memory, hidden=memory.hidden.repeat(n, 1, 1))

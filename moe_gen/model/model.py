@@ -11,7 +11,7 @@ import dataclasses
 import json
 import math
 import os
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -184,14 +184,17 @@ class GeneralistModel(nn.Module):
                 aux[name] = aux[name] + value if name in aux else value
         return ModelOutput(logits, frames, stops, aux, moe_outputs, memory.hidden)
 
-    def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64) -> list:
+    def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64, beams: int = 1,
+              candidates: Optional[Sequence[str]] = None) -> list:
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
+        ``beams > 1`` uses beam search (text targets); ``candidates`` ranks the given answers by
+        likelihood instead of generating (retrieval, multiple choice; ``.scores`` holds them all).
         Returns ``Prediction`` objects (``.text``, ``.box``, ``.frames``, ``.score``). Raises
         ``ValueError`` for tasks outside the model's vocabulary, modalities it has no adapter
         for, and rows that do not fit the instruction (naming column and row).
         """
-        from moe_gen.model.generate import generate
+        from moe_gen.model.generate import beam_search, generate, rank
         from moe_gen.tasks import Task, load_preset
 
         if isinstance(task, str):
@@ -215,6 +218,10 @@ class GeneralistModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
+            if candidates is not None:
+                return rank(self, plan, samples, list(candidates))
+            if beams > 1:
+                return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens)
             return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames)
         finally:
             self.train(was_training)
