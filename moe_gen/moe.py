@@ -190,10 +190,10 @@ class MoE(nn.Module):
             segment_T = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
         else:
             segment_T = torch.zeros(T, dtype=torch.long, device=x.device)
-        if tags_T is not None and tags_T.sample is not None:
-            _, segment_T = torch.unique(
-                torch.stack([segment_T, tags_T.sample.long()], dim=1), dim=0, return_inverse=True
-            )
+        if tags_T is not None and tags_T.sample is not None and tags_T.sample.numel():
+            # (row, sample) → one id; ids need not be contiguous (pooling sizes by the max id).
+            sample_T = tags_T.sample.long()
+            segment_T = segment_T * (int(sample_T.max()) + 1) + sample_T
         return x_TD, tags_T, valid_T, segment_T
 
 

@@ -161,6 +161,17 @@ class _Groups:
     routes: list[tuple[torch.Tensor, torch.Tensor]]  # (expert ids, gate weights) of each group
 
 
+def _lexsort_rows(key_TX: torch.Tensor) -> torch.Tensor:
+    """A permutation that sorts the rows of ``key_TX`` lexicographically (stable sorts from the
+    last column to the first): equal rows end up adjacent. Much cheaper on CPU than
+    ``torch.unique(dim=0)``, which compares rows one pair at a time."""
+    order = torch.arange(key_TX.shape[0], device=key_TX.device)
+    for column in reversed(range(key_TX.shape[1])):
+        _, index = torch.sort(key_TX[order, column], stable=True)
+        order = order[index]
+    return order
+
+
 @BACKENDS.register("merged")
 class MergedDispatch(DispatchBackend):
     """Tokens with identical routes run as one group through one dense FFN with merged weights.
@@ -189,10 +200,12 @@ class MergedDispatch(DispatchBackend):
         tokens_T = has_route_T.nonzero().squeeze(1)
         if not tokens_T.numel():
             return Dispatched(x_TD[:0], _Groups(tokens_T, [], []))
-        _, group_T = torch.unique(key_TX, dim=0, return_inverse=True)
-        group_sorted, order = torch.sort(group_T, stable=True)
+        order = _lexsort_rows(key_TX)
+        sorted_TX = key_TX[order]
+        new_group = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
+        new_group[1:] = (sorted_TX[1:] != sorted_TX[:-1]).any(1)
         token_N = tokens_T[order]
-        counts = torch.bincount(group_sorted).tolist()
+        counts = torch.bincount(new_group.cumsum(0) - 1).tolist()
         firsts = torch.cumsum(torch.tensor([0] + counts[:-1]), 0).tolist()
         routes = []
         for first in firsts:
