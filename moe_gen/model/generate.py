@@ -5,8 +5,10 @@
 - box: exactly 4 location tokens, mapped back to the original image's pixels;
 - frames (audio, motion): regression of one row per step until the stop flag fires.
 
-The encoder runs once per batch; the decoder is re-run on the growing prefix at each step (no
-key-value cache yet: fine for the short answers of the built-in tasks).
+The encoder runs once per batch. Token answers decode incrementally with a key-value cache: each
+step embeds only the newest token and attends to the cached keys and values of the earlier
+positions (cross-attention keys and values are computed once). Frame answers and beam search
+re-run the decoder on the growing prefix.
 """
 
 from __future__ import annotations
@@ -16,7 +18,8 @@ from typing import Optional, Sequence
 
 import torch
 
-from moe_gen.tasks.batch import collate
+from moe_gen.routing.tags import TokenTags
+from moe_gen.tasks.batch import Side, collate
 from moe_gen.tasks.modalities.box import dequantize_box
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
@@ -76,15 +79,13 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
     nodes = [spec.trie for _ in range(B)]
     limit = 4 if spec.kind == "box" else max_new_tokens
     bins = torch.tensor([tok.bin_id(k) for k in range(tok.num_bins)])
+    decoder = _CachedDecoder(model, samples, target.modality.name, enc_batch, memory, limit)
+    last = decoder.prefill()
     for _ in range(limit):
-        batch = collate([_with_target(s, target.modality.name, g + [tok.pad_id]) for s, g in zip(samples, generated)],
-                        tok, task_ids)
-        out = model.decode(batch.decoder, enc_batch.encoder, memory)
-        logits = out.hidden @ model.token_embedding.weight.t()
-        lengths = (~batch.decoder.padding_mask).sum(1)
-        last = logits[torch.arange(B), lengths - 1].float().log_softmax(-1)
+        step_tokens = []
         for b in range(B):
             if done[b]:
+                step_tokens.append(tok.pad_id)
                 continue
             allowed = None
             if spec.kind == "closed_set":
@@ -98,6 +99,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
                 scores_b = masked
             token = int(scores_b.argmax())
             scores[b] += float(scores_b[token])
+            step_tokens.append(token)
             if spec.kind == "closed_set":
                 nodes[b] = nodes[b][token]
             if token == tok.eos_id or (spec.kind == "closed_set" and not nodes[b]):
@@ -108,6 +110,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
             generated[b].append(token)
         if all(done):
             break
+        last = decoder.step(step_tokens, active=[not d for d in done])
     predictions = []
     for b, sample in enumerate(samples):
         ids = [t for t in generated[b] if t != tok.eos_id]
@@ -235,3 +238,87 @@ def _repeat(side, n: int):
 
 def _repeat_memory(memory, n: int):
     return dataclasses.replace(memory, hidden=memory.hidden.repeat(n, 1, 1))
+
+
+class _CachedDecoder:
+    """Incremental decoding of one target slot with per-layer key/value caches.
+
+    The forced prefix (BOS, literal decoder text, copied prompts) is fed position by position,
+    then one generated token per step; every position is tagged like the target slot's tokens.
+    """
+
+    def __init__(self, model, samples, modality: str, enc_batch, memory, limit: int) -> None:
+        tok = model.tokenizer
+        self.model = model
+        # The prefix with one placeholder target position: its tags are those of every new position.
+        self.prefix = collate([_with_target(s, modality, [tok.pad_id]) for s in samples], tok, model.task_ids)
+        dec = self.prefix.decoder
+        B, P = dec.tokens.shape
+        self.lengths = (~dec.padding_mask).sum(1)  # prefix positions, placeholder included
+        self.total = P + limit
+        cfg = model.config
+        D, H = cfg.d_model, cfg.num_heads
+        self.caches = [{"k": torch.zeros(B, H, self.total, D // H), "v": torch.zeros(B, H, self.total, D // H)}
+                       for _ in model.decoder.blocks]
+        self.memory_kv = [block.cross_attn.project_kv(memory.hidden) for block in model.decoder.blocks]
+        self.key_valid = torch.zeros(B, self.total, dtype=torch.bool)
+        self.cross_mask = (~enc_batch.encoder.padding_mask).unsqueeze(1)
+        self.write = torch.zeros(B, dtype=torch.long)
+        last_index = self.lengths - 1
+        rows = torch.arange(B)
+        self.target_tags = _select_column(dec.tags, rows, last_index)
+
+    def _run(self, side_B1, positions_B, active_B) -> torch.Tensor:
+        model = self.model
+        x = model.embed(side_B1, positions_B.unsqueeze(1))
+        self.key_valid[torch.arange(len(active_B)), self.write] = active_B
+        mask = (self.key_valid & (torch.arange(self.total) <= self.write.unsqueeze(1))).unsqueeze(1)
+        padding = ~active_B.unsqueeze(1)
+        for block, cache, kv in zip(model.decoder.blocks, self.caches, self.memory_kv):
+            x = block.step(x, cache, self.write, mask, side_B1.tags, padding, kv, self.cross_mask)
+        hidden = model.decoder.norm(x)[:, 0]
+        self.write = self.write + 1
+        return (hidden @ model.token_embedding.weight.t()).float().log_softmax(-1)
+
+    def prefill(self) -> torch.Tensor:
+        """Feeds the prefix; returns the log-probabilities of the first answer token."""
+        dec = self.prefix.decoder
+        B, P = dec.tokens.shape
+        rows = torch.arange(B)
+        out = torch.zeros(B, self.model.config.vocab_size)
+        for t in range(P):
+            active = t < self.lengths
+            side = _column_side(dec, t)
+            logp = self._run(side, torch.full((B,), t), active)
+            finished = self.lengths - 1 == t
+            out[finished] = logp[finished]
+        self.write = self.lengths.clone()  # the next position of each row
+        del rows
+        return out
+
+    def step(self, tokens: list[int], active: list[bool]) -> torch.Tensor:
+        """Feeds one generated token per row; returns the next log-probabilities."""
+        B = len(tokens)
+        side = Side(tokens=torch.tensor(tokens).unsqueeze(1), is_token=torch.ones(B, 1, dtype=torch.bool), rows={},
+                    index={}, positions={}, padding_mask=~torch.tensor(active).unsqueeze(1), tags=self.target_tags)
+        return self._run(side, self.write.clone(), torch.tensor(active))
+
+
+def _select_column(tags: TokenTags, rows: torch.Tensor, columns: torch.Tensor) -> TokenTags:
+    """Tags ``[B, 1]`` of one position per row."""
+    return tags._map(lambda t: t[rows, columns].unsqueeze(1))
+
+
+def _column_side(side: Side, t: int) -> Side:
+    """Position t of every row as a ``[B, 1]`` side (feature rows at t included)."""
+    B, S = side.tokens.shape
+    rows, index, positions = {}, {}, {}
+    for name, flat in side.index.items():
+        hit = (flat % S) == t
+        if hit.any():
+            rows[name] = side.rows[name][hit]
+            index[name] = flat[hit] // S
+            positions[name] = side.positions[name][hit]
+    return Side(tokens=side.tokens[:, t:t + 1], is_token=side.is_token[:, t:t + 1], rows=rows, index=index,
+                positions=positions, padding_mask=side.padding_mask[:, t:t + 1],
+                tags=side.tags._map(lambda x: x[:, t:t + 1]))

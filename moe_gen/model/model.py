@@ -139,7 +139,7 @@ class GeneralistModel(nn.Module):
 
     # ---- forward -----------------------------------------------------------------------------
 
-    def embed(self, side: Side) -> torch.Tensor:
+    def embed(self, side: Side, positions: Optional[torch.Tensor] = None) -> torch.Tensor:
         """Token embeddings, adapter outputs scattered into place, positions within each sample and
         a modality embedding. ``[B, S, D]``."""
         B, S = side.tokens.shape
@@ -150,7 +150,9 @@ class GeneralistModel(nn.Module):
                 raise ValueError(f"the batch has {name!r} features but the model has no such adapter "
                                  f"(adapters: {', '.join(self.adapters) or 'none'}); build the model with this task")
             flat = flat.index_add(0, side.index[name], self.adapters[name](rows, side.positions[name]))
-        positions = _positions_in_sample(side.tags.sample).clamp_max(self.config.max_positions - 1)
+        if positions is None:
+            positions = _positions_in_sample(side.tags.sample)
+        positions = positions.clamp_max(self.config.max_positions - 1)
         return flat.view(B, S, -1) + self.position_embedding(positions) + self.modality_embedding(side.tags.modality)
 
     def encode(self, enc: Side):

@@ -39,11 +39,18 @@ class Attention(nn.Module):
         self.kv = nn.Linear(D, 2 * D)
         self.out = MoE(config.moe_config(d_hidden=D, kind="linear")) if moe else nn.Linear(D, D)
 
-    def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TokenTags], padding_BS):
-        B, S, D = x_BSD.shape
-        K, H = memory_BKD.shape[1], self.num_heads
-        q = self.q(x_BSD).view(B, S, H, D // H).transpose(1, 2)
+    def project_kv(self, memory_BKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Keys and values ``[B, H, K, D/H]`` of ``memory`` (cached once per generation for cross-attention)."""
+        B, K, D = memory_BKD.shape
+        H = self.num_heads
         k, v = self.kv(memory_BKD).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        return k, v
+
+    def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TokenTags], padding_BS, kv=None):
+        B, S, D = x_BSD.shape
+        H = self.num_heads
+        q = self.q(x_BSD).view(B, S, H, D // H).transpose(1, 2)
+        k, v = self.project_kv(memory_BKD) if kv is None else kv
         # A padding query may have no key at all; SDPA would return NaN rows there, so such rows
         # attend to every key (their output is ignored downstream).
         mask = mask_BSK | ~mask_BSK.any(-1, keepdim=True)
@@ -88,6 +95,23 @@ class Block(nn.Module):
         else:
             h = self.ffn(h)
         return x + self.drop(h), routed
+
+    def step(self, x_B1D, cache: dict, write_B, self_mask_B1K, tags, padding_B1, memory_kv, cross_mask_B1S):
+        """One new position per row, attending to the cached keys/values of earlier positions
+        (``cache["k"]``, ``cache["v"]``: ``[B, H, L, D/H]``; the new ones are written at ``write_B``)."""
+        h = self.norm_self(x_B1D)
+        k_new, v_new = self.self_attn.project_kv(h)
+        rows = torch.arange(x_B1D.shape[0], device=x_B1D.device)
+        cache["k"][rows, :, write_B] = k_new[:, :, 0]
+        cache["v"][rows, :, write_B] = v_new[:, :, 0]
+        h, _ = self.self_attn(h, None, self_mask_B1K, tags, padding_B1, kv=(cache["k"], cache["v"]))
+        x = x_B1D + h
+        if self.cross_attn is not None:
+            h, _ = self.cross_attn(self.norm_cross(x), None, cross_mask_B1S, tags, padding_B1, kv=memory_kv)
+            x = x + h
+        h = self.norm_ffn(x)
+        h = self.ffn(h, tags=tags, padding_mask=padding_B1).output if isinstance(self.ffn, MoE) else self.ffn(h)
+        return x + h
 
 
 @dataclasses.dataclass
