@@ -73,10 +73,11 @@ def test_closed_set_loss_is_a_softmax_over_allowed_tokens(tok):
     assert restricted < full
 
 
-@pytest.mark.parametrize("strategy", ["token", "attribute"])
-def test_outputs_do_not_depend_on_batch_order_or_padding(mixed, tok, strategy):
+@pytest.mark.parametrize("strategy,positions", [("token", "learned"), ("attribute", "learned"),
+                                                ("token", "rotary")])
+def test_outputs_do_not_depend_on_batch_order_or_padding(mixed, tok, strategy, positions):
     tasks, samples = mixed
-    model = build(tasks, tok, router=RouterConfig(strategy=strategy)).eval()
+    model = build(tasks, tok, router=RouterConfig(strategy=strategy), positions=positions).eval()
     batch = collate(samples, tok, model.task_ids)
     order = list(range(len(samples)))
     random.Random(0).shuffle(order)
@@ -265,12 +266,13 @@ def test_ranking_and_beam_search(tok):
         build([grounding], tok).infer(grounding, grounding.data[:1], beams=2)
 
 
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
 @pytest.mark.parametrize("name", ["digit_captioning", "visual_grounding", "digit_classification"])
-def test_cached_greedy_decoding_matches_full_forward(name, tok):
+def test_cached_greedy_decoding_matches_full_forward(name, positions, tok):
     """Incremental decoding with the key/value cache picks, at every step, the argmax of a full
     teacher-forced forward pass over the same prefix, and its score is that pass's log-likelihood."""
     task = load_preset(name, "train", limit=4)
-    model = build([task], tok, router=RouterConfig(strategy="token")).eval()
+    model = build([task], tok, router=RouterConfig(strategy="token"), positions=positions).eval()
     predictions = model.infer(task, task.data[:4], max_new_tokens=6)
     plan = task.plan(tok)
     spec = plan.decode_specs()[0]
@@ -301,3 +303,28 @@ def test_cached_greedy_decoding_matches_full_forward(name, tok):
                 assert token == int(row.argmax())
             total += float(row[token])
         assert prediction.score == pytest.approx(total, abs=1e-3)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_packed_rows_give_the_same_outputs_as_padded_ones(tok, positions):
+    task = load_preset("doc_topic", "train", limit=6)
+    model = build([task], tok, router=RouterConfig(strategy="context"), positions=positions).eval()
+    samples = list(task.samples(tok, training=False))
+    padded = collate(samples, tok, model.task_ids)
+    packed = collate(samples, tok, model.task_ids, pack=True, max_length=400)
+    assert packed.decoder.tokens.shape[0] < len(samples)
+    with torch.no_grad():
+        a, b = model(padded).logits, model(packed).logits
+    # gather each sample's scored positions in both layouts, in sample order
+    def scored(batch, logits):
+        out = {}
+        for row in range(batch.labels.shape[0]):
+            for sample_id in batch.decoder.tags.sample[row].unique().tolist():
+                where = (batch.decoder.tags.sample[row] == sample_id) & ~batch.decoder.padding_mask[row]
+                out.setdefault(row, []).append(logits[row, where])
+        return [x for row in sorted(out) for x in out[row]]
+    first = sorted(scored(padded, a), key=lambda t: (t.shape[0], float(t.sum())))
+    second = sorted(scored(packed, b), key=lambda t: (t.shape[0], float(t.sum())))
+    assert len(first) == len(second) == len(samples)
+    for x, y in zip(first, second):
+        torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)

@@ -34,7 +34,10 @@ class ModelConfig(ConfigBase):
         router: router settings for every MoE layer (strategy, gate, noise, losses).
         capacity_factor: ``None`` dropless.
         backend: dispatch backend of every MoE layer (``merged`` for tag routing at inference).
-        max_positions: learned positions for token sequences.
+        positions: ``learned`` (an embedding added to every position) or ``rotary`` (rotary
+            embeddings in self-attention); both count positions within each packed sample, and
+            adapters add their own (2-D patch, frame) positions either way.
+        max_positions: size of the learned position table.
         dropout: residual and attention dropout.
         vocab_size: set from the tokenizer.
         adapters: adapter name → feature width (set from the tasks when the model is built).
@@ -58,6 +61,7 @@ class ModelConfig(ConfigBase):
     experts: ExpertsConfig = dataclasses.field(default_factory=ExpertsConfig)
     capacity_factor: Optional[float] = None
     backend: str = "torch"
+    positions: str = "learned"
     max_positions: int = 1024
     dropout: float = 0.0
     vocab_size: int = 0
@@ -70,6 +74,10 @@ class ModelConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
+        if self.positions not in ("learned", "rotary"):
+            raise ValueError(f"positions must be 'learned' or 'rotary', got {self.positions!r}")
+        if self.positions == "rotary" and (self.d_model // self.num_heads) % 2:
+            raise ValueError("rotary positions need an even head width")
         if self.moe_every not in (0, 1, 2):
             raise ValueError(f"moe_every must be 0 (dense), 1 or 2, got {self.moe_every}")
         self.tasks = tuple(self.tasks)

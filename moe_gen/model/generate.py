@@ -271,11 +271,12 @@ class _CachedDecoder:
     def _run(self, side_B1, positions_B, active_B) -> torch.Tensor:
         model = self.model
         x = model.embed(side_B1, positions_B.unsqueeze(1))
+        rope = model.rope(side_B1, positions_B.unsqueeze(1))
         self.key_valid[torch.arange(len(active_B)), self.write] = active_B
         mask = (self.key_valid & (torch.arange(self.total) <= self.write.unsqueeze(1))).unsqueeze(1)
         padding = ~active_B.unsqueeze(1)
         for block, cache, kv in zip(model.decoder.blocks, self.caches, self.memory_kv):
-            x = block.step(x, cache, self.write, mask, side_B1.tags, padding, kv, self.cross_mask)
+            x = block.step(x, cache, self.write, mask, side_B1.tags, padding, kv, self.cross_mask, rope)
         hidden = model.decoder.norm(x)[:, 0]
         self.write = self.write + 1
         return (hidden @ model.token_embedding.weight.t()).float().log_softmax(-1)

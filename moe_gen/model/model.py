@@ -150,23 +150,36 @@ class GeneralistModel(nn.Module):
                 raise ValueError(f"the batch has {name!r} features but the model has no such adapter "
                                  f"(adapters: {', '.join(self.adapters) or 'none'}); build the model with this task")
             flat = flat.index_add(0, side.index[name], self.adapters[name](rows, side.positions[name]))
+        x = flat.view(B, S, -1) + self.modality_embedding(side.tags.modality)
+        if self.config.positions == "learned":
+            if positions is None:
+                positions = _positions_in_sample(side.tags.sample)
+            x = x + self.position_embedding(positions.clamp_max(self.config.max_positions - 1))
+        return x
+
+    def rope(self, side: Side, positions: Optional[torch.Tensor] = None):
+        """Rotary tables for a side (None with learned positions)."""
+        if self.config.positions != "rotary":
+            return None
+        from moe_gen.model.transformer import rotary_tables
+
         if positions is None:
             positions = _positions_in_sample(side.tags.sample)
-        positions = positions.clamp_max(self.config.max_positions - 1)
-        return flat.view(B, S, -1) + self.position_embedding(positions) + self.modality_embedding(side.tags.modality)
+        return rotary_tables(positions, self.config.d_model // self.config.num_heads)
 
     def encode(self, enc: Side):
         """The encoder over all input slots (bidirectional within each sample)."""
-        return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask)
+        return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask, rope=self.rope(enc))
 
     def decode(self, dec: Side, enc: Side, memory):
         """The decoder (causal, cross-attending to the encoder output ``memory``)."""
         return self.decoder(self.embed(dec), dec.attention_mask(causal=True), dec.tags, dec.padding_mask,
-                            memory=memory.hidden, cross_mask=dec.cross_attention_mask(enc))
+                            memory=memory.hidden, cross_mask=dec.cross_attention_mask(enc), rope=self.rope(dec))
 
     def decode_bidirectional(self, side: Side):
         """The decoder's contrastive pass: same weights, bidirectional, no cross-attention."""
-        return self.decoder(self.embed(side), side.attention_mask(causal=False), side.tags, side.padding_mask)
+        return self.decoder(self.embed(side), side.attention_mask(causal=False), side.tags, side.padding_mask,
+                            rope=self.rope(side))
 
     def forward(self, batch: Batch) -> ModelOutput:
         enc, dec = batch.encoder, batch.decoder
