@@ -159,7 +159,7 @@ def init_single_process_group() -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096}, E=8, 3 runs")
+    parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096}, E=8, 5 runs")
     parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
     parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
     parser.add_argument("--topk", type=int, nargs="+", default=[1, 2])
@@ -175,7 +175,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench_results/moe_layer.json")
     args = parser.parse_args(argv)
     if args.quick:
-        args.tokens, args.experts, args.runs = [1024, 4096], [8], 3
+        args.tokens, args.experts, args.runs = [1024, 4096], [8], 5
 
     if args.keep_freed_memory and not keep_freed_memory():
         print("--keep-freed-memory: not supported on this platform; using the system default",
