@@ -9,12 +9,14 @@ token routing, and MoE with attribute routing, on the same mixed batch of built-
 speech, motion, boxes, tables). Training: tokens (valid encoder + decoder positions) per second of
 forward + backward + AdamW step, median over --steps. Inference: forward latency (eval, no grad)
 for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merged` backend).
-Prints tables and writes JSON (--out, default bench_results/model.json).
+Variants are timed round-robin (one step of each per round). Prints tables and writes JSON (--out,
+default bench_results/model.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import os
 import statistics
@@ -34,15 +36,19 @@ TASKS = ["digit_classification", "speech_recognition", "motion_classification", 
          "table_to_text", "doc_topic"]
 
 
-def timed(fn, steps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
+def interleaved(functions: dict, steps: int, warmup: int = 2) -> dict:
+    """Median seconds of each function, timed round-robin (one call of each per round) so that this
+    machine's speed drifts spread evenly over them."""
+    for fn in functions.values():
+        for _ in range(warmup):
+            fn()
+    times = {name: [] for name in functions}
     for _ in range(steps):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
+        for name, fn in functions.items():
+            start = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None) -> int:
@@ -75,7 +81,7 @@ def main(argv=None) -> int:
         positions = int((~batch.encoder.padding_mask).sum() + (~batch.decoder.padding_mask).sum())
         print(f"\n{name}: batch of {len(samples)} samples, {positions} positions")
         print(f"{'model':<16} {'params':>9} {'active':>9} {'train tok/s':>12} {'× dense':>8}")
-        dense_rate = None
+        steps = {}
         for label, model in models.items():
             model.train()
             objective = GenerativeObjective(model)
@@ -86,29 +92,31 @@ def main(argv=None) -> int:
                 objective(batch)["loss"].backward()
                 optimizer.step()
 
-            rate = positions / timed(step, args.steps)
-            dense_rate = dense_rate or rate
+            steps[label] = step
+        train_s = interleaved(steps, args.steps)
+        for label, model in models.items():
+            rate = positions / train_s[label]
+            ratio = train_s["dense"] / train_s[label]
             rows.append({"flavour": name, "model": label, "kind": "train", "tokens_per_s": rate,
-                         "ratio_to_dense": rate / dense_rate, "params": model.num_parameters(),
+                         "ratio_to_dense": ratio, "params": model.num_parameters(),
                          "active_params": model.num_parameters(active=True)})
             print(f"{label:<16} {model.num_parameters():>9} {model.num_parameters(active=True):>9} "
-                  f"{rate:>12.0f} {rate / dense_rate:>7.2f}x", flush=True)
-        print(f"{'inference':<16} {'latency ms':>11} {'× dense':>8}")
-        latencies = {}
-        for label, model, backend in (("dense", models["dense"], None),
-                                      ("moe_attr_unmerged", models["moe_attribute"], "torch"),
-                                      ("moe_attr_merged", models["moe_attribute"], "merged")):
+                  f"{rate:>12.0f} {ratio:>7.2f}x", flush=True)
+        print(f"{'inference':<18} {'latency ms':>11} {'× dense':>8}")
+        merged = copy.deepcopy(models["moe_attribute"])
+        for module in merged.modules():
+            if isinstance(module, MoE):
+                module.set_backend("merged")
+        variants = {"dense": models["dense"], "moe_attr_unmerged": models["moe_attribute"], "moe_attr_merged": merged}
+        for model in variants.values():
             model.eval()
-            if backend:
-                for module in model.modules():
-                    if isinstance(module, MoE):
-                        module.set_backend(backend)
-            with torch.no_grad():
-                latencies[label] = timed(lambda model=model, batch=batch: model(batch), args.steps)
-            ratio = latencies[label] / latencies["dense"]
-            rows.append({"flavour": name, "model": label, "kind": "inference", "latency_s": latencies[label],
+        with torch.no_grad():
+            latency = interleaved({k: (lambda m=m, b=batch: m(b)) for k, m in variants.items()}, args.steps)
+        for label in variants:
+            ratio = latency[label] / latency["dense"]
+            rows.append({"flavour": name, "model": label, "kind": "inference", "latency_s": latency[label],
                          "ratio_to_dense": ratio})
-            print(f"{label:<16} {latencies[label] * 1e3:>11.1f} {ratio:>7.2f}x", flush=True)
+            print(f"{label:<18} {latency[label] * 1e3:>11.1f} {ratio:>7.2f}x", flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "model", "tasks": TASKS, "rows": rows}, f, indent=2)
