@@ -72,15 +72,15 @@ from __future__ import annotations
 
 import argparse
 import filecmp
-import io
 import json
 import math
 import sys
 import tempfile
-import zipfile
 from pathlib import Path
 
 import numpy as np
+
+from moe_gen.tasks.sources.npz import write_npz
 
 FORMAT_VERSION = 1
 FPS = 30.0
@@ -232,24 +232,6 @@ def resample(pose_MF: np.ndarray, durations_M: np.ndarray, fps: float = FPS) -> 
         q = slerp(_normalise(a_TF[:, start : start + 4]), _normalise(b_TF[:, start : start + 4]), u_T)
         out_TF[:, start : start + 4] = continuous_signs(q)
     return out_TF
-
-
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays as an .npz that ``np.load`` reads, with the same bytes on every run.
-
-    Args:
-        path: output file.
-        arrays: name -> array; no object arrays (the file must load with allow_pickle=False).
-    """
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for name, value in arrays.items():
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asarray(value), allow_pickle=False)
-            # A fixed timestamp: zipfile would otherwise stamp "now" and no two runs would match.
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            info.external_attr = 0o644 << 16
-            zf.writestr(info, buf.getvalue(), compresslevel=9)
 
 
 def motions_dir() -> Path:

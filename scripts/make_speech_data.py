@@ -48,18 +48,18 @@ may change the bytes (not the format); ``--check`` tells.
 from __future__ import annotations
 
 import argparse
-import io
 import shutil
 import subprocess
 import sys
 import tempfile
 import wave
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from scipy.signal import resample_poly
+
+from moe_gen.tasks.sources.npz import write_npz
 
 REPO = Path(__file__).resolve().parents[1]
 DATA_DIR = REPO / "moe_gen" / "tasks" / "data"
@@ -246,22 +246,6 @@ def pack(clips: list[np.ndarray], text: list[str], speaker: list[str], engine: l
     }
 
 
-def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """Write a deflated .npz with fixed timestamps, so equal arrays give equal bytes.
-
-    Args:
-        path: the output file.
-        arrays: name -> array; written in this order, without pickles.
-    """
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
-        for name, array in arrays.items():
-            info = zipfile.ZipInfo(f"{name}.npy", date_time=(1980, 1, 1, 0, 0, 0))
-            info.compress_type = zipfile.ZIP_DEFLATED
-            buf = io.BytesIO()
-            np.lib.format.write_array(buf, np.asarray(array), allow_pickle=False)
-            zf.writestr(info, buf.getvalue(), compresslevel=9)
-
-
 def build(out_dir: Path) -> list[Path]:
     """Synthesise the word set and convert the alsa-utils clips into `out_dir`.
 
@@ -288,12 +272,12 @@ def build(out_dir: Path) -> list[Path]:
                 speaker.append(voice.name)
                 engine.append(voice.engine)
     words_path = out_dir / "speech_words.npz"
-    write_npz(words_path, pack(clips, text, speaker, engine))
+    write_npz(words_path, pack(clips, text, speaker, engine), file_mode=None)
 
     real = [clean(read_wav(ALSA_DIR / f"{stem}.wav")) for stem in ALSA_CLIPS]
     n = len(real)
     alsa_path = out_dir / "speech_alsa.npz"
-    write_npz(alsa_path, pack(real, list(ALSA_CLIPS.values()), ["alsa-utils"] * n, ["recorded"] * n))
+    write_npz(alsa_path, pack(real, list(ALSA_CLIPS.values()), ["alsa-utils"] * n, ["recorded"] * n), file_mode=None)
 
     for path, n_clips, samples in ((words_path, len(clips), clips), (alsa_path, n, real)):
         seconds = sum(len(c) for c in samples) / SAMPLE_RATE
