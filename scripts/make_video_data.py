@@ -63,16 +63,14 @@ FFmpeg build could round the YUV->RGB conversion differently, or another zlib co
 from __future__ import annotations
 
 import argparse
-import filecmp
 import importlib.util
 import sys
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from moe_gen.tasks.sources.npz import write_npz
+from moe_gen.tasks.sources.npz import matches_fresh_build, write_npz
 
 FORMAT_VERSION = 1
 SIDE = 64  # output pictures are SIDE x SIDE
@@ -308,10 +306,7 @@ def main() -> None:
     )
     args = parser.parse_args()
     if args.check:
-        with tempfile.TemporaryDirectory() as tmp:
-            fresh = Path(tmp) / args.out.name
-            build(fresh)
-            same = args.out.is_file() and filecmp.cmp(fresh, args.out, shallow=False)
+        same = matches_fresh_build(args.out, build)
         print(f"{args.out}: {'identical' if same else 'DIFFERS from a fresh build'}")
         sys.exit(0 if same else 1)
     build(args.out)

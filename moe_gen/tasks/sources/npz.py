@@ -2,14 +2,16 @@
 
 from __future__ import annotations
 
+import filecmp
 import io
+import tempfile
 import zipfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import numpy as np
 
-__all__ = ["write_npz"]
+__all__ = ["write_npz", "matches_fresh_build"]
 
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray], *, file_mode: Optional[int] = 0o644) -> None:
@@ -33,3 +35,12 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], *, file_mode: Optional[
             if file_mode is not None:
                 info.external_attr = file_mode << 16
             zf.writestr(info, buf.getvalue(), compresslevel=9)
+
+
+def matches_fresh_build(out_path: Path, build: Callable[[Path], None]) -> bool:
+    """Whether ``build`` (a generator writing one file) reproduces ``out_path`` byte for byte;
+    the fresh file is written to a temporary directory."""
+    with tempfile.TemporaryDirectory() as tmp:
+        fresh = Path(tmp) / out_path.name
+        build(fresh)
+        return out_path.is_file() and filecmp.cmp(fresh, out_path, shallow=False)
