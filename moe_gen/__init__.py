@@ -28,7 +28,7 @@ __all__ = [
     "MoE", "MoEOutput", "MoEConfig", "RouterConfig", "ExpertsConfig", "RouterOutput",
     "TokenTags", "DenseFFN", "moe_from_mixtral",
     "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
-    "TASKS", "METRICS", "Instruction", "InstructionError", "Task",
+    "TASKS", "METRICS", "Instruction", "InstructionError", "Task", "GeneralistModel", "ModelConfig",
 ]
 
 
@@ -38,4 +38,8 @@ def __getattr__(name):
         from moe_gen import tasks
 
         return getattr(tasks, name)
+    if name in ("GeneralistModel", "ModelConfig"):
+        from moe_gen import model
+
+        return getattr(model, name)
     raise AttributeError(f"module 'moe_gen' has no attribute {name!r}")

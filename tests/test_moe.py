@@ -307,3 +307,12 @@ def test_merged_inference_cache_follows_weight_updates():
         for module in (moe, merged):
             module.experts.w_out.mul_(2.0)  # an in-place update bumps the version: the cache rebuilds
         torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+
+
+def test_top_level_api_names_resolve():
+    import moe_gen
+
+    for name in moe_gen.__all__:
+        assert getattr(moe_gen, name) is not None, name
+    with pytest.raises(AttributeError, match="no attribute 'Nope'"):
+        moe_gen.Nope  # noqa: B018
