@@ -328,3 +328,23 @@ def test_packed_rows_give_the_same_outputs_as_padded_ones(tok, positions):
     assert len(first) == len(second) == len(samples)
     for x, y in zip(first, second):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
+
+
+def test_beam_search_with_one_beam_is_greedy_and_scores_are_likelihoods(tok):
+    task = load_preset("doc_topic", "train", limit=3)
+    model = build([task], tok, router=RouterConfig(strategy="token")).eval()
+    greedy = model.infer(task, task.data[:3], max_new_tokens=5)
+    one = model.infer(task, task.data[:3], beams=1, max_new_tokens=5)
+    for g, b in zip(greedy, one):
+        assert g.tokens == b.tokens and g.score == pytest.approx(b.score, abs=1e-4)
+    wide = model.infer(task, task.data[:1], beams=3, max_new_tokens=5)[0]
+    plan = task.plan(tok)
+    from moe_gen.model.generate import _with_target
+
+    sample = plan.encode(task.data[0], 0, training=False, inference=True, template=0)
+    fed = wide.tokens + ([tok.eos_id] if len(wide.tokens) < 5 else [])
+    batch = collate([_with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
+    with torch.no_grad():
+        logp = model(batch).logits.float().log_softmax(-1)[0]
+    start = sum(len(c) for c in sample.decoder)
+    assert wide.score == pytest.approx(sum(float(logp[start + j, t]) for j, t in enumerate(fed)), abs=1e-3)

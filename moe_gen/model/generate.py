@@ -7,8 +7,8 @@
 
 The encoder runs once per batch. Token answers decode incrementally with a key-value cache: each
 step embeds only the newest token and attends to the cached keys and values of the earlier
-positions (cross-attention keys and values are computed once). Frame answers and beam search
-re-run the decoder on the growing prefix.
+positions (cross-attention keys and values are computed once). Beam search reorders the
+caches of its beams; frame answers re-run the decoder on the growing prefix.
 """
 
 from __future__ import annotations
@@ -185,59 +185,44 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
     tok = model.tokenizer
     predictions = []
     for sample in samples:
-        enc_batch = collate([sample], tok, model.task_ids)
+        enc_batch = collate([sample] * beams, tok, model.task_ids)
         memory = model.encode(enc_batch.encoder)
-        alive = [([], 0.0, spec.trie)]  # (tokens, score, trie node)
+        decoder = _CachedDecoder(model, [sample] * beams, target.modality.name, enc_batch, memory, max_new_tokens)
+        logp = decoder.prefill()
+        alive = [([], 0.0, spec.trie, 0)]  # (tokens, score, trie node, cache row)
         finished: list[tuple[list[int], float]] = []
         for _ in range(max_new_tokens):
-            batch = collate([_with_target(sample, target.modality.name, t + [tok.pad_id]) for t, _, _ in alive],
-                            tok, model.task_ids)
-            hidden = model.decode(batch.decoder, _repeat(enc_batch.encoder, len(alive)),
-                                  _repeat_memory(memory, len(alive))).hidden
-            lengths = (~batch.decoder.padding_mask).sum(1)
-            logp = (hidden[torch.arange(len(alive)), lengths - 1] @ model.token_embedding.weight.t()).float()
-            logp = logp.log_softmax(-1)
             expansions = []
-            for (tokens, score, node), row in zip(alive, logp):
+            for tokens, score, node, row in alive:
+                scores = logp[row]
                 options = sorted(node) if spec.kind == "closed_set" else None
-                values, ids = (row[options].topk(min(beams, len(options))) if options is not None
-                               else row.topk(beams))
+                values, ids = (scores[options].topk(min(beams, len(options))) if options is not None
+                               else scores.topk(beams))
                 for v, i in zip(values.tolist(), ids.tolist()):
                     token = options[i] if options is not None else i
                     child = node.get(token, {}) if node is not None else None
-                    expansions.append((tokens + [token], score + v, child))
+                    expansions.append((tokens + [token], score + v, child, row))
             expansions.sort(key=lambda e: -e[1])
             alive = []
-            for tokens, score, node in expansions:
+            for tokens, score, node, row in expansions:
                 if tokens[-1] == tok.eos_id or (spec.kind == "closed_set" and not node):
                     finished.append((tokens, score))
                 elif len(alive) < beams:
-                    alive.append((tokens, score, node))
+                    alive.append((tokens, score, node, row))
             if not alive or len(finished) >= beams:
                 break
-        finished += [(t, s) for t, s, _ in alive]
+            # Cache row j continues beam j: copy its parent's keys and values, then feed its token.
+            parents = [row for _, _, _, row in alive] + [alive[-1][3]] * (beams - len(alive))
+            decoder.reorder(torch.tensor(parents))
+            step_tokens = [t[-1] for t, _, _, _ in alive] + [tok.pad_id] * (beams - len(alive))
+            active = [True] * len(alive) + [False] * (beams - len(alive))
+            logp = decoder.step(step_tokens, active)
+            alive = [(t, s, n, j) for j, (t, s, n, _) in enumerate(alive)]
+        finished += [(t, s) for t, s, _, _ in alive]
         best, score = max(finished, key=lambda f: f[1] / max(len(f[0]), 1) ** length_penalty)
         ids = [t for t in best if t != tok.eos_id]
         predictions.append(Prediction(text=tok.decode(ids), tokens=ids, score=score))
     return predictions
-
-
-def _repeat(side, n: int):
-    """A batch side with its single row repeated n times."""
-    rows = {k: v.repeat(n, 1) for k, v in side.rows.items()}
-    S = side.tokens.shape[1]
-    index = {k: torch.cat([v + i * S for i in range(n)]) for k, v in side.index.items()}
-    positions = {k: v.repeat(n, 1) for k, v in side.positions.items()}
-    tags = type(side.tags)(**{f: (None if getattr(side.tags, f) is None else
-                                  getattr(side.tags, f).repeat(n, *([1] * (getattr(side.tags, f).dim() - 1))))
-                              for f in ("task", "modality", "role", "task_modalities", "causal", "pass_id", "sample")})
-    return dataclasses.replace(side, tokens=side.tokens.repeat(n, 1), is_token=side.is_token.repeat(n, 1), rows=rows,
-                               index=index, positions=positions, padding_mask=side.padding_mask.repeat(n, 1),
-                               tags=tags)
-
-
-def _repeat_memory(memory, n: int):
-    return dataclasses.replace(memory, hidden=memory.hidden.repeat(n, 1, 1))
 
 
 class _CachedDecoder:
@@ -296,6 +281,12 @@ class _CachedDecoder:
         self.write = self.lengths.clone()  # the next position of each row
         del rows
         return out
+
+    def reorder(self, parents: torch.Tensor) -> None:
+        """Row j takes over the cached state of row ``parents[j]`` (beam search)."""
+        for cache in self.caches:
+            cache["k"], cache["v"] = cache["k"][parents], cache["v"][parents]
+        self.key_valid, self.write = self.key_valid[parents], self.write[parents]
 
     def step(self, tokens: list[int], active: list[bool]) -> torch.Tensor:
         """Feeds one generated token per row; returns the next log-probabilities."""
