@@ -348,3 +348,21 @@ def test_beam_search_with_one_beam_is_greedy_and_scores_are_likelihoods(tok):
         logp = model(batch).logits.float().log_softmax(-1)[0]
     start = sum(len(c) for c in sample.decoder)
     assert wide.score == pytest.approx(sum(float(logp[start + j, t]) for j, t in enumerate(fed)), abs=1e-3)
+
+
+@pytest.mark.parametrize("positions", ["learned", "rotary"])
+def test_cached_frame_generation_matches_full_forward(tok, positions):
+    task = load_preset("text_to_speech", "train", limit=2)
+    model = build([task], tok, positions=positions).eval()
+    frames = model.infer(task, task.data[:2], max_frames=4)
+    plan = task.plan(tok)
+    from moe_gen.model.generate import _with_target
+
+    for i, prediction in enumerate(frames):
+        generated = prediction.frames
+        sample = plan.encode(task.data[i], i, training=False, inference=True, template=0)
+        rows = torch.cat([generated, torch.zeros(1, generated.shape[1])])
+        batch = collate([_with_target(sample, "AUDIO", rows=rows, adaptor="audio_tgt_fbank")], tok, model.task_ids)
+        with torch.no_grad():
+            predicted = model(batch).frames["audio_tgt_fbank"]
+        torch.testing.assert_close(predicted[: len(generated)], generated, atol=1e-4, rtol=1e-4)

@@ -80,7 +80,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
     limit = 4 if spec.kind == "box" else max_new_tokens
     bins = torch.tensor([tok.bin_id(k) for k in range(tok.num_bins)])
     decoder = _CachedDecoder(model, samples, target.modality.name, enc_batch, memory, limit)
-    last = decoder.prefill()
+    last = decoder.log_probs(decoder.prefill())
     for _ in range(limit):
         step_tokens = []
         for b in range(B):
@@ -124,30 +124,26 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
 
 
 def _generate_frames(model, samples, target, enc_batch, memory, max_frames) -> list[Prediction]:
-    tok = model.tokenizer
+    """One row per step from the frame head, fed back through the adapter, until the stop head fires."""
     adaptor = str(target.adaptor)
     width = int(model.config.adapters[adaptor])
     B = len(samples)
-    frames = [torch.zeros(0, width) for _ in range(B)]
+    decoder = _CachedDecoder(model, samples, target.modality.name, enc_batch, memory, max_frames,
+                             placeholder=(adaptor, width))
+    hidden = decoder.prefill()
+    frames = [[] for _ in range(B)]
     done = [False] * B
-    for _ in range(max_frames):
-        # Each sample's rows so far plus a zero placeholder row whose position predicts the next.
-        batch = collate([_with_target(s, target.modality.name, rows=torch.cat([f, torch.zeros(1, width)]),
-                                      adaptor=adaptor) for s, f in zip(samples, frames)], tok, model.task_ids)
-        out = model.decode(batch.decoder, enc_batch.encoder, memory)
-        lengths = (~batch.decoder.padding_mask).sum(1)
-        last = out.hidden[torch.arange(B), lengths - 1]
-        rows = model.frame_heads[adaptor](last)
-        stop = torch.sigmoid(model.stop_heads[adaptor](last)).squeeze(-1)
+    for step in range(max_frames):
+        rows = model.frame_heads[adaptor](hidden)
+        stop = torch.sigmoid(model.stop_heads[adaptor](hidden)).squeeze(-1)
         for b in range(B):
             if not done[b]:
-                frames[b] = torch.cat([frames[b], rows[b:b + 1]])
+                frames[b].append(rows[b])
                 done[b] = bool(stop[b] > 0.5)
-        if all(done):
+        if all(done) or step == max_frames - 1:
             break
-    return [Prediction(frames=f) for f in frames]
-
-
+        hidden = decoder.step_rows(adaptor, rows, torch.full((B,), step), [not d for d in done])
+    return [Prediction(frames=torch.stack(f)) for f in frames]
 
 
 @torch.no_grad()
@@ -188,7 +184,7 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
         enc_batch = collate([sample] * beams, tok, model.task_ids)
         memory = model.encode(enc_batch.encoder)
         decoder = _CachedDecoder(model, [sample] * beams, target.modality.name, enc_batch, memory, max_new_tokens)
-        logp = decoder.prefill()
+        logp = decoder.log_probs(decoder.prefill())
         alive = [([], 0.0, spec.trie, 0)]  # (tokens, score, trie node, cache row)
         finished: list[tuple[list[int], float]] = []
         for _ in range(max_new_tokens):
@@ -232,11 +228,16 @@ class _CachedDecoder:
     then one generated token per step; every position is tagged like the target slot's tokens.
     """
 
-    def __init__(self, model, samples, modality: str, enc_batch, memory, limit: int) -> None:
+    def __init__(self, model, samples, modality: str, enc_batch, memory, limit: int, placeholder=None) -> None:
         tok = model.tokenizer
         self.model = model
         # The prefix with one placeholder target position: its tags are those of every new position.
-        self.prefix = collate([_with_target(s, modality, [tok.pad_id]) for s in samples], tok, model.task_ids)
+        if placeholder is None:
+            targets = [_with_target(s, modality, [tok.pad_id]) for s in samples]
+        else:
+            adaptor, width = placeholder
+            targets = [_with_target(s, modality, rows=torch.zeros(1, width), adaptor=adaptor) for s in samples]
+        self.prefix = collate(targets, tok, model.task_ids)
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
         self.lengths = (~dec.padding_mask).sum(1)  # prefix positions, placeholder included
@@ -262,22 +263,24 @@ class _CachedDecoder:
         padding = ~active_B.unsqueeze(1)
         for block, cache, kv in zip(model.decoder.blocks, self.caches, self.memory_kv):
             x = block.step(x, cache, self.write, mask, side_B1.tags, padding, kv, self.cross_mask, rope)
-        hidden = model.decoder.norm(x)[:, 0]
         self.write = self.write + 1
-        return (hidden @ model.token_embedding.weight.t()).float().log_softmax(-1)
+        return model.decoder.norm(x)[:, 0]
+
+    def log_probs(self, hidden_BD: torch.Tensor) -> torch.Tensor:
+        return (hidden_BD @ self.model.token_embedding.weight.t()).float().log_softmax(-1)
 
     def prefill(self) -> torch.Tensor:
-        """Feeds the prefix; returns the log-probabilities of the first answer token."""
+        """Feeds the prefix; returns the hidden state ``[B, D]`` that predicts the first answer item."""
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
         rows = torch.arange(B)
-        out = torch.zeros(B, self.model.config.vocab_size)
+        out = torch.zeros(B, self.model.config.d_model)
         for t in range(P):
             active = t < self.lengths
             side = _column_side(dec, t)
-            logp = self._run(side, torch.full((B,), t), active)
+            hidden = self._run(side, torch.full((B,), t), active)
             finished = self.lengths - 1 == t
-            out[finished] = logp[finished]
+            out[finished] = hidden[finished]
         self.write = self.lengths.clone()  # the next position of each row
         del rows
         return out
@@ -293,6 +296,16 @@ class _CachedDecoder:
         B = len(tokens)
         side = Side(tokens=torch.tensor(tokens).unsqueeze(1), is_token=torch.ones(B, 1, dtype=torch.bool), rows={},
                     index={}, positions={}, padding_mask=~torch.tensor(active).unsqueeze(1), tags=self.target_tags)
+        return self.log_probs(self._run(side, self.write.clone(), torch.tensor(active)))
+
+    def step_rows(self, adaptor: str, rows_BF: torch.Tensor, frame_B: torch.Tensor, active: list[bool]) -> torch.Tensor:
+        """Feeds one generated feature row per row (frame index ``frame_B``); returns hidden ``[B, D]``."""
+        B = rows_BF.shape[0]
+        positions = torch.stack([frame_B, torch.zeros_like(frame_B), torch.zeros_like(frame_B)], -1)
+        side = Side(tokens=torch.full((B, 1), self.model.tokenizer.pad_id),
+                    is_token=torch.zeros(B, 1, dtype=torch.bool),
+                    rows={adaptor: rows_BF}, index={adaptor: torch.arange(B)}, positions={adaptor: positions},
+                    padding_mask=~torch.tensor(active).unsqueeze(1), tags=self.target_tags)
         return self._run(side, self.write.clone(), torch.tensor(active))
 
 
