@@ -140,6 +140,8 @@ def test_infer_answers_and_bad_input(mixed, tok):
     answers = model.infer(classify, classify.data[:3])
     labels = set(classify.plan(tok).decode_specs()[0].labels)
     assert all(a.text in labels for a in answers)  # the trie keeps answers inside the label set
+    import numpy as np
+
     speech = tasks[MIXED.index("text_to_speech")]
     frames = model.infer(speech, speech.data[:1], max_frames=5)[0].frames
     assert frames.shape[1] == 320 and 1 <= frames.shape[0] <= 5
@@ -147,8 +149,9 @@ def test_infer_answers_and_bad_input(mixed, tok):
         model.infer(Task("captioning", "[IMAGE:img] -> [TEXT:cap]", []), [])
     with pytest.raises(ValueError, match="missing column 'image'"):
         model.infer(classify, [{"picture": 1}])
-    import numpy as np
-
+    no_adapter = Task(classify.name, "[VIDEO:clip] what digit is this? -> [TEXT:label]", [])
+    with pytest.raises(ValueError, match="has no adapter 'video_patch' for VIDEO"):
+        build([classify], tok).infer(no_adapter, [{"clip": np.zeros((4, 16, 16, 3), np.uint8)}])
     small_patches = Task(classify.name, classify.instruction, classify.data,
                          preprocessor_options={"image": {"size": 32, "patch": 4}})
     with pytest.raises(ValueError, match="features have width 48, the model's image_patch adapter expects 192"):
