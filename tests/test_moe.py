@@ -316,3 +316,33 @@ def test_top_level_api_names_resolve():
         assert getattr(moe_gen, name) is not None, name
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         moe_gen.Nope  # noqa: B018
+
+
+@pytest.mark.parametrize("strategy", ["token", "context", "hybrid", "attribute"])
+def test_bf16_inputs_route_in_fp32(strategy):
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router=strategy))
+    x, tags = torch.randn(2, 5, D, dtype=torch.bfloat16), random_tags((2, 5))
+    out = moe(x, tags=tags)
+    assert out.routing.logits.dtype == torch.float32 and torch.isfinite(out.output.float()).all()
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager", "einsum"])
+def test_nan_in_padding_never_reaches_real_tokens(backend):
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, backend=backend))
+    x = torch.randn(2, 6, D)
+    pad = torch.zeros(2, 6, dtype=torch.bool)
+    x[1, 3:], pad[1, 3:] = float("nan"), True
+    out = moe(x, padding_mask=pad).output
+    assert torch.isfinite(out[~pad]).all() and torch.equal(out[pad], torch.zeros(3, D))
+
+
+def test_merged_cache_can_be_cleared_after_data_writes():
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router="modality", backend="merged")).eval()
+    x, tags = torch.randn(12, D), random_tags((12,))
+    with torch.no_grad():
+        moe(x, tags=tags)
+        moe.experts.w_out.data.mul_(2.0)  # bypasses the version counter the cache watches
+        moe.backend.clear_cache()
+        merged = moe(x, tags=tags).output
+        moe.set_backend("torch")
+        torch.testing.assert_close(merged, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)

@@ -259,3 +259,23 @@ def test_motion_is_normalised_with_task_statistics(tok):
 def test_modality_registry_has_all_builtins():
     assert set(MODALITIES.list()) >= {"TEXT", "IMAGE", "AUDIO", "VIDEO", "MOTION", "BOX", "STRUCT", "PHONE",
                                        "CATEGORY"}
+
+
+def test_closed_set_followed_by_text_and_in_repetition_groups(tok):
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.objectives import GenerativeObjective
+
+    rows = [{"x": "hello", "label": "cat", "y": "some text"}]
+    task = Task("two", "[TEXT:x] -> [TEXT:label,closed_set] [TEXT:y]", rows)
+    batch = collate([task.encode(0, tok)], tok, {"two": 0})
+    n_label = len(tok.encode("cat"))
+    assert batch.allowed_index.tolist() == list(range(n_label))  # only the label's own positions
+    model = GeneralistModel.build(flavour("debug"), [task], tok)
+    assert torch.isfinite(GenerativeObjective(model)(batch)["token_loss"])
+    group = Task("multi", "[TEXT:x] -> ( [TEXT:labels,closed_set] )*",
+                 [{"x": "two animals", "labels": ["cat", "dog"]}, {"x": "one", "labels": ["bird"]}])
+    assert group.closed_sets() == {"labels": ["bird", "cat", "dog"]}
+    batch = collate([group.encode(0, tok)], tok, {"multi": 0})
+    assert len(set(batch.allowed_index.tolist())) == batch.allowed_index.numel()  # no position twice
+    model = GeneralistModel.build(flavour("debug"), [group], tok)
+    assert torch.isfinite(GenerativeObjective(model)(batch)["token_loss"])

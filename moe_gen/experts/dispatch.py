@@ -144,6 +144,9 @@ class EinsumDispatch(DispatchBackend):
         dispatch_TEC[t_N, e_N, c_N] = 1.0
         combine_TEC = torch.zeros(T, E, C, dtype=routing.topk_weights.dtype, device=x_TD.device)
         combine_TEC = combine_TEC.index_put((t_N, e_N, c_N), routing.topk_weights[t_N, k_N])
+        # One-hot products multiply every token by 0 or 1, and 0 · NaN = NaN: padding (which may hold
+        # anything) is zeroed first so it cannot leak into expert slots.
+        x_TD = torch.where(routing.valid.unsqueeze(1), x_TD, 0.0)
         x_ECD = torch.einsum("tec,td->ecd", dispatch_TEC, x_TD)
         return Dispatched(x_ECD, combine_TEC)
 
@@ -181,7 +184,9 @@ class MergedDispatch(DispatchBackend):
     through one grouped matmul call. The gate weights are taken from one member of each group;
     since the route is identical for every member, the router's gradient is the same as the
     unmerged layer's. Without autograd (inference) the merged weights are cached per route and
-    rebuilt only when the expert weights change.
+    rebuilt when the expert parameters change through autograd-visible in-place ops (optimizer
+    steps, ``copy_``, ``load_state_dict``); writes through ``param.data`` bypass that check, so call
+    ``clear_cache()`` after them.
     """
 
     needs_shared_routes = True
@@ -213,6 +218,10 @@ class MergedDispatch(DispatchBackend):
             keep_K = mask_TK[t]
             routes.append((routing.topk_ids[t][keep_K], routing.topk_weights[t][keep_K]))
         return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, routes))
+
+    def clear_cache(self) -> None:
+        """Drops the cached merged weights (needed after writes through ``param.data``)."""
+        self._cache, self._cache_stamp = {}, None
 
     def _merged(self, experts, ids_K, weights_K):
         if torch.is_grad_enabled():

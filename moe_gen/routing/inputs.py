@@ -98,7 +98,9 @@ class ContextInput(RouterInput):
         sums_SD = x_TD.new_zeros(num_segments, x_TD.shape[1]).index_add(0, segment_T, x_valid_TD)
         counts_S1 = weight_T1.new_zeros(num_segments, 1).index_add(0, segment_T, weight_T1)
         mean_SD = sums_SD / counts_S1.clamp_min(1.0)
-        return x_TD + self.context_proj(mean_SD)[segment_T]
+        # The router runs with autocast off: match the projection's dtype (bf16 inputs, fp32 weights).
+        context_SD = self.context_proj(mean_SD.to(self.context_proj.weight.dtype)).to(x_TD.dtype)
+        return x_TD + context_SD[segment_T]
 
 
 @ROUTERS.register("modality")

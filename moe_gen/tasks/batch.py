@@ -242,6 +242,9 @@ def collate(
             _add_decoder(sample, row, dec, labels_rows[row], frames, tokenizer, common, counts)
             at = start
             for chunk in sample.decoder:
+                if chunk.allowed is not None and len(chunk.allowed) != len(chunk):
+                    raise ValueError(f"task {sample.task!r}, row {sample.index}: a closed-set chunk has "
+                                     f"{len(chunk.allowed)} allowed lists for {len(chunk)} positions")
                 if chunk.allowed is not None and chunk.loss:
                     allowed.extend((row, at + j, options) for j, options in enumerate(chunk.allowed))
                 at += len(chunk)

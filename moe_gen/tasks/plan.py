@@ -252,12 +252,17 @@ class TaskPlan:
         n_enc = len(encoder_plan)
         encoder = [c for cs in chunks[:n_enc] for c in cs]
         decoder = [c for cs in chunks[n_enc:] for c in cs]
+        # Closed-set chunks carry one allowed list per token plus one for the EOS that ends a label;
+        # that last list belongs to the EOS chunk appended below, or to nothing.
+        eos_allowed = None
+        for i, chunk in enumerate(decoder):
+            if chunk.allowed is not None and len(chunk.allowed) == len(chunk) + 1:
+                if i == len(decoder) - 1:
+                    eos_allowed = [chunk.allowed[-1]]
+                chunk.allowed = chunk.allowed[:-1]
         if decoder and not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan):
             last = decoder[-1]
             if last.tokens is not None:  # text-like target ends with EOS; frames end with a stop flag
-                eos_allowed = [last.allowed[-1]] if last.allowed else None
-                if last.allowed:
-                    last.allowed = last.allowed[:-1]
                 decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id],
                                      allowed=eos_allowed))
         used = {p.modality.name for p in encoder_plan + decoder_plan if not p.slot.is_literal}

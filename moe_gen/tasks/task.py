@@ -112,7 +112,9 @@ class Task:
             row = self.data[i]
             for c in columns:
                 if isinstance(row, dict) and c in row:
-                    labels[c].add(str(row[c]))
+                    value = row[c]
+                    # a repetition group's column holds one label per item
+                    labels[c].update(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])
         return {c: sorted(v) for c, v in labels.items()}
 
     def motion_statistics(self, max_rows: int = 256) -> Optional[dict]:
