@@ -97,3 +97,12 @@ def test_dataset_objects_are_accepted(tok):
     assert len(list(task.samples(tok))) == 6
     with pytest.raises(ValueError, match="data must be a list of rows"):
         Task("bad", "[IMAGE:image] -> [TEXT:label]", 42)
+
+
+def test_speed_perturbation_changes_duration_in_training_only(tok):
+    wav = (0.2 * np.sin(np.arange(16000) / 5)).astype(np.float32)
+    slow = Task("asr", "[AUDIO:wav] -> [TEXT:text]", [{"wav": wav, "text": "a"}],
+                preprocessor_options={"audio_fbank": {"speeds": (0.5,)}})
+    trained = slow.encode(0, tok, training=True).encoder[0].rows.shape[0]
+    evaluated = slow.encode(0, tok, training=False).encoder[0].rows.shape[0]
+    assert evaluated == 25 and 48 <= trained <= 51  # half speed: twice as long

@@ -122,19 +122,19 @@ class AudioPreprocessor(Preprocessor):
 
     modality = "AUDIO"
 
-    def __init__(self, frames_per_row: int = 4, augment: bool = True) -> None:
-        self.frames_per_row, self.augment = frames_per_row, augment
+    def __init__(self, frames_per_row: int = 4, augment: bool = True,
+                 speeds: tuple[float, ...] = (0.9, 1.0, 1.1)) -> None:
+        self.frames_per_row, self.augment, self.speeds = frames_per_row, augment, tuple(speeds)
 
     def feature_dim(self) -> int:
         return self.frames_per_row * MEL_BINS
 
-    @staticmethod
-    def _perturb(wav: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
-        """Speed perturbation (×0.9, ×1.0, ×1.1 by resampling, Ko et al. 2015): new speakers'
-        tempo and pitch; training only."""
+    def _perturb(self, wav: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
+        """Speed perturbation (by default ×0.9, ×1.0, ×1.1 by resampling, Ko et al. 2015): new
+        speakers' tempo and pitch; training only."""
         import torchaudio
 
-        factor = ctx.rng.choice((0.9, 1.0, 1.1))
+        factor = ctx.rng.choice(self.speeds)
         if factor == 1.0:
             return wav
         return torchaudio.functional.resample(wav, int(SAMPLE_RATE * factor), SAMPLE_RATE)
