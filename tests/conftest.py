@@ -13,3 +13,11 @@ def _seed():
     torch.manual_seed(0)
     yield
 
+
+# Property tests draw the same examples on every run, so CI results do not depend on luck; run
+# with HYPOTHESIS_PROFILE=explore to search with fresh random examples.
+from hypothesis import settings  # noqa: E402
+
+settings.register_profile("ci", derandomize=True, deadline=None)
+settings.register_profile("explore", deadline=None)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
