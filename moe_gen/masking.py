@@ -15,6 +15,7 @@ heads. (4M predicts discrete tokens of per-modality tokenizers for every modalit
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import random
 from typing import Mapping, Union
 
@@ -58,26 +59,17 @@ def _streams(sample: Sample) -> dict[str, list[tuple[Chunk, int]]]:
 
 
 def _gather(modality: str, picks: list[tuple[Chunk, int]], role: int, loss: bool) -> list[Chunk]:
-    """Consecutive picks from the same chunk become one chunk."""
+    """The picked positions as chunks: consecutive picks from one source chunk stay one chunk."""
     out: list[Chunk] = []
-    for chunk, j in picks:
-        if out and out[-1].column is chunk.column and getattr(out[-1], "_source", None) is chunk:
-            last = out[-1]
-        else:
-            last = Chunk(modality, role, loss, tokens=[] if chunk.tokens is not None else None,
-                         rows=None, positions=None, adaptor=chunk.adaptor, column=chunk.column)
-            last._source = chunk  # type: ignore[attr-defined]
-            last._rows = []  # type: ignore[attr-defined]
-            out.append(last)
+    for _, group in itertools.groupby(picks, key=lambda pick: id(pick[0])):
+        items = list(group)
+        chunk, index = items[0][0], [j for _, j in items]
         if chunk.tokens is not None:
-            last.tokens.append(chunk.tokens[j])
+            out.append(Chunk(modality, role, loss, tokens=[chunk.tokens[j] for j in index], column=chunk.column))
         else:
-            last._rows.append(j)  # type: ignore[attr-defined]
-    for c in out:
-        if c.tokens is None:
-            index = torch.tensor(c._rows, dtype=torch.long)  # type: ignore[attr-defined]
-            c.rows, c.positions = c._source.rows[index], c._source.positions[index]  # type: ignore[attr-defined]
-        del c._source, c._rows  # type: ignore[attr-defined]
+            rows = torch.tensor(index, dtype=torch.long)
+            out.append(Chunk(modality, role, loss, rows=chunk.rows[rows], positions=chunk.positions[rows],
+                             adaptor=chunk.adaptor, column=chunk.column))
     return out
 
 
