@@ -369,3 +369,57 @@ def test_cached_frame_generation_matches_full_forward(tok, positions):
         with torch.no_grad():
             predicted = model(batch).frames["audio_tgt_fbank"]
         torch.testing.assert_close(predicted[: len(generated)], generated, atol=1e-4, rtol=1e-4)
+
+
+@pytest.fixture
+def sensor_modality():
+    """A user modality (3-axis sensor readings) registered for one test, then removed."""
+    from torch import nn
+
+    from moe_gen.registry import ADAPTERS, MODALITIES, PREPROCESSORS
+    from moe_gen.tasks import Adapter, ModalitySpec, Preprocessor, SlotEncoding, register_modality
+
+    class SensorPreprocessor(Preprocessor):
+        modality = "SENSOR"
+
+        def __call__(self, value, slot, ctx):
+            rows = torch.as_tensor(value, dtype=torch.float32).view(-1, 3)
+            n = rows.shape[0]
+            zeros = torch.zeros(n, dtype=torch.long)
+            positions = torch.stack([torch.arange(n), zeros, zeros], -1)
+            return SlotEncoding("SENSOR", features=rows, positions=positions)
+
+    class SensorAdapter(Adapter):
+        def __init__(self, feature_dim, d_model):
+            super().__init__(feature_dim, d_model)
+            self.proj = nn.Linear(feature_dim, d_model)
+
+        def forward(self, features_NF, positions_N3):
+            return self.proj(features_NF)
+
+    register_modality(ModalitySpec("SENSOR", text_like=False, preprocess="sensor", adaptor="sensor_linear"))
+    PREPROCESSORS.register("sensor")(SensorPreprocessor)
+    ADAPTERS.register("sensor_linear")(SensorAdapter)
+    try:
+        yield
+    finally:
+        MODALITIES.unregister("SENSOR")
+        PREPROCESSORS.unregister("sensor")
+        ADAPTERS.unregister("sensor_linear")
+
+
+def test_user_registered_modality_gets_its_own_tag(tok, sensor_modality):
+    from moe_gen.tasks.modalities.base import modality_tag_names
+
+    rows = [{"s": [[0.1, 0.2, 0.3]] * 4, "y": "still"}, {"s": [[1.0, -1.0, 0.5]] * 6, "y": "moving"}]
+    task = Task("sensing", "[SENSOR:s] what is it doing? -> [TEXT:y,closed_set]", rows)
+    model = build([task], tok, router=RouterConfig(strategy="attribute"))
+    batch = collate(list(task.samples(tok)), tok, model.task_ids)
+    sensor_id = modality_tag_names().index("SENSOR")
+    assert sensor_id == 9 and model.config.router.num_modalities == 10
+    assert (batch.encoder.tags.modality[~batch.encoder.padding_mask] == sensor_id).sum() == 10
+    GenerativeObjective(model)(batch)["loss"].backward()
+    assert model.adapters["sensor_linear"].proj.weight.grad.abs().sum() > 0
+    assert {p.text for p in model.infer(task, rows)} <= {"still", "moving"}
+    with pytest.raises(ValueError, match="unknown attribute"):
+        Task("bad", "[SENSOR:s,mask_ratio=0.5] -> [TEXT:y]", rows)

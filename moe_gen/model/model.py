@@ -19,7 +19,6 @@ from torch import nn
 from moe_gen.model.config import ModelConfig
 from moe_gen.model.transformer import Stack
 from moe_gen.registry import ADAPTERS
-from moe_gen.routing.tags import MODALITIES as TAG_MODALITIES
 from moe_gen.tasks.batch import Batch, Side
 from moe_gen.tasks.tokenizer import Tokenizer
 
@@ -72,7 +71,7 @@ class GeneralistModel(nn.Module):
         D = config.d_model
         self.token_embedding = nn.Embedding(config.vocab_size, D)
         self.position_embedding = nn.Embedding(config.max_positions, D)
-        self.modality_embedding = nn.Embedding(len(TAG_MODALITIES), D)
+        self.modality_embedding = nn.Embedding(config.router.num_modalities, D)
         self.adapters = nn.ModuleDict({name: ADAPTERS.get(name)(int(width), D)
                                        for name, width in sorted(config.adapters.items())})
         continuous = {name: int(config.adapters[name]) for name in config.frame_adapters}
@@ -106,7 +105,10 @@ class GeneralistModel(nn.Module):
         if config.predict_all_features:
             frame_adapters += [name for name in adapters if name not in frame_adapters]
         names = tuple(dict.fromkeys([*config.tasks, *(t.name for t in tasks)]))
-        router = dataclasses.replace(config.router, num_tasks=max(config.router.num_tasks, len(names)))
+        from moe_gen.tasks.modalities.base import modality_tag_names
+
+        router = dataclasses.replace(config.router, num_tasks=max(config.router.num_tasks, len(names)),
+                                     num_modalities=max(config.router.num_modalities, len(modality_tag_names())))
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,
                                      frame_adapters=tuple(frame_adapters), router=router)
         return cls(config, tokenizer)

@@ -22,8 +22,8 @@ from typing import Mapping, Optional, Sequence
 
 import torch
 
-from moe_gen.routing.tags import MODALITIES as TAG_MODALITIES
 from moe_gen.routing.tags import PASSES, TokenTags
+from moe_gen.tasks.modalities.base import modality_tag_names
 from moe_gen.tasks.plan import Sample
 from moe_gen.tasks.tokenizer import Tokenizer
 
@@ -99,8 +99,8 @@ class Batch:
     padding_fraction: float
 
 
-def _modality_id(name: str) -> int:
-    return TAG_MODALITIES.index(name) if name in TAG_MODALITIES else len(TAG_MODALITIES) - 1
+def _modality_ids() -> dict[str, int]:
+    return {name: i for i, name in enumerate(modality_tag_names())}
 
 
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
@@ -218,7 +218,8 @@ def collate(
     else:
         groups = [[i] for i in range(len(samples))]
     pass_id = PASSES.index(pass_name)
-    M = len(TAG_MODALITIES)
+    modality_id = _modality_ids()
+    M = len(modality_id)
     enc, dec = _SideBuilder(len(groups)), _SideBuilder(len(groups))
     labels_rows: list[list[torch.Tensor]] = [[] for _ in groups]
     allowed: list[tuple[int, int, list[int]]] = []  # (row, position, allowed tokens)
@@ -230,16 +231,16 @@ def collate(
             sample = samples[i]
             tasks.append(sample.task)
             used = torch.zeros(M, dtype=torch.bool)
-            used[[_modality_id(m) for m in sample.task_modalities]] = True
+            used[[modality_id[m] for m in sample.task_modalities]] = True
             common = dict(task=task_ids[sample.task], used=used, sample=local, pass_id=pass_id)
             for chunk in sample.encoder:
                 counts[chunk.modality] += len(chunk)
                 enc.rows[row].append(_Run(
                     tokens=None if chunk.tokens is None else torch.tensor(chunk.tokens, dtype=torch.long),
                     feature=None if chunk.tokens is not None else (chunk.adaptor, chunk.rows, chunk.positions),
-                    modality=_modality_id(chunk.modality), role=chunk.role, causal=False, **common))
+                    modality=modality_id[chunk.modality], role=chunk.role, causal=False, **common))
             start = dec.length(row)
-            _add_decoder(sample, row, dec, labels_rows[row], frames, tokenizer, common, counts)
+            _add_decoder(sample, row, dec, labels_rows[row], frames, tokenizer, common, counts, modality_id)
             at = start
             for chunk in sample.decoder:
                 if chunk.allowed is not None and len(chunk.allowed) != len(chunk):
@@ -272,14 +273,14 @@ def collate(
 
 
 def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, frames, tokenizer, common,
-                 counts) -> None:
+                 counts, modality_id: dict[str, int]) -> None:
     """Teacher forcing: position t reads item t-1 (BOS first) and is tagged like item t, which it predicts."""
     previous = ("token", torch.tensor([tokenizer.bos_id]), None)  # the last item of the run before
     for chunk in sample.decoder:
         n = len(chunk)
         counts[chunk.modality] += n
         start = dec.length(row)
-        tags = dict(modality=_modality_id(chunk.modality), role=chunk.role, causal=True, **common)
+        tags = dict(modality=modality_id[chunk.modality], role=chunk.role, causal=True, **common)
         # The first position of the chunk reads the previous chunk's last item...
         kind, token, feature = previous
         dec.rows[row].append(_Run(tokens=token if kind == "token" else None, feature=feature, **tags))

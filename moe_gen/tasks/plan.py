@@ -129,12 +129,13 @@ def build_trie(sequences: Sequence[Sequence[int]]) -> dict:
 
 def _modality_attributes() -> dict[str, Any]:
     """The attribute specs the parser accepts, for every registered modality."""
-    from moe_gen.tasks.instruction import BUILTIN_SLOT_ATTRIBUTES
+    from moe_gen.tasks.instruction import BUILTIN_SLOT_ATTRIBUTES, AttrSpec
 
     known = dict(BUILTIN_SLOT_ATTRIBUTES)
+    generic = {**BUILTIN_SLOT_ATTRIBUTES["VIDEO"], "no_loss": AttrSpec("flag")}  # preprocess, adaptor, no_loss
     for name in MODALITIES.list():
         spec = MODALITIES.get(name)
-        known.setdefault(name, dict(getattr(spec, "attributes", {}) or BUILTIN_SLOT_ATTRIBUTES["TEXT"]))
+        known.setdefault(name, dict(spec.attributes) if spec.attributes is not None else generic)
     return known
 
 

@@ -28,7 +28,7 @@ from moe_gen.registry import ADAPTERS, MODALITIES, PREPROCESSORS  # noqa: F401  
 from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = [
-    "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
+    "modality_tag_names", "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
     "register_modality",
 ]
 
@@ -49,6 +49,9 @@ class ModalitySpec:
         adaptor: default adapter name (``None`` for text-like modalities: the token embedding).
         continuous_target: on the decoder side it is predicted as feature frames (regression with
             a stop flag) rather than tokens.
+        attributes: slot attributes the instruction parser accepts for it (name →
+            ``moe_gen.tasks.instruction.AttrSpec``); ``None`` means ``preprocess``, ``adaptor`` and
+            ``no_loss``. Built-in modalities use the parser's own table.
     """
 
     name: str
@@ -56,6 +59,16 @@ class ModalitySpec:
     preprocess: str
     adaptor: Optional[str] = None
     continuous_target: bool = False
+    attributes: Optional[Mapping[str, Any]] = None
+
+
+def modality_tag_names() -> list[str]:
+    """The modality tag vocabulary: the built-in tag names (``moe_gen.routing.tags.MODALITIES``,
+    fixed indices), then user-registered modalities in name order. A model built after a
+    registration sizes its routers and modality embedding for it."""
+    from moe_gen.routing.tags import MODALITIES as BUILTIN
+
+    return list(BUILTIN) + sorted(set(MODALITIES.list()) - set(BUILTIN))
 
 
 def register_modality(spec: ModalitySpec) -> ModalitySpec:
