@@ -29,6 +29,7 @@ __all__ = [
     "TokenTags", "DenseFFN", "moe_from_mixtral",
     "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
     "TASKS", "METRICS", "Instruction", "InstructionError", "Task", "GeneralistModel", "ModelConfig",
+    "Trainer", "TrainConfig",
 ]
 
 
@@ -42,4 +43,8 @@ def __getattr__(name):
         from moe_gen import model
 
         return getattr(model, name)
+    if name in ("Trainer", "TrainConfig"):
+        from moe_gen import trainer
+
+        return getattr(trainer, name)
     raise AttributeError(f"module 'moe_gen' has no attribute {name!r}")

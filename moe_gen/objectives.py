@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -31,8 +32,17 @@ class GenerativeObjective:
         frame_weight: weight of the L1 + stop loss of continuous targets.
     """
 
-    def __init__(self, model: GeneralistModel, frame_weight: float = 1.0) -> None:
+    def __init__(self, model: GeneralistModel, frame_weight: float = 1.0,
+                 task_weights: Optional[dict[str, float]] = None) -> None:
         self.model, self.frame_weight = model, frame_weight
+        self.task_weights = dict(task_weights or {})
+        unknown = sorted(set(self.task_weights) - set(model.task_ids))
+        if unknown:
+            raise ValueError(f"task_weights name tasks the model does not know: {unknown}; "
+                             f"known: {', '.join(model.task_ids)}")
+        # Loss weight of every task id (1 unless given): tokens of task t count w_t times.
+        self._weight_of_task = torch.tensor([self.task_weights.get(name, 1.0) for name in model.config.tasks]
+                                            or [1.0], dtype=torch.float32)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         out = self.model(batch)
@@ -52,22 +62,46 @@ class GenerativeObjective:
             fill = float("-inf") if self.model.config.label_smoothing == 0 else -1e4
             flat = flat.index_put((batch.allowed_index,), rows.masked_fill(~keep, fill))
             logits = flat.view_as(logits)
+        task_BL = batch.decoder.tags.task
+        per_task: dict[int, list[torch.Tensor]] = {}
         if scored.any():
-            parts["token_loss"] = F.cross_entropy(logits[scored], batch.labels[scored],
-                                                  label_smoothing=self.model.config.label_smoothing)
+            ce_N = F.cross_entropy(logits[scored], batch.labels[scored],
+                                   label_smoothing=self.model.config.label_smoothing, reduction="none")
+            task_N = task_BL[scored]
+            if self.task_weights:
+                w_N = self._weight_of_task.to(ce_N.device)[task_N]
+                parts["token_loss"] = (ce_N * w_N).sum() / w_N.sum().clamp_min(1e-12)
+            else:
+                parts["token_loss"] = ce_N.mean()
             parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
+            _add_per_task(per_task, task_N, ce_N.detach())
         frame_terms = []
         for name, predicted in out.frames.items():
             target = batch.frame_targets[name]
             frame_terms.append(F.l1_loss(predicted.float(), target.float()))
             stop = F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name])
             frame_terms.append(stop)
+            row_error = (predicted.detach().float() - target.float()).abs().mean(-1)
+            _add_per_task(per_task, task_BL.reshape(-1)[batch.frame_index[name]], row_error)
         if frame_terms:
             parts["frame_loss"] = torch.stack(frame_terms).sum()
+        names = self.model.config.tasks
+        for task_id, values in sorted(per_task.items()):
+            # per task: mean token cross-entropy plus mean L1 of its frame rows (for logs)
+            parts[f"task_loss/{names[task_id]}"] = torch.stack(values).sum()
         aux = sum(out.aux_losses.values(), zero)
         loss = parts.get("token_loss", zero) + self.frame_weight * parts.get("frame_loss", zero) + aux
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
+
+
+def _add_per_task(per_task: dict, task_N: torch.Tensor, values_N: torch.Tensor) -> None:
+    """Appends each task's mean of ``values_N`` (rows tagged with their task id) to ``per_task``."""
+    counts = torch.bincount(task_N)
+    sums = torch.zeros(counts.shape[0], dtype=torch.float32, device=values_N.device).index_add(
+        0, task_N, values_N.float())
+    for task_id in counts.nonzero().flatten().tolist():
+        per_task.setdefault(task_id, []).append(sums[task_id] / counts[task_id])
 
 
 def contrastive_side(batch: Batch, pad_id: int) -> Side:
@@ -95,9 +129,10 @@ class ContrastiveObjective:
     Rows must hold one sample each (no packing): pooling is per row.
     """
 
-    def __init__(self, model: GeneralistModel, caption_weight: float = 2.0, contrastive_weight: float = 1.0) -> None:
+    def __init__(self, model: GeneralistModel, caption_weight: float = 2.0, contrastive_weight: float = 1.0,
+                 task_weights: Optional[dict[str, float]] = None) -> None:
         self.model = model
-        self.generative = GenerativeObjective(model)
+        self.generative = GenerativeObjective(model, task_weights=task_weights)
         self.caption_weight, self.contrastive_weight = caption_weight, contrastive_weight
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
@@ -131,8 +166,8 @@ class MaskedObjective(GenerativeObjective):
     """
 
     def __init__(self, model: GeneralistModel, *, input_budget: int = 128, target_budget: int = 128,
-                 alpha=0.5, frame_weight: float = 1.0) -> None:
-        super().__init__(model, frame_weight)
+                 alpha=0.5, frame_weight: float = 1.0, task_weights: Optional[dict[str, float]] = None) -> None:
+        super().__init__(model, frame_weight, task_weights)
         self.input_budget, self.target_budget, self.alpha = input_budget, target_budget, alpha
 
     def prepare(self, samples, rng) -> Batch:

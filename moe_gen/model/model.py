@@ -55,6 +55,20 @@ def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
     return arange - torch.where(starts, arange, 0).cummax(dim=1).values
 
 
+def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_adapters: list):
+    """Adapter name → feature width for every feature slot of ``tasks`` (sized from one encoded
+    sample each), and the adapters whose rows are decoder targets."""
+    for task in tasks:
+        sample = task.encode(0, tokenizer, training=False)
+        for chunk in (sample.encoder + sample.decoder) if sample else []:
+            if chunk.rows is not None:
+                adapters[chunk.adaptor] = int(chunk.rows.shape[1])
+        for chunk in sample.decoder if sample else []:
+            if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
+                frame_adapters.append(chunk.adaptor)
+    return adapters, frame_adapters
+
+
 class GeneralistModel(nn.Module):
     """One model for every task. Build it for a set of tasks with ``GeneralistModel.build``.
 
@@ -92,16 +106,8 @@ class GeneralistModel(nn.Module):
     def build(cls, config: ModelConfig, tasks: Sequence, tokenizer: Tokenizer) -> "GeneralistModel":
         """A model for ``tasks`` (``moe_gen.tasks.Task``): the task vocabulary, and an adapter for
         every feature slot, sized from one encoded sample of each task."""
-        adapters: dict[str, int] = dict(config.adapters)
-        frame_adapters = list(config.frame_adapters)
-        for task in tasks:
-            sample = task.encode(0, tokenizer, training=False)
-            for chunk in (sample.encoder + sample.decoder) if sample else []:
-                if chunk.rows is not None:
-                    adapters[chunk.adaptor] = int(chunk.rows.shape[1])
-            for chunk in sample.decoder if sample else []:
-                if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
-                    frame_adapters.append(chunk.adaptor)
+        adapters, frame_adapters = _task_features(tasks, tokenizer, dict(config.adapters),
+                                                  list(config.frame_adapters))
         if config.predict_all_features:
             frame_adapters += [name for name in adapters if name not in frame_adapters]
         names = tuple(dict.fromkeys([*config.tasks, *(t.name for t in tasks)]))
@@ -112,6 +118,35 @@ class GeneralistModel(nn.Module):
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,
                                      frame_adapters=tuple(frame_adapters), router=router)
         return cls(config, tokenizer)
+
+    def add_tasks(self, tasks: Sequence) -> list[str]:
+        """Makes room for new tasks (fine-tuning): their names join the task vocabulary, and slots
+        whose features no adapter embeds yet get a new adapter (and frame heads for continuous
+        targets). Returns the names of the new adapters (``TrainConfig(trainable="new_adapters")``
+        trains just those)."""
+        names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
+        if len(names) > self.config.router.num_tasks:
+            raise ValueError(f"the model's routers were built for {self.config.router.num_tasks} tasks; "
+                             f"{len(names)} would not fit ({', '.join(names[len(self.config.tasks):])} are new)")
+        adapters, frame_adapters = _task_features(tasks, self.tokenizer, dict(self.config.adapters),
+                                                  list(self.config.frame_adapters))
+        for name, width in adapters.items():
+            known = self.config.adapters.get(name)
+            if known is not None and int(known) != int(width):
+                raise ValueError(f"a new task feeds {name!r} features of width {width}, the model's adapter "
+                                 f"takes {known}")
+        device = self.token_embedding.weight.device
+        D = self.config.d_model
+        added = sorted(set(adapters) - set(self.adapters))
+        for name in added:
+            self.adapters[name] = ADAPTERS.get(name)(int(adapters[name]), D).to(device)
+        for name in frame_adapters:
+            if name not in self.frame_heads:
+                self.frame_heads[name] = nn.Linear(D, int(adapters[name])).to(device)
+                self.stop_heads[name] = nn.Linear(D, 1).to(device)
+        self.config = dataclasses.replace(self.config, tasks=names, adapters=adapters,
+                                          frame_adapters=tuple(frame_adapters))
+        return added
 
     @property
     def task_ids(self) -> dict[str, int]:

@@ -1,0 +1,196 @@
+"""Checkpoints that never lose finished work and resume exactly.
+
+Layout of ``<output_dir>/checkpoints``::
+
+    step-0000200/
+        model-dense.safetensors, model-experts-*.safetensors   weights (expert shards per rank)
+        optimizer-*.safetensors                                 AdamW moments by parameter name
+        optimizer.json                                          param-group hyper-parameters
+        rank-00000.json                                         sampler cursors, RNG states of a rank
+        trainer.json                                            step, scheduler, counters, config
+    latest                                                      name of the newest complete one
+
+A checkpoint is written into ``step-N.partial`` and renamed when every file is in place; ``latest``
+is replaced atomically after that. A failed write removes the partial directory and leaves the
+previous checkpoint as it was. Only safetensors and JSON are read back: nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shutil
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from moe_gen.trainer import comm
+
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic"]
+
+LATEST = "latest"
+
+
+def write_json_atomic(path: str, data: Any) -> None:
+    """Writes JSON to a temporary file beside ``path``, then renames it over ``path``."""
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        json.dump(data, f, indent=1)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def latest_checkpoint(root: str) -> Optional[str]:
+    """The newest complete checkpoint directory under ``root`` (None if there is none)."""
+    pointer = os.path.join(root, LATEST)
+    if not os.path.exists(pointer):
+        return None
+    with open(pointer) as f:
+        name = f.read().strip()
+    path = os.path.join(root, name)
+    if not os.path.isfile(os.path.join(path, "trainer.json")):
+        raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint (no trainer.json)")
+    return path
+
+
+def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
+    """AdamW state keyed ``"<parameter name>::<key>"`` (so expert moments shard like the experts)
+    and the JSON-able rest (param-group hyper-parameters, scalar state)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    state = optimizer.state_dict()
+    order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
+    tensors, scalars = {}, {}
+    for index, entry in state["state"].items():
+        for key, value in entry.items():
+            if torch.is_tensor(value):
+                tensors[f"{order[index]}::{key}"] = value.detach().contiguous()
+            else:
+                scalars[f"{order[index]}::{key}"] = value
+    groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
+              for g in state["param_groups"]]
+    return tensors, {"param_groups": groups, "group_params": [[names[id(p)] for p in g["params"]]
+                                                              for g in optimizer.param_groups], "scalars": scalars}
+
+
+def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
+    names = {id(p): n for n, p in model.named_parameters()}
+    current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+    if current != meta["group_params"]:
+        raise ValueError("the checkpoint's optimizer trains a different set of parameters than this run "
+                         "(did `trainable` or the model change?); resume with the same settings")
+    order = [n for group in current for n in group]
+    state: dict[int, dict] = {}
+    for index, name in enumerate(order):
+        entry = {key.split("::", 1)[1]: value for key, value in tensors.items() if key.split("::", 1)[0] == name}
+        entry.update({key.split("::", 1)[1]: value for key, value in meta["scalars"].items()
+                      if key.split("::", 1)[0] == name})
+        if entry:
+            state[index] = entry
+    groups = []
+    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+        groups.append({**saved, "params": [order.index(names[id(p)]) for p in group["params"]]})
+    optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _rng_state() -> dict:
+    python = random.getstate()
+    numpy_state = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state().tolist(),
+        "python": [python[0], list(python[1]), python[2]],
+        "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
+    }
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    kind, keys, *rest = state["numpy"]
+    np.random.set_state((kind, np.array(keys, dtype=np.uint32), *rest))
+
+
+def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sampler, trainer_state: dict,
+                    plan=None, keep: int = 2) -> Optional[str]:
+    """Writes checkpoint ``step`` atomically; returns its path, or None if writing failed (the
+    error is reported and the previous checkpoint is left intact). Every process must call it."""
+    from moe_gen import distributed
+
+    rank = comm.rank()
+    name = f"step-{step:07d}"
+    final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
+    error = None
+    try:
+        if rank == 0:
+            os.makedirs(root, exist_ok=True)
+            shutil.rmtree(partial, ignore_errors=True)
+            os.makedirs(partial)
+    except OSError as exc:
+        error = exc
+    comm.barrier()
+    if error is None:
+        try:
+            weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            distributed.save_shards(partial, "model", weights, plan if plan is not None else model)
+            tensors, meta = _optimizer_tensors(model, optimizer)
+            distributed.save_shards(partial, "optimizer", tensors, plan if plan is not None else model)
+            if rank == 0:
+                write_json_atomic(os.path.join(partial, "optimizer.json"), meta)
+            write_json_atomic(os.path.join(partial, f"rank-{rank:05d}.json"),
+                              {"sampler": sampler.state_dict(), "rng": _rng_state()})
+        except Exception as exc:  # noqa: BLE001 - any failure must leave the old checkpoint usable
+            error = exc
+    if comm.any_true(error is not None):
+        if rank == 0:
+            shutil.rmtree(partial, ignore_errors=True)
+        print(f"[moe_gen] checkpoint at step {step} was not written ({error or 'failed on another process'}); "
+              f"the previous checkpoint is intact", flush=True)
+        return None
+    comm.barrier()
+    if rank == 0:
+        write_json_atomic(os.path.join(partial, "trainer.json"),
+                          {**trainer_state, "step": step, "scheduler": scheduler.state_dict()})
+        if os.path.exists(final):
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        tmp = os.path.join(root, f"{LATEST}.tmp-{os.getpid()}")
+        with open(tmp, "w") as f:
+            f.write(name)
+        os.replace(tmp, os.path.join(root, LATEST))
+        done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".partial"))
+        for old in done[:-keep]:
+            shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+    comm.barrier()
+    return final
+
+
+def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=None) -> dict:
+    """Restores weights, optimizer, scheduler, sampler cursors and RNG states; returns the trainer
+    state dict (with ``step``, the last completed step)."""
+    from moe_gen import distributed
+
+    rank = comm.rank()
+    with open(os.path.join(path, "trainer.json")) as f:
+        trainer_state = json.load(f)
+    weights = distributed.load_shards(path, "model", plan if plan is not None else model)
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}")
+    with open(os.path.join(path, "optimizer.json")) as f:
+        meta = json.load(f)
+    _load_optimizer(model, optimizer, distributed.load_shards(path, "optimizer", plan if plan is not None else model),
+                    meta)
+    scheduler.load_state_dict(trainer_state["scheduler"])
+    rank_file = os.path.join(path, f"rank-{rank:05d}.json")
+    if not os.path.exists(rank_file):
+        raise ValueError(f"checkpoint {path} has no state for process {rank} (it was written by fewer processes); "
+                         "resume with the same number of processes, or load only the weights")
+    with open(rank_file) as f:
+        rank_state = json.load(f)
+    sampler.load_state_dict(rank_state["sampler"])
+    _set_rng_state(rank_state["rng"])
+    return trainer_state

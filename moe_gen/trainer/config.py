@@ -1,0 +1,125 @@
+"""Training configuration (``TrainConfig``) and the run configuration the ``moe-gen`` command reads.
+
+    RunConfig ─┬─ model: flavour name + ModelConfig overrides
+               ├─ train: TrainConfig  (mixing, budgets, optimiser, checkpoints, logs)
+               └─ tasks: preset names (or Task objects from Python)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Optional
+
+from moe_gen.config import ConfigBase
+
+__all__ = ["TrainConfig", "MIXING", "TRAINABLE"]
+
+MIXING = ("proportional", "temperature", "uniform", "weights", "all")
+TRAINABLE = ("all", "experts", "routers", "adapters", "new_adapters")
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclasses.dataclass(kw_only=True)
+class TrainConfig(ConfigBase):
+    """How a run trains.
+
+    Attributes:
+        steps: optimizer steps.
+        batch_size: samples per micro-batch on each process.
+        accumulate: micro-batches per optimizer step (gradient accumulation).
+        lr, min_lr_ratio, warmup_steps: AdamW learning rate with linear warm-up from 0, then cosine
+            decay to ``lr · min_lr_ratio`` at the last step.
+        weight_decay, betas, eps: AdamW settings (no decay on biases, norms and embeddings).
+        clip_norm: global gradient-norm clipping (0 disables).
+        precision: ``fp32`` or ``bf16`` (autocast; the router gate stays fp32).
+        seed: seeds model initialisation order, sampling, augmentation and dropout.
+        mixing: how tasks share steps: ``proportional`` (to data size), ``temperature``
+            (size^(1/τ), T5/mT5), ``uniform``, ``weights`` (``task_weights``), ``all`` (OFASys: every
+            task contributes to every micro-batch; the loss is normalised by tokens).
+        temperature: τ for ``temperature`` mixing.
+        task_weights: sampling weight per task name for ``weights`` mixing (default 1; a ``Task``'s
+            own ``weight`` is used when the name is absent).
+        loss_weights: loss weight per task name (tokens of a task count this many times).
+        modality_budget: at most this many positions of a modality (name → count) in a micro-batch,
+            so long audio or video samples do not crowd out text; a sample that would exceed it is
+            left for a later batch (a lone over-budget sample is still taken).
+        max_tokens: at most this many positions (encoder + decoder) in a micro-batch.
+        frame_weight: weight of the continuous-target (L1 + stop) loss.
+        masked_input_budget, masked_target_budget, masked_alpha: the 4M budgets of ``masked`` tasks.
+        checkpoint_every: write a checkpoint every N steps (0: only at the end).
+        keep_checkpoints: how many recent checkpoints to keep.
+        max_bad_steps: stop after this many consecutive steps with a non-finite loss or gradient.
+        log_every: steps between log lines (JSONL, TensorBoard, progress bar postfix).
+        progress: show a progress bar.
+        tensorboard: write TensorBoard scalars (needs the ``tensorboard`` package).
+        trainable: what trains: ``all``, ``experts``, ``routers``, ``adapters`` or ``new_adapters``
+            (those ``GeneralistModel.add_tasks`` created).
+        expert_parallel: size of the expert-parallel group under ``torchrun`` (1: experts replicated).
+        eval_limit: rows per task that ``evaluate`` scores (None: all).
+        eval_batch_size: rows per ``infer`` call in ``evaluate``.
+        num_threads: torch intra-op threads (None: torch's default).
+    """
+
+    steps: int = 200
+    batch_size: int = 16
+    accumulate: int = 1
+    lr: float = 1e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.01
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-8
+    clip_norm: float = 1.0
+    precision: str = "fp32"
+    seed: int = 0
+    mixing: str = "temperature"
+    temperature: float = 2.0
+    task_weights: dict = dataclasses.field(default_factory=dict)
+    loss_weights: dict = dataclasses.field(default_factory=dict)
+    modality_budget: dict = dataclasses.field(default_factory=dict)
+    max_tokens: Optional[int] = None
+    frame_weight: float = 1.0
+    masked_input_budget: int = 128
+    masked_target_budget: int = 128
+    masked_alpha: float = 0.5
+    checkpoint_every: int = 0
+    keep_checkpoints: int = 2
+    max_bad_steps: int = 5
+    log_every: int = 10
+    progress: bool = True
+    tensorboard: bool = True
+    trainable: str = "all"
+    expert_parallel: int = 1
+    eval_limit: Optional[int] = 100
+    eval_batch_size: int = 64
+    num_threads: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        self.betas = tuple(self.betas)
+        checks = [
+            (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
+            (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
+            (self.accumulate >= 1, f"accumulate must be >= 1, got {self.accumulate}"),
+            (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
+            (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
+            (self.mixing in MIXING, f"mixing must be one of {', '.join(MIXING)}; got {self.mixing!r}"),
+            (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
+            (self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}"),
+            (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
+            (self.expert_parallel >= 1, f"expert_parallel must be >= 1, got {self.expert_parallel}"),
+            (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
+            (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"TrainConfig: {message}")
+        for name in ("task_weights", "loss_weights"):
+            for task, weight in getattr(self, name).items():
+                if not float(weight) >= 0:
+                    raise ValueError(f"TrainConfig.{name}[{task!r}] must be >= 0, got {weight}")
+        for modality, budget in self.modality_budget.items():
+            if int(budget) < 1:
+                raise ValueError(f"TrainConfig.modality_budget[{modality!r}] must be >= 1, got {budget}")

@@ -1,0 +1,101 @@
+"""Run logs: one JSON object per logged step (``logs/train.jsonl``), TensorBoard scalars
+(``tensorboard/``) and a tqdm progress bar with loss, tokens/s, modality shares and ETA."""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Optional
+
+__all__ = ["RunLogger", "read_jsonl_log"]
+
+# Short names for the progress bar.
+_SHORT = {"TEXT": "txt", "IMAGE": "img", "AUDIO": "aud", "VIDEO": "vid", "MOTION": "mot", "BOX": "box",
+          "STRUCT": "tab", "PHONE": "phn", "CATEGORY": "cat"}
+
+
+def read_jsonl_log(path: str) -> list[dict]:
+    """The records of a JSONL log (a torn last line, from a killed run, is ignored)."""
+    records = []
+    with open(path) as f:
+        for line in f:
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+    return records
+
+
+class RunLogger:
+    """Writes logs on the main process only (``enabled=False`` elsewhere).
+
+    Args:
+        output_dir: the run directory.
+        total_steps, start_step: for the progress bar.
+        enabled: write anything at all (the main process).
+        progress, tensorboard: optional outputs.
+        resume_step: when resuming, log lines after this step (written by the interrupted run
+            after its last checkpoint) are dropped so the log reads like one uninterrupted run.
+    """
+
+    def __init__(self, output_dir: str, total_steps: int, start_step: int = 0, *, enabled: bool = True,
+                 progress: bool = True, tensorboard: bool = True, resume_step: Optional[int] = None) -> None:
+        self.enabled = enabled
+        self.path = os.path.join(output_dir, "logs", "train.jsonl")
+        self._bar = self._tb = self._file = None
+        if not enabled:
+            return
+        os.makedirs(os.path.dirname(self.path), exist_ok=True)
+        if resume_step is not None and os.path.exists(self.path):
+            kept = [r for r in read_jsonl_log(self.path) if r.get("step", 0) <= resume_step]
+            tmp = self.path + ".tmp"
+            with open(tmp, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in kept)
+            os.replace(tmp, self.path)
+        elif resume_step is None and os.path.exists(self.path):
+            os.remove(self.path)  # a fresh run starts a fresh log
+        self._file = open(self.path, "a")
+        if tensorboard:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:  # the tensorboard package is optional
+                print("[moe_gen] tensorboard is not installed; logging to JSONL only", flush=True)
+            else:
+                self._tb = SummaryWriter(os.path.join(output_dir, "tensorboard"), purge_step=start_step + 1)
+        if progress:
+            from tqdm.auto import tqdm
+
+            self._bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True)
+
+    def log(self, record: dict) -> None:
+        """Writes one step's record (flat scalars plus nested dicts/lists for loads)."""
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        if self._tb is not None:
+            step = record["step"]
+            for key, value in record.items():
+                if isinstance(value, (int, float)) and key != "step":
+                    self._tb.add_scalar(key, value, step)
+                elif isinstance(value, dict):
+                    for sub, v in value.items():
+                        if isinstance(v, (int, float)):
+                            self._tb.add_scalar(f"{key}/{sub}", v, step)
+        if self._bar is not None:
+            shares = " ".join(f"{_SHORT.get(m, m.lower())}{100 * s:.0f}%"
+                              for m, s in sorted(record.get("modality_share", {}).items(), key=lambda kv: -kv[1]))
+            self._bar.set_postfix_str(f"loss {record['loss']:.3f} {record['tokens_per_s']:.0f} tok/s "
+                                      f"imb {record.get('expert_imbalance', 0):.2f} {shares}", refresh=False)
+
+    def advance(self, steps: int = 1) -> None:
+        if self._bar is not None:
+            self._bar.update(steps)
+
+    def close(self) -> None:
+        if self._bar is not None:
+            self._bar.close()
+        if self._tb is not None:
+            self._tb.close()
+        if self._file is not None:
+            self._file.close()

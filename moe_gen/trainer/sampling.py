@@ -1,0 +1,190 @@
+"""Multi-task sampling: which tasks fill each micro-batch, and how many positions each modality may take.
+
+Every choice is a pure function of (seed, process rank, step, micro-batch) and of the per-task
+cursors, so a resumed run draws exactly the batches an uninterrupted run would have drawn:
+
+    task_T   ~ mixing weights            (random.Random seeded by seed/rank/step/micro)
+    row      = permutation(task, epoch)[cursor]   (each process walks its own shard of rows)
+    keep row if the micro-batch's modality budgets and max_tokens still allow it; otherwise it
+    stays first in line for a later batch.
+"""
+
+from __future__ import annotations
+
+import collections
+import random
+import zlib
+from typing import Optional, Sequence
+
+from moe_gen.tasks.plan import Sample
+from moe_gen.tasks.task import Task
+from moe_gen.tasks.tokenizer import Tokenizer
+from moe_gen.trainer.config import TrainConfig
+
+__all__ = ["mixing_weights", "sample_modality_tokens", "TaskSampler"]
+
+
+def _rng(*parts) -> random.Random:
+    # crc32 of the text, not hash(): str hashes differ between processes.
+    return random.Random(zlib.crc32("/".join(map(str, parts)).encode()))
+
+
+def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
+    """Probability of each task per draw (summing to 1).
+
+    ``proportional``: ∝ rows; ``temperature``: ∝ rows^(1/τ) (τ=1 proportional, τ→∞ uniform);
+    ``uniform``; ``weights``: ``config.task_weights[name]`` or the task's own ``weight``; ``all``
+    gives every task a fixed share of every micro-batch, reported here as uniform.
+    """
+    if not tasks:
+        raise ValueError("training needs at least one task")
+    unknown = sorted(set(config.task_weights) - {t.name for t in tasks})
+    if unknown:
+        raise ValueError(f"TrainConfig.task_weights names tasks that are not being trained: {unknown}")
+    sizes = [len(t) for t in tasks]
+    for task, size in zip(tasks, sizes):
+        if size == 0:
+            raise ValueError(f"task {task.name!r} has no rows to train on")
+    if config.mixing == "proportional":
+        raw = [float(n) for n in sizes]
+    elif config.mixing == "temperature":
+        raw = [n ** (1.0 / config.temperature) for n in sizes]
+    elif config.mixing == "weights":
+        raw = [float(config.task_weights.get(t.name, t.weight)) for t in tasks]
+    else:
+        raw = [1.0] * len(tasks)
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError(f"mixing weights sum to {total}; give at least one task a positive weight")
+    return [w / total for w in raw]
+
+
+def sample_modality_tokens(sample: Sample) -> collections.Counter:
+    """Positions of each modality in a sample, encoder and decoder together."""
+    counts: collections.Counter = collections.Counter()
+    for chunk in sample.encoder + sample.decoder:
+        counts[chunk.modality] += len(chunk)
+    return counts
+
+
+class _Cursor:
+    """Walks one process's shard of a task's rows, one shuffled epoch after another."""
+
+    def __init__(self, task: Task, seed: int, rank: int, world: int) -> None:
+        self.task, self.seed = task, seed
+        shard = list(range(rank, len(task), world))
+        self.shard = shard or list(range(len(task)))  # fewer rows than processes: share them
+        self.epoch, self.position = 0, 0
+        self._order: Optional[list[int]] = None
+        self._peeked: Optional[tuple[int, int, Optional[Sample]]] = None
+
+    def _permutation(self) -> list[int]:
+        if self._order is None:
+            order = list(self.shard)
+            _rng(self.seed, "order", self.task.name, self.epoch).shuffle(order)
+            self._order = order
+        return self._order
+
+    def peek(self, tokenizer: Tokenizer) -> Optional[Sample]:
+        """The next row encoded (None when it fails to encode under ``on_error="skip"``)."""
+        if self._peeked is None or self._peeked[:2] != (self.epoch, self.position):
+            index = self._permutation()[self.position]
+            # A different augmentation draw every epoch, the same one on a resumed run.
+            sample = self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True)
+            self._peeked = (self.epoch, self.position, sample)
+        return self._peeked[2]
+
+    def advance(self) -> None:
+        self.position += 1
+        if self.position == len(self.shard):
+            self.epoch, self.position, self._order = self.epoch + 1, 0, None
+
+
+class TaskSampler:
+    """Draws the samples of each micro-batch for one process.
+
+    Args:
+        tasks: the tasks being trained.
+        tokenizer: the model's vocabulary.
+        config: mixing, batch size, budgets and seed.
+        rank, world: this process and the data-parallel world; each process walks its own shard
+            of every task's rows.
+    """
+
+    def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, config: TrainConfig,
+                 rank: int = 0, world: int = 1) -> None:
+        self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
+        self.rank = rank
+        self.weights = mixing_weights(self.tasks, config)
+        self.cursors = [_Cursor(t, config.seed, rank, world) for t in self.tasks]
+        unknown = sorted(set(config.modality_budget) - _known_modalities())
+        if unknown:
+            raise ValueError(f"TrainConfig.modality_budget names unknown modalities {unknown}; "
+                             f"known: {', '.join(sorted(_known_modalities()))}")
+
+    def state_dict(self) -> dict:
+        """Cursor positions (JSON-serialisable) for exact resume."""
+        return {"rank": self.rank, "cursors": {c.task.name: [c.epoch, c.position] for c in self.cursors}}
+
+    def load_state_dict(self, state: dict) -> None:
+        positions = state["cursors"]
+        for cursor in self.cursors:
+            if cursor.task.name not in positions:
+                raise ValueError(f"the checkpoint has no sampler position for task {cursor.task.name!r}; it was "
+                                 f"written for tasks {sorted(positions)}")
+            cursor.epoch, cursor.position = map(int, positions[cursor.task.name])
+            cursor._order, cursor._peeked = None, None
+            if cursor.position >= len(cursor.shard):
+                raise ValueError(f"task {cursor.task.name!r}: the checkpoint's sampler position {cursor.position} is "
+                                 f"past its {len(cursor.shard)} rows; the task's data changed since")
+
+    def next_batch(self, step: int, micro: int = 0) -> list[Sample]:
+        """The samples of micro-batch ``micro`` of ``step``."""
+        cfg = self.config
+        rng = _rng(cfg.seed, "mix", self.rank, step, micro)
+        used: collections.Counter = collections.Counter()
+        samples: list[Sample] = []
+        if cfg.mixing == "all":
+            quota = max(1, cfg.batch_size // len(self.tasks))
+            for i in range(len(self.tasks)):
+                for _ in range(quota):
+                    if not self._take(i, samples, used):
+                        break
+            return samples
+        open_tasks = list(range(len(self.tasks)))
+        tries = 0
+        while len(samples) < cfg.batch_size and open_tasks and tries < 4 * cfg.batch_size:
+            tries += 1
+            i = rng.choices(open_tasks, weights=[self.weights[j] for j in open_tasks])[0]
+            if not self._take(i, samples, used):
+                open_tasks.remove(i)  # this task no longer fits this micro-batch
+        return samples
+
+    def _take(self, i: int, samples: list, used: collections.Counter) -> bool:
+        """Adds task ``i``'s next row if the budgets allow (False when they do not)."""
+        cursor, cfg = self.cursors[i], self.config
+        for _ in range(len(cursor.shard)):
+            sample = cursor.peek(self.tokenizer)
+            if sample is not None:
+                break
+            cursor.advance()  # rows that fail to encode (on_error="skip") are passed over
+        else:
+            raise ValueError(f"task {cursor.task.name!r}: no row of this process's shard encodes "
+                             f"({cursor.task.skipped} skipped; first error: {cursor.task.errors[:1]})")
+        counts = sample_modality_tokens(sample)
+        if samples:
+            for modality, budget in cfg.modality_budget.items():
+                if used[modality] + counts[modality] > int(budget) and counts[modality]:
+                    return False
+            if cfg.max_tokens is not None and sum(used.values()) + sum(counts.values()) > cfg.max_tokens:
+                return False
+        cursor.advance()
+        samples.append(sample)
+        used.update(counts)
+        return True
+
+
+def _known_modalities() -> set[str]:
+    from moe_gen.registry import MODALITIES
+
+    return set(MODALITIES.list())

@@ -1,0 +1,415 @@
+"""The multi-task trainer.
+
+    trainer = Trainer(model, tasks, TrainConfig(steps=500), output_dir="runs/demo")
+    trainer.fit()                 # mixes tasks, balances modalities, checkpoints, logs
+    trainer.evaluate(test_tasks)  # {task: {metric: value}}
+
+One optimizer step: ``accumulate`` micro-batches drawn by the ``TaskSampler`` (mixing weights,
+modality budgets) → each objective on its share of the samples (generative, contrastive, masked)
+→ backward → gradients synchronised across processes (dense averaged, experts kept per shard) →
+global-norm clipping → AdamW (warm-up + cosine) → logs → checkpoint every N steps.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import math
+import os
+import random
+import time
+import zlib
+from typing import Optional, Sequence
+
+import torch
+
+from moe_gen.model.model import GeneralistModel
+from moe_gen.moe import MoE
+from moe_gen.objectives import OBJECTIVES
+from moe_gen.tasks.batch import collate
+from moe_gen.tasks.task import Task
+from moe_gen.trainer import comm
+from moe_gen.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_gen.trainer.config import TrainConfig
+from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
+from moe_gen.trainer.logs import RunLogger
+from moe_gen.trainer.sampling import TaskSampler
+
+__all__ = ["Trainer", "select_trainable", "WarmupCosine"]
+
+
+class WarmupCosine:
+    """Learning-rate factor: linear warm-up from 0 over ``warmup`` steps, then cosine decay to
+    ``min_ratio`` at ``total`` steps. A plain object so ``LambdaLR.state_dict`` saves it."""
+
+    def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
+        self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[str] = ()) -> int:
+    """Freezes everything except ``what`` (``all``, ``experts``, ``routers``, ``adapters``,
+    ``new_adapters``); returns the number of trainable parameters."""
+    if what == "all":
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return sum(p.numel() for p in model.parameters())
+    for p in model.parameters():
+        p.requires_grad_(False)
+    moes = [m for m in model.modules() if isinstance(m, MoE)]
+    if what == "experts":
+        modules = [m.experts for m in moes] + [m.shared for m in moes if m.shared is not None]
+    elif what == "routers":
+        modules = [m.router for m in moes]
+    elif what == "adapters":
+        modules = list(model.adapters.values())
+    elif what == "new_adapters":
+        modules = [model.adapters[n] for n in new_adapters]
+        modules += [model.frame_heads[n] for n in new_adapters if n in model.frame_heads]
+        modules += [model.stop_heads[n] for n in new_adapters if n in model.stop_heads]
+    else:
+        raise ValueError(f"trainable must be all, experts, routers, adapters or new_adapters; got {what!r}")
+    for module in modules:
+        for p in module.parameters():
+            p.requires_grad_(True)
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    if count == 0:
+        hint = " (the model is dense)" if what in ("experts", "routers") and not moes else ""
+        hint = hint or (" (no task needed a new adapter)" if what == "new_adapters" else "")
+        raise ValueError(f"trainable={what!r} leaves nothing to train{hint}")
+    return count
+
+
+def _param_groups(model: GeneralistModel, weight_decay: float) -> list[dict]:
+    """AdamW groups: decay on matrices and expert stacks, not on biases, norms, embeddings, scales."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        is_embedding = "embedding" in name.rsplit(".", 1)[0]
+        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
+    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return [g for g in groups if g["params"]]
+
+
+class _RoutingStats:
+    """Forward hooks on every MoE layer that sum, over one step, the assignments each expert
+    computed, by layer and by token modality, and the dropped tokens."""
+
+    def __init__(self, model: GeneralistModel) -> None:
+        self.names = {id(m): name for name, m in model.named_modules() if isinstance(m, MoE)}
+        self.num_modalities = model.config.router.num_modalities
+        self.active = False
+        self.reset()
+        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True)
+                        for m in model.modules() if isinstance(m, MoE)]
+
+    def reset(self) -> None:
+        self.counts: dict[str, torch.Tensor] = {}
+        self.by_modality: dict[str, torch.Tensor] = {}
+        self.dropped = 0
+
+    def _hook(self, module, args, kwargs, output) -> None:
+        if not self.active:
+            return
+        name = self.names[id(module)]
+        routing = output.routing
+        counts = routing.expert_counts.detach().float()
+        self.counts[name] = self.counts.get(name, 0) + counts
+        self.dropped += int(routing.dropped_tokens)
+        tags = kwargs.get("tags", args[1] if len(args) > 1 else None)
+        if tags is not None:
+            modality_T = tags.modality.reshape(-1)
+            token_TK = torch.arange(modality_T.shape[0]).unsqueeze(1).expand_as(routing.mask)
+            keep = routing.mask
+            table = torch.zeros(self.num_modalities, counts.shape[0])
+            table.index_put_((modality_T[token_TK[keep]], routing.topk_ids[keep]), torch.ones(int(keep.sum())),
+                             accumulate=True)
+            self.by_modality[name] = self.by_modality.get(name, 0) + table
+
+    def summary(self, modality_names: Sequence[str]) -> dict:
+        """Expert-load shares per layer, their mean imbalance (max/mean), and per modality the
+        imbalance of its own assignments."""
+        load, imbalance = {}, []
+        for name, counts in self.counts.items():
+            total = float(counts.sum())
+            if total > 0:
+                load[name] = [round(float(c) / total, 4) for c in counts]
+                imbalance.append(float(counts.max() / counts.mean()))
+        by_modality: dict[str, float] = {}
+        for m, modality in enumerate(modality_names):
+            values = [float(t[m].max() / t[m].mean()) for t in self.by_modality.values() if t[m].sum() > 0]
+            if values:
+                by_modality[modality] = round(sum(values) / len(values), 4)
+        return {"expert_load": load, "expert_imbalance": sum(imbalance) / len(imbalance) if imbalance else 0.0,
+                "modality_expert_imbalance": by_modality, "dropped_tokens": self.dropped}
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+
+
+class Trainer:
+    """Trains one generalist model on a mixture of tasks.
+
+    Args:
+        model: a ``GeneralistModel``; tasks it does not know yet are added (``add_tasks``), with new
+            adapters where their features need them (fine-tuning).
+        tasks: the training tasks (``moe_gen.tasks.Task``).
+        config: ``TrainConfig``.
+        output_dir: where ``checkpoints/``, ``logs/train.jsonl`` and ``tensorboard/`` go.
+        eval_tasks: held-out tasks for ``evaluate()`` (default: the training tasks).
+        resume: continue from the newest checkpoint in ``output_dir`` if there is one.
+    """
+
+    def __init__(self, model: GeneralistModel, tasks: Sequence[Task], config: Optional[TrainConfig] = None, *,
+                 output_dir: str = "runs/default", eval_tasks: Optional[Sequence[Task]] = None,
+                 resume: bool = False) -> None:
+        self.config = config = config or TrainConfig()
+        self.tasks = list(tasks)
+        names = [t.name for t in self.tasks]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"tasks must have distinct names; repeated: {duplicates}")
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks or self.tasks)
+        self.rank, self.world = comm.rank(), comm.world()
+        unknown = [t for t in self.tasks if t.name not in model.task_ids]
+        self.new_adapters = model.add_tasks(unknown) if unknown else []
+        for task in self.tasks:
+            if task.objective not in OBJECTIVES:
+                raise ValueError(f"task {task.name!r}: unknown objective {task.objective!r}; known: "
+                                 f"{', '.join(OBJECTIVES.list())}")
+        self.plan = None
+        if config.expert_parallel > 1:
+            from moe_gen.experts.parallel import shard_experts
+
+            if config.expert_parallel > self.world:
+                raise ValueError(f"expert_parallel={config.expert_parallel} needs at least that many processes; "
+                                 f"this run has {self.world} (launch with torchrun --nproc_per_node "
+                                 f"{config.expert_parallel})")
+            self.plan = shard_experts(model, config.expert_parallel)
+        self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
+        self.objectives = self._objectives()
+        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+                                           betas=tuple(config.betas), eps=config.eps)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+        self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world)
+        self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
+        self.step = 0
+        self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0}
+        torch.manual_seed(config.seed * 1000 + self.rank)
+        self.resumed_from: Optional[str] = None
+        if resume:
+            path = latest_checkpoint(self.checkpoint_dir)
+            if path is not None:
+                self._resume(path)
+
+    # ---- building ----------------------------------------------------------------------------
+
+    def _objectives(self) -> dict:
+        cfg, model = self.config, self.model
+        objectives = {}
+        for name in sorted({t.objective for t in self.tasks}):
+            kwargs = {"task_weights": cfg.loss_weights or None}
+            if name in ("generative", "masked"):
+                kwargs["frame_weight"] = cfg.frame_weight
+            if name == "masked":
+                kwargs.update(input_budget=cfg.masked_input_budget, target_budget=cfg.masked_target_budget,
+                              alpha=cfg.masked_alpha)
+            objectives[name] = OBJECTIVES.get(name)(model, **kwargs)
+        return objectives
+
+    def _resume(self, path: str) -> None:
+        state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                sampler=self.sampler, plan=self.plan)
+        saved_tasks = state.get("tasks")
+        if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
+            raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
+                             f"{[t.name for t in self.tasks]}")
+        self.step = int(state["step"])
+        for key in self.state:
+            self.state[key] = state.get(key, self.state[key])
+        self.resumed_from = path
+
+    # ---- training ----------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.config.precision == "bf16":
+            device = next(self.model.parameters()).device.type
+            return torch.autocast(device_type=device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _micro_batch(self, step: int, micro: int) -> tuple[dict, collections.Counter, bool]:
+        """Forward + backward of one micro-batch; returns its loss parts, modality positions and
+        whether every process's loss was finite (non-finite micro-batches are not back-propagated,
+        on any process, so collectives stay matched)."""
+        cfg = self.config
+        samples = self.sampler.next_batch(step, micro)
+        objective_of = {t.name: t.objective for t in self.tasks}
+        groups: dict[str, list] = collections.defaultdict(list)
+        for sample in samples:
+            groups[objective_of[sample.task]].append(sample)
+        parts: dict[str, float] = {}
+        positions: collections.Counter = collections.Counter()
+        losses = []
+        with self._autocast():
+            for name, group in sorted(groups.items()):
+                objective = self.objectives[name]
+                if name == "masked":
+                    rng = random.Random(zlib.crc32(f"{cfg.seed}/mask/{self.rank}/{step}/{micro}".encode()))
+                    batch = objective.prepare(group, rng)
+                else:
+                    batch = collate(group, self.model.tokenizer, self.model.task_ids)
+                positions.update(batch.tokens_per_modality)
+                out = objective(batch)
+                share = len(group) / len(samples)
+                losses.append(out["loss"].float() * share)
+                for key, value in out.items():
+                    if key != "loss" and torch.is_tensor(value) and value.numel() == 1:
+                        # per-task parts belong to one group; shared parts are weighted by its share
+                        weight = 1.0 if key.startswith("task_loss/") else share
+                        parts[key] = parts.get(key, 0.0) + float(value.detach()) * weight
+        loss = torch.stack(losses).sum() if losses else torch.zeros(())
+        finite = not comm.any_true(not bool(torch.isfinite(loss)))
+        if finite and loss.requires_grad:
+            (loss / cfg.accumulate).backward()
+        parts["loss"] = float(loss.detach())
+        return parts, positions, finite
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        max_norm = self.config.clip_norm if self.config.clip_norm > 0 else float("inf")
+        if self.world > 1:
+            from moe_gen import distributed
+
+            distributed.sync_gradients(self.model, self.plan)
+            return float(distributed.clip_grad_norm_(self.model, max_norm, self.plan))
+        return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+
+    def train_step(self, step: int, stats: Optional[_RoutingStats] = None) -> dict:
+        """One optimizer step (``accumulate`` micro-batches); returns its log record."""
+        cfg = self.config
+        start = time.perf_counter()
+        self.model.train()
+        values: dict[str, list[float]] = collections.defaultdict(list)
+        positions: collections.Counter = collections.Counter()
+        finite = True
+        for micro in range(cfg.accumulate):
+            parts, counts, ok = self._micro_batch(step, micro)
+            finite &= ok
+            positions.update(counts)
+            for key, value in parts.items():
+                values[key].append(value)
+        # each part averaged over the micro-batches it occurred in
+        totals = {key: sum(v) / len(v) for key, v in values.items()}
+        norm = self._clip()
+        finite = finite and not comm.any_true(not math.isfinite(norm))
+        lr = self.optimizer.param_groups[0]["lr"]
+        if finite:
+            self.optimizer.step()
+            self.state["bad_in_a_row"] = 0
+        else:
+            self.state["skipped_steps"] += 1
+            self.state["bad_in_a_row"] += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        elapsed = time.perf_counter() - start
+        local_positions = sum(positions.values())
+        self.state["tokens_seen"] += local_positions
+        total = max(1, local_positions)
+        record = {
+            "step": step, "loss": totals.pop("loss"), "lr": lr, "grad_norm": norm, "skipped": not finite,
+            "skipped_steps": self.state["skipped_steps"], "step_time": elapsed,
+            "tokens_per_s": local_positions * self.world / elapsed,
+            "task_loss": {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith("task_loss/")},
+            "aux": {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith("aux/")},
+            "modality_share": {m: round(c / total, 4) for m, c in sorted(positions.items())},
+            **{k: v for k, v in totals.items() if "/" not in k},
+        }
+        if stats is not None:
+            record.update(stats.summary(_modality_names(self.model)))
+        if not finite and self.state["bad_in_a_row"] >= cfg.max_bad_steps:
+            raise RuntimeError(
+                f"{self.state['bad_in_a_row']} steps in a row (up to step {step}) had a non-finite loss or gradient "
+                f"norm (last loss {record['loss']}, norm {norm}); lower TrainConfig.lr, keep clip_norm > 0, or check "
+                f"the data of the tasks in these batches ({', '.join(sorted(record['task_loss']) or ['?'])})")
+        return record
+
+    def fit(self) -> dict:
+        """Trains to ``config.steps``; returns a summary (last step, last loss, skipped steps, time)."""
+        cfg = self.config
+        logger = RunLogger(self.output_dir, cfg.steps, self.step, enabled=self.rank == 0, progress=cfg.progress,
+                           tensorboard=cfg.tensorboard, resume_step=self.step if self.resumed_from else None)
+        stats = _RoutingStats(self.model)
+        start, record = time.perf_counter(), None
+        try:
+            while self.step < cfg.steps:
+                step = self.step + 1
+                log_now = step % cfg.log_every == 0 or step == cfg.steps
+                stats.active = log_now
+                stats.reset()
+                record = self.train_step(step, stats if log_now else None)
+                self.step = step
+                if log_now:
+                    logger.log(record)
+                logger.advance()
+                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                    self.save_checkpoint()
+        finally:
+            stats.close()
+            logger.close()
+        return {"step": self.step, "loss": record["loss"] if record else None,
+                "skipped_steps": self.state["skipped_steps"], "seconds": time.perf_counter() - start,
+                "checkpoint": latest_checkpoint(self.checkpoint_dir) if self.rank == 0 else None}
+
+    def save_checkpoint(self) -> Optional[str]:
+        """Writes a checkpoint of the current step (every process must call it)."""
+        state = {**self.state, "tasks": [t.name for t in self.tasks], "config": self.config.to_dict(),
+                 "model_config": self.model.config.to_dict()}
+        path = save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
+                               scheduler=self.scheduler, sampler=self.sampler, trainer_state=state, plan=self.plan,
+                               keep=self.config.keep_checkpoints)
+        if path is None:
+            self.state["failed_checkpoints"] += 1
+        return path
+
+    # ---- evaluation and export ---------------------------------------------------------------
+
+    def evaluate(self, tasks: Optional[Sequence[Task]] = None, limit: Optional[int] = -1) -> dict:
+        """``{task: {metric: value}}`` on ``tasks`` (default: ``eval_tasks``), at most ``limit`` rows each
+        (default ``config.eval_limit``)."""
+        limit = self.config.eval_limit if limit == -1 else limit
+        return evaluate_tasks(self.model, list(tasks or self.eval_tasks), limit=limit,
+                              batch_size=self.config.eval_batch_size)
+
+    def save_model(self, directory: str) -> None:
+        """``save_pretrained`` of the trained model (with expert parallelism: the full model, assembled
+        from the newest checkpoint's shards on the main process)."""
+        if self.plan is None:
+            if self.rank == 0:
+                self.model.save_pretrained(directory)
+            comm.barrier()
+            return
+        from moe_gen import distributed
+
+        path = self.save_checkpoint()
+        if self.rank == 0:
+            full = GeneralistModel(self.model.config, self.model.tokenizer)
+            full.load_state_dict(distributed.load_shards(path, "model", full))
+            full.save_pretrained(directory)
+        comm.barrier()
+
+
+def _modality_names(model: GeneralistModel) -> list[str]:
+    from moe_gen.tasks.modalities.base import modality_tag_names
+
+    names = list(modality_tag_names())
+    return names[:model.config.router.num_modalities]

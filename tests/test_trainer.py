@@ -1,0 +1,215 @@
+"""The trainer: task mixing, modality budgets, deterministic sampling, non-finite steps, what trains,
+fine-tuning on new tasks, evaluation, checkpoints (atomic, exact resume) and the command line."""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+
+import pytest
+import torch
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.moe import MoE
+from moe_gen.tasks import Task, Tokenizer, load_preset
+from moe_gen.trainer import TaskSampler, Trainer, TrainConfig, mixing_weights, select_trainable
+from moe_gen.trainer.sampling import sample_modality_tokens
+
+NAMES = ["digit_classification", "table_species", "motion_classification"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [load_preset(n, "train", limit=40) for n in NAMES]
+
+
+def build(tasks, tok, **overrides) -> GeneralistModel:
+    torch.manual_seed(0)
+    overrides.setdefault("router", RouterConfig(strategy="attribute"))
+    return GeneralistModel.build(flavour("debug", **overrides), tasks, tok)
+
+
+def quiet(**kwargs) -> TrainConfig:
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("tensorboard", False)
+    return TrainConfig(**kwargs)
+
+
+# ---- mixing and sampling -------------------------------------------------------------------------
+
+def test_mixing_weights_follow_the_configured_rule():
+    sizes = [10, 40, 90]
+    tasks = [Task(f"t{i}", "[TEXT:a] -> [TEXT:b]", [{"a": "x", "b": "y"}] * n) for i, n in enumerate(sizes)]
+    assert mixing_weights(tasks, quiet(mixing="proportional")) == pytest.approx([n / 140 for n in sizes])
+    roots = [n ** 0.5 for n in sizes]
+    assert mixing_weights(tasks, quiet(mixing="temperature", temperature=2.0)) == pytest.approx(
+        [r / sum(roots) for r in roots])
+    assert mixing_weights(tasks, quiet(mixing="uniform")) == pytest.approx([1 / 3] * 3)
+    assert mixing_weights(tasks, quiet(mixing="weights", task_weights={"t0": 3.0, "t1": 1.0, "t2": 0.0})) == \
+        pytest.approx([0.75, 0.25, 0.0])
+    with pytest.raises(ValueError, match="not being trained"):
+        mixing_weights(tasks, quiet(mixing="weights", task_weights={"nope": 1.0}))
+    with pytest.raises(ValueError, match="mixing must be one of"):
+        TrainConfig(mixing="random")
+
+
+def test_sampled_task_shares_match_the_weights(tasks, tok):
+    config = quiet(mixing="weights", task_weights={NAMES[0]: 2.0, NAMES[1]: 1.0, NAMES[2]: 1.0}, batch_size=8)
+    sampler = TaskSampler(tasks, tok, config)
+    counts = collections.Counter(s.task for step in range(1, 61) for s in sampler.next_batch(step))
+    total = sum(counts.values())
+    assert total == 480
+    assert counts[NAMES[0]] / total == pytest.approx(0.5, abs=0.06)
+    assert counts[NAMES[1]] / total == pytest.approx(0.25, abs=0.06)
+
+
+def test_all_mixing_puts_every_task_in_every_batch(tasks, tok):
+    sampler = TaskSampler(tasks, tok, quiet(mixing="all", batch_size=6))
+    for step in range(1, 6):
+        batch = sampler.next_batch(step)
+        assert collections.Counter(s.task for s in batch) == {n: 2 for n in NAMES}
+
+
+def test_rows_are_drawn_without_replacement_within_an_epoch(tok):
+    task = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"row {i}", "b": "y"} for i in range(10)])
+    sampler = TaskSampler([task], tok, quiet(batch_size=5))
+    first_epoch = [s.index for step in (1, 2) for s in sampler.next_batch(step)]
+    assert sorted(first_epoch) == list(range(10))
+    second_epoch = [s.index for step in (3, 4) for s in sampler.next_batch(step)]
+    assert sorted(second_epoch) == list(range(10)) and second_epoch != first_epoch
+
+
+def test_modality_budget_caps_positions_per_micro_batch(tok):
+    speech = load_preset("spoken_word_classification", "train", limit=30)
+    digits = load_preset("digit_classification", "train", limit=30)
+    free = TaskSampler([speech, digits], tok, quiet(mixing="uniform", batch_size=12))
+    capped = TaskSampler([speech, digits], tok, quiet(mixing="uniform", batch_size=12, modality_budget={"AUDIO": 40}))
+    audio_free, audio_capped = [], []
+    for step in range(1, 11):
+        audio_free.append(sum(sample_modality_tokens(s)["AUDIO"] for s in free.next_batch(step)))
+        batch = capped.next_batch(step)
+        audio_capped.append(sum(sample_modality_tokens(s)["AUDIO"] for s in batch))
+        assert len(batch) == 12  # the budget is filled with other tasks, not left empty
+    assert max(audio_capped) <= 40 < max(audio_free)
+    with pytest.raises(ValueError, match="unknown modalities"):
+        TaskSampler([speech], tok, quiet(modality_budget={"SMELL": 3}))
+
+
+def test_sampler_state_restores_the_exact_sequence(tasks, tok):
+    config = quiet(batch_size=7)
+    a = TaskSampler(tasks, tok, config)
+    for step in range(1, 6):
+        a.next_batch(step)
+    state = json.loads(json.dumps(a.state_dict()))
+    expected = [[(s.task, s.index) for s in a.next_batch(step)] for step in range(6, 10)]
+    b = TaskSampler(tasks, tok, config)
+    b.load_state_dict(state)
+    assert [[(s.task, s.index) for s in b.next_batch(step)] for step in range(6, 10)] == expected
+
+
+def test_processes_walk_disjoint_shards(tok):
+    task = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"row {i}", "b": "y"} for i in range(12)])
+    samplers = [TaskSampler([task], tok, quiet(batch_size=3), rank=r, world=2) for r in (0, 1)]
+    seen = [{s.index for step in (1, 2) for s in sampler.next_batch(step)} for sampler in samplers]
+    assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(12))
+
+
+# ---- training ------------------------------------------------------------------------------------
+
+def test_training_lowers_the_loss_and_logs_per_task(tasks, tok, tmp_path):
+    model = build(tasks, tok)
+    trainer = Trainer(model, tasks, quiet(steps=30, batch_size=12, lr=3e-3, warmup_steps=3, log_every=5),
+                      output_dir=str(tmp_path))
+    first = trainer.train_step(1)
+    summary = trainer.fit()
+    records = [json.loads(line) for line in open(tmp_path / "logs" / "train.jsonl")]
+    assert [r["step"] for r in records] == [5, 10, 15, 20, 25, 30]
+    assert summary["step"] == 30 and records[-1]["loss"] < first["loss"]
+    last = records[-1]
+    assert set(last["task_loss"]) <= set(NAMES) and last["tokens_per_s"] > 0
+    assert sum(last["modality_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    moe_names = {name for name, m in model.named_modules() if isinstance(m, MoE)}
+    assert set(last["expert_load"]) == moe_names
+    assert all(sum(shares) == pytest.approx(1.0, abs=1e-3) for shares in last["expert_load"].values())
+    assert last["expert_imbalance"] >= 1.0 and "IMAGE" in last["modality_expert_imbalance"]
+
+
+def test_non_finite_steps_are_skipped_then_stop_the_run(tasks, tok, tmp_path):
+    model = build(tasks, tok)
+    trainer = Trainer(model, tasks, quiet(steps=10, batch_size=4, max_bad_steps=3), output_dir=str(tmp_path))
+    objective = trainer.objectives["generative"]
+    original = objective.__call__
+    poisoned = {2, 4, 5, 6}
+
+    def maybe_nan(batch, step=[0]):
+        out = original(batch)
+        step[0] += 1
+        if step[0] in poisoned:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    trainer.objectives["generative"] = type("Poisoned", (), {"__call__": staticmethod(maybe_nan)})()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer.train_step(1)
+    after_first = {k: v.clone() for k, v in model.state_dict().items()}
+    assert any(not torch.equal(before[k], after_first[k]) for k in before)
+    record = trainer.train_step(2)
+    assert record["skipped"] and record["skipped_steps"] == 1
+    assert all(torch.equal(after_first[k], v) for k, v in model.state_dict().items())  # no update
+    trainer.train_step(3)
+    with pytest.raises(RuntimeError, match="3 steps in a row"):
+        for step in (4, 5, 6):
+            trainer.train_step(step)
+
+
+def test_trainable_selection_freezes_the_rest(tasks, tok):
+    model = build(tasks, tok)
+    for what, marker in (("experts", ".experts."), ("routers", ".router.")):
+        count = select_trainable(model, what)
+        trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+        assert trainable and all(marker in n for n in trainable)
+        assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
+    select_trainable(model, "adapters")
+    assert all(n.startswith("adapters.") for n, p in model.named_parameters() if p.requires_grad)
+    with pytest.raises(ValueError, match="leaves nothing to train"):
+        select_trainable(build(tasks, tok, moe_every=0), "experts")
+
+
+def test_finetuning_adds_a_task_and_trains_only_its_new_adapter(tok, tmp_path):
+    digits = load_preset("digit_classification", "train", limit=20)
+    model = build([digits], tok)
+    model.save_pretrained(str(tmp_path / "pre"))
+    loaded = GeneralistModel.from_pretrained(str(tmp_path / "pre"))
+    tables = load_preset("table_species", "train", limit=20)
+    before = {k: v.clone() for k, v in loaded.state_dict().items()}
+    trainer = Trainer(loaded, [tables], quiet(steps=3, batch_size=4, trainable="new_adapters"),
+                      output_dir=str(tmp_path / "ft"))
+    assert trainer.new_adapters and "table_species" in loaded.task_ids
+    trainer.fit()
+    after = loaded.state_dict()
+    changed = {k for k in after if k not in before or not torch.equal(before[k], after[k])}
+    assert changed and all(k.startswith(tuple(f"adapters.{a}." for a in trainer.new_adapters)) for k in changed)
+    # the fine-tuned model saves with its new task and reloads
+    loaded.save_pretrained(str(tmp_path / "ft_model"))
+    again = GeneralistModel.from_pretrained(str(tmp_path / "ft_model"))
+    assert again.task_ids == loaded.task_ids
+
+
+def test_evaluate_scores_every_task_kind(tok):
+    names = ["digit_classification", "visual_grounding", "text_to_speech", "doc_topic"]
+    train = [load_preset(n, "train", limit=4) for n in names]
+    model = build(train, tok)
+    trainer = Trainer(model, train, quiet(steps=1, eval_limit=3),
+                      eval_tasks=[load_preset(n, "test", limit=3) for n in names])
+    results = trainer.evaluate()
+    assert set(results) == set(names)
+    assert set(results["visual_grounding"]) == {"iou_accuracy"}
+    assert results["text_to_speech"]["l1"] > 0
+    assert all(0.0 <= v <= 1.0 for v in results["digit_classification"].values())
