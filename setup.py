@@ -21,6 +21,9 @@ CORE = [
     "scikit-learn>=1.3",  # ships the digits and iris data behind built-in tasks
     "sacrebleu>=2.3",  # BLEU / chrF metrics
     "jiwer>=3.0",  # WER metric
+    "tqdm>=4.60",  # training progress bar
+    "pyyaml>=6.0",  # YAML run configurations and command-line values
+    "tensorboard>=2.14",  # TensorBoard scalars of training runs (torch.utils.tensorboard)
 ]
 
 EXTRAS = {
@@ -44,4 +47,5 @@ setup(
     package_data={"moe_gen.tasks": ["data/*.npz", "data/*.md"]},
     install_requires=CORE,
     extras_require=EXTRAS,
+    entry_points={"console_scripts": ["moe-gen=moe_gen.cli:main"]},
 )

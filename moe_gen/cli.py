@@ -152,7 +152,7 @@ def _train(config: dict, model=None, resume: bool = False) -> dict:
 
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import Tokenizer
-    from moe_gen.trainer import Trainer, TrainConfig, comm
+    from moe_gen.trainer import TrainConfig, Trainer, comm
     from moe_gen.trainer.evaluation import evaluate
 
     train_config = TrainConfig.from_dict(config.get("train", {}))

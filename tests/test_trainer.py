@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import collections
 import json
-import os
 
 import pytest
 import torch
@@ -14,7 +13,7 @@ from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.moe import MoE
 from moe_gen.tasks import Task, Tokenizer, load_preset
-from moe_gen.trainer import TaskSampler, Trainer, TrainConfig, mixing_weights, select_trainable
+from moe_gen.trainer import TaskSampler, TrainConfig, Trainer, mixing_weights, select_trainable
 from moe_gen.trainer.sampling import sample_modality_tokens
 
 NAMES = ["digit_classification", "table_species", "motion_classification"]
@@ -146,12 +145,12 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tasks, tok, tmp_path):
     trainer = Trainer(model, tasks, quiet(steps=10, batch_size=4, max_bad_steps=3), output_dir=str(tmp_path))
     objective = trainer.objectives["generative"]
     original = objective.__call__
-    poisoned = {2, 4, 5, 6}
+    poisoned, calls = {2, 4, 5, 6}, collections.Counter()
 
-    def maybe_nan(batch, step=[0]):
+    def maybe_nan(batch):
         out = original(batch)
-        step[0] += 1
-        if step[0] in poisoned:
+        calls["n"] += 1
+        if calls["n"] in poisoned:
             out["loss"] = out["loss"] * float("nan")
         return out
 
