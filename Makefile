@@ -27,7 +27,7 @@ $(STAMP):
 	touch $(STAMP)
 
 demo: venv
-	$(PY) scripts/bench_moe_layer.py --quick
+	HF_HUB_OFFLINE=1 $(PY) -m moe_gen.cli pretrain --config demo
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
@@ -39,7 +39,7 @@ lint: venv
 	$(VENV)/bin/ruff check moe_gen scripts tests
 
 bench: venv
-	$(PY) scripts/bench_moe_layer.py
+	$(PY) scripts/bench_moe_layer.py --quick
 
 clean:
 	rm -rf $(VENV) build *.egg-info

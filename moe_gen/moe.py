@@ -13,6 +13,7 @@ Shape legend: B batch, S sequence, T = B·S flattened tokens, D model width, D' 
 from __future__ import annotations
 
 import dataclasses
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
@@ -28,6 +29,9 @@ from moe_gen.routing.tags import TokenTags
 # Registering modules: importing them fills ROUTERS, GATES, EXPERTS and BACKENDS.
 import moe_gen.routing  # noqa: F401,E402  isort: skip
 import moe_gen.experts  # noqa: F401,E402  isort: skip
+
+if TYPE_CHECKING:
+    from moe_gen.experts.parallel import ExpertParallel
 
 __all__ = ["MoE", "MoEOutput"]
 
@@ -81,10 +85,18 @@ class MoE(nn.Module):
         if config.experts.shared_expert:
             hidden = config.experts.shared_hidden or config.d_hidden
             self.shared = DenseFFN(config.d_model, hidden, config.experts)
+        # Expert parallelism (set by moe_gen.experts.parallel.shard_experts): this rank then holds
+        # a slice of the experts, and dispatch → experts → combine runs across ranks instead.
+        self.expert_parallel: ExpertParallel | None = None
 
     def set_backend(self, name: str) -> None:
         """Switches the dispatch backend (same weights, same function)."""
         backend = BACKENDS.get(name)()
+        if backend.needs_shared_routes and self.expert_parallel is not None:
+            raise ValueError(
+                f"backend {name!r} merges experts per route for inference and cannot run with expert "
+                "parallelism; this layer's experts are sharded over processes"
+            )
         if backend.needs_shared_routes and self.router.content_dependent:
             raise ValueError(
                 f"backend {name!r} needs content-independent routes; strategy "
@@ -114,9 +126,12 @@ class MoE(nn.Module):
         routing = self.router(x_TD, tags_T, valid_T, segment_T)
         aux_losses = auxiliary_losses(routing, tags_T, self.config.router)
 
-        dispatched = self.backend.dispatch(x_TD, routing)
-        expert_outputs = self.backend.run(self.experts, dispatched)
-        y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
+        if self.expert_parallel is not None:  # tokens go to the ranks holding their experts
+            y_TD = self.expert_parallel(self.experts, x_TD, routing)
+        else:
+            dispatched = self.backend.dispatch(x_TD, routing)
+            expert_outputs = self.backend.run(self.experts, dispatched)
+            y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
         if y_TD is None:  # no assignment computed at all (every token padding or dropped)
             y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
 

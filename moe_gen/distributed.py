@@ -1,0 +1,261 @@
+"""Multi-process training helpers: start-up, gradient synchronisation with expert parallelism, a
+global gradient norm, and checkpoints of expert shards that load under any layout.
+
+Launch with ``torchrun --nproc_per_node N script.py``; in the script:
+
+    info = init_distributed()                   # nccl on GPUs, gloo on CPUs; a no-op without torchrun
+    model = GeneralistModel.build(...)          # same seed on every rank
+    plan = shard_experts(model, ep_size=2)      # moe_gen.experts.parallel
+    optimizer = torch.optim.AdamW(model.parameters())
+    loss = objective(batch)["loss"]; loss.backward()
+    sync_gradients(model, plan)                 # dense: mean over the world; experts: see below
+    clip_grad_norm_(model, 1.0, plan); optimizer.step()
+    save_shards(directory, "model", model.state_dict(), plan)
+
+The step equals one process holding every expert that minimises the mean of the ranks' losses.
+Dense gradients are averaged over all ranks. An expert's gradient already sums the contributions
+of the tokens that every rank of its EP group sent it (the all-to-all backward brings them home),
+so it is never all-reduced across the EP group: it is summed over the replicas that hold the same
+shard (when world > ep_size) and divided by the world size.
+
+Checkpoint tensors are keyed by parameter name, or ``"<parameter name>::<suffix>"`` for optimizer
+state (``exp_avg``); a key is expert-sharded when its parameter is an expert parameter and the
+tensor's dim 0 holds the local experts. Files (safetensors only):
+
+    {prefix}-dense.safetensors                      every other tensor; written by global rank 0; its
+                                                    metadata lists the expert files of the save
+    {prefix}-experts-{offset:04d}-{count:04d}.safetensors
+                                                    experts [offset, offset + count) of the layers
+                                                    with count·ep_size experts; written once per shard
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import json
+import os
+import tempfile
+from typing import Iterable, Union
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
+
+__all__ = [
+    "WorldInfo", "init_distributed", "world_info", "is_main_process", "barrier",
+    "sync_gradients", "clip_grad_norm_", "save_shards", "load_shards",
+]
+
+FORMAT = "moe_gen.expert_shards/1"
+_BUCKET_BYTES = 64 * 2**20  # gradients are all-reduced in flat buckets of at most this size
+
+
+@dataclasses.dataclass(frozen=True)
+class WorldInfo:
+    """Where this process stands: global rank, world size, local rank (GPU index), backend."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+    backend: str | None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _active() -> bool:
+    return dist.is_available() and dist.is_initialized()
+
+
+def world_info() -> WorldInfo:
+    """This process's ``WorldInfo`` (rank 0 of 1 when torch.distributed is not initialised)."""
+    if not _active():
+        return WorldInfo(rank=0, world_size=1, local_rank=0, backend=None)
+    return WorldInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
+                     local_rank=int(os.environ.get("LOCAL_RANK", 0)), backend=str(dist.get_backend()))
+
+
+def is_main_process() -> bool:
+    """Whether this is global rank 0 (or the only process)."""
+    return world_info().rank == 0
+
+
+def barrier() -> None:
+    """Waits for every process (nothing to wait for in a single process)."""
+    if _active():
+        dist.barrier()
+
+
+def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> WorldInfo:
+    """Joins the process group described by torchrun's environment variables.
+
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Without
+    ``RANK``/``WORLD_SIZE`` (not launched by torchrun) it does nothing and returns rank 0 of 1;
+    when the group already exists it returns its info.
+
+    Args:
+        backend: ``"nccl"`` or ``"gloo"``; ``None`` picks nccl when CUDA is available, else gloo.
+        timeout_s: how long a collective may wait for a peer. Finite, so that a crashed or stuck
+            process turns into an error on the others instead of an eternal hang (with NCCL the
+            watchdog then aborts the process).
+
+    Returns:
+        ``WorldInfo``.
+    """
+    if _active():
+        return world_info()
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:
+        return world_info()
+    missing = [name for name in ("MASTER_ADDR", "MASTER_PORT") if not os.environ.get(name)]
+    if missing:
+        raise ValueError(f"RANK and WORLD_SIZE are set but {', '.join(missing)} is not; launch with torchrun "
+                         "or set the rendezvous address and port")
+    if timeout_s <= 0:
+        raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        if local_rank >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+                             "device(s); launch at most one process per GPU")
+        torch.cuda.set_device(local_rank)
+        # Let the NCCL watchdog abort on a timeout rather than leave the process hanging.
+        os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
+    dist.init_process_group(backend=backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s))
+    return WorldInfo(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
+
+
+# ---- gradients --------------------------------------------------------------------------------
+
+
+def _split_params(model: nn.Module, plan: ExpertParallelPlan) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters, (dense, expert), in ``named_parameters`` order (the same on every rank)."""
+    dense, expert = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (expert if name in plan.expert_params else dense).append(param)
+    return dense, expert
+
+
+def _check_plan(model: nn.Module, plan: ExpertParallelPlan | None) -> ExpertParallelPlan:
+    if plan is None:
+        return expert_plan(model)
+    names = {name for name, _ in model.named_parameters()}
+    unknown = sorted(set(plan.expert_params) - names)
+    if unknown:
+        raise ValueError(f"the plan names expert parameters the model does not have, e.g. {unknown[:3]}; pass the "
+                         "model that shard_experts sharded (not a wrapper or a submodule)")
+    return plan
+
+
+def _all_reduce_grads(params: list[nn.Parameter], group, scale: float) -> None:
+    """Sums the gradients of ``params`` over ``group`` and multiplies them by ``scale``.
+
+    A missing gradient counts as zeros. A parameter whose gradient is missing on *every* rank of
+    the group keeps ``grad=None``, so the optimizer skips it as it would in one process; the
+    decision is itself all-reduced, so every rank takes part in the same collectives.
+    """
+    if not params:
+        return
+    device = params[0].device
+    has_grad = torch.tensor([p.grad is not None for p in params], dtype=torch.int32, device=device)
+    dist.all_reduce(has_grad, group=group)
+    synced = [p for p, flag in zip(params, has_grad.tolist()) if flag]
+    for p in synced:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    # Flat buckets by (device, dtype): one collective per bucket instead of one per tensor.
+    buckets: dict[tuple, list[list[torch.Tensor]]] = {}
+    filled: dict[tuple, int] = {}
+    for p in synced:
+        key = (p.grad.device, p.grad.dtype)
+        chain = buckets.setdefault(key, [[]])
+        if chain[-1] and filled[key] + p.grad.nbytes > _BUCKET_BYTES:
+            chain.append([])
+            filled[key] = 0
+        chain[-1].append(p.grad)
+        filled[key] = filled.get(key, 0) + p.grad.nbytes
+    for chain in buckets.values():
+        for grads in chain:
+            flat = torch.cat([g.reshape(-1) for g in grads])
+            dist.all_reduce(flat, group=group)
+            flat.mul_(scale)
+            offset = 0
+            for g in grads:
+                g.copy_(flat[offset:offset + g.numel()].view_as(g))
+                offset += g.numel()
+
+
+def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> None:
+    """Makes every rank's gradients those of the mean of the ranks' losses.
+
+    Call after ``backward`` and before clipping and the optimizer step, on every rank.
+
+    - Dense (replicated) parameters: averaged over the whole world (all-reduce, ÷ world).
+    - Expert parameters: each rank's expert gradient already sums the gradients of all the tokens
+      its EP group routed to it, so it is not all-reduced over the EP group; it is summed over the
+      replicas holding the same shard (world > ep_size) and divided by the world size.
+
+    Args:
+        model: the model ``shard_experts`` sharded (parameter names must match the plan).
+        plan: its plan; ``None`` reads it from the model (an unsharded model: plain data
+            parallelism).
+    """
+    if not _active() or dist.get_world_size() == 1:
+        return
+    plan = _check_plan(model, plan)
+    world = dist.get_world_size()
+    dense, expert = _split_params(model, plan)
+    _all_reduce_grads(dense, None, 1.0 / world)
+    if plan.replica_group is not None:
+        _all_reduce_grads(expert, plan.replica_group, 1.0 / world)
+    else:  # no other rank holds these experts: only the mean-of-losses scaling
+        for p in expert:
+            if p.grad is not None:
+                p.grad.mul_(1.0 / world)
+
+
+def clip_grad_norm_(model: nn.Module, max_norm: float, plan: ExpertParallelPlan | None = None) -> torch.Tensor:
+    """Clips gradients in place by the global L2 norm of the whole (unsharded) model's gradient.
+
+    Call after ``sync_gradients`` (so dense gradients are identical on every rank). Dense
+    gradients count once; expert shards are summed over the EP group. Every rank gets the same
+    norm and scales by the same factor, ``min(1, max_norm / (norm + 1e-6))`` as
+    ``torch.nn.utils.clip_grad_norm_``.
+
+    Args:
+        model: the model.
+        max_norm: the largest allowed norm (``float("inf")`` only measures).
+        plan: its plan (``None``: read from the model).
+
+    Returns:
+        The total norm before clipping, a float32 scalar tensor.
+    """
+    plan = _check_plan(model, plan)
+    dense, expert = _split_params(model, plan)
+    first = next(iter(model.parameters()), None)
+    device = first.device if first is not None else torch.device("cpu")
+
+    def squares(params: Iterable[nn.Parameter]) -> torch.Tensor:
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for p in params:
+            if p.grad is not None:
+                total = total + p.grad.detach().float().pow(2).sum()
+        return total
+
+    dense_sq, expert_sq = squares(dense), squares(expert)
+    if _active() and plan.ep_size > 1:
+        dist.all_reduce(expert_sq, group=plan.ep_group)
+    norm = (dense_sq + expert_sq).sqrt()
+    coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
+    for p in dense + expert:
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.dtype))
+    return norm

@@ -1,0 +1,332 @@
+"""Expert parallelism: each rank of an expert-parallel (EP) group holds a slice of every MoE layer's
+experts, and tokens travel to the rank that holds their expert and back.
+
+Shape legend: T tokens on this rank, D model width, D' expert output width, E experts of a layer,
+K assignment slots per token, P ranks in the EP group, L = E/P experts held per rank,
+N assignments this rank sends (sorted by expert), M rows this rank receives.
+
+Layout. The world of W processes is ``dp_size × ep_size``: EP groups are consecutive ranks
+(``[0, P)``, ``[P, 2P)``, ...), and rank ``r`` holds experts ``[(r mod P)·L, (r mod P + 1)·L)``.
+Ranks with the same ``r mod P`` hold the same shard: they form a *replica group*, across which
+expert gradients are averaged (``moe_gen.distributed.sync_gradients``). Routing is not sharded:
+router weights are replicated and every rank routes its own tokens over all E experts.
+
+The forward of one MoE layer on one rank (``ExpertParallel.__call__``):
+
+    sort computed assignments by expert       rows for rank q's experts form one block
+    all-to-all the counts [E]                 how many rows each rank sends me, per local expert
+    all-to-all the rows  [N, D] → [M, D]      uneven splits, possibly empty
+    regroup by local expert, forward_sorted   the same grouped kernel as the ``torch`` backend
+    all-to-all the outputs back [M, D'] → [N, D']
+    weight by the gate and index_add into [T, D']
+
+The all-to-alls are differentiable (their backward is the reverse all-to-all), so gradients reach
+the local expert weights, the inputs and the gate weights. They are collective: every rank of an
+EP group must call every MoE layer the same number of times, in the same order, and run backward
+through each call it made (the loss must depend on every MoE output, as it does through the
+residual stream). Ranks with no tokens still take part; they send and receive empty blocks.
+
+    plan = shard_experts(model, ep_size=2)   # after init_distributed(), before building the optimizer
+    loss = objective(batch)["loss"]; loss.backward()
+    moe_gen.distributed.sync_gradients(model, plan)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from moe_gen.moe import MoE
+from moe_gen.routing.router import RouterOutput
+
+__all__ = ["ExpertShard", "ExpertParallelPlan", "ExpertParallel", "shard_experts", "expert_plan"]
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertShard:
+    """The experts of one layer that this rank holds: global ids ``[offset, offset + count)`` of
+    ``total``."""
+
+    offset: int
+    count: int
+    total: int
+
+
+@dataclasses.dataclass
+class ExpertParallelPlan:
+    """How the experts of a model are laid out over the processes.
+
+    Attributes:
+        ep_size: P, ranks in an expert-parallel group (1: every rank holds every expert).
+        dp_size: data-parallel replicas of the EP group (world = dp_size · ep_size).
+        rank: this process's global rank.
+        world_size: number of processes.
+        ep_group: process group of this rank's EP group (None when ``ep_size == 1``).
+        replica_group: process group of the ranks holding the same shard as this rank (None when
+            ``dp_size == 1``: no other rank holds it).
+        layers: MoE module name → this rank's ``ExpertShard`` of it.
+        expert_params: parameter name → ``ExpertShard``, for every expert parameter (dim 0 = the
+            layer's local experts). Names are those of ``model.named_parameters()``.
+    """
+
+    ep_size: int
+    dp_size: int
+    rank: int
+    world_size: int
+    ep_group: dist.ProcessGroup | None
+    replica_group: dist.ProcessGroup | None
+    layers: dict[str, ExpertShard]
+    expert_params: dict[str, ExpertShard]
+
+    @property
+    def ep_rank(self) -> int:
+        """Position of this rank in its EP group (which shard it holds)."""
+        return self.rank % self.ep_size
+
+    @property
+    def replica_rank(self) -> int:
+        """Which data-parallel replica of the EP group this rank belongs to (0 writes checkpoints)."""
+        return self.rank // self.ep_size
+
+    def __deepcopy__(self, memo) -> "ExpertParallelPlan":
+        # Process groups cannot be copied, and a copied model still lives on the same processes.
+        return self
+
+
+class _AllToAll(torch.autograd.Function):
+    """``all_to_all_single`` on rows with uneven splits; the backward sends gradients back the
+    way the rows came (the same exchange with the splits swapped)."""
+
+    @staticmethod
+    def forward(ctx, x_ND, output_splits: list[int], input_splits: list[int], group):
+        ctx.splits, ctx.group = (output_splits, input_splits), group
+        out = x_ND.new_empty((sum(output_splits), *x_ND.shape[1:]))
+        dist.all_to_all_single(out, x_ND.contiguous(), output_splits, input_splits, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        output_splits, input_splits = ctx.splits
+        grad_in = grad_out.new_empty((sum(input_splits), *grad_out.shape[1:]))
+        dist.all_to_all_single(grad_in, grad_out.contiguous(), input_splits, output_splits, group=ctx.group)
+        return grad_in, None, None, None
+
+
+class ExpertParallel:
+    """The expert-parallel replacement for dispatch → experts → combine of one MoE layer.
+
+    Set as ``moe.expert_parallel`` by ``shard_experts``; ``MoE.forward`` then calls it instead of
+    its dispatch backend. Not a module: it holds no weights (the layer's ``experts`` hold the
+    local slice).
+
+    Args:
+        plan: the model's ``ExpertParallelPlan`` (groups, sizes).
+        shard: this layer's local experts.
+    """
+
+    def __init__(self, plan: ExpertParallelPlan, shard: ExpertShard) -> None:
+        self.plan, self.shard = plan, shard
+
+    def __repr__(self) -> str:
+        s = self.shard
+        return f"ExpertParallel(ep_size={self.plan.ep_size}, experts [{s.offset}, {s.offset + s.count}) of {s.total})"
+
+    def __call__(self, experts: nn.Module, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+        """Runs the computed assignments of ``routing`` on the ranks holding their experts.
+
+        Args:
+            experts: the layer's stacked experts, holding this rank's L experts.
+            x_TD: this rank's tokens.
+            routing: this rank's routing over all E experts.
+
+        Returns:
+            ``[T, D']``: Σ_k weight[t, k] · expert_{ids[t, k]}(x[t]) over computed assignments
+            (zero rows for padding and fully dropped tokens), as the ``torch`` backend computes.
+        """
+        P, L, E = self.plan.ep_size, self.shard.count, self.shard.total
+        group = self.plan.ep_group
+        assert routing.num_experts == E, (routing.num_experts, E)
+        T, K = routing.topk_ids.shape
+
+        # 1. Sort computed assignments by expert: rank q's experts [qL, (q+1)L) become one block.
+        flat_N = routing.mask.reshape(-1).nonzero().squeeze(1)
+        expert_N, order_N = torch.sort(routing.topk_ids.reshape(-1)[flat_N], stable=True)
+        flat_N = flat_N[order_N]
+        token_N, weight_N = flat_N // K, routing.topk_weights.reshape(-1)[flat_N]
+
+        # 2. Counts: send_E[e] rows I send to expert e; recv_E[q·L + l] rows rank q sends to my
+        # local expert l. Split sizes must be host integers (one device sync, as dropless
+        # dispatch needs anyway).
+        send_E = torch.bincount(expert_N, minlength=E)
+        recv_E = torch.empty_like(send_E)
+        dist.all_to_all_single(recv_E, send_E, group=group)
+        send_splits = send_E.view(P, L).sum(1).tolist()
+        recv_splits = recv_E.view(P, L).sum(1).tolist()
+
+        # 3. Rows out: arrive ordered by source rank, then by local expert within each source.
+        x_recv_MD = _AllToAll.apply(x_TD.index_select(0, token_N), recv_splits, send_splits, group)
+
+        # 4. Regroup by local expert for the grouped kernel, run, and restore the arrival order.
+        local_M = torch.arange(L, device=x_TD.device).repeat(P).repeat_interleave(recv_E)
+        by_expert_M = torch.sort(local_M, stable=True).indices
+        y_local_MD = experts.forward_sorted(x_recv_MD.index_select(0, by_expert_M),
+                                            recv_E.view(P, L).sum(0).tolist())
+        arrival_M = torch.empty_like(by_expert_M)
+        arrival_M[by_expert_M] = torch.arange(by_expert_M.numel(), device=x_TD.device)
+        y_recv_MD = y_local_MD.index_select(0, arrival_M)
+        if torch.is_grad_enabled() and x_recv_MD.shape[0] == 0:
+            y_recv_MD = _tie_to_graph(y_recv_MD, x_recv_MD, experts)
+
+        # 5. Outputs back to the ranks that sent the rows, in the order they were sent.
+        y_ND = _AllToAll.apply(y_recv_MD, send_splits, recv_splits, group)
+
+        # 6. Combine: gate-weighted scatter-add into the tokens (as TorchDispatch.combine).
+        weighted_ND = y_ND * weight_N.unsqueeze(1).to(y_ND.dtype)
+        return weighted_ND.new_zeros(T, weighted_ND.shape[1]).index_add(0, token_N, weighted_ND)
+
+
+def _tie_to_graph(y_MD: torch.Tensor, x_MD: torch.Tensor, experts: nn.Module) -> torch.Tensor:
+    """An empty expert output that depends, in the autograd graph, on the received rows and the
+    local weights.
+
+    A rank that receives no rows may get a constant from its experts (``LinearExperts`` returns
+    fresh zeros). Its backward would then skip the two all-to-alls that the other ranks run, and
+    they would wait forever. Adding a zero-valued scalar built from the inputs keeps both
+    exchanges in this rank's graph; the output is empty, so the values are unchanged.
+    """
+    anchor = x_MD.sum()
+    for p in experts.parameters():
+        if p.requires_grad:
+            anchor = anchor + p.sum() * 0.0
+    return y_MD + anchor.to(y_MD.dtype)
+
+
+def _moe_layers(model: nn.Module) -> list[tuple[str, MoE]]:
+    return [(name, module) for name, module in model.named_modules() if isinstance(module, MoE)]
+
+
+def _expert_param_names(name: str, moe: MoE) -> list[str]:
+    prefix = f"{name}.experts." if name else "experts."
+    return [prefix + pname for pname, _ in moe.experts.named_parameters()]
+
+
+def _process_info() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def shard_experts(model: nn.Module, ep_size: int) -> ExpertParallelPlan:
+    """Shards the experts of every MoE layer of ``model`` over expert-parallel groups of ``ep_size``.
+
+    Every process must call it, with the same model structure, after
+    ``moe_gen.distributed.init_distributed()`` and before building the optimizer (the expert
+    parameters are replaced). Rank r keeps experts ``[(r mod P)·E/P, (r mod P + 1)·E/P)`` of each
+    layer as new parameters sliced from the full stacked weights, so processes that built the model
+    from the same seed together hold exactly the single-process model.
+
+    Args:
+        model: any module containing ``MoE`` layers (a ``GeneralistModel``, a bare ``MoE``).
+        ep_size: P; must divide the world size and every layer's number of experts. 1 keeps every
+            expert on every rank (pure data parallelism) and only returns the plan.
+
+    Returns:
+        The ``ExpertParallelPlan`` (pass it to ``sync_gradients``, ``clip_grad_norm_``,
+        ``save_shards``, ``load_shards``).
+
+    Raises:
+        ValueError: ep_size is not a positive divisor of the world size or of a layer's E, a
+            layer uses the ``merged`` backend, or the model is already sharded.
+    """
+    if not isinstance(ep_size, int) or ep_size < 1:
+        raise ValueError(f"ep_size must be a positive integer, got {ep_size!r}")
+    layers = _moe_layers(model)
+    # Checks are identical on every rank, so every rank raises before any group is created.
+    for name, moe in layers:
+        label = name or "<root>"
+        if moe.expert_parallel is not None:
+            raise ValueError(f"MoE layer {label!r} is already sharded ({moe.expert_parallel!r})")
+        if moe.backend.needs_shared_routes:
+            raise ValueError(
+                f"MoE layer {label!r} uses backend {moe.config.backend!r}, which merges experts per route "
+                "for inference and cannot run with expert parallelism; use backend='torch'"
+            )
+        E = moe.config.num_experts
+        if E % ep_size:
+            raise ValueError(f"MoE layer {label!r} has E={E} experts, which is not divisible by ep_size P={ep_size}")
+        for pname, param in moe.experts.named_parameters():
+            if "." in pname:
+                raise ValueError(f"MoE layer {label!r}: expert parameter {pname!r} sits in a submodule; expert "
+                                 "parallelism slices the stacked parameters held by the experts module itself")
+            if param.dim() == 0 or param.shape[0] != E:
+                raise ValueError(f"MoE layer {label!r}: expert parameter {pname!r} has shape {tuple(param.shape)}; "
+                                 f"expert parallelism needs a leading dimension of E={E}")
+    rank, world = _process_info()
+    if world % ep_size:
+        initialised = dist.is_available() and dist.is_initialized()
+        raise ValueError(
+            f"ep_size={ep_size} must divide the number of processes, which is {world}"
+            + ("" if initialised else " (torch.distributed is not initialised; call init_distributed() "
+                                      "under torchrun first)")
+        )
+    dp_size = world // ep_size
+    ep_rank, replica_rank = rank % ep_size, rank // ep_size
+
+    # dist.new_group is collective over the world: every rank creates every group, in this order.
+    ep_group = replica_group = None
+    if ep_size > 1:
+        if dp_size == 1:
+            ep_group = dist.group.WORLD
+        else:
+            for d in range(dp_size):
+                group = dist.new_group(list(range(d * ep_size, (d + 1) * ep_size)))
+                if d == replica_rank:
+                    ep_group = group
+    if dp_size > 1:
+        if ep_size == 1:
+            replica_group = dist.group.WORLD
+        else:
+            for q in range(ep_size):
+                group = dist.new_group([q + d * ep_size for d in range(dp_size)])
+                if q == ep_rank:
+                    replica_group = group
+
+    plan = ExpertParallelPlan(ep_size=ep_size, dp_size=dp_size, rank=rank, world_size=world,
+                              ep_group=ep_group, replica_group=replica_group, layers={}, expert_params={})
+    for name, moe in layers:
+        E = moe.config.num_experts
+        L = E // ep_size
+        shard = ExpertShard(offset=ep_rank * L, count=L, total=E)
+        plan.layers[name] = shard
+        for full_name in _expert_param_names(name, moe):
+            plan.expert_params[full_name] = shard
+        if ep_size == 1:
+            continue
+        experts = moe.experts
+        for pname, param in list(experts.named_parameters(recurse=False)):
+            local = param.detach()[shard.offset:shard.offset + L].clone()
+            setattr(experts, pname, nn.Parameter(local, requires_grad=param.requires_grad))
+        experts.num_experts = L
+        moe.expert_parallel = ExpertParallel(plan, shard)
+    return plan
+
+
+def expert_plan(model: nn.Module) -> ExpertParallelPlan:
+    """The plan of ``model``: the one ``shard_experts`` attached, or, for an unsharded model, the
+    layout in which this process holds every expert (replicated over all processes)."""
+    layers = _moe_layers(model)
+    for _, moe in layers:
+        if moe.expert_parallel is not None:
+            return moe.expert_parallel.plan
+    rank, world = _process_info()
+    plan = ExpertParallelPlan(ep_size=1, dp_size=world, rank=rank, world_size=world, ep_group=None,
+                              replica_group=dist.group.WORLD if world > 1 else None, layers={}, expert_params={})
+    for name, moe in layers:
+        E = moe.config.num_experts
+        plan.layers[name] = ExpertShard(offset=0, count=E, total=E)
+        for full_name in _expert_param_names(name, moe):
+            plan.expert_params[full_name] = plan.layers[name]
+    return plan

@@ -1,0 +1,90 @@
+"""The ``moe-gen`` command: configuration and overrides, a killed run resumed exactly, eval and infer."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from moe_gen.cli import apply_overrides, load_run_config, main
+from moe_gen.trainer.logs import read_jsonl_log
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def test_dotted_overrides_are_typed_and_nested():
+    config = apply_overrides({"train": {"lr": 1.0}}, [
+        "--train.lr", "3e-4", "--train.steps", "7", "--train.progress", "false", "--model.router.strategy", "token",
+        "--train.modality_budget", "{AUDIO: 600}", "--tasks", "a,b", "--train.betas=[0.9, 0.95]"])
+    assert config == {"train": {"lr": 3e-4, "steps": 7, "progress": False, "modality_budget": {"AUDIO": 600},
+                                "betas": [0.9, 0.95]},
+                      "model": {"router": {"strategy": "token"}}, "tasks": ["a", "b"]}
+    with pytest.raises(ValueError, match="needs a value"):
+        apply_overrides({}, ["--train.lr"])
+
+
+def test_recipes_and_yaml_files_load_and_unknown_keys_fail(tmp_path):
+    demo = load_run_config("demo")
+    assert len(demo["tasks"]) >= 8 and demo["model"]["flavour"] == "tiny"
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: debug\ntrain:\n  steps: 3\ntasks: [table_species]\n")
+    config = load_run_config(str(path), ["--train.lr", "0.01"])
+    assert config["train"]["steps"] == 3 and config["train"]["lr"] == 0.01 and config["tasks"] == ["table_species"]
+    assert config["train"]["batch_size"] == 8  # the rest comes from the recipe
+    with pytest.raises(ValueError, match="unknown recipe"):
+        load_run_config("nope")
+    with pytest.raises(ValueError, match="unknown run configuration keys"):
+        load_run_config("debug", ["--trian.lr", "1"])
+
+
+def test_bad_train_key_is_reported_by_the_command(tmp_path, capsys):
+    code = main(["pretrain", "--config", "debug", "--output", str(tmp_path), "--train.lrr", "1"])
+    assert code == 2 and "unknown TrainConfig keys ['lrr']" in capsys.readouterr().err
+
+
+def _pretrain(output, *extra):
+    return [sys.executable, "-m", "moe_gen.cli", "pretrain", "--config", "debug", "--output", str(output),
+            "--train.steps", "12", "--train.checkpoint_every", "3", "--train.log_every", "1",
+            "--train.eval_limit", "4", *extra]
+
+
+def test_a_killed_run_resumes_with_the_same_losses(tmp_path):
+    """Stop a run with SIGKILL after a checkpoint, resume it, and compare the loss trace with a run
+    that never stopped."""
+    subprocess.run(_pretrain(tmp_path / "full"), check=True, env=ENV, capture_output=True, timeout=300)
+    full = read_jsonl_log(str(tmp_path / "full" / "logs" / "train.jsonl"))
+    assert [r["step"] for r in full] == list(range(1, 13))
+
+    killed = tmp_path / "killed"
+    process = subprocess.Popen(_pretrain(killed), env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    latest = killed / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    process.send_signal(signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    stopped_at = int(latest.read_text().split("-")[1])
+    assert stopped_at < 12
+
+    subprocess.run(_pretrain(killed, "--resume"), check=True, env=ENV, capture_output=True, timeout=300)
+    resumed = read_jsonl_log(str(killed / "logs" / "train.jsonl"))
+    assert [r["step"] for r in resumed] == list(range(1, 13))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in full]
+    results = json.load(open(killed / "eval.json"))
+    assert results["trained"] == json.load(open(tmp_path / "full" / "eval.json"))["trained"]
+
+    # the saved model answers from the command line
+    model_dir = str(killed / "model")
+    assert subprocess.run([sys.executable, "-m", "moe_gen.cli", "eval", model_dir, "--tasks", "table_species",
+                           "--limit", "5"], env=ENV, capture_output=True, text=True, check=True).stdout.count("|") > 4
+    out = subprocess.run([sys.executable, "-m", "moe_gen.cli", "infer", model_dir, "--task", "table_species",
+                          "--rows", "2"], env=ENV, capture_output=True, text=True, check=True).stdout
+    answers = [json.loads(line) for line in out.splitlines()]
+    assert len(answers) == 2 and all(a["text"] in ("setosa", "versicolor", "virginica") for a in answers)
