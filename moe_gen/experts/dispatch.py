@@ -139,7 +139,7 @@ class EinsumDispatch(DispatchBackend):
         T, K = routing.topk_ids.shape
         E, C = routing.num_experts, max(routing.capacity, 1)
         t_N, k_N = routing.mask.nonzero(as_tuple=True)
-        e_N, c_N = routing.topk_ids[t_N, k_N], routing.positions[t_N, k_N]
+        e_N, c_N = routing.topk_ids[t_N, k_N], routing.slot_positions()[t_N, k_N]
         dispatch_TEC = x_TD.new_zeros(T, E, C)
         dispatch_TEC[t_N, e_N, c_N] = 1.0
         combine_TEC = torch.zeros(T, E, C, dtype=routing.topk_weights.dtype, device=x_TD.device)
@@ -196,6 +196,8 @@ class MergedDispatch(DispatchBackend):
         self._cache_stamp = None
 
     def dispatch(self, x_TD, routing):
+        if routing.group_T is not None:
+            return self._dispatch_groups(x_TD, routing)
         mask_TK = routing.mask
         has_route_T = mask_TK.any(-1)
         key_TX = torch.cat(
@@ -217,6 +219,36 @@ class MergedDispatch(DispatchBackend):
             t = token_N[first]
             keep_K = mask_TK[t]
             routes.append((routing.topk_ids[t][keep_K], routing.topk_weights[t][keep_K]))
+        return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, routes))
+
+    def _dispatch_groups(self, x_TD, routing):
+        """The router shared one route per tag group (``group_T``): routes are compared over the G
+        group rows only, and tokens are ordered by a single sort of their route index."""
+        first_G, group_T = routing.group_first_G, routing.group_T
+        mask_GK, ids_GK = routing.mask[first_G], routing.topk_ids[first_G]
+        weights_GK = routing.topk_weights[first_G]
+        key_GX = torch.cat([torch.where(mask_GK, ids_GK, -1).to(weights_GK.dtype), weights_GK.detach()], dim=1)
+        order_G = _lexsort_rows(key_GX)
+        sorted_GX = key_GX[order_G]
+        new_route = torch.ones(order_G.numel(), dtype=torch.bool, device=order_G.device)
+        new_route[1:] = (sorted_GX[1:] != sorted_GX[:-1]).any(1)
+        route_G = torch.empty_like(order_G)
+        route_G[order_G] = new_route.cumsum(0) - 1
+        has_route_T = routing.mask.any(-1)
+        route_T = torch.where(has_route_T, route_G[group_T], -1)
+        sorted_route_N, token_N = torch.sort(route_T, stable=True)
+        token_N = token_N[sorted_route_N >= 0]
+        if not token_N.numel():
+            return Dispatched(x_TD[:0], _Groups(token_N, [], []))
+        counts_R = torch.bincount(route_T[has_route_T], minlength=int(new_route.sum()))
+        carrier_R = order_G[new_route]  # a group row carrying each route
+        routes, counts = [], []
+        for r, count in enumerate(counts_R.tolist()):
+            if count:
+                g = carrier_R[r]
+                keep_K = mask_GK[g]
+                routes.append((ids_GK[g][keep_K], weights_GK[g][keep_K]))
+                counts.append(count)
         return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, routes))
 
     def clear_cache(self) -> None:

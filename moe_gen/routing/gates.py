@@ -50,10 +50,14 @@ class Gate:
             loss has nothing to do (expert choice, BASE assignment) or no parameters to act on
             (hash).
         learned: whether the gate has a trainable projection (the hash gate does not).
+        rowwise: each token's choice depends on its own scores only (top-k, hash), so tokens with
+            identical scores can share one decision; False for gates that weigh tokens against
+            each other (expert choice, balanced assignment).
     """
 
     balanced_by_construction = False
     learned = True
+    rowwise = False
 
     def __init__(self, num_experts: int, top_k: int, normalize: bool) -> None:
         self.num_experts = num_experts
@@ -82,6 +86,8 @@ class Gate:
 @GATES.register("topk")
 class TopKGate(Gate):
     """Softmax top-k (Shazeer 2017; GShard k=2; Switch k=1; Mixtral k=2 renormalised)."""
+
+    rowwise = True
 
     def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
         ids_TK = scores_TE.topk(self.top_k, dim=-1).indices
@@ -172,6 +178,7 @@ class HashGate(Gate):
 
     balanced_by_construction = True
     learned = False
+    rowwise = True
 
     def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
         ids_TK = scores_TE.topk(self.top_k, dim=-1).indices

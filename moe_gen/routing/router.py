@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import Optional
 
 import torch
 from torch import nn
@@ -34,7 +35,9 @@ class RouterOutput:
         topk_ids: long ``[T, K]`` expert of each assignment.
         topk_weights: float32 ``[T, K]`` gate weight; 0 for dropped or absent assignments.
         mask: bool ``[T, K]`` the assignment is computed (chosen, valid token, within capacity).
-        positions: long ``[T, K]`` slot of the assignment in its expert (for padded layouts).
+        positions: long ``[T, K]`` slot of the assignment in its expert (for padded layouts);
+            None for dropless routing until ``slot_positions()`` computes it (only padded layouts
+            need it, and it costs a sort).
         capacity: slots per expert (for dropless: the largest expert load in this call).
         probs: float32 ``[T, E]`` router probabilities (zero rows for padding).
         logits: float32 ``[T, E]`` router logits, before noise.
@@ -47,6 +50,8 @@ class RouterOutput:
         content_dependent: whether routes depend on the hidden state (False for tag routing).
         balanced_by_construction: the gate balances load itself (no balance loss applies).
         learned_gate: the gate projection is trained (False for the hash gate: no z-loss).
+        group_T, group_first_G: for content-independent routing, the tag group of each token and
+            the first token of each group (every member of a group has that token's route).
     """
 
     topk_ids: torch.Tensor
@@ -63,10 +68,18 @@ class RouterOutput:
     content_dependent: bool
     balanced_by_construction: bool
     learned_gate: bool
+    group_T: Optional[torch.Tensor] = None
+    group_first_G: Optional[torch.Tensor] = None
 
     @property
     def num_experts(self) -> int:
         return self.probs.shape[1]
+
+    def slot_positions(self) -> torch.Tensor:
+        """``positions``, computed in token order on first use when routing was dropless."""
+        if self.positions is None:
+            self.positions, _ = slot_positions(self.topk_ids, self.mask, self.num_experts)
+        return self.positions
 
 
 class Router(nn.Module):
@@ -120,16 +133,13 @@ class Router(nn.Module):
 
         # Rows the router scores: every token, or one representative per tag group.
         rows_x, rows_tags, rows_segment, rows_valid = x_TD, tags, segment_T, valid_T
-        group_T = None
+        group_T = first_G = None
         if not self.content_dependent and x_TD.shape[0] > 0:
             # Route each tag group once and broadcast: identical routes for all members, bit
-            # for bit (and G rows of work instead of T). Noise, too, is drawn per group.
-            _, group_T = torch.unique(tags.group_key(), return_inverse=True)
-            token_T = torch.arange(x_TD.shape[0], device=x_TD.device)
-            first_G = torch.full((int(group_T.max()) + 1,), x_TD.shape[0], device=x_TD.device)
-            first_G = first_G.scatter_reduce(0, group_T, token_T, "amin")
-            rows_x, rows_tags = x_TD[first_G], tags.select(first_G)
-            rows_segment, rows_valid = segment_T[first_G], valid_T[first_G]
+            # for bit (and G rows of work instead of T). Noise, too, is drawn per group. The
+            # groups are computed once per tags object, so once per forward for all layers.
+            group_T, first_G, rows_tags = tags.groups()
+            rows_x, rows_segment, rows_valid = x_TD[first_G], segment_T[first_G], valid_T[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
             z_TD = self.input(rows_x, rows_tags, rows_segment, rows_valid).float()
@@ -151,14 +161,25 @@ class Router(nn.Module):
                 probs_TE = logits_TE.softmax(-1)
             else:
                 probs_TE = logits_TE.softmax(-1)
-            if group_T is not None:
-                logits_TE, scores_TE, probs_TE = logits_TE[group_T], scores_TE[group_T], probs_TE[group_T]
-            probs_TE = torch.where(valid_T.unsqueeze(1), probs_TE, 0.0)
-
-            choice = self.gate.choose(
-                scores_TE, probs_TE, valid_T, capacity_factor=cfg.capacity_factor,
-                training=self.training,
-            )
+            if group_T is not None and type(self.gate).rowwise:
+                # A row-wise gate decides each group from its one row; members take that choice
+                # (padding members none): equal to gating every token, at G rows of work.
+                choice = self.gate.choose(scores_TE, probs_TE, torch.ones_like(rows_valid),
+                                          capacity_factor=cfg.capacity_factor, training=self.training)
+                keep_TK = valid_T.unsqueeze(1)
+                choice = dataclasses.replace(
+                    choice, ids_TK=choice.ids_TK[group_T], mask_TK=choice.mask_TK[group_T] & keep_TK,
+                    weights_TK=torch.where(keep_TK, choice.weights_TK[group_T], 0.0))
+                logits_TE, probs_TE = logits_TE[group_T], probs_TE[group_T]
+                probs_TE = torch.where(valid_T.unsqueeze(1), probs_TE, 0.0)
+            else:
+                if group_T is not None:
+                    logits_TE, scores_TE, probs_TE = logits_TE[group_T], scores_TE[group_T], probs_TE[group_T]
+                probs_TE = torch.where(valid_T.unsqueeze(1), probs_TE, 0.0)
+                choice = self.gate.choose(
+                    scores_TE, probs_TE, valid_T, capacity_factor=cfg.capacity_factor,
+                    training=self.training,
+                )
 
         ids_TK, mask_TK, weights_TK = choice.ids_TK, choice.mask_TK, choice.weights_TK
         if choice.positions_TK is not None:
@@ -166,27 +187,38 @@ class Router(nn.Module):
             positions_TK, capacity = choice.positions_TK, int(choice.capacity)
             keep_TK = mask_TK
         else:
-            priority_T = None
-            if cfg.drop_policy == "batch_prioritized":
-                priority_T = torch.argsort(weights_TK.max(-1).values, descending=True, stable=True)
-            positions_TK, load_E = slot_positions(ids_TK, mask_TK, E, priority_T)
             if cfg.capacity_factor is None:
-                capacity = int(load_E.max()) if load_E.numel() else 0
-                keep_TK = mask_TK
+                # Dropless: every assignment is kept; slots are computed only if a padded layout
+                # asks (RouterOutput.slot_positions).
+                positions_TK, keep_TK = None, mask_TK
             else:
+                priority_T = None
+                if cfg.drop_policy == "batch_prioritized":
+                    priority_T = torch.argsort(weights_TK.max(-1).values, descending=True, stable=True)
+                positions_TK, load_E = slot_positions(ids_TK, mask_TK, E, priority_T)
                 num_valid = int(valid_T.sum())
                 capacity = capacity_for(num_valid, cfg.top_k, E, cfg.capacity_factor, cfg.min_capacity)
                 keep_TK = mask_TK & (positions_TK < capacity)
 
         weights_TK = torch.where(keep_TK, weights_TK, 0.0)
         expert_counts_E = torch.bincount(ids_TK[keep_TK], minlength=E)
+        if positions_TK is None:
+            capacity = int(expert_counts_E.max()) if expert_counts_E.numel() else 0
+        if group_T is not None and not (type(self.gate).rowwise and cfg.capacity_factor is None):
+            group_T = first_G = None  # members' routes may differ (drops, or a gate weighing tokens)
+        if group_T is not None:
+            # Each group's representative: its first valid member (any member if none is valid).
+            token_T = torch.arange(valid_T.shape[0], device=valid_T.device)
+            first_G = first_G.scatter_reduce(0, group_T, torch.where(valid_T, token_T, valid_T.shape[0]), "amin",
+                                             include_self=False).clamp_max(valid_T.shape[0] - 1)
+            first_G = torch.where(valid_T[first_G], first_G, tags.groups()[1])
         dropped_assignments = (mask_TK & ~keep_TK).sum()
         dropped_tokens = (valid_T & ~keep_TK.any(-1)).sum()
         return RouterOutput(
             topk_ids=ids_TK,
             topk_weights=weights_TK,
             mask=keep_TK,
-            positions=torch.where(keep_TK, positions_TK, 0),
+            positions=None if positions_TK is None else torch.where(keep_TK, positions_TK, 0),
             capacity=capacity,
             probs=probs_TE,
             logits=logits_TE,
@@ -197,4 +229,6 @@ class Router(nn.Module):
             content_dependent=self.content_dependent,
             balanced_by_construction=type(self.gate).balanced_by_construction,
             learned_gate=type(self.gate).learned,
+            group_T=group_T,
+            group_first_G=first_G,
         )

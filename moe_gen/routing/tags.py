@@ -12,6 +12,7 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from typing import Sequence, Union
 
 import torch
@@ -43,6 +44,9 @@ def modality_index(name: Union[str, int]) -> int:
 def attribute_dim(num_modalities: int, num_roles: int, num_passes: int) -> int:
     """Width A of the attribute vector built by ``TokenTags.attribute_vector``."""
     return 2 * num_modalities + num_roles + 1 + num_passes
+
+
+_DERIVED: dict[int, dict] = {}  # id(tags) → values derived from them (see TokenTags._memo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -138,10 +142,40 @@ class TokenTags:
             sample=None if self.sample is None else fn(self.sample),
         )
 
+    def _memo(self, key, compute):
+        """Derived values computed once per tags object: every MoE layer of a forward pass gets
+        the same tags, so flattening, validation and tag grouping run once, not once per layer.
+        Tags are treated as immutable once used (``dataclasses.replace`` makes a fresh object)."""
+        memo = _DERIVED.get(id(self))
+        if memo is None:
+            # kept beside the object (not in its __dict__, which users rebuild tags from) and
+            # dropped when the object is collected
+            memo = _DERIVED[id(self)] = {}
+            weakref.finalize(self, _DERIVED.pop, id(self), None)
+        if key not in memo:
+            memo[key] = compute()
+        return memo[key]
+
     def flatten(self) -> "TokenTags":
         """Tags for ``[T]`` tokens (token dims merged, ``task_modalities`` stays ``[T, M]``)."""
         n = self.task.numel()
-        return self._map(lambda t: t.reshape(n, *t.shape[self.task.dim():]))
+        return self._memo("flat", lambda: self._map(lambda t: t.reshape(n, *t.shape[self.task.dim():])))
+
+    def groups(self) -> tuple[torch.Tensor, torch.Tensor, "TokenTags"]:
+        """Tag groups of flattened tags ``[T]``: ``group_T`` (long, group of each token, groups
+        numbered in key order), ``first_G`` (long, first token of each group) and the tags of
+        those first tokens ``[G]``."""
+        def compute():
+            if self.task.dim() != 1:
+                raise ValueError(f"groups() needs flattened tags [T], got shape {tuple(self.shape)}")
+            _, group_T = torch.unique(self.group_key(), return_inverse=True)
+            T = group_T.shape[0]
+            token_T = torch.arange(T, device=group_T.device)
+            first_G = torch.full((int(group_T.max()) + 1 if T else 0,), T, device=group_T.device)
+            first_G = first_G.scatter_reduce(0, group_T, token_T, "amin")
+            return group_T, first_G, self.select(first_G)
+
+        return self._memo("groups", compute)
 
     def select(self, index: torch.Tensor) -> "TokenTags":
         """Tags of a subset of flattened tokens (``index``: bool mask ``[T]`` or long ids)."""
@@ -161,6 +195,14 @@ class TokenTags:
     ) -> None:
         """Raises ``ValueError`` naming the tag at fault: shape, dtype or out-of-range value."""
         shape = tuple(shape)
+        key = ("validated", shape, num_modalities, num_roles, num_passes, num_tasks)
+        if _DERIVED.get(id(self), {}).get(key):
+            return
+        self._validate(shape, num_modalities=num_modalities, num_roles=num_roles, num_passes=num_passes,
+                       num_tasks=num_tasks)
+        self._memo(key, lambda: True)
+
+    def _validate(self, shape, *, num_modalities, num_roles, num_passes, num_tasks) -> None:
         limits = {
             "task": num_tasks, "modality": num_modalities, "role": num_roles, "pass_id": num_passes,
         }
