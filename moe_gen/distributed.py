@@ -203,6 +203,9 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> 
       its EP group routed to it, so it is not all-reduced over the EP group; it is summed over the
       replicas holding the same shard (world > ep_size) and divided by the world size.
 
+    A missing gradient counts as zeros; a parameter without a gradient on every rank keeps
+    ``grad=None`` (the optimizer skips it, as in one process).
+
     Args:
         model: the model ``shard_experts`` sharded (parameter names must match the plan).
         plan: its plan; ``None`` reads it from the model (an unsharded model: plain data
@@ -259,3 +262,180 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, plan: ExpertParallelPlan 
         if p.grad is not None:
             p.grad.mul_(coef.to(p.grad.dtype))
     return norm
+
+
+# ---- checkpoints of expert shards -------------------------------------------------------------
+
+
+def _as_plan(model_or_plan: Union[nn.Module, ExpertParallelPlan]) -> ExpertParallelPlan:
+    if isinstance(model_or_plan, ExpertParallelPlan):
+        return model_or_plan
+    if isinstance(model_or_plan, nn.Module):
+        return expert_plan(model_or_plan)
+    raise ValueError(f"expected a model or an ExpertParallelPlan, got {type(model_or_plan).__name__}")
+
+
+def _param_name(key: str) -> str:
+    """``"enc.w_in::exp_avg"`` → ``"enc.w_in"``."""
+    return key.split("::", 1)[0]
+
+
+def _expert_file(prefix: str, offset: int, count: int) -> str:
+    return f"{prefix}-experts-{offset:04d}-{count:04d}.safetensors"
+
+
+def _dense_file(prefix: str) -> str:
+    return f"{prefix}-dense.safetensors"
+
+
+def _write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+    """Writes a safetensors file under a temporary name in the same directory, then renames it:
+    a reader sees the old file or the complete new one, never a partial one."""
+    from safetensors.torch import save_file
+
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".safetensors")
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
+def save_shards(
+    directory: str,
+    prefix: str,
+    tensors: dict[str, torch.Tensor],
+    model_or_plan: Union[nn.Module, ExpertParallelPlan],
+) -> list[str]:
+    """Writes name-keyed tensors (model weights or optimizer state) so that any layout can read them.
+
+    Every rank calls it with the same keys. Dense tensors (and scalar state such as an expert's
+    ``::step``) are written once, by global rank 0; each shard's expert tensors are written by the
+    first replica holding it (ranks ``[0, ep_size)``), with the shard's global expert offset and
+    the layer's E in the file metadata. There are no collectives here, so a failure on one rank
+    cannot hang the others: synchronise (barrier) before reading the files.
+
+    Args:
+        directory: where to write (created if missing).
+        prefix: file-name prefix, e.g. ``"model"`` or ``"optimizer"``.
+        tensors: key → tensor; keys are parameter or buffer names (``state_dict`` names), or
+            ``"<parameter name>::<suffix>"``. Tensors of expert parameters hold this rank's local
+            experts on dim 0.
+        model_or_plan: the model (sharded or not) or its ``ExpertParallelPlan``.
+
+    Returns:
+        Paths of the files this rank wrote.
+
+    Raises:
+        ValueError: an expert tensor's dim 0 is not this rank's number of local experts.
+    """
+    plan = _as_plan(model_or_plan)
+    dense: dict[str, torch.Tensor] = {}
+    by_shard: dict[ExpertShard, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"save_shards stores tensors only; {key!r} is a {type(tensor).__name__}")
+        shard = plan.expert_params.get(_param_name(key))
+        value = tensor.detach().to("cpu").contiguous()
+        if shard is None or value.dim() == 0:
+            dense[key] = value
+        elif value.shape[0] != shard.count:
+            raise ValueError(f"{key!r} belongs to an expert parameter of which this rank holds {shard.count} experts "
+                             f"(of {shard.total}), but its dim 0 is {value.shape[0]} (shape {tuple(value.shape)})")
+        else:
+            by_shard.setdefault(shard, {})[key] = value
+    os.makedirs(directory, exist_ok=True)
+    written = []
+    if plan.replica_rank == 0:
+        for shard, group in by_shard.items():
+            path = os.path.join(directory, _expert_file(prefix, shard.offset, shard.count))
+            _write_atomic(path, group, {"format": FORMAT, "offset": str(shard.offset), "count": str(shard.count),
+                                        "total": str(shard.total)})
+            written.append(path)
+    if plan.rank == 0:
+        # The manifest: every expert file of this save (rank 0's groups stand for every rank's, as
+        # all ranks hold the same keys), so that readers ignore stale files and name missing ones.
+        manifest = [{"total": s.total, "count": s.count, "keys": sorted(group)}
+                    for s, group in sorted(by_shard.items(), key=lambda item: (item[0].total, item[0].count))]
+        path = os.path.join(directory, _dense_file(prefix))
+        _write_atomic(path, dense, {"format": FORMAT, "ep_size": str(plan.ep_size), "experts": json.dumps(manifest)})
+        written.append(path)
+    return written
+
+
+def load_shards(
+    directory: str,
+    prefix: str,
+    model_or_plan: Union[nn.Module, ExpertParallelPlan],
+) -> dict[str, torch.Tensor]:
+    """Reads tensors written by ``save_shards`` for the *current* layout, whatever the layout of
+    the writer: each expert tensor is assembled from the files holding this rank's experts.
+
+    Args:
+        directory: the checkpoint directory.
+        prefix: the prefix given to ``save_shards``.
+        model_or_plan: the model that will receive them (sharded or not) or its plan. Expert
+            parameters the model does not shard come back with all E experts.
+
+    Returns:
+        key → CPU tensor: dense tensors as saved, expert tensors with this rank's local experts on
+        dim 0 (ready for ``model.load_state_dict`` when they are weights).
+
+    Raises:
+        FileNotFoundError: the dense file, or an expert file holding needed experts, is missing
+            (the message names the expert range).
+        ValueError: the files are not from ``save_shards``, or a layer's E differs from the model's.
+    """
+    from safetensors import safe_open
+
+    plan = _as_plan(model_or_plan)
+    dense_path = os.path.join(directory, _dense_file(prefix))
+    if not os.path.exists(dense_path):
+        raise FileNotFoundError(f"no {prefix!r} shards in {directory}: {os.path.basename(dense_path)} is missing")
+    with safe_open(dense_path, framework="pt") as f:
+        metadata = f.metadata() or {}
+        if metadata.get("format") != FORMAT:
+            raise ValueError(f"{dense_path} was not written by save_shards (format {metadata.get('format')!r})")
+        out = {key: f.get_tensor(key) for key in f.keys()}
+
+    for group in json.loads(metadata["experts"]):
+        total, count, keys = int(group["total"]), int(group["count"]), list(group["keys"])
+        # Which experts this rank needs, per key: its shard of the layer, or all of them.
+        needed: dict[tuple[int, int], list[str]] = {}
+        for key in keys:
+            shard = plan.expert_params.get(_param_name(key))
+            if shard is not None and shard.total != total:
+                raise ValueError(f"{key!r}: the checkpoint's layer has {total} experts, this model's {shard.total}")
+            span = (0, total) if shard is None else (shard.offset, shard.offset + shard.count)
+            needed.setdefault(span, []).append(key)
+        for (lo, hi), span_keys in needed.items():
+            pieces: dict[str, list[torch.Tensor]] = {key: [] for key in span_keys}
+            for offset in range(0, total, count):
+                a, b = max(lo, offset), min(hi, offset + count)
+                if a >= b:
+                    continue
+                name = _expert_file(prefix, offset, count)
+                path = os.path.join(directory, name)
+                if not os.path.exists(path):
+                    raise FileNotFoundError(
+                        f"{prefix!r} shards in {directory} lack {name}, which holds experts "
+                        f"{offset}..{offset + count - 1} of the {total}-expert layers (e.g. {span_keys[0]!r}); "
+                        "the checkpoint is incomplete"
+                    )
+                with safe_open(path, framework="pt") as f:
+                    found = f.metadata() or {}
+                    expected = {"format": FORMAT, "offset": str(offset), "count": str(count), "total": str(total)}
+                    if any(found.get(k) != v for k, v in expected.items()):
+                        raise ValueError(f"{path} does not match the manifest of {_dense_file(prefix)} (expected "
+                                         f"{expected}, found {found}); it is from another save")
+                    present = set(f.keys())
+                    for key in span_keys:
+                        if key not in present:
+                            raise ValueError(f"{path} lacks {key!r}, which the manifest lists")
+                        pieces[key].append(f.get_slice(key)[a - offset:b - offset])
+            for key, parts in pieces.items():
+                out[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
+    return out

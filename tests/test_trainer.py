@@ -182,15 +182,15 @@ def test_trainable_selection_freezes_the_rest(tasks, tok):
 
 
 def test_finetuning_adds_a_task_and_trains_only_its_new_adapter(tok, tmp_path):
-    digits = load_preset("digit_classification", "train", limit=20)
-    model = build([digits], tok)
+    tables = load_preset("table_species", "train", limit=20)
+    model = build([tables], tok)
     model.save_pretrained(str(tmp_path / "pre"))
     loaded = GeneralistModel.from_pretrained(str(tmp_path / "pre"))
-    tables = load_preset("table_species", "train", limit=20)
+    digits = load_preset("digit_classification", "train", limit=20)  # images: needs a new adapter
     before = {k: v.clone() for k, v in loaded.state_dict().items()}
-    trainer = Trainer(loaded, [tables], quiet(steps=3, batch_size=4, trainable="new_adapters"),
+    trainer = Trainer(loaded, [digits], quiet(steps=3, batch_size=4, trainable="new_adapters"),
                       output_dir=str(tmp_path / "ft"))
-    assert trainer.new_adapters and "table_species" in loaded.task_ids
+    assert trainer.new_adapters and "digit_classification" in loaded.task_ids
     trainer.fit()
     after = loaded.state_dict()
     changed = {k for k in after if k not in before or not torch.equal(before[k], after[k])}

@@ -194,8 +194,9 @@ def _tie_to_graph(y_MD: torch.Tensor, x_MD: torch.Tensor, experts: nn.Module) ->
 
     A rank that receives no rows may get a constant from its experts (``LinearExperts`` returns
     fresh zeros). Its backward would then skip the two all-to-alls that the other ranks run, and
-    they would wait forever. Adding a zero-valued scalar built from the inputs keeps both
-    exchanges in this rank's graph; the output is empty, so the values are unchanged.
+    the ranks' collectives would no longer match (a hang, or a garbled exchange). Adding a scalar
+    built from the inputs keeps both exchanges in this rank's graph; the output is empty, so no
+    value changes.
     """
     anchor = x_MD.sum()
     for p in experts.parameters():

@@ -1,0 +1,183 @@
+"""Training benchmark: tokens/s of the tiny generalist on 1 process and on 2 processes (data parallel,
+and expert parallel over 2 processes), and where a step's time goes.
+
+Usage:
+    python scripts/bench_train.py                       # tiny flavour, token routing, 10 timed steps
+    python scripts/bench_train.py --steps 5 --flavour debug --router attribute
+
+Each configuration trains the same task mixture (8 built-in tasks, ``--batch-size`` samples per
+process per step) with the ``Trainer``. Time shares come from timers around the library's own
+functions (exclusive of nested timed calls): data (sampling, encoding, collation), routing (router
+and auxiliary losses), dispatch (ordering tokens by expert and combining; with expert parallelism
+also the two all-to-all exchanges), experts (the expert FFNs), attention, other forward work
+(embeddings, norms, heads, losses), backward (all of it: autograd does not attribute it to
+modules), and sync + clip + optimizer. Forward parts are forward only. Prints tables and writes
+JSON (--out, default bench_results/train.json).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+TASKS = ["digit_classification", "spoken_word_classification", "motion_classification", "table_species",
+         "video_classification", "visual_grounding", "doc_topic", "text_to_speech"]
+PARTS = ["data", "routing", "dispatch", "experts", "attention", "other forward", "backward", "sync+clip+optim"]
+
+
+class Timers:
+    """Exclusive wall time per category: a timed call nested in another is not counted twice."""
+
+    def __init__(self) -> None:
+        self.total: dict[str, float] = collections.defaultdict(float)
+        self._stack: list[float] = []
+
+    def wrap(self, category: str, fn):
+        def timed(*args, **kwargs):
+            self._stack.append(0.0)
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                elapsed = time.perf_counter() - start
+                nested = self._stack.pop()
+                self.total[category] += elapsed - nested
+                if self._stack:
+                    self._stack[-1] += elapsed
+        return timed
+
+
+def instrument(timers: Timers) -> None:
+    """Wraps the functions whose time is reported (in this process only)."""
+    from moe_gen import moe as moe_module
+    from moe_gen.experts import dispatch, experts
+    from moe_gen.experts.parallel import ExpertParallel
+    from moe_gen.model.transformer import Attention
+    from moe_gen.routing.router import Router
+    from moe_gen.trainer import sampling, trainer
+
+    patches = [
+        (sampling.TaskSampler, "next_batch", "data"),
+        (Router, "forward", "routing"),
+        (dispatch.TorchDispatch, "dispatch", "dispatch"),
+        (dispatch.TorchDispatch, "combine", "dispatch"),
+        (ExpertParallel, "__call__", "dispatch"),
+        (experts.StackedExperts, "forward_sorted", "experts"),
+        (experts.LinearExperts, "forward_sorted", "experts"),
+        (Attention, "forward", "attention"),
+        (torch.Tensor, "backward", "backward"),
+        (trainer.Trainer, "_clip", "sync+clip+optim"),
+        (torch.optim.AdamW, "step", "sync+clip+optim"),
+    ]
+    for owner, name, category in patches:
+        setattr(owner, name, timers.wrap(category, getattr(owner, name)))
+    trainer.collate = timers.wrap("data", trainer.collate)
+    moe_module.auxiliary_losses = timers.wrap("routing", moe_module.auxiliary_losses)
+
+
+def run(args, rank: int = 0, world: int = 1, expert_parallel: int = 1) -> dict:
+    """Builds the model and trainer, times ``args.steps`` steps after warm-up; returns the numbers."""
+    from moe_gen.config import RouterConfig
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+    from moe_gen.trainer import Trainer, TrainConfig
+
+    torch.manual_seed(0)
+    tasks = [load_preset(n, "train") for n in TASKS]
+    model = GeneralistModel.build(flavour(args.flavour, router=RouterConfig(strategy=args.router)), tasks,
+                                  Tokenizer.default())
+    timers = Timers()
+    instrument(timers)
+    config = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch_size, progress=False,
+                         tensorboard=False, expert_parallel=expert_parallel, warmup_steps=1)
+    with tempfile.TemporaryDirectory() as tmp:
+        trainer = Trainer(model, tasks, config, output_dir=tmp)
+        for step in range(1, args.warmup + 1):
+            trainer.train_step(step)
+        timers.total.clear()
+        times, positions = [], 0
+        for step in range(args.warmup + 1, args.warmup + args.steps + 1):
+            start = time.perf_counter()
+            record = trainer.train_step(step)
+            times.append(time.perf_counter() - start)
+            positions += record["tokens_per_s"] * record["step_time"]  # all processes' positions
+    total = sum(times)
+    shares = {part: timers.total.get(part, 0.0) / total for part in PARTS if part != "other forward"}
+    shares["other forward"] = max(0.0, 1.0 - sum(shares.values()))
+    return {"processes": world, "expert_parallel": expert_parallel, "threads": torch.get_num_threads(),
+            "tokens_per_s": positions / total, "step_s_median": statistics.median(times),
+            "shares": {p: shares[p] for p in PARTS}}
+
+
+def _worker(rank: int, world: int, port: int, args, expert_parallel: int, out: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(args.threads_per_process)
+    from moe_gen import distributed
+
+    distributed.init_distributed(backend="gloo", timeout_s=300)
+    result = run(args, rank, world, expert_parallel)
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(result, f)
+    torch.distributed.destroy_process_group()
+
+
+def run_processes(args, world: int, expert_parallel: int) -> dict:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        torch.multiprocessing.spawn(_worker, args=(world, port, args, expert_parallel, out), nprocs=world)
+        with open(out) as f:
+            return json.load(f)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--flavour", default="tiny")
+    parser.add_argument("--router", default="token")
+    parser.add_argument("--batch-size", type=int, default=16, help="samples per process per step")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--threads-per-process", type=int, default=1)
+    parser.add_argument("--out", default="bench_results/train.json")
+    args = parser.parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    rows = []
+    print(f"{args.flavour} flavour, {args.router} routing, {args.batch_size} samples per process per step, "
+          f"{args.steps} timed steps")
+    for label, world, ep in (("1 process", 1, 1), ("2 processes, data parallel", 2, 1),
+                             ("2 processes, expert parallel 2", 2, 2)):
+        if world == 1:
+            result = run(args)
+        else:
+            result = run_processes(args, world, ep)
+        result["label"] = label
+        rows.append(result)
+        print(f"  {label:<32} {result['tokens_per_s']:>8.0f} tok/s  median step {result['step_s_median'] * 1e3:.0f} ms "
+              f"({result['threads']} thread(s) per process)", flush=True)
+    print("\nshare of step time")
+    print(f"{'':<32}" + "".join(f"{p:>17}" for p in PARTS))
+    for r in rows:
+        print(f"{r['label']:<32}" + "".join(f"{100 * r['shares'][p]:>16.1f}%" for p in PARTS))
+    os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"benchmark": "train", "flavour": args.flavour, "router": args.router, "tasks": TASKS,
+                   "batch_size_per_process": args.batch_size, "rows": rows}, f, indent=2)
+    print(f"wrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
