@@ -89,7 +89,7 @@ def run(args, rank: int = 0, world: int = 1, expert_parallel: int = 1) -> dict:
     from moe_gen.config import RouterConfig
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, load_preset
-    from moe_gen.trainer import Trainer, TrainConfig
+    from moe_gen.trainer import TrainConfig, Trainer
 
     torch.manual_seed(0)
     tasks = [load_preset(n, "train") for n in TASKS]
