@@ -258,9 +258,6 @@ class MergedDispatch(DispatchBackend):
     def _merged(self, experts, ids_K, weights_K):
         if torch.is_grad_enabled():
             return experts.merged_weights(ids_K, weights_K)
-        stamp = tuple((p.data_ptr(), p._version) for p in experts.parameters())
-        if stamp != self._cache_stamp:
-            self._cache, self._cache_stamp = {}, stamp
         key = (tuple(ids_K.tolist()), tuple(weights_K.tolist()))
         if key not in self._cache:
             self._cache[key] = experts.merged_weights(ids_K, weights_K)
@@ -270,6 +267,11 @@ class MergedDispatch(DispatchBackend):
         groups = dispatched.plan
         if not groups.counts:
             return None
+        if not torch.is_grad_enabled():
+            # the cache is valid while the expert parameters are the same tensors at the same version
+            stamp = tuple((p.data_ptr(), p._version) for p in experts.parameters())
+            if stamp != self._cache_stamp:
+                self._cache, self._cache_stamp = {}, stamp
         merged = [self._merged(experts, ids, weights) for ids, weights in groups.routes]
         return experts.forward_merged_groups(dispatched.inputs, groups.counts, merged)
 

@@ -47,7 +47,7 @@ def demo() -> dict:
     minutes on a 2-core CPU."""
     return {
         "model": {"flavour": "tiny", "router": {"strategy": "attribute"}, "dropout": 0.1},
-        "train": {"steps": 1000, "batch_size": 24, "lr": 2e-3, "warmup_steps": 50, "mixing": "temperature",
+        "train": {"steps": 1200, "batch_size": 24, "lr": 2e-3, "warmup_steps": 50, "mixing": "temperature",
                   "temperature": 2.0, "modality_budget": {"AUDIO": 600, "VIDEO": 600}, "checkpoint_every": 100,
                   "log_every": 10, "eval_limit": 40, "num_threads": None},
         "tasks": list(DEMO_TASKS),
