@@ -121,10 +121,10 @@ def _tasks(names: Sequence[str], split: str):
 # ---- output ------------------------------------------------------------------------------------
 
 def metric_table(results: dict, baseline: Optional[dict] = None) -> str:
-    """A Markdown table: task, metric, untrained baseline (if given), trained."""
+    """A Markdown table: task, metric, the baseline before training (if given), trained."""
     from moe_gen.trainer.evaluation import LOWER_IS_BETTER
 
-    header = "| task | metric | untrained | trained |" if baseline else "| task | metric | value |"
+    header = "| task | metric | before training | trained |" if baseline else "| task | metric | value |"
     lines = [header, "|---|---|---:|---:|" if baseline else "|---|---|---:|"]
     for task, metrics in results.items():
         for metric, value in metrics.items():
@@ -153,7 +153,6 @@ def _train(config: dict, model=None, resume: bool = False) -> dict:
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import Tokenizer
     from moe_gen.trainer import TrainConfig, Trainer, comm
-    from moe_gen.trainer.evaluation import evaluate
 
     train_config = TrainConfig.from_dict(config.get("train", {}))
     tasks = _tasks(config.get("tasks", []), "train")
@@ -164,12 +163,11 @@ def _train(config: dict, model=None, resume: bool = False) -> dict:
     if model is None:
         torch.manual_seed(train_config.seed)
         model = GeneralistModel.build(_model_config(config.get("model", {})), tasks, Tokenizer.default())
-    baseline = None
-    if config.get("baseline") and not resume:
-        known = [t for t in eval_tasks if t.name in model.task_ids]
-        _say(f"evaluating the untrained model on {len(known)} tasks ...")
-        baseline = evaluate(model, known, limit=train_config.eval_limit, batch_size=train_config.eval_batch_size)
     trainer = Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume)
+    baseline = None
+    if config.get("baseline") and trainer.resumed_from is None:
+        _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
+        baseline = trainer.evaluate()
     _say(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active per token; "
          f"{trainer.num_trainable:,} trainable) on {len(tasks)} tasks; logs in {output_dir}/logs, "
          f"checkpoints in {output_dir}/checkpoints" + (f"; resumed from {trainer.resumed_from}"
@@ -182,7 +180,7 @@ def _train(config: dict, model=None, resume: bool = False) -> dict:
     trainer.save_model(model_dir)
     if comm.rank() == 0:
         with open(os.path.join(output_dir, "eval.json"), "w") as f:
-            json.dump({"trained": results, "untrained": baseline, "summary": summary}, f, indent=2)
+            json.dump({"trained": results, "before_training": baseline, "summary": summary}, f, indent=2)
     _say(metric_table(results, baseline))
     _say(f"saved the model to {model_dir} (load it with GeneralistModel.from_pretrained)")
     return {"results": results, "baseline": baseline, "summary": summary, "model_dir": model_dir}

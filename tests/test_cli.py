@@ -88,3 +88,24 @@ def test_a_killed_run_resumes_with_the_same_losses(tmp_path):
                           "--rows", "2"], env=ENV, capture_output=True, text=True, check=True).stdout
     answers = [json.loads(line) for line in out.splitlines()]
     assert len(answers) == 2 and all(a["text"] in ("setosa", "versicolor", "virginica") for a in answers)
+
+
+def test_finetune_command_adds_a_task_to_a_saved_model(tmp_path):
+    import torch
+
+    from moe_gen.config import RouterConfig
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+
+    torch.manual_seed(0)
+    tables = load_preset("table_species", "train", limit=10)
+    GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), [tables],
+                          Tokenizer.default()).save_pretrained(str(tmp_path / "pre"))
+    code = main(["finetune", "--from", str(tmp_path / "pre"), "--tasks", "digit_classification", "--output",
+                 str(tmp_path / "ft"), "--train.steps", "3", "--train.eval_limit", "3", "--train.progress", "false",
+                 "--train.trainable", "new_adapters", "--train.tensorboard", "false"])
+    assert code == 0
+    tuned = GeneralistModel.from_pretrained(str(tmp_path / "ft" / "model"))
+    assert list(tuned.task_ids) == ["table_species", "digit_classification"]
+    results = json.load(open(tmp_path / "ft" / "eval.json"))
+    assert set(results["trained"]) == set(results["before_training"]) == {"digit_classification"}

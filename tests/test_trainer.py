@@ -212,3 +212,89 @@ def test_evaluate_scores_every_task_kind(tok):
     assert set(results["visual_grounding"]) == {"iou_accuracy"}
     assert results["text_to_speech"]["l1"] > 0
     assert all(0.0 <= v <= 1.0 for v in results["digit_classification"].values())
+
+
+def test_one_step_equals_a_hand_written_step_with_accumulation_and_clipping(tasks, tok, tmp_path):
+    """accumulate=2: the mean of two micro-batch losses, clipped to norm 0.5, one AdamW step at the
+    warm-up learning rate — computed by hand on a copy of the model."""
+    import copy
+
+    from moe_gen.objectives import GenerativeObjective
+    from moe_gen.tasks import collate
+    from moe_gen.trainer.trainer import WarmupCosine, _param_groups
+
+    model = build(tasks, tok)
+    twin = copy.deepcopy(model)
+    config = quiet(steps=10, batch_size=4, accumulate=2, clip_norm=0.5, warmup_steps=4, lr=1e-3)
+    trainer = Trainer(model, tasks, config, output_dir=str(tmp_path))
+    sampler = TaskSampler(tasks, tok, config)
+    micro = [sampler.next_batch(1, m) for m in (0, 1)]
+    record = trainer.train_step(1)
+
+    objective = GenerativeObjective(twin)
+    losses = [objective(collate(samples, tok, twin.task_ids))["loss"] for samples in micro]
+    (sum(losses) / 2).backward()
+    norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
+    optimizer = torch.optim.AdamW(_param_groups(twin, config.weight_decay), lr=config.lr, betas=config.betas,
+                                  eps=config.eps)
+    torch.optim.lr_scheduler.LambdaLR(optimizer, WarmupCosine(4, 10, config.min_lr_ratio))
+    optimizer.step()
+    assert record["loss"] == pytest.approx(float(sum(losses).detach() / 2), rel=1e-6)
+    assert record["grad_norm"] == pytest.approx(float(norm), rel=1e-5) and record["lr"] == pytest.approx(2.5e-4)
+    for (name, a), b in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+def test_bf16_autocast_trains(tasks, tok, tmp_path):
+    model = build(tasks, tok)
+    trainer = Trainer(model, tasks, quiet(steps=2, batch_size=4, precision="bf16"), output_dir=str(tmp_path))
+    records = [trainer.train_step(step) for step in (1, 2)]
+    assert all(torch.isfinite(torch.tensor(r["loss"])) and not r["skipped"] for r in records)
+
+
+def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tasks, tok, tmp_path, monkeypatch, capsys):
+    from moe_gen import distributed
+    from moe_gen.trainer.checkpoint import latest_checkpoint
+
+    model = build(tasks, tok)
+    trainer = Trainer(model, tasks, quiet(steps=4, batch_size=4, checkpoint_every=2, tensorboard=True),
+                      output_dir=str(tmp_path))
+    trainer.train_step(1)
+    trainer.step = 1
+    first = trainer.save_checkpoint()
+    after_first = {k: v.clone() for k, v in model.state_dict().items()}
+    files = {p.name: p.stat().st_size for p in (tmp_path / "checkpoints" / "step-0000001").iterdir()}
+    original = distributed.save_shards
+
+    def failing(directory, prefix, tensors, plan):
+        if prefix == "optimizer":
+            raise OSError("disk full")
+        return original(directory, prefix, tensors, plan)
+
+    monkeypatch.setattr(distributed, "save_shards", failing)
+    trainer.train_step(2)
+    trainer.step = 2
+    assert trainer.save_checkpoint() is None and "disk full" in capsys.readouterr().out
+    assert latest_checkpoint(str(tmp_path / "checkpoints")) == first
+    assert {p.name: p.stat().st_size for p in (tmp_path / "checkpoints" / "step-0000001").iterdir()} == files
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
+    monkeypatch.setattr(distributed, "save_shards", original)
+    # the intact checkpoint resumes
+    resumed = Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4), output_dir=str(tmp_path), resume=True)
+    assert resumed.step == 1 and resumed.resumed_from == first
+    for name, value in resumed.model.state_dict().items():
+        assert torch.equal(value, after_first[name]), name
+
+
+def test_tensorboard_scalars_are_written(tasks, tok, tmp_path):
+    model = build(tasks, tok)
+    Trainer(model, tasks, quiet(steps=2, batch_size=4, log_every=1, tensorboard=True),
+            output_dir=str(tmp_path)).fit()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(tmp_path / "tensorboard"))
+    events.Reload()
+    tags = events.Tags()["scalars"]
+    assert {"loss", "tokens_per_s", "lr", "expert_imbalance"} <= set(tags)
+    assert any(t.startswith("task_loss/") for t in tags) and any(t.startswith("modality_share/") for t in tags)
+    assert [e.step for e in events.Scalars("loss")] == [1, 2]

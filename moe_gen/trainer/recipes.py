@@ -8,7 +8,7 @@ A run configuration::
      "tasks": [preset names],            # trained on their "train" split
      "eval_tasks": [preset names],       # evaluated on their "test" split (default: tasks)
      "output_dir": "runs/<name>",
-     "baseline": True}                   # evaluate the untrained model first, for the table
+     "baseline": True}                   # evaluate the model before training too, for the table
 """
 
 from __future__ import annotations
