@@ -56,7 +56,8 @@ class GenerativeObjective:
             rows = flat[batch.allowed_index]
             keep = torch.zeros_like(rows, dtype=torch.bool)
             valid = batch.allowed_tokens >= 0
-            keep[torch.arange(rows.shape[0]).unsqueeze(1).expand_as(valid)[valid], batch.allowed_tokens[valid]] = True
+            row_index = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(valid)
+            keep[row_index[valid], batch.allowed_tokens[valid]] = True
             # -inf removes the other tokens exactly; with label smoothing (which spreads mass over every
             # class) a large finite value keeps the loss finite, and masked logits carry no gradient.
             fill = float("-inf") if self.model.config.label_smoothing == 0 else -1e4
@@ -148,7 +149,7 @@ class ContrastiveObjective:
         text_BD = F.normalize(model.contrastive_text(_masked_mean(text.hidden, side.is_token)), dim=-1)
         scale = model.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the temperature
         logits_BB = scale * image_BD @ text_BD.t()
-        targets = torch.arange(logits_BB.shape[0])
+        targets = torch.arange(logits_BB.shape[0], device=logits_BB.device)
         contrastive = 0.5 * (F.cross_entropy(logits_BB, targets) + F.cross_entropy(logits_BB.t(), targets))
         aux = sum((o.aux_loss for o in memory.moe_outputs + text.moe_outputs), logits_BB.sum() * 0.0)
         loss = self.caption_weight * caption["loss"] + self.contrastive_weight * contrastive + aux

@@ -68,7 +68,8 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
     target = next(p for p in plan.templates[0][1] if p.loss)
     tok = model.tokenizer
     task_ids = model.task_ids
-    enc_batch = collate(list(samples), tok, task_ids)
+    dev = model.token_embedding.weight.device
+    enc_batch = collate(list(samples), tok, task_ids).to(dev)
     memory = model.encode(enc_batch.encoder)
     B = len(samples)
     if spec.kind == "frames":
@@ -78,7 +79,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
     done = [False] * B
     nodes = [spec.trie for _ in range(B)]
     limit = 4 if spec.kind == "box" else max_new_tokens
-    bins = torch.tensor([tok.bin_id(k) for k in range(tok.num_bins)])
+    bins = torch.tensor([tok.bin_id(k) for k in range(tok.num_bins)], device=dev)
     decoder = _CachedDecoder(model, samples, target.modality.name, enc_batch, memory, limit)
     last = decoder.log_probs(decoder.prefill())
     for _ in range(limit):
@@ -89,7 +90,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
                 continue
             allowed = None
             if spec.kind == "closed_set":
-                allowed = torch.tensor(sorted(nodes[b]))
+                allowed = torch.tensor(sorted(nodes[b]), device=dev)
             elif spec.kind == "box":
                 allowed = bins
             scores_b = last[b]
@@ -142,8 +143,8 @@ def _generate_frames(model, samples, target, enc_batch, memory, max_frames) -> l
                 done[b] = bool(stop[b] > 0.5)
         if all(done) or step == max_frames - 1:
             break
-        hidden = decoder.step_rows(adaptor, rows, torch.full((B,), step), [not d for d in done])
-    return [Prediction(frames=torch.stack(f)) for f in frames]
+        hidden = decoder.step_rows(adaptor, rows, torch.full((B,), step, device=rows.device), [not d for d in done])
+    return [Prediction(frames=torch.stack(f).cpu()) for f in frames]
 
 
 @torch.no_grad()
@@ -157,8 +158,8 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str]) -> l
     predictions = []
     for sample in samples:
         pairs = [_with_target(sample, target.modality.name, ids) for ids in encoded]
-        batch = collate(pairs, tok, model.task_ids)
-        logp = model(batch).logits.float().log_softmax(-1)
+        batch = collate(pairs, tok, model.task_ids).to(model.token_embedding.weight.device)
+        logp = model(batch).logits.float().log_softmax(-1).cpu()
         start = sum(len(c) for c in sample.decoder)  # positions before the candidate
         scores = []
         for b, ids in enumerate(encoded):
@@ -181,10 +182,11 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
     tok = model.tokenizer
     predictions = []
     for sample in samples:
-        enc_batch = collate([sample] * beams, tok, model.task_ids)
+        dev = model.token_embedding.weight.device
+        enc_batch = collate([sample] * beams, tok, model.task_ids).to(dev)
         memory = model.encode(enc_batch.encoder)
         decoder = _CachedDecoder(model, [sample] * beams, target.modality.name, enc_batch, memory, max_new_tokens)
-        logp = decoder.log_probs(decoder.prefill())
+        logp = decoder.log_probs(decoder.prefill()).cpu()
         alive = [([], 0.0, spec.trie, 0)]  # (tokens, score, trie node, cache row)
         finished: list[tuple[list[int], float]] = []
         for _ in range(max_new_tokens):
@@ -209,10 +211,10 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
                 break
             # Cache row j continues beam j: copy its parent's keys and values, then feed its token.
             parents = [row for _, _, _, row in alive] + [alive[-1][3]] * (beams - len(alive))
-            decoder.reorder(torch.tensor(parents))
+            decoder.reorder(torch.tensor(parents, device=dev))
             step_tokens = [t[-1] for t, _, _, _ in alive] + [tok.pad_id] * (beams - len(alive))
             active = [True] * len(alive) + [False] * (beams - len(alive))
-            logp = decoder.step(step_tokens, active)
+            logp = decoder.step(step_tokens, active).cpu()
             alive = [(t, s, n, j) for j, (t, s, n, _) in enumerate(alive)]
         finished += [(t, s) for t, s, _, _ in alive]
         best, score = max(finished, key=lambda f: f[1] / max(len(f[0]), 1) ** length_penalty)
@@ -237,29 +239,32 @@ class _CachedDecoder:
         else:
             adaptor, width = placeholder
             targets = [_with_target(s, modality, rows=torch.zeros(1, width), adaptor=adaptor) for s in samples]
-        self.prefix = collate(targets, tok, model.task_ids)
+        self.device = dev = model.token_embedding.weight.device
+        self.prefix = collate(targets, tok, model.task_ids).to(dev)
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
         self.lengths = (~dec.padding_mask).sum(1)  # prefix positions, placeholder included
         self.total = P + limit
         cfg = model.config
         D, H = cfg.d_model, cfg.num_heads
-        self.caches = [{"k": torch.zeros(B, H, self.total, D // H), "v": torch.zeros(B, H, self.total, D // H)}
+        dtype = model.token_embedding.weight.dtype
+        self.caches = [{"k": torch.zeros(B, H, self.total, D // H, device=dev, dtype=dtype),
+                        "v": torch.zeros(B, H, self.total, D // H, device=dev, dtype=dtype)}
                        for _ in model.decoder.blocks]
         self.memory_kv = [block.cross_attn.project_kv(memory.hidden) for block in model.decoder.blocks]
-        self.key_valid = torch.zeros(B, self.total, dtype=torch.bool)
+        self.key_valid = torch.zeros(B, self.total, dtype=torch.bool, device=dev)
         self.cross_mask = (~enc_batch.encoder.padding_mask).unsqueeze(1)
-        self.write = torch.zeros(B, dtype=torch.long)
+        self.write = torch.zeros(B, dtype=torch.long, device=dev)
         last_index = self.lengths - 1
-        rows = torch.arange(B)
+        rows = torch.arange(B, device=dev)
         self.target_tags = _select_column(dec.tags, rows, last_index)
 
     def _run(self, side_B1, positions_B, active_B) -> torch.Tensor:
         model = self.model
         x = model.embed(side_B1, positions_B.unsqueeze(1))
         rope = model.rope(side_B1, positions_B.unsqueeze(1))
-        self.key_valid[torch.arange(len(active_B)), self.write] = active_B
-        mask = (self.key_valid & (torch.arange(self.total) <= self.write.unsqueeze(1))).unsqueeze(1)
+        self.key_valid[torch.arange(len(active_B), device=self.device), self.write] = active_B
+        mask = (self.key_valid & (torch.arange(self.total, device=self.device) <= self.write.unsqueeze(1))).unsqueeze(1)
         padding = ~active_B.unsqueeze(1)
         for block, cache, kv in zip(model.decoder.blocks, self.caches, self.memory_kv):
             x = block.step(x, cache, self.write, mask, side_B1.tags, padding, kv, self.cross_mask, rope)
@@ -273,16 +278,14 @@ class _CachedDecoder:
         """Feeds the prefix; returns the hidden state ``[B, D]`` that predicts the first answer item."""
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
-        rows = torch.arange(B)
-        out = torch.zeros(B, self.model.config.d_model)
+        out = torch.zeros(B, self.model.config.d_model, device=self.device)
         for t in range(P):
             active = t < self.lengths
             side = _column_side(dec, t)
-            hidden = self._run(side, torch.full((B,), t), active)
+            hidden = self._run(side, torch.full((B,), t, device=self.device), active)
             finished = self.lengths - 1 == t
             out[finished] = hidden[finished]
         self.write = self.lengths.clone()  # the next position of each row
-        del rows
         return out
 
     def reorder(self, parents: torch.Tensor) -> None:
@@ -294,19 +297,24 @@ class _CachedDecoder:
     def step(self, tokens: list[int], active: list[bool]) -> torch.Tensor:
         """Feeds one generated token per row; returns the next log-probabilities."""
         B = len(tokens)
-        side = Side(tokens=torch.tensor(tokens).unsqueeze(1), is_token=torch.ones(B, 1, dtype=torch.bool), rows={},
-                    index={}, positions={}, padding_mask=~torch.tensor(active).unsqueeze(1), tags=self.target_tags)
-        return self.log_probs(self._run(side, self.write.clone(), torch.tensor(active)))
+        dev = self.device
+        active_B = torch.tensor(active, device=dev)
+        side = Side(tokens=torch.tensor(tokens, device=dev).unsqueeze(1),
+                    is_token=torch.ones(B, 1, dtype=torch.bool, device=dev), rows={}, index={}, positions={},
+                    padding_mask=~active_B.unsqueeze(1), tags=self.target_tags)
+        return self.log_probs(self._run(side, self.write.clone(), active_B))
 
     def step_rows(self, adaptor: str, rows_BF: torch.Tensor, frame_B: torch.Tensor, active: list[bool]) -> torch.Tensor:
         """Feeds one generated feature row per row (frame index ``frame_B``); returns hidden ``[B, D]``."""
         B = rows_BF.shape[0]
         positions = torch.stack([frame_B, torch.zeros_like(frame_B), torch.zeros_like(frame_B)], -1)
-        side = Side(tokens=torch.full((B, 1), self.model.tokenizer.pad_id),
-                    is_token=torch.zeros(B, 1, dtype=torch.bool),
-                    rows={adaptor: rows_BF}, index={adaptor: torch.arange(B)}, positions={adaptor: positions},
-                    padding_mask=~torch.tensor(active).unsqueeze(1), tags=self.target_tags)
-        return self._run(side, self.write.clone(), torch.tensor(active))
+        dev = self.device
+        active_B = torch.tensor(active, device=dev)
+        side = Side(tokens=torch.full((B, 1), self.model.tokenizer.pad_id, device=dev),
+                    is_token=torch.zeros(B, 1, dtype=torch.bool, device=dev),
+                    rows={adaptor: rows_BF}, index={adaptor: torch.arange(B, device=dev)},
+                    positions={adaptor: positions}, padding_mask=~active_B.unsqueeze(1), tags=self.target_tags)
+        return self._run(side, self.write.clone(), active_B)
 
 
 def _select_column(tags: TokenTags, rows: torch.Tensor, columns: torch.Tensor) -> TokenTags:

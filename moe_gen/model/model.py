@@ -159,7 +159,7 @@ class GeneralistModel(nn.Module):
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "config.json"), "w") as f:
             json.dump(self.config.to_dict(), f, indent=2)
-        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
         save_file(state, os.path.join(directory, "model.safetensors"))
         self.tokenizer.save(directory)
 

@@ -53,6 +53,14 @@ class Side:
     padding_mask: torch.Tensor
     tags: TokenTags
 
+    def to(self, device) -> "Side":
+        """The side on ``device``."""
+        return Side(tokens=self.tokens.to(device), is_token=self.is_token.to(device),
+                    rows={k: v.to(device) for k, v in self.rows.items()},
+                    index={k: v.to(device) for k, v in self.index.items()},
+                    positions={k: v.to(device) for k, v in self.positions.items()},
+                    padding_mask=self.padding_mask.to(device), tags=self.tags.to(device))
+
     def attention_mask(self, causal: bool = False) -> torch.Tensor:
         """bool ``[B, S, S]``: query i may attend to key j (same packed sample, j not padding,
         and j <= i when ``causal``). Padding queries see nothing."""
@@ -60,7 +68,7 @@ class Side:
         mask = same & ~self.padding_mask.unsqueeze(1) & ~self.padding_mask.unsqueeze(2)
         if causal:
             S = mask.shape[-1]
-            mask &= torch.ones(S, S, dtype=torch.bool).tril()
+            mask &= torch.ones(S, S, dtype=torch.bool, device=mask.device).tril()
         return mask
 
     def cross_attention_mask(self, keys: "Side") -> torch.Tensor:
@@ -97,6 +105,17 @@ class Batch:
     tasks: list[str]
     tokens_per_modality: dict[str, int]
     padding_fraction: float
+
+    def to(self, device) -> "Batch":
+        """The batch on ``device`` (a no-op copy-free return when it is already there)."""
+        if self.labels.device == torch.device(device):
+            return self
+        move = lambda d: {k: v.to(device) for k, v in d.items()}
+        return dataclasses.replace(self, encoder=self.encoder.to(device), decoder=self.decoder.to(device),
+                                   labels=self.labels.to(device), frame_targets=move(self.frame_targets),
+                                   frame_index=move(self.frame_index), frame_stop=move(self.frame_stop),
+                                   allowed_index=self.allowed_index.to(device),
+                                   allowed_tokens=self.allowed_tokens.to(device))
 
 
 def _modality_ids() -> dict[str, int]:

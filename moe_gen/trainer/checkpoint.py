@@ -66,7 +66,7 @@ def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]
     for index, entry in state["state"].items():
         for key, value in entry.items():
             if torch.is_tensor(value):
-                tensors[f"{order[index]}::{key}"] = value.detach().contiguous()
+                tensors[f"{order[index]}::{key}"] = value.detach().cpu().contiguous()
             else:
                 scalars[f"{order[index]}::{key}"] = value
     groups = [{k: (list(v) if isinstance(v, tuple) else v) for k, v in g.items() if k != "params"}
@@ -99,6 +99,7 @@ def _rng_state() -> dict:
     python = random.getstate()
     numpy_state = np.random.get_state()
     return {
+        "cuda": [state.tolist() for state in torch.cuda.get_rng_state_all()] if torch.cuda.is_available() else [],
         "torch": torch.get_rng_state().tolist(),
         "python": [python[0], list(python[1]), python[2]],
         "numpy": [numpy_state[0], numpy_state[1].tolist(), *numpy_state[2:]],
@@ -107,6 +108,8 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
+    if state.get("cuda") and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, *rest = state["numpy"]
@@ -133,7 +136,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
     comm.barrier()
     if error is None:
         try:
-            weights = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
             distributed.save_shards(partial, "model", weights, plan if plan is not None else model)
             tensors, meta = _optimizer_tensors(model, optimizer)
             distributed.save_shards(partial, "optimizer", tensors, plan if plan is not None else model)

@@ -12,6 +12,13 @@ def _active() -> bool:
     return dist.is_available() and dist.is_initialized()
 
 
+def _device() -> torch.device:
+    """Where collective tensors live: the current GPU under NCCL, else the CPU."""
+    if dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
 def rank() -> int:
     return dist.get_rank() if _active() else 0
 
@@ -29,7 +36,7 @@ def any_true(flag: bool) -> bool:
     """Whether ``flag`` is True on any process (every process gets the same answer)."""
     if not _active():
         return bool(flag)
-    value = torch.tensor([1.0 if flag else 0.0])
+    value = torch.tensor([1.0 if flag else 0.0], device=_device())
     dist.all_reduce(value, op=dist.ReduceOp.MAX)
     return bool(value.item() > 0)
 
@@ -38,6 +45,6 @@ def mean_scalar(value: float) -> float:
     """The mean of a float over processes."""
     if not _active():
         return float(value)
-    tensor = torch.tensor([float(value)], dtype=torch.float64)
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=_device())
     dist.all_reduce(tensor)
     return float(tensor.item()) / dist.get_world_size()

@@ -58,6 +58,8 @@ class TrainConfig(ConfigBase):
         eval_limit: rows per task that ``evaluate`` scores (None: all).
         eval_batch_size: rows per ``infer`` call in ``evaluate``.
         num_threads: torch intra-op threads (None: torch's default).
+        device: ``auto`` (the process's GPU when CUDA is available — ``cuda:LOCAL_RANK`` under
+            torchrun — else the CPU), or a torch device string.
     """
 
     steps: int = 200
@@ -93,6 +95,7 @@ class TrainConfig(ConfigBase):
     eval_limit: Optional[int] = 100
     eval_batch_size: int = 64
     num_threads: Optional[int] = None
+    device: str = "auto"
 
     def __post_init__(self) -> None:
         self.betas = tuple(self.betas)

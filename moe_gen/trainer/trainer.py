@@ -125,11 +125,11 @@ class _RoutingStats:
         tags = kwargs.get("tags", args[1] if len(args) > 1 else None)
         if tags is not None:
             modality_T = tags.modality.reshape(-1)
-            token_TK = torch.arange(modality_T.shape[0]).unsqueeze(1).expand_as(routing.mask)
+            token_TK = torch.arange(modality_T.shape[0], device=modality_T.device).unsqueeze(1).expand_as(routing.mask)
             keep = routing.mask
-            table = torch.zeros(self.num_modalities, counts.shape[0])
-            table.index_put_((modality_T[token_TK[keep]], routing.topk_ids[keep]), torch.ones(int(keep.sum())),
-                             accumulate=True)
+            table = torch.zeros(self.num_modalities, counts.shape[0], device=counts.device)
+            table.index_put_((modality_T[token_TK[keep]], routing.topk_ids[keep]),
+                             torch.ones(int(keep.sum()), device=counts.device), accumulate=True)
             self.by_modality[name] = self.by_modality.get(name, 0) + table
 
     def summary(self, modality_names: Sequence[str]) -> dict:
@@ -186,6 +186,8 @@ class Trainer:
             if task.objective not in OBJECTIVES:
                 raise ValueError(f"task {task.name!r}: unknown objective {task.objective!r}; known: "
                                  f"{', '.join(OBJECTIVES.list())}")
+        self.device = _resolve_device(config.device)
+        model.to(self.device)
         self.plan = None
         if config.expert_parallel > 1:
             from moe_gen.experts.parallel import shard_experts
@@ -268,6 +270,7 @@ class Trainer:
                     batch = objective.prepare(group, rng)
                 else:
                     batch = collate(group, self.model.tokenizer, self.model.task_ids)
+                batch = batch.to(self.device)
                 positions.update(batch.tokens_per_modality)
                 out = objective(batch)
                 share = len(group) / len(samples)
@@ -277,7 +280,7 @@ class Trainer:
                         # per-task parts belong to one group; shared parts are weighted by its share
                         weight = 1.0 if key.startswith("task_loss/") else share
                         parts[key] = parts.get(key, 0.0) + float(value.detach()) * weight
-        loss = torch.stack(losses).sum() if losses else torch.zeros(())
+        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
         finite = not comm.any_true(not bool(torch.isfinite(loss)))
         if finite and loss.requires_grad:
             (loss / cfg.accumulate).backward()
@@ -406,6 +409,14 @@ class Trainer:
             full.load_state_dict(distributed.load_shards(path, "model", full))
             full.save_pretrained(directory)
         comm.barrier()
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+    return torch.device("cpu")
 
 
 def _modality_names(model: GeneralistModel) -> list[str]:
