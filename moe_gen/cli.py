@@ -7,6 +7,7 @@
     moe-gen eval runs/demo/model --tasks digit_classification table_species --limit 50
     moe-gen infer runs/demo/model --task digit_classification --rows 3          # rows of the preset's test split
     moe-gen infer runs/demo/model --task digit_classification --input rows.jsonl
+    moe-gen analyze runs/demo/model --tasks digit_classification table_species --out runs/demo/analysis
     torchrun --nproc_per_node 2 scripts/pretrain.py --config debug --train.expert_parallel 2
 
 Dotted overrides set any key of the run configuration: ``--train.<TrainConfig field>``,
@@ -173,8 +174,9 @@ def _train(config: dict, model=None, resume: bool = False) -> dict:
          f"checkpoints in {output_dir}/checkpoints" + (f"; resumed from {trainer.resumed_from}"
                                                        if trainer.resumed_from else ""))
     summary = trainer.fit()
+    last = "" if summary["loss"] is None else f"; last loss {summary['loss']:.4f}"
     _say(f"trained to step {summary['step']} in {summary['seconds']:.0f} s "
-         f"({summary['skipped_steps']} steps skipped); last loss {summary['loss']:.4f}")
+         f"({summary['skipped_steps']} steps skipped){last}")
     results = trainer.evaluate()
     model_dir = os.path.join(output_dir, "model")
     trainer.save_model(model_dir)
@@ -248,6 +250,12 @@ def _cmd_infer(args, overrides) -> int:
     return 0
 
 
+def _cmd_analyze(args, overrides) -> int:
+    from moe_gen.analysis.report import main as analyze
+
+    return analyze([*args.rest, *overrides])
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-gen", description="Generalist multimodal MoE models: train, "
                                      "fine-tune, evaluate, infer.", epilog=__doc__.split("\n\n")[1])
@@ -275,12 +283,16 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="a JSONL file of rows (default: rows of the preset's test split)")
     p.add_argument("--rows", type=int, default=3)
     p.add_argument("--beams", type=int, default=1)
+    p = sub.add_parser("analyze", **sub_kwargs, help="routing analysis report of a saved model (see --help)",
+                       add_help=False)
+    p.add_argument("rest", nargs=argparse.REMAINDER)
     return parser
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides = _parser().parse_known_args(argv)
-    command = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "eval": _cmd_eval, "infer": _cmd_infer}
+    command = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "eval": _cmd_eval, "infer": _cmd_infer,
+               "analyze": _cmd_analyze}
     try:
         return command[args.command](args, overrides)
     except ValueError as exc:
