@@ -188,7 +188,8 @@ class MoEConfig(ConfigBase):
             choices before second choices, then token order; GShard/tutel) or
             ``batch_prioritized`` (first choices before second, then by gate weight; V-MoE BPR).
         backend: dispatch backend (registry ``BACKENDS``): ``torch`` (default), ``eager``,
-            ``einsum`` or ``merged``.
+            ``einsum``, ``merged``, ``triton`` (GPU kernels; CPU only under ``TRITON_INTERPRET=1``),
+            ``tutel`` (when tutel is installed), or ``auto`` (tutel, then triton on CUDA, else torch).
         check_finite: raise ``ValueError`` on non-finite inputs (costs a reduction per call).
     """
 

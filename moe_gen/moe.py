@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from moe_gen.config import MoEConfig
-from moe_gen.experts.dispatch import DispatchBackend
+from moe_gen.experts.dispatch import DispatchBackend, make_backend
 from moe_gen.experts.experts import DenseFFN
-from moe_gen.registry import BACKENDS, EXPERTS
+from moe_gen.registry import EXPERTS
 from moe_gen.routing.losses import auxiliary_losses
 from moe_gen.routing.router import Router, RouterOutput
 from moe_gen.routing.tags import TokenTags
@@ -73,7 +73,7 @@ class MoE(nn.Module):
         self.experts = EXPERTS.get(config.experts.kind)(
             config.d_model, config.d_hidden, config.num_experts, config.experts
         )
-        self.backend: DispatchBackend = BACKENDS.get(config.backend)()
+        self.backend: DispatchBackend = make_backend(config.backend)  # "auto" resolves at the first call
         if self.backend.needs_shared_routes and self.router.content_dependent:
             raise ValueError(
                 f"backend {config.backend!r} runs each group of tokens that shares a route as one "
@@ -91,7 +91,7 @@ class MoE(nn.Module):
 
     def set_backend(self, name: str) -> None:
         """Switches the dispatch backend (same weights, same function)."""
-        backend = BACKENDS.get(name)()
+        backend = make_backend(name)
         if backend.needs_shared_routes and self.expert_parallel is not None:
             raise ValueError(
                 f"backend {name!r} merges experts per route for inference and cannot run with expert "
@@ -127,7 +127,7 @@ class MoE(nn.Module):
         aux_losses = auxiliary_losses(routing, tags_T, self.config.router)
 
         if self.expert_parallel is not None:  # tokens go to the ranks holding their experts
-            y_TD = self.expert_parallel(self.experts, x_TD, routing)
+            y_TD = self.expert_parallel(self.experts, x_TD, routing, self.backend)
         else:
             dispatched = self.backend.dispatch(x_TD, routing)
             expert_outputs = self.backend.run(self.experts, dispatched)

@@ -4,6 +4,7 @@ Usage:
     python scripts/bench_moe_layer.py                 # full grid (~15 min on 2 CPU cores)
     python scripts/bench_moe_layer.py --quick         # small grid (what `make demo` runs)
     python scripts/bench_moe_layer.py --tokens 4096 --experts 64 --topk 2 --runs 7
+    python scripts/bench_moe_layer.py --quick --no-cpu  # GPU rows only (needs a CUDA device)
 
 Rows, for each (T tokens, E experts, k):
     moe_gen     moe_gen.MoE, token router, dropless, `torch` backend (the default layer)
@@ -12,11 +13,22 @@ Rows, for each (T tokens, E experts, k):
     fairscale   fairscale's GShard MOELayer with Top2Gate (k=2 only, its gate is top-2;
                 capacity 2T/E, so it may drop tokens that moe_gen computes)
 
+GPU rows (when a CUDA device is present; otherwise a note says they were skipped), the same grid
+on the device:
+    moe_gen     the `torch` backend on CUDA
+    triton      the `triton` backend (Triton kernels for the routing metadata, gather and combine)
+    tutel       the `tutel` backend (tutel's fast dispatcher; rows skipped if tutel is not
+                installed with its CUDA extension)
+    dense       the dense floor on CUDA
+GPU time is measured between torch.cuda.synchronize() calls; peak memory is
+torch.cuda.max_memory_allocated above its level before the step.
+
 Time is the median of --runs timed forward+backward passes after --warmup untimed ones, the
 implementations interleaved run by run (this machine's speed drifts); peak
 memory is what the torch CPU allocator holds above its level before the step, read from the
 profiler's memory events in one extra, untimed pass. Results: a table on stdout and JSON
-(--out, default bench_results/moe_layer.json) with every row and the machine's facts.
+(--out, default bench_results/moe_layer.json) with every row (its "device" included) and the
+machine's facts.
 """
 
 from __future__ import annotations
@@ -37,14 +49,16 @@ from torch import nn  # noqa: E402
 from moe_gen import DenseFFN, ExpertsConfig, MoE, MoEConfig  # noqa: E402
 from moe_gen.runtime import keep_freed_memory  # noqa: E402
 
+# implementation → dispatch backend of the moe_gen layer it times
+MOE_BACKENDS = {"moe_gen": "torch", "eager": "eager", "triton": "triton", "tutel": "tutel"}
+
 
 def build(impl: str, d_model: int, d_hidden: int, num_experts: int, top_k: int) -> nn.Module:
     if impl == "dense":
         return DenseFFN(d_model, top_k * d_hidden, ExpertsConfig(kind="mlp"))
-    if impl in ("moe_gen", "eager"):
+    if impl in MOE_BACKENDS:
         return MoE(MoEConfig(d_model=d_model, d_hidden=d_hidden, num_experts=num_experts,
-                             top_k=top_k, router="token", capacity_factor=None,
-                             backend="torch" if impl == "moe_gen" else "eager"))
+                             top_k=top_k, router="token", capacity_factor=None, backend=MOE_BACKENDS[impl]))
     if impl == "fairscale":
         from fairscale.nn import MOELayer, Top2Gate
 
@@ -111,38 +125,96 @@ def peak_bytes(step, module: nn.Module, x: torch.Tensor) -> int:
     return max(e["args"]["Total Allocated"] for e in memory) - start
 
 
-def measure_group(impls, tokens, d_model, d_hidden, num_experts, top_k, runs, warmup, memory=True):
+def cuda_peak_bytes(step, module: nn.Module, x: torch.Tensor) -> int:
+    """Peak bytes the CUDA caching allocator handed out during one step, above its level before."""
+    module.zero_grad(set_to_none=True)
+    x.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    start = torch.cuda.memory_allocated()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - start
+
+
+def measure_group(impls, tokens, d_model, d_hidden, num_experts, top_k, runs, warmup, memory=True, device="cpu"):
     """Times every implementation on the same input, interleaved run by run.
 
     Interleaving (run 1 of each, then run 2 of each, ...) spreads this machine's drifts in speed
-    evenly over the implementations, so ratios are fairer than timing each in one block.
+    evenly over the implementations, so ratios are fairer than timing each in one block. On CUDA
+    each timed step is bracketed by synchronisations (kernels run asynchronously).
     """
+    on_cuda = torch.device(device).type == "cuda"
+    sync = torch.cuda.synchronize if on_cuda else (lambda: None)
     torch.manual_seed(0)
-    x = torch.randn(tokens, d_model, requires_grad=True)
+    x = torch.randn(tokens, d_model, device=device, requires_grad=True)
     entries = []
     for impl in impls:
         torch.manual_seed(0)
-        module = build(impl, d_model, d_hidden, num_experts, top_k)
+        module = build(impl, d_model, d_hidden, num_experts, top_k).to(device)
         entries.append((impl, module, step_fn(impl, module, x), []))
     for _impl, module, step, _ in entries:
-        for _ in range(warmup):
+        for _ in range(warmup):  # on CUDA this also compiles the Triton kernels
             module.zero_grad(set_to_none=True)
             step()
     for _ in range(runs):
         for _impl, module, step, times in entries:
             module.zero_grad(set_to_none=True)
             x.grad = None
+            sync()
             start = time.perf_counter()
             step()
+            sync()
             times.append(time.perf_counter() - start)
     rows = []
     for impl, module, step, times in entries:
+        peak = None
+        if memory:
+            peak = (cuda_peak_bytes if on_cuda else peak_bytes)(step, module, x) / 2**20
         rows.append({
-            "impl": impl, "tokens": tokens, "experts": num_experts, "top_k": top_k,
-            "d_model": d_model, "d_hidden": d_hidden, "runs": runs,
-            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times),
-            "peak_mb": peak_bytes(step, module, x) / 2**20 if memory else None,
+            "impl": impl, "device": torch.device(device).type, "tokens": tokens, "experts": num_experts,
+            "top_k": top_k, "d_model": d_model, "d_hidden": d_hidden, "runs": runs,
+            "median_s": statistics.median(times), "min_s": min(times), "max_s": max(times), "peak_mb": peak,
         })
+    return rows
+
+
+def gpu_impls(wanted: list[str]) -> list[str]:
+    """The GPU implementations that can run here; prints why the others are skipped."""
+    from moe_gen import BACKENDS
+
+    usable = []
+    for impl in wanted:
+        backend = MOE_BACKENDS.get(impl)
+        reason = None if backend is None else BACKENDS.get(backend).unavailable_reason(torch.device("cuda"))
+        if reason is None:
+            usable.append(impl)
+        else:
+            print(f"GPU rows for {impl} skipped: {reason}")
+    return usable
+
+
+def run_grid(impls, args, device) -> list[dict]:
+    """Every (T, E, k) of the grid for ``impls`` on ``device``, printed as a table; returns the rows."""
+    rows = []
+    header = f"{'T':>6} {'E':>3} {'k':>2} {'impl':>10} {'median ms':>10} {'/ dense':>8} {'peak MB':>8}"
+    print(header)
+    print("-" * len(header))
+    for tokens in args.tokens:
+        for num_experts in args.experts:
+            for top_k in args.topk:
+                group_impls = [i for i in impls
+                               if i != "fairscale" or (top_k == 2 and tokens % num_experts == 0)]
+                group = measure_group(group_impls, tokens, args.d_model, args.d_hidden, num_experts,
+                                      top_k, args.runs, args.warmup, memory=not args.no_memory, device=device)
+                floor = next((r["median_s"] for r in group if r["impl"] == "dense"), None)
+                for row in group:
+                    row["ratio_to_dense"] = row["median_s"] / floor if floor else None
+                    ratio = f"{row['ratio_to_dense']:.2f}x" if floor else "-"
+                    peak = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
+                    print(f"{tokens:>6} {num_experts:>3} {top_k:>2} {row['impl']:>10} "
+                          f"{row['median_s'] * 1e3:>10.1f} {ratio:>8} {peak:>8}", flush=True)
+                rows.extend(group)
     return rows
 
 
@@ -168,6 +240,10 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", nargs="+", default=["moe_gen", "dense", "eager", "fairscale"])
+    parser.add_argument("--gpu-impls", nargs="+", default=["moe_gen", "triton", "tutel", "dense"],
+                        help="implementations timed on CUDA (when a CUDA device is present)")
+    parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU rows")
     parser.add_argument("--no-memory", action="store_true", help="skip the profiled memory pass")
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tell glibc malloc to reuse freed memory (moe_gen.runtime."
@@ -190,33 +266,30 @@ def main(argv=None) -> int:
             args.impls = [i for i in args.impls if i != "fairscale"]
 
     rows = []
-    header = f"{'T':>6} {'E':>3} {'k':>2} {'impl':>10} {'median ms':>10} {'/ dense':>8} {'peak MB':>8}"
     allocator = "malloc keeps freed memory" if args.keep_freed_memory else "system malloc"
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, D={args.d_model}, "
-          f"H={args.d_hidden}, forward+backward, median of {args.runs}, {allocator}")
-    print(header)
-    print("-" * len(header))
-    for tokens in args.tokens:
-        for num_experts in args.experts:
-            for top_k in args.topk:
-                impls = [i for i in args.impls
-                         if i != "fairscale" or (top_k == 2 and tokens % num_experts == 0)]
-                group = measure_group(impls, tokens, args.d_model, args.d_hidden, num_experts,
-                                      top_k, args.runs, args.warmup, memory=not args.no_memory)
-                floor = next((r["median_s"] for r in group if r["impl"] == "dense"), None)
-                for row in group:
-                    row["ratio_to_dense"] = row["median_s"] / floor if floor else None
-                    ratio = f"{row['ratio_to_dense']:.2f}x" if floor else "-"
-                    peak = f"{row['peak_mb']:.0f}" if row["peak_mb"] is not None else "-"
-                    print(f"{tokens:>6} {num_experts:>3} {top_k:>2} {row['impl']:>10} "
-                          f"{row['median_s'] * 1e3:>10.1f} {ratio:>8} {peak:>8}", flush=True)
-                rows.extend(group)
+    if not args.no_cpu:
+        print(f"CPU: torch {torch.__version__}, {torch.get_num_threads()} threads, D={args.d_model}, "
+              f"H={args.d_hidden}, forward+backward, median of {args.runs}, {allocator}")
+        rows += run_grid(args.impls, args, "cpu")
+
+    gpu = None
+    if args.no_gpu:
+        pass
+    elif not torch.cuda.is_available():
+        print("GPU rows skipped: no CUDA device on this machine (they time the triton and tutel backends "
+              "next to torch on CUDA)")
+    else:
+        impls = gpu_impls(args.gpu_impls)
+        gpu = torch.cuda.get_device_name()
+        print(f"\nGPU: {gpu}, torch {torch.__version__}, D={args.d_model}, H={args.d_hidden}, "
+              f"forward+backward, median of {args.runs}")
+        rows += run_grid(impls, args, "cuda")
 
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     result = {
         "benchmark": "moe_layer_forward_backward",
         "machine": {"platform": platform.platform(), "processor": platform.processor(),
-                    "cpus": os.cpu_count(), "torch": torch.__version__,
+                    "cpus": os.cpu_count(), "torch": torch.__version__, "gpu": gpu,
                     "threads": torch.get_num_threads(),
                     "malloc_env": {k: v for k, v in os.environ.items() if k.startswith("MALLOC_")}},
         "settings": {"runs": args.runs, "warmup": args.warmup, "d_model": args.d_model,

@@ -280,7 +280,7 @@ def test_registries_hold_the_built_in_parts():
     assert ROUTERS.list() == ["attribute", "context", "hybrid", "modality", "task", "token"]
     assert GATES.list() == ["balanced", "expert_choice", "hash", "topk"]
     assert EXPERTS.list() == ["glu", "linear", "mlp"]
-    assert BACKENDS.list() == ["eager", "einsum", "merged", "torch"]
+    assert BACKENDS.list() == ["eager", "einsum", "merged", "torch", "triton", "tutel"]
 
 
 @pytest.mark.parametrize("strategy", ROUTERS.list())

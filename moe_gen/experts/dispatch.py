@@ -18,11 +18,20 @@ experts), ``run`` (compute the experts), ``combine`` (weight and scatter back to
   for tests and benchmarks.
 - ``merged``: tokens grouped by identical route, each group one dense FFN with merged weights;
   for tag routing (above all at inference).
+- ``triton`` (``triton_dispatch.py``): the ``torch`` layout with routing metadata, gather and
+  combine as Triton kernels; CUDA, or Triton's interpreter (``TRITON_INTERPRET=1``) for tests.
+- ``tutel`` (``tutel_dispatch.py``): tutel's fast dispatch kernels into ``[E, C, D]`` slots that
+  moe_gen's router chose; needs tutel installed.
+
+``backend="auto"`` is not a registered backend but a choice made per device at the first call
+(``AutoDispatch``): tutel on CUDA when it is installed with its CUDA extension, else triton on
+CUDA, else torch; the choice is logged on the ``moe_gen`` logger.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import torch
@@ -30,7 +39,10 @@ import torch
 from moe_gen.registry import BACKENDS
 from moe_gen.routing.router import RouterOutput
 
-__all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch", "MergedDispatch"]
+__all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch", "MergedDispatch", "AutoDispatch",
+           "AUTO_PREFERENCE", "make_backend"]
+
+logger = logging.getLogger("moe_gen")
 
 
 @dataclasses.dataclass
@@ -50,6 +62,14 @@ class DispatchBackend:
 
     needs_shared_routes = False
 
+    @classmethod
+    def unavailable_reason(cls, device: torch.device | None = None) -> str | None:
+        """Why this backend cannot run on ``device`` (None: on this machine), or None when it can.
+
+        Backends with optional dependencies or device requirements override it; the message names
+        what to install or which backend to use instead."""
+        return None
+
     def dispatch(self, x_TD: torch.Tensor, routing: RouterOutput) -> Dispatched:
         raise NotImplementedError
 
@@ -58,6 +78,14 @@ class DispatchBackend:
 
     def combine(self, outputs: Any, dispatched: Dispatched, x_TD: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
+
+    def sort_assignments(self, routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        """The computed assignments in expert order, for callers that move rows themselves (expert
+        parallelism): flat indices ``t·K + k`` (long ``[N]``, stable within an expert) and the
+        rows per expert (long ``[E]``). Backends with a faster permutation override it."""
+        flat_N, expert_N = _computed_assignments(routing)
+        expert_N, order_N = torch.sort(expert_N, stable=True)
+        return flat_N[order_N], torch.bincount(expert_N, minlength=routing.num_experts)
 
 
 def _computed_assignments(routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
@@ -279,3 +307,72 @@ class MergedDispatch(DispatchBackend):
         if outputs is None:
             return None
         return outputs.new_zeros(x_TD.shape[0], outputs.shape[1]).index_add(0, dispatched.plan.token_N, outputs)
+
+
+# backend="auto": the first registered backend that can run on the input's device, by device type.
+AUTO_PREFERENCE: dict[str, tuple[str, ...]] = {"cuda": ("tutel", "triton", "torch")}
+_AUTO_FALLBACK = "torch"
+
+
+class AutoDispatch(DispatchBackend):
+    """``backend="auto"``: picks a concrete backend for the device of the first input it sees.
+
+    On CUDA: ``tutel`` if importable with its CUDA extension, else ``triton``, else ``torch``;
+    elsewhere ``torch``. Resolving at the first call (not at construction) follows the layer when
+    it is built on CPU and moved to a GPU afterwards. The choice is made once per device type and
+    logged on the ``moe_gen`` logger (INFO) with the reasons the preferred backends were passed over.
+    """
+
+    def __init__(self) -> None:
+        self._chosen: dict[str, DispatchBackend] = {}
+        self.chosen: dict[str, str] = {}  # device type → name of the backend chosen for it
+
+    def resolve(self, device: torch.device) -> DispatchBackend:
+        """The backend used for tensors on ``device`` (chosen and logged on first use)."""
+        device_type = torch.device(device).type
+        if device_type not in self._chosen:
+            skipped = []
+            for name in AUTO_PREFERENCE.get(device_type, (_AUTO_FALLBACK,)):
+                if name not in BACKENDS:
+                    skipped.append(f"{name}: not registered")
+                    continue
+                reason = BACKENDS.get(name).unavailable_reason(device)
+                if reason is None:
+                    break
+                skipped.append(f"{name}: {reason}")
+            else:
+                name = _AUTO_FALLBACK
+            self._chosen[device_type] = BACKENDS.get(name)()
+            self.chosen[device_type] = name
+            logger.info("MoE backend 'auto' uses %r for %s tensors%s", name, device_type,
+                        "".join(f"; skipped {s}" for s in skipped))
+        return self._chosen[device_type]
+
+    def dispatch(self, x_TD, routing):
+        backend = self.resolve(x_TD.device)
+        return Dispatched(backend.dispatch(x_TD, routing), backend)
+
+    def run(self, experts, dispatched):
+        return dispatched.plan.run(experts, dispatched.inputs)
+
+    def combine(self, outputs, dispatched, x_TD):
+        return dispatched.plan.combine(outputs, dispatched.inputs, x_TD)
+
+    def sort_assignments(self, routing):
+        return self.resolve(routing.topk_ids.device).sort_assignments(routing)
+
+
+def make_backend(name: str) -> DispatchBackend:
+    """A new dispatch backend by name: a registered one, or ``"auto"`` (``AutoDispatch``).
+
+    Raises:
+        ValueError: unknown name (the known ones listed), or a backend that cannot run on this
+            machine (what to install, and the alternative).
+    """
+    if name == "auto":
+        return AutoDispatch()
+    try:
+        cls = BACKENDS.get(name)
+    except ValueError as exc:
+        raise ValueError(f"{exc}; or 'auto' (chosen by device)") from None
+    return cls()

@@ -13,7 +13,7 @@ router weights are replicated and every rank routes its own tokens over all E ex
 
 The forward of one MoE layer on one rank (``ExpertParallel.__call__``):
 
-    sort computed assignments by expert       rows for rank q's experts form one block
+    sort computed assignments by expert       the layer backend's sort_assignments (triton: kernels)
     all-to-all the counts [E]                 how many rows each rank sends me, per local expert
     all-to-all the rows  [N, D] → [M, D]      uneven splits, possibly empty
     regroup by local expert, forward_sorted   the same grouped kernel as the ``torch`` backend
@@ -39,6 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from moe_gen.experts.dispatch import DispatchBackend
 from moe_gen.moe import MoE
 from moe_gen.routing.router import RouterOutput
 
@@ -134,13 +135,18 @@ class ExpertParallel:
         s = self.shard
         return f"ExpertParallel(ep_size={self.plan.ep_size}, experts [{s.offset}, {s.offset + s.count}) of {s.total})"
 
-    def __call__(self, experts: nn.Module, x_TD: torch.Tensor, routing: RouterOutput) -> torch.Tensor:
+    def __call__(self, experts: nn.Module, x_TD: torch.Tensor, routing: RouterOutput,
+                 backend: DispatchBackend | None = None) -> torch.Tensor:
         """Runs the computed assignments of ``routing`` on the ranks holding their experts.
 
         Args:
             experts: the layer's stacked experts, holding this rank's L experts.
             x_TD: this rank's tokens.
             routing: this rank's routing over all E experts.
+            backend: the layer's dispatch backend; its ``sort_assignments`` orders the assignments
+                by expert (the ``triton`` backend with its permutation kernels). Gathering, the
+                exchanges and the combine are torch ops whatever the backend: its gather and combine
+                kernels serve single-rank dispatch. None: a torch sort.
 
         Returns:
             ``[T, D']``: Σ_k weight[t, k] · expert_{ids[t, k]}(x[t]) over computed assignments
@@ -152,15 +158,12 @@ class ExpertParallel:
         T, K = routing.topk_ids.shape
 
         # 1. Sort computed assignments by expert: rank q's experts [qL, (q+1)L) become one block.
-        flat_N = routing.mask.reshape(-1).nonzero().squeeze(1)
-        expert_N, order_N = torch.sort(routing.topk_ids.reshape(-1)[flat_N], stable=True)
-        flat_N = flat_N[order_N]
+        flat_N, send_E = (backend or DispatchBackend()).sort_assignments(routing)
         token_N, weight_N = flat_N // K, routing.topk_weights.reshape(-1)[flat_N]
 
         # 2. Counts: send_E[e] rows I send to expert e; recv_E[q·L + l] rows rank q sends to my
         # local expert l. Split sizes must be host integers (one device sync, as dropless
         # dispatch needs anyway).
-        send_E = torch.bincount(expert_N, minlength=E)
         recv_E = torch.empty_like(send_E)
         dist.all_to_all_single(recv_E, send_E, group=group)
         send_splits = send_E.view(P, L).sum(1).tolist()
