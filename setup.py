@@ -24,6 +24,7 @@ CORE = [
     "tqdm>=4.60",  # training progress bar
     "pyyaml>=6.0",  # YAML run configurations and command-line values
     "tensorboard>=2.14",  # TensorBoard scalars of training runs (torch.utils.tensorboard)
+    "matplotlib>=3.7",  # routing analysis plots
 ]
 
 EXTRAS = {

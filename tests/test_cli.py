@@ -109,3 +109,22 @@ def test_finetune_command_adds_a_task_to_a_saved_model(tmp_path):
     assert list(tuned.task_ids) == ["table_species", "digit_classification"]
     results = json.load(open(tmp_path / "ft" / "eval.json"))
     assert set(results["trained"]) == set(results["before_training"]) == {"digit_classification"}
+
+
+def test_analyze_command_writes_a_report(tmp_path):
+    import torch
+
+    from moe_gen.config import RouterConfig
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+
+    torch.manual_seed(0)
+    tasks = [load_preset(n, "train", limit=10) for n in ("table_species", "digit_classification")]
+    GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), tasks,
+                          Tokenizer.default()).save_pretrained(str(tmp_path / "m"))
+    code = main(["analyze", str(tmp_path / "m"), "--tasks", "table_species", "digit_classification",
+                 "--out", str(tmp_path / "report"), "--limit", "4"])
+    assert code == 0
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "MI(expert; modality)" in report and (tmp_path / "report" / "routing.json").exists()
+    assert main(["analyze", str(tmp_path / "nope"), "--tasks", "table_species", "--out", str(tmp_path / "x")]) == 2

@@ -1,0 +1,452 @@
+"""Routing report of a saved model: record held-out rows, compute statistics, write JSON, Markdown, PNGs.
+
+    moe-gen analyze runs/demo/model --tasks digit_classification table_species --out runs/demo/analysis
+    moe-gen analyze runs/attr/model --tasks digit_classification table_species --out cmp \\
+        --compare runs/token/model --limit 64
+    python scripts/analyze_routing.py runs/demo/model --tasks table_species --out analysis --mode generate
+
+Output of one model (``--out DIR``): ``routing.json`` (statistics, the raw tables, the interference
+matrix), ``report.md`` (key numbers, per-layer tables, linked plots) and the PNGs. With
+``--compare B`` the two reports go to ``DIR/a`` and ``DIR/b`` and ``DIR/report.md`` sets their key
+numbers side by side, with both models' expert × task heatmaps in one figure.
+
+Modes: ``forward`` (default) runs teacher-forced forward passes over the rows, so every input and
+target token is routed as in training (the generative pass: a contrastive task's second,
+bidirectional decoder pass is not run), and reports the held-out loss (token + frame loss); ``generate`` runs
+``moe_gen.trainer.evaluation.evaluate`` (decoding with ``model.infer``) while recording, and reports
+the task metrics; generation steps are recorded too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import math
+import os
+import sys
+from typing import Optional, Sequence
+
+import numpy as np
+import torch
+
+from moe_gen.analysis import plots, stats
+from moe_gen.analysis.recorder import RoutingRecorder, RoutingTables
+
+__all__ = ["Analysis", "analyze", "write_report", "write_comparison", "key_numbers", "main"]
+
+MODES = ("forward", "generate")
+
+
+@dataclasses.dataclass
+class Analysis:
+    """Everything one report shows.
+
+    Attributes:
+        label: the model's name in reports (its directory, or what the caller chose).
+        tasks: the analysed task names.
+        rows: held-out rows recorded per task.
+        mode: ``forward`` or ``generate``.
+        tables: the recorder's tables.
+        summary: ``stats.summarize(tables)``.
+        evaluation: per task, ``{"loss": ...}`` (forward) or its metrics (generate).
+        similarity: MoE layer name → expert cosine similarity ``[E, E]``.
+        affinity: ``stats.task_affinity`` result.
+        interference: ``stats.interference_matrix`` result, or None when disabled.
+        model_info: router strategy, experts, top-k, MoE layers, parameters.
+    """
+
+    label: str
+    tasks: list[str]
+    rows: dict[str, int]
+    mode: str
+    tables: RoutingTables
+    summary: dict
+    evaluation: dict
+    similarity: dict
+    affinity: dict
+    interference: Optional[dict]
+    model_info: dict
+
+
+# ---- analysis ---------------------------------------------------------------------------------
+
+def _samples(model, task, count: int) -> list:
+    """The first ``count`` rows of ``task`` encoded for evaluation (rows that fail and are skipped
+    under ``on_error="skip"`` are left out)."""
+    samples = (task.encode(i, model.tokenizer, training=False) for i in range(min(count, len(task))))
+    return [s for s in samples if s is not None]
+
+
+def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forward", limit: Optional[int] = None,
+            batch_size: int = 16, interference_rows: int = 16) -> Analysis:
+    """Records ``model`` on the rows of ``tasks`` (``moe_gen.tasks.Task``, usually test splits) and
+    computes every statistic.
+
+    Args:
+        model: a ``GeneralistModel`` built for these tasks.
+        mode: ``forward`` (teacher-forced passes, held-out loss) or ``generate`` (``evaluate``).
+        limit: rows per task (the first ones; None: all). Pass whole splits and cut here rather than
+            loading a preset with ``limit``: closed label sets come from a task's rows, and a few
+            rows may hold a single label (whose loss, and gradient, is then exactly 0).
+        batch_size: rows per forward pass (or per ``infer`` call).
+        interference_rows: rows of each task in its gradient batch; 0 skips interference.
+    """
+    from moe_gen.tasks import collate
+
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    unknown = [t.name for t in tasks if t.name not in model.task_ids]
+    if unknown:
+        raise ValueError(f"the model was not built for tasks {unknown}; it knows: {', '.join(model.config.tasks)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    rows = {t.name: len(t) if limit is None else min(limit, len(t)) for t in tasks}
+    empty = [t.name for t in tasks if rows[t.name] == 0]
+    if empty:
+        raise ValueError(f"tasks {empty} have no rows to analyse")
+    was_training = model.training
+    model.eval()
+    evaluation: dict = {}
+    try:
+        with RoutingRecorder(model) as recorder, torch.no_grad():
+            if mode == "forward":
+                from moe_gen.objectives import GenerativeObjective
+
+                objective = GenerativeObjective(model)
+                for task in tasks:
+                    samples = _samples(model, task, rows[task.name])
+                    total = 0.0
+                    for start in range(0, len(samples), batch_size):
+                        batch = collate(samples[start:start + batch_size], model.tokenizer, model.task_ids)
+                        out = objective(batch)
+                        loss = out.get("token_loss", out["loss"] * 0) + out.get("frame_loss", out["loss"] * 0)
+                        total += float(loss) * len(batch.tasks)
+                    evaluation[task.name] = {"loss": total / max(len(samples), 1)}
+            else:
+                from moe_gen.trainer.evaluation import evaluate
+
+                evaluation = evaluate(model, tasks, limit=limit, batch_size=batch_size)
+        tables = recorder.tables()
+        interference = None
+        if interference_rows > 0:
+            batches = {task.name: collate(_samples(model, task, min(interference_rows, rows[task.name])),
+                                          model.tokenizer, model.task_ids) for task in tasks}
+            interference = stats.interference_matrix(stats.task_gradients(model, batches))
+    finally:
+        model.train(was_training)
+    summary = stats.summarize(tables)
+    cfg = model.config
+    info = {"router": cfg.router.strategy, "gate": cfg.router.gate, "experts": cfg.num_experts, "top_k": cfg.top_k,
+            "moe_layers": len(tables.layer_names), "parameters": model.num_parameters(),
+            "active_parameters": model.num_parameters(active=True), "d_model": cfg.d_model}
+    return Analysis(label=label, tasks=[t.name for t in tasks], rows=rows, mode=mode,
+                    tables=tables, summary=summary, evaluation=evaluation, similarity=stats.expert_similarity(model),
+                    affinity=stats.task_affinity(tables.counts_LETMR, tables.task_names), interference=interference,
+                    model_info=info)
+
+
+def _task_columns(analysis: Analysis) -> list[int]:
+    return [analysis.tables.task_names.index(name) for name in analysis.tasks]
+
+
+def task_shares(analysis: Analysis) -> np.ndarray:
+    """``[L, N, E]`` share of each analysed task's assignments per expert, tasks in analysis order."""
+    share = stats.group_load(analysis.tables.counts_LETMR, "task")
+    return share[:, _task_columns(analysis)].numpy()
+
+
+def _offdiag_mean(matrix: torch.Tensor) -> float:
+    N = matrix.shape[0]
+    if N < 2:
+        return 0.0
+    mask = ~torch.eye(N, dtype=torch.bool)
+    return float(matrix[mask].mean())
+
+
+def key_numbers(analysis: Analysis) -> dict:
+    """The headline numbers of a report (also the rows of a comparison)."""
+    s, info = analysis.summary, analysis.model_info
+    moe = info["moe_layers"] > 0
+    dash = "–"
+    similarity = [_offdiag_mean(m) for m in analysis.similarity.values()]
+    losses = [v["loss"] for v in analysis.evaluation.values() if isinstance(v, dict) and "loss" in v]
+    out = {
+        "router": info["router"] if moe else "dense",
+        "MoE layers": info["moe_layers"],
+        "experts × top-k": f"{info['experts']} × {info['top_k']}" if moe else dash,
+        "parameters (active)": f"{info['parameters']:,} ({info['active_parameters']:,})",
+        "mean expert-load CV": s["mean_cv"] if moe else dash,
+        "mean max/mean load": s["mean_max_over_mean"] if moe else dash,
+        "mean router entropy (bits)": s["mean_entropy_bits"] if moe else dash,
+        "drop rate": s["overall_drop_rate"] if moe else dash,
+        "MI(expert; task) (bits)": s["mean_mi_task_bits"] if moe else dash,
+        "MI(expert; modality) (bits)": s["mean_mi_modality_bits"] if moe else dash,
+        "specialisation by task": s["mean_specialisation_task"] if moe else dash,
+        "specialisation by modality": s["mean_specialisation_modality"] if moe else dash,
+        **{f"MI(expert; modality) in {stack} (bits)": value if moe else dash
+           for stack, value in s["mean_mi_modality_bits_by_stack"].items()},
+        "route consistency (consecutive layers)": s["mean_route_consistency"] if s["route_agreement"] else dash,
+        "mean expert cosine similarity": sum(similarity) / len(similarity) if similarity else dash,
+    }
+    if analysis.interference is not None:
+        matrix = analysis.interference["matrix"]
+        out["mean interference (off-diagonal)"] = _offdiag_mean(matrix)
+        out["most negative interference"] = float(matrix.min()) if matrix.numel() else 0.0
+    if losses:
+        out["mean held-out loss"] = sum(losses) / len(losses)
+    return out
+
+
+# ---- writing ----------------------------------------------------------------------------------
+
+def _fmt(value) -> str:
+    if isinstance(value, float):
+        return "nan" if math.isnan(value) else f"{value:.4g}"
+    return str(value)
+
+
+def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(_fmt(v) for v in row) + " |" for row in rows]
+    return lines
+
+
+def _json_ready(value):
+    if isinstance(value, torch.Tensor):
+        return value.tolist()
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, dict):
+        return {str(k): _json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value
+
+
+def _plots(analysis: Analysis, out_dir: str) -> dict[str, str]:
+    """Writes the PNGs; returns plot name → file name (relative to ``out_dir``)."""
+    files: dict[str, str] = {}
+    t = analysis.tables
+    if t.layer_names:
+        files["heatmaps"] = "expert_task_heatmaps.png"
+        plots.plot_expert_heatmaps(task_shares(analysis), t.layer_names, analysis.tasks,
+                                   os.path.join(out_dir, files["heatmaps"]))
+        by_modality_ME = stats.group_counts(t.counts_LETMR, "modality").sum(0)  # [M, E]
+        used = [m for m in range(by_modality_ME.shape[0]) if by_modality_ME[m].sum() > 0]
+        if used:
+            counts = by_modality_ME[used]
+            files["modality_load"] = "modality_load.png"
+            plots.plot_modality_load(counts.sum(1).numpy(), (counts / counts.sum(1, keepdim=True)).numpy(),
+                                     [t.modality_names[m] for m in used], os.path.join(out_dir, files["modality_load"]))
+        files["entropy"] = "entropy_by_layer.png"
+        s = analysis.summary
+        plots.plot_entropy_by_layer({analysis.label: s["entropy_bits"]}, s["max_entropy_bits"], t.layer_names,
+                                    os.path.join(out_dir, files["entropy"]))
+    if analysis.affinity["linkage"] is not None:
+        files["dendrogram"] = "task_dendrogram.png"
+        plots.plot_dendrogram(analysis.affinity["linkage"], analysis.affinity["tasks"],
+                              os.path.join(out_dir, files["dendrogram"]))
+    if analysis.interference is not None:
+        files["interference"] = "interference.png"
+        plots.plot_interference(analysis.interference["matrix"].numpy(), analysis.interference["tasks"],
+                                os.path.join(out_dir, files["interference"]))
+    return files
+
+
+def _to_json(analysis: Analysis, files: dict[str, str]) -> dict:
+    affinity = analysis.affinity
+    interference = analysis.interference
+    return _json_ready({
+        "label": analysis.label, "tasks": analysis.tasks, "rows": analysis.rows, "mode": analysis.mode,
+        "model": analysis.model_info, "key_numbers": key_numbers(analysis), "evaluation": analysis.evaluation,
+        "summary": analysis.summary,
+        "expert_similarity": {name: {"matrix": m, "mean_offdiagonal": _offdiag_mean(m)}
+                              for name, m in analysis.similarity.items()},
+        "task_affinity": {"tasks": affinity["tasks"], "distance": affinity["distance"], "linkage": affinity["linkage"]},
+        "interference": None if interference is None else {
+            "tasks": interference["tasks"], "matrix": interference["matrix"], "dot": interference["dot"],
+            "norms": interference["norms"],
+            "definition": "I[i, j] = g_i·g_j / (|g_i| |g_j|): first-order change of task i's loss along a unit "
+                          "step of task j's gradient, relative to a unit step along its own"},
+        "plots": files,
+        "tables": analysis.tables.to_dict(),
+    })
+
+
+def write_report(analysis: Analysis, out_dir: str) -> dict[str, str]:
+    """Writes ``routing.json``, ``report.md`` and the PNGs of one analysis into ``out_dir``.
+
+    Returns:
+        name → path of everything written.
+    """
+    os.makedirs(out_dir, exist_ok=True)
+    files = _plots(analysis, out_dir)
+    with open(os.path.join(out_dir, "routing.json"), "w") as f:
+        json.dump(_to_json(analysis, files), f, indent=1)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(_markdown(analysis, files)) + "\n")
+    written = {name: os.path.join(out_dir, file) for name, file in files.items()}
+    written.update(json=os.path.join(out_dir, "routing.json"), markdown=os.path.join(out_dir, "report.md"))
+    return written
+
+
+def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:
+    s, t = a.summary, a.tables
+    lines = [f"# Routing report: {a.label}", "",
+             f"Tasks: {', '.join(f'{n} ({a.rows[n]} rows)' for n in a.tasks)}. Mode: `{a.mode}` "
+             f"({'teacher-forced forward passes' if a.mode == 'forward' else 'decoding with model.infer'}). "
+             "Definitions of every number: `moe_gen.analysis.stats`.", "", "## Key numbers", ""]
+    lines += _table(["", a.label], [[k, v] for k, v in key_numbers(a).items()])
+    lines += ["", "## Held-out evaluation", ""]
+    metric_names = sorted({m for v in a.evaluation.values() for m in v})
+    lines += _table(["task", *metric_names], [[n, *[a.evaluation.get(n, {}).get(m, "") for m in metric_names]]
+                                              for n in a.tasks])
+    if not t.layer_names:
+        lines += ["", "This model has no MoE layer: there is no routing to show."]
+    else:
+        lines += ["", "## Layers", ""]
+        columns = ("tokens", "cv", "max_over_mean", "entropy_bits", "max_entropy_bits", "drop_rate", "mi_task_bits",
+                   "mi_modality_bits", "specialisation_task", "specialisation_modality")
+        rows = [[name, *(s[c][layer] for c in columns)] for layer, name in enumerate(t.layer_names)]
+        lines += _table(["layer", "tokens", "load CV", "max/mean", "entropy (bits)", "log2 E", "drop rate",
+                         "MI task", "MI modality", "spec. task", "spec. modality"], rows)
+        lines += ["", "## Experts by task", "", "Share of each task's assignments that each expert took, per layer.",
+                  "", f"![expert x task heatmaps]({files['heatmaps']})"]
+        if "modality_load" in files:
+            lines += ["", "## Load by modality", "", f"![modality load]({files['modality_load']})", ""]
+            lines += _table(["modality", "tokens per layer", "drop rate per layer"],
+                            [[m, ", ".join(_fmt(v) for v in s["tokens_by_modality"][m]),
+                              ", ".join(_fmt(v) for v in s["drop_rate_by_modality"][m])]
+                             for m in s["tokens_by_modality"]])
+        lines += ["", "## Router entropy", "", f"![entropy by layer]({files['entropy']})"]
+        if s["route_agreement"]:
+            lines += ["", "## Route agreement between consecutive layers", ""]
+            lines += _table(["layers", "tokens", "consistency", "MI (bits)", "MI / H(next)"],
+                            [[" → ".join(r["layers"]), r["tokens"], r["consistency"], r["mutual_information"],
+                              r["normalised"]] for r in s["route_agreement"]])
+        lines += ["", "## Expert similarity (cosine of flattened weights)", ""]
+        lines += _table(["layer", "mean off-diagonal", "max off-diagonal"],
+                        [[name, _offdiag_mean(m), float((m - 2 * torch.eye(m.shape[0])).max())]
+                         for name, m in a.similarity.items()])
+    lines += ["", "## Task affinity", ""]
+    if "dendrogram" in files:
+        lines += ["Tasks clustered (average linkage) by the Jensen-Shannon distance of their expert usage.", "",
+                  f"![task dendrogram]({files['dendrogram']})"]
+    else:
+        lines += ["Fewer than two tasks were routed: nothing to cluster."]
+    if a.interference is not None:
+        inter = a.interference
+        lines += ["", "## Task interference", "",
+                  "I[i, j] = g_i·g_j / (‖g_i‖ ‖g_j‖): the first-order change of task i's loss after a unit step along "
+                  "task j's gradient, relative to a unit step along its own (REFERENCE.md §2). Negative: j's update "
+                  "hurts i. Gradients of the shared encoder-decoder parameters on one held-out batch per task.", "",
+                  f"![interference]({files['interference']})", ""]
+        zero = [n for n, norm in zip(inter["tasks"], inter["norms"].tolist()) if norm == 0]
+        if zero:
+            lines += [f"The loss of {', '.join(zero)} has a zero gradient on its batch (e.g. every row has the "
+                      "same closed-set label), so its row and column are 0.", ""]
+        lines += _table(["task i \\ step along j", *inter["tasks"]],
+                        [[n, *inter["matrix"][i].tolist()] for i, n in enumerate(inter["tasks"])])
+    lines += ["", "Raw tables and every statistic: [routing.json](routing.json)."]
+    return lines
+
+
+def write_comparison(a: Analysis, b: Analysis, out_dir: str) -> dict[str, str]:
+    """Writes both reports (``out_dir/a``, ``out_dir/b``) and a side-by-side ``out_dir/report.md``
+    with ``compare_heatmaps.png`` and ``routing.json`` holding both analyses' key numbers."""
+    os.makedirs(out_dir, exist_ok=True)
+    written_a = write_report(a, os.path.join(out_dir, "a"))
+    written_b = write_report(b, os.path.join(out_dir, "b"))
+    heatmaps = "compare_heatmaps.png"
+    tasks = [n for n in a.tasks if n in b.tasks]
+    share_a = task_shares(a)[:, [a.tasks.index(n) for n in tasks]]
+    share_b = task_shares(b)[:, [b.tasks.index(n) for n in tasks]]
+    plots.plot_heatmaps_side_by_side(share_a, share_b, a.tables.layer_names, b.tables.layer_names, tasks,
+                                     [a.label, b.label], os.path.join(out_dir, heatmaps))
+    keys_a, keys_b = key_numbers(a), key_numbers(b)
+    names = list(dict.fromkeys([*keys_a, *keys_b]))
+    lines = [f"# Routing comparison: {a.label} vs {b.label}", "",
+             f"Tasks: {', '.join(tasks)}. Full reports: [{a.label}](a/report.md), [{b.label}](b/report.md).", "",
+             "## Key numbers", ""]
+    lines += _table(["", a.label, b.label], [[k, keys_a.get(k, "–"), keys_b.get(k, "–")] for k in names])
+    lines += ["", "## Experts by task, side by side", "", f"![side-by-side heatmaps]({heatmaps})"]
+    for sub, analysis in (("a", a), ("b", b)):
+        if analysis.interference is not None:
+            lines += ["", f"## Interference: {analysis.label}", "", f"![interference {sub}]({sub}/interference.png)"]
+    lines += ["", "Both analyses' key numbers: [routing.json](routing.json)."]
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write("\n".join(lines) + "\n")
+    with open(os.path.join(out_dir, "routing.json"), "w") as f:
+        json.dump(_json_ready({"a": {"label": a.label, "key_numbers": keys_a, "report": "a/report.md"},
+                               "b": {"label": b.label, "key_numbers": keys_b, "report": "b/report.md"},
+                               "tasks": tasks}), f, indent=1)
+    return {"markdown": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "routing.json"),
+            "heatmaps": os.path.join(out_dir, heatmaps), "a": written_a["markdown"], "b": written_b["markdown"]}
+
+
+# ---- command line -----------------------------------------------------------------------------
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="moe-gen analyze", description="Routing analysis of a saved model: which experts serve which tasks, "
+        "modalities and roles, load balance, drops, entropy, specialisation, task interference.")
+    parser.add_argument("model_dir", help="a directory written by GeneralistModel.save_pretrained")
+    parser.add_argument("--tasks", nargs="+", required=True, help="task preset names (their test split is used)")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--limit", type=int, default=32, help="held-out rows per task (default 32)")
+    parser.add_argument("--compare", metavar="MODEL_DIR_B", help="a second model to report side by side")
+    parser.add_argument("--mode", choices=MODES, default="forward",
+                        help="forward: teacher-forced passes and held-out loss (default); generate: decode with "
+                             "model.infer and report the task metrics")
+    parser.add_argument("--batch-size", type=int, default=16)
+    parser.add_argument("--interference-rows", type=int, default=16,
+                        help="rows per task in the gradient batch for the interference matrix (0: skip)")
+    return parser
+
+
+def _load(model_dir: str):
+    from moe_gen.model import GeneralistModel
+
+    if not os.path.isfile(os.path.join(model_dir, "config.json")):
+        raise ValueError(f"{model_dir!r} is not a saved model directory (no config.json); "
+                         "write one with GeneralistModel.save_pretrained")
+    return GeneralistModel.from_pretrained(model_dir)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    """``moe-gen analyze MODEL_DIR --tasks a b --out DIR [--limit N] [--compare MODEL_DIR_B]``; returns
+    the exit status (2 for a user error, with its message on stderr)."""
+    args = _parser().parse_args(argv)
+    try:
+        if args.limit is not None and args.limit < 1:
+            raise ValueError(f"--limit must be >= 1, got {args.limit}")
+        from moe_gen.tasks import load_preset
+
+        tasks = [load_preset(name, "test") for name in args.tasks]  # whole splits: see analyze(limit=)
+        options = dict(mode=args.mode, limit=args.limit, batch_size=args.batch_size,
+                       interference_rows=args.interference_rows)
+        first = analyze(_load(args.model_dir), tasks, label=_label(args.model_dir), **options)
+        if args.compare:
+            second = analyze(_load(args.compare), tasks, label=_label(args.compare, avoid=first.label), **options)
+            written = write_comparison(first, second, args.out)
+        else:
+            written = write_report(first, args.out)
+    except ValueError as exc:
+        print(f"moe-gen analyze: error: {exc}", file=sys.stderr)
+        return 2
+    print(f"wrote {written['markdown']} and {written['json']}")
+    return 0
+
+
+def _label(model_dir: str, avoid: Optional[str] = None) -> str:
+    """A short name for a model directory (``runs/attr/model`` → ``attr/model``), unlike ``avoid``."""
+    parts = [p for p in os.path.normpath(os.path.abspath(model_dir)).split(os.sep) if p]
+    label = "/".join(parts[-2:]) if len(parts) >= 2 else (parts[-1] if parts else model_dir)
+    return label if label != avoid else f"{label} (B)"
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
