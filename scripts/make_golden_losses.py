@@ -26,7 +26,7 @@ def debug_losses(steps: int = STEPS) -> list[float]:
     from moe_gen.cli import _model_config, _tasks, load_run_config
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import Tokenizer
-    from moe_gen.trainer import Trainer, TrainConfig
+    from moe_gen.trainer import TrainConfig, Trainer
 
     config = load_run_config("debug")
     train = TrainConfig.from_dict({**config["train"], "steps": steps, "progress": False, "tensorboard": False})
