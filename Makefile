@@ -27,7 +27,7 @@ $(STAMP):
 	touch $(STAMP)
 
 demo: venv
-	HF_HUB_OFFLINE=1 $(PY) -m moe_gen.cli pretrain --config demo
+	HF_HUB_OFFLINE=1 $(PY) -m moe_gen.cli pretrain --config demo --overwrite
 
 test: venv
 	HF_HUB_OFFLINE=1 $(PY) -m pytest -q

@@ -3,6 +3,7 @@
     moe-gen pretrain --config demo                          # a recipe (moe_gen.trainer.recipes) or a YAML file
     moe-gen pretrain --config debug --train.lr 3e-4 --model.flavour tiny --output runs/x
     moe-gen pretrain --config demo --resume                 # continue from the newest checkpoint
+    moe-gen pretrain --config demo --overwrite              # start over in a run directory with checkpoints
     moe-gen finetune --from runs/demo/model --tasks digit_counting --train.trainable experts
     moe-gen eval runs/demo/model --tasks digit_classification table_species --limit 50
     moe-gen infer runs/demo/model --task digit_classification --rows 3          # rows of the preset's test split
@@ -147,7 +148,7 @@ def _say(*args) -> None:
 
 # ---- commands ----------------------------------------------------------------------------------
 
-def _train(config: dict, model=None, resume: bool = False) -> dict:
+def _train(config: dict, model=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save."""
     import torch
 
@@ -164,7 +165,8 @@ def _train(config: dict, model=None, resume: bool = False) -> dict:
     if model is None:
         torch.manual_seed(train_config.seed)
         model = GeneralistModel.build(_model_config(config.get("model", {})), tasks, Tokenizer.default())
-    trainer = Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume)
+    trainer = Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
+                      overwrite=overwrite)
     baseline = None
     if config.get("baseline") and trainer.resumed_from is None:
         _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
@@ -195,7 +197,7 @@ def _cmd_pretrain(args, overrides) -> int:
     if args.output:
         config["output_dir"] = args.output
     distributed.init_distributed()
-    _train(config, resume=args.resume)
+    _train(config, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -212,7 +214,7 @@ def _cmd_finetune(args, overrides) -> int:
         raise ValueError("finetune takes the model from --from; drop the model: section / --model.* overrides")
     distributed.init_distributed()
     model = GeneralistModel.from_pretrained(getattr(args, "from"))
-    _train(config, model=model, resume=args.resume)
+    _train(config, model=model, resume=args.resume, overwrite=args.overwrite)
     return 0
 
 
@@ -265,12 +267,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--config", default="demo", help="recipe name or YAML file (default: demo)")
     p.add_argument("--output", help="run directory (default: the recipe's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
+    p.add_argument("--overwrite", action="store_true", help="start over, deleting the run directory's checkpoints")
     p = sub.add_parser("finetune", **sub_kwargs, help="continue training a saved model, possibly on new tasks")
     p.add_argument("--from", required=True, help="a directory written by save_pretrained")
     p.add_argument("--config", default="finetune")
     p.add_argument("--tasks", nargs="+", help="preset names to fine-tune on")
     p.add_argument("--output")
     p.add_argument("--resume", action="store_true")
+    p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("eval", **sub_kwargs, help="per-task metrics of a saved model")
     p.add_argument("model_dir")
     p.add_argument("--tasks", nargs="+")

@@ -298,3 +298,14 @@ def test_tensorboard_scalars_are_written(tasks, tok, tmp_path):
     assert {"loss", "tokens_per_s", "lr", "expert_imbalance"} <= set(tags)
     assert any(t.startswith("task_loss/") for t in tags) and any(t.startswith("modality_share/") for t in tags)
     assert [e.step for e in events.Scalars("loss")] == [1, 2]
+
+
+def test_a_directory_with_checkpoints_needs_resume_or_overwrite(tasks, tok, tmp_path):
+    Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path)).fit()
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path))
+    fresh = Trainer(build(tasks, tok), tasks, quiet(steps=3, batch_size=4, checkpoint_every=1),
+                    output_dir=str(tmp_path), overwrite=True)
+    assert fresh.step == 0 and not (tmp_path / "checkpoints").exists()
+    fresh.fit()
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]

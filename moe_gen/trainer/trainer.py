@@ -17,6 +17,7 @@ import contextlib
 import math
 import os
 import random
+import shutil
 import time
 import zlib
 from typing import Optional, Sequence
@@ -165,11 +166,13 @@ class Trainer:
         output_dir: where ``checkpoints/``, ``logs/train.jsonl`` and ``tensorboard/`` go.
         eval_tasks: held-out tasks for ``evaluate()`` (default: the training tasks).
         resume: continue from the newest checkpoint in ``output_dir`` if there is one.
+        overwrite: start over in an ``output_dir`` that holds checkpoints of an earlier run (they
+            are deleted); without it (and without ``resume``) such a directory is an error.
     """
 
     def __init__(self, model: GeneralistModel, tasks: Sequence[Task], config: Optional[TrainConfig] = None, *,
                  output_dir: str = "runs/default", eval_tasks: Optional[Sequence[Task]] = None,
-                 resume: bool = False) -> None:
+                 resume: bool = False, overwrite: bool = False) -> None:
         self.config = config = config or TrainConfig()
         self.tasks = list(tasks)
         names = [t.name for t in self.tasks]
@@ -209,10 +212,18 @@ class Trainer:
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0}
         torch.manual_seed(config.seed * 1000 + self.rank)
         self.resumed_from: Optional[str] = None
-        if resume:
-            path = latest_checkpoint(self.checkpoint_dir)
-            if path is not None:
-                self._resume(path)
+        earlier = latest_checkpoint(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None
+        if resume and earlier is not None:
+            self._resume(earlier)
+        elif earlier is not None or (os.path.isdir(self.checkpoint_dir) and os.listdir(self.checkpoint_dir)):
+            if not overwrite:
+                raise ValueError(f"{self.checkpoint_dir} holds checkpoints of an earlier run (latest: {earlier}); "
+                                 "resume it (resume=True, --resume), start over (overwrite=True, --overwrite), "
+                                 "or choose another output directory")
+            comm.barrier()
+            if self.rank == 0:
+                shutil.rmtree(self.checkpoint_dir)
+            comm.barrier()
 
     # ---- building ----------------------------------------------------------------------------
 
