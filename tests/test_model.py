@@ -162,19 +162,21 @@ def test_infer_answers_and_bad_input(mixed, tok):
 
 @pytest.mark.slow
 def test_two_task_mixture_is_learned():
-    """Digits from images and iris species from tables, one attribute-routed debug model, trained for
-    under two minutes on this CPU. Measured: digits 95-98% held out; iris 90-97% (30 held-out rows).
-    The issue asks >= 95% on both; the iris bound here is what is reached reliably so far."""
+    """Digits from images and iris species from tables, one attribute-routed debug model (label smoothing
+    0.1), trained for under two minutes on this CPU. Measured with seeds 0, 1, 2 (1100 steps, 95-104 s):
+    digits 98.6% held out each time (360 images); iris 100%, 96.7%, 100% (30 held-out rows; logistic
+    regression, k-NN, SVC and a decision tree all get 96.7% on this split). Without label smoothing iris
+    was 90-97%."""
     torch.manual_seed(0)
     rng = random.Random(0)
     tok = Tokenizer.default()
     names = ["digit_classification", "table_species"]
     train = [load_preset(n, "train") for n in names]
     test = [load_preset(n, "test") for n in names]
-    model = GeneralistModel.build(flavour("debug", dropout=0.1, router=RouterConfig(strategy="attribute")),
-                                  train, tok)
+    model = GeneralistModel.build(flavour("debug", dropout=0.1, label_smoothing=0.1,
+                                          router=RouterConfig(strategy="attribute")), train, tok)
     objective = GenerativeObjective(model)
-    steps = 1300
+    steps = 1100
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=2e-3, total_steps=steps, pct_start=0.1)
     start = time.perf_counter()
@@ -187,7 +189,7 @@ def test_two_task_mixture_is_learned():
         optimizer.step()
         schedule.step()
     assert time.perf_counter() - start < 120
-    for task, column, bound in zip(test, ("label", "species"), (0.95, 0.85)):
+    for task, column, bound in zip(test, ("label", "species"), (0.95, 0.95)):
         predictions = model.infer(task, task.data)
         accuracy = sum(p.text == row[column] for p, row in zip(predictions, task.data)) / len(task.data)
         assert accuracy >= bound, (task.name, accuracy)
