@@ -182,6 +182,14 @@ class Trainer:
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks or self.tasks)
+        # An earlier run's checkpoints are resumed or, with overwrite, removed: decided before the model changes.
+        self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
+        earlier = latest_checkpoint(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None
+        leftovers = os.path.isdir(self.checkpoint_dir) and bool(os.listdir(self.checkpoint_dir))
+        if (earlier is not None or leftovers) and not (resume or overwrite):
+            raise ValueError(f"{self.checkpoint_dir} holds checkpoints of an earlier run (latest: {earlier}); "
+                             "resume it (resume=True, --resume), start over (overwrite=True, --overwrite), "
+                             "or choose another output directory")
         self.rank, self.world = comm.rank(), comm.world()
         unknown = [t for t in self.tasks if t.name not in model.task_ids]
         self.new_adapters = model.add_tasks(unknown) if unknown else []
@@ -207,19 +215,13 @@ class Trainer:
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
         self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world)
-        self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self.step = 0
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0}
         torch.manual_seed(config.seed * 1000 + self.rank)
         self.resumed_from: Optional[str] = None
-        earlier = latest_checkpoint(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None
         if resume and earlier is not None:
             self._resume(earlier)
-        elif earlier is not None or (os.path.isdir(self.checkpoint_dir) and os.listdir(self.checkpoint_dir)):
-            if not overwrite:
-                raise ValueError(f"{self.checkpoint_dir} holds checkpoints of an earlier run (latest: {earlier}); "
-                                 "resume it (resume=True, --resume), start over (overwrite=True, --overwrite), "
-                                 "or choose another output directory")
+        elif earlier is not None or leftovers:
             comm.barrier()
             if self.rank == 0:
                 shutil.rmtree(self.checkpoint_dir)
