@@ -309,3 +309,13 @@ def test_a_directory_with_checkpoints_needs_resume_or_overwrite(tasks, tok, tmp_
     assert fresh.step == 0 and not (tmp_path / "checkpoints").exists()
     fresh.fit()
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000002", "step-0000003"]
+
+
+def test_resume_with_only_a_partial_checkpoint_starts_fresh(tasks, tok, tmp_path):
+    partial = tmp_path / "checkpoints" / "step-0000004.partial"
+    partial.mkdir(parents=True)
+    (partial / "model-dense.safetensors").write_bytes(b"torn")
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path))
+    trainer = Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path), resume=True)
+    assert trainer.step == 0 and trainer.resumed_from is None and not partial.exists()
