@@ -140,9 +140,9 @@ def metric_table(results: dict, baseline: Optional[dict] = None) -> str:
 
 
 def _say(*args) -> None:
-    from moe_gen.trainer import comm
+    from moe_gen import distributed
 
-    if comm.rank() == 0:
+    if distributed.is_main_process():
         print(*args, flush=True)
 
 
@@ -152,9 +152,10 @@ def _train(config: dict, model=None, resume: bool = False, overwrite: bool = Fal
     """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save."""
     import torch
 
+    from moe_gen import distributed
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import Tokenizer
-    from moe_gen.trainer import TrainConfig, Trainer, comm
+    from moe_gen.trainer import TrainConfig, Trainer
 
     train_config = TrainConfig.from_dict(config.get("train", {}))
     tasks = _tasks(config.get("tasks", []), "train")
@@ -182,7 +183,7 @@ def _train(config: dict, model=None, resume: bool = False, overwrite: bool = Fal
     results = trainer.evaluate()
     model_dir = os.path.join(output_dir, "model")
     trainer.save_model(model_dir)
-    if comm.rank() == 0:
+    if distributed.is_main_process():
         with open(os.path.join(output_dir, "eval.json"), "w") as f:
             json.dump({"trained": results, "before_training": baseline, "summary": summary}, f, indent=2)
     _say(metric_table(results, baseline))

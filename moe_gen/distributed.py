@@ -90,6 +90,16 @@ def barrier() -> None:
         dist.barrier()
 
 
+def any_true(flag: bool) -> bool:
+    """Whether ``flag`` is True on any process (every process gets the same answer)."""
+    if not _active():
+        return bool(flag)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    value = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item() > 0)
+
+
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> WorldInfo:
     """Joins the process group described by torchrun's environment variables.
 

@@ -26,7 +26,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from moe_gen.trainer import comm
+from moe_gen import distributed
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic"]
 
@@ -120,9 +120,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
                     plan=None, keep: int = 2) -> Optional[str]:
     """Writes checkpoint ``step`` atomically; returns its path, or None if writing failed (the
     error is reported and the previous checkpoint is left intact). Every process must call it."""
-    from moe_gen import distributed
-
-    rank = comm.rank()
+    rank = distributed.world_info().rank
     name = f"step-{step:07d}"
     final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
     error = None
@@ -133,7 +131,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
             os.makedirs(partial)
     except OSError as exc:
         error = exc
-    comm.barrier()
+    distributed.barrier()
     if error is None:
         try:
             weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
@@ -146,13 +144,13 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
                               {"sampler": sampler.state_dict(), "rng": _rng_state()})
         except Exception as exc:  # noqa: BLE001 - any failure must leave the old checkpoint usable
             error = exc
-    if comm.any_true(error is not None):
+    if distributed.any_true(error is not None):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
         print(f"[moe_gen] checkpoint at step {step} was not written ({error or 'failed on another process'}); "
               f"the previous checkpoint is intact", flush=True)
         return None
-    comm.barrier()
+    distributed.barrier()
     if rank == 0:
         write_json_atomic(os.path.join(partial, "trainer.json"),
                           {**trainer_state, "step": step, "scheduler": scheduler.state_dict()})
@@ -166,16 +164,14 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
         done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".partial"))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
-    comm.barrier()
+    distributed.barrier()
     return final
 
 
 def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=None) -> dict:
     """Restores weights, optimizer, scheduler, sampler cursors and RNG states; returns the trainer
     state dict (with ``step``, the last completed step)."""
-    from moe_gen import distributed
-
-    rank = comm.rank()
+    rank = distributed.world_info().rank
     with open(os.path.join(path, "trainer.json")) as f:
         trainer_state = json.load(f)
     weights = distributed.load_shards(path, "model", plan if plan is not None else model)

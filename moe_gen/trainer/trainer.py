@@ -24,12 +24,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from moe_gen import distributed
 from moe_gen.model.model import GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES
 from moe_gen.tasks.batch import collate
 from moe_gen.tasks.task import Task
-from moe_gen.trainer import comm
 from moe_gen.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
@@ -190,7 +190,7 @@ class Trainer:
             raise ValueError(f"{self.checkpoint_dir} holds checkpoints of an earlier run (latest: {earlier}); "
                              "resume it (resume=True, --resume), start over (overwrite=True, --overwrite), "
                              "or choose another output directory")
-        self.rank, self.world = comm.rank(), comm.world()
+        self.rank, self.world = distributed.world_info().rank, distributed.world_info().world_size
         unknown = [t for t in self.tasks if t.name not in model.task_ids]
         self.new_adapters = model.add_tasks(unknown) if unknown else []
         for task in self.tasks:
@@ -222,10 +222,10 @@ class Trainer:
         if resume and earlier is not None:
             self._resume(earlier)
         elif earlier is not None or leftovers:
-            comm.barrier()
+            distributed.barrier()
             if self.rank == 0:
                 shutil.rmtree(self.checkpoint_dir)
-            comm.barrier()
+            distributed.barrier()
 
     # ---- building ----------------------------------------------------------------------------
 
@@ -294,7 +294,7 @@ class Trainer:
                         weight = 1.0 if key.startswith("task_loss/") else share
                         parts[key] = parts.get(key, 0.0) + float(value.detach()) * weight
         loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
-        finite = not comm.any_true(not bool(torch.isfinite(loss)))
+        finite = not distributed.any_true(not bool(torch.isfinite(loss)))
         if finite and loss.requires_grad:
             (loss / cfg.accumulate).backward()
         parts["loss"] = float(loss.detach())
@@ -304,8 +304,6 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.clip_norm if self.config.clip_norm > 0 else float("inf")
         if self.world > 1:
-            from moe_gen import distributed
-
             distributed.sync_gradients(self.model, self.plan)
             return float(distributed.clip_grad_norm_(self.model, max_norm, self.plan))
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -327,7 +325,7 @@ class Trainer:
         # each part averaged over the micro-batches it occurred in
         totals = {key: sum(v) / len(v) for key, v in values.items()}
         norm = self._clip()
-        finite = finite and not comm.any_true(not math.isfinite(norm))
+        finite = finite and not distributed.any_true(not math.isfinite(norm))
         lr = self.optimizer.param_groups[0]["lr"]
         if finite:
             self.optimizer.step()
@@ -412,16 +410,14 @@ class Trainer:
         if self.plan is None:
             if self.rank == 0:
                 self.model.save_pretrained(directory)
-            comm.barrier()
+            distributed.barrier()
             return
-        from moe_gen import distributed
-
         path = self.save_checkpoint()
         if self.rank == 0:
             full = GeneralistModel(self.model.config, self.model.tokenizer)
             full.load_state_dict(distributed.load_shards(path, "model", full))
             full.save_pretrained(directory)
-        comm.barrier()
+        distributed.barrier()
 
 
 def _resolve_device(name: str) -> torch.device:
