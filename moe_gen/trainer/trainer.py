@@ -25,6 +25,7 @@ from typing import Optional, Sequence
 import torch
 
 from moe_gen import distributed
+from moe_gen.analysis.recorder import RoutingRecorder
 from moe_gen.model.model import GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES
@@ -98,61 +99,25 @@ def _param_groups(model: GeneralistModel, weight_decay: float) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
-class _RoutingStats:
-    """Forward hooks on every MoE layer that sum, over one step, the assignments each expert
-    computed, by layer and by token modality, and the dropped tokens."""
-
-    def __init__(self, model: GeneralistModel) -> None:
-        self.names = {id(m): name for name, m in model.named_modules() if isinstance(m, MoE)}
-        self.num_modalities = model.config.router.num_modalities
-        self.active = False
-        self.reset()
-        self.handles = [m.register_forward_hook(self._hook, with_kwargs=True)
-                        for m in model.modules() if isinstance(m, MoE)]
-
-    def reset(self) -> None:
-        self.counts: dict[str, torch.Tensor] = {}
-        self.by_modality: dict[str, torch.Tensor] = {}
-        self.dropped = 0
-
-    def _hook(self, module, args, kwargs, output) -> None:
-        if not self.active:
-            return
-        name = self.names[id(module)]
-        routing = output.routing
-        counts = routing.expert_counts.detach().float()
-        self.counts[name] = self.counts.get(name, 0) + counts
-        self.dropped += int(routing.dropped_tokens)
-        tags = kwargs.get("tags", args[1] if len(args) > 1 else None)
-        if tags is not None:
-            modality_T = tags.modality.reshape(-1)
-            token_TK = torch.arange(modality_T.shape[0], device=modality_T.device).unsqueeze(1).expand_as(routing.mask)
-            keep = routing.mask
-            table = torch.zeros(self.num_modalities, counts.shape[0], device=counts.device)
-            table.index_put_((modality_T[token_TK[keep]], routing.topk_ids[keep]),
-                             torch.ones(int(keep.sum()), device=counts.device), accumulate=True)
-            self.by_modality[name] = self.by_modality.get(name, 0) + table
-
-    def summary(self, modality_names: Sequence[str]) -> dict:
-        """Expert-load shares per layer, their mean imbalance (max/mean), and per modality the
-        imbalance of its own assignments."""
-        load, imbalance = {}, []
-        for name, counts in self.counts.items():
-            total = float(counts.sum())
-            if total > 0:
-                load[name] = [round(float(c) / total, 4) for c in counts]
-                imbalance.append(float(counts.max() / counts.mean()))
-        by_modality: dict[str, float] = {}
-        for m, modality in enumerate(modality_names):
-            values = [float(t[m].max() / t[m].mean()) for t in self.by_modality.values() if t[m].sum() > 0]
-            if values:
-                by_modality[modality] = round(sum(values) / len(values), 4)
-        return {"expert_load": load, "expert_imbalance": sum(imbalance) / len(imbalance) if imbalance else 0.0,
-                "modality_expert_imbalance": by_modality, "dropped_tokens": self.dropped}
-
-    def close(self) -> None:
-        for handle in self.handles:
-            handle.remove()
+def _routing_summary(tables) -> dict:
+    """Per-step routing numbers for the log from a ``RoutingRecorder``'s tables: expert-load shares per
+    layer, their mean imbalance (max/mean), per modality the imbalance of its own assignments
+    (averaged over layers), and dropped tokens."""
+    counts_LEM = tables.counts_LETMR.sum((2, 4))
+    load, imbalance = {}, []
+    by_modality: dict[str, list[float]] = {}
+    for layer, (name, E) in enumerate(zip(tables.layer_names, tables.num_experts)):
+        counts_E = counts_LEM[layer, :E].sum(-1)
+        if counts_E.sum() > 0:
+            load[name] = [round(float(c), 4) for c in counts_E / counts_E.sum()]
+            imbalance.append(float(counts_E.max() / counts_E.mean()))
+        for m, modality in enumerate(tables.modality_names):
+            counts_e = counts_LEM[layer, :E, m]
+            if counts_e.sum() > 0:
+                by_modality.setdefault(modality, []).append(float(counts_e.max() / counts_e.mean()))
+    return {"expert_load": load, "expert_imbalance": sum(imbalance) / len(imbalance) if imbalance else 0.0,
+            "modality_expert_imbalance": {m: round(sum(v) / len(v), 4) for m, v in by_modality.items()},
+            "dropped_tokens": int(tables.dropped_LTMR.sum())}
 
 
 class Trainer:
@@ -308,8 +273,12 @@ class Trainer:
             return float(distributed.clip_grad_norm_(self.model, max_norm, self.plan))
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
-    def train_step(self, step: int, stats: Optional[_RoutingStats] = None) -> dict:
-        """One optimizer step (``accumulate`` micro-batches); returns its log record."""
+    def train_step(self, step: int, recorder: Optional[RoutingRecorder] = None) -> dict:
+        """One optimizer step (``accumulate`` micro-batches); returns its log record (with routing
+        numbers when a ``RoutingRecorder`` of the model is given)."""
+        if recorder is not None:
+            recorder.reset()
+            recorder.start()
         cfg = self.config
         start = time.perf_counter()
         self.model.train()
@@ -348,8 +317,9 @@ class Trainer:
             "modality_share": {m: round(c / total, 4) for m, c in sorted(positions.items())},
             **{k: v for k, v in totals.items() if "/" not in k},
         }
-        if stats is not None:
-            record.update(stats.summary(_modality_names(self.model)))
+        if recorder is not None:
+            recorder.stop()
+            record.update(_routing_summary(recorder.tables()))
         if not finite and self.state["bad_in_a_row"] >= cfg.max_bad_steps:
             raise RuntimeError(
                 f"{self.state['bad_in_a_row']} steps in a row (up to step {step}) had a non-finite loss or gradient "
@@ -362,15 +332,13 @@ class Trainer:
         cfg = self.config
         logger = RunLogger(self.output_dir, cfg.steps, self.step, enabled=self.rank == 0, progress=cfg.progress,
                            tensorboard=cfg.tensorboard, resume_step=self.step if self.resumed_from else None)
-        stats = _RoutingStats(self.model)
+        recorder = RoutingRecorder(self.model)  # hooks only during logged steps
         start, record = time.perf_counter(), None
         try:
             while self.step < cfg.steps:
                 step = self.step + 1
                 log_now = step % cfg.log_every == 0 or step == cfg.steps
-                stats.active = log_now
-                stats.reset()
-                record = self.train_step(step, stats if log_now else None)
+                record = self.train_step(step, recorder if log_now else None)
                 self.step = step
                 if log_now:
                     logger.log(record)
@@ -378,7 +346,7 @@ class Trainer:
                 if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                     self.save_checkpoint()
         finally:
-            stats.close()
+            recorder.stop()
             logger.close()
         return {"step": self.step, "loss": record["loss"] if record else None,
                 "skipped_steps": self.state["skipped_steps"], "seconds": time.perf_counter() - start,
@@ -426,10 +394,3 @@ def _resolve_device(name: str) -> torch.device:
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
-
-
-def _modality_names(model: GeneralistModel) -> list[str]:
-    from moe_gen.tasks.modalities.base import modality_tag_names
-
-    names = list(modality_tag_names())
-    return names[:model.config.router.num_modalities]
