@@ -32,7 +32,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -187,9 +187,15 @@ class EinsumDispatch(DispatchBackend):
 
 @dataclasses.dataclass
 class _Groups:
-    token_N: torch.Tensor  # tokens sorted by group
-    counts: list[int]  # tokens per group
-    routes: list[tuple[torch.Tensor, torch.Tensor]]  # (expert ids, gate weights) of each group
+    token_N: torch.Tensor  # tokens sorted by route
+    counts: list[int]  # tokens per route
+    keys: list[tuple]  # each route as Python numbers (the cache key): (expert ids, gate weights), or
+    #                    the expert ids alone when rows of one expert set share a group
+    route: Callable[[int], tuple[torch.Tensor, torch.Tensor]]  # route r's (expert ids, gate weights)
+    # grouped by expert set: each row's tag group, and each group's experts (ascending) and gate
+    # weights in that order
+    group_N: torch.Tensor | None = None
+    sets: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 def _lexsort_rows(key_TX: torch.Tensor) -> torch.Tensor:
@@ -203,6 +209,9 @@ def _lexsort_rows(key_TX: torch.Tensor) -> torch.Tensor:
     return order
 
 
+_NO_ROUTES = ([], [], lambda r: None)
+
+
 @BACKENDS.register("merged")
 class MergedDispatch(DispatchBackend):
     """Tokens with identical routes run as one group through one dense FFN with merged weights.
@@ -211,21 +220,28 @@ class MergedDispatch(DispatchBackend):
     so a layer costs what a dense FFN of k·H hidden units costs, whatever E is; all groups go
     through one grouped matmul call. The gate weights are taken from one member of each group;
     since the route is identical for every member, the router's gradient is the same as the
-    unmerged layer's. Without autograd (inference) the merged weights are cached per route and
-    rebuilt when the expert parameters change through autograd-visible in-place ops (optimizer
-    steps, ``copy_``, ``load_state_dict``); writes through ``param.data`` bypass that check, so call
-    ``clear_cache()`` after them.
+    unmerged layer's.
+
+    Without autograd (inference), when the router kept its routes per tag group, tag groups that
+    use the same *set* of experts share one group even if their gate weights differ: the merged
+    FFN is the K experts side by side, and each row's hidden units are scaled by its own gate
+    weights (fewer, larger matmuls than one per route). Merged weights are cached per route (and
+    stacked per set of routes) and rebuilt when the expert parameters change through
+    autograd-visible in-place ops (optimizer steps, ``copy_``, ``load_state_dict``); writes through
+    ``param.data`` bypass that check, so call ``clear_cache()`` after them.
     """
 
     needs_shared_routes = True
+    MAX_STACKS = 16  # sets of routes whose stacked weights are kept (one per recent batch mix)
 
     def __init__(self) -> None:
-        self._cache: dict = {}
-        self._cache_stamp = None
+        self.clear_cache()
 
     def dispatch(self, x_TD, routing):
-        if routing.group_T is not None:
-            return self._dispatch_groups(x_TD, routing)
+        if routing.groups is not None:
+            # grouped in run(), where the experts are known (whether rows of one expert set with
+            # different gate weights may share a group)
+            return Dispatched(x_TD, routing)
         mask_TK = routing.mask
         has_route_T = mask_TK.any(-1)
         key_TX = torch.cat(
@@ -234,7 +250,7 @@ class MergedDispatch(DispatchBackend):
         )[has_route_T]
         tokens_T = has_route_T.nonzero().squeeze(1)
         if not tokens_T.numel():
-            return Dispatched(x_TD[:0], _Groups(tokens_T, [], []))
+            return Dispatched(x_TD[:0], _Groups(tokens_T, *_NO_ROUTES))
         order = _lexsort_rows(key_TX)
         sorted_TX = key_TX[order]
         new_group = torch.ones(order.numel(), dtype=torch.bool, device=order.device)
@@ -247,61 +263,87 @@ class MergedDispatch(DispatchBackend):
             t = token_N[first]
             keep_K = mask_TK[t]
             routes.append((routing.topk_ids[t][keep_K], routing.topk_weights[t][keep_K]))
-        return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, routes))
+        keys = [(tuple(ids.tolist()), tuple(w.tolist())) for ids, w in routes]
+        return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, keys, routes.__getitem__))
 
-    def _dispatch_groups(self, x_TD, routing):
-        """The router shared one route per tag group (``group_T``): routes are compared over the G
-        group rows only, and tokens are ordered by a single sort of their route index."""
-        first_G, group_T = routing.group_first_G, routing.group_T
-        mask_GK, ids_GK = routing.mask[first_G], routing.topk_ids[first_G]
-        weights_GK = routing.topk_weights[first_G]
-        key_GX = torch.cat([torch.where(mask_GK, ids_GK, -1).to(weights_GK.dtype), weights_GK.detach()], dim=1)
-        order_G = _lexsort_rows(key_GX)
-        sorted_GX = key_GX[order_G]
-        new_route = torch.ones(order_G.numel(), dtype=torch.bool, device=order_G.device)
-        new_route[1:] = (sorted_GX[1:] != sorted_GX[:-1]).any(1)
-        route_G = torch.empty_like(order_G)
-        route_G[order_G] = new_route.cumsum(0) - 1
-        has_route_T = routing.mask.any(-1)
-        route_T = torch.where(has_route_T, route_G[group_T], -1)
-        sorted_route_N, token_N = torch.sort(route_T, stable=True)
-        token_N = token_N[sorted_route_N >= 0]
-        if not token_N.numel():
-            return Dispatched(x_TD[:0], _Groups(token_N, [], []))
-        counts_R = torch.bincount(route_T[has_route_T], minlength=int(new_route.sum()))
-        carrier_R = order_G[new_route]  # a group row carrying each route
-        routes, counts = [], []
-        for r, count in enumerate(counts_R.tolist()):
-            if count:
-                g = carrier_R[r]
-                keep_K = mask_GK[g]
-                routes.append((ids_GK[g][keep_K], weights_GK[g][keep_K]))
-                counts.append(count)
-        return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, routes))
+    def _group(self, x_TD, routing, by_set: bool):
+        """Routes kept per tag group (``RouterOutput.groups``): equal routes (or expert sets) are
+        found among the G group rows in Python, and tokens are ordered by one sort of their route
+        index. Returns the rows in that order and the plan."""
+        groups, valid_T = routing.groups, routing.valid
+        ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
+        if by_set:  # one order per set of experts: ascending ids, weights permuted alike
+            ids_GK, order_GK = ids_GK.sort(dim=1)
+            weights_GK = weights_GK.gather(1, order_GK)
+        count_G = groups.count_G.tolist()
+        ids_G = ids_GK.tolist()
+        weights_G = None if by_set else weights_GK.detach().tolist()
+        route_of: dict[tuple, int] = {}
+        route_G, carriers, counts = [], [], []
+        for g, count in enumerate(count_G):
+            if not count:  # only padding: no route
+                route_G.append(-1)
+                continue
+            key = tuple(ids_G[g]) if by_set else (tuple(ids_G[g]), tuple(weights_G[g]))
+            r = route_of.setdefault(key, len(route_of))
+            if r == len(carriers):
+                carriers.append(g)
+                counts.append(0)
+            counts[r] += count
+            route_G.append(r)
+        if not counts:
+            return x_TD[:0], _Groups(x_TD.new_zeros(0, dtype=torch.long), *_NO_ROUTES)
+        R, N = len(counts), sum(counts)
+        route_T = torch.tensor(route_G, device=x_TD.device)[groups.group_T]
+        # padding (also padding members of groups with real tokens) sorts last, with key R
+        _, token_T = torch.sort(torch.where(valid_T, route_T, R), stable=True)
+        token_N = token_T[:N]
+        plan = _Groups(token_N, counts, list(route_of), lambda r: (ids_GK[carriers[r]], weights_GK[carriers[r]]))
+        if by_set:
+            plan.group_N, plan.sets = groups.group_T[token_N], (ids_GK, weights_GK)
+        return x_TD.index_select(0, token_N), plan
 
     def clear_cache(self) -> None:
         """Drops the cached merged weights (needed after writes through ``param.data``)."""
-        self._cache, self._cache_stamp = {}, None
-
-    def _merged(self, experts, ids_K, weights_K):
-        if torch.is_grad_enabled():
-            return experts.merged_weights(ids_K, weights_K)
-        key = (tuple(ids_K.tolist()), tuple(weights_K.tolist()))
-        if key not in self._cache:
-            self._cache[key] = experts.merged_weights(ids_K, weights_K)
-        return self._cache[key]
+        self._cache: dict = {}  # route key → merged weights
+        self._stacks: dict = {}  # tuple of route keys → those routes' merged weights, stacked
+        self._cache_stamp = None
 
     def run(self, experts, dispatched):
+        no_grad = not torch.is_grad_enabled()
+        if isinstance(dispatched.plan, RouterOutput):  # grouped now (see dispatch)
+            by_set = no_grad and experts.merges_expert_sets
+            dispatched.inputs, dispatched.plan = self._group(dispatched.inputs, dispatched.plan, by_set)
         groups = dispatched.plan
         if not groups.counts:
             return None
-        if not torch.is_grad_enabled():
-            # the cache is valid while the expert parameters are the same tensors at the same version
-            stamp = tuple((p.data_ptr(), p._version) for p in experts.parameters())
-            if stamp != self._cache_stamp:
-                self._cache, self._cache_stamp = {}, stamp
-        merged = [self._merged(experts, ids, weights) for ids, weights in groups.routes]
-        return experts.forward_merged_groups(dispatched.inputs, groups.counts, merged)
+        if not no_grad:
+            merged = [experts.merged_weights(*groups.route(r)) for r in range(len(groups.counts))]
+            return experts.forward_merged_groups(dispatched.inputs, groups.counts, experts.stack_merged(merged))
+        # the cache is valid while the expert parameters are the same tensors at the same version
+        stamp = tuple((p.data_ptr(), p._version) for p in experts.parameters())
+        if stamp != self._cache_stamp:
+            self.clear_cache()
+            self._cache_stamp = stamp
+        by_set = groups.sets is not None
+        stack_key = (by_set, tuple(groups.keys))
+        stacked = self._stacks.get(stack_key)
+        if stacked is None:
+            merged = []
+            for r, key in enumerate(groups.keys):
+                if (by_set, key) not in self._cache:
+                    ids_K, weights_K = groups.route(r)
+                    self._cache[by_set, key] = experts.merged_weights(ids_K, None if by_set else weights_K)
+                merged.append(self._cache[by_set, key])
+            if len(self._stacks) >= self.MAX_STACKS:  # batches of other task mixes: forget the oldest
+                del self._stacks[next(iter(self._stacks))]
+            stacked = self._stacks[stack_key] = experts.stack_merged(merged)
+        if not by_set:
+            return experts.forward_merged_groups(dispatched.inputs, groups.counts, stacked)
+        (ids_GK, weights_GK), group_N = groups.sets, groups.group_N
+        bias_GD = experts.output_bias(ids_GK, weights_GK)
+        return experts.forward_merged_sets(dispatched.inputs, groups.counts, stacked, weights_GK[group_N],
+                                           None if bias_GD is None else bias_GD[group_N])
 
     def combine(self, outputs, dispatched, x_TD):
         if outputs is None:

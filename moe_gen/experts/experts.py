@@ -10,7 +10,9 @@ ModuleList. Each expert kind offers the entry points the dispatch backends need:
 - ``forward_sorted(x_ND, counts)``: rows already grouped by expert (the fast path);
 - ``forward_expert(e, x)``: one expert, plain autograd (the eager oracle);
 - ``forward_padded(x_ECD)``: a padded ``[E, C, D]`` batch (GShard's einsum layout);
-- ``forward_merged(x, ids_K, weights_K)``: one dense layer equal to Σ_k w_k · expert_k(x).
+- ``forward_merged(x, ids_K, weights_K)``: one dense layer equal to Σ_k w_k · expert_k(x);
+  ``merged_weights`` → ``stack_merged`` → ``forward_merged_groups`` run several such routes in
+  one call (the ``merged`` backend caches the first two at inference).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import torch
 from torch import nn
 
 from moe_gen.config import ExpertsConfig
-from moe_gen.experts.grouped import ACTIVATIONS, activate, grouped_ffn
+from moe_gen.experts.grouped import ACTIVATIONS, activate, grouped_ffn, grouped_ffn_scaled
 from moe_gen.registry import EXPERTS
 
 __all__ = ["StackedExperts", "MLPExperts", "GLUExperts", "LinearExperts", "DenseFFN"]
@@ -114,6 +116,8 @@ class StackedExperts(nn.Module):
         Exact for any activation: the K experts' input projections are concatenated along the
         hidden dimension and their output projections, pre-scaled by the gate weights, stacked
         along it, so act() sees exactly the per-expert hidden units. Cost: a dense FFN.
+        ``weights_K=None`` leaves the output projections unscaled and ``b_out`` None (the gate
+        weights are then applied per row: ``forward_merged_sets``).
         """
         K, H = ids_K.numel(), self.d_hidden
         w_in_KDH = self.w_in[ids_K]
@@ -122,7 +126,10 @@ class StackedExperts(nn.Module):
             w_in_DX = torch.cat([_concat_hidden(gate), _concat_hidden(up)], dim=-1)
         else:
             w_in_DX = _concat_hidden(w_in_KDH)
-        w_out_XD = (self.w_out[ids_K] * weights_K.view(K, 1, 1).to(self.w_out.dtype)).reshape(K * H, -1)
+        w_out_KHD = self.w_out[ids_K]
+        if weights_K is not None:
+            w_out_KHD = w_out_KHD * weights_K.view(K, 1, 1).to(self.w_out.dtype)
+        w_out_XD = w_out_KHD.reshape(K * H, -1)
         b_in_X = b_out_D = None
         if self.b_in is not None:
             b_in_KH = self.b_in[ids_K]
@@ -131,9 +138,31 @@ class StackedExperts(nn.Module):
                 b_in_X = torch.cat([gate_b.reshape(-1), up_b.reshape(-1)])
             else:
                 b_in_X = b_in_KH.reshape(-1)
-        if self.b_out is not None:
+        if self.b_out is not None and weights_K is not None:
             b_out_D = (weights_K.unsqueeze(1).to(self.b_out.dtype) * self.b_out[ids_K]).sum(0)
         return w_in_DX, b_in_X, w_out_XD, b_out_D
+
+    # The merged backend may run rows of one *set* of experts with different gate weights in one
+    # group (inference): merged_weights(ids_K, None), output_bias, forward_merged_sets.
+    merges_expert_sets = True
+
+    def output_bias(self, ids_GK: torch.Tensor, weights_GK: torch.Tensor) -> torch.Tensor | None:
+        """Σ_k weights[g, k] · b_out[ids[g, k]] for each row g: ``[G, D]`` (None without biases)."""
+        if self.b_out is None:
+            return None
+        return (weights_GK.unsqueeze(-1).to(self.b_out.dtype) * self.b_out[ids_GK]).sum(1)
+
+    def forward_merged_sets(self, x_ND: torch.Tensor, counts: list[int], stacked, scale_NK: torch.Tensor,
+                            bias_ND: torch.Tensor | None) -> torch.Tensor:
+        """Inference: rows sorted by expert set (``counts[r]`` rows each), ``stacked`` from
+        ``stack_merged`` of unscaled ``merged_weights(ids_K, None)``; each row's K blocks of hidden
+        units are scaled by its gate weights ``scale_NK``, and ``bias_ND`` (``output_bias`` of each
+        row's route) is added."""
+        dtype = _autocast_dtype(x_ND)
+        w_in, b_in, w_out, _ = (None if t is None else t.to(dtype) for t in stacked)
+        with torch.autocast(x_ND.device.type, enabled=False):
+            y = grouped_ffn_scaled(x_ND.to(dtype), counts, w_in, b_in, w_out, scale_NK, self.activation, self.gated)
+        return y if bias_ND is None else y.add_(bias_ND.to(y.dtype))
 
     def forward_merged(self, x_nD: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_K[k] · expert_{ids_K[k]}(x) through the merged dense FFN."""
@@ -142,19 +171,24 @@ class StackedExperts(nn.Module):
         y = activate(h, self.activation, self.gated) @ w_out
         return y if b_out is None else y + b_out
 
-    def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], merged: list) -> torch.Tensor:
-        """Rows sorted by group (``counts[g]`` rows each) through each group's merged FFN
-        (``merged[g]`` from ``merged_weights``), as one grouped call when all groups merge the same
-        number of experts."""
-        if len({m[0].shape for m in merged}) == 1:
-            stack = lambda i: None if merged[0][i] is None else torch.stack([m[i] for m in merged])  # noqa: E731
+    def stack_merged(self, merged: list):
+        """Merged FFNs (from ``merged_weights``) in the layout ``forward_merged_groups`` takes:
+        stacked ``[R, ...]`` when all merge the same number of experts (one grouped call), else
+        the list."""
+        if len({m[0].shape for m in merged}) != 1:
+            return merged
+        return tuple(None if merged[0][i] is None else torch.stack([m[i] for m in merged]) for i in range(4))
+
+    def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], stacked) -> torch.Tensor:
+        """Rows sorted by route (``counts[r]`` rows each) through each route's merged FFN
+        (``stacked`` from ``stack_merged``)."""
+        if isinstance(stacked, tuple):
             dtype = _autocast_dtype(x_ND)
             cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
             with torch.autocast(x_ND.device.type, enabled=False):
-                return grouped_ffn(x_ND.to(dtype), counts, cast(stack(0)), cast(stack(1)), cast(stack(2)),
-                                   cast(stack(3)), self.activation, self.gated)
+                return grouped_ffn(x_ND.to(dtype), counts, *map(cast, stacked), self.activation, self.gated)
         pieces, start = [], 0
-        for n, (w_in, b_in, w_out, b_out) in zip(counts, merged):
+        for n, (w_in, b_in, w_out, b_out) in zip(counts, stacked):
             x = x_ND[start:start + n]
             h = x @ w_in if b_in is None else x @ w_in + b_in
             y = activate(h, self.activation, self.gated) @ w_out
@@ -239,6 +273,11 @@ class LinearExperts(nn.Module):
     def forward_merged(self, x_nD, ids_K, weights_K):
         weight, bias = self.merged_weights(ids_K, weights_K)
         return x_nD @ weight if bias is None else torch.addmm(bias, x_nD, weight)
+
+    merges_expert_sets = False  # a weighted sum of linear maps is one [D, H] matrix per route
+
+    def stack_merged(self, merged: list) -> list:
+        return merged
 
     def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], merged: list) -> torch.Tensor:
         pieces = [x @ w if b is None else torch.addmm(b, x, w)

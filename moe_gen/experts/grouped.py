@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activate", "grouped_ffn"]
+__all__ = ["ACTIVATIONS", "activate", "grouped_ffn", "grouped_ffn_scaled"]
 
 # name -> (forward, backward(grad_out, pre_activation) -> grad_in)
 ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -158,3 +158,36 @@ def grouped_ffn(
     return _GroupedFFN.apply(
         x_ND.contiguous(), w_in_EDH, b_in_EH, w_out_EHD, b_out_ED, counts, activation, gated
     )
+
+
+@torch.no_grad()
+def grouped_ffn_scaled(
+    x_ND: torch.Tensor,
+    counts: list[int],
+    w_in_RDX: torch.Tensor,
+    b_in_RX: torch.Tensor | None,
+    w_out_RXD: torch.Tensor,
+    scale_NK: torch.Tensor,
+    activation: str,
+    gated: bool,
+) -> torch.Tensor:
+    """Inference only (no autograd): like ``grouped_ffn`` without output bias, with each row's K
+    blocks of hidden units multiplied by that row's K gate weights before the output projection.
+
+    With ``w_in_RDX``/``w_out_RXD`` the concatenated weights of K experts (X = K·H), rows of group
+    r compute Σ_k scale[n, k] · (act(x·W_in,k + b_in,k) · W_out,k): one matmul pair per *set* of
+    experts, whatever the gate weights of the rows are.
+    """
+    if sum(counts) != x_ND.shape[0]:
+        raise ValueError(f"counts sum to {sum(counts)} but there are {x_ND.shape[0]} rows")
+    x_ND = x_ND.contiguous()
+    N, K = scale_NK.shape
+    h_NX = x_ND.new_empty(N, w_in_RDX.shape[2])
+    for r, s, t in _segments(counts):
+        _linear_rows(x_ND[s:t], w_in_RDX[r], None if b_in_RX is None else b_in_RX[r], h_NX[s:t])
+    a_NX = activate(h_NX, activation, gated)
+    a_NX.view(N, K, -1).mul_(scale_NK.to(a_NX.dtype).unsqueeze(-1))
+    y_ND = x_ND.new_empty(N, w_out_RXD.shape[2])
+    for r, s, t in _segments(counts):
+        torch.mm(a_NX[s:t], w_out_RXD[r], out=y_ND[s:t])
+    return y_ND

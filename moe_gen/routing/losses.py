@@ -73,12 +73,22 @@ def auxiliary_losses(
         ``{name: weighted scalar loss}`` for every loss with a positive weight that applies to this
         router (see the module docstring for which are skipped and why).
     """
+    count_losses_apply = routing.content_dependent and not routing.balanced_by_construction
+    if routing.groups is not None and not count_losses_apply:
+        # Routes kept per tag group: the z-loss over tokens is each group's value weighted by its
+        # number of valid members (no [T, E] expansion).
+        losses = {}
+        if config.z_loss_weight > 0 and routing.learned_gate:
+            g = routing.groups
+            count_G = g.count_G.to(g.logits_GE.dtype)
+            mean = (torch.logsumexp(g.logits_GE, dim=-1).square() * count_G).sum() / count_G.sum().clamp_min(1.0)
+            losses["z"] = config.z_loss_weight * mean
+        return losses
     valid_T = routing.valid
     logits_NE = routing.logits[valid_T]
     probs_NE = routing.probs[valid_T]
     ids_NK = routing.topk_ids[valid_T]
     losses: dict[str, torch.Tensor] = {}
-    count_losses_apply = routing.content_dependent and not routing.balanced_by_construction
 
     if count_losses_apply and config.balance_loss_weight > 0:
         losses["balance"] = config.balance_loss_weight * balance_loss(probs_NE, ids_NK)

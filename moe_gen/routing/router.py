@@ -12,6 +12,7 @@ slots per token (top_k, or E for expert choice).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 from typing import Optional
 
@@ -24,10 +25,33 @@ from moe_gen.routing.capacity import capacity_for, slot_positions
 from moe_gen.routing.gates import Gate
 from moe_gen.routing.tags import TokenTags
 
-__all__ = ["RouterOutput", "Router"]
+__all__ = ["GroupRoutes", "RouterOutput", "Router"]
 
 
 @dataclasses.dataclass
+class GroupRoutes:
+    """A content-independent routing decision kept per tag group, not per token.
+
+    Every member of tag group g has group g's route, so G rows say everything that the ``[T, ...]``
+    tensors of ``RouterOutput`` say; consumers that can work per group (merged dispatch, the
+    z-loss) never expand them to tokens.
+
+    Attributes:
+        group_T: long ``[T]`` tag group of each token.
+        ids_GK: long ``[G, K]`` the group's experts.
+        weights_GK: float32 ``[G, K]`` the gate weight every valid member gets.
+        probs_GE, logits_GE: float32 ``[G, E]`` the group's router probabilities and logits.
+        count_G: long ``[G]`` valid (non-padding) members of each group.
+    """
+
+    group_T: torch.Tensor
+    ids_GK: torch.Tensor
+    weights_GK: torch.Tensor
+    probs_GE: torch.Tensor
+    logits_GE: torch.Tensor
+    count_G: torch.Tensor
+
+
 class RouterOutput:
     """What the router decided, typed.
 
@@ -50,36 +74,85 @@ class RouterOutput:
         content_dependent: whether routes depend on the hidden state (False for tag routing).
         balanced_by_construction: the gate balances load itself (no balance loss applies).
         learned_gate: the gate projection is trained (False for the hash gate: no z-loss).
-        group_T, group_first_G: for content-independent routing, the tag group of each token and
-            the first token of each group (every member of a group has that token's route).
+        groups: ``GroupRoutes`` when every member of a tag group shares one route (content-
+            independent strategies, row-wise gates, dropless); then the five per-token tensors
+            above (ids, weights, mask, probs, logits) are expanded from the group rows on first
+            access only, and may be left out of the constructor.
     """
 
-    topk_ids: torch.Tensor
-    topk_weights: torch.Tensor
-    mask: torch.Tensor
-    positions: torch.Tensor
-    capacity: int
-    probs: torch.Tensor
-    logits: torch.Tensor
-    valid: torch.Tensor
-    expert_counts: torch.Tensor
-    dropped_assignments: torch.Tensor
-    dropped_tokens: torch.Tensor
-    content_dependent: bool
-    balanced_by_construction: bool
-    learned_gate: bool
-    group_T: Optional[torch.Tensor] = None
-    group_first_G: Optional[torch.Tensor] = None
+    _EXPANDED = ("topk_ids", "topk_weights", "mask", "probs", "logits")
+
+    def __init__(
+        self,
+        *,
+        capacity: int,
+        valid: torch.Tensor,
+        expert_counts: torch.Tensor,
+        dropped_assignments: torch.Tensor,
+        dropped_tokens: torch.Tensor,
+        content_dependent: bool,
+        balanced_by_construction: bool,
+        learned_gate: bool,
+        topk_ids: Optional[torch.Tensor] = None,
+        topk_weights: Optional[torch.Tensor] = None,
+        mask: Optional[torch.Tensor] = None,
+        positions: Optional[torch.Tensor] = None,
+        probs: Optional[torch.Tensor] = None,
+        logits: Optional[torch.Tensor] = None,
+        groups: Optional[GroupRoutes] = None,
+    ) -> None:
+        given = dict(topk_ids=topk_ids, topk_weights=topk_weights, mask=mask, probs=probs, logits=logits)
+        if groups is None and any(v is None for v in given.values()):
+            missing = [k for k, v in given.items() if v is None]
+            raise ValueError(f"RouterOutput needs {', '.join(missing)} (or groups= to expand them from)")
+        self._tensors = {k: v for k, v in given.items() if v is not None}
+        self.positions = positions
+        self.capacity = capacity
+        self.valid = valid
+        self.expert_counts = expert_counts
+        self.dropped_assignments = dropped_assignments
+        self.dropped_tokens = dropped_tokens
+        self.content_dependent = content_dependent
+        self.balanced_by_construction = balanced_by_construction
+        self.learned_gate = learned_gate
+        self.groups = groups
+
+    def _expanded(self, name: str) -> torch.Tensor:
+        if name not in self._tensors:
+            g, valid_T1 = self.groups, self.valid.unsqueeze(1)
+            if name == "topk_ids":
+                value = g.ids_GK[g.group_T]
+            elif name == "mask":
+                value = valid_T1.expand(-1, g.ids_GK.shape[1]).contiguous()
+            elif name == "topk_weights":
+                value = torch.where(valid_T1, g.weights_GK[g.group_T], 0.0)
+            elif name == "probs":
+                value = torch.where(valid_T1, g.probs_GE[g.group_T], 0.0)
+            else:
+                value = g.logits_GE[g.group_T]
+            self._tensors[name] = value
+        return self._tensors[name]
+
+    topk_ids = property(lambda self: self._expanded("topk_ids"))
+    topk_weights = property(lambda self: self._expanded("topk_weights"))
+    mask = property(lambda self: self._expanded("mask"))
+    probs = property(lambda self: self._expanded("probs"))
+    logits = property(lambda self: self._expanded("logits"))
 
     @property
     def num_experts(self) -> int:
-        return self.probs.shape[1]
+        return self.expert_counts.shape[0]
 
     def slot_positions(self) -> torch.Tensor:
         """``positions``, computed in token order on first use when routing was dropless."""
         if self.positions is None:
             self.positions, _ = slot_positions(self.topk_ids, self.mask, self.num_experts)
         return self.positions
+
+    def __repr__(self) -> str:
+        T, K = self.valid.shape[0], self.topk_ids.shape[1] if self.groups is None else self.groups.ids_GK.shape[1]
+        grouped = "" if self.groups is None else f", {self.groups.ids_GK.shape[0]} tag groups"
+        return f"RouterOutput(T={T}, K={K}, E={self.num_experts}, capacity={self.capacity}{grouped})"
 
 
 class Router(nn.Module):
@@ -88,6 +161,8 @@ class Router(nn.Module):
     Args:
         config: the layer's ``MoEConfig`` (router settings in ``config.router``).
     """
+
+    MAX_CACHED_ROUTES = 64  # sets of tag groups whose inference routes are kept
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__()
@@ -105,6 +180,8 @@ class Router(nn.Module):
         else:
             # Fixed projection: a buffer, so it is saved but never trained.
             self.register_buffer("weight", weight)
+        self._routes: dict = {}  # inference routes per set of tag groups (see forward)
+        self._route_stamp = None
 
     @property
     def content_dependent(self) -> bool:
@@ -133,12 +210,23 @@ class Router(nn.Module):
 
         # Rows the router scores: every token, or one representative per tag group.
         rows_x, rows_tags, rows_segment, rows_valid = x_TD, tags, segment_T, valid_T
-        group_T = first_G = None
+        group_T = cache_key = None
         if not self.content_dependent and x_TD.shape[0] > 0:
             # Route each tag group once and broadcast: identical routes for all members, bit
             # for bit (and G rows of work instead of T). Noise, too, is drawn per group. The
             # groups are computed once per tags object, so once per forward for all layers.
             group_T, first_G, rows_tags = tags.groups()
+            if type(self.gate).rowwise and cfg.capacity_factor is None and not self.training \
+                    and not torch.is_grad_enabled():
+                # Inference: a group's route is a function of its tags and the router's
+                # parameters only, so routes are cached per set of tag groups (until a parameter
+                # or buffer changes: optimizer steps, load_state_dict, .to()).
+                stamp = tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
+                if stamp != self._route_stamp:
+                    self._routes, self._route_stamp = {}, stamp
+                cache_key = tags.group_keys()
+                if cache_key in self._routes:
+                    return self._grouped_output(group_T, *self._routes[cache_key], valid_T)
             rows_x, rows_segment, rows_valid = x_TD[first_G], segment_T[first_G], valid_T[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
@@ -161,11 +249,19 @@ class Router(nn.Module):
                 probs_TE = logits_TE.softmax(-1)
             else:
                 probs_TE = logits_TE.softmax(-1)
-            if group_T is not None and type(self.gate).rowwise:
+            rowwise = group_T is not None and type(self.gate).rowwise
+            if rowwise:
                 # A row-wise gate decides each group from its one row; members take that choice
                 # (padding members none): equal to gating every token, at G rows of work.
                 choice = self.gate.choose(scores_TE, probs_TE, torch.ones_like(rows_valid),
                                           capacity_factor=cfg.capacity_factor, training=self.training)
+                if cfg.capacity_factor is None:  # dropless: the routes stay per group
+                    routes = (choice.ids_TK, choice.weights_TK, probs_TE, logits_TE)
+                    if cache_key is not None:
+                        if len(self._routes) >= self.MAX_CACHED_ROUTES:
+                            del self._routes[next(iter(self._routes))]
+                        self._routes[cache_key] = routes
+                    return self._grouped_output(group_T, *routes, valid_T)
                 keep_TK = valid_T.unsqueeze(1)
                 choice = dataclasses.replace(
                     choice, ids_TK=choice.ids_TK[group_T], mask_TK=choice.mask_TK[group_T] & keep_TK,
@@ -204,14 +300,6 @@ class Router(nn.Module):
         expert_counts_E = torch.bincount(ids_TK[keep_TK], minlength=E)
         if positions_TK is None:
             capacity = int(expert_counts_E.max()) if expert_counts_E.numel() else 0
-        if group_T is not None and not (type(self.gate).rowwise and cfg.capacity_factor is None):
-            group_T = first_G = None  # members' routes may differ (drops, or a gate weighing tokens)
-        if group_T is not None:
-            # Each group's representative: its first valid member (any member if none is valid).
-            token_T = torch.arange(valid_T.shape[0], device=valid_T.device)
-            first_G = first_G.scatter_reduce(0, group_T, torch.where(valid_T, token_T, valid_T.shape[0]), "amin",
-                                             include_self=False).clamp_max(valid_T.shape[0] - 1)
-            first_G = torch.where(valid_T[first_G], first_G, tags.groups()[1])
         dropped_assignments = (mask_TK & ~keep_TK).sum()
         dropped_tokens = (valid_T & ~keep_TK.any(-1)).sum()
         return RouterOutput(
@@ -229,6 +317,24 @@ class Router(nn.Module):
             content_dependent=self.content_dependent,
             balanced_by_construction=type(self.gate).balanced_by_construction,
             learned_gate=type(self.gate).learned,
-            group_T=group_T,
-            group_first_G=first_G,
+        )
+
+    def _grouped_output(self, group_T, ids_GK, weights_GK, probs_GE, logits_GE, valid_T) -> RouterOutput:
+        """The decision of a row-wise gate over G tag-group rows, kept per group (dropless: every
+        valid member computes all K assignments of its group's route)."""
+        G, K = ids_GK.shape
+        count_G = torch.zeros(G, dtype=torch.long, device=valid_T.device).index_add_(0, group_T, valid_T.long())
+        expert_counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=valid_T.device).index_add_(
+            0, ids_GK.reshape(-1), count_G.repeat_interleave(K))
+        none = torch.zeros((), dtype=torch.long, device=valid_T.device)
+        return RouterOutput(
+            capacity=int(expert_counts_E.max()),
+            valid=valid_T,
+            expert_counts=expert_counts_E,
+            dropped_assignments=none,
+            dropped_tokens=none,
+            content_dependent=False,
+            balanced_by_construction=type(self.gate).balanced_by_construction,
+            learned_gate=type(self.gate).learned,
+            groups=GroupRoutes(group_T, ids_GK, weights_GK, probs_GE, logits_GE, count_G),
         )

@@ -168,14 +168,20 @@ class TokenTags:
         def compute():
             if self.task.dim() != 1:
                 raise ValueError(f"groups() needs flattened tags [T], got shape {tuple(self.shape)}")
-            _, group_T = torch.unique(self.group_key(), return_inverse=True)
+            keys_G, group_T = torch.unique(self.group_key(), return_inverse=True)
             T = group_T.shape[0]
             token_T = torch.arange(T, device=group_T.device)
-            first_G = torch.full((int(group_T.max()) + 1 if T else 0,), T, device=group_T.device)
+            first_G = torch.full((keys_G.shape[0],), T, device=group_T.device)
             first_G = first_G.scatter_reduce(0, group_T, token_T, "amin")
-            return group_T, first_G, self.select(first_G)
+            return group_T, first_G, self.select(first_G), tuple(keys_G.tolist())
 
-        return self._memo("groups", compute)
+        return self._memo("groups", compute)[:3]
+
+    def group_keys(self) -> tuple[int, ...]:
+        """The ``group_key`` of each tag group of ``groups()``, in group order, as Python ints: a
+        hashable name for this set of groups (routers cache inference routes by it)."""
+        self.groups()
+        return self._memo("groups", None)[3]
 
     def select(self, index: torch.Tensor) -> "TokenTags":
         """Tags of a subset of flattened tokens (``index``: bool mask ``[T]`` or long ids)."""
@@ -258,7 +264,7 @@ class TokenTags:
             float32 ``[..., A]``.
         """
         one_hot = torch.nn.functional.one_hot
-        return torch.cat(
+        return self._memo(("attributes", num_modalities, num_roles, num_passes), lambda: torch.cat(
             [
                 self.task_modalities.float(),
                 one_hot(self.modality, num_modalities).float(),
@@ -267,4 +273,4 @@ class TokenTags:
                 one_hot(self.pass_id, num_passes).float(),
             ],
             dim=-1,
-        )
+        ))
