@@ -12,7 +12,7 @@ Shape legend: B batch, S sequence, T = B·S flattened tokens, D model width, D' 
 
 from __future__ import annotations
 
-import dataclasses
+import functools
 from typing import TYPE_CHECKING
 
 import torch
@@ -36,7 +36,6 @@ if TYPE_CHECKING:
 __all__ = ["MoE", "MoEOutput"]
 
 
-@dataclasses.dataclass
 class MoEOutput:
     """What one MoE call returns.
 
@@ -44,12 +43,22 @@ class MoEOutput:
         output: ``[T, D']`` or ``[B, S, D']`` like the input; zero for padding and for tokens whose
             every assignment was dropped (they continue on the residual path).
         aux_losses: named auxiliary losses, each already multiplied by its configured weight.
+            Without autograd (inference) they are computed on first access only: nothing could
+            differentiate them, and generation never reads them.
         routing: the router's decision (ids, weights, probabilities, counts, drops).
     """
 
-    output: torch.Tensor
-    aux_losses: dict[str, torch.Tensor]
-    routing: RouterOutput
+    def __init__(self, output: torch.Tensor, aux_losses, routing: RouterOutput) -> None:
+        self.output = output
+        self.routing = routing
+        # a dict, or a function computing it (called once, on first access)
+        self._aux_losses = aux_losses
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        if callable(self._aux_losses):
+            self._aux_losses = self._aux_losses()
+        return self._aux_losses
 
     @property
     def aux_loss(self) -> torch.Tensor:
@@ -124,7 +133,10 @@ class MoE(nn.Module):
         x_TD, tags_T, valid_T, segment_T = self._flatten_inputs(x, tags, padding_mask)
 
         routing = self.router(x_TD, tags_T, valid_T, segment_T)
-        aux_losses = auxiliary_losses(routing, tags_T, self.config.router)
+        if torch.is_grad_enabled():
+            aux_losses = auxiliary_losses(routing, tags_T, self.config.router)
+        else:  # no graph to build: computed if and when someone reads them
+            aux_losses = functools.partial(auxiliary_losses, routing, tags_T, self.config.router)
 
         if self.expert_parallel is not None:  # tokens go to the ranks holding their experts
             y_TD = self.expert_parallel(self.experts, x_TD, routing, self.backend)
@@ -165,10 +177,15 @@ class MoE(nn.Module):
                 )
             if padding_mask.dtype != torch.bool:
                 raise ValueError(f"padding_mask must be bool (True = padding), got {padding_mask.dtype}")
-            valid_T = ~padding_mask.reshape(T)
+            if isinstance(tags, TokenTags):  # one valid mask per forward, shared by the layers
+                valid_T = tags.derived("valid", lambda: ~padding_mask.reshape(T), padding_mask)
+            else:
+                valid_T = ~padding_mask.reshape(T)
 
         x_TD = x.reshape(T, cfg.d_model)
-        if cfg.check_finite:
+        # One reduction finds out whether anything is non-finite (or the sum overflowed); only
+        # then are tokens checked one by one, ignoring padding (which may hold anything).
+        if cfg.check_finite and not bool(torch.isfinite(x_TD.sum())):
             bad = ~torch.isfinite(x_TD).all(-1) & valid_T
             if bool(bad.any()):
                 first = int(bad.nonzero()[0])
@@ -199,17 +216,26 @@ class MoE(nn.Module):
             )
             tags_T = tags.flatten()
 
-        # Sequence index of each token, for context pooling: rows of [B, S], refined by
-        # tags.sample when samples are packed into rows.
-        if x.dim() == 3:
-            segment_T = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
+        if tags is None:
+            segment_T = _segments(x, tags_T)
         else:
-            segment_T = torch.zeros(T, dtype=torch.long, device=x.device)
-        if tags_T is not None and tags_T.sample is not None and tags_T.sample.numel():
-            # (row, sample) → one id; ids need not be contiguous (pooling sizes by the max id).
-            sample_T = tags_T.sample.long()
-            segment_T = segment_T * (int(sample_T.max()) + 1) + sample_T
+            segment_T = tags.derived(f"segments {tuple(x.shape[:-1])}", lambda: _segments(x, tags_T))
         return x_TD, tags_T, valid_T, segment_T
+
+
+def _segments(x: torch.Tensor, tags_T: TokenTags | None) -> torch.Tensor:
+    """Sequence index of each token, for context pooling: rows of [B, S], refined by
+    tags.sample when samples are packed into rows."""
+    T = x[..., 0].numel()
+    if x.dim() == 3:
+        segment_T = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
+    else:
+        segment_T = torch.zeros(T, dtype=torch.long, device=x.device)
+    if tags_T is not None and tags_T.sample is not None and tags_T.sample.numel():
+        # (row, sample) → one id; ids need not be contiguous (pooling sizes by the max id).
+        sample_T = tags_T.sample.long()
+        segment_T = segment_T * (int(sample_T.max()) + 1) + sample_T
+    return segment_T
 
 
 def _describe(value) -> str:

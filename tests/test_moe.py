@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from helpers import random_tags, run_with_grads
+from helpers import random_tags, run_with_grads, with_backend
 
 from moe_gen import (
     BACKENDS,
@@ -346,3 +346,78 @@ def test_merged_cache_can_be_cleared_after_data_writes():
         merged = moe(x, tags=tags).output
         moe.set_backend("torch")
         torch.testing.assert_close(merged, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("kind,activation,bias", [("mlp", "gelu", True), ("glu", "silu", True),
+                                                  ("mlp", "relu", False), ("linear", "gelu", True)])
+@pytest.mark.parametrize("strategy", ["modality", "task", "attribute"])
+def test_merged_inference_by_expert_set_equals_unmerged(kind, activation, bias, strategy):
+    # Inference groups tag groups that use the same set of experts (with different gate weights)
+    # into one matmul pair and scales each row's hidden units (and output biases) by its own weights.
+    torch.manual_seed(0)
+    experts = ExpertsConfig(kind=kind, activation=activation, bias=bias)
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router=strategy, experts=experts)).eval()
+    merged = with_backend(moe, "merged")
+    x, tags = torch.randn(3, 30, D), random_tags((3, 30))
+    pad = torch.zeros(3, 30, dtype=torch.bool)
+    pad[1, 20:], pad[2, 5:] = True, True
+    x[pad] = float("nan")  # padding may hold anything
+    with torch.no_grad():
+        reference = moe(x, tags=tags, padding_mask=pad)
+        out = merged(x, tags=tags, padding_mask=pad)
+    torch.testing.assert_close(out.output, reference.output, atol=1e-5, rtol=1e-5)
+    assert torch.equal(out.output[pad], torch.zeros(int(pad.sum()), out.output.shape[-1]))
+    assert torch.equal(out.routing.expert_counts, reference.routing.expert_counts)
+    torch.testing.assert_close(out.aux_losses, reference.aux_losses)
+    if strategy == "attribute" and kind != "linear":
+        # what this test is about: several routes share one set of experts
+        groups = out.routing.groups
+        live = groups.count_G > 0
+        routes = {(tuple(i), tuple(w)) for i, w in zip(groups.ids_GK[live].tolist(), groups.weights_GK[live].tolist())}
+        sets = {tuple(sorted(i)) for i, _ in routes}
+        assert len(sets) < len(routes)
+
+
+def test_grouped_routes_expand_to_the_per_token_decision():
+    # Dropless tag routing keeps routes per tag group; its per-token tensors (expanded on first
+    # access) and z-loss equal the per-token path the router takes under a capacity limit that drops
+    # nothing.
+    torch.manual_seed(0)
+    config = MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router=RouterConfig(strategy="attribute",
+                                                                                        z_loss_weight=0.1))
+    grouped = MoE(config)
+    per_token = MoE(config.replace(capacity_factor=100.0))
+    per_token.load_state_dict(grouped.state_dict())
+    x, tags = torch.randn(2, 25, D), random_tags((2, 25))
+    pad = torch.zeros(2, 25, dtype=torch.bool)
+    pad[1, 12:] = True
+    a, b = grouped(x, tags=tags, padding_mask=pad), per_token(x, tags=tags, padding_mask=pad)
+    assert a.routing.groups is not None and b.routing.groups is None
+    for name in ("topk_ids", "topk_weights", "mask", "probs", "logits", "valid", "expert_counts"):
+        torch.testing.assert_close(getattr(a.routing, name), getattr(b.routing, name), msg=name)
+    assert int(a.routing.dropped_tokens) == int(b.routing.dropped_tokens) == 0
+    torch.testing.assert_close(a.aux_losses["z"], b.aux_losses["z"])
+    torch.testing.assert_close(a.output, b.output, atol=1e-6, rtol=1e-6)
+    # without autograd the losses are computed when read, with the same values
+    with torch.no_grad():
+        lazy = grouped(x, tags=tags, padding_mask=pad)
+    torch.testing.assert_close(lazy.aux_losses["z"], a.aux_losses["z"].detach())
+
+
+def test_inference_route_cache_follows_router_updates():
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    merged = with_backend(moe, "merged")
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        for step in range(3):
+            tags = random_tags((40,), generator=torch.Generator().manual_seed(step % 2))  # fresh tags objects
+            torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+        assert len(merged.router._routes) == 2  # one entry per set of tag groups
+        for module in (moe, merged):  # a router update (in place: the version changes) invalidates the routes
+            module.router.weight.mul_(-1.0)
+            module.router.input.attributes.norm.bias.add_(0.5)
+        torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+    merged.load_state_dict(MoE(moe.config).state_dict())  # new tensors copied in: the cache rebuilds again
+    moe.load_state_dict(merged.state_dict())
+    with torch.no_grad():
+        torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)

@@ -340,15 +340,13 @@ class MergedDispatch(DispatchBackend):
             stacked = self._stacks[stack_key] = experts.stack_merged(merged)
         if not by_set:
             return experts.forward_merged_groups(dispatched.inputs, groups.counts, stacked)
-        (ids_GK, weights_GK), group_N = groups.sets, groups.group_N
-        bias_GD = experts.output_bias(ids_GK, weights_GK)
-        return experts.forward_merged_sets(dispatched.inputs, groups.counts, stacked, weights_GK[group_N],
-                                           None if bias_GD is None else bias_GD[group_N])
+        weights_GK = groups.sets[1]
+        return experts.forward_merged_sets(dispatched.inputs, groups.counts, stacked, weights_GK[groups.group_N])
 
     def combine(self, outputs, dispatched, x_TD):
         if outputs is None:
             return None
-        return outputs.new_zeros(x_TD.shape[0], outputs.shape[1]).index_add(0, dispatched.plan.token_N, outputs)
+        return outputs.new_zeros(x_TD.shape[0], outputs.shape[1]).index_add_(0, dispatched.plan.token_N, outputs)
 
 
 # backend="auto": the first registered backend that can run on the input's device, by device type.

@@ -116,8 +116,9 @@ class StackedExperts(nn.Module):
         Exact for any activation: the K experts' input projections are concatenated along the
         hidden dimension and their output projections, pre-scaled by the gate weights, stacked
         along it, so act() sees exactly the per-expert hidden units. Cost: a dense FFN.
-        ``weights_K=None`` leaves the output projections unscaled and ``b_out`` None (the gate
-        weights are then applied per row: ``forward_merged_sets``).
+        ``weights_K=None`` leaves the output projections unscaled, appends the K output biases to
+        ``w_out`` as K more rows and returns ``b_out`` None: the gate weights are then applied per
+        row (``forward_merged_sets``).
         """
         K, H = ids_K.numel(), self.d_hidden
         w_in_KDH = self.w_in[ids_K]
@@ -130,6 +131,8 @@ class StackedExperts(nn.Module):
         if weights_K is not None:
             w_out_KHD = w_out_KHD * weights_K.view(K, 1, 1).to(self.w_out.dtype)
         w_out_XD = w_out_KHD.reshape(K * H, -1)
+        if weights_K is None and self.b_out is not None:  # the K output biases as K more rows
+            w_out_XD = torch.cat([w_out_XD, self.b_out[ids_K]])
         b_in_X = b_out_D = None
         if self.b_in is not None:
             b_in_KH = self.b_in[ids_K]
@@ -143,26 +146,19 @@ class StackedExperts(nn.Module):
         return w_in_DX, b_in_X, w_out_XD, b_out_D
 
     # The merged backend may run rows of one *set* of experts with different gate weights in one
-    # group (inference): merged_weights(ids_K, None), output_bias, forward_merged_sets.
+    # group (inference): merged_weights(ids_K, None), stack_merged, forward_merged_sets.
     merges_expert_sets = True
 
-    def output_bias(self, ids_GK: torch.Tensor, weights_GK: torch.Tensor) -> torch.Tensor | None:
-        """Σ_k weights[g, k] · b_out[ids[g, k]] for each row g: ``[G, D]`` (None without biases)."""
-        if self.b_out is None:
-            return None
-        return (weights_GK.unsqueeze(-1).to(self.b_out.dtype) * self.b_out[ids_GK]).sum(1)
-
-    def forward_merged_sets(self, x_ND: torch.Tensor, counts: list[int], stacked, scale_NK: torch.Tensor,
-                            bias_ND: torch.Tensor | None) -> torch.Tensor:
-        """Inference: rows sorted by expert set (``counts[r]`` rows each), ``stacked`` from
-        ``stack_merged`` of unscaled ``merged_weights(ids_K, None)``; each row's K blocks of hidden
-        units are scaled by its gate weights ``scale_NK``, and ``bias_ND`` (``output_bias`` of each
-        row's route) is added."""
+    def forward_merged_sets(self, x_ND: torch.Tensor, counts: list[int], stacked,
+                            scale_NK: torch.Tensor) -> torch.Tensor:
+        """Inference: rows sorted by expert set (``counts[r]`` rows each) through ``stacked``
+        (``stack_merged`` of ``merged_weights(ids_K, None)``); each row's K blocks of hidden units,
+        and the K output biases, are scaled by that row's gate weights ``scale_NK``."""
         dtype = _autocast_dtype(x_ND)
         w_in, b_in, w_out, _ = (None if t is None else t.to(dtype) for t in stacked)
         with torch.autocast(x_ND.device.type, enabled=False):
-            y = grouped_ffn_scaled(x_ND.to(dtype), counts, w_in, b_in, w_out, scale_NK, self.activation, self.gated)
-        return y if bias_ND is None else y.add_(bias_ND.to(y.dtype))
+            return grouped_ffn_scaled(x_ND.to(dtype), counts, w_in, b_in, w_out, scale_NK, self.activation,
+                                      self.gated)
 
     def forward_merged(self, x_nD: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_K[k] · expert_{ids_K[k]}(x) through the merged dense FFN."""

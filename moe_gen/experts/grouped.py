@@ -166,17 +166,19 @@ def grouped_ffn_scaled(
     counts: list[int],
     w_in_RDX: torch.Tensor,
     b_in_RX: torch.Tensor | None,
-    w_out_RXD: torch.Tensor,
+    w_out_RYD: torch.Tensor,
     scale_NK: torch.Tensor,
     activation: str,
     gated: bool,
 ) -> torch.Tensor:
-    """Inference only (no autograd): like ``grouped_ffn`` without output bias, with each row's K
-    blocks of hidden units multiplied by that row's K gate weights before the output projection.
+    """Inference only (no autograd): like ``grouped_ffn``, with each row's K blocks of hidden
+    units multiplied by that row's K gate weights before the output projection.
 
-    With ``w_in_RDX``/``w_out_RXD`` the concatenated weights of K experts (X = K·H), rows of group
-    r compute Σ_k scale[n, k] · (act(x·W_in,k + b_in,k) · W_out,k): one matmul pair per *set* of
-    experts, whatever the gate weights of the rows are.
+    With ``w_in_RDX``/``w_out_RYD`` the concatenated weights of K experts (X = K·H hidden units),
+    rows of group r compute Σ_k scale[n, k] · (act(x·W_in,k + b_in,k) · W_out,k + b_out,k): one
+    matmul pair per *set* of experts, whatever the rows' gate weights. ``w_out_RYD`` has Y = X
+    rows, or X + K when its last K rows are the experts' output biases (the scaled gate weights
+    are then appended to the hidden units, so the biases ride in the same matmul).
     """
     if sum(counts) != x_ND.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)} but there are {x_ND.shape[0]} rows")
@@ -186,8 +188,16 @@ def grouped_ffn_scaled(
     for r, s, t in _segments(counts):
         _linear_rows(x_ND[s:t], w_in_RDX[r], None if b_in_RX is None else b_in_RX[r], h_NX[s:t])
     a_NX = activate(h_NX, activation, gated)
-    a_NX.view(N, K, -1).mul_(scale_NK.to(a_NX.dtype).unsqueeze(-1))
-    y_ND = x_ND.new_empty(N, w_out_RXD.shape[2])
+    X = a_NX.shape[1]
+    scale_NK = scale_NK.to(a_NX.dtype)
+    if w_out_RYD.shape[1] == X:
+        a_NY = a_NX
+        a_NY.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
+    else:
+        a_NY = a_NX.new_empty(N, X + K)
+        torch.mul(a_NX.view(N, K, -1), scale_NK.unsqueeze(-1), out=a_NY[:, :X].view(N, K, -1))
+        a_NY[:, X:] = scale_NK
+    y_ND = x_ND.new_empty(N, w_out_RYD.shape[2])
     for r, s, t in _segments(counts):
-        torch.mm(a_NX[s:t], w_out_RXD[r], out=y_ND[s:t])
+        torch.mm(a_NY[s:t], w_out_RYD[r], out=y_ND[s:t])
     return y_ND

@@ -8,6 +8,7 @@ rows of one adapter, F their width.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -33,17 +34,25 @@ class ModelOutput:
         logits: float ``[B, L, V]`` next-token logits of the decoder.
         frames: adapter name → float ``[N, F]`` predicted rows at the batch's ``frame_index``.
         stop_logits: adapter name → float ``[N]`` stop-flag logits there.
-        aux_losses: routing losses summed over MoE layers, by name (already weighted).
         moe_outputs: every MoE call's output (routing decisions), encoder then decoder.
         encoder_hidden: ``[B, S, D]``.
+        aux_losses: routing losses summed over MoE layers, by name (already weighted); without
+            autograd summed (and computed) on first access only.
     """
 
     logits: torch.Tensor
     frames: dict[str, torch.Tensor]
     stop_logits: dict[str, torch.Tensor]
-    aux_losses: dict[str, torch.Tensor]
     moe_outputs: list
     encoder_hidden: torch.Tensor
+
+    @functools.cached_property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        aux: dict[str, torch.Tensor] = {}
+        for moe_out in self.moe_outputs:
+            for name, value in moe_out.aux_losses.items():
+                aux[name] = aux[name] + value if name in aux else value
+        return aux
 
 
 def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
@@ -229,12 +238,10 @@ class GeneralistModel(nn.Module):
         for name, index in batch.frame_index.items():
             frames[name] = self.frame_heads[name](flat[index])
             stops[name] = self.stop_heads[name](flat[index]).squeeze(-1)
-        moe_outputs = memory.moe_outputs + out.moe_outputs
-        aux: dict[str, torch.Tensor] = {}
-        for moe_out in moe_outputs:
-            for name, value in moe_out.aux_losses.items():
-                aux[name] = aux[name] + value if name in aux else value
-        return ModelOutput(logits, frames, stops, aux, moe_outputs, memory.hidden)
+        output = ModelOutput(logits, frames, stops, memory.moe_outputs + out.moe_outputs, memory.hidden)
+        if torch.is_grad_enabled():
+            _ = output.aux_losses  # summed now, in the graph (a later read under no_grad must not cut it)
+        return output
 
     def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64, beams: int = 1,
               candidates: Optional[Sequence[str]] = None) -> list:

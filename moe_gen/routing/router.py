@@ -226,7 +226,7 @@ class Router(nn.Module):
                     self._routes, self._route_stamp = {}, stamp
                 cache_key = tags.group_keys()
                 if cache_key in self._routes:
-                    return self._grouped_output(group_T, *self._routes[cache_key], valid_T)
+                    return self._grouped_output(tags, *self._routes[cache_key], valid_T)
             rows_x, rows_segment, rows_valid = x_TD[first_G], segment_T[first_G], valid_T[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
@@ -261,7 +261,7 @@ class Router(nn.Module):
                         if len(self._routes) >= self.MAX_CACHED_ROUTES:
                             del self._routes[next(iter(self._routes))]
                         self._routes[cache_key] = routes
-                    return self._grouped_output(group_T, *routes, valid_T)
+                    return self._grouped_output(tags, *routes, valid_T)
                 keep_TK = valid_T.unsqueeze(1)
                 choice = dataclasses.replace(
                     choice, ids_TK=choice.ids_TK[group_T], mask_TK=choice.mask_TK[group_T] & keep_TK,
@@ -319,11 +319,13 @@ class Router(nn.Module):
             learned_gate=type(self.gate).learned,
         )
 
-    def _grouped_output(self, group_T, ids_GK, weights_GK, probs_GE, logits_GE, valid_T) -> RouterOutput:
+    def _grouped_output(self, tags, ids_GK, weights_GK, probs_GE, logits_GE, valid_T) -> RouterOutput:
         """The decision of a row-wise gate over G tag-group rows, kept per group (dropless: every
         valid member computes all K assignments of its group's route)."""
         G, K = ids_GK.shape
-        count_G = torch.zeros(G, dtype=torch.long, device=valid_T.device).index_add_(0, group_T, valid_T.long())
+        group_T = tags.groups()[0]
+        count_G = tags.derived("valid members per group", lambda: torch.zeros(
+            G, dtype=torch.long, device=valid_T.device).index_add_(0, group_T, valid_T.long()), valid_T)
         expert_counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=valid_T.device).index_add_(
             0, ids_GK.reshape(-1), count_G.repeat_interleave(K))
         none = torch.zeros((), dtype=torch.long, device=valid_T.device)

@@ -156,6 +156,15 @@ class TokenTags:
             memo[key] = compute()
         return memo[key]
 
+    def derived(self, name: str, compute, tensor: torch.Tensor | None = None):
+        """``compute()``, once per tags object (and per ``tensor`` object when given, e.g. the
+        padding mask that goes with these tags): the MoE layers of one forward pass share such
+        values. ``compute`` must depend on nothing but the tags and ``tensor``. The tensor is
+        held as long as the memo, so its id cannot be reused by another object meanwhile."""
+        if tensor is None:
+            return self._memo(("derived", name), compute)
+        return self._memo(("derived", name, id(tensor)), lambda: (tensor, compute()))[1]
+
     def flatten(self) -> "TokenTags":
         """Tags for ``[T]`` tokens (token dims merged, ``task_modalities`` stays ``[T, M]``)."""
         n = self.task.numel()
