@@ -9,8 +9,9 @@ token routing, and MoE with attribute routing, on the same mixed batch of built-
 speech, motion, boxes, tables). Training: tokens (valid encoder + decoder positions) per second of
 forward + backward + AdamW step, median over --steps. Inference: forward latency (eval, no grad)
 for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merged` backend).
-Variants are timed round-robin (one step of each per round). Prints tables and writes JSON (--out,
-default bench_results/model.json).
+Variants are timed round-robin (one call of each per round); ratios to dense are the median (and
+quartiles) of the per-round ratios. Every call gets fresh tags objects (see `fresh`). Prints
+tables and writes JSON (--out, default bench_results/model.json).
 """
 
 from __future__ import annotations
@@ -37,19 +38,32 @@ TASKS = ["digit_classification", "speech_recognition", "motion_classification", 
          "table_to_text", "doc_topic"]
 
 
-def interleaved(functions: dict, steps: int, warmup: int = 2) -> dict:
-    """Median seconds of each function, timed round-robin (one call of each per round) so that this
-    machine's speed drifts spread evenly over them."""
+def interleaved(functions: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
+    """Seconds of each call of each function, timed round-robin (one call of each per round) so
+    that this machine's speed drifts spread evenly over them."""
     for fn in functions.values():
         for _ in range(warmup):
             fn()
     times = {name: [] for name in functions}
-    for _ in range(steps):
+    for _ in range(rounds):
         for name, fn in functions.items():
             start = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - start)
-    return {name: statistics.median(t) for name, t in times.items()}
+    return times
+
+
+def paired_ratios(times: dict[str, list[float]], reference: str, invert: bool = False) -> dict[str, tuple]:
+    """Per variant: (median seconds, median, first and third quartile of the per-round ratio to
+    ``reference``). Ratios of calls from the same round cancel the slow drifts of this machine
+    better than a ratio of medians. ``invert``: reference / variant (throughput) instead of
+    variant / reference (latency)."""
+    out = {}
+    for name, t in times.items():
+        ratios = [(r / v) if invert else (v / r) for v, r in zip(t, times[reference])]
+        q1, q2, q3 = statistics.quantiles(ratios, n=4) if len(ratios) > 1 else (ratios[0],) * 3
+        out[name] = (statistics.median(t), q2, q1, q3)
+    return out
 
 
 def fresh(batch):
@@ -67,7 +81,8 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flavours", nargs="+", default=["debug", "tiny"])
     parser.add_argument("--per-task", type=int, default=8, help="samples per task in the batch")
-    parser.add_argument("--steps", type=int, default=7)
+    parser.add_argument("--steps", type=int, default=7, help="training rounds")
+    parser.add_argument("--inference-rounds", type=int, default=31)
     parser.add_argument("--keep-freed-memory", action="store_true")
     parser.add_argument("--out", default="bench_results/model.json")
     args = parser.parse_args(argv)
@@ -105,16 +120,17 @@ def main(argv=None) -> int:
                 optimizer.step()
 
             steps[label] = step
-        train_s = interleaved(steps, args.steps)
+        train = paired_ratios(interleaved(steps, args.steps), "dense", invert=True)
         for label, model in models.items():
-            rate = positions / train_s[label]
-            ratio = train_s["dense"] / train_s[label]
+            seconds, ratio, q1, q3 = train[label]
+            rate = positions / seconds
             rows.append({"flavour": name, "model": label, "kind": "train", "tokens_per_s": rate,
-                         "ratio_to_dense": ratio, "params": model.num_parameters(),
+                         "ratio_to_dense": ratio, "ratio_quartiles": [q1, q3], "params": model.num_parameters(),
                          "active_params": model.num_parameters(active=True)})
             print(f"{label:<16} {model.num_parameters():>9} {model.num_parameters(active=True):>9} "
-                  f"{rate:>12.0f} {ratio:>7.2f}x", flush=True)
-        print(f"{'inference':<18} {'latency ms':>11} {'× dense':>8}")
+                  f"{rate:>12.0f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
+        print(f"{'inference':<18} {'latency ms':>11} {'× dense':>8}  (median of {args.inference_rounds} paired rounds "
+              f"[quartiles])")
         merged = copy.deepcopy(models["moe_attribute"])
         for module in merged.modules():
             if isinstance(module, MoE):
@@ -123,12 +139,12 @@ def main(argv=None) -> int:
         for model in variants.values():
             model.eval()
         with torch.no_grad():
-            latency = interleaved({k: (lambda m=m, b=batch: m(fresh(b))) for k, m in variants.items()}, args.steps)
-        for label in variants:
-            ratio = latency[label] / latency["dense"]
-            rows.append({"flavour": name, "model": label, "kind": "inference", "latency_s": latency[label],
-                         "ratio_to_dense": ratio})
-            print(f"{label:<18} {latency[label] * 1e3:>11.1f} {ratio:>7.2f}x", flush=True)
+            times = interleaved({k: (lambda m=m, b=batch: m(fresh(b))) for k, m in variants.items()},
+                                args.inference_rounds)
+        for label, (seconds, ratio, q1, q3) in paired_ratios(times, "dense").items():
+            rows.append({"flavour": name, "model": label, "kind": "inference", "latency_s": seconds,
+                         "ratio_to_dense": ratio, "ratio_quartiles": [q1, q3]})
+            print(f"{label:<18} {seconds * 1e3:>11.1f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "model", "tasks": TASKS, "rows": rows}, f, indent=2)

@@ -267,46 +267,63 @@ class MergedDispatch(DispatchBackend):
         return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, keys, routes.__getitem__))
 
     def _group(self, x_TD, routing, by_set: bool):
-        """Routes kept per tag group (``RouterOutput.groups``): equal routes (or expert sets) are
-        found among the G group rows in Python, and tokens are ordered by one sort of their route
-        index. Returns the rows in that order and the plan."""
+        """Routes kept per tag group (``RouterOutput.groups``): tokens ordered by one sort of their
+        route index (see ``_partition``). Returns the rows in that order and the plan."""
         groups, valid_T = routing.groups, routing.valid
+        route_G, route_of_G, carriers, keys, ids_GK, weights_GK = self._partition(groups, by_set)
+        counts = [0] * len(keys)
+        for r, count in zip(route_of_G, groups.count_G.tolist()):
+            counts[r] += count
+        N = sum(counts)
+        if not N:
+            return x_TD[:0], _Groups(x_TD.new_zeros(0, dtype=torch.long), *_NO_ROUTES)
+        # padding sorts last, with key R (one past the last route)
+        _, token_T = torch.sort(torch.where(valid_T, route_G[groups.group_T], len(keys)), stable=True)
+        token_N = token_T[:N]
+        plan = _Groups(token_N, counts, keys, lambda r: (ids_GK[carriers[r]], weights_GK[carriers[r]]))
+        if by_set:
+            plan.group_N, plan.sets = groups.group_T[token_N], (ids_GK, weights_GK)
+        return x_TD.index_select(0, token_N), plan
+
+    def _partition(self, groups, by_set: bool):
+        """Which tag groups share a route (or, ``by_set``, a set of experts): found among the G
+        group rows in Python. Without autograd the router returns the same route tensors for the
+        same tag groups until its parameters change, so the partition is cached by their identity.
+
+        Returns ``route_G`` (long tensor), the same as a list, a carrier group per route, the route
+        keys, and ids/weights ``[G, K]`` (for ``by_set`` with ascending ids, weights alike)."""
+        cacheable = not torch.is_grad_enabled()
+        key = (by_set, id(groups.ids_GK), id(groups.weights_GK))
+        if cacheable and key in self._partitions:
+            return self._partitions[key][1]
         ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
         if by_set:  # one order per set of experts: ascending ids, weights permuted alike
             ids_GK, order_GK = ids_GK.sort(dim=1)
             weights_GK = weights_GK.gather(1, order_GK)
-        count_G = groups.count_G.tolist()
         ids_G = ids_GK.tolist()
         weights_G = None if by_set else weights_GK.detach().tolist()
         route_of: dict[tuple, int] = {}
-        route_G, carriers, counts = [], [], []
-        for g, count in enumerate(count_G):
-            if not count:  # only padding: no route
-                route_G.append(-1)
-                continue
-            key = tuple(ids_G[g]) if by_set else (tuple(ids_G[g]), tuple(weights_G[g]))
-            r = route_of.setdefault(key, len(route_of))
+        route_of_G, carriers = [], []
+        for g in range(len(ids_G)):
+            route = tuple(ids_G[g]) if by_set else (tuple(ids_G[g]), tuple(weights_G[g]))
+            r = route_of.setdefault(route, len(route_of))
             if r == len(carriers):
                 carriers.append(g)
-                counts.append(0)
-            counts[r] += count
-            route_G.append(r)
-        if not counts:
-            return x_TD[:0], _Groups(x_TD.new_zeros(0, dtype=torch.long), *_NO_ROUTES)
-        R, N = len(counts), sum(counts)
-        route_T = torch.tensor(route_G, device=x_TD.device)[groups.group_T]
-        # padding (also padding members of groups with real tokens) sorts last, with key R
-        _, token_T = torch.sort(torch.where(valid_T, route_T, R), stable=True)
-        token_N = token_T[:N]
-        plan = _Groups(token_N, counts, list(route_of), lambda r: (ids_GK[carriers[r]], weights_GK[carriers[r]]))
-        if by_set:
-            plan.group_N, plan.sets = groups.group_T[token_N], (ids_GK, weights_GK)
-        return x_TD.index_select(0, token_N), plan
+            route_of_G.append(r)
+        route_G = torch.tensor(route_of_G, dtype=torch.long, device=ids_GK.device)
+        partition = (route_G, route_of_G, carriers, list(route_of), ids_GK, weights_GK)
+        if cacheable:
+            if len(self._partitions) >= self.MAX_STACKS:
+                del self._partitions[next(iter(self._partitions))]
+            # the route tensors are kept with the entry, so their ids cannot be reused meanwhile
+            self._partitions[key] = ((groups.ids_GK, groups.weights_GK), partition)
+        return partition
 
     def clear_cache(self) -> None:
         """Drops the cached merged weights (needed after writes through ``param.data``)."""
         self._cache: dict = {}  # route key → merged weights
         self._stacks: dict = {}  # tuple of route keys → those routes' merged weights, stacked
+        self._partitions: dict = {}  # identity of a router's group routes → which groups share a route
         self._cache_stamp = None
 
     def run(self, experts, dispatched):

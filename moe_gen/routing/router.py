@@ -75,24 +75,22 @@ class RouterOutput:
         balanced_by_construction: the gate balances load itself (no balance loss applies).
         learned_gate: the gate projection is trained (False for the hash gate: no z-loss).
         groups: ``GroupRoutes`` when every member of a tag group shares one route (content-
-            independent strategies, row-wise gates, dropless); then the five per-token tensors
-            above (ids, weights, mask, probs, logits) are expanded from the group rows on first
-            access only, and may be left out of the constructor.
+            independent strategies, row-wise gates, dropless); then the per-token tensors above
+            (ids, weights, mask, probs, logits) and the expert counts and capacity are computed
+            from the group rows on first access only, and may be left out of the constructor.
     """
-
-    _EXPANDED = ("topk_ids", "topk_weights", "mask", "probs", "logits")
 
     def __init__(
         self,
         *,
-        capacity: int,
         valid: torch.Tensor,
-        expert_counts: torch.Tensor,
         dropped_assignments: torch.Tensor,
         dropped_tokens: torch.Tensor,
         content_dependent: bool,
         balanced_by_construction: bool,
         learned_gate: bool,
+        capacity: Optional[int] = None,
+        expert_counts: Optional[torch.Tensor] = None,
         topk_ids: Optional[torch.Tensor] = None,
         topk_weights: Optional[torch.Tensor] = None,
         mask: Optional[torch.Tensor] = None,
@@ -101,15 +99,14 @@ class RouterOutput:
         logits: Optional[torch.Tensor] = None,
         groups: Optional[GroupRoutes] = None,
     ) -> None:
-        given = dict(topk_ids=topk_ids, topk_weights=topk_weights, mask=mask, probs=probs, logits=logits)
+        given = dict(topk_ids=topk_ids, topk_weights=topk_weights, mask=mask, probs=probs, logits=logits,
+                     expert_counts=expert_counts, capacity=capacity)
         if groups is None and any(v is None for v in given.values()):
             missing = [k for k, v in given.items() if v is None]
             raise ValueError(f"RouterOutput needs {', '.join(missing)} (or groups= to expand them from)")
         self._tensors = {k: v for k, v in given.items() if v is not None}
         self.positions = positions
-        self.capacity = capacity
         self.valid = valid
-        self.expert_counts = expert_counts
         self.dropped_assignments = dropped_assignments
         self.dropped_tokens = dropped_tokens
         self.content_dependent = content_dependent
@@ -128,8 +125,14 @@ class RouterOutput:
                 value = torch.where(valid_T1, g.weights_GK[g.group_T], 0.0)
             elif name == "probs":
                 value = torch.where(valid_T1, g.probs_GE[g.group_T], 0.0)
-            else:
+            elif name == "logits":
                 value = g.logits_GE[g.group_T]
+            elif name == "expert_counts":
+                E, K = g.probs_GE.shape[1], g.ids_GK.shape[1]
+                value = torch.zeros(E, dtype=torch.long, device=g.ids_GK.device).index_add_(
+                    0, g.ids_GK.reshape(-1), g.count_G.repeat_interleave(K))
+            else:  # capacity (dropless: the largest expert load)
+                value = int(self.expert_counts.max())
             self._tensors[name] = value
         return self._tensors[name]
 
@@ -138,9 +141,13 @@ class RouterOutput:
     mask = property(lambda self: self._expanded("mask"))
     probs = property(lambda self: self._expanded("probs"))
     logits = property(lambda self: self._expanded("logits"))
+    expert_counts = property(lambda self: self._expanded("expert_counts"))
+    capacity = property(lambda self: self._expanded("capacity"))
 
     @property
     def num_experts(self) -> int:
+        if self.groups is not None:
+            return self.groups.probs_GE.shape[1]
         return self.expert_counts.shape[0]
 
     def slot_positions(self) -> torch.Tensor:
@@ -215,7 +222,7 @@ class Router(nn.Module):
             # Route each tag group once and broadcast: identical routes for all members, bit
             # for bit (and G rows of work instead of T). Noise, too, is drawn per group. The
             # groups are computed once per tags object, so once per forward for all layers.
-            group_T, first_G, rows_tags = tags.groups()
+            group_T = tags.group_ids()
             if type(self.gate).rowwise and cfg.capacity_factor is None and not self.training \
                     and not torch.is_grad_enabled():
                 # Inference: a group's route is a function of its tags and the router's
@@ -227,6 +234,7 @@ class Router(nn.Module):
                 cache_key = tags.group_keys()
                 if cache_key in self._routes:
                     return self._grouped_output(tags, *self._routes[cache_key], valid_T)
+            _, first_G, rows_tags = tags.groups()
             rows_x, rows_segment, rows_valid = x_TD[first_G], segment_T[first_G], valid_T[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
@@ -322,17 +330,13 @@ class Router(nn.Module):
     def _grouped_output(self, tags, ids_GK, weights_GK, probs_GE, logits_GE, valid_T) -> RouterOutput:
         """The decision of a row-wise gate over G tag-group rows, kept per group (dropless: every
         valid member computes all K assignments of its group's route)."""
-        G, K = ids_GK.shape
-        group_T = tags.groups()[0]
+        G = ids_GK.shape[0]
+        group_T = tags.group_ids()
         count_G = tags.derived("valid members per group", lambda: torch.zeros(
             G, dtype=torch.long, device=valid_T.device).index_add_(0, group_T, valid_T.long()), valid_T)
-        expert_counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=valid_T.device).index_add_(
-            0, ids_GK.reshape(-1), count_G.repeat_interleave(K))
         none = torch.zeros((), dtype=torch.long, device=valid_T.device)
-        return RouterOutput(
-            capacity=int(expert_counts_E.max()),
+        return RouterOutput(  # expert counts and capacity are computed from the groups when read
             valid=valid_T,
-            expert_counts=expert_counts_E,
             dropped_assignments=none,
             dropped_tokens=none,
             content_dependent=False,

@@ -174,23 +174,30 @@ class TokenTags:
         """Tag groups of flattened tags ``[T]``: ``group_T`` (long, group of each token, groups
         numbered in key order), ``first_G`` (long, first token of each group) and the tags of
         those first tokens ``[G]``."""
-        def compute():
-            if self.task.dim() != 1:
-                raise ValueError(f"groups() needs flattened tags [T], got shape {tuple(self.shape)}")
-            keys_G, group_T = torch.unique(self.group_key(), return_inverse=True)
-            T = group_T.shape[0]
-            token_T = torch.arange(T, device=group_T.device)
-            first_G = torch.full((keys_G.shape[0],), T, device=group_T.device)
-            first_G = first_G.scatter_reduce(0, group_T, token_T, "amin")
-            return group_T, first_G, self.select(first_G), tuple(keys_G.tolist())
+        return self.group_ids(), *self._memo("group rows", self._group_rows)
 
-        return self._memo("groups", compute)[:3]
+    def group_ids(self) -> torch.Tensor:
+        """``group_T`` of ``groups()`` alone (what a router that reuses cached routes needs)."""
+        return self._memo("groups", self._group_ids)[0]
 
     def group_keys(self) -> tuple[int, ...]:
         """The ``group_key`` of each tag group of ``groups()``, in group order, as Python ints: a
         hashable name for this set of groups (routers cache inference routes by it)."""
-        self.groups()
-        return self._memo("groups", None)[3]
+        return self._memo("groups", self._group_ids)[1]
+
+    def _group_ids(self):
+        if self.task.dim() != 1:
+            raise ValueError(f"groups() needs flattened tags [T], got shape {tuple(self.shape)}")
+        keys_G, group_T = torch.unique(self.group_key(), return_inverse=True)
+        return group_T, tuple(keys_G.tolist())
+
+    def _group_rows(self):
+        group_T = self.group_ids()
+        T = group_T.shape[0]
+        token_T = torch.arange(T, device=group_T.device)
+        first_G = torch.full((len(self.group_keys()),), T, device=group_T.device)
+        first_G = first_G.scatter_reduce(0, group_T, token_T, "amin")
+        return first_G, self.select(first_G)
 
     def select(self, index: torch.Tensor) -> "TokenTags":
         """Tags of a subset of flattened tokens (``index``: bool mask ``[T]`` or long ids)."""
@@ -234,7 +241,7 @@ class TokenTags:
             if t.is_floating_point() or t.is_complex():
                 raise ValueError(f"tags.{name} must be an integer or bool tensor, got {t.dtype}")
             if name in limits and t.numel():
-                lo, hi = int(t.min()), int(t.max())
+                lo, hi = (int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
                 if lo < 0 or hi >= limits[name]:
                     raise ValueError(
                         f"tags.{name} values must lie in [0, {limits[name]}), got [{lo}, {hi}]"
