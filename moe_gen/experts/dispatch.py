@@ -38,6 +38,7 @@ import torch
 
 from moe_gen.registry import BACKENDS
 from moe_gen.routing.router import RouterOutput
+from moe_gen.stamps import weights_stamp
 
 __all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch", "MergedDispatch", "AutoDispatch",
            "AUTO_PREFERENCE", "make_backend"]
@@ -277,9 +278,11 @@ class MergedDispatch(DispatchBackend):
         N = sum(counts)
         if not N:
             return x_TD[:0], _Groups(x_TD.new_zeros(0, dtype=torch.long), *_NO_ROUTES)
-        # padding sorts last, with key R (one past the last route)
-        _, token_T = torch.sort(torch.where(valid_T, route_G[groups.group_T], len(keys)), stable=True)
-        token_N = token_T[:N]
+        if len(keys) == 1:  # one route: the valid tokens in order
+            token_N = valid_T.nonzero().squeeze(1)
+        else:  # padding sorts last, with key R (one past the last route)
+            _, token_T = torch.sort(torch.where(valid_T, route_G[groups.group_T], len(keys)), stable=True)
+            token_N = token_T[:N]
         plan = _Groups(token_N, counts, keys, lambda r: (ids_GK[carriers[r]], weights_GK[carriers[r]]))
         if by_set:
             plan.group_N, plan.sets = groups.group_T[token_N], (ids_GK, weights_GK)
@@ -338,7 +341,7 @@ class MergedDispatch(DispatchBackend):
             merged = [experts.merged_weights(*groups.route(r)) for r in range(len(groups.counts))]
             return experts.forward_merged_groups(dispatched.inputs, groups.counts, experts.stack_merged(merged))
         # the cache is valid while the expert parameters are the same tensors at the same version
-        stamp = tuple((p.data_ptr(), p._version) for p in experts.parameters())
+        stamp = weights_stamp(experts)
         if stamp != self._cache_stamp:
             self.clear_cache()
             self._cache_stamp = stamp

@@ -12,7 +12,6 @@ slots per token (top_k, or E for expert choice).
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import math
 from typing import Optional
 
@@ -24,6 +23,7 @@ from moe_gen.registry import GATES, ROUTERS
 from moe_gen.routing.capacity import capacity_for, slot_positions
 from moe_gen.routing.gates import Gate
 from moe_gen.routing.tags import TokenTags
+from moe_gen.stamps import weights_stamp
 
 __all__ = ["GroupRoutes", "RouterOutput", "Router"]
 
@@ -228,7 +228,7 @@ class Router(nn.Module):
                 # Inference: a group's route is a function of its tags and the router's
                 # parameters only, so routes are cached per set of tag groups (until a parameter
                 # or buffer changes: optimizer steps, load_state_dict, .to()).
-                stamp = tuple((t.data_ptr(), t._version) for t in itertools.chain(self.parameters(), self.buffers()))
+                stamp = weights_stamp(self)
                 if stamp != self._route_stamp:
                     self._routes, self._route_stamp = {}, stamp
                 cache_key = tags.group_keys()
