@@ -8,7 +8,9 @@ For each flavour: the dense model of equal active size (FFN hidden = k · expert
 token routing, and MoE with attribute routing, on the same mixed batch of built-in tasks (images,
 speech, motion, boxes, tables). Training: tokens (valid encoder + decoder positions) per second of
 forward + backward + AdamW step, median over --steps. Inference: forward latency (eval, no grad)
-for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merged` backend).
+for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merged` backend),
+at each batch size of --inference-per-task (the per-layer cost of routing bookkeeping is fixed,
+so its share shrinks as batches grow), and greedy generation latency (--generation-rows).
 Variants are timed round-robin (one call of each per round); ratios to dense are the median (and
 quartiles) of the per-round ratios. Every call gets fresh tags objects (see `fresh`). Prints
 tables and writes JSON (--out, default bench_results/model.json).
@@ -81,8 +83,11 @@ def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flavours", nargs="+", default=["debug", "tiny"])
     parser.add_argument("--per-task", type=int, default=8, help="samples per task in the batch")
-    parser.add_argument("--steps", type=int, default=7, help="training rounds")
+    parser.add_argument("--steps", type=int, default=15, help="training rounds")
     parser.add_argument("--inference-rounds", type=int, default=31)
+    parser.add_argument("--inference-per-task", type=int, nargs="+", default=[8, 16],
+                        help="batch sizes (samples per task) at which inference latency is measured")
+    parser.add_argument("--generation-rows", type=int, default=16, help="rows of greedy generation (0: skip)")
     parser.add_argument("--keep-freed-memory", action="store_true")
     parser.add_argument("--out", default="bench_results/model.json")
     args = parser.parse_args(argv)
@@ -90,8 +95,12 @@ def main(argv=None) -> int:
         keep_freed_memory()
     torch.manual_seed(0)
     tok = Tokenizer.default()
-    tasks = [load_preset(n, "train", limit=args.per_task) for n in TASKS]
-    samples = [s for t in tasks for s in t.samples(tok, training=False)]
+    tasks = [load_preset(n, "train", limit=max(args.per_task, *args.inference_per_task)) for n in TASKS]
+    per_task_samples = [list(t.samples(tok, training=False)) for t in tasks]
+    samples = [s for task_samples in per_task_samples for s in task_samples[:args.per_task]]
+    generation_task = tasks[TASKS.index("doc_topic")]
+    if args.generation_rows:
+        generation_task = load_preset("doc_topic", "train", limit=args.generation_rows)
     rows = []
     for name in args.flavours:
         base = flavour(name)
@@ -129,8 +138,6 @@ def main(argv=None) -> int:
                          "active_params": model.num_parameters(active=True)})
             print(f"{label:<16} {model.num_parameters():>9} {model.num_parameters(active=True):>9} "
                   f"{rate:>12.0f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
-        print(f"{'inference':<18} {'latency ms':>11} {'× dense':>8}  (median of {args.inference_rounds} paired rounds "
-              f"[quartiles])")
         merged = copy.deepcopy(models["moe_attribute"])
         for module in merged.modules():
             if isinstance(module, MoE):
@@ -138,13 +145,29 @@ def main(argv=None) -> int:
         variants = {"dense": models["dense"], "moe_attr_unmerged": models["moe_attribute"], "moe_attr_merged": merged}
         for model in variants.values():
             model.eval()
-        with torch.no_grad():
-            times = interleaved({k: (lambda m=m, b=batch: m(fresh(b))) for k, m in variants.items()},
-                                args.inference_rounds)
-        for label, (seconds, ratio, q1, q3) in paired_ratios(times, "dense").items():
-            rows.append({"flavour": name, "model": label, "kind": "inference", "latency_s": seconds,
-                         "ratio_to_dense": ratio, "ratio_quartiles": [q1, q3]})
-            print(f"{label:<18} {seconds * 1e3:>11.1f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
+        for per_task in args.inference_per_task:
+            batch = collate([s for task_samples in per_task_samples for s in task_samples[:per_task]], tok,
+                            models["dense"].task_ids)
+            print(f"{'inference':<18} {'latency ms':>11} {'× dense':>8}  ({per_task * len(TASKS)} samples; median "
+                  f"of {args.inference_rounds} paired rounds [quartiles])")
+            with torch.no_grad():
+                times = interleaved({k: (lambda m=m, b=batch: m(fresh(b))) for k, m in variants.items()},
+                                    args.inference_rounds)
+            for label, (seconds, ratio, q1, q3) in paired_ratios(times, "dense").items():
+                rows.append({"flavour": name, "model": label, "kind": "inference", "samples": per_task * len(TASKS),
+                             "latency_s": seconds, "ratio_to_dense": ratio, "ratio_quartiles": [q1, q3]})
+                print(f"{label:<18} {seconds * 1e3:>11.1f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
+        if args.generation_rows:
+            # greedy generation: the MoE layers run on one position per row and step
+            rows_ = generation_task.data[:args.generation_rows]
+            print(f"{'generation':<18} {'latency ms':>11} {'× dense':>8}  ({len(rows_)} doc_topic rows, up to 8 "
+                  f"tokens; median of {args.inference_rounds} paired rounds [quartiles])")
+            times = interleaved({k: (lambda m=m, r=rows_: m.infer(generation_task, r, max_new_tokens=8))
+                                 for k, m in variants.items()}, args.inference_rounds)
+            for label, (seconds, ratio, q1, q3) in paired_ratios(times, "dense").items():
+                rows.append({"flavour": name, "model": label, "kind": "generation", "samples": len(rows_),
+                             "latency_s": seconds, "ratio_to_dense": ratio, "ratio_quartiles": [q1, q3]})
+                print(f"{label:<18} {seconds * 1e3:>11.1f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "model", "tasks": TASKS, "rows": rows}, f, indent=2)
