@@ -98,6 +98,14 @@ class MoE(nn.Module):
         # a slice of the experts, and dispatch → experts → combine runs across ranks instead.
         self.expert_parallel: ExpertParallel | None = None
 
+    def clear_cache(self) -> None:
+        """Drops the inference caches (routes per set of tag groups, merged expert weights). They
+        follow optimizer steps, ``load_state_dict`` and ``.to()`` by themselves; writes through
+        ``param.data`` bypass the version counters they check, so call this after such writes."""
+        self.router.clear_cache()
+        if hasattr(self.backend, "clear_cache"):
+            self.backend.clear_cache()
+
     def set_backend(self, name: str) -> None:
         """Switches the dispatch backend (same weights, same function)."""
         backend = make_backend(name)

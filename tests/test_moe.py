@@ -421,3 +421,19 @@ def test_inference_route_cache_follows_router_updates():
     moe.load_state_dict(merged.state_dict())
     with torch.no_grad():
         torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+
+
+def test_clear_cache_after_writes_through_data():
+    # writes through .data bypass the version counters the inference caches check
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router="attribute", backend="merged")).eval()
+    x, tags = torch.randn(30, D), random_tags((30,))
+    with torch.no_grad():
+        before = moe(x, tags=tags).output
+        moe.router.weight.data.mul_(-1.0)
+        moe.experts.w_out.data.mul_(3.0)
+        assert torch.equal(moe(x, tags=tags).output, before)  # stale, as documented
+        moe.clear_cache()
+        after = moe(x, tags=tags).output
+        reference = with_backend(moe, "torch")(x, tags=tags).output
+    torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after, before)

@@ -234,6 +234,7 @@ class MergedDispatch(DispatchBackend):
 
     needs_shared_routes = True
     MAX_STACKS = 16  # sets of routes whose stacked weights are kept (one per recent batch mix)
+    MAX_ROUTES = 256  # routes (or expert sets) whose merged weights are kept
 
     def __init__(self) -> None:
         self.clear_cache()
@@ -352,6 +353,8 @@ class MergedDispatch(DispatchBackend):
             merged = []
             for r, key in enumerate(groups.keys):
                 if (by_set, key) not in self._cache:
+                    if len(self._cache) >= self.MAX_ROUTES:  # many tag groups over time: forget the oldest
+                        del self._cache[next(iter(self._cache))]
                     ids_K, weights_K = groups.route(r)
                     self._cache[by_set, key] = experts.merged_weights(ids_K, None if by_set else weights_K)
                 merged.append(self._cache[by_set, key])

@@ -187,8 +187,12 @@ class Router(nn.Module):
         else:
             # Fixed projection: a buffer, so it is saved but never trained.
             self.register_buffer("weight", weight)
-        self._routes: dict = {}  # inference routes per set of tag groups (see forward)
-        self._route_stamp = None
+        self.clear_cache()  # inference routes per set of tag groups (see forward)
+
+    def clear_cache(self) -> None:
+        """Drops the cached inference routes (needed after writes through ``param.data``, which
+        the version stamp cannot see)."""
+        self._routes, self._route_stamp = {}, None
 
     @property
     def content_dependent(self) -> bool:
@@ -263,7 +267,8 @@ class Router(nn.Module):
                 # (padding members none): equal to gating every token, at G rows of work.
                 choice = self.gate.choose(scores_TE, probs_TE, torch.ones_like(rows_valid),
                                           capacity_factor=cfg.capacity_factor, training=self.training)
-                if cfg.capacity_factor is None:  # dropless: the routes stay per group
+                if cfg.capacity_factor is None and bool(choice.mask_TK.all()):
+                    # dropless, and the gate chose K experts for every group: routes stay per group
                     routes = (choice.ids_TK, choice.weights_TK, probs_TE, logits_TE)
                     if cache_key is not None:
                         if len(self._routes) >= self.MAX_CACHED_ROUTES:
