@@ -261,8 +261,7 @@ class Router(nn.Module):
                 probs_TE = logits_TE.softmax(-1)
             else:
                 probs_TE = logits_TE.softmax(-1)
-            rowwise = group_T is not None and type(self.gate).rowwise
-            if rowwise:
+            if group_T is not None and type(self.gate).rowwise:
                 # A row-wise gate decides each group from its one row; members take that choice
                 # (padding members none): equal to gating every token, at G rows of work.
                 choice = self.gate.choose(scores_TE, probs_TE, torch.ones_like(rows_valid),
