@@ -12,7 +12,7 @@ CHECK_HERE = import moe_gen, pathlib, sys; \
 	sys.exit(pathlib.Path(moe_gen.__file__).resolve().parent != pathlib.Path('$(CURDIR)/moe_gen').resolve())
 QUIET_PIP = 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-.PHONY: demo test test-all venv lint bench clean
+.PHONY: demo test test-all venv lint bench bench-quality clean
 
 venv: $(STAMP)
 	@(cd / && $(abspath $(PY)) -c "$(CHECK_HERE)" 2>/dev/null) \
@@ -40,6 +40,9 @@ lint: venv
 
 bench: venv
 	$(PY) scripts/bench_moe_layer.py --quick
+
+bench-quality: venv
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench_quality.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

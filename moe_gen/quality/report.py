@@ -1,0 +1,220 @@
+"""The benchmark's report: per task and system the held-out score (mean ± std over seeds), each
+generalist's score relative to the specialist, and relative to the best classical baseline; the
+expert utilisation of every MoE layer; written as JSON, Markdown and a PNG.
+
+Relative score of a generalist on a task: generalist / specialist for higher-is-better metrics,
+specialist / generalist for errors and losses (so > 1 means the generalist is better), on the
+seed means. A task whose denominator is 0 has no relative score and is listed as such. The mean
+relative score of a seed averages that seed's generalist scores over the seed-mean specialists.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+from typing import Optional, Sequence
+
+from moe_gen.quality.baselines import CLASSICAL
+
+__all__ = ["build_report", "write_report", "markdown"]
+
+
+def _mean_std(values: Sequence[float]) -> dict:
+    values = [float(v) for v in values]
+    return {"mean": statistics.fmean(values), "std": statistics.pstdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def _relative(score: float, reference: float, higher_is_better: bool) -> Optional[float]:
+    numerator, denominator = (score, reference) if higher_is_better else (reference, score)
+    return None if denominator <= 0 else numerator / denominator
+
+
+def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_seconds: float) -> dict:
+    """Aggregates the job results into the report dictionary (plain JSON types)."""
+    systems = [s for s in ("specialist", *cfg.systems) if any(r["system"] == s for r in results)]
+    by_task = {t.name: t for t in suite}
+    raw: dict[str, dict[str, dict[int, float]]] = {s: {t.name: {} for t in suite} for s in systems}
+    for r in results:
+        for task, value in r["scores"].items():
+            raw[r["system"]][task][r["seed"]] = value
+    scores = {s: {t: _mean_std(list(v.values())) for t, v in tasks.items() if v} for s, tasks in raw.items()}
+    specialist = scores.get("specialist", {})
+
+    relative, mean_relative, excluded = {}, {}, set()
+    for s in systems:
+        if s == "specialist" or not specialist:
+            continue
+        relative[s] = {}
+        per_seed: dict[int, list[float]] = {}
+        for name, task in by_task.items():
+            if name not in specialist or name not in scores[s]:
+                continue
+            rel = _relative(scores[s][name]["mean"], specialist[name]["mean"], task.higher_is_better)
+            relative[s][name] = rel
+            if rel is None:
+                excluded.add(name)
+                continue
+            for seed, value in raw[s][name].items():
+                seed_rel = _relative(value, specialist[name]["mean"], task.higher_is_better)
+                per_seed.setdefault(seed, []).append(seed_rel if seed_rel is not None else 0.0)
+        seed_means = [statistics.fmean(v) for _, v in sorted(per_seed.items()) if v]
+        if seed_means:
+            mean_relative[s] = _mean_std(seed_means)
+
+    versus_classical = {}
+    for s in systems:
+        versus_classical[s] = {}
+        for name, base in classical.items():
+            if name in scores[s]:
+                best = max(base[c] for c in CLASSICAL)
+                versus_classical[s][name] = None if best <= 0 else scores[s][name]["mean"] / best
+
+    parameters, utilisation = {}, {}
+    for r in results:
+        p = parameters.setdefault(r["system"], {"total": 0, "active": 0, "runs": 0})
+        if r["system"] == "specialist":
+            if r["seed"] == cfg.seeds[0]:  # one specialist per task: their sum is what a user would hold
+                p["total"] += r["parameters"]
+                p["active"] = max(p["active"], r["active_parameters"])
+        else:
+            p["total"], p["active"] = r["parameters"], r["active_parameters"]
+        p["runs"] += 1
+        for layer, u in r.get("utilisation", {}).items():
+            utilisation.setdefault(r["system"], {}).setdefault(layer, []).append(u["utilised"])
+    utilisation = {s: {layer: _mean_std(v) for layer, v in layers.items()} for s, layers in utilisation.items()}
+
+    seconds = {}
+    for r in results:
+        seconds.setdefault(r["system"], []).append(r["seconds"])
+
+    attribute = mean_relative.get("attribute", {}).get("mean")
+    dense = mean_relative.get("dense", {}).get("mean")
+    classification = [n for n in classical if n in versus_classical.get("attribute", {})]
+    criteria = {
+        "attribute_vs_best_classical_min": min((versus_classical["attribute"][n] or 0.0 for n in classification),
+                                               default=None),
+        "attribute_reaches_95pct_of_classical_on": [n for n in classification
+                                                    if (versus_classical["attribute"][n] or 0.0) >= 0.95],
+        "attribute_below_95pct_of_classical_on": [n for n in classification
+                                                  if (versus_classical["attribute"][n] or 0.0) < 0.95],
+        "attribute_mean_relative": attribute,
+        "attribute_fewer_parameters_than_specialists": (
+            parameters.get("attribute", {}).get("total", 0) < parameters.get("specialist", {}).get("total", 0)
+            if "attribute" in parameters and "specialist" in parameters else None),
+        "attribute_minus_dense_points": None if attribute is None or dense is None else 100 * (attribute - dense),
+    }
+    return {
+        "config": dataclasses.asdict(cfg),
+        "tasks": [{"name": t.name, "modality": t.modality, "metric": t.metric,
+                   "higher_is_better": t.higher_is_better, "classification": t.classification} for t in suite],
+        "systems": systems,
+        "classical": classical,
+        "scores": scores,
+        "relative": relative,
+        "mean_relative": mean_relative,
+        "no_relative_score": sorted(excluded),
+        "versus_classical": versus_classical,
+        "parameters": parameters,
+        "utilisation": utilisation,
+        "seconds": {s: sum(v) for s, v in seconds.items()},
+        "criteria": criteria,
+        "wall_seconds": wall_seconds,
+        "runs": results,
+    }
+
+
+def _cell(entry: Optional[dict], seeds: int) -> str:
+    if entry is None:
+        return "—"
+    return f"{entry['mean']:.3f}" if seeds <= 1 else f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+
+
+def markdown(report: dict) -> str:
+    """The report as Markdown: the task × system table, then the summary lines."""
+    systems = report["systems"]
+    seeds = len(report["config"]["seeds"])
+    header = ["task", "input", "metric", *CLASSICAL, *systems]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
+    for task in report["tasks"]:
+        name = task["name"]
+        base = report["classical"].get(name, {})
+        row = [name, task["modality"], task["metric"] + ("" if task["higher_is_better"] else " ↓")]
+        row += [f"{base[c]:.3f}" if c in base else "—" for c in CLASSICAL]
+        row += [_cell(report["scores"][s].get(name), seeds) for s in systems]
+        lines.append("| " + " | ".join(row) + " |")
+    lines += ["", "Relative score (generalist / specialist; > 1: the generalist is better), mean over tasks "
+              f"(± std over {seeds} seed{'s' if seeds > 1 else ''}):", ""]
+    lines += ["| system | mean relative score | parameters (total) | active per token | worst task vs best classical |",
+              "|---|---:|---:|---:|---|"]
+    for s in systems:
+        rel = report["mean_relative"].get(s)
+        params = report["parameters"].get(s, {})
+        versus = {k: v for k, v in report["versus_classical"].get(s, {}).items() if v is not None}
+        worst = min(versus.items(), key=lambda kv: kv[1]) if versus else None
+        lines.append(f"| {s} | {_cell(rel, seeds) if rel else '1 (reference)' if s == 'specialist' else '—'} | "
+                     f"{params.get('total', 0):,}{' (all tasks)' if s == 'specialist' else ''} | "
+                     f"{params.get('active', 0):,} | {f'{worst[0]} {worst[1]:.2f}' if worst else '—'} |")
+    if report["no_relative_score"]:
+        lines += ["", f"No relative score (the specialist scored 0): {', '.join(report['no_relative_score'])}."]
+    if report["utilisation"]:
+        lines += ["", "Expert utilisation on held-out rows (share of experts with ≥ 1/(4E) of the assignments), "
+                  "per MoE layer, mean over seeds:", ""]
+        for s, layers in report["utilisation"].items():
+            cells = ", ".join(f"{layer.replace('.ffn', '').replace('blocks.', '')} {u['mean']:.2f}"
+                              for layer, u in layers.items())
+            lines.append(f"- {s}: {cells}")
+    c = report["criteria"]
+    lines += ["", "Criteria (attribute-routed generalist):", "",
+              f"- held-out score ≥ 95% of the best classical baseline on "
+              f"{len(c['attribute_reaches_95pct_of_classical_on'])} of "
+              f"{len(c['attribute_reaches_95pct_of_classical_on']) + len(c['attribute_below_95pct_of_classical_on'])}"
+              f" classification tasks; below on: {', '.join(c['attribute_below_95pct_of_classical_on']) or 'none'}",
+              f"- mean relative score: {c['attribute_mean_relative']}" if c["attribute_mean_relative"] is None
+              else f"- mean relative score: {c['attribute_mean_relative']:.3f}; fewer parameters than the "
+                   f"specialists together: {c['attribute_fewer_parameters_than_specialists']}",
+              "- attribute − dense: " + ("—" if c["attribute_minus_dense_points"] is None
+                                         else f"{c['attribute_minus_dense_points']:+.1f} points of mean relative score"),
+              "", f"Wall time: {report['wall_seconds'] / 60:.1f} min."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(report: dict, path: str) -> None:
+    """Per-task relative score of every generalist (grouped bars; the line at 1 is the specialist)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    systems = [s for s in report["systems"] if s in report["relative"]]
+    tasks = [t["name"] for t in report["tasks"]]
+    fig = Figure(figsize=(max(8, 0.8 * len(tasks) + 2), 4.5))
+    ax = fig.subplots()
+    width = 0.8 / max(len(systems), 1)
+    for i, s in enumerate(systems):
+        values = [report["relative"][s].get(t) or 0.0 for t in tasks]
+        ax.bar([x + i * width for x in range(len(tasks))], values, width, label=s)
+    ax.axhline(1.0, color="black", linewidth=0.8)
+    ax.set_xticks([x + 0.4 - width / 2 for x in range(len(tasks))], tasks, rotation=45, ha="right", fontsize=8)
+    ax.set_ylabel("generalist / specialist")
+    ax.set_title("Held-out score relative to the specialist")
+    ax.legend(fontsize=7, ncols=3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_report(report: dict, directory: str) -> dict[str, str]:
+    """Writes ``quality.json``, ``quality.md`` and ``quality.png``; returns their paths."""
+    os.makedirs(directory, exist_ok=True)
+    paths = {kind: os.path.join(directory, f"quality.{kind}") for kind in ("json", "md", "png")}
+    with open(paths["json"], "w") as f:
+        json.dump(report, f, indent=1)
+    with open(paths["md"], "w") as f:
+        f.write(markdown(report))
+    if report["relative"]:
+        plot(report, paths["png"])
+    else:
+        paths.pop("png")
+    return paths

@@ -1,0 +1,198 @@
+"""Trains and scores every system of the benchmark.
+
+Systems:
+    majority, logreg, knn   classical baselines on raw features (classification tasks only)
+    specialist              a dense model of the generalist's active size, trained on one task with
+                            that task's share of the generalist's samples (steps / number of tasks)
+    dense                   a dense generalist on the whole suite
+    token, modality, task, attribute, hybrid
+                            MoE generalists routed by that strategy, at the dense model's active
+                            size (FFN hidden = top_k · expert hidden) and the same steps
+
+Generalists mix tasks uniformly, so each task gets ``steps · batch_size / tasks`` samples, the
+specialist's budget. Every model run is a job (generalist × seed, or specialist × task × seed) in
+a pool of ``workers`` processes with ``threads`` torch threads each; models are scored on the
+first ``eval_limit`` held-out rows of every task, the rows the classical baselines are scored on.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+import multiprocessing
+import os
+import tempfile
+import time
+from typing import Sequence
+
+__all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score"]
+
+GENERALISTS = ("dense", "token", "modality", "task", "attribute", "hybrid")
+
+
+@dataclasses.dataclass(kw_only=True)
+class BenchConfig:
+    """What the benchmark runs.
+
+    Attributes:
+        tasks: suite task names (empty: the whole suite).
+        systems: generalist systems to train (``GENERALISTS``).
+        specialists: also train a specialist per task.
+        seeds: one run per seed of every model system.
+        flavour: model flavour; ``num_experts`` overrides its experts (active size is unchanged).
+        steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps / tasks``).
+        eval_limit: held-out rows scored per task (the first ones; every system sees the same).
+        workers, threads: processes running jobs, torch threads per process.
+        output_dir: where ``quality.json``, ``quality.md`` and ``quality.png`` go.
+    """
+
+    tasks: tuple[str, ...] = ()
+    systems: tuple[str, ...] = GENERALISTS
+    specialists: bool = True
+    seeds: tuple[int, ...] = (0, 1, 2)
+    flavour: str = "debug"
+    num_experts: int = 8
+    steps: int = 1500
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    eval_limit: int = 100
+    workers: int = 2
+    threads: int = 1
+    output_dir: str = "bench_results/quality"
+
+    def __post_init__(self) -> None:
+        unknown = [s for s in self.systems if s not in GENERALISTS]
+        if unknown:
+            raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(GENERALISTS)}")
+        if not self.seeds:
+            raise ValueError("BenchConfig.seeds must name at least one seed")
+
+
+def _model_config(cfg: BenchConfig, system: str):
+    from moe_gen.config import RouterConfig
+    from moe_gen.model import flavour
+
+    strategy = "attribute" if system in ("dense", "specialist") else system
+    config = flavour(cfg.flavour, num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy))
+    return config.dense_twin() if system in ("dense", "specialist") else config
+
+
+def _utilisation(tables) -> dict:
+    """Per MoE layer: each expert's share of the assignments, and the share of experts that get at
+    least 1/(4E) of them (the issue's utilisation criterion)."""
+    counts_LE = tables.counts_LETMR.sum((2, 3, 4))
+    out = {}
+    for layer, (name, E) in enumerate(zip(tables.layer_names, tables.num_experts)):
+        counts = counts_LE[layer, :E]
+        if counts.sum() <= 0:
+            continue
+        share = counts / counts.sum()
+        out[name] = {"share": [round(float(s), 4) for s in share],
+                     "utilised": float((share >= 1.0 / (4 * E)).float().mean())}
+    return out
+
+
+def train_and_score(job: dict) -> dict:
+    """One model run: build, train, score on held-out rows (and record routing while scoring).
+
+    ``job``: ``{"config": BenchConfig fields, "system": name, "tasks": [suite names], "seed": s}``.
+    Returns scores per task, parameter counts, utilisation per MoE layer and seconds.
+    """
+    import torch
+
+    from moe_gen.analysis import RoutingRecorder
+    from moe_gen.model import GeneralistModel
+    from moe_gen.quality.suite import suite_tasks
+    from moe_gen.tasks import Tokenizer
+    from moe_gen.trainer import Trainer, TrainConfig
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    cfg = BenchConfig(**job["config"])
+    torch.set_num_threads(cfg.threads)
+    suite = suite_tasks(job["tasks"])
+    train = [t.build("train") for t in suite]
+    test = [t.build("test") for t in suite]
+    steps = job["steps"]
+    start = time.perf_counter()
+    torch.manual_seed(job["seed"])
+    model = GeneralistModel.build(_model_config(cfg, job["system"]), train, Tokenizer.default())
+    train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                               warmup_steps=min(cfg.warmup_steps, steps // 10), mixing="uniform",
+                               seed=job["seed"], progress=False, tensorboard=False, checkpoint_every=0,
+                               log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
+    with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
+        trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)
+        summary = trainer.fit()
+    trained = time.perf_counter()
+    with RoutingRecorder(model) as recorder:
+        scores = {task.name: evaluate_task(model, held_out, limit=cfg.eval_limit)[task.metric]
+                  for task, held_out in zip(suite, test)}
+    tables = recorder.tables()
+    return {"system": job["system"], "seed": job["seed"], "tasks": list(job["tasks"]), "scores": scores,
+            "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
+            "utilisation": _utilisation(tables) if tables.layer_names else {},
+            "final_loss": summary["loss"], "train_seconds": trained - start,
+            "seconds": time.perf_counter() - start, "steps": steps}
+
+
+def _jobs(cfg: BenchConfig, names: Sequence[str]) -> list[dict]:
+    base = dataclasses.asdict(cfg)
+    jobs = [{"config": base, "system": s, "tasks": list(names), "seed": seed, "steps": cfg.steps}
+            for seed in cfg.seeds for s in cfg.systems]
+    if cfg.specialists:
+        per_task = max(1, round(cfg.steps / len(names)))
+        jobs += [{"config": base, "system": "specialist", "tasks": [n], "seed": seed, "steps": per_task}
+                 for seed in cfg.seeds for n in names]
+    return jobs
+
+
+def _run_jobs(jobs: list[dict], workers: int, say) -> list[dict]:
+    if workers <= 1:
+        results = []
+        for i, job in enumerate(jobs):
+            results.append(train_and_score(job))
+            say(f"[{i + 1}/{len(jobs)}] {job['system']} {','.join(job['tasks']) if len(job['tasks']) == 1 else ''} "
+                f"seed {job['seed']}: {results[-1]['seconds']:.0f} s")
+        return results
+    # spawn: workers start clean (no forked torch thread pools).
+    context = multiprocessing.get_context("spawn")
+    results = []
+    with concurrent.futures.ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+        futures = {pool.submit(train_and_score, job): job for job in jobs}
+        for i, future in enumerate(concurrent.futures.as_completed(futures)):
+            job = futures[future]
+            results.append(future.result())
+            label = job["tasks"][0] if job["system"] == "specialist" else ""
+            say(f"[{i + 1}/{len(jobs)}] {job['system']} {label} seed {job['seed']}: "
+                f"{results[-1]['seconds']:.0f} s")
+    return results
+
+
+def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
+    """Runs every system and returns the report (also written to ``cfg.output_dir``)."""
+    from moe_gen.quality.baselines import classical_scores
+    from moe_gen.quality.report import build_report, write_report
+    from moe_gen.quality.suite import suite_tasks
+
+    start = time.perf_counter()
+    suite = suite_tasks(cfg.tasks)
+    names = [t.name for t in suite]
+    classical = {}
+    for task in suite:
+        if task.classification:
+            train, test = task.build("train"), task.build("test")
+            held_out = [test.data[i] for i in range(min(cfg.eval_limit, len(test)))]
+            classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))], held_out)
+    say(f"classical baselines: {time.perf_counter() - start:.0f} s")
+    jobs = _jobs(cfg, names)
+    jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
+    results = _run_jobs(jobs, cfg.workers, say)
+    report = build_report(cfg, suite, classical, results, wall_seconds=time.perf_counter() - start)
+    write_report(report, cfg.output_dir)
+    return report
+
+
+def default_output(quick: bool) -> str:
+    return os.path.join("bench_results", "quality_quick" if quick else "quality")
+

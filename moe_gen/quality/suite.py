@@ -1,0 +1,223 @@
+"""The benchmark suite: built-in tasks over seven input modalities, plus numeric tables that the
+package does not ship as presets, each with a fixed held-out split.
+
+Every task is a ``moe_gen.tasks.Task`` declared by its instruction. Classification tasks also give
+the raw features a classical model sees (pixels, pooled fbank, pose statistics, table values,
+TF-IDF of text) and the label column, so a majority class, a logistic regression and a k-NN can be
+scored on exactly the rows the models are scored on.
+
+The numeric tables come from scikit-learn's bundled data (no download): breast_cancer (30 columns,
+2 classes), wine (13 columns, 3 classes) and diabetes (10 columns, the regression target binned
+into three classes at the tertiles of the training rows). Every 5th row is held out, as in the
+presets. A row is ``{"table": {column: value}, "label": name}``: a one-row table of scalars, the
+first thing a user writes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from moe_gen.tasks import Task, load_preset, preset_info
+
+__all__ = ["SuiteTask", "SUITE", "suite_tasks", "TABLE_INSTRUCTION"]
+
+TABLE_INSTRUCTION = "[STRUCT:table] which class is this? -> [TEXT:label,closed_set]"
+
+
+@dataclasses.dataclass(frozen=True)
+class SuiteTask:
+    """One task of the suite.
+
+    Attributes:
+        name: task name (a preset name for built-in tasks).
+        modality: the input modalities, for the report (``"IMAGE+BOX"``).
+        build: ``(split) -> Task``.
+        metric: the metric the report compares (the task's first metric).
+        higher_is_better: False for losses and error rates.
+        features: ``(rows) -> [N, F]`` raw features for classical baselines, or None.
+        label_column: the column a classical model predicts (classification tasks).
+        text_features: the features are text (TF-IDF), not numbers.
+    """
+
+    name: str
+    modality: str
+    build: Callable[[str], Task]
+    metric: str
+    higher_is_better: bool = True
+    features: Optional[Callable[[Sequence[dict]], object]] = None
+    label_column: Optional[str] = None
+    text_features: bool = False
+
+    @property
+    def classification(self) -> bool:
+        return self.features is not None
+
+
+# ---- raw features for classical baselines --------------------------------------------------------
+
+def _gray(image: np.ndarray) -> np.ndarray:
+    image = np.asarray(image, dtype=np.float32)
+    return image.mean(-1) if image.ndim == 3 else image
+
+
+def _pool(image_HW: np.ndarray, size: int) -> np.ndarray:
+    """Mean-pools a 2-D image to ``size × size`` (sides divisible by ``size``, else cropped)."""
+    H, W = image_HW.shape
+    fh, fw = max(H // size, 1), max(W // size, 1)
+    image_HW = image_HW[: fh * size, : fw * size]
+    return image_HW.reshape(size, fh, size, fw).mean((1, 3))
+
+
+def pixel_features(rows: Sequence[dict], column: str = "image", size: int = 16) -> np.ndarray:
+    """Gray pixels, mean-pooled to ``size × size`` when larger (8×8 digits stay as they are)."""
+    out = []
+    for row in rows:
+        gray = _gray(row[column])
+        out.append((gray if gray.shape[0] <= size else _pool(gray, size)).ravel())
+    return np.stack(out)
+
+
+def crop_features(rows: Sequence[dict], size: int = 8) -> np.ndarray:
+    """Gray pixels inside the row's ``query_box``, resized to ``size × size`` (grounded captioning)."""
+    from PIL import Image
+
+    out = []
+    for row in rows:
+        x0, y0, x1, y1 = (int(round(v)) for v in row["query_box"])
+        crop = _gray(row["image"])[max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)]
+        resized = Image.fromarray(crop.astype(np.float32), mode="F").resize((size, size), Image.BILINEAR)
+        out.append(np.asarray(resized).ravel())
+    return np.stack(out)
+
+
+def fbank_features(rows: Sequence[dict], segments: int = 8) -> np.ndarray:
+    """The 80-bin log-mel filterbank (the model's features) with the utterance's mean removed
+    (cepstral mean normalisation), averaged over ``segments`` equal stretches of time: a fixed-size
+    picture of the word that keeps the order of its sounds."""
+    from moe_gen.tasks.modalities.signals import fbank, load_waveform
+
+    out = []
+    for row in rows:
+        feats = fbank(load_waveform(row["audio"], row.get("sample_rate"))).numpy()
+        feats = feats - feats.mean(0)
+        stretches = np.array_split(np.arange(len(feats)), segments)
+        out.append(np.concatenate([feats[s].mean(0) if len(s) else np.zeros(feats.shape[1]) for s in stretches]))
+    return np.stack(out)
+
+
+def pose_features(rows: Sequence[dict]) -> np.ndarray:
+    """Per-feature mean and standard deviation over the window's frames, and the mean frame-to-frame change."""
+    out = []
+    for row in rows:
+        frames = np.asarray(row["motion"], dtype=np.float64)
+        out.append(np.concatenate([frames.mean(0), frames.std(0), np.abs(np.diff(frames, axis=0)).mean(0)]))
+    return np.stack(out)
+
+
+def video_features(rows: Sequence[dict]) -> np.ndarray:
+    """The mean frame (RGB, pooled to 8×8) and the mean absolute change between frames (pooled to 8×8)."""
+    out = []
+    for row in rows:
+        video = np.asarray(row["video"], dtype=np.float32) / 255.0  # [T, H, W, 3]
+        mean_rgb = np.stack([_pool(video[..., c].mean(0), 8) for c in range(3)])
+        change = _pool(np.abs(np.diff(video.mean(-1), axis=0)).mean(0), 8)
+        out.append(np.concatenate([mean_rgb.ravel(), change.ravel()]))
+    return np.stack(out)
+
+
+def _cells(table) -> list:
+    if isinstance(table, dict):
+        return [v[0] if isinstance(v, (list, tuple)) else v for v in table.values()]
+    return [v for row in table for k, v in row.items() if k != "measure"]
+
+
+def table_features(rows: Sequence[dict], column: str = "table") -> np.ndarray:
+    """The numeric cells of each (one-row, or iris-shaped measure/cm) table, in column order."""
+    return np.asarray([[float(v) for v in _cells(row[column])] for row in rows], dtype=np.float64)
+
+
+def text_features(rows: Sequence[dict], column: str = "text") -> list[str]:
+    return [str(row[column]) for row in rows]
+
+
+# ---- numeric tables from scikit-learn -------------------------------------------------------------
+
+def _split(n: int, split: str) -> list[int]:
+    if split not in ("train", "test"):
+        raise ValueError(f"unknown split {split!r}; known: train, test")
+    return [i for i in range(n) if (i % 5 == 0) == (split == "test")]
+
+
+@functools.lru_cache(maxsize=None)
+def _sklearn_table(name: str) -> tuple[list[str], np.ndarray, list[str]]:
+    """(columns, values [N, F], labels [N]) of a scikit-learn table."""
+    from sklearn import datasets
+
+    if name == "diabetes":
+        data = datasets.load_diabetes()
+        train = _split(len(data.target), "train")
+        low, high = np.quantile(data.target[train], [1 / 3, 2 / 3])  # tertiles of the training rows
+        labels = ["low" if y <= low else "high" if y > high else "medium" for y in data.target]
+        return list(data.feature_names), data.data, labels
+    data = datasets.load_breast_cancer() if name == "breast_cancer" else datasets.load_wine()
+    return list(data.feature_names), data.data, [str(data.target_names[t]) for t in data.target]
+
+
+def table_rows(name: str, split: str) -> list[dict]:
+    """Rows ``{"table": {column: value}, "label": class}`` of a scikit-learn table."""
+    columns, values, labels = _sklearn_table(name)
+    return [{"table": {c: float(v) for c, v in zip(columns, values[i])}, "label": labels[i], "id": f"{name}/{i}"}
+            for i in _split(len(labels), split)]
+
+
+def _table_task(name: str) -> Callable[[str], Task]:
+    def build(split: str) -> Task:
+        return Task(f"table_{name}", TABLE_INSTRUCTION, table_rows(name, split), metrics=("accuracy",))
+
+    return build
+
+
+def _preset(name: str) -> Callable[[str], Task]:
+    return functools.partial(load_preset, name)
+
+
+def _builtin(name: str, modality: str, **kwargs) -> SuiteTask:
+    info = preset_info(name)
+    return SuiteTask(name, modality, _preset(name), info.metrics[0],
+                     higher_is_better=info.metrics[0] not in ("wer", "l1", "mse"), **kwargs)
+
+
+SUITE: tuple[SuiteTask, ...] = (
+    _builtin("digit_classification", "IMAGE", features=functools.partial(pixel_features, size=8),
+             label_column="label"),
+    _builtin("digit_counting", "IMAGE", features=pixel_features, label_column="count"),
+    _builtin("grounded_captioning", "IMAGE+BOX", features=crop_features, label_column="query"),
+    _builtin("visual_grounding", "IMAGE+TEXT"),
+    _builtin("spoken_word_classification", "AUDIO", features=fbank_features, label_column="text"),
+    _builtin("motion_classification", "MOTION", features=pose_features, label_column="label"),
+    _builtin("video_classification", "VIDEO", features=video_features, label_column="label"),
+    _builtin("table_species", "STRUCT", features=table_features, label_column="species"),
+    _builtin("doc_topic", "TEXT", features=text_features, label_column="topic", text_features=True),
+    _builtin("text_to_speech", "PHONE"),
+    SuiteTask("table_breast_cancer", "STRUCT", _table_task("breast_cancer"), "accuracy",
+              features=table_features, label_column="label"),
+    SuiteTask("table_wine", "STRUCT", _table_task("wine"), "accuracy", features=table_features,
+              label_column="label"),
+    SuiteTask("table_diabetes", "STRUCT", _table_task("diabetes"), "accuracy", features=table_features,
+              label_column="label"),
+)
+
+
+def suite_tasks(names: Optional[Sequence[str]] = None) -> list[SuiteTask]:
+    """The suite, or the named subset (in suite order); unknown names are an error."""
+    if not names:
+        return list(SUITE)
+    known = {t.name: t for t in SUITE}
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise ValueError(f"unknown suite task(s) {', '.join(unknown)}; known: {', '.join(known)}")
+    return [t for t in SUITE if t.name in set(names)]

@@ -1,0 +1,62 @@
+"""Learning-quality benchmark: classical baselines, specialists, and dense and MoE generalists
+(by routing strategy) on held-out rows of the suite in ``moe_gen.quality.suite``.
+
+Usage:
+    python scripts/bench_quality.py                       # 3 seeds, the whole suite (~40-60 min on 2 cores)
+    python scripts/bench_quality.py --quick               # 1 seed, a few steps: the report's shape only
+    python scripts/bench_quality.py --seeds 0 --systems dense attribute --steps 800
+    make bench-quality
+
+Writes quality.json, quality.md and quality.png to --out (default bench_results/quality) and
+prints the Markdown table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from moe_gen.quality.report import markdown  # noqa: E402
+from moe_gen.quality.runner import GENERALISTS, BenchConfig, default_output, run_benchmark  # noqa: E402
+
+QUICK = dict(seeds=(0,), steps=26, eval_limit=4, warmup_steps=2, batch_size=8)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, a few steps (smoke run)")
+    parser.add_argument("--tasks", nargs="*", default=[], help="suite task names (default: all)")
+    parser.add_argument("--systems", nargs="*", default=list(GENERALISTS), help="generalists to train")
+    parser.add_argument("--no-specialists", action="store_true")
+    parser.add_argument("--seeds", nargs="*", type=int)
+    parser.add_argument("--steps", type=int, help="generalist steps (specialists: steps / tasks)")
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--lr", type=float)
+    parser.add_argument("--flavour")
+    parser.add_argument("--num-experts", type=int)
+    parser.add_argument("--eval-limit", type=int)
+    parser.add_argument("--workers", type=int)
+    parser.add_argument("--threads", type=int)
+    parser.add_argument("--out")
+    args = parser.parse_args(argv)
+
+    fields = dict(QUICK) if args.quick else {}
+    for name in ("steps", "batch_size", "lr", "flavour", "num_experts", "eval_limit", "workers", "threads"):
+        if getattr(args, name) is not None:
+            fields[name] = getattr(args, name)
+    if args.seeds:
+        fields["seeds"] = tuple(args.seeds)
+    config = BenchConfig(tasks=tuple(args.tasks), systems=tuple(args.systems), specialists=not args.no_specialists,
+                         output_dir=args.out or default_output(args.quick), **fields)
+    report = run_benchmark(config, say=lambda line: print(line, flush=True))
+    print()
+    print(markdown(report))
+    print(f"written to {config.output_dir}/quality.{{json,md,png}}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,67 @@
+"""The learning-quality benchmark: its baselines on known data, and the shape of a --quick report
+(numbers of a few training steps mean nothing; the full run is scripts/bench_quality.py)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_gen.quality.baselines import classical_scores
+from moe_gen.quality.report import _relative
+from moe_gen.quality.suite import SUITE, suite_tasks, table_rows
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_suite_covers_modalities_and_numeric_tables():
+    inputs = {m for t in SUITE for m in t.modality.split("+")}
+    assert len(SUITE) >= 13 and len(inputs) >= 6
+    tables = [t for t in SUITE if t.name.startswith("table_") and t.name not in ("table_species",)]
+    assert len(tables) >= 3
+    rows = table_rows("wine", "train")
+    assert len(rows) == 142 and len(rows[0]["table"]) == 13 and isinstance(rows[0]["table"]["alcohol"], float)
+    assert not set(r["id"] for r in rows) & set(r["id"] for r in table_rows("wine", "test"))  # fixed, disjoint split
+    with pytest.raises(ValueError, match="unknown suite task"):
+        suite_tasks(["no_such_task"])
+
+
+def test_classical_baselines_on_wine():
+    task = next(t for t in SUITE if t.name == "table_wine")
+    scores = classical_scores(task, table_rows("wine", "train"), table_rows("wine", "test"))
+    assert set(scores) == {"majority", "logreg", "knn"}
+    assert scores["logreg"] >= 0.9 and scores["majority"] < 0.5  # standardised logistic regression separates wine
+
+
+def test_relative_score_direction():
+    assert _relative(0.9, 0.6, True) == pytest.approx(1.5)
+    assert _relative(0.5, 1.0, False) == pytest.approx(2.0)  # lower error than the specialist: > 1
+    assert _relative(0.3, 0.0, True) is None
+
+
+def test_quick_report_shape(tmp_path):
+    out = tmp_path / "quality"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_quality.py"), "--quick", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "quality.json").read_text())
+    names = [t["name"] for t in report["tasks"]]
+    assert names == [t.name for t in SUITE]
+    assert report["systems"] == ["specialist", "dense", "token", "modality", "task", "attribute", "hybrid"]
+    for system in report["systems"]:
+        assert set(report["scores"][system]) == set(names)
+    for name, base in report["classical"].items():
+        assert set(base) == {"majority", "logreg", "knn"} and name in names
+    for system in ("token", "modality", "task", "attribute", "hybrid"):
+        assert report["utilisation"][system], system  # every MoE run reports its layers
+        assert system in report["mean_relative"]
+    assert "dense" not in report["utilisation"]
+    assert report["parameters"]["attribute"]["active"] == report["parameters"]["dense"]["active"]
+    assert report["parameters"]["attribute"]["total"] < report["parameters"]["specialist"]["total"]
+    markdown = (out / "quality.md").read_text()
+    assert "| task | input | metric |" in markdown and all(n in markdown for n in names)
+    assert (out / "quality.png").stat().st_size > 1000
