@@ -45,8 +45,9 @@ def test_relative_score_direction():
 def test_quick_report_shape(tmp_path):
     out = tmp_path / "quality"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    run = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "bench_quality.py"), "--quick", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=900)
+    script = os.path.join(ROOT, "scripts", "bench_quality.py")
+    run = subprocess.run([sys.executable, script, "--quick", "--out", str(out)], capture_output=True, text=True,
+                         env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "quality.json").read_text())
     names = [t["name"] for t in report["tasks"]]

@@ -175,8 +175,8 @@ def markdown(report: dict) -> str:
               f"- mean relative score: {c['attribute_mean_relative']}" if c["attribute_mean_relative"] is None
               else f"- mean relative score: {c['attribute_mean_relative']:.3f}; fewer parameters than the "
                    f"specialists together: {c['attribute_fewer_parameters_than_specialists']}",
-              "- attribute − dense: " + ("—" if c["attribute_minus_dense_points"] is None
-                                         else f"{c['attribute_minus_dense_points']:+.1f} points of mean relative score"),
+              "- attribute − dense: " + ("—" if c["attribute_minus_dense_points"] is None else
+                                         f"{c['attribute_minus_dense_points']:+.1f} points of mean relative score"),
               "", f"Wall time: {report['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
 

@@ -105,7 +105,7 @@ def train_and_score(job: dict) -> dict:
     from moe_gen.model import GeneralistModel
     from moe_gen.quality.suite import suite_tasks
     from moe_gen.tasks import Tokenizer
-    from moe_gen.trainer import Trainer, TrainConfig
+    from moe_gen.trainer import TrainConfig, Trainer
     from moe_gen.trainer.evaluation import evaluate_task
 
     cfg = BenchConfig(**job["config"])

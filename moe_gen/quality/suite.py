@@ -152,7 +152,7 @@ def _split(n: int, split: str) -> list[int]:
     return [i for i in range(n) if (i % 5 == 0) == (split == "test")]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _sklearn_table(name: str) -> tuple[list[str], np.ndarray, list[str]]:
     """(columns, values [N, F], labels [N]) of a scikit-learn table."""
     from sklearn import datasets
