@@ -86,6 +86,16 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
             utilisation.setdefault(r["system"], {}).setdefault(layer, []).append(u["utilised"])
     utilisation = {s: {layer: _mean_std(v) for layer, v in layers.items()} for s, layers in utilisation.items()}
 
+    interference, routing = {}, {}
+    for r in results:
+        if r.get("interference"):
+            for key in ("mean_off_diagonal", "negative_pairs"):
+                interference.setdefault(r["system"], {}).setdefault(key, []).append(r["interference"][key])
+        for key, value in (r.get("routing") or {}).items():
+            routing.setdefault(r["system"], {}).setdefault(key, []).append(value)
+    interference = {s: {k: _mean_std(v) for k, v in d.items()} for s, d in interference.items()}
+    routing = {s: {k: _mean_std(v) for k, v in d.items()} for s, d in routing.items()}
+
     seconds = {}
     for r in results:
         seconds.setdefault(r["system"], []).append(r["seconds"])
@@ -119,6 +129,8 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         "versus_classical": versus_classical,
         "parameters": parameters,
         "utilisation": utilisation,
+        "interference": interference,
+        "routing": routing,
         "seconds": {s: sum(v) for s, v in seconds.items()},
         "criteria": criteria,
         "wall_seconds": wall_seconds,
@@ -166,6 +178,16 @@ def markdown(report: dict) -> str:
             cells = ", ".join(f"{layer.replace('.ffn', '').replace('blocks.', '')} {u['mean']:.2f}"
                               for layer, u in layers.items())
             lines.append(f"- {s}: {cells}")
+    if report["interference"]:
+        lines += ["", "Task interference on held-out rows (cosine of per-task gradients on the shared transformer; "
+                  "negative: one task's step hurts the other), and routing statistics, mean over seeds:", "",
+                  "| system | mean off-diagonal cosine | negative pairs | MI expert–task (bits) | "
+                  "MI expert–modality (bits) |", "|---|---:|---:|---:|---:|"]
+        for s, d in report["interference"].items():
+            r = report["routing"].get(s, {})
+            mi = [f"{r[k]['mean']:.2f}" if k in r else "—" for k in ("mean_mi_task_bits", "mean_mi_modality_bits")]
+            lines.append(f"| {s} | {d['mean_off_diagonal']['mean']:.3f} | {d['negative_pairs']['mean']:.2f} | "
+                         f"{mi[0]} | {mi[1]} |")
     c = report["criteria"]
     lines += ["", "Criteria (attribute-routed generalist):", "",
               f"- held-out score ≥ 95% of the best classical baseline on "

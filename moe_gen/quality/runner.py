@@ -93,6 +93,29 @@ def _utilisation(tables) -> dict:
     return out
 
 
+def _interference(model, tasks, rows: int = 16) -> dict:
+    """The task interference matrix of the trained model on ``rows`` held-out rows per task (cosine of
+    per-task gradients on the shared transformer), with its mean off-diagonal value and the share of
+    negative (conflicting) pairs."""
+    import torch
+
+    from moe_gen.analysis import stats
+    from moe_gen.tasks import collate
+
+    batches = {}
+    for task in tasks:
+        samples = [s for s in (task.encode(i, model.tokenizer, training=False) for i in range(min(rows, len(task))))
+                   if s is not None]
+        batches[task.name] = collate(samples, model.tokenizer, model.task_ids)
+    result = stats.interference_matrix(stats.task_gradients(model, batches))
+    matrix = result["matrix"]
+    N = matrix.shape[0]
+    off = matrix[~torch.eye(N, dtype=torch.bool)]
+    return {"tasks": result["tasks"], "matrix": [[round(float(v), 4) for v in row] for row in matrix],
+            "mean_off_diagonal": float(off.mean()) if N > 1 else 0.0,
+            "negative_pairs": float((off < 0).double().mean()) if N > 1 else 0.0}
+
+
 def train_and_score(job: dict) -> dict:
     """One model run: build, train, score on held-out rows (and record routing while scoring).
 
@@ -129,9 +152,18 @@ def train_and_score(job: dict) -> dict:
         scores = {task.name: evaluate_task(model, held_out, limit=cfg.eval_limit)[task.metric]
                   for task, held_out in zip(suite, test)}
     tables = recorder.tables()
+    routing = {}
+    if tables.layer_names:
+        from moe_gen.analysis import stats
+
+        summary = stats.summarize(tables)
+        routing = {k: summary[k] for k in ("mean_mi_task_bits", "mean_mi_modality_bits", "mean_entropy_bits",
+                                           "mean_max_over_mean")}
+    interference = _interference(model, test) if len(suite) > 1 else None
     return {"system": job["system"], "seed": job["seed"], "tasks": list(job["tasks"]), "scores": scores,
             "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
             "utilisation": _utilisation(tables) if tables.layer_names else {},
+            "routing": routing, "interference": interference,
             "final_loss": summary["loss"], "train_seconds": trained - start,
             "seconds": time.perf_counter() - start, "steps": steps}
 
