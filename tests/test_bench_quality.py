@@ -61,8 +61,10 @@ def test_quick_report_shape(tmp_path):
         assert report["utilisation"][system], system  # every MoE run reports its layers
         assert system in report["mean_relative"]
     assert "dense" not in report["utilisation"]
-    assert report["parameters"]["attribute"]["active"] == report["parameters"]["dense"]["active"]
-    assert report["parameters"]["attribute"]["total"] < report["parameters"]["specialist"]["total"]
+    # equal active size: the MoE adds only its routers to the dense model's per-token parameters
+    params = report["parameters"]
+    assert params["attribute"]["active"] == pytest.approx(params["dense"]["active"], rel=0.02)
+    assert params["attribute"]["total"] < params["specialist"]["total"]
     markdown = (out / "quality.md").read_text()
     assert "| task | input | metric |" in markdown and all(n in markdown for n in names)
     assert (out / "quality.png").stat().st_size > 1000

@@ -156,8 +156,8 @@ def train_and_score(job: dict) -> dict:
     if tables.layer_names:
         from moe_gen.analysis import stats
 
-        summary = stats.summarize(tables)
-        routing = {k: summary[k] for k in ("mean_mi_task_bits", "mean_mi_modality_bits", "mean_entropy_bits",
+        routing_stats = stats.summarize(tables)
+        routing = {k: routing_stats[k] for k in ("mean_mi_task_bits", "mean_mi_modality_bits", "mean_entropy_bits",
                                            "mean_max_over_mean")}
     interference = _interference(model, test) if len(suite) > 1 else None
     return {"system": job["system"], "seed": job["seed"], "tasks": list(job["tasks"]), "scores": scores,
