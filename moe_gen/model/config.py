@@ -45,6 +45,11 @@ class ModelConfig(ConfigBase):
         predict_all_features: give every adapter a frame head (masked modeling predicts any modality).
         tasks: the task vocabulary (names in tag order).
         label_smoothing: for the token cross-entropy.
+        preprocessor_statistics: task name → preprocessor name → slot column → what that
+            preprocessor learned from the task's training rows when the model met the task
+            (``Task.fit_statistics``; e.g. the STRUCT cell encoding's column ids, means, stds and
+            text vocabularies). JSON-serialisable, saved with the model, and used to encode the
+            task in training and at inference, whatever rows a later ``Task`` object holds.
     """
 
     d_model: int = 64
@@ -70,6 +75,7 @@ class ModelConfig(ConfigBase):
     predict_all_features: bool = False
     tasks: tuple[str, ...] = ()
     label_smoothing: float = 0.0
+    preprocessor_statistics: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.d_model % self.num_heads:

@@ -12,7 +12,8 @@ import functools
 import json
 import math
 import os
-from typing import Optional, Sequence
+import types
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -24,6 +25,8 @@ from moe_gen.tasks.batch import Batch, Side
 from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = ["GeneralistModel", "ModelOutput"]
+
+_NO_STATISTICS: Mapping = types.MappingProxyType({})  # one object, so plans cached by its id are reused
 
 
 @dataclasses.dataclass
@@ -78,6 +81,16 @@ def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_
     return adapters, frame_adapters
 
 
+def _fitted_statistics(tasks: Sequence, known: Mapping) -> dict:
+    """``known`` plus each task's ``fit_statistics()`` (tasks whose slots learn nothing are left out)."""
+    statistics = dict(known)
+    for task in tasks:
+        fitted = task.fit_statistics()
+        if fitted:
+            statistics[task.name] = fitted
+    return statistics
+
+
 class GeneralistModel(nn.Module):
     """One model for every task. Build it for a set of tasks with ``GeneralistModel.build``.
 
@@ -120,19 +133,22 @@ class GeneralistModel(nn.Module):
         if config.predict_all_features:
             frame_adapters += [name for name in adapters if name not in frame_adapters]
         names = tuple(dict.fromkeys([*config.tasks, *(t.name for t in tasks)]))
+        statistics = _fitted_statistics(tasks, config.preprocessor_statistics)
         from moe_gen.tasks.modalities.base import modality_tag_names
 
         router = dataclasses.replace(config.router, num_tasks=max(config.router.num_tasks, len(names)),
                                      num_modalities=max(config.router.num_modalities, len(modality_tag_names())))
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,
-                                     frame_adapters=tuple(frame_adapters), router=router)
+                                     frame_adapters=tuple(frame_adapters), router=router,
+                                     preprocessor_statistics=statistics)
         return cls(config, tokenizer)
 
     def add_tasks(self, tasks: Sequence) -> list[str]:
         """Makes room for new tasks (fine-tuning): their names join the task vocabulary, and slots
         whose features no adapter embeds yet get a new adapter (and frame heads for continuous
-        targets). Returns the names of the new adapters (``TrainConfig(trainable="new_adapters")``
-        trains just those)."""
+        targets), fitted on their rows as the model's encoding statistics (tasks the model already
+        knows keep theirs). Returns the names of the new adapters
+        (``TrainConfig(trainable="new_adapters")`` trains just those)."""
         names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
         if len(names) > self.config.router.num_tasks:
             raise ValueError(f"the model's routers were built for {self.config.router.num_tasks} tasks; "
@@ -153,13 +169,24 @@ class GeneralistModel(nn.Module):
             if name not in self.frame_heads:
                 self.frame_heads[name] = nn.Linear(D, int(adapters[name])).to(device)
                 self.stop_heads[name] = nn.Linear(D, 1).to(device)
+        new_tasks = [t for t in tasks if t.name not in self.config.tasks]
+        statistics = _fitted_statistics(new_tasks, self.config.preprocessor_statistics)
         self.config = dataclasses.replace(self.config, tasks=names, adapters=adapters,
-                                          frame_adapters=tuple(frame_adapters))
+                                          frame_adapters=tuple(frame_adapters), preprocessor_statistics=statistics)
         return added
 
     @property
     def task_ids(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.config.tasks)}
+
+    def encoding_statistics(self, task) -> Mapping:
+        """What the preprocessors learned from ``task``'s training rows when the model met it (a
+        ``Task`` or its name; see ``ModelConfig.preprocessor_statistics``): pass it to
+        ``task.plan``/``task.encode`` to encode as the model was trained. Empty for tasks
+        whose slots learn nothing, and for tasks of models saved before statistics were kept
+        (their preprocessors then use their unfitted defaults)."""
+        name = task if isinstance(task, str) else task.name
+        return self.config.preprocessor_statistics.get(name, _NO_STATISTICS)
 
     def save_pretrained(self, directory: str) -> None:
         """Writes ``config.json``, ``model.safetensors`` and the tokenizer."""
@@ -263,7 +290,7 @@ class GeneralistModel(nn.Module):
         if task.name not in self.task_ids:
             raise ValueError(f"the model was not built for task {task.name!r}; it knows: "
                              f"{', '.join(self.config.tasks)}")
-        plan = task.plan(self.tokenizer)
+        plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
         samples = [plan.encode(row, i, training=False, inference=True, template=0) for i, row in enumerate(rows)]
         for sample in samples:
             for chunk in sample.encoder:

@@ -29,6 +29,7 @@ from moe_gen.tasks.tokenizer import Tokenizer
 
 # Registering modules: importing them fills MODALITIES, PREPROCESSORS and ADAPTERS.
 import moe_gen.tasks.modalities.signals  # noqa: F401,E402  isort: skip
+import moe_gen.tasks.modalities.table  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.text_like  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.visual  # noqa: F401,E402  isort: skip
 

@@ -92,7 +92,7 @@ preset("digit_detection", "[IMAGE:image] what are the digits and where? -> ( [BO
 # ---- text and tables -------------------------------------------------------------------------
 
 _PYDOC = "CPython pydoc_data.topics prose paragraphs (979); test = every 5th"
-_IRIS = "scikit-learn load_iris (150 flowers) as 4-row tables; test = every 5th"
+_IRIS = "scikit-learn load_iris (150 flowers) as one-row tables of 4 measures (cm); test = every 5th"
 
 
 def _paragraphs(split):

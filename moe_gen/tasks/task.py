@@ -10,6 +10,11 @@ and ``__getitem__`` returning dicts), or the path of a JSONL file whose media fi
 (as nested lists), file paths (relative to the JSONL file) or base64 bytes (``{"base64": ...}``).
 A row that fails to encode raises ``TaskDataError`` naming the task, column and row, or, with
 ``on_error="skip"``, is skipped and counted in ``task.skipped``.
+
+Some preprocessors learn from the training rows (the STRUCT cell encoding: column ids, means and
+stds, text vocabularies). ``task.fit_statistics()`` fits them on this task's rows; a model keeps
+what it was trained with and passes it back (``task.plan(tokenizer, statistics)``), so a test
+task, or one built with no rows, encodes exactly as the training task did.
 """
 
 from __future__ import annotations
@@ -19,10 +24,11 @@ import json
 import os
 import random
 import zlib
-from typing import Any, Iterator, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
+from moe_gen.registry import MODALITIES, PREPROCESSORS
 from moe_gen.tasks.instruction import Instruction
 from moe_gen.tasks.plan import Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
@@ -95,7 +101,8 @@ class Task:
         self.preprocessor_options = preprocessor_options or {}
         self.skipped = 0
         self.errors: list[str] = []
-        self._plans: dict[int, TaskPlan] = {}
+        self._plans: dict[tuple, tuple[Any, TaskPlan]] = {}
+        self._statistics: Optional[dict] = None
 
     def __len__(self) -> int:
         return len(self.data)
@@ -130,25 +137,70 @@ class Task:
         stacked = np.concatenate(frames)
         return {"mean": stacked.mean(0).astype(np.float32), "std": stacked.std(0).astype(np.float32)}
 
-    def plan(self, tokenizer: Tokenizer) -> TaskPlan:
-        """The task plan for this vocabulary (cached)."""
-        key = id(tokenizer)
+    def fit_statistics(self, max_rows: int = 10_000) -> dict[str, dict]:
+        """What the preprocessors of this task's slots learn from its first ``max_rows`` rows
+        (``Preprocessor.fit``): preprocessor name → slot column → JSON-serialisable statistics
+        (cached; empty when no slot learns anything). Slots without a column are not fitted."""
+        if self._statistics is not None:
+            return self._statistics
+        slots: dict[tuple[str, str], Any] = {}
+        for template in self.instruction.templates:
+            for slot in template.encoder + template.decoder:
+                if slot.is_literal or slot.column is None or slot.modality not in MODALITIES:
+                    continue
+                name = str(slot.attrs.get("preprocess", MODALITIES.get(slot.modality).preprocess))
+                if name in PREPROCESSORS:
+                    slots.setdefault((name, slot.column), slot)
+        statistics: dict[str, dict] = {}
+        for (name, column), slot in slots.items():
+            # lazily: a preprocessor that learns nothing reads no rows
+            fitted = PREPROCESSORS.get(name).fit(slot, self._column_values(column, slot.repeat is not None, max_rows))
+            if fitted is not None:
+                statistics.setdefault(name, {})[column] = fitted
+        self._statistics = statistics
+        return statistics
+
+    def _column_values(self, column: str, repeated: bool, max_rows: int) -> Iterator[Any]:
+        """The column's values over the first ``max_rows`` rows (a repetition group's items one by one)."""
+        for i in range(min(len(self.data), max_rows)):
+            row = self.data[i]
+            if isinstance(row, Mapping) and column in row:
+                value = row[column]
+                yield from value if repeated and isinstance(value, (list, tuple)) else [value]
+
+    def plan(self, tokenizer: Tokenizer, statistics: Optional[Mapping[str, Mapping]] = None) -> TaskPlan:
+        """The task plan for this vocabulary (cached).
+
+        Args:
+            tokenizer: the shared vocabulary.
+            statistics: what the preprocessors learned from training rows (``fit_statistics``'s
+                form; a model passes its saved ones); None fits them on this task's own rows.
+                They replace any ``statistics`` given in ``preprocessor_options``.
+        """
+        # Keyed by identity; the cached entry holds the statistics object so its id stays unique.
+        key = (id(tokenizer), None if statistics is None else id(statistics))
         if key not in self._plans:
-            options = dict(self.preprocessor_options)
+            options = {name: dict(value) for name, value in self.preprocessor_options.items()}
             if "motion" not in options:
                 stats = self.motion_statistics()
                 if stats is not None:
                     options["motion"] = stats
-            self._plans[key] = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=self.closed_sets(),
-                                        preprocessor_options=options)
-        return self._plans[key]
+            fitted = self.fit_statistics() if statistics is None else statistics
+            for name, per_column in fitted.items():
+                options[name] = {**options.get(name, {}), "statistics": per_column}
+            plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=self.closed_sets(),
+                            preprocessor_options=options)
+            self._plans[key] = (statistics, plan)
+        return self._plans[key][1]
 
-    def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True) -> Optional[Sample]:
-        """Row ``index`` encoded, or None when it fails and ``on_error="skip"``."""
+    def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True,
+               statistics: Optional[Mapping[str, Mapping]] = None) -> Optional[Sample]:
+        """Row ``index`` encoded, or None when it fails and ``on_error="skip"`` (``statistics``: as
+        for ``plan``)."""
         # crc32, not hash(): str hashes change from process to process.
         rng = random.Random(zlib.crc32(f"{self.name}/{index}/{seed}".encode()))
         try:
-            return self.plan(tokenizer).encode(self.data[index], index, rng=rng, training=training)
+            return self.plan(tokenizer, statistics).encode(self.data[index], index, rng=rng, training=training)
         except TaskDataError as exc:
             if self.on_error == "raise":
                 raise
@@ -156,9 +208,10 @@ class Task:
             self.errors.append(str(exc))
             return None
 
-    def samples(self, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True) -> Iterator[Sample]:
+    def samples(self, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True,
+                statistics: Optional[Mapping[str, Mapping]] = None) -> Iterator[Sample]:
         """Every row encoded, in order (failed rows skipped and counted under ``on_error="skip"``)."""
         for i in range(len(self.data)):
-            sample = self.encode(i, tokenizer, seed=seed, training=training)
+            sample = self.encode(i, tokenizer, seed=seed, training=training, statistics=statistics)
             if sample is not None:
                 yield sample

@@ -43,7 +43,8 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
         for offset, (row, prediction) in enumerate(zip(chunk, model.infer(task, chunk))):
             index = start + offset
             if kind == "frames":
-                sample = task.encode(index, model.tokenizer, training=False)
+                sample = task.encode(index, model.tokenizer, training=False,
+                                     statistics=model.encoding_statistics(task))
                 reference = next(c.rows for c in sample.decoder if c.loss and c.rows is not None)
                 predictions.append(prediction.frames.numpy())
                 references.append(reference.numpy())

@@ -14,7 +14,7 @@ from __future__ import annotations
 import collections
 import random
 import zlib
-from typing import Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 from moe_gen.tasks.plan import Sample
 from moe_gen.tasks.task import Task
@@ -70,8 +70,8 @@ def sample_modality_tokens(sample: Sample) -> collections.Counter:
 class _Cursor:
     """Walks one process's shard of a task's rows, one shuffled epoch after another."""
 
-    def __init__(self, task: Task, seed: int, rank: int, world: int) -> None:
-        self.task, self.seed = task, seed
+    def __init__(self, task: Task, seed: int, rank: int, world: int, statistics=None) -> None:
+        self.task, self.seed, self.statistics = task, seed, statistics
         shard = list(range(rank, len(task), world))
         self.shard = shard or list(range(len(task)))  # fewer rows than processes: share them
         self.epoch, self.position = 0, 0
@@ -90,7 +90,8 @@ class _Cursor:
         if self._peeked is None or self._peeked[:2] != (self.epoch, self.position):
             index = self._permutation()[self.position]
             # A different augmentation draw every epoch, the same one on a resumed run.
-            sample = self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True)
+            sample = self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
+                                      statistics=self.statistics)
             self._peeked = (self.epoch, self.position, sample)
         return self._peeked[2]
 
@@ -109,14 +110,16 @@ class TaskSampler:
         config: mixing, batch size, budgets and seed.
         rank, world: this process and the data-parallel world; each process walks its own shard
             of every task's rows.
+        statistics: task name → the model's encoding statistics for it
+            (``GeneralistModel.encoding_statistics``); a task without them fits its own rows.
     """
 
     def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, config: TrainConfig,
-                 rank: int = 0, world: int = 1) -> None:
+                 rank: int = 0, world: int = 1, statistics: Optional[Mapping] = None) -> None:
         self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
         self.rank = rank
         self.weights = mixing_weights(self.tasks, config)
-        self.cursors = [_Cursor(t, config.seed, rank, world) for t in self.tasks]
+        self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
         unknown = sorted(set(config.modality_budget) - _known_modalities())
         if unknown:
             raise ValueError(f"TrainConfig.modality_budget names unknown modalities {unknown}; "

@@ -179,7 +179,8 @@ class Trainer:
                                            betas=tuple(config.betas), eps=config.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
-        self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world)
+        self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world,
+                                   statistics={t.name: model.encoding_statistics(t) for t in self.tasks})
         self.step = 0
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0}
         torch.manual_seed(config.seed * 1000 + self.rank)

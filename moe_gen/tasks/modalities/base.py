@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from typing import Any, Mapping, Optional
+from typing import Any, Iterable, Mapping, Optional
 
 import torch
 from torch import nn
@@ -135,6 +135,17 @@ class Preprocessor:
 
     def feature_dim(self) -> Optional[int]:
         """Width F of the feature rows (None for token slots)."""
+        return None
+
+    @classmethod
+    def fit(cls, slot, values: Iterable[Any]) -> Optional[dict]:
+        """What this preprocessor learns from a task's training values of ``slot`` (items of a
+        repetition group one by one), or None when it learns nothing (the default).
+
+        The result must be JSON-serialisable: ``Task.fit_statistics`` collects it per slot column,
+        the model saves it (``ModelConfig.preprocessor_statistics``), and plans pass it back as
+        the constructor keyword ``statistics={column: result}``, in training and after reloading.
+        """
         return None
 
 

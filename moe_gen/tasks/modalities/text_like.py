@@ -1,4 +1,6 @@
-"""Text-like modalities: TEXT, CATEGORY, STRUCT, PHONE and BOX become ids of the shared vocabulary.
+"""Text-like modalities: TEXT, CATEGORY, PHONE and BOX become ids of the shared vocabulary, and so do
+STRUCT tables under ``preprocess=struct_text`` (the default STRUCT encoding embeds cells instead:
+``moe_gen.tasks.modalities.table``).
 
 Adjacent text-like slots of a sentence merge into one token sequence (OFASys), so literal prompt
 text, a caption and the 4 location tokens of a box read as one sentence to the model.
@@ -20,15 +22,15 @@ from moe_gen.tasks.modalities.base import (
     register_modality,
 )
 from moe_gen.tasks.modalities.box import quantize_box
+from moe_gen.tasks.modalities.table import table_rows
 from moe_gen.tasks.modalities.text import add_token_noise, normalize_text, span_mask, truncate
 
-__all__ = ["TextPreprocessor", "CategoryPreprocessor", "StructPreprocessor", "PhonePreprocessor",
+__all__ = ["TextPreprocessor", "CategoryPreprocessor", "StructTextPreprocessor", "PhonePreprocessor",
            "BoxPreprocessor", "linearize_table", "to_phones"]
 
 for _spec in (
     ModalitySpec("TEXT", text_like=True, preprocess="text"),
     ModalitySpec("CATEGORY", text_like=True, preprocess="category"),
-    ModalitySpec("STRUCT", text_like=True, preprocess="struct"),
     ModalitySpec("PHONE", text_like=True, preprocess="phone"),
     ModalitySpec("BOX", text_like=True, preprocess="box"),
 ):
@@ -83,31 +85,23 @@ class CategoryPreprocessor(Preprocessor):
 
 
 def linearize_table(table: Any) -> str:
-    """A table (list of row dicts, or dict of column lists) as one line of text.
+    """A table (list of row dicts, dict of column lists, or dict of single values: one row) as one
+    line of text.
 
-    ``col_a | col_b ; v1 | v2 ; v3 | v4``: header, then rows, separated by `` ; ``.
+    ``col_a | col_b ; v1 | v2 ; v3 | v4``: header, then rows, separated by `` ; ``. Cells are
+    written with ``str`` (``None`` as nothing).
     """
-    if isinstance(table, dict):
-        columns = list(table)
-        lengths = {len(v) for v in table.values()}
-        if len(lengths) > 1:
-            raise SlotValueError(f"table columns have different lengths {sorted(lengths)}")
-        rows = [dict(zip(columns, values)) for values in zip(*table.values())]
-    elif isinstance(table, (list, tuple)) and all(isinstance(r, dict) for r in table):
-        rows = list(table)
-        columns = list(dict.fromkeys(k for r in rows for k in r))
-    else:
-        raise SlotValueError(
-            f"a STRUCT value must be a list of row dicts or a dict of columns, got {type(table).__name__}"
-        )
-    lines = [" | ".join(str(c) for c in columns)]
+    columns, rows = table_rows(table)
+    lines = [" | ".join(columns)]
     lines += [" | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) for r in rows]
     return " ; ".join(lines)
 
 
-@PREPROCESSORS.register("struct")
-class StructPreprocessor(Preprocessor):
-    """A table → linearised text → token ids."""
+@PREPROCESSORS.register("struct_text")
+class StructTextPreprocessor(Preprocessor):
+    """A table → linearised text → token ids (``[STRUCT:table,preprocess=struct_text]``; a string
+    is taken as already linearised). Numbers become digit pieces: prefer the default ``struct``
+    cell encoding for numeric tables."""
 
     modality = "STRUCT"
 

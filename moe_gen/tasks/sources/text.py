@@ -2,7 +2,7 @@
 
 - ``load_doc_paragraphs``: paragraphs of CPython's ``pydoc_data.topics`` (the help() texts of the
   language reference) with the topic they come from, for infilling and topic naming.
-- ``load_iris_tables``: scikit-learn's iris measurements as small tables (STRUCT) with the
+- ``load_iris_tables``: scikit-learn's iris measurements as one-row tables (STRUCT) with the
   species and a sentence describing them, for table-to-text and table QA.
 
 Splits are deterministic (every 5th item is "test").
@@ -46,9 +46,10 @@ _FEATURES = ("sepal length", "sepal width", "petal length", "petal width")
 
 
 def load_iris_tables(split: str = "train") -> list[dict]:
-    """Rows ``{"table", "species", "description", "longest", "id"}``: each table holds one iris
-    flower's four measurements (cm) as rows ``{"measure", "cm"}``; ``longest`` names its longest
-    measure (table QA)."""
+    """Rows ``{"table", "species", "description", "longest", "id"}``: each table is one iris
+    flower's four measurements in cm as a one-row table ``{"sepal length": 5.1, "sepal width": 3.5,
+    ...}`` (one column per measure, so each column's statistics describe one measure);
+    ``longest`` names its longest measure (table QA)."""
     from sklearn.datasets import load_iris
 
     data = load_iris()
@@ -57,7 +58,7 @@ def load_iris_tables(split: str = "train") -> list[dict]:
         if not _split_keep(i, split):
             continue
         species = str(data.target_names[target])
-        table = [{"measure": f, "cm": f"{v:.1f}"} for f, v in zip(_FEATURES, values)]
+        table = {f: round(float(v), 1) for f, v in zip(_FEATURES, values)}
         longest = _FEATURES[int(values.argmax())]
         description = (f"an iris {species} flower with petals {values[2]:.1f} cm long and "
                        f"{values[3]:.1f} cm wide")
