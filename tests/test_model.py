@@ -267,9 +267,11 @@ def test_ranking_and_beam_search(tok):
     labels = set(task.plan(tok).decode_specs()[0].labels)
     beams = model.infer(task, task.data[:3], beams=4)
     assert all(p.text in labels for p in beams)
+    grounding = load_preset("visual_grounding", "train", limit=2)
+    assert len(build([grounding], tok).infer(grounding, grounding.data[:1], beams=2)[0].box) == 4
     with pytest.raises(ValueError, match="beam search decodes text"):
-        grounding = load_preset("visual_grounding", "train", limit=2)
-        build([grounding], tok).infer(grounding, grounding.data[:1], beams=2)
+        speech = load_preset("text_to_speech", "train", limit=2)
+        build([speech], tok).infer(speech, speech.data[:1], beams=2)
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])

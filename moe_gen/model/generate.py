@@ -1,26 +1,33 @@
-"""Inference from the instruction: greedy decoding constrained by the target slot's decode spec.
+"""Inference from the instruction: decoding constrained by the template's decoder side.
 
-- text: any token until EOS;
+Every target slot is decoded in order, repetition groups item by item, as the training sequences
+lay them out (``moe_gen.model.grammar.TargetGrammar`` says what may come next):
+
+- text: any token, until EOS or the next slot;
 - closed set: only tokens that continue a label in the trie (so the answer is always a label);
 - box: exactly 4 location tokens, mapped back to the original image's pixels;
-- frames (audio, motion): regression of one row per step until the stop flag fires.
+- literal decoder text: forced;
+- repetition group: after every item the model chooses between another item and what follows;
+- frames (audio, motion; only as the single target): regression of one row per step until the
+  stop flag fires.
 
 The encoder runs once per batch. Token answers decode incrementally with a key-value cache: each
 step embeds only the newest token and attends to the cached keys and values of the earlier
-positions (cross-attention keys and values are computed once). Beam search reorders the
-caches of its beams; frame answers re-run the decoder on the growing prefix.
+positions (cross-attention keys and values are computed once). Greedy decoding is beam search
+with one beam; beams reorder the caches. Frame answers feed each generated row back through the
+adapter.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 import torch
 
+from moe_gen.model.grammar import Option, State, TargetGrammar
 from moe_gen.routing.tags import TokenTags
 from moe_gen.tasks.batch import Side, collate
-from moe_gen.tasks.modalities.box import dequantize_box
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
 __all__ = ["Prediction", "generate", "rank", "beam_search"]
@@ -30,13 +37,22 @@ __all__ = ["Prediction", "generate", "rank", "beam_search"]
 class Prediction:
     """One answer.
 
+    Single-target tasks read ``text``, ``box`` or ``frames``; tasks with several target slots or
+    repetition groups read ``targets`` (and ``groups`` or ``items``).
+
     Attributes:
-        text: decoded text (text and closed-set targets).
-        box: ``[x0, y0, x1, y1]`` in the original image's pixels (box targets).
+        text: decoded text (text and closed-set targets) when the task has one target slot.
+        box: ``[x0, y0, x1, y1]`` in the original image's pixels, when the one target is a box.
         frames: float ``[T, F]`` rows (continuous targets).
-        tokens: generated token ids.
-        score: sum of log-probabilities of the generated tokens.
+        tokens: the token ids decoded after the forced prefix (literal decoder text and the EOS
+            ending a free-text value included, the answer's final EOS not).
+        score: sum of log-probabilities of the chosen tokens (forced literal text excluded).
         scores: for ranking, the log-likelihood of every candidate (best first is ``argmax``).
+        targets: every target slot's value by column, shaped like a data row: a column of a
+            repetition group holds a list with one value per item, e.g. ``{"boxes": [[x0, y0, x1,
+            y1], ...], "labels": ["seven", ...]}`` (a slot without a column is keyed by its index).
+        groups: per repetition group of the template, one dict per item, e.g.
+            ``[[{"boxes": [x0, y0, x1, y1], "labels": "seven"}, ...]]``.
     """
 
     text: Optional[str] = None
@@ -45,6 +61,16 @@ class Prediction:
     tokens: list[int] = dataclasses.field(default_factory=list)
     score: float = 0.0
     scores: Optional[list[float]] = None
+    targets: dict[str, Any] = dataclasses.field(default_factory=dict)
+    groups: list[list[dict[str, Any]]] = dataclasses.field(default_factory=list)
+
+    @property
+    def items(self) -> list[dict[str, Any]]:
+        """The items of the template's repetition group (``groups[0]``; one group only)."""
+        if len(self.groups) != 1:
+            raise ValueError(f"items needs exactly one repetition group; the template has {len(self.groups)} "
+                             "(read groups)")
+        return self.groups[0]
 
 
 def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = None,
@@ -61,67 +87,154 @@ def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = No
 
 
 @torch.no_grad()
-def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32,
-             max_frames: int = 64) -> list[Prediction]:
-    """Greedy answers for encoded inference samples (``plan.encode(..., inference=True)``)."""
-    spec = plan.decode_specs()[0]
-    target = next(p for p in plan.templates[0][1] if p.loss)
+def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32, max_frames: int = 64,
+             max_items: int = 8) -> list[Prediction]:
+    """Greedy answers for encoded inference samples (``plan.encode(..., inference=True)``).
+
+    Args:
+        max_new_tokens: the most tokens of one free-text value.
+        max_frames: the most rows of a frame answer.
+        max_items: the most items of one repetition group.
+    """
+    grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items)
+    target = grammar.slots[grammar.first]
+    if target.decode.kind == "frames":
+        tok = model.tokenizer
+        dev = model.token_embedding.weight.device
+        enc_batch = collate(list(samples), tok, model.task_ids).to(dev)
+        return _generate_frames(model, samples, target, enc_batch, model.encode(enc_batch.encoder), max_frames)
+    return _search(model, grammar, samples, beams=1)
+
+
+@torch.no_grad()
+def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_new_tokens: int = 32,
+                length_penalty: float = 1.0, max_items: int = 8) -> list[Prediction]:
+    """Beam search over token answers (every target slot, constrained like ``generate``): the
+    ``beams`` best partial answers by summed log-probability; an answer that ends retires, and the
+    finished ones are ranked by score / length^length_penalty."""
+    grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items)
+    kind = grammar.slots[grammar.first].decode.kind
+    if kind == "frames":
+        raise ValueError(f"beam search decodes text, closed-set and box targets, not {kind!r}; use generate")
+    return _search(model, grammar, samples, beams=beams, length_penalty=length_penalty)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hypothesis:
+    state: State
+    score: float  # sum of the chosen tokens' log-probabilities
+    rank: float  # what the search compares: the score, a started value counted by its total probability,
+    # and literal text counted where it was one of several options
+    row: int  # the cache row holding its keys and values
+    tokens: tuple[int, ...] = ()  # every chosen token, EOS included
+
+
+def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: int,
+            length_penalty: float = 1.0) -> list[Prediction]:
+    """Beam search for every sample at once (``beams`` cache rows per sample); one beam is greedy.
+
+    Every step expands each live answer by the best tokens of each of its options, keeps the
+    ``beams`` best expansions per sample (those that end the answer retire) and feeds the kept
+    tokens. Expansions are ranked by log-probability, except that an option starting a value
+    (another box, the next label) counts with its total probability: whether a box comes at all
+    is one event, which its 1000 location tokens would otherwise split.
+    """
     tok = model.tokenizer
-    task_ids = model.task_ids
     dev = model.token_embedding.weight.device
-    enc_batch = collate(list(samples), tok, task_ids).to(dev)
+    rows = [sample for sample in samples for _ in range(beams)]
+    R = len(rows)
+    enc_batch = collate(rows, tok, model.task_ids).to(dev)
     memory = model.encode(enc_batch.encoder)
-    B = len(samples)
-    if spec.kind == "frames":
-        return _generate_frames(model, samples, target, enc_batch, memory, max_frames)
-    generated: list[list[int]] = [[] for _ in range(B)]
-    scores = [0.0] * B
-    done = [False] * B
-    nodes = [spec.trie for _ in range(B)]
-    limit = 4 if spec.kind == "box" else max_new_tokens
-    bins = torch.tensor([tok.bin_id(k) for k in range(tok.num_bins)], device=dev)
-    decoder = _CachedDecoder(model, samples, target.modality.name, enc_batch, memory, limit)
-    last = decoder.log_probs(decoder.prefill())
+    limit = grammar.max_steps()
+    target = grammar.slots[grammar.first]
+    decoder = _CachedDecoder(model, rows, target.modality.name, enc_batch, memory, limit)
+    logp_RV = decoder.log_probs(decoder.prefill()).cpu()  # tagged like the first target, as the start state
+    alive = [[_Hypothesis(grammar.start(), 0.0, 0.0, s * beams)] for s in range(len(samples))]
+    finished: list[list[_Hypothesis]] = [[] for _ in samples]
+    tensors: dict[tuple[int, ...], torch.Tensor] = {}  # allowed token sets as tensors, made once
     for _ in range(limit):
-        step_tokens = []
-        for b in range(B):
-            if done[b]:
-                step_tokens.append(tok.pad_id)
-                continue
-            allowed = None
-            if spec.kind == "closed_set":
-                allowed = torch.tensor(sorted(nodes[b]), device=dev)
-            elif spec.kind == "box":
-                allowed = bins
-            scores_b = last[b]
-            if allowed is not None:
-                masked = torch.full_like(scores_b, float("-inf"))
-                masked[allowed] = scores_b[allowed]
-                scores_b = masked
-            token = int(scores_b.argmax())
-            scores[b] += float(scores_b[token])
-            step_tokens.append(token)
-            if spec.kind == "closed_set":
-                nodes[b] = nodes[b][token]
-            if token == tok.eos_id or (spec.kind == "closed_set" and not nodes[b]):
-                done[b] = True
-                if token != tok.eos_id:
-                    generated[b].append(token)
-                continue
-            generated[b].append(token)
-        if all(done):
+        parents, fed, active = list(range(R)), [tok.pad_id] * R, [False] * R
+        for s in range(len(samples)):
+            expansions = []
+            for hyp in alive[s]:
+                options = grammar.options(hyp.state)
+                claimed = grammar.claimed(options)
+                for option in options:
+                    # literal text is never scored, but where it is one of several options its
+                    # probability is what it competes with
+                    ranked = option.scored or len(options) > 1
+                    for rank, value, token in _best(logp_RV[hyp.row], option, claimed, beams, tensors):
+                        expansions.append((hyp.rank + rank if ranked else hyp.rank,
+                                           hyp.score + value if option.scored else hyp.score, token, hyp, option))
+            expansions.sort(key=lambda e: (-e[0], e[2]))
+            kept: list[_Hypothesis] = []
+            for rank, score, token, hyp, option in expansions:
+                if len(kept) == beams:
+                    break
+                state = grammar.advance(hyp.state, option, token)
+                child = _Hypothesis(state, score, rank, hyp.row, hyp.tokens + (token,))
+                (finished[s] if state.done else kept).append(child)
+            alive[s] = []
+            for j, child in enumerate(kept if len(finished[s]) < beams else []):
+                row = s * beams + j  # cache row j of the sample continues its parent's row
+                parents[row], fed[row], active[row] = child.row, child.tokens[-1], True
+                alive[s].append(dataclasses.replace(child, row=row))
+        decoder.reorder(parents)
+        if not any(alive):
             break
-        last = decoder.step(step_tokens, active=[not d for d in done])
+        tags = [grammar.tag(grammar.start())] * R  # rows without an answer run idle
+        for hyps in alive:
+            for hyp in hyps:
+                tags[hyp.row] = grammar.tag(hyp.state)
+        logp_RV = decoder.step(fed, tags, active)
     predictions = []
-    for b, sample in enumerate(samples):
-        ids = [t for t in generated[b] if t != tok.eos_id]
-        if spec.kind == "box":
-            width, height = sample.meta.get("image_size", (1.0, 1.0))
-            box = dequantize_box([tok.bin_index(t) for t in ids], width, height, tok.num_bins)
-            predictions.append(Prediction(box=box, tokens=ids, score=scores[b]))
-        else:
-            predictions.append(Prediction(text=tok.decode(ids), tokens=ids, score=scores[b]))
+    for s, sample in enumerate(samples):
+        pool = finished[s] or alive[s]
+        best = max(pool, key=lambda h: h.rank / max(len(h.tokens), 1) ** length_penalty)
+        predictions.append(_prediction(grammar, best, sample, tok.eos_id))
     return predictions
+
+
+def _best(logp_V: torch.Tensor, option: Option, claimed: list[int], k: int,
+          tensors: dict) -> list[tuple[float, float, int]]:
+    """The ``k`` best (rank, log-probability, token) an option allows; argmax for one, ties to the
+    lowest id, as greedy decoding always did. The rank is the log-probability, except for an
+    option that starts a value: its best token ranks with the option's total probability."""
+    if option.tokens is None:  # any token the other options do not claim
+        logp_V = logp_V.clone()
+        logp_V[claimed] = float("-inf")
+        ids = None
+    else:
+        if option.tokens not in tensors:
+            tensors[option.tokens] = torch.tensor(option.tokens)
+        ids = tensors[option.tokens]
+        logp_V = logp_V[ids]
+    if k == 1:
+        best = int(logp_V.argmax())
+        pairs = [(float(logp_V[best]), best)]
+    else:
+        values, index = logp_V.topk(min(k, logp_V.numel()))
+        pairs = list(zip(values.tolist(), index.tolist()))
+    # a started value ranks by its mass: log sum p = log p(best) + (logsumexp - max)
+    lift = float(logp_V.logsumexp(0)) - pairs[0][0] if option.action == "start" else 0.0
+    return [(v + lift, v, int(ids[i]) if ids is not None else i) for v, i in pairs]
+
+
+def _prediction(grammar: TargetGrammar, hyp: _Hypothesis, sample: Sample, eos_id: int) -> Prediction:
+    """A decoded answer as a ``Prediction`` (single-target fields filled when there is one target)."""
+    tokens = list(hyp.tokens)
+    if hyp.state.done and tokens and tokens[-1] == eos_id:
+        tokens.pop()
+    targets, groups = grammar.parse(hyp.state, sample.meta.get("image_size", (1.0, 1.0)))
+    prediction = Prediction(tokens=tokens, score=hyp.score, targets=targets, groups=groups)
+    scored = [i for i, p in enumerate(grammar.slots) if p.loss]
+    if len(scored) == 1 and not groups:
+        value = targets.get(grammar.keys[scored[0]])
+        if grammar.kinds[scored[0]] == "box":
+            prediction.box = value
+        else:
+            prediction.text = value if value is not None else ""
+    return prediction
 
 
 def _generate_frames(model, samples, target, enc_batch, memory, max_frames) -> list[Prediction]:
@@ -170,64 +283,12 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str]) -> l
     return predictions
 
 
-@torch.no_grad()
-def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_new_tokens: int = 32,
-                length_penalty: float = 1.0) -> list[Prediction]:
-    """Beam search for text targets (closed sets keep to their trie): the ``beams`` best partial
-    answers by summed log-probability, finished ones ranked by score / length^length_penalty."""
-    spec = plan.decode_specs()[0]
-    if spec.kind not in ("text", "closed_set"):
-        raise ValueError(f"beam search decodes text and closed-set targets, not {spec.kind!r}; use generate")
-    target = next(p for p in plan.templates[0][1] if p.loss)
-    tok = model.tokenizer
-    predictions = []
-    for sample in samples:
-        dev = model.token_embedding.weight.device
-        enc_batch = collate([sample] * beams, tok, model.task_ids).to(dev)
-        memory = model.encode(enc_batch.encoder)
-        decoder = _CachedDecoder(model, [sample] * beams, target.modality.name, enc_batch, memory, max_new_tokens)
-        logp = decoder.log_probs(decoder.prefill()).cpu()
-        alive = [([], 0.0, spec.trie, 0)]  # (tokens, score, trie node, cache row)
-        finished: list[tuple[list[int], float]] = []
-        for _ in range(max_new_tokens):
-            expansions = []
-            for tokens, score, node, row in alive:
-                scores = logp[row]
-                options = sorted(node) if spec.kind == "closed_set" else None
-                values, ids = (scores[options].topk(min(beams, len(options))) if options is not None
-                               else scores.topk(beams))
-                for v, i in zip(values.tolist(), ids.tolist()):
-                    token = options[i] if options is not None else i
-                    child = node.get(token, {}) if node is not None else None
-                    expansions.append((tokens + [token], score + v, child, row))
-            expansions.sort(key=lambda e: -e[1])
-            alive = []
-            for tokens, score, node, row in expansions:
-                if tokens[-1] == tok.eos_id or (spec.kind == "closed_set" and not node):
-                    finished.append((tokens, score))
-                elif len(alive) < beams:
-                    alive.append((tokens, score, node, row))
-            if not alive or len(finished) >= beams:
-                break
-            # Cache row j continues beam j: copy its parent's keys and values, then feed its token.
-            parents = [row for _, _, _, row in alive] + [alive[-1][3]] * (beams - len(alive))
-            decoder.reorder(torch.tensor(parents, device=dev))
-            step_tokens = [t[-1] for t, _, _, _ in alive] + [tok.pad_id] * (beams - len(alive))
-            active = [True] * len(alive) + [False] * (beams - len(alive))
-            logp = decoder.step(step_tokens, active).cpu()
-            alive = [(t, s, n, j) for j, (t, s, n, _) in enumerate(alive)]
-        finished += [(t, s) for t, s, _, _ in alive]
-        best, score = max(finished, key=lambda f: f[1] / max(len(f[0]), 1) ** length_penalty)
-        ids = [t for t in best if t != tok.eos_id]
-        predictions.append(Prediction(text=tok.decode(ids), tokens=ids, score=score))
-    return predictions
-
-
 class _CachedDecoder:
-    """Incremental decoding of one target slot with per-layer key/value caches.
+    """Incremental decoding with per-layer key/value caches.
 
     The forced prefix (BOS, literal decoder text, copied prompts) is fed position by position,
-    then one generated token per step; every position is tagged like the target slot's tokens.
+    then one token per step, tagged like the item it predicts (``step``); frame answers feed one
+    row per step, tagged like the target slot (``step_rows``).
     """
 
     def __init__(self, model, samples, modality: str, enc_batch, memory, limit: int, placeholder=None) -> None:
@@ -288,21 +349,28 @@ class _CachedDecoder:
         self.write = self.lengths.clone()  # the next position of each row
         return out
 
-    def reorder(self, parents: torch.Tensor) -> None:
-        """Row j takes over the cached state of row ``parents[j]`` (beam search)."""
+    def reorder(self, parents: list[int]) -> None:
+        """Row j takes over the cached state of row ``parents[j]`` (beam search; greedy keeps its rows)."""
+        if parents == list(range(len(parents))):
+            return
+        parents = torch.tensor(parents, device=self.device)
         for cache in self.caches:
             cache["k"], cache["v"] = cache["k"][parents], cache["v"][parents]
         self.key_valid, self.write = self.key_valid[parents], self.write[parents]
 
-    def step(self, tokens: list[int], active: list[bool]) -> torch.Tensor:
-        """Feeds one generated token per row; returns the next log-probabilities."""
+    def step(self, tokens: list[int], tags: list[tuple[int, int]], active: list[bool]) -> torch.Tensor:
+        """Feeds one chosen token per row, its position tagged ``tags[b]`` (``(modality id, role)``
+        of what it predicts, ``TargetGrammar.tag``); returns the next log-probabilities ``[B, V]``
+        on the CPU."""
         B = len(tokens)
         dev = self.device
         active_B = torch.tensor(active, device=dev)
+        modality, role = (torch.tensor(column, device=dev).unsqueeze(1) for column in zip(*tags))
         side = Side(tokens=torch.tensor(tokens, device=dev).unsqueeze(1),
                     is_token=torch.ones(B, 1, dtype=torch.bool, device=dev), rows={}, index={}, positions={},
-                    padding_mask=~active_B.unsqueeze(1), tags=self.target_tags)
-        return self.log_probs(self._run(side, self.write.clone(), active_B))
+                    padding_mask=~active_B.unsqueeze(1),
+                    tags=dataclasses.replace(self.target_tags, modality=modality, role=role))
+        return self.log_probs(self._run(side, self.write.clone(), active_B)).cpu()
 
     def step_rows(self, adaptor: str, rows_BF: torch.Tensor, frame_B: torch.Tensor, active: list[bool]) -> torch.Tensor:
         """Feeds one generated feature row per row (frame index ``frame_B``); returns hidden ``[B, D]``."""

@@ -271,14 +271,18 @@ class GeneralistModel(nn.Module):
         return output
 
     def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64, beams: int = 1,
-              candidates: Optional[Sequence[str]] = None) -> list:
+              candidates: Optional[Sequence[str]] = None, max_items: int = 8) -> list:
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
-        ``beams > 1`` uses beam search (text targets); ``candidates`` ranks the given answers by
-        likelihood instead of generating (retrieval, multiple choice; ``.scores`` holds them all).
-        Returns ``Prediction`` objects (``.text``, ``.box``, ``.frames``, ``.score``). Raises
-        ``ValueError`` for tasks outside the model's vocabulary, modalities it has no adapter
-        for, and rows that do not fit the instruction (naming column and row).
+        Every target slot of the instruction is decoded, repetition groups item by item (at most
+        ``max_items``; ``max_new_tokens`` per free-text value). ``beams > 1`` uses beam search
+        (token targets); ``candidates`` ranks the given answers by likelihood instead of
+        generating (retrieval, multiple choice; ``.scores`` holds them all). Returns
+        ``Prediction`` objects: ``.text``, ``.box`` or ``.frames`` for single-target tasks,
+        ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
+        one dict per item) for every token answer, and ``.score``. Raises ``ValueError`` for
+        tasks outside the model's vocabulary, modalities it has no adapter for, and rows that do
+        not fit the instruction (naming column and row).
         """
         from moe_gen.model.generate import beam_search, generate, rank
         from moe_gen.tasks import Task, load_preset
@@ -307,8 +311,10 @@ class GeneralistModel(nn.Module):
             if candidates is not None:
                 return rank(self, plan, samples, list(candidates))
             if beams > 1:
-                return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens)
-            return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames)
+                return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens,
+                                   max_items=max_items)
+            return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
+                            max_items=max_items)
         finally:
             self.train(was_training)
 

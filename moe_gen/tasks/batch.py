@@ -7,8 +7,10 @@ Encoder positions hold token ids or feature rows (embedded by the slot's adapter
 into the sequence by ``*_index``, flat indices into ``B·S``). The decoder is teacher-forced:
 position t reads item t-1 (BOS at t=0) and predicts item t. Decoder positions are tagged with
 the modality and role of the item they predict, so every position that generates a box routes
-as BOX. Continuous targets (audio, motion rows) are predicted by regression with a stop flag on
-the last row of each run.
+as BOX; where the layout leaves the next item open (another box, or the end), the position is
+tagged like the slot before it instead (``Chunk.lead``), so tags never give the answer away.
+Continuous targets (audio, motion rows) are predicted by regression with a stop flag on the last
+row of each run.
 
 Packing puts several short samples in one row; ``tags.sample`` says which sample each position
 belongs to, so attention (and context routing) can stay within a sample.
@@ -300,9 +302,11 @@ def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, fram
         counts[chunk.modality] += n
         start = dec.length(row)
         tags = dict(modality=modality_id[chunk.modality], role=chunk.role, causal=True, **common)
-        # The first position of the chunk reads the previous chunk's last item...
+        # The first position of the chunk reads the previous chunk's last item (tagged like that
+        # chunk's slot where the layout left open what comes next, see TaskPlan.open_ends)...
         kind, token, feature = previous
-        dec.rows[row].append(_Run(tokens=token if kind == "token" else None, feature=feature, **tags))
+        lead = tags if chunk.lead is None else dict(tags, modality=modality_id[chunk.lead[0]], role=chunk.lead[1])
+        dec.rows[row].append(_Run(tokens=token if kind == "token" else None, feature=feature, **lead))
         # ...and the others read this chunk's items 0..n-2.
         if n > 1:
             if chunk.tokens is not None:

@@ -1,5 +1,8 @@
 """Task metrics, registered by name (``METRICS``); every metric takes predictions and references
-(lists) and returns a float, higher is better unless the name says otherwise (wer, l1, mse)."""
+(lists) and returns a float, higher is better unless the name says otherwise (wer, l1, mse).
+
+Detection metrics take, per image, a list of ``(box, label)`` pairs (``label`` None matches any
+label; a ``box`` of None, as from an answer cut short, matches nothing)."""
 
 from __future__ import annotations
 
@@ -10,7 +13,8 @@ import numpy as np
 from moe_gen.registry import METRICS
 from moe_gen.tasks.modalities.box import box_iou
 
-__all__ = ["accuracy", "exact_match", "bleu", "chrf", "wer", "iou_accuracy", "l1", "mse", "compute"]
+__all__ = ["accuracy", "exact_match", "bleu", "chrf", "wer", "iou_accuracy", "detection_f1", "detection_counts",
+           "l1", "mse", "compute"]
 
 
 def _check(predictions: Sequence, references: Sequence) -> None:
@@ -71,6 +75,46 @@ def iou_accuracy(predictions: Sequence, references: Sequence, threshold: float =
     """Acc@0.5: share of predicted boxes whose IoU with the reference is at least ``threshold``."""
     _check(predictions, references)
     return float(np.mean([box_iou(p, r) >= threshold for p, r in zip(predictions, references)]))
+
+
+def _matches(predicted: Sequence, expected: Sequence, threshold: float) -> int:
+    """True positives of one image: the most one-to-one pairs of a prediction and a reference with
+    the same label and IoU >= threshold (Hungarian assignment; among equally many, the larger
+    total IoU)."""
+    from scipy.optimize import linear_sum_assignment
+
+    if not predicted or not expected:
+        return 0
+    iou_PR = np.zeros((len(predicted), len(expected)))
+    for i, (box, label) in enumerate(predicted):
+        for j, (ref_box, ref_label) in enumerate(expected):
+            same = label is None or ref_label is None or str(label) == str(ref_label)
+            if box is not None and same:
+                iou_PR[i, j] = box_iou(box, ref_box)
+    valid_PR = iou_PR >= threshold
+    # Every match outweighs any IoU bonus (each bonus < 1 and at most min(P, R) - 1 matches can be lost).
+    weight_PR = np.where(valid_PR, min(iou_PR.shape) + 1 + iou_PR, 0.0)
+    rows, cols = linear_sum_assignment(weight_PR, maximize=True)
+    return int(valid_PR[rows, cols].sum())
+
+
+def detection_counts(predictions: Sequence, references: Sequence, threshold: float = 0.5) -> tuple[int, int, int]:
+    """(true positives, false positives, misses) pooled over images; a duplicate of a matched
+    prediction is a false positive."""
+    _check(predictions, references)
+    tp = fp = fn = 0
+    for predicted, expected in zip(predictions, references):
+        hits = _matches(list(predicted), list(expected), threshold)
+        tp, fp, fn = tp + hits, fp + len(predicted) - hits, fn + len(expected) - hits
+    return tp, fp, fn
+
+
+@METRICS.register("detection_f1")
+def detection_f1(predictions: Sequence, references: Sequence, threshold: float = 0.5) -> float:
+    """F1 of class-aware detection at IoU >= ``threshold`` with one-to-one matching, pooled over
+    images: 2·TP / (2·TP + FP + FN); 1.0 when nothing was expected or predicted."""
+    tp, fp, fn = detection_counts(predictions, references, threshold)
+    return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
 def _frames_error(predictions, references, power: int) -> float:

@@ -11,6 +11,18 @@ and how it is decoded at inference. ``plan.encode(row, index)`` turns one data r
 Roles: encoder data slots are ``input``; literal text anywhere is ``prompt``; decoder data slots
 are ``target``, except those marked ``no_loss`` (copied prompts), which are ``prompt``. Decoder
 literal text is a forced prefix: it is fed, never scored.
+
+Layout of a side: slots in order, except that the slots of a repetition group take turns item by
+item (``( [BOX:boxes] [TEXT:labels] )*`` gives box 1, label 1, box 2, label 2, ...). The answer
+ends with EOS. A free-text target followed by anything but a box also ends each of its values
+with EOS (``closing_eos``): nothing else would say where such text stops, since literal text after
+it is never scored and text after text runs on. Decoding (``moe_gen.model.grammar``) follows the
+same layout.
+
+A decoder position is tagged like the item it predicts, except where the layout leaves the next
+item open (``open_ends``: after text that may run on, or after the last slot of a repetition
+group, whose next item may be another one or the end). There the position is tagged like the slot
+before it (``Chunk.lead``), whatever comes next, so its tags never reveal the choice it is to make.
 """
 
 from __future__ import annotations
@@ -33,7 +45,8 @@ import moe_gen.tasks.modalities.table  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.text_like  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.visual  # noqa: F401,E402  isort: skip
 
-__all__ = ["TaskPlan", "SlotPlan", "DecodeSpec", "Chunk", "Sample", "TaskDataError", "build_trie"]
+__all__ = ["TaskPlan", "SlotPlan", "DecodeSpec", "Chunk", "Sample", "TaskDataError", "build_trie",
+           "slot_followers"]
 
 INPUT, TARGET, PROMPT = (ROLES.index(r) for r in ("input", "target", "prompt"))
 
@@ -86,6 +99,8 @@ class Chunk:
         column: the source column (None for literals).
         allowed: for closed-set targets, the tokens the label trie allows at each position (the
             loss is a softmax over these only, as decoding is).
+        lead: ``(modality, role)`` tags of the chunk's first position when the slot before it
+            leaves open what comes next (``TaskPlan.open_ends``); None: the chunk's own.
     """
 
     modality: str
@@ -97,6 +112,7 @@ class Chunk:
     adaptor: Optional[str] = None
     column: Optional[str] = None
     allowed: Optional[list[list[int]]] = None
+    lead: Optional[tuple[str, int]] = None
 
     def __len__(self) -> int:
         return len(self.tokens) if self.tokens is not None else int(self.rows.shape[0])
@@ -126,6 +142,44 @@ def build_trie(sequences: Sequence[Sequence[int]]) -> dict:
         for t in seq:
             node = node.setdefault(int(t), {})
     return root
+
+
+def slot_followers(slots: Sequence[SlotPlan], i: int) -> list[Optional[int]]:
+    """The slots of a side that may come right after slot ``i``: the next one; or, after the last
+    slot of a repetition group, the group's first slot (another item) and what follows the group.
+    None stands for the end of the side."""
+    group = slots[i].slot.repeat
+    after = i + 1 if i + 1 < len(slots) else None
+    if group is None or (after is not None and slots[after].slot.repeat == group):
+        return [after]
+    first = next(j for j, p in enumerate(slots) if p.slot.repeat == group)
+    return [first, after]
+
+
+def _in_order(plans: Sequence[SlotPlan], chunks: Sequence[list[Chunk]], closing=frozenset(),
+              open_ends=frozenset(), eos_id: int = -1) -> list[Chunk]:
+    """A side's chunks in sequence order: slot by slot, but the slots of a repetition group take
+    turns item by item. Every value of a slot in ``closing`` is followed by an EOS chunk; a chunk
+    after a value of a slot in ``open_ends`` leads with that slot's tags."""
+    out: list[Chunk] = []
+    before: Optional[SlotPlan] = None  # the slot of the last chunk, if it leaves the next item open
+    i = 0
+    while i < len(plans):
+        group, end = plans[i].slot.repeat, i + 1
+        while group is not None and end < len(plans) and plans[end].slot.repeat == group:
+            end += 1
+        for item in range(max(len(chunks[k]) for k in range(i, end))):
+            for k in range(i, end):
+                if item < len(chunks[k]):
+                    chunk = chunks[k][item]
+                    if before is not None:
+                        chunk = dataclasses.replace(chunk, lead=(before.modality.name, before.role))
+                    out.append(chunk)
+                    if k in closing:  # column None: an EOS marker carries no content (masking)
+                        out.append(Chunk(chunk.modality, chunk.role, chunk.loss, tokens=[eos_id]))
+                    before = plans[k] if k in open_ends else None
+        i = end
+    return out
 
 
 def _modality_attributes() -> dict[str, Any]:
@@ -252,8 +306,10 @@ class TaskPlan:
                 ctx.encoded[plan.slot.column] = encoded[i][0]
         chunks = [self._chunks(values[i][0], encoded[i]) for i in range(len(values))]
         n_enc = len(encoder_plan)
-        encoder = [c for cs in chunks[:n_enc] for c in cs]
-        decoder = [c for cs in chunks[n_enc:] for c in cs]
+        auto_eos = not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan)
+        encoder = _in_order(encoder_plan, chunks[:n_enc])
+        decoder = _in_order(decoder_plan, chunks[n_enc:], self.closing_eos(t) if auto_eos else frozenset(),
+                            self.open_ends(t), self.tokenizer.eos_id)
         # Closed-set chunks carry one allowed list per token plus one for the EOS that ends a label;
         # that last list belongs to the EOS chunk appended below, or to nothing.
         eos_allowed = None
@@ -262,7 +318,7 @@ class TaskPlan:
                 if i == len(decoder) - 1:
                     eos_allowed = [chunk.allowed[-1]]
                 chunk.allowed = chunk.allowed[:-1]
-        if decoder and not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan):
+        if decoder and auto_eos:
             last = decoder[-1]
             if last.tokens is not None:  # text-like target ends with EOS; frames end with a stop flag
                 decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id],
@@ -365,6 +421,27 @@ class TaskPlan:
                 out.append(Chunk(plan.modality.name, plan.role, plan.loss, rows=enc.features,
                                  positions=enc.positions, adaptor=str(plan.adaptor), column=column))
         return out
+
+    def closing_eos(self, template: int = 0) -> frozenset[int]:
+        """Decoder slots (indices in the template) whose every value ends with its own EOS: free-text
+        targets followed by anything but a box. Before location tokens, or at the end of the answer
+        (whose EOS does it), the end of the text needs no mark."""
+        decoder = self.templates[template][1]
+        is_box = [p.decode is not None and p.decode.kind == "box" for p in decoder]
+        return frozenset(i for i, p in enumerate(decoder) if p.decode is not None and p.decode.kind == "text"
+                         and any(f is not None and not is_box[f] for f in slot_followers(decoder, i)))
+
+    def open_ends(self, template: int = 0) -> frozenset[int]:
+        """Decoder slots after whose values the layout leaves the next item open: text and closed
+        sets that may run on (free text without its own EOS), and slots with several followers
+        (the last slot of a repetition group). The position after such a value is tagged like the
+        slot, whatever comes next (``Chunk.lead``)."""
+        decoder = self.templates[template][1]
+        closing = self.closing_eos(template)
+        return frozenset(
+            i for i, p in enumerate(decoder)
+            if (p.decode is not None and p.decode.kind in ("text", "closed_set") and i not in closing)
+            or len(slot_followers(decoder, i)) > 1)
 
     def decode_specs(self, template: int = 0) -> list[DecodeSpec]:
         """Decode specs of the scored decoder slots of a template, in order."""

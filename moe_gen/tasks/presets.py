@@ -87,7 +87,7 @@ preset("grounded_captioning", "[IMAGE:image] what digit is in the region [BOX:qu
 preset("digit_counting", "[IMAGE:image] how many digits are there? -> [TEXT:count,closed_set]",
        _CANVAS, ("accuracy",))(_canvases)
 preset("digit_detection", "[IMAGE:image] what are the digits and where? -> ( [BOX:boxes] [TEXT:labels] )*",
-       _CANVAS, ("iou_accuracy",))(_canvases)
+       _CANVAS, ("detection_f1",))(_canvases)
 
 # ---- text and tables -------------------------------------------------------------------------
 

@@ -1,13 +1,17 @@
 """Per-task evaluation: decode every row with ``model.infer`` and score it with the task's metrics.
 
-The reference of a row is its first scored decoder slot: the column's text for text and closed-set
-targets, the box for box targets, and the encoded target rows (the model's own feature space) for
-continuous targets (audio, motion). Tasks without declared metrics get a default per target kind.
+The reference of a single-target row is its scored decoder slot: the column's text for text and
+closed-set targets, the box for box targets, and the encoded target rows (the model's own feature
+space) for continuous targets (audio, motion). Detection (a repetition group with one box slot,
+e.g. ``( [BOX:boxes] [TEXT:labels] )*``) compares per row the lists of ``(box, label)`` pairs of
+the prediction's items and of the row (``detection_f1``). Other tasks with several target slots
+compare ``Prediction.targets`` with the row's target columns, as dicts. Tasks without declared
+metrics get a default per target kind.
 """
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from moe_gen.tasks import metrics as metric_fns
 from moe_gen.tasks.task import Task
@@ -15,27 +19,55 @@ from moe_gen.tasks.task import Task
 __all__ = ["evaluate_task", "evaluate", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
-                   "frames": ("l1",)}
+                   "frames": ("l1",), "detection": ("detection_f1",), "structured": ("exact_match",)}
 LOWER_IS_BETTER = {"wer", "l1", "mse"}
 
 
-def _target(task: Task, tokenizer):
-    plan = task.plan(tokenizer)
-    scored = [p for p in plan.templates[0][1] if p.loss]
+def _targets(task: Task, tokenizer) -> tuple[str, list]:
+    """The kind of answer to score (a decode kind, ``detection`` or ``structured``) and the
+    scored decoder slots of the first template."""
+    decoder = task.plan(tokenizer).templates[0][1]
+    scored = [p for p in decoder if p.loss]
     if not scored:
         raise ValueError(f"task {task.name!r} has no scored decoder slot to evaluate")
-    return plan, scored[0]
+    if len(scored) == 1 and scored[0].slot.repeat is None:
+        return scored[0].decode.kind, scored
+    return ("detection" if _detection_slots(scored) else "structured"), scored
+
+
+def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
+    """For the first repetition group with exactly one box slot: its position among the groups,
+    the box column and the column of its first text or closed-set slot (None without one)."""
+    groups = sorted({p.slot.repeat for p in scored if p.slot.repeat is not None})
+    for position, group in enumerate(groups):
+        members = [p for p in scored if p.slot.repeat == group]
+        boxes = [p for p in members if p.decode.kind == "box"]
+        labels = [p for p in members if p.decode.kind in ("text", "closed_set")]
+        if len(boxes) == 1:
+            return position, boxes[0].slot.column, labels[0].slot.column if labels else None
+    return None
+
+
+def _structured(prediction, row: dict, scored: list, kind: str) -> tuple[Any, Any]:
+    """(prediction, reference) of a multi-target row."""
+    if kind == "structured":
+        columns = [p.slot.column for p in scored]
+        return prediction.targets, {c: row[c] for c in columns}
+    position, box, label = _detection_slots(scored)
+    items = prediction.groups[position] if position < len(prediction.groups) else []
+    predicted = [(item.get(box), item.get(label) if label else None) for item in items]
+    expected = list(zip(row[box], row[label] if label else [None] * len(row[box])))
+    return predicted, expected
 
 
 def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s rows (the first ``limit``)."""
-    plan, target = _target(task, model.tokenizer)
-    kind = target.decode.kind
+    kind, scored = _targets(task, model.tokenizer)
     names = task.metrics or DEFAULT_METRICS[kind]
     count = len(task) if limit is None else min(limit, len(task))
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
-    column = target.slot.column
+    columns = [p.slot.column for p in scored]
     rows = [task.data[i] for i in range(count)]
     predictions, references = [], []
     for start in range(0, count, batch_size):
@@ -49,14 +81,19 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                 predictions.append(prediction.frames.numpy())
                 references.append(reference.numpy())
                 continue
-            if not isinstance(row, dict) or column not in row:
-                raise ValueError(f"task {task.name!r}, row {index}: no {column!r} column to score against")
-            if kind == "box":
+            missing = [c for c in columns if not isinstance(row, dict) or c not in row]
+            if missing:
+                raise ValueError(f"task {task.name!r}, row {index}: no {missing[0]!r} column to score against")
+            if kind in ("detection", "structured"):
+                predicted, expected = _structured(prediction, row, scored, kind)
+                predictions.append(predicted)
+                references.append(expected)
+            elif kind == "box":
                 predictions.append(prediction.box)
-                references.append(row[column])
+                references.append(row[columns[0]])
             else:
                 predictions.append(prediction.text)
-                references.append(row[column])
+                references.append(row[columns[0]])
     return metric_fns.compute(names, predictions, references)
 
 

@@ -1,0 +1,289 @@
+"""What an answer may look like: the decoder side of a template as a small state machine.
+
+Decoding follows the layout of the training sequences (``moe_gen.tasks.plan``): slots in order,
+the slots of a repetition group item by item, literal decoder text forced, EOS at the end, and an
+EOS after every value of a free-text target that something other than a box follows
+(``TaskPlan.closing_eos``). ``options(state)`` lists what may come next:
+
+- box: exactly 4 location tokens;
+- closed set: a path of the label trie; the label may end where the trie allows EOS (inside the
+  answer no EOS is written there, as in training, so what follows decides);
+- free text: any token no other option claims (and no location token when the template has
+  boxes), at most ``max_new_tokens`` per value;
+- literal text: its tokens, forced;
+- after a slot: the first token of the next slot; after the last slot of a repetition group, the
+  group's first slot again (another item, while fewer than ``max_items``) or what follows the
+  group; after the last slot, EOS. Groups decode at least one item (a training sequence without
+  items has no answer to learn from).
+
+Every state has one tag for the position that predicts its next token (``tag``), as in
+training: the tag of the item it predicts where the layout fixes it, the tag of the slot before
+where the layout leaves it open (``TaskPlan.open_ends``), so all options of a state are scored by
+one distribution. Options that start a value (another box, the next label) compete on their
+total probability, the rest on their token's (``Option.action``; see ``generate``).
+
+Answers that stop where the old single-target decoding stopped are unchanged: a box ends after
+its 4th location token, text at ``max_new_tokens`` tokens, without an EOS step.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Optional
+
+from moe_gen.tasks.modalities.base import modality_tag_names
+from moe_gen.tasks.modalities.box import dequantize_box
+from moe_gen.tasks.plan import TARGET, TaskPlan, slot_followers
+
+__all__ = ["Option", "State", "TargetGrammar"]
+
+Tag = tuple[int, int]  # (modality tag id, role) of a decoder position
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One way to continue an answer.
+
+    Attributes:
+        slot: index of the decoder slot the token belongs to (for an EOS, the slot it ends).
+        tokens: the allowed token ids, or None for any id that no other option of the state claims.
+        scored: whether the token's log-probability counts in the answer's score (not for literal
+            text, which training never scores).
+        action: ``"content"`` (a token of the slot being decoded), ``"start"`` (the first token
+            of the next slot), ``"close"`` (the EOS ending a free-text value) or ``"end"``
+            (the answer's EOS).
+    """
+
+    slot: int
+    tokens: Optional[tuple[int, ...]]
+    scored: bool
+    action: str
+
+
+@dataclasses.dataclass(frozen=True)
+class State:
+    """Where an answer stands.
+
+    Attributes:
+        slot: the decoder slot being decoded, or the last one completed.
+        length: tokens of the slot's current value so far.
+        node: for closed sets, the label trie node reached.
+        complete: the slot's value is complete; only what follows it may come next.
+        item: 0-based item of the repetition group holding ``slot`` (0 outside groups).
+        done: the answer is complete.
+        pieces: ``(slot, item, token)`` of every token decoded so far, EOS markers excluded.
+    """
+
+    slot: int
+    length: int = 0
+    node: Optional[dict] = dataclasses.field(default=None, compare=False)
+    complete: bool = False
+    item: int = 0
+    done: bool = False
+    pieces: tuple[tuple[int, int, int], ...] = ()
+
+
+class TargetGrammar:
+    """The answers a plan's template allows, for constrained decoding.
+
+    Args:
+        plan: the task's ``TaskPlan``.
+        tokenizer: the model's tokenizer.
+        template: which template (inference uses the first).
+        max_new_tokens: the most tokens of one free-text value.
+        max_items: the most items of one repetition group.
+
+    Raises:
+        ValueError: for templates it cannot decode (frames next to other targets, ``no_loss``
+            slots after the first target).
+    """
+
+    def __init__(self, plan: TaskPlan, tokenizer, template: int = 0, *, max_new_tokens: int = 32,
+                 max_items: int = 8) -> None:
+        if max_items < 1 or max_new_tokens < 1:
+            raise ValueError(f"max_items and max_new_tokens must be at least 1, got {max_items}, {max_new_tokens}")
+        self.tok = tokenizer
+        self.slots = plan.templates[template][1]
+        self.max_new_tokens, self.max_items = max_new_tokens, max_items
+        scored = [i for i, p in enumerate(self.slots) if p.loss]
+        if not scored:
+            raise ValueError(f"task {plan.name!r} has no scored decoder slot to decode")
+        self.first = scored[0]
+        for p in self.slots[self.first:]:
+            if not p.slot.is_literal and not p.loss:
+                raise ValueError(f"task {plan.name!r}: decoder slot {p.slot} (no_loss) comes after the first "
+                                 "target; inference cannot fill it")
+            if p.decode is not None and p.decode.kind == "frames" and (len(scored) > 1 or p.slot.repeat is not None):
+                raise ValueError(f"task {plan.name!r}: frames ({p.slot}) decode only as the single target")
+        self.closing, self.open_ends = plan.closing_eos(template), plan.open_ends(template)
+        self.followers = [slot_followers(self.slots, i) for i in range(len(self.slots))]
+        names = modality_tag_names()
+        self.tags: list[Tag] = [(names.index(p.modality.name), p.role) for p in self.slots]
+        self.kinds = ["literal" if p.slot.is_literal else p.decode.kind for p in self.slots]
+        self.literals = {i: tuple(tokenizer.encode(p.slot.text)) for i, p in enumerate(self.slots)
+                         if p.slot.is_literal}
+        self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
+        # Free text never takes EOS (it ends the text), nor location tokens when they would be read as a box.
+        self.reserved = frozenset({tokenizer.eos_id, *(self.bins if "box" in self.kinds else ())})
+        self.keys = [p.slot.column or str(i) for i, p in enumerate(self.slots)]
+        self.groups = sorted({p.slot.repeat for p in self.slots if p.slot.repeat is not None})
+        for i in range(self.first, len(self.slots)):  # free text takes any token: two could not be told apart
+            if sum(f is not None and self.kinds[f] == "text" for f in self.followers[i]) > 1:
+                raise ValueError(f"task {plan.name!r}: after {self.slots[i].slot} two free-text slots may start; "
+                                 "put literal text before one of them")
+
+    # ---- the state machine ---------------------------------------------------------------
+
+    def tag(self, state: State) -> Tag:
+        """``(modality id, role)`` of the position that predicts the state's next token."""
+        i = state.slot
+        if not state.complete or i in self.open_ends:
+            return self.tags[i]
+        follower = self.followers[i][0]  # the layout fixes what comes next
+        return self.tags[follower] if follower is not None else self.tags[i]
+
+    def start(self) -> State:
+        return State(self.first, node=self._root(self.first))
+
+    def max_steps(self) -> int:
+        """An upper bound on the tokens of one answer (the length of the decoder's cache)."""
+        def longest(i: int) -> int:
+            kind = self.kinds[i]
+            if kind == "literal":
+                return len(self.literals[i])
+            if kind == "box":
+                return 4
+            if kind == "closed_set":
+                return _depth(self.slots[i].decode.trie)
+            return self.max_new_tokens + 1
+        once = sum(longest(i) for i in range(self.first, len(self.slots)) if self.slots[i].slot.repeat is None)
+        repeated = sum(longest(i) for i in range(self.first, len(self.slots)) if self.slots[i].slot.repeat is not None)
+        return once + self.max_items * repeated + 1
+
+    def options(self, state: State) -> list[Option]:
+        """What may come next (empty once the answer is done)."""
+        if state.done:
+            return []
+        if state.complete:
+            return self._after(state)
+        i = state.slot
+        kind = self.kinds[i]
+        if kind in ("literal", "box"):
+            return [self._content(i, state.length, "content")]
+        if kind == "closed_set":
+            out = [self._content(i, state.length, "content", state.node)] if set(state.node) - {self.tok.eos_id} else []
+            return out + (self._after(state) if self.tok.eos_id in state.node else [])
+        out = [self._content(i, state.length, "content")] if state.length < self.max_new_tokens else []
+        if i in self.closing:
+            return out + [Option(i, (self.tok.eos_id,), True, "close")]
+        return out + self._after(state)
+
+    def claimed(self, options: list[Option]) -> list[int]:
+        """The tokens a free-text option (``tokens=None``) among ``options`` may not take."""
+        return sorted(self.reserved.union(*(o.tokens for o in options if o.tokens is not None)))
+
+    def advance(self, state: State, option: Option, token: int) -> State:
+        """The state after ``token``, chosen under ``option`` (one of ``options(state)``)."""
+        if option.action == "end":
+            return dataclasses.replace(state, done=True)
+        if option.action == "close":
+            return dataclasses.replace(state, complete=True)
+        if option.action == "start":
+            state = State(option.slot, node=self._root(option.slot), item=self._item(state, option.slot),
+                          pieces=state.pieces)
+        i = state.slot
+        node = state.node[token] if self.kinds[i] == "closed_set" else None
+        state = dataclasses.replace(state, length=state.length + 1, node=node,
+                                    pieces=state.pieces + ((i, state.item, int(token)),))
+        kind, length = self.kinds[i], state.length
+        complete = ((kind == "literal" and length == len(self.literals[i])) or (kind == "box" and length == 4)
+                    or (kind == "closed_set" and not set(node) - {self.tok.eos_id}))
+        only_end = self.followers[i] == [None]
+        if only_end and (kind in ("literal", "box") and complete
+                         or kind == "text" and length == self.max_new_tokens and i not in self.closing):
+            return dataclasses.replace(state, complete=True, done=True)  # no EOS step, as before
+        return dataclasses.replace(state, complete=complete)
+
+    # ---- reading an answer ---------------------------------------------------------------
+
+    def parse(self, state: State, image_size=(1.0, 1.0)) -> tuple[dict[str, Any], list[list[dict[str, Any]]]]:
+        """The values of an answer.
+
+        Returns:
+            ``targets``: slot column (or the slot's index as a string) → value, shaped like a data
+            row: a repeated column holds one value per item. ``groups``: per repetition group of
+            the template, one dict per item. Values are text for text and closed sets, and
+            ``[x0, y0, x1, y1]`` in the original image's pixels for boxes (None for a box cut
+            short by the step limit).
+        """
+        values: dict[tuple[int, int], list[int]] = {}
+        for slot, item, token in state.pieces:
+            values.setdefault((slot, item), []).append(token)
+        targets: dict[str, Any] = {}
+        groups: dict[int, dict[int, dict[str, Any]]] = {g: {} for g in self.groups}
+        for (slot, item), ids in values.items():
+            if self.kinds[slot] == "literal":
+                continue
+            value = self._value(slot, ids, image_size)
+            key, group = self.keys[slot], self.slots[slot].slot.repeat
+            if group is None:
+                targets[key] = value
+            else:
+                targets.setdefault(key, []).append(value)
+                groups[group].setdefault(item, {})[key] = value
+        return targets, [list(groups[g].values()) for g in self.groups]
+
+    def _value(self, slot: int, ids: list[int], image_size) -> Any:
+        if self.kinds[slot] != "box":
+            return self.tok.decode(ids)
+        if len(ids) != 4:
+            return None
+        width, height = image_size
+        return dequantize_box([self.tok.bin_index(t) for t in ids], width, height, self.tok.num_bins)
+
+    # ---- helpers -------------------------------------------------------------------------
+
+    def _root(self, slot: int) -> Optional[dict]:
+        return self.slots[slot].decode.trie if self.kinds[slot] == "closed_set" else None
+
+    def _content(self, slot: int, length: int, action: str, node: Optional[dict] = None) -> Option:
+        """The option for token ``length`` of a value of ``slot``."""
+        kind = self.kinds[slot]
+        if kind == "literal":
+            return Option(slot, (self.literals[slot][length],), False, action)
+        if kind == "box":
+            return Option(slot, self.bins, True, action)
+        if kind == "closed_set":
+            node = self._root(slot) if node is None else node
+            return Option(slot, tuple(sorted(set(node) - {self.tok.eos_id})), True, action)
+        return Option(slot, None, True, action)
+
+    def _starts(self, slot: int) -> list[Option]:
+        return [self._content(slot, 0, "start")]
+
+    def _wraps(self, slot: int, follower: int) -> bool:
+        """Whether going from ``slot`` to ``follower`` starts another item of the same group."""
+        group = self.slots[slot].slot.repeat
+        return group is not None and follower <= slot and self.slots[follower].slot.repeat == group
+
+    def _item(self, state: State, follower: int) -> int:
+        if self._wraps(state.slot, follower):
+            return state.item + 1
+        group = self.slots[follower].slot.repeat
+        return state.item if group is not None and group == self.slots[state.slot].slot.repeat else 0
+
+    def _after(self, state: State) -> list[Option]:
+        """What may follow the (complete) value of ``state.slot``."""
+        i = state.slot
+        out = []
+        for follower in self.followers[i]:
+            if follower is None:  # scored where training scores the answer's EOS
+                out.append(Option(i, (self.tok.eos_id,), self.slots[i].role == TARGET, "end"))
+            elif not (self._wraps(i, follower) and state.item + 1 >= self.max_items):
+                out.extend(self._starts(follower))
+        return out
+
+
+def _depth(trie: dict) -> int:
+    """Tokens on the longest path of a trie."""
+    return 1 + max(map(_depth, trie.values())) if trie else 0

@@ -1,0 +1,339 @@
+"""Answers with several target slots and repetition groups: the training layout, decoding every
+slot and item (scripted, and checked against teacher-forced passes of a real model), the
+detection metric, and evaluating detection."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+import moe_gen.model.generate as generate_module
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.model.grammar import TargetGrammar
+from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+from moe_gen.tasks.metrics import METRICS, detection_counts, detection_f1
+from moe_gen.tasks.modalities.base import modality_tag_names
+from moe_gen.tasks.modalities.box import box_iou
+from moe_gen.tasks.plan import TARGET, Chunk
+from moe_gen.trainer.evaluation import evaluate
+
+CLOSED_DETECTION = "[IMAGE:image] what are the digits and where? -> ( [BOX:boxes] [TEXT:labels,closed_set] )*"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def detection():
+    return load_preset("digit_detection", "train", limit=4)
+
+
+def build(tasks, tok) -> GeneralistModel:
+    torch.manual_seed(0)
+    config = flavour("debug", router=RouterConfig(strategy="attribute"))
+    return GeneralistModel.build(config, tasks, tok).eval()
+
+
+# ---- the training layout ---------------------------------------------------------------------
+
+
+def test_repetition_groups_interleave_and_free_text_before_text_is_closed(tok, detection):
+    row = detection.data[0]
+    sample = detection.plan(tok).encode(row, 0, training=False)
+    n = len(row["boxes"])
+    assert [c.modality for c in sample.decoder] == ["BOX", "TEXT"] * n + ["TEXT"]  # box, label, ..., EOS
+    assert [tok.decode(c.tokens) for c in sample.decoder[1:-1:2]] == row["labels"]
+    assert sample.decoder[-1].tokens == [tok.eos_id]
+    # text before text (or literal text) ends with its own EOS; text before a box or at the end does not
+    two = Task("two", "[TEXT:q] -> [TEXT:a] and [TEXT:b]", [{"q": "hi", "a": "one two", "b": "three"}])
+    assert two.plan(tok).closing_eos() == {0}  # decoder slot 0, a
+    chunks = two.encode(0, tok, training=False).decoder
+    assert [c.tokens for c in chunks] == [tok.encode("one two"), [tok.eos_id], tok.encode("and"),
+                                          tok.encode("three"), [tok.eos_id]]
+    assert [c.loss for c in chunks] == [True, True, False, True, True]
+    assert detection.plan(tok).closing_eos() == frozenset()
+
+
+# ---- decoding, scripted ----------------------------------------------------------------------
+
+
+class ScriptedDecoder:
+    """Stands in for the cached decoder: every row's log-probabilities put (almost) all the mass on
+    the next token of its script, whatever the tags; the tags of every fed position are recorded."""
+
+    scripts: list[list[int]] = []
+    last: "ScriptedDecoder"
+
+    def __init__(self, model, samples, modality, enc_batch, memory, limit, placeholder=None) -> None:
+        self.vocab = model.tokenizer.vocab_size
+        self.at = [0] * len(samples)
+        first = (modality_tag_names().index(modality), TARGET)  # the placeholder's tags
+        self.tags: list[list[tuple[int, int]]] = [[first] for _ in samples]
+        ScriptedDecoder.last = self
+
+    def _log_probs(self) -> torch.Tensor:
+        logp = torch.full((len(self.at), self.vocab), -50.0)
+        for row, at in enumerate(self.at):
+            if at < len(self.scripts[row]):
+                logp[row, self.scripts[row][at]] = 0.0
+        return logp
+
+    def prefill(self):
+        return None
+
+    def log_probs(self, hidden):
+        return self._log_probs()
+
+    def reorder(self, parents) -> None:
+        assert parents == list(range(len(parents)))  # greedy keeps its rows
+
+    def step(self, tokens, tags, active):
+        for row, (token, tag, on) in enumerate(zip(tokens, tags, active)):
+            if on:
+                assert token == self.scripts[row][self.at[row]]
+                self.at[row] += 1
+                self.tags[row].append(tag)
+        return self._log_probs()
+
+
+@pytest.fixture
+def scripted(monkeypatch):
+    monkeypatch.setattr(generate_module, "_CachedDecoder", ScriptedDecoder)
+    return ScriptedDecoder
+
+
+def _training_tokens(task, tok, rows):
+    """Every decoder token of each row's training sequence (literal text and EOS included)."""
+    plan = task.plan(tok)
+    return [[t for c in plan.encode(row, i, training=False).decoder for t in c.tokens] for i, row in enumerate(rows)]
+
+
+def _training_tags(task, tok, row, index, model):
+    """``(modality, role)`` of every decoder position of the row's training sequence."""
+    batch = collate([task.plan(tok).encode(row, index, training=False)], tok, model.task_ids)
+    valid = ~batch.decoder.padding_mask[0]
+    tags = batch.decoder.tags
+    return list(zip(tags.modality[0][valid].tolist(), tags.role[0][valid].tolist()))
+
+
+def test_scripted_detection_decodes_every_box_and_label_in_order(tok, detection, scripted):
+    model = build([detection], tok)
+    rows = detection.data[:3]
+    scripted.scripts = _training_tokens(detection, tok, rows)
+    assert sorted(len(r["boxes"]) for r in rows) != [1, 1, 1]  # several items somewhere
+    predictions = model.infer(detection, rows)
+    for row, script, prediction in zip(rows, scripted.scripts, predictions):
+        assert prediction.tokens == script[:-1]  # everything but the final EOS
+        assert prediction.targets["labels"] == row["labels"]
+        assert len(prediction.targets["boxes"]) == len(row["boxes"])
+        for box, expected in zip(prediction.targets["boxes"], row["boxes"]):
+            assert box == pytest.approx(expected, abs=0.1)  # 1000 bins over 64 pixels
+        assert [item["labels"] for item in prediction.items] == row["labels"]
+        assert prediction.items[0]["boxes"] == prediction.targets["boxes"][0]
+        assert prediction.text is None and prediction.box is None  # single-target fields stay empty
+    # every position is tagged as in training; after a label (more label, another box or the end)
+    # that is the label's TEXT, not the BOX that may follow
+    names = modality_tag_names()
+    text, box = (names.index("TEXT"), TARGET), (names.index("BOX"), TARGET)
+    for i, row in enumerate(rows):
+        expected = _training_tags(detection, tok, row, i, model)
+        assert scripted.last.tags[i] == expected  # one position per decoded token, EOS included
+        labels = len(tok.encode(row["labels"][0]))
+        assert expected[:4 + labels + 1] == [box] * 4 + [text] * labels + [text]  # box 2 leads as TEXT
+
+
+def test_scripted_group_with_literal_text(tok, detection, scripted):
+    task = Task("digit_detection", "[IMAGE:image] where? -> ( [BOX:boxes] is [TEXT:labels] , )*", detection.data)
+    model = build([task], tok)
+    rows = [r for r in detection.data if len(r["boxes"]) >= 2][:1]
+    scripted.scripts = _training_tokens(task, tok, rows)
+    assert scripted.scripts[0].count(tok.encode(",")[0]) == len(rows[0]["boxes"])
+    prediction = model.infer(task, rows)[0]
+    assert prediction.targets["labels"] == rows[0]["labels"]
+    assert prediction.tokens == scripted.scripts[0][:-1]
+
+
+def test_scripted_detection_stops_at_max_items(tok, detection, scripted):
+    model = build([detection], tok)
+    row = next(r for r in detection.data if len(r["boxes"]) >= 2)
+    script = _training_tokens(detection, tok, [row])[0]
+    first_item = 4 + len(tok.encode(row["labels"][0]))
+    scripted.scripts = [script[:first_item] + [tok.eos_id]]
+    prediction = model.infer(detection, [row], max_items=1)[0]
+    assert prediction.targets["labels"] == row["labels"][:1] and len(prediction.items) == 1
+
+
+@pytest.mark.parametrize("end, items", [(0.3, 2), (0.6, 1)])
+def test_another_item_competes_with_its_total_probability(tok, detection, scripted, monkeypatch, end, items):
+    """Where box 2 may start, EOS gets ``end`` and the rest is spread over 100 location tokens: each
+    bin is far less likely than EOS, but another box as a whole is more likely when end < 0.5."""
+    model = build([detection], tok)
+    row = next(r for r in detection.data if len(r["boxes"]) == 2)
+    script = _training_tokens(detection, tok, [row])[0]
+    second = 4 + len(tok.encode(row["labels"][0]))  # where box 2 starts
+    scripted.scripts = [script]
+    plain = ScriptedDecoder._log_probs
+
+    def spread(self):
+        logp = plain(self)
+        if self.at[0] == second:
+            logp[0] = float("-inf")
+            logp[0, tok.eos_id] = torch.tensor(end).log()
+            bins = script[second] + torch.arange(-50, 50)
+            logp[0, bins] = torch.tensor((1 - end) / 101).log()
+            logp[0, script[second]] = torch.tensor(2 * (1 - end) / 101).log()  # the scripted bin is the best
+        return logp
+
+    monkeypatch.setattr(ScriptedDecoder, "_log_probs", spread)
+    prediction = model.infer(detection, [row])[0]
+    assert len(prediction.items) == items
+    assert prediction.targets["labels"] == row["labels"][:items]
+
+
+@pytest.mark.parametrize("between", ["", " and"])
+def test_scripted_two_text_targets_decode_both(tok, scripted, between):
+    task = Task("two", f"[TEXT:q] -> [TEXT:a]{between} [TEXT:b]", [{"q": "hi", "a": "one two", "b": "three"}])
+    model = build([task], tok)
+    scripted.scripts = _training_tokens(task, tok, task.data)
+    prediction = model.infer(task, task.data)[0]
+    assert prediction.targets == {"a": "one two", "b": "three"}
+    assert prediction.groups == [] and prediction.text is None
+
+
+def test_grammar_walk_parses_structure_exactly(tok):
+    """The state machine alone, driven by a fixed token sequence."""
+    rows = [{"image": torch.zeros(16, 16, 3, dtype=torch.uint8).numpy(), "boxes": [[0, 0, 8, 8], [8, 8, 16, 16]],
+             "labels": ["one", "two"]}]
+    task = Task("det", CLOSED_DETECTION, rows)
+    plan = task.plan(tok)
+    grammar = TargetGrammar(plan, tok, max_items=4)
+    bins = [tok.bin_id(k) for k in (0, 0, 499, 499, 500, 500, 999, 999)]
+    sequence = bins[:4] + tok.encode("one") + bins[4:] + tok.encode("two") + [tok.eos_id]
+    state = grammar.start()
+    for token in sequence:
+        options = [o for o in grammar.options(state) if o.tokens is not None and token in o.tokens]
+        assert len(options) == 1, token
+        state = grammar.advance(state, options[0], token)
+    assert state.done and grammar.options(state) == []
+    targets, groups = grammar.parse(state, (16, 16))
+    assert targets["labels"] == ["one", "two"]
+    assert groups[0][1]["labels"] == "two" and len(groups[0][1]["boxes"]) == 4
+    assert groups[0][0]["boxes"][0] < 0.1 and groups[0][1]["boxes"][2] > 15.9
+
+
+def test_grammar_rejects_what_it_cannot_decode(tok):
+    ambiguous = Task("amb", "[TEXT:q] -> ( [TEXT:a] )* [TEXT:b]", [{"q": "x", "a": ["y"], "b": "z"}])
+    with pytest.raises(ValueError, match="two free-text slots may start"):
+        TargetGrammar(ambiguous.plan(Tokenizer.default()), Tokenizer.default())
+
+
+# ---- decoding with a model: every choice is the training likelihood --------------------------
+
+
+def _teacher_forced(model, task, index, chunks):
+    """Log-probabilities ``[L, V]`` of a teacher-forced pass over the inference prefix plus ``chunks``,
+    with the batch's labels."""
+    tok = model.tokenizer
+    sample = task.plan(tok).encode(task.data[index], index, training=False, inference=True, template=0)
+    batch = collate([dataclasses.replace(sample, decoder=sample.decoder + chunks)], tok, model.task_ids)
+    with torch.no_grad():
+        return model(batch).logits.float().log_softmax(-1)[0], batch.labels[0]
+
+
+@pytest.mark.parametrize("beams", [1, 2])
+def test_detection_scores_are_teacher_forced_likelihoods(tok, beams):
+    """Decoded boxes and labels, laid out and tagged as in training (box, label, box, ..., EOS; the
+    position after a label tagged like the label), have exactly the decoder's score as their
+    log-likelihood; greedy location tokens are the argmax over the bins there."""
+    rows = load_preset("digit_detection", "train", limit=3).data
+    task = Task("digit_detection", CLOSED_DETECTION, rows)
+    model = build([task], tok)
+    predictions = model.infer(task, rows, max_items=2, beams=beams)
+    bins = [tok.bin_id(k) for k in range(tok.num_bins)]
+    for i, prediction in enumerate(predictions):
+        tokens, chunks = prediction.tokens, []
+        while tokens:
+            label = next((j for j in range(4, len(tokens)) if tok.bin_index(tokens[j]) is not None), len(tokens))
+            lead = ("TEXT", TARGET) if chunks else None  # after a label, a box leads as the label
+            chunks += [Chunk("BOX", TARGET, True, tokens=tokens[:4], lead=lead),
+                       Chunk("TEXT", TARGET, True, tokens=tokens[4:label])]
+            tokens = tokens[label:]
+        assert 1 <= len(chunks) // 2 <= 2 and all(it["labels"] in {r for row in rows for r in row["labels"]}
+                                                  for it in prediction.items)
+        chunks.append(Chunk("TEXT", TARGET, True, tokens=[tok.eos_id]))
+        logp, labels = _teacher_forced(model, task, i, chunks)
+        scored = (labels != -100).nonzero().squeeze(1)
+        assert prediction.score == pytest.approx(float(logp[scored, labels[scored]].sum()), abs=1e-3)
+        if beams == 1:
+            for position in scored.tolist():
+                if tok.bin_index(int(labels[position])) is not None:
+                    assert int(labels[position]) == bins[int(logp[position, bins].argmax())]
+
+
+def test_two_text_targets_score_as_in_training(tok):
+    task = Task("two", "[TEXT:q] -> [TEXT:a] [TEXT:b]", [{"q": "hi there", "a": "one two", "b": "three"}])
+    model = build([task], tok)
+    prediction = model.infer(task, task.data, max_new_tokens=3)[0]
+    assert set(prediction.targets) == {"a", "b"}
+    cut = prediction.tokens.index(tok.eos_id)  # the EOS that ends a
+    a, b = prediction.tokens[:cut], prediction.tokens[cut + 1:]
+    assert tok.decode(a) == prediction.targets["a"] and tok.decode(b) == prediction.targets["b"]
+    ends = [tok.eos_id] if len(b) < 3 else []  # text cut at max_new_tokens has no EOS
+    chunks = [Chunk("TEXT", TARGET, True, tokens=part) for part in (a, [tok.eos_id], b + ends) if part]
+    logp, labels = _teacher_forced(model, task, 0, chunks)
+    scored = (labels != -100).nonzero().squeeze(1)
+    assert prediction.score == pytest.approx(float(logp[scored, labels[scored]].sum()), abs=1e-3)
+
+
+# ---- the detection metric ----------------------------------------------------------------------
+
+A, B, C = [0, 0, 10, 10], [20, 20, 30, 30], [40, 0, 50, 10]
+
+
+def test_detection_f1_hand_computed():
+    assert "detection_f1" in METRICS.list()
+    truth = [[(A, "one"), (B, "two")], [(C, "three")]]
+    assert detection_f1(truth, truth) == 1.0
+    # one missed: TP 2, FN 1 -> 2*2 / (2*2 + 0 + 1)
+    assert detection_f1([[(A, "one"), (B, "two")], []], truth) == pytest.approx(4 / 5)
+    # one wrong class: TP 2, FP 1, FN 1 -> 4 / 6
+    assert detection_f1([[(A, "one"), (B, "seven")], [(C, "three")]], truth) == pytest.approx(4 / 6)
+    assert detection_counts([[(A, "one"), (B, "seven")], [(C, "three")]], truth) == (2, 1, 1)
+    # duplicates: the second copy is a false positive: TP 3, FP 2 -> 6 / 8
+    doubled = [[(A, "one"), (A, "one"), (B, "two")], [(C, "three"), (C, "three")]]
+    assert detection_f1(doubled, truth) == pytest.approx(6 / 8)
+    # IoU below 0.5 is a miss and a false positive: [5, 0, 15, 10] vs A: 50 / 150
+    shifted = [5, 0, 15, 10]
+    assert box_iou(shifted, A) == pytest.approx(1 / 3)
+    assert detection_f1([[(shifted, "one")]], [[(A, "one")]]) == 0.0
+    # IoU 0.6 is a hit: [0, 0, 10, 6] vs A: 60 / 100
+    assert detection_f1([[([0, 0, 10, 6], "one")]], [[(A, "one")]]) == 1.0
+    # a box cut short (None) matches nothing; nothing expected and nothing predicted is perfect
+    assert detection_f1([[(None, "one")]], [[(A, "one")]]) == 0.0
+    assert detection_f1([[]], [[]]) == 1.0
+    assert detection_f1([[(A, None)]], [[(A, "one")]]) == 1.0  # no label: class-agnostic
+
+
+def test_detection_matching_is_one_to_one_and_optimal():
+    # P overlaps R1 (IoU 80/120) and R2 (70/130); Q overlaps R1 (60/100) and R2 (30/130). Greedy by IoU
+    # pairs P with R1 and leaves Q and R2 unmatched (F1 1/2); the assignment pairs P-R2 and Q-R1 (F1 1).
+    r1, r2 = [0, 0, 10, 10], [5, 0, 15, 10]
+    p, q = [2, 0, 12, 10], [0, 0, 10, 6]
+    assert box_iou(p, r1) == pytest.approx(80 / 120) and box_iou(p, r2) == pytest.approx(70 / 130)
+    assert box_iou(q, r1) == pytest.approx(0.6) and box_iou(q, r2) == pytest.approx(30 / 130)
+    assert detection_f1([[(p, "a"), (q, "a")]], [[(r1, "a"), (r2, "a")]]) == 1.0
+
+
+# ---- evaluation --------------------------------------------------------------------------------
+
+
+def test_evaluate_digit_detection_runs(tok):
+    held_out = load_preset("digit_detection", "test", limit=1)
+    model = build([held_out], tok)
+    scores = evaluate(model, [held_out])["digit_detection"]
+    assert set(scores) == {"detection_f1"} and 0.0 <= scores["detection_f1"] <= 1.0
