@@ -201,6 +201,7 @@ SUITE: tuple[SuiteTask, ...] = (
     _builtin("motion_classification", "MOTION", features=pose_features, label_column="label"),
     _builtin("video_classification", "VIDEO", features=video_features, label_column="label"),
     _builtin("table_species", "STRUCT", features=table_features, label_column="species"),
+    _builtin("table_qa", "STRUCT", features=table_features, label_column="longer"),
     _builtin("doc_topic", "TEXT", features=text_features, label_column="topic", text_features=True),
     _builtin("text_to_speech", "PHONE"),
     SuiteTask("table_breast_cancer", "STRUCT", _table_task("breast_cancer"), "accuracy",

@@ -109,14 +109,14 @@ def _iris(split):
 
 preset("text_infilling", 'what is the complete text of " [TEXT:text,mask_ratio=0.3] "? -> [TEXT:text]',
        _PYDOC, ("bleu", "chrf"))(_paragraphs)
-preset("doc_topic", "[TEXT:text] which help topic is this from? -> [TEXT:topic]", _PYDOC,
+preset("doc_topic", "[TEXT:text] which help topic is this from? -> [TEXT:topic,closed_set]", _PYDOC,
        ("exact_match",))(_paragraphs)
 preset("table_to_text", "[STRUCT:table] describe the flower. -> [TEXT:description]", _IRIS,
        ("bleu",))(_iris)
 preset("table_species", "[STRUCT:table] which species is it? -> [CATEGORY:species]", _IRIS,
        ("accuracy",))(_iris)
-preset("table_qa", "[STRUCT:table] which measure is the largest? -> [TEXT:longest,closed_set]", _IRIS,
-       ("accuracy",))(_iris)
+preset("table_qa", "[STRUCT:table] which is longer, the sepal width or the petal length? -> [TEXT:longer,closed_set]",
+       _IRIS, ("accuracy",))(_iris)
 
 # ---- speech ------------------------------------------------------------------------------------
 

@@ -46,10 +46,11 @@ _FEATURES = ("sepal length", "sepal width", "petal length", "petal width")
 
 
 def load_iris_tables(split: str = "train") -> list[dict]:
-    """Rows ``{"table", "species", "description", "longest", "id"}``: each table is one iris
+    """Rows ``{"table", "species", "description", "longer", "id"}``: each table is one iris
     flower's four measurements in cm as a one-row table ``{"sepal length": 5.1, "sepal width": 3.5,
     ...}`` (one column per measure, so each column's statistics describe one measure);
-    ``longest`` names its longest measure (table QA)."""
+    ``longer`` names the longer of its sepal width and petal length (table QA: comparing two cells;
+    the longest measure would always be the sepal length, a question with one answer)."""
     from sklearn.datasets import load_iris
 
     data = load_iris()
@@ -59,9 +60,9 @@ def load_iris_tables(split: str = "train") -> list[dict]:
             continue
         species = str(data.target_names[target])
         table = {f: round(float(v), 1) for f, v in zip(_FEATURES, values)}
-        longest = _FEATURES[int(values.argmax())]
+        longer = "sepal width" if values[1] > values[2] else "petal length"
         description = (f"an iris {species} flower with petals {values[2]:.1f} cm long and "
                        f"{values[3]:.1f} cm wide")
         rows.append({"table": table, "species": species, "description": description,
-                     "longest": longest, "id": f"iris/{i}"})
+                     "longer": longer, "id": f"iris/{i}"})
     return rows
