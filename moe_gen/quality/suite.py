@@ -197,6 +197,7 @@ SUITE: tuple[SuiteTask, ...] = (
     _builtin("digit_counting", "IMAGE", features=pixel_features, label_column="count"),
     _builtin("grounded_captioning", "IMAGE+BOX", features=crop_features, label_column="query"),
     _builtin("visual_grounding", "IMAGE+TEXT"),
+    _builtin("digit_detection", "IMAGE"),
     _builtin("spoken_word_classification", "AUDIO", features=fbank_features, label_column="text"),
     _builtin("motion_classification", "MOTION", features=pose_features, label_column="label"),
     _builtin("video_classification", "VIDEO", features=video_features, label_column="label"),
