@@ -74,6 +74,8 @@ def _config_type(hint: Any) -> type | None:
 _UnionType = type(int | str)
 
 NOISE_POLICIES = ("none", "gaussian", "jitter", "gumbel")
+TAG_BALANCE = ("bias", "loss", "none")
+TAG_BALANCE_RULES = ("error", "sign")
 DROP_POLICIES = ("in_order", "batch_prioritized")
 BALANCE_GROUPS = ("modality", "task")
 
@@ -102,6 +104,17 @@ class RouterConfig(ConfigBase):
         z_loss_weight: router z-loss weight (ST-MoE): mean squared log-sum-exp of the logits.
         importance_loss_weight: importance loss weight (Shazeer et al. 2017): squared coefficient
             of variation of the summed gate probabilities per expert.
+        tag_balance: load balancing of tag-routed layers (strategies ``modality``, ``task``,
+            ``attribute`` with a learned top-k gate), which the token-count losses skip
+            (``moe_gen.routing.balance``): ``loss`` (default: the Switch balance loss over tag
+            groups weighted by their token counts, at ``balance_loss_weight``), ``bias``
+            (loss-free: a per-expert bias added to the logits only to choose experts, nudged after
+            each training forward towards underloaded experts; Wang et al. 2024, DeepSeek-V3) or
+            ``none``. No effect on content-dependent strategies, which have the losses above.
+        tag_balance_rate: u, the largest step of a bias update, in logit units.
+        tag_balance_rule: how the bias moves: ``error`` (``b_e += u·clip((mean − load_e) / mean,
+            -1, 1)``: experts near the mean load barely move, so coarse tag groups stop hopping
+            between experts) or ``sign`` (``b_e += u·sign(mean − load_e)``, as in the paper).
     """
 
     strategy: str = "token"
@@ -118,6 +131,9 @@ class RouterConfig(ConfigBase):
     balance_loss_groups: tuple[str, ...] = ()
     z_loss_weight: float = 0.001
     importance_loss_weight: float = 0.0
+    tag_balance: str = "loss"
+    tag_balance_rate: float = 0.01
+    tag_balance_rule: str = "error"
 
     def __post_init__(self) -> None:
         if self.noise not in NOISE_POLICIES:
@@ -135,7 +151,12 @@ class RouterConfig(ConfigBase):
         for name in ("num_modalities", "num_roles", "num_passes", "num_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"router {name} must be >= 1, got {getattr(self, name)}")
-        for name in ("balance_loss_weight", "z_loss_weight", "importance_loss_weight"):
+        if self.tag_balance not in TAG_BALANCE:
+            raise ValueError(f"unknown tag_balance {self.tag_balance!r}; known: {', '.join(TAG_BALANCE)}")
+        if self.tag_balance_rule not in TAG_BALANCE_RULES:
+            raise ValueError(f"unknown tag_balance_rule {self.tag_balance_rule!r}; known: "
+                             f"{', '.join(TAG_BALANCE_RULES)}")
+        for name in ("balance_loss_weight", "z_loss_weight", "importance_loss_weight", "tag_balance_rate"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router {name} must be >= 0, got {getattr(self, name)}")
 

@@ -43,6 +43,7 @@ import torch.distributed as dist
 from torch import nn
 
 from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
+from moe_gen.routing.balance import sync_bias_updates
 
 __all__ = [
     "WorldInfo", "init_distributed", "world_info", "is_main_process", "barrier",
@@ -214,7 +215,8 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> 
       replicas holding the same shard (world > ep_size) and divided by the world size.
 
     A missing gradient counts as zeros; a parameter without a gradient on every rank keeps
-    ``grad=None`` (the optimizer skips it, as in one process).
+    ``grad=None`` (the optimizer skips it, as in one process). The selection biases of tag-routed
+    layers (``moe_gen.routing.balance``) take their update here, from the loads of all ranks.
 
     Args:
         model: the model ``shard_experts`` sharded (parameter names must match the plan).
@@ -225,6 +227,7 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> 
         return
     plan = _check_plan(model, plan)
     world = dist.get_world_size()
+    sync_bias_updates(model)  # same collective point on every rank: tag-balance loads summed over ranks
     dense, expert = _split_params(model, plan)
     _all_reduce_grads(dense, None, 1.0 / world)
     if plan.replica_group is not None:

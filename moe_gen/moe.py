@@ -141,6 +141,9 @@ class MoE(nn.Module):
         x_TD, tags_T, valid_T, segment_T = self._flatten_inputs(x, tags, padding_mask)
 
         routing = self.router(x_TD, tags_T, valid_T, segment_T)
+        if self.training and self.router.balance_bias is not None:
+            # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
+            self.router.update_balance_bias(routing)
         if torch.is_grad_enabled():
             aux_losses = auxiliary_losses(routing, tags_T, self.config.router)
         else:  # no graph to build: computed if and when someone reads them

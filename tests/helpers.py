@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 
 import torch
@@ -30,14 +31,29 @@ def random_tags(shape, num_tasks=3, generator=None) -> TokenTags:
 
 
 
+@contextlib.contextmanager
+def balance_bias_kept(moe: torch.nn.Module):
+    """Puts back the selection biases of tag-balanced layers, which every training forward nudges
+    (``moe_gen.routing.balance``), so that a layer run twice, or copied after a run, routes alike."""
+    saved = [(b, b.clone()) for name, b in moe.named_buffers() if name.endswith("balance_bias")]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for bias, value in saved:
+                bias.copy_(value)
+
+
 def run_with_grads(moe: MoE, x: torch.Tensor, tags, padding_mask=None, seed: int = 0):
-    """Forward + backward of a fixed random projection of the output plus the aux loss.
+    """Forward + backward of a fixed random projection of the output plus the aux loss (the
+    layer's state, selection biases included, is left as it was).
 
     Returns (output, aux losses dict, grad of x, {param name: grad}).
     """
     x = x.detach().clone().requires_grad_(True)
     moe.zero_grad(set_to_none=True)
-    out = moe(x, tags=tags, padding_mask=padding_mask)
+    with balance_bias_kept(moe):
+        out = moe(x, tags=tags, padding_mask=padding_mask)
     g = torch.Generator().manual_seed(seed)
     probe = torch.randn(out.output.shape, generator=g, dtype=out.output.dtype)
     ((out.output * probe).sum() + out.aux_loss).backward()

@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import random_tags, run_with_grads, with_backend  # noqa: E402
+from helpers import balance_bias_kept, random_tags, run_with_grads, with_backend  # noqa: E402
 
 from moe_gen import BACKENDS, ExpertsConfig, MoE, MoEConfig, RouterConfig  # noqa: E402
 from moe_gen.experts import triton_dispatch, tutel_dispatch  # noqa: E402
@@ -68,7 +68,8 @@ def run_on_device(moe, x, tags, padding):
     """``run_with_grads`` for any device: the same fixed probe, drawn on CPU and moved to x's device."""
     x = x.detach().clone().requires_grad_(True)
     moe.zero_grad(set_to_none=True)
-    out = moe(x, tags=tags, padding_mask=padding)
+    with balance_bias_kept(moe):
+        out = moe(x, tags=tags, padding_mask=padding)
     probe = torch.randn(out.output.shape, generator=torch.Generator().manual_seed(0)).to(out.output)
     ((out.output * probe).float().sum() + out.aux_loss).backward()
     grads = {n: p.grad.detach().float().cpu() for n, p in moe.named_parameters() if p.grad is not None}

@@ -323,7 +323,10 @@ def test_aux_losses_are_weighted_and_tag_routing_skips_count_losses():
     torch.testing.assert_close(out.aux_loss, sum(out.aux_losses.values()))
     for strategy in ("modality", "task", "attribute"):
         tagged = make_moe(router=RouterConfig(strategy=strategy, **cfg))(x, tags=tags)
-        assert set(tagged.aux_losses) == {"z"}
+        # no token-count losses; the default tag_balance="loss" balances the tag groups instead
+        assert set(tagged.aux_losses) == {"tag_balance", "z"}
+        torch.testing.assert_close(tagged.aux_losses["tag_balance"],
+                                   0.5 * balance_loss(tagged.routing.probs, tagged.routing.topk_ids))
     hybrid = make_moe(router=RouterConfig(strategy="hybrid", **cfg))(x, tags=tags)
     assert "balance" in hybrid.aux_losses
 

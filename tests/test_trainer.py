@@ -161,7 +161,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tasks, tok, tmp_path):
     assert any(not torch.equal(before[k], after_first[k]) for k in before)
     record = trainer.train_step(2)
     assert record["skipped"] and record["skipped_steps"] == 1
-    assert all(torch.equal(after_first[k], v) for k, v in model.state_dict().items())  # no update
+    # no update (the tag routers' selection biases follow each forward's loads, not the loss)
+    assert all(torch.equal(after_first[k], v) for k, v in model.state_dict().items() if not k.endswith("balance_bias"))
     trainer.train_step(3)
     with pytest.raises(RuntimeError, match="3 steps in a row"):
         for step in (4, 5, 6):

@@ -178,6 +178,7 @@ def key_numbers(analysis: Analysis) -> dict:
         "parameters (active)": f"{info['parameters']:,} ({info['active_parameters']:,})",
         "mean expert-load CV": s["mean_cv"] if moe else dash,
         "mean max/mean load": s["mean_max_over_mean"] if moe else dash,
+        "expert utilisation (share ≥ 1/(4E) of load)": s["mean_utilisation"] if moe else dash,
         "mean router entropy (bits)": s["mean_entropy_bits"] if moe else dash,
         "drop rate": s["overall_drop_rate"] if moe else dash,
         "MI(expert; task) (bits)": s["mean_mi_task_bits"] if moe else dash,
@@ -308,11 +309,11 @@ def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:
         lines += ["", "This model has no MoE layer: there is no routing to show."]
     else:
         lines += ["", "## Layers", ""]
-        columns = ("tokens", "cv", "max_over_mean", "entropy_bits", "max_entropy_bits", "drop_rate", "mi_task_bits",
-                   "mi_modality_bits", "specialisation_task", "specialisation_modality")
+        columns = ("tokens", "cv", "max_over_mean", "utilisation", "entropy_bits", "max_entropy_bits", "drop_rate",
+                   "mi_task_bits", "mi_modality_bits", "specialisation_task", "specialisation_modality")
         rows = [[name, *(s[c][layer] for c in columns)] for layer, name in enumerate(t.layer_names)]
-        lines += _table(["layer", "tokens", "load CV", "max/mean", "entropy (bits)", "log2 E", "drop rate",
-                         "MI task", "MI modality", "spec. task", "spec. modality"], rows)
+        lines += _table(["layer", "tokens", "load CV", "max/mean", "utilisation", "entropy (bits)", "log2 E",
+                         "drop rate", "MI task", "MI modality", "spec. task", "spec. modality"], rows)
         lines += ["", "## Experts by task", "", "Share of each task's assignments that each expert took, per layer.",
                   "", f"![expert x task heatmaps]({files['heatmaps']})"]
         if "modality_load" in files:

@@ -8,6 +8,9 @@ Definitions (all logarithms base 2, so information is in bits):
 - load: share of a layer's computed assignments that each expert took.
 - imbalance: coefficient of variation (population std / mean) of a layer's per-expert counts, and
   max / mean. 0 and 1 for a perfectly balanced layer.
+- utilisation: share of a layer's experts that take at least 1/(4E) of its assignments (a quarter
+  of the balanced share); 1 when no expert sits (nearly) idle. A tag-routed layer that sees G tag
+  groups (each sharing one route of K experts) reaches at most K·G/E.
 - routing entropy: mean over valid tokens of H(p) = -Σ_e p_e log2 p_e of the router probabilities;
   at most log2 E (a uniform router), 0 for a one-hot router.
 - drop rate: valid tokens with no computed assignment / valid tokens.
@@ -43,7 +46,8 @@ from torch import nn
 from moe_gen.analysis.recorder import RoutingTables, stack_of
 
 __all__ = [
-    "GROUP_AXES", "expert_load", "group_counts", "group_load", "imbalance", "routing_entropy", "drop_rate",
+    "GROUP_AXES", "expert_load", "group_counts", "group_load", "imbalance", "utilisation", "routing_entropy",
+    "drop_rate",
     "entropy_bits", "mutual_information", "specialisation_index", "route_agreement", "cosine_similarity_matrix",
     "expert_similarity", "task_usage", "task_affinity", "task_gradients", "interference_matrix",
     "shared_parameters", "summarize",
@@ -105,6 +109,27 @@ def imbalance(counts_LE: torch.Tensor, num_experts: Optional[Sequence[int]] = No
         cv.append(float(row.std(unbiased=False) / mean))
         ratio.append(float(row.max() / mean))
     return {"cv": torch.tensor(cv, dtype=torch.float64), "max_over_mean": torch.tensor(ratio, dtype=torch.float64)}
+
+
+def utilisation(counts_LE: torch.Tensor, num_experts: Optional[Sequence[int]] = None,
+                floor: float = 0.25) -> torch.Tensor:
+    """Share of each layer's experts that take at least ``floor / E`` of the layer's assignments.
+
+    Args:
+        counts_LE: assignment counts (or shares) per layer and expert.
+        num_experts: experts of each layer, when some layers have fewer columns in use.
+        floor: the threshold as a fraction of the balanced share 1/E (default a quarter).
+
+    Returns:
+        float64 ``[L]`` in [0, 1]; 0 for layers without tokens.
+    """
+    out = []
+    for layer, row in enumerate(counts_LE):
+        row = (row[: num_experts[layer]] if num_experts is not None else row).double()
+        total = row.sum()
+        E = row.numel()
+        out.append(float((row >= floor * total / E).double().mean()) if total > 0 else 0.0)
+    return torch.tensor(out, dtype=torch.float64)
 
 
 def routing_entropy(entropy_LTMR: torch.Tensor, tokens_LTMR: torch.Tensor, by: Optional[str] = None) -> torch.Tensor:
@@ -335,6 +360,7 @@ def summarize(tables: RoutingTables) -> dict:
     active = [layer for layer in range(L) if tokens_L[layer] > 0]
     load_LE = expert_load(counts)
     balance = imbalance(counts.sum(dim=(2, 3, 4)), tables.num_experts)
+    used_L = utilisation(counts.sum(dim=(2, 3, 4)), tables.num_experts)
     entropy_L = routing_entropy(tables.entropy_LTMR, tables.tokens_LTMR)
     drops_L = drop_rate(tables.dropped_LTMR, tables.tokens_LTMR)
     names = {"task": tables.task_names, "modality": tables.modality_names, "role": tables.role_names}
@@ -350,6 +376,7 @@ def summarize(tables: RoutingTables) -> dict:
         "load": load_LE.tolist(),
         "cv": balance["cv"].tolist(),
         "max_over_mean": balance["max_over_mean"].tolist(),
+        "utilisation": used_L.tolist(),
         "entropy_bits": entropy_L.tolist(),
         "max_entropy_bits": [math.log2(e) for e in tables.num_experts],
         "drop_rate": drops_L.tolist(),
@@ -384,6 +411,7 @@ def summarize(tables: RoutingTables) -> dict:
     out["mean_route_nmi"] = _mean(a["normalised"] for a in seen)
     out["mean_cv"] = _mean(out["cv"][layer] for layer in active)
     out["mean_max_over_mean"] = _mean(out["max_over_mean"][layer] for layer in active)
+    out["mean_utilisation"] = _mean(out["utilisation"][layer] for layer in active)
     out["mean_entropy_bits"] = _mean(out["entropy_bits"][layer] for layer in active)
     total_tokens = float(tokens_L.sum())
     out["overall_drop_rate"] = float(tables.dropped_LTMR.sum()) / total_tokens if total_tokens else 0.0

@@ -13,9 +13,11 @@ Shape legend: T tokens, E experts, K assignments per token, N valid tokens.
 
 The token-count losses (balance, importance) are skipped for content-independent strategies
 (modality, task, attribute): every token of a tag group shares one route, so the only thing such
-a loss could change is which experts each *group* uses, and the gradient would push groups around
-according to how many tokens each had in this batch, not towards any useful balance. They are
-also skipped for gates that balance by construction (expert choice, BASE) or learn nothing (hash).
+a loss could change is which experts each *group* uses. They are also skipped for gates that
+balance by construction (expert choice, BASE) or learn nothing (hash). Tag-routed layers are
+balanced by ``RouterConfig.tag_balance`` instead (``moe_gen.routing.balance``): a selection bias
+by default, or, with ``tag_balance="loss"``, ``tag_balance`` here: the Switch loss over tag groups
+weighted by their token counts (at ``balance_loss_weight``).
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from __future__ import annotations
 import torch
 
 from moe_gen.config import RouterConfig
+from moe_gen.routing.balance import group_balance_loss
 from moe_gen.routing.router import RouterOutput
 from moe_gen.routing.tags import TokenTags
 
@@ -74,10 +77,15 @@ def auxiliary_losses(
         router (see the module docstring for which are skipped and why).
     """
     count_losses_apply = routing.content_dependent and not routing.balanced_by_construction
+    tag_loss_applies = (config.tag_balance == "loss" and config.balance_loss_weight > 0 and routing.learned_gate
+                        and not routing.content_dependent and not routing.balanced_by_construction)
     if routing.groups is not None and not count_losses_apply:
-        # Routes kept per tag group: the z-loss over tokens is each group's value weighted by its
+        # Routes kept per tag group: the losses over tokens are each group's value weighted by its
         # number of valid members (no [T, E] expansion).
         losses = {}
+        if tag_loss_applies:
+            g = routing.groups
+            losses["tag_balance"] = config.balance_loss_weight * group_balance_loss(g.probs_GE, g.ids_GK, g.count_G)
         if config.z_loss_weight > 0 and routing.learned_gate:
             g = routing.groups
             count_G = g.count_G.to(g.logits_GE.dtype)
@@ -101,6 +109,8 @@ def auxiliary_losses(
             losses[f"balance_{group}"] = config.balance_loss_weight * _grouped_balance(
                 probs_NE, ids_NK, group_N
             )
+    if tag_loss_applies:  # routes expanded to tokens (capacity): the same loss, token by token
+        losses["tag_balance"] = config.balance_loss_weight * balance_loss(probs_NE, ids_NK)
     if count_losses_apply and config.importance_loss_weight > 0:
         losses["importance"] = config.importance_loss_weight * importance_loss(probs_NE)
     if config.z_loss_weight > 0 and routing.learned_gate:

@@ -5,8 +5,11 @@ slots per token (top_k, or E for expert choice).
 
     z_TD      = strategy input (token, context, modality, task, attribute, hybrid)
     logits_TE = z · W_gateᵀ                    (fp32, autocast off)
-    choice    = gate(logits + noise)           (top-k, expert choice, balanced, hash)
+    choice    = gate(logits + noise [+ bias])  (top-k, expert choice, balanced, hash)
     keep      = capacity(choice)               (dropless keeps all)
+
+The bias is the loss-free balancing of tag-routed layers (``moe_gen.routing.balance``): it only
+chooses experts; the gate weights are the probabilities without it.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from torch import nn
 
 from moe_gen.config import MoEConfig, RouterConfig
 from moe_gen.registry import GATES, ROUTERS
+from moe_gen.routing import balance
 from moe_gen.routing.capacity import capacity_for, slot_positions
 from moe_gen.routing.gates import Gate
 from moe_gen.routing.tags import TokenTags
@@ -187,6 +191,10 @@ class Router(nn.Module):
         else:
             # Fixed projection: a buffer, so it is saved but never trained.
             self.register_buffer("weight", weight)
+        # Loss-free balancing of tag routes: a selection bias per expert, a buffer so checkpoints
+        # hold it (None, and not in the state dict, where it does not apply).
+        self.register_buffer("balance_bias", torch.zeros(config.num_experts) if self.balances_by_bias else None)
+        self._pending_load: Optional[torch.Tensor] = None  # loads awaiting balance.sync_bias_updates
         self.clear_cache()  # inference routes per set of tag groups (see forward)
 
     def clear_cache(self) -> None:
@@ -201,6 +209,46 @@ class Router(nn.Module):
     @property
     def needs_tags(self) -> bool:
         return type(self.input).needs_tags
+
+    @property
+    def tag_balanced(self) -> bool:
+        """Whether ``RouterConfig.tag_balance`` applies: tag routes (content-independent) chosen by a
+        learned gate that does not balance by construction (top-k)."""
+        gate = type(self.gate)
+        return not self.content_dependent and gate.learned and not gate.balanced_by_construction
+
+    @property
+    def balances_by_bias(self) -> bool:
+        return self.tag_balanced and self.router_config.tag_balance == "bias"
+
+    @torch.no_grad()
+    def update_balance_bias(self, routing: RouterOutput) -> None:
+        """Loss-free balancing after a training forward: nudges the selection bias towards the
+        experts that ``routing`` left underloaded (token counts; from the group rows when routes are
+        kept per tag group). With several processes the load waits for ``balance.sync_bias_updates``.
+        A frozen router (``weight.requires_grad`` False, e.g. fine-tuning only adapters or experts)
+        keeps its bias too, so the routes of the tasks it already serves stay as they were.
+        """
+        if not self.weight.requires_grad:
+            return
+        load_E = routing.expert_counts.to(self.balance_bias.dtype)
+        if balance.defer_to_sync():
+            self._pending_load = load_E if self._pending_load is None else self._pending_load + load_E
+        else:
+            rc = self.router_config
+            balance.nudge_bias_(self.balance_bias, load_E, rc.tag_balance_rate, rc.tag_balance_rule)
+
+    def take_pending_load(self) -> Optional[torch.Tensor]:
+        """The load summed since the last call (``None`` if none), and resets it."""
+        load, self._pending_load = self._pending_load, None
+        return load
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Models saved before tag balancing existed have no bias: they load with a zero bias.
+        key = prefix + "balance_bias"
+        if self.balance_bias is not None and key not in state_dict:
+            state_dict[key] = torch.zeros_like(self.balance_bias)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(
         self,
@@ -261,6 +309,9 @@ class Router(nn.Module):
                 probs_TE = logits_TE.softmax(-1)
             else:
                 probs_TE = logits_TE.softmax(-1)
+            if self.balance_bias is not None:
+                # Loss-free balancing: the bias chooses experts only; weights stay probs_TE.
+                scores_TE = scores_TE + self.balance_bias
             if group_T is not None and type(self.gate).rowwise:
                 # A row-wise gate decides each group from its one row; members take that choice
                 # (padding members none): equal to gating every token, at G rows of work.

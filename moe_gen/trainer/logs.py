@@ -1,5 +1,10 @@
 """Run logs: one JSON object per logged step (``logs/train.jsonl``), TensorBoard scalars
-(``tensorboard/``) and a tqdm progress bar with loss, tokens/s, modality shares and ETA."""
+(``tensorboard/``) and a tqdm progress bar with loss, tokens/s, modality shares and ETA.
+
+Records with per-layer expert loads (``expert_load``: layer → shares) are written with the
+utilisation of each layer beside them (``expert_utilisation``: share of the layer's experts taking
+at least 1/(4E) of its assignments, ``moe_gen.analysis.stats.utilisation``) and its mean over the
+layers (``mean_expert_utilisation``)."""
 
 from __future__ import annotations
 
@@ -7,7 +12,11 @@ import json
 import os
 from typing import Optional
 
-__all__ = ["RunLogger", "read_jsonl_log"]
+import torch
+
+from moe_gen.analysis.stats import utilisation
+
+__all__ = ["RunLogger", "read_jsonl_log", "expert_utilisation"]
 
 # Short names for the progress bar.
 _SHORT = {"TEXT": "txt", "IMAGE": "img", "AUDIO": "aud", "VIDEO": "vid", "MOTION": "mot", "BOX": "box",
@@ -24,6 +33,16 @@ def read_jsonl_log(path: str) -> list[dict]:
             except json.JSONDecodeError:
                 break
     return records
+
+
+def expert_utilisation(load: dict[str, list[float]]) -> dict:
+    """``{"expert_utilisation": {layer: share}, "mean_expert_utilisation": mean}`` from per-layer
+    expert-load shares (layers of any expert count)."""
+    per_layer = {name: float(utilisation(torch.tensor([shares], dtype=torch.float64))[0])
+                 for name, shares in load.items()}
+    mean = sum(per_layer.values()) / len(per_layer) if per_layer else 0.0
+    return {"expert_utilisation": {k: round(v, 4) for k, v in per_layer.items()},
+            "mean_expert_utilisation": round(mean, 4)}
 
 
 class RunLogger:
@@ -71,6 +90,8 @@ class RunLogger:
         """Writes one step's record (flat scalars plus nested dicts/lists for loads)."""
         if not self.enabled:
             return
+        if record.get("expert_load") and "expert_utilisation" not in record:
+            record = {**record, **expert_utilisation(record["expert_load"])}
         self._file.write(json.dumps(record) + "\n")
         self._file.flush()
         if self._tb is not None:
