@@ -12,7 +12,8 @@ Systems:
 Generalists mix tasks uniformly, so each task gets ``steps · batch_size / tasks`` samples, the
 specialist's budget. Every model run is a job (generalist × seed, or specialist × task × seed) in
 a pool of ``workers`` processes with ``threads`` torch threads each; models are scored on the
-first ``eval_limit`` held-out rows of every task, the rows the classical baselines are scored on.
+same ``eval_limit`` held-out rows of every task (evenly spaced over the test split, which may be
+ordered by label), the rows the classical baselines are scored on.
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ class BenchConfig:
         seeds: one run per seed of every model system.
         flavour: model flavour; ``num_experts`` overrides its experts (active size is unchanged).
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps / tasks``).
-        eval_limit: held-out rows scored per task (the first ones; every system sees the same).
+        eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
+            sees the same rows).
         workers, threads: processes running jobs, torch threads per process.
         output_dir: where ``quality.json``, ``quality.md`` and ``quality.png`` go.
     """
@@ -76,6 +78,19 @@ def _model_config(cfg: BenchConfig, system: str):
     strategy = "attribute" if system in ("dense", "specialist") else system
     config = flavour(cfg.flavour, num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy))
     return config.dense_twin() if system in ("dense", "specialist") else config
+
+
+def held_out(task, limit: int):
+    """``task`` restricted to ``limit`` rows evenly spaced over its rows (all when it has fewer): test
+    splits may be ordered by label (pydoc topics are alphabetical), so the first rows would not be
+    a fair sample."""
+    from moe_gen.tasks import Task
+
+    n = len(task)
+    if n <= limit:
+        return task
+    rows = [task.data[(i * n) // limit] for i in range(limit)]
+    return Task(task.name, task.instruction, rows, objective=task.objective, metrics=task.metrics)
 
 
 def _utilisation(tables) -> dict:
@@ -135,7 +150,7 @@ def train_and_score(job: dict) -> dict:
     torch.set_num_threads(cfg.threads)
     suite = suite_tasks(job["tasks"])
     train = [t.build("train") for t in suite]
-    test = [t.build("test") for t in suite]
+    test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
     steps = job["steps"]
     start = time.perf_counter()
     torch.manual_seed(job["seed"])
@@ -149,8 +164,7 @@ def train_and_score(job: dict) -> dict:
         summary = trainer.fit()
     trained = time.perf_counter()
     with RoutingRecorder(model) as recorder:
-        scores = {task.name: evaluate_task(model, held_out, limit=cfg.eval_limit)[task.metric]
-                  for task, held_out in zip(suite, test)}
+        scores = {task.name: evaluate_task(model, rows)[task.metric] for task, rows in zip(suite, test)}
     tables = recorder.tables()
     routing = {}
     if tables.layer_names:
@@ -214,8 +228,9 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     for task in suite:
         if task.classification:
             train, test = task.build("train"), task.build("test")
-            held_out = [test.data[i] for i in range(min(cfg.eval_limit, len(test)))]
-            classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))], held_out)
+            scored = held_out(test, cfg.eval_limit)
+            classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))],
+                                                    [scored.data[i] for i in range(len(scored))])
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
     jobs = _jobs(cfg, names)
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together

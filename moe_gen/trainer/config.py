@@ -55,7 +55,7 @@ class TrainConfig(ConfigBase):
         trainable: what trains: ``all``, ``experts``, ``routers``, ``adapters`` or ``new_adapters``
             (those ``GeneralistModel.add_tasks`` created).
         expert_parallel: size of the expert-parallel group under ``torchrun`` (1: experts replicated).
-        eval_limit: rows per task that ``evaluate`` scores (None: all).
+        eval_limit: rows per task that ``evaluate`` scores, evenly spaced over its rows (None: all).
         eval_batch_size: rows per ``infer`` call in ``evaluate``.
         num_threads: torch intra-op threads (None: torch's default).
         device: ``auto`` (the process's GPU when CUDA is available — ``cuda:LOCAL_RANK`` under

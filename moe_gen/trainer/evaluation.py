@@ -61,19 +61,22 @@ def _structured(prediction, row: dict, scored: list, kind: str) -> tuple[Any, An
 
 
 def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64) -> dict[str, float]:
-    """Metrics of ``model`` on ``task``'s rows (the first ``limit``)."""
+    """Metrics of ``model`` on ``task``'s rows: all of them, or ``limit`` rows evenly spaced over them
+    (a test split may be ordered by label, e.g. pydoc topics alphabetically, so its first rows would
+    not be a fair sample)."""
     kind, scored = _targets(task, model.tokenizer)
     names = task.metrics or DEFAULT_METRICS[kind]
     count = len(task) if limit is None else min(limit, len(task))
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     columns = [p.slot.column for p in scored]
-    rows = [task.data[i] for i in range(count)]
+    indices = [(i * len(task)) // count for i in range(count)]
+    rows = [task.data[i] for i in indices]
     predictions, references = [], []
     for start in range(0, count, batch_size):
         chunk = rows[start:start + batch_size]
         for offset, (row, prediction) in enumerate(zip(chunk, model.infer(task, chunk))):
-            index = start + offset
+            index = indices[start + offset]
             if kind == "frames":
                 sample = task.encode(index, model.tokenizer, training=False,
                                      statistics=model.encoding_statistics(task))
