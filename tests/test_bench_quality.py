@@ -68,3 +68,26 @@ def test_quick_report_shape(tmp_path):
     markdown = (out / "quality.md").read_text()
     assert "| task | input | metric |" in markdown and all(n in markdown for n in names)
     assert (out / "quality.png").stat().st_size > 1000
+
+
+def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():
+    import types
+
+    from moe_gen.quality.runner import held_out
+    from moe_gen.tasks import Task, Tokenizer
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    rows = [{"text": f"row {i}", "label": "a" if i < 50 else "b"} for i in range(100)]  # ordered by label
+    task = Task("ordered", "[TEXT:text] -> [TEXT:label,closed_set]", rows, metrics=("accuracy",))
+    seen = []
+
+    def infer(task, chunk):
+        seen.extend(r["text"] for r in chunk)
+        return [types.SimpleNamespace(text="a") for _ in chunk]
+
+    model = types.SimpleNamespace(tokenizer=Tokenizer.default(), infer=infer, encoding_statistics=lambda t: {})
+    # the first 10 rows are all "a": a constant answer would score 1.0 on them, 0.5 on a fair sample
+    assert evaluate_task(model, task, limit=10)["accuracy"] == pytest.approx(0.5)
+    assert seen == [f"row {i}" for i in range(0, 100, 10)]
+    assert [r["text"] for r in held_out(task, 10).data] == seen
+    assert held_out(task, 500) is task
