@@ -85,26 +85,27 @@ def held_out(task, limit: int):
     splits may be ordered by label (pydoc topics are alphabetical), so the first rows would not be
     a fair sample."""
     from moe_gen.tasks import Task
+    from moe_gen.trainer.evaluation import spaced_indices
 
-    n = len(task)
-    if n <= limit:
+    if len(task) <= limit:
         return task
-    rows = [task.data[(i * n) // limit] for i in range(limit)]
+    rows = [task.data[i] for i in spaced_indices(len(task), limit)]
     return Task(task.name, task.instruction, rows, objective=task.objective, metrics=task.metrics)
 
 
 def _utilisation(tables) -> dict:
     """Per MoE layer: each expert's share of the assignments, and the share of experts that get at
-    least 1/(4E) of them (the issue's utilisation criterion)."""
+    least 1/(4E) of them (``stats.utilisation``, the issue's criterion)."""
+    from moe_gen.analysis import stats
+
     counts_LE = tables.counts_LETMR.sum((2, 3, 4))
+    utilised_L = stats.utilisation(counts_LE, tables.num_experts)
     out = {}
     for layer, (name, E) in enumerate(zip(tables.layer_names, tables.num_experts)):
         counts = counts_LE[layer, :E]
-        if counts.sum() <= 0:
-            continue
-        share = counts / counts.sum()
-        out[name] = {"share": [round(float(s), 4) for s in share],
-                     "utilised": float((share >= 1.0 / (4 * E)).float().mean())}
+        if counts.sum() > 0:
+            out[name] = {"share": [round(float(s), 4) for s in counts / counts.sum()],
+                         "utilised": float(utilised_L[layer])}
     return out
 
 
@@ -119,8 +120,10 @@ def _interference(model, tasks, rows: int = 16) -> dict:
 
     batches = {}
     for task in tasks:
-        samples = [s for s in (task.encode(i, model.tokenizer, training=False) for i in range(min(rows, len(task))))
-                   if s is not None]
+        # encoded with the model's saved statistics, as in training (not refitted on these rows)
+        statistics = model.encoding_statistics(task)
+        samples = [s for s in (task.encode(i, model.tokenizer, training=False, statistics=statistics)
+                               for i in range(min(rows, len(task)))) if s is not None]
         batches[task.name] = collate(samples, model.tokenizer, model.task_ids)
     result = stats.interference_matrix(stats.task_gradients(model, batches))
     matrix = result["matrix"]

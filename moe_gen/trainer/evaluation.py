@@ -16,7 +16,7 @@ from typing import Any, Optional, Sequence
 from moe_gen.tasks import metrics as metric_fns
 from moe_gen.tasks.task import Task
 
-__all__ = ["evaluate_task", "evaluate", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
+__all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
                    "frames": ("l1",), "detection": ("detection_f1",), "structured": ("exact_match",)}
@@ -60,6 +60,11 @@ def _structured(prediction, row: dict, scored: list, kind: str) -> tuple[Any, An
     return predicted, expected
 
 
+def spaced_indices(n: int, count: int) -> list[int]:
+    """``count`` indices (``count <= n``) evenly spaced over ``range(n)``, starting at 0."""
+    return [(i * n) // count for i in range(count)]
+
+
 def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s rows: all of them, or ``limit`` rows evenly spaced over them
     (a test split may be ordered by label, e.g. pydoc topics alphabetically, so its first rows would
@@ -70,7 +75,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     columns = [p.slot.column for p in scored]
-    indices = [(i * len(task)) // count for i in range(count)]
+    indices = spaced_indices(len(task), count)
     rows = [task.data[i] for i in indices]
     predictions, references = [], []
     for start in range(0, count, batch_size):
