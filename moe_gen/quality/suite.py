@@ -129,15 +129,9 @@ def video_features(rows: Sequence[dict]) -> np.ndarray:
     return np.stack(out)
 
 
-def _cells(table) -> list:
-    if isinstance(table, dict):
-        return [v[0] if isinstance(v, (list, tuple)) else v for v in table.values()]
-    return [v for row in table for k, v in row.items() if k != "measure"]
-
-
 def table_features(rows: Sequence[dict], column: str = "table") -> np.ndarray:
-    """The numeric cells of each (one-row, or iris-shaped measure/cm) table, in column order."""
-    return np.asarray([[float(v) for v in _cells(row[column])] for row in rows], dtype=np.float64)
+    """The cells of each one-row table ``{column: number}``, in column order."""
+    return np.asarray([[float(v) for v in row[column].values()] for row in rows], dtype=np.float64)
 
 
 def text_features(rows: Sequence[dict], column: str = "text") -> list[str]:
