@@ -68,16 +68,17 @@ def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
 
 
 def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_adapters: list):
-    """Adapter name → feature width for every feature slot of ``tasks`` (sized from one encoded
-    sample each), and the adapters whose rows are decoder targets."""
+    """Adapter name → feature width for every feature slot of ``tasks`` (sized from each task's
+    first rows that encode, one per template: ``Task.probe``), and the adapters whose rows are
+    decoder targets."""
     for task in tasks:
-        sample = task.encode(0, tokenizer, training=False)
-        for chunk in (sample.encoder + sample.decoder) if sample else []:
-            if chunk.rows is not None:
-                adapters[chunk.adaptor] = int(chunk.rows.shape[1])
-        for chunk in sample.decoder if sample else []:
-            if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
-                frame_adapters.append(chunk.adaptor)
+        for sample in task.probe(tokenizer):
+            for chunk in sample.encoder + sample.decoder:
+                if chunk.rows is not None:
+                    adapters[chunk.adaptor] = int(chunk.rows.shape[1])
+            for chunk in sample.decoder:
+                if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
+                    frame_adapters.append(chunk.adaptor)
     return adapters, frame_adapters
 
 
@@ -127,7 +128,7 @@ class GeneralistModel(nn.Module):
     @classmethod
     def build(cls, config: ModelConfig, tasks: Sequence, tokenizer: Tokenizer) -> "GeneralistModel":
         """A model for ``tasks`` (``moe_gen.tasks.Task``): the task vocabulary, and an adapter for
-        every feature slot, sized from one encoded sample of each task."""
+        every feature slot, sized from the first rows of each task that encode (``Task.probe``)."""
         adapters, frame_adapters = _task_features(tasks, tokenizer, dict(config.adapters),
                                                   list(config.frame_adapters))
         if config.predict_all_features:

@@ -36,7 +36,7 @@ import torch
 from moe_gen.registry import ADAPTERS, MODALITIES, PREPROCESSORS
 from moe_gen.routing.tags import ROLES
 from moe_gen.tasks.instruction import Instruction, Slot
-from moe_gen.tasks.modalities.base import EncodeContext, ModalitySpec, SlotEncoding, SlotValueError
+from moe_gen.tasks.modalities.base import EncodeContext, ModalitySpec, SlotEncoding, SlotValueError, brief
 from moe_gen.tasks.tokenizer import Tokenizer
 
 # Registering modules: importing them fills MODALITIES, PREPROCESSORS and ADAPTERS.
@@ -46,9 +46,13 @@ import moe_gen.tasks.modalities.text_like  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.visual  # noqa: F401,E402  isort: skip
 
 __all__ = ["TaskPlan", "SlotPlan", "DecodeSpec", "Chunk", "Sample", "TaskDataError", "build_trie",
-           "slot_followers"]
+           "slot_followers", "MAX_SLOT_POSITIONS"]
 
 INPUT, TARGET, PROMPT = (ROLES.index(r) for r in ("input", "target", "prompt"))
+# The default cap on one slot's positions (tokens or feature rows): 164 s of audio, 8192 motion
+# frames, 256 video frames; the frame adapters' position tables have as many rows. A bad sample
+# rate or an unsplit document fails its row instead of filling memory.
+MAX_SLOT_POSITIONS = 4096
 
 
 class TaskDataError(ValueError):
@@ -203,6 +207,8 @@ class TaskPlan:
         tokenizer: the shared vocabulary.
         closed_sets: labels of closed-set slots by column (``Task`` collects them from its data).
         preprocessor_options: keyword arguments per preprocessor name (e.g. image size).
+        max_slot_positions: the most positions (tokens or feature rows) one slot of a row may take;
+            a row over it fails with ``TaskDataError``.
     """
 
     def __init__(
@@ -213,8 +219,12 @@ class TaskPlan:
         *,
         closed_sets: Optional[Mapping[str, Sequence[str]]] = None,
         preprocessor_options: Optional[Mapping[str, Mapping[str, Any]]] = None,
+        max_slot_positions: int = MAX_SLOT_POSITIONS,
     ) -> None:
+        if isinstance(max_slot_positions, bool) or not isinstance(max_slot_positions, int) or max_slot_positions < 1:
+            raise ValueError(f"max_slot_positions must be a positive int, got {max_slot_positions!r}")
         self.name = name
+        self.max_slot_positions = max_slot_positions
         if isinstance(instruction, str):
             instruction = Instruction.parse(instruction, modalities=_modality_attributes())
         self.instruction: Instruction = instruction
@@ -294,7 +304,7 @@ class TaskPlan:
             first = next((i for i, p in enumerate(decoder_plan) if p.loss), len(decoder_plan))
             decoder_plan = decoder_plan[:first]
         ctx = EncodeContext(self.tokenizer, rng, training, row if isinstance(row, Mapping) else {},
-                            task=self.name, index=index)
+                            task=self.name, index=index, max_positions=self.max_slot_positions)
         values = self._slot_values(row, encoder_plan + decoder_plan, index)
         # Non-text slots first, so a BOX can read the size of its sample's IMAGE.
         encoded: dict[int, list[SlotEncoding]] = {}
@@ -345,10 +355,10 @@ class TaskPlan:
                 out.append((plan, [slot.text]))
                 continue
             if slot.column is None:
-                if isinstance(row, Mapping):
+                if not isinstance(row, (list, tuple)):
                     raise TaskDataError(
                         f"task {self.name!r}, row {index}: slot {slot} has no column, so rows must be "
-                        "sequences filled by position; name a column or pass tuples"
+                        f"sequences filled by position, got {type(row).__name__}; name a column or pass tuples"
                     )
                 if positional >= len(row):
                     raise TaskDataError(f"task {self.name!r}, row {index}: no value for slot {slot} "
@@ -391,18 +401,41 @@ class TaskPlan:
                 values[i] = (plan, items * count)
 
     def _encode_slot(self, plan: SlotPlan, value: Any, ctx: EncodeContext) -> SlotEncoding:
+        """One value of a slot encoded, and checked: finite features, at most
+        ``max_slot_positions`` positions.
+
+        Raises:
+            TaskDataError: naming task, column and row, for a ``SlotValueError`` of the
+                preprocessor and for any other exception it raises (wrapped, with its type and
+                message in the text and the original as ``__cause__``: a data error or a bug,
+                either way the row that met it is named).
+        """
         if plan.slot.is_literal:
             return SlotEncoding("TEXT", tokens=self.tokenizer.encode(value))
-        if plan.decode is not None and plan.decode.kind == "closed_set" and str(value) not in plan.decode.labels:
-            raise TaskDataError(f"{ctx.where(plan.slot.column)}: label {value!r} is not in the closed set "
-                                f"({len(plan.decode.labels)} labels)")
+        where = ctx.where(plan.slot.column)
         try:
-            return self._preprocessors[plan.preprocess](value, plan.slot, ctx)
+            if plan.decode is not None and plan.decode.kind == "closed_set" and str(value) not in plan.decode.labels:
+                raise TaskDataError(f"{where}: label {brief(value)} is not in the closed set "
+                                    f"({len(plan.decode.labels)} labels)")
+            encoding = self._preprocessors[plan.preprocess](value, plan.slot, ctx)
+        except TaskDataError:
+            raise
         except SlotValueError as exc:
             message = str(exc)
             if not message.startswith("task "):
-                message = f"{ctx.where(plan.slot.column)}: {message}"
+                message = f"{where}: {message}"
             raise TaskDataError(message) from None
+        except Exception as exc:
+            raise TaskDataError(f"{where}: the {plan.preprocess!r} preprocessor failed on {brief(value)}: "
+                                f"{type(exc).__name__}: {exc}") from exc
+        if encoding.features is not None and not bool(torch.isfinite(encoding.features).all()):
+            raise TaskDataError(f"{where}: the {plan.preprocess!r} preprocessor made non-finite features of "
+                                f"{brief(value)}")
+        if len(encoding) > self.max_slot_positions:
+            raise TaskDataError(f"{where}: the value takes {len(encoding)} positions, over the cap of "
+                                f"{self.max_slot_positions} positions per slot (truncate it with max_length where "
+                                "the slot takes one, or raise Task(max_slot_positions=...))")
+        return encoding
 
     def _chunks(self, plan: SlotPlan, encodings: list[SlotEncoding]) -> list[Chunk]:
         out = []

@@ -9,7 +9,11 @@
 and ``__getitem__`` returning dicts), or the path of a JSONL file whose media fields hold arrays
 (as nested lists), file paths (relative to the JSONL file) or base64 bytes (``{"base64": ...}``).
 A row that fails to encode raises ``TaskDataError`` naming the task, column and row, or, with
-``on_error="skip"``, is skipped and counted in ``task.skipped``.
+``on_error="skip"``, is skipped and counted in ``task.skipped``. Every failure of a row is one:
+values a slot cannot take, rows a dataset cannot read, features that come out non-finite, slots
+longer than ``max_slot_positions`` (default 4096) positions, and any other exception a
+preprocessor raises (wrapped, with its type and message, as ``__cause__``).
+
 
 Some preprocessors learn from the training rows (the STRUCT cell encoding: column ids, means and
 stds, text vocabularies). ``task.fit_statistics()`` fits them on this task's rows; a model keeps
@@ -30,7 +34,9 @@ import numpy as np
 
 from moe_gen.registry import MODALITIES, PREPROCESSORS
 from moe_gen.tasks.instruction import Instruction
-from moe_gen.tasks.plan import Sample, TaskDataError, TaskPlan, _modality_attributes
+from moe_gen.tasks.modalities.base import SlotValueError
+from moe_gen.tasks.modalities.signals import motion_frames
+from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = ["Task", "load_jsonl"]
@@ -62,6 +68,18 @@ def load_jsonl(path: str) -> list[dict]:
     return rows
 
 
+def _label_text(label: Any) -> Optional[str]:
+    """A closed-set label as the text it is known by, or None for values that have no valid text
+    (ints too long to write out, lone surrogates): their rows fail when encoded, instead of every
+    row failing when the label set is tokenised."""
+    try:
+        text = str(label)
+        text.encode("utf-8")
+    except (ValueError, UnicodeEncodeError):
+        return None
+    return text
+
+
 class Task:
     """A task declared by instruction.
 
@@ -74,6 +92,8 @@ class Task:
         weight: sampling/loss weight for the trainer.
         on_error: ``raise`` or ``skip`` rows that fail to encode.
         preprocessor_options: keyword arguments per preprocessor name.
+        max_slot_positions: the most positions (tokens or feature rows) one slot of a row may take
+            (``moe_gen.tasks.plan.MAX_SLOT_POSITIONS``); a longer one fails its row.
     """
 
     def __init__(
@@ -87,9 +107,13 @@ class Task:
         weight: float = 1.0,
         on_error: str = "raise",
         preprocessor_options: Optional[dict] = None,
+        max_slot_positions: int = MAX_SLOT_POSITIONS,
     ) -> None:
         if on_error not in ("raise", "skip"):
             raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+        if isinstance(max_slot_positions, bool) or not isinstance(max_slot_positions, int) or max_slot_positions < 1:
+            raise ValueError(f"max_slot_positions must be a positive int, got {max_slot_positions!r}")
+        self.max_slot_positions = max_slot_positions
         self.name = name
         self.instruction = (instruction if isinstance(instruction, Instruction)
                             else Instruction.parse(instruction, modalities=_modality_attributes()))
@@ -111,27 +135,60 @@ class Task:
         return f"Task({self.name!r}, {str(self.instruction)!r}, {len(self)} rows)"
 
     def closed_sets(self) -> dict[str, list[str]]:
-        """Label sets of closed-set slots (``closed_set`` or CATEGORY), collected from the data."""
-        columns = {s.column for t in self.instruction.templates for s in t.decoder
-                   if s.column and (s.attrs.get("closed_set") or s.modality == "CATEGORY")}
-        labels: dict[str, set] = {c: set() for c in columns}
-        for i in range(len(self.data)):
-            row = self.data[i]
-            for c in columns:
+        """Label sets of closed-set slots (``closed_set`` or CATEGORY), collected from the data.
+
+        Raises:
+            TaskDataError: when the task has rows but none with a valid label in a closed set's
+                column (ints too long to write out and lone surrogates are not labels); a task
+                without rows has empty label sets.
+        """
+        repeated = {s.column: s.repeat is not None for t in self.instruction.templates for s in t.decoder
+                    if s.column and (s.attrs.get("closed_set") or s.modality == "CATEGORY")}
+        labels: dict[str, set] = {c: set() for c in repeated}
+        for _, row in self._readable_rows(len(self.data) if repeated else 0):
+            for c in repeated:
                 if isinstance(row, dict) and c in row:
                     value = row[c]
                     # a repetition group's column holds one label per item
-                    labels[c].update(map(str, value) if isinstance(value, (list, tuple)) else [str(value)])
+                    for label in value if repeated[c] and isinstance(value, (list, tuple)) else [value]:
+                        text = _label_text(label)
+                        if text is not None:
+                            labels[c].add(text)
+        for c in repeated:
+            if len(self.data) and not labels[c]:
+                raise TaskDataError(f"task {self.name!r}, column {c!r}: none of the {len(self.data)} rows holds a "
+                                    "valid label for this closed set (text; ints too long to write out and lone "
+                                    "surrogates are not)")
         return {c: sorted(v) for c, v in labels.items()}
 
     def motion_statistics(self, max_rows: int = 256) -> Optional[dict]:
         """Per-feature mean and std of the task's MOTION columns over up to ``max_rows`` rows, so
-        every clip is normalised alike (and generated frames can be mapped back)."""
+        every clip is normalised alike (and generated frames can be mapped back).
+
+        Values that are not frames ``[T, J]`` of finite numbers are passed over (their rows fail
+        when encoded). None when there are no frames, or when clips differ in width J.
+
+        Raises:
+            TaskDataError: when the rows read hold MOTION values but none of them is usable (it
+                says how many were passed over, and why the first one was).
+        """
         columns = {s.column for t in self.instruction.templates for s in t.encoder + t.decoder
                    if s.modality == "MOTION" and s.column}
-        frames = [np.asarray(self.data[i][c], dtype=np.float64) for i in range(min(len(self.data), max_rows))
-                  for c in columns if isinstance(self.data[i], dict) and c in self.data[i]]
-        frames = [f for f in frames if f.ndim == 2 and len(f)]
+        frames, bad, first_error = [], 0, None
+        rows = min(len(self.data), max_rows) if columns else 0
+        for i, row in self._readable_rows(rows):
+            for column in sorted(columns):
+                if not isinstance(row, Mapping) or column not in row:
+                    continue
+                try:
+                    frames.append(motion_frames(row[column], np.float64))
+                except SlotValueError as exc:
+                    bad += 1
+                    first_error = first_error or f"row {i}: {exc}"
+        if bad and not frames:
+            raise TaskDataError(f"task {self.name!r}, column {', '.join(map(repr, sorted(columns)))}: none of the "
+                                f"{bad} MOTION values in the first {rows} rows is usable for the normalisation "
+                                f"statistics ({first_error})")
         if not frames or len({f.shape[1] for f in frames}) != 1:
             return None
         stacked = np.concatenate(frames)
@@ -140,7 +197,12 @@ class Task:
     def fit_statistics(self, max_rows: int = 10_000) -> dict[str, dict]:
         """What the preprocessors of this task's slots learn from its first ``max_rows`` rows
         (``Preprocessor.fit``): preprocessor name → slot column → JSON-serialisable statistics
-        (cached; empty when no slot learns anything). Slots without a column are not fitted."""
+        (cached; empty when no slot learns anything). Slots without a column are not fitted.
+
+        Raises:
+            TaskDataError: naming the task and column when a preprocessor's ``fit`` fails (it
+                should pass over values it cannot read; their rows then fail on their own).
+        """
         if self._statistics is not None:
             return self._statistics
         slots: dict[tuple[str, str], Any] = {}
@@ -154,7 +216,12 @@ class Task:
         statistics: dict[str, dict] = {}
         for (name, column), slot in slots.items():
             # lazily: a preprocessor that learns nothing reads no rows
-            fitted = PREPROCESSORS.get(name).fit(slot, self._column_values(column, slot.repeat is not None, max_rows))
+            values = self._column_values(column, slot.repeat is not None, max_rows)
+            try:
+                fitted = PREPROCESSORS.get(name).fit(slot, values)
+            except Exception as exc:  # a fit that fails on some value fails every row: name the column
+                raise TaskDataError(f"task {self.name!r}, column {column!r}: the {name!r} preprocessor cannot "
+                                    f"learn from the rows ({type(exc).__name__}: {exc})") from exc
             if fitted is not None:
                 statistics.setdefault(name, {})[column] = fitted
         self._statistics = statistics
@@ -162,8 +229,7 @@ class Task:
 
     def _column_values(self, column: str, repeated: bool, max_rows: int) -> Iterator[Any]:
         """The column's values over the first ``max_rows`` rows (a repetition group's items one by one)."""
-        for i in range(min(len(self.data), max_rows)):
-            row = self.data[i]
+        for _, row in self._readable_rows(max_rows):
             if isinstance(row, Mapping) and column in row:
                 value = row[column]
                 yield from value if repeated and isinstance(value, (list, tuple)) else [value]
@@ -189,24 +255,84 @@ class Task:
             for name, per_column in fitted.items():
                 options[name] = {**options.get(name, {}), "statistics": per_column}
             plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=self.closed_sets(),
-                            preprocessor_options=options)
+                            preprocessor_options=options, max_slot_positions=self.max_slot_positions)
             self._plans[key] = (statistics, plan)
         return self._plans[key][1]
 
     def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True,
                statistics: Optional[Mapping[str, Mapping]] = None) -> Optional[Sample]:
         """Row ``index`` encoded, or None when it fails and ``on_error="skip"`` (``statistics``: as
-        for ``plan``)."""
-        # crc32, not hash(): str hashes change from process to process.
-        rng = random.Random(zlib.crc32(f"{self.name}/{index}/{seed}".encode()))
+        for ``plan``).
+
+        Raises:
+            TaskDataError: for a row that fails (``on_error="raise"``); any exception other than
+                ``TaskDataError`` met while encoding the row is wrapped in one naming the task and
+                row, with its type and message, and kept as ``__cause__``.
+        """
         try:
-            return self.plan(tokenizer, statistics).encode(self.data[index], index, rng=rng, training=training)
+            plan = self.plan(tokenizer, statistics)
+            row = self._row(index)
+            try:
+                return plan.encode(row, index, rng=self._rng(index, seed), training=training)
+            except TaskDataError:
+                raise
+            except Exception as exc:  # the plan wraps preprocessor errors with the column; this is the backstop
+                raise TaskDataError(f"task {self.name!r}, row {index}: encoding failed: {type(exc).__name__}: "
+                                    f"{exc}") from exc
         except TaskDataError as exc:
             if self.on_error == "raise":
                 raise
             self.skipped += 1
             self.errors.append(str(exc))
             return None
+
+    def probe(self, tokenizer: Tokenizer, max_rows: int = 64) -> list[Sample]:
+        """For each template, the sample of the first of the first ``max_rows`` rows that encodes
+        with it (not training; failures are not counted as skipped): what a model reads its feature
+        widths from, so a bad first row does not hide a slot's adapter. Empty for a task without rows.
+
+        Raises:
+            TaskDataError: when none of those rows encodes, naming the first failure.
+        """
+        plan = self.plan(tokenizer)
+        samples, first_error = [], None
+        rows = min(len(self.data), max_rows)
+        for template in range(len(plan.templates)):
+            for i in range(rows):
+                try:
+                    samples.append(plan.encode(self._row(i), i, rng=self._rng(i), training=False, template=template))
+                    break
+                except TaskDataError as exc:
+                    first_error = first_error or str(exc)
+        if rows and not samples:
+            raise TaskDataError(f"task {self.name!r}: none of its first {rows} rows encode; the first failure: "
+                                f"{first_error}")
+        return samples
+
+    def _rng(self, index: int, seed: int = 0) -> random.Random:
+        # crc32, not hash(): str hashes change from process to process.
+        return random.Random(zlib.crc32(f"{self.name}/{index}/{seed}".encode()))
+
+    def _readable_rows(self, limit: int) -> Iterator[tuple[int, Any]]:
+        """``(index, row)`` of the first ``limit`` rows, passing over rows the dataset fails to read
+        (what is learned from the rows does not depend on them; they fail when encoded)."""
+        for i in range(min(len(self.data), limit)):
+            try:
+                row = self.data[i]
+            except Exception:
+                continue
+            yield i, row
+
+    def _row(self, index: int) -> Any:
+        """Row ``index`` of the data; a dataset that fails to read it (a corrupt shard, an
+        undecodable image column) fails that row with ``TaskDataError``."""
+        try:
+            return self.data[index]
+        except IndexError:  # an index past the end is the caller's mistake, not the row's
+            raise
+        except Exception as exc:
+            raise TaskDataError(f"task {self.name!r}, row {index}: cannot read the row "
+                                f"({type(exc).__name__}: {exc})") from exc
 
     def samples(self, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True,
                 statistics: Optional[Mapping[str, Mapping]] = None) -> Iterator[Sample]:

@@ -29,12 +29,37 @@ from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = [
     "modality_tag_names", "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
-    "register_modality",
+    "register_modality", "brief", "tensor_to_numpy",
 ]
 
 
 class SlotValueError(ValueError):
     """A raw value that a slot cannot take (wrong kind, corrupt file, bad shape)."""
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """A short ``repr`` of a raw value for error messages (never raises: ints too long to write
+    out, or objects whose repr fails, are named by their type)."""
+    try:
+        text = repr(value)
+    except Exception:  # e.g. ValueError past sys.get_int_max_str_digits()
+        return f"a {type(value).__name__}"
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def tensor_to_numpy(value: torch.Tensor):
+    """A tensor's values as a numpy array (bfloat16 and float8, which numpy lacks, as float32).
+
+    Raises:
+        SlotValueError: for tensors numpy cannot hold (sparse, quantized, ...).
+    """
+    value = value.detach().cpu()
+    if value.is_floating_point() and value.dtype not in (torch.float16, torch.float32, torch.float64):
+        value = value.float()
+    try:
+        return value.numpy()
+    except (TypeError, RuntimeError) as exc:
+        raise SlotValueError(f"cannot read a {value.dtype} tensor ({exc})") from None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,6 +135,8 @@ class EncodeContext:
         row: the whole data row (some slots depend on others, e.g. boxes on their image).
         encoded: slots of this sample already encoded, by column.
         task: task name, and index: row index, for error messages.
+        max_positions: the most positions one slot may take (``TaskPlan`` checks every slot;
+            a preprocessor with costly work, such as resampling audio, refuses earlier).
     """
 
     tokenizer: Tokenizer
@@ -119,6 +146,7 @@ class EncodeContext:
     encoded: dict[str, SlotEncoding] = dataclasses.field(default_factory=dict)
     task: str = "?"
     index: int = -1
+    max_positions: Optional[int] = None
 
     def where(self, column: Optional[str]) -> str:
         """"task 'x', column 'c', row 3": the place named in error messages."""

@@ -8,26 +8,36 @@ image is resized; decoding maps bins back to the ORIGINAL image's pixels. OFA us
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping, Set
 from typing import Sequence
+
+from moe_gen.tasks.modalities.base import brief
 
 __all__ = ["check_box", "quantize_box", "dequantize_box", "scale_box", "box_iou"]
 
 
 def check_box(box: Sequence[float], width: float, height: float) -> tuple[float, float, float, float]:
     """Validates a pixel box ``(x0, y0, x1, y1)`` against the image size; returns it as floats."""
-    try:
-        x0, y0, x1, y1 = (float(v) for v in box)
-    except (TypeError, ValueError):
-        raise ValueError(f"a box must be 4 numbers (x0, y0, x1, y1), got {box!r}") from None
-    if not all(math.isfinite(v) for v in (x0, y0, x1, y1)):
-        raise ValueError(f"box {box!r} has non-finite coordinates")
-    if not (width > 0 and height > 0):
-        raise ValueError(f"image size must be positive, got {width}x{height}")
+    # A string or a dict would iterate to characters or keys; a set has no order.
+    if isinstance(box, (str, bytes, bytearray, Mapping, Set)):
+        coordinates = None
+    else:
+        try:
+            coordinates = [float(v) for v in box]
+        except (TypeError, ValueError, OverflowError):  # OverflowError: an int too large for a float
+            coordinates = None
+    if coordinates is None or len(coordinates) != 4:
+        raise ValueError(f"a box must be 4 numbers (x0, y0, x1, y1), got {brief(box)}")
+    x0, y0, x1, y1 = coordinates
+    if not all(math.isfinite(v) for v in coordinates):
+        raise ValueError(f"box {brief(box)} has non-finite coordinates")
+    if not (width > 0 and height > 0 and math.isfinite(width) and math.isfinite(height)):
+        raise ValueError(f"image size must be positive and finite, got {width}x{height}")
     if x1 < x0 or y1 < y0:
-        raise ValueError(f"box {box!r} has x1 < x0 or y1 < y0 (expected x0, y0, x1, y1)")
+        raise ValueError(f"box {brief(box)} has x1 < x0 or y1 < y0 (expected x0, y0, x1, y1)")
     tolerance = 1e-6 * max(width, height)
     if x0 < -tolerance or y0 < -tolerance or x1 > width + tolerance or y1 > height + tolerance:
-        raise ValueError(f"box {box!r} lies outside the {width}x{height} image")
+        raise ValueError(f"box {brief(box)} lies outside the {width}x{height} image")
     return x0, y0, x1, y1
 
 

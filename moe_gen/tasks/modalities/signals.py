@@ -13,7 +13,10 @@ decoder side both are regression targets with a stop flag (``n_frames_per_step``
 
 from __future__ import annotations
 
+import fractions
 import io
+import math
+import numbers
 import os
 import wave
 from typing import Any, Optional
@@ -30,13 +33,19 @@ from moe_gen.tasks.modalities.base import (
     Preprocessor,
     SlotEncoding,
     SlotValueError,
+    brief,
     register_modality,
+    tensor_to_numpy,
 )
 
-__all__ = ["load_waveform", "fbank", "AudioPreprocessor", "MotionPreprocessor", "ConvSubsampleAdapter",
-           "FrameMLPAdapter", "SAMPLE_RATE", "MEL_BINS"]
+__all__ = ["load_waveform", "read_waveform", "resample", "check_sample_rate", "fbank", "motion_frames",
+           "AudioPreprocessor", "MotionPreprocessor", "ConvSubsampleAdapter", "FrameMLPAdapter", "SAMPLE_RATE",
+           "MEL_BINS", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE"]
 
 SAMPLE_RATE, MEL_BINS = 16000, 80
+# Accepted input rates: below 1 kHz is no longer speech (and costly to upsample); 384 kHz is the
+# highest rate audio interfaces record.
+MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
 
 register_modality(ModalitySpec("AUDIO", text_like=False, preprocess="audio_fbank", adaptor="audio_conv",
                                continuous_target=True))
@@ -49,21 +58,43 @@ def _read_wav(source) -> tuple[np.ndarray, int]:
         with wave.open(source, "rb") as f:
             rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
             raw = f.readframes(f.getnframes())
-    except (wave.Error, EOFError, OSError) as exc:
+    except Exception as exc:  # wave.Error, EOFError, OSError, and struct errors of broken headers
         raise SlotValueError(f"cannot read the WAV audio: {exc}") from None
     if width not in (1, 2, 4):
         raise SlotValueError(f"unsupported WAV sample width {width} bytes")
     dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    data = np.frombuffer(raw, dtype=dtype).astype(np.float32)
+    data = np.frombuffer(raw[: len(raw) // (width * channels) * width * channels], dtype=dtype).astype(np.float32)
     data = (data - 128.0) / 128.0 if width == 1 else data / float(np.iinfo(dtype).max)
     return data.reshape(-1, channels).mean(axis=1), rate
 
 
-def load_waveform(value: Any, sample_rate: Optional[int] = None) -> torch.Tensor:
-    """Mono float32 waveform ``[S]`` at 16 kHz from an array (with ``sample_rate``, default 16 kHz),
-    a ``{"array", "sampling_rate"}`` dict, a WAV path or WAV bytes."""
-    import torchaudio
+def check_sample_rate(rate: Any) -> int:
+    """A sample rate, rounded to whole samples per second, in [``MIN_SAMPLE_RATE``,
+    ``MAX_SAMPLE_RATE``] (None: ``SAMPLE_RATE``).
 
+    A wrong rate is costly rather than merely wrong: a clip declared at 1 Hz is resampled to
+    16,000 times its length. Raises ``SlotValueError`` for anything else (text such as ``"16k"``,
+    booleans, non-finite or out-of-range numbers).
+    """
+    if rate is None:
+        return SAMPLE_RATE
+    value = None
+    if isinstance(rate, numbers.Real) and not isinstance(rate, (bool, np.bool_)):
+        try:
+            value = float(rate)
+        except OverflowError:
+            pass
+    if value is None or not math.isfinite(value) or not MIN_SAMPLE_RATE <= round(value) <= MAX_SAMPLE_RATE:
+        raise SlotValueError(f"the sample rate must be a number of samples per second between {MIN_SAMPLE_RATE} "
+                             f"and {MAX_SAMPLE_RATE}, got {brief(rate)}")
+    return int(round(value))
+
+
+def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, int]:
+    """Mono float32 waveform ``[S]`` at its own rate, and that rate, from an array or tensor of
+    floats (at ``sample_rate``, default 16 kHz), a ``{"array", "sampling_rate"}`` dict, a WAV path
+    or WAV bytes. Raises ``SlotValueError`` for anything else, empty or non-finite waveforms and
+    bad sample rates."""
     if isinstance(value, dict) and "array" in value:
         value, sample_rate = value["array"], value.get("sampling_rate", value.get("sample_rate"))
     if isinstance(value, (str, os.PathLike)):
@@ -71,23 +102,61 @@ def load_waveform(value: Any, sample_rate: Optional[int] = None) -> torch.Tensor
     elif isinstance(value, (bytes, bytearray)):
         value, sample_rate = _read_wav(io.BytesIO(value))
     if isinstance(value, (list, tuple)):  # e.g. from JSONL
-        value = np.asarray(value, dtype=np.float32)
+        try:
+            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+                value = np.asarray(value, dtype=np.float32)
+        except (ValueError, TypeError, OverflowError):
+            raise SlotValueError("an audio waveform given as a list must be a list of numbers (or of equally long "
+                                 "channel lists)") from None
     if isinstance(value, np.ndarray):
-        value = torch.from_numpy(np.ascontiguousarray(value))
+        if value.dtype.kind != "f":
+            raise SlotValueError(f"an audio array must hold floats, got dtype {value.dtype}")
+        with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
+            value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in (1, 2):
         raise SlotValueError(
             f"an AUDIO slot needs a float waveform [S] or [C, S], a dict, a WAV path or bytes, got "
             f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}"
         )
-    wav = value.float()
+    wav = value.detach().cpu().float()
     if wav.dim() == 2:
         wav = wav.mean(0)
     if wav.numel() == 0 or not torch.isfinite(wav).all():
         raise SlotValueError("the waveform is empty or has non-finite samples")
-    rate = int(sample_rate or SAMPLE_RATE)
-    if rate != SAMPLE_RATE:
-        wav = torchaudio.functional.resample(wav, rate, SAMPLE_RATE)
-    return wav
+    return wav, check_sample_rate(sample_rate)
+
+
+# torchaudio's sinc resampler builds (new × orig) kernel phases for the rates divided by their gcd:
+# co-prime rates such as 44101 Hz would take minutes and gigabytes.
+_MAX_RESAMPLE_PHASES = 1_000_000
+
+
+def resample(wav_S: torch.Tensor, rate: int) -> torch.Tensor:
+    """The waveform ``[S]`` at ``rate`` Hz resampled to 16 kHz. Rates whose exact ratio to 16 kHz
+    needs too large a kernel (co-prime ones) are resampled by the nearest ratio of integers up to
+    256 instead: a clip's length and pitch then change by at most 0.2 % (15969 Hz read as 16 kHz)."""
+    import torchaudio
+
+    if rate == SAMPLE_RATE:
+        return wav_S
+    orig, new = rate, SAMPLE_RATE
+    gcd = math.gcd(orig, new)
+    if (orig // gcd) * (new // gcd) > _MAX_RESAMPLE_PHASES:
+        if orig > new:
+            ratio = fractions.Fraction(orig, new).limit_denominator(256)
+            orig, new = ratio.numerator, ratio.denominator
+        else:
+            ratio = fractions.Fraction(new, orig).limit_denominator(256)
+            orig, new = ratio.denominator, ratio.numerator
+        if orig == new:
+            return wav_S
+    return torchaudio.functional.resample(wav_S, orig, new)
+
+
+def load_waveform(value: Any, sample_rate: Optional[int] = None) -> torch.Tensor:
+    """Mono float32 waveform ``[S]`` at 16 kHz from an array (with ``sample_rate``, default 16 kHz),
+    a ``{"array", "sampling_rate"}`` dict, a WAV path or WAV bytes."""
+    return resample(*read_waveform(value, sample_rate))
 
 
 def fbank(wav_S: torch.Tensor) -> torch.Tensor:
@@ -132,12 +201,10 @@ class AudioPreprocessor(Preprocessor):
     def _perturb(self, wav: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
         """Speed perturbation (by default ×0.9, ×1.0, ×1.1 by resampling, Ko et al. 2015): new
         speakers' tempo and pitch; training only."""
-        import torchaudio
-
         factor = ctx.rng.choice(self.speeds)
         if factor == 1.0:
             return wav
-        return torchaudio.functional.resample(wav, int(SAMPLE_RATE * factor), SAMPLE_RATE)
+        return resample(wav, int(SAMPLE_RATE * factor))
 
     @staticmethod
     def _spec_augment(feats: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
@@ -154,12 +221,23 @@ class AudioPreprocessor(Preprocessor):
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         try:
-            wav = load_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
+            wav, rate = read_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        seconds = wav.numel() / rate
+        # One fbank frame every 10 ms: refuse an over-long clip before resampling it.
+        rows = math.ceil(seconds * 100 / self.frames_per_row)
+        if ctx.max_positions is not None and rows > ctx.max_positions:
+            raise SlotValueError(f"{ctx.where(slot.column)}: the clip is {seconds:.3g} s long (about {rows} "
+                                 f"positions), over the cap of {ctx.max_positions} positions per slot; cut it, check "
+                                 f"its sample rate ({rate} Hz), or raise Task(max_slot_positions=...)")
+        wav = resample(wav, rate)
         if ctx.training and self.augment:
             wav = self._perturb(wav, ctx)
         feats = fbank(wav)
+        if not torch.isfinite(feats).all():  # e.g. samples ~1e20: their energies overflow float32
+            raise SlotValueError(f"{ctx.where(slot.column)}: the filterbank of this waveform is not finite (its "
+                                 f"largest sample is {float(wav.abs().max()):.3g}; waveforms are expected in [-1, 1])")
         if ctx.training and self.augment:
             feats = self._spec_augment(feats, ctx)
         max_rows = slot.attrs.get("max_length")
@@ -168,6 +246,27 @@ class AudioPreprocessor(Preprocessor):
             rows = rows[: int(max_rows)]
         return SlotEncoding("AUDIO", features=rows, positions=_frame_positions(rows.shape[0]),
                             meta={"frames": int(feats.shape[0]), "seconds": wav.numel() / SAMPLE_RATE})
+
+
+def motion_frames(value: Any, dtype=np.float32) -> np.ndarray:
+    """Pose frames ``[T, J]`` (T, J ≥ 1) of finite numbers within float32's range, as ``dtype``,
+    from an array, a tensor or nested lists. Raises ``SlotValueError`` for anything else."""
+    if isinstance(value, torch.Tensor):
+        value = tensor_to_numpy(value)
+    frames = None
+    if isinstance(value, (list, tuple)) or (isinstance(value, np.ndarray) and value.dtype.kind in "biufO"):
+        try:
+            with np.errstate(over="ignore"):  # beyond float32's range becomes inf, refused below
+                frames = np.asarray(value, dtype=dtype)
+        except (ValueError, TypeError, OverflowError):  # ragged lists, text, ints too large
+            frames = None
+    if frames is None or frames.ndim != 2 or 0 in frames.shape:
+        described = f"shape {frames.shape}" if frames is not None else (
+            f"dtype {value.dtype}" if isinstance(value, np.ndarray) else type(value).__name__)
+        raise SlotValueError(f"a MOTION slot needs frames [T, J] of numbers, got {described}")
+    if not np.isfinite(frames).all() or float(np.abs(frames).max()) > float(np.finfo(np.float32).max):
+        raise SlotValueError("motion frames have non-finite values (or values beyond float32's range)")
+    return frames
 
 
 @PREPROCESSORS.register("motion")
@@ -187,14 +286,13 @@ class MotionPreprocessor(Preprocessor):
         return None if self.width is None else self.frames_per_row * self.width
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
-        if isinstance(value, torch.Tensor):
-            value = value.detach().cpu().numpy()
-        frames = np.asarray(value, dtype=np.float32) if isinstance(value, (list, np.ndarray)) else None
-        if frames is None or frames.ndim != 2 or frames.shape[0] == 0:
-            raise SlotValueError(f"{ctx.where(slot.column)}: a MOTION slot needs frames [T, J], got "
-                                 f"{getattr(value, 'shape', type(value).__name__)}")
-        if not np.isfinite(frames).all():
-            raise SlotValueError(f"{ctx.where(slot.column)}: motion frames have non-finite values")
+        try:
+            frames = motion_frames(value)
+        except SlotValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        if self.mean is not None and np.shape(self.mean) != (frames.shape[1],):
+            raise SlotValueError(f"{ctx.where(slot.column)}: the clip has {frames.shape[1]} features a frame, the "
+                                 f"task's motion statistics {np.shape(self.mean)[-1]}")
         mean = self.mean if self.mean is not None else frames.mean(0)
         std = self.std if self.std is not None else frames.std(0)
         frames = (frames - mean) / np.maximum(std, 1e-5)

@@ -60,6 +60,7 @@ from moe_gen.tasks.modalities.base import (
     Preprocessor,
     SlotEncoding,
     SlotValueError,
+    brief,
     register_modality,
 )
 
@@ -85,9 +86,9 @@ def table_rows(table: Any) -> tuple[list[str], list[Mapping[str, Any]]]:
             column lists with single values, or column lists of different lengths.
     """
     if isinstance(table, Mapping):
-        columns = [str(name) for name in table]
+        columns = [_column_name(name) for name in table]
         values = list(table.values())
-        is_list = [isinstance(v, (list, tuple, np.ndarray)) for v in values]
+        is_list = [isinstance(v, (list, tuple)) or (isinstance(v, np.ndarray) and v.ndim > 0) for v in values]
         if all(is_list):  # a dict of columns (an empty dict is an empty table)
             lengths = {c: len(v) for c, v in zip(columns, values)}
             if len(set(lengths.values())) > 1:
@@ -106,10 +107,18 @@ def table_rows(table: Any) -> tuple[list[str], list[Mapping[str, Any]]]:
             if not isinstance(row, Mapping):
                 raise SlotValueError(f"table row {r} is a {type(row).__name__}; a table given as a list needs "
                                      "one dict per row")
-        rows = [{str(k): v for k, v in row.items()} for row in table]
+        rows = [{_column_name(k): v for k, v in row.items()} for row in table]
         return list(dict.fromkeys(k for row in rows for k in row)), rows
     raise SlotValueError(f"a STRUCT value must be a list of row dicts, a dict of columns or a dict of single "
                          f"values, got {type(table).__name__}")
+
+
+def _column_name(name: Any) -> str:
+    try:
+        return str(name)
+    except ValueError:  # ints past sys.get_int_max_str_digits()
+        raise SlotValueError(f"a table column name must be text, got a {type(name).__name__} too long to "
+                             "write out") from None
 
 
 def read_cell(value: Any) -> tuple[int, Any]:
@@ -126,7 +135,7 @@ def read_cell(value: Any) -> tuple[int, Any]:
         try:
             number = float(value)
         except OverflowError:
-            raise SlotValueError(f"the number {value} does not fit a float") from None
+            raise SlotValueError(f"the number {brief(value)} does not fit a float") from None
         if math.isnan(number):
             return MISSING, None
         if math.isinf(number):

@@ -9,6 +9,7 @@ text, a caption and the 4 location tokens of a box read as one sentence to the m
 from __future__ import annotations
 
 import functools
+import math
 import re
 from typing import Any
 
@@ -19,6 +20,7 @@ from moe_gen.tasks.modalities.base import (
     Preprocessor,
     SlotEncoding,
     SlotValueError,
+    brief,
     register_modality,
 )
 from moe_gen.tasks.modalities.box import quantize_box
@@ -51,15 +53,34 @@ def _text_tokens(text: str, slot, ctx: EncodeContext) -> list[int]:
 
 
 def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
+    """The value as valid Unicode text: str, UTF-8 bytes, or an int or float written out."""
+    where = ctx.where(slot.column)
     if isinstance(value, (bytes, bytearray)):
-        value = value.decode("utf-8")
+        try:
+            value = value.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise SlotValueError(f"{where}: a {modality} slot got bytes that are not UTF-8 text ({exc.reason} "
+                                 f"at byte {exc.start})") from None
     if isinstance(value, (int, float)) and not isinstance(value, bool):
-        value = str(value)
+        try:
+            value = str(value)
+        except ValueError:  # ints past sys.get_int_max_str_digits()
+            raise SlotValueError(f"{where}: a {modality} slot got a number with too many digits to write as "
+                                 "text") from None
     if not isinstance(value, str):
-        raise SlotValueError(
-            f"{ctx.where(slot.column)}: a {modality} slot needs text, got {type(value).__name__}"
-        )
-    return value
+        raise SlotValueError(f"{where}: a {modality} slot needs text, got {type(value).__name__}")
+    return _checked_unicode(value, slot, ctx)
+
+
+def _checked_unicode(text: str, slot, ctx: EncodeContext) -> str:
+    """``text`` unchanged if it is valid Unicode; a lone surrogate (Python strings may hold one, e.g.
+    from ``errors="surrogateescape"``) is an error rather than a crash of the tokenizer."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise SlotValueError(f"{ctx.where(slot.column)}: the text has a lone surrogate "
+                             f"{text[exc.start]!r} at character {exc.start}, which is not valid Unicode") from None
+    return text
 
 
 @PREPROCESSORS.register("text")
@@ -113,7 +134,7 @@ class StructTextPreprocessor(Preprocessor):
                 text = linearize_table(value)
             except SlotValueError as exc:
                 raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
-        return SlotEncoding(self.modality, tokens=_text_tokens(text, slot, ctx))
+        return SlotEncoding(self.modality, tokens=_text_tokens(_checked_unicode(text, slot, ctx), slot, ctx))
 
 
 @functools.lru_cache(maxsize=1)
@@ -182,7 +203,15 @@ def _image_size(ctx: EncodeContext, slot) -> tuple[float, float]:
         if "original_size" in encoding.meta:
             return encoding.meta["original_size"]
     if "width" in ctx.row and "height" in ctx.row:
-        return float(ctx.row["width"]), float(ctx.row["height"])
+        width, height = ctx.row["width"], ctx.row["height"]
+        try:
+            size = float(width), float(height)
+        except (TypeError, ValueError, OverflowError):
+            size = None
+        if size is None or not all(math.isfinite(v) and v > 0 for v in size):
+            raise SlotValueError(f"{ctx.where(slot.column)}: the row's 'width' and 'height' must be positive "
+                                 f"numbers (the image size in pixels), got {brief(width)} and {brief(height)}")
+        return size
     raise SlotValueError(
         f"{ctx.where(slot.column)}: a BOX slot needs its image's size: put an IMAGE slot in the "
         "same instruction, or give the row 'width' and 'height'"

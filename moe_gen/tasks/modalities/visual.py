@@ -23,6 +23,7 @@ from moe_gen.tasks.modalities.base import (
     SlotEncoding,
     SlotValueError,
     register_modality,
+    tensor_to_numpy,
 )
 
 __all__ = ["load_image", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "patchify"]
@@ -35,23 +36,45 @@ _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
 
 
+def _from_lists(value: Any, what: str) -> np.ndarray:
+    """Nested lists of numbers as a float32 array (numbers beyond float32's range become inf,
+    which ``_as_uint8`` refuses)."""
+    try:
+        with np.errstate(over="ignore"):
+            return np.asarray(value, dtype=np.float32)
+    except (ValueError, TypeError, OverflowError):
+        raise SlotValueError(f"{what} given as nested lists must be rectangular and hold numbers") from None
+
+
+def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
+    """Pixels as uint8: uint8 as they are; other numbers scaled (floats in [0, 1] by 255, values
+    beyond 255 down to the array's maximum) and clipped to [0, 255]."""
+    if array.dtype.kind not in "biuf":
+        raise SlotValueError(f"{what} must hold numbers, got dtype {array.dtype}")
+    if array.size == 0:
+        raise SlotValueError(f"{what} is empty (shape {array.shape})")
+    if array.dtype == np.uint8:
+        return array
+    if not np.isfinite(array).all():
+        raise SlotValueError(f"{what} has non-finite values")
+    high = float(array.max())
+    scale = 255.0 if high <= 1.0 else 255.0 / max(high, 1.0) if high > 255 else 1.0
+    with np.errstate(over="ignore"):  # float16 pixels times 255 may overflow; the clip bounds them
+        return np.clip(array * scale, 0, 255).astype(np.uint8)
+
+
 def load_image(value: Any):
     """A PIL RGB image from a PIL image, an array ``[H, W]``/``[H, W, C]`` (uint8, or float in
     [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes. Raises ``SlotValueError``."""
-    from PIL import Image, UnidentifiedImageError
+    from PIL import Image
 
-    if isinstance(value, Image.Image):
-        return value.convert("RGB")
     if isinstance(value, str) and not os.path.isfile(value):
         raise SlotValueError(f"an IMAGE slot got text {value[:40]!r}, which is neither an image nor an "
                              "existing file")
     if isinstance(value, (list, tuple)):  # nested lists, e.g. from JSONL
-        try:
-            value = np.asarray(value, dtype=np.float32)
-        except ValueError:
-            raise SlotValueError("an image given as nested lists must be rectangular") from None
+        value = _from_lists(value, "an image")
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = tensor_to_numpy(value)
         if value.ndim == 3 and value.shape[0] in (1, 3) and value.shape[-1] not in (1, 3):
             value = value.transpose(1, 2, 0)
     if isinstance(value, np.ndarray):
@@ -59,22 +82,26 @@ def load_image(value: Any):
             value = value[..., 0]
         if value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[-1] not in (3, 4)):
             raise SlotValueError(f"an image array must be [H, W] or [H, W, 3], got shape {value.shape}")
-        if value.dtype != np.uint8:
-            if not np.isfinite(value).all():
-                raise SlotValueError("an image array has non-finite values")
-            high = float(value.max()) if value.size else 0.0
-            scale = 255.0 if high <= 1.0 else 255.0 / max(high, 1.0) if high > 255 else 1.0
-            value = np.clip(value * scale, 0, 255).astype(np.uint8)
-        return Image.fromarray(value).convert("RGB")
+        value = Image.fromarray(_as_uint8(value, "an image array"))
     try:
-        if isinstance(value, (bytes, bytearray)):
-            return Image.open(io.BytesIO(value)).convert("RGB")
-        if isinstance(value, (str, os.PathLike)):
+        if isinstance(value, Image.Image):
+            image = value.convert("RGB")
+        elif isinstance(value, (bytes, bytearray)):
+            image = Image.open(io.BytesIO(value)).convert("RGB")
+        elif isinstance(value, (str, os.PathLike)):
             with Image.open(value) as img:
-                return img.convert("RGB")
-    except (UnidentifiedImageError, OSError, ValueError) as exc:
+                image = img.convert("RGB")
+        else:
+            raise SlotValueError(f"an IMAGE slot needs an image, array, path or bytes, got {type(value).__name__}")
+    except Image.DecompressionBombError as exc:
+        raise SlotValueError(f"the image is too large to decode safely ({exc})") from None
+    except SlotValueError:
+        raise
+    except Exception as exc:  # Pillow's decoders raise OSError, ValueError, EOFError, SyntaxError, ...
         raise SlotValueError(f"cannot decode the image: {exc}") from None
-    raise SlotValueError(f"an IMAGE slot needs an image, array, path or bytes, got {type(value).__name__}")
+    if image.width == 0 or image.height == 0:
+        raise SlotValueError(f"the image is empty ({image.width}x{image.height} pixels)")
+    return image
 
 
 def patchify(image_CHW: torch.Tensor, patch: int) -> torch.Tensor:
@@ -133,13 +160,18 @@ class ImagePreprocessor(Preprocessor):
 
 
 def load_video_frames(value: Any) -> np.ndarray:
-    """``[T, H, W, 3]`` uint8 frames from an array or a video file (PyAV)."""
+    """``[T, H, W, 3]`` uint8 frames (T ≥ 1) from an array (uint8, or float in [0, 1]), nested
+    lists, a tensor or a video file (PyAV). Raises ``SlotValueError``."""
     if isinstance(value, torch.Tensor):
-        value = value.detach().cpu().numpy()
+        value = tensor_to_numpy(value)
+    if isinstance(value, (list, tuple)):  # nested lists, e.g. from JSONL
+        value = _from_lists(value, "a video")
     if isinstance(value, np.ndarray):
         if value.ndim != 4 or value.shape[-1] != 3:
             raise SlotValueError(f"a video array must be [T, H, W, 3], got shape {value.shape}")
-        return value
+        if value.shape[0] == 0:
+            raise SlotValueError("the video has no frames")
+        return _as_uint8(value, "a video array")
     if isinstance(value, (str, os.PathLike, bytes, bytearray)):
         import av
 
@@ -147,11 +179,14 @@ def load_video_frames(value: Any) -> np.ndarray:
         try:
             with av.open(source) as container:
                 frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-        except (av.error.FFmpegError, OSError, ValueError) as exc:
+            video = np.stack(frames) if frames else None
+        except Exception as exc:  # FFmpeg errors, unreadable paths, frames of changing size
             raise SlotValueError(f"cannot decode the video: {exc}") from None
-        if not frames:
+        if video is None:
             raise SlotValueError("the video has no frames")
-        return np.stack(frames)
+        if video.size == 0:
+            raise SlotValueError(f"the video's frames are empty (shape {video.shape})")
+        return video
     raise SlotValueError(f"a VIDEO slot needs frames [T, H, W, 3] or a file, got {type(value).__name__}")
 
 
