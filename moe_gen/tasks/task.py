@@ -6,8 +6,9 @@
     samples = list(task.samples(tokenizer))
 
 ``data`` may be a list of dicts, a Hugging Face ``datasets`` dataset (anything with ``__len__``
-and ``__getitem__`` returning dicts), or the path of a JSONL file whose media fields hold arrays
-(as nested lists), file paths (relative to the JSONL file) or base64 bytes (``{"base64": ...}``).
+and ``__getitem__`` returning dicts), or the path of a JSONL file whose media fields (IMAGE, AUDIO
+and VIDEO slots) hold arrays (as nested lists), paths of regular files (relative to the JSONL
+file; ``data_root`` confines them) or base64 bytes (``{"base64": ...}``).
 A row that fails to encode raises ``TaskDataError`` naming the task, column and row, or, with
 ``on_error="skip"``, is skipped and counted in ``task.skipped``. Every failure of a row is one:
 values a slot cannot take, rows a dataset cannot read, features that come out non-finite, slots
@@ -24,11 +25,13 @@ task, or one built with no rows, encodes exactly as the training task did.
 from __future__ import annotations
 
 import base64
+import binascii
 import json
 import os
 import random
+import stat
 import zlib
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -39,33 +42,94 @@ from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
 
-__all__ = ["Task", "load_jsonl"]
+__all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES"]
 
 
-def load_jsonl(path: str) -> list[dict]:
-    """Rows of a JSONL file; ``{"base64": s}`` values become bytes, and string values naming an
-    existing file relative to the JSONL file become absolute paths."""
-    rows = []
+MEDIA_MODALITIES = ("IMAGE", "AUDIO", "VIDEO")  # modalities whose values may name files
+
+
+def media_columns(instruction: Instruction) -> set[str]:
+    """The columns of ``instruction``'s media slots (``MEDIA_MODALITIES``): the only values
+    ``load_jsonl`` reads as file paths."""
+    return {slot.column for template in instruction.templates for slot in template.encoder + template.decoder
+            if slot.modality in MEDIA_MODALITIES and slot.column}
+
+
+def load_jsonl(path: str, media: Iterable[str] = (), *, root: Optional[str] = None) -> list[dict]:
+    """Rows of a JSONL file.
+
+    ``{"base64": s}`` values become bytes. String values of the ``media`` columns (``media_columns``
+    of the task's instruction; or lists of strings,
+    for repetition groups) are file paths relative to the JSONL file's folder and become absolute
+    paths; each must name a regular file (a FIFO or device would block or fail its reader) and,
+    with ``root``, lie under ``root`` once symlinks are resolved (``../`` and absolute paths that
+    leave it are refused). Every other value is kept as written, text that happens to name a
+    file included.
+
+    Raises:
+        TaskDataError: naming the file and line (and column) of a line that is not UTF-8 or not a
+            JSON object, of bad base64, and of a media path that is missing, not a regular file,
+            or outside ``root``.
+    """
+    columns = set(media)
     base = os.path.dirname(os.path.abspath(path))
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
+    confine = None if root is None else os.path.realpath(root)
+    rows = []
+    with open(path, "rb") as f:
+        for number, raw in enumerate(f, 1):
+            where = f"{path}, line {number}"
+            try:
+                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+            except UnicodeDecodeError as exc:
+                raise TaskDataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte "
+                                    f"{exc.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
             except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{path}, line {number}: not JSON ({exc.msg})") from None
+                raise TaskDataError(f"{where}: not JSON ({exc.msg} at character {exc.colno})") from None
             if not isinstance(row, dict):
-                raise TaskDataError(f"{path}, line {number}: a row must be a JSON object")
+                raise TaskDataError(f"{where}: a row must be a JSON object")
             for key, value in row.items():
                 if isinstance(value, dict) and set(value) == {"base64"}:
-                    row[key] = base64.b64decode(value["base64"])
-                elif isinstance(value, str) and (os.sep in value or "." in value):
-                    candidate = os.path.join(base, value)
-                    if os.path.isfile(candidate):
-                        row[key] = candidate
+                    row[key] = _base64_bytes(value["base64"], f"{where}, column {key!r}")
+                elif key in columns and isinstance(value, str):
+                    row[key] = _media_path(value, base, confine, f"{where}, column {key!r}")
+                elif key in columns and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+                    row[key] = [_media_path(v, base, confine, f"{where}, column {key!r}") for v in value]
             rows.append(row)
     return rows
+
+
+def _base64_bytes(text: Any, where: str) -> bytes:
+    if not isinstance(text, str):
+        raise TaskDataError(f"{where}: base64 must be a string, got {type(text).__name__}")
+    try:
+        return base64.b64decode("".join(text.split()), validate=True)  # line breaks allowed, nothing else
+    except binascii.Error as exc:
+        raise TaskDataError(f"{where}: bad base64 ({exc})") from None
+
+
+_FILE_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"),
+               (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _media_path(value: str, base: str, confine: Optional[str], where: str) -> str:
+    """``value`` as an absolute path (relative to ``base``), checked as ``load_jsonl`` documents."""
+    resolved = os.path.abspath(os.path.join(base, value))
+    if confine is not None:
+        real = os.path.realpath(resolved)
+        if os.path.commonpath([real, confine]) != confine:
+            raise TaskDataError(f"{where}: {value!r} lies outside the data root {confine}")
+    try:
+        mode = os.stat(resolved).st_mode
+    except OSError as exc:
+        raise TaskDataError(f"{where}: cannot use the file {value!r} ({exc.strerror}: {resolved})") from None
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
+        raise TaskDataError(f"{where}: {value!r} is {kind}, not a regular file ({resolved})")
+    return resolved
 
 
 def _label_text(label: Any) -> Optional[str]:
@@ -94,6 +158,8 @@ class Task:
         preprocessor_options: keyword arguments per preprocessor name.
         max_slot_positions: the most positions (tokens or feature rows) one slot of a row may take
             (``moe_gen.tasks.plan.MAX_SLOT_POSITIONS``); a longer one fails its row.
+        data_root: with a JSONL path as ``data``, media paths must lie under this folder
+            (``load_jsonl``'s ``root``).
     """
 
     def __init__(
@@ -107,6 +173,7 @@ class Task:
         weight: float = 1.0,
         on_error: str = "raise",
         preprocessor_options: Optional[dict] = None,
+        data_root: Optional[str] = None,
         max_slot_positions: int = MAX_SLOT_POSITIONS,
     ) -> None:
         if on_error not in ("raise", "skip"):
@@ -117,7 +184,8 @@ class Task:
         self.name = name
         self.instruction = (instruction if isinstance(instruction, Instruction)
                             else Instruction.parse(instruction, modalities=_modality_attributes()))
-        self.data = load_jsonl(data) if isinstance(data, (str, os.PathLike)) else data
+        self.data = (load_jsonl(data, media_columns(self.instruction), root=data_root)
+                     if isinstance(data, (str, os.PathLike)) else data)
         if not hasattr(self.data, "__len__") or not hasattr(self.data, "__getitem__"):
             raise ValueError(f"task {name!r}: data must be a list of rows, a dataset or a JSONL path")
         self.objective, self.metrics, self.weight = objective, tuple(metrics), float(weight)
