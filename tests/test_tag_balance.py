@@ -83,10 +83,10 @@ def _utilisation(moe: MoE) -> float:
 # ---- balancing --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("rule", ["error", "sign"])
-def test_bias_spreads_unequal_tag_groups_from_a_collapsed_start(rule):
+@pytest.mark.parametrize("rule,mode", [("error", "bias"), ("sign", "bias"), ("error", "loss+bias")])
+def test_bias_spreads_unequal_tag_groups_from_a_collapsed_start(rule, mode):
     seed = 0
-    balanced, unbalanced = _moe("bias", tag_balance_rate=0.05, tag_balance_rule=rule), _moe("none")
+    balanced, unbalanced = _moe(mode, tag_balance_rate=0.05, tag_balance_rule=rule), _moe("none")
     unbalanced.load_state_dict({k: v for k, v in balanced.state_dict().items() if "balance_bias" not in k})
     for moe in (balanced, unbalanced):
         _collapse_(moe, seed)
@@ -259,6 +259,9 @@ def test_the_loss_is_added_only_for_tag_balance_loss_and_is_the_same_with_capaci
     assert expanded.routing.groups is None
     torch.testing.assert_close(expanded.aux_losses["tag_balance"], dropless.aux_losses["tag_balance"])
     assert set(_moe("bias").train()(x, tags=tags).aux_losses) == {"z"}
+    both = _moe("loss+bias").train()
+    assert set(both(x, tags=tags).aux_losses) == {"tag_balance", "z"}
+    assert both.router.balance_bias is not None and float(both.router.balance_bias.abs().max()) > 0
     assert "tag_balance" not in _moe("loss", strategy="token").train()(x, tags=tags).aux_losses
 
 

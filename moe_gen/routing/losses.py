@@ -77,7 +77,8 @@ def auxiliary_losses(
         router (see the module docstring for which are skipped and why).
     """
     count_losses_apply = routing.content_dependent and not routing.balanced_by_construction
-    tag_loss_applies = (config.tag_balance == "loss" and config.balance_loss_weight > 0 and routing.learned_gate
+    tag_loss_applies = (config.tag_balance in ("loss", "loss+bias") and config.balance_loss_weight > 0
+                        and routing.learned_gate
                         and not routing.content_dependent and not routing.balanced_by_construction)
     if routing.groups is not None and not count_losses_apply:
         # Routes kept per tag group: the losses over tokens are each group's value weighted by its

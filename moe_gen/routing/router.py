@@ -219,7 +219,7 @@ class Router(nn.Module):
 
     @property
     def balances_by_bias(self) -> bool:
-        return self.tag_balanced and self.router_config.tag_balance == "bias"
+        return self.tag_balanced and self.router_config.tag_balance in ("bias", "loss+bias")
 
     @torch.no_grad()
     def update_balance_bias(self, routing: RouterOutput) -> None:
