@@ -74,7 +74,7 @@ def _config_type(hint: Any) -> type | None:
 _UnionType = type(int | str)
 
 NOISE_POLICIES = ("none", "gaussian", "jitter", "gumbel")
-TAG_BALANCE = ("bias", "loss", "none")
+TAG_BALANCE = ("bias", "loss", "loss+bias", "none")
 TAG_BALANCE_RULES = ("error", "sign")
 DROP_POLICIES = ("in_order", "batch_prioritized")
 BALANCE_GROUPS = ("modality", "task")
@@ -109,8 +109,10 @@ class RouterConfig(ConfigBase):
             (``moe_gen.routing.balance``): ``loss`` (default: the Switch balance loss over tag
             groups weighted by their token counts, at ``balance_loss_weight``), ``bias``
             (loss-free: a per-expert bias added to the logits only to choose experts, nudged after
-            each training forward towards underloaded experts; Wang et al. 2024, DeepSeek-V3) or
-            ``none``. No effect on content-dependent strategies, which have the losses above.
+            each training forward towards underloaded experts; Wang et al. 2024, DeepSeek-V3),
+            ``loss+bias`` (both: the loss shapes the probabilities, the bias revives experts whose
+            probability has collapsed, which the loss's gradient barely reaches) or ``none``. No
+            effect on content-dependent strategies, which have the losses above.
         tag_balance_rate: u, the largest step of a bias update, in logit units.
         tag_balance_rule: how the bias moves: ``error`` (``b_e += u·clip((mean − load_e) / mean,
             -1, 1)``: experts near the mean load barely move, so coarse tag groups stop hopping
