@@ -13,7 +13,12 @@
 
 Dotted overrides set any key of the run configuration: ``--train.<TrainConfig field>``,
 ``--model.<ModelConfig field>`` (``--model.router.strategy token``), ``--tasks a,b,c``. Values are
-read as YAML (numbers, booleans, lists ``[a, b]``, mappings ``{AUDIO: 600}``).
+read as YAML (numbers, booleans, lists ``[a, b]``, mappings ``{AUDIO: 600}``). Settings are checked
+before anything trains.
+
+Exit status: 0 when the run finished with its model and last checkpoint saved; 1 when it stopped or
+could not save everything (the run directory in use by another run, checkpoint writes failing, a
+full disk: the message says what was and was not saved); 2 for configuration and data errors.
 """
 
 from __future__ import annotations
@@ -24,12 +29,12 @@ import os
 import sys
 from typing import Optional, Sequence
 
-__all__ = ["main", "load_run_config", "apply_overrides"]
+__all__ = ["main", "load_run_config", "apply_overrides", "RunIncomplete"]
 
 
 # ---- configuration -----------------------------------------------------------------------------
 
-def _parse_value(text: str):
+def _parse_value(key: str, text: str):
     import yaml
 
     for cast in (int, float):
@@ -37,8 +42,17 @@ def _parse_value(text: str):
             return cast(text)
         except ValueError:
             pass
-    value = yaml.safe_load(text)
-    return value
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ValueError(f"--{key}: cannot read {text!r} as a YAML value ({_yaml_problem(exc)})") from None
+
+
+def _yaml_problem(exc) -> str:
+    """A YAML error in one line: what is wrong and where (line and column, 1-based)."""
+    mark = getattr(exc, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
@@ -58,7 +72,7 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
                 raise ValueError(f"--{key} needs a value")
             raw = items[i + 1]
             i += 2
-        value = _parse_value(raw)
+        value = _parse_value(key, raw)
         path = key.replace("-", "_").split(".")
         if path[0] in ("tasks", "eval_tasks") and isinstance(value, str):
             value = [v for v in value.split(",") if v]
@@ -79,8 +93,16 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
     if name_or_path.endswith((".yaml", ".yml")) or os.path.exists(name_or_path):
         import yaml
 
-        with open(name_or_path) as f:
-            config = yaml.safe_load(f) or {}
+        try:
+            with open(name_or_path, encoding="utf-8") as f:
+                config = yaml.safe_load(f) or {}
+        except (OSError, UnicodeDecodeError) as exc:
+            raise ValueError(f"cannot read the run configuration {name_or_path}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise ValueError(f"{name_or_path} is not valid YAML: {_yaml_problem(exc)}") from None
+        if not isinstance(config, dict):
+            raise ValueError(f"{name_or_path} must hold a mapping of run configuration keys (model, train, "
+                             f"tasks, ...), not a {type(config).__name__}")
         base = get_recipe(config.pop("recipe")) if "recipe" in config else {}
         for key, value in config.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -91,10 +113,17 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
     else:
         config = get_recipe(name_or_path)
     config = apply_overrides(config, overrides)
-    known = {"model", "train", "tasks", "eval_tasks", "output_dir", "baseline"}
-    unknown = sorted(set(config) - known)
+    known = {"model": dict, "train": dict, "tasks": list, "eval_tasks": list, "output_dir": str, "baseline": bool}
+    unknown = sorted(set(config) - set(known))
     if unknown:
         raise ValueError(f"unknown run configuration keys {unknown}; known: {', '.join(sorted(known))}")
+    wanted = {dict: "a mapping", list: "a list of preset names", str: "a string", bool: "true or false"}
+    for key, kind in known.items():
+        value = config.get(key)
+        if value is None:
+            continue
+        if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
+            raise ValueError(f"run configuration key {key!r} must be {wanted[kind]}, got {value!r}")
     return config
 
 
@@ -133,10 +162,17 @@ def metric_table(results: dict, baseline: Optional[dict] = None) -> str:
             label = metric + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
             if baseline:
                 before = baseline.get(task, {}).get(metric)
-                lines.append(f"| {task} | {label} | {before:.3f} | {value:.3f} |")
+                lines.append(f"| {task} | {label} | {_number(before)} | {_number(value)} |")
             else:
-                lines.append(f"| {task} | {label} | {value:.3f} |")
+                lines.append(f"| {task} | {label} | {_number(value)} |")
     return "\n".join(lines)
+
+
+def _number(value) -> str:
+    """A table cell: counts as they are (``skipped``), scores to three decimals."""
+    if value is None:
+        return "-"
+    return str(value) if isinstance(value, int) else f"{value:.3f}"
 
 
 def _say(*args) -> None:
@@ -148,46 +184,76 @@ def _say(*args) -> None:
 
 # ---- commands ----------------------------------------------------------------------------------
 
+class RunIncomplete(RuntimeError):
+    """The run stopped or finished without saving everything; the message says what is saved."""
+
+
 def _train(config: dict, model=None, resume: bool = False, overwrite: bool = False) -> dict:
-    """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save."""
+    """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save. Raises
+    ``RunIncomplete`` (saying what was and was not saved) when the model or the last step's
+    checkpoint could not be written."""
     import torch
 
     from moe_gen import distributed
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import Tokenizer
     from moe_gen.trainer import TrainConfig, Trainer
+    from moe_gen.trainer.checkpoint import CheckpointError
+    from moe_gen.trainer.lock import RunLock
 
     train_config = TrainConfig.from_dict(config.get("train", {}))
+    output_dir = config.get("output_dir", "runs/default")
+    if distributed.is_main_process():
+        with RunLock(output_dir):  # a busy run directory is refused now, not after loading data (Trainer locks it)
+            pass
     tasks = _tasks(config.get("tasks", []), "train")
     eval_tasks = _tasks(config.get("eval_tasks") or config.get("tasks", []), "test")
-    output_dir = config.get("output_dir", "runs/default")
     if train_config.num_threads:
         torch.set_num_threads(train_config.num_threads)
     if model is None:
         torch.manual_seed(train_config.seed)
         model = GeneralistModel.build(_model_config(config.get("model", {})), tasks, Tokenizer.default())
-    trainer = Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
-                      overwrite=overwrite)
-    baseline = None
-    if config.get("baseline") and trainer.resumed_from is None:
-        _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
-        baseline = trainer.evaluate()
-    _say(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active per token; "
-         f"{trainer.num_trainable:,} trainable) on {len(tasks)} tasks; logs in {output_dir}/logs, "
-         f"checkpoints in {output_dir}/checkpoints" + (f"; resumed from {trainer.resumed_from}"
-                                                       if trainer.resumed_from else ""))
-    summary = trainer.fit()
-    last = "" if summary["loss"] is None else f"; last loss {summary['loss']:.4f}"
-    _say(f"trained to step {summary['step']} in {summary['seconds']:.0f} s "
-         f"({summary['skipped_steps']} steps skipped){last}")
-    results = trainer.evaluate()
     model_dir = os.path.join(output_dir, "model")
-    trainer.save_model(model_dir)
-    if distributed.is_main_process():
-        with open(os.path.join(output_dir, "eval.json"), "w") as f:
-            json.dump({"trained": results, "before_training": baseline, "summary": summary}, f, indent=2)
-    _say(metric_table(results, baseline))
+    # The run directory stays locked until the model and eval.json are written.
+    with Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
+                 overwrite=overwrite) as trainer:
+        baseline = None
+        if config.get("baseline") and trainer.resumed_from is None:
+            _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
+            baseline = trainer.evaluate()
+        _say(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active per "
+             f"token; {trainer.num_trainable:,} trainable) on {len(tasks)} tasks; logs in {output_dir}/logs, "
+             f"checkpoints in {output_dir}/checkpoints" + (f"; resumed from {trainer.resumed_from}"
+                                                           if trainer.resumed_from else ""))
+        try:
+            summary = trainer.fit()
+        except CheckpointError as exc:
+            raise RunIncomplete(f"{exc}; the model was not saved") from None
+        last = "" if summary["loss"] is None else f"; last loss {summary['loss']:.4f}"
+        failed = f"; {summary['failed_checkpoints']} checkpoint writes failed" if summary["failed_checkpoints"] else ""
+        _say(f"trained to step {summary['step']} in {summary['seconds']:.0f} s "
+             f"({summary['skipped_steps']} steps skipped){last}{failed}")
+        results = trainer.evaluate()
+        _say(metric_table(results, baseline))
+        checkpoint = (f"the latest checkpoint is {summary['checkpoint']} (step {summary['checkpoint_step']})"
+                      if summary["checkpoint"] else "no checkpoint was written")
+        try:
+            trainer.save_model(model_dir)
+        except (OSError, CheckpointError) as exc:
+            raise RunIncomplete(f"the model was not saved to {model_dir} ({exc}); {checkpoint}") from None
+        summary["model"] = model_dir
+        if distributed.is_main_process():
+            try:
+                with open(os.path.join(output_dir, "eval.json"), "w") as f:
+                    json.dump({"trained": results, "before_training": baseline, "summary": summary}, f, indent=2)
+            except OSError as exc:
+                raise RunIncomplete(f"the model is saved to {model_dir}, but {output_dir}/eval.json was not "
+                                    f"written ({exc})") from None
     _say(f"saved the model to {model_dir} (load it with GeneralistModel.from_pretrained)")
+    if summary["checkpoint_step"] != summary["step"]:
+        raise RunIncomplete(f"the model is saved to {model_dir}, but the checkpoint of the last step "
+                            f"({summary['step']}) was not written ({summary['failed_checkpoints']} failed "
+                            f"checkpoint writes); {checkpoint}")
     return {"results": results, "baseline": baseline, "summary": summary, "model_dir": model_dir}
 
 
@@ -238,14 +304,19 @@ def _cmd_eval(args, overrides) -> int:
 def _cmd_infer(args, overrides) -> int:
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import load_preset
-    from moe_gen.tasks.task import load_jsonl
+    from moe_gen.tasks.task import load_jsonl, media_columns
+    from moe_gen.trainer.evaluation import encodable_rows
 
     if overrides:
         raise ValueError(f"infer takes no overrides, got {' '.join(overrides)}")
     model = GeneralistModel.from_pretrained(args.model_dir)
     task = load_preset(args.task, "test")
-    rows = load_jsonl(args.input) if args.input else [task.data[i] for i in range(min(args.rows, len(task)))]
-    for i, prediction in enumerate(model.infer(task, rows, beams=args.beams)):
+    rows = (load_jsonl(args.input, media_columns(task.instruction)) if args.input
+            else [task.data[i] for i in range(min(args.rows, len(task)))])
+    kept, failed = encodable_rows(model, task, rows, range(len(rows)))  # on_error="skip": failed rows reported
+    for i, error in failed.items():
+        print(json.dumps({"row": i, "skipped": error}))
+    for i, prediction in zip(kept, model.infer(task, [rows[k] for k in kept], beams=args.beams)):
         out = {"row": i, "text": prediction.text, "box": prediction.box, "score": round(prediction.score, 4)}
         if prediction.frames is not None:
             out["frames"] = list(prediction.frames.shape)
@@ -298,11 +369,17 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides = _parser().parse_known_args(argv)
     command = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "eval": _cmd_eval, "infer": _cmd_infer,
                "analyze": _cmd_analyze}
+    from moe_gen.trainer.checkpoint import CheckpointError
+    from moe_gen.trainer.lock import RunDirectoryInUse
+
     try:
         return command[args.command](args, overrides)
-    except ValueError as exc:
+    except ValueError as exc:  # the configuration, the data or an argument
         print(f"moe-gen {args.command}: error: {exc}", file=sys.stderr)
         return 2
+    except (RunIncomplete, RunDirectoryInUse, CheckpointError, OSError) as exc:  # the run, not its settings
+        print(f"moe-gen {args.command}: error: {exc}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

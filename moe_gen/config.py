@@ -11,6 +11,7 @@ inside ``BlockConfig`` and ``ModelConfig``.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import typing
 from typing import Any, TypeVar, Union
 
@@ -54,8 +55,17 @@ class ConfigBase:
                 value = sub.from_dict(value)
             elif isinstance(value, list):
                 value = tuple(value)
-            kwargs[name] = value
+            kwargs[name] = _typed(cls.__name__, name, hints[name], value)
         return cls(**kwargs)
+
+    def check_types(self) -> None:
+        """Raises ``ValueError`` naming the first field whose value does not fit its type hint
+        (integral floats in int fields, such as YAML's ``1e3``, become ints). ``from_dict`` checks
+        every config; a ``__post_init__`` calls this before comparing values."""
+        hints = typing.get_type_hints(type(self))
+        for field in dataclasses.fields(self):
+            setattr(self, field.name, _typed(type(self).__name__, field.name, hints[field.name],
+                                             getattr(self, field.name)))
 
     def replace(self: C, **changes: Any) -> C:
         """A copy with some fields changed (validated again)."""
@@ -72,6 +82,76 @@ def _config_type(hint: Any) -> type | None:
 
 
 _UnionType = type(int | str)
+
+
+def _typed(owner: str, name: str, hint: Any, value: Any) -> Any:
+    """``value`` of field ``owner.name`` checked against its type hint (and converted where that is
+    lossless: integral floats to int, lists to tuples); raises ``ValueError`` naming the field."""
+    fits, value = _fit(hint, value)
+    if not fits:
+        raise ValueError(f"{owner}.{name} must be {_describe(hint)}, got {value!r}")
+    return value
+
+
+def _fit(hint: Any, value: Any) -> tuple[bool, Any]:
+    """(whether ``value`` fits ``hint``, the value converted). Hints this does not know pass."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, _UnionType):
+        for arg in args:
+            fits, converted = _fit(arg, value)
+            if fits:
+                return True, converted
+        return False, value
+    if hint is type(None):
+        return value is None, value
+    if hint is bool:
+        return isinstance(value, bool), value
+    if isinstance(value, bool):  # bool is an int subclass, but True is no count or rate
+        return hint is Any or hint is object, value
+    if hint is int:
+        if isinstance(value, float) and value.is_integer():
+            value = int(value)
+        return isinstance(value, numbers.Integral), int(value) if isinstance(value, numbers.Integral) else value
+    if hint is float:
+        return isinstance(value, numbers.Real), value
+    if hint is str:
+        return isinstance(value, str), value
+    if hint is dict or origin is dict:
+        return isinstance(value, dict), value
+    if hint is tuple or origin is tuple:
+        if not isinstance(value, (tuple, list)):
+            return False, value
+        items = [args[0]] * len(value) if len(args) == 2 and args[1] is Ellipsis else list(args)
+        if items and len(items) != len(value):
+            return False, value
+        converted = []
+        for item_hint, item in zip(items or [Any] * len(value), value):
+            fits, item = _fit(item_hint, item)
+            if not fits:
+                return False, value
+            converted.append(item)
+        return True, tuple(converted)
+    if isinstance(hint, type) and issubclass(hint, ConfigBase):
+        return isinstance(value, hint), value
+    return True, value
+
+
+def _describe(hint: Any) -> str:
+    """A type hint in words, for error messages."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (Union, _UnionType):
+        return " or ".join(_describe(arg) for arg in args)
+    if origin is tuple and args:
+        if len(args) == 2 and args[1] is Ellipsis:
+            return f"a list of {_describe(args[0]).split(' ', 1)[-1]}s"
+        return f"a list of {len(args)} ({', '.join(_describe(a) for a in args)})"
+    words = {type(None): "null (None)", bool: "true or false", int: "an integer", float: "a number",
+             str: "a string", dict: "a mapping", tuple: "a list"}
+    if hint in words:
+        return words[hint]
+    if origin in words:
+        return words[origin]
+    return f"a {getattr(hint, '__name__', str(hint))}"
 
 NOISE_POLICIES = ("none", "gaussian", "jitter", "gumbel")
 TAG_BALANCE = ("bias", "loss", "loss+bias", "none")

@@ -280,6 +280,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tasks, tok, tm
     assert {p.name: p.stat().st_size for p in (tmp_path / "checkpoints" / "step-0000001").iterdir()} == files
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["latest", "step-0000001"]
     monkeypatch.setattr(distributed, "save_shards", original)
+    trainer.close()  # the run directory is free for the next run
     # the intact checkpoint resumes
     resumed = Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4), output_dir=str(tmp_path), resume=True)
     assert resumed.step == 1 and resumed.resumed_from == first

@@ -12,6 +12,7 @@ import functools
 import json
 import math
 import os
+import shutil
 import types
 from typing import Mapping, Optional, Sequence
 
@@ -24,7 +25,9 @@ from moe_gen.registry import ADAPTERS
 from moe_gen.tasks.batch import Batch, Side
 from moe_gen.tasks.tokenizer import Tokenizer
 
-__all__ = ["GeneralistModel", "ModelOutput"]
+__all__ = ["GeneralistModel", "ModelOutput", "MODEL_FILES"]
+
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json")  # what save_pretrained writes
 
 _NO_STATISTICS: Mapping = types.MappingProxyType({})  # one object, so plans cached by its id are reused
 
@@ -190,25 +193,79 @@ class GeneralistModel(nn.Module):
         return self.config.preprocessor_statistics.get(name, _NO_STATISTICS)
 
     def save_pretrained(self, directory: str) -> None:
-        """Writes ``config.json``, ``model.safetensors`` and the tokenizer."""
+        """Writes ``config.json``, ``model.safetensors`` and the tokenizer (``MODEL_FILES``).
+
+        Atomic where it can be: the files are written (and synced) into ``<directory>.tmp-<pid>``,
+        which then replaces ``directory`` whole, so a failed save (full disk) leaves ``directory`` as
+        it was and raises. A ``directory`` holding other files too keeps them; there the model's
+        files are replaced one by one (each atomically)."""
         from safetensors.torch import save_file
 
-        os.makedirs(directory, exist_ok=True)
-        with open(os.path.join(directory, "config.json"), "w") as f:
-            json.dump(self.config.to_dict(), f, indent=2)
-        state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        save_file(state, os.path.join(directory, "model.safetensors"))
-        self.tokenizer.save(directory)
+        directory = os.path.abspath(directory)
+        tmp = f"{directory}.tmp-{os.getpid()}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            os.makedirs(tmp)
+            with open(os.path.join(tmp, "config.json"), "w") as f:
+                json.dump(self.config.to_dict(), f, indent=2)
+            state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+            save_file(state, os.path.join(tmp, "model.safetensors"))
+            self.tokenizer.save(tmp)
+            for name in MODEL_FILES:  # on disk before any rename makes them the model
+                with open(os.path.join(tmp, name), "rb") as f:
+                    os.fsync(f.fileno())
+            if not os.path.exists(directory):
+                os.replace(tmp, directory)
+            elif set(os.listdir(directory)) <= set(MODEL_FILES):
+                old = f"{directory}.old-{os.getpid()}"
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(directory, old)
+                os.replace(tmp, directory)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                for name in MODEL_FILES:
+                    os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+                os.rmdir(tmp)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
 
     @classmethod
     def from_pretrained(cls, directory: str) -> "GeneralistModel":
-        """Loads a model written by ``save_pretrained`` (safetensors: no pickles)."""
+        """Loads a model written by ``save_pretrained`` (safetensors: no pickles). Raises
+        ``ValueError`` naming the file that is missing, unreadable or does not fit."""
         from safetensors.torch import load_file
 
-        with open(os.path.join(directory, "config.json")) as f:
-            config = ModelConfig.from_dict(json.load(f))
-        model = cls(config, Tokenizer.load(directory))
-        model.load_state_dict(load_file(os.path.join(directory, "model.safetensors")))
+        if not os.path.isdir(directory):
+            raise ValueError(f"{directory} is not a model directory (save_pretrained writes one)")
+        config_path = os.path.join(directory, "config.json")
+        weights_path = os.path.join(directory, "model.safetensors")
+        try:
+            with open(config_path, encoding="utf-8") as f:
+                data = json.load(f)
+        except (OSError, ValueError) as exc:  # missing, unreadable, not JSON, not UTF-8
+            raise ValueError(f"{config_path}: cannot read the model configuration ({exc})") from None
+        try:
+            config = ModelConfig.from_dict(data)
+        except (ValueError, TypeError, ArithmeticError) as exc:
+            raise ValueError(f"{config_path}: not a valid model configuration ({exc})") from None
+        try:
+            tokenizer = Tokenizer.load(directory)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+            raise ValueError(f"{directory}: cannot load the tokenizer (tokenizer.model, tokenizer.json): "
+                             f"{type(exc).__name__}: {exc}") from None
+        try:
+            model = cls(config, tokenizer)
+        except (ValueError, TypeError, ArithmeticError, RuntimeError) as exc:
+            raise ValueError(f"{config_path}: the model it describes cannot be built ({exc})") from None
+        try:
+            weights = load_file(weights_path)
+        except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+            raise ValueError(f"{weights_path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as exc:
+            raise ValueError(f"{weights_path} does not fit the model of {config_path}: {exc}") from None
         return model
 
     # ---- forward -----------------------------------------------------------------------------

@@ -46,6 +46,7 @@ __all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES"]
 
 
 MEDIA_MODALITIES = ("IMAGE", "AUDIO", "VIDEO")  # modalities whose values may name files
+MAX_ERRORS = 100  # error messages a task keeps (task.skipped counts them all)
 
 
 def media_columns(instruction: Instruction) -> set[str]:
@@ -154,7 +155,8 @@ class Task:
         objective: ``generative``, ``contrastive`` or ``masked`` (issue 4 runs them).
         metrics: metric names (``moe_gen.tasks.metrics``).
         weight: sampling/loss weight for the trainer.
-        on_error: ``raise`` or ``skip`` rows that fail to encode.
+        on_error: ``raise`` or ``skip`` rows that fail to encode (``skipped`` counts the distinct rows
+            skipped, ``errors`` keeps the first ``MAX_ERRORS`` messages).
         preprocessor_options: keyword arguments per preprocessor name.
         max_slot_positions: the most positions (tokens or feature rows) one slot of a row may take
             (``moe_gen.tasks.plan.MAX_SLOT_POSITIONS``); a longer one fails its row.
@@ -191,8 +193,9 @@ class Task:
         self.objective, self.metrics, self.weight = objective, tuple(metrics), float(weight)
         self.on_error = on_error
         self.preprocessor_options = preprocessor_options or {}
-        self.skipped = 0
-        self.errors: list[str] = []
+        self.skipped = 0  # distinct rows that failed to encode
+        self.errors: list[str] = []  # the first MAX_ERRORS of their messages
+        self._skipped_rows: set[int] = set()
         self._plans: dict[tuple, tuple[Any, TaskPlan]] = {}
         self._statistics: Optional[dict] = None
 
@@ -350,9 +353,17 @@ class Task:
         except TaskDataError as exc:
             if self.on_error == "raise":
                 raise
-            self.skipped += 1
-            self.errors.append(str(exc))
+            self.skip_row(index, exc)
             return None
+
+    def skip_row(self, index: int, error: Exception) -> None:
+        """Counts row ``index`` as skipped (once, however often it fails) and keeps its message
+        while fewer than ``MAX_ERRORS`` are kept."""
+        if index not in self._skipped_rows:
+            self._skipped_rows.add(index)
+            self.skipped = len(self._skipped_rows)
+            if len(self.errors) < MAX_ERRORS:
+                self.errors.append(str(error))
 
     def probe(self, tokenizer: Tokenizer, max_rows: int = 64) -> list[Sample]:
         """For each template, the sample of the first of the first ``max_rows`` rows that encodes

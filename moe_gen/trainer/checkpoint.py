@@ -11,12 +11,15 @@ Layout of ``<output_dir>/checkpoints``::
     latest                                                      name of the newest complete one
 
 A checkpoint is written into ``step-N.partial`` and renamed when every file is in place; ``latest``
-is replaced atomically after that. A failed write removes the partial directory and leaves the
-previous checkpoint as it was. Only safetensors and JSON are read back: nothing is unpickled.
+is replaced atomically after that. A failed write (on any process) removes what it wrote, leaves
+the previous checkpoint as it was and raises ``CheckpointError`` on every process; what a run does
+then is the trainer's policy (``Trainer.save_checkpoint``). Only safetensors and JSON are read
+back: nothing is unpickled.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import random
@@ -28,9 +31,14 @@ import torch
 
 from moe_gen import distributed
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic", "CheckpointError"]
 
 LATEST = "latest"
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint was not written (or, from the trainer, the run stops because checkpoints are not
+    being written); the message says why and what is saved."""
 
 
 def write_json_atomic(path: str, data: Any) -> None:
@@ -117,9 +125,13 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sampler, trainer_state: dict,
-                    plan=None, keep: int = 2) -> Optional[str]:
-    """Writes checkpoint ``step`` atomically; returns its path, or None if writing failed (the
-    error is reported and the previous checkpoint is left intact). Every process must call it."""
+                    plan=None, keep: int = 2) -> str:
+    """Writes checkpoint ``step`` atomically and returns its path. Every process must call it.
+
+    Raises:
+        CheckpointError: on every process when writing failed on any; what was written is removed,
+            and the previous checkpoint and ``latest`` are as they were.
+    """
     rank = distributed.world_info().rank
     name = f"step-{step:07d}"
     final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
@@ -144,28 +156,57 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
                               {"sampler": sampler.state_dict(), "rng": _rng_state()})
         except Exception as exc:  # noqa: BLE001 - any failure must leave the old checkpoint usable
             error = exc
+    if not distributed.any_true(error is not None) and rank == 0:
+        try:
+            write_json_atomic(os.path.join(partial, "trainer.json"),
+                              {**trainer_state, "step": step, "scheduler": scheduler.state_dict()})
+            _publish(root, name)
+        except OSError as exc:
+            error = exc
     if distributed.any_true(error is not None):
         if rank == 0:
             shutil.rmtree(partial, ignore_errors=True)
-        print(f"[moe_gen] checkpoint at step {step} was not written ({error or 'failed on another process'}); "
-              f"the previous checkpoint is intact", flush=True)
-        return None
-    distributed.barrier()
+        raise CheckpointError(f"the checkpoint of step {step} was not written "
+                              f"({error or 'it failed on another process'})")
     if rank == 0:
-        write_json_atomic(os.path.join(partial, "trainer.json"),
-                          {**trainer_state, "step": step, "scheduler": scheduler.state_dict()})
-        if os.path.exists(final):
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        tmp = os.path.join(root, f"{LATEST}.tmp-{os.getpid()}")
-        with open(tmp, "w") as f:
-            f.write(name)
-        os.replace(tmp, os.path.join(root, LATEST))
-        done = sorted(d for d in os.listdir(root) if d.startswith("step-") and not d.endswith(".partial"))
+        done = sorted(d for d in os.listdir(root) if _is_checkpoint_name(d))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _publish(root: str, name: str) -> None:
+    """Renames ``<name>.partial`` to ``<name>`` and points ``latest`` at it. On failure everything is as
+    it was (``latest`` names the previous checkpoint, which is intact) and the error is raised."""
+    final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
+    pointer, tmp = os.path.join(root, LATEST), os.path.join(root, f"{LATEST}.tmp-{os.getpid()}")
+    # The same step again (a model assembled after the last checkpoint): keep the old copy until the new is in.
+    old = final + ".old" if os.path.exists(final) else None
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(final, old)
+    try:
+        os.replace(partial, final)
+        with open(tmp, "w") as f:
+            f.write(name)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, pointer)
+    except OSError:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        if os.path.exists(final) and not os.path.exists(partial):
+            shutil.rmtree(final, ignore_errors=True)
+        if old is not None:
+            os.replace(old, final)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _is_checkpoint_name(name: str) -> bool:
+    return name.startswith("step-") and name[5:].isdigit()
 
 
 def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=None) -> dict:

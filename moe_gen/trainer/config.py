@@ -8,6 +8,7 @@
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Optional
 
 from moe_gen.config import ConfigBase
@@ -48,6 +49,9 @@ class TrainConfig(ConfigBase):
         masked_input_budget, masked_target_budget, masked_alpha: the 4M budgets of ``masked`` tasks.
         checkpoint_every: write a checkpoint every N steps (0: only at the end).
         keep_checkpoints: how many recent checkpoints to keep.
+        max_failed_checkpoints: stop the run (``CheckpointError``) after this many checkpoint writes
+            in a row failed (full disk, unwritable directory); a failure while the run directory
+            holds no checkpoint at all stops it at once, since nothing of the run would be kept.
         max_bad_steps: stop after this many consecutive steps with a non-finite loss or gradient.
         log_every: steps between log lines (JSONL, TensorBoard, progress bar postfix).
         progress: show a progress bar.
@@ -55,9 +59,9 @@ class TrainConfig(ConfigBase):
         trainable: what trains: ``all``, ``experts``, ``routers``, ``adapters`` or ``new_adapters``
             (those ``GeneralistModel.add_tasks`` created).
         expert_parallel: size of the expert-parallel group under ``torchrun`` (1: experts replicated).
-        eval_limit: rows per task that ``evaluate`` scores, evenly spaced over its rows (None: all).
-        eval_batch_size: rows per ``infer`` call in ``evaluate``.
-        num_threads: torch intra-op threads (None: torch's default).
+        eval_limit: rows per task that ``evaluate`` scores, evenly spaced over its rows (>= 1; None: all).
+        eval_batch_size: rows per ``infer`` call in ``evaluate`` (>= 1).
+        num_threads: torch intra-op threads (>= 1; None: torch's default).
         device: ``auto`` (the process's GPU when CUDA is available — ``cuda:LOCAL_RANK`` under
             torchrun — else the CPU), or a torch device string.
     """
@@ -86,6 +90,7 @@ class TrainConfig(ConfigBase):
     masked_alpha: float = 0.5
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
+    max_failed_checkpoints: int = 3
     max_bad_steps: int = 5
     log_every: int = 10
     progress: bool = True
@@ -98,7 +103,7 @@ class TrainConfig(ConfigBase):
     device: str = "auto"
 
     def __post_init__(self) -> None:
-        self.betas = tuple(self.betas)
+        self.check_types()  # a value such as --train.lr abc is named before any comparison below
         checks = [
             (self.steps >= 1, f"steps must be >= 1, got {self.steps}"),
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
@@ -113,16 +118,29 @@ class TrainConfig(ConfigBase):
             (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
             (self.expert_parallel >= 1, f"expert_parallel must be >= 1, got {self.expert_parallel}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
+            (self.max_failed_checkpoints >= 1,
+             f"max_failed_checkpoints must be >= 1, got {self.max_failed_checkpoints}"),
+            (self.checkpoint_every >= 0,
+             f"checkpoint_every must be >= 0 (0: only at the end), got {self.checkpoint_every}"),
             (self.log_every >= 1, f"log_every must be >= 1, got {self.log_every}"),
-            (len(self.betas) == 2, f"betas must be two numbers, got {self.betas}"),
+            (self.eval_limit is None or self.eval_limit >= 1,
+             f"eval_limit must be >= 1 or None (every row), got {self.eval_limit}"),
+            (self.eval_batch_size >= 1, f"eval_batch_size must be >= 1, got {self.eval_batch_size}"),
+            (self.num_threads is None or self.num_threads >= 1,
+             f"num_threads must be >= 1 or None (torch's default), got {self.num_threads}"),
+            (self.max_tokens is None or self.max_tokens >= 1,
+             f"max_tokens must be >= 1 or None, got {self.max_tokens}"),
+            (self.clip_norm >= 0, f"clip_norm must be >= 0 (0 disables), got {self.clip_norm}"),
+            (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.eps > 0, f"eps must be > 0, got {self.eps}"),
         ]
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
         for name in ("task_weights", "loss_weights"):
             for task, weight in getattr(self, name).items():
-                if not float(weight) >= 0:
-                    raise ValueError(f"TrainConfig.{name}[{task!r}] must be >= 0, got {weight}")
+                if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight >= 0:
+                    raise ValueError(f"TrainConfig.{name}[{task!r}] must be a number >= 0, got {weight!r}")
         for modality, budget in self.modality_budget.items():
-            if int(budget) < 1:
-                raise ValueError(f"TrainConfig.modality_budget[{modality!r}] must be >= 1, got {budget}")
+            if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
+                raise ValueError(f"TrainConfig.modality_budget[{modality!r}] must be an integer >= 1, got {budget!r}")

@@ -7,6 +7,11 @@ e.g. ``( [BOX:boxes] [TEXT:labels] )*``) compares per row the lists of ``(box, l
 the prediction's items and of the row (``detection_f1``). Other tasks with several target slots
 compare ``Prediction.targets`` with the row's target columns, as dicts. Tasks without declared
 metrics get a default per target kind.
+
+Rows that fail to encode (or have no reference to score against) raise ``TaskDataError`` naming
+the row, or, for tasks with ``on_error="skip"``, are left out and counted: their metrics then
+include ``skipped`` (rows left out of the ``limit`` chosen), and ``task.skipped`` / ``task.errors``
+say which failed and why.
 """
 
 from __future__ import annotations
@@ -14,9 +19,10 @@ from __future__ import annotations
 from typing import Any, Optional, Sequence
 
 from moe_gen.tasks import metrics as metric_fns
+from moe_gen.tasks.plan import TaskDataError
 from moe_gen.tasks.task import Task
 
-__all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
+__all__ = ["evaluate_task", "evaluate", "encodable_rows", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
                    "frames": ("l1",), "detection": ("detection_f1",), "structured": ("exact_match",)}
@@ -65,10 +71,31 @@ def spaced_indices(n: int, count: int) -> list[int]:
     return [(i * n) // count for i in range(count)]
 
 
+def encodable_rows(model, task: Task, rows: Sequence, indices: Sequence[int]) -> tuple[list[int], dict[int, str]]:
+    """(positions in ``rows`` that ``model.infer`` can encode, position → error of the others).
+    ``rows`` are rows ``indices`` of ``task``. Under ``on_error="skip"`` failed rows are left out
+    and counted (``task.skip_row``); otherwise every position is kept and ``infer`` raises at the
+    first row that fails."""
+    if task.on_error != "skip":
+        return list(range(len(rows))), {}
+    plan = task.plan(model.tokenizer, model.encoding_statistics(task))  # as infer encodes them
+    kept, failed = [], {}
+    for position, (row, index) in enumerate(zip(rows, indices)):
+        try:
+            plan.encode(row, index, training=False, inference=True, template=0)
+        except TaskDataError as exc:
+            task.skip_row(index, exc)
+            failed[position] = str(exc)
+            continue
+        kept.append(position)
+    return kept, failed
+
+
 def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s rows: all of them, or ``limit`` rows evenly spaced over them
     (a test split may be ordered by label, e.g. pydoc topics alphabetically, so its first rows would
-    not be a fair sample)."""
+    not be a fair sample). With ``on_error="skip"``, rows that fail are left out and the metrics
+    include ``skipped``, their number."""
     kind, scored = _targets(task, model.tokenizer)
     names = task.metrics or DEFAULT_METRICS[kind]
     count = len(task) if limit is None else min(limit, len(task))
@@ -77,21 +104,32 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     columns = [p.slot.column for p in scored]
     indices = spaced_indices(len(task), count)
     rows = [task.data[i] for i in indices]
+    kept, failed = encodable_rows(model, task, rows, indices)
+    rows, indices = [rows[k] for k in kept], [indices[k] for k in kept]
+    skipped = len(failed)
     predictions, references = [], []
-    for start in range(0, count, batch_size):
+    for start in range(0, len(rows), batch_size):
         chunk = rows[start:start + batch_size]
         for offset, (row, prediction) in enumerate(zip(chunk, model.infer(task, chunk))):
             index = indices[start + offset]
             if kind == "frames":
                 sample = task.encode(index, model.tokenizer, training=False,
                                      statistics=model.encoding_statistics(task))
+                if sample is None:  # its target failed (on_error="skip")
+                    skipped += 1
+                    continue
                 reference = next(c.rows for c in sample.decoder if c.loss and c.rows is not None)
                 predictions.append(prediction.frames.numpy())
                 references.append(reference.numpy())
                 continue
             missing = [c for c in columns if not isinstance(row, dict) or c not in row]
             if missing:
-                raise ValueError(f"task {task.name!r}, row {index}: no {missing[0]!r} column to score against")
+                error = TaskDataError(f"task {task.name!r}, row {index}: no {missing[0]!r} column to score against")
+                if task.on_error != "skip":
+                    raise error
+                task.skip_row(index, error)
+                skipped += 1
+                continue
             if kind in ("detection", "structured"):
                 predicted, expected = _structured(prediction, row, scored, kind)
                 predictions.append(predicted)
@@ -102,7 +140,13 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
             else:
                 predictions.append(prediction.text)
                 references.append(row[columns[0]])
-    return metric_fns.compute(names, predictions, references)
+    if not predictions:
+        raise TaskDataError(f"task {task.name!r}: none of the {count} rows evaluated could be scored "
+                            f"({skipped} skipped; first error: {task.errors[0] if task.errors else '?'})")
+    results = metric_fns.compute(names, predictions, references)
+    if task.on_error == "skip":
+        results["skipped"] = skipped
+    return results
 
 
 def evaluate(model, tasks: Sequence[Task], *, limit: Optional[int] = None, batch_size: int = 64) -> dict:

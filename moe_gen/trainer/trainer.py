@@ -31,9 +31,10 @@ from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES
 from moe_gen.tasks.batch import collate
 from moe_gen.tasks.task import Task
-from moe_gen.trainer.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_gen.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
+from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger
 from moe_gen.trainer.sampling import TaskSampler
 
@@ -133,6 +134,16 @@ class Trainer:
         resume: continue from the newest checkpoint in ``output_dir`` if there is one.
         overwrite: start over in an ``output_dir`` that holds checkpoints of an earlier run (they
             are deleted); without it (and without ``resume``) such a directory is an error.
+
+    One run per directory: the trainer locks ``output_dir`` (``moe_gen.trainer.lock``) and a second
+    trainer on it, in this process or another, raises ``RunDirectoryInUse``. The lock is released
+    when ``fit`` returns or raises, or, inside ``with Trainer(...) as trainer:``, at the end of the
+    block (so evaluation and ``save_model`` after ``fit`` run under it too), or by ``close()``.
+
+    Checkpoint writes that fail (full disk, unwritable directory) are reported and counted; the run
+    stops with ``CheckpointError`` after ``config.max_failed_checkpoints`` failures in a row, or at
+    the first one while the directory holds no checkpoint at all. ``fit``'s summary names the latest
+    checkpoint (``checkpoint``, ``checkpoint_step``; None when there is none) and the failed writes.
     """
 
     def __init__(self, model: GeneralistModel, tasks: Sequence[Task], config: Optional[TrainConfig] = None, *,
@@ -144,18 +155,72 @@ class Trainer:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"tasks must have distinct names; repeated: {duplicates}")
-        if config.num_threads:
-            torch.set_num_threads(config.num_threads)
+        self.rank, self.world = distributed.world_info().rank, distributed.world_info().world_size
         self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks or self.tasks)
-        # An earlier run's checkpoints are resumed or, with overwrite, removed: decided before the model changes.
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
-        earlier = latest_checkpoint(self.checkpoint_dir) if os.path.isdir(self.checkpoint_dir) else None
+        self._lock: Optional[RunLock] = None  # held by the main process only
+        self._claimed = False  # whether this run holds the directory (the same on every process)
+        self._in_context = False
+        self._lock_output_dir()
+        try:
+            self._build(resume, overwrite)
+        except BaseException:
+            self.close()
+            raise
+
+    def _lock_output_dir(self) -> None:
+        """Takes the run directory's lock on the main process; every process raises if it is held."""
+        refusal: Optional[Exception] = None
+        if self.rank == 0:
+            lock = RunLock(self.output_dir)
+            try:
+                lock.acquire()
+                self._lock = lock
+            except (RunDirectoryInUse, OSError) as exc:
+                refusal = exc
+        if distributed.any_true(refusal is not None):
+            raise refusal or RunDirectoryInUse(f"the run directory {self.output_dir} is in use by another run "
+                                               "(see process 0)")
+        self._claimed = True
+
+    def close(self) -> None:
+        """Releases the run directory (idempotent)."""
+        if self._lock is not None:
+            self._lock.release()
+            self._lock = None
+        self._claimed = False
+
+    def __enter__(self) -> "Trainer":
+        self._in_context = True
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._in_context = False
+        self.close()
+
+    def _earlier_run(self, resume: bool, overwrite: bool) -> tuple[Optional[str], bool]:
+        """(the newest checkpoint to resume, whether the checkpoint directory holds anything at all).
+        With ``overwrite`` nothing of it is read (it is deleted, however broken); without ``resume``
+        or ``overwrite`` any content is an error."""
         leftovers = os.path.isdir(self.checkpoint_dir) and bool(os.listdir(self.checkpoint_dir))
-        if (earlier is not None or leftovers) and not (resume or overwrite):
+        if not leftovers or overwrite:
+            return None, leftovers
+        if not resume:
+            try:
+                earlier = latest_checkpoint(self.checkpoint_dir)
+            except ValueError as exc:
+                earlier = f"none complete: {exc}"
             raise ValueError(f"{self.checkpoint_dir} holds checkpoints of an earlier run (latest: {earlier}); "
                              "resume it (resume=True, --resume), start over (overwrite=True, --overwrite), "
                              "or choose another output directory")
-        self.rank, self.world = distributed.world_info().rank, distributed.world_info().world_size
+        return latest_checkpoint(self.checkpoint_dir), leftovers
+
+    def _build(self, resume: bool, overwrite: bool) -> None:
+        config, model = self.config, self.model
+        if config.num_threads:
+            torch.set_num_threads(config.num_threads)
+        # An earlier run's checkpoints are resumed or, with overwrite, removed: decided before the model changes.
+        earlier, leftovers = self._earlier_run(resume, overwrite)
         unknown = [t for t in self.tasks if t.name not in model.task_ids]
         self.new_adapters = model.add_tasks(unknown) if unknown else []
         for task in self.tasks:
@@ -183,11 +248,12 @@ class Trainer:
                                    statistics={t.name: model.encoding_statistics(t) for t in self.tasks})
         self.step = 0
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0}
+        self.failed_checkpoints_in_a_row = 0
         torch.manual_seed(config.seed * 1000 + self.rank)
         self.resumed_from: Optional[str] = None
         if resume and earlier is not None:
             self._resume(earlier)
-        elif earlier is not None or leftovers:
+        elif leftovers:
             distributed.barrier()
             if self.rank == 0:
                 shutil.rmtree(self.checkpoint_dir)
@@ -329,40 +395,83 @@ class Trainer:
         return record
 
     def fit(self) -> dict:
-        """Trains to ``config.steps``; returns a summary (last step, last loss, skipped steps, time)."""
+        """Trains to ``config.steps``; returns a summary: last step and loss, skipped steps, time, the
+        latest checkpoint (``checkpoint``, ``checkpoint_step``: None when there is none; a step before
+        ``step`` when the last writes failed) and ``failed_checkpoints`` (failed writes in this run
+        and the runs it resumed). Raises ``CheckpointError`` when checkpoint writes keep failing
+        (see the class docstring)."""
         cfg = self.config
-        logger = RunLogger(self.output_dir, cfg.steps, self.step, enabled=self.rank == 0, progress=cfg.progress,
-                           tensorboard=cfg.tensorboard, resume_step=self.step if self.resumed_from else None)
-        recorder = RoutingRecorder(self.model)  # hooks only during logged steps
-        start, record = time.perf_counter(), None
+        if not self._claimed:  # an earlier fit released the directory
+            self._lock_output_dir()
         try:
-            while self.step < cfg.steps:
-                step = self.step + 1
-                log_now = step % cfg.log_every == 0 or step == cfg.steps
-                record = self.train_step(step, recorder if log_now else None)
-                self.step = step
-                if log_now:
-                    logger.log(record)
-                logger.advance()
-                if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
-                    self.save_checkpoint()
+            logger = RunLogger(self.output_dir, cfg.steps, self.step, enabled=self.rank == 0, progress=cfg.progress,
+                               tensorboard=cfg.tensorboard, resume_step=self.step if self.resumed_from else None)
+            recorder = RoutingRecorder(self.model)  # hooks only during logged steps
+            start, record = time.perf_counter(), None
+            try:
+                while self.step < cfg.steps:
+                    step = self.step + 1
+                    log_now = step % cfg.log_every == 0 or step == cfg.steps
+                    record = self.train_step(step, recorder if log_now else None)
+                    self.step = step
+                    if log_now:
+                        logger.log(record)
+                    logger.advance()
+                    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                        self.save_checkpoint()
+            finally:
+                recorder.stop()
+                logger.close()
         finally:
-            recorder.stop()
-            logger.close()
+            if not self._in_context:
+                self.close()
+        checkpoint = self.latest_checkpoint()
         return {"step": self.step, "loss": record["loss"] if record else None,
                 "skipped_steps": self.state["skipped_steps"], "seconds": time.perf_counter() - start,
-                "checkpoint": latest_checkpoint(self.checkpoint_dir) if self.rank == 0 else None}
+                "checkpoint": checkpoint, "checkpoint_step": _checkpoint_step(checkpoint),
+                "failed_checkpoints": self.state["failed_checkpoints"]}
+
+    def latest_checkpoint(self) -> Optional[str]:
+        """The newest complete checkpoint in the run directory (None when there is none, or when its
+        ``latest`` pointer is broken)."""
+        try:
+            return latest_checkpoint(self.checkpoint_dir)
+        except (OSError, ValueError):
+            return None
 
     def save_checkpoint(self) -> Optional[str]:
-        """Writes a checkpoint of the current step (every process must call it)."""
+        """Writes a checkpoint of the current step (every process must call it); returns its path, or
+        None when the write failed. Raises ``CheckpointError`` when the run must stop: after
+        ``config.max_failed_checkpoints`` failed writes in a row, or a failed write while the run
+        directory holds no checkpoint at all."""
         state = {**self.state, "tasks": [t.name for t in self.tasks], "config": self.config.to_dict(),
                  "model_config": self.model.config.to_dict()}
-        path = save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
-                               scheduler=self.scheduler, sampler=self.sampler, trainer_state=state, plan=self.plan,
-                               keep=self.config.keep_checkpoints)
-        if path is None:
-            self.state["failed_checkpoints"] += 1
-        return path
+        try:
+            path = save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
+                                   scheduler=self.scheduler, sampler=self.sampler, trainer_state=state, plan=self.plan,
+                                   keep=self.config.keep_checkpoints)
+        except CheckpointError as exc:
+            failure = exc
+        else:
+            self.failed_checkpoints_in_a_row = 0
+            return path
+        self.state["failed_checkpoints"] += 1
+        self.failed_checkpoints_in_a_row += 1
+        latest = self.latest_checkpoint()
+        kept = f"the latest checkpoint is {latest} (step {_checkpoint_step(latest)})" if latest else \
+            "no checkpoint of this run exists"
+        # the main process's view decides, so every process stops together
+        none_kept = distributed.any_true(self.rank == 0 and latest is None)
+        limit = self.config.max_failed_checkpoints
+        if none_kept or self.failed_checkpoints_in_a_row >= limit:
+            why = ("nothing of the run would be kept" if none_kept else
+                   f"{self.failed_checkpoints_in_a_row} checkpoint writes in a row failed "
+                   f"(TrainConfig.max_failed_checkpoints={limit})")
+            raise CheckpointError(f"stopping at step {self.step}: {failure}, and {why}. Saved: {kept}"
+                                  f"{'; resume from it with --resume / resume=True' if latest else ''}") from failure
+        print(f"[moe_gen] {failure}; {kept}; training goes on (it stops after {limit} failed writes in a row)",
+              flush=True)
+        return None
 
     # ---- evaluation and export ---------------------------------------------------------------
 
@@ -375,18 +484,32 @@ class Trainer:
 
     def save_model(self, directory: str) -> None:
         """``save_pretrained`` of the trained model (with expert parallelism: the full model, assembled
-        from the newest checkpoint's shards on the main process)."""
-        if self.plan is None:
-            if self.rank == 0:
-                self.model.save_pretrained(directory)
-            distributed.barrier()
-            return
-        path = self.save_checkpoint()
+        from a checkpoint of this step written first, on the main process). Atomic: ``directory``
+        holds the whole model or is as it was. Raises ``OSError`` on every process if it failed."""
+        path = None
+        if self.plan is not None:
+            path = self.save_checkpoint()
+            if path is None:
+                raise CheckpointError(f"the model was not saved to {directory}: the checkpoint it is assembled "
+                                      "from could not be written")
+        error = None
         if self.rank == 0:
-            full = GeneralistModel(self.model.config, self.model.tokenizer)
-            full.load_state_dict(distributed.load_shards(path, "model", full))
-            full.save_pretrained(directory)
-        distributed.barrier()
+            try:
+                if path is None:
+                    self.model.save_pretrained(directory)
+                else:
+                    full = GeneralistModel(self.model.config, self.model.tokenizer)
+                    full.load_state_dict(distributed.load_shards(path, "model", full))
+                    full.save_pretrained(directory)
+            except OSError as exc:
+                error = exc
+        if distributed.any_true(error is not None):
+            raise error or OSError(f"the model was not saved to {directory} (it failed on process 0)")
+
+
+def _checkpoint_step(path: Optional[str]) -> Optional[int]:
+    """The step of a checkpoint directory ``.../step-0000200`` (None for None)."""
+    return None if path is None else int(os.path.basename(path).split("-", 1)[1])
 
 
 def _resolve_device(name: str) -> torch.device:

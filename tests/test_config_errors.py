@@ -1,0 +1,177 @@
+"""Settings and saved files are checked before anything trains, and errors name the key or file
+(issue 13, finding 10): run settings, ``from_pretrained``, ``--overwrite`` over a broken
+``latest``, skipped-row bookkeeping, and evaluation under ``on_error="skip"``."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import pytest
+import torch
+
+from moe_gen.cli import main
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset
+from moe_gen.trainer import TrainConfig, Trainer, evaluate_task
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def tables():
+    return load_preset("table_species", "train", limit=12)
+
+
+def build(tasks, tok) -> GeneralistModel:
+    torch.manual_seed(0)
+    return GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), tasks, tok)
+
+
+# ---- run settings --------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("override, key", [
+    (["--train.eval_batch_size", "0"], "eval_batch_size"),
+    (["--train.eval_limit", "-1"], "eval_limit"),
+    (["--train.lr", "abc"], "TrainConfig.lr must be a number, got 'abc'"),
+    (["--train.num_threads", "-1"], "num_threads"),
+    (["--train.steps", "ten"], "TrainConfig.steps must be an integer"),
+    (["--train.betas", "[0.9]"], "TrainConfig.betas"),
+    (["--train.modality_budget", "{AUDIO: 600"], "--train.modality_budget: cannot read"),
+    (["--train.checkpoint_every", "-5"], "checkpoint_every"),
+    (["--train.max_failed_checkpoints", "0"], "max_failed_checkpoints"),
+    (["--tasks", "[1, 2]"], "'tasks' must be a list of preset names"),
+])
+def test_bad_settings_are_refused_before_training(override, key, tmp_path, capsys):
+    start = time.monotonic()
+    code = main(["pretrain", "--config", "debug", "--output", str(tmp_path / "run"), *override])
+    err = capsys.readouterr().err
+    assert code == 2 and key in err, err
+    assert "Traceback" not in err and not (tmp_path / "run").exists()  # nothing ran, nothing was written
+    assert time.monotonic() - start < 30
+
+
+def test_malformed_yaml_is_named_with_its_line(tmp_path, capsys):
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: debug\ntrain:\n  steps: [3\n  lr: 0.1\n")
+    assert main(["pretrain", "--config", str(path), "--output", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"{path} is not valid YAML" in err and "line" in err and not (tmp_path / "run").exists()
+    path.write_text("- just\n- a list\n")
+    assert main(["pretrain", "--config", str(path)]) == 2
+    assert "must hold a mapping" in capsys.readouterr().err
+
+
+def test_train_config_checks_types_and_ranges_when_built():
+    with pytest.raises(ValueError, match="TrainConfig.lr must be a number"):
+        TrainConfig(lr="abc")
+    with pytest.raises(ValueError, match="eval_batch_size must be >= 1"):
+        TrainConfig(eval_batch_size=0)
+    with pytest.raises(ValueError, match="eval_limit must be >= 1 or None"):
+        TrainConfig(eval_limit=-1)
+    with pytest.raises(ValueError, match="num_threads must be >= 1 or None"):
+        TrainConfig(num_threads=-1)
+    with pytest.raises(ValueError, match="progress must be true or false"):
+        TrainConfig.from_dict({"progress": "yes please"})
+    assert TrainConfig.from_dict({"steps": 1e3}).steps == 1000  # YAML reads 1e3 as a float
+    assert TrainConfig(eval_limit=None, num_threads=None).eval_limit is None
+
+
+# ---- from_pretrained -----------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def saved(tables, tok, tmp_path_factory):
+    directory = tmp_path_factory.mktemp("saved") / "model"
+    build([tables], tok).save_pretrained(str(directory))
+    return directory
+
+
+def _copy(saved, tmp_path):
+    import shutil
+
+    target = tmp_path / "model"
+    shutil.copytree(saved, target)
+    return target
+
+
+def test_a_truncated_weights_file_is_named(saved, tmp_path):
+    model = _copy(saved, tmp_path)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ValueError, match=f"{weights}: cannot read the weights"):
+        GeneralistModel.from_pretrained(str(model))
+
+
+@pytest.mark.parametrize("damage, message", [
+    (lambda text: text[:-40], "cannot read the model configuration"),
+    (lambda text: json.dumps({**json.loads(text), "num_heads": 0}), "not a valid model configuration"),
+    (lambda text: json.dumps({**json.loads(text), "d_model": "wide"}), "ModelConfig.d_model must be an integer"),
+    (lambda text: json.dumps({**json.loads(text), "d_model": 96}), "does not fit"),
+])
+def test_a_broken_config_is_named(saved, tmp_path, damage, message):
+    model = _copy(saved, tmp_path)
+    config = model / "config.json"
+    config.write_text(damage(config.read_text()))
+    with pytest.raises(ValueError, match=message) as error:
+        GeneralistModel.from_pretrained(str(model))
+    assert str(config) in str(error.value) or str(model / "model.safetensors") in str(error.value)
+
+
+def test_eval_of_a_broken_or_missing_model_exits_2_naming_the_file(saved, tmp_path, capsys):
+    model = _copy(saved, tmp_path)
+    (model / "config.json").write_text("{")
+    assert main(["eval", str(model), "--tasks", "table_species", "--limit", "2"]) == 2
+    assert str(model / "config.json") in capsys.readouterr().err
+    assert main(["eval", str(tmp_path / "nowhere"), "--limit", "2"]) == 2
+    assert "is not a model directory" in capsys.readouterr().err
+
+
+# ---- --overwrite over a broken latest pointer ------------------------------------------------------
+
+def test_overwrite_clears_a_latest_pointer_naming_a_missing_step(tables, tok, tmp_path):
+    checkpoints = tmp_path / "checkpoints"
+    checkpoints.mkdir()
+    (checkpoints / "latest").write_text("step-0000009")  # its directory is gone
+    config = TrainConfig(steps=1, batch_size=4, progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match="holds checkpoints of an earlier run"):
+        Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match="not a complete checkpoint"):
+        Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path), resume=True)
+    trainer = Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path), overwrite=True)
+    assert not checkpoints.exists()
+    assert trainer.fit()["checkpoint_step"] == 1
+
+
+# ---- skipped rows --------------------------------------------------------------------------------
+
+def _rows(bad: int, good: int = 2) -> list[dict]:
+    good_rows = [{"table": {"sepal length": 5.0 + i}, "species": "setosa"} for i in range(good)]
+    return good_rows + [{"species": "setosa"} for _ in range(bad)]  # no table: the row fails
+
+
+def test_skipped_counts_rows_and_errors_stay_bounded(tok):
+    task = Task("t", "[STRUCT:table] which? -> [CATEGORY:species]", _rows(150), on_error="skip")
+    for _ in range(3):
+        assert len(list(task.samples(tok))) == 2
+    assert task.skipped == 150  # distinct rows, not attempts
+    assert len(task.errors) == 100 and "row 2" in task.errors[0]
+
+
+def test_evaluation_skips_and_reports_rows_that_fail_under_skip(tables, tok):
+    model = build([tables], tok)
+    test = load_preset("table_species", "test", limit=6, on_error="skip")
+    rows = [dict(row) for row in test.data]
+    del rows[1]["table"]
+    test.data = rows
+    results = evaluate_task(model, test)
+    assert results["skipped"] == 1 and 0 <= results["accuracy"] <= 1
+    assert test.skipped == 1 and "row 1" in test.errors[0]
+    strict = load_preset("table_species", "test", limit=6)
+    strict.data = rows
+    with pytest.raises(TaskDataError, match="row 1"):
+        evaluate_task(model, strict)
+    assert "skipped" not in evaluate_task(model, load_preset("table_species", "test", limit=3))
