@@ -81,6 +81,20 @@ def test_train_config_checks_types_and_ranges_when_built():
     assert TrainConfig(eval_limit=None, num_threads=None).eval_limit is None
 
 
+def test_model_config_checks_sizes_when_built():
+    from moe_gen.model import ModelConfig
+
+    for field, value, message in [("num_heads", 0, "num_heads must be >= 1"),
+                                  ("num_experts", 0, "num_experts must be >= 1"),
+                                  ("encoder_layers", -1, "encoder_layers must be >= 0"),
+                                  ("top_k", 9, "top_k=9 exceeds num_experts=4"),
+                                  ("dropout", 1.0, "dropout and label_smoothing must be in")]:
+        with pytest.raises(ValueError, match=message):
+            flavour("debug", **{field: value})
+    with pytest.raises(ValueError, match="ModelConfig.num_heads must be >= 1"):
+        ModelConfig.from_dict({"num_heads": 0})
+
+
 # ---- from_pretrained -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -175,3 +189,16 @@ def test_evaluation_skips_and_reports_rows_that_fail_under_skip(tables, tok):
     with pytest.raises(TaskDataError, match="row 1"):
         evaluate_task(model, strict)
     assert "skipped" not in evaluate_task(model, load_preset("table_species", "test", limit=3))
+
+
+def test_infer_answers_none_for_rows_that_fail_under_skip(tables, tok):
+    model = build([tables], tok)
+    rows = [dict(row) for row in load_preset("table_species", "test", limit=3).data]
+    del rows[1]["table"]
+    lenient = Task("table_species", tables.instruction, [], on_error="skip")
+    answers = model.infer(lenient, rows)
+    assert answers[1] is None and all(a is not None and a.text for a in (answers[0], answers[2]))
+    assert lenient.skipped == 1 and "row 1" in lenient.errors[0]
+    assert model.infer(lenient, rows[1:2]) == [None]
+    with pytest.raises(TaskDataError, match="row 1"):
+        model.infer(Task("table_species", tables.instruction, []), rows)

@@ -161,6 +161,31 @@ def test_infer_answers_and_bad_input(mixed, tok):
         model.infer(classify, [{"image": np.zeros((2, 3, 4, 5), np.uint8)}])
 
 
+def test_closed_sets_are_saved_with_the_model_and_decode_rows_of_any_task_object(tok, tmp_path):
+    """Label sets come from the training rows the model met, not from the rows given at inference:
+    a preset name (a task without rows), unlabelled rows and a held-out split with fewer labels all
+    decode over the training labels, also after save and reload."""
+    import numpy as np
+
+    train = load_preset("digit_classification", "train", limit=40)
+    trained_labels = sorted({str(r["label"]) for r in train.data})
+    model = build([train], tok)
+    assert model.encoding_statistics(train)["closed_sets"] == {"label": trained_labels}
+    model.save_pretrained(str(tmp_path))
+    reloaded = GeneralistModel.from_pretrained(str(tmp_path))
+    image = train.data[0]["image"]
+    one_label = Task(train.name, train.instruction, [{"image": image, "label": "3"}])
+    unlabelled = Task(train.name, train.instruction, [])
+    for m in (model, reloaded):
+        plan = one_label.plan(m.tokenizer, m.encoding_statistics(one_label))
+        assert list(plan.decode_specs()[0].labels) == trained_labels
+        by_name = m.infer("digit_classification", [{"image": image}, {"image": np.zeros((8, 8))}])
+        assert len(by_name) == 2 and all(p.text in trained_labels for p in by_name)
+        assert m.infer(unlabelled, [{"image": image}])[0].text == by_name[0].text
+    # a task object's own labels still decide when the model holds none (models saved before)
+    assert list(one_label.plan(tok).decode_specs()[0].labels) == ["3"]
+
+
 @pytest.mark.slow
 def test_two_task_mixture_is_learned():
     """Digits from images and iris species from tables, one attribute-routed debug model (label smoothing

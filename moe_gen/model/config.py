@@ -48,8 +48,10 @@ class ModelConfig(ConfigBase):
         preprocessor_statistics: task name → preprocessor name → slot column → what that
             preprocessor learned from the task's training rows when the model met the task
             (``Task.fit_statistics``; e.g. the STRUCT cell encoding's column ids, means, stds and
-            text vocabularies). JSON-serialisable, saved with the model, and used to encode the
-            task in training and at inference, whatever rows a later ``Task`` object holds.
+            text vocabularies), and under ``"closed_sets"`` the label sets of its closed-set
+            slots. JSON-serialisable, saved with the model, and used to encode the task and
+            decode its closed sets in training and at inference, whatever rows (or none) a later
+            ``Task`` object holds.
     """
 
     d_model: int = 64
@@ -78,6 +80,18 @@ class ModelConfig(ConfigBase):
     preprocessor_statistics: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        for name in ("d_model", "num_heads", "ffn_hidden", "expert_hidden", "num_experts", "top_k",
+                     "max_positions"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
+        for name in ("encoder_layers", "decoder_layers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"ModelConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"ModelConfig dropout and label_smoothing must be in [0, 1), got "
+                             f"{self.dropout} and {self.label_smoothing}")
         if self.d_model % self.num_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by num_heads={self.num_heads}")
         if self.positions not in ("learned", "rotary"):

@@ -23,6 +23,7 @@ from moe_gen.model.config import ModelConfig
 from moe_gen.model.transformer import Stack
 from moe_gen.registry import ADAPTERS
 from moe_gen.tasks.batch import Batch, Side
+from moe_gen.tasks.plan import TaskDataError
 from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = ["GeneralistModel", "ModelOutput", "MODEL_FILES"]
@@ -340,7 +341,9 @@ class GeneralistModel(nn.Module):
         ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
         one dict per item) for every token answer, and ``.score``. Raises ``ValueError`` for
         tasks outside the model's vocabulary, modalities it has no adapter for, and rows that do
-        not fit the instruction (naming column and row).
+        not fit the instruction (naming column and row); under the task's ``on_error="skip"``
+        such a row's answer is None instead (counted in ``task.skipped``, its message in
+        ``task.errors``).
         """
         from moe_gen.model.generate import beam_search, generate, rank
         from moe_gen.tasks import Task, load_preset
@@ -353,7 +356,15 @@ class GeneralistModel(nn.Module):
             raise ValueError(f"the model was not built for task {task.name!r}; it knows: "
                              f"{', '.join(self.config.tasks)}")
         plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
-        samples = [plan.encode(row, i, training=False, inference=True, template=0) for i, row in enumerate(rows)]
+        samples, failed = [], set()
+        for i, row in enumerate(rows):
+            try:
+                samples.append(plan.encode(row, i, training=False, inference=True, template=0))
+            except TaskDataError as exc:
+                if task.on_error != "skip":
+                    raise
+                task.skip_row(i, exc)
+                failed.add(i)
         for sample in samples:
             for chunk in sample.encoder:
                 if chunk.rows is not None and chunk.adaptor not in self.adapters:
@@ -366,15 +377,22 @@ class GeneralistModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            if candidates is not None:
-                return rank(self, plan, samples, list(candidates))
-            if beams > 1:
-                return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens,
+            if not samples:
+                answers = []
+            elif candidates is not None:
+                answers = rank(self, plan, samples, list(candidates))
+            elif beams > 1:
+                answers = beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens,
+                                      max_items=max_items)
+            else:
+                answers = generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
                                    max_items=max_items)
-            return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                            max_items=max_items)
         finally:
             self.train(was_training)
+        if not failed:
+            return answers
+        answered = iter(answers)
+        return [None if i in failed else next(answered) for i in range(len(rows))]
 
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active``: counting only top_k of each MoE layer's experts."""

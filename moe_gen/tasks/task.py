@@ -15,7 +15,6 @@ values a slot cannot take, rows a dataset cannot read, features that come out no
 longer than ``max_slot_positions`` (default 4096) positions, and any other exception a
 preprocessor raises (wrapped, with its type and message, as ``__cause__``).
 
-
 Some preprocessors learn from the training rows (the STRUCT cell encoding: column ids, means and
 stds, text vocabularies). ``task.fit_statistics()`` fits them on this task's rows; a model keeps
 what it was trained with and passes it back (``task.plan(tokenizer, statistics)``), so a test
@@ -42,11 +41,13 @@ from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
 
-__all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES"]
+__all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES", "CLOSED_SETS"]
 
 
 MEDIA_MODALITIES = ("IMAGE", "AUDIO", "VIDEO")  # modalities whose values may name files
 MAX_ERRORS = 100  # error messages a task keeps (task.skipped counts them all)
+# The entry of ``fit_statistics`` that holds the label sets of closed-set slots (not a preprocessor).
+CLOSED_SETS = "closed_sets"
 
 
 def media_columns(instruction: Instruction) -> set[str]:
@@ -266,9 +267,12 @@ class Task:
         return {"mean": stacked.mean(0).astype(np.float32), "std": stacked.std(0).astype(np.float32)}
 
     def fit_statistics(self, max_rows: int = 10_000) -> dict[str, dict]:
-        """What the preprocessors of this task's slots learn from its first ``max_rows`` rows
-        (``Preprocessor.fit``): preprocessor name → slot column → JSON-serialisable statistics
-        (cached; empty when no slot learns anything). Slots without a column are not fitted.
+        """What the task's slots learn from its rows, JSON-serialisable (cached; empty when no slot
+        learns anything): preprocessor name → slot column → statistics (``Preprocessor.fit`` over
+        the first ``max_rows`` rows; slots without a column are not fitted), and under
+        ``CLOSED_SETS`` the label sets of closed-set slots (``closed_sets``, all rows). A model
+        saves them, so it encodes new rows and decodes closed sets as it was trained, whatever
+        rows (or none) a task holds at inference.
 
         Raises:
             TaskDataError: naming the task and column when a preprocessor's ``fit`` fails (it
@@ -295,6 +299,9 @@ class Task:
                                     f"learn from the rows ({type(exc).__name__}: {exc})") from exc
             if fitted is not None:
                 statistics.setdefault(name, {})[column] = fitted
+        labels = self.closed_sets()
+        if labels:
+            statistics[CLOSED_SETS] = labels
         self._statistics = statistics
         return statistics
 
@@ -310,9 +317,11 @@ class Task:
 
         Args:
             tokenizer: the shared vocabulary.
-            statistics: what the preprocessors learned from training rows (``fit_statistics``'s
-                form; a model passes its saved ones); None fits them on this task's own rows.
-                They replace any ``statistics`` given in ``preprocessor_options``.
+            statistics: what the slots learned from training rows (``fit_statistics``'s form; a
+                model passes its saved ones); None fits them on this task's own rows. They
+                replace any ``statistics`` given in ``preprocessor_options``; their closed sets,
+                where they hold any, replace the labels of this task's rows (statistics saved
+                before closed sets were kept hold none).
         """
         # Keyed by identity; the cached entry holds the statistics object so its id stays unique.
         key = (id(tokenizer), None if statistics is None else id(statistics))
@@ -323,9 +332,11 @@ class Task:
                 if stats is not None:
                     options["motion"] = stats
             fitted = self.fit_statistics() if statistics is None else statistics
+            labels = fitted.get(CLOSED_SETS) or self.closed_sets()
             for name, per_column in fitted.items():
-                options[name] = {**options.get(name, {}), "statistics": per_column}
-            plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=self.closed_sets(),
+                if name != CLOSED_SETS:
+                    options[name] = {**options.get(name, {}), "statistics": per_column}
+            plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=labels,
                             preprocessor_options=options, max_slot_positions=self.max_slot_positions)
             self._plans[key] = (statistics, plan)
         return self._plans[key][1]
