@@ -5,6 +5,7 @@ are checked before they cost minutes (issue 13, findings 3, 4, 6, 7 and 9)."""
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 
@@ -88,6 +89,19 @@ def test_bad_value_is_a_task_data_error_naming_task_column_and_row(case, tok):
     assert message in str(caught.value)
     skipping = Task("t", instruction, [good, bad, good], on_error="skip")
     assert len(list(skipping.samples(tok))) == 2 and skipping.skipped == 1
+
+
+@pytest.mark.parametrize("modality", ["IMAGE", "AUDIO", "VIDEO"])
+def test_a_media_path_naming_a_fifo_or_directory_fails_its_row_without_blocking(modality, tok, tmp_path):
+    """Rows given in Python (not through ``load_jsonl``, which checks paths itself): opening a FIFO
+    would block until something writes to it."""
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    instruction = f"[{modality}:x] -> [TEXT:y]"
+    for path, what in [(fifo, "a FIFO, device or socket"), (tmp_path, "a directory")]:
+        task = Task("t", instruction, [{"x": str(path), "y": "a"}])
+        with pytest.raises(TaskDataError, match=f"task 't', column 'x', row 0: .*is {what}, not a regular file"):
+            task.encode(0, tok)
 
 
 def test_decompression_bomb_is_a_task_data_error(tok, monkeypatch):

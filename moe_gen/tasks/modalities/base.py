@@ -18,7 +18,9 @@ video, audio and motion without knowing the modality.
 from __future__ import annotations
 
 import dataclasses
+import os
 import random
+import stat
 from typing import Any, Iterable, Mapping, Optional
 
 import torch
@@ -29,7 +31,7 @@ from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = [
     "modality_tag_names", "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
-    "register_modality", "brief", "tensor_to_numpy",
+    "register_modality", "brief", "tensor_to_numpy", "regular_file",
 ]
 
 
@@ -45,6 +47,24 @@ def brief(value: Any, limit: int = 60) -> str:
     except Exception:  # e.g. ValueError past sys.get_int_max_str_digits()
         return f"a {type(value).__name__}"
     return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def regular_file(path, kind: str) -> str:
+    """``path`` as a string, checked to name a regular file before a reader opens it: a FIFO, device
+    or socket would block or stream forever, a directory fails obscurely.
+
+    Raises:
+        SlotValueError: naming the path and what it is.
+    """
+    path = os.fspath(path)
+    try:
+        mode = os.stat(path).st_mode
+    except (OSError, ValueError) as exc:  # ValueError: embedded NUL
+        raise SlotValueError(f"cannot open the {kind} file {brief(path)}: {exc}") from None
+    if not stat.S_ISREG(mode):
+        what = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
+        raise SlotValueError(f"the {kind} path {brief(path)} is {what}, not a regular file")
+    return path
 
 
 def tensor_to_numpy(value: torch.Tensor):

@@ -35,6 +35,7 @@ from moe_gen.tasks.modalities.base import (
     SlotValueError,
     brief,
     register_modality,
+    regular_file,
     tensor_to_numpy,
 )
 
@@ -98,7 +99,7 @@ def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, in
     if isinstance(value, dict) and "array" in value:
         value, sample_rate = value["array"], value.get("sampling_rate", value.get("sample_rate"))
     if isinstance(value, (str, os.PathLike)):
-        value, sample_rate = _read_wav(os.fspath(value))
+        value, sample_rate = _read_wav(regular_file(value, "audio"))
     elif isinstance(value, (bytes, bytearray)):
         value, sample_rate = _read_wav(io.BytesIO(value))
     if isinstance(value, (list, tuple)):  # e.g. from JSONL

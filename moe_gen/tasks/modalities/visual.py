@@ -23,6 +23,7 @@ from moe_gen.tasks.modalities.base import (
     SlotEncoding,
     SlotValueError,
     register_modality,
+    regular_file,
     tensor_to_numpy,
 )
 
@@ -68,7 +69,7 @@ def load_image(value: Any):
     [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes. Raises ``SlotValueError``."""
     from PIL import Image
 
-    if isinstance(value, str) and not os.path.isfile(value):
+    if isinstance(value, str) and not os.path.exists(value):
         raise SlotValueError(f"an IMAGE slot got text {value[:40]!r}, which is neither an image nor an "
                              "existing file")
     if isinstance(value, (list, tuple)):  # nested lists, e.g. from JSONL
@@ -89,7 +90,7 @@ def load_image(value: Any):
         elif isinstance(value, (bytes, bytearray)):
             image = Image.open(io.BytesIO(value)).convert("RGB")
         elif isinstance(value, (str, os.PathLike)):
-            with Image.open(value) as img:
+            with Image.open(regular_file(value, "image")) as img:
                 image = img.convert("RGB")
         else:
             raise SlotValueError(f"an IMAGE slot needs an image, array, path or bytes, got {type(value).__name__}")
@@ -175,7 +176,7 @@ def load_video_frames(value: Any) -> np.ndarray:
     if isinstance(value, (str, os.PathLike, bytes, bytearray)):
         import av
 
-        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else value
+        source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else regular_file(value, "video")
         try:
             with av.open(source) as container:
                 frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
