@@ -256,6 +256,24 @@ def test_motion_is_normalised_with_task_statistics(tok):
     assert abs(float(rows.mean())) < 0.2 and 0.5 < float(rows.std()) < 1.5
 
 
+def test_held_out_motion_is_normalised_with_the_training_statistics(tok):
+    """The statistics travel with ``fit_statistics`` (saved with a model): a held-out task encoded
+    with them equals encoding its frames by the training mean and std, not by its own."""
+    import numpy as np
+
+    train = load_preset("motion_classification", "train", limit=40)
+    test = load_preset("motion_classification", "test", limit=10)
+    saved = train.fit_statistics()["motion_normalisation"]
+    mean, std = (np.asarray(saved[k], np.float32) for k in ("mean", "std"))
+    np.testing.assert_allclose(mean, train.motion_statistics()["mean"])
+    own, trained = test.encode(0, tok, training=False), test.encode(0, tok, training=False,
+                                                                       statistics=train.fit_statistics())
+    frames = np.asarray(test.data[0]["motion"], np.float32)
+    expected = torch.from_numpy((frames - mean) / np.maximum(std, 1e-5)).flatten()
+    torch.testing.assert_close(trained.encoder[0].rows.flatten(), expected.to(trained.encoder[0].rows.dtype))
+    assert not torch.allclose(own.encoder[0].rows, trained.encoder[0].rows)
+
+
 def test_modality_registry_has_all_builtins():
     assert set(MODALITIES.list()) >= {"TEXT", "IMAGE", "AUDIO", "VIDEO", "MOTION", "BOX", "STRUCT", "PHONE",
                                        "CATEGORY"}

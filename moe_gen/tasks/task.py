@@ -41,13 +41,15 @@ from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
 
-__all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES", "CLOSED_SETS"]
+__all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES", "CLOSED_SETS", "MOTION_NORMALISATION"]
 
 
 MEDIA_MODALITIES = ("IMAGE", "AUDIO", "VIDEO")  # modalities whose values may name files
 MAX_ERRORS = 100  # error messages a task keeps (task.skipped counts them all)
-# The entry of ``fit_statistics`` that holds the label sets of closed-set slots (not a preprocessor).
+# Entries of ``fit_statistics`` that are not a preprocessor's: the label sets of closed-set slots,
+# and the per-feature mean and std that normalise MOTION frames.
 CLOSED_SETS = "closed_sets"
+MOTION_NORMALISATION = "motion_normalisation"
 
 
 def media_columns(instruction: Instruction) -> set[str]:
@@ -270,9 +272,11 @@ class Task:
         """What the task's slots learn from its rows, JSON-serialisable (cached; empty when no slot
         learns anything): preprocessor name → slot column → statistics (``Preprocessor.fit`` over
         the first ``max_rows`` rows; slots without a column are not fitted), and under
-        ``CLOSED_SETS`` the label sets of closed-set slots (``closed_sets``, all rows). A model
+        ``CLOSED_SETS`` the label sets of closed-set slots (``closed_sets``, all rows) and under
+        ``MOTION_NORMALISATION`` the MOTION frames' mean and std (``motion_statistics``). A model
         saves them, so it encodes new rows and decodes closed sets as it was trained, whatever
-        rows (or none) a task holds at inference.
+        rows (or none) a task holds at inference: held-out clips are normalised with the training
+        clips' statistics, not their own.
 
         Raises:
             TaskDataError: naming the task and column when a preprocessor's ``fit`` fails (it
@@ -302,6 +306,9 @@ class Task:
         labels = self.closed_sets()
         if labels:
             statistics[CLOSED_SETS] = labels
+        motion = self.motion_statistics()
+        if motion is not None:
+            statistics[MOTION_NORMALISATION] = {k: v.tolist() for k, v in motion.items()}
         self._statistics = statistics
         return statistics
 
@@ -327,14 +334,16 @@ class Task:
         key = (id(tokenizer), None if statistics is None else id(statistics))
         if key not in self._plans:
             options = {name: dict(value) for name, value in self.preprocessor_options.items()}
+            fitted = self.fit_statistics() if statistics is None else statistics
             if "motion" not in options:
-                stats = self.motion_statistics()
+                saved = fitted.get(MOTION_NORMALISATION)
+                stats = ({k: np.asarray(v, np.float32) for k, v in saved.items()} if saved is not None
+                         else self.motion_statistics())
                 if stats is not None:
                     options["motion"] = stats
-            fitted = self.fit_statistics() if statistics is None else statistics
             labels = fitted.get(CLOSED_SETS) or self.closed_sets()
             for name, per_column in fitted.items():
-                if name != CLOSED_SETS:
+                if name not in (CLOSED_SETS, MOTION_NORMALISATION):
                     options[name] = {**options.get(name, {}), "statistics": per_column}
             plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=labels,
                             preprocessor_options=options, max_slot_positions=self.max_slot_positions)
