@@ -252,6 +252,15 @@ def test_error_shows_the_line_of_a_multi_line_instruction():
     assert str(err).splitlines()[1:] == ["    [TEXT:c] ->", "             ^"]
 
 
+def test_a_lone_surrogate_in_the_instruction_is_refused_where_it_stands():
+    """Literal text that is not valid UTF-8 would otherwise fail every row of the task, when the
+    tokenizer meets it; the error prints (the surrogate shown as '?')."""
+    err = fault("[TEXT:x] what \ud800? -> [TEXT:y]")
+    assert err.position == 14 and "lone surrogate U+D800" in err.message
+    assert str(err).splitlines()[1:] == ["    [TEXT:x] what ?? -> [TEXT:y]", "                  ^"]
+    str(err).encode("utf-8")
+
+
 # Fuzzing: text made of grammar pieces hits deep error paths; plain st.text() hits everything else.
 PIECES = st.sampled_from([
     "[", "]", "(", ")", ")*", "( [", "->", "|||", "|", ":", ",", "=", '"', "\\", " ", "\n", "*",

@@ -84,7 +84,7 @@ class InstructionError(ValueError):
         text, pos = self.instruction, self.position
         start = text.rfind("\n", 0, pos) + 1
         end = text.find("\n", pos)
-        line = text[start : end if end >= 0 else len(text)]
+        line = re.sub("[\ud800-\udfff]", "?", text[start : end if end >= 0 else len(text)])  # printable
         # Keep tabs so the caret lines up however the terminal expands them.
         pad = "".join(c if c == "\t" else " " for c in line[: pos - start])
         return f"{self.message} (at position {pos})\n    {line}\n    {pad}^"
@@ -361,6 +361,9 @@ class _Parser:
 
     def run(self) -> Instruction:
         text = self.text
+        lone = re.search("[\ud800-\udfff]", text)
+        if lone:  # not encodable as UTF-8: no tokenizer could read the literal text around it
+            raise self.error(f"a lone surrogate U+{ord(lone.group()):04X} is not text", lone.start())
         templates: list[Template] = []
         sides: list[list[Slot]] = [[]]
         template_start = 0
