@@ -305,7 +305,6 @@ def _cmd_infer(args, overrides) -> int:
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import load_preset
     from moe_gen.tasks.task import load_jsonl, media_columns
-    from moe_gen.trainer.evaluation import encodable_rows
 
     if overrides:
         raise ValueError(f"infer takes no overrides, got {' '.join(overrides)}")
@@ -313,10 +312,7 @@ def _cmd_infer(args, overrides) -> int:
     task = load_preset(args.task, "test")
     rows = (load_jsonl(args.input, media_columns(task.instruction)) if args.input
             else [task.data[i] for i in range(min(args.rows, len(task)))])
-    kept, failed = encodable_rows(model, task, rows, range(len(rows)))  # on_error="skip": failed rows reported
-    for i, error in failed.items():
-        print(json.dumps({"row": i, "skipped": error}))
-    for i, prediction in zip(kept, model.infer(task, [rows[k] for k in kept], beams=args.beams)):
+    for i, prediction in enumerate(model.infer(task, rows, beams=args.beams)):
         out = {"row": i, "text": prediction.text, "box": prediction.box, "score": round(prediction.score, 4)}
         if prediction.frames is not None:
             out["frames"] = list(prediction.frames.shape)

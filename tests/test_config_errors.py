@@ -199,6 +199,9 @@ def test_infer_answers_none_for_rows_that_fail_under_skip(tables, tok):
     answers = model.infer(lenient, rows)
     assert answers[1] is None and all(a is not None and a.text for a in (answers[0], answers[2]))
     assert lenient.skipped == 1 and "row 1" in lenient.errors[0]
-    assert model.infer(lenient, rows[1:2]) == [None]
+    assert model.infer(lenient, rows[1:2], indices=[41]) == [None]  # rows named by their indices
+    assert lenient.skipped == 2 and "row 41" in lenient.errors[1]
+    with pytest.raises(ValueError, match="3 rows but 1 indices"):
+        model.infer(lenient, rows, indices=[0])
     with pytest.raises(TaskDataError, match="row 1"):
         model.infer(Task("table_species", tables.instruction, []), rows)

@@ -330,7 +330,8 @@ class GeneralistModel(nn.Module):
         return output
 
     def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64, beams: int = 1,
-              candidates: Optional[Sequence[str]] = None, max_items: int = 8) -> list:
+              candidates: Optional[Sequence[str]] = None, max_items: int = 8,
+              indices: Optional[Sequence[int]] = None) -> list:
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
         Every target slot of the instruction is decoded, repetition groups item by item (at most
@@ -341,9 +342,9 @@ class GeneralistModel(nn.Module):
         ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
         one dict per item) for every token answer, and ``.score``. Raises ``ValueError`` for
         tasks outside the model's vocabulary, modalities it has no adapter for, and rows that do
-        not fit the instruction (naming column and row); under the task's ``on_error="skip"``
-        such a row's answer is None instead (counted in ``task.skipped``, its message in
-        ``task.errors``).
+        not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
+        default its position); under the task's ``on_error="skip"`` such a row's answer is None
+        instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
         """
         from moe_gen.model.generate import beam_search, generate, rank
         from moe_gen.tasks import Task, load_preset
@@ -356,14 +357,17 @@ class GeneralistModel(nn.Module):
             raise ValueError(f"the model was not built for task {task.name!r}; it knows: "
                              f"{', '.join(self.config.tasks)}")
         plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
+        indices = range(len(rows)) if indices is None else indices
+        if len(indices) != len(rows):
+            raise ValueError(f"infer got {len(rows)} rows but {len(indices)} indices")
         samples, failed = [], set()
-        for i, row in enumerate(rows):
+        for i, (row, index) in enumerate(zip(rows, indices)):
             try:
-                samples.append(plan.encode(row, i, training=False, inference=True, template=0))
+                samples.append(plan.encode(row, index, training=False, inference=True, template=0))
             except TaskDataError as exc:
                 if task.on_error != "skip":
                     raise
-                task.skip_row(i, exc)
+                task.skip_row(index, exc)
                 failed.add(i)
         for sample in samples:
             for chunk in sample.encoder:

@@ -22,7 +22,7 @@ from moe_gen.tasks import metrics as metric_fns
 from moe_gen.tasks.plan import TaskDataError
 from moe_gen.tasks.task import Task
 
-__all__ = ["evaluate_task", "evaluate", "encodable_rows", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
+__all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
                    "frames": ("l1",), "detection": ("detection_f1",), "structured": ("exact_match",)}
@@ -71,26 +71,6 @@ def spaced_indices(n: int, count: int) -> list[int]:
     return [(i * n) // count for i in range(count)]
 
 
-def encodable_rows(model, task: Task, rows: Sequence, indices: Sequence[int]) -> tuple[list[int], dict[int, str]]:
-    """(positions in ``rows`` that ``model.infer`` can encode, position → error of the others).
-    ``rows`` are rows ``indices`` of ``task``. Under ``on_error="skip"`` failed rows are left out
-    and counted (``task.skip_row``); otherwise every position is kept and ``infer`` raises at the
-    first row that fails."""
-    if task.on_error != "skip":
-        return list(range(len(rows))), {}
-    plan = task.plan(model.tokenizer, model.encoding_statistics(task))  # as infer encodes them
-    kept, failed = [], {}
-    for position, (row, index) in enumerate(zip(rows, indices)):
-        try:
-            plan.encode(row, index, training=False, inference=True, template=0)
-        except TaskDataError as exc:
-            task.skip_row(index, exc)
-            failed[position] = str(exc)
-            continue
-        kept.append(position)
-    return kept, failed
-
-
 def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s rows: all of them, or ``limit`` rows evenly spaced over them
     (a test split may be ordered by label, e.g. pydoc topics alphabetically, so its first rows would
@@ -104,14 +84,14 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     columns = [p.slot.column for p in scored]
     indices = spaced_indices(len(task), count)
     rows = [task.data[i] for i in indices]
-    kept, failed = encodable_rows(model, task, rows, indices)
-    rows, indices = [rows[k] for k in kept], [indices[k] for k in kept]
-    skipped = len(failed)
+    skipped = 0
     predictions, references = [], []
     for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        for offset, (row, prediction) in enumerate(zip(chunk, model.infer(task, chunk))):
-            index = indices[start + offset]
+        chunk, chunk_indices = rows[start:start + batch_size], indices[start:start + batch_size]
+        for row, index, prediction in zip(chunk, chunk_indices, model.infer(task, chunk, indices=chunk_indices)):
+            if prediction is None:  # it failed to encode (on_error="skip"; counted in task.skipped)
+                skipped += 1
+                continue
             if kind == "frames":
                 sample = task.encode(index, model.tokenizer, training=False,
                                      statistics=model.encoding_statistics(task))
