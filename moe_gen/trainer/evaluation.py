@@ -29,10 +29,11 @@ DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box":
 LOWER_IS_BETTER = {"wer", "l1", "mse"}
 
 
-def _targets(task: Task, tokenizer) -> tuple[str, list]:
+def _targets(task: Task, model) -> tuple[str, list]:
     """The kind of answer to score (a decode kind, ``detection`` or ``structured``) and the
-    scored decoder slots of the first template."""
-    decoder = task.plan(tokenizer).templates[0][1]
+    scored decoder slots of the first template (of the plan ``model.infer`` uses: nothing is
+    fitted on the rows scored)."""
+    decoder = task.plan(model.tokenizer, model.encoding_statistics(task)).templates[0][1]
     scored = [p for p in decoder if p.loss]
     if not scored:
         raise ValueError(f"task {task.name!r} has no scored decoder slot to evaluate")
@@ -76,7 +77,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     (a test split may be ordered by label, e.g. pydoc topics alphabetically, so its first rows would
     not be a fair sample). With ``on_error="skip"``, rows that fail are left out and the metrics
     include ``skipped``, their number."""
-    kind, scored = _targets(task, model.tokenizer)
+    kind, scored = _targets(task, model)
     names = task.metrics or DEFAULT_METRICS[kind]
     count = len(task) if limit is None else min(limit, len(task))
     if count == 0:
