@@ -28,7 +28,9 @@ from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = ["GeneralistModel", "ModelOutput", "MODEL_FILES"]
 
-MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json")  # what save_pretrained writes
+# Every file save_pretrained may write: configuration, weights and the tokenizer's files (``Tokenizer``:
+# tokenizer.model + tokenizer.json; ``HFTokenizer``: tokenizer.json + moe_gen_tokenizer.json).
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "moe_gen_tokenizer.json")
 
 _NO_STATISTICS: Mapping = types.MappingProxyType({})  # one object, so plans cached by its id are reused
 
@@ -194,12 +196,13 @@ class GeneralistModel(nn.Module):
         return self.config.preprocessor_statistics.get(name, _NO_STATISTICS)
 
     def save_pretrained(self, directory: str) -> None:
-        """Writes ``config.json``, ``model.safetensors`` and the tokenizer (``MODEL_FILES``).
+        """Writes ``config.json``, ``model.safetensors`` and the files the tokenizer saves.
 
         Atomic where it can be: the files are written (and synced) into ``<directory>.tmp-<pid>``,
         which then replaces ``directory`` whole, so a failed save (full disk) leaves ``directory`` as
         it was and raises. A ``directory`` holding other files too keeps them; there the model's
-        files are replaced one by one (each atomically)."""
+        files are replaced one by one (each atomically), and those of a tokenizer of another kind
+        saved there before are removed (``MODEL_FILES``)."""
         from safetensors.torch import save_file
 
         directory = os.path.abspath(directory)
@@ -211,21 +214,24 @@ class GeneralistModel(nn.Module):
                 json.dump(self.config.to_dict(), f, indent=2)
             state = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
             save_file(state, os.path.join(tmp, "model.safetensors"))
-            self.tokenizer.save(tmp)
-            for name in MODEL_FILES:  # on disk before any rename makes them the model
+            written = ["config.json", "model.safetensors", *self.tokenizer.save(tmp)]
+            for name in written:  # on disk before any rename makes them the model
                 with open(os.path.join(tmp, name), "rb") as f:
                     os.fsync(f.fileno())
             if not os.path.exists(directory):
                 os.replace(tmp, directory)
-            elif set(os.listdir(directory)) <= set(MODEL_FILES):
+            elif set(os.listdir(directory)) <= {*MODEL_FILES, *written}:
                 old = f"{directory}.old-{os.getpid()}"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(directory, old)
                 os.replace(tmp, directory)
                 shutil.rmtree(old, ignore_errors=True)
             else:
-                for name in MODEL_FILES:
+                for name in written:
                     os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+                for name in set(MODEL_FILES) - set(written):
+                    if os.path.exists(stale := os.path.join(directory, name)):
+                        os.remove(stale)
                 os.rmdir(tmp)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -253,7 +259,7 @@ class GeneralistModel(nn.Module):
         try:
             tokenizer = Tokenizer.load(directory)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
-            raise ValueError(f"{directory}: cannot load the tokenizer (tokenizer.model, tokenizer.json): "
+            raise ValueError(f"{directory}: cannot load the tokenizer: "
                              f"{type(exc).__name__}: {exc}") from None
         try:
             model = cls(config, tokenizer)

@@ -10,10 +10,15 @@ One vocabulary serves every text-like slot (TEXT, BOX, PHONE, STRUCT, CATEGORY),
 The tokenizer is trained by the package from a corpus (``Tokenizer.train``) and saved with the
 model (``save`` / ``load``: the sentencepiece model proto plus a small JSON), so a saved model
 always decodes with the vocabulary it was trained with. Nothing is downloaded.
+
+``BaseTokenizer`` is what the rest of the package asks of a vocabulary. Its other implementation,
+``moe_gen.tasks.hf_tokenizer.HFTokenizer``, keeps a pretrained checkpoint's own ids and appends the
+bins, sentinels and phone symbols after them; ``Tokenizer.load`` reads either kind back.
 """
 
 from __future__ import annotations
 
+import abc
 import functools
 import io
 import json
@@ -22,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
 
-__all__ = ["Tokenizer", "default_corpus", "PHONE_SYMBOLS"]
+__all__ = ["BaseTokenizer", "Tokenizer", "default_corpus", "PHONE_SYMBOLS"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
 
@@ -43,7 +48,78 @@ def default_corpus() -> list[str]:
     return [line.strip() for doc in topics.values() for line in doc.splitlines() if line.strip()]
 
 
-class Tokenizer:
+class BaseTokenizer(abc.ABC):
+    """The interface every moe_gen vocabulary offers (what tasks, batches, grammars and the model use).
+
+    A subclass sets ``pad_id``, ``unk_id`` (None when any text encodes without one), ``bos_id``,
+    ``eos_id``, ``num_bins``, ``num_sentinels`` and the first ids of its two contiguous blocks,
+    ``_first_bin`` (``<bin_0>`` …) and ``_first_sentinel`` (``<extra_id_0>`` …).
+    """
+
+    pad_id: int
+    unk_id: Optional[int]
+    bos_id: int
+    eos_id: int
+    num_bins: int
+    num_sentinels: int
+    _first_bin: int
+    _first_sentinel: int
+
+    @property
+    @abc.abstractmethod
+    def vocab_size(self) -> int:
+        """Number of ids (rows of the token embedding and of the output head)."""
+
+    @property
+    @abc.abstractmethod
+    def piece_ids(self) -> range:
+        """Ids of ordinary text pieces: what token noise may draw a replacement from."""
+
+    @abc.abstractmethod
+    def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
+        """Token ids of ``text`` (location and sentinel tokens written out are recognised)."""
+
+    @abc.abstractmethod
+    def decode(self, ids: Iterable[int]) -> str:
+        """Text of ``ids``; padding, BOS and EOS are dropped."""
+
+    @abc.abstractmethod
+    def symbol_id(self, piece: str) -> int:
+        """Id of a symbol such as ``<ph_AA>``; ``ValueError`` when the vocabulary has none."""
+
+    @abc.abstractmethod
+    def pieces(self, ids: Iterable[int]) -> list[str]:
+        """The vocabulary entry of each id."""
+
+    @abc.abstractmethod
+    def save(self, directory: str) -> list[str]:
+        """Writes the tokenizer into ``directory``; returns the names of the files written."""
+
+    def bin_id(self, k: int) -> int:
+        """Id of ``<bin_k>``."""
+        if not 0 <= k < self.num_bins:
+            raise ValueError(f"location bin {k} is outside [0, {self.num_bins})")
+        return self._first_bin + k
+
+    def bin_index(self, token_id: int) -> Optional[int]:
+        """k for a ``<bin_k>`` id, else None."""
+        k = int(token_id) - self._first_bin
+        return k if self.num_bins and 0 <= k < self.num_bins else None
+
+    def sentinel_id(self, k: int) -> int:
+        """Id of ``<extra_id_k>``."""
+        if not 0 <= k < self.num_sentinels:
+            raise ValueError(f"sentinel {k} is outside [0, {self.num_sentinels})")
+        return self._first_sentinel + k
+
+    def is_special(self, token_id: int) -> bool:
+        """Padding, BOS, EOS, bins and sentinels."""
+        t = int(token_id)
+        return (t in (self.pad_id, self.bos_id, self.eos_id) or self.bin_index(t) is not None
+                or 0 <= t - self._first_sentinel < self.num_sentinels)
+
+
+class Tokenizer(BaseTokenizer):
     """A sentencepiece tokenizer with location-bin and sentinel tokens.
 
     Args:
@@ -118,17 +194,23 @@ class Tokenizer:
         return cls.train(default_corpus(), vocab_size=vocab_size, num_bins=num_bins,
                          num_sentinels=num_sentinels, extra_symbols=PHONE_SYMBOLS)
 
-    def save(self, directory: str) -> None:
-        """Writes ``tokenizer.model`` and ``tokenizer.json`` into ``directory``."""
+    def save(self, directory: str) -> list[str]:
+        """Writes ``tokenizer.model`` and ``tokenizer.json`` into ``directory``; returns their names."""
         os.makedirs(directory, exist_ok=True)
         with open(os.path.join(directory, "tokenizer.model"), "wb") as f:
             f.write(self.model_proto)
         with open(os.path.join(directory, "tokenizer.json"), "w") as f:
             json.dump({"num_bins": self.num_bins, "num_sentinels": self.num_sentinels}, f)
+        return ["tokenizer.model", "tokenizer.json"]
 
     @classmethod
-    def load(cls, directory: str) -> "Tokenizer":
-        """Reads a tokenizer written by ``save``."""
+    def load(cls, directory: str) -> BaseTokenizer:
+        """Reads a tokenizer written by ``save``, or an ``HFTokenizer`` where ``directory`` holds one
+        (so ``GeneralistModel.from_pretrained`` reloads either kind)."""
+        from moe_gen.tasks import hf_tokenizer  # the tokenizers library only where it is needed
+
+        if os.path.exists(os.path.join(directory, hf_tokenizer.ADDITIONS_FILE)):
+            return hf_tokenizer.HFTokenizer.load(directory)
         with open(os.path.join(directory, "tokenizer.model"), "rb") as f:
             proto = f.read()
         with open(os.path.join(directory, "tokenizer.json")) as f:
@@ -161,28 +243,10 @@ class Tokenizer:
     def pieces(self, ids: Iterable[int]) -> list[str]:
         return [self.sp.id_to_piece(int(i)) for i in ids]
 
-    def bin_id(self, k: int) -> int:
-        """Id of ``<bin_k>``."""
-        if not 0 <= k < self.num_bins:
-            raise ValueError(f"location bin {k} is outside [0, {self.num_bins})")
-        return self._first_bin + k
-
-    def bin_index(self, token_id: int) -> Optional[int]:
-        """k for a ``<bin_k>`` id, else None."""
-        k = int(token_id) - self._first_bin
-        return k if self.num_bins and 0 <= k < self.num_bins else None
-
-    def sentinel_id(self, k: int) -> int:
-        """Id of ``<extra_id_k>``."""
-        if not 0 <= k < self.num_sentinels:
-            raise ValueError(f"sentinel {k} is outside [0, {self.num_sentinels})")
-        return self._first_sentinel + k
-
-    def is_special(self, token_id: int) -> bool:
-        """Padding, BOS, EOS, bins and sentinels."""
-        t = int(token_id)
-        return (t in (PAD_ID, BOS_ID, EOS_ID) or self.bin_index(t) is not None
-                or 0 <= t - self._first_sentinel < self.num_sentinels)
+    @property
+    def piece_ids(self) -> range:
+        """Every id after the specials, bins and sentinels (symbols and byte pieces included)."""
+        return range(self.sentinel_id(self.num_sentinels - 1) + 1 if self.num_sentinels else 4, self.vocab_size)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and (
