@@ -45,6 +45,23 @@ class ModelConfig(ConfigBase):
         predict_all_features: give every adapter a frame head (masked modeling predicts any modality).
         tasks: the task vocabulary (names in tag order).
         label_smoothing: for the token cross-entropy.
+        layout: ``encoder-decoder`` (an encoder over the input slots, a decoder cross-attending to
+            it) or ``decoder-only`` (a prefix LM: one stack reads the input slots as a prefix,
+            then the targets causally; ``encoder_layers`` is unused).
+        prefix_attention: in the decoder-only layout, whether prefix positions attend to each
+            other ``bidirectional``-ly (a prefix LM) or ``causal``-ly (as a causal LM was
+            pretrained).
+        norm: ``layer`` (LayerNorm) or ``rms`` (RMSNorm); ``norm_eps`` its epsilon.
+        norm_position: ``pre`` (x + f(norm(x))) or ``post`` (norm(x + f(x)), BERT).
+        embedding_norm: a norm over the summed input embeddings (BERT).
+        final_norm: a norm after each stack's last block (pre-norm models; BERT has none).
+        num_kv_heads: key/value heads (grouped-query attention); ``None``: ``num_heads``.
+        attention_bias: biases on the query, key/value and output projections.
+        rotary_base: the rotary embeddings' base (Llama's ``rope_theta``).
+        tie_embeddings: the output head is the token embedding (else a separate ``lm_head``).
+        positions_on_features: add the learned position table at feature positions too (else
+            only at token positions: adapters that carry their own positions, e.g. Whisper's
+            audio stem, get nothing added).
         preprocessor_statistics: task name → preprocessor name → slot column → what that
             preprocessor learned from the task's training rows when the model met the task
             (``Task.fit_statistics``; e.g. the STRUCT cell encoding's column ids, means, stds and
@@ -77,6 +94,18 @@ class ModelConfig(ConfigBase):
     predict_all_features: bool = False
     tasks: tuple[str, ...] = ()
     label_smoothing: float = 0.0
+    layout: str = "encoder-decoder"
+    prefix_attention: str = "bidirectional"
+    norm: str = "layer"
+    norm_eps: float = 1e-5
+    norm_position: str = "pre"
+    embedding_norm: bool = False
+    final_norm: bool = True
+    num_kv_heads: Optional[int] = None
+    attention_bias: bool = True
+    rotary_base: float = 10000.0
+    tie_embeddings: bool = True
+    positions_on_features: bool = True
     preprocessor_statistics: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -98,6 +127,16 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"positions must be 'learned' or 'rotary', got {self.positions!r}")
         if self.positions == "rotary" and (self.d_model // self.num_heads) % 2:
             raise ValueError("rotary positions need an even head width")
+        for name, allowed in (("layout", ("encoder-decoder", "decoder-only")),
+                              ("prefix_attention", ("bidirectional", "causal")),
+                              ("norm", ("layer", "rms")), ("norm_position", ("pre", "post"))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"ModelConfig.{name} must be one of {', '.join(map(repr, allowed))}, "
+                                 f"got {getattr(self, name)!r}")
+        if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
+            raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide num_heads={self.num_heads}")
+        if not self.norm_eps > 0:
+            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
         if self.moe_every not in (0, 1, 2):
             raise ValueError(f"moe_every must be 0 (dense), 1 or 2, got {self.moe_every}")
         self.tasks = tuple(self.tasks)
@@ -106,6 +145,15 @@ class ModelConfig(ConfigBase):
             self.router = RouterConfig.from_dict(self.router)
         if isinstance(self.experts, dict):
             self.experts = ExpertsConfig.from_dict(self.experts)
+
+    @property
+    def kv_heads(self) -> int:
+        """Key/value heads (``num_kv_heads``, or ``num_heads`` without grouped-query attention)."""
+        return self.num_kv_heads or self.num_heads
+
+    @property
+    def decoder_only(self) -> bool:
+        return self.layout == "decoder-only"
 
     def is_moe(self, layer: int) -> bool:
         """Whether block ``layer`` (0-based, per stack) has an MoE FFN."""

@@ -305,23 +305,36 @@ class _CachedDecoder:
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
         self.lengths = (~dec.padding_mask).sum(1)  # prefix positions, placeholder included
-        self.total = P + limit
         cfg = model.config
-        D, H = cfg.d_model, cfg.num_heads
+        G, Dh = cfg.kv_heads, cfg.d_model // cfg.num_heads
         dtype = model.token_embedding.weight.dtype
-        self.caches = [{"k": torch.zeros(B, H, self.total, D // H, device=dev, dtype=dtype),
-                        "v": torch.zeros(B, H, self.total, D // H, device=dev, dtype=dtype)}
+        enc = enc_batch.encoder
+        # The decoder-only layout caches the input prefix's keys and values in front of the
+        # decoder's (positions 0..S-1 of every row, padding masked) and continues its positions.
+        self.base = enc.tokens.shape[1] if cfg.decoder_only else 0
+        self.offset = ((~enc.padding_mask).sum(1) if cfg.decoder_only
+                       else torch.zeros(B, dtype=torch.long, device=dev))
+        self.total = self.base + P + limit
+        self.caches = [{"k": torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype),
+                        "v": torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype)}
                        for _ in model.decoder.blocks]
-        self.memory_kv = [block.cross_attn.project_kv(memory.hidden) for block in model.decoder.blocks]
         self.key_valid = torch.zeros(B, self.total, dtype=torch.bool, device=dev)
-        self.cross_mask = (~enc_batch.encoder.padding_mask).unsqueeze(1)
-        self.write = torch.zeros(B, dtype=torch.long, device=dev)
+        if cfg.decoder_only:
+            for cache, (k, v) in zip(self.caches, memory.kv):
+                cache["k"][:, :, :self.base], cache["v"][:, :, :self.base] = k, v
+            self.key_valid[:, :self.base] = ~enc.padding_mask
+            self.memory_kv = [None] * len(model.decoder.blocks)
+        else:
+            self.memory_kv = [block.cross_attn.project_kv(memory.hidden) for block in model.decoder.blocks]
+        self.cross_mask = (~enc.padding_mask).unsqueeze(1)
+        self.write = torch.full((B,), self.base, dtype=torch.long, device=dev)
         last_index = self.lengths - 1
         rows = torch.arange(B, device=dev)
         self.target_tags = _select_column(dec.tags, rows, last_index)
 
     def _run(self, side_B1, positions_B, active_B) -> torch.Tensor:
         model = self.model
+        positions_B = positions_B + self.offset
         x = model.embed(side_B1, positions_B.unsqueeze(1))
         rope = model.rope(side_B1, positions_B.unsqueeze(1))
         self.key_valid[torch.arange(len(active_B), device=self.device), self.write] = active_B
@@ -333,7 +346,7 @@ class _CachedDecoder:
         return model.decoder.norm(x)[:, 0]
 
     def log_probs(self, hidden_BD: torch.Tensor) -> torch.Tensor:
-        return (hidden_BD @ self.model.token_embedding.weight.t()).float().log_softmax(-1)
+        return self.model.output_logits(hidden_BD).float().log_softmax(-1)
 
     def prefill(self) -> torch.Tensor:
         """Feeds the prefix; returns the hidden state ``[B, D]`` that predicts the first answer item."""
@@ -346,7 +359,7 @@ class _CachedDecoder:
             hidden = self._run(side, torch.full((B,), t, device=self.device), active)
             finished = self.lengths - 1 == t
             out[finished] = hidden[finished]
-        self.write = self.lengths.clone()  # the next position of each row
+        self.write = self.base + self.lengths  # the next position of each row
         return out
 
     def reorder(self, parents: list[int]) -> None:
@@ -370,7 +383,7 @@ class _CachedDecoder:
                     is_token=torch.ones(B, 1, dtype=torch.bool, device=dev), rows={}, index={}, positions={},
                     padding_mask=~active_B.unsqueeze(1),
                     tags=dataclasses.replace(self.target_tags, modality=modality, role=role))
-        return self.log_probs(self._run(side, self.write.clone(), active_B)).cpu()
+        return self.log_probs(self._run(side, self.write - self.base, active_B)).cpu()
 
     def step_rows(self, adaptor: str, rows_BF: torch.Tensor, frame_B: torch.Tensor, active: list[bool]) -> torch.Tensor:
         """Feeds one generated feature row per row (frame index ``frame_B``); returns hidden ``[B, D]``."""
@@ -382,7 +395,7 @@ class _CachedDecoder:
                     is_token=torch.zeros(B, 1, dtype=torch.bool, device=dev),
                     rows={adaptor: rows_BF}, index={adaptor: torch.arange(B, device=dev)},
                     positions={adaptor: positions}, padding_mask=~active_B.unsqueeze(1), tags=self.target_tags)
-        return self._run(side, self.write.clone(), active_B)
+        return self._run(side, self.write - self.base, active_B)
 
 
 def _select_column(tags: TokenTags, rows: torch.Tensor, columns: torch.Tensor) -> TokenTags:

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from moe_gen.model.config import ModelConfig
-from moe_gen.model.transformer import Stack
+from moe_gen.model.transformer import Stack, StackOutput, make_norm
 from moe_gen.registry import ADAPTERS
 from moe_gen.tasks.batch import Batch, Side
 from moe_gen.tasks.plan import TaskDataError
@@ -125,8 +125,11 @@ class GeneralistModel(nn.Module):
         self.contrastive_image = nn.Linear(D, D, bias=False)
         self.contrastive_text = nn.Linear(D, D, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
-        self.encoder = Stack(config, config.encoder_layers, cross=False)
-        self.decoder = Stack(config, config.decoder_layers, cross=True)
+        # The decoder-only layout (a prefix LM) has one stack: the decoder, without cross-attention.
+        self.encoder = Stack(config, 0 if config.decoder_only else config.encoder_layers, cross=False)
+        self.decoder = Stack(config, config.decoder_layers, cross=not config.decoder_only)
+        self.embedding_norm = make_norm(config) if config.embedding_norm else None
+        self.lm_head = None if config.tie_embeddings else nn.Linear(D, config.vocab_size, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
 
     # ---- building and saving -----------------------------------------------------------------
@@ -292,7 +295,10 @@ class GeneralistModel(nn.Module):
         if self.config.positions == "learned":
             if positions is None:
                 positions = _positions_in_sample(side.tags.sample)
-            x = x + self.position_embedding(positions.clamp_max(self.config.max_positions - 1))
+            table = self.position_embedding(positions.clamp_max(self.config.max_positions - 1))
+            x = x + (table if self.config.positions_on_features else table * side.is_token.unsqueeze(-1))
+        if self.embedding_norm is not None:
+            x = self.embedding_norm(x)
         return x
 
     def rope(self, side: Side, positions: Optional[torch.Tensor] = None):
@@ -303,16 +309,59 @@ class GeneralistModel(nn.Module):
 
         if positions is None:
             positions = _positions_in_sample(side.tags.sample)
-        return rotary_tables(positions, self.config.d_model // self.config.num_heads)
+        return rotary_tables(positions, self.config.d_model // self.config.num_heads, self.config.rotary_base)
+
+    def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Next-token logits of decoder hidden states (the tied embedding, or ``lm_head``)."""
+        if self.lm_head is not None:
+            return self.lm_head(hidden)
+        return hidden @ self.token_embedding.weight.t()
+
+    def prefix_lengths(self, dec: Side, enc: Side) -> torch.Tensor:
+        """long ``[B, L]``: how many input (prefix) positions the sample of each decoder position
+        has: where its positions continue in the decoder-only layout."""
+        return dec.cross_attention_mask(enc).sum(-1)
+
+    def _prefix_mask(self, enc: Side) -> torch.Tensor:
+        return enc.attention_mask(causal=self.config.prefix_attention == "causal")
 
     def encode(self, enc: Side):
-        """The encoder over all input slots (bidirectional within each sample)."""
+        """The encoder over all input slots (bidirectional within each sample). In the
+        decoder-only layout: the prefix pass of the one stack, whose per-block keys and values
+        are in ``.kv`` (what generation caches before decoding)."""
+        if self.config.decoder_only:
+            kv: list = []
+            out = self.decoder(self.embed(enc), self._prefix_mask(enc), enc.tags, enc.padding_mask,
+                               rope=self.rope(enc), keep_kv=kv)
+            out.kv = kv
+            return out
         return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask, rope=self.rope(enc))
 
     def decode(self, dec: Side, enc: Side, memory):
         """The decoder (causal, cross-attending to the encoder output ``memory``)."""
         return self.decoder(self.embed(dec), dec.attention_mask(causal=True), dec.tags, dec.padding_mask,
                             memory=memory.hidden, cross_mask=dec.cross_attention_mask(enc), rope=self.rope(dec))
+
+    def _forward_prefix_lm(self, enc: Side, dec: Side) -> tuple[StackOutput, StackOutput]:
+        """The decoder-only layout: one pass over [inputs ; targets] per row. Input positions see
+        the inputs of their sample (``prefix_attention``), target positions see those and the
+        earlier targets of their sample; target positions continue the sample's input positions.
+        Returns the (input, target) parts as the encoder and decoder outputs."""
+        from moe_gen.routing.tags import TokenTags
+
+        S = enc.tokens.shape[1]
+        dec_positions = _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
+        x = torch.cat([self.embed(enc), self.embed(dec, dec_positions)], dim=1)
+        top = torch.cat([self._prefix_mask(enc), enc.attention_mask().new_zeros(enc.tokens.shape[0], S,
+                                                                                dec.tokens.shape[1])], dim=2)
+        bottom = torch.cat([dec.cross_attention_mask(enc), dec.attention_mask(causal=True)], dim=2)
+        rope = None
+        if self.config.positions == "rotary":
+            rope = self.rope(enc, torch.cat([_positions_in_sample(enc.tags.sample), dec_positions], dim=1))
+        out = self.decoder(x, torch.cat([top, bottom], dim=1), TokenTags.cat([enc.tags, dec.tags], dim=1),
+                           torch.cat([enc.padding_mask, dec.padding_mask], dim=1), rope=rope)
+        # Each MoE call routed both parts at once: its output is reported once, with the targets'.
+        return StackOutput(out.hidden[:, :S], []), StackOutput(out.hidden[:, S:], out.moe_outputs)
 
     def decode_bidirectional(self, side: Side):
         """The decoder's contrastive pass: same weights, bidirectional, no cross-attention."""
@@ -321,10 +370,13 @@ class GeneralistModel(nn.Module):
 
     def forward(self, batch: Batch) -> ModelOutput:
         enc, dec = batch.encoder, batch.decoder
-        memory = self.encode(enc)
-        out = self.decode(dec, enc, memory)
+        if self.config.decoder_only:
+            memory, out = self._forward_prefix_lm(enc, dec)
+        else:
+            memory = self.encode(enc)
+            out = self.decode(dec, enc, memory)
         hidden = out.hidden
-        logits = hidden @ self.token_embedding.weight.t()  # tied output embedding
+        logits = self.output_logits(hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
         frames, stops = {}, {}
         for name, index in batch.frame_index.items():

@@ -1,10 +1,16 @@
-"""Pre-norm transformer blocks whose FFN (and optionally attention output) is a tag-routed MoE.
+"""Transformer blocks whose FFN (and optionally attention output) is a tag-routed MoE.
 
-Shape legend: B batch, S query positions, K key positions, D width, H heads.
+Shape legend: B batch, S query positions, K key positions, D width, H heads, G key/value heads.
 
-    x = x + Attn(LN(x))                      self-attention (bidirectional or causal, within sample)
-    x = x + CrossAttn(LN(x), memory)         decoder only, within sample
-    x = x + FFN(LN(x))  or  MoE(LN(x), tags) routed by the tokens' tags
+Pre-norm (the default; Llama, Whisper):
+
+    x = x + Attn(N(x))                       self-attention (bidirectional or causal, within sample)
+    x = x + CrossAttn(N(x), memory)          decoder only, within sample
+    x = x + FFN(N(x))  or  MoE(N(x), tags)   routed by the tokens' tags
+
+Post-norm (BERT): ``x = N(x + Attn(x))`` and so on. N is LayerNorm or RMSNorm; attention may
+group its key/value heads (G < H heads, grouped-query attention) and drop its biases, so that
+dense checkpoints of those families load into these blocks (``moe_gen.pretrained``).
 
 Every MoE call returns its auxiliary losses and routing decision; blocks hand them up in a
 ``BlockOutput`` list, never through module state.
@@ -24,7 +30,14 @@ from moe_gen.model.config import ModelConfig
 from moe_gen.moe import MoE, MoEOutput
 from moe_gen.routing.tags import TokenTags
 
-__all__ = ["Attention", "Block", "Stack", "StackOutput", "rotary_tables", "rotate"]
+__all__ = ["Attention", "Block", "Stack", "StackOutput", "make_norm", "rotary_tables", "rotate"]
+
+
+def make_norm(config: ModelConfig) -> nn.Module:
+    """The model's normalisation layer over ``d_model`` (LayerNorm or RMSNorm)."""
+    if config.norm == "rms":
+        return nn.RMSNorm(config.d_model, eps=config.norm_eps)
+    return nn.LayerNorm(config.d_model, eps=config.norm_eps)
 
 
 def rotary_tables(positions_BS: torch.Tensor, head_dim: int, base: float = 10000.0):
@@ -42,25 +55,32 @@ def rotate(x_BHSd: torch.Tensor, rope) -> torch.Tensor:
 
 
 class Attention(nn.Module):
-    """Multi-head attention with a boolean mask (True = may attend); the output projection is a
-    mixture of linear experts when ``moe`` is set."""
+    """Multi-head attention with a boolean mask (True = may attend); ``num_kv_heads`` < heads
+    shares each key/value head among a group of query heads. The output projection is a mixture
+    of linear experts when ``moe`` is set."""
 
     def __init__(self, config: ModelConfig, moe: bool = False) -> None:
         super().__init__()
-        D = config.d_model
-        self.num_heads, self.dropout = config.num_heads, config.dropout
-        self.q = nn.Linear(D, D)
-        self.kv = nn.Linear(D, 2 * D)
-        self.out = MoE(config.moe_config(d_hidden=D, kind="linear")) if moe else nn.Linear(D, D)
+        D, bias = config.d_model, config.attention_bias
+        self.num_heads, self.num_kv_heads, self.dropout = config.num_heads, config.kv_heads, config.dropout
+        self.head_dim = D // config.num_heads
+        self.q = nn.Linear(D, D, bias=bias)
+        self.kv = nn.Linear(D, 2 * self.num_kv_heads * self.head_dim, bias=bias)
+        if moe:
+            self.out = MoE(config.moe_config(d_hidden=D, kind="linear"))
+        else:
+            self.out = nn.Linear(D, D, bias=bias)
 
     def project_kv(self, memory_BKD: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Keys and values ``[B, H, K, D/H]`` of ``memory`` (cached once per generation for cross-attention)."""
-        B, K, D = memory_BKD.shape
-        H = self.num_heads
-        k, v = self.kv(memory_BKD).view(B, K, 2, H, D // H).permute(2, 0, 3, 1, 4)
+        """Keys and values ``[B, G, K, D/H]`` of ``memory`` (cached once per generation for cross-attention)."""
+        B, K, _ = memory_BKD.shape
+        k, v = self.kv(memory_BKD).view(B, K, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TokenTags], padding_BS, kv=None, rope=None):
+    def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TokenTags], padding_BS, kv=None, rope=None,
+                keep_kv: Optional[list] = None):
+        """``keep_kv``: a list that receives this call's (rotated) keys and values (a prefix the
+        decoder-only layout caches for generation)."""
         B, S, D = x_BSD.shape
         H = self.num_heads
         q = self.q(x_BSD).view(B, S, H, D // H).transpose(1, 2)
@@ -69,11 +89,14 @@ class Attention(nn.Module):
             q = rotate(q, rope)
             if kv is None:
                 k = rotate(k, rope)
+        if keep_kv is not None:
+            keep_kv.append((k, v))
         # A padding query may have no key at all; SDPA would return NaN rows there, so such rows
         # attend to every key (their output is ignored downstream).
         mask = mask_BSK | ~mask_BSK.any(-1, keepdim=True)
         y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
-                                           dropout_p=self.dropout if self.training else 0.0)
+                                           dropout_p=self.dropout if self.training else 0.0,
+                                           enable_gqa=self.num_kv_heads != H)
         y = y.transpose(1, 2).reshape(B, S, D)
         if isinstance(self.out, MoE):
             moe_out = self.out(y, tags=tags, padding_mask=padding_BS)
@@ -82,59 +105,74 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    """One pre-norm block; ``cross`` adds cross-attention (decoder)."""
+    """One block (pre- or post-norm); ``cross`` adds cross-attention (decoder)."""
 
     def __init__(self, config: ModelConfig, layer: int, cross: bool) -> None:
         super().__init__()
         moe = config.is_moe(layer)
-        self.norm_self = nn.LayerNorm(config.d_model)
+        self.post_norm = config.norm_position == "post"
+        self.norm_self = make_norm(config)
         self.self_attn = Attention(config, moe=moe and config.moe_attention)
-        self.norm_cross = nn.LayerNorm(config.d_model) if cross else None
+        self.norm_cross = make_norm(config) if cross else None
         self.cross_attn = Attention(config) if cross else None
-        self.norm_ffn = nn.LayerNorm(config.d_model)
+        self.norm_ffn = make_norm(config)
         self.ffn = (MoE(config.moe_config()) if moe
                     else DenseFFN(config.d_model, config.ffn_hidden, config.experts))
         self.drop = nn.Dropout(config.dropout)
 
-    def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None,
-                rope=None) -> tuple[torch.Tensor, list]:
-        routed: list[MoEOutput] = []
-        normed = self.norm_self(x)
-        h, moe_out = self.self_attn(normed, normed, self_mask, tags, padding, rope=rope)
-        if moe_out is not None:
-            routed.append(moe_out)
-        x = x + self.drop(h)
-        if self.cross_attn is not None and memory is not None:  # the contrastive pass skips it
-            h, _ = self.cross_attn(self.norm_cross(x), memory, cross_mask, tags, padding)
-            x = x + self.drop(h)
-        h = self.norm_ffn(x)
+    def _residual(self, x, norm: nn.Module, sublayer, drop: bool = True):
+        """x + f(norm(x)) (pre-norm) or norm(x + f(x)) (post-norm)."""
+        if self.post_norm:
+            h = sublayer(x)
+            return norm(x + (self.drop(h) if drop else h))
+        h = sublayer(norm(x))
+        return x + (self.drop(h) if drop else h)
+
+    def _ffn(self, h, tags, padding, routed: Optional[list]):
         if isinstance(self.ffn, MoE):
             moe_out = self.ffn(h, tags=tags, padding_mask=padding)
-            routed.append(moe_out)
-            h = moe_out.output
-        else:
-            h = self.ffn(h)
-        return x + self.drop(h), routed
+            if routed is not None:
+                routed.append(moe_out)
+            return moe_out.output
+        return self.ffn(h)
+
+    def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None,
+                rope=None, keep_kv: Optional[list] = None) -> tuple[torch.Tensor, list]:
+        routed: list[MoEOutput] = []
+
+        def self_attention(h):
+            out, moe_out = self.self_attn(h, h, self_mask, tags, padding, rope=rope, keep_kv=keep_kv)
+            if moe_out is not None:
+                routed.append(moe_out)
+            return out
+
+        x = self._residual(x, self.norm_self, self_attention)
+        if self.cross_attn is not None and memory is not None:  # the contrastive pass skips it
+            x = self._residual(x, self.norm_cross,
+                               lambda h: self.cross_attn(h, memory, cross_mask, tags, padding)[0])
+        x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, padding, routed))
+        return x, routed
 
     def step(self, x_B1D, cache: dict, write_B, self_mask_B1K, tags, padding_B1, memory_kv, cross_mask_B1S,
              rope=None):
         """One new position per row, attending to the cached keys/values of earlier positions
-        (``cache["k"]``, ``cache["v"]``: ``[B, H, L, D/H]``; the new ones are written at ``write_B``)."""
-        h = self.norm_self(x_B1D)
-        k_new, v_new = self.self_attn.project_kv(h)
-        if rope is not None:
-            k_new = rotate(k_new, rope)
+        (``cache["k"]``, ``cache["v"]``: ``[B, G, L, D/H]``; the new ones are written at ``write_B``)."""
         rows = torch.arange(x_B1D.shape[0], device=x_B1D.device)
-        cache["k"][rows, :, write_B] = k_new[:, :, 0]
-        cache["v"][rows, :, write_B] = v_new[:, :, 0]
-        h, _ = self.self_attn(h, None, self_mask_B1K, tags, padding_B1, kv=(cache["k"], cache["v"]), rope=rope)
-        x = x_B1D + h
+
+        def self_attention(h):
+            k_new, v_new = self.self_attn.project_kv(h)
+            if rope is not None:
+                k_new = rotate(k_new, rope)
+            cache["k"][rows, :, write_B] = k_new[:, :, 0]
+            cache["v"][rows, :, write_B] = v_new[:, :, 0]
+            return self.self_attn(h, None, self_mask_B1K, tags, padding_B1, kv=(cache["k"], cache["v"]),
+                                  rope=rope)[0]
+
+        x = self._residual(x_B1D, self.norm_self, self_attention, drop=False)
         if self.cross_attn is not None:
-            h, _ = self.cross_attn(self.norm_cross(x), None, cross_mask_B1S, tags, padding_B1, kv=memory_kv)
-            x = x + h
-        h = self.norm_ffn(x)
-        h = self.ffn(h, tags=tags, padding_mask=padding_B1).output if isinstance(self.ffn, MoE) else self.ffn(h)
-        return x + h
+            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
+                h, None, cross_mask_B1S, tags, padding_B1, kv=memory_kv)[0], drop=False)
+        return self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, padding_B1, None), drop=False)
 
 
 @dataclasses.dataclass
@@ -144,16 +182,18 @@ class StackOutput:
 
 
 class Stack(nn.Module):
-    """A stack of blocks with a final LayerNorm."""
+    """A stack of blocks with a final norm (an identity where ``config.final_norm`` is off)."""
 
     def __init__(self, config: ModelConfig, layers: int, cross: bool) -> None:
         super().__init__()
         self.blocks = nn.ModuleList(Block(config, i, cross) for i in range(layers))
-        self.norm = nn.LayerNorm(config.d_model)
+        self.norm = make_norm(config) if config.final_norm else nn.Identity()
 
-    def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None) -> StackOutput:
+    def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
+                keep_kv: Optional[list] = None) -> StackOutput:
+        """``keep_kv``: a list that receives every block's self-attention keys and values."""
         routed = []
         for block in self.blocks:
-            x, moe_outs = block(x, self_mask, tags, padding, memory, cross_mask, rope)
+            x, moe_outs = block(x, self_mask, tags, padding, memory, cross_mask, rope, keep_kv)
             routed.extend(moe_outs)
         return StackOutput(self.norm(x), routed)

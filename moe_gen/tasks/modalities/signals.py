@@ -41,7 +41,7 @@ from moe_gen.tasks.modalities.base import (
 
 __all__ = ["load_waveform", "read_waveform", "resample", "check_sample_rate", "fbank", "motion_frames",
            "AudioPreprocessor", "MotionPreprocessor", "ConvSubsampleAdapter", "FrameMLPAdapter", "SAMPLE_RATE",
-           "MEL_BINS", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE"]
+           "MEL_BINS", "MIN_SAMPLE_RATE", "MAX_SAMPLE_RATE", "WhisperMelPreprocessor", "WhisperStemAdapter"]
 
 SAMPLE_RATE, MEL_BINS = 16000, 80
 # Accepted input rates: below 1 kHz is no longer speech (and costly to upsample); 384 kHz is the
@@ -341,6 +341,89 @@ class FrameMLPAdapter(Adapter):
         return self.mlp(features_NF) + self.position(positions_N3[:, 0].clamp_max(self.position.num_embeddings - 1))
 
 
+@PREPROCESSORS.register("whisper_mel")
+class WhisperMelPreprocessor(Preprocessor):
+    """Waveform → Whisper's log-mel spectrogram (``transformers.WhisperFeatureExtractor``: 80
+    bins, 16 kHz, 10 ms hop, padded or cut to 30 s = 3000 frames) → two frames a row ``[1500,
+    160]``: the positions a Whisper encoder reads after its stride-2 stem. For ``whisper_conv``
+    (a pretrained Whisper encoder's stem)."""
+
+    modality = "AUDIO"
+    frames, mel_bins = 3000, MEL_BINS
+
+    def __init__(self) -> None:
+        from transformers import WhisperFeatureExtractor
+
+        self.extractor = WhisperFeatureExtractor(feature_size=self.mel_bins, sampling_rate=SAMPLE_RATE)
+
+    def feature_dim(self) -> int:
+        return 2 * self.mel_bins
+
+    def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
+        try:
+            wav, rate = read_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
+        except SlotValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        seconds = wav.numel() / rate
+        if seconds > 30:
+            raise SlotValueError(f"{ctx.where(slot.column)}: the clip is {seconds:.3g} s long; Whisper's encoder "
+                                 "reads at most 30 s (cut it)")
+        wav = resample(wav, rate)
+        mel = self.extractor(wav.numpy(), sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features[0]
+        if not torch.isfinite(mel).all():
+            raise SlotValueError(f"{ctx.where(slot.column)}: the log-mel spectrogram of this waveform is not finite")
+        rows = mel.T.reshape(self.frames // 2, 2 * self.mel_bins)  # row t: frames 2t and 2t+1
+        return SlotEncoding("AUDIO", features=rows, positions=_frame_positions(rows.shape[0]),
+                            meta={"frames": self.frames, "seconds": wav.numel() / SAMPLE_RATE})
+
+
+class WhisperStemAdapter(Adapter):
+    """Whisper's audio stem on ``whisper_mel`` rows: per clip, the mel frames ``[80, 2n]`` →
+    Conv1d(k=3) → GELU → Conv1d(k=3, stride 2) → GELU → ``[n, D]``, plus the encoder's position
+    table (sinusoidal in Whisper; loaded from the checkpoint). A clip's rows are consecutive and
+    numbered from 0 (``positions[:, 0]``), as the preprocessor makes them."""
+
+    def __init__(self, feature_dim: int, d_model: int, max_rows: int = 1500) -> None:
+        super().__init__(feature_dim, d_model)
+        self.mel_bins = feature_dim // 2
+        self.conv1 = nn.Conv1d(self.mel_bins, d_model, kernel_size=3, padding=1)
+        self.conv2 = nn.Conv1d(d_model, d_model, kernel_size=3, stride=2, padding=1)
+        self.position = nn.Embedding(max_rows, d_model)
+        with torch.no_grad():  # Whisper's sinusoids until a checkpoint replaces them
+            self.position.weight.copy_(_sinusoids(max_rows, d_model))
+
+    def load_checkpoint(self, weights) -> None:
+        """Copies a Whisper checkpoint's stem (``encoder.conv1``, ``encoder.conv2``,
+        ``encoder.embed_positions``); ``weights(name)`` returns a tensor."""
+        with torch.no_grad():
+            for conv, name in ((self.conv1, "encoder.conv1"), (self.conv2, "encoder.conv2")):
+                conv.weight.copy_(weights(f"{name}.weight"))
+                conv.bias.copy_(weights(f"{name}.bias"))
+            table = weights("encoder.embed_positions.weight")
+            if table.shape != self.position.weight.shape:
+                raise ValueError(f"the checkpoint's encoder position table is {tuple(table.shape)}, the stem's "
+                                 f"{tuple(self.position.weight.shape)}")
+            self.position.weight.copy_(table)
+
+    def forward(self, features_NF, positions_N3):
+        starts = (positions_N3[:, 0] == 0).nonzero().flatten().tolist() + [features_NF.shape[0]]
+        out = []
+        for begin, end in zip(starts[:-1], starts[1:]):
+            frames = features_NF[begin:end].reshape(1, 2 * (end - begin), self.mel_bins).transpose(1, 2)
+            h = nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(frames))))  # [1, D, n]
+            out.append(h[0].T)
+        return torch.cat(out) + self.position(positions_N3[:, 0].clamp_max(self.position.num_embeddings - 1))
+
+
+def _sinusoids(length: int, channels: int) -> torch.Tensor:
+    """Whisper's encoder positions: sin then cos of geometrically spaced timescales (10000 max)."""
+    increment = math.log(10000) / (channels // 2 - 1)
+    inv = torch.exp(-increment * torch.arange(channels // 2, dtype=torch.float32))
+    angles = torch.arange(length, dtype=torch.float32)[:, None] * inv[None, :]
+    return torch.cat([angles.sin(), angles.cos()], dim=1)
+
+
+ADAPTERS.register("whisper_conv")(WhisperStemAdapter)
 ADAPTERS.register("audio_conv")(ConvSubsampleAdapter)
 ADAPTERS.register("motion_mlp")(FrameMLPAdapter)
 # Decoder-side adapters of continuous targets read the previous frames (teacher forcing).
