@@ -6,7 +6,7 @@ capacity, losses) and ``moe_gen.experts`` (stacked experts, dispatch backends).
 
 from moe_gen.config import ExpertsConfig, MoEConfig, RouterConfig
 from moe_gen.experts import DenseFFN
-from moe_gen.interop import moe_from_mixtral
+from moe_gen.interop import from_hf_moe, moe_from_mixtral
 from moe_gen.moe import MoE, MoEOutput
 from moe_gen.registry import (
     ADAPTERS,
@@ -26,7 +26,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "MoE", "MoEOutput", "MoEConfig", "RouterConfig", "ExpertsConfig", "RouterOutput",
-    "TokenTags", "DenseFFN", "moe_from_mixtral",
+    "TokenTags", "DenseFFN", "from_hf_moe", "moe_from_mixtral",
     "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
     "TASKS", "METRICS", "Instruction", "InstructionError", "Task", "GeneralistModel", "ModelConfig",
     "Trainer", "TrainConfig",

@@ -157,6 +157,7 @@ NOISE_POLICIES = ("none", "gaussian", "jitter", "gumbel")
 TAG_BALANCE = ("bias", "loss", "loss+bias", "none")
 TAG_BALANCE_RULES = ("error", "sign")
 DROP_POLICIES = ("in_order", "batch_prioritized")
+SCORE_FUNCTIONS = ("softmax", "sigmoid")
 BALANCE_GROUPS = ("modality", "task")
 
 
@@ -169,8 +170,26 @@ class RouterConfig(ConfigBase):
             ``task``, ``attribute`` or ``hybrid``.
         gate: how logits become assignments (registry ``GATES``): ``topk``, ``expert_choice``,
             ``balanced`` (BASE layers, k=1) or ``hash`` (fixed, parameter-free; for tests).
+        score: how logits become the router probabilities that weight the experts: ``softmax``
+            over the E experts, or ``sigmoid`` (an independent affinity per expert, DeepSeek-V3;
+            experts are then chosen by affinity, to which ``selection_bias`` and the group scores
+            add, and the weights are usually renormalised). The balance and importance losses
+            then take the affinities as they are, unnormalised, for the probabilities P_e.
         normalize: renormalise the k gate weights to sum to 1. ``None`` means "when k > 1": with
             k = 1 a renormalised weight is the constant 1 and the router would get no gradient.
+            ``False`` keeps the softmax over all E experts (Qwen2-MoE's ``norm_topk_prob=False``).
+        weight_scale: factor on the gate weights after renormalisation (DeepSeek-V3's
+            ``routed_scaling_factor``, which keeps renormalised weights from shrinking the routed
+            output next to the shared expert). ``topk`` gate only.
+        expert_groups, topk_groups: group-limited routing (DeepSeek-V3): the experts form
+            ``expert_groups`` equal groups, each scored per token by the sum of its two best
+            selection scores, and a token chooses its k experts inside its ``topk_groups`` best
+            groups (in DeepSeek-V3 a group is a node, so this bounds the traffic per token).
+            ``1, 1`` routes over all experts. ``topk`` gate only.
+        selection_bias: give the router a per-expert bias (buffer ``balance_bias``) added to the
+            scores only to choose experts, even where ``tag_balance`` does not ask for one: it
+            holds DeepSeek-V3's ``e_score_correction_bias`` for imported layers. Only the tag
+            balancing below updates it; on content routers it stays as loaded.
         noise: ``none``, ``gaussian`` (N(0, σ²) on the logits, σ = ``noise_std`` or 1/E as in
             Uni-Perceiver-MoE), ``jitter`` (router input times U(1-ε, 1+ε), Switch) or ``gumbel``
             (Gumbel noise on the logits when choosing, GShard-style sampling). Training only.
@@ -201,7 +220,12 @@ class RouterConfig(ConfigBase):
 
     strategy: str = "token"
     gate: str = "topk"
+    score: str = "softmax"
     normalize: bool | None = None
+    weight_scale: float = 1.0
+    expert_groups: int = 1
+    topk_groups: int = 1
+    selection_bias: bool = False
     noise: str = "none"
     noise_std: float | None = None
     jitter_eps: float = 0.01
@@ -220,6 +244,18 @@ class RouterConfig(ConfigBase):
     def __post_init__(self) -> None:
         if self.noise not in NOISE_POLICIES:
             raise ValueError(f"unknown router noise {self.noise!r}; known: {', '.join(NOISE_POLICIES)}")
+        if self.score not in SCORE_FUNCTIONS:
+            raise ValueError(f"unknown router score {self.score!r}; known: {', '.join(SCORE_FUNCTIONS)}")
+        if self.score == "sigmoid" and self.noise == "gumbel":
+            raise ValueError("router noise 'gumbel' samples from the softmax; with score='sigmoid' use "
+                             "noise 'gaussian', 'jitter' or 'none'")
+        if not self.weight_scale > 0:
+            raise ValueError(f"router weight_scale must be > 0, got {self.weight_scale}")
+        if self.expert_groups < 1 or not 1 <= self.topk_groups <= self.expert_groups:
+            raise ValueError(
+                f"router expert_groups must be >= 1 and topk_groups in [1, expert_groups]; got "
+                f"expert_groups={self.expert_groups}, topk_groups={self.topk_groups}"
+            )
         if self.noise_std is not None and self.noise_std < 0:
             raise ValueError(f"router noise_std must be >= 0, got {self.noise_std}")
         if not 0 <= self.jitter_eps < 1:
@@ -255,6 +291,8 @@ class ExpertsConfig(ConfigBase):
         bias: whether expert projections have biases.
         shared_expert: add a dense expert that every token uses (DeepSeek-MoE style).
         shared_hidden: hidden size of the shared expert; ``None`` means ``d_hidden``.
+        shared_gate: scale the shared expert's output per token by ``sigmoid(x · w)``, with a
+            learned ``w`` of width D (Qwen2-MoE's ``shared_expert_gate``); needs ``shared_expert``.
     """
 
     kind: str = "mlp"
@@ -262,10 +300,13 @@ class ExpertsConfig(ConfigBase):
     bias: bool = True
     shared_expert: bool = False
     shared_hidden: int | None = None
+    shared_gate: bool = False
 
     def __post_init__(self) -> None:
         if self.shared_hidden is not None and self.shared_hidden < 1:
             raise ValueError(f"shared_hidden must be >= 1, got {self.shared_hidden}")
+        if self.shared_gate and not self.shared_expert:
+            raise ValueError("shared_gate=True gates the shared expert; set shared_expert=True too")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -330,6 +371,22 @@ class MoEConfig(ConfigBase):
         if self.drop_policy not in DROP_POLICIES:
             raise ValueError(
                 f"unknown drop_policy {self.drop_policy!r}; known: {', '.join(DROP_POLICIES)}"
+            )
+        rc = self.router
+        if (rc.expert_groups > 1 or rc.weight_scale != 1.0) and rc.gate != "topk":
+            raise ValueError(
+                f"router expert_groups and weight_scale apply to the 'topk' gate only, got gate {rc.gate!r}"
+            )
+        if self.num_experts % rc.expert_groups:
+            raise ValueError(
+                f"num_experts={self.num_experts} does not split into expert_groups={rc.expert_groups} "
+                "equal groups"
+            )
+        eligible = rc.topk_groups * (self.num_experts // rc.expert_groups)
+        if self.top_k > eligible:
+            raise ValueError(
+                f"MoEConfig.top_k={self.top_k} is larger than the {eligible} experts of the "
+                f"topk_groups={rc.topk_groups} groups a token may use"
             )
 
     @property

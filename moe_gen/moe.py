@@ -91,9 +91,12 @@ class MoE(nn.Module):
                 "backend='torch'"
             )
         self.shared: DenseFFN | None = None
+        self.shared_gate: nn.Linear | None = None
         if config.experts.shared_expert:
             hidden = config.experts.shared_hidden or config.d_hidden
             self.shared = DenseFFN(config.d_model, hidden, config.experts)
+        if config.experts.shared_gate:
+            self.shared_gate = nn.Linear(config.d_model, 1, bias=False)
         # Expert parallelism (set by moe_gen.experts.parallel.shard_experts): this rank then holds
         # a slice of the experts, and dispatch → experts → combine runs across ranks instead.
         self.expert_parallel: ExpertParallel | None = None
@@ -141,7 +144,7 @@ class MoE(nn.Module):
         x_TD, tags_T, valid_T, segment_T = self._flatten_inputs(x, tags, padding_mask)
 
         routing = self.router(x_TD, tags_T, valid_T, segment_T)
-        if self.training and self.router.balance_bias is not None:
+        if self.training and self.router.balances_by_bias:
             # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
             self.router.update_balance_bias(routing)
         if torch.is_grad_enabled():
@@ -160,6 +163,9 @@ class MoE(nn.Module):
 
         if self.shared is not None:
             shared_TD = self.shared(x_TD)
+            if self.shared_gate is not None:
+                # Qwen2-MoE: each token takes a sigmoid-gated share of the shared expert
+                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
             y_TD = y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
 

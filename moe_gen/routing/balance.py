@@ -108,7 +108,7 @@ def defer_to_sync() -> bool:
 def _balanced_routers(model: nn.Module) -> list[nn.Module]:
     from moe_gen.routing.router import Router
 
-    return [m for m in model.modules() if isinstance(m, Router) and m.balance_bias is not None]
+    return [m for m in model.modules() if isinstance(m, Router) and m.balances_by_bias]
 
 
 @torch.no_grad()

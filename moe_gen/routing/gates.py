@@ -17,6 +17,7 @@ import numpy as np
 import scipy.optimize
 import torch
 
+from moe_gen.config import MoEConfig
 from moe_gen.registry import GATES
 
 __all__ = ["GateChoice", "Gate", "TopKGate", "ExpertChoiceGate", "BalancedGate", "HashGate"]
@@ -45,6 +46,9 @@ class GateChoice:
 class Gate:
     """A gate: ``choose(scores_TE, probs_TE, valid_T, ...) -> GateChoice``.
 
+    Args:
+        config: the layer's ``MoEConfig`` (experts, k, and the gate settings of its router).
+
     Class attributes:
         balanced_by_construction: the gate balances expert load itself, so a token-count balance
             loss has nothing to do (expert choice, BASE assignment) or no parameters to act on
@@ -59,10 +63,10 @@ class Gate:
     learned = True
     rowwise = False
 
-    def __init__(self, num_experts: int, top_k: int, normalize: bool) -> None:
-        self.num_experts = num_experts
-        self.top_k = top_k
-        self.normalize = normalize
+    def __init__(self, config: MoEConfig) -> None:
+        self.num_experts = config.num_experts
+        self.top_k = config.top_k
+        self.normalize = config.normalize_gates
 
     def choose(
         self,
@@ -85,17 +89,46 @@ class Gate:
 
 @GATES.register("topk")
 class TopKGate(Gate):
-    """Softmax top-k (Shazeer 2017; GShard k=2; Switch k=1; Mixtral k=2 renormalised)."""
+    """Top-k (Shazeer 2017; GShard k=2; Switch k=1; Mixtral k=2 renormalised; DeepSeek-V3 k=8 of
+    256 sigmoid affinities within the 4 best of 8 groups, renormalised and scaled by 2.5).
+
+    The k best selection scores pick the experts; their weights are the router probabilities,
+    optionally renormalised over the k and multiplied by ``RouterConfig.weight_scale``. With
+    ``RouterConfig.expert_groups`` > 1 only the experts of each token's ``topk_groups`` best groups
+    can be picked.
+    """
 
     rowwise = True
 
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.scale = config.router.weight_scale
+        self.expert_groups = config.router.expert_groups
+        self.topk_groups = config.router.topk_groups
+
     def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
+        if self.expert_groups > 1:
+            scores_TE = self._within_best_groups(scores_TE)
         ids_TK = scores_TE.topk(self.top_k, dim=-1).indices
         weights_TK = probs_TE.gather(1, ids_TK)
         if self.normalize:
             weights_TK = weights_TK / weights_TK.sum(-1, keepdim=True).clamp_min(1e-20)
+        if self.scale != 1.0:
+            weights_TK = weights_TK * self.scale
         mask_TK = valid_T.unsqueeze(1).expand_as(ids_TK)
         return GateChoice(ids_TK, torch.where(mask_TK, weights_TK, 0.0), mask_TK)
+
+    def _within_best_groups(self, scores_TE: torch.Tensor) -> torch.Tensor:
+        """The scores with -inf outside each token's ``topk_groups`` best expert groups (G groups
+        of M experts). A group scores the sum of its two best experts, as in DeepSeek-V3: one
+        strong expert alone does not make a group worth a token's traffic."""
+        T, E = scores_TE.shape
+        G = self.expert_groups
+        scores_TGM = scores_TE.reshape(T, G, E // G)
+        group_scores_TG = scores_TGM.topk(min(2, E // G), dim=-1).values.sum(-1)
+        best_TG = group_scores_TG.topk(self.topk_groups, dim=-1).indices
+        keep_TG = torch.zeros(T, G, dtype=torch.bool, device=scores_TE.device).scatter_(1, best_TG, True)
+        return scores_TGM.masked_fill(~keep_TG.unsqueeze(-1), float("-inf")).view(T, E)
 
 
 @GATES.register("expert_choice")
@@ -143,13 +176,13 @@ class BalancedGate(Gate):
 
     balanced_by_construction = True
 
-    def __init__(self, num_experts: int, top_k: int, normalize: bool) -> None:
-        if top_k != 1:
+    def __init__(self, config: MoEConfig) -> None:
+        if config.top_k != 1:
             raise ValueError(
                 f"the balanced gate assigns exactly one expert per token (BASE layers); "
-                f"got top_k={top_k}, use top_k=1"
+                f"got top_k={config.top_k}, use top_k=1"
             )
-        super().__init__(num_experts, top_k, normalize)
+        super().__init__(config)
 
     def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
         T, E = scores_TE.shape

@@ -5,11 +5,15 @@ slots per token (top_k, or E for expert choice).
 
     z_TD      = strategy input (token, context, modality, task, attribute, hybrid)
     logits_TE = z · W_gateᵀ                    (fp32, autocast off)
+    probs_TE  = softmax(logits) or sigmoid(logits)
     choice    = gate(logits + noise [+ bias])  (top-k, expert choice, balanced, hash)
     keep      = capacity(choice)               (dropless keeps all)
 
-The bias is the loss-free balancing of tag-routed layers (``moe_gen.routing.balance``): it only
-chooses experts; the gate weights are the probabilities without it.
+With sigmoid scores the gate chooses by ``probs + bias`` instead (DeepSeek-V3: the bias and the
+group scores add affinities, not logits). The bias is the loss-free balancing of tag-routed layers
+(``moe_gen.routing.balance``), or a fixed bias loaded into a content router
+(``RouterConfig.selection_bias``): it only chooses experts; the gate weights are the probabilities
+without it.
 """
 
 from __future__ import annotations
@@ -67,7 +71,8 @@ class RouterOutput:
             None for dropless routing until ``slot_positions()`` computes it (only padded layouts
             need it, and it costs a sort).
         capacity: slots per expert (for dropless: the largest expert load in this call).
-        probs: float32 ``[T, E]`` router probabilities (zero rows for padding).
+        probs: float32 ``[T, E]`` router probabilities (zero rows for padding); per-expert
+            affinities in (0, 1) with ``RouterConfig.score="sigmoid"``, which need not sum to 1.
         logits: float32 ``[T, E]`` router logits, before noise.
         valid: bool ``[T]`` real tokens (not padding).
         expert_counts: long ``[E]`` assignments each expert computes (after drops).
@@ -183,7 +188,7 @@ class Router(nn.Module):
         self.router_config = rc
         self.num_experts = config.num_experts
         self.input = ROUTERS.get(rc.strategy)(config.d_model, rc)
-        self.gate: Gate = GATES.get(rc.gate)(config.num_experts, config.top_k, config.normalize_gates)
+        self.gate: Gate = GATES.get(rc.gate)(config)
         weight = torch.empty(config.num_experts, config.d_model)
         nn.init.normal_(weight, std=1.0 / math.sqrt(config.d_model))
         if self.gate.learned:
@@ -191,9 +196,11 @@ class Router(nn.Module):
         else:
             # Fixed projection: a buffer, so it is saved but never trained.
             self.register_buffer("weight", weight)
-        # Loss-free balancing of tag routes: a selection bias per expert, a buffer so checkpoints
-        # hold it (None, and not in the state dict, where it does not apply).
-        self.register_buffer("balance_bias", torch.zeros(config.num_experts) if self.balances_by_bias else None)
+        # Loss-free balancing of tag routes, or a bias loaded from elsewhere: a selection bias per
+        # expert, a buffer so checkpoints hold it (None, and not in the state dict, where neither
+        # applies).
+        has_bias = self.balances_by_bias or rc.selection_bias
+        self.register_buffer("balance_bias", torch.zeros(config.num_experts) if has_bias else None)
         self._pending_load: Optional[torch.Tensor] = None  # loads awaiting balance.sync_bias_updates
         self.clear_cache()  # inference routes per set of tag groups (see forward)
 
@@ -300,7 +307,7 @@ class Router(nn.Module):
                 # Uni-Perceiver-MoE: N(0, (1/E)²) on the logits; weights follow the noisy logits.
                 std = rc.noise_std if rc.noise_std is not None else 1.0 / E
                 scores_TE = logits_TE + torch.randn_like(logits_TE) * std
-                probs_TE = scores_TE.softmax(-1)
+                probs_TE = _probabilities(scores_TE, rc.score)
             elif noisy and rc.noise == "gumbel":
                 # Gumbel-top-k samples experts from the softmax without replacement; the weights
                 # stay the clean probabilities.
@@ -308,7 +315,11 @@ class Router(nn.Module):
                 scores_TE = logits_TE + gumbel
                 probs_TE = logits_TE.softmax(-1)
             else:
-                probs_TE = logits_TE.softmax(-1)
+                probs_TE = _probabilities(logits_TE, rc.score)
+            if rc.score == "sigmoid":
+                # Affinities rank experts as the logits do, but the bias and the group scores add
+                # affinities (DeepSeek-V3), so experts are chosen by them.
+                scores_TE = probs_TE
             if self.balance_bias is not None:
                 # Loss-free balancing: the bias chooses experts only; weights stay probs_TE.
                 scores_TE = scores_TE + self.balance_bias
@@ -399,3 +410,9 @@ class Router(nn.Module):
             learned_gate=type(self.gate).learned,
             groups=GroupRoutes(group_T, ids_GK, weights_GK, probs_GE, logits_GE, count_G),
         )
+
+
+def _probabilities(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
+    """Router probabilities from fp32 logits: a softmax over the experts, or one sigmoid
+    affinity per expert (``RouterConfig.score``)."""
+    return logits_TE.sigmoid() if score == "sigmoid" else logits_TE.softmax(-1)

@@ -67,6 +67,7 @@ def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[s
     moes = [m for m in model.modules() if isinstance(m, MoE)]
     if what == "experts":
         modules = [m.experts for m in moes] + [m.shared for m in moes if m.shared is not None]
+        modules += [m.shared_gate for m in moes if m.shared_gate is not None]
     elif what == "routers":
         modules = [m.router for m in moes]
     elif what == "adapters":
