@@ -113,9 +113,8 @@ def add_token_noise(
     """Replaces about ``noise_ratio`` of the (non-special) tokens by random ordinary pieces."""
     if not 0.0 <= noise_ratio <= 1.0:
         raise ValueError(f"noise_ratio must be in [0, 1], got {noise_ratio}")
-    first_piece = tokenizer.sentinel_id(tokenizer.num_sentinels - 1) + 1 if tokenizer.num_sentinels else 4
     out = list(ids)
     for i, t in enumerate(out):
         if not tokenizer.is_special(t) and rng.random() < noise_ratio:
-            out[i] = rng.randrange(first_piece, tokenizer.vocab_size)
+            out[i] = rng.choice(tokenizer.piece_ids)  # the same draws as randrange over the range
     return out
