@@ -29,6 +29,9 @@ class ModelConfig(ConfigBase):
         expert_hidden: hidden width of each expert (MoE FFNs).
         num_experts, top_k: MoE size.
         moe_every: 0 dense, 1 every block, 2 every other block.
+        moe_layers: explicit MoE blocks by name (``"encoder.blocks.1"``, ``"decoder.blocks.0"``);
+            when set it decides instead of ``moe_every`` (``upcycle`` writes it for placements
+            ``moe_every`` cannot say).
         moe_attention: also make the attention output projection a mixture of linear experts
             (Uni-Perceiver-MoE puts MoE in attention projections too).
         router: router settings for every MoE layer (strategy, gate, noise, losses).
@@ -80,6 +83,7 @@ class ModelConfig(ConfigBase):
     num_experts: int = 4
     top_k: int = 2
     moe_every: int = 1
+    moe_layers: tuple[str, ...] = ()
     moe_attention: bool = False
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
     experts: ExpertsConfig = dataclasses.field(default_factory=ExpertsConfig)
@@ -139,6 +143,15 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
         if self.moe_every not in (0, 1, 2):
             raise ValueError(f"moe_every must be 0 (dense), 1 or 2, got {self.moe_every}")
+        self.moe_layers = tuple(self.moe_layers)
+        for name in self.moe_layers:
+            stack, _, index = name.rpartition(".blocks.")
+            layers = {"encoder": 0 if self.decoder_only else self.encoder_layers,
+                      "decoder": self.decoder_layers}.get(stack)
+            if layers is None or not index.isdigit() or int(index) >= layers:
+                raise ValueError(f"ModelConfig.moe_layers names {name!r}, which is not a block of this model "
+                                 f"(encoder.blocks.0..{self.encoder_layers - 1}, "
+                                 f"decoder.blocks.0..{self.decoder_layers - 1})")
         self.tasks = tuple(self.tasks)
         self.frame_adapters = tuple(self.frame_adapters)
         if isinstance(self.router, dict):
@@ -155,8 +168,10 @@ class ModelConfig(ConfigBase):
     def decoder_only(self) -> bool:
         return self.layout == "decoder-only"
 
-    def is_moe(self, layer: int) -> bool:
-        """Whether block ``layer`` (0-based, per stack) has an MoE FFN."""
+    def is_moe(self, layer: int, stack: str = "encoder") -> bool:
+        """Whether block ``layer`` (0-based) of ``stack`` (``encoder``/``decoder``) has an MoE FFN."""
+        if self.moe_layers:
+            return f"{stack}.blocks.{layer}" in self.moe_layers
         return self.moe_every == 1 or (self.moe_every == 2 and layer % 2 == 1)
 
     def moe_config(self, d_hidden: Optional[int] = None, kind: Optional[str] = None) -> MoEConfig:
@@ -167,7 +182,7 @@ class ModelConfig(ConfigBase):
 
     def dense_twin(self) -> "ModelConfig":
         """The dense model with the same active parameters per token (FFN hidden = k · expert hidden)."""
-        return dataclasses.replace(self, moe_every=0, moe_attention=False, ffn_hidden=self.top_k * self.expert_hidden)
+        return dataclasses.replace(self, moe_every=0, moe_layers=(), moe_attention=False, ffn_hidden=self.top_k * self.expert_hidden)
 
 
 FLAVOURS = {

@@ -126,8 +126,8 @@ class GeneralistModel(nn.Module):
         self.contrastive_text = nn.Linear(D, D, bias=False)
         self.logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
         # The decoder-only layout (a prefix LM) has one stack: the decoder, without cross-attention.
-        self.encoder = Stack(config, 0 if config.decoder_only else config.encoder_layers, cross=False)
-        self.decoder = Stack(config, config.decoder_layers, cross=not config.decoder_only)
+        self.encoder = Stack(config, 0 if config.decoder_only else config.encoder_layers, cross=False, name="encoder")
+        self.decoder = Stack(config, config.decoder_layers, cross=not config.decoder_only, name="decoder")
         self.embedding_norm = make_norm(config) if config.embedding_norm else None
         self.lm_head = None if config.tie_embeddings else nn.Linear(D, config.vocab_size, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)

@@ -107,9 +107,9 @@ class Attention(nn.Module):
 class Block(nn.Module):
     """One block (pre- or post-norm); ``cross`` adds cross-attention (decoder)."""
 
-    def __init__(self, config: ModelConfig, layer: int, cross: bool) -> None:
+    def __init__(self, config: ModelConfig, layer: int, cross: bool, stack: str = "encoder") -> None:
         super().__init__()
-        moe = config.is_moe(layer)
+        moe = config.is_moe(layer, stack)
         self.post_norm = config.norm_position == "post"
         self.norm_self = make_norm(config)
         self.self_attn = Attention(config, moe=moe and config.moe_attention)
@@ -184,9 +184,9 @@ class StackOutput:
 class Stack(nn.Module):
     """A stack of blocks with a final norm (an identity where ``config.final_norm`` is off)."""
 
-    def __init__(self, config: ModelConfig, layers: int, cross: bool) -> None:
+    def __init__(self, config: ModelConfig, layers: int, cross: bool, name: str = "encoder") -> None:
         super().__init__()
-        self.blocks = nn.ModuleList(Block(config, i, cross) for i in range(layers))
+        self.blocks = nn.ModuleList(Block(config, i, cross, name) for i in range(layers))
         self.norm = make_norm(config) if config.final_norm else nn.Identity()
 
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,

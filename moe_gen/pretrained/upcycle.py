@@ -308,22 +308,18 @@ def _upcycled_config(model: nn.Module, config: ModelConfig, chosen: list[str],
     blocks = dict(_blocks(model))
     already = [name for name, block in blocks.items() if isinstance(block.ffn, MoE)]
     moe_after = set(chosen) | set(already)
+    moe_layers: tuple[str, ...] = ()
     if moe_after == set(blocks):
         moe_every = 1
     elif moe_after == {name for name in blocks if _block_index(name) % 2 == 1}:
         moe_every = 2
-    else:
-        raise ValueError(
-            f"ModelConfig places MoE FFNs in every block (moe_every=1) or in blocks 1, 3, 5... of each stack "
-            f"(moe_every=2); after upcycling, the MoE blocks would be {', '.join(sorted(moe_after))}, which "
-            "save_pretrained/from_pretrained could not rebuild. Use layers='all' or 'every_other' (or a list "
-            "equal to one of them)"
-        )
+    else:  # any other placement is named block by block
+        moe_every, moe_layers = 1, tuple(sorted(moe_after))
     first = layer_configs[chosen[0]]
     # The experts copy the dense FFN whole: no shared expert (it would add to the dense output).
     experts = dataclasses.replace(config.experts, kind=first.experts.kind, activation=first.experts.activation,
                                   bias=first.experts.bias, shared_expert=False, shared_hidden=None)
-    new = dataclasses.replace(config, moe_every=moe_every, num_experts=first.num_experts, top_k=first.top_k,
+    new = dataclasses.replace(config, moe_every=moe_every, moe_layers=moe_layers, num_experts=first.num_experts, top_k=first.top_k,
                               expert_hidden=first.d_hidden, router=first.router, experts=experts,
                               capacity_factor=None, moe_attention=False)
     rebuilt = new.moe_config()

@@ -20,11 +20,13 @@ from moe_gen.tasks.modalities.base import (
 from moe_gen.tasks.plan import Chunk, DecodeSpec, Sample, SlotPlan, TaskDataError, TaskPlan
 from moe_gen.tasks.presets import load_preset, preset, preset_info
 from moe_gen.tasks.task import Task, load_jsonl
-from moe_gen.tasks.tokenizer import Tokenizer, default_corpus
+from moe_gen.tasks.hf_tokenizer import HFTokenizer, resize_token_rows
+from moe_gen.tasks.tokenizer import BaseTokenizer, Tokenizer, default_corpus
 
 from moe_gen.tasks import metrics  # noqa: F401,E402  isort: skip  (fills METRICS)
 
 __all__ = [
+    "HFTokenizer", "resize_token_rows", "BaseTokenizer",
     "Instruction", "InstructionError", "Slot", "Template", "Task", "TaskPlan", "SlotPlan", "DecodeSpec",
     "Sample", "Chunk", "TaskDataError", "Batch", "Side", "collate", "pack_rows", "IGNORE_INDEX",
     "Tokenizer", "default_corpus", "ModalitySpec", "Preprocessor", "Adapter", "SlotEncoding",
