@@ -182,7 +182,8 @@ class ModelConfig(ConfigBase):
 
     def dense_twin(self) -> "ModelConfig":
         """The dense model with the same active parameters per token (FFN hidden = k · expert hidden)."""
-        return dataclasses.replace(self, moe_every=0, moe_layers=(), moe_attention=False, ffn_hidden=self.top_k * self.expert_hidden)
+        return dataclasses.replace(self, moe_every=0, moe_layers=(), moe_attention=False,
+                                   ffn_hidden=self.top_k * self.expert_hidden)
 
 
 FLAVOURS = {

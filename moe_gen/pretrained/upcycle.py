@@ -319,7 +319,8 @@ def _upcycled_config(model: nn.Module, config: ModelConfig, chosen: list[str],
     # The experts copy the dense FFN whole: no shared expert (it would add to the dense output).
     experts = dataclasses.replace(config.experts, kind=first.experts.kind, activation=first.experts.activation,
                                   bias=first.experts.bias, shared_expert=False, shared_hidden=None)
-    new = dataclasses.replace(config, moe_every=moe_every, moe_layers=moe_layers, num_experts=first.num_experts, top_k=first.top_k,
+    new = dataclasses.replace(config, moe_every=moe_every, moe_layers=moe_layers, num_experts=first.num_experts,
+                              top_k=first.top_k,
                               expert_hidden=first.d_hidden, router=first.router, experts=experts,
                               capacity_factor=None, moe_attention=False)
     rebuilt = new.moe_config()

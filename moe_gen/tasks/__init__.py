@@ -7,6 +7,7 @@
 """
 
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side, collate, pack_rows
+from moe_gen.tasks.hf_tokenizer import HFTokenizer, resize_token_rows
 from moe_gen.tasks.instruction import Instruction, InstructionError, Slot, Template
 from moe_gen.tasks.modalities.base import (
     Adapter,
@@ -20,7 +21,6 @@ from moe_gen.tasks.modalities.base import (
 from moe_gen.tasks.plan import Chunk, DecodeSpec, Sample, SlotPlan, TaskDataError, TaskPlan
 from moe_gen.tasks.presets import load_preset, preset, preset_info
 from moe_gen.tasks.task import Task, load_jsonl
-from moe_gen.tasks.hf_tokenizer import HFTokenizer, resize_token_rows
 from moe_gen.tasks.tokenizer import BaseTokenizer, Tokenizer, default_corpus
 
 from moe_gen.tasks import metrics  # noqa: F401,E402  isort: skip  (fills METRICS)
