@@ -127,3 +127,67 @@ def test_llama_family_logits_match_transformers(smollm):
         theirs = reference(input_ids=side.tokens, attention_mask=(~side.padding_mask).long()).logits
     valid = ~side.padding_mask
     torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-4, rtol=1e-4)
+
+
+# ---- Whisper ---------------------------------------------------------------------------------
+
+WHISPER_INSTRUCTION = "[AUDIO:audio,preprocess=whisper_mel,adaptor=whisper_conv] -> <|notimestamps|> [TEXT:text]"
+
+
+@pytest.fixture(scope="module")
+def whisper():
+    from moe_gen.pretrained.ctranslate2 import load_whisper
+    from moe_gen.pretrained.hf import from_hf
+    from moe_gen.tasks import Task
+    from moe_gen.tasks.sources.speech import load_real_clips
+
+    path = shipped("whisper-tiny.en")
+    reference, hf_tokenizer, extractor = load_whisper(path)
+    rows = [{"audio": r["audio"], "text": r["text"]} for r in load_real_clips()]
+    task = Task("transcribe", WHISPER_INSTRUCTION, rows)
+    model = from_hf(reference, [task], tokenizer=_whisper_tokenizer(path)).eval()
+    return reference, hf_tokenizer, extractor, model, task
+
+
+def _whisper_tokenizer(path):
+    from moe_gen.tasks.hf_tokenizer import HFTokenizer
+
+    return HFTokenizer.from_pretrained(path)
+
+
+def test_whisper_encoder_and_decoder_match_transformers(whisper):
+    reference, _, extractor, model, task = whisper
+    from moe_gen.tasks import collate
+
+    plan = task.plan(model.tokenizer, model.encoding_statistics(task))
+    sample = plan.encode(task.data[0], 0, training=False, template=0)
+    batch = collate([sample], model.tokenizer, model.task_ids)
+    features = extractor(task.data[0]["audio"], sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        ours = model.encode(batch.encoder).hidden[0]
+        theirs = reference.model.encoder(features).last_hidden_state[0]
+    audio = batch.encoder.index["whisper_conv"]  # the audio positions (the literal prompt has none)
+    torch.testing.assert_close(ours.reshape(-1, ours.shape[-1])[audio], theirs, atol=1e-4, rtol=1e-4)
+    # the decoder's teacher-forced logits on the reference transcript's tokens
+    with torch.no_grad():
+        logits = model(batch).logits[0]
+        decoder_ids = batch.decoder.tokens[0:1]
+        ref = reference(input_features=features, decoder_input_ids=decoder_ids).logits[0]
+    n = int((~batch.decoder.padding_mask[0]).sum())
+    assert decoder_ids[0, :2].tolist() == [50257, 50362]  # <|startoftranscript|> <|notimestamps|>
+    V = model.tokenizer.base_vocab_size  # Whisper's own tokens (its table has unused rows past them)
+    torch.testing.assert_close(logits[:n, :V], ref[:n, :V], atol=1e-4, rtol=1e-4)
+
+
+def test_whisper_greedy_transcripts_equal_transformers(whisper):
+    """moe_gen's cached greedy decoding (model.infer) writes transformers' greedy tokens."""
+    from moe_gen.pretrained.ctranslate2 import greedy_decode, prompt_ids
+
+    reference, hf_tokenizer, extractor, model, task = whisper
+    predictions = model.infer(task, task.data, max_new_tokens=24)
+    for row, prediction in zip(task.data, predictions):
+        features = extractor(row["audio"], sampling_rate=16000, return_tensors="pt").input_features
+        ids = greedy_decode(reference, features, prompt_ids(reference))
+        assert ids[-1] == model.tokenizer.eos_id  # each ended by itself, within the budget
+        assert prediction.tokens == ids[:-1], (row["text"], prediction.text, hf_tokenizer.decode(ids))
+        assert prediction.text.strip() == hf_tokenizer.decode(ids, skip_special_tokens=True).strip()

@@ -264,8 +264,11 @@ def _ffn(ffn, w: _Weights, fc_in: Sequence[str], fc_out: str, bias: bool) -> Non
 
 
 def _token_rows(model, w: _Weights, name: str) -> None:
-    """The checkpoint's vocabulary rows; the rows of moe_gen's added tokens start at their mean."""
+    """The checkpoint's vocabulary rows; the rows of moe_gen's added tokens start at their mean.
+    Rows past the tokenizer's own vocabulary (Whisper pads its table to 51864 rows for 50363
+    tokens) are left out: moe_gen's tokens take those ids."""
     rows = w(name)
+    rows = rows[:getattr(model.tokenizer, "base_vocab_size", rows.shape[0])]
     table = model.token_embedding.weight
     if rows.shape[0] > table.shape[0] or rows.shape[1] != table.shape[1]:
         raise ValueError(f"checkpoint {name} has shape {tuple(rows.shape)}; the model's table is "
@@ -316,7 +319,7 @@ def _load_llama(model, w: _Weights, c) -> None:
         _norm(block.norm_ffn, w, f"{p}.post_attention_layernorm")
     _norm(model.decoder.norm, w, "norm")
     if model.lm_head is not None:
-        head = w("lm_head.weight")
+        head = w("lm_head.weight")[:getattr(model.tokenizer, "base_vocab_size", None)]
         from moe_gen.tasks.hf_tokenizer import resize_token_rows
 
         _set(model.lm_head.weight, resize_token_rows(head, model.lm_head.weight.shape[0]), "lm_head.weight")
