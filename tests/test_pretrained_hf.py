@@ -191,3 +191,56 @@ def test_whisper_greedy_transcripts_equal_transformers(whisper):
         assert ids[-1] == model.tokenizer.eos_id  # each ended by itself, within the budget
         assert prediction.tokens == ids[:-1], (row["text"], prediction.text, hf_tokenizer.decode(ids))
         assert prediction.text.strip() == hf_tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+
+# ---- upcycling every family --------------------------------------------------------------------
+
+
+def _upcycled_equals_dense(model, run, strategy: str, scale: bool = False) -> None:
+    """Upcycled outputs equal the dense ones within 1e-5 (fp32); with ``scale``, 1e-5 of the
+    outputs' largest magnitude (Whisper's decoder states reach ~100, where one fp32 ulp is 8e-6
+    and the gate weights sum to 1 only to fp32 rounding)."""
+    import copy
+
+    from moe_gen.moe import MoE
+    from moe_gen.pretrained import upcycle
+
+    sparse = copy.deepcopy(model)
+    _, summary = upcycle(sparse, num_experts=4, top_k=2, router=strategy, layers="every_other", seed=0)
+    assert summary.layers and all(isinstance(b.ffn, MoE) == (i % 2 == 1)
+                                  for stack in (sparse.encoder, sparse.decoder) for i, b in enumerate(stack.blocks))
+    with torch.no_grad():
+        ours, dense = run(sparse.eval()), run(model)
+    tolerance = 1e-5 * (max(1.0, float(dense.abs().max())) if scale else 1.0)
+    torch.testing.assert_close(ours, dense, atol=tolerance, rtol=1e-5)
+
+
+@pytest.mark.parametrize("strategy", ["token", "attribute"])
+def test_upcycled_bert_equals_dense(minilm, strategy):
+    _, model = minilm
+    side = text_side(model, [model.tokenizer.encode(s, add_bos=True, add_eos=True) for s in SENTENCES])
+    _upcycled_equals_dense(model, lambda m: m.encode(side).hidden[~side.padding_mask], strategy)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("strategy", ["token", "attribute"])
+def test_upcycled_llama_equals_dense(smollm, strategy):
+    from moe_gen.pretrained.hf import from_hf
+    from moe_gen.tasks.hf_tokenizer import HFTokenizer
+
+    reference, hf_tokenizer = smollm
+    model = from_hf(reference, tokenizer=HFTokenizer.from_pretrained(hf_tokenizer)).eval()
+    side = text_side(model, [hf_tokenizer(s, add_special_tokens=False).input_ids for s in SENTENCES])
+    _upcycled_equals_dense(model, lambda m: m.output_logits(m.encode(side).hidden)[~side.padding_mask], strategy)
+
+
+@pytest.mark.parametrize("strategy", ["token", "attribute"])
+def test_upcycled_whisper_equals_dense(whisper, strategy):
+    from moe_gen.tasks import collate
+
+    *_, model, task = whisper
+    samples = list(task.samples(model.tokenizer, training=False))[:2]
+    batch = collate(samples, model.tokenizer, model.task_ids)
+    enc, dec = batch.encoder, batch.decoder
+    _upcycled_equals_dense(model, lambda m: m.decode(dec, enc, m.encode(enc)).hidden[~dec.padding_mask], strategy,
+                           scale=True)
