@@ -141,6 +141,29 @@ def _model_config(section: dict):
     return ModelConfig.from_dict(base)
 
 
+def _pretrained_model(section: dict, tasks, seed: int):
+    """A model initialised from a dense checkpoint: ``model.init: hf:PATH`` (a folder, a ``.gguf``
+    file, a CTranslate2 Whisper folder, or a shipped checkpoint's name: ``hf:minilm``), optionally
+    upcycled (``model.upcycle: {num_experts, top_k, router, layers, noise, reinit_fraction}``);
+    the other keys are ``ModelConfig`` overrides (``flavour`` does not apply)."""
+    from moe_gen.pretrained import from_hf, upcycle
+
+    section = dict(section)
+    init = section.pop("init")
+    if not isinstance(init, str) or not init.startswith("hf:") or len(init) == 3:
+        raise ValueError(f"model.init must be 'hf:PATH' (a checkpoint folder, .gguf file, or a shipped "
+                         f"checkpoint: hf:minilm, hf:smollm2, hf:whisper-tiny.en), got {init!r}")
+    if "flavour" in section:
+        raise ValueError("model.flavour and model.init exclude each other: the checkpoint sets the architecture")
+    recipe = section.pop("upcycle", None)
+    if recipe is not None and not isinstance(recipe, dict):
+        raise ValueError(f"model.upcycle must be a mapping (num_experts, top_k, router, layers, ...), got {recipe!r}")
+    model = from_hf(init[3:], tasks, **section)
+    if recipe:
+        upcycle(model, **{"seed": seed, **recipe})
+    return model
+
+
 def _tasks(names: Sequence[str], split: str):
     from moe_gen.tasks import load_preset
 
@@ -212,7 +235,11 @@ def _train(config: dict, model=None, resume: bool = False, overwrite: bool = Fal
         torch.set_num_threads(train_config.num_threads)
     if model is None:
         torch.manual_seed(train_config.seed)
-        model = GeneralistModel.build(_model_config(config.get("model", {})), tasks, Tokenizer.default())
+        section = config.get("model", {})
+        if "init" in section:
+            model = _pretrained_model(section, tasks, train_config.seed)
+        else:
+            model = GeneralistModel.build(_model_config(section), tasks, Tokenizer.default())
     model_dir = os.path.join(output_dir, "model")
     # The run directory stays locked until the model and eval.json are written.
     with Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,

