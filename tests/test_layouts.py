@@ -141,3 +141,37 @@ def test_save_load_round_trip_and_training_lowers_the_loss(arch, tok, tmp_path):
     assert again.config == model.config
     with torch.no_grad():
         assert torch.equal(model(batch).logits, again(batch).logits)
+
+
+def test_contrastive_and_masked_objectives_run_on_the_decoder_only_layout(tok):
+    """MaMMUT's two passes (the prefix pass and the bidirectional pass of the one stack) and 4M's
+    masked modeling train the decoder-only layout too."""
+    from moe_gen.objectives import ContrastiveObjective, MaskedObjective
+
+    task = load_preset("image_text_retrieval", "train", limit=6)
+    model = build([task], tok, "prefix_lm", router=RouterConfig(strategy="attribute"), predict_all_features=True)
+    batch = collate(list(task.samples(tok)), tok, model.task_ids)
+    result = ContrastiveObjective(model)(batch)
+    assert torch.isfinite(result["loss"]) and result["contrastive_loss"] > 0
+    result["loss"].backward()
+    assert model.contrastive_image.weight.grad.abs().sum() > 0 and model.decoder.blocks[0].self_attn.q.weight.grad \
+        .abs().sum() > 0
+    model.zero_grad()
+    objective = MaskedObjective(model, input_budget=12, target_budget=8)
+    masked = objective(objective.prepare(list(task.samples(tok)), random.Random(0)))
+    assert torch.isfinite(masked["loss"])
+    masked["loss"].backward()
+    assert model.decoder.blocks[-1].ffn.experts.w_in.grad.abs().sum() > 0
+
+
+def test_decoder_only_beam_search_scores_are_teacher_forced_likelihoods(tok):
+    task = load_preset("doc_topic", "train", limit=2)
+    model = build([task], tok, "prefix_lm", router=RouterConfig(strategy="token")).eval()
+    wide = model.infer(task, task.data[:1], beams=3, max_new_tokens=5)[0]
+    sample = task.plan(tok).encode(task.data[0], 0, training=False, inference=True, template=0)
+    fed = wide.tokens + [tok.eos_id]  # a closed-set answer ends with EOS
+    batch = collate([_with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
+    with torch.no_grad():
+        logp = model(batch).logits.float().log_softmax(-1)[0]
+    start = sum(len(c) for c in sample.decoder)
+    assert wide.score == pytest.approx(sum(float(logp[start + j, t]) for j, t in enumerate(fed)), abs=1e-3)

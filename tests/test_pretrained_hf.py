@@ -244,3 +244,28 @@ def test_upcycled_whisper_equals_dense(whisper, strategy):
     enc, dec = batch.encoder, batch.decoder
     _upcycled_equals_dense(model, lambda m: m.decode(dec, enc, m.encode(enc)).hidden[~dec.padding_mask], strategy,
                            scale=True)
+
+
+def test_pretrain_command_starts_from_a_checkpoint_and_upcycles_it(tmp_path):
+    """``moe-gen pretrain --model.init hf:minilm --model.upcycle {...}``: the saved model reloads
+    with the checkpoint's tokenizer and the upcycled MoE layers; conflicting settings exit 2."""
+    from moe_gen.cli import main
+    from moe_gen.model import GeneralistModel
+    from moe_gen.moe import MoE
+    from moe_gen.tasks import HFTokenizer
+
+    shipped("minilm")
+    common = ["--tasks", "table_species", "--train.steps", "2", "--train.eval_limit", "3", "--train.progress",
+              "false", "--train.tensorboard", "false", "--train.checkpoint_every", "0", "--baseline", "false"]
+    code = main(["pretrain", "--config", "debug", "--output", str(tmp_path / "run"), "--model", "{}",
+                 "--model.init", "hf:minilm", "--model.decoder_layers", "1",
+                 "--model.upcycle", "{num_experts: 4, top_k: 2, router: attribute, layers: every_other}", *common])
+    assert code == 0
+    model = GeneralistModel.from_pretrained(str(tmp_path / "run" / "model"))
+    assert isinstance(model.tokenizer, HFTokenizer) and model.tokenizer.base_vocab_size == 30522
+    assert [isinstance(b.ffn, MoE) for b in model.encoder.blocks] == [False, True] * 3
+    assert model.config.router.strategy == "attribute" and model.config.num_experts == 4
+    assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad"), "--model.init", "hf:minilm",
+                 *common]) == 2  # the debug recipe names a flavour
+    assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad2"), "--model", "{}",
+                 "--model.init", "minilm", *common]) == 2

@@ -182,6 +182,24 @@ def test_trainable_selection_freezes_the_rest(tasks, tok):
         select_trainable(build(tasks, tok, moe_every=0), "experts")
 
 
+def test_lr_scales_set_the_learning_rate_by_parameter_name_prefix(tasks, tok, tmp_path):
+    """``lr_scales``: the longest matching prefix's multiplier; 0 freezes (AdamW moves nothing),
+    the rest trains at ``lr``; the scaled groups follow the same schedule."""
+    model = build(tasks, tok)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    config = quiet(steps=3, lr=1e-2, warmup_steps=1, lr_scales={"encoder.": 0.0, "encoder.blocks.1.": 0.5})
+    with Trainer(model, tasks, config, output_dir=str(tmp_path)) as trainer:
+        lrs = {round(g["lr"] / trainer.optimizer.param_groups[0]["lr"], 6) for g in trainer.optimizer.param_groups}
+        assert lrs == {1.0, 0.5, 0.0}
+        trainer.fit()
+    moved = {n for n, p in model.named_parameters() if not torch.equal(p.detach(), before[n])}
+    assert not any(n.startswith("encoder.blocks.0.") or n == "encoder.norm.weight" for n in moved)
+    assert any(n.startswith("encoder.blocks.1.") for n in moved)
+    assert any(n.startswith("decoder.") for n in moved)
+    with pytest.raises(ValueError, match="lr_scales maps parameter-name prefixes"):
+        quiet(lr_scales={"encoder.": -1})
+
+
 def test_finetuning_adds_a_task_and_trains_only_its_new_adapter(tok, tmp_path):
     tables = load_preset("table_species", "train", limit=20)
     model = build([tables], tok)

@@ -41,6 +41,9 @@ class TrainConfig(ConfigBase):
         task_weights: sampling weight per task name for ``weights`` mixing (default 1; a ``Task``'s
             own ``weight`` is used when the name is absent).
         loss_weights: loss weight per task name (tokens of a task count this many times).
+        lr_scales: parameter-name prefix → learning-rate multiplier (the longest matching prefix
+            wins; others train at ``lr``): e.g. ``{"encoder.": 0.1, "token_embedding": 0.1}``
+            trains a pretrained encoder ten times slower than the new decoder and adapters.
         modality_budget: at most this many positions of a modality (name → count) in a micro-batch,
             so long audio or video samples do not crowd out text; a sample that would exceed it is
             left for a later batch (a lone over-budget sample is still taken).
@@ -82,6 +85,7 @@ class TrainConfig(ConfigBase):
     temperature: float = 2.0
     task_weights: dict = dataclasses.field(default_factory=dict)
     loss_weights: dict = dataclasses.field(default_factory=dict)
+    lr_scales: dict = dataclasses.field(default_factory=dict)
     modality_budget: dict = dataclasses.field(default_factory=dict)
     max_tokens: Optional[int] = None
     frame_weight: float = 1.0
@@ -141,6 +145,11 @@ class TrainConfig(ConfigBase):
             for task, weight in getattr(self, name).items():
                 if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight >= 0:
                     raise ValueError(f"TrainConfig.{name}[{task!r}] must be a number >= 0, got {weight!r}")
+        for prefix, scale in self.lr_scales.items():
+            if not isinstance(prefix, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
+                    or not scale >= 0:
+                raise ValueError(f"TrainConfig.lr_scales maps parameter-name prefixes to multipliers >= 0, got "
+                                 f"{prefix!r}: {scale!r}")
         for modality, budget in self.modality_budget.items():
             if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
                 raise ValueError(f"TrainConfig.modality_budget[{modality!r}] must be an integer >= 1, got {budget!r}")

@@ -89,16 +89,23 @@ def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[s
     return count
 
 
-def _param_groups(model: GeneralistModel, weight_decay: float) -> list[dict]:
-    """AdamW groups: decay on matrices and expert stacks, not on biases, norms, embeddings, scales."""
-    decay, no_decay = [], []
+def _param_groups(model: GeneralistModel, weight_decay: float, lr: Optional[float] = None,
+                  lr_scales: Optional[dict] = None) -> list[dict]:
+    """AdamW groups: decay on matrices and expert stacks, not on biases, norms, embeddings, scales;
+    each split by learning rate (``lr`` times the longest matching prefix's ``lr_scales`` entry).
+    Groups at ``lr`` itself come first (the logged learning rate is the first group's)."""
+    lr_scales = lr_scales or {}
+    groups: dict[tuple[float, bool], list] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         is_embedding = "embedding" in name.rsplit(".", 1)[0]
-        (decay if p.dim() >= 2 and not is_embedding else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return [g for g in groups if g["params"]]
+        matches = [prefix for prefix in lr_scales if name.startswith(prefix)]
+        scale = float(lr_scales[max(matches, key=len)]) if matches else 1.0
+        groups.setdefault((scale, p.dim() >= 2 and not is_embedding), []).append(p)
+    order = sorted(groups, key=lambda key: (key[0] != 1.0, not key[1], key[0]))
+    return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0,
+             **({} if lr is None else {"lr": lr * key[0]})} for key in order]
 
 
 def _routing_summary(tables) -> dict:
@@ -241,7 +248,8 @@ class Trainer:
             self.plan = shard_experts(model, config.expert_parallel)
         self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
         self.objectives = self._objectives()
-        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay), lr=config.lr,
+        self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay, config.lr, config.lr_scales),
+                                           lr=config.lr,
                                            betas=tuple(config.betas), eps=config.eps)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
