@@ -235,7 +235,7 @@ def part_quality(seconds: float, seeds, batch_size: int, systems=tuple(SYSTEMS))
     per_step = {s: _seconds_per_step(s, train, batch_size) for s in systems}
     steps = {s: max(10, int(seconds / per_step[s])) for s in systems}
     print(f"\nseconds per step (batch {batch_size}): " + ", ".join(f"{s} {per_step[s]:.2f}" for s in systems))
-    print("steps in the budget of %.0f s: %s" % (seconds, ", ".join(f"{s} {steps[s]}" for s in systems)))
+    print(f"steps in the budget of {seconds:.0f} s: " + ", ".join(f"{s} {steps[s]}" for s in systems))
     runs = []
     for seed in seeds:
         for system in systems:
