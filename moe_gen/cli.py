@@ -4,6 +4,8 @@
     moe-gen pretrain --config debug --train.lr 3e-4 --model.flavour tiny --output runs/x
     moe-gen pretrain --config demo --resume                 # continue from the newest checkpoint
     moe-gen pretrain --config demo --overwrite              # start over in a run directory with checkpoints
+    moe-gen pretrain --config demo-pretrained               # the demo's tasks on MiniLM, upcycled (make pretrained)
+    moe-gen pretrain --config debug --model '{}' --model.init hf:PATH --model.upcycle '{num_experts: 8, top_k: 2}'
     moe-gen finetune --from runs/demo/model --tasks digit_counting --train.trainable experts
     moe-gen eval runs/demo/model --tasks digit_classification table_species --limit 50
     moe-gen infer runs/demo/model --task digit_classification --rows 3          # rows of the preset's test split

@@ -26,7 +26,6 @@ Prints tables and writes JSON (``--json``, default ``runs/bench_pretrained.json`
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import os
 import resource
@@ -87,18 +86,10 @@ def part_load(names) -> list[dict]:
 
 
 def _text_side(model, ids):
-    from moe_gen.routing.tags import TokenTags
+    """Token sequences as an input side of ``model`` (right-padded)."""
     from moe_gen.tasks.batch import Side
 
-    B, S = len(ids), max(map(len, ids))
-    tokens = torch.full((B, S), model.tokenizer.pad_id, dtype=torch.long)
-    padding = torch.ones(B, S, dtype=torch.bool)
-    for b, row in enumerate(ids):
-        tokens[b, :len(row)] = torch.tensor(row)
-        padding[b, :len(row)] = False
-    tags = dataclasses.replace(TokenTags.constant((B, S), num_modalities=model.config.router.num_modalities),
-                               sample=torch.zeros(B, S, dtype=torch.long))
-    return Side(tokens=tokens, is_token=~padding, rows={}, index={}, positions={}, padding_mask=padding, tags=tags)
+    return Side.from_token_ids(ids, model.tokenizer.pad_id, model.config.router.num_modalities)
 
 
 SENTENCES = ["The capital of France is Paris.", "A man is playing a guitar on the street at night.",

@@ -5,14 +5,12 @@ tests skip with the install command."""
 
 from __future__ import annotations
 
-import dataclasses
 import os
 
 import pytest
 import torch
 
 from moe_gen.pretrained import CheckpointMissing, locate
-from moe_gen.routing.tags import TokenTags
 from moe_gen.tasks.batch import Side
 
 SENTENCES = ["The capital of France is Paris.", "A man is playing a guitar on the street at night.",
@@ -26,17 +24,9 @@ def shipped(name: str) -> str:
         pytest.skip(str(exc))
 
 
-def text_side(model, ids: list[list[int]]) -> Side:
-    """A batch of token sequences (right-padded) as an encoder-side input of ``model``."""
-    B, S = len(ids), max(map(len, ids))
-    tokens = torch.full((B, S), model.tokenizer.pad_id, dtype=torch.long)
-    padding = torch.ones(B, S, dtype=torch.bool)
-    for b, row in enumerate(ids):
-        tokens[b, :len(row)] = torch.tensor(row)
-        padding[b, :len(row)] = False
-    tags = dataclasses.replace(TokenTags.constant((B, S), num_modalities=model.config.router.num_modalities),
-                               sample=torch.zeros(B, S, dtype=torch.long))
-    return Side(tokens=tokens, is_token=~padding, rows={}, index={}, positions={}, padding_mask=padding, tags=tags)
+def text_side(model, ids):
+    """Token sequences as an input side of ``model`` (right-padded)."""
+    return Side.from_token_ids(ids, model.tokenizer.pad_id, model.config.router.num_modalities)
 
 
 @pytest.fixture(scope="module")

@@ -55,6 +55,21 @@ class Side:
     padding_mask: torch.Tensor
     tags: TokenTags
 
+    @classmethod
+    def from_token_ids(cls, ids: Sequence[Sequence[int]], pad_id: int, num_modalities: int) -> "Side":
+        """Token sequences as one side (right-padded, one sample a row, tagged TEXT input of task
+        0): what a converted checkpoint's encoder or decoder-only stack reads in a comparison
+        with the original model."""
+        B, S = len(ids), max(map(len, ids))
+        tokens = torch.full((B, S), pad_id, dtype=torch.long)
+        padding = torch.ones(B, S, dtype=torch.bool)
+        for b, row in enumerate(ids):
+            tokens[b, :len(row)] = torch.tensor(list(row), dtype=torch.long)
+            padding[b, :len(row)] = False
+        tags = dataclasses.replace(TokenTags.constant((B, S), num_modalities=num_modalities),
+                                   sample=torch.zeros(B, S, dtype=torch.long))
+        return cls(tokens=tokens, is_token=~padding, rows={}, index={}, positions={}, padding_mask=padding, tags=tags)
+
     def to(self, device) -> "Side":
         """The side on ``device``."""
         return Side(tokens=self.tokens.to(device), is_token=self.is_token.to(device),

@@ -186,6 +186,15 @@ def _frame_positions(n: int) -> torch.Tensor:
     return torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)], -1)
 
 
+def _slot_waveform(value, slot, ctx: EncodeContext) -> tuple[torch.Tensor, int]:
+    """A slot's waveform and rate (the row's ``sample_rate`` column when the value has none);
+    errors name the task, column and row."""
+    try:
+        return read_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
+    except SlotValueError as exc:
+        raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+
+
 @PREPROCESSORS.register("audio_fbank")
 class AudioPreprocessor(Preprocessor):
     """Waveform → fbank → ``n_frames_per_step`` (default 4) frames stacked per row."""
@@ -221,10 +230,7 @@ class AudioPreprocessor(Preprocessor):
         return feats
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
-        try:
-            wav, rate = read_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
-        except SlotValueError as exc:
-            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        wav, rate = _slot_waveform(value, slot, ctx)
         seconds = wav.numel() / rate
         # One fbank frame every 10 ms: refuse an over-long clip before resampling it.
         rows = math.ceil(seconds * 100 / self.frames_per_row)
@@ -360,10 +366,7 @@ class WhisperMelPreprocessor(Preprocessor):
         return 2 * self.mel_bins
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
-        try:
-            wav, rate = read_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
-        except SlotValueError as exc:
-            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        wav, rate = _slot_waveform(value, slot, ctx)
         seconds = wav.numel() / rate
         if seconds > 30:
             raise SlotValueError(f"{ctx.where(slot.column)}: the clip is {seconds:.3g} s long; Whisper's encoder "
