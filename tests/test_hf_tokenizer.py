@@ -198,3 +198,13 @@ def test_llama_gguf_tokenizer():
     assert tok.base_vocab_size == 49152 == tok.bin_id(0)
     _check_exact(tok, hf)
     _check_appended(tok)
+
+
+def test_wordpiece_decoding_keeps_decimal_numbers_whole():
+    """WordPiece splits "1.4" into 1 . 4; decoding joins a point between digits back, so generated
+    numbers read as numbers (table_to_text's references are full of them)."""
+    tok = HFTokenizer.from_pretrained(_checkpoint("minilm"))
+    text = "an iris setosa flower with petals 1.4 cm long and 0.2 cm wide"
+    assert tok.decode(tok.encode(text)) == text
+    assert tok.decode(tok.encode("it ends. 4 more")) == "it ends. 4 more"
+

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Iterable, Mapping, Optional, Sequence
 
 import torch
@@ -203,9 +204,14 @@ class HFTokenizer(BaseTokenizer):
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` by the checkpoint's decoder; padding, BOS and EOS are dropped, other
-        special tokens kept."""
+        special tokens kept. WordPiece splits every punctuation mark off and its decoder cannot
+        tell where spaces were, so it writes "1.4" as "1. 4": a point between digits is joined
+        back (decimal numbers are what generated text holds most; "step 1. 4 apples" is rare)."""
         drop = (self.pad_id, self.bos_id, self.eos_id)
-        return self.backend.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+        text = self.backend.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+        if type(self.backend.decoder).__name__ == "WordPiece":
+            text = _DECIMAL_POINT.sub(".", text)
+        return text
 
     def symbol_id(self, piece: str) -> int:
         """Id of a vocabulary entry such as ``<ph_AA>``."""
@@ -226,6 +232,9 @@ class HFTokenizer(BaseTokenizer):
 
     def __hash__(self) -> int:
         return hash((self.base_vocab_size, self._vocab_size, self.num_bins, self.num_sentinels))
+
+
+_DECIMAL_POINT = re.compile(r"(?<=\d) ?\. ?(?=\d)")
 
 
 def _read_source(source: Any) -> tuple[RustTokenizer, dict[str, str]]:
