@@ -45,7 +45,10 @@ class GenerativeObjective:
                                             or [1.0], dtype=torch.float32)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
-        out = self.model(batch)
+        return self.loss(batch, self.model(batch))
+
+    def loss(self, batch: Batch, out) -> dict[str, torch.Tensor]:
+        """The losses of a forward pass ``out`` (``ModelOutput``) over ``batch``."""
         parts: dict[str, torch.Tensor] = {}
         scored = batch.labels != IGNORE_INDEX
         zero = out.logits.sum() * 0.0
@@ -140,19 +143,22 @@ class ContrastiveObjective:
         if int(batch.encoder.tags.sample.max()) > 0:
             raise ValueError("the contrastive objective pools one sample per row; collate without pack=True")
         model = self.model
-        caption = self.generative(batch)
-        memory = model.encode(batch.encoder)
+        out = model(batch)  # the encoder runs once: its states serve the caption and the pooled input
+        caption = self.generative.loss(batch, out)
         side = contrastive_side(batch, model.tokenizer.pad_id)
         text = model.decode_bidirectional(side)
-        pooled_image = _masked_mean(memory.hidden, ~batch.encoder.padding_mask)
+        pooled_image = _masked_mean(out.encoder_hidden, ~batch.encoder.padding_mask)
         image_BD = F.normalize(model.contrastive_image(pooled_image), dim=-1)
         text_BD = F.normalize(model.contrastive_text(_masked_mean(text.hidden, side.is_token)), dim=-1)
         scale = model.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the temperature
         logits_BB = scale * image_BD @ text_BD.t()
         targets = torch.arange(logits_BB.shape[0], device=logits_BB.device)
         contrastive = 0.5 * (F.cross_entropy(logits_BB, targets) + F.cross_entropy(logits_BB.t(), targets))
-        aux = sum((o.aux_loss for o in memory.moe_outputs + text.moe_outputs), logits_BB.sum() * 0.0)
-        loss = self.caption_weight * caption["loss"] + self.contrastive_weight * contrastive + aux
+        # Every routing loss counts once, unweighted: the encoder's and the causal decoder pass's
+        # (in ``out``, also inside the caption loss, taken out of it here) and the contrastive pass's.
+        routing = sum(out.aux_losses.values(), logits_BB.sum() * 0.0)
+        aux = sum((o.aux_loss for o in text.moe_outputs), routing)
+        loss = self.caption_weight * (caption["loss"] - routing) + self.contrastive_weight * contrastive + aux
         retrieval = (logits_BB.argmax(1) == targets).float().mean().detach()
         return {**caption, "loss": loss, "caption_loss": caption["loss"].detach(), "contrastive_loss": contrastive,
                 "retrieval_accuracy": retrieval}

@@ -232,7 +232,11 @@ def test_contrastive_two_pass_objective(tok):
     valid = ~side.padding_mask
     assert (side.tags.pass_id[valid] == PASSES.index("contrastive")).all() and not side.tags.causal.any()
     assert torch.equal(side.tokens[valid], batch.labels[batch.labels != -100])
+    encoder_runs = []
+    hook = model.encoder.register_forward_hook(lambda *args: encoder_runs.append(1))
     result = ContrastiveObjective(model)(batch)
+    hook.remove()
+    assert len(encoder_runs) == 1  # the caption and the pooled input share one encoder pass
     assert torch.isfinite(result["loss"]) and result["contrastive_loss"] > 0
     result["loss"].backward()
     for p in (model.logit_scale, model.contrastive_text.weight, model.contrastive_image.weight):
