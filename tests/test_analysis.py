@@ -177,7 +177,7 @@ def test_layers_with_other_gates_and_expert_counts():
     eager, lazy = RoutingRecorder(model, flush_tokens=1), RoutingRecorder(model)
     with eager, lazy:
         first = model(x, tags)
-        second = model(x[:, :5], tags._map(lambda t: t[:, :5]))
+        second = model(x[:, :5], tags.select((slice(None), slice(0, 5))))
     a, b = eager.tables(), lazy.tables()
     for field in RoutingTables._TENSORS:
         torch.testing.assert_close(getattr(a, field), getattr(b, field), msg=field)

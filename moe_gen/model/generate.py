@@ -332,18 +332,26 @@ class _CachedDecoder:
         rows = torch.arange(B, device=dev)
         self.target_tags = _select_column(dec.tags, rows, last_index)
 
-    def _run(self, side_B1, positions_B, active_B) -> torch.Tensor:
+    def _extend(self, side, steps_BS, active_BS) -> torch.Tensor:
+        """Runs ``side``'s positions (decoder step ``steps_BS`` of each row; ``active_BS`` False at
+        padding) through the decoder on the caches, each seeing the cached keys up to itself;
+        returns their final states ``[B, S, D]``."""
         model = self.model
-        positions_B = positions_B + self.offset
-        x = model.embed(side_B1, positions_B.unsqueeze(1))
-        rope = model.rope(side_B1, positions_B.unsqueeze(1))
-        self.key_valid[torch.arange(len(active_B), device=self.device), self.write] = active_B
-        mask = (self.key_valid & (torch.arange(self.total, device=self.device) <= self.write.unsqueeze(1))).unsqueeze(1)
-        padding = ~active_B.unsqueeze(1)
+        positions = steps_BS + self.offset.unsqueeze(1)
+        write = self.base + steps_BS
+        rows = torch.arange(steps_BS.shape[0], device=self.device).unsqueeze(1)
+        self.key_valid[rows, write] = active_BS
+        mask = self.key_valid.unsqueeze(1) & (torch.arange(self.total, device=self.device) <= write.unsqueeze(-1))
+        x, rope = model.embed(side, positions), model.rope(side, positions)
         for block, cache, kv in zip(model.decoder.blocks, self.caches, self.memory_kv):
-            x = block.step(x, cache, self.write, mask, side_B1.tags, padding, kv, self.cross_mask, rope)
+            x = block.step(x, cache, write, mask, side.tags, ~active_BS, kv, self.cross_mask, rope)
+        return model.decoder.norm(x)
+
+    def _run(self, side_B1, steps_B, active_B) -> torch.Tensor:
+        """One position per row (decoder step ``steps_B``); its final state ``[B, D]``."""
+        hidden = self._extend(side_B1, steps_B.unsqueeze(1), active_B.unsqueeze(1))
         self.write = self.write + 1
-        return model.decoder.norm(x)[:, 0]
+        return hidden[:, 0]
 
     def log_probs(self, hidden_BD: torch.Tensor) -> torch.Tensor:
         return self.model.output_logits(hidden_BD).float().log_softmax(-1)
@@ -352,15 +360,10 @@ class _CachedDecoder:
         """Feeds the prefix; returns the hidden state ``[B, D]`` that predicts the first answer item."""
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
-        out = torch.zeros(B, self.model.config.d_model, device=self.device)
-        for t in range(P):
-            active = t < self.lengths
-            side = _column_side(dec, t)
-            hidden = self._run(side, torch.full((B,), t, device=self.device), active)
-            finished = self.lengths - 1 == t
-            out[finished] = hidden[finished]
+        steps = torch.arange(P, device=self.device).expand(B, P)
+        hidden = self._extend(dec, steps, ~dec.padding_mask)  # the whole prefix in one call
         self.write = self.base + self.lengths  # the next position of each row
-        return out
+        return hidden[torch.arange(B, device=self.device), self.lengths - 1]
 
     def reorder(self, parents: list[int]) -> None:
         """Row j takes over the cached state of row ``parents[j]`` (beam search; greedy keeps its rows)."""
@@ -400,19 +403,4 @@ class _CachedDecoder:
 
 def _select_column(tags: TokenTags, rows: torch.Tensor, columns: torch.Tensor) -> TokenTags:
     """Tags ``[B, 1]`` of one position per row."""
-    return tags._map(lambda t: t[rows, columns].unsqueeze(1))
-
-
-def _column_side(side: Side, t: int) -> Side:
-    """Position t of every row as a ``[B, 1]`` side (feature rows at t included)."""
-    B, S = side.tokens.shape
-    rows, index, positions = {}, {}, {}
-    for name, flat in side.index.items():
-        hit = (flat % S) == t
-        if hit.any():
-            rows[name] = side.rows[name][hit]
-            index[name] = flat[hit] // S
-            positions[name] = side.positions[name][hit]
-    return Side(tokens=side.tokens[:, t:t + 1], is_token=side.is_token[:, t:t + 1], rows=rows, index=index,
-                positions=positions, padding_mask=side.padding_mask[:, t:t + 1],
-                tags=side.tags._map(lambda x: x[:, t:t + 1]))
+    return tags.select((rows.unsqueeze(1), columns.unsqueeze(1)))

@@ -153,26 +153,27 @@ class Block(nn.Module):
         x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, padding, routed))
         return x, routed
 
-    def step(self, x_B1D, cache: dict, write_B, self_mask_B1K, tags, padding_B1, memory_kv, cross_mask_B1S,
+    def step(self, x_BSD, cache: dict, write_BS, self_mask_BSK, tags, padding_BS, memory_kv, cross_mask_BSK,
              rope=None):
-        """One new position per row, attending to the cached keys/values of earlier positions
-        (``cache["k"]``, ``cache["v"]``: ``[B, G, L, D/H]``; the new ones are written at ``write_B``)."""
-        rows = torch.arange(x_B1D.shape[0], device=x_B1D.device)
+        """New positions (S per row: the whole prefix at once, then one per decoding step)
+        attending to the cached keys/values (``cache["k"]``, ``cache["v"]``: ``[B, G, L, D/H]``);
+        theirs are written at ``write_BS`` first, so ``self_mask_BSK`` decides what each sees."""
+        rows = torch.arange(x_BSD.shape[0], device=x_BSD.device).unsqueeze(1)
 
         def self_attention(h):
             k_new, v_new = self.self_attn.project_kv(h)
             if rope is not None:
                 k_new = rotate(k_new, rope)
-            cache["k"][rows, :, write_B] = k_new[:, :, 0]
-            cache["v"][rows, :, write_B] = v_new[:, :, 0]
-            return self.self_attn(h, None, self_mask_B1K, tags, padding_B1, kv=(cache["k"], cache["v"]),
+            cache["k"][rows, :, write_BS] = k_new.transpose(1, 2)  # [B, S, G, D/H] at (row, position)
+            cache["v"][rows, :, write_BS] = v_new.transpose(1, 2)
+            return self.self_attn(h, None, self_mask_BSK, tags, padding_BS, kv=(cache["k"], cache["v"]),
                                   rope=rope)[0]
 
-        x = self._residual(x_B1D, self.norm_self, self_attention, drop=False)
+        x = self._residual(x_BSD, self.norm_self, self_attention, drop=False)
         if self.cross_attn is not None:
             x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
-                h, None, cross_mask_B1S, tags, padding_B1, kv=memory_kv)[0], drop=False)
-        return self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, padding_B1, None), drop=False)
+                h, None, cross_mask_BSK, tags, padding_BS, kv=memory_kv)[0], drop=False)
+        return self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, padding_BS, None), drop=False)
 
 
 @dataclasses.dataclass

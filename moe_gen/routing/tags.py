@@ -200,7 +200,8 @@ class TokenTags:
         return first_G, self.select(first_G)
 
     def select(self, index: torch.Tensor) -> "TokenTags":
-        """Tags of a subset of flattened tokens (``index``: bool mask ``[T]`` or long ids)."""
+        """Tags of a subset of tokens: ``index`` is what indexes each tag tensor (a bool mask or
+        long ids over flattened tokens, or a tuple such as ``(rows, columns)`` over ``[B, S]``)."""
         return self._map(lambda t: t[index])
 
     def to(self, device: Union[str, torch.device]) -> "TokenTags":
