@@ -106,17 +106,19 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(mixed, tok, tmp_path):
         assert torch.equal(loaded(batch).logits, model(batch).logits)
 
 
-def test_merged_inference_equals_unmerged_for_tag_routing(mixed, tok):
+def test_merged_inference_equals_unmerged_for_tag_routing(mixed, tok, tmp_path):
     tasks, samples = mixed
     model = build(tasks, tok, router=RouterConfig(strategy="attribute"), moe_attention=True).eval()
     batch = collate(samples, tok, model.task_ids)
     with torch.no_grad():
         reference = model(batch).logits
-        for module in model.modules():
-            if isinstance(module, MoE):
-                module.set_backend("merged")
+        model.set_backend("merged")
         merged = model(batch).logits
     torch.testing.assert_close(merged, reference, atol=1e-4, rtol=1e-4)
+    assert model.config.backend == "merged"  # recorded, so the saved model reloads merged
+    model.save_pretrained(str(tmp_path))
+    again = GeneralistModel.from_pretrained(str(tmp_path))
+    assert {m.config.backend for m in again.modules() if isinstance(m, MoE)} == {"merged"}
 
 
 def test_dense_twin_has_equal_active_parameters(mixed, tok):

@@ -456,6 +456,16 @@ class GeneralistModel(nn.Module):
         answered = iter(answers)
         return [None if i in failed else next(answered) for i in range(len(rows))]
 
+    def set_backend(self, name: str) -> None:
+        """Switches every MoE layer to dispatch backend ``name`` (``merged`` for tag-routed
+        inference) and records it in ``config.backend``, so a saved model reloads with it."""
+        from moe_gen.moe import MoE
+
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.set_backend(name)
+        self.config = dataclasses.replace(self.config, backend=name)
+
     def num_parameters(self, active: bool = False) -> int:
         """Parameter count; ``active``: counting only top_k of each MoE layer's experts."""
         total = sum(p.numel() for p in self.parameters())
