@@ -35,14 +35,47 @@ def _relative(score: float, reference: float, higher_is_better: bool) -> Optiona
 def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_seconds: float) -> dict:
     """Aggregates the job results into the report dictionary (plain JSON types)."""
     systems = [s for s in ("specialist", *cfg.systems) if any(r["system"] == s for r in results)]
-    by_task = {t.name: t for t in suite}
     raw: dict[str, dict[str, dict[int, float]]] = {s: {t.name: {} for t in suite} for s in systems}
     for r in results:
         for task, value in r["scores"].items():
             raw[r["system"]][task][r["seed"]] = value
     scores = {s: {t: _mean_std(list(v.values())) for t, v in tasks.items() if v} for s, tasks in raw.items()}
-    specialist = scores.get("specialist", {})
+    relative, mean_relative, excluded = _relative_to_specialists(suite, systems, raw, scores)
+    versus_classical = {s: _versus_classical(scores[s], classical) for s in systems}
+    parameters = _parameters(cfg, results)
+    seconds: dict[str, list[float]] = {}
+    for r in results:
+        seconds.setdefault(r["system"], []).append(r["seconds"])
+    return {
+        "config": dataclasses.asdict(cfg),
+        "tasks": [{"name": t.name, "modality": t.modality, "metric": t.metric,
+                   "higher_is_better": t.higher_is_better, "classification": t.classification} for t in suite],
+        "systems": systems,
+        "classical": classical,
+        "scores": scores,
+        "relative": relative,
+        "mean_relative": mean_relative,
+        "no_relative_score": sorted(excluded),
+        "versus_classical": versus_classical,
+        "parameters": parameters,
+        "utilisation": _per_system_lists(results, lambda r: {layer: u["utilised"] for layer, u in
+                                                              r.get("utilisation", {}).items()}),
+        "interference": _per_system_lists(results, lambda r: {k: r["interference"][k] for k in
+                                                               ("mean_off_diagonal", "negative_pairs")}
+                                          if r.get("interference") else {}),
+        "routing": _per_system_lists(results, lambda r: r.get("routing") or {}),
+        "seconds": {s: sum(v) for s, v in seconds.items()},
+        "criteria": _criteria(classical, versus_classical, mean_relative, parameters),
+        "wall_seconds": wall_seconds,
+        "runs": results,
+    }
 
+
+def _relative_to_specialists(suite, systems, raw: dict, scores: dict):
+    """Each system's score relative to the specialist's, per task and as a mean over tasks (its
+    spread over seeds); and the tasks where no relative score exists."""
+    by_task = {t.name: t for t in suite}
+    specialist = scores.get("specialist", {})
     relative, mean_relative, excluded = {}, {}, set()
     for s in systems:
         if s == "specialist" or not specialist:
@@ -63,16 +96,22 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         seed_means = [statistics.fmean(v) for _, v in sorted(per_seed.items()) if v]
         if seed_means:
             mean_relative[s] = _mean_std(seed_means)
+    return relative, mean_relative, excluded
 
-    versus_classical = {}
-    for s in systems:
-        versus_classical[s] = {}
-        for name, base in classical.items():
-            if name in scores[s]:
-                best = max(base[c] for c in CLASSICAL)
-                versus_classical[s][name] = None if best <= 0 else scores[s][name]["mean"] / best
 
-    parameters, utilisation = {}, {}
+def _versus_classical(system_scores: dict, classical: dict) -> dict:
+    """Per task with classical baselines: the system's mean over the best baseline's score."""
+    out = {}
+    for name, base in classical.items():
+        if name in system_scores:
+            best = max(base[c] for c in CLASSICAL)
+            out[name] = None if best <= 0 else system_scores[name]["mean"] / best
+    return out
+
+
+def _parameters(cfg, results: list[dict]) -> dict:
+    """Total and active parameters per system (specialists: the sum over tasks, one seed)."""
+    parameters: dict[str, dict] = {}
     for r in results:
         p = parameters.setdefault(r["system"], {"total": 0, "active": 0, "runs": 0})
         if r["system"] == "specialist":
@@ -82,28 +121,24 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         else:
             p["total"], p["active"] = r["parameters"], r["active_parameters"]
         p["runs"] += 1
-        for layer, u in r.get("utilisation", {}).items():
-            utilisation.setdefault(r["system"], {}).setdefault(layer, []).append(u["utilised"])
-    utilisation = {s: {layer: _mean_std(v) for layer, v in layers.items()} for s, layers in utilisation.items()}
+    return parameters
 
-    interference, routing = {}, {}
+
+def _per_system_lists(results: list[dict], values_of) -> dict:
+    """Per system, per key: mean and spread over runs of ``values_of(run)[key]``."""
+    collected: dict[str, dict[str, list]] = {}
     for r in results:
-        if r.get("interference"):
-            for key in ("mean_off_diagonal", "negative_pairs"):
-                interference.setdefault(r["system"], {}).setdefault(key, []).append(r["interference"][key])
-        for key, value in (r.get("routing") or {}).items():
-            routing.setdefault(r["system"], {}).setdefault(key, []).append(value)
-    interference = {s: {k: _mean_std(v) for k, v in d.items()} for s, d in interference.items()}
-    routing = {s: {k: _mean_std(v) for k, v in d.items()} for s, d in routing.items()}
+        for key, value in values_of(r).items():
+            collected.setdefault(r["system"], {}).setdefault(key, []).append(value)
+    return {s: {k: _mean_std(v) for k, v in d.items()} for s, d in collected.items()}
 
-    seconds = {}
-    for r in results:
-        seconds.setdefault(r["system"], []).append(r["seconds"])
 
+def _criteria(classical: dict, versus_classical: dict, mean_relative: dict, parameters: dict) -> dict:
+    """The issue's pass/fail numbers for the attribute-routed generalist."""
     attribute = mean_relative.get("attribute", {}).get("mean")
     dense = mean_relative.get("dense", {}).get("mean")
     classification = [n for n in classical if n in versus_classical.get("attribute", {})]
-    criteria = {
+    return {
         "attribute_vs_best_classical_min": min((versus_classical["attribute"][n] or 0.0 for n in classification),
                                                default=None),
         "attribute_reaches_95pct_of_classical_on": [n for n in classification
@@ -115,26 +150,6 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
             parameters.get("attribute", {}).get("total", 0) < parameters.get("specialist", {}).get("total", 0)
             if "attribute" in parameters and "specialist" in parameters else None),
         "attribute_minus_dense_points": None if attribute is None or dense is None else 100 * (attribute - dense),
-    }
-    return {
-        "config": dataclasses.asdict(cfg),
-        "tasks": [{"name": t.name, "modality": t.modality, "metric": t.metric,
-                   "higher_is_better": t.higher_is_better, "classification": t.classification} for t in suite],
-        "systems": systems,
-        "classical": classical,
-        "scores": scores,
-        "relative": relative,
-        "mean_relative": mean_relative,
-        "no_relative_score": sorted(excluded),
-        "versus_classical": versus_classical,
-        "parameters": parameters,
-        "utilisation": utilisation,
-        "interference": interference,
-        "routing": routing,
-        "seconds": {s: sum(v) for s, v in seconds.items()},
-        "criteria": criteria,
-        "wall_seconds": wall_seconds,
-        "runs": results,
     }
 
 
