@@ -347,6 +347,45 @@ def _mean(values) -> float:
     return sum(values) / len(values) if values else 0.0
 
 
+def _group_statistics(tables: RoutingTables, by: str, names: list, active: list, stack_L: list) -> dict:
+    """``summarize``'s statistics per group of one tag (``task``, ``modality`` or ``role``): load,
+    tokens, mutual information, specialisation (per layer, means over active layers and per
+    stack), entropy and drop rate."""
+    counts, L = tables.counts_LETMR, tables.counts_LETMR.shape[0]
+    stacks = list(dict.fromkeys(stack_L))
+    g_counts = group_counts(counts, by)  # [L, G, E]
+    g_load = group_load(counts, by)
+    g_tokens = tables.tokens_LTMR.sum(dim=tuple(a for a in (1, 2, 3) if a != _axis(by) - 1))  # [L, G]
+    used = [g for g in range(g_counts.shape[1]) if g_tokens[:, g].sum() > 0]
+    mi = [mutual_information(g_counts[layer].t()) for layer in range(L)]
+    spec = [specialisation_index(g_counts[layer].t()) for layer in range(L)]
+    ent_g = routing_entropy(tables.entropy_LTMR, tables.tokens_LTMR, by)
+    drop_g = drop_rate(tables.dropped_LTMR, tables.tokens_LTMR, by)
+    return {
+        f"load_by_{by}": {names[g]: g_load[:, g].tolist() for g in used},
+        f"tokens_by_{by}": {names[g]: g_tokens[:, g].tolist() for g in used},
+        f"mi_{by}_bits": mi,
+        f"specialisation_{by}": spec,
+        f"mean_mi_{by}_bits": _mean(mi[layer] for layer in active),
+        f"mean_specialisation_{by}": _mean(spec[layer] for layer in active),
+        f"mean_mi_{by}_bits_by_stack": {st: _mean(mi[layer] for layer in active if stack_L[layer] == st)
+                                        for st in stacks},
+        f"mean_specialisation_{by}_by_stack": {st: _mean(spec[layer] for layer in active if stack_L[layer] == st)
+                                               for st in stacks},
+        f"entropy_bits_by_{by}": {names[g]: ent_g[:, g].tolist() for g in used},
+        f"drop_rate_by_{by}": {names[g]: drop_g[:, g].tolist() for g in used},
+    }
+
+
+def _agreement_statistics(tables: RoutingTables) -> dict:
+    """Route agreement between the recorded layer pairs, and its means over pairs that saw tokens."""
+    agreement = [dict(route_agreement(tables.pairs_PEE[i]), layers=[tables.layer_names[a], tables.layer_names[b]])
+                 for i, (a, b) in enumerate(tables.pair_layers)]
+    seen = [a for a in agreement if a["tokens"] > 0]
+    return {"route_agreement": agreement, "mean_route_consistency": _mean(a["consistency"] for a in seen),
+            "mean_route_nmi": _mean(a["normalised"] for a in seen)}
+
+
 def summarize(tables: RoutingTables) -> dict:
     """Every routing statistic of the tables, as plain numbers and lists (JSON).
 
@@ -367,7 +406,6 @@ def summarize(tables: RoutingTables) -> dict:
     # Stacks (encoder, decoder): their layers see different tokens (inputs vs targets), so the
     # means per stack are reported beside the mean over all layers.
     stack_L = [stack_of(name)[0] for name in tables.layer_names]
-    stacks = list(dict.fromkeys(stack_L))
     out: dict = {
         "layers": tables.layer_names,
         "num_experts": tables.num_experts,
@@ -383,32 +421,8 @@ def summarize(tables: RoutingTables) -> dict:
         "dropped_assignments": tables.dropped_assignments_L.tolist(),
     }
     for by in ("task", "modality", "role"):
-        g_counts = group_counts(counts, by)  # [L, G, E]
-        g_load = group_load(counts, by)
-        g_tokens = tables.tokens_LTMR.sum(dim=tuple(a for a in (1, 2, 3) if a != _axis(by) - 1))  # [L, G]
-        used = [g for g in range(g_counts.shape[1]) if g_tokens[:, g].sum() > 0]
-        out[f"load_by_{by}"] = {names[by][g]: g_load[:, g].tolist() for g in used}
-        out[f"tokens_by_{by}"] = {names[by][g]: g_tokens[:, g].tolist() for g in used}
-        mi = [mutual_information(g_counts[layer].t()) for layer in range(L)]
-        spec = [specialisation_index(g_counts[layer].t()) for layer in range(L)]
-        out[f"mi_{by}_bits"] = mi
-        out[f"specialisation_{by}"] = spec
-        out[f"mean_mi_{by}_bits"] = _mean(mi[layer] for layer in active)
-        out[f"mean_specialisation_{by}"] = _mean(spec[layer] for layer in active)
-        out[f"mean_mi_{by}_bits_by_stack"] = {
-            st: _mean(mi[layer] for layer in active if stack_L[layer] == st) for st in stacks}
-        out[f"mean_specialisation_{by}_by_stack"] = {
-            st: _mean(spec[layer] for layer in active if stack_L[layer] == st) for st in stacks}
-        ent_g = routing_entropy(tables.entropy_LTMR, tables.tokens_LTMR, by)
-        drop_g = drop_rate(tables.dropped_LTMR, tables.tokens_LTMR, by)
-        out[f"entropy_bits_by_{by}"] = {names[by][g]: ent_g[:, g].tolist() for g in used}
-        out[f"drop_rate_by_{by}"] = {names[by][g]: drop_g[:, g].tolist() for g in used}
-    agreement = [dict(route_agreement(tables.pairs_PEE[i]), layers=[tables.layer_names[a], tables.layer_names[b]])
-                 for i, (a, b) in enumerate(tables.pair_layers)]
-    out["route_agreement"] = agreement
-    seen = [a for a in agreement if a["tokens"] > 0]
-    out["mean_route_consistency"] = _mean(a["consistency"] for a in seen)
-    out["mean_route_nmi"] = _mean(a["normalised"] for a in seen)
+        out.update(_group_statistics(tables, by, names[by], active, stack_L))
+    out.update(_agreement_statistics(tables))
     out["mean_cv"] = _mean(out["cv"][layer] for layer in active)
     out["mean_max_over_mean"] = _mean(out["max_over_mean"][layer] for layer in active)
     out["mean_utilisation"] = _mean(out["utilisation"][layer] for layer in active)
