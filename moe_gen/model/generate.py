@@ -155,25 +155,9 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     for _ in range(limit):
         parents, fed, active = list(range(R)), [tok.pad_id] * R, [False] * R
         for s in range(len(samples)):
-            expansions = []
-            for hyp in alive[s]:
-                options = grammar.options(hyp.state)
-                claimed = grammar.claimed(options)
-                for option in options:
-                    # literal text is never scored, but where it is one of several options its
-                    # probability is what it competes with
-                    ranked = option.scored or len(options) > 1
-                    for rank, value, token in _best(logp_RV[hyp.row], option, claimed, beams, tensors):
-                        expansions.append((hyp.rank + rank if ranked else hyp.rank,
-                                           hyp.score + value if option.scored else hyp.score, token, hyp, option))
-            expansions.sort(key=lambda e: (-e[0], e[2]))
-            kept: list[_Hypothesis] = []
-            for rank, score, token, hyp, option in expansions:
-                if len(kept) == beams:
-                    break
-                state = grammar.advance(hyp.state, option, token)
-                child = _Hypothesis(state, score, rank, hyp.row, hyp.tokens + (token,))
-                (finished[s] if state.done else kept).append(child)
+            expansions = _expansions(grammar, alive[s], logp_RV, beams, tensors)
+            kept, retired = _keep_best(grammar, expansions, beams)
+            finished[s].extend(retired)
             alive[s] = []
             for j, child in enumerate(kept if len(finished[s]) < beams else []):
                 row = s * beams + j  # cache row j of the sample continues its parent's row
@@ -193,6 +177,40 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
         best = max(pool, key=lambda h: h.rank / max(len(h.tokens), 1) ** length_penalty)
         predictions.append(_prediction(grammar, best, sample, tok.eos_id))
     return predictions
+
+
+def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.Tensor, beams: int,
+                tensors: dict) -> list[tuple[float, float, int, _Hypothesis, Option]]:
+    """Every (rank, score, token, parent, option) continuing one sample's live answers by the
+    ``beams`` best tokens of each option, best first (ties to the lowest token id)."""
+    expansions = []
+    for hyp in hyps:
+        options = grammar.options(hyp.state)
+        claimed = grammar.claimed(options)
+        for option in options:
+            # literal text is never scored, but where it is one of several options its
+            # probability is what it competes with
+            ranked = option.scored or len(options) > 1
+            for rank, value, token in _best(logp_RV[hyp.row], option, claimed, beams, tensors):
+                expansions.append((hyp.rank + rank if ranked else hyp.rank,
+                                   hyp.score + value if option.scored else hyp.score, token, hyp, option))
+    expansions.sort(key=lambda e: (-e[0], e[2]))
+    return expansions
+
+
+def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int, _Hypothesis, Option]],
+            beams: int) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
+    """The children of the best expansions, split into the (at most ``beams``) that go on and those
+    that end their answer on the way."""
+    kept: list[_Hypothesis] = []
+    retired: list[_Hypothesis] = []
+    for rank, score, token, hyp, option in expansions:
+        if len(kept) == beams:
+            break
+        state = grammar.advance(hyp.state, option, token)
+        child = _Hypothesis(state, score, rank, hyp.row, hyp.tokens + (token,))
+        (retired if state.done else kept).append(child)
+    return kept, retired
 
 
 def _best(logp_V: torch.Tensor, option: Option, claimed: list[int], k: int,

@@ -404,7 +404,24 @@ class GeneralistModel(nn.Module):
         default its position); under the task's ``on_error="skip"`` such a row's answer is None
         instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
         """
-        from moe_gen.model.generate import beam_search, generate, rank
+        task = self._known_task(task)
+        plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
+        samples, failed = self._encode_rows(task, plan, rows, indices)
+        self._check_features(task.name, samples)
+        was_training = self.training
+        self.eval()
+        try:
+            answers = self._answer(plan, samples, candidates=candidates, beams=beams,
+                                   max_new_tokens=max_new_tokens, max_frames=max_frames, max_items=max_items)
+        finally:
+            self.train(was_training)
+        if not failed:
+            return answers
+        answered = iter(answers)
+        return [None if i in failed else next(answered) for i in range(len(rows))]
+
+    def _known_task(self, task):
+        """``task`` as a ``Task`` (a preset name loaded without rows), checked against the task vocabulary."""
         from moe_gen.tasks import Task, load_preset
 
         if isinstance(task, str):
@@ -414,7 +431,11 @@ class GeneralistModel(nn.Module):
         if task.name not in self.task_ids:
             raise ValueError(f"the model was not built for task {task.name!r}; it knows: "
                              f"{', '.join(self.config.tasks)}")
-        plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
+        return task
+
+    @staticmethod
+    def _encode_rows(task, plan, rows: Sequence, indices: Optional[Sequence[int]]) -> tuple[list, set[int]]:
+        """The rows encoded for inference, and the positions of those skipped under ``on_error="skip"``."""
         indices = range(len(rows)) if indices is None else indices
         if len(indices) != len(rows):
             raise ValueError(f"infer got {len(rows)} rows but {len(indices)} indices")
@@ -427,34 +448,33 @@ class GeneralistModel(nn.Module):
                     raise
                 task.skip_row(index, exc)
                 failed.add(i)
+        return samples, failed
+
+    def _check_features(self, task_name: str, samples: Sequence) -> None:
+        """Raises ``ValueError`` for feature chunks the model has no adapter for, or of the wrong width."""
         for sample in samples:
             for chunk in sample.encoder:
                 if chunk.rows is not None and chunk.adaptor not in self.adapters:
-                    raise ValueError(f"task {task.name!r}: the model has no adapter {chunk.adaptor!r} "
+                    raise ValueError(f"task {task_name!r}: the model has no adapter {chunk.adaptor!r} "
                                      f"for {chunk.modality} (adapters: {', '.join(self.adapters)})")
                 if chunk.rows is not None and chunk.rows.shape[1] != self.config.adapters[chunk.adaptor]:
-                    raise ValueError(f"task {task.name!r}, row {sample.index}: {chunk.modality} features have width "
+                    raise ValueError(f"task {task_name!r}, row {sample.index}: {chunk.modality} features have width "
                                      f"{chunk.rows.shape[1]}, the model's {chunk.adaptor} adapter expects "
                                      f"{self.config.adapters[chunk.adaptor]}")
-        was_training = self.training
-        self.eval()
-        try:
-            if not samples:
-                answers = []
-            elif candidates is not None:
-                answers = rank(self, plan, samples, list(candidates))
-            elif beams > 1:
-                answers = beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens,
-                                      max_items=max_items)
-            else:
-                answers = generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                                   max_items=max_items)
-        finally:
-            self.train(was_training)
-        if not failed:
-            return answers
-        answered = iter(answers)
-        return [None if i in failed else next(answered) for i in range(len(rows))]
+
+    def _answer(self, plan, samples: Sequence, *, candidates: Optional[Sequence[str]], beams: int,
+                max_new_tokens: int, max_frames: int, max_items: int) -> list:
+        """The answers to encoded samples: ranked candidates, beam search or greedy generation."""
+        from moe_gen.model.generate import beam_search, generate, rank
+
+        if not samples:
+            return []
+        if candidates is not None:
+            return rank(self, plan, samples, list(candidates))
+        if beams > 1:
+            return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens, max_items=max_items)
+        return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
+                        max_items=max_items)
 
     def set_backend(self, name: str) -> None:
         """Switches every MoE layer to dispatch backend ``name`` (``merged`` for tag-routed

@@ -243,16 +243,8 @@ def collate(
         max_length: row length for packing (default: the longest sample).
         pass_name: the ``pass`` tag of every position.
     """
-    if not samples:
-        raise ValueError("collate needs at least one sample")
-    for s in samples:
-        if s.task not in task_ids:
-            raise ValueError(f"task {s.task!r} is not in the task vocabulary ({', '.join(task_ids)})")
-    if pack:
-        lengths = [max(s.lengths()) for s in samples]
-        groups = pack_rows(lengths, max_length or max(lengths))
-    else:
-        groups = [[i] for i in range(len(samples))]
+    _check_samples(samples, task_ids)
+    groups = _row_groups(samples, pack, max_length)
     pass_id = PASSES.index(pass_name)
     modality_id = _modality_ids()
     M = len(modality_id)
@@ -269,43 +261,92 @@ def collate(
             used = torch.zeros(M, dtype=torch.bool)
             used[[modality_id[m] for m in sample.task_modalities]] = True
             common = dict(task=task_ids[sample.task], used=used, sample=local, pass_id=pass_id)
-            for chunk in sample.encoder:
-                counts[chunk.modality] += len(chunk)
-                enc.rows[row].append(_Run(
-                    tokens=None if chunk.tokens is None else torch.tensor(chunk.tokens, dtype=torch.long),
-                    feature=None if chunk.tokens is not None else (chunk.adaptor, chunk.rows, chunk.positions),
-                    modality=modality_id[chunk.modality], role=chunk.role, causal=False, **common))
+            _add_encoder(sample, row, enc, common, counts, modality_id)
             start = dec.length(row)
             _add_decoder(sample, row, dec, labels_rows[row], frames, tokenizer, common, counts, modality_id)
-            at = start
-            for chunk in sample.decoder:
-                if chunk.allowed is not None and len(chunk.allowed) != len(chunk):
-                    raise ValueError(f"task {sample.task!r}, row {sample.index}: a closed-set chunk has "
-                                     f"{len(chunk.allowed)} allowed lists for {len(chunk)} positions")
-                if chunk.allowed is not None and chunk.loss:
-                    allowed.extend((row, at + j, options) for j, options in enumerate(chunk.allowed))
-                at += len(chunk)
+            allowed.extend(_allowed_positions(sample, row, start))
     encoder, decoder = enc.build(tokenizer.pad_id, M), dec.build(tokenizer.pad_id, M)
     B, L = decoder.padding_mask.shape
+    labels = _labels(labels_rows, B, L)
+    frame_targets, frame_index, frame_stop = _frame_targets(frames, L)
+    allowed_index, allowed_tokens = _allowed_tensors(allowed, L)
+    total = encoder.padding_mask.numel() + decoder.padding_mask.numel()
+    padded = int(encoder.padding_mask.sum() + decoder.padding_mask.sum())
+    return Batch(encoder, decoder, labels, frame_targets, frame_index, frame_stop, allowed_index, allowed_tokens, tasks,
+                 dict(counts), padded / total if total else 0.0)
+
+
+def _check_samples(samples: Sequence[Sample], task_ids: Mapping[str, int]) -> None:
+    """Raises ``ValueError`` for no samples, or a sample of a task outside the vocabulary."""
+    if not samples:
+        raise ValueError("collate needs at least one sample")
+    for s in samples:
+        if s.task not in task_ids:
+            raise ValueError(f"task {s.task!r} is not in the task vocabulary ({', '.join(task_ids)})")
+
+
+def _row_groups(samples: Sequence[Sample], pack: bool, max_length: Optional[int]) -> list[list[int]]:
+    """The sample indices of every row: one sample a row, or packed first fit (``pack_rows``)."""
+    if pack:
+        lengths = [max(s.lengths()) for s in samples]
+        return pack_rows(lengths, max_length or max(lengths))
+    return [[i] for i in range(len(samples))]
+
+
+def _add_encoder(sample: Sample, row: int, enc: _SideBuilder, common, counts, modality_id: dict[str, int]) -> None:
+    """One run per encoder chunk: its tokens, or its feature rows for the chunk's adaptor."""
+    for chunk in sample.encoder:
+        counts[chunk.modality] += len(chunk)
+        enc.rows[row].append(_Run(
+            tokens=None if chunk.tokens is None else torch.tensor(chunk.tokens, dtype=torch.long),
+            feature=None if chunk.tokens is not None else (chunk.adaptor, chunk.rows, chunk.positions),
+            modality=modality_id[chunk.modality], role=chunk.role, causal=False, **common))
+
+
+def _allowed_positions(sample: Sample, row: int, start: int) -> list[tuple[int, int, list[int]]]:
+    """(row, decoder position, allowed tokens) of every scored closed-set position of the sample,
+    whose decoder side starts at ``start``."""
+    allowed = []
+    at = start
+    for chunk in sample.decoder:
+        if chunk.allowed is not None and len(chunk.allowed) != len(chunk):
+            raise ValueError(f"task {sample.task!r}, row {sample.index}: a closed-set chunk has "
+                             f"{len(chunk.allowed)} allowed lists for {len(chunk)} positions")
+        if chunk.allowed is not None and chunk.loss:
+            allowed.extend((row, at + j, options) for j, options in enumerate(chunk.allowed))
+        at += len(chunk)
+    return allowed
+
+
+def _labels(labels_rows: list[list[torch.Tensor]], B: int, L: int) -> torch.Tensor:
+    """long ``[B, L]``: every row's labels, ``IGNORE_INDEX`` after them."""
     labels = torch.full((B, L), IGNORE_INDEX, dtype=torch.long)
     for b, parts in enumerate(labels_rows):
         if parts:
             lab = torch.cat(parts)
             labels[b, : lab.numel()] = lab
+    return labels
+
+
+def _frame_targets(frames, L: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Per adaptor: the regression targets ``[N, F]``, their flat decoder positions ``[N]`` and stop flags ``[N]``."""
     frame_targets, frame_index, frame_stop = {}, {}, {}
     for adaptor, (targets, where, stops) in frames.items():
         frame_targets[adaptor] = torch.cat(targets)
         frame_index[adaptor] = torch.cat([b * L + t for b, t in where])
         frame_stop[adaptor] = torch.cat(stops)
+    return frame_targets, frame_index, frame_stop
+
+
+def _allowed_tensors(allowed: list[tuple[int, int, list[int]]], L: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """long ``[P]`` flat decoder positions of closed-set targets and long ``[P, A]`` their allowed
+    tokens (-1 pads)."""
     width = max([len(a) for _, _, a in allowed] + [1])
     allowed_index = torch.tensor([b * L + t for b, t, _ in allowed], dtype=torch.long)
     allowed_tokens = torch.full((len(allowed), width), -1, dtype=torch.long)
     for i, (_, _, options) in enumerate(allowed):
         allowed_tokens[i, : len(options)] = torch.tensor(options, dtype=torch.long)
-    total = encoder.padding_mask.numel() + decoder.padding_mask.numel()
-    padded = int(encoder.padding_mask.sum() + decoder.padding_mask.sum())
-    return Batch(encoder, decoder, labels, frame_targets, frame_index, frame_stop, allowed_index, allowed_tokens, tasks,
-                 dict(counts), padded / total if total else 0.0)
+    return allowed_index, allowed_tokens
 
 
 def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, frames, tokenizer, common,
