@@ -402,9 +402,19 @@ def load_shards(
             (the message names the expert range).
         ValueError: the files are not from ``save_shards``, or a layer's E differs from the model's.
     """
+    plan = _as_plan(model_or_plan)
+    metadata, out = _read_dense(directory, prefix)
+    for group in json.loads(metadata["experts"]):
+        total, count, keys = int(group["total"]), int(group["count"]), list(group["keys"])
+        for (lo, hi), span_keys in _needed_spans(keys, total, plan).items():
+            out.update(_read_expert_span(directory, prefix, total, count, lo, hi, span_keys))
+    return out
+
+
+def _read_dense(directory: str, prefix: str) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata (format, manifest of expert files) and the tensors of the dense file."""
     from safetensors import safe_open
 
-    plan = _as_plan(model_or_plan)
     dense_path = os.path.join(directory, _dense_file(prefix))
     if not os.path.exists(dense_path):
         raise FileNotFoundError(f"no {prefix!r} shards in {directory}: {os.path.basename(dense_path)} is missing")
@@ -412,43 +422,61 @@ def load_shards(
         metadata = f.metadata() or {}
         if metadata.get("format") != FORMAT:
             raise ValueError(f"{dense_path} was not written by save_shards (format {metadata.get('format')!r})")
-        out = {key: f.get_tensor(key) for key in f.keys()}
+        return metadata, {key: f.get_tensor(key) for key in f.keys()}
 
-    for group in json.loads(metadata["experts"]):
-        total, count, keys = int(group["total"]), int(group["count"]), list(group["keys"])
-        # Which experts this rank needs, per key: its shard of the layer, or all of them.
-        needed: dict[tuple[int, int], list[str]] = {}
+
+def _needed_spans(keys: list[str], total: int, plan: ExpertParallelPlan) -> dict[tuple[int, int], list[str]]:
+    """Which experts ``[lo, hi)`` of a ``total``-expert layer this rank needs, per key: its shard of
+    the layer, or all of them for a parameter the plan does not shard."""
+    needed: dict[tuple[int, int], list[str]] = {}
+    for key in keys:
+        shard = plan.expert_params.get(_param_name(key))
+        if shard is not None and shard.total != total:
+            raise ValueError(f"{key!r}: the checkpoint's layer has {total} experts, this model's {shard.total}")
+        span = (0, total) if shard is None else (shard.offset, shard.offset + shard.count)
+        needed.setdefault(span, []).append(key)
+    return needed
+
+
+def _read_expert_span(directory: str, prefix: str, total: int, count: int, lo: int, hi: int,
+                      keys: list[str]) -> dict[str, torch.Tensor]:
+    """Experts ``[lo, hi)`` of each of ``keys``, assembled from the files of ``count`` experts each
+    that overlap the span (``[hi - lo, ...]`` per key)."""
+    pieces: dict[str, list[torch.Tensor]] = {key: [] for key in keys}
+    for offset in range(0, total, count):
+        a, b = max(lo, offset), min(hi, offset + count)
+        if a >= b:
+            continue
+        rows = slice(a - offset, b - offset)  # within the file
+        for key, piece in _read_expert_file(directory, prefix, total, count, offset, rows, keys).items():
+            pieces[key].append(piece)
+    return {key: parts[0] if len(parts) == 1 else torch.cat(parts) for key, parts in pieces.items()}
+
+
+def _read_expert_file(directory: str, prefix: str, total: int, count: int, offset: int, rows: slice,
+                      keys: list[str]) -> dict[str, torch.Tensor]:
+    """Rows ``rows`` of each of ``keys`` from the file holding experts ``[offset, offset + count)``
+    of the ``total``-expert layers, after checking that the file is the one the manifest lists."""
+    from safetensors import safe_open
+
+    name = _expert_file(prefix, offset, count)
+    path = os.path.join(directory, name)
+    if not os.path.exists(path):
+        raise FileNotFoundError(
+            f"{prefix!r} shards in {directory} lack {name}, which holds experts "
+            f"{offset}..{offset + count - 1} of the {total}-expert layers (e.g. {keys[0]!r}); "
+            "the checkpoint is incomplete"
+        )
+    with safe_open(path, framework="pt") as f:
+        found = f.metadata() or {}
+        expected = {"format": FORMAT, "offset": str(offset), "count": str(count), "total": str(total)}
+        if any(found.get(k) != v for k, v in expected.items()):
+            raise ValueError(f"{path} does not match the manifest of {_dense_file(prefix)} (expected "
+                             f"{expected}, found {found}); it is from another save")
+        present = set(f.keys())
+        out = {}
         for key in keys:
-            shard = plan.expert_params.get(_param_name(key))
-            if shard is not None and shard.total != total:
-                raise ValueError(f"{key!r}: the checkpoint's layer has {total} experts, this model's {shard.total}")
-            span = (0, total) if shard is None else (shard.offset, shard.offset + shard.count)
-            needed.setdefault(span, []).append(key)
-        for (lo, hi), span_keys in needed.items():
-            pieces: dict[str, list[torch.Tensor]] = {key: [] for key in span_keys}
-            for offset in range(0, total, count):
-                a, b = max(lo, offset), min(hi, offset + count)
-                if a >= b:
-                    continue
-                name = _expert_file(prefix, offset, count)
-                path = os.path.join(directory, name)
-                if not os.path.exists(path):
-                    raise FileNotFoundError(
-                        f"{prefix!r} shards in {directory} lack {name}, which holds experts "
-                        f"{offset}..{offset + count - 1} of the {total}-expert layers (e.g. {span_keys[0]!r}); "
-                        "the checkpoint is incomplete"
-                    )
-                with safe_open(path, framework="pt") as f:
-                    found = f.metadata() or {}
-                    expected = {"format": FORMAT, "offset": str(offset), "count": str(count), "total": str(total)}
-                    if any(found.get(k) != v for k, v in expected.items()):
-                        raise ValueError(f"{path} does not match the manifest of {_dense_file(prefix)} (expected "
-                                         f"{expected}, found {found}); it is from another save")
-                    present = set(f.keys())
-                    for key in span_keys:
-                        if key not in present:
-                            raise ValueError(f"{path} lacks {key!r}, which the manifest lists")
-                        pieces[key].append(f.get_slice(key)[a - offset:b - offset])
-            for key, parts in pieces.items():
-                out[key] = parts[0] if len(parts) == 1 else torch.cat(parts)
-    return out
+            if key not in present:
+                raise ValueError(f"{path} lacks {key!r}, which the manifest lists")
+            out[key] = f.get_slice(key)[rows]
+        return out

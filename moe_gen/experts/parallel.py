@@ -250,25 +250,44 @@ def shard_experts(model: nn.Module, ep_size: int) -> ExpertParallelPlan:
     layers = _moe_layers(model)
     # Checks are identical on every rank, so every rank raises before any group is created.
     for name, moe in layers:
-        label = name or "<root>"
-        if moe.expert_parallel is not None:
-            raise ValueError(f"MoE layer {label!r} is already sharded ({moe.expert_parallel!r})")
-        if moe.backend.needs_shared_routes:
-            raise ValueError(
-                f"MoE layer {label!r} uses backend {moe.config.backend!r}, which merges experts per route "
-                "for inference and cannot run with expert parallelism; use backend='torch'"
-            )
-        E = moe.config.num_experts
-        if E % ep_size:
-            raise ValueError(f"MoE layer {label!r} has E={E} experts, which is not divisible by ep_size P={ep_size}")
-        for pname, param in moe.experts.named_parameters():
-            if "." in pname:
-                raise ValueError(f"MoE layer {label!r}: expert parameter {pname!r} sits in a submodule; expert "
-                                 "parallelism slices the stacked parameters held by the experts module itself")
-            if param.dim() == 0 or param.shape[0] != E:
-                raise ValueError(f"MoE layer {label!r}: expert parameter {pname!r} has shape {tuple(param.shape)}; "
-                                 f"expert parallelism needs a leading dimension of E={E}")
+        _check_shardable(name or "<root>", moe, ep_size)
     rank, world = _process_info()
+    _check_world_size(world, ep_size)
+    dp_size = world // ep_size
+    ep_group, replica_group = _new_groups(rank, ep_size, dp_size)
+    plan = ExpertParallelPlan(ep_size=ep_size, dp_size=dp_size, rank=rank, world_size=world,
+                              ep_group=ep_group, replica_group=replica_group, layers={}, expert_params={})
+    for name, moe in layers:
+        E = moe.config.num_experts
+        shard = ExpertShard(offset=plan.ep_rank * (E // ep_size), count=E // ep_size, total=E)
+        _record_shard(plan, name, moe, shard)
+        if ep_size > 1:
+            _keep_local_experts(moe, plan, shard)
+    return plan
+
+
+def _check_shardable(label: str, moe: MoE, ep_size: int) -> None:
+    """Raises unless ``shard_experts`` can slice the experts of layer ``label`` into ``ep_size`` shards."""
+    if moe.expert_parallel is not None:
+        raise ValueError(f"MoE layer {label!r} is already sharded ({moe.expert_parallel!r})")
+    if moe.backend.needs_shared_routes:
+        raise ValueError(
+            f"MoE layer {label!r} uses backend {moe.config.backend!r}, which merges experts per route "
+            "for inference and cannot run with expert parallelism; use backend='torch'"
+        )
+    E = moe.config.num_experts
+    if E % ep_size:
+        raise ValueError(f"MoE layer {label!r} has E={E} experts, which is not divisible by ep_size P={ep_size}")
+    for pname, param in moe.experts.named_parameters():
+        if "." in pname:
+            raise ValueError(f"MoE layer {label!r}: expert parameter {pname!r} sits in a submodule; expert "
+                             "parallelism slices the stacked parameters held by the experts module itself")
+        if param.dim() == 0 or param.shape[0] != E:
+            raise ValueError(f"MoE layer {label!r}: expert parameter {pname!r} has shape {tuple(param.shape)}; "
+                             f"expert parallelism needs a leading dimension of E={E}")
+
+
+def _check_world_size(world: int, ep_size: int) -> None:
     if world % ep_size:
         initialised = dist.is_available() and dist.is_initialized()
         raise ValueError(
@@ -276,10 +295,15 @@ def shard_experts(model: nn.Module, ep_size: int) -> ExpertParallelPlan:
             + ("" if initialised else " (torch.distributed is not initialised; call init_distributed() "
                                       "under torchrun first)")
         )
-    dp_size = world // ep_size
-    ep_rank, replica_rank = rank % ep_size, rank // ep_size
 
-    # dist.new_group is collective over the world: every rank creates every group, in this order.
+
+def _new_groups(rank: int, ep_size: int, dp_size: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+    """This rank's (EP group, replica group); None where the group would be this rank alone.
+
+    ``dist.new_group`` is collective over the world: every rank creates every group, in this
+    order (all EP groups, then all replica groups), and keeps the ones it belongs to.
+    """
+    ep_rank, replica_rank = rank % ep_size, rank // ep_size
     ep_group = replica_group = None
     if ep_size > 1:
         if dp_size == 1:
@@ -297,25 +321,25 @@ def shard_experts(model: nn.Module, ep_size: int) -> ExpertParallelPlan:
                 group = dist.new_group([q + d * ep_size for d in range(dp_size)])
                 if q == ep_rank:
                     replica_group = group
+    return ep_group, replica_group
 
-    plan = ExpertParallelPlan(ep_size=ep_size, dp_size=dp_size, rank=rank, world_size=world,
-                              ep_group=ep_group, replica_group=replica_group, layers={}, expert_params={})
-    for name, moe in layers:
-        E = moe.config.num_experts
-        L = E // ep_size
-        shard = ExpertShard(offset=ep_rank * L, count=L, total=E)
-        plan.layers[name] = shard
-        for full_name in _expert_param_names(name, moe):
-            plan.expert_params[full_name] = shard
-        if ep_size == 1:
-            continue
-        experts = moe.experts
-        for pname, param in list(experts.named_parameters(recurse=False)):
-            local = param.detach()[shard.offset:shard.offset + L].clone()
-            setattr(experts, pname, nn.Parameter(local, requires_grad=param.requires_grad))
-        experts.num_experts = L
-        moe.expert_parallel = ExpertParallel(plan, shard)
-    return plan
+
+def _record_shard(plan: ExpertParallelPlan, name: str, moe: MoE, shard: ExpertShard) -> None:
+    """Enters layer ``name`` and each of its expert parameters in ``plan`` as holding ``shard``."""
+    plan.layers[name] = shard
+    for full_name in _expert_param_names(name, moe):
+        plan.expert_params[full_name] = shard
+
+
+def _keep_local_experts(moe: MoE, plan: ExpertParallelPlan, shard: ExpertShard) -> None:
+    """Replaces the layer's stacked expert parameters ``[E, ...]`` by new ones holding this rank's
+    slice ``[L, ...]``, and routes the layer's forward through ``ExpertParallel``."""
+    experts = moe.experts
+    for pname, param in list(experts.named_parameters(recurse=False)):
+        local = param.detach()[shard.offset:shard.offset + shard.count].clone()
+        setattr(experts, pname, nn.Parameter(local, requires_grad=param.requires_grad))
+    experts.num_experts = shard.count
+    moe.expert_parallel = ExpertParallel(plan, shard)
 
 
 def expert_plan(model: nn.Module) -> ExpertParallelPlan:
@@ -330,7 +354,5 @@ def expert_plan(model: nn.Module) -> ExpertParallelPlan:
                               replica_group=dist.group.WORLD if world > 1 else None, layers={}, expert_params={})
     for name, moe in layers:
         E = moe.config.num_experts
-        plan.layers[name] = ExpertShard(offset=0, count=E, total=E)
-        for full_name in _expert_param_names(name, moe):
-            plan.expert_params[full_name] = plan.layers[name]
+        _record_shard(plan, name, moe, ExpertShard(offset=0, count=E, total=E))
     return plan
