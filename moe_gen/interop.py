@@ -155,6 +155,33 @@ def _expert_weights(experts: nn.Module) -> tuple[torch.Tensor, torch.Tensor, nn.
     )
 
 
+def _routing(block: nn.Module) -> _Routing:
+    """The routing of ``block``, read by the first family among its classes (subclasses included)."""
+    family = next((_FAMILIES[c.__name__] for c in type(block).__mro__ if c.__name__ in _FAMILIES), None)
+    if family is None:
+        raise ValueError(
+            f"from_hf_moe does not know {type(block).__name__}; supported transformers blocks: "
+            f"{', '.join(_FAMILIES)}"
+        )
+    return family(block)
+
+
+def _shared_expert_weights(
+    block: nn.Module, routing: _Routing, act: nn.Module
+) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """``(gate_up_XD [2H', D] gate rows first, down_DH [D, H'])`` of the block's shared expert, or None
+    without one; raises if its activation differs from the routed experts' ``act``."""
+    if routing.shared is None:
+        return None
+    shared_gate_up_XD, shared_down_DH, shared_act = _mlp_weights(routing.shared)
+    if _activation_name(shared_act) != _activation_name(act):
+        raise ValueError(
+            f"{type(block).__name__}'s shared expert uses {type(shared_act).__name__} and its routed "
+            f"experts {type(act).__name__}; moe_gen gives both one activation"
+        )
+    return shared_gate_up_XD, shared_down_DH
+
+
 def from_hf_moe(block: nn.Module, *, backend: str = "torch", activation: str | None = None) -> MoE:
     """A ``MoE`` with the same weights and routing as a transformers sparse MoE block.
 
@@ -170,26 +197,13 @@ def from_hf_moe(block: nn.Module, *, backend: str = "torch", activation: str | N
         ValueError: for other blocks (naming the supported ones), and for layouts or activations
             that moe_gen's experts cannot hold.
     """
-    family = next((_FAMILIES[c.__name__] for c in type(block).__mro__ if c.__name__ in _FAMILIES), None)
-    if family is None:
-        raise ValueError(
-            f"from_hf_moe does not know {type(block).__name__}; supported transformers blocks: "
-            f"{', '.join(_FAMILIES)}"
-        )
-    routing = family(block)
+    routing = _routing(block)
     gate_up_EXD, down_EDH, act = _expert_weights(block.experts)
     router_weight_ED = block.gate.weight.detach()
     num_experts, d_model = router_weight_ED.shape
     activation = activation or _activation_name(act)
-    shared_hidden = None
-    if routing.shared is not None:
-        shared_gate_up_XD, shared_down_DH, shared_act = _mlp_weights(routing.shared)
-        if _activation_name(shared_act) != _activation_name(act):
-            raise ValueError(
-                f"{type(block).__name__}'s shared expert uses {type(shared_act).__name__} and its routed "
-                f"experts {type(act).__name__}; moe_gen gives both one activation"
-            )
-        shared_hidden = shared_down_DH.shape[1]
+    shared = _shared_expert_weights(block, routing, act)
+    shared_hidden = None if shared is None else shared[1].shape[1]
     config = MoEConfig(
         d_model=d_model,
         d_hidden=down_EDH.shape[2],
@@ -207,7 +221,8 @@ def from_hf_moe(block: nn.Module, *, backend: str = "torch", activation: str | N
         moe.router.weight.copy_(router_weight_ED)
         moe.experts.w_in.copy_(gate_up_EXD.transpose(1, 2))  # [E, D, 2H] = [gate | up]
         moe.experts.w_out.copy_(down_EDH.transpose(1, 2))  # [E, H, D]
-        if routing.shared is not None:
+        if shared is not None:
+            shared_gate_up_XD, shared_down_DH = shared
             moe.shared.fc_in.weight.copy_(shared_gate_up_XD)  # [2H', D], gate rows first
             moe.shared.fc_out.weight.copy_(shared_down_DH)
         if routing.shared_gate is not None:

@@ -172,47 +172,24 @@ class MoE(nn.Module):
     def _flatten_inputs(self, x, tags, padding_mask):
         """Validates the inputs and flattens them to tokens; errors name what is wrong."""
         cfg = self.config
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise ValueError(f"MoE input must be a floating-point tensor, got {_describe(x)}")
-        if x.dim() not in (2, 3):
-            raise ValueError(f"MoE input must be [T, D] or [B, S, D], got shape {tuple(x.shape)}")
-        if x.shape[-1] != cfg.d_model:
-            raise ValueError(
-                f"MoE input has feature size {x.shape[-1]} but the layer was built with "
-                f"d_model={cfg.d_model} (input shape {tuple(x.shape)})"
-            )
+        _check_input(x, cfg.d_model)
         token_shape = tuple(x.shape[:-1])
         T = x[..., 0].numel()
-
-        if padding_mask is None:
-            valid_T = torch.ones(T, dtype=torch.bool, device=x.device)
-        else:
-            if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != token_shape:
-                raise ValueError(
-                    f"padding_mask must be shaped like the tokens {token_shape}, got "
-                    f"{_describe(padding_mask)}"
-                )
-            if padding_mask.dtype != torch.bool:
-                raise ValueError(f"padding_mask must be bool (True = padding), got {padding_mask.dtype}")
-            if isinstance(tags, TokenTags):  # one valid mask per forward, shared by the layers
-                valid_T = tags.derived("valid", lambda: ~padding_mask.reshape(T), padding_mask)
-            else:
-                valid_T = ~padding_mask.reshape(T)
-
+        valid_T = _valid_tokens(padding_mask, tags, token_shape, T, x.device)
         x_TD = x.reshape(T, cfg.d_model)
-        # One reduction finds out whether anything is non-finite (or the sum overflowed); only
-        # then are tokens checked one by one, ignoring padding (which may hold anything).
-        if cfg.check_finite and not bool(torch.isfinite(x_TD.sum())):
-            bad = ~torch.isfinite(x_TD).all(-1) & valid_T
-            if bool(bad.any()):
-                first = int(bad.nonzero()[0])
-                where = first if x.dim() == 2 else divmod(first, x.shape[1])
-                raise ValueError(
-                    f"MoE input has non-finite values in {int(bad.sum())} token(s); first at "
-                    f"{'token' if x.dim() == 2 else '(batch, position)'} {where}"
-                )
+        if cfg.check_finite:
+            _check_finite(x, x_TD, valid_T)
+        tags_T = self._flatten_tags(tags, token_shape)
+        if tags is None:
+            segment_T = _segments(x, tags_T)
+        else:
+            segment_T = tags.derived(f"segments {tuple(x.shape[:-1])}", lambda: _segments(x, tags_T))
+        return x_TD, tags_T, valid_T, segment_T
 
-        rc = cfg.router
+    def _flatten_tags(self, tags, token_shape: tuple[int, ...]):
+        """The tags flattened to tokens, checked against the tokens and the router's vocabularies;
+        None when there are none and the router can do without."""
+        rc = self.config.router
         if tags is None:
             if self.router.needs_tags:
                 raise ValueError(
@@ -223,22 +200,59 @@ class MoE(nn.Module):
                 raise ValueError(
                     f"balance_loss_groups={list(rc.balance_loss_groups)} needs tags; pass tags="
                 )
-            tags_T = None
-        else:
-            if not isinstance(tags, TokenTags):
-                raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
-            tags.validate(
-                token_shape, num_modalities=rc.num_modalities, num_roles=rc.num_roles,
-                num_passes=rc.num_passes, num_tasks=rc.num_tasks,
-            )
-            tags_T = tags.flatten()
+            return None
+        if not isinstance(tags, TokenTags):
+            raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
+        tags.validate(
+            token_shape, num_modalities=rc.num_modalities, num_roles=rc.num_roles,
+            num_passes=rc.num_passes, num_tasks=rc.num_tasks,
+        )
+        return tags.flatten()
 
-        if tags is None:
-            segment_T = _segments(x, tags_T)
-        else:
-            segment_T = tags.derived(f"segments {tuple(x.shape[:-1])}", lambda: _segments(x, tags_T))
-        return x_TD, tags_T, valid_T, segment_T
 
+def _check_input(x, d_model: int) -> None:
+    """Raises unless ``x`` is a floating-point [T, D] or [B, S, D] tensor with D = ``d_model``."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise ValueError(f"MoE input must be a floating-point tensor, got {_describe(x)}")
+    if x.dim() not in (2, 3):
+        raise ValueError(f"MoE input must be [T, D] or [B, S, D], got shape {tuple(x.shape)}")
+    if x.shape[-1] != d_model:
+        raise ValueError(
+            f"MoE input has feature size {x.shape[-1]} but the layer was built with "
+            f"d_model={d_model} (input shape {tuple(x.shape)})"
+        )
+
+
+def _valid_tokens(padding_mask, tags, token_shape: tuple[int, ...], T: int, device: torch.device) -> torch.Tensor:
+    """valid_T: True for every token that is not padding (all of them without a padding_mask)."""
+    if padding_mask is None:
+        return torch.ones(T, dtype=torch.bool, device=device)
+    if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != token_shape:
+        raise ValueError(
+            f"padding_mask must be shaped like the tokens {token_shape}, got "
+            f"{_describe(padding_mask)}"
+        )
+    if padding_mask.dtype != torch.bool:
+        raise ValueError(f"padding_mask must be bool (True = padding), got {padding_mask.dtype}")
+    if isinstance(tags, TokenTags):  # one valid mask per forward, shared by the layers
+        return tags.derived("valid", lambda: ~padding_mask.reshape(T), padding_mask)
+    return ~padding_mask.reshape(T)
+
+
+def _check_finite(x: torch.Tensor, x_TD: torch.Tensor, valid_T: torch.Tensor) -> None:
+    """Raises if a token that is not padding holds a non-finite value, naming the first one."""
+    # One reduction finds out whether anything is non-finite (or the sum overflowed); only
+    # then are tokens checked one by one, ignoring padding (which may hold anything).
+    if bool(torch.isfinite(x_TD.sum())):
+        return
+    bad = ~torch.isfinite(x_TD).all(-1) & valid_T
+    if bool(bad.any()):
+        first = int(bad.nonzero()[0])
+        where = first if x.dim() == 2 else divmod(first, x.shape[1])
+        raise ValueError(
+            f"MoE input has non-finite values in {int(bad.sum())} token(s); first at "
+            f"{'token' if x.dim() == 2 else '(batch, position)'} {where}"
+        )
 
 def _segments(x: torch.Tensor, tags_T: TokenTags | None) -> torch.Tensor:
     """Sequence index of each token, for context pooling: rows of [B, S], refined by

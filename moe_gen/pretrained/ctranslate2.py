@@ -131,29 +131,8 @@ def read_ctranslate2(path: str) -> tuple[str, dict[str, torch.Tensor], dict[str,
 
     variables: dict[str, torch.Tensor] = {}
     for i in range(cur.uint("I", "number of variables")):
-        name = cur.string(f"name of variable {i}")
-        rank = cur.uint("B", f"rank of {name}")
-        shape = [cur.uint("I", f"shape of {name}") for _ in range(rank)]
-        where = cur.offset
-        type_id = cur.uint("B", f"dtype of {name}")
-        if type_id not in CT2_DTYPES:
-            raise ValueError(
-                f"{path}: variable {name!r} has unknown dtype id {type_id} at byte {where}; known ids: "
-                + ", ".join(f"{k} {str(v).removeprefix('torch.')}" for k, v in CT2_DTYPES.items())
-            )
-        dtype = CT2_DTYPES[type_id]
-        n_bytes = cur.uint("I", f"byte count of {name}")
-        numel = int(np.prod(shape, dtype=np.int64))
-        if n_bytes != numel * dtype.itemsize:
-            raise ValueError(
-                f"{path}: variable {name!r} at byte {where}: {n_bytes} bytes for shape {shape} of "
-                f"{dtype} (expected {numel * dtype.itemsize}); the file is corrupt"
-            )
-        start = cur.take(n_bytes, f"data of {name}")
-        if numel == 0:
-            variables[name] = torch.empty(shape, dtype=dtype)
-        else:
-            variables[name] = torch.frombuffer(buf, dtype=dtype, count=numel, offset=start).view(shape)
+        name, value = _read_variable(cur, i)
+        variables[name] = value
 
     aliases: dict[str, str] = {}
     for i in range(cur.uint("I", "number of aliases")):
@@ -162,6 +141,32 @@ def read_ctranslate2(path: str) -> tuple[str, dict[str, torch.Tensor], dict[str,
     if cur.offset != len(buf):
         raise ValueError(f"{path}: {len(buf) - cur.offset} unexpected bytes after the aliases at byte {cur.offset}")
     return spec_name, variables, aliases
+
+
+def _read_variable(cur: _Cursor, i: int) -> tuple[str, torch.Tensor]:
+    """Variable ``i`` at the cursor: its name and a tensor sharing the cursor's buffer (scalars: shape ())."""
+    name = cur.string(f"name of variable {i}")
+    rank = cur.uint("B", f"rank of {name}")
+    shape = [cur.uint("I", f"shape of {name}") for _ in range(rank)]
+    where = cur.offset
+    type_id = cur.uint("B", f"dtype of {name}")
+    if type_id not in CT2_DTYPES:
+        raise ValueError(
+            f"{cur.path}: variable {name!r} has unknown dtype id {type_id} at byte {where}; known ids: "
+            + ", ".join(f"{k} {str(v).removeprefix('torch.')}" for k, v in CT2_DTYPES.items())
+        )
+    dtype = CT2_DTYPES[type_id]
+    n_bytes = cur.uint("I", f"byte count of {name}")
+    numel = int(np.prod(shape, dtype=np.int64))
+    if n_bytes != numel * dtype.itemsize:
+        raise ValueError(
+            f"{cur.path}: variable {name!r} at byte {where}: {n_bytes} bytes for shape {shape} of "
+            f"{dtype} (expected {numel * dtype.itemsize}); the file is corrupt"
+        )
+    start = cur.take(n_bytes, f"data of {name}")
+    if numel == 0:
+        return name, torch.empty(shape, dtype=dtype)
+    return name, torch.frombuffer(cur.buf, dtype=dtype, count=numel, offset=start).view(shape)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -326,8 +331,6 @@ def whisper_state_dict(folder: str) -> tuple[transformers.WhisperConfig, dict[st
         ValueError: the file is not a WhisperSpec, or lacks a variable of the layout read here (e.g.
             the low-rank "lite" Whisper variant).
     """
-    import transformers
-
     path = os.path.join(folder, "model.bin")
     spec_name, variables, aliases = read_ctranslate2(path)
     if spec_name != "WhisperSpec":
@@ -341,12 +344,22 @@ def whisper_state_dict(folder: str) -> tuple[transformers.WhisperConfig, dict[st
             f"{path}: no variable {exc.args[0]!r}; this is not the WhisperSpec layout read here "
             "(the low-rank 'lite' Whisper variant is not supported)"
         ) from None
-    V, D = sd["model.decoder.embed_tokens.weight"].shape
+    return _whisper_config(folder, variables, w, sd), sd
 
+
+def _whisper_config(
+    folder: str, variables: dict[str, torch.Tensor], w: dict[str, torch.Tensor], sd: dict[str, torch.Tensor]
+) -> transformers.WhisperConfig:
+    """The ``WhisperConfig`` of a converted checkpoint: sizes from the state dict ``sd``'s shapes and
+    the layer counts of the fp32 variables ``w``, heads from the raw ``variables``, special tokens and
+    token suppression from the folder."""
+    import transformers
+
+    V, D = sd["model.decoder.embed_tokens.weight"].shape
     ids, extra = _token_ids(folder), _ct2_config(folder)
     eot = ids.get("<|endoftext|>", 50256)
     sot = ids.get("<|startoftranscript|>", eot + 1)
-    config = transformers.WhisperConfig(
+    return transformers.WhisperConfig(
         vocab_size=V,
         num_mel_bins=sd["model.encoder.conv1.weight"].shape[1],
         d_model=D,
@@ -368,7 +381,6 @@ def whisper_state_dict(folder: str) -> tuple[transformers.WhisperConfig, dict[st
         begin_suppress_tokens=extra.get("suppress_ids_begin", [220, eot]),  # 220: the blank " "
         tie_word_embeddings=True,
     )
-    return config, sd
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -86,51 +86,70 @@ def upcycle(
 ) -> tuple[nn.Module, UpcycleSummary]:
     """Replaces chosen dense FFNs of ``model`` by MoE layers whose experts copy them (in place).
 
-    Works on a ``GeneralistModel`` (the FFNs of ``model.encoder.blocks`` and
-    ``model.decoder.blocks``; ``model.config`` is updated so that ``save_pretrained`` /
-    ``from_pretrained`` rebuild the upcycled model) and on any other module tree (every
-    ``DenseFFN`` outside an MoE layer; the caller's forward must then call the new ``MoE``, which
-    takes ``tags`` and returns an ``MoEOutput``). Nothing changes when an argument is rejected.
+    Works on a ``GeneralistModel`` (the FFNs of ``model.encoder.blocks`` and ``model.decoder.blocks``;
+    ``model.config`` is updated so that ``save_pretrained`` / ``from_pretrained`` rebuild the upcycled model) and on
+    any other module tree (every ``DenseFFN`` outside an MoE layer; the caller's forward must then call the new
+    ``MoE``, which takes ``tags`` and returns an ``MoEOutput``). Nothing changes when an argument is rejected.
 
     Args:
         model: the model; its dense FFNs are replaced in place.
         num_experts: E copies per FFN.
         top_k: experts per token (1 <= k <= E).
-        router: a ``RouterConfig`` or a strategy name (``token``, ``context``, ``modality``,
-            ``task``, ``attribute``, ``hybrid``); a name keeps the model's other router settings.
-            ``None``: the model's router settings (``RouterConfig()`` for a bare module tree). For a
-            model with ``config.router``, the tag vocabulary sizes (``num_tasks``,
-            ``num_modalities``, ``num_roles``, ``num_passes``) are always the model's. The gate
-            must be ``topk`` or ``hash``, without a ``weight_scale``; with ``topk`` and k = 1,
-            ``normalize=None`` is set to True (the one weight is then the constant 1, so the router
-            learns from its auxiliary losses only, the price of starting at the dense function),
-            and an explicit ``normalize=False`` is an error.
-        layers: ``"all"``, ``"every_other"`` (blocks 1, 3, 5... of each stack: where
-            ``ModelConfig.moe_every=2`` puts MoE layers; in a bare tree, FFNs whose last numeric
-            name component is odd) or a list of names as ``upcycle`` reports them
-            (``"encoder.blocks.1"``; ``"encoder.blocks.1.ffn"`` is accepted too).
+        router: a ``RouterConfig`` or a strategy name (``token``, ``context``, ``modality``, ``task``, ``attribute``,
+            ``hybrid``); a name keeps the model's other router settings. ``None``: the model's router settings
+            (``RouterConfig()`` for a bare module tree). For a model with ``config.router``, the tag vocabulary sizes
+            (``num_tasks``, ``num_modalities``, ``num_roles``, ``num_passes``) are always the model's. The gate must
+            be ``topk`` or ``hash``, without a ``weight_scale``; with ``topk`` and k = 1, ``normalize=None`` is set to
+            True (the one weight is then the constant 1, so the router learns from its auxiliary losses only, the
+            price of starting at the dense function), and an explicit ``normalize=False`` is an error.
+        layers: ``"all"``, ``"every_other"`` (blocks 1, 3, 5... of each stack: where ``ModelConfig.moe_every=2`` puts
+            MoE layers; in a bare tree, FFNs whose last numeric name component is odd) or a list of names as
+            ``upcycle`` reports them (``"encoder.blocks.1"``; ``"encoder.blocks.1.ffn"`` is accepted too).
         noise: relative std of the multiplicative noise on each expert's parameters (0: exact copies).
         reinit_fraction: fraction of each expert's hidden units to re-draw (Drop-Upcycling; 0: none).
-        seed: seeds every random draw (router initialisation, noise, re-drawn units) without
-            touching the global RNG; ``None`` draws from the global RNG.
-        expert_hidden: H of each expert; must be the dense FFN's hidden width (``None``: that width).
-            Fine-grained upcycling (splitting the dense hidden units among experts) is not offered.
-        router_std: std of the new router's projection. Small weights make every gate start near
-            uniform; 0 makes it exactly uniform, and then top-k breaks the ties alike for every
-            token (the same k experts) until the router learns.
+        seed: seeds every random draw (router initialisation, noise, re-drawn units) without touching the global RNG;
+            ``None`` draws from the global RNG.
+        expert_hidden: H of each expert; must be the dense FFN's hidden width (``None``: that width). Fine-grained
+            upcycling (splitting the dense hidden units among experts) is not offered.
+        router_std: std of the new router's projection. Small weights make every gate start near uniform; 0 makes it
+            exactly uniform, and then top-k breaks the ties alike for every token (the same k experts) until the
+            router learns.
 
     Returns:
         ``(model, summary)``: the same model object, and an ``UpcycleSummary``.
 
     Raises:
-        ValueError: a bad argument, an unknown layer name (the message lists the valid ones), a
-            router that would not reproduce the dense FFN, or (for a ``GeneralistModel``) a
-            placement ``ModelConfig`` cannot express.
+        ValueError: a bad argument, an unknown layer name (the message lists the valid ones), a router that would not
+            reproduce the dense FFN, or (for a ``GeneralistModel``) a placement ``ModelConfig`` cannot express.
     """
     _check_numbers(num_experts, top_k, noise, reinit_fraction, router_std)
+    plan = _plan(model, num_experts, top_k, router, layers, expert_hidden, reinit_fraction)
+    before, active_before = _parameter_counts(model)
+    _swap_in(model, plan, noise, reinit_fraction, router_std, seed)
+    after, active_after = _parameter_counts(model)
+    return model, UpcycleSummary(layers=tuple(plan.ffns), num_experts=num_experts, top_k=top_k, router=plan.router,
+                                 parameters_before=before, parameters_after=after,
+                                 active_parameters_before=active_before, active_parameters_after=active_after)
+
+
+# ---- the plan, then the swap --------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Plan:
+    """What ``upcycle`` will do, settled (every argument checked) before the model changes."""
+
+    ffns: dict[str, tuple[nn.Module, str, DenseFFN]]  # the chosen FFNs, in model order: name → (parent, attribute, FFN)
+    router: RouterConfig  # the new layers' router settings
+    layer_configs: dict[str, MoEConfig]  # name → configuration of its MoE layer
+    model_config: Optional[ModelConfig]  # the model's config after upcycling; None for a bare module tree
+
+
+def _plan(model: nn.Module, num_experts: int, top_k: int, router: Union[RouterConfig, str, None],
+          layers: Union[str, Sequence[str]], expert_hidden: Optional[int], reinit_fraction: float) -> _Plan:
+    """Chooses the FFNs and configures their MoE layers; raises, touching nothing, where an argument is wrong."""
     config = getattr(model, "config", None)
     config = config if isinstance(config, ModelConfig) else None
-
     candidates = _dense_ffns(model, config is not None)
     chosen = _select(candidates, layers, model)
     router_config = _router_config(router, config.router if config is not None else None, top_k)
@@ -138,25 +157,22 @@ def upcycle(
     layer_configs = {name: _layer_config(candidates[name][2], num_experts, top_k, router_config, backend,
                                          expert_hidden, name, reinit_fraction)
                      for name in chosen}
-    new_config = None
-    if config is not None:
-        new_config = _upcycled_config(model, config, chosen, layer_configs)
+    new_config = None if config is None else _upcycled_config(model, config, chosen, layer_configs)
+    return _Plan(ffns={name: candidates[name] for name in chosen}, router=router_config,
+                 layer_configs=layer_configs, model_config=new_config)
 
-    before, active_before = _parameter_counts(model)
+
+def _swap_in(model: nn.Module, plan: _Plan, noise: float, reinit_fraction: float, router_std: float,
+             seed: Optional[int]) -> None:
+    """Builds the planned MoE layers, then puts them in place of their FFNs and updates the model's config."""
     with _random_state(seed):  # every layer is built before any is swapped in
-        new_layers = {name: _upcycled_layer(candidates[name][2], layer_configs[name], noise, reinit_fraction,
-                                            router_std)
-                      for name in chosen}
+        new_layers = {name: _upcycled_layer(dense, plan.layer_configs[name], noise, reinit_fraction, router_std)
+                      for name, (_, _, dense) in plan.ffns.items()}
     for name, moe in new_layers.items():
-        parent, attribute, _ = candidates[name]
+        parent, attribute, _ = plan.ffns[name]
         setattr(parent, attribute, moe)
-    if new_config is not None:
-        model.config = new_config
-    after, active_after = _parameter_counts(model)
-    summary = UpcycleSummary(layers=tuple(chosen), num_experts=num_experts, top_k=top_k, router=router_config,
-                             parameters_before=before, parameters_after=after,
-                             active_parameters_before=active_before, active_parameters_after=active_after)
-    return model, summary
+    if plan.model_config is not None:
+        model.config = plan.model_config
 
 
 # ---- choosing the FFNs --------------------------------------------------------------------------
