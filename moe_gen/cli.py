@@ -213,6 +213,62 @@ class RunIncomplete(RuntimeError):
     """The run stopped or finished without saving everything; the message says what is saved."""
 
 
+def _build_model(config: dict, tasks, train_config):
+    """The run's model: from a checkpoint (``model.init``) or built from its configuration."""
+    import torch
+
+    from moe_gen.model import GeneralistModel
+    from moe_gen.tasks import Tokenizer
+
+    torch.manual_seed(train_config.seed)
+    section = config.get("model", {})
+    if "init" in section:
+        return _pretrained_model(section, tasks, train_config.seed)
+    return GeneralistModel.build(_model_config(section), tasks, Tokenizer.default())
+
+
+def _fit(trainer, model, tasks, output_dir: str) -> dict:
+    """``trainer.fit()`` with what it trains said before and after."""
+    from moe_gen.trainer.checkpoint import CheckpointError
+
+    _say(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active per "
+         f"token; {trainer.num_trainable:,} trainable) on {len(tasks)} tasks; logs in {output_dir}/logs, "
+         f"checkpoints in {output_dir}/checkpoints" + (f"; resumed from {trainer.resumed_from}"
+                                                       if trainer.resumed_from else ""))
+    try:
+        summary = trainer.fit()
+    except CheckpointError as exc:
+        raise RunIncomplete(f"{exc}; the model was not saved") from None
+    last = "" if summary["loss"] is None else f"; last loss {summary['loss']:.4f}"
+    failed = f"; {summary['failed_checkpoints']} checkpoint writes failed" if summary["failed_checkpoints"] else ""
+    _say(f"trained to step {summary['step']} in {summary['seconds']:.0f} s "
+         f"({summary['skipped_steps']} steps skipped){last}{failed}")
+    return summary
+
+
+def _save_run(trainer, summary: dict, results: dict, baseline, output_dir: str, model_dir: str) -> str:
+    """Saves the model and ``eval.json``; returns what the latest checkpoint is (for messages).
+    Raises ``RunIncomplete`` saying what was saved when a write fails."""
+    from moe_gen import distributed
+    from moe_gen.trainer.checkpoint import CheckpointError
+
+    checkpoint = (f"the latest checkpoint is {summary['checkpoint']} (step {summary['checkpoint_step']})"
+                  if summary["checkpoint"] else "no checkpoint was written")
+    try:
+        trainer.save_model(model_dir)
+    except (OSError, CheckpointError) as exc:
+        raise RunIncomplete(f"the model was not saved to {model_dir} ({exc}); {checkpoint}") from None
+    summary["model"] = model_dir
+    if distributed.is_main_process():
+        try:
+            with open(os.path.join(output_dir, "eval.json"), "w") as f:
+                json.dump({"trained": results, "before_training": baseline, "summary": summary}, f, indent=2)
+        except OSError as exc:
+            raise RunIncomplete(f"the model is saved to {model_dir}, but {output_dir}/eval.json was not "
+                                f"written ({exc})") from None
+    return checkpoint
+
+
 def _train(config: dict, model=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save. Raises
     ``RunIncomplete`` (saying what was and was not saved) when the model or the last step's
@@ -220,10 +276,7 @@ def _train(config: dict, model=None, resume: bool = False, overwrite: bool = Fal
     import torch
 
     from moe_gen import distributed
-    from moe_gen.model import GeneralistModel
-    from moe_gen.tasks import Tokenizer
     from moe_gen.trainer import TrainConfig, Trainer
-    from moe_gen.trainer.checkpoint import CheckpointError
     from moe_gen.trainer.lock import RunLock
 
     train_config = TrainConfig.from_dict(config.get("train", {}))
@@ -236,12 +289,7 @@ def _train(config: dict, model=None, resume: bool = False, overwrite: bool = Fal
     if train_config.num_threads:
         torch.set_num_threads(train_config.num_threads)
     if model is None:
-        torch.manual_seed(train_config.seed)
-        section = config.get("model", {})
-        if "init" in section:
-            model = _pretrained_model(section, tasks, train_config.seed)
-        else:
-            model = GeneralistModel.build(_model_config(section), tasks, Tokenizer.default())
+        model = _build_model(config, tasks, train_config)
     model_dir = os.path.join(output_dir, "model")
     # The run directory stays locked until the model and eval.json are written.
     with Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
@@ -250,34 +298,10 @@ def _train(config: dict, model=None, resume: bool = False, overwrite: bool = Fal
         if config.get("baseline") and trainer.resumed_from is None:
             _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
             baseline = trainer.evaluate()
-        _say(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active per "
-             f"token; {trainer.num_trainable:,} trainable) on {len(tasks)} tasks; logs in {output_dir}/logs, "
-             f"checkpoints in {output_dir}/checkpoints" + (f"; resumed from {trainer.resumed_from}"
-                                                           if trainer.resumed_from else ""))
-        try:
-            summary = trainer.fit()
-        except CheckpointError as exc:
-            raise RunIncomplete(f"{exc}; the model was not saved") from None
-        last = "" if summary["loss"] is None else f"; last loss {summary['loss']:.4f}"
-        failed = f"; {summary['failed_checkpoints']} checkpoint writes failed" if summary["failed_checkpoints"] else ""
-        _say(f"trained to step {summary['step']} in {summary['seconds']:.0f} s "
-             f"({summary['skipped_steps']} steps skipped){last}{failed}")
+        summary = _fit(trainer, model, tasks, output_dir)
         results = trainer.evaluate()
         _say(metric_table(results, baseline))
-        checkpoint = (f"the latest checkpoint is {summary['checkpoint']} (step {summary['checkpoint_step']})"
-                      if summary["checkpoint"] else "no checkpoint was written")
-        try:
-            trainer.save_model(model_dir)
-        except (OSError, CheckpointError) as exc:
-            raise RunIncomplete(f"the model was not saved to {model_dir} ({exc}); {checkpoint}") from None
-        summary["model"] = model_dir
-        if distributed.is_main_process():
-            try:
-                with open(os.path.join(output_dir, "eval.json"), "w") as f:
-                    json.dump({"trained": results, "before_training": baseline, "summary": summary}, f, indent=2)
-            except OSError as exc:
-                raise RunIncomplete(f"the model is saved to {model_dir}, but {output_dir}/eval.json was not "
-                                    f"written ({exc})") from None
+        checkpoint = _save_run(trainer, summary, results, baseline, output_dir, model_dir)
     _say(f"saved the model to {model_dir} (load it with GeneralistModel.from_pretrained)")
     if summary["checkpoint_step"] != summary["step"]:
         raise RunIncomplete(f"the model is saved to {model_dir}, but the checkpoint of the last step "
