@@ -1,7 +1,8 @@
 """The router: tags and/or hidden states → expert assignments, with capacity applied.
 
 Shape legend: T tokens (flattened, padding included), D model width, E experts, K assignment
-slots per token (top_k, or E for expert choice).
+slots per token (top_k, or E for expert choice), G tag groups, R rows the router scores (the T
+tokens, or one representative token per tag group for content-independent strategies).
 
     z_TD      = strategy input (token, context, modality, task, attribute, hybrid)
     logits_TE = z · W_gateᵀ                    (fp32, autocast off)
@@ -29,7 +30,7 @@ from moe_gen.config import MoEConfig, RouterConfig
 from moe_gen.registry import GATES, ROUTERS
 from moe_gen.routing import balance
 from moe_gen.routing.capacity import capacity_for, slot_positions
-from moe_gen.routing.gates import Gate
+from moe_gen.routing.gates import Gate, GateChoice
 from moe_gen.routing.tags import TokenTags
 from moe_gen.stamps import weights_stamp
 
@@ -270,115 +271,156 @@ class Router(nn.Module):
             valid_T: bool, False for padding.
             segment_T: long sequence index of each token (for context pooling).
         """
-        rc, cfg = self.router_config, self.config
-        E = self.num_experts
-        noisy = self.training and rc.noise != "none"
-
         # Rows the router scores: every token, or one representative per tag group.
-        rows_x, rows_tags, rows_segment, rows_valid = x_TD, tags, segment_T, valid_T
+        x_RD, tags_R, segment_R, valid_R = x_TD, tags, segment_T, valid_T
         group_T = cache_key = None
         if not self.content_dependent and x_TD.shape[0] > 0:
             # Route each tag group once and broadcast: identical routes for all members, bit
             # for bit (and G rows of work instead of T). Noise, too, is drawn per group. The
             # groups are computed once per tags object, so once per forward for all layers.
             group_T = tags.group_ids()
-            if type(self.gate).rowwise and cfg.capacity_factor is None and not self.training \
-                    and not torch.is_grad_enabled():
-                # Inference: a group's route is a function of its tags and the router's
-                # parameters only, so routes are cached per set of tag groups (until a parameter
-                # or buffer changes: optimizer steps, load_state_dict, .to()).
-                stamp = weights_stamp(self)
-                if stamp != self._route_stamp:
-                    self._routes, self._route_stamp = {}, stamp
-                cache_key = tags.group_keys()
-                if cache_key in self._routes:
-                    return self._grouped_output(tags, *self._routes[cache_key], valid_T)
-            _, first_G, rows_tags = tags.groups()
-            rows_x, rows_segment, rows_valid = x_TD[first_G], segment_T[first_G], valid_T[first_G]
+            cache_key = self._route_cache_key(tags)
+            if cache_key is not None and cache_key in self._routes:
+                return self._grouped_output(tags, *self._routes[cache_key], valid_T)
+            _, first_G, tags_R = tags.groups()
+            x_RD, segment_R, valid_R = x_TD[first_G], segment_T[first_G], valid_T[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
-            z_TD = self.input(rows_x, rows_tags, rows_segment, rows_valid).float()
-            if noisy and rc.noise == "jitter":
-                # Switch Transformer: multiplicative jitter on the router input.
-                z_TD = z_TD * torch.empty_like(z_TD).uniform_(1.0 - rc.jitter_eps, 1.0 + rc.jitter_eps)
-            logits_TE = torch.nn.functional.linear(z_TD, self.weight.float())
-            scores_TE = logits_TE
-            if noisy and rc.noise == "gaussian":
-                # Uni-Perceiver-MoE: N(0, (1/E)²) on the logits; weights follow the noisy logits.
-                std = rc.noise_std if rc.noise_std is not None else 1.0 / E
-                scores_TE = logits_TE + torch.randn_like(logits_TE) * std
-                probs_TE = _probabilities(scores_TE, rc.score)
-            elif noisy and rc.noise == "gumbel":
-                # Gumbel-top-k samples experts from the softmax without replacement; the weights
-                # stay the clean probabilities.
-                gumbel = -torch.log(-torch.log(torch.rand_like(logits_TE).clamp(1e-20, 1.0)))
-                scores_TE = logits_TE + gumbel
-                probs_TE = logits_TE.softmax(-1)
-            else:
-                probs_TE = _probabilities(logits_TE, rc.score)
-            if rc.score == "sigmoid":
-                # Affinities rank experts as the logits do, but the bias and the group scores add
-                # affinities (DeepSeek-V3), so experts are chosen by them.
-                scores_TE = probs_TE
-            if self.balance_bias is not None:
-                # Loss-free balancing: the bias chooses experts only; weights stay probs_TE.
-                scores_TE = scores_TE + self.balance_bias
+            logits_RE, scores_RE, probs_RE = self._scores(x_RD, tags_R, segment_R, valid_R)
             if group_T is not None and type(self.gate).rowwise:
                 # A row-wise gate decides each group from its one row; members take that choice
                 # (padding members none): equal to gating every token, at G rows of work.
-                choice = self.gate.choose(scores_TE, probs_TE, torch.ones_like(rows_valid),
-                                          capacity_factor=cfg.capacity_factor, training=self.training)
-                if cfg.capacity_factor is None and bool(choice.mask_TK.all()):
+                choice = self._choose(scores_RE, probs_RE, torch.ones_like(valid_R))
+                if self.config.capacity_factor is None and bool(choice.mask_TK.all()):
                     # dropless, and the gate chose K experts for every group: routes stay per group
-                    routes = (choice.ids_TK, choice.weights_TK, probs_TE, logits_TE)
-                    if cache_key is not None:
-                        if len(self._routes) >= self.MAX_CACHED_ROUTES:
-                            del self._routes[next(iter(self._routes))]
-                        self._routes[cache_key] = routes
+                    routes = (choice.ids_TK, choice.weights_TK, probs_RE, logits_RE)
+                    self._cache_routes(cache_key, routes)
                     return self._grouped_output(tags, *routes, valid_T)
-                keep_TK = valid_T.unsqueeze(1)
-                choice = dataclasses.replace(
-                    choice, ids_TK=choice.ids_TK[group_T], mask_TK=choice.mask_TK[group_T] & keep_TK,
-                    weights_TK=torch.where(keep_TK, choice.weights_TK[group_T], 0.0))
-                logits_TE, probs_TE = logits_TE[group_T], probs_TE[group_T]
-                probs_TE = torch.where(valid_T.unsqueeze(1), probs_TE, 0.0)
+                choice = _choice_to_tokens(choice, group_T, valid_T)
+                logits_TE, probs_TE = logits_RE[group_T], _zero_padding(probs_RE[group_T], valid_T)
             else:
-                if group_T is not None:
-                    logits_TE, scores_TE, probs_TE = logits_TE[group_T], scores_TE[group_T], probs_TE[group_T]
-                probs_TE = torch.where(valid_T.unsqueeze(1), probs_TE, 0.0)
-                choice = self.gate.choose(
-                    scores_TE, probs_TE, valid_T, capacity_factor=cfg.capacity_factor,
-                    training=self.training,
-                )
+                # Gated per token (content routing, or a gate that sees all rows at once).
+                logits_TE, scores_TE, probs_TE = (_per_token(t, group_T) for t in (logits_RE, scores_RE, probs_RE))
+                probs_TE = _zero_padding(probs_TE, valid_T)
+                choice = self._choose(scores_TE, probs_TE, valid_T)
 
-        ids_TK, mask_TK, weights_TK = choice.ids_TK, choice.mask_TK, choice.weights_TK
+        positions_TK, keep_TK, capacity = self._apply_capacity(choice, valid_T)
+        return self._token_output(choice, keep_TK, positions_TK, capacity, probs_TE, logits_TE, valid_T)
+
+    def _route_cache_key(self, tags: TokenTags) -> tuple[int, ...] | None:
+        """The key of this set of tag groups in the inference route cache, or ``None`` where routes
+        are not cached. Empties the cache first if the router's weights changed since it was filled.
+
+        Inference only (no training, no autograd), a row-wise gate and dropless routing: then a
+        group's route is a function of its tags and the router's parameters only, so routes are
+        cached per set of tag groups (until a parameter or buffer changes: optimizer steps,
+        load_state_dict, .to()).
+        """
+        if not (type(self.gate).rowwise and self.config.capacity_factor is None and not self.training
+                and not torch.is_grad_enabled()):
+            return None
+        stamp = weights_stamp(self)
+        if stamp != self._route_stamp:
+            self._routes, self._route_stamp = {}, stamp
+        return tags.group_keys()
+
+    def _cache_routes(self, cache_key: tuple[int, ...] | None, routes: tuple) -> None:
+        """Keeps ``routes`` under ``cache_key`` (no-op for ``None``), evicting the oldest entry
+        beyond ``MAX_CACHED_ROUTES``."""
+        if cache_key is None:
+            return
+        if len(self._routes) >= self.MAX_CACHED_ROUTES:
+            del self._routes[next(iter(self._routes))]
+        self._routes[cache_key] = routes
+
+    def _scores(
+        self, x_RD: torch.Tensor, tags_R: TokenTags | None, segment_R: torch.Tensor, valid_R: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Logits, selection scores and probabilities ``[R, E]`` of the R rows, in fp32 (call with
+        autocast off). In training, noise is drawn here: jitter on the router input, then
+        gaussian or gumbel noise on the logits."""
+        rc = self.router_config
+        noise = rc.noise if self.training else "none"
+        z_RD = self.input(x_RD, tags_R, segment_R, valid_R).float()
+        if noise == "jitter":
+            # Switch Transformer: multiplicative jitter on the router input.
+            z_RD = z_RD * torch.empty_like(z_RD).uniform_(1.0 - rc.jitter_eps, 1.0 + rc.jitter_eps)
+        logits_RE = torch.nn.functional.linear(z_RD, self.weight.float())
+        scores_RE, probs_RE = self._noisy_scores(logits_RE, noise)
+        if rc.score == "sigmoid":
+            # Affinities rank experts as the logits do, but the bias and the group scores add
+            # affinities (DeepSeek-V3), so experts are chosen by them.
+            scores_RE = probs_RE
+        if self.balance_bias is not None:
+            # Loss-free balancing: the bias chooses experts only; weights stay probs_RE.
+            scores_RE = scores_RE + self.balance_bias
+        return logits_RE, scores_RE, probs_RE
+
+    def _noisy_scores(self, logits_RE: torch.Tensor, noise: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Selection scores (the logits, plus gaussian or gumbel ``noise``) and probabilities."""
+        rc = self.router_config
+        if noise == "gaussian":
+            # Uni-Perceiver-MoE: N(0, (1/E)²) on the logits; weights follow the noisy logits.
+            std = rc.noise_std if rc.noise_std is not None else 1.0 / self.num_experts
+            scores_RE = logits_RE + torch.randn_like(logits_RE) * std
+            return scores_RE, _probabilities(scores_RE, rc.score)
+        if noise == "gumbel":
+            # Gumbel-top-k samples experts from the softmax without replacement; the weights
+            # stay the clean probabilities.
+            gumbel = -torch.log(-torch.log(torch.rand_like(logits_RE).clamp(1e-20, 1.0)))
+            return logits_RE + gumbel, logits_RE.softmax(-1)
+        return logits_RE, _probabilities(logits_RE, rc.score)
+
+    def _choose(self, scores_RE: torch.Tensor, probs_RE: torch.Tensor, valid_R: torch.Tensor) -> GateChoice:
+        """The gate's choice over R rows (``valid_R`` False: padding, chosen for none)."""
+        return self.gate.choose(scores_RE, probs_RE, valid_R, capacity_factor=self.config.capacity_factor,
+                                training=self.training)
+
+    def _apply_capacity(
+        self, choice: GateChoice, valid_T: torch.Tensor
+    ) -> tuple[Optional[torch.Tensor], torch.Tensor, Optional[int]]:
+        """Slots and kept assignments under the capacity limit.
+
+        Returns:
+            ``(positions_TK, keep_TK, capacity)``: slots (``None`` when dropless), bool ``[T, K]``
+            assignments kept, and slots per expert (``None`` when dropless: the largest load,
+            known only once the kept assignments are counted).
+        """
+        cfg = self.config
         if choice.positions_TK is not None:
             # The gate fixed slots and capacity itself (expert choice).
-            positions_TK, capacity = choice.positions_TK, int(choice.capacity)
-            keep_TK = mask_TK
-        else:
-            if cfg.capacity_factor is None:
-                # Dropless: every assignment is kept; slots are computed only if a padded layout
-                # asks (RouterOutput.slot_positions).
-                positions_TK, keep_TK = None, mask_TK
-            else:
-                priority_T = None
-                if cfg.drop_policy == "batch_prioritized":
-                    priority_T = torch.argsort(weights_TK.max(-1).values, descending=True, stable=True)
-                positions_TK, load_E = slot_positions(ids_TK, mask_TK, E, priority_T)
-                num_valid = int(valid_T.sum())
-                capacity = capacity_for(num_valid, cfg.top_k, E, cfg.capacity_factor, cfg.min_capacity)
-                keep_TK = mask_TK & (positions_TK < capacity)
+            return choice.positions_TK, choice.mask_TK, int(choice.capacity)
+        if cfg.capacity_factor is None:
+            # Dropless: every assignment is kept; slots are computed only if a padded layout
+            # asks (RouterOutput.slot_positions).
+            return None, choice.mask_TK, None
+        priority_T = None
+        if cfg.drop_policy == "batch_prioritized":
+            priority_T = torch.argsort(choice.weights_TK.max(-1).values, descending=True, stable=True)
+        positions_TK, _ = slot_positions(choice.ids_TK, choice.mask_TK, self.num_experts, priority_T)
+        capacity = capacity_for(int(valid_T.sum()), cfg.top_k, self.num_experts, cfg.capacity_factor,
+                                cfg.min_capacity)
+        return positions_TK, choice.mask_TK & (positions_TK < capacity), capacity
 
-        weights_TK = torch.where(keep_TK, weights_TK, 0.0)
-        expert_counts_E = torch.bincount(ids_TK[keep_TK], minlength=E)
-        if positions_TK is None:
+    def _token_output(
+        self,
+        choice: GateChoice,
+        keep_TK: torch.Tensor,
+        positions_TK: Optional[torch.Tensor],
+        capacity: Optional[int],
+        probs_TE: torch.Tensor,
+        logits_TE: torch.Tensor,
+        valid_T: torch.Tensor,
+    ) -> RouterOutput:
+        """The decision per token: the kept assignments (``_apply_capacity``), their expert counts,
+        and what capacity dropped. ``capacity`` None (dropless) becomes the largest expert load."""
+        ids_TK, mask_TK = choice.ids_TK, choice.mask_TK
+        expert_counts_E = torch.bincount(ids_TK[keep_TK], minlength=self.num_experts)
+        if capacity is None:
             capacity = int(expert_counts_E.max()) if expert_counts_E.numel() else 0
-        dropped_assignments = (mask_TK & ~keep_TK).sum()
-        dropped_tokens = (valid_T & ~keep_TK.any(-1)).sum()
         return RouterOutput(
             topk_ids=ids_TK,
-            topk_weights=weights_TK,
+            topk_weights=torch.where(keep_TK, choice.weights_TK, 0.0),
             mask=keep_TK,
             positions=None if positions_TK is None else torch.where(keep_TK, positions_TK, 0),
             capacity=capacity,
@@ -386,8 +428,8 @@ class Router(nn.Module):
             logits=logits_TE,
             valid=valid_T,
             expert_counts=expert_counts_E,
-            dropped_assignments=dropped_assignments,
-            dropped_tokens=dropped_tokens,
+            dropped_assignments=(mask_TK & ~keep_TK).sum(),
+            dropped_tokens=(valid_T & ~keep_TK.any(-1)).sum(),
             content_dependent=self.content_dependent,
             balanced_by_construction=type(self.gate).balanced_by_construction,
             learned_gate=type(self.gate).learned,
@@ -416,3 +458,21 @@ def _probabilities(logits_TE: torch.Tensor, score: str) -> torch.Tensor:
     """Router probabilities from fp32 logits: a softmax over the experts, or one sigmoid
     affinity per expert (``RouterConfig.score``)."""
     return logits_TE.sigmoid() if score == "sigmoid" else logits_TE.softmax(-1)
+
+
+def _choice_to_tokens(choice_GK: GateChoice, group_T: torch.Tensor, valid_T: torch.Tensor) -> GateChoice:
+    """A row-wise gate's choice for G tag groups, taken by every member token (padding: none)."""
+    keep_TK = valid_T.unsqueeze(1)
+    return dataclasses.replace(
+        choice_GK, ids_TK=choice_GK.ids_TK[group_T], mask_TK=choice_GK.mask_TK[group_T] & keep_TK,
+        weights_TK=torch.where(keep_TK, choice_GK.weights_TK[group_T], 0.0))
+
+
+def _per_token(rows_RX: torch.Tensor, group_T: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each token's row: its tag group's row, or the rows themselves when they are the tokens."""
+    return rows_RX if group_T is None else rows_RX[group_T]
+
+
+def _zero_padding(probs_TE: torch.Tensor, valid_T: torch.Tensor) -> torch.Tensor:
+    """Probabilities with zero rows for padding tokens."""
+    return torch.where(valid_T.unsqueeze(1), probs_TE, 0.0)
