@@ -78,6 +78,38 @@ def _samples(model, task, count: int) -> list:
     return [s for s in samples if s is not None]
 
 
+def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int]) -> dict:
+    """Rows per task that ``analyze`` records, after checking its arguments."""
+    if mode not in MODES:
+        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    unknown = [t.name for t in tasks if t.name not in model.task_ids]
+    if unknown:
+        raise ValueError(f"the model was not built for tasks {unknown}; it knows: {', '.join(model.config.tasks)}")
+    if limit is not None and limit < 1:
+        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    rows = {t.name: len(t) if limit is None else min(limit, len(t)) for t in tasks}
+    empty = [t.name for t in tasks if rows[t.name] == 0]
+    if empty:
+        raise ValueError(f"tasks {empty} have no rows to analyse")
+    return rows
+
+
+def _held_out_loss(model, task, rows: int, batch_size: int) -> float:
+    """Mean teacher-forced loss (token cross-entropy + frame loss) of ``task``'s first ``rows`` rows."""
+    from moe_gen.objectives import GenerativeObjective
+    from moe_gen.tasks import collate
+
+    objective = GenerativeObjective(model)
+    samples = _samples(model, task, rows)
+    total = 0.0
+    for start in range(0, len(samples), batch_size):
+        batch = collate(samples[start:start + batch_size], model.tokenizer, model.task_ids)
+        out = objective(batch)
+        loss = out.get("token_loss", out["loss"] * 0) + out.get("frame_loss", out["loss"] * 0)
+        total += float(loss) * len(batch.tasks)
+    return total / max(len(samples), 1)
+
+
 def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forward", limit: Optional[int] = None,
             batch_size: int = 16, interference_rows: int = 16) -> Analysis:
     """Records ``model`` on the rows of ``tasks`` (``moe_gen.tasks.Task``, usually test splits) and
@@ -94,35 +126,14 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
     """
     from moe_gen.tasks import collate
 
-    if mode not in MODES:
-        raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
-    unknown = [t.name for t in tasks if t.name not in model.task_ids]
-    if unknown:
-        raise ValueError(f"the model was not built for tasks {unknown}; it knows: {', '.join(model.config.tasks)}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
-    rows = {t.name: len(t) if limit is None else min(limit, len(t)) for t in tasks}
-    empty = [t.name for t in tasks if rows[t.name] == 0]
-    if empty:
-        raise ValueError(f"tasks {empty} have no rows to analyse")
+    rows = _rows_to_analyse(model, tasks, mode, limit)
     was_training = model.training
     model.eval()
-    evaluation: dict = {}
     try:
         with RoutingRecorder(model) as recorder, torch.no_grad():
             if mode == "forward":
-                from moe_gen.objectives import GenerativeObjective
-
-                objective = GenerativeObjective(model)
-                for task in tasks:
-                    samples = _samples(model, task, rows[task.name])
-                    total = 0.0
-                    for start in range(0, len(samples), batch_size):
-                        batch = collate(samples[start:start + batch_size], model.tokenizer, model.task_ids)
-                        out = objective(batch)
-                        loss = out.get("token_loss", out["loss"] * 0) + out.get("frame_loss", out["loss"] * 0)
-                        total += float(loss) * len(batch.tasks)
-                    evaluation[task.name] = {"loss": total / max(len(samples), 1)}
+                evaluation = {task.name: {"loss": _held_out_loss(model, task, rows[task.name], batch_size)}
+                              for task in tasks}
             else:
                 from moe_gen.trainer.evaluation import evaluate
 
