@@ -199,7 +199,7 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
 
 
 def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int, _Hypothesis, Option]],
-            beams: int) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
+               beams: int) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
     """The children of the best expansions, split into the (at most ``beams``) that go on and those
     that end their answer on the way."""
     kept: list[_Hypothesis] = []

@@ -333,8 +333,7 @@ class GeneralistModel(nn.Module):
             kv: list = []
             out = self.decoder(self.embed(enc), self._prefix_mask(enc), enc.tags, enc.padding_mask,
                                rope=self.rope(enc), keep_kv=kv)
-            out.kv = kv
-            return out
+            return dataclasses.replace(out, kv=kv)
         return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask, rope=self.rope(enc))
 
     def decode(self, dec: Side, enc: Side, memory):
@@ -349,11 +348,11 @@ class GeneralistModel(nn.Module):
         Returns the (input, target) parts as the encoder and decoder outputs."""
         from moe_gen.routing.tags import TokenTags
 
-        S = enc.tokens.shape[1]
+        (B, S), L = enc.tokens.shape, dec.tokens.shape[1]
         dec_positions = _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
         x = torch.cat([self.embed(enc), self.embed(dec, dec_positions)], dim=1)
-        top = torch.cat([self._prefix_mask(enc), enc.attention_mask().new_zeros(enc.tokens.shape[0], S,
-                                                                                dec.tokens.shape[1])], dim=2)
+        inputs_see_no_targets = torch.zeros(B, S, L, dtype=torch.bool, device=x.device)
+        top = torch.cat([self._prefix_mask(enc), inputs_see_no_targets], dim=2)
         bottom = torch.cat([dec.cross_attention_mask(enc), dec.attention_mask(causal=True)], dim=2)
         rope = None
         if self.config.positions == "rotary":

@@ -180,6 +180,7 @@ class Block(nn.Module):
 class StackOutput:
     hidden: torch.Tensor  # [B, S, D] after the final norm
     moe_outputs: list  # MoEOutput of every MoE call, in layer order
+    kv: Optional[list] = None  # per block (keys, values) of self-attention, when the caller kept them
 
 
 class Stack(nn.Module):
