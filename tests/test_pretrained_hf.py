@@ -45,8 +45,9 @@ def test_bert_family_hidden_states_match_transformers(minilm):
     hf_tok = model.tokenizer
     ids = [hf_tok.encode(s, add_bos=True, add_eos=True) for s in SENTENCES]  # [CLS] ... [SEP]
     assert model.config.norm_position == "post" and model.config.layout == "encoder-decoder"
-    assert model.pretrained_unused == ["embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"] or \
-        set(model.pretrained_unused) <= {"embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"}
+    # every weight has a place but the sentence pooler (and a position-id buffer some files hold)
+    assert {"pooler.dense.bias", "pooler.dense.weight"} <= set(model.pretrained_unused) <= \
+        {"embeddings.position_ids", "pooler.dense.bias", "pooler.dense.weight"}
     side = text_side(model, ids)
     with torch.no_grad():
         ours = model.encode(side).hidden
@@ -169,6 +170,16 @@ def test_whisper_encoder_and_decoder_match_transformers(whisper):
     torch.testing.assert_close(logits[:n, :V], ref[:n, :V], atol=1e-4, rtol=1e-4)
 
 
+def test_whisper_stem_starts_from_whispers_sinusoids(whisper):
+    """Before a checkpoint is loaded the stem's position table is Whisper's sinusoids."""
+    from moe_gen.tasks.modalities.signals import WhisperStemAdapter
+
+    reference = whisper[0]
+    table = reference.model.encoder.embed_positions.weight
+    # the checkpoint stores it in fp16 (steps of 4.9e-4 near 1)
+    torch.testing.assert_close(WhisperStemAdapter(160, table.shape[1]).position.weight, table, atol=5e-4, rtol=0)
+
+
 def test_whisper_greedy_transcripts_equal_transformers(whisper):
     """moe_gen's cached greedy decoding (model.infer) writes transformers' greedy tokens."""
     from moe_gen.pretrained.ctranslate2 import greedy_decode, prompt_ids
@@ -255,7 +266,62 @@ def test_pretrain_command_starts_from_a_checkpoint_and_upcycles_it(tmp_path):
     assert isinstance(model.tokenizer, HFTokenizer) and model.tokenizer.base_vocab_size == 30522
     assert [isinstance(b.ffn, MoE) for b in model.encoder.blocks] == [False, True] * 3
     assert model.config.router.strategy == "attribute" and model.config.num_experts == 4
+    from moe_gen.cli import load_run_config
+
+    recipe = load_run_config("demo-pretrained")  # the dashed name finds demo_pretrained
+    assert recipe["model"]["init"] == "hf:minilm" and recipe["train"]["lr_scales"]["encoder."] == 0.1
     assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad"), "--model.init", "hf:minilm",
                  *common]) == 2  # the debug recipe names a flavour
     assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad2"), "--model", "{}",
                  "--model.init", "minilm", *common]) == 2
+
+
+# ---- Whisper's audio input without a checkpoint -------------------------------------------------
+
+
+def test_whisper_stem_runs_clips_of_any_lengths_as_each_alone():
+    from moe_gen.tasks.modalities.signals import WhisperStemAdapter, _frame_positions
+
+    torch.manual_seed(0)
+    stem = WhisperStemAdapter(160, 32).eval()
+    clips = [torch.randn(n, 160) for n in (6, 6, 4)]
+    with torch.no_grad():
+        alone = [stem(c, _frame_positions(len(c))) for c in clips]
+        for group in (clips[:2], clips):  # equal lengths (one batch), then mixed lengths
+            together = stem(torch.cat(group), torch.cat([_frame_positions(len(c)) for c in group]))
+            torch.testing.assert_close(together, torch.cat(alone[:len(group)]), atol=1e-6, rtol=1e-6)
+        with pytest.raises(ValueError, match="whole clips, each numbered from row 0"):
+            stem(clips[0][2:], _frame_positions(6)[2:])
+    with pytest.raises(ValueError, match=r"encoder.conv1.weight is \(384, 80, 3\), the audio stem's \(32, 80, 3\)"):
+        stem.load_checkpoint(lambda name: torch.zeros(384, 80, 3) if name == "encoder.conv1.weight" else None)
+
+
+def test_whisper_mel_refuses_clips_over_30_seconds():
+    import numpy as np
+
+    from moe_gen.tasks import Task, TaskDataError, Tokenizer
+
+    task = Task("long", "[AUDIO:audio,preprocess=whisper_mel,adaptor=whisper_conv] -> [TEXT:text]",
+                [{"audio": {"array": np.zeros(31 * 16000, dtype=np.float32), "sampling_rate": 16000}, "text": "x"}])
+    with pytest.raises(TaskDataError, match=r"task 'long', column 'audio', row 0: the clip is 31 s long; "
+                                             r"Whisper's encoder reads at most 30 s"):
+        task.encode(0, Tokenizer.default())
+
+
+def test_bad_checkpoints_are_named(tmp_path):
+    from transformers import GPT2Config, GPT2Model
+
+    from moe_gen.pretrained import from_hf, read_checkpoint
+    from moe_gen.tasks import HFTokenizer
+
+    with pytest.raises(ValueError, match="does not exist"):
+        read_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="holds no config.json"):
+        read_checkpoint(tmp_path)
+    tiny = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
+    with pytest.raises(ValueError, match="model_type 'gpt2' is not a family moe_gen converts"):
+        read_checkpoint(tiny)
+    # a tokenizer that is not the checkpoint's: its vocabulary cannot hold the checkpoint's rows
+    with pytest.raises(ValueError, match=r"word_embeddings.weight has 30522 rows but the tokenizer has 50363 "
+                                         r"tokens of its own: use the checkpoint's tokenizer"):
+        from_hf(shipped("minilm"), tokenizer=HFTokenizer.from_pretrained(shipped("whisper-tiny.en")))

@@ -268,11 +268,15 @@ def _token_rows(model, w: _Weights, name: str) -> None:
     Rows past the tokenizer's own vocabulary (Whisper pads its table to 51864 rows for 50363
     tokens) are left out: moe_gen's tokens take those ids."""
     rows = w(name)
-    rows = rows[:getattr(model.tokenizer, "base_vocab_size", rows.shape[0])]
+    own = getattr(model.tokenizer, "base_vocab_size", None)
+    if own is None or own > rows.shape[0]:
+        held = "is not a checkpoint's (HFTokenizer)" if own is None else f"has {own} tokens of its own"
+        raise ValueError(f"checkpoint {name} has {rows.shape[0]} rows but the tokenizer {held}: use the "
+                         "checkpoint's tokenizer (HFTokenizer.from_pretrained of the checkpoint)")
+    rows = rows[:own]
     table = model.token_embedding.weight
-    if rows.shape[0] > table.shape[0] or rows.shape[1] != table.shape[1]:
-        raise ValueError(f"checkpoint {name} has shape {tuple(rows.shape)}; the model's table is "
-                         f"{tuple(table.shape)} (is the tokenizer the checkpoint's?)")
+    if rows.shape[1] != table.shape[1]:
+        raise ValueError(f"checkpoint {name} has width {rows.shape[1]}, the model {table.shape[1]}")
     from moe_gen.tasks.hf_tokenizer import resize_token_rows
 
     _set(table, resize_token_rows(rows, table.shape[0]), name)
@@ -319,7 +323,7 @@ def _load_llama(model, w: _Weights, c) -> None:
         _norm(block.norm_ffn, w, f"{p}.post_attention_layernorm")
     _norm(model.decoder.norm, w, "norm")
     if model.lm_head is not None:
-        head = w("lm_head.weight")[:getattr(model.tokenizer, "base_vocab_size", None)]
+        head = w("lm_head.weight")[:model.tokenizer.base_vocab_size]  # checked by _token_rows
         from moe_gen.tasks.hf_tokenizer import resize_token_rows
 
         _set(model.lm_head.weight, resize_token_rows(head, model.lm_head.weight.shape[0]), "lm_head.weight")
@@ -373,7 +377,8 @@ def from_hf(source, tasks: Sequence = (), *, tokenizer=None, gguf_file: Optional
             not fit the weights raise when the weights are copied.
 
     Returns:
-        The dense model (``upcycle`` turns its FFNs into MoE layers).
+        The dense model (``upcycle`` turns its FFNs into MoE layers); its ``pretrained_unused``
+        lists the checkpoint weights it has no place for (BERT's sentence pooler).
     """
     from moe_gen.model.model import GeneralistModel
     from moe_gen.pretrained.checkpoints import CHECKPOINTS, locate

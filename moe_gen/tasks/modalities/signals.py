@@ -398,23 +398,31 @@ class WhisperStemAdapter(Adapter):
     def load_checkpoint(self, weights) -> None:
         """Copies a Whisper checkpoint's stem (``encoder.conv1``, ``encoder.conv2``,
         ``encoder.embed_positions``); ``weights(name)`` returns a tensor."""
+        pairs = [(getattr(self, conv).weight, f"encoder.{conv}.weight") for conv in ("conv1", "conv2")]
+        pairs += [(getattr(self, conv).bias, f"encoder.{conv}.bias") for conv in ("conv1", "conv2")]
+        pairs.append((self.position.weight, "encoder.embed_positions.weight"))
         with torch.no_grad():
-            for conv, name in ((self.conv1, "encoder.conv1"), (self.conv2, "encoder.conv2")):
-                conv.weight.copy_(weights(f"{name}.weight"))
-                conv.bias.copy_(weights(f"{name}.bias"))
-            table = weights("encoder.embed_positions.weight")
-            if table.shape != self.position.weight.shape:
-                raise ValueError(f"the checkpoint's encoder position table is {tuple(table.shape)}, the stem's "
-                                 f"{tuple(self.position.weight.shape)}")
-            self.position.weight.copy_(table)
+            for param, name in pairs:
+                value = weights(name)
+                if value.shape != param.shape:
+                    raise ValueError(f"the checkpoint's {name} is {tuple(value.shape)}, the audio stem's "
+                                     f"{tuple(param.shape)} (mel bins {self.mel_bins}, width {self.d_model})")
+                param.copy_(value)
 
     def forward(self, features_NF, positions_N3):
         starts = (positions_N3[:, 0] == 0).nonzero().flatten().tolist() + [features_NF.shape[0]]
+        if starts[0] != 0:
+            raise ValueError("whisper_conv needs whole clips, each numbered from row 0 (whisper_mel's rows); "
+                             f"the first row is numbered {int(positions_N3[0, 0])}")
+        lengths = [end - begin for begin, end in zip(starts[:-1], starts[1:])]
+        # Clips of one length (whisper_mel makes every clip 1,500 rows) run as one batch.
+        runs = [features_NF.reshape(len(lengths), lengths[0], -1)] if len(set(lengths)) == 1 else \
+            [chunk.unsqueeze(0) for chunk in features_NF.split(lengths)]
         out = []
-        for begin, end in zip(starts[:-1], starts[1:]):
-            frames = features_NF[begin:end].reshape(1, 2 * (end - begin), self.mel_bins).transpose(1, 2)
-            h = nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(frames))))  # [1, D, n]
-            out.append(h[0].T)
+        for clips in runs:  # [C, n, 2·80] → frames [C, 80, 2n]
+            frames = clips.reshape(clips.shape[0], 2 * clips.shape[1], self.mel_bins).transpose(1, 2)
+            h = nn.functional.gelu(self.conv2(nn.functional.gelu(self.conv1(frames))))  # [C, D, n]
+            out.append(h.transpose(1, 2).reshape(-1, h.shape[1]))
         return torch.cat(out) + self.position(positions_N3[:, 0].clamp_max(self.position.num_embeddings - 1))
 
 
