@@ -7,7 +7,7 @@ capacity, losses) and ``moe_gen.experts`` (stacked experts, dispatch backends).
 from moe_gen.config import ExpertsConfig, MoEConfig, RouterConfig
 from moe_gen.experts import DenseFFN
 from moe_gen.interop import from_hf_moe, moe_from_mixtral
-from moe_gen.moe import MoE, MoEOutput
+from moe_gen.moe import MoE, MoEOutput, merge_for_inference
 from moe_gen.registry import (
     ADAPTERS,
     BACKENDS,
@@ -20,13 +20,13 @@ from moe_gen.registry import (
     TASKS,
     Registry,
 )
-from moe_gen.routing import RouterOutput, TokenTags
+from moe_gen.routing import RouterOutput, TagBatch, TokenTags
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "MoE", "MoEOutput", "MoEConfig", "RouterConfig", "ExpertsConfig", "RouterOutput",
-    "TokenTags", "DenseFFN", "from_hf_moe", "moe_from_mixtral",
+    "MoE", "MoEOutput", "merge_for_inference", "MoEConfig", "RouterConfig", "ExpertsConfig", "RouterOutput",
+    "TagBatch", "TokenTags", "DenseFFN", "from_hf_moe", "moe_from_mixtral",
     "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
     "TASKS", "METRICS", "Instruction", "InstructionError", "Task", "GeneralistModel", "ModelConfig",
     "Trainer", "TrainConfig",

@@ -12,28 +12,26 @@ Shape legend: B batch, S sequence, T = B·S flattened tokens, D model width, D' 
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import functools
-from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
 from moe_gen.config import MoEConfig
-from moe_gen.experts.dispatch import DispatchBackend, make_backend
+from moe_gen.experts.dispatch import DispatchBackend, MergedDispatch, make_backend
 from moe_gen.experts.experts import DenseFFN
 from moe_gen.registry import EXPERTS
 from moe_gen.routing.losses import auxiliary_losses
 from moe_gen.routing.router import Router, RouterOutput
-from moe_gen.routing.tags import TokenTags
+from moe_gen.routing.tags import TagBatch, TokenTags
 
 # Registering modules: importing them fills ROUTERS, GATES, EXPERTS and BACKENDS.
 import moe_gen.routing  # noqa: F401,E402  isort: skip
 import moe_gen.experts  # noqa: F401,E402  isort: skip
 
-if TYPE_CHECKING:
-    from moe_gen.experts.parallel import ExpertParallel
-
-__all__ = ["MoE", "MoEOutput"]
+__all__ = ["MoE", "MoEOutput", "merge_for_inference"]
 
 
 class MoEOutput:
@@ -97,17 +95,39 @@ class MoE(nn.Module):
             self.shared = DenseFFN(config.d_model, hidden, config.experts)
         if config.experts.shared_gate:
             self.shared_gate = nn.Linear(config.d_model, 1, bias=False)
-        # Expert parallelism (set by moe_gen.experts.parallel.shard_experts): this rank then holds
-        # a slice of the experts, and dispatch → experts → combine runs across ranks instead.
-        self.expert_parallel: ExpertParallel | None = None
+        self.frozen = False  # set by freeze_for_inference
 
-    def clear_cache(self) -> None:
-        """Drops the inference caches (routes per set of tag groups, merged expert weights). They
-        follow optimizer steps, ``load_state_dict`` and ``.to()`` by themselves; writes through
-        ``param.data`` bypass the version counters they check, so call this after such writes."""
-        self.router.clear_cache()
-        if hasattr(self.backend, "clear_cache"):
-            self.backend.clear_cache()
+    def freeze_for_inference(self) -> None:
+        """Freezes a tag-routed layer for inference (what ``merge_for_inference`` does to each): the
+        merged backend, routes kept per set of tag groups and merged weights per route, no
+        gradients, no training mode. The kept values are dropped when the layer loads a state dict
+        or moves; other changes to its weights are not seen, so merge the trained model again
+        instead of changing a frozen one."""
+        if self.router.content_dependent:
+            raise ValueError(f"router strategy {self.config.router.strategy!r} routes every token by its "
+                             "content; only tag-routed layers can be merged")
+        self.set_backend("merged")
+        self.backend = MergedDispatch(cache=True)
+        self.router.cache_routes = True
+        self.frozen = True
+        self.requires_grad_(False)
+        self.eval()
+
+    def train(self, mode: bool = True) -> "MoE":
+        if mode and self.frozen:
+            raise ValueError("this MoE layer was frozen for inference by merge_for_inference; train the "
+                             "original model and merge it again")
+        return super().train(mode)
+
+    def _apply(self, fn, *args, **kwargs):
+        if isinstance(self.backend, MergedDispatch):  # kept merged weights are of the old device/dtype
+            self.backend.reset()
+        return super()._apply(fn, *args, **kwargs)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        if isinstance(self.backend, MergedDispatch):  # new weights: kept merged weights no longer hold
+            self.backend.reset()
+        super()._load_from_state_dict(*args, **kwargs)
 
     def set_backend(self, name: str) -> None:
         """Switches the dispatch backend (same weights, same function)."""
@@ -122,42 +142,51 @@ class MoE(nn.Module):
                 f"backend {name!r} needs content-independent routes; strategy "
                 f"{self.config.router.strategy!r} is content-dependent"
             )
-        self.backend = backend
+        # with sharded experts the exchange stays; the new backend orders the assignments for it
+        self.backend = self.backend.with_sorter(backend) if self.expert_parallel is not None else backend
         self.config = self.config.replace(backend=name)
+
+    @property
+    def expert_parallel(self) -> DispatchBackend | None:
+        """The all-to-all dispatcher (``moe_gen.experts.parallel.ExpertParallel``) when
+        ``shard_experts`` spread this layer's experts over processes, else None."""
+        return self.backend if self.backend.shards_experts else None
 
     def forward(
         self,
         x: torch.Tensor,
-        tags: TokenTags | None = None,
+        tags: TokenTags | TagBatch | None = None,
         padding_mask: torch.Tensor | None = None,
     ) -> MoEOutput:
         """Args:
             x: ``[T, D]`` or ``[B, S, D]`` hidden states.
             tags: ``TokenTags`` shaped like the tokens (``[T]`` or ``[B, S]``); required by tag
-                strategies (modality, task, attribute, hybrid) and grouped balance losses.
+                strategies (modality, task, attribute, hybrid) and grouped balance losses. Or a
+                ``TagBatch`` (tags and padding together, shared by the layers of one forward).
             padding_mask: bool, shaped like the tokens, True where a position is padding.
                 Padding is not routed, takes no capacity, adds to no loss and outputs zeros.
 
         Returns:
             ``MoEOutput`` (output shaped like x with width D').
         """
-        x_TD, tags_T, valid_T, segment_T = self._flatten_inputs(x, tags, padding_mask)
+        batch = self._tag_batch(x, tags, padding_mask)
+        x_TD = x.reshape(batch.num_tokens, self.config.d_model)
+        if self.config.check_finite:
+            _check_finite(x, x_TD, batch.valid)
+        valid_T = batch.valid
 
-        routing = self.router(x_TD, tags_T, valid_T, segment_T)
+        routing = self.router(x_TD, batch)
         if self.training and self.router.balances_by_bias:
             # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
             self.router.update_balance_bias(routing)
         if torch.is_grad_enabled():
-            aux_losses = auxiliary_losses(routing, tags_T, self.config.router)
+            aux_losses = auxiliary_losses(routing, batch.tags, self.config.router)
         else:  # no graph to build: computed if and when someone reads them
-            aux_losses = functools.partial(auxiliary_losses, routing, tags_T, self.config.router)
+            aux_losses = functools.partial(auxiliary_losses, routing, batch.tags, self.config.router)
 
-        if self.expert_parallel is not None:  # tokens go to the ranks holding their experts
-            y_TD = self.expert_parallel(self.experts, x_TD, routing, self.backend)
-        else:
-            dispatched = self.backend.dispatch(x_TD, routing)
-            expert_outputs = self.backend.run(self.experts, dispatched)
-            y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
+        dispatched = self.backend.dispatch(x_TD, routing)
+        expert_outputs = self.backend.run(self.experts, dispatched)
+        y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
         if y_TD is None:  # no assignment computed at all (every token padding or dropped)
             y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
 
@@ -169,28 +198,26 @@ class MoE(nn.Module):
             y_TD = y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
 
-    def _flatten_inputs(self, x, tags, padding_mask):
-        """Validates the inputs and flattens them to tokens; errors name what is wrong."""
-        cfg = self.config
+    def _tag_batch(self, x, tags, padding_mask) -> TagBatch:
+        """The tags and padding of ``x``'s tokens as a ``TagBatch`` (the given one, or one built
+        here), checked against the tokens and the router's vocabularies; errors name what is wrong."""
+        cfg, rc = self.config, self.config.router
         _check_input(x, cfg.d_model)
         token_shape = tuple(x.shape[:-1])
-        T = x[..., 0].numel()
-        valid_T = _valid_tokens(padding_mask, tags, token_shape, T, x.device)
-        x_TD = x.reshape(T, cfg.d_model)
-        if cfg.check_finite:
-            _check_finite(x, x_TD, valid_T)
-        tags_T = self._flatten_tags(tags, token_shape)
-        if tags is None:
-            segment_T = _segments(x, tags_T)
+        vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
+        if isinstance(tags, TagBatch):
+            if padding_mask is not None:
+                raise ValueError("a TagBatch carries its padding; pass padding_mask= to TagBatch, not to the MoE")
+            if tags.shape != token_shape:
+                raise ValueError(f"the TagBatch describes tokens {tags.shape} but the input has tokens {token_shape}")
+            batch = tags
+            if batch.vocab != vocab:  # checked against other sizes when built (or not at all)
+                batch.validate(vocab)
         else:
-            segment_T = tags.derived(f"segments {tuple(x.shape[:-1])}", lambda: _segments(x, tags_T))
-        return x_TD, tags_T, valid_T, segment_T
-
-    def _flatten_tags(self, tags, token_shape: tuple[int, ...]):
-        """The tags flattened to tokens, checked against the tokens and the router's vocabularies;
-        None when there are none and the router can do without."""
-        rc = self.config.router
-        if tags is None:
+            if tags is not None and not isinstance(tags, TokenTags):
+                raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
+            batch = TagBatch(tags, padding_mask, shape=token_shape, device=x.device, vocab=vocab)
+        if not batch.has_tags:
             if self.router.needs_tags:
                 raise ValueError(
                     f"router strategy {rc.strategy!r} routes by tags; pass tags=TokenTags(...) "
@@ -200,14 +227,33 @@ class MoE(nn.Module):
                 raise ValueError(
                     f"balance_loss_groups={list(rc.balance_loss_groups)} needs tags; pass tags="
                 )
-            return None
-        if not isinstance(tags, TokenTags):
-            raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
-        tags.validate(
-            token_shape, num_modalities=rc.num_modalities, num_roles=rc.num_roles,
-            num_passes=rc.num_passes, num_tasks=rc.num_tasks,
-        )
-        return tags.flatten()
+        return batch
+
+
+def merge_for_inference(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` for inference whose tag-routed MoE layers run as merged dense FFNs.
+
+    Every MoE layer routed by tags alone (modality, task, attribute) is frozen
+    (``MoE.freeze_for_inference``): tokens of tag groups that share a route, or at inference a set of
+    experts, run as one FFN with the experts' merged weights, and routes and merged weights are
+    computed once per set of tag groups and kept. Outputs equal ``model``'s. Layers routed by
+    content keep their backend. The copy is a snapshot in eval mode without gradients: train the
+    original and merge again. ``model`` itself is left as it was.
+    """
+    merged = copy.deepcopy(model).eval().requires_grad_(False)
+    layers = [m for m in merged.modules() if isinstance(m, MoE)]
+    for layer in layers:
+        if layer.expert_parallel is not None:
+            raise ValueError("a model whose experts are sharded over processes (expert parallelism) cannot "
+                             "be merged; gather its experts into one process first")
+    for layer in layers:
+        if not layer.router.content_dependent:
+            layer.freeze_for_inference()
+    config = getattr(merged, "config", None)
+    if layers and all(layer.frozen for layer in layers) and dataclasses.is_dataclass(config) \
+            and hasattr(config, "backend"):
+        merged.config = dataclasses.replace(config, backend="merged")  # a saved copy reloads merged
+    return merged
 
 
 def _check_input(x, d_model: int) -> None:
@@ -221,22 +267,6 @@ def _check_input(x, d_model: int) -> None:
             f"MoE input has feature size {x.shape[-1]} but the layer was built with "
             f"d_model={d_model} (input shape {tuple(x.shape)})"
         )
-
-
-def _valid_tokens(padding_mask, tags, token_shape: tuple[int, ...], T: int, device: torch.device) -> torch.Tensor:
-    """valid_T: True for every token that is not padding (all of them without a padding_mask)."""
-    if padding_mask is None:
-        return torch.ones(T, dtype=torch.bool, device=device)
-    if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != token_shape:
-        raise ValueError(
-            f"padding_mask must be shaped like the tokens {token_shape}, got "
-            f"{_describe(padding_mask)}"
-        )
-    if padding_mask.dtype != torch.bool:
-        raise ValueError(f"padding_mask must be bool (True = padding), got {padding_mask.dtype}")
-    if isinstance(tags, TokenTags):  # one valid mask per forward, shared by the layers
-        return tags.derived("valid", lambda: ~padding_mask.reshape(T), padding_mask)
-    return ~padding_mask.reshape(T)
 
 
 def _check_finite(x: torch.Tensor, x_TD: torch.Tensor, valid_T: torch.Tensor) -> None:
@@ -253,21 +283,6 @@ def _check_finite(x: torch.Tensor, x_TD: torch.Tensor, valid_T: torch.Tensor) ->
             f"MoE input has non-finite values in {int(bad.sum())} token(s); first at "
             f"{'token' if x.dim() == 2 else '(batch, position)'} {where}"
         )
-
-def _segments(x: torch.Tensor, tags_T: TokenTags | None) -> torch.Tensor:
-    """Sequence index of each token, for context pooling: rows of [B, S], refined by
-    tags.sample when samples are packed into rows."""
-    T = x[..., 0].numel()
-    if x.dim() == 3:
-        segment_T = torch.arange(x.shape[0], device=x.device).repeat_interleave(x.shape[1])
-    else:
-        segment_T = torch.zeros(T, dtype=torch.long, device=x.device)
-    if tags_T is not None and tags_T.sample is not None and tags_T.sample.numel():
-        # (row, sample) → one id; ids need not be contiguous (pooling sizes by the max id).
-        sample_T = tags_T.sample.long()
-        segment_T = segment_T * (int(sample_T.max()) + 1) + sample_T
-    return segment_T
-
 
 def _describe(value) -> str:
     if isinstance(value, torch.Tensor):

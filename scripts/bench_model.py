@@ -8,7 +8,7 @@ For each flavour: the dense model of equal active size (FFN hidden = k · expert
 token routing, and MoE with attribute routing, on the same mixed batch of built-in tasks (images,
 speech, motion, boxes, tables). Training: tokens (valid encoder + decoder positions) per second of
 forward + backward + AdamW step, median over --steps. Inference: forward latency (eval, no grad)
-for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merged` backend),
+for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merge_for_inference`),
 at each batch size of --inference-per-task (the per-layer cost of routing bookkeeping is fixed,
 so its share shrinks as batches grow), and greedy generation latency (--generation-rows).
 Variants are timed round-robin (one call of each per round); ratios to dense are the median (and
@@ -19,7 +19,6 @@ tables and writes JSON (--out, default bench_results/model.json).
 from __future__ import annotations
 
 import argparse
-import copy
 import dataclasses
 import json
 import os
@@ -31,7 +30,7 @@ import torch
 
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
-from moe_gen.moe import MoE
+from moe_gen.moe import merge_for_inference
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.runtime import keep_freed_memory
 from moe_gen.tasks import Tokenizer, collate, load_preset
@@ -138,10 +137,7 @@ def main(argv=None) -> int:
                          "active_params": model.num_parameters(active=True)})
             print(f"{label:<16} {model.num_parameters():>9} {model.num_parameters(active=True):>9} "
                   f"{rate:>12.0f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
-        merged = copy.deepcopy(models["moe_attribute"])
-        for module in merged.modules():
-            if isinstance(module, MoE):
-                module.set_backend("merged")
+        merged = merge_for_inference(models["moe_attribute"])
         variants = {"dense": models["dense"], "moe_attr_unmerged": models["moe_attribute"], "moe_attr_merged": merged}
         for model in variants.values():
             model.eval()

@@ -154,8 +154,9 @@ def test_tutel_equals_eager_for_other_gates_and_drop_policies(gate, k, cf, polic
 def test_tutel_puts_each_kept_assignment_in_moe_gens_slot(cf):
     moe = layer(2, cf, drop_policy="batch_prioritized")
     x, tags, padding = inputs()
-    x_TD, tags_T, valid_T, segment_T = moe._flatten_inputs(x, tags, padding)
-    routing = moe.router(x_TD, tags_T, valid_T, segment_T)
+    batch = moe._tag_batch(x, tags, padding)
+    x_TD = x.reshape(batch.num_tokens, -1)
+    routing = moe.router(x_TD, batch)
     x_ECD = TutelDispatch().dispatch(x_TD, routing).inputs
     assert x_ECD.shape == (E, max(routing.capacity, 1), D)
     expected = torch.zeros_like(x_ECD)
@@ -179,8 +180,9 @@ def test_nan_in_padding_never_reaches_real_tokens(backend):
 def test_triton_sort_equals_the_torch_sort_used_by_expert_parallelism():
     moe = layer(2, 0.5)
     x, tags, padding = inputs()
-    x_TD, tags_T, valid_T, segment_T = moe._flatten_inputs(x, tags, padding)
-    routing = moe.router(x_TD, tags_T, valid_T, segment_T)
+    batch = moe._tag_batch(x, tags, padding)
+    x_TD = x.reshape(batch.num_tokens, -1)
+    routing = moe.router(x_TD, batch)
     flat_r, counts_r = DispatchBackend().sort_assignments(routing)
     flat_c, counts_c = TritonDispatch().sort_assignments(routing)
     assert torch.equal(flat_c, flat_r) and torch.equal(counts_c, counts_r)
@@ -204,7 +206,7 @@ def test_expert_parallel_layer_with_the_triton_sort_equals_eager(tmp_path):
         sharded = with_backend(eager, "triton")
         plan = ExpertParallelPlan(ep_size=1, dp_size=1, rank=0, world_size=1, ep_group=dist.group.WORLD,
                                   replica_group=None, layers={}, expert_params={})
-        sharded.expert_parallel = ExpertParallel(plan, ExpertShard(offset=0, count=E, total=E))
+        sharded.backend = ExpertParallel(plan, ExpertShard(offset=0, count=E, total=E), sorter=sharded.backend)
         candidate = run_with_grads(sharded, x, tags, padding)
     finally:
         dist.destroy_process_group()

@@ -3,7 +3,6 @@ invariance, merged inference, errors, and (slow) learning a two-task mixture."""
 
 from __future__ import annotations
 
-import copy
 import random
 import time
 
@@ -12,7 +11,7 @@ import torch
 
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
-from moe_gen.moe import MoE
+from moe_gen.moe import MoE, merge_for_inference
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
 
@@ -466,10 +465,7 @@ def test_merged_generation_equals_unmerged(tok):
     # set of tag groups) must give the same tokens, scores and frames as the unmerged model.
     tasks = [load_preset(n, "train", limit=3) for n in ("doc_topic", "visual_grounding", "text_to_speech")]
     model = build(tasks, tok, router=RouterConfig(strategy="attribute")).eval()
-    merged = copy.deepcopy(model)
-    for module in merged.modules():
-        if isinstance(module, MoE):
-            module.set_backend("merged")
+    merged = merge_for_inference(model)
     for _ in range(2):  # the second time from the route and weight caches
         for a, b in zip(model.infer(tasks[0], tasks[0].data, max_new_tokens=5),
                         merged.infer(tasks[0], tasks[0].data, max_new_tokens=5)):
@@ -483,3 +479,4 @@ def test_merged_generation_equals_unmerged(tok):
                         merged.infer(tasks[2], tasks[2].data[:2], max_frames=4)):
             torch.testing.assert_close(a.frames, b.frames, atol=1e-4, rtol=1e-4)
     assert all(m.router._routes for m in merged.modules() if isinstance(m, MoE))
+    assert merged.config.backend == "merged" and model.config.backend != "merged"

@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 from helpers import random_tags, run_with_grads, with_backend
+from torch import nn
 
 from moe_gen import (
     BACKENDS,
@@ -20,6 +21,7 @@ from moe_gen import (
     Registry,
     RouterConfig,
     TokenTags,
+    merge_for_inference,
     moe_from_mixtral,
 )
 from moe_gen.experts import grouped_ffn
@@ -296,17 +298,35 @@ def test_every_router_and_gate_runs_forward_and_backward(strategy, gate):
     assert x.grad is not None and torch.isfinite(x.grad).all()
 
 
-def test_merged_inference_cache_follows_weight_updates():
+def test_merge_for_inference_is_a_snapshot_that_keeps_routes_and_merged_weights():
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
-    merged = MoE(moe.config.replace(backend="merged")).eval()
-    merged.load_state_dict(moe.state_dict())
+    merged = merge_for_inference(moe)
     x, tags = torch.randn(40, D), random_tags((40,))
     with torch.no_grad():
         torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
-        assert merged.backend._cache  # merged weights were cached per route
-        for module in (moe, merged):
-            module.experts.w_out.mul_(2.0)  # an in-place update bumps the version: the cache rebuilds
+        assert merged.backend._cache and merged.router._routes  # kept per route / per set of tag groups
+        again = merged(x, tags=random_tags((40,)))  # other tag groups: new routes, same kept weights
+        assert again.output.shape == (40, D)
+        # the original is untouched and still trains; the copy is a snapshot of its weights
+        assert not moe.frozen and moe.config.backend == "torch" and moe.experts.w_out.requires_grad
+        before = merged(x, tags=tags).output
+        moe.experts.w_out.mul_(2.0)
+        assert torch.equal(merged(x, tags=tags).output, before)
+        merged.load_state_dict(moe.state_dict())  # new weights: what was kept is dropped
         torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+    assert not any(p.requires_grad for p in merged.parameters())
+    with pytest.raises(ValueError, match="frozen for inference by merge_for_inference; train the original"):
+        merged.train()
+
+
+def test_merge_for_inference_leaves_content_routed_layers_and_refuses_them_alone():
+    model = nn.ModuleDict({"tag": MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, router="modality")),
+                           "content": MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, router="token"))})
+    merged = merge_for_inference(model)
+    assert merged["tag"].frozen and merged["tag"].config.backend == "merged"
+    assert not merged["content"].frozen and merged["content"].config.backend == "torch"
+    with pytest.raises(ValueError, match="'token' routes every token by its content; only tag-routed"):
+        model["content"].freeze_for_inference()
 
 
 def test_top_level_api_names_resolve():
@@ -336,13 +356,14 @@ def test_nan_in_padding_never_reaches_real_tokens(backend):
     assert torch.isfinite(out[~pad]).all() and torch.equal(out[pad], torch.zeros(3, D))
 
 
-def test_merged_cache_can_be_cleared_after_data_writes():
+def test_merged_backend_follows_data_writes_without_any_cache_to_clear():
+    # Only a layer frozen by merge_for_inference keeps merged weights; the merged backend itself
+    # builds them on every call, so even writes through .data are seen.
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router="modality", backend="merged")).eval()
     x, tags = torch.randn(12, D), random_tags((12,))
     with torch.no_grad():
         moe(x, tags=tags)
-        moe.experts.w_out.data.mul_(2.0)  # bypasses the version counter the cache watches
-        moe.backend.clear_cache()
+        moe.experts.w_out.data.mul_(2.0)
         merged = moe(x, tags=tags).output
         moe.set_backend("torch")
         torch.testing.assert_close(merged, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
@@ -404,36 +425,40 @@ def test_grouped_routes_expand_to_the_per_token_decision():
     torch.testing.assert_close(lazy.aux_losses["z"], a.aux_losses["z"].detach())
 
 
-def test_inference_route_cache_follows_router_updates():
+def test_frozen_layer_keeps_one_route_entry_per_set_of_tag_groups():
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
-    merged = with_backend(moe, "merged")
+    merged = merge_for_inference(moe)
     x = torch.randn(40, D)
     with torch.no_grad():
         for step in range(3):
             tags = random_tags((40,), generator=torch.Generator().manual_seed(step % 2))  # fresh tags objects
             torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
         assert len(merged.router._routes) == 2  # one entry per set of tag groups
-        for module in (moe, merged):  # a router update (in place: the version changes) invalidates the routes
-            module.router.weight.mul_(-1.0)
-            module.router.input.attributes.norm.bias.add_(0.5)
+        # the original's router changes in place; the frozen copy is a snapshot
+        moe.router.weight.mul_(-1.0)
+        moe.router.input.attributes.norm.bias.add_(0.5)
+        assert not torch.allclose(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-3)
+        merged.load_state_dict(moe.state_dict())  # loading drops the kept routes
+        assert not merged.router._routes
         torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
-    merged.load_state_dict(MoE(moe.config).state_dict())  # new tensors copied in: the cache rebuilds again
-    moe.load_state_dict(merged.state_dict())
-    with torch.no_grad():
-        torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+    merged.to(torch.float64)  # moving or casting drops them too
+    assert not merged.router._routes and not merged.backend._cache
 
 
-def test_clear_cache_after_writes_through_data():
-    # writes through .data bypass the version counters the inference caches check
+def test_unfrozen_merged_layer_sees_writes_through_data():
+    # no cache outside a frozen layer: router and expert writes through .data take effect at once
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router="attribute", backend="merged")).eval()
     x, tags = torch.randn(30, D), random_tags((30,))
     with torch.no_grad():
         before = moe(x, tags=tags).output
         moe.router.weight.data.mul_(-1.0)
         moe.experts.w_out.data.mul_(3.0)
-        assert torch.equal(moe(x, tags=tags).output, before)  # stale, as documented
-        moe.clear_cache()
         after = moe(x, tags=tags).output
         reference = with_backend(moe, "torch")(x, tags=tags).output
+    assert not moe.router._routes and not moe.backend._cache
     torch.testing.assert_close(after, reference, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(after, before)
+    # and with autograd (merged per route, not per set of experts)
+    torch.testing.assert_close(moe(x, tags=tags).output, reference, atol=1e-5, rtol=1e-5)
+
+

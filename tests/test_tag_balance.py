@@ -15,7 +15,7 @@ import traceback
 import pytest
 import torch
 
-from moe_gen import MoE, MoEConfig, RouterConfig, TokenTags
+from moe_gen import MoE, MoEConfig, RouterConfig, TagBatch, TokenTags, merge_for_inference
 from moe_gen.analysis import RoutingRecorder, stats
 from moe_gen.routing import balance, balance_loss
 from moe_gen.trainer.logs import RunLogger, expert_utilisation, read_jsonl_log
@@ -211,21 +211,23 @@ def test_merged_backend_equals_unmerged_after_balancing_updates():
     torch.testing.assert_close(moe(x, tags=tags).output, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_a_bias_update_invalidates_the_cached_inference_routes():
+def test_a_bias_update_changes_the_next_inference_routes():
     moe = _moe("bias", tag_balance_rate=50.0)  # one update reorders the experts of some groups
     tags, x, _ = _batch(torch.Generator().manual_seed(0))
     moe.eval()
     with torch.no_grad():
-        cached = moe(x, tags=tags).routing.groups.ids_GK
-        assert torch.equal(moe(x, tags=tags).routing.groups.ids_GK, cached)  # served from the cache
+        before = moe(x, tags=tags).routing.groups.ids_GK
+        frozen = merge_for_inference(moe)
+        assert torch.equal(frozen(x, tags=tags).routing.groups.ids_GK, before)
         moe.train()
         moe(x, tags=tags)  # a training forward (no_grad or not) updates the bias in place
         moe.eval()
         after = moe(x, tags=tags).routing.groups.ids_GK
-        moe.router.clear_cache()
-        fresh = moe(x, tags=tags).routing.groups.ids_GK
-    assert not torch.equal(after, cached)
-    assert torch.equal(after, fresh)
+        kept = frozen(x, tags=tags).routing.groups.ids_GK
+    assert not torch.equal(after, before)
+    assert torch.equal(kept, before)  # the frozen copy is a snapshot of the weights it was made from
+    with pytest.raises(ValueError, match="frozen for inference"):
+        frozen.train()  # so it cannot update its bias
 
 
 # ---- the loss variant --------------------------------------------------------------------------
@@ -362,8 +364,7 @@ def test_processes_apply_one_update_from_their_summed_loads(tmp_path):
         gen = torch.Generator().manual_seed(rank)
         for _ in range(2):
             tags, x, _ = _batch(gen, _rank_counts(rank))
-            load_E += moe.router(x, tags.flatten(), torch.ones(x.shape[0], dtype=torch.bool),
-                                 torch.zeros(x.shape[0], dtype=torch.long)).expert_counts
+            load_E += moe.router(x, TagBatch(tags)).expert_counts
     expected = torch.zeros(E)
     balance.nudge_bias_(expected, load_E, 0.1)
     torch.testing.assert_close(torch.tensor(results[0]["bias"]), expected)

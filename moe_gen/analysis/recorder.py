@@ -20,13 +20,13 @@ Tables accumulate in float64, which counts exactly up to 2**53 assignments per c
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import nn
 
 from moe_gen.moe import MoE
-from moe_gen.routing.tags import ROLES, TokenTags
+from moe_gen.routing.tags import ROLES, TagBatch, TokenTags
 
 __all__ = ["RoutingRecorder", "RoutingTables", "stack_of"]
 
@@ -193,7 +193,6 @@ class RoutingRecorder:
         self._buffer: list[tuple] = []
         self._buffered_tokens = 0
         self._carry: Optional[tuple] = None  # (layer, tokens, top1_T, computed_T) of the last flushed call
-        self._group_cache: dict[int, tuple] = {}
 
     def start(self) -> "RoutingRecorder":
         """Attaches the hooks (idempotent)."""
@@ -208,7 +207,6 @@ class RoutingRecorder:
         self._handles = []
         self.flush()
         self._carry = None  # a later call does not continue the last one's tokens
-        self._group_cache.clear()
 
     def __enter__(self) -> "RoutingRecorder":
         return self.start()
@@ -218,20 +216,15 @@ class RoutingRecorder:
 
     # ---- the hook ----------------------------------------------------------------------------
 
-    def _groups(self, tags: Optional[TokenTags], num_tokens: int, device) -> torch.Tensor:
-        """Tag group id ``g = (task·M + modality)·R + role`` of each token ``[T]``, computed once
-        per tags object (every layer of a forward, and every generation step, shares it)."""
-        if tags is None:
+    def _groups(self, tags: Union[TokenTags, TagBatch, None], num_tokens: int, device) -> torch.Tensor:
+        """Tag group id ``g = (task·M + modality)·R + role`` of each token ``[T]`` (0 without tags)."""
+        flat = tags.tags if isinstance(tags, TagBatch) else None if tags is None else tags.flatten()
+        if flat is None:
             return torch.zeros(num_tokens, dtype=torch.long, device=device)
-        cached = self._group_cache.get(id(tags))
-        if cached is not None and cached[0] is tags:
-            return cached[1]
-        flat = tags.flatten()
-        g_T = (flat.task.long() * self.M + flat.modality.long()) * self.R + flat.role.long()
-        if len(self._group_cache) >= 4:  # the encoder's and decoder's tags of recent calls
-            self._group_cache.clear()
-        self._group_cache[id(tags)] = (tags, g_T)  # the reference keeps the id from being reused
-        return g_T
+        return self._group_ids(flat)
+
+    def _group_ids(self, flat: TokenTags) -> torch.Tensor:
+        return (flat.task.long() * self.M + flat.modality.long()) * self.R + flat.role.long()
 
     def _hook(self, module, args, kwargs, output) -> None:
         layer = self._index[id(module)]

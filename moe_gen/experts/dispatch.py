@@ -38,7 +38,6 @@ import torch
 
 from moe_gen.registry import BACKENDS
 from moe_gen.routing.router import RouterOutput
-from moe_gen.stamps import weights_stamp
 
 __all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch", "MergedDispatch", "AutoDispatch",
            "AUTO_PREFERENCE", "make_backend"]
@@ -59,9 +58,12 @@ class DispatchBackend:
 
     Class attributes:
         needs_shared_routes: only exact and efficient when routes are shared by tag groups.
+        shards_experts: the layer's experts are spread over processes (expert parallelism: the
+            all-to-all dispatcher of ``moe_gen.experts.parallel``).
     """
 
     needs_shared_routes = False
+    shards_experts = False
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None = None) -> str | None:
@@ -90,9 +92,26 @@ class DispatchBackend:
 
 
 def _computed_assignments(routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
-    """Flat indices (t·K + k) of computed assignments and their experts."""
+    """Flat indices (t·K + k) of computed assignments and their experts. Routes kept per tag group
+    are read per group (every valid member computes its group's K assignments), without expanding
+    them to ``[T, K]`` tensors."""
+    groups = routing.groups
+    if groups is not None:
+        K = groups.ids_GK.shape[1]
+        token_V = routing.valid.nonzero().squeeze(1)
+        flat = (token_V.unsqueeze(1) * K + torch.arange(K, device=token_V.device)).reshape(-1)
+        return flat, groups.ids_GK[groups.group_T[token_V]].reshape(-1)
     flat = routing.mask.reshape(-1).nonzero().squeeze(1)
     return flat, routing.topk_ids.reshape(-1)[flat]
+
+
+def assignment_weights(routing: RouterOutput, flat_N: torch.Tensor) -> torch.Tensor:
+    """Gate weights of the computed assignments at flat indices ``flat_N`` (t·K + k)."""
+    groups = routing.groups
+    if groups is not None:
+        K = groups.ids_GK.shape[1]
+        return groups.weights_GK.reshape(-1)[groups.group_T[flat_N // K] * K + flat_N % K]
+    return routing.topk_weights.reshape(-1)[flat_N]
 
 
 @BACKENDS.register("eager")
@@ -140,12 +159,11 @@ class TorchDispatch(DispatchBackend):
     """Sort assignments by expert; gather rows; grouped matmuls; weighted scatter-add back."""
 
     def dispatch(self, x_TD, routing):
-        K = routing.topk_ids.shape[1]
         flat_N, expert_N = _computed_assignments(routing)
         expert_sorted_N, order_N = torch.sort(expert_N, stable=True)
         flat_N = flat_N[order_N]
         counts = torch.bincount(expert_sorted_N, minlength=routing.num_experts).tolist()
-        plan = _SortedPlan(flat_N // K, routing.topk_weights.reshape(-1)[flat_N], counts)
+        plan = _SortedPlan(flat_N // routing.top_k, assignment_weights(routing, flat_N), counts)
         return Dispatched(x_TD.index_select(0, plan.token_N), plan)
 
     def run(self, experts, dispatched):
@@ -226,18 +244,21 @@ class MergedDispatch(DispatchBackend):
     Without autograd (inference), when the router kept its routes per tag group, tag groups that
     use the same *set* of experts share one group even if their gate weights differ: the merged
     FFN is the K experts side by side, and each row's hidden units are scaled by its own gate
-    weights (fewer, larger matmuls than one per route). Merged weights are cached per route (and
-    stacked per set of routes) and rebuilt when the expert parameters change through
-    autograd-visible in-place ops (optimizer steps, ``copy_``, ``load_state_dict``); writes through
-    ``param.data`` bypass that check, so call ``clear_cache()`` after them.
+    weights (fewer, larger matmuls than one per route).
+
+    Merged weights are built on every call, unless the backend keeps them (``cache=True``, set on
+    the layers of a model frozen by ``moe_gen.merge_for_inference``, whose weights no longer
+    change): then they are kept per route (and stacked per set of routes) until the layer loads a
+    state dict or moves.
     """
 
     needs_shared_routes = True
     MAX_STACKS = 16  # sets of routes whose stacked weights are kept (one per recent batch mix)
     MAX_ROUTES = 256  # routes (or expert sets) whose merged weights are kept
 
-    def __init__(self) -> None:
-        self.clear_cache()
+    def __init__(self, cache: bool = False) -> None:
+        self.cache = cache
+        self.reset()
 
     def dispatch(self, x_TD, routing):
         if routing.groups is not None:
@@ -291,15 +312,15 @@ class MergedDispatch(DispatchBackend):
 
     def _partition(self, groups, by_set: bool):
         """Which tag groups share a route (or, ``by_set``, a set of experts): found among the G
-        group rows in Python. Without autograd the router returns the same route tensors for the
-        same tag groups until its parameters change, so the partition is cached by their identity.
+        group rows in Python; kept (with ``cache``) for routes that a frozen router took from its
+        route cache, named by their set of tag groups (``GroupRoutes.key``).
 
         Returns ``route_G`` (long tensor), the same as a list, a carrier group per route, the route
         keys, and ids/weights ``[G, K]`` (for ``by_set`` with ascending ids, weights alike)."""
-        cacheable = not torch.is_grad_enabled()
-        key = (by_set, id(groups.ids_GK), id(groups.weights_GK))
+        cacheable = self.cache and groups.key is not None and not torch.is_grad_enabled()
+        key = (by_set, groups.key)
         if cacheable and key in self._partitions:
-            return self._partitions[key][1]
+            return self._partitions[key]
         ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
         if by_set:  # one order per set of experts: ascending ids, weights permuted alike
             ids_GK, order_GK = ids_GK.sort(dim=1)
@@ -319,16 +340,14 @@ class MergedDispatch(DispatchBackend):
         if cacheable:
             if len(self._partitions) >= self.MAX_STACKS:
                 del self._partitions[next(iter(self._partitions))]
-            # the route tensors are kept with the entry, so their ids cannot be reused meanwhile
-            self._partitions[key] = ((groups.ids_GK, groups.weights_GK), partition)
+            self._partitions[key] = partition
         return partition
 
-    def clear_cache(self) -> None:
-        """Drops the cached merged weights (needed after writes through ``param.data``)."""
+    def reset(self) -> None:
+        """Drops what ``cache`` kept (the layer loaded new weights or moved)."""
         self._cache: dict = {}  # route key → merged weights
         self._stacks: dict = {}  # tuple of route keys → those routes' merged weights, stacked
-        self._partitions: dict = {}  # identity of a router's group routes → which groups share a route
-        self._cache_stamp = None
+        self._partitions: dict = {}  # (by_set, set of tag groups) → which groups share a route
 
     def run(self, experts, dispatched):
         no_grad = not torch.is_grad_enabled()
@@ -338,15 +357,21 @@ class MergedDispatch(DispatchBackend):
         groups = dispatched.plan
         if not groups.counts:
             return None
-        if not no_grad:
-            merged = [experts.merged_weights(*groups.route(r)) for r in range(len(groups.counts))]
-            return experts.forward_merged_groups(dispatched.inputs, groups.counts, experts.stack_merged(merged))
-        # the cache is valid while the expert parameters are the same tensors at the same version
-        stamp = weights_stamp(experts)
-        if stamp != self._cache_stamp:
-            self.clear_cache()
-            self._cache_stamp = stamp
         by_set = groups.sets is not None
+        if self.cache and no_grad:
+            stacked = self._kept_weights(experts, groups, by_set)
+        else:
+            routes = (groups.route(r) for r in range(len(groups.counts)))
+            stacked = experts.stack_merged([experts.merged_weights(ids_K, None if by_set else weights_K)
+                                            for ids_K, weights_K in routes])
+        if not by_set:
+            return experts.forward_merged_groups(dispatched.inputs, groups.counts, stacked)
+        weights_GK = groups.sets[1]
+        return experts.forward_merged_sets(dispatched.inputs, groups.counts, stacked, weights_GK[groups.group_N])
+
+    def _kept_weights(self, experts, groups, by_set: bool):
+        """The stacked merged weights of ``groups``' routes, from what ``cache`` kept (built and
+        kept on first use)."""
         stack_key = (by_set, tuple(groups.keys))
         stacked = self._stacks.get(stack_key)
         if stacked is None:
@@ -361,10 +386,7 @@ class MergedDispatch(DispatchBackend):
             if len(self._stacks) >= self.MAX_STACKS:  # batches of other task mixes: forget the oldest
                 del self._stacks[next(iter(self._stacks))]
             stacked = self._stacks[stack_key] = experts.stack_merged(merged)
-        if not by_set:
-            return experts.forward_merged_groups(dispatched.inputs, groups.counts, stacked)
-        weights_GK = groups.sets[1]
-        return experts.forward_merged_sets(dispatched.inputs, groups.counts, stacked, weights_GK[groups.group_N])
+        return stacked
 
     def combine(self, outputs, dispatched, x_TD):
         if outputs is None:

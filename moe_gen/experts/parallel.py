@@ -11,9 +11,9 @@ Ranks with the same ``r mod P`` hold the same shard: they form a *replica group*
 expert gradients are averaged (``moe_gen.distributed.sync_gradients``). Routing is not sharded:
 router weights are replicated and every rank routes its own tokens over all E experts.
 
-The forward of one MoE layer on one rank (``ExpertParallel.__call__``):
+The forward of one MoE layer on one rank (``ExpertParallel``, the layer's dispatch backend):
 
-    sort computed assignments by expert       the layer backend's sort_assignments (triton: kernels)
+    sort computed assignments by expert       the former backend's sort_assignments (triton: kernels)
     all-to-all the counts [E]                 how many rows each rank sends me, per local expert
     all-to-all the rows  [N, D] → [M, D]      uneven splits, possibly empty
     regroup by local expert, forward_sorted   the same grouped kernel as the ``torch`` backend
@@ -39,7 +39,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from moe_gen.experts.dispatch import DispatchBackend
+from moe_gen.experts.dispatch import DispatchBackend, Dispatched, assignment_weights
 from moe_gen.moe import MoE
 from moe_gen.routing.router import RouterOutput
 
@@ -116,79 +116,93 @@ class _AllToAll(torch.autograd.Function):
         return grad_in, None, None, None
 
 
-class ExpertParallel:
-    """The expert-parallel replacement for dispatch → experts → combine of one MoE layer.
+@dataclasses.dataclass
+class _Exchange:
+    """What ``ExpertParallel.dispatch`` hands to ``run`` and ``combine``."""
 
-    Set as ``moe.expert_parallel`` by ``shard_experts``; ``MoE.forward`` then calls it instead of
-    its dispatch backend. Not a module: it holds no weights (the layer's ``experts`` hold the
-    local slice).
+    token_N: torch.Tensor  # long, source token of each sent row (sorted by expert)
+    weight_N: torch.Tensor  # gate weight of each sent row
+    send_splits: list[int]  # rows sent to each rank of the EP group
+    recv_splits: list[int]  # rows received from each
+    recv_E: torch.Tensor  # rows received per (source rank, local expert), flattened [P·L]
+    num_tokens: int
+
+
+class ExpertParallel(DispatchBackend):
+    """The all-to-all dispatcher: the computed assignments run on the ranks holding their experts.
+
+    ``shard_experts`` makes it the backend of every MoE layer it shards (the layer's former backend
+    becomes its ``sorter``); ``MoE.forward`` calls dispatch → run → combine as for any backend.
+    It holds no weights (the layer's ``experts`` hold the local slice).
 
     Args:
         plan: the model's ``ExpertParallelPlan`` (groups, sizes).
         shard: this layer's local experts.
+        sorter: the backend whose ``sort_assignments`` orders the assignments by expert (the
+            ``triton`` backend with its permutation kernels); gathering, the exchanges and the
+            combine are torch ops whatever it is. None: a torch sort.
     """
 
-    def __init__(self, plan: ExpertParallelPlan, shard: ExpertShard) -> None:
+    shards_experts = True
+
+    def __init__(self, plan: ExpertParallelPlan, shard: ExpertShard, sorter: DispatchBackend | None = None) -> None:
         self.plan, self.shard = plan, shard
+        self.sorter = sorter if sorter is not None else DispatchBackend()
 
     def __repr__(self) -> str:
         s = self.shard
         return f"ExpertParallel(ep_size={self.plan.ep_size}, experts [{s.offset}, {s.offset + s.count}) of {s.total})"
 
-    def __call__(self, experts: nn.Module, x_TD: torch.Tensor, routing: RouterOutput,
-                 backend: DispatchBackend | None = None) -> torch.Tensor:
-        """Runs the computed assignments of ``routing`` on the ranks holding their experts.
+    def with_sorter(self, sorter: DispatchBackend) -> "ExpertParallel":
+        """The same exchange, sorting with ``sorter``."""
+        return ExpertParallel(self.plan, self.shard, sorter)
 
-        Args:
-            experts: the layer's stacked experts, holding this rank's L experts.
-            x_TD: this rank's tokens.
-            routing: this rank's routing over all E experts.
-            backend: the layer's dispatch backend; its ``sort_assignments`` orders the assignments
-                by expert (the ``triton`` backend with its permutation kernels). Gathering, the
-                exchanges and the combine are torch ops whatever the backend: its gather and combine
-                kernels serve single-rank dispatch. None: a torch sort.
+    def sort_assignments(self, routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.sorter.sort_assignments(routing)
 
-        Returns:
-            ``[T, D']``: Σ_k weight[t, k] · expert_{ids[t, k]}(x[t]) over computed assignments
-            (zero rows for padding and fully dropped tokens), as the ``torch`` backend computes.
-        """
+    def dispatch(self, x_TD: torch.Tensor, routing: RouterOutput) -> Dispatched:
+        """Sends each computed assignment's row to the rank holding its expert; the rows this rank
+        receives (ordered by source rank, then local expert) are the ``inputs``."""
         P, L, E = self.plan.ep_size, self.shard.count, self.shard.total
         group = self.plan.ep_group
         assert routing.num_experts == E, (routing.num_experts, E)
-        T, K = routing.topk_ids.shape
-
-        # 1. Sort computed assignments by expert: rank q's experts [qL, (q+1)L) become one block.
-        flat_N, send_E = (backend or DispatchBackend()).sort_assignments(routing)
-        token_N, weight_N = flat_N // K, routing.topk_weights.reshape(-1)[flat_N]
-
-        # 2. Counts: send_E[e] rows I send to expert e; recv_E[q·L + l] rows rank q sends to my
-        # local expert l. Split sizes must be host integers (one device sync, as dropless
-        # dispatch needs anyway).
+        # Sort computed assignments by expert: rank q's experts [qL, (q+1)L) become one block.
+        flat_N, send_E = self.sort_assignments(routing)
+        token_N, weight_N = flat_N // routing.top_k, assignment_weights(routing, flat_N)
+        # Counts: send_E[e] rows I send to expert e; recv_E[q·L + l] rows rank q sends to my local
+        # expert l. Split sizes must be host integers (one device sync, as dropless dispatch needs).
         recv_E = torch.empty_like(send_E)
         dist.all_to_all_single(recv_E, send_E, group=group)
         send_splits = send_E.view(P, L).sum(1).tolist()
         recv_splits = recv_E.view(P, L).sum(1).tolist()
-
-        # 3. Rows out: arrive ordered by source rank, then by local expert within each source.
         x_recv_MD = _AllToAll.apply(x_TD.index_select(0, token_N), recv_splits, send_splits, group)
+        return Dispatched(x_recv_MD, _Exchange(token_N, weight_N, send_splits, recv_splits, recv_E, x_TD.shape[0]))
 
-        # 4. Regroup by local expert for the grouped kernel, run, and restore the arrival order.
-        local_M = torch.arange(L, device=x_TD.device).repeat(P).repeat_interleave(recv_E)
+    def run(self, experts: nn.Module, dispatched: Dispatched) -> torch.Tensor:
+        """The local experts on the received rows (regrouped by local expert for the grouped
+        kernel), returned in arrival order."""
+        P, L = self.plan.ep_size, self.shard.count
+        x_recv_MD, exchange = dispatched.inputs, dispatched.plan
+        local_M = torch.arange(L, device=x_recv_MD.device).repeat(P).repeat_interleave(exchange.recv_E)
         by_expert_M = torch.sort(local_M, stable=True).indices
         y_local_MD = experts.forward_sorted(x_recv_MD.index_select(0, by_expert_M),
-                                            recv_E.view(P, L).sum(0).tolist())
+                                            exchange.recv_E.view(P, L).sum(0).tolist())
         arrival_M = torch.empty_like(by_expert_M)
-        arrival_M[by_expert_M] = torch.arange(by_expert_M.numel(), device=x_TD.device)
+        arrival_M[by_expert_M] = torch.arange(by_expert_M.numel(), device=x_recv_MD.device)
         y_recv_MD = y_local_MD.index_select(0, arrival_M)
         if torch.is_grad_enabled() and x_recv_MD.shape[0] == 0:
             y_recv_MD = _tie_to_graph(y_recv_MD, x_recv_MD, experts)
+        return y_recv_MD
 
-        # 5. Outputs back to the ranks that sent the rows, in the order they were sent.
-        y_ND = _AllToAll.apply(y_recv_MD, send_splits, recv_splits, group)
-
-        # 6. Combine: gate-weighted scatter-add into the tokens (as TorchDispatch.combine).
-        weighted_ND = y_ND * weight_N.unsqueeze(1).to(y_ND.dtype)
-        return weighted_ND.new_zeros(T, weighted_ND.shape[1]).index_add(0, token_N, weighted_ND)
+    def combine(self, y_recv_MD: torch.Tensor, dispatched: Dispatched, x_TD: torch.Tensor) -> torch.Tensor:
+        """Outputs back to the ranks that sent the rows, then a gate-weighted scatter-add into the
+        tokens (as ``TorchDispatch.combine``): Σ_k weight[t, k] · expert_{ids[t, k]}(x[t]), zero rows
+        for padding and fully dropped tokens."""
+        exchange = dispatched.plan
+        y_ND = _AllToAll.apply(y_recv_MD, exchange.send_splits, exchange.recv_splits, self.plan.ep_group)
+        weighted_ND = y_ND * exchange.weight_N.unsqueeze(1).to(y_ND.dtype)
+        y_TD = weighted_ND.new_zeros(exchange.num_tokens, weighted_ND.shape[1])
+        return y_TD.index_add(0, exchange.token_N, weighted_ND)
 
 
 def _tie_to_graph(y_MD: torch.Tensor, x_MD: torch.Tensor, experts: nn.Module) -> torch.Tensor:
@@ -339,7 +353,7 @@ def _keep_local_experts(moe: MoE, plan: ExpertParallelPlan, shard: ExpertShard) 
         local = param.detach()[shard.offset:shard.offset + shard.count].clone()
         setattr(experts, pname, nn.Parameter(local, requires_grad=param.requires_grad))
     experts.num_experts = shard.count
-    moe.expert_parallel = ExpertParallel(plan, shard)
+    moe.backend = ExpertParallel(plan, shard, sorter=moe.backend)
 
 
 def expert_plan(model: nn.Module) -> ExpertParallelPlan:

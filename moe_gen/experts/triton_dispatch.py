@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import importlib.util
 import os
 
@@ -227,8 +228,6 @@ def _row_dot_kernel(a_ptr, b_ptr, row_ptr, out_ptr, num_tokens, width, K,
 
 _KERNEL_SOURCES = (_histogram_kernel, _offsets_kernel, _permute_kernel, _gather_rows_kernel,
                    _gather_sum_kernel, _row_dot_kernel)
-_KERNELS: dict[bool, dict] = {}
-
 
 def _kernels() -> dict:
     """The kernels as Triton functions, built on first use for the current interpreter setting
@@ -241,9 +240,14 @@ def _kernels() -> dict:
             f"TRITON_INTERPRET={os.environ.get('TRITON_INTERPRET', '')!r} now, but triton was imported "
             f"{'with' if imported else 'without'} its interpreter; set TRITON_INTERPRET before anything "
             "imports triton (in the shell, or at the top of conftest.py), or use backend='torch'")
-    if interpret not in _KERNELS:
-        _KERNELS[interpret] = {fn.__name__.strip("_"): triton.jit(fn) for fn in _KERNEL_SOURCES}
-    return _KERNELS[interpret]
+    return _jit_kernels(interpret)
+
+
+@functools.cache
+def _jit_kernels(interpret: bool) -> dict:
+    """The kernels wrapped by ``triton.jit`` once per interpreter setting (Triton compiles them per
+    shape and device itself)."""
+    return {fn.__name__.strip("_"): triton.jit(fn) for fn in _KERNEL_SOURCES}
 
 
 def _pow2(n: int, floor: int = 16) -> int:

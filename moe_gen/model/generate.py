@@ -26,7 +26,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from moe_gen.model.grammar import Option, State, TargetGrammar
-from moe_gen.routing.tags import TokenTags
+from moe_gen.routing.tags import TagBatch, TokenTags
 from moe_gen.tasks.batch import Side, collate
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
@@ -361,8 +361,10 @@ class _CachedDecoder:
         self.key_valid[rows, write] = active_BS
         mask = self.key_valid.unsqueeze(1) & (torch.arange(self.total, device=self.device) <= write.unsqueeze(-1))
         x, rope = model.embed(side, positions), model.rope(side, positions)
+        # one per step, for all layers
+        tags = TagBatch(side.tags, ~active_BS, shape=x.shape[:2], device=x.device, vocab=model.decoder.tag_vocab)
         for block, cache, kv in zip(model.decoder.blocks, self.caches, self.memory_kv):
-            x = block.step(x, cache, write, mask, side.tags, ~active_BS, kv, self.cross_mask, rope)
+            x = block.step(x, cache, write, mask, tags, kv, self.cross_mask, rope)
         return model.decoder.norm(x)
 
     def _run(self, side_B1, steps_B, active_B) -> torch.Tensor:

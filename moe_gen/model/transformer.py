@@ -28,7 +28,7 @@ from torch import nn
 from moe_gen.experts.experts import DenseFFN
 from moe_gen.model.config import ModelConfig
 from moe_gen.moe import MoE, MoEOutput
-from moe_gen.routing.tags import TokenTags
+from moe_gen.routing.tags import TagBatch
 
 __all__ = ["Attention", "Block", "Stack", "StackOutput", "make_norm", "rotary_tables", "rotate"]
 
@@ -77,7 +77,7 @@ class Attention(nn.Module):
         k, v = self.kv(memory_BKD).view(B, K, 2, self.num_kv_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         return k, v
 
-    def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TokenTags], padding_BS, kv=None, rope=None,
+    def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TagBatch], kv=None, rope=None,
                 keep_kv: Optional[list] = None):
         """``keep_kv``: a list that receives this call's (rotated) keys and values (a prefix the
         decoder-only layout caches for generation)."""
@@ -99,7 +99,7 @@ class Attention(nn.Module):
                                            enable_gqa=self.num_kv_heads != H)
         y = y.transpose(1, 2).reshape(B, S, D)
         if isinstance(self.out, MoE):
-            moe_out = self.out(y, tags=tags, padding_mask=padding_BS)
+            moe_out = self.out(y, tags=tags)
             return moe_out.output, moe_out
         return self.out(y), None
 
@@ -128,20 +128,21 @@ class Block(nn.Module):
         h = sublayer(norm(x))
         return x + (self.drop(h) if drop else h)
 
-    def _ffn(self, h, tags, padding, routed: Optional[list]):
+    def _ffn(self, h, tags: TagBatch, routed: Optional[list]):
         if isinstance(self.ffn, MoE):
-            moe_out = self.ffn(h, tags=tags, padding_mask=padding)
+            moe_out = self.ffn(h, tags=tags)
             if routed is not None:
                 routed.append(moe_out)
             return moe_out.output
         return self.ffn(h)
 
-    def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None,
+    def forward(self, x, self_mask, tags: TagBatch, memory=None, cross_mask=None,
                 rope=None, keep_kv: Optional[list] = None) -> tuple[torch.Tensor, list]:
+        """``tags``: the tokens' tags and padding, shared by every MoE layer of the stack."""
         routed: list[MoEOutput] = []
 
         def self_attention(h):
-            out, moe_out = self.self_attn(h, h, self_mask, tags, padding, rope=rope, keep_kv=keep_kv)
+            out, moe_out = self.self_attn(h, h, self_mask, tags, rope=rope, keep_kv=keep_kv)
             if moe_out is not None:
                 routed.append(moe_out)
             return out
@@ -149,11 +150,11 @@ class Block(nn.Module):
         x = self._residual(x, self.norm_self, self_attention)
         if self.cross_attn is not None and memory is not None:  # the contrastive pass skips it
             x = self._residual(x, self.norm_cross,
-                               lambda h: self.cross_attn(h, memory, cross_mask, tags, padding)[0])
-        x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, padding, routed))
+                               lambda h: self.cross_attn(h, memory, cross_mask, tags)[0])
+        x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, routed))
         return x, routed
 
-    def step(self, x_BSD, cache: dict, write_BS, self_mask_BSK, tags, padding_BS, memory_kv, cross_mask_BSK,
+    def step(self, x_BSD, cache: dict, write_BS, self_mask_BSK, tags: TagBatch, memory_kv, cross_mask_BSK,
              rope=None):
         """New positions (S per row: the whole prefix at once, then one per decoding step)
         attending to the cached keys/values (``cache["k"]``, ``cache["v"]``: ``[B, G, L, D/H]``);
@@ -166,14 +167,14 @@ class Block(nn.Module):
                 k_new = rotate(k_new, rope)
             cache["k"][rows, :, write_BS] = k_new.transpose(1, 2)  # [B, S, G, D/H] at (row, position)
             cache["v"][rows, :, write_BS] = v_new.transpose(1, 2)
-            return self.self_attn(h, None, self_mask_BSK, tags, padding_BS, kv=(cache["k"], cache["v"]),
+            return self.self_attn(h, None, self_mask_BSK, tags, kv=(cache["k"], cache["v"]),
                                   rope=rope)[0]
 
         x = self._residual(x_BSD, self.norm_self, self_attention, drop=False)
         if self.cross_attn is not None:
             x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
-                h, None, cross_mask_BSK, tags, padding_BS, kv=memory_kv)[0], drop=False)
-        return self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, padding_BS, None), drop=False)
+                h, None, cross_mask_BSK, tags, kv=memory_kv)[0], drop=False)
+        return self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, None), drop=False)
 
 
 @dataclasses.dataclass
@@ -190,12 +191,17 @@ class Stack(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(config, i, cross, name) for i in range(layers))
         self.norm = make_norm(config) if config.final_norm else nn.Identity()
+        rc = config.router  # the tags are checked once per forward against its vocabularies
+        self.tag_vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
 
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
                 keep_kv: Optional[list] = None) -> StackOutput:
-        """``keep_kv``: a list that receives every block's self-attention keys and values."""
+        """``tags``, ``padding``: the tokens' ``TokenTags`` and padding mask (True = padding), given
+        to every MoE layer as one ``TagBatch``. ``keep_kv``: a list that receives every block's
+        self-attention keys and values."""
         routed = []
+        batch = TagBatch(tags, padding, shape=x.shape[:2], device=x.device, vocab=self.tag_vocab)
         for block in self.blocks:
-            x, moe_outs = block(x, self_mask, tags, padding, memory, cross_mask, rope, keep_kv)
+            x, moe_outs = block(x, self_mask, batch, memory, cross_mask, rope, keep_kv)
             routed.extend(moe_outs)
         return StackOutput(self.norm(x), routed)

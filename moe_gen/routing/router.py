@@ -31,8 +31,7 @@ from moe_gen.registry import GATES, ROUTERS
 from moe_gen.routing import balance
 from moe_gen.routing.capacity import capacity_for, slot_positions
 from moe_gen.routing.gates import Gate, GateChoice
-from moe_gen.routing.tags import TokenTags
-from moe_gen.stamps import weights_stamp
+from moe_gen.routing.tags import TagBatch, TokenTags
 
 __all__ = ["GroupRoutes", "RouterOutput", "Router"]
 
@@ -51,6 +50,9 @@ class GroupRoutes:
         weights_GK: float32 ``[G, K]`` the gate weight every valid member gets.
         probs_GE, logits_GE: float32 ``[G, E]`` the group's router probabilities and logits.
         count_G: long ``[G]`` valid (non-padding) members of each group.
+        key: the set of tag groups these routes belong to (``TagBatch.group_keys``) when they come
+            from a frozen router's route cache, where the same key always means the same routes
+            (merged dispatch caches its grouping by it); None otherwise.
     """
 
     group_T: torch.Tensor
@@ -59,6 +61,7 @@ class GroupRoutes:
     probs_GE: torch.Tensor
     logits_GE: torch.Tensor
     count_G: torch.Tensor
+    key: Optional[tuple[int, ...]] = None
 
 
 class RouterOutput:
@@ -77,6 +80,7 @@ class RouterOutput:
         logits: float32 ``[T, E]`` router logits, before noise.
         valid: bool ``[T]`` real tokens (not padding).
         expert_counts: long ``[E]`` assignments each expert computes (after drops).
+        num_experts, top_k: E and K.
         dropped_assignments: long scalar, assignments dropped by capacity (or not picked by any
             expert, for expert choice counted per token below).
         dropped_tokens: long scalar, valid tokens with no computed assignment: their MoE output is
@@ -89,6 +93,12 @@ class RouterOutput:
             (ids, weights, mask, probs, logits) and the expert counts and capacity are computed
             from the group rows on first access only, and may be left out of the constructor.
     """
+
+    def __new__(cls, **kwargs):
+        # routes kept per tag group: the subclass that expands the per-token tensors on first read
+        if cls is RouterOutput and kwargs.get("groups") is not None:
+            cls = _GroupedRouterOutput
+        return super().__new__(cls)
 
     def __init__(
         self,
@@ -114,7 +124,11 @@ class RouterOutput:
         if groups is None and any(v is None for v in given.values()):
             missing = [k for k, v in given.items() if v is None]
             raise ValueError(f"RouterOutput needs {', '.join(missing)} (or groups= to expand them from)")
-        self._tensors = {k: v for k, v in given.items() if v is not None}
+        if groups is None:  # plain attributes
+            for name, value in given.items():
+                setattr(self, name, value)
+        else:  # _GroupedRouterOutput: what is not given is expanded from the groups when read
+            self._tensors = {k: v for k, v in given.items() if v is not None}
         self.positions = positions
         self.valid = valid
         self.dropped_assignments = dropped_assignments
@@ -123,6 +137,25 @@ class RouterOutput:
         self.balanced_by_construction = balanced_by_construction
         self.learned_gate = learned_gate
         self.groups = groups
+        # experts and assignment slots per token, as plain numbers
+        self.num_experts = (groups.probs_GE if groups is not None else probs).shape[1]
+        self.top_k = (groups.ids_GK if groups is not None else topk_ids).shape[1]
+
+    def slot_positions(self) -> torch.Tensor:
+        """``positions``, computed in token order on first use when routing was dropless."""
+        if self.positions is None:
+            self.positions, _ = slot_positions(self.topk_ids, self.mask, self.num_experts)
+        return self.positions
+
+    def __repr__(self) -> str:
+        T, K = self.valid.shape[0], self.top_k
+        grouped = "" if self.groups is None else f", {self.groups.ids_GK.shape[0]} tag groups"
+        return f"RouterOutput(T={T}, K={K}, E={self.num_experts}, capacity={self.capacity}{grouped})"
+
+
+class _GroupedRouterOutput(RouterOutput):
+    """A ``RouterOutput`` whose routes are kept per tag group (``groups``): its per-token tensors,
+    expert counts and capacity are computed from the group rows on first read."""
 
     def _expanded(self, name: str) -> torch.Tensor:
         if name not in self._tensors:
@@ -153,23 +186,6 @@ class RouterOutput:
     logits = property(lambda self: self._expanded("logits"))
     expert_counts = property(lambda self: self._expanded("expert_counts"))
     capacity = property(lambda self: self._expanded("capacity"))
-
-    @property
-    def num_experts(self) -> int:
-        if self.groups is not None:
-            return self.groups.probs_GE.shape[1]
-        return self.expert_counts.shape[0]
-
-    def slot_positions(self) -> torch.Tensor:
-        """``positions``, computed in token order on first use when routing was dropless."""
-        if self.positions is None:
-            self.positions, _ = slot_positions(self.topk_ids, self.mask, self.num_experts)
-        return self.positions
-
-    def __repr__(self) -> str:
-        T, K = self.valid.shape[0], self.topk_ids.shape[1] if self.groups is None else self.groups.ids_GK.shape[1]
-        grouped = "" if self.groups is None else f", {self.groups.ids_GK.shape[0]} tag groups"
-        return f"RouterOutput(T={T}, K={K}, E={self.num_experts}, capacity={self.capacity}{grouped})"
 
 
 class Router(nn.Module):
@@ -203,12 +219,10 @@ class Router(nn.Module):
         has_bias = self.balances_by_bias or rc.selection_bias
         self.register_buffer("balance_bias", torch.zeros(config.num_experts) if has_bias else None)
         self._pending_load: Optional[torch.Tensor] = None  # loads awaiting balance.sync_bias_updates
-        self.clear_cache()  # inference routes per set of tag groups (see forward)
-
-    def clear_cache(self) -> None:
-        """Drops the cached inference routes (needed after writes through ``param.data``, which
-        the version stamp cannot see)."""
-        self._routes, self._route_stamp = {}, None
+        # Inference routes per set of tag groups, kept only in a layer frozen by
+        # ``moe_gen.merge_for_inference`` (its weights no longer change).
+        self.cache_routes = False
+        self._routes: dict = {}
 
     @property
     def content_dependent(self) -> bool:
@@ -256,33 +270,31 @@ class Router(nn.Module):
         key = prefix + "balance_bias"
         if self.balance_bias is not None and key not in state_dict:
             state_dict[key] = torch.zeros_like(self.balance_bias)
+        self._routes = {}  # new weights: cached routes no longer hold
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
-    def forward(
-        self,
-        x_TD: torch.Tensor,
-        tags: TokenTags | None,
-        valid_T: torch.Tensor,
-        segment_T: torch.Tensor,
-    ) -> RouterOutput:
+    def _apply(self, fn, *args, **kwargs):
+        self._routes = {}  # moved or cast: cached routes hold tensors of the old device or dtype
+        return super()._apply(fn, *args, **kwargs)
+
+    def forward(self, x_TD: torch.Tensor, batch: TagBatch) -> RouterOutput:
         """Args:
             x_TD: hidden states (any float dtype).
-            tags: flattened tags ``[T]`` (required by tag strategies).
-            valid_T: bool, False for padding.
-            segment_T: long sequence index of each token (for context pooling).
+            batch: the tokens' tags (required by tag strategies), padding and sequences
+                (``TagBatch``; its tag groups are computed once for all layers of a forward).
         """
+        valid_T, segment_T = batch.valid, batch.segment
         # Rows the router scores: every token, or one representative per tag group.
-        x_RD, tags_R, segment_R, valid_R = x_TD, tags, segment_T, valid_T
+        x_RD, tags_R, segment_R, valid_R = x_TD, batch.tags, segment_T, valid_T
         group_T = cache_key = None
         if not self.content_dependent and x_TD.shape[0] > 0:
             # Route each tag group once and broadcast: identical routes for all members, bit
-            # for bit (and G rows of work instead of T). Noise, too, is drawn per group. The
-            # groups are computed once per tags object, so once per forward for all layers.
-            group_T = tags.group_ids()
-            cache_key = self._route_cache_key(tags)
+            # for bit (and G rows of work instead of T). Noise, too, is drawn per group.
+            group_T = batch.group_ids
+            cache_key = self._route_cache_key(batch)
             if cache_key is not None and cache_key in self._routes:
-                return self._grouped_output(tags, *self._routes[cache_key], valid_T)
-            _, first_G, tags_R = tags.groups()
+                return self._grouped_output(batch, *self._routes[cache_key], key=cache_key)
+            first_G, tags_R = batch.first_G, batch.group_tags
             x_RD, segment_R, valid_R = x_TD[first_G], segment_T[first_G], valid_T[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
@@ -295,7 +307,7 @@ class Router(nn.Module):
                     # dropless, and the gate chose K experts for every group: routes stay per group
                     routes = (choice.ids_TK, choice.weights_TK, probs_RE, logits_RE)
                     self._cache_routes(cache_key, routes)
-                    return self._grouped_output(tags, *routes, valid_T)
+                    return self._grouped_output(batch, *routes, key=cache_key)
                 choice = _choice_to_tokens(choice, group_T, valid_T)
                 logits_TE, probs_TE = logits_RE[group_T], _zero_padding(probs_RE[group_T], valid_T)
             else:
@@ -307,22 +319,18 @@ class Router(nn.Module):
         positions_TK, keep_TK, capacity = self._apply_capacity(choice, valid_T)
         return self._token_output(choice, keep_TK, positions_TK, capacity, probs_TE, logits_TE, valid_T)
 
-    def _route_cache_key(self, tags: TokenTags) -> tuple[int, ...] | None:
+    def _route_cache_key(self, batch: TagBatch) -> tuple[int, ...] | None:
         """The key of this set of tag groups in the inference route cache, or ``None`` where routes
-        are not cached. Empties the cache first if the router's weights changed since it was filled.
+        are not cached.
 
-        Inference only (no training, no autograd), a row-wise gate and dropless routing: then a
-        group's route is a function of its tags and the router's parameters only, so routes are
-        cached per set of tag groups (until a parameter or buffer changes: optimizer steps,
-        load_state_dict, .to()).
+        Only in a layer frozen for inference (``cache_routes``, set by ``merge_for_inference``),
+        without training or autograd, with a row-wise gate and dropless routing: then a group's
+        route is a function of its tags alone.
         """
-        if not (type(self.gate).rowwise and self.config.capacity_factor is None and not self.training
-                and not torch.is_grad_enabled()):
+        if not (self.cache_routes and type(self.gate).rowwise and self.config.capacity_factor is None
+                and not self.training and not torch.is_grad_enabled()):
             return None
-        stamp = weights_stamp(self)
-        if stamp != self._route_stamp:
-            self._routes, self._route_stamp = {}, stamp
-        return tags.group_keys()
+        return batch.group_keys
 
     def _cache_routes(self, cache_key: tuple[int, ...] | None, routes: tuple) -> None:
         """Keeps ``routes`` under ``cache_key`` (no-op for ``None``), evicting the oldest entry
@@ -435,13 +443,10 @@ class Router(nn.Module):
             learned_gate=type(self.gate).learned,
         )
 
-    def _grouped_output(self, tags, ids_GK, weights_GK, probs_GE, logits_GE, valid_T) -> RouterOutput:
+    def _grouped_output(self, batch: TagBatch, ids_GK, weights_GK, probs_GE, logits_GE, *, key=None) -> RouterOutput:
         """The decision of a row-wise gate over G tag-group rows, kept per group (dropless: every
         valid member computes all K assignments of its group's route)."""
-        G = ids_GK.shape[0]
-        group_T = tags.group_ids()
-        count_G = tags.derived("valid members per group", lambda: torch.zeros(
-            G, dtype=torch.long, device=valid_T.device).index_add_(0, group_T, valid_T.long()), valid_T)
+        valid_T, group_T, count_G = batch.valid, batch.group_ids, batch.group_counts
         none = torch.zeros((), dtype=torch.long, device=valid_T.device)
         return RouterOutput(  # expert counts and capacity are computed from the groups when read
             valid=valid_T,
@@ -450,7 +455,7 @@ class Router(nn.Module):
             content_dependent=False,
             balanced_by_construction=type(self.gate).balanced_by_construction,
             learned_gate=type(self.gate).learned,
-            groups=GroupRoutes(group_T, ids_GK, weights_GK, probs_GE, logits_GE, count_G),
+            groups=GroupRoutes(group_T, ids_GK, weights_GK, probs_GE, logits_GE, count_G, key),
         )
 
 

@@ -12,12 +12,12 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
-import weakref
+import math
 from typing import Sequence, Union
 
 import torch
 
-__all__ = ["MODALITIES", "ROLES", "PASSES", "TokenTags", "modality_index", "attribute_dim"]
+__all__ = ["MODALITIES", "ROLES", "PASSES", "TokenTags", "TagBatch", "modality_index", "attribute_dim"]
 
 # Built-in vocabularies; the index in each tuple is the tag value.
 MODALITIES: tuple[str, ...] = (
@@ -45,8 +45,6 @@ def attribute_dim(num_modalities: int, num_roles: int, num_passes: int) -> int:
     """Width A of the attribute vector built by ``TokenTags.attribute_vector``."""
     return 2 * num_modalities + num_roles + 1 + num_passes
 
-
-_DERIVED: dict[int, dict] = {}  # id(tags) → values derived from them (see TokenTags._memo)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,62 +140,10 @@ class TokenTags:
             sample=None if self.sample is None else fn(self.sample),
         )
 
-    def _memo(self, key, compute):
-        """Derived values computed once per tags object: every MoE layer of a forward pass gets
-        the same tags, so flattening, validation and tag grouping run once, not once per layer.
-        Tags are treated as immutable once used (``dataclasses.replace`` makes a fresh object)."""
-        memo = _DERIVED.get(id(self))
-        if memo is None:
-            # kept beside the object (not in its __dict__, which users rebuild tags from) and
-            # dropped when the object is collected
-            memo = _DERIVED[id(self)] = {}
-            weakref.finalize(self, _DERIVED.pop, id(self), None)
-        if key not in memo:
-            memo[key] = compute()
-        return memo[key]
-
-    def derived(self, name: str, compute, tensor: torch.Tensor | None = None):
-        """``compute()``, once per tags object (and per ``tensor`` object when given, e.g. the
-        padding mask that goes with these tags): the MoE layers of one forward pass share such
-        values. ``compute`` must depend on nothing but the tags and ``tensor``. The tensor is
-        held as long as the memo, so its id cannot be reused by another object meanwhile."""
-        if tensor is None:
-            return self._memo(("derived", name), compute)
-        return self._memo(("derived", name, id(tensor)), lambda: (tensor, compute()))[1]
-
     def flatten(self) -> "TokenTags":
         """Tags for ``[T]`` tokens (token dims merged, ``task_modalities`` stays ``[T, M]``)."""
         n = self.task.numel()
-        return self._memo("flat", lambda: self._map(lambda t: t.reshape(n, *t.shape[self.task.dim():])))
-
-    def groups(self) -> tuple[torch.Tensor, torch.Tensor, "TokenTags"]:
-        """Tag groups of flattened tags ``[T]``: ``group_T`` (long, group of each token, groups
-        numbered in key order), ``first_G`` (long, first token of each group) and the tags of
-        those first tokens ``[G]``."""
-        return self.group_ids(), *self._memo("group rows", self._group_rows)
-
-    def group_ids(self) -> torch.Tensor:
-        """``group_T`` of ``groups()`` alone (what a router that reuses cached routes needs)."""
-        return self._memo("groups", self._group_ids)[0]
-
-    def group_keys(self) -> tuple[int, ...]:
-        """The ``group_key`` of each tag group of ``groups()``, in group order, as Python ints: a
-        hashable name for this set of groups (routers cache inference routes by it)."""
-        return self._memo("groups", self._group_ids)[1]
-
-    def _group_ids(self):
-        if self.task.dim() != 1:
-            raise ValueError(f"groups() needs flattened tags [T], got shape {tuple(self.shape)}")
-        keys_G, group_T = torch.unique(self.group_key(), return_inverse=True)
-        return group_T, tuple(keys_G.tolist())
-
-    def _group_rows(self):
-        group_T = self.group_ids()
-        T = group_T.shape[0]
-        token_T = torch.arange(T, device=group_T.device)
-        first_G = torch.full((len(self.group_keys()),), T, device=group_T.device)
-        first_G = first_G.scatter_reduce(0, group_T, token_T, "amin")
-        return first_G, self.select(first_G)
+        return self._map(lambda t: t.reshape(n, *t.shape[self.task.dim():]))
 
     def select(self, index: torch.Tensor) -> "TokenTags":
         """Tags of a subset of tokens: ``index`` is what indexes each tag tensor (a bool mask or
@@ -218,14 +164,6 @@ class TokenTags:
     ) -> None:
         """Raises ``ValueError`` naming the tag at fault: shape, dtype or out-of-range value."""
         shape = tuple(shape)
-        key = ("validated", shape, num_modalities, num_roles, num_passes, num_tasks)
-        if _DERIVED.get(id(self), {}).get(key):
-            return
-        self._validate(shape, num_modalities=num_modalities, num_roles=num_roles, num_passes=num_passes,
-                       num_tasks=num_tasks)
-        self._memo(key, lambda: True)
-
-    def _validate(self, shape, *, num_modalities, num_roles, num_passes, num_tasks) -> None:
         limits = {
             "task": num_tasks, "modality": num_modalities, "role": num_roles, "pass_id": num_passes,
         }
@@ -281,7 +219,7 @@ class TokenTags:
             float32 ``[..., A]``.
         """
         one_hot = torch.nn.functional.one_hot
-        return self._memo(("attributes", num_modalities, num_roles, num_passes), lambda: torch.cat(
+        return torch.cat(
             [
                 self.task_modalities.float(),
                 one_hot(self.modality, num_modalities).float(),
@@ -290,4 +228,140 @@ class TokenTags:
                 one_hot(self.pass_id, num_passes).float(),
             ],
             dim=-1,
-        ))
+        )
+
+
+class TagBatch:
+    """The tags of one forward pass, flattened to tokens, with what the MoE layers derive from them.
+
+    The model builds one per stack call (or decoding step) and passes it to every MoE layer, so
+    validation, flattening and tag grouping run once per forward, not once per layer; everything
+    is computed here, up front, and read as plain attributes. An ``MoE`` called with plain
+    ``TokenTags`` builds its own. Nothing is kept beyond the object: a new batch is a new
+    ``TagBatch``.
+
+    Attributes:
+        shape: the token layout (``[T]`` or ``[B, S]``); ``num_tokens`` is T.
+        tags: flattened ``TokenTags`` ``[T]``, or None (routers that need no tags).
+        valid: bool ``[T]``, False for padding.
+        segment: long ``[T]``, the sequence of each token (rows of ``[B, S]``, refined by
+            ``tags.sample`` when samples are packed into rows), for context pooling.
+        group_ids: long ``[T]``, the tag group of each token, groups numbered in key order (tokens of
+            one group share every content-independent route); None without tags.
+        group_keys: the ``TokenTags.group_key`` of each group as Python ints, in group order: a
+            hashable name for this set of groups.
+        first_G: long ``[G]``, the first token of each group; ``group_tags`` their tags ``[G]``.
+        group_counts: long ``[G]``, valid (non-padding) members of each group.
+        vocab: the vocabulary sizes ``(modalities, roles, passes, tasks)`` the tags were checked
+            against (None: not checked).
+
+    Args:
+        tags: ``TokenTags`` shaped like the tokens, or None.
+        padding_mask: bool shaped like the tokens, True where a position is padding (or None).
+        shape: the token layout; defaults to the tags' (or the padding mask's) shape.
+        vocab: check the tags against these sizes ``(modalities, roles, passes, tasks)`` first
+            (``ValueError`` naming the tag at fault).
+    """
+
+    def __init__(
+        self,
+        tags: TokenTags | None,
+        padding_mask: torch.Tensor | None = None,
+        *,
+        shape: Sequence[int] | None = None,
+        device: torch.device | None = None,
+        vocab: tuple[int, int, int, int] | None = None,
+    ) -> None:
+        if tags is not None and not isinstance(tags, TokenTags):
+            raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
+        if shape is None:
+            source = tags.task if tags is not None else padding_mask
+            if not isinstance(source, torch.Tensor):
+                raise ValueError("TagBatch needs tags, a padding mask or shape= to know the token layout")
+            shape = source.shape
+        self.shape = tuple(int(n) for n in shape)
+        self.num_tokens = math.prod(self.shape)
+        self.has_tags = tags is not None
+        self.vocab = None
+        if tags is not None and vocab is not None:
+            num_modalities, num_roles, num_passes, num_tasks = vocab
+            tags.validate(self.shape, num_modalities=num_modalities, num_roles=num_roles, num_passes=num_passes,
+                          num_tasks=num_tasks)
+            self.vocab = tuple(vocab)
+        self._original = tags
+        if device is None:
+            device = tags.task.device if tags is not None else None
+        self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
+        self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
+        self.group_keys: tuple[int, ...] = ()
+        if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
+            self._derive(tags)
+        self.segment = _segments(self.shape, self.tags, self.valid.device)
+
+    def _derive(self, tags: TokenTags) -> None:
+        """The flattened tags and their groups (tags already checked against the tokens)."""
+        self.tags = flat = tags.flatten()
+        keys_G, group_T = torch.unique(flat.group_key(), return_inverse=True)
+        self.group_ids, self.group_keys = group_T, tuple(keys_G.tolist())
+        T = group_T.shape[0]
+        first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
+        self.first_G = first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
+        self.group_tags = flat.select(self.first_G)
+        self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
+            0, group_T, self.valid.long())
+
+    def validate(self, vocab: tuple[int, int, int, int]) -> None:
+        """Checks the tags against the vocabulary sizes ``(modalities, roles, passes, tasks)`` (a
+        router's), unless they were checked against these already; derives the groups if the tags
+        were not well formed enough to derive them before."""
+        if self._original is None or self.vocab == tuple(vocab):
+            return
+        num_modalities, num_roles, num_passes, num_tasks = vocab
+        self._original.validate(self.shape, num_modalities=num_modalities, num_roles=num_roles,
+                                num_passes=num_passes, num_tasks=num_tasks)
+        self.vocab = tuple(vocab)
+        if self.tags is None:
+            self._derive(self._original)
+            self.segment = _segments(self.shape, self.tags, self.valid.device)
+
+
+def _well_formed(tags: TokenTags, shape: tuple[int, ...]) -> bool:
+    """Whether every tag tensor is shaped like the tokens (so flattening and grouping can run before
+    a router's vocabulary check names anything else that is wrong)."""
+    per_token = [tags.task, tags.modality, tags.role, tags.causal, tags.pass_id]
+    if tags.sample is not None:
+        per_token.append(tags.sample)
+    if not all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape and not t.is_floating_point()
+               for t in per_token):
+        return False
+    tm = tags.task_modalities
+    return isinstance(tm, torch.Tensor) and tuple(tm.shape[:-1]) == shape and tm.dim() == len(shape) + 1
+
+
+def _valid_tokens(padding_mask, shape: tuple[int, ...], T: int, device) -> torch.Tensor:
+    """valid_T: True for every token that is not padding (all of them without a padding_mask)."""
+    if padding_mask is None:
+        return torch.ones(T, dtype=torch.bool, device=device)
+    if not isinstance(padding_mask, torch.Tensor) or tuple(padding_mask.shape) != shape:
+        got = (f"tensor of shape {tuple(padding_mask.shape)} and dtype {padding_mask.dtype}"
+               if isinstance(padding_mask, torch.Tensor) else type(padding_mask).__name__)
+        raise ValueError(f"padding_mask must be shaped like the tokens {shape}, got {got}")
+    if padding_mask.dtype != torch.bool:
+        raise ValueError(f"padding_mask must be bool (True = padding), got {padding_mask.dtype}")
+    return ~padding_mask.reshape(T)
+
+
+def _segments(shape: tuple[int, ...], flat: TokenTags | None, device) -> torch.Tensor:
+    """Sequence index of each token, for context pooling: rows of [B, S], refined by tags.sample
+    when samples are packed into rows."""
+    T = math.prod(shape)
+    if len(shape) == 2:
+        segment_T = torch.arange(shape[0], device=device).repeat_interleave(shape[1])
+    else:
+        segment_T = torch.zeros(T, dtype=torch.long, device=device)
+    sample = None if flat is None else flat.sample
+    if sample is not None and sample.numel():
+        # (row, sample) → one id; ids need not be contiguous (pooling sizes by the max id).
+        sample_T = sample.long()
+        segment_T = segment_T * (int(sample_T.max()) + 1) + sample_T
+    return segment_T

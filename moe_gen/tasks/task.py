@@ -199,7 +199,7 @@ class Task:
         self.skipped = 0  # distinct rows that failed to encode
         self.errors: list[str] = []  # the first MAX_ERRORS of their messages
         self._skipped_rows: set[int] = set()
-        self._plans: dict[tuple, tuple[Any, TaskPlan]] = {}
+        self._plans: list[tuple[Tokenizer, Any, TaskPlan]] = []  # (tokenizer, statistics, plan)
         self._statistics: Optional[dict] = None
 
     def __len__(self) -> int:
@@ -330,25 +330,25 @@ class Task:
                 where they hold any, replace the labels of this task's rows (statistics saved
                 before closed sets were kept hold none).
         """
-        # Keyed by identity; the cached entry holds the statistics object so its id stays unique.
-        key = (id(tokenizer), None if statistics is None else id(statistics))
-        if key not in self._plans:
-            options = {name: dict(value) for name, value in self.preprocessor_options.items()}
-            fitted = self.fit_statistics() if statistics is None else statistics
-            if "motion" not in options:
-                saved = fitted.get(MOTION_NORMALISATION)
-                stats = ({k: np.asarray(v, np.float32) for k, v in saved.items()} if saved is not None
-                         else self.motion_statistics())
-                if stats is not None:
-                    options["motion"] = stats
-            labels = fitted.get(CLOSED_SETS) or self.closed_sets()
-            for name, per_column in fitted.items():
-                if name not in (CLOSED_SETS, MOTION_NORMALISATION):
-                    options[name] = {**options.get(name, {}), "statistics": per_column}
-            plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=labels,
-                            preprocessor_options=options, max_slot_positions=self.max_slot_positions)
-            self._plans[key] = (statistics, plan)
-        return self._plans[key][1]
+        for known, known_statistics, plan in self._plans:  # by identity (the entry holds both objects)
+            if known is tokenizer and known_statistics is statistics:
+                return plan
+        options = {name: dict(value) for name, value in self.preprocessor_options.items()}
+        fitted = self.fit_statistics() if statistics is None else statistics
+        if "motion" not in options:
+            saved = fitted.get(MOTION_NORMALISATION)
+            stats = ({k: np.asarray(v, np.float32) for k, v in saved.items()} if saved is not None
+                     else self.motion_statistics())
+            if stats is not None:
+                options["motion"] = stats
+        labels = fitted.get(CLOSED_SETS) or self.closed_sets()
+        for name, per_column in fitted.items():
+            if name not in (CLOSED_SETS, MOTION_NORMALISATION):
+                options[name] = {**options.get(name, {}), "statistics": per_column}
+        plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=labels,
+                        preprocessor_options=options, max_slot_positions=self.max_slot_positions)
+        self._plans.append((tokenizer, statistics, plan))
+        return plan
 
     def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True,
                statistics: Optional[Mapping[str, Mapping]] = None) -> Optional[Sample]:

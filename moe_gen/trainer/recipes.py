@@ -16,9 +16,11 @@ from __future__ import annotations
 import copy
 from typing import Callable
 
+from moe_gen.registry import Registry
+
 __all__ = ["RECIPES", "recipe", "get_recipe", "DEMO_TASKS"]
 
-RECIPES: dict[str, Callable[[], dict]] = {}
+RECIPES: Registry[Callable[[], dict]] = Registry("recipe")
 
 # Eight built-in tasks over seven input modalities (image, audio, motion, table, text, video, phones)
 # and four kinds of output (closed-set labels, free text, boxes, audio frames).
@@ -27,19 +29,16 @@ DEMO_TASKS = ["digit_classification", "spoken_word_classification", "motion_clas
 
 
 def recipe(fn: Callable[[], dict]) -> Callable[[], dict]:
-    """Registers ``fn`` under its name."""
-    if fn.__name__ in RECIPES:
-        raise ValueError(f"recipe {fn.__name__!r} is already registered")
-    RECIPES[fn.__name__] = fn
-    return fn
+    """Registers ``fn`` under its name (``RECIPES``; a duplicate name is refused)."""
+    return RECIPES.register(fn.__name__)(fn)
 
 
 def get_recipe(name: str) -> dict:
     """A fresh copy of recipe ``name``'s configuration."""
     name = name if name in RECIPES else name.replace("-", "_")  # demo-pretrained is demo_pretrained
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(sorted(RECIPES))} (or pass a YAML file)")
-    return copy.deepcopy(RECIPES[name]())
+        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES.list())} (or pass a YAML file)")
+    return copy.deepcopy(RECIPES.get(name)())
 
 
 @recipe
