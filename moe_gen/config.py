@@ -4,8 +4,8 @@
                └─ ExpertsConfig  (expert kind, activation, bias, shared expert)
 
 Every config converts to and from plain dicts (``to_dict`` / ``from_dict``) so it can be saved as
-JSON next to weights and overridden from the command line by dotted keys. Later issues nest these
-inside ``BlockConfig`` and ``ModelConfig``.
+JSON next to weights and overridden from the command line by dotted keys. ``ModelConfig`` holds a
+``RouterConfig`` and an ``ExpertsConfig`` and builds each MoE layer's ``MoEConfig`` from them.
 """
 
 from __future__ import annotations

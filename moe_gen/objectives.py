@@ -18,13 +18,36 @@ from moe_gen.registry import Registry
 from moe_gen.routing.tags import PASSES
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
 
-__all__ = ["OBJECTIVES", "GenerativeObjective", "ContrastiveObjective", "MaskedObjective", "contrastive_side"]
+__all__ = ["OBJECTIVES", "Objective", "GenerativeObjective", "ContrastiveObjective", "MaskedObjective",
+           "contrastive_side"]
 
 OBJECTIVES: Registry = Registry("objective")
 
 
+class Objective:
+    """The interface the trainer uses: ``from_train_config`` builds the objective from a
+    ``TrainConfig``, ``prepare`` turns a group of samples into a ``Batch``, calling it returns a
+    dict with ``"loss"`` and its named parts. No objective is special-cased by name."""
+
+    model: GeneralistModel
+
+    @classmethod
+    def from_train_config(cls, model: GeneralistModel, config) -> "Objective":
+        """The objective with the settings of ``config`` (a ``TrainConfig``) that apply to it."""
+        return cls(model, task_weights=config.loss_weights or None)
+
+    def prepare(self, samples, rng) -> Batch:
+        """``samples`` collated into one batch (``rng``: for objectives that draw, e.g. masks)."""
+        from moe_gen.tasks.batch import collate
+
+        return collate(samples, self.model.tokenizer, self.model.task_ids)
+
+    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+        raise NotImplementedError
+
+
 @OBJECTIVES.register("generative")
-class GenerativeObjective:
+class GenerativeObjective(Objective):
     """Encoder-decoder generation loss.
 
     Args:
@@ -43,6 +66,10 @@ class GenerativeObjective:
         # Loss weight of every task id (1 unless given): tokens of task t count w_t times.
         self._weight_of_task = torch.tensor([self.task_weights.get(name, 1.0) for name in model.config.tasks]
                                             or [1.0], dtype=torch.float32)
+
+    @classmethod
+    def from_train_config(cls, model: GeneralistModel, config) -> "GenerativeObjective":
+        return cls(model, frame_weight=config.frame_weight, task_weights=config.loss_weights or None)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.loss(batch, self.model(batch))
@@ -126,7 +153,7 @@ def _masked_mean(hidden_BSD: torch.Tensor, valid_BS: torch.Tensor) -> torch.Tens
 
 
 @OBJECTIVES.register("contrastive")
-class ContrastiveObjective:
+class ContrastiveObjective(Objective):
     """MaMMUT's two passes in one step: the generative loss (captioning) plus a symmetric InfoNCE
     between the pooled encoder output and the pooled bidirectional decoder pass over the target
     text, with a learned temperature. Weights default to CoCa's: caption 2.0, contrastive 1.0.
@@ -176,6 +203,12 @@ class MaskedObjective(GenerativeObjective):
                  alpha=0.5, frame_weight: float = 1.0, task_weights: Optional[dict[str, float]] = None) -> None:
         super().__init__(model, frame_weight, task_weights)
         self.input_budget, self.target_budget, self.alpha = input_budget, target_budget, alpha
+
+    @classmethod
+    def from_train_config(cls, model: GeneralistModel, config) -> "MaskedObjective":
+        return cls(model, input_budget=config.masked_input_budget, target_budget=config.masked_target_budget,
+                   alpha=config.masked_alpha, frame_weight=config.frame_weight,
+                   task_weights=config.loss_weights or None)
 
     def prepare(self, samples, rng) -> Batch:
         from moe_gen.masking import mask_sample

@@ -59,6 +59,7 @@ class Timers:
 def instrument(timers: Timers) -> None:
     """Wraps the functions whose time is reported (in this process only)."""
     from moe_gen import moe as moe_module
+    from moe_gen import objectives
     from moe_gen.experts import dispatch, experts
     from moe_gen.experts.parallel import ExpertParallel
     from moe_gen.model.transformer import Attention
@@ -81,7 +82,8 @@ def instrument(timers: Timers) -> None:
     ]
     for owner, name, category in patches:
         setattr(owner, name, timers.wrap(category, getattr(owner, name)))
-    trainer.collate = timers.wrap("data", trainer.collate)
+    for owner in (objectives.Objective, objectives.MaskedObjective):  # collating (and masking) a batch
+        owner.prepare = timers.wrap("data", owner.prepare)
     moe_module.auxiliary_losses = timers.wrap("routing", moe_module.auxiliary_losses)
 
 

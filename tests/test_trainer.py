@@ -154,7 +154,8 @@ def test_non_finite_steps_are_skipped_then_stop_the_run(tasks, tok, tmp_path):
             out["loss"] = out["loss"] * float("nan")
         return out
 
-    trainer.objectives["generative"] = type("Poisoned", (), {"__call__": staticmethod(maybe_nan)})()
+    trainer.objectives["generative"] = type("Poisoned", (), {"__call__": staticmethod(maybe_nan),
+                                                            "prepare": staticmethod(objective.prepare)})()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     trainer.train_step(1)
     after_first = {k: v.clone() for k, v in model.state_dict().items()}

@@ -1,6 +1,7 @@
 """Model configuration and flavours (``debug``, ``tiny``, ``small``, ``base``).
 
-    ModelConfig ─ BlockConfig (attention heads, FFN width, MoE placement) ─ MoEConfig (router, experts)
+    ModelConfig (widths, heads, layers, MoE placement, RouterConfig, ExpertsConfig)
+        └─ moe_config() → the MoEConfig of each MoE layer (router, experts, capacity, backend)
 
 ``moe_every``: 1 puts an MoE FFN in every block, 2 in every other block (the 2nd, 4th, ...),
 0 makes the model dense. A dense model of the same *active* size (``ffn_hidden = top_k ·

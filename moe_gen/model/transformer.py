@@ -12,8 +12,9 @@ Post-norm (BERT): ``x = N(x + Attn(x))`` and so on. N is LayerNorm or RMSNorm; a
 group its key/value heads (G < H heads, grouped-query attention) and drop its biases, so that
 dense checkpoints of those families load into these blocks (``moe_gen.pretrained``).
 
-Every MoE call returns its auxiliary losses and routing decision; blocks hand them up in a
-``BlockOutput`` list, never through module state.
+Every MoE call returns its auxiliary losses and routing decision (``MoEOutput``); blocks hand them
+up as a list, collected in ``StackOutput.moe_outputs``, never through module state. A stack builds
+one ``TagBatch`` from its tokens' tags and padding per call and gives it to every MoE layer.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ from moe_gen.analysis.recorder import RoutingRecorder
 from moe_gen.model.model import GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES
-from moe_gen.tasks.batch import collate
 from moe_gen.tasks.task import Task
 from moe_gen.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_gen.trainer.config import TrainConfig
@@ -271,17 +270,8 @@ class Trainer:
     # ---- building ----------------------------------------------------------------------------
 
     def _objectives(self) -> dict:
-        cfg, model = self.config, self.model
-        objectives = {}
-        for name in sorted({t.objective for t in self.tasks}):
-            kwargs = {"task_weights": cfg.loss_weights or None}
-            if name in ("generative", "masked"):
-                kwargs["frame_weight"] = cfg.frame_weight
-            if name == "masked":
-                kwargs.update(input_budget=cfg.masked_input_budget, target_budget=cfg.masked_target_budget,
-                              alpha=cfg.masked_alpha)
-            objectives[name] = OBJECTIVES.get(name)(model, **kwargs)
-        return objectives
+        return {name: OBJECTIVES.get(name).from_train_config(self.model, self.config)
+                for name in sorted({t.objective for t in self.tasks})}
 
     def _resume(self, path: str) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
@@ -319,12 +309,9 @@ class Trainer:
         with self._autocast():
             for name, group in sorted(groups.items()):
                 objective = self.objectives[name]
-                if name == "masked":
-                    rng = random.Random(zlib.crc32(f"{cfg.seed}/mask/{self.rank}/{step}/{micro}".encode()))
-                    batch = objective.prepare(group, rng)
-                else:
-                    batch = collate(group, self.model.tokenizer, self.model.task_ids)
-                batch = batch.to(self.device)
+                # the same draws on a resumed run (the stream is named by seed, process and step)
+                rng = random.Random(zlib.crc32(f"{cfg.seed}/mask/{self.rank}/{step}/{micro}".encode()))
+                batch = objective.prepare(group, rng).to(self.device)
                 positions.update(batch.tokens_per_modality)
                 out = objective(batch)
                 share = len(group) / len(samples)
