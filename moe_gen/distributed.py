@@ -41,6 +41,7 @@ from typing import Iterable, Union
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
 from moe_gen.routing.balance import sync_bias_updates
@@ -146,13 +147,20 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Wo
 # ---- gradients --------------------------------------------------------------------------------
 
 
-def _split_params(model: nn.Module, plan: ExpertParallelPlan) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """Trainable parameters, (dense, expert), in ``named_parameters`` order (the same on every rank)."""
-    dense, expert = [], []
+def _split_params(
+    model: nn.Module, plan: ExpertParallelPlan
+) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
+    """Trainable parameters, (dense, expert, FSDP shards), in ``named_parameters`` order (the same
+    on every rank). FSDP shards (``DTensor``, see ``moe_gen.fsdp``) have their gradients reduced by
+    FSDP during backward; the other two are synchronised here."""
+    dense, expert, sharded = [], [], []
     for name, param in model.named_parameters():
         if param.requires_grad:
-            (expert if name in plan.expert_params else dense).append(param)
-    return dense, expert
+            if isinstance(param, DTensor):
+                sharded.append(param)
+            else:
+                (expert if name in plan.expert_params else dense).append(param)
+    return dense, expert, sharded
 
 
 def _check_plan(model: nn.Module, plan: ExpertParallelPlan | None) -> ExpertParallelPlan:
@@ -228,7 +236,7 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> 
     plan = _check_plan(model, plan)
     world = dist.get_world_size()
     sync_bias_updates(model)  # same collective point on every rank: tag-balance loads summed over ranks
-    dense, expert = _split_params(model, plan)
+    dense, expert, _ = _split_params(model, plan)  # FSDP shards: reduce-scattered in backward already
     _all_reduce_grads(dense, None, 1.0 / world)
     if plan.replica_group is not None:
         _all_reduce_grads(expert, plan.replica_group, 1.0 / world)
@@ -255,7 +263,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, plan: ExpertParallelPlan 
         The total norm before clipping, a float32 scalar tensor.
     """
     plan = _check_plan(model, plan)
-    dense, expert = _split_params(model, plan)
+    dense, expert, sharded = _split_params(model, plan)
     first = next(iter(model.parameters()), None)
     device = first.device if first is not None else torch.device("cpu")
 
@@ -263,17 +271,23 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, plan: ExpertParallelPlan 
         total = torch.zeros((), dtype=torch.float32, device=device)
         for p in params:
             if p.grad is not None:
-                total = total + p.grad.detach().float().pow(2).sum()
+                grad = p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad
+                total = total + grad.detach().float().pow(2).sum()
         return total
 
-    dense_sq, expert_sq = squares(dense), squares(expert)
+    dense_sq, expert_sq, sharded_sq = squares(dense), squares(expert), squares(sharded)
     if _active() and plan.ep_size > 1:
         dist.all_reduce(expert_sq, group=plan.ep_group)
-    norm = (dense_sq + expert_sq).sqrt()
+    if _active() and sharded:  # each process holds 1/W of every FSDP-sharded gradient
+        dist.all_reduce(sharded_sq)
+    norm = (dense_sq + expert_sq + sharded_sq).sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in dense + expert:
         if p.grad is not None:
             p.grad.mul_(coef.to(p.grad.dtype))
+    for p in sharded:
+        if p.grad is not None:
+            p.grad.to_local().mul_(coef.to(p.grad.dtype))
     return norm
 
 

@@ -96,6 +96,7 @@ class MoE(nn.Module):
         if config.experts.shared_gate:
             self.shared_gate = nn.Linear(config.d_model, 1, bias=False)
         self.frozen = False  # set by freeze_for_inference
+        self.recomputing = False  # set while activation checkpointing recomputes this layer in backward
 
     def freeze_for_inference(self) -> None:
         """Freezes a tag-routed layer for inference (what ``merge_for_inference`` does to each): the
@@ -176,7 +177,7 @@ class MoE(nn.Module):
         valid_T = batch.valid
 
         routing = self.router(x_TD, batch)
-        if self.training and self.router.balances_by_bias:
+        if self.training and self.router.balances_by_bias and not self.recomputing:
             # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
             self.router.update_balance_bias(routing)
         if torch.is_grad_enabled():

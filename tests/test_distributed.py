@@ -248,6 +248,27 @@ def _scenario_train_step(rank: int, out_dir: str):
     return tensors, info
 
 
+def _scenario_fsdp_step(rank: int, out_dir: str):
+    """The same step with the dense parameters sharded by FSDP2 (no expert parallelism): every
+    tensor is gathered whole at the end for the comparison."""
+    from moe_gen.fsdp import full_tensors, is_sharded, shard_dense
+    from moe_gen.objectives import GenerativeObjective
+
+    model, batches = _debug_setup()
+    shard_dense(model)
+    optimizer = _optimizer(model)  # over the shards
+    loss = GenerativeObjective(model)(batches[rank])["loss"]
+    loss.backward()
+    sync_gradients(model)
+    norm = clip_grad_norm_(model, MAX_NORM)
+    grads = full_tensors({f"grad/{name}": p.grad for name, p in model.named_parameters() if p.grad is not None})
+    optimizer.step()
+    weights = full_tensors({name: p.detach() for name, p in model.named_parameters()})
+    shard_sizes = {name: p.to_local().numel() for name, p in model.named_parameters() if hasattr(p, "to_local")}
+    info = {"loss": loss.item(), "norm": norm.item(), "sharded": is_sharded(model), "shard_sizes": shard_sizes}
+    return weights | grads, info
+
+
 def _scenario_replicas(rank: int, out_dir: str, ep_size: int):
     model = _replica_model()
     plan = shard_experts(model, ep_size) if ep_size > 1 else None  # pure data parallelism needs no plan
@@ -312,6 +333,7 @@ def _scenario_checkpoint(rank: int, out_dir: str):
 
 SCENARIOS = {
     "train_step": _scenario_train_step,
+    "fsdp_step": _scenario_fsdp_step,
     "replicas": _scenario_replicas,
     "uneven": _scenario_uneven,
     "failure": _scenario_failure,
@@ -322,9 +344,9 @@ SCENARIOS = {
 # ---- tests ---------------------------------------------------------------------------------------
 
 
-def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_path):
-    (r0, info0), (r1, info1) = Launch("train_step", tmp_path).results()
-
+def _single_process_step():
+    """The reference: one process, every expert, one step on the mean of the two ranks' losses.
+    Returns the updated model, the two losses, the norm before clipping and the clipped gradients."""
     from moe_gen.objectives import GenerativeObjective
 
     model, batches = _debug_setup()
@@ -334,6 +356,13 @@ def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_pa
     norm = torch.nn.utils.clip_grad_norm_(model.parameters(), MAX_NORM)
     grads = {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
     _optimizer(model).step()
+    return model, losses, norm, grads
+
+
+def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_path):
+    (r0, info0), (r1, info1) = Launch("train_step", tmp_path).results()
+
+    model, losses, norm, grads = _single_process_step()
 
     assert info0["loss"] == pytest.approx(losses[0].item(), abs=1e-5)
     assert info1["loss"] == pytest.approx(losses[1].item(), abs=1e-5)
@@ -352,6 +381,32 @@ def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_pa
         if grad is not None:  # synchronised and clipped gradients
             torch.testing.assert_close(grad, grads[name], atol=1e-7, rtol=1e-5, msg=f"gradient of {name}")
         torch.testing.assert_close(weight, p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
+
+
+def test_training_step_with_fsdp_equals_single_process_step(tmp_path):
+    (r0, info0), (r1, info1) = Launch("fsdp_step", tmp_path).results()
+
+    model, losses, norm, grads = _single_process_step()
+
+    assert info0["sharded"] and info1["sharded"]
+    assert info0["loss"] == pytest.approx(losses[0].item(), abs=1e-5)
+    assert info1["loss"] == pytest.approx(losses[1].item(), abs=1e-5)
+    assert info0["norm"] == pytest.approx(float(norm), rel=1e-5) and info1["norm"] == info0["norm"]
+    assert float(norm) > MAX_NORM  # clipping was active
+    # each process holds about half of every parameter
+    full = sum(p.numel() for name, p in model.named_parameters() if name in info0["shard_sizes"])
+    held = sum(info0["shard_sizes"].values())
+    # scalars and the parts a batch may leave unused (adapters, heads) stay whole on every process
+    replicated = ("adapters.", "frame_heads.", "stop_heads.", "contrastive_image.", "contrastive_text.")
+    assert set(info0["shard_sizes"]) == {n for n, p in model.named_parameters()
+                                         if p.dim() > 0 and not n.startswith(replicated)}
+    assert held <= 0.55 * full and held + sum(info1["shard_sizes"].values()) == full
+    assert {n for n in r0 if n.startswith("grad/")} == {f"grad/{n}" for n in grads}
+    for name, p in model.named_parameters():
+        assert torch.equal(r0[name], r1[name])
+        if f"grad/{name}" in r0:
+            torch.testing.assert_close(r0[f"grad/{name}"], grads[name], atol=1e-7, rtol=1e-5, msg=f"gradient of {name}")
+        torch.testing.assert_close(r0[name], p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
 
 
 @pytest.mark.parametrize("world, ep_size", [(4, 2), (2, 1)], ids=["ep2-x-dp2", "dp2"])

@@ -19,12 +19,15 @@ one ``TagBatch`` from its tokens' tags and padding per call and gives it to ever
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from moe_gen.experts.experts import DenseFFN
 from moe_gen.model.config import ModelConfig
@@ -194,6 +197,9 @@ class Stack(nn.Module):
         self.norm = make_norm(config) if config.final_norm else nn.Identity()
         rc = config.router  # the tags are checked once per forward against its vocabularies
         self.tag_vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
+        # Activation checkpointing (set by GeneralistModel.set_activation_checkpointing): in training
+        # each block keeps only its input and recomputes its activations during backward.
+        self.checkpoint_blocks = False
 
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
                 keep_kv: Optional[list] = None) -> StackOutput:
@@ -202,7 +208,35 @@ class Stack(nn.Module):
         self-attention keys and values."""
         routed = []
         batch = TagBatch(tags, padding, shape=x.shape[:2], device=x.device, vocab=self.tag_vocab)
+        recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for block in self.blocks:
-            x, moe_outs = block(x, self_mask, batch, memory, cross_mask, rope, keep_kv)
+            if recompute:
+                x, moe_outs = checkpoint(block, x, self_mask, batch, memory, cross_mask, rope, keep_kv,
+                                         use_reentrant=False, context_fn=functools.partial(_contexts, block))
+            else:
+                x, moe_outs = block(x, self_mask, batch, memory, cross_mask, rope, keep_kv)
             routed.extend(moe_outs)
         return StackOutput(self.norm(x), routed)
+
+
+def _contexts(block: Block):
+    """Checkpoint contexts of ``block``: nothing around the forward; around the recomputation in
+    backward, its MoE layers know they are recomputing (so they skip what a forward does once per
+    step, such as nudging the balance bias). Dropout and router noise draw the same numbers again
+    (the checkpoint restores the RNG state)."""
+    return contextlib.nullcontext(), _Recomputing(block)
+
+
+class _Recomputing:
+    """Marks the MoE layers of a block as recomputing while the context is open."""
+
+    def __init__(self, block: Block) -> None:
+        self.layers = [m for m in block.modules() if isinstance(m, MoE)]
+
+    def __enter__(self):
+        for layer in self.layers:
+            layer.recomputing = True
+
+    def __exit__(self, *exc):
+        for layer in self.layers:
+            layer.recomputing = False

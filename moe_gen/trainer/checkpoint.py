@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from moe_gen import distributed
+from moe_gen.fsdp import full_tensors, like_model, shard_like
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic", "CheckpointError"]
 
@@ -72,7 +73,7 @@ def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]
     order = [names[id(p)] for group in optimizer.param_groups for p in group["params"]]
     tensors, scalars = {}, {}
     for index, entry in state["state"].items():
-        for key, value in entry.items():
+        for key, value in full_tensors(entry).items():  # FSDP moments gathered (same order everywhere)
             if torch.is_tensor(value):
                 tensors[f"{order[index]}::{key}"] = value.detach().cpu().contiguous()
             else:
@@ -85,6 +86,7 @@ def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]
 
 def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
     names = {id(p): n for n, p in model.named_parameters()}
+    params = dict(model.named_parameters())
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
     if current != meta["group_params"]:
         raise ValueError("the checkpoint's optimizer trains a different set of parameters than this run "
@@ -92,7 +94,9 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
     order = [n for group in current for n in group]
     state: dict[int, dict] = {}
     for index, name in enumerate(order):
-        entry = {key.split("::", 1)[1]: value for key, value in tensors.items() if key.split("::", 1)[0] == name}
+        # moments of FSDP-sharded parameters are sharded like them again
+        entry = {key.split("::", 1)[1]: shard_like(params[name], value) for key, value in tensors.items()
+                 if key.split("::", 1)[0] == name}
         entry.update({key.split("::", 1)[1]: value for key, value in meta["scalars"].items()
                       if key.split("::", 1)[0] == name})
         if entry:
@@ -146,7 +150,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
     distributed.barrier()
     if error is None:
         try:
-            weights = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+            weights = {k: v.detach().cpu().contiguous() for k, v in full_tensors(model.state_dict()).items()}
             distributed.save_shards(partial, "model", weights, plan if plan is not None else model)
             tensors, meta = _optimizer_tensors(model, optimizer)
             distributed.save_shards(partial, "optimizer", tensors, plan if plan is not None else model)
@@ -215,7 +219,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
     rank = distributed.world_info().rank
     with open(os.path.join(path, "trainer.json")) as f:
         trainer_state = json.load(f)
-    weights = distributed.load_shards(path, "model", plan if plan is not None else model)
+    weights = like_model(model, distributed.load_shards(path, "model", plan if plan is not None else model))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "

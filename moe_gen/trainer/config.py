@@ -18,6 +18,7 @@ __all__ = ["TrainConfig", "MIXING", "TRAINABLE"]
 MIXING = ("proportional", "temperature", "uniform", "weights", "all")
 TRAINABLE = ("all", "experts", "routers", "adapters", "new_adapters")
 PRECISIONS = ("fp32", "bf16")
+SHARDING = ("replicate", "fsdp")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -62,6 +63,13 @@ class TrainConfig(ConfigBase):
         trainable: what trains: ``all``, ``experts``, ``routers``, ``adapters`` or ``new_adapters``
             (those ``GeneralistModel.add_tasks`` created).
         expert_parallel: size of the expert-parallel group under ``torchrun`` (1: experts replicated).
+        sharding: how dense parameters live on several processes: ``replicate`` (every process holds
+            them all; gradients all-reduced after backward) or ``fsdp`` (PyTorch's FSDP2: each holds
+            1/W of every parameter, gradient and AdamW moment; see ``moe_gen.fsdp``; not with
+            ``expert_parallel > 1`` yet). One process: no effect.
+        activation_checkpointing: recompute each block's activations in backward instead of keeping
+            them (``GeneralistModel.set_activation_checkpointing``): less memory, about a third
+            more compute per step, the same gradients.
         eval_limit: rows per task that ``evaluate`` scores, evenly spaced over its rows (>= 1; None: all).
         eval_batch_size: rows per ``infer`` call in ``evaluate`` (>= 1).
         num_threads: torch intra-op threads (>= 1; None: torch's default).
@@ -101,6 +109,8 @@ class TrainConfig(ConfigBase):
     tensorboard: bool = True
     trainable: str = "all"
     expert_parallel: int = 1
+    sharding: str = "replicate"
+    activation_checkpointing: bool = False
     eval_limit: Optional[int] = 100
     eval_batch_size: int = 64
     num_threads: Optional[int] = None
@@ -121,6 +131,7 @@ class TrainConfig(ConfigBase):
             (self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}"),
             (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
             (self.expert_parallel >= 1, f"expert_parallel must be >= 1, got {self.expert_parallel}"),
+            (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}; got {self.sharding!r}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.max_failed_checkpoints >= 1,
              f"max_failed_checkpoints must be >= 1, got {self.max_failed_checkpoints}"),

@@ -245,6 +245,12 @@ class Trainer:
                                  f"this run has {self.world} (launch with torchrun --nproc_per_node "
                                  f"{config.expert_parallel})")
             self.plan = shard_experts(model, config.expert_parallel)
+        if config.sharding == "fsdp" and self.world > 1:
+            from moe_gen.fsdp import shard_dense
+
+            shard_dense(model)
+        if config.activation_checkpointing:
+            model.set_activation_checkpointing(True)
         self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
         self.objectives = self._objectives()
         self.optimizer = torch.optim.AdamW(_param_groups(model, config.weight_decay, config.lr, config.lr_scales),
@@ -475,8 +481,15 @@ class Trainer:
         """``{task: {metric: value}}`` on ``tasks`` (default: ``eval_tasks``), at most ``limit`` rows each
         (default ``config.eval_limit``)."""
         limit = self.config.eval_limit if limit == -1 else limit
-        return evaluate_tasks(self.model, list(tasks or self.eval_tasks), limit=limit,
+        return evaluate_tasks(self._whole_model(), list(tasks or self.eval_tasks), limit=limit,
                               batch_size=self.config.eval_batch_size)
+
+    def _whole_model(self) -> GeneralistModel:
+        """The model with every parameter whole on this process: itself, or (FSDP) an unsharded
+        copy gathered from the shards (every process must call it)."""
+        from moe_gen.fsdp import is_sharded, unsharded_copy
+
+        return unsharded_copy(self.model) if is_sharded(self.model) else self.model
 
     def save_model(self, directory: str) -> None:
         """``save_pretrained`` of the trained model (with expert parallelism: the full model, assembled
@@ -489,10 +502,11 @@ class Trainer:
                 raise CheckpointError(f"the model was not saved to {directory}: the checkpoint it is assembled "
                                       "from could not be written")
         error = None
+        model = self._whole_model()
         if self.rank == 0:
             try:
                 if path is None:
-                    self.model.save_pretrained(directory)
+                    model.save_pretrained(directory)
                 else:
                     full = GeneralistModel(self.model.config, self.model.tokenizer)
                     full.load_state_dict(distributed.load_shards(path, "model", full))

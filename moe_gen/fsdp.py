@@ -1,0 +1,125 @@
+"""Dense parameters sharded with PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+With ``TrainConfig(sharding="fsdp")`` under torchrun, every process holds 1/W of each dense
+parameter, of its gradient and of its AdamW moments instead of a full replica (ZeRO-3-like).
+FSDP2 all-gathers a block's parameters before its forward (and again before its backward) and
+reduce-scatters its gradients during backward, averaged over the processes: the step is the
+step of one process on the mean of the processes' losses, as with replicated data parallelism.
+
+    mesh = shard_dense(model)            # after init_distributed(); before building the optimizer
+    loss = objective(batch)["loss"]; loss.backward()
+    moe_gen.distributed.sync_gradients(model)   # only what FSDP does not manage (scalars)
+    moe_gen.distributed.clip_grad_norm_(model, 1.0); optimizer.step()
+
+Units: every encoder and decoder block, then the root (embeddings, output head). Scalar parameters
+(FSDP2 shards along dim 0, which a scalar has not; the contrastive temperature) and the parts a
+process's batch may leave unused (feature adapters, frame and stop heads, contrastive heads) stay
+replicated and are averaged by ``sync_gradients``. Checkpoints hold full tensors (gathered on save,
+sharded again on load), so they load with any number of processes, sharded or not. Expert
+parallelism together with FSDP is not supported yet (``shard_dense`` refuses a model whose experts
+are sharded).
+"""
+
+from __future__ import annotations
+
+from typing import Mapping
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+__all__ = ["shard_dense", "is_sharded", "full_tensors", "like_model", "shard_like", "unsharded_copy"]
+
+# Parts that a process's batch may leave unused (adapters of modalities it holds no sample of, frame
+# and stop heads, contrastive heads): FSDP2 reduce-scatters only the gradients a process has, so a
+# unit whose parameters are used on some processes and not others would issue different
+# collectives. They stay replicated, and sync_gradients averages them (a missing gradient as zeros).
+_PER_BATCH_PARTS = ("adapters", "frame_heads", "stop_heads", "contrastive_image", "contrastive_text")
+
+# GeneralistModel methods that training calls outside ``forward`` (the contrastive pass); methods
+# that ``forward`` itself calls are not registered (the root would gather and reduce once per call)
+_FORWARD_METHODS = ("decode_bidirectional",)
+
+
+def shard_dense(model: nn.Module):
+    """Shards the model's dense parameters over all processes with FSDP2; returns the device mesh.
+
+    Every process must call it with the same model, after ``init_distributed()`` and before the
+    optimizer is built (the parameters become ``DTensor`` shards).
+
+    Raises:
+        ValueError: torch.distributed is not initialised, or the model's experts are sharded over
+            processes (expert parallelism with FSDP is not supported yet).
+    """
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+
+    from moe_gen.moe import MoE
+
+    if not (dist.is_available() and dist.is_initialized()):
+        raise ValueError("sharding='fsdp' needs torch.distributed; launch with torchrun (init_distributed())")
+    if any(isinstance(m, MoE) and m.expert_parallel is not None for m in model.modules()):
+        raise ValueError("sharding='fsdp' with expert_parallel > 1 is not supported yet; use sharding='replicate' "
+                         "with expert parallelism, or FSDP with expert_parallel=1")
+    device = next(model.parameters()).device
+    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    replicated = {p for p in model.parameters() if p.dim() == 0}
+    for name in _PER_BATCH_PARTS:
+        part = getattr(model, name, None)
+        if isinstance(part, nn.Module):
+            replicated |= set(part.parameters())
+    for stack_name in ("encoder", "decoder"):
+        stack = getattr(model, stack_name, None)
+        for block in getattr(stack, "blocks", ()):
+            fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh, ignored_params=replicated or None)
+    for name in _FORWARD_METHODS:
+        if hasattr(model, name):
+            register_fsdp_forward_method(model, name)
+    return mesh
+
+
+def is_sharded(model: nn.Module) -> bool:
+    """Whether some parameter of ``model`` is an FSDP shard (a ``DTensor``)."""
+    return any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def full_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``tensors`` with every ``DTensor`` gathered into the full tensor (a collective: every process
+    must call it with the same keys, in the same order)."""
+    return {k: v.full_tensor() if isinstance(v, DTensor) else v for k, v in tensors.items()}
+
+
+def like_model(model: nn.Module, tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Full tensors (a checkpoint's) sharded like the model's parameters and buffers of the same
+    name, so ``load_state_dict`` can copy them into the shards; other entries pass through."""
+    current = model.state_dict()
+    out = {}
+    for key, value in tensors.items():
+        mine = current.get(key)
+        if isinstance(mine, DTensor) and not isinstance(value, DTensor):
+            value = distribute_tensor(value.to(mine.dtype), mine.device_mesh, mine.placements)
+        out[key] = value
+    return out
+
+
+def shard_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a full tensor shaped like ``param``) as a shard laid out like ``param``."""
+    if isinstance(param, DTensor) and not isinstance(value, DTensor) and value.shape == param.shape:
+        return distribute_tensor(value, param.device_mesh, param.placements)
+    return value
+
+
+def unsharded_copy(model: nn.Module) -> nn.Module:
+    """A plain (unsharded) copy of a model whose parameters FSDP shards: built again from its config
+    and tokenizer and loaded with the gathered weights. Every process must call it."""
+    from torch.distributed.fsdp import FSDPModule
+
+    weights = full_tensors(model.state_dict())
+    # fully_shard swapped the model's class for a subclass of FSDPModule and the original
+    original = next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
+    copy = original(model.config, model.tokenizer)
+    copy.load_state_dict({k: v.detach().clone() for k, v in weights.items()})
+    copy.train(model.training)
+    return copy

@@ -1,0 +1,111 @@
+"""Activation checkpointing (issue 16): recomputing each block's activations in backward changes
+neither outputs nor gradients, nudges the balance bias once per forward, and keeps less for backward."""
+
+import json
+
+import pytest
+import torch
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.objectives import ContrastiveObjective, GenerativeObjective
+from moe_gen.tasks import Tokenizer, collate, load_preset
+from moe_gen.trainer import TrainConfig, Trainer
+
+TASKS = ["digit_classification", "doc_topic", "text_to_speech", "table_species"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [load_preset(n, "train", limit=3) for n in TASKS]
+
+
+def build(tasks, tok, **overrides) -> GeneralistModel:
+    torch.manual_seed(0)
+    overrides.setdefault("router", RouterConfig(strategy="attribute", noise="gaussian", tag_balance="bias"))
+    return GeneralistModel.build(flavour("debug", dropout=0.1, moe_every=1, **overrides), tasks, tok).train()
+
+
+def step(model, batch, objective=GenerativeObjective, seed=1):
+    torch.manual_seed(seed)  # the same dropout and router noise in both runs
+    model.zero_grad(set_to_none=True)
+    out = objective(model)(batch)
+    out["loss"].backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    biases = {n: b.clone() for n, b in model.named_buffers() if n.endswith("balance_bias")}
+    return out["loss"].detach(), grads, biases
+
+
+@pytest.mark.parametrize("router", ["attribute", "token", "hybrid"])
+def test_checkpointed_step_has_the_same_loss_gradients_and_balance_bias(tasks, tok, router):
+    rc = RouterConfig(strategy=router, noise="gaussian", tag_balance="bias")
+    plain, recomputed = build(tasks, tok, router=rc), build(tasks, tok, router=rc)
+    recomputed.set_activation_checkpointing(True)
+    batch = collate([s for t in tasks for s in t.samples(tok)], tok, plain.task_ids)
+    loss_a, grads_a, bias_a = step(plain, batch)
+    loss_b, grads_b, bias_b = step(recomputed, batch)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 20
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+    # the loss-free balancing bias moved once per forward, not again during the recomputation
+    for name in bias_a:
+        torch.testing.assert_close(bias_b[name], bias_a[name], rtol=0, atol=0, msg=name)
+    assert router != "attribute" or any(bool(b.abs().sum() > 0) for b in bias_a.values())
+
+
+def test_checkpointing_applies_to_the_contrastive_pass_too(tok):
+    tasks = [load_preset("image_text_retrieval", "train", limit=4)]
+    plain, recomputed = build(tasks, tok), build(tasks, tok)
+    recomputed.set_activation_checkpointing(True)
+    batch = collate([s for t in tasks for s in t.samples(tok)], tok, plain.task_ids)
+    loss_a, grads_a, _ = step(plain, batch, ContrastiveObjective)
+    loss_b, grads_b, _ = step(recomputed, batch, ContrastiveObjective)
+    torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=name)
+
+
+def saved_bytes(model, batch) -> int:
+    """Bytes of the tensors autograd keeps for backward during one training forward."""
+    total = 0
+
+    def pack(t):
+        nonlocal total
+        total += t.numel() * t.element_size()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        GenerativeObjective(model)(batch)["loss"]
+    return total
+
+
+def test_checkpointing_keeps_under_a_third_of_the_activations(tasks, tok):
+    model = build(tasks, tok)
+    batch = collate([s for t in tasks for s in t.samples(tok)], tok, model.task_ids)
+    full = saved_bytes(model, batch)
+    model.set_activation_checkpointing(True)
+    kept = saved_bytes(model, batch)
+    assert kept < full / 3, (kept, full)
+    model.eval()  # off in evaluation: nothing is saved for backward under no_grad anyway
+    with torch.no_grad():
+        model(batch)
+
+
+def test_trainer_switch_gives_the_same_losses(tasks, tok, tmp_path):
+    losses = []
+    for switch in (False, True):
+        model = build(tasks, tok)
+        config = TrainConfig(steps=3, batch_size=4, progress=False, tensorboard=False, log_every=1,
+                             activation_checkpointing=switch, seed=3)
+        Trainer(model, tasks, config, output_dir=str(tmp_path / str(switch))).fit()
+        with open(tmp_path / str(switch) / "logs" / "train.jsonl") as f:
+            losses.append([json.loads(line)["loss"] for line in f if '"loss"' in line])
+        assert model.encoder.checkpoint_blocks == switch
+    assert len(losses[0]) == 3
+    assert losses[1] == pytest.approx(losses[0], abs=1e-6)
