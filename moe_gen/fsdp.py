@@ -14,10 +14,11 @@ step of one process on the mean of the processes' losses, as with replicated dat
 Units: every encoder and decoder block, then the root (embeddings, output head). Scalar parameters
 (FSDP2 shards along dim 0, which a scalar has not; the contrastive temperature) and the parts a
 process's batch may leave unused (feature adapters, frame and stop heads, contrastive heads) stay
-replicated and are averaged by ``sync_gradients``. Checkpoints hold full tensors (gathered on save,
-sharded again on load), so they load with any number of processes, sharded or not. Expert
-parallelism together with FSDP is not supported yet (``shard_dense`` refuses a model whose experts
-are sharded).
+replicated and are averaged by ``sync_gradients``. With expert parallelism (``shard_experts``
+first), each process's expert slices stay out of FSDP too: the all-to-all dispatcher moves tokens
+to them and ``sync_gradients`` reduces their gradients over the processes holding the same slice.
+Checkpoints hold whole dense tensors (gathered on save, sharded again on load) and expert shards,
+so they load with any number of processes, sharded or not.
 """
 
 from __future__ import annotations
@@ -48,9 +49,10 @@ def shard_dense(model: nn.Module):
     Every process must call it with the same model, after ``init_distributed()`` and before the
     optimizer is built (the parameters become ``DTensor`` shards).
 
+    With expert parallelism, call ``shard_experts`` first: the experts' slices stay out of FSDP.
+
     Raises:
-        ValueError: torch.distributed is not initialised, or the model's experts are sharded over
-            processes (expert parallelism with FSDP is not supported yet).
+        ValueError: torch.distributed is not initialised.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -59,12 +61,13 @@ def shard_dense(model: nn.Module):
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("sharding='fsdp' needs torch.distributed; launch with torchrun (init_distributed())")
-    if any(isinstance(m, MoE) and m.expert_parallel is not None for m in model.modules()):
-        raise ValueError("sharding='fsdp' with expert_parallel > 1 is not supported yet; use sharding='replicate' "
-                         "with expert parallelism, or FSDP with expert_parallel=1")
     device = next(model.parameters()).device
     mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
-    replicated = {p for p in model.parameters() if p.dim() == 0}
+    # Experts sharded by expert parallelism stay out of FSDP: their slices are exchanged by the
+    # all-to-all dispatcher and their gradients reduced over the replica group (sync_gradients).
+    replicated = {p for m in model.modules() if isinstance(m, MoE) and m.expert_parallel is not None
+                  for p in m.experts.parameters()}
+    replicated |= {p for p in model.parameters() if p.dim() == 0}
     for name in _PER_BATCH_PARTS:
         part = getattr(model, name, None)
         if isinstance(part, nn.Module):
@@ -72,7 +75,7 @@ def shard_dense(model: nn.Module):
     for stack_name in ("encoder", "decoder"):
         stack = getattr(model, stack_name, None)
         for block in getattr(stack, "blocks", ()):
-            fully_shard(block, mesh=mesh)
+            fully_shard(block, mesh=mesh, ignored_params=(replicated & set(block.parameters())) or None)
     fully_shard(model, mesh=mesh, ignored_params=replicated or None)
     for name in _FORWARD_METHODS:
         if hasattr(model, name):
@@ -113,13 +116,21 @@ def shard_like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
 
 def unsharded_copy(model: nn.Module) -> nn.Module:
     """A plain (unsharded) copy of a model whose parameters FSDP shards: built again from its config
-    and tokenizer and loaded with the gathered weights. Every process must call it."""
+    and tokenizer and loaded with the gathered weights (experts sharded by expert parallelism keep
+    their slices and exchange). Every process must call it."""
     from torch.distributed.fsdp import FSDPModule
+
+    from moe_gen.experts.parallel import keep_local_experts
+    from moe_gen.moe import MoE
 
     weights = full_tensors(model.state_dict())
     # fully_shard swapped the model's class for a subclass of FSDPModule and the original
     original = next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
     copy = original(model.config, model.tokenizer)
+    mine = dict(copy.named_modules())
+    for name, layer in model.named_modules():  # expert slices stay where they are, exchanged as before
+        if isinstance(layer, MoE) and layer.expert_parallel is not None:
+            keep_local_experts(mine[name], layer.expert_parallel.plan, layer.expert_parallel.shard)
     copy.load_state_dict({k: v.detach().clone() for k, v in weights.items()})
     copy.train(model.training)
     return copy

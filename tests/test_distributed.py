@@ -231,18 +231,24 @@ def _expert_slice(tensor: torch.Tensor, offset: int, count: int) -> torch.Tensor
 # ---- scenarios (run in each worker process) -------------------------------------------------------
 
 
-def _scenario_train_step(rank: int, out_dir: str):
+def _scenario_train_step(rank: int, out_dir: str, sharding: str = "replicate"):
+    """EP 2; with ``sharding="fsdp"`` the dense parameters are FSDP2 shards as well (gathered whole
+    for the comparison; expert slices are returned as they are)."""
+    from moe_gen.fsdp import full_tensors, shard_dense
     from moe_gen.objectives import GenerativeObjective
 
     model, batches = _debug_setup()
     plan = shard_experts(model, 2)
+    if sharding == "fsdp":
+        shard_dense(model)
+    optimizer = _optimizer(model)
     loss = GenerativeObjective(model)(batches[rank])["loss"]
     loss.backward()
     sync_gradients(model, plan)
     norm = clip_grad_norm_(model, MAX_NORM, plan)
-    grads = {f"grad/{name}": p.grad for name, p in model.named_parameters() if p.grad is not None}
-    _optimizer(model).step()
-    tensors = {name: p.detach() for name, p in model.named_parameters()} | grads
+    grads = full_tensors({f"grad/{name}": p.grad for name, p in model.named_parameters() if p.grad is not None})
+    optimizer.step()
+    tensors = full_tensors({name: p.detach() for name, p in model.named_parameters()}) | grads
     info = {"loss": loss.item(), "norm": norm.item(),
             "shards": {name: [s.offset, s.count] for name, s in plan.expert_params.items()}}
     return tensors, info
@@ -359,8 +365,9 @@ def _single_process_step():
     return model, losses, norm, grads
 
 
-def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_path):
-    (r0, info0), (r1, info1) = Launch("train_step", tmp_path).results()
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_path, sharding):
+    (r0, info0), (r1, info1) = Launch("train_step", tmp_path, sharding).results()
 
     model, losses, norm, grads = _single_process_step()
 

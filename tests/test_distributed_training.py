@@ -1,5 +1,6 @@
-"""The trainer under torchrun: 2 gloo processes with expert parallelism write sharded checkpoints, a
-full model, logs; the shards load on one process."""
+"""The trainer under torchrun: 2 gloo processes with expert parallelism (and/or FSDP2 for the dense
+parameters) write sharded checkpoints, a full model, logs; the shards load on one process; an FSDP
+run resumed from a checkpoint logs the same losses."""
 
 from __future__ import annotations
 
@@ -61,11 +62,12 @@ def _torchrun_pretrain(out, *extra) -> subprocess.CompletedProcess:
     return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
 
 
-def test_torchrun_fsdp_pretraining_resumes_exactly_and_saves_a_whole_model(tmp_path):
+@pytest.mark.parametrize("ep", ["1", "2"])
+def test_torchrun_fsdp_pretraining_resumes_exactly_and_saves_a_whole_model(tmp_path, ep):
     import shutil
 
     out = tmp_path / "fsdp"
-    done = _torchrun_pretrain(out)
+    done = _torchrun_pretrain(out, "--train.expert_parallel", ep)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(out / "logs" / "train.jsonl")]
     assert [r["step"] for r in log] == list(range(1, 7)) and all(r["loss"] > 0 for r in log)
@@ -82,7 +84,7 @@ def test_torchrun_fsdp_pretraining_resumes_exactly_and_saves_a_whole_model(tmp_p
     again = tmp_path / "again"
     shutil.copytree(out / "checkpoints" / "step-0000003", again / "checkpoints" / "step-0000003")
     (again / "checkpoints" / "latest").write_text("step-0000003")
-    done = _torchrun_pretrain(again, "--resume")
+    done = _torchrun_pretrain(again, "--resume", "--train.expert_parallel", ep)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = [json.loads(line) for line in open(again / "logs" / "train.jsonl")]
     assert [r["step"] for r in resumed][-3:] == [4, 5, 6]

@@ -276,7 +276,7 @@ def shard_experts(model: nn.Module, ep_size: int) -> ExpertParallelPlan:
         shard = ExpertShard(offset=plan.ep_rank * (E // ep_size), count=E // ep_size, total=E)
         _record_shard(plan, name, moe, shard)
         if ep_size > 1:
-            _keep_local_experts(moe, plan, shard)
+            keep_local_experts(moe, plan, shard)
     return plan
 
 
@@ -345,7 +345,7 @@ def _record_shard(plan: ExpertParallelPlan, name: str, moe: MoE, shard: ExpertSh
         plan.expert_params[full_name] = shard
 
 
-def _keep_local_experts(moe: MoE, plan: ExpertParallelPlan, shard: ExpertShard) -> None:
+def keep_local_experts(moe: MoE, plan: ExpertParallelPlan, shard: ExpertShard) -> None:
     """Replaces the layer's stacked expert parameters ``[E, ...]`` by new ones holding this rank's
     slice ``[L, ...]``, and routes the layer's forward through ``ExpertParallel``."""
     experts = moe.experts

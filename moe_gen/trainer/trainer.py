@@ -502,7 +502,7 @@ class Trainer:
                 raise CheckpointError(f"the model was not saved to {directory}: the checkpoint it is assembled "
                                       "from could not be written")
         error = None
-        model = self._whole_model()
+        model = self._whole_model() if path is None else None
         if self.rank == 0:
             try:
                 if path is None:
