@@ -311,13 +311,22 @@ def _scenario_uneven(rank: int, out_dir: str):
     return tensors, info
 
 
-def _scenario_failure(rank: int, out_dir: str):
-    moe = _routed_layer("mlp")
-    shard_experts(moe, 2)
-    moe(torch.randn(6, D))  # one exchange that both ranks complete
+def _scenario_failure(rank: int, out_dir: str, sharding: str = "replicate"):
+    if sharding == "fsdp":  # the peer waits in FSDP's all-gather of the next forward
+        from moe_gen.fsdp import shard_dense
+        from moe_gen.objectives import GenerativeObjective
+
+        model, batches = _debug_setup()
+        shard_dense(model)
+        run = lambda: GenerativeObjective(model)(batches[rank])["loss"].backward()  # noqa: E731
+    else:  # the peer waits on an all-to-all
+        moe = _routed_layer("mlp")
+        shard_experts(moe, 2)
+        run = lambda: moe(torch.randn(6, D))  # noqa: E731
+    run()  # one step that both ranks complete
     if rank == 1:
         raise RuntimeError("rank 1 fails on purpose")
-    moe(torch.randn(6, D))  # rank 0 now waits on an all-to-all with a dead peer
+    run()
     return {}, {}
 
 
@@ -473,8 +482,9 @@ def test_uneven_and_empty_token_counts_match_the_single_process_layer(tmp_path):
                 torch.testing.assert_close(ranks[rank][f"{kind}/no_grad/y"], reference(x, padding_mask=mask).output)
 
 
-def test_a_failing_rank_stops_its_peer_with_an_error(tmp_path):
-    launch = Launch("failure", tmp_path)
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_a_failing_rank_stops_its_peer_with_an_error(tmp_path, sharding):
+    launch = Launch("failure", tmp_path, sharding)
     assert not launch.hung, f"ranks {launch.hung} hung until killed after {LAUNCH_LIMIT_S}s"
     assert launch.exitcodes == [1, 1], launch.errors
     assert "rank 1 fails on purpose" in launch.errors[1]

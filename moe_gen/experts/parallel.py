@@ -8,7 +8,8 @@ N assignments this rank sends (sorted by expert), M rows this rank receives.
 Layout. The world of W processes is ``dp_size × ep_size``: EP groups are consecutive ranks
 (``[0, P)``, ``[P, 2P)``, ...), and rank ``r`` holds experts ``[(r mod P)·L, (r mod P + 1)·L)``.
 Ranks with the same ``r mod P`` hold the same shard: they form a *replica group*, across which
-expert gradients are averaged (``moe_gen.distributed.sync_gradients``). Routing is not sharded:
+expert gradients are averaged (``moe_gen.distributed.sync_gradients``). Both are the dimensions of
+one ``DeviceMesh`` of shape ``(dp_size, ep_size)`` (``ExpertParallelPlan.mesh``). Routing is not sharded:
 router weights are replicated and every rank routes its own tokens over all E experts.
 
 The forward of one MoE layer on one rank (``ExpertParallel``, the layer's dispatch backend):
@@ -38,6 +39,7 @@ import dataclasses
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.device_mesh import DeviceMesh
 
 from moe_gen.experts.dispatch import DispatchBackend, Dispatched, assignment_weights
 from moe_gen.moe import MoE
@@ -71,6 +73,7 @@ class ExpertParallelPlan:
         layers: MoE module name → this rank's ``ExpertShard`` of it.
         expert_params: parameter name → ``ExpertShard``, for every expert parameter (dim 0 = the
             layer's local experts). Names are those of ``model.named_parameters()``.
+        mesh: the ``(dp, ep)`` ``DeviceMesh`` the groups come from (None in a single process).
     """
 
     ep_size: int
@@ -81,6 +84,7 @@ class ExpertParallelPlan:
     replica_group: dist.ProcessGroup | None
     layers: dict[str, ExpertShard]
     expert_params: dict[str, ExpertShard]
+    mesh: DeviceMesh | None = None
 
     @property
     def ep_rank(self) -> int:
@@ -268,9 +272,11 @@ def shard_experts(model: nn.Module, ep_size: int) -> ExpertParallelPlan:
     rank, world = _process_info()
     _check_world_size(world, ep_size)
     dp_size = world // ep_size
-    ep_group, replica_group = _new_groups(rank, ep_size, dp_size)
+    device = next(iter(model.parameters()), torch.empty(0)).device
+    mesh, ep_group, replica_group = _new_groups(device.type, ep_size, dp_size)
     plan = ExpertParallelPlan(ep_size=ep_size, dp_size=dp_size, rank=rank, world_size=world,
-                              ep_group=ep_group, replica_group=replica_group, layers={}, expert_params={})
+                              ep_group=ep_group, replica_group=replica_group, layers={}, expert_params={},
+                              mesh=mesh)
     for name, moe in layers:
         E = moe.config.num_experts
         shard = ExpertShard(offset=plan.ep_rank * (E // ep_size), count=E // ep_size, total=E)
@@ -311,31 +317,22 @@ def _check_world_size(world: int, ep_size: int) -> None:
         )
 
 
-def _new_groups(rank: int, ep_size: int, dp_size: int) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
-    """This rank's (EP group, replica group); None where the group would be this rank alone.
+def _new_groups(device_type: str, ep_size: int, dp_size: int):
+    """The (dp, ep) device mesh of the world and this rank's (EP group, replica group) in it; None
+    where a group would be this rank alone (and no mesh in a single process).
 
-    ``dist.new_group`` is collective over the world: every rank creates every group, in this
-    order (all EP groups, then all replica groups), and keeps the ones it belongs to.
+    ``init_device_mesh`` lays ranks out row-major over ``(dp, ep)``: rank ``d·P + e``, so an EP
+    group is P consecutive ranks and a replica group the ranks with the same ``e``. Creating the
+    mesh is collective over the world: every rank calls it.
     """
-    ep_rank, replica_rank = rank % ep_size, rank // ep_size
-    ep_group = replica_group = None
-    if ep_size > 1:
-        if dp_size == 1:
-            ep_group = dist.group.WORLD
-        else:
-            for d in range(dp_size):
-                group = dist.new_group(list(range(d * ep_size, (d + 1) * ep_size)))
-                if d == replica_rank:
-                    ep_group = group
-    if dp_size > 1:
-        if ep_size == 1:
-            replica_group = dist.group.WORLD
-        else:
-            for q in range(ep_size):
-                group = dist.new_group([q + d * ep_size for d in range(dp_size)])
-                if q == ep_rank:
-                    replica_group = group
-    return ep_group, replica_group
+    if ep_size * dp_size == 1:
+        return None, None, None
+    from torch.distributed.device_mesh import init_device_mesh
+
+    mesh = init_device_mesh(device_type, (dp_size, ep_size), mesh_dim_names=("dp", "ep"))
+    ep_group = mesh.get_group("ep") if ep_size > 1 else None
+    replica_group = mesh.get_group("dp") if dp_size > 1 else None
+    return mesh, ep_group, replica_group
 
 
 def _record_shard(plan: ExpertParallelPlan, name: str, moe: MoE, shard: ExpertShard) -> None:
