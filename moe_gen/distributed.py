@@ -278,8 +278,10 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, plan: ExpertParallelPlan 
     dense_sq, expert_sq, sharded_sq = squares(dense), squares(expert), squares(sharded)
     if _active() and plan.ep_size > 1:
         dist.all_reduce(expert_sq, group=plan.ep_group)
-    if _active() and sharded:  # each process holds 1/W of every FSDP-sharded gradient
-        dist.all_reduce(sharded_sq)
+    if _active() and sharded:  # each process holds its shard group's share of every FSDP gradient
+        from moe_gen.fsdp import shard_group
+
+        dist.all_reduce(sharded_sq, group=shard_group(model))
     norm = (dense_sq + expert_sq + sharded_sq).sqrt()
     coef = (max_norm / (norm + 1e-6)).clamp(max=1.0)
     for p in dense + expert:

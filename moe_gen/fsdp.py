@@ -30,7 +30,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["shard_dense", "is_sharded", "full_tensors", "like_model", "shard_like", "unsharded_copy"]
+__all__ = ["shard_dense", "shard_group", "is_sharded", "full_tensors", "like_model", "shard_like", "unsharded_copy"]
 
 # Parts that a process's batch may leave unused (adapters of modalities it holds no sample of, frame
 # and stop heads, contrastive heads): FSDP2 reduce-scatters only the gradients a process has, so a
@@ -43,16 +43,23 @@ _PER_BATCH_PARTS = ("adapters", "frame_heads", "stop_heads", "contrastive_image"
 _FORWARD_METHODS = ("decode_bidirectional",)
 
 
-def shard_dense(model: nn.Module):
-    """Shards the model's dense parameters over all processes with FSDP2; returns the device mesh.
+def shard_dense(model: nn.Module, shard_size: int | None = None):
+    """Shards the model's dense parameters with FSDP2; returns the device mesh.
 
     Every process must call it with the same model, after ``init_distributed()`` and before the
     optimizer is built (the parameters become ``DTensor`` shards).
 
-    With expert parallelism, call ``shard_experts`` first: the experts' slices stay out of FSDP.
+    Args:
+        model: the model (with expert parallelism, call ``shard_experts`` first: the experts'
+            slices stay out of FSDP).
+        shard_size: processes a parameter is sharded over. None (or the world size): all of them
+            (FSDP). Smaller: hybrid sharding (HSDP) on a ``(replicate, shard)`` mesh, gradients
+            reduce-scattered within a shard group and all-reduced across groups; 1 replicates every
+            parameter, FSDP2 then all-reducing the gradients during backward (as DDP does).
 
     Raises:
-        ValueError: torch.distributed is not initialised.
+        ValueError: torch.distributed is not initialised, or ``shard_size`` does not divide the
+            number of processes.
     """
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
@@ -61,8 +68,15 @@ def shard_dense(model: nn.Module):
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("sharding='fsdp' needs torch.distributed; launch with torchrun (init_distributed())")
+    world = dist.get_world_size()
+    shard_size = world if shard_size is None else shard_size
+    if shard_size < 1 or world % shard_size:
+        raise ValueError(f"shard_size={shard_size} must be a positive divisor of the number of processes ({world})")
     device = next(model.parameters()).device
-    mesh = init_device_mesh(device.type, (dist.get_world_size(),), mesh_dim_names=("dp",))
+    if shard_size == world:
+        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
+    else:
+        mesh = init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
     # Experts sharded by expert parallelism stay out of FSDP: their slices are exchanged by the
     # all-to-all dispatcher and their gradients reduced over the replica group (sync_gradients).
     replicated = {p for m in model.modules() if isinstance(m, MoE) and m.expert_parallel is not None
@@ -81,6 +95,15 @@ def shard_dense(model: nn.Module):
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return mesh
+
+
+def shard_group(model: nn.Module):
+    """The process group over which this process's FSDP gradient shards are split (the mesh's
+    ``shard`` dimension), or None when no parameter is sharded."""
+    for p in model.parameters():
+        if isinstance(p, DTensor):
+            return p.device_mesh.get_group("shard")
+    return None
 
 
 def is_sharded(model: nn.Module) -> bool:

@@ -192,6 +192,7 @@ CONFIGS = {
     "1": ("1 process", 1, 1, "replicate", False),
     "1+ac": ("1 process, activation checkpointing", 1, 1, "replicate", True),
     "dp": ("2 processes, data parallel (replicate)", 2, 1, "replicate", False),
+    "hsdp": ("2 processes, FSDP2 replicated (shard 1)", 2, 1, "hsdp", False),
     "fsdp": ("2 processes, FSDP2", 2, 1, "fsdp", False),
     "fsdp+ac": ("2 processes, FSDP2 + activation ckpt", 2, 1, "fsdp", True),
     "ep2": ("2 processes, expert parallel 2", 2, 2, "replicate", False),

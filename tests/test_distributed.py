@@ -254,14 +254,14 @@ def _scenario_train_step(rank: int, out_dir: str, sharding: str = "replicate"):
     return tensors, info
 
 
-def _scenario_fsdp_step(rank: int, out_dir: str):
+def _scenario_fsdp_step(rank: int, out_dir: str, shard_size: int | None = None):
     """The same step with the dense parameters sharded by FSDP2 (no expert parallelism): every
-    tensor is gathered whole at the end for the comparison."""
+    tensor is gathered whole at the end for the comparison. ``shard_size=1``: replicated by FSDP2."""
     from moe_gen.fsdp import full_tensors, is_sharded, shard_dense
     from moe_gen.objectives import GenerativeObjective
 
     model, batches = _debug_setup()
-    shard_dense(model)
+    shard_dense(model, shard_size)
     optimizer = _optimizer(model)  # over the shards
     loss = GenerativeObjective(model)(batches[rank])["loss"]
     loss.backward()
@@ -399,8 +399,9 @@ def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_pa
         torch.testing.assert_close(weight, p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
 
 
-def test_training_step_with_fsdp_equals_single_process_step(tmp_path):
-    (r0, info0), (r1, info1) = Launch("fsdp_step", tmp_path).results()
+@pytest.mark.parametrize("shard_size", [None, 1], ids=["fsdp", "hsdp-replicated"])
+def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size):
+    (r0, info0), (r1, info1) = Launch("fsdp_step", tmp_path, shard_size).results()
 
     model, losses, norm, grads = _single_process_step()
 
@@ -409,14 +410,17 @@ def test_training_step_with_fsdp_equals_single_process_step(tmp_path):
     assert info1["loss"] == pytest.approx(losses[1].item(), abs=1e-5)
     assert info0["norm"] == pytest.approx(float(norm), rel=1e-5) and info1["norm"] == info0["norm"]
     assert float(norm) > MAX_NORM  # clipping was active
-    # each process holds about half of every parameter
     full = sum(p.numel() for name, p in model.named_parameters() if name in info0["shard_sizes"])
     held = sum(info0["shard_sizes"].values())
+
     # scalars and the parts a batch may leave unused (adapters, heads) stay whole on every process
     replicated = ("adapters.", "frame_heads.", "stop_heads.", "contrastive_image.", "contrastive_text.")
     assert set(info0["shard_sizes"]) == {n for n, p in model.named_parameters()
                                          if p.dim() > 0 and not n.startswith(replicated)}
-    assert held <= 0.55 * full and held + sum(info1["shard_sizes"].values()) == full
+    if shard_size == 1:  # replicated by FSDP2: each process holds every parameter whole
+        assert held == full == sum(info1["shard_sizes"].values())
+    else:
+        assert held <= 0.55 * full and held + sum(info1["shard_sizes"].values()) == full
     assert {n for n in r0 if n.startswith("grad/")} == {f"grad/{n}" for n in grads}
     for name, p in model.named_parameters():
         assert torch.equal(r0[name], r1[name])

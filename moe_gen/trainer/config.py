@@ -18,7 +18,7 @@ __all__ = ["TrainConfig", "MIXING", "TRAINABLE"]
 MIXING = ("proportional", "temperature", "uniform", "weights", "all")
 TRAINABLE = ("all", "experts", "routers", "adapters", "new_adapters")
 PRECISIONS = ("fp32", "bf16")
-SHARDING = ("replicate", "fsdp")
+SHARDING = ("replicate", "fsdp", "hsdp")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -64,9 +64,12 @@ class TrainConfig(ConfigBase):
             (those ``GeneralistModel.add_tasks`` created).
         expert_parallel: size of the expert-parallel group under ``torchrun`` (1: experts replicated).
         sharding: how dense parameters live on several processes: ``replicate`` (every process holds
-            them all; gradients all-reduced after backward) or ``fsdp`` (PyTorch's FSDP2: each holds
-            1/W of every parameter, gradient and AdamW moment; see ``moe_gen.fsdp``; not with
-            ``expert_parallel > 1`` yet). One process: no effect.
+            them all; moe_gen all-reduces the gradients after backward), ``fsdp`` (PyTorch's FSDP2:
+            each of W processes holds 1/W of every parameter, gradient and AdamW moment; see
+            ``moe_gen.fsdp``) or ``hsdp`` (FSDP2 sharding over groups of ``shard_size`` processes,
+            replicated across groups; ``shard_size=1``: replicated, FSDP2 all-reducing gradients
+            during backward). One process: no effect.
+        shard_size: processes a parameter is sharded over with ``sharding="hsdp"``.
         activation_checkpointing: recompute each block's activations in backward instead of keeping
             them (``GeneralistModel.set_activation_checkpointing``): less memory, about a third
             more compute per step, the same gradients.
@@ -110,6 +113,7 @@ class TrainConfig(ConfigBase):
     trainable: str = "all"
     expert_parallel: int = 1
     sharding: str = "replicate"
+    shard_size: int = 1
     activation_checkpointing: bool = False
     eval_limit: Optional[int] = 100
     eval_batch_size: int = 64
@@ -132,6 +136,7 @@ class TrainConfig(ConfigBase):
             (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
             (self.expert_parallel >= 1, f"expert_parallel must be >= 1, got {self.expert_parallel}"),
             (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}; got {self.sharding!r}"),
+            (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.max_failed_checkpoints >= 1,
              f"max_failed_checkpoints must be >= 1, got {self.max_failed_checkpoints}"),

@@ -245,10 +245,10 @@ class Trainer:
                                  f"this run has {self.world} (launch with torchrun --nproc_per_node "
                                  f"{config.expert_parallel})")
             self.plan = shard_experts(model, config.expert_parallel)
-        if config.sharding == "fsdp" and self.world > 1:
+        if config.sharding in ("fsdp", "hsdp") and self.world > 1:
             from moe_gen.fsdp import shard_dense
 
-            shard_dense(model)
+            shard_dense(model, config.shard_size if config.sharding == "hsdp" else None)
         if config.activation_checkpointing:
             model.set_activation_checkpointing(True)
         self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
