@@ -318,6 +318,7 @@ def _cmd_pretrain(args, overrides) -> int:
         config["output_dir"] = args.output
     distributed.init_distributed()
     _train(config, resume=args.resume, overwrite=args.overwrite)
+    distributed.shutdown()
     return 0
 
 
@@ -335,6 +336,7 @@ def _cmd_finetune(args, overrides) -> int:
     distributed.init_distributed()
     model = GeneralistModel.from_pretrained(getattr(args, "from"))
     _train(config, model=model, resume=args.resume, overwrite=args.overwrite)
+    distributed.shutdown()
     return 0
 
 

@@ -47,7 +47,7 @@ from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_pla
 from moe_gen.routing.balance import sync_bias_updates
 
 __all__ = [
-    "WorldInfo", "init_distributed", "world_info", "is_main_process", "barrier",
+    "WorldInfo", "init_distributed", "world_info", "is_main_process", "barrier", "shutdown",
     "sync_gradients", "clip_grad_norm_", "save_shards", "load_shards",
 ]
 
@@ -90,6 +90,15 @@ def barrier() -> None:
     """Waits for every process (nothing to wait for in a single process)."""
     if _active():
         dist.barrier()
+
+
+def shutdown() -> None:
+    """Ends a finished multi-process run: waits for every process, then destroys the process group
+    (leaving it to interpreter shutdown can abort a process while gloo's threads still run). A
+    no-op in a single process."""
+    if _active():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def any_true(flag: bool) -> bool:
