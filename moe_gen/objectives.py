@@ -40,7 +40,7 @@ class Objective:
         """``samples`` collated into one batch (``rng``: for objectives that draw, e.g. masks)."""
         from moe_gen.tasks.batch import collate
 
-        return collate(samples, self.model.tokenizer, self.model.task_ids)
+        return collate(samples, self.model.tokenizer, self.model.task_ids, modality_ids=self.model.modality_ids)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -221,4 +221,5 @@ class MaskedObjective(GenerativeObjective):
                 if chunk.rows is not None and chunk.adaptor not in self.model.frame_heads:
                     raise ValueError(f"masked modeling targets {chunk.adaptor!r} rows but the model has no frame head "
                                      "for them; build it with ModelConfig(predict_all_features=True)")
-        return collate(masked, self.model.tokenizer, self.model.task_ids, pass_name="masked")
+        return collate(masked, self.model.tokenizer, self.model.task_ids, pass_name="masked",
+                       modality_ids=self.model.modality_ids)

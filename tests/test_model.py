@@ -460,6 +460,39 @@ def test_user_registered_modality_gets_its_own_tag(tok, sensor_modality):
         Task("bad", "[SENSOR:s,mask_ratio=0.5] -> [TEXT:y]", rows)
 
 
+def test_a_model_keeps_its_modality_ids_when_the_process_registers_more(tok, sensor_modality, tmp_path):
+    """The modality vocabulary is saved with the model: a modality registered later that sorts
+    before SENSOR shifts SENSOR's id in the process's vocabulary, not in the model's tags."""
+    from moe_gen.registry import MODALITIES
+    from moe_gen.tasks import ModalitySpec, register_modality
+    from moe_gen.tasks.modalities.base import modality_tag_names
+
+    rows = [{"s": [[0.1, 0.2, 0.3]] * 4, "y": "still"}, {"s": [[1.0, -1.0, 0.5]] * 6, "y": "moving"}]
+    task = Task("sensing", "[SENSOR:s] what is it doing? -> [TEXT:y,closed_set]", rows)
+    model = build([task], tok, router=RouterConfig(strategy="attribute")).eval()
+    assert model.config.modalities[-1] == "SENSOR" and model.modality_ids["SENSOR"] == 9
+    model.save_pretrained(str(tmp_path / "m"))
+    with torch.no_grad():
+        before = model(collate(list(task.samples(tok)), tok, model.task_ids, modality_ids=model.modality_ids)).logits
+        answers = [p.text for p in model.infer(task, rows)]
+    register_modality(ModalitySpec("ACCEL", text_like=False, preprocess="sensor", adaptor="sensor_linear"))
+    try:
+        assert modality_tag_names().index("SENSOR") == 10  # the process's vocabulary moved
+        loaded = GeneralistModel.from_pretrained(str(tmp_path / "m")).eval()
+        assert loaded.modality_ids["SENSOR"] == 9
+        batch = collate(list(task.samples(tok)), tok, loaded.task_ids, modality_ids=loaded.modality_ids)
+        tags = batch.encoder.tags.modality[~batch.encoder.padding_mask]
+        assert (tags == 9).sum() == 10 and not (tags == 10).any()  # SENSOR positions keep id 9
+        with torch.no_grad():
+            torch.testing.assert_close(loaded(batch).logits, before)
+            assert [p.text for p in loaded.infer(task, rows)] == answers
+        accel = Task("accel", "[ACCEL:s] what is it doing? -> [TEXT:y,closed_set]", rows)
+        with pytest.raises(ValueError, match="uses modality 'ACCEL', which is not in the model's modality"):
+            collate(list(accel.samples(tok)), tok, {"accel": 0}, modality_ids=loaded.modality_ids)
+    finally:
+        MODALITIES.unregister("ACCEL")
+
+
 def test_merged_generation_equals_unmerged(tok):
     # Generation runs the MoE layers once per step on a few positions; merged routes (cached per
     # set of tag groups) must give the same tokens, scores and frames as the unmerged model.

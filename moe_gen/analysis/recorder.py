@@ -129,7 +129,8 @@ class RoutingRecorder:
         model: any module containing ``moe_gen.MoE`` layers (a ``GeneralistModel``, a bare ``MoE``).
             A model without MoE layers (a dense twin) records nothing and gives empty tables.
         task_names: names of task ids; default the model's ``config.tasks`` when it has them.
-        modality_names: names of modality ids; default the modality tag vocabulary.
+        modality_names: names of modality ids; default the model's ``config.modalities`` (the
+            vocabulary it was trained with), else the modality tag vocabulary.
         flush_tokens: tokens buffered before they are added into the tables.
 
     Tokens of layers called without tags are counted as task 0, modality 0, role 0.
@@ -150,7 +151,8 @@ class RoutingRecorder:
         if modality_names is None:
             from moe_gen.tasks.modalities.base import modality_tag_names
 
-            modality_names = modality_tag_names()
+            # the vocabulary the model was trained with (saved in its config), else this process's
+            modality_names = getattr(getattr(model, "config", None), "modalities", None) or modality_tag_names()
         self.modality_names = list(modality_names)
         self.role_names = list(ROLES)
         # Tag sizes: every layer validates its tags against its own router config, so the largest

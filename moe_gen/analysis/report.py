@@ -103,7 +103,8 @@ def _held_out_loss(model, task, rows: int, batch_size: int) -> float:
     samples = _samples(model, task, rows)
     total = 0.0
     for start in range(0, len(samples), batch_size):
-        batch = collate(samples[start:start + batch_size], model.tokenizer, model.task_ids)
+        batch = collate(samples[start:start + batch_size], model.tokenizer, model.task_ids,
+                        modality_ids=model.modality_ids)
         out = objective(batch)
         loss = out.get("token_loss", out["loss"] * 0) + out.get("frame_loss", out["loss"] * 0)
         total += float(loss) * len(batch.tasks)
@@ -142,7 +143,8 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
         interference = None
         if interference_rows > 0:
             batches = {task.name: collate(_samples(model, task, min(interference_rows, rows[task.name])),
-                                          model.tokenizer, model.task_ids) for task in tasks}
+                                          model.tokenizer, model.task_ids, modality_ids=model.modality_ids)
+                       for task in tasks}
             interference = stats.interference_matrix(stats.task_gradients(model, batches))
     finally:
         model.train(was_training)

@@ -66,6 +66,10 @@ class ModelConfig(ConfigBase):
         positions_on_features: add the learned position table at feature positions too (else
             only at token positions: adapters that carry their own positions, e.g. Whisper's
             audio stem, get nothing added).
+        modalities: the modality tag vocabulary in id order (built-in names, then modalities
+            registered when the model was built), saved so that a process registering other
+            modalities still tags this model's tokens with the ids it was trained on. Empty in
+            models saved before it was kept: the process's vocabulary is used.
         preprocessor_statistics: task name → preprocessor name → slot column → what that
             preprocessor learned from the task's training rows when the model met the task
             (``Task.fit_statistics``; e.g. the STRUCT cell encoding's column ids, means, stds and
@@ -98,6 +102,7 @@ class ModelConfig(ConfigBase):
     frame_adapters: tuple[str, ...] = ()
     predict_all_features: bool = False
     tasks: tuple[str, ...] = ()
+    modalities: tuple[str, ...] = ()
     label_smoothing: float = 0.0
     layout: str = "encoder-decoder"
     prefix_attention: str = "bidirectional"

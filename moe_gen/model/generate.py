@@ -96,12 +96,13 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
         max_frames: the most rows of a frame answer.
         max_items: the most items of one repetition group.
     """
-    grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items)
+    grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
+                            modality_ids=model.modality_ids)
     target = grammar.slots[grammar.first]
     if target.decode.kind == "frames":
         tok = model.tokenizer
         dev = model.token_embedding.weight.device
-        enc_batch = collate(list(samples), tok, model.task_ids).to(dev)
+        enc_batch = collate(list(samples), tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
         return _generate_frames(model, samples, target, enc_batch, model.encode(enc_batch.encoder), max_frames)
     return _search(model, grammar, samples, beams=1)
 
@@ -112,7 +113,8 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
     """Beam search over token answers (every target slot, constrained like ``generate``): the
     ``beams`` best partial answers by summed log-probability; an answer that ends retires, and the
     finished ones are ranked by score / length^length_penalty."""
-    grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items)
+    grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
+                            modality_ids=model.modality_ids)
     kind = grammar.slots[grammar.first].decode.kind
     if kind == "frames":
         raise ValueError(f"beam search decodes text, closed-set and box targets, not {kind!r}; use generate")
@@ -143,7 +145,7 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     dev = model.token_embedding.weight.device
     rows = [sample for sample in samples for _ in range(beams)]
     R = len(rows)
-    enc_batch = collate(rows, tok, model.task_ids).to(dev)
+    enc_batch = collate(rows, tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
     memory = model.encode(enc_batch.encoder)
     limit = grammar.max_steps()
     target = grammar.slots[grammar.first]
@@ -289,7 +291,8 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str]) -> l
     predictions = []
     for sample in samples:
         pairs = [_with_target(sample, target.modality.name, ids) for ids in encoded]
-        batch = collate(pairs, tok, model.task_ids).to(model.token_embedding.weight.device)
+        batch = collate(pairs, tok, model.task_ids, modality_ids=model.modality_ids)
+        batch = batch.to(model.token_embedding.weight.device)
         logp = model(batch).logits.float().log_softmax(-1).cpu()
         start = sum(len(c) for c in sample.decoder)  # positions before the candidate
         scores = []
@@ -319,7 +322,7 @@ class _CachedDecoder:
             adaptor, width = placeholder
             targets = [_with_target(s, modality, rows=torch.zeros(1, width), adaptor=adaptor) for s in samples]
         self.device = dev = model.token_embedding.weight.device
-        self.prefix = collate(targets, tok, model.task_ids).to(dev)
+        self.prefix = collate(targets, tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
         self.lengths = (~dec.padding_mask).sum(1)  # prefix positions, placeholder included

@@ -29,7 +29,7 @@ its 4th location token, text at ``max_new_tokens`` tokens, without an EOS step.
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 from moe_gen.tasks.modalities.base import modality_tag_names
 from moe_gen.tasks.modalities.box import dequantize_box
@@ -92,6 +92,8 @@ class TargetGrammar:
         template: which template (inference uses the first).
         max_new_tokens: the most tokens of one free-text value.
         max_items: the most items of one repetition group.
+        modality_ids: modality name → tag id (the model's ``modality_ids``); default the modality
+            tag vocabulary of this process.
 
     Raises:
         ValueError: for templates it cannot decode (frames next to other targets, ``no_loss``
@@ -99,7 +101,7 @@ class TargetGrammar:
     """
 
     def __init__(self, plan: TaskPlan, tokenizer, template: int = 0, *, max_new_tokens: int = 32,
-                 max_items: int = 8) -> None:
+                 max_items: int = 8, modality_ids: Optional[Mapping[str, int]] = None) -> None:
         if max_items < 1 or max_new_tokens < 1:
             raise ValueError(f"max_items and max_new_tokens must be at least 1, got {max_items}, {max_new_tokens}")
         self.tok = tokenizer
@@ -117,8 +119,8 @@ class TargetGrammar:
                 raise ValueError(f"task {plan.name!r}: frames ({p.slot}) decode only as the single target")
         self.closing, self.open_ends = plan.closing_eos(template), plan.open_ends(template)
         self.followers = [slot_followers(self.slots, i) for i in range(len(self.slots))]
-        names = modality_tag_names()
-        self.tags: list[Tag] = [(names.index(p.modality.name), p.role) for p in self.slots]
+        ids = modality_ids if modality_ids is not None else {n: i for i, n in enumerate(modality_tag_names())}
+        self.tags: list[Tag] = [(ids[p.modality.name], p.role) for p in self.slots]
         self.kinds = ["literal" if p.slot.is_literal else p.decode.kind for p in self.slots]
         self.literals = {i: tuple(tokenizer.encode(p.slot.text)) for i, p in enumerate(self.slots)
                          if p.slot.is_literal}

@@ -150,7 +150,8 @@ class GeneralistModel(nn.Module):
                                      num_modalities=max(config.router.num_modalities, len(modality_tag_names())))
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,
                                      frame_adapters=tuple(frame_adapters), router=router,
-                                     preprocessor_statistics=statistics)
+                                     preprocessor_statistics=statistics,
+                                     modalities=config.modalities or tuple(modality_tag_names()))
         return cls(config, tokenizer)
 
     def add_tasks(self, tasks: Sequence) -> list[str]:
@@ -188,6 +189,14 @@ class GeneralistModel(nn.Module):
     @property
     def task_ids(self) -> dict[str, int]:
         return {name: i for i, name in enumerate(self.config.tasks)}
+
+    @property
+    def modality_ids(self) -> dict[str, int]:
+        """Modality name → the id this model's tokens are tagged with (``ModelConfig.modalities``;
+        the process's modality vocabulary for models saved before it was kept)."""
+        from moe_gen.tasks.modalities.base import modality_tag_names
+
+        return {name: i for i, name in enumerate(self.config.modalities or modality_tag_names())}
 
     def encoding_statistics(self, task) -> Mapping:
         """What the preprocessors learned from ``task``'s training rows when the model met it (a

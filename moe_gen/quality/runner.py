@@ -124,7 +124,7 @@ def _interference(model, tasks, rows: int = 16) -> dict:
         statistics = model.encoding_statistics(task)
         samples = [s for s in (task.encode(i, model.tokenizer, training=False, statistics=statistics)
                                for i in range(min(rows, len(task)))) if s is not None]
-        batches[task.name] = collate(samples, model.tokenizer, model.task_ids)
+        batches[task.name] = collate(samples, model.tokenizer, model.task_ids, modality_ids=model.modality_ids)
     result = stats.interference_matrix(stats.task_gradients(model, batches))
     matrix = result["matrix"]
     N = matrix.shape[0]

@@ -139,6 +139,16 @@ def _modality_ids() -> dict[str, int]:
     return {name: i for i, name in enumerate(modality_tag_names())}
 
 
+def _check_modalities(samples: Sequence[Sample], modality_id: Mapping[str, int]) -> None:
+    """Raises naming the task and modality when a sample uses a modality the vocabulary lacks."""
+    for sample in samples:
+        unknown = sorted(set(sample.task_modalities) - set(modality_id))
+        if unknown:
+            raise ValueError(f"task {sample.task!r} uses modality {unknown[0]!r}, which is not in the model's "
+                             f"modality vocabulary ({', '.join(modality_id)}); the model was built before it "
+                             "was registered")
+
+
 def pack_rows(lengths: Sequence[int], max_length: int) -> list[list[int]]:
     """Groups sample indices into rows of at most ``max_length`` positions (first fit, by length
     descending); a sample longer than ``max_length`` gets a row of its own."""
@@ -232,6 +242,7 @@ def collate(
     pack: bool = False,
     max_length: Optional[int] = None,
     pass_name: str = "generative",
+    modality_ids: Optional[Mapping[str, int]] = None,
 ) -> Batch:
     """Pads (or packs) samples into a ``Batch``.
 
@@ -242,11 +253,14 @@ def collate(
         pack: put several samples per row (first fit up to ``max_length`` encoder positions).
         max_length: row length for packing (default: the longest sample).
         pass_name: the ``pass`` tag of every position.
+        modality_ids: modality name → id (a model's ``modality_ids``: the ids it was trained on);
+            default the modality tag vocabulary of this process.
     """
     _check_samples(samples, task_ids)
     groups = _row_groups(samples, pack, max_length)
     pass_id = PASSES.index(pass_name)
-    modality_id = _modality_ids()
+    modality_id = dict(modality_ids) if modality_ids is not None else _modality_ids()
+    _check_modalities(samples, modality_id)
     M = len(modality_id)
     enc, dec = _SideBuilder(len(groups)), _SideBuilder(len(groups))
     labels_rows: list[list[torch.Tensor]] = [[] for _ in groups]
