@@ -26,7 +26,8 @@ from typing import Any, Optional, Sequence
 import torch
 
 from moe_gen.model.grammar import Option, State, TargetGrammar
-from moe_gen.routing.tags import TagBatch, TokenTags
+from moe_gen.model.transformer import BlockCache
+from moe_gen.routing.tags import TokenTags
 from moe_gen.tasks.batch import Side, collate
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
@@ -336,17 +337,17 @@ class _CachedDecoder:
         self.offset = ((~enc.padding_mask).sum(1) if cfg.decoder_only
                        else torch.zeros(B, dtype=torch.long, device=dev))
         self.total = self.base + P + limit
-        self.caches = [{"k": torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype),
-                        "v": torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype)}
+        self.caches = [BlockCache(torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype),
+                                  torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype))
                        for _ in model.decoder.blocks]
         self.key_valid = torch.zeros(B, self.total, dtype=torch.bool, device=dev)
         if cfg.decoder_only:
             for cache, (k, v) in zip(self.caches, memory.kv):
-                cache["k"][:, :, :self.base], cache["v"][:, :, :self.base] = k, v
+                cache.k[:, :, :self.base], cache.v[:, :, :self.base] = k, v
             self.key_valid[:, :self.base] = ~enc.padding_mask
-            self.memory_kv = [None] * len(model.decoder.blocks)
         else:
-            self.memory_kv = [block.cross_attn.project_kv(memory.hidden) for block in model.decoder.blocks]
+            for cache, block in zip(self.caches, model.decoder.blocks):
+                cache.memory_kv = block.cross_attn.project_kv(memory.hidden)
         self.cross_mask = (~enc.padding_mask).unsqueeze(1)
         self.write = torch.full((B,), self.base, dtype=torch.long, device=dev)
         last_index = self.lengths - 1
@@ -363,12 +364,11 @@ class _CachedDecoder:
         rows = torch.arange(steps_BS.shape[0], device=self.device).unsqueeze(1)
         self.key_valid[rows, write] = active_BS
         mask = self.key_valid.unsqueeze(1) & (torch.arange(self.total, device=self.device) <= write.unsqueeze(-1))
-        x, rope = model.embed(side, positions), model.rope(side, positions)
-        # one per step, for all layers
-        tags = TagBatch(side.tags, ~active_BS, shape=x.shape[:2], device=x.device, vocab=model.decoder.tag_vocab)
-        for block, cache, kv in zip(model.decoder.blocks, self.caches, self.memory_kv):
-            x = block.step(x, cache, write, mask, tags, kv, self.cross_mask, rope)
-        return model.decoder.norm(x)
+        for cache in self.caches:
+            cache.write = write
+        # the decoder's one forward path, on the caches
+        return model.decoder(model.embed(side, positions), mask, side.tags, ~active_BS, cross_mask=self.cross_mask,
+                             rope=model.rope(side, positions), caches=self.caches).hidden
 
     def _run(self, side_B1, steps_B, active_B) -> torch.Tensor:
         """One position per row (decoder step ``steps_B``); its final state ``[B, D]``."""
@@ -394,7 +394,7 @@ class _CachedDecoder:
             return
         parents = torch.tensor(parents, device=self.device)
         for cache in self.caches:
-            cache["k"], cache["v"] = cache["k"][parents], cache["v"][parents]
+            cache.k, cache.v = cache.k[parents], cache.v[parents]  # (a sample's beams share its memory)
         self.key_valid, self.write = self.key_valid[parents], self.write[parents]
 
     def step(self, tokens: list[int], tags: list[tuple[int, int]], active: list[bool]) -> torch.Tensor:

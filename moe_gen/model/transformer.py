@@ -141,44 +141,65 @@ class Block(nn.Module):
         return self.ffn(h)
 
     def forward(self, x, self_mask, tags: TagBatch, memory=None, cross_mask=None,
-                rope=None, keep_kv: Optional[list] = None) -> tuple[torch.Tensor, list]:
-        """``tags``: the tokens' tags and padding, shared by every MoE layer of the stack."""
+                rope=None, keep_kv: Optional[list] = None,
+                cache: Optional["BlockCache"] = None) -> tuple[torch.Tensor, list]:
+        """One path for training, prefill and decoding steps.
+
+        Args:
+            tags: the tokens' tags and padding, shared by every MoE layer of the stack.
+            memory, cross_mask: the encoder output and what each position may see of it (the
+                contrastive pass gives no memory: cross-attention is skipped).
+            keep_kv: a list that receives this block's self-attention keys and values.
+            cache: generation (``BlockCache``): the new positions' keys and values are written
+                into the cache first and attention reads the whole cache (``self_mask`` decides
+                what each position sees); cross-attention reads the cached encoder keys/values.
+                No dropout.
+        """
         routed: list[MoEOutput] = []
+        drop = cache is None
 
         def self_attention(h):
-            out, moe_out = self.self_attn(h, h, self_mask, tags, rope=rope, keep_kv=keep_kv)
+            kv = None if cache is None else cache.write_and_read(self.self_attn, h, rope)
+            out, moe_out = self.self_attn(h, h if kv is None else None, self_mask, tags, kv=kv, rope=rope,
+                                          keep_kv=keep_kv)
             if moe_out is not None:
                 routed.append(moe_out)
             return out
 
-        x = self._residual(x, self.norm_self, self_attention)
-        if self.cross_attn is not None and memory is not None:  # the contrastive pass skips it
+        x = self._residual(x, self.norm_self, self_attention, drop)
+        if self.cross_attn is not None and (memory is not None or cache is not None):  # contrastive: skipped
+            kv = None if cache is None else cache.memory_kv
             x = self._residual(x, self.norm_cross,
-                               lambda h: self.cross_attn(h, memory, cross_mask, tags)[0])
-        x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, routed))
+                               lambda h: self.cross_attn(h, memory, cross_mask, tags, kv=kv)[0], drop)
+        x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, routed), drop)
         return x, routed
 
-    def step(self, x_BSD, cache: dict, write_BS, self_mask_BSK, tags: TagBatch, memory_kv, cross_mask_BSK,
-             rope=None):
-        """New positions (S per row: the whole prefix at once, then one per decoding step)
-        attending to the cached keys/values (``cache["k"]``, ``cache["v"]``: ``[B, G, L, D/H]``);
-        theirs are written at ``write_BS`` first, so ``self_mask_BSK`` decides what each sees."""
-        rows = torch.arange(x_BSD.shape[0], device=x_BSD.device).unsqueeze(1)
 
-        def self_attention(h):
-            k_new, v_new = self.self_attn.project_kv(h)
-            if rope is not None:
-                k_new = rotate(k_new, rope)
-            cache["k"][rows, :, write_BS] = k_new.transpose(1, 2)  # [B, S, G, D/H] at (row, position)
-            cache["v"][rows, :, write_BS] = v_new.transpose(1, 2)
-            return self.self_attn(h, None, self_mask_BSK, tags, kv=(cache["k"], cache["v"]),
-                                  rope=rope)[0]
+@dataclasses.dataclass
+class BlockCache:
+    """A decoder block's keys and values during generation.
 
-        x = self._residual(x_BSD, self.norm_self, self_attention, drop=False)
-        if self.cross_attn is not None:
-            x = self._residual(x, self.norm_cross, lambda h: self.cross_attn(
-                h, None, cross_mask_BSK, tags, kv=memory_kv)[0], drop=False)
-        return self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, None), drop=False)
+    Attributes:
+        k, v: ``[B, G, L, D/H]`` self-attention keys and values of every position so far (rotated).
+        memory_kv: the cross-attention keys and values of the encoder output (computed once), or
+            None (decoder-only layout).
+        write: long ``[B, S]``: where the positions of the current call go (set per call).
+    """
+
+    k: torch.Tensor
+    v: torch.Tensor
+    memory_kv: Optional[tuple] = None
+    write: Optional[torch.Tensor] = None
+
+    def write_and_read(self, attention: "Attention", h_BSD: torch.Tensor, rope=None) -> tuple:
+        """Writes the keys and values of ``h``'s positions at ``write``; returns the whole cache."""
+        k_new, v_new = attention.project_kv(h_BSD)
+        if rope is not None:
+            k_new = rotate(k_new, rope)
+        rows = torch.arange(h_BSD.shape[0], device=h_BSD.device).unsqueeze(1)
+        self.k[rows, :, self.write] = k_new.transpose(1, 2)  # [B, S, G, D/H] at (row, position)
+        self.v[rows, :, self.write] = v_new.transpose(1, 2)
+        return self.k, self.v
 
 
 @dataclasses.dataclass
@@ -202,19 +223,20 @@ class Stack(nn.Module):
         self.checkpoint_blocks = False
 
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
-                keep_kv: Optional[list] = None) -> StackOutput:
+                keep_kv: Optional[list] = None, caches: Optional[list[BlockCache]] = None) -> StackOutput:
         """``tags``, ``padding``: the tokens' ``TokenTags`` and padding mask (True = padding), given
         to every MoE layer as one ``TagBatch``. ``keep_kv``: a list that receives every block's
-        self-attention keys and values."""
+        self-attention keys and values. ``caches``: one ``BlockCache`` per block (generation)."""
         routed = []
         batch = TagBatch(tags, padding, shape=x.shape[:2], device=x.device, vocab=self.tag_vocab)
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
-        for block in self.blocks:
+        for i, block in enumerate(self.blocks):
+            cache = None if caches is None else caches[i]
             if recompute:
-                x, moe_outs = checkpoint(block, x, self_mask, batch, memory, cross_mask, rope, keep_kv,
+                x, moe_outs = checkpoint(block, x, self_mask, batch, memory, cross_mask, rope, keep_kv, cache,
                                          use_reentrant=False, context_fn=functools.partial(_contexts, block))
             else:
-                x, moe_outs = block(x, self_mask, batch, memory, cross_mask, rope, keep_kv)
+                x, moe_outs = block(x, self_mask, batch, memory, cross_mask, rope, keep_kv, cache)
             routed.extend(moe_outs)
         return StackOutput(self.norm(x), routed)
 
