@@ -45,9 +45,10 @@ __all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch"
 logger = logging.getLogger("moe_gen")
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Dispatched:
-    """What ``dispatch`` hands to ``run`` and ``combine`` (layout depends on the backend)."""
+    """What ``dispatch`` hands to ``run`` and ``combine`` (layout depends on the backend; no
+    backend changes it after ``dispatch``)."""
 
     inputs: Any
     plan: Any
@@ -263,7 +264,7 @@ class MergedDispatch(DispatchBackend):
     def dispatch(self, x_TD, routing):
         if routing.groups is not None:
             # grouped in run(), where the experts are known (whether rows of one expert set with
-            # different gate weights may share a group)
+            # different gate weights may share a group); the plan is the routing until then
             return Dispatched(x_TD, routing)
         mask_TK = routing.mask
         has_route_T = mask_TK.any(-1)
@@ -350,13 +351,16 @@ class MergedDispatch(DispatchBackend):
         self._partitions: dict = {}  # (by_set, set of tag groups) → which groups share a route
 
     def run(self, experts, dispatched):
+        """The merged FFNs on the grouped rows; returns ``(outputs, groups)``: the grouping of
+        routes kept per tag group is made here (``dispatch`` cannot know whether the experts merge
+        sets of experts), so ``combine`` takes it from the result, and ``dispatched`` is left as
+        it was."""
         no_grad = not torch.is_grad_enabled()
-        if isinstance(dispatched.plan, RouterOutput):  # grouped now (see dispatch)
-            by_set = no_grad and experts.merges_expert_sets
-            dispatched.inputs, dispatched.plan = self._group(dispatched.inputs, dispatched.plan, by_set)
-        groups = dispatched.plan
+        inputs, groups = dispatched.inputs, dispatched.plan
+        if isinstance(groups, RouterOutput):  # routes kept per tag group: grouped now
+            inputs, groups = self._group(inputs, groups, no_grad and experts.merges_expert_sets)
         if not groups.counts:
-            return None
+            return None, groups
         by_set = groups.sets is not None
         if self.cache and no_grad:
             stacked = self._kept_weights(experts, groups, by_set)
@@ -365,9 +369,9 @@ class MergedDispatch(DispatchBackend):
             stacked = experts.stack_merged([experts.merged_weights(ids_K, None if by_set else weights_K)
                                             for ids_K, weights_K in routes])
         if not by_set:
-            return experts.forward_merged_groups(dispatched.inputs, groups.counts, stacked)
+            return experts.forward_merged_groups(inputs, groups.counts, stacked), groups
         weights_GK = groups.sets[1]
-        return experts.forward_merged_sets(dispatched.inputs, groups.counts, stacked, weights_GK[groups.group_N])
+        return experts.forward_merged_sets(inputs, groups.counts, stacked, weights_GK[groups.group_N]), groups
 
     def _kept_weights(self, experts, groups, by_set: bool):
         """The stacked merged weights of ``groups``' routes, from what ``cache`` kept (built and
@@ -389,9 +393,10 @@ class MergedDispatch(DispatchBackend):
         return stacked
 
     def combine(self, outputs, dispatched, x_TD):
-        if outputs is None:
+        y_ND, groups = outputs
+        if y_ND is None:
             return None
-        return outputs.new_zeros(x_TD.shape[0], outputs.shape[1]).index_add_(0, dispatched.plan.token_N, outputs)
+        return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_add_(0, groups.token_N, y_ND)
 
 
 # backend="auto": the first registered backend that can run on the input's device, by device type.
@@ -433,18 +438,24 @@ class AutoDispatch(DispatchBackend):
                         "".join(f"; skipped {s}" for s in skipped))
         return self._chosen[device_type]
 
+    # The backend chosen for the device of the tensors at hand does each step (the chosen backend
+    # is looked up per call, not carried in the plan).
     def dispatch(self, x_TD, routing):
-        backend = self.resolve(x_TD.device)
-        return Dispatched(backend.dispatch(x_TD, routing), backend)
+        return self.resolve(x_TD.device).dispatch(x_TD, routing)
 
     def run(self, experts, dispatched):
-        return dispatched.plan.run(experts, dispatched.inputs)
+        return self.resolve(_device_of(experts)).run(experts, dispatched)
 
     def combine(self, outputs, dispatched, x_TD):
-        return dispatched.plan.combine(outputs, dispatched.inputs, x_TD)
+        return self.resolve(x_TD.device).combine(outputs, dispatched, x_TD)
 
     def sort_assignments(self, routing):
         return self.resolve(routing.topk_ids.device).sort_assignments(routing)
+
+
+def _device_of(module) -> torch.device:
+    first = next(module.parameters(), None)
+    return first.device if first is not None else torch.device("cpu")
 
 
 def make_backend(name: str) -> DispatchBackend:
