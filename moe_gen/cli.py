@@ -57,8 +57,22 @@ def _yaml_problem(exc) -> str:
     return f"{getattr(exc, 'problem', None) or exc}{where}"
 
 
+def merge(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base`` key by key at every depth (a nested mapping in both is
+    merged; anything else is replaced) — the one rule for a YAML file over its recipe, a run's
+    ``model`` section over its flavour, and dotted flags over either. Returns a new dict."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
-    """Applies ``--a.b.c value`` pairs to a nested dict (in place; returns it)."""
+    """Applies ``--a.b.c value`` pairs to a nested dict (in place; returns it): each sets one key,
+    as ``merge`` of ``{a: {b: {c: value}}}`` would."""
     items = list(overrides)
     i = 0
     while i < len(items):
@@ -106,12 +120,7 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
             raise ValueError(f"{name_or_path} must hold a mapping of run configuration keys (model, train, "
                              f"tasks, ...), not a {type(config).__name__}")
         base = get_recipe(config.pop("recipe")) if "recipe" in config else {}
-        for key, value in config.items():
-            if isinstance(value, dict) and isinstance(base.get(key), dict):
-                base[key].update(value)
-            else:
-                base[key] = value
-        config = base
+        config = merge(base, config)
     else:
         config = get_recipe(name_or_path)
     config = apply_overrides(config, overrides)
@@ -134,13 +143,7 @@ def _model_config(section: dict):
 
     section = dict(section)
     name = section.pop("flavour", "debug")
-    base = flavour(name).to_dict()
-    for key, value in section.items():
-        if isinstance(value, dict) and isinstance(base.get(key), dict):
-            base[key] = {**base[key], **value}
-        else:
-            base[key] = value
-    return ModelConfig.from_dict(base)
+    return ModelConfig.from_dict(merge(flavour(name).to_dict(), section))
 
 
 def _pretrained_model(section: dict, tasks, seed: int):

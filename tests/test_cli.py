@@ -42,6 +42,24 @@ def test_recipes_and_yaml_files_load_and_unknown_keys_fail(tmp_path):
         load_run_config("debug", ["--trian.lr", "1"])
 
 
+def test_yaml_files_and_flags_merge_by_one_rule(tmp_path):
+    """A nested key set in YAML keeps its siblings from the recipe, as the same key given as a
+    dotted flag does."""
+    from moe_gen.cli import _model_config
+
+    recipe = load_run_config("demo")
+    assert len(recipe["model"]["router"]) > 1  # the demo recipe sets more router keys than the strategy
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: demo\nmodel:\n  router:\n    strategy: token\n")
+    from_yaml = load_run_config(str(path))
+    from_flag = load_run_config("demo", ["--model.router.strategy", "token"])
+    assert from_yaml == from_flag
+    assert from_yaml["model"]["router"] == {**recipe["model"]["router"], "strategy": "token"}
+    config = _model_config({"flavour": "debug", "router": {"strategy": "task"}, "experts": {"kind": "glu"}})
+    assert config.router.strategy == "task" and config.experts.kind == "glu"
+    assert config.router.gate == _model_config({"flavour": "debug"}).router.gate  # siblings kept
+
+
 def test_bad_train_key_is_reported_by_the_command(tmp_path, capsys):
     code = main(["pretrain", "--config", "debug", "--output", str(tmp_path), "--train.lrr", "1"])
     assert code == 2 and "unknown TrainConfig keys ['lrr']" in capsys.readouterr().err
