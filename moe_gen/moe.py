@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-import functools
 
 import torch
 from torch import nn
@@ -23,8 +22,8 @@ from moe_gen.config import MoEConfig
 from moe_gen.experts.dispatch import DispatchBackend, MergedDispatch, make_backend
 from moe_gen.experts.experts import DenseFFN
 from moe_gen.registry import EXPERTS
-from moe_gen.routing.losses import auxiliary_losses
-from moe_gen.routing.router import Router, RouterOutput
+from moe_gen.routing.output import RouterOutput
+from moe_gen.routing.router import Router
 from moe_gen.routing.tags import TagBatch, TokenTags
 
 # Registering modules: importing them fills ROUTERS, GATES, EXPERTS and BACKENDS.
@@ -180,10 +179,7 @@ class MoE(nn.Module):
         if self.training and self.router.balances_by_bias and not self.recomputing:
             # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
             self.router.update_balance_bias(routing)
-        if torch.is_grad_enabled():
-            aux_losses = auxiliary_losses(routing, batch.tags, self.config.router)
-        else:  # no graph to build: computed if and when someone reads them
-            aux_losses = functools.partial(auxiliary_losses, routing, batch.tags, self.config.router)
+        aux_losses = self.router.losses(routing, batch)
 
         dispatched = self.backend.dispatch(x_TD, routing)
         expert_outputs = self.backend.run(self.experts, dispatched)

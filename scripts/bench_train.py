@@ -63,7 +63,6 @@ class Timers:
 
 def instrument(timers: Timers) -> None:
     """Wraps the functions whose time is reported (in this process only)."""
-    from moe_gen import moe as moe_module
     from moe_gen import objectives
     from moe_gen.experts import dispatch, experts
     from moe_gen.experts.parallel import ExpertParallel
@@ -89,7 +88,7 @@ def instrument(timers: Timers) -> None:
         setattr(owner, name, timers.wrap(category, getattr(owner, name)))
     for owner in (objectives.Objective, objectives.MaskedObjective):  # collating (and masking) a batch
         owner.prepare = timers.wrap("data", owner.prepare)
-    moe_module.auxiliary_losses = timers.wrap("routing", moe_module.auxiliary_losses)
+    Router.losses = timers.wrap("routing", Router.losses)
 
 
 def _state_bytes(trainer) -> int:

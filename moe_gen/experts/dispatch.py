@@ -37,7 +37,7 @@ from typing import Any, Callable
 import torch
 
 from moe_gen.registry import BACKENDS
-from moe_gen.routing.router import RouterOutput
+from moe_gen.routing.output import RouterOutput
 
 __all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch", "MergedDispatch", "AutoDispatch",
            "AUTO_PREFERENCE", "make_backend"]

@@ -43,7 +43,7 @@ from torch.distributed.device_mesh import DeviceMesh
 
 from moe_gen.experts.dispatch import DispatchBackend, Dispatched, assignment_weights
 from moe_gen.moe import MoE
-from moe_gen.routing.router import RouterOutput
+from moe_gen.routing.output import RouterOutput
 
 __all__ = ["ExpertShard", "ExpertParallelPlan", "ExpertParallel", "shard_experts", "expert_plan"]
 

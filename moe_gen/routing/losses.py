@@ -26,7 +26,7 @@ import torch
 
 from moe_gen.config import RouterConfig
 from moe_gen.routing.balance import group_balance_loss
-from moe_gen.routing.router import RouterOutput
+from moe_gen.routing.output import RouterOutput
 from moe_gen.routing.tags import TokenTags
 
 __all__ = ["balance_loss", "z_loss", "importance_loss", "auxiliary_losses"]
