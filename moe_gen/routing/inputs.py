@@ -22,7 +22,8 @@ from torch import nn
 
 from moe_gen.config import RouterConfig
 from moe_gen.registry import ROUTERS
-from moe_gen.routing.tags import TokenTags, attribute_dim
+from moe_gen.routing.attributes import attribute_dim, attribute_vector
+from moe_gen.routing.tags import TokenTags
 
 __all__ = [
     "RouterInput", "TokenInput", "ContextInput", "ModalityInput", "TaskInput", "AttributeInput",
@@ -66,7 +67,7 @@ class _AttributeEmbedding(nn.Module):
         self.norm = nn.LayerNorm(d_model)
 
     def forward(self, tags: TokenTags) -> torch.Tensor:
-        attributes_TA = tags.attribute_vector(*self.sizes).to(self.proj.weight.dtype)
+        attributes_TA = attribute_vector(tags, *self.sizes).to(self.proj.weight.dtype)
         return self.norm(self.proj(attributes_TA))
 
 

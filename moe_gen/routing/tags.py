@@ -17,6 +17,8 @@ from typing import Sequence, Union
 
 import torch
 
+from moe_gen.routing.attributes import attribute_dim, attribute_vector
+
 __all__ = ["MODALITIES", "ROLES", "PASSES", "TokenTags", "TagBatch", "modality_index", "attribute_dim"]
 
 # Built-in vocabularies; the index in each tuple is the tag value.
@@ -39,12 +41,6 @@ def _lookup(kind: str, names: Sequence[str], value: Union[str, int]) -> int:
 def modality_index(name: Union[str, int]) -> int:
     """Index of a built-in modality name (``"IMAGE"`` → 1); ints pass through."""
     return _lookup("modality", MODALITIES, name)
-
-
-def attribute_dim(num_modalities: int, num_roles: int, num_passes: int) -> int:
-    """Width A of the attribute vector built by ``TokenTags.attribute_vector``."""
-    return 2 * num_modalities + num_roles + 1 + num_passes
-
 
 
 @dataclasses.dataclass(frozen=True)
@@ -209,26 +205,9 @@ class TokenTags:
         return (key << M) | modality_bits
 
     def attribute_vector(self, num_modalities: int, num_roles: int, num_passes: int) -> torch.Tensor:
-        """The multi-hot attribute vector of Uni-Perceiver-MoE, generalised.
-
-        Layout (width ``attribute_dim(M, R, P)``): modalities the task uses (M bits), the token's
-        modality (M, one-hot), its role (R, one-hot), causal (1 bit), pass (P, one-hot). New tasks
-        are new combinations of known bits, which is what lets attribute routing generalise.
-
-        Returns:
-            float32 ``[..., A]``.
-        """
-        one_hot = torch.nn.functional.one_hot
-        return torch.cat(
-            [
-                self.task_modalities.float(),
-                one_hot(self.modality, num_modalities).float(),
-                one_hot(self.role, num_roles).float(),
-                self.causal.float().unsqueeze(-1),
-                one_hot(self.pass_id, num_passes).float(),
-            ],
-            dim=-1,
-        )
+        """The multi-hot attribute vector of Uni-Perceiver-MoE, generalised
+        (``moe_gen.routing.attributes``): float32 ``[..., A]``."""
+        return attribute_vector(self, num_modalities, num_roles, num_passes)
 
 
 class TagBatch:
