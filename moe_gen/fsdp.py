@@ -43,7 +43,7 @@ _PER_BATCH_PARTS = ("adapters", "frame_heads", "stop_heads", "contrastive_image"
 _FORWARD_METHODS = ("decode_bidirectional",)
 
 
-def shard_dense(model: nn.Module, shard_size: int | None = None):
+def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "block"):
     """Shards the model's dense parameters with FSDP2; returns the device mesh.
 
     Every process must call it with the same model, after ``init_distributed()`` and before the
@@ -56,6 +56,9 @@ def shard_dense(model: nn.Module, shard_size: int | None = None):
             (FSDP). Smaller: hybrid sharding (HSDP) on a ``(replicate, shard)`` mesh, gradients
             reduce-scattered within a shard group and all-reduced across groups; 1 replicates every
             parameter, FSDP2 then all-reducing the gradients during backward (as DDP does).
+        unit: what FSDP2 gathers and reduces at once: every ``block`` (least memory: one block's
+            parameters whole at a time), or each ``stack`` (the encoder, the decoder: fewer and
+            larger collectives; faster on gloo between CPU processes, see the README).
 
     Raises:
         ValueError: torch.distributed is not initialised, or ``shard_size`` does not divide the
@@ -68,6 +71,8 @@ def shard_dense(model: nn.Module, shard_size: int | None = None):
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("sharding='fsdp' needs torch.distributed; launch with torchrun (init_distributed())")
+    if unit not in ("block", "stack"):
+        raise ValueError(f"unit must be 'block' or 'stack', got {unit!r}")
     world = dist.get_world_size()
     shard_size = world if shard_size is None else shard_size
     if shard_size < 1 or world % shard_size:
@@ -88,8 +93,9 @@ def shard_dense(model: nn.Module, shard_size: int | None = None):
             replicated |= set(part.parameters())
     for stack_name in ("encoder", "decoder"):
         stack = getattr(model, stack_name, None)
-        for block in getattr(stack, "blocks", ()):
-            fully_shard(block, mesh=mesh, ignored_params=(replicated & set(block.parameters())) or None)
+        blocks = list(getattr(stack, "blocks", ()))
+        for part in (blocks if unit == "block" else [stack] if blocks else []):
+            fully_shard(part, mesh=mesh, ignored_params=(replicated & set(part.parameters())) or None)
     fully_shard(model, mesh=mesh, ignored_params=replicated or None)
     for name in _FORWARD_METHODS:
         if hasattr(model, name):

@@ -128,6 +128,7 @@ def run(args, rank: int = 0, world: int = 1, expert_parallel: int = 1, sharding:
     instrument(timers)
     config = TrainConfig(steps=args.warmup + args.steps, batch_size=args.batch_size, progress=False,
                          tensorboard=False, expert_parallel=expert_parallel, warmup_steps=1, sharding=sharding,
+                         fsdp_unit=args.fsdp_unit,
                          activation_checkpointing=checkpointing)
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, tasks, config, output_dir=tmp)
@@ -209,12 +210,14 @@ def main(argv=None) -> int:
     parser.add_argument("--threads-per-process", type=int, default=1)
     parser.add_argument("--threads", type=int, default=2, help="torch threads of the 1-process runs")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
+    parser.add_argument("--fsdp-unit", default="block", choices=["block", "stack"],
+                        help="TrainConfig.fsdp_unit of the FSDP2 runs")
     parser.add_argument("--out", default="bench_results/train.json")
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
     print(f"{args.flavour} flavour, {args.router} routing, {args.batch_size} samples per process per step, "
-          f"{args.steps} timed steps")
+          f"{args.steps} timed steps, FSDP2 units: {args.fsdp_unit}")
     for key in args.configs:
         label, world, ep, sharding, checkpointing = CONFIGS[key]
         result = run_processes(args, world, ep, sharding, checkpointing)
@@ -231,6 +234,7 @@ def main(argv=None) -> int:
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "train", "flavour": args.flavour, "router": args.router, "tasks": TASKS,
+                   "fsdp_unit": args.fsdp_unit,
                    "batch_size_per_process": args.batch_size, "rows": rows}, f, indent=2)
     print(f"wrote {args.out}")
     return 0

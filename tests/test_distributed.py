@@ -254,14 +254,14 @@ def _scenario_train_step(rank: int, out_dir: str, sharding: str = "replicate"):
     return tensors, info
 
 
-def _scenario_fsdp_step(rank: int, out_dir: str, shard_size: int | None = None):
+def _scenario_fsdp_step(rank: int, out_dir: str, shard_size: int | None = None, unit: str = "block"):
     """The same step with the dense parameters sharded by FSDP2 (no expert parallelism): every
     tensor is gathered whole at the end for the comparison. ``shard_size=1``: replicated by FSDP2."""
     from moe_gen.fsdp import full_tensors, is_sharded, shard_dense
     from moe_gen.objectives import GenerativeObjective
 
     model, batches = _debug_setup()
-    shard_dense(model, shard_size)
+    shard_dense(model, shard_size, unit)
     optimizer = _optimizer(model)  # over the shards
     loss = GenerativeObjective(model)(batches[rank])["loss"]
     loss.backward()
@@ -399,9 +399,10 @@ def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_pa
         torch.testing.assert_close(weight, p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
 
 
-@pytest.mark.parametrize("shard_size", [None, 1], ids=["fsdp", "hsdp-replicated"])
-def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size):
-    (r0, info0), (r1, info1) = Launch("fsdp_step", tmp_path, shard_size).results()
+@pytest.mark.parametrize("shard_size, unit", [(None, "block"), (1, "block"), (None, "stack")],
+                         ids=["fsdp", "hsdp-replicated", "fsdp-per-stack"])
+def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size, unit):
+    (r0, info0), (r1, info1) = Launch("fsdp_step", tmp_path, shard_size, unit).results()
 
     model, losses, norm, grads = _single_process_step()
 

@@ -70,6 +70,8 @@ class TrainConfig(ConfigBase):
             replicated across groups; ``shard_size=1``: replicated, FSDP2 all-reducing gradients
             during backward). One process: no effect.
         shard_size: processes a parameter is sharded over with ``sharding="hsdp"``.
+        fsdp_unit: what FSDP2 gathers and reduces at once: each ``block`` (least memory) or each
+            ``stack`` (fewer, larger collectives).
         activation_checkpointing: recompute each block's activations in backward instead of keeping
             them (``GeneralistModel.set_activation_checkpointing``): less memory, about a third
             more compute per step, the same gradients.
@@ -114,6 +116,7 @@ class TrainConfig(ConfigBase):
     expert_parallel: int = 1
     sharding: str = "replicate"
     shard_size: int = 1
+    fsdp_unit: str = "block"
     activation_checkpointing: bool = False
     eval_limit: Optional[int] = 100
     eval_batch_size: int = 64
@@ -137,6 +140,7 @@ class TrainConfig(ConfigBase):
             (self.expert_parallel >= 1, f"expert_parallel must be >= 1, got {self.expert_parallel}"),
             (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}; got {self.sharding!r}"),
             (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
+            (self.fsdp_unit in ("block", "stack"), f"fsdp_unit must be 'block' or 'stack', got {self.fsdp_unit!r}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.max_failed_checkpoints >= 1,
              f"max_failed_checkpoints must be >= 1, got {self.max_failed_checkpoints}"),
