@@ -43,7 +43,8 @@ _PER_BATCH_PARTS = ("adapters", "frame_heads", "stop_heads", "contrastive_image"
 _FORWARD_METHODS = ("decode_bidirectional",)
 
 
-def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "block"):
+def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "block",
+                param_dtype: torch.dtype | None = None):
     """Shards the model's dense parameters with FSDP2; returns the device mesh.
 
     Every process must call it with the same model, after ``init_distributed()`` and before the
@@ -59,13 +60,17 @@ def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "bl
         unit: what FSDP2 gathers and reduces at once: every ``block`` (least memory: one block's
             parameters whole at a time), or each ``stack`` (the encoder, the decoder: fewer and
             larger collectives; faster on gloo between CPU processes, see the README).
+        param_dtype: gather parameters in this dtype for compute (``torch.bfloat16`` with
+            ``TrainConfig(precision="bf16")``: half the all-gather traffic) while gradients are
+            reduced, and parameters and AdamW state kept, in float32 (FSDP2's
+            ``MixedPrecisionPolicy``). None: parameters as they are.
 
     Raises:
         ValueError: torch.distributed is not initialised, or ``shard_size`` does not divide the
             number of processes.
     """
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 
     from moe_gen.moe import MoE
 
@@ -87,6 +92,7 @@ def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "bl
     replicated = {p for m in model.modules() if isinstance(m, MoE) and m.expert_parallel is not None
                   for p in m.experts.parameters()}
     replicated |= {p for p in model.parameters() if p.dim() == 0}
+    policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
     for name in _PER_BATCH_PARTS:
         part = getattr(model, name, None)
         if isinstance(part, nn.Module):
@@ -95,8 +101,9 @@ def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "bl
         stack = getattr(model, stack_name, None)
         blocks = list(getattr(stack, "blocks", ()))
         for part in (blocks if unit == "block" else [stack] if blocks else []):
-            fully_shard(part, mesh=mesh, ignored_params=(replicated & set(part.parameters())) or None)
-    fully_shard(model, mesh=mesh, ignored_params=replicated or None)
+            fully_shard(part, mesh=mesh, ignored_params=(replicated & set(part.parameters())) or None,
+                        mp_policy=policy)
+    fully_shard(model, mesh=mesh, ignored_params=replicated or None, mp_policy=policy)
     for name in _FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)

@@ -254,6 +254,28 @@ def _scenario_train_step(rank: int, out_dir: str, sharding: str = "replicate"):
     return tensors, info
 
 
+def _scenario_fsdp_bf16(rank: int, out_dir: str):
+    """FSDP2 gathering parameters in bf16 (reducing gradients in fp32): the loss stays near fp32's,
+    parameters and AdamW moments stay fp32."""
+    from moe_gen.fsdp import shard_dense
+    from moe_gen.objectives import GenerativeObjective
+
+    model, batches = _debug_setup()
+    shard_dense(model, param_dtype=torch.bfloat16)
+    optimizer = _optimizer(model)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = GenerativeObjective(model)(batches[rank])["loss"]
+    loss.backward()
+    sync_gradients(model)
+    clip_grad_norm_(model, MAX_NORM)
+    optimizer.step()
+    dtypes = sorted({str(p.dtype) for p in model.parameters()} | {str(p.grad.dtype) for p in model.parameters()
+                                                                    if p.grad is not None})
+    moments = sorted({str(v.dtype) for state in optimizer.state.values() for k, v in state.items()
+                      if k.startswith("exp_avg")})
+    return {}, {"loss": loss.item(), "dtypes": dtypes, "moments": moments}
+
+
 def _scenario_fsdp_step(rank: int, out_dir: str, shard_size: int | None = None, unit: str = "block"):
     """The same step with the dense parameters sharded by FSDP2 (no expert parallelism): every
     tensor is gathered whole at the end for the comparison. ``shard_size=1``: replicated by FSDP2."""
@@ -349,6 +371,7 @@ def _scenario_checkpoint(rank: int, out_dir: str):
 SCENARIOS = {
     "train_step": _scenario_train_step,
     "fsdp_step": _scenario_fsdp_step,
+    "fsdp_bf16": _scenario_fsdp_bf16,
     "replicas": _scenario_replicas,
     "uneven": _scenario_uneven,
     "failure": _scenario_failure,
@@ -428,6 +451,15 @@ def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size
         if f"grad/{name}" in r0:
             torch.testing.assert_close(r0[f"grad/{name}"], grads[name], atol=1e-7, rtol=1e-5, msg=f"gradient of {name}")
         torch.testing.assert_close(r0[name], p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
+
+
+def test_fsdp_with_bf16_parameters_keeps_fp32_state_and_a_close_loss(tmp_path):
+    (_, info0), (_, info1) = Launch("fsdp_bf16", tmp_path).results()
+    _, losses, _, _ = _single_process_step()
+    assert info0["dtypes"] == info1["dtypes"] == ["torch.float32"]  # parameters and gradients
+    assert info0["moments"] == ["torch.float32"]
+    for info, loss in zip((info0, info1), losses):
+        assert info["loss"] == pytest.approx(loss.item(), rel=0.02)
 
 
 @pytest.mark.parametrize("world, ep_size", [(4, 2), (2, 1)], ids=["ep2-x-dp2", "dp2"])

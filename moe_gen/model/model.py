@@ -299,7 +299,8 @@ class GeneralistModel(nn.Module):
             if name not in self.adapters:
                 raise ValueError(f"the batch has {name!r} features but the model has no such adapter "
                                  f"(adapters: {', '.join(self.adapters) or 'none'}); build the model with this task")
-            flat = flat.index_add(0, side.index[name], self.adapters[name](rows, side.positions[name]))
+            # (with FSDP gathering parameters in bf16 the token embedding is bf16, adapters not)
+            flat = flat.index_add(0, side.index[name], self.adapters[name](rows, side.positions[name]).to(flat.dtype))
         x = flat.view(B, S, -1) + self.modality_embedding(side.tags.modality)
         if self.config.positions == "learned":
             if positions is None:

@@ -248,7 +248,8 @@ class Trainer:
         if config.sharding in ("fsdp", "hsdp") and self.world > 1:
             from moe_gen.fsdp import shard_dense
 
-            shard_dense(model, config.shard_size if config.sharding == "hsdp" else None, config.fsdp_unit)
+            shard_dense(model, config.shard_size if config.sharding == "hsdp" else None, config.fsdp_unit,
+                        param_dtype=torch.bfloat16 if config.precision == "bf16" else None)
         if config.activation_checkpointing:
             model.set_activation_checkpointing(True)
         self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
