@@ -52,41 +52,63 @@ def test_torchrun_expert_parallel_pretraining_saves_shards_that_load_on_one_proc
     assert set(results) == {"digit_classification", "table_species", "motion_classification"}
 
 
-def _torchrun_pretrain(out, *extra) -> subprocess.CompletedProcess:
-    command = [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
-               "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
-               os.path.join(ROOT, "scripts", "pretrain.py"), "--config", "debug", "--output", str(out),
-               "--train.sharding", "fsdp", "--train.steps", "6", "--train.checkpoint_every", "3",
-               "--train.eval_limit", "4", "--train.log_every", "1", *extra]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    return subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
+STEPS = 12
+
+
+def _torchrun_command(out, *extra) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
+            os.path.join(ROOT, "scripts", "pretrain.py"), "--config", "debug", "--output", str(out),
+            "--train.sharding", "fsdp", "--train.steps", str(STEPS), "--train.checkpoint_every", "3",
+            "--train.eval_limit", "4", "--train.log_every", "1", *extra]
+
+
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+
+
+def _killed_after_a_checkpoint(out, *extra) -> int:
+    """Starts the run, kills torchrun and its workers (SIGKILL to the session) once a checkpoint
+    exists; returns the step of that checkpoint."""
+    import signal
+    import time
+
+    process = subprocess.Popen(_torchrun_command(out, *extra), env=ENV, stdout=subprocess.DEVNULL,
+                               stderr=subprocess.DEVNULL, start_new_session=True)
+    latest = out / "checkpoints" / "latest"
+    deadline = time.monotonic() + 240
+    while not latest.exists() and time.monotonic() < deadline and process.poll() is None:
+        time.sleep(0.01)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert process.returncode == -signal.SIGKILL, "the run finished before it could be killed"
+    return int(latest.read_text().split("-")[1])
 
 
 @pytest.mark.parametrize("ep", ["1", "2"])
-def test_torchrun_fsdp_pretraining_resumes_exactly_and_saves_a_whole_model(tmp_path, ep):
-    import shutil
-
+def test_torchrun_fsdp_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_model(tmp_path, ep):
     out = tmp_path / "fsdp"
-    done = _torchrun_pretrain(out, "--train.expert_parallel", ep)
+    done = subprocess.run(_torchrun_command(out, "--train.expert_parallel", ep), env=ENV, capture_output=True,
+                          text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(out / "logs" / "train.jsonl")]
-    assert [r["step"] for r in log] == list(range(1, 7)) and all(r["loss"] > 0 for r in log)
+    assert [r["step"] for r in log] == list(range(1, STEPS + 1)) and all(r["loss"] > 0 for r in log)
 
     # checkpoints hold whole tensors: they load on one process and equal the saved model
     model = GeneralistModel.from_pretrained(str(out / "model"))
-    weights = distributed.load_shards(str(out / "checkpoints" / "step-0000006"), "model", model)
+    weights = distributed.load_shards(str(out / "checkpoints" / f"step-{STEPS:07d}"), "model", model)
     for name, value in model.state_dict().items():
         assert torch.equal(weights[name], value), name
     results = json.load(open(out / "eval.json"))["trained"]
     assert set(results) == {"digit_classification", "table_species", "motion_classification"}
 
-    # resumed from the step-3 checkpoint, the run logs the same losses and norms for steps 4-6
-    again = tmp_path / "again"
-    shutil.copytree(out / "checkpoints" / "step-0000003", again / "checkpoints" / "step-0000003")
-    (again / "checkpoints" / "latest").write_text("step-0000003")
-    done = _torchrun_pretrain(again, "--resume", "--train.expert_parallel", ep)
+    # killed after a checkpoint and resumed, the run logs the same losses and norms
+    killed = tmp_path / "killed"
+    stopped_at = _killed_after_a_checkpoint(killed, "--train.expert_parallel", ep)
+    assert stopped_at < STEPS
+    done = subprocess.run(_torchrun_command(killed, "--resume", "--train.expert_parallel", ep), env=ENV,
+                          capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
-    resumed = [json.loads(line) for line in open(again / "logs" / "train.jsonl")]
-    assert [r["step"] for r in resumed][-3:] == [4, 5, 6]
-    assert [r["loss"] for r in resumed][-3:] == [r["loss"] for r in log][-3:]
-    assert [r["grad_norm"] for r in resumed][-3:] == [r["grad_norm"] for r in log][-3:]
+    resumed = [json.loads(line) for line in open(killed / "logs" / "train.jsonl")]
+    assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in log]
+    assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in log]
