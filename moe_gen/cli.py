@@ -370,7 +370,9 @@ def _cmd_infer(args, overrides) -> int:
     task = load_preset(args.task, "test")
     rows = (load_jsonl(args.input, media_columns(task.instruction)) if args.input
             else [task.data[i] for i in range(min(args.rows, len(task)))])
-    for i, prediction in enumerate(model.infer(task, rows, beams=args.beams)):
+    sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
+                if v is not None}
+    for i, prediction in enumerate(model.infer(task, rows, beams=args.beams, seed=args.seed, **sampling)):
         out = {"row": i, "text": prediction.text, "box": prediction.box, "score": round(prediction.score, 4)}
         if prediction.frames is not None:
             out["frames"] = list(prediction.frames.shape)
@@ -413,6 +415,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--input", help="a JSONL file of rows (default: rows of the preset's test split)")
     p.add_argument("--rows", type=int, default=3)
     p.add_argument("--beams", type=int, default=1)
+    p.add_argument("--temperature", type=float, help="draw token answers at this temperature (0: greedy)")
+    p.add_argument("--top-k", type=int, help="draw among the k best tokens")
+    p.add_argument("--top-p", type=float, help="draw among the best tokens holding this much probability")
+    p.add_argument("--seed", type=int, default=0, help="seed of the draws")
     p = sub.add_parser("analyze", **sub_kwargs, help="routing analysis report of a saved model (see --help)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

@@ -31,7 +31,7 @@ from moe_gen.routing.tags import TokenTags
 from moe_gen.tasks.batch import Side, collate
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
-__all__ = ["Prediction", "generate", "rank", "beam_search"]
+__all__ = ["Prediction", "Sampling", "generate", "rank", "beam_search"]
 
 
 @dataclasses.dataclass
@@ -87,25 +87,74 @@ def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = No
     return dataclasses.replace(sample, decoder=[*sample.decoder, chunk])
 
 
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """Drawing each token instead of taking the best one (token targets, within the grammar).
+
+    A token is drawn among those the answer's grammar allows with probability ∝ exp(rank / T),
+    the rank being its log-probability (for the first token of a value, such as another box or
+    the next label, the value's total probability, as greedy decoding ranks it); ``top_k`` keeps
+    the k best, ``top_p`` the smallest set of best tokens holding that much of the probability.
+    ``top_k=1``, ``top_p`` near 0 and ``temperature=0`` are greedy decoding.
+
+    Args:
+        temperature: T ≥ 0 (0: greedy).
+        top_k: keep the ``top_k`` best tokens (None: all).
+        top_p: nucleus, in (0, 1] (None: all).
+        seed: the draws' seed: the same seed, rows and model give the same answers.
+    """
+
+    temperature: float = 1.0
+    top_k: Optional[int] = None
+    top_p: Optional[float] = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+            raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {self.temperature!r}")
+        if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
+            raise ValueError(f"top_k must be a positive integer (or None: every token), got {self.top_k!r}")
+        if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
+            raise ValueError(f"top_p must lie in (0, 1] (or None: every token), got {self.top_p!r}")
+
+    def choose(self, ranks: Sequence[float], generator: torch.Generator) -> int:
+        """The index of the drawn candidate among ``ranks`` (sorted best first)."""
+        if self.temperature == 0 or len(ranks) == 1:
+            return 0
+        logits = torch.tensor(ranks, dtype=torch.float64) / self.temperature
+        if self.top_k is not None:
+            logits = logits[:self.top_k]
+        probs = logits.softmax(0)
+        if self.top_p is not None:  # the smallest best-first prefix holding top_p of the mass
+            keep = int((probs.cumsum(0) < self.top_p).sum()) + 1
+            probs = probs[:keep] / probs[:keep].sum()
+        return int(torch.multinomial(probs, 1, generator=generator))
+
+
 @torch.no_grad()
 def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32, max_frames: int = 64,
-             max_items: int = 8) -> list[Prediction]:
-    """Greedy answers for encoded inference samples (``plan.encode(..., inference=True)``).
+             max_items: int = 8, sampling: Optional[Sampling] = None) -> list[Prediction]:
+    """Greedy (or, with ``sampling``, drawn) answers for encoded inference samples
+    (``plan.encode(..., inference=True)``).
 
     Args:
         max_new_tokens: the most tokens of one free-text value.
         max_frames: the most rows of a frame answer.
         max_items: the most items of one repetition group.
+        sampling: draw tokens (``Sampling``) instead of taking the best; token targets only.
     """
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
                             modality_ids=model.modality_ids)
     target = grammar.slots[grammar.first]
+    if target.decode.kind == "frames" and sampling is not None:
+        raise ValueError(f"task {plan.name!r}: sampling draws tokens; its target {target.slot} is frames "
+                         "(decode it without temperature/top_k/top_p)")
     if target.decode.kind == "frames":
         tok = model.tokenizer
         dev = model.token_embedding.weight.device
         enc_batch = collate(list(samples), tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
         return _generate_frames(model, samples, target, enc_batch, model.encode(enc_batch.encoder), max_frames)
-    return _search(model, grammar, samples, beams=1)
+    return _search(model, grammar, samples, beams=1, sampling=sampling)
 
 
 @torch.no_grad()
@@ -133,7 +182,7 @@ class _Hypothesis:
 
 
 def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: int,
-            length_penalty: float = 1.0) -> list[Prediction]:
+            length_penalty: float = 1.0, sampling: Optional[Sampling] = None) -> list[Prediction]:
     """Beam search for every sample at once (``beams`` cache rows per sample); one beam is greedy.
 
     Every step expands each live answer by the best tokens of each of its options, keeps the
@@ -155,10 +204,14 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     alive = [[_Hypothesis(grammar.start(), 0.0, 0.0, s * beams)] for s in range(len(samples))]
     finished: list[list[_Hypothesis]] = [[] for _ in samples]
     tensors: dict[tuple[int, ...], torch.Tensor] = {}  # allowed token sets as tensors, made once
+    draws = None if sampling is None else torch.Generator().manual_seed(sampling.seed)
+    candidates = beams if sampling is None else (sampling.top_k or logp_RV.shape[1])
     for _ in range(limit):
         parents, fed, active = list(range(R)), [tok.pad_id] * R, [False] * R
         for s in range(len(samples)):
-            expansions = _expansions(grammar, alive[s], logp_RV, beams, tensors)
+            expansions = _expansions(grammar, alive[s], logp_RV, candidates, tensors)
+            if sampling is not None and expansions:  # one draw (greedy keeps the first)
+                expansions = [expansions[sampling.choose([e[0] for e in expansions], draws)]]
             kept, retired = _keep_best(grammar, expansions, beams)
             finished[s].extend(retired)
             alive[s] = []

@@ -64,6 +64,18 @@ class ModelOutput:
         return aux
 
 
+def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
+    """The ``Sampling`` that ``infer``'s arguments ask for (None: greedy, beam search or ranking)."""
+    if temperature is None and top_k is None and top_p is None:
+        return None
+    if beams > 1 or candidates is not None:
+        raise ValueError("temperature/top_k/top_p draw one answer per row; they do not combine with beams > 1 "
+                         "or candidates")
+    from moe_gen.model.generate import Sampling
+
+    return Sampling(1.0 if temperature is None else temperature, top_k, top_p, seed)
+
+
 def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
     """Index of each position within its packed sample (restarts where the sample id changes)."""
     B, S = sample_BS.shape
@@ -398,14 +410,17 @@ class GeneralistModel(nn.Module):
 
     def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64, beams: int = 1,
               candidates: Optional[Sequence[str]] = None, max_items: int = 8,
-              indices: Optional[Sequence[int]] = None) -> list:
+              indices: Optional[Sequence[int]] = None, temperature: Optional[float] = None,
+              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0) -> list:
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
         Every target slot of the instruction is decoded, repetition groups item by item (at most
         ``max_items``; ``max_new_tokens`` per free-text value). ``beams > 1`` uses beam search
         (token targets); ``candidates`` ranks the given answers by likelihood instead of
         generating (retrieval, multiple choice; ``.scores`` holds them all). Returns
-        ``Prediction`` objects: ``.text``, ``.box`` or ``.frames`` for single-target tasks,
+        ``Prediction`` objects (``temperature``, ``top_k``, ``top_p``: draw token answers instead,
+        reproducibly by ``seed``; see ``moe_gen.model.generate.Sampling``): ``.text``, ``.box`` or
+        ``.frames`` for single-target tasks,
         ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
         one dict per item) for every token answer, and ``.score``. Raises ``ValueError`` for
         tasks outside the model's vocabulary, modalities it has no adapter for, and rows that do
@@ -413,6 +428,7 @@ class GeneralistModel(nn.Module):
         default its position); under the task's ``on_error="skip"`` such a row's answer is None
         instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
         """
+        sampling = _sampling(temperature, top_k, top_p, seed, beams, candidates)
         task = self._known_task(task)
         plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
         samples, failed = self._encode_rows(task, plan, rows, indices)
@@ -420,7 +436,7 @@ class GeneralistModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            answers = self._answer(plan, samples, candidates=candidates, beams=beams,
+            answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling,
                                    max_new_tokens=max_new_tokens, max_frames=max_frames, max_items=max_items)
         finally:
             self.train(was_training)
@@ -471,7 +487,7 @@ class GeneralistModel(nn.Module):
                                      f"{chunk.rows.shape[1]}, the model's {chunk.adaptor} adapter expects "
                                      f"{self.config.adapters[chunk.adaptor]}")
 
-    def _answer(self, plan, samples: Sequence, *, candidates: Optional[Sequence[str]], beams: int,
+    def _answer(self, plan, samples: Sequence, *, candidates: Optional[Sequence[str]], beams: int, sampling,
                 max_new_tokens: int, max_frames: int, max_items: int) -> list:
         """The answers to encoded samples: ranked candidates, beam search or greedy generation."""
         from moe_gen.model.generate import beam_search, generate, rank
@@ -483,7 +499,7 @@ class GeneralistModel(nn.Module):
         if beams > 1:
             return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens, max_items=max_items)
         return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                        max_items=max_items)
+                        max_items=max_items, sampling=sampling)
 
     def set_backend(self, name: str) -> None:
         """Switches every MoE layer to dispatch backend ``name`` (``merged`` for tag-routed
