@@ -372,7 +372,8 @@ def _cmd_infer(args, overrides) -> int:
             else [task.data[i] for i in range(min(args.rows, len(task)))])
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
                 if v is not None}
-    for i, prediction in enumerate(model.infer(task, rows, beams=args.beams, seed=args.seed, **sampling)):
+    for i, prediction in enumerate(model.infer(task, rows, beams=args.beams, seed=args.seed, **sampling,
+                                               no_repeat_ngram=args.no_repeat_ngram, min_length=args.min_length)):
         out = {"row": i, "text": prediction.text, "box": prediction.box, "score": round(prediction.score, 4)}
         if prediction.frames is not None:
             out["frames"] = list(prediction.frames.shape)
@@ -419,6 +420,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, help="draw among the k best tokens")
     p.add_argument("--top-p", type=float, help="draw among the best tokens holding this much probability")
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
+    p.add_argument("--no-repeat-ngram", type=int, default=0, help="free text: no repeated n-gram of this size")
+    p.add_argument("--min-length", type=int, default=0, help="free text: at least this many tokens")
     p = sub.add_parser("analyze", **sub_kwargs, help="routing analysis report of a saved model (see --help)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)

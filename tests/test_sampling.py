@@ -81,3 +81,42 @@ def test_frame_targets_refuse_sampling(tok):
         model.infer(task, task.data, temperature=1.0)
     with pytest.raises(ValueError, match="top_p must lie in"):
         Sampling(top_p=-0.1)
+
+
+def _repeats(tokens, n: int) -> bool:
+    grams = [tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1)]
+    return len(grams) != len(set(grams))
+
+
+def test_no_repeat_ngram_and_min_length_rule_free_text(setup):
+    model, tasks = setup
+    task = tasks[TASKS.index("table_to_text")]
+    plain = model.infer(task, task.data, max_new_tokens=12)
+    assert any(_repeats(p.tokens, 1) for p in plain)  # the untrained model repeats tokens
+    for n in (1, 2):
+        for kwargs in ({}, {"beams": 3}, {"temperature": 2.0, "seed": 1}):
+            ruled = model.infer(task, task.data, max_new_tokens=12, no_repeat_ngram=n, min_length=5, **kwargs)
+            for p in ruled:
+                assert not _repeats(p.tokens, n), (n, kwargs, p.tokens)
+                assert len(p.tokens) >= 5, (n, kwargs, p.tokens)
+    with pytest.raises(ValueError, match="no_repeat_ngram must be an integer >= 0"):
+        model.infer(task, task.data[:1], no_repeat_ngram=-1)
+
+
+def test_min_length_holds_back_the_end_of_a_short_value(setup, tok):
+    from moe_gen.model.generate import TextRules
+    from moe_gen.model.grammar import State, TargetGrammar
+
+    model, tasks = setup
+    task = tasks[TASKS.index("table_to_text")]
+    grammar = TargetGrammar(task.plan(tok, model.encoding_statistics(task)), tok)
+    short = State(grammar.first, length=2)
+    options = grammar.options(short)
+    assert {o.action for o in options} >= {"content"} and any(o.action in ("close", "end") for o in options)
+    held = TextRules(min_length=3).allowed(grammar, short, options)
+    assert held and all(o.action not in ("close", "end") for o in held)
+    assert TextRules(min_length=2).allowed(grammar, short, options) == options  # long enough
+    ending = [o for o in options if o.action in ("close", "end")]
+    assert TextRules(min_length=9).allowed(grammar, short, ending) == ending  # never a dead end
+    state = State(grammar.first, length=4, pieces=tuple((grammar.first, 0, t) for t in (5, 6, 5, 6)))
+    assert TextRules(no_repeat_ngram=2).banned(grammar, state) == [5]  # the value ends in 6, and "6 5" was seen

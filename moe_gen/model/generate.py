@@ -31,7 +31,7 @@ from moe_gen.routing.tags import TokenTags
 from moe_gen.tasks.batch import Side, collate
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
-__all__ = ["Prediction", "Sampling", "generate", "rank", "beam_search"]
+__all__ = ["Prediction", "Sampling", "TextRules", "generate", "rank", "beam_search"]
 
 
 @dataclasses.dataclass
@@ -131,9 +131,51 @@ class Sampling:
         return int(torch.multinomial(probs, 1, generator=generator))
 
 
+@dataclasses.dataclass(frozen=True)
+class TextRules:
+    """Rules for free-text values (decoded within the grammar by every search).
+
+    Attributes:
+        no_repeat_ngram: n > 0 forbids a token that would repeat an n-gram of the value so far.
+        min_length: a value ends (its EOS, or the answer's) only after this many tokens.
+    """
+
+    no_repeat_ngram: int = 0
+    min_length: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("no_repeat_ngram", "min_length"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < 0:
+                raise ValueError(f"{name} must be an integer >= 0 (0: off), got {value!r}")
+
+    def allowed(self, grammar: TargetGrammar, state: State, options: list[Option]) -> list[Option]:
+        """``options`` without those ending a free-text value shorter than ``min_length``."""
+        if not self.min_length or state.complete or grammar.kinds[state.slot] != "text" \
+                or state.length >= self.min_length:
+            return options
+        going_on = [o for o in options if o.action not in ("close", "end")]
+        return going_on or options  # never a dead end
+
+    def banned(self, grammar: TargetGrammar, state: State) -> list[int]:
+        """Tokens that would repeat an n-gram of the free-text value being decoded."""
+        n = self.no_repeat_ngram
+        if not n or state.complete or grammar.kinds[state.slot] != "text":
+            return []
+        value = [t for slot, item, t in state.pieces if slot == state.slot and item == state.item]
+        if len(value) < n - 1:
+            return []
+        prefix = tuple(value[len(value) - n + 1:])
+        return sorted({value[i + n - 1] for i in range(len(value) - n + 1) if tuple(value[i:i + n - 1]) == prefix})
+
+
+_NO_RULES = TextRules()
+
+
 @torch.no_grad()
 def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32, max_frames: int = 64,
-             max_items: int = 8, sampling: Optional[Sampling] = None) -> list[Prediction]:
+             max_items: int = 8, sampling: Optional[Sampling] = None,
+             rules: TextRules = _NO_RULES) -> list[Prediction]:
     """Greedy (or, with ``sampling``, drawn) answers for encoded inference samples
     (``plan.encode(..., inference=True)``).
 
@@ -142,6 +184,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
         max_frames: the most rows of a frame answer.
         max_items: the most items of one repetition group.
         sampling: draw tokens (``Sampling``) instead of taking the best; token targets only.
+        rules: ``TextRules`` for free-text values (no repeated n-grams, a minimum length).
     """
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
                             modality_ids=model.modality_ids)
@@ -154,12 +197,12 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
         dev = model.token_embedding.weight.device
         enc_batch = collate(list(samples), tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
         return _generate_frames(model, samples, target, enc_batch, model.encode(enc_batch.encoder), max_frames)
-    return _search(model, grammar, samples, beams=1, sampling=sampling)
+    return _search(model, grammar, samples, beams=1, sampling=sampling, rules=rules)
 
 
 @torch.no_grad()
 def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_new_tokens: int = 32,
-                length_penalty: float = 1.0, max_items: int = 8) -> list[Prediction]:
+                length_penalty: float = 1.0, max_items: int = 8, rules: TextRules = _NO_RULES) -> list[Prediction]:
     """Beam search over token answers (every target slot, constrained like ``generate``): the
     ``beams`` best partial answers by summed log-probability; an answer that ends retires, and the
     finished ones are ranked by score / length^length_penalty."""
@@ -168,7 +211,7 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
     kind = grammar.slots[grammar.first].decode.kind
     if kind == "frames":
         raise ValueError(f"beam search decodes text, closed-set and box targets, not {kind!r}; use generate")
-    return _search(model, grammar, samples, beams=beams, length_penalty=length_penalty)
+    return _search(model, grammar, samples, beams=beams, length_penalty=length_penalty, rules=rules)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -182,7 +225,8 @@ class _Hypothesis:
 
 
 def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: int,
-            length_penalty: float = 1.0, sampling: Optional[Sampling] = None) -> list[Prediction]:
+            length_penalty: float = 1.0, sampling: Optional[Sampling] = None,
+            rules: TextRules = _NO_RULES) -> list[Prediction]:
     """Beam search for every sample at once (``beams`` cache rows per sample); one beam is greedy.
 
     Every step expands each live answer by the best tokens of each of its options, keeps the
@@ -209,7 +253,7 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     for _ in range(limit):
         parents, fed, active = list(range(R)), [tok.pad_id] * R, [False] * R
         for s in range(len(samples)):
-            expansions = _expansions(grammar, alive[s], logp_RV, candidates, tensors)
+            expansions = _expansions(grammar, alive[s], logp_RV, candidates, tensors, rules)
             if sampling is not None and expansions:  # one draw (greedy keeps the first)
                 expansions = [expansions[sampling.choose([e[0] for e in expansions], draws)]]
             kept, retired = _keep_best(grammar, expansions, beams)
@@ -236,13 +280,13 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
 
 
 def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.Tensor, beams: int,
-                tensors: dict) -> list[tuple[float, float, int, _Hypothesis, Option]]:
+                tensors: dict, rules: TextRules = _NO_RULES) -> list[tuple[float, float, int, _Hypothesis, Option]]:
     """Every (rank, score, token, parent, option) continuing one sample's live answers by the
     ``beams`` best tokens of each option, best first (ties to the lowest token id)."""
     expansions = []
     for hyp in hyps:
-        options = grammar.options(hyp.state)
-        claimed = grammar.claimed(options)
+        options = rules.allowed(grammar, hyp.state, grammar.options(hyp.state))
+        claimed = sorted(set(grammar.claimed(options)).union(rules.banned(grammar, hyp.state)))
         for option in options:
             # literal text is never scored, but where it is one of several options its
             # probability is what it competes with

@@ -411,7 +411,8 @@ class GeneralistModel(nn.Module):
     def infer(self, task, rows: Sequence, *, max_new_tokens: int = 32, max_frames: int = 64, beams: int = 1,
               candidates: Optional[Sequence[str]] = None, max_items: int = 8,
               indices: Optional[Sequence[int]] = None, temperature: Optional[float] = None,
-              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0) -> list:
+              top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
+              no_repeat_ngram: int = 0, min_length: int = 0) -> list:
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
         Every target slot of the instruction is decoded, repetition groups item by item (at most
@@ -419,7 +420,8 @@ class GeneralistModel(nn.Module):
         (token targets); ``candidates`` ranks the given answers by likelihood instead of
         generating (retrieval, multiple choice; ``.scores`` holds them all). Returns
         ``Prediction`` objects (``temperature``, ``top_k``, ``top_p``: draw token answers instead,
-        reproducibly by ``seed``; see ``moe_gen.model.generate.Sampling``): ``.text``, ``.box`` or
+        reproducibly by ``seed``; see ``moe_gen.model.generate.Sampling``; ``no_repeat_ngram`` and
+        ``min_length`` rule free-text values, see ``TextRules``): ``.text``, ``.box`` or
         ``.frames`` for single-target tasks,
         ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
         one dict per item) for every token answer, and ``.score``. Raises ``ValueError`` for
@@ -428,7 +430,10 @@ class GeneralistModel(nn.Module):
         default its position); under the task's ``on_error="skip"`` such a row's answer is None
         instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
         """
+        from moe_gen.model.generate import TextRules
+
         sampling = _sampling(temperature, top_k, top_p, seed, beams, candidates)
+        rules = TextRules(no_repeat_ngram, min_length)
         task = self._known_task(task)
         plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
         samples, failed = self._encode_rows(task, plan, rows, indices)
@@ -436,7 +441,7 @@ class GeneralistModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling,
+            answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling, rules=rules,
                                    max_new_tokens=max_new_tokens, max_frames=max_frames, max_items=max_items)
         finally:
             self.train(was_training)
@@ -487,7 +492,7 @@ class GeneralistModel(nn.Module):
                                      f"{chunk.rows.shape[1]}, the model's {chunk.adaptor} adapter expects "
                                      f"{self.config.adapters[chunk.adaptor]}")
 
-    def _answer(self, plan, samples: Sequence, *, candidates: Optional[Sequence[str]], beams: int, sampling,
+    def _answer(self, plan, samples: Sequence, *, candidates: Optional[Sequence[str]], beams: int, sampling, rules,
                 max_new_tokens: int, max_frames: int, max_items: int) -> list:
         """The answers to encoded samples: ranked candidates, beam search or greedy generation."""
         from moe_gen.model.generate import beam_search, generate, rank
@@ -497,9 +502,10 @@ class GeneralistModel(nn.Module):
         if candidates is not None:
             return rank(self, plan, samples, list(candidates))
         if beams > 1:
-            return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens, max_items=max_items)
+            return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens, max_items=max_items,
+                               rules=rules)
         return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                        max_items=max_items, sampling=sampling)
+                        max_items=max_items, sampling=sampling, rules=rules)
 
     def set_backend(self, name: str) -> None:
         """Switches every MoE layer to dispatch backend ``name`` (``merged`` for tag-routed
