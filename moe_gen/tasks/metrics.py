@@ -42,6 +42,37 @@ def exact_match(predictions: Sequence, references: Sequence) -> float:
     return float(np.mean([_norm(p) == _norm(r) for p, r in zip(predictions, references)]))
 
 
+@METRICS.register("sudoku_valid")
+def sudoku_valid(predictions: Sequence, references: Sequence) -> float:
+    """Share of predicted grids that are complete, valid sudokus of the reference's size (every row,
+    column and box holds 1..n once); ``exact_match`` says whether it is the puzzle's one solution."""
+    from moe_gen.tasks.sources.puzzles import is_valid_solution, parse_grid
+
+    _check(predictions, references)
+    valid = 0
+    for prediction, reference in zip(predictions, references):
+        grid, expected = parse_grid(prediction), parse_grid(reference)
+        valid += grid is not None and expected is not None and len(grid) == len(expected) and is_valid_solution(grid)
+    return valid / len(references)
+
+
+@METRICS.register("sudoku_cells")
+def sudoku_cells(predictions: Sequence, references: Sequence) -> float:
+    """Mean share of the solution's cells a predicted grid gets right (a grid of another shape: 0)."""
+    from moe_gen.tasks.sources.puzzles import parse_grid
+
+    _check(predictions, references)
+    scores = []
+    for prediction, reference in zip(predictions, references):
+        grid, expected = parse_grid(prediction), parse_grid(reference)
+        if grid is None or expected is None or len(grid) != len(expected):
+            scores.append(0.0)
+            continue
+        cells = [a == b for row, want in zip(grid, expected) for a, b in zip(row, want)]
+        scores.append(sum(cells) / len(cells))
+    return float(np.mean(scores))
+
+
 @METRICS.register("bleu")
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu, default 13a tokenisation), 0–100."""

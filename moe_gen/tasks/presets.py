@@ -118,6 +118,21 @@ preset("table_species", "[STRUCT:table] which species is it? -> [CATEGORY:specie
 preset("table_qa", "[STRUCT:table] which is longer, the sepal width or the petal length? -> [TEXT:longer,closed_set]",
        _IRIS, ("accuracy",))(_iris)
 
+# ---- puzzles -----------------------------------------------------------------------------------
+
+_SUDOKU = ("4x4 sudokus with one solution each from an exact generator (moe_gen.tasks.sources.puzzles; "
+           "1,500 distinct puzzles, 6-12 blanks); test = every 5th")
+
+
+def _sudoku(split):
+    from moe_gen.tasks.sources.puzzles import sudoku_rows
+
+    return sudoku_rows(split)
+
+
+preset("sudoku_4x4", "[TEXT:puzzle] solve the sudoku. -> [TEXT:solution]", _SUDOKU,
+       ("exact_match", "sudoku_cells", "sudoku_valid"))(_sudoku)
+
 # ---- speech ------------------------------------------------------------------------------------
 
 _SPEECH = ("18 words x 21 voices synthesised offline with flite/espeak-ng "
