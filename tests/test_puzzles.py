@@ -44,7 +44,7 @@ def test_the_preset_encodes_and_decodes(tmp_path):
     from moe_gen.trainer.evaluation import evaluate_task
 
     info = preset_info("sudoku_4x4")
-    assert info.metrics == ("exact_match", "sudoku_cells", "sudoku_valid") and "exact generator" in info.source
+    assert info.metrics == ("sudoku_cells", "exact_match", "sudoku_valid") and "exact generator" in info.source
     tok = Tokenizer.default()
     task = load_preset("sudoku_4x4", "train", limit=4)
     assert len(tok.encode(task.data[0]["solution"])) == 19  # a digit per token, 3 row separators

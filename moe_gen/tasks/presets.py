@@ -131,7 +131,7 @@ def _sudoku(split):
 
 
 preset("sudoku_4x4", "[TEXT:puzzle] solve the sudoku. -> [TEXT:solution]", _SUDOKU,
-       ("exact_match", "sudoku_cells", "sudoku_valid"))(_sudoku)
+       ("sudoku_cells", "exact_match", "sudoku_valid"))(_sudoku)
 
 # ---- speech ------------------------------------------------------------------------------------
 
