@@ -69,34 +69,15 @@ def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "bl
         ValueError: torch.distributed is not initialised, or ``shard_size`` does not divide the
             number of processes.
     """
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
-
-    from moe_gen.moe import MoE
 
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError("sharding='fsdp' needs torch.distributed; launch with torchrun (init_distributed())")
     if unit not in ("block", "stack"):
         raise ValueError(f"unit must be 'block' or 'stack', got {unit!r}")
-    world = dist.get_world_size()
-    shard_size = world if shard_size is None else shard_size
-    if shard_size < 1 or world % shard_size:
-        raise ValueError(f"shard_size={shard_size} must be a positive divisor of the number of processes ({world})")
-    device = next(model.parameters()).device
-    if shard_size == world:
-        mesh = init_device_mesh(device.type, (world,), mesh_dim_names=("shard",))
-    else:
-        mesh = init_device_mesh(device.type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
-    # Experts sharded by expert parallelism stay out of FSDP: their slices are exchanged by the
-    # all-to-all dispatcher and their gradients reduced over the replica group (sync_gradients).
-    replicated = {p for m in model.modules() if isinstance(m, MoE) and m.expert_parallel is not None
-                  for p in m.experts.parameters()}
-    replicated |= {p for p in model.parameters() if p.dim() == 0}
+    mesh = _mesh(next(model.parameters()).device.type, shard_size)
+    replicated = _replicated(model)
     policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32 if param_dtype else None)
-    for name in _PER_BATCH_PARTS:
-        part = getattr(model, name, None)
-        if isinstance(part, nn.Module):
-            replicated |= set(part.parameters())
     for stack_name in ("encoder", "decoder"):
         stack = getattr(model, stack_name, None)
         blocks = list(getattr(stack, "blocks", ()))
@@ -108,6 +89,35 @@ def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "bl
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
     return mesh
+
+
+def _mesh(device_type: str, shard_size: int | None):
+    """``("shard",)`` over the world, or ``("replicate", "shard")`` with shard groups of ``shard_size``."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    world = dist.get_world_size()
+    shard_size = world if shard_size is None else shard_size
+    if shard_size < 1 or world % shard_size:
+        raise ValueError(f"shard_size={shard_size} must be a positive divisor of the number of processes ({world})")
+    if shard_size == world:
+        return init_device_mesh(device_type, (world,), mesh_dim_names=("shard",))
+    return init_device_mesh(device_type, (world // shard_size, shard_size), mesh_dim_names=("replicate", "shard"))
+
+
+def _replicated(model: nn.Module) -> set:
+    """Parameters FSDP leaves alone: expert slices of expert parallelism (exchanged by the all-to-all
+    dispatcher, reduced over their replica group by ``sync_gradients``), scalars, and the parts a
+    process's batch may leave unused (``_PER_BATCH_PARTS``)."""
+    from moe_gen.moe import MoE
+
+    replicated = {p for m in model.modules() if isinstance(m, MoE) and m.expert_parallel is not None
+                  for p in m.experts.parameters()}
+    replicated |= {p for p in model.parameters() if p.dim() == 0}
+    for name in _PER_BATCH_PARTS:
+        part = getattr(model, name, None)
+        if isinstance(part, nn.Module):
+            replicated |= set(part.parameters())
+    return replicated
 
 
 def shard_group(model: nn.Module):

@@ -90,7 +90,8 @@ class TargetGrammar:
         plan: the task's ``TaskPlan``.
         tokenizer: the model's tokenizer.
         template: which template (inference uses the first).
-        max_new_tokens: the most tokens of one free-text value.
+        max_new_tokens: the most tokens of one free-text value (a target slot's own
+            ``max_length``, where it declares one, instead).
         max_items: the most items of one repetition group.
         modality_ids: modality name → tag id (the model's ``modality_ids``); default the modality
             tag vocabulary of this process.
@@ -107,6 +108,10 @@ class TargetGrammar:
         self.tok = tokenizer
         self.slots = plan.templates[template][1]
         self.max_new_tokens, self.max_items = max_new_tokens, max_items
+        # a free-text target that declares max_length (training cuts its values there) may decode
+        # that many tokens; the others max_new_tokens
+        self.limits = [int(p.slot.attrs.get("max_length") or max_new_tokens)
+                       if p.decode is not None and p.decode.kind == "text" else max_new_tokens for p in self.slots]
         scored = [i for i, p in enumerate(self.slots) if p.loss]
         if not scored:
             raise ValueError(f"task {plan.name!r} has no scored decoder slot to decode")
@@ -157,7 +162,7 @@ class TargetGrammar:
                 return 4
             if kind == "closed_set":
                 return _depth(self.slots[i].decode.trie)
-            return self.max_new_tokens + 1
+            return self.limits[i] + 1
         once = sum(longest(i) for i in range(self.first, len(self.slots)) if self.slots[i].slot.repeat is None)
         repeated = sum(longest(i) for i in range(self.first, len(self.slots)) if self.slots[i].slot.repeat is not None)
         return once + self.max_items * repeated + 1
@@ -175,7 +180,7 @@ class TargetGrammar:
         if kind == "closed_set":
             out = [self._content(i, state.length, "content", state.node)] if set(state.node) - {self.tok.eos_id} else []
             return out + (self._after(state) if self.tok.eos_id in state.node else [])
-        out = [self._content(i, state.length, "content")] if state.length < self.max_new_tokens else []
+        out = [self._content(i, state.length, "content")] if state.length < self.limits[i] else []
         if i in self.closing:
             return out + [Option(i, (self.tok.eos_id,), True, "close")]
         return out + self._after(state)
@@ -202,7 +207,7 @@ class TargetGrammar:
                     or (kind == "closed_set" and not set(node) - {self.tok.eos_id}))
         only_end = self.followers[i] == [None]
         if only_end and (kind in ("literal", "box") and complete
-                         or kind == "text" and length == self.max_new_tokens and i not in self.closing):
+                         or kind == "text" and length == self.limits[i] and i not in self.closing):
             return dataclasses.replace(state, complete=True, done=True)  # no EOS step, as before
         return dataclasses.replace(state, complete=complete)
 

@@ -212,6 +212,7 @@ SUITE: tuple[SuiteTask, ...] = (
 # published table stays comparable.
 EXTRA: tuple[SuiteTask, ...] = (
     _builtin("sudoku_4x4", "TEXT"),
+    _builtin("text_to_sql", "TEXT"),
 )
 
 

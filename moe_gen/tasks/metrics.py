@@ -73,6 +73,20 @@ def sudoku_cells(predictions: Sequence, references: Sequence) -> float:
     return float(np.mean(scores))
 
 
+@METRICS.register("execution_accuracy")
+def execution_accuracy(predictions: Sequence, references: Sequence) -> float:
+    """Share of predicted SQL queries that run on the ``text_to_sql`` database (read-only) and return
+    what the reference query returns (``moe_gen.tasks.sources.sql``)."""
+    from moe_gen.tasks.sources.sql import flowers_database, same_result
+
+    _check(predictions, references)
+    conn = flowers_database()
+    try:
+        return float(np.mean([same_result(conn, str(p), str(r)) for p, r in zip(predictions, references)]))
+    finally:
+        conn.close()
+
+
 @METRICS.register("bleu")
 def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     """Corpus BLEU (sacrebleu, default 13a tokenisation), 0–100."""

@@ -133,6 +133,19 @@ def _sudoku(split):
 preset("sudoku_4x4", "[TEXT:puzzle] solve the sudoku. -> [TEXT:solution]", _SUDOKU,
        ("sudoku_cells", "exact_match", "sudoku_valid"))(_sudoku)
 
+_SQL = ("questions with exact SQL from templates over a SQLite database of scikit-learn's iris flowers "
+        "that the package builds in memory (moe_gen.tasks.sources.sql); test = every 5th question")
+
+
+def _sql(split):
+    from moe_gen.tasks.sources.sql import text_to_sql_rows
+
+    return text_to_sql_rows(split)
+
+
+preset("text_to_sql", "[TEXT:question] write the SQL query. -> [TEXT:query,max_length=48]", _SQL,
+       ("execution_accuracy", "exact_match"))(_sql)
+
 # ---- speech ------------------------------------------------------------------------------------
 
 _SPEECH = ("18 words x 21 voices synthesised offline with flite/espeak-ng "
