@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from moe_gen.tasks import Task, load_preset, preset_info
+from moe_gen.tasks.sources.vision import DIGIT_NAMES, count_hypothesis
 
 __all__ = ["SuiteTask", "SUITE", "suite_tasks", "TABLE_INSTRUCTION"]
 
@@ -129,6 +130,14 @@ def video_features(rows: Sequence[dict]) -> np.ndarray:
     return np.stack(out)
 
 
+def question_features(rows: Sequence[dict], column: str, values: Sequence[str]) -> np.ndarray:
+    """Pixel features with the question (``row[column]``, one of ``values``) one-hot after them."""
+    one_hot = np.zeros((len(rows), len(values)), np.float32)
+    for i, row in enumerate(rows):
+        one_hot[i, list(values).index(row[column])] = 1.0
+    return np.concatenate([pixel_features(rows), one_hot], axis=1)
+
+
 def table_features(rows: Sequence[dict], column: str = "table") -> np.ndarray:
     """The cells of each one-row table ``{column: number}``, in column order."""
     return np.asarray([[float(v) for v in row[column].values()] for row in rows], dtype=np.float64)
@@ -213,6 +222,11 @@ SUITE: tuple[SuiteTask, ...] = (
 EXTRA: tuple[SuiteTask, ...] = (
     _builtin("sudoku_4x4", "TEXT"),
     _builtin("text_to_sql", "TEXT"),
+    _builtin("vqa_digits", "IMAGE+TEXT", label_column="answer",
+             features=functools.partial(question_features, column="asked", values=DIGIT_NAMES)),
+    _builtin("visual_entailment", "IMAGE+TEXT", label_column="relation",
+             features=functools.partial(question_features, column="hypothesis",
+                                        values=[count_hypothesis(n) for n in (1, 2, 3)])),
 )
 
 

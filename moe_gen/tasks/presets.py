@@ -89,6 +89,20 @@ preset("digit_counting", "[IMAGE:image] how many digits are there? -> [TEXT:coun
 preset("digit_detection", "[IMAGE:image] what are the digits and where? -> ( [BOX:boxes] [TEXT:labels] )*",
        _CANVAS, ("detection_f1",))(_canvases)
 
+_CANVAS_QA = _CANVAS + "; questions and answers fixed by the canvas contents (canvas_questions)"
+
+
+def _canvas_questions(split):
+    from moe_gen.tasks.sources.vision import canvas_questions
+
+    return canvas_questions(split, count=600 if split == "train" else 100)
+
+
+preset("vqa_digits", "[IMAGE:image] is there a [TEXT:asked] in the image? -> [TEXT:answer,closed_set]",
+       _CANVAS_QA, ("accuracy",))(_canvas_questions)
+preset("visual_entailment", '[IMAGE:image] does the image entail " [TEXT:hypothesis] "? -> [TEXT:relation,closed_set]',
+       _CANVAS_QA, ("accuracy",))(_canvas_questions)
+
 # ---- text and tables -------------------------------------------------------------------------
 
 _PYDOC = "CPython pydoc_data.topics prose paragraphs (979); test = every 5th"

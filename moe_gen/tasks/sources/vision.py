@@ -14,7 +14,8 @@ from typing import TypedDict
 
 import numpy as np
 
-__all__ = ["DIGIT_NAMES", "load_digit_images", "make_canvases", "DigitRow", "CanvasRow", "SPLITS"]
+__all__ = ["DIGIT_NAMES", "load_digit_images", "make_canvases", "canvas_questions", "count_hypothesis", "DigitRow",
+           "CanvasRow", "SPLITS"]
 
 DIGIT_NAMES = ("zero", "one", "two", "three", "four", "five", "six", "seven", "eight", "nine")
 SPLITS = ("train", "test", "all")
@@ -92,4 +93,28 @@ def make_canvases(split: str = "train", count: int = 200, size: int = 64, scale:
         rows.append(CanvasRow(image=image, boxes=boxes, labels=labels, count=DIGIT_NAMES[n],
                               query=labels[q], query_box=boxes[q], width=size, height=size,
                               id=f"canvas/{split}/{k}"))
+    return rows
+
+
+def count_hypothesis(n: int) -> str:
+    """The visual-entailment hypothesis that a canvas holds ``n`` digits."""
+    return "there is one digit" if n == 1 else f"there are {DIGIT_NAMES[n]} digits"
+
+
+def canvas_questions(split: str = "train", count: int = 200, seed: int = 0) -> list[dict]:
+    """Canvases (``make_canvases``) with questions whose answers their contents fix exactly: VQA
+    (``asked``: a digit name, ``answer``: "yes" if it is on the canvas; half of the questions ask
+    for a digit that is there) and visual entailment (``hypothesis``: "there are N digits" with N
+    the true count half of the time, ``relation``: "entailment" or "contradiction")."""
+    rows = []
+    for k, row in enumerate(make_canvases(split, count=count, seed=seed)):
+        rng = random.Random(seed * 7919 + k + (0 if split == "train" else 50000))
+        present = sorted(set(row["labels"]))
+        absent = [name for name in DIGIT_NAMES if name not in present]
+        yes = rng.random() < 0.5
+        n = DIGIT_NAMES.index(row["count"])
+        claimed = n if rng.random() < 0.5 else rng.choice([m for m in (1, 2, 3) if m != n])
+        rows.append({**row, "asked": rng.choice(present if yes else absent), "answer": "yes" if yes else "no",
+                     "hypothesis": count_hypothesis(claimed),
+                     "relation": "entailment" if claimed == n else "contradiction"})
     return rows

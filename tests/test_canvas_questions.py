@@ -1,0 +1,30 @@
+"""VQA and visual-entailment presets over digit canvases: answers fixed by the canvas contents."""
+
+import collections
+
+from moe_gen.quality.baselines import classical_scores
+from moe_gen.quality.suite import suite_tasks
+from moe_gen.tasks import load_preset
+from moe_gen.tasks.sources.vision import DIGIT_NAMES, canvas_questions, count_hypothesis
+
+
+def test_answers_follow_the_canvas_contents_and_are_balanced():
+    rows = canvas_questions("train", count=200)
+    for row in rows:
+        assert (row["asked"] in row["labels"]) == (row["answer"] == "yes")
+        true = count_hypothesis(DIGIT_NAMES.index(row["count"]))
+        assert (row["hypothesis"] == true) == (row["relation"] == "entailment")
+    for column in ("answer", "relation"):
+        counts = collections.Counter(r[column] for r in rows)
+        assert len(counts) == 2 and min(counts.values()) > 60
+    again = [r["asked"] for r in canvas_questions("test", count=20)]
+    assert [r["asked"] for r in canvas_questions("test", count=20)] == again  # deterministic
+
+
+def test_presets_and_their_classical_baselines():
+    for name, column in (("vqa_digits", "answer"), ("visual_entailment", "relation")):
+        task = load_preset(name, "train", limit=60)
+        assert {r[column] for r in task.data} <= {"yes", "no", "entailment", "contradiction"}
+        suite = suite_tasks([name])[0]
+        scores = classical_scores(suite, task.data, load_preset(name, "test", limit=30).data)
+        assert set(scores) == {"majority", "logreg", "knn"} and all(0 <= v <= 1 for v in scores.values())
