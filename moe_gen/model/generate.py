@@ -286,7 +286,10 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
     expansions = []
     for hyp in hyps:
         options = rules.allowed(grammar, hyp.state, grammar.options(hyp.state))
-        claimed = sorted(set(grammar.claimed(options)).union(rules.banned(grammar, hyp.state)))
+        claimed = grammar.claimed(options)
+        banned = rules.banned(grammar, hyp.state)
+        if banned:  # (most steps have none: no set over the claimed location tokens)
+            claimed = sorted(set(claimed).union(banned))
         for option in options:
             # literal text is never scored, but where it is one of several options its
             # probability is what it competes with
