@@ -75,6 +75,12 @@ def test_train_config_checks_types_and_ranges_when_built():
         TrainConfig(eval_limit=-1)
     with pytest.raises(ValueError, match="num_threads must be >= 1 or None"):
         TrainConfig(num_threads=-1)
+    with pytest.raises(ValueError, match="sharding must be one of replicate, fsdp, hsdp; got 'zero3'"):
+        TrainConfig(sharding="zero3")
+    with pytest.raises(ValueError, match="shard_size must be >= 1"):
+        TrainConfig(sharding="hsdp", shard_size=0)
+    with pytest.raises(ValueError, match="fsdp_unit must be 'block' or 'stack'"):
+        TrainConfig(fsdp_unit="layer")
     with pytest.raises(ValueError, match="progress must be true or false"):
         TrainConfig.from_dict({"progress": "yes please"})
     assert TrainConfig.from_dict({"steps": 1e3}).steps == 1000  # YAML reads 1e3 as a float
@@ -205,3 +211,12 @@ def test_infer_answers_none_for_rows_that_fail_under_skip(tables, tok):
         model.infer(lenient, rows, indices=[0])
     with pytest.raises(TaskDataError, match="row 1"):
         model.infer(Task("table_species", tables.instruction, []), rows)
+
+
+def test_fsdp_sharding_outside_torchrun_is_refused_clearly():
+    from torch import nn
+
+    from moe_gen.fsdp import shard_dense
+
+    with pytest.raises(ValueError, match="sharding='fsdp' needs torch.distributed; launch with torchrun"):
+        shard_dense(nn.Linear(2, 2))
