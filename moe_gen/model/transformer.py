@@ -228,7 +228,10 @@ class Stack(nn.Module):
         to every MoE layer as one ``TagBatch``. ``keep_kv``: a list that receives every block's
         self-attention keys and values. ``caches``: one ``BlockCache`` per block (generation)."""
         routed = []
-        batch = TagBatch(tags, padding, shape=x.shape[:2], device=x.device, vocab=self.tag_vocab)
+        routed_blocks = any(isinstance(b.ffn, MoE) or isinstance(b.self_attn.out, MoE) for b in self.blocks)
+        # (a stack without MoE layers never reads them: no grouping work for dense models)
+        batch = TagBatch(tags, padding, shape=x.shape[:2], device=x.device, vocab=self.tag_vocab) \
+            if routed_blocks else None
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
