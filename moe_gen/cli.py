@@ -11,6 +11,8 @@
     moe-gen infer runs/demo/model --task digit_classification --rows 3          # rows of the preset's test split
     moe-gen infer runs/demo/model --task digit_classification --input rows.jsonl
     moe-gen analyze runs/demo/model --tasks digit_classification table_species --out runs/demo/analysis
+    moe-gen presets                                         # built-in tasks: instruction, metrics, source, licence
+    moe-gen presets text_to_sql --json
     torchrun --nproc_per_node 2 scripts/pretrain.py --config debug --train.expert_parallel 2
 
 Dotted overrides set any key of the run configuration: ``--train.<TrainConfig field>``,
@@ -381,6 +383,25 @@ def _cmd_infer(args, overrides) -> int:
     return 0
 
 
+def _cmd_presets(args, overrides) -> int:
+    from moe_gen.registry import TASKS
+    from moe_gen.tasks import preset_info
+
+    if overrides:
+        raise ValueError(f"presets takes no overrides, got {' '.join(overrides)}")
+    names = args.names or TASKS.list()
+    infos = [preset_info(name) for name in names]  # an unknown name: ValueError with the known ones
+    for info in infos:
+        fields = {"name": info.name, "instruction": info.instruction, "metrics": list(info.metrics),
+                  "objective": info.objective, "source": info.source, "licence": info.licence}
+        if args.json:
+            print(json.dumps(fields))
+        else:
+            print(f"{info.name}\n  {info.instruction}\n  metrics: {', '.join(info.metrics)} ({info.objective})"
+                  f"\n  source: {info.source}\n  licence: {info.licence}")
+    return 0
+
+
 def _cmd_analyze(args, overrides) -> int:
     from moe_gen.analysis.report import main as analyze
 
@@ -422,6 +443,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
     p.add_argument("--no-repeat-ngram", type=int, default=0, help="free text: no repeated n-gram of this size")
     p.add_argument("--min-length", type=int, default=0, help="free text: at least this many tokens")
+    p = sub.add_parser("presets", **sub_kwargs, help="the built-in tasks: instruction, metrics, source, licence")
+    p.add_argument("names", nargs="*", help="preset names (default: all)")
+    p.add_argument("--json", action="store_true", help="one JSON object a line")
     p = sub.add_parser("analyze", **sub_kwargs, help="routing analysis report of a saved model (see --help)",
                        add_help=False)
     p.add_argument("rest", nargs=argparse.REMAINDER)
@@ -431,7 +455,7 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     args, overrides = _parser().parse_known_args(argv)
     command = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "eval": _cmd_eval, "infer": _cmd_infer,
-               "analyze": _cmd_analyze}
+               "presets": _cmd_presets, "analyze": _cmd_analyze}
     from moe_gen.trainer.checkpoint import CheckpointError
     from moe_gen.trainer.lock import RunDirectoryInUse
 

@@ -57,7 +57,7 @@ def main(argv=None) -> int:
             "packed_padding": statistics.mean(b.padding_fraction for b in packed),
             "rows_padded": sum(b.encoder.tokens.shape[0] for b in padded),
             "rows_packed": sum(b.encoder.tokens.shape[0] for b in packed),
-            "source": preset_info(name).source,
+            "source": preset_info(name).source, "licence": preset_info(name).licence,
         }
         rows.append(row)
         print(f"{name:<28} {','.join(modalities):<22} {row['encode_per_s']:>9.0f} {row['collate_per_s']:>10.0f} "

