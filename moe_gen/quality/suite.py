@@ -147,6 +147,12 @@ def text_features(rows: Sequence[dict], column: str = "text") -> list[str]:
     return [str(row[column]) for row in rows]
 
 
+def pair_text_features(rows: Sequence[dict], columns: Sequence[str]) -> list[str]:
+    """The texts of ``columns`` joined by `` ||| `` (TF-IDF sees the words of both sides, not which
+    side holds them)."""
+    return [" ||| ".join(str(row[c]) for c in columns) for row in rows]
+
+
 # ---- numeric tables from scikit-learn -------------------------------------------------------------
 
 def _split(n: int, split: str) -> list[int]:
@@ -227,6 +233,10 @@ EXTRA: tuple[SuiteTask, ...] = (
     _builtin("visual_entailment", "IMAGE+TEXT", label_column="relation",
              features=functools.partial(question_features, column="hypothesis",
                                         values=[count_hypothesis(n) for n in (1, 2, 3)])),
+    _builtin("reply_matching", "TEXT", label_column="answer", text_features=True,
+             features=functools.partial(pair_text_features, columns=("first", "second"))),
+    _builtin("few_shot_instructions", "TEXT"),
+    _builtin("docstring_summary", "TEXT"),
 )
 
 

@@ -13,8 +13,8 @@ import numpy as np
 from moe_gen.registry import METRICS
 from moe_gen.tasks.modalities.box import box_iou
 
-__all__ = ["accuracy", "exact_match", "bleu", "chrf", "wer", "iou_accuracy", "detection_f1", "detection_counts",
-           "l1", "mse", "compute"]
+__all__ = ["accuracy", "exact_match", "bleu", "chrf", "rouge_l", "wer", "iou_accuracy", "detection_f1",
+           "detection_counts", "l1", "mse", "compute"]
 
 
 def _check(predictions: Sequence, references: Sequence) -> None:
@@ -103,6 +103,32 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
 
     _check(predictions, references)
     return float(sacrebleu.corpus_chrf(list(map(str, predictions)), [list(map(str, references))]).score)
+
+
+def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
+    """Length of the longest common subsequence of two token lists (dynamic programming, one row)."""
+    row = [0] * (len(b) + 1)
+    for x in a:
+        diagonal = 0  # row[j - 1] of the previous row
+        for j, y in enumerate(b, start=1):
+            diagonal, row[j] = row[j], diagonal + 1 if x == y else max(row[j], row[j - 1])
+    return row[-1]
+
+
+@METRICS.register("rouge_l")
+def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
+    """Mean sentence-level ROUGE-L F1 (Lin 2004: longest common subsequence, beta = 1), 0–100, over
+    lower-cased tokens of letters and digits (the tokenisation of Google's rouge-score, without
+    stemming); an empty prediction or reference scores 0."""
+    import re
+
+    _check(predictions, references)
+    scores = []
+    for prediction, reference in zip(predictions, references):
+        got, want = re.findall(r"[a-z0-9]+", str(prediction).lower()), re.findall(r"[a-z0-9]+", str(reference).lower())
+        common = _lcs_length(got, want)
+        scores.append(0.0 if common == 0 else 2 * common / (len(got) + len(want)))  # F1 = 2PR / (P + R)
+    return 100.0 * float(np.mean(scores))
 
 
 @METRICS.register("wer")

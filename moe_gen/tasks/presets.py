@@ -183,6 +183,45 @@ def _sql(split):
 preset("text_to_sql", "[TEXT:question] write the SQL query. -> [TEXT:query,max_length=48]", _SQL,
        ("execution_accuracy", "exact_match"), licence=_L_IRIS + "; questions and SQL: " + _OWN)(_sql)
 
+_DIALOG = ("chatterbot-corpus 1.3.3: consecutive turns of its 2,026 English dialogs (1,176 distinct pairs), each "
+           "with its real reply and a reply of another pair (moe_gen.tasks.sources.dialog); test = the pairs of "
+           "every 5th distinct first turn")
+_FEW_SHOT = ("7 exactly computed word tasks (reverse, first, last, initials, count, sort, longest), each row a "
+             "definition, 2 worked examples and a query of 2-4 words from CPython's pydoc_data.topics "
+             "(moe_gen.tasks.sources.fewshot); test queries use held-out words only")
+_DOCSTRINGS = ("docstrings of 102 standard-library modules whose first line summarises the rest "
+               "(moe_gen.tasks.sources.docstrings; 682 rows on CPython 3.11, other versions differ); "
+               "test = every 5th")
+
+
+def _replies(split):
+    from moe_gen.tasks.sources.dialog import reply_rows
+
+    return reply_rows(split)
+
+
+def _few_shot(split):
+    from moe_gen.tasks.sources.fewshot import few_shot_rows
+
+    return few_shot_rows(split)
+
+
+def _docstrings(split):
+    from moe_gen.tasks.sources.docstrings import docstring_rows
+
+    return docstring_rows(split)
+
+
+preset("reply_matching", '" [TEXT:first,max_length=48] " and " [TEXT:second,max_length=64] " : is the second a '
+       "reply to the first? -> [TEXT:answer,closed_set]", _DIALOG, ("accuracy",),
+       licence="BSD-3-Clause (chatterbot-corpus; its package metadata: BSD License)")(_replies)
+preset("few_shot_instructions", "[TEXT:definition] examples: [TEXT:examples] input: [TEXT:query] output? -> "
+       "[TEXT:answer,max_length=24]", _FEW_SHOT, ("exact_match",),
+       licence=_L_PYDOC + "; tasks and rows: " + _OWN)(_few_shot)
+preset("docstring_summary", "[TEXT:document,max_length=160] summarise the documentation in one line. -> "
+       "[TEXT:summary,max_length=48]", _DOCSTRINGS, ("rouge_l", "bleu", "chrf"),
+       licence="PSF License Version 2 (the docstrings of CPython's standard library)")(_docstrings)
+
 # ---- speech ------------------------------------------------------------------------------------
 
 _SPEECH = ("18 words x 21 voices synthesised offline with flite/espeak-ng "

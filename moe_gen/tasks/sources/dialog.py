@@ -1,0 +1,83 @@
+"""Sentence pairs from real dialogs, for the ``reply_matching`` preset (GLUE-like pair classification).
+
+The text is the English part of ``chatterbot-corpus`` (a dependency of moe_gen; BSD-3-Clause): 21
+YAML files under ``chatterbot_corpus/data/english``, 2,026 dialogs of two or more turns (greetings,
+trivia, technical support, ...). Every two consecutive turns ``(A, B)`` of a dialog are a pair whose
+``B`` answers ``A``; repeated pairs count once (1,176 distinct pairs, 1,015 distinct first turns).
+
+Each pair gives two rows with the same first sentence: the real reply (``answer`` "yes") and a reply
+taken from another pair of the same split that is not a reply to that first sentence anywhere in
+the corpus ("no"), chosen by ``random.Random(seed + pair index)``. The first sentence alone therefore
+never tells the answer. Splits go by first sentence: the pairs of every 5th distinct first sentence
+(in file order) are ``test``, so a test question was never seen in training, and negatives are drawn
+within each split.
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from pathlib import Path
+
+__all__ = ["dialog_pairs", "reply_rows", "SPLITS"]
+
+SPLITS = ("train", "test", "all")
+_INSTALL = "pip install chatterbot-corpus==1.3.3"
+
+
+def _corpus_dir() -> Path:
+    try:
+        import chatterbot_corpus
+    except ImportError:
+        raise ModuleNotFoundError(f"the reply_matching preset reads the chatterbot-corpus package; "
+                                  f"install it with `{_INSTALL}`") from None
+    return Path(chatterbot_corpus.__file__).resolve().parent / "data" / "english"
+
+
+def _turns(dialog) -> list[str]:
+    """A dialog's turns as one-line strings (YAML may read a turn as a number: kept as its text)."""
+    return [" ".join(str(turn).split()) for turn in dialog if turn is not None and str(turn).strip()]
+
+
+@functools.lru_cache(maxsize=1)
+def dialog_pairs() -> tuple[tuple[str, str], ...]:
+    """Distinct ``(turn, next turn)`` pairs of the English dialogs, in file and dialog order."""
+    import yaml
+
+    files = sorted(_corpus_dir().glob("*.yml"))
+    if not files:
+        raise FileNotFoundError(f"no dialogs under {_corpus_dir()}; reinstall with `{_INSTALL}`")
+    pairs: dict[tuple[str, str], None] = {}
+    for path in files:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for dialog in data.get("conversations") or []:
+            if isinstance(dialog, list):  # one entry of trivia.yml is a lone string, not a dialog
+                turns = _turns(dialog)
+                pairs.update(dict.fromkeys(zip(turns, turns[1:])))
+    return tuple(pairs)
+
+
+def reply_rows(split: str = "train", seed: int = 0) -> list[dict]:
+    """Rows ``{"first", "second", "answer", "id"}``: two per pair (``answer`` "yes" for the real
+    reply, then "no" for a reply drawn from another pair of the split); see the module docstring."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    pairs = dialog_pairs()
+    firsts = list(dict.fromkeys(first for first, _ in pairs))
+    test_firsts = set(firsts[::5])
+    replies_of: dict[str, set[str]] = {}
+    for first, second in pairs:
+        replies_of.setdefault(first, set()).add(second)
+    rows = []
+    for part in ("train", "test") if split == "all" else (split,):
+        kept = [(i, first, second) for i, (first, second) in enumerate(pairs)
+                if (first in test_firsts) == (part == "test")]
+        pool = sorted({second for _, _, second in kept})
+        for i, first, second in kept:
+            rng = random.Random(seed * 100003 + i)
+            other = rng.choice(pool)
+            while other in replies_of[first]:
+                other = rng.choice(pool)
+            rows += [{"first": first, "second": second, "answer": "yes", "id": f"dialog/{i}/yes"},
+                     {"first": first, "second": other, "answer": "no", "id": f"dialog/{i}/no"}]
+    return rows

@@ -1,0 +1,60 @@
+"""The docstring_summary preset: standard-library docstrings whose first line summarises the rest,
+scored by ROUGE-L, BLEU and chrF."""
+
+import glob
+import inspect
+import sys
+
+import pytest
+
+from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset, preset_info
+from moe_gen.tasks.metrics import compute
+from moe_gen.tasks.sources.docstrings import docstring_rows, split_docstring
+
+
+def test_rows_are_docstrings_split_at_their_summary_line():
+    rows = {r["name"]: r for r in docstring_rows("all")}
+    head, _, rest = inspect.getdoc(glob.glob).partition("\n\n")
+    assert rows["glob.glob"]["summary"] == head == "Return a list of paths matching a pathname pattern."
+    assert rows["glob.glob"]["document"] == " ".join(rest.split())
+    assert rows["glob.glob"]["document"].startswith("The pattern may contain simple shell-style wildcards")
+    removesuffix = rows["builtins.str.removesuffix"]
+    assert removesuffix["summary"] == "Return a str with the given suffix string removed if present."
+    if sys.version_info[:2] == (3, 11):  # the rows follow the interpreter's docstrings
+        assert len(rows) == 682
+
+
+def test_splits_are_disjoint_and_deterministic():
+    train, test = docstring_rows("train"), docstring_rows("test")
+    assert docstring_rows("test") == test and len(test) == (len(train) + len(test) + 4) // 5
+    assert not {r["summary"] for r in train} & {r["summary"] for r in test}
+    assert not {r["name"] for r in train} & {r["name"] for r in test}
+    for row in train + test:
+        assert row["summary"][0].isupper() and row["summary"].endswith(".") and len(row["document"].split()) >= 10
+    with pytest.raises(ValueError, match="unknown split"):
+        docstring_rows("dev")
+
+
+def test_only_docstrings_that_open_with_a_summary_line_count():
+    assert split_docstring("Do a thing well.\n\n" + "word " * 12) == ("Do a thing well.", ("word " * 12).strip())
+    assert split_docstring("Do a thing well.") is None  # nothing to summarise
+    assert split_docstring("f(x, y)\n\n" + "word " * 12) is None  # a signature, not a sentence
+    assert split_docstring("Two lines of\nsummary.\n\n" + "word " * 12) is None
+    assert split_docstring(None) is None
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
+    scores = compute(("rouge_l",), ["the cat sat on the mat", "", "Return a list."],
+                     ["the cat was on the mat", "anything", "return a LIST"])
+    assert scores["rouge_l"] == pytest.approx(100 * (5 / 6 + 0 + 1) / 3)  # LCS 5 of 6 and 6 words; empty: 0
+
+
+def test_the_preset_encodes_and_bad_rows_are_task_data_errors():
+    info = preset_info("docstring_summary")
+    assert info.metrics == ("rouge_l", "bleu", "chrf") and "3.11" in info.source and "PSF" in info.licence
+    tok = Tokenizer.default()
+    task = load_preset("docstring_summary", "test", limit=3)
+    assert task.encode(0, tok) is not None
+    bad = Task("docstring_summary", info.instruction, [{"document": ["not", "text"], "summary": "A summary."}])
+    with pytest.raises(TaskDataError, match="document"):
+        bad.encode(0, tok)
