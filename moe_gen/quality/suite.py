@@ -22,6 +22,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from moe_gen.tasks import Task, load_preset, preset_info
+from moe_gen.tasks.sources.moving_digits import DIGIT_QUESTION, DIRECTION_QUESTION
 from moe_gen.tasks.sources.vision import DIGIT_NAMES, count_hypothesis
 
 __all__ = ["SuiteTask", "SUITE", "suite_tasks", "TABLE_INSTRUCTION"]
@@ -138,6 +139,18 @@ def question_features(rows: Sequence[dict], column: str, values: Sequence[str]) 
     return np.concatenate([pixel_features(rows), one_hot], axis=1)
 
 
+def video_question_features(rows: Sequence[dict], column: str, values: Sequence[str]) -> np.ndarray:
+    """``video_features``, the signed change from the first picture to the last (grey, pooled to 8×8: where
+    something went and where it left) and the question (``row[column]``, one of ``values``) one-hot."""
+    one_hot = np.zeros((len(rows), len(values)), np.float32)
+    moves = []
+    for i, row in enumerate(rows):
+        one_hot[i, list(values).index(row[column])] = 1.0
+        grey = np.asarray(row["video"], dtype=np.float32).mean(-1) / 255.0  # [T, H, W]
+        moves.append(_pool(grey[-1] - grey[0], 8).ravel())
+    return np.concatenate([video_features(rows), np.stack(moves), one_hot], axis=1)
+
+
 def table_features(rows: Sequence[dict], column: str = "table") -> np.ndarray:
     """The cells of each one-row table ``{column: number}``, in column order."""
     return np.asarray([[float(v) for v in row[column].values()] for row in rows], dtype=np.float64)
@@ -237,6 +250,9 @@ EXTRA: tuple[SuiteTask, ...] = (
              features=functools.partial(pair_text_features, columns=("first", "second"))),
     _builtin("few_shot_instructions", "TEXT"),
     _builtin("docstring_summary", "TEXT"),
+    _builtin("video_qa", "VIDEO+TEXT", label_column="answer",
+             features=functools.partial(video_question_features, column="question",
+                                        values=(DIRECTION_QUESTION, DIGIT_QUESTION))),
 )
 
 

@@ -265,6 +265,19 @@ def _video(split):
     return load_video_clips(split)
 
 
+_MOVING = ("16-picture clips rendered from scikit-learn digits, one digit sliding left/right/up/down past a "
+           "still one of another class (moe_gen.tasks.sources.moving_digits); questions alternate between the "
+           "direction and the moving digit; test clips use the test digits (every 5th)")
+
+
+def _moving(split):
+    from moe_gen.tasks.sources.moving_digits import moving_digit_rows
+
+    return moving_digit_rows(split, count=600 if split == "train" else 100)
+
+
+preset("video_qa", "[VIDEO:video] [TEXT:question] -> [TEXT:answer,closed_set]", _MOVING, ("accuracy",),
+       licence=_L_DIGITS + "; clips and questions: " + _OWN)(_moving)
 preset("motion_classification", "[MOTION:motion] what is the person doing? -> [TEXT:label,closed_set]",
        _MOTION, ("accuracy",), licence=_L_MOTION)(_motion_windows)
 preset("text_to_motion", "[TEXT:text] -> [MOTION:motion,adaptor=motion_tgt,max_length=24]", _MOTION,

@@ -1,0 +1,81 @@
+"""The video_qa preset: rendered clips of a moving and a still digit, with questions whose answers
+the rendering fixes (which way, which digit)."""
+
+import collections
+
+import numpy as np
+import pytest
+
+from moe_gen.quality.baselines import classical_scores
+from moe_gen.quality.suite import suite_tasks
+from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset, preset_info
+from moe_gen.tasks.sources.moving_digits import (
+    DIGIT_QUESTION,
+    DIRECTION_QUESTION,
+    DIRECTIONS,
+    moving_digit_rows,
+    render_clip,
+)
+from moe_gen.tasks.sources.vision import load_digit_images
+
+
+def _centre_of_change(video):
+    """Centre (x, y) of the moving digit in the first and last pictures: the pixels that change."""
+    grey = video[..., 0].astype(np.float32)
+    moving = grey.std(0) > 0
+    centres = []
+    for frame in (grey[0], grey[-1]):
+        weight = np.where(moving, frame - 30, 0).clip(0)  # ink above the background (20..30)
+        ys, xs = np.indices(frame.shape)
+        centres.append((float((weight * xs).sum() / weight.sum()), float((weight * ys).sum() / weight.sum())))
+    return centres
+
+
+def test_a_clip_by_hand():
+    ink = np.full((8, 8), 255, np.uint8)
+    video = render_clip(ink, np.zeros((8, 8), np.uint8), [(0, 0), (4, 0)], (40, 40), noise_seed=0)
+    assert video.shape == (2, 64, 64, 3) and video.dtype == np.uint8
+    assert (video[0, 0:16, 0:16] == 255).all() and (video[1, 0:16, 4:20] == 255).all()
+    assert (video[1, 0:16, 0:4] < 31).all()  # the digit left: background again
+    assert (video[0, 20:] == video[1, 20:]).all()  # below it nothing changes
+
+
+def test_answers_follow_the_rendering():
+    rows = moving_digit_rows("train", count=80) + moving_digit_rows("test", count=40)
+    steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    for k, row in enumerate(rows):
+        assert row["video"].shape == (16, 64, 64, 3) and row["mover"] != row["still"]
+        (x0, y0), (x1, y1) = _centre_of_change(row["video"])
+        dx, dy = steps[row["direction"]]
+        assert (x1 - x0) * dx + (y1 - y0) * dy >= 15, (row["id"], x0, y0, x1, y1)  # 20-40 px that way
+        assert abs((x1 - x0) * dy) + abs((y1 - y0) * dx) < 1e-6  # and not across
+        question, answer = (DIRECTION_QUESTION, row["direction"]) if k % 2 == 0 else (DIGIT_QUESTION, row["mover"])
+        assert (row["question"], row["answer"]) == (question, answer)
+
+
+def test_splits_use_their_own_digits_and_are_deterministic():
+    test = moving_digit_rows("test", count=20)
+    again = moving_digit_rows("test", count=20)
+    assert all((a["video"] == b["video"]).all() and a["answer"] == b["answer"] for a, b in zip(test, again))
+    for split, rows in (("train", moving_digit_rows("train", count=40)), ("test", test)):
+        own = {d["id"] for d in load_digit_images(split)}
+        assert all(set(r["digit_ids"]) <= own for r in rows)
+    answers = collections.Counter(r["answer"] for r in moving_digit_rows("train", count=200))
+    assert set(DIRECTIONS) <= set(answers) and len(answers) == 14  # four directions, ten digits
+    with pytest.raises(ValueError, match="unknown split"):
+        moving_digit_rows("dev")
+
+
+def test_the_preset_encodes_its_baseline_runs_and_bad_videos_are_task_data_errors():
+    info = preset_info("video_qa")
+    assert info.metrics == ("accuracy",) and "CC BY 4.0" in info.licence
+    tok = Tokenizer.default()
+    task = load_preset("video_qa", "test", limit=4)
+    assert task.encode(0, tok) is not None
+    bad = Task("video_qa", info.instruction, [{"video": np.zeros((4, 8), np.uint8), "question": DIGIT_QUESTION,
+                                              "answer": "one"}])
+    with pytest.raises(TaskDataError, match="video"):
+        bad.encode(0, tok)
+    suite = suite_tasks(["video_qa"])[0]
+    scores = classical_scores(suite, moving_digit_rows("train", count=120), moving_digit_rows("test", count=30))
+    assert set(scores) == {"majority", "logreg", "knn"} and all(0 <= v <= 1 for v in scores.values())
