@@ -513,3 +513,35 @@ def test_merged_generation_equals_unmerged(tok):
             torch.testing.assert_close(a.frames, b.frames, atol=1e-4, rtol=1e-4)
     assert all(m.router._routes for m in merged.modules() if isinstance(m, MoE))
     assert merged.config.backend == "merged" and model.config.backend != "merged"
+
+
+def test_decoder_router_overrides_the_decoder_layers_only_and_is_saved(mixed, tok, tmp_path):
+    tasks, samples = mixed
+    model = build(tasks, tok, router=RouterConfig(strategy="attribute", balance_loss_weight=0.05),
+                  decoder_router={"strategy": "hybrid"}).eval()
+    layers = {name: m for name, m in model.named_modules() if isinstance(m, MoE)}
+    strategies = {name: m.config.router.strategy for name, m in layers.items()}
+    assert {s for n, s in strategies.items() if n.startswith("encoder.")} == {"attribute"}
+    assert {s for n, s in strategies.items() if n.startswith("decoder.")} == {"hybrid"}
+    # everything else, the tag vocabularies the model sized included, comes from `router`
+    decoder = next(m for n, m in layers.items() if n.startswith("decoder."))
+    assert decoder.config.router.num_tasks == model.config.router.num_tasks
+    assert decoder.config.router.balance_loss_weight == 0.05
+    batch = collate(samples, tok, model.task_ids)
+    model.save_pretrained(str(tmp_path))
+    loaded = GeneralistModel.from_pretrained(str(tmp_path)).eval()
+    assert loaded.config.decoder_router == {"strategy": "hybrid"}
+    with torch.no_grad():
+        reference = model(batch).logits
+        assert torch.equal(loaded(batch).logits, reference)
+        merged = merge_for_inference(model)  # the tag-routed encoder layers merge, the hybrid ones stay
+        assert {n for n, m in merged.named_modules() if isinstance(m, MoE) and m.frozen} == \
+            {n for n in layers if n.startswith("encoder.")}
+        torch.testing.assert_close(merged(batch).logits, reference, atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("override, message", [({"stratgy": "hybrid"}, "unknown router field"),
+                                               ({"num_tasks": 3}, "tag vocabularies")])
+def test_decoder_router_refuses_unknown_fields_and_vocabulary_sizes(override, message):
+    with pytest.raises(ValueError, match=message):
+        flavour("debug", decoder_router=override)

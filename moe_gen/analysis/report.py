@@ -150,7 +150,9 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
         model.train(was_training)
     summary = stats.summarize(tables)
     cfg = model.config
-    info = {"router": cfg.router.strategy, "gate": cfg.router.gate, "experts": cfg.num_experts, "top_k": cfg.top_k,
+    decoder = cfg.router_for("decoder").strategy
+    router = cfg.router.strategy if decoder == cfg.router.strategy else f"{cfg.router.strategy} (decoder {decoder})"
+    info = {"router": router, "gate": cfg.router.gate, "experts": cfg.num_experts, "top_k": cfg.top_k,
             "moe_layers": len(tables.layer_names), "parameters": model.num_parameters(),
             "active_parameters": model.num_parameters(active=True), "d_model": cfg.d_model}
     return Analysis(label=label, tasks=[t.name for t in tasks], rows=rows, mode=mode,

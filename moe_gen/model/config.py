@@ -36,6 +36,10 @@ class ModelConfig(ConfigBase):
         moe_attention: also make the attention output projection a mixture of linear experts
             (Uni-Perceiver-MoE puts MoE in attention projections too).
         router: router settings for every MoE layer (strategy, gate, noise, losses).
+        decoder_router: ``RouterConfig`` fields the decoder's MoE layers set differently from
+            ``router`` (``{"strategy": "hybrid"}``: tag-and-content routing where the decoder's few
+            tag groups, about one per task, could not spread its load over the experts); empty:
+            the decoder routes as ``router`` says. Tag vocabulary sizes always come from ``router``.
         capacity_factor: ``None`` dropless.
         backend: dispatch backend of every MoE layer (``merged`` for tag routing at inference).
         positions: ``learned`` (an embedding added to every position) or ``rotary`` (rotary
@@ -91,6 +95,7 @@ class ModelConfig(ConfigBase):
     moe_layers: tuple[str, ...] = ()
     moe_attention: bool = False
     router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
+    decoder_router: dict = dataclasses.field(default_factory=dict)
     experts: ExpertsConfig = dataclasses.field(default_factory=ExpertsConfig)
     capacity_factor: Optional[float] = None
     backend: str = "torch"
@@ -162,6 +167,8 @@ class ModelConfig(ConfigBase):
         self.frame_adapters = tuple(self.frame_adapters)
         if isinstance(self.router, dict):
             self.router = RouterConfig.from_dict(self.router)
+        self.decoder_router = dict(self.decoder_router)
+        self.router_for("decoder")  # unknown fields and bad values are refused here, not at build
         if isinstance(self.experts, dict):
             self.experts = ExpertsConfig.from_dict(self.experts)
 
@@ -180,10 +187,30 @@ class ModelConfig(ConfigBase):
             return f"{stack}.blocks.{layer}" in self.moe_layers
         return self.moe_every == 1 or (self.moe_every == 2 and layer % 2 == 1)
 
-    def moe_config(self, d_hidden: Optional[int] = None, kind: Optional[str] = None) -> MoEConfig:
+    def router_for(self, stack: str = "encoder") -> RouterConfig:
+        """The router settings of ``stack``'s MoE layers (``decoder_router`` applied to the decoder's)."""
+        if stack != "decoder" or not self.decoder_router:
+            return self.router
+        fields = {f.name for f in dataclasses.fields(RouterConfig)}
+        unknown = sorted(set(self.decoder_router) - fields)
+        if unknown:
+            raise ValueError(f"ModelConfig.decoder_router names unknown router field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(fields))}")
+        vocab = ("num_modalities", "num_roles", "num_passes", "num_tasks")
+        fixed = sorted(set(self.decoder_router) & set(vocab))
+        if fixed:
+            raise ValueError(f"ModelConfig.decoder_router cannot set {', '.join(fixed)}: the tag vocabularies "
+                             f"are the model's, set them on router")
+        return RouterConfig.from_dict({**self.router.to_dict(), **self.decoder_router})
+
+    def moe_config(self, d_hidden: Optional[int] = None, kind: Optional[str] = None,
+                   stack: str = "encoder") -> MoEConfig:
+        """The ``MoEConfig`` of an MoE layer in ``stack`` (``kind``: the expert kind, ``linear``
+        for attention output projections)."""
         experts = self.experts if kind is None else dataclasses.replace(self.experts, kind=kind)
         return MoEConfig(d_model=self.d_model, d_hidden=d_hidden or self.expert_hidden,
-                         num_experts=self.num_experts, top_k=self.top_k, router=self.router, experts=experts,
+                         num_experts=self.num_experts, top_k=self.top_k, router=self.router_for(stack),
+                         experts=experts,
                          capacity_factor=self.capacity_factor, backend=self.backend)
 
     def dense_twin(self) -> "ModelConfig":

@@ -63,7 +63,7 @@ class Attention(nn.Module):
     shares each key/value head among a group of query heads. The output projection is a mixture
     of linear experts when ``moe`` is set."""
 
-    def __init__(self, config: ModelConfig, moe: bool = False) -> None:
+    def __init__(self, config: ModelConfig, moe: bool = False, stack: str = "encoder") -> None:
         super().__init__()
         D, bias = config.d_model, config.attention_bias
         self.num_heads, self.num_kv_heads, self.dropout = config.num_heads, config.kv_heads, config.dropout
@@ -71,7 +71,7 @@ class Attention(nn.Module):
         self.q = nn.Linear(D, D, bias=bias)
         self.kv = nn.Linear(D, 2 * self.num_kv_heads * self.head_dim, bias=bias)
         if moe:
-            self.out = MoE(config.moe_config(d_hidden=D, kind="linear"))
+            self.out = MoE(config.moe_config(d_hidden=D, kind="linear", stack=stack))
         else:
             self.out = nn.Linear(D, D, bias=bias)
 
@@ -116,11 +116,11 @@ class Block(nn.Module):
         moe = config.is_moe(layer, stack)
         self.post_norm = config.norm_position == "post"
         self.norm_self = make_norm(config)
-        self.self_attn = Attention(config, moe=moe and config.moe_attention)
+        self.self_attn = Attention(config, moe=moe and config.moe_attention, stack=stack)
         self.norm_cross = make_norm(config) if cross else None
         self.cross_attn = Attention(config) if cross else None
         self.norm_ffn = make_norm(config)
-        self.ffn = (MoE(config.moe_config()) if moe
+        self.ffn = (MoE(config.moe_config(stack=stack)) if moe
                     else DenseFFN(config.d_model, config.ffn_hidden, config.experts))
         self.drop = nn.Dropout(config.dropout)
 
