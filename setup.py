@@ -60,7 +60,7 @@ setup(
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
     packages=find_packages(include=["moe_gen", "moe_gen.*"]),
-    package_data={"moe_gen.tasks": ["data/*.npz", "data/*.md"]},
+    package_data={"moe_gen.tasks": ["data/*.npz", "data/*.md", "data/*.safetensors", "data/*.json"]},
     install_requires=CORE,
     extras_require=EXTRAS,
     entry_points={"console_scripts": ["moe-gen=moe_gen.cli:main"]},

@@ -175,8 +175,8 @@ def test_bad_data_names_task_column_and_row(tok, tmp_path):
 
 
 def test_unknown_preprocessor_or_adaptor_is_a_planning_error(tok):
-    with pytest.raises(ValueError, match="unknown preprocessor 'image_vqgan'; known: "):
-        TaskPlan("t", "[IMAGE:img,preprocess=image_vqgan] -> [TEXT:c]", tok)
+    with pytest.raises(ValueError, match="unknown preprocessor 'image_dalle'; known: "):
+        TaskPlan("t", "[IMAGE:img,preprocess=image_dalle] -> [TEXT:c]", tok)
     with pytest.raises(ValueError, match="unknown adaptor 'image_resnet'"):
         TaskPlan("t", "[IMAGE:img,adaptor=image_resnet] -> [TEXT:c]", tok)
 

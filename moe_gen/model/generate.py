@@ -44,6 +44,8 @@ class Prediction:
     Attributes:
         text: decoded text (text and closed-set targets) when the task has one target slot.
         box: ``[x0, y0, x1, y1]`` in the original image's pixels, when the one target is a box.
+        image: the decoded image (``uint8 [S, S, 3]``), when the one target is an image tokenizer's
+            codes (``preprocess=image_vq``).
         frames: float ``[T, F]`` rows (continuous targets).
         tokens: the token ids decoded after the forced prefix (literal decoder text and the EOS
             ending a free-text value included, the answer's final EOS not).
@@ -58,6 +60,7 @@ class Prediction:
 
     text: Optional[str] = None
     box: Optional[list[float]] = None
+    image: Optional[Any] = None
     frames: Optional[torch.Tensor] = None
     tokens: list[int] = dataclasses.field(default_factory=list)
     score: float = 0.0
@@ -353,6 +356,8 @@ def _prediction(grammar: TargetGrammar, hyp: _Hypothesis, sample: Sample, eos_id
         value = targets.get(grammar.keys[scored[0]])
         if grammar.kinds[scored[0]] == "box":
             prediction.box = value
+        elif grammar.kinds[scored[0]] == "codes":
+            prediction.image = value
         else:
             prediction.text = value if value is not None else ""
     return prediction

@@ -6,6 +6,7 @@ EOS after every value of a free-text target that something other than a box foll
 (``TaskPlan.closing_eos``). ``options(state)`` lists what may come next:
 
 - box: exactly 4 location tokens;
+- image codes: exactly the image tokenizer's N code tokens;
 - closed set: a path of the label trie; the label may end where the trie allows EOS (inside the
   answer no EOS is written there, as in training, so what follows decides);
 - free text: any token no other option claims (and no location token when the template has
@@ -130,8 +131,11 @@ class TargetGrammar:
         self.literals = {i: tuple(tokenizer.encode(p.slot.text)) for i, p in enumerate(self.slots)
                          if p.slot.is_literal}
         self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
-        # Free text never takes EOS (it ends the text), nor location tokens when they would be read as a box.
-        self.reserved = frozenset({tokenizer.eos_id, *(self.bins if "box" in self.kinds else ())})
+        self.renderers = {i: plan.preprocessor(p).to_image for i, p in enumerate(self.slots) if self.kinds[i] == "codes"}
+        # Free text never takes EOS (it ends the text), nor location tokens when they would be read
+        # as a box or image codes.
+        discrete = "box" in self.kinds or "codes" in self.kinds
+        self.reserved = frozenset({tokenizer.eos_id, *(self.bins if discrete else ())})
         self.keys = [p.slot.column or str(i) for i, p in enumerate(self.slots)]
         self.groups = sorted({p.slot.repeat for p in self.slots if p.slot.repeat is not None})
         for i in range(self.first, len(self.slots)):  # free text takes any token: two could not be told apart
@@ -160,6 +164,8 @@ class TargetGrammar:
                 return len(self.literals[i])
             if kind == "box":
                 return 4
+            if kind == "codes":
+                return self.slots[i].decode.length
             if kind == "closed_set":
                 return _depth(self.slots[i].decode.trie)
             return self.limits[i] + 1
@@ -175,7 +181,7 @@ class TargetGrammar:
             return self._after(state)
         i = state.slot
         kind = self.kinds[i]
-        if kind in ("literal", "box"):
+        if kind in ("literal", "box", "codes"):
             return [self._content(i, state.length, "content")]
         if kind == "closed_set":
             out = [self._content(i, state.length, "content", state.node)] if set(state.node) - {self.tok.eos_id} else []
@@ -204,9 +210,10 @@ class TargetGrammar:
                                     pieces=state.pieces + ((i, state.item, int(token)),))
         kind, length = self.kinds[i], state.length
         complete = ((kind == "literal" and length == len(self.literals[i])) or (kind == "box" and length == 4)
+                    or (kind == "codes" and length == self.slots[i].decode.length)
                     or (kind == "closed_set" and not set(node) - {self.tok.eos_id}))
         only_end = self.followers[i] == [None]
-        if only_end and (kind in ("literal", "box") and complete
+        if only_end and (kind in ("literal", "box", "codes") and complete
                          or kind == "text" and length == self.limits[i] and i not in self.closing):
             return dataclasses.replace(state, complete=True, done=True)  # no EOS step, as before
         return dataclasses.replace(state, complete=complete)
@@ -221,7 +228,7 @@ class TargetGrammar:
             row: a repeated column holds one value per item. ``groups``: per repetition group of
             the template, one dict per item. Values are text for text and closed sets, and
             ``[x0, y0, x1, y1]`` in the original image's pixels for boxes (None for a box cut
-            short by the step limit).
+            short by the step limit), and the decoded image (``uint8 [S, S, 3]``) for image codes.
         """
         values: dict[tuple[int, int], list[int]] = {}
         for slot, item, token in state.pieces:
@@ -241,6 +248,12 @@ class TargetGrammar:
         return targets, [list(groups[g].values()) for g in self.groups]
 
     def _value(self, slot: int, ids: list[int], image_size) -> Any:
+        if self.kinds[slot] == "codes":
+            spec = self.slots[slot].decode
+            if len(ids) != spec.length:
+                return None
+            code_of = {token: k for k, token in enumerate(spec.tokens)}
+            return self.renderers[slot]([code_of[t] for t in ids])
         if self.kinds[slot] != "box":
             return self.tok.decode(ids)
         if len(ids) != 4:
@@ -260,6 +273,8 @@ class TargetGrammar:
             return Option(slot, (self.literals[slot][length],), False, action)
         if kind == "box":
             return Option(slot, self.bins, True, action)
+        if kind == "codes":
+            return Option(slot, self.slots[slot].decode.tokens, True, action)
         if kind == "closed_set":
             node = self._root(slot) if node is None else node
             return Option(slot, tuple(sorted(set(node) - {self.tok.eos_id})), True, action)

@@ -6,7 +6,8 @@ label; a ``box`` of None, as from an answer cut short, matches nothing)."""
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -14,7 +15,7 @@ from moe_gen.registry import METRICS
 from moe_gen.tasks.modalities.box import box_iou
 
 __all__ = ["accuracy", "exact_match", "bleu", "chrf", "rouge_l", "wer", "iou_accuracy", "detection_f1",
-           "detection_counts", "l1", "mse", "compute"]
+           "detection_counts", "l1", "mse", "pixel_mse", "digit_accuracy", "digit_fid", "digit_classifier", "compute"]
 
 
 def _check(predictions: Sequence, references: Sequence) -> None:
@@ -210,6 +211,109 @@ def l1(predictions, references) -> float:
 def mse(predictions, references) -> float:
     """Mean squared error over the overlapping frames; lower is better."""
     return _frames_error(predictions, references, 2)
+
+
+# ---- generated digit images --------------------------------------------------------------------
+
+def _digit_pixels(images: Sequence) -> np.ndarray:
+    """Images (arrays ``[H, W]`` or ``[H, W, C]``, any size) → grey 8×8 pixels in [0, 1], ``[B, 64]``
+    (box-filtered down, as the scikit-learn digits were made)."""
+    from PIL import Image
+
+    out = []
+    for image in images:
+        grey = Image.fromarray((_grey(image) * 255).round().astype(np.uint8)).resize((8, 8), Image.BOX)
+        out.append(np.asarray(grey, dtype=np.float32).reshape(-1) / 255.0)
+    return np.stack(out)
+
+
+def _grey(image, size: Optional[tuple[int, int]] = None) -> np.ndarray:
+    """An image array as grey float pixels in [0, 1], resized (bilinear) to ``size`` = (W, H)."""
+    from PIL import Image
+
+    array = np.asarray(image, dtype=np.float32)
+    if array.ndim == 3:
+        array = array[..., :3].mean(-1)
+    if array.ndim != 2 or min(array.shape) < 1:
+        raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {array.shape}")
+    grey = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
+    if size is not None and grey.size != size:
+        grey = grey.resize(size, Image.BILINEAR)
+    return np.asarray(grey, dtype=np.float32) / 255.0
+
+
+@METRICS.register("pixel_mse")
+def pixel_mse(predictions: Sequence, references: Sequence) -> float:
+    """Mean squared error of grey pixels in [0, 1], each prediction resized to its reference's size;
+    lower is better. A missing image (None) scores 1, the worst error."""
+    _check(predictions, references)
+    errors = []
+    for prediction, reference in zip(predictions, references):
+        truth = _grey(reference)
+        errors.append(1.0 if prediction is None else
+                      float(((_grey(prediction, (truth.shape[1], truth.shape[0])) - truth) ** 2).mean()))
+    return float(np.mean(errors))
+
+
+@functools.lru_cache(maxsize=1)
+def _digit_models():
+    """The independent reference models, fitted once on the real digits' training split: a
+    logistic regression on 8×8 pixels, a 16-component PCA for the feature distance, and an exact
+    lookup of every real digit's label by its pixels."""
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+
+    from moe_gen.tasks.sources.vision import load_digit_images
+
+    train = load_digit_images("train")
+    X, y = _digit_pixels([r["image"] for r in train]), np.array([r["digit"] for r in train])
+    classifier = LogisticRegression(max_iter=2000).fit(X, y)
+    pca = PCA(n_components=16, random_state=0).fit(X)
+    labels = {row["image"].tobytes(): row["digit"] for row in load_digit_images("all")}
+    return classifier, pca, labels
+
+
+def digit_classifier() -> Callable[[Sequence], list[int]]:
+    """The independent digit classifier: images → predicted digits (a logistic regression on the
+    real training digits' 8×8 pixels; ~0.97 on the real test digits)."""
+    classifier = _digit_models()[0]
+    return lambda images: [int(d) for d in classifier.predict(_digit_pixels(images))]
+
+
+@METRICS.register("digit_accuracy")
+def digit_accuracy(predictions: Sequence, references: Sequence) -> float:
+    """Share of generated images (predictions) that the independent classifier
+    (``digit_classifier``) reads as the digit of their reference, a real scikit-learn digit image
+    whose label is looked up exactly. An answer that is not an image (None) counts as wrong."""
+    _check(predictions, references)
+    labels = _digit_models()[2]
+    truth = []
+    for i, reference in enumerate(references):
+        key = np.asarray(reference, dtype=np.uint8).tobytes()
+        if key not in labels:
+            raise ValueError(f"digit_accuracy: reference {i} is not a scikit-learn digit image (8x8 uint8)")
+        truth.append(labels[key])
+    scored = [i for i, p in enumerate(predictions) if p is not None]
+    read = digit_classifier()([predictions[i] for i in scored]) if scored else []
+    return sum(int(read[j] == truth[i]) for j, i in enumerate(scored)) / len(references)
+
+
+@METRICS.register("digit_fid")
+def digit_fid(predictions: Sequence, references: Sequence) -> float:
+    """Fréchet distance between the generated and the reference images, in a 16-dimensional PCA of
+    real digit pixels (the FID recipe with a small fixed feature map); lower is better, 0 for
+    identical sets. Needs at least two images each."""
+    from scipy import linalg
+
+    _check(predictions, references)
+    if any(p is None for p in predictions) or len(predictions) < 2:
+        raise ValueError("digit_fid needs at least two images, none of them missing")
+    pca = _digit_models()[1]
+    a, b = pca.transform(_digit_pixels(predictions)), pca.transform(_digit_pixels(references))
+    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    root = linalg.sqrtm(cov_a @ cov_b)
+    root = root.real if np.iscomplexobj(root) else root
+    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
 
 
 def compute(names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:

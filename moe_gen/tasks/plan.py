@@ -44,6 +44,7 @@ import moe_gen.tasks.modalities.signals  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.table  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.text_like  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.visual  # noqa: F401,E402  isort: skip
+import moe_gen.tasks.modalities.image_codes  # noqa: F401,E402  isort: skip
 
 __all__ = ["TaskPlan", "SlotPlan", "DecodeSpec", "Chunk", "Sample", "TaskDataError", "build_trie",
            "slot_followers", "MAX_SLOT_POSITIONS"]
@@ -65,14 +66,19 @@ class DecodeSpec:
 
     Attributes:
         kind: ``text``, ``closed_set`` (answers restricted to ``labels`` through ``trie``),
-            ``box`` (exactly 4 location tokens) or ``frames`` (continuous rows with a stop flag).
+            ``box`` (exactly 4 location tokens), ``codes`` (exactly ``length`` tokens out of
+            ``tokens``: an image tokenizer's codes) or ``frames`` (continuous rows with a stop flag).
         labels: the label set of a closed-set slot.
         trie: nested dicts of token ids of the labels (each label ends with EOS).
+        length, tokens: for ``codes``, the tokens per value and the allowed token ids (code k is
+            ``tokens[k]``).
     """
 
     kind: str
     labels: tuple[str, ...] = ()
     trie: Optional[dict] = None
+    length: int = 0
+    tokens: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -262,9 +268,16 @@ class TaskPlan:
             return SlotPlan(slot, side, modality, preprocess, adaptor, INPUT, False, None)
         no_loss = bool(slot.attrs.get("no_loss"))
         return SlotPlan(slot, side, modality, preprocess, adaptor, PROMPT if no_loss else TARGET,
-                        not no_loss, None if no_loss else self._decode_spec(slot, modality))
+                        not no_loss, None if no_loss else self._decode_spec(slot, modality, preprocess))
 
-    def _decode_spec(self, slot: Slot, modality: ModalitySpec) -> DecodeSpec:
+    def preprocessor(self, plan: SlotPlan):
+        """The preprocessor instance that encodes (and, for image codes, renders) ``plan``'s values."""
+        return self._preprocessors[plan.preprocess]
+
+    def _decode_spec(self, slot: Slot, modality: ModalitySpec, preprocess: str) -> DecodeSpec:
+        codes = self._preprocessors[preprocess]
+        if hasattr(codes, "code_tokens"):  # an image tokenizer: a fixed number of code tokens
+            return DecodeSpec("codes", length=codes.code_length, tokens=codes.code_tokens(self.tokenizer))
         if modality.continuous_target:
             return DecodeSpec("frames")
         if modality.name == "BOX":

@@ -25,8 +25,8 @@ from moe_gen.tasks.task import Task
 __all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
-                   "frames": ("l1",), "detection": ("detection_f1",), "structured": ("exact_match",)}
-LOWER_IS_BETTER = {"wer", "l1", "mse"}
+                   "frames": ("l1",), "codes": ("pixel_mse",), "detection": ("detection_f1",), "structured": ("exact_match",)}
+LOWER_IS_BETTER = {"wer", "l1", "mse", "digit_fid", "pixel_mse"}
 
 
 def _targets(task: Task, model) -> tuple[str, list]:
@@ -117,6 +117,9 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                 references.append(expected)
             elif kind == "box":
                 predictions.append(prediction.box)
+                references.append(row[columns[0]])
+            elif kind == "codes":
+                predictions.append(prediction.image)
                 references.append(row[columns[0]])
             else:
                 predictions.append(prediction.text)

@@ -1,0 +1,110 @@
+"""The image tokenizer (VQ-VAE), image-code targets end to end, and the generated-image metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.model.grammar import TargetGrammar
+from moe_gen.tasks import Task, Tokenizer
+from moe_gen.tasks.metrics import digit_accuracy, digit_classifier, digit_fid, pixel_mse
+from moe_gen.tasks.modalities.image_codes import ImageVQ, VQConfig, images_to_tensor, train_image_vq
+from moe_gen.tasks.plan import TaskDataError
+from moe_gen.tasks.sources.vision import load_digit_images
+
+INSTRUCTION = "draw a handwritten [TEXT:label] -> [IMAGE:image,preprocess=image_vq]"
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    return load_digit_images("train")[:64], load_digit_images("test")[:40]
+
+
+def test_vq_trains_saves_and_reloads_to_the_same_codes(digits, tmp_path):
+    train, _ = digits
+    config = VQConfig(size=8, codes=16, code_dim=4, hidden=16)
+    images = images_to_tensor([r["image"] for r in train], config.size)
+    first = train_image_vq(images, config, steps=30, batch_size=16, seed=0)
+    again = train_image_vq(images, config, steps=30, batch_size=16, seed=0)
+    codes = first.encode(images)
+    assert codes.shape == (64, 4) and codes.dtype == torch.long
+    assert torch.equal(codes, again.encode(images))  # seeded: the same tokenizer twice
+    path = str(tmp_path / "vq.safetensors")
+    first.save(path)
+    loaded = ImageVQ.load(path)
+    assert loaded.config == config and torch.equal(loaded.encode(images), codes)
+    decoded = loaded.decode(codes)
+    assert decoded.shape == (64, 3, 8, 8) and 0 <= float(decoded.min()) and float(decoded.max()) <= 1
+    with pytest.raises(ValueError, match=r"code ids must lie in \[0, 16\)"):
+        loaded.decode(torch.full((1, 4), 16))
+    with pytest.raises(ValueError, match="shape"):
+        loaded.decode(torch.zeros(1, 5, dtype=torch.long))
+
+
+def test_shipped_tokenizer_reconstructs_held_out_digits_the_classifier_still_reads(digits):
+    from moe_gen.tasks.modalities.image_codes import load_image_vq
+
+    _, test = digits
+    vq = load_image_vq()
+    images = images_to_tensor([r["image"] for r in test], vq.config.size)
+    recon = vq.decode(vq.encode(images))
+    assert float(((recon - images) ** 2).mean()) < 0.01
+    as_uint8 = (recon.permute(0, 2, 3, 1).numpy() * 255).round().astype(np.uint8)
+    read = digit_classifier()(list(as_uint8))
+    assert np.mean([a == r["digit"] for a, r in zip(read, test)]) >= 0.85
+
+
+def test_image_code_targets_encode_decode_and_infer_returns_images(digits, tok):
+    train, _ = digits
+    rows = [{"label": r["label"], "image": r["image"]} for r in train[:12]]
+    task = Task("draw", INSTRUCTION, rows)
+    sample = task.encode(0, tok, training=False)
+    target = [c for c in sample.decoder if c.loss and c.column == "image"]
+    assert len(target) == 1 and len(target[0].tokens) == 16
+    assert all(tok.bin_index(t) is not None and tok.bin_index(t) < 128 for t in target[0].tokens)
+    plan = task.plan(tok)
+    grammar = TargetGrammar(plan, tok)
+    assert grammar.kinds[grammar.first] == "codes" and grammar.max_steps() == 16 + 1
+    # OFASys's spelling names the same tokenizer
+    alias = Task("draw2", INSTRUCTION.replace("image_vq", "image_vqgan"), rows).encode(0, tok, training=False)
+    assert [c.tokens for c in alias.decoder] == [c.tokens for c in sample.decoder]
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok).eval()
+    predictions = model.infer(task, rows[:3])
+    for prediction in predictions:
+        assert prediction.image.shape == (16, 16, 3) and prediction.image.dtype == np.uint8
+        assert len(prediction.tokens) == 16 and all(tok.bin_index(t) < 128 for t in prediction.tokens)
+        assert prediction.text is None
+    sampled = model.infer(task, rows[:2], temperature=1.0, seed=3)
+    again = model.infer(task, rows[:2], temperature=1.0, seed=3)
+    assert [p.tokens for p in sampled] == [p.tokens for p in again]
+
+
+def test_bad_images_for_an_image_code_slot_name_the_row(tok):
+    task = Task("draw", INSTRUCTION, [{"label": "one", "image": "not an image"}])
+    with pytest.raises(TaskDataError, match=r"task 'draw', column 'image', row 0"):
+        task.encode(0, tok, training=False)
+
+
+def test_generated_image_metrics(digits):
+    _, test = digits
+    real = [r["image"] for r in test]
+    accuracy = digit_accuracy(real, real)
+    assert accuracy >= 0.9  # the classifier on real digits
+    assert digit_accuracy([None] * len(real), real) == 0.0
+    blank = [np.zeros((16, 16, 3), np.uint8)] * len(real)
+    assert digit_accuracy(blank, real) <= 0.2
+    with pytest.raises(ValueError, match="reference 0 is not a scikit-learn digit"):
+        digit_accuracy([real[0]], [np.ones((8, 8), np.uint8)])
+    assert digit_fid(real, real) == pytest.approx(0.0, abs=1e-6)
+    assert digit_fid(blank, real) > digit_fid(real[::-1], real) + 1.0
+    assert pixel_mse(real, real) == 0.0
+    assert pixel_mse([None], [real[0]]) == 1.0
+    assert pixel_mse([np.full((16, 16, 3), 255, np.uint8)], [np.zeros((8, 8), np.uint8)]) == 1.0
