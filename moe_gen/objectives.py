@@ -223,3 +223,20 @@ class MaskedObjective(GenerativeObjective):
                                      "for them; build it with ModelConfig(predict_all_features=True)")
         return collate(masked, self.model.tokenizer, self.model.task_ids, pass_name="masked",
                        modality_ids=self.model.modality_ids)
+
+
+@OBJECTIVES.register("parallel")
+class ParallelObjective(GenerativeObjective):
+    """MaskGIT training of image-code targets (``moe_gen.model.parallel``): a cosine-schedule share
+    of each sample's codes is masked and predicted at once by the decoder reading bidirectionally;
+    decode such a task with ``model.infer(..., parallel_steps=T)``. Every sample of the objective
+    needs exactly one ``[IMAGE:...,preprocess=image_vq]`` target."""
+
+    def prepare(self, samples, rng) -> Batch:
+        from moe_gen.model.parallel import mask_code_targets
+        from moe_gen.tasks.batch import collate
+
+        tok = self.model.tokenizer
+        batch = collate(samples, tok, self.model.task_ids, pass_name="masked", modality_ids=self.model.modality_ids)
+        code_ids = frozenset(tok.bin_id(k) for k in range(tok.num_bins))
+        return mask_code_targets(batch, samples, tok, code_ids, rng)

@@ -108,3 +108,45 @@ def test_generated_image_metrics(digits):
     assert pixel_mse(real, real) == 0.0
     assert pixel_mse([None], [real[0]]) == 1.0
     assert pixel_mse([np.full((16, 16, 3), 255, np.uint8)], [np.zeros((8, 8), np.uint8)]) == 1.0
+
+
+def test_parallel_objective_masks_codes_and_parallel_decoding_takes_steps_passes(digits, tok):
+    import random
+
+    from moe_gen.model.parallel import mask_token, masked_counts
+    from moe_gen.objectives import ParallelObjective
+    from moe_gen.tasks.batch import IGNORE_INDEX
+
+    assert masked_counts(16, 4) == [14, 11, 6, 0] and masked_counts(16, 1) == [0]
+    train, _ = digits
+    rows = [{"label": r["label"], "image": r["image"]} for r in train[:8]]
+    task = Task("draw", INSTRUCTION, rows, objective="parallel")
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok)
+    samples = list(task.samples(tok))
+    objective = ParallelObjective(model)
+    batch = objective.prepare(samples, random.Random(0))
+    scored = batch.labels != IGNORE_INDEX
+    assert not batch.causal and scored.any()
+    assert (batch.decoder.tokens[scored] == mask_token(tok)).all()  # scored exactly where masked
+    assert ((batch.decoder.tokens == mask_token(tok)) == scored).all()
+    assert all(tok.bin_index(t) < 128 for t in batch.labels[scored].tolist())
+    loss = objective(batch)["loss"]
+    assert torch.isfinite(loss)
+    loss.backward()
+    model.eval()
+    calls = []
+    decode = model.decode
+    model.decode = lambda *a, **k: calls.append(k.get("causal", True)) or decode(*a, **k)
+    predictions = model.infer(task, rows[:3], parallel_steps=4)
+    assert calls == [False] * 4  # four bidirectional decoder passes for 16 codes
+    for prediction in predictions:
+        assert prediction.image.shape == (16, 16, 3) and len(prediction.tokens) == 16
+        assert prediction.targets["image"] is prediction.image
+    drawn = [p.tokens for p in model.infer(task, rows[:3], parallel_steps=4, temperature=1.0, seed=5)]
+    assert drawn == [p.tokens for p in model.infer(task, rows[:3], parallel_steps=4, temperature=1.0, seed=5)]
+    with pytest.raises(ValueError, match="parallel decoding needs a single image-code target"):
+        text = Task("name", "[IMAGE:image] -> [TEXT:label]", rows)
+        GeneralistModel.build(flavour("debug"), [text], tok).infer(text, rows[:1], parallel_steps=4)
+    with pytest.raises(ValueError, match="does not combine with beams"):
+        model.infer(task, rows[:1], parallel_steps=4, beams=2)

@@ -358,9 +358,10 @@ class GeneralistModel(nn.Module):
             return dataclasses.replace(out, kv=kv)
         return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask, rope=self.rope(enc))
 
-    def decode(self, dec: Side, enc: Side, memory):
-        """The decoder (causal, cross-attending to the encoder output ``memory``)."""
-        return self.decoder(self.embed(dec), dec.attention_mask(causal=True), dec.tags, dec.padding_mask,
+    def decode(self, dec: Side, enc: Side, memory, causal: bool = True):
+        """The decoder (causal, or bidirectional for parallel decoding; cross-attending to the
+        encoder output ``memory``)."""
+        return self.decoder(self.embed(dec), dec.attention_mask(causal=causal), dec.tags, dec.padding_mask,
                             memory=memory.hidden, cross_mask=dec.cross_attention_mask(enc), rope=self.rope(dec))
 
     def _forward_prefix_lm(self, enc: Side, dec: Side) -> tuple[StackOutput, StackOutput]:
@@ -392,10 +393,12 @@ class GeneralistModel(nn.Module):
     def forward(self, batch: Batch) -> ModelOutput:
         enc, dec = batch.encoder, batch.decoder
         if self.config.decoder_only:
+            if not batch.causal:
+                raise ValueError("a bidirectional decoder batch (parallel objective) needs the encoder-decoder layout")
             memory, out = self._forward_prefix_lm(enc, dec)
         else:
             memory = self.encode(enc)
-            out = self.decode(dec, enc, memory)
+            out = self.decode(dec, enc, memory, causal=batch.causal)
         hidden = out.hidden
         logits = self.output_logits(hidden)
         flat = hidden.reshape(-1, hidden.shape[-1])
@@ -412,7 +415,7 @@ class GeneralistModel(nn.Module):
               candidates: Optional[Sequence[str]] = None, max_items: int = 8,
               indices: Optional[Sequence[int]] = None, temperature: Optional[float] = None,
               top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-              no_repeat_ngram: int = 0, min_length: int = 0) -> list:
+              no_repeat_ngram: int = 0, min_length: int = 0, parallel_steps: Optional[int] = None) -> list:
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
         Every target slot of the instruction is decoded, repetition groups item by item (at most
@@ -424,7 +427,10 @@ class GeneralistModel(nn.Module):
         ``min_length`` rule free-text values, see ``TextRules``): ``.text``, ``.box`` or
         ``.frames`` for single-target tasks,
         ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
-        one dict per item) for every token answer, and ``.score``. Raises ``ValueError`` for
+        one dict per item) for every token answer, and ``.score``. ``parallel_steps=T`` decodes an
+        image-code target (``preprocess=image_vq``) in T bidirectional decoder passes (MaskGIT;
+        train the task with the ``parallel`` objective; ``temperature`` draws the codes,
+        ``seed`` fixes the draws) and answers ``.image``. Raises ``ValueError`` for
         tasks outside the model's vocabulary, modalities it has no adapter for, and rows that do
         not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
         default its position); under the task's ``on_error="skip"`` such a row's answer is None
@@ -441,8 +447,12 @@ class GeneralistModel(nn.Module):
         was_training = self.training
         self.eval()
         try:
-            answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling, rules=rules,
-                                   max_new_tokens=max_new_tokens, max_frames=max_frames, max_items=max_items)
+            if parallel_steps is not None:
+                answers = self._parallel(plan, samples, parallel_steps, sampling, beams, candidates)
+            else:
+                answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling,
+                                       rules=rules, max_new_tokens=max_new_tokens, max_frames=max_frames,
+                                       max_items=max_items)
         finally:
             self.train(was_training)
         if not failed:
@@ -506,6 +516,19 @@ class GeneralistModel(nn.Module):
                                rules=rules)
         return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
                         max_items=max_items, sampling=sampling, rules=rules)
+
+    def _parallel(self, plan, samples: Sequence, steps: int, sampling, beams: int, candidates) -> list:
+        """Parallel iterative decoding of an image-code target (``moe_gen.model.parallel``)."""
+        from moe_gen.model.parallel import parallel_generate
+
+        if beams > 1 or candidates is not None:
+            raise ValueError("parallel_steps decodes all codes at once; it does not combine with beams > 1 or candidates")
+        if sampling is not None and (sampling.top_k is not None or sampling.top_p is not None):
+            raise ValueError("parallel decoding draws codes at a temperature only (no top_k/top_p)")
+        if not samples:
+            return []
+        return parallel_generate(self, plan, samples, steps=steps, seed=sampling.seed if sampling else 0,
+                                 temperature=sampling.temperature if sampling else 0.0)
 
     def set_backend(self, name: str) -> None:
         """Switches every MoE layer to dispatch backend ``name`` (``merged`` for tag-routed

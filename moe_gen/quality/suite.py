@@ -209,8 +209,10 @@ def _preset(name: str) -> Callable[[str], Task]:
 
 def _builtin(name: str, modality: str, **kwargs) -> SuiteTask:
     info = preset_info(name)
+    from moe_gen.trainer.evaluation import LOWER_IS_BETTER
+
     return SuiteTask(name, modality, _preset(name), info.metrics[0],
-                     higher_is_better=info.metrics[0] not in ("wer", "l1", "mse"), **kwargs)
+                     higher_is_better=info.metrics[0] not in LOWER_IS_BETTER, **kwargs)
 
 
 SUITE: tuple[SuiteTask, ...] = (
@@ -253,6 +255,8 @@ EXTRA: tuple[SuiteTask, ...] = (
     _builtin("video_qa", "VIDEO+TEXT", label_column="answer",
              features=functools.partial(video_question_features, column="question",
                                         values=(DIRECTION_QUESTION, DIGIT_QUESTION))),
+    _builtin("text_to_image", "TEXT"),
+    _builtin("image_infilling", "IMAGE+TEXT"),
 )
 
 

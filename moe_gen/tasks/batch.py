@@ -109,6 +109,8 @@ class Batch:
         tasks: the task name of each sample, in row-then-sample order.
         tokens_per_modality: valid positions per modality name, both sides.
         padding_fraction: share of padded positions over both sides.
+        causal: the decoder attends left to right (False: bidirectionally, for parallel decoding
+            of masked targets, ``moe_gen.model.parallel``).
     """
 
     encoder: Side
@@ -122,6 +124,7 @@ class Batch:
     tasks: list[str]
     tokens_per_modality: dict[str, int]
     padding_fraction: float
+    causal: bool = True
 
     def to(self, device) -> "Batch":
         """The batch on ``device`` (a no-op copy-free return when it is already there)."""

@@ -310,7 +310,8 @@ def digit_fid(predictions: Sequence, references: Sequence) -> float:
         raise ValueError("digit_fid needs at least two images, none of them missing")
     pca = _digit_models()[1]
     a, b = pca.transform(_digit_pixels(predictions)), pca.transform(_digit_pixels(references))
-    cov_a, cov_b = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    eps = 1e-6 * np.eye(a.shape[1])  # the usual FID offset: identical images make a singular covariance
+    cov_a, cov_b = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
     root = linalg.sqrtm(cov_a @ cov_b)
     root = root.real if np.iscomplexobj(root) else root
     return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))

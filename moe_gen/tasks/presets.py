@@ -126,6 +126,23 @@ preset("vqa_digits", "[IMAGE:image] is there a [TEXT:asked] in the image? -> [TE
 preset("visual_entailment", '[IMAGE:image] does the image entail " [TEXT:hypothesis] "? -> [TEXT:relation,closed_set]',
        _CANVAS_QA, ("accuracy",), licence=_L_CANVAS)(_canvas_questions)
 
+_VQ = ("; targets are codes of moe_gen's image tokenizer (moe_gen/tasks/data/image_vq_digits.safetensors, "
+       "trained on the training digits by scripts/train_image_vq.py)")
+_DIGIT_IMAGE_METRICS = ("digit_accuracy", "digit_fid", "pixel_mse")
+
+
+def _masked_digits(split):
+    from moe_gen.tasks.sources.vision import masked_digits
+
+    return masked_digits(split)
+
+
+preset("text_to_image", "draw a handwritten [TEXT:label] -> [IMAGE:image,preprocess=image_vq]",
+       _DIGITS + _VQ, _DIGIT_IMAGE_METRICS, licence=_L_DIGITS)(_digits)
+preset("image_infilling", "[IMAGE:masked] the [TEXT:hidden] quarter is hidden; what is the whole image? -> "
+       "[IMAGE:image,preprocess=image_vq]", _DIGITS + "; one quadrant painted grey (masked_digits)" + _VQ,
+       ("pixel_mse",) + _DIGIT_IMAGE_METRICS[:2], licence=_L_DIGITS)(_masked_digits)
+
 # ---- text and tables -------------------------------------------------------------------------
 
 _PYDOC = "CPython pydoc_data.topics prose paragraphs (979); test = every 5th"

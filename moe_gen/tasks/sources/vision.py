@@ -118,3 +118,27 @@ def canvas_questions(split: str = "train", count: int = 200, seed: int = 0) -> l
                      "hypothesis": count_hypothesis(claimed),
                      "relation": "entailment" if claimed == n else "contradiction"})
     return rows
+
+
+QUADRANTS = ("top left", "top right", "bottom left", "bottom right")
+
+
+def hide_quadrant(image: np.ndarray, quadrant: int, fill: int = 128) -> np.ndarray:
+    """A copy of ``image`` with one quadrant (index into ``QUADRANTS``) painted ``fill`` grey."""
+    out = np.array(image, copy=True)
+    H, W = out.shape[:2]
+    rows = slice(0, H // 2) if quadrant < 2 else slice(H // 2, H)
+    cols = slice(0, W // 2) if quadrant % 2 == 0 else slice(W // 2, W)
+    out[rows, cols] = fill
+    return out
+
+
+def masked_digits(split: str = "train") -> list[dict]:
+    """The digits of ``split`` for image infilling: ``masked`` is the digit with quadrant
+    ``i % 4`` of row i painted grey (``hidden`` names it), ``image`` the whole digit."""
+    rows = []
+    for i, row in enumerate(load_digit_images(split)):
+        quadrant = i % 4
+        rows.append({"masked": hide_quadrant(row["image"], quadrant), "hidden": QUADRANTS[quadrant],
+                     "image": row["image"], "label": row["label"], "digit": row["digit"], "id": row["id"]})
+    return rows
