@@ -150,3 +150,27 @@ def test_parallel_objective_masks_codes_and_parallel_decoding_takes_steps_passes
         GeneralistModel.build(flavour("debug"), [text], tok).infer(text, rows[:1], parallel_steps=4)
     with pytest.raises(ValueError, match="does not combine with beams"):
         model.infer(task, rows[:1], parallel_steps=4, beams=2)
+
+
+def test_chained_generation_feeds_each_answer_to_the_next_task(digits, tok):
+    from moe_gen.model import Link, chain
+    from moe_gen.tasks import load_preset
+
+    draw = load_preset("text_to_image", "train", limit=10)
+    read = load_preset("digit_classification", "train", limit=10)
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [draw, read], tok).eval()
+    rows = [{"label": "seven"}, {"label": "two"}]
+    out = chain(model, rows, [Link("text_to_image", {"image": "image"}),
+                              Link("digit_classification", {"label": "read_back"})])
+    assert rows == [{"label": "seven"}, {"label": "two"}]  # the inputs are left alone
+    for row in out:
+        assert row["image"].shape == (16, 16, 3)
+        assert row["read_back"] in set(read.data[i]["label"] for i in range(len(read)))
+    # the second link reads exactly the generated image
+    direct = model.infer("digit_classification", [{"image": out[0]["image"]}])[0].text
+    assert direct == out[0]["read_back"]
+    with pytest.raises(ValueError, match="has no target column 'picture'"):
+        chain(model, rows, [Link("text_to_image", {"picture": "image"})])
+    with pytest.raises(ValueError, match="at least one target column"):
+        Link("text_to_image", {})

@@ -256,6 +256,7 @@ EXTRA: tuple[SuiteTask, ...] = (
              features=functools.partial(video_question_features, column="question",
                                         values=(DIRECTION_QUESTION, DIGIT_QUESTION))),
     _builtin("text_to_image", "TEXT"),
+    _builtin("text_to_image_maskgit", "TEXT"),
     _builtin("image_infilling", "IMAGE+TEXT"),
 )
 
