@@ -374,13 +374,27 @@ def _cmd_infer(args, overrides) -> int:
             else [task.data[i] for i in range(min(args.rows, len(task)))])
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
                 if v is not None}
+    if args.parallel_steps is not None:
+        sampling["parallel_steps"] = args.parallel_steps
     for i, prediction in enumerate(model.infer(task, rows, beams=args.beams, seed=args.seed, **sampling,
                                                no_repeat_ngram=args.no_repeat_ngram, min_length=args.min_length)):
         out = {"row": i, "text": prediction.text, "box": prediction.box, "score": round(prediction.score, 4)}
         if prediction.frames is not None:
             out["frames"] = list(prediction.frames.shape)
+        if prediction.image is not None:
+            out["image"] = _save_image(prediction.image, args.images, i) if args.images else list(prediction.image.shape)
         print(json.dumps({k: v for k, v in out.items() if v is not None}))
     return 0
+
+
+def _save_image(image, directory: str, row: int) -> str:
+    """Writes a generated image as ``row<N>.png`` in ``directory``; returns the path."""
+    from PIL import Image
+
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"row{row}.png")
+    Image.fromarray(image).save(path)
+    return path
 
 
 def _cmd_presets(args, overrides) -> int:
@@ -443,6 +457,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0, help="seed of the draws")
     p.add_argument("--no-repeat-ngram", type=int, default=0, help="free text: no repeated n-gram of this size")
     p.add_argument("--min-length", type=int, default=0, help="free text: at least this many tokens")
+    p.add_argument("--parallel-steps", type=int,
+                   help="image-code targets: decode in this many parallel passes (MaskGIT; parallel-objective tasks)")
+    p.add_argument("--images", help="write generated images as PNG files to this folder (row<N>.png)")
     p = sub.add_parser("presets", **sub_kwargs, help="the built-in tasks: instruction, metrics, source, licence")
     p.add_argument("names", nargs="*", help="preset names (default: all)")
     p.add_argument("--json", action="store_true", help="one JSON object a line")

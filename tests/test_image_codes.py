@@ -174,3 +174,22 @@ def test_chained_generation_feeds_each_answer_to_the_next_task(digits, tok):
         chain(model, rows, [Link("text_to_image", {"picture": "image"})])
     with pytest.raises(ValueError, match="at least one target column"):
         Link("text_to_image", {})
+
+
+def test_cli_infer_writes_generated_images(digits, tok, tmp_path, capsys):
+    import json
+
+    from PIL import Image
+
+    from moe_gen.cli import main
+    from moe_gen.tasks import load_preset
+
+    task = load_preset("text_to_image_maskgit", "train", limit=8)
+    torch.manual_seed(0)
+    GeneralistModel.build(flavour("debug"), [task], tok).save_pretrained(str(tmp_path / "model"))
+    assert main(["infer", str(tmp_path / "model"), "--task", "text_to_image_maskgit", "--rows", "2",
+                 "--parallel-steps", "2", "--images", str(tmp_path / "images")]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["row"] for line in lines] == [0, 1]
+    for line in lines:
+        assert Image.open(line["image"]).size == (16, 16)

@@ -257,6 +257,8 @@ EXTRA: tuple[SuiteTask, ...] = (
                                         values=(DIRECTION_QUESTION, DIGIT_QUESTION))),
     _builtin("text_to_image", "TEXT"),
     _builtin("text_to_image_maskgit", "TEXT"),
+    _builtin("digit_masked_modeling", "IMAGE", features=functools.partial(pixel_features, size=8),
+             label_column="label"),
     _builtin("image_infilling", "IMAGE+TEXT"),
 )
 

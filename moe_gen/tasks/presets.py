@@ -142,6 +142,10 @@ preset("text_to_image", "draw a handwritten [TEXT:label] -> [IMAGE:image,preproc
 preset("text_to_image_maskgit", "draw a handwritten [TEXT:label] -> [IMAGE:image,preprocess=image_vq]",
        _DIGITS + _VQ + "; trained by parallel masked prediction (MaskGIT), evaluated with 4 parallel decoding passes",
        _DIGIT_IMAGE_METRICS, objective="parallel", licence=_L_DIGITS)(_digits)
+preset("digit_masked_modeling", "[IMAGE:image,preprocess=image_vq] which digit? -> [TEXT:label,closed_set]",
+       _DIGITS + _VQ + "; trained by 4M masked modeling over the image codes and the label (random subsets "
+       "in, others out); evaluated as reading the label from all 16 codes", ("accuracy",), objective="masked",
+       licence=_L_DIGITS)(_digits)
 preset("image_infilling", "[IMAGE:masked] the [TEXT:hidden] quarter is hidden; what is the whole image? -> "
        "[IMAGE:image,preprocess=image_vq]", _DIGITS + "; one quadrant painted grey (masked_digits)" + _VQ,
        ("pixel_mse",) + _DIGIT_IMAGE_METRICS[:2], licence=_L_DIGITS)(_masked_digits)

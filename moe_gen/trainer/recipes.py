@@ -94,6 +94,23 @@ def debug() -> dict:
 
 
 @recipe
+def image_generation() -> dict:
+    """Digits generated through the image tokenizer (``preprocess=image_vq``), one model for four
+    objectives' worth of tasks: left-to-right text-to-image, MaskGIT text-to-image (``parallel``),
+    4M masked modeling over image codes and labels (``masked``), and image infilling. Minutes on a
+    2-core CPU; ``scripts/bench_image_generation.py`` measures the decoding modes in detail."""
+    return {
+        "model": {"flavour": "debug", "router": {"strategy": "attribute"}},
+        "train": {"steps": 3000, "batch_size": 16, "lr": 2e-3, "warmup_steps": 50, "mixing": "uniform",
+                  "masked_input_budget": 12, "masked_target_budget": 8, "masked_alpha": 1.0,
+                  "checkpoint_every": 500, "log_every": 50, "eval_limit": 100, "num_threads": None},
+        "tasks": ["text_to_image", "text_to_image_maskgit", "digit_masked_modeling", "image_infilling"],
+        "output_dir": "runs/image_generation",
+        "baseline": True,
+    }
+
+
+@recipe
 def finetune() -> dict:
     """Fine-tuning defaults: a short run at a lower learning rate (``moe-gen finetune --from DIR``)."""
     return {
