@@ -193,3 +193,14 @@ def test_cli_infer_writes_generated_images(digits, tok, tmp_path, capsys):
     assert [line["row"] for line in lines] == [0, 1]
     for line in lines:
         assert Image.open(line["image"]).size == (16, 16)
+
+
+def test_an_image_target_without_a_tokenizer_is_a_clear_error_at_inference(digits, tok):
+    train, _ = digits
+    rows = [{"label": r["label"], "image": r["image"]} for r in train[:4]]
+    task = Task("patches", "draw a handwritten [TEXT:label] -> [IMAGE:image]", rows)
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok)
+    with pytest.raises(ValueError, match=r"cannot be generated; an image target needs an image tokenizer: "
+                                         r"\[IMAGE:image,preprocess=image_vq\]"):
+        model.infer(task, rows[:1])

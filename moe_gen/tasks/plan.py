@@ -67,7 +67,8 @@ class DecodeSpec:
     Attributes:
         kind: ``text``, ``closed_set`` (answers restricted to ``labels`` through ``trie``),
             ``box`` (exactly 4 location tokens), ``codes`` (exactly ``length`` tokens out of
-            ``tokens``: an image tokenizer's codes) or ``frames`` (continuous rows with a stop flag).
+            ``tokens``: an image tokenizer's codes), ``frames`` (continuous rows with a stop flag)
+            or ``features`` (feature rows of an image, video or table slot: no decoding).
         labels: the label set of a closed-set slot.
         trie: nested dicts of token ids of the labels (each label ends with EOS).
         length, tokens: for ``codes``, the tokens per value and the allowed token ids (code k is
@@ -280,6 +281,8 @@ class TaskPlan:
             return DecodeSpec("codes", length=codes.code_length, tokens=codes.code_tokens(self.tokenizer))
         if modality.continuous_target:
             return DecodeSpec("frames")
+        if not modality.text_like and codes.feature_dim() is not None:
+            return DecodeSpec("features")  # trained by regression where a frame head exists; not generated
         if modality.name == "BOX":
             return DecodeSpec("box")
         if slot.attrs.get("closed_set") or modality.name == "CATEGORY":
