@@ -36,7 +36,9 @@ __all__ = ["shard_dense", "shard_group", "is_sharded", "full_tensors", "like_mod
 # and stop heads, contrastive heads): FSDP2 reduce-scatters only the gradients a process has, so a
 # unit whose parameters are used on some processes and not others would issue different
 # collectives. They stay replicated, and sync_gradients averages them (a missing gradient as zeros).
-_PER_BATCH_PARTS = ("adapters", "frame_heads", "stop_heads", "contrastive_image", "contrastive_text")
+# (and the image tokenizers, which encode data outside the forward and never train)
+_PER_BATCH_PARTS = ("adapters", "frame_heads", "stop_heads", "contrastive_image", "contrastive_text",
+                    "image_tokenizers")
 
 # GeneralistModel methods that training calls outside ``forward`` (the contrastive pass); methods
 # that ``forward`` itself calls are not registered (the root would gather and reduce once per call)

@@ -1,8 +1,10 @@
 """Trains the image tokenizer the package ships (a VQ-VAE on the scikit-learn digits' training
 split, resized to 16×16) and reports its reconstruction error on the test split.
 
-    python scripts/train_image_vq.py                 # writes moe_gen/tasks/data/image_vq_digits.safetensors
-    python scripts/train_image_vq.py --out /tmp/vq.safetensors --steps 500
+    python scripts/train_image_vq.py --out moe_gen/tasks/data/image_vq_digits.safetensors --threads 1
+                                                     # what made the shipped one (models trained on its
+                                                     # codes keep their own copy, GeneralistModel.plan)
+    python scripts/train_image_vq.py --steps 500     # writes bench_results/image_vq.safetensors
 
 Printed for the held-out digits: pixel MSE and PSNR of the reconstructions, the codebook's use
 (distinct codes, perplexity), and the accuracy of an independent digit classifier (a logistic
@@ -31,13 +33,14 @@ def main(argv=None) -> dict:
     from moe_gen.tasks.sources.vision import load_digit_images
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--out", default=default_image_vq_path())
+    parser.add_argument("--out", default=os.path.join("bench_results", "image_vq.safetensors"),
+                        help=f"where to write it (the shipped one: {os.path.relpath(default_image_vq_path())})")
     parser.add_argument("--steps", type=int, default=3000)
     parser.add_argument("--size", type=int, default=16)
     parser.add_argument("--codes", type=int, default=128)
     parser.add_argument("--code-dim", type=int, default=16)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--no-json", action="store_true")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -204,3 +204,89 @@ def test_an_image_target_without_a_tokenizer_is_a_clear_error_at_inference(digit
     with pytest.raises(ValueError, match=r"cannot be generated; an image target needs an image tokenizer: "
                                          r"\[IMAGE:image,preprocess=image_vq\]"):
         model.infer(task, rows[:1])
+
+
+def test_the_model_keeps_its_image_tokenizer_and_uses_it_after_reloading(digits, tok, tmp_path):
+    import shutil
+
+    from moe_gen.tasks.modalities.image_codes import default_image_vq_path
+
+    train, _ = digits
+    config = VQConfig(size=8, codes=16, code_dim=4, hidden=16)
+    images = images_to_tensor([r["image"] for r in train], config.size)
+    own = str(tmp_path / "own_vq.safetensors")
+    train_image_vq(images, config, steps=20, batch_size=16, seed=1).save(own)
+    rows = [{"label": r["label"], "image": r["image"]} for r in train[:6]]
+    options = {"image_vq": {"tokenizer": own}}
+    task = Task("draw", INSTRUCTION, rows, preprocessor_options=options)
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok).eval()
+    assert model.config.image_tokenizers == {"draw/image_vq": dataclasses_asdict(config)}
+    assert not any(p.requires_grad for p in model.image_tokenizers.parameters())
+    parameters = model.num_parameters()
+    assert parameters == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("image_tokenizers."))
+    before = [p.image for p in model.infer(task, rows[:2])]
+    assert before[0].shape == (8, 8, 3)  # the task's own 8-pixel tokenizer, not the shipped one
+    model.save_pretrained(str(tmp_path / "model"))
+    shutil.move(own, str(tmp_path / "moved.safetensors"))  # the file is gone; the model still has it
+    loaded = GeneralistModel.from_pretrained(str(tmp_path / "model")).eval()
+    # a task object that names no tokenizer (the shipped 16-pixel one) is bound to the model's copy
+    fresh = Task("draw", INSTRUCTION, rows)
+    after = [p.image for p in loaded.infer(fresh, rows[:2])]
+    assert [a.shape for a in after] == [(8, 8, 3)] * 2 and all((a == b).all() for a, b in zip(after, before))
+    # encoding with the model's tokenizer and statistics reuses the plan the model bound
+    sample = fresh.encode(0, loaded.tokenizer, training=False, statistics=loaded.encoding_statistics(fresh))
+    assert len([c for c in sample.decoder if c.column == "image"][0].tokens) == 4
+    assert default_image_vq_path().endswith("image_vq_digits.safetensors")
+
+
+def dataclasses_asdict(config):
+    import dataclasses
+
+    return dataclasses.asdict(config)
+
+
+def test_parallel_decoding_places_codes_after_a_literal_decoder_prefix(digits, tok):
+    import random
+
+    from moe_gen.model.parallel import mask_token
+    from moe_gen.objectives import ParallelObjective
+    from moe_gen.tasks.batch import IGNORE_INDEX, collate
+
+    train, _ = digits
+    rows = [{"label": r["label"], "image": r["image"]} for r in train[:6]]
+    task = Task("drawn", "draw a handwritten [TEXT:label] -> here it is: [IMAGE:image,preprocess=image_vq]", rows,
+                objective="parallel")
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok).eval()
+    samples = list(task.samples(tok))
+    plain = collate(samples, tok, model.task_ids)
+    batch = ParallelObjective(model).prepare(samples, random.Random(0))
+    scored = batch.labels != IGNORE_INDEX
+    # a masked position t is scored with the code it held, the item plain teacher forcing predicts at t - 1
+    rows_, cols = scored.nonzero(as_tuple=True)
+    assert (batch.labels[rows_, cols] == plain.labels[rows_, cols - 1]).all()
+    prefix = len(tok.encode("here it is:"))
+    assert int(cols.min()) >= prefix + 1  # BOS and the literal prefix are never masked or scored
+    assert (batch.decoder.tokens[:, :prefix + 1] == plain.decoder.tokens[:, :prefix + 1]).all()
+    seen = []
+    hook = model.decoder.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[1]))
+    answers = model.infer(task, rows[:2])  # a parallel-objective task decodes in parallel by default
+    hook.remove()
+    assert len(seen) == 4 and all(a.image.shape == (16, 16, 3) for a in answers)
+    for answer in answers:
+        assert all(tok.bin_index(t) < 128 for t in answer.tokens) and mask_token(tok) not in answer.tokens
+    # one pass = the most likely code at each code position of the all-masked sequence
+    from moe_gen.model.parallel import _masked_batch
+
+    plan = model.plan(task)
+    encoded = [plan.encode(row, i, training=False, inference=True) for i, row in enumerate(rows[:2])]
+    spec = [p for p in plan.templates[0][1] if p.loss][0].decode
+    masked = _masked_batch(model, encoded, spec.length, mask_token(tok), tok.eos_id, "image")
+    with torch.no_grad():
+        hidden = model.decode(masked.decoder, masked.encoder, model.encode(masked.encoder), causal=False).hidden
+        codes = torch.tensor(spec.tokens)
+        where = prefix + 1 + torch.arange(spec.length)
+        best = model.output_logits(hidden[:, where])[..., codes].argmax(-1)
+    single = model.infer(task, rows[:2], parallel_steps=1)
+    assert [a.tokens for a in single] == [[spec.tokens[k] for k in row] for row in best.tolist()]

@@ -17,6 +17,8 @@ from moe_gen.config import ConfigBase, ExpertsConfig, MoEConfig, RouterConfig
 
 __all__ = ["ModelConfig", "flavour", "FLAVOURS"]
 
+_TAG_VOCABULARY = ("num_modalities", "num_roles", "num_passes", "num_tasks")  # sizes every router shares
+
 
 @dataclasses.dataclass(kw_only=True)
 class ModelConfig(ConfigBase):
@@ -74,6 +76,10 @@ class ModelConfig(ConfigBase):
             registered when the model was built), saved so that a process registering other
             modalities still tags this model's tokens with the ids it was trained on. Empty in
             models saved before it was kept: the process's vocabulary is used.
+        image_tokenizers: ``"task/preprocessor"`` → the ``VQConfig`` fields of the image tokenizer
+            that task's image-code slots use (``preprocess=image_vq``); the model keeps a frozen copy of each
+            (``GeneralistModel.image_tokenizers``, saved with its weights), so it encodes and
+            decodes those images as it was trained, wherever the tokenizer file went.
         preprocessor_statistics: task name → preprocessor name → slot column → what that
             preprocessor learned from the task's training rows when the model met the task
             (``Task.fit_statistics``; e.g. the STRUCT cell encoding's column ids, means, stds and
@@ -121,6 +127,7 @@ class ModelConfig(ConfigBase):
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
     positions_on_features: bool = True
+    image_tokenizers: dict = dataclasses.field(default_factory=dict)
     preprocessor_statistics: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -167,6 +174,9 @@ class ModelConfig(ConfigBase):
         self.frame_adapters = tuple(self.frame_adapters)
         if isinstance(self.router, dict):
             self.router = RouterConfig.from_dict(self.router)
+        if isinstance(self.decoder_router, RouterConfig):  # the fields where it differs from `router`
+            mine, base = self.decoder_router.to_dict(), self.router.to_dict()
+            self.decoder_router = {k: v for k, v in mine.items() if v != base[k] and k not in _TAG_VOCABULARY}
         self.decoder_router = dict(self.decoder_router)
         self.router_for("decoder")  # unknown fields and bad values are refused here, not at build
         if isinstance(self.experts, dict):
@@ -196,8 +206,7 @@ class ModelConfig(ConfigBase):
         if unknown:
             raise ValueError(f"ModelConfig.decoder_router names unknown router field(s) {', '.join(unknown)}; "
                              f"known: {', '.join(sorted(fields))}")
-        vocab = ("num_modalities", "num_roles", "num_passes", "num_tasks")
-        fixed = sorted(set(self.decoder_router) & set(vocab))
+        fixed = sorted(set(self.decoder_router) & set(_TAG_VOCABULARY))
         if fixed:
             raise ValueError(f"ModelConfig.decoder_router cannot set {', '.join(fixed)}: the tag vocabularies "
                              f"are the model's, set them on router")

@@ -122,9 +122,10 @@ class TargetGrammar:
                 raise ValueError(f"task {plan.name!r}: decoder slot {p.slot} (no_loss) comes after the first "
                                  "target; inference cannot fill it")
             if p.decode is not None and p.decode.kind == "features":
+                fix = (f"; an image target needs an image tokenizer: [IMAGE:{p.slot.column},preprocess=image_vq]"
+                       if p.modality.name == "IMAGE" else f"; {p.modality.name} targets are not generated")
                 raise ValueError(f"task {plan.name!r}: target {p.slot} is feature rows of the {p.preprocess!r} "
-                                 f"preprocessor, which cannot be generated; an image target needs an image "
-                                 f"tokenizer: [{p.modality.name}:{p.slot.column},preprocess=image_vq]")
+                                 f"preprocessor, which cannot be generated{fix}")
             if p.decode is not None and p.decode.kind == "frames" and (len(scored) > 1 or p.slot.repeat is not None):
                 raise ValueError(f"task {plan.name!r}: frames ({p.slot}) decode only as the single target")
         self.closing, self.open_ends = plan.closing_eos(template), plan.open_ends(template)

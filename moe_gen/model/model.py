@@ -32,6 +32,7 @@ __all__ = ["GeneralistModel", "ModelOutput", "MODEL_FILES"]
 # tokenizer.model + tokenizer.json; ``HFTokenizer``: tokenizer.json + moe_gen_tokenizer.json).
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "moe_gen_tokenizer.json")
 
+PARALLEL_STEPS = 4  # decoder passes of parallel decoding (16 image codes: a quarter of left to right)
 _NO_STATISTICS: Mapping = types.MappingProxyType({})  # one object, so plans cached by its id are reused
 
 
@@ -110,6 +111,23 @@ def _fitted_statistics(tasks: Sequence, known: Mapping) -> dict:
     return statistics
 
 
+def _tokenizer_module(key: str) -> str:
+    """The ``image_tokenizers`` module name of ``"task/preprocessor"`` (module names take no dots)."""
+    return key.replace(".", "_").replace("/", "__")
+
+
+def _frozen_vq(fields: Mapping) -> nn.Module:
+    from moe_gen.tasks.modalities.image_codes import ImageVQ, VQConfig
+
+    return ImageVQ(VQConfig(**fields)).requires_grad_(False).eval()
+
+
+def _image_code_preprocessors(plan) -> list[str]:
+    """Names of ``plan``'s preprocessors that turn images into codes (image tokenizers)."""
+    names = {p.preprocess for encoder, decoder in plan.templates for p in encoder + decoder if p.preprocess}
+    return sorted(n for n in names if hasattr(plan.preprocessor_named(n), "code_tokens"))
+
+
 class GeneralistModel(nn.Module):
     """One model for every task. Build it for a set of tasks with ``GeneralistModel.build``.
 
@@ -143,6 +161,8 @@ class GeneralistModel(nn.Module):
         self.embedding_norm = make_norm(config) if config.embedding_norm else None
         self.lm_head = None if config.tie_embeddings else nn.Linear(D, config.vocab_size, bias=False)
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
+        self.image_tokenizers = nn.ModuleDict({_tokenizer_module(key): _frozen_vq(fields)
+                                               for key, fields in sorted(config.image_tokenizers.items())})
 
     # ---- building and saving -----------------------------------------------------------------
 
@@ -164,7 +184,9 @@ class GeneralistModel(nn.Module):
                                      frame_adapters=tuple(frame_adapters), router=router,
                                      preprocessor_statistics=statistics,
                                      modalities=config.modalities or tuple(modality_tag_names()))
-        return cls(config, tokenizer)
+        model = cls(config, tokenizer)
+        model._adopt_image_tokenizers(tasks)
+        return model
 
     def add_tasks(self, tasks: Sequence) -> list[str]:
         """Makes room for new tasks (fine-tuning): their names join the task vocabulary, and slots
@@ -196,6 +218,7 @@ class GeneralistModel(nn.Module):
         statistics = _fitted_statistics(new_tasks, self.config.preprocessor_statistics)
         self.config = dataclasses.replace(self.config, tasks=names, adapters=adapters,
                                           frame_adapters=tuple(frame_adapters), preprocessor_statistics=statistics)
+        self._adopt_image_tokenizers(new_tasks)
         return added
 
     @property
@@ -215,9 +238,44 @@ class GeneralistModel(nn.Module):
         ``Task`` or its name; see ``ModelConfig.preprocessor_statistics``): pass it to
         ``task.plan``/``task.encode`` to encode as the model was trained. Empty for tasks
         whose slots learn nothing, and for tasks of models saved before statistics were kept
-        (their preprocessors then use their unfitted defaults)."""
+        (their preprocessors then use their unfitted defaults). A task with image codes encodes
+        with the model's own image tokenizer once ``plan(task)`` has bound its plan (``infer``,
+        evaluation and the trainer do)."""
         name = task if isinstance(task, str) else task.name
         return self.config.preprocessor_statistics.get(name, _NO_STATISTICS)
+
+    def plan(self, task):
+        """``task``'s plan as this model encodes it: the preprocessor statistics it was trained
+        with (``encoding_statistics``) and its own copies of image tokenizers."""
+        plan = task.plan(self.tokenizer, self.encoding_statistics(task))
+        for name in _image_code_preprocessors(plan):
+            key = f"{task.name}/{name}"
+            own = self.image_tokenizers[_tokenizer_module(key)] if key in self.config.image_tokenizers else None
+            current = plan.preprocessor_named(name)
+            if own is not None and current.vq is not own:
+                plan.use_preprocessor(name, current.with_tokenizer(own))
+        return plan
+
+    def _adopt_image_tokenizers(self, tasks: Sequence) -> None:
+        """Keeps a frozen copy of the image tokenizer of every image-code preprocessor of ``tasks``
+        (on the model's device), records its shape in ``config.image_tokenizers`` under
+        ``"task/preprocessor"`` and binds the tasks' plans to the copies."""
+        import copy
+
+        known = dict(self.config.image_tokenizers)
+        device = self.token_embedding.weight.device
+        for task in tasks:
+            plan = task.plan(self.tokenizer, self.encoding_statistics(task))
+            for name in _image_code_preprocessors(plan):
+                key = f"{task.name}/{name}"
+                if key not in known:
+                    vq = plan.preprocessor_named(name).vq
+                    known[key] = dataclasses.asdict(vq.config)
+                    self.image_tokenizers[_tokenizer_module(key)] = copy.deepcopy(vq).requires_grad_(False).to(device)
+        if known != self.config.image_tokenizers:
+            self.config = dataclasses.replace(self.config, image_tokenizers=known)
+        for task in tasks:
+            self.plan(task)
 
     def save_pretrained(self, directory: str) -> None:
         """Writes ``config.json``, ``model.safetensors`` and the files the tokenizer saves.
@@ -429,8 +487,9 @@ class GeneralistModel(nn.Module):
         ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
         one dict per item) for every token answer, and ``.score``. ``parallel_steps=T`` decodes an
         image-code target (``preprocess=image_vq``) in T bidirectional decoder passes (MaskGIT;
-        train the task with the ``parallel`` objective; ``temperature`` draws the codes,
-        ``seed`` fixes the draws) and answers ``.image``. Raises ``ValueError`` for
+        train the task with the ``parallel`` objective, whose tasks decode this way by default
+        with T = 4; ``temperature`` draws the codes, ``seed`` fixes the draws) and answers
+        ``.image``. Raises ``ValueError`` for
         tasks outside the model's vocabulary, modalities it has no adapter for, and rows that do
         not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
         default its position); under the task's ``on_error="skip"`` such a row's answer is None
@@ -441,12 +500,14 @@ class GeneralistModel(nn.Module):
         sampling = _sampling(temperature, top_k, top_p, seed, beams, candidates)
         rules = TextRules(no_repeat_ngram, min_length)
         task = self._known_task(task)
-        plan = task.plan(self.tokenizer, self.encoding_statistics(task))  # as trained, whatever rows task holds
+        plan = self.plan(task)  # as trained, whatever rows task holds
         samples, failed = self._encode_rows(task, plan, rows, indices)
         self._check_features(task.name, samples)
         was_training = self.training
         self.eval()
         try:
+            if parallel_steps is None and task.objective == "parallel" and beams == 1 and candidates is None:
+                parallel_steps = PARALLEL_STEPS  # trained to fill masked codes at once: decoded that way
             if parallel_steps is not None:
                 answers = self._parallel(plan, samples, parallel_steps, sampling, beams, candidates)
             else:
@@ -548,8 +609,9 @@ class GeneralistModel(nn.Module):
             stack.checkpoint_blocks = bool(enabled)
 
     def num_parameters(self, active: bool = False) -> int:
-        """Parameter count; ``active``: counting only top_k of each MoE layer's experts."""
-        total = sum(p.numel() for p in self.parameters())
+        """Parameter count (frozen image tokenizers excluded); ``active``: counting only top_k of each
+        MoE layer's experts."""
+        total = sum(p.numel() for name, p in self.named_parameters() if not name.startswith("image_tokenizers."))
         if not active:
             return total
         from moe_gen.moe import MoE

@@ -48,12 +48,16 @@ def code_span(sample: Sample, code_ids: frozenset) -> tuple[int, int]:
     """
     offset, spans = 0, []
     for chunk in sample.decoder:
-        if chunk.loss and chunk.column is not None and chunk.tokens and set(chunk.tokens) <= code_ids:
+        if (chunk.loss and chunk.column is not None and chunk.modality == "IMAGE" and chunk.tokens
+                and set(chunk.tokens) <= code_ids):
             spans.append((offset, len(chunk)))
         offset += len(chunk)
     if len(spans) != 1:
         raise ValueError(f"task {sample.task!r}: the parallel objective needs exactly one image-code target "
                          f"(an [IMAGE:...,preprocess=image_vq] target slot); row {sample.index} has {len(spans)}")
+    if spans[0][0] + spans[0][1] >= offset:  # the last code is a decoder input only if an item follows
+        raise ValueError(f"task {sample.task!r}: the parallel objective needs an item after the image codes "
+                         "(the answer's EOS, which disable_auto_boseos removes)")
     return spans[0]
 
 
@@ -113,24 +117,41 @@ def parallel_generate(model, plan, samples: Sequence[Sample], *, steps: int = 4,
                          f"([IMAGE:...,preprocess=image_vq]); its targets are {[grammar.kinds[i] for i in scored]}")
     slot = scored[0]
     spec = grammar.slots[slot].decode
-    N, mask, eos = spec.length, mask_token(model.tokenizer), model.tokenizer.eos_id
-    code_tokens = torch.tensor(spec.tokens)
-    column = grammar.slots[slot].slot.column
-    batch = _masked_batch(model, samples, N, mask, eos, column)
-    offsets = torch.tensor([sum(map(len, s.decoder)) - (N + 1) for s in samples])
-    rows = torch.arange(len(samples)).unsqueeze(1)
-    positions = offsets.unsqueeze(1) + 1 + torch.arange(N)  # [B, N] decoder inputs holding the codes
+    mask, eos = mask_token(model.tokenizer), model.tokenizer.eos_id
+    device = model.token_embedding.weight.device
+    # the codes follow each sample's forced decoder prefix (literal text before the image)
+    offsets = torch.tensor([sum(map(len, s.decoder)) for s in samples], device=device)
+    batch = _masked_batch(model, samples, spec.length, mask, eos, grammar.slots[slot].slot.column).to(device)
+    code_tokens = torch.tensor(spec.tokens, device=device)
+    codes, scores = _iterate(model, batch, offsets, code_tokens, spec.length, mask, steps, temperature, seed)
+    render = grammar.renderers[slot]
+    out = []
+    for row, score in zip(codes.cpu(), scores.tolist()):
+        image = render(row.tolist())
+        out.append(Prediction(image=image, tokens=[int(code_tokens[k]) for k in row], score=float(score),
+                              targets={grammar.keys[slot]: image}))
+    return out
+
+
+def _iterate(model, batch: Batch, offsets: torch.Tensor, code_tokens: torch.Tensor, N: int, mask: int, steps: int,
+             temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoding passes over ``N`` codes a row: code indices ``[B, N]`` and the summed
+    log-probabilities ``[B]``."""
+    B, device = len(offsets), offsets.device
+    rows = torch.arange(B, device=device).unsqueeze(1)
+    positions = offsets.unsqueeze(1) + 1 + torch.arange(N, device=device)  # decoder inputs holding the codes
     memory = model.encode(batch.encoder)
-    undecided = torch.ones(len(samples), N, dtype=torch.bool)
-    codes = torch.zeros(len(samples), N, dtype=torch.long)
-    scores = torch.zeros(len(samples), dtype=torch.float64)
-    generator = torch.Generator().manual_seed(seed)
+    undecided = torch.ones(B, N, dtype=torch.bool, device=device)
+    codes = torch.zeros(B, N, dtype=torch.long, device=device)
+    scores = torch.zeros(B, dtype=torch.float64, device=device)
+    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same answers on any device
     tokens = batch.decoder.tokens.clone()
     for left in masked_counts(N, steps):
         side = dataclasses.replace(batch.decoder, tokens=tokens)
         hidden = model.decode(side, batch.encoder, memory, causal=False).hidden
         logp = model.output_logits(hidden[rows, positions])[..., code_tokens].float().log_softmax(-1)
-        choice, confidence = _choose(logp, temperature, generator)
+        choice, confidence = _choose(logp.cpu(), temperature, generator)
+        choice, confidence = choice.to(device), confidence.to(device)
         fix = undecided.sum(1) - left  # codes to fix in this pass, per row: the most confident undecided ones
         ranks = confidence.masked_fill(~undecided, float("-inf")).argsort(dim=1, descending=True).argsort(dim=1)
         newly = (ranks < fix.unsqueeze(1)) & undecided
@@ -138,13 +159,7 @@ def parallel_generate(model, plan, samples: Sequence[Sample], *, steps: int = 4,
         scores += torch.where(newly, confidence, 0.0).sum(1).double()
         undecided &= ~newly
         tokens[rows, positions] = torch.where(undecided, torch.full_like(codes, mask), code_tokens[codes])
-    render = grammar.renderers[slot]
-    out = []
-    for row, score in zip(codes, scores):
-        image = render(row.tolist())
-        out.append(Prediction(image=image, tokens=code_tokens[row].tolist(), score=float(score),
-                              targets={grammar.keys[slot]: image}))
-    return out
+    return codes, scores
 
 
 def _masked_batch(model, samples: Sequence[Sample], length: int, mask: int, eos: int, column) -> Batch:

@@ -338,12 +338,16 @@ def _upcycled_config(model: nn.Module, config: ModelConfig, chosen: list[str],
     new = dataclasses.replace(config, moe_every=moe_every, moe_layers=moe_layers, num_experts=first.num_experts,
                               top_k=first.top_k,
                               expert_hidden=first.d_hidden, router=first.router, experts=experts,
-                              capacity_factor=None, moe_attention=False)
+                              capacity_factor=None, moe_attention=False,
+                              decoder_router={})  # every upcycled layer routes as `router` says
     rebuilt = new.moe_config()
     for name in chosen:
         if layer_configs[name] != rebuilt:
             raise ValueError(f"{name}'s FFN differs from the model's other dense FFNs ({layer_configs[name]} vs "
                              f"{rebuilt}); ModelConfig holds one MoE configuration for every layer")
+    if config.decoder_router and any(name.startswith("decoder.") for name in already):
+        raise ValueError("the model's decoder MoE layers route by decoder_router; upcycling writes one router "
+                         "configuration for every layer, so upcycle a model without decoder_router")
     if already:
         existing = blocks[already[0]].ffn.config
         if config.moe_attention or existing.replace(backend=rebuilt.backend) != rebuilt:

@@ -231,6 +231,10 @@ def _grey(image, size: Optional[tuple[int, int]] = None) -> np.ndarray:
     """An image array as grey float pixels in [0, 1], resized (bilinear) to ``size`` = (W, H)."""
     from PIL import Image
 
+    if not isinstance(image, (np.ndarray, list)):  # a path, bytes or PIL image, as slots take them
+        from moe_gen.tasks.modalities.visual import load_image
+
+        image = np.asarray(load_image(image))
     array = np.asarray(image, dtype=np.float32)
     if array.ndim == 3:
         array = array[..., :3].mean(-1)
@@ -313,8 +317,9 @@ def digit_fid(predictions: Sequence, references: Sequence) -> float:
     eps = 1e-6 * np.eye(a.shape[1])  # the usual FID offset: identical images make a singular covariance
     cov_a, cov_b = np.cov(a, rowvar=False) + eps, np.cov(b, rowvar=False) + eps
     root = linalg.sqrtm(cov_a @ cov_b)
-    root = root.real if np.iscomplexobj(root) else root
-    return float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    root = root.real if np.iscomplexobj(root) else root  # sqrtm's imaginary part is rounding here
+    distance = float(((a.mean(0) - b.mean(0)) ** 2).sum() + np.trace(cov_a + cov_b - 2 * root))
+    return max(distance, 0.0)  # rounding can leave identical sets a hair below 0
 
 
 def compute(names: Sequence[str], predictions: Sequence, references: Sequence) -> dict[str, float]:

@@ -275,6 +275,21 @@ class TaskPlan:
         """The preprocessor instance that encodes (and, for image codes, renders) ``plan``'s values."""
         return self._preprocessors[plan.preprocess]
 
+    def preprocessor_named(self, name: str):
+        """The plan's instance of preprocessor ``name``."""
+        return self._preprocessors[name]
+
+    def use_preprocessor(self, name: str, preprocessor) -> None:
+        """Encodes the slots of preprocessor ``name`` with ``preprocessor`` instead (a model's own
+        image tokenizer, ``GeneralistModel.plan``), and re-plans how its targets decode."""
+        if name not in self._preprocessors:
+            raise ValueError(f"task {self.name!r} has no slot preprocessed by {name!r}")
+        self._preprocessors[name] = preprocessor
+        for _, decoder in self.templates:
+            for i, p in enumerate(decoder):
+                if p.preprocess == name and p.decode is not None:
+                    decoder[i] = dataclasses.replace(p, decode=self._decode_spec(p.slot, p.modality, name))
+
     def _decode_spec(self, slot: Slot, modality: ModalitySpec, preprocess: str) -> DecodeSpec:
         codes = self._preprocessors[preprocess]
         if hasattr(codes, "code_tokens"):  # an image tokenizer: a fixed number of code tokens

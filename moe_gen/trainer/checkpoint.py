@@ -103,7 +103,9 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
             state[index] = entry
     groups = []
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
-        groups.append({**saved, "params": [order.index(names[id(p)]) for p in group["params"]]})
+        # hyper-parameters as saved; the update's implementation (fused kernel or not) as this run chose it
+        kept = {key: group[key] for key in ("fused", "foreach") if key in group}
+        groups.append({**saved, **kept, "params": [order.index(names[id(p)]) for p in group["params"]]})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -26,7 +26,6 @@ __all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LO
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
                    "frames": ("l1",), "codes": ("pixel_mse",), "features": (), "detection": ("detection_f1",), "structured": ("exact_match",)}
-PARALLEL_STEPS = 4  # decoder passes of parallel decoding in evaluation (16 image codes: a quarter)
 LOWER_IS_BETTER = {"wer", "l1", "mse", "digit_fid", "pixel_mse"}
 
 
@@ -34,7 +33,7 @@ def _targets(task: Task, model) -> tuple[str, list]:
     """The kind of answer to score (a decode kind, ``detection`` or ``structured``) and the
     scored decoder slots of the first template (of the plan ``model.infer`` uses: nothing is
     fitted on the rows scored)."""
-    decoder = task.plan(model.tokenizer, model.encoding_statistics(task)).templates[0][1]
+    decoder = model.plan(task).templates[0][1]
     scored = [p for p in decoder if p.loss]
     if not scored:
         raise ValueError(f"task {task.name!r} has no scored decoder slot to evaluate")
@@ -84,15 +83,13 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     columns = [p.slot.column for p in scored]
-    # a task trained with the parallel objective (MaskGIT) is answered by parallel decoding
-    decoding = {"parallel_steps": PARALLEL_STEPS} if task.objective == "parallel" else {}
     indices = spaced_indices(len(task), count)
     rows = [task.data[i] for i in indices]
     skipped = 0
     predictions, references = [], []
     for start in range(0, len(rows), batch_size):
         chunk, chunk_indices = rows[start:start + batch_size], indices[start:start + batch_size]
-        answers = model.infer(task, chunk, indices=chunk_indices, **decoding)
+        answers = model.infer(task, chunk, indices=chunk_indices)  # parallel-objective tasks: in parallel
         for row, index, prediction in zip(chunk, chunk_indices, answers):
             if prediction is None:  # it failed to encode (on_error="skip"; counted in task.skipped)
                 skipped += 1

@@ -269,6 +269,8 @@ class Trainer:
                                            fused=_fusable(groups) or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+        for task in self.tasks:  # the plans the sampler encodes with use the model's own image tokenizers
+            model.plan(task)
         self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world,
                                    statistics={t.name: model.encoding_statistics(t) for t in self.tasks})
         self.step = 0

@@ -230,7 +230,8 @@ class ImageCodePreprocessor(Preprocessor):
 
     Args:
         tokenizer: path of an ``ImageVQ`` file (default: the shipped digits tokenizer). Give it as
-            ``preprocessor_options={"image_vq": {"tokenizer": path}}`` on the ``Task``.
+            ``preprocessor_options={"image_vq": {"tokenizer": path}}`` on the ``Task``. A model
+            built for the task keeps a copy and encodes and decodes with it (``GeneralistModel.plan``).
     """
 
     modality = "IMAGE"
@@ -238,6 +239,12 @@ class ImageCodePreprocessor(Preprocessor):
     def __init__(self, tokenizer: Optional[str] = None) -> None:
         self.path = tokenizer or default_image_vq_path()
         self.vq = load_image_vq(self.path)
+
+    def with_tokenizer(self, vq: ImageVQ) -> "ImageCodePreprocessor":
+        """A copy of this preprocessor that encodes and decodes with ``vq`` (a model's own copy)."""
+        other = object.__new__(type(self))
+        other.path, other.vq = f"<a model's copy of {self.path}>", vq
+        return other
 
     @property
     def code_length(self) -> int:
@@ -256,13 +263,14 @@ class ImageCodePreprocessor(Preprocessor):
             images = images_to_tensor([value], self.vq.config.size)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
-        ids = self.vq.encode(images)[0].tolist()
+        device = self.vq.codebook.device  # a model's copy may sit on its accelerator
+        ids = self.vq.encode(images.to(device))[0].tolist()
         tokens = self.code_tokens(ctx.tokenizer)
         return SlotEncoding(self.modality, tokens=[tokens[k] for k in ids], meta={"codes": ids})
 
     def to_image(self, codes: Sequence[int]) -> np.ndarray:
         """Code ids → the decoded image, ``uint8 [S, S, 3]``."""
-        pixels = self.vq.decode(torch.as_tensor([list(codes)]))[0]
+        pixels = self.vq.decode(torch.as_tensor([list(codes)], device=self.vq.codebook.device))[0].cpu()
         return (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
 
 
