@@ -86,7 +86,9 @@ def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():
         seen.extend(r["text"] for r in chunk)
         return [types.SimpleNamespace(text="a") for _ in chunk]
 
-    model = types.SimpleNamespace(tokenizer=Tokenizer.default(), infer=infer, encoding_statistics=lambda t: {})
+    tok = Tokenizer.default()
+    model = types.SimpleNamespace(tokenizer=tok, infer=infer, encoding_statistics=lambda t: {},
+                                  plan=lambda t: t.plan(tok, {}))
     # the first 10 rows are all "a": a constant answer would score 1.0 on them, 0.5 on a fair sample
     assert evaluate_task(model, task, limit=10)["accuracy"] == pytest.approx(0.5)
     assert seen == [f"row {i}" for i in range(0, 100, 10)]

@@ -128,7 +128,12 @@ def _pair(kind: str, prediction, row, scored: list) -> tuple:
     """(what the metric compares, its reference) for a token answer of ``kind``."""
     if kind in ("detection", "structured"):
         return _structured(prediction, row, scored, kind)
-    answer = {"box": prediction.box, "codes": prediction.image}.get(kind, prediction.text)
+    if kind == "box":
+        answer = prediction.box
+    elif kind == "codes":
+        answer = prediction.image
+    else:
+        answer = prediction.text
     return answer, row[scored[0].slot.column]
 
 
