@@ -7,6 +7,7 @@ target rows plus a binary stop-flag loss, and the routing auxiliary losses of ev
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Optional
 
@@ -229,8 +230,14 @@ class MaskedObjective(GenerativeObjective):
 class ParallelObjective(GenerativeObjective):
     """MaskGIT training of image-code targets (``moe_gen.model.parallel``): a cosine-schedule share
     of each sample's codes is masked and predicted at once by the decoder reading bidirectionally;
-    decode such a task with ``model.infer(..., parallel_steps=T)``. Every sample of the objective
-    needs exactly one ``[IMAGE:...,preprocess=image_vq]`` target."""
+    ``model.infer`` decodes such a task that way (4 passes; ``parallel_steps=T`` for others). Every
+    sample of the objective needs exactly one ``[IMAGE:...,preprocess=image_vq]`` target."""
+
+    @functools.cached_property
+    def _code_ids(self) -> frozenset:
+        """The vocabulary's discrete-value block, which holds image codes (built once, not per step)."""
+        tok = self.model.tokenizer
+        return frozenset(tok.bin_id(k) for k in range(tok.num_bins))
 
     def prepare(self, samples, rng) -> Batch:
         from moe_gen.model.parallel import mask_code_targets
@@ -238,5 +245,4 @@ class ParallelObjective(GenerativeObjective):
 
         tok = self.model.tokenizer
         batch = collate(samples, tok, self.model.task_ids, pass_name="masked", modality_ids=self.model.modality_ids)
-        code_ids = frozenset(tok.bin_id(k) for k in range(tok.num_bins))
-        return mask_code_targets(batch, samples, tok, code_ids, rng)
+        return mask_code_targets(batch, samples, tok, self._code_ids, rng)

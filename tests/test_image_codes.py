@@ -110,6 +110,17 @@ def test_generated_image_metrics(digits):
     assert pixel_mse([np.full((16, 16, 3), 255, np.uint8)], [np.zeros((8, 8), np.uint8)]) == 1.0
 
 
+def test_pixel_mse_reads_image_files_as_slots_take_them(digits, tmp_path):
+    from PIL import Image
+
+    _, test = digits
+    path = tmp_path / "digit.png"
+    Image.fromarray(test[0]["image"]).save(path)
+    assert pixel_mse([test[0]["image"]], [str(path)]) == 0.0
+    grey = test[0]["image"].astype(np.float32) / 255
+    assert pixel_mse([str(path)], [np.zeros((8, 8), np.uint8)]) == pytest.approx(float((grey ** 2).mean()))
+
+
 def test_parallel_objective_masks_codes_and_parallel_decoding_takes_steps_passes(digits, tok):
     import random
 

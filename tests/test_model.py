@@ -545,3 +545,10 @@ def test_decoder_router_overrides_the_decoder_layers_only_and_is_saved(mixed, to
 def test_decoder_router_refuses_unknown_fields_and_vocabulary_sizes(override, message):
     with pytest.raises(ValueError, match=message):
         flavour("debug", decoder_router=override)
+
+
+def test_decoder_router_given_as_a_router_config_keeps_the_fields_that_differ():
+    config = flavour("debug", router=RouterConfig(strategy="attribute"),
+                     decoder_router=RouterConfig(strategy="hybrid", num_tasks=3))
+    assert config.decoder_router == {"strategy": "hybrid"}  # vocabulary sizes stay the model's
+    assert config.router_for("decoder").strategy == "hybrid" and config.router_for("encoder").strategy == "attribute"

@@ -340,3 +340,13 @@ def test_resume_with_only_a_partial_checkpoint_starts_fresh(tasks, tok, tmp_path
         Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path))
     trainer = Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path), resume=True)
     assert trainer.step == 0 and trainer.resumed_from is None and not partial.exists()
+
+
+def test_the_optimizer_uses_the_fused_kernel_only_on_plain_parameters(tasks, tok, tmp_path):
+    from moe_gen.trainer.trainer import _fusable
+
+    with Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path)) as trainer:
+        assert all(group["fused"] for group in trainer.optimizer.param_groups)
+    assert not _fusable([{"params": [torch.zeros(2, requires_grad=True)]}])  # not a Parameter (an FSDP DTensor)
+    assert not _fusable([{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]}])
+    assert not _fusable([{"params": []}])
