@@ -304,13 +304,15 @@ def test_ranking_and_beam_search(tok):
         build([speech], tok).infer(speech, speech.data[:1], beams=2)
 
 
+@pytest.mark.parametrize("location", [0, 8])
 @pytest.mark.parametrize("positions", ["learned", "rotary"])
 @pytest.mark.parametrize("name", ["digit_captioning", "visual_grounding", "digit_classification"])
-def test_cached_greedy_decoding_matches_full_forward(name, positions, tok):
+def test_cached_greedy_decoding_matches_full_forward(name, positions, tok, location):
     """Incremental decoding with the key/value cache picks, at every step, the argmax of a full
     teacher-forced forward pass over the same prefix, and its score is that pass's log-likelihood."""
     task = load_preset(name, "train", limit=4)
-    model = build([task], tok, router=RouterConfig(strategy="token"), positions=positions).eval()
+    model = build([task], tok, router=RouterConfig(strategy="token"), positions=positions,
+                  location_frequencies=location).eval()
     predictions = model.infer(task, task.data[:4], max_new_tokens=6)
     plan = task.plan(tok)
     spec = plan.decode_specs()[0]
@@ -552,3 +554,30 @@ def test_decoder_router_given_as_a_router_config_keeps_the_fields_that_differ():
                      decoder_router=RouterConfig(strategy="hybrid", num_tasks=3))
     assert config.decoder_router == {"strategy": "hybrid"}  # vocabulary sizes stay the model's
     assert config.router_for("decoder").strategy == "hybrid" and config.router_for("encoder").strategy == "attribute"
+
+
+def test_location_features_make_neighbouring_bins_alike_and_survive_save_load(tok, tmp_path):
+    """``location_frequencies``: each ``<bin_k>`` embedding (input and tied output) gets a learned
+    projection of Fourier features of k; off by default; saved and decoded like any weight."""
+    grounding = load_preset("visual_grounding", "train", limit=4)
+    plain = build([grounding], tok)
+    assert plain.location_projection is None and plain.token_table() is plain.token_embedding.weight
+    model = build([grounding], tok, location_frequencies=8)
+    table, own = model.token_table().detach(), model.token_embedding.weight.detach()
+    first = tok.bin_id(0)
+    assert torch.equal(table[:first], own[:first]) and torch.equal(table[first + tok.num_bins:],
+                                                                  own[first + tok.num_bins:])
+    smooth = torch.nn.functional.normalize(table[first:first + tok.num_bins] - own[first:first + tok.num_bins], dim=-1)
+    assert float((smooth[500] * smooth[501]).sum()) > 0.95 > float((smooth[500] * smooth[900]).sum())
+    batch = collate([s for s in grounding.samples(tok)], tok, model.task_ids)
+    GenerativeObjective(model)(batch)["loss"].backward()
+    assert model.location_projection.weight.grad.abs().sum() > 0
+    model.save_pretrained(str(tmp_path))
+    loaded = GeneralistModel.from_pretrained(str(tmp_path)).eval()
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+    assert [p.box for p in loaded.infer(grounding, grounding.data[:2])] == [
+        p.box for p in model.infer(grounding, grounding.data[:2])]
+    with pytest.raises(ValueError, match="location_frequencies must be >= 0"):
+        flavour("debug", location_frequencies=-1)

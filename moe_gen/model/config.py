@@ -72,6 +72,11 @@ class ModelConfig(ConfigBase):
         positions_on_features: add the learned position table at feature positions too (else
             only at token positions: adapters that carry their own positions, e.g. Whisper's
             audio stem, get nothing added).
+        location_frequencies: ``F > 0`` gives every location token ``<bin_k>`` a smooth component of
+            its embedding (input and tied output): a learned projection of the Fourier features
+            ``sin/cos(2^j·π·u)``, ``j < F``, of its coordinate ``u = k / (num_bins - 1)``, added to the
+            token's own row, so that neighbouring coordinates start alike and what is learned for
+            one bin carries to its neighbours. ``0`` (default): independent rows only.
         modalities: the modality tag vocabulary in id order (built-in names, then modalities
             registered when the model was built), saved so that a process registering other
             modalities still tags this model's tokens with the ids it was trained on. Empty in
@@ -127,6 +132,7 @@ class ModelConfig(ConfigBase):
     rotary_base: float = 10000.0
     tie_embeddings: bool = True
     positions_on_features: bool = True
+    location_frequencies: int = 0
     image_tokenizers: dict = dataclasses.field(default_factory=dict)
     preprocessor_statistics: dict = dataclasses.field(default_factory=dict)
 
@@ -135,7 +141,7 @@ class ModelConfig(ConfigBase):
                      "max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
-        for name in ("encoder_layers", "decoder_layers"):
+        for name in ("encoder_layers", "decoder_layers", "location_frequencies"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
         if self.top_k > self.num_experts:

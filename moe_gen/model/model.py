@@ -77,6 +77,15 @@ def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
     return Sampling(1.0 if temperature is None else temperature, top_k, top_p, seed)
 
 
+def location_basis(num_bins: int, frequencies: int) -> torch.Tensor:
+    """``[num_bins, 2F]``: ``sin`` and ``cos`` of ``2^j·π·u`` for the coordinate ``u = k / (num_bins - 1)``
+    of each location bin ``k`` (wavelengths from 2 down to ``2^(2-F)``: the coarsest separates the
+    two halves of the image, the finest neighbouring pixels of a 2^(F-1)-pixel side)."""
+    u = torch.arange(num_bins, dtype=torch.float32) / max(num_bins - 1, 1)
+    angles = u[:, None] * (math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32))
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
 def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
     """Index of each position within its packed sample (restarts where the sample id changes)."""
     B, S = sample_BS.shape
@@ -163,6 +172,13 @@ class GeneralistModel(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
         self.image_tokenizers = nn.ModuleDict({_tokenizer_module(key): _frozen_vq(fields)
                                                for key, fields in sorted(config.image_tokenizers.items())})
+        self.location_projection = None
+        if config.location_frequencies and tokenizer.num_bins:
+            F = config.location_frequencies
+            self.location_projection = nn.Linear(2 * F, D, bias=False)
+            # each row's smooth part starts as large as its own part (the basis has norm sqrt(F))
+            nn.init.normal_(self.location_projection.weight, std=(D * F) ** -0.5)
+            self.register_buffer("location_basis", location_basis(tokenizer.num_bins, F), persistent=False)
 
     # ---- building and saving -----------------------------------------------------------------
 
@@ -363,7 +379,7 @@ class GeneralistModel(nn.Module):
         """Token embeddings, adapter outputs scattered into place, positions within each sample and
         a modality embedding. ``[B, S, D]``."""
         B, S = side.tokens.shape
-        x = self.token_embedding(side.tokens) * side.is_token.unsqueeze(-1)
+        x = nn.functional.embedding(side.tokens, self.token_table()) * side.is_token.unsqueeze(-1)
         flat = x.reshape(B * S, -1)
         for name, rows in side.rows.items():
             if name not in self.adapters:
@@ -395,7 +411,17 @@ class GeneralistModel(nn.Module):
         """Next-token logits of decoder hidden states (the tied embedding, or ``lm_head``)."""
         if self.lm_head is not None:
             return self.lm_head(hidden)
-        return hidden @ self.token_embedding.weight.t()
+        return hidden @ self.token_table().t()
+
+    def token_table(self) -> torch.Tensor:
+        """``[V, D]``: the token embedding, with the location tokens' smooth part added
+        (``config.location_frequencies``)."""
+        table = self.token_embedding.weight
+        if self.location_projection is None:
+            return table
+        first, count = self.tokenizer.bin_id(0), self.location_basis.shape[0]
+        smooth = self.location_projection(self.location_basis).to(table.dtype)
+        return torch.cat([table[:first], table[first:first + count] + smooth, table[first + count:]])
 
     def prefix_lengths(self, dec: Side, enc: Side) -> torch.Tensor:
         """long ``[B, L]``: how many input (prefix) positions the sample of each decoder position
