@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import io
 import os
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -27,7 +27,7 @@ from moe_gen.tasks.modalities.base import (
     tensor_to_numpy,
 )
 
-__all__ = ["load_image", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "patchify"]
+__all__ = ["load_image", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "ConvPatchAdapter", "patchify"]
 
 register_modality(ModalitySpec("IMAGE", text_like=False, preprocess="image", adaptor="image_patch"))
 register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", adaptor="video_patch"))
@@ -105,11 +105,13 @@ def load_image(value: Any):
     return image
 
 
-def patchify(image_CHW: torch.Tensor, patch: int) -> torch.Tensor:
-    """``[C, H, W]`` → ``[(H/P)·(W/P), P·P·C]`` row-major patches."""
+def patchify(image_CHW: torch.Tensor, patch: int, stride: Optional[int] = None) -> torch.Tensor:
+    """``[C, H, W]`` → ``[rows·columns, P·P·C]`` row-major patches, each laid out (row, column,
+    channel); ``stride < patch`` gives overlapping patches (``(H - P) / stride + 1`` a side)."""
     C, H, W = image_CHW.shape
-    x = image_CHW.reshape(C, H // patch, patch, W // patch, patch)
-    return x.permute(1, 3, 2, 4, 0).reshape((H // patch) * (W // patch), patch * patch * C)
+    stride = stride or patch
+    x = image_CHW.unfold(1, patch, stride).unfold(2, patch, stride)  # [C, rows, columns, P, P]
+    return x.permute(1, 2, 3, 4, 0).reshape(-1, patch * patch * C)
 
 
 def _to_tensor(img, size: int) -> torch.Tensor:
@@ -128,15 +130,19 @@ def _grid_positions(frames: int, side: int, frame_offset: int = 0) -> torch.Tens
 
 @PREPROCESSORS.register("image")
 class ImagePreprocessor(Preprocessor):
-    """Image → resized to ``size``² → normalised → P×P patches; ``mask_ratio`` drops a random
-    share of the patches in training (the kept ones keep their grid positions)."""
+    """Image → resized to ``size``² → normalised → P×P patches, ``stride`` pixels apart (default
+    ``patch``: side by side; smaller: overlapping, so that a small object lies whole inside some
+    patch); ``mask_ratio`` drops a random share of the patches in training (the kept ones keep
+    their grid positions)."""
 
     modality = "IMAGE"
 
-    def __init__(self, size: int = 32, patch: int = 8) -> None:
-        if size % patch:
-            raise ValueError(f"image size {size} is not a multiple of the patch size {patch}")
-        self.size, self.patch = size, patch
+    def __init__(self, size: int = 32, patch: int = 8, stride: Optional[int] = None) -> None:
+        stride = patch if stride is None else stride
+        if not 0 < stride <= patch or size < patch or (size - patch) % stride:
+            raise ValueError(f"image size {size}, patch {patch} and stride {stride} do not tile: need "
+                             f"0 < stride <= patch <= size and (size - patch) divisible by the stride")
+        self.size, self.patch, self.stride = size, patch, stride
 
     def feature_dim(self) -> int:
         return self.patch * self.patch * 3
@@ -147,8 +153,8 @@ class ImagePreprocessor(Preprocessor):
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
         width, height = img.size
-        features = patchify(_to_tensor(img, self.size), self.patch)
-        side = self.size // self.patch
+        features = patchify(_to_tensor(img, self.size), self.patch, self.stride)
+        side = (self.size - self.patch) // self.stride + 1
         positions = _grid_positions(1, side)
         ratio = slot.attrs.get("mask_ratio")
         if ctx.training and ratio:
@@ -237,6 +243,30 @@ class PatchAdapter(Adapter):
         return self.proj(features_NF) + self.frame(f) + self.row(r) + self.col(c)
 
 
+class ConvPatchAdapter(PatchAdapter):
+    """A small convolutional stem per patch before the projection (``adaptor=image_conv``): two 3×3
+    convolutions, the second with stride 2, whose filters are shared by every place in the patch,
+    so that a stroke is recognised wherever it falls; then frame, row and column embeddings as in
+    ``PatchAdapter``. The features must be square RGB patches laid out (row, column, channel)."""
+
+    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = 64,
+                 channels: int = 32) -> None:
+        super().__init__(feature_dim, d_model, max_frames, max_side)
+        side = int(round((feature_dim / 3) ** 0.5))
+        if 3 * side * side != feature_dim or side % 2:
+            raise ValueError(f"image_conv needs square RGB patches of even side; {feature_dim} features are not")
+        self.side = side
+        self.stem = nn.Sequential(nn.Conv2d(3, channels, 3, padding=1), nn.GELU(),
+                                  nn.Conv2d(channels, channels, 3, stride=2, padding=1), nn.GELU())
+        self.proj = nn.Linear(channels * (side // 2) ** 2, d_model)
+
+    def forward(self, features_NF, positions_N3):
+        pixels = features_NF.view(-1, self.side, self.side, 3).permute(0, 3, 1, 2)
+        f, r, c = positions_N3.unbind(-1)
+        return self.proj(self.stem(pixels).flatten(1)) + self.frame(f) + self.row(r) + self.col(c)
+
+
+ADAPTERS.register("image_conv")(ConvPatchAdapter)
 ADAPTERS.register("image_patch")(PatchAdapter)
 # OFASys's `image_vit`: a ViT's stem is exactly this linear patch projection plus positions; the
 # transformer that follows is the shared model itself.

@@ -1,0 +1,56 @@
+"""Image patches: overlapping patches (``stride``) and the convolutional patch stem (``image_conv``)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.objectives import GenerativeObjective
+from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+from moe_gen.tasks.modalities.visual import ConvPatchAdapter, ImagePreprocessor, patchify
+
+
+def test_patchify_side_by_side_and_overlapping():
+    image = torch.randn(3, 32, 32)
+    C, H, W, P = 3, 32, 32, 8
+    reference = image.reshape(C, H // P, P, W // P, P).permute(1, 3, 2, 4, 0).reshape(-1, P * P * C)
+    assert torch.equal(patchify(image, 8), reference)
+    overlapping = patchify(image, 8, 4)
+    assert overlapping.shape == (49, 192)
+    # patch (row 1, column 1) of the stride-4 grid starts at pixel (4, 4)
+    assert torch.equal(overlapping[8].view(8, 8, 3), image[:, 4:12, 4:12].permute(1, 2, 0))
+
+
+def test_overlapping_patches_keep_grid_positions_and_bad_strides_are_refused():
+    task = load_preset("digit_classification", "train", limit=2)
+    task = Task(task.name, task.instruction, task.data, preprocessor_options={"image": {"stride": 4}})
+    sample = task.encode(0, Tokenizer.default(), training=False)
+    chunk = next(c for c in sample.encoder if c.tokens is None)
+    assert chunk.rows.shape == (49, 192) and chunk.positions[:, 1:].max().item() == 6
+    for size, patch, stride in ((32, 8, 5), (32, 8, 0), (32, 8, 9)):
+        with pytest.raises(ValueError, match="do not tile"):
+            ImagePreprocessor(size, patch, stride)
+
+
+def test_conv_stem_trains_through_a_model_and_refuses_non_square_patches():
+    base = load_preset("digit_counting", "train", limit=4)
+    instruction = str(base.instruction).replace("[IMAGE:image]", "[IMAGE:image,adaptor=image_conv]")
+    task = Task(base.name, instruction, base.data, preprocessor_options={"image": {"stride": 4}})
+    tok = Tokenizer.default()
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok)
+    assert isinstance(model.adapters["image_conv"], ConvPatchAdapter)
+    batch = collate(list(task.samples(tok)), tok, model.task_ids)
+    GenerativeObjective(model)(batch)["loss"].backward()
+    assert model.adapters["image_conv"].stem[0].weight.grad.abs().sum() > 0
+    # one patch's output depends on that patch's pixels only
+    adapter = model.adapters["image_conv"].eval()
+    rows, positions = torch.randn(2, 192), torch.zeros(2, 3, dtype=torch.long)
+    changed = rows.clone()
+    changed[1] += 1.0
+    with torch.no_grad():
+        a, b = adapter(rows, positions), adapter(changed, positions)
+    assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
+    with pytest.raises(ValueError, match="square RGB patches"):
+        ConvPatchAdapter(100, 64)
