@@ -558,11 +558,12 @@ def test_decoder_router_given_as_a_router_config_keeps_the_fields_that_differ():
 
 def test_location_features_make_neighbouring_bins_alike_and_survive_save_load(tok, tmp_path):
     """``location_frequencies``: each ``<bin_k>`` embedding (input and tied output) gets a learned
-    projection of Fourier features of k; off by default; saved and decoded like any weight."""
+    projection of Fourier features of k; off with 0 (on in the flavours); saved and decoded like any weight."""
     grounding = load_preset("visual_grounding", "train", limit=4)
-    plain = build([grounding], tok)
+    plain = build([grounding], tok, location_frequencies=0)
     assert plain.location_projection is None and plain.token_table() is plain.token_embedding.weight
-    model = build([grounding], tok, location_frequencies=8)
+    model = build([grounding], tok)
+    assert model.config.location_frequencies == 8
     table, own = model.token_table().detach(), model.token_embedding.weight.detach()
     first = tok.bin_id(0)
     assert torch.equal(table[:first], own[:first]) and torch.equal(table[first + tok.num_bins:],

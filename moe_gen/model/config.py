@@ -76,7 +76,9 @@ class ModelConfig(ConfigBase):
             its embedding (input and tied output): a learned projection of the Fourier features
             ``sin/cos(2^j·π·u)``, ``j < F``, of its coordinate ``u = k / (num_bins - 1)``, added to the
             token's own row, so that neighbouring coordinates start alike and what is learned for
-            one bin carries to its neighbours. ``0`` (default): independent rows only.
+            one bin carries to its neighbours. ``0`` (the default of a bare ``ModelConfig`` and of
+            models saved before it existed): independent rows only. The flavours use 8; on the
+            quality suite it lifts visual grounding from 0.14 to 0.35 IoU accuracy (README).
         modalities: the modality tag vocabulary in id order (built-in names, then modalities
             registered when the model was built), saved so that a process registering other
             modalities still tags this model's tokens with the ids it was trained on. Empty in
@@ -236,13 +238,13 @@ class ModelConfig(ConfigBase):
 
 FLAVOURS = {
     "debug": dict(d_model=64, num_heads=4, encoder_layers=2, decoder_layers=2, ffn_hidden=128, expert_hidden=64,
-                  num_experts=4, top_k=2),
+                  num_experts=4, top_k=2, location_frequencies=8),
     "tiny": dict(d_model=128, num_heads=4, encoder_layers=4, decoder_layers=2, ffn_hidden=512, expert_hidden=256,
-                 num_experts=8, top_k=2, moe_every=2),
+                 num_experts=8, top_k=2, moe_every=2, location_frequencies=8),
     "small": dict(d_model=256, num_heads=8, encoder_layers=6, decoder_layers=4, ffn_hidden=1024, expert_hidden=512,
-                  num_experts=8, top_k=2, moe_every=2),
+                  num_experts=8, top_k=2, moe_every=2, location_frequencies=8),
     "base": dict(d_model=512, num_heads=8, encoder_layers=12, decoder_layers=6, ffn_hidden=2048,
-                 expert_hidden=1024, num_experts=16, top_k=2, moe_every=2),
+                 expert_hidden=1024, num_experts=16, top_k=2, moe_every=2, location_frequencies=8),
 }
 
 
