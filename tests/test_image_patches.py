@@ -54,3 +54,27 @@ def test_conv_stem_trains_through_a_model_and_refuses_non_square_patches():
     assert torch.equal(a[0], b[0]) and not torch.allclose(a[1], b[1])
     with pytest.raises(ValueError, match="square RGB patches"):
         ConvPatchAdapter(100, 64)
+
+
+def test_region_adds_the_box_crop_as_a_second_frame_and_bad_boxes_name_the_column():
+    task = load_preset("grounded_captioning", "train", limit=3)
+    assert "region=query_box" in str(task.instruction)
+    row = task.data[0]
+    sample = task.encode(0, Tokenizer.default(), training=False)
+    chunk = next(c for c in sample.encoder if c.tokens is None)
+    assert chunk.rows.shape == (32, 192) and chunk.positions[:16, 0].eq(0).all() and chunk.positions[16:, 0].eq(1).all()
+    # the second frame is the box's crop, resized and patched like the whole image
+    from moe_gen.tasks.modalities.visual import _to_tensor, load_image
+
+    x0, y0, x1, y1 = row["query_box"]
+    crop = load_image(row["image"]).crop((x0, y0, x1, y1))
+    assert torch.equal(chunk.rows[16:], patchify(_to_tensor(crop, 32), 8))
+    from moe_gen.tasks.plan import TaskDataError
+
+    bad = Task("grounded", str(task.instruction), [dict(row, query_box=[10, 10, 500, 20])])
+    with pytest.raises(TaskDataError, match="task 'grounded', column 'query_box', row 0"):
+        bad.encode(0, Tokenizer.default(), training=False)
+    missing = Task("grounded", "[IMAGE:image,region=box] what digit? -> [TEXT:query]",
+                   [{"image": row["image"], "query": "3"}])
+    with pytest.raises(TaskDataError, match="region=box names a box column the row lacks"):
+        missing.encode(0, Tokenizer.default(), training=False)

@@ -105,7 +105,8 @@ preset("image_text_retrieval", "[IMAGE:image] -> a handwritten [TEXT:label]", _D
 preset("visual_grounding",
        '[IMAGE:image] which region does the text " [TEXT:query] " describe? -> [BOX:query_box]',
        _CANVAS, ("iou_accuracy",), licence=_L_CANVAS)(_canvases)
-preset("grounded_captioning", "[IMAGE:image] what digit is in the region [BOX:query_box] ? -> [TEXT:query]",
+preset("grounded_captioning",
+       "[IMAGE:image,region=query_box] what digit is in the region [BOX:query_box] ? -> [TEXT:query]",
        _CANVAS, ("exact_match",), licence=_L_CANVAS)(_canvases)
 preset("digit_counting", "[IMAGE:image] how many digits are there? -> [TEXT:count,closed_set]",
        _CANVAS, ("accuracy",), licence=_L_CANVAS)(_canvases)
