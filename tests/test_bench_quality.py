@@ -42,6 +42,22 @@ def test_relative_score_direction():
     assert _relative(0.3, 0.0, True) is None
 
 
+def test_learned_mean_leaves_out_tasks_the_specialist_did_not_learn():
+    import types
+
+    from moe_gen.quality.report import _learned_mean, _mean_std
+
+    suite = [types.SimpleNamespace(name="boxes", higher_is_better=True),
+             types.SimpleNamespace(name="digits", higher_is_better=True),
+             types.SimpleNamespace(name="speech", higher_is_better=False)]
+    raw = {"specialist": {"boxes": {0: 0.04}, "digits": {0: 0.8}, "speech": {0: 0.5}},
+           "dense": {"boxes": {0: 0.4, 1: 0.36}, "digits": {0: 0.4, 1: 0.8}, "speech": {0: 1.0, 1: 0.5}}}
+    scores = {s: {t: _mean_std(list(v.values())) for t, v in d.items()} for s, d in raw.items()}
+    learned = _learned_mean(suite, ["specialist", "dense"], raw, scores)
+    assert learned["dense"]["tasks"] == ["digits", "speech"]  # 0.04 < SPECIALIST_FLOOR: a ratio of ~10 left out
+    assert learned["dense"]["values"] == pytest.approx([(0.5 + 0.5) / 2, (1.0 + 1.0) / 2])
+
+
 def test_quick_report_shape(tmp_path):
     out = tmp_path / "quality"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -59,7 +75,7 @@ def test_quick_report_shape(tmp_path):
         assert set(base) == {"majority", "logreg", "knn"} and name in names
     for system in ("token", "modality", "task", "attribute", "hybrid"):
         assert report["utilisation"][system], system  # every MoE run reports its layers
-        assert system in report["mean_relative"]
+        assert system in report["mean_relative"] and system in report["mean_relative_learned"]
     assert "dense" not in report["utilisation"]
     # equal active size: the MoE adds only its routers to the dense model's per-token parameters
     params = report["parameters"]

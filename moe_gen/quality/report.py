@@ -27,6 +27,32 @@ def _mean_std(values: Sequence[float]) -> dict:
             "values": values}
 
 
+# A specialist scoring below this (on a higher-is-better metric) did not learn its task, and ratios
+# to it (0.36 / 0.037 on visual grounding) swamp the mean over tasks.
+SPECIALIST_FLOOR = 0.1
+
+
+def _learned_mean(suite, systems, raw: dict, scores: dict) -> dict:
+    """Per system: the mean relative score over the tasks whose specialist scored at least
+    ``SPECIALIST_FLOOR`` (every lower-is-better task), mean ± spread over seeds."""
+    specialist = scores.get("specialist", {})
+    kept = [t for t in suite if t.name in specialist
+            and (not t.higher_is_better or specialist[t.name]["mean"] >= SPECIALIST_FLOOR)]
+    out = {}
+    for s in systems:
+        if s == "specialist":
+            continue
+        per_seed: dict[int, list[float]] = {}
+        for t in kept:
+            for seed, value in raw[s][t.name].items():
+                rel = _relative(value, specialist[t.name]["mean"], t.higher_is_better)
+                per_seed.setdefault(seed, []).append(0.0 if rel is None else rel)
+        if per_seed:
+            out[s] = {**_mean_std([statistics.fmean(v) for _, v in sorted(per_seed.items())]),
+                      "tasks": [t.name for t in kept]}
+    return out
+
+
 def _relative(score: float, reference: float, higher_is_better: bool) -> Optional[float]:
     numerator, denominator = (score, reference) if higher_is_better else (reference, score)
     return None if denominator <= 0 else numerator / denominator
@@ -59,6 +85,7 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         # median over tasks is the robust companion
         "median_relative": {s: statistics.median(v for v in rel.values() if v is not None)
                             for s, rel in relative.items() if any(v is not None for v in rel.values())},
+        "mean_relative_learned": _learned_mean(suite, systems, raw, scores),
         "no_relative_score": sorted(excluded),
         "versus_classical": versus_classical,
         "parameters": parameters,
@@ -163,6 +190,40 @@ def _cell(entry: Optional[dict], seeds: int) -> str:
     return f"{entry['mean']:.3f}" if seeds <= 1 else f"{entry['mean']:.3f} ± {entry['std']:.3f}"
 
 
+def _learned_lines(report: dict) -> list[str]:
+    """What the second mean left out, and attribute − dense on it per seed."""
+    learned = report.get("mean_relative_learned", {})
+    if not learned:
+        return []
+    left_out = [t["name"] for t in report["tasks"] if t["name"] not in next(iter(learned.values()))["tasks"]]
+    lines = ["", f"The second mean leaves out tasks whose specialist scored below {SPECIALIST_FLOOR}: "
+             f"{', '.join(left_out) or 'none'}."]
+    if "attribute" in learned and "dense" in learned:
+        paired = [100 * (a - d) for a, d in zip(learned["attribute"]["values"], learned["dense"]["values"])]
+        lines += [f"Attribute − dense on that mean, per seed: {', '.join(f'{p:+.1f}' for p in paired)} points."]
+    return lines
+
+
+def _system_rows(report: dict, seeds: int) -> list[str]:
+    """The per-system summary table: relative scores, parameters, worst task vs classical."""
+    lines = ["| system | mean relative score | mean, tasks the specialist learned | median over tasks | "
+             "parameters (total) | active per token | worst task vs best classical |",
+             "|---|---:|---:|---:|---:|---:|---|"]
+    for s in report["systems"]:
+        rel = report["mean_relative"].get(s)
+        params = report["parameters"].get(s, {})
+        versus = {k: v for k, v in report["versus_classical"].get(s, {}).items() if v is not None}
+        worst = min(versus.items(), key=lambda kv: kv[1]) if versus else None
+        median = report.get("median_relative", {}).get(s)
+        learned = report.get("mean_relative_learned", {}).get(s)
+        lines.append(f"| {s} | {_cell(rel, seeds) if rel else '1 (reference)' if s == 'specialist' else '—'} | "
+                     f"{'1' if s == 'specialist' else _cell(learned, seeds) if learned else '—'} | "
+                     f"{'1' if s == 'specialist' else '—' if median is None else f'{median:.3f}'} | "
+                     f"{params.get('total', 0):,}{' (all tasks)' if s == 'specialist' else ''} | "
+                     f"{params.get('active', 0):,} | {f'{worst[0]} {worst[1]:.2f}' if worst else '—'} |")
+    return lines
+
+
 def markdown(report: dict) -> str:
     """The report as Markdown: the task × system table, then the summary lines."""
     systems = report["systems"]
@@ -178,19 +239,10 @@ def markdown(report: dict) -> str:
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Relative score (generalist / specialist; > 1: the generalist is better), mean over tasks "
               f"(± std over {seeds} seed{'s' if seeds > 1 else ''}):", ""]
-    lines += ["| system | mean relative score | median over tasks | parameters (total) | active per token | "
-              "worst task vs best classical |", "|---|---:|---:|---:|---:|---|"]
-    for s in systems:
-        rel = report["mean_relative"].get(s)
-        params = report["parameters"].get(s, {})
-        versus = {k: v for k, v in report["versus_classical"].get(s, {}).items() if v is not None}
-        worst = min(versus.items(), key=lambda kv: kv[1]) if versus else None
-        median = report.get("median_relative", {}).get(s)
-        lines.append(f"| {s} | {_cell(rel, seeds) if rel else '1 (reference)' if s == 'specialist' else '—'} | "
-                     f"{'1' if s == 'specialist' else '—' if median is None else f'{median:.3f}'} | {params.get('total', 0):,}{' (all tasks)' if s == 'specialist' else ''} | "
-                     f"{params.get('active', 0):,} | {f'{worst[0]} {worst[1]:.2f}' if worst else '—'} |")
+    lines += _system_rows(report, seeds)
     if report["no_relative_score"]:
         lines += ["", f"No relative score (the specialist scored 0): {', '.join(report['no_relative_score'])}."]
+    lines += _learned_lines(report)
     if report["utilisation"]:
         lines += ["", "Expert utilisation on held-out rows (share of experts with ≥ 1/(4E) of the assignments), "
                   "per MoE layer, mean over seeds:", ""]
