@@ -183,7 +183,10 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
         if c.decoder_attention_heads != c.encoder_attention_heads or c.decoder_ffn_dim != c.encoder_ffn_dim:
             raise ValueError(f"{checkpoint.source}: encoder and decoder differ in heads or FFN width")
     fields.update(overrides)
-    return ModelConfig(**{**dataclasses.asdict(flavour("debug")), **fields})
+    # no location features unless asked for: a random projection added to the output rows would
+    # outweigh the checkpoint's own logits until trained (greedy Whisper then writes <bin_k>)
+    base = {**dataclasses.asdict(flavour("debug")), "location_frequencies": 0}
+    return ModelConfig(**{**base, **fields})
 
 
 def _rope_theta(c) -> float:
