@@ -11,10 +11,15 @@ step of one process on the mean of the processes' losses, as with replicated dat
     moe_gen.distributed.sync_gradients(model)   # only what FSDP does not manage (scalars)
     moe_gen.distributed.clip_grad_norm_(model, 1.0); optimizer.step()
 
-Units: every encoder and decoder block, then the root (embeddings, output head). Scalar parameters
-(FSDP2 shards along dim 0, which a scalar has not; the contrastive temperature) and the parts a
-process's batch may leave unused (feature adapters, frame and stop heads, contrastive heads) stay
-replicated and are averaged by ``sync_gradients``. With expert parallelism (``shard_experts``
+Units: every encoder and decoder block, then the root (embeddings, feature adapters, output head).
+FSDP2 reduces a unit's gradients only for the parameters that have one, so every process must
+have the same ones: a process whose batch has no rows for an adapter still runs it into the loss
+with weight 0 (``GeneralistModel.touch_all_adapters``), and an adapter that no process used ends
+with a zero gradient that ``drop_unused_adapter_grads`` (called by ``sync_gradients``) turns back
+into None, so the optimizer skips it as it would in one process. Scalar parameters (FSDP2 shards
+along dim 0, which a scalar has not; the contrastive temperature) and the small parts only some
+objectives use (frame and stop heads, contrastive heads) stay replicated and are averaged by
+``sync_gradients``. With expert parallelism (``shard_experts``
 first), each process's expert slices stay out of FSDP too: the all-to-all dispatcher moves tokens
 to them and ``sync_gradients`` reduces their gradients over the processes holding the same slice.
 Checkpoints hold whole dense tensors (gathered on save, sharded again on load) and expert shards,
@@ -30,15 +35,16 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-__all__ = ["shard_dense", "shard_group", "is_sharded", "full_tensors", "like_model", "shard_like", "unsharded_copy"]
+__all__ = ["shard_dense", "shard_group", "is_sharded", "full_tensors", "like_model", "shard_like", "unsharded_copy",
+           "drop_unused_adapter_grads"]
 
-# Parts that a process's batch may leave unused (adapters of modalities it holds no sample of, frame
-# and stop heads, contrastive heads): FSDP2 reduce-scatters only the gradients a process has, so a
-# unit whose parameters are used on some processes and not others would issue different
-# collectives. They stay replicated, and sync_gradients averages them (a missing gradient as zeros).
-# (and the image tokenizers, which encode data outside the forward and never train)
-_PER_BATCH_PARTS = ("adapters", "frame_heads", "stop_heads", "contrastive_image", "contrastive_text",
-                    "image_tokenizers")
+# Parts that a process's batch may leave unused (frame and stop heads, contrastive heads): FSDP2
+# reduce-scatters only the gradients a process has, so a unit whose parameters are used on some
+# processes and not others would issue different collectives. They stay replicated, and
+# sync_gradients averages them (a missing gradient as zeros). (And the image tokenizers, which
+# encode data outside the forward and never train.) Adapters are sharded: the model touches the
+# unused ones (touch_all_adapters).
+_PER_BATCH_PARTS = ("frame_heads", "stop_heads", "contrastive_image", "contrastive_text", "image_tokenizers")
 
 # GeneralistModel methods that training calls outside ``forward`` (the contrastive pass); methods
 # that ``forward`` itself calls are not registered (the root would gather and reduce once per call)
@@ -87,6 +93,8 @@ def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "bl
             fully_shard(part, mesh=mesh, ignored_params=(replicated & set(part.parameters())) or None,
                         mp_policy=policy)
     fully_shard(model, mesh=mesh, ignored_params=replicated or None, mp_policy=policy)
+    if hasattr(model, "touch_all_adapters"):
+        model.touch_all_adapters = True
     for name in _FORWARD_METHODS:
         if hasattr(model, name):
             register_fsdp_forward_method(model, name)
@@ -120,6 +128,22 @@ def _replicated(model: nn.Module) -> set:
         if isinstance(part, nn.Module):
             replicated |= set(part.parameters())
     return replicated
+
+
+def drop_unused_adapter_grads(model: nn.Module) -> None:
+    """Sets ``grad=None`` on the sharded adapter parameters whose gradient is zero on every process
+    (an adapter no process's batch used: only touched with weight 0), so that the optimizer skips
+    them as it would in one process. One small all-reduce; every process must call it."""
+    adapters = getattr(model, "adapters", None)
+    params = [p for p in (adapters.parameters() if adapters is not None else ())
+              if isinstance(p, DTensor) and p.grad is not None]
+    if not params:
+        return
+    used = torch.stack([p.grad.to_local().ne(0).any() for p in params]).to(torch.int32)
+    dist.all_reduce(used, group=shard_group(model))
+    for p, flag in zip(params, used.tolist()):
+        if not flag:
+            p.grad = None
 
 
 def shard_group(model: nn.Module):

@@ -119,17 +119,23 @@ class Launch:
 # ---- shared set-ups (built identically by the workers and by the single-process reference) -------
 
 
-def _debug_setup():
-    """The debug model (seed 0) and two batches of different sizes, one per rank."""
+def _debug_setup(mixed: bool = False):
+    """The debug model (seed 0) and two batches of different sizes, one per rank. ``mixed``: a
+    model of three tasks with an adapter each, rank 0 holding image rows only, rank 1 table rows
+    only, and the motion adapter used by neither."""
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, collate, load_preset
 
     tok = Tokenizer.default()
-    task = load_preset("digit_classification", "train", limit=8)
+    names = ("digit_classification", "table_species", "motion_classification") if mixed else ("digit_classification",)
+    tasks = [load_preset(name, "train", limit=8) for name in names]
     torch.manual_seed(0)
-    model = GeneralistModel.build(flavour("debug"), [task], tok)
-    samples = list(task.samples(tok))
-    batches = [collate(samples[:3], tok, model.task_ids), collate(samples[3:], tok, model.task_ids)]
+    model = GeneralistModel.build(flavour("debug"), tasks, tok)
+    if mixed:
+        batches = [collate(list(tasks[i].samples(tok))[:n], tok, model.task_ids) for i, n in ((0, 3), (1, 5))]
+    else:
+        samples = list(tasks[0].samples(tok))
+        batches = [collate(samples[:3], tok, model.task_ids), collate(samples[3:], tok, model.task_ids)]
     return model, batches
 
 
@@ -276,13 +282,14 @@ def _scenario_fsdp_bf16(rank: int, out_dir: str):
     return {}, {"loss": loss.item(), "dtypes": dtypes, "moments": moments}
 
 
-def _scenario_fsdp_step(rank: int, out_dir: str, shard_size: int | None = None, unit: str = "block"):
+def _scenario_fsdp_step(rank: int, out_dir: str, shard_size: int | None = None, unit: str = "block",
+                        mixed: bool = False):
     """The same step with the dense parameters sharded by FSDP2 (no expert parallelism): every
     tensor is gathered whole at the end for the comparison. ``shard_size=1``: replicated by FSDP2."""
     from moe_gen.fsdp import full_tensors, is_sharded, shard_dense
     from moe_gen.objectives import GenerativeObjective
 
-    model, batches = _debug_setup()
+    model, batches = _debug_setup(mixed)
     shard_dense(model, shard_size, unit)
     optimizer = _optimizer(model)  # over the shards
     loss = GenerativeObjective(model)(batches[rank])["loss"]
@@ -382,12 +389,12 @@ SCENARIOS = {
 # ---- tests ---------------------------------------------------------------------------------------
 
 
-def _single_process_step():
+def _single_process_step(mixed: bool = False):
     """The reference: one process, every expert, one step on the mean of the two ranks' losses.
     Returns the updated model, the two losses, the norm before clipping and the clipped gradients."""
     from moe_gen.objectives import GenerativeObjective
 
-    model, batches = _debug_setup()
+    model, batches = _debug_setup(mixed)
     objective = GenerativeObjective(model)
     losses = [objective(batch)["loss"] for batch in batches]
     torch.stack(losses).mean().backward()
@@ -422,12 +429,15 @@ def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_pa
         torch.testing.assert_close(weight, p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
 
 
-@pytest.mark.parametrize("shard_size, unit", [(None, "block"), (1, "block"), (None, "stack")],
-                         ids=["fsdp", "hsdp-replicated", "fsdp-per-stack"])
-def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size, unit):
-    (r0, info0), (r1, info1) = Launch("fsdp_step", tmp_path, shard_size, unit).results()
+@pytest.mark.parametrize("shard_size, unit, mixed", [(None, "block", False), (1, "block", False),
+                                                   (None, "stack", False), (None, "block", True)],
+                         ids=["fsdp", "hsdp-replicated", "fsdp-per-stack", "fsdp-ranks-with-other-modalities"])
+def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size, unit, mixed):
+    """Also with ranks whose batches use different adapters (image rows on one, table rows on the
+    other) and an adapter no rank uses: sharded adapters, the same step as one process."""
+    (r0, info0), (r1, info1) = Launch("fsdp_step", tmp_path, shard_size, unit, mixed).results()
 
-    model, losses, norm, grads = _single_process_step()
+    model, losses, norm, grads = _single_process_step(mixed)
 
     assert info0["sharded"] and info1["sharded"]
     assert info0["loss"] == pytest.approx(losses[0].item(), abs=1e-5)
@@ -437,10 +447,15 @@ def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size
     full = sum(p.numel() for name, p in model.named_parameters() if name in info0["shard_sizes"])
     held = sum(info0["shard_sizes"].values())
 
-    # scalars and the parts a batch may leave unused (adapters, heads) stay whole on every process
-    replicated = ("adapters.", "frame_heads.", "stop_heads.", "contrastive_image.", "contrastive_text.")
+    # scalars and the small parts only some objectives use (heads) stay whole on every process;
+    # adapters are sharded
+    replicated = ("frame_heads.", "stop_heads.", "contrastive_image.", "contrastive_text.")
     assert set(info0["shard_sizes"]) == {n for n, p in model.named_parameters()
                                          if p.dim() > 0 and not n.startswith(replicated)}
+    if mixed:
+        assert {n.split(".")[1] for n in info0["shard_sizes"] if n.startswith("adapters.")} == {
+            "image_patch", "struct_cells", "motion_mlp"}
+        assert not any(n.startswith("grad/adapters.motion_mlp") for n in r0)  # used by no rank: no gradient
     if shard_size == 1:  # replicated by FSDP2: each process holds every parameter whole
         assert held == full == sum(info1["shard_sizes"].values())
     else:

@@ -172,6 +172,10 @@ class GeneralistModel(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
         self.image_tokenizers = nn.ModuleDict({_tokenizer_module(key): _frozen_vq(fields)
                                                for key, fields in sorted(config.image_tokenizers.items())})
+        # FSDP (moe_gen.fsdp.shard_dense) sets it: every adapter joins every forward, with weight 0
+        # when the batch has no rows for it, since FSDP reduces a sharded unit's gradients only
+        # when every process has them
+        self.touch_all_adapters = False
         self.location_projection = None
         if config.location_frequencies and tokenizer.num_bins:
             F = config.location_frequencies
@@ -388,6 +392,8 @@ class GeneralistModel(nn.Module):
             # (with FSDP gathering parameters in bf16 the token embedding is bf16, adapters not)
             flat = flat.index_add(0, side.index[name], self.adapters[name](rows, side.positions[name]).to(flat.dtype))
         x = flat.view(B, S, -1) + self.modality_embedding(side.tags.modality)
+        if self.touch_all_adapters:
+            x = x + self._unused_adapters_times_zero(side)
         if self.config.positions == "learned":
             if positions is None:
                 positions = _positions_in_sample(side.tags.sample)
@@ -396,6 +402,13 @@ class GeneralistModel(nn.Module):
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
         return x
+
+    def _unused_adapters_times_zero(self, side: Side):
+        """0 · a weight of every trainable adapter parameter that ``side`` has no rows for: a zero
+        gradient for each (``touch_all_adapters``)."""
+        terms = [p.reshape(-1)[0] for name, adapter in self.adapters.items() if name not in side.rows
+                 for p in adapter.parameters() if p.requires_grad]
+        return 0.0 * torch.stack(terms).sum() if terms else 0.0
 
     def rope(self, side: Side, positions: Optional[torch.Tensor] = None):
         """Rotary tables for a side (None with learned positions)."""
