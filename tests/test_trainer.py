@@ -350,3 +350,22 @@ def test_the_optimizer_uses_the_fused_kernel_only_on_plain_parameters(tasks, tok
     assert not _fusable([{"params": [torch.zeros(2, requires_grad=True)]}])  # not a Parameter (an FSDP DTensor)
     assert not _fusable([{"params": [torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))]}])
     assert not _fusable([{"params": []}])
+
+
+def test_a_resumed_run_keeps_its_own_choice_of_fused_kernel(tasks, tok, tmp_path, monkeypatch):
+    """The checkpoint restores AdamW's hyper-parameters and moments, but whether the update runs
+    fused is the resuming process's choice (its parameters may be sharded now, or on another device)."""
+    with Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4, checkpoint_every=2),
+                 output_dir=str(tmp_path)) as first:
+        first.fit()
+        assert all(group["fused"] for group in first.optimizer.param_groups)
+        saved = {name: first.optimizer.state[p]["exp_avg"].clone() for name, p in first.model.named_parameters()
+                 if p in first.optimizer.state}
+    monkeypatch.setattr("moe_gen.trainer.trainer._fusable", lambda groups: False)
+    with Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4, checkpoint_every=2),
+                 output_dir=str(tmp_path), resume=True) as resumed:
+        assert resumed.step == 2
+        assert not any(group.get("fused") for group in resumed.optimizer.param_groups)
+        moments = {name: resumed.optimizer.state[p]["exp_avg"] for name, p in resumed.model.named_parameters()
+                   if p in resumed.optimizer.state}
+        assert moments.keys() == saved.keys() and all(torch.equal(moments[n], saved[n]) for n in saved)

@@ -258,3 +258,19 @@ def test_a_gate_weight_scale_is_refused():
     with pytest.raises(ValueError, match="weight_scale=2.5"):
         upcycle(tree, num_experts=4, top_k=2, router=RouterConfig(score="sigmoid", weight_scale=2.5))
     assert isinstance(tree[0], DenseFFN)
+
+
+def test_upcycling_clears_decoder_router_and_refuses_to_complete_a_model_that_uses_it(data, tok):
+    """Upcycling writes one router configuration for every layer: a dense model's decoder_router
+    is cleared (its decoder experts route as ``router`` says), and a model whose decoder already
+    has MoE layers routed by decoder_router is refused, not silently re-routed."""
+    tasks, _ = data
+    model = dense_model(tasks, tok, decoder_router={"strategy": "hybrid"})
+    upcycle(model, num_experts=4, top_k=2, router="attribute", seed=0)
+    assert model.config.decoder_router == {}
+    decoder_moes = [m for m in model.decoder.modules() if isinstance(m, MoE)]
+    assert decoder_moes and all(m.config.router.strategy == "attribute" for m in decoder_moes)
+
+    mixed = dense_model(tasks, tok, moe_every=2, expert_hidden=128, decoder_router={"strategy": "hybrid"})
+    with pytest.raises(ValueError, match="route by decoder_router"):
+        upcycle(mixed, num_experts=4, top_k=2, seed=0)
