@@ -240,15 +240,15 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> 
         plan: its plan; ``None`` reads it from the model (an unsharded model: plain data
             parallelism).
     """
+    from moe_gen.fsdp import drop_unused_adapter_grads
+
+    if _active():
+        drop_unused_adapter_grads(model)  # FSDP-sharded adapters only (a no-op otherwise)
     if not _active() or dist.get_world_size() == 1:
         return
     plan = _check_plan(model, plan)
     world = dist.get_world_size()
     sync_bias_updates(model)  # same collective point on every rank: tag-balance loads summed over ranks
-    from moe_gen.fsdp import drop_unused_adapter_grads, is_sharded
-
-    if is_sharded(model):
-        drop_unused_adapter_grads(model)
     dense, expert, _ = _split_params(model, plan)  # FSDP shards: reduce-scattered in backward already
     _all_reduce_grads(dense, None, 1.0 / world)
     if plan.replica_group is not None:

@@ -14,9 +14,10 @@ step of one process on the mean of the processes' losses, as with replicated dat
 Units: every encoder and decoder block, then the root (embeddings, feature adapters, output head).
 FSDP2 reduces a unit's gradients only for the parameters that have one, so every process must
 have the same ones: a process whose batch has no rows for an adapter still runs it into the loss
-with weight 0 (``GeneralistModel.touch_all_adapters``), and an adapter that no process used ends
-with a zero gradient that ``drop_unused_adapter_grads`` (called by ``sync_gradients``) turns back
-into None, so the optimizer skips it as it would in one process. Scalar parameters (FSDP2 shards
+with weight 0 (``GeneralistModel.touch_all_adapters``), and an adapter that no process's batch
+used (the model records which ones were) has its gradient set back to None by
+``drop_unused_adapter_grads`` (called by ``sync_gradients``), so the optimizer skips it as it
+would in one process. Scalar parameters (FSDP2 shards
 along dim 0, which a scalar has not; the contrastive temperature) and the small parts only some
 objectives use (frame and stop heads, contrastive heads) stay replicated and are averaged by
 ``sync_gradients``. With expert parallelism (``shard_experts``
@@ -131,19 +132,23 @@ def _replicated(model: nn.Module) -> set:
 
 
 def drop_unused_adapter_grads(model: nn.Module) -> None:
-    """Sets ``grad=None`` on the sharded adapter parameters whose gradient is zero on every process
-    (an adapter no process's batch used: only touched with weight 0), so that the optimizer skips
-    them as it would in one process. One small all-reduce; every process must call it."""
+    """Sets ``grad=None`` on the sharded parameters of every adapter that no process's batch used
+    since the last call (``model.adapters_in_step``, which it then clears; those adapters were only
+    touched with weight 0), so that the optimizer skips them as it would in one process. One small
+    all-reduce; every process must call it."""
     adapters = getattr(model, "adapters", None)
-    params = [p for p in (adapters.parameters() if adapters is not None else ())
-              if isinstance(p, DTensor) and p.grad is not None]
-    if not params:
+    if adapters is None or not len(adapters) or not is_sharded(model):
         return
-    used = torch.stack([p.grad.to_local().ne(0).any() for p in params]).to(torch.int32)
+    names = sorted(adapters.keys())
+    used_here = getattr(model, "adapters_in_step", set())
+    used = torch.tensor([name in used_here for name in names], dtype=torch.int32,
+                        device=next(model.parameters()).device)
     dist.all_reduce(used, group=shard_group(model))
-    for p, flag in zip(params, used.tolist()):
+    for name, flag in zip(names, used.tolist()):
         if not flag:
-            p.grad = None
+            for p in adapters[name].parameters():
+                p.grad = None
+    used_here.clear()
 
 
 def shard_group(model: nn.Module):

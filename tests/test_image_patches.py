@@ -31,6 +31,8 @@ def test_overlapping_patches_keep_grid_positions_and_bad_strides_are_refused():
     for size, patch, stride in ((32, 8, 5), (32, 8, 0), (32, 8, 9)):
         with pytest.raises(ValueError, match="do not tile"):
             ImagePreprocessor(size, patch, stride)
+    with pytest.raises(ValueError, match="the patch adapters hold 64"):
+        ImagePreprocessor(512, 16, 4)
 
 
 def test_conv_stem_trains_through_a_model_and_refuses_non_square_patches():
@@ -74,6 +76,16 @@ def test_region_adds_the_box_crop_as_a_second_frame_and_bad_boxes_name_the_colum
     bad = Task("grounded", str(task.instruction), [dict(row, query_box=[10, 10, 500, 20])])
     with pytest.raises(TaskDataError, match="task 'grounded', column 'query_box', row 0"):
         bad.encode(0, Tokenizer.default(), training=False)
+    # a box of zero or fractional size still gives a whole pixel of the canvas, never an empty
+    # (black) crop
+    from PIL import Image
+
+    black = patchify(_to_tensor(Image.new("RGB", (1, 1)), 32), 8)
+    x0, y0 = row["query_box"][:2]
+    for box in ([x0, y0, x0, y0], [x0 + 0.5, y0, x0 + 1.5, y0 + 5]):
+        tiny = Task("grounded", str(task.instruction), [dict(row, query_box=box)])
+        frame = next(c for c in tiny.encode(0, Tokenizer.default(), training=False).encoder if c.tokens is None)
+        assert frame.rows.shape == (32, 192) and not torch.allclose(frame.rows[16:], black)
     missing = Task("grounded", "[IMAGE:image,region=box] what digit? -> [TEXT:query]",
                    [{"image": row["image"], "query": "3"}])
     with pytest.raises(TaskDataError, match="region=box names a box column the row lacks"):

@@ -561,7 +561,7 @@ def test_location_features_make_neighbouring_bins_alike_and_survive_save_load(to
     projection of Fourier features of k; off with 0 (on in the flavours); saved and decoded like any weight."""
     grounding = load_preset("visual_grounding", "train", limit=4)
     plain = build([grounding], tok, location_frequencies=0)
-    assert plain.location_projection is None and plain.token_table() is plain.token_embedding.weight
+    assert plain.location_embedding is None and plain.token_table() is plain.token_embedding.weight
     model = build([grounding], tok)
     assert model.config.location_frequencies == 8
     table, own = model.token_table().detach(), model.token_embedding.weight.detach()
@@ -572,7 +572,7 @@ def test_location_features_make_neighbouring_bins_alike_and_survive_save_load(to
     assert float((smooth[500] * smooth[501]).sum()) > 0.95 > float((smooth[500] * smooth[900]).sum())
     batch = collate([s for s in grounding.samples(tok)], tok, model.task_ids)
     GenerativeObjective(model)(batch)["loss"].backward()
-    assert model.location_projection.weight.grad.abs().sum() > 0
+    assert model.location_embedding.weight.grad.abs().sum() > 0
     model.save_pretrained(str(tmp_path))
     loaded = GeneralistModel.from_pretrained(str(tmp_path)).eval()
     model.eval()

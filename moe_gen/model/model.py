@@ -172,16 +172,18 @@ class GeneralistModel(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
         self.image_tokenizers = nn.ModuleDict({_tokenizer_module(key): _frozen_vq(fields)
                                                for key, fields in sorted(config.image_tokenizers.items())})
-        # FSDP (moe_gen.fsdp.shard_dense) sets it: every adapter joins every forward, with weight 0
-        # when the batch has no rows for it, since FSDP reduces a sharded unit's gradients only
-        # when every process has them
+        # FSDP (moe_gen.fsdp.shard_dense) sets it: every adapter parameter joins every forward with
+        # weight 0 (FSDP reduces a sharded unit's gradients only when every process has them all),
+        # and the names of the adapters a batch really used collect in adapters_in_step until
+        # moe_gen.fsdp.drop_unused_adapter_grads reads and clears them
         self.touch_all_adapters = False
-        self.location_projection = None
+        self.adapters_in_step: set[str] = set()
+        self.location_embedding = None
         if config.location_frequencies and tokenizer.num_bins:
             F = config.location_frequencies
-            self.location_projection = nn.Linear(2 * F, D, bias=False)
+            self.location_embedding = nn.Linear(2 * F, D, bias=False)
             # each row's smooth part starts as large as its own part (the basis has norm sqrt(F))
-            nn.init.normal_(self.location_projection.weight, std=(D * F) ** -0.5)
+            nn.init.normal_(self.location_embedding.weight, std=(D * F) ** -0.5)
             self.register_buffer("location_basis", location_basis(tokenizer.num_bins, F), persistent=False)
 
     # ---- building and saving -----------------------------------------------------------------
@@ -389,11 +391,12 @@ class GeneralistModel(nn.Module):
             if name not in self.adapters:
                 raise ValueError(f"the batch has {name!r} features but the model has no such adapter "
                                  f"(adapters: {', '.join(self.adapters) or 'none'}); build the model with this task")
-            # (with FSDP gathering parameters in bf16 the token embedding is bf16, adapters not)
+            # (with FSDP gathering parameters in bf16 the token embedding may differ in dtype from an adapter's output)
             flat = flat.index_add(0, side.index[name], self.adapters[name](rows, side.positions[name]).to(flat.dtype))
         x = flat.view(B, S, -1) + self.modality_embedding(side.tags.modality)
         if self.touch_all_adapters:
-            x = x + self._unused_adapters_times_zero(side)
+            self.adapters_in_step.update(side.rows)
+            x = x + self._adapters_times_zero()
         if self.config.positions == "learned":
             if positions is None:
                 positions = _positions_in_sample(side.tags.sample)
@@ -403,10 +406,10 @@ class GeneralistModel(nn.Module):
             x = self.embedding_norm(x)
         return x
 
-    def _unused_adapters_times_zero(self, side: Side):
-        """0 · a weight of every trainable adapter parameter that ``side`` has no rows for: a zero
-        gradient for each (``touch_all_adapters``)."""
-        terms = [p.reshape(-1)[0] for name, adapter in self.adapters.items() if name not in side.rows
+    def _adapters_times_zero(self):
+        """0 · a weight of every trainable adapter parameter: each gets a gradient (zero where the
+        batch did not use it), on every process alike (``touch_all_adapters``)."""
+        terms = [p.reshape(-1)[0].float() for adapter in self.adapters.values()
                  for p in adapter.parameters() if p.requires_grad]
         return 0.0 * torch.stack(terms).sum() if terms else 0.0
 
@@ -430,10 +433,10 @@ class GeneralistModel(nn.Module):
         """``[V, D]``: the token embedding, with the location tokens' smooth part added
         (``config.location_frequencies``)."""
         table = self.token_embedding.weight
-        if self.location_projection is None:
+        if self.location_embedding is None:
             return table
         first, count = self.tokenizer.bin_id(0), self.location_basis.shape[0]
-        smooth = self.location_projection(self.location_basis).to(table.dtype)
+        smooth = self.location_embedding(self.location_basis).to(table.dtype)
         return torch.cat([table[:first], table[first:first + count] + smooth, table[first + count:]])
 
     def prefix_lengths(self, dec: Side, enc: Side) -> torch.Tensor:

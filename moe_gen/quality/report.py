@@ -49,7 +49,7 @@ def _learned_mean(suite, systems, raw: dict, scores: dict) -> dict:
                 per_seed.setdefault(seed, []).append(0.0 if rel is None else rel)
         if per_seed:
             out[s] = {**_mean_std([statistics.fmean(v) for _, v in sorted(per_seed.items())]),
-                      "tasks": [t.name for t in kept]}
+                      "seeds": sorted(per_seed), "tasks": [t.name for t in kept]}
     return out
 
 
@@ -196,11 +196,12 @@ def _learned_lines(report: dict) -> list[str]:
     if not learned:
         return []
     left_out = [t["name"] for t in report["tasks"] if t["name"] not in next(iter(learned.values()))["tasks"]]
-    lines = ["", f"The second mean leaves out tasks whose specialist scored below {SPECIALIST_FLOOR}: "
-             f"{', '.join(left_out) or 'none'}."]
+    lines = ["", f"The second mean leaves out tasks whose specialist scored below {SPECIALIST_FLOOR} (or has "
+             f"no score): {', '.join(left_out) or 'none'}."]
     if "attribute" in learned and "dense" in learned:
-        paired = [100 * (a - d) for a, d in zip(learned["attribute"]["values"], learned["dense"]["values"])]
-        lines += [f"Attribute − dense on that mean, per seed: {', '.join(f'{p:+.1f}' for p in paired)} points."]
+        a, d = ({seed: v for seed, v in zip(learned[s]["seeds"], learned[s]["values"])} for s in ("attribute", "dense"))
+        paired = [f"{100 * (a[seed] - d[seed]):+.1f} (seed {seed})" for seed in sorted(a.keys() & d.keys())]
+        lines += [f"Attribute − dense on that mean, per seed: {', '.join(paired)} points."]
     return lines
 
 

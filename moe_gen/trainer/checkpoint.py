@@ -224,8 +224,10 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
     weights = like_model(model, distributed.load_shards(path, "model", plan if plan is not None else model))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:
+        hint = ("; a run started before location features were in the flavours resumes with "
+                "--model.location_frequencies 0" if "location_embedding.weight" in missing else "")
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}")
+                         f"{unexpected[:5]}{hint}")
     with open(os.path.join(path, "optimizer.json")) as f:
         meta = json.load(f)
     _load_optimizer(model, optimizer, distributed.load_shards(path, "optimizer", plan if plan is not None else model),

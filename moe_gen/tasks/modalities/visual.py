@@ -7,6 +7,7 @@ N patches (rows), F = P·P·C features per patch, T frames.
 from __future__ import annotations
 
 import io
+import math
 import os
 from typing import Any, Optional
 
@@ -31,6 +32,9 @@ __all__ = ["load_image", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter
 
 register_modality(ModalitySpec("IMAGE", text_like=False, preprocess="image", adaptor="image_patch"))
 register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", adaptor="video_patch"))
+
+# Rows and columns the patch adapters have position embeddings for.
+MAX_GRID_SIDE = 64
 
 # ImageNet statistics: the usual normalisation of RGB inputs.
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -142,6 +146,10 @@ class ImagePreprocessor(Preprocessor):
         if not 0 < stride <= patch or size < patch or (size - patch) % stride:
             raise ValueError(f"image size {size}, patch {patch} and stride {stride} do not tile: need "
                              f"0 < stride <= patch <= size and (size - patch) divisible by the stride")
+        if (size - patch) // stride + 1 > MAX_GRID_SIDE:
+            raise ValueError(f"image size {size}, patch {patch} and stride {stride} give "
+                             f"{(size - patch) // stride + 1} patches a side; the patch adapters hold "
+                             f"{MAX_GRID_SIDE} (use a larger stride or a smaller size)")
         self.size, self.patch, self.stride = size, patch, stride
 
     def feature_dim(self) -> int:
@@ -182,9 +190,11 @@ class ImagePreprocessor(Preprocessor):
             x0, y0, x1, y1 = check_box(ctx.row[column], *img.size)
         except ValueError as exc:
             raise SlotValueError(f"{ctx.where(column)}: {exc}") from None
-        if x1 - x0 < 1 or y1 - y0 < 1:
-            raise SlotValueError(f"{ctx.where(column)}: the region box is empty")
-        return img.crop((x0, y0, x1, y1))
+        # whole pixels covering the box, at least one pixel each way (a zero-size box is a valid BOX)
+        width, height = img.size
+        left, top = min(math.floor(x0), width - 1), min(math.floor(y0), height - 1)
+        right, bottom = max(math.ceil(x1), left + 1), max(math.ceil(y1), top + 1)
+        return img.crop((max(left, 0), max(top, 0), min(right, width), min(bottom, height)))
 
 
 def load_video_frames(value: Any) -> np.ndarray:
@@ -226,6 +236,9 @@ class VideoPreprocessor(Preprocessor):
     modality = "VIDEO"
 
     def __init__(self, frames: int = 4, size: int = 32, patch: int = 8) -> None:
+        if size % patch or size // patch > MAX_GRID_SIDE:
+            raise ValueError(f"video size {size} must be a multiple of the patch size {patch}, "
+                             f"at most {MAX_GRID_SIDE} patches a side")
         self.frames, self.size, self.patch = frames, size, patch
 
     def feature_dim(self) -> int:
@@ -252,7 +265,7 @@ class VideoPreprocessor(Preprocessor):
 class PatchAdapter(Adapter):
     """Linear patch embedding plus learned frame, row and column embeddings."""
 
-    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = 64) -> None:
+    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = MAX_GRID_SIDE) -> None:
         super().__init__(feature_dim, d_model)
         self.proj = nn.Linear(feature_dim, d_model)
         self.frame = nn.Embedding(max_frames, d_model)
@@ -270,7 +283,7 @@ class ConvPatchAdapter(PatchAdapter):
     so that a stroke is recognised wherever it falls; then frame, row and column embeddings as in
     ``PatchAdapter``. The features must be square RGB patches laid out (row, column, channel)."""
 
-    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = 64,
+    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = MAX_GRID_SIDE,
                  channels: int = 32) -> None:
         super().__init__(feature_dim, d_model, max_frames, max_side)
         side = int(round((feature_dim / 3) ** 0.5))
