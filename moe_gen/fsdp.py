@@ -17,12 +17,12 @@ have the same ones: a process whose batch has no rows for an adapter still runs 
 with weight 0 (``GeneralistModel.touch_all_adapters``), and an adapter that no process's batch
 used (the model records which ones were) has its gradient set back to None by
 ``drop_unused_adapter_grads`` (called by ``sync_gradients``), so the optimizer skips it as it
-would in one process. Scalar parameters (FSDP2 shards
-along dim 0, which a scalar has not; the contrastive temperature) and the small parts only some
-objectives use (frame and stop heads, contrastive heads) stay replicated and are averaged by
-``sync_gradients``. With expert parallelism (``shard_experts``
-first), each process's expert slices stay out of FSDP too: the all-to-all dispatcher moves tokens
-to them and ``sync_gradients`` reduces their gradients over the processes holding the same slice.
+would in one process. Scalar parameters (FSDP2 shards along dim 0, which a scalar has not; the
+contrastive temperature) and the small parts only some objectives use (frame and stop heads,
+contrastive heads) stay replicated and are averaged by ``sync_gradients``. With expert
+parallelism (``shard_experts`` first), each process's expert slices stay out of FSDP too: the
+all-to-all dispatcher moves tokens to them and ``sync_gradients`` reduces their gradients over
+the processes holding the same slice.
 Checkpoints hold whole dense tensors (gathered on save, sharded again on load) and expert shards,
 so they load with any number of processes, sharded or not.
 """

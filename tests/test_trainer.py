@@ -369,3 +369,18 @@ def test_a_resumed_run_keeps_its_own_choice_of_fused_kernel(tasks, tok, tmp_path
         moments = {name: resumed.optimizer.state[p]["exp_avg"] for name, p in resumed.model.named_parameters()
                    if p in resumed.optimizer.state}
         assert moments.keys() == saved.keys() and all(torch.equal(moments[n], saved[n]) for n in saved)
+
+
+def test_location_embedding_takes_no_weight_decay_and_old_checkpoints_name_the_flag(tasks, tok, tmp_path):
+    """The location projection is an embedding (no weight decay, as the token table); a run saved
+    before the flavours had location features is refused on resume with the flag that fits it."""
+    from moe_gen.trainer.trainer import _param_groups
+
+    model = build(tasks, tok)
+    decay = {id(p): group["weight_decay"] for group in _param_groups(model, 0.01) for p in group["params"]}
+    assert decay[id(model.location_embedding.weight)] == 0.0 == decay[id(model.token_embedding.weight)]
+    with Trainer(build(tasks, tok, location_frequencies=0), tasks, quiet(steps=2, batch_size=4, checkpoint_every=2),
+                 output_dir=str(tmp_path)) as old:
+        old.fit()
+    with pytest.raises(ValueError, match="resumes with --model.location_frequencies 0"):
+        Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4), output_dir=str(tmp_path), resume=True)
