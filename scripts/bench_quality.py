@@ -32,7 +32,9 @@ def main(argv=None) -> int:
     parser.add_argument("--systems", nargs="*", default=list(GENERALISTS), help="generalists to train")
     parser.add_argument("--no-specialists", action="store_true")
     parser.add_argument("--seeds", nargs="*", type=int)
-    parser.add_argument("--steps", type=int, help="generalist steps (specialists: steps / tasks)")
+    parser.add_argument("--steps", type=int, help="generalist steps (specialists: their task's share)")
+    parser.add_argument("--mixing", choices=("temperature", "uniform"), help="task mixing (default temperature)")
+    parser.add_argument("--temperature", type=float, help="tau of temperature mixing (default 2)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
     parser.add_argument("--flavour")
@@ -44,7 +46,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     fields = dict(QUICK) if args.quick else {}
-    for name in ("steps", "batch_size", "lr", "flavour", "num_experts", "eval_limit", "workers", "threads"):
+    for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "eval_limit", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

@@ -110,3 +110,20 @@ def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():
     assert seen == [f"row {i}" for i in range(0, 100, 10)]
     assert [r["text"] for r in held_out(task, 10).data] == seen
     assert held_out(task, 500) is task
+
+
+def test_specialists_get_their_tasks_share_of_the_generalists_steps():
+    from moe_gen.quality.runner import BenchConfig, specialist_steps
+    from moe_gen.tasks import Task
+
+    def task(name, n):
+        return Task(name, "[TEXT:text] -> [TEXT:label,closed_set]",
+                    [{"text": f"row {i}", "label": "a"} for i in range(n)])
+
+    tasks = [task("big", 900), task("small", 100)]
+    tempered = specialist_steps(BenchConfig(steps=1000), tasks)  # default: temperature 2, shares ∝ √rows
+    assert tempered == {"big": 750, "small": 250}
+    assert specialist_steps(BenchConfig(steps=1000, mixing="uniform"), tasks) == {"big": 500, "small": 500}
+    assert specialist_steps(BenchConfig(steps=2), [task("big", 10_000), task("tiny", 1)]) == {"big": 2, "tiny": 1}
+    with pytest.raises(ValueError, match="mixing"):
+        BenchConfig(mixing="proportional")

@@ -272,8 +272,16 @@ def markdown(report: dict) -> str:
                    f"specialists together: {c['attribute_fewer_parameters_than_specialists']}",
               "- attribute − dense: " + ("—" if c["attribute_minus_dense_points"] is None else
                                          f"{c['attribute_minus_dense_points']:+.1f} points of mean relative score"),
-              "", f"Wall time: {report['wall_seconds'] / 60:.1f} min."]
+              "", _run_line(report["config"]), f"Wall time: {report['wall_seconds'] / 60:.1f} min."]
     return "\n".join(lines) + "\n"
+
+
+def _run_line(config: dict) -> str:
+    mixing = config.get("mixing", "uniform")
+    if mixing == "temperature":
+        mixing += f" (τ = {config.get('temperature', 2.0):g})"
+    return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
+            f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}.")
 
 
 def plot(report: dict, path: str) -> None:

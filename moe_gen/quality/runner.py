@@ -3,14 +3,17 @@
 Systems:
     majority, logreg, knn   classical baselines on raw features (classification tasks only)
     specialist              a dense model of the generalist's active size, trained on one task with
-                            that task's share of the generalist's samples (steps / number of tasks)
+                            that task's share of the generalist's samples (steps · its mixing weight)
     dense                   a dense generalist on the whole suite
     token, modality, task, attribute, hybrid
                             MoE generalists routed by that strategy, at the dense model's active
                             size (FFN hidden = top_k · expert hidden) and the same steps
 
-Generalists mix tasks uniformly, so each task gets ``steps · batch_size / tasks`` samples, the
-specialist's budget. Every model run is a job (generalist × seed, or specialist × task × seed) in
+Generalists mix tasks as the trainer does by default, by temperature (a task's share of the samples
+∝ rows^(1/τ), τ = 2: a 1,437-row task gets 9 times the share of a 17-row one, not the same share,
+which gave the smallest tasks hundreds of epochs and the largest three); ``mixing="uniform"`` gives
+every task the same share. Each specialist trains for its task's expected share of the generalist's
+steps (``steps · weight``), the same samples. Every model run is a job (generalist × seed, or specialist × task × seed) in
 a pool of ``workers`` processes with ``threads`` torch threads each; models are scored on the
 same ``eval_limit`` held-out rows of every task (evenly spaced over the test split, which may be
 ordered by label), the rows the classical baselines are scored on.
@@ -26,7 +29,7 @@ import tempfile
 import time
 from typing import Sequence
 
-__all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score"]
+__all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score", "specialist_steps"]
 
 GENERALISTS = ("dense", "token", "modality", "task", "attribute", "hybrid")
 
@@ -41,7 +44,9 @@ class BenchConfig:
         specialists: also train a specialist per task.
         seeds: one run per seed of every model system.
         flavour: model flavour; ``num_experts`` overrides its experts (active size is unchanged).
-        steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps / tasks``).
+        steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
+        mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
+            ``temperature`` or ``uniform``); a specialist gets its task's expected share.
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         workers, threads: processes running jobs, torch threads per process.
@@ -58,6 +63,8 @@ class BenchConfig:
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 50
+    mixing: str = "temperature"
+    temperature: float = 2.0
     eval_limit: int = 100
     workers: int = 2
     threads: int = 1
@@ -69,6 +76,8 @@ class BenchConfig:
             raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(GENERALISTS)}")
         if not self.seeds:
             raise ValueError("BenchConfig.seeds must name at least one seed")
+        if self.mixing not in ("temperature", "uniform"):
+            raise ValueError(f"BenchConfig.mixing must be 'temperature' or 'uniform', got {self.mixing!r}")
 
 
 def _model_config(cfg: BenchConfig, system: str):
@@ -159,8 +168,8 @@ def train_and_score(job: dict) -> dict:
     torch.manual_seed(job["seed"])
     model = GeneralistModel.build(_model_config(cfg, job["system"]), train, Tokenizer.default())
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                               warmup_steps=min(cfg.warmup_steps, steps // 10), mixing="uniform",
-                               seed=job["seed"], progress=False, tensorboard=False, checkpoint_every=0,
+                               warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
+                               temperature=cfg.temperature, seed=job["seed"], progress=False, tensorboard=False, checkpoint_every=0,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)
@@ -185,13 +194,22 @@ def train_and_score(job: dict) -> dict:
             "seconds": time.perf_counter() - start, "steps": steps}
 
 
-def _jobs(cfg: BenchConfig, names: Sequence[str]) -> list[dict]:
+def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
+    """Each task's expected share of the generalist's ``cfg.steps`` under its mixing (at least 1):
+    the steps of that task's specialist, at the same batch size."""
+    from moe_gen.trainer import TrainConfig
+    from moe_gen.trainer.sampling import mixing_weights
+
+    weights = mixing_weights(train_tasks, TrainConfig(mixing=cfg.mixing, temperature=cfg.temperature))
+    return {task.name: max(1, round(cfg.steps * w)) for task, w in zip(train_tasks, weights)}
+
+
+def _jobs(cfg: BenchConfig, names: Sequence[str], per_task: dict[str, int]) -> list[dict]:
     base = dataclasses.asdict(cfg)
     jobs = [{"config": base, "system": s, "tasks": list(names), "seed": seed, "steps": cfg.steps}
             for seed in cfg.seeds for s in cfg.systems]
     if cfg.specialists:
-        per_task = max(1, round(cfg.steps / len(names)))
-        jobs += [{"config": base, "system": "specialist", "tasks": [n], "seed": seed, "steps": per_task}
+        jobs += [{"config": base, "system": "specialist", "tasks": [n], "seed": seed, "steps": per_task[n]}
                  for seed in cfg.seeds for n in names]
     return jobs
 
@@ -227,15 +245,16 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     start = time.perf_counter()
     suite = suite_tasks(cfg.tasks)
     names = [t.name for t in suite]
-    classical = {}
+    classical, train_tasks = {}, []
     for task in suite:
+        train_tasks.append(task.build("train"))
         if task.classification:
-            train, test = task.build("train"), task.build("test")
+            train, test = train_tasks[-1], task.build("test")
             scored = held_out(test, cfg.eval_limit)
             classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))],
                                                     [scored.data[i] for i in range(len(scored))])
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
-    jobs = _jobs(cfg, names)
+    jobs = _jobs(cfg, names, specialist_steps(cfg, train_tasks))
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
     results = _run_jobs(jobs, cfg.workers, say)
     report = build_report(cfg, suite, classical, results, wall_seconds=time.perf_counter() - start)
