@@ -2,7 +2,7 @@
 (by routing strategy) on held-out rows of the suite in ``moe_gen.quality.suite``.
 
 Usage:
-    python scripts/bench_quality.py                       # 3 seeds, the whole suite (~40-60 min on 2 cores)
+    python scripts/bench_quality.py                       # 3 seeds, 6 generalists, 4,000 steps (~60 min on 2 cores)
     python scripts/bench_quality.py --quick               # 1 seed, a few steps: the report's shape only
     python scripts/bench_quality.py --seeds 0 --systems dense attribute --steps 800
     make bench-quality

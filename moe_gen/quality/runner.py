@@ -59,7 +59,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     flavour: str = "debug"
     num_experts: int = 8
-    steps: int = 2000
+    steps: int = 4000
     batch_size: int = 16
     lr: float = 2e-3
     warmup_steps: int = 50
