@@ -46,7 +46,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     fields = dict(QUICK) if args.quick else {}
-    for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "eval_limit", "workers", "threads"):
+    for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "eval_limit",
+                 "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

@@ -83,6 +83,8 @@ def test_quick_report_shape(tmp_path):
     assert params["attribute"]["total"] < params["specialist"]["total"]
     markdown = (out / "quality.md").read_text()
     assert "| task | input | metric |" in markdown and all(n in markdown for n in names)
+    assert "Generalists: 26 steps of 8, temperature (τ = 2) task mixing" in markdown
+    assert report["config"]["mixing"] == "temperature"
     assert (out / "quality.png").stat().st_size > 1000
 
 

@@ -9,14 +9,14 @@ Systems:
                             MoE generalists routed by that strategy, at the dense model's active
                             size (FFN hidden = top_k · expert hidden) and the same steps
 
-Generalists mix tasks as the trainer does by default, by temperature (a task's share of the samples
-∝ rows^(1/τ), τ = 2: a 1,437-row task gets 9 times the share of a 17-row one, not the same share,
-which gave the smallest tasks hundreds of epochs and the largest three); ``mixing="uniform"`` gives
-every task the same share. Each specialist trains for its task's expected share of the generalist's
-steps (``steps · weight``), the same samples. Every model run is a job (generalist × seed, or specialist × task × seed) in
-a pool of ``workers`` processes with ``threads`` torch threads each; models are scored on the
-same ``eval_limit`` held-out rows of every task (evenly spaced over the test split, which may be
-ordered by label), the rows the classical baselines are scored on.
+Generalists mix tasks as the trainer does by default, by temperature: a task's share of the
+samples ∝ rows^(1/τ), τ = 2, so a 1,437-row task gets 9 times the share of a 17-row one (uniform
+mixing, ``mixing="uniform"``, gives them the same share: hundreds of epochs of the smallest task,
+three of the largest). Each specialist trains for its task's expected share of the generalist's
+steps (``steps · weight``), the same samples. Every model run is a job (generalist × seed, or
+specialist × task × seed) in a pool of ``workers`` processes with ``threads`` torch threads each;
+models are scored on the same ``eval_limit`` held-out rows of every task (evenly spaced over the
+test split, which may be ordered by label), the rows the classical baselines are scored on.
 """
 
 from __future__ import annotations
@@ -169,7 +169,8 @@ def train_and_score(job: dict) -> dict:
     model = GeneralistModel.build(_model_config(cfg, job["system"]), train, Tokenizer.default())
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
-                               temperature=cfg.temperature, seed=job["seed"], progress=False, tensorboard=False, checkpoint_every=0,
+                               temperature=cfg.temperature, seed=job["seed"], progress=False, tensorboard=False,
+                               checkpoint_every=0,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)
