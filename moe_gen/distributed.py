@@ -31,24 +31,26 @@ tensor's dim 0 holds the local experts. Files (safetensors only):
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import json
 import os
 import tempfile
-from typing import Iterable, Union
+from typing import Iterable, Mapping, Union
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.tensor import DTensor
 
 from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
 from moe_gen.routing.balance import sync_bias_updates
 
 __all__ = [
-    "WorldInfo", "init_distributed", "world_info", "is_main_process", "barrier", "shutdown",
-    "sync_gradients", "clip_grad_norm_", "save_shards", "load_shards",
+    "WorldInfo", "init_distributed", "world_info", "is_main_process", "barrier", "shutdown", "LossModule",
+    "replicate", "no_sync", "sync_gradients", "clip_grad_norm_", "save_shards", "load_shards",
 ]
 
 FORMAT = "moe_gen.expert_shards/1"
@@ -156,6 +158,58 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Wo
 # ---- gradients --------------------------------------------------------------------------------
 
 
+class LossModule(nn.Module):
+    """A model and its objectives as one module: ``forward(name, batch)`` is objective ``name``'s
+    output (a dict with ``"loss"``) on ``batch``. ``replicate`` wraps this rather than the model, so
+    that every model call an objective makes (the contrastive one makes several) runs inside the
+    one forward that DistributedDataParallel watches."""
+
+    def __init__(self, model: nn.Module, objectives: Mapping[str, object]) -> None:
+        super().__init__()
+        self.model = model
+        self.objectives = objectives  # not modules (each holds ``model``); the mapping is shared, not copied
+
+    def forward(self, name: str, batch) -> dict:
+        return self.objectives[name](batch)
+
+
+def replicate(model: nn.Module, objectives: Mapping[str, object], plan: ExpertParallelPlan | None = None,
+              bucket_mb: float = 25.0) -> DistributedDataParallel:
+    """Data parallelism on PyTorch's engine: the model's replicated parameters under
+    ``DistributedDataParallel``, whose gradients are averaged over the world in buckets while
+    backward still runs (overlapped with it).
+
+    Experts that ``shard_experts`` spread over an EP group are left to DDP's side (each rank holds
+    other experts; ``sync_gradients(model, plan, dense_synced=True)`` scales them and reduces them
+    over their replicas). Parameters no rank used in a step keep ``grad=None``; one that only some
+    ranks used counts as zeros on the others (``find_unused_parameters``: batches of different
+    tasks use different adapters). Buffers are not broadcast (tag-balance biases are summed by
+    ``sync_gradients``). Call the wrapper as ``ddp(objective_name, batch)``; wrap every backward
+    but the step's last in ``no_sync(ddp)``.
+
+    Raises:
+        ValueError: without an initialised process group, or for FSDP-sharded models.
+    """
+    if not _active():
+        raise ValueError("replicate needs torch.distributed; launch with torchrun (init_distributed())")
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("the model's parameters are FSDP shards; FSDP2 reduces their gradients itself")
+    plan = _check_plan(model, plan)
+    module = LossModule(model, objectives)
+    if plan.ep_size > 1:  # each rank holds other experts: DDP must neither broadcast nor average them
+        ignored = [f"model.{name}" for name in plan.expert_params]
+        DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
+    device = next(model.parameters()).device
+    return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
+                                   find_unused_parameters=True, broadcast_buffers=False, bucket_cap_mb=bucket_mb)
+
+
+def no_sync(module: nn.Module):
+    """``module.no_sync()`` for a DDP wrapper (gradients accumulate locally, no communication);
+    a no-op context otherwise."""
+    return module.no_sync() if isinstance(module, DistributedDataParallel) else contextlib.nullcontext()
+
+
 def _split_params(
     model: nn.Module, plan: ExpertParallelPlan
 ) -> tuple[list[nn.Parameter], list[nn.Parameter], list[nn.Parameter]]:
@@ -221,15 +275,17 @@ def _all_reduce_grads(params: list[nn.Parameter], group, scale: float) -> None:
                 offset += g.numel()
 
 
-def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> None:
+def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None, dense_synced: bool = False) -> None:
     """Makes every rank's gradients those of the mean of the ranks' losses.
 
     Call after ``backward`` and before clipping and the optimizer step, on every rank.
 
-    - Dense (replicated) parameters: averaged over the whole world (all-reduce, ÷ world).
+    - Dense (replicated) parameters: averaged over the whole world (all-reduce, ÷ world) — unless
+      ``dense_synced``: DDP (``replicate``) averaged them during backward.
     - Expert parameters: each rank's expert gradient already sums the gradients of all the tokens
       its EP group routed to it, so it is not all-reduced over the EP group; it is summed over the
-      replicas holding the same shard (world > ep_size) and divided by the world size.
+      replicas holding the same shard (world > ep_size) and divided by the world size. (Without
+      expert parallelism they are replicated, so dense, and left alone with ``dense_synced``.)
 
     A missing gradient counts as zeros; a parameter without a gradient on every rank keeps
     ``grad=None`` (the optimizer skips it, as in one process). The selection biases of tag-routed
@@ -239,6 +295,8 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> 
         model: the model ``shard_experts`` sharded (parameter names must match the plan).
         plan: its plan; ``None`` reads it from the model (an unsharded model: plain data
             parallelism).
+        dense_synced: the replicated gradients were averaged already (the model trains under
+            ``replicate``); only expert shards are synchronised here.
     """
     from moe_gen.fsdp import drop_unused_adapter_grads
 
@@ -250,7 +308,10 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None) -> 
     world = dist.get_world_size()
     sync_bias_updates(model)  # same collective point on every rank: tag-balance loads summed over ranks
     dense, expert, _ = _split_params(model, plan)  # FSDP shards: reduce-scattered in backward already
-    _all_reduce_grads(dense, None, 1.0 / world)
+    if not dense_synced:
+        _all_reduce_grads(dense, None, 1.0 / world)
+    elif plan.ep_size == 1:
+        return  # replicated experts: DDP averaged them with the rest
     if plan.replica_group is not None:
         _all_reduce_grads(expert, plan.replica_group, 1.0 / world)
     else:  # no other rank holds these experts: only the mean-of-losses scaling

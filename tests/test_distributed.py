@@ -29,6 +29,8 @@ from moe_gen.distributed import (
     clip_grad_norm_,
     init_distributed,
     load_shards,
+    no_sync,
+    replicate,
     save_shards,
     sync_gradients,
     world_info,
@@ -260,6 +262,36 @@ def _scenario_train_step(rank: int, out_dir: str, sharding: str = "replicate"):
     return tensors, info
 
 
+def _scenario_ddp_step(rank: int, out_dir: str, ep_size: int = 2, mixed: bool = False, accumulate: bool = False):
+    """The step with the replicated parameters under DDP (``replicate``), experts sharded over
+    ``ep_size`` ranks. ``accumulate``: two backward passes, the first under ``no_sync`` on half of
+    this rank's loss, the second (synchronised) on half of the other rank's, so that each rank's
+    loss is the mean of both and parameters one rank uses only in the unsynchronised pass (mixed:
+    its adapter) still have their gradients averaged."""
+    from moe_gen.objectives import GenerativeObjective
+
+    model, batches = _debug_setup(mixed)
+    plan = shard_experts(model, ep_size) if ep_size > 1 else None
+    ddp = replicate(model, {"generative": GenerativeObjective(model)}, plan)
+    optimizer = _optimizer(model)
+    if accumulate:
+        with no_sync(ddp):
+            loss = ddp("generative", batches[rank])["loss"]
+            (0.5 * loss).backward()
+        (0.5 * ddp("generative", batches[1 - rank])["loss"]).backward()
+    else:
+        loss = ddp("generative", batches[rank])["loss"]
+        loss.backward()
+    sync_gradients(model, plan, dense_synced=True)
+    norm = clip_grad_norm_(model, MAX_NORM, plan)
+    grads = {f"grad/{name}": p.grad for name, p in model.named_parameters() if p.grad is not None}
+    optimizer.step()
+    layout = plan or expert_plan(model)
+    info = {"loss": loss.item(), "norm": norm.item(),
+            "shards": {name: [s.offset, s.count] for name, s in layout.expert_params.items()}}
+    return {name: p.detach() for name, p in model.named_parameters()} | grads, info
+
+
 def _scenario_fsdp_bf16(rank: int, out_dir: str):
     """FSDP2 gathering parameters in bf16 (reducing gradients in fp32): the loss stays near fp32's,
     parameters and AdamW moments stay fp32."""
@@ -378,6 +410,7 @@ def _scenario_checkpoint(rank: int, out_dir: str):
 SCENARIOS = {
     "train_step": _scenario_train_step,
     "fsdp_step": _scenario_fsdp_step,
+    "ddp_step": _scenario_ddp_step,
     "fsdp_bf16": _scenario_fsdp_bf16,
     "replicas": _scenario_replicas,
     "uneven": _scenario_uneven,
@@ -425,6 +458,35 @@ def test_training_step_with_expert_parallelism_equals_single_process_step(tmp_pa
             weight, grad = r0[name], r0.get(f"grad/{name}")
             assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
         if grad is not None:  # synchronised and clipped gradients
+            torch.testing.assert_close(grad, grads[name], atol=1e-7, rtol=1e-5, msg=f"gradient of {name}")
+        torch.testing.assert_close(weight, p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
+
+
+@pytest.mark.parametrize("ep_size, mixed, accumulate", [(2, False, False), (1, True, True), (2, True, True)],
+                         ids=["ep2", "ep1-ranks-with-other-modalities-accumulated", "ep2-mixed-accumulated"])
+def test_training_step_with_ddp_equals_single_process_step(tmp_path, ep_size, mixed, accumulate):
+    """DDP (``replicate``) averages the replicated gradients in backward, with or without expert
+    parallelism, also across a ``no_sync`` pass whose parameters the synchronised pass of this rank
+    does not use: the same step as one process."""
+    (r0, info0), (r1, info1) = Launch("ddp_step", tmp_path, ep_size, mixed, accumulate).results()
+
+    model, losses, norm, grads = _single_process_step(mixed)
+
+    assert info0["loss"] == pytest.approx(losses[0].item(), abs=1e-5)
+    assert info1["loss"] == pytest.approx(losses[1].item(), abs=1e-5)
+    assert info0["norm"] == pytest.approx(float(norm), rel=1e-5) and info1["norm"] == info0["norm"]
+    assert float(norm) > MAX_NORM  # clipping was active
+    assert {n for n in r0 if n.startswith("grad/")} == {f"grad/{n}" for n in grads}  # same params have grads
+    if mixed:
+        assert not any(n.startswith("grad/adapters.motion_mlp") for n in r0)  # used by no rank: no gradient
+    sharded = set(info0["shards"]) if ep_size > 1 else set()
+    for name, p in model.named_parameters():
+        if name in sharded:  # rank r holds experts [offset, offset + count): gather the full tensor
+            weight, grad = torch.cat([r0[name], r1[name]]), torch.cat([r0[f"grad/{name}"], r1[f"grad/{name}"]])
+        else:
+            weight, grad = r0[name], r0.get(f"grad/{name}")
+            assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
+        if grad is not None:
             torch.testing.assert_close(grad, grads[name], atol=1e-7, rtol=1e-5, msg=f"gradient of {name}")
         torch.testing.assert_close(weight, p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
 

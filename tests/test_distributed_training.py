@@ -1,6 +1,6 @@
 """The trainer under torchrun: 2 gloo processes with expert parallelism (and/or FSDP2 for the dense
-parameters) write sharded checkpoints, a full model, logs; the shards load on one process; an FSDP
-run resumed from a checkpoint logs the same losses."""
+parameters; DDP for replicated ones) write sharded checkpoints, a full model, logs; the shards load
+on one process; a run resumed from a checkpoint after SIGKILL logs the same losses."""
 
 from __future__ import annotations
 
@@ -55,24 +55,24 @@ def test_torchrun_expert_parallel_pretraining_saves_shards_that_load_on_one_proc
 STEPS = 12
 
 
-def _torchrun_command(out, *extra) -> list[str]:
+def _torchrun_command(out, sharding, *extra) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes", "1", "--nproc_per_node", "2",
             "--master_addr", "127.0.0.1", "--master_port", str(_free_port()),
             os.path.join(ROOT, "scripts", "pretrain.py"), "--config", "debug", "--output", str(out),
-            "--train.sharding", "fsdp", "--train.steps", str(STEPS), "--train.checkpoint_every", "3",
+            "--train.sharding", sharding, "--train.steps", str(STEPS), "--train.checkpoint_every", "3",
             "--train.eval_limit", "4", "--train.log_every", "1", *extra]
 
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
 
 
-def _killed_after_a_checkpoint(out, *extra) -> int:
+def _killed_after_a_checkpoint(out, sharding, *extra) -> int:
     """Starts the run, kills torchrun and its workers (SIGKILL to the session) once a checkpoint
     exists; returns the step of that checkpoint."""
     import signal
     import time
 
-    process = subprocess.Popen(_torchrun_command(out, *extra), env=ENV, stdout=subprocess.DEVNULL,
+    process = subprocess.Popen(_torchrun_command(out, sharding, *extra), env=ENV, stdout=subprocess.DEVNULL,
                                stderr=subprocess.DEVNULL, start_new_session=True)
     latest = out / "checkpoints" / "latest"
     deadline = time.monotonic() + 240
@@ -84,10 +84,11 @@ def _killed_after_a_checkpoint(out, *extra) -> int:
     return int(latest.read_text().split("-")[1])
 
 
-@pytest.mark.parametrize("ep", ["1", "2"])
-def test_torchrun_fsdp_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_model(tmp_path, ep):
-    out = tmp_path / "fsdp"
-    done = subprocess.run(_torchrun_command(out, "--train.expert_parallel", ep), env=ENV, capture_output=True,
+@pytest.mark.parametrize("sharding, ep", [("fsdp", "1"), ("fsdp", "2"), ("replicate", "2")])
+def test_torchrun_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_model(tmp_path, sharding, ep):
+    """FSDP2 (with and without expert parallelism) and DDP with expert parallelism."""
+    out = tmp_path / "run"
+    done = subprocess.run(_torchrun_command(out, sharding, "--train.expert_parallel", ep), env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(out / "logs" / "train.jsonl")]
@@ -103,9 +104,9 @@ def test_torchrun_fsdp_pretraining_resumes_exactly_after_sigkill_and_saves_a_who
 
     # killed after a checkpoint and resumed, the run logs the same losses and norms
     killed = tmp_path / "killed"
-    stopped_at = _killed_after_a_checkpoint(killed, "--train.expert_parallel", ep)
+    stopped_at = _killed_after_a_checkpoint(killed, sharding, "--train.expert_parallel", ep)
     assert stopped_at < STEPS
-    done = subprocess.run(_torchrun_command(killed, "--resume", "--train.expert_parallel", ep), env=ENV,
+    done = subprocess.run(_torchrun_command(killed, sharding, "--resume", "--train.expert_parallel", ep), env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = [json.loads(line) for line in open(killed / "logs" / "train.jsonl")]

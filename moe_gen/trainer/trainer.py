@@ -264,6 +264,10 @@ class Trainer:
             model.set_activation_checkpointing(True)
         self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
         self.objectives = self._objectives()
+        self.ddp = None  # replicated parameters on several processes: averaged by DDP during backward
+        if self.world > 1 and config.sharding == "replicate":
+            self.ddp = distributed.replicate(model, self.objectives, self.plan)
+        self.loss_module = self.ddp or distributed.LossModule(model, self.objectives)
         groups = _param_groups(model, config.weight_decay, config.lr, config.lr_scales)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                            fused=_fusable(groups) or None)
@@ -313,9 +317,10 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _micro_batch(self, step: int, micro: int) -> tuple[dict, collections.Counter, bool]:
-        """Forward + backward of one micro-batch; returns its loss parts, modality positions and
-        whether every process's loss was finite (non-finite micro-batches are not back-propagated,
-        on any process, so collectives stay matched)."""
+        """Forward + backward of one micro-batch, one objective group after the other (each group's
+        graph is freed before the next is built; under DDP only the step's last backward
+        communicates); returns its loss parts, modality positions and whether every process's
+        loss was finite (a step with a non-finite micro-batch is skipped on every process)."""
         cfg = self.config
         samples = self.sampler.next_batch(step, micro)
         objective_of = {t.name: t.objective for t in self.tasks}
@@ -324,34 +329,37 @@ class Trainer:
             groups[objective_of[sample.task]].append(sample)
         parts: dict[str, float] = {}
         positions: collections.Counter = collections.Counter()
-        losses = []
-        with self._autocast():
-            for name, group in sorted(groups.items()):
-                objective = self.objectives[name]
-                # the same draws on a resumed run (the stream is named by seed, process and step)
-                rng = random.Random(zlib.crc32(f"{cfg.seed}/mask/{self.rank}/{step}/{micro}".encode()))
-                batch = objective.prepare(group, rng).to(self.device)
-                positions.update(batch.tokens_per_modality)
-                out = objective(batch)
+        loss = torch.zeros((), device=self.device)
+        names = sorted(groups)
+        for i, name in enumerate(names):
+            # the same draws on a resumed run (the stream is named by seed, process and step)
+            rng = random.Random(zlib.crc32(f"{cfg.seed}/mask/{self.rank}/{step}/{micro}".encode()))
+            group = groups[name]
+            batch = self.objectives[name].prepare(group, rng).to(self.device)
+            positions.update(batch.tokens_per_modality)
+            last = micro == cfg.accumulate - 1 and i == len(names) - 1
+            with contextlib.nullcontext() if last else distributed.no_sync(self.loss_module):
+                with self._autocast():
+                    out = self.loss_module(name, batch)
                 share = len(group) / len(samples)
-                losses.append(out["loss"].float() * share)
-                for key, value in out.items():
-                    if key != "loss" and torch.is_tensor(value) and value.numel() == 1:
-                        # per-task parts belong to one group; shared parts are weighted by its share
-                        weight = 1.0 if key.startswith("task_loss/") else share
-                        parts[key] = parts.get(key, 0.0) + float(value.detach()) * weight
-        loss = torch.stack(losses).sum() if losses else torch.zeros((), device=self.device)
+                group_loss = out["loss"].float() * share
+                if group_loss.requires_grad:
+                    (group_loss / cfg.accumulate).backward()
+            loss = loss + group_loss.detach()
+            for key, value in out.items():
+                if key != "loss" and torch.is_tensor(value) and value.numel() == 1:
+                    # per-task parts belong to one group; shared parts are weighted by its share
+                    weight = 1.0 if key.startswith("task_loss/") else share
+                    parts[key] = parts.get(key, 0.0) + float(value.detach()) * weight
         finite = not distributed.any_true(not bool(torch.isfinite(loss)))
-        if finite and loss.requires_grad:
-            (loss / cfg.accumulate).backward()
-        parts["loss"] = float(loss.detach())
+        parts["loss"] = float(loss)
         return parts, positions, finite
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
         max_norm = self.config.clip_norm if self.config.clip_norm > 0 else float("inf")
         if self.world > 1:
-            distributed.sync_gradients(self.model, self.plan)
+            distributed.sync_gradients(self.model, self.plan, dense_synced=self.ddp is not None)
             return float(distributed.clip_grad_norm_(self.model, max_norm, self.plan))
         return float(torch.nn.utils.clip_grad_norm_(params, max_norm))
 
