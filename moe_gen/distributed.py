@@ -7,13 +7,15 @@ Launch with ``torchrun --nproc_per_node N script.py``; in the script:
     model = GeneralistModel.build(...)          # same seed on every rank
     plan = shard_experts(model, ep_size=2)      # moe_gen.experts.parallel
     optimizer = torch.optim.AdamW(model.parameters())
-    loss = objective(batch)["loss"]; loss.backward()
-    sync_gradients(model, plan)                 # dense: mean over the world; experts: see below
+    ddp = replicate(model, {"generative": objective}, plan)  # PyTorch's DDP over the replicated params
+    loss = ddp("generative", batch)["loss"]; loss.backward()  # their gradients averaged during backward
+    sync_gradients(model, plan, dense_synced=True)           # the expert shards: see below
     clip_grad_norm_(model, 1.0, plan); optimizer.step()
     save_shards(directory, "model", model.state_dict(), plan)
 
 The step equals one process holding every expert that minimises the mean of the ranks' losses.
-Dense gradients are averaged over all ranks. An expert's gradient already sums the contributions
+Dense gradients are averaged over all ranks: by DDP in buckets while backward runs (the trainer's
+way), or, without ``replicate``, by ``sync_gradients`` after backward in flat buckets. An expert's gradient already sums the contributions
 of the tokens that every rank of its EP group sent it (the all-to-all backward brings them home),
 so it is never all-reduced across the EP group: it is summed over the replicas that hold the same
 shard (when world > ep_size) and divided by the world size.

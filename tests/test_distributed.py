@@ -1,7 +1,7 @@
 """Expert parallelism on gloo processes (127.0.0.1): one training step equals the single-process
-step on the mean of the ranks' losses (EP 2 on 2 ranks; EP 2 × DP 2 on 4; plain DP on 2); uneven
-and empty token counts neither hang nor change the outputs; a failing rank stops its peer with an
-error; expert-shard checkpoints load across layouts.
+step on the mean of the ranks' losses (EP 2 on 2 ranks; EP 2 × DP 2 on 4; plain DP on 2; DDP with
+and without EP; FSDP2); uneven and empty token counts neither hang nor change the outputs; a failing
+rank stops its peer with an error; expert-shard checkpoints load across layouts.
 
 Each multi-process test spawns fresh processes that run one scenario function of this module and
 write their results to a safetensors file; the test compares them with a single process holding
@@ -380,6 +380,12 @@ def _scenario_failure(rank: int, out_dir: str, sharding: str = "replicate"):
         model, batches = _debug_setup()
         shard_dense(model)
         run = lambda: GenerativeObjective(model)(batches[rank])["loss"].backward()  # noqa: E731
+    elif sharding == "ddp":  # the peer waits in DDP's gradient all-reduce during backward
+        from moe_gen.objectives import GenerativeObjective
+
+        model, batches = _debug_setup()
+        ddp = replicate(model, {"generative": GenerativeObjective(model)})
+        run = lambda: ddp("generative", batches[rank])["loss"].backward()  # noqa: E731
     else:  # the peer waits on an all-to-all
         moe = _routed_layer("mlp")
         shard_experts(moe, 2)
@@ -596,7 +602,7 @@ def test_uneven_and_empty_token_counts_match_the_single_process_layer(tmp_path):
                 torch.testing.assert_close(ranks[rank][f"{kind}/no_grad/y"], reference(x, padding_mask=mask).output)
 
 
-@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+@pytest.mark.parametrize("sharding", ["replicate", "ddp", "fsdp"], ids=["expert-parallel", "ddp", "fsdp"])
 def test_a_failing_rank_stops_its_peer_with_an_error(tmp_path, sharding):
     launch = Launch("failure", tmp_path, sharding)
     assert not launch.hung, f"ranks {launch.hung} hung until killed after {LAUNCH_LIMIT_S}s"

@@ -64,7 +64,8 @@ class TrainConfig(ConfigBase):
             (those ``GeneralistModel.add_tasks`` created).
         expert_parallel: size of the expert-parallel group under ``torchrun`` (1: experts replicated).
         sharding: how dense parameters live on several processes: ``replicate`` (every process holds
-            them all; moe_gen all-reduces the gradients after backward), ``fsdp`` (PyTorch's FSDP2:
+            them all; PyTorch's DDP averages their gradients in buckets during backward; see
+            ``moe_gen.distributed.replicate``), ``fsdp`` (PyTorch's FSDP2:
             each of W processes holds 1/W of every parameter, gradient and AdamW moment; see
             ``moe_gen.fsdp``) or ``hsdp`` (FSDP2 sharding over groups of ``shard_size`` processes,
             replicated across groups; ``shard_size=1``: replicated, FSDP2 all-reducing gradients
