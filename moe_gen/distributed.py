@@ -36,6 +36,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import datetime
+import inspect
 import json
 import os
 import tempfile
@@ -202,8 +203,12 @@ def replicate(model: nn.Module, objectives: Mapping[str, object], plan: ExpertPa
         ignored = [f"model.{name}" for name in plan.expert_params]
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
     device = next(model.parameters()).device
+    # buffers are equal on every rank (synced at init); newer torch names the switch forward_sync_buffers
+    no_buffer_sync = ({"forward_sync_buffers": False}
+                      if "forward_sync_buffers" in inspect.signature(DistributedDataParallel).parameters
+                      else {"broadcast_buffers": False})
     return DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None,
-                                   find_unused_parameters=True, broadcast_buffers=False, bucket_cap_mb=bucket_mb)
+                                   find_unused_parameters=True, bucket_cap_mb=bucket_mb, **no_buffer_sync)
 
 
 def no_sync(module: nn.Module):
