@@ -505,7 +505,7 @@ class GeneralistModel(nn.Module):
         frames, stops = {}, {}
         for name, index in batch.frame_index.items():
             frames[name] = self.frame_heads[name](flat[index])
-            stops[name] = self.stop_heads[name](flat[index]).squeeze(-1)
+            stops[name] = self.stop_heads[name](flat[index]).squeeze(-1).clone()  # not a view: FSDP2 hooks outputs
         output = ModelOutput(logits, frames, stops, memory.moe_outputs + out.moe_outputs, memory.hidden)
         if torch.is_grad_enabled():
             _ = output.aux_losses  # summed now, in the graph (a later read under no_grad must not cut it)
