@@ -1,4 +1,5 @@
-"""Image patches: overlapping patches (``stride``) and the convolutional patch stem (``image_conv``)."""
+"""Image patches: overlapping patches (``stride``), the convolutional patch stem (``image_conv``), and
+training-time mirrors and rotations (``augment``)."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import torch
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
-from moe_gen.tasks.modalities.visual import ConvPatchAdapter, ImagePreprocessor, patchify
+from moe_gen.tasks.modalities.visual import IMAGE_AUGMENTATIONS, ConvPatchAdapter, ImagePreprocessor, patchify
 
 
 def test_patchify_side_by_side_and_overlapping():
@@ -37,7 +38,7 @@ def test_overlapping_patches_keep_grid_positions_and_bad_strides_are_refused():
 
 def test_conv_stem_trains_through_a_model_and_refuses_non_square_patches():
     base = load_preset("digit_counting", "train", limit=4)
-    instruction = str(base.instruction).replace("[IMAGE:image]", "[IMAGE:image,adaptor=image_conv]")
+    instruction = str(base.instruction).replace("[IMAGE:image,", "[IMAGE:image,adaptor=image_conv,")
     task = Task(base.name, instruction, base.data, preprocessor_options={"image": {"stride": 4}})
     tok = Tokenizer.default()
     torch.manual_seed(0)
@@ -90,3 +91,52 @@ def test_region_adds_the_box_crop_as_a_second_frame_and_bad_boxes_name_the_colum
                    [{"image": row["image"], "query": "3"}])
     with pytest.raises(TaskDataError, match="region=box names a box column the row lacks"):
         missing.encode(0, Tokenizer.default(), training=False)
+
+
+def _image_rows(sample) -> torch.Tensor:
+    return next(c for c in sample.encoder if c.tokens is None).rows
+
+
+def test_augment_draws_every_symmetry_in_training_and_leaves_evaluation_alone():
+    from PIL import Image
+
+    tok = Tokenizer.default()
+    counting = load_preset("digit_counting", "train", limit=1)
+    assert "augment=dihedral" in str(counting.instruction)
+    plain = str(counting.instruction).replace(",augment=dihedral", "")
+    image = Image.fromarray(counting.data[0]["image"])
+    expected = {}  # each symmetry's patches, as a task without augment encodes the transformed image
+    for name in IMAGE_AUGMENTATIONS["dihedral"]:
+        turned = image if name is None else image.transpose(getattr(Image.Transpose, name))
+        row = dict(counting.data[0], image=turned)
+        expected[name] = _image_rows(Task("plain", plain, [row]).encode(0, tok, training=False))
+    assert len({tuple(v.flatten()[:64].tolist()) for v in expected.values()}) == 8  # the canvas has no symmetry
+
+    def drawn(seed: int):
+        rows = _image_rows(counting.encode(0, tok, seed=seed, training=True))
+        return [name for name, want in expected.items() if torch.equal(rows, want)]
+
+    draws = [drawn(seed) for seed in range(48)]
+    assert all(len(d) == 1 for d in draws)  # every training encoding is exactly one symmetry
+    assert {d[0] for d in draws} == set(IMAGE_AUGMENTATIONS["dihedral"])
+    assert drawn(7) == draws[7]  # the same seed draws the same one (exact resume)
+    for seed in range(4):  # evaluation sees the image as it is
+        assert torch.equal(_image_rows(counting.encode(0, tok, seed=seed, training=False)), expected[None])
+
+    mirror = Task("mirror", plain.replace("[IMAGE:image]", "[IMAGE:image,augment=mirror]"), counting.data)
+    assert {name for seed in range(24) for name in [n for n, want in expected.items() if torch.equal(
+        _image_rows(mirror.encode(0, tok, seed=seed, training=True)), want)]} == {None, "FLIP_LEFT_RIGHT"}
+
+
+@pytest.mark.parametrize("instruction, message", [
+    ("[IMAGE:image,augment=spin] how many? -> [TEXT:count]", "unknown augment 'spin'; known: mirror, dihedral"),
+    ("[IMAGE:image,augment=mirror] where is it? -> [BOX:query_box]", "boxes would no longer match"),
+    ("[IMAGE:image,augment=mirror,region=query_box] what digit? -> [TEXT:query]", "boxes would no longer match"),
+    ("[TEXT:count] -> [IMAGE:image,augment=mirror]", "applies to input images"),
+    ("[IMAGE:image,augment=mirror,preprocess=image_vq] how many? -> [TEXT:count]", "preprocess=image_vq"),
+])
+def test_augment_is_refused_where_it_would_change_the_answer_or_cannot_apply(instruction, message):
+    rows = load_preset("digit_counting", "train", limit=1).data
+    with pytest.raises(ValueError, match=message) as caught:
+        Task("augmented", instruction, rows).encode(0, Tokenizer.default(), training=True)
+    assert "task 'augmented'" in str(caught.value) and "slot [IMAGE:image" in str(caught.value)

@@ -262,6 +262,8 @@ class TaskPlan:
                              f"{', '.join(PREPROCESSORS.list())}")
         if preprocess not in self._preprocessors:
             self._preprocessors[preprocess] = PREPROCESSORS.get(preprocess)(**dict(options.get(preprocess, {})))
+        if "augment" in slot.attrs:
+            self._check_augment(where, slot, side, preprocess)
         adaptor = slot.attrs.get("adaptor", modality.adaptor)
         if adaptor is not None and str(adaptor) not in ADAPTERS:
             raise ValueError(f"{where}: unknown adaptor {adaptor!r}; known: {', '.join(ADAPTERS.list())}")
@@ -270,6 +272,22 @@ class TaskPlan:
         no_loss = bool(slot.attrs.get("no_loss"))
         return SlotPlan(slot, side, modality, preprocess, adaptor, PROMPT if no_loss else TARGET,
                         not no_loss, None if no_loss else self._decode_spec(slot, modality, preprocess))
+
+    def _check_augment(self, where: str, slot: Slot, side: str, preprocess: str) -> None:
+        """``augment=`` is for image inputs patched by the ``image`` preprocessor, in tasks whose
+        answers a mirror or rotation leaves true: none with boxes, which would no longer match."""
+        from moe_gen.tasks.modalities.visual import IMAGE_AUGMENTATIONS
+
+        kind = str(slot.attrs["augment"])
+        if kind not in IMAGE_AUGMENTATIONS:
+            raise ValueError(f"{where}: unknown augment {kind!r}; known: {', '.join(IMAGE_AUGMENTATIONS)}")
+        if side != "encoder" or preprocess != "image":
+            raise ValueError(f"{where}: augment applies to input images of the 'image' preprocessor, not to "
+                             f"{'a target' if side != 'encoder' else f'preprocess={preprocess}'}")
+        slots = [s for t in self.instruction.templates for s in t.encoder + t.decoder]
+        if "region" in slot.attrs or any(s.modality == "BOX" for s in slots):
+            raise ValueError(f"{where}: augment moves pixels, so the task's boxes would no longer match the "
+                             "image; drop augment or the BOX slots / region")
 
     def preprocessor(self, plan: SlotPlan):
         """The preprocessor instance that encodes (and, for image codes, renders) ``plan``'s values."""

@@ -28,13 +28,23 @@ from moe_gen.tasks.modalities.base import (
     tensor_to_numpy,
 )
 
-__all__ = ["load_image", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "ConvPatchAdapter", "patchify"]
+__all__ = ["load_image", "augment_image", "IMAGE_AUGMENTATIONS", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "ConvPatchAdapter", "patchify"]
 
 register_modality(ModalitySpec("IMAGE", text_like=False, preprocess="image", adaptor="image_patch"))
 register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", adaptor="video_patch"))
 
 # Rows and columns the patch adapters have position embeddings for.
 MAX_GRID_SIDE = 64
+
+# ``augment=`` of an IMAGE input slot: label-preserving geometric changes drawn per sample in
+# training (PIL ``Image.Transpose`` names; None is the image as it is). ``mirror``: left-right or not;
+# ``dihedral``: the 8 symmetries of the square (4 rotations by 90°, each mirrored or not) — for
+# answers that do not depend on orientation, such as how many objects an image shows.
+IMAGE_AUGMENTATIONS: dict[str, tuple[Optional[str], ...]] = {
+    "mirror": (None, "FLIP_LEFT_RIGHT"),
+    "dihedral": (None, "ROTATE_90", "ROTATE_180", "ROTATE_270", "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM",
+                 "TRANSPOSE", "TRANSVERSE"),
+}
 
 # ImageNet statistics: the usual normalisation of RGB inputs.
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -118,6 +128,15 @@ def patchify(image_CHW: torch.Tensor, patch: int, stride: Optional[int] = None) 
     return x.permute(1, 2, 3, 4, 0).reshape(-1, patch * patch * C)
 
 
+def augment_image(img, kind: str, rng):
+    """``img`` under one of augmentation ``kind``'s transformations, drawn by ``rng`` (uniformly,
+    the identity included; ``IMAGE_AUGMENTATIONS``)."""
+    from PIL import Image
+
+    name = rng.choice(IMAGE_AUGMENTATIONS[kind])
+    return img if name is None else img.transpose(getattr(Image.Transpose, name))
+
+
 def _to_tensor(img, size: int) -> torch.Tensor:
     from PIL import Image
 
@@ -137,7 +156,8 @@ class ImagePreprocessor(Preprocessor):
     """Image → resized to ``size``² → normalised → P×P patches, ``stride`` pixels apart (default
     ``patch``: side by side; smaller: overlapping, so that a small object lies whole inside some
     patch); ``mask_ratio`` drops a random share of the patches in training (the kept ones keep
-    their grid positions)."""
+    their grid positions); ``augment`` (``mirror``, ``dihedral``) mirrors or rotates each training
+    image at random (``augment_image``)."""
 
     modality = "IMAGE"
 
@@ -160,6 +180,8 @@ class ImagePreprocessor(Preprocessor):
             img = load_image(value)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
+        if ctx.training and slot.attrs.get("augment"):
+            img = augment_image(img, str(slot.attrs["augment"]), ctx.rng)
         width, height = img.size
         features = patchify(_to_tensor(img, self.size), self.patch, self.stride)
         side = (self.size - self.patch) // self.stride + 1
