@@ -104,8 +104,9 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
     return config
 
 
-def load_run_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
-    """A recipe by name, or a YAML file with the same structure, with dotted overrides applied."""
+def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
+    """A recipe by name, or a YAML file of the same keys (``recipe: NAME`` starts from one), with
+    dotted overrides applied: a ``RunConfig`` (``moe_gen.trainer``), every key checked."""
     from moe_gen.trainer.recipes import get_recipe
 
     if name_or_path.endswith((".yaml", ".yml")) or os.path.exists(name_or_path):
@@ -121,11 +122,17 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
         if not isinstance(config, dict):
             raise ValueError(f"{name_or_path} must hold a mapping of run configuration keys (model, train, "
                              f"tasks, ...), not a {type(config).__name__}")
-        base = get_recipe(config.pop("recipe")) if "recipe" in config else {}
+        base = get_recipe(config.pop("recipe")).to_dict() if "recipe" in config else {}
         config = merge(base, config)
     else:
-        config = get_recipe(name_or_path)
-    config = apply_overrides(config, overrides)
+        config = get_recipe(name_or_path).to_dict()
+    return _run_config(apply_overrides(config, overrides))
+
+
+def _run_config(config: dict):
+    """The ``RunConfig`` of a merged dict; errors name the key at fault."""
+    from moe_gen.trainer import RunConfig
+
     known = {"model": dict, "train": dict, "tasks": list, "eval_tasks": list, "output_dir": str, "baseline": bool}
     unknown = sorted(set(config) - set(known))
     if unknown:
@@ -137,7 +144,7 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()) -> dict:
             continue
         if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
             raise ValueError(f"run configuration key {key!r} must be {wanted[kind]}, got {value!r}")
-    return config
+    return RunConfig.from_dict({k: v for k, v in config.items() if v is not None})
 
 
 def _model_config(section: dict):
@@ -218,7 +225,7 @@ class RunIncomplete(RuntimeError):
     """The run stopped or finished without saving everything; the message says what is saved."""
 
 
-def _build_model(config: dict, tasks, train_config):
+def _build_model(config, tasks, train_config):
     """The run's model: from a checkpoint (``model.init``) or built from its configuration."""
     import torch
 
@@ -226,7 +233,7 @@ def _build_model(config: dict, tasks, train_config):
     from moe_gen.tasks import Tokenizer
 
     torch.manual_seed(train_config.seed)
-    section = config.get("model", {})
+    section = config.model
     if "init" in section:
         return _pretrained_model(section, tasks, train_config.seed)
     return GeneralistModel.build(_model_config(section), tasks, Tokenizer.default())
@@ -274,23 +281,22 @@ def _save_run(trainer, summary: dict, results: dict, baseline, output_dir: str, 
     return checkpoint
 
 
-def _train(config: dict, model=None, resume: bool = False, overwrite: bool = False) -> dict:
+def _train(config, model=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save. Raises
     ``RunIncomplete`` (saying what was and was not saved) when the model or the last step's
     checkpoint could not be written."""
     import torch
 
     from moe_gen import distributed
-    from moe_gen.trainer import TrainConfig, Trainer
+    from moe_gen.trainer import Trainer
     from moe_gen.trainer.lock import RunLock
 
-    train_config = TrainConfig.from_dict(config.get("train", {}))
-    output_dir = config.get("output_dir", "runs/default")
+    train_config, output_dir = config.train, config.output_dir
     if distributed.is_main_process():
         with RunLock(output_dir):  # a busy run directory is refused now, not after loading data (Trainer locks it)
             pass
-    tasks = _tasks(config.get("tasks", []), "train")
-    eval_tasks = _tasks(config.get("eval_tasks") or config.get("tasks", []), "test")
+    tasks = _tasks(config.tasks, "train")
+    eval_tasks = _tasks(config.eval_tasks or config.tasks, "test")
     if train_config.num_threads:
         torch.set_num_threads(train_config.num_threads)
     if model is None:
@@ -300,7 +306,7 @@ def _train(config: dict, model=None, resume: bool = False, overwrite: bool = Fal
     with Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
                  overwrite=overwrite) as trainer:
         baseline = None
-        if config.get("baseline") and trainer.resumed_from is None:
+        if config.baseline and trainer.resumed_from is None:
             _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
             baseline = trainer.evaluate()
         summary = _fit(trainer, model, tasks, output_dir)
@@ -320,7 +326,7 @@ def _cmd_pretrain(args, overrides) -> int:
 
     config = load_run_config(args.config, overrides)
     if args.output:
-        config["output_dir"] = args.output
+        config = config.replace(output_dir=args.output)
     distributed.init_distributed()
     _train(config, resume=args.resume, overwrite=args.overwrite)
     distributed.shutdown()
@@ -333,10 +339,10 @@ def _cmd_finetune(args, overrides) -> int:
 
     config = load_run_config(args.config, overrides)
     if args.tasks:
-        config["tasks"] = list(args.tasks)
+        config = config.replace(tasks=tuple(args.tasks))
     if args.output:
-        config["output_dir"] = args.output
-    if config.get("model"):
+        config = config.replace(output_dir=args.output)
+    if config.model:
         raise ValueError("finetune takes the model from --from; drop the model: section / --model.* overrides")
     distributed.init_distributed()
     model = GeneralistModel.from_pretrained(getattr(args, "from"))

@@ -26,13 +26,13 @@ def debug_losses(steps: int = STEPS) -> list[float]:
     from moe_gen.cli import _model_config, _tasks, load_run_config
     from moe_gen.model import GeneralistModel
     from moe_gen.tasks import Tokenizer
-    from moe_gen.trainer import TrainConfig, Trainer
+    from moe_gen.trainer import Trainer
 
     config = load_run_config("debug")
-    train = TrainConfig.from_dict({**config["train"], "steps": steps, "progress": False, "tensorboard": False})
-    tasks = _tasks(config["tasks"], "train")
+    train = config.train.replace(steps=steps, progress=False, tensorboard=False)
+    tasks = _tasks(config.tasks, "train")
     torch.manual_seed(train.seed)
-    model = GeneralistModel.build(_model_config(config["model"]), tasks, Tokenizer.default())
+    model = GeneralistModel.build(_model_config(config.model), tasks, Tokenizer.default())
     with tempfile.TemporaryDirectory() as tmp:
         trainer = Trainer(model, tasks, train, output_dir=tmp)
         return [trainer.train_step(step)["loss"] for step in range(1, steps + 1)]

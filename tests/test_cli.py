@@ -12,6 +12,7 @@ import time
 import pytest
 
 from moe_gen.cli import apply_overrides, load_run_config, main
+from moe_gen.trainer import TrainConfig
 from moe_gen.trainer.logs import read_jsonl_log
 
 ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
@@ -30,12 +31,12 @@ def test_dotted_overrides_are_typed_and_nested():
 
 def test_recipes_and_yaml_files_load_and_unknown_keys_fail(tmp_path):
     demo = load_run_config("demo")
-    assert len(demo["tasks"]) >= 8 and demo["model"]["flavour"] == "tiny"
+    assert len(demo.tasks) >= 8 and demo.model["flavour"] == "tiny" and isinstance(demo.train, TrainConfig)
     path = tmp_path / "run.yaml"
     path.write_text("recipe: debug\ntrain:\n  steps: 3\ntasks: [table_species]\n")
     config = load_run_config(str(path), ["--train.lr", "0.01"])
-    assert config["train"]["steps"] == 3 and config["train"]["lr"] == 0.01 and config["tasks"] == ["table_species"]
-    assert config["train"]["batch_size"] == 8  # the rest comes from the recipe
+    assert config.train.steps == 3 and config.train.lr == 0.01 and config.tasks == ("table_species",)
+    assert config.train.batch_size == 8  # the rest comes from the recipe
     with pytest.raises(ValueError, match="unknown recipe"):
         load_run_config("nope")
     with pytest.raises(ValueError, match="unknown run configuration keys"):
@@ -48,13 +49,13 @@ def test_yaml_files_and_flags_merge_by_one_rule(tmp_path):
     from moe_gen.cli import _model_config
 
     recipe = load_run_config("demo")
-    assert len(recipe["model"]["router"]) > 1  # the demo recipe sets more router keys than the strategy
+    assert len(recipe.model["router"]) > 1  # the demo recipe sets more router keys than the strategy
     path = tmp_path / "run.yaml"
     path.write_text("recipe: demo\nmodel:\n  router:\n    strategy: token\n")
     from_yaml = load_run_config(str(path))
     from_flag = load_run_config("demo", ["--model.router.strategy", "token"])
     assert from_yaml == from_flag
-    assert from_yaml["model"]["router"] == {**recipe["model"]["router"], "strategy": "token"}
+    assert from_yaml.model["router"] == {**recipe.model["router"], "strategy": "token"}
     config = _model_config({"flavour": "debug", "router": {"strategy": "task"}, "experts": {"kind": "glu"}})
     assert config.router.strategy == "task" and config.experts.kind == "glu"
     assert config.router.gate == _model_config({"flavour": "debug"}).router.gate  # siblings kept

@@ -269,7 +269,7 @@ def test_pretrain_command_starts_from_a_checkpoint_and_upcycles_it(tmp_path):
     from moe_gen.cli import load_run_config
 
     recipe = load_run_config("demo-pretrained")  # the dashed name finds demo_pretrained
-    assert recipe["model"]["init"] == "hf:minilm" and recipe["train"]["lr_scales"]["encoder."] == 0.1
+    assert recipe.model["init"] == "hf:minilm" and recipe.train.lr_scales["encoder."] == 0.1
     assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad"), "--model.init", "hf:minilm",
                  *common]) == 2  # the debug recipe names a flavour
     assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad2"), "--model", "{}",

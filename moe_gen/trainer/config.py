@@ -174,3 +174,31 @@ class TrainConfig(ConfigBase):
         for modality, budget in self.modality_budget.items():
             if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
                 raise ValueError(f"TrainConfig.modality_budget[{modality!r}] must be an integer >= 1, got {budget!r}")
+
+
+@dataclasses.dataclass
+class RunConfig(ConfigBase):
+    """One training run, as a recipe (``moe_gen.trainer.recipes``) or a YAML file describes it and
+    ``moe-gen pretrain`` / ``finetune`` carry it out. YAML over a recipe and ``--a.b value`` flags
+    merge into its dict form by one rule (``moe_gen.cli.merge``); ``from_dict`` then checks every key.
+
+    Attributes:
+        model: how the model is made: ``flavour`` plus ``ModelConfig`` overrides (``{"flavour":
+            "tiny", "router": {"strategy": "attribute"}}``), or ``init: "hf:..."`` (and ``upcycle``)
+            for a pretrained backbone; empty for ``finetune``, which loads a saved model.
+        train: the ``TrainConfig``.
+        tasks: preset names trained on (their ``train`` split).
+        eval_tasks: preset names evaluated on their ``test`` split (empty: ``tasks``).
+        output_dir: where logs, checkpoints, the model and ``eval.json`` go.
+        baseline: evaluate the model before training too (the table shows both).
+    """
+
+    model: dict = dataclasses.field(default_factory=dict)
+    train: TrainConfig = dataclasses.field(default_factory=TrainConfig)
+    tasks: tuple[str, ...] = ()
+    eval_tasks: tuple[str, ...] = ()
+    output_dir: str = "runs/default"
+    baseline: bool = False
+
+    def __post_init__(self) -> None:
+        self.check_types()
