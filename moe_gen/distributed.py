@@ -15,10 +15,11 @@ Launch with ``torchrun --nproc_per_node N script.py``; in the script:
 
 The step equals one process holding every expert that minimises the mean of the ranks' losses.
 Dense gradients are averaged over all ranks: by DDP in buckets while backward runs (the trainer's
-way), or, without ``replicate``, by ``sync_gradients`` after backward in flat buckets. An expert's gradient already sums the contributions
-of the tokens that every rank of its EP group sent it (the all-to-all backward brings them home),
-so it is never all-reduced across the EP group: it is summed over the replicas that hold the same
-shard (when world > ep_size) and divided by the world size.
+way), or, without ``replicate``, by ``sync_gradients`` after backward in flat buckets. An expert's
+gradient already sums the contributions of the tokens that every rank of its EP group sent it (the
+all-to-all backward brings them home), so it is never all-reduced across the EP group: it is
+summed over the replicas that hold the same shard (when world > ep_size) and divided by the world
+size.
 
 Checkpoint tensors are keyed by parameter name, or ``"<parameter name>::<suffix>"`` for optimizer
 state (``exp_avg``); a key is expert-sharded when its parameter is an expert parameter and the

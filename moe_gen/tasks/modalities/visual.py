@@ -28,7 +28,8 @@ from moe_gen.tasks.modalities.base import (
     tensor_to_numpy,
 )
 
-__all__ = ["load_image", "augment_image", "IMAGE_AUGMENTATIONS", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "ConvPatchAdapter", "patchify"]
+__all__ = ["load_image", "augment_image", "IMAGE_AUGMENTATIONS", "ImagePreprocessor", "VideoPreprocessor",
+           "PatchAdapter", "ConvPatchAdapter", "patchify"]
 
 register_modality(ModalitySpec("IMAGE", text_like=False, preprocess="image", adaptor="image_patch"))
 register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", adaptor="video_patch"))
