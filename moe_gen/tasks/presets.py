@@ -124,7 +124,8 @@ def _canvas_questions(split):
 
 preset("vqa_digits", "[IMAGE:image] is there a [TEXT:asked] in the image? -> [TEXT:answer,closed_set]",
        _CANVAS_QA, ("accuracy",), licence=_L_CANVAS)(_canvas_questions)
-preset("visual_entailment", '[IMAGE:image] does the image entail " [TEXT:hypothesis] "? -> [TEXT:relation,closed_set]',
+preset("visual_entailment",  # hypotheses are digit counts: true whatever the canvas's orientation
+       '[IMAGE:image,augment=dihedral] does the image entail " [TEXT:hypothesis] "? -> [TEXT:relation,closed_set]',
        _CANVAS_QA, ("accuracy",), licence=_L_CANVAS)(_canvas_questions)
 
 _VQ = ("; targets are codes of moe_gen's image tokenizer (moe_gen/tasks/data/image_vq_digits.safetensors, "
