@@ -131,12 +131,16 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
 
 def _run_config(config: dict):
     """The ``RunConfig`` of a merged dict; errors name the key at fault."""
+    import dataclasses
+
     from moe_gen.trainer import RunConfig
 
-    known = {"model": dict, "train": dict, "tasks": list, "eval_tasks": list, "output_dir": str, "baseline": bool}
-    unknown = sorted(set(config) - set(known))
+    names = sorted(f.name for f in dataclasses.fields(RunConfig))
+    unknown = sorted(set(config) - set(names))
     if unknown:
-        raise ValueError(f"unknown run configuration keys {unknown}; known: {', '.join(sorted(known))}")
+        raise ValueError(f"unknown run configuration keys {unknown}; known: {', '.join(names)}")
+    # friendlier words than RunConfig.from_dict's for the usual mistakes
+    known = {"model": dict, "train": dict, "tasks": list, "eval_tasks": list, "output_dir": str, "baseline": bool}
     wanted = {dict: "a mapping", list: "a list of preset names", str: "a string", bool: "true or false"}
     for key, kind in known.items():
         value = config.get(key)

@@ -46,8 +46,8 @@ from typing import Iterable, Mapping, Union
 import torch
 import torch.distributed as dist
 from torch import nn
-from torch.nn.parallel import DistributedDataParallel
 from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
 
 from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
 from moe_gen.routing.balance import sync_bias_updates
