@@ -84,11 +84,14 @@ def _killed_after_a_checkpoint(out, sharding, *extra) -> int:
     return int(latest.read_text().split("-")[1])
 
 
-@pytest.mark.parametrize("sharding, ep", [("fsdp", "1"), ("fsdp", "2"), ("replicate", "2")])
-def test_torchrun_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_model(tmp_path, sharding, ep):
-    """FSDP2 (with and without expert parallelism) and DDP with expert parallelism."""
+@pytest.mark.parametrize("sharding, ep, accumulate", [("fsdp", "1", "1"), ("fsdp", "2", "1"), ("replicate", "2", "2")])
+def test_torchrun_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_model(tmp_path, sharding, ep,
+                                                                                    accumulate):
+    """FSDP2 (with and without expert parallelism) and DDP with expert parallelism, accumulating 2
+    micro-batches (the first backward under ``no_sync``)."""
+    ep = (ep, "--train.accumulate", accumulate)
     out = tmp_path / "run"
-    done = subprocess.run(_torchrun_command(out, sharding, "--train.expert_parallel", ep), env=ENV, capture_output=True,
+    done = subprocess.run(_torchrun_command(out, sharding, "--train.expert_parallel", *ep), env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(out / "logs" / "train.jsonl")]
@@ -104,9 +107,9 @@ def test_torchrun_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_mo
 
     # killed after a checkpoint and resumed, the run logs the same losses and norms
     killed = tmp_path / "killed"
-    stopped_at = _killed_after_a_checkpoint(killed, sharding, "--train.expert_parallel", ep)
+    stopped_at = _killed_after_a_checkpoint(killed, sharding, "--train.expert_parallel", *ep)
     assert stopped_at < STEPS
-    done = subprocess.run(_torchrun_command(killed, sharding, "--resume", "--train.expert_parallel", ep), env=ENV,
+    done = subprocess.run(_torchrun_command(killed, sharding, "--resume", "--train.expert_parallel", *ep), env=ENV,
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     resumed = [json.loads(line) for line in open(killed / "logs" / "train.jsonl")]
