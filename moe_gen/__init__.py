@@ -29,7 +29,7 @@ __all__ = [
     "TagBatch", "TokenTags", "DenseFFN", "from_hf_moe", "moe_from_mixtral",
     "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
     "TASKS", "METRICS", "Instruction", "InstructionError", "Task", "GeneralistModel", "ModelConfig",
-    "Trainer", "TrainConfig",
+    "MoELayers", "Trainer", "TrainConfig",
 ]
 
 
@@ -39,7 +39,7 @@ def __getattr__(name):
         from moe_gen import tasks
 
         return getattr(tasks, name)
-    if name in ("GeneralistModel", "ModelConfig"):
+    if name in ("GeneralistModel", "ModelConfig", "MoELayers"):
         from moe_gen import model
 
         return getattr(model, name)

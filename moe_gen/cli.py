@@ -16,7 +16,7 @@
     torchrun --nproc_per_node 2 scripts/pretrain.py --config debug --train.expert_parallel 2
 
 Dotted overrides set any key of the run configuration: ``--train.<TrainConfig field>``,
-``--model.<ModelConfig field>`` (``--model.router.strategy token``), ``--tasks a,b,c``. Values are
+``--model.<ModelConfig field>`` (``--model.moe.router.strategy token``, ``--model.moe.num_experts 8``), ``--tasks a,b,c``. Values are
 read as YAML (numbers, booleans, lists ``[a, b]``, mappings ``{AUDIO: 600}``). Settings are checked
 before anything trains.
 

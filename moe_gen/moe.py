@@ -247,9 +247,8 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
         if not layer.router.content_dependent:
             layer.freeze_for_inference()
     config = getattr(merged, "config", None)
-    if layers and all(layer.frozen for layer in layers) and dataclasses.is_dataclass(config) \
-            and hasattr(config, "backend"):
-        merged.config = dataclasses.replace(config, backend="merged")  # a saved copy reloads merged
+    if layers and all(layer.frozen for layer in layers) and hasattr(config, "with_moe"):
+        merged.config = config.with_moe(backend="merged")  # a saved copy (ModelConfig) reloads merged
     return merged
 
 

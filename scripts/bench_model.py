@@ -105,8 +105,8 @@ def main(argv=None) -> int:
         base = flavour(name)
         variants = {
             "dense": base.dense_twin(),
-            "moe_token": base.replace(router=RouterConfig(strategy="token")),
-            "moe_attribute": base.replace(router=RouterConfig(strategy="attribute")),
+            "moe_token": base.with_moe(router=RouterConfig(strategy="token")),
+            "moe_attribute": base.with_moe(router=RouterConfig(strategy="attribute")),
         }
         models = {}
         for label, config in variants.items():

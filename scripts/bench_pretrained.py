@@ -89,7 +89,7 @@ def _text_side(model, ids):
     """Token sequences as an input side of ``model`` (right-padded)."""
     from moe_gen.tasks.batch import Side
 
-    return Side.from_token_ids(ids, model.tokenizer.pad_id, model.config.router.num_modalities)
+    return Side.from_token_ids(ids, model.tokenizer.pad_id, model.config.moe.router.num_modalities)
 
 
 SENTENCES = ["The capital of France is Paris.", "A man is playing a guitar on the street at night.",
@@ -181,10 +181,11 @@ def _build(system: str, tasks, seed: int):
         return model
     if system == "scratch-same":  # MiniLM's widths and depths, the upcycled model's MoE layers
         config = flavour("tiny", d_model=384, num_heads=12, encoder_layers=6, decoder_layers=2, ffn_hidden=1536,
-                         expert_hidden=1536, num_experts=8, top_k=2, moe_every=2, max_positions=512, dropout=0.1,
-                         router=RouterConfig(strategy="attribute"))
+                         max_positions=512, dropout=0.1,
+                         moe=dict(expert_hidden=1536, num_experts=8, top_k=2, every=2,
+                                  router=RouterConfig(strategy="attribute")))
     else:
-        config = flavour("tiny", dropout=0.1, router=RouterConfig(strategy="attribute"))
+        config = flavour("tiny", dropout=0.1, moe={"router": RouterConfig(strategy="attribute")})
     return GeneralistModel.build(config, tasks, Tokenizer.default())
 
 

@@ -122,7 +122,7 @@ def run(args, rank: int = 0, world: int = 1, expert_parallel: int = 1, sharding:
 
     torch.manual_seed(0)
     tasks = [load_preset(n, "train") for n in TASKS]
-    model = GeneralistModel.build(flavour(args.flavour, router=RouterConfig(strategy=args.router)), tasks,
+    model = GeneralistModel.build(flavour(args.flavour, moe={"router": RouterConfig(strategy=args.router)}), tasks,
                                   Tokenizer.default())
     timers = Timers()
     instrument(timers)

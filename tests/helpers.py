@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 
 import torch
 
 from moe_gen import MoE, TokenTags
+from moe_gen.model import MoELayers, flavour
+
+_MOE_FIELDS = {f.name for f in dataclasses.fields(MoELayers)}
 
 
 def random_tags(shape, num_tasks=3, generator=None) -> TokenTags:
@@ -66,3 +70,10 @@ def with_backend(moe: MoE, backend: str) -> MoE:
     other = copy.deepcopy(moe)
     other.set_backend(backend)
     return other
+
+
+def flavour_with(name: str, **overrides):
+    """``flavour(name)`` with overrides given flat: ``MoELayers`` fields (``router``, ``every``,
+    ``num_experts``...) go to ``moe``, the rest to ``ModelConfig``."""
+    moe = {k: overrides.pop(k) for k in list(overrides) if k in _MOE_FIELDS}
+    return flavour(name, **overrides, moe=moe)

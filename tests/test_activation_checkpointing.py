@@ -28,7 +28,7 @@ def tasks():
 def build(tasks, tok, **overrides) -> GeneralistModel:
     torch.manual_seed(0)
     overrides.setdefault("router", RouterConfig(strategy="attribute", noise="gaussian", tag_balance="bias"))
-    return GeneralistModel.build(flavour("debug", dropout=0.1, moe_every=1, **overrides), tasks, tok).train()
+    return GeneralistModel.build(flavour("debug", dropout=0.1, moe={"every": 1, **overrides}), tasks, tok).train()
 
 
 def step(model, batch, objective=GenerativeObjective, seed=1):

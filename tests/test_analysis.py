@@ -285,7 +285,7 @@ def trained(tmp_path_factory, one_thread):
     for seed in SEEDS:
         for strategy in ("attribute", "token"):
             torch.manual_seed(seed)
-            config = flavour("debug", **MODEL_OVERRIDES, router=RouterConfig(strategy=strategy))
+            config = flavour("debug", moe={**MODEL_OVERRIDES, "router": RouterConfig(strategy=strategy)})
             model = GeneralistModel.build(config, train, tok)
             root = tmp_path_factory.mktemp(f"{strategy}{seed}")
             Trainer(model, train, TrainConfig(steps=40, batch_size=16, lr=2e-3, warmup_steps=5, seed=seed,

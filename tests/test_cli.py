@@ -12,6 +12,7 @@ import time
 import pytest
 
 from moe_gen.cli import apply_overrides, load_run_config, main
+from moe_gen.model import flavour
 from moe_gen.trainer import TrainConfig
 from moe_gen.trainer.logs import read_jsonl_log
 
@@ -20,11 +21,11 @@ ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 def test_dotted_overrides_are_typed_and_nested():
     config = apply_overrides({"train": {"lr": 1.0}}, [
-        "--train.lr", "3e-4", "--train.steps", "7", "--train.progress", "false", "--model.router.strategy", "token",
+        "--train.lr", "3e-4", "--train.steps", "7", "--train.progress", "false", "--model.moe.router.strategy", "token",
         "--train.modality_budget", "{AUDIO: 600}", "--tasks", "a,b", "--train.betas=[0.9, 0.95]"])
     assert config == {"train": {"lr": 3e-4, "steps": 7, "progress": False, "modality_budget": {"AUDIO": 600},
                                 "betas": [0.9, 0.95]},
-                      "model": {"router": {"strategy": "token"}}, "tasks": ["a", "b"]}
+                      "model": {"moe": {"router": {"strategy": "token"}}}, "tasks": ["a", "b"]}
     with pytest.raises(ValueError, match="needs a value"):
         apply_overrides({}, ["--train.lr"])
 
@@ -49,16 +50,39 @@ def test_yaml_files_and_flags_merge_by_one_rule(tmp_path):
     from moe_gen.cli import _model_config
 
     recipe = load_run_config("demo")
-    assert len(recipe.model["router"]) > 1  # the demo recipe sets more router keys than the strategy
+    router = recipe.model["moe"]["router"]
+    assert len(router) > 1  # the demo recipe sets more router keys than the strategy
     path = tmp_path / "run.yaml"
-    path.write_text("recipe: demo\nmodel:\n  router:\n    strategy: token\n")
+    path.write_text("recipe: demo\nmodel:\n  moe:\n    router:\n      strategy: token\n")
     from_yaml = load_run_config(str(path))
-    from_flag = load_run_config("demo", ["--model.router.strategy", "token"])
+    from_flag = load_run_config("demo", ["--model.moe.router.strategy", "token"])
     assert from_yaml == from_flag
-    assert from_yaml.model["router"] == {**recipe.model["router"], "strategy": "token"}
-    config = _model_config({"flavour": "debug", "router": {"strategy": "task"}, "experts": {"kind": "glu"}})
-    assert config.router.strategy == "task" and config.experts.kind == "glu"
-    assert config.router.gate == _model_config({"flavour": "debug"}).router.gate  # siblings kept
+    assert from_yaml.model["moe"]["router"] == {**router, "strategy": "token"}
+    assert from_yaml.model["moe"]["decoder_router"] == recipe.model["moe"]["decoder_router"]
+    config = _model_config({"flavour": "debug", "moe": {"router": {"strategy": "task"}, "experts": {"kind": "glu"}}})
+    assert config.moe.router.strategy == "task" and config.moe.experts.kind == "glu"
+    assert config.moe.router.gate == _model_config({"flavour": "debug"}).moe.router.gate  # siblings kept
+    assert config.moe.num_experts == flavour("debug").moe.num_experts
+
+
+def test_model_configs_saved_with_flat_moe_fields_still_load():
+    """Configurations written before the MoE fields moved into ``ModelConfig.moe`` (saved models,
+    YAML files) are read into ``moe``; unknown keys are still refused."""
+    from moe_gen.model import ModelConfig
+
+    old = {k: v for k, v in flavour("tiny").to_dict().items() if k != "moe"}
+    old.update(num_experts=8, top_k=1, expert_hidden=32, moe_every=2, moe_layers=[], moe_attention=False,
+               router={"strategy": "attribute"}, decoder_router={"strategy": "hybrid"},
+               experts={"kind": "glu"}, capacity_factor=None, backend="merged")
+    config = ModelConfig.from_dict(old)
+    assert (config.moe.num_experts, config.moe.top_k, config.moe.expert_hidden, config.moe.every) == (8, 1, 32, 2)
+    assert config.moe.router.strategy == "attribute" and config.moe.decoder_router == {"strategy": "hybrid"}
+    assert config.moe.experts.kind == "glu" and config.moe.backend == "merged"
+    assert ModelConfig.from_dict(config.to_dict()) == config
+    with pytest.raises(ValueError, match="unknown MoELayers keys"):
+        ModelConfig.from_dict({**config.to_dict(), "moe": {"num_expert": 3}})
+    with pytest.raises(ValueError, match="unknown MoELayers keys"):
+        flavour("debug", moe={"num_expert": 3})
 
 
 def test_bad_train_key_is_reported_by_the_command(tmp_path, capsys):
@@ -118,7 +142,7 @@ def test_finetune_command_adds_a_task_to_a_saved_model(tmp_path):
 
     torch.manual_seed(0)
     tables = load_preset("table_species", "train", limit=10)
-    GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), [tables],
+    GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), [tables],
                           Tokenizer.default()).save_pretrained(str(tmp_path / "pre"))
     code = main(["finetune", "--from", str(tmp_path / "pre"), "--tasks", "digit_classification", "--output",
                  str(tmp_path / "ft"), "--train.steps", "3", "--train.eval_limit", "3", "--train.progress", "false",
@@ -139,7 +163,7 @@ def test_analyze_command_writes_a_report(tmp_path):
 
     torch.manual_seed(0)
     tasks = [load_preset(n, "train", limit=10) for n in ("table_species", "digit_classification")]
-    GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), tasks,
+    GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), tasks,
                           Tokenizer.default()).save_pretrained(str(tmp_path / "m"))
     code = main(["analyze", str(tmp_path / "m"), "--tasks", "table_species", "digit_classification",
                  "--out", str(tmp_path / "report"), "--limit", "4"])

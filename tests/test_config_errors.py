@@ -29,7 +29,7 @@ def tables():
 
 def build(tasks, tok) -> GeneralistModel:
     torch.manual_seed(0)
-    return GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), tasks, tok)
+    return GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), tasks, tok)
 
 
 # ---- run settings --------------------------------------------------------------------------------
@@ -91,14 +91,20 @@ def test_model_config_checks_sizes_when_built():
     from moe_gen.model import ModelConfig
 
     for field, value, message in [("num_heads", 0, "num_heads must be >= 1"),
-                                  ("num_experts", 0, "num_experts must be >= 1"),
                                   ("encoder_layers", -1, "encoder_layers must be >= 0"),
-                                  ("top_k", 9, "top_k=9 exceeds num_experts=4"),
                                   ("dropout", 1.0, "dropout and label_smoothing must be in")]:
         with pytest.raises(ValueError, match=message):
             flavour("debug", **{field: value})
+    for field, value, message in [("num_experts", 0, "MoELayers.num_experts must be >= 1"),
+                                  ("top_k", 9, "MoELayers.top_k=9 exceeds num_experts=4"),
+                                  ("every", 3, "MoELayers.every must be 0"),
+                                  ("router", {"stratgy": "x"}, "unknown RouterConfig keys")]:
+        with pytest.raises(ValueError, match=message):
+            flavour("debug", moe={field: value})
     with pytest.raises(ValueError, match="ModelConfig.num_heads must be >= 1"):
         ModelConfig.from_dict({"num_heads": 0})
+    with pytest.raises(ValueError, match="ModelConfig.moe.layers names 'encoder.blocks.7'"):
+        flavour("debug", moe={"layers": ["encoder.blocks.7"]})
 
 
 # ---- from_pretrained -----------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from moe_gen.model import GeneralistModel, flavour
 from moe_gen.model.generate import _with_target
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Tokenizer, collate, load_preset
+from helpers import flavour_with
 
 ARCHITECTURES = {
     # Llama-like: one stack, RMSNorm, SwiGLU without biases, grouped-query attention, rotary.
@@ -34,7 +35,7 @@ def tok() -> Tokenizer:
 
 def build(tasks, tok, arch: str, **overrides) -> GeneralistModel:
     torch.manual_seed(0)
-    return GeneralistModel.build(flavour("debug", **ARCHITECTURES[arch], **overrides), tasks, tok)
+    return GeneralistModel.build(flavour_with("debug", **ARCHITECTURES[arch], **overrides), tasks, tok)
 
 
 def test_decoder_only_has_one_stack_without_cross_attention(tok):
@@ -124,7 +125,7 @@ def test_decoder_only_frame_generation_matches_full_forward(tok):
 @pytest.mark.parametrize("arch", list(ARCHITECTURES))
 def test_save_load_round_trip_and_training_lowers_the_loss(arch, tok, tmp_path):
     task = load_preset("digit_classification", "train", limit=8)
-    model = build([task], tok, arch, moe_every=1, router=RouterConfig(strategy="attribute"))
+    model = build([task], tok, arch, every=1, router=RouterConfig(strategy="attribute"))
     batch = collate(list(task.samples(tok)), tok, model.task_ids)
     objective = GenerativeObjective(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)

@@ -14,6 +14,7 @@ from moe_gen.model import GeneralistModel, flavour
 from moe_gen.moe import MoE, merge_for_inference
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+from helpers import flavour_with
 
 MIXED = ["digit_classification", "speech_recognition", "motion_classification", "visual_grounding",
          "text_to_speech", "video_classification", "table_to_text"]
@@ -33,7 +34,7 @@ def mixed(tok):
 
 def build(tasks, tok, **overrides) -> GeneralistModel:
     torch.manual_seed(0)
-    return GeneralistModel.build(flavour("debug", **overrides), tasks, tok)
+    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
 
 
 def test_forward_backward_over_many_modalities_reaches_every_adapter_and_used_expert(mixed, tok):
@@ -107,14 +108,14 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(mixed, tok, tmp_path):
 
 def test_merged_inference_equals_unmerged_for_tag_routing(mixed, tok, tmp_path):
     tasks, samples = mixed
-    model = build(tasks, tok, router=RouterConfig(strategy="attribute"), moe_attention=True).eval()
+    model = build(tasks, tok, router=RouterConfig(strategy="attribute"), attention=True).eval()
     batch = collate(samples, tok, model.task_ids)
     with torch.no_grad():
         reference = model(batch).logits
         model.set_backend("merged")
         merged = model(batch).logits
     torch.testing.assert_close(merged, reference, atol=1e-4, rtol=1e-4)
-    assert model.config.backend == "merged"  # recorded, so the saved model reloads merged
+    assert model.config.moe.backend == "merged"  # recorded, so the saved model reloads merged
     model.save_pretrained(str(tmp_path))
     again = GeneralistModel.from_pretrained(str(tmp_path))
     assert {m.config.backend for m in again.modules() if isinstance(m, MoE)} == {"merged"}
@@ -453,7 +454,7 @@ def test_user_registered_modality_gets_its_own_tag(tok, sensor_modality):
     model = build([task], tok, router=RouterConfig(strategy="attribute"))
     batch = collate(list(task.samples(tok)), tok, model.task_ids)
     sensor_id = modality_tag_names().index("SENSOR")
-    assert sensor_id == 9 and model.config.router.num_modalities == 10
+    assert sensor_id == 9 and model.config.moe.router.num_modalities == 10
     assert (batch.encoder.tags.modality[~batch.encoder.padding_mask] == sensor_id).sum() == 10
     GenerativeObjective(model)(batch)["loss"].backward()
     assert model.adapters["sensor_linear"].proj.weight.grad.abs().sum() > 0
@@ -514,7 +515,7 @@ def test_merged_generation_equals_unmerged(tok):
                         merged.infer(tasks[2], tasks[2].data[:2], max_frames=4)):
             torch.testing.assert_close(a.frames, b.frames, atol=1e-4, rtol=1e-4)
     assert all(m.router._routes for m in merged.modules() if isinstance(m, MoE))
-    assert merged.config.backend == "merged" and model.config.backend != "merged"
+    assert merged.config.moe.backend == "merged" and model.config.moe.backend != "merged"
 
 
 def test_decoder_router_overrides_the_decoder_layers_only_and_is_saved(mixed, tok, tmp_path):
@@ -527,12 +528,12 @@ def test_decoder_router_overrides_the_decoder_layers_only_and_is_saved(mixed, to
     assert {s for n, s in strategies.items() if n.startswith("decoder.")} == {"hybrid"}
     # everything else, the tag vocabularies the model sized included, comes from `router`
     decoder = next(m for n, m in layers.items() if n.startswith("decoder."))
-    assert decoder.config.router.num_tasks == model.config.router.num_tasks
+    assert decoder.config.router.num_tasks == model.config.moe.router.num_tasks
     assert decoder.config.router.balance_loss_weight == 0.05
     batch = collate(samples, tok, model.task_ids)
     model.save_pretrained(str(tmp_path))
     loaded = GeneralistModel.from_pretrained(str(tmp_path)).eval()
-    assert loaded.config.decoder_router == {"strategy": "hybrid"}
+    assert loaded.config.moe.decoder_router == {"strategy": "hybrid"}
     with torch.no_grad():
         reference = model(batch).logits
         assert torch.equal(loaded(batch).logits, reference)
@@ -546,14 +547,14 @@ def test_decoder_router_overrides_the_decoder_layers_only_and_is_saved(mixed, to
                                                ({"num_tasks": 3}, "tag vocabularies")])
 def test_decoder_router_refuses_unknown_fields_and_vocabulary_sizes(override, message):
     with pytest.raises(ValueError, match=message):
-        flavour("debug", decoder_router=override)
+        flavour("debug", moe={"decoder_router": override})
 
 
 def test_decoder_router_given_as_a_router_config_keeps_the_fields_that_differ():
-    config = flavour("debug", router=RouterConfig(strategy="attribute"),
-                     decoder_router=RouterConfig(strategy="hybrid", num_tasks=3))
-    assert config.decoder_router == {"strategy": "hybrid"}  # vocabulary sizes stay the model's
-    assert config.router_for("decoder").strategy == "hybrid" and config.router_for("encoder").strategy == "attribute"
+    config = flavour("debug", moe={"router": RouterConfig(strategy="attribute"),
+                                   "decoder_router": RouterConfig(strategy="hybrid", num_tasks=3)})
+    assert config.moe.decoder_router == {"strategy": "hybrid"}  # vocabulary sizes stay the model's
+    assert config.moe.router_for("decoder").strategy == "hybrid" and config.moe.router_for("encoder").strategy == "attribute"
 
 
 def test_location_features_make_neighbouring_bins_alike_and_survive_save_load(tok, tmp_path):

@@ -35,7 +35,7 @@ def detection():
 
 def build(tasks, tok) -> GeneralistModel:
     torch.manual_seed(0)
-    config = flavour("debug", router=RouterConfig(strategy="attribute"))
+    config = flavour("debug", moe={"router": RouterConfig(strategy="attribute")})
     return GeneralistModel.build(config, tasks, tok).eval()
 
 

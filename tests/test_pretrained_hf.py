@@ -26,7 +26,7 @@ def shipped(name: str) -> str:
 
 def text_side(model, ids):
     """Token sequences as an input side of ``model`` (right-padded)."""
-    return Side.from_token_ids(ids, model.tokenizer.pad_id, model.config.router.num_modalities)
+    return Side.from_token_ids(ids, model.tokenizer.pad_id, model.config.moe.router.num_modalities)
 
 
 @pytest.fixture(scope="module")
@@ -265,7 +265,7 @@ def test_pretrain_command_starts_from_a_checkpoint_and_upcycles_it(tmp_path):
     model = GeneralistModel.from_pretrained(str(tmp_path / "run" / "model"))
     assert isinstance(model.tokenizer, HFTokenizer) and model.tokenizer.base_vocab_size == 30522
     assert [isinstance(b.ffn, MoE) for b in model.encoder.blocks] == [False, True] * 3
-    assert model.config.router.strategy == "attribute" and model.config.num_experts == 4
+    assert model.config.moe.router.strategy == "attribute" and model.config.moe.num_experts == 4
     from moe_gen.cli import load_run_config
 
     recipe = load_run_config("demo-pretrained")  # the dashed name finds demo_pretrained

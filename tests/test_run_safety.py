@@ -40,7 +40,7 @@ def tasks():
 
 def build(tasks, tok) -> GeneralistModel:
     torch.manual_seed(0)
-    return GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), tasks, tok)
+    return GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), tasks, tok)
 
 
 def quiet(**kwargs) -> TrainConfig:

@@ -21,7 +21,7 @@ def tok() -> Tokenizer:
 def setup(tok):
     tasks = [load_preset(n, "train", limit=4) for n in TASKS]
     torch.manual_seed(0)
-    model = GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), tasks, tok).eval()
+    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), tasks, tok).eval()
     return model, tasks
 
 

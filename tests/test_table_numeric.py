@@ -131,7 +131,7 @@ def test_statistics_come_from_training_rows_and_are_saved_with_the_model(tok, tm
     assert stats["std"]["petal width"] == pytest.approx(measures[:, 1].std())
     assert test.fit_statistics() != train.fit_statistics()  # a test task alone would scale differently
     torch.manual_seed(0)
-    model = GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), [train], tok)
+    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), [train], tok)
     assert model.config.preprocessor_statistics == {"species": train.fit_statistics()}
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     objective = GenerativeObjective(model)
@@ -217,7 +217,7 @@ def test_numeric_table_is_learned(tmp_path):
 
     torch.manual_seed(0)
     train, test = wine_tasks()
-    model = GeneralistModel.build(flavour("debug", router=RouterConfig(strategy="attribute")), [train],
+    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), [train],
                                   Tokenizer.default())
     config = TrainConfig(steps=100, batch_size=16, lr=3e-3, warmup_steps=10, log_every=1000, progress=False,
                          tensorboard=False, eval_limit=None)

@@ -15,6 +15,7 @@ from moe_gen.moe import MoE
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.trainer import TaskSampler, TrainConfig, Trainer, mixing_weights, select_trainable
 from moe_gen.trainer.sampling import sample_modality_tokens
+from helpers import flavour_with
 
 NAMES = ["digit_classification", "table_species", "motion_classification"]
 
@@ -32,7 +33,7 @@ def tasks():
 def build(tasks, tok, **overrides) -> GeneralistModel:
     torch.manual_seed(0)
     overrides.setdefault("router", RouterConfig(strategy="attribute"))
-    return GeneralistModel.build(flavour("debug", **overrides), tasks, tok)
+    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
 
 
 def quiet(**kwargs) -> TrainConfig:
@@ -180,7 +181,7 @@ def test_trainable_selection_freezes_the_rest(tasks, tok):
     select_trainable(model, "adapters")
     assert all(n.startswith("adapters.") for n, p in model.named_parameters() if p.requires_grad)
     with pytest.raises(ValueError, match="leaves nothing to train"):
-        select_trainable(build(tasks, tok, moe_every=0), "experts")
+        select_trainable(build(tasks, tok, every=0), "experts")
 
 
 def test_lr_scales_set_the_learning_rate_by_parameter_name_prefix(tasks, tok, tmp_path):

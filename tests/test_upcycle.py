@@ -17,6 +17,7 @@ from moe_gen.moe import MoE
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.pretrained.upcycle import upcycle
 from moe_gen.tasks import Tokenizer, collate, load_preset
+from helpers import flavour_with
 
 TASKS = ["digit_classification", "table_to_text"]
 ALL_BLOCKS = ("encoder.blocks.0", "encoder.blocks.1", "decoder.blocks.0", "decoder.blocks.1")
@@ -36,8 +37,8 @@ def data(tok):
 
 def dense_model(tasks, tok, **overrides) -> GeneralistModel:
     torch.manual_seed(0)
-    overrides.setdefault("moe_every", 0)
-    return GeneralistModel.build(flavour("debug", **overrides), tasks, tok).eval()
+    overrides.setdefault("every", 0)
+    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok).eval()
 
 
 def valid_logits(model: GeneralistModel, batch) -> torch.Tensor:
@@ -60,7 +61,7 @@ def test_upcycled_model_equals_the_dense_model(data, tok, strategy, experts, top
     upcycled, summary = upcycle(model, num_experts=4, top_k=top_k, router=strategy, seed=0)
     assert upcycled is model and summary.layers == ALL_BLOCKS
     assert all(isinstance(b.ffn, MoE) and b.ffn.config.experts.kind == experts.kind for b in blocks(model))
-    assert model.config.moe_every == 1 and model.config.router.strategy == strategy
+    assert model.config.moe.every == 1 and model.config.moe.router.strategy == strategy
     torch.testing.assert_close(valid_logits(model, batch), reference, atol=1e-5, rtol=1e-5)
     if strategy == "token":  # the small random router spreads tokens over more than k experts
         with torch.no_grad():
@@ -146,11 +147,11 @@ def test_save_and_load_rebuild_the_upcycled_model(data, tok, tmp_path, layers, m
     reference = valid_logits(model, batch)
     _, summary = upcycle(model, num_experts=4, top_k=2, router="attribute", layers=layers, seed=0)
     config = model.config
-    assert config.moe_every == moe_every and (config.num_experts, config.top_k) == (4, 2)
-    assert config.expert_hidden == config.ffn_hidden and config.experts == GLU
+    assert config.moe.every == moe_every and (config.moe.num_experts, config.moe.top_k) == (4, 2)
+    assert config.moe.expert_hidden == config.ffn_hidden and config.moe.experts == GLU
     expected = ALL_BLOCKS[1::2] if moe_every == 2 else ALL_BLOCKS if layers == list(ALL_BLOCKS) else tuple(layers)
     assert summary.layers == expected
-    assert set(config.moe_layers) == (set() if expected in (ALL_BLOCKS, ALL_BLOCKS[1::2]) else set(expected))
+    assert set(config.moe.layers) == (set() if expected in (ALL_BLOCKS, ALL_BLOCKS[1::2]) else set(expected))
     torch.testing.assert_close(valid_logits(model, batch), reference, atol=1e-5, rtol=1e-5)
     model.save_pretrained(str(tmp_path))
     loaded = GeneralistModel.from_pretrained(str(tmp_path)).eval()
@@ -162,14 +163,14 @@ def test_save_and_load_rebuild_the_upcycled_model(data, tok, tmp_path, layers, m
 
 def test_upcycling_the_dense_blocks_of_a_mixed_model_completes_it(data, tok):
     tasks, samples = data
-    model = dense_model(tasks, tok, moe_every=2, expert_hidden=128)  # = ffn_hidden
+    model = dense_model(tasks, tok, every=2, expert_hidden=128)  # = ffn_hidden
     batch = collate(samples, tok, model.task_ids)
     reference = valid_logits(model, batch)
     _, summary = upcycle(model, num_experts=4, top_k=2, seed=0)
-    assert summary.layers == ALL_BLOCKS[0::2] and model.config.moe_every == 1
+    assert summary.layers == ALL_BLOCKS[0::2] and model.config.moe.every == 1
     torch.testing.assert_close(valid_logits(model, batch), reference, atol=1e-5, rtol=1e-5)
 
-    other = dense_model(tasks, tok, moe_every=2, expert_hidden=128)
+    other = dense_model(tasks, tok, every=2, expert_hidden=128)
     with pytest.raises(ValueError, match="already has MoE layers"):
         upcycle(other, num_experts=8, top_k=2)
 
@@ -192,7 +193,7 @@ def test_a_model_without_encoder_blocks_upcycles_its_decoder(data, tok):
     tasks, _ = data
     model = dense_model(tasks, tok, encoder_layers=0)
     _, summary = upcycle(model, num_experts=2, top_k=1, layers="all", seed=0)
-    assert summary.layers == ("decoder.blocks.0", "decoder.blocks.1") and model.config.moe_every == 1
+    assert summary.layers == ("decoder.blocks.0", "decoder.blocks.1") and model.config.moe.every == 1
     assert summary.router.normalize is True  # k = 1: renormalised, so the one weight is 1
 
 
@@ -267,10 +268,10 @@ def test_upcycling_clears_decoder_router_and_refuses_to_complete_a_model_that_us
     tasks, _ = data
     model = dense_model(tasks, tok, decoder_router={"strategy": "hybrid"})
     upcycle(model, num_experts=4, top_k=2, router="attribute", seed=0)
-    assert model.config.decoder_router == {}
+    assert model.config.moe.decoder_router == {}
     decoder_moes = [m for m in model.decoder.modules() if isinstance(m, MoE)]
     assert decoder_moes and all(m.config.router.strategy == "attribute" for m in decoder_moes)
 
-    mixed = dense_model(tasks, tok, moe_every=2, expert_hidden=128, decoder_router={"strategy": "hybrid"})
+    mixed = dense_model(tasks, tok, every=2, expert_hidden=128, decoder_router={"strategy": "hybrid"})
     with pytest.raises(ValueError, match="route by decoder_router"):
         upcycle(mixed, num_experts=4, top_k=2, seed=0)

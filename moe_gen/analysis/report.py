@@ -149,12 +149,12 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
     finally:
         model.train(was_training)
     summary = stats.summarize(tables)
-    cfg = model.config
-    decoder = cfg.router_for("decoder").strategy
-    router = cfg.router.strategy if decoder == cfg.router.strategy else f"{cfg.router.strategy} (decoder {decoder})"
-    info = {"router": router, "gate": cfg.router.gate, "experts": cfg.num_experts, "top_k": cfg.top_k,
+    moe = model.config.moe
+    decoder = moe.router_for("decoder").strategy
+    router = moe.router.strategy if decoder == moe.router.strategy else f"{moe.router.strategy} (decoder {decoder})"
+    info = {"router": router, "gate": moe.router.gate, "experts": moe.num_experts, "top_k": moe.top_k,
             "moe_layers": len(tables.layer_names), "parameters": model.num_parameters(),
-            "active_parameters": model.num_parameters(active=True), "d_model": cfg.d_model}
+            "active_parameters": model.num_parameters(active=True), "d_model": model.config.d_model}
     return Analysis(label=label, tasks=[t.name for t in tasks], rows=rows, mode=mode,
                     tables=tables, summary=summary, evaluation=evaluation, similarity=stats.expert_similarity(model),
                     affinity=stats.task_affinity(tables.counts_LETMR, tables.task_names), interference=interference,

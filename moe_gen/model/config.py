@@ -1,23 +1,108 @@
 """Model configuration and flavours (``debug``, ``tiny``, ``small``, ``base``).
 
-    ModelConfig (widths, heads, layers, MoE placement, RouterConfig, ExpertsConfig)
-        └─ moe_config() → the MoEConfig of each MoE layer (router, experts, capacity, backend)
+    ModelConfig (widths, heads, layers, norms, positions, saved vocabularies)
+        └─ MoELayers (which blocks get an MoE FFN, experts, top-k, RouterConfig, ExpertsConfig)
+              └─ ModelConfig.moe_config() → the MoEConfig of each MoE layer
 
-``moe_every``: 1 puts an MoE FFN in every block, 2 in every other block (the 2nd, 4th, ...),
+``moe.every``: 1 puts an MoE FFN in every block, 2 in every other block (the 2nd, 4th, ...),
 0 makes the model dense. A dense model of the same *active* size (``ffn_hidden = top_k ·
-expert_hidden``) is the same class with ``moe_every=0``: the baseline every benchmark compares to.
+expert_hidden``) is the same class with ``moe.every=0``: the baseline every benchmark compares to.
+``config.with_moe(num_experts=8, router="attribute")`` changes MoE fields of a config.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Any, Optional, Union
 
 from moe_gen.config import ConfigBase, ExpertsConfig, MoEConfig, RouterConfig
 
-__all__ = ["ModelConfig", "flavour", "FLAVOURS"]
+__all__ = ["ModelConfig", "MoELayers", "flavour", "FLAVOURS"]
 
 _TAG_VOCABULARY = ("num_modalities", "num_roles", "num_passes", "num_tasks")  # sizes every router shares
+
+# ModelConfig keys of configurations saved before the MoE fields moved into ``ModelConfig.moe``
+_FLAT_MOE_KEYS = {"num_experts": "num_experts", "top_k": "top_k", "expert_hidden": "expert_hidden",
+                  "moe_every": "every", "moe_layers": "layers", "moe_attention": "attention", "router": "router",
+                  "decoder_router": "decoder_router", "experts": "experts",
+                  "capacity_factor": "capacity_factor", "backend": "backend"}
+
+
+@dataclasses.dataclass(kw_only=True)
+class MoELayers(ConfigBase):
+    """The model's mixture-of-experts layers: which blocks get one, and how each is built.
+
+    Attributes:
+        num_experts, top_k: E experts, k of them per token.
+        expert_hidden: hidden width of each expert.
+        every: 0 dense, 1 every block, 2 every other block.
+        layers: explicit MoE blocks by name (``"encoder.blocks.1"``, ``"decoder.blocks.0"``);
+            when set it decides instead of ``every`` (``upcycle`` writes it for placements
+            ``every`` cannot say).
+        attention: also make the attention output projection a mixture of linear experts
+            (Uni-Perceiver-MoE puts MoE in attention projections too).
+        router: router settings for every MoE layer (strategy, gate, noise, losses); a strategy
+            name stands for ``RouterConfig(strategy=name)``. Its tag vocabulary sizes are the
+            model's (dense models read them too).
+        decoder_router: ``RouterConfig`` fields the decoder's MoE layers set differently from
+            ``router`` (``{"strategy": "hybrid"}``: tag-and-content routing where the decoder's few
+            tag groups, about one per task, could not spread its load over the experts); empty:
+            the decoder routes as ``router`` says. Tag vocabulary sizes always come from ``router``.
+        experts: expert kind, activation and bias (also the dense FFNs' activation and bias); a
+            kind name stands for ``ExpertsConfig(kind=name)``.
+        capacity_factor: ``None`` dropless.
+        backend: dispatch backend of every MoE layer (``merged`` for tag routing at inference).
+    """
+
+    num_experts: int = 4
+    top_k: int = 2
+    expert_hidden: int = 64
+    every: int = 1
+    layers: tuple[str, ...] = ()
+    attention: bool = False
+    router: Union[RouterConfig, str] = dataclasses.field(default_factory=RouterConfig)
+    decoder_router: dict = dataclasses.field(default_factory=dict)
+    experts: Union[ExpertsConfig, str] = dataclasses.field(default_factory=ExpertsConfig)
+    capacity_factor: Optional[float] = None
+    backend: str = "torch"
+
+    def __post_init__(self) -> None:
+        for name in ("num_experts", "top_k", "expert_hidden"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"MoELayers.{name} must be >= 1, got {getattr(self, name)}")
+        if self.top_k > self.num_experts:
+            raise ValueError(f"MoELayers.top_k={self.top_k} exceeds num_experts={self.num_experts}")
+        if self.every not in (0, 1, 2):
+            raise ValueError(f"MoELayers.every must be 0 (dense), 1 or 2, got {self.every}")
+        self.layers = tuple(self.layers)
+        if isinstance(self.router, str):
+            self.router = RouterConfig(strategy=self.router)
+        elif isinstance(self.router, dict):
+            self.router = RouterConfig.from_dict(self.router)
+        if isinstance(self.decoder_router, RouterConfig):  # the fields where it differs from `router`
+            mine, base = self.decoder_router.to_dict(), self.router.to_dict()
+            self.decoder_router = {k: v for k, v in mine.items() if v != base[k] and k not in _TAG_VOCABULARY}
+        self.decoder_router = dict(self.decoder_router)
+        self.router_for("decoder")  # unknown fields and bad values are refused here, not at build
+        if isinstance(self.experts, str):
+            self.experts = ExpertsConfig(kind=self.experts)
+        elif isinstance(self.experts, dict):
+            self.experts = ExpertsConfig.from_dict(self.experts)
+
+    def router_for(self, stack: str = "encoder") -> RouterConfig:
+        """The router settings of ``stack``'s MoE layers (``decoder_router`` applied to the decoder's)."""
+        if stack != "decoder" or not self.decoder_router:
+            return self.router
+        fields = {f.name for f in dataclasses.fields(RouterConfig)}
+        unknown = sorted(set(self.decoder_router) - fields)
+        if unknown:
+            raise ValueError(f"MoELayers.decoder_router names unknown router field(s) {', '.join(unknown)}; "
+                             f"known: {', '.join(sorted(fields))}")
+        fixed = sorted(set(self.decoder_router) & set(_TAG_VOCABULARY))
+        if fixed:
+            raise ValueError(f"MoELayers.decoder_router cannot set {', '.join(fixed)}: the tag vocabularies "
+                             f"are the model's, set them on router")
+        return RouterConfig.from_dict({**self.router.to_dict(), **self.decoder_router})
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -29,21 +114,8 @@ class ModelConfig(ConfigBase):
         num_heads: attention heads.
         encoder_layers, decoder_layers: block counts.
         ffn_hidden: hidden width of dense FFNs.
-        expert_hidden: hidden width of each expert (MoE FFNs).
-        num_experts, top_k: MoE size.
-        moe_every: 0 dense, 1 every block, 2 every other block.
-        moe_layers: explicit MoE blocks by name (``"encoder.blocks.1"``, ``"decoder.blocks.0"``);
-            when set it decides instead of ``moe_every`` (``upcycle`` writes it for placements
-            ``moe_every`` cannot say).
-        moe_attention: also make the attention output projection a mixture of linear experts
-            (Uni-Perceiver-MoE puts MoE in attention projections too).
-        router: router settings for every MoE layer (strategy, gate, noise, losses).
-        decoder_router: ``RouterConfig`` fields the decoder's MoE layers set differently from
-            ``router`` (``{"strategy": "hybrid"}``: tag-and-content routing where the decoder's few
-            tag groups, about one per task, could not spread its load over the experts); empty:
-            the decoder routes as ``router`` says. Tag vocabulary sizes always come from ``router``.
-        capacity_factor: ``None`` dropless.
-        backend: dispatch backend of every MoE layer (``merged`` for tag routing at inference).
+        moe: the MoE layers (``MoELayers``: placement, experts, top-k, router, backend); a dict
+            of its fields is accepted too. ``with_moe(**changes)`` changes some of them.
         positions: ``learned`` (an embedding added to every position) or ``rotary`` (rotary
             embeddings in self-attention); both count positions within each packed sample, and
             adapters add their own (2-D patch, frame) positions either way.
@@ -101,17 +173,7 @@ class ModelConfig(ConfigBase):
     encoder_layers: int = 2
     decoder_layers: int = 2
     ffn_hidden: int = 128
-    expert_hidden: int = 64
-    num_experts: int = 4
-    top_k: int = 2
-    moe_every: int = 1
-    moe_layers: tuple[str, ...] = ()
-    moe_attention: bool = False
-    router: RouterConfig = dataclasses.field(default_factory=RouterConfig)
-    decoder_router: dict = dataclasses.field(default_factory=dict)
-    experts: ExpertsConfig = dataclasses.field(default_factory=ExpertsConfig)
-    capacity_factor: Optional[float] = None
-    backend: str = "torch"
+    moe: MoELayers = dataclasses.field(default_factory=MoELayers)
     positions: str = "learned"
     max_positions: int = 1024
     dropout: float = 0.0
@@ -139,15 +201,12 @@ class ModelConfig(ConfigBase):
     preprocessor_statistics: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        for name in ("d_model", "num_heads", "ffn_hidden", "expert_hidden", "num_experts", "top_k",
-                     "max_positions"):
+        for name in ("d_model", "num_heads", "ffn_hidden", "max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
         for name in ("encoder_layers", "decoder_layers", "location_frequencies"):
             if getattr(self, name) < 0:
                 raise ValueError(f"ModelConfig.{name} must be >= 0, got {getattr(self, name)}")
-        if self.top_k > self.num_experts:
-            raise ValueError(f"ModelConfig.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if not 0 <= self.dropout < 1 or not 0 <= self.label_smoothing < 1:
             raise ValueError(f"ModelConfig dropout and label_smoothing must be in [0, 1), got "
                              f"{self.dropout} and {self.label_smoothing}")
@@ -167,28 +226,45 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide num_heads={self.num_heads}")
         if not self.norm_eps > 0:
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
-        if self.moe_every not in (0, 1, 2):
-            raise ValueError(f"moe_every must be 0 (dense), 1 or 2, got {self.moe_every}")
-        self.moe_layers = tuple(self.moe_layers)
-        for name in self.moe_layers:
+        if isinstance(self.moe, dict):
+            unknown = sorted(set(self.moe) - {f.name for f in dataclasses.fields(MoELayers)})
+            if unknown:
+                raise ValueError(f"unknown MoELayers keys {unknown}; known: "
+                                 f"{', '.join(f.name for f in dataclasses.fields(MoELayers))}")
+            self.moe = MoELayers(**self.moe)
+        elif not isinstance(self.moe, MoELayers):
+            raise ValueError(f"ModelConfig.moe must be a MoELayers (or a dict of its fields), got "
+                             f"{type(self.moe).__name__}")
+        self._check_moe_layers()
+        self.tasks = tuple(self.tasks)
+        self.frame_adapters = tuple(self.frame_adapters)
+
+    def _check_moe_layers(self) -> None:
+        for name in self.moe.layers:
             stack, _, index = name.rpartition(".blocks.")
             layers = {"encoder": 0 if self.decoder_only else self.encoder_layers,
                       "decoder": self.decoder_layers}.get(stack)
             if layers is None or not index.isdigit() or int(index) >= layers:
-                raise ValueError(f"ModelConfig.moe_layers names {name!r}, which is not a block of this model "
+                raise ValueError(f"ModelConfig.moe.layers names {name!r}, which is not a block of this model "
                                  f"(encoder.blocks.0..{self.encoder_layers - 1}, "
                                  f"decoder.blocks.0..{self.decoder_layers - 1})")
-        self.tasks = tuple(self.tasks)
-        self.frame_adapters = tuple(self.frame_adapters)
-        if isinstance(self.router, dict):
-            self.router = RouterConfig.from_dict(self.router)
-        if isinstance(self.decoder_router, RouterConfig):  # the fields where it differs from `router`
-            mine, base = self.decoder_router.to_dict(), self.router.to_dict()
-            self.decoder_router = {k: v for k, v in mine.items() if v != base[k] and k not in _TAG_VOCABULARY}
-        self.decoder_router = dict(self.decoder_router)
-        self.router_for("decoder")  # unknown fields and bad values are refused here, not at build
-        if isinstance(self.experts, dict):
-            self.experts = ExpertsConfig.from_dict(self.experts)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
+        """``ConfigBase.from_dict``; configurations saved before the MoE fields moved into ``moe``
+        (flat ``num_experts``, ``moe_every``, ``router``, ...) are read into ``moe``."""
+        if isinstance(data, dict) and set(data) & set(_FLAT_MOE_KEYS):
+            data = dict(data)
+            moe = dict(data.pop("moe", None) or {})
+            for old, new in _FLAT_MOE_KEYS.items():
+                if old in data:
+                    moe[new] = data.pop(old)
+            data["moe"] = moe
+        return super().from_dict(data)
+
+    def with_moe(self, **changes: Any) -> "ModelConfig":
+        """A copy with some ``MoELayers`` fields changed: ``config.with_moe(num_experts=8)``."""
+        return self.replace(moe=self.moe.replace(**changes))
 
     @property
     def kv_heads(self) -> int:
@@ -201,55 +277,45 @@ class ModelConfig(ConfigBase):
 
     def is_moe(self, layer: int, stack: str = "encoder") -> bool:
         """Whether block ``layer`` (0-based) of ``stack`` (``encoder``/``decoder``) has an MoE FFN."""
-        if self.moe_layers:
-            return f"{stack}.blocks.{layer}" in self.moe_layers
-        return self.moe_every == 1 or (self.moe_every == 2 and layer % 2 == 1)
-
-    def router_for(self, stack: str = "encoder") -> RouterConfig:
-        """The router settings of ``stack``'s MoE layers (``decoder_router`` applied to the decoder's)."""
-        if stack != "decoder" or not self.decoder_router:
-            return self.router
-        fields = {f.name for f in dataclasses.fields(RouterConfig)}
-        unknown = sorted(set(self.decoder_router) - fields)
-        if unknown:
-            raise ValueError(f"ModelConfig.decoder_router names unknown router field(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(fields))}")
-        fixed = sorted(set(self.decoder_router) & set(_TAG_VOCABULARY))
-        if fixed:
-            raise ValueError(f"ModelConfig.decoder_router cannot set {', '.join(fixed)}: the tag vocabularies "
-                             f"are the model's, set them on router")
-        return RouterConfig.from_dict({**self.router.to_dict(), **self.decoder_router})
+        if self.moe.layers:
+            return f"{stack}.blocks.{layer}" in self.moe.layers
+        return self.moe.every == 1 or (self.moe.every == 2 and layer % 2 == 1)
 
     def moe_config(self, d_hidden: Optional[int] = None, kind: Optional[str] = None,
                    stack: str = "encoder") -> MoEConfig:
         """The ``MoEConfig`` of an MoE layer in ``stack`` (``kind``: the expert kind, ``linear``
         for attention output projections)."""
-        experts = self.experts if kind is None else dataclasses.replace(self.experts, kind=kind)
-        return MoEConfig(d_model=self.d_model, d_hidden=d_hidden or self.expert_hidden,
-                         num_experts=self.num_experts, top_k=self.top_k, router=self.router_for(stack),
-                         experts=experts,
-                         capacity_factor=self.capacity_factor, backend=self.backend)
+        moe = self.moe
+        experts = moe.experts if kind is None else dataclasses.replace(moe.experts, kind=kind)
+        return MoEConfig(d_model=self.d_model, d_hidden=d_hidden or moe.expert_hidden,
+                         num_experts=moe.num_experts, top_k=moe.top_k, router=moe.router_for(stack),
+                         experts=experts, capacity_factor=moe.capacity_factor, backend=moe.backend)
 
     def dense_twin(self) -> "ModelConfig":
         """The dense model with the same active parameters per token (FFN hidden = k · expert hidden)."""
-        return dataclasses.replace(self, moe_every=0, moe_layers=(), moe_attention=False,
-                                   ffn_hidden=self.top_k * self.expert_hidden)
+        return self.replace(moe=self.moe.replace(every=0, layers=(), attention=False),
+                            ffn_hidden=self.moe.top_k * self.moe.expert_hidden)
 
 
 FLAVOURS = {
-    "debug": dict(d_model=64, num_heads=4, encoder_layers=2, decoder_layers=2, ffn_hidden=128, expert_hidden=64,
-                  num_experts=4, top_k=2, location_frequencies=8),
-    "tiny": dict(d_model=128, num_heads=4, encoder_layers=4, decoder_layers=2, ffn_hidden=512, expert_hidden=256,
-                 num_experts=8, top_k=2, moe_every=2, location_frequencies=8),
-    "small": dict(d_model=256, num_heads=8, encoder_layers=6, decoder_layers=4, ffn_hidden=1024, expert_hidden=512,
-                  num_experts=8, top_k=2, moe_every=2, location_frequencies=8),
-    "base": dict(d_model=512, num_heads=8, encoder_layers=12, decoder_layers=6, ffn_hidden=2048,
-                 expert_hidden=1024, num_experts=16, top_k=2, moe_every=2, location_frequencies=8),
+    "debug": dict(d_model=64, num_heads=4, encoder_layers=2, decoder_layers=2, ffn_hidden=128, location_frequencies=8,
+                  moe=dict(expert_hidden=64, num_experts=4, top_k=2)),
+    "tiny": dict(d_model=128, num_heads=4, encoder_layers=4, decoder_layers=2, ffn_hidden=512, location_frequencies=8,
+                 moe=dict(expert_hidden=256, num_experts=8, top_k=2, every=2)),
+    "small": dict(d_model=256, num_heads=8, encoder_layers=6, decoder_layers=4, ffn_hidden=1024, location_frequencies=8,
+                  moe=dict(expert_hidden=512, num_experts=8, top_k=2, every=2)),
+    "base": dict(d_model=512, num_heads=8, encoder_layers=12, decoder_layers=6, ffn_hidden=2048, location_frequencies=8,
+                 moe=dict(expert_hidden=1024, num_experts=16, top_k=2, every=2)),
 }
 
 
 def flavour(name: str, **overrides) -> ModelConfig:
-    """A named model flavour, with keyword overrides."""
+    """A named model flavour, with ``ModelConfig`` fields overridden; ``moe`` may be a dict of the
+    ``MoELayers`` fields to change (``flavour("debug", moe={"router": "attribute"})``) or a whole
+    ``MoELayers``."""
     if name not in FLAVOURS:
         raise ValueError(f"unknown model flavour {name!r}; known: {', '.join(FLAVOURS)}")
-    return ModelConfig(**{**FLAVOURS[name], **overrides})
+    fields = {**FLAVOURS[name], **overrides}
+    if isinstance(overrides.get("moe"), dict):
+        fields["moe"] = {**FLAVOURS[name]["moe"], **overrides["moe"]}
+    return ModelConfig(**fields)

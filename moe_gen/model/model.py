@@ -153,7 +153,7 @@ class GeneralistModel(nn.Module):
         D = config.d_model
         self.token_embedding = nn.Embedding(config.vocab_size, D)
         self.position_embedding = nn.Embedding(config.max_positions, D)
-        self.modality_embedding = nn.Embedding(config.router.num_modalities, D)
+        self.modality_embedding = nn.Embedding(config.moe.router.num_modalities, D)
         self.adapters = nn.ModuleDict({name: ADAPTERS.get(name)(int(width), D)
                                        for name, width in sorted(config.adapters.items())})
         continuous = {name: int(config.adapters[name]) for name in config.frame_adapters}
@@ -200,10 +200,11 @@ class GeneralistModel(nn.Module):
         statistics = _fitted_statistics(tasks, config.preprocessor_statistics)
         from moe_gen.tasks.modalities.base import modality_tag_names
 
-        router = dataclasses.replace(config.router, num_tasks=max(config.router.num_tasks, len(names)),
-                                     num_modalities=max(config.router.num_modalities, len(modality_tag_names())))
+        rc = config.moe.router
+        router = dataclasses.replace(rc, num_tasks=max(rc.num_tasks, len(names)),
+                                     num_modalities=max(rc.num_modalities, len(modality_tag_names())))
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,
-                                     frame_adapters=tuple(frame_adapters), router=router,
+                                     frame_adapters=tuple(frame_adapters), moe=config.moe.replace(router=router),
                                      preprocessor_statistics=statistics,
                                      modalities=config.modalities or tuple(modality_tag_names()))
         model = cls(config, tokenizer)
@@ -217,8 +218,8 @@ class GeneralistModel(nn.Module):
         knows keep theirs). Returns the names of the new adapters
         (``TrainConfig(trainable="new_adapters")`` trains just those)."""
         names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
-        if len(names) > self.config.router.num_tasks:
-            raise ValueError(f"the model's routers were built for {self.config.router.num_tasks} tasks; "
+        if len(names) > self.config.moe.router.num_tasks:
+            raise ValueError(f"the model's routers were built for {self.config.moe.router.num_tasks} tasks; "
                              f"{len(names)} would not fit ({', '.join(names[len(self.config.tasks):])} are new)")
         adapters, frame_adapters = _task_features(tasks, self.tokenizer, dict(self.config.adapters),
                                                   list(self.config.frame_adapters))
@@ -635,13 +636,13 @@ class GeneralistModel(nn.Module):
 
     def set_backend(self, name: str) -> None:
         """Switches every MoE layer to dispatch backend ``name`` (``merged`` for tag-routed
-        inference) and records it in ``config.backend``, so a saved model reloads with it."""
+        inference) and records it in ``config.moe.backend``, so a saved model reloads with it."""
         from moe_gen.moe import MoE
 
         for module in self.modules():
             if isinstance(module, MoE):
                 module.set_backend(name)
-        self.config = dataclasses.replace(self.config, backend=name)
+        self.config = self.config.with_moe(backend=name)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """In training, every block of the encoder and decoder keeps only its input and recomputes

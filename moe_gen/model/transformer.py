@@ -116,12 +116,12 @@ class Block(nn.Module):
         moe = config.is_moe(layer, stack)
         self.post_norm = config.norm_position == "post"
         self.norm_self = make_norm(config)
-        self.self_attn = Attention(config, moe=moe and config.moe_attention, stack=stack)
+        self.self_attn = Attention(config, moe=moe and config.moe.attention, stack=stack)
         self.norm_cross = make_norm(config) if cross else None
         self.cross_attn = Attention(config) if cross else None
         self.norm_ffn = make_norm(config)
         self.ffn = (MoE(config.moe_config(stack=stack)) if moe
-                    else DenseFFN(config.d_model, config.ffn_hidden, config.experts))
+                    else DenseFFN(config.d_model, config.ffn_hidden, config.moe.experts))
         self.drop = nn.Dropout(config.dropout)
 
     def _residual(self, x, norm: nn.Module, sublayer, drop: bool = True):
@@ -216,7 +216,7 @@ class Stack(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(config, i, cross, name) for i in range(layers))
         self.norm = make_norm(config) if config.final_norm else nn.Identity()
-        rc = config.router  # the tags are checked once per forward against its vocabularies
+        rc = config.moe.router  # the tags are checked once per forward against its vocabularies
         self.tag_vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
         # Activation checkpointing (set by GeneralistModel.set_activation_checkpointing): in training
         # each block keeps only its input and recomputes its activations during backward.

@@ -139,8 +139,8 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
 
 
 def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = None, **overrides) -> ModelConfig:
-    """The dense ``ModelConfig`` of the checkpoint's architecture (``moe_every=0``); ``overrides``
-    replace any field (``decoder_layers`` sizes BERT's new decoder: 2 by default)."""
+    """The dense ``ModelConfig`` of the checkpoint's architecture (``moe.every=0``); ``overrides``
+    replace any field (``moe``: a dict of the ``MoELayers`` fields to change) (``decoder_layers`` sizes BERT's new decoder: 2 by default)."""
     c = checkpoint.config
     if checkpoint.family == "bert":
         if getattr(c, "position_embedding_type", "absolute") != "absolute":
@@ -150,10 +150,11 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
         fields = dict(
             d_model=c.hidden_size, num_heads=c.num_attention_heads, encoder_layers=c.num_hidden_layers,
             decoder_layers=2 if decoder_layers is None else decoder_layers, ffn_hidden=c.intermediate_size,
-            expert_hidden=c.intermediate_size, moe_every=0, positions="learned",
+            positions="learned",
             max_positions=c.max_position_embeddings, norm="layer", norm_eps=c.layer_norm_eps,
             norm_position="post", embedding_norm=True, final_norm=False,
-            experts=ExpertsConfig(kind="mlp", activation=_activation(act, c.hidden_act, checkpoint), bias=True))
+            moe=dict(expert_hidden=c.intermediate_size, every=0, experts=ExpertsConfig(
+                kind="mlp", activation=_activation(act, c.hidden_act, checkpoint), bias=True)))
     elif checkpoint.family == "llama":
         rope = getattr(c, "rope_scaling", None) or getattr(c, "rope_parameters", None) or {}
         if rope.get("rope_type", rope.get("type", "default")) != "default":
@@ -167,26 +168,27 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
         fields = dict(
             layout="decoder-only", prefix_attention="causal", d_model=c.hidden_size,
             num_heads=c.num_attention_heads, num_kv_heads=c.num_key_value_heads, encoder_layers=0,
-            decoder_layers=c.num_hidden_layers, ffn_hidden=c.intermediate_size, expert_hidden=c.intermediate_size,
-            moe_every=0, positions="rotary", rotary_base=float(_rope_theta(c)), norm="rms", norm_eps=c.rms_norm_eps,
+            decoder_layers=c.num_hidden_layers, ffn_hidden=c.intermediate_size,
+            positions="rotary", rotary_base=float(_rope_theta(c)), norm="rms", norm_eps=c.rms_norm_eps,
             attention_bias=bool(getattr(c, "attention_bias", False)), tie_embeddings=bool(c.tie_word_embeddings),
-            experts=ExpertsConfig(kind="glu", activation=_activation({"silu": "silu"}, c.hidden_act, checkpoint),
-                                  bias=False))
+            moe=dict(expert_hidden=c.intermediate_size, every=0, experts=ExpertsConfig(
+                kind="glu", activation=_activation({"silu": "silu"}, c.hidden_act, checkpoint), bias=False)))
     else:  # whisper
         fields = dict(
             d_model=c.d_model, num_heads=c.encoder_attention_heads, encoder_layers=c.encoder_layers,
-            decoder_layers=c.decoder_layers, ffn_hidden=c.encoder_ffn_dim, expert_hidden=c.encoder_ffn_dim,
-            moe_every=0, positions="learned", max_positions=c.max_target_positions, norm="layer",
+            decoder_layers=c.decoder_layers, ffn_hidden=c.encoder_ffn_dim,
+            positions="learned", max_positions=c.max_target_positions, norm="layer",
             norm_eps=1e-5, positions_on_features=False,
-            experts=ExpertsConfig(kind="mlp", activation=_activation({"gelu": "gelu"}, c.activation_function,
-                                                                     checkpoint), bias=True))
+            moe=dict(expert_hidden=c.encoder_ffn_dim, every=0, experts=ExpertsConfig(
+                kind="mlp", activation=_activation({"gelu": "gelu"}, c.activation_function, checkpoint), bias=True)))
         if c.decoder_attention_heads != c.encoder_attention_heads or c.decoder_ffn_dim != c.encoder_ffn_dim:
             raise ValueError(f"{checkpoint.source}: encoder and decoder differ in heads or FFN width")
+    moe = {**fields.pop("moe"), **(overrides.pop("moe", None) or {})}
     fields.update(overrides)
     # no location features unless asked for: a random projection added to the output rows would
     # outweigh the checkpoint's own logits until trained (greedy Whisper then writes <bin_k>)
-    base = {**dataclasses.asdict(flavour("debug")), "location_frequencies": 0}
-    return ModelConfig(**{**base, **fields})
+    base = flavour("debug").replace(location_frequencies=0)
+    return base.replace(**fields, moe=base.moe.replace(**moe))
 
 
 def _rope_theta(c) -> float:
@@ -376,7 +378,7 @@ def from_hf(source, tasks: Sequence = (), *, tokenizer=None, gguf_file: Optional
             returned model's tokenizer: the checkpoint's).
         tokenizer: an ``HFTokenizer`` (default: the checkpoint's, extended with moe_gen's tokens).
         decoder_layers: BERT's new decoder depth (other families keep theirs).
-        overrides: ``ModelConfig`` fields (dropout, router, ...). Architecture fields that would
+        overrides: ``ModelConfig`` fields (dropout, ``moe``: a dict of ``MoELayers`` fields, ...). Architecture fields that would
             not fit the weights raise when the weights are copied.
 
     Returns:

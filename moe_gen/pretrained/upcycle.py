@@ -9,7 +9,7 @@ makes the experts diverge as the router sends them different tokens.
 
     model, summary = upcycle(model, num_experts=8, top_k=2, router="attribute", layers="every_other")
     summary.layers            # ("encoder.blocks.1", "encoder.blocks.3", "decoder.blocks.1")
-    model.save_pretrained(d)  # model.config now says moe_every=2, num_experts=8, top_k=2, ...
+    model.save_pretrained(d)  # model.config.moe now says every=2, num_experts=8, top_k=2, ...
 
 Two options break the experts' symmetry from the first step instead of waiting for the router:
 
@@ -97,12 +97,12 @@ def upcycle(
         top_k: experts per token (1 <= k <= E).
         router: a ``RouterConfig`` or a strategy name (``token``, ``context``, ``modality``, ``task``, ``attribute``,
             ``hybrid``); a name keeps the model's other router settings. ``None``: the model's router settings
-            (``RouterConfig()`` for a bare module tree). For a model with ``config.router``, the tag vocabulary sizes
+            (``RouterConfig()`` for a bare module tree). For a model with ``config.moe.router``, the tag vocabulary sizes
             (``num_tasks``, ``num_modalities``, ``num_roles``, ``num_passes``) are always the model's. The gate must
             be ``topk`` or ``hash``, without a ``weight_scale``; with ``topk`` and k = 1, ``normalize=None`` is set to
             True (the one weight is then the constant 1, so the router learns from its auxiliary losses only, the
             price of starting at the dense function), and an explicit ``normalize=False`` is an error.
-        layers: ``"all"``, ``"every_other"`` (blocks 1, 3, 5... of each stack: where ``ModelConfig.moe_every=2`` puts
+        layers: ``"all"``, ``"every_other"`` (blocks 1, 3, 5... of each stack: where ``ModelConfig.moe.every=2`` puts
             MoE layers; in a bare tree, FFNs whose last numeric name component is odd) or a list of names as
             ``upcycle`` reports them (``"encoder.blocks.1"``; ``"encoder.blocks.1.ffn"`` is accepted too).
         noise: relative std of the multiplicative noise on each expert's parameters (0: exact copies).
@@ -152,8 +152,8 @@ def _plan(model: nn.Module, num_experts: int, top_k: int, router: Union[RouterCo
     config = config if isinstance(config, ModelConfig) else None
     candidates = _dense_ffns(model, config is not None)
     chosen = _select(candidates, layers, model)
-    router_config = _router_config(router, config.router if config is not None else None, top_k)
-    backend = config.backend if config is not None else "torch"
+    router_config = _router_config(router, config.moe.router if config is not None else None, top_k)
+    backend = config.moe.backend if config is not None else "torch"
     layer_configs = {name: _layer_config(candidates[name][2], num_experts, top_k, router_config, backend,
                                          expert_hidden, name, reinit_fraction)
                      for name in chosen}
@@ -333,27 +333,26 @@ def _upcycled_config(model: nn.Module, config: ModelConfig, chosen: list[str],
         moe_every, moe_layers = 1, tuple(sorted(moe_after))
     first = layer_configs[chosen[0]]
     # The experts copy the dense FFN whole: no shared expert (it would add to the dense output).
-    experts = dataclasses.replace(config.experts, kind=first.experts.kind, activation=first.experts.activation,
+    experts = dataclasses.replace(config.moe.experts, kind=first.experts.kind, activation=first.experts.activation,
                                   bias=first.experts.bias, shared_expert=False, shared_hidden=None)
-    new = dataclasses.replace(config, moe_every=moe_every, moe_layers=moe_layers, num_experts=first.num_experts,
-                              top_k=first.top_k,
-                              expert_hidden=first.d_hidden, router=first.router, experts=experts,
-                              capacity_factor=None, moe_attention=False,
-                              decoder_router={})  # every upcycled layer routes as `router` says
+    new = config.with_moe(every=moe_every, layers=moe_layers, num_experts=first.num_experts, top_k=first.top_k,
+                          expert_hidden=first.d_hidden, router=first.router, experts=experts,
+                          capacity_factor=None, attention=False,
+                          decoder_router={})  # every upcycled layer routes as `router` says
     rebuilt = new.moe_config()
     for name in chosen:
         if layer_configs[name] != rebuilt:
             raise ValueError(f"{name}'s FFN differs from the model's other dense FFNs ({layer_configs[name]} vs "
                              f"{rebuilt}); ModelConfig holds one MoE configuration for every layer")
-    if config.decoder_router and any(name.startswith("decoder.") for name in already):
+    if config.moe.decoder_router and any(name.startswith("decoder.") for name in already):
         raise ValueError("the model's decoder MoE layers route by decoder_router; upcycling writes one router "
                          "configuration for every layer, so upcycle a model without decoder_router")
     if already:
         existing = blocks[already[0]].ffn.config
-        if config.moe_attention or existing.replace(backend=rebuilt.backend) != rebuilt:
+        if config.moe.attention or existing.replace(backend=rebuilt.backend) != rebuilt:
             raise ValueError(
                 f"the model already has MoE layers ({', '.join(already)}) configured as {existing}"
-                f"{' with MoE attention' if config.moe_attention else ''}; ModelConfig holds one MoE "
+                f"{' with MoE attention' if config.moe.attention else ''}; ModelConfig holds one MoE "
                 f"configuration for every layer, and upcycling would add layers configured as {rebuilt}"
             )
     return new

@@ -85,7 +85,7 @@ def _model_config(cfg: BenchConfig, system: str):
     from moe_gen.model import flavour
 
     strategy = "attribute" if system in ("dense", "specialist") else system
-    config = flavour(cfg.flavour, num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy))
+    config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy))
     return config.dense_twin() if system in ("dense", "specialist") else config
 
 

@@ -184,7 +184,7 @@ class RunConfig(ConfigBase):
 
     Attributes:
         model: how the model is made: ``flavour`` plus ``ModelConfig`` overrides (``{"flavour":
-            "tiny", "router": {"strategy": "attribute"}}``), or ``init: "hf:..."`` (and ``upcycle``)
+            "tiny", "moe": {"router": {"strategy": "attribute"}}}``), or ``init: "hf:..."`` (and ``upcycle``)
             for a pretrained backbone; empty for ``finetune``, which loads a saved model.
         train: the ``TrainConfig``.
         tasks: preset names trained on (their ``train`` split).

@@ -2,7 +2,7 @@
 by dotted keys (``--train.lr 3e-4``, ``--model.flavour small``) or by a YAML file of the same keys
 (``recipe: demo`` starts from one)::
 
-    RunConfig(model={"flavour": "tiny", **ModelConfig overrides},   # e.g. "router": {"strategy": "attribute"}
+    RunConfig(model={"flavour": "tiny", **ModelConfig overrides},   # e.g. "moe": {"router": {"strategy": "attribute"}}
               train=TrainConfig(...),
               tasks=(preset names,),            # trained on their "train" split
               eval_tasks=(preset names,),       # evaluated on their "test" split (default: tasks)
@@ -50,9 +50,9 @@ def demo() -> RunConfig:
         # content (hybrid, with the content balance loss). The encoder's attribute-routed layers
         # balance by the tag-group loss at 5x the default weight plus the selection bias, which
         # revives experts the loss no longer reaches (README: utilisation over two seeds).
-        model={"flavour": "tiny", "router": {"strategy": "attribute", "balance_loss_weight": 0.05,
-                                             "tag_balance": "loss+bias"},
-               "decoder_router": {"strategy": "hybrid"}, "dropout": 0.1},
+        model={"flavour": "tiny", "dropout": 0.1,
+               "moe": {"router": {"strategy": "attribute", "balance_loss_weight": 0.05, "tag_balance": "loss+bias"},
+                       "decoder_router": {"strategy": "hybrid"}}},
         train=TrainConfig(steps=1500, batch_size=24, lr=2e-3, warmup_steps=50, mixing="temperature",
                           temperature=2.0, modality_budget={"AUDIO": 600, "VIDEO": 600}, checkpoint_every=100,
                           log_every=10, eval_limit=40, num_threads=None),
@@ -87,7 +87,7 @@ def demo_pretrained() -> RunConfig:
 def debug() -> RunConfig:
     """Seconds on a CPU: the debug flavour on three tasks (smoke runs, tests)."""
     return RunConfig(
-        model={"flavour": "debug", "router": {"strategy": "attribute"}},
+        model={"flavour": "debug", "moe": {"router": {"strategy": "attribute"}}},
         train=TrainConfig(steps=20, batch_size=8, lr=2e-3, warmup_steps=5, checkpoint_every=10, log_every=5,
                           eval_limit=8, progress=False),
         tasks=("digit_classification", "table_species", "motion_classification"),
@@ -102,7 +102,7 @@ def image_generation() -> RunConfig:
     4M masked modeling over image codes and labels (``masked``), and image infilling. Minutes on a
     2-core CPU; ``scripts/bench_image_generation.py`` measures the decoding modes in detail."""
     return RunConfig(
-        model={"flavour": "debug", "router": {"strategy": "attribute"}},
+        model={"flavour": "debug", "moe": {"router": {"strategy": "attribute"}}},
         train=TrainConfig(steps=3000, batch_size=16, lr=2e-3, warmup_steps=50, mixing="uniform",
                           masked_input_budget=12, masked_target_budget=8, masked_alpha=1.0, checkpoint_every=500,
                           log_every=50, eval_limit=100, num_threads=None),
