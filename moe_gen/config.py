@@ -4,8 +4,9 @@
                └─ ExpertsConfig  (expert kind, activation, bias, shared expert)
 
 Every config converts to and from plain dicts (``to_dict`` / ``from_dict``) so it can be saved as
-JSON next to weights and overridden from the command line by dotted keys. ``ModelConfig`` holds a
-``RouterConfig`` and an ``ExpertsConfig`` and builds each MoE layer's ``MoEConfig`` from them.
+JSON next to weights and overridden from the command line by dotted keys. A model's
+``ModelConfig.moe`` (``moe_gen.model.MoELayers``) holds a ``RouterConfig`` and an ``ExpertsConfig``,
+and the model builds each MoE layer's ``MoEConfig`` from them.
 """
 
 from __future__ import annotations
