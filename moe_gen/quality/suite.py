@@ -250,6 +250,8 @@ EXTRA: tuple[SuiteTask, ...] = (
                                         values=[count_hypothesis(n) for n in (1, 2, 3)])),
     _builtin("reply_matching", "TEXT", label_column="answer", text_features=True,
              features=functools.partial(pair_text_features, columns=("first", "second"))),
+    _builtin("language_identification", "TEXT", features=text_features, label_column="language",
+             text_features=True),
     _builtin("few_shot_instructions", "TEXT"),
     _builtin("docstring_summary", "TEXT"),
     _builtin("video_qa", "VIDEO+TEXT", label_column="answer",

@@ -220,6 +220,16 @@ _DOCSTRINGS = ("docstrings of 102 standard-library modules whose first line summ
                "test = every 5th")
 
 
+_LANGUAGES = ("chatterbot-corpus 1.3.3: distinct dialog turns of 10 languages in the Latin alphabet (up to 300 "
+              "each, none shared between languages; moe_gen.tasks.sources.dialog); test = every 5th turn")
+
+
+def _languages(split):
+    from moe_gen.tasks.sources.dialog import language_rows
+
+    return language_rows(split)
+
+
 def _replies(split):
     from moe_gen.tasks.sources.dialog import reply_rows
 
@@ -241,6 +251,9 @@ def _docstrings(split):
 preset("reply_matching", '" [TEXT:first,max_length=48] " and " [TEXT:second,max_length=64] " : is the second a '
        "reply to the first? -> [TEXT:answer,closed_set]", _DIALOG, ("accuracy",),
        licence="BSD-3-Clause (chatterbot-corpus; its package metadata: BSD License)")(_replies)
+preset("language_identification", "[TEXT:text,max_length=64] which language is this? -> "
+       "[TEXT:language,closed_set]", _LANGUAGES, ("accuracy",),
+       licence="BSD-3-Clause (chatterbot-corpus; its package metadata: BSD License)")(_languages)
 preset("few_shot_instructions", "[TEXT:definition] examples: [TEXT:examples] input: [TEXT:query] output? -> "
        "[TEXT:answer,max_length=24]", _FEW_SHOT, ("exact_match",),
        licence=_L_PYDOC + "; tasks and rows: " + _OWN)(_few_shot)

@@ -1,16 +1,22 @@
-"""Sentence pairs from real dialogs, for the ``reply_matching`` preset (GLUE-like pair classification).
+"""Real dialog text from ``chatterbot-corpus`` (a dependency of moe_gen; BSD-3-Clause), for two presets.
 
-The text is the English part of ``chatterbot-corpus`` (a dependency of moe_gen; BSD-3-Clause): 21
-YAML files under ``chatterbot_corpus/data/english``, 2,026 dialogs of two or more turns (greetings,
-trivia, technical support, ...). Every two consecutive turns ``(A, B)`` of a dialog are a pair whose
-``B`` answers ``A``; repeated pairs count once (1,176 distinct pairs, 1,015 distinct first turns).
-
+``reply_matching`` (GLUE-like pair classification) reads the English part: 21 YAML files under
+``chatterbot_corpus/data/english``, 2,026 dialogs of two or more turns (greetings, trivia, technical
+support, ...). Every two consecutive turns ``(A, B)`` of a dialog are a pair whose ``B`` answers
+``A``; repeated pairs count once (1,176 distinct pairs, 1,015 distinct first turns).
 Each pair gives two rows with the same first sentence: the real reply (``answer`` "yes") and a reply
 taken from another pair of the same split that is not a reply to that first sentence anywhere in
 the corpus ("no"), chosen by ``random.Random(seed + pair index)``. The first sentence alone therefore
 never tells the answer. Splits go by first sentence: the pairs of every 5th distinct first sentence
 (in file order) are ``test``, so a test question was never seen in training, and negatives are drawn
 within each split.
+
+``language_identification`` reads the turns of ten languages written in the Latin alphabet
+(``LANGUAGES``; the corpus's dialogs are largely translations of one another, so the languages talk
+about the same things): per language its first ``PER_LANGUAGE`` distinct turns in file order, leaving
+out turns that occur in another language's dialogs too (names, numbers, "AI"). Every 5th of those
+(in that order) is ``test``; a test turn never occurs in training. Labels are the corpus's folder
+names.
 """
 
 from __future__ import annotations
@@ -19,19 +25,41 @@ import functools
 import random
 from pathlib import Path
 
-__all__ = ["dialog_pairs", "reply_rows", "SPLITS"]
+__all__ = ["dialog_pairs", "reply_rows", "language_turns", "language_rows", "LANGUAGES", "PER_LANGUAGE", "SPLITS"]
 
 SPLITS = ("train", "test", "all")
 _INSTALL = "pip install chatterbot-corpus==1.3.3"
 
 
-def _corpus_dir() -> Path:
+LANGUAGES = ("dutch", "english", "french", "german", "indonesian", "italian", "portuguese", "spanish", "swedish",
+             "turkish")
+PER_LANGUAGE = 300  # turns kept per language (French has 138 distinct ones in all)
+
+
+def _corpus_dir(language: str = "english") -> Path:
     try:
         import chatterbot_corpus
     except ImportError:
-        raise ModuleNotFoundError(f"the reply_matching preset reads the chatterbot-corpus package; "
-                                  f"install it with `{_INSTALL}`") from None
-    return Path(chatterbot_corpus.__file__).resolve().parent / "data" / "english"
+        raise ModuleNotFoundError(f"the reply_matching and language_identification presets read the "
+                                  f"chatterbot-corpus package; install it with `{_INSTALL}`") from None
+    return Path(chatterbot_corpus.__file__).resolve().parent / "data" / language
+
+
+@functools.lru_cache(maxsize=None)
+def _dialogs(language: str) -> tuple[tuple[str, ...], ...]:
+    """Every dialog (its turns as one-line strings) of one language folder, in file order."""
+    import yaml
+
+    files = sorted(_corpus_dir(language).glob("*.yml"))
+    if not files:
+        raise FileNotFoundError(f"no dialogs under {_corpus_dir(language)}; reinstall with `{_INSTALL}`")
+    dialogs = []
+    for path in files:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        for dialog in data.get("conversations") or []:
+            if isinstance(dialog, list):  # one entry of trivia.yml is a lone string, not a dialog
+                dialogs.append(tuple(_turns(dialog)))
+    return tuple(dialogs)
 
 
 def _turns(dialog) -> list[str]:
@@ -42,18 +70,9 @@ def _turns(dialog) -> list[str]:
 @functools.lru_cache(maxsize=1)
 def dialog_pairs() -> tuple[tuple[str, str], ...]:
     """Distinct ``(turn, next turn)`` pairs of the English dialogs, in file and dialog order."""
-    import yaml
-
-    files = sorted(_corpus_dir().glob("*.yml"))
-    if not files:
-        raise FileNotFoundError(f"no dialogs under {_corpus_dir()}; reinstall with `{_INSTALL}`")
     pairs: dict[tuple[str, str], None] = {}
-    for path in files:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-        for dialog in data.get("conversations") or []:
-            if isinstance(dialog, list):  # one entry of trivia.yml is a lone string, not a dialog
-                turns = _turns(dialog)
-                pairs.update(dict.fromkeys(zip(turns, turns[1:])))
+    for turns in _dialogs("english"):
+        pairs.update(dict.fromkeys(zip(turns, turns[1:])))
     return tuple(pairs)
 
 
@@ -80,4 +99,29 @@ def reply_rows(split: str = "train", seed: int = 0) -> list[dict]:
                 other = rng.choice(pool)
             rows += [{"first": first, "second": second, "answer": "yes", "id": f"dialog/{i}/yes"},
                      {"first": first, "second": other, "answer": "no", "id": f"dialog/{i}/no"}]
+    return rows
+
+
+@functools.lru_cache(maxsize=1)
+def language_turns() -> dict[str, tuple[str, ...]]:
+    """Per language of ``LANGUAGES``: its first ``PER_LANGUAGE`` distinct turns in file order that no
+    other language's dialogs contain."""
+    distinct = {lang: list(dict.fromkeys(t for dialog in _dialogs(lang) for t in dialog)) for lang in LANGUAGES}
+    seen_in: dict[str, set[str]] = {}
+    for lang, turns in distinct.items():
+        for turn in turns:
+            seen_in.setdefault(turn.casefold(), set()).add(lang)
+    return {lang: tuple([t for t in turns if len(seen_in[t.casefold()]) == 1][:PER_LANGUAGE])
+            for lang, turns in distinct.items()}
+
+
+def language_rows(split: str = "train") -> list[dict]:
+    """Rows ``{"text", "language", "id"}``: every 5th kept turn of each language is ``test`` (see
+    the module docstring); languages in ``LANGUAGES`` order, turns in file order."""
+    if split not in SPLITS:
+        raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
+    rows = []
+    for lang, turns in language_turns().items():
+        rows += [{"text": turn, "language": lang, "id": f"{lang}/{i}"} for i, turn in enumerate(turns)
+                 if split == "all" or (i % 5 == 0) == (split == "test")]
     return rows
