@@ -85,6 +85,20 @@ def test_bert_model_builds_for_tasks_and_trains(minilm):
     assert losses[-1] < losses[0]
 
 
+def test_checkpoint_overrides_set_moe_fields_through_moe_and_bad_keys_are_named(minilm):
+    from moe_gen.pretrained.hf import dense_config, read_checkpoint
+
+    checkpoint = read_checkpoint(shipped("minilm"))
+    config = dense_config(checkpoint, dropout=0.1, moe={"num_experts": 8, "router": "attribute"})
+    assert config.dropout == 0.1 and config.moe.every == 0  # still dense until upcycled
+    assert (config.moe.num_experts, config.moe.router.strategy) == (8, "attribute")
+    assert config.moe.expert_hidden == config.ffn_hidden == 1536 and config.moe.experts.activation == "gelu"
+    with pytest.raises(ValueError, match=r"unknown ModelConfig keys \['router'\] \(MoE settings go in moe="):
+        dense_config(checkpoint, router="attribute")
+    with pytest.raises(ValueError, match="unknown MoELayers keys"):
+        dense_config(checkpoint, moe={"num_expert": 8})
+
+
 @pytest.fixture(scope="module")
 def smollm():
     """SmolLM2 through transformers' GGUF reader, cut to its first 4 layers (the conversion is

@@ -183,12 +183,17 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
                 kind="mlp", activation=_activation({"gelu": "gelu"}, c.activation_function, checkpoint), bias=True)))
         if c.decoder_attention_heads != c.encoder_attention_heads or c.decoder_ffn_dim != c.encoder_ffn_dim:
             raise ValueError(f"{checkpoint.source}: encoder and decoder differ in heads or FFN width")
+    known = {f.name for f in dataclasses.fields(ModelConfig)}
+    if set(overrides) - known:
+        raise ValueError(f"unknown ModelConfig keys {sorted(set(overrides) - known)} (MoE settings go in "
+                         f"moe={{...}}); known: {', '.join(sorted(known))}")
     moe = {**fields.pop("moe"), **(overrides.pop("moe", None) or {})}
     fields.update(overrides)
     # no location features unless asked for: a random projection added to the output rows would
     # outweigh the checkpoint's own logits until trained (greedy Whisper then writes <bin_k>)
     base = flavour("debug").replace(location_frequencies=0)
-    return base.replace(**fields, moe=base.moe.replace(**moe))
+    moe = {**{f.name: getattr(base.moe, f.name) for f in dataclasses.fields(base.moe)}, **moe}
+    return base.replace(**fields, moe=moe)  # unknown moe keys are refused, named, by ModelConfig
 
 
 def _rope_theta(c) -> float:
