@@ -24,6 +24,8 @@ def test_turns_are_distinct_per_language_and_never_shared_between_languages():
     assert "hallo" not in kept and "thomas edison." not in kept  # in Dutch and German dialogs (and more)
     assert len(turns["english"]) == PER_LANGUAGE
     assert len(dialog_pairs()) == 1176  # reply_matching reads the same files, unchanged
+    with pytest.raises(TypeError):  # the cached turns cannot be changed by a caller
+        turns["dutch"] = ()
 
 
 def test_every_fifth_turn_is_test_and_the_splits_are_disjoint():

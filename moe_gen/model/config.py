@@ -227,10 +227,10 @@ class ModelConfig(ConfigBase):
         if not self.norm_eps > 0:
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
         if isinstance(self.moe, dict):
-            unknown = sorted(set(self.moe) - {f.name for f in dataclasses.fields(MoELayers)})
+            known = sorted(f.name for f in dataclasses.fields(MoELayers))
+            unknown = sorted(set(self.moe) - set(known))
             if unknown:
-                raise ValueError(f"unknown MoELayers keys {unknown}; known: "
-                                 f"{', '.join(f.name for f in dataclasses.fields(MoELayers))}")
+                raise ValueError(f"unknown MoELayers keys {unknown}; known: {', '.join(known)}")
             self.moe = MoELayers(**self.moe)
         elif not isinstance(self.moe, MoELayers):
             raise ValueError(f"ModelConfig.moe must be a MoELayers (or a dict of its fields), got "

@@ -140,7 +140,8 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
 
 def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = None, **overrides) -> ModelConfig:
     """The dense ``ModelConfig`` of the checkpoint's architecture (``moe.every=0``); ``overrides``
-    replace any field (``moe``: a dict of the ``MoELayers`` fields to change) (``decoder_layers`` sizes BERT's new decoder: 2 by default)."""
+    replace any field, ``moe`` being a dict of the ``MoELayers`` fields to change
+    (``decoder_layers`` sizes BERT's new decoder: 2 by default)."""
     c = checkpoint.config
     if checkpoint.family == "bert":
         if getattr(c, "position_embedding_type", "absolute") != "absolute":
@@ -192,8 +193,7 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
     # no location features unless asked for: a random projection added to the output rows would
     # outweigh the checkpoint's own logits until trained (greedy Whisper then writes <bin_k>)
     base = flavour("debug").replace(location_frequencies=0)
-    moe = {**{f.name: getattr(base.moe, f.name) for f in dataclasses.fields(base.moe)}, **moe}
-    return base.replace(**fields, moe=moe)  # unknown moe keys are refused, named, by ModelConfig
+    return base.replace(**fields, moe={**base.moe.to_dict(), **moe})  # ModelConfig names unknown moe keys
 
 
 def _rope_theta(c) -> float:
@@ -383,8 +383,8 @@ def from_hf(source, tasks: Sequence = (), *, tokenizer=None, gguf_file: Optional
             returned model's tokenizer: the checkpoint's).
         tokenizer: an ``HFTokenizer`` (default: the checkpoint's, extended with moe_gen's tokens).
         decoder_layers: BERT's new decoder depth (other families keep theirs).
-        overrides: ``ModelConfig`` fields (dropout, ``moe``: a dict of ``MoELayers`` fields, ...). Architecture fields that would
-            not fit the weights raise when the weights are copied.
+        overrides: ``ModelConfig`` fields (dropout, ``moe``: a dict of ``MoELayers`` fields, ...).
+            Architecture fields that would not fit the weights raise when the weights are copied.
 
     Returns:
         The dense model (``upcycle`` turns its FFNs into MoE layers); its ``pretrained_unused``

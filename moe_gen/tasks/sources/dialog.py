@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import functools
 import random
+import types
 from pathlib import Path
+from typing import Mapping
 
 __all__ = ["dialog_pairs", "reply_rows", "language_turns", "language_rows", "LANGUAGES", "PER_LANGUAGE", "SPLITS"]
 
@@ -103,16 +105,17 @@ def reply_rows(split: str = "train", seed: int = 0) -> list[dict]:
 
 
 @functools.lru_cache(maxsize=1)
-def language_turns() -> dict[str, tuple[str, ...]]:
-    """Per language of ``LANGUAGES``: its first ``PER_LANGUAGE`` distinct turns in file order that no
-    other language's dialogs contain."""
+def language_turns() -> Mapping[str, tuple[str, ...]]:
+    """Per language of ``LANGUAGES`` (a read-only mapping): its first ``PER_LANGUAGE`` distinct turns
+    in file order that no other language's dialogs contain."""
     distinct = {lang: list(dict.fromkeys(t for dialog in _dialogs(lang) for t in dialog)) for lang in LANGUAGES}
     seen_in: dict[str, set[str]] = {}
     for lang, turns in distinct.items():
         for turn in turns:
             seen_in.setdefault(turn.casefold(), set()).add(lang)
-    return {lang: tuple([t for t in turns if len(seen_in[t.casefold()]) == 1][:PER_LANGUAGE])
+    kept = {lang: tuple([t for t in turns if len(seen_in[t.casefold()]) == 1][:PER_LANGUAGE])
             for lang, turns in distinct.items()}
+    return types.MappingProxyType(kept)
 
 
 def language_rows(split: str = "train") -> list[dict]:
