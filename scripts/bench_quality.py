@@ -39,6 +39,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--flavour")
     parser.add_argument("--num-experts", type=int)
+    parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
@@ -47,7 +48,7 @@ def main(argv=None) -> int:
 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "eval_limit",
-                 "workers", "threads"):
+                 "ema_decay", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

@@ -385,3 +385,57 @@ def test_location_embedding_takes_no_weight_decay_and_old_checkpoints_name_the_f
         old.fit()
     with pytest.raises(ValueError, match="resumes with --model.location_frequencies 0"):
         Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4), output_dir=str(tmp_path), resume=True)
+
+
+# ---- weight averaging -------------------------------------------------------------------------------
+
+def _snapshot(model) -> dict:
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_the_weight_average_is_an_ema_of_the_steps_and_is_what_evaluation_and_saving_use(tasks, tok, tmp_path):
+    router = RouterConfig(strategy="attribute", tag_balance="bias", tag_balance_rate=0.05)
+    model = build(tasks, tok, router=router)
+    trainer = Trainer(model, tasks, quiet(steps=3, batch_size=4, ema_decay=0.5), output_dir=str(tmp_path / "run"))
+    expected = None
+    for step in (1, 2, 3):
+        trainer.train_step(step)
+        weights = _snapshot(model)
+        expected = weights if expected is None else {n: 0.5 * expected[n] + 0.5 * w for n, w in weights.items()}
+    average = trainer.trained_model()
+    assert average is not model
+    for name, p in average.named_parameters():
+        torch.testing.assert_close(p, expected[name], atol=1e-7, rtol=1e-6, msg=name)
+    assert any(not torch.equal(p, expected[n]) for n, p in model.named_parameters())  # the model is not the average
+    for (name, mine), theirs in zip(average.named_buffers(), model.buffers()):  # routing biases follow the model
+        assert torch.equal(mine, theirs), name
+    assert any("balance_bias" in n and bool(b.abs().sum() > 0) for n, b in average.named_buffers())
+
+    trainer.save_model(str(tmp_path / "saved"))
+    saved = GeneralistModel.from_pretrained(str(tmp_path / "saved"))
+    for name, p in saved.named_parameters():
+        torch.testing.assert_close(p, expected[name], atol=1e-7, rtol=1e-6, msg=name)
+    with pytest.raises(ValueError, match="ema_decay"):
+        TrainConfig(ema_decay=1.0)
+    from moe_gen.trainer.averaging import weight_average
+
+    with pytest.raises(ValueError, match="expert_parallel"):
+        weight_average(model, quiet(ema_decay=0.9), sharded=True)
+
+
+def test_a_resumed_run_continues_the_same_weight_average(tasks, tok, tmp_path):
+    config = quiet(steps=6, batch_size=4, ema_decay=0.8, checkpoint_every=3)
+    straight = Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path / "straight"))
+    straight.fit()
+
+    first = Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path / "resumed"))
+    for step in (1, 2, 3):
+        first.train_step(step)
+        first.step = step
+    first.save_checkpoint()
+    first.close()
+    resumed = Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path / "resumed"), resume=True)
+    assert resumed.step == 3 and int(resumed.average.n_averaged) == 3
+    resumed.fit()
+    for (name, a), b in zip(straight.trained_model().named_parameters(), resumed.trained_model().parameters()):
+        assert torch.equal(a, b), name

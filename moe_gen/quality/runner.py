@@ -47,6 +47,9 @@ class BenchConfig:
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
+        ema_decay: ``TrainConfig.ema_decay`` of every model run (0: none); with it, runs are scored
+            with the averaged weights, and their last weights' scores are kept too
+            (``scores_last`` in ``quality.json``).
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         workers, threads: processes running jobs, torch threads per process.
@@ -65,6 +68,7 @@ class BenchConfig:
     warmup_steps: int = 50
     mixing: str = "temperature"
     temperature: float = 2.0
+    ema_decay: float = 0.0
     eval_limit: int = 100
     workers: int = 2
     threads: int = 1
@@ -170,14 +174,17 @@ def train_and_score(job: dict) -> dict:
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
                                temperature=cfg.temperature, seed=job["seed"], progress=False, tensorboard=False,
-                               checkpoint_every=0,
+                               checkpoint_every=0, ema_decay=cfg.ema_decay,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)
         summary = trainer.fit()
+        last, model = model, trainer.trained_model()
     trained = time.perf_counter()
     with RoutingRecorder(model) as recorder:
         scores = {task.name: evaluate_task(model, rows)[task.metric] for task, rows in zip(suite, test)}
+    scores_last = None if last is model else {
+        task.name: evaluate_task(last, rows)[task.metric] for task, rows in zip(suite, test)}
     tables = recorder.tables()
     routing = {}
     if tables.layer_names:
@@ -188,6 +195,7 @@ def train_and_score(job: dict) -> dict:
                                            "mean_max_over_mean")}
     interference = _interference(model, test) if len(suite) > 1 else None
     return {"system": job["system"], "seed": job["seed"], "tasks": list(job["tasks"]), "scores": scores,
+            **({"scores_last": scores_last} if scores_last is not None else {}),
             "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
             "utilisation": _utilisation(tables) if tables.layer_names else {},
             "routing": routing, "interference": interference,

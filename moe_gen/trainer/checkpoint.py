@@ -4,6 +4,7 @@ Layout of ``<output_dir>/checkpoints``::
 
     step-0000200/
         model-dense.safetensors, model-experts-*.safetensors   weights (expert shards per rank)
+        average-dense.safetensors                               the weight average (``ema_decay``), if kept
         optimizer-*.safetensors                                 AdamW moments by parameter name
         optimizer.json                                          param-group hyper-parameters
         rank-00000.json                                         sampler cursors, RNG states of a rank
@@ -131,8 +132,9 @@ def _set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sampler, trainer_state: dict,
-                    plan=None, keep: int = 2) -> str:
+                    plan=None, keep: int = 2, average=None) -> str:
     """Writes checkpoint ``step`` atomically and returns its path. Every process must call it.
+    ``average``: the run's ``AveragedModel`` of the weights, if it keeps one.
 
     Raises:
         CheckpointError: on every process when writing failed on any; what was written is removed,
@@ -152,10 +154,13 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
     distributed.barrier()
     if error is None:
         try:
-            weights = {k: v.detach().cpu().contiguous() for k, v in full_tensors(model.state_dict()).items()}
-            distributed.save_shards(partial, "model", weights, plan if plan is not None else model)
+            distributed.save_shards(partial, "model", _cpu(full_tensors(model.state_dict())),
+                                    plan if plan is not None else model)
             tensors, meta = _optimizer_tensors(model, optimizer)
             distributed.save_shards(partial, "optimizer", tensors, plan if plan is not None else model)
+            if average is not None:
+                distributed.save_shards(partial, "average", _cpu(average.module.state_dict()), model)
+                trainer_state = {**trainer_state, "averaged_steps": int(average.n_averaged)}
             if rank == 0:
                 write_json_atomic(os.path.join(partial, "optimizer.json"), meta)
             write_json_atomic(os.path.join(partial, f"rank-{rank:05d}.json"),
@@ -180,6 +185,10 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _cpu(tensors: dict) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
 
 
 def _publish(root: str, name: str) -> None:
@@ -215,9 +224,10 @@ def _is_checkpoint_name(name: str) -> bool:
     return name.startswith("step-") and name[5:].isdigit()
 
 
-def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=None) -> dict:
-    """Restores weights, optimizer, scheduler, sampler cursors and RNG states; returns the trainer
-    state dict (with ``step``, the last completed step)."""
+def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=None, average=None) -> dict:
+    """Restores weights, optimizer, scheduler, sampler cursors and RNG states (and the weight
+    ``average``, when given and kept; from a checkpoint without one it starts again from the
+    resumed weights); returns the trainer state dict (with ``step``, the last completed step)."""
     rank = distributed.world_info().rank
     with open(os.path.join(path, "trainer.json")) as f:
         trainer_state = json.load(f)
@@ -241,4 +251,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
         rank_state = json.load(f)
     sampler.load_state_dict(rank_state["sampler"])
     _set_rng_state(rank_state["rng"])
+    if average is not None and "averaged_steps" in trainer_state:
+        average.module.load_state_dict(distributed.load_shards(path, "average", model))
+        average.n_averaged.fill_(int(trainer_state["averaged_steps"]))
     return trainer_state

@@ -33,6 +33,11 @@ class TrainConfig(ConfigBase):
             decay to ``lr · min_lr_ratio`` at the last step.
         weight_decay, betas, eps: AdamW settings (no decay on biases, norms and embeddings).
         clip_norm: global gradient-norm clipping (0 disables).
+        ema_decay: d in [0, 1): keep an exponential moving average of the weights,
+            ``avg ← d·avg + (1 − d)·w`` after every optimizer step (PyTorch's ``AveragedModel``;
+            buffers such as routing biases are copied, not averaged), which ``evaluate`` and
+            ``save_model`` then use and checkpoints keep. 0 (default): no average. One process or
+            ``sharding="replicate"`` only (not with FSDP or expert parallelism).
         precision: ``fp32`` or ``bf16`` (autocast; the router gate stays fp32).
         seed: seeds model initialisation order, sampling, augmentation and dropout.
         mixing: how tasks share steps: ``proportional`` (to data size), ``temperature``
@@ -93,6 +98,7 @@ class TrainConfig(ConfigBase):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     clip_norm: float = 1.0
+    ema_decay: float = 0.0
     precision: str = "fp32"
     seed: int = 0
     mixing: str = "temperature"
@@ -131,6 +137,7 @@ class TrainConfig(ConfigBase):
             (self.batch_size >= 1, f"batch_size must be >= 1, got {self.batch_size}"),
             (self.accumulate >= 1, f"accumulate must be >= 1, got {self.accumulate}"),
             (self.lr > 0, f"lr must be > 0, got {self.lr}"),
+            (0 <= self.ema_decay < 1, f"ema_decay must be in [0, 1), got {self.ema_decay}"),
             (0 <= self.min_lr_ratio <= 1, f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}"),
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.mixing in MIXING, f"mixing must be one of {', '.join(MIXING)}; got {self.mixing!r}"),

@@ -30,6 +30,7 @@ from moe_gen.model.model import GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES
 from moe_gen.tasks.task import Task
+from moe_gen.trainer.averaging import update_average, weight_average
 from moe_gen.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
@@ -268,6 +269,7 @@ class Trainer:
         if self.world > 1 and config.sharding == "replicate":
             self.ddp = distributed.replicate(model, self.objectives, self.plan)
         self.loss_module = self.ddp or distributed.LossModule(model, self.objectives)
+        self.average = weight_average(model, config, sharded=self.plan is not None or (self.world > 1 and config.sharding != "replicate"))
         groups = _param_groups(model, config.weight_decay, config.lr, config.lr_scales)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                            fused=_fusable(groups) or None)
@@ -298,7 +300,7 @@ class Trainer:
 
     def _resume(self, path: str) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                sampler=self.sampler, plan=self.plan)
+                                sampler=self.sampler, plan=self.plan, average=self.average)
         saved_tasks = state.get("tasks")
         if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
             raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
@@ -388,6 +390,8 @@ class Trainer:
         lr = self.optimizer.param_groups[0]["lr"]
         if finite:
             self.optimizer.step()
+            if self.average is not None:
+                update_average(self.average, self.model)
             self.state["bad_in_a_row"] = 0
         else:
             self.state["skipped_steps"] += 1
@@ -472,7 +476,7 @@ class Trainer:
         try:
             path = save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, sampler=self.sampler, trainer_state=state, plan=self.plan,
-                                   keep=self.config.keep_checkpoints)
+                                   keep=self.config.keep_checkpoints, average=self.average)
         except CheckpointError as exc:
             failure = exc
         else:
@@ -502,14 +506,17 @@ class Trainer:
         """``{task: {metric: value}}`` on ``tasks`` (default: ``eval_tasks``), at most ``limit`` rows each
         (default ``config.eval_limit``)."""
         limit = self.config.eval_limit if limit == -1 else limit
-        return evaluate_tasks(self._whole_model(), list(tasks or self.eval_tasks), limit=limit,
+        return evaluate_tasks(self.trained_model(), list(tasks or self.eval_tasks), limit=limit,
                               batch_size=self.config.eval_batch_size)
 
-    def _whole_model(self) -> GeneralistModel:
-        """The model with every parameter whole on this process: itself, or (FSDP) an unsharded
-        copy gathered from the shards (every process must call it)."""
+    def trained_model(self) -> GeneralistModel:
+        """The weights that ``evaluate`` and ``save_model`` use, whole on this process: the running
+        average with ``ema_decay`` > 0, else the model itself, or (FSDP) an unsharded copy gathered
+        from its shards (every process must call it)."""
         from moe_gen.fsdp import is_sharded, unsharded_copy
 
+        if self.average is not None:
+            return self.average.module
         return unsharded_copy(self.model) if is_sharded(self.model) else self.model
 
     def save_model(self, directory: str) -> None:
@@ -523,7 +530,7 @@ class Trainer:
                 raise CheckpointError(f"the model was not saved to {directory}: the checkpoint it is assembled "
                                       "from could not be written")
         error = None
-        model = self._whole_model() if path is None else None
+        model = self.trained_model() if path is None else None
         if self.rank == 0:
             try:
                 if path is None:

@@ -1,0 +1,46 @@
+"""A running average of the weights (``TrainConfig.ema_decay``), on PyTorch's ``AveragedModel``.
+
+The average is an exponential moving average of the parameters after every optimizer step;
+buffers (routing selection biases, running loads) are copied from the model rather than averaged,
+so the averaged model routes as the model does at the same step. ``Trainer.evaluate`` and
+``Trainer.save_model`` use it; checkpoints keep it (``average-*.safetensors`` and its step count),
+so a resumed run continues the same average.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+from moe_gen.model.model import GeneralistModel
+from moe_gen.trainer.config import TrainConfig
+
+__all__ = ["weight_average", "update_average"]
+
+
+def weight_average(model: GeneralistModel, config: TrainConfig, *, sharded: bool) -> Optional[AveragedModel]:
+    """An average of ``model``'s weights when ``config.ema_decay`` > 0 (else None), starting from
+    the model's weights at its first update.
+
+    Raises:
+        ValueError: with expert parallelism or FSDP (``sharded``): the copy would need the same
+            sharding, which is not built.
+    """
+    if config.ema_decay == 0:
+        return None
+    if sharded:
+        raise ValueError(f"ema_decay={config.ema_decay} needs the whole model on every process: it works on one "
+                         "process or with sharding='replicate', not with FSDP or expert_parallel > 1")
+    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
+    average.module.requires_grad_(False).eval()
+    return average
+
+
+@torch.no_grad()
+def update_average(average: AveragedModel, model: GeneralistModel) -> None:
+    """Moves the average one step towards ``model``'s parameters and copies its buffers."""
+    average.update_parameters(model)
+    for mine, theirs in zip(average.module.buffers(), model.buffers()):
+        mine.copy_(theirs)
