@@ -129,3 +129,23 @@ def test_specialists_get_their_tasks_share_of_the_generalists_steps():
     assert specialist_steps(BenchConfig(steps=2), [task("big", 10_000), task("tiny", 1)]) == {"big": 2, "tiny": 1}
     with pytest.raises(ValueError, match="mixing"):
         BenchConfig(mixing="proportional")
+
+
+def test_a_weight_averaged_run_is_scored_with_its_average_and_keeps_its_last_scores():
+    import dataclasses
+
+    from moe_gen.quality.runner import BenchConfig, _ema_decay, train_and_score
+
+    cfg = BenchConfig(steps=4000, ema_decay=0.999)
+    assert _ema_decay(cfg, 4000) == pytest.approx(0.999)  # the generalists' own decay
+    assert _ema_decay(cfg, 400) == pytest.approx(0.99)  # a tenth of the steps: a tenth of the horizon
+    assert _ema_decay(cfg, 2) == 0.0 and _ema_decay(BenchConfig(steps=4000), 4000) == 0.0
+
+    small = BenchConfig(steps=6, batch_size=4, ema_decay=0.5, eval_limit=6, threads=1)
+    job = {"config": dataclasses.asdict(small), "system": "attribute", "tasks": ["table_wine", "table_species"],
+           "seed": 0, "steps": 6}
+    result = train_and_score(job)
+    assert set(result["scores_last"]) == set(result["scores"]) == {"table_wine", "table_species"}
+    plain = train_and_score({**job, "config": dataclasses.asdict(dataclasses.replace(small, ema_decay=0.0))})
+    assert "scores_last" not in plain
+    assert plain["scores"] == result["scores_last"]  # the average does not change what trains

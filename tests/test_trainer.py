@@ -439,3 +439,11 @@ def test_a_resumed_run_continues_the_same_weight_average(tasks, tok, tmp_path):
     resumed.fit()
     for (name, a), b in zip(straight.trained_model().named_parameters(), resumed.trained_model().parameters()):
         assert torch.equal(a, b), name
+
+    # a run that kept no average resumes with ema_decay: the average starts from the resumed weights
+    plain = Trainer(build(tasks, tok), tasks, quiet(steps=3, batch_size=4), output_dir=str(tmp_path / "plain"))
+    plain.fit()
+    averaged = Trainer(build(tasks, tok), tasks, quiet(steps=3, batch_size=4, ema_decay=0.9),
+                       output_dir=str(tmp_path / "plain"), resume=True)
+    for (name, a), b in zip(plain.model.named_parameters(), averaged.trained_model().parameters()):
+        assert torch.equal(a, b), name

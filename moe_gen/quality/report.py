@@ -280,8 +280,12 @@ def _run_line(config: dict) -> str:
     mixing = config.get("mixing", "uniform")
     if mixing == "temperature":
         mixing += f" (τ = {config.get('temperature', 2.0):g})"
+    average = (f" Scored with a running average of the weights (ema_decay {config['ema_decay']:g} for the "
+               "generalists, the same share of a specialist's run; the last weights' scores are in quality.json "
+               "as scores_last).") if config.get("ema_decay") else ""
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
-            f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}.")
+            f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}."
+            + average)
 
 
 def plot(report: dict, path: str) -> None:

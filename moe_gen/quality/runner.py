@@ -47,9 +47,10 @@ class BenchConfig:
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
-        ema_decay: ``TrainConfig.ema_decay`` of every model run (0: none); with it, runs are scored
-            with the averaged weights, and their last weights' scores are kept too
-            (``scores_last`` in ``quality.json``).
+        ema_decay: ``TrainConfig.ema_decay`` of the generalists (0: none); a specialist's decay
+            averages over the same share of its shorter run (``1 − (1 − d)·steps / its steps``).
+            With it, runs are scored with the averaged weights, and their last weights' scores are
+            kept too (``scores_last`` in ``quality.json``).
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         workers, threads: processes running jobs, torch threads per process.
@@ -147,6 +148,14 @@ def _interference(model, tasks, rows: int = 16) -> dict:
             "negative_pairs": float((off < 0).double().mean()) if N > 1 else 0.0}
 
 
+def _ema_decay(cfg: BenchConfig, steps: int) -> float:
+    """The weight-average decay of a run of ``steps``: the generalists' horizon 1 / (1 − d) scaled
+    by the run's share of their steps."""
+    if cfg.ema_decay == 0:
+        return 0.0
+    return max(0.0, 1.0 - (1.0 - cfg.ema_decay) * cfg.steps / steps)
+
+
 def train_and_score(job: dict) -> dict:
     """One model run: build, train, score on held-out rows (and record routing while scoring).
 
@@ -174,7 +183,7 @@ def train_and_score(job: dict) -> dict:
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
                                temperature=cfg.temperature, seed=job["seed"], progress=False, tensorboard=False,
-                               checkpoint_every=0, ema_decay=cfg.ema_decay,
+                               checkpoint_every=0, ema_decay=_ema_decay(cfg, steps),
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)

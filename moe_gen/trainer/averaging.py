@@ -34,7 +34,7 @@ def weight_average(model: GeneralistModel, config: TrainConfig, *, sharded: bool
         raise ValueError(f"ema_decay={config.ema_decay} needs the whole model on every process: it works on one "
                          "process or with sharding='replicate', not with FSDP or expert_parallel > 1")
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
-    average.module.requires_grad_(False).eval()
+    average.module.eval()  # its parameters keep requires_grad, so analysis can take gradients of it
     return average
 
 

@@ -269,7 +269,8 @@ class Trainer:
         if self.world > 1 and config.sharding == "replicate":
             self.ddp = distributed.replicate(model, self.objectives, self.plan)
         self.loss_module = self.ddp or distributed.LossModule(model, self.objectives)
-        self.average = weight_average(model, config, sharded=self.plan is not None or (self.world > 1 and config.sharding != "replicate"))
+        sharded = self.plan is not None or (self.world > 1 and config.sharding != "replicate")
+        self.average = weight_average(model, config, sharded=sharded)
         groups = _param_groups(model, config.weight_decay, config.lr, config.lr_scales)
         self.optimizer = torch.optim.AdamW(groups, lr=config.lr, betas=tuple(config.betas), eps=config.eps,
                                            fused=_fusable(groups) or None)
@@ -305,6 +306,8 @@ class Trainer:
         if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
             raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
                              f"{[t.name for t in self.tasks]}")
+        if self.average is not None and int(self.average.n_averaged) == 0:  # a checkpoint without an average
+            self.average.module.load_state_dict(self.model.state_dict())  # starts from the resumed weights
         self.step = int(state["step"])
         for key in self.state:
             self.state[key] = state.get(key, self.state[key])
