@@ -423,6 +423,17 @@ def test_the_weight_average_is_an_ema_of_the_steps_and_is_what_evaluation_and_sa
         weight_average(model, quiet(ema_decay=0.9), sharded=True)
 
 
+def test_an_average_longer_than_half_the_run_is_warned_about(tasks, tok, caplog):
+    from moe_gen.trainer.averaging import weight_average
+
+    model = build(tasks, tok)
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        weight_average(model, quiet(steps=1000, ema_decay=0.99), sharded=False)  # about 100 steps: fine
+        assert not caplog.records
+        weight_average(model, quiet(steps=300, ema_decay=0.999), sharded=False)
+    assert "about 1000 steps, more than half of this run's 300" in caplog.text
+
+
 def test_a_resumed_run_continues_the_same_weight_average(tasks, tok, tmp_path):
     config = quiet(steps=6, batch_size=4, ema_decay=0.8, checkpoint_every=3)
     straight = Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path / "straight"))

@@ -9,6 +9,7 @@ so a resumed run continues the same average.
 
 from __future__ import annotations
 
+import logging
 from typing import Optional
 
 import torch
@@ -18,6 +19,8 @@ from moe_gen.model.model import GeneralistModel
 from moe_gen.trainer.config import TrainConfig
 
 __all__ = ["weight_average", "update_average"]
+
+logger = logging.getLogger("moe_gen")
 
 
 def weight_average(model: GeneralistModel, config: TrainConfig, *, sharded: bool) -> Optional[AveragedModel]:
@@ -33,6 +36,11 @@ def weight_average(model: GeneralistModel, config: TrainConfig, *, sharded: bool
     if sharded:
         raise ValueError(f"ema_decay={config.ema_decay} needs the whole model on every process: it works on one "
                          "process or with sharding='replicate', not with FSDP or expert_parallel > 1")
+    horizon = 1.0 / (1.0 - config.ema_decay)
+    if horizon > config.steps / 2:
+        logger.warning("ema_decay %g averages over about %d steps, more than half of this run's %d: the average "
+                       "will lean on the first steps' weights (choose 1 / (1 - ema_decay) well below the steps)",
+                       config.ema_decay, round(horizon), config.steps)
     average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
     average.module.eval()  # its parameters keep requires_grad, so analysis can take gradients of it
     return average

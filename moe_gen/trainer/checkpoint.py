@@ -4,7 +4,7 @@ Layout of ``<output_dir>/checkpoints``::
 
     step-0000200/
         model-dense.safetensors, model-experts-*.safetensors   weights (expert shards per rank)
-        average-dense.safetensors                               the weight average (``ema_decay``), if kept
+        average-dense.safetensors, average-experts-*            the weight average (``ema_decay``), if kept
         optimizer-*.safetensors                                 AdamW moments by parameter name
         optimizer.json                                          param-group hyper-parameters
         rank-00000.json                                         sampler cursors, RNG states of a rank
