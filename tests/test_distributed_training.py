@@ -116,3 +116,25 @@ def test_torchrun_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_mo
     assert [r["step"] for r in resumed] == list(range(1, STEPS + 1))
     assert [r["loss"] for r in resumed] == [r["loss"] for r in log]
     assert [r["grad_norm"] for r in resumed] == [r["grad_norm"] for r in log]
+
+
+def test_torchrun_data_parallel_keeps_one_weight_average_and_saves_it(tmp_path):
+    """DDP (2 processes) with ``ema_decay``: the checkpoint's average is what the run saves as its
+    model, and it is not the last weights; expert parallelism refuses an average, naming both."""
+    out = tmp_path / "run"
+    command = _torchrun_command(out, "replicate", "--train.ema_decay", "0.5")
+    done = subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    checkpoint = str(out / "checkpoints" / f"step-{STEPS:07d}")
+    assert json.load(open(os.path.join(checkpoint, "trainer.json")))["averaged_steps"] == STEPS
+    model = GeneralistModel.from_pretrained(str(out / "model"))
+    average = distributed.load_shards(checkpoint, "average", model)
+    last = distributed.load_shards(checkpoint, "model", model)
+    for name, value in model.state_dict().items():
+        assert torch.equal(average[name], value), name
+    assert any(not torch.equal(last[n], v) for n, v in model.named_parameters())
+
+    refused = subprocess.run(_torchrun_command(tmp_path / "ep", "replicate", "--train.ema_decay", "0.5",
+                                               "--train.expert_parallel", "2"),
+                             env=ENV, capture_output=True, text=True, timeout=300)
+    assert refused.returncode != 0 and "ema_decay=0.5 needs the whole model" in refused.stderr
