@@ -16,9 +16,9 @@
     torchrun --nproc_per_node 2 scripts/pretrain.py --config debug --train.expert_parallel 2
 
 Dotted overrides set any key of the run configuration: ``--train.<TrainConfig field>``,
-``--model.<ModelConfig field>`` (``--model.moe.router.strategy token``, ``--model.moe.num_experts
-8``), ``--tasks a,b,c``. Values are read as YAML (numbers, booleans, lists ``[a, b]``, mappings ``{AUDIO: 600}``). Settings are checked
-before anything trains.
+``--model.<ModelConfig field>`` (``--model.moe.router.strategy token``,
+``--model.moe.num_experts 8``), ``--tasks a,b,c``. Values are read as YAML (numbers, booleans,
+lists ``[a, b]``, mappings ``{AUDIO: 600}``). Settings are checked before anything trains.
 
 Exit status: 0 when the run finished with its model and last checkpoint saved; 1 when it stopped or
 could not save everything (the run directory in use by another run, checkpoint writes failing, a
