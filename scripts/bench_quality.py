@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--flavour")
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
+    parser.add_argument("--pretrained-inputs", action="store_true",
+                        help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
@@ -53,6 +55,7 @@ def main(argv=None) -> int:
             fields[name] = getattr(args, name)
     if args.seeds:
         fields["seeds"] = tuple(args.seeds)
+    fields["pretrained_inputs"] = args.pretrained_inputs
     config = BenchConfig(tasks=tuple(args.tasks), systems=tuple(args.systems), specialists=not args.no_specialists,
                          output_dir=args.out or default_output(args.quick), **fields)
     report = run_benchmark(config, say=lambda line: print(line, flush=True))

@@ -15,9 +15,10 @@ import numpy as np
 from moe_gen.quality.suite import SuiteTask
 from moe_gen.tasks import metrics as metric_fns
 
-__all__ = ["CLASSICAL", "classical_scores"]
+__all__ = ["CLASSICAL", "FROZEN_STATES", "classical_scores", "frozen_states_score"]
 
 CLASSICAL = ("majority", "logreg", "knn")
+FROZEN_STATES = "logreg_states"  # logistic regression on a frozen encoder's mean-pooled states
 
 
 def _models(text: bool):
@@ -53,3 +54,33 @@ def classical_scores(task: SuiteTask, train_rows: Sequence[dict], test_rows: Seq
         predictions = [str(p) for p in model.predict(x_test)]
         scores[name] = metric_fns.compute([task.metric], predictions, y_test)[task.metric]
     return scores
+
+
+def _pooled_states(task, preprocess: str) -> np.ndarray:
+    """``[N, H]``: per row of ``task``, the mean of the feature rows its ``preprocess`` slot encodes to."""
+    from moe_gen.tasks import Tokenizer
+
+    plan = task.plan(Tokenizer.default())
+    pooled = []
+    for i in range(len(task)):
+        sample = plan.encode(task.data[i], i, training=False)
+        rows = [c.rows for c in sample.encoder if c.rows is not None and c.adaptor == preprocess]
+        if len(rows) != 1:
+            raise ValueError(f"task {task.name!r}, row {i}: expected one {preprocess} slot, found {len(rows)}")
+        pooled.append(rows[0].mean(0).numpy())
+    return np.stack(pooled).astype(np.float64)
+
+
+def frozen_states_score(suite_task: SuiteTask, train, test) -> float:
+    """Held-out score of a logistic regression on the mean-pooled states of the frozen encoder that
+    reads ``suite_task``'s input (``suite_task.frozen_states``), trained on all of ``train``'s rows
+    (``Task`` objects, encoded by their own plans): what a linear model makes of the same features."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    column = suite_task.label_column
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=1.0))
+    model.fit(_pooled_states(train, suite_task.frozen_states), [str(r[column]) for r in train.data])
+    predictions = [str(p) for p in model.predict(_pooled_states(test, suite_task.frozen_states))]
+    return metric_fns.compute([suite_task.metric], predictions, [str(r[column]) for r in test.data])[suite_task.metric]

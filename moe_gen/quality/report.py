@@ -16,7 +16,7 @@ import os
 import statistics
 from typing import Optional, Sequence
 
-from moe_gen.quality.baselines import CLASSICAL
+from moe_gen.quality.baselines import CLASSICAL, FROZEN_STATES
 
 __all__ = ["build_report", "write_report", "markdown"]
 
@@ -229,13 +229,14 @@ def markdown(report: dict) -> str:
     """The report as Markdown: the task × system table, then the summary lines."""
     systems = report["systems"]
     seeds = len(report["config"]["seeds"])
-    header = ["task", "input", "metric", *CLASSICAL, *systems]
+    extra = [FROZEN_STATES] if any(FROZEN_STATES in base for base in report["classical"].values()) else []
+    header = ["task", "input", "metric", *CLASSICAL, *extra, *systems]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
     for task in report["tasks"]:
         name = task["name"]
         base = report["classical"].get(name, {})
         row = [name, task["modality"], task["metric"] + ("" if task["higher_is_better"] else " ↓")]
-        row += [f"{base[c]:.3f}" if c in base else "—" for c in CLASSICAL]
+        row += [f"{base[c]:.3f}" if c in base else "—" for c in CLASSICAL + tuple(extra)]
         row += [_cell(report["scores"][s].get(name), seeds) for s in systems]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Relative score (generalist / specialist; > 1: the generalist is better), mean over tasks "
@@ -273,6 +274,10 @@ def markdown(report: dict) -> str:
               "- attribute − dense: " + ("—" if c["attribute_minus_dense_points"] is None else
                                          f"{c['attribute_minus_dense_points']:+.1f} points of mean relative score"),
               "", _run_line(report["config"]), f"Wall time: {report['wall_seconds'] / 60:.1f} min."]
+    if extra:
+        lines[-2:-2] = [f"{FROZEN_STATES}: logistic regression on the mean-pooled states of the frozen pretrained "
+                        "encoder that reads the task's input (pretrained inputs); the best classical baseline "
+                        "above is over raw features only.", ""]
     return "\n".join(lines) + "\n"
 
 
@@ -285,7 +290,9 @@ def _run_line(config: dict) -> str:
                "as scores_last).") if config.get("ema_decay") else ""
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
             f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}."
-            + average)
+            + average + (" doc_topic and spoken words read their input through frozen pretrained encoders "
+                         "(bert_states: MiniLM; whisper_states: Whisper tiny.en)." if config.get("pretrained_inputs")
+                         else ""))
 
 
 def plot(report: dict, path: str) -> None:

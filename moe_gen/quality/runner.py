@@ -51,6 +51,9 @@ class BenchConfig:
             averages over the same share of its shorter run (``1 − (1 − d)·steps / its steps``).
             With it, runs are scored with the averaged weights, and their last weights' scores are
             kept too (``scores_last`` in ``quality.json``).
+        pretrained_inputs: doc_topic and spoken words read their input through a frozen
+            pretrained encoder (``suite.PRETRAINED_INPUTS``: MiniLM, Whisper tiny.en), for every
+            system; a second logistic regression reads the same states, mean-pooled.
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         workers, threads: processes running jobs, torch threads per process.
@@ -70,6 +73,7 @@ class BenchConfig:
     mixing: str = "temperature"
     temperature: float = 2.0
     ema_decay: float = 0.0
+    pretrained_inputs: bool = False
     eval_limit: int = 100
     workers: int = 2
     threads: int = 1
@@ -173,7 +177,7 @@ def train_and_score(job: dict) -> dict:
 
     cfg = BenchConfig(**job["config"])
     torch.set_num_threads(cfg.threads)
-    suite = suite_tasks(job["tasks"])
+    suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs)
     train = [t.build("train") for t in suite]
     test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
     steps = job["steps"]
@@ -256,12 +260,12 @@ def _run_jobs(jobs: list[dict], workers: int, say) -> list[dict]:
 
 def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     """Runs every system and returns the report (also written to ``cfg.output_dir``)."""
-    from moe_gen.quality.baselines import classical_scores
+    from moe_gen.quality.baselines import classical_scores, frozen_states_score
     from moe_gen.quality.report import build_report, write_report
     from moe_gen.quality.suite import suite_tasks
 
     start = time.perf_counter()
-    suite = suite_tasks(cfg.tasks)
+    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs)
     names = [t.name for t in suite]
     classical, train_tasks = {}, []
     for task in suite:
@@ -271,6 +275,8 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
             scored = held_out(test, cfg.eval_limit)
             classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))],
                                                     [scored.data[i] for i in range(len(scored))])
+            if task.frozen_states:
+                classical[task.name]["logreg_states"] = frozen_states_score(task, train, scored)
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
     jobs = _jobs(cfg, names, specialist_steps(cfg, train_tasks))
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together

@@ -25,7 +25,7 @@ from moe_gen.tasks import Task, load_preset, preset_info
 from moe_gen.tasks.sources.moving_digits import DIGIT_QUESTION, DIRECTION_QUESTION
 from moe_gen.tasks.sources.vision import DIGIT_NAMES, count_hypothesis
 
-__all__ = ["SuiteTask", "SUITE", "suite_tasks", "TABLE_INSTRUCTION"]
+__all__ = ["SuiteTask", "SUITE", "suite_tasks", "TABLE_INSTRUCTION", "PRETRAINED_INPUTS"]
 
 TABLE_INSTRUCTION = "[STRUCT:table] which class is this? -> [TEXT:label,closed_set]"
 
@@ -43,6 +43,8 @@ class SuiteTask:
         features: ``(rows) -> [N, F]`` raw features for classical baselines, or None.
         label_column: the column a classical model predicts (classification tasks).
         text_features: the features are text (TF-IDF), not numbers.
+        frozen_states: the frozen-encoder preprocessor its input slot is declared with
+            (``pretrained_inputs``), whose mean-pooled states a second logistic regression reads.
     """
 
     name: str
@@ -53,6 +55,7 @@ class SuiteTask:
     features: Optional[Callable[[Sequence[dict]], object]] = None
     label_column: Optional[str] = None
     text_features: bool = False
+    frozen_states: Optional[str] = None
 
     @property
     def classification(self) -> bool:
@@ -265,14 +268,39 @@ EXTRA: tuple[SuiteTask, ...] = (
 )
 
 
-def suite_tasks(names: Optional[Sequence[str]] = None) -> list[SuiteTask]:
+# ``pretrained_inputs``: the input slot of these tasks is read by a frozen pretrained encoder
+# (``moe_gen.tasks.modalities.frozen``) instead of the model's own token embedding or fbank stem.
+PRETRAINED_INPUTS: dict[str, tuple[str, str]] = {
+    "doc_topic": ("[TEXT:text]", "bert_states"),
+    "spoken_word_classification": ("[AUDIO:audio]", "whisper_states"),
+}
+
+
+def _with_frozen_states(task: SuiteTask) -> SuiteTask:
+    """``task`` declared with its input slot read by a frozen encoder: the preset's rows, metrics
+    and objective, its instruction with ``preprocess=`` added to that slot."""
+    slot, preprocess = PRETRAINED_INPUTS[task.name]
+    info = preset_info(task.name)
+    if info.instruction.count(slot) != 1:
+        raise ValueError(f"suite task {task.name!r}: its instruction {info.instruction!r} should hold {slot} once")
+    instruction = info.instruction.replace(slot, f"{slot[:-1]},preprocess={preprocess}]")
+
+    def build(split: str) -> Task:
+        return Task(task.name, instruction, info.build(split), objective=info.objective, metrics=info.metrics)
+
+    return dataclasses.replace(task, build=build, frozen_states=preprocess)
+
+
+def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: bool = False) -> list[SuiteTask]:
     """The suite, or the named tasks (of the suite or ``EXTRA``, in that order); unknown names are
-    an error."""
-    if not names:
-        return list(SUITE)
+    an error. With ``pretrained_inputs`` the tasks of ``PRETRAINED_INPUTS`` read their input
+    through a frozen pretrained encoder."""
     every = SUITE + EXTRA
     known = {t.name for t in every}
-    unknown = [n for n in names if n not in known]
+    unknown = [n for n in names or () if n not in known]
     if unknown:
         raise ValueError(f"unknown suite task(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
-    return [t for t in every if t.name in set(names)]
+    chosen = list(SUITE) if not names else [t for t in every if t.name in set(names)]
+    if pretrained_inputs:
+        chosen = [_with_frozen_states(t) if t.name in PRETRAINED_INPUTS else t for t in chosen]
+    return chosen

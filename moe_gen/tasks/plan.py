@@ -45,6 +45,7 @@ import moe_gen.tasks.modalities.table  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.text_like  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.visual  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.image_codes  # noqa: F401,E402  isort: skip
+import moe_gen.tasks.modalities.frozen  # noqa: F401,E402  isort: skip
 
 __all__ = ["TaskPlan", "SlotPlan", "DecodeSpec", "Chunk", "Sample", "TaskDataError", "build_trie",
            "slot_followers", "MAX_SLOT_POSITIONS"]
@@ -264,7 +265,12 @@ class TaskPlan:
             self._preprocessors[preprocess] = PREPROCESSORS.get(preprocess)(**dict(options.get(preprocess, {})))
         if "augment" in slot.attrs:
             self._check_augment(where, slot, side, preprocess)
-        adaptor = slot.attrs.get("adaptor", modality.adaptor)
+        # A preprocessor whose rows only one adapter reads (a frozen encoder's states) names it.
+        own = getattr(self._preprocessors[preprocess], "adaptor", None)
+        if own is not None and side != "encoder":
+            raise ValueError(f"{where}: {preprocess!r} makes feature rows that a model reads but does not "
+                             "generate; use it on the input side")
+        adaptor = slot.attrs.get("adaptor", own or modality.adaptor)
         if adaptor is not None and str(adaptor) not in ADAPTERS:
             raise ValueError(f"{where}: unknown adaptor {adaptor!r}; known: {', '.join(ADAPTERS.list())}")
         if side == "encoder":

@@ -1,0 +1,151 @@
+"""Inputs read by a frozen pretrained encoder (``bert_states``, ``whisper_states``): the rows equal
+what transformers computes, values are encoded once, bad slots and values get clear errors, a
+model trains on them and reloads. Needs the shipped checkpoints (``make pretrained``); without
+them these tests skip with the install command."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from moe_gen.pretrained import CheckpointMissing, locate
+from moe_gen.tasks import Task, TaskDataError, Tokenizer
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+TEXT_TASK = "[TEXT:text,preprocess=bert_states] which topic? -> [TEXT:topic,closed_set]"
+AUDIO_TASK = "[AUDIO:audio,preprocess=whisper_states] which word is spoken? -> [TEXT:text,closed_set]"
+ROWS = [{"text": "Lists are mutable sequences of items.", "topic": "lists"},
+        {"text": "A dictionary maps hashable keys to values.", "topic": "dicts"},
+        {"text": "Tuples are immutable sequences.", "topic": "lists"},
+        {"text": "Sets hold unique hashable elements.", "topic": "dicts"}]
+
+
+def shipped(name: str) -> str:
+    try:
+        return locate(name)
+    except CheckpointMissing as exc:
+        pytest.skip(str(exc))
+
+
+def encoder_rows(task: Task, row, index: int = 0) -> torch.Tensor:
+    sample = task.plan(Tokenizer.default()).encode(row, index, training=False)
+    (chunk,) = [c for c in sample.encoder if c.rows is not None]
+    return chunk.rows
+
+
+def test_bert_states_are_the_checkpoint_hidden_states_with_their_mean_first():
+    from transformers import AutoModel, AutoTokenizer
+
+    path = shipped("minilm")
+    tokenizer, reference = AutoTokenizer.from_pretrained(path), AutoModel.from_pretrained(path).eval()
+    task = Task("topics", TEXT_TASK, ROWS)
+    rows = encoder_rows(task, ROWS[1])
+    with torch.no_grad():
+        expected = reference(**tokenizer(ROWS[1]["text"], return_tensors="pt")).last_hidden_state[0]
+    assert rows.shape == (expected.shape[0] + 1, 384)
+    torch.testing.assert_close(rows[1:], expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(rows[0], expected.mean(0), atol=1e-5, rtol=1e-5)
+    # max_length caps the WordPiece tokens ([CLS] and [SEP] included); the mean is over those kept
+    short = Task("topics", TEXT_TASK.replace("bert_states", "bert_states,max_length=4"), ROWS)
+    rows4 = encoder_rows(short, ROWS[1])
+    assert rows4.shape == (5, 384)
+    torch.testing.assert_close(rows4[0], rows4[1:].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_values_are_encoded_once_and_the_cache_keeps_at_most_cache_size():
+    shipped("minilm")
+    task = Task("topics", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"cache_size": 2}})
+    plan = task.plan(Tokenizer.default())
+    pre = plan.preprocessor_named("bert_states")
+    calls = []
+    real = pre.states
+    pre.states = lambda prepared: calls.append(prepared) or real(prepared)
+    first = encoder_rows(task, ROWS[0])
+    again = encoder_rows(task, ROWS[0])
+    assert len(calls) == 1 and torch.equal(first, again)
+    for row in ROWS[1:]:
+        encoder_rows(task, row)
+    assert len(calls) == 4 and len(pre._cache) == 2  # the two least recently used were dropped
+    encoder_rows(task, ROWS[0])
+    assert len(calls) == 5
+
+
+def test_whisper_states_equal_the_encoder_on_a_full_window_and_follow_the_clip_length():
+    from moe_gen.pretrained.ctranslate2 import load_whisper
+    from moe_gen.tasks.modalities.frozen import whisper_encoder_states
+
+    shipped("whisper-tiny.en")
+    model, _, extractor = load_whisper()
+    wav = np.random.default_rng(0).standard_normal(16000 * 30).astype(np.float32) * 0.1
+    mel = extractor(wav, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        expected = model.model.encoder(mel).last_hidden_state
+        got = whisper_encoder_states(model.model.encoder, mel)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)
+    # a short clip: one row per 20 ms of its own frames, not 1,500
+    clip = {"audio": wav[:8000], "sample_rate": 16000, "text": "yes"}
+    rows = encoder_rows(Task("words", AUDIO_TASK, [clip]), clip)
+    assert rows.shape == (25, 384)
+    short = extractor(wav[:8000], sampling_rate=16000, return_tensors="pt").input_features  # padded to 30 s
+    with torch.no_grad():
+        torch.testing.assert_close(rows, whisper_encoder_states(model.model.encoder, short[..., :50])[0])
+
+
+def test_bad_slots_and_values_name_the_task_column_and_row():
+    shipped("minilm")
+    with pytest.raises(ValueError, match=r"task 'gen'.*bert_states.*input side"):
+        Task("gen", "[TEXT:topic] -> [TEXT:text,preprocess=bert_states]", ROWS).plan(Tokenizer.default())
+    masked = Task("masked", TEXT_TASK.replace("bert_states", "bert_states,mask_ratio=0.3"), ROWS)
+    with pytest.raises(TaskDataError, match=r"task 'masked', column 'text', row 0.*drop mask_ratio"):
+        masked.plan(Tokenizer.default()).encode(ROWS[0], 0)
+    numbers = Task("numbers", TEXT_TASK, [{"text": 3.5, "topic": "x"}])
+    with pytest.raises(TaskDataError, match=r"task 'numbers', column 'text', row 0.*needs a str"):
+        numbers.plan(Tokenizer.default()).encode(numbers.data[0], 0)
+    with pytest.raises(ValueError, match="cache_size"):
+        Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"cache_size": -1}}).plan(Tokenizer.default())
+
+
+def test_a_model_trains_on_frozen_states_and_reloads(tmp_path):
+    from moe_gen.config import RouterConfig
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks.sources.speech import load_spoken_words
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    shipped("minilm")
+    shipped("whisper-tiny.en")
+    torch.manual_seed(0)
+    text = Task("topics", TEXT_TASK, ROWS)
+    words = Task("words", AUDIO_TASK, load_spoken_words("train")[:6])
+    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}),
+                                  [text, words], Tokenizer.default())
+    assert dict(model.config.adapters) == {"bert_states": 384, "whisper_states": 384}
+    trainer = Trainer(model, [text, words], TrainConfig(steps=40, batch_size=8, lr=2e-3, progress=False),
+                      output_dir=str(tmp_path / "run"))
+    trainer.fit()
+    assert trainer.evaluate(tasks=[text])["topics"]["accuracy"] == 1.0  # four training rows, memorised
+    model.save_pretrained(str(tmp_path / "model"))
+    loaded = GeneralistModel.from_pretrained(str(tmp_path / "model"))
+    before = [p.text for p in model.infer(text, ROWS)]
+    assert [p.text for p in loaded.infer(text, ROWS)] == before == [r["topic"] for r in ROWS]
+
+
+def test_the_suite_declares_pretrained_inputs_and_scores_a_linear_model_on_the_states():
+    from moe_gen.quality.baselines import frozen_states_score
+    from moe_gen.quality.suite import suite_tasks
+
+    shipped("minilm")
+    plain = {t.name: t for t in suite_tasks()}
+    frozen = {t.name: t for t in suite_tasks(pretrained_inputs=True)}
+    assert frozen.keys() == plain.keys()
+    assert frozen["doc_topic"].frozen_states == "bert_states" and plain["doc_topic"].frozen_states is None
+    assert frozen["spoken_word_classification"].frozen_states == "whisper_states"
+    assert str(frozen["doc_topic"].build("train").instruction).startswith("[TEXT:text,preprocess=bert_states]")
+    assert frozen["table_wine"] is plain["table_wine"]
+    topic = frozen["doc_topic"]
+    train = Task("doc_topic", TEXT_TASK, ROWS * 3)
+    test = Task("doc_topic", TEXT_TASK, ROWS)
+    assert frozen_states_score(type(topic)(**{**topic.__dict__, "label_column": "topic"}), train, test) == 1.0
