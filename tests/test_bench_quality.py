@@ -58,6 +58,25 @@ def test_learned_mean_leaves_out_tasks_the_specialist_did_not_learn():
     assert learned["dense"]["values"] == pytest.approx([(0.5 + 0.5) / 2, (1.0 + 1.0) / 2])
 
 
+def test_attribute_minus_dense_is_paired_by_seed_with_an_interval_and_a_t_test():
+    from moe_gen.quality.report import _paired_difference
+
+    learned = {"attribute": {"seeds": [0, 1, 2, 3], "values": [1.02, 1.00, 1.05, 0.99]},
+               "dense": {"seeds": [0, 1, 2], "values": [1.00, 1.01, 1.00]}}
+    paired = _paired_difference(learned, "attribute", "dense")
+    assert paired["seeds"] == [0, 1, 2]  # seed 3 has no dense run to pair with
+    assert paired["points"] == pytest.approx([2.0, -1.0, 5.0])
+    # by hand: mean 2, sd 3, t(0.975, 2 df) = 4.3027 -> half-width 4.3027 * 3 / sqrt(3) = 7.452;
+    # t = 2 / (3 / sqrt(3)) = 1.1547 on 2 df -> two-sided p = 0.3675
+    assert paired["mean"] == pytest.approx(2.0)
+    assert paired["ci95"] == pytest.approx([2.0 - 7.4524, 2.0 + 7.4524], abs=1e-3)
+    assert paired["p_value"] == pytest.approx(0.3675, abs=1e-3)
+    one = _paired_difference({"attribute": {"seeds": [0], "values": [1.0]},
+                              "dense": {"seeds": [0], "values": [0.98]}}, "attribute", "dense")
+    assert one["mean"] == pytest.approx(2.0) and one["ci95"] is None and one["p_value"] is None
+    assert _paired_difference({"dense": learned["dense"]}, "attribute", "dense") is None
+
+
 def test_quick_report_shape(tmp_path):
     out = tmp_path / "quality"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

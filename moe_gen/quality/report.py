@@ -85,7 +85,8 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         # median over tasks is the robust companion
         "median_relative": {s: statistics.median(v for v in rel.values() if v is not None)
                             for s, rel in relative.items() if any(v is not None for v in rel.values())},
-        "mean_relative_learned": _learned_mean(suite, systems, raw, scores),
+        "mean_relative_learned": (learned := _learned_mean(suite, systems, raw, scores)),
+        "attribute_minus_dense_learned": _paired_difference(learned, "attribute", "dense"),
         "no_relative_score": sorted(excluded),
         "versus_classical": versus_classical,
         "parameters": parameters,
@@ -184,6 +185,30 @@ def _criteria(classical: dict, versus_classical: dict, mean_relative: dict, para
     }
 
 
+def _paired_difference(learned: dict, system: str, baseline: str) -> Optional[dict]:
+    """``system`` − ``baseline`` on the mean relative score over learned tasks, in points, paired by
+    seed: per seed, their mean, a 95% confidence interval of the mean (Student's t over the seeds)
+    and the two-sided p-value of a paired t-test (scipy); interval and p need ≥ 2 seeds."""
+    if system not in learned or baseline not in learned:
+        return None
+    a, b = ({seed: v for seed, v in zip(learned[s]["seeds"], learned[s]["values"])} for s in (system, baseline))
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds:
+        return None
+    diffs = [100 * (a[seed] - b[seed]) for seed in seeds]
+    out = {"seeds": seeds, "points": diffs, "mean": statistics.fmean(diffs), "ci95": None, "p_value": None}
+    if len(diffs) >= 2:
+        from scipy import stats
+
+        spread = statistics.stdev(diffs)
+        half = float(stats.t.ppf(0.975, len(diffs) - 1)) * spread / len(diffs) ** 0.5
+        out["ci95"] = [out["mean"] - half, out["mean"] + half]
+        if spread > 0:
+            out["p_value"] = float(stats.ttest_rel([100 * a[seed] for seed in seeds],
+                                                   [100 * b[seed] for seed in seeds]).pvalue)
+    return out
+
+
 def _cell(entry: Optional[dict], seeds: int) -> str:
     if entry is None:
         return "—"
@@ -198,10 +223,15 @@ def _learned_lines(report: dict) -> list[str]:
     left_out = [t["name"] for t in report["tasks"] if t["name"] not in next(iter(learned.values()))["tasks"]]
     lines = ["", f"The second mean leaves out tasks whose specialist scored below {SPECIALIST_FLOOR} (or has "
              f"no score): {', '.join(left_out) or 'none'}."]
-    if "attribute" in learned and "dense" in learned:
-        a, d = ({seed: v for seed, v in zip(learned[s]["seeds"], learned[s]["values"])} for s in ("attribute", "dense"))
-        paired = [f"{100 * (a[seed] - d[seed]):+.1f} (seed {seed})" for seed in sorted(a.keys() & d.keys())]
-        lines += [f"Attribute − dense on that mean, per seed: {', '.join(paired)} points."]
+    paired = report.get("attribute_minus_dense_learned")
+    if paired:
+        per_seed = ", ".join(f"{d:+.1f} (seed {seed})" for seed, d in zip(paired["seeds"], paired["points"]))
+        line = f"Attribute − dense on that mean, per seed: {per_seed} points; mean {paired['mean']:+.1f}"
+        if paired["ci95"] is not None:
+            line += f", 95% interval [{paired['ci95'][0]:+.1f}, {paired['ci95'][1]:+.1f}]"
+        if paired["p_value"] is not None:
+            line += f", paired t-test p = {paired['p_value']:.2g}"
+        lines += [line + "."]
     return lines
 
 

@@ -110,8 +110,6 @@ class FrozenStates(Preprocessor):
         raise NotImplementedError
 
     def __call__(self, value: Any, slot, ctx: EncodeContext) -> SlotEncoding:
-        if slot.is_literal:
-            raise SlotValueError(f"{ctx.where(slot.column)}: {type(self).__name__} reads a column, not literal text")
         key, prepared = self.key(value, slot, ctx)
         rows = self._cache.get(key)
         if rows is None:
