@@ -5,6 +5,7 @@ Usage:
     python scripts/bench_quality.py                       # 3 seeds, 6 generalists, 4,000 steps (~60 min on 2 cores)
     python scripts/bench_quality.py --quick               # 1 seed, a few steps: the report's shape only
     python scripts/bench_quality.py --seeds 0 --systems dense attribute --steps 800
+    python scripts/bench_quality.py --systems dense attribute --pretrained-inputs   # frozen MiniLM / Whisper inputs
     make bench-quality
 
 Writes quality.json, quality.md and quality.png to --out (default bench_results/quality) and

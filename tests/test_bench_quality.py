@@ -105,6 +105,23 @@ def test_quick_report_shape(tmp_path):
     assert "Generalists: 26 steps of 8, temperature (τ = 2) task mixing" in markdown
     assert report["config"]["mixing"] == "temperature"
     assert (out / "quality.png").stat().st_size > 1000
+    # attribute − dense, paired by seed; one seed gives no interval or test
+    assert "Attribute − dense on that mean, per seed: " in markdown and "paired t-test" not in markdown
+    assert "logreg_states" not in markdown and "frozen pretrained" not in markdown
+    # with pretrained inputs, the linear model on the frozen states gets its own column and note
+    from moe_gen.quality.report import markdown as render
+
+    report["classical"]["doc_topic"]["logreg_states"] = 0.41
+    report["config"]["pretrained_inputs"] = True
+    lines = render(report).splitlines()
+    assert lines[0].startswith("| task | input | metric | majority | logreg | knn | logreg_states | specialist |")
+    doc = next(line for line in lines if line.startswith("| doc_topic |"))
+    assert doc.split(" | ")[6] == "0.410"
+    wine = next(line for line in lines if line.startswith("| table_wine |"))
+    assert wine.split(" | ")[6] == "—"
+    assert any(line.startswith("logreg_states: logistic regression on the mean-pooled states") for line in lines)
+    assert "Read through frozen pretrained encoders: doc_topic (bert_states), " \
+           "spoken_word_classification (whisper_states)." in render(report)
 
 
 def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():

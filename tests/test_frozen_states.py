@@ -5,6 +5,7 @@ them these tests skip with the install command."""
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 import numpy as np
@@ -72,6 +73,10 @@ def test_values_are_encoded_once_and_the_cache_keeps_at_most_cache_size():
     assert len(calls) == 4 and len(pre._cache) == 2  # the two least recently used were dropped
     encoder_rows(task, ROWS[0])
     assert len(calls) == 5
+    # cache_size=0 keeps nothing: every encode runs the encoder, with the same result
+    none = Task("topics", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"cache_size": 0}})
+    pre0 = none.plan(Tokenizer.default()).preprocessor_named("bert_states")
+    assert torch.equal(encoder_rows(none, ROWS[0]), first) and not pre0._cache
 
 
 def test_whisper_states_equal_the_encoder_on_a_full_window_and_follow_the_clip_length():
@@ -97,21 +102,35 @@ def test_whisper_states_equal_the_encoder_on_a_full_window_and_follow_the_clip_l
 
 def test_bad_slots_and_values_name_the_task_column_and_row():
     shipped("minilm")
-    with pytest.raises(ValueError, match=r"task 'gen'.*bert_states.*input side"):
-        Task("gen", "[TEXT:topic] -> [TEXT:text,preprocess=bert_states]", ROWS).plan(Tokenizer.default())
-    masked = Task("masked", TEXT_TASK.replace("bert_states", "bert_states,mask_ratio=0.3"), ROWS)
-    with pytest.raises(TaskDataError, match=r"task 'masked', column 'text', row 0.*drop mask_ratio"):
-        masked.plan(Tokenizer.default()).encode(ROWS[0], 0)
+    tok = Tokenizer.default()
+    # declarations are refused when the plan is built, naming the task and slot
+    with pytest.raises(ValueError, match=r"task 'gen'.*bert_states.*only the encoder reads"):
+        Task("gen", "[TEXT:topic] -> [TEXT:text,preprocess=bert_states]", ROWS).plan(tok)
+    with pytest.raises(ValueError, match=r"task 'masked': slot .*drop mask_ratio"):
+        Task("masked", TEXT_TASK.replace("bert_states", "bert_states,mask_ratio=0.3"), ROWS).plan(tok)
+    for length in (2, 513):  # below [CLS] + [SEP] + one token; past MiniLM's 512 positions
+        with pytest.raises(ValueError, match=rf"task 'long': slot .*max_length={length}.* to 512"):
+            Task("long", TEXT_TASK.replace("bert_states", f"bert_states,max_length={length}"), ROWS).plan(tok)
+    with pytest.raises(ValueError, match="cache_size"):
+        Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"cache_size": -1}}).plan(tok)
+    with pytest.raises(ValueError, match=r"'whisper-tiny.en' is a whisper model, not bert; .*minilm"):
+        Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"checkpoint": "whisper-tiny.en"}}).plan(tok)
+    with pytest.raises(ValueError, match="neither a shipped checkpoint .* nor a folder"):
+        Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"checkpoint": "/no/such"}}).plan(tok)
+    # values are refused row by row
     numbers = Task("numbers", TEXT_TASK, [{"text": 3.5, "topic": "x"}])
     with pytest.raises(TaskDataError, match=r"task 'numbers', column 'text', row 0.*needs a str"):
-        numbers.plan(Tokenizer.default()).encode(numbers.data[0], 0)
-    with pytest.raises(ValueError, match="cache_size"):
-        Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"cache_size": -1}}).plan(Tokenizer.default())
+        numbers.plan(tok).encode(numbers.data[0], 0)
+    shipped("whisper-tiny.en")
+    long_clip = {"audio": np.zeros(16000 * 31, np.float32), "sample_rate": 16000, "text": "yes"}
+    with pytest.raises(TaskDataError, match=r"task 'words', column 'audio', row 0.*31 s long.*at most 30 s"):
+        Task("words", AUDIO_TASK, [long_clip]).plan(tok).encode(long_clip, 0)
 
 
 def test_a_model_trains_on_frozen_states_and_reloads(tmp_path):
     from moe_gen.config import RouterConfig
     from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks.modalities.frozen import BertStates
     from moe_gen.tasks.sources.speech import load_spoken_words
     from moe_gen.trainer import TrainConfig, Trainer
 
@@ -131,6 +150,14 @@ def test_a_model_trains_on_frozen_states_and_reloads(tmp_path):
     loaded = GeneralistModel.from_pretrained(str(tmp_path / "model"))
     before = [p.text for p in model.infer(text, ROWS)]
     assert [p.text for p in loaded.infer(text, ROWS)] == before == [r["topic"] for r in ROWS]
+    spoken = words.data[:4]
+    assert [p.text for p in loaded.infer(words, spoken)] == [p.text for p in model.infer(words, spoken)]
+    # training read the cached rows without writing to them: they still equal a fresh encoding
+    pre = model.plan(text).preprocessor_named("bert_states")
+    assert len(pre._cache) == len(ROWS)  # the plan training encoded with
+    for (value, length), rows in pre._cache.items():
+        fresh = BertStates(cache_size=0).states((value, length))
+        torch.testing.assert_close(rows, fresh)
 
 
 def test_the_suite_declares_pretrained_inputs_and_scores_a_linear_model_on_the_states():
@@ -148,4 +175,4 @@ def test_the_suite_declares_pretrained_inputs_and_scores_a_linear_model_on_the_s
     topic = frozen["doc_topic"]
     train = Task("doc_topic", TEXT_TASK, ROWS * 3)
     test = Task("doc_topic", TEXT_TASK, ROWS)
-    assert frozen_states_score(type(topic)(**{**topic.__dict__, "label_column": "topic"}), train, test) == 1.0
+    assert frozen_states_score(dataclasses.replace(topic, label_column="topic"), train, test) == 1.0

@@ -8,12 +8,15 @@ uni- and bigrams (k-NN on it uses cosine distance).
 from __future__ import annotations
 
 import collections
-from typing import Sequence
+from typing import TYPE_CHECKING, Sequence
 
 import numpy as np
 
 from moe_gen.quality.suite import SuiteTask
 from moe_gen.tasks import metrics as metric_fns
+
+if TYPE_CHECKING:
+    from moe_gen.tasks import Task
 
 __all__ = ["CLASSICAL", "FROZEN_STATES", "classical_scores", "frozen_states_score"]
 
@@ -56,7 +59,7 @@ def classical_scores(task: SuiteTask, train_rows: Sequence[dict], test_rows: Seq
     return scores
 
 
-def _pooled_states(task, preprocess: str) -> np.ndarray:
+def _pooled_states(task: "Task", preprocess: str) -> np.ndarray:
     """``[N, H]``: per row of ``task``, the mean of the feature rows its ``preprocess`` slot encodes to."""
     from moe_gen.tasks import Tokenizer
 
@@ -71,7 +74,7 @@ def _pooled_states(task, preprocess: str) -> np.ndarray:
     return np.stack(pooled).astype(np.float64)
 
 
-def frozen_states_score(suite_task: SuiteTask, train, test) -> float:
+def frozen_states_score(suite_task: SuiteTask, train: "Task", test: "Task") -> float:
     """Held-out score of a logistic regression on the mean-pooled states of the frozen encoder that
     reads ``suite_task``'s input (``suite_task.frozen_states``), trained on all of ``train``'s rows
     (``Task`` objects, encoded by their own plans): what a linear model makes of the same features."""

@@ -320,9 +320,17 @@ def _run_line(config: dict) -> str:
                "as scores_last).") if config.get("ema_decay") else ""
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
             f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}."
-            + average + (" doc_topic and spoken words read their input through frozen pretrained encoders "
-                         "(bert_states: MiniLM; whisper_states: Whisper tiny.en)." if config.get("pretrained_inputs")
-                         else ""))
+            + average + _pretrained_line(config))
+
+
+def _pretrained_line(config: dict) -> str:
+    from moe_gen.quality.suite import PRETRAINED_INPUTS
+
+    read = [f"{name} ({preprocess})" for name, (_, preprocess) in PRETRAINED_INPUTS.items()
+            if not config.get("tasks") or name in config["tasks"]]
+    if not config.get("pretrained_inputs") or not read:
+        return ""
+    return f" Read through frozen pretrained encoders: {', '.join(read)}."
 
 
 def plot(report: dict, path: str) -> None:

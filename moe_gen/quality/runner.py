@@ -260,7 +260,7 @@ def _run_jobs(jobs: list[dict], workers: int, say) -> list[dict]:
 
 def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     """Runs every system and returns the report (also written to ``cfg.output_dir``)."""
-    from moe_gen.quality.baselines import classical_scores, frozen_states_score
+    from moe_gen.quality.baselines import FROZEN_STATES, classical_scores, frozen_states_score
     from moe_gen.quality.report import build_report, write_report
     from moe_gen.quality.suite import suite_tasks
 
@@ -276,7 +276,7 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
             classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))],
                                                     [scored.data[i] for i in range(len(scored))])
             if task.frozen_states:
-                classical[task.name]["logreg_states"] = frozen_states_score(task, train, scored)
+                classical[task.name][FROZEN_STATES] = frozen_states_score(task, train, scored)
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
     jobs = _jobs(cfg, names, specialist_steps(cfg, train_tasks))
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together

@@ -268,8 +268,10 @@ class TaskPlan:
         # A preprocessor whose rows only one adapter reads (a frozen encoder's states) names it.
         own = getattr(self._preprocessors[preprocess], "adaptor", None)
         if own is not None and side != "encoder":
-            raise ValueError(f"{where}: {preprocess!r} makes feature rows that a model reads but does not "
-                             "generate; use it on the input side")
+            raise ValueError(f"{where}: {preprocess!r} makes feature rows that only the encoder reads; use it "
+                             "on an input slot (before ->)")
+        if hasattr(self._preprocessors[preprocess], "check_slot"):
+            self._preprocessors[preprocess].check_slot(where, slot)
         adaptor = slot.attrs.get("adaptor", own or modality.adaptor)
         if adaptor is not None and str(adaptor) not in ADAPTERS:
             raise ValueError(f"{where}: unknown adaptor {adaptor!r}; known: {', '.join(ADAPTERS.list())}")
