@@ -209,6 +209,13 @@ def _paired_difference(learned: dict, system: str, baseline: str) -> Optional[di
     return out
 
 
+def _paired_summary(paired: Optional[dict]) -> str:
+    if not paired:
+        return ""
+    text = f"; {paired['mean']:+.1f} on the mean over learned tasks, paired by seed"
+    return text + (f" (p = {paired['p_value']:.2g})" if paired["p_value"] is not None else "")
+
+
 def _cell(entry: Optional[dict], seeds: int) -> str:
     if entry is None:
         return "—"
@@ -302,7 +309,8 @@ def markdown(report: dict) -> str:
               else f"- mean relative score: {c['attribute_mean_relative']:.3f}; fewer parameters than the "
                    f"specialists together: {c['attribute_fewer_parameters_than_specialists']}",
               "- attribute − dense: " + ("—" if c["attribute_minus_dense_points"] is None else
-                                         f"{c['attribute_minus_dense_points']:+.1f} points of mean relative score"),
+                                         f"{c['attribute_minus_dense_points']:+.1f} points of the plain mean relative "
+                                         "score" + _paired_summary(report.get("attribute_minus_dense_learned"))),
               "", _run_line(report["config"]), f"Wall time: {report['wall_seconds'] / 60:.1f} min."]
     if extra:
         lines[-2:-2] = [f"{FROZEN_STATES}: logistic regression on the mean-pooled states of the frozen pretrained "
