@@ -37,10 +37,20 @@ import numpy as np
 import torch
 
 from moe_gen.tasks.modalities.base import (
-    ADAPTERS, PREPROCESSORS, EncodeContext, Preprocessor, SlotEncoding, SlotValueError, brief,
+    ADAPTERS,
+    PREPROCESSORS,
+    EncodeContext,
+    Preprocessor,
+    SlotEncoding,
+    SlotValueError,
+    brief,
 )
 from moe_gen.tasks.modalities.signals import (
-    SAMPLE_RATE, FrameMLPAdapter, _frame_positions, _slot_waveform, resample,
+    SAMPLE_RATE,
+    FrameMLPAdapter,
+    _frame_positions,
+    _slot_waveform,
+    resample,
 )
 
 __all__ = ["FrozenStates", "BertStates", "WhisperStates", "whisper_encoder_states"]
