@@ -35,7 +35,9 @@ INPUTS = {"fbank": "[AUDIO:audio]", "whisper_states": "[AUDIO:audio,preprocess=w
 def run(inputs: str, seed: int, steps: int, run_dir: str) -> dict:
     """One model trained on the train split and scored (WER) on the whole test split."""
     info = preset_info("speech_recognition")
-    instruction = info.instruction.replace("[AUDIO:audio]", INPUTS[inputs])
+    if info.instruction.count(INPUTS["fbank"]) != 1:
+        raise SystemExit(f"speech_recognition's instruction {info.instruction!r} no longer holds {INPUTS['fbank']}")
+    instruction = info.instruction.replace(INPUTS["fbank"], INPUTS[inputs])
     train, test = (Task(info.name, instruction, info.build(split), metrics=info.metrics) for split in ("train", "test"))
     torch.manual_seed(seed)
     model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), [train],

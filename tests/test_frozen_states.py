@@ -68,6 +68,9 @@ def test_values_are_encoded_once_and_the_cache_keeps_at_most_cache_size():
     first = encoder_rows(task, ROWS[0])
     again = encoder_rows(task, ROWS[0])
     assert len(calls) == 1 and torch.equal(first, again)
+    # the checkpoint given as a folder reads the same states as the shipped name
+    folder = Task("topics", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"checkpoint": locate("minilm")}})
+    assert torch.equal(encoder_rows(folder, ROWS[0]), first)
     for row in ROWS[1:]:
         encoder_rows(task, row)
     assert len(calls) == 4 and len(pre._cache) == 2  # the two least recently used were dropped
@@ -115,8 +118,11 @@ def test_bad_slots_and_values_name_the_task_column_and_row():
         Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"cache_size": -1}}).plan(tok)
     with pytest.raises(ValueError, match=r"'whisper-tiny.en' is a whisper model, not bert; .*minilm"):
         Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"checkpoint": "whisper-tiny.en"}}).plan(tok)
-    with pytest.raises(ValueError, match="neither a shipped checkpoint .* nor a folder"):
+    with pytest.raises(ValueError, match=r"task 'c': slot .*'bert_states': checkpoint '/no/such' is neither a "
+                                         r"shipped checkpoint .* nor a folder"):
         Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"checkpoint": "/no/such"}}).plan(tok)
+    with pytest.raises(ValueError, match=r"task 'c': slot .*'bert_states': .*unexpected keyword"):
+        Task("c", TEXT_TASK, ROWS, preprocessor_options={"bert_states": {"checkpiont": "minilm"}}).plan(tok)
     # values are refused row by row
     numbers = Task("numbers", TEXT_TASK, [{"text": 3.5, "topic": "x"}])
     with pytest.raises(TaskDataError, match=r"task 'numbers', column 'text', row 0.*needs a str"):

@@ -78,12 +78,8 @@ def frozen_states_score(suite_task: SuiteTask, train: "Task", test: "Task") -> f
     """Held-out score of a logistic regression on the mean-pooled states of the frozen encoder that
     reads ``suite_task``'s input (``suite_task.frozen_states``), trained on all of ``train``'s rows
     (``Task`` objects, encoded by their own plans): what a linear model makes of the same features."""
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import StandardScaler
-
     column = suite_task.label_column
-    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=5000, C=1.0))
+    model = _models(text=False)["logreg"]  # the raw-feature baseline's own pipeline
     model.fit(_pooled_states(train, suite_task.frozen_states), [str(r[column]) for r in train.data])
     predictions = [str(p) for p in model.predict(_pooled_states(test, suite_task.frozen_states))]
     return metric_fns.compute([suite_task.metric], predictions, [str(r[column]) for r in test.data])[suite_task.metric]

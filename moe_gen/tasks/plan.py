@@ -262,7 +262,10 @@ class TaskPlan:
             raise ValueError(f"{where}: unknown preprocessor {preprocess!r}; known: "
                              f"{', '.join(PREPROCESSORS.list())}")
         if preprocess not in self._preprocessors:
-            self._preprocessors[preprocess] = PREPROCESSORS.get(preprocess)(**dict(options.get(preprocess, {})))
+            try:
+                self._preprocessors[preprocess] = PREPROCESSORS.get(preprocess)(**dict(options.get(preprocess, {})))
+            except (ValueError, TypeError) as exc:  # bad preprocessor_options: say which task and slot
+                raise ValueError(f"{where}: preprocessor {preprocess!r}: {exc}") from exc
         if "augment" in slot.attrs:
             self._check_augment(where, slot, side, preprocess)
         # A preprocessor whose rows only one adapter reads (a frozen encoder's states) names it.
