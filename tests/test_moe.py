@@ -445,6 +445,35 @@ def test_frozen_layer_keeps_one_route_entry_per_set_of_tag_groups():
     assert not merged.router._routes and not merged.backend._cache
 
 
+@pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("glu", "silu")])
+def test_frozen_layer_runs_small_batches_as_one_group_over_the_union_of_their_experts(kind, activation):
+    # A frozen layer may run the rows of several expert sets as one group through every expert
+    # their tag groups use, each row's other experts weighted 0 (fewer, larger matmuls); per expert
+    # set or as one group, the outputs are the unmerged layer's, and padding outputs zeros.
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute",
+                        experts=ExpertsConfig(kind=kind, activation=activation))).eval()
+    x, tags = torch.randn(4, 10, D), random_tags((4, 10))
+    pad = torch.zeros(4, 10, dtype=torch.bool)
+    pad[1, 6:] = pad[3, 2:] = True
+    per_set, union = merge_for_inference(moe), merge_for_inference(moe)
+    per_set.backend.UNION_MAX_EXTRA_MACS, union.backend.UNION_MAX_EXTRA_MACS = 0, 1 << 40
+    with torch.no_grad():
+        reference = moe(x, tags=tags, padding_mask=pad).output
+        for layer in (per_set, union):
+            out = layer(x, tags=tags, padding_mask=pad).output
+            torch.testing.assert_close(out, reference, atol=1e-5, rtol=1e-5)
+            assert not out[pad].any()
+    assert "union" in [k[0] for k in union.backend._partitions]
+    assert "union" not in [k[0] for k in per_set.backend._partitions]
+    # float16 keeps one group per expert set: an unused expert's overflow times 0 would be NaN
+    half = merge_for_inference(moe).to(torch.float16)
+    half.backend.UNION_MAX_EXTRA_MACS = 1 << 40
+    with torch.no_grad():
+        out = half(x.half(), tags=tags, padding_mask=pad).output
+    torch.testing.assert_close(out.float(), reference, atol=2e-2, rtol=2e-2)
+    assert "union" not in [k[0] for k in half.backend._partitions]
+
+
 def test_unfrozen_merged_layer_sees_writes_through_data():
     # no cache outside a frozen layer: router and expert writes through .data take effect at once
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, router="attribute", backend="merged")).eval()

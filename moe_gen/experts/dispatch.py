@@ -256,6 +256,9 @@ class MergedDispatch(DispatchBackend):
     needs_shared_routes = True
     MAX_STACKS = 16  # sets of routes whose stacked weights are kept (one per recent batch mix)
     MAX_ROUTES = 256  # routes (or expert sets) whose merged weights are kept
+    # inference: rows of several expert sets run as one group over all their experts when that adds
+    # at most this many multiply-adds per projection (``_union_pays``; 0 turns it off)
+    UNION_MAX_EXTRA_MACS = 1 << 24
 
     def __init__(self, cache: bool = False) -> None:
         self.cache = cache
@@ -290,9 +293,11 @@ class MergedDispatch(DispatchBackend):
         keys = [(tuple(ids.tolist()), tuple(w.tolist())) for ids, w in routes]
         return Dispatched(x_TD.index_select(0, token_N), _Groups(token_N, counts, keys, routes.__getitem__))
 
-    def _group(self, x_TD, routing, by_set: bool):
+    def _group(self, x_TD, routing, by_set: bool, hidden: int = 0):
         """Routes kept per tag group (``RouterOutput.groups``): tokens ordered by one sort of their
-        route index (see ``_partition``). Returns the rows in that order and the plan."""
+        route index (see ``_partition``), or, ``by_set``, all in one group over the union of their
+        experts where that is cheaper (``_union_pays``; ``hidden``: the experts' hidden width).
+        Returns the rows in that order and the plan."""
         groups, valid_T = routing.groups, routing.valid
         route_G, route_of_G, carriers, keys, ids_GK, weights_GK = self._partition(groups, by_set)
         counts = [0] * len(keys)
@@ -301,6 +306,8 @@ class MergedDispatch(DispatchBackend):
         N = sum(counts)
         if not N:
             return x_TD[:0], _Groups(x_TD.new_zeros(0, dtype=torch.long), *_NO_ROUTES)
+        if by_set and len(keys) > 1 and self._union_pays(groups, x_TD, N, hidden):
+            return self._group_as_union(x_TD, routing)
         if len(keys) == 1:  # one route: the valid tokens in order
             token_N = valid_T.nonzero().squeeze(1)
         else:  # padding sorts last, with key R (one past the last route)
@@ -310,6 +317,50 @@ class MergedDispatch(DispatchBackend):
         if by_set:
             plan.group_N, plan.sets = groups.group_T[token_N], (ids_GK, weights_GK)
         return x_TD.index_select(0, token_N), plan
+
+    def _union_pays(self, groups, x_TD, N: int, hidden: int) -> bool:
+        """Whether the rows should run as one group through every expert their groups use (the
+        union ``U``), each row's unused experts weighted 0, instead of one group per expert set.
+
+        The union costs ``N·D·(U − K)·H`` more multiply-adds per projection but replaces a sort,
+        a matmul pair per expert set and their bookkeeping by one matmul pair: worth it for small
+        batches and models, where launching operations costs more than the arithmetic. Taken when
+        that extra work is at most ``UNION_MAX_EXTRA_MACS``; never in float16, where an unused
+        expert's hidden units could overflow and 0 · inf would not be 0."""
+        if self.UNION_MAX_EXTRA_MACS <= 0 or x_TD.dtype == torch.float16 or (
+                torch.is_autocast_enabled(x_TD.device.type)
+                and torch.get_autocast_dtype(x_TD.device.type) == torch.float16):
+            return False
+        used = self._union(groups)[0].numel()
+        return N * x_TD.shape[1] * (used - groups.ids_GK.shape[1]) * hidden <= self.UNION_MAX_EXTRA_MACS
+
+    def _group_as_union(self, x_TD, routing):
+        """The valid tokens in order as one group over the union of their groups' experts (ids
+        ascending); each row's gate weights spread over the union, 0 for experts its group does
+        not use (see ``_union_pays``)."""
+        groups = routing.groups
+        ids_U, scale_GU = self._union(groups)
+        token_N = routing.valid.nonzero().squeeze(1)
+        plan = _Groups(token_N, [token_N.numel()], [tuple(ids_U.tolist())], lambda r: (ids_U, None))
+        plan.group_N, plan.sets = groups.group_T[token_N], (ids_U, scale_GU)
+        return x_TD.index_select(0, token_N), plan
+
+    def _union(self, groups):
+        """The experts any group uses (ascending, long ``[U]``) and each group's gate weights over
+        them (``[G, U]``, 0 where the group does not use the expert); kept like ``_partition``."""
+        cacheable = self.cache and groups.key is not None and not torch.is_grad_enabled()
+        key = ("union", groups.key)
+        if cacheable and key in self._partitions:
+            return self._partitions[key]
+        ids_U = torch.unique(groups.ids_GK)
+        column_GK = torch.searchsorted(ids_U, groups.ids_GK)
+        scale_GU = groups.weights_GK.new_zeros(groups.ids_GK.shape[0], ids_U.numel()).scatter_(
+            1, column_GK, groups.weights_GK)
+        if cacheable:
+            if len(self._partitions) >= self.MAX_STACKS:
+                del self._partitions[next(iter(self._partitions))]
+            self._partitions[key] = (ids_U, scale_GU)
+        return ids_U, scale_GU
 
     def _partition(self, groups, by_set: bool):
         """Which tag groups share a route (or, ``by_set``, a set of experts): found among the G
@@ -358,7 +409,8 @@ class MergedDispatch(DispatchBackend):
         no_grad = not torch.is_grad_enabled()
         inputs, groups = dispatched.inputs, dispatched.plan
         if isinstance(groups, RouterOutput):  # routes kept per tag group: grouped now
-            inputs, groups = self._group(inputs, groups, no_grad and experts.merges_expert_sets)
+            by_set = no_grad and experts.merges_expert_sets
+            inputs, groups = self._group(inputs, groups, by_set, experts.d_hidden if by_set else 0)
         if not groups.counts:
             return None, groups
         by_set = groups.sets is not None

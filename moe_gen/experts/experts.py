@@ -17,6 +17,7 @@ ModuleList. Each expert kind offers the entry points the dispatch backends need:
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -35,6 +36,17 @@ def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     if torch.is_autocast_enabled(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """``t`` in ``dtype`` (None stays None; no operation when it already is)."""
+    return t if t is None or t.dtype == dtype else t.to(dtype)
+
+
+def _no_autocast(x: torch.Tensor):
+    """A context with autocast off on ``x``'s device (nothing to enter when it is off already)."""
+    device = x.device.type
+    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
 
 
 class StackedExperts(nn.Module):
@@ -155,9 +167,9 @@ class StackedExperts(nn.Module):
         (``stack_merged`` of ``merged_weights(ids_K, None)``); each row's K blocks of hidden units,
         and the K output biases, are scaled by that row's gate weights ``scale_NK``."""
         dtype = _autocast_dtype(x_ND)
-        w_in, b_in, w_out, _ = (None if t is None else t.to(dtype) for t in stacked)
-        with torch.autocast(x_ND.device.type, enabled=False):
-            return grouped_ffn_scaled(x_ND.to(dtype), counts, w_in, b_in, w_out, scale_NK, self.activation,
+        w_in, b_in, w_out, _ = (_cast(t, dtype) for t in stacked)
+        with _no_autocast(x_ND):
+            return grouped_ffn_scaled(_cast(x_ND, dtype), counts, w_in, b_in, w_out, scale_NK, self.activation,
                                       self.gated)
 
     def forward_merged(self, x_nD: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:

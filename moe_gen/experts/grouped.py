@@ -77,17 +77,30 @@ def _linear_rows(x, w, b, out):
         torch.addmm(b, x, w, out=out)
 
 
+def _grouped_linear(x_ND: torch.Tensor, w_EIO: torch.Tensor, b_EO: torch.Tensor | None, counts: list[int],
+                    out_NO: torch.Tensor) -> None:
+    """``out_NO``'s rows of group e = ``x_ND``'s rows of group e · ``w_EIO[e]`` (+ ``b_EO[e]``), in
+    place; groups are consecutive blocks of ``counts[e]`` rows. One split or unbind per tensor
+    rather than a slice per group and tensor: with many small groups (inference) the operations
+    around the matmuls cost more than the matmuls."""
+    if len(counts) == 1:
+        _linear_rows(x_ND, w_EIO[0], None if b_EO is None else b_EO[0], out_NO)
+        return
+    biases = b_EO.unbind(0) if b_EO is not None else (None,) * len(counts)
+    for n, x, w, b, out in zip(counts, x_ND.split(counts), w_EIO.unbind(0), biases, out_NO.split(counts)):
+        if n:
+            _linear_rows(x, w, b, out)
+
+
 class _GroupedFFN(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_ND, w_in, b_in, w_out, b_out, counts, activation, gated):
         N = x_ND.shape[0]
         h_NH = x_ND.new_empty(N, w_in.shape[2])
-        for e, s, t in _segments(counts):
-            _linear_rows(x_ND[s:t], w_in[e], None if b_in is None else b_in[e], h_NH[s:t])
+        _grouped_linear(x_ND, w_in, b_in, counts, h_NH)
         a_NH = activate(h_NH, activation, gated)
         y_ND = x_ND.new_empty(N, w_out.shape[2])
-        for e, s, t in _segments(counts):
-            _linear_rows(a_NH[s:t], w_out[e], None if b_out is None else b_out[e], y_ND[s:t])
+        _grouped_linear(a_NH, w_out, b_out, counts, y_ND)
         # Keep both the pre-activation (for act') and the activation (for the w_out gradient),
         # as autograd would for a dense FFN: recomputing act() costs a full elementwise pass.
         ctx.save_for_backward(x_ND, h_NH, a_NH, w_in, w_out)
@@ -185,19 +198,12 @@ def grouped_ffn_scaled(
     x_ND = x_ND.contiguous()
     N, K = scale_NK.shape
     h_NX = x_ND.new_empty(N, w_in_RDX.shape[2])
-    for r, s, t in _segments(counts):
-        _linear_rows(x_ND[s:t], w_in_RDX[r], None if b_in_RX is None else b_in_RX[r], h_NX[s:t])
+    _grouped_linear(x_ND, w_in_RDX, b_in_RX, counts, h_NX)
     a_NX = activate(h_NX, activation, gated)
     X = a_NX.shape[1]
     scale_NK = scale_NK.to(a_NX.dtype)
-    if w_out_RYD.shape[1] == X:
-        a_NY = a_NX
-        a_NY.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
-    else:
-        a_NY = a_NX.new_empty(N, X + K)
-        torch.mul(a_NX.view(N, K, -1), scale_NK.unsqueeze(-1), out=a_NY[:, :X].view(N, K, -1))
-        a_NY[:, X:] = scale_NK
+    a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
+    a_NY = a_NX if w_out_RYD.shape[1] == X else torch.cat([a_NX, scale_NK], dim=1)
     y_ND = x_ND.new_empty(N, w_out_RYD.shape[2])
-    for r, s, t in _segments(counts):
-        torch.mm(a_NY[s:t], w_out_RYD[r], out=y_ND[s:t])
+    _grouped_linear(a_NY, w_out_RYD, None, counts, y_ND)
     return y_ND

@@ -12,6 +12,7 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence, Union
 
@@ -163,6 +164,7 @@ class TokenTags:
         limits = {
             "task": num_tasks, "modality": num_modalities, "role": num_roles, "pass_id": num_passes,
         }
+        ranges = _value_ranges([getattr(self, name) for name in _RANGED], shape)
         for name in ("task", "modality", "role", "causal", "pass_id", "sample"):
             t = getattr(self, name)
             if t is None:
@@ -176,7 +178,11 @@ class TokenTags:
             if t.is_floating_point() or t.is_complex():
                 raise ValueError(f"tags.{name} must be an integer or bool tensor, got {t.dtype}")
             if name in limits and t.numel():
-                lo, hi = (int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
+                if ranges is None:  # dtypes differ: one reduction per tag
+                    ranges = {}
+                if name not in ranges:
+                    ranges[name] = tuple(int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
+                lo, hi = ranges[name]
                 if lo < 0 or hi >= limits[name]:
                     raise ValueError(
                         f"tags.{name} values must lie in [0, {limits[name]}), got [{lo}, {hi}]"
@@ -196,13 +202,12 @@ class TokenTags:
         M = self.task_modalities.shape[-1]
         if M > 40:
             raise ValueError(f"group_key supports at most 40 modalities, got {M}")
-        bits = torch.arange(M, device=self.task.device)
-        modality_bits = (self.task_modalities.long() << bits).sum(-1)
-        key = self.task.long()
-        for part, size in ((self.modality, 1 << 8), (self.role, 1 << 4), (self.causal, 2),
-                           (self.pass_id, 1 << 4)):
-            key = key * size + part.long()
-        return (key << M) | modality_bits
+        device = self.task.device
+        modality_bits = (self.task_modalities.long() << torch.arange(M, device=device)).sum(-1)
+        # key = (((task·2⁸ + modality)·2⁴ + role)·2 + causal)·2⁴ + pass, then M bits of modalities
+        parts = torch.stack([t.long() for t in (self.task, self.modality, self.role, self.causal, self.pass_id)], -1)
+        place = torch.tensor([1 << (8 + 4 + 1 + 4), 1 << (4 + 1 + 4), 1 << (1 + 4), 1 << 4, 1], device=device)
+        return ((parts * place).sum(-1) << M) | modality_bits
 
     def attribute_vector(self, num_modalities: int, num_roles: int, num_passes: int) -> torch.Tensor:
         """The multi-hot attribute vector of Uni-Perceiver-MoE, generalised
@@ -214,10 +219,11 @@ class TagBatch:
     """The tags of one forward pass, flattened to tokens, with what the MoE layers derive from them.
 
     The model builds one per stack call (or decoding step) and passes it to every MoE layer, so
-    validation, flattening and tag grouping run once per forward, not once per layer; everything
-    is computed here, up front, and read as plain attributes. An ``MoE`` called with plain
-    ``TokenTags`` builds its own. Nothing is kept beyond the object: a new batch is a new
-    ``TagBatch``.
+    validation, flattening and tag grouping run once per forward, not once per layer. The groups
+    are computed here, up front; ``first_G``, ``group_tags`` and ``segment`` on first read (only a
+    router that scores group rows or pools sequences reads them: a frozen router's route cache
+    does not), then kept on the object. An ``MoE`` called with plain ``TokenTags`` builds its own.
+    Nothing is kept beyond the object: a new batch is a new ``TagBatch``.
 
     Attributes:
         shape: the token layout (``[T]`` or ``[B, S]``); ``num_tokens`` is T.
@@ -271,23 +277,40 @@ class TagBatch:
         if device is None:
             device = tags.task.device if tags is not None else None
         self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
-        self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
+        self.tags = self.group_ids = self.group_counts = None
         self.group_keys: tuple[int, ...] = ()
         if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
             self._derive(tags)
-        self.segment = _segments(self.shape, self.tags, self.valid.device)
 
     def _derive(self, tags: TokenTags) -> None:
         """The flattened tags and their groups (tags already checked against the tokens)."""
         self.tags = flat = tags.flatten()
         keys_G, group_T = torch.unique(flat.group_key(), return_inverse=True)
         self.group_ids, self.group_keys = group_T, tuple(keys_G.tolist())
-        T = group_T.shape[0]
-        first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
-        self.first_G = first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
-        self.group_tags = flat.select(self.first_G)
         self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
             0, group_T, self.valid.long())
+        for derived in ("first_G", "group_tags", "segment"):  # read again from the new tags
+            self.__dict__.pop(derived, None)
+
+    @functools.cached_property
+    def first_G(self) -> torch.Tensor | None:
+        """long ``[G]``: the first token of each tag group (None without tags)."""
+        if self.group_ids is None:
+            return None
+        group_T = self.group_ids
+        T = group_T.shape[0]
+        first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
+        return first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
+
+    @functools.cached_property
+    def group_tags(self) -> TokenTags | None:
+        """The tags of each group's first token, ``[G]`` (None without tags)."""
+        return None if self.group_ids is None else self.tags.select(self.first_G)
+
+    @functools.cached_property
+    def segment(self) -> torch.Tensor:
+        """long ``[T]``: the sequence of each token (see the class docstring)."""
+        return _segments(self.shape, self.tags, self.valid.device)
 
     def validate(self, vocab: tuple[int, int, int, int]) -> None:
         """Checks the tags against the vocabulary sizes ``(modalities, roles, passes, tasks)`` (a
@@ -301,7 +324,23 @@ class TagBatch:
         self.vocab = tuple(vocab)
         if self.tags is None:
             self._derive(self._original)
-            self.segment = _segments(self.shape, self.tags, self.valid.device)
+
+
+_RANGED = ("task", "modality", "role", "pass_id")  # the tags with a vocabulary, in TokenTags.validate's order
+
+
+def _value_ranges(tensors: list, shape: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
+    """(min, max) of each tag in ``tensors`` (named as ``_RANGED``) from one reduction, or None
+    when they are not integer tensors of one dtype shaped like the tokens (``validate`` then
+    checks them one by one and names what is wrong)."""
+    first = tensors[0]
+    if not all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == first.dtype
+               for t in tensors) or first.is_floating_point() or first.is_complex() or first.dtype == torch.bool:
+        return None
+    if not first.numel():
+        return None
+    lo, hi = torch.stack(tensors).reshape(len(tensors), -1).aminmax(dim=1)
+    return dict(zip(_RANGED, zip(lo.tolist(), hi.tolist())))
 
 
 def _well_formed(tags: TokenTags, shape: tuple[int, ...]) -> bool:
