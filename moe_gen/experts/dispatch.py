@@ -339,15 +339,16 @@ class MergedDispatch(DispatchBackend):
         ascending); each row's gate weights spread over the union, 0 for experts its group does
         not use (see ``_union_pays``)."""
         groups = routing.groups
-        ids_U, scale_GU = self._union(groups)
+        ids_U, scale_GU, key = self._union(groups)
         token_N = routing.valid.nonzero().squeeze(1)
-        plan = _Groups(token_N, [token_N.numel()], [tuple(ids_U.tolist())], lambda r: (ids_U, None))
+        plan = _Groups(token_N, [token_N.numel()], [key], lambda r: (ids_U, None))
         plan.group_N, plan.sets = groups.group_T[token_N], (ids_U, scale_GU)
         return x_TD.index_select(0, token_N), plan
 
     def _union(self, groups):
-        """The experts any group uses (ascending, long ``[U]``) and each group's gate weights over
-        them (``[G, U]``, 0 where the group does not use the expert); kept like ``_partition``."""
+        """The experts any group uses (ascending, long ``[U]``), each group's gate weights over
+        them (``[G, U]``, 0 where the group does not use the expert) and the experts as a route key
+        (a tuple of ids, as ``_partition`` names expert sets); kept like ``_partition``."""
         cacheable = self.cache and groups.key is not None and not torch.is_grad_enabled()
         key = ("union", groups.key)
         if cacheable and key in self._partitions:
@@ -356,11 +357,12 @@ class MergedDispatch(DispatchBackend):
         column_GK = torch.searchsorted(ids_U, groups.ids_GK)
         scale_GU = groups.weights_GK.new_zeros(groups.ids_GK.shape[0], ids_U.numel()).scatter_(
             1, column_GK, groups.weights_GK)
+        union = (ids_U, scale_GU, tuple(ids_U.tolist()))
         if cacheable:
             if len(self._partitions) >= self.MAX_STACKS:
                 del self._partitions[next(iter(self._partitions))]
-            self._partitions[key] = (ids_U, scale_GU)
-        return ids_U, scale_GU
+            self._partitions[key] = union
+        return union
 
     def _partition(self, groups, by_set: bool):
         """Which tag groups share a route (or, ``by_set``, a set of experts): found among the G
