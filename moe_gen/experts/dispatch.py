@@ -245,7 +245,10 @@ class MergedDispatch(DispatchBackend):
     Without autograd (inference), when the router kept its routes per tag group, tag groups that
     use the same *set* of experts share one group even if their gate weights differ: the merged
     FFN is the K experts side by side, and each row's hidden units are scaled by its own gate
-    weights (fewer, larger matmuls than one per route).
+    weights (fewer, larger matmuls than one per route). When the batch is small enough that one
+    more expert per row costs less than another matmul pair (``UNION_MAX_EXTRA_MACS``), all rows
+    run as one group over the union of the experts their groups use, each row's other experts
+    weighted 0.
 
     Merged weights are built on every call, unless the backend keeps them (``cache=True``, set on
     the layers of a model frozen by ``moe_gen.merge_for_inference``, whose weights no longer
