@@ -260,7 +260,7 @@ class MergedDispatch(DispatchBackend):
     MAX_STACKS = 16  # sets of routes whose stacked weights are kept (one per recent batch mix)
     MAX_ROUTES = 256  # routes (or expert sets) whose merged weights are kept
     # inference: rows of several expert sets run as one group over all their experts when that adds
-    # at most this many multiply-adds per projection (``_union_pays``; 0 turns it off)
+    # at most this many multiply-adds per projection (``_union_allowed``; 0 turns it off)
     UNION_MAX_EXTRA_MACS = 1 << 24
 
     def __init__(self, cache: bool = False) -> None:
@@ -299,7 +299,7 @@ class MergedDispatch(DispatchBackend):
     def _group(self, x_TD, routing, by_set: bool, hidden: int = 0):
         """Routes kept per tag group (``RouterOutput.groups``): tokens ordered by one sort of their
         route index (see ``_partition``), or, ``by_set``, all in one group over the union of their
-        experts where that is cheaper (``_union_pays``; ``hidden``: the experts' hidden width).
+        experts where that is cheaper (``_union_allowed``; ``hidden``: the experts' hidden width).
         Returns the rows in that order and the plan."""
         groups, valid_T = routing.groups, routing.valid
         route_G, route_of_G, carriers, keys, ids_GK, weights_GK = self._partition(groups, by_set)
@@ -309,8 +309,11 @@ class MergedDispatch(DispatchBackend):
         N = sum(counts)
         if not N:
             return x_TD[:0], _Groups(x_TD.new_zeros(0, dtype=torch.long), *_NO_ROUTES)
-        if by_set and len(keys) > 1 and self._union_pays(groups, x_TD, N, hidden):
-            return self._group_as_union(x_TD, routing)
+        if by_set and len(keys) > 1 and self._union_allowed(x_TD):
+            union = self._union(groups)
+            extra_macs = N * x_TD.shape[1] * (union[0].numel() - ids_GK.shape[1]) * hidden
+            if extra_macs <= self.UNION_MAX_EXTRA_MACS:
+                return self._group_as_union(x_TD, routing, union)
         if len(keys) == 1:  # one route: the valid tokens in order
             token_N = valid_T.nonzero().squeeze(1)
         else:  # padding sorts last, with key R (one past the last route)
@@ -321,28 +324,25 @@ class MergedDispatch(DispatchBackend):
             plan.group_N, plan.sets = groups.group_T[token_N], (ids_GK, weights_GK)
         return x_TD.index_select(0, token_N), plan
 
-    def _union_pays(self, groups, x_TD, N: int, hidden: int) -> bool:
-        """Whether the rows should run as one group through every expert their groups use (the
-        union ``U``), each row's unused experts weighted 0, instead of one group per expert set.
+    def _union_allowed(self, x_TD) -> bool:
+        """Whether rows of several expert sets may run as one group through every expert their
+        groups use (the union, U experts), each row's unused experts weighted 0.
 
         The union costs ``N·D·(U − K)·H`` more multiply-adds per projection but replaces a sort,
         a matmul pair per expert set and their bookkeeping by one matmul pair: worth it for small
-        batches and models, where launching operations costs more than the arithmetic. Taken when
-        that extra work is at most ``UNION_MAX_EXTRA_MACS``; never in float16, where an unused
-        expert's hidden units could overflow and 0 · inf would not be 0."""
-        if self.UNION_MAX_EXTRA_MACS <= 0 or x_TD.dtype == torch.float16 or (
-                torch.is_autocast_enabled(x_TD.device.type)
-                and torch.get_autocast_dtype(x_TD.device.type) == torch.float16):
-            return False
-        used = self._union(groups)[0].numel()
-        return N * x_TD.shape[1] * (used - groups.ids_GK.shape[1]) * hidden <= self.UNION_MAX_EXTRA_MACS
+        batches and models, where launching operations costs more than the arithmetic; ``_group``
+        takes it when that extra work is at most ``UNION_MAX_EXTRA_MACS``. Never in float16, where
+        an unused expert's hidden units could overflow and 0 · inf would not be 0."""
+        device = x_TD.device.type
+        return self.UNION_MAX_EXTRA_MACS > 0 and x_TD.dtype != torch.float16 and not (
+            torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16)
 
-    def _group_as_union(self, x_TD, routing):
-        """The valid tokens in order as one group over the union of their groups' experts (ids
-        ascending); each row's gate weights spread over the union, 0 for experts its group does
-        not use (see ``_union_pays``)."""
+    def _group_as_union(self, x_TD, routing, union):
+        """The valid tokens in order as one group over the union of their groups' experts
+        (``_union``); each row's gate weights spread over the union, 0 for experts its group does
+        not use (see ``_union_allowed``)."""
         groups = routing.groups
-        ids_U, scale_GU, key = self._union(groups)
+        ids_U, scale_GU, key = union
         token_N = routing.valid.nonzero().squeeze(1)
         plan = _Groups(token_N, [token_N.numel()], [key], lambda r: (ids_U, None))
         plan.group_N, plan.sets = groups.group_T[token_N], (ids_U, scale_GU)
