@@ -12,7 +12,6 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence, Union
 
@@ -219,11 +218,10 @@ class TagBatch:
     """The tags of one forward pass, flattened to tokens, with what the MoE layers derive from them.
 
     The model builds one per stack call (or decoding step) and passes it to every MoE layer, so
-    validation, flattening and tag grouping run once per forward, not once per layer. The groups
-    are computed here, up front; ``first_G``, ``group_tags`` and ``segment`` on first read (only a
-    router that scores group rows or pools sequences reads them: a frozen router's route cache
-    does not), then kept on the object. An ``MoE`` called with plain ``TokenTags`` builds its own.
-    Nothing is kept beyond the object: a new batch is a new ``TagBatch``.
+    validation, flattening and tag grouping run once per forward, not once per layer; everything
+    is computed here, up front, and read as plain attributes. An ``MoE`` called with plain
+    ``TokenTags`` builds its own. Nothing is kept beyond the object: a new batch is a new
+    ``TagBatch``.
 
     Attributes:
         shape: the token layout (``[T]`` or ``[B, S]``); ``num_tokens`` is T.
@@ -277,10 +275,11 @@ class TagBatch:
         if device is None:
             device = tags.task.device if tags is not None else None
         self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
-        self.tags = self.group_ids = self.group_counts = None
+        self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
         self.group_keys: tuple[int, ...] = ()
         if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
             self._derive(tags)
+        self.segment = _segments(self.shape, self.tags, self.valid.device)
 
     def _derive(self, tags: TokenTags) -> None:
         """The flattened tags and their groups (tags already checked against the tokens)."""
@@ -289,28 +288,10 @@ class TagBatch:
         self.group_ids, self.group_keys = group_T, tuple(keys_G.tolist())
         self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
             0, group_T, self.valid.long())
-        for derived in ("first_G", "group_tags", "segment"):  # read again from the new tags
-            self.__dict__.pop(derived, None)
-
-    @functools.cached_property
-    def first_G(self) -> torch.Tensor | None:
-        """long ``[G]``: the first token of each tag group (None without tags)."""
-        if self.group_ids is None:
-            return None
-        group_T = self.group_ids
         T = group_T.shape[0]
         first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
-        return first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
-
-    @functools.cached_property
-    def group_tags(self) -> TokenTags | None:
-        """The tags of each group's first token, ``[G]`` (None without tags)."""
-        return None if self.group_ids is None else self.tags.select(self.first_G)
-
-    @functools.cached_property
-    def segment(self) -> torch.Tensor:
-        """long ``[T]``: the sequence of each token (see the class docstring)."""
-        return _segments(self.shape, self.tags, self.valid.device)
+        self.first_G = first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
+        self.group_tags = flat.select(self.first_G)
 
     def validate(self, vocab: tuple[int, int, int, int]) -> None:
         """Checks the tags against the vocabulary sizes ``(modalities, roles, passes, tasks)`` (a
@@ -324,6 +305,7 @@ class TagBatch:
         self.vocab = tuple(vocab)
         if self.tags is None:
             self._derive(self._original)
+            self.segment = _segments(self.shape, self.tags, self.valid.device)
 
 
 _RANGED = ("task", "modality", "role", "pass_id")  # the tags with a vocabulary, in TokenTags.validate's order
