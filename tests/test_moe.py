@@ -200,6 +200,11 @@ def test_bad_inputs_raise_clear_errors():
     with pytest.raises(ValueError, match=r"tags.modality values must lie in \[0, 9\)"):
         bad = TokenTags(**{**tags.__dict__, "modality": torch.full((2, 5), 12)})
         moe(torch.randn(2, 5, D), tags=bad)
+    # tags of mixed integer dtypes are checked one by one, with the same message
+    with pytest.raises(ValueError, match=r"tags.role values must lie in \[0, 3\), got \[0, 7\]"):
+        role = torch.zeros(2, 5, dtype=torch.int32)
+        role[1, 2] = 7
+        moe(torch.randn(2, 5, D), tags=TokenTags(**{**tags.__dict__, "role": role}))
     with pytest.raises(ValueError, match="task_modalities must have shape"):
         bad = TokenTags(**{**tags.__dict__, "task_modalities": torch.zeros(2, 5, 3, dtype=torch.bool)})
         moe(torch.randn(2, 5, D), tags=bad)

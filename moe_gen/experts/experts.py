@@ -89,8 +89,7 @@ class StackedExperts(nn.Module):
                 nn.init.uniform_(b, -bound, bound)
 
     def _params(self, dtype: torch.dtype):
-        cast = lambda p: None if p is None else p.to(dtype)  # noqa: E731
-        return cast(self.w_in), cast(self.b_in), cast(self.w_out), cast(self.b_out)
+        return tuple(_cast(p, dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
 
     def forward_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         """Rows grouped by expert (``counts[e]`` rows for expert e, in expert order)."""
@@ -192,9 +191,9 @@ class StackedExperts(nn.Module):
         (``stacked`` from ``stack_merged``)."""
         if isinstance(stacked, tuple):
             dtype = _autocast_dtype(x_ND)
-            cast = lambda t: None if t is None else t.to(dtype)  # noqa: E731
-            with torch.autocast(x_ND.device.type, enabled=False):
-                return grouped_ffn(x_ND.to(dtype), counts, *map(cast, stacked), self.activation, self.gated)
+            with _no_autocast(x_ND):
+                return grouped_ffn(_cast(x_ND, dtype), counts, *(_cast(t, dtype) for t in stacked), self.activation,
+                                   self.gated)
         pieces, start = [], 0
         for n, (w_in, b_in, w_out, b_out) in zip(counts, stacked):
             x = x_ND[start:start + n]

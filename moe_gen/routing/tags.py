@@ -163,7 +163,7 @@ class TokenTags:
         limits = {
             "task": num_tasks, "modality": num_modalities, "role": num_roles, "pass_id": num_passes,
         }
-        ranges = _value_ranges([getattr(self, name) for name in _RANGED], shape)
+        ranges = _value_ranges([getattr(self, name) for name in _RANGED], shape) or {}
         for name in ("task", "modality", "role", "causal", "pass_id", "sample"):
             t = getattr(self, name)
             if t is None:
@@ -177,11 +177,8 @@ class TokenTags:
             if t.is_floating_point() or t.is_complex():
                 raise ValueError(f"tags.{name} must be an integer or bool tensor, got {t.dtype}")
             if name in limits and t.numel():
-                if ranges is None:  # dtypes differ: one reduction per tag
-                    ranges = {}
-                if name not in ranges:
-                    ranges[name] = tuple(int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
-                lo, hi = ranges[name]
+                # one reduction for all four, unless their dtypes differ
+                lo, hi = ranges.get(name) or (int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
                 if lo < 0 or hi >= limits[name]:
                     raise ValueError(
                         f"tags.{name} values must lie in [0, {limits[name]}), got [{lo}, {hi}]"
@@ -286,12 +283,12 @@ class TagBatch:
         self.tags = flat = tags.flatten()
         keys_G, group_T = torch.unique(flat.group_key(), return_inverse=True)
         self.group_ids, self.group_keys = group_T, tuple(keys_G.tolist())
-        self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
-            0, group_T, self.valid.long())
         T = group_T.shape[0]
         first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
         self.first_G = first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
         self.group_tags = flat.select(self.first_G)
+        self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
+            0, group_T, self.valid.long())
 
     def validate(self, vocab: tuple[int, int, int, int]) -> None:
         """Checks the tags against the vocabulary sizes ``(modalities, roles, passes, tasks)`` (a
