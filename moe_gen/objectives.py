@@ -23,6 +23,7 @@ __all__ = ["OBJECTIVES", "Objective", "GenerativeObjective", "ContrastiveObjecti
            "contrastive_side"]
 
 OBJECTIVES: Registry = Registry("objective")
+LOSS_AVERAGES = ("token", "sample")  # how GenerativeObjective averages token cross-entropy over a batch
 
 
 class Objective:
@@ -54,11 +55,18 @@ class GenerativeObjective(Objective):
     Args:
         model: the generalist model.
         frame_weight: weight of the L1 + stop loss of continuous targets.
+        task_weights: loss weight per task name (its tokens, or its samples, count this many times).
+        loss_average: how the token cross-entropy is averaged over a batch: ``token`` (every
+            scored token counts once, so a sample with a 30-token answer weighs 30 times one with a
+            one-token label) or ``sample`` (each sample's tokens are averaged first, then the
+            samples: every sample weighs the same, whatever its answer's length).
     """
 
     def __init__(self, model: GeneralistModel, frame_weight: float = 1.0,
-                 task_weights: Optional[dict[str, float]] = None) -> None:
-        self.model, self.frame_weight = model, frame_weight
+                 task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
+        if loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}; got {loss_average!r}")
+        self.model, self.frame_weight, self.loss_average = model, frame_weight, loss_average
         self.task_weights = dict(task_weights or {})
         unknown = sorted(set(self.task_weights) - set(model.task_ids))
         if unknown:
@@ -70,7 +78,8 @@ class GenerativeObjective(Objective):
 
     @classmethod
     def from_train_config(cls, model: GeneralistModel, config) -> "GenerativeObjective":
-        return cls(model, frame_weight=config.frame_weight, task_weights=config.loss_weights or None)
+        return cls(model, frame_weight=config.frame_weight, task_weights=config.loss_weights or None,
+                   loss_average=config.loss_average)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         return self.loss(batch, self.model(batch))
@@ -100,11 +109,8 @@ class GenerativeObjective(Objective):
             ce_N = F.cross_entropy(logits[scored], batch.labels[scored],
                                    label_smoothing=self.model.config.label_smoothing, reduction="none")
             task_N = task_BL[scored]
-            if self.task_weights:
-                w_N = self._weight_of_task.to(ce_N.device)[task_N]
-                parts["token_loss"] = (ce_N * w_N).sum() / w_N.sum().clamp_min(1e-12)
-            else:
-                parts["token_loss"] = ce_N.mean()
+            w_N = self._token_weights(batch, scored, task_N)
+            parts["token_loss"] = ce_N.mean() if w_N is None else (ce_N * w_N).sum() / w_N.sum().clamp_min(1e-12)
             parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
             _add_per_task(per_task, task_N, ce_N.detach())
         frame_terms = []
@@ -125,6 +131,22 @@ class GenerativeObjective(Objective):
         loss = parts.get("token_loss", zero) + self.frame_weight * parts.get("frame_loss", zero) + aux
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
+
+
+    def _token_weights(self, batch: Batch, scored_BL: torch.Tensor, task_N: torch.Tensor) -> Optional[torch.Tensor]:
+        """Weight of each scored token in the batch's mean (None: all equal): its task's loss weight,
+        divided by its sample's number of scored tokens with ``loss_average="sample"``."""
+        w_N = self._weight_of_task.to(task_N.device)[task_N] if self.task_weights else None
+        if self.loss_average == "sample":
+            # A sample is a (row, sample-in-row) pair: packed rows hold several.
+            sample_BL = batch.decoder.tags.sample
+            B, L = scored_BL.shape
+            row_BL = torch.arange(B, device=scored_BL.device).unsqueeze(1).expand(B, L)
+            key_N = (row_BL * (int(sample_BL.max()) + 1) + sample_BL)[scored_BL]
+            _, inverse_N, counts = torch.unique(key_N, return_inverse=True, return_counts=True)
+            per_sample_N = 1.0 / counts[inverse_N].float()
+            w_N = per_sample_N if w_N is None else w_N * per_sample_N
+        return w_N
 
 
 def _add_per_task(per_task: dict, task_N: torch.Tensor, values_N: torch.Tensor) -> None:
@@ -162,10 +184,14 @@ class ContrastiveObjective(Objective):
     """
 
     def __init__(self, model: GeneralistModel, caption_weight: float = 2.0, contrastive_weight: float = 1.0,
-                 task_weights: Optional[dict[str, float]] = None) -> None:
+                 task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
         self.model = model
-        self.generative = GenerativeObjective(model, task_weights=task_weights)
+        self.generative = GenerativeObjective(model, task_weights=task_weights, loss_average=loss_average)
         self.caption_weight, self.contrastive_weight = caption_weight, contrastive_weight
+
+    @classmethod
+    def from_train_config(cls, model: GeneralistModel, config) -> "ContrastiveObjective":
+        return cls(model, task_weights=config.loss_weights or None, loss_average=config.loss_average)
 
     def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
         if int(batch.encoder.tags.sample.max()) > 0:
@@ -201,15 +227,16 @@ class MaskedObjective(GenerativeObjective):
     """
 
     def __init__(self, model: GeneralistModel, *, input_budget: int = 128, target_budget: int = 128,
-                 alpha=0.5, frame_weight: float = 1.0, task_weights: Optional[dict[str, float]] = None) -> None:
-        super().__init__(model, frame_weight, task_weights)
+                 alpha=0.5, frame_weight: float = 1.0, task_weights: Optional[dict[str, float]] = None,
+                 loss_average: str = "token") -> None:
+        super().__init__(model, frame_weight, task_weights, loss_average)
         self.input_budget, self.target_budget, self.alpha = input_budget, target_budget, alpha
 
     @classmethod
     def from_train_config(cls, model: GeneralistModel, config) -> "MaskedObjective":
         return cls(model, input_budget=config.masked_input_budget, target_budget=config.masked_target_budget,
                    alpha=config.masked_alpha, frame_weight=config.frame_weight,
-                   task_weights=config.loss_weights or None)
+                   task_weights=config.loss_weights or None, loss_average=config.loss_average)
 
     def prepare(self, samples, rng) -> Batch:
         from moe_gen.masking import mask_sample

@@ -40,6 +40,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--flavour")
     parser.add_argument("--num-experts", type=int)
+    parser.add_argument("--loss-average", choices=("token", "sample"),
+                        help="how token losses are averaged over a batch (TrainConfig.loss_average; default token)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
@@ -51,7 +53,7 @@ def main(argv=None) -> int:
 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "eval_limit",
-                 "ema_decay", "workers", "threads"):
+                 "ema_decay", "loss_average", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

@@ -47,6 +47,7 @@ class BenchConfig:
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
+        loss_average: ``TrainConfig.loss_average`` of every run (``token`` or ``sample``).
         ema_decay: ``TrainConfig.ema_decay`` of the generalists (0: none); a specialist's decay
             averages over the same share of its shorter run (``1 − (1 − d)·steps / its steps``).
             With it, runs are scored with the averaged weights, and their last weights' scores are
@@ -73,6 +74,7 @@ class BenchConfig:
     mixing: str = "temperature"
     temperature: float = 2.0
     ema_decay: float = 0.0
+    loss_average: str = "token"
     pretrained_inputs: bool = False
     eval_limit: int = 100
     workers: int = 2
@@ -186,7 +188,8 @@ def train_and_score(job: dict) -> dict:
     model = GeneralistModel.build(_model_config(cfg, job["system"]), train, Tokenizer.default())
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
-                               temperature=cfg.temperature, seed=job["seed"], progress=False, tensorboard=False,
+                               temperature=cfg.temperature, loss_average=cfg.loss_average, seed=job["seed"],
+                               progress=False, tensorboard=False,
                                checkpoint_every=0, ema_decay=_ema_decay(cfg, steps),
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:

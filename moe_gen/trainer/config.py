@@ -47,6 +47,10 @@ class TrainConfig(ConfigBase):
         task_weights: sampling weight per task name for ``weights`` mixing (default 1; a ``Task``'s
             own ``weight`` is used when the name is absent).
         loss_weights: loss weight per task name (tokens of a task count this many times).
+        loss_average: how the token cross-entropy is averaged over a micro-batch: ``token`` (every
+            scored token once: long answers, such as a detection's boxes, outweigh one-token
+            labels) or ``sample`` (each sample's mean first, then the samples': every sample weighs
+            the same). See ``GenerativeObjective``.
         lr_scales: parameter-name prefix → learning-rate multiplier (the longest matching prefix
             wins; others train at ``lr``): e.g. ``{"encoder.": 0.1, "token_embedding": 0.1}``
             trains a pretrained encoder ten times slower than the new decoder and adapters.
@@ -105,6 +109,7 @@ class TrainConfig(ConfigBase):
     temperature: float = 2.0
     task_weights: dict = dataclasses.field(default_factory=dict)
     loss_weights: dict = dataclasses.field(default_factory=dict)
+    loss_average: str = "token"
     lr_scales: dict = dataclasses.field(default_factory=dict)
     modality_budget: dict = dataclasses.field(default_factory=dict)
     max_tokens: Optional[int] = None
@@ -142,6 +147,8 @@ class TrainConfig(ConfigBase):
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.mixing in MIXING, f"mixing must be one of {', '.join(MIXING)}; got {self.mixing!r}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.loss_average in ("token", "sample"),
+             f"loss_average must be 'token' or 'sample', got {self.loss_average!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
             (self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}"),
             (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
