@@ -132,7 +132,6 @@ class GenerativeObjective(Objective):
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
 
-
     def _token_weights(self, batch: Batch, scored_BL: torch.Tensor, task_N: torch.Tensor) -> Optional[torch.Tensor]:
         """Weight of each scored token in the batch's mean (None: all equal): its task's loss weight,
         divided by its sample's number of scored tokens with ``loss_average="sample"``."""

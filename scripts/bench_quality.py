@@ -27,6 +27,8 @@ QUICK = dict(seeds=(0,), steps=26, eval_limit=4, warmup_steps=2, batch_size=8)
 
 
 def main(argv=None) -> int:
+    from moe_gen.objectives import LOSS_AVERAGES
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, a few steps (smoke run)")
     parser.add_argument("--tasks", nargs="*", default=[], help="suite task names (default: all)")
@@ -40,7 +42,7 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--flavour")
     parser.add_argument("--num-experts", type=int)
-    parser.add_argument("--loss-average", choices=("token", "sample"),
+    parser.add_argument("--loss-average", choices=LOSS_AVERAGES,
                         help="how token losses are averaged over a batch (TrainConfig.loss_average; default token)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",

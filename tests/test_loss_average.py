@@ -66,3 +66,20 @@ def test_unknown_loss_average_is_refused(setup):
         TrainConfig(loss_average="row")
     with pytest.raises(ValueError, match="loss_average must be one of token, sample; got 'row'"):
         GenerativeObjective(model, loss_average="row")
+
+
+@pytest.mark.parametrize("name", ["generative", "masked", "contrastive"])
+def test_every_objective_takes_loss_average_from_the_train_config(setup, name):
+    from moe_gen.objectives import OBJECTIVES
+
+    _, model, _ = setup
+    objective = OBJECTIVES.get(name).from_train_config(model, TrainConfig(loss_average="sample"))
+    generative = getattr(objective, "generative", objective)  # the contrastive objective wraps one
+    assert generative.loss_average == "sample"
+
+
+def test_bench_config_refuses_an_unknown_loss_average():
+    from moe_gen.quality.runner import BenchConfig
+
+    with pytest.raises(ValueError, match="BenchConfig.loss_average must be one of token, sample, got 'row'"):
+        BenchConfig(loss_average="row")

@@ -87,6 +87,11 @@ class BenchConfig:
             raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(GENERALISTS)}")
         if not self.seeds:
             raise ValueError("BenchConfig.seeds must name at least one seed")
+        from moe_gen.objectives import LOSS_AVERAGES
+
+        if self.loss_average not in LOSS_AVERAGES:
+            raise ValueError(f"BenchConfig.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
+                             f"got {self.loss_average!r}")
         if self.mixing not in ("temperature", "uniform"):
             raise ValueError(f"BenchConfig.mixing must be 'temperature' or 'uniform', got {self.mixing!r}")
 
