@@ -23,7 +23,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from moe_gen.quality.report import markdown  # noqa: E402
 from moe_gen.quality.runner import GENERALISTS, BenchConfig, default_output, run_benchmark  # noqa: E402
 
-QUICK = dict(seeds=(0,), steps=26, eval_limit=4, warmup_steps=2, batch_size=8)
+QUICK = dict(seeds=(0,), steps=26, eval_limit=4, fit_rows=4, warmup_steps=2, batch_size=8)
 
 
 def main(argv=None) -> int:
@@ -48,6 +48,8 @@ def main(argv=None) -> int:
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
     parser.add_argument("--eval-limit", type=int)
+    parser.add_argument("--fit-rows", type=int, help="training rows scored per classification task (default 50; 0: "
+                        "none): tells under-fitting from over-fitting")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out")
@@ -55,7 +57,7 @@ def main(argv=None) -> int:
 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "eval_limit",
-                 "ema_decay", "loss_average", "workers", "threads"):
+                 "fit_rows", "ema_decay", "loss_average", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

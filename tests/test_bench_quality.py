@@ -96,6 +96,12 @@ def test_quick_report_shape(tmp_path):
         assert report["utilisation"][system], system  # every MoE run reports its layers
         assert system in report["mean_relative"] and system in report["mean_relative_learned"]
     assert "dense" not in report["utilisation"]
+    # training rows scored for the classification tasks (those with classical baselines), every system
+    for system in report["systems"]:
+        assert set(report["fit"][system]) == set(report["classical"]), system
+        entry = report["fit"][system]["table_wine"]
+        assert 0 <= entry["train"]["mean"] <= 1 and entry["held_out"] == report["scores"][system]["table_wine"]
+    assert all(set(r["scores_train"]) == set(report["classical"]) & set(r["tasks"]) for r in report["runs"])
     # equal active size: the MoE adds only its routers to the dense model's per-token parameters
     params = report["parameters"]
     assert params["attribute"]["active"] == pytest.approx(params["dense"]["active"], rel=0.02)
@@ -107,6 +113,11 @@ def test_quick_report_shape(tmp_path):
     assert (out / "quality.png").stat().st_size > 1000
     # attribute − dense, paired by seed; one seed gives no interval or test
     assert "Attribute − dense on that mean, per seed: " in markdown and "paired t-test" not in markdown
+    fit_header = markdown.index("| task | specialist | dense | token | modality | task | attribute | hybrid |")
+    assert markdown.index("Training rows against held-out rows (4 training rows per task") < fit_header
+    wine = next(line for line in markdown[fit_header:].splitlines() if line.startswith("| table_wine |"))
+    fit = report["fit"]["attribute"]["table_wine"]
+    assert wine.split(" | ")[6] == f"{fit['train']['mean']:.2f} / {fit['held_out']['mean']:.2f}"
     assert "logreg_states" not in markdown and "frozen pretrained" not in markdown
     # with pretrained inputs, the linear model on the frozen states gets its own column and note
     from moe_gen.quality.report import markdown as render

@@ -88,6 +88,7 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         "mean_relative_learned": (learned := _learned_mean(suite, systems, raw, scores)),
         "attribute_minus_dense_learned": _paired_difference(learned, "attribute", "dense"),
         "no_relative_score": sorted(excluded),
+        "fit": _fit(systems, results),
         "versus_classical": versus_classical,
         "parameters": parameters,
         "utilisation": _per_system_lists(results, lambda r: {layer: u["utilised"] for layer, u in
@@ -101,6 +102,39 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         "wall_seconds": wall_seconds,
         "runs": results,
     }
+
+
+def _fit(systems, results: list[dict]) -> dict:
+    """Per system and task scored on training rows (``BenchConfig.fit_rows``): the training-row
+    and held-out scores, each mean ± std over seeds."""
+    fit: dict[str, dict[str, dict]] = {}
+    for s in systems:
+        runs = [r for r in results if r["system"] == s and r.get("scores_train")]
+        names = dict.fromkeys(name for r in runs for name in r["scores_train"])
+        fit[s] = {name: {"train": _mean_std([r["scores_train"][name] for r in runs if name in r["scores_train"]]),
+                         "held_out": _mean_std([r["scores"][name] for r in runs if name in r["scores_train"]])}
+                  for name in names}
+    return {s: tasks for s, tasks in fit.items() if tasks}
+
+
+def _fit_lines(report: dict) -> list[str]:
+    """The training-row table: per task and system, training rows / held-out rows."""
+    fit = report.get("fit") or {}
+    if not fit:
+        return []
+    systems = [s for s in report["systems"] if s in fit]
+    rows = report["config"].get("fit_rows")
+    lines = ["", f"Training rows against held-out rows ({rows} training rows per task, evenly spaced, no "
+             "augmentation; mean over seeds): training / held-out. Low on both: the model under-fits the "
+             "task; high on the training rows only: it over-fits.", "",
+             "| task | " + " | ".join(systems) + " |", "|---|" + "---:|" * len(systems)]
+    for task in report["tasks"]:
+        if not any(task["name"] in fit[s] for s in systems):
+            continue
+        cells = [f"{fit[s][task['name']]['train']['mean']:.2f} / {fit[s][task['name']]['held_out']['mean']:.2f}"
+                 if task["name"] in fit[s] else "—" for s in systems]
+        lines.append(f"| {task['name']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _relative_to_specialists(suite, systems, raw: dict, scores: dict):
@@ -282,6 +316,7 @@ def markdown(report: dict) -> str:
     if report["no_relative_score"]:
         lines += ["", f"No relative score (the specialist scored 0): {', '.join(report['no_relative_score'])}."]
     lines += _learned_lines(report)
+    lines += _fit_lines(report)
     if report["utilisation"]:
         lines += ["", "Expert utilisation on held-out rows (share of experts with ≥ 1/(4E) of the assignments), "
                   "per MoE layer, mean over seeds:", ""]

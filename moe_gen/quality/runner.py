@@ -57,6 +57,10 @@ class BenchConfig:
             system; a second logistic regression reads the same states, mean-pooled.
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
+        fit_rows: training rows scored per classification task (evenly spaced over the train split,
+            without augmentation; ``scores_train`` in ``quality.json``): a model that scores low on
+            them as well as held out under-fits its task, one that scores high on them only
+            over-fits it. 0: not scored.
         workers, threads: processes running jobs, torch threads per process.
         output_dir: where ``quality.json``, ``quality.md`` and ``quality.png`` go.
     """
@@ -77,6 +81,7 @@ class BenchConfig:
     loss_average: str = "token"
     pretrained_inputs: bool = False
     eval_limit: int = 100
+    fit_rows: int = 50
     workers: int = 2
     threads: int = 1
     output_dir: str = "bench_results/quality"
@@ -204,6 +209,8 @@ def train_and_score(job: dict) -> dict:
     trained = time.perf_counter()
     with RoutingRecorder(model) as recorder:
         scores = {task.name: evaluate_task(model, rows)[task.metric] for task, rows in zip(suite, test)}
+    scores_train = {task.name: evaluate_task(model, held_out(rows, cfg.fit_rows))[task.metric]
+                    for task, rows in zip(suite, train) if task.classification and cfg.fit_rows > 0}
     scores_last = None if last is model else {
         task.name: evaluate_task(last, rows)[task.metric] for task, rows in zip(suite, test)}
     tables = recorder.tables()
@@ -216,6 +223,7 @@ def train_and_score(job: dict) -> dict:
                                            "mean_max_over_mean")}
     interference = _interference(model, test) if len(suite) > 1 else None
     return {"system": job["system"], "seed": job["seed"], "tasks": list(job["tasks"]), "scores": scores,
+            "scores_train": scores_train,
             **({"scores_last": scores_last} if scores_last is not None else {}),
             "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
             "utilisation": _utilisation(tables) if tables.layer_names else {},
