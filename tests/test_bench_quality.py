@@ -196,3 +196,20 @@ def test_a_weight_averaged_run_is_scored_with_its_average_and_keeps_its_last_sco
     plain = train_and_score({**job, "config": dataclasses.asdict(dataclasses.replace(small, ema_decay=0.0))})
     assert "scores_last" not in plain
     assert plain["scores"] == result["scores_last"]  # the average does not change what trains
+
+
+def test_training_row_scores_average_over_seeds_beside_their_held_out_scores():
+    from moe_gen.quality.report import _fit, _fit_lines
+
+    runs = [{"system": "dense", "seed": seed, "scores": {"a": held, "b": 0.5}, "scores_train": {"a": train}}
+            for seed, (train, held) in enumerate([(1.0, 0.6), (0.8, 0.7)])]
+    runs.append({"system": "attribute", "seed": 0, "scores": {"a": 0.9}, "scores_train": {}})  # fit_rows=0
+    fit = _fit(["dense", "attribute"], runs)
+    assert list(fit) == ["dense"] and list(fit["dense"]) == ["a"]  # only tasks scored on training rows
+    assert fit["dense"]["a"]["train"]["mean"] == pytest.approx(0.9)
+    assert fit["dense"]["a"]["held_out"]["values"] == [0.6, 0.7]
+    report = {"fit": fit, "systems": ["dense", "attribute"], "config": {"fit_rows": 50},
+              "tasks": [{"name": "a"}, {"name": "b"}]}
+    lines = _fit_lines(report)
+    assert "| task | dense |" in lines and "| a | 0.90 / 0.65 |" in lines and not any("| b |" in x for x in lines)
+    assert _fit_lines({**report, "fit": {}}) == []
