@@ -213,3 +213,8 @@ def test_training_row_scores_average_over_seeds_beside_their_held_out_scores():
     lines = _fit_lines(report)
     assert "| task | dense |" in lines and "| a | 0.90 / 0.65 |" in lines and not any("| b |" in x for x in lines)
     assert _fit_lines({**report, "fit": {}}) == []
+
+    from moe_gen.quality.runner import BenchConfig
+
+    with pytest.raises(ValueError, match="fit_rows must be >= 0"):
+        BenchConfig(fit_rows=-1)

@@ -97,6 +97,8 @@ class BenchConfig:
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"BenchConfig.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
                              f"got {self.loss_average!r}")
+        if self.fit_rows < 0:
+            raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
         if self.mixing not in ("temperature", "uniform"):
             raise ValueError(f"BenchConfig.mixing must be 'temperature' or 'uniform', got {self.mixing!r}")
 
