@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from typing import Optional, Sequence
 
@@ -37,6 +38,22 @@ __all__ = ["main", "load_run_config", "apply_overrides", "RunIncomplete"]
 
 
 # ---- configuration -----------------------------------------------------------------------------
+
+# YAML 1.1 (PyYAML's) reads a float only with a dot: ``1e-3`` and ``1e3`` would stay strings. This
+# pattern adds the YAML 1.2 (JSON) forms, so ``lr: 1e-3`` in a run file is the number it looks like.
+_YAML_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+
+
+def yaml_load(stream):
+    """``yaml.safe_load`` that also reads exponent-only floats (``1e-3``, ``2E5``) as numbers."""
+    import yaml
+
+    class _Loader(yaml.SafeLoader):
+        pass
+
+    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789"))
+    return yaml.load(stream, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
 
 def _parse_value(key: str, text: str):
     import yaml
@@ -47,7 +64,7 @@ def _parse_value(key: str, text: str):
         except ValueError:
             pass
     try:
-        return yaml.safe_load(text)
+        return yaml_load(text)
     except yaml.YAMLError as exc:
         raise ValueError(f"--{key}: cannot read {text!r} as a YAML value ({_yaml_problem(exc)})") from None
 
@@ -82,6 +99,7 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         if not key.startswith("--") or len(key) <= 2:
             raise ValueError(f"expected a --dotted.key before {key!r}")
         key = key[2:]
+        listed = key.replace("-", "_") in ("tasks", "eval_tasks")
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
@@ -90,10 +108,13 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
                 raise ValueError(f"--{key} needs a value")
             raw = items[i + 1]
             i += 2
+            while listed and i < len(items) and not items[i].startswith("--"):  # --tasks a b, like eval's
+                raw += "," + items[i]
+                i += 1
         value = _parse_value(key, raw)
         path = key.replace("-", "_").split(".")
-        if path[0] in ("tasks", "eval_tasks") and isinstance(value, str):
-            value = [v for v in value.split(",") if v]
+        if listed and isinstance(value, str):
+            value = task_names([value])
         node = config
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -102,6 +123,11 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
             node = child
         node[path[-1]] = value
     return config
+
+
+def task_names(values: Sequence[str]) -> list[str]:
+    """Preset names given as ``a b``, ``a,b`` or both (every subcommand's ``--tasks`` takes either)."""
+    return [name.strip() for value in values for name in str(value).split(",") if name.strip()]
 
 
 def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
@@ -114,7 +140,7 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
 
         try:
             with open(name_or_path, encoding="utf-8") as f:
-                config = yaml.safe_load(f) or {}
+                config = yaml_load(f) or {}
         except (OSError, UnicodeDecodeError) as exc:
             raise ValueError(f"cannot read the run configuration {name_or_path}: {exc}") from None
         except yaml.YAMLError as exc:
@@ -183,10 +209,12 @@ def _pretrained_model(section: dict, tasks, seed: int):
 
 
 def _tasks(names: Sequence[str], split: str):
-    from moe_gen.tasks import load_preset
+    from moe_gen.tasks import load_preset, preset_info
 
     if not names:
         raise ValueError("the run configuration names no tasks (set tasks: or --tasks a,b)")
+    for name in names:  # every name known before any task's data is read
+        preset_info(name)
     return [load_preset(name, split) for name in names]
 
 
@@ -292,13 +320,20 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
     import torch
 
     from moe_gen import distributed
+    from moe_gen.tasks import preset_info
     from moe_gen.trainer import Trainer
     from moe_gen.trainer.lock import RunLock
+    from moe_gen.trainer.sampling import check_modality_budget
 
     train_config, output_dir = config.train, config.output_dir
-    if distributed.is_main_process():
+    if model is None and "init" not in config.model:  # settings first: no data read, no folder made
+        _model_config(config.model)
+    check_modality_budget(train_config.modality_budget)
+    if distributed.is_main_process() and os.path.isdir(output_dir):
         with RunLock(output_dir):  # a busy run directory is refused now, not after loading data (Trainer locks it)
             pass
+    for name in config.eval_tasks or ():
+        preset_info(name)
     tasks = _tasks(config.tasks, "train")
     eval_tasks = _tasks(config.eval_tasks or config.tasks, "test")
     if train_config.num_threads:
@@ -343,7 +378,7 @@ def _cmd_finetune(args, overrides) -> int:
 
     config = load_run_config(args.config, overrides)
     if args.tasks:
-        config = config.replace(tasks=tuple(args.tasks))
+        config = config.replace(tasks=tuple(task_names(args.tasks)))
     if args.output:
         config = config.replace(output_dir=args.output)
     if config.model:
@@ -362,7 +397,7 @@ def _cmd_eval(args, overrides) -> int:
     if overrides:
         raise ValueError(f"eval takes no overrides, got {' '.join(overrides)}")
     model = GeneralistModel.from_pretrained(args.model_dir)
-    names = args.tasks or list(model.config.tasks)
+    names = task_names(args.tasks or ()) or list(model.config.tasks)
     results = evaluate(model, _tasks(names, args.split), limit=args.limit)
     print(metric_table(results))
     if args.out:
@@ -437,21 +472,25 @@ def _parser() -> argparse.ArgumentParser:
                                      "fine-tune, evaluate, infer.", epilog=__doc__.split("\n\n")[1])
     sub = parser.add_subparsers(dest="command", required=True)
     sub_kwargs = {"allow_abbrev": False}
-    p = sub.add_parser("pretrain", **sub_kwargs, help="train a model from scratch on a task mixture")
+    overrides = ("Any key of the run configuration can be set with a dotted flag: --train.steps 100, --train.lr 1e-3, "
+                 "--model.flavour tiny, --model.moe.router.strategy token, --tasks a,b (or --tasks a b); values are "
+                 "read as YAML. See moe-gen --help.")
+    p = sub.add_parser("pretrain", **sub_kwargs, help="train a model from scratch on a task mixture", epilog=overrides)
     p.add_argument("--config", default="demo", help="recipe name or YAML file (default: demo)")
     p.add_argument("--output", help="run directory (default: the recipe's output_dir)")
     p.add_argument("--resume", action="store_true", help="continue from the newest checkpoint in the run directory")
     p.add_argument("--overwrite", action="store_true", help="start over, deleting the run directory's checkpoints")
-    p = sub.add_parser("finetune", **sub_kwargs, help="continue training a saved model, possibly on new tasks")
+    p = sub.add_parser("finetune", **sub_kwargs, help="continue training a saved model, possibly on new tasks",
+                       epilog=overrides)
     p.add_argument("--from", required=True, help="a directory written by save_pretrained")
     p.add_argument("--config", default="finetune")
-    p.add_argument("--tasks", nargs="+", help="preset names to fine-tune on")
+    p.add_argument("--tasks", nargs="+", help="preset names to fine-tune on (a b or a,b)")
     p.add_argument("--output")
     p.add_argument("--resume", action="store_true")
     p.add_argument("--overwrite", action="store_true")
     p = sub.add_parser("eval", **sub_kwargs, help="per-task metrics of a saved model")
     p.add_argument("model_dir")
-    p.add_argument("--tasks", nargs="+")
+    p.add_argument("--tasks", nargs="+", help="preset names (a b or a,b; default: the model's tasks)")
     p.add_argument("--split", default="test")
     p.add_argument("--limit", type=int, default=None)
     p.add_argument("--out", help="also write the metrics as JSON here")

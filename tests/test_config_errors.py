@@ -45,6 +45,11 @@ def build(tasks, tok) -> GeneralistModel:
     (["--train.checkpoint_every", "-5"], "checkpoint_every"),
     (["--train.max_failed_checkpoints", "0"], "max_failed_checkpoints"),
     (["--tasks", "[1, 2]"], "'tasks' must be a list of preset names"),
+    # checked before any task's data is read or the run directory is made
+    (["--model.flavour", "tinyy"], "unknown model flavour 'tinyy'"),
+    (["--model.moe.router.strategy", "tokn"], "unknown router strategy 'tokn'"),
+    (["--tasks", "table_species,digit_clasification"], "unknown task 'digit_clasification'"),
+    (["--train.modality_budget", "{AUDO: 600}"], "names unknown modalities ['AUDO']"),
 ])
 def test_bad_settings_are_refused_before_training(override, key, tmp_path, capsys):
     start = time.monotonic()
@@ -64,6 +69,53 @@ def test_malformed_yaml_is_named_with_its_line(tmp_path, capsys):
     path.write_text("- just\n- a list\n")
     assert main(["pretrain", "--config", str(path)]) == 2
     assert "must hold a mapping" in capsys.readouterr().err
+
+
+def test_yaml_reads_exponent_floats_as_numbers(tmp_path):
+    """PyYAML reads ``1e-3`` (no dot) as a string; run files read it as YAML 1.2 does, a number."""
+    from moe_gen.cli import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: debug\ntrain:\n  lr: 1e-3\n  steps: 2e1\n  warmup_steps: 1_0\n")
+    config = load_run_config(str(path))
+    assert config.train.lr == 1e-3 and config.train.steps == 20 and isinstance(config.train.steps, int)
+    assert config.train.warmup_steps == 10
+    path.write_text("recipe: debug\ntasks: [table_species]\ntrain:\n  lr: x1e-3\n")
+    with pytest.raises(ValueError, match="TrainConfig.lr must be a number, got 'x1e-3'"):
+        load_run_config(str(path))
+
+
+def test_resume_past_the_runs_steps_and_resume_with_overwrite_are_refused(tables, tok, tmp_path):
+    config = TrainConfig(steps=2, batch_size=4, progress=False, tensorboard=False)
+    Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path)).fit()
+    fewer = TrainConfig(steps=1, batch_size=4, progress=False, tensorboard=False)
+    with pytest.raises(ValueError, match="is at step 2, past this run's steps = 1"):
+        Trainer(build([tables], tok), [tables], fewer, output_dir=str(tmp_path), resume=True)
+    with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
+        Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path), resume=True, overwrite=True)
+    assert (tmp_path / "checkpoints" / "step-0000002").is_dir()  # neither touched the run
+
+
+def test_infer_names_the_usual_mistakes(tables, tok):
+    own = Task("my_species", tables.instruction, tables.data)
+    model = build([own], tok)
+    with pytest.raises(ValueError, match=r"infer takes a list of rows, got one dict; pass \[row\]"):
+        model.infer(own, own.data[0])
+    with pytest.raises(ValueError, match="'my_species' is not a preset; pass the Task object itself"):
+        model.infer("my_species", own.data[:1])
+    with pytest.raises(ValueError, match="unknown task 'no_such_task'"):
+        model.infer("no_such_task", own.data[:1])
+    assert len(model.infer(own, own.data[:2])) == 2
+
+
+def test_instruction_errors_name_the_task():
+    from moe_gen.tasks import InstructionError
+
+    with pytest.raises(InstructionError, match="task 'mine': bad value for 'mask_ratio'"):
+        Task("mine", "[IMAGE:img,mask_ratio=abc] what? -> [TEXT:caption]", [])
+    with pytest.raises(InstructionError, match="task 'mine': nested '\\[' inside a slot: is the slot opened at "
+                                               "position 0 missing its '\\]'"):
+        Task("mine", "[IMAGE:img what? -> [TEXT:caption]", [])
 
 
 def test_train_config_checks_types_and_ranges_when_built():

@@ -441,7 +441,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
         from moe_gen.tasks import load_preset
 
-        tasks = [load_preset(name, "test") for name in args.tasks]  # whole splits: see analyze(limit=)
+        names = [name.strip() for value in args.tasks for name in value.split(",") if name.strip()]  # a b or a,b
+        tasks = [load_preset(name, "test") for name in names]  # whole splits: see analyze(limit=)
         options = dict(mode=args.mode, limit=args.limit, batch_size=args.batch_size,
                        interference_rows=args.interference_rows)
         first = analyze(_load(args.model_dir), tasks, label=_label(args.model_dir), **options)

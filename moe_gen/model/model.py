@@ -569,6 +569,15 @@ class GeneralistModel(nn.Module):
         from moe_gen.tasks import Task, load_preset
 
         if isinstance(task, str):
+            from moe_gen.tasks import preset_info
+
+            try:
+                preset_info(task)
+            except ValueError:
+                if task in self.task_ids:  # one of the model's own tasks: its instruction is not saved by name
+                    raise ValueError(f"{task!r} is not a preset; pass the Task object itself "
+                                     f"(model.infer(Task({task!r}, instruction, rows), rows))") from None
+                raise
             task = load_preset(task, "test", limit=0)
         if not isinstance(task, Task):
             raise ValueError(f"infer needs a Task or a preset name, got {type(task).__name__}")
@@ -580,6 +589,9 @@ class GeneralistModel(nn.Module):
     @staticmethod
     def _encode_rows(task, plan, rows: Sequence, indices: Optional[Sequence[int]]) -> tuple[list, set[int]]:
         """The rows encoded for inference, and the positions of those skipped under ``on_error="skip"``."""
+        if isinstance(rows, (Mapping, str)):
+            raise ValueError(f"task {task.name!r}: infer takes a list of rows, got one {type(rows).__name__}; "
+                             "pass [row] for a single row")
         indices = range(len(rows)) if indices is None else indices
         if len(indices) != len(rows):
             raise ValueError(f"infer got {len(rows)} rows but {len(indices)} indices")

@@ -445,7 +445,8 @@ class _Parser:
             if c == '"':
                 i = self.quote_end(i)
             elif c == "[":
-                raise self.error("nested '[' inside a slot", i)
+                raise self.error(f"nested '[' inside a slot: is the slot opened at position {start} missing "
+                                 "its ']'?", i)
             elif c == "]":
                 return i
             i += 1

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from moe_gen.registry import MODALITIES, PREPROCESSORS
-from moe_gen.tasks.instruction import Instruction
+from moe_gen.tasks.instruction import Instruction, InstructionError
 from moe_gen.tasks.modalities.base import SlotValueError
 from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
@@ -187,8 +187,11 @@ class Task:
             raise ValueError(f"max_slot_positions must be a positive int, got {max_slot_positions!r}")
         self.max_slot_positions = max_slot_positions
         self.name = name
-        self.instruction = (instruction if isinstance(instruction, Instruction)
-                            else Instruction.parse(instruction, modalities=_modality_attributes()))
+        try:
+            self.instruction = (instruction if isinstance(instruction, Instruction)
+                                else Instruction.parse(instruction, modalities=_modality_attributes()))
+        except InstructionError as exc:
+            raise InstructionError(f"task {name!r}: {exc.message}", exc.instruction, exc.position) from None
         self.data = (load_jsonl(data, media_columns(self.instruction), root=data_root)
                      if isinstance(data, (str, os.PathLike)) else data)
         if not hasattr(self.data, "__len__") or not hasattr(self.data, "__getitem__"):

@@ -21,7 +21,7 @@ from moe_gen.tasks.task import Task
 from moe_gen.tasks.tokenizer import Tokenizer
 from moe_gen.trainer.config import TrainConfig
 
-__all__ = ["mixing_weights", "sample_modality_tokens", "TaskSampler"]
+__all__ = ["check_modality_budget", "mixing_weights", "sample_modality_tokens", "TaskSampler"]
 
 
 def _rng(*parts) -> random.Random:
@@ -101,6 +101,14 @@ class _Cursor:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
 
 
+def check_modality_budget(budget: Mapping[str, int]) -> None:
+    """Raises ``ValueError`` when ``TrainConfig.modality_budget`` names a modality nobody registered."""
+    unknown = sorted(set(budget) - _known_modalities())
+    if unknown:
+        raise ValueError(f"TrainConfig.modality_budget names unknown modalities {unknown}; "
+                         f"known: {', '.join(sorted(_known_modalities()))}")
+
+
 class TaskSampler:
     """Draws the samples of each micro-batch for one process.
 
@@ -120,10 +128,7 @@ class TaskSampler:
         self.rank = rank
         self.weights = mixing_weights(self.tasks, config)
         self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
-        unknown = sorted(set(config.modality_budget) - _known_modalities())
-        if unknown:
-            raise ValueError(f"TrainConfig.modality_budget names unknown modalities {unknown}; "
-                             f"known: {', '.join(sorted(_known_modalities()))}")
+        check_modality_budget(config.modality_budget)
 
     def state_dict(self) -> dict:
         """Cursor positions (JSON-serialisable) for exact resume."""

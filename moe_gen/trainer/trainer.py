@@ -173,6 +173,9 @@ class Trainer:
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"tasks must have distinct names; repeated: {duplicates}")
+        if resume and overwrite:
+            raise ValueError("resume and overwrite exclude each other: resume continues the run directory's "
+                             "checkpoints, overwrite deletes them")
         self.rank, self.world = distributed.world_info().rank, distributed.world_info().world_size
         self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks or self.tasks)
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
@@ -309,6 +312,10 @@ class Trainer:
         if self.average is not None and int(self.average.n_averaged) == 0:  # a checkpoint without an average
             self.average.module.load_state_dict(self.model.state_dict())  # starts from the resumed weights
         self.step = int(state["step"])
+        if self.step > self.config.steps:
+            raise ValueError(f"checkpoint {path} is at step {self.step}, past this run's steps = {self.config.steps}; "
+                             "set steps (--train.steps) to at least that to train further, or start over "
+                             "(overwrite=True, --overwrite)")
         for key in self.state:
             self.state[key] = state.get(key, self.state[key])
         self.resumed_from = path
