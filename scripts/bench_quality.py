@@ -42,6 +42,8 @@ def main(argv=None) -> int:
     parser.add_argument("--lr", type=float)
     parser.add_argument("--flavour")
     parser.add_argument("--num-experts", type=int)
+    parser.add_argument("--expert-hidden", type=int,
+                        help="each expert's hidden width (default: the flavour's); dense systems get k times it")
     parser.add_argument("--loss-average", choices=LOSS_AVERAGES,
                         help="how token losses are averaged over a batch (TrainConfig.loss_average; default token)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
@@ -56,8 +58,8 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     fields = dict(QUICK) if args.quick else {}
-    for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "eval_limit",
-                 "fit_rows", "ema_decay", "loss_average", "workers", "threads"):
+    for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
+                 "eval_limit", "fit_rows", "ema_decay", "loss_average", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -218,3 +219,20 @@ def test_training_row_scores_average_over_seeds_beside_their_held_out_scores():
 
     with pytest.raises(ValueError, match="fit_rows must be >= 0"):
         BenchConfig(fit_rows=-1)
+
+
+def test_expert_hidden_sets_the_active_ffn_width_of_every_system():
+    """``--expert-hidden`` narrows (or widens) each expert; the dense systems keep equal active
+    parameters (FFN hidden = k · expert hidden), and the report's run line says so."""
+    from moe_gen.quality.report import _run_line
+    from moe_gen.quality.runner import BenchConfig, _model_config
+
+    cfg = BenchConfig(expert_hidden=16, num_experts=8)
+    moe, dense = _model_config(cfg, "attribute"), _model_config(cfg, "dense")
+    assert (moe.moe.expert_hidden, moe.moe.num_experts) == (16, 8)
+    assert dense.ffn_hidden == moe.moe.top_k * 16 and dense.moe.every == 0
+    assert _model_config(BenchConfig(), "attribute").moe.expert_hidden == 64  # the debug flavour's
+    line = _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
+    assert "expert hidden width 16" in line
+    with pytest.raises(ValueError, match="BenchConfig.expert_hidden must be >= 1"):
+        BenchConfig(expert_hidden=0)

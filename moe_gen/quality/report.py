@@ -363,6 +363,8 @@ def _run_line(config: dict) -> str:
                "as scores_last).") if config.get("ema_decay") else ""
     if config.get("loss_average", "token") != "token":
         mixing += f", token losses averaged per {config['loss_average']}"
+    if config.get("expert_hidden") is not None:
+        mixing += f"; expert hidden width {config['expert_hidden']} (dense FFNs k times it)"
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
             f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}."
             + average + _pretrained_line(config))

@@ -27,7 +27,7 @@ import multiprocessing
 import os
 import tempfile
 import time
-from typing import Sequence
+from typing import Optional, Sequence
 
 __all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score", "specialist_steps"]
 
@@ -43,7 +43,9 @@ class BenchConfig:
         systems: generalist systems to train (``GENERALISTS``).
         specialists: also train a specialist per task.
         seeds: one run per seed of every model system.
-        flavour: model flavour; ``num_experts`` overrides its experts (active size is unchanged).
+        flavour: model flavour; ``num_experts`` overrides its experts (active size is unchanged);
+            ``expert_hidden`` (None: the flavour's) each expert's hidden width, so the active FFN
+            width of every system (the dense ones: FFN hidden = k · expert_hidden).
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
@@ -71,6 +73,7 @@ class BenchConfig:
     seeds: tuple[int, ...] = (0, 1, 2)
     flavour: str = "debug"
     num_experts: int = 8
+    expert_hidden: Optional[int] = None
     steps: int = 4000
     batch_size: int = 16
     lr: float = 2e-3
@@ -97,6 +100,8 @@ class BenchConfig:
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"BenchConfig.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
                              f"got {self.loss_average!r}")
+        if self.expert_hidden is not None and self.expert_hidden < 1:
+            raise ValueError(f"BenchConfig.expert_hidden must be >= 1 (None: the flavour's), got {self.expert_hidden}")
         if self.fit_rows < 0:
             raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
         if self.mixing not in ("temperature", "uniform"):
@@ -109,6 +114,8 @@ def _model_config(cfg: BenchConfig, system: str):
 
     strategy = "attribute" if system in ("dense", "specialist") else system
     config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy))
+    if cfg.expert_hidden is not None:
+        config = config.with_moe(expert_hidden=cfg.expert_hidden)
     return config.dense_twin() if system in ("dense", "specialist") else config
 
 
