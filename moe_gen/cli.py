@@ -164,7 +164,10 @@ def _run_config(config: dict):
     names = sorted(f.name for f in dataclasses.fields(RunConfig))
     unknown = sorted(set(config) - set(names))
     if unknown:
-        raise ValueError(f"unknown run configuration keys {unknown}; known: {', '.join(names)}")
+        from moe_gen.registry import did_you_mean
+
+        raise ValueError(f"unknown run configuration keys {unknown}{did_you_mean(unknown, names)}; "
+                         f"known: {', '.join(names)}")
     # friendlier words than RunConfig.from_dict's for the usual mistakes
     known = {"model": dict, "train": dict, "tasks": list, "eval_tasks": list, "output_dir": str, "baseline": bool}
     wanted = {dict: "a mapping", list: "a list of preset names", str: "a string", bool: "true or false"}
@@ -427,7 +430,8 @@ def _cmd_infer(args, overrides) -> int:
         if prediction.frames is not None:
             out["frames"] = list(prediction.frames.shape)
         if prediction.image is not None:
-            out["image"] = _save_image(prediction.image, args.images, i) if args.images else list(prediction.image.shape)
+            out["image"] = (_save_image(prediction.image, args.images, i) if args.images
+                            else list(prediction.image.shape))
         print(json.dumps({k: v for k, v in out.items() if v is not None}))
     return 0
 

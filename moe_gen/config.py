@@ -45,8 +45,11 @@ class ConfigBase:
         fields = {f.name: f for f in dataclasses.fields(cls)}
         unknown = sorted(set(data) - set(fields))
         if unknown:
+            from moe_gen.registry import did_you_mean
+
             raise ValueError(
-                f"unknown {cls.__name__} keys {unknown}; known: {', '.join(sorted(fields))}"
+                f"unknown {cls.__name__} keys {unknown}{did_you_mean(unknown, fields)}; "
+                f"known: {', '.join(sorted(fields))}"
             )
         hints = typing.get_type_hints(cls)
         kwargs: dict[str, Any] = {}

@@ -12,14 +12,23 @@ package (modalities, tasks, objectives, metrics) use the same class.
 
 from __future__ import annotations
 
-from typing import Callable, Generic, Iterator, TypeVar
+import difflib
+from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
 
 __all__ = [
     "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
-    "TASKS", "METRICS",
+    "TASKS", "METRICS", "did_you_mean",
 ]
+
+
+def did_you_mean(names: Iterable[object], known: Iterable[str]) -> str:
+    """`` (did you mean 'x'?)`` for the closest known name to any of ``names`` (difflib), or ''."""
+    known = list(known)
+    guesses = [match for name in names if isinstance(name, str)
+               for match in difflib.get_close_matches(name, known, n=1, cutoff=0.75)]
+    return f" (did you mean {', '.join(repr(g) for g in dict.fromkeys(guesses))}?)" if guesses else ""
 
 
 class Registry(Generic[T]):
@@ -60,7 +69,8 @@ class Registry(Generic[T]):
             return self._entries[name]
         except (KeyError, TypeError):
             raise ValueError(
-                f"unknown {self.kind} {name!r}; known: {', '.join(self.list()) or '(none)'}"
+                f"unknown {self.kind} {name!r}{did_you_mean([name], self.list())}; "
+                f"known: {', '.join(self.list()) or '(none)'}"
             ) from None
 
     def list(self) -> list[str]:

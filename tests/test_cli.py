@@ -90,7 +90,14 @@ def test_model_configs_saved_with_flat_moe_fields_still_load():
 
 def test_bad_train_key_is_reported_by_the_command(tmp_path, capsys):
     code = main(["pretrain", "--config", "debug", "--output", str(tmp_path), "--train.lrr", "1"])
-    assert code == 2 and "unknown TrainConfig keys ['lrr']" in capsys.readouterr().err
+    assert code == 2 and "unknown TrainConfig keys ['lrr'] (did you mean 'lr'?)" in capsys.readouterr().err
+    for args, guess in ((["--config", "dmeo"], "unknown recipe 'dmeo' (did you mean 'demo'?)"),
+                        (["--config", "debug", "--model.flavour", "tinyy"], "(did you mean 'tiny'?)"),
+                        (["--config", "debug", "--tasks", "digit_clasification"],
+                         "(did you mean 'digit_classification'?)"),
+                        (["--config", "debug", "--train.xyzzy", "1"], "unknown TrainConfig keys ['xyzzy']; known:")):
+        assert main(["pretrain", "--output", str(tmp_path / "x"), *args]) == 2
+        assert guess in capsys.readouterr().err
 
 
 def _pretrain(output, *extra):

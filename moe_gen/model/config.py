@@ -230,7 +230,10 @@ class ModelConfig(ConfigBase):
             known = sorted(f.name for f in dataclasses.fields(MoELayers))
             unknown = sorted(set(self.moe) - set(known))
             if unknown:
-                raise ValueError(f"unknown MoELayers keys {unknown}; known: {', '.join(known)}")
+                from moe_gen.registry import did_you_mean
+
+                raise ValueError(f"unknown MoELayers keys {unknown}{did_you_mean(unknown, known)}; "
+                                 f"known: {', '.join(known)}")
             self.moe = MoELayers(**self.moe)
         elif not isinstance(self.moe, MoELayers):
             raise ValueError(f"ModelConfig.moe must be a MoELayers (or a dict of its fields), got "
@@ -314,7 +317,10 @@ def flavour(name: str, **overrides) -> ModelConfig:
     ``MoELayers`` fields to change (``flavour("debug", moe={"router": "attribute"})``) or a whole
     ``MoELayers``."""
     if name not in FLAVOURS:
-        raise ValueError(f"unknown model flavour {name!r}; known: {', '.join(FLAVOURS)}")
+        from moe_gen.registry import did_you_mean
+
+        raise ValueError(f"unknown model flavour {name!r}{did_you_mean([name], FLAVOURS)}; "
+                         f"known: {', '.join(FLAVOURS)}")
     fields = {**FLAVOURS[name], **overrides}
     if isinstance(overrides.get("moe"), dict):
         fields["moe"] = {**FLAVOURS[name]["moe"], **overrides["moe"]}

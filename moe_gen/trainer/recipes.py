@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from moe_gen.registry import Registry
+from moe_gen.registry import Registry, did_you_mean
 from moe_gen.trainer.config import RunConfig, TrainConfig
 
 __all__ = ["RECIPES", "recipe", "get_recipe", "DEMO_TASKS", "PRETRAINED_DEMO_TASKS"]
@@ -40,7 +40,8 @@ def get_recipe(name: str) -> RunConfig:
     """Recipe ``name``'s configuration (built afresh on every call)."""
     name = name if name in RECIPES else name.replace("-", "_")  # demo-pretrained is demo_pretrained
     if name not in RECIPES:
-        raise ValueError(f"unknown recipe {name!r}; known: {', '.join(RECIPES.list())} (or pass a YAML file)")
+        raise ValueError(f"unknown recipe {name!r}{did_you_mean([name], RECIPES.list())}; known: "
+                         f"{', '.join(RECIPES.list())} (or pass a YAML file)")
     return RECIPES.get(name)()
 
 
