@@ -110,3 +110,24 @@ def test_bad_base64_and_non_utf8_lines_are_named(data):
     with pytest.raises(TaskDataError, match="latin1.jsonl, line 2: not UTF-8 text"):
         load_jsonl(str(raw))
     assert load_jsonl(_jsonl(data / "rows.jsonl", good))[0]["audio"] == buffer.getvalue()
+
+
+def test_a_bad_row_of_a_jsonl_task_is_named_by_its_line(tmp_path):
+    """Rows are numbered from 0 and blank lines are skipped, so ``row 1`` alone would not find the
+    line: errors of rows read from a file also give its file and line (until the rows are replaced)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"table": {"a": 1}, "species": "x"}\n\n{"species": "y"}\n')
+    numbers: list = []
+    assert len(load_jsonl(str(path), line_numbers=numbers)) == 2 and numbers == [1, 3]
+    task = Task("mine", "[STRUCT:table] which? -> [CATEGORY:species]", str(path))
+    tok = Tokenizer.default()
+    assert task.encode(0, tok) is not None
+    with pytest.raises(TaskDataError, match=rf"task 'mine', row 1: missing column 'table'.*\({path}, line 3\)$"):
+        task.encode(1, tok)
+    task.on_error = "skip"
+    assert task.encode(1, tok) is None and task.errors[0].endswith(f"({path}, line 3)")
+    task.data = list(task.data)[::-1]  # no longer the file's rows: no line given
+    task.on_error = "raise"
+    with pytest.raises(TaskDataError) as raised:
+        task.encode(0, tok)
+    assert "line" not in str(raised.value)

@@ -59,8 +59,9 @@ def media_columns(instruction: Instruction) -> set[str]:
             if slot.modality in MEDIA_MODALITIES and slot.column}
 
 
-def load_jsonl(path: str, media: Iterable[str] = (), *, root: Optional[str] = None) -> list[dict]:
-    """Rows of a JSONL file.
+def load_jsonl(path: str, media: Iterable[str] = (), *, root: Optional[str] = None,
+               line_numbers: Optional[list] = None) -> list[dict]:
+    """Rows of a JSONL file (``line_numbers``, when given, gets each row's 1-based line appended).
 
     ``{"base64": s}`` values become bytes. String values of the ``media`` columns (``media_columns``
     of the task's instruction; or lists of strings,
@@ -103,6 +104,8 @@ def load_jsonl(path: str, media: Iterable[str] = (), *, root: Optional[str] = No
                 elif key in columns and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
                     row[key] = [_media_path(v, base, confine, f"{where}, column {key!r}") for v in value]
             rows.append(row)
+            if line_numbers is not None:
+                line_numbers.append(number)
     return rows
 
 
@@ -192,8 +195,12 @@ class Task:
                                 else Instruction.parse(instruction, modalities=_modality_attributes()))
         except InstructionError as exc:
             raise InstructionError(f"task {name!r}: {exc.message}", exc.instruction, exc.position) from None
-        self.data = (load_jsonl(data, media_columns(self.instruction), root=data_root)
-                     if isinstance(data, (str, os.PathLike)) else data)
+        self._lines: Optional[tuple[str, list[int], Any]] = None  # (JSONL path, line of each row, its rows)
+        if isinstance(data, (str, os.PathLike)):
+            path, numbers = os.fspath(data), []
+            data = load_jsonl(path, media_columns(self.instruction), root=data_root, line_numbers=numbers)
+            self._lines = (path, numbers, data)
+        self.data = data
         if not hasattr(self.data, "__len__") or not hasattr(self.data, "__getitem__"):
             raise ValueError(f"task {name!r}: data must be a list of rows, a dataset or a JSONL path")
         self.objective, self.metrics, self.weight = objective, tuple(metrics), float(weight)
@@ -374,8 +381,11 @@ class Task:
                 raise TaskDataError(f"task {self.name!r}, row {index}: encoding failed: {type(exc).__name__}: "
                                     f"{exc}") from exc
         except TaskDataError as exc:
+            if self._lines is not None and self.data is self._lines[2] and 0 <= index < len(self._lines[1]):
+                # the rows are still those of the JSONL file: say where the row is written
+                exc = TaskDataError(f"{exc} ({self._lines[0]}, line {self._lines[1][index]})")
             if self.on_error == "raise":
-                raise
+                raise exc from exc.__cause__
             self.skip_row(index, exc)
             return None
 
