@@ -99,7 +99,7 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         if not key.startswith("--") or len(key) <= 2:
             raise ValueError(f"expected a --dotted.key before {key!r}")
         key = key[2:]
-        listed = key.replace("-", "_") in ("tasks", "eval_tasks")
+        listed = key.split("=", 1)[0].replace("-", "_") in ("tasks", "eval_tasks")
         if "=" in key:
             key, raw = key.split("=", 1)
             i += 1
@@ -329,6 +329,9 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
     from moe_gen.trainer.sampling import check_modality_budget
 
     train_config, output_dir = config.train, config.output_dir
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: resume continues the run directory's "
+                         "checkpoints, overwrite deletes them")
     if model is None and "init" not in config.model:  # settings first: no data read, no folder made
         _model_config(config.model)
     check_modality_budget(train_config.modality_budget)

@@ -232,6 +232,10 @@ def test_expert_hidden_sets_the_active_ffn_width_of_every_system():
     assert (moe.moe.expert_hidden, moe.moe.num_experts) == (16, 8)
     assert dense.ffn_hidden == moe.moe.top_k * 16 and dense.moe.every == 0
     assert _model_config(BenchConfig(), "attribute").moe.expert_hidden == 64  # the debug flavour's
+    # a flavour with MoE in every other block: its dense blocks narrow with the experts, as the dense twin's
+    tiny = BenchConfig(flavour="tiny", expert_hidden=64)
+    moe, dense = _model_config(tiny, "attribute"), _model_config(tiny, "dense")
+    assert moe.moe.every == 2 and moe.ffn_hidden == dense.ffn_hidden == moe.moe.top_k * 64
     line = _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
     assert "expert hidden width 16" in line
     with pytest.raises(ValueError, match="BenchConfig.expert_hidden must be >= 1"):

@@ -31,6 +31,7 @@ def test_dotted_overrides_are_typed_and_nested():
     # --tasks takes a b as well as a,b (as eval, finetune and analyze do), and both mixed
     spaced = apply_overrides({}, ["--tasks", "a", "b,c", "--train.steps", "2", "--eval_tasks", "d", "e"])
     assert spaced == {"tasks": ["a", "b", "c"], "train": {"steps": 2}, "eval_tasks": ["d", "e"]}
+    assert apply_overrides({}, ["--tasks=a,b", "--eval-tasks=c"]) == {"tasks": ["a", "b"], "eval_tasks": ["c"]}
 
 
 def test_recipes_and_yaml_files_load_and_unknown_keys_fail(tmp_path):

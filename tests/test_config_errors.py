@@ -50,6 +50,7 @@ def build(tasks, tok) -> GeneralistModel:
     (["--model.moe.router.strategy", "tokn"], "unknown router strategy 'tokn'"),
     (["--tasks", "table_species,digit_clasification"], "unknown task 'digit_clasification'"),
     (["--train.modality_budget", "{AUDO: 600}"], "names unknown modalities ['AUDO']"),
+    (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
 ])
 def test_bad_settings_are_refused_before_training(override, key, tmp_path, capsys):
     start = time.monotonic()
@@ -93,6 +94,9 @@ def test_resume_past_the_runs_steps_and_resume_with_overwrite_are_refused(tables
         Trainer(build([tables], tok), [tables], fewer, output_dir=str(tmp_path), resume=True)
     with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
         Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path), resume=True, overwrite=True)
+    same = Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path), resume=True)
+    assert same.step == 2 and same.fit()["step"] == 2  # resuming a finished run trains nothing more
+    same.close()
     assert (tmp_path / "checkpoints" / "step-0000002").is_dir()  # neither touched the run
 
 

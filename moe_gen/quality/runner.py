@@ -114,8 +114,9 @@ def _model_config(cfg: BenchConfig, system: str):
 
     strategy = "attribute" if system in ("dense", "specialist") else system
     config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy))
-    if cfg.expert_hidden is not None:
-        config = config.with_moe(expert_hidden=cfg.expert_hidden)
+    if cfg.expert_hidden is not None:  # dense blocks of every=2 flavours as wide as a dense twin's
+        config = config.with_moe(expert_hidden=cfg.expert_hidden).replace(
+            ffn_hidden=config.moe.top_k * cfg.expert_hidden)
     return config.dense_twin() if system in ("dense", "specialist") else config
 
 

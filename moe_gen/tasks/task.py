@@ -381,11 +381,12 @@ class Task:
                 raise TaskDataError(f"task {self.name!r}, row {index}: encoding failed: {type(exc).__name__}: "
                                     f"{exc}") from exc
         except TaskDataError as exc:
-            if self._lines is not None and self.data is self._lines[2] and 0 <= index < len(self._lines[1]):
+            path, lines, rows = self._lines or (None, (), None)
+            if self.data is rows and len(rows) == len(lines) and 0 <= index < len(lines):
                 # the rows are still those of the JSONL file: say where the row is written
-                exc = TaskDataError(f"{exc} ({self._lines[0]}, line {self._lines[1][index]})")
+                exc.args = (f"{exc} ({path}, line {lines[index]})",)
             if self.on_error == "raise":
-                raise exc from exc.__cause__
+                raise
             self.skip_row(index, exc)
             return None
 
