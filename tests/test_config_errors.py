@@ -49,7 +49,8 @@ def build(tasks, tok) -> GeneralistModel:
     (["--model.flavour", "tinyy"], "unknown model flavour 'tinyy'"),
     (["--model.moe.router.strategy", "tokn"], "unknown router strategy 'tokn'"),
     (["--tasks", "table_species,digit_clasification"], "unknown task 'digit_clasification'"),
-    (["--train.modality_budget", "{AUDO: 600}"], "names unknown modalities ['AUDO']"),
+    (["--train.modality_budget", "{AUDO: 600}"], "names unknown modalities ['AUDO'] (did you mean 'AUDIO'?)"),
+    (["--train.modality_budget", "{audio: 600}"], "names unknown modalities ['audio'] (did you mean 'AUDIO'?)"),
     (["--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
 ])
 def test_bad_settings_are_refused_before_training(override, key, tmp_path, capsys):

@@ -103,10 +103,14 @@ class _Cursor:
 
 def check_modality_budget(budget: Mapping[str, int]) -> None:
     """Raises ``ValueError`` when ``TrainConfig.modality_budget`` names a modality nobody registered."""
-    unknown = sorted(set(budget) - _known_modalities())
+    unknown = sorted(set(budget) - _known_modalities(), key=str)
     if unknown:
-        raise ValueError(f"TrainConfig.modality_budget names unknown modalities {unknown}; "
-                         f"known: {', '.join(sorted(_known_modalities()))}")
+        from moe_gen.registry import did_you_mean
+
+        known = sorted(_known_modalities())
+        guesses = did_you_mean([str(name).upper() for name in unknown], known)
+        raise ValueError(f"TrainConfig.modality_budget names unknown modalities {unknown}{guesses}; "
+                         f"known: {', '.join(known)}")
 
 
 class TaskSampler:
