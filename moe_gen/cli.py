@@ -114,7 +114,9 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
         value = _parse_value(key, raw)
         path = key.replace("-", "_").split(".")
         if listed and isinstance(value, str):
-            value = task_names([value])
+            from moe_gen.tasks.presets import preset_names
+
+            value = preset_names([value])
         node = config
         for part in path[:-1]:
             child = node.setdefault(part, {})
@@ -123,11 +125,6 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
             node = child
         node[path[-1]] = value
     return config
-
-
-def task_names(values: Sequence[str]) -> list[str]:
-    """Preset names given as ``a b``, ``a,b`` or both (every subcommand's ``--tasks`` takes either)."""
-    return [name.strip() for value in values for name in str(value).split(",") if name.strip()]
 
 
 def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
@@ -381,10 +378,11 @@ def _cmd_pretrain(args, overrides) -> int:
 def _cmd_finetune(args, overrides) -> int:
     from moe_gen import distributed
     from moe_gen.model import GeneralistModel
+    from moe_gen.tasks.presets import preset_names
 
     config = load_run_config(args.config, overrides)
     if args.tasks:
-        config = config.replace(tasks=tuple(task_names(args.tasks)))
+        config = config.replace(tasks=tuple(preset_names(args.tasks)))
     if args.output:
         config = config.replace(output_dir=args.output)
     if config.model:
@@ -398,12 +396,13 @@ def _cmd_finetune(args, overrides) -> int:
 
 def _cmd_eval(args, overrides) -> int:
     from moe_gen.model import GeneralistModel
+    from moe_gen.tasks.presets import preset_names
     from moe_gen.trainer.evaluation import evaluate
 
     if overrides:
         raise ValueError(f"eval takes no overrides, got {' '.join(overrides)}")
     model = GeneralistModel.from_pretrained(args.model_dir)
-    names = task_names(args.tasks or ()) or list(model.config.tasks)
+    names = preset_names(args.tasks or ()) or list(model.config.tasks)
     results = evaluate(model, _tasks(names, args.split), limit=args.limit)
     print(metric_table(results))
     if args.out:

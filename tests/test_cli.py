@@ -32,6 +32,9 @@ def test_dotted_overrides_are_typed_and_nested():
     spaced = apply_overrides({}, ["--tasks", "a", "b,c", "--train.steps", "2", "--eval_tasks", "d", "e"])
     assert spaced == {"tasks": ["a", "b", "c"], "train": {"steps": 2}, "eval_tasks": ["d", "e"]}
     assert apply_overrides({}, ["--tasks=a,b", "--eval-tasks=c"]) == {"tasks": ["a", "b"], "eval_tasks": ["c"]}
+    from moe_gen.tasks.presets import preset_names  # what finetune, eval and analyze read --tasks with
+
+    assert preset_names(["a,b", " c ", "", "d,,e"]) == ["a", "b", "c", "d", "e"]
 
 
 def test_recipes_and_yaml_files_load_and_unknown_keys_fail(tmp_path):

@@ -439,10 +439,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         if args.limit is not None and args.limit < 1:
             raise ValueError(f"--limit must be >= 1, got {args.limit}")
-        from moe_gen.tasks import load_preset
+        from moe_gen.tasks.presets import load_preset, preset_names
 
-        names = [name.strip() for value in args.tasks for name in value.split(",") if name.strip()]  # a b or a,b
-        tasks = [load_preset(name, "test") for name in names]  # whole splits: see analyze(limit=)
+        tasks = [load_preset(name, "test") for name in preset_names(args.tasks)]  # whole splits: see analyze(limit=)
         options = dict(mode=args.mode, limit=args.limit, batch_size=args.batch_size,
                        interference_rows=args.interference_rows)
         first = analyze(_load(args.model_dir), tasks, label=_label(args.model_dir), **options)

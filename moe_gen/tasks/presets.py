@@ -12,12 +12,12 @@ files shipped by installed packages or by moe_gen itself (``moe_gen/tasks/data``
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 from moe_gen.registry import TASKS
 from moe_gen.tasks.task import Task
 
-__all__ = ["PresetInfo", "preset", "load_preset", "preset_info"]
+__all__ = ["PresetInfo", "preset", "load_preset", "preset_info", "preset_names"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +52,11 @@ def preset(name: str, instruction: str, source: str, metrics: tuple[str, ...], o
 
 def preset_info(name: str) -> PresetInfo:
     return TASKS.get(name)
+
+
+def preset_names(values: Sequence[str]) -> list[str]:
+    """Preset names given as ``a b``, ``a,b`` or both (every command's ``--tasks`` takes either)."""
+    return [name.strip() for value in values for name in str(value).split(",") if name.strip()]
 
 
 def load_preset(name: str, split: str = "train", limit: Optional[int] = None, **task_kwargs) -> Task:
