@@ -91,8 +91,16 @@ def test_resume_past_the_runs_steps_and_resume_with_overwrite_are_refused(tables
     config = TrainConfig(steps=2, batch_size=4, progress=False, tensorboard=False)
     Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path)).fit()
     fewer = TrainConfig(steps=1, batch_size=4, progress=False, tensorboard=False)
+    fresh = build([tables], tok)
+    before = {k: v.clone() for k, v in fresh.state_dict().items()}
     with pytest.raises(ValueError, match="is at step 2, past this run's steps = 1"):
-        Trainer(build([tables], tok), [tables], fewer, output_dir=str(tmp_path), resume=True)
+        Trainer(fresh, [tables], fewer, output_dir=str(tmp_path), resume=True)
+    other = Task("other_species", tables.instruction, tables.data)
+    with pytest.raises(ValueError, match=r"was trained on tasks \['table_species'\]; this run has \['other_species'\]"):
+        Trainer(fresh, [other], config, output_dir=str(tmp_path), resume=True)
+    # refused from the checkpoint's trainer.json, before its weights reached the model passed in
+    after = fresh.state_dict()
+    assert after.keys() == before.keys() and all(torch.equal(before[k], after[k]) for k in before)
     with pytest.raises(ValueError, match="resume and overwrite exclude each other"):
         Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path), resume=True, overwrite=True)
     same = Trainer(build([tables], tok), [tables], config, output_dir=str(tmp_path), resume=True)

@@ -33,7 +33,8 @@ import torch
 from moe_gen import distributed
 from moe_gen.fsdp import full_tensors, like_model, shard_like
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "write_json_atomic", "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "write_json_atomic",
+           "CheckpointError"]
 
 LATEST = "latest"
 
@@ -64,6 +65,13 @@ def latest_checkpoint(root: str) -> Optional[str]:
     if not os.path.isfile(os.path.join(path, "trainer.json")):
         raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint (no trainer.json)")
     return path
+
+
+def read_trainer_state(path: str) -> dict:
+    """A checkpoint's ``trainer.json`` (step, tasks, scheduler, counters, config), read without
+    touching its weights: what a resume checks before it changes anything."""
+    with open(os.path.join(path, "trainer.json")) as f:
+        return json.load(f)
 
 
 def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -229,8 +237,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
     ``average``, when given and kept; from a checkpoint without one it starts again from the
     resumed weights); returns the trainer state dict (with ``step``, the last completed step)."""
     rank = distributed.world_info().rank
-    with open(os.path.join(path, "trainer.json")) as f:
-        trainer_state = json.load(f)
+    trainer_state = read_trainer_state(path)
     weights = like_model(model, distributed.load_shards(path, "model", plan if plan is not None else model))
     missing, unexpected = model.load_state_dict(weights, strict=False)
     if missing or unexpected:

@@ -31,7 +31,13 @@ from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES
 from moe_gen.tasks.task import Task
 from moe_gen.trainer.averaging import update_average, weight_average
-from moe_gen.trainer.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
+from moe_gen.trainer.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    read_trainer_state,
+    save_checkpoint,
+)
 from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
@@ -234,7 +240,24 @@ class Trainer:
             raise ValueError(f"{self.checkpoint_dir} holds checkpoints of an earlier run (latest: {earlier}); "
                              "resume it (resume=True, --resume), start over (overwrite=True, --overwrite), "
                              "or choose another output directory")
-        return latest_checkpoint(self.checkpoint_dir), leftovers
+        earlier = latest_checkpoint(self.checkpoint_dir)
+        if earlier is not None:
+            self._check_resumable(earlier)
+        return earlier, leftovers
+
+    def _check_resumable(self, path: str) -> None:
+        """Raises unless the checkpoint at ``path`` can continue this run (its tasks, a step within
+        ``steps``), from its ``trainer.json`` alone: refused before any weight reaches the model."""
+        state = read_trainer_state(path)
+        saved_tasks = state.get("tasks")
+        if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
+            raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
+                             f"{[t.name for t in self.tasks]}")
+        step = int(state["step"])
+        if step > self.config.steps:
+            raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {self.config.steps}; "
+                             "set steps (--train.steps) to at least that to train further, or start over "
+                             "(overwrite=True, --overwrite)")
 
     def _build(self, resume: bool, overwrite: bool) -> None:
         config, model = self.config, self.model
@@ -305,17 +328,9 @@ class Trainer:
     def _resume(self, path: str) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 sampler=self.sampler, plan=self.plan, average=self.average)
-        saved_tasks = state.get("tasks")
-        if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
-            raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
-                             f"{[t.name for t in self.tasks]}")
         if self.average is not None and int(self.average.n_averaged) == 0:  # a checkpoint without an average
             self.average.module.load_state_dict(self.model.state_dict())  # starts from the resumed weights
         self.step = int(state["step"])
-        if self.step > self.config.steps:
-            raise ValueError(f"checkpoint {path} is at step {self.step}, past this run's steps = {self.config.steps}; "
-                             "set steps (--train.steps) to at least that to train further, or start over "
-                             "(overwrite=True, --overwrite)")
         for key in self.state:
             self.state[key] = state.get(key, self.state[key])
         self.resumed_from = path
