@@ -44,6 +44,8 @@ def main(argv=None) -> int:
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--expert-hidden", type=int,
                         help="each expert's hidden width (default: the flavour's); dense systems get k times it")
+    parser.add_argument("--moe-attention", action="store_true",
+                        help="the MoE systems' attention output projections are routed mixtures of linear experts too")
     parser.add_argument("--loss-average", choices=LOSS_AVERAGES,
                         help="how token losses are averaged over a batch (TrainConfig.loss_average; default token)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
@@ -65,6 +67,7 @@ def main(argv=None) -> int:
     if args.seeds:
         fields["seeds"] = tuple(args.seeds)
     fields["pretrained_inputs"] = args.pretrained_inputs
+    fields["moe_attention"] = args.moe_attention
     config = BenchConfig(tasks=tuple(args.tasks), systems=tuple(args.systems), specialists=not args.no_specialists,
                          output_dir=args.out or default_output(args.quick), **fields)
     report = run_benchmark(config, say=lambda line: print(line, flush=True))

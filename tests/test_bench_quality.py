@@ -240,3 +240,13 @@ def test_expert_hidden_sets_the_active_ffn_width_of_every_system():
     assert "expert hidden width 16" in line
     with pytest.raises(ValueError, match="BenchConfig.expert_hidden must be >= 1"):
         BenchConfig(expert_hidden=0)
+
+
+def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only():
+    from moe_gen.quality.report import _run_line
+    from moe_gen.quality.runner import BenchConfig, _model_config
+
+    cfg = BenchConfig(moe_attention=True)
+    assert _model_config(cfg, "attribute").moe.attention and not _model_config(BenchConfig(), "attribute").moe.attention
+    assert not _model_config(cfg, "dense").moe.attention and _model_config(cfg, "dense").moe.every == 0
+    assert "attention output projections too" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})

@@ -45,7 +45,9 @@ class BenchConfig:
         seeds: one run per seed of every model system.
         flavour: model flavour; ``num_experts`` overrides its experts (active size is unchanged);
             ``expert_hidden`` (None: the flavour's) each expert's hidden width, so the active FFN
-            width of every system (the dense ones: FFN hidden = k · expert_hidden).
+            width of every system (the dense ones: FFN hidden = k · expert_hidden);
+            ``moe_attention``: the MoE systems' attention output projections are mixtures of linear
+            experts too, routed like the FFNs (``MoEConfig.attention``; the dense ones keep theirs).
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
@@ -74,6 +76,7 @@ class BenchConfig:
     flavour: str = "debug"
     num_experts: int = 8
     expert_hidden: Optional[int] = None
+    moe_attention: bool = False
     steps: int = 4000
     batch_size: int = 16
     lr: float = 2e-3
@@ -113,7 +116,8 @@ def _model_config(cfg: BenchConfig, system: str):
     from moe_gen.model import flavour
 
     strategy = "attribute" if system in ("dense", "specialist") else system
-    config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy))
+    config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy),
+                                           attention=cfg.moe_attention)
     if cfg.expert_hidden is not None:  # dense blocks of every=2 flavours as wide as a dense twin's
         config = config.with_moe(expert_hidden=cfg.expert_hidden).replace(
             ffn_hidden=config.moe.top_k * cfg.expert_hidden)
