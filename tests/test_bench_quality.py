@@ -237,7 +237,7 @@ def test_expert_hidden_sets_the_active_ffn_width_of_every_system():
     moe, dense = _model_config(tiny, "attribute"), _model_config(tiny, "dense")
     assert moe.moe.every == 2 and moe.ffn_hidden == dense.ffn_hidden == moe.moe.top_k * 64
     line = _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
-    assert "expert hidden width 16" in line
+    assert "Expert hidden width 16 (dense FFNs k times it)." in line
     with pytest.raises(ValueError, match="BenchConfig.expert_hidden must be >= 1"):
         BenchConfig(expert_hidden=0)
 
@@ -249,4 +249,4 @@ def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only(
     cfg = BenchConfig(moe_attention=True)
     assert _model_config(cfg, "attribute").moe.attention and not _model_config(BenchConfig(), "attribute").moe.attention
     assert not _model_config(cfg, "dense").moe.attention and _model_config(cfg, "dense").moe.every == 0
-    assert "attention output projections too" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
+    assert "route their attention output projections too." in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})

@@ -363,13 +363,14 @@ def _run_line(config: dict) -> str:
                "as scores_last).") if config.get("ema_decay") else ""
     if config.get("loss_average", "token") != "token":
         mixing += f", token losses averaged per {config['loss_average']}"
+    model = ""
     if config.get("expert_hidden") is not None:
-        mixing += f"; expert hidden width {config['expert_hidden']} (dense FFNs k times it)"
+        model += f" Expert hidden width {config['expert_hidden']} (dense FFNs k times it)."
     if config.get("moe_attention"):
-        mixing += "; MoE systems route their attention output projections too"
+        model += " The MoE systems route their attention output projections too."
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
             f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}."
-            + average + _pretrained_line(config))
+            + model + average + _pretrained_line(config))
 
 
 def _pretrained_line(config: dict) -> str:
