@@ -12,7 +12,7 @@ for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`m
 at each batch size of --inference-per-task (the per-layer cost of routing bookkeeping is fixed,
 so its share shrinks as batches grow), and greedy generation latency (--generation-rows).
 Variants are timed round-robin (one call of each per round); ratios to dense are the median (and
-quartiles) of the per-round ratios. Every call gets fresh tags objects (see `fresh`). Prints
+quartiles) of the per-round ratios. Every call gets new tags objects (see `fresh`). Prints
 tables and writes JSON (--out, default bench_results/model.json).
 """
 
@@ -68,9 +68,11 @@ def paired_ratios(times: dict[str, list[float]], reference: str, invert: bool = 
 
 
 def fresh(batch):
-    """The batch with new ``TokenTags`` objects (same tensors): values a forward derives from the
-    tags once (flattening, validation, tag groups) are memoised per tags object, and timing one
-    batch object over and over would otherwise measure them only once."""
+    """The batch with new ``TokenTags`` objects (same tensors), as a new batch from the data loader
+    would bring. A forward derives what it needs from the tags (``TagBatch``) anew each call and
+    keeps nothing keyed by the tags object, so this changes no timing today; it keeps the benchmark
+    honest should a cache keyed by object ever come back (a repeated batch object would then time
+    the cache, not the work)."""
     return dataclasses.replace(
         batch,
         encoder=dataclasses.replace(batch.encoder, tags=dataclasses.replace(batch.encoder.tags)),
