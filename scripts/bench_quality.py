@@ -46,6 +46,11 @@ def main(argv=None) -> int:
                         help="each expert's hidden width (default: the flavour's); dense systems get k times it")
     parser.add_argument("--moe-attention", action="store_true",
                         help="the MoE systems' attention output projections are routed mixtures of linear experts too")
+    parser.add_argument("--upcycle-at", type=float,
+                        help="two stages: every generalist trains dense for this share of the steps, then the MoE "
+                             "systems are upcycled (experts = copies of the dense FFN) and all train the rest")
+    parser.add_argument("--upcycle-top-k", type=int, help="experts per token after upcycling (default 1: the "
+                        "dense model's active size)")
     parser.add_argument("--loss-average", choices=LOSS_AVERAGES,
                         help="how token losses are averaged over a batch (TrainConfig.loss_average; default token)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
@@ -61,6 +66,7 @@ def main(argv=None) -> int:
 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
+                 "upcycle_at", "upcycle_top_k",
                  "eval_limit", "fit_rows", "ema_decay", "loss_average", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

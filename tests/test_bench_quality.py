@@ -250,3 +250,26 @@ def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only(
     assert _model_config(cfg, "attribute").moe.attention and not _model_config(BenchConfig(), "attribute").moe.attention
     assert not _model_config(cfg, "dense").moe.attention and _model_config(cfg, "dense").moe.every == 0
     assert "route their attention output projections too." in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
+
+
+def test_two_stage_generalists_upcycle_the_moe_systems_at_the_dense_active_size():
+    """``upcycle_at``: dense first, then the MoE systems' FFNs become top-1 copies behind their
+    router (active size unchanged), and every system trains the rest; specialists stay one-stage."""
+    from moe_gen.quality.report import _run_line
+    from moe_gen.quality.runner import BenchConfig, train_and_score
+
+    small = BenchConfig(steps=6, batch_size=4, eval_limit=4, fit_rows=0, threads=1, upcycle_at=0.5)
+    job = {"config": dataclasses.asdict(small), "tasks": ["table_wine", "table_species"], "seed": 0, "steps": 6}
+    dense = train_and_score({**job, "system": "dense"})
+    upcycled = train_and_score({**job, "system": "attribute"})
+    assert dense["utilisation"] == {} and len(upcycled["utilisation"]) == 4  # every FFN of debug's 2 + 2 blocks
+    # one 128-wide copy per token, as dense's FFN: active parameters differ by the routers alone
+    assert dense["active_parameters"] < upcycled["active_parameters"] < 1.02 * dense["active_parameters"]
+    assert upcycled["parameters"] > 1.2 * dense["parameters"]
+    assert set(upcycled["scores"]) == {"table_wine", "table_species"} and upcycled["steps"] == 6
+    line = _run_line({**dataclasses.asdict(small), "seeds": [0]})
+    assert "trained dense for 3 steps" in line and "top-1" in line and "trained 3 more steps" in line
+    with pytest.raises(ValueError, match=r"upcycle_at must be in \[0, 1\)"):
+        BenchConfig(upcycle_at=1.0)
+    with pytest.raises(ValueError, match="does not combine with moe_attention"):
+        BenchConfig(upcycle_at=0.5, moe_attention=True)

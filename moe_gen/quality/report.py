@@ -368,6 +368,11 @@ def _run_line(config: dict) -> str:
         model += f" Expert hidden width {config['expert_hidden']} (dense FFNs k times it)."
     if config.get("moe_attention"):
         model += " The MoE systems route their attention output projections too."
+    if config.get("upcycle_at"):
+        first = max(1, round(config["steps"] * config["upcycle_at"]))
+        model += (f" Two stages: every generalist trained dense for {first} steps, then the MoE systems were "
+                  f"upcycled (each FFN → {config.get('num_experts', 8)} copies, top-{config.get('upcycle_top_k', 1)}) "
+                  f"and all trained {config['steps'] - first} more steps with a new optimizer and schedule.")
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
             f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}."
             + model + average + _pretrained_line(config))

@@ -48,6 +48,13 @@ class BenchConfig:
             width of every system (the dense ones: FFN hidden = k · expert_hidden);
             ``moe_attention``: the MoE systems' attention output projections are mixtures of linear
             experts too, routed like the FFNs (``MoEConfig.attention``; the dense ones keep theirs).
+        upcycle_at: two-stage generalists (0: one stage, from scratch). Every generalist first
+            trains as the dense model for this fraction of ``steps``; then the MoE systems are
+            sparsely upcycled (``moe_gen.pretrained.upcycle``: every FFN becomes ``num_experts``
+            copies of itself behind the system's router, ``upcycle_top_k`` per token) and every
+            system, dense included, trains the remaining steps with a new optimizer and schedule.
+            With ``upcycle_top_k`` 1 a token uses one copy of the dense FFN: the active size stays
+            the dense model's. Specialists train in one stage.
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
@@ -77,6 +84,8 @@ class BenchConfig:
     num_experts: int = 8
     expert_hidden: Optional[int] = None
     moe_attention: bool = False
+    upcycle_at: float = 0.0
+    upcycle_top_k: int = 1
     steps: int = 4000
     batch_size: int = 16
     lr: float = 2e-3
@@ -105,6 +114,10 @@ class BenchConfig:
                              f"got {self.loss_average!r}")
         if self.expert_hidden is not None and self.expert_hidden < 1:
             raise ValueError(f"BenchConfig.expert_hidden must be >= 1 (None: the flavour's), got {self.expert_hidden}")
+        if not 0 <= self.upcycle_at < 1:
+            raise ValueError(f"BenchConfig.upcycle_at must be in [0, 1) (0: no upcycling), got {self.upcycle_at}")
+        if self.upcycle_at and (self.moe_attention or self.ema_decay):
+            raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention or ema_decay")
         if self.fit_rows < 0:
             raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
         if self.mixing not in ("temperature", "uniform"):
@@ -198,7 +211,6 @@ def train_and_score(job: dict) -> dict:
     from moe_gen.model import GeneralistModel
     from moe_gen.quality.suite import suite_tasks
     from moe_gen.tasks import Tokenizer
-    from moe_gen.trainer import TrainConfig, Trainer
     from moe_gen.trainer.evaluation import evaluate_task
 
     cfg = BenchConfig(**job["config"])
@@ -206,20 +218,14 @@ def train_and_score(job: dict) -> dict:
     suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs)
     train = [t.build("train") for t in suite]
     test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
-    steps = job["steps"]
     start = time.perf_counter()
     torch.manual_seed(job["seed"])
-    model = GeneralistModel.build(_model_config(cfg, job["system"]), train, Tokenizer.default())
-    train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                               warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
-                               temperature=cfg.temperature, loss_average=cfg.loss_average, seed=job["seed"],
-                               progress=False, tensorboard=False,
-                               checkpoint_every=0, ema_decay=_ema_decay(cfg, steps),
-                               log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
-    with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
-        trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)
-        summary = trainer.fit()
-        last, model = model, trainer.trained_model()
+    system, steps = job["system"], job["steps"]
+    if cfg.upcycle_at and system != "specialist":
+        model, summary, last = _two_stage(cfg, system, train, steps, job["seed"])
+    else:
+        model = GeneralistModel.build(_model_config(cfg, system), train, Tokenizer.default())
+        model, summary, last = _fit(cfg, model, train, steps, job["seed"])
     trained = time.perf_counter()
     with RoutingRecorder(model) as recorder:
         scores = {task.name: evaluate_task(model, rows)[task.metric] for task, rows in zip(suite, test)}
@@ -244,6 +250,41 @@ def train_and_score(job: dict) -> dict:
             "routing": routing, "interference": interference,
             "final_loss": summary["loss"], "train_seconds": trained - start,
             "seconds": time.perf_counter() - start, "steps": steps}
+
+
+def _fit(cfg: BenchConfig, model, train, steps: int, seed: int):
+    """Trains ``model`` on ``train`` for ``steps``; returns the model to score (the weight average
+    with ``ema_decay``), the trainer's summary and the last weights."""
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                               warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
+                               temperature=cfg.temperature, loss_average=cfg.loss_average, seed=seed,
+                               progress=False, tensorboard=False,
+                               checkpoint_every=0, ema_decay=_ema_decay(cfg, steps),
+                               log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
+    with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
+        trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)
+        summary = trainer.fit()
+        return trainer.trained_model(), summary, model
+
+
+def _two_stage(cfg: BenchConfig, system: str, train, steps: int, seed: int):
+    """``BenchConfig.upcycle_at``: the dense model for the first share of ``steps``, then (MoE
+    systems) upcycled with the system's router, then the remaining steps (a new optimizer,
+    schedule and data order)."""
+    from moe_gen.config import RouterConfig
+    from moe_gen.model import GeneralistModel
+    from moe_gen.pretrained.upcycle import upcycle
+    from moe_gen.tasks import Tokenizer
+
+    first = max(1, round(steps * cfg.upcycle_at))
+    model = GeneralistModel.build(_model_config(cfg, "dense"), train, Tokenizer.default())
+    model, _, _ = _fit(cfg, model, train, first, seed)
+    if system != "dense":
+        model, _ = upcycle(model, num_experts=cfg.num_experts, top_k=cfg.upcycle_top_k,
+                           router=RouterConfig(strategy=system), layers="all", seed=seed)
+    return _fit(cfg, model, train, steps - first, seed + 10_000)
 
 
 def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
