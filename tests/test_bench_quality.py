@@ -273,3 +273,5 @@ def test_two_stage_generalists_upcycle_the_moe_systems_at_the_dense_active_size(
         BenchConfig(upcycle_at=1.0)
     with pytest.raises(ValueError, match="does not combine with moe_attention"):
         BenchConfig(upcycle_at=0.5, moe_attention=True)
+    with pytest.raises(ValueError, match=r"upcycle_top_k must be in \[1, num_experts = 8\], got 9"):
+        BenchConfig(upcycle_at=0.5, upcycle_top_k=9)

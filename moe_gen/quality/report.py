@@ -369,7 +369,9 @@ def _run_line(config: dict) -> str:
     if config.get("moe_attention"):
         model += " The MoE systems route their attention output projections too."
     if config.get("upcycle_at"):
-        first = max(1, round(config["steps"] * config["upcycle_at"]))
+        from moe_gen.quality.runner import first_stage_steps
+
+        first = first_stage_steps(config["steps"], config["upcycle_at"])
         model += (f" Two stages: every generalist trained dense for {first} steps, then the MoE systems were "
                   f"upcycled (each FFN → {config.get('num_experts', 8)} copies, top-{config.get('upcycle_top_k', 1)}) "
                   f"and all trained {config['steps'] - first} more steps with a new optimizer and schedule.")

@@ -118,6 +118,11 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.upcycle_at must be in [0, 1) (0: no upcycling), got {self.upcycle_at}")
         if self.upcycle_at and (self.moe_attention or self.ema_decay):
             raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention or ema_decay")
+        if self.upcycle_at and self.steps < 2:
+            raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
+        if not 1 <= self.upcycle_top_k <= self.num_experts:
+            raise ValueError(f"BenchConfig.upcycle_top_k must be in [1, num_experts = {self.num_experts}], "
+                             f"got {self.upcycle_top_k}")
         if self.fit_rows < 0:
             raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
         if self.mixing not in ("temperature", "uniform"):
@@ -269,6 +274,11 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int):
         return trainer.trained_model(), summary, model
 
 
+def first_stage_steps(steps: int, upcycle_at: float) -> int:
+    """Dense steps before upcycling (``BenchConfig.upcycle_at``): at least one in each stage."""
+    return min(max(1, round(steps * upcycle_at)), steps - 1)
+
+
 def _two_stage(cfg: BenchConfig, system: str, train, steps: int, seed: int):
     """``BenchConfig.upcycle_at``: the dense model for the first share of ``steps``, then (MoE
     systems) upcycled with the system's router, then the remaining steps (a new optimizer,
@@ -278,7 +288,7 @@ def _two_stage(cfg: BenchConfig, system: str, train, steps: int, seed: int):
     from moe_gen.pretrained.upcycle import upcycle
     from moe_gen.tasks import Tokenizer
 
-    first = max(1, round(steps * cfg.upcycle_at))
+    first = first_stage_steps(steps, cfg.upcycle_at)
     model = GeneralistModel.build(_model_config(cfg, "dense"), train, Tokenizer.default())
     model, _, _ = _fit(cfg, model, train, first, seed)
     if system != "dense":
