@@ -59,6 +59,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--fit-rows", type=int, help="training rows scored per classification task (default 50; 0: "
                         "none): tells under-fitting from over-fitting")
+    parser.add_argument("--specialists-from", metavar="QUALITY_JSON",
+                        help="reuse the specialists of an earlier report made with the same settings")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--out")
@@ -74,6 +76,8 @@ def main(argv=None) -> int:
         fields["seeds"] = tuple(args.seeds)
     fields["pretrained_inputs"] = args.pretrained_inputs
     fields["moe_attention"] = args.moe_attention
+    if args.specialists_from:
+        fields["specialists_from"] = args.specialists_from
     config = BenchConfig(tasks=tuple(args.tasks), systems=tuple(args.systems), specialists=not args.no_specialists,
                          output_dir=args.out or default_output(args.quick), **fields)
     report = run_benchmark(config, say=lambda line: print(line, flush=True))

@@ -275,3 +275,31 @@ def test_two_stage_generalists_upcycle_the_moe_systems_at_the_dense_active_size(
         BenchConfig(upcycle_at=0.5, moe_attention=True)
     with pytest.raises(ValueError, match=r"upcycle_top_k must be in \[1, num_experts = 8\], got 9"):
         BenchConfig(upcycle_at=0.5, upcycle_top_k=9)
+
+
+def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match(tmp_path):
+    """``--specialists-from``: the earlier report's specialist runs stand in for new ones (same
+    scores, nothing retrained); other settings or a missing task are refused before training."""
+    from moe_gen.quality.runner import BenchConfig, run_benchmark
+
+    tiny = dict(tasks=("table_wine",), seeds=(0,), steps=4, batch_size=4, warmup_steps=1, eval_limit=4,
+                fit_rows=0, workers=1, threads=1)
+    first = run_benchmark(BenchConfig(systems=("dense",), output_dir=str(tmp_path / "a"), **tiny), say=lambda _: None)
+    said = []
+    second = run_benchmark(BenchConfig(systems=("attribute",), specialists_from=str(tmp_path / "a" / "quality.json"),
+                                       output_dir=str(tmp_path / "b"), **tiny), say=said.append)
+    assert second["systems"] == ["specialist", "attribute"]
+    assert not any("specialist" in line for line in said)  # only the attribute generalist trained
+    assert second["scores"]["specialist"] == first["scores"]["specialist"]
+    assert second["relative"]["attribute"]  # scored against the reused specialists
+    assert "specialists (reused from" in (tmp_path / "b" / "quality.md").read_text()
+    earlier = str(tmp_path / "a" / "quality.json")
+    with pytest.raises(ValueError, match=r"other settings: steps 4 there, 6 here; lr 0.002 there, 0.001 here"):
+        run_benchmark(BenchConfig(**{**tiny, "steps": 6, "lr": 1e-3}, specialists_from=earlier,
+                                  output_dir=str(tmp_path / "c")), say=lambda _: None)
+    missing = "has no specialist for table_species seed 0, table_species seed 1, table_wine seed 1"
+    with pytest.raises(ValueError, match=missing):
+        run_benchmark(BenchConfig(**{**tiny, "tasks": ("table_wine", "table_species"), "seeds": (0, 1)},
+                                  specialists_from=earlier, output_dir=str(tmp_path / "d")), say=lambda _: None)
+    with pytest.raises(ValueError, match="does not combine with specialists=False"):
+        BenchConfig(specialists=False, specialists_from=earlier)

@@ -375,8 +375,10 @@ def _run_line(config: dict) -> str:
         model += (f" Two stages: every generalist trained dense for {first} steps, then the MoE systems were "
                   f"upcycled (each FFN → {config.get('num_experts', 8)} copies, top-{config.get('upcycle_top_k', 1)}) "
                   f"and all trained {config['steps'] - first} more steps with a new optimizer and schedule.")
+    specialists = (f" (reused from {config['specialists_from']})" if config.get("specialists_from") else "")
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
-            f"specialists: their task's share of those samples; seeds {', '.join(map(str, config['seeds']))}."
+            f"specialists{specialists}: their task's share of those samples; "
+            f"seeds {', '.join(map(str, config['seeds']))}."
             + model + average + _pretrained_line(config))
 
 

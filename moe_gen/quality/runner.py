@@ -72,6 +72,9 @@ class BenchConfig:
             without augmentation; ``scores_train`` in ``quality.json``): a model that scores low on
             them as well as held out under-fits its task, one that scores high on them only
             over-fits it. 0: not scored.
+        specialists_from: a ``quality.json`` whose specialist runs are reused instead of training
+            them again (every task and seed of this run must be in it, trained with the same
+            settings: ``SPECIALIST_SETTINGS``; a mismatch is refused, naming the settings).
         workers, threads: processes running jobs, torch threads per process.
         output_dir: where ``quality.json``, ``quality.md`` and ``quality.png`` go.
     """
@@ -97,6 +100,7 @@ class BenchConfig:
     pretrained_inputs: bool = False
     eval_limit: int = 100
     fit_rows: int = 50
+    specialists_from: Optional[str] = None
     workers: int = 2
     threads: int = 1
     output_dir: str = "bench_results/quality"
@@ -120,6 +124,9 @@ class BenchConfig:
             raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention or ema_decay")
         if self.upcycle_at and self.steps < 2:
             raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
+        if self.specialists_from and not self.specialists:
+            raise ValueError("BenchConfig.specialists_from reuses specialists; it does not combine with "
+                             "specialists=False (--no-specialists)")
         if not 1 <= self.upcycle_top_k <= self.num_experts:
             raise ValueError(f"BenchConfig.upcycle_top_k must be in [1, num_experts = {self.num_experts}], "
                              f"got {self.upcycle_top_k}")
@@ -307,11 +314,41 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
     return {task.name: max(1, round(cfg.steps * w)) for task, w in zip(train_tasks, weights)}
 
 
+# BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
+SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
+                       "flavour", "expert_hidden", "pretrained_inputs", "eval_limit", "fit_rows", "ema_decay",
+                       "threads")
+
+
+def reused_specialists(cfg: BenchConfig, names: Sequence[str]) -> list[dict]:
+    """The specialist runs of ``cfg.specialists_from`` for ``names`` and ``cfg.seeds``; raises
+    ``ValueError`` when that report was made with other specialist settings or lacks a run."""
+    import json
+
+    path = cfg.specialists_from
+    try:
+        with open(path) as f:
+            earlier = json.load(f)
+        config, runs = earlier["config"], earlier["runs"]
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ValueError(f"specialists_from {path!r}: not a readable quality.json ({exc})") from exc
+    defaults = dataclasses.asdict(BenchConfig())
+    differ = [f"{k} {config.get(k, defaults[k])!r} there, {getattr(cfg, k)!r} here" for k in SPECIALIST_SETTINGS
+              if config.get(k, defaults[k]) != getattr(cfg, k)]
+    if differ:
+        raise ValueError(f"specialists_from {path!r} trained its specialists with other settings: {'; '.join(differ)}")
+    found = {(r["tasks"][0], r["seed"]): r for r in runs if r.get("system") == "specialist"}
+    missing = [f"{n} seed {s}" for s in cfg.seeds for n in names if (n, s) not in found]
+    if missing:
+        raise ValueError(f"specialists_from {path!r} has no specialist for {', '.join(missing)}")
+    return [found[n, s] for s in cfg.seeds for n in names]
+
+
 def _jobs(cfg: BenchConfig, names: Sequence[str], per_task: dict[str, int]) -> list[dict]:
     base = dataclasses.asdict(cfg)
     jobs = [{"config": base, "system": s, "tasks": list(names), "seed": seed, "steps": cfg.steps}
             for seed in cfg.seeds for s in cfg.systems]
-    if cfg.specialists:
+    if cfg.specialists and not cfg.specialists_from:
         jobs += [{"config": base, "system": "specialist", "tasks": [n], "seed": seed, "steps": per_task[n]}
                  for seed in cfg.seeds for n in names]
     return jobs
@@ -348,6 +385,7 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     start = time.perf_counter()
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs)
     names = [t.name for t in suite]
+    reused = reused_specialists(cfg, names) if cfg.specialists_from else []  # checked before any training
     classical, train_tasks = {}, []
     for task in suite:
         train_tasks.append(task.build("train"))
@@ -361,7 +399,7 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
     jobs = _jobs(cfg, names, specialist_steps(cfg, train_tasks))
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
-    results = _run_jobs(jobs, cfg.workers, say)
+    results = _run_jobs(jobs, cfg.workers, say) + reused
     report = build_report(cfg, suite, classical, results, wall_seconds=time.perf_counter() - start)
     write_report(report, cfg.output_dir)
     return report
