@@ -267,6 +267,10 @@ def test_two_stage_generalists_upcycle_the_moe_systems_at_the_dense_active_size(
     assert dense["active_parameters"] < upcycled["active_parameters"] < 1.02 * dense["active_parameters"]
     assert upcycled["parameters"] > 1.2 * dense["parameters"]
     assert set(upcycled["scores"]) == {"table_wine", "table_species"} and upcycled["steps"] == 6
+    # specialists train in one stage: the same run with and without upcycle_at
+    one = {**job, "system": "specialist", "tasks": ["table_wine"], "steps": 4}
+    plain = dataclasses.asdict(dataclasses.replace(small, upcycle_at=0.0))
+    assert train_and_score(one)["scores"] == train_and_score({**one, "config": plain})["scores"]
     line = _run_line({**dataclasses.asdict(small), "seeds": [0]})
     assert "trained dense for 3 steps" in line and "top-1" in line and "trained 3 more steps" in line
     with pytest.raises(ValueError, match=r"upcycle_at must be in \[0, 1\)"):
@@ -275,6 +279,8 @@ def test_two_stage_generalists_upcycle_the_moe_systems_at_the_dense_active_size(
         BenchConfig(upcycle_at=0.5, moe_attention=True)
     with pytest.raises(ValueError, match=r"upcycle_top_k must be in \[1, num_experts = 8\], got 9"):
         BenchConfig(upcycle_at=0.5, upcycle_top_k=9)
+    with pytest.raises(ValueError, match="upcycle_top_k applies to upcycled systems; set upcycle_at too"):
+        BenchConfig(upcycle_top_k=2)
 
 
 def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match(tmp_path):
@@ -303,3 +309,13 @@ def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match
                                   specialists_from=earlier, output_dir=str(tmp_path / "d")), say=lambda _: None)
     with pytest.raises(ValueError, match="does not combine with specialists=False"):
         BenchConfig(specialists=False, specialists_from=earlier)
+    assert second["seconds"] == {"attribute": second["runs"][0]["seconds"]}  # reused runs took no time here
+    assert all(r["reused_from"] == earlier for r in second["runs"] if r["system"] == "specialist")
+    # a specialist's steps are its task's share of the task set: from a two-task report, a
+    # one-task run's specialist would train for other steps
+    pair = run_benchmark(BenchConfig(**{**tiny, "tasks": ("table_wine", "table_species")}, systems=(),
+                                     output_dir=str(tmp_path / "e")), say=lambda _: None)
+    assert {r["steps"] for r in pair["runs"]} == {2}
+    with pytest.raises(ValueError, match=r"for other steps, .*table_wine \(2 steps there, 4 here\)"):
+        run_benchmark(BenchConfig(**tiny, systems=(), specialists_from=str(tmp_path / "e" / "quality.json"),
+                                  output_dir=str(tmp_path / "f")), say=lambda _: None)

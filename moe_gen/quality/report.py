@@ -71,7 +71,8 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
     parameters = _parameters(cfg, results)
     seconds: dict[str, list[float]] = {}
     for r in results:
-        seconds.setdefault(r["system"], []).append(r["seconds"])
+        if not r.get("reused_from"):  # runs reused from an earlier report took no time here
+            seconds.setdefault(r["system"], []).append(r["seconds"])
     return {
         "config": dataclasses.asdict(cfg),
         "tasks": [{"name": t.name, "modality": t.modality, "metric": t.metric,

@@ -54,7 +54,8 @@ class BenchConfig:
             copies of itself behind the system's router, ``upcycle_top_k`` per token) and every
             system, dense included, trains the remaining steps with a new optimizer and schedule.
             With ``upcycle_top_k`` 1 a token uses one copy of the dense FFN: the active size stays
-            the dense model's. Specialists train in one stage.
+            the dense model's. Each copy is the dense FFN's width (k · ``expert_hidden``), not
+            ``expert_hidden``. Specialists train in one stage.
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
@@ -127,6 +128,8 @@ class BenchConfig:
         if self.specialists_from and not self.specialists:
             raise ValueError("BenchConfig.specialists_from reuses specialists; it does not combine with "
                              "specialists=False (--no-specialists)")
+        if self.upcycle_top_k != 1 and not self.upcycle_at:
+            raise ValueError("BenchConfig.upcycle_top_k applies to upcycled systems; set upcycle_at too")
         if not 1 <= self.upcycle_top_k <= self.num_experts:
             raise ValueError(f"BenchConfig.upcycle_top_k must be in [1, num_experts = {self.num_experts}], "
                              f"got {self.upcycle_top_k}")
@@ -320,9 +323,11 @@ SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "t
                        "threads")
 
 
-def reused_specialists(cfg: BenchConfig, names: Sequence[str]) -> list[dict]:
-    """The specialist runs of ``cfg.specialists_from`` for ``names`` and ``cfg.seeds``; raises
-    ``ValueError`` when that report was made with other specialist settings or lacks a run."""
+def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]:
+    """The specialist runs of ``cfg.specialists_from`` for the tasks of ``per_task`` (task → the
+    steps its specialist takes here) and ``cfg.seeds``, marked ``reused_from``; raises
+    ``ValueError`` when that report was made with other specialist settings, lacks a run, or
+    trained one for other steps (its task's share of another task set)."""
     import json
 
     path = cfg.specialists_from
@@ -338,10 +343,15 @@ def reused_specialists(cfg: BenchConfig, names: Sequence[str]) -> list[dict]:
     if differ:
         raise ValueError(f"specialists_from {path!r} trained its specialists with other settings: {'; '.join(differ)}")
     found = {(r["tasks"][0], r["seed"]): r for r in runs if r.get("system") == "specialist"}
-    missing = [f"{n} seed {s}" for s in cfg.seeds for n in names if (n, s) not in found]
+    missing = [f"{n} seed {s}" for s in cfg.seeds for n in per_task if (n, s) not in found]
     if missing:
         raise ValueError(f"specialists_from {path!r} has no specialist for {', '.join(missing)}")
-    return [found[n, s] for s in cfg.seeds for n in names]
+    other_steps = sorted({f"{n} ({found[n, s]['steps']} steps there, {k} here)" for s in cfg.seeds
+                          for n, k in per_task.items() if found[n, s]["steps"] != k})
+    if other_steps:
+        raise ValueError(f"specialists_from {path!r} trained specialists for other steps, their tasks' shares of "
+                         f"another task set: {', '.join(other_steps)}")
+    return [{**found[n, s], "reused_from": path} for s in cfg.seeds for n in per_task]
 
 
 def _jobs(cfg: BenchConfig, names: Sequence[str], per_task: dict[str, int]) -> list[dict]:
@@ -385,7 +395,6 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     start = time.perf_counter()
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs)
     names = [t.name for t in suite]
-    reused = reused_specialists(cfg, names) if cfg.specialists_from else []  # checked before any training
     classical, train_tasks = {}, []
     for task in suite:
         train_tasks.append(task.build("train"))
@@ -397,7 +406,9 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
             if task.frozen_states:
                 classical[task.name][FROZEN_STATES] = frozen_states_score(task, train, scored)
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
-    jobs = _jobs(cfg, names, specialist_steps(cfg, train_tasks))
+    per_task = specialist_steps(cfg, train_tasks)
+    reused = reused_specialists(cfg, per_task) if cfg.specialists_from else []  # checked before any training
+    jobs = _jobs(cfg, names, per_task)
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
     results = _run_jobs(jobs, cfg.workers, say) + reused
     report = build_report(cfg, suite, classical, results, wall_seconds=time.perf_counter() - start)
