@@ -247,17 +247,23 @@ class Trainer:
 
     def _check_resumable(self, path: str) -> None:
         """Raises unless the checkpoint at ``path`` can continue this run (its tasks, a step within
-        ``steps``), from its ``trainer.json`` alone: refused before any weight reaches the model."""
-        state = read_trainer_state(path)
-        saved_tasks = state.get("tasks")
-        if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
-            raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
-                             f"{[t.name for t in self.tasks]}")
-        step = int(state["step"])
-        if step > self.config.steps:
-            raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {self.config.steps}; "
-                             "set steps (--train.steps) to at least that to train further, or start over "
-                             "(overwrite=True, --overwrite)")
+        ``steps``), from its ``trainer.json`` alone: refused before any weight reaches the model,
+        on every process if on any (so none waits for the others)."""
+        refusal: Optional[Exception] = None
+        try:
+            state = read_trainer_state(path)
+            saved_tasks, step = state.get("tasks"), int(state["step"])
+            if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
+                raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
+                                 f"{[t.name for t in self.tasks]}")
+            if step > self.config.steps:
+                raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {self.config.steps}; "
+                                 "set steps (--train.steps) to at least that to train further, or start over "
+                                 "(overwrite=True, --overwrite)")
+        except (OSError, ValueError, KeyError) as exc:
+            refusal = exc
+        if distributed.any_true(refusal is not None):
+            raise refusal or ValueError(f"checkpoint {path} cannot be resumed (another process refused it)")
 
     def _build(self, resume: bool, overwrite: bool) -> None:
         config, model = self.config, self.model
