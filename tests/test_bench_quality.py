@@ -309,6 +309,8 @@ def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match
                                   specialists_from=earlier, output_dir=str(tmp_path / "d")), say=lambda _: None)
     with pytest.raises(ValueError, match="does not combine with specialists=False"):
         BenchConfig(specialists=False, specialists_from=earlier)
+    with pytest.raises(ValueError, match="is this run's own output, which the run would overwrite"):
+        BenchConfig(specialists_from=earlier, output_dir=str(tmp_path / "a"))
     assert second["seconds"] == {"attribute": second["runs"][0]["seconds"]}  # reused runs took no time here
     assert all(r["reused_from"] == earlier for r in second["runs"] if r["system"] == "specialist")
     # a specialist's steps are its task's share of the task set: from a two-task report, a

@@ -128,6 +128,10 @@ class BenchConfig:
         if self.specialists_from and not self.specialists:
             raise ValueError("BenchConfig.specialists_from reuses specialists; it does not combine with "
                              "specialists=False (--no-specialists)")
+        if self.specialists_from and os.path.abspath(self.specialists_from) == os.path.abspath(
+                os.path.join(self.output_dir, "quality.json")):
+            raise ValueError(f"specialists_from {self.specialists_from!r} is this run's own output, which the run "
+                             "would overwrite; write to another output_dir (--out)")
         if self.upcycle_top_k != 1 and not self.upcycle_at:
             raise ValueError("BenchConfig.upcycle_top_k applies to upcycled systems; set upcycle_at too")
         if not 1 <= self.upcycle_top_k <= self.num_experts:
