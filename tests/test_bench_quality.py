@@ -309,6 +309,12 @@ def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match
                                   specialists_from=earlier, output_dir=str(tmp_path / "d")), say=lambda _: None)
     with pytest.raises(ValueError, match="does not combine with specialists=False"):
         BenchConfig(specialists=False, specialists_from=earlier)
+    from moe_gen.quality.runner import reused_specialists
+
+    corrupt = tmp_path / "corrupt.json"
+    corrupt.write_text('{"config": {"steps": 4}, "runs": [')
+    with pytest.raises(ValueError, match="corrupt.json'?: not a readable quality.json"):
+        reused_specialists(BenchConfig(specialists_from=str(corrupt)), {"table_wine": 4})
     with pytest.raises(ValueError, match="is this run's own output, which the run would overwrite"):
         BenchConfig(specialists_from=earlier, output_dir=str(tmp_path / "a"))
     assert second["seconds"] == {"attribute": second["runs"][0]["seconds"]}  # reused runs took no time here
