@@ -56,6 +56,8 @@ def main(argv=None) -> int:
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
+    parser.add_argument("--bag-of-words", action="store_true",
+                        help="doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its training rows")
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--fit-rows", type=int, help="training rows scored per classification task (default 50; 0: "
                         "none): tells under-fitting from over-fitting")
@@ -75,6 +77,7 @@ def main(argv=None) -> int:
     if args.seeds:
         fields["seeds"] = tuple(args.seeds)
     fields["pretrained_inputs"] = args.pretrained_inputs
+    fields["bag_of_words"] = args.bag_of_words
     fields["moe_attention"] = args.moe_attention
     if args.specialists_from:
         fields["specialists_from"] = args.specialists_from

@@ -384,13 +384,18 @@ def _run_line(config: dict) -> str:
 
 
 def _pretrained_line(config: dict) -> str:
-    from moe_gen.quality.suite import PRETRAINED_INPUTS
+    from moe_gen.quality.suite import BAG_OF_WORDS_INPUTS, PRETRAINED_INPUTS
 
-    read = [f"{name} ({preprocess})" for name, (_, preprocess) in PRETRAINED_INPUTS.items()
-            if not config.get("tasks") or name in config["tasks"]]
-    if not config.get("pretrained_inputs") or not read:
-        return ""
-    return f" Read through frozen pretrained encoders: {', '.join(read)}."
+    def read(inputs):
+        return ", ".join(f"{name} ({preprocess})" for name, (_, preprocess) in inputs.items()
+                         if not config.get("tasks") or name in config["tasks"])
+
+    if config.get("pretrained_inputs") and read(PRETRAINED_INPUTS):
+        return f" Read through frozen pretrained encoders: {read(PRETRAINED_INPUTS)}."
+    if config.get("bag_of_words") and read(BAG_OF_WORDS_INPUTS):
+        return (f" Text read as a bag of words (TF-IDF over a vocabulary of the training rows): "
+                f"{read(BAG_OF_WORDS_INPUTS)}.")
+    return ""
 
 
 def plot(report: dict, path: str) -> None:

@@ -67,6 +67,9 @@ class BenchConfig:
         pretrained_inputs: doc_topic and spoken words read their input through a frozen
             pretrained encoder (``suite.PRETRAINED_INPUTS``: MiniLM, Whisper tiny.en), for every
             system; a second logistic regression reads the same states, mean-pooled.
+        bag_of_words: doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its
+            training rows (``suite.BAG_OF_WORDS_INPUTS``), for every system; not with
+            ``pretrained_inputs``.
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         fit_rows: training rows scored per classification task (evenly spaced over the train split,
@@ -99,6 +102,7 @@ class BenchConfig:
     ema_decay: float = 0.0
     loss_average: str = "token"
     pretrained_inputs: bool = False
+    bag_of_words: bool = False
     eval_limit: int = 100
     fit_rows: int = 50
     specialists_from: Optional[str] = None
@@ -125,6 +129,9 @@ class BenchConfig:
             raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention or ema_decay")
         if self.upcycle_at and self.steps < 2:
             raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
+        if self.pretrained_inputs and self.bag_of_words:
+            raise ValueError("BenchConfig.pretrained_inputs and bag_of_words both redeclare doc_topic's input; "
+                             "choose one")
         if self.specialists_from and not self.specialists:
             raise ValueError("BenchConfig.specialists_from reuses specialists; it does not combine with "
                              "specialists=False (--no-specialists)")
@@ -234,7 +241,7 @@ def train_and_score(job: dict) -> dict:
 
     cfg = BenchConfig(**job["config"])
     torch.set_num_threads(cfg.threads)
-    suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs)
+    suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words)
     train = [t.build("train") for t in suite]
     test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
     start = time.perf_counter()
@@ -323,8 +330,8 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
 SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
-                       "flavour", "expert_hidden", "pretrained_inputs", "eval_limit", "fit_rows", "ema_decay",
-                       "threads")
+                       "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "eval_limit", "fit_rows",
+                       "ema_decay", "threads")
 
 
 def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]:
@@ -397,7 +404,7 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     from moe_gen.quality.suite import suite_tasks
 
     start = time.perf_counter()
-    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs)
+    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words)
     names = [t.name for t in suite]
     classical, train_tasks = {}, []
     for task in suite:

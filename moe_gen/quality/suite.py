@@ -276,10 +276,15 @@ PRETRAINED_INPUTS: dict[str, tuple[str, str]] = {
 }
 
 
-def _with_frozen_states(task: SuiteTask) -> SuiteTask:
-    """``task`` declared with its input slot read by a frozen encoder: the preset's rows, metrics
-    and objective, its instruction with ``preprocess=`` added to that slot."""
-    slot, preprocess = PRETRAINED_INPUTS[task.name]
+# ``bag_of_words``: the text input of these tasks is read as TF-IDF weights of a vocabulary fitted on
+# the training rows (``moe_gen.tasks.modalities.bag_of_words``) instead of as sentencepiece tokens.
+BAG_OF_WORDS_INPUTS: dict[str, tuple[str, str]] = {"doc_topic": ("[TEXT:text]", "bag_of_words")}
+
+
+def _with_preprocess(task: SuiteTask, slot: str, preprocess: str, frozen: bool) -> SuiteTask:
+    """``task`` declared with its input ``slot`` read by ``preprocess``: the preset's rows, metrics
+    and objective, its instruction with ``preprocess=`` added to that slot (``frozen``: a frozen
+    encoder's states, which a second logistic regression reads too)."""
     info = preset_info(task.name)
     if info.instruction.count(slot) != 1:
         raise ValueError(f"suite task {task.name!r}: its instruction {info.instruction!r} should hold {slot} once")
@@ -288,19 +293,24 @@ def _with_frozen_states(task: SuiteTask) -> SuiteTask:
     def build(split: str) -> Task:
         return Task(task.name, instruction, info.build(split), objective=info.objective, metrics=info.metrics)
 
-    return dataclasses.replace(task, build=build, frozen_states=preprocess)
+    return dataclasses.replace(task, build=build, frozen_states=preprocess if frozen else None)
 
 
-def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: bool = False) -> list[SuiteTask]:
+def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: bool = False,
+                bag_of_words: bool = False) -> list[SuiteTask]:
     """The suite, or the named tasks (of the suite or ``EXTRA``, in that order); unknown names are
     an error. With ``pretrained_inputs`` the tasks of ``PRETRAINED_INPUTS`` read their input
-    through a frozen pretrained encoder."""
+    through a frozen pretrained encoder; with ``bag_of_words`` those of ``BAG_OF_WORDS_INPUTS``
+    read their text as a bag of words (not both: they declare the same slot)."""
+    if pretrained_inputs and bag_of_words:
+        raise ValueError("pretrained_inputs and bag_of_words both redeclare doc_topic's text input; choose one")
     every = SUITE + EXTRA
     known = {t.name for t in every}
     unknown = [n for n in names or () if n not in known]
     if unknown:
         raise ValueError(f"unknown suite task(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     chosen = list(SUITE) if not names else [t for t in every if t.name in set(names)]
-    if pretrained_inputs:
-        chosen = [_with_frozen_states(t) if t.name in PRETRAINED_INPUTS else t for t in chosen]
+    inputs, frozen = (PRETRAINED_INPUTS, True) if pretrained_inputs else (BAG_OF_WORDS_INPUTS, False)
+    if pretrained_inputs or bag_of_words:
+        chosen = [_with_preprocess(t, *inputs[t.name], frozen) if t.name in inputs else t for t in chosen]
     return chosen
