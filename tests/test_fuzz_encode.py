@@ -50,6 +50,7 @@ INSTRUCTIONS = [form.format(m) for m in MODALITIES.list()
     "[TEXT:x,max_length=8,mask_ratio=0.5,noise_ratio=0.3,uncased,no_punctuation] -> [TEXT:y]",
     "[TEXT:y] -> [TEXT:x,closed_set]",
     "[STRUCT:x,preprocess=struct_text] -> [TEXT:y]",
+    "[TEXT:x,preprocess=bag_of_words,vocab_size=16] -> [TEXT:y]",
     "[IMAGE:x,mask_ratio=0.5] -> [TEXT:y]",
     "[MOTION:x,sample_rate=2,max_length=4] -> [TEXT:y]",
     "[TEXT:y] -> [AUDIO:x,adaptor=audio_tgt_fbank]",

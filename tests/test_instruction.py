@@ -306,7 +306,7 @@ def attribute(name: str, spec: AttrSpec) -> st.SearchStrategy[tuple[str, object,
     if spec.kind == "flag":
         return st.just((name, True, name))
     values, fmt = {
-        "int": (st.integers(int(spec.minimum or 0), 10**6), str),
+        "int": (st.integers(int(spec.minimum or 0), 10**6 if spec.maximum is None else int(spec.maximum)), str),
         "float": (st.floats(spec.minimum, spec.maximum, exclude_min=not spec.inclusive,
                             exclude_max=not spec.inclusive), repr),
         "name": (st.text(NAME_CHARS, min_size=1, max_size=10), str),

@@ -169,7 +169,8 @@ _TEXTUAL = {**_TOKENS, "uncased": _FLAG, "no_punctuation": _FLAG, "max_length": 
             "mask_ratio": _RATIO, "noise_ratio": _RATIO}
 
 BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
-    "TEXT": _modality(**_TEXTUAL, closed_set=_FLAG, is_label=_FLAG),
+    "TEXT": _modality(**_TEXTUAL, closed_set=_FLAG, is_label=_FLAG,
+                      vocab_size=AttrSpec("int", 1, 1 << 16, help="words of the vocabulary (preprocess=bag_of_words)")),
     "STRUCT": _modality(**_TEXTUAL),
     "BOX": _modality(**_TOKENS),
     "PHONE": _modality(**_TOKENS, mask_ratio=_RATIO),

@@ -269,6 +269,8 @@ class TaskPlan:
                 raise ValueError(f"{where}: preprocessor {preprocess!r}: {exc}") from exc
         if "augment" in slot.attrs:
             self._check_augment(where, slot, side, preprocess)
+        if "vocab_size" in slot.attrs and preprocess != "bag_of_words":
+            raise ValueError(f"{where}: vocab_size sizes a bag of words; it applies to preprocess=bag_of_words only")
         # A preprocessor whose rows only one adapter reads (a frozen encoder's states) names it.
         own = getattr(self._preprocessors[preprocess], "adaptor", None)
         if own is not None and side != "encoder":
