@@ -40,6 +40,9 @@ def main(argv=None) -> int:
     parser.add_argument("--temperature", type=float, help="tau of temperature mixing (default 2)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--lr-scale", action="append", default=[], metavar="PREFIX=SCALE",
+                        help="the generalists' learning rate times SCALE for parameters named PREFIX... "
+                             "(TrainConfig.lr_scales; repeatable), e.g. adapters.bag_of_words=3")
     parser.add_argument("--flavour")
     parser.add_argument("--num-experts", type=int)
     parser.add_argument("--expert-hidden", type=int,
@@ -78,6 +81,8 @@ def main(argv=None) -> int:
         fields["seeds"] = tuple(args.seeds)
     fields["pretrained_inputs"] = args.pretrained_inputs
     fields["bag_of_words"] = args.bag_of_words
+    if args.lr_scale:
+        fields["lr_scales"] = _lr_scales(parser, args.lr_scale)
     fields["moe_attention"] = args.moe_attention
     if args.specialists_from:
         fields["specialists_from"] = args.specialists_from
@@ -88,6 +93,19 @@ def main(argv=None) -> int:
     print(markdown(report))
     print(f"written to {config.output_dir}/quality.{{json,md,png}}")
     return 0
+
+
+def _lr_scales(parser, items: list[str]) -> dict[str, float]:
+    scales = {}
+    for item in items:
+        prefix, _, scale = item.rpartition("=")
+        try:
+            scales[prefix] = float(scale)
+        except ValueError:
+            prefix = ""
+        if not prefix:
+            parser.error(f"--lr-scale takes PREFIX=SCALE (e.g. adapters.bag_of_words=3), got {item!r}")
+    return scales
 
 
 if __name__ == "__main__":

@@ -369,6 +369,9 @@ def _run_line(config: dict) -> str:
         model += f" Expert hidden width {config['expert_hidden']} (dense FFNs k times it)."
     if config.get("moe_attention"):
         model += " The MoE systems route their attention output projections too."
+    if config.get("lr_scales"):
+        scaled = ", ".join(f"{prefix} × {scale:g}" for prefix, scale in config["lr_scales"].items())
+        model += f" Generalists' learning rate scaled for {scaled} (specialists at the plain rate)."
     if config.get("upcycle_at"):
         from moe_gen.quality.runner import first_stage_steps
 

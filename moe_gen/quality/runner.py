@@ -67,6 +67,9 @@ class BenchConfig:
         pretrained_inputs: doc_topic and spoken words read their input through a frozen
             pretrained encoder (``suite.PRETRAINED_INPUTS``: MiniLM, Whisper tiny.en), for every
             system; a second logistic regression reads the same states, mean-pooled.
+        lr_scales: parameter-name prefix → learning-rate multiplier of the generalists
+            (``TrainConfig.lr_scales``, e.g. ``{"adapters.bag_of_words": 3}``); specialists train
+            every parameter at ``lr``.
         bag_of_words: doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its
             training rows (``suite.BAG_OF_WORDS_INPUTS``), for every system; not with
             ``pretrained_inputs``.
@@ -96,6 +99,7 @@ class BenchConfig:
     steps: int = 4000
     batch_size: int = 16
     lr: float = 2e-3
+    lr_scales: dict = dataclasses.field(default_factory=dict)
     warmup_steps: int = 50
     mixing: str = "temperature"
     temperature: float = 2.0
@@ -129,6 +133,10 @@ class BenchConfig:
             raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention or ema_decay")
         if self.upcycle_at and self.steps < 2:
             raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
+        if self.lr_scales:
+            from moe_gen.trainer import TrainConfig
+
+            TrainConfig(lr_scales=dict(self.lr_scales))  # refuses a multiplier that is not a number >= 0
         if self.pretrained_inputs and self.bag_of_words:
             raise ValueError("BenchConfig.pretrained_inputs and bag_of_words both redeclare doc_topic's input; "
                              "choose one")
@@ -251,7 +259,7 @@ def train_and_score(job: dict) -> dict:
         model, summary, last = _two_stage(cfg, system, train, steps, job["seed"])
     else:
         model = GeneralistModel.build(_model_config(cfg, system), train, Tokenizer.default())
-        model, summary, last = _fit(cfg, model, train, steps, job["seed"])
+        model, summary, last = _fit(cfg, model, train, steps, job["seed"], generalist=system != "specialist")
     trained = time.perf_counter()
     with RoutingRecorder(model) as recorder:
         scores = {task.name: evaluate_task(model, rows)[task.metric] for task, rows in zip(suite, test)}
@@ -278,12 +286,14 @@ def train_and_score(job: dict) -> dict:
             "seconds": time.perf_counter() - start, "steps": steps}
 
 
-def _fit(cfg: BenchConfig, model, train, steps: int, seed: int):
-    """Trains ``model`` on ``train`` for ``steps``; returns the model to score (the weight average
-    with ``ema_decay``), the trainer's summary and the last weights."""
+def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool = True):
+    """Trains ``model`` on ``train`` for ``steps`` (a generalist with ``cfg.lr_scales``); returns the
+    model to score (the weight average with ``ema_decay``), the trainer's summary and the last
+    weights."""
     from moe_gen.trainer import TrainConfig, Trainer
 
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
+                               lr_scales=dict(cfg.lr_scales) if generalist else {},
                                warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
                                temperature=cfg.temperature, loss_average=cfg.loss_average, seed=seed,
                                progress=False, tensorboard=False,
