@@ -252,6 +252,24 @@ def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only(
     assert "route their attention output projections too." in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
 
 
+def test_lr_scales_apply_to_the_generalists_only():
+    from moe_gen.quality.report import _run_line
+    from moe_gen.quality.runner import BenchConfig, train_and_score
+
+    small = BenchConfig(steps=4, batch_size=4, eval_limit=4, fit_rows=0, threads=1)
+    scaled = dataclasses.replace(small, lr_scales={"adapters.struct_cells": 0.0})  # the cell adapter frozen
+    job = {"config": dataclasses.asdict(small), "tasks": ["table_wine"], "seed": 0, "steps": 4}
+    for system in ("dense", "specialist"):
+        plain = train_and_score({**job, "system": system})
+        other = train_and_score({**job, "system": system, "config": dataclasses.asdict(scaled)})
+        assert (other["final_loss"] == plain["final_loss"]) == (system == "specialist"), system
+    line = _run_line({**dataclasses.asdict(scaled), "seeds": [0], "bag_of_words": True})
+    assert "learning rate scaled for adapters.struct_cells × 0 (specialists at the plain rate)" in line
+    assert "Text read as a bag of words (TF-IDF over a vocabulary of the training rows): doc_topic" in line
+    with pytest.raises(ValueError, match="lr_scales maps parameter-name prefixes to multipliers >= 0, got 'a': -1"):
+        BenchConfig(lr_scales={"a": -1})
+
+
 def test_two_stage_generalists_upcycle_the_moe_systems_at_the_dense_active_size():
     """``upcycle_at``: dense first, then the MoE systems' FFNs become top-1 copies behind their
     router (active size unchanged), and every system trains the rest; specialists stay one-stage."""
