@@ -104,6 +104,21 @@ def test_bad_values_and_slots_are_refused_naming_them(tok):
         target.plan(tok)
 
 
+def test_statistics_that_do_not_fit_the_slot_are_refused_and_wordless_text_fits_an_empty_vocabulary(tok):
+    statistics = Task("topics", INSTRUCTION, TRAIN).fit_statistics()
+    small = Task("topics", INSTRUCTION.replace("bag_of_words", "bag_of_words,vocab_size=3"), HELD_OUT)
+    with pytest.raises(TaskDataError, match=r"task 'topics', column 'text', row 0: the fitted vocabulary has \d+ "
+                                            r"words but the slot says vocab_size=3"):
+        small.encode(0, tok, statistics=statistics)  # e.g. a model trained with the default size
+    corrupt = {"bag_of_words": {"text": {"words": ["cat", "dog"], "idf": [1.0]}}}
+    with pytest.raises(ValueError, match=r"task 'topics': slot .*preprocessor 'bag_of_words': bag_of_words "
+                                         r"statistics of column 'text': 2 words but 1 idf values"):
+        Task("topics", INSTRUCTION, HELD_OUT).plan(tok, corrupt)
+    wordless = Task("topics", INSTRUCTION, [{"text": "! ? 1 2", "topic": "a"}, {"text": "- -", "topic": "b"}])
+    assert wordless.fit_statistics()["bag_of_words"]["text"] == {"words": [], "idf": []}
+    assert not bag(wordless, {"text": "the cat sat", "topic": "a"}, tok).any()  # every word unknown: all zero
+
+
 def test_the_suite_declares_doc_topic_as_a_bag_of_words_on_request():
     plain, = suite_tasks(["doc_topic"])
     bow, = suite_tasks(["doc_topic"], bag_of_words=True)

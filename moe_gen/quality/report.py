@@ -383,10 +383,10 @@ def _run_line(config: dict) -> str:
     return (f"Generalists: {config['steps']} steps of {config['batch_size']}, {mixing} task mixing; "
             f"specialists{specialists}: their task's share of those samples; "
             f"seeds {', '.join(map(str, config['seeds']))}."
-            + model + average + _pretrained_line(config))
+            + model + average + _inputs_line(config))
 
 
-def _pretrained_line(config: dict) -> str:
+def _inputs_line(config: dict) -> str:
     from moe_gen.quality.suite import BAG_OF_WORDS_INPUTS, PRETRAINED_INPUTS
 
     def read(inputs):

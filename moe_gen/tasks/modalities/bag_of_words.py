@@ -120,8 +120,7 @@ class BagOfWords(Preprocessor):
         norm = row_1V.norm()
         if norm > 0:
             row_1V /= norm
-        return SlotEncoding("TEXT", features=row_1V, positions=torch.zeros(1, 3, dtype=torch.long),
-                            meta={"known_words": sum(counts.values())})
+        return SlotEncoding("TEXT", features=row_1V, positions=torch.zeros(1, 3, dtype=torch.long))
 
 
 @ADAPTERS.register("bag_of_words")
