@@ -61,6 +61,8 @@ def main(argv=None) -> int:
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
     parser.add_argument("--bag-of-words", action="store_true",
                         help="doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its training rows")
+    parser.add_argument("--pose-summary", action="store_true",
+                        help="motion classification reads each pose window as one row of per-feature statistics")
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--fit-rows", type=int, help="training rows scored per classification task (default 50; 0: "
                         "none): tells under-fitting from over-fitting")
@@ -81,6 +83,7 @@ def main(argv=None) -> int:
         fields["seeds"] = tuple(args.seeds)
     fields["pretrained_inputs"] = args.pretrained_inputs
     fields["bag_of_words"] = args.bag_of_words
+    fields["pose_summary"] = args.pose_summary
     if args.lr_scale:
         fields["lr_scales"] = _lr_scales(parser, args.lr_scale)
     fields["moe_attention"] = args.moe_attention

@@ -77,3 +77,19 @@ def flavour_with(name: str, **overrides):
     ``num_experts``...) go to ``moe``, the rest to ``ModelConfig``."""
     moe = {k: overrides.pop(k) for k in list(overrides) if k in _MOE_FIELDS}
     return flavour(name, **overrides, moe=moe)
+
+
+def train_steps(model, task, tok, steps: int = 30, rows: int = 4, lr: float = 3e-3) -> None:
+    """``steps`` AdamW steps of the generative objective on ``task``'s first ``rows`` rows (each
+    step encodes them with its own seed, so augmentation differs)."""
+    from moe_gen.objectives import GenerativeObjective
+    from moe_gen.tasks import collate
+
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
+    objective = GenerativeObjective(model)
+    for step in range(steps):
+        batch = collate([task.encode(i, tok, seed=step) for i in range(rows)], tok, model.task_ids)
+        loss = objective(batch)["loss"]
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()

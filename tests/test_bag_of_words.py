@@ -6,14 +6,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from helpers import train_steps
 from sklearn.feature_extraction.text import TfidfVectorizer
 
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
-from moe_gen.objectives import GenerativeObjective
 from moe_gen.quality.runner import BenchConfig
 from moe_gen.quality.suite import suite_tasks
-from moe_gen.tasks import Task, Tokenizer, collate
+from moe_gen.tasks import Task, Tokenizer
 from moe_gen.tasks.instruction import InstructionError
 from moe_gen.tasks.plan import TaskDataError
 
@@ -61,13 +61,7 @@ def test_the_vocabulary_comes_from_training_rows_and_is_saved_with_the_model(tok
     torch.manual_seed(0)
     model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), [train], tok)
     assert model.config.adapters["bag_of_words"] == 2048
-    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
-    objective = GenerativeObjective(model)
-    for step in range(30):
-        loss = objective(collate([train.encode(i, tok, seed=step) for i in range(4)], tok, model.task_ids))["loss"]
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
+    train_steps(model, train, tok)
     assert model.adapters["bag_of_words"].mlp[0].weight.grad.abs().sum() > 0  # the adapter trains
     model.eval()
     model.save_pretrained(str(tmp_path / "m"))

@@ -263,9 +263,10 @@ def test_lr_scales_apply_to_the_generalists_only():
         plain = train_and_score({**job, "system": system})
         other = train_and_score({**job, "system": system, "config": dataclasses.asdict(scaled)})
         assert (other["final_loss"] == plain["final_loss"]) == (system == "specialist"), system
-    line = _run_line({**dataclasses.asdict(scaled), "seeds": [0], "bag_of_words": True})
+    line = _run_line({**dataclasses.asdict(scaled), "seeds": [0], "bag_of_words": True, "pose_summary": True})
     assert "learning rate scaled for adapters.struct_cells × 0 (specialists at the plain rate)" in line
-    assert "Text read as a bag of words (TF-IDF over a vocabulary of the training rows): doc_topic" in line
+    assert ("Text read as a bag of words (TF-IDF over a vocabulary of the training rows): doc_topic (bag_of_words). "
+            "Pose windows read as per-feature window statistics: motion_classification (pose_summary).") in line
     with pytest.raises(ValueError, match="lr_scales maps parameter-name prefixes to multipliers >= 0, got 'a': -1"):
         BenchConfig(lr_scales={"a": -1})
 

@@ -53,6 +53,7 @@ INSTRUCTIONS = [form.format(m) for m in MODALITIES.list()
     "[TEXT:x,preprocess=bag_of_words,vocab_size=16] -> [TEXT:y]",
     "[IMAGE:x,mask_ratio=0.5] -> [TEXT:y]",
     "[MOTION:x,sample_rate=2,max_length=4] -> [TEXT:y]",
+    "[MOTION:x,preprocess=pose_summary,sample_rate=2,max_length=4] -> [TEXT:y]",
     "[TEXT:y] -> [AUDIO:x,adaptor=audio_tgt_fbank]",
 ]
 GOOD_IMAGE = np.full((8, 8, 3), 128, np.uint8)

@@ -387,18 +387,21 @@ def _run_line(config: dict) -> str:
 
 
 def _inputs_line(config: dict) -> str:
-    from moe_gen.quality.suite import BAG_OF_WORDS_INPUTS, PRETRAINED_INPUTS
+    from moe_gen.quality.suite import BAG_OF_WORDS_INPUTS, POSE_SUMMARY_INPUTS, PRETRAINED_INPUTS
 
     def read(inputs):
         return ", ".join(f"{name} ({preprocess})" for name, (_, preprocess) in inputs.items()
                          if not config.get("tasks") or name in config["tasks"])
 
+    line = ""
     if config.get("pretrained_inputs") and read(PRETRAINED_INPUTS):
-        return f" Read through frozen pretrained encoders: {read(PRETRAINED_INPUTS)}."
+        line += f" Read through frozen pretrained encoders: {read(PRETRAINED_INPUTS)}."
     if config.get("bag_of_words") and read(BAG_OF_WORDS_INPUTS):
-        return (f" Text read as a bag of words (TF-IDF over a vocabulary of the training rows): "
-                f"{read(BAG_OF_WORDS_INPUTS)}.")
-    return ""
+        line += (f" Text read as a bag of words (TF-IDF over a vocabulary of the training rows): "
+                 f"{read(BAG_OF_WORDS_INPUTS)}.")
+    if config.get("pose_summary") and read(POSE_SUMMARY_INPUTS):
+        line += f" Pose windows read as per-feature window statistics: {read(POSE_SUMMARY_INPUTS)}."
+    return line
 
 
 def plot(report: dict, path: str) -> None:

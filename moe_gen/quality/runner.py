@@ -73,6 +73,9 @@ class BenchConfig:
         bag_of_words: doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its
             training rows (``suite.BAG_OF_WORDS_INPUTS``), for every system; not with
             ``pretrained_inputs``.
+        pose_summary: motion classification reads each pose window as one row of per-feature
+            window statistics, standardised with the training rows' (``suite.POSE_SUMMARY_INPUTS``),
+            for every system.
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         fit_rows: training rows scored per classification task (evenly spaced over the train split,
@@ -107,6 +110,7 @@ class BenchConfig:
     loss_average: str = "token"
     pretrained_inputs: bool = False
     bag_of_words: bool = False
+    pose_summary: bool = False
     eval_limit: int = 100
     fit_rows: int = 50
     specialists_from: Optional[str] = None
@@ -249,7 +253,8 @@ def train_and_score(job: dict) -> dict:
 
     cfg = BenchConfig(**job["config"])
     torch.set_num_threads(cfg.threads)
-    suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words)
+    suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
+                        pose_summary=cfg.pose_summary)
     train = [t.build("train") for t in suite]
     test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
     start = time.perf_counter()
@@ -340,8 +345,8 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
 SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
-                       "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "eval_limit", "fit_rows",
-                       "ema_decay", "threads")
+                       "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary", "eval_limit",
+                       "fit_rows", "ema_decay", "threads")
 
 
 def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]:
@@ -414,7 +419,8 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     from moe_gen.quality.suite import suite_tasks
 
     start = time.perf_counter()
-    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words)
+    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
+                        pose_summary=cfg.pose_summary)
     names = [t.name for t in suite]
     classical, train_tasks = {}, []
     for task in suite:

@@ -280,6 +280,10 @@ PRETRAINED_INPUTS: dict[str, tuple[str, str]] = {
 # the training rows (``moe_gen.tasks.modalities.bag_of_words``) instead of as sentencepiece tokens.
 BAG_OF_WORDS_INPUTS: dict[str, tuple[str, str]] = {"doc_topic": ("[TEXT:text]", "bag_of_words")}
 
+# ``pose_summary``: the pose windows of these tasks are read as one row of per-feature window
+# statistics (``moe_gen.tasks.modalities.pose_summary``) instead of frame by frame.
+POSE_SUMMARY_INPUTS: dict[str, tuple[str, str]] = {"motion_classification": ("[MOTION:motion]", "pose_summary")}
+
 
 def _with_preprocess(task: SuiteTask, slot: str, preprocess: str, frozen: bool) -> SuiteTask:
     """``task`` declared with its input ``slot`` read by ``preprocess``: the preset's rows, metrics
@@ -297,11 +301,12 @@ def _with_preprocess(task: SuiteTask, slot: str, preprocess: str, frozen: bool) 
 
 
 def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: bool = False,
-                bag_of_words: bool = False) -> list[SuiteTask]:
+                bag_of_words: bool = False, pose_summary: bool = False) -> list[SuiteTask]:
     """The suite, or the named tasks (of the suite or ``EXTRA``, in that order); unknown names are
     an error. With ``pretrained_inputs`` the tasks of ``PRETRAINED_INPUTS`` read their input
     through a frozen pretrained encoder; with ``bag_of_words`` those of ``BAG_OF_WORDS_INPUTS``
-    read their text as a bag of words (not both: they declare the same slot)."""
+    read their text as a bag of words (not both: they declare the same slot); with
+    ``pose_summary`` those of ``POSE_SUMMARY_INPUTS`` read their pose windows as window statistics."""
     if pretrained_inputs and bag_of_words:
         raise ValueError("pretrained_inputs and bag_of_words both redeclare doc_topic's text input; choose one")
     every = SUITE + EXTRA
@@ -310,7 +315,9 @@ def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: boo
     if unknown:
         raise ValueError(f"unknown suite task(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
     chosen = list(SUITE) if not names else [t for t in every if t.name in set(names)]
-    inputs, frozen = (PRETRAINED_INPUTS, True) if pretrained_inputs else (BAG_OF_WORDS_INPUTS, False)
-    if pretrained_inputs or bag_of_words:
+    redeclared = [(inputs, frozen) for inputs, frozen, wanted in (
+        (PRETRAINED_INPUTS, True, pretrained_inputs), (BAG_OF_WORDS_INPUTS, False, bag_of_words),
+        (POSE_SUMMARY_INPUTS, False, pose_summary)) if wanted]
+    for inputs, frozen in redeclared:  # each redeclares other tasks' slots
         chosen = [_with_preprocess(t, *inputs[t.name], frozen) if t.name in inputs else t for t in chosen]
     return chosen

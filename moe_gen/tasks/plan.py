@@ -47,6 +47,7 @@ import moe_gen.tasks.modalities.visual  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.image_codes  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.frozen  # noqa: F401,E402  isort: skip
 import moe_gen.tasks.modalities.bag_of_words  # noqa: F401,E402  isort: skip
+import moe_gen.tasks.modalities.pose_summary  # noqa: F401,E402  isort: skip
 
 __all__ = ["TaskPlan", "SlotPlan", "DecodeSpec", "Chunk", "Sample", "TaskDataError", "build_trie",
            "slot_followers", "MAX_SLOT_POSITIONS"]

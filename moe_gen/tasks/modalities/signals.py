@@ -18,6 +18,7 @@ import io
 import math
 import numbers
 import os
+import random
 import wave
 from typing import Any, Optional
 
@@ -276,6 +277,17 @@ def motion_frames(value: Any, dtype=np.float32) -> np.ndarray:
     return frames
 
 
+def motion_window(frames: np.ndarray, slot, rng: Optional[random.Random] = None) -> np.ndarray:
+    """The frames a MOTION slot reads: every ``sample_rate``-th frame, then at most ``max_length``
+    of them (slot attributes): a window drawn by ``rng`` (training), else the first one."""
+    frames = frames[:: int(slot.attrs.get("sample_rate", 1))]
+    limit = slot.attrs.get("max_length")
+    if limit is not None and len(frames) > int(limit):
+        start = rng.randrange(len(frames) - int(limit) + 1) if rng is not None else 0
+        frames = frames[start:start + int(limit)]
+    return frames
+
+
 @PREPROCESSORS.register("motion")
 class MotionPreprocessor(Preprocessor):
     """Pose frames ``[T, J]`` → normalised with the task's per-feature statistics (``meta`` of the
@@ -302,12 +314,7 @@ class MotionPreprocessor(Preprocessor):
                                  f"task's motion statistics {np.shape(self.mean)[-1]}")
         mean = self.mean if self.mean is not None else frames.mean(0)
         std = self.std if self.std is not None else frames.std(0)
-        frames = (frames - mean) / np.maximum(std, 1e-5)
-        frames = frames[:: int(slot.attrs.get("sample_rate", 1))]
-        limit = slot.attrs.get("max_length")
-        if limit is not None and len(frames) > int(limit):
-            start = ctx.rng.randrange(len(frames) - int(limit) + 1) if ctx.training else 0
-            frames = frames[start:start + int(limit)]
+        frames = motion_window((frames - mean) / np.maximum(std, 1e-5), slot, ctx.rng if ctx.training else None)
         self.width = frames.shape[1]
         rows = _stack(torch.from_numpy(np.ascontiguousarray(frames)), self.frames_per_row)
         return SlotEncoding("MOTION", features=rows, positions=_frame_positions(rows.shape[0]),

@@ -1,0 +1,133 @@
+"""MOTION read as window statistics (``preprocess=pose_summary``): the row is the classical
+baseline's pose features standardised with the training rows' statistics, which are saved with
+the model; windows follow ``max_length``; bad values and slots are refused naming what is wrong;
+the quality suite declares motion classification with it on request."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+import torch
+from helpers import train_steps
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.quality.runner import BenchConfig
+from moe_gen.quality.suite import pose_features, suite_tasks
+from moe_gen.tasks import Task, Tokenizer
+from moe_gen.tasks.plan import TaskDataError
+
+INSTRUCTION = "[MOTION:motion,preprocess=pose_summary] what is the person doing? -> [TEXT:label,closed_set]"
+
+
+def _rows(count: int, seed: int, frames: int = 6, features: int = 4) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(count):
+        label = ("wave", "jump")[i % 2]
+        base = rng.normal(size=(frames, features)) * (1 + 3 * (i % 2))  # "jump" moves more
+        rows.append({"motion": (base + 10 * rng.normal(size=features)).tolist(), "label": label})
+    return rows
+
+
+TRAIN, HELD_OUT = _rows(12, 0), _rows(4, 1)
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+def summary(task: Task, row: dict, tok: Tokenizer, statistics=None, training: bool = False, seed: int = 0):
+    chunk = task.plan(tok, statistics).encode(row, 0, rng=random.Random(seed), training=training).encoder[0]
+    assert chunk.adaptor == "pose_summary" and chunk.tokens is None
+    return chunk.rows
+
+
+def test_the_row_is_the_classical_pose_features_standardised_with_the_training_rows():
+    tok = Tokenizer.default()
+    task = Task("moves", INSTRUCTION, TRAIN)
+    features = pose_features(TRAIN)
+    mean, std = features.mean(0), features.std(0)
+    for row in TRAIN + HELD_OUT:
+        expected = (pose_features([row]) - mean) / std
+        got = summary(task, row, tok)
+        assert got.shape == (1, 12) and got.dtype == torch.float32
+        np.testing.assert_allclose(got.numpy(), expected, atol=1e-5)
+    one_frame = summary(task, {"motion": [[1.0, 2.0, 3.0, 4.0]], "label": "wave"}, tok)
+    np.testing.assert_allclose(one_frame[0, 8:].numpy(), (0 - mean[8:]) / std[8:], atol=1e-5)  # no change
+
+
+def test_windows_follow_max_length_random_in_training_and_first_otherwise(tok):
+    instruction = INSTRUCTION.replace("pose_summary", "pose_summary,max_length=3")
+    task = Task("moves", instruction, TRAIN)
+    statistics = task.fit_statistics()["pose_summary"]["motion"]
+    first = [pose_features([{"motion": r["motion"][:3]}])[0] for r in TRAIN]
+    np.testing.assert_allclose(statistics["mean"], np.mean(first, 0), atol=1e-9)  # fitted on first windows
+    row = TRAIN[1]
+    expected = (pose_features([{"motion": row["motion"][:3]}]) - statistics["mean"]) / statistics["std"]
+    np.testing.assert_allclose(summary(task, row, tok).numpy(), expected, atol=1e-5)
+    drawn = {tuple(summary(task, row, tok, training=True, seed=s)[0, :4].tolist()) for s in range(12)}
+    windows = {tuple(((pose_features([{"motion": row["motion"][s:s + 3]}]) - statistics["mean"])
+                      / statistics["std"])[0, :4].astype(np.float32).tolist()) for s in range(4)}
+    assert len(drawn) > 1 and drawn <= windows  # several of the four 3-frame windows, nothing else
+
+
+def test_statistics_come_from_training_rows_and_are_saved_with_the_model(tok, tmp_path):
+    train, test = Task("moves", INSTRUCTION, TRAIN), Task("moves", INSTRUCTION, HELD_OUT)
+    stats = train.fit_statistics()["pose_summary"]["motion"]
+    assert len(stats["mean"]) == len(stats["std"]) == 12
+    assert test.fit_statistics()["pose_summary"]["motion"] != stats
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), [train], tok)
+    assert model.config.adapters["pose_summary"] == 12
+    train_steps(model, train, tok)
+    assert model.adapters["pose_summary"].mlp[0].weight.grad.abs().sum() > 0  # the adapter trains
+    model.eval()
+    model.save_pretrained(str(tmp_path / "m"))
+    loaded = GeneralistModel.from_pretrained(str(tmp_path / "m"))
+    empty = Task("moves", INSTRUCTION, [])  # nothing to fit on
+    plan_stats = loaded.encoding_statistics(empty)
+    for row in HELD_OUT:
+        assert torch.equal(summary(empty, row, loaded.tokenizer, plan_stats), summary(train, row, tok))
+    with pytest.raises(TaskDataError, match=r"task 'moves', column 'motion', row 1: pose_summary has no statistics"):
+        test.encode(1, tok, statistics={})
+    expected = [p.text for p in model.infer(train, HELD_OUT)]
+    assert [p.text for p in loaded.infer(empty, HELD_OUT)] == expected
+
+
+def test_bad_values_slots_and_statistics_are_refused_naming_them(tok):
+    bad = TRAIN + [{"motion": [[1.0, float("nan"), 0.0, 0.0]], "label": "wave"},
+                   {"motion": [[1.0, 2.0]] * 3, "label": "jump"}]
+    task = Task("moves", INSTRUCTION, bad)
+    with pytest.raises(TaskDataError, match=r"task 'moves', column 'motion', row 12: motion frames have non-finite"):
+        task.encode(12, tok)
+    with pytest.raises(TaskDataError, match=r"task 'moves', column 'motion', row 13: the clip has 2 features a "
+                                            r"frame, the task's pose_summary statistics 4"):
+        task.encode(13, tok)
+    assert task.fit_statistics()["pose_summary"] == Task("moves", INSTRUCTION, TRAIN).fit_statistics()["pose_summary"]
+    text = Task("moves", "[TEXT:motion,preprocess=pose_summary] -> [TEXT:label]", TRAIN)
+    with pytest.raises(ValueError, match="pose_summary reads pose frames; declare the slot as MOTION"):
+        text.plan(tok)
+    target = Task("moves", "[TEXT:label] -> [MOTION:motion,preprocess=pose_summary]", TRAIN)
+    with pytest.raises(ValueError, match="only the encoder reads; use it on an input slot"):
+        target.plan(tok)
+    corrupt = {"pose_summary": {"motion": {"mean": [0.0] * 12, "std": [1.0] * 11 + [0.0]}}}
+    with pytest.raises(ValueError, match=r"preprocessor 'pose_summary': pose_summary statistics of column "
+                                         r"'motion': need equal-length mean and std"):
+        Task("moves", INSTRUCTION, HELD_OUT).plan(tok, corrupt)
+
+
+def test_the_suite_declares_motion_as_window_statistics_on_request():
+    plain, = suite_tasks(["motion_classification"])
+    summarised, = suite_tasks(["motion_classification"], pose_summary=True)
+
+    def preprocess(task):
+        return [s.attrs["preprocess"] for s in task.build("test").instruction.encoder_slots if "preprocess" in s.attrs]
+
+    assert preprocess(plain) == [] and preprocess(summarised) == ["pose_summary"]
+    both = suite_tasks(["motion_classification", "doc_topic"], pose_summary=True, bag_of_words=True)
+    assert [preprocess(t) for t in both] == [["pose_summary"], ["bag_of_words"]]  # they combine
+    assert BenchConfig(pose_summary=True, pretrained_inputs=True).pose_summary
