@@ -6,6 +6,7 @@ Usage:
     python scripts/bench_quality.py --quick               # 1 seed, a few steps: the report's shape only
     python scripts/bench_quality.py --seeds 0 --systems dense attribute --steps 800
     python scripts/bench_quality.py --systems dense attribute --pretrained-inputs   # frozen MiniLM / Whisper inputs
+    python scripts/bench_quality.py --merge a/quality.json b/quality.json --out c   # one report over both runs' seeds
     make bench-quality
 
 Writes quality.json, quality.md and quality.png to --out (default bench_results/quality) and
@@ -21,7 +22,13 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moe_gen.quality.report import markdown  # noqa: E402
-from moe_gen.quality.runner import GENERALISTS, BenchConfig, default_output, run_benchmark  # noqa: E402
+from moe_gen.quality.runner import (  # noqa: E402
+    GENERALISTS,
+    BenchConfig,
+    default_output,
+    merge_reports,
+    run_benchmark,
+)
 
 QUICK = dict(seeds=(0,), steps=26, eval_limit=4, fit_rows=4, warmup_steps=2, batch_size=8)
 
@@ -70,8 +77,19 @@ def main(argv=None) -> int:
                         help="reuse the specialists of an earlier report made with the same settings")
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
+    parser.add_argument("--merge", nargs="+", metavar="QUALITY_JSON",
+                        help="train nothing: merge reports of the same settings on other seeds into one (--out)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
+    if args.merge:
+        out = args.out or default_output(False)
+        try:
+            report = merge_reports(args.merge, out)
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(markdown(report))
+        print(f"written to {out}/quality.{{json,md,png}}")
+        return 0
 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",

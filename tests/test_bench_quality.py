@@ -346,3 +346,36 @@ def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match
     with pytest.raises(ValueError, match=r"for other steps, .*table_wine \(2 steps there, 4 here\)"):
         run_benchmark(BenchConfig(**tiny, systems=(), specialists_from=str(tmp_path / "e" / "quality.json"),
                                   output_dir=str(tmp_path / "f")), say=lambda _: None)
+
+
+def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
+    """``merge_reports`` (``--merge``): runs on seeds 0 and 1 apart give the report one run on both
+    gives; other settings, a seed in two reports or other classical baselines are refused."""
+    from moe_gen.quality.runner import BenchConfig, merge_reports, run_benchmark
+
+    tiny = dict(tasks=("table_wine",), systems=("dense",), steps=4, batch_size=4, warmup_steps=1, eval_limit=4,
+                fit_rows=0, workers=1, threads=1)
+    both = run_benchmark(BenchConfig(seeds=(0, 1), output_dir=str(tmp_path / "both"), **tiny), say=lambda _: None)
+    for seed in (0, 1):
+        run_benchmark(BenchConfig(seeds=(seed,), output_dir=str(tmp_path / f"s{seed}"), **tiny), say=lambda _: None)
+    paths = [str(tmp_path / f"s{seed}" / "quality.json") for seed in (0, 1)]
+    merged = merge_reports(paths, str(tmp_path / "merged"))
+    assert tuple(merged["config"]["seeds"]) == (0, 1) and merged["config"]["output_dir"] == str(tmp_path / "merged")
+    for key in ("scores", "relative", "mean_relative_learned", "classical", "fit"):
+        assert merged[key] == both[key], key
+    assert (tmp_path / "merged" / "quality.md").read_text().count("| table_wine |") == 1
+    with pytest.raises(ValueError, match=r"both hold the dense run of seed 0 \(table_wine\)"):
+        merge_reports([paths[0], paths[0]], str(tmp_path / "x"))
+    run_benchmark(BenchConfig(**{**tiny, "steps": 6}, seeds=(2,), output_dir=str(tmp_path / "s2")), say=lambda _: None)
+    with pytest.raises(ValueError, match=r"s2/quality.json' was made with other settings: steps 4 in .*, 6 here"):
+        merge_reports([paths[0], str(tmp_path / "s2" / "quality.json")], str(tmp_path / "x"))
+    other = json.loads((tmp_path / "s1" / "quality.json").read_text())
+    other["classical"]["table_wine"]["logreg"] = 0.5
+    (tmp_path / "other.json").write_text(json.dumps(other))
+    with pytest.raises(ValueError, match="has other classical baselines"):
+        merge_reports([paths[0], str(tmp_path / "other.json")], str(tmp_path / "x"))
+    (tmp_path / "broken.json").write_text("[1, 2]")
+    with pytest.raises(ValueError, match=r"broken.json'?: not a readable quality.json \(no config, runs, classical\)"):
+        merge_reports([paths[0], str(tmp_path / "broken.json")], str(tmp_path / "x"))
+    with pytest.raises(ValueError, match="at least two reports"):
+        merge_reports(paths[:1], str(tmp_path / "x"))

@@ -354,15 +354,9 @@ def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]
     steps its specialist takes here) and ``cfg.seeds``, marked ``reused_from``; raises
     ``ValueError`` when that report was made with other specialist settings, lacks a run, or
     trained one for other steps (its task's share of another task set)."""
-    import json
-
     path = cfg.specialists_from
-    try:
-        with open(path) as f:
-            earlier = json.load(f)
-        config, runs = earlier["config"], earlier["runs"]
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ValueError(f"specialists_from {path!r}: not a readable quality.json ({exc})") from exc
+    earlier = _read_report(path)
+    config, runs = earlier["config"], earlier["runs"]
     defaults = dataclasses.asdict(BenchConfig())
     differ = [f"{k} {config.get(k, defaults[k])!r} there, {getattr(cfg, k)!r} here" for k in SPECIALIST_SETTINGS
               if config.get(k, defaults[k]) != getattr(cfg, k)]
@@ -440,6 +434,67 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     results = _run_jobs(jobs, cfg.workers, say) + reused
     report = build_report(cfg, suite, classical, results, wall_seconds=time.perf_counter() - start)
     write_report(report, cfg.output_dir)
+    return report
+
+
+# BenchConfig fields that may differ between reports merged into one: which seeds ran, where the
+# specialists came from, how many processes ran them and where the report went.
+MERGE_FREE = ("seeds", "specialists_from", "workers", "output_dir")
+
+
+def _read_report(path: str) -> dict:
+    import json
+
+    try:
+        with open(path) as f:
+            report = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{path!r}: not a readable quality.json ({exc})") from exc
+    missing = [k for k in ("config", "runs", "classical") if not isinstance(report, dict) or k not in report]
+    if missing:
+        raise ValueError(f"{path!r}: not a readable quality.json (no {', '.join(missing)})")
+    return report
+
+
+def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
+    """One report from several ``quality.json`` of the same settings on other seeds (e.g. a run of
+    ``--seeds 0 1 2`` and one of ``--seeds 3 4 5``): their runs pooled, seeds united, wall times
+    added; written to ``output_dir``. Raises ``ValueError`` naming the file and what differs when a
+    setting other than ``MERGE_FREE`` differs, the classical baselines differ (other held-out
+    rows) or a system's seed is in two reports."""
+    from moe_gen.quality.report import build_report, write_report
+    from moe_gen.quality.suite import suite_tasks
+
+    if len(paths) < 2:
+        raise ValueError(f"merging needs at least two reports, got {len(paths)}")
+    reports = [_read_report(p) for p in paths]
+    fields = {f.name for f in dataclasses.fields(BenchConfig)}
+    defaults = dataclasses.asdict(BenchConfig())
+    first = {k: v for k, v in reports[0]["config"].items() if k in fields}
+    for path, report in zip(paths[1:], reports[1:]):
+        config = report["config"]
+        differ = [f"{k} {first.get(k, defaults[k])!r} in {paths[0]!r}, {config.get(k, defaults[k])!r} here"
+                  for k in sorted(fields - set(MERGE_FREE)) if config.get(k, defaults[k]) != first.get(k, defaults[k])]
+        if differ:
+            raise ValueError(f"{path!r} was made with other settings: {'; '.join(differ)}")
+        if report["classical"] != reports[0]["classical"]:
+            raise ValueError(f"{path!r} has other classical baselines than {paths[0]!r} (other held-out rows?)")
+    seen: dict[tuple, str] = {}
+    for path, report in zip(paths, reports):
+        for run in report["runs"]:
+            key = (run["system"], run["seed"], tuple(run["tasks"]))
+            if key in seen:
+                raise ValueError(f"{path!r} and {seen[key]!r} both hold the {run['system']} run of seed "
+                                 f"{run['seed']} ({', '.join(run['tasks'])})")
+            seen[key] = path
+    seeds = sorted({s for report in reports for s in report["config"]["seeds"]})
+    cfg = BenchConfig(**{**first, "tasks": tuple(first.get("tasks", ())), "systems": tuple(first["systems"]),
+                         "seeds": tuple(seeds), "output_dir": output_dir})
+    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
+                        pose_summary=cfg.pose_summary)
+    report = build_report(cfg, suite, reports[0]["classical"], [r for rep in reports for r in rep["runs"]],
+                          wall_seconds=sum(float(rep.get("wall_seconds", 0.0)) for rep in reports))
+    write_report(report, output_dir)
     return report
 
 
