@@ -78,7 +78,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--merge", nargs="+", metavar="QUALITY_JSON",
-                        help="train nothing: merge reports of the same settings on other seeds into one (--out)")
+                        help="train nothing: merge reports of the same settings on other seeds into one report "
+                             "written to --out (every other option is ignored)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.merge:

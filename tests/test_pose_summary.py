@@ -46,8 +46,7 @@ def summary(task: Task, row: dict, tok: Tokenizer, statistics=None, training: bo
     return chunk.rows
 
 
-def test_the_row_is_the_classical_pose_features_standardised_with_the_training_rows():
-    tok = Tokenizer.default()
+def test_the_row_is_the_classical_pose_features_standardised_with_the_training_rows(tok):
     task = Task("moves", INSTRUCTION, TRAIN)
     features = pose_features(TRAIN)
     mean, std = features.mean(0), features.std(0)
