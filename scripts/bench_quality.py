@@ -70,6 +70,9 @@ def main(argv=None) -> int:
                         help="doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its training rows")
     parser.add_argument("--pose-summary", action="store_true",
                         help="motion classification reads each pose window as one row of per-feature statistics")
+    parser.add_argument("--pose-noise", type=float,
+                        help="with --pose-summary: std of Gaussian noise added to each standardised statistic in "
+                             "training (the slot's feature_noise)")
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--fit-rows", type=int, help="training rows scored per classification task (default 50; 0: "
                         "none): tells under-fitting from over-fitting")
@@ -78,8 +81,8 @@ def main(argv=None) -> int:
     parser.add_argument("--workers", type=int)
     parser.add_argument("--threads", type=int)
     parser.add_argument("--merge", nargs="+", metavar="QUALITY_JSON",
-                        help="train nothing: merge reports of the same settings on other seeds into one report "
-                             "written to --out (every other option is ignored)")
+                        help="train nothing: merge reports of the same settings on other seeds or systems into "
+                             "one report written to --out (every other option is ignored)")
     parser.add_argument("--out")
     args = parser.parse_args(argv)
     if args.merge:
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
-                 "upcycle_at", "upcycle_top_k",
+                 "upcycle_at", "upcycle_top_k", "pose_noise",
                  "eval_limit", "fit_rows", "ema_decay", "loss_average", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

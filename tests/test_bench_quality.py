@@ -350,7 +350,8 @@ def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match
 
 def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
     """``merge_reports`` (``--merge``): runs on seeds 0 and 1 apart give the report one run on both
-    gives; other settings, a seed in two reports or other classical baselines are refused."""
+    gives, and so do runs of other systems; other settings, a system's seed in two reports or other
+    classical baselines are refused."""
     from moe_gen.quality.runner import BenchConfig, merge_reports, run_benchmark
 
     tiny = dict(tasks=("table_wine",), systems=("dense",), steps=4, batch_size=4, warmup_steps=1, eval_limit=4,
@@ -379,3 +380,13 @@ def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
         merge_reports([paths[0], str(tmp_path / "broken.json")], str(tmp_path / "x"))
     with pytest.raises(ValueError, match="at least two reports"):
         merge_reports(paths[:1], str(tmp_path / "x"))
+    # other systems of the same seeds: a dense and an attribute run merge into the run of both
+    pair = run_benchmark(BenchConfig(**{**tiny, "systems": ("dense", "attribute")}, seeds=(0, 1),
+                                     output_dir=str(tmp_path / "pair")), say=lambda _: None)
+    run_benchmark(BenchConfig(**{**tiny, "systems": ("attribute",)}, seeds=(0, 1), specialists=False,
+                              output_dir=str(tmp_path / "attr")), say=lambda _: None)
+    united = merge_reports([str(tmp_path / "attr" / "quality.json"), str(tmp_path / "both" / "quality.json")],
+                           str(tmp_path / "united"))
+    assert tuple(united["config"]["systems"]) == ("dense", "attribute") and united["config"]["specialists"]
+    for key in ("scores", "relative", "mean_relative_learned", "fit"):
+        assert united[key] == pair[key], key

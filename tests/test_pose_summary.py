@@ -130,3 +130,34 @@ def test_the_suite_declares_motion_as_window_statistics_on_request():
     both = suite_tasks(["motion_classification", "doc_topic"], pose_summary=True, bag_of_words=True)
     assert [preprocess(t) for t in both] == [["pose_summary"], ["bag_of_words"]]  # they combine
     assert BenchConfig(pose_summary=True, pretrained_inputs=True).pose_summary
+
+
+def test_feature_noise_perturbs_training_rows_only_by_gaussian_noise_of_its_std(tok):
+    noisy = Task("moves", INSTRUCTION.replace("pose_summary", "pose_summary,feature_noise=0.5"), TRAIN)
+    clean = Task("moves", INSTRUCTION, TRAIN)
+    assert noisy.fit_statistics() == clean.fit_statistics()  # statistics are read without noise
+    row = TRAIN[3]
+    exact = summary(clean, row, tok)
+    assert torch.equal(summary(noisy, row, tok), exact)  # evaluation reads the exact row
+    draws = torch.cat([summary(noisy, row, tok, training=True, seed=s) - exact for s in range(400)])
+    assert torch.equal(summary(noisy, row, tok, training=True, seed=7) - exact, draws[7:8])  # seeded
+    assert abs(draws.mean().item()) < 0.02 and abs(draws.std().item() - 0.5) < 0.02  # N(0, 0.5²)
+    assert abs(np.corrcoef(draws[:, 0].numpy(), draws[:, 1].numpy())[0, 1]) < 0.15  # independent features
+    assert torch.equal(summary(clean, row, tok, training=True, seed=7), exact)  # no noise unless asked
+    with pytest.raises(ValueError, match="feature_noise perturbs window statistics; it applies to "
+                                         "preprocess=pose_summary only"):
+        Task("moves", "[MOTION:motion,feature_noise=0.5] what is the person doing? -> [TEXT:label]", TRAIN).plan(tok)
+    with pytest.raises(ValueError, match="feature_noise"):
+        Task("moves", INSTRUCTION.replace("pose_summary", "pose_summary,feature_noise=-1"), TRAIN)
+
+
+def test_the_bench_adds_pose_noise_to_the_summarised_motion_slot():
+    noisy, = suite_tasks(["motion_classification"], pose_summary=True, pose_noise=0.75)
+    slot, = [s for s in noisy.build("train").instruction.encoder_slots if "preprocess" in s.attrs]
+    assert (slot.attrs["preprocess"], slot.attrs["feature_noise"]) == ("pose_summary", 0.75)
+    with pytest.raises(ValueError, match="pose_noise perturbs the pose-summary rows; it needs pose_summary"):
+        suite_tasks(["motion_classification"], pose_noise=0.75)
+    with pytest.raises(ValueError, match="BenchConfig.pose_noise must be >= 0"):
+        BenchConfig(pose_noise=0.5)
+    with pytest.raises(ValueError, match="BenchConfig.pose_noise must be >= 0"):
+        BenchConfig(pose_summary=True, pose_noise=-0.5)

@@ -400,7 +400,9 @@ def _inputs_line(config: dict) -> str:
         line += (f" Text read as a bag of words (TF-IDF over a vocabulary of the training rows): "
                  f"{read(BAG_OF_WORDS_INPUTS)}.")
     if config.get("pose_summary") and read(POSE_SUMMARY_INPUTS):
-        line += f" Pose windows read as per-feature window statistics: {read(POSE_SUMMARY_INPUTS)}."
+        noise = config.get("pose_noise")
+        noisy = f", Gaussian noise of std {noise:g} added in training" if noise else ""
+        line += f" Pose windows read as per-feature window statistics{noisy}: {read(POSE_SUMMARY_INPUTS)}."
     return line
 
 

@@ -76,6 +76,8 @@ class BenchConfig:
         pose_summary: motion classification reads each pose window as one row of per-feature
             window statistics, standardised with the training rows' (``suite.POSE_SUMMARY_INPUTS``),
             for every system.
+        pose_noise: std of the Gaussian noise added to every standardised statistic of those rows
+            in training (the slot's ``feature_noise``; 0: none; needs ``pose_summary``).
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         fit_rows: training rows scored per classification task (evenly spaced over the train split,
@@ -111,6 +113,7 @@ class BenchConfig:
     pretrained_inputs: bool = False
     bag_of_words: bool = False
     pose_summary: bool = False
+    pose_noise: float = 0.0
     eval_limit: int = 100
     fit_rows: int = 50
     specialists_from: Optional[str] = None
@@ -144,6 +147,9 @@ class BenchConfig:
         if self.pretrained_inputs and self.bag_of_words:
             raise ValueError("BenchConfig.pretrained_inputs and bag_of_words both redeclare doc_topic's input; "
                              "choose one")
+        if self.pose_noise < 0 or (self.pose_noise and not self.pose_summary):
+            raise ValueError(f"BenchConfig.pose_noise must be >= 0 and perturbs the pose-summary rows (it needs "
+                             f"pose_summary), got {self.pose_noise}")
         if self.specialists_from and not self.specialists:
             raise ValueError("BenchConfig.specialists_from reuses specialists; it does not combine with "
                              "specialists=False (--no-specialists)")
@@ -254,7 +260,7 @@ def train_and_score(job: dict) -> dict:
     cfg = BenchConfig(**job["config"])
     torch.set_num_threads(cfg.threads)
     suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary)
+                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise)
     train = [t.build("train") for t in suite]
     test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
     start = time.perf_counter()
@@ -345,7 +351,8 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
 SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
-                       "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary", "eval_limit",
+                       "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary", "pose_noise",
+                       "eval_limit",
                        "fit_rows", "ema_decay", "threads")
 
 
@@ -414,7 +421,7 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
 
     start = time.perf_counter()
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary)
+                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise)
     names = [t.name for t in suite]
     classical, train_tasks = {}, []
     for task in suite:
@@ -439,7 +446,7 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
 
 # BenchConfig fields that may differ between reports merged into one: which seeds ran, where the
 # specialists came from, how many processes ran them and where the report went.
-MERGE_FREE = ("seeds", "specialists_from", "workers", "output_dir")
+MERGE_FREE = ("seeds", "systems", "specialists", "specialists_from", "workers", "output_dir")
 
 
 def _read_report(path: str) -> dict:
@@ -457,9 +464,10 @@ def _read_report(path: str) -> dict:
 
 
 def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
-    """One report from several ``quality.json`` of the same settings on other seeds (e.g. a run of
-    ``--seeds 0 1 2`` and one of ``--seeds 3 4 5``): their runs pooled, seeds united, wall times
-    added; written to ``output_dir``. Raises ``ValueError`` naming the file and what differs when a
+    """One report from several ``quality.json`` of the same settings on other seeds or systems
+    (e.g. a run of ``--seeds 0 1 2`` and one of ``--seeds 3 4 5``, or a dense run and an attribute
+    run with ``--no-specialists``): their runs pooled, seeds and systems united, wall times added;
+    written to ``output_dir``. Raises ``ValueError`` naming the file and what differs when a
     setting other than ``MERGE_FREE`` differs, the classical baselines differ (other held-out
     rows) or a system's seed is in two reports."""
     from moe_gen.quality.report import build_report, write_report
@@ -488,10 +496,13 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
                                  f"{run['seed']} ({', '.join(run['tasks'])})")
             seen[key] = path
     seeds = sorted({s for report in reports for s in report["config"]["seeds"]})
-    cfg = BenchConfig(**{**first, "tasks": tuple(first.get("tasks", ())), "systems": tuple(first["systems"]),
-                         "seeds": tuple(seeds), "output_dir": output_dir})
+    systems = {s for report in reports for s in report["config"]["systems"]}
+    cfg = BenchConfig(**{**first, "tasks": tuple(first.get("tasks", ())), "seeds": tuple(seeds),
+                         "systems": tuple(s for s in GENERALISTS if s in systems), "output_dir": output_dir,
+                         "specialists": any(report["config"].get("specialists", True) for report in reports),
+                         "specialists_from": None})
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary)
+                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise)
     report = build_report(cfg, suite, reports[0]["classical"], [r for rep in reports for r in rep["runs"]],
                           wall_seconds=sum(float(rep.get("wall_seconds", 0.0)) for rep in reports))
     write_report(report, output_dir)

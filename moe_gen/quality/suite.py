@@ -301,14 +301,19 @@ def _with_preprocess(task: SuiteTask, slot: str, preprocess: str, frozen: bool) 
 
 
 def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: bool = False,
-                bag_of_words: bool = False, pose_summary: bool = False) -> list[SuiteTask]:
+                bag_of_words: bool = False, pose_summary: bool = False, pose_noise: float = 0.0) -> list[SuiteTask]:
     """The suite, or the named tasks (of the suite or ``EXTRA``, in that order); unknown names are
     an error. With ``pretrained_inputs`` the tasks of ``PRETRAINED_INPUTS`` read their input
     through a frozen pretrained encoder; with ``bag_of_words`` those of ``BAG_OF_WORDS_INPUTS``
     read their text as a bag of words (not both: they declare the same slot); with
-    ``pose_summary`` those of ``POSE_SUMMARY_INPUTS`` read their pose windows as window statistics."""
+    ``pose_summary`` those of ``POSE_SUMMARY_INPUTS`` read their pose windows as window statistics,
+    perturbed in training by Gaussian noise of std ``pose_noise`` (the slot's ``feature_noise``)."""
     if pretrained_inputs and bag_of_words:
         raise ValueError("pretrained_inputs and bag_of_words both redeclare doc_topic's text input; choose one")
+    if pose_noise and not pose_summary:
+        raise ValueError("pose_noise perturbs the pose-summary rows; it needs pose_summary")
+    summary = {name: (slot, f"{preprocess},feature_noise={float(pose_noise)!r}" if pose_noise else preprocess)
+               for name, (slot, preprocess) in POSE_SUMMARY_INPUTS.items()}
     every = SUITE + EXTRA
     known = {t.name for t in every}
     unknown = [n for n in names or () if n not in known]
@@ -317,7 +322,7 @@ def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: boo
     chosen = list(SUITE) if not names else [t for t in every if t.name in set(names)]
     redeclared = [(inputs, frozen) for inputs, frozen, wanted in (
         (PRETRAINED_INPUTS, True, pretrained_inputs), (BAG_OF_WORDS_INPUTS, False, bag_of_words),
-        (POSE_SUMMARY_INPUTS, False, pose_summary)) if wanted]
+        (summary, False, pose_summary)) if wanted]
     for inputs, frozen in redeclared:  # each redeclares other tasks' slots
         chosen = [_with_preprocess(t, *inputs[t.name], frozen) if t.name in inputs else t for t in chosen]
     return chosen

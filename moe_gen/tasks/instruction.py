@@ -189,6 +189,8 @@ BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
         min_length=_LENGTH, max_length=_LENGTH, sample_rate=AttrSpec("int", 1),
         soft_trim=AttrSpec("float", 0.0, 1.0, inclusive=False), window=_FLAG,
         anchor_frame=AttrSpec("int", 0),
+        feature_noise=AttrSpec("float", 0.0, help="std of Gaussian noise added to each standardised window "
+                               "statistic in training (preprocess=pose_summary)"),
     ),
 }
 

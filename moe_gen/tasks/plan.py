@@ -272,6 +272,9 @@ class TaskPlan:
             self._check_augment(where, slot, side, preprocess)
         if "vocab_size" in slot.attrs and preprocess != "bag_of_words":
             raise ValueError(f"{where}: vocab_size sizes a bag of words; it applies to preprocess=bag_of_words only")
+        if "feature_noise" in slot.attrs and preprocess != "pose_summary":
+            raise ValueError(f"{where}: feature_noise perturbs window statistics; it applies to "
+                             "preprocess=pose_summary only")
         # A preprocessor whose rows only one adapter reads (a frozen encoder's states) names it.
         own = getattr(self._preprocessors[preprocess], "adaptor", None)
         if own is not None and side != "encoder":
