@@ -352,8 +352,7 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
 SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
                        "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary", "pose_noise",
-                       "eval_limit",
-                       "fit_rows", "ema_decay", "threads")
+                       "eval_limit", "fit_rows", "ema_decay", "threads")
 
 
 def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]:
