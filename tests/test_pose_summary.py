@@ -147,7 +147,8 @@ def test_feature_noise_perturbs_training_rows_only_by_gaussian_noise_of_its_std(
     with pytest.raises(ValueError, match="feature_noise perturbs window statistics; it applies to "
                                          "preprocess=pose_summary only"):
         Task("moves", "[MOTION:motion,feature_noise=0.5] what is the person doing? -> [TEXT:label]", TRAIN).plan(tok)
-    with pytest.raises(ValueError, match="feature_noise"):
+    with pytest.raises(ValueError, match=r"task 'moves': bad value for 'feature_noise': expected float >= 0, "
+                                         r"got '-1'"):
         Task("moves", INSTRUCTION.replace("pose_summary", "pose_summary,feature_noise=-1"), TRAIN)
 
 

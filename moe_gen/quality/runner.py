@@ -443,8 +443,8 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     return report
 
 
-# BenchConfig fields that may differ between reports merged into one: which seeds ran, where the
-# specialists came from, how many processes ran them and where the report went.
+# BenchConfig fields that may differ between reports merged into one: which seeds and systems ran,
+# whether and where from the specialists came, how many processes ran them and where the report went.
 MERGE_FREE = ("seeds", "systems", "specialists", "specialists_from", "workers", "output_dir")
 
 
