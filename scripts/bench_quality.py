@@ -6,7 +6,7 @@ Usage:
     python scripts/bench_quality.py --quick               # 1 seed, a few steps: the report's shape only
     python scripts/bench_quality.py --seeds 0 --systems dense attribute --steps 800
     python scripts/bench_quality.py --systems dense attribute --pretrained-inputs   # frozen MiniLM / Whisper inputs
-    python scripts/bench_quality.py --merge a/quality.json b/quality.json --out c   # one report of both runs' seeds, systems
+    python scripts/bench_quality.py --merge a/quality.json b/quality.json --out c   # both runs in one report
     make bench-quality
 
 Writes quality.json, quality.md and quality.png to --out (default bench_results/quality) and
