@@ -33,7 +33,7 @@ from moe_gen.quality.runner import (  # noqa: E402
 QUICK = dict(seeds=(0,), steps=26, eval_limit=4, fit_rows=4, warmup_steps=2, batch_size=8)
 
 
-def main(argv=None) -> int:
+def make_parser() -> argparse.ArgumentParser:
     from moe_gen.objectives import LOSS_AVERAGES
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -84,6 +84,11 @@ def main(argv=None) -> int:
                         help="train nothing: merge reports of the same settings on other seeds or systems into "
                              "one report written to --out (every other option is ignored)")
     parser.add_argument("--out")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = make_parser()
     args = parser.parse_args(argv)
     if args.merge:
         out = args.out or default_output(False)
@@ -95,6 +100,16 @@ def main(argv=None) -> int:
         print(f"written to {out}/quality.{{json,md,png}}")
         return 0
 
+    config = config_from_args(parser, args)
+    report = run_benchmark(config, say=lambda line: print(line, flush=True))
+    print()
+    print(markdown(report))
+    print(f"written to {config.output_dir}/quality.{{json,md,png}}")
+    return 0
+
+
+def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) -> BenchConfig:
+    """The ``BenchConfig`` the parsed options ask for (``parser.error`` on a malformed one)."""
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
                  "upcycle_at", "upcycle_top_k", "pose_noise",
@@ -111,13 +126,11 @@ def main(argv=None) -> int:
     fields["moe_attention"] = args.moe_attention
     if args.specialists_from:
         fields["specialists_from"] = args.specialists_from
-    config = BenchConfig(tasks=tuple(args.tasks), systems=tuple(args.systems), specialists=not args.no_specialists,
-                         output_dir=args.out or default_output(args.quick), **fields)
-    report = run_benchmark(config, say=lambda line: print(line, flush=True))
-    print()
-    print(markdown(report))
-    print(f"written to {config.output_dir}/quality.{{json,md,png}}")
-    return 0
+    try:
+        return BenchConfig(tasks=tuple(args.tasks), systems=tuple(args.systems), specialists=not args.no_specialists,
+                           output_dir=args.out or default_output(args.quick), **fields)
+    except ValueError as exc:  # a combination BenchConfig refuses, e.g. --pose-noise without --pose-summary
+        parser.error(str(exc))
 
 
 def _lr_scales(parser, items: list[str]) -> dict[str, float]:

@@ -390,3 +390,50 @@ def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
     assert tuple(united["config"]["systems"]) == ("dense", "attribute") and united["config"]["specialists"]
     for key in ("scores", "relative", "mean_relative_learned", "fit"):
         assert united[key] == pair[key], key
+
+
+def _bench_script(monkeypatch):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("bench_quality", os.path.join(ROOT, "scripts", "bench_quality.py"))
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "bench_quality", module)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
+    bench = _bench_script(monkeypatch)
+    parser = bench.make_parser()
+    argv = ["--systems", "dense", "attribute", "--no-specialists", "--seeds", "6", "7", "--steps", "120",
+            "--mixing", "uniform", "--temperature", "3", "--batch-size", "8", "--lr", "1e-3",
+            "--lr-scale", "adapters.bag_of_words=6", "--lr-scale", "adapters.pose_summary=3", "--flavour", "tiny",
+            "--num-experts", "4", "--expert-hidden", "96", "--moe-attention", "--loss-average", "sample",
+            "--ema-decay", "0.99", "--bag-of-words",
+            "--pose-summary", "--pose-noise", "1.5", "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
+            "--threads", "1", "--tasks", "doc_topic", "motion_classification", "--out", str(tmp_path)]
+    config = bench.config_from_args(parser, parser.parse_args(argv))
+    expected = dict(systems=("dense", "attribute"), specialists=False, seeds=(6, 7), steps=120, mixing="uniform",
+                    temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
+                    moe_attention=True, loss_average="sample", ema_decay=0.99,
+                    bag_of_words=True, pose_summary=True, pose_noise=1.5, eval_limit=20, fit_rows=10, workers=2,
+                    threads=1, tasks=("doc_topic", "motion_classification"), output_dir=str(tmp_path),
+                    lr_scales={"adapters.bag_of_words": 6.0, "adapters.pose_summary": 3.0})
+    assert {k: getattr(config, k) for k in expected} == expected
+    upcycled = bench.config_from_args(parser, parser.parse_args(["--upcycle-at", "0.5", "--upcycle-top-k", "2"]))
+    assert (upcycled.upcycle_at, upcycled.upcycle_top_k) == (0.5, 2)
+    # options left out keep BenchConfig's defaults
+    defaults = bench.config_from_args(parser, parser.parse_args(["--out", str(tmp_path)]))
+    assert dataclasses.replace(defaults, output_dir=None) == dataclasses.replace(
+        bench.BenchConfig(), output_dir=None)
+
+
+def test_command_line_refuses_what_the_bench_config_refuses(monkeypatch, capsys):
+    bench = _bench_script(monkeypatch)
+    parser = bench.make_parser()
+    for argv, message in ((["--pose-noise", "1"], "it needs pose_summary"),
+                          (["--lr-scale", "adapters.bag_of_words"], "--lr-scale takes PREFIX=SCALE")):
+        with pytest.raises(SystemExit) as exit_info:
+            bench.config_from_args(parser, parser.parse_args(argv))
+        assert exit_info.value.code == 2
+        assert message in capsys.readouterr().err
