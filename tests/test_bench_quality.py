@@ -120,6 +120,16 @@ def test_quick_report_shape(tmp_path):
     fit = report["fit"]["attribute"]["table_wine"]
     assert wine.split(" | ")[6] == f"{fit['train']['mean']:.2f} / {fit['held_out']['mean']:.2f}"
     assert "logreg_states" not in markdown and "frozen pretrained" not in markdown
+    # the wrong held-out answers of every classification task: as many as the accuracy leaves
+    accuracy_tasks = [t["name"] for t in report["tasks"] if t["classification"] and t["metric"] == "accuracy"]
+    for system in report["systems"]:
+        assert set(report["errors"][system]) == set(report["classical"]), system
+        for name in accuracy_tasks:
+            entry = report["errors"][system][name]
+            wrong = sum(n for *_, n in entry["errors"])
+            assert entry["rows"] == 4 and wrong == round((1 - report["scores"][system][name]["mean"]) * 4), name
+            assert all(ref != answer and n >= 1 for ref, answer, n in entry["errors"])
+    assert "Most frequent wrong answers on held-out rows" in markdown
     # with pretrained inputs, the linear model on the frozen states gets its own column and note
     from moe_gen.quality.report import markdown as render
 
@@ -160,6 +170,9 @@ def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():
     assert seen == [f"row {i}" for i in range(0, 100, 10)]
     assert [r["text"] for r in held_out(task, 10).data] == seen
     assert held_out(task, 500) is task
+    pairs = []  # (answer, reference) of every scored row, in row order
+    assert evaluate_task(model, task, limit=10, pairs=pairs)["accuracy"] == pytest.approx(0.5)
+    assert pairs == [("a", "a" if i < 50 else "b") for i in range(0, 100, 10)]
 
 
 def test_specialists_get_their_tasks_share_of_the_generalists_steps():
@@ -362,9 +375,11 @@ def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
     paths = [str(tmp_path / f"s{seed}" / "quality.json") for seed in (0, 1)]
     merged = merge_reports(paths, str(tmp_path / "merged"))
     assert tuple(merged["config"]["seeds"]) == (0, 1) and merged["config"]["output_dir"] == str(tmp_path / "merged")
-    for key in ("scores", "relative", "mean_relative_learned", "classical", "fit"):
+    for key in ("scores", "relative", "mean_relative_learned", "classical", "fit", "errors"):
         assert merged[key] == both[key], key
-    assert (tmp_path / "merged" / "quality.md").read_text().count("| table_wine |") == 1
+    assert merged["errors"]["dense"]["table_wine"]["rows"] == 8  # 4 held-out rows, two seeds
+    # one row in the score table and one in the wrong-answer table
+    assert (tmp_path / "merged" / "quality.md").read_text().count("| table_wine |") == 2
     with pytest.raises(ValueError, match=r"both hold the dense run of seed 0 \(table_wine\)"):
         merge_reports([paths[0], paths[0]], str(tmp_path / "x"))
     run_benchmark(BenchConfig(**{**tiny, "steps": 6}, seeds=(2,), output_dir=str(tmp_path / "s2")), say=lambda _: None)
@@ -388,7 +403,7 @@ def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
     united = merge_reports([str(tmp_path / "attr" / "quality.json"), str(tmp_path / "both" / "quality.json")],
                            str(tmp_path / "united"))
     assert tuple(united["config"]["systems"]) == ("dense", "attribute") and united["config"]["specialists"]
-    for key in ("scores", "relative", "mean_relative_learned", "fit"):
+    for key in ("scores", "relative", "mean_relative_learned", "fit", "errors"):
         assert united[key] == pair[key], key
 
 
@@ -437,3 +452,26 @@ def test_command_line_refuses_what_the_bench_config_refuses(monkeypatch, capsys)
             bench.config_from_args(parser, parser.parse_args(argv))
         assert exit_info.value.code == 2
         assert message in capsys.readouterr().err
+
+
+def test_wrong_answers_are_counted_per_pair_and_summed_over_seeds():
+    from moe_gen.quality.report import _error_lines, _errors
+    from moe_gen.quality.runner import held_out_errors
+
+    pairs = [("one", "two"), ("two", "two"), ("one", "two"), ("three", "two"), ("two", "three"), (2, "2")]
+    assert held_out_errors(pairs) == {"rows": 6, "errors": [["two", "one", 2], ["three", "two", 1],
+                                                            ["two", "three", 1]]}
+    runs = [{"system": "attribute", "seed": 0, "errors": {"digit_counting": held_out_errors(pairs)}},
+            {"system": "attribute", "seed": 1, "errors": {"digit_counting": held_out_errors([("three", "two")])}},
+            {"system": "dense", "seed": 0, "errors": {"digit_counting": held_out_errors([("two", "two")])}},
+            {"system": "dense", "seed": 1}]  # a run from a report made before errors were kept
+    errors = _errors(["dense", "attribute"], runs)
+    assert errors["attribute"]["digit_counting"] == {"rows": 7, "errors": [["two", "one", 2], ["two", "three", 2],
+                                                                            ["three", "two", 1]]}
+    assert errors["dense"]["digit_counting"] == {"rows": 1, "errors": []}
+    report = {"systems": ["specialist", "dense", "attribute"], "errors": errors,
+              "tasks": [{"name": "digit_counting"}, {"name": "table_wine"}]}
+    lines = _error_lines(report)
+    assert lines[3] == "| task | dense | attribute |"
+    assert lines[5] == "| digit_counting | none (0 of 1) | two → one: 2, two → three: 2 (5 of 7) |"
+    assert len(lines) == 6  # table_wine: no errors recorded, no row

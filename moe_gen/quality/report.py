@@ -90,6 +90,7 @@ def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_secon
         "attribute_minus_dense_learned": _paired_difference(learned, "attribute", "dense"),
         "no_relative_score": sorted(excluded),
         "fit": _fit(systems, results),
+        "errors": _errors(systems, results),
         "versus_classical": versus_classical,
         "parameters": parameters,
         "utilisation": _per_system_lists(results, lambda r: {layer: u["utilised"] for layer, u in
@@ -116,6 +117,42 @@ def _fit(systems, results: list[dict]) -> dict:
                          "held_out": _mean_std([r["scores"][name] for r in runs if name in r["scores_train"]])}
                   for name in names}
     return {s: tasks for s, tasks in fit.items() if tasks}
+
+
+def _errors(systems, results: list[dict]) -> dict:
+    """Per system and classification task, the wrong held-out answers summed over seeds: ``{"rows":
+    rows scored, "errors": [[reference, answer, count], ...]}``, most frequent first (runs from
+    reports that predate the summary add nothing)."""
+    errors: dict[str, dict[str, dict]] = {}
+    for r in results:
+        for name, summary in (r.get("errors") or {}).items():
+            entry = errors.setdefault(r["system"], {}).setdefault(name, {"rows": 0, "counts": {}})
+            entry["rows"] += summary["rows"]
+            for reference, answer, n in summary["errors"]:
+                entry["counts"][reference, answer] = entry["counts"].get((reference, answer), 0) + n
+    return {s: {name: {"rows": e["rows"], "errors": [[ref, ans, n] for (ref, ans), n in
+                                                     sorted(e["counts"].items(), key=lambda kv: (-kv[1], kv[0]))]}
+                for name, e in errors[s].items()} for s in systems if s in errors}
+
+
+def _error_lines(report: dict, top: int = 2) -> list[str]:
+    """The most frequent wrong answers per classification task and system."""
+    errors = report.get("errors") or {}
+    systems = [s for s in report["systems"] if s in errors]
+    if not systems:
+        return []
+    lines = ["", f"Most frequent wrong answers on held-out rows (reference → answer: count; at most {top}), and "
+             "wrong answers of all rows scored, summed over seeds:", "",
+             "| task | " + " | ".join(systems) + " |", "|---|" + "---|" * len(systems)]
+    for task in report["tasks"]:
+        entries = [errors[s].get(task["name"]) for s in systems]
+        if not any(e and e["errors"] for e in entries):
+            continue
+        cells = ["—" if e is None else (", ".join(f"{ref} → {ans}: {n}" for ref, ans, n in e["errors"][:top]) or
+                                        "none") + f" ({sum(n for *_, n in e['errors'])} of {e['rows']})"
+                 for e in entries]
+        lines.append(f"| {task['name']} | " + " | ".join(cells) + " |")
+    return lines
 
 
 def _fit_lines(report: dict) -> list[str]:
@@ -318,6 +355,7 @@ def markdown(report: dict) -> str:
         lines += ["", f"No relative score (the specialist scored 0): {', '.join(report['no_relative_score'])}."]
     lines += _learned_lines(report)
     lines += _fit_lines(report)
+    lines += _error_lines(report)
     if report["utilisation"]:
         lines += ["", "Expert utilisation on held-out rows (share of experts with ≥ 1/(4E) of the assignments), "
                   "per MoE layer, mean over seeds:", ""]

@@ -21,6 +21,7 @@ test split, which may be ordered by label), the rows the classical baselines are
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures
 import dataclasses
 import multiprocessing
@@ -272,8 +273,10 @@ def train_and_score(job: dict) -> dict:
         model = GeneralistModel.build(_model_config(cfg, system), train, Tokenizer.default())
         model, summary, last = _fit(cfg, model, train, steps, job["seed"], generalist=system != "specialist")
     trained = time.perf_counter()
+    answers = {task.name: [] for task in suite if task.classification}
     with RoutingRecorder(model) as recorder:
-        scores = {task.name: evaluate_task(model, rows)[task.metric] for task, rows in zip(suite, test)}
+        scores = {task.name: evaluate_task(model, rows, pairs=answers.get(task.name))[task.metric]
+                  for task, rows in zip(suite, test)}
     scores_train = {task.name: evaluate_task(model, held_out(rows, cfg.fit_rows))[task.metric]
                     for task, rows in zip(suite, train) if task.classification and cfg.fit_rows > 0}
     scores_last = None if last is model else {
@@ -288,13 +291,24 @@ def train_and_score(job: dict) -> dict:
                                            "mean_max_over_mean")}
     interference = _interference(model, test) if len(suite) > 1 else None
     return {"system": job["system"], "seed": job["seed"], "tasks": list(job["tasks"]), "scores": scores,
-            "scores_train": scores_train,
+            "scores_train": scores_train, "errors": {name: held_out_errors(pairs) for name, pairs in answers.items()},
             **({"scores_last": scores_last} if scores_last is not None else {}),
             "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
             "utilisation": _utilisation(tables) if tables.layer_names else {},
             "routing": routing, "interference": interference,
             "final_loss": summary["loss"], "train_seconds": trained - start,
             "seconds": time.perf_counter() - start, "steps": steps}
+
+
+def held_out_errors(pairs: Sequence[tuple]) -> dict:
+    """A classification task's held-out answers summarised: ``{"rows": scored rows, "errors":
+    [[reference, answer, count], ...]}``, every (reference, answer) pair whose texts differ with its
+    count, most frequent first (ties in the order of the labels' text). For an ``accuracy`` task the
+    errors sum to (1 − accuracy) · rows."""
+    wrong = collections.Counter((str(reference), str(answer)) for answer, reference in pairs
+                                if str(answer) != str(reference))
+    return {"rows": len(pairs),
+            "errors": [[ref, answer, n] for (ref, answer), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))]}
 
 
 def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool = True):

@@ -72,11 +72,14 @@ def spaced_indices(n: int, count: int) -> list[int]:
     return [(i * n) // count for i in range(count)]
 
 
-def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64) -> dict[str, float]:
+def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64,
+                  pairs: Optional[list] = None) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s rows: all of them, or ``limit`` rows evenly spaced over them
     (a test split may be ordered by label, e.g. pydoc topics alphabetically, so its first rows would
     not be a fair sample). With ``on_error="skip"``, rows that fail are left out and the metrics
-    include ``skipped``, their number."""
+    include ``skipped``, their number. ``pairs``, when given, receives ``(prediction, reference)``
+    of every scored row, in row order (what the metrics compared, e.g. the answer text and the
+    row's label)."""
     kind, scored = _targets(task, model)
     names = task.metrics or DEFAULT_METRICS[kind]
     count = len(task) if limit is None else min(limit, len(task))
@@ -119,6 +122,8 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
         raise TaskDataError(f"task {task.name!r}: none of the {count} rows evaluated could be scored "
                             f"({skipped} skipped; first error: {task.errors[0] if task.errors else '?'})")
     results = metric_fns.compute(names, predictions, references)
+    if pairs is not None:
+        pairs.extend(zip(predictions, references))
     if task.on_error == "skip":
         results["skipped"] = skipped
     return results
