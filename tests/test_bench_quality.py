@@ -475,3 +475,6 @@ def test_wrong_answers_are_counted_per_pair_and_summed_over_seeds():
     assert lines[3] == "| task | dense | attribute |"
     assert lines[5] == "| digit_counting | none (0 of 1) | two → one: 2, two → three: 2 (5 of 7) |"
     assert len(lines) == 6  # table_wine: no errors recorded, no row
+    # a long free-text answer is cut in the table, kept whole in the report
+    errors["dense"]["digit_counting"]["errors"] = [["two", "x" * 50, 1]]
+    assert _error_lines(report)[5].startswith(f"| digit_counting | two → {'x' * 31}…: 1 (1 of 1) |")

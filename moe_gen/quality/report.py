@@ -135,6 +135,11 @@ def _errors(systems, results: list[dict]) -> dict:
                 for name, e in errors[s].items()} for s in systems if s in errors}
 
 
+def _brief(text: str, limit: int = 32) -> str:
+    """``text`` cut to ``limit`` characters for a table cell (free-text answers can be long)."""
+    return text if len(text) <= limit else text[:limit - 1] + "…"
+
+
 def _error_lines(report: dict, top: int = 2) -> list[str]:
     """The most frequent wrong answers per classification task and system."""
     errors = report.get("errors") or {}
@@ -148,7 +153,8 @@ def _error_lines(report: dict, top: int = 2) -> list[str]:
         entries = [errors[s].get(task["name"]) for s in systems]
         if not any(e and e["errors"] for e in entries):
             continue
-        cells = ["—" if e is None else (", ".join(f"{ref} → {ans}: {n}" for ref, ans, n in e["errors"][:top]) or
+        cells = ["—" if e is None else (", ".join(f"{_brief(ref)} → {_brief(ans)}: {n}" for ref, ans, n in
+                                                  e["errors"][:top]) or
                                         "none") + f" ({sum(n for *_, n in e['errors'])} of {e['rows']})"
                  for e in entries]
         lines.append(f"| {task['name']} | " + " | ".join(cells) + " |")
