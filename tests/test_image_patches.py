@@ -1,5 +1,5 @@
 """Image patches: overlapping patches (``stride``), the convolutional patch stem (``image_conv``), and
-training-time mirrors and rotations (``augment``)."""
+training-time mirrors, rotations and shifts (``augment``)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,13 @@ import torch
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
-from moe_gen.tasks.modalities.visual import IMAGE_AUGMENTATIONS, ConvPatchAdapter, ImagePreprocessor, patchify
+from moe_gen.tasks.modalities.visual import (
+    IMAGE_AUGMENTATIONS,
+    ConvPatchAdapter,
+    ImagePreprocessor,
+    patchify,
+    shift_image,
+)
 
 
 def test_patchify_side_by_side_and_overlapping():
@@ -129,7 +135,9 @@ def test_augment_draws_every_symmetry_in_training_and_leaves_evaluation_alone():
 
 
 @pytest.mark.parametrize("instruction, message", [
-    ("[IMAGE:image,augment=spin] how many? -> [TEXT:count]", "unknown augment 'spin'; known: mirror, dihedral"),
+    ("[IMAGE:image,augment=spin] how many? -> [TEXT:count]",
+     "unknown augment 'spin' in 'spin'; known: mirror, dihedral, shift"),
+    ("[IMAGE:image,augment=dihedral+spin] how many? -> [TEXT:count]", "unknown augment 'spin' in 'dihedral\\+spin'"),
     ("[IMAGE:image,augment=mirror] where is it? -> [BOX:query_box]", "boxes would no longer match"),
     ("[IMAGE:image,augment=mirror,region=query_box] what digit? -> [TEXT:query]", "boxes would no longer match"),
     ("[TEXT:count] -> [IMAGE:image,augment=mirror]", "applies to input images"),
@@ -140,3 +148,56 @@ def test_augment_is_refused_where_it_would_change_the_answer_or_cannot_apply(ins
     with pytest.raises(ValueError, match=message) as caught:
         Task("augmented", instruction, rows).encode(0, Tokenizer.default(), training=True)
     assert "task 'augmented'" in str(caught.value) and "slot [IMAGE:image" in str(caught.value)
+
+
+def test_shift_moves_the_picture_within_a_sixteenth_of_each_side_on_its_median_colour():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    pixels = np.full((64, 48, 3), 30, dtype=np.uint8)
+    pixels[20:24, 10:13] = (200, 100, 50)  # a small object on a plain ground
+    pixels[0, :] = 90  # a top row that the median ignores
+    image = Image.fromarray(pixels)
+    seen = set()
+    for seed in range(400):
+        out = np.asarray(shift_image(image, random.Random(seed)))
+        ys, xs = np.nonzero((out == (200, 100, 50)).all(axis=-1))
+        dy, dx = int(ys.min()) - 20, int(xs.min()) - 10
+        assert abs(dx) <= 3 and abs(dy) <= 4  # 48 // 16 and 64 // 16
+        expected = np.full_like(pixels, 30)  # the uncovered border takes the median colour
+        src = pixels[max(0, -dy):64 - max(0, dy), max(0, -dx):48 - max(0, dx)]
+        expected[max(0, dy):max(0, dy) + src.shape[0], max(0, dx):max(0, dx) + src.shape[1]] = src
+        assert np.array_equal(out, expected)
+        seen.add((dx, dy))
+    assert len(seen) == 7 * 9  # every offset in range is drawn, zero included
+
+
+def test_augments_combine_left_to_right_and_only_in_training():
+    import random
+
+    import numpy as np
+    from PIL import Image
+
+    from moe_gen.tasks.modalities.visual import augment_image
+
+    tok = Tokenizer.default()
+    counting = load_preset("digit_counting", "train", limit=1)
+    both = Task("both", str(counting.instruction).replace("augment=dihedral", "augment=dihedral+shift"), counting.data)
+    image = Image.fromarray(counting.data[0]["image"])
+    for seed in range(8):  # one dihedral draw, then a shift, from the same generator
+        rng = random.Random(seed)
+        name = rng.choice(IMAGE_AUGMENTATIONS["dihedral"])
+        want = shift_image(image if name is None else image.transpose(getattr(Image.Transpose, name)), rng)
+        got = augment_image(image, "dihedral+shift", random.Random(seed))
+        assert np.array_equal(np.asarray(got), np.asarray(want))
+    plain = _image_rows(counting.encode(0, tok, seed=0, training=False))
+    assert torch.equal(_image_rows(both.encode(0, tok, seed=0, training=False)), plain)
+    draws = {tuple(_image_rows(both.encode(0, tok, seed=seed, training=True)).flatten()[::97].tolist())
+             for seed in range(16)}
+    dihedral_only = {tuple(_image_rows(counting.encode(0, tok, seed=seed, training=True)).flatten()[::97].tolist())
+                     for seed in range(16)}
+    assert len(dihedral_only) <= 8 < len(draws)  # shifts add draws beyond the 8 symmetries
+    assert torch.equal(_image_rows(both.encode(0, tok, seed=5, training=True)),
+                       _image_rows(both.encode(0, tok, seed=5, training=True)))  # exact resume

@@ -178,10 +178,11 @@ BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
                           no_punctuation=_FLAG),
     # mask_ratio: image infilling; length: number of VQ codes of an image target; region: the
     # row's box column whose crop the slot adds as a closer look (a second frame); augment: random
-    # mirrors or rotations of training inputs (checked by the planner).
+    # mirrors, rotations or shifts of training inputs (checked by the planner).
     "IMAGE": _modality(mask_ratio=_RATIO, length=_LENGTH,
                        region=AttrSpec("name", help="box column whose crop is added as a second view"),
-                       augment=AttrSpec("name", help="mirror or dihedral: random flips/rotations in training")),
+                       augment=AttrSpec("name", help="mirror, dihedral, shift or e.g. dihedral+shift: random "
+                                                   "flips/rotations/moves in training")),
     "AUDIO": _modality(n_frames_per_step=AttrSpec("int", 1), use_mask=_FLAG),
     "VIDEO": _modality(),
     # The motion window: crop [min_length, max_length] frames, subsample, trim, re-anchor.

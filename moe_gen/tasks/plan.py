@@ -293,12 +293,13 @@ class TaskPlan:
 
     def _check_augment(self, where: str, slot: Slot, side: str, preprocess: str) -> None:
         """``augment=`` is for image inputs patched by the ``image`` preprocessor, in tasks whose
-        answers a mirror or rotation leaves true: none with boxes, which would no longer match."""
-        from moe_gen.tasks.modalities.visual import IMAGE_AUGMENTATIONS
+        answers a mirror, rotation or shift leaves true: none with boxes, which would no longer match."""
+        from moe_gen.tasks.modalities.visual import AUGMENT_KINDS, unknown_augmentations
 
         kind = str(slot.attrs["augment"])
-        if kind not in IMAGE_AUGMENTATIONS:
-            raise ValueError(f"{where}: unknown augment {kind!r}; known: {', '.join(IMAGE_AUGMENTATIONS)}")
+        if unknown_augmentations(kind):
+            raise ValueError(f"{where}: unknown augment {', '.join(map(repr, unknown_augmentations(kind)))} in "
+                             f"{kind!r}; known: {', '.join(AUGMENT_KINDS)} (combine them with '+')")
         if side != "encoder" or preprocess != "image":
             raise ValueError(f"{where}: augment applies to input images of the 'image' preprocessor, not to "
                              f"{'a target' if side != 'encoder' else f'preprocess={preprocess}'}")

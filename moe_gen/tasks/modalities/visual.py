@@ -28,8 +28,8 @@ from moe_gen.tasks.modalities.base import (
     tensor_to_numpy,
 )
 
-__all__ = ["load_image", "augment_image", "IMAGE_AUGMENTATIONS", "ImagePreprocessor", "VideoPreprocessor",
-           "PatchAdapter", "ConvPatchAdapter", "patchify"]
+__all__ = ["load_image", "augment_image", "shift_image", "unknown_augmentations", "IMAGE_AUGMENTATIONS",
+           "AUGMENT_KINDS", "ImagePreprocessor", "VideoPreprocessor", "PatchAdapter", "ConvPatchAdapter", "patchify"]
 
 register_modality(ModalitySpec("IMAGE", text_like=False, preprocess="image", adaptor="image_patch"))
 register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", adaptor="video_patch"))
@@ -46,6 +46,17 @@ IMAGE_AUGMENTATIONS: dict[str, tuple[Optional[str], ...]] = {
     "dihedral": (None, "ROTATE_90", "ROTATE_180", "ROTATE_270", "FLIP_LEFT_RIGHT", "FLIP_TOP_BOTTOM",
                  "TRANSPOSE", "TRANSVERSE"),
 }
+# ``shift``: the picture moved by a whole number of pixels each way, up to ``SHIFT_FRACTION`` of its
+# width and height (uniform, zero included), the uncovered border filled with the image's median
+# colour (its background, for objects on a plain ground). Kinds combine with "+", applied left to
+# right: ``augment=dihedral+shift``.
+SHIFT_FRACTION = 1 / 16
+AUGMENT_KINDS = (*IMAGE_AUGMENTATIONS, "shift")
+
+
+def unknown_augmentations(kind: str) -> list[str]:
+    """The parts of an ``augment=`` value (``+``-separated) that name no augmentation."""
+    return [part for part in kind.split("+") if part not in AUGMENT_KINDS]
 
 # ImageNet statistics: the usual normalisation of RGB inputs.
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
@@ -130,12 +141,34 @@ def patchify(image_CHW: torch.Tensor, patch: int, stride: Optional[int] = None) 
 
 
 def augment_image(img, kind: str, rng):
-    """``img`` under one of augmentation ``kind``'s transformations, drawn by ``rng`` (uniformly,
-    the identity included; ``IMAGE_AUGMENTATIONS``)."""
+    """``img`` under a random draw of each of ``kind``'s augmentations (``+``-separated, in order):
+    one of ``IMAGE_AUGMENTATIONS[part]``'s transformations, uniformly, the identity included, or a
+    ``shift``."""
     from PIL import Image
 
-    name = rng.choice(IMAGE_AUGMENTATIONS[kind])
-    return img if name is None else img.transpose(getattr(Image.Transpose, name))
+    for part in kind.split("+"):
+        if part == "shift":
+            img = shift_image(img, rng)
+            continue
+        name = rng.choice(IMAGE_AUGMENTATIONS[part])
+        img = img if name is None else img.transpose(getattr(Image.Transpose, name))
+    return img
+
+
+def shift_image(img, rng, fraction: float = SHIFT_FRACTION):
+    """``img`` moved by (dx, dy) pixels, each drawn uniformly from ±``fraction`` of the side, on a
+    canvas of its median colour; what moves past an edge is cut off."""
+    from PIL import Image
+
+    width, height = img.size
+    dx = rng.randint(-int(width * fraction), int(width * fraction))
+    dy = rng.randint(-int(height * fraction), int(height * fraction))
+    pixels = np.asarray(img)
+    fill = np.median(pixels.reshape(-1, pixels.shape[-1]) if pixels.ndim == 3 else pixels.reshape(-1, 1), axis=0)
+    fill = tuple(int(round(v)) for v in fill)
+    moved = Image.new(img.mode, img.size, fill if len(fill) > 1 else fill[0])
+    moved.paste(img, (dx, dy))
+    return moved
 
 
 def _to_tensor(img, size: int) -> torch.Tensor:
@@ -157,8 +190,8 @@ class ImagePreprocessor(Preprocessor):
     """Image → resized to ``size``² → normalised → P×P patches, ``stride`` pixels apart (default
     ``patch``: side by side; smaller: overlapping, so that a small object lies whole inside some
     patch); ``mask_ratio`` drops a random share of the patches in training (the kept ones keep
-    their grid positions); ``augment`` (``mirror``, ``dihedral``) mirrors or rotates each training
-    image at random (``augment_image``)."""
+    their grid positions); ``augment`` (``mirror``, ``dihedral``, ``shift``, or several joined by
+    ``+``) mirrors, rotates or moves each training image at random (``augment_image``)."""
 
     modality = "IMAGE"
 
