@@ -170,6 +170,13 @@ def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():
     assert seen == [f"row {i}" for i in range(0, 100, 10)]
     assert [r["text"] for r in held_out(task, 10).data] == seen
     assert held_out(task, 500) is task
+    declared = Task("opts", "[IMAGE:image] -> [TEXT:label,closed_set]", [{"image": [[0]], "label": "a"}] * 20,
+                    metrics=("accuracy",), weight=2.0, on_error="skip", max_slot_positions=99,
+                    preprocessor_options={"image": {"stride": 4}})
+    subset = held_out(declared, 5)  # scored as declared: same preprocessing, weight and error policy
+    assert len(subset) == 5 and subset.preprocessor_options == {"image": {"stride": 4}}
+    assert (subset.weight, subset.on_error, subset.max_slot_positions) == (2.0, "skip", 99)
+    assert subset.metrics == ("accuracy",)
     pairs = []  # (answer, reference) of every scored row, in row order
     assert evaluate_task(model, task, limit=10, pairs=pairs)["accuracy"] == pytest.approx(0.5)
     assert pairs == [("a", "a" if i < 50 else "b") for i in range(0, 100, 10)]

@@ -186,13 +186,11 @@ def held_out(task, limit: int):
     """``task`` restricted to ``limit`` rows evenly spaced over its rows (all when it has fewer): test
     splits may be ordered by label (pydoc topics are alphabetical), so the first rows would not be
     a fair sample."""
-    from moe_gen.tasks import Task
     from moe_gen.trainer.evaluation import spaced_indices
 
     if len(task) <= limit:
         return task
-    rows = [task.data[i] for i in spaced_indices(len(task), limit)]
-    return Task(task.name, task.instruction, rows, objective=task.objective, metrics=task.metrics)
+    return task.with_rows([task.data[i] for i in spaced_indices(len(task), limit)])
 
 
 def _utilisation(tables) -> dict:

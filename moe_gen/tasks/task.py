@@ -218,6 +218,13 @@ class Task:
     def __repr__(self) -> str:
         return f"Task({self.name!r}, {str(self.instruction)!r}, {len(self)} rows)"
 
+    def with_rows(self, rows: Any) -> "Task":
+        """The same task (name, instruction, objective, metrics, weight, error policy, preprocessor
+        options, slot length limit) over other ``rows``: a subset to score, say."""
+        return Task(self.name, self.instruction, rows, objective=self.objective, metrics=self.metrics,
+                    weight=self.weight, on_error=self.on_error, preprocessor_options=self.preprocessor_options,
+                    max_slot_positions=self.max_slot_positions)
+
     def closed_sets(self) -> dict[str, list[str]]:
         """Label sets of closed-set slots (``closed_set`` or CATEGORY), collected from the data.
 
