@@ -42,6 +42,27 @@ def test_overlapping_patches_keep_grid_positions_and_bad_strides_are_refused():
         ImagePreprocessor(512, 16, 4)
 
 
+def test_a_slot_stride_equals_the_preprocessor_option_and_bad_ones_name_the_slot():
+    tok = Tokenizer.default()
+    base = load_preset("digit_counting", "train", limit=2)
+    by_option = Task(base.name, base.instruction, base.data, preprocessor_options={"image": {"stride": 4}})
+    by_slot = Task(base.name, str(base.instruction).replace("augment=dihedral", "augment=dihedral,stride=4"),
+                   base.data)
+    for seed in range(3):  # training draws (augmented) and evaluation encode the same
+        for training in (True, False):
+            a, b = (t.encode(1, tok, seed=seed, training=training) for t in (by_option, by_slot))
+            assert torch.equal(_image_rows(a), _image_rows(b)) and _image_rows(a).shape == (49, 192)
+            chunk = next(c for c in b.encoder if c.tokens is None)
+            assert torch.equal(chunk.positions, next(c for c in a.encoder if c.tokens is None).positions)
+    for instruction, message in (
+            ("[IMAGE:image,stride=5] how many? -> [TEXT:count]", "stride 5 do not tile"),
+            ("[IMAGE:image,stride=9] how many? -> [TEXT:count]", "stride 9 do not tile"),
+            ("[IMAGE:image,stride=4,preprocess=image_vq] how many? -> [TEXT:count]", "preprocess=image_vq")):
+        with pytest.raises(ValueError, match=message) as caught:
+            Task("strided", instruction, base.data).encode(0, tok, training=False)
+        assert "task 'strided'" in str(caught.value) and "slot [IMAGE:image" in str(caught.value)
+
+
 def test_conv_stem_trains_through_a_model_and_refuses_non_square_patches():
     base = load_preset("digit_counting", "train", limit=4)
     instruction = str(base.instruction).replace("[IMAGE:image,", "[IMAGE:image,adaptor=image_conv,")

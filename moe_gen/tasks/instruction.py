@@ -178,11 +178,13 @@ BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
                           no_punctuation=_FLAG),
     # mask_ratio: image infilling; length: number of VQ codes of an image target; region: the
     # row's box column whose crop the slot adds as a closer look (a second frame); augment: random
-    # mirrors, rotations or shifts of training inputs (checked by the planner).
+    # mirrors, rotations or shifts of training inputs (checked by the planner); stride: pixels between
+    # patches for this slot (the image preprocessor checks that they tile).
     "IMAGE": _modality(mask_ratio=_RATIO, length=_LENGTH,
                        region=AttrSpec("name", help="box column whose crop is added as a second view"),
                        augment=AttrSpec("name", help="mirror, dihedral, shift or e.g. dihedral+shift: random "
-                                                   "flips/rotations/moves in training")),
+                                                   "flips/rotations/moves in training"),
+                       stride=AttrSpec("int", 1, help="pixels between patches (< patch: overlapping patches)")),
     "AUDIO": _modality(n_frames_per_step=AttrSpec("int", 1), use_mask=_FLAG),
     "VIDEO": _modality(),
     # The motion window: crop [min_length, max_length] frames, subsample, trim, re-anchor.

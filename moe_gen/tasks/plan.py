@@ -270,6 +270,9 @@ class TaskPlan:
                 raise ValueError(f"{where}: preprocessor {preprocess!r}: {exc}") from exc
         if "augment" in slot.attrs:
             self._check_augment(where, slot, side, preprocess)
+        if "stride" in slot.attrs and preprocess != "image":
+            raise ValueError(f"{where}: stride spaces the patches of the 'image' preprocessor; it does not apply "
+                             f"to preprocess={preprocess}")
         if "vocab_size" in slot.attrs and preprocess != "bag_of_words":
             raise ValueError(f"{where}: vocab_size sizes a bag of words; it applies to preprocess=bag_of_words only")
         if "feature_noise" in slot.attrs and preprocess != "pose_summary":

@@ -185,6 +185,18 @@ def _grid_positions(frames: int, side: int, frame_offset: int = 0) -> torch.Tens
     return torch.stack([f, r, c], dim=-1).reshape(-1, 3)
 
 
+def _tiling_problem(size: int, patch: int, stride: int) -> Optional[str]:
+    """Why ``patch``-pixel patches every ``stride`` pixels do not tile a ``size``² image for the
+    patch adapters, or None when they do."""
+    if not 0 < stride <= patch or size < patch or (size - patch) % stride:
+        return (f"image size {size}, patch {patch} and stride {stride} do not tile: need "
+                f"0 < stride <= patch <= size and (size - patch) divisible by the stride")
+    if (size - patch) // stride + 1 > MAX_GRID_SIDE:
+        return (f"image size {size}, patch {patch} and stride {stride} give {(size - patch) // stride + 1} "
+                f"patches a side; the patch adapters hold {MAX_GRID_SIDE} (use a larger stride or a smaller size)")
+    return None
+
+
 @PREPROCESSORS.register("image")
 class ImagePreprocessor(Preprocessor):
     """Image → resized to ``size``² → normalised → P×P patches, ``stride`` pixels apart (default
@@ -197,17 +209,23 @@ class ImagePreprocessor(Preprocessor):
 
     def __init__(self, size: int = 32, patch: int = 8, stride: Optional[int] = None) -> None:
         stride = patch if stride is None else stride
-        if not 0 < stride <= patch or size < patch or (size - patch) % stride:
-            raise ValueError(f"image size {size}, patch {patch} and stride {stride} do not tile: need "
-                             f"0 < stride <= patch <= size and (size - patch) divisible by the stride")
-        if (size - patch) // stride + 1 > MAX_GRID_SIDE:
-            raise ValueError(f"image size {size}, patch {patch} and stride {stride} give "
-                             f"{(size - patch) // stride + 1} patches a side; the patch adapters hold "
-                             f"{MAX_GRID_SIDE} (use a larger stride or a smaller size)")
+        problem = _tiling_problem(size, patch, stride)
+        if problem:
+            raise ValueError(problem)
         self.size, self.patch, self.stride = size, patch, stride
 
     def feature_dim(self) -> int:
         return self.patch * self.patch * 3
+
+    def check_slot(self, where: str, slot) -> None:
+        """A slot's own ``stride=`` must tile this preprocessor's size and patch."""
+        if "stride" in slot.attrs:
+            problem = _tiling_problem(self.size, self.patch, int(slot.attrs["stride"]))
+            if problem:
+                raise ValueError(f"{where}: {problem}")
+
+    def _stride(self, slot) -> int:
+        return int(slot.attrs.get("stride", self.stride))
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         try:
@@ -217,8 +235,9 @@ class ImagePreprocessor(Preprocessor):
         if ctx.training and slot.attrs.get("augment"):
             img = augment_image(img, str(slot.attrs["augment"]), ctx.rng)
         width, height = img.size
-        features = patchify(_to_tensor(img, self.size), self.patch, self.stride)
-        side = (self.size - self.patch) // self.stride + 1
+        stride = self._stride(slot)
+        features = patchify(_to_tensor(img, self.size), self.patch, stride)
+        side = (self.size - self.patch) // stride + 1
         positions = _grid_positions(1, side)
         ratio = slot.attrs.get("mask_ratio")
         if ctx.training and ratio:
@@ -228,7 +247,7 @@ class ImagePreprocessor(Preprocessor):
         region = slot.attrs.get("region")
         if region:
             crop = self._region(img, str(region), slot, ctx)
-            features = torch.cat([features, patchify(_to_tensor(crop, self.size), self.patch, self.stride)])
+            features = torch.cat([features, patchify(_to_tensor(crop, self.size), self.patch, stride)])
             positions = torch.cat([positions, _grid_positions(1, side, frame_offset=1)])
         return SlotEncoding(self.modality, features=features, positions=positions,
                             meta={"original_size": (float(width), float(height)),
