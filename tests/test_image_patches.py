@@ -45,9 +45,10 @@ def test_overlapping_patches_keep_grid_positions_and_bad_strides_are_refused():
 def test_a_slot_stride_equals_the_preprocessor_option_and_bad_ones_name_the_slot():
     tok = Tokenizer.default()
     base = load_preset("digit_counting", "train", limit=2)
-    by_option = Task(base.name, base.instruction, base.data, preprocessor_options={"image": {"stride": 4}})
-    by_slot = Task(base.name, str(base.instruction).replace("augment=dihedral", "augment=dihedral,stride=4"),
-                   base.data)
+    assert ",stride=4]" in str(base.instruction)  # the preset declares overlapping patches
+    plain = str(base.instruction).replace(",stride=4", "")
+    by_option = Task(base.name, plain, base.data, preprocessor_options={"image": {"stride": 4}})
+    by_slot = Task(base.name, base.instruction, base.data)
     for seed in range(3):  # training draws (augmented) and evaluation encode the same
         for training in (True, False):
             a, b = (t.encode(1, tok, seed=seed, training=training) for t in (by_option, by_slot))
@@ -150,7 +151,7 @@ def test_augment_draws_every_symmetry_in_training_and_leaves_evaluation_alone():
     for seed in range(4):  # evaluation sees the image as it is
         assert torch.equal(_image_rows(counting.encode(0, tok, seed=seed, training=False)), expected[None])
 
-    mirror = Task("mirror", plain.replace("[IMAGE:image]", "[IMAGE:image,augment=mirror]"), counting.data)
+    mirror = Task("mirror", plain.replace("[IMAGE:image", "[IMAGE:image,augment=mirror", 1), counting.data)
     assert {name for seed in range(24) for name in [n for n, want in expected.items() if torch.equal(
         _image_rows(mirror.encode(0, tok, seed=seed, training=True)), want)]} == {None, "FLIP_LEFT_RIGHT"}
 

@@ -113,7 +113,8 @@ preset("visual_grounding",
 preset("grounded_captioning",
        "[IMAGE:image,region=query_box] what digit is in the region [BOX:query_box] ? -> [TEXT:query]",
        _CANVAS, ("exact_match",), licence=_L_CANVAS)(_canvases)
-preset("digit_counting", "[IMAGE:image,augment=dihedral] how many digits are there? -> [TEXT:count,closed_set]",
+preset("digit_counting",
+       "[IMAGE:image,augment=dihedral,stride=4] how many digits are there? -> [TEXT:count,closed_set]",
        _CANVAS, ("accuracy",), licence=_L_CANVAS)(_canvases)
 preset("digit_detection", "[IMAGE:image] what are the digits and where? -> ( [BOX:boxes] [TEXT:labels] )*",
        _CANVAS, ("detection_f1",), licence=_L_CANVAS)(_canvases)
