@@ -307,8 +307,9 @@ def attribute(name: str, spec: AttrSpec) -> st.SearchStrategy[tuple[str, object,
         return st.just((name, True, name))
     values, fmt = {
         "int": (st.integers(int(spec.minimum or 0), 10**6 if spec.maximum is None else int(spec.maximum)), str),
+        # finite only: the parser refuses inf, which would not print back as written
         "float": (st.floats(spec.minimum, spec.maximum, exclude_min=not spec.inclusive,
-                            exclude_max=not spec.inclusive), repr),
+                            exclude_max=not spec.inclusive, allow_nan=False, allow_infinity=False), repr),
         "name": (st.text(NAME_CHARS, min_size=1, max_size=10), str),
         "str": (st.text(max_size=10), quote),  # always quoted, even when a bare value would do
     }[spec.kind]
