@@ -300,9 +300,10 @@ class TaskPlan:
         from moe_gen.tasks.modalities.visual import AUGMENT_KINDS, unknown_augmentations
 
         kind = str(slot.attrs["augment"])
-        if unknown_augmentations(kind):
-            raise ValueError(f"{where}: unknown augment {', '.join(map(repr, unknown_augmentations(kind)))} in "
-                             f"{kind!r}; known: {', '.join(AUGMENT_KINDS)} (combine them with '+')")
+        unknown = unknown_augmentations(kind)
+        if unknown:
+            raise ValueError(f"{where}: unknown augment {', '.join(map(repr, unknown))} in {kind!r}; known: "
+                             f"{', '.join(AUGMENT_KINDS)} (combine them with '+')")
         if side != "encoder" or preprocess != "image":
             raise ValueError(f"{where}: augment applies to input images of the 'image' preprocessor, not to "
                              f"{'a target' if side != 'encoder' else f'preprocess={preprocess}'}")
