@@ -33,8 +33,56 @@ def test_suite_covers_modalities_and_numeric_tables():
 def test_classical_baselines_on_wine():
     task = next(t for t in SUITE if t.name == "table_wine")
     scores = classical_scores(task, table_rows("wine", "train"), table_rows("wine", "test"))
-    assert set(scores) == {"majority", "logreg", "knn"}
+    assert set(scores) == {"majority", "logreg", "knn", "cv"}
     assert scores["logreg"] >= 0.9 and scores["majority"] < 0.5  # standardised logistic regression separates wine
+
+
+def test_cross_validated_scores_use_the_training_rows_alone():
+    """``cross_validated_scores`` is scikit-learn's 5-fold score (folds shuffled with seed 0) of the
+    same pipelines, weighted by fold size; ``cv_choice`` picks the better of them, which may be
+    the model that is worse on the held-out rows (diabetes: logistic regression, 0.528 held out,
+    against 5-NN's 0.584)."""
+    import numpy as np
+    from sklearn.model_selection import KFold, cross_val_score
+
+    from moe_gen.quality.baselines import _models, cross_validated_scores, cv_choice
+
+    task = next(t for t in SUITE if t.name == "table_diabetes")
+    train, test = table_rows("diabetes", "train"), table_rows("diabetes", "test")
+    cv = cross_validated_scores(task, train)
+    folds = KFold(5, shuffle=True, random_state=0)
+    sizes = [len(held) for _, held in folds.split(train)]
+    x, y = task.features(train), [row["label"] for row in train]
+    for name, model in _models(text=False).items():
+        assert cv[name] == pytest.approx(np.average(cross_val_score(model, x, y, cv=folds), weights=sizes)), name
+    scores = classical_scores(task, train, test)
+    assert scores["cv"] == cv and cv_choice(scores) == "logreg"
+    assert scores["logreg"] < scores["knn"]  # the held-out rows would have picked the other model
+    assert cv_choice({"logreg": 0.5, "knn": 0.6}) is None  # a report made before cross-validation
+
+
+def test_the_95_percent_criterion_is_also_read_against_the_baseline_cross_validation_picks():
+    from moe_gen.quality.report import _criteria, _cv_criterion_lines, _versus_classical
+
+    classical = {"digits": {"majority": 0.1, "logreg": 0.90, "knn": 0.80, "cv": {"logreg": 0.70, "knn": 0.75}},
+                 "wine": {"majority": 0.4, "logreg": 1.00, "knn": 0.90, "cv": {"logreg": 0.95, "knn": 0.90}}}
+    scores = {"digits": {"mean": 0.80}, "wine": {"mean": 0.96}}
+    versus, by_cv = _versus_classical(scores, classical), _versus_classical(scores, classical, by_cv=True)
+    assert versus == pytest.approx({"digits": 0.80 / 0.90, "wine": 0.96})
+    assert by_cv == pytest.approx({"digits": 1.0, "wine": 0.96})  # digits: k-NN's held-out 0.80 is the bar
+    criteria = _criteria(classical, {"attribute": versus}, {"attribute": by_cv}, {}, {})
+    assert criteria["attribute_below_95pct_of_classical_on"] == ["digits"]
+    assert criteria["attribute_reaches_95pct_of_cv_choice_on"] == ["digits", "wine"]
+    lines = _cv_criterion_lines({"criteria": criteria, "classical": classical})
+    assert lines == ["- held-out score ≥ 95% of the classical baseline picked by 5-fold cross-validation on the "
+                     "training rows on 2 of 2; below on: none",
+                     "  - digits: cross-validation picks knn (0.750 against 0.700 for logreg), held out 0.800 "
+                     "against 0.900"]
+    del classical["digits"]["cv"], classical["wine"]["cv"]  # a report made before: no such line
+    by_cv = _versus_classical(scores, classical, by_cv=True)
+    assert by_cv == {} and _cv_criterion_lines(
+        {"criteria": _criteria(classical, {"attribute": versus}, {"attribute": by_cv}, {}, {}),
+         "classical": classical}) == []
 
 
 def test_relative_score_direction():
@@ -92,7 +140,8 @@ def test_quick_report_shape(tmp_path):
     for system in report["systems"]:
         assert set(report["scores"][system]) == set(names)
     for name, base in report["classical"].items():
-        assert set(base) == {"majority", "logreg", "knn"} and name in names
+        assert set(base) == {"majority", "logreg", "knn", "cv"} and set(base["cv"]) == {"logreg", "knn"}, name
+        assert name in names
     for system in ("token", "modality", "task", "attribute", "hybrid"):
         assert report["utilisation"][system], system  # every MoE run reports its layers
         assert system in report["mean_relative"] and system in report["mean_relative_learned"]
@@ -392,6 +441,15 @@ def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
     run_benchmark(BenchConfig(**{**tiny, "steps": 6}, seeds=(2,), output_dir=str(tmp_path / "s2")), say=lambda _: None)
     with pytest.raises(ValueError, match=r"s2/quality.json' was made with other settings: steps 4 in .*, 6 here"):
         merge_reports([paths[0], str(tmp_path / "s2" / "quality.json")], str(tmp_path / "x"))
+    # reports made before the classical baselines were cross-validated merge, with them computed
+    older = []
+    for seed in (0, 1):
+        report = json.loads((tmp_path / f"s{seed}" / "quality.json").read_text())
+        del report["classical"]["table_wine"]["cv"]
+        (tmp_path / f"older{seed}.json").write_text(json.dumps(report))
+        older.append(str(tmp_path / f"older{seed}.json"))
+    for pair in ([older[0], paths[1]], older):
+        assert merge_reports(pair, str(tmp_path / "m2"))["classical"] == both["classical"]
     other = json.loads((tmp_path / "s1" / "quality.json").read_text())
     other["classical"]["table_wine"]["logreg"] = 0.5
     (tmp_path / "other.json").write_text(json.dumps(other))

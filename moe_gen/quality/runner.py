@@ -474,6 +474,27 @@ def _read_report(path: str) -> dict:
     return report
 
 
+def _held_out_scores(classical: dict) -> dict:
+    """The classical baselines' held-out scores, without their cross-validated ones (which reports
+    made before 2026-12-04 lack)."""
+    return {task: {k: v for k, v in base.items() if k != "cv"} for task, base in classical.items()}
+
+
+def _with_cross_validation(suite, classical: dict) -> dict:
+    """``classical`` with the cross-validated scores of every task that lacks them (deterministic,
+    from the suite's training rows), for merging reports made before they were scored."""
+    from moe_gen.quality.baselines import cross_validated_scores
+
+    out = {}
+    for task in suite:
+        if task.name in classical:
+            out[task.name] = dict(classical[task.name])
+            if "cv" not in out[task.name]:
+                train = task.build("train")
+                out[task.name]["cv"] = cross_validated_scores(task, [train.data[i] for i in range(len(train))])
+    return out
+
+
 def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
     """One report from several ``quality.json`` of the same settings on other seeds or systems
     (e.g. a run of ``--seeds 0 1 2`` and one of ``--seeds 3 4 5``, or a dense run and an attribute
@@ -496,7 +517,7 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
                   for k in sorted(fields - set(MERGE_FREE)) if config.get(k, defaults[k]) != first.get(k, defaults[k])]
         if differ:
             raise ValueError(f"{path!r} was made with other settings: {'; '.join(differ)}")
-        if report["classical"] != reports[0]["classical"]:
+        if _held_out_scores(report["classical"]) != _held_out_scores(reports[0]["classical"]):
             raise ValueError(f"{path!r} has other classical baselines than {paths[0]!r} (other held-out rows?)")
     seen: dict[tuple, str] = {}
     for path, report in zip(paths, reports):
@@ -514,7 +535,9 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
                          "specialists_from": None})
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
                         pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise)
-    report = build_report(cfg, suite, reports[0]["classical"], [r for rep in reports for r in rep["runs"]],
+    classical = next((rep["classical"] for rep in reports if all("cv" in b for b in rep["classical"].values())),
+                     None) or _with_cross_validation(suite, reports[0]["classical"])
+    report = build_report(cfg, suite, classical, [r for rep in reports for r in rep["runs"]],
                           wall_seconds=sum(float(rep.get("wall_seconds", 0.0)) for rep in reports))
     write_report(report, output_dir)
     return report
