@@ -27,4 +27,6 @@ def test_presets_and_their_classical_baselines():
         assert {r[column] for r in task.data} <= {"yes", "no", "entailment", "contradiction"}
         suite = suite_tasks([name])[0]
         scores = classical_scores(suite, task.data, load_preset(name, "test", limit=30).data)
+        cv = scores.pop("cv")  # cross-validated on the training rows
         assert set(scores) == {"majority", "logreg", "knn"} and all(0 <= v <= 1 for v in scores.values())
+        assert set(cv) == {"logreg", "knn"} and all(0 <= v <= 1 for v in cv.values())

@@ -78,4 +78,6 @@ def test_the_preset_encodes_its_baseline_runs_and_bad_videos_are_task_data_error
         bad.encode(0, tok)
     suite = suite_tasks(["video_qa"])[0]
     scores = classical_scores(suite, moving_digit_rows("train", count=120), moving_digit_rows("test", count=30))
+    cv = scores.pop("cv")  # cross-validated on the training rows
     assert set(scores) == {"majority", "logreg", "knn"} and all(0 <= v <= 1 for v in scores.values())
+    assert set(cv) == {"logreg", "knn"} and all(0 <= v <= 1 for v in cv.values())
