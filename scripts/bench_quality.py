@@ -73,6 +73,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--pose-noise", type=float,
                         help="with --pose-summary: std of Gaussian noise added to each standardised statistic in "
                              "training (the slot's feature_noise)")
+    parser.add_argument("--pose-min-length", type=int,
+                        help="with --pose-summary: each training read summarises a random stretch of at least this "
+                             "many frames of the window (the slot's min_length)")
     parser.add_argument("--eval-limit", type=int)
     parser.add_argument("--fit-rows", type=int, help="training rows scored per classification task (default 50; 0: "
                         "none): tells under-fitting from over-fitting")
@@ -112,7 +115,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """The ``BenchConfig`` the parsed options ask for (``parser.error`` on a malformed one)."""
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
-                 "upcycle_at", "upcycle_top_k", "pose_noise",
+                 "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length",
                  "eval_limit", "fit_rows", "ema_decay", "loss_average", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

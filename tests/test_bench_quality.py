@@ -490,13 +490,15 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
             "--lr-scale", "adapters.bag_of_words=6", "--lr-scale", "adapters.pose_summary=3", "--flavour", "tiny",
             "--num-experts", "4", "--expert-hidden", "96", "--moe-attention", "--loss-average", "sample",
             "--ema-decay", "0.99", "--bag-of-words",
-            "--pose-summary", "--pose-noise", "1.5", "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
+            "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
+            "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
             "--threads", "1", "--tasks", "doc_topic", "motion_classification", "--out", str(tmp_path)]
     config = bench.config_from_args(parser, parser.parse_args(argv))
     expected = dict(systems=("dense", "attribute"), specialists=False, seeds=(6, 7), steps=120, mixing="uniform",
                     temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
                     moe_attention=True, loss_average="sample", ema_decay=0.99,
-                    bag_of_words=True, pose_summary=True, pose_noise=1.5, eval_limit=20, fit_rows=10, workers=2,
+                    bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
+                    fit_rows=10, workers=2,
                     threads=1, tasks=("doc_topic", "motion_classification"), output_dir=str(tmp_path),
                     lr_scales={"adapters.bag_of_words": 6.0, "adapters.pose_summary": 3.0})
     assert {k: getattr(config, k) for k in expected} == expected

@@ -156,9 +156,53 @@ def test_the_bench_adds_pose_noise_to_the_summarised_motion_slot():
     noisy, = suite_tasks(["motion_classification"], pose_summary=True, pose_noise=0.75)
     slot, = [s for s in noisy.build("train").instruction.encoder_slots if "preprocess" in s.attrs]
     assert (slot.attrs["preprocess"], slot.attrs["feature_noise"]) == ("pose_summary", 0.75)
-    with pytest.raises(ValueError, match="pose_noise perturbs the pose-summary rows; it needs pose_summary"):
+    with pytest.raises(ValueError, match="pose_noise and pose_min_length change the pose-summary rows; they need "
+                                         "pose_summary"):
         suite_tasks(["motion_classification"], pose_noise=0.75)
     with pytest.raises(ValueError, match="BenchConfig.pose_noise must be >= 0"):
         BenchConfig(pose_noise=0.5)
     with pytest.raises(ValueError, match="BenchConfig.pose_noise must be >= 0"):
         BenchConfig(pose_summary=True, pose_noise=-0.5)
+    cropped, = suite_tasks(["motion_classification"], pose_summary=True, pose_noise=1.0, pose_min_length=9)
+    slot, = [s for s in cropped.build("train").instruction.encoder_slots if "preprocess" in s.attrs]
+    assert (slot.attrs["feature_noise"], slot.attrs["min_length"]) == (1.0, 9)
+    with pytest.raises(ValueError, match="BenchConfig.pose_min_length must be >= 0 and shortens"):
+        BenchConfig(pose_min_length=9)
+
+
+def test_min_length_summarises_a_random_stretch_of_the_window_in_training_only(tok):
+    """``min_length`` on a MOTION slot: each training read takes a window of a random length from
+    min_length up to max_length (or the clip) at a random start; evaluation reads the full first
+    window. For pose_summary the row then holds the statistics of that stretch."""
+    from moe_gen.tasks.modalities.signals import motion_window
+
+    clip = np.arange(12 * 2, dtype=np.float64).reshape(12, 2)
+    def motion_slot(instruction: str):
+        return next(s for s in Task("moves", instruction, TRAIN).instruction.encoder_slots if s.modality == "MOTION")
+
+    slot = motion_slot("[MOTION:motion,min_length=4,max_length=8] what? -> [TEXT:label]")
+    assert np.array_equal(motion_window(clip, slot), clip[:8])  # evaluation: the full first window
+    rng = random.Random(0)
+    seen = set()
+    for _ in range(400):
+        window = motion_window(clip, slot, rng)
+        assert 4 <= len(window) <= 8 and np.array_equal(window, clip[int(window[0, 0]) // 2:][:len(window)])
+        seen.add((len(window), int(window[0, 0]) // 2))
+    assert {n for n, _ in seen} == set(range(4, 9)) and {start for _, start in seen} == set(range(0, 9))
+    # without min_length a training window keeps max_length frames, as before
+    plain = motion_slot("[MOTION:motion,max_length=8] what? -> [TEXT:label]")
+    assert {len(motion_window(clip, plain, rng)) for _ in range(50)} == {8}
+
+    cropped = Task("moves", INSTRUCTION.replace("pose_summary", "pose_summary,min_length=3"), TRAIN)
+    row = dict(TRAIN[0])
+    assert torch.equal(summary(cropped, row, tok), summary(Task("moves", INSTRUCTION, TRAIN), row, tok))
+    frames = np.asarray(row["motion"])
+    statistics = cropped.fit_statistics()["pose_summary"]["motion"]
+    mean, std = np.asarray(statistics["mean"]), np.asarray(statistics["std"])
+    stretches = [pose_features([{"motion": frames[a:b]}])[0] for a in range(6) for b in range(a + 3, 7)]
+    for seed in range(20):  # every training row is the standardised statistics of some stretch of >= 3 frames
+        drawn = summary(cropped, row, tok, training=True, seed=seed)[0].double().numpy() * std + mean
+        assert min(np.abs(drawn - stretch).max() for stretch in stretches) < 1e-3 * np.abs(std).max()
+    with pytest.raises(ValueError, match=r"task 'moves': slot \[MOTION:motion,max_length=4,min_length=9\]: "
+                                         r"min_length 9 is above max_length 4"):
+        Task("moves", "[MOTION:motion,min_length=9,max_length=4] what? -> [TEXT:label]", TRAIN).plan(tok)

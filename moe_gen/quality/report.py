@@ -481,6 +481,8 @@ def _inputs_line(config: dict) -> str:
     if config.get("pose_summary") and read(POSE_SUMMARY_INPUTS):
         noise = config.get("pose_noise")
         noisy = f", Gaussian noise of std {noise:g} added in training" if noise else ""
+        if config.get("pose_min_length"):
+            noisy += f", training windows of {config['pose_min_length']} frames or more"
         line += f" Pose windows read as per-feature window statistics{noisy}: {read(POSE_SUMMARY_INPUTS)}."
     return line
 

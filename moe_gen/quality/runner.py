@@ -79,6 +79,9 @@ class BenchConfig:
             for every system.
         pose_noise: std of the Gaussian noise added to every standardised statistic of those rows
             in training (the slot's ``feature_noise``; 0: none; needs ``pose_summary``).
+        pose_min_length: the shortest training window of those rows, in frames: each training read
+            summarises a random stretch of that many frames or more (the slot's ``min_length``; 0:
+            the whole window; needs ``pose_summary``).
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         fit_rows: training rows scored per classification task (evenly spaced over the train split,
@@ -115,6 +118,7 @@ class BenchConfig:
     bag_of_words: bool = False
     pose_summary: bool = False
     pose_noise: float = 0.0
+    pose_min_length: int = 0
     eval_limit: int = 100
     fit_rows: int = 50
     specialists_from: Optional[str] = None
@@ -151,6 +155,9 @@ class BenchConfig:
         if self.pose_noise < 0 or (self.pose_noise and not self.pose_summary):
             raise ValueError(f"BenchConfig.pose_noise must be >= 0 and perturbs the pose-summary rows (it needs "
                              f"pose_summary), got {self.pose_noise}")
+        if self.pose_min_length < 0 or (self.pose_min_length and not self.pose_summary):
+            raise ValueError(f"BenchConfig.pose_min_length must be >= 0 and shortens the pose-summary windows (it "
+                             f"needs pose_summary), got {self.pose_min_length}")
         if self.specialists_from and not self.specialists:
             raise ValueError("BenchConfig.specialists_from reuses specialists; it does not combine with "
                              "specialists=False (--no-specialists)")
@@ -259,7 +266,8 @@ def train_and_score(job: dict) -> dict:
     cfg = BenchConfig(**job["config"])
     torch.set_num_threads(cfg.threads)
     suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise)
+                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
+                        pose_min_length=cfg.pose_min_length)
     train = [t.build("train") for t in suite]
     test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
     start = time.perf_counter()
@@ -364,7 +372,7 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
 SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
                        "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary", "pose_noise",
-                       "eval_limit", "fit_rows", "ema_decay", "threads")
+                       "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads")
 
 
 def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]:
@@ -432,7 +440,8 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
 
     start = time.perf_counter()
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise)
+                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
+                        pose_min_length=cfg.pose_min_length)
     names = [t.name for t in suite]
     classical, train_tasks = {}, []
     for task in suite:
@@ -534,7 +543,8 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
                          "specialists": any(report["config"].get("specialists", True) for report in reports),
                          "specialists_from": None})
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise)
+                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
+                        pose_min_length=cfg.pose_min_length)
     classical = next((rep["classical"] for rep in reports if all("cv" in b for b in rep["classical"].values())),
                      None) or _with_cross_validation(suite, reports[0]["classical"])
     report = build_report(cfg, suite, classical, [r for rep in reports for r in rep["runs"]],

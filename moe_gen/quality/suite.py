@@ -301,19 +301,23 @@ def _with_preprocess(task: SuiteTask, slot: str, preprocess: str, frozen: bool) 
 
 
 def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: bool = False,
-                bag_of_words: bool = False, pose_summary: bool = False, pose_noise: float = 0.0) -> list[SuiteTask]:
+                bag_of_words: bool = False, pose_summary: bool = False, pose_noise: float = 0.0,
+                pose_min_length: int = 0) -> list[SuiteTask]:
     """The suite, or the named tasks (of the suite or ``EXTRA``, in that order); unknown names are
     an error. With ``pretrained_inputs`` the tasks of ``PRETRAINED_INPUTS`` read their input
     through a frozen pretrained encoder; with ``bag_of_words`` those of ``BAG_OF_WORDS_INPUTS``
     read their text as a bag of words (not both: they declare the same slot); with
     ``pose_summary`` those of ``POSE_SUMMARY_INPUTS`` read their pose windows as window statistics,
-    perturbed in training by Gaussian noise of std ``pose_noise`` (the slot's ``feature_noise``)."""
+    perturbed in training by Gaussian noise of std ``pose_noise`` (the slot's ``feature_noise``)
+    and, with ``pose_min_length``, taken over a training window of a random length of that many
+    frames or more (the slot's ``min_length``)."""
     if pretrained_inputs and bag_of_words:
         raise ValueError("pretrained_inputs and bag_of_words both redeclare doc_topic's text input; choose one")
-    if pose_noise and not pose_summary:
-        raise ValueError("pose_noise perturbs the pose-summary rows; it needs pose_summary")
-    summary = {name: (slot, f"{preprocess},feature_noise={float(pose_noise)!r}" if pose_noise else preprocess)
-               for name, (slot, preprocess) in POSE_SUMMARY_INPUTS.items()}
+    if (pose_noise or pose_min_length) and not pose_summary:
+        raise ValueError("pose_noise and pose_min_length change the pose-summary rows; they need pose_summary")
+    options = (f",feature_noise={float(pose_noise)!r}" if pose_noise else "") + \
+        (f",min_length={int(pose_min_length)}" if pose_min_length else "")
+    summary = {name: (slot, preprocess + options) for name, (slot, preprocess) in POSE_SUMMARY_INPUTS.items()}
     every = SUITE + EXTRA
     known = {t.name for t in every}
     unknown = [n for n in names or () if n not in known]

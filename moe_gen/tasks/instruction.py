@@ -187,9 +187,12 @@ BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
                        stride=AttrSpec("int", 1, help="pixels between patches (< patch: overlapping patches)")),
     "AUDIO": _modality(n_frames_per_step=AttrSpec("int", 1), use_mask=_FLAG),
     "VIDEO": _modality(),
-    # The motion window: crop [min_length, max_length] frames, subsample, trim, re-anchor.
+    # The motion window: subsample, crop to max_length frames (a training window: a random length of
+    # min_length or more), trim, re-anchor.
     "MOTION": _modality(
-        min_length=_LENGTH, max_length=_LENGTH, sample_rate=AttrSpec("int", 1),
+        min_length=AttrSpec("int", 1, help="shortest training window, in frames: each training read takes a "
+                            "random length from it up to max_length (evaluation: the full window)"),
+        max_length=_LENGTH, sample_rate=AttrSpec("int", 1),
         soft_trim=AttrSpec("float", 0.0, 1.0, inclusive=False), window=_FLAG,
         anchor_frame=AttrSpec("int", 0),
         feature_noise=AttrSpec("float", 0.0, help="std of Gaussian noise added to each standardised window "

@@ -28,6 +28,7 @@ before it (``Chunk.lead``), whatever comes next, so its tags never reveal the ch
 from __future__ import annotations
 
 import dataclasses
+import math
 import random
 from typing import Any, Mapping, Optional, Sequence
 
@@ -275,6 +276,9 @@ class TaskPlan:
                              f"to preprocess={preprocess}")
         if "vocab_size" in slot.attrs and preprocess != "bag_of_words":
             raise ValueError(f"{where}: vocab_size sizes a bag of words; it applies to preprocess=bag_of_words only")
+        if slot.modality == "MOTION" and slot.attrs.get("min_length", 0) > slot.attrs.get("max_length", math.inf):
+            raise ValueError(f"{where}: min_length {slot.attrs['min_length']} is above max_length "
+                             f"{slot.attrs['max_length']}")
         if "feature_noise" in slot.attrs and preprocess != "pose_summary":
             raise ValueError(f"{where}: feature_noise perturbs window statistics; it applies to "
                              "preprocess=pose_summary only")

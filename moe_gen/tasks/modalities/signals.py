@@ -279,12 +279,18 @@ def motion_frames(value: Any, dtype=np.float32) -> np.ndarray:
 
 def motion_window(frames: np.ndarray, slot, rng: Optional[random.Random] = None) -> np.ndarray:
     """The frames a MOTION slot reads: every ``sample_rate``-th frame, then at most ``max_length``
-    of them (slot attributes): a window drawn by ``rng`` (training), else the first one."""
+    of them (slot attributes): a window drawn by ``rng`` (training), else the first one. With
+    ``min_length``, a training window's length is drawn too, uniformly from ``min_length`` up to
+    that limit (or the clip), so the model meets shorter stretches of each clip; evaluation reads
+    the full first window."""
     frames = frames[:: int(slot.attrs.get("sample_rate", 1))]
-    limit = slot.attrs.get("max_length")
-    if limit is not None and len(frames) > int(limit):
-        start = rng.randrange(len(frames) - int(limit) + 1) if rng is not None else 0
-        frames = frames[start:start + int(limit)]
+    limit = len(frames) if slot.attrs.get("max_length") is None else min(int(slot.attrs["max_length"]), len(frames))
+    shortest = min(int(slot.attrs.get("min_length", limit)), limit)
+    if rng is not None and shortest < limit:
+        limit = rng.randint(shortest, limit)
+    if len(frames) > limit:
+        start = rng.randrange(len(frames) - limit + 1) if rng is not None else 0
+        frames = frames[start:start + limit]
     return frames
 
 
