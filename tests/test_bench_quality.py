@@ -179,6 +179,11 @@ def test_quick_report_shape(tmp_path):
             assert entry["rows"] == 4 and wrong == round((1 - report["scores"][system][name]["mean"]) * 4), name
             assert all(ref != answer and n >= 1 for ref, answer, n in entry["errors"])
     assert "Most frequent wrong answers on held-out rows" in markdown
+    c = report["criteria"]  # the 95% criterion read against the cross-validated pick too
+    assert sorted(c["attribute_reaches_95pct_of_cv_choice_on"] + c["attribute_below_95pct_of_cv_choice_on"]) == \
+        sorted(report["classical"])
+    assert "- held-out score ≥ 95% of the classical baseline picked by 5-fold cross-validation on the training " \
+           f"rows on {len(c['attribute_reaches_95pct_of_cv_choice_on'])} of {len(report['classical'])}" in markdown
     # with pretrained inputs, the linear model on the frozen states gets its own column and note
     from moe_gen.quality.report import markdown as render
 

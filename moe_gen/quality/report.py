@@ -218,12 +218,10 @@ def _versus_classical(system_scores: dict, classical: dict, by_cv: bool = False)
     out = {}
     for name, base in classical.items():
         if name in system_scores:
-            if by_cv:
-                if cv_choice(base) is None:
-                    continue
-                bar = base[cv_choice(base)]
-            else:
-                bar = max(base[c] for c in CLASSICAL)
+            pick = cv_choice(base) if by_cv else max(CLASSICAL, key=lambda c: base[c])
+            if pick is None:
+                continue
+            bar = base[pick]
             out[name] = None if bar <= 0 else system_scores[name]["mean"] / bar
     return out
 
