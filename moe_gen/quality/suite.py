@@ -206,6 +206,21 @@ def _table_task(name: str) -> Callable[[str], Task]:
     return build
 
 
+SUCCESSOR_INSTRUCTION = "[IMAGE:image] which digit comes after this one? -> [TEXT:label,closed_set]"
+
+
+def successor_rows(split: str) -> list[dict]:
+    """digit_classification's rows with the label moved on by one (0 → one, …, 9 → zero)."""
+    from moe_gen.tasks.sources.vision import load_digit_images
+
+    return [{"image": row["image"], "label": DIGIT_NAMES[(row["digit"] + 1) % 10], "id": row["id"]}
+            for row in load_digit_images(split)]
+
+
+def _successor_task(split: str) -> Task:
+    return Task("digit_successor", SUCCESSOR_INSTRUCTION, successor_rows(split), metrics=("accuracy",))
+
+
 def _preset(name: str) -> Callable[[str], Task]:
     return functools.partial(load_preset, name)
 
@@ -265,6 +280,11 @@ EXTRA: tuple[SuiteTask, ...] = (
     _builtin("digit_masked_modeling", "IMAGE", features=functools.partial(pixel_features, size=8),
              label_column="label"),
     _builtin("image_infilling", "IMAGE+TEXT"),
+    # digit_classification's images answered with the next digit: a task that conflicts with it
+    # (the same inputs, a different answer from the same words), to see what routing by task does
+    # where tasks interfere
+    SuiteTask("digit_successor", "IMAGE", _successor_task, "accuracy",
+              features=functools.partial(pixel_features, size=8), label_column="label"),
 )
 
 
