@@ -216,6 +216,11 @@ class RouterConfig(ConfigBase):
             ``loss+bias`` (both: the loss shapes the probabilities, the bias revives experts whose
             probability has collapsed, which the loss's gradient barely reaches) or ``none``. No
             effect on content-dependent strategies, which have the losses above.
+        task_words: for the ``instruction`` strategy, the prompt words of each task's instruction
+            (``Instruction.prompt_words``), by task id; ``GeneralistModel.build`` and
+            ``add_tasks`` fill it from the tasks. Tasks without an entry read no words.
+        word_buckets: W, the width of the hashed bag of prompt words the ``instruction`` strategy
+            reads (each word sets bucket crc32(word) mod W).
         tag_balance_rate: u, the largest step of a bias update, in logit units.
         tag_balance_rule: how the bias moves: ``error`` (``b_e += u·clip((mean − load_e) / mean,
             -1, 1)``: experts near the mean load barely move, so coarse tag groups stop hopping
@@ -244,8 +249,15 @@ class RouterConfig(ConfigBase):
     tag_balance: str = "loss"
     tag_balance_rate: float = 0.01
     tag_balance_rule: str = "error"
+    task_words: tuple[tuple[str, ...], ...] = ()
+    word_buckets: int = 64
 
     def __post_init__(self) -> None:
+        self.task_words = tuple(tuple(str(w) for w in words) for words in self.task_words)
+        if self.word_buckets < 1:
+            raise ValueError(f"router word_buckets must be >= 1, got {self.word_buckets}")
+        if len(self.task_words) > self.num_tasks:
+            raise ValueError(f"router task_words lists {len(self.task_words)} tasks but num_tasks is {self.num_tasks}")
         if self.noise not in NOISE_POLICIES:
             raise ValueError(f"unknown router noise {self.noise!r}; known: {', '.join(NOISE_POLICIES)}")
         if self.score not in SCORE_FUNCTIONS:

@@ -22,6 +22,7 @@ from torch import nn
 from moe_gen.model.config import ModelConfig
 from moe_gen.model.transformer import Stack, StackOutput, make_norm
 from moe_gen.registry import ADAPTERS
+from moe_gen.routing.inputs import InstructionInput
 from moe_gen.tasks.batch import Batch, Side
 from moe_gen.tasks.plan import TaskDataError
 from moe_gen.tasks.tokenizer import Tokenizer
@@ -93,6 +94,15 @@ def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
     starts = torch.ones_like(sample_BS, dtype=torch.bool)
     starts[:, 1:] = sample_BS[:, 1:] != sample_BS[:, :-1]
     return arange - torch.where(starts, arange, 0).cummax(dim=1).values
+
+
+def _task_words(names: Sequence[str], tasks: Sequence, known: Sequence[str],
+                known_words: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
+    """The prompt words of each task name, by task id (the ``instruction`` router's input): from
+    the given ``tasks``' instructions, else what the model knew for that name, else none."""
+    given = {t.name: t.instruction.prompt_words() for t in tasks}
+    before = {name: tuple(words) for name, words in zip(known, known_words)}
+    return tuple(given.get(name, before.get(name, ())) for name in names)
 
 
 def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_adapters: list):
@@ -202,7 +212,8 @@ class GeneralistModel(nn.Module):
 
         rc = config.moe.router
         router = dataclasses.replace(rc, num_tasks=max(rc.num_tasks, len(names)),
-                                     num_modalities=max(rc.num_modalities, len(modality_tag_names())))
+                                     num_modalities=max(rc.num_modalities, len(modality_tag_names())),
+                                     task_words=_task_words(names, tasks, config.tasks, rc.task_words))
         config = dataclasses.replace(config, vocab_size=tokenizer.vocab_size, tasks=names, adapters=adapters,
                                      frame_adapters=tuple(frame_adapters), moe=config.moe.replace(router=router),
                                      preprocessor_statistics=statistics,
@@ -239,8 +250,14 @@ class GeneralistModel(nn.Module):
                 self.stop_heads[name] = nn.Linear(D, 1).to(device)
         new_tasks = [t for t in tasks if t.name not in self.config.tasks]
         statistics = _fitted_statistics(new_tasks, self.config.preprocessor_statistics)
+        rc = self.config.moe.router
+        router = rc.replace(task_words=_task_words(names, new_tasks, self.config.tasks, rc.task_words))
         self.config = dataclasses.replace(self.config, tasks=names, adapters=adapters,
-                                          frame_adapters=tuple(frame_adapters), preprocessor_statistics=statistics)
+                                          frame_adapters=tuple(frame_adapters), preprocessor_statistics=statistics,
+                                          moe=self.config.moe.replace(router=router))
+        for module in self.modules():
+            if isinstance(module, InstructionInput):
+                module.set_task_words(router.task_words)
         self._adopt_image_tokenizers(new_tasks)
         return added
 

@@ -33,6 +33,8 @@ from typing import Optional, Sequence
 __all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score", "specialist_steps"]
 
 GENERALISTS = ("dense", "token", "modality", "task", "attribute", "hybrid")
+# systems trained only when named (``--systems``): the default table keeps its columns
+EXTRA_SYSTEMS = ("instruction",)
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -127,9 +129,10 @@ class BenchConfig:
     output_dir: str = "bench_results/quality"
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.systems if s not in GENERALISTS]
+        unknown = [s for s in self.systems if s not in GENERALISTS + EXTRA_SYSTEMS]
         if unknown:
-            raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {', '.join(GENERALISTS)}")
+            known = ", ".join(GENERALISTS + EXTRA_SYSTEMS)
+            raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {known}")
         if not self.seeds:
             raise ValueError("BenchConfig.seeds must name at least one seed")
         from moe_gen.objectives import LOSS_AVERAGES
@@ -539,7 +542,8 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
     seeds = sorted({s for report in reports for s in report["config"]["seeds"]})
     systems = {s for report in reports for s in report["config"]["systems"]}
     cfg = BenchConfig(**{**first, "tasks": tuple(first.get("tasks", ())), "seeds": tuple(seeds),
-                         "systems": tuple(s for s in GENERALISTS if s in systems), "output_dir": output_dir,
+                         "systems": tuple(s for s in GENERALISTS + EXTRA_SYSTEMS if s in systems),
+                         "output_dir": output_dir,
                          "specialists": any(report["config"].get("specialists", True) for report in reports),
                          "specialists_from": None})
     suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,

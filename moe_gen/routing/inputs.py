@@ -10,12 +10,16 @@ Shape legend: T tokens (flattened, padding included), D model width, A attribute
 | task        | Embedding(task)                                  | no                |
 | attribute   | LayerNorm(Linear(attribute vector))              | no                |
 | hybrid      | x + LayerNorm(Linear(attribute vector))          | yes               |
+| instruction | LayerNorm(Linear([attributes, prompt words]))    | no                |
 
 Content-independent strategies give every token of a tag group the same z, hence the same route:
 that is what makes merged inference (one dense layer per tag group) exact.
 """
 
 from __future__ import annotations
+
+import zlib
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -27,7 +31,7 @@ from moe_gen.routing.tags import TokenTags
 
 __all__ = [
     "RouterInput", "TokenInput", "ContextInput", "ModalityInput", "TaskInput", "AttributeInput",
-    "HybridInput",
+    "HybridInput", "InstructionInput", "word_table",
 ]
 
 
@@ -161,3 +165,43 @@ class HybridInput(RouterInput):
 
     def forward(self, x_TD, tags, segment_T, valid_T):
         return x_TD + self.attributes(tags).to(x_TD.dtype)
+
+
+def word_table(task_words: Sequence[Sequence[str]], num_tasks: int, buckets: int) -> torch.Tensor:
+    """float32 ``[num_tasks, W]``: row t is the hashed bag of task t's prompt words (bucket
+    ``crc32(word) mod W`` set to 1; a stable hash, so a saved model reads the same buckets)."""
+    table = torch.zeros(num_tasks, buckets)
+    for t, words in enumerate(task_words):
+        for word in words:
+            table[t, zlib.crc32(word.encode("utf-8")) % buckets] = 1.0
+    return table
+
+
+@ROUTERS.register("instruction")
+class InstructionInput(RouterInput):
+    """z = LayerNorm(Linear([attributes, hashed prompt words of the token's task])): the attribute
+    vector plus the words of the task's instruction outside its slots, so that tasks over the same
+    modalities that ask different things ("what digit is this?", "which digit comes after this
+    one?") can take different experts, and a new task is a new combination of known attribute
+    bits and words. The words of each task id come from ``RouterConfig.task_words``."""
+
+    content_dependent = False
+    needs_tags = True
+
+    def __init__(self, d_model: int, config: RouterConfig) -> None:
+        super().__init__(d_model, config)
+        self.sizes = (config.num_modalities, config.num_roles, config.num_passes)
+        self.proj = nn.Linear(attribute_dim(*self.sizes) + config.word_buckets, d_model)
+        self.norm = nn.LayerNorm(d_model)
+        self.register_buffer("words_TkW", word_table(config.task_words, config.num_tasks, config.word_buckets),
+                             persistent=False)
+
+    def set_task_words(self, task_words: Sequence[Sequence[str]]) -> None:
+        """Replaces the prompt words of the task ids (after the model learns new tasks)."""
+        table = word_table(task_words, self.words_TkW.shape[0], self.words_TkW.shape[1])
+        self.words_TkW = table.to(self.words_TkW.device)
+
+    def forward(self, x_TD, tags, segment_T, valid_T):
+        attributes_TA = attribute_vector(tags, *self.sizes)
+        features_TF = torch.cat([attributes_TA, self.words_TkW[tags.task]], dim=-1).to(self.proj.weight.dtype)
+        return self.norm(self.proj(features_TF))

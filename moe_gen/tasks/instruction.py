@@ -342,6 +342,13 @@ class Instruction:
         """Pick one template uniformly with ``rng``."""
         return rng.choice(self.templates)
 
+    def prompt_words(self) -> tuple[str, ...]:
+        """The distinct lower-case words (runs of letters and digits) of the literal prompt text of
+        every template, both sides, sorted: what the ``instruction`` routing strategy reads
+        besides the slots' modalities."""
+        text = " ".join(s.text or "" for t in self.templates for s in t.encoder + t.decoder if s.is_literal)
+        return tuple(sorted(set(re.findall(r"[^\W_]+", text.lower()))))
+
     @classmethod
     def parse(cls, text: str, *, modalities: Optional[_Modalities] = None) -> Instruction:
         """Parse an instruction.
