@@ -316,6 +316,30 @@ def test_expert_hidden_sets_the_active_ffn_width_of_every_system():
         BenchConfig(expert_hidden=0)
 
 
+def test_digit_successor_asks_digit_classifications_images_for_the_next_digit():
+    """The extra task that conflicts with digit_classification: the same images and answer words,
+    each answer moved on by one; only its instruction's words tell the two apart."""
+    from moe_gen.quality.runner import BenchConfig, _model_config
+    from moe_gen.quality.suite import successor_rows
+    from moe_gen.tasks import load_preset
+    from moe_gen.tasks.sources.vision import DIGIT_NAMES
+
+    digits = load_preset("digit_classification", "test")
+    rows = successor_rows("test")
+    assert len(rows) == len(digits) == 360
+    for row, original in zip(rows, digits.data):
+        assert (row["image"] == original["image"]).all() and row["id"] == original["id"]
+        assert DIGIT_NAMES.index(row["label"]) == (DIGIT_NAMES.index(original["label"]) + 1) % 10
+    successor, classification = suite_tasks(["digit_successor", "digit_classification"])[::-1]
+    task = successor.build("train")
+    assert task.name == "digit_successor" and len(task) == 1437 and successor.classification
+    assert task.instruction.prompt_words() != classification.build("train").instruction.prompt_words()
+    assert "digit_successor" not in {t.name for t in SUITE}  # named with --tasks only
+    # the instruction-routed system is known to the benchmark, but not in its default systems
+    assert _model_config(BenchConfig(systems=("instruction",)), "instruction").moe.router.strategy == "instruction"
+    assert "instruction" not in BenchConfig().systems
+
+
 def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only():
     from moe_gen.quality.report import _run_line
     from moe_gen.quality.runner import BenchConfig, _model_config

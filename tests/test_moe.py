@@ -139,7 +139,7 @@ def test_batch_and_padding_do_not_change_outputs():
     torch.testing.assert_close(flipped.flip(0), batched, atol=1e-6, rtol=1e-6)
 
 
-@pytest.mark.parametrize("strategy", ["modality", "task", "attribute"])
+@pytest.mark.parametrize("strategy", ["modality", "task", "attribute", "instruction"])
 def test_merged_equals_unmerged(strategy):
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router=strategy,
                         experts=ExpertsConfig(kind="glu", activation="silu")))
@@ -376,7 +376,7 @@ def test_merged_backend_follows_data_writes_without_any_cache_to_clear():
 
 @pytest.mark.parametrize("kind,activation,bias", [("mlp", "gelu", True), ("glu", "silu", True),
                                                   ("mlp", "relu", False), ("linear", "gelu", True)])
-@pytest.mark.parametrize("strategy", ["modality", "task", "attribute"])
+@pytest.mark.parametrize("strategy", ["modality", "task", "attribute", "instruction"])
 def test_merged_inference_by_expert_set_equals_unmerged(kind, activation, bias, strategy):
     # Inference groups tag groups that use the same set of experts (with different gate weights)
     # into one matmul pair and scales each row's hidden units (and output biases) by its own weights.

@@ -24,7 +24,7 @@ def make_moe(**kwargs) -> MoE:
     return MoE(MoEConfig(**defaults))
 
 
-@pytest.mark.parametrize("strategy", ["modality", "task", "attribute"])
+@pytest.mark.parametrize("strategy", ["modality", "task", "attribute", "instruction"])
 @pytest.mark.parametrize("noise", ["none", "gaussian", "gumbel", "jitter"])
 def test_content_independent_routes_are_identical_within_a_tag_group(strategy, noise):
     moe = make_moe(router=RouterConfig(strategy=strategy, noise=noise)).train()
