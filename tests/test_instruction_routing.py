@@ -115,3 +115,20 @@ def test_model_keeps_its_tasks_words_through_add_tasks_save_and_merge(tok, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).logits, logits)
         torch.testing.assert_close(merge_for_inference(model)(batch).logits, logits, atol=1e-5, rtol=1e-5)
+
+
+def test_upcycled_instruction_layers_read_the_models_task_words(tok):
+    from moe_gen.pretrained.upcycle import upcycle
+
+    digits = load_preset("digit_classification", "train", limit=4)
+    successor = Task("digit_successor", SUCCESSOR, [dict(r, label="one") for r in digits.data])
+    torch.manual_seed(0)
+    dense = GeneralistModel.build(flavour_with("debug", router={"strategy": "instruction"}).dense_twin(),
+                                  [digits, successor], tok)
+    words = dense.config.moe.router.task_words
+    assert words[1] == ("after", "comes", "digit", "one", "this", "which")
+    model, summary = upcycle(dense, num_experts=4, top_k=2, router="instruction", layers="all", seed=0)
+    assert summary.router.task_words == words
+    inputs = [m for m in model.modules() if isinstance(m, InstructionInput)]
+    expected = word_table(words, summary.router.num_tasks, summary.router.word_buckets)
+    assert inputs and all(torch.equal(m.words_TkW, expected) for m in inputs)

@@ -96,12 +96,13 @@ def upcycle(
         num_experts: E copies per FFN.
         top_k: experts per token (1 <= k <= E).
         router: a ``RouterConfig`` or a strategy name (``token``, ``context``, ``modality``, ``task``, ``attribute``,
-            ``hybrid``); a name keeps the model's other router settings. ``None``: the model's router settings
-            (``RouterConfig()`` for a bare module tree). For a model with ``config.moe.router``, the tag vocabulary sizes
-            (``num_tasks``, ``num_modalities``, ``num_roles``, ``num_passes``) are always the model's. The gate must
-            be ``topk`` or ``hash``, without a ``weight_scale``; with ``topk`` and k = 1, ``normalize=None`` is set to
-            True (the one weight is then the constant 1, so the router learns from its auxiliary losses only, the
-            price of starting at the dense function), and an explicit ``normalize=False`` is an error.
+            ``hybrid``, ``instruction``); a name keeps the model's other router settings. ``None``: the model's
+            router settings (``RouterConfig()`` for a bare module tree). For a model with ``config.moe.router``, the
+            tag vocabulary sizes (``num_tasks``, ``num_modalities``, ``num_roles``, ``num_passes``) and the tasks'
+            prompt words (``task_words``) are always the model's. The gate must be ``topk`` or ``hash``, without a
+            ``weight_scale``; with ``topk`` and k = 1, ``normalize=None`` is set to True (the one weight is then
+            the constant 1, so the router learns from its auxiliary losses only, the price of starting at the dense
+            function), and an explicit ``normalize=False`` is an error.
         layers: ``"all"``, ``"every_other"`` (blocks 1, 3, 5... of each stack: where ``ModelConfig.moe.every=2`` puts
             MoE layers; in a bare tree, FFNs whose last numeric name component is odd) or a list of names as
             ``upcycle`` reports them (``"encoder.blocks.1"``; ``"encoder.blocks.1.ffn"`` is accepted too).
@@ -274,9 +275,10 @@ def _router_config(router, model_router: Optional[RouterConfig], top_k: int) -> 
         raise ValueError(f"router must be a RouterConfig or a strategy name, got {type(router).__name__}")
     if config.strategy not in ROUTERS:
         raise ValueError(f"unknown router strategy {config.strategy!r}; known: {', '.join(ROUTERS.list())}")
-    if model_router is not None:  # tag embeddings must cover the model's tag vocabularies
+    if model_router is not None:  # tag embeddings must cover the model's tag vocabularies (and know its tasks' words)
         config = config.replace(num_modalities=model_router.num_modalities, num_roles=model_router.num_roles,
-                                num_passes=model_router.num_passes, num_tasks=model_router.num_tasks)
+                                num_passes=model_router.num_passes, num_tasks=model_router.num_tasks,
+                                task_words=model_router.task_words)
     if config.gate not in EXACT_GATES:
         raise ValueError(f"gate {config.gate!r} does not give every token gate weights summing to 1, so the "
                          f"upcycled layer would not equal the dense FFN; use gate 'topk' (renormalised) or "
