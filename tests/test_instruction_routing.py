@@ -127,7 +127,9 @@ def test_upcycled_instruction_layers_read_the_models_task_words(tok):
                                   [digits, successor], tok)
     words = dense.config.moe.router.task_words
     assert words[1] == ("after", "comes", "digit", "one", "this", "which")
-    model, summary = upcycle(dense, num_experts=4, top_k=2, router="instruction", layers="all", seed=0)
+    # a RouterConfig of its own (as the quality benchmark passes) still reads the model's words
+    model, summary = upcycle(dense, num_experts=4, top_k=2, router=RouterConfig(strategy="instruction"),
+                             layers="all", seed=0)
     assert summary.router.task_words == words
     inputs = [m for m in model.modules() if isinstance(m, InstructionInput)]
     expected = word_table(words, summary.router.num_tasks, summary.router.word_buckets)
