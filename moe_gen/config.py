@@ -171,7 +171,8 @@ class RouterConfig(ConfigBase):
 
     Attributes:
         strategy: router input (registry ``ROUTERS``): ``token``, ``context``, ``modality``,
-            ``task``, ``attribute`` or ``hybrid``.
+            ``task``, ``attribute``, ``hybrid`` or ``instruction`` (attributes plus the task's
+            prompt words, ``task_words``).
         gate: how logits become assignments (registry ``GATES``): ``topk``, ``expert_choice``,
             ``balanced`` (BASE layers, k=1) or ``hash`` (fixed, parameter-free; for tests).
         score: how logits become the router probabilities that weight the experts: ``softmax``

@@ -4,7 +4,7 @@ Shape legend: T tokens (flattened, padding included), D model width, E experts, 
 slots per token (top_k, or E for expert choice), G tag groups, R rows the router scores (the T
 tokens, or one representative token per tag group for content-independent strategies).
 
-    z_TD      = strategy input (token, context, modality, task, attribute, hybrid)
+    z_TD      = strategy input (token, context, modality, task, attribute, hybrid, instruction)
     logits_TE = z · W_gateᵀ                    (fp32, autocast off)
     probs_TE  = softmax(logits) or sigmoid(logits)
     choice    = gate(logits + noise [+ bias])  (top-k, expert choice, balanced, hash)
