@@ -284,7 +284,7 @@ def test_registry_rejects_duplicates_and_lists_known_names():
 
 
 def test_registries_hold_the_built_in_parts():
-    assert ROUTERS.list() == ["attribute", "context", "hybrid", "modality", "task", "token"]
+    assert ROUTERS.list() == ["attribute", "context", "hybrid", "instruction", "modality", "task", "token"]
     assert GATES.list() == ["balanced", "expert_choice", "hash", "topk"]
     assert EXPERTS.list() == ["glu", "linear", "mlp"]
     assert BACKENDS.list() == ["eager", "einsum", "merged", "torch", "triton", "tutel"]
