@@ -23,8 +23,8 @@ SUCCESSOR = "[IMAGE:image] which digit comes after this one? -> [TEXT:label,clos
 
 
 def test_prompt_words_are_the_literal_words_of_every_template():
-    instruction = Instruction.parse(
-        "[IMAGE:img] What does the image describe? -> a handwritten [TEXT:caption] ||| [IMAGE:img] caption it: -> [TEXT:caption]")
+    instruction = Instruction.parse("[IMAGE:img] What does the image describe? -> a handwritten [TEXT:caption] "
+                                    "||| [IMAGE:img] caption it: -> [TEXT:caption]")
     assert instruction.prompt_words() == ("a", "caption", "describe", "does", "handwritten", "image", "it", "the",
                                           "what")
     assert Instruction.parse("[IMAGE:img] -> [TEXT:caption]").prompt_words() == ()
@@ -112,6 +112,7 @@ def test_model_keeps_its_tasks_words_through_add_tasks_save_and_merge(tok, tmp_p
     model.save_pretrained(str(tmp_path / "m"))
     loaded = GeneralistModel.from_pretrained(str(tmp_path / "m")).eval()
     assert loaded.config.moe.router.task_words == router.task_words
+    assert all(torch.equal(m.words_TkW, expected) for m in loaded.modules() if isinstance(m, InstructionInput))
     with torch.no_grad():
         torch.testing.assert_close(loaded(batch).logits, logits)
         torch.testing.assert_close(merge_for_inference(model)(batch).logits, logits, atol=1e-5, rtol=1e-5)
