@@ -7,6 +7,7 @@ Usage:
     python scripts/bench_quality.py --seeds 0 --systems dense attribute --steps 800
     python scripts/bench_quality.py --systems dense attribute --pretrained-inputs   # frozen MiniLM / Whisper inputs
     python scripts/bench_quality.py --merge a/quality.json b/quality.json --out c   # both runs in one report
+    python scripts/bench_quality.py --tasks digit_classification digit_successor --systems task instruction --steps 200
     make bench-quality
 
 Writes quality.json, quality.md and quality.png to --out (default bench_results/quality) and
@@ -23,6 +24,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moe_gen.quality.report import markdown  # noqa: E402
 from moe_gen.quality.runner import (  # noqa: E402
+    EXTRA_SYSTEMS,
     GENERALISTS,
     BenchConfig,
     default_output,
@@ -39,7 +41,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one seed, a few steps (smoke run)")
     parser.add_argument("--tasks", nargs="*", default=[], help="suite task names (default: all)")
-    parser.add_argument("--systems", nargs="*", default=list(GENERALISTS), help="generalists to train")
+    parser.add_argument("--systems", nargs="*", default=list(GENERALISTS),
+                        help=f"generalists to train (default: {' '.join(GENERALISTS)}; "
+                             f"also: {' '.join(EXTRA_SYSTEMS)})")
     parser.add_argument("--no-specialists", action="store_true")
     parser.add_argument("--seeds", nargs="*", type=int)
     parser.add_argument("--steps", type=int, help="generalist steps (specialists: their task's share)")
