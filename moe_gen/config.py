@@ -254,6 +254,9 @@ class RouterConfig(ConfigBase):
     word_buckets: int = 64
 
     def __post_init__(self) -> None:
+        if isinstance(self.task_words, str) or any(isinstance(words, str) for words in self.task_words):
+            raise ValueError("router task_words lists each task's words as a sequence of strings (one per task "
+                             f"id), got {self.task_words!r}")
         self.task_words = tuple(tuple(str(w) for w in words) for words in self.task_words)
         if self.word_buckets < 1:
             raise ValueError(f"router word_buckets must be >= 1, got {self.word_buckets}")

@@ -66,6 +66,8 @@ def test_router_config_checks_its_words():
         RouterConfig(strategy="instruction", word_buckets=0)
     with pytest.raises(ValueError, match="task_words lists 3 tasks but num_tasks is 2"):
         RouterConfig(strategy="instruction", num_tasks=2, task_words=(("a",), ("b",), ("c",)))
+    with pytest.raises(ValueError, match="a sequence of strings"):
+        RouterConfig(strategy="instruction", task_words=("what", "digit"))  # one task's words, not a list of tasks
     # lists (as a loaded config holds them) become tuples
     assert RouterConfig(task_words=[["a", "b"]]).task_words == (("a", "b"),)
 

@@ -62,17 +62,20 @@ class RouterInput(nn.Module):
 
 
 class _AttributeEmbedding(nn.Module):
-    """LayerNorm(Linear(attribute vector)): the Uni-Perceiver-MoE attribute router input."""
+    """LayerNorm(Linear(attribute vector)): the Uni-Perceiver-MoE attribute router input; with
+    ``extra_width``, LayerNorm(Linear([attribute vector, extra features])) (the instruction words)."""
 
-    def __init__(self, d_model: int, config: RouterConfig) -> None:
+    def __init__(self, d_model: int, config: RouterConfig, extra_width: int = 0) -> None:
         super().__init__()
         self.sizes = (config.num_modalities, config.num_roles, config.num_passes)
-        self.proj = nn.Linear(attribute_dim(*self.sizes), d_model)
+        self.proj = nn.Linear(attribute_dim(*self.sizes) + extra_width, d_model)
         self.norm = nn.LayerNorm(d_model)
 
-    def forward(self, tags: TokenTags) -> torch.Tensor:
-        attributes_TA = attribute_vector(tags, *self.sizes).to(self.proj.weight.dtype)
-        return self.norm(self.proj(attributes_TA))
+    def forward(self, tags: TokenTags, extra_TF: torch.Tensor | None = None) -> torch.Tensor:
+        features_TA = attribute_vector(tags, *self.sizes)
+        if extra_TF is not None:
+            features_TA = torch.cat([features_TA, extra_TF.to(features_TA.dtype)], dim=-1)
+        return self.norm(self.proj(features_TA.to(self.proj.weight.dtype)))
 
 
 @ROUTERS.register("token")
@@ -190,9 +193,7 @@ class InstructionInput(RouterInput):
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__(d_model, config)
-        self.sizes = (config.num_modalities, config.num_roles, config.num_passes)
-        self.proj = nn.Linear(attribute_dim(*self.sizes) + config.word_buckets, d_model)
-        self.norm = nn.LayerNorm(d_model)
+        self.attributes = _AttributeEmbedding(d_model, config, extra_width=config.word_buckets)
         self.register_buffer("words_TkW", word_table(config.task_words, config.num_tasks, config.word_buckets),
                              persistent=False)
 
@@ -202,6 +203,4 @@ class InstructionInput(RouterInput):
         self.words_TkW = table.to(self.words_TkW.device)
 
     def forward(self, x_TD, tags, segment_T, valid_T):
-        attributes_TA = attribute_vector(tags, *self.sizes)
-        features_TF = torch.cat([attributes_TA, self.words_TkW[tags.task]], dim=-1).to(self.proj.weight.dtype)
-        return self.norm(self.proj(features_TF))
+        return self.attributes(tags, self.words_TkW[tags.task])
