@@ -450,11 +450,13 @@ def test_frozen_layer_keeps_one_route_entry_per_set_of_tag_groups():
     assert not merged.router._routes and not merged.backend._cache
 
 
-@pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("glu", "silu")])
+@pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("mlp", "gelu_tanh"), ("mlp", "relu"), ("mlp", "silu"),
+                                             ("glu", "silu")])
 def test_frozen_layer_runs_small_batches_as_one_group_over_the_union_of_their_experts(kind, activation):
     # A frozen layer may run the rows of several expert sets as one group through every expert
     # their tag groups use, each row's other experts weighted 0 (fewer, larger matmuls); per expert
-    # set or as one group, the outputs are the unmerged layer's, and padding outputs zeros.
+    # set or as one group, the outputs are the unmerged layer's, and padding outputs zeros. (Every
+    # activation: inference applies plain ones in place.)
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute",
                         experts=ExpertsConfig(kind=kind, activation=activation))).eval()
     x, tags = torch.randn(4, 10, D), random_tags((4, 10))

@@ -453,7 +453,8 @@ class MergedDispatch(DispatchBackend):
         y_ND, groups = outputs
         if y_ND is None:
             return None
-        return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_add_(0, groups.token_N, y_ND)
+        # every token is in one group at most: a copy, not an accumulation
+        return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_copy_(0, groups.token_N, y_ND)
 
 
 # backend="auto": the first registered backend that can run on the input's device, by device type.

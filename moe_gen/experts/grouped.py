@@ -33,13 +33,23 @@ ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
 }
 
 
-def activate(h: torch.Tensor, activation: str, gated: bool) -> torch.Tensor:
-    """act(h), or act(gate) * up for gated experts whose last dim holds ``[gate | up]``."""
-    act = ACTIVATIONS[activation][0]
+# name -> the activation in place (inference on buffers nothing else reads)
+_INPLACE: dict[str, Callable] = {
+    "gelu": torch.ops.aten.gelu_,
+    "gelu_tanh": lambda h: torch.ops.aten.gelu_(h, approximate="tanh"),
+    "relu": torch.relu_,
+    "silu": lambda h: F.silu(h, inplace=True),
+}
+
+
+def activate(h: torch.Tensor, activation: str, gated: bool, inplace: bool = False) -> torch.Tensor:
+    """act(h), or act(gate) * up for gated experts whose last dim holds ``[gate | up]``.
+    ``inplace`` (no autograd): a plain activation overwrites ``h`` instead of allocating its result."""
     if gated:
         gate, up = h.chunk(2, dim=-1)
-        return act(gate) * up
-    return act(h)
+        return ACTIVATIONS[activation][0](gate) * up
+    act = _INPLACE.get(activation) if inplace else None
+    return (act or ACTIVATIONS[activation][0])(h)
 
 
 def _activation_backward(
@@ -199,11 +209,18 @@ def grouped_ffn_scaled(
     N, K = scale_NK.shape
     h_NX = x_ND.new_empty(N, w_in_RDX.shape[2])
     _grouped_linear(x_ND, w_in_RDX, b_in_RX, counts, h_NX)
-    a_NX = activate(h_NX, activation, gated)
+    a_NX = activate(h_NX, activation, gated, inplace=True)  # h is ours, and nothing needs it after
     X = a_NX.shape[1]
     scale_NK = scale_NK.to(a_NX.dtype)
     a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
-    a_NY = a_NX if w_out_RYD.shape[1] == X else torch.cat([a_NX, scale_NK], dim=1)
     y_ND = x_ND.new_empty(N, w_out_RYD.shape[2])
-    _grouped_linear(a_NY, w_out_RYD, None, counts, y_ND)
+    if w_out_RYD.shape[1] == X:
+        _grouped_linear(a_NX, w_out_RYD, None, counts, y_ND)
+        return y_ND
+    # the biases: the scaled gate weights times the bias rows, then the hidden units added in place
+    # (no copy of the hidden units with the gate weights appended)
+    _grouped_linear(scale_NK, w_out_RYD[:, X:], None, counts, y_ND)
+    for y, a, w in zip(y_ND.split(counts), a_NX.split(counts), w_out_RYD[:, :X].unbind(0)):
+        if y.shape[0]:
+            y.addmm_(a, w)
     return y_ND
