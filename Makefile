@@ -14,7 +14,7 @@ CHECK_HERE = import moe_gen, pathlib, sys; \
 NO_DEPS_PRETRAINED := $(shell sed -n 's/^NO_DEPS_PRETRAINED = \[\(.*\)\]/\1/p' setup.py | tr -d '",')
 QUIET_PIP = 2>&1 | { grep -v "^WARNING: Location" || true; }
 
-.PHONY: demo test test-all venv pretrained lint bench bench-quality clean
+.PHONY: demo test test-all venv pretrained lint bench bench-quality bench-transfer clean
 
 venv: $(STAMP)
 	@(cd / && $(abspath $(PY)) -c "$(CHECK_HERE)" 2>/dev/null) \
@@ -51,6 +51,9 @@ bench: venv
 
 bench-quality: venv
 	HF_HUB_OFFLINE=1 $(PY) scripts/bench_quality.py
+
+bench-transfer: venv
+	HF_HUB_OFFLINE=1 $(PY) scripts/bench_transfer.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info

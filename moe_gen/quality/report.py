@@ -509,16 +509,22 @@ def plot(report: dict, path: str) -> None:
     fig.savefig(path, dpi=110)
 
 
-def write_report(report: dict, directory: str) -> dict[str, str]:
-    """Writes ``quality.json``, ``quality.md`` and ``quality.png``; returns their paths."""
+def write_files(report: dict, directory: str, stem: str, text: str, draw=None) -> dict[str, str]:
+    """Writes ``<stem>.json`` (the report), ``<stem>.md`` (``text``) and, with ``draw``, the plot
+    ``<stem>.png`` (``draw(report, path)``) into ``directory``; returns their paths."""
     os.makedirs(directory, exist_ok=True)
-    paths = {kind: os.path.join(directory, f"quality.{kind}") for kind in ("json", "md", "png")}
+    paths = {kind: os.path.join(directory, f"{stem}.{kind}") for kind in ("json", "md", "png")}
     with open(paths["json"], "w") as f:
         json.dump(report, f, indent=1)
     with open(paths["md"], "w") as f:
-        f.write(markdown(report))
-    if report["relative"]:
-        plot(report, paths["png"])
-    else:
+        f.write(text)
+    if draw is None:
         paths.pop("png")
+    else:
+        draw(report, paths["png"])
     return paths
+
+
+def write_report(report: dict, directory: str) -> dict[str, str]:
+    """Writes ``quality.json``, ``quality.md`` and ``quality.png``; returns their paths."""
+    return write_files(report, directory, "quality", markdown(report), plot if report["relative"] else None)

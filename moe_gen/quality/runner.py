@@ -320,10 +320,10 @@ def held_out_errors(pairs: Sequence[tuple]) -> dict:
             "errors": [[ref, answer, n] for (ref, answer), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))]}
 
 
-def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool = True):
-    """Trains ``model`` on ``train`` for ``steps`` (a generalist with ``cfg.lr_scales``); returns the
-    model to score (the weight average with ``ema_decay``), the trainer's summary and the last
-    weights."""
+def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool = True, trainable: str = "all"):
+    """Trains ``model`` on ``train`` for ``steps`` (a generalist with ``cfg.lr_scales``; ``trainable``:
+    ``TrainConfig.trainable``); returns the model to score (the weight average with ``ema_decay``),
+    the trainer's summary and the last weights."""
     from moe_gen.trainer import TrainConfig, Trainer
 
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
@@ -331,7 +331,7 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool
                                warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
                                temperature=cfg.temperature, loss_average=cfg.loss_average, seed=seed,
                                progress=False, tensorboard=False,
-                               checkpoint_every=0, ema_decay=_ema_decay(cfg, steps),
+                               checkpoint_every=0, ema_decay=_ema_decay(cfg, steps), trainable=trainable,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)

@@ -1,0 +1,364 @@
+"""Transfer to held-out tasks: does a generalist learn a new task faster than a model from scratch,
+and what does fine-tuning on it cost the tasks it knew?
+
+Protocol (one job per generalist system × seed, one per seed for the specialists):
+
+1. *Pretrain*: a generalist trains on the quality suite minus the ``held`` tasks (the benchmark's
+   model, mixing and learning rate; ``steps`` steps) and is scored on the held-out rows of the
+   tasks it trained on (*before*).
+2. *Fine-tune*: for every held task and every budget in ``finetune_steps``, a copy of the
+   pretrained model trains on that task alone for that many steps (the trainer adds the new task
+   to its vocabulary and any adapter its inputs need; ``trainable`` picks what trains) and is
+   scored on the held task. After the largest budget the copy is scored on the pretraining tasks
+   again (*after*): what fine-tuning on one task cost the others.
+3. *From scratch*: a specialist (the dense model of the same active size) trains on each held task
+   alone for each budget, with the same batches per step and learning rate.
+
+The report gives, per held task and budget, each system's held-out score (mean ± std over seeds)
+with its paired difference to the specialist from scratch, and per held task how much of the
+pretraining tasks' scores each generalist kept (*retained*: the mean over those tasks of after /
+before, lower-is-better metrics inverted, over tasks scoring at least ``SPECIALIST_FLOOR`` before),
+with attribute − dense paired by seed.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import copy
+import dataclasses
+import multiprocessing
+import statistics
+import time
+from typing import Optional
+
+from moe_gen.quality.report import SPECIALIST_FLOOR, _mean_std, _paired_difference, _relative, write_files
+
+__all__ = ["TransferConfig", "run_transfer", "transfer_job", "build_transfer_report", "write_transfer_report",
+           "transfer_markdown"]
+
+
+@dataclasses.dataclass(kw_only=True)
+class TransferConfig:
+    """What the transfer benchmark runs.
+
+    Attributes:
+        held: suite tasks left out of pretraining and fine-tuned on one at a time (at least one,
+            and at least one suite task must remain to pretrain on).
+        systems: generalist systems (``moe_gen.quality.runner.GENERALISTS`` and ``EXTRA_SYSTEMS``).
+        seeds: one pretraining per system and seed (and one set of specialists per seed).
+        steps: pretraining steps of the generalists.
+        finetune_steps: fine-tuning budgets, ascending; the specialists train for the same.
+        trainable: ``TrainConfig.trainable`` of the fine-tuning (``all``, ``experts``, ...).
+        flavour, num_experts, batch_size, lr, warmup_steps, mixing, temperature: as
+            ``BenchConfig`` (fine-tuning warms up for at most a tenth of its steps).
+        eval_limit: held-out rows scored per task.
+        workers, threads: processes running jobs, torch threads per process.
+        output_dir: where ``transfer.json``, ``transfer.md`` and ``transfer.png`` go.
+    """
+
+    held: tuple[str, ...] = ("table_wine", "digit_counting")
+    systems: tuple[str, ...] = ("dense", "attribute")
+    seeds: tuple[int, ...] = (0, 1, 2)
+    steps: int = 4000
+    finetune_steps: tuple[int, ...] = (10, 25, 50, 100)
+    trainable: str = "all"
+    flavour: str = "debug"
+    num_experts: int = 8
+    batch_size: int = 16
+    lr: float = 2e-3
+    warmup_steps: int = 50
+    mixing: str = "temperature"
+    temperature: float = 2.0
+    eval_limit: int = 100
+    workers: int = 2
+    threads: int = 1
+    output_dir: str = "bench_results/transfer"
+
+    def __post_init__(self) -> None:
+        from moe_gen.quality.runner import EXTRA_SYSTEMS, GENERALISTS
+        from moe_gen.quality.suite import SUITE
+        from moe_gen.trainer.config import TRAINABLE
+
+        self.held, self.systems = tuple(self.held), tuple(self.systems)
+        self.seeds, self.finetune_steps = tuple(self.seeds), tuple(int(s) for s in self.finetune_steps)
+        suite = [t.name for t in SUITE]
+        unknown = [n for n in self.held if n not in suite]
+        if not self.held or unknown:
+            raise ValueError(f"TransferConfig.held: name one or more suite tasks ({', '.join(suite)}); "
+                             f"got {list(self.held)}")
+        if len(set(self.held)) == len(suite):
+            raise ValueError("TransferConfig.held: at least one suite task must remain to pretrain on")
+        bad = [s for s in self.systems if s not in GENERALISTS + EXTRA_SYSTEMS]
+        if not self.systems or bad:
+            raise ValueError(f"TransferConfig.systems: name one or more of {', '.join(GENERALISTS + EXTRA_SYSTEMS)}; "
+                             f"got {list(self.systems)}")
+        budgets = self.finetune_steps
+        if not budgets or min(budgets) < 1 or list(budgets) != sorted(set(budgets)):
+            raise ValueError(f"TransferConfig.finetune_steps must be ascending distinct step counts >= 1, "
+                             f"got {list(budgets)}")
+        if self.trainable not in TRAINABLE:
+            raise ValueError(f"TransferConfig.trainable must be one of {', '.join(TRAINABLE)}, got {self.trainable!r}")
+        if self.trainable in ("experts", "routers") and "dense" in self.systems:
+            raise ValueError(f"TransferConfig.trainable={self.trainable!r} leaves the dense system nothing to train; "
+                             "drop dense from systems or fine-tune 'all'")
+        if not self.seeds or self.steps < 1:
+            raise ValueError(f"TransferConfig needs seeds and steps >= 1, got seeds {list(self.seeds)}, "
+                             f"steps {self.steps}")
+
+    def bench(self, steps: int):
+        """The ``BenchConfig`` whose model and training settings a run of ``steps`` uses."""
+        from moe_gen.quality.runner import BenchConfig
+
+        return BenchConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
+                           mixing=self.mixing, temperature=self.temperature, flavour=self.flavour,
+                           num_experts=self.num_experts, eval_limit=self.eval_limit, threads=self.threads,
+                           seeds=self.seeds, systems=self.systems)
+
+
+def _suite_splits(cfg: TransferConfig):
+    from moe_gen.quality.runner import held_out
+    from moe_gen.quality.suite import suite_tasks
+
+    suite = suite_tasks(None)
+    train = {t.name: t.build("train") for t in suite}
+    test = {t.name: held_out(t.build("test"), cfg.eval_limit) for t in suite}
+    return suite, train, test
+
+
+def transfer_job(job: dict) -> dict:
+    """One job: ``{"config": TransferConfig fields, "system": name or "specialist", "seed": s}``.
+
+    Returns ``{"system", "seed", "finetuned": {held task: {steps: score}}, "seconds"}`` and, for a
+    generalist, ``"before"`` (pretraining tasks' scores) and ``"after"`` (held task → those scores
+    after its largest fine-tuning budget)."""
+    import torch
+
+    from moe_gen.model import GeneralistModel
+    from moe_gen.quality.runner import _fit, _model_config
+    from moe_gen.tasks import Tokenizer
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    cfg = TransferConfig(**job["config"])
+    torch.set_num_threads(cfg.threads)
+    suite, train, test = _suite_splits(cfg)
+    metric = {t.name: t.metric for t in suite}
+    pretraining = [t.name for t in suite if t.name not in cfg.held]
+    system, seed = job["system"], job["seed"]
+    start = time.perf_counter()
+
+    def score(model, names):
+        return {n: evaluate_task(model, test[n])[metric[n]] for n in names}
+
+    out: dict = {"system": system, "seed": seed, "finetuned": {h: {} for h in cfg.held}}
+    pretrained = None
+    if system != "specialist":
+        torch.manual_seed(seed)
+        pretrained = GeneralistModel.build(_model_config(cfg.bench(cfg.steps), system),
+                                           [train[n] for n in pretraining], Tokenizer.default())
+        pretrained, _, _ = _fit(cfg.bench(cfg.steps), pretrained, [train[n] for n in pretraining], cfg.steps, seed)
+        out["before"], out["after"] = score(pretrained, pretraining), {}
+        out["pretrain_seconds"] = time.perf_counter() - start
+    for held in cfg.held:
+        for steps in cfg.finetune_steps:
+            torch.manual_seed(seed)
+            if pretrained is None:  # from scratch: the dense model of the same active size, on this task alone
+                model = GeneralistModel.build(_model_config(cfg.bench(steps), "specialist"), [train[held]],
+                                              Tokenizer.default())
+            else:
+                model = copy.deepcopy(pretrained)
+            model, _, _ = _fit(cfg.bench(steps), model, [train[held]], steps, seed, generalist=False,
+                               trainable=cfg.trainable if pretrained is not None else "all")
+            out["finetuned"][held][str(steps)] = score(model, [held])[held]
+            if pretrained is not None and steps == cfg.finetune_steps[-1]:
+                out["after"][held] = score(model, pretraining)
+    out["seconds"] = time.perf_counter() - start
+    return out
+
+
+def _jobs(cfg: TransferConfig) -> list[dict]:
+    base = dataclasses.asdict(cfg)
+    jobs = [{"config": base, "system": s, "seed": seed} for seed in cfg.seeds for s in cfg.systems]
+    return jobs + [{"config": base, "system": "specialist", "seed": seed} for seed in cfg.seeds]
+
+
+def run_transfer(cfg: TransferConfig, *, say=print) -> dict:
+    """Runs every job (``cfg.workers`` processes) and returns the report (also written to
+    ``cfg.output_dir``)."""
+    start = time.perf_counter()
+    jobs, results = _jobs(cfg), []
+    if cfg.workers <= 1:
+        for job in jobs:
+            results.append(transfer_job(job))
+            say(f"[{len(results)}/{len(jobs)}] {job['system']} seed {job['seed']}: {results[-1]['seconds']:.0f} s")
+    else:
+        context = multiprocessing.get_context("spawn")  # workers start clean (no forked torch thread pools)
+        with concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
+            futures = {pool.submit(transfer_job, job): job for job in jobs}
+            for future in concurrent.futures.as_completed(futures):
+                job = futures[future]
+                results.append(future.result())
+                say(f"[{len(results)}/{len(jobs)}] {job['system']} seed {job['seed']}: "
+                    f"{results[-1]['seconds']:.0f} s")
+    report = build_transfer_report(cfg, results, wall_seconds=time.perf_counter() - start)
+    write_transfer_report(report, cfg.output_dir)
+    return report
+
+
+def _retained(before: dict, after: dict, higher_is_better: dict) -> tuple[Optional[float], list[str]]:
+    """Mean over the tasks scoring at least ``SPECIALIST_FLOOR`` before (every lower-is-better task)
+    of after / before (before / after when lower is better), and those tasks."""
+    kept = [n for n in before if not higher_is_better[n] or before[n] >= SPECIALIST_FLOOR]
+    ratios = [_relative(after[n], before[n], higher_is_better[n]) for n in kept]
+    ratios = [r for r in ratios if r is not None]
+    return (statistics.fmean(ratios) if ratios else None), kept
+
+
+def _by_seed(values: dict) -> dict:
+    """``{seed: value}`` in the layout ``_paired_difference`` reads."""
+    seeds = sorted(values)
+    return {"seeds": seeds, "values": [values[s] for s in seeds]}
+
+
+def _forgetting(cfg: TransferConfig, results: list[dict], held: str, higher: dict) -> tuple[dict, dict]:
+    """For ``held``: per system the retained share (mean ± std over seeds, with the tasks counted)
+    and attribute − dense on it paired by seed; and per system and pretraining task the change of
+    score (after − before)."""
+    retained: dict = {}
+    changes: dict = {}
+    by_seed: dict = {}
+    for s in cfg.systems:
+        runs = [r for r in results if r["system"] == s]
+        if not runs:
+            continue
+        per_seed = {r["seed"]: _retained(r["before"], r["after"][held], higher) for r in runs}
+        by_seed[s] = {seed: value for seed, (value, _) in per_seed.items() if value is not None}
+        counted = next(iter(per_seed.values()))[1]
+        retained[s] = {**_mean_std(list(by_seed[s].values())), "tasks": counted} if by_seed[s] else None
+        changes[s] = {n: _mean_std([r["after"][held][n] - r["before"][n] for r in runs]) for n in runs[0]["before"]}
+    pair = ("attribute", "dense")
+    retained["attribute_minus_dense"] = (
+        _paired_difference({s: _by_seed(by_seed[s]) for s in pair}, *pair)
+        if all(by_seed.get(s) for s in pair) else None)
+    return retained, changes
+
+
+def build_transfer_report(cfg: TransferConfig, results: list[dict], *, wall_seconds: float) -> dict:
+    """Aggregates the job results into the report dictionary (plain JSON types)."""
+    from moe_gen.quality.suite import SUITE
+
+    higher = {t.name: t.higher_is_better for t in SUITE}
+    systems = [s for s in ("specialist", *cfg.systems) if any(r["system"] == s for r in results)]
+    budgets = [str(s) for s in cfg.finetune_steps]
+    scores, versus_scratch, retained, changes = {}, {}, {}, {}
+    for held in cfg.held:
+        raw = {s: {b: {r["seed"]: r["finetuned"][held][b] for r in results if r["system"] == s} for b in budgets}
+               for s in systems}
+        scores[held] = {s: {b: _mean_std(list(v.values())) for b, v in raw[s].items() if v} for s in systems}
+        if "specialist" in systems:
+            versus_scratch[held] = {
+                s: {b: _paired_difference({s: _by_seed(raw[s][b]), "scratch": _by_seed(raw["specialist"][b])},
+                                          s, "scratch") for b in budgets}
+                for s in systems if s != "specialist"}
+        retained[held], changes[held] = _forgetting(cfg, results, held, higher)
+    return {"config": dataclasses.asdict(cfg), "systems": systems, "budgets": budgets,
+            "higher_is_better": {h: higher[h] for h in cfg.held}, "scores": scores,
+            "versus_scratch": versus_scratch, "retained": retained, "changes": changes,
+            "wall_seconds": wall_seconds, "runs": results}
+
+
+def _cell(entry: Optional[dict]) -> str:
+    if not entry:
+        return "—"
+    return f"{entry['mean']:.3f}" if len(entry["values"]) <= 1 else f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+
+
+def _difference(paired: Optional[dict]) -> str:
+    if not paired:
+        return ""
+    p = paired.get("p_value")
+    return f" ({paired['mean']:+.1f}{'' if p is None else f', p = {p:.2g}'})"
+
+
+def _versus_dense(retained: dict) -> str:
+    paired = retained.get("attribute_minus_dense")
+    if not paired:
+        return ""
+    p = paired.get("p_value")
+    return f"; attribute − dense {paired['mean']:+.1f} points paired by seed" + ("" if p is None else f" (p = {p:.2g})")
+
+
+def _held_lines(report: dict, held: str) -> list[str]:
+    """The fine-tuning table of one held task, then what fine-tuning on it cost the other tasks."""
+    systems, budgets = report["systems"], report["budgets"]
+    scores, versus = report["scores"][held], report["versus_scratch"].get(held, {})
+    arrow = "" if report["higher_is_better"][held] else " ↓"
+    lines = [f"### {held}{arrow}", "",
+             "| fine-tuning steps | " + " | ".join(
+                 "from scratch (specialist)" if s == "specialist" else f"{s} (pretrained)" for s in systems) + " |",
+             "|---:|" + "---:|" * len(systems)]
+    for b in budgets:
+        cells = [_cell(scores[s].get(b)) + ("" if s == "specialist" else _difference(versus.get(s, {}).get(b)))
+                 for s in systems]
+        lines.append(f"| {b} | " + " | ".join(cells) + " |")
+    retained = report["retained"][held]
+    generalists = [s for s in systems if s != "specialist" and retained.get(s)]
+    if generalists:
+        counted = retained[generalists[0]]["tasks"]
+        lines += ["", f"Pretraining tasks' scores kept after {budgets[-1]} steps on {held} alone (after / before, "
+                  f"mean over the {len(counted)} tasks scoring ≥ {SPECIALIST_FLOOR} before): "
+                  + ", ".join(f"{s} {_cell(retained[s])}" for s in generalists) + _versus_dense(retained) + ".", ""]
+        changes = report["changes"][held]
+        lines += ["| task | " + " | ".join(f"{s} before → change" for s in generalists) + " |",
+                  "|---|" + "---:|" * len(generalists)]
+        for name in changes[generalists[0]]:
+            row = []
+            for s in generalists:
+                before = statistics.fmean(r["before"][name] for r in report["runs"] if r["system"] == s)
+                row.append(f"{before:.3f} → {changes[s][name]['mean']:+.3f}")
+            lines.append(f"| {name} | " + " | ".join(row) + " |")
+    return lines + [""]
+
+
+def transfer_markdown(report: dict) -> str:
+    cfg = report["config"]
+    lines = ["# Transfer to held-out tasks", "",
+             f"Generalists ({', '.join(cfg['systems'])}; flavour {cfg['flavour']}) pretrained for {cfg['steps']} steps "
+             f"on the quality suite without {', '.join(cfg['held'])}, then fine-tuned on each of those alone "
+             f"(trainable: {cfg['trainable']}); specialists trained from scratch on it for the same steps. "
+             f"Held-out scores, mean ± std over seeds {', '.join(str(s) for s in cfg['seeds'])}; in brackets the "
+             "difference to the specialist in points, paired by seed, with its p-value (paired t-test). "
+             f"Wall time {report['wall_seconds'] / 60:.1f} min.", ""]
+    for held in cfg["held"]:
+        lines += _held_lines(report, held)
+    return "\n".join(lines)
+
+
+def plot_transfer(report: dict, path: str) -> None:
+    """Held-out score against fine-tuning steps, one panel per held task, one line per system."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib.figure import Figure
+
+    held = report["config"]["held"]
+    fig = Figure(figsize=(4.5 * len(held), 3.8))
+    axes = fig.subplots(1, len(held), squeeze=False)[0]
+    steps = [int(b) for b in report["budgets"]]
+    for ax, name in zip(axes, held):
+        for s in report["systems"]:
+            entries = [report["scores"][name][s].get(str(b)) for b in steps]
+            if all(entries):
+                ax.errorbar(steps, [e["mean"] for e in entries], yerr=[e["std"] for e in entries], capsize=3,
+                            marker="o", label="from scratch" if s == "specialist" else s)
+        ax.set_xscale("log")
+        ax.set_xlabel("fine-tuning steps")
+        ax.set_title(name, fontsize=9)
+    axes[0].set_ylabel("held-out score")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def write_transfer_report(report: dict, directory: str) -> dict[str, str]:
+    """Writes ``transfer.json``, ``transfer.md`` and ``transfer.png``; returns their paths."""
+    return write_files(report, directory, "transfer", transfer_markdown(report), plot_transfer)

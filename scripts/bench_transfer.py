@@ -1,0 +1,70 @@
+"""Transfer benchmark: generalists pretrained on the quality suite without some tasks, fine-tuned on
+each of those alone, against specialists trained on it from scratch; and what the fine-tuning cost
+the tasks the generalist knew (``moe_gen.quality.transfer``).
+
+Usage:
+    python scripts/bench_transfer.py               # wine and counting held out, dense and attribute, 3 seeds
+    python scripts/bench_transfer.py --quick       # one seed, a few steps: the report's shape only
+    python scripts/bench_transfer.py --held table_breast_cancer --systems dense attribute instruction
+    python scripts/bench_transfer.py --trainable experts      # fine-tune the experts alone
+    make bench-transfer
+
+Writes transfer.json, transfer.md and transfer.png to --out (default bench_results/transfer) and
+prints the Markdown.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from moe_gen.quality.runner import EXTRA_SYSTEMS, GENERALISTS  # noqa: E402
+from moe_gen.quality.transfer import TransferConfig, run_transfer, transfer_markdown  # noqa: E402
+
+QUICK = dict(seeds=(0,), steps=20, finetune_steps=(2, 4), eval_limit=4, batch_size=8, warmup_steps=2)
+
+
+def make_parser() -> argparse.ArgumentParser:
+    from moe_gen.trainer.config import TRAINABLE
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="one seed, a few steps (smoke run)")
+    parser.add_argument("--held", nargs="+", help="suite tasks left out of pretraining (default: table_wine "
+                                                  "digit_counting)")
+    parser.add_argument("--systems", nargs="+", help=f"generalists (default: dense attribute; any of "
+                                                     f"{' '.join(GENERALISTS + EXTRA_SYSTEMS)})")
+    parser.add_argument("--seeds", nargs="+", type=int)
+    parser.add_argument("--steps", type=int, help="pretraining steps (default 4000)")
+    parser.add_argument("--finetune-steps", nargs="+", type=int, help="fine-tuning budgets (default 10 25 50 100)")
+    parser.add_argument("--trainable", choices=TRAINABLE, help="what fine-tuning trains (default all)")
+    parser.add_argument("--flavour")
+    parser.add_argument("--workers", type=int, help="processes (default 2)")
+    parser.add_argument("--out", help="output directory (default bench_results/transfer, --quick: "
+                                      "bench_results/transfer_quick)")
+    return parser
+
+
+def main(argv=None) -> int:
+    args = make_parser().parse_args(argv)
+    fields = dict(QUICK) if args.quick else {}
+    for name in ("held", "systems", "seeds", "steps", "finetune_steps", "trainable", "flavour", "workers"):
+        value = getattr(args, name)
+        if value is not None:
+            fields[name] = tuple(value) if isinstance(value, list) else value
+    fields["output_dir"] = args.out or ("bench_results/transfer_quick" if args.quick else "bench_results/transfer")
+    try:
+        cfg = TransferConfig(**fields)
+    except ValueError as exc:
+        print(f"bench_transfer: {exc}", file=sys.stderr)
+        return 2
+    report = run_transfer(cfg, say=lambda text: print(text, flush=True))
+    print(transfer_markdown(report))
+    print(f"wrote {cfg.output_dir}/transfer.json, transfer.md, transfer.png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,107 @@
+"""The transfer benchmark (``moe_gen.quality.transfer``, ``scripts/bench_transfer.py``): what it
+aggregates, on made-up runs, the settings it refuses, and the shape of a --quick report."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from moe_gen.quality.suite import SUITE
+from moe_gen.quality.transfer import TransferConfig, _retained, build_transfer_report, transfer_markdown
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_retained_share_counts_learned_tasks_and_inverts_losses():
+    before = {"a": 0.8, "unlearned": 0.05, "loss": 0.5}
+    after = {"a": 0.4, "unlearned": 0.0, "loss": 1.0}
+    share, kept = _retained(before, after, {"a": True, "unlearned": True, "loss": False})
+    # a keeps half its accuracy; the loss doubled, so it keeps half too; the unlearned task is not counted
+    assert kept == ["a", "loss"] and share == pytest.approx(0.5)
+
+
+def _run(system, seed, finetuned, before=None, after=None):
+    run = {"system": system, "seed": seed, "finetuned": finetuned, "seconds": 1.0}
+    if before is not None:
+        run.update(before=before, after=after)
+    return run
+
+
+def test_report_pairs_each_generalist_with_the_specialist_by_seed():
+    cfg = TransferConfig(held=("table_wine",), systems=("dense", "attribute"), seeds=(0, 1), finetune_steps=(10, 20))
+    before = {"digit_classification": 0.9, "text_to_speech": 0.5}
+    results = [
+        _run("specialist", 0, {"table_wine": {"10": 0.25, "20": 0.5}}),
+        _run("specialist", 1, {"table_wine": {"10": 0.5, "20": 0.75}}),
+        _run("dense", 0, {"table_wine": {"10": 0.5, "20": 0.75}}, before,
+             {"table_wine": {"digit_classification": 0.45, "text_to_speech": 0.5}}),
+        _run("dense", 1, {"table_wine": {"10": 0.75, "20": 1.0}}, before,
+             {"table_wine": {"digit_classification": 0.90, "text_to_speech": 1.0}}),
+        _run("attribute", 0, {"table_wine": {"10": 0.75, "20": 0.875}}, before,
+             {"table_wine": {"digit_classification": 0.90, "text_to_speech": 0.5}}),
+        _run("attribute", 1, {"table_wine": {"10": 1.0, "20": 0.875}}, before,
+             {"table_wine": {"digit_classification": 0.90, "text_to_speech": 0.5}}),
+    ]
+    report = build_transfer_report(cfg, results, wall_seconds=60.0)
+    assert report["systems"] == ["specialist", "dense", "attribute"] and report["budgets"] == ["10", "20"]
+    assert report["scores"]["table_wine"]["attribute"]["10"]["mean"] == pytest.approx(0.875)
+    dense_10 = report["versus_scratch"]["table_wine"]["dense"]["10"]
+    assert dense_10["points"] == pytest.approx([25.0, 25.0]) and dense_10["p_value"] is None  # no spread
+    assert report["versus_scratch"]["table_wine"]["attribute"]["20"]["points"] == pytest.approx([37.5, 12.5])
+    retained = report["retained"]["table_wine"]
+    # dense: seed 0 keeps (0.5 + 1) / 2 = 0.75, seed 1 (1 + 0.5) / 2 = 0.75; attribute keeps all
+    assert retained["dense"]["values"] == pytest.approx([0.75, 0.75]) and retained["attribute"]["mean"] == 1.0
+    assert retained["dense"]["tasks"] == ["digit_classification", "text_to_speech"]
+    assert retained["attribute_minus_dense"]["points"] == pytest.approx([25.0, 25.0])
+    changes = report["changes"]["table_wine"]["dense"]
+    assert changes["digit_classification"]["mean"] == pytest.approx(-0.225)
+    markdown = transfer_markdown(report)
+    assert "| 10 | 0.375 ± 0.125 | 0.625 ± 0.125 (+25.0) | 0.875 ± 0.125 (+50.0) |" in markdown
+    assert "attribute − dense +25.0 points paired by seed" in markdown
+
+
+@pytest.mark.parametrize("fields, message", [
+    ({"held": ("no_such_task",)}, "TransferConfig.held"),
+    ({"held": tuple(t.name for t in SUITE)}, "at least one suite task must remain"),
+    ({"systems": ("gpt",)}, "TransferConfig.systems"),
+    ({"finetune_steps": (50, 10)}, "ascending"),
+    ({"finetune_steps": (0, 10)}, ">= 1"),
+    ({"trainable": "everything"}, "TransferConfig.trainable"),
+    ({"trainable": "experts"}, "leaves the dense system nothing to train"),
+])
+def test_config_refuses_what_it_cannot_run(fields, message):
+    with pytest.raises(ValueError, match=message):
+        TransferConfig(**fields)
+
+
+def test_quick_transfer_report_shape(tmp_path):
+    out = tmp_path / "transfer"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    script = os.path.join(ROOT, "scripts", "bench_transfer.py")
+    run = subprocess.run([sys.executable, script, "--quick", "--workers", "1", "--out", str(out)],
+                         capture_output=True, text=True, env=env, timeout=900)
+    assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads((out / "transfer.json").read_text())
+    held = ["table_wine", "digit_counting"]
+    pretraining = [t.name for t in SUITE if t.name not in held]
+    assert report["config"]["held"] == held and report["budgets"] == ["2", "4"]
+    assert report["systems"] == ["specialist", "dense", "attribute"]
+    for name in held:
+        for system in report["systems"]:
+            assert set(report["scores"][name][system]) == {"2", "4"}, (name, system)
+        for system in ("dense", "attribute"):
+            assert set(report["changes"][name][system]) == set(pretraining)
+            assert report["retained"][name][system]["values"], (name, system)
+    for r in report["runs"]:
+        if r["system"] != "specialist":
+            assert set(r["before"]) == set(pretraining) and set(r["after"]) == set(held)
+    markdown = (out / "transfer.md").read_text()
+    assert "### table_wine" in markdown and "### digit_counting" in markdown
+    assert (out / "transfer.png").stat().st_size > 1000
+    bad = subprocess.run([sys.executable, script, "--held", "nope", "--out", str(out)], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert bad.returncode == 2 and "TransferConfig.held" in bad.stderr
