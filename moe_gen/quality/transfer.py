@@ -232,7 +232,7 @@ def _forgetting(cfg: TransferConfig, results: list[dict], held: str, higher: dic
             continue
         per_seed = {r["seed"]: _retained(r["before"], r["after"][held], higher) for r in runs}
         by_seed[s] = {seed: value for seed, (value, _) in per_seed.items() if value is not None}
-        counted = next(iter(per_seed.values()))[1]
+        counted = list(dict.fromkeys(n for _, tasks in per_seed.values() for n in tasks))  # counted on any seed
         retained[s] = {**_mean_std(list(by_seed[s].values())), "tasks": counted} if by_seed[s] else None
         changes[s] = {n: _mean_std([r["after"][held][n] - r["before"][n] for r in runs]) for n in runs[0]["before"]}
     pair = ("attribute", "dense")
