@@ -105,3 +105,22 @@ def test_quick_transfer_report_shape(tmp_path):
     bad = subprocess.run([sys.executable, script, "--held", "nope", "--out", str(out)], capture_output=True,
                          text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "TransferConfig.held" in bad.stderr
+
+
+def test_finetuning_the_experts_alone_leaves_every_other_weight_as_it_was():
+    # what --trainable experts relies on: the benchmark's training step passes it to the trainer
+    import torch
+
+    from moe_gen.model import GeneralistModel
+    from moe_gen.quality.runner import _fit, _model_config
+    from moe_gen.quality.suite import suite_tasks
+    from moe_gen.tasks import Tokenizer
+
+    cfg = TransferConfig(held=("table_wine",), systems=("attribute",), steps=4, batch_size=4, warmup_steps=1)
+    train = [suite_tasks(["table_species"])[0].build("train")]
+    torch.manual_seed(0)
+    model = GeneralistModel.build(_model_config(cfg.bench(4), "attribute"), train, Tokenizer.default())
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    tuned, _, _ = _fit(cfg.bench(4), model, train, 4, seed=0, generalist=False, trainable="experts")
+    changed = {name for name, p in tuned.named_parameters() if not torch.equal(p, before[name])}
+    assert changed and all(".experts." in name for name in changed), sorted(changed)

@@ -111,8 +111,7 @@ class TransferConfig:
 
         return BenchConfig(steps=steps, batch_size=self.batch_size, lr=self.lr, warmup_steps=self.warmup_steps,
                            mixing=self.mixing, temperature=self.temperature, flavour=self.flavour,
-                           num_experts=self.num_experts, eval_limit=self.eval_limit, threads=self.threads,
-                           seeds=self.seeds, systems=self.systems)
+                           num_experts=self.num_experts, eval_limit=self.eval_limit, threads=self.threads)
 
 
 def _suite_splits(cfg: TransferConfig):
