@@ -10,7 +10,10 @@ speech, motion, boxes, tables). Training: tokens (valid encoder + decoder positi
 forward + backward + AdamW step, median over --steps. Inference: forward latency (eval, no grad)
 for dense, attribute-MoE unmerged (`torch` backend) and attribute-MoE merged (`merge_for_inference`),
 at each batch size of --inference-per-task (the per-layer cost of routing bookkeeping is fixed,
-so its share shrinks as batches grow), and greedy generation latency (--generation-rows).
+so its share shrinks as batches grow), and greedy generation latency (--generation-rows rows of
+table_to_text, each answer held to exactly --generation-tokens tokens so that every model decodes
+the same number of steps: untrained models of different weights would otherwise stop at different
+lengths, and the comparison would time unequal work).
 Variants are timed round-robin (one call of each per round); ratios to dense are the median (and
 quartiles) of the per-round ratios. Every call gets new tags objects (see `fresh`). Prints
 tables and writes JSON (--out, default bench_results/model.json).
@@ -37,6 +40,7 @@ from moe_gen.tasks import Tokenizer, collate, load_preset
 
 TASKS = ["digit_classification", "speech_recognition", "motion_classification", "visual_grounding",
          "table_to_text", "doc_topic"]
+GENERATION_TASK = "table_to_text"  # free text: every answer can be held to the same length
 
 
 def interleaved(functions: dict, rounds: int, warmup: int = 2) -> dict[str, list[float]]:
@@ -80,6 +84,36 @@ def fresh(batch):
     )
 
 
+def generated_tokens(model, task, rows, tokens: int) -> int:
+    """Tokens the model's greedy answers to ``rows`` hold, each held to exactly ``tokens``
+    (``min_length`` = ``max_new_tokens``); raises if any answer has another length, since the
+    benchmark would then time unequal work."""
+    answers = model.infer(task, rows, max_new_tokens=tokens, min_length=tokens)
+    lengths = [len(a.tokens) for a in answers]
+    if any(n != tokens for n in lengths):
+        raise RuntimeError(f"generation answers have {sorted(set(lengths))} tokens, not {tokens} each")
+    return sum(lengths)
+
+
+def _time_generation(flavour_name: str, variants: dict, task, args) -> list[dict]:
+    """Greedy generation latency of each variant on ``args.generation_rows`` rows of ``task``, every
+    answer exactly ``args.generation_tokens`` tokens long (the MoE layers run on one position per
+    row and step). Returns the JSON rows."""
+    rows_, n = task.data[:args.generation_rows], args.generation_tokens
+    decoded = {label: generated_tokens(model, task, rows_, n) for label, model in variants.items()}
+    print(f"{'generation':<18} {'latency ms':>11} {'× dense':>8}  ({len(rows_)} {GENERATION_TASK} rows, {n} tokens "
+          f"each; median of {args.inference_rounds} paired rounds [quartiles])")
+    times = interleaved({k: (lambda m=m: m.infer(task, rows_, max_new_tokens=n, min_length=n))
+                         for k, m in variants.items()}, args.inference_rounds)
+    out = []
+    for label, (seconds, ratio, q1, q3) in paired_ratios(times, "dense").items():
+        out.append({"flavour": flavour_name, "model": label, "kind": "generation", "samples": len(rows_),
+                    "tokens": decoded[label], "latency_s": seconds, "ratio_to_dense": ratio,
+                    "ratio_quartiles": [q1, q3]})
+        print(f"{label:<18} {seconds * 1e3:>11.1f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--flavours", nargs="+", default=["debug", "tiny"])
@@ -89,6 +123,7 @@ def main(argv=None) -> int:
     parser.add_argument("--inference-per-task", type=int, nargs="+", default=[8, 16],
                         help="batch sizes (samples per task) at which inference latency is measured")
     parser.add_argument("--generation-rows", type=int, default=16, help="rows of greedy generation (0: skip)")
+    parser.add_argument("--generation-tokens", type=int, default=8, help="tokens each generated answer has")
     parser.add_argument("--keep-freed-memory", action="store_true")
     parser.add_argument("--out", default="bench_results/model.json")
     args = parser.parse_args(argv)
@@ -99,9 +134,9 @@ def main(argv=None) -> int:
     tasks = [load_preset(n, "train", limit=max(args.per_task, *args.inference_per_task)) for n in TASKS]
     per_task_samples = [list(t.samples(tok, training=False)) for t in tasks]
     samples = [s for task_samples in per_task_samples for s in task_samples[:args.per_task]]
-    generation_task = tasks[TASKS.index("doc_topic")]
+    generation_task = None
     if args.generation_rows:
-        generation_task = load_preset("doc_topic", "train", limit=args.generation_rows)
+        generation_task = load_preset(GENERATION_TASK, "train", limit=args.generation_rows)
     rows = []
     for name in args.flavours:
         base = flavour(name)
@@ -155,17 +190,8 @@ def main(argv=None) -> int:
                 rows.append({"flavour": name, "model": label, "kind": "inference", "samples": per_task * len(TASKS),
                              "latency_s": seconds, "ratio_to_dense": ratio, "ratio_quartiles": [q1, q3]})
                 print(f"{label:<18} {seconds * 1e3:>11.1f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
-        if args.generation_rows:
-            # greedy generation: the MoE layers run on one position per row and step
-            rows_ = generation_task.data[:args.generation_rows]
-            print(f"{'generation':<18} {'latency ms':>11} {'× dense':>8}  ({len(rows_)} doc_topic rows, up to 8 "
-                  f"tokens; median of {args.inference_rounds} paired rounds [quartiles])")
-            times = interleaved({k: (lambda m=m, r=rows_: m.infer(generation_task, r, max_new_tokens=8))
-                                 for k, m in variants.items()}, args.inference_rounds)
-            for label, (seconds, ratio, q1, q3) in paired_ratios(times, "dense").items():
-                rows.append({"flavour": name, "model": label, "kind": "generation", "samples": len(rows_),
-                             "latency_s": seconds, "ratio_to_dense": ratio, "ratio_quartiles": [q1, q3]})
-                print(f"{label:<18} {seconds * 1e3:>11.1f} {ratio:>7.2f}x  [{q1:.2f}–{q3:.2f}]", flush=True)
+        if generation_task is not None:
+            rows.extend(_time_generation(name, variants, generation_task, args))
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
     with open(args.out, "w") as f:
         json.dump({"benchmark": "model", "tasks": TASKS, "rows": rows}, f, indent=2)
