@@ -518,6 +518,38 @@ def test_merged_generation_equals_unmerged(tok):
     assert merged.config.moe.backend == "merged" and model.config.moe.backend != "merged"
 
 
+@pytest.mark.parametrize("name", ["digit_detection", "doc_topic"])
+def test_decoding_steps_share_a_tag_batch_only_when_their_tags_are_equal(name, tok, monkeypatch):
+    # A decoding loop keeps one TagBatch per distinct (tags, active rows) of its steps: boxes and
+    # labels alternate (digit_detection), rows finish at different steps (doc_topic); the answers
+    # must be those of a loop that builds every step's TagBatch anew, with fewer TagBatches built.
+    from moe_gen.model import generate
+    from moe_gen.model.transformer import Stack
+
+    task = load_preset(name, "train", limit=4)
+    model = merge_for_inference(build([task], tok, router=RouterConfig(strategy="attribute")))
+    built = []
+    original = Stack.tag_batch
+
+    def counting(self, *args):
+        batch = original(self, *args)
+        built.append(batch)
+        return batch
+
+    monkeypatch.setattr(Stack, "tag_batch", counting)
+    kept = model.infer(task, task.data[:4], max_new_tokens=6)
+    kept_count = len(built)
+    built.clear()
+    monkeypatch.setattr(generate._CachedDecoder, "_step_tags",
+                        lambda self, side, key: self.model.decoder.tag_batch(side.tags, side.padding_mask,
+                                                                             side.tokens.shape, self.device))
+    fresh = model.infer(task, task.data[:4], max_new_tokens=6)
+    assert kept_count < len(built)  # the same steps, fewer TagBatches
+    for a, b in zip(kept, fresh):
+        assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-5)
+        assert a.targets == b.targets
+
+
 def test_decoder_router_overrides_the_decoder_layers_only_and_is_saved(mixed, tok, tmp_path):
     tasks, samples = mixed
     model = build(tasks, tok, router=RouterConfig(strategy="attribute", balance_loss_weight=0.05),

@@ -207,7 +207,7 @@ class EinsumDispatch(DispatchBackend):
 
 @dataclasses.dataclass
 class _Groups:
-    token_N: torch.Tensor  # tokens sorted by route
+    token_N: torch.Tensor | None  # tokens sorted by route; None: every token, in order (none is padding)
     counts: list[int]  # tokens per route
     keys: list[tuple]  # each route as Python numbers (the cache key): (expert ids, gate weights), or
     #                    the expert ids alone when rows of one expert set share a group
@@ -216,6 +216,11 @@ class _Groups:
     # weights in that order
     group_N: torch.Tensor | None = None
     sets: tuple[torch.Tensor, torch.Tensor] | None = None
+
+
+def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
+    """``t``'s rows at ``index``, or ``t`` itself for None (every row, in order)."""
+    return t if index is None else t.index_select(0, index)
 
 
 def _lexsort_rows(key_TX: torch.Tensor) -> torch.Tensor:
@@ -309,20 +314,21 @@ class MergedDispatch(DispatchBackend):
         N = sum(counts)
         if not N:
             return x_TD[:0], _Groups(x_TD.new_zeros(0, dtype=torch.long), *_NO_ROUTES)
+        every = N == x_TD.shape[0]  # no padding: rows in token order need no gather or scatter
         if by_set and len(keys) > 1 and self._union_allowed(x_TD):
             union = self._union(groups)
             extra_macs = N * x_TD.shape[1] * (union[0].numel() - ids_GK.shape[1]) * hidden
             if extra_macs <= self.UNION_MAX_EXTRA_MACS:
-                return self._group_as_union(x_TD, routing, union)
+                return self._group_as_union(x_TD, routing, union, every)
         if len(keys) == 1:  # one route: the valid tokens in order
-            token_N = valid_T.nonzero().squeeze(1)
+            token_N = None if every else valid_T.nonzero().squeeze(1)
         else:  # padding sorts last, with key R (one past the last route)
             _, token_T = torch.sort(torch.where(valid_T, route_G[groups.group_T], len(keys)), stable=True)
             token_N = token_T[:N]
         plan = _Groups(token_N, counts, keys, lambda r: (ids_GK[carriers[r]], weights_GK[carriers[r]]))
         if by_set:
-            plan.group_N, plan.sets = groups.group_T[token_N], (ids_GK, weights_GK)
-        return x_TD.index_select(0, token_N), plan
+            plan.group_N, plan.sets = _rows(groups.group_T, token_N), (ids_GK, weights_GK)
+        return _rows(x_TD, token_N), plan
 
     def _union_allowed(self, x_TD) -> bool:
         """Whether rows of several expert sets may run as one group through every expert their
@@ -337,16 +343,17 @@ class MergedDispatch(DispatchBackend):
         return self.UNION_MAX_EXTRA_MACS > 0 and x_TD.dtype != torch.float16 and not (
             torch.is_autocast_enabled(device) and torch.get_autocast_dtype(device) == torch.float16)
 
-    def _group_as_union(self, x_TD, routing, union):
+    def _group_as_union(self, x_TD, routing, union, every: bool):
         """The valid tokens in order as one group over the union of their groups' experts
         (``_union``); each row's gate weights spread over the union, 0 for experts its group does
-        not use (see ``_union_allowed``)."""
+        not use (see ``_union_allowed``). ``every``: no token is padding."""
         groups = routing.groups
         ids_U, scale_GU, key = union
-        token_N = routing.valid.nonzero().squeeze(1)
-        plan = _Groups(token_N, [token_N.numel()], [key], lambda r: (ids_U, None))
-        plan.group_N, plan.sets = groups.group_T[token_N], (ids_U, scale_GU)
-        return x_TD.index_select(0, token_N), plan
+        token_N = None if every else routing.valid.nonzero().squeeze(1)
+        N = x_TD.shape[0] if every else token_N.numel()
+        plan = _Groups(token_N, [N], [key], lambda r: (ids_U, None))
+        plan.group_N, plan.sets = _rows(groups.group_T, token_N), (ids_U, scale_GU)
+        return _rows(x_TD, token_N), plan
 
     def _union(self, groups):
         """The experts any group uses (ascending, long ``[U]``), each group's gate weights over
@@ -453,6 +460,8 @@ class MergedDispatch(DispatchBackend):
         y_ND, groups = outputs
         if y_ND is None:
             return None
+        if groups.token_N is None:  # every token, in order
+            return y_ND
         # every token is in one group at most: a copy, not an accumulation
         return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_copy_(0, groups.token_N, y_ND)
 

@@ -206,6 +206,9 @@ def grouped_ffn_scaled(
     if sum(counts) != x_ND.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)} but there are {x_ND.shape[0]} rows")
     x_ND = x_ND.contiguous()
+    if len(counts) == 1:  # one group (decoding steps, small batches): no per-group bookkeeping
+        return _ffn_scaled(x_ND, w_in_RDX[0], None if b_in_RX is None else b_in_RX[0], w_out_RYD[0], scale_NK,
+                           activation, gated)
     N, K = scale_NK.shape
     h_NX = x_ND.new_empty(N, w_in_RDX.shape[2])
     _grouped_linear(x_ND, w_in_RDX, b_in_RX, counts, h_NX)
@@ -224,3 +227,16 @@ def grouped_ffn_scaled(
         if y.shape[0]:
             y.addmm_(a, w)
     return y_ND
+
+
+def _ffn_scaled(x_ND, w_in_DX, b_in_X, w_out_YD, scale_NK, activation: str, gated: bool) -> torch.Tensor:
+    """``grouped_ffn_scaled`` for one group: the same operations on the group's weights."""
+    h_NX = x_ND @ w_in_DX if b_in_X is None else torch.addmm(b_in_X, x_ND, w_in_DX)
+    a_NX = activate(h_NX, activation, gated, inplace=True)
+    N, K = scale_NK.shape
+    X = a_NX.shape[1]
+    scale_NK = scale_NK.to(a_NX.dtype)
+    a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
+    if w_out_YD.shape[0] == X:
+        return a_NX @ w_out_YD
+    return torch.mm(scale_NK, w_out_YD[X:]).addmm_(a_NX, w_out_YD[:X])

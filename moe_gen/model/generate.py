@@ -458,11 +458,13 @@ class _CachedDecoder:
         last_index = self.lengths - 1
         rows = torch.arange(B, device=dev)
         self.target_tags = _select_column(dec.tags, rows, last_index)
+        self.step_batches: dict = {}  # what a step's tags are made of → its TagBatch (``_step_tags``)
 
-    def _extend(self, side, steps_BS, active_BS) -> torch.Tensor:
+    def _extend(self, side, steps_BS, active_BS, tags=None) -> torch.Tensor:
         """Runs ``side``'s positions (decoder step ``steps_BS`` of each row; ``active_BS`` False at
         padding) through the decoder on the caches, each seeing the cached keys up to itself;
-        returns their final states ``[B, S, D]``."""
+        returns their final states ``[B, S, D]``. ``tags``: their ``TagBatch`` when the caller
+        keeps one (padding included), else built from ``side.tags`` and ``active_BS``."""
         model = self.model
         positions = steps_BS + self.offset.unsqueeze(1)
         write = self.base + steps_BS
@@ -472,12 +474,13 @@ class _CachedDecoder:
         for cache in self.caches:
             cache.write = write
         # the decoder's one forward path, on the caches
-        return model.decoder(model.embed(side, positions), mask, side.tags, ~active_BS, cross_mask=self.cross_mask,
+        tags, padding = (side.tags, ~active_BS) if tags is None else (tags, None)
+        return model.decoder(model.embed(side, positions), mask, tags, padding, cross_mask=self.cross_mask,
                              rope=model.rope(side, positions), caches=self.caches).hidden
 
-    def _run(self, side_B1, steps_B, active_B) -> torch.Tensor:
+    def _run(self, side_B1, steps_B, active_B, tags=None) -> torch.Tensor:
         """One position per row (decoder step ``steps_B``); its final state ``[B, D]``."""
-        hidden = self._extend(side_B1, steps_B.unsqueeze(1), active_B.unsqueeze(1))
+        hidden = self._extend(side_B1, steps_B.unsqueeze(1), active_B.unsqueeze(1), tags)
         self.write = self.write + 1
         return hidden[:, 0]
 
@@ -514,7 +517,18 @@ class _CachedDecoder:
                     is_token=torch.ones(B, 1, dtype=torch.bool, device=dev), rows={}, index={}, positions={},
                     padding_mask=~active_B.unsqueeze(1),
                     tags=dataclasses.replace(self.target_tags, modality=modality, role=role))
-        return self.log_probs(self._run(side, self.write - self.base, active_B)).cpu()
+        batch = self._step_tags(side, (tuple(tags), tuple(active)))
+        return self.log_probs(self._run(side, self.write - self.base, active_B, batch)).cpu()
+
+    def _step_tags(self, side, key: tuple):
+        """The ``TagBatch`` of a step's positions, built once per distinct ``key`` (the Python values
+        its tags and padding are made of) of this decoding and used again by the steps that repeat
+        it (most steps of an answer: every row stays in its slot), which saves the decoder's MoE
+        layers a validation and a grouping per step. None for a decoder without MoE layers."""
+        if key not in self.step_batches:
+            self.step_batches[key] = self.model.decoder.tag_batch(side.tags, side.padding_mask, side.tokens.shape,
+                                                                  self.device)
+        return self.step_batches[key]
 
     def step_rows(self, adaptor: str, rows_BF: torch.Tensor, frame_B: torch.Tensor, active: list[bool]) -> torch.Tensor:
         """Feeds one generated feature row per row (frame index ``frame_B``); returns hidden ``[B, D]``."""
@@ -526,7 +540,7 @@ class _CachedDecoder:
                     is_token=torch.zeros(B, 1, dtype=torch.bool, device=dev),
                     rows={adaptor: rows_BF}, index={adaptor: torch.arange(B, device=dev)},
                     positions={adaptor: positions}, padding_mask=~active_B.unsqueeze(1), tags=self.target_tags)
-        return self._run(side, self.write - self.base, active_B)
+        return self._run(side, self.write - self.base, active_B, self._step_tags(side, ("rows", tuple(active))))
 
 
 def _select_column(tags: TokenTags, rows: torch.Tensor, columns: torch.Tensor) -> TokenTags:

@@ -222,16 +222,31 @@ class Stack(nn.Module):
         # each block keeps only its input and recomputes its activations during backward.
         self.checkpoint_blocks = False
 
+    @property
+    def routed(self) -> bool:
+        """Whether any block has an MoE layer (a stack without one never reads the tags)."""
+        return any(isinstance(b.ffn, MoE) or isinstance(b.self_attn.out, MoE) for b in self.blocks)
+
+    def tag_batch(self, tags, padding, shape, device) -> Optional[TagBatch]:
+        """The ``TagBatch`` of tokens shaped ``shape`` (tags checked against the routers'
+        vocabularies), or None for a stack without MoE layers: no grouping work for dense models."""
+        return TagBatch(tags, padding, shape=shape, device=device, vocab=self.tag_vocab) if self.routed else None
+
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
                 keep_kv: Optional[list] = None, caches: Optional[list[BlockCache]] = None) -> StackOutput:
         """``tags``, ``padding``: the tokens' ``TokenTags`` and padding mask (True = padding), given
-        to every MoE layer as one ``TagBatch``. ``keep_kv``: a list that receives every block's
-        self-attention keys and values. ``caches``: one ``BlockCache`` per block (generation)."""
+        to every MoE layer as one ``TagBatch``; or ``tags`` the ``TagBatch`` itself (``tag_batch``,
+        padding included; a decoding loop keeps one per distinct step). ``keep_kv``: a list that
+        receives every block's self-attention keys and values. ``caches``: one ``BlockCache`` per
+        block (generation)."""
         routed = []
-        routed_blocks = any(isinstance(b.ffn, MoE) or isinstance(b.self_attn.out, MoE) for b in self.blocks)
-        # (a stack without MoE layers never reads them: no grouping work for dense models)
-        batch = TagBatch(tags, padding, shape=x.shape[:2], device=x.device, vocab=self.tag_vocab) \
-            if routed_blocks else None
+        if isinstance(tags, TagBatch):
+            if padding is not None or tags.shape != tuple(x.shape[:2]):
+                raise ValueError(f"a TagBatch carries its padding and must describe the tokens {tuple(x.shape[:2])}; "
+                                 f"got one for {tags.shape}{' and a padding mask' if padding is not None else ''}")
+            batch = tags
+        else:
+            batch = self.tag_batch(tags, padding, x.shape[:2], x.device)
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]

@@ -142,9 +142,7 @@ class Router(nn.Module):
             batch: the tokens' tags (required by tag strategies), padding and sequences
                 (``TagBatch``; its tag groups are computed once for all layers of a forward).
         """
-        valid_T, segment_T = batch.valid, batch.segment
-        # Rows the router scores: every token, or one representative per tag group.
-        x_RD, tags_R, segment_R, valid_R = x_TD, batch.tags, segment_T, valid_T
+        valid_T = batch.valid
         group_T = cache_key = None
         if not self.content_dependent and x_TD.shape[0] > 0:
             # Route each tag group once and broadcast: identical routes for all members, bit
@@ -153,8 +151,11 @@ class Router(nn.Module):
             cache_key = self._route_cache_key(batch)
             if cache_key is not None and cache_key in self._routes:
                 return self._grouped_output(batch, *self._routes[cache_key], key=cache_key)
+        # Rows the router scores: every token, or one representative per tag group.
+        x_RD, tags_R, segment_R, valid_R = x_TD, batch.tags, batch.segment, valid_T
+        if group_T is not None:
             first_G, tags_R = batch.first_G, batch.group_tags
-            x_RD, segment_R, valid_R = x_TD[first_G], segment_T[first_G], valid_T[first_G]
+            x_RD, segment_R, valid_R = x_TD[first_G], segment_R[first_G], valid_T[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_RE, scores_RE, probs_RE = self._scores(x_RD, tags_R, segment_R, valid_R)

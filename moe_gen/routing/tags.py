@@ -198,12 +198,13 @@ class TokenTags:
         M = self.task_modalities.shape[-1]
         if M > 40:
             raise ValueError(f"group_key supports at most 40 modalities, got {M}")
-        device = self.task.device
-        modality_bits = (self.task_modalities.long() << torch.arange(M, device=device)).sum(-1)
-        # key = (((task·2⁸ + modality)·2⁴ + role)·2 + causal)·2⁴ + pass, then M bits of modalities
-        parts = torch.stack([t.long() for t in (self.task, self.modality, self.role, self.causal, self.pass_id)], -1)
-        place = torch.tensor([1 << (8 + 4 + 1 + 4), 1 << (4 + 1 + 4), 1 << (1 + 4), 1 << 4, 1], device=device)
-        return ((parts * place).sum(-1) << M) | modality_bits
+        # key = ((((task·2⁸ + modality)·2⁴ + role)·2 + causal)·2⁴ + pass)·2^M + the modalities' bits:
+        # the fields side by side, times their place values
+        fields = torch.cat([t.unsqueeze(-1) for t in (self.task, self.modality, self.role, self.causal, self.pass_id)]
+                           + [self.task_modalities], dim=-1).long()
+        place = torch.tensor([1 << (8 + 4 + 1 + 4 + M), 1 << (4 + 1 + 4 + M), 1 << (1 + 4 + M), 1 << (4 + M), 1 << M]
+                             + [1 << i for i in range(M)], device=fields.device)
+        return (fields * place).sum(-1)
 
     def attribute_vector(self, num_modalities: int, num_roles: int, num_passes: int) -> torch.Tensor:
         """The multi-hot attribute vector of Uni-Perceiver-MoE, generalised
