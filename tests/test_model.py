@@ -518,6 +518,19 @@ def test_merged_generation_equals_unmerged(tok):
     assert merged.config.moe.backend == "merged" and model.config.moe.backend != "merged"
 
 
+def test_infer_runs_in_eval_mode_and_gives_every_module_its_mode_back(tok):
+    task = load_preset("doc_topic", "train", limit=2)
+    model = build([task], tok).train()
+    model.encoder.eval()  # e.g. a frozen pretrained part kept in eval mode while the rest trains
+    seen = []
+    handle = model.decoder.register_forward_pre_hook(lambda m, args: seen.append(any(x.training
+                                                                                     for x in model.modules())))
+    model.infer(task, task.data[:2], max_new_tokens=2)
+    handle.remove()
+    assert seen and not any(seen)
+    assert model.training and model.decoder.training and not any(m.training for m in model.encoder.modules())
+
+
 @pytest.mark.parametrize("name", ["digit_detection", "doc_topic"])
 def test_decoding_steps_share_a_tag_batch_only_when_their_tags_are_equal(name, tok, monkeypatch):
     # A decoding loop keeps one TagBatch per distinct (tags, active rows) of its steps: boxes and

@@ -32,6 +32,7 @@ import torch
 
 from moe_gen.analysis import plots, stats
 from moe_gen.analysis.recorder import RoutingRecorder, RoutingTables
+from moe_gen.model.model import eval_mode
 
 __all__ = ["Analysis", "analyze", "write_report", "write_comparison", "key_numbers", "main"]
 
@@ -128,9 +129,7 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
     from moe_gen.tasks import collate
 
     rows = _rows_to_analyse(model, tasks, mode, limit)
-    was_training = model.training
-    model.eval()
-    try:
+    with eval_mode(model):
         with RoutingRecorder(model) as recorder, torch.no_grad():
             if mode == "forward":
                 evaluation = {task.name: {"loss": _held_out_loss(model, task, rows[task.name], batch_size)}
@@ -146,8 +145,6 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
                                           model.tokenizer, model.task_ids, modality_ids=model.modality_ids)
                        for task in tasks}
             interference = stats.interference_matrix(stats.task_gradients(model, batches))
-    finally:
-        model.train(was_training)
     summary = stats.summarize(tables)
     moe = model.config.moe
     decoder = moe.router_for("decoder").strategy

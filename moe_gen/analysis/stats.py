@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from moe_gen.analysis.recorder import RoutingTables, stack_of
+from moe_gen.model.model import eval_mode
 
 __all__ = [
     "GROUP_AXES", "expert_load", "group_counts", "group_load", "imbalance", "utilisation", "routing_entropy",
@@ -302,10 +303,8 @@ def task_gradients(model: nn.Module, batches: Mapping[str, object],
     if not params:
         raise ValueError("no trainable parameters to take task gradients of")
     tensors = [p for _, p in params]
-    was_training = model.training
-    model.eval()
     grads = {}
-    try:
+    with eval_mode(model):
         for name, batch in batches.items():
             with torch.enable_grad():
                 loss = loss_fn(model, batch)
@@ -314,8 +313,6 @@ def task_gradients(model: nn.Module, batches: Mapping[str, object],
                 parts = torch.autograd.grad(loss, tensors, allow_unused=True)
             grads[name] = torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1).double()
                                      for g, p in zip(parts, tensors)])
-    finally:
-        model.train(was_training)
     return grads
 
 

@@ -421,7 +421,8 @@ class MergedDispatch(DispatchBackend):
         no_grad = not torch.is_grad_enabled()
         inputs, groups = dispatched.inputs, dispatched.plan
         if isinstance(groups, RouterOutput):  # routes kept per tag group: grouped now
-            by_set = no_grad and experts.merges_expert_sets
+            # (one tag group, as in most decoding steps: its gate weights fold into the merged weights)
+            by_set = no_grad and experts.merges_expert_sets and groups.groups.ids_GK.shape[0] > 1
             inputs, groups = self._group(inputs, groups, by_set, experts.d_hidden if by_set else 0)
         if not groups.counts:
             return None, groups

@@ -192,6 +192,9 @@ class StackedExperts(nn.Module):
         if isinstance(stacked, tuple):
             dtype = _autocast_dtype(x_ND)
             with _no_autocast(x_ND):
+                if len(counts) == 1 and not torch.is_grad_enabled():  # one route, inference: a dense FFN
+                    return self._dense_ffn(_cast(x_ND, dtype), *(None if t is None else _cast(t[0], dtype)
+                                                                 for t in stacked))
                 return grouped_ffn(_cast(x_ND, dtype), counts, *(_cast(t, dtype) for t in stacked), self.activation,
                                    self.gated)
         pieces, start = [], 0
@@ -202,6 +205,12 @@ class StackedExperts(nn.Module):
             pieces.append(y if b_out is None else y + b_out)
             start += n
         return torch.cat(pieces)
+
+    def _dense_ffn(self, x_ND, w_in_DX, b_in_X, w_out_XD, b_out_D) -> torch.Tensor:
+        """One merged FFN on every row, without autograd (the activation in place)."""
+        h_NX = x_ND @ w_in_DX if b_in_X is None else torch.addmm(b_in_X, x_ND, w_in_DX)
+        a_NX = activate(h_NX, self.activation, self.gated, inplace=True)
+        return a_NX @ w_out_XD if b_out_D is None else torch.addmm(b_out_D, a_NX, w_out_XD)
 
 
 def _concat_hidden(w_KDH: torch.Tensor) -> torch.Tensor:

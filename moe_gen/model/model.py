@@ -7,6 +7,7 @@ rows of one adapter, F their width.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
@@ -64,6 +65,21 @@ class ModelOutput:
             for name, value in moe_out.aux_losses.items():
                 aux[name] = aux[name] + value if name in aux else value
         return aux
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Every submodule of ``module`` in eval mode for the duration; afterwards each is back in the
+    mode it was in (a submodule kept in eval mode inside a training model stays so). A module
+    already wholly in eval mode is left alone: no pass over its submodules to switch them."""
+    training = [m for m in module.modules() if m.training]
+    if training:
+        module.eval()
+    try:
+        yield module
+    finally:
+        for m in training:
+            m.training = True
 
 
 def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
@@ -563,9 +579,7 @@ class GeneralistModel(nn.Module):
         plan = self.plan(task)  # as trained, whatever rows task holds
         samples, failed = self._encode_rows(task, plan, rows, indices)
         self._check_features(task.name, samples)
-        was_training = self.training
-        self.eval()
-        try:
+        with eval_mode(self):
             if parallel_steps is None and task.objective == "parallel" and beams == 1 and candidates is None:
                 parallel_steps = PARALLEL_STEPS  # trained to fill masked codes at once: decoded that way
             if parallel_steps is not None:
@@ -574,8 +588,6 @@ class GeneralistModel(nn.Module):
                 answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling,
                                        rules=rules, max_new_tokens=max_new_tokens, max_frames=max_frames,
                                        max_items=max_items)
-        finally:
-            self.train(was_training)
         if not failed:
             return answers
         answered = iter(answers)
