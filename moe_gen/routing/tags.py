@@ -198,13 +198,14 @@ class TokenTags:
         M = self.task_modalities.shape[-1]
         if M > 40:
             raise ValueError(f"group_key supports at most 40 modalities, got {M}")
-        # key = ((((task·2⁸ + modality)·2⁴ + role)·2 + causal)·2⁴ + pass)·2^M + the modalities' bits:
-        # the fields side by side, times their place values
-        fields = torch.cat([t.unsqueeze(-1) for t in (self.task, self.modality, self.role, self.causal, self.pass_id)]
-                           + [self.task_modalities], dim=-1).long()
-        place = torch.tensor([1 << (8 + 4 + 1 + 4 + M), 1 << (4 + 1 + 4 + M), 1 << (1 + 4 + M), 1 << (4 + M), 1 << M]
-                             + [1 << i for i in range(M)], device=fields.device)
-        return (fields * place).sum(-1)
+        # key = ((((task·2⁸ + modality)·2⁴ + role)·2 + causal)·2⁴ + pass)·2^M + the modalities' bits,
+        # accumulated field by field in place (cheaper than one [..., 5 + M] product and sum)
+        tm = self.task_modalities
+        key = (tm.long() << torch.arange(M, device=tm.device)).sum(-1)
+        for field, place in ((self.task, 8 + 4 + 1 + 4), (self.modality, 4 + 1 + 4), (self.role, 1 + 4),
+                             (self.causal, 4), (self.pass_id, 0)):
+            key += field.long() << (place + M)
+        return key
 
     def attribute_vector(self, num_modalities: int, num_roles: int, num_passes: int) -> torch.Tensor:
         """The multi-hot attribute vector of Uni-Perceiver-MoE, generalised
