@@ -7,6 +7,7 @@ Usage:
     python scripts/bench_transfer.py --quick       # one seed, a few steps: the report's shape only
     python scripts/bench_transfer.py --held table_breast_cancer --systems dense attribute instruction
     python scripts/bench_transfer.py --trainable experts      # fine-tune the experts alone
+    python scripts/bench_transfer.py --replay 0 0.25          # and again replaying a quarter of each batch
     make bench-transfer
 
 Writes transfer.json, transfer.md and transfer.png to --out (default bench_results/transfer) and
@@ -40,6 +41,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, help="pretraining steps (default 4000)")
     parser.add_argument("--finetune-steps", nargs="+", type=int, help="fine-tuning budgets (default 10 25 50 100)")
     parser.add_argument("--trainable", choices=TRAINABLE, help="what fine-tuning trains (default all)")
+    parser.add_argument("--replay", nargs="+", type=float,
+                        help="shares of each fine-tuning batch drawn from the pretraining tasks, one fine-tuning "
+                             "per share (default 0: none)")
     parser.add_argument("--flavour")
     parser.add_argument("--workers", type=int, help="processes (default 2)")
     parser.add_argument("--out", help="output directory (default bench_results/transfer, --quick: "
@@ -50,7 +54,7 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
     fields = dict(QUICK) if args.quick else {}
-    for name in ("held", "systems", "seeds", "steps", "finetune_steps", "trainable", "flavour", "workers"):
+    for name in ("held", "systems", "seeds", "steps", "finetune_steps", "trainable", "replay", "flavour", "workers"):
         value = getattr(args, name)
         if value is not None:
             fields[name] = tuple(value) if isinstance(value, list) else value

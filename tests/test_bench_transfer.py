@@ -11,7 +11,13 @@ import sys
 import pytest
 
 from moe_gen.quality.suite import SUITE
-from moe_gen.quality.transfer import TransferConfig, _retained, build_transfer_report, transfer_markdown
+from moe_gen.quality.transfer import (
+    TransferConfig,
+    _retained,
+    build_transfer_report,
+    finetuning_mixture,
+    transfer_markdown,
+)
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -64,6 +70,33 @@ def test_report_pairs_each_generalist_with_the_specialist_by_seed():
     assert "attribute − dense +25.0 points paired by seed" in markdown
 
 
+def test_replay_variant_is_paired_with_the_same_system_without_replay():
+    cfg = TransferConfig(held=("table_wine",), systems=("dense",), seeds=(0, 1), finetune_steps=(10, 20),
+                         replay=(0.0, 0.25))
+    before = {"digit_classification": 0.8, "text_to_speech": 0.5}
+    results = [
+        _run("dense", 0, {"table_wine": {"10": 0.5, "20": 0.75}}, before,
+             {"table_wine": {"digit_classification": 0.4, "text_to_speech": 0.5}}),
+        _run("dense", 1, {"table_wine": {"10": 0.75, "20": 1.0}}, before,
+             {"table_wine": {"digit_classification": 0.4, "text_to_speech": 0.5}}),
+        _run("dense replay 0.25", 0, {"table_wine": {"10": 0.25, "20": 0.75}}, before,
+             {"table_wine": {"digit_classification": 0.8, "text_to_speech": 0.5}}),
+        _run("dense replay 0.25", 1, {"table_wine": {"10": 0.75, "20": 0.875}}, before,
+             {"table_wine": {"digit_classification": 0.6, "text_to_speech": 0.5}}),
+    ]
+    report = build_transfer_report(cfg, results, wall_seconds=60.0)
+    assert report["systems"] == ["dense", "dense replay 0.25"]
+    effect = report["replay"]["table_wine"]["dense replay 0.25"]
+    assert effect["scores"]["10"]["points"] == pytest.approx([-25.0, 0.0])
+    assert effect["scores"]["20"]["points"] == pytest.approx([0.0, -12.5])
+    # kept: without replay (0.5 + 1) / 2 = 0.75 on both seeds; with it 1.0 and (0.75 + 1) / 2
+    assert effect["retained"]["points"] == pytest.approx([25.0, 12.5])
+    assert "- dense replay 0.25 − without replay: held-out score 10 steps -12.5" in transfer_markdown(report)
+    weights = finetuning_mixture("table_wine", ["digit_classification", "text_to_speech"], 0.25)
+    assert weights == {"table_wine": 0.75, "digit_classification": 0.125, "text_to_speech": 0.125}
+    assert finetuning_mixture("table_wine", ["digit_classification"], 0.0) is None
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"held": ("no_such_task",)}, "TransferConfig.held"),
     ({"held": tuple(t.name for t in SUITE)}, "at least one suite task must remain"),
@@ -72,6 +105,9 @@ def test_report_pairs_each_generalist_with_the_specialist_by_seed():
     ({"finetune_steps": (0, 10)}, ">= 1"),
     ({"trainable": "everything"}, "TransferConfig.trainable"),
     ({"trainable": "experts"}, "leaves the dense system nothing to train"),
+    ({"replay": (1.0,)}, "TransferConfig.replay"),
+    ({"replay": (0.25, 0.25)}, "TransferConfig.replay"),
+    ({"replay": ()}, "TransferConfig.replay"),
 ])
 def test_config_refuses_what_it_cannot_run(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -82,18 +118,20 @@ def test_quick_transfer_report_shape(tmp_path):
     out = tmp_path / "transfer"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     script = os.path.join(ROOT, "scripts", "bench_transfer.py")
-    run = subprocess.run([sys.executable, script, "--quick", "--workers", "1", "--out", str(out)],
-                         capture_output=True, text=True, env=env, timeout=900)
+    run = subprocess.run([sys.executable, script, "--quick", "--workers", "1", "--replay", "0", "0.5",
+                          "--out", str(out)], capture_output=True, text=True, env=env, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     report = json.loads((out / "transfer.json").read_text())
     held = ["table_wine", "digit_counting"]
     pretraining = [t.name for t in SUITE if t.name not in held]
     assert report["config"]["held"] == held and report["budgets"] == ["2", "4"]
-    assert report["systems"] == ["specialist", "dense", "attribute"]
+    generalists = ["dense", "dense replay 0.5", "attribute", "attribute replay 0.5"]
+    assert report["systems"] == ["specialist", *generalists]
     for name in held:
         for system in report["systems"]:
             assert set(report["scores"][name][system]) == {"2", "4"}, (name, system)
-        for system in ("dense", "attribute"):
+        assert set(report["replay"][name]) == {"dense replay 0.5", "attribute replay 0.5"}
+        for system in generalists:
             assert set(report["changes"][name][system]) == set(pretraining)
             assert report["retained"][name][system]["values"], (name, system)
     for r in report["runs"]:

@@ -320,15 +320,18 @@ def held_out_errors(pairs: Sequence[tuple]) -> dict:
             "errors": [[ref, answer, n] for (ref, answer), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))]}
 
 
-def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool = True, trainable: str = "all"):
+def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool = True, trainable: str = "all",
+         task_weights: dict | None = None):
     """Trains ``model`` on ``train`` for ``steps`` (a generalist with ``cfg.lr_scales``; ``trainable``:
-    ``TrainConfig.trainable``); returns the model to score (the weight average with ``ema_decay``),
-    the trainer's summary and the last weights."""
+    ``TrainConfig.trainable``; ``task_weights``: sample the tasks by these weights instead of
+    ``cfg.mixing``); returns the model to score (the weight average with ``ema_decay``), the
+    trainer's summary and the last weights."""
     from moe_gen.trainer import TrainConfig, Trainer
 
+    mixing = {"mixing": "weights", "task_weights": dict(task_weights)} if task_weights else {"mixing": cfg.mixing}
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
                                lr_scales=dict(cfg.lr_scales) if generalist else {},
-                               warmup_steps=min(cfg.warmup_steps, steps // 10), mixing=cfg.mixing,
+                               warmup_steps=min(cfg.warmup_steps, steps // 10), **mixing,
                                temperature=cfg.temperature, loss_average=cfg.loss_average, seed=seed,
                                progress=False, tensorboard=False,
                                checkpoint_every=0, ema_decay=_ema_decay(cfg, steps), trainable=trainable,

@@ -10,7 +10,10 @@ Protocol (one job per generalist system × seed, one per seed for the specialist
    pretrained model trains on that task alone for that many steps (the trainer adds the new task
    to its vocabulary and any adapter its inputs need; ``trainable`` picks what trains) and is
    scored on the held task. After the largest budget the copy is scored on the pretraining tasks
-   again (*after*): what fine-tuning on one task cost the others.
+   again (*after*): what fine-tuning on one task cost the others. With ``replay`` shares above 0
+   the same pretrained model is also fine-tuned with that share of every batch's samples drawn
+   from the pretraining tasks (*replay*: the held task keeps the rest), reported as the variant
+   ``"<system> replay <share>"``.
 3. *From scratch*: a specialist (the dense model of the same active size) trains on each held task
    alone for each budget, with the same batches per step and learning rate.
 
@@ -18,7 +21,8 @@ The report gives, per held task and budget, each system's held-out score (mean �
 with its paired difference to the specialist from scratch, and per held task how much of the
 pretraining tasks' scores each generalist kept (*retained*: the mean over those tasks of after /
 before, lower-is-better metrics inverted, over tasks scoring at least ``SPECIALIST_FLOOR`` before),
-with attribute − dense paired by seed.
+with attribute − dense paired by seed; and, per replay variant, its difference to fine-tuning
+without replay (held-out score per budget, and the share kept), paired by seed.
 """
 
 from __future__ import annotations
@@ -49,6 +53,8 @@ class TransferConfig:
         steps: pretraining steps of the generalists.
         finetune_steps: fine-tuning budgets, ascending; the specialists train for the same.
         trainable: ``TrainConfig.trainable`` of the fine-tuning (``all``, ``experts``, ...).
+        replay: shares in [0, 1) of the fine-tuning samples drawn from the pretraining tasks (split
+            evenly between them); each pretrained model is fine-tuned once per share.
         flavour, num_experts, batch_size, lr, warmup_steps, mixing, temperature: as
             ``BenchConfig`` (fine-tuning warms up for at most a tenth of its steps).
         eval_limit: held-out rows scored per task.
@@ -62,6 +68,7 @@ class TransferConfig:
     steps: int = 4000
     finetune_steps: tuple[int, ...] = (10, 25, 50, 100)
     trainable: str = "all"
+    replay: tuple[float, ...] = (0.0,)
     flavour: str = "debug"
     num_experts: int = 8
     batch_size: int = 16
@@ -101,6 +108,9 @@ class TransferConfig:
         if self.trainable in ("experts", "routers") and "dense" in self.systems:
             raise ValueError(f"TransferConfig.trainable={self.trainable!r} leaves the dense system nothing to train; "
                              "drop dense from systems or fine-tune 'all'")
+        self.replay = tuple(float(r) for r in self.replay)
+        if not self.replay or not all(0.0 <= r < 1.0 for r in self.replay) or len(set(self.replay)) < len(self.replay):
+            raise ValueError(f"TransferConfig.replay must be distinct shares in [0, 1), got {list(self.replay)}")
         if not self.seeds or self.steps < 1:
             raise ValueError(f"TransferConfig needs seeds and steps >= 1, got seeds {list(self.seeds)}, "
                              f"steps {self.steps}")
@@ -114,6 +124,24 @@ class TransferConfig:
                            num_experts=self.num_experts, eval_limit=self.eval_limit, threads=self.threads)
 
 
+def variant_name(system: str, replay: float) -> str:
+    """The report's name of ``system`` fine-tuned with ``replay`` (the system itself without replay)."""
+    return system if replay == 0 else f"{system} replay {replay:g}"
+
+
+def variants(cfg: TransferConfig) -> list[str]:
+    """Every fine-tuned variant of the generalists, system by system."""
+    return [variant_name(s, r) for s in cfg.systems for r in cfg.replay]
+
+
+def finetuning_mixture(held: str, pretraining: list[str], replay: float) -> Optional[dict[str, float]]:
+    """Sampling weights of a fine-tuning with ``replay``: the held task 1 − replay, the pretraining
+    tasks replay split evenly; None without replay (the held task alone)."""
+    if replay == 0:
+        return None
+    return {held: 1.0 - replay, **{n: replay / len(pretraining) for n in pretraining}}
+
+
 def _suite_splits(cfg: TransferConfig):
     from moe_gen.quality.runner import held_out
     from moe_gen.quality.suite import suite_tasks
@@ -124,12 +152,13 @@ def _suite_splits(cfg: TransferConfig):
     return suite, train, test
 
 
-def transfer_job(job: dict) -> dict:
+def transfer_job(job: dict) -> list[dict]:
     """One job: ``{"config": TransferConfig fields, "system": name or "specialist", "seed": s}``.
 
-    Returns ``{"system", "seed", "finetuned": {held task: {steps: score}}, "seconds"}`` and, for a
-    generalist, ``"before"`` (pretraining tasks' scores) and ``"after"`` (held task → those scores
-    after its largest fine-tuning budget)."""
+    Returns one result per replay share (one for the specialist): ``{"system" (the variant's
+    name), "seed", "finetuned": {held task: {steps: score}}, "seconds"}`` and, for a generalist,
+    ``"before"`` (pretraining tasks' scores) and ``"after"`` (held task → those scores after its
+    largest fine-tuning budget)."""
     import torch
 
     from moe_gen.model import GeneralistModel
@@ -148,30 +177,37 @@ def transfer_job(job: dict) -> dict:
     def score(model, names):
         return {n: evaluate_task(model, test[n])[metric[n]] for n in names}
 
-    out: dict = {"system": system, "seed": seed, "finetuned": {h: {} for h in cfg.held}}
-    pretrained = None
-    if system != "specialist":
-        torch.manual_seed(seed)
-        pretrained = GeneralistModel.build(_model_config(cfg.bench(cfg.steps), system),
-                                           [train[n] for n in pretraining], Tokenizer.default())
-        pretrained, _, _ = _fit(cfg.bench(cfg.steps), pretrained, [train[n] for n in pretraining], cfg.steps, seed)
-        out["before"], out["after"] = score(pretrained, pretraining), {}
-        out["pretrain_seconds"] = time.perf_counter() - start
-    for held in cfg.held:
-        for steps in cfg.finetune_steps:
-            torch.manual_seed(seed)
-            if pretrained is None:  # from scratch: the dense model of the same active size, on this task alone
+    if system == "specialist":
+        out = {"system": system, "seed": seed, "finetuned": {h: {} for h in cfg.held}}
+        for held in cfg.held:
+            for steps in cfg.finetune_steps:
+                torch.manual_seed(seed)  # the dense model of the same active size, on this task alone
                 model = GeneralistModel.build(_model_config(cfg.bench(steps), "specialist"), [train[held]],
                                               Tokenizer.default())
-            else:
-                model = copy.deepcopy(pretrained)
-            model, _, _ = _fit(cfg.bench(steps), model, [train[held]], steps, seed, generalist=False,
-                               trainable=cfg.trainable if pretrained is not None else "all")
-            out["finetuned"][held][str(steps)] = score(model, [held])[held]
-            if pretrained is not None and steps == cfg.finetune_steps[-1]:
-                out["after"][held] = score(model, pretraining)
-    out["seconds"] = time.perf_counter() - start
-    return out
+                model, _, _ = _fit(cfg.bench(steps), model, [train[held]], steps, seed, generalist=False)
+                out["finetuned"][held][str(steps)] = score(model, [held])[held]
+        return [{**out, "seconds": time.perf_counter() - start}]
+    torch.manual_seed(seed)
+    pretrained = GeneralistModel.build(_model_config(cfg.bench(cfg.steps), system),
+                                       [train[n] for n in pretraining], Tokenizer.default())
+    pretrained, _, _ = _fit(cfg.bench(cfg.steps), pretrained, [train[n] for n in pretraining], cfg.steps, seed)
+    before, pretrain_seconds = score(pretrained, pretraining), time.perf_counter() - start
+    results = []
+    for replay in cfg.replay:
+        out = {"system": variant_name(system, replay), "seed": seed, "replay": replay, "before": before,
+               "after": {}, "pretrain_seconds": pretrain_seconds, "finetuned": {h: {} for h in cfg.held}}
+        for held in cfg.held:
+            mixture = finetuning_mixture(held, pretraining, replay)
+            tasks = [train[held]] + ([train[n] for n in pretraining] if mixture else [])
+            for steps in cfg.finetune_steps:
+                torch.manual_seed(seed)
+                model, _, _ = _fit(cfg.bench(steps), copy.deepcopy(pretrained), tasks, steps, seed, generalist=False,
+                                   trainable=cfg.trainable, task_weights=mixture)
+                out["finetuned"][held][str(steps)] = score(model, [held])[held]
+                if steps == cfg.finetune_steps[-1]:
+                    out["after"][held] = score(model, pretraining)
+        results.append({**out, "seconds": time.perf_counter() - start})
+    return results
 
 
 def _jobs(cfg: TransferConfig) -> list[dict]:
@@ -186,17 +222,17 @@ def run_transfer(cfg: TransferConfig, *, say=print) -> dict:
     start = time.perf_counter()
     jobs, results = _jobs(cfg), []
     if cfg.workers <= 1:
-        for job in jobs:
-            results.append(transfer_job(job))
-            say(f"[{len(results)}/{len(jobs)}] {job['system']} seed {job['seed']}: {results[-1]['seconds']:.0f} s")
+        for done, job in enumerate(jobs, 1):
+            results.extend(transfer_job(job))
+            say(f"[{done}/{len(jobs)}] {job['system']} seed {job['seed']}: {results[-1]['seconds']:.0f} s")
     else:
         context = multiprocessing.get_context("spawn")  # workers start clean (no forked torch thread pools)
         with concurrent.futures.ProcessPoolExecutor(max_workers=cfg.workers, mp_context=context) as pool:
             futures = {pool.submit(transfer_job, job): job for job in jobs}
-            for future in concurrent.futures.as_completed(futures):
+            for done, future in enumerate(concurrent.futures.as_completed(futures), 1):
                 job = futures[future]
-                results.append(future.result())
-                say(f"[{len(results)}/{len(jobs)}] {job['system']} seed {job['seed']}: "
+                results.extend(future.result())
+                say(f"[{done}/{len(jobs)}] {job['system']} seed {job['seed']}: "
                     f"{results[-1]['seconds']:.0f} s")
     report = build_transfer_report(cfg, results, wall_seconds=time.perf_counter() - start)
     write_transfer_report(report, cfg.output_dir)
@@ -225,7 +261,7 @@ def _forgetting(cfg: TransferConfig, results: list[dict], held: str, higher: dic
     retained: dict = {}
     changes: dict = {}
     by_seed: dict = {}
-    for s in cfg.systems:
+    for s in variants(cfg):
         runs = [r for r in results if r["system"] == s]
         if not runs:
             continue
@@ -238,7 +274,26 @@ def _forgetting(cfg: TransferConfig, results: list[dict], held: str, higher: dic
     retained["attribute_minus_dense"] = (
         _paired_difference({s: _by_seed(by_seed[s]) for s in pair}, *pair)
         if all(by_seed.get(s) for s in pair) else None)
-    return retained, changes
+    return retained, changes, by_seed
+
+
+def _replay_effect(cfg: TransferConfig, raw: dict, kept_by_seed: dict) -> dict:
+    """Per replay variant of one held task: its held-out score minus the same system's without
+    replay at each budget, and the same for the share kept, paired by seed (points)."""
+    def pair(name, system, a, b):
+        return _paired_difference({name: _by_seed(a), system: _by_seed(b)}, name, system)
+
+    effect = {}
+    for system in cfg.systems:
+        for replay in cfg.replay:
+            name = variant_name(system, replay)
+            if replay == 0 or name not in raw or system not in raw:
+                continue
+            kept = (kept_by_seed.get(name), kept_by_seed.get(system))
+            effect[name] = {"scores": {b: pair(name, system, raw[name][b], raw[system][b])
+                                       for b in raw[name] if raw[name][b]},
+                            "retained": pair(name, system, *kept) if all(kept) else None}
+    return effect
 
 
 def build_transfer_report(cfg: TransferConfig, results: list[dict], *, wall_seconds: float) -> dict:
@@ -246,9 +301,9 @@ def build_transfer_report(cfg: TransferConfig, results: list[dict], *, wall_seco
     from moe_gen.quality.suite import SUITE
 
     higher = {t.name: t.higher_is_better for t in SUITE}
-    systems = [s for s in ("specialist", *cfg.systems) if any(r["system"] == s for r in results)]
+    systems = [s for s in ("specialist", *variants(cfg)) if any(r["system"] == s for r in results)]
     budgets = [str(s) for s in cfg.finetune_steps]
-    scores, versus_scratch, retained, changes = {}, {}, {}, {}
+    scores, versus_scratch, retained, changes, replay = {}, {}, {}, {}, {}
     for held in cfg.held:
         raw = {s: {b: {r["seed"]: r["finetuned"][held][b] for r in results if r["system"] == s} for b in budgets}
                for s in systems}
@@ -258,10 +313,11 @@ def build_transfer_report(cfg: TransferConfig, results: list[dict], *, wall_seco
                 s: {b: _paired_difference({s: _by_seed(raw[s][b]), "scratch": _by_seed(raw["specialist"][b])},
                                           s, "scratch") for b in budgets}
                 for s in systems if s != "specialist"}
-        retained[held], changes[held] = _forgetting(cfg, results, held, higher)
+        retained[held], changes[held], kept_by_seed = _forgetting(cfg, results, held, higher)
+        replay[held] = _replay_effect(cfg, raw, kept_by_seed)
     return {"config": dataclasses.asdict(cfg), "systems": systems, "budgets": budgets,
             "higher_is_better": {h: higher[h] for h in cfg.held}, "scores": scores,
-            "versus_scratch": versus_scratch, "retained": retained, "changes": changes,
+            "versus_scratch": versus_scratch, "retained": retained, "changes": changes, "replay": replay,
             "wall_seconds": wall_seconds, "runs": results}
 
 
@@ -315,7 +371,19 @@ def _held_lines(report: dict, held: str) -> list[str]:
                 before = statistics.fmean(r["before"][name] for r in report["runs"] if r["system"] == s)
                 row.append(f"{before:.3f} → {changes[s][name]['mean']:+.3f}")
             lines.append(f"| {name} | " + " | ".join(row) + " |")
-    return lines + [""]
+    return lines + [""] + _replay_lines(report, held)
+
+
+def _replay_lines(report: dict, held: str) -> list[str]:
+    """What replay changed for ``held``: per variant, held-out score and kept share against the
+    same system without replay (points, paired by seed)."""
+    effect = report.get("replay", {}).get(held) or {}
+    lines = []
+    for name, entry in effect.items():
+        steps = ", ".join(f"{b} steps {_difference(d).strip(' ()')}" for b, d in entry["scores"].items() if d)
+        kept = _difference(entry["retained"]).strip(" ()") or "—"
+        lines.append(f"- {name} − without replay: held-out score {steps}; share kept {kept}.")
+    return lines + [""] if lines else []
 
 
 def transfer_markdown(report: dict) -> str:
@@ -323,13 +391,22 @@ def transfer_markdown(report: dict) -> str:
     lines = ["# Transfer to held-out tasks", "",
              f"Generalists ({', '.join(cfg['systems'])}; flavour {cfg['flavour']}) pretrained for {cfg['steps']} steps "
              f"on the quality suite without {', '.join(cfg['held'])}, then fine-tuned on each of those alone "
-             f"(trainable: {cfg['trainable']}); specialists trained from scratch on it for the same steps. "
+             f"(trainable: {cfg['trainable']}{_replay_words(cfg)}); specialists trained from scratch on it for "
+             "the same steps. "
              f"Held-out scores, mean ± std over seeds {', '.join(str(s) for s in cfg['seeds'])}; in brackets the "
              "difference to the specialist in points, paired by seed, with its p-value (paired t-test). "
              f"Wall time {report['wall_seconds'] / 60:.1f} min.", ""]
     for held in cfg["held"]:
         lines += _held_lines(report, held)
     return "\n".join(lines)
+
+
+def _replay_words(cfg: dict) -> str:
+    shares = [r for r in cfg.get("replay", (0.0,)) if r]
+    if not shares:
+        return ""
+    return ("; and again with " + " / ".join(f"{r:g}" for r in shares) + " of each batch's samples replayed "
+            "from the pretraining tasks")
 
 
 def plot_transfer(report: dict, path: str) -> None:
