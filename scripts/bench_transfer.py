@@ -8,6 +8,7 @@ Usage:
     python scripts/bench_transfer.py --held table_breast_cancer --systems dense attribute instruction
     python scripts/bench_transfer.py --trainable experts      # fine-tune the experts alone
     python scripts/bench_transfer.py --replay 0 0.25          # and again replaying a quarter of each batch
+    python scripts/bench_transfer.py --merge a/transfer.json b/transfer.json --out c   # both runs in one report
     make bench-transfer
 
 Writes transfer.json, transfer.md and transfer.png to --out (default bench_results/transfer) and
@@ -23,7 +24,12 @@ import sys
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from moe_gen.quality.runner import EXTRA_SYSTEMS, GENERALISTS  # noqa: E402
-from moe_gen.quality.transfer import TransferConfig, run_transfer, transfer_markdown  # noqa: E402
+from moe_gen.quality.transfer import (  # noqa: E402
+    TransferConfig,
+    merge_transfer_reports,
+    run_transfer,
+    transfer_markdown,
+)
 
 QUICK = dict(seeds=(0,), steps=20, finetune_steps=(2, 4), eval_limit=4, batch_size=8, warmup_steps=2)
 
@@ -46,6 +52,9 @@ def make_parser() -> argparse.ArgumentParser:
                              "per share (default 0: none)")
     parser.add_argument("--flavour")
     parser.add_argument("--workers", type=int, help="processes (default 2)")
+    parser.add_argument("--merge", nargs="+", metavar="TRANSFER_JSON",
+                        help="train nothing: merge reports of the same settings on other seeds, systems or replay "
+                             "shares into one (written to --out)")
     parser.add_argument("--out", help="output directory (default bench_results/transfer, --quick: "
                                       "bench_results/transfer_quick)")
     return parser
@@ -53,6 +62,16 @@ def make_parser() -> argparse.ArgumentParser:
 
 def main(argv=None) -> int:
     args = make_parser().parse_args(argv)
+    if args.merge:
+        out = args.out or "bench_results/transfer"
+        try:
+            report = merge_transfer_reports(args.merge, out)
+        except ValueError as exc:
+            print(f"bench_transfer: {exc}", file=sys.stderr)
+            return 2
+        print(transfer_markdown(report))
+        print(f"wrote {out}/transfer.json, transfer.md, transfer.png")
+        return 0
     fields = dict(QUICK) if args.quick else {}
     for name in ("held", "systems", "seeds", "steps", "finetune_steps", "trainable", "replay", "flavour", "workers"):
         value = getattr(args, name)

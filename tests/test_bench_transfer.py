@@ -16,7 +16,9 @@ from moe_gen.quality.transfer import (
     _retained,
     build_transfer_report,
     finetuning_mixture,
+    merge_transfer_reports,
     transfer_markdown,
+    write_transfer_report,
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,6 +97,30 @@ def test_replay_variant_is_paired_with_the_same_system_without_replay():
     weights = finetuning_mixture("table_wine", ["digit_classification", "text_to_speech"], 0.25)
     assert weights == {"table_wine": 0.75, "digit_classification": 0.125, "text_to_speech": 0.125}
     assert finetuning_mixture("table_wine", ["digit_classification"], 0.0) is None
+
+
+def test_reports_of_other_seeds_and_replay_shares_merge_into_one(tmp_path):
+    before = {"digit_classification": 0.8}
+    after = {"table_wine": {"digit_classification": 0.4}}
+    paths = []
+    for seeds, replay in (((0, 1), (0.0,)), ((2,), (0.0, 0.5))):
+        cfg = TransferConfig(held=("table_wine",), systems=("dense",), seeds=seeds, finetune_steps=(10,),
+                             replay=replay)
+        runs = [_run(name, seed, {"table_wine": {"10": 0.5 + seed / 8}}, before, after)
+                for seed in seeds for name in ("dense", "dense replay 0.5") if name == "dense" or 0.5 in replay]
+        runs += [_run("specialist", seed, {"table_wine": {"10": 0.25}}) for seed in seeds]
+        write_transfer_report(build_transfer_report(cfg, runs, wall_seconds=30.0), str(tmp_path / str(len(paths))))
+        paths.append(str(tmp_path / str(len(paths)) / "transfer.json"))
+    merged = merge_transfer_reports(paths, str(tmp_path / "merged"))
+    assert list(merged["config"]["seeds"]) == [0, 1, 2] and list(merged["config"]["replay"]) == [0.0, 0.5]
+    assert merged["systems"] == ["specialist", "dense", "dense replay 0.5"]
+    assert merged["scores"]["table_wine"]["dense"]["10"]["values"] == pytest.approx([0.5, 0.625, 0.75])
+    assert merged["wall_seconds"] == 60.0 and (tmp_path / "merged" / "transfer.md").exists()
+    other = TransferConfig(held=("table_wine",), systems=("dense",), seeds=(5,), finetune_steps=(20,))
+    runs = [_run("dense", 5, {"table_wine": {"20": 0.5}}, before, after)]
+    write_transfer_report(build_transfer_report(other, runs, wall_seconds=1.0), str(tmp_path / "other"))
+    with pytest.raises(ValueError, match="finetune_steps"):
+        merge_transfer_reports([paths[0], str(tmp_path / "other" / "transfer.json")], str(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("fields, message", [

@@ -38,7 +38,11 @@ from typing import Optional
 from moe_gen.quality.report import SPECIALIST_FLOOR, _mean_std, _paired_difference, _relative, write_files
 
 __all__ = ["TransferConfig", "run_transfer", "transfer_job", "build_transfer_report", "write_transfer_report",
-           "transfer_markdown"]
+           "transfer_markdown", "merge_transfer_reports"]
+
+# settings in which reports may differ and still be merged into one (the runs' seeds, systems and
+# replay shares are united; where they ran does not matter)
+MERGE_FREE = ("seeds", "systems", "replay", "workers", "threads", "output_dir")
 
 
 @dataclasses.dataclass(kw_only=True)
@@ -433,6 +437,44 @@ def plot_transfer(report: dict, path: str) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
+
+
+def merge_transfer_reports(paths: list[str], output_dir: str) -> dict:
+    """One report from several ``transfer.json`` of the same settings on other seeds, systems or
+    replay shares (e.g. ``--seeds 0 1 2`` and ``--seeds 3 4 5``): their runs pooled (a run present
+    in two reports, such as a seed's specialist, is taken once when both agree), seeds, systems
+    and shares united, wall times added; written to ``output_dir``. Raises ``ValueError`` naming
+    the file and what differs when a setting outside ``MERGE_FREE`` differs, or when two reports
+    hold different results for one run."""
+    import json
+
+    if len(paths) < 2:
+        raise ValueError(f"merging needs at least two reports, got {len(paths)}")
+    reports = []
+    for path in paths:
+        with open(path) as f:
+            reports.append(json.load(f))
+    first = reports[0]["config"]
+    for path, report in zip(paths[1:], reports[1:]):
+        differ = [f"{k} {first.get(k)!r} in {paths[0]!r}, {v!r} here" for k, v in report["config"].items()
+                  if k not in MERGE_FREE and v != first.get(k)]
+        if differ:
+            raise ValueError(f"{path!r} was made with other settings: {'; '.join(differ)}")
+    runs: dict = {}
+    for path, report in zip(paths, reports):
+        for run in report["runs"]:
+            key = (run["system"], run["seed"])
+            if key in runs and runs[key][0]["finetuned"] != run["finetuned"]:
+                raise ValueError(f"{path!r} and {runs[key][1]!r} hold different {run['system']} runs of seed "
+                                 f"{run['seed']}")
+            runs.setdefault(key, (run, path))
+    union = lambda name: list(dict.fromkeys(x for r in reports for x in r["config"][name]))  # noqa: E731
+    cfg = TransferConfig(**{**first, "seeds": tuple(sorted(union("seeds"))), "systems": tuple(union("systems")),
+                            "replay": tuple(sorted(union("replay"))), "output_dir": output_dir})
+    report = build_transfer_report(cfg, [run for run, _ in runs.values()],
+                                   wall_seconds=sum(float(r.get("wall_seconds", 0.0)) for r in reports))
+    write_transfer_report(report, output_dir)
+    return report
 
 
 def write_transfer_report(report: dict, directory: str) -> dict[str, str]:
