@@ -173,10 +173,7 @@ class StackedExperts(nn.Module):
 
     def forward_merged(self, x_nD: torch.Tensor, ids_K: torch.Tensor, weights_K: torch.Tensor) -> torch.Tensor:
         """Σ_k weights_K[k] · expert_{ids_K[k]}(x) through the merged dense FFN."""
-        w_in, b_in, w_out, b_out = self.merged_weights(ids_K, weights_K)
-        h = x_nD @ w_in if b_in is None else torch.addmm(b_in, x_nD, w_in)
-        y = activate(h, self.activation, self.gated) @ w_out
-        return y if b_out is None else y + b_out
+        return self._merged_ffn(x_nD, *self.merged_weights(ids_K, weights_K))
 
     def stack_merged(self, merged: list):
         """Merged FFNs (from ``merged_weights``) in the layout ``forward_merged_groups`` takes:
@@ -193,23 +190,21 @@ class StackedExperts(nn.Module):
             dtype = _autocast_dtype(x_ND)
             with _no_autocast(x_ND):
                 if len(counts) == 1 and not torch.is_grad_enabled():  # one route, inference: a dense FFN
-                    return self._dense_ffn(_cast(x_ND, dtype), *(None if t is None else _cast(t[0], dtype)
-                                                                 for t in stacked))
+                    return self._merged_ffn(_cast(x_ND, dtype), *(None if t is None else _cast(t[0], dtype)
+                                                                  for t in stacked))
                 return grouped_ffn(_cast(x_ND, dtype), counts, *(_cast(t, dtype) for t in stacked), self.activation,
                                    self.gated)
         pieces, start = [], 0
-        for n, (w_in, b_in, w_out, b_out) in zip(counts, stacked):
-            x = x_ND[start:start + n]
-            h = x @ w_in if b_in is None else x @ w_in + b_in
-            y = activate(h, self.activation, self.gated) @ w_out
-            pieces.append(y if b_out is None else y + b_out)
+        for n, merged in zip(counts, stacked):
+            pieces.append(self._merged_ffn(x_ND[start:start + n], *merged))
             start += n
         return torch.cat(pieces)
 
-    def _dense_ffn(self, x_ND, w_in_DX, b_in_X, w_out_XD, b_out_D) -> torch.Tensor:
-        """One merged FFN on every row, without autograd (the activation in place)."""
+    def _merged_ffn(self, x_ND, w_in_DX, b_in_X, w_out_XD, b_out_D) -> torch.Tensor:
+        """One merged FFN (``merged_weights``) on every row; without autograd the activation runs in
+        place (its input is a fresh buffer nothing else reads)."""
         h_NX = x_ND @ w_in_DX if b_in_X is None else torch.addmm(b_in_X, x_ND, w_in_DX)
-        a_NX = activate(h_NX, self.activation, self.gated, inplace=True)
+        a_NX = activate(h_NX, self.activation, self.gated, inplace=not torch.is_grad_enabled())
         return a_NX @ w_out_XD if b_out_D is None else torch.addmm(b_out_D, a_NX, w_out_XD)
 
 

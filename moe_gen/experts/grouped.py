@@ -200,15 +200,12 @@ def grouped_ffn_scaled(
     With ``w_in_RDX``/``w_out_RYD`` the concatenated weights of K experts (X = K·H hidden units),
     rows of group r compute Σ_k scale[n, k] · (act(x·W_in,k + b_in,k) · W_out,k + b_out,k): one
     matmul pair per *set* of experts, whatever the rows' gate weights. ``w_out_RYD`` has Y = X
-    rows, or X + K when its last K rows are the experts' output biases (the scaled gate weights
-    are then appended to the hidden units, so the biases ride in the same matmul).
+    rows, or X + K when its last K rows are the experts' output biases (then each row's output
+    starts as its gate weights times those rows, and the scaled hidden units are added in place).
     """
     if sum(counts) != x_ND.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)} but there are {x_ND.shape[0]} rows")
     x_ND = x_ND.contiguous()
-    if len(counts) == 1:  # one group (decoding steps, small batches): no per-group bookkeeping
-        return _ffn_scaled(x_ND, w_in_RDX[0], None if b_in_RX is None else b_in_RX[0], w_out_RYD[0], scale_NK,
-                           activation, gated)
     N, K = scale_NK.shape
     h_NX = x_ND.new_empty(N, w_in_RDX.shape[2])
     _grouped_linear(x_ND, w_in_RDX, b_in_RX, counts, h_NX)
@@ -216,6 +213,9 @@ def grouped_ffn_scaled(
     X = a_NX.shape[1]
     scale_NK = scale_NK.to(a_NX.dtype)
     a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
+    if len(counts) == 1:  # one group (decoding steps, small batches): no per-group splitting
+        w_YD = w_out_RYD[0]
+        return a_NX @ w_YD if w_YD.shape[0] == X else torch.mm(scale_NK, w_YD[X:]).addmm_(a_NX, w_YD[:X])
     y_ND = x_ND.new_empty(N, w_out_RYD.shape[2])
     if w_out_RYD.shape[1] == X:
         _grouped_linear(a_NX, w_out_RYD, None, counts, y_ND)
@@ -228,15 +228,3 @@ def grouped_ffn_scaled(
             y.addmm_(a, w)
     return y_ND
 
-
-def _ffn_scaled(x_ND, w_in_DX, b_in_X, w_out_YD, scale_NK, activation: str, gated: bool) -> torch.Tensor:
-    """``grouped_ffn_scaled`` for one group: the same operations on the group's weights."""
-    h_NX = x_ND @ w_in_DX if b_in_X is None else torch.addmm(b_in_X, x_ND, w_in_DX)
-    a_NX = activate(h_NX, activation, gated, inplace=True)
-    N, K = scale_NK.shape
-    X = a_NX.shape[1]
-    scale_NK = scale_NK.to(a_NX.dtype)
-    a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
-    if w_out_YD.shape[0] == X:
-        return a_NX @ w_out_YD
-    return torch.mm(scale_NK, w_out_YD[X:]).addmm_(a_NX, w_out_YD[:X])
