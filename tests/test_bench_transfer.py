@@ -121,6 +121,9 @@ def test_reports_of_other_seeds_and_replay_shares_merge_into_one(tmp_path):
     write_transfer_report(build_transfer_report(other, runs, wall_seconds=1.0), str(tmp_path / "other"))
     with pytest.raises(ValueError, match="finetune_steps"):
         merge_transfer_reports([paths[0], str(tmp_path / "other" / "transfer.json")], str(tmp_path / "bad"))
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="broken.json.*not a readable transfer.json"):
+        merge_transfer_reports([paths[0], str(tmp_path / "broken.json")], str(tmp_path / "bad"))
 
 
 @pytest.mark.parametrize("fields, message", [

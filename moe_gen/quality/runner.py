@@ -475,17 +475,19 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
 MERGE_FREE = ("seeds", "systems", "specialists", "specialists_from", "workers", "output_dir")
 
 
-def _read_report(path: str) -> dict:
+def _read_report(path: str, kind: str = "quality.json", keys: Sequence[str] = ("config", "runs", "classical")) -> dict:
+    """A benchmark report read from ``path``; ``ValueError`` naming the file when it cannot be read
+    or lacks one of ``keys``."""
     import json
 
     try:
         with open(path) as f:
             report = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{path!r}: not a readable quality.json ({exc})") from exc
-    missing = [k for k in ("config", "runs", "classical") if not isinstance(report, dict) or k not in report]
+        raise ValueError(f"{path!r}: not a readable {kind} ({exc})") from exc
+    missing = [k for k in keys if not isinstance(report, dict) or k not in report]
     if missing:
-        raise ValueError(f"{path!r}: not a readable quality.json (no {', '.join(missing)})")
+        raise ValueError(f"{path!r}: not a readable {kind} (no {', '.join(missing)})")
     return report
 
 

@@ -446,14 +446,11 @@ def merge_transfer_reports(paths: list[str], output_dir: str) -> dict:
     and shares united, wall times added; written to ``output_dir``. Raises ``ValueError`` naming
     the file and what differs when a setting outside ``MERGE_FREE`` differs, or when two reports
     hold different results for one run."""
-    import json
+    from moe_gen.quality.runner import _read_report
 
     if len(paths) < 2:
         raise ValueError(f"merging needs at least two reports, got {len(paths)}")
-    reports = []
-    for path in paths:
-        with open(path) as f:
-            reports.append(json.load(f))
+    reports = [_read_report(p, "transfer.json", ("config", "runs")) for p in paths]
     first = reports[0]["config"]
     for path, report in zip(paths[1:], reports[1:]):
         differ = [f"{k} {first.get(k)!r} in {paths[0]!r}, {v!r} here" for k, v in report["config"].items()
