@@ -518,6 +518,26 @@ def test_merged_generation_equals_unmerged(tok):
     assert merged.config.moe.backend == "merged" and model.config.moe.backend != "merged"
 
 
+def test_a_stack_takes_a_tag_batch_only_for_its_tokens(tok):
+    # Stack.forward accepts the TagBatch itself (decoding keeps one per distinct step): the same
+    # output as from the tags and padding it was built from; one for other tokens is refused
+    task = load_preset("doc_topic", "train", limit=2)
+    model = build([task], tok, router=RouterConfig(strategy="attribute")).eval()
+    batch = collate(list(task.samples(tok, training=False)), tok, model.task_ids)
+    enc = batch.encoder
+    x = torch.randn(*enc.tokens.shape, model.config.d_model)
+    mask = (~enc.padding_mask).unsqueeze(1).expand(-1, enc.tokens.shape[1], -1)
+    tags = model.encoder.tag_batch(enc.tags, enc.padding_mask, enc.tokens.shape, x.device)
+    with torch.no_grad():
+        built = model.encoder(x, mask, enc.tags, enc.padding_mask).hidden
+        given = model.encoder(x, mask, tags, None).hidden
+        torch.testing.assert_close(given, built)
+        with pytest.raises(ValueError, match="must describe the tokens"):
+            model.encoder(x[:, :-1], mask[:, :-1, :-1], tags, None)
+        with pytest.raises(ValueError, match="carries its padding.*and a padding mask"):
+            model.encoder(x, mask, tags, enc.padding_mask)
+
+
 def test_infer_runs_in_eval_mode_and_gives_every_module_its_mode_back(tok):
     task = load_preset("doc_topic", "train", limit=2)
     model = build([task], tok).train()
