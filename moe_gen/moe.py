@@ -13,7 +13,7 @@ Shape legend: B batch, S sequence, T = B·S flattened tokens, D model width, D' 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import math
 
 import torch
 from torch import nn
@@ -42,14 +42,21 @@ class MoEOutput:
         aux_losses: named auxiliary losses, each already multiplied by its configured weight.
             Without autograd (inference) they are computed on first access only: nothing could
             differentiate them, and generation never reads them.
-        routing: the router's decision (ids, weights, probabilities, counts, drops).
+        routing: the router's decision (ids, weights, probabilities, counts, drops). A layer
+            frozen by ``merge_for_inference`` that ran a kept plan gives it on first access.
     """
 
-    def __init__(self, output: torch.Tensor, aux_losses, routing: RouterOutput) -> None:
+    def __init__(self, output: torch.Tensor, aux_losses, routing) -> None:
         self.output = output
-        self.routing = routing
-        # a dict, or a function computing it (called once, on first access)
+        # each a value, or a function computing it (called once, on first access)
+        self._routing = routing
         self._aux_losses = aux_losses
+
+    @property
+    def routing(self) -> RouterOutput:
+        if callable(self._routing):
+            self._routing = self._routing()
+        return self._routing
 
     @property
     def aux_losses(self) -> dict[str, torch.Tensor]:
@@ -173,7 +180,10 @@ class MoE(nn.Module):
         x_TD = x.reshape(batch.num_tokens, self.config.d_model)
         if self.config.check_finite:
             _check_finite(x, x_TD, batch.valid)
-        valid_T = batch.valid
+        if self.frozen:  # the plan kept for this set of tag groups, if there is one (else the path below)
+            y_TD = self.backend.run_kept(self.experts, x_TD, batch)
+            if y_TD is not None:
+                return self._frozen_output(x, x_TD, y_TD, batch)
 
         routing = self.router(x_TD, batch)
         if self.training and self.router.balances_by_bias and not self.recomputing:
@@ -186,14 +196,34 @@ class MoE(nn.Module):
         y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
         if y_TD is None:  # no assignment computed at all (every token padding or dropped)
             y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
-
-        if self.shared is not None:
-            shared_TD = self.shared(x_TD)
-            if self.shared_gate is not None:
-                # Qwen2-MoE: each token takes a sigmoid-gated share of the shared expert
-                shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
-            y_TD = y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
+        if self.frozen:  # next time, tokens of these tag groups run the kept plan
+            self.backend.keep_plan(self.experts, x_TD, routing, batch)
+        y_TD = self._add_shared(x_TD, y_TD, batch.valid)
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
+
+    def _add_shared(self, x_TD, y_TD, valid_T):
+        """The experts' output plus the shared expert's (if any; zero for padding)."""
+        if self.shared is None:
+            return y_TD
+        shared_TD = self.shared(x_TD)
+        if self.shared_gate is not None:
+            # Qwen2-MoE: each token takes a sigmoid-gated share of the shared expert
+            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+        return y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
+
+    def _frozen_output(self, x, x_TD, y_TD, batch) -> MoEOutput:
+        """The output of a kept plan (``MergedDispatch.run_kept``); the routing, and the auxiliary
+        losses from it, are the router's (a route-cache hit) and computed only if read."""
+        def routing():
+            return self.router(x_TD, batch)
+
+        def aux_losses():
+            losses = self.router.losses(out.routing, batch)  # a function of them without autograd
+            return losses() if callable(losses) else losses
+
+        y_TD = self._add_shared(x_TD, y_TD, batch.valid)
+        out = MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
+        return out
 
     def _tag_batch(self, x, tags, padding_mask) -> TagBatch:
         """The tags and padding of ``x``'s tokens as a ``TagBatch`` (the given one, or one built
@@ -269,7 +299,7 @@ def _check_finite(x: torch.Tensor, x_TD: torch.Tensor, valid_T: torch.Tensor) ->
     """Raises if a token that is not padding holds a non-finite value, naming the first one."""
     # One reduction finds out whether anything is non-finite (or the sum overflowed); only
     # then are tokens checked one by one, ignoring padding (which may hold anything).
-    if bool(torch.isfinite(x_TD.sum())):
+    if math.isfinite(x_TD.sum().item()):
         return
     bad = ~torch.isfinite(x_TD).all(-1) & valid_T
     if bool(bad.any()):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -499,3 +500,78 @@ def test_unfrozen_merged_layer_sees_writes_through_data():
     torch.testing.assert_close(moe(x, tags=tags).output, reference, atol=1e-5, rtol=1e-5)
 
 
+
+
+def _plan_tags(shape, case: str) -> TokenTags:
+    """Tags of one tag group; of several (task, role vary) that a modality router sends down one
+    route; or of several routes (random)."""
+    tags = random_tags(shape)
+    if case == "one group":
+        ones = torch.ones(shape, dtype=torch.long)
+        return dataclasses.replace(tags, task=ones * 0, modality=ones, role=ones, causal=ones.bool(),
+                                   task_modalities=tags.task_modalities[0, 0].expand(*shape, -1).clone())
+    if case == "groups of one route":
+        return dataclasses.replace(tags, modality=torch.ones(shape, dtype=torch.long))
+    return tags
+
+
+_PLAN_CASES = ["one group", "groups of one route", "union", "union, shared expert"]
+
+
+@pytest.mark.parametrize("kind,activation,bias,case", [
+    (kind, activation, bias, case)
+    for kind, activation, bias in [("mlp", "gelu", True), ("glu", "silu", True), ("mlp", "relu", False),
+                                   ("linear", "gelu", True)]
+    for case in _PLAN_CASES if not (kind == "linear" and case.startswith("union"))  # one matrix per route
+])
+@pytest.mark.parametrize("padded", [False, True])
+def test_frozen_layer_runs_its_kept_plan_like_the_unmerged_layer(kind, activation, bias, case, padded):
+    # From its second call on a set of tag groups, a frozen layer runs the plan it kept for them (one
+    # merged FFN with the gate weights folded in, or one FFN over the union of the groups' experts
+    # with each row's gate weights) without the router: outputs, routing and losses are the unmerged
+    # layer's, padding (even NaN) outputs zeros, and (check_finite) a non-finite real token is refused.
+    torch.manual_seed(0)
+    strategy = "attribute" if case.startswith("union") else "modality"
+    experts = ExpertsConfig(kind=kind, activation=activation, bias=bias, shared_expert="shared" in case)
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router=strategy, experts=experts,
+                        check_finite=True)).eval()
+    merged = merge_for_inference(moe)
+    shape = (3, 7)
+    tags = _plan_tags(shape, case)
+    x = torch.randn(*shape, D)
+    pad = torch.zeros(shape, dtype=torch.bool)
+    if padded:
+        pad[1, 4:] = pad[2, 2:] = True
+        x[pad] = float("nan")  # padding may hold anything
+    mask = pad if padded else None
+    router_calls = []
+    merged.router.register_forward_hook(lambda *args: router_calls.append(1))
+    with torch.no_grad():
+        reference = moe(x, tags=tags, padding_mask=mask)
+        first = merged(x, tags=tags, padding_mask=mask)  # the general path; keeps the plan
+        assert len(merged.backend._plans) == 1 and len(router_calls) == 1
+        kept = merged(x, tags=dataclasses.replace(tags), padding_mask=mask)  # new tags objects, same groups
+        assert len(router_calls) == 1  # the plan ran without the router
+        for out in (first, kept):
+            torch.testing.assert_close(out.output, reference.output, atol=1e-5, rtol=1e-5)
+            assert torch.equal(out.output[pad], torch.zeros(int(pad.sum()), out.output.shape[-1]))
+        torch.testing.assert_close(kept.aux_losses, reference.aux_losses)
+        assert torch.equal(kept.routing.expert_counts, reference.routing.expert_counts)
+        plan = merged.backend._plans[next(iter(merged.backend._plans))]
+        assert (plan.scale_GU is None) == (not case.startswith("union"))
+        bad = x.clone()
+        bad[0, 1] = float("inf")
+        refused = r"non-finite values in 1 token\(s\); first at \(batch, position\) \(0, 1\)"
+        with pytest.raises(ValueError, match=refused):
+            merged(bad, tags=tags, padding_mask=mask)
+
+
+def test_frozen_layer_keeps_no_union_plan_for_batches_too_large_for_the_union():
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    merged = merge_for_inference(moe)
+    merged.backend.UNION_MAX_EXTRA_MACS = 0  # every union costs more than allowed
+    x, tags = torch.randn(40, D), random_tags((40,))
+    with torch.no_grad():
+        for _ in range(2):
+            torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+    assert not merged.backend._plans

@@ -218,6 +218,15 @@ class _Groups:
     sets: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
+@dataclasses.dataclass
+class _KeptPlan:
+    """What a frozen layer runs for one set of tag groups (``MergedDispatch.keep_plan``)."""
+
+    merged: tuple  # the merged FFN (``merged_weights`` of the one route, or of the union without gate weights)
+    scale_GU: torch.Tensor | None  # union plans: each group's gate weights over the union's experts
+    extra_per_row: int  # union plans: multiply-adds per row and projection beyond the groups' own K experts
+
+
 def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
     """``t``'s rows at ``index``, or ``t`` itself for None (every row, in order)."""
     return t if index is None else t.index_select(0, index)
@@ -412,6 +421,53 @@ class MergedDispatch(DispatchBackend):
         self._cache: dict = {}  # route key → merged weights
         self._stacks: dict = {}  # tuple of route keys → those routes' merged weights, stacked
         self._partitions: dict = {}  # (by_set, set of tag groups) → which groups share a route
+        self._plans: dict = {}  # set of tag groups (TagBatch.group_keys) → _KeptPlan
+
+    def keep_plan(self, experts, x_TD, routing, batch) -> None:
+        """Keeps, for ``batch``'s set of tag groups, what ``run_kept`` needs to run them again
+        without the router or the grouping above (``cache`` only, without autograd, routes kept per
+        tag group): one merged FFN with the gate weights folded in when every group has the same
+        route, else (experts that merge sets of experts) one FFN over the union of the groups'
+        experts with each group's gate weights over it."""
+        groups = routing.groups
+        if not (self.cache and groups is not None and groups.key is not None and batch.group_keys == groups.key
+                and not torch.is_grad_enabled()) or groups.key in self._plans:
+            return
+        ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
+        if bool((ids_GK == ids_GK[:1]).all() and (weights_GK == weights_GK[:1]).all()):
+            key = (tuple(ids_GK[0].tolist()), tuple(weights_GK[0].tolist()))
+            plan = _KeptPlan(self._merged(experts, False, key, ids_GK[0], weights_GK[0]), None, 0)
+        elif experts.merges_expert_sets:
+            ids_U, scale_GU, key = self._union(groups)
+            extra_per_row = experts.d_model * (ids_U.numel() - ids_GK.shape[1]) * experts.d_hidden
+            if x_TD.shape[0] * extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
+                return  # batches of this size do not run as the union: keep nothing
+            plan = _KeptPlan(self._merged(experts, True, key, ids_U, None), scale_GU, extra_per_row)
+        else:
+            return
+        if len(self._plans) >= self.MAX_STACKS:
+            del self._plans[next(iter(self._plans))]
+        self._plans[groups.key] = plan
+
+    def run_kept(self, experts, x_TD, batch) -> torch.Tensor | None:
+        """The experts' output ``[T, D']`` for ``batch``'s tokens from the plan kept for its set of
+        tag groups (``keep_plan``), padding rows zero; None when no plan is kept for them, autograd
+        is on, or (union plans) the batch is too large for the union (``_union_allowed``)."""
+        plan = self._plans.get(batch.group_keys)
+        if plan is None or torch.is_grad_enabled():
+            return None
+        every = batch.all_valid
+        N = x_TD.shape[0]
+        if plan.scale_GU is None:  # one route for every group: a dense FFN (padding rows computed, then zeroed)
+            y_TD = experts.run_merged(x_TD, plan.merged)
+            return y_TD if every else torch.where(batch.valid.unsqueeze(1), y_TD, 0.0)
+        if N * plan.extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
+            return None
+        scale_TU = plan.scale_GU[batch.group_ids]
+        if not every:  # padding (which may hold anything) enters as zeros with zero gate weights: outputs 0
+            valid_T1 = batch.valid.unsqueeze(1)
+            x_TD, scale_TU = torch.where(valid_T1, x_TD, 0.0), torch.where(valid_T1, scale_TU, 0.0)
+        return experts.run_merged(x_TD, plan.merged, scale_TU)
 
     def run(self, experts, dispatched):
         """The merged FFNs on the grouped rows; returns ``(outputs, groups)``: the grouping of
@@ -446,16 +502,22 @@ class MergedDispatch(DispatchBackend):
         if stacked is None:
             merged = []
             for r, key in enumerate(groups.keys):
-                if (by_set, key) not in self._cache:
-                    if len(self._cache) >= self.MAX_ROUTES:  # many tag groups over time: forget the oldest
-                        del self._cache[next(iter(self._cache))]
-                    ids_K, weights_K = groups.route(r)
-                    self._cache[by_set, key] = experts.merged_weights(ids_K, None if by_set else weights_K)
-                merged.append(self._cache[by_set, key])
+                ids_K, weights_K = groups.route(r)
+                merged.append(self._merged(experts, by_set, key, ids_K, weights_K))
             if len(self._stacks) >= self.MAX_STACKS:  # batches of other task mixes: forget the oldest
                 del self._stacks[next(iter(self._stacks))]
             stacked = self._stacks[stack_key] = experts.stack_merged(merged)
         return stacked
+
+    def _merged(self, experts, by_set: bool, key: tuple, ids_K, weights_K):
+        """The merged weights of one route (``by_set``: of one set of experts, without gate
+        weights), from what ``cache`` kept under ``key`` (built and kept on first use)."""
+        merged = self._cache.get((by_set, key))
+        if merged is None:
+            if len(self._cache) >= self.MAX_ROUTES:  # many tag groups over time: forget the oldest
+                del self._cache[next(iter(self._cache))]
+            merged = self._cache[by_set, key] = experts.merged_weights(ids_K, None if by_set else weights_K)
+        return merged
 
     def combine(self, outputs, dispatched, x_TD):
         y_ND, groups = outputs

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 
 from moe_gen.config import ExpertsConfig
-from moe_gen.experts.grouped import ACTIVATIONS, activate, grouped_ffn, grouped_ffn_scaled
+from moe_gen.experts.grouped import ACTIVATIONS, activate, grouped_ffn, grouped_ffn_scaled, scaled_ffn
 from moe_gen.registry import EXPERTS
 
 __all__ = ["StackedExperts", "MLPExperts", "GLUExperts", "LinearExperts", "DenseFFN"]
@@ -187,11 +187,10 @@ class StackedExperts(nn.Module):
         """Rows sorted by route (``counts[r]`` rows each) through each route's merged FFN
         (``stacked`` from ``stack_merged``)."""
         if isinstance(stacked, tuple):
+            if len(counts) == 1 and not torch.is_grad_enabled():  # one route, inference: a dense FFN
+                return self.run_merged(x_ND, tuple(None if t is None else t[0] for t in stacked))
             dtype = _autocast_dtype(x_ND)
             with _no_autocast(x_ND):
-                if len(counts) == 1 and not torch.is_grad_enabled():  # one route, inference: a dense FFN
-                    return self._merged_ffn(_cast(x_ND, dtype), *(None if t is None else _cast(t[0], dtype)
-                                                                  for t in stacked))
                 return grouped_ffn(_cast(x_ND, dtype), counts, *(_cast(t, dtype) for t in stacked), self.activation,
                                    self.gated)
         pieces, start = [], 0
@@ -199,6 +198,21 @@ class StackedExperts(nn.Module):
             pieces.append(self._merged_ffn(x_ND[start:start + n], *merged))
             start += n
         return torch.cat(pieces)
+
+    def run_merged(self, x_ND: torch.Tensor, merged: tuple, scale_NK: torch.Tensor | None = None) -> torch.Tensor:
+        """Inference (no autograd): one merged FFN (``merged_weights``) on every row, in the autocast
+        dtype if autocast is on. With ``scale_NK`` (weights merged with ``weights_K=None``) each
+        row's K blocks of hidden units and K output biases are scaled by its K gate weights."""
+        device = x_ND.device.type
+        if torch.is_autocast_enabled(device):
+            dtype = torch.get_autocast_dtype(device)
+            with torch.autocast(device, enabled=False):
+                return self.run_merged(x_ND.to(dtype), tuple(_cast(t, dtype) for t in merged), scale_NK)
+        if merged[0].dtype != x_ND.dtype:
+            merged = tuple(_cast(t, x_ND.dtype) for t in merged)
+        if scale_NK is None:
+            return self._merged_ffn(x_ND, *merged)
+        return scaled_ffn(x_ND, merged[0], merged[1], merged[2], scale_NK, self.activation, self.gated)
 
     def _merged_ffn(self, x_ND, w_in_DX, b_in_X, w_out_XD, b_out_D) -> torch.Tensor:
         """One merged FFN (``merged_weights``) on every row; without autograd the activation runs in
@@ -289,6 +303,14 @@ class LinearExperts(nn.Module):
 
     def stack_merged(self, merged: list) -> list:
         return merged
+
+    def run_merged(self, x_ND: torch.Tensor, merged: tuple, scale_NK=None) -> torch.Tensor:
+        """One merged projection (``merged_weights``) on every row (no gate scaling: see
+        ``merges_expert_sets``)."""
+        if scale_NK is not None:
+            raise ValueError("linear experts merge each route into one matrix; rows are not scaled per expert")
+        weight, bias = merged
+        return x_ND @ weight if bias is None else torch.addmm(bias, x_ND, weight)
 
     def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], merged: list) -> torch.Tensor:
         pieces = [x @ w if b is None else torch.addmm(b, x, w)

@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activate", "grouped_ffn", "grouped_ffn_scaled"]
+__all__ = ["ACTIVATIONS", "activate", "grouped_ffn", "grouped_ffn_scaled", "scaled_ffn"]
 
 # name -> (forward, backward(grad_out, pre_activation) -> grad_in)
 ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -205,6 +205,9 @@ def grouped_ffn_scaled(
     """
     if sum(counts) != x_ND.shape[0]:
         raise ValueError(f"counts sum to {sum(counts)} but there are {x_ND.shape[0]} rows")
+    if len(counts) == 1:  # one group (decoding steps, small batches): no per-group splitting
+        return scaled_ffn(x_ND, w_in_RDX[0], None if b_in_RX is None else b_in_RX[0], w_out_RYD[0], scale_NK,
+                          activation, gated)
     x_ND = x_ND.contiguous()
     N, K = scale_NK.shape
     h_NX = x_ND.new_empty(N, w_in_RDX.shape[2])
@@ -213,9 +216,6 @@ def grouped_ffn_scaled(
     X = a_NX.shape[1]
     scale_NK = scale_NK.to(a_NX.dtype)
     a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
-    if len(counts) == 1:  # one group (decoding steps, small batches): no per-group splitting
-        w_YD = w_out_RYD[0]
-        return a_NX @ w_YD if w_YD.shape[0] == X else torch.mm(scale_NK, w_YD[X:]).addmm_(a_NX, w_YD[:X])
     y_ND = x_ND.new_empty(N, w_out_RYD.shape[2])
     if w_out_RYD.shape[1] == X:
         _grouped_linear(a_NX, w_out_RYD, None, counts, y_ND)
@@ -228,3 +228,27 @@ def grouped_ffn_scaled(
             y.addmm_(a, w)
     return y_ND
 
+
+
+def scaled_ffn(
+    x_ND: torch.Tensor,
+    w_in_DX: torch.Tensor,
+    b_in_X: torch.Tensor | None,
+    w_out_YD: torch.Tensor,
+    scale_NK: torch.Tensor,
+    activation: str,
+    gated: bool,
+) -> torch.Tensor:
+    """``grouped_ffn_scaled`` for one group (call it without autograd: the activation runs in
+    place): every row through the K experts side by side (X = K·H hidden units), each row's K
+    blocks of hidden units, and the K output biases when ``w_out_YD`` ends with them (Y = X + K),
+    multiplied by its gate weights ``scale_NK``."""
+    h_NX = x_ND @ w_in_DX if b_in_X is None else torch.addmm(b_in_X, x_ND, w_in_DX)
+    a_NX = activate(h_NX, activation, gated, inplace=True)  # h is ours, and nothing needs it after
+    N, K = scale_NK.shape
+    X = a_NX.shape[1]
+    scale_NK = scale_NK.to(a_NX.dtype)
+    a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
+    if w_out_YD.shape[0] == X:
+        return a_NX @ w_out_YD
+    return torch.mm(scale_NK, w_out_YD[X:]).addmm_(a_NX, w_out_YD[:X])
