@@ -440,7 +440,7 @@ class MergedDispatch(DispatchBackend):
         elif experts.merges_expert_sets:
             ids_U, scale_GU, key = self._union(groups)
             extra_per_row = experts.d_model * (ids_U.numel() - ids_GK.shape[1]) * experts.d_hidden
-            if x_TD.shape[0] * extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
+            if int(routing.valid.sum()) * extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
                 return  # batches of this size do not run as the union: keep nothing
             plan = _KeptPlan(self._merged(experts, True, key, ids_U, None), scale_GU, extra_per_row)
         else:
@@ -451,23 +451,23 @@ class MergedDispatch(DispatchBackend):
 
     def run_kept(self, experts, x_TD, batch) -> torch.Tensor | None:
         """The experts' output ``[T, D']`` for ``batch``'s tokens from the plan kept for its set of
-        tag groups (``keep_plan``), padding rows zero; None when no plan is kept for them, autograd
-        is on, or (union plans) the batch is too large for the union (``_union_allowed``)."""
+        tag groups (``keep_plan``), padding rows zero (only the valid rows are computed); None when
+        no plan is kept for them, autograd is on, or (union plans) the batch is too large for the
+        union (``_union_allowed``)."""
         plan = self._plans.get(batch.group_keys)
         if plan is None or torch.is_grad_enabled():
             return None
-        every = batch.all_valid
-        N = x_TD.shape[0]
-        if plan.scale_GU is None:  # one route for every group: a dense FFN (padding rows computed, then zeroed)
-            y_TD = experts.run_merged(x_TD, plan.merged)
-            return y_TD if every else torch.where(batch.valid.unsqueeze(1), y_TD, 0.0)
-        if N * plan.extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
-            return None
-        scale_TU = plan.scale_GU[batch.group_ids]
-        if not every:  # padding (which may hold anything) enters as zeros with zero gate weights: outputs 0
-            valid_T1 = batch.valid.unsqueeze(1)
-            x_TD, scale_TU = torch.where(valid_T1, x_TD, 0.0), torch.where(valid_T1, scale_TU, 0.0)
-        return experts.run_merged(x_TD, plan.merged, scale_TU)
+        token_N = None if batch.all_valid else batch.valid.nonzero().squeeze(1)
+        x_ND = _rows(x_TD, token_N)
+        if plan.scale_GU is None:  # one route for every group: a dense FFN
+            y_ND = experts.run_merged(x_ND, plan.merged)
+        else:
+            if x_ND.shape[0] * plan.extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
+                return None
+            y_ND = experts.run_merged(x_ND, plan.merged, plan.scale_GU[_rows(batch.group_ids, token_N)])
+        if token_N is None:
+            return y_ND
+        return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_copy_(0, token_N, y_ND)
 
     def run(self, experts, dispatched):
         """The merged FFNs on the grouped rows; returns ``(outputs, groups)``: the grouping of

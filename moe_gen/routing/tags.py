@@ -12,7 +12,6 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence, Union
 
@@ -226,7 +225,7 @@ class TagBatch:
     Attributes:
         shape: the token layout (``[T]`` or ``[B, S]``); ``num_tokens`` is T.
         tags: flattened ``TokenTags`` ``[T]``, or None (routers that need no tags).
-        valid: bool ``[T]``, False for padding.
+        valid: bool ``[T]``, False for padding; ``all_valid``: whether every token is valid.
         segment: long ``[T]``, the sequence of each token (rows of ``[B, S]``, refined by
             ``tags.sample`` when samples are packed into rows), for context pooling.
         group_ids: long ``[T]``, the tag group of each token, groups numbered in key order (tokens of
@@ -275,7 +274,7 @@ class TagBatch:
         if device is None:
             device = tags.task.device if tags is not None else None
         self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
-        self._masked = padding_mask is not None
+        self.all_valid = padding_mask is None or bool(self.valid.all())
         self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
         self.group_keys: tuple[int, ...] = ()
         if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
@@ -293,11 +292,6 @@ class TagBatch:
         self.group_tags = flat.select(self.first_G)
         self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
             0, group_T, self.valid.long())
-
-    @functools.cached_property
-    def all_valid(self) -> bool:
-        """Whether no token is padding (read once, then kept)."""
-        return not self._masked or bool(self.valid.all())
 
     def validate(self, vocab: tuple[int, int, int, int]) -> None:
         """Checks the tags against the vocabulary sizes ``(modalities, roles, passes, tasks)`` (a
