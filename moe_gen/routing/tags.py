@@ -289,7 +289,7 @@ class TagBatch:
         T = group_T.shape[0]
         first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
         self.first_G = first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
-        self.group_tags = flat.select(self.first_G)
+        self.group_tags = flat._map(lambda t: t.index_select(0, self.first_G))  # (index_select: cheaper than [])
         self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
             0, group_T, self.valid.long())
 
