@@ -223,7 +223,7 @@ class MoE(nn.Module):
 
         y_TD = self._add_shared(x_TD, y_TD, batch.valid)
         out = MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
-        return out
+        return out  # (aux_losses reads out.routing: computed once for both)
 
     def _tag_batch(self, x, tags, padding_mask) -> TagBatch:
         """The tags and padding of ``x``'s tokens as a ``TagBatch`` (the given one, or one built

@@ -229,7 +229,6 @@ def grouped_ffn_scaled(
     return y_ND
 
 
-
 def scaled_ffn(
     x_ND: torch.Tensor,
     w_in_DX: torch.Tensor,
