@@ -564,6 +564,14 @@ def test_frozen_layer_runs_its_kept_plan_like_the_unmerged_layer(kind, activatio
         refused = r"non-finite values in 1 token\(s\); first at \(batch, position\) \(0, 1\)"
         with pytest.raises(ValueError, match=refused):
             merged(bad, tags=tags, padding_mask=mask)
+        # new weights or a new dtype: the plans go with the merged weights
+        merged.to(torch.float64)
+        assert not merged.backend._plans
+        merged(x.double(), tags=tags, padding_mask=mask)
+        torch.testing.assert_close(merged(x.double(), tags=tags, padding_mask=mask).output.float(),
+                                   reference.output, atol=1e-5, rtol=1e-5)
+        merged.load_state_dict(moe.to(torch.float64).state_dict())
+        assert not merged.backend._plans
 
 
 def test_frozen_layer_keeps_no_union_plan_for_batches_too_large_for_the_union():
