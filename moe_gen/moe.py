@@ -12,6 +12,7 @@ Shape legend: B batch, S sequence, T = B·S flattened tokens, D model width, D' 
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 
@@ -30,7 +31,7 @@ from moe_gen.routing.tags import TagBatch, TokenTags
 import moe_gen.routing  # noqa: F401,E402  isort: skip
 import moe_gen.experts  # noqa: F401,E402  isort: skip
 
-__all__ = ["MoE", "MoEOutput", "merge_for_inference"]
+__all__ = ["MoE", "MoEOutput", "merge_for_inference", "merged_in_place"]
 
 
 class MoEOutput:
@@ -115,7 +116,7 @@ class MoE(nn.Module):
                              "content; only tag-routed layers can be merged")
         self.set_backend("merged")
         self.backend = MergedDispatch(cache=True)
-        self.router.cache_routes = True
+        self.router.set_route_cache(True)
         self.frozen = True
         self.requires_grad_(False)
         self.eval()
@@ -280,6 +281,28 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
     if layers and all(layer.frozen for layer in layers) and hasattr(config, "with_moe"):
         merged.config = config.with_moe(backend="merged")  # a saved copy (ModelConfig) reloads merged
     return merged
+
+
+@contextlib.contextmanager
+def merged_in_place(model: nn.Module):
+    """For a block in which ``model``'s weights do not change (one ``model.infer`` call): every MoE
+    layer of it routed by tags alone runs as a frozen layer does (merged weights, routes and plans
+    kept, see ``merge_for_inference``), in place, without copying the model; afterwards each layer
+    has its own backend back and nothing kept survives the block. Layers already frozen, routed by
+    content, or with experts sharded over processes run as they are. Outputs equal the layers' own
+    within float rounding."""
+    layers = [m for m in model.modules() if isinstance(m, MoE) and not m.frozen and not m.router.content_dependent
+              and m.expert_parallel is None]
+    saved = [(layer, layer.backend, layer.router.cache_routes) for layer in layers]
+    try:
+        for layer in layers:
+            layer.backend, layer.frozen = MergedDispatch(cache=True), True
+            layer.router.set_route_cache(True)
+        yield model
+    finally:
+        for layer, backend, cache_routes in saved:
+            layer.backend, layer.frozen = backend, False
+            layer.router.set_route_cache(cache_routes)
 
 
 def _check_input(x, d_model: int) -> None:

@@ -13,7 +13,9 @@ at each batch size of --inference-per-task (the per-layer cost of routing bookke
 so its share shrinks as batches grow), and greedy generation latency (--generation-rows rows of
 table_to_text, each answer held to exactly --generation-tokens tokens so that every model decodes
 the same number of steps: untrained models of different weights would otherwise stop at different
-lengths, and the comparison would time unequal work).
+lengths, and the comparison would time unequal work) of dense, attribute-MoE unmerged
+(`infer(merged=False)`), the attribute-MoE's own `infer` (its tag-routed layers merged in place
+for the call, the default) and the merged copy.
 Variants are timed round-robin (one call of each per round); ratios to dense are the median (and
 quartiles) of the per-round ratios. Every call gets new tags objects (see `fresh`). Prints
 tables and writes JSON (--out, default bench_results/model.json).
@@ -23,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -84,11 +87,11 @@ def fresh(batch):
     )
 
 
-def generated_tokens(model, task, rows, tokens: int) -> int:
-    """Tokens the model's greedy answers to ``rows`` hold, each held to exactly ``tokens``
-    (``min_length`` = ``max_new_tokens``); raises if any answer has another length, since the
-    benchmark would then time unequal work."""
-    answers = model.infer(task, rows, max_new_tokens=tokens, min_length=tokens)
+def generated_tokens(infer, task, rows, tokens: int) -> int:
+    """Tokens the greedy answers of ``infer`` (a model's ``infer``, its options bound) to ``rows``
+    hold, each held to exactly ``tokens`` (``min_length`` = ``max_new_tokens``); raises if any
+    answer has another length, since the benchmark would then time unequal work."""
+    answers = infer(task, rows, max_new_tokens=tokens, min_length=tokens)
     lengths = [len(a.tokens) for a in answers]
     if any(n != tokens for n in lengths):
         raise RuntimeError(f"generation answers have {sorted(set(lengths))} tokens, not {tokens} each")
@@ -100,11 +103,17 @@ def _time_generation(flavour_name: str, variants: dict, task, args) -> list[dict
     answer exactly ``args.generation_tokens`` tokens long (the MoE layers run on one position per
     row and step). Returns the JSON rows."""
     rows_, n = task.data[:args.generation_rows], args.generation_tokens
-    decoded = {label: generated_tokens(model, task, rows_, n) for label, model in variants.items()}
+    # the trained model's own infer merges its tag-routed layers in place for the call (the default);
+    # "unmerged" runs them as they train
+    infers = {"dense": variants["dense"].infer,
+              "moe_attr_unmerged": functools.partial(variants["moe_attr_unmerged"].infer, merged=False),
+              "moe_attr_infer": variants["moe_attr_unmerged"].infer,
+              "moe_attr_merged": variants["moe_attr_merged"].infer}
+    decoded = {label: generated_tokens(infer, task, rows_, n) for label, infer in infers.items()}
     print(f"{'generation':<18} {'latency ms':>11} {'× dense':>8}  ({len(rows_)} {GENERATION_TASK} rows, {n} tokens "
           f"each; median of {args.inference_rounds} paired rounds [quartiles])")
-    times = interleaved({k: (lambda m=m: m.infer(task, rows_, max_new_tokens=n, min_length=n))
-                         for k, m in variants.items()}, args.inference_rounds)
+    times = interleaved({k: (lambda infer=infer: infer(task, rows_, max_new_tokens=n, min_length=n))
+                         for k, infer in infers.items()}, args.inference_rounds)
     out = []
     for label, (seconds, ratio, q1, q3) in paired_ratios(times, "dense").items():
         out.append({"flavour": flavour_name, "model": label, "kind": "generation", "samples": len(rows_),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import time
+from unittest import mock
 
 import pytest
 import torch
@@ -498,24 +499,38 @@ def test_a_model_keeps_its_modality_ids_when_the_process_registers_more(tok, sen
 
 def test_merged_generation_equals_unmerged(tok):
     # Generation runs the MoE layers once per step on a few positions; merged routes (cached per
-    # set of tag groups) must give the same tokens, scores and frames as the unmerged model.
+    # set of tag groups) must give the same tokens, scores and frames as the unmerged model, both in
+    # merge_for_inference's copy and in the model's own infer (merged in place for the call).
     tasks = [load_preset(n, "train", limit=3) for n in ("doc_topic", "visual_grounding", "text_to_speech")]
     model = build(tasks, tok, router=RouterConfig(strategy="attribute")).eval()
     merged = merge_for_inference(model)
+    backends = [m.backend for m in model.modules() if isinstance(m, MoE)]
     for _ in range(2):  # the second time from the route and weight caches
-        for a, b in zip(model.infer(tasks[0], tasks[0].data, max_new_tokens=5),
-                        merged.infer(tasks[0], tasks[0].data, max_new_tokens=5)):
+        for infer in (merged.infer, model.infer):
+            for a, b in zip(model.infer(tasks[0], tasks[0].data, max_new_tokens=5, merged=False),
+                            infer(tasks[0], tasks[0].data, max_new_tokens=5)):
+                assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-4)
+            a = model.infer(tasks[0], tasks[0].data[:1], beams=3, merged=False)[0]
+            b = infer(tasks[0], tasks[0].data[:1], beams=3)[0]
             assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-4)
-        a = model.infer(tasks[0], tasks[0].data[:1], beams=3)[0]
-        b = merged.infer(tasks[0], tasks[0].data[:1], beams=3)[0]
-        assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-4)
-        for a, b in zip(model.infer(tasks[1], tasks[1].data[:2]), merged.infer(tasks[1], tasks[1].data[:2])):
-            assert a.box == b.box
-        for a, b in zip(model.infer(tasks[2], tasks[2].data[:2], max_frames=4),
-                        merged.infer(tasks[2], tasks[2].data[:2], max_frames=4)):
-            torch.testing.assert_close(a.frames, b.frames, atol=1e-4, rtol=1e-4)
+            for a, b in zip(model.infer(tasks[1], tasks[1].data[:2], merged=False), infer(tasks[1], tasks[1].data[:2])):
+                assert a.box == b.box
+            for a, b in zip(model.infer(tasks[2], tasks[2].data[:2], max_frames=4, merged=False),
+                            infer(tasks[2], tasks[2].data[:2], max_frames=4)):
+                torch.testing.assert_close(a.frames, b.frames, atol=1e-4, rtol=1e-4)
     assert all(m.router._routes for m in merged.modules() if isinstance(m, MoE))
     assert merged.config.moe.backend == "merged" and model.config.moe.backend != "merged"
+    # the model's own layers are as they were: their backends, nothing kept, trainable
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    assert [m.backend for m in layers] == backends
+    assert not any(m.frozen or m.router.cache_routes or m.router._routes for m in layers)
+    model.train()
+    # ... also when the call fails half-way
+    model.eval()
+    with mock.patch.object(model, "_answer", side_effect=RuntimeError("decoding failed")):
+        with pytest.raises(RuntimeError, match="decoding failed"):
+            model.infer(tasks[0], tasks[0].data[:1])
+    assert [m.backend for m in layers] == backends and not any(m.frozen or m.router._routes for m in layers)
 
 
 def test_a_stack_takes_a_tag_batch_only_for_its_tokens(tok):
@@ -619,7 +634,8 @@ def test_decoder_router_given_as_a_router_config_keeps_the_fields_that_differ():
     config = flavour("debug", moe={"router": RouterConfig(strategy="attribute"),
                                    "decoder_router": RouterConfig(strategy="hybrid", num_tasks=3)})
     assert config.moe.decoder_router == {"strategy": "hybrid"}  # vocabulary sizes stay the model's
-    assert config.moe.router_for("decoder").strategy == "hybrid" and config.moe.router_for("encoder").strategy == "attribute"
+    assert config.moe.router_for("decoder").strategy == "hybrid"
+    assert config.moe.router_for("encoder").strategy == "attribute"
 
 
 def test_location_features_make_neighbouring_bins_alike_and_survive_save_load(tok, tmp_path):

@@ -549,7 +549,8 @@ class GeneralistModel(nn.Module):
               candidates: Optional[Sequence[str]] = None, max_items: int = 8,
               indices: Optional[Sequence[int]] = None, temperature: Optional[float] = None,
               top_k: Optional[int] = None, top_p: Optional[float] = None, seed: int = 0,
-              no_repeat_ngram: int = 0, min_length: int = 0, parallel_steps: Optional[int] = None) -> list:
+              no_repeat_ngram: int = 0, min_length: int = 0, parallel_steps: Optional[int] = None,
+              merged: bool = True) -> list:
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
         Every target slot of the instruction is decoded, repetition groups item by item (at most
@@ -570,8 +571,14 @@ class GeneralistModel(nn.Module):
         not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
         default its position); under the task's ``on_error="skip"`` such a row's answer is None
         instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
+        ``merged`` (default): for the call, the MoE layers routed by tags alone run merged, as
+        ``merge_for_inference``'s copy would (``moe_gen.moe.merged_in_place``: merged weights,
+        routes and plans kept for the call only, the model itself unchanged afterwards); the
+        answers are the unmerged layers' within float rounding. ``merged=False`` runs the layers
+        as they train.
         """
         from moe_gen.model.generate import TextRules
+        from moe_gen.moe import merged_in_place
 
         sampling = _sampling(temperature, top_k, top_p, seed, beams, candidates)
         rules = TextRules(no_repeat_ngram, min_length)
@@ -579,7 +586,7 @@ class GeneralistModel(nn.Module):
         plan = self.plan(task)  # as trained, whatever rows task holds
         samples, failed = self._encode_rows(task, plan, rows, indices)
         self._check_features(task.name, samples)
-        with eval_mode(self):
+        with eval_mode(self), merged_in_place(self) if merged else contextlib.nullcontext():
             if parallel_steps is None and task.objective == "parallel" and beams == 1 and candidates is None:
                 parallel_steps = PARALLEL_STEPS  # trained to fill masked codes at once: decoded that way
             if parallel_steps is not None:
@@ -667,7 +674,8 @@ class GeneralistModel(nn.Module):
         from moe_gen.model.parallel import parallel_generate
 
         if beams > 1 or candidates is not None:
-            raise ValueError("parallel_steps decodes all codes at once; it does not combine with beams > 1 or candidates")
+            raise ValueError("parallel_steps decodes all codes at once; it does not combine with beams > 1 or "
+                             "candidates")
         if sampling is not None and (sampling.top_k is not None or sampling.top_p is not None):
             raise ValueError("parallel decoding draws codes at a temperature only (no top_k/top_p)")
         if not samples:

@@ -128,6 +128,12 @@ class Router(nn.Module):
         self._routes = {}  # moved or cast: cached routes hold tensors of the old device or dtype
         return super()._apply(fn, *args, **kwargs)
 
+    def set_route_cache(self, enabled: bool) -> None:
+        """Keeps routes per set of tag groups at inference (``enabled``; see ``_route_cache_key``) or
+        not; either way drops the routes kept so far."""
+        self.cache_routes = bool(enabled)
+        self._routes = {}
+
     def losses(self, routing: RouterOutput, batch: TagBatch):
         """The auxiliary losses of ``routing`` (``moe_gen.routing.losses.auxiliary_losses``, each
         weighted as configured). Without autograd there is no graph to build: a function that
