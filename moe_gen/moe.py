@@ -181,12 +181,18 @@ class MoE(nn.Module):
         x_TD = x.reshape(batch.num_tokens, self.config.d_model)
         if self.config.check_finite:
             _check_finite(x, x_TD, batch.valid)
-        if self.frozen:  # the plan kept for this set of tag groups, if there is one (else the path below)
+        routing = None
+        if self.frozen:  # the plan kept for this set of tag groups (made now if need be), else the path below
             y_TD = self.backend.run_kept(self.experts, x_TD, batch)
+            if y_TD is None:
+                routing = self.router(x_TD, batch)
+                if self.backend.keep_plan(self.experts, x_TD, routing, batch):
+                    y_TD = self.backend.run_kept(self.experts, x_TD, batch)
             if y_TD is not None:
-                return self._frozen_output(x, x_TD, y_TD, batch)
+                return self._frozen_output(x, x_TD, y_TD, batch, routing)
 
-        routing = self.router(x_TD, batch)
+        if routing is None:
+            routing = self.router(x_TD, batch)
         if self.training and self.router.balances_by_bias and not self.recomputing:
             # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
             self.router.update_balance_bias(routing)
@@ -197,8 +203,6 @@ class MoE(nn.Module):
         y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
         if y_TD is None:  # no assignment computed at all (every token padding or dropped)
             y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
-        if self.frozen:  # next time, tokens of these tag groups run the kept plan
-            self.backend.keep_plan(self.experts, x_TD, routing, batch)
         y_TD = self._add_shared(x_TD, y_TD, batch.valid)
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
 
@@ -212,11 +216,13 @@ class MoE(nn.Module):
             shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
         return y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
 
-    def _frozen_output(self, x, x_TD, y_TD, batch) -> MoEOutput:
-        """The output of a kept plan (``MergedDispatch.run_kept``); the routing, and the auxiliary
-        losses from it, are the router's (a route-cache hit) and computed only if read."""
-        def routing():
-            return self.router(x_TD, batch)
+    def _frozen_output(self, x, x_TD, y_TD, batch, routing=None) -> MoEOutput:
+        """The output of a kept plan (``MergedDispatch.run_kept``); the routing (when the plan was
+        not made in this call, the router's, from its route cache) and the auxiliary losses from it
+        are computed only if read."""
+        if routing is None:
+            def routing():
+                return self.router(x_TD, batch)
 
         def aux_losses():
             losses = self.router.losses(out.routing, batch)  # a function of them without autograd

@@ -526,7 +526,7 @@ _PLAN_CASES = ["one group", "groups of one route", "union", "union, shared exper
 ])
 @pytest.mark.parametrize("padded", [False, True])
 def test_frozen_layer_runs_its_kept_plan_like_the_unmerged_layer(kind, activation, bias, case, padded):
-    # From its second call on a set of tag groups, a frozen layer runs the plan it kept for them (one
+    # A frozen layer keeps a plan per set of tag groups, from its second call on runs it (one
     # merged FFN with the gate weights folded in, or one FFN over the union of the groups' experts
     # with each row's gate weights) without the router: outputs, routing and losses are the unmerged
     # layer's, padding (even NaN) outputs zeros, and (check_finite) a non-finite real token is refused.
@@ -548,7 +548,7 @@ def test_frozen_layer_runs_its_kept_plan_like_the_unmerged_layer(kind, activatio
     merged.router.register_forward_hook(lambda *args: router_calls.append(1))
     with torch.no_grad():
         reference = moe(x, tags=tags, padding_mask=mask)
-        first = merged(x, tags=tags, padding_mask=mask)  # the general path; keeps the plan
+        first = merged(x, tags=tags, padding_mask=mask)  # routes the groups, keeps the plan and runs it
         assert len(merged.backend._plans) == 1 and len(router_calls) == 1
         kept = merged(x, tags=dataclasses.replace(tags), padding_mask=mask)  # new tags objects, same groups
         assert len(router_calls) == 1  # the plan ran without the router

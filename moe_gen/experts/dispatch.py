@@ -423,16 +423,18 @@ class MergedDispatch(DispatchBackend):
         self._partitions: dict = {}  # (by_set, set of tag groups) → which groups share a route
         self._plans: dict = {}  # set of tag groups (TagBatch.group_keys) → _KeptPlan
 
-    def keep_plan(self, experts, x_TD, routing, batch) -> None:
-        """Keeps, for ``batch``'s set of tag groups, what ``run_kept`` needs to run them again
-        without the router or the grouping above (``cache`` only, without autograd, routes kept per
-        tag group): one merged FFN with the gate weights folded in when every group has the same
+    def keep_plan(self, experts, x_TD, routing, batch) -> bool:
+        """Keeps, for ``batch``'s set of tag groups, what ``run_kept`` needs to run them without
+        the router or the grouping above (``cache`` only, without autograd, routes kept per tag
+        group): one merged FFN with the gate weights folded in when every group has the same
         route, else (experts that merge sets of experts) one FFN over the union of the groups'
-        experts with each group's gate weights over it."""
+        experts with each group's gate weights over it. Returns whether a plan is kept for them."""
         groups = routing.groups
         if not (self.cache and groups is not None and groups.key is not None and batch.group_keys == groups.key
-                and not torch.is_grad_enabled()) or groups.key in self._plans:
-            return
+                and not torch.is_grad_enabled()):
+            return False
+        if groups.key in self._plans:
+            return True
         ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
         if bool((ids_GK == ids_GK[:1]).all() and (weights_GK == weights_GK[:1]).all()):
             key = (tuple(ids_GK[0].tolist()), tuple(weights_GK[0].tolist()))
@@ -441,13 +443,14 @@ class MergedDispatch(DispatchBackend):
             ids_U, scale_GU, key = self._union(groups)
             extra_per_row = experts.d_model * (ids_U.numel() - ids_GK.shape[1]) * experts.d_hidden
             if int(routing.valid.sum()) * extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
-                return  # batches of this size do not run as the union: keep nothing
+                return False  # batches of this size do not run as the union: keep nothing
             plan = _KeptPlan(self._merged(experts, True, key, ids_U, None), scale_GU, extra_per_row)
         else:
-            return
+            return False
         if len(self._plans) >= self.MAX_STACKS:
             del self._plans[next(iter(self._plans))]
         self._plans[groups.key] = plan
+        return True
 
     def run_kept(self, experts, x_TD, batch) -> torch.Tensor | None:
         """The experts' output ``[T, D']`` for ``batch``'s tokens from the plan kept for its set of
