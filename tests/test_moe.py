@@ -583,3 +583,21 @@ def test_frozen_layer_keeps_no_union_plan_for_batches_too_large_for_the_union():
         for _ in range(2):
             torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
     assert not merged.backend._plans
+
+
+def test_a_kept_union_plan_declined_for_a_larger_batch_of_the_same_groups_leaves_it_to_the_full_path():
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    merged = merge_for_inference(moe)
+    tags = random_tags((40,))
+    x = torch.randn(40, D)
+    with torch.no_grad():
+        merged(x, tags=tags)  # a union plan for these groups, made for 40 rows
+        (plan,) = merged.backend._plans.values()
+        assert plan.scale_GU is not None
+        merged.backend.UNION_MAX_EXTRA_MACS = 40 * plan.extra_per_row  # 40 rows fit the union, 160 do not
+        big_tags, big_x = TokenTags.cat([tags] * 4), torch.randn(160, D)
+        torch.testing.assert_close(merged(big_x, tags=big_tags).output, moe(big_x, tags=big_tags).output,
+                                   atol=1e-5, rtol=1e-5)
+        assert merged.backend.run_kept(merged.experts, big_x, merged._tag_batch(big_x, big_tags, None)) is None
+        assert list(merged.backend._plans.values()) == [plan]  # kept, not replaced
+        torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)

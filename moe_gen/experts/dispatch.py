@@ -428,13 +428,14 @@ class MergedDispatch(DispatchBackend):
         the router or the grouping above (``cache`` only, without autograd, routes kept per tag
         group): one merged FFN with the gate weights folded in when every group has the same
         route, else (experts that merge sets of experts) one FFN over the union of the groups'
-        experts with each group's gate weights over it. Returns whether a plan is kept for them."""
+        experts with each group's gate weights over it. Returns whether it kept a new plan (not when
+        one was kept already: ``run_kept`` declined that one for this batch)."""
         groups = routing.groups
         if not (self.cache and groups is not None and groups.key is not None and batch.group_keys == groups.key
                 and not torch.is_grad_enabled()):
             return False
         if groups.key in self._plans:
-            return True
+            return False
         ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
         if bool((ids_GK == ids_GK[:1]).all() and (weights_GK == weights_GK[:1]).all()):
             key = (tuple(ids_GK[0].tolist()), tuple(weights_GK[0].tolist()))
@@ -460,13 +461,17 @@ class MergedDispatch(DispatchBackend):
         plan = self._plans.get(batch.group_keys)
         if plan is None or torch.is_grad_enabled():
             return None
-        token_N = None if batch.all_valid else batch.valid.nonzero().squeeze(1)
+        token_N = batch.valid.nonzero().squeeze(1)
+        N = token_N.numel()
+        if plan.scale_GU is not None and (N * plan.extra_per_row > self.UNION_MAX_EXTRA_MACS
+                                          or not self._union_allowed(x_TD)):
+            return None
+        if N == x_TD.shape[0]:  # no padding: every row, in order
+            token_N = None
         x_ND = _rows(x_TD, token_N)
         if plan.scale_GU is None:  # one route for every group: a dense FFN
             y_ND = experts.run_merged(x_ND, plan.merged)
         else:
-            if x_ND.shape[0] * plan.extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
-                return None
             y_ND = experts.run_merged(x_ND, plan.merged, plan.scale_GU[_rows(batch.group_ids, token_N)])
         if token_N is None:
             return y_ND

@@ -225,7 +225,7 @@ class TagBatch:
     Attributes:
         shape: the token layout (``[T]`` or ``[B, S]``); ``num_tokens`` is T.
         tags: flattened ``TokenTags`` ``[T]``, or None (routers that need no tags).
-        valid: bool ``[T]``, False for padding; ``all_valid``: whether every token is valid.
+        valid: bool ``[T]``, False for padding.
         segment: long ``[T]``, the sequence of each token (rows of ``[B, S]``, refined by
             ``tags.sample`` when samples are packed into rows), for context pooling.
         group_ids: long ``[T]``, the tag group of each token, groups numbered in key order (tokens of
@@ -274,7 +274,6 @@ class TagBatch:
         if device is None:
             device = tags.task.device if tags is not None else None
         self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
-        self.all_valid = padding_mask is None or bool(self.valid.all())
         self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
         self.group_keys: tuple[int, ...] = ()
         if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
