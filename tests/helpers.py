@@ -1,10 +1,14 @@
-"""Helpers shared by the tests: random tags with several tag groups, backend comparison."""
+"""Helpers shared by the tests: random tags with several tag groups, backend comparison, scripts
+loaded as modules."""
 
 from __future__ import annotations
 
 import contextlib
 import copy
 import dataclasses
+import importlib.util
+import os
+import sys
 
 import torch
 
@@ -93,3 +97,13 @@ def train_steps(model, task, tok, steps: int = 30, rows: int = 4, lr: float = 3e
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
+
+
+def load_script(name: str, monkeypatch):
+    """``scripts/<name>.py`` as a module, registered as ``name`` in ``sys.modules`` for the test."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "scripts", f"{name}.py")
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, module)
+    spec.loader.exec_module(module)
+    return module

@@ -1,23 +1,15 @@
 """scripts/bench_model.py's guards: generation is timed only on answers of equal length, and ratios
 are paired by round (the timings themselves belong to the script, not to tests)."""
 
-import importlib.util
-import os
-import sys
 from types import SimpleNamespace
 
 import pytest
-
-ROOT = os.path.join(os.path.dirname(__file__), "..")
+from helpers import load_script
 
 
 @pytest.fixture
 def bench(monkeypatch):
-    spec = importlib.util.spec_from_file_location("bench_model", os.path.join(ROOT, "scripts", "bench_model.py"))
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_model", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_model", monkeypatch)
 
 
 def _infer(lengths):

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from helpers import load_script
 
 from moe_gen.quality.baselines import classical_scores
 from moe_gen.quality.report import _relative
@@ -502,13 +503,7 @@ def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
 
 
 def _bench_script(monkeypatch):
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("bench_quality", os.path.join(ROOT, "scripts", "bench_quality.py"))
-    module = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "bench_quality", module)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_quality", monkeypatch)
 
 
 def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
