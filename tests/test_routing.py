@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 
@@ -11,6 +12,7 @@ from helpers import random_tags
 
 from moe_gen import ROUTERS, MoE, MoEConfig, RouterConfig, TokenTags
 from moe_gen.routing import attribute_dim, balance_loss, importance_loss, slot_positions, z_loss
+from moe_gen.routing.tags import TagBatch
 
 D, E = 16, 8
 
@@ -384,3 +386,41 @@ def test_group_key_distinguishes_every_tag():
                 {**base, "task_modalities": ("IMAGE", "TEXT")}]
     keys = [int(TokenTags.constant(1, **v).group_key()[0]) for v in variants]
     assert len(set(keys)) == len(keys)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_tag_batch_groups_and_derived_attributes_match_a_per_token_reference(padded):
+    B, S = 4, 9
+    tags = random_tags((B, S))
+    sample = torch.tensor([0] * 5 + [1] * 4).repeat(B, 1)  # two samples packed per row
+    tags = dataclasses.replace(tags, sample=sample)
+    padding = torch.zeros(B, S, dtype=torch.bool)
+    if padded:
+        padding[1, 6:] = padding[3, 2:] = True
+    batch = TagBatch(tags, padding, vocab=(9, 3, 3, 3))
+    assert not {"first_G", "group_tags", "group_counts", "segment", "valid_index"} & set(vars(batch))  # lazy
+
+    fields = ("task", "modality", "role", "causal", "pass_id")
+    token_keys = [tuple(int(getattr(tags, f)[b, s]) for f in fields) + tuple(tags.task_modalities[b, s].tolist())
+                  for b in range(B) for s in range(S)]
+    distinct = sorted(set(token_keys), key=lambda k: token_keys.index(k))  # in order of first appearance
+    key_of = {k: int(tags.group_key().reshape(-1)[token_keys.index(k)]) for k in distinct}
+    assert batch.group_keys == tuple(sorted(key_of.values()))
+    expected_ids = [batch.group_keys.index(key_of[k]) for k in token_keys]
+    assert batch.group_ids.tolist() == expected_ids
+    valid = [not bool(p) for p in padding.reshape(-1)]
+    for g in range(len(batch.group_keys)):
+        members = [t for t, i in enumerate(expected_ids) if i == g]
+        assert int(batch.first_G[g]) == members[0]
+        assert int(batch.group_counts[g]) == sum(valid[t] for t in members)
+        for f in fields:
+            assert int(getattr(batch.group_tags, f)[g]) == int(getattr(tags, f).reshape(-1)[members[0]])
+    # one segment per (row, packed sample)
+    segment = batch.segment.tolist()
+    pairs = [(b, int(sample[b, s])) for b in range(B) for s in range(S)]
+    assert all((segment[i] == segment[j]) == (pairs[i] == pairs[j]) for i in range(B * S) for j in range(B * S))
+    if padded:
+        assert batch.valid_index.tolist() == [t for t in range(B * S) if valid[t]]
+        assert batch.valid_group_ids.tolist() == [expected_ids[t] for t in range(B * S) if valid[t]]
+    else:
+        assert batch.valid_index is None and batch.valid_group_ids is batch.group_ids

@@ -12,6 +12,7 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Sequence, Union
 
@@ -199,13 +200,13 @@ class TokenTags:
         if M > 40:
             raise ValueError(f"group_key supports at most 40 modalities, got {M}")
         # key = ((((task·2⁸ + modality)·2⁴ + role)·2 + causal)·2⁴ + pass)·2^M + the modalities' bits,
-        # accumulated field by field in place (cheaper than one [..., 5 + M] product and sum)
+        # accumulated field by field in place, each field scaled by the add (cheaper than one
+        # [..., 5 + M] product and sum, or a shifted copy of each field)
         tm = self.task_modalities
-        key = (tm.long() << torch.arange(M, device=tm.device)).sum(-1)
-        for field, place in ((self.task, 8 + 4 + 1 + 4), (self.modality, 4 + 1 + 4), (self.role, 1 + 4),
-                             (self.causal, 4), (self.pass_id, 0)):
-            key += field.long() << (place + M)
-        return key
+        key = torch.mul(self.task.long(), 1 << (8 + 4 + 1 + 4 + M))
+        for field, place in ((self.modality, 4 + 1 + 4), (self.role, 1 + 4), (self.causal, 4), (self.pass_id, 0)):
+            key.add_(field, alpha=1 << (place + M))
+        return key.add_((tm.long() << torch.arange(M, device=tm.device)).sum(-1))
 
     def attribute_vector(self, num_modalities: int, num_roles: int, num_passes: int) -> torch.Tensor:
         """The multi-hot attribute vector of Uni-Perceiver-MoE, generalised
@@ -217,8 +218,9 @@ class TagBatch:
     """The tags of one forward pass, flattened to tokens, with what the MoE layers derive from them.
 
     The model builds one per stack call (or decoding step) and passes it to every MoE layer, so
-    validation, flattening and tag grouping run once per forward, not once per layer; everything
-    is computed here, up front, and read as plain attributes. An ``MoE`` called with plain
+    validation, flattening and tag grouping run once per forward, not once per layer; the tags and
+    their groups are computed here, up front, and what only a router's first pass needs (``first_G``,
+    ``group_tags``, ``group_counts``, ``segment``) when first read. An ``MoE`` called with plain
     ``TokenTags`` builds its own. Nothing is kept beyond the object: a new batch is a new
     ``TagBatch``.
 
@@ -234,6 +236,8 @@ class TagBatch:
             hashable name for this set of groups.
         first_G: long ``[G]``, the first token of each group; ``group_tags`` their tags ``[G]``.
         group_counts: long ``[G]``, valid (non-padding) members of each group.
+        valid_index: long ``[N]``, the valid tokens in order (None when none is padding);
+            ``valid_group_ids`` their tag groups.
         vocab: the vocabulary sizes ``(modalities, roles, passes, tasks)`` the tags were checked
             against (None: not checked).
 
@@ -274,23 +278,57 @@ class TagBatch:
         if device is None:
             device = tags.task.device if tags is not None else None
         self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
-        self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
+        self.tags = self.group_ids = None
         self.group_keys: tuple[int, ...] = ()
         if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
             self._derive(tags)
-        self.segment = _segments(self.shape, self.tags, self.valid.device)
 
     def _derive(self, tags: TokenTags) -> None:
-        """The flattened tags and their groups (tags already checked against the tokens)."""
+        """The flattened tags and their groups (tags already checked against the tokens). What
+        only a router's first pass reads (``first_G``, ``group_tags``, ``group_counts``, ``segment``)
+        is derived when first read: a frozen layer running a kept plan reads none of it."""
         self.tags = flat = tags.flatten()
         keys_G, group_T = torch.unique(flat.group_key(), return_inverse=True)
         self.group_ids, self.group_keys = group_T, tuple(keys_G.tolist())
-        T = group_T.shape[0]
-        first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
-        self.first_G = first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
-        self.group_tags = flat._map(lambda t: t.index_select(0, self.first_G))  # (index_select: cheaper than [])
-        self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
-            0, group_T, self.valid.long())
+        for name in _DERIVED_LATER:  # derived from tags this object did not have before
+            self.__dict__.pop(name, None)
+
+    @functools.cached_property
+    def first_G(self) -> torch.Tensor | None:
+        if self.group_ids is None:
+            return None
+        T = self.group_ids.shape[0]
+        first_G = torch.full((len(self.group_keys),), T, device=self.group_ids.device)
+        return first_G.scatter_reduce(0, self.group_ids, torch.arange(T, device=self.group_ids.device), "amin")
+
+    @functools.cached_property
+    def group_tags(self) -> TokenTags | None:
+        first_G = self.first_G
+        return None if first_G is None else self.tags._map(lambda t: t.index_select(0, first_G))
+
+    @functools.cached_property
+    def group_counts(self) -> torch.Tensor | None:
+        if self.group_ids is None:
+            return None
+        counts_G = torch.zeros(len(self.group_keys), dtype=torch.long, device=self.group_ids.device)
+        return counts_G.index_add_(0, self.group_ids, self.valid.long())
+
+    @functools.cached_property
+    def segment(self) -> torch.Tensor:
+        return _segments(self.shape, self.tags, self.valid.device)
+
+    @functools.cached_property
+    def valid_index(self) -> torch.Tensor | None:
+        """long ``[N]``: the valid tokens in order, or None when no token is padding."""
+        index_N = self.valid.nonzero().squeeze(1)
+        return None if index_N.numel() == self.num_tokens else index_N
+
+    @functools.cached_property
+    def valid_group_ids(self) -> torch.Tensor | None:
+        """long ``[N]``: the tag group of each valid token (``valid_index``); None without tags."""
+        if self.group_ids is None or self.valid_index is None:
+            return self.group_ids
+        return self.group_ids.index_select(0, self.valid_index)
 
     def validate(self, vocab: tuple[int, int, int, int]) -> None:
         """Checks the tags against the vocabulary sizes ``(modalities, roles, passes, tasks)`` (a
@@ -304,9 +342,10 @@ class TagBatch:
         self.vocab = tuple(vocab)
         if self.tags is None:
             self._derive(self._original)
-            self.segment = _segments(self.shape, self.tags, self.valid.device)
 
 
+# TagBatch's lazily derived attributes that depend on the tags
+_DERIVED_LATER = ("first_G", "group_tags", "group_counts", "segment", "valid_group_ids")
 _RANGED = ("task", "modality", "role", "pass_id")  # the tags with a vocabulary, in TokenTags.validate's order
 
 
