@@ -424,3 +424,14 @@ def test_tag_batch_groups_and_derived_attributes_match_a_per_token_reference(pad
         assert batch.valid_group_ids.tolist() == [expected_ids[t] for t in range(B * S) if valid[t]]
     else:
         assert batch.valid_index is None and batch.valid_group_ids is batch.group_ids
+
+
+@pytest.mark.parametrize("strategy", ["token", "modality", "task", "attribute", "hybrid", "instruction", "context"])
+def test_only_a_router_that_pools_sequences_derives_the_batch_segments(strategy):
+    moe = make_moe(router=strategy).eval()
+    x, tags = torch.randn(2, 6, D), random_tags((2, 6))
+    batch = TagBatch(tags, torch.zeros(2, 6, dtype=torch.bool), vocab=(9, 3, 3, 3))
+    with torch.no_grad():
+        out = moe(x, tags=batch).output
+        assert ("segment" in vars(batch)) == (strategy == "context")
+        assert torch.allclose(out, moe(x, tags=tags).output)  # a TagBatch of its own: the same routes

@@ -41,10 +41,13 @@ class RouterInput(nn.Module):
     Class attributes:
         content_dependent: whether z depends on the hidden state (else only on tags).
         needs_tags: whether ``tags`` must be given.
+        reads_segments: whether ``forward`` reads ``segment_T`` (the token's sequence, for pooling);
+            inputs that do not get None there, and the router does not derive the segments.
     """
 
     content_dependent: bool = True
     needs_tags: bool = False
+    reads_segments: bool = True
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__()
@@ -82,6 +85,8 @@ class _AttributeEmbedding(nn.Module):
 class TokenInput(RouterInput):
     """z = x: the classic learned router (Switch, GShard, Mixtral)."""
 
+    reads_segments = False
+
     def forward(self, x_TD, tags, segment_T, valid_T):
         return x_TD
 
@@ -117,6 +122,7 @@ class ModalityInput(RouterInput):
 
     content_dependent = False
     needs_tags = True
+    reads_segments = False
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__(d_model, config)
@@ -132,6 +138,7 @@ class TaskInput(RouterInput):
 
     content_dependent = False
     needs_tags = True
+    reads_segments = False
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__(d_model, config)
@@ -147,6 +154,7 @@ class AttributeInput(RouterInput):
 
     content_dependent = False
     needs_tags = True
+    reads_segments = False
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__(d_model, config)
@@ -161,6 +169,7 @@ class HybridInput(RouterInput):
     """z = x + LayerNorm(Linear(attributes)): content routing conditioned on the tags."""
 
     needs_tags = True
+    reads_segments = False
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__(d_model, config)
@@ -190,6 +199,7 @@ class InstructionInput(RouterInput):
 
     content_dependent = False
     needs_tags = True
+    reads_segments = False
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__(d_model, config)

@@ -158,10 +158,12 @@ class Router(nn.Module):
             if cache_key is not None and cache_key in self._routes:
                 return self._grouped_output(batch, *self._routes[cache_key], key=cache_key)
         # Rows the router scores: every token, or one representative per tag group.
-        x_RD, tags_R, segment_R, valid_R = x_TD, batch.tags, batch.segment, valid_T
+        x_RD, tags_R, valid_R = x_TD, batch.tags, valid_T
+        segment_R = batch.segment if self.input.reads_segments else None
         if group_T is not None:
             first_G, tags_R = batch.first_G, batch.group_tags
-            x_RD, segment_R, valid_R = x_TD[first_G], segment_R[first_G], valid_T[first_G]
+            x_RD, valid_R = x_TD[first_G], valid_T[first_G]
+            segment_R = None if segment_R is None else segment_R[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_RE, scores_RE, probs_RE = self._scores(x_RD, tags_R, segment_R, valid_R)
@@ -208,7 +210,7 @@ class Router(nn.Module):
         self._routes[cache_key] = routes
 
     def _scores(
-        self, x_RD: torch.Tensor, tags_R: TokenTags | None, segment_R: torch.Tensor, valid_R: torch.Tensor
+        self, x_RD: torch.Tensor, tags_R: TokenTags | None, segment_R: torch.Tensor | None, valid_R: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, selection scores and probabilities ``[R, E]`` of the R rows, in fp32 (call with
         autocast off). In training, noise is drawn here: jitter on the router input, then
