@@ -21,7 +21,8 @@ def tok() -> Tokenizer:
 def setup(tok):
     tasks = [load_preset(n, "train", limit=4) for n in TASKS]
     torch.manual_seed(0)
-    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute")}), tasks, tok).eval()
+    config = flavour("debug", moe={"router": RouterConfig(strategy="attribute")})
+    model = GeneralistModel.build(config, tasks, tok).eval()
     return model, tasks
 
 
@@ -120,3 +121,25 @@ def test_min_length_holds_back_the_end_of_a_short_value(setup, tok):
     assert TextRules(min_length=9).allowed(grammar, short, ending) == ending  # never a dead end
     state = State(grammar.first, length=4, pieces=tuple((grammar.first, 0, t) for t in (5, 6, 5, 6)))
     assert TextRules(no_repeat_ngram=2).banned(grammar, state) == [5]  # the value ends in 6, and "6 5" was seen
+
+
+@pytest.mark.parametrize("action", ["content", "start"])
+def test_best_free_token_equals_the_argmax_over_unclaimed_tokens(action):
+    """Greedy's shortcut (the plain argmax when no other option claims it) picks what masking the
+    claimed tokens and taking the argmax picks: the lowest id of the best unclaimed value."""
+    from moe_gen.model.generate import _best
+    from moe_gen.model.grammar import Option
+
+    g = torch.Generator().manual_seed(0)
+    option = Option(slot=0, tokens=None, scored=True, action=action)
+    for trial in range(200):
+        logp = torch.randint(0, 6, (40,), generator=g).float().log_softmax(0)  # many ties
+        claimed = torch.randperm(40, generator=g)[: trial % 12].tolist()
+        masked = logp.clone()
+        masked[claimed] = float("-inf")
+        best = int(masked.argmax())
+        assert best == min(i for i in range(40) if i not in claimed and masked[i] == masked.max())
+        rank, value, token = _best(logp, option, claimed, 1, {})[0]
+        assert (token, value) == (best, float(masked[best]))
+        lift = float(masked.logsumexp(0)) - value if action == "start" else 0.0
+        assert rank == pytest.approx(value + lift)

@@ -325,6 +325,11 @@ def _best(logp_V: torch.Tensor, option: Option, claimed: list[int], k: int,
     lowest id, as greedy decoding always did. The rank is the log-probability, except for an
     option that starts a value: its best token ranks with the option's total probability."""
     if option.tokens is None:  # any token the other options do not claim
+        if k == 1 and option.action != "start":
+            best = int(logp_V.argmax())  # the lowest id of the best value: unclaimed, it is the answer
+            if best not in claimed:
+                value = float(logp_V[best])
+                return [(value, value, best)]
         logp_V = logp_V.clone()
         logp_V[claimed] = float("-inf")
         ids = None
