@@ -247,10 +247,14 @@ class MoE(nn.Module):
             batch = tags
             if batch.vocab != vocab:  # checked against other sizes when built (or not at all)
                 batch.validate(vocab)
+            if batch.segment is None and self.router.input.reads_segments:
+                raise ValueError(f"router strategy {rc.strategy!r} pools each sequence; build the TagBatch "
+                                 "with segments=True")
         else:
             if tags is not None and not isinstance(tags, TokenTags):
                 raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
-            batch = TagBatch(tags, padding_mask, shape=token_shape, device=x.device, vocab=vocab)
+            batch = TagBatch(tags, padding_mask, shape=token_shape, device=x.device, vocab=vocab,
+                             segments=self.router.input.reads_segments, valid_rows=self.frozen)
         if not batch.has_tags:
             if self.router.needs_tags:
                 raise ValueError(

@@ -12,7 +12,7 @@ import torch
 
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
-from moe_gen.moe import MoE, merge_for_inference
+from moe_gen.moe import MoE, merge_for_inference, merged_in_place
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
 from helpers import flavour_with
@@ -551,6 +551,23 @@ def test_a_stack_takes_a_tag_batch_only_for_its_tokens(tok):
             model.encoder(x[:, :-1], mask[:, :-1, :-1], tags, None)
         with pytest.raises(ValueError, match="carries its padding.*and a padding mask"):
             model.encoder(x, mask, tags, enc.padding_mask)
+
+
+@pytest.mark.parametrize("strategy", ["attribute", "context"])
+def test_a_stack_derives_what_its_layers_read_beyond_the_tag_groups(strategy, tok):
+    # sequences for routers that pool them; the valid rows for frozen layers (merged inference)
+    task = load_preset("doc_topic", "train", limit=2)
+    model = build([task], tok, router=RouterConfig(strategy=strategy)).eval()
+    enc = collate(list(task.samples(tok, training=False)), tok, model.task_ids).encoder
+    args = (enc.tags, enc.padding_mask, enc.tokens.shape, torch.device("cpu"))
+    batch = model.encoder.tag_batch(*args)
+    assert (batch.segment is not None) == (strategy == "context") and batch.valid_rows is None
+    if strategy == "attribute":
+        frozen = merge_for_inference(model).encoder.tag_batch(*args)
+        assert frozen.valid_rows is not None and frozen.segment is None
+        with merged_in_place(model):
+            assert model.encoder.tag_batch(*args).valid_rows is not None
+        assert model.encoder.tag_batch(*args).valid_rows is None
 
 
 def test_infer_runs_in_eval_mode_and_gives_every_module_its_mode_back(tok):

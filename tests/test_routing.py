@@ -397,8 +397,9 @@ def test_tag_batch_groups_and_derived_attributes_match_a_per_token_reference(pad
     padding = torch.zeros(B, S, dtype=torch.bool)
     if padded:
         padding[1, 6:] = padding[3, 2:] = True
-    batch = TagBatch(tags, padding, vocab=(9, 3, 3, 3))
-    assert not {"first_G", "group_tags", "group_counts", "segment", "valid_index"} & set(vars(batch))  # lazy
+    batch = TagBatch(tags, padding, vocab=(9, 3, 3, 3), valid_rows=True)
+    assert TagBatch(tags, padding, vocab=(9, 3, 3, 3), segments=False).segment is None
+    assert TagBatch(tags, padding, vocab=(9, 3, 3, 3)).valid_rows is None  # only when asked for
 
     fields = ("task", "modality", "role", "causal", "pass_id")
     token_keys = [tuple(int(getattr(tags, f)[b, s]) for f in fields) + tuple(tags.task_modalities[b, s].tolist())
@@ -419,19 +420,23 @@ def test_tag_batch_groups_and_derived_attributes_match_a_per_token_reference(pad
     segment = batch.segment.tolist()
     pairs = [(b, int(sample[b, s])) for b in range(B) for s in range(S)]
     assert all((segment[i] == segment[j]) == (pairs[i] == pairs[j]) for i in range(B * S) for j in range(B * S))
+    index_N, group_N = batch.valid_rows
     if padded:
-        assert batch.valid_index.tolist() == [t for t in range(B * S) if valid[t]]
-        assert batch.valid_group_ids.tolist() == [expected_ids[t] for t in range(B * S) if valid[t]]
+        assert index_N.tolist() == [t for t in range(B * S) if valid[t]]
+        assert group_N.tolist() == [expected_ids[t] for t in range(B * S) if valid[t]]
     else:
-        assert batch.valid_index is None and batch.valid_group_ids is batch.group_ids
+        assert index_N is None and group_N is batch.group_ids
 
 
 @pytest.mark.parametrize("strategy", ["token", "modality", "task", "attribute", "hybrid", "instruction", "context"])
-def test_only_a_router_that_pools_sequences_derives_the_batch_segments(strategy):
+def test_only_routers_that_pool_sequences_need_the_batch_segments(strategy):
     moe = make_moe(router=strategy).eval()
     x, tags = torch.randn(2, 6, D), random_tags((2, 6))
-    batch = TagBatch(tags, torch.zeros(2, 6, dtype=torch.bool), vocab=(9, 3, 3, 3))
+    padding = torch.zeros(2, 6, dtype=torch.bool)
     with torch.no_grad():
-        out = moe(x, tags=batch).output
-        assert ("segment" in vars(batch)) == (strategy == "context")
-        assert torch.allclose(out, moe(x, tags=tags).output)  # a TagBatch of its own: the same routes
+        reference = moe(x, tags=tags).output  # the layer builds its own TagBatch
+        if strategy == "context":
+            with pytest.raises(ValueError, match="pools each sequence; build the TagBatch with segments=True"):
+                moe(x, tags=TagBatch(tags, padding, segments=False))
+        else:
+            assert torch.equal(moe(x, tags=TagBatch(tags, padding, segments=False)).output, reference)

@@ -461,7 +461,13 @@ class MergedDispatch(DispatchBackend):
         plan = self._plans.get(batch.group_keys)
         if plan is None or torch.is_grad_enabled():
             return None
-        token_N = batch.valid_index  # None: no padding, every row in order (the batch's layers share it)
+        if batch.valid_rows is not None:  # found once for the batch's layers
+            token_N, group_N = batch.valid_rows
+        else:
+            token_N, group_N = batch.valid.nonzero().squeeze(1), None
+            if token_N.numel() == x_TD.shape[0]:
+                token_N = None
+        # token_N None: no padding, every row in order
         N = x_TD.shape[0] if token_N is None else token_N.numel()
         if plan.scale_GU is not None and (N * plan.extra_per_row > self.UNION_MAX_EXTRA_MACS
                                           or not self._union_allowed(x_TD)):
@@ -470,7 +476,8 @@ class MergedDispatch(DispatchBackend):
         if plan.scale_GU is None:  # one route for every group: a dense FFN
             y_ND = experts.run_merged(x_ND, plan.merged)
         else:
-            y_ND = experts.run_merged(x_ND, plan.merged, plan.scale_GU.index_select(0, batch.valid_group_ids))
+            group_N = _rows(batch.group_ids, token_N) if group_N is None else group_N
+            y_ND = experts.run_merged(x_ND, plan.merged, plan.scale_GU.index_select(0, group_N))
         if token_N is None:
             return y_ND
         return y_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_copy_(0, token_N, y_ND)

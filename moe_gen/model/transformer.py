@@ -229,8 +229,15 @@ class Stack(nn.Module):
 
     def tag_batch(self, tags, padding, shape, device) -> Optional[TagBatch]:
         """The ``TagBatch`` of tokens shaped ``shape`` (tags checked against the routers'
-        vocabularies), or None for a stack without MoE layers: no grouping work for dense models."""
-        return TagBatch(tags, padding, shape=shape, device=device, vocab=self.tag_vocab) if self.routed else None
+        vocabularies), with what the stack's MoE layers read beyond the tag groups (sequences for
+        routers that pool them, the valid rows for frozen layers), or None for a stack without MoE
+        layers: no grouping work for dense models."""
+        layers = [m for b in self.blocks for m in (b.ffn, b.self_attn.out) if isinstance(m, MoE)]
+        if not layers:
+            return None
+        return TagBatch(tags, padding, shape=shape, device=device, vocab=self.tag_vocab,
+                        segments=any(m.router.input.reads_segments for m in layers),
+                        valid_rows=any(m.frozen for m in layers))
 
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
                 keep_kv: Optional[list] = None, caches: Optional[list[BlockCache]] = None) -> StackOutput:

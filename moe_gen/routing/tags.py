@@ -12,7 +12,6 @@ next to, the hidden state. Later issues fill tags from instructions; here they a
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from typing import Sequence, Union
 
@@ -218,9 +217,9 @@ class TagBatch:
     """The tags of one forward pass, flattened to tokens, with what the MoE layers derive from them.
 
     The model builds one per stack call (or decoding step) and passes it to every MoE layer, so
-    validation, flattening and tag grouping run once per forward, not once per layer; the tags and
-    their groups are computed here, up front, and what only a router's first pass needs (``first_G``,
-    ``group_tags``, ``group_counts``, ``segment``) when first read. An ``MoE`` called with plain
+    validation, flattening and tag grouping run once per forward, not once per layer; everything
+    is computed here, up front, and read as plain attributes. Whoever builds it says what its layers
+    read beyond the groups (``segments``, ``valid_rows``). An ``MoE`` called with plain
     ``TokenTags`` builds its own. Nothing is kept beyond the object: a new batch is a new
     ``TagBatch``.
 
@@ -229,15 +228,17 @@ class TagBatch:
         tags: flattened ``TokenTags`` ``[T]``, or None (routers that need no tags).
         valid: bool ``[T]``, False for padding.
         segment: long ``[T]``, the sequence of each token (rows of ``[B, S]``, refined by
-            ``tags.sample`` when samples are packed into rows), for context pooling.
+            ``tags.sample`` when samples are packed into rows), for context pooling; None unless
+            built with ``segments``.
         group_ids: long ``[T]``, the tag group of each token, groups numbered in key order (tokens of
             one group share every content-independent route); None without tags.
         group_keys: the ``TokenTags.group_key`` of each group as Python ints, in group order: a
             hashable name for this set of groups.
         first_G: long ``[G]``, the first token of each group; ``group_tags`` their tags ``[G]``.
         group_counts: long ``[G]``, valid (non-padding) members of each group.
-        valid_index: long ``[N]``, the valid tokens in order (None when none is padding);
-            ``valid_group_ids`` their tag groups.
+        valid_rows: ``(index_N, group_N)``, the valid tokens in order (None when none is padding)
+            and their tag groups, for layers that compute valid rows only (frozen layers); None
+            unless built with ``valid_rows``.
         vocab: the vocabulary sizes ``(modalities, roles, passes, tasks)`` the tags were checked
             against (None: not checked).
 
@@ -247,6 +248,8 @@ class TagBatch:
         shape: the token layout; defaults to the tags' (or the padding mask's) shape.
         vocab: check the tags against these sizes ``(modalities, roles, passes, tasks)`` first
             (``ValueError`` naming the tag at fault).
+        segments: derive ``segment`` (routers that pool each sequence read it).
+        valid_rows: derive ``valid_rows``.
     """
 
     def __init__(
@@ -257,6 +260,8 @@ class TagBatch:
         shape: Sequence[int] | None = None,
         device: torch.device | None = None,
         vocab: tuple[int, int, int, int] | None = None,
+        segments: bool = True,
+        valid_rows: bool = False,
     ) -> None:
         if tags is not None and not isinstance(tags, TokenTags):
             raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
@@ -278,57 +283,24 @@ class TagBatch:
         if device is None:
             device = tags.task.device if tags is not None else None
         self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
-        self.tags = self.group_ids = None
+        self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
         self.group_keys: tuple[int, ...] = ()
         if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
             self._derive(tags)
+        self.segment = _segments(self.shape, self.tags, self.valid.device) if segments else None
+        self.valid_rows = _valid_rows(self.valid, self.group_ids) if valid_rows else None
 
     def _derive(self, tags: TokenTags) -> None:
-        """The flattened tags and their groups (tags already checked against the tokens). What
-        only a router's first pass reads (``first_G``, ``group_tags``, ``group_counts``, ``segment``)
-        is derived when first read: a frozen layer running a kept plan reads none of it."""
+        """The flattened tags and their groups (tags already checked against the tokens)."""
         self.tags = flat = tags.flatten()
         keys_G, group_T = torch.unique(flat.group_key(), return_inverse=True)
         self.group_ids, self.group_keys = group_T, tuple(keys_G.tolist())
-        for name in _DERIVED_LATER:  # derived from tags this object did not have before
-            self.__dict__.pop(name, None)
-
-    @functools.cached_property
-    def first_G(self) -> torch.Tensor | None:
-        if self.group_ids is None:
-            return None
-        T = self.group_ids.shape[0]
-        first_G = torch.full((len(self.group_keys),), T, device=self.group_ids.device)
-        return first_G.scatter_reduce(0, self.group_ids, torch.arange(T, device=self.group_ids.device), "amin")
-
-    @functools.cached_property
-    def group_tags(self) -> TokenTags | None:
-        first_G = self.first_G
-        return None if first_G is None else self.tags._map(lambda t: t.index_select(0, first_G))
-
-    @functools.cached_property
-    def group_counts(self) -> torch.Tensor | None:
-        if self.group_ids is None:
-            return None
-        counts_G = torch.zeros(len(self.group_keys), dtype=torch.long, device=self.group_ids.device)
-        return counts_G.index_add_(0, self.group_ids, self.valid.long())
-
-    @functools.cached_property
-    def segment(self) -> torch.Tensor:
-        return _segments(self.shape, self.tags, self.valid.device)
-
-    @functools.cached_property
-    def valid_index(self) -> torch.Tensor | None:
-        """long ``[N]``: the valid tokens in order, or None when no token is padding."""
-        index_N = self.valid.nonzero().squeeze(1)
-        return None if index_N.numel() == self.num_tokens else index_N
-
-    @functools.cached_property
-    def valid_group_ids(self) -> torch.Tensor | None:
-        """long ``[N]``: the tag group of each valid token (``valid_index``); None without tags."""
-        if self.group_ids is None or self.valid_index is None:
-            return self.group_ids
-        return self.group_ids.index_select(0, self.valid_index)
+        T = group_T.shape[0]
+        first_G = torch.full((len(self.group_keys),), T, device=group_T.device)
+        self.first_G = first_G.scatter_reduce(0, group_T, torch.arange(T, device=group_T.device), "amin")
+        self.group_tags = flat._map(lambda t: t.index_select(0, self.first_G))  # (index_select: cheaper than [])
+        self.group_counts = torch.zeros(len(self.group_keys), dtype=torch.long, device=group_T.device).index_add_(
+            0, group_T, self.valid.long())
 
     def validate(self, vocab: tuple[int, int, int, int]) -> None:
         """Checks the tags against the vocabulary sizes ``(modalities, roles, passes, tasks)`` (a
@@ -342,10 +314,12 @@ class TagBatch:
         self.vocab = tuple(vocab)
         if self.tags is None:
             self._derive(self._original)
+            if self.segment is not None:  # asked for: now refined by the packed samples
+                self.segment = _segments(self.shape, self.tags, self.valid.device)
+            if self.valid_rows is not None:
+                self.valid_rows = _valid_rows(self.valid, self.group_ids)
 
 
-# TagBatch's lazily derived attributes that depend on the tags
-_DERIVED_LATER = ("first_G", "group_tags", "group_counts", "segment", "valid_group_ids")
 _RANGED = ("task", "modality", "role", "pass_id")  # the tags with a vocabulary, in TokenTags.validate's order
 
 
@@ -387,6 +361,15 @@ def _valid_tokens(padding_mask, shape: tuple[int, ...], T: int, device) -> torch
     if padding_mask.dtype != torch.bool:
         raise ValueError(f"padding_mask must be bool (True = padding), got {padding_mask.dtype}")
     return ~padding_mask.reshape(T)
+
+
+def _valid_rows(valid_T: torch.Tensor, group_T: torch.Tensor | None) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """The valid tokens in order (long ``[N]``; None when no token is padding) and their tag groups
+    (None without tags)."""
+    index_N = valid_T.nonzero().squeeze(1)
+    if index_N.numel() == valid_T.numel():
+        return None, group_T
+    return index_N, None if group_T is None else group_T.index_select(0, index_N)
 
 
 def _segments(shape: tuple[int, ...], flat: TokenTags | None, device) -> torch.Tensor:
