@@ -173,7 +173,8 @@ class TorchDispatch(DispatchBackend):
     def combine(self, y_ND, dispatched, x_TD):
         plan = dispatched.plan
         weighted_ND = y_ND * plan.weight_N.unsqueeze(1).to(y_ND.dtype)
-        return weighted_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_add(0, plan.token_N, weighted_ND)
+        # in place on fresh zeros: the out-of-place index_add would copy them first
+        return weighted_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_add_(0, plan.token_N, weighted_ND)
 
 
 @BACKENDS.register("einsum")

@@ -206,7 +206,7 @@ class ExpertParallel(DispatchBackend):
         y_ND = _AllToAll.apply(y_recv_MD, exchange.send_splits, exchange.recv_splits, self.plan.ep_group)
         weighted_ND = y_ND * exchange.weight_N.unsqueeze(1).to(y_ND.dtype)
         y_TD = weighted_ND.new_zeros(exchange.num_tokens, weighted_ND.shape[1])
-        return y_TD.index_add(0, exchange.token_N, weighted_ND)
+        return y_TD.index_add_(0, exchange.token_N, weighted_ND)  # in place on fresh zeros (no copy)
 
 
 def _tie_to_graph(y_MD: torch.Tensor, x_MD: torch.Tensor, experts: nn.Module) -> torch.Tensor:
