@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import dataclasses
 import math
+import threading
 
 import torch
 from torch import nn
@@ -104,6 +106,7 @@ class MoE(nn.Module):
             self.shared_gate = nn.Linear(config.d_model, 1, bias=False)
         self.frozen = False  # set by freeze_for_inference
         self.recomputing = False  # set while activation checkpointing recomputes this layer in backward
+        self._in_place: _InPlace | None = None  # while merged_in_place blocks run it merged
 
     def freeze_for_inference(self) -> None:
         """Freezes a tag-routed layer for inference (what ``merge_for_inference`` does to each): the
@@ -117,7 +120,7 @@ class MoE(nn.Module):
         self.set_backend("merged")
         self.backend = MergedDispatch(cache=True)
         self.router.set_route_cache(True)
-        self.frozen = True
+        self.frozen, self._in_place = True, None  # (a copy made inside a merged_in_place block: frozen for good)
         self.requires_grad_(False)
         self.eval()
 
@@ -293,26 +296,49 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
     return merged
 
 
+@dataclasses.dataclass
+class _InPlace:
+    """A layer's own state while ``merged_in_place`` blocks (``blocks`` of them, from any thread) run
+    it merged."""
+
+    backend: DispatchBackend
+    cache_routes: bool
+    blocks: int = 0
+
+
+# Entering and leaving merged_in_place, for any model: a layer shared by blocks of several threads
+# switches to merged when the first enters and back when the last leaves, never under a running one.
+_IN_PLACE_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def merged_in_place(model: nn.Module):
     """For a block in which ``model``'s weights do not change (one ``model.infer`` call): every MoE
     layer of it routed by tags alone runs as a frozen layer does (merged weights, routes and plans
     kept, see ``merge_for_inference``), in place, without copying the model; afterwards each layer
-    has its own backend back and nothing kept survives the block. Layers already frozen, routed by
+    has its own backend back and nothing kept survives the block. Layers frozen for good, routed by
     content, or with experts sharded over processes run as they are. Outputs equal the layers' own
-    within float rounding."""
-    layers = [m for m in model.modules() if isinstance(m, MoE) and not m.frozen and not m.router.content_dependent
-              and m.expert_parallel is None]
-    saved = [(layer, layer.backend, layer.router.cache_routes) for layer in layers]
-    try:
+    within float rounding. Blocks may overlap (nested, or ``infer`` called from several threads):
+    the layers stay merged, and share what they keep, until the last block ends."""
+    with _IN_PLACE_LOCK:
+        layers = [m for m in model.modules() if isinstance(m, MoE) and (m._in_place is not None or not m.frozen)
+                  and not m.router.content_dependent and m.expert_parallel is None]
         for layer in layers:
-            layer.backend, layer.frozen = MergedDispatch(cache=True), True
-            layer.router.set_route_cache(True)
+            if layer._in_place is None:
+                layer._in_place = _InPlace(layer.backend, layer.router.cache_routes)
+                layer.backend, layer.frozen = MergedDispatch(cache=True), True
+                layer.router.set_route_cache(True)
+            layer._in_place.blocks += 1
+    try:
         yield model
     finally:
-        for layer, backend, cache_routes in saved:
-            layer.backend, layer.frozen = backend, False
-            layer.router.set_route_cache(cache_routes)
+        with _IN_PLACE_LOCK:
+            for layer in layers:
+                state = layer._in_place
+                state.blocks -= 1
+                if state.blocks == 0:
+                    layer.backend, layer.frozen, layer._in_place = state.backend, False, None
+                    layer.router.set_route_cache(state.cache_routes)
 
 
 def _check_input(x, d_model: int) -> None:

@@ -533,6 +533,65 @@ def test_merged_generation_equals_unmerged(tok):
     assert [m.backend for m in layers] == backends and not any(m.frozen or m.router._routes for m in layers)
 
 
+def test_infer_merges_in_place_safely_from_several_threads_and_in_nested_blocks(tok):
+    # merged_in_place switches a layer when the first block enters and back when the last leaves:
+    # calls from several threads (which once swapped a layer's backend under a running forward) and
+    # an outer block around several calls (whose plans then outlive each call) give the answers of
+    # the unmerged layers, and leave the layers as they were
+    import threading
+
+    task = load_preset("doc_topic", "train", limit=4)
+    model = build([task], tok, router=RouterConfig(strategy="attribute")).eval()
+    layers = [m for m in model.modules() if isinstance(m, MoE)]
+    backends = [m.backend for m in layers]
+    expected = [a.tokens for a in model.infer(task, task.data, max_new_tokens=4, merged=False)]
+    answers, errors = [], []
+
+    def calls():
+        try:
+            for _ in range(15):
+                answers.append([a.tokens for a in model.infer(task, task.data, max_new_tokens=4)])
+        except Exception as exc:  # reported below, with the other threads' answers
+            errors.append(exc)
+
+    threads = [threading.Thread(target=calls) for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert not errors and len(answers) == 45 and all(a == expected for a in answers)
+    assert [m.backend for m in layers] == backends and not any(m.frozen or m.router._routes for m in layers)
+
+    with merged_in_place(model):
+        merged_backends = [m.backend for m in layers]
+        for _ in range(2):
+            assert [a.tokens for a in model.infer(task, task.data, max_new_tokens=4)] == expected
+            assert [m.backend for m in layers] == merged_backends and all(m.router._routes for m in layers)
+    assert [m.backend for m in layers] == backends and not any(m.frozen or m.router._routes for m in layers)
+
+    # the block that switched the layers ends while another thread's block still runs: they stay merged
+    first = merged_in_place(model)
+    first.__enter__()
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def second():
+        with merged_in_place(model):
+            entered.set()
+            leave.wait(10)
+            seen.append(all(m.frozen for m in layers) and [m.backend for m in layers] == merged)
+            seen.append([a.tokens for a in model.infer(task, task.data, max_new_tokens=4)] == expected)
+
+    merged = [m.backend for m in layers]
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert entered.wait(10)
+    first.__exit__(None, None, None)
+    leave.set()
+    thread.join()
+    assert seen == [True, True]
+    assert [m.backend for m in layers] == backends and not any(m.frozen or m.router._routes for m in layers)
+
+
 def test_a_stack_takes_a_tag_batch_only_for_its_tokens(tok):
     # Stack.forward accepts the TagBatch itself (decoding keeps one per distinct step): the same
     # output as from the tags and padding it was built from; one for other tokens is refused

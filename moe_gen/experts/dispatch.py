@@ -30,6 +30,7 @@ CUDA, else torch; the choice is logged on the ``moe_gen`` logger.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from typing import Any, Callable
@@ -371,8 +372,9 @@ class MergedDispatch(DispatchBackend):
         (a tuple of ids, as ``_partition`` names expert sets); kept like ``_partition``."""
         cacheable = self.cache and groups.key is not None and not torch.is_grad_enabled()
         key = ("union", groups.key)
-        if cacheable and key in self._partitions:
-            return self._partitions[key]
+        kept = self._partitions.get(key) if cacheable else None
+        if kept is not None:
+            return kept
         ids_U = torch.unique(groups.ids_GK)
         column_GK = torch.searchsorted(ids_U, groups.ids_GK)
         scale_GU = groups.weights_GK.new_zeros(groups.ids_GK.shape[0], ids_U.numel()).scatter_(
@@ -380,7 +382,7 @@ class MergedDispatch(DispatchBackend):
         union = (ids_U, scale_GU, tuple(ids_U.tolist()))
         if cacheable:
             if len(self._partitions) >= self.MAX_STACKS:
-                del self._partitions[next(iter(self._partitions))]
+                self._partitions.popitem(last=False)
             self._partitions[key] = union
         return union
 
@@ -393,8 +395,9 @@ class MergedDispatch(DispatchBackend):
         keys, and ids/weights ``[G, K]`` (for ``by_set`` with ascending ids, weights alike)."""
         cacheable = self.cache and groups.key is not None and not torch.is_grad_enabled()
         key = (by_set, groups.key)
-        if cacheable and key in self._partitions:
-            return self._partitions[key]
+        kept = self._partitions.get(key) if cacheable else None
+        if kept is not None:
+            return kept
         ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
         if by_set:  # one order per set of experts: ascending ids, weights permuted alike
             ids_GK, order_GK = ids_GK.sort(dim=1)
@@ -413,16 +416,18 @@ class MergedDispatch(DispatchBackend):
         partition = (route_G, route_of_G, carriers, list(route_of), ids_GK, weights_GK)
         if cacheable:
             if len(self._partitions) >= self.MAX_STACKS:
-                del self._partitions[next(iter(self._partitions))]
+                self._partitions.popitem(last=False)
             self._partitions[key] = partition
         return partition
 
     def reset(self) -> None:
         """Drops what ``cache`` kept (the layer loaded new weights or moved)."""
-        self._cache: dict = {}  # route key → merged weights
-        self._stacks: dict = {}  # tuple of route keys → those routes' merged weights, stacked
-        self._partitions: dict = {}  # (by_set, set of tag groups) → which groups share a route
-        self._plans: dict = {}  # set of tag groups (TagBatch.group_keys) → _KeptPlan
+        # oldest first; an OrderedDict's popitem(last=False) evicts in one step, so threads sharing
+        # a layer in merged_in_place never evict the same entry twice
+        self._cache = collections.OrderedDict()  # route key → merged weights
+        self._stacks = collections.OrderedDict()  # tuple of route keys → those routes' merged weights, stacked
+        self._partitions = collections.OrderedDict()  # (by_set, set of tag groups) → which groups share a route
+        self._plans = collections.OrderedDict()  # set of tag groups (TagBatch.group_keys) → _KeptPlan
 
     def keep_plan(self, experts, x_TD, routing, batch) -> bool:
         """Keeps, for ``batch``'s set of tag groups, what ``run_kept`` needs to run them without
@@ -450,7 +455,7 @@ class MergedDispatch(DispatchBackend):
         else:
             return False
         if len(self._plans) >= self.MAX_STACKS:
-            del self._plans[next(iter(self._plans))]
+            self._plans.popitem(last=False)
         self._plans[groups.key] = plan
         return True
 
@@ -519,7 +524,7 @@ class MergedDispatch(DispatchBackend):
                 ids_K, weights_K = groups.route(r)
                 merged.append(self._merged(experts, by_set, key, ids_K, weights_K))
             if len(self._stacks) >= self.MAX_STACKS:  # batches of other task mixes: forget the oldest
-                del self._stacks[next(iter(self._stacks))]
+                self._stacks.popitem(last=False)
             stacked = self._stacks[stack_key] = experts.stack_merged(merged)
         return stacked
 
@@ -529,7 +534,7 @@ class MergedDispatch(DispatchBackend):
         merged = self._cache.get((by_set, key))
         if merged is None:
             if len(self._cache) >= self.MAX_ROUTES:  # many tag groups over time: forget the oldest
-                del self._cache[next(iter(self._cache))]
+                self._cache.popitem(last=False)
             merged = self._cache[by_set, key] = experts.merged_weights(ids_K, None if by_set else weights_K)
         return merged
 

@@ -19,6 +19,7 @@ without it.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import functools
 import math
@@ -73,7 +74,9 @@ class Router(nn.Module):
         # Inference routes per set of tag groups, kept only in a layer frozen by
         # ``moe_gen.merge_for_inference`` (its weights no longer change).
         self.cache_routes = False
-        self._routes: dict = {}
+        # kept routes, oldest first (an OrderedDict: its popitem(last=False) evicts in one step, so
+        # threads sharing a layer in merged_in_place never evict the same entry twice)
+        self._routes: collections.OrderedDict = collections.OrderedDict()
 
     @property
     def content_dependent(self) -> bool:
@@ -121,18 +124,18 @@ class Router(nn.Module):
         key = prefix + "balance_bias"
         if self.balance_bias is not None and key not in state_dict:
             state_dict[key] = torch.zeros_like(self.balance_bias)
-        self._routes = {}  # new weights: cached routes no longer hold
+        self._routes = collections.OrderedDict()  # new weights: cached routes no longer hold
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def _apply(self, fn, *args, **kwargs):
-        self._routes = {}  # moved or cast: cached routes hold tensors of the old device or dtype
+        self._routes = collections.OrderedDict()  # moved or cast: cached routes hold tensors of the old device/dtype
         return super()._apply(fn, *args, **kwargs)
 
     def set_route_cache(self, enabled: bool) -> None:
         """Keeps routes per set of tag groups at inference (``enabled``; see ``_route_cache_key``) or
         not; either way drops the routes kept so far."""
         self.cache_routes = bool(enabled)
-        self._routes = {}
+        self._routes = collections.OrderedDict()
 
     def losses(self, routing: RouterOutput, batch: TagBatch):
         """The auxiliary losses of ``routing`` (``moe_gen.routing.losses.auxiliary_losses``, each
@@ -155,8 +158,9 @@ class Router(nn.Module):
             # for bit (and G rows of work instead of T). Noise, too, is drawn per group.
             group_T = batch.group_ids
             cache_key = self._route_cache_key(batch)
-            if cache_key is not None and cache_key in self._routes:
-                return self._grouped_output(batch, *self._routes[cache_key], key=cache_key)
+            kept = None if cache_key is None else self._routes.get(cache_key)
+            if kept is not None:
+                return self._grouped_output(batch, *kept, key=cache_key)
         # Rows the router scores: every token, or one representative per tag group.
         x_RD, tags_R, valid_R = x_TD, batch.tags, valid_T
         segment_R = batch.segment if self.input.reads_segments else None
@@ -206,7 +210,7 @@ class Router(nn.Module):
         if cache_key is None:
             return
         if len(self._routes) >= self.MAX_CACHED_ROUTES:
-            del self._routes[next(iter(self._routes))]
+            self._routes.popitem(last=False)
         self._routes[cache_key] = routes
 
     def _scores(
