@@ -185,12 +185,13 @@ class MoE(nn.Module):
         if self.config.check_finite:
             _check_finite(x, x_TD, batch.valid)
         routing = None
-        if self.frozen:  # the plan kept for this set of tag groups (made now if need be), else the path below
-            y_TD = self.backend.run_kept(self.experts, x_TD, batch)
+        backend = self.backend  # read once: another thread's merged_in_place block may switch it meanwhile
+        if backend.keeps_plans:  # frozen: the plan kept for this set of tag groups (made now if need be)
+            y_TD = backend.run_kept(self.experts, x_TD, batch)
             if y_TD is None:
                 routing = self.router(x_TD, batch)
-                if self.backend.keep_plan(self.experts, x_TD, routing, batch):
-                    y_TD = self.backend.run_kept(self.experts, x_TD, batch)
+                if backend.keep_plan(self.experts, x_TD, routing, batch):
+                    y_TD = backend.run_kept(self.experts, x_TD, batch)
             if y_TD is not None:
                 return self._frozen_output(x, x_TD, y_TD, batch, routing)
 
@@ -201,9 +202,9 @@ class MoE(nn.Module):
             self.router.update_balance_bias(routing)
         aux_losses = self.router.losses(routing, batch)
 
-        dispatched = self.backend.dispatch(x_TD, routing)
-        expert_outputs = self.backend.run(self.experts, dispatched)
-        y_TD = self.backend.combine(expert_outputs, dispatched, x_TD)
+        dispatched = backend.dispatch(x_TD, routing)
+        expert_outputs = backend.run(self.experts, dispatched)
+        y_TD = backend.combine(expert_outputs, dispatched, x_TD)
         if y_TD is None:  # no assignment computed at all (every token padding or dropped)
             y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
         y_TD = self._add_shared(x_TD, y_TD, batch.valid)

@@ -534,8 +534,9 @@ def test_merged_generation_equals_unmerged(tok):
 
 
 def test_infer_merges_in_place_safely_from_several_threads_and_in_nested_blocks(tok):
-    # merged_in_place switches a layer when the first block enters and back when the last leaves:
-    # calls from several threads (which once swapped a layer's backend under a running forward) and
+    # merged_in_place switches a layer when the first block enters and back when the last leaves,
+    # and a layer's forward reads its backend once: calls from several threads (which once swapped a
+    # layer's backend under a running forward, merged or not) and
     # an outer block around several calls (whose plans then outlive each call) give the answers of
     # the unmerged layers, and leave the layers as they were
     import threading
@@ -549,8 +550,8 @@ def test_infer_merges_in_place_safely_from_several_threads_and_in_nested_blocks(
 
     def calls():
         try:
-            for _ in range(15):
-                answers.append([a.tokens for a in model.infer(task, task.data, max_new_tokens=4)])
+            for i in range(15):  # some unmerged: a layer read once per call, whatever other blocks do
+                answers.append([a.tokens for a in model.infer(task, task.data, max_new_tokens=4, merged=i % 3 > 0)])
         except Exception as exc:  # reported below, with the other threads' answers
             errors.append(exc)
 

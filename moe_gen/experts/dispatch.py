@@ -62,10 +62,12 @@ class DispatchBackend:
         needs_shared_routes: only exact and efficient when routes are shared by tag groups.
         shards_experts: the layer's experts are spread over processes (expert parallelism: the
             all-to-all dispatcher of ``moe_gen.experts.parallel``).
+        keeps_plans: ``keep_plan`` / ``run_kept`` work (a frozen layer's merged backend).
     """
 
     needs_shared_routes = False
     shards_experts = False
+    keeps_plans = False
 
     @classmethod
     def unavailable_reason(cls, device: torch.device | None = None) -> str | None:
@@ -281,6 +283,7 @@ class MergedDispatch(DispatchBackend):
 
     def __init__(self, cache: bool = False) -> None:
         self.cache = cache
+        self.keeps_plans = cache  # weights that do not change: plans per set of tag groups can be kept
         self.reset()
 
     def dispatch(self, x_TD, routing):
