@@ -251,14 +251,11 @@ class MoE(nn.Module):
             batch = tags
             if batch.vocab != vocab:  # checked against other sizes when built (or not at all)
                 batch.validate(vocab)
-            if batch.segment is None and self.router.input.reads_segments:
-                raise ValueError(f"router strategy {rc.strategy!r} pools each sequence; build the TagBatch "
-                                 "with segments=True")
         else:
             if tags is not None and not isinstance(tags, TokenTags):
                 raise ValueError(f"tags must be a TokenTags, got {type(tags).__name__}")
             batch = TagBatch(tags, padding_mask, shape=token_shape, device=x.device, vocab=vocab,
-                             segments=self.router.input.reads_segments, valid_rows=self.frozen)
+                             segments=self.router.reads_segments, valid_rows=self.backend.keeps_plans)
         if not batch.has_tags:
             if self.router.needs_tags:
                 raise ValueError(
@@ -321,23 +318,26 @@ def merged_in_place(model: nn.Module):
     content, or with experts sharded over processes run as they are. Outputs equal the layers' own
     within float rounding. Blocks may overlap (nested, or ``infer`` called from several threads):
     the layers stay merged, and share what they keep, until the last block ends."""
-    with _IN_PLACE_LOCK:
-        layers = [m for m in model.modules() if isinstance(m, MoE) and (m._in_place is not None or not m.frozen)
-                  and not m.router.content_dependent and m.expert_parallel is None]
-        for layer in layers:
-            if layer._in_place is None:
-                layer._in_place = _InPlace(layer.backend, layer.router.cache_routes)
-                layer.backend, layer.frozen = MergedDispatch(cache=True), True
-                layer.router.set_route_cache(True)
-            layer._in_place.blocks += 1
+    joined: list[tuple[MoE, _InPlace]] = []  # the layers this block runs merged, and their records
     try:
+        with _IN_PLACE_LOCK:
+            for layer in model.modules():
+                if not (isinstance(layer, MoE) and (layer._in_place is not None or not layer.frozen)
+                        and not layer.router.content_dependent and layer.expert_parallel is None):
+                    continue
+                if layer._in_place is None:
+                    layer._in_place = _InPlace(layer.backend, layer.router.cache_routes)
+                    layer.backend, layer.frozen = MergedDispatch(cache=True), True
+                    layer.router.set_route_cache(True)
+                layer._in_place.blocks += 1
+                joined.append((layer, layer._in_place))
         yield model
     finally:
         with _IN_PLACE_LOCK:
-            for layer in layers:
-                state = layer._in_place
+            for layer, state in joined:
                 state.blocks -= 1
-                if state.blocks == 0:
+                # (a layer frozen for good inside the block, freeze_for_inference, dropped its record)
+                if state.blocks == 0 and layer._in_place is state:
                     layer.backend, layer.frozen, layer._in_place = state.backend, False, None
                     layer.router.set_route_cache(state.cache_routes)
 

@@ -592,6 +592,26 @@ def test_infer_merges_in_place_safely_from_several_threads_and_in_nested_blocks(
     assert seen == [True, True]
     assert [m.backend for m in layers] == backends and not any(m.frozen or m.router._routes for m in layers)
 
+    # a block ending while an unmerged call routes: the route is not kept in the layer's new cache
+    block = merged_in_place(model)
+    block.__enter__()
+
+    def end_block(*args):  # (a pre-hook returning None leaves the arguments as they are)
+        block.__exit__(None, None, None)
+
+    hook = layers[0].router.input.register_forward_pre_hook(end_block)
+    try:
+        assert [a.tokens for a in model.infer(task, task.data, max_new_tokens=4, merged=False)] == expected
+    finally:
+        hook.remove()
+    assert [m.backend for m in layers] == backends and not any(m.frozen or m.router._routes for m in layers)
+
+    # a layer frozen for good inside a block stays so; the others get their own backends back
+    with merged_in_place(model):
+        layers[0].freeze_for_inference()
+    assert layers[0].frozen and layers[0].backend.keeps_plans
+    assert [m.backend for m in layers[1:]] == backends[1:] and not any(m.frozen for m in layers[1:])
+
 
 def test_a_stack_takes_a_tag_batch_only_for_its_tokens(tok):
     # Stack.forward accepts the TagBatch itself (decoding keeps one per distinct step): the same

@@ -436,7 +436,8 @@ def test_only_routers_that_pool_sequences_need_the_batch_segments(strategy):
     with torch.no_grad():
         reference = moe(x, tags=tags).output  # the layer builds its own TagBatch
         if strategy == "context":
-            with pytest.raises(ValueError, match="pools each sequence; build the TagBatch with segments=True"):
-                moe(x, tags=TagBatch(tags, padding, segments=False))
+            for call in (lambda b: moe(x, tags=b), lambda b: moe.router(x.reshape(12, D), b)):
+                with pytest.raises(ValueError, match="pools each sequence; build the TagBatch with segments=True"):
+                    call(TagBatch(tags, padding, segments=False))
         else:
             assert torch.equal(moe(x, tags=TagBatch(tags, padding, segments=False)).output, reference)

@@ -236,8 +236,8 @@ class Stack(nn.Module):
         if not layers:
             return None
         return TagBatch(tags, padding, shape=shape, device=device, vocab=self.tag_vocab,
-                        segments=any(m.router.input.reads_segments for m in layers),
-                        valid_rows=any(m.frozen for m in layers))
+                        segments=any(m.router.reads_segments for m in layers),
+                        valid_rows=any(m.backend.keeps_plans for m in layers))
 
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
                 keep_kv: Optional[list] = None, caches: Optional[list[BlockCache]] = None) -> StackOutput:

@@ -87,6 +87,11 @@ class Router(nn.Module):
         return type(self.input).needs_tags
 
     @property
+    def reads_segments(self) -> bool:
+        """Whether the input pools each sequence (``TagBatch.segment``)."""
+        return type(self.input).reads_segments
+
+    @property
     def tag_balanced(self) -> bool:
         """Whether ``RouterConfig.tag_balance`` applies: tag routes (content-independent) chosen by a
         learned gate that does not balance by construction (top-k)."""
@@ -153,17 +158,23 @@ class Router(nn.Module):
         """
         valid_T = batch.valid
         group_T = cache_key = None
+        store = self._routes  # one read: a merged_in_place block ending meanwhile gives the layer a new one
         if not self.content_dependent and x_TD.shape[0] > 0:
             # Route each tag group once and broadcast: identical routes for all members, bit
             # for bit (and G rows of work instead of T). Noise, too, is drawn per group.
             group_T = batch.group_ids
             cache_key = self._route_cache_key(batch)
-            kept = None if cache_key is None else self._routes.get(cache_key)
+            kept = None if cache_key is None else store.get(cache_key)
             if kept is not None:
                 return self._grouped_output(batch, *kept, key=cache_key)
         # Rows the router scores: every token, or one representative per tag group.
         x_RD, tags_R, valid_R = x_TD, batch.tags, valid_T
-        segment_R = batch.segment if self.input.reads_segments else None
+        segment_R = None
+        if self.reads_segments:
+            if batch.segment is None:
+                raise ValueError(f"router strategy {self.router_config.strategy!r} pools each sequence; build the "
+                                 "TagBatch with segments=True")
+            segment_R = batch.segment
         if group_T is not None:
             first_G, tags_R = batch.first_G, batch.group_tags
             x_RD, valid_R = x_TD[first_G], valid_T[first_G]
@@ -178,7 +189,7 @@ class Router(nn.Module):
                 if self.config.capacity_factor is None and bool(choice.mask_TK.all()):
                     # dropless, and the gate chose K experts for every group: routes stay per group
                     routes = (choice.ids_TK, choice.weights_TK, probs_RE, logits_RE)
-                    self._cache_routes(cache_key, routes)
+                    self._cache_routes(store, cache_key, routes)
                     return self._grouped_output(batch, *routes, key=cache_key)
                 choice = _choice_to_tokens(choice, group_T, valid_T)
                 logits_TE, probs_TE = logits_RE[group_T], _zero_padding(probs_RE[group_T], valid_T)
@@ -204,14 +215,14 @@ class Router(nn.Module):
             return None
         return batch.group_keys
 
-    def _cache_routes(self, cache_key: tuple[int, ...] | None, routes: tuple) -> None:
-        """Keeps ``routes`` under ``cache_key`` (no-op for ``None``), evicting the oldest entry
-        beyond ``MAX_CACHED_ROUTES``."""
+    def _cache_routes(self, store: collections.OrderedDict, cache_key: tuple[int, ...] | None, routes: tuple) -> None:
+        """Keeps ``routes`` under ``cache_key`` in ``store`` (the route cache the call began with; no-op
+        for ``None``), evicting the oldest entry beyond ``MAX_CACHED_ROUTES``."""
         if cache_key is None:
             return
-        if len(self._routes) >= self.MAX_CACHED_ROUTES:
-            self._routes.popitem(last=False)
-        self._routes[cache_key] = routes
+        if len(store) >= self.MAX_CACHED_ROUTES:
+            store.popitem(last=False)
+        store[cache_key] = routes
 
     def _scores(
         self, x_RD: torch.Tensor, tags_R: TokenTags | None, segment_R: torch.Tensor | None, valid_R: torch.Tensor
