@@ -236,7 +236,7 @@ class Stack(nn.Module):
         if not layers:
             return None
         return TagBatch(tags, padding, shape=shape, device=device, vocab=self.tag_vocab,
-                        segments=any(m.router.reads_segments for m in layers),
+                        segments=any(type(m.router.input).reads_segments for m in layers),
                         valid_rows=any(m.backend.keeps_plans for m in layers))
 
     def forward(self, x, self_mask, tags, padding, memory=None, cross_mask=None, rope=None,
