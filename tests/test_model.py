@@ -663,6 +663,37 @@ def test_infer_runs_in_eval_mode_and_gives_every_module_its_mode_back(tok):
     assert model.training and model.decoder.training and not any(m.training for m in model.encoder.modules())
 
 
+def test_eval_mode_blocks_may_overlap_across_threads(tok):
+    # infer on a training model from two threads: the first call to end must not put the model back
+    # in training mode (dropout on) under the other's running call
+    import threading
+
+    from moe_gen.model.model import eval_mode
+
+    task = load_preset("doc_topic", "train", limit=2)
+    model = build([task], tok).train()
+    model.encoder.eval()  # a part kept in eval mode stays so
+    first = eval_mode(model)
+    first.__enter__()
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def second():
+        with eval_mode(model):
+            entered.set()
+            leave.wait(10)
+            seen.append(not any(m.training for m in model.modules()))
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert entered.wait(10)
+    first.__exit__(None, None, None)
+    assert not any(m.training for m in model.modules())  # the second block still runs
+    leave.set()
+    thread.join()
+    assert seen == [True]
+    assert model.training and model.decoder.training and not any(m.training for m in model.encoder.modules())
+
+
 @pytest.mark.parametrize("name", ["digit_detection", "doc_topic"])
 def test_decoding_steps_share_a_tag_batch_only_when_their_tags_are_equal(name, tok, monkeypatch):
     # A decoding loop keeps one TagBatch per distinct (tags, active rows) of its steps: boxes and

@@ -14,6 +14,7 @@ import json
 import math
 import os
 import shutil
+import threading
 import types
 from typing import Mapping, Optional, Sequence
 
@@ -67,19 +68,44 @@ class ModelOutput:
         return aux
 
 
+@dataclasses.dataclass
+class _EvalBlock:
+    """The submodules an ``eval_mode`` block switched to eval mode, and how many blocks (of any
+    thread) run on that module now."""
+
+    training: list
+    blocks: int = 0
+
+
+# Entering and leaving eval_mode: the first block on a module switches it, the last gives the modes back.
+_EVAL_LOCK = threading.Lock()
+
+
 @contextlib.contextmanager
 def eval_mode(module: nn.Module):
     """Every submodule of ``module`` in eval mode for the duration; afterwards each is back in the
     mode it was in (a submodule kept in eval mode inside a training model stays so). A module
-    already wholly in eval mode is left alone: no pass over its submodules to switch them."""
-    training = [m for m in module.modules() if m.training]
-    if training:
-        module.eval()
+    already wholly in eval mode is left alone: no pass over its submodules to switch them. Blocks on
+    one module may overlap (``infer`` from several threads): the modes come back when the last ends."""
+    joined = None
     try:
+        with _EVAL_LOCK:
+            joined = module.__dict__.get("_eval_block")
+            if joined is None:
+                training = [m for m in module.modules() if m.training]
+                if training:
+                    module.eval()
+                joined = module.__dict__["_eval_block"] = _EvalBlock(training)
+            joined.blocks += 1
         yield module
     finally:
-        for m in training:
-            m.training = True
+        if joined is not None:
+            with _EVAL_LOCK:
+                joined.blocks -= 1
+                if joined.blocks == 0 and module.__dict__.get("_eval_block") is joined:
+                    del module.__dict__["_eval_block"]
+                    for m in joined.training:
+                        m.training = True
 
 
 def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
