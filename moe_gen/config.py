@@ -289,6 +289,15 @@ class RouterConfig(ConfigBase):
         for name in ("num_modalities", "num_roles", "num_passes", "num_tasks"):
             if getattr(self, name) < 1:
                 raise ValueError(f"router {name} must be >= 1, got {getattr(self, name)}")
+        # TokenTags.group_key packs every tag into one 63-bit id: roles and passes 4 bits each,
+        # modalities one bit each (at most 40), the task above them all
+        for name, limit in (("num_roles", 16), ("num_passes", 16), ("num_modalities", 40)):
+            if getattr(self, name) > limit:
+                raise ValueError(f"router {name} must be <= {limit} (the tag group key's width), got "
+                                 f"{getattr(self, name)}")
+        if self.num_tasks > 1 << (46 - self.num_modalities):
+            raise ValueError(f"router num_tasks must be <= {1 << (46 - self.num_modalities)} with "
+                             f"{self.num_modalities} modalities (the tag group key's width), got {self.num_tasks}")
         if self.tag_balance not in TAG_BALANCE:
             raise ValueError(f"unknown tag_balance {self.tag_balance!r}; known: {', '.join(TAG_BALANCE)}")
         if self.tag_balance_rule not in TAG_BALANCE_RULES:

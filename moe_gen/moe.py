@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import functools
 import math
 import threading
 
@@ -222,11 +223,10 @@ class MoE(nn.Module):
 
     def _frozen_output(self, x, x_TD, y_TD, batch, routing=None) -> MoEOutput:
         """The output of a kept plan (``MergedDispatch.run_kept``); the routing (when the plan was
-        not made in this call, the router's, from its route cache) and the auxiliary losses from it
-        are computed only if read."""
+        not made in this call, the routes the router keeps for these groups, taken now: the layer
+        may change before they are read) and the auxiliary losses from it are computed only if read."""
         if routing is None:
-            def routing():
-                return self.router(x_TD, batch)
+            routing = self.router.kept_routing(batch) or functools.partial(self.router, x_TD, batch)
 
         def aux_losses():
             losses = self.router.losses(out.routing, batch)  # a function of them without autograd

@@ -9,13 +9,13 @@ from unittest import mock
 
 import pytest
 import torch
+from helpers import flavour_with
 
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.moe import MoE, merge_for_inference, merged_in_place
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
-from helpers import flavour_with
 
 MIXED = ["digit_classification", "speech_recognition", "motion_classification", "visual_grounding",
          "text_to_speech", "video_classification", "table_to_text"]
@@ -611,6 +611,15 @@ def test_infer_merges_in_place_safely_from_several_threads_and_in_nested_blocks(
         layers[0].freeze_for_inference()
     assert layers[0].frozen and layers[0].backend.keeps_plans
     assert [m.backend for m in layers[1:]] == backends[1:] and not any(m.frozen for m in layers[1:])
+
+
+def test_a_frozen_copy_refuses_new_tasks(tok):
+    # its kept routes and plans would not see the new tasks' words (instruction routing)
+    tasks = [load_preset(n, "train", limit=2) for n in ("doc_topic", "table_species")]
+    model = build(tasks[:1], tok, router=RouterConfig(strategy="instruction"))
+    with pytest.raises(ValueError, match="frozen for inference.*merge again"):
+        merge_for_inference(model).add_tasks(tasks[1:])
+    assert model.add_tasks(tasks[1:]) is not None  # the model it was merged from takes them
 
 
 def test_a_stack_takes_a_tag_batch_only_for_its_tokens(tok):

@@ -247,6 +247,13 @@ def test_bad_configs_raise_clear_errors():
         RouterConfig(noise="uniform")
     with pytest.raises(ValueError, match="balance_loss_groups entry 'role'"):
         RouterConfig(balance_loss_groups=("role",))
+    # sizes the tag group key cannot pack (two tag sets would share a key, and a route)
+    with pytest.raises(ValueError, match="num_passes must be <= 16"):
+        RouterConfig(num_passes=20)
+    with pytest.raises(ValueError, match="num_roles must be <= 16"):
+        RouterConfig(num_roles=17)
+    with pytest.raises(ValueError, match="num_tasks must be <= 64 with 40 modalities"):
+        RouterConfig(num_modalities=40, num_tasks=65)
 
 
 # ---- config and registry -------------------------------------------------------------------
@@ -601,3 +608,28 @@ def test_a_kept_union_plan_declined_for_a_larger_batch_of_the_same_groups_leaves
         assert merged.backend.run_kept(merged.experts, big_x, merged._tag_batch(big_x, big_tags, None)) is None
         assert list(merged.backend._plans.values()) == [plan]  # kept, not replaced
         torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+
+
+def test_a_frozen_layer_gives_zeros_for_a_batch_of_padding_only_and_routing_of_its_call():
+    # (a review found: an all-padding batch crashed a union plan; the routing read after the layer
+    # changed described the new weights, not the ones the output used)
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    tags, x = random_tags((3, 7)), torch.randn(3, 7, D)
+    padding = torch.ones(3, 7, dtype=torch.bool)
+    with torch.no_grad():
+        for warm in (False, True):  # the plan made by this batch, and one kept from a batch with rows
+            merged = merge_for_inference(moe)
+            if warm:
+                merged(x, tags=tags)
+                assert any(p.scale_GU is not None for p in merged.backend._plans.values())  # a union plan
+            out = merged(x, tags=tags, padding_mask=padding).output
+            assert torch.equal(out, torch.zeros_like(out))
+            assert torch.equal(out, moe(x, tags=tags, padding_mask=padding).output)
+        merged = merge_for_inference(moe)
+        merged(x, tags=tags)
+        out = merged(x, tags=tags)  # from the kept plan: routing computed only when read
+        expected = moe(x, tags=tags).routing
+        other = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute"))
+        merged.load_state_dict(other.state_dict())
+        assert torch.equal(out.routing.topk_ids, expected.topk_ids)
+        torch.testing.assert_close(out.routing.topk_weights, expected.topk_weights)

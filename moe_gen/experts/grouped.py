@@ -215,7 +215,7 @@ def grouped_ffn_scaled(
     a_NX = activate(h_NX, activation, gated, inplace=True)  # h is ours, and nothing needs it after
     X = a_NX.shape[1]
     scale_NK = scale_NK.to(a_NX.dtype)
-    a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
+    a_NX.view(N, K, X // K).mul_(scale_NK.unsqueeze(-1))  # (X // K: N may be 0)
     y_ND = x_ND.new_empty(N, w_out_RYD.shape[2])
     if w_out_RYD.shape[1] == X:
         _grouped_linear(a_NX, w_out_RYD, None, counts, y_ND)
@@ -247,7 +247,7 @@ def scaled_ffn(
     N, K = scale_NK.shape
     X = a_NX.shape[1]
     scale_NK = scale_NK.to(a_NX.dtype)
-    a_NX.view(N, K, -1).mul_(scale_NK.unsqueeze(-1))
+    a_NX.view(N, K, X // K).mul_(scale_NK.unsqueeze(-1))  # (X // K: N may be 0)
     if w_out_YD.shape[0] == X:
         return a_NX @ w_out_YD
     return torch.mm(scale_NK, w_out_YD[X:]).addmm_(a_NX, w_out_YD[:X])

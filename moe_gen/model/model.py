@@ -270,6 +270,9 @@ class GeneralistModel(nn.Module):
         targets), fitted on their rows as the model's encoding statistics (tasks the model already
         knows keep theirs). Returns the names of the new adapters
         (``TrainConfig(trainable="new_adapters")`` trains just those)."""
+        if any(getattr(m, "frozen", False) for m in self.modules()):
+            raise ValueError("this model's MoE layers are frozen for inference (merge_for_inference): add the "
+                             "tasks to the model it was merged from, train it, and merge again")
         names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
         if len(names) > self.config.moe.router.num_tasks:
             raise ValueError(f"the model's routers were built for {self.config.moe.router.num_tasks} tasks; "

@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
 from torch import nn
@@ -214,6 +214,13 @@ class Router(nn.Module):
                 and not self.training and not torch.is_grad_enabled()):
             return None
         return batch.group_keys
+
+    def kept_routing(self, batch: TagBatch) -> Optional[Callable[[], RouterOutput]]:
+        """The routing this layer keeps for ``batch``'s tag groups now (route cache), as a function that
+        builds its ``RouterOutput`` when called; None when none is kept."""
+        key = self._route_cache_key(batch)
+        routes = None if key is None else self._routes.get(key)
+        return None if routes is None else functools.partial(self._grouped_output, batch, *routes, key=key)
 
     def _cache_routes(self, store: collections.OrderedDict, cache_key: tuple[int, ...] | None, routes: tuple) -> None:
         """Keeps ``routes`` under ``cache_key`` in ``store`` (the route cache the call began with; no-op
