@@ -201,7 +201,9 @@ class RouterConfig(ConfigBase):
         noise_std: σ for gaussian noise; ``None`` means 1/num_experts.
         jitter_eps: ε for jitter noise.
         num_modalities, num_roles, num_passes, num_tasks: sizes of the tag vocabularies, used by
-            the tag-based strategies (embedding tables and the attribute vector).
+            the tag-based strategies (embedding tables and the attribute vector); at most 40
+            modalities, 16 roles, 16 passes and 2^(46 − num_modalities) tasks, what one tag group
+            key (``TokenTags.group_key``) holds.
         balance_loss_weight: Switch/GShard load-balance loss weight (content routers only).
         balance_loss_groups: also compute the balance loss within each ``modality`` and/or ``task``
             group and average over groups (``balance_modality``, ``balance_task``).
