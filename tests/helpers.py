@@ -9,11 +9,12 @@ import dataclasses
 import importlib.util
 import os
 import sys
+import threading
 
 import torch
 
 from moe_gen import MoE, TokenTags
-from moe_gen.model import MoELayers, flavour
+from moe_gen.model import GeneralistModel, MoELayers, flavour
 
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoELayers)}
 
@@ -81,6 +82,36 @@ def flavour_with(name: str, **overrides):
     ``num_experts``...) go to ``moe``, the rest to ``ModelConfig``."""
     moe = {k: overrides.pop(k) for k in list(overrides) if k in _MOE_FIELDS}
     return flavour(name, **overrides, moe=moe)
+
+
+def build(tasks, tok, **overrides) -> GeneralistModel:
+    """A debug-flavour model for ``tasks`` (``flavour_with`` overrides), seeded."""
+    torch.manual_seed(0)
+    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
+
+
+def end_first_while_second_runs(block, inside_second):
+    """Enters ``block()`` here and ``block()`` again in another thread, ends the first while the second
+    still runs, then calls ``inside_second()`` in the second; returns what it returned (blocks that
+    may overlap must leave the second one's state alone)."""
+    first = block()
+    first.__enter__()
+    entered, leave, seen = threading.Event(), threading.Event(), []
+
+    def second():
+        with block():
+            entered.set()
+            leave.wait(10)
+            seen.append(inside_second())
+
+    thread = threading.Thread(target=second)
+    thread.start()
+    assert entered.wait(10)
+    first.__exit__(None, None, None)
+    leave.set()
+    thread.join()
+    assert len(seen) == 1, "the second block did not finish"
+    return seen[0]
 
 
 def train_steps(model, task, tok, steps: int = 30, rows: int = 4, lr: float = 3e-3) -> None:
