@@ -283,7 +283,9 @@ class MergedDispatch(DispatchBackend):
 
     def __init__(self, cache: bool = False) -> None:
         self.cache = cache
-        self.keeps_plans = cache  # weights that do not change: plans per set of tag groups can be kept
+        # weights that do not change: plans per set of tag groups can be kept (a plain attribute, not a
+        # property: stacks read it while building a TagBatch, before the layers call into this module)
+        self.keeps_plans = cache
         self.reset()
 
     def dispatch(self, x_TD, routing):

@@ -223,16 +223,17 @@ class Stack(nn.Module):
         self.checkpoint_blocks = False
 
     @property
-    def routed(self) -> bool:
-        """Whether any block has an MoE layer (a stack without one never reads the tags)."""
-        return any(isinstance(b.ffn, MoE) or isinstance(b.self_attn.out, MoE) for b in self.blocks)
+    def moe_layers(self) -> list[MoE]:
+        """The blocks' MoE layers (FFNs and routed attention projections); a stack without any never
+        reads the tags."""
+        return [m for b in self.blocks for m in (b.ffn, b.self_attn.out) if isinstance(m, MoE)]
 
     def tag_batch(self, tags, padding, shape, device) -> Optional[TagBatch]:
         """The ``TagBatch`` of tokens shaped ``shape`` (tags checked against the routers'
         vocabularies), with what the stack's MoE layers read beyond the tag groups (sequences for
         routers that pool them, the valid rows for frozen layers), or None for a stack without MoE
         layers: no grouping work for dense models."""
-        layers = [m for b in self.blocks for m in (b.ffn, b.self_attn.out) if isinstance(m, MoE)]
+        layers = self.moe_layers
         if not layers:
             return None
         return TagBatch(tags, padding, shape=shape, device=device, vocab=self.tag_vocab,
