@@ -163,8 +163,7 @@ class Router(nn.Module):
             # Route each tag group once and broadcast: identical routes for all members, bit
             # for bit (and G rows of work instead of T). Noise, too, is drawn per group.
             group_T = batch.group_ids
-            cache_key = self._route_cache_key(batch)
-            kept = None if cache_key is None else store.get(cache_key)
+            cache_key, kept = self._kept_routes(store, batch)
             if kept is not None:
                 return self._grouped_output(batch, *kept, key=cache_key)
         # Rows the router scores: every token, or one representative per tag group.
@@ -218,9 +217,14 @@ class Router(nn.Module):
     def kept_routing(self, batch: TagBatch) -> Optional[Callable[[], RouterOutput]]:
         """The routing this layer keeps for ``batch``'s tag groups now (route cache), as a function that
         builds its ``RouterOutput`` when called; None when none is kept."""
-        key = self._route_cache_key(batch)
-        routes = None if key is None else self._routes.get(key)
+        key, routes = self._kept_routes(self._routes, batch)
         return None if routes is None else functools.partial(self._grouped_output, batch, *routes, key=key)
+
+    def _kept_routes(self, store: collections.OrderedDict, batch: TagBatch) -> tuple[tuple | None, tuple | None]:
+        """``batch``'s route cache key (None where routes are not cached) and the routes ``store`` keeps
+        under it (None when none)."""
+        key = self._route_cache_key(batch)
+        return key, None if key is None else store.get(key)
 
     def _cache_routes(self, store: collections.OrderedDict, cache_key: tuple[int, ...] | None, routes: tuple) -> None:
         """Keeps ``routes`` under ``cache_key`` in ``store`` (the route cache the call began with; no-op
