@@ -169,6 +169,7 @@ class MoE(nn.Module):
         x: torch.Tensor,
         tags: TokenTags | TagBatch | None = None,
         padding_mask: torch.Tensor | None = None,
+        carry: dict | None = None,
     ) -> MoEOutput:
         """Args:
             x: ``[T, D]`` or ``[B, S, D]`` hidden states.
@@ -177,6 +178,8 @@ class MoE(nn.Module):
                 ``TagBatch`` (tags and padding together, shared by the layers of one forward).
             padding_mask: bool, shaped like the tokens, True where a position is padding.
                 Padding is not routed, takes no capacity, adds to no loss and outputs zeros.
+            carry: cached decoding: a dict this layer's router keeps across the calls of one
+                decoding (``Router.forward``); None otherwise.
 
         Returns:
             ``MoEOutput`` (output shaped like x with width D').
@@ -190,14 +193,14 @@ class MoE(nn.Module):
         if backend.keeps_plans:  # frozen: the plan kept for this set of tag groups (made now if need be)
             y_TD = backend.run_kept(self.experts, x_TD, batch)
             if y_TD is None:
-                routing = self.router(x_TD, batch)
+                routing = self.router(x_TD, batch, carry)
                 if backend.keep_plan(self.experts, x_TD, routing, batch):
                     y_TD = backend.run_kept(self.experts, x_TD, batch)
             if y_TD is not None:
                 return self._frozen_output(x, x_TD, y_TD, batch, routing)
 
         if routing is None:
-            routing = self.router(x_TD, batch)
+            routing = self.router(x_TD, batch, carry)
         if self.training and self.router.balances_by_bias and not self.recomputing:
             # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
             self.router.update_balance_bias(routing)

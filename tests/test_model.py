@@ -301,15 +301,19 @@ def test_ranking_and_beam_search(tok):
         build([speech], tok).infer(speech, speech.data[:1], beams=2)
 
 
-@pytest.mark.parametrize("location", [0, 8])
-@pytest.mark.parametrize("positions", ["learned", "rotary"])
+@pytest.mark.parametrize("location, positions, strategy, layout", [
+    (0, "learned", "token", "encoder-decoder"), (0, "rotary", "token", "encoder-decoder"),
+    (8, "learned", "token", "encoder-decoder"), (8, "rotary", "token", "encoder-decoder"),
+    # a context router pools each causal token's prefix: cached steps carry the earlier positions' sums
+    (8, "learned", "context", "encoder-decoder"), (8, "rotary", "context", "decoder-only"),
+])
 @pytest.mark.parametrize("name", ["digit_captioning", "visual_grounding", "digit_classification"])
-def test_cached_greedy_decoding_matches_full_forward(name, positions, tok, location):
+def test_cached_greedy_decoding_matches_full_forward(name, positions, tok, location, strategy, layout):
     """Incremental decoding with the key/value cache picks, at every step, the argmax of a full
     teacher-forced forward pass over the same prefix, and its score is that pass's log-likelihood."""
     task = load_preset(name, "train", limit=4)
-    model = build([task], tok, router=RouterConfig(strategy="token"), positions=positions,
-                  location_frequencies=location).eval()
+    model = build([task], tok, router=RouterConfig(strategy=strategy), positions=positions,
+                  location_frequencies=location, layout=layout).eval()
     predictions = model.infer(task, task.data[:4], max_new_tokens=6)
     plan = task.plan(tok)
     spec = plan.decode_specs()[0]
@@ -367,9 +371,10 @@ def test_packed_rows_give_the_same_outputs_as_padded_ones(tok, positions):
         torch.testing.assert_close(x, y, atol=1e-4, rtol=1e-4)
 
 
-def test_beam_search_with_one_beam_is_greedy_and_scores_are_likelihoods(tok):
+@pytest.mark.parametrize("strategy", ["token", "context"])  # context: beams reorder the carried sums too
+def test_beam_search_with_one_beam_is_greedy_and_scores_are_likelihoods(tok, strategy):
     task = load_preset("doc_topic", "train", limit=3)
-    model = build([task], tok, router=RouterConfig(strategy="token")).eval()
+    model = build([task], tok, router=RouterConfig(strategy=strategy)).eval()
     greedy = model.infer(task, task.data[:3], max_new_tokens=5)
     one = model.infer(task, task.data[:3], beams=1, max_new_tokens=5)
     for g, b in zip(greedy, one):
@@ -385,6 +390,19 @@ def test_beam_search_with_one_beam_is_greedy_and_scores_are_likelihoods(tok):
         logp = model(batch).logits.float().log_softmax(-1)[0]
     start = sum(len(c) for c in sample.decoder)
     assert wide.score == pytest.approx(sum(float(logp[start + j, t]) for j, t in enumerate(fed)), abs=1e-3)
+
+
+def test_block_cache_reorder_moves_keys_values_and_carried_state_with_the_rows():
+    from moe_gen.model.transformer import BlockCache
+
+    k, v = torch.randn(3, 2, 5, 4), torch.randn(3, 2, 5, 4)
+    sums, counts = torch.randn(3, 8, dtype=torch.float64), torch.tensor([[1.0], [2.0], [3.0]], dtype=torch.float64)
+    cache = BlockCache(k.clone(), v.clone(), carries={"ffn": {"sum": sums.clone(), "count": counts.clone()}})
+    parents = torch.tensor([2, 0, 0])
+    cache.reorder(parents)
+    assert torch.equal(cache.k, k[parents]) and torch.equal(cache.v, v[parents])
+    assert torch.equal(cache.carries["ffn"]["sum"], sums[parents])
+    assert cache.carries["ffn"]["count"].view(-1).tolist() == [3.0, 1.0, 1.0]
 
 
 @pytest.mark.parametrize("positions", ["learned", "rotary"])

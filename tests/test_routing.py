@@ -77,6 +77,56 @@ def test_packed_samples_pool_context_per_sample():
     torch.testing.assert_close(packed[:5], alone)
 
 
+def _context_reference(ctx, x_TD, segment_T, causal_T, valid_T):
+    """z of a context router, token by token: the mean over the valid tokens of its sequence that are
+    not causal and, for a causal token, the causal ones up to itself."""
+    rows = []
+    for t in range(x_TD.shape[0]):
+        seen = [u for u in range(x_TD.shape[0]) if valid_T[u] and segment_T[u] == segment_T[t]
+                and (not causal_T[u] or (causal_T[t] and u <= t))]
+        mean = x_TD[seen].double().mean(0) if seen else torch.zeros(x_TD.shape[1], dtype=torch.float64)
+        rows.append(x_TD[t] + ctx.context_proj(mean.float()))
+    return torch.stack(rows)
+
+
+def test_context_pools_what_each_token_sees_and_carries_it_across_calls():
+    from moe_gen.routing.inputs import ContextInput
+    from moe_gen.routing.tags import _segments
+
+    torch.manual_seed(0)
+    ctx = ContextInput(D, RouterConfig(strategy="context"))
+    # Two rows of [prompt (4 positions, not causal) ; answer (3 positions, causal)], row 1 padded in both;
+    # row 0 packs two samples (positions 0-1 and 4-5 are sample 0, 2-3 and 6 sample 1).
+    B, P, L = 2, 4, 3
+    x = torch.randn(B, P + L, D)
+    causal = torch.tensor([[False] * P + [True] * L] * B)
+    valid = torch.tensor([[True] * 7, [True, True, False, False, True, True, False]])
+    sample = torch.tensor([[0, 0, 1, 1, 0, 0, 1], [0] * 7])
+    tags_BS = dataclasses.replace(TokenTags.constant((B, P + L)), causal=causal, sample=sample)
+    tags = tags_BS.flatten()
+    segment = _segments((B, P + L), tags, None)
+    x[~valid] = float("nan")  # padding never reaches a valid token's pool
+    with torch.no_grad():
+        z = ctx(x.reshape(-1, D), tags, segment, valid.reshape(-1))
+        expected = _context_reference(ctx, x.reshape(-1, D), segment, causal.reshape(-1), valid.reshape(-1))
+        flat_valid = valid.reshape(-1)
+        torch.testing.assert_close(z[flat_valid], expected[flat_valid])
+        # The same tokens in calls: the prompt, then one answer position per call (cached decoding),
+        # the router's carry holding what earlier calls saw (one sample per row here).
+        tags1 = dataclasses.replace(tags_BS, sample=torch.zeros(B, P + L, dtype=torch.long))
+        segment1 = _segments((B, P + L), tags1.flatten(), None)
+        whole = ctx(x.reshape(-1, D), tags1.flatten(), segment1, valid.reshape(-1)).view(B, P + L, D)
+        carry: dict = {}
+        parts = [slice(0, P)] + [slice(P + j, P + j + 1) for j in range(L)]
+        for part in parts:
+            part_tags = tags1.select((slice(None), part)).flatten()
+            width = part.stop - part.start
+            z_part = ctx(x[:, part].reshape(-1, D), part_tags, _segments((B, width), part_tags, None),
+                         valid[:, part].reshape(-1), carry=carry).view(B, width, D)
+            torch.testing.assert_close(z_part[valid[:, part]], whole[:, part][valid[:, part]])
+    assert carry["count"].view(-1).tolist() == [7, 4]
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
 def test_topk_weights_normalisation(k):
     x = torch.randn(32, D)

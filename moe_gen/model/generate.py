@@ -452,8 +452,10 @@ class _CachedDecoder:
                        for _ in model.decoder.blocks]
         self.key_valid = torch.zeros(B, self.total, dtype=torch.bool, device=dev)
         if cfg.decoder_only:
-            for cache, (k, v) in zip(self.caches, memory.kv):
+            for cache, (k, v), carries in zip(self.caches, memory.kv, memory.carries):
                 cache.k[:, :, :self.base], cache.v[:, :, :self.base] = k, v
+                # the decoding state after the prefix (copied: the caller may decode from it again)
+                cache.carries = {name: {key: t.clone() for key, t in carry.items()} for name, carry in carries.items()}
             self.key_valid[:, :self.base] = ~enc.padding_mask
         else:
             for cache, block in zip(self.caches, model.decoder.blocks):
@@ -507,7 +509,7 @@ class _CachedDecoder:
             return
         parents = torch.tensor(parents, device=self.device)
         for cache in self.caches:
-            cache.k, cache.v = cache.k[parents], cache.v[parents]  # (a sample's beams share its memory)
+            cache.reorder(parents)
         self.key_valid, self.write = self.key_valid[parents], self.write[parents]
 
     def step(self, tokens: list[int], tags: list[tuple[int, int]], active: list[bool]) -> torch.Tensor:

@@ -518,7 +518,7 @@ class GeneralistModel(nn.Module):
             kv: list = []
             out = self.decoder(self.embed(enc), self._prefix_mask(enc), enc.tags, enc.padding_mask,
                                rope=self.rope(enc), keep_kv=kv)
-            return dataclasses.replace(out, kv=kv)
+            return dataclasses.replace(out, kv=kv)  # out.carries: the MoE layers' state after the prefix
         return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask, rope=self.rope(enc))
 
     def decode(self, dec: Side, enc: Side, memory, causal: bool = True):

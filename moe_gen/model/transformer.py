@@ -82,9 +82,10 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x_BSD, memory_BKD, mask_BSK, tags: Optional[TagBatch], kv=None, rope=None,
-                keep_kv: Optional[list] = None):
+                keep_kv: Optional[list] = None, carry: Optional[dict] = None):
         """``keep_kv``: a list that receives this call's (rotated) keys and values (a prefix the
-        decoder-only layout caches for generation)."""
+        decoder-only layout caches for generation). ``carry``: the routed output projection's
+        decoding state (``MoE.forward``)."""
         B, S, D = x_BSD.shape
         H = self.num_heads
         q = self.q(x_BSD).view(B, S, H, D // H).transpose(1, 2)
@@ -103,7 +104,7 @@ class Attention(nn.Module):
                                            enable_gqa=self.num_kv_heads != H)
         y = y.transpose(1, 2).reshape(B, S, D)
         if isinstance(self.out, MoE):
-            moe_out = self.out(y, tags=tags)
+            moe_out = self.out(y, tags=tags, carry=carry)
             return moe_out.output, moe_out
         return self.out(y), None
 
@@ -132,9 +133,9 @@ class Block(nn.Module):
         h = sublayer(norm(x))
         return x + (self.drop(h) if drop else h)
 
-    def _ffn(self, h, tags: TagBatch, routed: Optional[list]):
+    def _ffn(self, h, tags: TagBatch, routed: Optional[list], carries: Optional[dict]):
         if isinstance(self.ffn, MoE):
-            moe_out = self.ffn(h, tags=tags)
+            moe_out = self.ffn(h, tags=tags, carry=None if carries is None else carries.setdefault("ffn", {}))
             if routed is not None:
                 routed.append(moe_out)
             return moe_out.output
@@ -142,7 +143,7 @@ class Block(nn.Module):
 
     def forward(self, x, self_mask, tags: TagBatch, memory=None, cross_mask=None,
                 rope=None, keep_kv: Optional[list] = None,
-                cache: Optional["BlockCache"] = None) -> tuple[torch.Tensor, list]:
+                cache: Optional["BlockCache"] = None, carries: Optional[dict] = None) -> tuple[torch.Tensor, list]:
         """One path for training, prefill and decoding steps.
 
         Args:
@@ -154,14 +155,20 @@ class Block(nn.Module):
                 into the cache first and attention reads the whole cache (``self_mask`` decides
                 what each position sees); cross-attention reads the cached encoder keys/values.
                 No dropout.
+            carries: the MoE layers' decoding state, kept across the calls of one generation (a
+                dict per block: ``BlockCache.carries``, or the prefix pass's that the caches
+                start from); None when not generating.
         """
         routed: list[MoEOutput] = []
         drop = cache is None
+        if cache is not None and carries is None:
+            carries = cache.carries
 
         def self_attention(h):
             kv = None if cache is None else cache.write_and_read(self.self_attn, h, rope)
             out, moe_out = self.self_attn(h, h if kv is None else None, self_mask, tags, kv=kv, rope=rope,
-                                          keep_kv=keep_kv)
+                                          keep_kv=keep_kv,
+                                          carry=None if carries is None else carries.setdefault("attention", {}))
             if moe_out is not None:
                 routed.append(moe_out)
             return out
@@ -171,7 +178,7 @@ class Block(nn.Module):
             kv = None if cache is None else cache.memory_kv
             x = self._residual(x, self.norm_cross,
                                lambda h: self.cross_attn(h, memory, cross_mask, tags, kv=kv)[0], drop)
-        x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, routed), drop)
+        x = self._residual(x, self.norm_ffn, lambda h: self._ffn(h, tags, routed, carries), drop)
         return x, routed
 
 
@@ -184,12 +191,22 @@ class BlockCache:
         memory_kv: the cross-attention keys and values of the encoder output (computed once), or
             None (decoder-only layout).
         write: long ``[B, S]``: where the positions of the current call go (set per call).
+        carries: the block's MoE layers' decoding state (``"ffn"``, ``"attention"`` → the dict its
+            router keeps, e.g. a context router's sums of earlier positions), rows ``[B, ...]``.
     """
 
     k: torch.Tensor
     v: torch.Tensor
     memory_kv: Optional[tuple] = None
     write: Optional[torch.Tensor] = None
+    carries: dict = dataclasses.field(default_factory=dict)
+
+    def reorder(self, parents: torch.Tensor) -> None:
+        """Row j takes over row ``parents[j]``'s keys, values and carried state (beam search)."""
+        self.k, self.v = self.k[parents], self.v[parents]  # (a sample's beams share its memory)
+        for carry in self.carries.values():
+            for name, value in carry.items():
+                carry[name] = value[parents]
 
     def write_and_read(self, attention: "Attention", h_BSD: torch.Tensor, rope=None) -> tuple:
         """Writes the keys and values of ``h``'s positions at ``write``; returns the whole cache."""
@@ -207,6 +224,7 @@ class StackOutput:
     hidden: torch.Tensor  # [B, S, D] after the final norm
     moe_outputs: list  # MoEOutput of every MoE call, in layer order
     kv: Optional[list] = None  # per block (keys, values) of self-attention, when the caller kept them
+    carries: Optional[list] = None  # per block, the MoE layers' decoding state, when the caller kept keys
 
 
 class Stack(nn.Module):
@@ -245,8 +263,9 @@ class Stack(nn.Module):
         """``tags``, ``padding``: the tokens' ``TokenTags`` and padding mask (True = padding), given
         to every MoE layer as one ``TagBatch``; or ``tags`` the ``TagBatch`` itself (``tag_batch``,
         padding included; a decoding loop keeps one per distinct step). ``keep_kv``: a list that
-        receives every block's self-attention keys and values. ``caches``: one ``BlockCache`` per
-        block (generation)."""
+        receives every block's self-attention keys and values, and the output's ``carries`` every
+        block's MoE decoding state (a prefix that generation continues). ``caches``: one
+        ``BlockCache`` per block (generation)."""
         routed = []
         if isinstance(tags, TagBatch):
             if padding is not None or tags.shape != tuple(x.shape[:2]):
@@ -256,15 +275,17 @@ class Stack(nn.Module):
         else:
             batch = self.tag_batch(tags, padding, x.shape[:2], x.device)
         recompute = self.checkpoint_blocks and self.training and torch.is_grad_enabled()
+        kept = None if keep_kv is None else [{} for _ in self.blocks]
         for i, block in enumerate(self.blocks):
             cache = None if caches is None else caches[i]
+            carries = None if kept is None else kept[i]
             if recompute:
-                x, moe_outs = checkpoint(block, x, self_mask, batch, memory, cross_mask, rope, keep_kv, cache,
+                x, moe_outs = checkpoint(block, x, self_mask, batch, memory, cross_mask, rope, keep_kv, cache, carries,
                                          use_reentrant=False, context_fn=functools.partial(_contexts, block))
             else:
-                x, moe_outs = block(x, self_mask, batch, memory, cross_mask, rope, keep_kv, cache)
+                x, moe_outs = block(x, self_mask, batch, memory, cross_mask, rope, keep_kv, cache, carries)
             routed.extend(moe_outs)
-        return StackOutput(self.norm(x), routed)
+        return StackOutput(self.norm(x), routed, carries=kept)
 
 
 def _contexts(block: Block):

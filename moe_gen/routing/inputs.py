@@ -5,7 +5,7 @@ Shape legend: T tokens (flattened, padding included), D model width, A attribute
 | strategy    | z (router input, [T, D])                        | content-dependent |
 |-------------|--------------------------------------------------|-------------------|
 | token       | x                                                | yes               |
-| context     | x + W·mean(x over the token's sequence)          | yes               |
+| context     | x + W·mean(x over what it sees of its sequence)  | yes               |
 | modality    | Embedding(modality)                              | no                |
 | task        | Embedding(task)                                  | no                |
 | attribute   | LayerNorm(Linear(attribute vector))              | no                |
@@ -43,11 +43,15 @@ class RouterInput(nn.Module):
         needs_tags: whether ``tags`` must be given.
         reads_segments: whether ``forward`` reads ``segment_T`` (the token's sequence, for pooling);
             inputs that do not get None there, and the router does not derive the segments.
+        carries: whether ``forward`` takes ``carry=``: a dict it keeps across the calls of one
+            cached decoding (what earlier calls saw of each sequence); given only in cached
+            decoding, and only to inputs that set this.
     """
 
     content_dependent: bool = True
     needs_tags: bool = False
     reads_segments: bool = True
+    carries: bool = False
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__()
@@ -93,27 +97,76 @@ class TokenInput(RouterInput):
 
 @ROUTERS.register("context")
 class ContextInput(RouterInput):
-    """z = x + W·pooled(x): the token plus a summary of its own sequence.
+    """z = x + W·pooled(x): the token plus a summary of what it sees of its own sequence.
 
-    The mean is taken over the valid tokens of each sequence (``segment_T``), so neither padding
-    nor the other examples in the batch change a token's route.
+    The mean is taken over the valid tokens of the token's sequence (``segment_T``), so neither
+    padding nor the other examples in the batch change its route. A token that is not causal
+    (``tags.causal`` False: encoder, prompt) pools over the sequence's tokens that are not causal
+    either; a causal one (decoder) over those and the causal tokens up to itself, as it attends: so
+    a decoder's routes in training do not read the future, and cached decoding, which pools the
+    tokens of earlier calls kept in ``carry``, routes as the full forward does. Tokens of a
+    sequence come in position order (the flattened ``[B, S]`` rows).
+
+    ``carry`` (cached decoding: one dict per layer, kept by the caller across calls): ``sum``
+    float64 ``[S, D]`` and ``count`` ``[S, 1]`` of each sequence's valid tokens in earlier calls,
+    which come before every token of this call; updated in place with this call's tokens.
     """
+
+    carries = True
 
     def __init__(self, d_model: int, config: RouterConfig) -> None:
         super().__init__(d_model, config)
         self.context_proj = nn.Linear(d_model, d_model, bias=False)
 
-    def forward(self, x_TD, tags, segment_T, valid_T):
+    def forward(self, x_TD, tags, segment_T, valid_T, carry: dict | None = None):
         num_segments = int(segment_T.max()) + 1 if segment_T.numel() else 1
-        weight_T1 = valid_T.to(x_TD.dtype).unsqueeze(1)
+        causal_T = None if tags is None else tags.causal.reshape(-1) & valid_T
+        causal_T = causal_T if causal_T is not None and bool(causal_T.any()) else None
+        if carry is not None:
+            num_segments = max(num_segments, carry["sum"].shape[0] if carry else 0)
         # where() and not multiplication: padding may hold non-finite values.
-        x_valid_TD = torch.where(valid_T.unsqueeze(1), x_TD, torch.zeros_like(x_TD))
-        sums_SD = x_TD.new_zeros(num_segments, x_TD.shape[1]).index_add(0, segment_T, x_valid_TD)
+        open_T = valid_T if causal_T is None else valid_T & ~causal_T
+        x_open_TD = torch.where(open_T.unsqueeze(1), x_TD, torch.zeros_like(x_TD))
+        weight_T1 = open_T.to(x_TD.dtype).unsqueeze(1)
+        sums_SD = x_TD.new_zeros(num_segments, x_TD.shape[1]).index_add(0, segment_T, x_open_TD)
         counts_S1 = weight_T1.new_zeros(num_segments, 1).index_add(0, segment_T, weight_T1)
-        mean_SD = sums_SD / counts_S1.clamp_min(1.0)
         # The router runs with autocast off: match the projection's dtype (bf16 inputs, fp32 weights).
-        context_SD = self.context_proj(mean_SD.to(self.context_proj.weight.dtype)).to(x_TD.dtype)
-        return x_TD + context_SD[segment_T]
+        dtype = self.context_proj.weight.dtype
+        if causal_T is None and carry is None:  # no causal token: every token pools its whole sequence
+            mean_SD = sums_SD / counts_S1.clamp_min(1.0)
+            return x_TD + self.context_proj(mean_SD.to(dtype)).to(x_TD.dtype)[segment_T]
+        mean_TD = self._causal_mean(x_TD, segment_T, causal_T, sums_SD.double(), counts_S1.double(), carry)
+        return x_TD + self.context_proj(mean_TD.to(dtype)).to(x_TD.dtype)
+
+    @staticmethod
+    def _causal_mean(x_TD, segment_T, causal_T, sums_SD, counts_S1, carry):
+        """Each token's mean over what it sees (float64 sums: a causal prefix and the sums that cached
+        decoding carries from call to call agree to rounding); updates ``carry``."""
+        if carry:
+            sums_SD[:carry["sum"].shape[0]] += carry["sum"]
+            counts_S1[:carry["count"].shape[0]] += carry["count"]
+        seen_TD, seen_T1 = sums_SD[segment_T], counts_S1[segment_T]
+        closed_SD, closed_S1 = torch.zeros_like(sums_SD), torch.zeros_like(counts_S1)
+        if causal_T is not None:
+            # causal tokens: a running sum within the sequence, in position order (a stable sort
+            # by sequence keeps it), up to and including the token itself
+            x_TD64 = torch.where(causal_T.unsqueeze(1), x_TD.double(), 0.0)
+            c_T1 = causal_T.double().unsqueeze(1)
+            order = torch.sort(segment_T, stable=True).indices
+            run_TD, run_T1 = x_TD64[order].cumsum(0), c_T1[order].cumsum(0)
+            closed_SD.index_add_(0, segment_T, x_TD64)
+            closed_S1.index_add_(0, segment_T, c_T1)
+            # minus the running sum of the sequences sorted before this one
+            before_SD, before_S1 = closed_SD.cumsum(0) - closed_SD, closed_S1.cumsum(0) - closed_S1
+            seg_sorted = segment_T[order]
+            prefix_TD = torch.empty_like(run_TD).index_copy_(0, order, run_TD - before_SD[seg_sorted])
+            prefix_T1 = torch.empty_like(run_T1).index_copy_(0, order, run_T1 - before_S1[seg_sorted])
+            causal_T1 = causal_T.unsqueeze(1)
+            seen_TD = torch.where(causal_T1, seen_TD + prefix_TD, seen_TD)
+            seen_T1 = torch.where(causal_T1, seen_T1 + prefix_T1, seen_T1)
+        if carry is not None:
+            carry["sum"], carry["count"] = sums_SD + closed_SD, counts_S1 + closed_S1
+        return seen_TD / seen_T1.clamp_min(1.0)
 
 
 @ROUTERS.register("modality")

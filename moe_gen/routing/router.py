@@ -150,11 +150,13 @@ class Router(nn.Module):
             return auxiliary_losses(routing, batch.tags, self.router_config)
         return functools.partial(auxiliary_losses, routing, batch.tags, self.router_config)
 
-    def forward(self, x_TD: torch.Tensor, batch: TagBatch) -> RouterOutput:
+    def forward(self, x_TD: torch.Tensor, batch: TagBatch, carry: Optional[dict] = None) -> RouterOutput:
         """Args:
             x_TD: hidden states (any float dtype).
             batch: the tokens' tags (required by tag strategies), padding and sequences
                 (``TagBatch``; its tag groups are computed once for all layers of a forward).
+            carry: cached decoding: this layer's state kept across the calls of one decoding,
+                for inputs that pool earlier positions (``RouterInput.carries``; others ignore it).
         """
         valid_T = batch.valid
         group_T = cache_key = None
@@ -180,7 +182,7 @@ class Router(nn.Module):
             segment_R = None if segment_R is None else segment_R[first_G]
 
         with torch.autocast(x_TD.device.type, enabled=False):
-            logits_RE, scores_RE, probs_RE = self._scores(x_RD, tags_R, segment_R, valid_R)
+            logits_RE, scores_RE, probs_RE = self._scores(x_RD, tags_R, segment_R, valid_R, carry)
             if group_T is not None and type(self.gate).rowwise:
                 # A row-wise gate decides each group from its one row; members take that choice
                 # (padding members none): equal to gating every token, at G rows of work.
@@ -236,14 +238,18 @@ class Router(nn.Module):
         store[cache_key] = routes
 
     def _scores(
-        self, x_RD: torch.Tensor, tags_R: TokenTags | None, segment_R: torch.Tensor | None, valid_R: torch.Tensor
+        self, x_RD: torch.Tensor, tags_R: TokenTags | None, segment_R: torch.Tensor | None, valid_R: torch.Tensor,
+        carry: Optional[dict] = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Logits, selection scores and probabilities ``[R, E]`` of the R rows, in fp32 (call with
         autocast off). In training, noise is drawn here: jitter on the router input, then
         gaussian or gumbel noise on the logits."""
         rc = self.router_config
         noise = rc.noise if self.training else "none"
-        z_RD = self.input(x_RD, tags_R, segment_R, valid_R).float()
+        if carry is not None and type(self.input).carries:
+            z_RD = self.input(x_RD, tags_R, segment_R, valid_R, carry=carry).float()
+        else:
+            z_RD = self.input(x_RD, tags_R, segment_R, valid_R).float()
         if noise == "jitter":
             # Switch Transformer: multiplicative jitter on the router input.
             z_RD = z_RD * torch.empty_like(z_RD).uniform_(1.0 - rc.jitter_eps, 1.0 + rc.jitter_eps)
