@@ -143,3 +143,26 @@ def test_best_free_token_equals_the_argmax_over_unclaimed_tokens(action):
         assert (token, value) == (best, float(masked[best]))
         lift = float(masked.logsumexp(0)) - value if action == "start" else 0.0
         assert rank == pytest.approx(value + lift)
+
+
+def test_an_option_that_starts_a_value_is_drawn_with_its_total_probability():
+    """An answer may end (EOS, p = 0.5) or start another box, whose first location token is one of
+    100 (p = 0.005 each, 0.5 together): at temperature 1 a box starts half the time, and its first
+    token is one of the 100 (drawn token by token, each would carry the whole box's mass: 100/101)."""
+    from moe_gen.model.generate import _draw, _Hypothesis
+    from moe_gen.model.grammar import Option, State
+
+    hyp = _Hypothesis(State(slot=0), 0.0, 0.0, 0)
+    end, start = Option(0, (1,), True, "end"), Option(1, tuple(range(10, 110)), True, "start")
+    box_mass = torch.tensor([0.005] * 100).log().logsumexp(0).item()  # log 0.5
+    lift = box_mass - torch.tensor(0.005).log().item()
+    expansions = [(torch.tensor(0.5).log().item(), -0.69, 1, hyp, end)]
+    expansions += [(torch.tensor(0.005).log().item() + lift, -5.3, t, hyp, start) for t in range(10, 110)]
+    expansions.sort(key=lambda e: (-e[0], e[2]))
+    generator = torch.Generator().manual_seed(0)
+    drawn = [_draw(expansions, Sampling(), generator) for _ in range(2000)]
+    started = [e for e in drawn if e[4] is start]
+    assert abs(len(started) / len(drawn) - 0.5) < 0.05
+    assert len({e[2] for e in started}) > 50  # the box's first token is drawn among its own
+    greedy = [_draw(expansions, Sampling(temperature=0), generator) for _ in range(3)]
+    assert all(e == expansions[0] for e in greedy)

@@ -94,11 +94,12 @@ def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = No
 class Sampling:
     """Drawing each token instead of taking the best one (token targets, within the grammar).
 
-    A token is drawn among those the answer's grammar allows with probability ∝ exp(rank / T),
-    the rank being its log-probability (for the first token of a value, such as another box or
-    the next label, the value's total probability, as greedy decoding ranks it); ``top_k`` keeps
-    the k best, ``top_p`` the smallest set of best tokens holding that much of the probability.
-    ``top_k=1``, ``top_p`` near 0 and ``temperature=0`` are greedy decoding.
+    What comes next is drawn among what the answer's grammar allows with probability ∝ exp(rank / T):
+    a token, ranked by its log-probability, or an option that starts a value (another box, the next
+    label) as one item ranked by its total probability, as greedy decoding ranks it; a drawn option
+    then draws its first token among its own by their log-probabilities, with the same settings.
+    ``top_k`` keeps the k best, ``top_p`` the smallest set of best items holding that much of the
+    probability. ``top_k=1``, ``top_p`` near 0 and ``temperature=0`` are greedy decoding.
 
     Args:
         temperature: T ≥ 0 (0: greedy).
@@ -258,7 +259,7 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
         for s in range(len(samples)):
             expansions = _expansions(grammar, alive[s], logp_RV, candidates, tensors, rules)
             if sampling is not None and expansions:  # one draw (greedy keeps the first)
-                expansions = [expansions[sampling.choose([e[0] for e in expansions], draws)]]
+                expansions = [_draw(expansions, sampling, draws)]
             kept, retired = _keep_best(grammar, expansions, beams)
             finished[s].extend(retired)
             alive[s] = []
@@ -302,6 +303,30 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
                                    hyp.score + value if option.scored else hyp.score, token, hyp, option))
     expansions.sort(key=lambda e: (-e[0], e[2]))
     return expansions
+
+
+def _draw(expansions: list[tuple[float, float, int, _Hypothesis, Option]], sampling: Sampling,
+          generator: torch.Generator) -> tuple[float, float, int, _Hypothesis, Option]:
+    """One expansion drawn (``expansions`` best first): first what comes next — a token, or an option
+    that starts a value as one item at its total probability (the rank its best token carries) —
+    then, for such an option, which of its tokens, by their own probabilities. Drawn token by
+    token instead, each of the option's tokens would carry the whole option's mass (a box's 1000
+    location tokens: up to 1000 times the chance of starting another box). Greedy limits of
+    ``sampling`` take the best at both draws: greedy decoding."""
+    items: list[tuple[float, float, int, _Hypothesis, Option]] = []
+    members: dict[tuple[_Hypothesis, Option], list] = {}
+    for expansion in expansions:
+        hyp, option = expansion[3], expansion[4]
+        if option.action != "start":
+            items.append(expansion)
+            continue
+        if (hyp, option) not in members:
+            members[(hyp, option)] = []
+            items.append(expansion)  # the option's best token stands for it
+        members[(hyp, option)].append(expansion)
+    chosen = items[sampling.choose([e[0] for e in items], generator)]
+    tokens = members.get((chosen[3], chosen[4]))
+    return chosen if tokens is None else tokens[sampling.choose([e[0] for e in tokens], generator)]
 
 
 def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int, _Hypothesis, Option]],
