@@ -112,9 +112,9 @@ class MoE(nn.Module):
     def freeze_for_inference(self) -> None:
         """Freezes a tag-routed layer for inference (what ``merge_for_inference`` does to each): the
         merged backend, routes kept per set of tag groups and merged weights per route, no
-        gradients, no training mode. The kept values are dropped when the layer loads a state dict
-        or moves; other changes to its weights are not seen, so merge the trained model again
-        instead of changing a frozen one."""
+        gradients, no training mode. The kept values are dropped when the layer or a part of it
+        loads a state dict, or the layer moves; other changes to its weights are not seen, so
+        merge the trained model again instead of changing a frozen one."""
         if self.router.content_dependent:
             raise ValueError(f"router strategy {self.config.router.strategy!r} routes every token by its "
                              "content; only tag-routed layers can be merged")
@@ -124,6 +124,19 @@ class MoE(nn.Module):
         self.frozen, self._in_place = True, None  # (a copy made inside a merged_in_place block: frozen for good)
         self.requires_grad_(False)
         self.eval()
+        # a state dict loaded into a part of the layer (its experts, its router or below) drops what
+        # the layer kept, as one loaded into the layer does
+        for module in self.modules():
+            if module is not self:
+                module.register_load_state_dict_post_hook(_ForgetKept(self))
+
+    def forget_kept(self) -> None:
+        """Drops the routes and merged weights a frozen layer keeps (they are made again when next
+        needed): what loading a state dict into it or a part of it does."""
+        if isinstance(self.backend, MergedDispatch):
+            self.backend.reset()
+        if self.router.cache_routes:
+            self.router.set_route_cache(True)
 
     def train(self, mode: bool = True) -> "MoE":
         if mode and self.frozen:
@@ -270,6 +283,17 @@ class MoE(nn.Module):
                     f"balance_loss_groups={list(rc.balance_loss_groups)} needs tags; pass tags="
                 )
         return batch
+
+
+class _ForgetKept:
+    """A load-state-dict hook on the parts of a frozen layer: the layer forgets what it kept (a
+    class, not a closure, so that a model with it pickles)."""
+
+    def __init__(self, layer: MoE) -> None:
+        self.layer = layer
+
+    def __call__(self, module, incompatible_keys) -> None:
+        self.layer.forget_kept()
 
 
 def merge_for_inference(model: nn.Module) -> nn.Module:

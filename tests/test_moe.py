@@ -458,6 +458,35 @@ def test_frozen_layer_keeps_one_route_entry_per_set_of_tag_groups():
     assert not merged.router._routes and not merged.backend._cache
 
 
+def test_a_frozen_layer_forgets_what_it_kept_when_a_part_of_it_loads_weights(tmp_path):
+    import copy
+    import pickle
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    other = copy.deepcopy(moe)
+    with torch.no_grad():
+        for p in other.parameters():
+            p.mul_(-1.5)
+    merged = merge_for_inference(moe)
+    x, tags = torch.randn(40, D), random_tags((40,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        merged(x, tags=tags)  # keeps routes and merged weights
+        merged.experts.load_state_dict(other.experts.state_dict())  # the experts alone
+        assert not merged.backend._cache and not merged.router._routes
+        merged.router.input.load_state_dict(other.router.input.state_dict())  # part of the router
+        merged.router.weight.copy_(other.router.weight)  # (a plain write: not seen, so before the next call)
+        torch.testing.assert_close(merged(x, tags=tags).output, other(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+        merged.router.input.load_state_dict(moe.router.input.state_dict())
+        assert not merged.router._routes and not merged.backend._plans
+    # the hooks survive copies and pickling, bound to the copy's own layer
+    for again in (copy.deepcopy(merged), pickle.loads(pickle.dumps(merged))):
+        with torch.no_grad():
+            again(x, tags=tags)
+            again.experts.load_state_dict(moe.experts.state_dict())
+        assert not again.backend._cache and merged.backend._cache is not again.backend._cache
+
+
 @pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("mlp", "gelu_tanh"), ("mlp", "relu"), ("mlp", "silu"),
                                              ("glu", "silu")])
 def test_frozen_layer_runs_small_batches_as_one_group_over_the_union_of_their_experts(kind, activation):
