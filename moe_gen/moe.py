@@ -130,6 +130,22 @@ class MoE(nn.Module):
             if module is not self:
                 module.register_load_state_dict_post_hook(_ForgetKept(self))
 
+    def __getstate__(self):
+        state = super().__getstate__()
+        record = state.get("_in_place")
+        if record is not None:
+            # copied or pickled while merged_in_place blocks run it: the copy is the layer as it is
+            # outside them (its own backend, not frozen); its router's route cache is set back on load
+            state = {**state, "backend": record.backend, "frozen": False, "_in_place": None,
+                     "_route_cache_outside": record.cache_routes}
+        return state
+
+    def __setstate__(self, state):
+        cache_routes = state.pop("_route_cache_outside", None)
+        super().__setstate__(state)
+        if cache_routes is not None:
+            self.router.set_route_cache(cache_routes)
+
     def forget_kept(self) -> None:
         """Drops the routes and merged weights a frozen layer keeps (they are made again when next
         needed): what loading a state dict into it or a part of it does."""

@@ -223,3 +223,26 @@ def test_decoding_steps_share_a_tag_batch_only_when_their_tags_are_equal(name, t
     for a, b in zip(kept, fresh):
         assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-5)
         assert a.targets == b.targets
+
+
+def test_a_copy_made_inside_an_in_place_block_is_the_model_as_it_is_outside(tok):
+    # deepcopy or pickle while infer runs the layers merged in place (another thread, or a callback):
+    # the copy has each layer's own backend, keeps no routes and trains, as the model does after the block
+    import copy
+    import pickle
+
+    task = load_preset("doc_topic", "train", limit=3)
+    model = build([task], tok, router=RouterConfig(strategy="attribute")).eval()
+    backends = [type(m.backend) for m in model.modules() if isinstance(m, MoE)]
+    expected = model.infer(task, task.data, max_new_tokens=4, merged=False)
+    with merged_in_place(model):
+        model.infer(task, task.data, max_new_tokens=4)  # the block's layers keep routes and plans
+        copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+        assert all(m.frozen for m in model.modules() if isinstance(m, MoE))
+    for other in copies:
+        layers = [m for m in other.modules() if isinstance(m, MoE)]
+        assert [type(m.backend) for m in layers] == backends
+        assert not any(m.frozen or m._in_place or m.router.cache_routes or m.router._routes for m in layers)
+        for a, b in zip(expected, other.infer(task, task.data, max_new_tokens=4)):
+            assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-4)
+        other.train()
