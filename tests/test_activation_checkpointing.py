@@ -41,7 +41,7 @@ def step(model, batch, objective=GenerativeObjective, seed=1):
     return out["loss"].detach(), grads, biases
 
 
-@pytest.mark.parametrize("router", ["attribute", "token", "hybrid"])
+@pytest.mark.parametrize("router", ["attribute", "token", "hybrid", "context"])
 def test_checkpointed_step_has_the_same_loss_gradients_and_balance_bias(tasks, tok, router):
     rc = RouterConfig(strategy=router, noise="gaussian", tag_balance="bias")
     plain, recomputed = build(tasks, tok, router=rc), build(tasks, tok, router=rc)
@@ -57,6 +57,25 @@ def test_checkpointed_step_has_the_same_loss_gradients_and_balance_bias(tasks, t
     for name in bias_a:
         torch.testing.assert_close(bias_b[name], bias_a[name], rtol=0, atol=0, msg=name)
     assert router != "attribute" or any(bool(b.abs().sum() > 0) for b in bias_a.values())
+
+
+def test_decoder_only_prefix_pass_keeps_nothing_in_training_and_recomputes_exactly(tasks, tok):
+    # The prefix pass keeps keys, values and context sums only for generation (encode(keep=True)):
+    # in training a recomputed block would otherwise add its sums to a carry a second time.
+    grads = []
+    for checkpointed in (False, True):
+        model = build(tasks, tok, router=RouterConfig(strategy="context"))
+        model = GeneralistModel.build(model.config.replace(layout="decoder-only"), tasks, tok).train()
+        model.set_activation_checkpointing(checkpointed)
+        batch = collate([s for t in tasks for s in t.samples(tok)], tok, model.task_ids)
+        torch.manual_seed(1)
+        out = model.encode(batch.encoder)
+        assert out.kv is None and out.carries is None
+        (out.hidden.float() ** 2).sum().backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert grads[0].keys() == grads[1].keys() and len(grads[0]) > 10
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_checkpointing_applies_to_the_contrastive_pass_too(tok):

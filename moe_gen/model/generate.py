@@ -200,7 +200,8 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
         tok = model.tokenizer
         dev = model.token_embedding.weight.device
         enc_batch = collate(list(samples), tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
-        return _generate_frames(model, samples, target, enc_batch, model.encode(enc_batch.encoder), max_frames)
+        memory = model.encode(enc_batch.encoder, keep=True)
+        return _generate_frames(model, samples, target, enc_batch, memory, max_frames)
     return _search(model, grammar, samples, beams=1, sampling=sampling, rules=rules)
 
 
@@ -244,7 +245,7 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     rows = [sample for sample in samples for _ in range(beams)]
     R = len(rows)
     enc_batch = collate(rows, tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
-    memory = model.encode(enc_batch.encoder)
+    memory = model.encode(enc_batch.encoder, keep=True)
     limit = grammar.max_steps()
     target = grammar.slots[grammar.first]
     decoder = _CachedDecoder(model, rows, target.modality.name, enc_batch, memory, limit)
@@ -314,18 +315,20 @@ def _draw(expansions: list[tuple[float, float, int, _Hypothesis, Option]], sampl
     location tokens: up to 1000 times the chance of starting another box). Greedy limits of
     ``sampling`` take the best at both draws: greedy decoding."""
     items: list[tuple[float, float, int, _Hypothesis, Option]] = []
-    members: dict[tuple[_Hypothesis, Option], list] = {}
+    # an option's expansions by (hypothesis, option) object: hashing them would hash a box option's
+    # 1000 token ids per expansion (the objects live in ``expansions`` for the whole call)
+    members: dict[tuple[int, int], list] = {}
     for expansion in expansions:
-        hyp, option = expansion[3], expansion[4]
-        if option.action != "start":
+        key = (id(expansion[3]), id(expansion[4]))
+        if expansion[4].action != "start":
             items.append(expansion)
             continue
-        if (hyp, option) not in members:
-            members[(hyp, option)] = []
+        if key not in members:
+            members[key] = []
             items.append(expansion)  # the option's best token stands for it
-        members[(hyp, option)].append(expansion)
+        members[key].append(expansion)
     chosen = items[sampling.choose([e[0] for e in items], generator)]
-    tokens = members.get((chosen[3], chosen[4]))
+    tokens = members.get((id(chosen[3]), id(chosen[4])))
     return chosen if tokens is None else tokens[sampling.choose([e[0] for e in tokens], generator)]
 
 

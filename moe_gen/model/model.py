@@ -510,15 +510,16 @@ class GeneralistModel(nn.Module):
     def _prefix_mask(self, enc: Side) -> torch.Tensor:
         return enc.attention_mask(causal=self.config.prefix_attention == "causal")
 
-    def encode(self, enc: Side):
+    def encode(self, enc: Side, keep: bool = False):
         """The encoder over all input slots (bidirectional within each sample). In the
-        decoder-only layout: the prefix pass of the one stack, whose per-block keys and values
-        are in ``.kv`` (what generation caches before decoding)."""
+        decoder-only layout: the prefix pass of the one stack; with ``keep`` (generation), its
+        per-block keys and values are in ``.kv`` and its MoE layers' decoding state in
+        ``.carries``, what generation caches before decoding."""
         if self.config.decoder_only:
-            kv: list = []
+            kv: Optional[list] = [] if keep else None
             out = self.decoder(self.embed(enc), self._prefix_mask(enc), enc.tags, enc.padding_mask,
                                rope=self.rope(enc), keep_kv=kv)
-            return dataclasses.replace(out, kv=kv)  # out.carries: the MoE layers' state after the prefix
+            return dataclasses.replace(out, kv=kv)
         return self.encoder(self.embed(enc), enc.attention_mask(), enc.tags, enc.padding_mask, rope=self.rope(enc))
 
     def decode(self, dec: Side, enc: Side, memory, causal: bool = True):

@@ -110,6 +110,11 @@ class ContextInput(RouterInput):
     ``carry`` (cached decoding: one dict per layer, kept by the caller across calls): ``sum``
     float64 ``[S, D]`` and ``count`` ``[S, 1]`` of each sequence's valid tokens in earlier calls,
     which come before every token of this call; updated in place with this call's tokens.
+
+    What a token sees follows its ``causal`` tag, not the attention mask: the parallel (MaskGIT)
+    objective's decoder tokens keep their causal tags while attending both ways, so they pool their
+    prefix, and with ``prefix_attention="causal"`` prompt tokens pool the whole prompt; both the
+    same in training and inference.
     """
 
     carries = True
@@ -122,50 +127,57 @@ class ContextInput(RouterInput):
         num_segments = int(segment_T.max()) + 1 if segment_T.numel() else 1
         causal_T = None if tags is None else tags.causal.reshape(-1) & valid_T
         causal_T = causal_T if causal_T is not None and bool(causal_T.any()) else None
-        if carry is not None:
-            num_segments = max(num_segments, carry["sum"].shape[0] if carry else 0)
+        if carry:
+            num_segments = max(num_segments, carry["sum"].shape[0])
+        # Sums in fp32 at least (bf16 would stop counting at 256); fp64 for causal prefixes outside
+        # training, where a full forward and cached decoding's carried sums must agree to rounding
+        # (training keeps fp32: a third of the memory for backward).
+        acc = torch.promote_types(x_TD.dtype, torch.float32)
+        if causal_T is not None or carry is not None:
+            acc = acc if torch.is_grad_enabled() and x_TD.requires_grad else torch.float64
         # where() and not multiplication: padding may hold non-finite values.
         open_T = valid_T if causal_T is None else valid_T & ~causal_T
-        x_open_TD = torch.where(open_T.unsqueeze(1), x_TD, torch.zeros_like(x_TD))
-        weight_T1 = open_T.to(x_TD.dtype).unsqueeze(1)
-        sums_SD = x_TD.new_zeros(num_segments, x_TD.shape[1]).index_add(0, segment_T, x_open_TD)
+        x_open_TD = torch.where(open_T.unsqueeze(1), x_TD.to(acc), 0.0)
+        weight_T1 = open_T.to(acc).unsqueeze(1)
+        sums_SD = x_open_TD.new_zeros(num_segments, x_TD.shape[1]).index_add(0, segment_T, x_open_TD)
         counts_S1 = weight_T1.new_zeros(num_segments, 1).index_add(0, segment_T, weight_T1)
         # The router runs with autocast off: match the projection's dtype (bf16 inputs, fp32 weights).
         dtype = self.context_proj.weight.dtype
         if causal_T is None and carry is None:  # no causal token: every token pools its whole sequence
             mean_SD = sums_SD / counts_S1.clamp_min(1.0)
             return x_TD + self.context_proj(mean_SD.to(dtype)).to(x_TD.dtype)[segment_T]
-        mean_TD = self._causal_mean(x_TD, segment_T, causal_T, sums_SD.double(), counts_S1.double(), carry)
+        mean_TD = self._causal_mean(x_TD.to(acc), segment_T, causal_T, sums_SD, counts_S1, carry)
         return x_TD + self.context_proj(mean_TD.to(dtype)).to(x_TD.dtype)
 
     @staticmethod
     def _causal_mean(x_TD, segment_T, causal_T, sums_SD, counts_S1, carry):
-        """Each token's mean over what it sees (float64 sums: a causal prefix and the sums that cached
-        decoding carries from call to call agree to rounding); updates ``carry``."""
+        """Each token's mean over what it sees (``sums_SD``, ``counts_S1``: the sequences' tokens that
+        are not causal); updates ``carry``."""
         if carry:
-            sums_SD[:carry["sum"].shape[0]] += carry["sum"]
-            counts_S1[:carry["count"].shape[0]] += carry["count"]
+            sums_SD = sums_SD.index_add(0, torch.arange(carry["sum"].shape[0], device=sums_SD.device),
+                                        carry["sum"].to(sums_SD.dtype))
+            counts_S1 = counts_S1.index_add(0, torch.arange(carry["count"].shape[0], device=sums_SD.device),
+                                            carry["count"].to(sums_SD.dtype))
         seen_TD, seen_T1 = sums_SD[segment_T], counts_S1[segment_T]
         closed_SD, closed_S1 = torch.zeros_like(sums_SD), torch.zeros_like(counts_S1)
         if causal_T is not None:
             # causal tokens: a running sum within the sequence, in position order (a stable sort
             # by sequence keeps it), up to and including the token itself
-            x_TD64 = torch.where(causal_T.unsqueeze(1), x_TD.double(), 0.0)
-            c_T1 = causal_T.double().unsqueeze(1)
+            causal_T1 = causal_T.unsqueeze(1)
+            x_closed_TD = torch.where(causal_T1, x_TD, 0.0)
+            c_T1 = causal_T1.to(x_TD.dtype)
             order = torch.sort(segment_T, stable=True).indices
-            run_TD, run_T1 = x_TD64[order].cumsum(0), c_T1[order].cumsum(0)
-            closed_SD.index_add_(0, segment_T, x_TD64)
-            closed_S1.index_add_(0, segment_T, c_T1)
+            back, seg_sorted = order.argsort(), segment_T[order]
+            closed_SD = closed_SD.index_add(0, segment_T, x_closed_TD)
+            closed_S1 = closed_S1.index_add(0, segment_T, c_T1)
             # minus the running sum of the sequences sorted before this one
             before_SD, before_S1 = closed_SD.cumsum(0) - closed_SD, closed_S1.cumsum(0) - closed_S1
-            seg_sorted = segment_T[order]
-            prefix_TD = torch.empty_like(run_TD).index_copy_(0, order, run_TD - before_SD[seg_sorted])
-            prefix_T1 = torch.empty_like(run_T1).index_copy_(0, order, run_T1 - before_S1[seg_sorted])
-            causal_T1 = causal_T.unsqueeze(1)
+            prefix_TD = (x_closed_TD[order].cumsum(0) - before_SD[seg_sorted]).index_select(0, back)
+            prefix_T1 = (c_T1[order].cumsum(0) - before_S1[seg_sorted]).index_select(0, back)
             seen_TD = torch.where(causal_T1, seen_TD + prefix_TD, seen_TD)
             seen_T1 = torch.where(causal_T1, seen_T1 + prefix_T1, seen_T1)
         if carry is not None:
-            carry["sum"], carry["count"] = sums_SD + closed_SD, counts_S1 + closed_S1
+            carry["sum"], carry["count"] = (sums_SD + closed_SD).detach(), (counts_S1 + closed_S1).detach()
         return seen_TD / seen_T1.clamp_min(1.0)
 
 
