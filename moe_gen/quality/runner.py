@@ -34,7 +34,7 @@ __all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score", "sp
 
 GENERALISTS = ("dense", "token", "modality", "task", "attribute", "hybrid")
 # systems trained only when named (``--systems``): the default table keeps its columns
-EXTRA_SYSTEMS = ("instruction",)
+EXTRA_SYSTEMS = ("instruction", "context")
 
 
 @dataclasses.dataclass(kw_only=True)
