@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import random
 import time
+import warnings
 
 import pytest
 import torch
@@ -576,3 +577,12 @@ def test_location_features_make_neighbouring_bins_alike_and_survive_save_load(to
         p.box for p in model.infer(grounding, grounding.data[:2])]
     with pytest.raises(ValueError, match="location_frequencies must be >= 0"):
         flavour("debug", location_frequencies=-1)
+
+
+def test_a_decoder_gate_that_weighs_tokens_against_each_other_is_warned_about(tok):
+    task = load_preset("doc_topic", "train", limit=2)
+    with pytest.warns(UserWarning, match="gate 'expert_choice' in the decoder"):
+        build([task], tok, router=RouterConfig(gate="expert_choice"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the encoder may weigh tokens: no warning
+        build([task], tok, router=RouterConfig(gate="expert_choice"), decoder_router={"gate": "topk"})
