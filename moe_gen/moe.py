@@ -113,8 +113,8 @@ class MoE(nn.Module):
         """Freezes a tag-routed layer for inference (what ``merge_for_inference`` does to each): the
         merged backend, routes kept per set of tag groups and merged weights per route, no
         gradients, no training mode. The kept values are dropped when the layer or a part of it
-        loads a state dict, or the layer moves; other changes to its weights are not seen, so
-        merge the trained model again instead of changing a frozen one."""
+        loads a state dict, or the layer (not a part alone) moves or casts; other changes to its
+        weights are not seen, so merge the trained model again instead of changing a frozen one."""
         if self.router.content_dependent:
             raise ValueError(f"router strategy {self.config.router.strategy!r} routes every token by its "
                              "content; only tag-routed layers can be merged")
@@ -125,19 +125,23 @@ class MoE(nn.Module):
         self.requires_grad_(False)
         self.eval()
         # a state dict loaded into a part of the layer (its experts, its router or below) drops what
-        # the layer kept, as one loaded into the layer does
-        for module in self.modules():
-            if module is not self:
-                module.register_load_state_dict_post_hook(_ForgetKept(self))
+        # the layer kept, as one loaded into the layer does (registered once: freezing again adds none)
+        if not getattr(self, "_forgets_on_load", False):
+            for module in self.modules():
+                if module is not self:
+                    module.register_load_state_dict_post_hook(_ForgetKept(self))
+            self._forgets_on_load = True
 
     def __getstate__(self):
-        state = super().__getstate__()
-        record = state.get("_in_place")
-        if record is not None:
-            # copied or pickled while merged_in_place blocks run it: the copy is the layer as it is
-            # outside them (its own backend, not frozen); its router's route cache is set back on load
-            state = {**state, "backend": record.backend, "frozen": False, "_in_place": None,
-                     "_route_cache_outside": record.cache_routes}
+        # copied or pickled while merged_in_place blocks run it (another thread's infer): the copy is
+        # the layer as it is outside them (its own backend, not frozen, its router's route cache as
+        # outside, set on load); read under the blocks' lock, so that none enters or leaves meanwhile
+        with _IN_PLACE_LOCK:
+            state = dict(super().__getstate__())
+            record = state.get("_in_place")
+            if record is not None:
+                state.update(backend=record.backend, frozen=False, _in_place=None)
+            state["_route_cache_outside"] = self.router.cache_routes if record is None else record.cache_routes
         return state
 
     def __setstate__(self, state):
@@ -145,6 +149,13 @@ class MoE(nn.Module):
         super().__setstate__(state)
         if cache_routes is not None:
             self.router.set_route_cache(cache_routes)
+
+    def __copy__(self):
+        # a shallow copy shares the layer's parts and state as they are (the state fixes above are
+        # for copies that own their router)
+        other = self.__class__.__new__(self.__class__)
+        other.__dict__.update(self.__dict__)
+        return other
 
     def forget_kept(self) -> None:
         """Drops the routes and merged weights a frozen layer keeps (they are made again when next

@@ -487,6 +487,41 @@ def test_a_frozen_layer_forgets_what_it_kept_when_a_part_of_it_loads_weights(tmp
         assert not again.backend._cache and merged.backend._cache is not again.backend._cache
 
 
+def test_copies_around_in_place_blocks_race_free_and_freezing_twice_adds_no_hooks():
+    import copy
+    from unittest import mock
+
+    from moe_gen.moe import merged_in_place
+    from moe_gen.routing.router import Router
+
+    layer = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    own = type(layer.backend)
+    # another thread's infer enters a block after the layer's state was read, before its router's:
+    # the copy's router still comes out as outside the block
+    block, entered = merged_in_place(layer), []
+    original = Router.__getstate__
+
+    def entering(router):
+        if not entered:
+            entered.append(block.__enter__())
+        return original(router)
+
+    with mock.patch.object(Router, "__getstate__", entering):
+        other = copy.deepcopy(layer)
+    assert layer.frozen and layer.router.cache_routes  # the block runs the original merged
+    assert type(other.backend) is own and not other.frozen and not other.router.cache_routes
+    # a shallow copy inside the block leaves the original's state (shared router) alone
+    x, tags = torch.randn(12, D), random_tags((12,), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        layer(x, tags=tags)
+    copy.copy(layer)
+    assert layer.router.cache_routes and layer.router._routes
+    block.__exit__(None, None, None)
+    assert type(layer.backend) is own and not layer.frozen
+    merged = merge_for_inference(merge_for_inference(layer))  # merged twice: one hook per part
+    assert all(len(m._load_state_dict_post_hooks) == 1 for m in merged.modules() if m is not merged)
+
+
 @pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("mlp", "gelu_tanh"), ("mlp", "relu"), ("mlp", "silu"),
                                              ("glu", "silu")])
 def test_frozen_layer_runs_small_batches_as_one_group_over_the_union_of_their_experts(kind, activation):

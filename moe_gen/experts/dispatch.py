@@ -425,6 +425,13 @@ class MergedDispatch(DispatchBackend):
             self._partitions[key] = partition
         return partition
 
+    def __getstate__(self):
+        # copies and pickles start with nothing kept (another thread's infer may be adding to it)
+        state = dict(self.__dict__)
+        for name in ("_cache", "_stacks", "_partitions", "_plans"):
+            state[name] = collections.OrderedDict()
+        return state
+
     def reset(self) -> None:
         """Drops what ``cache`` kept (the layer loaded new weights or moved)."""
         # oldest first; an OrderedDict's popitem(last=False) evicts in one step, so threads sharing

@@ -124,6 +124,10 @@ class Router(nn.Module):
         load, self._pending_load = self._pending_load, None
         return load
 
+    def __getstate__(self):
+        # copies and pickles start without kept routes (another thread's infer may be adding some)
+        return {**super().__getstate__(), "_routes": collections.OrderedDict()}
+
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         # Models saved before tag balancing existed have no bias: they load with a zero bias.
         key = prefix + "balance_bias"
