@@ -302,19 +302,21 @@ def test_ranking_and_beam_search(tok):
         build([speech], tok).infer(speech, speech.data[:1], beams=2)
 
 
-@pytest.mark.parametrize("location, positions, strategy, layout", [
-    (0, "learned", "token", "encoder-decoder"), (0, "rotary", "token", "encoder-decoder"),
-    (8, "learned", "token", "encoder-decoder"), (8, "rotary", "token", "encoder-decoder"),
+@pytest.mark.parametrize("location, positions, strategy, layout, attention", [
+    (0, "learned", "token", "encoder-decoder", False), (0, "rotary", "token", "encoder-decoder", False),
+    (8, "learned", "token", "encoder-decoder", False), (8, "rotary", "token", "encoder-decoder", False),
     # a context router pools each causal token's prefix: cached steps carry the earlier positions' sums
-    (8, "learned", "context", "encoder-decoder"), (8, "rotary", "context", "decoder-only"),
+    # (in routed attention output projections too)
+    (8, "learned", "context", "encoder-decoder", False), (8, "rotary", "context", "decoder-only", False),
+    (8, "learned", "context", "encoder-decoder", True),
 ])
 @pytest.mark.parametrize("name", ["digit_captioning", "visual_grounding", "digit_classification"])
-def test_cached_greedy_decoding_matches_full_forward(name, positions, tok, location, strategy, layout):
+def test_cached_greedy_decoding_matches_full_forward(name, positions, tok, location, strategy, layout, attention):
     """Incremental decoding with the key/value cache picks, at every step, the argmax of a full
     teacher-forced forward pass over the same prefix, and its score is that pass's log-likelihood."""
     task = load_preset(name, "train", limit=4)
     model = build([task], tok, router=RouterConfig(strategy=strategy), positions=positions,
-                  location_frequencies=location, layout=layout).eval()
+                  location_frequencies=location, layout=layout, attention=attention).eval()
     predictions = model.infer(task, task.data[:4], max_new_tokens=6)
     plan = task.plan(tok)
     spec = plan.decode_specs()[0]

@@ -131,7 +131,7 @@ class ContextInput(RouterInput):
             num_segments = max(num_segments, carry["sum"].shape[0])
         # Sums in fp32 at least (bf16 would stop counting at 256); fp64 for causal prefixes outside
         # training, where a full forward and cached decoding's carried sums must agree to rounding
-        # (training keeps fp32: a third of the memory for backward).
+        # (training keeps fp32: about half the memory kept for backward).
         acc = torch.promote_types(x_TD.dtype, torch.float32)
         if causal_T is not None or carry is not None:
             acc = acc if torch.is_grad_enabled() and x_TD.requires_grad else torch.float64
