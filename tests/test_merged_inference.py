@@ -193,6 +193,27 @@ def test_eval_mode_blocks_may_overlap_across_threads(tok):
     assert model.training and model.decoder.training and not any(m.training for m in model.encoder.modules())
 
 
+def test_a_model_copied_inside_an_eval_mode_block_comes_out_in_its_modes_outside_it(tok):
+    # another thread's infer runs a training model in eval mode: a copy made meanwhile trains (its
+    # dropout on) and has no block of its own that its own infer would join and never end
+    import copy
+    import pickle
+
+    from moe_gen.model.model import eval_mode
+
+    task = load_preset("doc_topic", "train", limit=2)
+    model = build([task], tok).train()
+    model.encoder.eval()  # a part kept in eval mode stays so in the copies too
+    modes = [m.training for m in model.modules()]
+    with eval_mode(model):
+        copies = [copy.deepcopy(model), pickle.loads(pickle.dumps(model))]
+    for other in copies:
+        assert [m.training for m in other.modules()] == modes and "_eval_block" not in other.__dict__
+        with eval_mode(other):
+            assert not any(m.training for m in other.modules())
+        assert [m.training for m in other.modules()] == modes
+
+
 @pytest.mark.parametrize("name", ["digit_detection", "doc_topic"])
 def test_decoding_steps_share_a_tag_batch_only_when_their_tags_are_equal(name, tok, monkeypatch):
     # A decoding loop keeps one TagBatch per distinct (tags, active rows) of its steps: boxes and

@@ -238,6 +238,22 @@ class GeneralistModel(nn.Module):
             nn.init.normal_(self.location_embedding.weight, std=(D * F) ** -0.5)
             self.register_buffer("location_basis", location_basis(tokenizer.num_bins, F), persistent=False)
 
+    def __getstate__(self):
+        # copied or pickled while eval_mode blocks run on it (another thread's infer): the copy comes
+        # out in the modes the model has outside them, with no block of its own to join
+        with _EVAL_LOCK:
+            state = dict(super().__getstate__())
+            record = state.pop("_eval_block", None)
+            if record is not None:
+                state["_training_outside"] = list(record.training)
+        return state
+
+    def __setstate__(self, state):
+        training = state.pop("_training_outside", None)
+        super().__setstate__(state)
+        for module in training or ():
+            module.training = True
+
     # ---- building and saving -----------------------------------------------------------------
 
     @classmethod
