@@ -309,6 +309,7 @@ def test_ranking_and_beam_search(tok):
     # (in routed attention output projections too)
     (8, "learned", "context", "encoder-decoder", False), (8, "rotary", "context", "decoder-only", False),
     (8, "learned", "context", "encoder-decoder", True),
+    (8, "learned", "hybrid", "encoder-decoder", False),  # the demo's decoder router (tags and content)
 ])
 @pytest.mark.parametrize("name", ["digit_captioning", "visual_grounding", "digit_classification"])
 def test_cached_greedy_decoding_matches_full_forward(name, positions, tok, location, strategy, layout, attention):
