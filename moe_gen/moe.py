@@ -159,7 +159,7 @@ class MoE(nn.Module):
 
     def forget_kept(self) -> None:
         """Drops the routes and merged weights a frozen layer keeps (they are made again when next
-        needed): what loading a state dict into it or a part of it does."""
+        needed): what loading a state dict into it or a part of it, or moving it, does."""
         if isinstance(self.backend, MergedDispatch):
             self.backend.reset()
         if self.router.cache_routes:
@@ -172,13 +172,11 @@ class MoE(nn.Module):
         return super().train(mode)
 
     def _apply(self, fn, *args, **kwargs):
-        if isinstance(self.backend, MergedDispatch):  # kept merged weights are of the old device/dtype
-            self.backend.reset()
+        self.forget_kept()  # kept merged weights are of the old device/dtype
         return super()._apply(fn, *args, **kwargs)
 
     def _load_from_state_dict(self, *args, **kwargs):
-        if isinstance(self.backend, MergedDispatch):  # new weights: kept merged weights no longer hold
-            self.backend.reset()
+        self.forget_kept()  # new weights: kept merged weights no longer hold
         super()._load_from_state_dict(*args, **kwargs)
 
     def set_backend(self, name: str) -> None:

@@ -126,12 +126,11 @@ class Block(nn.Module):
                     else DenseFFN(config.d_model, config.ffn_hidden, config.moe.experts))
         self.drop = nn.Dropout(config.dropout)
         if moe and stack == "decoder" and not type(self.ffn.router.gate).rowwise:
-            gate = config.moe.router_for(stack).gate
-            warnings.warn(f"gate {gate!r} in the decoder's MoE layers weighs the batch's tokens against each "
-                          "other: in training a position's experts depend on later positions (and other rows), "
-                          "which decoding step by step cannot reproduce; for generative decoders give the "
-                          "decoder a per-token gate (ModelConfig.moe.decoder_router={'gate': 'topk'})",
-                          stacklevel=2)
+            warnings.warn(f"gate {self.ffn.config.router.gate!r} in the decoder's MoE layers weighs the batch's "
+                          "tokens against each other: in training a position's experts depend on later "
+                          "positions (and other rows), which decoding step by step cannot reproduce; for "
+                          "generative decoders give the decoder a per-token gate "
+                          "(ModelConfig.moe.decoder_router={'gate': 'topk'})", stacklevel=2)
 
     def _residual(self, x, norm: nn.Module, sublayer, drop: bool = True):
         """x + f(norm(x)) (pre-norm) or norm(x + f(x)) (post-norm)."""
