@@ -59,6 +59,29 @@ def test_checkpointed_step_has_the_same_loss_gradients_and_balance_bias(tasks, t
     assert router != "attribute" or any(bool(b.abs().sum() > 0) for b in bias_a.values())
 
 
+@pytest.mark.parametrize("objective", [GenerativeObjective, ContrastiveObjective])
+def test_recomputation_routes_with_the_bias_its_forward_used(tasks, tok, objective):
+    """The forward nudges the balance bias after routing; the recomputation in backward must choose
+    experts with the bias from before that nudge (each pass its own: the contrastive objective runs
+    the decoder twice before backward), or it differentiates other routes than the loss took. A
+    fast bias (rate 0.5) makes the nudge change routes within a step; the first step moves the bias
+    off zero."""
+    if objective is ContrastiveObjective:
+        tasks = [load_preset("image_text_retrieval", "train", limit=4)]
+    rc = RouterConfig(strategy="attribute", tag_balance="bias", tag_balance_rate=0.5)
+    plain, recomputed = build(tasks, tok, router=rc), build(tasks, tok, router=rc)
+    recomputed.set_activation_checkpointing(True)
+    batch = collate([s for t in tasks for s in t.samples(tok)], tok, plain.task_ids)
+    for seed in (1, 2):
+        loss_a, grads_a, bias_a = step(plain, batch, objective, seed=seed)
+        loss_b, grads_b, bias_b = step(recomputed, batch, objective, seed=seed)
+        torch.testing.assert_close(loss_b, loss_a, rtol=0, atol=1e-6)
+        for name in grads_a:
+            torch.testing.assert_close(grads_b[name], grads_a[name], rtol=1e-5, atol=1e-6, msg=f"step {seed}: {name}")
+        for name in bias_a:
+            torch.testing.assert_close(bias_b[name], bias_a[name], rtol=0, atol=0, msg=name)
+
+
 def test_decoder_only_prefix_pass_keeps_nothing_in_training_and_recomputes_exactly(tasks, tok):
     # The prefix pass keeps keys, values and context sums only for generation (encode(keep=True)):
     # in training a recomputed block would otherwise add its sums to a carry a second time.

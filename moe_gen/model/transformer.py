@@ -19,7 +19,6 @@ one ``TagBatch`` from its tokens' tags and padding per call and gives it to ever
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import warnings
@@ -296,23 +295,56 @@ class Stack(nn.Module):
 
 
 def _contexts(block: Block):
-    """Checkpoint contexts of ``block``: nothing around the forward; around the recomputation in
-    backward, its MoE layers know they are recomputing (so they skip what a forward does once per
-    step, such as nudging the balance bias). Dropout and router noise draw the same numbers again
-    (the checkpoint restores the RNG state)."""
-    return contextlib.nullcontext(), _Recomputing(block)
+    """Checkpoint contexts of ``block``: around the forward, the balance biases its MoE layers
+    choose experts with are noted (the forward then nudges them); around the recomputation in
+    backward, those layers know they are recomputing (so they skip what a forward does once per
+    step, such as nudging the bias) and choose with the noted biases again, so that the recomputed
+    routes are the forward's. Dropout and router noise draw the same numbers again (the checkpoint
+    restores the RNG state). One pair per checkpointed call: a block run twice before its backward
+    (the contrastive objective's two passes) recomputes each pass with its own biases."""
+    layers = [m for m in block.modules() if isinstance(m, MoE)]
+    used: dict[MoE, torch.Tensor] = {}
+    return _NoteBiases(layers, used), _Recomputing(layers, used)
+
+
+def _biased(layers: list[MoE]):
+    return [layer for layer in layers if getattr(layer.router, "balance_bias", None) is not None]
+
+
+class _NoteBiases:
+    """Notes the balance bias of each of ``layers`` as the forward finds it (into ``used``)."""
+
+    def __init__(self, layers: list[MoE], used: dict) -> None:
+        self.layers, self.used = _biased(layers), used
+
+    def __enter__(self):
+        for layer in self.layers:
+            self.used[layer] = layer.router.balance_bias.detach().clone()
+
+    def __exit__(self, *exc):
+        return None
 
 
 class _Recomputing:
-    """Marks the MoE layers of a block as recomputing while the context is open."""
+    """Marks ``layers`` as recomputing while the context is open, their balance biases set back to
+    what the forward used (``used``) and restored after."""
 
-    def __init__(self, block: Block) -> None:
-        self.layers = [m for m in block.modules() if isinstance(m, MoE)]
+    def __init__(self, layers: list[MoE], used: dict) -> None:
+        self.layers, self.used = layers, used
+        self.current: dict[MoE, torch.Tensor] = {}
 
     def __enter__(self):
         for layer in self.layers:
             layer.recomputing = True
+        with torch.no_grad():
+            for layer, bias in self.used.items():
+                self.current[layer] = layer.router.balance_bias.clone()
+                layer.router.balance_bias.copy_(bias)
 
     def __exit__(self, *exc):
+        with torch.no_grad():
+            for layer, bias in self.current.items():
+                layer.router.balance_bias.copy_(bias)
+        self.current.clear()
         for layer in self.layers:
             layer.recomputing = False
