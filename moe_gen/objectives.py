@@ -20,7 +20,7 @@ from moe_gen.routing.tags import PASSES
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
 
 __all__ = ["OBJECTIVES", "Objective", "GenerativeObjective", "ContrastiveObjective", "MaskedObjective",
-           "contrastive_side"]
+           "contrastive_side", "smoothed_cross_entropy"]
 
 OBJECTIVES: Registry = Registry("objective")
 LOSS_AVERAGES = ("token", "sample")  # how GenerativeObjective averages token cross-entropy over a batch
@@ -98,16 +98,13 @@ class GenerativeObjective(Objective):
             valid = batch.allowed_tokens >= 0
             row_index = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(valid)
             keep[row_index[valid], batch.allowed_tokens[valid]] = True
-            # -inf removes the other tokens exactly; with label smoothing (which spreads mass over every
-            # class) a large finite value keeps the loss finite, and masked logits carry no gradient.
-            fill = float("-inf") if self.model.config.label_smoothing == 0 else -1e4
-            flat = flat.index_put((batch.allowed_index,), rows.masked_fill(~keep, fill))
+            # -inf removes the other tokens exactly (label smoothing then spreads over the allowed ones)
+            flat = flat.index_put((batch.allowed_index,), rows.masked_fill(~keep, float("-inf")))
             logits = flat.view_as(logits)
         task_BL = batch.decoder.tags.task
         per_task: dict[int, list[torch.Tensor]] = {}
         if scored.any():
-            ce_N = F.cross_entropy(logits[scored], batch.labels[scored],
-                                   label_smoothing=self.model.config.label_smoothing, reduction="none")
+            ce_N = smoothed_cross_entropy(logits[scored], batch.labels[scored], self.model.config.label_smoothing)
             task_N = task_BL[scored]
             w_N = self._token_weights(batch, scored, task_N)
             parts["token_loss"] = ce_N.mean() if w_N is None else (ce_N * w_N).sum() / w_N.sum().clamp_min(1e-12)
@@ -146,6 +143,22 @@ class GenerativeObjective(Objective):
             per_sample_N = 1.0 / counts[inverse_N].float()
             w_N = per_sample_N if w_N is None else w_N * per_sample_N
         return w_N
+
+
+def smoothed_cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, smoothing: float) -> torch.Tensor:
+    """Per-row cross-entropy with label smoothing ``ε`` spread over the classes a row allows:
+    ``(1 − ε)·(−log p_label) + ε·mean_j(−log p_j)`` over the finite logits ``j`` of the row (a
+    closed-set row has −inf on the tokens it does not allow). Rows with every logit finite get what
+    ``F.cross_entropy(label_smoothing=ε)`` gives; spreading over all V classes instead would put
+    mass on tokens the row can never produce (an infinite loss, or with a finite fill a loss that
+    falls forever as the allowed logits sink together)."""
+    if smoothing == 0:
+        return F.cross_entropy(logits_NV, labels_N, reduction="none")
+    logp_NV = logits_NV.log_softmax(-1)
+    nll_N = -logp_NV.gather(1, labels_N.unsqueeze(1)).squeeze(1)
+    allowed_NV = torch.isfinite(logits_NV)
+    uniform_N = -logp_NV.masked_fill(~allowed_NV, 0.0).sum(-1) / allowed_NV.sum(-1)
+    return (1 - smoothing) * nll_N + smoothing * uniform_N
 
 
 def _add_per_task(per_task: dict, task_N: torch.Tensor, values_N: torch.Tensor) -> None:

@@ -83,3 +83,41 @@ def test_bench_config_refuses_an_unknown_loss_average():
 
     with pytest.raises(ValueError, match="BenchConfig.loss_average must be one of token, sample, got 'row'"):
         BenchConfig(loss_average="row")
+
+
+def test_label_smoothing_spreads_over_the_classes_a_row_allows():
+    """A row with every logit finite smooths as ``F.cross_entropy`` does; a closed-set row (−inf on
+    the tokens it does not allow) as the cross-entropy over its allowed tokens alone would."""
+    from moe_gen.objectives import smoothed_cross_entropy
+
+    logits = torch.randn(6, 11, dtype=torch.float64)
+    labels = torch.tensor([0, 3, 5, 7, 2, 10])
+    torch.testing.assert_close(smoothed_cross_entropy(logits, labels, 0.1),
+                               torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1, reduction="none"))
+    allowed = [[0, 1, 4], [3], [5, 6, 9, 10], [7, 8], [2, 4, 6, 8], [10, 0]]
+    closed = torch.full_like(logits, float("-inf"))
+    for row, keep in enumerate(allowed):
+        closed[row, keep] = logits[row, keep]
+    got = smoothed_cross_entropy(closed, labels, 0.1)
+    for row, keep in enumerate(allowed):
+        label = torch.tensor([keep.index(int(labels[row]))])
+        want = torch.nn.functional.cross_entropy(logits[row, keep].unsqueeze(0), label, label_smoothing=0.1)
+        torch.testing.assert_close(got[row], want)
+
+
+def test_closed_set_loss_with_label_smoothing_is_on_the_allowed_tokens_scale(setup):
+    """Smoothing over the whole vocabulary put mass on tokens a closed-set answer cannot hold (a
+    token loss near 1,000 with a finite fill, and a gradient pushing every allowed logit down)."""
+    tok, model, samples = setup
+    closed = [s for s in samples if s.task == "digit_classification"]
+    batch = collate(closed, tok, model.task_ids)
+    assert batch.allowed_index.numel()
+    losses = {}
+    for smoothing in (0.0, 0.1):
+        model.config.label_smoothing = smoothing
+        with torch.no_grad():
+            losses[smoothing] = float(GenerativeObjective(model)(batch)["token_loss"])
+    model.config.label_smoothing = 0.0
+    # the untrained model is near uniform over each row's allowed tokens, where the smoothed term
+    # (mean −log p over them) is close to the label's own −log p
+    assert abs(losses[0.1] - losses[0.0]) < 0.5, losses
