@@ -387,6 +387,28 @@ def test_location_embedding_takes_no_weight_decay_and_old_checkpoints_name_the_f
         Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4), output_dir=str(tmp_path), resume=True)
 
 
+def test_weight_decay_skips_every_bias_and_embedding_table(tasks, tok):
+    """Decay on weight matrices and expert weight stacks only: not on expert bias stacks (2-D, one row
+    per expert), nor on adapters' ``nn.Embedding`` tables (patch rows and columns, positions)."""
+    from moe_gen.trainer.trainer import _param_groups
+
+    model = build(tasks, tok)
+    decay = {id(p): group["weight_decay"] for group in _param_groups(model, 0.01) for p in group["params"]}
+    owners = {f"{m}.{n}" if m else n: module for m, module in model.named_modules()
+              for n, _ in module.named_parameters(recurse=False)}
+    params = dict(model.named_parameters())
+    assert decay.keys() == {id(p) for p in params.values()}
+    expected = {name: p.dim() >= 2 and not isinstance(owners[name], torch.nn.Embedding)
+                and name.rsplit(".", 1)[1] not in ("bias", "b_in", "b_out") and "embedding" not in name
+                for name, p in params.items()}
+    for name, p in params.items():
+        assert (decay[id(p)] > 0) == expected[name], name
+    decayed = {name for name, on in expected.items() if on}
+    assert any(name.endswith("experts.w_in") for name in decayed)
+    assert any(name.endswith("experts.b_in") for name in params) and not any(n.endswith("b_in") for n in decayed)
+    assert any(isinstance(owners[name], torch.nn.Embedding) and name.startswith("adapters.") for name in params)
+
+
 # ---- weight averaging -------------------------------------------------------------------------------
 
 def _snapshot(model) -> dict:

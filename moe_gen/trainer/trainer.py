@@ -97,21 +97,36 @@ def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[s
 
 def _param_groups(model: GeneralistModel, weight_decay: float, lr: Optional[float] = None,
                   lr_scales: Optional[dict] = None) -> list[dict]:
-    """AdamW groups: decay on matrices and expert stacks, not on biases, norms, embeddings, scales;
-    each split by learning rate (``lr`` times the longest matching prefix's ``lr_scales`` entry).
-    Groups at ``lr`` itself come first (the logged learning rate is the first group's)."""
+    """AdamW groups: decay on matrices and expert weight stacks, not on biases (expert bias stacks
+    included), norms, embedding tables (every ``nn.Embedding``, adapters' position and cell tables
+    too), scales; each split by learning rate (``lr`` times the longest matching prefix's
+    ``lr_scales`` entry). Groups at ``lr`` itself come first (the logged learning rate is the first
+    group's)."""
     lr_scales = lr_scales or {}
     groups: dict[tuple[float, bool], list] = {}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        is_embedding = "embedding" in name.rsplit(".", 1)[0]
-        matches = [prefix for prefix in lr_scales if name.startswith(prefix)]
-        scale = float(lr_scales[max(matches, key=len)]) if matches else 1.0
-        groups.setdefault((scale, p.dim() >= 2 and not is_embedding), []).append(p)
+    seen: set[int] = set()  # a parameter shared by two modules joins one group
+    for module_name, module in model.named_modules():
+        for leaf, p in module.named_parameters(recurse=False):
+            if not p.requires_grad or id(p) in seen:
+                continue
+            seen.add(id(p))
+            name = f"{module_name}.{leaf}" if module_name else leaf
+            decays = p.dim() >= 2 and not _never_decayed(module_name, module, leaf)
+            matches = [prefix for prefix in lr_scales if name.startswith(prefix)]
+            scale = float(lr_scales[max(matches, key=len)]) if matches else 1.0
+            groups.setdefault((scale, decays), []).append(p)
     order = sorted(groups, key=lambda key: (key[0] != 1.0, not key[1], key[0]))
     return [{"params": groups[key], "weight_decay": weight_decay if key[1] else 0.0,
              **({} if lr is None else {"lr": lr * key[0]})} for key in order]
+
+
+_BIASES = ("bias", "b_in", "b_out")  # names of bias parameters, stacked per expert or not
+
+
+def _never_decayed(module_name: str, module: torch.nn.Module, leaf: str) -> bool:
+    """Whether parameter ``leaf`` of ``module`` is a bias or an embedding table (never decayed)."""
+    return (leaf in _BIASES or isinstance(module, (torch.nn.Embedding, torch.nn.EmbeddingBag))
+            or "embedding" in module_name)
 
 
 def _fusable(groups: list[dict]) -> bool:
