@@ -173,7 +173,7 @@ def test_motion_statistics_skip_bad_rows(tok):
 
 def test_motion_statistics_with_only_bad_rows_say_how_many_were_skipped(tok):
     task = Task("m", "[MOTION:x] -> [TEXT:y]", [{"x": "walk", "y": "a"}, {"x": [[1, 2], [3]], "y": "a"}])
-    with pytest.raises(TaskDataError, match=r"task 'm', column 'x': none of the 2 MOTION values in the first 2 rows"):
+    with pytest.raises(TaskDataError, match=r"task 'm', column 'x': none of the 2 MOTION values in the 2 rows read"):
         task.motion_statistics()
     assert Task("m", "[MOTION:x] -> [TEXT:y]", []).motion_statistics() is None  # no rows: nothing to fit
 

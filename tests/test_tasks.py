@@ -297,3 +297,14 @@ def test_closed_set_followed_by_text_and_in_repetition_groups(tok):
     assert len(set(batch.allowed_index.tolist())) == batch.allowed_index.numel()  # no position twice
     model = GeneralistModel.build(flavour("debug"), [group], tok)
     assert torch.isfinite(GenerativeObjective(model)(batch)["token_loss"])
+
+
+def test_statistics_read_rows_spread_over_the_data_not_the_first_ones():
+    """Data ordered by clip or class: statistics fitted on a subset of the rows read them evenly
+    spread, so no group of rows at the end is left out (the motion preset's walking and turning
+    clips came after its first 256 windows)."""
+    rows = [{"x": np.full((4, 3), 0.0 if i < 6 else 10.0), "y": "a"} for i in range(12)]
+    task = Task("ordered", "[MOTION:x] -> [TEXT:y]", rows)
+    np.testing.assert_allclose(task.motion_statistics(max_rows=4)["mean"], [5.0, 5.0, 5.0])
+    np.testing.assert_allclose(task.motion_statistics()["mean"], [5.0, 5.0, 5.0])  # every row
+    assert [i for i, _ in task._readable_rows(5)] == [0, 2, 4, 7, 9]

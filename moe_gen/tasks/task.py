@@ -253,8 +253,9 @@ class Task:
         return {c: sorted(v) for c, v in labels.items()}
 
     def motion_statistics(self, max_rows: int = 256) -> Optional[dict]:
-        """Per-feature mean and std of the task's MOTION columns over up to ``max_rows`` rows, so
-        every clip is normalised alike (and generated frames can be mapped back).
+        """Per-feature mean and std of the task's MOTION columns over up to ``max_rows`` rows spread
+        evenly over the data, so every clip is normalised alike (and generated frames can be mapped
+        back).
 
         Values that are not frames ``[T, J]`` of finite numbers are passed over (their rows fail
         when encoded). None when there are no frames, or when clips differ in width J.
@@ -278,7 +279,7 @@ class Task:
                     first_error = first_error or f"row {i}: {exc}"
         if bad and not frames:
             raise TaskDataError(f"task {self.name!r}, column {', '.join(map(repr, sorted(columns)))}: none of the "
-                                f"{bad} MOTION values in the first {rows} rows is usable for the normalisation "
+                                f"{bad} MOTION values in the {rows} rows read is usable for the normalisation "
                                 f"statistics ({first_error})")
         if not frames or len({f.shape[1] for f in frames}) != 1:
             return None
@@ -288,7 +289,7 @@ class Task:
     def fit_statistics(self, max_rows: int = 10_000) -> dict[str, dict]:
         """What the task's slots learn from its rows, JSON-serialisable (cached; empty when no slot
         learns anything): preprocessor name → slot column → statistics (``Preprocessor.fit`` over
-        the first ``max_rows`` rows; slots without a column are not fitted), and under
+        ``max_rows`` rows spread evenly over the data; slots without a column are not fitted), and under
         ``CLOSED_SETS`` the label sets of closed-set slots (``closed_sets``, all rows) and under
         ``MOTION_NORMALISATION`` the MOTION frames' mean and std (``motion_statistics``). A model
         saves them, so it encodes new rows and decodes closed sets as it was trained, whatever
@@ -330,7 +331,8 @@ class Task:
         return statistics
 
     def _column_values(self, column: str, repeated: bool, max_rows: int) -> Iterator[Any]:
-        """The column's values over the first ``max_rows`` rows (a repetition group's items one by one)."""
+        """The column's values over ``max_rows`` rows spread evenly over the data (a repetition group's
+        items one by one)."""
         for _, row in self._readable_rows(max_rows):
             if isinstance(row, Mapping) and column in row:
                 value = row[column]
@@ -434,9 +436,12 @@ class Task:
         return random.Random(zlib.crc32(f"{self.name}/{index}/{seed}".encode()))
 
     def _readable_rows(self, limit: int) -> Iterator[tuple[int, Any]]:
-        """``(index, row)`` of the first ``limit`` rows, passing over rows the dataset fails to read
-        (what is learned from the rows does not depend on them; they fail when encoded)."""
-        for i in range(min(len(self.data), limit)):
+        """``(index, row)`` of ``limit`` rows spread evenly over the data (every row when there are no
+        more; data is often ordered, by clip or class, so the first rows alone may miss whole
+        groups), passing over rows the dataset fails to read (what is learned from the rows does not
+        depend on them; they fail when encoded)."""
+        n = len(self.data)
+        for i in (range(n) if limit >= n else (j * n // limit for j in range(max(limit, 0)))):
             try:
                 row = self.data[i]
             except Exception:
