@@ -8,14 +8,14 @@ import json
 
 import pytest
 import torch
+from helpers import flavour_with
 
 from moe_gen.config import RouterConfig
-from moe_gen.model import GeneralistModel, flavour
+from moe_gen.model import GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.trainer import TaskSampler, TrainConfig, Trainer, mixing_weights, select_trainable
 from moe_gen.trainer.sampling import sample_modality_tokens
-from helpers import flavour_with
 
 NAMES = ["digit_classification", "table_species", "motion_classification"]
 
