@@ -308,3 +308,15 @@ def test_statistics_read_rows_spread_over_the_data_not_the_first_ones():
     np.testing.assert_allclose(task.motion_statistics(max_rows=4)["mean"], [5.0, 5.0, 5.0])
     np.testing.assert_allclose(task.motion_statistics()["mean"], [5.0, 5.0, 5.0])  # every row
     assert [i for i, _ in task._readable_rows(5)] == [0, 2, 4, 7, 9]
+
+
+def test_doc_paragraphs_are_distinct_and_their_split_holds_no_training_text():
+    """pydoc's broad topics repeat their sub-topics' paragraphs: each distinct paragraph is one row
+    under one topic, no held-out paragraph is a training one, and every held-out topic is trained."""
+    from moe_gen.tasks.sources.text import load_doc_paragraphs
+
+    train, test = load_doc_paragraphs("train"), load_doc_paragraphs("test")
+    texts = [r["text"] for r in train + test]
+    assert len(texts) == len(set(texts)) and len(test) > 100
+    assert {r["topic"] for r in test} <= {r["topic"] for r in train}
+    assert load_doc_paragraphs("all") == sorted(train + test, key=lambda r: int(r["id"].split("/")[1]))
