@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 
 import numpy as np
 import pytest
@@ -165,7 +166,7 @@ def test_bad_data_names_task_column_and_row(tok, tmp_path):
     with pytest.raises(TaskDataError, match="task 'cap', column 'img', row 2: an IMAGE slot got text"):
         task.encode(2, tok)
     with pytest.raises(TaskDataError, match="task 'swap', column 'cap', row 0: a TEXT slot needs text, got ndarray"):
-        Task("swap", "[TEXT:cap] -> [TEXT:cap]", [{"cap": np.zeros(3)}]).encode(0, tok)
+        Task("swap", "[TEXT:cap,mask_ratio=0.2] -> [TEXT:cap]", [{"cap": np.zeros(3)}]).encode(0, tok)
     corrupt = tmp_path / "broken.png"
     corrupt.write_bytes(b"\x89PNG\r\n\x1a\n not really")
     skipping = Task("cap", "[IMAGE:img] -> [TEXT:cap]",
@@ -320,3 +321,81 @@ def test_doc_paragraphs_are_distinct_and_their_split_holds_no_training_text():
     assert len(texts) == len(set(texts)) and len(test) > 100
     assert {r["topic"] for r in test} <= {r["topic"] for r in train}
     assert load_doc_paragraphs("all") == sorted(train + test, key=lambda r: int(r["id"].split("/")[1]))
+
+
+def test_an_input_that_copies_the_answer_is_corrupted_at_inference_too(tok):
+    """text_infilling reads its answer column through ``mask_ratio``: masking only in training left
+    the whole answer in the inference input (copying it scored BLEU 100). Now the inference input is
+    masked too, the same way for a row every time."""
+    task = load_preset("text_infilling", "test", limit=6)
+    plan = task.plan(tok)
+    for index, row in enumerate(task.data):
+        answer = tok.encode(row["text"])
+        first = plan.encode(row, index, training=False, inference=True)
+        again = plan.encode(row, index, training=False, inference=True)
+        tokens = [t for chunk in first.encoder if chunk.tokens is not None for t in chunk.tokens]
+        assert tokens == [t for chunk in again.encoder if chunk.tokens is not None for t in chunk.tokens]
+        sentinels = {tok.sentinel_id(k) for k in range(tok.num_sentinels)}
+        assert sentinels & set(tokens) and not _contains(tokens, answer), index
+
+
+def _contains(tokens: list[int], part: list[int]) -> bool:
+    return any(tokens[i:i + len(part)] == part for i in range(len(tokens) - len(part) + 1))
+
+
+@pytest.mark.parametrize("instruction, message", [
+    ("[TEXT:text] repeat it -> [TEXT:text]", "reads 'text', a column the task predicts"),
+    ("[IMAGE:image,region=box] where is it? -> [BOX:box]", "crops its image by 'box', a column the task predicts"),
+])
+def test_an_input_that_would_hold_the_answer_is_refused(tok, instruction, message):
+    with pytest.raises(ValueError, match=message):
+        Task("leaky", instruction, []).plan(tok)
+    # a given (no_loss) decoder slot is not an answer
+    Task("ok", '" [TEXT:text] " -> " [TEXT:text,no_loss] " has [TEXT:n] words', []).plan(tok)
+
+
+def test_audio_targets_are_not_augmented_in_training(tok):
+    """Speed perturbation and SpecAugment apply to audio inputs; a text-to-speech target stays the
+    clip's own frames in training (the label the model regresses), as evaluation scores it."""
+    task = load_preset("text_to_speech", "train", limit=3)
+    plan = task.plan(tok)
+    for index, row in enumerate(task.data):
+        clean = plan.encode(row, index, training=False)
+        for seed in range(4):
+            trained = plan.encode(row, index, rng=random.Random(seed), training=True)
+            assert len(trained.decoder) == len(clean.decoder)
+            for a, b in zip(clean.decoder, trained.decoder):
+                assert (a.rows is None) == (b.rows is None)
+                if a.rows is not None:
+                    torch.testing.assert_close(b.rows, a.rows, rtol=0, atol=0)
+    spoken = load_preset("spoken_word_classification", "train", limit=1)
+    row, splan = spoken.data[0], spoken.plan(tok)
+    inputs = [splan.encode(row, 0, rng=random.Random(s), training=True).encoder for s in range(4)]
+    features = [c.rows for enc in inputs for c in enc if c.rows is not None]
+    assert any(f.shape != features[0].shape or not torch.equal(f, features[0]) for f in features[1:])
+
+
+def test_task_modalities_tag_is_the_same_at_inference(tok):
+    """Literal text after the first target is cut from the inference decoder; the task's modalities
+    (a routing tag) still count it, as the training encoding does."""
+    rows = [{"image": np.zeros((16, 16, 3), np.uint8), "box": [1, 2, 8, 9]}]
+    plan = Task("where", "[IMAGE:image] -> [BOX:box] is where it is", rows).plan(tok)
+    trained = plan.encode(rows[0], 0, training=True)
+    assert trained.task_modalities == ("BOX", "IMAGE", "TEXT")
+    assert plan.encode(rows[0], 0, training=False, inference=True).task_modalities == trained.task_modalities
+
+
+def test_frame_errors_count_missing_and_extra_frames():
+    """An answer that stops after one exact frame scored L1 0 on its overlap; frames it lacks or
+    adds now count against the zero frame."""
+    from moe_gen.tasks.metrics import l1, mse
+
+    reference = np.array([[1.0, -1.0], [2.0, 0.0], [0.0, 4.0]])
+    assert l1([reference], [reference]) == 0.0
+    assert l1([reference[:1]], [reference]) == pytest.approx((0 + 2 + 4) / 6)  # two frames missing
+    longer = np.vstack([reference, [[3.0, 3.0]]])
+    assert l1([longer], [reference]) == pytest.approx(6 / 8)  # one frame too many
+    assert mse([reference[:2]], [reference]) == pytest.approx(16 / 6)
+    assert l1([np.zeros((0, 2))], [reference]) == pytest.approx(8 / 6)  # nothing generated
+    with pytest.raises(ValueError, match="reference frames"):
+        l1([np.zeros((3, 5))], [reference])

@@ -247,7 +247,27 @@ class TaskPlan:
         for template in self.instruction.templates:
             encoder = [self._plan_slot(s, "encoder", options) for s in template.encoder]
             decoder = [self._plan_slot(s, "decoder", options) for s in template.decoder]
+            self._check_answers_hidden(encoder, decoder)
             self.templates.append((encoder, decoder))
+
+    def _check_answers_hidden(self, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
+        """Refuses an input that hands the model its answer: an encoder slot reading a column the
+        decoder predicts (a scored slot; ``no_loss`` slots are given, not predicted), unless it
+        corrupts it (``mask_ratio``/``noise_ratio``: infilling, denoising), or an image ``region``
+        cropped by a predicted box."""
+        predicted = {p.slot.column for p in decoder if p.loss and p.slot.column and not p.slot.is_literal}
+        for plan in encoder:
+            slot = plan.slot
+            if slot.is_literal:
+                continue
+            region = slot.attrs.get("region")
+            if isinstance(region, str) and region in predicted:
+                raise ValueError(f"task {self.name!r}: slot {slot} crops its image by {region!r}, a column the "
+                                 "task predicts, so the input would show the answer; crop by another column")
+            if slot.column in predicted and not (slot.attrs.get("mask_ratio") or slot.attrs.get("noise_ratio")):
+                raise ValueError(f"task {self.name!r}: slot {slot} reads {slot.column!r}, a column the task "
+                                 "predicts, so the input would hold the answer; corrupt it (mask_ratio=..., "
+                                 "noise_ratio=...) for an infilling or denoising task, or read another column")
 
     # ---- planning ----------------------------------------------------------------------------
 
@@ -379,8 +399,10 @@ class TaskPlan:
         if inference:
             first = next((i for i, p in enumerate(decoder_plan) if p.loss), len(decoder_plan))
             decoder_plan = decoder_plan[:first]
+        full_encoder, full_decoder = self.templates[t]
         ctx = EncodeContext(self.tokenizer, rng, training, row if isinstance(row, Mapping) else {},
-                            task=self.name, index=index, max_positions=self.max_slot_positions)
+                            task=self.name, index=index, max_positions=self.max_slot_positions,
+                            predicted=frozenset(p.slot.column for p in full_decoder if p.loss and p.slot.column))
         values = self._slot_values(row, encoder_plan + decoder_plan, index)
         # Non-text slots first, so a BOX can read the size of its sample's IMAGE.
         encoded: dict[int, list[SlotEncoding]] = {}
@@ -409,16 +431,15 @@ class TaskPlan:
             if last.tokens is not None:  # text-like target ends with EOS; frames end with a stop flag
                 decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id],
                                      allowed=eos_allowed))
-        used = {p.modality.name for p in encoder_plan + decoder_plan if not p.slot.is_literal}
-        if any(p.slot.is_literal for p in encoder_plan + decoder_plan):
+        # the task's modalities (a routing tag): the whole template's, at inference as in training
+        used = {p.modality.name for p in full_encoder + full_decoder if not p.slot.is_literal}
+        if any(p.slot.is_literal for p in full_encoder + full_decoder):
             used.add("TEXT")
         meta: dict[str, Any] = {"template": t}
         for encoding in ctx.encoded.values():
             if "original_size" in encoding.meta:
                 meta["image_size"] = encoding.meta["original_size"]
                 break
-        if inference:  # the task's modalities include its targets, as in training
-            used |= {p.modality.name for p in self.templates[t][1] if not p.slot.is_literal}
         return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), meta)
 
     def _slot_values(self, row, plans: list[SlotPlan], index: int):
@@ -489,6 +510,7 @@ class TaskPlan:
         if plan.slot.is_literal:
             return SlotEncoding("TEXT", tokens=self.tokenizer.encode(value))
         where = ctx.where(plan.slot.column)
+        ctx.target = plan.side == "decoder"
         try:
             if plan.decode is not None and plan.decode.kind == "closed_set" and str(value) not in plan.decode.labels:
                 raise TaskDataError(f"{where}: label {brief(value)} is not in the closed set "

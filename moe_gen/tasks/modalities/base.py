@@ -151,7 +151,12 @@ class EncodeContext:
     Attributes:
         tokenizer: the shared vocabulary.
         rng: the sample's random generator (masking, noise, temporal sampling).
-        training: whether corruption attributes (mask_ratio, noise_ratio) apply.
+        training: whether training-time changes apply (augmentation of inputs; corruption
+            attributes such as ``mask_ratio`` and ``noise_ratio``, which also apply at inference
+            to a slot whose column the sample predicts: there the corruption makes the task).
+        target: whether the slot being encoded is on the decoder side (predicted, or fed back to
+            the decoder); augmentation applies to encoder inputs only. Set per slot by the plan.
+        predicted: the columns of the sample's scored decoder slots (its answers).
         row: the whole data row (some slots depend on others, e.g. boxes on their image).
         encoded: slots of this sample already encoded, by column.
         task: task name, and index: row index, for error messages.
@@ -167,6 +172,14 @@ class EncodeContext:
     task: str = "?"
     index: int = -1
     max_positions: Optional[int] = None
+    target: bool = False
+    predicted: frozenset = frozenset()
+
+    def corrupts(self, column: Optional[str]) -> bool:
+        """Whether corruption attributes apply to the slot reading ``column``: in training, and at
+        inference when the sample predicts that column (its input is a corrupted copy of the
+        answer: an uncorrupted one would hand the model what it is asked for)."""
+        return self.training or (column is not None and column in self.predicted)
 
     def where(self, column: Optional[str]) -> str:
         """"task 'x', column 'c', row 3": the place named in error messages."""

@@ -211,7 +211,7 @@ class AudioPreprocessor(Preprocessor):
 
     def _perturb(self, wav: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
         """Speed perturbation (by default ×0.9, ×1.0, ×1.1 by resampling, Ko et al. 2015): new
-        speakers' tempo and pitch; training only."""
+        speakers' tempo and pitch; training only, encoder inputs only."""
         factor = ctx.rng.choice(self.speeds)
         if factor == 1.0:
             return wav
@@ -220,7 +220,7 @@ class AudioPreprocessor(Preprocessor):
     @staticmethod
     def _spec_augment(feats: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
         """SpecAugment-style masks (Park et al. 2019): one band of up to 10 mel bins and one span
-        of up to 10% of the frames set to the (normalised) mean 0; training only."""
+        of up to 10% of the frames set to the (normalised) mean 0; training only, encoder inputs only."""
         feats = feats.clone()
         width = ctx.rng.randint(0, 10)
         start = ctx.rng.randint(0, MEL_BINS - width)
@@ -240,13 +240,15 @@ class AudioPreprocessor(Preprocessor):
                                  f"positions), over the cap of {ctx.max_positions} positions per slot; cut it, check "
                                  f"its sample rate ({rate} Hz), or raise Task(max_slot_positions=...)")
         wav = resample(wav, rate)
-        if ctx.training and self.augment:
+        # inputs only: a target augmented would be a regression label the text cannot predict
+        augment = ctx.training and self.augment and not ctx.target
+        if augment:
             wav = self._perturb(wav, ctx)
         feats = fbank(wav)
         if not torch.isfinite(feats).all():  # e.g. samples ~1e20: their energies overflow float32
             raise SlotValueError(f"{ctx.where(slot.column)}: the filterbank of this waveform is not finite (its "
                                  f"largest sample is {float(wav.abs().max()):.3g}; waveforms are expected in [-1, 1])")
-        if ctx.training and self.augment:
+        if augment:
             feats = self._spec_augment(feats, ctx)
         max_rows = slot.attrs.get("max_length")
         rows = _stack(feats, self.frames_per_row)

@@ -271,7 +271,7 @@ class StructPreprocessor(Preprocessor):
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         lookup = self._lookups.get(slot.column, self._unfitted)
-        mask_ratio = float(slot.attrs.get("mask_ratio", 0.0)) if ctx.training else 0.0
+        mask_ratio = float(slot.attrs.get("mask_ratio", 0.0)) if ctx.corrupts(slot.column) else 0.0
         features, positions = [], []
         try:
             for r, c, column, kind, cell in _cells(value, bool(slot.attrs.get("uncased"))):

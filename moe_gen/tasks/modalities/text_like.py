@@ -40,14 +40,16 @@ for _spec in (
 
 
 def _text_tokens(text: str, slot, ctx: EncodeContext) -> list[int]:
-    """Normalise, tokenise, truncate, then (training only) mask spans and add noise."""
+    """Normalise, tokenise, truncate, then mask spans and add noise (``EncodeContext.corrupts``: in
+    training, and at inference too when the slot's column is the sample's answer)."""
     attrs = slot.attrs
     text = normalize_text(text, uncased=bool(attrs.get("uncased")),
                           no_punctuation=bool(attrs.get("no_punctuation")))
     ids = truncate(ctx.tokenizer.encode(text), attrs.get("max_length"))
-    if ctx.training and attrs.get("mask_ratio"):
+    corrupts = ctx.corrupts(slot.column)
+    if corrupts and attrs.get("mask_ratio"):
         ids, _ = span_mask(ids, float(attrs["mask_ratio"]), ctx.tokenizer, ctx.rng)
-    if ctx.training and attrs.get("noise_ratio"):
+    if corrupts and attrs.get("noise_ratio"):
         ids = add_token_noise(ids, float(attrs["noise_ratio"]), ctx.tokenizer, ctx.rng)
     return ids
 

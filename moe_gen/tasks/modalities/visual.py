@@ -240,7 +240,7 @@ class ImagePreprocessor(Preprocessor):
         side = (self.size - self.patch) // stride + 1
         positions = _grid_positions(1, side)
         ratio = slot.attrs.get("mask_ratio")
-        if ctx.training and ratio:
+        if ratio and ctx.corrupts(slot.column):
             keep = max(1, round(features.shape[0] * (1 - float(ratio))))
             chosen = sorted(ctx.rng.sample(range(features.shape[0]), keep))
             features, positions = features[chosen], positions[chosen]
