@@ -190,26 +190,33 @@ def detection_f1(predictions: Sequence, references: Sequence, threshold: float =
 
 
 def _frames_error(predictions, references, power: int) -> float:
+    """Mean over answers of the per-value error over the longer of the two frame sequences: a frame
+    the answer lacks, or one it adds, counts against the zero frame (the normalised mean), so an
+    answer that stops early or runs on is not scored on its overlap alone."""
     _check(predictions, references)
     errors = []
     for p, r in zip(predictions, references):
         p, r = np.asarray(p, dtype=np.float64), np.asarray(r, dtype=np.float64)
-        n = min(len(p), len(r))  # compare the overlapping frames; length is scored elsewhere
-        if n == 0:
-            raise ValueError("an empty frame sequence cannot be scored")
-        errors.append(np.mean(np.abs(p[:n] - r[:n]) ** power))
+        n = max(len(p), len(r))
+        if len(r) == 0:
+            raise ValueError("an empty reference frame sequence cannot be scored")
+        if p.size and p.shape[1:] != r.shape[1:]:
+            raise ValueError(f"predicted frames of shape {p.shape[1:]} against reference frames of {r.shape[1:]}")
+        padded_p, padded_r = np.zeros((n, *r.shape[1:])), np.zeros((n, *r.shape[1:]))
+        padded_p[:len(p)], padded_r[:len(r)] = p.reshape(len(p), *r.shape[1:]), r
+        errors.append(np.mean(np.abs(padded_p - padded_r) ** power))
     return float(np.mean(errors))
 
 
 @METRICS.register("l1")
 def l1(predictions, references) -> float:
-    """Mean absolute error over the overlapping frames; lower is better."""
+    """Mean absolute error of the frames, missing or extra ones against the zero frame; lower is better."""
     return _frames_error(predictions, references, 1)
 
 
 @METRICS.register("mse")
 def mse(predictions, references) -> float:
-    """Mean squared error over the overlapping frames; lower is better."""
+    """Mean squared error of the frames, missing or extra ones against the zero frame; lower is better."""
     return _frames_error(predictions, references, 2)
 
 
