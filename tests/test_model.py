@@ -586,3 +586,22 @@ def test_a_decoder_gate_that_weighs_tokens_against_each_other_is_warned_about(to
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # the encoder may weigh tokens: no warning
         build([task], tok, router=RouterConfig(gate="expert_choice"), decoder_router={"gate": "topk"})
+
+
+def test_a_decoder_with_token_capacity_is_warned_about(tok):
+    """Capacity drops tokens by competition over the batch: a decoder position's output then depends
+    on other rows and later positions (shown here), which step-by-step decoding cannot reproduce."""
+    task = load_preset("doc_topic", "train", limit=2)
+    with pytest.warns(UserWarning, match="capacity_factor=0.5 in the decoder's MoE layers"):
+        model = build([task], tok, capacity_factor=0.5).eval()
+    batch = collate(list(task.samples(tok, training=False)), tok, model.task_ids)
+    alone = collate(list(task.samples(tok, training=False))[:1], tok, model.task_ids)
+    with torch.no_grad():
+        together, single = model(batch).logits[0], model(alone).logits[0]
+    n = single.shape[0]
+    assert not torch.allclose(together[:n], single, atol=1e-4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # dropless: no warning, and rows do not interact
+        dropless = build([task], tok).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(dropless(batch).logits[0][:n], dropless(alone).logits[0], rtol=1e-4, atol=1e-5)

@@ -130,6 +130,12 @@ class Block(nn.Module):
                           "positions (and other rows), which decoding step by step cannot reproduce; for "
                           "generative decoders give the decoder a per-token gate "
                           "(ModelConfig.moe.decoder_router={'gate': 'topk'})", stacklevel=2)
+        elif moe and stack == "decoder" and self.ffn.config.capacity_factor is not None:
+            warnings.warn(f"capacity_factor={self.ffn.config.capacity_factor} in the decoder's MoE layers drops "
+                          "tokens by competition over the whole batch: a position's output depends on later "
+                          "positions and on other rows, in training and inference alike, which decoding step by "
+                          "step cannot reproduce; for generative decoders keep the layers dropless "
+                          "(ModelConfig.moe.capacity_factor=None)", stacklevel=2)
 
     def _residual(self, x, norm: nn.Module, sublayer, drop: bool = True):
         """x + f(norm(x)) (pre-norm) or norm(x + f(x)) (post-norm)."""
