@@ -136,7 +136,8 @@ class TargetGrammar:
         self.literals = {i: tuple(tokenizer.encode(p.slot.text)) for i, p in enumerate(self.slots)
                          if p.slot.is_literal}
         self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
-        self.renderers = {i: plan.preprocessor(p).to_image for i, p in enumerate(self.slots) if self.kinds[i] == "codes"}
+        self.renderers = {i: plan.preprocessor(p).to_image for i, p in enumerate(self.slots)
+                          if self.kinds[i] == "codes"}
         # Free text never takes EOS (it ends the text), nor location tokens when they would be read
         # as a box or image codes.
         discrete = "box" in self.kinds or "codes" in self.kinds

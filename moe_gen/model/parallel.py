@@ -23,7 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
@@ -87,7 +87,8 @@ def mask_code_targets(batch: Batch, samples: Sequence[Sample], tokenizer, code_i
                                causal=False)
 
 
-def _choose(logp_BNK: torch.Tensor, temperature: float, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+def _choose(logp_BNK: torch.Tensor, temperature: float,
+            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
     """Code indices ``[B, N]`` (best, or drawn at ``temperature``) and their log-probabilities."""
     if temperature > 0:
         probs = (logp_BNK / temperature).softmax(-1)

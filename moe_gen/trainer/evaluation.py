@@ -25,7 +25,8 @@ from moe_gen.tasks.task import Task
 __all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
-                   "frames": ("l1",), "codes": ("pixel_mse",), "features": (), "detection": ("detection_f1",), "structured": ("exact_match",)}
+                   "frames": ("l1",), "codes": ("pixel_mse",), "features": (), "detection": ("detection_f1",),
+                   "structured": ("exact_match",)}
 LOWER_IS_BETTER = {"wer", "l1", "mse", "digit_fid", "pixel_mse"}
 
 

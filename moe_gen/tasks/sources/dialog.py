@@ -47,7 +47,7 @@ def _corpus_dir(language: str = "english") -> Path:
     return Path(chatterbot_corpus.__file__).resolve().parent / "data" / language
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _dialogs(language: str) -> tuple[tuple[str, ...], ...]:
     """Every dialog (its turns as one-line strings) of one language folder, in file order."""
     import yaml
