@@ -72,7 +72,8 @@ def main(argv=None) -> int:
     tok = Tokenizer.default()
     tasks = [load_preset(n, "train", limit=args.per_task) for n in TASKS]
     torch.manual_seed(0)
-    model = GeneralistModel.build(flavour(args.flavour, moe={"router": RouterConfig(strategy=args.router)}), tasks, tok).train()
+    config = flavour(args.flavour, moe={"router": RouterConfig(strategy=args.router)})
+    model = GeneralistModel.build(config, tasks, tok).train()
     batch = collate([s for t in tasks for s in t.samples(tok)], tok, model.task_ids)
     positions = int((~batch.encoder.padding_mask).sum() + (~batch.decoder.padding_mask).sum())
     plain = measure(model, batch, args.runs)

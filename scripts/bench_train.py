@@ -14,7 +14,8 @@ also the two all-to-all exchanges), experts (the expert FFNs), attention, other 
 (embeddings, norms, heads, losses), backward (all of it: autograd does not attribute it to
 modules), and sync + clip + optimizer. Forward parts are forward only. With DDP (``replicate`` on
 2 processes) the gradient all-reduce and with FSDP2 the reduce-scatter run inside backward
-(overlapped with it); FSDP2's parameter all-gathers run inside the forward parts. Memory per process: the bytes of parameters, gradients and AdamW state it holds
+(overlapped with it); FSDP2's parameter all-gathers run inside the forward parts. Memory per process: the bytes
+of parameters, gradients and AdamW state it holds
 (exact; FSDP shards count their local part) and its peak resident set size (every configuration
 runs in fresh processes; RSS includes the Python and torch runtime). Prints tables and writes JSON
 (--out, default bench_results/train.json).

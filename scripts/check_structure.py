@@ -59,7 +59,8 @@ def _model_and_batch(router: str, backend: str):
     torch.manual_seed(0)
     tasks = [load_preset(name, "train", limit=4) for name in ("digit_classification", "doc_topic", "table_species")]
     tokenizer = Tokenizer.default()
-    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy=router)}), tasks, tokenizer).eval()
+    config = flavour("debug", moe={"router": RouterConfig(strategy=router)})
+    model = GeneralistModel.build(config, tasks, tokenizer).eval()
     model.set_backend(backend)
     samples = [task.encode(i, tokenizer) for task in tasks for i in range(2)]
     return model, collate([s for s in samples if s is not None], tokenizer, model.task_ids)

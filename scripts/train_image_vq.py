@@ -28,8 +28,7 @@ def main(argv=None) -> dict:
     import torch
 
     from moe_gen.tasks.metrics import digit_classifier
-    from moe_gen.tasks.modalities.image_codes import (VQConfig, default_image_vq_path, images_to_tensor,
-                                                      train_image_vq)
+    from moe_gen.tasks.modalities.image_codes import VQConfig, default_image_vq_path, images_to_tensor, train_image_vq
     from moe_gen.tasks.sources.vision import load_digit_images
 
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

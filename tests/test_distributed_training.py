@@ -91,7 +91,8 @@ def test_torchrun_pretraining_resumes_exactly_after_sigkill_and_saves_a_whole_mo
     micro-batches (the first backward under ``no_sync``)."""
     ep = (ep, "--train.accumulate", accumulate)
     out = tmp_path / "run"
-    done = subprocess.run(_torchrun_command(out, sharding, "--train.expert_parallel", *ep), env=ENV, capture_output=True,
+    command = _torchrun_command(out, sharding, "--train.expert_parallel", *ep)
+    done = subprocess.run(command, env=ENV, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     log = [json.loads(line) for line in open(out / "logs" / "train.jsonl")]

@@ -8,6 +8,7 @@ import zlib
 
 import pytest
 import torch
+from helpers import flavour_with, random_tags
 
 from moe_gen import MoE, MoEConfig, TokenTags
 from moe_gen.config import RouterConfig
@@ -16,7 +17,6 @@ from moe_gen.moe import merge_for_inference
 from moe_gen.routing.inputs import InstructionInput, word_table
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
 from moe_gen.tasks.instruction import Instruction
-from helpers import flavour_with, random_tags
 
 D = 16
 SUCCESSOR = "[IMAGE:image] which digit comes after this one? -> [TEXT:label,closed_set]"

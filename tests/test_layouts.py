@@ -8,13 +8,13 @@ import random
 
 import pytest
 import torch
+from helpers import flavour_with
 
 from moe_gen.config import ExpertsConfig, RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.model.generate import _with_target
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Tokenizer, collate, load_preset
-from helpers import flavour_with
 
 ARCHITECTURES = {
     # Llama-like: one stack, RMSNorm, SwiGLU without biases, grouped-query attention, rotary.

@@ -8,16 +8,16 @@ import copy
 
 import pytest
 import torch
+from helpers import flavour_with
 from torch import nn
 
 from moe_gen.config import ExpertsConfig, MoEConfig, RouterConfig
 from moe_gen.experts.experts import DenseFFN
-from moe_gen.model import GeneralistModel, flavour
+from moe_gen.model import GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.pretrained.upcycle import upcycle
 from moe_gen.tasks import Tokenizer, collate, load_preset
-from helpers import flavour_with
 
 TASKS = ["digit_classification", "table_to_text"]
 ALL_BLOCKS = ("encoder.blocks.0", "encoder.blocks.1", "decoder.blocks.0", "decoder.blocks.1")
