@@ -29,8 +29,10 @@ class TrainConfig(ConfigBase):
         steps: optimizer steps.
         batch_size: samples per micro-batch on each process.
         accumulate: micro-batches per optimizer step (gradient accumulation).
-        lr, min_lr_ratio, warmup_steps: AdamW learning rate with linear warm-up from 0, then cosine
-            decay to ``lr · min_lr_ratio`` at the last step.
+        lr, min_lr_ratio, warmup_steps: AdamW learning rate with linear warm-up (step i of the
+            warm-up at ``lr · (i + 1) / warmup_steps``), then cosine decay from ``lr`` that reaches
+            ``lr · min_lr_ratio`` at step ``steps``, one past the last (the last step runs just
+            above it, as transformers' cosine schedule does).
         weight_decay, betas, eps: AdamW settings (no decay on biases, norms and embeddings).
         clip_norm: global gradient-norm clipping (0 disables).
         ema_decay: d in [0, 1): keep an exponential moving average of the weights,

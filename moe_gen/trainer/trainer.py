@@ -48,8 +48,9 @@ __all__ = ["Trainer", "select_trainable", "WarmupCosine"]
 
 
 class WarmupCosine:
-    """Learning-rate factor: linear warm-up from 0 over ``warmup`` steps, then cosine decay to
-    ``min_ratio`` at ``total`` steps. A plain object so ``LambdaLR.state_dict`` saves it."""
+    """Learning-rate factor: linear warm-up over ``warmup`` steps (step i at (i + 1) / warmup), then
+    cosine decay from 1 at step ``warmup`` to ``min_ratio`` at step ``total`` (one past the last
+    step of a run of ``total`` steps). A plain object so ``LambdaLR.state_dict`` saves it."""
 
     def __init__(self, warmup: int, total: int, min_ratio: float) -> None:
         self.warmup, self.total, self.min_ratio = warmup, total, min_ratio
