@@ -372,6 +372,37 @@ def test_a_resumed_run_keeps_its_own_choice_of_fused_kernel(tasks, tok, tmp_path
         assert moments.keys() == saved.keys() and all(torch.equal(moments[n], saved[n]) for n in saved)
 
 
+def test_a_run_saved_under_the_old_weight_decay_rule_resumes(tasks, tok, tmp_path, monkeypatch, caplog):
+    """Before 2026-12-05 expert bias stacks and adapters' embedding tables took weight decay: the same
+    parameters, grouped otherwise. Such a run resumes with its moments loaded by name and this run's
+    decay per group (a warning says so)."""
+    from moe_gen.trainer import trainer as trainer_module
+
+    new_rule = trainer_module._never_decayed
+    monkeypatch.setattr(trainer_module, "_never_decayed",
+                        lambda module_name, module, leaf: leaf == "bias" or "embedding" in module_name)
+    with Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4, checkpoint_every=2),
+                 output_dir=str(tmp_path)) as first:
+        first.fit()
+        saved = {name: first.optimizer.state[p]["exp_avg"].clone() for name, p in first.model.named_parameters()
+                 if p in first.optimizer.state}
+        decayed_before = {n for g in first.optimizer.param_groups if g["weight_decay"] for p in g["params"]
+                          for n, q in first.model.named_parameters() if q is p}
+    monkeypatch.setattr(trainer_module, "_never_decayed", new_rule)
+    with caplog.at_level("WARNING", logger="moe_gen"), Trainer(
+            build(tasks, tok), tasks, quiet(steps=4, batch_size=4, checkpoint_every=2), output_dir=str(tmp_path),
+            resume=True) as resumed:
+        assert resumed.step == 2 and "older weight-decay rule" in caplog.text
+        decayed_now = {n for g in resumed.optimizer.param_groups if g["weight_decay"] for p in g["params"]
+                       for n, q in resumed.model.named_parameters() if q is p}
+        assert decayed_now < decayed_before and any(n.endswith("experts.b_in") for n in decayed_before - decayed_now)
+        moments = {name: resumed.optimizer.state[p]["exp_avg"] for name, p in resumed.model.named_parameters()
+                   if p in resumed.optimizer.state}
+        assert moments.keys() == saved.keys() and all(torch.equal(moments[n], saved[n]) for n in saved)
+        resumed.fit()
+        assert resumed.step == 4
+
+
 def test_location_embedding_takes_no_weight_decay_and_old_checkpoints_name_the_flag(tasks, tok, tmp_path):
     """The location projection is an embedding (no weight decay, as the token table); a run saved
     before the flavours had location features is refused on resume with the flag that fits it."""

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import os
 import random
 import shutil
@@ -32,6 +33,8 @@ import torch
 
 from moe_gen import distributed
 from moe_gen.fsdp import full_tensors, like_model, shard_like
+
+logger = logging.getLogger("moe_gen")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "write_json_atomic",
            "CheckpointError"]
@@ -97,9 +100,19 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    if current != meta["group_params"]:
-        raise ValueError("the checkpoint's optimizer trains a different set of parameters than this run "
-                         "(did `trainable` or the model change?); resume with the same settings")
+    regrouped = current != meta["group_params"]
+    if regrouped:
+        saved = meta["group_params"]
+        if sorted(n for g in current for n in g) != sorted(n for g in saved for n in g):
+            raise ValueError("the checkpoint's optimizer trains a different set of parameters than this run "
+                             "(did `trainable` or the model change?); resume with the same settings")
+        if len(current) != len(saved):
+            raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameter groups and this run "
+                             f"{len(current)} (did `lr_scales` change?); resume with the same settings")
+        # the same parameters grouped otherwise (weight decay left expert bias stacks and adapters'
+        # embedding tables before 2026-12-05): moments load by name, each group's decay is this run's
+        logger.warning("the checkpoint groups the same parameters otherwise (an older weight-decay rule); its AdamW "
+                       "moments are loaded by parameter name and this run's weight decay per group applies")
     order = [n for group in current for n in group]
     state: dict[int, dict] = {}
     for index, name in enumerate(order):
@@ -113,7 +126,8 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
     groups = []
     for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
         # hyper-parameters as saved; the update's implementation (fused kernel or not) as this run chose it
-        kept = {key: group[key] for key in ("fused", "foreach") if key in group}
+        kept = {key: group[key] for key in ("fused", "foreach") + (("weight_decay",) if regrouped else ())
+                if key in group}
         groups.append({**saved, **kept, "params": [order.index(names[id(p)]) for p in group["params"]]})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
