@@ -346,12 +346,33 @@ def _contains(tokens: list[int], part: list[int]) -> bool:
 @pytest.mark.parametrize("instruction, message", [
     ("[TEXT:text] repeat it -> [TEXT:text]", "reads 'text', a column the task predicts"),
     ("[IMAGE:image,region=box] where is it? -> [BOX:box]", "crops its image by 'box', a column the task predicts"),
+    # attributes the slot's preprocessor does not apply hide nothing
+    ("[STRUCT:table,noise_ratio=0.5] -> [STRUCT:table]", "corrupt it \\(mask_ratio=...\\)"),
+    ("[PHONE:text,mask_ratio=0.5] -> [PHONE:text]", "hold the answer; read another column"),
 ])
 def test_an_input_that_would_hold_the_answer_is_refused(tok, instruction, message):
     with pytest.raises(ValueError, match=message):
         Task("leaky", instruction, []).plan(tok)
-    # a given (no_loss) decoder slot is not an answer
-    Task("ok", '" [TEXT:text] " -> " [TEXT:text,no_loss] " has [TEXT:n] words', []).plan(tok)
+
+
+@pytest.mark.parametrize("instruction", [
+    '" [TEXT:text] " -> " [TEXT:text,no_loss] " has [TEXT:n] words',  # a given (no_loss) slot is no answer
+    "[TEXT:text] -> [PHONE:text]",  # conversions: the column read one way, predicted another
+    "[PHONE:text] -> [TEXT:text]",
+    "[STRUCT:table] -> [TEXT:table,preprocess=struct_text]",
+    "[STRUCT:table,mask_ratio=0.5] -> [STRUCT:table]",
+])
+def test_conversions_and_corrupted_copies_of_a_column_are_accepted(tok, instruction):
+    Task("ok", instruction, []).plan(tok)
+
+
+def test_a_corrupted_target_is_clean_outside_training(tok):
+    """``noise_ratio`` on a target corrupts the teacher-forced answer in training only; outside it
+    (evaluation, analysis) the answer is the row's own, whatever the sample predicts."""
+    rows = [{"src": "a b c d e f g h", "text": "one two three four five six seven eight nine ten"}]
+    plan = Task("noisy", "[TEXT:src] -> [TEXT:text,noise_ratio=0.5]", rows).plan(tok)
+    clean = [t for c in plan.encode(rows[0], 0, training=False).decoder if c.tokens for t in c.tokens]
+    assert clean[:len(tok.encode(rows[0]["text"]))] == tok.encode(rows[0]["text"])
 
 
 def test_audio_targets_are_not_augmented_in_training(tok):

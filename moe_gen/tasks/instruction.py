@@ -160,7 +160,8 @@ def _modality(**specific: AttrSpec) -> dict[str, AttrSpec]:
 
 
 _FLAG = AttrSpec("flag")
-_RATIO = AttrSpec("float", 0.0, 1.0, help="fraction of tokens or patches to corrupt (training only)")
+_RATIO = AttrSpec("float", 0.0, 1.0, help="fraction of tokens or patches to corrupt (in training; at "
+                 "inference too on an input whose column the task predicts)")
 _LENGTH = AttrSpec("int", 1, help="cap on the number of tokens, codes or frames")
 # Attributes of slots that become token sequences: OFASys reads them in its text preprocessor,
 # which the STRUCT and BOX preprocessors subclass; moe_gen merges PHONE into the same sequences.

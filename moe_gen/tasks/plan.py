@@ -251,11 +251,14 @@ class TaskPlan:
             self.templates.append((encoder, decoder))
 
     def _check_answers_hidden(self, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
-        """Refuses an input that hands the model its answer: an encoder slot reading a column the
-        decoder predicts (a scored slot; ``no_loss`` slots are given, not predicted), unless it
-        corrupts it (``mask_ratio``/``noise_ratio``: infilling, denoising), or an image ``region``
-        cropped by a predicted box."""
+        """Refuses an input that hands the model its answer: an encoder slot encoding a column as the
+        decoder predicts it (a scored slot of the same modality and preprocessor; ``no_loss`` slots
+        are given, not predicted; ``[TEXT:text] -> [PHONE:text]`` is a conversion, not a copy),
+        unless its preprocessor corrupts it (``Preprocessor.corruptions``, such as ``mask_ratio``:
+        infilling, denoising), or an image ``region`` cropped by a predicted box."""
         predicted = {p.slot.column for p in decoder if p.loss and p.slot.column and not p.slot.is_literal}
+        copies = {(p.slot.column, p.modality.name, p.preprocess) for p in decoder
+                  if p.loss and p.slot.column and not p.slot.is_literal}
         for plan in encoder:
             slot = plan.slot
             if slot.is_literal:
@@ -264,10 +267,13 @@ class TaskPlan:
             if isinstance(region, str) and region in predicted:
                 raise ValueError(f"task {self.name!r}: slot {slot} crops its image by {region!r}, a column the "
                                  "task predicts, so the input would show the answer; crop by another column")
-            if slot.column in predicted and not (slot.attrs.get("mask_ratio") or slot.attrs.get("noise_ratio")):
+            corruptions = self._preprocessors[plan.preprocess].corruptions
+            if (slot.column, plan.modality.name, plan.preprocess) in copies and not any(
+                    slot.attrs.get(a) for a in corruptions):
+                how = (f"corrupt it ({', '.join(f'{a}=...' for a in corruptions)}) for an infilling or denoising "
+                       "task, or read another column") if corruptions else "read another column"
                 raise ValueError(f"task {self.name!r}: slot {slot} reads {slot.column!r}, a column the task "
-                                 "predicts, so the input would hold the answer; corrupt it (mask_ratio=..., "
-                                 "noise_ratio=...) for an infilling or denoising task, or read another column")
+                                 f"predicts, as the task predicts it, so the input would hold the answer; {how}")
 
     # ---- planning ----------------------------------------------------------------------------
 

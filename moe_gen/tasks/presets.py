@@ -160,7 +160,8 @@ preset("image_infilling", "[IMAGE:masked] the [TEXT:hidden] quarter is hidden; w
 
 # ---- text and tables -------------------------------------------------------------------------
 
-_PYDOC = "CPython pydoc_data.topics prose paragraphs (979); test = every 5th"
+_PYDOC = ("CPython pydoc_data.topics prose paragraphs, each distinct one once under its most specific topic "
+          "(996); test = every 5th of each topic")
 _IRIS = "scikit-learn load_iris (150 flowers) as one-row tables of 4 measures (cm); test = every 5th"
 
 

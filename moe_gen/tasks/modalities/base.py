@@ -177,9 +177,9 @@ class EncodeContext:
 
     def corrupts(self, column: Optional[str]) -> bool:
         """Whether corruption attributes apply to the slot reading ``column``: in training, and at
-        inference when the sample predicts that column (its input is a corrupted copy of the
-        answer: an uncorrupted one would hand the model what it is asked for)."""
-        return self.training or (column is not None and column in self.predicted)
+        inference to an input (not a target) whose column the sample predicts (a corrupted copy of
+        the answer: an uncorrupted one would hand the model what it is asked for)."""
+        return self.training or (not self.target and column is not None and column in self.predicted)
 
     def where(self, column: Optional[str]) -> str:
         """"task 'x', column 'c', row 3": the place named in error messages."""
@@ -190,6 +190,9 @@ class Preprocessor:
     """Raw value → ``SlotEncoding``. Subclasses set ``modality`` and implement ``__call__``."""
 
     modality: str = "TEXT"
+    # slot attributes this preprocessor reads as corruption of its input (applied in training, and
+    # at inference to a slot reading the sample's answer: EncodeContext.corrupts)
+    corruptions: tuple[str, ...] = ()
 
     def __call__(self, value: Any, slot, ctx: EncodeContext) -> SlotEncoding:
         raise NotImplementedError

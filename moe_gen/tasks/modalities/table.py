@@ -247,7 +247,8 @@ class StructPreprocessor(Preprocessor):
     """A table → one feature row per cell ``[column id, z, kind, text id]`` (see the module docstring).
 
     Slot attributes: ``max_length`` caps the cells (row by row), ``mask_ratio`` hides each cell as
-    missing with that probability in training, ``uncased`` lower-cases text values.
+    missing with that probability in training (and at inference when the task predicts the
+    table), ``uncased`` lower-cases text values.
     (``no_punctuation`` and ``noise_ratio`` apply to ``preprocess=struct_text`` only.)
 
     Args:
@@ -256,6 +257,7 @@ class StructPreprocessor(Preprocessor):
     """
 
     modality = "STRUCT"
+    corruptions = ("mask_ratio",)
 
     def __init__(self, statistics: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
         self.statistics = dict(statistics or {})

@@ -90,6 +90,7 @@ class TextPreprocessor(Preprocessor):
     """str → token ids (attributes: uncased, no_punctuation, max_length, mask_ratio, noise_ratio)."""
 
     modality = "TEXT"
+    corruptions = ("mask_ratio", "noise_ratio")
 
     def __call__(self, value, slot, ctx):
         return SlotEncoding(self.modality, tokens=_text_tokens(_as_text(value, self.modality, slot, ctx),
@@ -101,6 +102,7 @@ class CategoryPreprocessor(Preprocessor):
     """A label (str or int) → token ids of its text; decoding is restricted to the label set."""
 
     modality = "CATEGORY"
+    corruptions = ("mask_ratio", "noise_ratio")
 
     def __call__(self, value, slot, ctx):
         return SlotEncoding(self.modality, tokens=_text_tokens(_as_text(value, self.modality, slot, ctx),
@@ -127,6 +129,7 @@ class StructTextPreprocessor(Preprocessor):
     cell encoding for numeric tables."""
 
     modality = "STRUCT"
+    corruptions = ("mask_ratio", "noise_ratio")
 
     def __call__(self, value, slot, ctx):
         if isinstance(value, str):  # already linearised

@@ -201,11 +201,13 @@ def _tiling_problem(size: int, patch: int, stride: int) -> Optional[str]:
 class ImagePreprocessor(Preprocessor):
     """Image → resized to ``size``² → normalised → P×P patches, ``stride`` pixels apart (default
     ``patch``: side by side; smaller: overlapping, so that a small object lies whole inside some
-    patch); ``mask_ratio`` drops a random share of the patches in training (the kept ones keep
-    their grid positions); ``augment`` (``mirror``, ``dihedral``, ``shift``, or several joined by
-    ``+``) mirrors, rotates or moves each training image at random (``augment_image``)."""
+    patch); ``mask_ratio`` drops a random share of the patches in training, and at inference when
+    the task predicts the image (the kept ones keep their grid positions); ``augment``
+    (``mirror``, ``dihedral``, ``shift``, or several joined by ``+``) mirrors, rotates or moves each
+    training image at random (``augment_image``)."""
 
     modality = "IMAGE"
+    corruptions = ("mask_ratio",)
 
     def __init__(self, size: int = 32, patch: int = 8, stride: Optional[int] = None) -> None:
         stride = patch if stride is None else stride
