@@ -144,6 +144,28 @@ def test_tables_accumulate_and_do_not_depend_on_flushing():
     assert torch.equal(back.counts_LETMR, a.counts_LETMR) and back.pair_layers == a.pair_layers
 
 
+def test_router_entropy_stays_within_log_e_with_sigmoid_scores():
+    """Sigmoid scores are affinities that do not sum to 1: a uniform router over 8 experts (every
+    affinity 0.5) read 4 bits against the 3-bit maximum. Each row is normalised first."""
+    rc = RouterConfig(strategy="token", score="sigmoid", balance_loss_weight=0.0, z_loss_weight=0.0)
+    moe = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=8, top_k=2, router=rc)).eval()
+    with torch.no_grad():
+        moe.router.weight.zero_()
+    x = torch.randn(1, 6, 4)
+    with RoutingRecorder(moe) as recorder, torch.no_grad():
+        moe(x, tags=TokenTags.constant((1, 6), task=0, modality="TEXT"), padding_mask=None)
+    summary = stats.summarize(recorder.tables())
+    assert summary["entropy_bits"][0] == pytest.approx(3.0) and summary["max_entropy_bits"][0] == pytest.approx(3.0)
+
+
+def test_summarize_warns_when_the_tables_saw_no_token():
+    model = TwoLayers()
+    with RoutingRecorder(model) as recorder:
+        pass  # the model never runs (say, a trainer evaluated its weight average instead)
+    with pytest.warns(UserWarning, match="saw no token"):
+        stats.summarize(recorder.tables())
+
+
 def test_pairs_need_the_same_tokens_one_after_the_other():
     """A layer called on other tokens (another length) between two layers breaks their pairing."""
     model = TwoLayers()
@@ -276,11 +298,11 @@ def trained(tmp_path_factory, one_thread):
     (40 steps) on four tasks whose inputs are four modalities (IMAGE, AUDIO, STRUCT, MOTION), for
     each seed in SEEDS; the seed-0 pair is saved. ``{(strategy, seed): (model, directory)}``."""
     from moe_gen.model import GeneralistModel, flavour
-    from moe_gen.tasks import Tokenizer, load_preset
+    from moe_gen.tasks import Tokenizer
     from moe_gen.trainer import TrainConfig, Trainer
 
     tok = Tokenizer.default()
-    train = [load_preset(name, "train", limit=64) for name in TASKS]
+    train = [_training_rows(name) for name in TASKS]
     out = {}
     for seed in SEEDS:
         for strategy in ("attribute", "token"):
@@ -302,7 +324,17 @@ def trained(tmp_path_factory, one_thread):
 def held_out():
     from moe_gen.tasks import load_preset
 
-    return [load_preset(name, "test") for name in TASKS]  # whole splits (closed label sets); 16 rows are used
+    return [load_preset(name, "test") for name in TASKS]  # whole splits; 16 rows spread over each are used
+
+
+def _training_rows(name: str, count: int = 64):
+    """``count`` training rows of preset ``name`` spread over its split (splits may be ordered by
+    label: the first 64 rows of table_species hold two of its three species)."""
+    from moe_gen.tasks import load_preset
+    from moe_gen.trainer.evaluation import spaced_indices
+
+    split = load_preset(name, "train")
+    return split.with_rows([split.data[i] for i in spaced_indices(len(split), count)])
 
 
 def test_recorder_matches_the_models_own_routing_and_records_generation(trained, held_out):
@@ -408,7 +440,8 @@ def test_report_of_a_dense_model_and_user_errors(tmp_path, one_thread, capsys):
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, load_preset
 
-    tasks = [load_preset(name, "test", limit=4) for name in ("digit_classification", "table_species")]
+    # built on whole splits: the label sets of the rows analysed (spread over each split)
+    tasks = [load_preset(name, "test") for name in ("digit_classification", "table_species")]
     dense = GeneralistModel.build(flavour("debug").dense_twin(), tasks, Tokenizer.default())
     dense.save_pretrained(str(tmp_path / "dense"))
     out = tmp_path / "out"
@@ -422,3 +455,22 @@ def test_report_of_a_dense_model_and_user_errors(tmp_path, one_thread, capsys):
     assert "not a saved model directory" in capsys.readouterr().err
     assert main([str(tmp_path / "dense"), "--tasks", "no_such_task", "--out", str(out)]) == 2
     assert "no_such_task" in capsys.readouterr().err
+
+
+def test_analysis_encodes_held_out_rows_as_the_model_was_trained(trained, held_out):
+    """Forward-mode analysis (held-out loss, routes, interference) encodes rows with the statistics
+    and label sets the model saved from its training rows, not ones fitted on the held-out rows,
+    and reads rows spread over the split (which may be ordered by label)."""
+    from moe_gen.analysis.report import _samples
+
+    model, _ = trained["attribute", SEEDS[0]]
+    table = next(t for t in held_out if t.name == "table_species")
+    statistics = model.encoding_statistics(table)
+    samples = _samples(model, table, 6)
+    assert [s.index for s in samples] == [i * len(table) // 6 for i in range(6)]
+    for sample in samples:
+        expected = table.encode(sample.index, model.tokenizer, training=False, statistics=statistics)
+        own = table.encode(sample.index, model.tokenizer, training=False)  # fitted on the held-out rows
+        rows = [c.rows for c in sample.encoder if c.rows is not None]
+        assert all(torch.equal(a, c.rows) for a, c in zip(rows, [c for c in expected.encoder if c.rows is not None]))
+        assert any(not torch.equal(a, c.rows) for a, c in zip(rows, [c for c in own.encoder if c.rows is not None]))

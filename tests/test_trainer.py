@@ -511,3 +511,20 @@ def test_a_resumed_run_continues_the_same_weight_average(tasks, tok, tmp_path):
                        output_dir=str(tmp_path / "plain"), resume=True)
     for (name, a), b in zip(plain.model.named_parameters(), averaged.trained_model().parameters()):
         assert torch.equal(a, b), name
+
+
+def test_logged_utilisation_counts_shares_before_rounding():
+    """An expert at exactly the 1/(4E) floor is used; the log's shares are rounded to 4 decimals,
+    which put it just under (0.0312 < 1/32) when utilisation was computed from them."""
+    from types import SimpleNamespace
+
+    from moe_gen.analysis.stats import utilisation
+    from moe_gen.trainer.trainer import _routing_summary
+
+    counts_E = torch.tensor([1.0, 3, 4, 4, 5, 5, 5, 5], dtype=torch.float64)
+    tables = SimpleNamespace(counts_LETMR=counts_E.view(1, 8, 1, 1, 1), layer_names=["encoder.0"], num_experts=[8],
+                             modality_names=["TEXT"], dropped_LTMR=torch.zeros(1, 1, 1, 1))
+    summary = _routing_summary(tables)
+    assert float(utilisation(counts_E.view(1, 8))[0]) == 1.0
+    assert summary["expert_utilisation"] == {"encoder.0": 1.0} and summary["mean_expert_utilisation"] == 1.0
+    assert summary["expert_load"]["encoder.0"][0] == 0.0312

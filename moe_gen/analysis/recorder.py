@@ -285,8 +285,10 @@ class RoutingRecorder:
                 top1_T[index], computed_T[index] = top1, comp
 
         # Per-token sums by (layer, group): probabilities, token count, entropy, dropped tokens.
-        # Padding rows of probs are zero, so their entropy xlogy(0, 0) is 0 as well.
-        entropy_T = -torch.special.xlogy(probs_TE, probs_TE).sum(dim=1)
+        # The entropy is of each row normalised to sum 1 (sigmoid scores are affinities that do not;
+        # softmax rows already do), so it stays within log E. Padding rows are zero: entropy 0.
+        dist_TE = probs_TE / probs_TE.sum(dim=1, keepdim=True).clamp_min(torch.finfo(probs_TE.dtype).tiny)
+        entropy_T = -torch.special.xlogy(dist_TE, dist_TE).sum(dim=1)
         per_token = torch.cat((probs_TE.to(f64), torch.stack((valid_T.to(f64), entropy_T.to(f64),
                                                               (valid_T & ~computed_T).to(f64)), dim=1)), dim=1)
         self._token.index_add_(0, row_T, per_token)

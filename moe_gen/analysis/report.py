@@ -73,9 +73,15 @@ class Analysis:
 # ---- analysis ---------------------------------------------------------------------------------
 
 def _samples(model, task, count: int) -> list:
-    """The first ``count`` rows of ``task`` encoded for evaluation (rows that fail and are skipped
-    under ``on_error="skip"`` are left out)."""
-    samples = (task.encode(i, model.tokenizer, training=False) for i in range(min(count, len(task))))
+    """``count`` rows of ``task`` evenly spaced over it (a test split may be ordered by label), encoded
+    for evaluation as the model was trained: with the statistics and closed label sets it saved,
+    not ones fitted on these rows (rows that fail and are skipped under ``on_error="skip"`` are
+    left out)."""
+    from moe_gen.trainer.evaluation import spaced_indices
+
+    statistics = model.encoding_statistics(task)
+    samples = (task.encode(i, model.tokenizer, training=False, statistics=statistics)
+               for i in spaced_indices(len(task), min(count, len(task))))
     return [s for s in samples if s is not None]
 
 
@@ -96,7 +102,8 @@ def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int]) ->
 
 
 def _held_out_loss(model, task, rows: int, batch_size: int) -> float:
-    """Mean teacher-forced loss (token cross-entropy + frame loss) of ``task``'s first ``rows`` rows."""
+    """Mean teacher-forced loss (token cross-entropy + frame loss) of ``rows`` rows of ``task``
+    evenly spaced over it."""
     from moe_gen.objectives import GenerativeObjective
     from moe_gen.tasks import collate
 
@@ -120,9 +127,10 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
     Args:
         model: a ``GeneralistModel`` built for these tasks.
         mode: ``forward`` (teacher-forced passes, held-out loss) or ``generate`` (``evaluate``).
-        limit: rows per task (the first ones; None: all). Pass whole splits and cut here rather than
-            loading a preset with ``limit``: closed label sets come from a task's rows, and a few
-            rows may hold a single label (whose loss, and gradient, is then exactly 0).
+        limit: rows per task, evenly spaced over its rows (None: all). Pass whole splits and cut
+            here rather than loading a preset with ``limit``: a split's first rows may hold a single
+            label (whose loss, and gradient, is then exactly 0). Rows are encoded with the
+            statistics and closed label sets the model saved from its training rows.
         batch_size: rows per forward pass (or per ``infer`` call).
         interference_rows: rows of each task in its gradient batch; 0 skips interference.
     """

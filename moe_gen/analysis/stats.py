@@ -37,6 +37,7 @@ Definitions (all logarithms base 2, so information is in bits):
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Callable, Mapping, Optional, Sequence
 
 import numpy as np
@@ -394,6 +395,10 @@ def summarize(tables: RoutingTables) -> dict:
     L = counts.shape[0]
     tokens_L = tables.tokens_LTMR.sum(dim=(1, 2, 3))
     active = [layer for layer in range(L) if tokens_L[layer] > 0]
+    if L and not active:
+        warnings.warn("the routing tables saw no token: the recorder's model did not run while it recorded (a "
+                      "trainer evaluates trainer.trained_model(), the weight average or an unsharded copy, not "
+                      "the model it trains); every statistic below is empty", stacklevel=2)
     load_LE = expert_load(counts)
     balance = imbalance(counts.sum(dim=(2, 3, 4)), tables.num_experts)
     used_L = utilisation(counts.sum(dim=(2, 3, 4)), tables.num_experts)

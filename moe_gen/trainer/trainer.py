@@ -41,7 +41,7 @@ from moe_gen.trainer.checkpoint import (
 from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
-from moe_gen.trainer.logs import RunLogger
+from moe_gen.trainer.logs import RunLogger, expert_utilisation
 from moe_gen.trainer.sampling import TaskSampler
 
 __all__ = ["Trainer", "select_trainable", "WarmupCosine"]
@@ -145,18 +145,20 @@ def _routing_summary(tables) -> dict:
     layer, their mean imbalance (max/mean), per modality the imbalance of its own assignments
     (averaged over layers), and dropped tokens."""
     counts_LEM = tables.counts_LETMR.sum((2, 4))
-    load, imbalance = {}, []
+    load, exact, imbalance = {}, {}, []
     by_modality: dict[str, list[float]] = {}
     for layer, (name, E) in enumerate(zip(tables.layer_names, tables.num_experts)):
         counts_E = counts_LEM[layer, :E].sum(-1)
         if counts_E.sum() > 0:
-            load[name] = [round(float(c), 4) for c in counts_E / counts_E.sum()]
+            exact[name] = [float(c) for c in counts_E / counts_E.sum()]
+            load[name] = [round(c, 4) for c in exact[name]]  # the log's shares; utilisation from the exact ones
             imbalance.append(float(counts_E.max() / counts_E.mean()))
         for m, modality in enumerate(tables.modality_names):
             counts_e = counts_LEM[layer, :E, m]
             if counts_e.sum() > 0:
                 by_modality.setdefault(modality, []).append(float(counts_e.max() / counts_e.mean()))
-    return {"expert_load": load, "expert_imbalance": sum(imbalance) / len(imbalance) if imbalance else 0.0,
+    return {"expert_load": load, **expert_utilisation(exact),
+            "expert_imbalance": sum(imbalance) / len(imbalance) if imbalance else 0.0,
             "modality_expert_imbalance": {m: round(sum(v) / len(v), 4) for m, v in by_modality.items()},
             "dropped_tokens": int(tables.dropped_LTMR.sum())}
 
