@@ -349,6 +349,8 @@ def _contains(tokens: list[int], part: list[int]) -> bool:
     # attributes the slot's preprocessor does not apply hide nothing
     ("[STRUCT:table,noise_ratio=0.5] -> [STRUCT:table]", "corrupt it \\(mask_ratio=...\\)"),
     ("[PHONE:text,mask_ratio=0.5] -> [PHONE:text]", "hold the answer; read another column"),
+    # a given decoder slot is handed to decoding as its prefix
+    ("[TEXT:q] -> [TEXT:text,no_loss] then [TEXT:text]", "reads 'text', a column the task predicts"),
 ])
 def test_an_input_that_would_hold_the_answer_is_refused(tok, instruction, message):
     with pytest.raises(ValueError, match=message):

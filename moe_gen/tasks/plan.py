@@ -251,15 +251,16 @@ class TaskPlan:
             self.templates.append((encoder, decoder))
 
     def _check_answers_hidden(self, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
-        """Refuses an input that hands the model its answer: an encoder slot encoding a column as the
-        decoder predicts it (a scored slot of the same modality and preprocessor; ``no_loss`` slots
-        are given, not predicted; ``[TEXT:text] -> [PHONE:text]`` is a conversion, not a copy),
-        unless its preprocessor corrupts it (``Preprocessor.corruptions``, such as ``mask_ratio``:
-        infilling, denoising), or an image ``region`` cropped by a predicted box."""
+        """Refuses an input that hands the model its answer: an encoder slot, or a given ``no_loss``
+        decoder slot (decoding is handed it as its prefix), encoding a column as the decoder
+        predicts it (a scored slot of the same modality and preprocessor; ``[TEXT:text] ->
+        [PHONE:text]`` is a conversion, not a copy), unless its preprocessor corrupts it
+        (``Preprocessor.corruptions``, such as ``mask_ratio``: infilling, denoising), or an image
+        ``region`` cropped by a predicted box."""
         predicted = {p.slot.column for p in decoder if p.loss and p.slot.column and not p.slot.is_literal}
         copies = {(p.slot.column, p.modality.name, p.preprocess) for p in decoder
                   if p.loss and p.slot.column and not p.slot.is_literal}
-        for plan in encoder:
+        for plan in encoder + [p for p in decoder if not p.loss]:  # inputs, and what the decoder is given
             slot = plan.slot
             if slot.is_literal:
                 continue
