@@ -474,3 +474,18 @@ def test_analysis_encodes_held_out_rows_as_the_model_was_trained(trained, held_o
         rows = [c.rows for c in sample.encoder if c.rows is not None]
         assert all(torch.equal(a, c.rows) for a, c in zip(rows, [c for c in expected.encoder if c.rows is not None]))
         assert any(not torch.equal(a, c.rows) for a, c in zip(rows, [c for c in own.encoder if c.rows is not None]))
+
+
+def test_rows_with_labels_the_model_never_trained_on_are_left_out_and_counted(one_thread):
+    """A teacher-forced row needs its answer in the model's label set: rows of other labels are left
+    out of forward-mode analysis with a warning that counts them, not a failure of the whole run."""
+    from moe_gen.analysis.report import _samples
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+
+    model = GeneralistModel.build(flavour("debug"), [load_preset("table_species", "train", limit=10)],
+                                  Tokenizer.default())  # its first 10 rows: one species
+    split = load_preset("table_species", "test")
+    with pytest.warns(UserWarning, match="20 of 30 rows hold a label the model never trained on"):
+        samples = _samples(model, split, 4)
+    assert len(samples) == 4 and {split.data[s.index]["species"] for s in samples} == {"setosa"}

@@ -25,6 +25,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from typing import Optional, Sequence
 
 import numpy as np
@@ -75,14 +76,38 @@ class Analysis:
 def _samples(model, task, count: int) -> list:
     """``count`` rows of ``task`` evenly spaced over it (a test split may be ordered by label), encoded
     for evaluation as the model was trained: with the statistics and closed label sets it saved,
-    not ones fitted on these rows (rows that fail and are skipped under ``on_error="skip"`` are
-    left out)."""
+    not ones fitted on these rows. Rows whose closed-set answer the model never trained on cannot
+    be teacher-forced: they are left out, with a warning that counts them (rows that fail and are
+    skipped under ``on_error="skip"`` are left out too)."""
+    from moe_gen.tasks.task import CLOSED_SETS
     from moe_gen.trainer.evaluation import spaced_indices
 
     statistics = model.encoding_statistics(task)
-    samples = (task.encode(i, model.tokenizer, training=False, statistics=statistics)
-               for i in spaced_indices(len(task), min(count, len(task))))
+    labels = {column: set(values) for column, values in statistics.get(CLOSED_SETS, {}).items()}
+    known = [i for i in range(len(task)) if not labels or _labels_known(task, i, labels)]
+    if not known:
+        raise ValueError(f"task {task.name!r}: none of its {len(task)} rows holds a label the model trained on")
+    if len(known) < len(task):
+        warnings.warn(f"task {task.name!r}: {len(task) - len(known)} of {len(task)} rows hold a label the model never "
+                      "trained on; the analysis leaves them out", stacklevel=3)
+    samples = (task.encode(known[i], model.tokenizer, training=False, statistics=statistics)
+               for i in spaced_indices(len(known), min(count, len(known))))
     return [s for s in samples if s is not None]
+
+
+def _labels_known(task, index: int, labels: dict) -> bool:
+    """Whether every closed-set value of row ``index`` is among the model's ``labels`` (column →
+    texts); a row the dataset fails to read counts as known (it fails, named, when encoded)."""
+    try:
+        row = task.data[index]
+    except Exception:
+        return True
+    for column, texts in labels.items():
+        value = row.get(column) if isinstance(row, dict) else None
+        values = value if isinstance(value, (list, tuple)) else [value]
+        if value is not None and any(str(v) not in texts for v in values):
+            return False
+    return True
 
 
 def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int]) -> dict:
