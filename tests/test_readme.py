@@ -100,9 +100,10 @@ def test_pretrained(tmp_path, monkeypatch):
     assert ns["summary"] is not None
 
 
+@pytest.mark.slow
 def test_trainer_and_analysis(tmp_path, monkeypatch):
     """Training from Python (300 steps of the debug flavour), then the routing recorder over the
-    trainer's evaluation, as the README chains them."""
+    trainer's evaluation, as the README chains them (30–60 s here: `make test-all` runs it)."""
     monkeypatch.chdir(tmp_path)
     ns = _run("from moe_gen.model import GeneralistModel, flavour", {})
     assert (tmp_path / "runs" / "mine" / "model").is_dir()
