@@ -24,7 +24,7 @@ import torch
 
 from moe_gen.tasks.plan import INPUT, TARGET, Chunk, Sample
 
-__all__ = ["split_budget", "mask_sample"]
+__all__ = ["split_budget", "mask_sample", "masked_view"]
 
 
 def split_budget(budget: int, available: Mapping[str, int], alpha: Union[float, Mapping[str, float]],
@@ -92,3 +92,16 @@ def mask_sample(sample: Sample, *, input_budget: int = 128, target_budget: int =
         decoder += _gather(modality, [streams[modality][p] for p in chosen_out], TARGET, True)
     return dataclasses.replace(sample, encoder=encoder, decoder=decoder,
                                meta={**sample.meta, "budgets": {"input": inputs, "target": targets}})
+
+
+def masked_view(sample: Sample) -> Sample:
+    """An inference sample (``plan.encode(..., inference=True)``) as the masked objective shows
+    samples, for decoding a task trained with it: every data position of its inputs in the
+    encoder, ordered by modality as ``mask_sample`` orders them, without the instruction's literal
+    text; the decoder holds no forced prefix (literal text, copied prompts), so the answer starts
+    right after BOS. Collate it with ``pass_name="masked"``. Unlike training, the encoder holds
+    every input position, not an input budget's share (4M reads all it is given)."""
+    encoder = [Chunk(chunk.modality, INPUT, False, tokens=chunk.tokens, rows=chunk.rows, positions=chunk.positions,
+                     adaptor=chunk.adaptor, column=chunk.column)
+               for chunk in sorted(sample.encoder, key=lambda c: c.modality) if chunk.column is not None]
+    return dataclasses.replace(sample, encoder=encoder, decoder=[])

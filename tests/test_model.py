@@ -273,6 +273,41 @@ def test_masked_modeling_budgets_and_loss(mixed, tok):
         MaskedObjective(plain, input_budget=12, target_budget=8).prepare(samples, random.Random(1))
 
 
+def test_masked_objective_tasks_are_decoded_as_they_train(tok):
+    """A task trained with the masked objective is answered from the samples that objective makes
+    when every input position is in and the whole answer is out: no instruction text, no EOS,
+    the ``masked`` pass tag (which a tag-routed decoder routes by)."""
+    from moe_gen.masking import mask_sample, masked_view
+    from moe_gen.routing.tags import PASSES
+
+    task = load_preset("digit_masked_modeling", "train", limit=4)
+    model = build([task], tok, router=RouterConfig(strategy="attribute"), predict_all_features=True).eval()
+    labels = sorted(set(task.closed_sets()["label"]))
+    row = task.data[0]
+    inference = model.plan(task).encode(row, 0, training=False, inference=True, template=0)
+    view = masked_view(inference)
+    assert not view.decoder and all(c.column == "image" for c in view.encoder)
+    assert sum(map(len, view.encoder)) == 16 < sum(map(len, inference.encoder))  # the prompt's text left out
+    # the training sample whose inputs are all 16 codes and whose target is the whole label
+    full = model.plan(task).encode(row, 0, training=False)
+    answer_len = sum(len(c) for c in full.decoder if c.column == "label")
+    trained = mask_sample(full, input_budget=16, target_budget=answer_len, alpha={"IMAGE": 1e6, "TEXT": 1e-6},
+                          rng=random.Random(0))
+    assert [c.column for c in trained.encoder] == ["image"] and [c.column for c in trained.decoder] == ["label"]
+    batch = collate([trained], tok, model.task_ids, pass_name="masked", modality_ids=model.modality_ids)
+    with torch.no_grad():
+        logp = model(batch).logits.float().log_softmax(-1)[0]
+    ids = trained.decoder[0].tokens
+    expected = float(logp[torch.arange(len(ids)), torch.tensor(ids)].sum())
+    ranked = model.infer(task, [row], candidates=labels)[0]
+    assert ranked.scores[labels.index(row["label"])] == pytest.approx(expected, abs=1e-4)
+    assert (batch.decoder.tags.pass_id == PASSES.index("masked")).all()
+    # greedy decoding reads the same pass: its first token is the best first token of a label there
+    firsts = sorted({tok.encode(label)[0] for label in labels})
+    greedy = model.infer(task, [row])[0]
+    assert greedy.tokens[0] == firsts[int(logp[0, firsts].argmax())] and greedy.text in labels
+
+
 def test_ranking_and_beam_search(tok):
     task = load_preset("digit_classification", "train", limit=6)
     model = build([task], tok).eval()

@@ -69,7 +69,8 @@ class ScriptedDecoder:
     scripts: list[list[int]] = []
     last: "ScriptedDecoder"
 
-    def __init__(self, model, samples, modality, enc_batch, memory, limit, placeholder=None) -> None:
+    def __init__(self, model, samples, modality, enc_batch, memory, limit, placeholder=None,
+                 pass_name: str = "generative") -> None:
         self.vocab = model.tokenizer.vocab_size
         self.at = [0] * len(samples)
         first = (modality_tag_names().index(modality), TARGET)  # the placeholder's tags

@@ -179,7 +179,7 @@ _NO_RULES = TextRules()
 @torch.no_grad()
 def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32, max_frames: int = 64,
              max_items: int = 8, sampling: Optional[Sampling] = None,
-             rules: TextRules = _NO_RULES) -> list[Prediction]:
+             rules: TextRules = _NO_RULES, pass_name: str = "generative") -> list[Prediction]:
     """Greedy (or, with ``sampling``, drawn) answers for encoded inference samples
     (``plan.encode(..., inference=True)``).
 
@@ -189,6 +189,8 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
         max_items: the most items of one repetition group.
         sampling: draw tokens (``Sampling``) instead of taking the best; token targets only.
         rules: ``TextRules`` for free-text values (no repeated n-grams, a minimum length).
+        pass_name: the ``pass`` tag of every position (``masked`` for tasks trained with the
+            masked objective, whose samples ``moe_gen.masking.masked_view`` gives).
     """
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
                             modality_ids=model.modality_ids)
@@ -199,24 +201,27 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
     if target.decode.kind == "frames":
         tok = model.tokenizer
         dev = model.token_embedding.weight.device
-        enc_batch = collate(list(samples), tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
+        enc_batch = collate(list(samples), tok, model.task_ids, pass_name=pass_name,
+                            modality_ids=model.modality_ids).to(dev)
         memory = model.encode(enc_batch.encoder, keep=True)
-        return _generate_frames(model, samples, target, enc_batch, memory, max_frames)
-    return _search(model, grammar, samples, beams=1, sampling=sampling, rules=rules)
+        return _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name)
+    return _search(model, grammar, samples, beams=1, sampling=sampling, rules=rules, pass_name=pass_name)
 
 
 @torch.no_grad()
 def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_new_tokens: int = 32,
-                length_penalty: float = 1.0, max_items: int = 8, rules: TextRules = _NO_RULES) -> list[Prediction]:
+                length_penalty: float = 1.0, max_items: int = 8, rules: TextRules = _NO_RULES,
+                pass_name: str = "generative") -> list[Prediction]:
     """Beam search over token answers (every target slot, constrained like ``generate``): the
     ``beams`` best partial answers by summed log-probability; an answer that ends retires, and the
-    finished ones are ranked by score / length^length_penalty."""
+    finished ones are ranked by score / length^length_penalty. ``pass_name``: as in ``generate``."""
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
                             modality_ids=model.modality_ids)
     kind = grammar.slots[grammar.first].decode.kind
     if kind == "frames":
         raise ValueError(f"beam search decodes text, closed-set and box targets, not {kind!r}; use generate")
-    return _search(model, grammar, samples, beams=beams, length_penalty=length_penalty, rules=rules)
+    return _search(model, grammar, samples, beams=beams, length_penalty=length_penalty, rules=rules,
+                   pass_name=pass_name)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -231,7 +236,7 @@ class _Hypothesis:
 
 def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: int,
             length_penalty: float = 1.0, sampling: Optional[Sampling] = None,
-            rules: TextRules = _NO_RULES) -> list[Prediction]:
+            rules: TextRules = _NO_RULES, pass_name: str = "generative") -> list[Prediction]:
     """Beam search for every sample at once (``beams`` cache rows per sample); one beam is greedy.
 
     Every step expands each live answer by the best tokens of each of its options, keeps the
@@ -244,11 +249,11 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     dev = model.token_embedding.weight.device
     rows = [sample for sample in samples for _ in range(beams)]
     R = len(rows)
-    enc_batch = collate(rows, tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
+    enc_batch = collate(rows, tok, model.task_ids, pass_name=pass_name, modality_ids=model.modality_ids).to(dev)
     memory = model.encode(enc_batch.encoder, keep=True)
     limit = grammar.max_steps()
     target = grammar.slots[grammar.first]
-    decoder = _CachedDecoder(model, rows, target.modality.name, enc_batch, memory, limit)
+    decoder = _CachedDecoder(model, rows, target.modality.name, enc_batch, memory, limit, pass_name=pass_name)
     logp_RV = decoder.log_probs(decoder.prefill()).cpu()  # tagged like the first target, as the start state
     alive = [[_Hypothesis(grammar.start(), 0.0, 0.0, s * beams)] for s in range(len(samples))]
     finished: list[list[_Hypothesis]] = [[] for _ in samples]
@@ -396,13 +401,13 @@ def _prediction(grammar: TargetGrammar, hyp: _Hypothesis, sample: Sample, eos_id
     return prediction
 
 
-def _generate_frames(model, samples, target, enc_batch, memory, max_frames) -> list[Prediction]:
+def _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name: str) -> list[Prediction]:
     """One row per step from the frame head, fed back through the adapter, until the stop head fires."""
     adaptor = str(target.adaptor)
     width = int(model.config.adapters[adaptor])
     B = len(samples)
     decoder = _CachedDecoder(model, samples, target.modality.name, enc_batch, memory, max_frames,
-                             placeholder=(adaptor, width))
+                             placeholder=(adaptor, width), pass_name=pass_name)
     hidden = decoder.prefill()
     frames = [[] for _ in range(B)]
     done = [False] * B
@@ -420,17 +425,21 @@ def _generate_frames(model, samples, target, enc_batch, memory, max_frames) -> l
 
 
 @torch.no_grad()
-def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str]) -> list[Prediction]:
+def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
+         pass_name: str = "generative") -> list[Prediction]:
     """Scores every candidate text as the answer of every sample: the sum of its tokens'
     log-probabilities (EOS included) given the input, teacher-forced in one batch per sample.
-    ``text`` is the best candidate, ``scores`` all of them (retrieval, multiple choice)."""
+    ``text`` is the best candidate, ``scores`` all of them (retrieval, multiple choice).
+    ``pass_name``: as in ``generate``; with ``masked`` a candidate is scored without EOS, which
+    the masked objective never predicts."""
     tok = model.tokenizer
     target = next(p for p in plan.templates[0][1] if p.loss)
-    encoded = [tok.encode(c) + [tok.eos_id] for c in candidates]
+    end = [] if pass_name == "masked" else [tok.eos_id]
+    encoded = [tok.encode(c) + end for c in candidates]
     predictions = []
     for sample in samples:
         pairs = [_with_target(sample, target.modality.name, ids) for ids in encoded]
-        batch = collate(pairs, tok, model.task_ids, modality_ids=model.modality_ids)
+        batch = collate(pairs, tok, model.task_ids, pass_name=pass_name, modality_ids=model.modality_ids)
         batch = batch.to(model.token_embedding.weight.device)
         logp = model(batch).logits.float().log_softmax(-1).cpu()
         start = sum(len(c) for c in sample.decoder)  # positions before the candidate
@@ -451,7 +460,8 @@ class _CachedDecoder:
     row per step, tagged like the target slot (``step_rows``).
     """
 
-    def __init__(self, model, samples, modality: str, enc_batch, memory, limit: int, placeholder=None) -> None:
+    def __init__(self, model, samples, modality: str, enc_batch, memory, limit: int, placeholder=None,
+                 pass_name: str = "generative") -> None:
         tok = model.tokenizer
         self.model = model
         # The prefix with one placeholder target position: its tags are those of every new position.
@@ -461,7 +471,8 @@ class _CachedDecoder:
             adaptor, width = placeholder
             targets = [_with_target(s, modality, rows=torch.zeros(1, width), adaptor=adaptor) for s in samples]
         self.device = dev = model.token_embedding.weight.device
-        self.prefix = collate(targets, tok, model.task_ids, modality_ids=model.modality_ids).to(dev)
+        self.prefix = collate(targets, tok, model.task_ids, pass_name=pass_name,
+                              modality_ids=model.modality_ids).to(dev)
         dec = self.prefix.decoder
         B, P = dec.tokens.shape
         self.lengths = (~dec.padding_mask).sum(1)  # prefix positions, placeholder included

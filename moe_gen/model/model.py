@@ -640,7 +640,7 @@ class GeneralistModel(nn.Module):
             else:
                 answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling,
                                        rules=rules, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                                       max_items=max_items)
+                                       max_items=max_items, masked=task.objective == "masked")
         if not failed:
             return answers
         answered = iter(answers)
@@ -701,19 +701,25 @@ class GeneralistModel(nn.Module):
                                      f"{self.config.adapters[chunk.adaptor]}")
 
     def _answer(self, plan, samples: Sequence, *, candidates: Optional[Sequence[str]], beams: int, sampling, rules,
-                max_new_tokens: int, max_frames: int, max_items: int) -> list:
-        """The answers to encoded samples: ranked candidates, beam search or greedy generation."""
+                max_new_tokens: int, max_frames: int, max_items: int, masked: bool) -> list:
+        """The answers to encoded samples: ranked candidates, beam search or greedy generation.
+        ``masked``: the task trained with the masked objective, so it is decoded as that objective
+        shows samples (``moe_gen.masking.masked_view``, the ``masked`` pass tag)."""
+        from moe_gen.masking import masked_view
         from moe_gen.model.generate import beam_search, generate, rank
 
         if not samples:
             return []
+        pass_name = "masked" if masked else "generative"
+        if masked:
+            samples = [masked_view(sample) for sample in samples]
         if candidates is not None:
-            return rank(self, plan, samples, list(candidates))
+            return rank(self, plan, samples, list(candidates), pass_name=pass_name)
         if beams > 1:
             return beam_search(self, plan, samples, beams=beams, max_new_tokens=max_new_tokens, max_items=max_items,
-                               rules=rules)
+                               rules=rules, pass_name=pass_name)
         return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                        max_items=max_items, sampling=sampling, rules=rules)
+                        max_items=max_items, sampling=sampling, rules=rules, pass_name=pass_name)
 
     def _parallel(self, plan, samples: Sequence, steps: int, sampling, beams: int, candidates) -> list:
         """Parallel iterative decoding of an image-code target (``moe_gen.model.parallel``)."""
