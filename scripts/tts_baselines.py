@@ -1,9 +1,10 @@
 """Reference predictors for the demo's text-to-speech task, scored like the model.
 
 The demo scores ``text_to_speech`` by the L1 distance between predicted and true target frames (the
-encoded fbank frames, overlapping frames only) on 40 held-out rows, evenly spaced over the test
-split (4 voices the training split does not have). This prints what simple predictors built from
-the training voices reach on the same rows, so the model's L1 can be read against them:
+encoded fbank frames; a missing or extra frame counts against the zero frame) on 40 held-out rows,
+evenly spaced over the test split (4 voices the training split does not have). This prints what
+simple predictors built from the training voices reach on the same rows, so the model's L1 can be
+read against them:
 
 - ``zeros``: all-zero frames;
 - ``mean frame``: the mean training frame, repeated;
