@@ -301,3 +301,22 @@ def test_parallel_decoding_places_codes_after_a_literal_decoder_prefix(digits, t
         best = model.output_logits(hidden[:, where])[..., codes].argmax(-1)
     single = model.infer(task, rows[:2], parallel_steps=1)
     assert [a.tokens for a in single] == [[spec.tokens[k] for k in row] for row in best.tolist()]
+
+
+def test_loading_image_tokenizers_leaves_the_seed_as_set(tok):
+    """A task's image tokenizer is loaded when its plan is first made (inside the first build), and a
+    model keeps a frozen copy: neither may draw from the global RNG, or the same seed would give a
+    model other weights depending on whether its Task objects had been used before."""
+    from moe_gen.tasks import load_preset
+    from moe_gen.tasks.modalities.image_codes import default_image_vq_path
+
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    ImageVQ.load(default_image_vq_path())
+    assert torch.equal(torch.get_rng_state(), state)
+    tasks = [load_preset("digit_masked_modeling", "train", limit=8)]
+    weights = []
+    for _ in range(2):  # the first build makes the task's plan, the second reuses it
+        torch.manual_seed(0)
+        weights.append(GeneralistModel.build(flavour("debug"), tasks, tok).state_dict())
+    assert all(torch.equal(weights[0][k], weights[1][k]) for k in weights[0])

@@ -86,6 +86,23 @@ def test_rows_are_drawn_without_replacement_within_an_epoch(tok):
     assert sorted(second_epoch) == list(range(10)) and second_epoch != first_epoch
 
 
+def test_data_positions_saved_by_another_number_of_processes_keep_their_share_with_a_warning(tok, caplog):
+    task = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"row {i}", "b": "y"} for i in range(40)])
+    two = TaskSampler([task], tok, quiet(batch_size=2), rank=0, world=2)
+    for step in (1, 2, 3, 4, 5):  # 10 of rank 0's 20 rows
+        two.next_batch(step)
+    state = two.state_dict()
+    assert state["world"] == 2 and state["cursors"]["t"] == [0, 10]
+    same = TaskSampler([task], tok, quiet(batch_size=2), rank=0, world=2)
+    same.load_state_dict(state)
+    assert [s.index for s in same.next_batch(6)] == [s.index for s in two.next_batch(6)]  # exact
+    one = TaskSampler([task], tok, quiet(batch_size=2))
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        one.load_state_dict(state)
+    assert "saved by 2 processes" in caplog.text
+    assert one.state_dict()["cursors"]["t"] == [0, 20]  # half of its 40 rows, as rank 0 had done half of 20
+
+
 def test_modality_budget_caps_positions_per_micro_batch(tok):
     speech = load_preset("spoken_word_classification", "train", limit=30)
     digits = load_preset("digit_classification", "train", limit=30)
@@ -370,6 +387,29 @@ def test_a_resumed_run_keeps_its_own_choice_of_fused_kernel(tasks, tok, tmp_path
         moments = {name: resumed.optimizer.state[p]["exp_avg"] for name, p in resumed.model.named_parameters()
                    if p in resumed.optimizer.state}
         assert moments.keys() == saved.keys() and all(torch.equal(moments[n], saved[n]) for n in saved)
+
+
+def test_a_run_resumed_with_more_steps_follows_the_longer_schedule(tasks, tok, tmp_path, caplog):
+    """Raising ``steps`` is how a finished run trains further: the resumed steps take the learning
+    rates a run of the new length has at those steps (before, the checkpoint's schedule stayed, so
+    the extension trained at the old run's floor), and a warning says the schedule changed."""
+    def lrs(directory):
+        with open(f"{directory}/logs/train.jsonl") as f:
+            return [json.loads(line)["lr"] for line in f]
+
+    settings = dict(batch_size=4, checkpoint_every=3, log_every=1, warmup_steps=1)
+    with Trainer(build(tasks, tok), tasks, quiet(steps=3, **settings), output_dir=str(tmp_path / "a")) as first:
+        first.fit()
+    with caplog.at_level("WARNING", logger="moe_gen"), Trainer(
+            build(tasks, tok), tasks, quiet(steps=6, **settings), output_dir=str(tmp_path / "a"),
+            resume=True) as resumed:
+        resumed.fit()
+    assert "schedule differs" in caplog.text
+    with Trainer(build(tasks, tok), tasks, quiet(steps=6, **settings), output_dir=str(tmp_path / "b")) as fresh:
+        fresh.fit()
+    extended, straight = lrs(tmp_path / "a"), lrs(tmp_path / "b")
+    assert len(extended) == len(straight) == 6
+    assert extended[3:] == straight[3:] and extended[2] < straight[2]  # step 3 was the short run's last
 
 
 def test_a_run_saved_under_the_old_weight_decay_rule_resumes(tasks, tok, tmp_path, monkeypatch, caplog):

@@ -51,7 +51,8 @@ def blocks(model: GeneralistModel):
 
 
 @pytest.mark.parametrize("top_k", [1, 2])
-@pytest.mark.parametrize("experts", [ExpertsConfig(), GLU], ids=["mlp", "glu"])
+@pytest.mark.parametrize("experts", [ExpertsConfig(), GLU, ExpertsConfig(shared_expert=True, shared_gate=True)],
+                         ids=["mlp", "glu", "shared-gate-config"])  # (a dense model keeps its flavour's MoE settings)
 @pytest.mark.parametrize("strategy", ["token", "attribute"])
 def test_upcycled_model_equals_the_dense_model(data, tok, strategy, experts, top_k):
     tasks, samples = data

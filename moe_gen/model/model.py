@@ -180,7 +180,8 @@ def _tokenizer_module(key: str) -> str:
 def _frozen_vq(fields: Mapping) -> nn.Module:
     from moe_gen.tasks.modalities.image_codes import ImageVQ, VQConfig
 
-    return ImageVQ(VQConfig(**fields)).requires_grad_(False).eval()
+    with torch.random.fork_rng(devices=[]):  # weights come from the task's tokenizer or a saved model: no draws
+        return ImageVQ(VQConfig(**fields)).requires_grad_(False).eval()
 
 
 def _image_code_preprocessors(plan) -> list[str]:

@@ -336,7 +336,8 @@ def _upcycled_config(model: nn.Module, config: ModelConfig, chosen: list[str],
     first = layer_configs[chosen[0]]
     # The experts copy the dense FFN whole: no shared expert (it would add to the dense output).
     experts = dataclasses.replace(config.moe.experts, kind=first.experts.kind, activation=first.experts.activation,
-                                  bias=first.experts.bias, shared_expert=False, shared_hidden=None)
+                                  bias=first.experts.bias, shared_expert=False, shared_hidden=None,
+                                  shared_gate=False)
     new = config.with_moe(every=moe_every, layers=moe_layers, num_experts=first.num_experts, top_k=first.top_k,
                           expert_hidden=first.d_hidden, router=first.router, experts=experts,
                           capacity_factor=None, attention=False,

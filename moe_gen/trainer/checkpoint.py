@@ -132,6 +132,21 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 
+def _load_schedule(optimizer, scheduler, saved: dict) -> None:
+    """Continues at the checkpoint's step on this run's schedule and learning rates (the config's
+    ``steps``, ``warmup_steps``, ``min_lr_ratio``, ``lr``, ``lr_scales``): a run resumed with more
+    ``steps`` decays over the longer run instead of staying at the floor its first length reached.
+    With the same settings the rates are the saved ones, bit for bit."""
+    current = scheduler.state_dict()
+    if saved.get("lr_lambdas") != current["lr_lambdas"] or saved.get("base_lrs") != current["base_lrs"]:
+        logger.warning("the checkpoint's learning-rate schedule differs from this run's (%s, base rates %s; now "
+                       "%s, %s): training continues at step %d on this run's", saved.get("lr_lambdas"),
+                       saved.get("base_lrs"), current["lr_lambdas"], current["base_lrs"], saved["last_epoch"])
+    scheduler.load_state_dict({**saved, "lr_lambdas": current["lr_lambdas"], "base_lrs": current["base_lrs"]})
+    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+
+
 def _rng_state() -> dict:
     python = random.getstate()
     numpy_state = np.random.get_state()
@@ -263,7 +278,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
         meta = json.load(f)
     _load_optimizer(model, optimizer, distributed.load_shards(path, "optimizer", plan if plan is not None else model),
                     meta)
-    scheduler.load_state_dict(trainer_state["scheduler"])
+    _load_schedule(optimizer, scheduler, trainer_state["scheduler"])
     rank_file = os.path.join(path, f"rank-{rank:05d}.json")
     if not os.path.exists(rank_file):
         raise ValueError(f"checkpoint {path} has no state for process {rank} (it was written by fewer processes); "

@@ -12,6 +12,7 @@ cursors, so a resumed run draws exactly the batches an uninterrupted run would h
 from __future__ import annotations
 
 import collections
+import logging
 import random
 import zlib
 from typing import Mapping, Optional, Sequence
@@ -20,6 +21,8 @@ from moe_gen.tasks.plan import Sample
 from moe_gen.tasks.task import Task
 from moe_gen.tasks.tokenizer import Tokenizer
 from moe_gen.trainer.config import TrainConfig
+
+logger = logging.getLogger("moe_gen")
 
 __all__ = ["check_modality_budget", "mixing_weights", "sample_modality_tokens", "TaskSampler"]
 
@@ -67,13 +70,17 @@ def sample_modality_tokens(sample: Sample) -> collections.Counter:
     return counts
 
 
+def _shard_of(rows: int, rank: int, world: int) -> list[int]:
+    """The row indices process ``rank`` of ``world`` walks (fewer rows than processes: all of them)."""
+    return list(range(rank, rows, world)) or list(range(rows))
+
+
 class _Cursor:
     """Walks one process's shard of a task's rows, one shuffled epoch after another."""
 
     def __init__(self, task: Task, seed: int, rank: int, world: int, statistics=None) -> None:
         self.task, self.seed, self.statistics = task, seed, statistics
-        shard = list(range(rank, len(task), world))
-        self.shard = shard or list(range(len(task)))  # fewer rows than processes: share them
+        self.shard = _shard_of(len(task), rank, world)
         self.epoch, self.position = 0, 0
         self._order: Optional[list[int]] = None
         self._peeked: Optional[tuple[int, int, Optional[Sample]]] = None
@@ -129,22 +136,34 @@ class TaskSampler:
     def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, config: TrainConfig,
                  rank: int = 0, world: int = 1, statistics: Optional[Mapping] = None) -> None:
         self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
-        self.rank = rank
+        self.rank, self.world = rank, world
         self.weights = mixing_weights(self.tasks, config)
         self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
         check_modality_budget(config.modality_budget)
 
     def state_dict(self) -> dict:
         """Cursor positions (JSON-serialisable) for exact resume."""
-        return {"rank": self.rank, "cursors": {c.task.name: [c.epoch, c.position] for c in self.cursors}}
+        return {"rank": self.rank, "world": self.world,
+                "cursors": {c.task.name: [c.epoch, c.position] for c in self.cursors}}
 
     def load_state_dict(self, state: dict) -> None:
+        """Restores the cursors. Saved by another number of processes, each task's rows were
+        sharded otherwise: this process continues at the same epoch and the same share of its
+        (new) shard, with a warning that the data order is not the uninterrupted run's."""
         positions = state["cursors"]
+        saved_world = int(state.get("world", self.world))
+        if saved_world != self.world:
+            logger.warning("the checkpoint's data positions were saved by %d processes and this run has %d: each "
+                           "task continues at the same epoch and share of this process's rows, not in the "
+                           "uninterrupted run's order", saved_world, self.world)
         for cursor in self.cursors:
             if cursor.task.name not in positions:
                 raise ValueError(f"the checkpoint has no sampler position for task {cursor.task.name!r}; it was "
                                  f"written for tasks {sorted(positions)}")
             cursor.epoch, cursor.position = map(int, positions[cursor.task.name])
+            if saved_world != self.world:
+                saved_rows = len(_shard_of(len(cursor.task), state.get("rank", self.rank), saved_world))
+                cursor.position = cursor.position * len(cursor.shard) // max(saved_rows, 1)
             cursor._order, cursor._peeked = None, None
             if cursor.position >= len(cursor.shard):
                 raise ValueError(f"task {cursor.task.name!r}: the checkpoint's sampler position {cursor.position} is "

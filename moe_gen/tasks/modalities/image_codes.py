@@ -153,7 +153,8 @@ class ImageVQ(nn.Module):
             meta = f.metadata() or {}
         if "config" not in meta:
             raise ValueError(f"{path} is not an image tokenizer saved by ImageVQ.save (no config in its metadata)")
-        model = cls(VQConfig(**json.loads(meta["config"])))
+        with torch.random.fork_rng(devices=[]):  # its initial draws are overwritten: the caller's seed stays as set
+            model = cls(VQConfig(**json.loads(meta["config"])))
         model.load_state_dict(load_file(path))
         return model.eval()
 
