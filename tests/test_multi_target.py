@@ -338,3 +338,37 @@ def test_evaluate_digit_detection_runs(tok):
     model = build([held_out], tok)
     scores = evaluate(model, [held_out])["digit_detection"]
     assert set(scores) == {"detection_f1"} and 0.0 <= scores["detection_f1"] <= 1.0
+
+
+@pytest.mark.parametrize("answer", ["( [BOX:boxes] [TEXT:labels,closed_set] )*",
+                                    "( [TEXT:labels,closed_set] [BOX:boxes] )*"])
+def test_where_a_list_of_labels_may_go_on_or_end_training_weighs_both(detection, tok, answer):
+    """Where decoding chooses between another item and the end, training's softmax must hold both:
+    a closed set's restriction to its labels left the EOS that ends a list with no loss (a list
+    ending in a label: decoding never stopped) or out of the positions that go on (a list starting
+    with one: it stopped early). Now the EOS logit gets a gradient at every such position."""
+    from moe_gen.objectives import GenerativeObjective
+
+    rows = detection.data[:3]
+    task = Task("det", f"[IMAGE:image] where? -> {answer}", rows)
+    model = build([task], tok)
+    plan = model.plan(task)
+    sample = plan.encode(rows[0], 0, training=False)
+    batch = collate([sample], tok, model.task_ids)
+    out = model(batch)
+    logits = out.logits.detach().requires_grad_(True)
+    GenerativeObjective(model).loss(batch, dataclasses.replace(out, logits=logits))["token_loss"].backward()
+    grammar = TargetGrammar(plan, tok)
+    state = grammar.start()
+    choices, restricted = 0, set(batch.allowed_index.tolist())
+    for position, token in enumerate(t for chunk in sample.decoder for t in chunk.tokens):
+        options = grammar.options(state)
+        if {"end", "start"} <= {o.action for o in options}:
+            choices += 1
+            assert position not in restricted and logits.grad[0, position, tok.eos_id] != 0, position
+        option = next(o for o in options if o.tokens is not None and token in o.tokens)
+        state = grammar.advance(state, option, token)
+    assert choices == len(rows[0]["boxes"])  # after every item
+    first_label = next(p for p, (chunk, j) in enumerate((c, j) for c in sample.decoder for j in range(len(c)))
+                       if chunk.column == "labels")
+    assert first_label in restricted  # the first item's label: labels are all that may come there

@@ -329,8 +329,8 @@ def _allowed_positions(sample: Sample, row: int, start: int) -> list[tuple[int, 
         if chunk.allowed is not None and len(chunk.allowed) != len(chunk):
             raise ValueError(f"task {sample.task!r}, row {sample.index}: a closed-set chunk has "
                              f"{len(chunk.allowed)} allowed lists for {len(chunk)} positions")
-        if chunk.allowed is not None and chunk.loss:
-            allowed.extend((row, at + j, options) for j, options in enumerate(chunk.allowed))
+        if chunk.allowed is not None and chunk.loss:  # (None: a position open to the whole vocabulary)
+            allowed.extend((row, at + j, options) for j, options in enumerate(chunk.allowed) if options is not None)
         at += len(chunk)
     return allowed
 

@@ -113,7 +113,8 @@ class Chunk:
         adaptor: the adapter that embeds ``rows``.
         column: the source column (None for literals).
         allowed: for closed-set targets, the tokens the label trie allows at each position (the
-            loss is a softmax over these only, as decoding is).
+            loss is a softmax over these only, as decoding is); None at a position where the
+            answer could also go on otherwise (``TaskPlan.choice_starts``).
         lead: ``(modality, role)`` tags of the chunk's first position when the slot before it
             leaves open what comes next (``TaskPlan.open_ends``); None: the chunk's own.
     """
@@ -126,7 +127,7 @@ class Chunk:
     positions: Optional[torch.Tensor] = None
     adaptor: Optional[str] = None
     column: Optional[str] = None
-    allowed: Optional[list[list[int]]] = None
+    allowed: Optional[list[Optional[list[int]]]] = None
     lead: Optional[tuple[str, int]] = None
 
     def __len__(self) -> int:
@@ -419,8 +420,9 @@ class TaskPlan:
             encoded[i] = [self._encode_slot(plan, item, ctx) for item in items]
             if plan.slot.column is not None and encoded[i]:
                 ctx.encoded[plan.slot.column] = encoded[i][0]
-        chunks = [self._chunks(values[i][0], encoded[i]) for i in range(len(values))]
         n_enc = len(encoder_plan)
+        open_from = self.choice_starts(t)
+        chunks = [self._chunks(values[i][0], encoded[i], open_from.get(i - n_enc)) for i in range(len(values))]
         auto_eos = not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan)
         encoder = _in_order(encoder_plan, chunks[:n_enc])
         decoder = _in_order(decoder_plan, chunks[n_enc:], self.closing_eos(t) if auto_eos else frozenset(),
@@ -430,7 +432,7 @@ class TaskPlan:
         eos_allowed = None
         for i, chunk in enumerate(decoder):
             if chunk.allowed is not None and len(chunk.allowed) == len(chunk) + 1:
-                if i == len(decoder) - 1:
+                if i == len(decoder) - 1 and None not in open_from:  # (where the end is a choice: all tokens)
                     eos_allowed = [chunk.allowed[-1]]
                 chunk.allowed = chunk.allowed[:-1]
         if decoder and auto_eos:
@@ -542,9 +544,12 @@ class TaskPlan:
                                 "the slot takes one, or raise Task(max_slot_positions=...))")
         return encoding
 
-    def _chunks(self, plan: SlotPlan, encodings: list[SlotEncoding]) -> list[Chunk]:
+    def _chunks(self, plan: SlotPlan, encodings: list[SlotEncoding], open_from: Optional[int] = None) -> list[Chunk]:
+        """A slot's values as chunks; a closed set's carry the tokens its label trie allows at each
+        position, except the first position of the values from item ``open_from`` on, where the
+        answer could also go on otherwise (``choice_starts``): None there (the whole vocabulary)."""
         out = []
-        for enc in encodings:
+        for item, enc in enumerate(encodings):
             column = plan.slot.column
             if enc.tokens is not None:
                 allowed = None
@@ -553,6 +558,8 @@ class TaskPlan:
                     for token in [*enc.tokens, self.tokenizer.eos_id]:
                         allowed.append(sorted(node))
                         node = node.get(token, {})
+                    if open_from is not None and item >= open_from:
+                        allowed[0] = None
                 out.append(Chunk(plan.modality.name, plan.role, plan.loss, tokens=list(enc.tokens), column=column,
                                  allowed=allowed))
             else:
@@ -568,6 +575,24 @@ class TaskPlan:
         is_box = [p.decode is not None and p.decode.kind == "box" for p in decoder]
         return frozenset(i for i, p in enumerate(decoder) if p.decode is not None and p.decode.kind == "text"
                          and any(f is not None and not is_box[f] for f in slot_followers(decoder, i)))
+
+    def choice_starts(self, template: int = 0) -> dict[Optional[int], int]:
+        """Where the layout lets the answer go on in more than one way: decoder slot index (None:
+        the answer's end) → the first item of the slot whose value starts at such a point. After
+        the last slot of a repetition group comes another item or what follows the group, so the
+        group's first slot from its second item on (a group decodes at least one item), and the
+        slot or end after the group. There a closed set's training softmax is not limited to its
+        labels: decoding weighs them against the other ways on, so training must too (before
+        2026-12-05 it was limited, and a model never learned where a list of labels ends)."""
+        decoder = self.templates[template][1]
+        starts: dict[Optional[int], int] = {}
+        for i in range(len(decoder)):
+            followers = slot_followers(decoder, i)
+            if len(followers) > 1:
+                for follower in followers:
+                    wraps = follower is not None and follower <= i  # another item of the group
+                    starts[follower] = min(starts.get(follower, 1), 1 if wraps else 0)
+        return starts
 
     def open_ends(self, template: int = 0) -> frozenset[int]:
         """Decoder slots after whose values the layout leaves the next item open: text and closed
