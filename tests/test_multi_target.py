@@ -372,3 +372,56 @@ def test_where_a_list_of_labels_may_go_on_or_end_training_weighs_both(detection,
     first_label = next(p for p, (chunk, j) in enumerate((c, j) for c in sample.decoder for j in range(len(c)))
                        if chunk.column == "labels")
     assert first_label in restricted  # the first item's label: labels are all that may come there
+
+
+def test_a_given_decoder_slot_before_the_target_is_a_prefix_at_inference(tok):
+    """A ``no_loss`` decoder slot before the first target is given by the row and forced (it trains
+    as context); inference raised AttributeError on it before 2026-12-05."""
+    rows = [{"q": "hi", "p": "the prompt", "a": "one two"}, {"q": "hello there", "p": "x", "a": "three"}]
+    task = Task("given", "[TEXT:q] -> [TEXT:p,no_loss] : [TEXT:a]", rows)
+    model = build([task], tok)
+    plan = model.plan(task)
+    prefix = plan.encode(rows[0], 0, training=False, inference=True).decoder
+    assert [c.column for c in prefix][0] == "p" and not any(c.loss for c in prefix)
+    answers = model.infer(task, rows, max_new_tokens=3)
+    assert all(set(a.targets) == {"a"} and 1 <= len(a.tokens) <= 4 for a in answers)
+
+
+def test_several_targets_with_numbers_in_their_rows_score_the_text_the_model_writes(tok, monkeypatch):
+    """A text target's value trains as ``str(value)``; a perfect answer to a row holding numbers
+    scored 0 before 2026-12-05 (the dict of strings was compared with the dict of ints)."""
+    from moe_gen.model.generate import Prediction
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    rows = [{"q": "two plus one and four", "sum": 3, "other": 4}, {"q": "one plus one and five", "sum": 2, "other": 5}]
+    task = Task("arith", "[TEXT:q] -> [TEXT:sum,closed_set] and [TEXT:other]", rows)
+    model = build([task], tok)
+    perfect = [Prediction(targets={"other": str(r["other"]), "sum": str(r["sum"])}) for r in rows]
+    monkeypatch.setattr(model, "infer", lambda task, chunk, indices, **options: [perfect[i] for i in indices])
+    assert evaluate_task(model, task) == {"exact_match": 1.0}
+    perfect[1] = Prediction(targets={"sum": "2", "other": "6"})
+    assert evaluate_task(model, task) == {"exact_match": 0.5}
+
+
+def test_evaluation_lets_free_text_run_as_long_as_its_longest_reference(tok, monkeypatch):
+    """Answers were cut at infer's default 32 tokens, under references of up to 53 (video captions)."""
+    from moe_gen.model.generate import Prediction
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    long = " ".join(f"word{i}" for i in range(40))
+    rows = [{"q": "short", "a": "a b"}, {"q": "long", "a": long}]
+    task = Task("echo", "[TEXT:q] -> [TEXT:a]", rows)
+    model = build([task], tok)
+    asked = []
+
+    def infer(task, chunk, indices, max_new_tokens=32, **options):
+        asked.append(max_new_tokens)
+        return [Prediction(text=rows[i]["a"]) for i in indices]
+
+    monkeypatch.setattr(model, "infer", infer)
+    assert evaluate_task(model, task) == {"exact_match": 1.0}
+    assert asked == [len(tok.encode(long)) + 8] and asked[0] > 32
+    capped = Task("echo", "[TEXT:q] -> [TEXT:a,max_length=16]", rows)  # declared: the grammar's limit rules
+    asked.clear()
+    evaluate_task(model, capped)
+    assert asked == [32]

@@ -132,7 +132,9 @@ class TargetGrammar:
         self.followers = [slot_followers(self.slots, i) for i in range(len(self.slots))]
         ids = modality_ids if modality_ids is not None else {n: i for i, n in enumerate(modality_tag_names())}
         self.tags: list[Tag] = [(ids[p.modality.name], p.role) for p in self.slots]
-        self.kinds = ["literal" if p.slot.is_literal else p.decode.kind for p in self.slots]
+        # (a no_loss slot before the first target is part of the forced prefix, never decoded)
+        self.kinds = ["literal" if p.slot.is_literal else p.decode.kind if p.decode is not None else "given"
+                      for p in self.slots]
         self.literals = {i: tuple(tokenizer.encode(p.slot.text)) for i, p in enumerate(self.slots)
                          if p.slot.is_literal}
         self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
