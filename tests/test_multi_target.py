@@ -425,3 +425,25 @@ def test_evaluation_lets_free_text_run_as_long_as_its_longest_reference(tok, mon
     asked.clear()
     evaluate_task(model, capped)
     assert asked == [32]
+
+
+def test_normalised_targets_train_their_label_set_and_are_scored_as_trained(tok, monkeypatch):
+    """``uncased`` (``no_punctuation``, ``max_length``) change the text a target trains on: the label
+    trie held the raw labels (a NaN loss for "Cat" trained as "cat"), and references were compared
+    raw (a perfect answer to "Hello, World!" scored 0)."""
+    from moe_gen.model.generate import Prediction
+    from moe_gen.objectives import GenerativeObjective
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    rows = [{"q": "a small pet that meows", "label": "Cat"}, {"q": "a pet that barks", "label": "Dog"}]
+    pets = Task("pets", "[TEXT:q] -> [TEXT:label,closed_set,uncased]", rows)
+    model = build([pets], tok)
+    batch = collate([pets.encode(i, tok) for i in range(2)], tok, model.task_ids)
+    assert torch.isfinite(GenerativeObjective(model)(batch)["loss"])
+    assert {a.text for a in model.infer(pets, rows)} <= {"cat", "dog"}
+    greet = [{"q": "greet", "a": "Hello, World! Nice day."}, {"q": "bye", "a": "Good-bye, Mr. Smith."}]
+    task = Task("greet", "[TEXT:q] -> [TEXT:a,uncased,no_punctuation]", greet)
+    written = ["hello world nice day", "good bye mr smith"]  # what training taught
+    monkeypatch.setattr(model, "infer", lambda task, chunk, indices, **options: [Prediction(text=written[i])
+                                                                                  for i in indices])
+    assert evaluate_task(model, task) == {"exact_match": 1.0}

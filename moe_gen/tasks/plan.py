@@ -380,8 +380,10 @@ class TaskPlan:
                     f"task {self.name!r}: slot {slot} is a closed set but no labels were given for "
                     f"column {slot.column!r} (Task collects them from its data)"
                 )
-            eos = self.tokenizer.eos_id
-            trie = build_trie([self.tokenizer.encode(str(label)) + [eos] for label in labels])
+            from moe_gen.tasks.modalities.text import slot_token_ids
+
+            eos = self.tokenizer.eos_id  # each label as the slot trains it (uncased, max_length...)
+            trie = build_trie([slot_token_ids(str(label), slot.attrs, self.tokenizer) + [eos] for label in labels])
             return DecodeSpec("closed_set", tuple(str(x) for x in labels), trie)
         return DecodeSpec("text")
 

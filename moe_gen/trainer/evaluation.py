@@ -56,18 +56,18 @@ def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
     return None
 
 
-def _structured(prediction, row: dict, scored: list, kind: str) -> tuple[Any, Any]:
-    """(prediction, reference) of a multi-target row."""
-    if kind == "structured":  # the row's values as the answer writes them: text (str(value)), in slot order
+def _structured(prediction, row: dict, scored: list, kind: str, tokenizer) -> tuple[Any, Any]:
+    """(prediction, reference) of a multi-target row: text values as the slots train them."""
+    texts = {p.slot.column: p for p in scored if p.decode.kind in ("text", "closed_set")}
+    if kind == "structured":  # in slot order
         columns = [p.slot.column for p in scored]
-        as_text = {p.slot.column for p in scored if p.decode.kind in ("text", "closed_set")}
-        reference = {c: _text_of(row[c]) if c in as_text else row[c] for c in columns}
+        reference = {c: _reference(texts[c], row[c], tokenizer) if c in texts else row[c] for c in columns}
         return {c: prediction.targets.get(c) for c in columns}, reference
     position, box, label = _detection_slots(scored)
     items = prediction.groups[position] if position < len(prediction.groups) else []
     predicted = [(item.get(box), item.get(label) if label else None) for item in items]
-    expected = list(zip(row[box], row[label] if label else [None] * len(row[box])))
-    return predicted, expected
+    labels = _reference(texts[label], row[label], tokenizer) if label else [None] * len(row[box])
+    return predicted, list(zip(row[box], labels))
 
 
 def _text_budget(rows: Sequence, scored: list, tokenizer) -> int:
@@ -85,11 +85,6 @@ def _text_budget(rows: Sequence, scored: list, tokenizer) -> int:
                 if item is not None:
                     longest = max(longest, len(tokenizer.encode(str(item))))
     return max(32, longest + 8)
-
-
-def _text_of(value: Any) -> Any:
-    """A text target's value as the model writes it (a repeated column: each item's)."""
-    return [str(item) for item in value] if isinstance(value, (list, tuple)) else str(value)
 
 
 def spaced_indices(n: int, count: int) -> list[int]:
@@ -142,7 +137,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                 task.skip_row(index, error)
                 skipped += 1
                 continue
-            predicted, expected = _pair(kind, prediction, row, scored)
+            predicted, expected = _pair(kind, prediction, row, scored, model.tokenizer)
             predictions.append(predicted)
             references.append(expected)
     if not predictions:
@@ -156,17 +151,25 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     return results
 
 
-def _pair(kind: str, prediction, row, scored: list) -> tuple:
+def _pair(kind: str, prediction, row, scored: list, tokenizer) -> tuple:
     """(what the metric compares, its reference) for a token answer of ``kind``."""
     if kind in ("detection", "structured"):
-        return _structured(prediction, row, scored, kind)
+        return _structured(prediction, row, scored, kind, tokenizer)
     if kind == "box":
-        answer = prediction.box
-    elif kind == "codes":
-        answer = prediction.image
-    else:
-        answer = prediction.text
-    return answer, row[scored[0].slot.column]
+        return prediction.box, row[scored[0].slot.column]
+    if kind == "codes":
+        return prediction.image, row[scored[0].slot.column]
+    return prediction.text, _reference(scored[0], row[scored[0].slot.column], tokenizer)
+
+
+def _reference(plan, value: Any, tokenizer) -> Any:
+    """A text or closed-set target's value as the slot trains it (``uncased``, ``no_punctuation``,
+    ``max_length`` applied; each item of a repeated column): what a right answer writes."""
+    from moe_gen.tasks.modalities.text import slot_text
+
+    if isinstance(value, (list, tuple)):
+        return [slot_text(item, plan.slot.attrs, tokenizer) for item in value]
+    return slot_text(value, plan.slot.attrs, tokenizer)
 
 
 def evaluate(model, tasks: Sequence[Task], *, limit: Optional[int] = None, batch_size: int = 64) -> dict:

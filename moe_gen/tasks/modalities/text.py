@@ -14,7 +14,7 @@ import unicodedata
 
 from moe_gen.tasks.tokenizer import Tokenizer
 
-__all__ = ["normalize_text", "span_mask", "add_token_noise", "truncate"]
+__all__ = ["normalize_text", "span_mask", "add_token_noise", "truncate", "slot_token_ids", "slot_text"]
 
 _PUNCTUATION = set(string.punctuation)
 
@@ -44,6 +44,21 @@ def truncate(ids: list[int], max_length: int | None) -> list[int]:
     if max_length < 0:
         raise ValueError(f"max_length must be >= 0, got {max_length}")
     return list(ids[:max_length])
+
+
+def slot_token_ids(text: str, attrs, tokenizer: Tokenizer) -> list[int]:
+    """The token ids a text slot with attributes ``attrs`` trains on for ``text`` (before masking
+    and noise): normalised (``uncased``, ``no_punctuation``), tokenised, cut at ``max_length``."""
+    text = normalize_text(text, uncased=bool(attrs.get("uncased")), no_punctuation=bool(attrs.get("no_punctuation")))
+    return truncate(tokenizer.encode(text), attrs.get("max_length"))
+
+
+def slot_text(value, attrs, tokenizer: Tokenizer) -> str:
+    """A target value as a model trained on the slot writes it (``str(value)`` when the slot has
+    none of ``uncased``, ``no_punctuation``, ``max_length``): what its answers are scored against."""
+    if not any(attrs.get(name) for name in ("uncased", "no_punctuation", "max_length")):
+        return str(value)
+    return tokenizer.decode(slot_token_ids(str(value), attrs, tokenizer))
 
 
 def span_mask(

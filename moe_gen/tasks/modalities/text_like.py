@@ -25,7 +25,7 @@ from moe_gen.tasks.modalities.base import (
 )
 from moe_gen.tasks.modalities.box import quantize_box
 from moe_gen.tasks.modalities.table import table_rows
-from moe_gen.tasks.modalities.text import add_token_noise, normalize_text, span_mask, truncate
+from moe_gen.tasks.modalities.text import add_token_noise, slot_token_ids, span_mask, truncate
 
 __all__ = ["TextPreprocessor", "CategoryPreprocessor", "StructTextPreprocessor", "PhonePreprocessor",
            "BoxPreprocessor", "linearize_table", "to_phones"]
@@ -43,9 +43,7 @@ def _text_tokens(text: str, slot, ctx: EncodeContext) -> list[int]:
     """Normalise, tokenise, truncate, then mask spans and add noise (``EncodeContext.corrupts``: in
     training, and at inference too when the slot's column is the sample's answer)."""
     attrs = slot.attrs
-    text = normalize_text(text, uncased=bool(attrs.get("uncased")),
-                          no_punctuation=bool(attrs.get("no_punctuation")))
-    ids = truncate(ctx.tokenizer.encode(text), attrs.get("max_length"))
+    ids = slot_token_ids(text, attrs, ctx.tokenizer)
     corrupts = ctx.corrupts(slot.column)
     if corrupts and attrs.get("mask_ratio"):
         ids, _ = span_mask(ids, float(attrs["mask_ratio"]), ctx.tokenizer, ctx.rng)
