@@ -316,17 +316,27 @@ def test_ranking_and_beam_search(tok):
     for prediction in ranked:
         assert len(prediction.scores) == 3
         assert prediction.text == candidates[max(range(3), key=prediction.scores.__getitem__)]
-    # a candidate's score is its teacher-forced log-likelihood with EOS
+    # a candidate's score is its teacher-forced log-likelihood with EOS, read as training reads it:
+    # minus the closed-set loss, whose softmax runs over the tokens the label trie allows
     row = dict(task.data[0], label="two")
     batch = collate([task.plan(tok).encode(row, 0, training=False)], tok, model.task_ids)
     with torch.no_grad():
-        logp = model(batch).logits.float().log_softmax(-1)[0]
-    scored = (batch.labels[0] != -100).nonzero().squeeze(1)
-    expected = float(logp[scored, batch.labels[0, scored]].sum())
+        logits = model(batch).logits.float()[0]
+    allowed = dict(zip(batch.allowed_index.tolist(), batch.allowed_tokens.tolist()))
+    expected = 0.0
+    for position in (batch.labels[0] != -100).nonzero().squeeze(1).tolist():
+        options = [t for t in allowed[position] if t >= 0]  # (one row: flat index = position)
+        label = int(batch.labels[0, position])
+        expected += float(logits[position, options].log_softmax(-1)[options.index(label)])
     assert ranked[0].scores[1] == pytest.approx(expected, abs=1e-4)
-    labels = set(task.plan(tok).decode_specs()[0].labels)
+    labels = sorted(task.plan(tok).decode_specs()[0].labels)
     beams = model.infer(task, task.data[:3], beams=4)
     assert all(p.text in labels for p in beams)
+    # a search wide enough for every label picks the one ranked best as training reads them
+    # (over the whole vocabulary, untrained logits favoured short labels)
+    wide = model.infer(task, task.data[:3], beams=len(labels))
+    every = model.infer(task, task.data[:3], candidates=labels)
+    assert [p.text for p in wide] == [p.text for p in every]
     grounding = load_preset("visual_grounding", "train", limit=2)
     assert len(build([grounding], tok).infer(grounding, grounding.data[:1], beams=2)[0].box) == 4
     with pytest.raises(ValueError, match="beam search decodes text"):

@@ -228,8 +228,9 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
 class _Hypothesis:
     state: State
     score: float  # sum of the chosen tokens' log-probabilities
-    rank: float  # what the search compares: the score, a started value counted by its total probability,
-    # and literal text counted where it was one of several options
+    rank: float  # what the search compares: log-probabilities as training reads them (a closed set's
+    # over its labels), a started value counted by its total probability, and literal text counted
+    # where it was one of several options
     row: int  # the cache row holding its keys and values
     tokens: tuple[int, ...] = ()  # every chosen token, EOS included
 
@@ -296,6 +297,10 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
     expansions = []
     for hyp in hyps:
         options = rules.allowed(grammar, hyp.state, grammar.options(hyp.state))
+        # answers compete on log-probabilities read as training reads them; their score stays
+        # the log-likelihood over the whole vocabulary
+        logp_V = logp_RV[hyp.row]
+        trained_V = _as_trained(logp_V, grammar.trained_choices(hyp.state), tensors)
         claimed = grammar.claimed(options)
         banned = rules.banned(grammar, hyp.state)
         if banned:  # (most steps have none: no set over the claimed location tokens)
@@ -304,11 +309,23 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
             # literal text is never scored, but where it is one of several options its
             # probability is what it competes with
             ranked = option.scored or len(options) > 1
-            for rank, value, token in _best(logp_RV[hyp.row], option, claimed, beams, tensors):
+            for rank, trained, token in _best(trained_V, option, claimed, beams, tensors):
+                value = float(logp_V[token]) if trained_V is not logp_V else trained
                 expansions.append((hyp.rank + rank if ranked else hyp.rank,
                                    hyp.score + value if option.scored else hyp.score, token, hyp, option))
     expansions.sort(key=lambda e: (-e[0], e[2]))
     return expansions
+
+
+def _as_trained(logp_V: torch.Tensor, choices: Optional[tuple[int, ...]], tensors: dict) -> torch.Tensor:
+    """Log-probabilities as training reads them at this step: renormalised over ``choices`` (a
+    closed set's labels, ``TargetGrammar.trained_choices``), unchanged where it is None. The best
+    token stays the best; only scores that compare answers move."""
+    if choices is None:
+        return logp_V
+    if choices not in tensors:
+        tensors[choices] = torch.tensor(choices)
+    return logp_V - logp_V[tensors[choices]].logsumexp(0)
 
 
 def _draw(expansions: list[tuple[float, float, int, _Hypothesis, Option]], sampling: Sampling,
@@ -436,6 +453,9 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
     target = next(p for p in plan.templates[0][1] if p.loss)
     end = [] if pass_name == "masked" else [tok.eos_id]
     encoded = [tok.encode(c) + end for c in candidates]
+    # a closed set's label tokens are read over its labels alone, as training reads them (the
+    # masked objective reads the whole vocabulary)
+    grammar = TargetGrammar(plan, tok, modality_ids=model.modality_ids) if pass_name != "masked" else None
     predictions = []
     for sample in samples:
         pairs = [_with_target(sample, target.modality.name, ids) for ids in encoded]
@@ -443,13 +463,28 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
         batch = batch.to(model.token_embedding.weight.device)
         logp = model(batch).logits.float().log_softmax(-1).cpu()
         start = sum(len(c) for c in sample.decoder)  # positions before the candidate
-        scores = []
-        for b, ids in enumerate(encoded):
-            positions = torch.arange(start, start + len(ids))
-            scores.append(float(logp[b, positions, torch.tensor(ids)].sum()))
+        scores = [_candidate_score(logp[b, start:start + len(ids)], ids, grammar) for b, ids in enumerate(encoded)]
         best = max(range(len(candidates)), key=scores.__getitem__)
         predictions.append(Prediction(text=candidates[best], score=scores[best], scores=scores))
     return predictions
+
+
+def _candidate_score(logp_LV: torch.Tensor, ids: list[int], grammar: Optional[TargetGrammar]) -> float:
+    """The summed log-probability of a candidate's tokens, each read as training reads its position
+    (``TargetGrammar.trained_choices``) while the candidate follows the grammar; past where it
+    leaves it (a text outside the closed set), over the whole vocabulary."""
+    state = grammar.start() if grammar is not None else None
+    total = 0.0
+    for position, token in enumerate(ids):
+        choices = grammar.trained_choices(state) if state is not None else None
+        if choices is not None and token in choices:
+            total += float(logp_LV[position, token] - logp_LV[position, list(choices)].logsumexp(0))
+        else:
+            total += float(logp_LV[position, token])
+        if state is not None:
+            option = next((o for o in grammar.options(state) if o.tokens is not None and token in o.tokens), None)
+            state = grammar.advance(state, option, token) if option is not None else None
+    return total
 
 
 class _CachedDecoder:

@@ -164,6 +164,25 @@ class TargetGrammar:
     def start(self) -> State:
         return State(self.first, node=self._root(self.first))
 
+    def trained_choices(self, state: State) -> Optional[tuple[int, ...]]:
+        """The tokens training's softmax is limited to at the position that predicts the state's
+        next token (``TaskPlan._chunks``): a closed set's label-trie node where its labels are all
+        that may come, EOS after a closed set that ends the answer; None (the whole vocabulary)
+        elsewhere, and where the answer may go on in several ways (``TaskPlan.choice_starts``).
+        Scores that compare answers (beam search, ranked candidates) read log-probabilities over
+        these, as training does."""
+        if state.done:
+            return None
+        i = state.slot
+        if not state.complete:
+            return tuple(sorted(state.node)) if self.kinds[i] == "closed_set" and state.node else None
+        if len(self.followers[i]) > 1:
+            return None
+        follower = self.followers[i][0]
+        if follower is None:
+            return (self.tok.eos_id,) if self.kinds[i] == "closed_set" else None
+        return tuple(sorted(self._root(follower))) if self.kinds[follower] == "closed_set" else None
+
     def max_steps(self) -> int:
         """An upper bound on the tokens of one answer (the length of the decoder's cache)."""
         def longest(i: int) -> int:
