@@ -44,3 +44,26 @@ def test_iou():
     assert box_iou([0, 0, 2, 2], [0, 0, 2, 2]) == 1.0
     assert box_iou([0, 0, 2, 2], [1, 0, 3, 2]) == pytest.approx(1 / 3)
     assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+
+
+def test_a_box_target_sized_by_the_rows_width_and_height_decodes_in_its_pixels():
+    """Without an IMAGE slot a box is measured against the row's ``width`` and ``height``; decoding
+    mapped it back to the unit square (a perfect answer scored IoU 0) before 2026-12-05."""
+    from moe_gen.model.grammar import TargetGrammar
+    from moe_gen.tasks import Task, Tokenizer
+    from moe_gen.tasks.metrics import iou_accuracy
+    from moe_gen.tasks.plan import TaskDataError
+
+    tok = Tokenizer.default()
+    rows = [{"q": "the left one", "box": [10.0, 20.0, 30.0, 160.0], "width": 100, "height": 200}]
+    plan = Task("textbox", "[TEXT:q] -> [BOX:box]", rows).plan(tok)
+    asked = plan.encode(rows[0], 0, training=False, inference=True, template=0)
+    assert asked.meta["image_size"] == (100.0, 200.0)
+    grammar = TargetGrammar(plan, tok)
+    state = grammar.start()
+    for token in plan.encode(rows[0], 0, training=False).decoder[0].tokens:
+        state = grammar.advance(state, grammar.options(state)[0], token)
+    box = grammar.parse(state, asked.meta["image_size"])[0]["box"]
+    assert box == pytest.approx(rows[0]["box"], abs=0.2) and iou_accuracy([box], [rows[0]["box"]]) == 1.0
+    with pytest.raises(TaskDataError, match="width"):
+        plan.encode({"q": "no size"}, 1, training=False, inference=True, template=0)

@@ -446,12 +446,25 @@ class TaskPlan:
         used = {p.modality.name for p in full_encoder + full_decoder if not p.slot.is_literal}
         if any(p.slot.is_literal for p in full_encoder + full_decoder):
             used.add("TEXT")
-        meta: dict[str, Any] = {"template": t}
+        meta = {"template": t, **self._image_size(ctx, full_decoder)}
+        return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), meta)
+
+    @staticmethod
+    def _image_size(ctx: EncodeContext, decoder: list[SlotPlan]) -> dict[str, Any]:
+        """``{"image_size": (width, height)}`` that decoded boxes map back to: the original size of
+        the sample's image, else (for box targets) the row's ``width`` and ``height``; ``{}``."""
         for encoding in ctx.encoded.values():
             if "original_size" in encoding.meta:
-                meta["image_size"] = encoding.meta["original_size"]
-                break
-        return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), meta)
+                return {"image_size": encoding.meta["original_size"]}
+        boxes = [p for p in decoder if p.decode is not None and p.decode.kind == "box"]
+        if not boxes:
+            return {}
+        from moe_gen.tasks.modalities.text_like import box_image_size
+
+        try:
+            return {"image_size": box_image_size(ctx, boxes[0].slot)}
+        except SlotValueError as exc:
+            raise TaskDataError(str(exc)) from None
 
     def _slot_values(self, row, plans: list[SlotPlan], index: int):
         """(plan, [values]) per slot; repetition groups expand to one value per item."""

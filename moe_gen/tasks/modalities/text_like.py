@@ -192,7 +192,7 @@ class BoxPreprocessor(Preprocessor):
     modality = "BOX"
 
     def __call__(self, value, slot, ctx):
-        width, height = _image_size(ctx, slot)
+        width, height = box_image_size(ctx, slot)
         try:
             bins = quantize_box(value, width, height, ctx.tokenizer.num_bins)
         except ValueError as exc:
@@ -201,7 +201,9 @@ class BoxPreprocessor(Preprocessor):
                             meta={"image_size": (width, height)})
 
 
-def _image_size(ctx: EncodeContext, slot) -> tuple[float, float]:
+def box_image_size(ctx: EncodeContext, slot) -> tuple[float, float]:
+    """The image size a BOX slot's coordinates are measured against: the original size of the
+    sample's image, else the row's ``width`` and ``height`` (a clear error without either)."""
     for encoding in ctx.encoded.values():
         if "original_size" in encoding.meta:
             return encoding.meta["original_size"]
