@@ -236,6 +236,10 @@ def test_the_model_keeps_its_image_tokenizer_and_uses_it_after_reloading(digits,
     assert not any(p.requires_grad for p in model.image_tokenizers.parameters())
     parameters = model.num_parameters()
     assert parameters == sum(p.numel() for n, p in model.named_parameters() if not n.startswith("image_tokenizers."))
+    from moe_gen.trainer import select_trainable
+
+    assert select_trainable(model, "all") == parameters  # training everything leaves the tokenizer frozen
+    assert not any(p.requires_grad for p in model.image_tokenizers.parameters())
     before = [p.image for p in model.infer(task, rows[:2])]
     assert before[0].shape == (8, 8, 3)  # the task's own 8-pixel tokenizer, not the shipped one
     model.save_pretrained(str(tmp_path / "model"))

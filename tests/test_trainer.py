@@ -412,6 +412,33 @@ def test_a_run_resumed_with_more_steps_follows_the_longer_schedule(tasks, tok, t
     assert extended[3:] == straight[3:] and extended[2] < straight[2]  # step 3 was the short run's last
 
 
+def test_a_run_whose_optimizer_held_the_frozen_image_tokenizer_resumes(tok, tmp_path, monkeypatch):
+    """Before 2026-12-05 ``trainable="all"`` put the frozen image tokenizers' parameters in the
+    optimizer (they never had state); such a checkpoint resumes under the rule that leaves them out."""
+    from moe_gen.trainer import trainer as trainer_module
+
+    image_tasks = [load_preset("digit_masked_modeling", "train", limit=8)]
+    new_rule = trainer_module.select_trainable
+
+    def old_rule(model, what, new_adapters=()):
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return sum(p.numel() for p in model.parameters())
+
+    monkeypatch.setattr(trainer_module, "select_trainable", old_rule)
+    with Trainer(build(image_tasks, tok), image_tasks, quiet(steps=2, batch_size=4, checkpoint_every=2),
+                 output_dir=str(tmp_path)) as first:
+        first.fit()
+        assert any(n.startswith("image_tokenizers.") for g in first.optimizer.param_groups for p in g["params"]
+                   for n, q in first.model.named_parameters() if q is p)
+    monkeypatch.setattr(trainer_module, "select_trainable", new_rule)
+    with Trainer(build(image_tasks, tok), image_tasks, quiet(steps=4, batch_size=4, checkpoint_every=2),
+                 output_dir=str(tmp_path), resume=True) as resumed:
+        assert resumed.step == 2
+        resumed.fit()
+        assert resumed.step == 4
+
+
 def test_a_run_saved_under_the_old_weight_decay_rule_resumes(tasks, tok, tmp_path, monkeypatch, caplog):
     """Before 2026-12-05 expert bias stacks and adapters' embedding tables took weight decay: the same
     parameters, grouped otherwise. Such a run resumes with its moments loaded by name and this run's

@@ -100,9 +100,10 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
     names = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
-    regrouped = current != meta["group_params"]
+    # frozen image tokenizers sat in the optimizer (without state) before 2026-12-05: not a difference
+    saved = [[n for n in group if not n.startswith("image_tokenizers.")] for group in meta["group_params"]]
+    regrouped = current != saved
     if regrouped:
-        saved = meta["group_params"]
         if sorted(n for g in current for n in g) != sorted(n for g in saved for n in g):
             raise ValueError("the checkpoint's optimizer trains a different set of parameters than this run "
                              "(did `trainable` or the model change?); resume with the same settings")
@@ -124,11 +125,11 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
         if entry:
             state[index] = entry
     groups = []
-    for group, saved in zip(optimizer.param_groups, meta["param_groups"]):
+    for group, hyper in zip(optimizer.param_groups, meta["param_groups"]):
         # hyper-parameters as saved; the update's implementation (fused kernel or not) as this run chose it
         kept = {key: group[key] for key in ("fused", "foreach") + (("weight_decay",) if regrouped else ())
                 if key in group}
-        groups.append({**saved, **kept, "params": [order.index(names[id(p)]) for p in group["params"]]})
+        groups.append({**hyper, **kept, "params": [order.index(names[id(p)]) for p in group["params"]]})
     optimizer.load_state_dict({"state": state, "param_groups": groups})
 
 

@@ -65,10 +65,11 @@ class WarmupCosine:
 def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[str] = ()) -> int:
     """Freezes everything except ``what`` (``all``, ``experts``, ``routers``, ``adapters``,
     ``new_adapters``); returns the number of trainable parameters."""
-    if what == "all":
-        for p in model.parameters():
+    if what == "all":  # every parameter but the frozen image tokenizers' (they never train)
+        trained = [p for name, p in model.named_parameters() if not name.startswith("image_tokenizers.")]
+        for p in trained:
             p.requires_grad_(True)
-        return sum(p.numel() for p in model.parameters())
+        return sum(p.numel() for p in trained)
     for p in model.parameters():
         p.requires_grad_(False)
     moes = [m for m in model.modules() if isinstance(m, MoE)]
