@@ -100,7 +100,9 @@ def masked_view(sample: Sample) -> Sample:
     encoder, ordered by modality as ``mask_sample`` orders them, without the instruction's literal
     text; the decoder holds no forced prefix (literal text, copied prompts), so the answer starts
     right after BOS. Collate it with ``pass_name="masked"``. Unlike training, the encoder holds
-    every input position, not an input budget's share (4M reads all it is given)."""
+    every input position, not an input budget's share (4M reads all it is given). Made for
+    templates with one target: with several, decoding follows the template's order (training
+    orders targets by modality), and a given ``no_loss`` decoder slot is not read."""
     encoder = [Chunk(chunk.modality, INPUT, False, tokens=chunk.tokens, rows=chunk.rows, positions=chunk.positions,
                      adaptor=chunk.adaptor, column=chunk.column)
                for chunk in sorted(sample.encoder, key=lambda c: c.modality) if chunk.column is not None]

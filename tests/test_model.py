@@ -650,3 +650,16 @@ def test_a_decoder_with_token_capacity_is_warned_about(tok):
         dropless = build([task], tok).eval()
     with torch.no_grad():
         torch.testing.assert_close(dropless(batch).logits[0][:n], dropless(alone).logits[0], rtol=1e-4, atol=1e-5)
+
+
+def test_a_wide_beam_over_labels_of_different_lengths_picks_the_best_ranked_label(tok):
+    """A closed set's tokens read over its labels add nothing to the length that beam search
+    normalises by, so a beam as wide as the label set returns the label ranked best, short or long."""
+    rows = [{"q": f"row {i}", "label": label} for i, label in enumerate(["cat", "xylophonist", "cat", "a b c d e f"])]
+    task = Task("pick", "[TEXT:q] -> [TEXT:label,closed_set]", rows)
+    model = build([task], tok).eval()
+    labels = sorted({r["label"] for r in rows})
+    assert max(len(tok.encode(label)) for label in labels) >= 3 * min(len(tok.encode(label)) for label in labels)
+    wide = model.infer(task, rows, beams=len(labels))
+    ranked = model.infer(task, rows, candidates=labels)
+    assert [p.text for p in wide] == [p.text for p in ranked]

@@ -233,6 +233,7 @@ class _Hypothesis:
     # where it was one of several options
     row: int  # the cache row holding its keys and values
     tokens: tuple[int, ...] = ()  # every chosen token, EOS included
+    free: int = 0  # tokens read over the whole vocabulary (what length normalisation counts)
 
 
 def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: int,
@@ -260,14 +261,16 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     finished: list[list[_Hypothesis]] = [[] for _ in samples]
     tensors: dict[tuple[int, ...], torch.Tensor] = {}  # allowed token sets as tensors, made once
     draws = None if sampling is None else torch.Generator().manual_seed(sampling.seed)
+    # the masked objective reads the whole vocabulary everywhere (its samples carry no label sets)
+    choices_of = grammar.trained_choices if pass_name != "masked" else _whole_vocabulary
     candidates = beams if sampling is None else (sampling.top_k or logp_RV.shape[1])
     for _ in range(limit):
         parents, fed, active = list(range(R)), [tok.pad_id] * R, [False] * R
         for s in range(len(samples)):
-            expansions = _expansions(grammar, alive[s], logp_RV, candidates, tensors, rules)
+            expansions = _expansions(grammar, alive[s], logp_RV, candidates, tensors, rules, choices_of)
             if sampling is not None and expansions:  # one draw (greedy keeps the first)
                 expansions = [_draw(expansions, sampling, draws)]
-            kept, retired = _keep_best(grammar, expansions, beams)
+            kept, retired = _keep_best(grammar, expansions, beams, choices_of)
             finished[s].extend(retired)
             alive[s] = []
             for j, child in enumerate(kept if len(finished[s]) < beams else []):
@@ -285,13 +288,16 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     predictions = []
     for s, sample in enumerate(samples):
         pool = finished[s] or alive[s]
-        best = max(pool, key=lambda h: h.rank / max(len(h.tokens), 1) ** length_penalty)
+        # (a closed set's tokens, read over its labels, add nothing to the length: a label's rank is
+        # its probability among the labels, whatever its number of tokens)
+        best = max(pool, key=lambda h: h.rank / max(h.free, 1) ** length_penalty)
         predictions.append(_prediction(grammar, best, sample, tok.eos_id))
     return predictions
 
 
 def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.Tensor, beams: int,
-                tensors: dict, rules: TextRules = _NO_RULES) -> list[tuple[float, float, int, _Hypothesis, Option]]:
+                tensors: dict, rules: TextRules = _NO_RULES,
+                choices_of=None) -> list[tuple[float, float, int, _Hypothesis, Option]]:
     """Every (rank, score, token, parent, option) continuing one sample's live answers by the
     ``beams`` best tokens of each option, best first (ties to the lowest token id)."""
     expansions = []
@@ -300,7 +306,10 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
         # answers compete on log-probabilities read as training reads them; their score stays
         # the log-likelihood over the whole vocabulary
         logp_V = logp_RV[hyp.row]
-        trained_V = _as_trained(logp_V, grammar.trained_choices(hyp.state), tensors)
+        choices = (choices_of or grammar.trained_choices)(hyp.state)
+        if choices is not None and not all(o.tokens is not None and set(o.tokens) <= set(choices) for o in options):
+            choices = None  # (the rules or the layout offer more than the labels: the whole vocabulary)
+        trained_V = _as_trained(logp_V, choices, tensors)
         claimed = grammar.claimed(options)
         banned = rules.banned(grammar, hyp.state)
         if banned:  # (most steps have none: no set over the claimed location tokens)
@@ -315,6 +324,11 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
                                    hyp.score + value if option.scored else hyp.score, token, hyp, option))
     expansions.sort(key=lambda e: (-e[0], e[2]))
     return expansions
+
+
+def _whole_vocabulary(state: State) -> None:
+    """``trained_choices`` of a pass that reads every position over the whole vocabulary."""
+    return None
 
 
 def _as_trained(logp_V: torch.Tensor, choices: Optional[tuple[int, ...]], tensors: dict) -> torch.Tensor:
@@ -355,7 +369,7 @@ def _draw(expansions: list[tuple[float, float, int, _Hypothesis, Option]], sampl
 
 
 def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int, _Hypothesis, Option]],
-               beams: int) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
+               beams: int, choices_of=None) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
     """The children of the best expansions, split into the (at most ``beams``) that go on and those
     that end their answer on the way."""
     kept: list[_Hypothesis] = []
@@ -364,7 +378,8 @@ def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int,
         if len(kept) == beams:
             break
         state = grammar.advance(hyp.state, option, token)
-        child = _Hypothesis(state, score, rank, hyp.row, hyp.tokens + (token,))
+        free = hyp.free + ((choices_of or grammar.trained_choices)(hyp.state) is None)
+        child = _Hypothesis(state, score, rank, hyp.row, hyp.tokens + (token,), free)
         (retired if state.done else kept).append(child)
     return kept, retired
 
@@ -455,7 +470,9 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
     encoded = [tok.encode(c) + end for c in candidates]
     # a closed set's label tokens are read over its labels alone, as training reads them (the
     # masked objective reads the whole vocabulary)
-    grammar = TargetGrammar(plan, tok, modality_ids=model.modality_ids) if pass_name != "masked" else None
+    grammar = None
+    if pass_name != "masked" and target.decode is not None and target.decode.kind == "closed_set":
+        grammar = TargetGrammar(plan, tok, modality_ids=model.modality_ids)
     predictions = []
     for sample in samples:
         pairs = [_with_target(sample, target.modality.name, ids) for ids in encoded]

@@ -175,7 +175,11 @@ class TargetGrammar:
             return None
         i = state.slot
         if not state.complete:
-            return tuple(sorted(state.node)) if self.kinds[i] == "closed_set" and state.node else None
+            if self.kinds[i] != "closed_set" or not state.node:
+                return None
+            if self.tok.eos_id in state.node and len(state.node) > 1:
+                return None  # a label that may end or go on (a prefix of another): other options too
+            return tuple(sorted(state.node))
         if len(self.followers[i]) > 1:
             return None
         follower = self.followers[i][0]

@@ -135,9 +135,10 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
 
 def _load_schedule(optimizer, scheduler, saved: dict) -> None:
     """Continues at the checkpoint's step on this run's schedule and learning rates (the config's
-    ``steps``, ``warmup_steps``, ``min_lr_ratio``, ``lr``, ``lr_scales``): a run resumed with more
-    ``steps`` decays over the longer run instead of staying at the floor its first length reached.
-    With the same settings the rates are the saved ones, bit for bit."""
+    ``steps``, ``warmup_steps``, ``min_lr_ratio``, ``lr`` and the values of ``lr_scales``; other
+    ``lr_scales`` prefixes regroup the parameters, which ``_load_optimizer`` refuses): a run
+    resumed with more ``steps`` decays over the longer run instead of staying at the floor its
+    first length reached. With the same settings the rates are the saved ones, bit for bit."""
     current = scheduler.state_dict()
     if saved.get("lr_lambdas") != current["lr_lambdas"] or saved.get("base_lrs") != current["base_lrs"]:
         logger.warning("the checkpoint's learning-rate schedule differs from this run's (%s, base rates %s; now "
