@@ -663,3 +663,14 @@ def test_a_wide_beam_over_labels_of_different_lengths_picks_the_best_ranked_labe
     wide = model.infer(task, rows, beams=len(labels))
     ranked = model.infer(task, rows, candidates=labels)
     assert [p.text for p in wide] == [p.text for p in ranked]
+
+
+def test_candidates_are_read_as_the_slot_trains_its_text(tok):
+    """An ``uncased`` closed set trains "cat": the candidate "Cat" is scored as those tokens (it was
+    tokenised raw, as text the model never trained on, and fell off the label trie)."""
+    rows = [{"q": "a small pet that meows", "label": "Cat"}, {"q": "a pet that barks", "label": "Dog"}]
+    task = Task("pets", "[TEXT:q] -> [TEXT:label,closed_set,uncased]", rows)
+    model = build([task], tok).eval()
+    raw = model.infer(task, rows, candidates=["Cat", "Dog"])
+    trained = model.infer(task, rows, candidates=["cat", "dog"])
+    assert [p.scores for p in raw] == [p.scores for p in trained]

@@ -467,7 +467,12 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
     tok = model.tokenizer
     target = next(p for p in plan.templates[0][1] if p.loss)
     end = [] if pass_name == "masked" else [tok.eos_id]
-    encoded = [tok.encode(c) + end for c in candidates]
+    if target.decode is not None and target.decode.kind in ("text", "closed_set"):  # as the slot trains its text
+        from moe_gen.tasks.modalities.text import slot_token_ids
+
+        encoded = [slot_token_ids(c, target.slot.attrs, tok) + end for c in candidates]
+    else:
+        encoded = [tok.encode(c) + end for c in candidates]
     # a closed set's label tokens are read over its labels alone, as training reads them (the
     # masked objective reads the whole vocabulary)
     grammar = None
