@@ -212,7 +212,7 @@ def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():
     task = Task("ordered", "[TEXT:text] -> [TEXT:label,closed_set]", rows, metrics=("accuracy",))
     seen = []
 
-    def infer(task, chunk, indices):
+    def infer(task, chunk, indices, **options):
         assert [f"row {i}" for i in indices] == [r["text"] for r in chunk]  # rows named by their index
         seen.extend(r["text"] for r in chunk)
         return [types.SimpleNamespace(text="a") for _ in chunk]
