@@ -102,8 +102,10 @@ def masked_view(sample: Sample) -> Sample:
     right after BOS. Collate it with ``pass_name="masked"``. Unlike training, the encoder holds
     every input position, not an input budget's share (4M reads all it is given). Made for
     templates with one target: with several, decoding follows the template's order (training
-    orders targets by modality), and a given ``no_loss`` decoder slot is not read."""
+    orders targets by modality). A given ``no_loss`` decoder slot before the target is an input,
+    as training's streams make it."""
+    data = [chunk for chunk in sample.encoder + sample.decoder if chunk.column is not None]  # as ``_streams``
     encoder = [Chunk(chunk.modality, INPUT, False, tokens=chunk.tokens, rows=chunk.rows, positions=chunk.positions,
                      adaptor=chunk.adaptor, column=chunk.column)
-               for chunk in sorted(sample.encoder, key=lambda c: c.modality) if chunk.column is not None]
+               for chunk in sorted(data, key=lambda c: c.modality)]
     return dataclasses.replace(sample, encoder=encoder, decoder=[])

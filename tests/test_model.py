@@ -308,6 +308,20 @@ def test_masked_objective_tasks_are_decoded_as_they_train(tok):
     assert greedy.tokens[0] == firsts[int(logp[0, firsts].argmax())] and greedy.text in labels
 
 
+def test_a_given_decoder_slot_is_an_input_of_a_masked_objective_task(tok):
+    """The masked objective's streams hold every data position, a given ``no_loss`` decoder slot's
+    too; decoding such a task reads it in the encoder, as training could have put it."""
+    from moe_gen.masking import masked_view
+
+    rows = [{"q": "hi", "p": "the prompt", "a": "one"}, {"q": "hello", "p": "x", "a": "two"}]
+    task = Task("given", "[TEXT:q] -> [TEXT:p,no_loss] : [TEXT:a,closed_set]", rows, objective="masked")
+    plan = task.plan(tok)
+    view = masked_view(plan.encode(rows[0], 0, training=False, inference=True, template=0))
+    assert [c.column for c in view.encoder] == ["q", "p"] and not view.decoder
+    model = build([task], tok, predict_all_features=True).eval()
+    assert all(a.text in ("one", "two") for a in model.infer(task, rows))
+
+
 def test_ranking_and_beam_search(tok):
     task = load_preset("digit_classification", "train", limit=6)
     model = build([task], tok).eval()
