@@ -261,8 +261,10 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     finished: list[list[_Hypothesis]] = [[] for _ in samples]
     tensors: dict[tuple[int, ...], torch.Tensor] = {}  # allowed token sets as tensors, made once
     draws = None if sampling is None else torch.Generator().manual_seed(sampling.seed)
-    # the masked objective reads the whole vocabulary everywhere (its samples carry no label sets)
-    choices_of = grammar.trained_choices if pass_name != "masked" else _whole_vocabulary
+    # Answers compete as training reads them (``trained_choices``) where several are kept: one beam
+    # (greedy, sampling) renormalises all of a step's options alike, which changes no choice. The
+    # masked objective reads the whole vocabulary everywhere (its samples carry no label sets).
+    choices_of = grammar.trained_choices if beams > 1 and pass_name != "masked" else _whole_vocabulary
     candidates = beams if sampling is None else (sampling.top_k or logp_RV.shape[1])
     for _ in range(limit):
         parents, fed, active = list(range(R)), [tok.pad_id] * R, [False] * R
@@ -296,8 +298,8 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
 
 
 def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.Tensor, beams: int,
-                tensors: dict, rules: TextRules = _NO_RULES,
-                choices_of=None) -> list[tuple[float, float, int, _Hypothesis, Option]]:
+                tensors: dict, rules: TextRules,
+                choices_of) -> list[tuple[float, float, int, _Hypothesis, Option]]:
     """Every (rank, score, token, parent, option) continuing one sample's live answers by the
     ``beams`` best tokens of each option, best first (ties to the lowest token id)."""
     expansions = []
@@ -306,10 +308,7 @@ def _expansions(grammar: TargetGrammar, hyps: list[_Hypothesis], logp_RV: torch.
         # answers compete on log-probabilities read as training reads them; their score stays
         # the log-likelihood over the whole vocabulary
         logp_V = logp_RV[hyp.row]
-        choices = (choices_of or grammar.trained_choices)(hyp.state)
-        if choices is not None and not all(o.tokens is not None and set(o.tokens) <= set(choices) for o in options):
-            choices = None  # (the rules or the layout offer more than the labels: the whole vocabulary)
-        trained_V = _as_trained(logp_V, choices, tensors)
+        trained_V = _as_trained(logp_V, choices_of(hyp.state), tensors)
         claimed = grammar.claimed(options)
         banned = rules.banned(grammar, hyp.state)
         if banned:  # (most steps have none: no set over the claimed location tokens)
@@ -369,7 +368,7 @@ def _draw(expansions: list[tuple[float, float, int, _Hypothesis, Option]], sampl
 
 
 def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int, _Hypothesis, Option]],
-               beams: int, choices_of=None) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
+               beams: int, choices_of) -> tuple[list[_Hypothesis], list[_Hypothesis]]:
     """The children of the best expansions, split into the (at most ``beams``) that go on and those
     that end their answer on the way."""
     kept: list[_Hypothesis] = []
@@ -378,7 +377,7 @@ def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int,
         if len(kept) == beams:
             break
         state = grammar.advance(hyp.state, option, token)
-        free = hyp.free + ((choices_of or grammar.trained_choices)(hyp.state) is None)
+        free = hyp.free + (choices_of(hyp.state) is None)
         child = _Hypothesis(state, score, rank, hyp.row, hyp.tokens + (token,), free)
         (retired if state.done else kept).append(child)
     return kept, retired
