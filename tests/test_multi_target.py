@@ -447,3 +447,19 @@ def test_normalised_targets_train_their_label_set_and_are_scored_as_trained(tok,
     monkeypatch.setattr(model, "infer", lambda task, chunk, indices, **options: [Prediction(text=written[i])
                                                                                   for i in indices])
     assert evaluate_task(model, task) == {"exact_match": 1.0}
+
+
+def test_references_are_read_through_the_tokenizer_as_training_reads_them(tok, monkeypatch):
+    """sentencepiece folds whitespace and applies NFKC before it tokenises, so a model trained on
+    "Hello,  world" writes "Hello, world": its perfect answers scored 0 against the raw string."""
+    from moe_gen.model.generate import Prediction
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    rows = [{"q": "greet", "a": "Hello,  world"}, {"q": "fine", "a": "\ufb01ne\tday "}]
+    task = Task("greet", "[TEXT:q] -> [TEXT:a]", rows)
+    model = build([task], tok)
+    taught = [tok.decode(next(c.tokens for c in task.encode(i, tok).decoder if c.column == "a")) for i in range(2)]
+    assert taught == ["Hello, world", "fine day"]
+    monkeypatch.setattr(model, "infer", lambda task, chunk, indices, **options: [Prediction(text=taught[i])
+                                                                                  for i in indices])
+    assert evaluate_task(model, task) == {"exact_match": 1.0}

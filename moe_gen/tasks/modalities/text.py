@@ -54,10 +54,10 @@ def slot_token_ids(text: str, attrs, tokenizer: Tokenizer) -> list[int]:
 
 
 def slot_text(value, attrs, tokenizer: Tokenizer) -> str:
-    """A target value as a model trained on the slot writes it (``str(value)`` when the slot has
-    none of ``uncased``, ``no_punctuation``, ``max_length``): what its answers are scored against."""
-    if not any(attrs.get(name) for name in ("uncased", "no_punctuation", "max_length")):
-        return str(value)
+    """A target value as a model trained on the slot writes it: normalised by the slot's
+    attributes, tokenised and decoded (the tokenizer's own normalisation, e.g. sentencepiece's
+    NFKC and whitespace folding, applies too: a model can only write what it was taught, so
+    "Hello,  world" is answered, and scored, as "Hello, world"). What its answers are scored against."""
     return tokenizer.decode(slot_token_ids(str(value), attrs, tokenizer))
 
 
