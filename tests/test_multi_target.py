@@ -463,3 +463,38 @@ def test_references_are_read_through_the_tokenizer_as_training_reads_them(tok, m
     monkeypatch.setattr(model, "infer", lambda task, chunk, indices, **options: [Prediction(text=taught[i])
                                                                                   for i in indices])
     assert evaluate_task(model, task) == {"exact_match": 1.0}
+
+
+def _advance(grammar: TargetGrammar, state, token: int):
+    options = [o for o in grammar.options(state) if o.tokens is not None and token in o.tokens]
+    options = options or [o for o in grammar.options(state) if o.tokens is None]
+    return grammar.advance(state, options[0], token)
+
+
+@pytest.mark.parametrize("template, rows", [
+    ("[TEXT:q] -> [TEXT:label,closed_set]", [{"q": "a", "label": "new"}, {"q": "b", "label": "new york"},
+                                              {"q": "c", "label": "old"}]),
+    ("[TEXT:q] -> [TEXT:label,closed_set] [TEXT:note]", [{"q": "a", "label": "new", "note": "x y"},
+                                                          {"q": "b", "label": "new york", "note": "z"}]),
+    ("[TEXT:q] -> ( [TEXT:labels,closed_set] )*", [{"q": "a", "labels": ["new", "old"]},
+                                                   {"q": "b", "labels": ["new york"]}]),
+])
+def test_scores_read_every_position_over_the_tokens_training_reads_it_over(tok, template, rows):
+    """Beam search and ranked candidates compare answers with log-probabilities over what training's
+    softmax holds at each position (``TargetGrammar.trained_choices``), a label that is the start of
+    another ("new", "new york") included: where it ends the answer, training reads {EOS, "york"}."""
+    task = Task("places", template, rows)
+    model = build([task], tok)
+    assert len(tok.encode("new york")) > len(tok.encode("new"))
+    grammar = TargetGrammar(task.plan(tok), tok, modality_ids=model.modality_ids)
+    for i in range(len(rows)):
+        batch = collate([task.encode(i, tok)], tok, model.task_ids)
+        trained = {int(p): sorted(t for t in ts.tolist() if t >= 0)
+                   for p, ts in zip(batch.allowed_index, batch.allowed_tokens)}
+        state = grammar.start()
+        for position in (batch.labels[0] != -100).nonzero().squeeze(1).tolist():
+            choices = grammar.trained_choices(state)
+            assert (sorted(choices) if choices is not None else None) == trained.get(position), (i, position)
+            token = int(batch.labels[0, position])
+            state = _advance(grammar, state, token)
+        assert state.done

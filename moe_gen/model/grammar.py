@@ -177,8 +177,8 @@ class TargetGrammar:
         if not state.complete:
             if self.kinds[i] != "closed_set" or not state.node:
                 return None
-            if self.tok.eos_id in state.node and len(state.node) > 1:
-                return None  # a label that may end or go on (a prefix of another): other options too
+            if self.tok.eos_id in state.node and len(state.node) > 1 and self.followers[i] != [None]:
+                return None  # a label that may end, then the next slot begins, or go on: any token
             return tuple(sorted(state.node))
         if len(self.followers[i]) > 1:
             return None

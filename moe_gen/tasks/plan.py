@@ -424,7 +424,8 @@ class TaskPlan:
                 ctx.encoded[plan.slot.column] = encoded[i][0]
         n_enc = len(encoder_plan)
         open_from = self.choice_starts(t)
-        chunks = [self._chunks(values[i][0], encoded[i], open_from.get(i - n_enc)) for i in range(len(values))]
+        ends = [i >= n_enc and slot_followers(full_decoder, i - n_enc) == [None] for i in range(len(values))]
+        chunks = [self._chunks(values[i][0], encoded[i], open_from.get(i - n_enc), ends[i]) for i in range(len(values))]
         auto_eos = not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan)
         encoder = _in_order(encoder_plan, chunks[:n_enc])
         decoder = _in_order(decoder_plan, chunks[n_enc:], self.closing_eos(t) if auto_eos else frozenset(),
@@ -559,19 +560,25 @@ class TaskPlan:
                                 "the slot takes one, or raise Task(max_slot_positions=...))")
         return encoding
 
-    def _chunks(self, plan: SlotPlan, encodings: list[SlotEncoding], open_from: Optional[int] = None) -> list[Chunk]:
+    def _chunks(self, plan: SlotPlan, encodings: list[SlotEncoding], open_from: Optional[int] = None,
+                ends_answer: bool = False) -> list[Chunk]:
         """A slot's values as chunks; a closed set's carry the tokens its label trie allows at each
-        position, except the first position of the values from item ``open_from`` on, where the
-        answer could also go on otherwise (``choice_starts``): None there (the whole vocabulary)."""
+        position, except where the answer could also go on otherwise: None there (the whole
+        vocabulary). That is the first position of the values from item ``open_from`` on
+        (``choice_starts``), and, unless the slot ends the answer (``ends_answer``: its labels end
+        with the answer's EOS), the position after a label that is the start of another ("new" of
+        "new york"), where the label may end and the next slot begin."""
         out = []
+        eos = self.tokenizer.eos_id
         for item, enc in enumerate(encodings):
             column = plan.slot.column
             if enc.tokens is not None:
                 allowed = None
                 if plan.decode is not None and plan.decode.kind == "closed_set":
                     allowed, node = [], plan.decode.trie
-                    for token in [*enc.tokens, self.tokenizer.eos_id]:
-                        allowed.append(sorted(node))
+                    for token in [*enc.tokens, eos]:
+                        may_end = eos in node and len(node) > 1 and not ends_answer
+                        allowed.append(None if may_end else sorted(node))
                         node = node.get(token, {})
                     if open_from is not None and item >= open_from:
                         allowed[0] = None
