@@ -74,14 +74,16 @@ def _gather(modality: str, picks: list[tuple[Chunk, int]], role: int, loss: bool
 
 
 def mask_sample(sample: Sample, *, input_budget: int = 128, target_budget: int = 128,
-                alpha: Union[float, Mapping[str, float]] = 0.5, rng: random.Random) -> Sample:
-    """A 4M training sample: ``input_budget`` positions in, ``target_budget`` other positions to
-    predict, split across the sample's modalities by Dirichlet(α)."""
+                alpha: Union[float, Mapping[str, float]] = 0.5,
+                target_alpha: Union[None, float, Mapping[str, float]] = None, rng: random.Random) -> Sample:
+    """A 4M training sample: ``input_budget`` positions in, split across the sample's modalities by
+    Dirichlet(``alpha``), and ``target_budget`` other positions to predict, split by
+    Dirichlet(``target_alpha``; default ``alpha``)."""
     streams = _streams(sample)
     available = {m: len(v) for m, v in streams.items()}
     inputs = split_budget(input_budget, available, alpha, rng)
     remaining = {m: available[m] - inputs[m] for m in available}
-    targets = split_budget(target_budget, remaining, alpha, rng)
+    targets = split_budget(target_budget, remaining, alpha if target_alpha is None else target_alpha, rng)
     encoder, decoder = [], []
     for modality in sorted(streams):
         positions = list(range(len(streams[modality])))

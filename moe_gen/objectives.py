@@ -233,21 +233,23 @@ class ContrastiveObjective(Objective):
 @OBJECTIVES.register("masked")
 class MaskedObjective(GenerativeObjective):
     """4M masked multimodal modeling: ``prepare`` masks samples to fixed input/target budgets split
-    by Dirichlet(α) across each sample's modalities (``moe_gen.masking``) and collates them with
+    by Dirichlet(α) across each sample's modalities (``moe_gen.masking``; ``target_alpha`` splits
+    the target budget, default ``alpha``, as 4M samples inputs and targets apart) and collates them with
     ``pass=masked``; the loss is the generative one on the chosen targets. Build the model with
     ``ModelConfig(predict_all_features=True)`` so feature targets have regression heads.
     """
 
     def __init__(self, model: GeneralistModel, *, input_budget: int = 128, target_budget: int = 128,
-                 alpha=0.5, frame_weight: float = 1.0, task_weights: Optional[dict[str, float]] = None,
-                 loss_average: str = "token") -> None:
+                 alpha=0.5, target_alpha=None, frame_weight: float = 1.0,
+                 task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
         super().__init__(model, frame_weight, task_weights, loss_average)
         self.input_budget, self.target_budget, self.alpha = input_budget, target_budget, alpha
+        self.target_alpha = alpha if target_alpha is None else target_alpha
 
     @classmethod
     def from_train_config(cls, model: GeneralistModel, config) -> "MaskedObjective":
         return cls(model, input_budget=config.masked_input_budget, target_budget=config.masked_target_budget,
-                   alpha=config.masked_alpha, frame_weight=config.frame_weight,
+                   alpha=config.masked_alpha, target_alpha=config.masked_target_alpha, frame_weight=config.frame_weight,
                    task_weights=config.loss_weights or None, loss_average=config.loss_average)
 
     def prepare(self, samples, rng) -> Batch:
@@ -255,7 +257,7 @@ class MaskedObjective(GenerativeObjective):
         from moe_gen.tasks.batch import collate
 
         masked = [mask_sample(s, input_budget=self.input_budget, target_budget=self.target_budget,
-                              alpha=self.alpha, rng=rng) for s in samples]
+                              alpha=self.alpha, target_alpha=self.target_alpha, rng=rng) for s in samples]
         for sample in masked:
             for chunk in sample.decoder:
                 if chunk.rows is not None and chunk.adaptor not in self.model.frame_heads:

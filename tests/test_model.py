@@ -273,6 +273,34 @@ def test_masked_modeling_budgets_and_loss(mixed, tok):
         MaskedObjective(plain, input_budget=12, target_budget=8).prepare(samples, random.Random(1))
 
 
+def test_masked_budgets_split_inputs_and_targets_by_their_own_alphas(tok):
+    """As 4M samples inputs and targets apart: a per-modality input α that keeps text out of the
+    encoder and the default target α put a digit's label among the targets (with one α of 1.0,
+    the 1-token label took a share of the 12 inputs 11 times in 12 and was seldom predicted)."""
+    from moe_gen.objectives import MaskedObjective
+    from moe_gen.trainer.config import TrainConfig
+
+    task = load_preset("digit_masked_modeling", "train", limit=40)
+    model = build([task], tok, predict_all_features=True)
+    samples = list(task.samples(tok))
+
+    def label_in(config: TrainConfig) -> tuple[int, int]:
+        objective = MaskedObjective.from_train_config(model, config)
+        batch = objective.prepare(samples, random.Random(0))
+        text = model.modality_ids["TEXT"]
+        inputs = ((batch.encoder.tags.modality == text) & ~batch.encoder.padding_mask).any(1)
+        targets = ((batch.decoder.tags.modality == text) & (batch.labels != -100)).any(1)
+        return int(inputs.sum()), int(targets.sum())
+
+    one = TrainConfig(masked_input_budget=12, masked_target_budget=8, masked_alpha=1.0)
+    assert label_in(one)[0] >= 30
+    split = one.replace(masked_alpha={"IMAGE": 1.0, "TEXT": 0.0}, masked_target_alpha=1.0)
+    assert label_in(split) == (0, 40)
+    assert TrainConfig.from_dict(split.to_dict()).masked_alpha == {"IMAGE": 1.0, "TEXT": 0.0}
+    with pytest.raises(ValueError, match=r"masked_target_alpha\['TEXT'\] must be a number >= 0"):
+        one.replace(masked_target_alpha={"TEXT": -1})
+
+
 def test_masked_objective_tasks_are_decoded_as_they_train(tok):
     """A task trained with the masked objective is answered from the samples that objective makes
     when every input position is in and the whole answer is out: no instruction text, no EOS,

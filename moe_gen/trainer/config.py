@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import numbers
-from typing import Optional
+from typing import Optional, Union
 
 from moe_gen.config import ConfigBase
 
@@ -61,7 +61,12 @@ class TrainConfig(ConfigBase):
             left for a later batch (a lone over-budget sample is still taken).
         max_tokens: at most this many positions (encoder + decoder) in a micro-batch.
         frame_weight: weight of the continuous-target (L1 + stop) loss.
-        masked_input_budget, masked_target_budget, masked_alpha: the 4M budgets of ``masked`` tasks.
+        masked_input_budget, masked_target_budget: the 4M budgets of ``masked`` tasks.
+        masked_alpha: the Dirichlet α that splits the input budget across a sample's modalities: a
+            number, or one per modality (``{"IMAGE": 1.0, "TEXT": 0.1}``: text is seldom an input;
+            a modality not named gets 1.0). 4M's RGB-to-all mixture is ``{"RGB": 1000}`` with 0
+            elsewhere.
+        masked_target_alpha: the same for the target budget; None: ``masked_alpha``.
         checkpoint_every: write a checkpoint every N steps (0: only at the end).
         keep_checkpoints: how many recent checkpoints to keep.
         max_failed_checkpoints: stop the run (``CheckpointError``) after this many checkpoint writes
@@ -118,7 +123,8 @@ class TrainConfig(ConfigBase):
     frame_weight: float = 1.0
     masked_input_budget: int = 128
     masked_target_budget: int = 128
-    masked_alpha: float = 0.5
+    masked_alpha: Union[float, dict] = 0.5
+    masked_target_alpha: Optional[Union[float, dict]] = None
     checkpoint_every: int = 0
     keep_checkpoints: int = 2
     max_failed_checkpoints: int = 3
@@ -187,6 +193,13 @@ class TrainConfig(ConfigBase):
                     or not scale >= 0:
                 raise ValueError(f"TrainConfig.lr_scales maps parameter-name prefixes to multipliers >= 0, got "
                                  f"{prefix!r}: {scale!r}")
+        for name in ("masked_alpha", "masked_target_alpha"):
+            alpha = getattr(self, name)
+            for modality, value in (alpha.items() if isinstance(alpha, dict) else [("", alpha)]):
+                if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                          or not value >= 0):
+                    where = f"[{modality!r}]" if modality else ""
+                    raise ValueError(f"TrainConfig.{name}{where} must be a number >= 0, got {value!r}")
         for modality, budget in self.modality_budget.items():
             if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
                 raise ValueError(f"TrainConfig.modality_budget[{modality!r}] must be an integer >= 1, got {budget!r}")
