@@ -285,3 +285,37 @@ def test_a_clip_wider_than_the_motion_statistics_fails_its_row(tok):
     with pytest.raises(TaskDataError, match="task 'm', column 'x', row 1: the clip has 3 features a frame, the "
                                             "task's motion statistics 2"):
         task.encode(1, tok)
+
+
+def test_one_clip_of_another_width_neither_unfits_nor_bypasses_the_motion_statistics(tok):
+    """One clip of another width switched the task-wide normalisation off (every clip then normalised
+    by its own mean, which erased what told the classes apart) and was itself encoded; motion options
+    such as frames_per_row switched it off too."""
+    rows = [{"x": np.full((6, 2), -1.0 if i % 2 else 1.0) + 0.1 * i, "y": "ab"[i % 2]} for i in range(8)]
+    odd = rows + [{"x": np.ones((6, 4)), "y": "a"}]
+    clean = Task("m", "[MOTION:x] -> [TEXT:y]", rows).motion_statistics()
+    np.testing.assert_allclose(Task("m", "[MOTION:x] -> [TEXT:y]", odd).motion_statistics()["mean"], clean["mean"])
+    task = Task("m", "[MOTION:x] -> [TEXT:y]", odd)
+    with pytest.raises(TaskDataError, match="row 8: the clip has 4 features a frame, the task's motion statistics 2"):
+        task.encode(8, tok)
+    plain = task.encode(0, tok, training=False).encoder[0].rows
+    optioned = Task("m", "[MOTION:x] -> [TEXT:y]", rows, preprocessor_options={"motion": {"frames_per_row": 2}})
+    torch.testing.assert_close(optioned.encode(0, tok, training=False).encoder[0].rows, plain)
+    assert abs(float(plain.mean())) > 0.5  # a class's offset survives normalisation
+
+
+def test_missing_labels_are_no_class_and_numpy_labels_are_their_numbers(tok):
+    """None and NaN labels became the classes "None" and "nan" (NaN rows trained as one); numpy
+    ints and booleans joined the label set, then every row was refused ("needs text, got int64")."""
+    rows = [{"x": "a", "y": "pos"}, {"x": "b", "y": None}, {"x": "c", "y": float("nan")},
+            {"x": "d", "y": np.float32("nan")}, {"x": "e", "y": "neg"}]
+    task = Task("labels", "[TEXT:x] -> [TEXT:y,closed_set]", rows, on_error="skip")
+    assert task.closed_sets() == {"y": ["neg", "pos"]}
+    assert len(list(task.samples(tok))) == 2 and task.skipped == 3
+    assert all("missing value" in error for error in task.errors)
+    for values, labels in (([np.int64(0), np.int64(2)], ["0", "2"]), ([True, np.bool_(False)], ["False", "True"])):
+        task = Task("numbers", "[TEXT:x] -> [TEXT:y,closed_set]", [{"x": "a", "y": v} for v in values])
+        assert task.closed_sets() == {"y": labels}
+        decoded = [tok.decode(next(c.tokens for c in task.encode(i, tok).decoder if c.column == "y"))
+                   for i in range(2)]
+        assert decoded == [str(v) for v in values]

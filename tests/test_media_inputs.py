@@ -106,3 +106,19 @@ def test_speed_perturbation_changes_duration_in_training_only(tok):
     trained = slow.encode(0, tok, training=True).encoder[0].rows.shape[0]
     evaluated = slow.encode(0, tok, training=False).encoder[0].rows.shape[0]
     assert evaluated == 25 and 48 <= trained <= 51  # half speed: twice as long
+
+
+def test_stereo_clips_read_the_same_with_channels_first_or_last(tok):
+    """soundfile and scipy give a clip as [S, C]; it was averaged over its samples into a
+    two-sample waveform (one row of features) without a word."""
+    t = torch.arange(16000) / 16000
+    stereo_CS = torch.stack([torch.sin(2 * torch.pi * 440 * t), 0.5 * torch.sin(2 * torch.pi * 660 * t)])
+    task = Task("listen", "[AUDIO:clip] what is it? -> [TEXT:label]", [
+        {"clip": stereo_CS, "label": "a"}, {"clip": stereo_CS.T.numpy(), "label": "a"},
+        {"clip": stereo_CS.mean(0), "label": "a"}, {"clip": torch.zeros(16, 16000), "label": "b"}])
+    rows = [task.encode(i, tok, training=False).encoder[0].rows for i in range(3)]
+    assert rows[0].shape[0] > 20
+    torch.testing.assert_close(rows[1], rows[0])
+    torch.testing.assert_close(rows[2], rows[0])
+    with pytest.raises(TaskDataError, match=r"row 3.*\[C, S\] or \[S, C\] with at most 8 channels"):
+        task.encode(3, tok)

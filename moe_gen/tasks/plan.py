@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 import random
 from typing import Any, Mapping, Optional, Sequence
 
@@ -538,6 +539,8 @@ class TaskPlan:
         ctx.target = plan.side == "decoder"
         try:
             if plan.decode is not None and plan.decode.kind == "closed_set" and str(value) not in plan.decode.labels:
+                if value is None or (isinstance(value, numbers.Real) and value != value):
+                    raise TaskDataError(f"{where}: the label is a missing value ({value})")
                 raise TaskDataError(f"{where}: label {brief(value)} is not in the closed set "
                                     f"({len(plan.decode.labels)} labels)")
             encoding = self._preprocessors[plan.preprocess](value, plan.slot, ctx)

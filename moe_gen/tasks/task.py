@@ -25,7 +25,9 @@ from __future__ import annotations
 
 import base64
 import binascii
+import collections
 import json
+import numbers
 import os
 import random
 import stat
@@ -141,8 +143,11 @@ def _media_path(value: str, base: str, confine: Optional[str], where: str) -> st
 
 def _label_text(label: Any) -> Optional[str]:
     """A closed-set label as the text it is known by, or None for values that have no valid text
-    (ints too long to write out, lone surrogates): their rows fail when encoded, instead of every
-    row failing when the label set is tokenised."""
+    (missing values, None or NaN; ints too long to write out; lone surrogates): their rows fail
+    when encoded, instead of every row failing when the label set is tokenised (or a missing value
+    becoming the class "nan")."""
+    if label is None or (isinstance(label, numbers.Real) and label != label):  # None, NaN
+        return None
     try:
         text = str(label)
         text.encode("utf-8")
@@ -248,8 +253,8 @@ class Task:
         for c in repeated:
             if len(self.data) and not labels[c]:
                 raise TaskDataError(f"task {self.name!r}, column {c!r}: none of the {len(self.data)} rows holds a "
-                                    "valid label for this closed set (text; ints too long to write out and lone "
-                                    "surrogates are not)")
+                                    "valid label for this closed set (text or a number; missing values, ints too long "
+                                    "to write out and lone surrogates are not)")
         return {c: sorted(v) for c, v in labels.items()}
 
     def motion_statistics(self, max_rows: int = 256) -> Optional[dict]:
@@ -258,7 +263,8 @@ class Task:
         back).
 
         Values that are not frames ``[T, J]`` of finite numbers are passed over (their rows fail
-        when encoded). None when there are no frames, or when clips differ in width J.
+        when encoded). None when there are no frames; when clips differ in width J, the statistics of
+        the most common width (a clip of another width is refused when encoded).
 
         Raises:
             TaskDataError: when the rows read hold MOTION values but none of them is usable (it
@@ -281,9 +287,11 @@ class Task:
             raise TaskDataError(f"task {self.name!r}, column {', '.join(map(repr, sorted(columns)))}: none of the "
                                 f"{bad} MOTION values in the {rows} rows read is usable for the normalisation "
                                 f"statistics ({first_error})")
-        if not frames or len({f.shape[1] for f in frames}) != 1:
+        if not frames:
             return None
-        stacked = np.concatenate(frames)
+        # the usual frame width: a clip of another width is refused when it is encoded
+        width = collections.Counter(f.shape[1] for f in frames).most_common(1)[0][0]
+        stacked = np.concatenate([f for f in frames if f.shape[1] == width])
         return {"mean": stacked.mean(0).astype(np.float32), "std": stacked.std(0).astype(np.float32)}
 
     def fit_statistics(self, max_rows: int = 10_000) -> dict[str, dict]:
@@ -354,12 +362,11 @@ class Task:
                 return plan
         options = {name: dict(value) for name, value in self.preprocessor_options.items()}
         fitted = self.fit_statistics() if statistics is None else statistics
-        if "motion" not in options:
-            saved = fitted.get(MOTION_NORMALISATION)
-            stats = ({k: np.asarray(v, np.float32) for k, v in saved.items()} if saved is not None
-                     else self.motion_statistics())
-            if stats is not None:
-                options["motion"] = stats
+        saved = fitted.get(MOTION_NORMALISATION)
+        stats = ({k: np.asarray(v, np.float32) for k, v in saved.items()} if saved is not None
+                 else self.motion_statistics())
+        if stats is not None:  # under the user's own motion options (their mean and std win)
+            options["motion"] = {**stats, **options.get("motion", {})}
         labels = fitted.get(CLOSED_SETS) or self.closed_sets()
         for name, per_column in fitted.items():
             if name not in (CLOSED_SETS, MOTION_NORMALISATION):

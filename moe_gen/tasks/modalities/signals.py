@@ -92,9 +92,13 @@ def check_sample_rate(rate: Any) -> int:
     return int(round(value))
 
 
+_MAX_CHANNELS = 8
+
+
 def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, int]:
     """Mono float32 waveform ``[S]`` at its own rate, and that rate, from an array or tensor of
-    floats (at ``sample_rate``, default 16 kHz), a ``{"array", "sampling_rate"}`` dict, a WAV path
+    floats ``[S]``, ``[C, S]`` or ``[S, C]`` (channels averaged; at ``sample_rate``, default
+    16 kHz), a ``{"array", "sampling_rate"}`` dict, a WAV path
     or WAV bytes. Raises ``SlotValueError`` for anything else, empty or non-finite waveforms and
     bad sample rates."""
     if isinstance(value, dict) and "array" in value:
@@ -121,8 +125,12 @@ def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, in
             f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}"
         )
     wav = value.detach().cpu().float()
-    if wav.dim() == 2:
-        wav = wav.mean(0)
+    if wav.dim() == 2:  # channels first (torchaudio) or last (soundfile, scipy): the short side, up to 8
+        rows, columns = wav.shape
+        if rows > _MAX_CHANNELS and columns > _MAX_CHANNELS:
+            raise SlotValueError(f"a 2-D waveform must be [C, S] or [S, C] with at most {_MAX_CHANNELS} channels, "
+                                 f"got shape {tuple(wav.shape)}")
+        wav = wav.mean(0) if rows <= columns else wav.mean(1)
     if wav.numel() == 0 or not torch.isfinite(wav).all():
         raise SlotValueError("the waveform is empty or has non-finite samples")
     return wav, check_sample_rate(sample_rate)

@@ -10,8 +10,11 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import re
 from typing import Any
+
+import numpy as np
 
 from moe_gen.registry import PREPROCESSORS
 from moe_gen.tasks.modalities.base import (
@@ -53,7 +56,8 @@ def _text_tokens(text: str, slot, ctx: EncodeContext) -> list[int]:
 
 
 def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
-    """The value as valid Unicode text: str, UTF-8 bytes, or an int or float written out."""
+    """The value as valid Unicode text: str, UTF-8 bytes, or a number or boolean (numpy's too)
+    written out; None and NaN are missing values, refused."""
     where = ctx.where(slot.column)
     if isinstance(value, (bytes, bytearray)):
         try:
@@ -61,7 +65,9 @@ def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
         except UnicodeDecodeError as exc:
             raise SlotValueError(f"{where}: a {modality} slot got bytes that are not UTF-8 text ({exc.reason} "
                                  f"at byte {exc.start})") from None
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    if value is None or (isinstance(value, numbers.Real) and value != value):  # None, NaN
+        raise SlotValueError(f"{where}: a {modality} slot got a missing value ({value})")
+    if isinstance(value, (numbers.Real, np.bool_)):  # numbers (numpy's too) and booleans written out
         try:
             value = str(value)
         except ValueError:  # ints past sys.get_int_max_str_digits()
