@@ -121,6 +121,24 @@ def test_pixel_mse_reads_image_files_as_slots_take_them(digits, tmp_path):
     assert pixel_mse([str(path)], [np.zeros((8, 8), np.uint8)]) == pytest.approx(float((grey ** 2).mean()))
 
 
+def test_images_of_every_form_a_slot_takes_are_read_alike(digits, tmp_path):
+    """Float images in [0, 1] (an IMAGE slot takes them) were clipped as bytes by the metrics (white
+    scored as black), and 16-bit PNGs and PIL 'F' images reached the model nearly white or black."""
+    from PIL import Image
+
+    from moe_gen.tasks.modalities.visual import load_image
+
+    assert pixel_mse([np.ones((8, 8), np.float32)], [np.zeros((8, 8), np.uint8)]) == 1.0
+    image = digits[1][0]["image"]
+    as_float = image.astype(np.float32) / 255
+    assert pixel_mse([as_float], [image]) == pytest.approx(0.0, abs=1e-5)
+    deep = image.astype(np.uint16) * 257
+    Image.fromarray(deep).save(tmp_path / "deep.png")
+    assert Image.open(tmp_path / "deep.png").mode == "I;16"
+    for other, same in ((str(tmp_path / "deep.png"), deep), (Image.fromarray(as_float), as_float)):
+        np.testing.assert_array_equal(np.asarray(load_image(other)), np.asarray(load_image(same)))
+
+
 def test_parallel_objective_masks_codes_and_parallel_decoding_takes_steps_passes(digits, tok):
     import random
 

@@ -235,14 +235,18 @@ def _digit_pixels(images: Sequence) -> np.ndarray:
 
 
 def _grey(image, size: Optional[tuple[int, int]] = None) -> np.ndarray:
-    """An image array as grey float pixels in [0, 1], resized (bilinear) to ``size`` = (W, H)."""
+    """An image as grey float pixels in [0, 1], resized (bilinear) to ``size`` = (W, H). Anything an
+    IMAGE slot takes, read as the slot reads it (``load_image``: float arrays in [0, 1] scaled by
+    255; clipping them as bytes made white read as black)."""
     from PIL import Image
 
-    if not isinstance(image, (np.ndarray, list)):  # a path, bytes or PIL image, as slots take them
-        from moe_gen.tasks.modalities.visual import load_image
+    from moe_gen.tasks.modalities.base import SlotValueError
+    from moe_gen.tasks.modalities.visual import load_image
 
-        image = np.asarray(load_image(image))
-    array = np.asarray(image, dtype=np.float32)
+    try:
+        array = np.asarray(load_image(image), dtype=np.float32)
+    except SlotValueError as exc:
+        raise ValueError(f"cannot read the image: {exc}") from None
     if array.ndim == 3:
         array = array[..., :3].mean(-1)
     if array.ndim != 2 or min(array.shape) < 1:

@@ -90,6 +90,17 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
         return np.clip(array * scale, 0, 255).astype(np.uint8)
 
 
+def _rgb(image):
+    """A PIL image as RGB. Modes of more than 8 bits a channel (16-bit PNGs: ``I;16``, ``I``;
+    ``F``) are scaled as arrays are (``_as_uint8``): PIL's own conversion clips them at 255, so a
+    16-bit image came out nearly white and a float one in [0, 1] nearly black."""
+    from PIL import Image
+
+    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+        image = Image.fromarray(_as_uint8(np.asarray(image).astype(np.float32), f"a {image.mode} image"))
+    return image.convert("RGB")
+
+
 def load_image(value: Any):
     """A PIL RGB image from a PIL image, an array ``[H, W]``/``[H, W, C]`` (uint8, or float in
     [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes. Raises ``SlotValueError``."""
@@ -112,12 +123,12 @@ def load_image(value: Any):
         value = Image.fromarray(_as_uint8(value, "an image array"))
     try:
         if isinstance(value, Image.Image):
-            image = value.convert("RGB")
+            image = _rgb(value)
         elif isinstance(value, (bytes, bytearray)):
-            image = Image.open(io.BytesIO(value)).convert("RGB")
+            image = _rgb(Image.open(io.BytesIO(value)))
         elif isinstance(value, (str, os.PathLike)):
             with Image.open(regular_file(value, "image")) as img:
-                image = img.convert("RGB")
+                image = _rgb(img)
         else:
             raise SlotValueError(f"an IMAGE slot needs an image, array, path or bytes, got {type(value).__name__}")
     except Image.DecompressionBombError as exc:
