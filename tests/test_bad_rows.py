@@ -319,3 +319,14 @@ def test_missing_labels_are_no_class_and_numpy_labels_are_their_numbers(tok):
         decoded = [tok.decode(next(c.tokens for c in task.encode(i, tok).decoder if c.column == "y"))
                    for i in range(2)]
         assert decoded == [str(v) for v in values]
+
+
+def test_data_given_as_columns_is_read_as_rows(tok):
+    """A dict of column lists (``Dataset.to_dict()``'s shape) was taken as rows: len(task) counted
+    its columns and every row failed with a misleading message."""
+    columns = {"x": ["a b", "c d", "e f"], "y": np.array(["p", "q", "p"])}
+    task = Task("cols", "[TEXT:x] -> [TEXT:y,closed_set]", columns)
+    assert len(task) == 3 and task.data[1] == {"x": "c d", "y": "q"}
+    assert task.closed_sets() == {"y": ["p", "q"]} and len(list(task.samples(tok))) == 3
+    with pytest.raises(ValueError, match=r"task 'bad': data given as a dict must map each column to a list"):
+        Task("bad", "[TEXT:x] -> [TEXT:y]", {"x": ["a", "b"], "y": ["p"]})

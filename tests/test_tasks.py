@@ -349,12 +349,17 @@ def _contains(tokens: list[int], part: list[int]) -> bool:
     # attributes the slot's preprocessor does not apply hide nothing
     ("[STRUCT:table,noise_ratio=0.5] -> [STRUCT:table]", "corrupt it \\(mask_ratio=...\\)"),
     ("[PHONE:text,mask_ratio=0.5] -> [PHONE:text]", "hold the answer; read another column"),
+    # preprocessors that write a value as the same tokens (CATEGORY is TEXT with a label set)
+    ("[CATEGORY:label] which digit? -> [TEXT:label]", "reads 'label', a column the task predicts"),
+    ("[PHONE:text] -> [PHONE:text,preprocess=text_phone]", "reads 'text', a column the task predicts"),
     # a given decoder slot is handed to decoding as its prefix
     ("[TEXT:q] -> [TEXT:text,no_loss] then [TEXT:text]", "reads 'text', a column the task predicts"),
 ])
 def test_an_input_that_would_hold_the_answer_is_refused(tok, instruction, message):
     with pytest.raises(ValueError, match=message):
         Task("leaky", instruction, []).plan(tok)
+    with pytest.raises(ValueError, match="reads 'label', a column the task predicts"):
+        Task("leaky", "[TEXT:label] which digit? -> [CATEGORY:label]", [{"label": "seven"}]).plan(tok)
 
 
 @pytest.mark.parametrize("instruction", [

@@ -211,6 +211,11 @@ def _modality_attributes() -> dict[str, Any]:
     return known
 
 
+def _encoding(preprocess: str) -> str:
+    """A preprocessor's name, or the name of another that encodes values as the same tokens."""
+    return {"category": "text", "text_phone": "phone"}.get(preprocess, preprocess)
+
+
 class TaskPlan:
     """Everything derived from a task's instruction.
 
@@ -255,12 +260,12 @@ class TaskPlan:
     def _check_answers_hidden(self, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
         """Refuses an input that hands the model its answer: an encoder slot, or a given ``no_loss``
         decoder slot (decoding is handed it as its prefix), encoding a column as the decoder
-        predicts it (a scored slot of the same modality and preprocessor; ``[TEXT:text] ->
-        [PHONE:text]`` is a conversion, not a copy), unless its preprocessor corrupts it
+        predicts it (a scored slot whose preprocessor gives the same tokens: the same one, or TEXT
+        and CATEGORY; ``[TEXT:text] -> [PHONE:text]`` is a conversion, not a copy), unless its preprocessor corrupts it
         (``Preprocessor.corruptions``, such as ``mask_ratio``: infilling, denoising), or an image
         ``region`` cropped by a predicted box."""
         predicted = {p.slot.column for p in decoder if p.loss and p.slot.column and not p.slot.is_literal}
-        copies = {(p.slot.column, p.modality.name, p.preprocess) for p in decoder
+        copies = {(p.slot.column, _encoding(p.preprocess)) for p in decoder
                   if p.loss and p.slot.column and not p.slot.is_literal}
         for plan in encoder + [p for p in decoder if not p.loss]:  # inputs, and what the decoder is given
             slot = plan.slot
@@ -271,7 +276,7 @@ class TaskPlan:
                 raise ValueError(f"task {self.name!r}: slot {slot} crops its image by {region!r}, a column the "
                                  "task predicts, so the input would show the answer; crop by another column")
             corruptions = self._preprocessors[plan.preprocess].corruptions
-            if (slot.column, plan.modality.name, plan.preprocess) in copies and not any(
+            if (slot.column, _encoding(plan.preprocess)) in copies and not any(
                     slot.attrs.get(a) for a in corruptions):
                 how = (f"corrupt it ({', '.join(f'{a}=...' for a in corruptions)}) for an infilling or denoising "
                        "task, or read another column") if corruptions else "read another column"

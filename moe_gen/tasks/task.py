@@ -156,13 +156,31 @@ def _label_text(label: Any) -> Optional[str]:
     return text
 
 
+def _rows_of(task: str, data: Any) -> Any:
+    """The task's data as something indexed by row: columns (a dict of equally long lists, or a
+    pandas DataFrame) become row dicts; lists, datasets and other sequences stay as they are."""
+    if hasattr(data, "columns") and hasattr(data, "to_dict"):  # a pandas DataFrame
+        return data.to_dict("records")
+    if isinstance(data, Mapping):
+        lengths = {column: len(values) if hasattr(values, "__len__") and not isinstance(values, (str, bytes, Mapping))
+                   else None for column, values in data.items()}
+        if None in lengths.values() or len(set(lengths.values())) > 1:
+            raise ValueError(f"task {task!r}: data given as a dict must map each column to a list of its values, "
+                             f"all equally long (got lengths {lengths}); or give a list of rows")
+        return [dict(zip(data, values)) for values in zip(*data.values())]
+    if not hasattr(data, "__len__") or not hasattr(data, "__getitem__"):
+        raise ValueError(f"task {task!r}: data must be a list of rows, a dict of columns, a dataset or a JSONL path")
+    return data
+
+
 class Task:
     """A task declared by instruction.
 
     Args:
         name: unique task name (its index in the model's task vocabulary is the ``task`` tag).
         instruction: the instruction text (or a parsed ``Instruction``).
-        data: rows (list of dicts, HF dataset, or JSONL path).
+        data: rows (list of dicts, HF dataset, or JSONL path), or columns (a dict of equally long
+            lists, a pandas DataFrame).
         objective: ``generative``, ``contrastive`` or ``masked`` (issue 4 runs them).
         metrics: metric names (``moe_gen.tasks.metrics``).
         weight: sampling/loss weight for the trainer.
@@ -205,9 +223,7 @@ class Task:
             path, numbers = os.fspath(data), []
             data = load_jsonl(path, media_columns(self.instruction), root=data_root, line_numbers=numbers)
             self._lines = (path, numbers, data)
-        self.data = data
-        if not hasattr(self.data, "__len__") or not hasattr(self.data, "__getitem__"):
-            raise ValueError(f"task {name!r}: data must be a list of rows, a dataset or a JSONL path")
+        self.data = _rows_of(name, data)
         self.objective, self.metrics, self.weight = objective, tuple(metrics), float(weight)
         self.on_error = on_error
         self.preprocessor_options = preprocessor_options or {}
