@@ -427,3 +427,14 @@ def test_frame_errors_count_missing_and_extra_frames():
     assert l1([np.zeros((0, 2))], [reference]) == pytest.approx(8 / 6)  # nothing generated
     with pytest.raises(ValueError, match="reference frames"):
         l1([np.zeros((3, 5))], [reference])
+
+
+@pytest.mark.parametrize("instruction", [
+    "[VIDEO:video] [TEXT:question] -> [TEXT:answer,is_label]",
+    "[AUDIO:wav,n_frames_per_step=2] -> [TEXT:t]",
+    "[MOTION:m,soft_trim=0.5,window,anchor_frame=3] -> [TEXT:t]",
+])
+def test_attributes_parsed_for_ofasys_but_not_applied_are_warned_about(tok, instruction):
+    """They were parsed and range-checked, then silently ignored."""
+    with pytest.warns(UserWarning, match="which moe_gen parses \\(OFASys instructions use it\\) but does not apply"):
+        Task("ofasys", instruction, []).plan(tok)

@@ -101,6 +101,8 @@ class AttrSpec:
         maximum: upper bound for ``int``/``float``, or None.
         inclusive: whether the bounds themselves are allowed.
         help: one line for error messages and documentation.
+        applied: False for attributes parsed so that OFASys instructions read unchanged but not
+            applied by moe_gen; a task that sets one is warned (``TaskPlan``).
     """
 
     kind: Literal["flag", "int", "float", "name", "str"]
@@ -108,6 +110,7 @@ class AttrSpec:
     maximum: Optional[float] = None
     inclusive: bool = True
     help: str = ""
+    applied: bool = True
 
     def describe(self) -> str:
         """Human-readable kind and range, e.g. ``float in [0, 1]`` or ``int >= 1``."""
@@ -169,13 +172,15 @@ _TOKENS = {"no_loss": _FLAG, "disable_auto_boseos": _FLAG}
 _TEXTUAL = {**_TOKENS, "uncased": _FLAG, "no_punctuation": _FLAG, "max_length": _LENGTH,
             "mask_ratio": _RATIO, "noise_ratio": _RATIO}
 
+_OFASYS_ONLY = AttrSpec("flag", help="OFASys's; parsed, not applied", applied=False)
+
 BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
-    "TEXT": _modality(**_TEXTUAL, closed_set=_FLAG, is_label=_FLAG,
+    "TEXT": _modality(**_TEXTUAL, closed_set=_FLAG, is_label=_OFASYS_ONLY,
                       vocab_size=AttrSpec("int", 1, 1 << 16, help="words of the vocabulary (preprocess=bag_of_words)")),
     "STRUCT": _modality(**_TEXTUAL),
     "BOX": _modality(**_TOKENS),
     "PHONE": _modality(**_TOKENS, mask_ratio=_RATIO),
-    "CATEGORY": _modality(no_loss=_FLAG, closed_set=_FLAG, is_label=_FLAG, uncased=_FLAG,
+    "CATEGORY": _modality(no_loss=_FLAG, closed_set=_FLAG, is_label=_OFASYS_ONLY, uncased=_FLAG,
                           no_punctuation=_FLAG),
     # mask_ratio: image infilling; length: number of VQ codes of an image target; region: the
     # row's box column whose crop the slot adds as a closer look (a second frame); augment: random
@@ -186,16 +191,19 @@ BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
                        augment=AttrSpec("name", help="mirror, dihedral, shift or e.g. dihedral+shift: random "
                                                    "flips/rotations/moves in training"),
                        stride=AttrSpec("int", 1, help="pixels between patches (< patch: overlapping patches)")),
-    "AUDIO": _modality(n_frames_per_step=AttrSpec("int", 1), use_mask=_FLAG),
+    "AUDIO": _modality(n_frames_per_step=AttrSpec("int", 1, help="OFASys's; parsed, not applied (frames a row: "
+                                                   "preprocessor_options={'audio_fbank': {'frames_per_row': k}})",
+                                                   applied=False),
+                       use_mask=_OFASYS_ONLY),
     "VIDEO": _modality(),
     # The motion window: subsample, crop to max_length frames (a training window: a random length of
-    # min_length or more), trim, re-anchor.
+    # min_length or more). OFASys's trim, re-anchoring and window flag parse but are not applied.
     "MOTION": _modality(
         min_length=AttrSpec("int", 1, help="shortest training window, in frames: each training read takes a "
                             "random length from it up to max_length (evaluation: the full window)"),
         max_length=_LENGTH, sample_rate=AttrSpec("int", 1),
-        soft_trim=AttrSpec("float", 0.0, 1.0, inclusive=False), window=_FLAG,
-        anchor_frame=AttrSpec("int", 0),
+        soft_trim=AttrSpec("float", 0.0, 1.0, inclusive=False, help="OFASys's; parsed, not applied", applied=False),
+        window=_OFASYS_ONLY, anchor_frame=AttrSpec("int", 0, help="OFASys's; parsed, not applied", applied=False),
         feature_noise=AttrSpec("float", 0.0, help="std of Gaussian noise added to each standardised window "
                                "statistic in training (preprocess=pose_summary)"),
     ),

@@ -31,6 +31,7 @@ import dataclasses
 import math
 import numbers
 import random
+import warnings
 from typing import Any, Mapping, Optional, Sequence
 
 import torch
@@ -256,6 +257,18 @@ class TaskPlan:
             decoder = [self._plan_slot(s, "decoder", options) for s in template.decoder]
             self._check_answers_hidden(encoder, decoder)
             self.templates.append((encoder, decoder))
+        self._warn_unapplied()
+
+    def _warn_unapplied(self) -> None:
+        """Warns of slot attributes parsed for OFASys instructions that moe_gen does not apply."""
+        specs = _modality_attributes()
+        for template in self.instruction.templates:
+            for slot in template.encoder + template.decoder:
+                unapplied = [a for a in slot.attrs if a in specs.get(slot.modality, {})
+                             and not specs[slot.modality][a].applied]
+                if unapplied:
+                    warnings.warn(f"task {self.name!r}: slot {slot} sets {', '.join(unapplied)}, which moe_gen "
+                                  "parses (OFASys instructions use it) but does not apply", UserWarning, stacklevel=3)
 
     def _check_answers_hidden(self, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
         """Refuses an input that hands the model its answer: an encoder slot, or a given ``no_loss``

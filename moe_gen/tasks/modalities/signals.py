@@ -8,7 +8,7 @@ Audio: waveform (array, HF ``{"array", "sampling_rate"}`` dict, or WAV file/byte
 25 ms windows every 10 ms) → k=4 consecutive frames stacked per row, which the convolutional
 adapter subsamples into one embedding (40 ms a token). Motion: pose frames ``[T, J]`` →
 per-task normalised → sub-sampled and windowed → k frames a row for an MLP adapter. On the
-decoder side both are regression targets with a stop flag (``n_frames_per_step`` frames a step).
+decoder side both are regression targets with a stop flag (``frames_per_row`` frames a step).
 """
 
 from __future__ import annotations
@@ -206,7 +206,7 @@ def _slot_waveform(value, slot, ctx: EncodeContext) -> tuple[torch.Tensor, int]:
 
 @PREPROCESSORS.register("audio_fbank")
 class AudioPreprocessor(Preprocessor):
-    """Waveform → fbank → ``n_frames_per_step`` (default 4) frames stacked per row."""
+    """Waveform → fbank → ``frames_per_row`` (default 4) frames stacked per row."""
 
     modality = "AUDIO"
 
