@@ -130,9 +130,11 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
 def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
     """A recipe by name, or a YAML file of the same keys (``recipe: NAME`` starts from one), with
     dotted overrides applied: a ``RunConfig`` (``moe_gen.trainer``), every key checked."""
-    from moe_gen.trainer.recipes import get_recipe
+    from moe_gen.trainer.recipes import RECIPES, get_recipe
 
-    if name_or_path.endswith((".yaml", ".yml")) or os.path.exists(name_or_path):
+    # a recipe's name is the recipe, even where a file or folder of that name sits in the working
+    # directory (a run's output folder named after its recipe hid it, and --resume failed)
+    if name_or_path.endswith((".yaml", ".yml")) or (name_or_path not in RECIPES and os.path.exists(name_or_path)):
         import yaml
 
         try:
@@ -337,6 +339,12 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
             pass
     for name in config.eval_tasks or ():
         preset_info(name)
+    known = set(config.tasks) | (set(model.task_ids) if model is not None else set())
+    strangers = [name for name in config.eval_tasks or () if name not in known]
+    if strangers:  # before any data is read (evaluation would fail after the whole run)
+        nor = " nor known to the model" if model is not None else ""
+        raise ValueError(f"eval_tasks {strangers} are not trained in this run{nor}; "
+                         f"training: {', '.join(config.tasks)}")
     tasks = _tasks(config.tasks, "train")
     eval_tasks = _tasks(config.eval_tasks or config.tasks, "test")
     if train_config.num_threads:
@@ -470,7 +478,8 @@ def _cmd_presets(args, overrides) -> int:
 def _cmd_analyze(args, overrides) -> int:
     from moe_gen.analysis.report import main as analyze
 
-    return analyze([*args.rest, *overrides])
+    rest = args.rest[1:] if args.rest[:1] == ["--"] else args.rest  # (main puts "--" first)
+    return analyze([*rest, *overrides])
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -525,6 +534,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["analyze"]:  # its own parser reads its options in any order (argparse's remainder did not)
+        argv = ["analyze", "--", *argv[1:]]
     args, overrides = _parser().parse_known_args(argv)
     command = {"pretrain": _cmd_pretrain, "finetune": _cmd_finetune, "eval": _cmd_eval, "infer": _cmd_infer,
                "presets": _cmd_presets, "analyze": _cmd_analyze}

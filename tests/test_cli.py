@@ -104,6 +104,24 @@ def test_bad_train_key_is_reported_by_the_command(tmp_path, capsys):
         assert guess in capsys.readouterr().err
 
 
+def test_a_folder_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
+    """A run's output folder named after its recipe (``--output debug``) was read as the
+    configuration file, so --resume in that directory failed."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "debug").mkdir()
+    from moe_gen.trainer.recipes import get_recipe
+
+    assert load_run_config("debug") == get_recipe("debug")
+
+
+def test_eval_tasks_the_run_does_not_train_are_refused_before_it_starts(tmp_path, capsys):
+    """They were accepted, the whole run trained, then evaluation failed and no model was saved."""
+    code = main(["pretrain", "--config", "debug", "--output", str(tmp_path / "run"), "--train.steps", "2",
+                 "--eval_tasks", "table_species", "table_qa"])
+    assert code == 2 and "eval_tasks ['table_qa'] are not trained in this run" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def _pretrain(output, *extra):
     return [sys.executable, "-m", "moe_gen.cli", "pretrain", "--config", "debug", "--output", str(output),
             "--train.steps", "12", "--train.checkpoint_every", "3", "--train.log_every", "1",
@@ -182,6 +200,9 @@ def test_analyze_command_writes_a_report(tmp_path):
     code = main(["analyze", str(tmp_path / "m"), "--tasks", "table_species", "digit_classification",
                  "--out", str(tmp_path / "report"), "--limit", "4"])
     assert code == 0
+    # options before the model folder, as --help lists them (argparse's remainder split them apart)
+    assert main(["analyze", "--tasks", "table_species", "--limit", "2", "--out", str(tmp_path / "first"),
+                 str(tmp_path / "m")]) == 0
     report = (tmp_path / "report" / "report.md").read_text()
     assert "MI(expert; modality)" in report and (tmp_path / "report" / "routing.json").exists()
     assert main(["analyze", str(tmp_path / "nope"), "--tasks", "table_species", "--out", str(tmp_path / "x")]) == 2

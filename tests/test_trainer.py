@@ -56,6 +56,13 @@ def test_mixing_weights_follow_the_configured_rule():
         pytest.approx([0.75, 0.25, 0.0])
     with pytest.raises(ValueError, match="not being trained"):
         mixing_weights(tasks, quiet(mixing="weights", task_weights={"nope": 1.0}))
+    with pytest.warns(UserWarning, match=r"task weights are given \(t0, t1, t2\) but mixing is 'temperature'"):
+        mixing_weights(tasks, quiet(task_weights={"t0": 3.0, "t1": 1.0, "t2": 0.0}))
+    tok = Tokenizer.default()  # a task of weight 0 with a budget the others soon fill: never drawn, no error
+    budgeted = quiet(mixing="weights", task_weights={"t0": 1.0, "t1": 1.0, "t2": 0.0}, max_tokens=12, batch_size=8)
+    sampler = TaskSampler(tasks, tok, budgeted)
+    drawn = [s.task for step in range(5) for s in sampler.next_batch(step)]
+    assert drawn and "t2" not in drawn
     with pytest.raises(ValueError, match="mixing must be one of"):
         TrainConfig(mixing="random")
 
@@ -217,6 +224,9 @@ def test_lr_scales_set_the_learning_rate_by_parameter_name_prefix(tasks, tok, tm
     assert any(n.startswith("decoder.") for n in moved)
     with pytest.raises(ValueError, match="lr_scales maps parameter-name prefixes"):
         quiet(lr_scales={"encoder.": -1})
+    # a prefix no parameter has (a typo) trained everything at lr without a word
+    with pytest.raises(ValueError, match=r"no parameter name starts with 'encoders\.' \(did you mean 'encoder\.'"):
+        Trainer(model, tasks, quiet(steps=1, lr_scales={"encoders.": 0.1}), output_dir=str(tmp_path / "typo"))
 
 
 def test_finetuning_adds_a_task_and_trains_only_its_new_adapter(tok, tmp_path):
@@ -595,3 +605,10 @@ def test_logged_utilisation_counts_shares_before_rounding():
     assert float(utilisation(counts_E.view(1, 8))[0]) == 1.0
     assert summary["expert_utilisation"] == {"encoder.0": 1.0} and summary["mean_expert_utilisation"] == 1.0
     assert summary["expert_load"]["encoder.0"][0] == 0.0312
+
+
+def test_eval_tasks_neither_trained_nor_known_are_refused_at_once(tasks, tok, tmp_path):
+    model = build(tasks[:1], tok)
+    with pytest.raises(ValueError, match=r"eval_tasks \['table_species'\] are neither trained in this run"):
+        Trainer(model, tasks[:1], quiet(steps=1), output_dir=str(tmp_path / "run"), eval_tasks=tasks[:2])
+    assert not (tmp_path / "run").exists()

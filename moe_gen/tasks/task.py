@@ -183,7 +183,9 @@ class Task:
             lists, a pandas DataFrame).
         objective: ``generative``, ``contrastive`` or ``masked`` (issue 4 runs them).
         metrics: metric names (``moe_gen.tasks.metrics``).
-        weight: sampling/loss weight for the trainer.
+        weight: the task's sampling weight under ``TrainConfig(mixing="weights")`` where
+            ``task_weights`` does not name it (other mixings do not read it, and warn; loss
+            weights are ``TrainConfig.loss_weights``).
         on_error: ``raise`` or ``skip`` rows that fail to encode (``skipped`` counts the distinct rows
             skipped, ``errors`` keeps the first ``MAX_ERRORS`` messages).
         preprocessor_options: keyword arguments per preprocessor name.

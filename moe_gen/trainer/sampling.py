@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import logging
 import random
+import warnings
 import zlib
 from typing import Mapping, Optional, Sequence
 
@@ -44,6 +45,10 @@ def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
     unknown = sorted(set(config.task_weights) - {t.name for t in tasks})
     if unknown:
         raise ValueError(f"TrainConfig.task_weights names tasks that are not being trained: {unknown}")
+    weighted = sorted(t.name for t in tasks if t.weight != 1.0) + sorted(config.task_weights)
+    if weighted and config.mixing != "weights":
+        warnings.warn(f"task weights are given ({', '.join(dict.fromkeys(weighted))}) but mixing is "
+                      f"{config.mixing!r}, which does not read them; use mixing='weights'", UserWarning, stacklevel=3)
     sizes = [len(t) for t in tasks]
     for task, size in zip(tasks, sizes):
         if size == 0:
@@ -182,7 +187,9 @@ class TaskSampler:
                     if not self._take(i, samples, used):
                         break
             return samples
-        open_tasks = list(range(len(self.tasks)))
+        # tasks of weight 0 are never drawn (left among the open ones, they were all that was left once
+        # the others no longer fitted the budgets, and random.choices refused weights summing to 0)
+        open_tasks = [i for i in range(len(self.tasks)) if self.weights[i] > 0]
         tries = 0
         while len(samples) < cfg.batch_size and open_tasks and tries < 4 * cfg.batch_size:
             tries += 1

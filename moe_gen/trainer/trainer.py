@@ -105,6 +105,15 @@ def _param_groups(model: GeneralistModel, weight_decay: float, lr: Optional[floa
     ``lr_scales`` entry). Groups at ``lr`` itself come first (the logged learning rate is the first
     group's)."""
     lr_scales = lr_scales or {}
+    names = [name for name, _ in model.named_parameters()]
+    unmatched = [prefix for prefix in lr_scales if not any(name.startswith(prefix) for name in names)]
+    if unmatched:  # a typo would train everything at lr without a word
+        from moe_gen.registry import did_you_mean
+
+        heads = sorted({".".join(name.split(".")[:depth]) + "." for name in names for depth in (1, 2)})
+        raise ValueError(f"TrainConfig.lr_scales: no parameter name starts with {', '.join(map(repr, unmatched))}"
+                         f"{did_you_mean(unmatched, heads)}; names start with e.g. "
+                         f"{', '.join(sorted({name.split('.')[0] + '.' for name in names}))}")
     groups: dict[tuple[float, bool], list] = {}
     seen: set[int] = set()  # a parameter shared by two modules joins one group
     for module_name, module in model.named_modules():
@@ -203,6 +212,10 @@ class Trainer:
                              "checkpoints, overwrite deletes them")
         self.rank, self.world = distributed.world_info().rank, distributed.world_info().world_size
         self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks or self.tasks)
+        strangers = sorted({t.name for t in self.eval_tasks} - set(names) - set(model.task_ids))
+        if strangers:  # refused before any folder is touched, not after the run, when evaluation would fail
+            raise ValueError(f"eval_tasks {strangers} are neither trained in this run nor known to the model "
+                             f"(training: {', '.join(names)}; the model knows: {', '.join(model.task_ids)})")
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self._lock: Optional[RunLock] = None  # held by the main process only
         self._claimed = False  # whether this run holds the directory (the same on every process)
