@@ -5,7 +5,7 @@
     moe-gen pretrain --config demo --resume                 # continue from the newest checkpoint
     moe-gen pretrain --config demo --overwrite              # start over in a run directory with checkpoints
     moe-gen pretrain --config demo-pretrained               # the demo's tasks on MiniLM, upcycled (make pretrained)
-    moe-gen pretrain --config debug --model '{}' --model.init hf:PATH --model.upcycle '{num_experts: 8, top_k: 2}'
+    moe-gen pretrain --config debug --model null --model.init hf:PATH --model.upcycle '{num_experts: 8, top_k: 2}'
     moe-gen finetune --from runs/demo/model --tasks digit_counting --train.trainable experts
     moe-gen eval runs/demo/model --tasks digit_classification table_species --limit 50
     moe-gen infer runs/demo/model --task digit_classification --rows 3          # rows of the preset's test split
@@ -91,7 +91,9 @@ def merge(base: dict, override: dict) -> dict:
 
 def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
     """Applies ``--a.b.c value`` pairs to a nested dict (in place; returns it): each sets one key,
-    as ``merge`` of ``{a: {b: {c: value}}}`` would."""
+    as ``merge`` of ``{a: {b: {c: value}}}`` would, so a mapping value merges into the section it
+    names key by key, as YAML over a recipe does; ``--a null`` empties section ``a`` for the flags
+    after it (``--model null --model.init hf:PATH``)."""
     items = list(overrides)
     i = 0
     while i < len(items):
@@ -119,11 +121,15 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
             value = preset_names([value])
         node = config
         for part in path[:-1]:
-            child = node.setdefault(part, {})
+            if node.get(part) is None:  # absent, or emptied by --part null
+                node[part] = {}
+            child = node[part]
             if not isinstance(child, dict):
                 raise ValueError(f"--{key}: {part!r} is not a section (it holds {child!r})")
             node = child
-        node[path[-1]] = value
+        last = path[-1]
+        node[last] = merge(node[last], value) if isinstance(value, dict) and isinstance(node.get(last), dict) \
+            else value
     return config
 
 

@@ -64,6 +64,15 @@ def test_yaml_files_and_flags_merge_by_one_rule(tmp_path):
     from_yaml = load_run_config(str(path))
     from_flag = load_run_config("demo", ["--model.moe.router.strategy", "token"])
     assert from_yaml == from_flag
+    # a mapping given as a flag merges too (it replaced the section: demo's other router keys and
+    # its VIDEO budget were dropped without a word)
+    as_mapping = load_run_config("demo", ["--model.moe.router", "{strategy: token}",
+                                          "--train.modality_budget", "{AUDIO: 300}"])
+    assert as_mapping.model == from_flag.model
+    assert as_mapping.train.modality_budget == {**recipe.train.modality_budget, "AUDIO": 300}
+    assert len(recipe.train.modality_budget) > 1
+    emptied = load_run_config("debug", ["--model", "null", "--model.flavour", "tiny"])
+    assert emptied.model == {"flavour": "tiny"}
     assert from_yaml.model["moe"]["router"] == {**router, "strategy": "token"}
     assert from_yaml.model["moe"]["decoder_router"] == recipe.model["moe"]["decoder_router"]
     config = _model_config({"flavour": "debug", "moe": {"router": {"strategy": "task"}, "experts": {"kind": "glu"}}})

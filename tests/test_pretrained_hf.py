@@ -272,7 +272,7 @@ def test_pretrain_command_starts_from_a_checkpoint_and_upcycles_it(tmp_path):
     shipped("minilm")
     common = ["--tasks", "table_species", "--train.steps", "2", "--train.eval_limit", "3", "--train.progress",
               "false", "--train.tensorboard", "false", "--train.checkpoint_every", "0", "--baseline", "false"]
-    code = main(["pretrain", "--config", "debug", "--output", str(tmp_path / "run"), "--model", "{}",
+    code = main(["pretrain", "--config", "debug", "--output", str(tmp_path / "run"), "--model", "null",
                  "--model.init", "hf:minilm", "--model.decoder_layers", "1",
                  "--model.upcycle", "{num_experts: 4, top_k: 2, router: attribute, layers: every_other}", *common])
     assert code == 0
@@ -286,7 +286,7 @@ def test_pretrain_command_starts_from_a_checkpoint_and_upcycles_it(tmp_path):
     assert recipe.model["init"] == "hf:minilm" and recipe.train.lr_scales["encoder."] == 0.1
     assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad"), "--model.init", "hf:minilm",
                  *common]) == 2  # the debug recipe names a flavour
-    assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad2"), "--model", "{}",
+    assert main(["pretrain", "--config", "debug", "--output", str(tmp_path / "bad2"), "--model", "null",
                  "--model.init", "minilm", *common]) == 2
 
 
