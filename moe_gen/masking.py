@@ -92,6 +92,12 @@ def mask_sample(sample: Sample, *, input_budget: int = 128, target_budget: int =
         chosen_out = sorted(positions[inputs[modality]: inputs[modality] + targets[modality]])
         encoder += _gather(modality, [streams[modality][p] for p in chosen_in], INPUT, False)
         decoder += _gather(modality, [streams[modality][p] for p in chosen_out], TARGET, True)
+    # The decoder predicts the modalities of the task's declared targets first, in the template's
+    # order, then the others: where a declared target is all out, it comes right after BOS, as
+    # ``masked_view`` decodes it (sorted by name, a digit's label always followed the image codes
+    # left out, and decoding it first asked what training never had).
+    declared = list(dict.fromkeys(c.modality for c in sample.decoder if c.loss and c.column is not None))
+    decoder.sort(key=lambda c: declared.index(c.modality) if c.modality in declared else len(declared))
     return dataclasses.replace(sample, encoder=encoder, decoder=decoder,
                                meta={**sample.meta, "budgets": {"input": inputs, "target": targets}})
 
@@ -102,10 +108,10 @@ def masked_view(sample: Sample) -> Sample:
     encoder, ordered by modality as ``mask_sample`` orders them, without the instruction's literal
     text; the decoder holds no forced prefix (literal text, copied prompts), so the answer starts
     right after BOS. Collate it with ``pass_name="masked"``. Unlike training, the encoder holds
-    every input position, not an input budget's share (4M reads all it is given). Made for
-    templates with one target: with several, decoding follows the template's order (training
-    orders targets by modality). A given ``no_loss`` decoder slot before the target is an input,
-    as training's streams make it."""
+    every input position, not an input budget's share (4M reads all it is given). Decoding follows
+    the template's targets, in the order ``mask_sample`` puts their modalities first (two targets
+    of one modality are one stream there, in the template's order too). A given ``no_loss`` decoder
+    slot before the target is an input, as training's streams make it."""
     data = [chunk for chunk in sample.encoder + sample.decoder if chunk.column is not None]  # as ``_streams``
     encoder = [Chunk(chunk.modality, INPUT, False, tokens=chunk.tokens, rows=chunk.rows, positions=chunk.positions,
                      adaptor=chunk.adaptor, column=chunk.column)

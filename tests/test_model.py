@@ -294,6 +294,14 @@ def test_masked_budgets_split_inputs_and_targets_by_their_own_alphas(tok):
 
     one = TrainConfig(masked_input_budget=12, masked_target_budget=8, masked_alpha=1.0)
     assert label_in(one)[0] >= 30
+    # the declared target's modality is predicted first, right after BOS, as masked_view decodes it
+    objective = MaskedObjective.from_train_config(model, one.replace(masked_alpha={"IMAGE": 1.0, "TEXT": 0.0}))
+    batch = objective.prepare(samples, random.Random(0))
+    for row, modality in enumerate(batch.decoder.tags.modality):  # (a position is tagged like what it predicts)
+        kinds = [int(m) for m, label in zip(modality, batch.labels[row]) if label != -100]
+        first_image = kinds.index(model.modality_ids["IMAGE"])
+        assert first_image >= 1 and set(kinds[:first_image]) == {model.modality_ids["TEXT"]}
+        assert set(kinds[first_image:]) == {model.modality_ids["IMAGE"]}
     split = one.replace(masked_alpha={"IMAGE": 1.0, "TEXT": 0.0}, masked_target_alpha=1.0)
     assert label_in(split) == (0, 40)
     assert TrainConfig.from_dict(split.to_dict()).masked_alpha == {"IMAGE": 1.0, "TEXT": 0.0}
