@@ -58,18 +58,22 @@ def _streams(sample: Sample) -> dict[str, list[tuple[Chunk, int]]]:
     return streams
 
 
-def _gather(modality: str, picks: list[tuple[Chunk, int]], role: int, loss: bool) -> list[Chunk]:
-    """The picked positions as chunks: consecutive picks from one source chunk stay one chunk."""
+def _gather(modality: str, stream: list[tuple[Chunk, int]], chosen: list[int], role: int, loss: bool) -> list[Chunk]:
+    """The positions ``chosen`` (sorted indices into the modality's ``stream``) as chunks, each
+    item placed at its index in the stream (``Chunk.position_ids``: which image code, say, a
+    position holds or predicts; in sequence they would all move up into the gaps); consecutive
+    picks from one source chunk stay one chunk."""
     out: list[Chunk] = []
-    for _, group in itertools.groupby(picks, key=lambda pick: id(pick[0])):
-        items = list(group)
-        chunk, index = items[0][0], [j for _, j in items]
+    for _, group in itertools.groupby(chosen, key=lambda p: id(stream[p][0])):
+        places = list(group)
+        chunk, index = stream[places[0]][0], [stream[p][1] for p in places]
         if chunk.tokens is not None:
-            out.append(Chunk(modality, role, loss, tokens=[chunk.tokens[j] for j in index], column=chunk.column))
+            out.append(Chunk(modality, role, loss, tokens=[chunk.tokens[j] for j in index], column=chunk.column,
+                             position_ids=places))
         else:
             rows = torch.tensor(index, dtype=torch.long)
             out.append(Chunk(modality, role, loss, rows=chunk.rows[rows], positions=chunk.positions[rows],
-                             adaptor=chunk.adaptor, column=chunk.column))
+                             adaptor=chunk.adaptor, column=chunk.column, position_ids=places))
     return out
 
 
@@ -90,8 +94,8 @@ def mask_sample(sample: Sample, *, input_budget: int = 128, target_budget: int =
         rng.shuffle(positions)
         chosen_in = sorted(positions[: inputs[modality]])
         chosen_out = sorted(positions[inputs[modality]: inputs[modality] + targets[modality]])
-        encoder += _gather(modality, [streams[modality][p] for p in chosen_in], INPUT, False)
-        decoder += _gather(modality, [streams[modality][p] for p in chosen_out], TARGET, True)
+        encoder += _gather(modality, streams[modality], chosen_in, INPUT, False)
+        decoder += _gather(modality, streams[modality], chosen_out, TARGET, True)
     # The decoder predicts the modalities of the task's declared targets first, in the template's
     # order, then the others: where a declared target is all out, it comes right after BOS, as
     # ``masked_view`` decodes it (sorted by name, a digit's label always followed the image codes
@@ -108,12 +112,15 @@ def masked_view(sample: Sample) -> Sample:
     encoder, ordered by modality as ``mask_sample`` orders them, without the instruction's literal
     text; the decoder holds no forced prefix (literal text, copied prompts), so the answer starts
     right after BOS. Collate it with ``pass_name="masked"``. Unlike training, the encoder holds
-    every input position, not an input budget's share (4M reads all it is given). Decoding follows
+    every input position, not an input budget's share (4M reads all it is given), each at its
+    place in its modality's stream, as training places them. Decoding follows
     the template's targets, in the order ``mask_sample`` puts their modalities first (two targets
     of one modality are one stream there, in the template's order too). A given ``no_loss`` decoder
     slot before the target is an input, as training's streams make it."""
-    data = [chunk for chunk in sample.encoder + sample.decoder if chunk.column is not None]  # as ``_streams``
-    encoder = [Chunk(chunk.modality, INPUT, False, tokens=chunk.tokens, rows=chunk.rows, positions=chunk.positions,
-                     adaptor=chunk.adaptor, column=chunk.column)
-               for chunk in sorted(data, key=lambda c: c.modality)]
+    streams = _streams(sample)
+    encoder = _flatten([_gather(m, streams[m], list(range(len(streams[m]))), INPUT, False) for m in sorted(streams)])
     return dataclasses.replace(sample, encoder=encoder, decoder=[])
+
+
+def _flatten(lists: list[list[Chunk]]) -> list[Chunk]:
+    return [chunk for chunks in lists for chunk in chunks]

@@ -78,16 +78,26 @@ class Prediction:
 
 
 def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = None,
-                 rows: Optional[torch.Tensor] = None, adaptor: Optional[str] = None) -> Sample:
+                 rows: Optional[torch.Tensor] = None, adaptor: Optional[str] = None,
+                 place: Optional[int] = None) -> Sample:
     """The sample with a target chunk whose last item is a placeholder: the position reading the
-    last generated item is the one that predicts the next."""
+    last generated item is the one that predicts the next. ``place``: the position of its first
+    item in the sample, where the items are placed (``Chunk.position_ids``: masked samples)."""
     if rows is not None:
         positions = torch.stack([torch.arange(rows.shape[0]), torch.zeros(rows.shape[0], dtype=torch.long),
                                  torch.zeros(rows.shape[0], dtype=torch.long)], -1)
         chunk = Chunk(modality, TARGET, True, rows=rows, positions=positions, adaptor=adaptor)
     else:
         chunk = Chunk(modality, TARGET, True, tokens=list(tokens))
+    if place is not None:
+        chunk.position_ids = list(range(place, place + len(chunk)))
     return dataclasses.replace(sample, decoder=[*sample.decoder, chunk])
+
+
+def masked_place(sample: Sample, modality: str) -> int:
+    """Where a masked sample (``masking.masked_view``) places a target of ``modality``: after its
+    modality's inputs, as ``mask_sample`` numbers each modality's positions."""
+    return sum(len(c) for c in sample.encoder if c.modality == modality)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -479,7 +489,8 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
         grammar = TargetGrammar(plan, tok, modality_ids=model.modality_ids)
     predictions = []
     for sample in samples:
-        pairs = [_with_target(sample, target.modality.name, ids) for ids in encoded]
+        place = masked_place(sample, target.modality.name) if pass_name == "masked" else None
+        pairs = [_with_target(sample, target.modality.name, ids, place=place) for ids in encoded]
         batch = collate(pairs, tok, model.task_ids, pass_name=pass_name, modality_ids=model.modality_ids)
         batch = batch.to(model.token_embedding.weight.device)
         logp = model(batch).logits.float().log_softmax(-1).cpu()
@@ -541,6 +552,8 @@ class _CachedDecoder:
         self.base = enc.tokens.shape[1] if cfg.decoder_only else 0
         self.offset = ((~enc.padding_mask).sum(1) if cfg.decoder_only
                        else torch.zeros(B, dtype=torch.long, device=dev))
+        if pass_name == "masked":  # the answer's place in a masked sample, in either layout (masked_place)
+            self.offset = torch.tensor([masked_place(s, modality) for s in samples], device=dev)
         self.total = self.base + P + limit
         self.caches = [BlockCache(torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype),
                                   torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype))

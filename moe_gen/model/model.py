@@ -129,6 +129,12 @@ def location_basis(num_bins: int, frequencies: int) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=-1)
 
 
+def _side_positions(side: Side) -> torch.Tensor:
+    """long ``[B, S]``: the positions a side's samples give (``Side.position_ids``), or each
+    position's index within its packed sample."""
+    return side.position_ids if side.position_ids is not None else _positions_in_sample(side.tags.sample)
+
+
 def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
     """Index of each position within its packed sample (restarts where the sample id changes)."""
     B, S = sample_BS.shape
@@ -479,7 +485,7 @@ class GeneralistModel(nn.Module):
             x = x + self._adapters_times_zero()
         if self.config.positions == "learned":
             if positions is None:
-                positions = _positions_in_sample(side.tags.sample)
+                positions = _side_positions(side)
             table = self.position_embedding(positions.clamp_max(self.config.max_positions - 1))
             x = x + (table if self.config.positions_on_features else table * side.is_token.unsqueeze(-1))
         if self.embedding_norm is not None:
@@ -500,7 +506,7 @@ class GeneralistModel(nn.Module):
         from moe_gen.model.transformer import rotary_tables
 
         if positions is None:
-            positions = _positions_in_sample(side.tags.sample)
+            positions = _side_positions(side)
         return rotary_tables(positions, self.config.d_model // self.config.num_heads, self.config.rotary_base)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -553,14 +559,16 @@ class GeneralistModel(nn.Module):
         from moe_gen.routing.tags import TokenTags
 
         (B, S), L = enc.tokens.shape, dec.tokens.shape[1]
-        dec_positions = _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
+        # (positions given by the samples, the masked objective's, are places in the whole sample already)
+        dec_positions = dec.position_ids if dec.position_ids is not None else \
+            _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
         x = torch.cat([self.embed(enc), self.embed(dec, dec_positions)], dim=1)
         inputs_see_no_targets = torch.zeros(B, S, L, dtype=torch.bool, device=x.device)
         top = torch.cat([self._prefix_mask(enc), inputs_see_no_targets], dim=2)
         bottom = torch.cat([dec.cross_attention_mask(enc), dec.attention_mask(causal=True)], dim=2)
         rope = None
         if self.config.positions == "rotary":
-            rope = self.rope(enc, torch.cat([_positions_in_sample(enc.tags.sample), dec_positions], dim=1))
+            rope = self.rope(enc, torch.cat([_side_positions(enc), dec_positions], dim=1))
         out = self.decoder(x, torch.cat([top, bottom], dim=1), TokenTags.cat([enc.tags, dec.tags], dim=1),
                            torch.cat([enc.padding_mask, dec.padding_mask], dim=1), rope=rope)
         # Each MoE call routed both parts at once: its output is reported once, with the targets'.

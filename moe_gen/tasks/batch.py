@@ -45,6 +45,8 @@ class Side:
             (b·S + s) they fill; ``positions``: adapter name → long ``[N, 3]``.
         padding_mask: bool ``[B, S]``, True at padding.
         tags: ``TokenTags`` ``[B, S]`` (with ``sample`` ids).
+        position_ids: long ``[B, S]``, each position's place in its sample where some chunk gave
+            one (``Chunk.position_ids``: masked samples); None: in sequence within each sample.
     """
 
     tokens: torch.Tensor
@@ -54,6 +56,7 @@ class Side:
     positions: dict[str, torch.Tensor]
     padding_mask: torch.Tensor
     tags: TokenTags
+    position_ids: Optional[torch.Tensor] = None
 
     @classmethod
     def from_token_ids(cls, ids: Sequence[Sequence[int]], pad_id: int, num_modalities: int) -> "Side":
@@ -76,7 +79,8 @@ class Side:
                     rows={k: v.to(device) for k, v in self.rows.items()},
                     index={k: v.to(device) for k, v in self.index.items()},
                     positions={k: v.to(device) for k, v in self.positions.items()},
-                    padding_mask=self.padding_mask.to(device), tags=self.tags.to(device))
+                    padding_mask=self.padding_mask.to(device), tags=self.tags.to(device),
+                    position_ids=None if self.position_ids is None else self.position_ids.to(device))
 
     def attention_mask(self, causal: bool = False) -> torch.Tensor:
         """bool ``[B, S, S]``: query i may attend to key j (same packed sample, j not padding,
@@ -183,6 +187,7 @@ class _Run:
     used: torch.Tensor  # bool [M]
     sample: int
     pass_id: int
+    position: Optional[torch.Tensor] = None  # long [n]: the items' positions in their sample (None: in sequence)
 
     def __len__(self) -> int:
         return int(self.tokens.shape[0]) if self.tokens is not None else int(self.feature[1].shape[0])
@@ -208,11 +213,19 @@ class _SideBuilder:
         causal = torch.zeros(B, S, dtype=torch.bool)
         used = torch.zeros(B, S, num_modalities, dtype=torch.bool)
         rows, index, positions = defaultdict(list), defaultdict(list), defaultdict(list)
+        position_ids = torch.zeros(B, S, dtype=torch.long)
+        explicit = False  # whether any run gave its positions (else position_ids stays None)
         for b, runs in enumerate(self.rows):
-            at = 0
+            at, sample, in_sample = 0, None, 0
             for run in runs:
                 n = len(run)
                 span = slice(at, at + n)
+                if run.sample != sample:
+                    sample, in_sample = run.sample, 0
+                position_ids[b, span] = run.position if run.position is not None else torch.arange(in_sample,
+                                                                                                   in_sample + n)
+                explicit |= run.position is not None
+                in_sample += n
                 padding[b, span] = False
                 if run.tokens is not None:
                     tokens[b, span], is_token[b, span] = run.tokens, True
@@ -233,7 +246,7 @@ class _SideBuilder:
             rows={k: torch.cat(v) for k, v in rows.items()},
             index={k: torch.cat(v) for k, v in index.items()},
             positions={k: torch.cat(v) for k, v in positions.items()},
-            padding_mask=padding, tags=tags,
+            padding_mask=padding, tags=tags, position_ids=position_ids if explicit else None,
         )
 
 
@@ -317,7 +330,8 @@ def _add_encoder(sample: Sample, row: int, enc: _SideBuilder, common, counts, mo
         enc.rows[row].append(_Run(
             tokens=None if chunk.tokens is None else torch.tensor(chunk.tokens, dtype=torch.long),
             feature=None if chunk.tokens is not None else (chunk.adaptor, chunk.rows, chunk.positions),
-            modality=modality_id[chunk.modality], role=chunk.role, causal=False, **common))
+            modality=modality_id[chunk.modality], role=chunk.role, causal=False, **common,
+            position=None if chunk.position_ids is None else torch.tensor(chunk.position_ids, dtype=torch.long)))
 
 
 def _allowed_positions(sample: Sample, row: int, start: int) -> list[tuple[int, int, list[int]]]:
@@ -379,15 +393,19 @@ def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, fram
         # chunk's slot where the layout left open what comes next, see TaskPlan.open_ends)...
         kind, token, feature = previous
         lead = tags if chunk.lead is None else dict(tags, modality=modality_id[chunk.lead[0]], role=chunk.lead[1])
-        dec.rows[row].append(_Run(tokens=token if kind == "token" else None, feature=feature, **lead))
+        # (a position takes the place of the item it predicts, as it takes its tags)
+        place = None if chunk.position_ids is None else torch.tensor(chunk.position_ids, dtype=torch.long)
+        dec.rows[row].append(_Run(tokens=token if kind == "token" else None, feature=feature, **lead,
+                                  position=None if place is None else place[:1]))
         # ...and the others read this chunk's items 0..n-2.
         if n > 1:
+            rest = dict(tags, position=None if place is None else place[1:])
             if chunk.tokens is not None:
                 dec.rows[row].append(_Run(tokens=torch.tensor(chunk.tokens[:-1], dtype=torch.long), feature=None,
-                                          **tags))
+                                          **rest))
             else:
                 dec.rows[row].append(_Run(tokens=None, feature=(chunk.adaptor, chunk.rows[:-1],
-                                                                chunk.positions[:-1]), **tags))
+                                                                chunk.positions[:-1]), **rest))
         if chunk.tokens is not None:
             ids = torch.tensor(chunk.tokens, dtype=torch.long)
             labels.append(ids if chunk.loss else torch.full((n,), IGNORE_INDEX, dtype=torch.long))

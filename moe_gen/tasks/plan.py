@@ -119,6 +119,9 @@ class Chunk:
             answer could also go on otherwise (``TaskPlan.choice_starts``).
         lead: ``(modality, role)`` tags of the chunk's first position when the slot before it
             leaves open what comes next (``TaskPlan.open_ends``); None: the chunk's own.
+        position_ids: the position of each item in its sample, where it is not its place in the
+            sequence (a masked sample's items keep their place in the whole sample: which image
+            code a position holds or predicts); None: in sequence.
     """
 
     modality: str
@@ -131,6 +134,7 @@ class Chunk:
     column: Optional[str] = None
     allowed: Optional[list[Optional[list[int]]]] = None
     lead: Optional[tuple[str, int]] = None
+    position_ids: Optional[list[int]] = None
 
     def __len__(self) -> int:
         return len(self.tokens) if self.tokens is not None else int(self.rows.shape[0])
