@@ -351,7 +351,9 @@ def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only(
     assert "route their attention output projections too." in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
 
 
-def test_lr_scales_apply_to_the_generalists_only():
+def test_lr_scales_apply_to_every_system():
+    """Specialists trained at the plain rate while the generalists' adapters had their multipliers
+    (the doc-topic specialist's 0.510 became 0.633 at the generalists' ×6)."""
     from moe_gen.quality.report import _run_line
     from moe_gen.quality.runner import BenchConfig, train_and_score
 
@@ -361,9 +363,10 @@ def test_lr_scales_apply_to_the_generalists_only():
     for system in ("dense", "specialist"):
         plain = train_and_score({**job, "system": system})
         other = train_and_score({**job, "system": system, "config": dataclasses.asdict(scaled)})
-        assert (other["final_loss"] == plain["final_loss"]) == (system == "specialist"), system
+        assert other["final_loss"] != plain["final_loss"], system
     line = _run_line({**dataclasses.asdict(scaled), "seeds": [0], "bag_of_words": True, "pose_summary": True})
-    assert "learning rate scaled for adapters.struct_cells × 0 (specialists at the plain rate)" in line
+    assert "Learning rate scaled for adapters.struct_cells × 0 (every system; a specialist where its model has " \
+        "the parameters)" in line
     assert ("Text read as a bag of words (TF-IDF over a vocabulary of the training rows): doc_topic (bag_of_words). "
             "Pose windows read as per-feature window statistics: motion_classification (pose_summary).") in line
     with pytest.raises(ValueError, match="lr_scales maps parameter-name prefixes to multipliers >= 0, got 'a': -1"):

@@ -70,9 +70,9 @@ class BenchConfig:
         pretrained_inputs: doc_topic and spoken words read their input through a frozen
             pretrained encoder (``suite.PRETRAINED_INPUTS``: MiniLM, Whisper tiny.en), for every
             system; a second logistic regression reads the same states, mean-pooled.
-        lr_scales: parameter-name prefix → learning-rate multiplier of the generalists
-            (``TrainConfig.lr_scales``, e.g. ``{"adapters.bag_of_words": 3}``); specialists train
-            every parameter at ``lr``.
+        lr_scales: parameter-name prefix → learning-rate multiplier (``TrainConfig.lr_scales``, e.g.
+            ``{"adapters.bag_of_words": 3}``), for every system: a specialist takes the prefixes its
+            model has (before 2026-12-05 specialists trained every parameter at ``lr``).
         bag_of_words: doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its
             training rows (``suite.BAG_OF_WORDS_INPUTS``), for every system; not with
             ``pretrained_inputs``.
@@ -280,7 +280,7 @@ def train_and_score(job: dict) -> dict:
         model, summary, last = _two_stage(cfg, system, train, steps, job["seed"])
     else:
         model = GeneralistModel.build(_model_config(cfg, system), train, Tokenizer.default())
-        model, summary, last = _fit(cfg, model, train, steps, job["seed"], generalist=system != "specialist")
+        model, summary, last = _fit(cfg, model, train, steps, job["seed"])
     trained = time.perf_counter()
     answers = {task.name: [] for task in suite if task.classification}
     with RoutingRecorder(model) as recorder:
@@ -320,17 +320,19 @@ def held_out_errors(pairs: Sequence[tuple]) -> dict:
             "errors": [[ref, answer, n] for (ref, answer), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))]}
 
 
-def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, generalist: bool = True, trainable: str = "all",
+def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str = "all",
          task_weights: dict | None = None):
-    """Trains ``model`` on ``train`` for ``steps`` (a generalist with ``cfg.lr_scales``; ``trainable``:
+    """Trains ``model`` on ``train`` for ``steps`` (with the ``cfg.lr_scales`` whose prefix ``model``
+    has: a specialist lacks the other tasks' adapters); ``trainable``:
     ``TrainConfig.trainable``; ``task_weights``: sample the tasks by these weights instead of
     ``cfg.mixing``); returns the model to score (the weight average with ``ema_decay``), the
     trainer's summary and the last weights."""
     from moe_gen.trainer import TrainConfig, Trainer
 
     mixing = {"mixing": "weights", "task_weights": dict(task_weights)} if task_weights else {"mixing": cfg.mixing}
-    train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr,
-                               lr_scales=dict(cfg.lr_scales) if generalist else {},
+    names = [name for name, _ in model.named_parameters()]
+    scales = {prefix: scale for prefix, scale in cfg.lr_scales.items() if any(n.startswith(prefix) for n in names)}
+    train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_scales=scales,
                                warmup_steps=min(cfg.warmup_steps, steps // 10), **mixing,
                                temperature=cfg.temperature, loss_average=cfg.loss_average, seed=seed,
                                progress=False, tensorboard=False,
@@ -378,7 +380,7 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
 SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
                        "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary", "pose_noise",
-                       "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads")
+                       "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads", "lr_scales")
 
 
 def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]:

@@ -188,7 +188,7 @@ def transfer_job(job: dict) -> list[dict]:
                 torch.manual_seed(seed)  # the dense model of the same active size, on this task alone
                 model = GeneralistModel.build(_model_config(cfg.bench(steps), "specialist"), [train[held]],
                                               Tokenizer.default())
-                model, _, _ = _fit(cfg.bench(steps), model, [train[held]], steps, seed, generalist=False)
+                model, _, _ = _fit(cfg.bench(steps), model, [train[held]], steps, seed)
                 out["finetuned"][held][str(steps)] = score(model, [held])[held]
         return [{**out, "seconds": time.perf_counter() - start}]
     torch.manual_seed(seed)
@@ -205,7 +205,7 @@ def transfer_job(job: dict) -> list[dict]:
             tasks = [train[held]] + ([train[n] for n in pretraining] if mixture else [])
             for steps in cfg.finetune_steps:
                 torch.manual_seed(seed)
-                model, _, _ = _fit(cfg.bench(steps), copy.deepcopy(pretrained), tasks, steps, seed, generalist=False,
+                model, _, _ = _fit(cfg.bench(steps), copy.deepcopy(pretrained), tasks, steps, seed,
                                    trainable=cfg.trainable, task_weights=mixture)
                 out["finetuned"][held][str(steps)] = score(model, [held])[held]
                 if steps == cfg.finetune_steps[-1]:
