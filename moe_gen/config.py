@@ -271,6 +271,10 @@ class RouterConfig(ConfigBase):
         if self.score == "sigmoid" and self.noise == "gumbel":
             raise ValueError("router noise 'gumbel' samples from the softmax; with score='sigmoid' use "
                              "noise 'gaussian', 'jitter' or 'none'")
+        if self.gate == "expert_choice" and self.noise == "gumbel":
+            raise ValueError("router noise 'gumbel' perturbs which experts a token selects; gate 'expert_choice' "
+                             "lets experts select tokens by the clean probabilities, so it would change nothing: "
+                             "use noise 'gaussian' or 'jitter'")
         if not self.weight_scale > 0:
             raise ValueError(f"router weight_scale must be > 0, got {self.weight_scale}")
         if self.expert_groups < 1 or not 1 <= self.topk_groups <= self.expert_groups:

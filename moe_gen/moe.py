@@ -256,6 +256,7 @@ class MoE(nn.Module):
         """The experts' output plus the shared expert's (if any; zero for padding)."""
         if self.shared is None:
             return y_TD
+        x_TD = torch.where(valid_T.unsqueeze(1), x_TD, 0.0)  # padding may hold anything (a NaN: NaN gradients)
         shared_TD = self.shared(x_TD)
         if self.shared_gate is not None:
             # Qwen2-MoE: each token takes a sigmoid-gated share of the shared expert

@@ -491,3 +491,25 @@ def test_only_routers_that_pool_sequences_need_the_batch_segments(strategy):
                     call(TagBatch(tags, padding, segments=False))
         else:
             assert torch.equal(moe(x, tags=TagBatch(tags, padding, segments=False)).output, reference)
+
+
+@pytest.mark.parametrize("strategy", ["token", "context", "attribute"])
+@pytest.mark.parametrize("shared", [False, True])
+def test_padding_that_holds_nan_leaves_every_gradient_finite(strategy, shared):
+    """Padding may hold anything: the router scored it and the shared expert ran on it, and though
+    the outputs were masked, 0 · NaN made the router's and shared expert's gradients NaN."""
+    from moe_gen.config import ExpertsConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=8, d_hidden=6, num_experts=4, top_k=2, router=RouterConfig(strategy=strategy),
+                        experts=ExpertsConfig(shared_expert=shared))).train()
+    x = torch.randn(2, 5, 8)
+    padding = torch.zeros(2, 5, dtype=torch.bool)
+    padding[1, 3:] = True
+    clean = moe(x, tags=TokenTags.constant((2, 5)), padding_mask=padding).output[~padding]
+    x[1, 3:] = float("nan")
+    x.requires_grad_(True)
+    out = moe(x, tags=TokenTags.constant((2, 5)), padding_mask=padding)
+    torch.testing.assert_close(out.output[~padding], clean)
+    (out.output[~padding].sum() + out.aux_loss).backward()
+    assert all(torch.isfinite(p.grad).all() for p in moe.parameters() if p.grad is not None)

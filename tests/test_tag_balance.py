@@ -368,3 +368,22 @@ def test_processes_apply_one_update_from_their_summed_loads(tmp_path):
     expected = torch.zeros(E)
     balance.nudge_bias_(expected, load_E, 0.1)
     torch.testing.assert_close(torch.tensor(results[0]["bias"]), expected)
+
+
+def test_under_capacity_the_bias_follows_the_load_the_routes_ask_for():
+    """After capacity drops, an expert asked for 8 tokens (4x its 2 slots) counted as busy as one
+    asked for 2, and that one, under the mean demand of 2.5, was nudged down by the full step."""
+    cfg = MoEConfig(d_model=4, d_hidden=4, num_experts=4, top_k=1, capacity_factor=0.5, min_capacity=1,
+                    router=RouterConfig(strategy="task", tag_balance="bias", tag_balance_rate=0.1,
+                                        tag_balance_rule="error"))
+    moe = MoE(cfg).train()
+    with torch.no_grad():  # task 0 (8 tokens) → expert 0, task 1 (2 tokens) → expert 1
+        moe.router.input.embedding.weight.zero_()
+        moe.router.input.embedding.weight[0, 0] = moe.router.input.embedding.weight[1, 1] = 5.0
+        moe.router.weight.copy_(torch.eye(4))
+    tags = TokenTags.cat([TokenTags.constant((1, 8), task=0), TokenTags.constant((1, 2), task=1)], dim=1)
+    routing = moe(torch.randn(1, 10, 4), tags=tags).routing
+    assert routing.expert_counts.tolist() == [2, 2, 0, 0] and int(routing.dropped_tokens) == 6
+    demand = torch.tensor([8.0, 2.0, 0.0, 0.0])
+    expected = 0.1 * ((demand.mean() - demand) / demand.mean()).clamp(-1, 1)
+    torch.testing.assert_close(moe.router.balance_bias, expected)

@@ -112,7 +112,11 @@ class Router(nn.Module):
         """
         if not self.weight.requires_grad:
             return
-        load_E = routing.expert_counts.to(self.balance_bias.dtype)
+        # the load the routes ask for: after capacity drops an expert asked for 4x its slots looked
+        # no busier than one at its share (and one under it could be nudged down)
+        load_E = (routing.expert_counts if routing.groups is not None else
+                  torch.bincount(routing.topk_ids[routing.valid].reshape(-1), minlength=self.num_experts))
+        load_E = load_E.to(self.balance_bias.dtype)
         if balance.defer_to_sync():
             self._pending_load = load_E if self._pending_load is None else self._pending_load + load_E
         else:
@@ -184,6 +188,8 @@ class Router(nn.Module):
             first_G, tags_R = batch.first_G, batch.group_tags
             x_RD, valid_R = x_TD[first_G], valid_T[first_G]
             segment_R = None if segment_R is None else segment_R[first_G]
+        if batch.padded:  # padding may hold anything: a NaN there made the router's gradient NaN
+            x_RD = torch.where(valid_R.unsqueeze(1), x_RD, 0.0)
 
         with torch.autocast(x_TD.device.type, enabled=False):
             logits_RE, scores_RE, probs_RE = self._scores(x_RD, tags_R, segment_R, valid_R, carry)

@@ -283,6 +283,7 @@ class TagBatch:
         if device is None:
             device = tags.task.device if tags is not None else None
         self.valid = _valid_tokens(padding_mask, self.shape, self.num_tokens, device)
+        self.padded = padding_mask is not None  # (whether some token may be padding, whose values may be anything)
         self.tags = self.group_ids = self.first_G = self.group_tags = self.group_counts = None
         self.group_keys: tuple[int, ...] = ()
         if tags is not None and (self.vocab is not None or _well_formed(tags, self.shape)):
