@@ -572,3 +572,14 @@ def test_wrong_answers_are_counted_per_pair_and_summed_over_seeds():
     # a long free-text answer is cut in the table, kept whole in the report
     errors["dense"]["digit_counting"]["errors"] = [["two", "x" * 50, 1]]
     assert _error_lines(report)[5].startswith(f"| digit_counting | two → {'x' * 31}…: 1 (1 of 1) |")
+
+
+def test_unseen_clip_motion_holds_out_whole_clips_of_every_kind_it_asks_about():
+    from moe_gen.quality.suite import suite_tasks, unseen_clip_rows
+
+    train, test = unseen_clip_rows("train"), unseen_clip_rows("test")
+    assert not {r["clip"] for r in train} & {r["clip"] for r in test}
+    assert {r["label"] for r in train} == {r["label"] for r in test} == {"dance", "getup", "turn_left",
+                                                                         "turn_right", "walk"}
+    task = suite_tasks(["motion_unseen_clips"])[0]
+    assert task.classification and len(task.build("test")) == len(test)

@@ -221,6 +221,26 @@ def _successor_task(split: str) -> Task:
     return Task("digit_successor", SUCCESSOR_INSTRUCTION, successor_rows(split), metrics=("accuracy",))
 
 
+def unseen_clip_rows(split: str) -> list[dict]:
+    """Motion windows of the kinds that have two or more source clips (dance, getup, turn_left,
+    turn_right, walk), each kind's last clip by name held out whole: "test" holds only windows of
+    clips no training window comes from. (``motion_classification`` splits every clip by time, so
+    its held-out windows are later frames of clips it trained on.)"""
+    from moe_gen.tasks.sources.motion import load_motion_clips
+
+    rows = load_motion_clips("all")
+    clips: dict[str, set] = {}
+    for row in rows:
+        clips.setdefault(row["label"], set()).add(row["clip"])
+    held = {label: max(names) for label, names in clips.items() if len(names) > 1}
+    return [row for row in rows if row["label"] in held and (row["clip"] == held[row["label"]]) == (split == "test")]
+
+
+def _unseen_clips_task(split: str) -> Task:
+    return Task("motion_unseen_clips", preset_info("motion_classification").instruction, unseen_clip_rows(split),
+                metrics=("accuracy",))
+
+
 def _preset(name: str) -> Callable[[str], Task]:
     return functools.partial(load_preset, name)
 
@@ -285,6 +305,10 @@ EXTRA: tuple[SuiteTask, ...] = (
     # where tasks interfere
     SuiteTask("digit_successor", "IMAGE", _successor_task, "accuracy",
               features=functools.partial(pixel_features, size=8), label_column="label"),
+    # motion kinds recognised in clips no training window comes from (motion_classification holds out
+    # the last frames of every clip instead)
+    SuiteTask("motion_unseen_clips", "MOTION", _unseen_clips_task, "accuracy", features=pose_features,
+              label_column="label"),
 )
 
 
