@@ -140,7 +140,8 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
 
     # a recipe's name is the recipe, even where a file or folder of that name sits in the working
     # directory (a run's output folder named after its recipe hid it, and --resume failed)
-    if name_or_path.endswith((".yaml", ".yml")) or (name_or_path not in RECIPES and os.path.exists(name_or_path)):
+    recipe_name = name_or_path in RECIPES or name_or_path.replace("-", "_") in RECIPES
+    if name_or_path.endswith((".yaml", ".yml")) or (not recipe_name and os.path.exists(name_or_path)):
         import yaml
 
         try:
@@ -331,7 +332,7 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
     from moe_gen.tasks import preset_info
     from moe_gen.trainer import Trainer
     from moe_gen.trainer.lock import RunLock
-    from moe_gen.trainer.sampling import check_modality_budget
+    from moe_gen.trainer.sampling import check_modality_keys
 
     train_config, output_dir = config.train, config.output_dir
     if resume and overwrite:
@@ -339,7 +340,7 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
                          "checkpoints, overwrite deletes them")
     if model is None and "init" not in config.model:  # settings first: no data read, no folder made
         _model_config(config.model)
-    check_modality_budget(train_config.modality_budget)
+    check_modality_keys(train_config)
     if distributed.is_main_process() and os.path.isdir(output_dir):
         with RunLock(output_dir):  # a busy run directory is refused now, not after loading data (Trainer locks it)
             pass

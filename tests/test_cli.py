@@ -118,6 +118,8 @@ def test_a_folder_named_like_a_recipe_does_not_hide_it(tmp_path, monkeypatch):
     configuration file, so --resume in that directory failed."""
     monkeypatch.chdir(tmp_path)
     (tmp_path / "debug").mkdir()
+    (tmp_path / "demo-pretrained").mkdir()  # the dashed spelling get_recipe accepts too
+    assert load_run_config("demo-pretrained").model["init"] == "hf:minilm"
     from moe_gen.trainer.recipes import get_recipe
 
     assert load_run_config("debug") == get_recipe("debug")

@@ -308,6 +308,22 @@ def test_masked_budgets_split_inputs_and_targets_by_their_own_alphas(tok):
     assert TrainConfig.from_dict(split.to_dict()).masked_alpha == {"IMAGE": 1.0, "TEXT": 0.0}
     with pytest.raises(ValueError, match=r"masked_target_alpha\['TEXT'\] must be a number >= 0"):
         one.replace(masked_target_alpha={"TEXT": -1})
+    # a modality name moe_gen does not know (4M's "RGB", a lower-case typo) trained everything at α 1
+    from moe_gen.trainer.sampling import TaskSampler
+
+    with pytest.raises(ValueError, match=r"TrainConfig.masked_alpha names unknown modalities \['image'\] "
+                                         r"\(did you mean 'IMAGE'\?\)"):
+        TaskSampler([task], tok, one.replace(masked_alpha={"image": 1000.0}))
+
+
+def test_masked_tasks_with_targets_in_two_modalities_are_refused_at_decoding(tok):
+    """Training numbers each modality's items apart; decoding counted on from the first target, so
+    the second modality's answer was decoded at places training never put it."""
+    rows = [{"q": "hello there", "a": "one", "c": "red"}, {"q": "hi", "a": "two three", "c": "blue"}]
+    task = Task("m2", "[TEXT:q] what? -> [TEXT:a,closed_set] [CATEGORY:c,closed_set]", rows, objective="masked")
+    model = build([task], tok, predict_all_features=True).eval()
+    with pytest.raises(ValueError, match="task 'm2' trained with the masked objective has targets in 2 modalities"):
+        model.infer(task, rows)
 
 
 def test_masked_samples_keep_every_item_at_its_place(tok):

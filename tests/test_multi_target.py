@@ -478,6 +478,10 @@ def _advance(grammar: TargetGrammar, state, token: int):
                                                           {"q": "b", "label": "new york", "note": "z"}]),
     ("[TEXT:q] -> ( [TEXT:labels,closed_set] )*", [{"q": "a", "labels": ["new", "old"]},
                                                    {"q": "b", "labels": ["new york"]}]),
+    # after "new" the next closed set's first token competes with "york": the whole vocabulary
+    ("[TEXT:q] -> [TEXT:c,closed_set] [TEXT:d,closed_set]", [{"q": "a", "c": "new", "d": "red"},
+                                                              {"q": "b", "c": "new york", "d": "blue"},
+                                                              {"q": "c", "c": "boston", "d": "red"}]),
 ])
 def test_scores_read_every_position_over_the_tokens_training_reads_it_over(tok, template, rows):
     """Beam search and ranked candidates compare answers with log-probabilities over what training's

@@ -721,6 +721,11 @@ class GeneralistModel(nn.Module):
             return []
         pass_name = "masked" if masked else "generative"
         if masked:
+            targets = sorted({p.modality.name for p in plan.templates[0][1] if p.loss})
+            if len(targets) > 1:  # each modality's items are numbered apart in training (masking)
+                raise ValueError(f"task {plan.name!r} trained with the masked objective has targets in "
+                                 f"{len(targets)} modalities ({', '.join(targets)}); decoding it reads one "
+                                 "modality's answer: declare one target modality, or decode each as its own task")
             samples = [masked_view(sample) for sample in samples]
         if candidates is not None:
             return rank(self, plan, samples, list(candidates), pass_name=pass_name)

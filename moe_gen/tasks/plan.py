@@ -460,6 +460,10 @@ class TaskPlan:
             if chunk.allowed is not None and len(chunk.allowed) == len(chunk) + 1:
                 if i == len(decoder) - 1 and None not in open_from:  # (where the end is a choice: all tokens)
                     eos_allowed = [chunk.allowed[-1]]
+                elif chunk.allowed[-1] is None and i + 1 < len(decoder) and decoder[i + 1].allowed:
+                    # the label may end here ("new") or go on ("new york"): the next slot's first
+                    # token competes with the whole vocabulary, as decoding weighs it
+                    decoder[i + 1].allowed = [None, *decoder[i + 1].allowed[1:]]
                 chunk.allowed = chunk.allowed[:-1]
         if decoder and auto_eos:
             last = decoder[-1]

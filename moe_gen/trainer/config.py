@@ -64,8 +64,8 @@ class TrainConfig(ConfigBase):
         masked_input_budget, masked_target_budget: the 4M budgets of ``masked`` tasks.
         masked_alpha: the Dirichlet α that splits the input budget across a sample's modalities: a
             number, or one per modality (``{"IMAGE": 1.0, "TEXT": 0.1}``: text is seldom an input;
-            a modality not named gets 1.0). 4M's RGB-to-all mixture is ``{"RGB": 1000}`` with 0
-            elsewhere.
+            a modality not named gets 1.0; unknown names are refused when training starts). 4M's
+            RGB-to-all mixture is ``{"IMAGE": 1000, "TEXT": 0, ...}``: 0 for every other modality.
         masked_target_alpha: the same for the target budget; None: ``masked_alpha``.
         checkpoint_every: write a checkpoint every N steps (0: only at the end).
         keep_checkpoints: how many recent checkpoints to keep.

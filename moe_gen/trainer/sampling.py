@@ -25,7 +25,7 @@ from moe_gen.trainer.config import TrainConfig
 
 logger = logging.getLogger("moe_gen")
 
-__all__ = ["check_modality_budget", "mixing_weights", "sample_modality_tokens", "TaskSampler"]
+__all__ = ["check_modality_budget", "check_modality_keys", "mixing_weights", "sample_modality_tokens", "TaskSampler"]
 
 
 def _rng(*parts) -> random.Random:
@@ -113,16 +113,25 @@ class _Cursor:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
 
 
-def check_modality_budget(budget: Mapping[str, int]) -> None:
-    """Raises ``ValueError`` when ``TrainConfig.modality_budget`` names a modality nobody registered."""
+def check_modality_budget(budget: Mapping[str, int], field: str = "modality_budget") -> None:
+    """Raises ``ValueError`` when ``TrainConfig.modality_budget`` (or another ``field`` keyed by
+    modality: ``masked_alpha``) names a modality nobody registered."""
     unknown = sorted(set(budget) - _known_modalities(), key=str)
     if unknown:
         from moe_gen.registry import did_you_mean
 
         known = sorted(_known_modalities())
         guesses = did_you_mean([str(name).upper() for name in unknown], known)
-        raise ValueError(f"TrainConfig.modality_budget names unknown modalities {unknown}{guesses}; "
+        raise ValueError(f"TrainConfig.{field} names unknown modalities {unknown}{guesses}; "
                          f"known: {', '.join(known)}")
+
+
+def check_modality_keys(config: TrainConfig) -> None:
+    """``check_modality_budget`` for every ``TrainConfig`` field keyed by modality."""
+    check_modality_budget(config.modality_budget)
+    for field in ("masked_alpha", "masked_target_alpha"):
+        if isinstance(getattr(config, field), Mapping):
+            check_modality_budget(getattr(config, field), field)
 
 
 class TaskSampler:
@@ -144,7 +153,7 @@ class TaskSampler:
         self.rank, self.world = rank, world
         self.weights = mixing_weights(self.tasks, config)
         self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
-        check_modality_budget(config.modality_budget)
+        check_modality_keys(config)
 
     def state_dict(self) -> dict:
         """Cursor positions (JSON-serialisable) for exact resume."""
