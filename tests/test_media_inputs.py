@@ -122,3 +122,13 @@ def test_stereo_clips_read_the_same_with_channels_first_or_last(tok):
     torch.testing.assert_close(rows[2], rows[0])
     with pytest.raises(TaskDataError, match=r"row 3.*\[C, S\] or \[S, C\] with at most 8 channels"):
         task.encode(3, tok)
+
+
+def test_a_row_may_name_its_audio_rate_as_hugging_face_datasets_do(tok):
+    """A ``sampling_rate`` column was ignored: an 8 kHz clip was read as 16 kHz (half as long)."""
+    clip = torch.sin(torch.arange(8000) / 8000 * 2 * torch.pi * 300)
+    rows = [{"clip": clip, "sample_rate": 8000, "t": "a"}, {"clip": clip, "sampling_rate": 8000, "t": "a"},
+            {"clip": clip, "t": "a"}]
+    task = Task("rates", "[AUDIO:clip] -> [TEXT:t]", rows)
+    lengths = [task.encode(i, tok, training=False).encoder[0].rows.shape[0] for i in range(3)]
+    assert lengths[0] == lengths[1] > lengths[2]

@@ -196,10 +196,12 @@ def _frame_positions(n: int) -> torch.Tensor:
 
 
 def _slot_waveform(value, slot, ctx: EncodeContext) -> tuple[torch.Tensor, int]:
-    """A slot's waveform and rate (the row's ``sample_rate`` column when the value has none);
+    """A slot's waveform and rate (the row's ``sample_rate`` or ``sampling_rate`` column when the value has none);
     errors name the task, column and row."""
     try:
-        return read_waveform(value, ctx.row.get("sample_rate") if hasattr(ctx.row, "get") else None)
+        # the row's rate, as moe_gen or Hugging Face datasets name it (unread, an 8 kHz clip was taken as 16 kHz)
+        rate = ctx.row.get("sample_rate", ctx.row.get("sampling_rate")) if hasattr(ctx.row, "get") else None
+        return read_waveform(value, rate)
     except SlotValueError as exc:
         raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
 
