@@ -583,3 +583,5 @@ def test_unseen_clip_motion_holds_out_whole_clips_of_every_kind_it_asks_about():
                                                                          "turn_right", "walk"}
     task = suite_tasks(["motion_unseen_clips"])[0]
     assert task.classification and len(task.build("test")) == len(test)
+    with pytest.raises(ValueError, match="holds out clips whose first 70% motion_classification trains on"):
+        suite_tasks(["motion_classification", "motion_unseen_clips"])
