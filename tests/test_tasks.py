@@ -438,3 +438,10 @@ def test_attributes_parsed_for_ofasys_but_not_applied_are_warned_about(tok, inst
     """They were parsed and range-checked, then silently ignored."""
     with pytest.warns(UserWarning, match="which moe_gen parses \\(OFASys instructions use it\\) but does not apply"):
         Task("ofasys", instruction, []).plan(tok)
+
+
+def test_text_masked_whole_is_refused_when_the_task_is_planned(tok):
+    """mask_ratio=1 parsed (the range is [0, 1]), then every row failed in span masking."""
+    with pytest.raises(ValueError, match=r"slot \[TEXT:text,mask_ratio=1.0\]: mask_ratio must be below 1 on text"):
+        Task("all_masked", "[TEXT:text,mask_ratio=1.0] -> [TEXT:text]", [{"text": "a b c"}]).plan(tok)
+    Task("most_masked", "[TEXT:text,mask_ratio=0.9] -> [TEXT:text]", [{"text": "a b c"}]).plan(tok)

@@ -89,12 +89,21 @@ def _checked_unicode(text: str, slot, ctx: EncodeContext) -> str:
     return text
 
 
+def _check_span_masking(self, where: str, slot) -> None:
+    """Refuses ``mask_ratio=1`` on text when the task is planned: span masking keeps at least one
+    token, so every row would fail when encoded."""
+    if float(slot.attrs.get("mask_ratio") or 0.0) >= 1.0:
+        raise ValueError(f"{where}: mask_ratio must be below 1 on text (span masking keeps at least one token "
+                         "visible)")
+
+
 @PREPROCESSORS.register("text")
 class TextPreprocessor(Preprocessor):
     """str → token ids (attributes: uncased, no_punctuation, max_length, mask_ratio, noise_ratio)."""
 
     modality = "TEXT"
     corruptions = ("mask_ratio", "noise_ratio")
+    check_slot = _check_span_masking
 
     def __call__(self, value, slot, ctx):
         return SlotEncoding(self.modality, tokens=_text_tokens(_as_text(value, self.modality, slot, ctx),
@@ -107,6 +116,7 @@ class CategoryPreprocessor(Preprocessor):
 
     modality = "CATEGORY"
     corruptions = ("mask_ratio", "noise_ratio")
+    check_slot = _check_span_masking
 
     def __call__(self, value, slot, ctx):
         return SlotEncoding(self.modality, tokens=_text_tokens(_as_text(value, self.modality, slot, ctx),
@@ -134,6 +144,7 @@ class StructTextPreprocessor(Preprocessor):
 
     modality = "STRUCT"
     corruptions = ("mask_ratio", "noise_ratio")
+    check_slot = _check_span_masking
 
     def __call__(self, value, slot, ctx):
         if isinstance(value, str):  # already linearised
