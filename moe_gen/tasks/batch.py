@@ -213,19 +213,20 @@ class _SideBuilder:
         causal = torch.zeros(B, S, dtype=torch.bool)
         used = torch.zeros(B, S, num_modalities, dtype=torch.bool)
         rows, index, positions = defaultdict(list), defaultdict(list), defaultdict(list)
-        position_ids = torch.zeros(B, S, dtype=torch.long)
-        explicit = False  # whether any run gave its positions (else position_ids stays None)
+        # positions in the sample, filled only where some run gives its own (else None: in sequence)
+        explicit = any(run.position is not None for runs in self.rows for run in runs)
+        position_ids = torch.zeros(B, S, dtype=torch.long) if explicit else None
         for b, runs in enumerate(self.rows):
             at, sample, in_sample = 0, None, 0
             for run in runs:
                 n = len(run)
                 span = slice(at, at + n)
-                if run.sample != sample:
-                    sample, in_sample = run.sample, 0
-                position_ids[b, span] = run.position if run.position is not None else torch.arange(in_sample,
-                                                                                                   in_sample + n)
-                explicit |= run.position is not None
-                in_sample += n
+                if explicit:
+                    if run.sample != sample:
+                        sample, in_sample = run.sample, 0
+                    position_ids[b, span] = run.position if run.position is not None else \
+                        torch.arange(in_sample, in_sample + n)
+                    in_sample += n
                 padding[b, span] = False
                 if run.tokens is not None:
                     tokens[b, span], is_token[b, span] = run.tokens, True
@@ -246,7 +247,7 @@ class _SideBuilder:
             rows={k: torch.cat(v) for k, v in rows.items()},
             index={k: torch.cat(v) for k, v in index.items()},
             positions={k: torch.cat(v) for k, v in positions.items()},
-            padding_mask=padding, tags=tags, position_ids=position_ids if explicit else None,
+            padding_mask=padding, tags=tags, position_ids=position_ids,
         )
 
 
