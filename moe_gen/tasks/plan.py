@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import numbers
 import random
 import warnings
 from typing import Any, Mapping, Optional, Sequence
@@ -39,7 +38,7 @@ import torch
 from moe_gen.registry import ADAPTERS, MODALITIES, PREPROCESSORS
 from moe_gen.routing.tags import ROLES
 from moe_gen.tasks.instruction import Instruction, Slot
-from moe_gen.tasks.modalities.base import EncodeContext, ModalitySpec, SlotEncoding, SlotValueError, brief
+from moe_gen.tasks.modalities.base import EncodeContext, ModalitySpec, SlotEncoding, SlotValueError, brief, is_missing
 from moe_gen.tasks.tokenizer import Tokenizer
 
 # Registering modules: importing them fills MODALITIES, PREPROCESSORS and ADAPTERS.
@@ -565,7 +564,7 @@ class TaskPlan:
         ctx.target = plan.side == "decoder"
         try:
             if plan.decode is not None and plan.decode.kind == "closed_set" and str(value) not in plan.decode.labels:
-                if value is None or (isinstance(value, numbers.Real) and value != value):
+                if is_missing(value):
                     raise TaskDataError(f"{where}: the label is a missing value ({value})")
                 raise TaskDataError(f"{where}: label {brief(value)} is not in the closed set "
                                     f"({len(plan.decode.labels)} labels)")

@@ -27,7 +27,6 @@ import base64
 import binascii
 import collections
 import json
-import numbers
 import os
 import random
 import stat
@@ -38,7 +37,7 @@ import numpy as np
 
 from moe_gen.registry import MODALITIES, PREPROCESSORS
 from moe_gen.tasks.instruction import Instruction, InstructionError
-from moe_gen.tasks.modalities.base import SlotValueError
+from moe_gen.tasks.modalities.base import SlotValueError, is_missing
 from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
@@ -146,7 +145,7 @@ def _label_text(label: Any) -> Optional[str]:
     (missing values, None or NaN; ints too long to write out; lone surrogates): their rows fail
     when encoded, instead of every row failing when the label set is tokenised (or a missing value
     becoming the class "nan")."""
-    if label is None or (isinstance(label, numbers.Real) and label != label):  # None, NaN
+    if is_missing(label):
         return None
     try:
         text = str(label)

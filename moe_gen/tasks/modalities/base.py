@@ -18,6 +18,7 @@ video, audio and motion without knowing the modality.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 import os
 import random
 import stat
@@ -31,12 +32,17 @@ from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = [
     "modality_tag_names", "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
-    "register_modality", "brief", "tensor_to_numpy", "regular_file",
+    "register_modality", "brief", "tensor_to_numpy", "regular_file", "is_missing",
 ]
 
 
 class SlotValueError(ValueError):
     """A raw value that a slot cannot take (wrong kind, corrupt file, bad shape)."""
+
+
+def is_missing(value: Any) -> bool:
+    """Whether a raw value is a missing one: None, or a NaN (Python's, numpy's)."""
+    return value is None or (isinstance(value, numbers.Real) and value != value)
 
 
 def brief(value: Any, limit: int = 60) -> str:

@@ -24,6 +24,7 @@ from moe_gen.tasks.modalities.base import (
     SlotEncoding,
     SlotValueError,
     brief,
+    is_missing,
     register_modality,
 )
 from moe_gen.tasks.modalities.box import quantize_box
@@ -65,7 +66,7 @@ def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
         except UnicodeDecodeError as exc:
             raise SlotValueError(f"{where}: a {modality} slot got bytes that are not UTF-8 text ({exc.reason} "
                                  f"at byte {exc.start})") from None
-    if value is None or (isinstance(value, numbers.Real) and value != value):  # None, NaN
+    if is_missing(value):
         raise SlotValueError(f"{where}: a {modality} slot got a missing value ({value})")
     if isinstance(value, (numbers.Real, np.bool_)):  # numbers (numpy's too) and booleans written out
         try:
