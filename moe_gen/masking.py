@@ -24,7 +24,7 @@ import torch
 
 from moe_gen.tasks.plan import INPUT, TARGET, Chunk, Sample
 
-__all__ = ["split_budget", "mask_sample", "masked_view"]
+__all__ = ["split_budget", "mask_sample", "masked_view", "masked_place"]
 
 
 def split_budget(budget: int, available: Mapping[str, int], alpha: Union[float, Mapping[str, float]],
@@ -113,14 +113,17 @@ def masked_view(sample: Sample) -> Sample:
     text; the decoder holds no forced prefix (literal text, copied prompts), so the answer starts
     right after BOS. Collate it with ``pass_name="masked"``. Unlike training, the encoder holds
     every input position, not an input budget's share (4M reads all it is given), each at its
-    place in its modality's stream, as training places them. Decoding follows
-    the template's targets, in the order ``mask_sample`` puts their modalities first (two targets
-    of one modality are one stream there, in the template's order too). A given ``no_loss`` decoder
-    slot before the target is an input, as training's streams make it."""
+    place in its modality's stream, as training places them; the answer is placed after its
+    modality's inputs (``masked_place``). Made for targets of one modality (``infer`` refuses
+    others: training numbers each modality's items apart). A given ``no_loss`` decoder slot before
+    the target is an input, as training's streams make it."""
     streams = _streams(sample)
-    encoder = _flatten([_gather(m, streams[m], list(range(len(streams[m]))), INPUT, False) for m in sorted(streams)])
+    encoder = [chunk for m in sorted(streams) for chunk in _gather(m, streams[m], list(range(len(streams[m]))),
+                                                                   INPUT, False)]
     return dataclasses.replace(sample, encoder=encoder, decoder=[])
 
 
-def _flatten(lists: list[list[Chunk]]) -> list[Chunk]:
-    return [chunk for chunks in lists for chunk in chunks]
+def masked_place(sample: Sample, modality: str) -> int:
+    """Where a ``masked_view`` sample places a target of ``modality``: after its modality's
+    inputs, as ``mask_sample`` numbers each modality's positions."""
+    return sum(len(c) for c in sample.encoder if c.modality == modality)

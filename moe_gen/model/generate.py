@@ -25,6 +25,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from moe_gen.masking import masked_place
 from moe_gen.model.grammar import Option, State, TargetGrammar
 from moe_gen.model.transformer import BlockCache
 from moe_gen.routing.tags import TokenTags
@@ -92,12 +93,6 @@ def _with_target(sample: Sample, modality: str, tokens: Optional[list[int]] = No
     if place is not None:
         chunk.position_ids = list(range(place, place + len(chunk)))
     return dataclasses.replace(sample, decoder=[*sample.decoder, chunk])
-
-
-def masked_place(sample: Sample, modality: str) -> int:
-    """Where a masked sample (``masking.masked_view``) places a target of ``modality``: after its
-    modality's inputs, as ``mask_sample`` numbers each modality's positions."""
-    return sum(len(c) for c in sample.encoder if c.modality == modality)
 
 
 @dataclasses.dataclass(frozen=True)
