@@ -67,6 +67,9 @@ def make_parser() -> argparse.ArgumentParser:
                         "dense model's active size)")
     parser.add_argument("--loss-average", choices=LOSS_AVERAGES,
                         help="how token losses are averaged over a batch (TrainConfig.loss_average; default token)")
+    parser.add_argument("--batch-tasks", choices=("mixed", "single"),
+                        help="the generalists' batches: each row's task drawn (mixed, default) or one task per "
+                             "batch (single; TrainConfig.batch_tasks)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
@@ -120,7 +123,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
                  "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length",
-                 "eval_limit", "fit_rows", "ema_decay", "loss_average", "workers", "threads"):
+                 "eval_limit", "fit_rows", "ema_decay", "loss_average", "batch_tasks", "workers",
+                 "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

@@ -442,6 +442,8 @@ def _run_line(config: dict) -> str:
     average = (f" Scored with a running average of the weights (ema_decay {config['ema_decay']:g} for the "
                "generalists, the same share of a specialist's run; the last weights' scores are in quality.json "
                "as scores_last).") if config.get("ema_decay") else ""
+    if config.get("batch_tasks", "mixed") != "mixed":
+        mixing += ", one task per batch"
     if config.get("loss_average", "token") != "token":
         mixing += f", token losses averaged per {config['loss_average']}"
     model = ""

@@ -63,6 +63,9 @@ class BenchConfig:
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
         loss_average: ``TrainConfig.loss_average`` of every run (``token`` or ``sample``).
+        batch_tasks: ``TrainConfig.batch_tasks`` of the generalists: ``mixed`` (each row's task
+            drawn) or ``single`` (one task per batch). A specialist's batches hold its one task
+            either way, so specialists are reusable across it.
         ema_decay: ``TrainConfig.ema_decay`` of the generalists (0: none); a specialist's decay
             averages over the same share of its shorter run (``1 − (1 − d)·steps / its steps``).
             With it, runs are scored with the averaged weights, and their last weights' scores are
@@ -116,6 +119,7 @@ class BenchConfig:
     temperature: float = 2.0
     ema_decay: float = 0.0
     loss_average: str = "token"
+    batch_tasks: str = "mixed"
     pretrained_inputs: bool = False
     bag_of_words: bool = False
     pose_summary: bool = False
@@ -140,6 +144,8 @@ class BenchConfig:
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"BenchConfig.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
                              f"got {self.loss_average!r}")
+        if self.batch_tasks not in ("mixed", "single"):
+            raise ValueError(f"BenchConfig.batch_tasks must be 'mixed' or 'single', got {self.batch_tasks!r}")
         if self.expert_hidden is not None and self.expert_hidden < 1:
             raise ValueError(f"BenchConfig.expert_hidden must be >= 1 (None: the flavour's), got {self.expert_hidden}")
         if not 0 <= self.upcycle_at < 1:
@@ -334,7 +340,8 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str =
     scales = {prefix: scale for prefix, scale in cfg.lr_scales.items() if any(n.startswith(prefix) for n in names)}
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_scales=scales,
                                warmup_steps=min(cfg.warmup_steps, steps // 10), **mixing,
-                               temperature=cfg.temperature, loss_average=cfg.loss_average, seed=seed,
+                               temperature=cfg.temperature, batch_tasks=cfg.batch_tasks,
+                               loss_average=cfg.loss_average, seed=seed,
                                progress=False, tensorboard=False,
                                checkpoint_every=0, ema_decay=_ema_decay(cfg, steps), trainable=trainable,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)

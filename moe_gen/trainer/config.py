@@ -16,6 +16,7 @@ from moe_gen.config import ConfigBase
 __all__ = ["TrainConfig", "MIXING", "TRAINABLE"]
 
 MIXING = ("proportional", "temperature", "uniform", "weights", "all")
+BATCH_TASKS = ("mixed", "single")
 TRAINABLE = ("all", "experts", "routers", "adapters", "new_adapters")
 PRECISIONS = ("fp32", "bf16")
 SHARDING = ("replicate", "fsdp", "hsdp")
@@ -46,6 +47,13 @@ class TrainConfig(ConfigBase):
             (size^(1/τ), T5/mT5), ``uniform``, ``weights`` (``task_weights``), ``all`` (OFASys: every
             task contributes to every micro-batch; the loss is normalised by tokens).
         temperature: τ for ``temperature`` mixing.
+        batch_tasks: what one micro-batch holds: ``mixed`` (each row's task drawn by the mixing
+            weights) or ``single`` (one task per micro-batch, drawn by the same weights, as
+            Uni-Perceiver-MoE gives each GPU one task per step): with ``mixed`` a task of a few
+            percent of the draws has about one row in most batches, so its own parameters (its
+            adapter) take many Adam steps of one-row gradients, each as large as a full batch's;
+            with ``single`` they take about the specialist's steps, over full batches. Not with
+            ``mixing="all"``.
         task_weights: sampling weight per task name for ``weights`` mixing (default 1; a ``Task``'s
             own ``weight`` is used when the name is absent).
         loss_weights: loss weight per task name (tokens of a task count this many times).
@@ -114,6 +122,7 @@ class TrainConfig(ConfigBase):
     seed: int = 0
     mixing: str = "temperature"
     temperature: float = 2.0
+    batch_tasks: str = "mixed"
     task_weights: dict = dataclasses.field(default_factory=dict)
     loss_weights: dict = dataclasses.field(default_factory=dict)
     loss_average: str = "token"
@@ -155,6 +164,10 @@ class TrainConfig(ConfigBase):
             (self.warmup_steps >= 0, f"warmup_steps must be >= 0, got {self.warmup_steps}"),
             (self.mixing in MIXING, f"mixing must be one of {', '.join(MIXING)}; got {self.mixing!r}"),
             (self.temperature > 0, f"temperature must be > 0, got {self.temperature}"),
+            (self.batch_tasks in BATCH_TASKS,
+             f"batch_tasks must be one of {', '.join(BATCH_TASKS)}; got {self.batch_tasks!r}"),
+            (self.batch_tasks == "mixed" or self.mixing != "all",
+             "batch_tasks='single' draws one task per micro-batch; mixing='all' puts every task in each"),
             (self.loss_average in ("token", "sample"),
              f"loss_average must be 'token' or 'sample', got {self.loss_average!r}"),
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),

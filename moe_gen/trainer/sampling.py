@@ -3,7 +3,8 @@
 Every choice is a pure function of (seed, process rank, step, micro-batch) and of the per-task
 cursors, so a resumed run draws exactly the batches an uninterrupted run would have drawn:
 
-    task_T   ~ mixing weights            (random.Random seeded by seed/rank/step/micro)
+    task_T   ~ mixing weights            (random.Random seeded by seed/rank/step/micro; once per
+                                          micro-batch with ``batch_tasks="single"``)
     row      = permutation(task, epoch)[cursor]   (each process walks its own shard of rows)
     keep row if the micro-batch's modality budgets and max_tokens still allow it; otherwise it
     stays first in line for a later batch.
@@ -199,6 +200,11 @@ class TaskSampler:
         # tasks of weight 0 are never drawn (left among the open ones, they were all that was left once
         # the others no longer fitted the budgets, and random.choices refused weights summing to 0)
         open_tasks = [i for i in range(len(self.tasks)) if self.weights[i] > 0]
+        if cfg.batch_tasks == "single":
+            i = rng.choices(open_tasks, weights=[self.weights[j] for j in open_tasks])[0]
+            while len(samples) < cfg.batch_size and self._take(i, samples, used):
+                pass
+            return samples
         tries = 0
         while len(samples) < cfg.batch_size and open_tasks and tries < 4 * cfg.batch_size:
             tries += 1
