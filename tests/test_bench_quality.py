@@ -351,6 +351,31 @@ def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only(
     assert "route their attention output projections too." in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
 
 
+def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypatch):
+    import torch
+
+    import moe_gen.trainer
+    from moe_gen.quality import runner
+    from moe_gen.quality.report import _run_line
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, tasks, config, **kwargs):
+            seen.append(config.batch_tasks)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(moe_gen.trainer, "Trainer", Recorder)
+    cfg = runner.BenchConfig(batch_tasks="single")
+    with pytest.raises(RuntimeError, match="stop here"):
+        runner._fit(cfg, torch.nn.Linear(1, 1), [], 3, 0)
+    assert seen == ["single"]
+    assert "one task per batch" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
+    assert "one task per batch" not in _run_line({**dataclasses.asdict(runner.BenchConfig()), "seeds": [0]})
+    with pytest.raises(ValueError, match="batch_tasks must be 'mixed' or 'single'"):
+        runner.BenchConfig(batch_tasks="task")
+
+
 def test_lr_scales_apply_to_every_system():
     """Specialists trained at the plain rate while the generalists' adapters had their multipliers
     (the doc-topic specialist's 0.510 became 0.633 at the generalists' ×6)."""
@@ -516,14 +541,14 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
             "--mixing", "uniform", "--temperature", "3", "--batch-size", "8", "--lr", "1e-3",
             "--lr-scale", "adapters.bag_of_words=6", "--lr-scale", "adapters.pose_summary=3", "--flavour", "tiny",
             "--num-experts", "4", "--expert-hidden", "96", "--moe-attention", "--loss-average", "sample",
-            "--ema-decay", "0.99", "--bag-of-words",
+            "--batch-tasks", "single", "--ema-decay", "0.99", "--bag-of-words",
             "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
             "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
             "--threads", "1", "--tasks", "doc_topic", "motion_classification", "--out", str(tmp_path)]
     config = bench.config_from_args(parser, parser.parse_args(argv))
     expected = dict(systems=("dense", "attribute"), specialists=False, seeds=(6, 7), steps=120, mixing="uniform",
                     temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
-                    moe_attention=True, loss_average="sample", ema_decay=0.99,
+                    moe_attention=True, loss_average="sample", batch_tasks="single", ema_decay=0.99,
                     bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
                     fit_rows=10, workers=2,
                     threads=1, tasks=("doc_topic", "motion_classification"), output_dir=str(tmp_path),

@@ -77,6 +77,26 @@ def test_sampled_task_shares_match_the_weights(tasks, tok):
     assert counts[NAMES[1]] / total == pytest.approx(0.25, abs=0.06)
 
 
+def test_single_task_batches_hold_one_task_each_drawn_by_the_weights(tasks, tok):
+    config = quiet(mixing="weights", task_weights={NAMES[0]: 2.0, NAMES[1]: 1.0, NAMES[2]: 1.0}, batch_size=8,
+                   batch_tasks="single")
+    sampler = TaskSampler(tasks, tok, config)
+    batches = [sampler.next_batch(step) for step in range(1, 121)]
+    assert all(len(batch) == 8 and len({s.task for s in batch}) == 1 for batch in batches)
+    shares = collections.Counter(batch[0].task for batch in batches)
+    assert shares[NAMES[0]] / 120 == pytest.approx(0.5, abs=0.12)
+    assert shares[NAMES[1]] / 120 == pytest.approx(0.25, abs=0.12)
+    # a budget cuts a one-task batch short instead of filling it with another task's rows
+    speech = load_preset("spoken_word_classification", "train", limit=30)
+    capped = TaskSampler([speech], tok, quiet(batch_size=12, batch_tasks="single", modality_budget={"AUDIO": 40}))
+    batch = capped.next_batch(1)
+    assert 1 <= len(batch) < 12 and sum(sample_modality_tokens(s)["AUDIO"] for s in batch) <= 40
+    with pytest.raises(ValueError, match="batch_tasks must be one of mixed, single"):
+        TrainConfig(batch_tasks="task")
+    with pytest.raises(ValueError, match="mixing='all' puts every task in each"):
+        TrainConfig(batch_tasks="single", mixing="all")
+
+
 def test_all_mixing_puts_every_task_in_every_batch(tasks, tok):
     sampler = TaskSampler(tasks, tok, quiet(mixing="all", batch_size=6))
     for step in range(1, 6):
@@ -126,8 +146,9 @@ def test_modality_budget_caps_positions_per_micro_batch(tok):
         TaskSampler([speech], tok, quiet(modality_budget={"SMELL": 3}))
 
 
-def test_sampler_state_restores_the_exact_sequence(tasks, tok):
-    config = quiet(batch_size=7)
+@pytest.mark.parametrize("batch_tasks", ["mixed", "single"])
+def test_sampler_state_restores_the_exact_sequence(tasks, tok, batch_tasks):
+    config = quiet(batch_size=7, batch_tasks=batch_tasks)
     a = TaskSampler(tasks, tok, config)
     for step in range(1, 6):
         a.next_batch(step)
