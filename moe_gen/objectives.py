@@ -14,7 +14,7 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
-from moe_gen.model.model import GeneralistModel
+from moe_gen.model.model import GeneralistModel, summed_aux_losses
 from moe_gen.registry import Registry
 from moe_gen.routing.tags import PASSES
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
@@ -106,18 +106,25 @@ class GenerativeObjective(Objective):
         if scored.any():
             ce_N = smoothed_cross_entropy(logits[scored], batch.labels[scored], self.model.config.label_smoothing)
             task_N = task_BL[scored]
-            w_N = self._token_weights(batch, scored, task_N)
-            parts["token_loss"] = ce_N.mean() if w_N is None else (ce_N * w_N).sum() / w_N.sum().clamp_min(1e-12)
+            parts["token_loss"] = self._token_mean(batch, scored, task_N, ce_N)
             parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
             _add_per_task(per_task, task_N, ce_N.detach())
         frame_terms = []
         for name, predicted in out.frames.items():
             target = batch.frame_targets[name]
-            frame_terms.append(F.l1_loss(predicted.float(), target.float()))
-            stop = F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name])
-            frame_terms.append(stop)
+            task_R = task_BL.reshape(-1)[batch.frame_index[name]]
+            if self.task_weights:  # each row's L1 and stop loss times its task's weight, over the rows
+                w_R = self._weight_of_task.to(task_R.device)[task_R]
+                l1_R = (predicted.float() - target.float()).abs().mean(-1)
+                stop_R = F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name],
+                                                            reduction="none")
+                frame_terms += [(w_R * l1_R).mean(), (w_R * stop_R).mean()]
+            else:
+                frame_terms.append(F.l1_loss(predicted.float(), target.float()))
+                frame_terms.append(F.binary_cross_entropy_with_logits(out.stop_logits[name].float(),
+                                                                      batch.frame_stop[name]))
             row_error = (predicted.detach().float() - target.float()).abs().mean(-1)
-            _add_per_task(per_task, task_BL.reshape(-1)[batch.frame_index[name]], row_error)
+            _add_per_task(per_task, task_R, row_error)
         if frame_terms:
             parts["frame_loss"] = torch.stack(frame_terms).sum()
         names = self.model.config.tasks
@@ -129,10 +136,12 @@ class GenerativeObjective(Objective):
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
 
-    def _token_weights(self, batch: Batch, scored_BL: torch.Tensor, task_N: torch.Tensor) -> Optional[torch.Tensor]:
-        """Weight of each scored token in the batch's mean (None: all equal): its task's loss weight,
-        divided by its sample's number of scored tokens with ``loss_average="sample"``."""
-        w_N = self._weight_of_task.to(task_N.device)[task_N] if self.task_weights else None
+    def _token_mean(self, batch: Batch, scored_BL: torch.Tensor, task_N: torch.Tensor,
+                    ce_N: torch.Tensor) -> torch.Tensor:
+        """The batch's token cross-entropy: the mean over scored tokens (``loss_average="token"``)
+        or over samples of each sample's mean (``"sample"``), every token times its task's loss
+        weight. The weights scale the sum, not the count it is divided by, so a weighted task's loss
+        is larger whatever else the batch holds (a batch of one task included)."""
         if self.loss_average == "sample":
             # A sample is a (row, sample-in-row) pair: packed rows hold several.
             sample_BL = batch.decoder.tags.sample
@@ -140,9 +149,15 @@ class GenerativeObjective(Objective):
             row_BL = torch.arange(B, device=scored_BL.device).unsqueeze(1).expand(B, L)
             key_N = (row_BL * (int(sample_BL.max()) + 1) + sample_BL)[scored_BL]
             _, inverse_N, counts = torch.unique(key_N, return_inverse=True, return_counts=True)
-            per_sample_N = 1.0 / counts[inverse_N].float()
-            w_N = per_sample_N if w_N is None else w_N * per_sample_N
-        return w_N
+            base_N = 1.0 / counts[inverse_N].float()
+        else:
+            base_N = None
+        if self.task_weights:
+            w_N = self._weight_of_task.to(task_N.device)[task_N]
+            base_N = w_N if base_N is None else base_N * w_N
+            count = len(ce_N) if self.loss_average == "token" else int(counts.numel())
+            return (ce_N * base_N).sum() / count
+        return ce_N.mean() if base_N is None else (ce_N * base_N).sum() / base_N.sum()
 
 
 def smoothed_cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -218,16 +233,34 @@ class ContrastiveObjective(Objective):
         text_BD = F.normalize(model.contrastive_text(_masked_mean(text.hidden, side.is_token)), dim=-1)
         scale = model.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the temperature
         logits_BB = scale * image_BD @ text_BD.t()
-        targets = torch.arange(logits_BB.shape[0], device=logits_BB.device)
-        contrastive = 0.5 * (F.cross_entropy(logits_BB, targets) + F.cross_entropy(logits_BB.t(), targets))
+        # Rows with the same target text are each other's positives (a caption given to several
+        # images is not a negative of itself): each direction's loss is −log of the softmax mass
+        # on the row's positives, which is the plain InfoNCE when every text is distinct.
+        same_BB = _same_rows(side.tokens)
+        contrastive = 0.5 * (_multi_positive_nce(logits_BB, same_BB) + _multi_positive_nce(logits_BB.t(), same_BB))
         # Every routing loss counts once, unweighted: the encoder's and the causal decoder pass's
         # (in ``out``, also inside the caption loss, taken out of it here) and the contrastive pass's.
         routing = sum(out.aux_losses.values(), logits_BB.sum() * 0.0)
         aux = sum((o.aux_loss for o in text.moe_outputs), routing)
         loss = self.caption_weight * (caption["loss"] - routing) + self.contrastive_weight * contrastive + aux
-        retrieval = (logits_BB.argmax(1) == targets).float().mean().detach()
-        return {**caption, "loss": loss, "caption_loss": caption["loss"].detach(), "contrastive_loss": contrastive,
-                "retrieval_accuracy": retrieval}
+        parts = {**caption, "loss": loss, "caption_loss": caption["loss"].detach(),
+                 "contrastive_loss": contrastive.detach(), "aux_loss": aux.detach(),
+                 **{f"aux/contrastive_pass/{k}": v.detach() for k, v in summed_aux_losses(text.moe_outputs).items()}}
+        if len(torch.unique(side.tokens, dim=0)) > 1:  # with one distinct text every retrieval is right
+            # right when the retrieved text is the row's own, or the same text as another row's
+            parts["retrieval_accuracy"] = same_BB.gather(1, logits_BB.argmax(1, keepdim=True)).float().mean().detach()
+        return parts
+
+
+def _same_rows(tokens_BL: torch.Tensor) -> torch.Tensor:
+    """``[B, B]``: True where rows ``i`` and ``j`` hold the same tokens."""
+    return (tokens_BL.unsqueeze(1) == tokens_BL.unsqueeze(0)).all(-1)
+
+
+def _multi_positive_nce(logits_BB: torch.Tensor, positive_BB: torch.Tensor) -> torch.Tensor:
+    """Mean over rows of ``−log Σ_{j positive} softmax(logits_i)_j``."""
+    log_p = logits_BB.float().log_softmax(-1)
+    return -(log_p.masked_fill(~positive_BB, float("-inf")).logsumexp(-1)).mean()
 
 
 @OBJECTIVES.register("masked")

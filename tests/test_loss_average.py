@@ -57,7 +57,31 @@ def test_task_weights_combine_with_the_sample_average(setup):
     objective = GenerativeObjective(model, task_weights={"doc_topic": 3.0}, loss_average="sample")
     with torch.no_grad():
         loss = objective(batch)["loss"]
-    torch.testing.assert_close(loss, (own * weights).sum() / weights.sum(), rtol=1e-5, atol=1e-6)
+    # the weights scale the sum, not the count: a weighted task's loss grows whatever else the batch holds
+    torch.testing.assert_close(loss, (own * weights).sum() / len(samples), rtol=1e-5, atol=1e-6)
+
+
+def test_a_task_weight_scales_its_loss_even_in_a_batch_of_that_task_alone(setup):
+    """The weighted mean divided by the weights' sum cancelled a weight in one-task batches
+    (``batch_tasks="single"``) and for a task alone in its objective's group."""
+    tok, model, samples = setup
+    alone = collate([s for s in samples if s.task == "doc_topic"], tok, model.task_ids)
+    mixed = collate(samples, tok, model.task_ids)
+    scored = mixed.labels != -100
+    for average in ("token", "sample"):
+        plain = _loss(model, alone, average)
+        weighted = GenerativeObjective(model, task_weights={"doc_topic": 3.0}, loss_average=average)
+        with torch.no_grad():
+            torch.testing.assert_close(weighted(alone)["loss"], 3 * plain, rtol=1e-5, atol=1e-6)
+            # token average over a mixed batch: doc_topic's tokens three times, the count unweighted
+            if average == "token":
+                parts = weighted(mixed)  # task_loss/<task>: that task's mean token cross-entropy
+                tokens = {s.task: 0 for s in samples}
+                for row, sample in enumerate(samples):
+                    tokens[sample.task] += int(scored[row].sum())
+                expected = sum((3.0 if t == "doc_topic" else 1.0) * parts[f"task_loss/{t}"] * n
+                               for t, n in tokens.items()) / scored.sum()
+                torch.testing.assert_close(parts["token_loss"], expected, rtol=1e-5, atol=1e-6)
 
 
 def test_unknown_loss_average_is_refused(setup):

@@ -61,11 +61,16 @@ class ModelOutput:
 
     @functools.cached_property
     def aux_losses(self) -> dict[str, torch.Tensor]:
-        aux: dict[str, torch.Tensor] = {}
-        for moe_out in self.moe_outputs:
-            for name, value in moe_out.aux_losses.items():
-                aux[name] = aux[name] + value if name in aux else value
-        return aux
+        return summed_aux_losses(self.moe_outputs)
+
+
+def summed_aux_losses(moe_outputs) -> dict[str, torch.Tensor]:
+    """The named auxiliary losses of MoE layers' outputs, summed by name."""
+    aux: dict[str, torch.Tensor] = {}
+    for moe_out in moe_outputs:
+        for name, value in moe_out.aux_losses.items():
+            aux[name] = aux[name] + value if name in aux else value
+    return aux
 
 
 @dataclasses.dataclass

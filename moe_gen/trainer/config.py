@@ -56,7 +56,10 @@ class TrainConfig(ConfigBase):
             ``mixing="all"``.
         task_weights: sampling weight per task name for ``weights`` mixing (default 1; a ``Task``'s
             own ``weight`` is used when the name is absent).
-        loss_weights: loss weight per task name (tokens of a task count this many times).
+        loss_weights: loss weight per task name: a task's token cross-entropy (and its frame
+            rows' L1 and stop losses) is multiplied by it inside the batch's mean, whose count stays
+            unweighted, so the weight acts whatever else the batch holds (one-task batches and
+            tasks alone in their objective included). 0 leaves the task's loss out.
         loss_average: how the token cross-entropy is averaged over a micro-batch: ``token`` (every
             scored token once: long answers, such as a detection's boxes, outweigh one-token
             labels) or ``sample`` (each sample's mean first, then the samples': every sample weighs
@@ -176,6 +179,9 @@ class TrainConfig(ConfigBase):
             (self.expert_parallel >= 1, f"expert_parallel must be >= 1, got {self.expert_parallel}"),
             (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}; got {self.sharding!r}"),
             (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),
+            (self.masked_input_budget >= 0 and self.masked_target_budget >= 1,
+             f"masked_input_budget must be >= 0 and masked_target_budget >= 1 (positions a sample shows and "
+             f"predicts), got {self.masked_input_budget} and {self.masked_target_budget}"),
             (self.fsdp_unit in ("block", "stack"), f"fsdp_unit must be 'block' or 'stack', got {self.fsdp_unit!r}"),
             (self.keep_checkpoints >= 1, f"keep_checkpoints must be >= 1, got {self.keep_checkpoints}"),
             (self.max_failed_checkpoints >= 1,

@@ -393,6 +393,7 @@ class Trainer:
         for sample in samples:
             groups[objective_of[sample.task]].append(sample)
         parts: dict[str, float] = {}
+        shares: dict[str, float] = {}  # of the groups that returned each part
         positions: collections.Counter = collections.Counter()
         loss = torch.zeros((), device=self.device)
         names = sorted(groups)
@@ -413,9 +414,12 @@ class Trainer:
             loss = loss + group_loss.detach()
             for key, value in out.items():
                 if key != "loss" and torch.is_tensor(value) and value.numel() == 1:
-                    # per-task parts belong to one group; shared parts are weighted by its share
+                    # per-task parts belong to one group; the others are averaged over the groups that
+                    # returned them, by their shares (a part of one objective is not diluted by the rest)
                     weight = 1.0 if key.startswith("task_loss/") else share
                     parts[key] = parts.get(key, 0.0) + float(value.detach()) * weight
+                    shares[key] = shares.get(key, 0.0) + weight
+        parts = {key: value / shares[key] for key, value in parts.items()}
         finite = not distributed.any_true(not bool(torch.isfinite(loss)))
         parts["loss"] = float(loss)
         return parts, positions, finite
