@@ -64,7 +64,8 @@ def test_contrastive_parts_report_what_the_loss_holds(tok):
         out = objective(collate(first[:2] + [other], tok, model.task_ids))
         # the reported auxiliary loss is every routing loss in the total: both passes
         forward_aux = sum(float(v) for k, v in out.items() if k.startswith("aux/") and "contrastive_pass" not in k)
-        expected = float(out["loss"]) - 2.0 * (float(out["caption_loss"]) - forward_aux) - float(out["contrastive_loss"])
+        caption = 2.0 * (float(out["caption_loss"]) - forward_aux)
+        expected = float(out["loss"]) - caption - float(out["contrastive_loss"])
         assert float(out["aux_loss"]) == pytest.approx(expected, rel=1e-4, abs=1e-6)
         assert any(k.startswith("aux/contrastive_pass/") for k in out)
         assert not out["contrastive_loss"].requires_grad
@@ -92,7 +93,8 @@ def test_a_part_one_objective_returns_is_logged_at_its_own_value(tok, tmp_path):
 
         def __call__(self, batch):
             out = contrastive(batch)
-            returned.append({k: float(out[k].detach()) for k in ("contrastive_loss", "token_loss")} | {"rows": len(batch.tasks)})
+            parts = {k: float(out[k].detach()) for k in ("contrastive_loss", "token_loss")}
+            returned.append({**parts, "rows": len(batch.tasks)})
             return out
 
     trainer.objectives["contrastive"] = Spy()
