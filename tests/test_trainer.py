@@ -391,6 +391,21 @@ def test_resume_with_only_a_partial_checkpoint_starts_fresh(tasks, tok, tmp_path
     assert trainer.step == 0 and trainer.resumed_from is None and not partial.exists()
 
 
+def test_resume_without_the_latest_pointer_takes_the_highest_complete_checkpoint(tasks, tok, tmp_path, caplog):
+    """Without ``latest`` (a run stopped between a checkpoint's rename and the pointer's write, or
+    folders copied without it) resume=True deleted every complete checkpoint and started at step 0."""
+    config = dict(batch_size=4, checkpoint_every=2, keep_checkpoints=5)
+    Trainer(build(tasks, tok), tasks, quiet(steps=4, **config), output_dir=str(tmp_path)).fit()
+    checkpoints = tmp_path / "checkpoints"
+    (checkpoints / "latest").unlink()
+    (checkpoints / "step-0000006.partial").mkdir()  # a torn write of a later step is not taken
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        trainer = Trainer(build(tasks, tok), tasks, quiet(steps=6, **config), output_dir=str(tmp_path), resume=True)
+    assert trainer.step == 4 and trainer.resumed_from.endswith("step-0000004")
+    assert "no 'latest' file" in caplog.text and (checkpoints / "step-0000002" / "trainer.json").exists()
+    trainer.close()
+
+
 def test_the_optimizer_uses_the_fused_kernel_only_on_plain_parameters(tasks, tok, tmp_path):
     from moe_gen.trainer.trainer import _fusable
 

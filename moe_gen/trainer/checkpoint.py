@@ -58,10 +58,18 @@ def write_json_atomic(path: str, data: Any) -> None:
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
-    """The newest complete checkpoint directory under ``root`` (None if there is none)."""
+    """The newest complete checkpoint directory under ``root`` (None if there is none): the one
+    ``latest`` names, or without that file (a run stopped between a checkpoint's rename and the
+    pointer's write, folders copied without it) the highest ``step-N`` holding ``trainer.json``."""
     pointer = os.path.join(root, LATEST)
     if not os.path.exists(pointer):
-        return None
+        complete = sorted((name for name in (os.listdir(root) if os.path.isdir(root) else ())
+                           if _is_checkpoint_name(name) and os.path.isfile(os.path.join(root, name, "trainer.json"))),
+                          key=lambda name: int(name[5:]))
+        if not complete:
+            return None
+        logger.warning("%s has no %r file; taking the highest complete checkpoint, %s", root, LATEST, complete[-1])
+        return os.path.join(root, complete[-1])
     with open(pointer) as f:
         name = f.read().strip()
     path = os.path.join(root, name)
