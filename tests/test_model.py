@@ -103,6 +103,24 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(mixed, tok, tmp_path):
         assert torch.equal(loaded(batch).logits, model(batch).logits)
 
 
+def test_a_model_saved_with_a_backend_this_machine_cannot_run_loads_with_auto(mixed, tok, tmp_path, monkeypatch):
+    """A model trained and saved with the Triton backend on a GPU could not be loaded on a CPU
+    machine at all ("use backend='torch'", which from_pretrained gave no way to do)."""
+    if torch.cuda.is_available():
+        pytest.skip("Triton runs here")
+    monkeypatch.delenv("TRITON_INTERPRET", raising=False)
+    tasks, samples = mixed
+    model = build(tasks, tok, router=RouterConfig(strategy="attribute")).eval()
+    model.config = model.config.with_moe(backend="triton")  # what set_backend("triton") records on a GPU
+    model.save_pretrained(str(tmp_path))
+    with pytest.warns(UserWarning, match="saved with dispatch backend 'triton', which cannot run here"):
+        loaded = GeneralistModel.from_pretrained(str(tmp_path)).eval()
+    assert loaded.config.moe.backend == "auto"
+    batch = collate(samples, tok, model.task_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(batch).logits, model(batch).logits)
+
+
 def test_merged_inference_equals_unmerged_for_tag_routing(mixed, tok, tmp_path):
     tasks, samples = mixed
     model = build(tasks, tok, router=RouterConfig(strategy="attribute"), attention=True).eval()

@@ -16,6 +16,7 @@ import os
 import shutil
 import threading
 import types
+import warnings
 from typing import Mapping, Optional, Sequence
 
 import torch
@@ -62,6 +63,25 @@ class ModelOutput:
     @functools.cached_property
     def aux_losses(self) -> dict[str, torch.Tensor]:
         return summed_aux_losses(self.moe_outputs)
+
+
+def _runnable_backend(config: ModelConfig, config_path: str) -> ModelConfig:
+    """``config`` with its saved dispatch backend, or ``auto`` (with a warning) when that backend
+    cannot run here (a model saved with ``triton`` read on a machine without CUDA): every backend
+    computes the same function, so the weights load either way. An unknown name stays, refused
+    when the model is built."""
+    from moe_gen.experts.dispatch import BACKENDS, make_backend
+
+    name = config.moe.backend
+    if name in ("auto", "merged") or name not in BACKENDS:
+        return config
+    try:
+        make_backend(name)
+    except ValueError as exc:
+        warnings.warn(f"{config_path}: saved with dispatch backend {name!r}, which cannot run here ({exc}); "
+                      "loading with 'auto'", UserWarning, stacklevel=3)
+        return config.with_moe(backend="auto")
+    return config
 
 
 def summed_aux_losses(moe_outputs) -> dict[str, torch.Tensor]:
@@ -456,6 +476,7 @@ class GeneralistModel(nn.Module):
         except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(f"{directory}: cannot load the tokenizer: "
                              f"{type(exc).__name__}: {exc}") from None
+        config = _runnable_backend(config, config_path)
         try:
             model = cls(config, tokenizer)
         except (ValueError, TypeError, ArithmeticError, RuntimeError) as exc:
