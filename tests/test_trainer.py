@@ -6,6 +6,7 @@ from __future__ import annotations
 import collections
 import json
 
+import numpy as np
 import pytest
 import torch
 from helpers import flavour_with
@@ -404,6 +405,23 @@ def test_resume_without_the_latest_pointer_takes_the_highest_complete_checkpoint
     assert trainer.step == 4 and trainer.resumed_from.endswith("step-0000004")
     assert "no 'latest' file" in caplog.text and (checkpoints / "step-0000002" / "trainer.json").exists()
     trainer.close()
+
+
+def test_a_resumed_run_takes_its_own_adamw_settings_and_names_those_that_changed(tasks, tok, tmp_path, caplog):
+    """A resumed run followed a new ``lr`` but kept the checkpoint's weight decay, betas and eps
+    without a word."""
+    Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4, weight_decay=0.01, betas=(0.9, 0.98), eps=1e-8),
+            output_dir=str(tmp_path)).fit()
+    new = quiet(steps=4, batch_size=4, weight_decay=0.3, betas=(0.8, 0.9), eps=1e-6)
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        resumed = Trainer(build(tasks, tok), tasks, new, output_dir=str(tmp_path), resume=True)
+    fresh = Trainer(build(tasks, tok), tasks, new, output_dir=str(tmp_path / "fresh"))
+    for key in ("weight_decay", "betas", "eps"):
+        assert [list(np.atleast_1d(g[key])) for g in resumed.optimizer.param_groups] == \
+            [list(np.atleast_1d(g[key])) for g in fresh.optimizer.param_groups], key
+    assert "AdamW settings differ" in caplog.text and "eps 1e-08 → 1e-06" in caplog.text
+    resumed.close()
+    fresh.close()
 
 
 def test_the_optimizer_uses_the_fused_kernel_only_on_plain_parameters(tasks, tok, tmp_path):

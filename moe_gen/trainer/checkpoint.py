@@ -132,13 +132,27 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
                       if key.split("::", 1)[0] == name})
         if entry:
             state[index] = entry
-    groups = []
+    groups, changed = [], set()
     for group, hyper in zip(optimizer.param_groups, meta["param_groups"]):
-        # hyper-parameters as saved; the update's implementation (fused kernel or not) as this run chose it
-        kept = {key: group[key] for key in ("fused", "foreach") + (("weight_decay",) if regrouped else ())
-                if key in group}
+        # the update's implementation (fused kernel or not) and AdamW's settings as this run has them,
+        # like its learning rates (``_load_schedule``); the rest as saved
+        kept = {key: group[key] for key in ("fused", "foreach") + RUN_SETTINGS if key in group}
+        changed.update(f"{key} {hyper[key]} → {group[key]}" for key in RUN_SETTINGS
+                       if key in hyper and key in group and _plain(hyper[key]) != _plain(group[key])
+                       and not (regrouped and key == "weight_decay"))
         groups.append({**hyper, **kept, "params": [order.index(names[id(p)]) for p in group["params"]]})
+    if changed:
+        logger.warning("the checkpoint's AdamW settings differ from this run's (%s): training continues with "
+                       "this run's", ", ".join(sorted(changed)))
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+# AdamW settings a resumed run takes from its own config (a warning names those that differ)
+RUN_SETTINGS = ("weight_decay", "betas", "eps")
+
+
+def _plain(value):
+    return list(value) if isinstance(value, (list, tuple)) else value
 
 
 def _load_schedule(optimizer, scheduler, saved: dict) -> None:
