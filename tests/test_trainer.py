@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 
 import numpy as np
 import pytest
@@ -422,6 +423,29 @@ def test_a_resumed_run_takes_its_own_adamw_settings_and_names_those_that_changed
     assert "AdamW settings differ" in caplog.text and "eps 1e-08 → 1e-06" in caplog.text
     resumed.close()
     fresh.close()
+
+
+@pytest.mark.parametrize("file, damage, message", [
+    ("trainer.json", b"{bad json", "trainer.json: cannot read this checkpoint file"),
+    ("model-dense.safetensors", b"torn", "cannot read its model files"),
+    ("optimizer-dense.safetensors", b"torn", "cannot read its optimizer files"),
+    ("optimizer.json", b"[]", "optimizer.json: not a checkpoint file of this package"),
+    ("rank-00000.json", b"{}", "rank-00000.json: not a checkpoint file of this package (no sampler, rng)"),
+])
+def test_a_damaged_checkpoint_is_refused_naming_its_file(tasks, tok, tmp_path, file, damage, message):
+    """Each of these raised the reader's own error (JSONDecodeError, SafetensorError, TypeError,
+    KeyError: 'sampler') without naming the checkpoint file."""
+    Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path)).fit()
+    (tmp_path / "checkpoints" / "step-0000002" / file).write_bytes(damage)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4), output_dir=str(tmp_path), resume=True)
+
+
+def test_a_checkpoint_of_another_model_size_is_refused_as_not_fitting(tasks, tok, tmp_path):
+    Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4), output_dir=str(tmp_path)).fit()
+    wider = build(tasks, tok, d_model=96, num_heads=4)
+    with pytest.raises(ValueError, match="does not fit this model"):
+        Trainer(wider, tasks, quiet(steps=4, batch_size=4), output_dir=str(tmp_path), resume=True)
 
 
 def test_the_optimizer_uses_the_fused_kernel_only_on_plain_parameters(tasks, tok, tmp_path):

@@ -81,8 +81,31 @@ def latest_checkpoint(root: str) -> Optional[str]:
 def read_trainer_state(path: str) -> dict:
     """A checkpoint's ``trainer.json`` (step, tasks, scheduler, counters, config), read without
     touching its weights: what a resume checks before it changes anything."""
-    with open(os.path.join(path, "trainer.json")) as f:
-        return json.load(f)
+    return _read_json(os.path.join(path, "trainer.json"), ("step", "scheduler"))
+
+
+def _read_json(file: str, keys: tuple = ()) -> dict:
+    """The JSON object in ``file``, which must hold ``keys``; ``ValueError`` naming the file when it
+    cannot be read, is not JSON or lacks them (a torn or edited checkpoint)."""
+    try:
+        with open(file, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"{file}: cannot read this checkpoint file ({type(exc).__name__}: {exc})") from None
+    missing = [key for key in keys if not isinstance(data, dict) or key not in data]
+    if missing:
+        raise ValueError(f"{file}: not a checkpoint file of this package (no {', '.join(missing)})")
+    return data
+
+
+def _read_shards(path: str, prefix: str, target) -> dict:
+    """``distributed.load_shards`` with a torn or foreign file reported as ``ValueError`` naming it."""
+    try:
+        return distributed.load_shards(path, prefix, target)
+    except (ValueError, FileNotFoundError):
+        raise
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+        raise ValueError(f"checkpoint {path}: cannot read its {prefix} files ({type(exc).__name__}: {exc})") from None
 
 
 def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]:
@@ -291,27 +314,27 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
     resumed weights); returns the trainer state dict (with ``step``, the last completed step)."""
     rank = distributed.world_info().rank
     trainer_state = read_trainer_state(path)
-    weights = like_model(model, distributed.load_shards(path, "model", plan if plan is not None else model))
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    weights = like_model(model, _read_shards(path, "model", plan if plan is not None else model))
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # a tensor of another shape
+        raise ValueError(f"checkpoint {path} does not fit this model: {exc}") from None
     if missing or unexpected:
         hint = ("; a run started before location features were in the flavours resumes with "
                 "--model.location_frequencies 0" if "location_embedding.weight" in missing else "")
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}{hint}")
-    with open(os.path.join(path, "optimizer.json")) as f:
-        meta = json.load(f)
-    _load_optimizer(model, optimizer, distributed.load_shards(path, "optimizer", plan if plan is not None else model),
-                    meta)
+    meta = _read_json(os.path.join(path, "optimizer.json"), ("group_params", "param_groups", "scalars"))
+    _load_optimizer(model, optimizer, _read_shards(path, "optimizer", plan if plan is not None else model), meta)
     _load_schedule(optimizer, scheduler, trainer_state["scheduler"])
     rank_file = os.path.join(path, f"rank-{rank:05d}.json")
     if not os.path.exists(rank_file):
         raise ValueError(f"checkpoint {path} has no state for process {rank} (it was written by fewer processes); "
                          "resume with the same number of processes, or load only the weights")
-    with open(rank_file) as f:
-        rank_state = json.load(f)
+    rank_state = _read_json(rank_file, ("sampler", "rng"))
     sampler.load_state_dict(rank_state["sampler"])
     _set_rng_state(rank_state["rng"])
     if average is not None and "averaged_steps" in trainer_state:
-        average.module.load_state_dict(distributed.load_shards(path, "average", model))
+        average.module.load_state_dict(_read_shards(path, "average", model))
         average.n_averaged.fill_(int(trainer_state["averaged_steps"]))
     return trainer_state
