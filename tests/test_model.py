@@ -4,6 +4,7 @@ derives: test_merged_inference.py)."""
 
 from __future__ import annotations
 
+import os
 import random
 import warnings
 
@@ -101,6 +102,17 @@ def test_save_and_load_reproduce_outputs_bit_for_bit(mixed, tok, tmp_path):
     assert loaded.config == model.config and loaded.config.tasks == tuple(t.name for t in tasks)
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
+
+
+def test_saving_into_the_working_directory_keeps_it(mixed, tok, tmp_path, monkeypatch):
+    """save_pretrained(".") swapped the whole folder, leaving the process in a deleted directory."""
+    tasks, _ = mixed
+    model = build(tasks, tok).eval()
+    model.save_pretrained(str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    model.save_pretrained(".")  # a second save: the folder holds only model files
+    assert os.getcwd() == str(tmp_path) and os.path.exists("config.json")
+    assert GeneralistModel.from_pretrained(".").config == model.config
 
 
 def test_a_model_saved_with_a_backend_this_machine_cannot_run_loads_with_auto(mixed, tok, tmp_path, monkeypatch):

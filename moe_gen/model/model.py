@@ -65,6 +65,16 @@ class ModelOutput:
         return summed_aux_losses(self.moe_outputs)
 
 
+def _holds_cwd(directory: str) -> bool:
+    """Whether the process's working directory is ``directory`` or inside it."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except FileNotFoundError:
+        return False
+    directory = os.path.realpath(directory)
+    return cwd == directory or cwd.startswith(directory.rstrip(os.sep) + os.sep)
+
+
 def _runnable_backend(config: ModelConfig, config_path: str) -> ModelConfig:
     """``config`` with its saved dispatch backend, or ``auto`` (with a warning) when that backend
     cannot run here (a model saved with ``triton`` read on a machine without CUDA): every backend
@@ -417,7 +427,8 @@ class GeneralistModel(nn.Module):
         which then replaces ``directory`` whole, so a failed save (full disk) leaves ``directory`` as
         it was and raises. A ``directory`` holding other files too keeps them; there the model's
         files are replaced one by one (each atomically), and those of a tokenizer of another kind
-        saved there before are removed (``MODEL_FILES``)."""
+        saved there before are removed (``MODEL_FILES``), and so are they where ``directory`` is (or
+        holds) the working directory, which a whole-folder swap would leave deleted."""
         from safetensors.torch import save_file
 
         directory = os.path.abspath(directory)
@@ -435,7 +446,7 @@ class GeneralistModel(nn.Module):
                     os.fsync(f.fileno())
             if not os.path.exists(directory):
                 os.replace(tmp, directory)
-            elif set(os.listdir(directory)) <= {*MODEL_FILES, *written}:
+            elif set(os.listdir(directory)) <= {*MODEL_FILES, *written} and not _holds_cwd(directory):
                 old = f"{directory}.old-{os.getpid()}"
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(directory, old)
