@@ -203,6 +203,10 @@ class TrainConfig(ConfigBase):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
+        self._check_mappings()
+
+    def _check_mappings(self) -> None:
+        """The values of the fields keyed by task, parameter prefix or modality."""
         for name in ("task_weights", "loss_weights"):
             for task, weight in getattr(self, name).items():
                 if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight >= 0:
