@@ -32,7 +32,7 @@ from moe_gen.routing.tags import TokenTags
 from moe_gen.tasks.batch import Side, collate
 from moe_gen.tasks.plan import TARGET, Chunk, Sample
 
-__all__ = ["Prediction", "Sampling", "TextRules", "generate", "rank", "beam_search"]
+__all__ = ["Prediction", "Sampling", "TextRules", "generate", "rank", "beam_search", "check_search"]
 
 
 @dataclasses.dataclass
@@ -146,7 +146,8 @@ class TextRules:
 
     Attributes:
         no_repeat_ngram: n > 0 forbids a token that would repeat an n-gram of the value so far.
-        min_length: a value ends (its EOS, or the answer's) only after this many tokens.
+        min_length: a value ends only after this many tokens, whatever would end it: its EOS, the
+            answer's, or the start of the next slot (the next box or label, another item).
     """
 
     no_repeat_ngram: int = 0
@@ -159,12 +160,14 @@ class TextRules:
                 raise ValueError(f"{name} must be an integer >= 0 (0: off), got {value!r}")
 
     def allowed(self, grammar: TargetGrammar, state: State, options: list[Option]) -> list[Option]:
-        """``options`` without those ending a free-text value shorter than ``min_length``."""
+        """``options`` without those ending a free-text value shorter than ``min_length``: of an
+        unfinished value, every option but its next token (``content``) ends it, a ``start`` of
+        the next slot as much as an EOS."""
         if not self.min_length or state.complete or grammar.kinds[state.slot] != "text" \
                 or state.length >= self.min_length:
             return options
-        going_on = [o for o in options if o.action not in ("close", "end")]
-        return going_on or options  # never a dead end
+        going_on = [o for o in options if o.action == "content"]
+        return going_on or options  # never a dead end (a value at its max_length ends anyway)
 
     def banned(self, grammar: TargetGrammar, state: State) -> list[int]:
         """Tokens that would repeat an n-gram of the free-text value being decoded."""
@@ -179,6 +182,40 @@ class TextRules:
 
 
 _NO_RULES = TextRules()
+
+
+def check_search(plan, *, beams: int = 1, candidates: Optional[Sequence[str]] = None) -> None:
+    """Refuses search arguments that would otherwise run something else than asked, silently.
+
+    Args:
+        plan: the task's ``TaskPlan``.
+        beams: beams of the search (1: greedy decoding).
+        candidates: answers to rank instead of generating (None: generate).
+
+    Raises:
+        ValueError: naming the task and the value, for ``beams`` that is not an integer >= 1, and
+            ``candidates`` that are a single string (each character would be ranked), empty, not
+            strings, or given for a task whose answer is not one text value: a candidate is scored
+            as the tokens of the first target and then the answer's EOS, so for a box, image or
+            frame target, or for several targets, its score would not be the answer's likelihood.
+    """
+    if isinstance(beams, bool) or not isinstance(beams, int) or beams < 1:
+        raise ValueError(f"task {plan.name!r}: beams must be an integer >= 1 (1: greedy decoding), got {beams!r}")
+    if candidates is None:
+        return
+    if isinstance(candidates, (str, bytes)):
+        raise ValueError(f"task {plan.name!r}: candidates must be a list of answers, got the string "
+                         f"{candidates!r} (each of its characters would be ranked); pass [{candidates!r}]")
+    if not isinstance(candidates, Sequence) or len(candidates) == 0:
+        raise ValueError(f"task {plan.name!r}: candidates must be a non-empty list of answers, got {candidates!r}")
+    wrong = [c for c in candidates if not isinstance(c, str)]
+    if wrong:
+        raise ValueError(f"task {plan.name!r}: candidates must be strings, got {wrong[0]!r}")
+    targets = [p for p in plan.templates[0][1] if p.loss]
+    if len(targets) != 1 or targets[0].decode is None or targets[0].decode.kind not in ("text", "closed_set"):
+        kinds = ", ".join(f"{p.slot} ({p.decode.kind if p.decode is not None else 'given'})" for p in targets)
+        raise ValueError(f"task {plan.name!r}: candidates rank answers of one text target; this task's targets "
+                         f"are {kinds}: decode it with generation or beams instead")
 
 
 @torch.no_grad()
@@ -219,7 +256,9 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
                 pass_name: str = "generative") -> list[Prediction]:
     """Beam search over token answers (every target slot, constrained like ``generate``): the
     ``beams`` best partial answers by summed log-probability; an answer that ends retires, and the
-    finished ones are ranked by score / length^length_penalty. ``pass_name``: as in ``generate``."""
+    finished ones are ranked by score / length^length_penalty. ``pass_name``: as in ``generate``.
+    Raises ``ValueError`` for ``beams`` below 1 (``check_search``) and frame targets."""
+    check_search(plan, beams=beams)
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
                             modality_ids=model.modality_ids)
     kind = grammar.slots[grammar.first].decode.kind
@@ -467,16 +506,16 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
     log-probabilities (EOS included) given the input, teacher-forced in one batch per sample.
     ``text`` is the best candidate, ``scores`` all of them (retrieval, multiple choice).
     ``pass_name``: as in ``generate``; with ``masked`` a candidate is scored without EOS, which
-    the masked objective never predicts."""
+    the masked objective never predicts. Raises ``ValueError`` for candidates ``check_search``
+    refuses (a single string, none, a task whose answer is not one text value)."""
+    from moe_gen.tasks.modalities.text import slot_token_ids
+
+    check_search(plan, candidates=candidates)
+    candidates = list(candidates)
     tok = model.tokenizer
     target = next(p for p in plan.templates[0][1] if p.loss)
     end = [] if pass_name == "masked" else [tok.eos_id]
-    if target.decode is not None and target.decode.kind in ("text", "closed_set"):  # as the slot trains its text
-        from moe_gen.tasks.modalities.text import slot_token_ids
-
-        encoded = [slot_token_ids(c, target.slot.attrs, tok) + end for c in candidates]
-    else:
-        encoded = [tok.encode(c) + end for c in candidates]
+    encoded = [slot_token_ids(c, target.slot.attrs, tok) + end for c in candidates]  # as the slot trains its text
     # a closed set's label tokens are read over its labels alone, as training reads them (the
     # masked objective reads the whole vocabulary)
     grammar = None

@@ -5,7 +5,8 @@ the slots of a repetition group item by item, literal decoder text forced, EOS a
 EOS after every value of a free-text target that something other than a box follows
 (``TaskPlan.closing_eos``). ``options(state)`` lists what may come next:
 
-- box: exactly 4 location tokens;
+- box: exactly 4 location tokens (any bins: the argmax over the bins at every step; ``parse``
+  orders the corners);
 - image codes: exactly the image tokenizer's N code tokens;
 - closed set: a path of the label trie; the label may end where the trie allows EOS (inside the
   answer no EOS is written there, as in training, so what follows decides);
@@ -73,6 +74,9 @@ class State:
         item: 0-based item of the repetition group holding ``slot`` (0 outside groups).
         done: the answer is complete.
         pieces: ``(slot, item, token)`` of every token decoded so far, EOS markers excluded.
+        values: ``(slot, item)`` of every value begun so far, in order, those still without a token
+            included: a free-text value may be empty (its EOS, or the next slot, comes first), and
+            ``pieces`` alone would not show it.
     """
 
     slot: int
@@ -82,6 +86,7 @@ class State:
     item: int = 0
     done: bool = False
     pieces: tuple[tuple[int, int, int], ...] = ()
+    values: tuple[tuple[int, int], ...] = ()
 
 
 class TargetGrammar:
@@ -162,7 +167,7 @@ class TargetGrammar:
         return self.tags[follower] if follower is not None else self.tags[i]
 
     def start(self) -> State:
-        return State(self.first, node=self._root(self.first))
+        return State(self.first, node=self._root(self.first), values=((self.first, 0),))
 
     def trained_choices(self, state: State) -> Optional[tuple[int, ...]]:
         """The tokens training's softmax is limited to at the position that predicts the state's
@@ -233,8 +238,9 @@ class TargetGrammar:
         if option.action == "close":
             return dataclasses.replace(state, complete=True)
         if option.action == "start":
-            state = State(option.slot, node=self._root(option.slot), item=self._item(state, option.slot),
-                          pieces=state.pieces)
+            item = self._item(state, option.slot)
+            state = State(option.slot, node=self._root(option.slot), item=item, pieces=state.pieces,
+                          values=state.values + ((option.slot, item),))
         i = state.slot
         node = state.node[token] if self.kinds[i] == "closed_set" else None
         state = dataclasses.replace(state, length=state.length + 1, node=node,
@@ -257,11 +263,15 @@ class TargetGrammar:
         Returns:
             ``targets``: slot column (or the slot's index as a string) → value, shaped like a data
             row: a repeated column holds one value per item. ``groups``: per repetition group of
-            the template, one dict per item. Values are text for text and closed sets, and
-            ``[x0, y0, x1, y1]`` in the original image's pixels for boxes (None for a box cut
-            short by the step limit), and the decoded image (``uint8 [S, S, 3]``) for image codes.
+            the template, one dict per item. Every value begun appears, a free-text value without
+            tokens as "" (so a repeated column's values stay aligned with its neighbours' items).
+            Values are text for text and closed sets, and
+            ``[x0, y0, x1, y1]`` in the original image's pixels for boxes, corners ordered (x0 ≤ x1,
+            y0 ≤ y1, whichever order the tokens came in; None for a box cut short by the step
+            limit), and the decoded image (``uint8 [S, S, 3]``) for image codes.
         """
-        values: dict[tuple[int, int], list[int]] = {}
+        # values begun without a token (an empty free-text value) first get their empty list
+        values: dict[tuple[int, int], list[int]] = {key: [] for key in state.values}
         for slot, item, token in state.pieces:
             values.setdefault((slot, item), []).append(token)
         targets: dict[str, Any] = {}
@@ -289,8 +299,13 @@ class TargetGrammar:
             return self.tok.decode(ids)
         if len(ids) != 4:
             return None
+        # Decoding takes any 4 bins, so the 3rd may come below the 1st (an untrained or unsure model);
+        # the box preprocessor refuses an inverted box, and an answer must re-encode (chained tasks,
+        # answers fed back as data): the box the two corners span, its corners ordered.
+        k0, k1, k2, k3 = (self.tok.bin_index(t) for t in ids)
+        ordered = [min(k0, k2), min(k1, k3), max(k0, k2), max(k1, k3)]
         width, height = image_size
-        return dequantize_box([self.tok.bin_index(t) for t in ids], width, height, self.tok.num_bins)
+        return dequantize_box(ordered, width, height, self.tok.num_bins)
 
     # ---- helpers -------------------------------------------------------------------------
 
