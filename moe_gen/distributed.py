@@ -178,10 +178,11 @@ class LossModule(nn.Module):
 
 
 def replicate(model: nn.Module, objectives: Mapping[str, object], plan: ExpertParallelPlan | None = None,
-              bucket_mb: float = 25.0) -> DistributedDataParallel:
+              bucket_mb: float = 25.0) -> DistributedDataParallel | None:
     """Data parallelism on PyTorch's engine: the model's replicated parameters under
     ``DistributedDataParallel``, whose gradients are averaged over the world in buckets while
-    backward still runs (overlapped with it).
+    backward still runs (overlapped with it); None when no replicated parameter trains (only the
+    experts, sharded over an EP group): there is nothing for DDP to average.
 
     Experts that ``shard_experts`` spread over an EP group are left to DDP's side (each rank holds
     other experts; ``sync_gradients(model, plan, dense_synced=True)`` scales them and reduces them
@@ -200,8 +201,10 @@ def replicate(model: nn.Module, objectives: Mapping[str, object], plan: ExpertPa
         raise ValueError("the model's parameters are FSDP shards; FSDP2 reduces their gradients itself")
     plan = _check_plan(model, plan)
     module = LossModule(model, objectives)
-    if plan.ep_size > 1:  # each rank holds other experts: DDP must neither broadcast nor average them
-        ignored = [f"model.{name}" for name in plan.expert_params]
+    ignored = [f"model.{name}" for name in plan.expert_params] if plan.ep_size > 1 else []
+    if not any(p.requires_grad for name, p in module.named_parameters() if name not in ignored):
+        return None  # only the sharded experts train (trainable="experts"): sync_gradients reduces them
+    if ignored:  # each rank holds other experts: DDP must neither broadcast nor average them
         DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(module, ignored)
     device = next(model.parameters()).device
     # buffers are equal on every rank (synced at init); newer torch names the switch forward_sync_buffers

@@ -143,7 +143,9 @@ def drop_unused_adapter_grads(model: nn.Module) -> None:
     used_here = getattr(model, "adapters_in_step", set())
     used = torch.tensor([name in used_here for name in names], dtype=torch.int32,
                         device=next(model.parameters()).device)
-    dist.all_reduce(used, group=shard_group(model))
+    # over every process: under HSDP the replicas' gradients are averaged too, so an adapter one
+    # replica used has a gradient on all of them
+    dist.all_reduce(used)
     for name, flag in zip(names, used.tolist()):
         if not flag:
             for p in adapters[name].parameters():

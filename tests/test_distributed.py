@@ -413,7 +413,35 @@ def _scenario_checkpoint(rank: int, out_dir: str):
     return tensors, info
 
 
+def _trainer_tasks(names):
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+
+    tok = Tokenizer.default()
+    tasks = [load_preset(name, "train", limit=8) for name in names]
+    torch.manual_seed(0)
+    return GeneralistModel.build(flavour("debug"), tasks, tok), tasks
+
+
+def _scenario_trainer(rank: int, out_dir: str, names: tuple, settings: dict, resume: bool = False):
+    """A ``Trainer`` on ``names`` with ``settings``: its error (``info["error"]``), or after training
+    every parameter, gathered whole."""
+    from moe_gen.fsdp import full_tensors
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    model, tasks = _trainer_tasks(names)
+    config = TrainConfig(**{"steps": 2, "batch_size": 4, "progress": False, "tensorboard": False, **settings})
+    try:
+        trainer = Trainer(model, tasks, config, output_dir=os.path.join(out_dir, "run"), resume=resume,
+                          overwrite=not resume)
+    except ValueError as exc:
+        return {}, {"error": str(exc)}
+    trainer.fit()
+    return full_tensors({name: p.detach() for name, p in model.named_parameters()}), {"error": None}
+
+
 SCENARIOS = {
+    "trainer": _scenario_trainer,
     "train_step": _scenario_train_step,
     "fsdp_step": _scenario_fsdp_step,
     "ddp_step": _scenario_ddp_step,
@@ -498,8 +526,10 @@ def test_training_step_with_ddp_equals_single_process_step(tmp_path, ep_size, mi
 
 
 @pytest.mark.parametrize("shard_size, unit, mixed", [(None, "block", False), (1, "block", False),
-                                                   (None, "stack", False), (None, "block", True)],
-                         ids=["fsdp", "hsdp-replicated", "fsdp-per-stack", "fsdp-ranks-with-other-modalities"])
+                                                   (None, "stack", False), (None, "block", True),
+                                                   (1, "block", True)],
+                         ids=["fsdp", "hsdp-replicated", "fsdp-per-stack", "fsdp-ranks-with-other-modalities",
+                              "hsdp-ranks-with-other-modalities"])
 def test_training_step_with_fsdp_equals_single_process_step(tmp_path, shard_size, unit, mixed):
     """Also with ranks whose batches use different adapters (image rows on one, table rows on the
     other) and an adapter no rank uses: sharded adapters, the same step as one process."""
@@ -685,3 +715,36 @@ def test_single_process_defaults_and_clear_errors(monkeypatch):
     assert float(norm) == pytest.approx(float(torch.linalg.vector_norm(torch.stack(
         [torch.linalg.vector_norm(g) for g in grads]))), rel=1e-5)
     sync_gradients(model, plan)  # a no-op in one process
+
+
+@pytest.mark.parametrize("settings", [{"expert_parallel": 2}, {"sharding": "fsdp"}], ids=["ep", "fsdp"])
+def test_tasks_of_several_objectives_are_refused_where_the_processes_collectives_must_pair(tmp_path, settings):
+    """Each process runs the objectives its own batch holds: with a contrastive and a generative
+    task, expert parallelism crashed (gloo: collective mismatch) and FSDP hung until the timeout."""
+    (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification", "image_text_retrieval"),
+                                    settings).results()
+    for info in (info0, info1):
+        assert "tasks of several objectives (contrastive, generative) cannot train" in info["error"]
+
+
+def test_only_experts_training_under_expert_parallelism_needs_no_ddp(tmp_path):
+    """trainable="experts" with expert_parallel=2 stopped at start with DDP's "not needed when a
+    module doesn't have any parameter that requires a gradient"."""
+    (r0, info0), (r1, info1) = Launch("trainer", tmp_path, ("digit_classification",),
+                                      {"expert_parallel": 2, "trainable": "experts"}).results()
+    assert info0["error"] is None and info1["error"] is None
+    assert all(torch.equal(r0[name], r1[name]) for name in r0 if ".experts." not in name)
+
+
+def test_resuming_with_more_processes_than_wrote_the_checkpoint_is_refused_on_every_process(tmp_path):
+    """The new process refused and the old one went on into the step, then died on a closed
+    connection (or waited for the timeout)."""
+    model, tasks = _trainer_tasks(("digit_classification",))
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    Trainer(model, tasks, TrainConfig(steps=2, batch_size=4, progress=False, tensorboard=False),
+            output_dir=str(tmp_path / "run")).fit()
+    (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification",), {"steps": 4},
+                                    True).results()
+    assert "has no state for process 1" in info1["error"]
+    assert "has no state for process 1" in info0["error"] or "another process refused" in info0["error"]

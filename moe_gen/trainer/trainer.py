@@ -285,6 +285,9 @@ class Trainer:
         try:
             state = read_trainer_state(path)
             saved_tasks, step = state.get("tasks"), int(state["step"])
+            if not os.path.exists(os.path.join(path, f"rank-{self.rank:05d}.json")):
+                raise ValueError(f"checkpoint {path} has no state for process {self.rank} (it was written by fewer "
+                                 "processes); resume with the same number of processes, or load only the weights")
             if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
                 raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
                                  f"{[t.name for t in self.tasks]}")
@@ -360,8 +363,17 @@ class Trainer:
     # ---- building ----------------------------------------------------------------------------
 
     def _objectives(self) -> dict:
-        return {name: OBJECTIVES.get(name).from_train_config(self.model, self.config)
-                for name in sorted({t.objective for t in self.tasks})}
+        names = sorted({t.objective for t in self.tasks})
+        cfg = self.config
+        if len(names) > 1 and self.world > 1 and (cfg.expert_parallel > 1 or cfg.sharding != "replicate"):
+            # each process runs the objectives its own micro-batch holds (a contrastive one makes a
+            # second decoder pass): the all-to-alls and FSDP gathers of the processes would not pair up
+            raise ValueError(f"tasks of several objectives ({', '.join(names)}) cannot train with "
+                             f"expert_parallel={cfg.expert_parallel} and sharding={cfg.sharding!r} on {self.world} "
+                             "processes: each process runs the objectives its own batch holds, so their collective "
+                             "calls would not match (a crash or a hang); use sharding='replicate' with "
+                             "expert_parallel=1, or train each objective's tasks in their own run")
+        return {name: OBJECTIVES.get(name).from_train_config(self.model, cfg) for name in names}
 
     def _resume(self, path: str) -> None:
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
