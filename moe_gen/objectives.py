@@ -55,7 +55,8 @@ class GenerativeObjective(Objective):
     Args:
         model: the generalist model.
         frame_weight: weight of the L1 + stop loss of continuous targets.
-        task_weights: loss weight per task name (its tokens, or its samples, count this many times).
+        task_weights: loss weight per task name: its token (or sample) losses are multiplied by it;
+            the count they are divided by stays unweighted.
         loss_average: how the token cross-entropy is averaged over a batch: ``token`` (every
             scored token counts once, so a sample with a 30-token answer weighs 30 times one with a
             one-token label) or ``sample`` (each sample's tokens are averaged first, then the
@@ -72,7 +73,7 @@ class GenerativeObjective(Objective):
         if unknown:
             raise ValueError(f"task_weights name tasks the model does not know: {unknown}; "
                              f"known: {', '.join(model.task_ids)}")
-        # Loss weight of every task id (1 unless given): tokens of task t count w_t times.
+        # Loss weight of every task id (1 unless given): task t's losses are multiplied by w_t.
         self._weight_of_task = torch.tensor([self.task_weights.get(name, 1.0) for name in model.config.tasks]
                                             or [1.0], dtype=torch.float32)
 

@@ -727,6 +727,14 @@ def test_tasks_of_several_objectives_are_refused_where_the_processes_collectives
         assert "tasks of several objectives (contrastive, generative) cannot train" in info["error"]
 
 
+def test_every_task_in_every_batch_trains_several_objectives_under_expert_parallelism(tmp_path):
+    """With mixing="all" every process runs every objective each micro-batch: allowed."""
+    (r0, info0), (r1, info1) = Launch("trainer", tmp_path, ("digit_classification", "image_text_retrieval"),
+                                      {"expert_parallel": 2, "mixing": "all"}).results()
+    assert info0["error"] is None and info1["error"] is None
+    assert all(torch.equal(r0[name], r1[name]) for name in r0 if ".experts." not in name)
+
+
 def test_only_experts_training_under_expert_parallelism_needs_no_ddp(tmp_path):
     """trainable="experts" with expert_parallel=2 stopped at start with DDP's "not needed when a
     module doesn't have any parameter that requires a gradient"."""

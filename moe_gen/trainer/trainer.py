@@ -365,14 +365,18 @@ class Trainer:
     def _objectives(self) -> dict:
         names = sorted({t.objective for t in self.tasks})
         cfg = self.config
-        if len(names) > 1 and self.world > 1 and (cfg.expert_parallel > 1 or cfg.sharding != "replicate"):
+        every_task_everywhere = cfg.mixing == "all" and not cfg.modality_budget and cfg.max_tokens is None
+        if len(names) > 1 and self.world > 1 and (cfg.expert_parallel > 1 or cfg.sharding != "replicate") \
+                and not every_task_everywhere:
             # each process runs the objectives its own micro-batch holds (a contrastive one makes a
-            # second decoder pass): the all-to-alls and FSDP gathers of the processes would not pair up
+            # second decoder pass): the all-to-alls and FSDP gathers of the processes would not pair up,
+            # unless every micro-batch holds every task (mixing="all" without budgets that drop rows)
             raise ValueError(f"tasks of several objectives ({', '.join(names)}) cannot train with "
                              f"expert_parallel={cfg.expert_parallel} and sharding={cfg.sharding!r} on {self.world} "
                              "processes: each process runs the objectives its own batch holds, so their collective "
                              "calls would not match (a crash or a hang); use sharding='replicate' with "
-                             "expert_parallel=1, or train each objective's tasks in their own run")
+                             "expert_parallel=1, mixing='all' (every task in every batch), or train each "
+                             "objective's tasks in their own run")
         return {name: OBJECTIVES.get(name).from_train_config(self.model, cfg) for name in names}
 
     def _resume(self, path: str) -> None:
