@@ -107,6 +107,16 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def mean_over_processes(value: float) -> float:
+    """The mean of ``value`` over the processes (itself in one process); every process must call it."""
+    if not _active():
+        return float(value)
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(total)
+    return float(total.item()) / dist.get_world_size()
+
+
 def any_true(flag: bool) -> bool:
     """Whether ``flag`` is True on any process (every process gets the same answer)."""
     if not _active():

@@ -436,8 +436,9 @@ def _scenario_trainer(rank: int, out_dir: str, names: tuple, settings: dict, res
                           overwrite=not resume)
     except ValueError as exc:
         return {}, {"error": str(exc)}
-    trainer.fit()
-    return full_tensors({name: p.detach() for name, p in model.named_parameters()}), {"error": None}
+    summary = trainer.fit()
+    return full_tensors({name: p.detach() for name, p in model.named_parameters()}), {"error": None,
+                                                                                      "loss": summary["loss"]}
 
 
 SCENARIOS = {
@@ -733,6 +734,13 @@ def test_every_task_in_every_batch_trains_several_objectives_under_expert_parall
                                       {"expert_parallel": 2, "mixing": "all"}).results()
     assert info0["error"] is None and info1["error"] is None
     assert all(torch.equal(r0[name], r1[name]) for name in r0 if ".experts." not in name)
+
+
+def test_the_logged_loss_is_the_processes_mean(tmp_path):
+    """Each process logged its own batch's loss (rank 0's in train.jsonl), not the step's."""
+    (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification", "table_species"),
+                                    {"batch_tasks": "single"}).results()
+    assert info0["loss"] == info1["loss"]
 
 
 def test_only_experts_training_under_expert_parallelism_needs_no_ddp(tmp_path):

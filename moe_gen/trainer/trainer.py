@@ -487,8 +487,10 @@ class Trainer:
         local_positions = sum(positions.values())
         self.state["tokens_seen"] += local_positions
         total = max(1, local_positions)
+        # the loss the step optimised (the processes' mean); the other parts are this process's
+        loss = distributed.mean_over_processes(totals.pop("loss"))
         record = {
-            "step": step, "loss": totals.pop("loss"), "lr": lr, "grad_norm": norm, "skipped": not finite,
+            "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "skipped": not finite,
             "skipped_steps": self.state["skipped_steps"], "step_time": elapsed,
             "tokens_per_s": local_positions * self.world / elapsed,
             "task_loss": {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith("task_loss/")},
