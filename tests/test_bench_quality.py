@@ -374,6 +374,13 @@ def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypat
     assert "one task per batch" not in _run_line({**dataclasses.asdict(runner.BenchConfig()), "seeds": [0]})
     with pytest.raises(ValueError, match="batch_tasks must be 'mixed' or 'single'"):
         runner.BenchConfig(batch_tasks="task")
+    # the balancing of the MoE systems' tag-routed layers (not the dense ones', which have none)
+    biased = runner.BenchConfig(tag_balance="bias")
+    assert runner._model_config(biased, "attribute").moe.router.tag_balance == "bias"
+    assert runner._model_config(runner.BenchConfig(), "attribute").moe.router.tag_balance == "loss"
+    assert "balanced by bias" in _run_line({**dataclasses.asdict(biased), "seeds": [0]})
+    with pytest.raises(ValueError, match="tag_balance must be one of"):
+        runner.BenchConfig(tag_balance="global")
 
 
 def test_lr_scales_apply_to_every_system():
@@ -541,14 +548,15 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
             "--mixing", "uniform", "--temperature", "3", "--batch-size", "8", "--lr", "1e-3",
             "--lr-scale", "adapters.bag_of_words=6", "--lr-scale", "adapters.pose_summary=3", "--flavour", "tiny",
             "--num-experts", "4", "--expert-hidden", "96", "--moe-attention", "--loss-average", "sample",
-            "--batch-tasks", "single", "--ema-decay", "0.99", "--bag-of-words",
+            "--batch-tasks", "single", "--tag-balance", "bias", "--ema-decay", "0.99", "--bag-of-words",
             "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
             "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
             "--threads", "1", "--tasks", "doc_topic", "motion_classification", "--out", str(tmp_path)]
     config = bench.config_from_args(parser, parser.parse_args(argv))
     expected = dict(systems=("dense", "attribute"), specialists=False, seeds=(6, 7), steps=120, mixing="uniform",
                     temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
-                    moe_attention=True, loss_average="sample", batch_tasks="single", ema_decay=0.99,
+                    moe_attention=True, loss_average="sample", batch_tasks="single", tag_balance="bias",
+                    ema_decay=0.99,
                     bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
                     fit_rows=10, workers=2,
                     threads=1, tasks=("doc_topic", "motion_classification"), output_dir=str(tmp_path),

@@ -444,6 +444,8 @@ def _run_line(config: dict) -> str:
                "as scores_last).") if config.get("ema_decay") else ""
     if config.get("batch_tasks", "mixed") != "mixed":
         mixing += ", one task per batch"
+    if config.get("tag_balance"):
+        mixing += f", tag-routed layers balanced by {config['tag_balance']}"
     if config.get("loss_average", "token") != "token":
         mixing += f", token losses averaged per {config['loss_average']}"
     model = ""

@@ -63,6 +63,8 @@ class BenchConfig:
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
         loss_average: ``TrainConfig.loss_average`` of every run (``token`` or ``sample``).
+        tag_balance: ``RouterConfig.tag_balance`` of the MoE systems (None: the router's default,
+            ``loss``; ``bias`` balances the load over steps, which one-task batches need).
         batch_tasks: ``TrainConfig.batch_tasks`` of the generalists: ``mixed`` (each row's task
             drawn) or ``single`` (one task per batch). A specialist's batches hold its one task
             either way, so specialists are reusable across it.
@@ -120,6 +122,7 @@ class BenchConfig:
     ema_decay: float = 0.0
     loss_average: str = "token"
     batch_tasks: str = "mixed"
+    tag_balance: Optional[str] = None
     pretrained_inputs: bool = False
     bag_of_words: bool = False
     pose_summary: bool = False
@@ -144,6 +147,11 @@ class BenchConfig:
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"BenchConfig.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
                              f"got {self.loss_average!r}")
+        from moe_gen.config import TAG_BALANCE
+
+        if self.tag_balance is not None and self.tag_balance not in TAG_BALANCE:
+            raise ValueError(f"BenchConfig.tag_balance must be one of {', '.join(TAG_BALANCE)} (or None: the "
+                             f"router's default), got {self.tag_balance!r}")
         if self.batch_tasks not in ("mixed", "single"):
             raise ValueError(f"BenchConfig.batch_tasks must be 'mixed' or 'single', got {self.batch_tasks!r}")
         if self.expert_hidden is not None and self.expert_hidden < 1:
@@ -190,8 +198,8 @@ def _model_config(cfg: BenchConfig, system: str):
     from moe_gen.model import flavour
 
     strategy = "attribute" if system in ("dense", "specialist") else system
-    config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=RouterConfig(strategy=strategy),
-                                           attention=cfg.moe_attention)
+    router = RouterConfig(strategy=strategy, **({"tag_balance": cfg.tag_balance} if cfg.tag_balance else {}))
+    config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=router, attention=cfg.moe_attention)
     if cfg.expert_hidden is not None:  # dense blocks of every=2 flavours as wide as a dense twin's
         config = config.with_moe(expert_hidden=cfg.expert_hidden).replace(
             ffn_hidden=config.moe.top_k * cfg.expert_hidden)
