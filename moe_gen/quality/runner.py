@@ -495,17 +495,9 @@ MERGE_FREE = ("seeds", "systems", "specialists", "specialists_from", "workers", 
 def _read_report(path: str, kind: str = "quality.json", keys: Sequence[str] = ("config", "runs", "classical")) -> dict:
     """A benchmark report read from ``path``; ``ValueError`` naming the file when it cannot be read
     or lacks one of ``keys``."""
-    import json
+    from moe_gen.trainer.checkpoint import read_json_object
 
-    try:
-        with open(path) as f:
-            report = json.load(f)
-    except (OSError, ValueError) as exc:
-        raise ValueError(f"{path!r}: not a readable {kind} ({exc})") from exc
-    missing = [k for k in keys if not isinstance(report, dict) or k not in report]
-    if missing:
-        raise ValueError(f"{path!r}: not a readable {kind} (no {', '.join(missing)})")
-    return report
+    return read_json_object(path, keys, kind)
 
 
 def _held_out_scores(classical: dict) -> dict:

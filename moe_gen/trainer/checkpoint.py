@@ -36,8 +36,8 @@ from moe_gen.fsdp import full_tensors, like_model, shard_like
 
 logger = logging.getLogger("moe_gen")
 
-__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_trainer_state", "write_json_atomic",
-           "CheckpointError"]
+__all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_json_object", "read_trainer_state",
+           "write_json_atomic", "CheckpointError"]
 
 LATEST = "latest"
 
@@ -81,20 +81,20 @@ def latest_checkpoint(root: str) -> Optional[str]:
 def read_trainer_state(path: str) -> dict:
     """A checkpoint's ``trainer.json`` (step, tasks, scheduler, counters, config), read without
     touching its weights: what a resume checks before it changes anything."""
-    return _read_json(os.path.join(path, "trainer.json"), ("step", "scheduler"))
+    return read_json_object(os.path.join(path, "trainer.json"), ("step", "scheduler"))
 
 
-def _read_json(file: str, keys: tuple = ()) -> dict:
-    """The JSON object in ``file``, which must hold ``keys``; ``ValueError`` naming the file when it
-    cannot be read, is not JSON or lacks them (a torn or edited checkpoint)."""
+def read_json_object(path: str, keys=(), what: str = "checkpoint file") -> dict:
+    """The JSON object in ``path``, which must hold ``keys``; ``ValueError`` naming the file (and
+    ``what`` it should be) when it cannot be read, is not JSON or lacks them (torn or edited)."""
     try:
-        with open(file, encoding="utf-8") as f:
+        with open(path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:
-        raise ValueError(f"{file}: cannot read this checkpoint file ({type(exc).__name__}: {exc})") from None
+        raise ValueError(f"{path}: not a readable {what} ({type(exc).__name__}: {exc})") from None
     missing = [key for key in keys if not isinstance(data, dict) or key not in data]
     if missing:
-        raise ValueError(f"{file}: not a checkpoint file of this package (no {', '.join(missing)})")
+        raise ValueError(f"{path}: not a readable {what} (no {', '.join(missing)})")
     return data
 
 
@@ -324,14 +324,14 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
                 "--model.location_frequencies 0" if "location_embedding.weight" in missing else "")
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}{hint}")
-    meta = _read_json(os.path.join(path, "optimizer.json"), ("group_params", "param_groups", "scalars"))
+    meta = read_json_object(os.path.join(path, "optimizer.json"), ("group_params", "param_groups", "scalars"))
     _load_optimizer(model, optimizer, _read_shards(path, "optimizer", plan if plan is not None else model), meta)
     _load_schedule(optimizer, scheduler, trainer_state["scheduler"])
     rank_file = os.path.join(path, f"rank-{rank:05d}.json")
     if not os.path.exists(rank_file):
         raise ValueError(f"checkpoint {path} has no state for process {rank} (it was written by fewer processes); "
                          "resume with the same number of processes, or load only the weights")
-    rank_state = _read_json(rank_file, ("sampler", "rng"))
+    rank_state = read_json_object(rank_file, ("sampler", "rng"))
     sampler.load_state_dict(rank_state["sampler"])
     _set_rng_state(rank_state["rng"])
     if average is not None and "averaged_steps" in trainer_state:
