@@ -1,0 +1,135 @@
+"""A model's files: what ``GeneralistModel.save_pretrained`` writes and ``from_pretrained`` reads.
+
+``config.json`` (the ``ModelConfig``), ``model.safetensors`` (the weights: no pickles) and the
+tokenizer's files. Saving is atomic where it can be; loading names the file at fault.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+
+from moe_gen.model.config import ModelConfig
+from moe_gen.tasks.tokenizer import Tokenizer
+
+__all__ = ["MODEL_FILES", "load_model", "save_model"]
+
+# Every file save_pretrained may write: configuration, weights and the tokenizer's files (``Tokenizer``:
+# tokenizer.model + tokenizer.json; ``HFTokenizer``: tokenizer.json + moe_gen_tokenizer.json).
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.model", "tokenizer.json", "moe_gen_tokenizer.json")
+
+
+def save_model(model, directory: str) -> None:
+    """``GeneralistModel.save_pretrained``: writes ``config.json``, ``model.safetensors`` and the
+    files the tokenizer saves.
+
+    Atomic where it can be: the files are written (and synced) into ``<directory>.tmp-<pid>``,
+    which then replaces ``directory`` whole, so a failed save (full disk) leaves ``directory`` as
+    it was and raises. A ``directory`` holding other files too keeps them; there the model's
+    files are replaced one by one (each atomically), and those of a tokenizer of another kind
+    saved there before are removed (``MODEL_FILES``), and so are they where ``directory`` is (or
+    holds) the working directory, which a whole-folder swap would leave deleted."""
+    from safetensors.torch import save_file
+
+    directory = os.path.abspath(directory)
+    tmp = f"{directory}.tmp-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        os.makedirs(tmp)
+        with open(os.path.join(tmp, "config.json"), "w") as f:
+            json.dump(model.config.to_dict(), f, indent=2)
+        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+        save_file(state, os.path.join(tmp, "model.safetensors"))
+        written = ["config.json", "model.safetensors", *model.tokenizer.save(tmp)]
+        for name in written:  # on disk before any rename makes them the model
+            with open(os.path.join(tmp, name), "rb") as f:
+                os.fsync(f.fileno())
+        if not os.path.exists(directory):
+            os.replace(tmp, directory)
+        elif set(os.listdir(directory)) <= {*MODEL_FILES, *written} and not _holds_cwd(directory):
+            old = f"{directory}.old-{os.getpid()}"
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(directory, old)
+            os.replace(tmp, directory)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            for name in written:
+                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+            for name in set(MODEL_FILES) - set(written):
+                if os.path.exists(stale := os.path.join(directory, name)):
+                    os.remove(stale)
+            os.rmdir(tmp)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def load_model(cls, directory: str):
+    """``GeneralistModel.from_pretrained``: builds ``cls`` from a model written by
+    ``save_pretrained`` (safetensors: no pickles). Raises ``ValueError`` naming the file that is
+    missing, unreadable or does not fit."""
+    from safetensors.torch import load_file
+
+    if not os.path.isdir(directory):
+        raise ValueError(f"{directory} is not a model directory (save_pretrained writes one)")
+    config_path = os.path.join(directory, "config.json")
+    weights_path = os.path.join(directory, "model.safetensors")
+    try:
+        with open(config_path, encoding="utf-8") as f:
+            data = json.load(f)
+    except (OSError, ValueError) as exc:  # missing, unreadable, not JSON, not UTF-8
+        raise ValueError(f"{config_path}: cannot read the model configuration ({exc})") from None
+    try:
+        config = ModelConfig.from_dict(data)
+    except (ValueError, TypeError, ArithmeticError) as exc:
+        raise ValueError(f"{config_path}: not a valid model configuration ({exc})") from None
+    try:
+        tokenizer = Tokenizer.load(directory)
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError) as exc:
+        raise ValueError(f"{directory}: cannot load the tokenizer: "
+                         f"{type(exc).__name__}: {exc}") from None
+    config = _runnable_backend(config, config_path)
+    try:
+        model = cls(config, tokenizer)
+    except (ValueError, TypeError, ArithmeticError, RuntimeError) as exc:
+        raise ValueError(f"{config_path}: the model it describes cannot be built ({exc})") from None
+    try:
+        weights = load_file(weights_path)
+    except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a torn file
+        raise ValueError(f"{weights_path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+    try:
+        model.load_state_dict(weights)
+    except RuntimeError as exc:
+        raise ValueError(f"{weights_path} does not fit the model of {config_path}: {exc}") from None
+    return model
+
+
+def _holds_cwd(directory: str) -> bool:
+    """Whether the process's working directory is ``directory`` or inside it."""
+    try:
+        cwd = os.path.realpath(os.getcwd())
+    except FileNotFoundError:
+        return False
+    directory = os.path.realpath(directory)
+    return cwd == directory or cwd.startswith(directory.rstrip(os.sep) + os.sep)
+
+
+def _runnable_backend(config: ModelConfig, config_path: str) -> ModelConfig:
+    """``config`` with its saved dispatch backend, or ``auto`` (with a warning) when that backend
+    cannot run here (a model saved with ``triton`` read on a machine without CUDA): every backend
+    computes the same function, so the weights load either way. An unknown name stays, refused
+    when the model is built."""
+    from moe_gen.experts.dispatch import BACKENDS, make_backend
+
+    name = config.moe.backend
+    if name in ("auto", "merged") or name not in BACKENDS:
+        return config
+    try:
+        make_backend(name)
+    except ValueError as exc:
+        warnings.warn(f"{config_path}: saved with dispatch backend {name!r}, which cannot run here ({exc}); "
+                      "loading with 'auto'", UserWarning, stacklevel=3)
+        return config.with_moe(backend="auto")
+    return config
