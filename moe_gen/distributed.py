@@ -107,24 +107,26 @@ def shutdown() -> None:
         dist.destroy_process_group()
 
 
+def _reduced(value: float, op) -> float:
+    """``value`` all-reduced by ``op`` over the processes (every process must call it)."""
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    tensor = torch.tensor([float(value)], dtype=torch.float64, device=device)
+    dist.all_reduce(tensor, op=op)
+    return float(tensor.item())
+
+
 def mean_over_processes(value: float) -> float:
     """The mean of ``value`` over the processes (itself in one process); every process must call it."""
     if not _active():
         return float(value)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    total = torch.tensor([float(value)], dtype=torch.float64, device=device)
-    dist.all_reduce(total)
-    return float(total.item()) / dist.get_world_size()
+    return _reduced(value, dist.ReduceOp.SUM) / dist.get_world_size()
 
 
 def any_true(flag: bool) -> bool:
     """Whether ``flag`` is True on any process (every process gets the same answer)."""
     if not _active():
         return bool(flag)
-    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    value = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item() > 0)
+    return _reduced(1.0 if flag else 0.0, dist.ReduceOp.MAX) > 0
 
 
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> WorldInfo:

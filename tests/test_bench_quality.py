@@ -372,7 +372,7 @@ def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypat
     assert seen == ["single"]
     assert "one task per batch" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
     assert "one task per batch" not in _run_line({**dataclasses.asdict(runner.BenchConfig()), "seeds": [0]})
-    with pytest.raises(ValueError, match="batch_tasks must be 'mixed' or 'single'"):
+    with pytest.raises(ValueError, match="batch_tasks must be one of mixed, single"):
         runner.BenchConfig(batch_tasks="task")
     # the balancing of the MoE systems' tag-routed layers (not the dense ones', which have none)
     biased = runner.BenchConfig(tag_balance="bias")

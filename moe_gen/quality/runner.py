@@ -152,8 +152,11 @@ class BenchConfig:
         if self.tag_balance is not None and self.tag_balance not in TAG_BALANCE:
             raise ValueError(f"BenchConfig.tag_balance must be one of {', '.join(TAG_BALANCE)} (or None: the "
                              f"router's default), got {self.tag_balance!r}")
-        if self.batch_tasks not in ("mixed", "single"):
-            raise ValueError(f"BenchConfig.batch_tasks must be 'mixed' or 'single', got {self.batch_tasks!r}")
+        from moe_gen.trainer.config import BATCH_TASKS
+
+        if self.batch_tasks not in BATCH_TASKS:
+            raise ValueError(f"BenchConfig.batch_tasks must be one of {', '.join(BATCH_TASKS)}, "
+                             f"got {self.batch_tasks!r}")
         if self.expert_hidden is not None and self.expert_hidden < 1:
             raise ValueError(f"BenchConfig.expert_hidden must be >= 1 (None: the flavour's), got {self.expert_hidden}")
         if not 0 <= self.upcycle_at < 1:

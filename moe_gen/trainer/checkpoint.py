@@ -37,7 +37,7 @@ from moe_gen.fsdp import full_tensors, like_model, shard_like
 logger = logging.getLogger("moe_gen")
 
 __all__ = ["save_checkpoint", "load_checkpoint", "latest_checkpoint", "read_json_object", "read_trainer_state",
-           "write_json_atomic", "CheckpointError"]
+           "rank_state_file", "write_json_atomic", "CheckpointError"]
 
 LATEST = "latest"
 
@@ -96,6 +96,16 @@ def read_json_object(path: str, keys=(), what: str = "checkpoint file") -> dict:
     if missing:
         raise ValueError(f"{path}: not a readable {what} (no {', '.join(missing)})")
     return data
+
+
+def rank_state_file(path: str, rank: int) -> str:
+    """The file of process ``rank``'s sampler and RNG state in checkpoint ``path``; ``ValueError``
+    when the checkpoint was written by fewer processes."""
+    file = os.path.join(path, f"rank-{rank:05d}.json")
+    if not os.path.exists(file):
+        raise ValueError(f"checkpoint {path} has no state for process {rank} (it was written by fewer processes); "
+                         "resume with the same number of processes, or load only the weights")
+    return file
 
 
 def _read_shards(path: str, prefix: str, target) -> dict:
@@ -327,11 +337,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
     meta = read_json_object(os.path.join(path, "optimizer.json"), ("group_params", "param_groups", "scalars"))
     _load_optimizer(model, optimizer, _read_shards(path, "optimizer", plan if plan is not None else model), meta)
     _load_schedule(optimizer, scheduler, trainer_state["scheduler"])
-    rank_file = os.path.join(path, f"rank-{rank:05d}.json")
-    if not os.path.exists(rank_file):
-        raise ValueError(f"checkpoint {path} has no state for process {rank} (it was written by fewer processes); "
-                         "resume with the same number of processes, or load only the weights")
-    rank_state = read_json_object(rank_file, ("sampler", "rng"))
+    rank_state = read_json_object(rank_state_file(path, rank), ("sampler", "rng"))
     sampler.load_state_dict(rank_state["sampler"])
     _set_rng_state(rank_state["rng"])
     if average is not None and "averaged_steps" in trainer_state:

@@ -36,6 +36,7 @@ from moe_gen.trainer.checkpoint import (
     CheckpointError,
     latest_checkpoint,
     load_checkpoint,
+    rank_state_file,
     read_trainer_state,
     save_checkpoint,
 )
@@ -286,9 +287,7 @@ class Trainer:
         try:
             state = read_trainer_state(path)
             saved_tasks, step = state.get("tasks"), int(state["step"])
-            if not os.path.exists(os.path.join(path, f"rank-{self.rank:05d}.json")):
-                raise ValueError(f"checkpoint {path} has no state for process {self.rank} (it was written by fewer "
-                                 "processes); resume with the same number of processes, or load only the weights")
+            rank_state_file(path, self.rank)  # every process refuses together, before any loads
             if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
                 raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
                                  f"{[t.name for t in self.tasks]}")
