@@ -115,11 +115,23 @@ def _reduced(value: float, op) -> float:
     return float(tensor.item())
 
 
-def mean_over_processes(value: float) -> float:
-    """The mean of ``value`` over the processes (itself in one process); every process must call it."""
+def merged_over_processes(means: Mapping[str, float], counts: Mapping[str, int]) -> tuple[dict, dict]:
+    """Every process's ``means`` and ``counts`` (a step's loss parts, its positions per modality)
+    combined: each mean averaged over the processes that reported it (keys differ where processes
+    drew different tasks), each count summed. One gather; every process must call it and gets the
+    same answer (itself in one process)."""
     if not _active():
-        return float(value)
-    return _reduced(value, dist.ReduceOp.SUM) / dist.get_world_size()
+        return dict(means), dict(counts)
+    gathered: list = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (dict(means), dict(counts)))
+    values: dict[str, list[float]] = {}
+    summed: dict[str, int] = {}
+    for part_means, part_counts in gathered:
+        for key, value in part_means.items():
+            values.setdefault(key, []).append(float(value))
+        for key, count in part_counts.items():
+            summed[key] = summed.get(key, 0) + int(count)
+    return {key: sum(v) / len(v) for key, v in values.items()}, dict(sorted(summed.items()))
 
 
 def any_true(flag: bool) -> bool:

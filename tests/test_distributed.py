@@ -441,7 +441,19 @@ def _scenario_trainer(rank: int, out_dir: str, names: tuple, settings: dict, res
                                                                                       "loss": summary["loss"]}
 
 
+def _scenario_step_record(rank: int, out_dir: str, names: tuple, settings: dict):
+    """One ``Trainer.train_step`` on ``names``: its log record."""
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    model, tasks = _trainer_tasks(names)
+    config = TrainConfig(**{"steps": 2, "batch_size": 4, "progress": False, "tensorboard": False, **settings})
+    with Trainer(model, tasks, config, output_dir=os.path.join(out_dir, "run"), overwrite=True) as trainer:
+        record = trainer.train_step(1)
+    return {}, {key: record[key] for key in ("loss", "task_loss", "modality_share")}
+
+
 SCENARIOS = {
+    "step_record": _scenario_step_record,
     "trainer": _scenario_trainer,
     "train_step": _scenario_train_step,
     "fsdp_step": _scenario_fsdp_step,
@@ -741,6 +753,17 @@ def test_the_logged_loss_is_the_processes_mean(tmp_path):
     (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification", "table_species"),
                                     {"batch_tasks": "single"}).results()
     assert info0["loss"] == info1["loss"]
+
+
+def test_every_logged_part_is_merged_over_the_processes(tmp_path):
+    """Only the loss was the processes' mean: with one task per batch, each process logged its own
+    task's loss and modality share, so train.jsonl (rank 0's) showed one task of the two."""
+    (_, info0), (_, info1) = Launch("step_record", tmp_path, ("digit_classification", "table_species"),
+                                    {"batch_tasks": "single", "seed": 0}).results()  # ranks draw different tasks
+    assert info0 == info1
+    assert set(info0["task_loss"]) == {"digit_classification", "table_species"}
+    assert set(info0["modality_share"]) >= {"IMAGE", "STRUCT"}
+    assert sum(info0["modality_share"].values()) == pytest.approx(1.0, abs=1e-3)
 
 
 def test_only_experts_training_under_expert_parallelism_needs_no_ddp(tmp_path):

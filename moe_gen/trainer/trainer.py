@@ -483,15 +483,16 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
         elapsed = time.perf_counter() - start
-        local_positions = sum(positions.values())
-        self.state["tokens_seen"] += local_positions
-        total = max(1, local_positions)
-        # the loss the step optimised (the processes' mean); the other parts are this process's
-        loss = distributed.mean_over_processes(totals.pop("loss"))
+        self.state["tokens_seen"] += sum(positions.values())
+        # every part (the loss the step optimised included) the mean over the processes that had it,
+        # positions summed over the processes
+        totals, positions = distributed.merged_over_processes(totals, positions)
+        total = max(1, sum(positions.values()))
+        loss = totals.pop("loss")
         record = {
             "step": step, "loss": loss, "lr": lr, "grad_norm": norm, "skipped": not finite,
             "skipped_steps": self.state["skipped_steps"], "step_time": elapsed,
-            "tokens_per_s": local_positions * self.world / elapsed,
+            "tokens_per_s": sum(positions.values()) / elapsed,
             "task_loss": {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith("task_loss/")},
             "aux": {k.split("/", 1)[1]: v for k, v in totals.items() if k.startswith("aux/")},
             "modality_share": {m: round(c / total, 4) for m, c in sorted(positions.items())},
