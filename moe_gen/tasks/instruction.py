@@ -179,14 +179,18 @@ BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
                       vocab_size=AttrSpec("int", 1, 1 << 16, help="words of the vocabulary (preprocess=bag_of_words)")),
     "STRUCT": _modality(**_TEXTUAL),
     "BOX": _modality(**_TOKENS),
-    "PHONE": _modality(**_TOKENS, mask_ratio=_RATIO),
+    "PHONE": _modality(**_TOKENS, mask_ratio=AttrSpec("float", 0.0, 1.0, help="OFASys's; parsed, not applied",
+                                                     applied=False)),
     "CATEGORY": _modality(no_loss=_FLAG, closed_set=_FLAG, is_label=_OFASYS_ONLY, uncased=_FLAG,
                           no_punctuation=_FLAG),
-    # mask_ratio: image infilling; length: number of VQ codes of an image target; region: the
+    # mask_ratio: image infilling; length: OFASys's number of VQ codes of an image target (parsed, not
+    # applied: moe_gen's image tokenizer fixes the number of codes); region: the
     # row's box column whose crop the slot adds as a closer look (a second frame); augment: random
     # mirrors, rotations or shifts of training inputs (checked by the planner); stride: pixels between
     # patches for this slot (the image preprocessor checks that they tile).
-    "IMAGE": _modality(mask_ratio=_RATIO, length=_LENGTH,
+    "IMAGE": _modality(mask_ratio=_RATIO,
+                       length=AttrSpec("int", 1, help="OFASys's; parsed, not applied (the image tokenizer's "
+                                       "grid fixes an image target's codes)", applied=False),
                        region=AttrSpec("name", help="box column whose crop is added as a second view"),
                        augment=AttrSpec("name", help="mirror, dihedral, shift or e.g. dihedral+shift: random "
                                                    "flips/rotations/moves in training"),

@@ -12,6 +12,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from moe_gen.registry import METRICS
+from moe_gen.tasks.modalities.base import label_text
 from moe_gen.tasks.modalities.box import box_iou
 
 __all__ = ["accuracy", "exact_match", "bleu", "chrf", "rouge_l", "wer", "iou_accuracy", "detection_f1",
@@ -25,15 +26,21 @@ def _check(predictions: Sequence, references: Sequence) -> None:
         raise ValueError("a metric needs at least one reference")
 
 
+def _text(value) -> str:
+    """A prediction or reference as text, as a TEXT slot reads it (UTF-8 bytes decoded)."""
+    text = label_text(value)
+    return str(value) if text is None else text
+
+
 def _norm(text) -> str:
-    return " ".join(str(text).lower().split())
+    return " ".join(_text(text).lower().split())
 
 
 @METRICS.register("accuracy")
 def accuracy(predictions: Sequence, references: Sequence) -> float:
-    """Share of predictions equal to their reference (as strings)."""
+    """Share of predictions equal to their reference (as text; UTF-8 bytes decoded)."""
     _check(predictions, references)
-    return float(np.mean([str(p) == str(r) for p, r in zip(predictions, references)]))
+    return float(np.mean([_text(p) == _text(r) for p, r in zip(predictions, references)]))
 
 
 @METRICS.register("exact_match")
@@ -144,9 +151,10 @@ def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 @METRICS.register("iou_accuracy")
 def iou_accuracy(predictions: Sequence, references: Sequence, threshold: float = 0.5) -> float:
-    """Acc@0.5: share of predicted boxes whose IoU with the reference is at least ``threshold``."""
+    """Acc@0.5: share of predicted boxes whose IoU with the reference is at least ``threshold`` (a
+    box of None, as from an answer cut short, is a miss)."""
     _check(predictions, references)
-    return float(np.mean([box_iou(p, r) >= threshold for p, r in zip(predictions, references)]))
+    return float(np.mean([p is not None and box_iou(p, r) >= threshold for p, r in zip(predictions, references)]))
 
 
 def _matches(predicted: Sequence, expected: Sequence, threshold: float) -> int:

@@ -38,7 +38,15 @@ import torch
 from moe_gen.registry import ADAPTERS, MODALITIES, PREPROCESSORS
 from moe_gen.routing.tags import ROLES
 from moe_gen.tasks.instruction import Instruction, Slot
-from moe_gen.tasks.modalities.base import EncodeContext, ModalitySpec, SlotEncoding, SlotValueError, brief, is_missing
+from moe_gen.tasks.modalities.base import (
+    EncodeContext,
+    ModalitySpec,
+    SlotEncoding,
+    SlotValueError,
+    brief,
+    is_missing,
+    label_text,
+)
 from moe_gen.tasks.tokenizer import Tokenizer
 
 # Registering modules: importing them fills MODALITIES, PREPROCESSORS and ADAPTERS.
@@ -563,7 +571,8 @@ class TaskPlan:
         where = ctx.where(plan.slot.column)
         ctx.target = plan.side == "decoder"
         try:
-            if plan.decode is not None and plan.decode.kind == "closed_set" and str(value) not in plan.decode.labels:
+            closed = plan.decode is not None and plan.decode.kind == "closed_set"
+            if closed and label_text(value) not in plan.decode.labels:
                 if is_missing(value):
                     raise TaskDataError(f"{where}: the label is a missing value ({value})")
                 raise TaskDataError(f"{where}: label {brief(value)} is not in the closed set "

@@ -101,6 +101,12 @@ def _canvases(split):
     return make_canvases(split, count=300 if split == "train" else 100)
 
 
+def _grounding_canvases(split):
+    """The canvases whose query digit appears once (on about 4% none does, and the query is then a
+    digit drawn twice, whose region the text cannot name)."""
+    return [row for row in _canvases(split) if row["labels"].count(row["query"]) == 1]
+
+
 preset("digit_classification", "[IMAGE:image] what digit is this? -> [TEXT:label,closed_set]",
        _DIGITS, ("accuracy",), licence=_L_DIGITS)(_digits)
 preset("digit_captioning", "[IMAGE:image] what does the image describe? -> a handwritten [TEXT:label]",
@@ -109,7 +115,7 @@ preset("image_text_retrieval", "[IMAGE:image] -> a handwritten [TEXT:label]", _D
        ("accuracy",), objective="contrastive", licence=_L_DIGITS)(_digits)
 preset("visual_grounding",
        '[IMAGE:image] which region does the text " [TEXT:query] " describe? -> [BOX:query_box]',
-       _CANVAS, ("iou_accuracy",), licence=_L_CANVAS)(_canvases)
+       _CANVAS + "; canvases whose query digit appears once", ("iou_accuracy",), licence=_L_CANVAS)(_grounding_canvases)
 preset("grounded_captioning",
        "[IMAGE:image,region=query_box] what digit is in the region [BOX:query_box] ? -> [TEXT:query]",
        _CANVAS, ("exact_match",), licence=_L_CANVAS)(_canvases)

@@ -37,7 +37,7 @@ import numpy as np
 
 from moe_gen.registry import MODALITIES, PREPROCESSORS
 from moe_gen.tasks.instruction import Instruction, InstructionError
-from moe_gen.tasks.modalities.base import SlotValueError, is_missing
+from moe_gen.tasks.modalities.base import SlotValueError, label_text
 from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
@@ -138,21 +138,6 @@ def _media_path(value: str, base: str, confine: Optional[str], where: str) -> st
         kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
         raise TaskDataError(f"{where}: {value!r} is {kind}, not a regular file ({resolved})")
     return resolved
-
-
-def _label_text(label: Any) -> Optional[str]:
-    """A closed-set label as the text it is known by, or None for values that have no valid text
-    (missing values, None or NaN; ints too long to write out; lone surrogates): their rows fail
-    when encoded, instead of every row failing when the label set is tokenised (or a missing value
-    becoming the class "nan")."""
-    if is_missing(label):
-        return None
-    try:
-        text = str(label)
-        text.encode("utf-8")
-    except (ValueError, UnicodeEncodeError):
-        return None
-    return text
 
 
 def _rows_of(task: str, data: Any) -> Any:
@@ -260,11 +245,11 @@ class Task:
         labels: dict[str, set] = {c: set() for c in repeated}
         for _, row in self._readable_rows(len(self.data) if repeated else 0):
             for c in repeated:
-                if isinstance(row, dict) and c in row:
+                if isinstance(row, Mapping) and c in row:
                     value = row[c]
                     # a repetition group's column holds one label per item
                     for label in value if repeated[c] and isinstance(value, (list, tuple)) else [value]:
-                        text = _label_text(label)
+                        text = label_text(label)
                         if text is not None:
                             labels[c].add(text)
         for c in repeated:

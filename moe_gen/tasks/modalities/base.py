@@ -45,6 +45,22 @@ def is_missing(value: Any) -> bool:
     return value is None or (isinstance(value, numbers.Real) and value != value)
 
 
+def label_text(label: Any) -> Optional[str]:
+    """A closed-set label as the text it is known by (the text a TEXT slot makes of it: UTF-8 bytes
+    decoded, numbers written out), or None for values that have no valid text (missing values, None
+    or NaN; bytes that are not UTF-8; ints too long to write out; lone surrogates): their rows fail
+    when encoded, instead of every row failing when the label set is tokenised (or a missing value
+    becoming the class "nan")."""
+    if is_missing(label):
+        return None
+    try:
+        text = bytes(label).decode("utf-8") if isinstance(label, (bytes, bytearray)) else str(label)
+        text.encode("utf-8")
+    except (ValueError, UnicodeError):
+        return None
+    return text
+
+
 def brief(value: Any, limit: int = 60) -> str:
     """A short ``repr`` of a raw value for error messages (never raises: ints too long to write
     out, or objects whose repr fails, are named by their type)."""

@@ -259,6 +259,13 @@ class ImageCodePreprocessor(Preprocessor):
                              f"{tokenizer.num_bins} location bins to hold them")
         return tuple(tokenizer.bin_id(k) for k in range(self.vq.config.codes))
 
+    def check_slot(self, where: str, slot) -> None:
+        """Refuses the image attributes that act on patches: codes are the whole image's."""
+        unread = [name for name in ("mask_ratio", "region", "augment", "stride") if name in slot.attrs]
+        if unread:
+            raise ValueError(f"{where}: image_vq encodes the whole image as codes and does not apply "
+                             f"{', '.join(unread)}; drop {'it' if len(unread) == 1 else 'them'}")
+
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         try:
             images = images_to_tensor([value], self.vq.config.size)

@@ -33,7 +33,7 @@ class CanvasRow(TypedDict):
     boxes: list  # [[x0, y0, x1, y1], ...] pixels
     labels: list  # ["seven", ...], one per box
     count: str  # number of digits as a word
-    query: str  # the name of one digit on the canvas that appears exactly once
+    query: str  # the name of one digit on the canvas that appears exactly once (the first one where none does)
     query_box: list  # its box
     width: int
     height: int
