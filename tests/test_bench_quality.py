@@ -97,15 +97,54 @@ def test_learned_mean_leaves_out_tasks_the_specialist_did_not_learn():
 
     from moe_gen.quality.report import _learned_mean, _mean_std
 
-    suite = [types.SimpleNamespace(name="boxes", higher_is_better=True),
-             types.SimpleNamespace(name="digits", higher_is_better=True),
-             types.SimpleNamespace(name="speech", higher_is_better=False)]
+    suite = [types.SimpleNamespace(name="boxes", metric="iou_accuracy", higher_is_better=True),
+             types.SimpleNamespace(name="digits", metric="accuracy", higher_is_better=True),
+             types.SimpleNamespace(name="speech", metric="l1", higher_is_better=False)]
     raw = {"specialist": {"boxes": {0: 0.04}, "digits": {0: 0.8}, "speech": {0: 0.5}},
            "dense": {"boxes": {0: 0.4, 1: 0.36}, "digits": {0: 0.4, 1: 0.8}, "speech": {0: 1.0, 1: 0.5}}}
     scores = {s: {t: _mean_std(list(v.values())) for t, v in d.items()} for s, d in raw.items()}
     learned = _learned_mean(suite, ["specialist", "dense"], raw, scores)
     assert learned["dense"]["tasks"] == ["digits", "speech"]  # 0.04 < SPECIALIST_FLOOR: a ratio of ~10 left out
     assert learned["dense"]["values"] == pytest.approx([(0.5 + 0.5) / 2, (1.0 + 1.0) / 2])
+
+
+def test_a_generalist_without_error_leaves_the_mean_instead_of_scoring_zero():
+    """A perfect seed on a lower-is-better task counted as relative score 0 (the worst), and the
+    report blamed the specialist."""
+    import types
+
+    from moe_gen.quality.report import _learned_mean, _mean_std, _relative_to_specialists
+
+    suite = [types.SimpleNamespace(name="digits", metric="accuracy", higher_is_better=True),
+             types.SimpleNamespace(name="speech", metric="l1", higher_is_better=False),
+             types.SimpleNamespace(name="summary", metric="rouge_l", higher_is_better=True)]
+    raw = {"specialist": {"digits": {0: 0.8}, "speech": {0: 0.5}, "summary": {0: 0.5}},
+           "dense": {"digits": {0: 0.8, 1: 0.4}, "speech": {0: 0.0, 1: 0.5}, "summary": {0: 5.0, 1: 5.0}}}
+    scores = {s: {t: _mean_std(list(v.values())) for t, v in d.items()} for s, d in raw.items()}
+    _, mean_relative, excluded = _relative_to_specialists(suite, ["specialist", "dense"], raw, scores)
+    assert excluded == {"speech"}
+    learned = _learned_mean(suite, ["specialist", "dense"], raw, scores)
+    # speech has no ratio on seed 0; summary's specialist scored 0.5 of 100 (not learned)
+    assert learned["dense"]["tasks"] == ["digits"] and learned["dense"]["values"] == pytest.approx([1.0, 0.5])
+
+
+def test_a_merged_report_counts_the_specialists_of_the_seeds_that_ran_them():
+    import types
+
+    from moe_gen.quality.report import _parameters
+
+    results = [{"system": "dense", "seed": 0, "parameters": 50, "active_parameters": 50},
+               *({"system": "specialist", "seed": seed, "parameters": 10, "active_parameters": 10}
+                 for seed in (2, 3) for _ in range(3))]
+    assert _parameters(types.SimpleNamespace(seeds=[0, 1, 2, 3]), results)["specialist"]["total"] == 30
+
+
+def test_the_wrong_answers_of_an_exact_match_task_are_the_ones_it_scores_wrong():
+    from moe_gen.quality.runner import held_out_errors
+
+    pairs = [("Seven", "seven"), ("seven ", "seven"), ("two", "two"), ("one", "four")]
+    assert held_out_errors(pairs, "exact_match")["errors"] == [["four", "one", 1]]
+    assert len(held_out_errors(pairs)["errors"]) == 3  # accuracy compares the texts as they are
 
 
 def test_attribute_minus_dense_is_paired_by_seed_with_an_interval_and_a_t_test():

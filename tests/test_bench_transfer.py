@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import types
 
 import pytest
 
@@ -27,9 +28,19 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_retained_share_counts_learned_tasks_and_inverts_losses():
     before = {"a": 0.8, "unlearned": 0.05, "loss": 0.5}
     after = {"a": 0.4, "unlearned": 0.0, "loss": 1.0}
-    share, kept = _retained(before, after, {"a": True, "unlearned": True, "loss": False})
+    suite = {name: types.SimpleNamespace(metric=metric, higher_is_better=metric != "l1")
+             for name, metric in (("a", "accuracy"), ("unlearned", "accuracy"), ("loss", "l1"))}
+    share, kept = _retained(before, after, suite)
     # a keeps half its accuracy; the loss doubled, so it keeps half too; the unlearned task is not counted
     assert kept == ["a", "loss"] and share == pytest.approx(0.5)
+
+
+def test_a_percent_metric_counts_as_learned_by_its_range():
+    """ROUGE-L, BLEU and chrF run 0-100: a specialist at 0.5 (0.5%) had passed the 0.1 floor."""
+    suite = {"summary": types.SimpleNamespace(metric="rouge_l", higher_is_better=True),
+             "a": types.SimpleNamespace(metric="accuracy", higher_is_better=True)}
+    share, kept = _retained({"summary": 0.5, "a": 0.8}, {"summary": 5.0, "a": 0.8}, suite)
+    assert kept == ["a"] and share == pytest.approx(1.0)
 
 
 def _run(system, seed, finetuned, before=None, after=None):

@@ -29,35 +29,56 @@ def _mean_std(values: Sequence[float]) -> dict:
             "values": values}
 
 
-# A specialist scoring below this (on a higher-is-better metric) did not learn its task, and ratios
-# to it (0.36 / 0.037 on visual grounding) swamp the mean over tasks.
+# A specialist scoring below this share of its metric's range (on a higher-is-better metric) did
+# not learn its task, and ratios to it (0.36 / 0.037 on visual grounding) swamp the mean over tasks.
 SPECIALIST_FLOOR = 0.1
+PERCENT_METRICS = frozenset({"bleu", "chrf", "rouge_l"})  # scored 0-100, not 0-1
+
+
+def learned(metric: str, higher_is_better: bool, specialist_score: float) -> bool:
+    """Whether a specialist's score counts as having learned its task: at least ``SPECIALIST_FLOOR``
+    of the metric's range (every lower-is-better score counts)."""
+    scale = 100.0 if metric in PERCENT_METRICS else 1.0
+    return not higher_is_better or specialist_score >= SPECIALIST_FLOOR * scale
 
 
 def _learned_mean(suite, systems, raw: dict, scores: dict) -> dict:
-    """Per system: the mean relative score over the tasks whose specialist scored at least
-    ``SPECIALIST_FLOOR`` (every lower-is-better task), mean ± spread over seeds."""
+    """Per system: the mean relative score over the tasks whose specialist learned them (``learned``)
+    and that have a relative score on every seed, mean ± spread over seeds."""
     specialist = scores.get("specialist", {})
-    kept = [t for t in suite if t.name in specialist
-            and (not t.higher_is_better or specialist[t.name]["mean"] >= SPECIALIST_FLOOR)]
+    kept = [t for t in suite if t.name in specialist and learned(t.metric, t.higher_is_better,
+                                                                 specialist[t.name]["mean"])]
     out = {}
     for s in systems:
         if s == "specialist":
             continue
         per_seed: dict[int, list[float]] = {}
+        tasks = []
         for t in kept:
-            for seed, value in raw[s][t.name].items():
-                rel = _relative(value, specialist[t.name]["mean"], t.higher_is_better)
-                per_seed.setdefault(seed, []).append(0.0 if rel is None else rel)
+            rels = _seed_relatives(raw[s][t.name], specialist[t.name]["mean"], t.higher_is_better)
+            if rels is None:
+                continue
+            tasks.append(t.name)
+            for seed, rel in rels.items():
+                per_seed.setdefault(seed, []).append(rel)
         if per_seed:
             out[s] = {**_mean_std([statistics.fmean(v) for _, v in sorted(per_seed.items())]),
-                      "seeds": sorted(per_seed), "tasks": [t.name for t in kept]}
+                      "seeds": sorted(per_seed), "tasks": tasks}
     return out
 
 
 def _relative(score: float, reference: float, higher_is_better: bool) -> Optional[float]:
+    """score / reference, or reference / score for lower-is-better metrics; None where the
+    denominator is 0 (a specialist scoring 0, or a generalist with no error: a ratio without bound)."""
     numerator, denominator = (score, reference) if higher_is_better else (reference, score)
     return None if denominator <= 0 else numerator / denominator
+
+
+def _seed_relatives(values: dict, reference: float, higher_is_better: bool) -> Optional[dict]:
+    """Each seed's relative score to ``reference``, or None when a seed has none (the task then
+    leaves every seed's mean, so the seeds average the same tasks)."""
+    rels = {seed: _relative(value, reference, higher_is_better) for seed, value in values.items()}
+    return None if not rels or None in rels.values() else rels
 
 
 def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_seconds: float) -> dict:
@@ -201,12 +222,12 @@ def _relative_to_specialists(suite, systems, raw: dict, scores: dict):
                 continue
             rel = _relative(scores[s][name]["mean"], specialist[name]["mean"], task.higher_is_better)
             relative[s][name] = rel
-            if rel is None:
+            rels = _seed_relatives(raw[s][name], specialist[name]["mean"], task.higher_is_better)
+            if rel is None or rels is None:
                 excluded.add(name)
                 continue
-            for seed, value in raw[s][name].items():
-                seed_rel = _relative(value, specialist[name]["mean"], task.higher_is_better)
-                per_seed.setdefault(seed, []).append(seed_rel if seed_rel is not None else 0.0)
+            for seed, seed_rel in rels.items():
+                per_seed.setdefault(seed, []).append(seed_rel)
         seed_means = [statistics.fmean(v) for _, v in sorted(per_seed.items()) if v]
         if seed_means:
             mean_relative[s] = _mean_std(seed_means)
@@ -231,10 +252,12 @@ def _versus_classical(system_scores: dict, classical: dict, by_cv: bool = False)
 def _parameters(cfg, results: list[dict]) -> dict:
     """Total and active parameters per system (specialists: the sum over tasks, one seed)."""
     parameters: dict[str, dict] = {}
+    # the first seed with specialists (merged reports may hold seeds that ran none)
+    first = min((r["seed"] for r in results if r["system"] == "specialist"), default=None)
     for r in results:
         p = parameters.setdefault(r["system"], {"total": 0, "active": 0, "runs": 0})
         if r["system"] == "specialist":
-            if r["seed"] == cfg.seeds[0]:  # one specialist per task: their sum is what a user would hold
+            if r["seed"] == first:  # one specialist per task: their sum is what a user would hold
                 p["total"] += r["parameters"]
                 p["active"] = max(p["active"], r["active_parameters"])
         else:
@@ -321,9 +344,10 @@ def _learned_lines(report: dict) -> list[str]:
     learned = report.get("mean_relative_learned", {})
     if not learned:
         return []
-    left_out = [t["name"] for t in report["tasks"] if t["name"] not in next(iter(learned.values()))["tasks"]]
-    lines = ["", f"The second mean leaves out tasks whose specialist scored below {SPECIALIST_FLOOR} (or has "
-             f"no score): {', '.join(left_out) or 'none'}."]
+    left_out = [t["name"] for t in report["tasks"] if any(t["name"] not in m["tasks"] for m in learned.values())]
+    lines = ["", f"The second mean leaves out tasks whose specialist scored below {SPECIALIST_FLOOR} of the "
+             f"metric's range (or has no score, or a generalist had no error on a lower-is-better metric): "
+             f"{', '.join(left_out) or 'none'}."]
     paired = report.get("attribute_minus_dense_learned")
     if paired:
         per_seed = ", ".join(f"{d:+.1f} (seed {seed})" for seed, d in zip(paired["seeds"], paired["points"]))
@@ -375,7 +399,8 @@ def markdown(report: dict) -> str:
               f"(± sample std over {seeds} seed{'s' if seeds > 1 else ''}):", ""]
     lines += _system_rows(report, seeds)
     if report["no_relative_score"]:
-        lines += ["", f"No relative score (the specialist scored 0): {', '.join(report['no_relative_score'])}."]
+        lines += ["", "No relative score (a zero denominator: the specialist scored 0 on a higher-is-better metric, or "
+                  f"a generalist had no error on a lower-is-better one): {', '.join(report['no_relative_score'])}."]
     lines += _learned_lines(report)
     lines += _fit_lines(report)
     lines += _error_lines(report)

@@ -317,7 +317,8 @@ def train_and_score(job: dict) -> dict:
                                            "mean_max_over_mean")}
     interference = _interference(model, test) if len(suite) > 1 else None
     return {"system": job["system"], "seed": job["seed"], "tasks": list(job["tasks"]), "scores": scores,
-            "scores_train": scores_train, "errors": {name: held_out_errors(pairs) for name, pairs in answers.items()},
+            "scores_train": scores_train,
+            "errors": {t.name: held_out_errors(answers[t.name], t.metric) for t in suite if t.name in answers},
             **({"scores_last": scores_last} if scores_last is not None else {}),
             "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
             "utilisation": _utilisation(tables) if tables.layer_names else {},
@@ -326,13 +327,17 @@ def train_and_score(job: dict) -> dict:
             "seconds": time.perf_counter() - start, "steps": steps}
 
 
-def held_out_errors(pairs: Sequence[tuple]) -> dict:
+def held_out_errors(pairs: Sequence[tuple], metric: str = "accuracy") -> dict:
     """A classification task's held-out answers summarised: ``{"rows": scored rows, "errors":
-    [[reference, answer, count], ...]}``, every (reference, answer) pair whose texts differ with its
-    count, most frequent first (ties in the order of the labels' text). For an ``accuracy`` task the
-    errors sum to (1 − accuracy) · rows."""
+    [[reference, answer, count], ...]}``, every (reference, answer) pair that ``metric`` scores wrong
+    (``exact_match``: texts that differ after lower-casing and white-space folding; otherwise texts
+    that differ) with its count, most frequent first (ties in the order of the labels' text). The
+    errors sum to (1 − score) · rows for ``accuracy`` and ``exact_match``."""
+    from moe_gen.tasks.metrics import METRICS
+
+    same = METRICS.get("exact_match" if metric == "exact_match" else "accuracy")
     wrong = collections.Counter((str(reference), str(answer)) for answer, reference in pairs
-                                if str(answer) != str(reference))
+                                if same([answer], [reference]) < 1.0)
     return {"rows": len(pairs),
             "errors": [[ref, answer, n] for (ref, answer), n in sorted(wrong.items(), key=lambda kv: (-kv[1], kv[0]))]}
 

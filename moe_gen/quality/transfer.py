@@ -20,7 +20,7 @@ Protocol (one job per generalist system × seed, one per seed for the specialist
 The report gives, per held task and budget, each system's held-out score (mean ± std over seeds)
 with its paired difference to the specialist from scratch, and per held task how much of the
 pretraining tasks' scores each generalist kept (*retained*: the mean over those tasks of after /
-before, lower-is-better metrics inverted, over tasks scoring at least ``SPECIALIST_FLOOR`` before),
+before, lower-is-better metrics inverted, over tasks that scored as learned before: ``report.learned``),
 with attribute − dense paired by seed; and, per replay variant, its difference to fine-tuning
 without replay (held-out score per budget, and the share kept), paired by seed.
 """
@@ -35,7 +35,7 @@ import statistics
 import time
 from typing import Optional
 
-from moe_gen.quality.report import SPECIALIST_FLOOR, _mean_std, _paired_difference, _relative, write_files
+from moe_gen.quality.report import SPECIALIST_FLOOR, _mean_std, _paired_difference, _relative, learned, write_files
 
 __all__ = ["TransferConfig", "run_transfer", "transfer_job", "build_transfer_report", "write_transfer_report",
            "transfer_markdown", "merge_transfer_reports"]
@@ -243,11 +243,12 @@ def run_transfer(cfg: TransferConfig, *, say=print) -> dict:
     return report
 
 
-def _retained(before: dict, after: dict, higher_is_better: dict) -> tuple[Optional[float], list[str]]:
-    """Mean over the tasks scoring at least ``SPECIALIST_FLOOR`` before (every lower-is-better task)
-    of after / before (before / after when lower is better), and those tasks."""
-    kept = [n for n in before if not higher_is_better[n] or before[n] >= SPECIALIST_FLOOR]
-    ratios = [_relative(after[n], before[n], higher_is_better[n]) for n in kept]
+def _retained(before: dict, after: dict, suite: dict) -> tuple[Optional[float], list[str]]:
+    """Mean over the tasks that scored as learned before (``report.learned``: every lower-is-better
+    task) of after / before (before / after when lower is better), and those tasks; ``suite`` maps
+    task names to their ``SuiteTask``."""
+    kept = [n for n in before if learned(suite[n].metric, suite[n].higher_is_better, before[n])]
+    ratios = [_relative(after[n], before[n], suite[n].higher_is_better) for n in kept]
     ratios = [r for r in ratios if r is not None]
     return (statistics.fmean(ratios) if ratios else None), kept
 
@@ -258,7 +259,7 @@ def _by_seed(values: dict) -> dict:
     return {"seeds": seeds, "values": [values[s] for s in seeds]}
 
 
-def _forgetting(cfg: TransferConfig, results: list[dict], held: str, higher: dict) -> tuple[dict, dict]:
+def _forgetting(cfg: TransferConfig, results: list[dict], held: str, suite: dict) -> tuple[dict, dict]:
     """For ``held``: per system the retained share (mean ± std over seeds, with the tasks counted)
     and attribute − dense on it paired by seed; and per system and pretraining task the change of
     score (after − before)."""
@@ -269,7 +270,7 @@ def _forgetting(cfg: TransferConfig, results: list[dict], held: str, higher: dic
         runs = [r for r in results if r["system"] == s]
         if not runs:
             continue
-        per_seed = {r["seed"]: _retained(r["before"], r["after"][held], higher) for r in runs}
+        per_seed = {r["seed"]: _retained(r["before"], r["after"][held], suite) for r in runs}
         by_seed[s] = {seed: value for seed, (value, _) in per_seed.items() if value is not None}
         counted = list(dict.fromkeys(n for _, tasks in per_seed.values() for n in tasks))  # counted on any seed
         retained[s] = {**_mean_std(list(by_seed[s].values())), "tasks": counted} if by_seed[s] else None
@@ -304,7 +305,7 @@ def build_transfer_report(cfg: TransferConfig, results: list[dict], *, wall_seco
     """Aggregates the job results into the report dictionary (plain JSON types)."""
     from moe_gen.quality.suite import SUITE
 
-    higher = {t.name: t.higher_is_better for t in SUITE}
+    by_name = {t.name: t for t in SUITE}
     systems = [s for s in ("specialist", *variants(cfg)) if any(r["system"] == s for r in results)]
     budgets = [str(s) for s in cfg.finetune_steps]
     scores, versus_scratch, retained, changes, replay = {}, {}, {}, {}, {}
@@ -317,10 +318,10 @@ def build_transfer_report(cfg: TransferConfig, results: list[dict], *, wall_seco
                 s: {b: _paired_difference({s: _by_seed(raw[s][b]), "scratch": _by_seed(raw["specialist"][b])},
                                           s, "scratch") for b in budgets}
                 for s in systems if s != "specialist"}
-        retained[held], changes[held], kept_by_seed = _forgetting(cfg, results, held, higher)
+        retained[held], changes[held], kept_by_seed = _forgetting(cfg, results, held, by_name)
         replay[held] = _replay_effect(cfg, raw, kept_by_seed)
     return {"config": dataclasses.asdict(cfg), "systems": systems, "budgets": budgets,
-            "higher_is_better": {h: higher[h] for h in cfg.held}, "scores": scores,
+            "higher_is_better": {h: by_name[h].higher_is_better for h in cfg.held}, "scores": scores,
             "versus_scratch": versus_scratch, "retained": retained, "changes": changes, "replay": replay,
             "wall_seconds": wall_seconds, "runs": results}
 
@@ -364,7 +365,7 @@ def _held_lines(report: dict, held: str) -> list[str]:
     if generalists:
         counted = retained[generalists[0]]["tasks"]
         lines += ["", f"Pretraining tasks' scores kept after {budgets[-1]} steps on {held} alone (after / before, "
-                  f"mean over the {len(counted)} tasks scoring ≥ {SPECIALIST_FLOOR} before): "
+                  f"mean over the {len(counted)} tasks scoring ≥ {SPECIALIST_FLOOR} of their metric's range before): "
                   + ", ".join(f"{s} {_cell(retained[s])}" for s in generalists) + _versus_dense(retained) + ".", ""]
         changes = report["changes"][held]
         lines += ["| task | " + " | ".join(f"{s} before → change" for s in generalists) + " |",
