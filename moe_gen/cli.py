@@ -154,7 +154,10 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
         if not isinstance(config, dict):
             raise ValueError(f"{name_or_path} must hold a mapping of run configuration keys (model, train, "
                              f"tasks, ...), not a {type(config).__name__}")
-        base = get_recipe(config.pop("recipe")).to_dict() if "recipe" in config else {}
+        recipe = config.pop("recipe", None)
+        if recipe is not None and not isinstance(recipe, str):
+            raise ValueError(f"{name_or_path}: recipe must be a recipe name ({', '.join(RECIPES)}), got {recipe!r}")
+        base = get_recipe(recipe).to_dict() if recipe is not None else {}
         config = merge(base, config)
     else:
         config = get_recipe(name_or_path).to_dict()
@@ -191,7 +194,17 @@ def _model_config(section: dict):
 
     section = dict(section)
     name = section.pop("flavour", "debug")
-    return ModelConfig.from_dict(merge(flavour(name).to_dict(), section))
+    config = ModelConfig.from_dict(merge(flavour(name).to_dict(), section))
+    if config.moe.every or config.moe.layers:  # the MoE layers' settings (strategy, gate, capacity) too
+        from moe_gen.registry import BACKENDS, GATES, ROUTERS
+
+        for stack in ("encoder", "decoder"):
+            layer = config.moe_config(stack=stack)
+            ROUTERS.get(layer.router.strategy)
+            GATES.get(layer.router.gate)
+        if config.moe.backend != "auto":
+            BACKENDS.get(config.moe.backend)
+    return config
 
 
 def _pretrained_model(section: dict, tasks, seed: int):
@@ -200,6 +213,24 @@ def _pretrained_model(section: dict, tasks, seed: int):
     upcycled (``model.upcycle: {num_experts, top_k, router, layers, noise, reinit_fraction}``);
     the other keys are ``ModelConfig`` overrides (``flavour`` does not apply)."""
     from moe_gen.pretrained import from_hf, upcycle
+
+    init, recipe, overrides = _init_section(section)
+    model = from_hf(init[3:], tasks, **overrides)
+    if recipe:
+        upcycle(model, **{"seed": seed, **recipe})
+    return model
+
+
+def _init_section(section: dict) -> tuple[str, Optional[dict], dict]:
+    """A ``model.init`` section checked before any data or weights are read: the checkpoint, the
+    upcycling recipe (its keys and value types; ``num_experts`` required, ``1 <= top_k <=
+    num_experts``) and the ``ModelConfig`` overrides (known fields, value types)."""
+    import typing
+
+    from moe_gen.config import _typed
+    from moe_gen.model import ModelConfig
+    from moe_gen.pretrained import upcycle
+    from moe_gen.registry import did_you_mean
 
     section = dict(section)
     init = section.pop("init")
@@ -211,10 +242,22 @@ def _pretrained_model(section: dict, tasks, seed: int):
     recipe = section.pop("upcycle", None)
     if recipe is not None and not isinstance(recipe, dict):
         raise ValueError(f"model.upcycle must be a mapping (num_experts, top_k, router, layers, ...), got {recipe!r}")
-    model = from_hf(init[3:], tasks, **section)
-    if recipe:
-        upcycle(model, **{"seed": seed, **recipe})
-    return model
+    for owner, values, hints in (("model.upcycle", recipe or {}, typing.get_type_hints(upcycle)),
+                                 ("model", section, typing.get_type_hints(ModelConfig))):
+        known = sorted(set(hints) - {"model", "seed", "return"})
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(f"{owner}: unknown keys {unknown}{did_you_mean(unknown, known)}; "
+                             f"known: {', '.join(known)}")
+        for key, value in values.items():
+            values[key] = _typed(owner, key, hints[key], value)
+    if recipe is not None:
+        if "num_experts" not in recipe:
+            raise ValueError("model.upcycle needs num_experts (the experts each upcycled FFN becomes)")
+        if not 1 <= recipe.get("top_k", 2) <= recipe["num_experts"]:
+            raise ValueError(f"model.upcycle: top_k must be between 1 and num_experts ({recipe['num_experts']}), "
+                             f"got {recipe.get('top_k', 2)}")
+    return init, recipe, section
 
 
 def _tasks(names: Sequence[str], split: str):
@@ -283,6 +326,7 @@ def _build_model(config, tasks, train_config):
 def _fit(trainer, model, tasks, output_dir: str) -> dict:
     """``trainer.fit()`` with what it trains said before and after."""
     from moe_gen.trainer.checkpoint import CheckpointError
+    from moe_gen.trainer.trainer import TrainingDiverged
 
     _say(f"training {model.num_parameters():,} parameters ({model.num_parameters(active=True):,} active per "
          f"token; {trainer.num_trainable:,} trainable) on {len(tasks)} tasks; logs in {output_dir}/logs, "
@@ -292,6 +336,11 @@ def _fit(trainer, model, tasks, output_dir: str) -> dict:
         summary = trainer.fit()
     except CheckpointError as exc:
         raise RunIncomplete(f"{exc}; the model was not saved") from None
+    except TrainingDiverged as exc:
+        latest = trainer.latest_checkpoint()
+        kept = f"the latest checkpoint is {latest}" if latest else "no checkpoint was written"
+        raise RunIncomplete(f"training stopped: {exc}; the model was not saved; {kept} (its weights may "
+                            "already be non-finite if it was written after the loss diverged)") from None
     last = "" if summary["loss"] is None else f"; last loss {summary['loss']:.4f}"
     failed = f"; {summary['failed_checkpoints']} checkpoint writes failed" if summary["failed_checkpoints"] else ""
     _say(f"trained to step {summary['step']} in {summary['seconds']:.0f} s "
@@ -338,8 +387,8 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume continues the run directory's "
                          "checkpoints, overwrite deletes them")
-    if model is None and "init" not in config.model:  # settings first: no data read, no folder made
-        _model_config(config.model)
+    if model is None:  # settings first: no data read, no folder made
+        _init_section(config.model) if "init" in config.model else _model_config(config.model)
     check_modality_keys(train_config)
     if distributed.is_main_process() and os.path.isdir(output_dir):
         with RunLock(output_dir):  # a busy run directory is refused now, not after loading data (Trainer locks it)
@@ -444,6 +493,8 @@ def _cmd_infer(args, overrides) -> int:
     for i, prediction in enumerate(model.infer(task, rows, beams=args.beams, seed=args.seed, **sampling,
                                                no_repeat_ngram=args.no_repeat_ngram, min_length=args.min_length)):
         out = {"row": i, "text": prediction.text, "box": prediction.box, "score": round(prediction.score, 4)}
+        if len(prediction.targets) > 1 or prediction.groups:  # several targets, or repeated ones
+            out["targets"] = _jsonable(prediction.targets)
         if prediction.frames is not None:
             out["frames"] = list(prediction.frames.shape)
         if prediction.image is not None:
@@ -451,6 +502,27 @@ def _cmd_infer(args, overrides) -> int:
                             else list(prediction.image.shape))
         print(json.dumps({k: v for k, v in out.items() if v is not None}))
     return 0
+
+
+def _jsonable(value):
+    """A decoded value for a JSON line: tensors and arrays (frames, images) as their shapes."""
+    if isinstance(value, dict):
+        return {str(k): _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    if hasattr(value, "shape") and hasattr(value, "dtype"):
+        return {"shape": list(value.shape)}
+    return value
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {value}")
+    return value
 
 
 def _save_image(image, directory: str, row: int) -> str:
@@ -520,7 +592,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("model_dir")
     p.add_argument("--task", required=True)
     p.add_argument("--input", help="a JSONL file of rows (default: rows of the preset's test split)")
-    p.add_argument("--rows", type=int, default=3)
+    p.add_argument("--rows", type=_positive_int, default=3, help="the first N test rows (without --input)")
     p.add_argument("--beams", type=int, default=1)
     p.add_argument("--temperature", type=float, help="draw token answers at this temperature (0: greedy)")
     p.add_argument("--top-k", type=int, help="draw among the k best tokens")

@@ -423,6 +423,20 @@ class MoEConfig(ConfigBase):
                 f"MoEConfig.top_k={self.top_k} is larger than the {eligible} experts of the "
                 f"topk_groups={rc.topk_groups} groups a token may use"
             )
+        self._check_gate_options()
+
+    def _check_gate_options(self) -> None:
+        """Settings a gate or expert kind would ignore or could not add up, refused by name."""
+        rc, experts = self.router, self.experts
+        if rc.gate == "expert_choice" and rc.selection_bias:
+            raise ValueError("router selection_bias shifts which experts a token selects; gate 'expert_choice' lets "
+                             "experts select tokens by the clean probabilities, so it would change nothing")
+        if rc.gate == "hash" and rc.noise in ("gaussian", "gumbel"):
+            raise ValueError(f"router noise {rc.noise!r} would make the fixed 'hash' gate route tokens at random in "
+                             "training and differently at inference; use noise 'none'")
+        if experts.kind == "linear" and experts.shared_expert and experts.shared_hidden not in (None, self.d_hidden):
+            raise ValueError(f"a linear shared expert outputs shared_hidden={experts.shared_hidden} features, which "
+                             f"cannot add to the linear experts' d_hidden={self.d_hidden}; leave shared_hidden None")
 
     @property
     def normalize_gates(self) -> bool:

@@ -134,6 +134,18 @@ def _side_positions(side: Side) -> torch.Tensor:
     return side.position_ids if side.position_ids is not None else _positions_in_sample(side.tags.sample)
 
 
+def _check_positions(positions_BS: torch.Tensor, side: Side, config: ModelConfig) -> None:
+    """Refuses a batch whose samples reach past the learned position table (they read its last
+    row); padding does not count, nor features where only tokens get learned positions."""
+    limit = config.max_positions
+    unread_BS = side.padding_mask if config.positions_on_features else side.padding_mask | ~side.is_token
+    top = int(positions_BS.masked_fill(unread_BS, 0).max()) if positions_BS.numel() else 0
+    if top >= limit:
+        raise ValueError(f"a sample reaches position {top}, past the learned position table "
+                         f"(ModelConfig.max_positions={limit}); shorten its inputs (e.g. max_length=) or build the "
+                         "model with a larger max_positions")
+
+
 def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
     """Index of each position within its packed sample (restarts where the sample id changes)."""
     B, S = sample_BS.shape
@@ -419,9 +431,13 @@ class GeneralistModel(nn.Module):
             self.adapters_in_step.update(side.rows)
             x = x + self._adapters_times_zero()
         if self.config.positions == "learned":
+            limit = self.config.max_positions
             if positions is None:
                 positions = _side_positions(side)
-            table = self.position_embedding(positions.clamp_max(self.config.max_positions - 1))
+                if S > limit or side.position_ids is not None:  # else no sample can reach the limit
+                    _check_positions(positions, side, self.config)
+            # (padding may run past the table: it reads its last row; decoding steps pass their positions)
+            table = self.position_embedding(positions.clamp_max(limit - 1))
             x = x + (table if self.config.positions_on_features else table * side.is_token.unsqueeze(-1))
         if self.embedding_norm is not None:
             x = self.embedding_norm(x)
@@ -497,6 +513,8 @@ class GeneralistModel(nn.Module):
         # (positions given by the samples, the masked objective's, are places in the whole sample already)
         dec_positions = dec.position_ids if dec.position_ids is not None else \
             _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
+        if self.config.positions == "learned" and (S + L > self.config.max_positions or dec.position_ids is not None):
+            _check_positions(dec_positions, dec, self.config)
         x = torch.cat([self.embed(enc), self.embed(dec, dec_positions)], dim=1)
         inputs_see_no_targets = torch.zeros(B, S, L, dtype=torch.bool, device=x.device)
         top = torch.cat([self._prefix_mask(enc), inputs_see_no_targets], dim=2)

@@ -138,10 +138,18 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     return weights
 
 
+# ModelConfig fields a checkpoint's weights fix (an override must agree with the checkpoint)
+ARCHITECTURE = frozenset({
+    "d_model", "num_heads", "encoder_layers", "decoder_layers", "ffn_hidden", "positions", "max_positions",
+    "layout", "prefix_attention", "norm", "norm_eps", "norm_position", "embedding_norm", "final_norm",
+    "num_kv_heads", "attention_bias", "rotary_base", "tie_embeddings", "positions_on_features"})
+
+
 def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = None, **overrides) -> ModelConfig:
     """The dense ``ModelConfig`` of the checkpoint's architecture (``moe.every=0``); ``overrides``
-    replace any field, ``moe`` being a dict of the ``MoELayers`` fields to change
-    (``decoder_layers`` sizes BERT's new decoder: 2 by default)."""
+    replace fields the weights do not fix (``ARCHITECTURE`` fields must agree with the checkpoint),
+    ``moe`` being a dict of the ``MoELayers`` fields to change (``decoder_layers`` sizes BERT's new
+    decoder: 2 by default; other families' must be the checkpoint's)."""
     c = checkpoint.config
     if checkpoint.family == "bert":
         if getattr(c, "position_embedding_type", "absolute") != "absolute":
@@ -188,12 +196,23 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
     if set(overrides) - known:
         raise ValueError(f"unknown ModelConfig keys {sorted(set(overrides) - known)} (MoE settings go in "
                          f"moe={{...}}); known: {', '.join(sorted(known))}")
-    moe = {**fields.pop("moe"), **(overrides.pop("moe", None) or {})}
-    fields.update(overrides)
     # no location features unless asked for: a random projection added to the output rows would
     # outweigh the checkpoint's own logits until trained (greedy Whisper then writes <bin_k>)
     base = flavour("debug").replace(location_frequencies=0)
+    if checkpoint.family != "bert" and decoder_layers is not None:
+        overrides["decoder_layers"] = decoder_layers  # BERT's decoder is new; the others' are the checkpoint's
+    _refuse_contradictions(checkpoint, {**dataclasses.asdict(base), **fields}, overrides)
+    moe = {**fields.pop("moe"), **(overrides.pop("moe", None) or {})}
+    fields.update(overrides)
     return base.replace(**fields, moe={**base.moe.to_dict(), **moe})  # ModelConfig names unknown moe keys
+
+
+def _refuse_contradictions(checkpoint: HFCheckpoint, implied: dict, overrides: dict) -> None:
+    """Refuses overrides of ``ARCHITECTURE`` fields that differ from the checkpoint's (``implied``)."""
+    for key in sorted(ARCHITECTURE & set(overrides)):
+        if overrides[key] != implied[key]:
+            raise ValueError(f"{checkpoint.source}: {key}={overrides[key]!r} contradicts the checkpoint, whose weights "
+                             f"fix {key}={implied[key]!r} (architecture fields cannot be overridden)")
 
 
 def _rope_theta(c) -> float:
@@ -384,7 +403,7 @@ def from_hf(source, tasks: Sequence = (), *, tokenizer=None, gguf_file: Optional
         tokenizer: an ``HFTokenizer`` (default: the checkpoint's, extended with moe_gen's tokens).
         decoder_layers: BERT's new decoder depth (other families keep theirs).
         overrides: ``ModelConfig`` fields (dropout, ``moe``: a dict of ``MoELayers`` fields, ...).
-            Architecture fields that would not fit the weights raise when the weights are copied.
+            Architecture fields (``ARCHITECTURE``) that contradict the checkpoint are refused.
 
     Returns:
         The dense model (``upcycle`` turns its FFNs into MoE layers); its ``pretrained_unused``

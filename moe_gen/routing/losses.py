@@ -57,6 +57,8 @@ def importance_loss(probs_NE: torch.Tensor) -> torch.Tensor:
 
 
 def _grouped_balance(probs_NE: torch.Tensor, ids_NK: torch.Tensor, group_N: torch.Tensor) -> torch.Tensor:
+    if group_N.numel() == 0:  # no valid token (all padding, or a rank without tokens): no loss
+        return probs_NE.sum() * 0.0
     groups = torch.unique(group_N)
     losses = [balance_loss(probs_NE[group_N == g], ids_NK[group_N == g]) for g in groups]
     return torch.stack(losses).mean()

@@ -8,8 +8,11 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from typing import Optional, Union
+
+import torch
 
 from moe_gen.config import ConfigBase
 
@@ -203,7 +206,22 @@ class TrainConfig(ConfigBase):
         for ok, message in checks:
             if not ok:
                 raise ValueError(f"TrainConfig: {message}")
+        self._check_finite_and_device()
         self._check_mappings()
+
+    def _check_finite_and_device(self) -> None:
+        """Every number finite (``lr=inf`` passed ``lr > 0`` and trained NaN weights) and ``device`` a
+        device torch can name."""
+        for field in dataclasses.fields(self):
+            value = getattr(self, field.name)
+            if isinstance(value, float) and not math.isfinite(value):
+                raise ValueError(f"TrainConfig: {field.name} must be a finite number, got {value}")
+        if self.device != "auto":
+            try:
+                torch.device(self.device)
+            except (RuntimeError, TypeError) as exc:
+                raise ValueError(f"TrainConfig: device must be 'auto' or a torch device such as cpu, cuda or "
+                                 f"cuda:1, got {self.device!r} ({exc})") from None
 
     def _check_mappings(self) -> None:
         """The values of the fields keyed by task, parameter prefix or modality."""

@@ -46,7 +46,11 @@ from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, expert_utilisation
 from moe_gen.trainer.sampling import TaskSampler
 
-__all__ = ["Trainer", "select_trainable", "WarmupCosine"]
+__all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
+
+
+class TrainingDiverged(RuntimeError):
+    """``TrainConfig.max_bad_steps`` steps in a row had a non-finite loss or gradient norm."""
 
 
 class WarmupCosine:
@@ -502,7 +506,7 @@ class Trainer:
             recorder.stop()
             record.update(_routing_summary(recorder.tables()))
         if not finite and self.state["bad_in_a_row"] >= cfg.max_bad_steps:
-            raise RuntimeError(
+            raise TrainingDiverged(
                 f"{self.state['bad_in_a_row']} steps in a row (up to step {step}) had a non-finite loss or gradient "
                 f"norm (last loss {record['loss']}, norm {norm}); lower TrainConfig.lr, keep clip_norm > 0, or check "
                 f"the data of the tasks in these batches ({', '.join(sorted(record['task_loss']) or ['?'])})")
@@ -655,7 +659,10 @@ def _checkpoint_step(path: Optional[str]) -> Optional[int]:
 
 def _resolve_device(name: str) -> torch.device:
     if name != "auto":
-        return torch.device(name)
+        device = torch.device(name)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"TrainConfig.device is {name!r}, but CUDA is not available here (use 'auto' or 'cpu')")
+        return device
     if torch.cuda.is_available():
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
     return torch.device("cpu")
