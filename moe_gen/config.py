@@ -228,6 +228,12 @@ class RouterConfig(ConfigBase):
         tag_balance_rule: how the bias moves: ``error`` (``b_e += u·clip((mean − load_e) / mean,
             -1, 1)``: experts near the mean load barely move, so coarse tag groups stop hopping
             between experts) or ``sign`` (``b_e += u·sign(mean − load_e)``, as in the paper).
+        tag_balance_window: the load the tag-balance loss reads (``loss``, ``loss+bias``): 0, the
+            forward's own tokens; W > 0, a running average of each expert's share of the load
+            over about the last W updates (each weighs 1/W: forwards in one process, optimizer
+            steps under several, where the processes' loads are summed), this forward's included.
+            One task per micro-batch (``TrainConfig.batch_tasks="single"``) needs it: a batch's
+            own load cannot show the experts other tasks crowd.
     """
 
     strategy: str = "token"
@@ -252,6 +258,7 @@ class RouterConfig(ConfigBase):
     tag_balance: str = "loss"
     tag_balance_rate: float = 0.01
     tag_balance_rule: str = "error"
+    tag_balance_window: int = 0
     task_words: tuple[tuple[str, ...], ...] = ()
     word_buckets: int = 64
 
@@ -309,7 +316,8 @@ class RouterConfig(ConfigBase):
         if self.tag_balance_rule not in TAG_BALANCE_RULES:
             raise ValueError(f"unknown tag_balance_rule {self.tag_balance_rule!r}; known: "
                              f"{', '.join(TAG_BALANCE_RULES)}")
-        for name in ("balance_loss_weight", "z_loss_weight", "importance_loss_weight", "tag_balance_rate"):
+        for name in ("balance_loss_weight", "z_loss_weight", "importance_loss_weight", "tag_balance_rate",
+                     "tag_balance_window"):
             if getattr(self, name) < 0:
                 raise ValueError(f"router {name} must be >= 0, got {getattr(self, name)}")
 

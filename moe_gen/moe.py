@@ -242,7 +242,10 @@ class MoE(nn.Module):
         if self.training and self.router.balances_by_bias and not self.recomputing:
             # loss-free balancing of tag routes: the next forward's selection bias (no gradient)
             self.router.update_balance_bias(routing)
-        aux_losses = self.router.losses(routing, batch)
+        load_share = None  # the running load a windowed tag-balance loss reads (training only)
+        if self.training and self.router.load_average is not None and torch.is_grad_enabled():
+            load_share = self.router.running_share(routing, update=not self.recomputing)
+        aux_losses = self.router.losses(routing, batch, load_share)
 
         dispatched = backend.dispatch(x_TD, routing)
         expert_outputs = backend.run(self.experts, dispatched)

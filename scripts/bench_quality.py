@@ -73,6 +73,9 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--tag-balance", choices=("loss", "bias", "loss+bias", "none"),
                         help="load balancing of the MoE systems' tag-routed layers (RouterConfig.tag_balance; "
                              "default loss)")
+    parser.add_argument("--tag-balance-window", type=int,
+                        help="the tag-balance loss reads a running load over about this many forwards "
+                             "(RouterConfig.tag_balance_window; default 0: each forward's own)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
@@ -126,8 +129,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
                  "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length",
-                 "eval_limit", "fit_rows", "ema_decay", "loss_average", "batch_tasks", "tag_balance", "workers",
-                 "threads"):
+                 "eval_limit", "fit_rows", "ema_decay", "loss_average", "batch_tasks", "tag_balance",
+                 "tag_balance_window", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

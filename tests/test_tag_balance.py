@@ -267,6 +267,43 @@ def test_the_loss_is_added_only_for_tag_balance_loss_and_is_the_same_with_capaci
     assert "tag_balance" not in _moe("loss", strategy="token").train()(x, tags=tags).aux_losses
 
 
+def _one_task(task: int, seed: int) -> tuple[TokenTags, torch.Tensor]:
+    """A batch of one tag group: task ``task``'s tokens alone (a one-task micro-batch)."""
+    n = COUNTS[task]
+    tags = dataclasses.replace(TokenTags.constant((n,)), task=torch.full((n,), task))
+    return tags, torch.randn(n, D, generator=torch.Generator().manual_seed(seed))
+
+
+def test_a_windowed_loss_reads_the_running_load_share():
+    """W > 0: the loss's load shares are a running average over forwards (this one's included),
+    so a batch of one task is pushed off the experts the earlier batches loaded."""
+    W, weight = 4, 0.01
+    moe = _moe("loss", tag_balance_window=W, balance_loss_weight=weight).train()
+    plain = _moe("loss", balance_loss_weight=weight).train()
+    plain.load_state_dict({k: v for k, v in moe.state_dict().items() if not k.startswith("router.load_")})
+    assert moe.router.load_average is not None and plain.router.load_average is None
+    tags, x = _one_task(0, 0)
+    first = moe(x, tags=tags)  # no history yet: the forward's own share, as without a window
+    torch.testing.assert_close(first.aux_losses["tag_balance"], plain(x, tags=tags).aux_losses["tag_balance"])
+    share_a = first.routing.expert_counts.float() / first.routing.expert_counts.sum()
+    tags, x = _one_task(5, 1)
+    second = moe(x, tags=tags)
+    share_b = second.routing.expert_counts.float() / second.routing.expert_counts.sum()
+    rho = 1 - 1 / W
+    mixed = (rho * (1 - rho) * share_a + (1 - rho) * share_b) / (rho * (1 - rho) + (1 - rho))
+    probs_E = second.routing.groups.probs_GE[0]
+    torch.testing.assert_close(second.aux_losses["tag_balance"], weight * E * (mixed * probs_E).sum())
+    torch.testing.assert_close(moe.router.load_average / moe.router.load_weight, mixed)
+    # activation checkpointing's recomputation reads the same share and moves nothing
+    before = moe.router.load_average.clone()
+    torch.testing.assert_close(moe.router.running_share(second.routing, update=False), mixed)
+    assert torch.equal(moe.router.load_average, before)
+    # the running share is saved with the layer, and a layer without a window has none to load
+    assert {"router.load_average", "router.load_weight"} <= set(moe.state_dict())
+    assert not any(k.startswith("router.load_") for k in plain.state_dict())
+    assert _moe("bias", tag_balance_window=W).router.load_average is None  # no loss to read it
+
+
 # ---- utilisation in the analysis and the training log -----------------------------------------
 
 
@@ -337,6 +374,63 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
             f.write(traceback.format_exc())
         os._exit(1)
+
+
+def _window_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    try:
+        from moe_gen import distributed
+
+        distributed.init_distributed(backend="gloo", timeout_s=15.0)
+        torch.manual_seed(0)
+        moe = _moe("loss", tag_balance_window=4).train()
+        for micro in range(2):  # one task per micro-batch, different on each rank
+            tags, x = _one_task(2 * rank + micro, micro)
+            moe(x, tags=tags).aux_loss.backward()
+        pending = moe.router.load_weight.clone()  # nothing applied yet
+        distributed.sync_gradients(moe)
+        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+            json.dump({"pending": float(pending), "average": moe.router.load_average.tolist(),
+                       "weight": float(moe.router.load_weight)}, f)
+        torch.distributed.destroy_process_group()
+    except BaseException:  # noqa: BLE001 - reported to the test through a file
+        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
+            f.write(traceback.format_exc())
+        os._exit(1)
+
+
+def _spawn(target, tmp_path) -> list[dict]:
+    ctx = multiprocessing.get_context("spawn")
+    port = _free_port()
+    procs = [ctx.Process(target=target, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        if p.is_alive():
+            p.kill()
+    errors = [open(tmp_path / f"rank{r}.error").read() for r in range(2) if (tmp_path / f"rank{r}.error").exists()]
+    assert not errors and all(p.exitcode == 0 for p in procs), "\n".join(errors)
+    return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+
+
+@pytest.mark.distributed
+def test_processes_advance_one_running_load_from_their_mean_share(tmp_path):
+    results = _spawn(_window_worker, tmp_path)
+    assert all(r["pending"] == 0.0 for r in results)  # forwards only add to the pending shares
+    assert results[0]["average"] == results[1]["average"] and results[0]["weight"] == results[1]["weight"]
+    torch.manual_seed(0)
+    moe = _moe("loss", tag_balance_window=4).train()
+    shares = []
+    for task in range(4):
+        tags, x = _one_task(task, task % 2)
+        counts = moe.router(x, TagBatch(tags)).expert_counts.float()
+        shares.append(counts / counts.sum())
+    rho = 0.75  # one update, by the mean of the four forwards' shares
+    torch.testing.assert_close(torch.tensor(results[0]["average"]), (1 - rho) * torch.stack(shares).mean(0))
+    assert results[0]["weight"] == pytest.approx(1 - rho)
 
 
 @pytest.mark.distributed

@@ -112,6 +112,8 @@ def test_one_task_batches_with_the_tag_balance_loss_are_warned_about(tasks, tok,
         single = quiet(steps=1, batch_size=4, batch_tasks="single")
         Trainer(biased, tasks, single, output_dir=str(tmp_path / "b")).close()
         Trainer(build(tasks, tok), tasks, quiet(steps=1, batch_size=4), output_dir=str(tmp_path / "c")).close()
+        windowed = build(tasks, tok, router=RouterConfig(strategy="attribute", tag_balance_window=8))
+        Trainer(windowed, tasks, single, output_dir=str(tmp_path / "d")).close()  # a running load: no warning
 
 
 def test_all_mixing_puts_every_task_in_every_batch(tasks, tok):

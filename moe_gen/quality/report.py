@@ -471,6 +471,8 @@ def _run_line(config: dict) -> str:
         mixing += ", one task per batch"
     if config.get("tag_balance"):
         mixing += f", tag-routed layers balanced by {config['tag_balance']}"
+    if config.get("tag_balance_window"):
+        mixing += f", the balance loss reading a running load over {config['tag_balance_window']} forwards"
     if config.get("loss_average", "token") != "token":
         mixing += f", token losses averaged per {config['loss_average']}"
     model = ""

@@ -65,6 +65,8 @@ class BenchConfig:
         loss_average: ``TrainConfig.loss_average`` of every run (``token`` or ``sample``).
         tag_balance: ``RouterConfig.tag_balance`` of the MoE systems (None: the router's default,
             ``loss``; ``bias`` balances the load over steps, which one-task batches need).
+        tag_balance_window: ``RouterConfig.tag_balance_window`` of the MoE systems (0: the loss reads
+            each forward's load; W: a running load over about W forwards).
         batch_tasks: ``TrainConfig.batch_tasks`` of the generalists: ``mixed`` (each row's task
             drawn) or ``single`` (one task per batch). A specialist's batches hold its one task
             either way, so specialists are reusable across it.
@@ -123,6 +125,7 @@ class BenchConfig:
     loss_average: str = "token"
     batch_tasks: str = "mixed"
     tag_balance: Optional[str] = None
+    tag_balance_window: int = 0
     pretrained_inputs: bool = False
     bag_of_words: bool = False
     pose_summary: bool = False
@@ -152,6 +155,8 @@ class BenchConfig:
         if self.tag_balance is not None and self.tag_balance not in TAG_BALANCE:
             raise ValueError(f"BenchConfig.tag_balance must be one of {', '.join(TAG_BALANCE)} (or None: the "
                              f"router's default), got {self.tag_balance!r}")
+        if self.tag_balance_window < 0:
+            raise ValueError(f"BenchConfig.tag_balance_window must be >= 0, got {self.tag_balance_window}")
         from moe_gen.trainer.config import BATCH_TASKS
 
         if self.batch_tasks not in BATCH_TASKS:
@@ -201,7 +206,8 @@ def _model_config(cfg: BenchConfig, system: str):
     from moe_gen.model import flavour
 
     strategy = "attribute" if system in ("dense", "specialist") else system
-    router = RouterConfig(strategy=strategy, **({"tag_balance": cfg.tag_balance} if cfg.tag_balance else {}))
+    router = RouterConfig(strategy=strategy, tag_balance_window=cfg.tag_balance_window,
+                          **({"tag_balance": cfg.tag_balance} if cfg.tag_balance else {}))
     config = flavour(cfg.flavour).with_moe(num_experts=cfg.num_experts, router=router, attention=cfg.moe_attention)
     if cfg.expert_hidden is not None:  # dense blocks of every=2 flavours as wide as a dense twin's
         config = config.with_moe(expert_hidden=cfg.expert_hidden).replace(

@@ -29,6 +29,16 @@ inputs), leaving capacity idle and making hot spots under expert parallelism. Tw
   training and when the router is frozen, so merged inference and the route cache see a constant
   route (an update is an in-place write, which the cache's version stamp notices).
 
+The loss reads the load of the forward it is computed in, which with one task per micro-batch
+(``TrainConfig.batch_tasks="single"``) holds one task's groups only: it then spreads each task over
+its own experts and cannot see the experts the other tasks crowd. ``RouterConfig.tag_balance_window
+= W`` makes it read a running average of each expert's share of the load instead (weights decaying
+by 1 − 1/W per update, the current forward's share included; one update per forward in one process,
+one per optimizer step from the mean of the processes' shares under several, applied by
+``sync_bias_updates``). Measured on one-task batches (README, "One task per batch"): W of 4–16 raised
+utilisation, W = 64 lowered it (every task then chases the same experts the lagging average shows
+idle).
+
 Why ``loss`` is the default: on the debug recipe with 8 experts (300 steps; README, "The MoE
 layer") both raise the share of experts above 1/(4E) of the load from about a third to three
 quarters, but the bias at u = 0.01 cost 4–5% of held-out loss and the loss did not.
@@ -47,6 +57,8 @@ micro-batches mix objectives differently). Loops that train on several processes
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -54,7 +66,8 @@ from torch import nn
 __all__ = ["group_balance_loss", "nudge_bias_", "defer_to_sync", "sync_bias_updates"]
 
 
-def group_balance_loss(probs_GE: torch.Tensor, ids_GK: torch.Tensor, count_G: torch.Tensor) -> torch.Tensor:
+def group_balance_loss(probs_GE: torch.Tensor, ids_GK: torch.Tensor, count_G: torch.Tensor,
+                       fraction_E: Optional[torch.Tensor] = None) -> torch.Tensor:
     """The Switch balance loss of tag-group routes, each group weighted by its token count.
 
     Equals ``balance_loss`` over the tokens that the groups stand for, without expanding them.
@@ -63,6 +76,8 @@ def group_balance_loss(probs_GE: torch.Tensor, ids_GK: torch.Tensor, count_G: to
         probs_GE: fp32 router probabilities of each group.
         ids_GK: long experts of each group's route.
         count_G: long valid members of each group.
+        fraction_E: the load shares f_e to use instead of these groups' own (a running average:
+            ``RouterConfig.tag_balance_window``).
 
     Returns:
         fp32 scalar E · Σ_e f_e · P_e (1 when load and probability are uniform; 0 without tokens).
@@ -72,11 +87,17 @@ def group_balance_loss(probs_GE: torch.Tensor, ids_GK: torch.Tensor, count_G: to
     tokens = weight_G.sum()
     if float(tokens) == 0:
         return probs_GE.sum() * 0.0
-    assigned_E = torch.zeros(E, dtype=probs_GE.dtype, device=probs_GE.device).index_add_(
-        0, ids_GK.reshape(-1), weight_G.repeat_interleave(K))
-    fraction_E = assigned_E / (tokens * K)
+    if fraction_E is None:
+        fraction_E = group_load(ids_GK, count_G, E).to(probs_GE.dtype) / (tokens * K)
     mean_probs_E = (probs_GE * weight_G.unsqueeze(1)).sum(0) / tokens
     return E * (fraction_E * mean_probs_E).sum()
+
+
+def group_load(ids_GK: torch.Tensor, count_G: torch.Tensor, num_experts: int) -> torch.Tensor:
+    """Token assignments per expert ``[E]`` (float) of routes kept per tag group."""
+    weight_G = count_G.to(torch.float32)
+    return torch.zeros(num_experts, dtype=torch.float32, device=ids_GK.device).index_add_(
+        0, ids_GK.reshape(-1), weight_G.repeat_interleave(ids_GK.shape[1]))
 
 
 @torch.no_grad()
@@ -105,29 +126,39 @@ def defer_to_sync() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
-def _balanced_routers(model: nn.Module) -> list[nn.Module]:
+def _balanced_routers(model: nn.Module) -> tuple[list[nn.Module], list[nn.Module]]:
+    """The routers of ``model`` balanced by a bias, and those whose loss reads a running load."""
     from moe_gen.routing.router import Router
 
-    return [m for m in model.modules() if isinstance(m, Router) and m.balances_by_bias]
+    routers = [m for m in model.modules() if isinstance(m, Router)]
+    return [m for m in routers if m.balances_by_bias], [m for m in routers if m.load_average is not None]
 
 
 @torch.no_grad()
 def sync_bias_updates(model: nn.Module) -> None:
-    """Applies the pending bias updates of every bias-balanced router of ``model``, from the loads
-    summed over all processes since the last call (one all-reduce for all layers).
+    """Applies the pending balance updates of ``model``'s routers from what all processes routed
+    since the last call (one all-reduce for all layers): the selection biases of bias-balanced
+    routers, from the loads summed; the running load of windowed balance losses
+    (``RouterConfig.tag_balance_window``), by the mean of the processes' load shares.
 
     Collective when several processes run: call it on every rank, at the same point of the step
     (``moe_gen.distributed.sync_gradients`` does). Routers are visited in module order, which is
     the same on every rank; one that ran no forward contributes zeros.
     """
-    routers = _balanced_routers(model)
-    if not routers:
+    biased, windowed = _balanced_routers(model)
+    if not biased and not windowed:
         return
-    loads = [r.take_pending_load() for r in routers]
-    flat = torch.cat([torch.zeros_like(r.balance_bias) if load is None else load.to(r.balance_bias.dtype)
-                      for r, load in zip(routers, loads)])
+    parts = [r.take_pending_load() for r in biased] + [r.take_pending_share() for r in windowed]
+    sizes = [r.num_experts for r in biased] + [r.num_experts + 1 for r in windowed]  # shares + their count
+    flat = torch.cat([torch.zeros(n) if part is None else part.float().cpu() for part, n in zip(parts, sizes)])
     if defer_to_sync():
+        device = next(iter(biased + windowed)).weight.device
+        flat = flat.to(device)
         dist.all_reduce(flat)
-    for router, load_E in zip(routers, flat.split([r.balance_bias.numel() for r in routers])):
+    pieces = flat.split(sizes)
+    for router, load_E in zip(biased, pieces):
         rc = router.router_config
-        nudge_bias_(router.balance_bias, load_E, rc.tag_balance_rate, rc.tag_balance_rule)
+        nudge_bias_(router.balance_bias, load_E.to(router.balance_bias), rc.tag_balance_rate, rc.tag_balance_rule)
+    for router, piece in zip(windowed, pieces[len(biased):]):
+        if float(piece[-1]) > 0:
+            router.advance_load_average(piece[:-1] / piece[-1])

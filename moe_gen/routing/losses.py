@@ -22,6 +22,8 @@ weighted by their token counts (at ``balance_loss_weight``).
 
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 
 from moe_gen.config import RouterConfig
@@ -32,14 +34,17 @@ from moe_gen.routing.tags import TokenTags
 __all__ = ["balance_loss", "z_loss", "importance_loss", "auxiliary_losses"]
 
 
-def balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor) -> torch.Tensor:
-    """Switch/GShard load-balance loss for N tokens (probs fp32 ``[N, E]``, ids ``[N, K]``)."""
+def balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor,
+                 fraction_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Switch/GShard load-balance loss for N tokens (probs fp32 ``[N, E]``, ids ``[N, K]``;
+    ``fraction_E``: the load shares to use instead of these tokens' own)."""
     N, E = probs_NE.shape
     if N == 0:
         return probs_NE.sum() * 0.0
-    counts_E = torch.bincount(ids_NK.reshape(-1), minlength=E).to(probs_NE.dtype)
-    fraction_E = counts_E / counts_E.sum()
-    return E * (fraction_E * probs_NE.mean(0)).sum()
+    if fraction_E is None:
+        counts_E = torch.bincount(ids_NK.reshape(-1), minlength=E).to(probs_NE.dtype)
+        fraction_E = counts_E / counts_E.sum()
+    return E * (fraction_E.to(probs_NE.dtype) * probs_NE.mean(0)).sum()
 
 
 def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
@@ -65,7 +70,7 @@ def _grouped_balance(probs_NE: torch.Tensor, ids_NK: torch.Tensor, group_N: torc
 
 
 def auxiliary_losses(
-    routing: RouterOutput, tags: TokenTags | None, config: RouterConfig
+    routing: RouterOutput, tags: TokenTags | None, config: RouterConfig, load_share: Optional[torch.Tensor] = None
 ) -> dict[str, torch.Tensor]:
     """The configured auxiliary losses, each already multiplied by its weight.
 
@@ -73,6 +78,8 @@ def auxiliary_losses(
         routing: the router's decision for T tokens.
         tags: flattened tags ``[T]`` (needed for the grouped balance variants).
         config: the router config with loss weights.
+        load_share: the load share per expert ``[E]`` the tag-balance loss reads instead of this
+            forward's own (``RouterConfig.tag_balance_window``; None: this forward's).
 
     Returns:
         ``{name: weighted scalar loss}`` for every loss with a positive weight that applies to this
@@ -88,7 +95,8 @@ def auxiliary_losses(
         losses = {}
         if tag_loss_applies:
             g = routing.groups
-            losses["tag_balance"] = config.balance_loss_weight * group_balance_loss(g.probs_GE, g.ids_GK, g.count_G)
+            loss = group_balance_loss(g.probs_GE, g.ids_GK, g.count_G, load_share)
+            losses["tag_balance"] = config.balance_loss_weight * loss
         if config.z_loss_weight > 0 and routing.learned_gate:
             g = routing.groups
             count_G = g.count_G.to(g.logits_GE.dtype)
@@ -113,7 +121,7 @@ def auxiliary_losses(
                 probs_NE, ids_NK, group_N
             )
     if tag_loss_applies:  # routes expanded to tokens (capacity): the same loss, token by token
-        losses["tag_balance"] = config.balance_loss_weight * balance_loss(probs_NE, ids_NK)
+        losses["tag_balance"] = config.balance_loss_weight * balance_loss(probs_NE, ids_NK, load_share)
     if count_losses_apply and config.importance_loss_weight > 0:
         losses["importance"] = config.importance_loss_weight * importance_loss(probs_NE)
     if config.z_loss_weight > 0 and routing.learned_gate:

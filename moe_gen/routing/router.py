@@ -71,6 +71,13 @@ class Router(nn.Module):
         has_bias = self.balances_by_bias or rc.selection_bias
         self.register_buffer("balance_bias", torch.zeros(config.num_experts) if has_bias else None)
         self._pending_load: Optional[torch.Tensor] = None  # loads awaiting balance.sync_bias_updates
+        # The running load share the tag-balance loss reads (RouterConfig.tag_balance_window): an
+        # average with weights decaying by 1 − 1/W, and the sum of those weights (it starts at 0,
+        # so the first update is the average, not a mix with zeros); buffers, so checkpoints hold it.
+        windowed = self.windowed_balance
+        self.register_buffer("load_average", torch.zeros(config.num_experts) if windowed else None)
+        self.register_buffer("load_weight", torch.zeros(()) if windowed else None)
+        self._pending_share: Optional[torch.Tensor] = None  # summed shares and their count, awaiting sync
         # Inference routes per set of tag groups, kept only in a layer frozen by
         # ``moe_gen.merge_for_inference`` (its weights no longer change).
         self.cache_routes = False
@@ -102,6 +109,54 @@ class Router(nn.Module):
     def balances_by_bias(self) -> bool:
         return self.tag_balanced and self.router_config.tag_balance in ("bias", "loss+bias")
 
+    @property
+    def windowed_balance(self) -> bool:
+        """Whether the tag-balance loss reads a running load (``RouterConfig.tag_balance_window``)."""
+        rc = self.router_config
+        return (self.tag_balanced and rc.tag_balance in ("loss", "loss+bias") and rc.tag_balance_window > 0
+                and rc.balance_loss_weight > 0)
+
+    def _routed_load(self, routing: RouterOutput) -> torch.Tensor:
+        """Token assignments per expert ``[E]`` that ``routing`` asks for (before capacity drops:
+        after them an expert asked for 4x its slots looked no busier than one at its share)."""
+        return (routing.expert_counts if routing.groups is not None else
+                torch.bincount(routing.topk_ids[routing.valid].reshape(-1), minlength=self.num_experts))
+
+    @torch.no_grad()
+    def running_share(self, routing: RouterOutput, update: bool = True) -> Optional[torch.Tensor]:
+        """The load share per expert ``[E]`` the windowed tag-balance loss reads: the running
+        average with this forward's share mixed in (None before any load). ``update`` (False while
+        activation checkpointing recomputes the forward): adds this forward's share to the average,
+        or under several processes to the pending shares that ``balance.sync_bias_updates`` averages
+        over the processes."""
+        load_E = self._routed_load(routing).float()
+        total = float(load_E.sum())
+        share_E = load_E / total if total > 0 else None
+        rho = 1.0 - 1.0 / self.router_config.tag_balance_window
+        if balance.defer_to_sync():
+            if update and share_E is not None:
+                entry = torch.cat([share_E.cpu(), torch.ones(1)])
+                self._pending_share = entry if self._pending_share is None else self._pending_share + entry
+            if share_E is None:
+                return self.load_average / self.load_weight if float(self.load_weight) > 0 else None
+            return (rho * self.load_average + (1 - rho) * share_E) / (rho * self.load_weight + (1 - rho))
+        if update and share_E is not None:
+            self.advance_load_average(share_E)
+        return self.load_average / self.load_weight if float(self.load_weight) > 0 else None
+
+    @torch.no_grad()
+    def advance_load_average(self, share_E: torch.Tensor) -> None:
+        """One update of the running load share: ``avg ← ρ·avg + (1 − ρ)·share``, ρ = 1 − 1/W."""
+        rho = 1.0 - 1.0 / self.router_config.tag_balance_window
+        self.load_average.mul_(rho).add_(share_E.to(self.load_average), alpha=1 - rho)
+        self.load_weight.mul_(rho).add_(1 - rho)
+
+    def take_pending_share(self) -> Optional[torch.Tensor]:
+        """The shares summed since the last call and their count (``[E + 1]``; ``None`` if none),
+        and resets them."""
+        share, self._pending_share = self._pending_share, None
+        return share
+
     @torch.no_grad()
     def update_balance_bias(self, routing: RouterOutput) -> None:
         """Loss-free balancing after a training forward: nudges the selection bias towards the
@@ -112,11 +167,7 @@ class Router(nn.Module):
         """
         if not self.weight.requires_grad:
             return
-        # the load the routes ask for: after capacity drops an expert asked for 4x its slots looked
-        # no busier than one at its share (and one under it could be nudged down)
-        load_E = (routing.expert_counts if routing.groups is not None else
-                  torch.bincount(routing.topk_ids[routing.valid].reshape(-1), minlength=self.num_experts))
-        load_E = load_E.to(self.balance_bias.dtype)
+        load_E = self._routed_load(routing).to(self.balance_bias.dtype)
         if balance.defer_to_sync():
             self._pending_load = load_E if self._pending_load is None else self._pending_load + load_E
         else:
@@ -150,13 +201,14 @@ class Router(nn.Module):
         self.cache_routes = bool(enabled)
         self._routes = collections.OrderedDict()
 
-    def losses(self, routing: RouterOutput, batch: TagBatch):
+    def losses(self, routing: RouterOutput, batch: TagBatch, load_share: Optional[torch.Tensor] = None):
         """The auxiliary losses of ``routing`` (``moe_gen.routing.losses.auxiliary_losses``, each
-        weighted as configured). Without autograd there is no graph to build: a function that
-        computes them when called (``MoEOutput`` calls it if and when someone reads them)."""
+        weighted as configured; ``load_share``: the running load the tag-balance loss reads). Without
+        autograd there is no graph to build: a function that computes them when called
+        (``MoEOutput`` calls it if and when someone reads them)."""
         if torch.is_grad_enabled():
-            return auxiliary_losses(routing, batch.tags, self.router_config)
-        return functools.partial(auxiliary_losses, routing, batch.tags, self.router_config)
+            return auxiliary_losses(routing, batch.tags, self.router_config, load_share)
+        return functools.partial(auxiliary_losses, routing, batch.tags, self.router_config, load_share)
 
     def forward(self, x_TD: torch.Tensor, batch: TagBatch, carry: Optional[dict] = None) -> RouterOutput:
         """Args:
