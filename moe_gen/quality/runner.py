@@ -30,6 +30,8 @@ import tempfile
 import time
 from typing import Optional, Sequence
 
+from moe_gen.config import TAG_BALANCE
+
 __all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score", "specialist_steps"]
 
 GENERALISTS = ("dense", "token", "modality", "task", "attribute", "hybrid")
@@ -150,8 +152,6 @@ class BenchConfig:
         if self.loss_average not in LOSS_AVERAGES:
             raise ValueError(f"BenchConfig.loss_average must be one of {', '.join(LOSS_AVERAGES)}, "
                              f"got {self.loss_average!r}")
-        from moe_gen.config import TAG_BALANCE
-
         if self.tag_balance is not None and self.tag_balance not in TAG_BALANCE:
             raise ValueError(f"BenchConfig.tag_balance must be one of {', '.join(TAG_BALANCE)} (or None: the "
                              f"router's default), got {self.tag_balance!r}")
