@@ -87,6 +87,23 @@ def _text_budget(rows: Sequence, scored: list, tokenizer) -> int:
     return max(32, longest + 8)
 
 
+def _read_rows(task: Task, indices: list[int]) -> tuple[list, list[int], int]:
+    """The rows at ``indices`` the dataset can read, their indices, and how many it could not (each
+    counted as skipped with ``on_error="skip"``; otherwise the first raises ``TaskDataError``)."""
+    rows, kept, skipped = [], [], 0
+    for index in indices:
+        try:
+            rows.append(task._row(index))
+        except TaskDataError as exc:
+            if task.on_error != "skip":
+                raise
+            task.skip_row(index, exc)
+            skipped += 1
+            continue
+        kept.append(index)
+    return rows, kept, skipped
+
+
 def spaced_indices(n: int, count: int) -> list[int]:
     """``count`` indices (``count <= n``) evenly spaced over ``range(n)``, starting at 0."""
     return [(i * n) // count for i in range(count)]
@@ -100,16 +117,17 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     include ``skipped``, their number. ``pairs``, when given, receives ``(prediction, reference)``
     of every scored row, in row order (what the metrics compared, e.g. the answer text and the
     row's label)."""
+    if (limit is not None and limit < 1) or batch_size < 1:
+        raise ValueError(f"task {task.name!r}: evaluation needs limit >= 1 (or None: every row) and batch_size >= 1, "
+                         f"got limit={limit}, batch_size={batch_size}")
     kind, scored = _targets(task, model)
     names = task.metrics or DEFAULT_METRICS[kind]
     count = len(task) if limit is None else min(limit, len(task))
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     columns = [p.slot.column for p in scored]
-    indices = spaced_indices(len(task), count)
-    rows = [task.data[i] for i in indices]
+    rows, indices, skipped = _read_rows(task, spaced_indices(len(task), count))
     budget = _text_budget(rows, scored, model.tokenizer)
-    skipped = 0
     predictions, references = [], []
     for start in range(0, len(rows), batch_size):
         chunk, chunk_indices = rows[start:start + batch_size], indices[start:start + batch_size]

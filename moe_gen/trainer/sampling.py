@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import logging
+import math
 import random
 import warnings
 import zlib
@@ -60,6 +61,9 @@ def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
         raw = [n ** (1.0 / config.temperature) for n in sizes]
     elif config.mixing == "weights":
         raw = [float(config.task_weights.get(t.name, t.weight)) for t in tasks]
+        for task, weight in zip(tasks, raw):
+            if not (math.isfinite(weight) and weight >= 0):  # a Task's own weight is not checked elsewhere
+                raise ValueError(f"task {task.name!r}: its mixing weight must be a finite number >= 0, got {weight}")
     else:
         raw = [1.0] * len(tasks)
     total = sum(raw)
@@ -153,6 +157,9 @@ class TaskSampler:
         self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
         self.rank, self.world = rank, world
         self.weights = mixing_weights(self.tasks, config)
+        if config.mixing == "all" and config.batch_size < len(self.tasks):
+            raise ValueError(f"mixing='all' puts every task in each micro-batch: batch_size {config.batch_size} is "
+                             f"below the {len(self.tasks)} tasks")
         self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
         check_modality_keys(config)
 
@@ -191,9 +198,12 @@ class TaskSampler:
         used: collections.Counter = collections.Counter()
         samples: list[Sample] = []
         if cfg.mixing == "all":
-            quota = max(1, cfg.batch_size // len(self.tasks))
-            for i in range(len(self.tasks)):
-                for _ in range(quota):
+            # batch_size rows shared as evenly as the tasks allow; the tasks given the remainder's
+            # extra row take turns from step to step
+            n = len(self.tasks)
+            extra = {(step + k) % n for k in range(cfg.batch_size % n)}
+            for i in range(n):
+                for _ in range(cfg.batch_size // n + (i in extra)):
                     if not self._take(i, samples, used):
                         break
             return samples
@@ -216,7 +226,7 @@ class TaskSampler:
     def _take(self, i: int, samples: list, used: collections.Counter) -> bool:
         """Adds task ``i``'s next row if the budgets allow (False when they do not)."""
         cursor, cfg = self.cursors[i], self.config
-        for _ in range(len(cursor.shard)):
+        for _ in range(2 * len(cursor.shard)):  # from anywhere in an epoch, a whole epoch's rows
             sample = cursor.peek(self.tokenizer)
             if sample is not None:
                 break

@@ -522,8 +522,9 @@ class Trainer:
         if not self._claimed:  # an earlier fit released the directory
             self._lock_output_dir()
         try:
+            # a run past step 0 (resumed, or trained by an earlier fit) keeps its log up to this step
             logger = RunLogger(self.output_dir, cfg.steps, self.step, enabled=self.rank == 0, progress=cfg.progress,
-                               tensorboard=cfg.tensorboard, resume_step=self.step if self.resumed_from else None)
+                               tensorboard=cfg.tensorboard, resume_step=self.step if self.step else None)
             recorder = RoutingRecorder(self.model)  # hooks only during logged steps
             start, record = time.perf_counter(), None
             try:
