@@ -205,7 +205,8 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
     weights = full_tensors(model.state_dict())
     # fully_shard swapped the model's class for a subclass of FSDPModule and the original
     original = next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
-    copy = original(model.config, model.tokenizer)
+    with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: draw nothing from the run's RNG
+        copy = original(model.config, model.tokenizer)
     mine = dict(copy.named_modules())
     for name, layer in model.named_modules():  # expert slices stay where they are, exchanged as before
         if isinstance(layer, MoE) and layer.expert_parallel is not None:

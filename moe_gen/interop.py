@@ -174,7 +174,13 @@ def _shared_expert_weights(
     if routing.shared is None:
         return None
     shared_gate_up_XD, shared_down_DH, shared_act = _mlp_weights(routing.shared)
-    if _activation_name(shared_act) != _activation_name(act):
+    same = type(shared_act) is type(act)  # (an activation moe_gen cannot name may be given by from_hf_moe's caller)
+    if not same:
+        try:
+            same = _activation_name(shared_act) == _activation_name(act)
+        except ValueError:
+            same = False
+    if not same:
         raise ValueError(
             f"{type(block).__name__}'s shared expert uses {type(shared_act).__name__} and its routed "
             f"experts {type(act).__name__}; moe_gen gives both one activation"

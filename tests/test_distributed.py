@@ -441,6 +441,19 @@ def _scenario_trainer(rank: int, out_dir: str, names: tuple, settings: dict, res
                                                                                       "loss": summary["loss"]}
 
 
+def _scenario_unsharded_copy_rng(rank: int, out_dir: str):
+    """Whether ``unsharded_copy`` of an FSDP model draws from the global torch RNG."""
+    from moe_gen.fsdp import shard_dense, unsharded_copy
+
+    model, _ = _debug_setup()
+    shard_dense(model)
+    torch.manual_seed(123)
+    expected = torch.rand(1).item()
+    torch.manual_seed(123)
+    unsharded_copy(model)
+    return {}, {"rng_untouched": torch.rand(1).item() == expected}
+
+
 def _scenario_step_record(rank: int, out_dir: str, names: tuple, settings: dict):
     """One ``Trainer.train_step`` on ``names``: its log record."""
     from moe_gen.trainer import TrainConfig, Trainer
@@ -453,6 +466,7 @@ def _scenario_step_record(rank: int, out_dir: str, names: tuple, settings: dict)
 
 
 SCENARIOS = {
+    "unsharded_copy_rng": _scenario_unsharded_copy_rng,
     "step_record": _scenario_step_record,
     "trainer": _scenario_trainer,
     "train_step": _scenario_train_step,
@@ -753,6 +767,13 @@ def test_the_logged_loss_is_the_processes_mean(tmp_path):
     (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification", "table_species"),
                                     {"batch_tasks": "single"}).results()
     assert info0["loss"] == info1["loss"]
+
+
+def test_an_unsharded_copy_draws_nothing_from_the_runs_random_numbers(tmp_path):
+    """Its throwaway initialisation consumed the global RNG, so an FSDP run's later draws depended
+    on whether an evaluation (which copies) ran before."""
+    (_, info0), (_, info1) = Launch("unsharded_copy_rng", tmp_path).results()
+    assert info0["rng_untouched"] and info1["rng_untouched"]
 
 
 def test_every_logged_part_is_merged_over_the_processes(tmp_path):

@@ -237,8 +237,10 @@ class TrainConfig(ConfigBase):
         for name in ("masked_alpha", "masked_target_alpha"):
             alpha = getattr(self, name)
             for modality, value in (alpha.items() if isinstance(alpha, dict) else [("", alpha)]):
-                if value is not None and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                          or not value >= 0):
+                # None only as the whole masked_target_alpha (it then follows masked_alpha)
+                allowed_none = value is None and not modality and name == "masked_target_alpha"
+                if not allowed_none and (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                                         or not value >= 0):
                     where = f"[{modality!r}]" if modality else ""
                     raise ValueError(f"TrainConfig.{name}{where} must be a number >= 0, got {value!r}")
         for modality, budget in self.modality_budget.items():
