@@ -13,6 +13,7 @@ expert_hidden``) is the same class with ``moe.every=0``: the baseline every benc
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Union
 
 from moe_gen.config import ConfigBase, ExpertsConfig, MoEConfig, RouterConfig
@@ -239,8 +240,29 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"ModelConfig.moe must be a MoELayers (or a dict of its fields), got "
                              f"{type(self.moe).__name__}")
         self._check_moe_layers()
+        self._check_shapes()
         self.tasks = tuple(self.tasks)
         self.frame_adapters = tuple(self.frame_adapters)
+
+    def _check_shapes(self) -> None:
+        """What the blocks need to be able to run and to see their input."""
+        if self.decoder_layers < 1:  # no decoder block: no cross-attention, nor attention to the prefix
+            raise ValueError("ModelConfig.decoder_layers must be >= 1: without a decoder block the answer cannot "
+                             "see the input")
+        if not (math.isfinite(self.rotary_base) and self.rotary_base > 0):
+            raise ValueError(f"ModelConfig.rotary_base must be a finite number > 0, got {self.rotary_base}")
+        if self.moe.experts.kind == "linear":  # a linear FFN outputs its hidden width, which the residual adds
+            widths = {"moe.expert_hidden": self.moe.expert_hidden} if (self.moe.every or self.moe.layers) else {}
+            widths.update({"ffn_hidden": self.ffn_hidden} if self._has_dense_blocks() else {})
+            wrong = {name: width for name, width in widths.items() if width != self.d_model}
+            if wrong:
+                raise ValueError(f"linear experts as FFNs output their hidden width, which must be d_model="
+                                 f"{self.d_model}; got {wrong}")
+
+    def _has_dense_blocks(self) -> bool:
+        """Whether some block has a dense FFN (``ffn_hidden`` wide)."""
+        stacks = (("encoder", 0 if self.decoder_only else self.encoder_layers), ("decoder", self.decoder_layers))
+        return any(not self.is_moe(i, stack) for stack, n in stacks for i in range(n))
 
     def _check_moe_layers(self) -> None:
         for name in self.moe.layers:
@@ -295,9 +317,21 @@ class ModelConfig(ConfigBase):
                          experts=experts, capacity_factor=moe.capacity_factor, backend=moe.backend)
 
     def dense_twin(self) -> "ModelConfig":
-        """The dense model with the same active parameters per token (FFN hidden = k · expert hidden)."""
-        return self.replace(moe=self.moe.replace(every=0, layers=(), attention=False),
-                            ffn_hidden=self.moe.top_k * self.moe.expert_hidden)
+        """The dense model with the same active parameters per token: FFN hidden = k · expert hidden
+        (plus the shared expert's width, where there is one); a dense config is its own twin. The
+        MoE model keeps its routers and k − 1 more output biases per MoE layer, and with routed
+        attention projections (``moe.attention``) k − 1 more projections per block: those the twin
+        cannot match. Refuses MoE layers beside dense blocks of another width (one FFN width)."""
+        moe = self.moe
+        if not (moe.every or moe.layers):
+            return self
+        width = moe.top_k * moe.expert_hidden
+        if moe.experts.shared_expert:
+            width += moe.experts.shared_hidden or moe.expert_hidden
+        if self._has_dense_blocks() and self.ffn_hidden != width:
+            raise ValueError(f"dense_twin: the dense blocks' ffn_hidden={self.ffn_hidden} differs from the MoE "
+                             f"blocks' active width {width}; one dense width cannot match both")
+        return self.replace(moe=moe.replace(every=0, layers=(), attention=False), ffn_hidden=width)
 
 
 FLAVOURS = {

@@ -589,6 +589,9 @@ class _CachedDecoder:
         if pass_name == "masked":  # the answer's place in a masked sample, in either layout (masked_place)
             self.offset = torch.tensor([masked_place(s, modality) for s in samples], device=dev)
         self.total = self.base + P + limit
+        # a decoding that may run past the learned position table checks each step's positions
+        self.check_positions = cfg.positions == "learned" and (
+            int(self.offset.max()) + P + limit > cfg.max_positions if B else False)
         self.caches = [BlockCache(torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype),
                                   torch.zeros(B, G, self.total, Dh, device=dev, dtype=dtype))
                        for _ in model.decoder.blocks]
@@ -616,6 +619,13 @@ class _CachedDecoder:
         keeps one (padding included), else built from ``side.tags`` and ``active_BS``."""
         model = self.model
         positions = steps_BS + self.offset.unsqueeze(1)
+        if self.check_positions:
+            unread = ~active_BS if model.config.positions_on_features else ~active_BS | ~side.is_token
+            top = int(positions.masked_fill(unread, 0).max())
+            if top >= model.config.max_positions:
+                raise ValueError(f"decoding reached position {top}, past the learned position table "
+                                 f"(ModelConfig.max_positions={model.config.max_positions}); ask for fewer new "
+                                 "tokens or frames, or shorten the inputs")
         write = self.base + steps_BS
         rows = torch.arange(steps_BS.shape[0], device=self.device).unsqueeze(1)
         self.key_valid[rows, write] = active_BS

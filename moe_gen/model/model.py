@@ -313,6 +313,8 @@ class GeneralistModel(nn.Module):
                              f"{len(names)} would not fit ({', '.join(names[len(self.config.tasks):])} are new)")
         adapters, frame_adapters = _task_features(tasks, self.tokenizer, dict(self.config.adapters),
                                                   list(self.config.frame_adapters))
+        if self.config.predict_all_features:  # as build does: every adapter gets a frame head
+            frame_adapters += [name for name in adapters if name not in frame_adapters]
         for name, width in adapters.items():
             known = self.config.adapters.get(name)
             if known is not None and int(known) != int(width):

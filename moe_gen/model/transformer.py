@@ -61,10 +61,12 @@ def rotate(x_BHSd: torch.Tensor, rope) -> torch.Tensor:
 class Attention(nn.Module):
     """Multi-head attention with a boolean mask (True = may attend); ``num_kv_heads`` < heads
     shares each key/value head among a group of query heads. The output projection is a mixture
-    of linear experts when ``moe`` is set."""
+    of linear experts when ``moe`` is set; ``cross``: cross-attention (a query without keys
+    outputs zeros before the output projection)."""
 
-    def __init__(self, config: ModelConfig, moe: bool = False, stack: str = "encoder") -> None:
+    def __init__(self, config: ModelConfig, moe: bool = False, stack: str = "encoder", cross: bool = False) -> None:
         super().__init__()
+        self.cross = cross
         D, bias = config.d_model, config.attention_bias
         self.num_heads, self.num_kv_heads, self.dropout = config.num_heads, config.kv_heads, config.dropout
         self.head_dim = D // config.num_heads
@@ -96,12 +98,15 @@ class Attention(nn.Module):
                 k = rotate(k, rope)
         if keep_kv is not None:
             keep_kv.append((k, v))
-        # A padding query may have no key at all; SDPA would return NaN rows there, so such rows
-        # attend to every key (their output is ignored downstream).
-        mask = mask_BSK | ~mask_BSK.any(-1, keepdim=True)
-        y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask.unsqueeze(1),
+        # A query may have no key at all (padding; in cross-attention, a sample without inputs); SDPA
+        # would return NaN rows there, so such rows attend to every key, and cross-attention then
+        # zeroes them (a sample without inputs read other samples' inputs, or padding, otherwise).
+        keyless_BS1 = ~mask_BSK.any(-1, keepdim=True)
+        y = F.scaled_dot_product_attention(q, k, v, attn_mask=(mask_BSK | keyless_BS1).unsqueeze(1),
                                            dropout_p=self.dropout if self.training else 0.0,
                                            enable_gqa=self.num_kv_heads != H)
+        if self.cross:
+            y = y.masked_fill(keyless_BS1.unsqueeze(1), 0.0)
         y = y.transpose(1, 2).reshape(B, S, D)
         if isinstance(self.out, MoE):
             moe_out = self.out(y, tags=tags, carry=carry)
@@ -119,7 +124,7 @@ class Block(nn.Module):
         self.norm_self = make_norm(config)
         self.self_attn = Attention(config, moe=moe and config.moe.attention, stack=stack)
         self.norm_cross = make_norm(config) if cross else None
-        self.cross_attn = Attention(config) if cross else None
+        self.cross_attn = Attention(config, cross=True) if cross else None
         self.norm_ffn = make_norm(config)
         self.ffn = (MoE(config.moe_config(stack=stack)) if moe
                     else DenseFFN(config.d_model, config.ffn_hidden, config.moe.experts))

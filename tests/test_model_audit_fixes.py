@@ -1,0 +1,84 @@
+"""Model-internals defects found by an audit (2026-12-05, seventh session); each test failed
+before its fix."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.default()
+
+
+def _build(tasks, tok, **settings):
+    torch.manual_seed(0)
+    moe = settings.pop("moe", {})
+    moe.setdefault("router", RouterConfig(strategy="token"))
+    return GeneralistModel.build(flavour("debug", moe=moe, **settings), tasks, tok)
+
+
+def test_a_sample_without_inputs_reads_nothing_of_the_rows_it_shares(tok):
+    """Its cross-attention queries had no key and attended to every key of the row: other samples'
+    inputs when packed, padding otherwise (logits moved by up to 0.97)."""
+    lm = Task("lm", "-> [TEXT:text]", [{"text": "the cat sat on the mat"}])
+    echo = Task("echo", "[TEXT:src] -> [TEXT:dst]", [{"src": "one two three four five six seven", "dst": "x"},
+                                                     {"src": "completely different words here", "dst": "y"}])
+    model = _build([lm, echo], tok).eval()
+    sample = list(lm.samples(tok, training=False))[0]
+    others = list(echo.samples(tok, training=False))
+
+    def lm_logits(samples, **kw):
+        batch = collate(samples, tok, model.task_ids, **kw)
+        with torch.no_grad():
+            logits = model(batch).logits
+        keep = (batch.decoder.tags.task[0] == model.task_ids["lm"]) & ~batch.decoder.padding_mask[0]
+        return logits[0, keep]
+
+    alone = lm_logits([sample])
+    torch.testing.assert_close(lm_logits([sample, others[0]]), alone)
+    torch.testing.assert_close(lm_logits([sample, others[0]], pack=True, max_length=64), alone)
+    torch.testing.assert_close(lm_logits([sample, others[1]], pack=True, max_length=64), alone)
+
+
+@pytest.mark.parametrize("layout, limit", [("encoder-decoder", 24), ("decoder-only", 32)])
+def test_decoding_past_the_position_table_is_refused(tok, layout, limit):
+    task = load_preset("digit_captioning", "train", limit=2)
+    model = _build([task], tok, max_positions=limit, layout=layout).eval()
+    with pytest.raises(ValueError, match=f"past the learned position table \\(ModelConfig.max_positions={limit}\\)"):
+        model.infer(task, task.data[:1], max_new_tokens=30, min_length=30)
+    model.infer(task, task.data[:1], max_new_tokens=4)  # within the table
+
+
+def test_the_dense_twin_matches_what_it_can_and_refuses_what_it_cannot():
+    dense = flavour("debug", moe={"every": 0}, ffn_hidden=512)
+    assert dense.dense_twin() == dense  # already dense: unchanged (it was shrunk to 128)
+    shared = flavour("debug", moe={"experts": {"kind": "mlp", "shared_expert": True, "shared_hidden": 48}})
+    assert shared.dense_twin().ffn_hidden == 2 * 64 + 48
+    with pytest.raises(ValueError, match="ffn_hidden=256 differs from the MoE blocks' active width 128"):
+        flavour("debug", moe={"every": 2}, ffn_hidden=256).dense_twin()
+
+
+def test_added_tasks_get_frame_heads_when_every_feature_is_predicted(tok):
+    model = _build([load_preset("doc_topic", "train", limit=2)], tok, predict_all_features=True)
+    assert list(model.frame_heads) == []
+    model.add_tasks([load_preset("digit_classification", "train", limit=2)])
+    assert list(model.frame_heads) == ["image_patch"]
+
+
+def test_model_shapes_that_cannot_run_or_see_their_input_are_refused():
+    with pytest.raises(ValueError, match="decoder_layers must be >= 1"):
+        flavour("debug", decoder_layers=0)
+    for base in (0.0, -10000.0, float("nan")):
+        with pytest.raises(ValueError, match="rotary_base must be a finite number > 0"):
+            flavour("debug", positions="rotary", rotary_base=base)
+    with pytest.raises(ValueError, match=r"linear experts as FFNs.*\{'ffn_hidden': 128\}"):
+        flavour("debug", moe={"every": 2, "experts": "linear"})
+    with pytest.raises(ValueError, match=r"\{'moe.expert_hidden': 32\}"):
+        flavour("debug", moe={"experts": "linear", "expert_hidden": 32})
+    flavour("debug", encoder_layers=0)  # an encoder is optional
