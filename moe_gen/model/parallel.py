@@ -63,8 +63,8 @@ def code_span(sample: Sample, code_ids: frozenset) -> tuple[int, int]:
 
 def masked_counts(length: int, steps: int) -> list[int]:
     """Codes still masked after each of ``steps`` passes: ⌊N · cos(π/2 · (t+1)/steps)⌋, ending at 0."""
-    if steps < 1:
-        raise ValueError(f"parallel decoding needs at least 1 step, got {steps}")
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"parallel decoding needs a whole number of steps >= 1 (parallel_steps), got {steps!r}")
     return [int(math.floor(length * math.cos(math.pi / 2 * (t + 1) / steps))) for t in range(steps - 1)] + [0]
 
 

@@ -260,8 +260,8 @@ def _grey(image, size: Optional[tuple[int, int]] = None) -> np.ndarray:
     if array.ndim != 2 or min(array.shape) < 1:
         raise ValueError(f"expected an image [H, W] or [H, W, C], got shape {array.shape}")
     grey = Image.fromarray(np.clip(array, 0, 255).astype(np.uint8))
-    if size is not None and grey.size != size:
-        grey = grey.resize(size, Image.BILINEAR)
+    if size is not None and grey.size != size:  # box averaging, as the digits were made (bilinear blurred:
+        grey = grey.resize(size, Image.BOX)     # an exact 2x upscale of the reference scored 0.009)
     return np.asarray(grey, dtype=np.float32) / 255.0
 
 
