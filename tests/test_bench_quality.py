@@ -92,17 +92,26 @@ def test_relative_score_direction():
     assert _relative(0.3, 0.0, True) is None
 
 
-def test_learned_mean_leaves_out_tasks_the_specialist_did_not_learn():
+def _made_up_suite(*tasks: tuple[str, str]) -> list:
+    """Suite tasks ``(name, metric)`` for report functions (``l1`` is lower-is-better)."""
     import types
 
-    from moe_gen.quality.report import _learned_mean, _mean_std
+    return [types.SimpleNamespace(name=name, metric=metric, higher_is_better=metric != "l1") for name, metric in tasks]
 
-    suite = [types.SimpleNamespace(name="boxes", metric="iou_accuracy", higher_is_better=True),
-             types.SimpleNamespace(name="digits", metric="accuracy", higher_is_better=True),
-             types.SimpleNamespace(name="speech", metric="l1", higher_is_better=False)]
+
+def _seed_scores(raw: dict) -> dict:
+    from moe_gen.quality.report import _mean_std
+
+    return {s: {t: _mean_std(list(v.values())) for t, v in d.items()} for s, d in raw.items()}
+
+
+def test_learned_mean_leaves_out_tasks_the_specialist_did_not_learn():
+    from moe_gen.quality.report import _learned_mean
+
+    suite = _made_up_suite(("boxes", "iou_accuracy"), ("digits", "accuracy"), ("speech", "l1"))
     raw = {"specialist": {"boxes": {0: 0.04}, "digits": {0: 0.8}, "speech": {0: 0.5}},
            "dense": {"boxes": {0: 0.4, 1: 0.36}, "digits": {0: 0.4, 1: 0.8}, "speech": {0: 1.0, 1: 0.5}}}
-    scores = {s: {t: _mean_std(list(v.values())) for t, v in d.items()} for s, d in raw.items()}
+    scores = _seed_scores(raw)
     learned = _learned_mean(suite, ["specialist", "dense"], raw, scores)
     assert learned["dense"]["tasks"] == ["digits", "speech"]  # 0.04 < SPECIALIST_FLOOR: a ratio of ~10 left out
     assert learned["dense"]["values"] == pytest.approx([(0.5 + 0.5) / 2, (1.0 + 1.0) / 2])
@@ -111,16 +120,12 @@ def test_learned_mean_leaves_out_tasks_the_specialist_did_not_learn():
 def test_a_generalist_without_error_leaves_the_mean_instead_of_scoring_zero():
     """A perfect seed on a lower-is-better task counted as relative score 0 (the worst), and the
     report blamed the specialist."""
-    import types
+    from moe_gen.quality.report import _learned_mean, _relative_to_specialists
 
-    from moe_gen.quality.report import _learned_mean, _mean_std, _relative_to_specialists
-
-    suite = [types.SimpleNamespace(name="digits", metric="accuracy", higher_is_better=True),
-             types.SimpleNamespace(name="speech", metric="l1", higher_is_better=False),
-             types.SimpleNamespace(name="summary", metric="rouge_l", higher_is_better=True)]
+    suite = _made_up_suite(("digits", "accuracy"), ("speech", "l1"), ("summary", "rouge_l"))
     raw = {"specialist": {"digits": {0: 0.8}, "speech": {0: 0.5}, "summary": {0: 0.5}},
            "dense": {"digits": {0: 0.8, 1: 0.4}, "speech": {0: 0.0, 1: 0.5}, "summary": {0: 5.0, 1: 5.0}}}
-    scores = {s: {t: _mean_std(list(v.values())) for t, v in d.items()} for s, d in raw.items()}
+    scores = _seed_scores(raw)
     _, mean_relative, excluded = _relative_to_specialists(suite, ["specialist", "dense"], raw, scores)
     assert excluded == {"speech"}
     learned = _learned_mean(suite, ["specialist", "dense"], raw, scores)

@@ -351,7 +351,34 @@ def _rank_counts(rank: int) -> list[int]:
     return COUNTS[:10] if rank == 0 else COUNTS[6:]
 
 
-def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
+def _bias_steps(rank: int, distributed) -> dict:
+    """Two micro-batches (different on each rank), then the step's synchronisation."""
+    torch.manual_seed(0)
+    moe = _moe("bias", tag_balance_rate=0.1).train()
+    gen = torch.Generator().manual_seed(rank)
+    for _ in range(2):
+        tags, x, _ = _batch(gen, _rank_counts(rank))
+        moe(x, tags=tags).output.sum().backward()
+    pending = moe.router.balance_bias.clone()  # nothing applied yet
+    distributed.sync_gradients(moe)
+    return {"pending": pending.tolist(), "bias": moe.router.balance_bias.tolist()}
+
+
+def _window_steps(rank: int, distributed) -> dict:
+    """One task per micro-batch (two, different on each rank), then the step's synchronisation."""
+    torch.manual_seed(0)
+    moe = _moe("loss", tag_balance_window=4).train()
+    for micro in range(2):
+        tags, x = _one_task(2 * rank + micro, micro)
+        moe(x, tags=tags).aux_loss.backward()
+    pending = moe.router.load_weight.clone()  # nothing applied yet
+    distributed.sync_gradients(moe)
+    return {"pending": float(pending), "average": moe.router.load_average.tolist(),
+            "weight": float(moe.router.load_weight)}
+
+
+def _worker(rank: int, world: int, port: int, out_dir: str, body: str) -> None:
+    """Runs ``body`` (a function of this module) in a gloo group; its result or traceback to a file."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
                       LOCAL_RANK=str(rank))
     torch.set_num_threads(1)
@@ -359,16 +386,9 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         from moe_gen import distributed
 
         distributed.init_distributed(backend="gloo", timeout_s=15.0)
-        torch.manual_seed(0)
-        moe = _moe("bias", tag_balance_rate=0.1).train()
-        gen = torch.Generator().manual_seed(rank)
-        for _ in range(2):  # two micro-batches, different on each rank
-            tags, x, _ = _batch(gen, _rank_counts(rank))
-            moe(x, tags=tags).output.sum().backward()
-        pending = moe.router.balance_bias.clone()  # nothing applied yet
-        distributed.sync_gradients(moe)
+        result = globals()[body](rank, distributed)
         with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"pending": pending.tolist(), "bias": moe.router.balance_bias.tolist()}, f)
+            json.dump(result, f)
         torch.distributed.destroy_process_group()
     except BaseException:  # noqa: BLE001 - reported to the test through a file
         with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
@@ -376,35 +396,10 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         os._exit(1)
 
 
-def _window_worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-                      LOCAL_RANK=str(rank))
-    torch.set_num_threads(1)
-    try:
-        from moe_gen import distributed
-
-        distributed.init_distributed(backend="gloo", timeout_s=15.0)
-        torch.manual_seed(0)
-        moe = _moe("loss", tag_balance_window=4).train()
-        for micro in range(2):  # one task per micro-batch, different on each rank
-            tags, x = _one_task(2 * rank + micro, micro)
-            moe(x, tags=tags).aux_loss.backward()
-        pending = moe.router.load_weight.clone()  # nothing applied yet
-        distributed.sync_gradients(moe)
-        with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
-            json.dump({"pending": float(pending), "average": moe.router.load_average.tolist(),
-                       "weight": float(moe.router.load_weight)}, f)
-        torch.distributed.destroy_process_group()
-    except BaseException:  # noqa: BLE001 - reported to the test through a file
-        with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
-            f.write(traceback.format_exc())
-        os._exit(1)
-
-
-def _spawn(target, tmp_path) -> list[dict]:
+def _spawn(body: str, tmp_path) -> list[dict]:
     ctx = multiprocessing.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=target, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
+    procs = [ctx.Process(target=_worker, args=(rank, 2, port, str(tmp_path), body)) for rank in range(2)]
     for p in procs:
         p.start()
     for p in procs:
@@ -418,7 +413,7 @@ def _spawn(target, tmp_path) -> list[dict]:
 
 @pytest.mark.distributed
 def test_processes_advance_one_running_load_from_their_mean_share(tmp_path):
-    results = _spawn(_window_worker, tmp_path)
+    results = _spawn("_window_steps", tmp_path)
     assert all(r["pending"] == 0.0 for r in results)  # forwards only add to the pending shares
     assert results[0]["average"] == results[1]["average"] and results[0]["weight"] == results[1]["weight"]
     torch.manual_seed(0)
@@ -435,18 +430,7 @@ def test_processes_advance_one_running_load_from_their_mean_share(tmp_path):
 
 @pytest.mark.distributed
 def test_processes_apply_one_update_from_their_summed_loads(tmp_path):
-    ctx = multiprocessing.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, 2, port, str(tmp_path))) for rank in range(2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        if p.is_alive():
-            p.kill()
-    errors = [open(tmp_path / f"rank{r}.error").read() for r in range(2) if (tmp_path / f"rank{r}.error").exists()]
-    assert not errors and all(p.exitcode == 0 for p in procs), "\n".join(errors)
-    results = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    results = _spawn("_bias_steps", tmp_path)
     assert all(r["pending"] == [0.0] * E for r in results)  # forwards only add to the pending load
     assert results[0]["bias"] == results[1]["bias"]  # the replicated biases stay identical
 
