@@ -88,16 +88,11 @@ def group_balance_loss(probs_GE: torch.Tensor, ids_GK: torch.Tensor, count_G: to
     if float(tokens) == 0:
         return probs_GE.sum() * 0.0
     if fraction_E is None:
-        fraction_E = group_load(ids_GK, count_G, E).to(probs_GE.dtype) / (tokens * K)
+        assigned_E = torch.zeros(E, dtype=probs_GE.dtype, device=probs_GE.device).index_add_(
+            0, ids_GK.reshape(-1), weight_G.repeat_interleave(K))
+        fraction_E = assigned_E / (tokens * K)
     mean_probs_E = (probs_GE * weight_G.unsqueeze(1)).sum(0) / tokens
     return E * (fraction_E * mean_probs_E).sum()
-
-
-def group_load(ids_GK: torch.Tensor, count_G: torch.Tensor, num_experts: int) -> torch.Tensor:
-    """Token assignments per expert ``[E]`` (float) of routes kept per tag group."""
-    weight_G = count_G.to(torch.float32)
-    return torch.zeros(num_experts, dtype=torch.float32, device=ids_GK.device).index_add_(
-        0, ids_GK.reshape(-1), weight_G.repeat_interleave(ids_GK.shape[1]))
 
 
 @torch.no_grad()
@@ -150,10 +145,10 @@ def sync_bias_updates(model: nn.Module) -> None:
         return
     parts = [r.take_pending_load() for r in biased] + [r.take_pending_share() for r in windowed]
     sizes = [r.num_experts for r in biased] + [r.num_experts + 1 for r in windowed]  # shares + their count
-    flat = torch.cat([torch.zeros(n) if part is None else part.float().cpu() for part, n in zip(parts, sizes)])
+    device = (biased + windowed)[0].weight.device  # the model's: NCCL reduces there, without a host copy
+    flat = torch.cat([torch.zeros(n, device=device) if part is None else part.to(device, torch.float32)
+                      for part, n in zip(parts, sizes)])
     if defer_to_sync():
-        device = next(iter(biased + windowed)).weight.device
-        flat = flat.to(device)
         dist.all_reduce(flat)
     pieces = flat.split(sizes)
     for router, load_E in zip(biased, pieces):

@@ -135,7 +135,7 @@ class Router(nn.Module):
         rho = 1.0 - 1.0 / self.router_config.tag_balance_window
         if balance.defer_to_sync():
             if update and share_E is not None:
-                entry = torch.cat([share_E.cpu(), torch.ones(1)])
+                entry = torch.cat([share_E, share_E.new_ones(1)])
                 self._pending_share = entry if self._pending_share is None else self._pending_share + entry
             if share_E is None:
                 return self.load_average / self.load_weight if float(self.load_weight) > 0 else None
