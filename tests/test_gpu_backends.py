@@ -33,6 +33,12 @@ TUTEL_MISSING = TutelDispatch.unavailable_reason()
 needs_triton = pytest.mark.skipif(TRITON_MISSING is not None, reason=f"triton backend unavailable: {TRITON_MISSING}")
 needs_tutel = pytest.mark.skipif(TUTEL_MISSING is not None, reason=f"tutel backend unavailable: {TUTEL_MISSING}")
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+# Where the triton backend's kernels run: compiled, on CUDA tensors, where there is a CUDA device; in
+# the interpreter, on CPU tensors, elsewhere. (The first GPU run, 2026-12-05 on an H100, found these
+# tests handing CPU tensors to compiled kernels.) cuBLAS sums the grouped and per-expert matmuls in
+# different orders, hence the looser tolerance there.
+KERNEL_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+KERNEL_TOL = 1e-3 if KERNEL_DEVICE == "cuda" else 1e-5
 
 
 def assert_same(reference, candidate, atol=1e-5, rtol=1e-5):
@@ -85,12 +91,13 @@ CASES = [
 ]
 
 
-def check_backend(backend, k, cf, strategy, kind, **kwargs):
-    eager = layer(k, cf, strategy, kind, **kwargs)
-    x, tags, padding = inputs()
-    reference = run_with_grads(eager, x, tags, padding)
-    candidate = run_with_grads(with_backend(eager, backend), x, tags, padding)
-    assert_same(reference, candidate)
+def check_backend(backend, k, cf, strategy, kind, device="cpu", **kwargs):
+    eager = layer(k, cf, strategy, kind, **kwargs).to(device)
+    x, tags, padding = inputs(device)
+    reference = run_on_device(eager, x, tags, padding)
+    candidate = run_on_device(with_backend(eager, backend), x, tags, padding)
+    tol = KERNEL_TOL if device == KERNEL_DEVICE else 1e-5
+    assert_same(reference, candidate, atol=tol, rtol=tol)
     assert any(name.startswith("router.") for name in reference[3])  # gate weights got gradients
     return eager
 
@@ -105,14 +112,14 @@ def test_routing_plan_is_the_stable_sort_by_expert(T_, K, E_, keep):
     g = torch.Generator().manual_seed(T_ + K)
     ids = torch.randint(0, E_, (T_, K), generator=g)
     mask = torch.rand(T_, K, generator=g) < keep
-    plan = routing_plan(ids, mask, E_)
+    plan = routing_plan(ids.to(KERNEL_DEVICE), mask.to(KERNEL_DEVICE), E_)
     flat = mask.reshape(-1).nonzero().squeeze(1)
     expert_sorted, order = torch.sort(ids.reshape(-1)[flat], stable=True)
-    assert torch.equal(plan.source_N.long(), flat[order])
+    assert torch.equal(plan.source_N.long().cpu(), flat[order])
     assert plan.counts == torch.bincount(expert_sorted, minlength=E_).tolist() == plan.counts_E.tolist()
     row = torch.full((T_ * K,), -1, dtype=torch.long)
     row[flat[order]] = torch.arange(flat.numel())
-    assert torch.equal(plan.row_A.long(), row)
+    assert torch.equal(plan.row_A.long().cpu(), row)
 
 
 def test_routing_plan_refuses_too_many_experts():
@@ -126,14 +133,14 @@ def test_routing_plan_refuses_too_many_experts():
 @needs_triton
 @pytest.mark.parametrize("k,cf,strategy,kind", CASES)
 def test_triton_equals_eager(k, cf, strategy, kind):
-    check_backend("triton", k, cf, strategy, kind)
+    check_backend("triton", k, cf, strategy, kind, device=KERNEL_DEVICE)
 
 
 @needs_triton
 @pytest.mark.parametrize("gate,k,cf,policy", [("expert_choice", 2, None, "in_order"),
                                                ("topk", 2, 0.5, "batch_prioritized")])
 def test_triton_equals_eager_for_other_gates_and_drop_policies(gate, k, cf, policy):
-    check_backend("triton", k, cf, "token", "mlp", gate=gate, drop_policy=policy)
+    check_backend("triton", k, cf, "token", "mlp", device=KERNEL_DEVICE, gate=gate, drop_policy=policy)
 
 
 @needs_tutel
@@ -168,8 +175,9 @@ def test_tutel_puts_each_kept_assignment_in_moe_gens_slot(cf):
 @pytest.mark.parametrize("backend", [pytest.param("triton", marks=needs_triton),
                                      pytest.param("tutel", marks=needs_tutel)])
 def test_nan_in_padding_never_reaches_real_tokens(backend):
-    moe = MoE(layer(2, 0.5).config.replace(backend=backend))
-    x, tags, padding = inputs()
+    device = KERNEL_DEVICE if backend == "triton" else "cpu"
+    moe = MoE(layer(2, 0.5).config.replace(backend=backend)).to(device)
+    x, tags, padding = inputs(device)
     x[padding] = float("nan")
     with torch.no_grad():
         out = moe(x, tags=tags, padding_mask=padding).output
@@ -178,8 +186,8 @@ def test_nan_in_padding_never_reaches_real_tokens(backend):
 
 @needs_triton
 def test_triton_sort_equals_the_torch_sort_used_by_expert_parallelism():
-    moe = layer(2, 0.5)
-    x, tags, padding = inputs()
+    moe = layer(2, 0.5).to(KERNEL_DEVICE)
+    x, tags, padding = inputs(KERNEL_DEVICE)
     batch = moe._tag_batch(x, tags, padding)
     x_TD = x.reshape(batch.num_tokens, -1)
     routing = moe.router(x_TD, batch)
@@ -198,6 +206,8 @@ def test_expert_parallel_layer_with_the_triton_sort_equals_eager(tmp_path):
 
     if dist.is_initialized():
         pytest.skip("a process group is already initialised in this process")
+    if KERNEL_DEVICE != "cpu":
+        pytest.skip("gloo exchanges host tensors and the compiled kernels need CUDA ones (NCCL is not tested here)")
     eager = layer(2, 0.5)
     x, tags, padding = inputs()
     reference = run_with_grads(eager, x, tags, padding)
@@ -259,6 +269,8 @@ def test_triton_without_cuda_or_interpreter_is_a_clear_error(monkeypatch):
     x, tags, padding = inputs()
     with pytest.raises(ValueError, match=message):  # at construction without CUDA, else at the call
         MoE(layer(2, None).config.replace(backend="triton"))(x, tags=tags, padding_mask=padding)
+    with pytest.raises(ValueError, match=message):  # expert parallelism's sort calls the kernels directly
+        routing_plan(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.bool), 4)
 
 
 @needs_triton
@@ -266,7 +278,8 @@ def test_interpreter_setting_changed_after_triton_was_imported_is_a_clear_error(
     monkeypatch.setattr(triton_dispatch, "_triton_imported_interpreting",
                         lambda: not triton_dispatch.triton_interpreting())
     with pytest.raises(ValueError, match="set TRITON_INTERPRET before anything imports triton"):
-        routing_plan(torch.zeros(4, 2, dtype=torch.long), torch.ones(4, 2, dtype=torch.bool), 4)
+        routing_plan(torch.zeros(4, 2, dtype=torch.long, device=KERNEL_DEVICE),
+                     torch.ones(4, 2, dtype=torch.bool, device=KERNEL_DEVICE), 4)
 
 
 def test_tutel_not_importable_is_a_clear_error(monkeypatch):

@@ -240,7 +240,13 @@ def test_decoding_steps_share_a_tag_batch_only_when_their_tags_are_equal(name, t
                         lambda self, side, key: self.model.decoder.tag_batch(side.tags, side.padding_mask,
                                                                              side.tokens.shape, self.device))
     fresh = model.infer(task, task.data[:4], max_new_tokens=6)
-    assert kept_count < len(built)  # the same steps, fewer TagBatches
+    # the same steps, fewer TagBatches when two steps after the first share their tags: certain when
+    # every answer has 2+ tokens. What an untrained model answers depends on the machine's numerics
+    # (an H100 machine with torch 2.11 built as many TagBatches both ways); 1-token answers decode in
+    # two steps whose tags differ, with nothing to share.
+    if min(len(a.tokens) for a in kept) >= 2:
+        assert kept_count < len(built)
+    assert kept_count <= len(built)
     for a, b in zip(kept, fresh):
         assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-5)
         assert a.targets == b.targets

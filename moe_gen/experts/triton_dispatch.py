@@ -312,6 +312,9 @@ def routing_plan(ids_TK: torch.Tensor, mask_TK: torch.Tensor, num_experts: int) 
     if num_experts > MAX_EXPERTS:
         raise ValueError(f"backend='triton' supports at most {MAX_EXPERTS} experts per layer, got E={num_experts}; "
                          "use backend='torch'")
+    reason = triton_unavailable_reason(ids_TK.device)  # compiled kernels given host tensors: Triton's own error
+    if reason is not None:                             # ("cannot be accessed from Triton (cpu tensor?)") named no fix
+        raise ValueError(reason)
     T, K = ids_TK.shape
     A, device = T * K, ids_TK.device
     row_A = torch.full((A,), -1, dtype=torch.int32, device=device)
@@ -455,9 +458,6 @@ class TritonDispatch(DispatchBackend):
             raise ValueError(reason)
 
     def dispatch(self, x_TD, routing):
-        reason = self.unavailable_reason(x_TD.device)
-        if reason is not None:
-            raise ValueError(reason)
         plan = routing_plan(routing.topk_ids, routing.mask, routing.num_experts)
         x_ND = _DispatchRows.apply(x_TD, plan)
         return Dispatched(x_ND, _TritonDispatchPlan(plan, routing.topk_weights.reshape(-1)))
