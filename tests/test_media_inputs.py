@@ -44,7 +44,7 @@ def test_wav_file_and_bytes(tok, tmp_path):
         f.writeframes(pcm.tobytes())
     task = Task("asr", "[AUDIO:wav] -> [TEXT:text]",
                 [{"wav": str(path), "text": "a"}, {"wav": path.read_bytes(), "text": "b"},
-                 {"wav": {"array": pcm.astype(np.float32) / 32767, "sampling_rate": 8000}, "text": "c"},
+                 {"wav": {"array": pcm.astype(np.float32) / 32768, "sampling_rate": 8000}, "text": "c"},
                  {"wav": b"RIFF nonsense", "text": "d"}])
     rows = [task.encode(i, tok, training=False).encoder[0].rows for i in range(3)]
     assert rows[0].shape == (25, 320)  # 1 s: 98 fbank frames -> 25 rows of 4

@@ -347,7 +347,9 @@ def _contains(tokens: list[int], part: list[int]) -> bool:
     ("[TEXT:text] repeat it -> [TEXT:text]", "reads 'text', a column the task predicts"),
     ("[IMAGE:image,region=box] where is it? -> [BOX:box]", "crops its image by 'box', a column the task predicts"),
     # attributes the slot's preprocessor does not apply hide nothing
-    ("[STRUCT:table,noise_ratio=0.5] -> [STRUCT:table]", "corrupt it \\(mask_ratio=...\\)"),
+    ("[STRUCT:table,noise_ratio=0.5] -> [STRUCT:table]", "noise_ratio acts on the text of a table: "
+                                                         "preprocess=struct_text only"),
+    ("[STRUCT:table,mask_ratio=0] -> [STRUCT:table]", "corrupt it \\(mask_ratio=...\\)"),
     ("[PHONE:text,mask_ratio=0.5] -> [PHONE:text]", "hold the answer; read another column"),
     # preprocessors that write a value as the same tokens (CATEGORY is TEXT with a label set)
     ("[CATEGORY:label] which digit? -> [TEXT:label]", "reads 'label', a column the task predicts"),

@@ -332,6 +332,11 @@ class TaskPlan:
         if "stride" in slot.attrs and preprocess != "image":
             raise ValueError(f"{where}: stride spaces the patches of the 'image' preprocessor; it does not apply "
                              f"to preprocess={preprocess}")
+        textual = [a for a in ("noise_ratio", "no_punctuation") if a in slot.attrs]
+        if slot.modality == "STRUCT" and textual and preprocess != "struct_text":
+            raise ValueError(f"{where}: {' and '.join(textual)} {'act' if len(textual) > 1 else 'acts'} on the text "
+                             "of a table: preprocess=struct_text only (the default 'struct' reads cells as numbers "
+                             "and values)")
         if "vocab_size" in slot.attrs and preprocess != "bag_of_words":
             raise ValueError(f"{where}: vocab_size sizes a bag of words; it applies to preprocess=bag_of_words only")
         if slot.modality == "MOTION" and slot.attrs.get("min_length", 0) > slot.attrs.get("max_length", math.inf):

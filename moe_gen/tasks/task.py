@@ -259,10 +259,10 @@ class Task:
                                     "to write out and lone surrogates are not)")
         return {c: sorted(v) for c, v in labels.items()}
 
-    def motion_statistics(self, max_rows: int = 256) -> Optional[dict]:
-        """Per-feature mean and std of the task's MOTION columns over up to ``max_rows`` rows spread
-        evenly over the data, so every clip is normalised alike (and generated frames can be mapped
-        back).
+    def motion_statistics(self, max_rows: int = 256, column: Optional[str] = None) -> Optional[dict]:
+        """Per-feature mean and std of the task's MOTION columns (or of ``column`` alone) over up to
+        ``max_rows`` rows spread evenly over the data, so every clip is normalised alike (a task with
+        several MOTION columns saves each column's own: ``fit_statistics``).
 
         Values that are not frames ``[T, J]`` of finite numbers are passed over (their rows fail
         when encoded). None when there are no frames; when clips differ in width J, the statistics of
@@ -272,8 +272,7 @@ class Task:
             TaskDataError: when the rows read hold MOTION values but none of them is usable (it
                 says how many were passed over, and why the first one was).
         """
-        columns = {s.column for t in self.instruction.templates for s in t.encoder + t.decoder
-                   if s.modality == "MOTION" and s.column}
+        columns = self._motion_columns() if column is None else {column}
         frames, bad, first_error = [], 0, None
         rows = min(len(self.data), max_rows) if columns else 0
         for i, row in self._readable_rows(rows):
@@ -334,11 +333,26 @@ class Task:
         labels = self.closed_sets()
         if labels:
             statistics[CLOSED_SETS] = labels
-        motion = self.motion_statistics()
+        motion = self._motion_normalisation()
         if motion is not None:
-            statistics[MOTION_NORMALISATION] = {k: v.tolist() for k, v in motion.items()}
+            statistics[MOTION_NORMALISATION] = motion
         self._statistics = statistics
         return statistics
+
+    def _motion_columns(self) -> set[str]:
+        return {s.column for t in self.instruction.templates for s in t.encoder + t.decoder
+                if s.modality == "MOTION" and s.column}
+
+    def _motion_normalisation(self) -> Optional[dict]:
+        """``MOTION_NORMALISATION``: ``{"mean", "std"}`` for a task with one MOTION column; with
+        several, ``{"columns": {column: {"mean", "std"}}}`` (pooled, a column of other widths failed
+        every row and one of another scale was read in the other's units)."""
+        columns = sorted(self._motion_columns())
+        if len(columns) <= 1:
+            motion = self.motion_statistics()
+            return None if motion is None else {k: v.tolist() for k, v in motion.items()}
+        per_column = {c: self.motion_statistics(column=c) for c in columns}
+        return {"columns": {c: {k: v.tolist() for k, v in m.items()} for c, m in per_column.items() if m is not None}}
 
     def _column_values(self, column: str, repeated: bool, max_rows: int) -> Iterator[Any]:
         """The column's values over ``max_rows`` rows spread evenly over the data (a repetition group's
@@ -365,10 +379,16 @@ class Task:
         options = {name: dict(value) for name, value in self.preprocessor_options.items()}
         fitted = self.fit_statistics() if statistics is None else statistics
         saved = fitted.get(MOTION_NORMALISATION)
-        stats = ({k: np.asarray(v, np.float32) for k, v in saved.items()} if saved is not None
-                 else self.motion_statistics())
-        if stats is not None:  # under the user's own motion options (their mean and std win)
-            options["motion"] = {**stats, **options.get("motion", {})}
+        if saved is None:
+            saved = self._motion_normalisation()
+        if saved is not None:  # under the user's own motion options (their mean and std win)
+            stats = ({"columns": {c: {k: np.asarray(v, np.float32) for k, v in m.items()}
+                                  for c, m in saved["columns"].items()}} if "columns" in saved
+                     else {k: np.asarray(v, np.float32) for k, v in saved.items()})
+            own = options.get("motion", {})
+            if "mean" in own or "std" in own:
+                stats.pop("columns", None)
+            options["motion"] = {**stats, **own}
         labels = fitted.get(CLOSED_SETS) or self.closed_sets()
         for name, per_column in fitted.items():
             if name not in (CLOSED_SETS, MOTION_NORMALISATION):

@@ -38,7 +38,7 @@ from moe_gen.tasks.modalities.base import (
     SlotEncoding,
     SlotValueError,
 )
-from moe_gen.tasks.modalities.signals import motion_frames, motion_window
+from moe_gen.tasks.modalities.signals import feature_scale, motion_frames, motion_window
 
 __all__ = ["PoseSummary", "PoseSummaryAdapter", "pose_summary"]
 
@@ -77,22 +77,22 @@ class PoseSummary(Preprocessor):
 
     @classmethod
     def fit(cls, slot, values: Iterable[Any]) -> Optional[dict]:
-        """Mean and standard deviation (floored at 1e-6) of every window statistic over the
-        training values, each read as in evaluation (the first ``max_length`` frames); values
-        that are not pose frames, or have another number of features than the first valid one,
-        are passed over (encoding them names their row)."""
-        summaries = []
+        """Mean and standard deviation of every window statistic over the training values, each
+        read as in evaluation (the first ``max_length`` frames), for the most common number of
+        features a frame (as the MOTION statistics do); values that are not pose frames, or have
+        another width, are passed over (encoding them names their row). A statistic that hardly
+        varies gets 1 (``feature_scale``), so a held-out clip's small difference stays small."""
+        by_width: dict[int, list[np.ndarray]] = {}
         for value in values:
             try:
                 frames = motion_window(motion_frames(value, np.float64), slot)
             except SlotValueError:
                 continue
-            if not summaries or frames.shape[1] * 3 == summaries[0].size:
-                summaries.append(pose_summary(frames))
-        if not summaries:
+            by_width.setdefault(frames.shape[1], []).append(pose_summary(frames))
+        if not by_width:
             return None
-        table = np.stack(summaries)
-        return {"mean": table.mean(0).tolist(), "std": np.maximum(table.std(0), 1e-6).tolist()}
+        table = np.stack(max(by_width.values(), key=len))  # the first-seen width wins a tie
+        return {"mean": table.mean(0).tolist(), "std": feature_scale(table.std(0)).tolist()}
 
     def check_slot(self, where: str, slot) -> None:
         if slot.modality != "MOTION":

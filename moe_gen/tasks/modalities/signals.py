@@ -19,7 +19,7 @@ import math
 import numbers
 import os
 import random
-import wave
+import warnings
 from typing import Any, Optional
 
 import numpy as np
@@ -56,18 +56,29 @@ register_modality(ModalitySpec("MOTION", text_like=False, preprocess="motion", a
 
 
 def _read_wav(source) -> tuple[np.ndarray, int]:
+    """Mono float samples and the rate of a WAV file: PCM of 8, 16, 24 or 32 bits, IEEE floats,
+    and the extensible header that ffmpeg, sox and audio editors write (scipy's reader; the
+    standard library's ``wave`` reads 8/16/32-bit PCM only)."""
+    from scipy.io import wavfile
+
     try:
-        with wave.open(source, "rb") as f:
-            rate, channels, width = f.getframerate(), f.getnchannels(), f.getsampwidth()
-            raw = f.readframes(f.getnframes())
-    except Exception as exc:  # wave.Error, EOFError, OSError, and struct errors of broken headers
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", wavfile.WavFileWarning)  # chunks it skips (LIST, cue...)
+            rate, data = wavfile.read(source)
+    except Exception as exc:  # ValueError of unknown formats, EOFError, OSError, broken headers
         raise SlotValueError(f"cannot read the WAV audio: {exc}") from None
-    if width not in (1, 2, 4):
-        raise SlotValueError(f"unsupported WAV sample width {width} bytes")
-    dtype = {1: np.uint8, 2: np.int16, 4: np.int32}[width]
-    data = np.frombuffer(raw[: len(raw) // (width * channels) * width * channels], dtype=dtype).astype(np.float32)
-    data = (data - 128.0) / 128.0 if width == 1 else data / float(np.iinfo(dtype).max)
-    return data.reshape(-1, channels).mean(axis=1), rate
+    return _pcm_to_float(np.asarray(data)).reshape(len(data), -1).mean(axis=1), int(rate)
+
+
+def _pcm_to_float(data: np.ndarray) -> np.ndarray:
+    """Integer PCM samples scaled to [-1, 1) by their type's range (unsigned 8-bit is centred on
+    128); floats as they are."""
+    if data.dtype.kind == "u":
+        half = float(2 ** (8 * data.dtype.itemsize - 1))
+        return (data.astype(np.float32) - half) / half
+    if data.dtype.kind == "i":
+        return data.astype(np.float32) / float(2 ** (8 * data.dtype.itemsize - 1))
+    return data
 
 
 def check_sample_rate(rate: Any) -> int:
@@ -101,8 +112,8 @@ def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, in
     16 kHz), a ``{"array", "sampling_rate"}`` dict, a WAV path
     or WAV bytes. Raises ``SlotValueError`` for anything else, empty or non-finite waveforms and
     bad sample rates."""
-    if isinstance(value, dict) and "array" in value:
-        value, sample_rate = value["array"], value.get("sampling_rate", value.get("sample_rate"))
+    if isinstance(value, dict) and "array" in value:  # its own rate, else the one given (the row's)
+        value, sample_rate = value["array"], value.get("sampling_rate", value.get("sample_rate", sample_rate))
     if isinstance(value, (str, os.PathLike)):
         value, sample_rate = _read_wav(regular_file(value, "audio"))
     elif isinstance(value, (bytes, bytearray)):
@@ -114,9 +125,16 @@ def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, in
         except (ValueError, TypeError, OverflowError):
             raise SlotValueError("an audio waveform given as a list must be a list of numbers (or of equally long "
                                  "channel lists)") from None
+        peak = float(np.abs(value).max()) if value.size and np.isfinite(value).all() else 0.0
+        if peak > 1.0 and np.array_equal(value, np.round(value)):  # e.g. int16 samples written to JSONL
+            raise SlotValueError(f"the waveform list holds whole numbers up to {peak:.0f}: integer PCM samples, "
+                                 "which a list cannot say the range of; give floats in [-1, 1] or a numpy integer "
+                                 "array (int16, int32, uint8), which is scaled by its type's range")
     if isinstance(value, np.ndarray):
-        if value.dtype.kind != "f":
-            raise SlotValueError(f"an audio array must hold floats, got dtype {value.dtype}")
+        if value.dtype.kind in "iu":
+            value = _pcm_to_float(value)
+        elif value.dtype.kind != "f":
+            raise SlotValueError(f"an audio array must hold floats or integer PCM samples, got dtype {value.dtype}")
         with np.errstate(over="ignore"):  # float64 beyond float32's range becomes inf, refused below
             value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in (1, 2):
@@ -214,6 +232,9 @@ class AudioPreprocessor(Preprocessor):
 
     def __init__(self, frames_per_row: int = 4, augment: bool = True,
                  speeds: tuple[float, ...] = (0.9, 1.0, 1.1)) -> None:
+        _check_frames_per_row("audio_fbank", frames_per_row)
+        if not speeds or not all(isinstance(f, numbers.Real) and 0.5 <= f <= 2 for f in speeds):
+            raise ValueError(f"audio_fbank: speeds must be factors in [0.5, 2], got {speeds!r}")
         self.frames_per_row, self.augment, self.speeds = frames_per_row, augment, tuple(speeds)
 
     def feature_dim(self) -> int:
@@ -221,11 +242,19 @@ class AudioPreprocessor(Preprocessor):
 
     def _perturb(self, wav: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
         """Speed perturbation (by default ×0.9, ×1.0, ×1.1 by resampling, Ko et al. 2015): new
-        speakers' tempo and pitch; training only, encoder inputs only."""
+        speakers' tempo and pitch; training only, encoder inputs only. A factor that would make
+        the clip longer than the slot's cap is not applied (the clip stays as evaluation reads it)."""
         factor = ctx.rng.choice(self.speeds)
-        if factor == 1.0:
+        if factor == 1.0 or self._over_cap(wav.numel() / factor / SAMPLE_RATE, ctx):
             return wav
         return resample(wav, int(SAMPLE_RATE * factor))
+
+    def _rows(self, seconds: float) -> int:
+        """Positions a clip of ``seconds`` takes: one fbank frame every 10 ms, stacked."""
+        return math.ceil(seconds * 100 / self.frames_per_row)
+
+    def _over_cap(self, seconds: float, ctx: EncodeContext) -> bool:
+        return ctx.max_positions is not None and self._rows(seconds) > ctx.max_positions
 
     @staticmethod
     def _spec_augment(feats: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
@@ -244,8 +273,8 @@ class AudioPreprocessor(Preprocessor):
         wav, rate = _slot_waveform(value, slot, ctx)
         seconds = wav.numel() / rate
         # One fbank frame every 10 ms: refuse an over-long clip before resampling it.
-        rows = math.ceil(seconds * 100 / self.frames_per_row)
-        if ctx.max_positions is not None and rows > ctx.max_positions:
+        rows = self._rows(seconds)
+        if self._over_cap(seconds, ctx):
             raise SlotValueError(f"{ctx.where(slot.column)}: the clip is {seconds:.3g} s long (about {rows} "
                                  f"positions), over the cap of {ctx.max_positions} positions per slot; cut it, check "
                                  f"its sample rate ({rate} Hz), or raise Task(max_slot_positions=...)")
@@ -266,6 +295,19 @@ class AudioPreprocessor(Preprocessor):
             rows = rows[: int(max_rows)]
         return SlotEncoding("AUDIO", features=rows, positions=_frame_positions(rows.shape[0]),
                             meta={"frames": int(feats.shape[0]), "seconds": wav.numel() / SAMPLE_RATE})
+
+
+def _check_frames_per_row(name: str, frames_per_row) -> None:
+    if isinstance(frames_per_row, bool) or not isinstance(frames_per_row, int) or frames_per_row < 1:
+        raise ValueError(f"{name}: frames_per_row must be a whole number >= 1, got {frames_per_row!r}")
+
+
+def feature_scale(std) -> np.ndarray:
+    """What per-feature standardisation divides by: the standard deviation, or 1 where the feature
+    hardly varied in the rows it was fitted on (a constant one would divide a held-out clip's small
+    difference by ~0 and feed the model values of 1e4 and more; as table columns do)."""
+    std = np.asarray(std)
+    return np.where(std > 1e-6, std, 1.0).astype(std.dtype)
 
 
 def motion_frames(value: Any, dtype=np.float32) -> np.ndarray:
@@ -314,9 +356,13 @@ class MotionPreprocessor(Preprocessor):
 
     modality = "MOTION"
 
-    def __init__(self, frames_per_row: int = 2, mean=None, std=None) -> None:
+    def __init__(self, frames_per_row: int = 2, mean=None, std=None, columns=None) -> None:
+        _check_frames_per_row("motion", frames_per_row)
         self.frames_per_row = frames_per_row
         self.mean, self.std = mean, std
+        # column -> {"mean", "std"}: a task's own per MOTION column (these win over mean and std)
+        self.columns = {c: (np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32))
+                        for c, m in dict(columns or {}).items()}
         self.width: Optional[int] = None
 
     def feature_dim(self) -> Optional[int]:
@@ -327,12 +373,13 @@ class MotionPreprocessor(Preprocessor):
             frames = motion_frames(value)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
-        if self.mean is not None and np.shape(self.mean) != (frames.shape[1],):
+        mean, std = self.columns.get(slot.column, (self.mean, self.std))
+        if mean is not None and np.shape(mean) != (frames.shape[1],):
             raise SlotValueError(f"{ctx.where(slot.column)}: the clip has {frames.shape[1]} features a frame, the "
-                                 f"task's motion statistics {np.shape(self.mean)[-1]}")
-        mean = self.mean if self.mean is not None else frames.mean(0)
-        std = self.std if self.std is not None else frames.std(0)
-        frames = motion_window((frames - mean) / np.maximum(std, 1e-5), slot, ctx.rng if ctx.training else None)
+                                 f"task's motion statistics {np.shape(mean)[-1]}")
+        mean = mean if mean is not None else frames.mean(0)
+        std = std if std is not None else frames.std(0)
+        frames = motion_window((frames - mean) / feature_scale(std), slot, ctx.rng if ctx.training else None)
         self.width = frames.shape[1]
         rows = _stack(torch.from_numpy(np.ascontiguousarray(frames)), self.frames_per_row)
         return SlotEncoding("MOTION", features=rows, positions=_frame_positions(rows.shape[0]),

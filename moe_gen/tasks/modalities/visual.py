@@ -34,8 +34,9 @@ __all__ = ["load_image", "augment_image", "shift_image", "unknown_augmentations"
 register_modality(ModalitySpec("IMAGE", text_like=False, preprocess="image", adaptor="image_patch"))
 register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", adaptor="video_patch"))
 
-# Rows and columns the patch adapters have position embeddings for.
+# Rows and columns, and frames, the patch adapters have position embeddings for.
 MAX_GRID_SIDE = 64
+MAX_FRAMES = 64
 
 # ``augment=`` of an IMAGE input slot: label-preserving geometric changes drawn per sample in
 # training (PIL ``Image.Transpose`` names; None is the image as it is). ``mirror``: left-right or not;
@@ -324,6 +325,9 @@ class VideoPreprocessor(Preprocessor):
     modality = "VIDEO"
 
     def __init__(self, frames: int = 4, size: int = 32, patch: int = 8) -> None:
+        if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
+            raise ValueError(f"video: frames must be a whole number from 1 to {MAX_FRAMES} (the patch adapters' "
+                             f"frame embeddings), got {frames!r}")
         if size % patch or size // patch > MAX_GRID_SIDE:
             raise ValueError(f"video size {size} must be a multiple of the patch size {patch}, "
                              f"at most {MAX_GRID_SIDE} patches a side")
@@ -353,7 +357,8 @@ class VideoPreprocessor(Preprocessor):
 class PatchAdapter(Adapter):
     """Linear patch embedding plus learned frame, row and column embeddings."""
 
-    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = MAX_GRID_SIDE) -> None:
+    def __init__(self, feature_dim: int, d_model: int, max_frames: int = MAX_FRAMES,
+                 max_side: int = MAX_GRID_SIDE) -> None:
         super().__init__(feature_dim, d_model)
         self.proj = nn.Linear(feature_dim, d_model)
         self.frame = nn.Embedding(max_frames, d_model)
@@ -371,7 +376,7 @@ class ConvPatchAdapter(PatchAdapter):
     so that a stroke is recognised wherever it falls; then frame, row and column embeddings as in
     ``PatchAdapter``. The features must be square RGB patches laid out (row, column, channel)."""
 
-    def __init__(self, feature_dim: int, d_model: int, max_frames: int = 64, max_side: int = MAX_GRID_SIDE,
+    def __init__(self, feature_dim: int, d_model: int, max_frames: int = MAX_FRAMES, max_side: int = MAX_GRID_SIDE,
                  channels: int = 32) -> None:
         super().__init__(feature_dim, d_model, max_frames, max_side)
         side = int(round((feature_dim / 3) ** 0.5))

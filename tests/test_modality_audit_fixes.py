@@ -1,0 +1,185 @@
+"""Defects an audit of the non-image modalities found (2026-12-05, eighth session), each pinned:
+audio reading and augmentation, MOTION and pose-summary statistics, STRUCT numbers and
+attributes, video frame counts, phones, and boxes beside several images."""
+
+from __future__ import annotations
+
+import io
+import struct
+import uuid
+import wave
+
+import numpy as np
+import pytest
+import torch
+
+from moe_gen.tasks import Task, TaskDataError, Tokenizer
+from moe_gen.tasks.modalities.signals import read_waveform
+from moe_gen.tasks.modalities.text_like import to_phones
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+TONE = (0.3 * np.sin(np.arange(16000) / 5)).astype(np.float32)  # 1 s at 16 kHz: 25 rows of 4 fbank frames
+
+
+def _riff(fmt: bytes, data: bytes) -> bytes:
+    return (b"RIFF" + struct.pack("<I", 4 + 8 + len(fmt) + 8 + len(data)) + b"WAVE" + b"fmt "
+            + struct.pack("<I", len(fmt)) + fmt + b"data" + struct.pack("<I", len(data)) + data)
+
+
+def _audio_rows(tok, value, **row):
+    task = Task("asr", "[AUDIO:wav] -> [TEXT:text]", [{"wav": value, "text": "a", **row}])
+    return task.encode(0, tok, training=False).encoder[0].rows
+
+
+# ---- audio ------------------------------------------------------------------------------------------
+
+
+def test_speed_perturbation_never_takes_a_clip_past_the_cap_that_evaluation_meets(tok):
+    # a clip exactly at the cap: x0.9 used to make it ~11% longer after the check, failing rows at random
+    task = Task("asr", "[AUDIO:wav] -> [TEXT:text]", [{"wav": TONE, "text": "a"}], max_slot_positions=25)
+    assert task.encode(0, tok, training=False).encoder[0].rows.shape[0] == 25
+    for seed in range(12):
+        assert task.encode(0, tok, seed=seed, training=True).encoder[0].rows.shape[0] <= 25
+
+
+def test_a_dict_waveform_without_its_own_rate_takes_the_rows_rate(tok):
+    half = TONE[:8000]  # 1 s at 8 kHz
+    expected = _audio_rows(tok, half, sample_rate=8000)
+    torch.testing.assert_close(_audio_rows(tok, {"array": half}, sample_rate=8000), expected)
+    assert expected.shape[0] == 25
+
+
+def test_wav_files_of_24_bits_floats_and_the_extensible_header_are_read(tok):
+    reference = read_waveform(TONE)[0]
+    pcm24 = b"".join(int(v * 8388607).to_bytes(4, "little", signed=True)[:3] for v in TONE)
+    buffer = io.BytesIO()
+    with wave.open(buffer, "wb") as f:
+        f.setnchannels(1)
+        f.setsampwidth(3)
+        f.setframerate(16000)
+        f.writeframes(pcm24)
+    floats = _riff(struct.pack("<HHIIHH", 3, 1, 16000, 64000, 4, 32), TONE.tobytes())
+    subtype = uuid.UUID("00000001-0000-0010-8000-00aa00389b71").bytes_le  # PCM
+    four = np.repeat((TONE * 32767).astype("<i2")[:, None], 4, axis=1).tobytes()
+    extensible = _riff(struct.pack("<HHIIHHHHI", 0xFFFE, 4, 16000, 128000, 8, 16, 22, 16, 0x33) + subtype, four)
+    for data, atol in ((buffer.getvalue(), 1e-6), (floats, 0.0), (extensible, 1e-4)):
+        wav, rate = read_waveform(data)
+        assert rate == 16000
+        torch.testing.assert_close(wav, reference, atol=atol, rtol=0)
+
+
+def test_integer_pcm_is_scaled_by_its_type_and_a_list_of_whole_numbers_is_refused(tok):
+    int16 = np.round(TONE * 32768).astype(np.int16)
+    torch.testing.assert_close(read_waveform(int16)[0], read_waveform(TONE)[0], atol=1e-4, rtol=0)
+    torch.testing.assert_close(read_waveform(np.uint8([0, 128, 255]))[0], torch.tensor([-1.0, 0.0, 127 / 128]))
+    with pytest.raises(TaskDataError, match=r"row 0: the waveform list holds whole numbers up to 9830.*numpy "
+                                            r"integer array"):
+        _audio_rows(tok, int16.tolist())
+    _audio_rows(tok, [0.0, 1.0, -1.0] * 400)  # floats in [-1, 1] that happen to be whole: read as they are
+
+
+def test_frames_per_row_and_video_frames_must_be_usable_counts(tok):
+    for instruction, options, message in [
+        ("[AUDIO:x] -> [TEXT:y]", {"audio_fbank": {"frames_per_row": 0}}, "frames_per_row must be a whole number"),
+        ("[MOTION:x] -> [TEXT:y]", {"motion": {"frames_per_row": 0}}, "frames_per_row must be a whole number"),
+        ("[VIDEO:x] -> [TEXT:y]", {"video": {"frames": 65}}, "frames must be a whole number from 1 to 64"),
+        ("[VIDEO:x] -> [TEXT:y]", {"video": {"frames": 0}}, "frames must be a whole number from 1 to 64"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            Task("t", instruction, [], preprocessor_options=options).plan(tok)
+
+
+# ---- motion -----------------------------------------------------------------------------------------
+
+
+def _clip(rng, constant, width=3):
+    frames = rng.normal(size=(8, width)).astype(np.float32)
+    frames[:, -1] = constant
+    return frames
+
+
+@pytest.mark.parametrize("preprocess", ["motion", "pose_summary"])
+def test_a_feature_constant_in_training_stays_bounded_on_a_held_out_clip(tok, preprocess):
+    rng = np.random.default_rng(0)
+    instruction = f"[MOTION:m,preprocess={preprocess}] what? -> [TEXT:label,closed_set]"
+    train = Task("mo", instruction, [{"m": _clip(rng, 0.0), "label": "a"} for _ in range(6)])
+    held_out = Task("mo", instruction, [{"m": _clip(rng, 0.1), "label": "a"}])
+    rows = held_out.encode(0, tok, training=False, statistics=train.fit_statistics()).encoder[0].rows
+    assert float(rows.abs().max()) < 10  # was 1e4 (motion) and 1e5 (pose_summary): 0.1 divided by ~0
+
+
+def test_each_motion_column_is_normalised_by_its_own_statistics(tok):
+    rng = np.random.default_rng(0)
+    rows = [{"big": (1000 * rng.normal(size=(6, 3))).astype(np.float32),
+             "small": rng.normal(size=(6, 3)).astype(np.float32), "label": "a"} for _ in range(4)]
+    task = Task("two", "[MOTION:big] [MOTION:small] what? -> [TEXT:label,closed_set]", rows)
+    saved = task.fit_statistics()["motion_normalisation"]
+    assert set(saved["columns"]) == {"big", "small"}
+    frames = torch.cat([task.encode(i, tok, training=False).encoder[1].rows.reshape(-1, 3) for i in range(4)])
+    assert frames.std(0).min() > 0.5  # the small column was read in the big one's units: std ~0.002
+    # one MOTION column keeps the saved format it always had
+    one = Task("one", "[MOTION:small] what? -> [TEXT:label,closed_set]", rows).fit_statistics()
+    assert set(one["motion_normalisation"]) == {"mean", "std"}
+
+
+def test_pose_summary_statistics_take_the_most_common_width(tok):
+    rng = np.random.default_rng(0)
+    rows = [{"m": rng.normal(size=(6, 4 if i == 0 else 6)).astype(np.float32), "label": "a"} for i in range(10)]
+    task = Task("ps", "[MOTION:m,preprocess=pose_summary] what? -> [TEXT:label,closed_set]", rows, on_error="skip")
+    encoded = [task.encode(i, tok, training=False) for i in range(10)]
+    assert sum(e is not None for e in encoded) == 9 and encoded[0] is None  # the odd first clip only
+
+
+# ---- tables -----------------------------------------------------------------------------------------
+
+TABLE = "[STRUCT:t] which? -> [TEXT:label,closed_set]"
+
+
+def _z(tok, train_tables, test_tables):
+    train = Task("tb", TABLE, [{"t": t, "label": "a"} for t in train_tables])
+    test = Task("tb", TABLE, [{"t": t, "label": "a"} for t in test_tables])
+    statistics = train.fit_statistics()
+    return [test.encode(i, tok, training=False, statistics=statistics).encoder[0].rows[:, 1].tolist()
+            for i in range(len(test_tables))], statistics["struct"]["t"]
+
+
+def test_numbers_without_statistics_keep_their_order_above_22025(tok):
+    z, _ = _z(tok, [{"p": "n/a"}, {"p": "n/a"}], [{"p": v} for v in (3e4, 1e6, 1e9)])
+    values = [row[0] for row in z]
+    assert values == sorted(values) and len(set(values)) == 3  # all 10.0 when clipped
+
+
+@pytest.mark.parametrize("values", [(1e-13, 2e-13, 3e-13, 4e-13), (1e160, 2e160, 3e160), (1e308, 1.5e308, 0.0)])
+def test_column_statistics_hold_at_tiny_and_huge_magnitudes(tok, values):
+    tables = [{"x": v} for v in values]
+    z, statistics = _z(tok, tables, tables)
+    z = np.array([row[0] for row in z])
+    assert np.isfinite(statistics["std"]["x"]) and np.isfinite(statistics["mean"]["x"])
+    unit = np.array(values) / max(values)  # the z-scores do not depend on the unit
+    np.testing.assert_allclose(z, (unit - unit.mean()) / unit.std(), rtol=1e-5, atol=1e-6)
+
+
+# ---- phones and boxes -------------------------------------------------------------------------------
+
+
+def test_quotes_are_not_part_of_a_word_and_a_text_without_one_is_refused(tok):
+    assert to_phones("say 'cat'") == to_phones("say cat") == ["S", "EY", "|", "K", "AE", "T"]
+    assert to_phones("don't") == ["D", "OW", "N", "T"]
+    task = Task("p", "[PHONE:t] -> [TEXT:y]", [{"t": "'", "y": "a"}])
+    with pytest.raises(TaskDataError, match="row 0: \"'\" has no letter or digit to speak"):
+        task.encode(0, tok)
+
+
+def test_a_box_beside_images_of_different_sizes_is_refused(tok):
+    row = {"a": np.zeros((100, 100, 3), np.uint8), "b": np.zeros((400, 400, 3), np.uint8), "box": [200, 200, 400, 400]}
+    task = Task("g", "[IMAGE:a] [IMAGE:b] where in the second image? -> [BOX:box]", [row])
+    with pytest.raises(TaskDataError, match=r"column 'box', row 0: the sample's images differ in size \('a' 100x100, "
+                                            r"'b' 400x400\)"):
+        task.encode(0, tok)
+    same = Task("g", "[IMAGE:a] [IMAGE:b] where? -> [BOX:box]", [{**row, "b": row["a"], "box": [0, 0, 50, 50]}])
+    assert same.encode(0, tok) is not None  # images of one size: the box's pixels are unambiguous
