@@ -34,6 +34,7 @@ import torch
 from moe_gen.analysis import plots, stats
 from moe_gen.analysis.recorder import RoutingRecorder, RoutingTables
 from moe_gen.model.model import eval_mode
+from moe_gen.tasks.modalities.base import label_text
 
 __all__ = ["Analysis", "analyze", "write_report", "write_comparison", "key_numbers", "main"]
 
@@ -105,15 +106,25 @@ def _labels_known(task, index: int, labels: dict) -> bool:
     for column, texts in labels.items():
         value = row.get(column) if isinstance(row, dict) else None
         values = value if isinstance(value, (list, tuple)) else [value]
-        if value is not None and any(str(v) not in texts for v in values):
+        if value is not None and any(label_text(v) not in texts for v in values):
             return False
     return True
 
 
-def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int]) -> dict:
+def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int], batch_size: int = 1,
+                     interference_rows: int = 0) -> dict:
     """Rows per task that ``analyze`` records, after checking its arguments."""
     if mode not in MODES:
         raise ValueError(f"unknown mode {mode!r}; known: {', '.join(MODES)}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a whole number >= 1, got {batch_size!r}")
+    if isinstance(interference_rows, bool) or not isinstance(interference_rows, int) or interference_rows < 0:
+        raise ValueError(f"interference_rows must be a whole number >= 0 (0 skips interference), got "
+                         f"{interference_rows!r}")
+    names = [t.name for t in tasks]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"tasks {repeated} are given more than once: their rows would be recorded twice")
     unknown = [t.name for t in tasks if t.name not in model.task_ids]
     if unknown:
         raise ValueError(f"the model was not built for tasks {unknown}; it knows: {', '.join(model.config.tasks)}")
@@ -126,22 +137,27 @@ def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int]) ->
     return rows
 
 
-def _held_out_loss(model, task, rows: int, batch_size: int) -> float:
-    """Mean teacher-forced loss (token cross-entropy + frame loss) of ``rows`` rows of ``task``
-    evenly spaced over it."""
+def _held_out_loss(model, samples: list, batch_size: int) -> float:
+    """Mean teacher-forced loss of ``samples`` (one task's): the token cross-entropy averaged over
+    all their scored tokens plus the frame loss averaged over all their target frames, whatever
+    the batch size (each batch's means weighted by its tokens and frames)."""
     from moe_gen.objectives import GenerativeObjective
-    from moe_gen.tasks import collate
+    from moe_gen.tasks import IGNORE_INDEX, collate
 
     objective = GenerativeObjective(model)
-    samples = _samples(model, task, rows)
-    total = 0.0
+    sums = {"token_loss": 0.0, "frame_loss": 0.0}
+    counts = {"token_loss": 0, "frame_loss": 0}
     for start in range(0, len(samples), batch_size):
         batch = collate(samples[start:start + batch_size], model.tokenizer, model.task_ids,
                         modality_ids=model.modality_ids)
         out = objective(batch)
-        loss = out.get("token_loss", out["loss"] * 0) + out.get("frame_loss", out["loss"] * 0)
-        total += float(loss) * len(batch.tasks)
-    return total / max(len(samples), 1)
+        weights = {"token_loss": int((batch.labels != IGNORE_INDEX).sum()),
+                   "frame_loss": sum(int(index.numel()) for index in batch.frame_index.values())}
+        for part, weight in weights.items():
+            if part in out:
+                sums[part] += float(out[part]) * weight
+                counts[part] += weight
+    return sum(sums[part] / counts[part] for part in sums if counts[part])
 
 
 def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forward", limit: Optional[int] = None,
@@ -161,12 +177,15 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
     """
     from moe_gen.tasks import collate
 
-    rows = _rows_to_analyse(model, tasks, mode, limit)
+    rows = _rows_to_analyse(model, tasks, mode, limit, batch_size, interference_rows)
     with eval_mode(model):
         with RoutingRecorder(model) as recorder, torch.no_grad():
             if mode == "forward":
-                evaluation = {task.name: {"loss": _held_out_loss(model, task, rows[task.name], batch_size)}
-                              for task in tasks}
+                evaluation = {}
+                for task in tasks:
+                    samples = _samples(model, task, rows[task.name])
+                    rows[task.name] = len(samples)  # the rows recorded: unknown labels and failed rows left out
+                    evaluation[task.name] = {"loss": _held_out_loss(model, samples, batch_size)}
             else:
                 from moe_gen.trainer.evaluation import evaluate
 
@@ -237,8 +256,10 @@ def key_numbers(analysis: Analysis) -> dict:
     }
     if analysis.interference is not None:
         matrix = analysis.interference["matrix"]
-        out["mean interference (off-diagonal)"] = _offdiag_mean(matrix)
-        out["most negative interference"] = float(matrix.min()) if matrix.numel() else 0.0
+        # between two tasks or more (with one there is only its self-similarity, 1)
+        off_diagonal = matrix[~torch.eye(len(matrix), dtype=torch.bool)] if len(matrix) >= 2 else None
+        out["mean interference (off-diagonal)"] = float(off_diagonal.mean()) if off_diagonal is not None else dash
+        out["most negative interference"] = float(off_diagonal.min()) if off_diagonal is not None else dash
     if losses:
         out["mean held-out loss"] = sum(losses) / len(losses)
     return out
@@ -259,10 +280,10 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
 
 
 def _json_ready(value):
-    if isinstance(value, torch.Tensor):
-        return value.tolist()
-    if isinstance(value, np.ndarray):
-        return value.tolist()
+    """``value`` as JSON can hold it: tensors and arrays as lists, non-finite numbers as null (JSON
+    has no NaN or Infinity), at any depth."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return _json_ready(value.tolist())
     if isinstance(value, dict):
         return {str(k): _json_ready(v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
@@ -331,7 +352,7 @@ def write_report(analysis: Analysis, out_dir: str) -> dict[str, str]:
     os.makedirs(out_dir, exist_ok=True)
     files = _plots(analysis, out_dir)
     with open(os.path.join(out_dir, "routing.json"), "w") as f:
-        json.dump(_to_json(analysis, files), f, indent=1)
+        json.dump(_to_json(analysis, files), f, indent=1, allow_nan=False)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(_markdown(analysis, files)) + "\n")
     written = {name: os.path.join(out_dir, file) for name, file in files.items()}
@@ -428,7 +449,7 @@ def write_comparison(a: Analysis, b: Analysis, out_dir: str) -> dict[str, str]:
     with open(os.path.join(out_dir, "routing.json"), "w") as f:
         json.dump(_json_ready({"a": {"label": a.label, "key_numbers": keys_a, "report": "a/report.md"},
                                "b": {"label": b.label, "key_numbers": keys_b, "report": "b/report.md"},
-                               "tasks": tasks}), f, indent=1)
+                               "tasks": tasks}), f, indent=1, allow_nan=False)
     return {"markdown": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "routing.json"),
             "heatmaps": os.path.join(out_dir, heatmaps), "a": written_a["markdown"], "b": written_b["markdown"]}
 

@@ -1,0 +1,82 @@
+"""Defects an audit of the routing-analysis report found (2026-12-05, eighth session), each
+pinned: the rows it says it read, its held-out loss, its arguments, its JSON and its
+interference summary."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import warnings
+
+import pytest
+import torch
+
+from moe_gen.analysis import report, stats
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.tasks import Tokenizer, load_preset
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def species(tok):
+    split = load_preset("table_species", "test")
+    torch.manual_seed(0)
+    return GeneralistModel.build(flavour("debug"), [split], tok), split
+
+
+def test_the_rows_reported_are_the_rows_recorded(tok):
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [load_preset("table_species", "train", limit=10)], tok)
+    split = load_preset("table_species", "test")  # 20 of its 30 rows hold species the model never saw
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        analysis = report.analyze(model, [split], limit=32, interference_rows=0)
+    assert analysis.rows == {"table_species": 10}  # said 30
+
+
+def test_the_held_out_loss_does_not_depend_on_the_batch_size(species):
+    model, split = species
+    losses = [report.analyze(model, [split], limit=30, batch_size=b, interference_rows=0).evaluation["table_species"]
+              ["loss"] for b in (1, 4, 30)]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5) and losses[0] == pytest.approx(losses[2], rel=1e-5)
+
+
+def test_arguments_that_would_record_nothing_or_twice_are_refused(species):
+    model, split = species
+    for kwargs, message in [({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+                            ({"batch_size": -1}, "batch_size must be a whole number >= 1"),
+                            ({"interference_rows": -1}, "interference_rows must be a whole number >= 0")]:
+        with pytest.raises(ValueError, match=message):
+            report.analyze(model, [split], limit=4, **kwargs)
+    with pytest.raises(ValueError, match=r"tasks \['table_species'\] are given more than once"):
+        report.analyze(model, [split, split], limit=4, interference_rows=0)
+
+
+def test_labels_given_as_bytes_are_the_labels_the_model_saved(tok):
+    def as_bytes(split):
+        return split.with_rows([{**r, "species": r["species"].encode()} for r in split.data])
+
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [as_bytes(load_preset("table_species", "train"))], tok)
+    assert len(report._samples(model, as_bytes(load_preset("table_species", "test")), 4)) == 4  # all refused
+
+
+def test_routing_json_holds_no_nan_and_one_task_has_no_interference_between_tasks(species, tmp_path):
+    model, split = species
+    model = copy.deepcopy(model)  # its weights are broken below
+    analysis = report.analyze(model, [split], limit=4, interference_rows=4)
+    keys = report.key_numbers(analysis)
+    assert keys["most negative interference"] == "–" and keys["mean interference (off-diagonal)"] == "–"  # was 1.0
+    with torch.no_grad():  # a diverged expert: its cosine similarities are NaN
+        model.encoder.blocks[0].ffn.experts.w_in[3, 0, 0] = float("inf")
+    analysis.similarity = stats.expert_similarity(model)
+    assert report._json_ready(torch.tensor([float("nan"), 1.0])) == [None, 1.0]
+    report.write_report(analysis, str(tmp_path))
+    text = (tmp_path / "routing.json").read_text()
+    json.loads(text, parse_constant=lambda c: pytest.fail(f"routing.json holds {c}"))
+    assert os.path.exists(tmp_path / "report.md")
