@@ -183,3 +183,32 @@ def test_a_box_beside_images_of_different_sizes_is_refused(tok):
         task.encode(0, tok)
     same = Task("g", "[IMAGE:a] [IMAGE:b] where? -> [BOX:box]", [{**row, "b": row["a"], "box": [0, 0, 50, 50]}])
     assert same.encode(0, tok) is not None  # images of one size: the box's pixels are unambiguous
+
+
+# ---- video ------------------------------------------------------------------------------------------
+
+
+def test_a_video_file_is_resized_as_it_is_decoded_with_the_same_features(tok, tmp_path):
+    # frames are reduced to the preprocessor's size while decoding (a long HD file no longer sits in
+    # memory whole): the features equal those of the fully decoded frames given as an array
+    import av
+
+    rng = np.random.default_rng(0)
+    path = tmp_path / "clip.mp4"
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("mpeg4", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 96, 64, "yuv420p"
+        for _ in range(9):
+            frame = rng.integers(0, 256, (64, 96, 3), dtype=np.uint8)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        full = np.stack([f.to_ndarray(format="rgb24") for f in container.decode(video=0)])
+    task = Task("vid", "[VIDEO:v] -> [TEXT:t]", [{"v": str(path), "t": "x"}, {"v": full, "t": "x"}])
+    from_file, from_array = (task.encode(i, tok, training=False).encoder[0] for i in (0, 1))
+    assert torch.equal(from_file.rows, from_array.rows) and from_file.rows.shape == (4 * 16, 192)
+    from moe_gen.tasks.modalities.visual import load_video_frames
+
+    assert load_video_frames(str(path), size=32).shape == (9, 32, 32, 3)  # what is held while decoding

@@ -286,9 +286,12 @@ class ImagePreprocessor(Preprocessor):
         return img.crop((max(left, 0), max(top, 0), min(right, width), min(bottom, height)))
 
 
-def load_video_frames(value: Any) -> np.ndarray:
+def load_video_frames(value: Any, size: Optional[int] = None) -> np.ndarray:
     """``[T, H, W, 3]`` uint8 frames (T ≥ 1) from an array (uint8, or float in [0, 1]), nested
-    lists, a tensor or a video file (PyAV). Raises ``SlotValueError``."""
+    lists, a tensor or a video file (PyAV). With ``size``, a file's frames are resized to
+    ``size``² (bicubic, as the preprocessor resizes them) as they are decoded, so a long HD file
+    does not sit in memory whole (a minute at 1080p is ~11 GB of frames). Raises
+    ``SlotValueError``."""
     if isinstance(value, torch.Tensor):
         value = tensor_to_numpy(value)
     if isinstance(value, (list, tuple)):  # nested lists, e.g. from JSONL
@@ -305,7 +308,7 @@ def load_video_frames(value: Any) -> np.ndarray:
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else regular_file(value, "video")
         try:
             with av.open(source) as container:
-                frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
+                frames = [_decoded_frame(f, size) for f in container.decode(video=0)]
             video = np.stack(frames) if frames else None
         except Exception as exc:  # FFmpeg errors, unreadable paths, frames of changing size
             raise SlotValueError(f"cannot decode the video: {exc}") from None
@@ -315,6 +318,14 @@ def load_video_frames(value: Any) -> np.ndarray:
             raise SlotValueError(f"the video's frames are empty (shape {video.shape})")
         return video
     raise SlotValueError(f"a VIDEO slot needs frames [T, H, W, 3] or a file, got {type(value).__name__}")
+
+
+def _decoded_frame(frame, size: Optional[int]) -> np.ndarray:
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    from PIL import Image
+
+    return np.asarray(frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC))
 
 
 @PREPROCESSORS.register("video")
@@ -338,7 +349,7 @@ class VideoPreprocessor(Preprocessor):
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         try:
-            video = load_video_frames(value)
+            video = load_video_frames(value, size=self.size)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
         count = int(slot.attrs.get("length", self.frames))
