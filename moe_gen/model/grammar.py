@@ -140,7 +140,7 @@ class TargetGrammar:
         # (a no_loss slot before the first target is part of the forced prefix, never decoded)
         self.kinds = ["literal" if p.slot.is_literal else p.decode.kind if p.decode is not None else "given"
                       for p in self.slots]
-        self.literals = {i: tuple(tokenizer.encode(p.slot.text)) for i, p in enumerate(self.slots)
+        self.literals = {i: tuple(tokenizer.encode_literal(p.slot.text)) for i, p in enumerate(self.slots)
                          if p.slot.is_literal}
         self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
         self.renderers = {i: plan.preprocessor(p).to_image for i, p in enumerate(self.slots)
@@ -295,6 +295,10 @@ class TargetGrammar:
                 return None
             code_of = {token: k for k, token in enumerate(spec.tokens)}
             return self.renderers[slot]([code_of[t] for t in ids])
+        if self.kinds[slot] == "closed_set":  # the label itself (a finished answer is one of them)
+            label_of = self.slots[slot].decode.label_of or {}
+            label = label_of.get(tuple(ids[:-1] if ids and ids[-1] == self.tok.eos_id else ids))
+            return label if label is not None else self.tok.decode(ids)
         if self.kinds[slot] != "box":
             return self.tok.decode(ids)
         if len(ids) != 4:

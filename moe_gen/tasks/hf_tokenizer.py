@@ -72,6 +72,10 @@ class HFTokenizer(BaseTokenizer):
     def __init__(self, backend: RustTokenizer, *, base_vocab_size: int, specials: Mapping[str, Optional[str]],
                  num_bins: int, num_sentinels: int, extra_symbols: Sequence[str] = ()) -> None:
         self.backend = backend
+        # The checkpoint's own special tokens typed in a user's text ("[SEP]", "<|endoftext|>") are
+        # that text, not the tokens (they would end a target in its middle, or vanish when decoded);
+        # moe_gen's appended tokens are not "special" and are still matched (<bin_12>).
+        backend.encode_special_tokens = True
         self.base_vocab_size = int(base_vocab_size)
         self.specials = {role: specials.get(role) for role in ROLES}
         self.num_bins, self.num_sentinels = int(num_bins), int(num_sentinels)
@@ -192,15 +196,27 @@ class HFTokenizer(BaseTokenizer):
         return self._vocab_size
 
     @property
-    def piece_ids(self) -> range:
-        """The checkpoint's ids (its own special tokens included)."""
-        return range(self.base_vocab_size)
+    def piece_ids(self) -> list[int]:
+        """The checkpoint's ids but its special tokens (padding, [CLS]/[SEP], <|endoftext|>...):
+        what token noise draws from."""
+        special = {i for i, token in self.backend.get_added_tokens_decoder().items() if token.special}
+        special |= {self.pad_id, self.bos_id, self.eos_id} | ({self.unk_id} if self.unk_id is not None else set())
+        return [i for i in range(self.base_vocab_size) if i not in special]
 
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of ``text``: the checkpoint tokenizer's, without its template (no [CLS]/[SEP]
         added), and one id for each appended token written out (``<bin_12>``)."""
         ids = self.backend.encode(text, add_special_tokens=False).ids
         return ([self.bos_id] if add_bos else []) + ids + ([self.eos_id] if add_eos else [])
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of an instruction's literal text: the checkpoint's special tokens it names
+        (``<|notimestamps|>``) are those tokens, as its author meant."""
+        self.backend.encode_special_tokens = False
+        try:
+            return self.backend.encode(text, add_special_tokens=False).ids
+        finally:
+            self.backend.encode_special_tokens = True
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids`` by the checkpoint's decoder; padding, BOS and EOS are dropped, other

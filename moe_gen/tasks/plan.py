@@ -69,6 +69,11 @@ INPUT, TARGET, PROMPT = (ROLES.index(r) for r in ("input", "target", "prompt"))
 MAX_SLOT_POSITIONS = 4096
 
 
+def _attrs_text(slot) -> str:
+    shown = [k if v is True else f"{k}={v}" for k, v in slot.attrs.items() if k not in ("closed_set", "preprocess")]
+    return ", ".join(shown) or "none"
+
+
 class TaskDataError(ValueError):
     """A data row that does not fit the task (missing column, wrong kind of value, bad media)."""
 
@@ -84,6 +89,9 @@ class DecodeSpec:
             or ``features`` (feature rows of an image, video or table slot: no decoding).
         labels: the label set of a closed-set slot.
         trie: nested dicts of token ids of the labels (each label ends with EOS).
+        label_of: a closed set's token ids (without EOS) → its label, so that an answer is the label
+            itself, not the text its tokens decode to (``uncased`` or sentencepiece's
+            normalisation would return "maybe" for "Maybe", "fish" for "ﬁsh").
         length, tokens: for ``codes``, the tokens per value and the allowed token ids (code k is
             ``tokens[k]``).
     """
@@ -91,6 +99,7 @@ class DecodeSpec:
     kind: str
     labels: tuple[str, ...] = ()
     trie: Optional[dict] = None
+    label_of: Optional[dict] = None
     length: int = 0
     tokens: tuple[int, ...] = ()
 
@@ -267,8 +276,20 @@ class TaskPlan:
             encoder = [self._plan_slot(s, "encoder", options) for s in template.encoder]
             decoder = [self._plan_slot(s, "decoder", options) for s in template.decoder]
             self._check_answers_hidden(encoder, decoder)
+            self._check_answer_ends(decoder)
             self.templates.append((encoder, decoder))
         self._warn_unapplied()
+
+    def _check_answer_ends(self, decoder: list[SlotPlan]) -> None:
+        """``disable_auto_boseos`` on a decoder slot drops the answer's end marker, which decoding
+        stops at: refused where the answer ends in a slot of no fixed length (text, a closed set,
+        frames), which then never learns to stop ("one" could not be told from "one hundred")."""
+        flagged = [p.slot for p in decoder if p.slot.attrs.get("disable_auto_boseos")]
+        last = next((p for p in reversed(decoder) if p.decode is not None), None)
+        if flagged and last is not None and last.decode.kind in ("text", "closed_set", "frames"):
+            raise ValueError(f"task {self.name!r}: slot {flagged[0]} sets disable_auto_boseos, which drops the "
+                             f"answer's end marker; the answer ends in {last.slot}, whose length only that marker "
+                             "ends (decoding could not stop, nor tell a label from a longer one)")
 
     def _warn_unapplied(self) -> None:
         """Warns of slot attributes parsed for OFASys instructions that moe_gen does not apply."""
@@ -280,6 +301,19 @@ class TaskPlan:
                 if unapplied:
                     warnings.warn(f"task {self.name!r}: slot {slot} sets {', '.join(unapplied)}, which moe_gen "
                                   "parses (OFASys instructions use it) but does not apply", UserWarning, stacklevel=3)
+            for slot in template.decoder:  # corrupting an answer would train on a corrupted answer
+                corrupted = [a for a in ("mask_ratio", "noise_ratio") if a in slot.attrs and not slot.is_literal]
+                if corrupted:
+                    warnings.warn(f"task {self.name!r}: slot {slot} sets {', '.join(corrupted)} on the answer side, "
+                                  "which moe_gen parses but does not apply (the model would learn corrupted answers, "
+                                  "and a closed set's tokens outside its labels); corrupt an input slot",
+                                  UserWarning, stacklevel=3)
+            for slot in template.encoder:
+                answers_only = [a for a in ("closed_set", "no_loss", "disable_auto_boseos") if slot.attrs.get(a)]
+                if answers_only:
+                    warnings.warn(f"task {self.name!r}: slot {slot} sets {', '.join(answers_only)} on an input, "
+                                  "where it does nothing (it applies to answer slots, after ->)", UserWarning,
+                                  stacklevel=3)
 
     def _check_answers_hidden(self, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
         """Refuses an input that hands the model its answer: an encoder slot, or a given ``no_loss``
@@ -418,8 +452,17 @@ class TaskPlan:
             from moe_gen.tasks.modalities.text import slot_token_ids
 
             eos = self.tokenizer.eos_id  # each label as the slot trains it (uncased, max_length...)
-            trie = build_trie([slot_token_ids(str(label), slot.attrs, self.tokenizer) + [eos] for label in labels])
-            return DecodeSpec("closed_set", tuple(str(x) for x in labels), trie)
+            label_of: dict[tuple[int, ...], str] = {}
+            for label in map(str, labels):
+                ids = tuple(slot_token_ids(label, slot.attrs, self.tokenizer))
+                if ids in label_of:  # one answer for two classes: one of them could never be told
+                    raise ValueError(f"task {self.name!r}: slot {slot}: labels {label_of[ids]!r} and {label!r} "
+                                     f"are the same tokens once the slot's attributes ({_attrs_text(slot)}) and "
+                                     "the tokenizer's normalisation apply; merge them in the data, or drop the "
+                                     "attribute that makes them alike")
+                label_of[ids] = label
+            trie = build_trie([list(ids) + [eos] for ids in label_of])
+            return DecodeSpec("closed_set", tuple(label_of.values()), trie, label_of)
         return DecodeSpec("text")
 
     # ---- encoding ----------------------------------------------------------------------------
@@ -572,7 +615,7 @@ class TaskPlan:
                 either way the row that met it is named).
         """
         if plan.slot.is_literal:
-            return SlotEncoding("TEXT", tokens=self.tokenizer.encode(value))
+            return SlotEncoding("TEXT", tokens=self.tokenizer.encode_literal(value))
         where = ctx.where(plan.slot.column)
         ctx.target = plan.side == "decoder"
         try:

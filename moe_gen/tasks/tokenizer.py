@@ -72,12 +72,17 @@ class BaseTokenizer(abc.ABC):
 
     @property
     @abc.abstractmethod
-    def piece_ids(self) -> range:
+    def piece_ids(self) -> Sequence[int]:
         """Ids of ordinary text pieces: what token noise may draw a replacement from."""
 
     @abc.abstractmethod
     def encode(self, text: str, *, add_bos: bool = False, add_eos: bool = False) -> list[int]:
         """Token ids of ``text`` (location and sentinel tokens written out are recognised)."""
+
+    def encode_literal(self, text: str) -> list[int]:
+        """Token ids of an instruction's literal text, whose author may name the vocabulary's own
+        special tokens (``<|notimestamps|>``), unlike data (``encode``)."""
+        return self.encode(text)
 
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
@@ -246,7 +251,9 @@ class Tokenizer(BaseTokenizer):
     @property
     def piece_ids(self) -> range:
         """Every id after the specials, bins and sentinels (symbols and byte pieces included)."""
-        return range(self.sentinel_id(self.num_sentinels - 1) + 1 if self.num_sentinels else 4, self.vocab_size)
+        if self.num_sentinels:
+            return range(self.sentinel_id(self.num_sentinels - 1) + 1, self.vocab_size)
+        return range(self.bin_id(self.num_bins - 1) + 1 if self.num_bins else 4, self.vocab_size)
 
     def __eq__(self, other: object) -> bool:
         return isinstance(other, Tokenizer) and (

@@ -183,11 +183,14 @@ def _pair(kind: str, prediction, row, scored: list, tokenizer) -> tuple:
 def _reference(plan, value: Any, tokenizer) -> Any:
     """A text or closed-set target's value as the slot trains it (``uncased``, ``no_punctuation``,
     ``max_length`` applied; each item of a repeated column): what a right answer writes."""
+    from moe_gen.tasks.modalities.base import label_text
     from moe_gen.tasks.modalities.text import slot_text
 
-    if isinstance(value, (list, tuple)):
-        return [slot_text(item, plan.slot.attrs, tokenizer) for item in value]
-    return slot_text(value, plan.slot.attrs, tokenizer)
+    def one(item):  # a closed set answers with its labels themselves (distinct as the slot writes them)
+        closed = plan.decode is not None and plan.decode.kind == "closed_set"
+        return label_text(item) if closed else slot_text(item, plan.slot.attrs, tokenizer)
+
+    return [one(item) for item in value] if isinstance(value, (list, tuple)) else one(value)
 
 
 def evaluate(model, tasks: Sequence[Task], *, limit: Optional[int] = None, batch_size: int = 64) -> dict:

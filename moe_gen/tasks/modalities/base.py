@@ -24,6 +24,7 @@ import random
 import stat
 from typing import Any, Iterable, Mapping, Optional
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -51,8 +52,8 @@ def label_text(label: Any) -> Optional[str]:
     or NaN; bytes that are not UTF-8; ints too long to write out; lone surrogates): their rows fail
     when encoded, instead of every row failing when the label set is tokenised (or a missing value
     becoming the class "nan")."""
-    if is_missing(label):
-        return None
+    if is_missing(label) or not isinstance(label, (str, bytes, bytearray, numbers.Number, np.bool_)):
+        return None  # a list, dict or object is no label (its repr, an address even, would become one)
     try:
         text = bytes(label).decode("utf-8") if isinstance(label, (bytes, bytearray)) else str(label)
         text.encode("utf-8")
@@ -198,10 +199,12 @@ class EncodeContext:
     predicted: frozenset = frozenset()
 
     def corrupts(self, column: Optional[str]) -> bool:
-        """Whether corruption attributes apply to the slot reading ``column``: in training, and at
-        inference to an input (not a target) whose column the sample predicts (a corrupted copy of
-        the answer: an uncorrupted one would hand the model what it is asked for)."""
-        return self.training or (not self.target and column is not None and column in self.predicted)
+        """Whether corruption attributes apply to the slot reading ``column``: to inputs only (a
+        corrupted answer would be learned, and a closed set's corrupted label leaves its allowed
+        tokens: a NaN loss), in training, and at inference to an input whose column the sample
+        predicts (a corrupted copy of the answer: an uncorrupted one would hand the model what it
+        is asked for)."""
+        return not self.target and (self.training or (column is not None and column in self.predicted))
 
     def where(self, column: Optional[str]) -> str:
         """"task 'x', column 'c', row 3": the place named in error messages."""

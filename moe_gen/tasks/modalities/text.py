@@ -48,9 +48,20 @@ def truncate(ids: list[int], max_length: int | None) -> list[int]:
 
 def slot_token_ids(text: str, attrs, tokenizer: Tokenizer) -> list[int]:
     """The token ids a text slot with attributes ``attrs`` trains on for ``text`` (before masking
-    and noise): normalised (``uncased``, ``no_punctuation``), tokenised, cut at ``max_length``."""
+    and noise): normalised (``uncased``, ``no_punctuation``), tokenised, cut at ``max_length``
+    (and then before a character the cut split: byte pieces of half a "漢" or "🙂" decode to
+    "\ufffd", and a lone word-start piece to a trailing space)."""
     text = normalize_text(text, uncased=bool(attrs.get("uncased")), no_punctuation=bool(attrs.get("no_punctuation")))
-    return truncate(tokenizer.encode(text), attrs.get("max_length"))
+    ids = tokenizer.encode(text)
+    kept = truncate(ids, attrs.get("max_length"))
+    if len(kept) < len(ids):
+        while kept and _cut_short(tokenizer.decode(kept)):
+            kept.pop()
+    return kept
+
+
+def _cut_short(text: str) -> bool:
+    return text.endswith("\ufffd") or text != text.rstrip()
 
 
 def slot_text(value, attrs, tokenizer: Tokenizer) -> str:
@@ -58,7 +69,10 @@ def slot_text(value, attrs, tokenizer: Tokenizer) -> str:
     attributes, tokenised and decoded (the tokenizer's own normalisation, e.g. sentencepiece's
     NFKC and whitespace folding, applies too: a model can only write what it was taught, so
     "Hello,  world" is answered, and scored, as "Hello, world"). What its answers are scored against."""
-    return tokenizer.decode(slot_token_ids(str(value), attrs, tokenizer))
+    from moe_gen.tasks.modalities.base import label_text
+
+    text = label_text(value)  # bytes as their UTF-8 text, as the slot trains on them (not "b'...'")
+    return tokenizer.decode(slot_token_ids(str(value) if text is None else text, attrs, tokenizer))
 
 
 def span_mask(
@@ -80,10 +94,11 @@ def span_mask(
     if not 0.0 <= mask_ratio < 1.0:
         raise ValueError(f"mask_ratio must be in [0, 1), got {mask_ratio}")
     n = len(ids)
-    num_masked = round(n * mask_ratio)
-    if num_masked == 0 or n < 2:
+    if n == 0 or mask_ratio == 0:
         return list(ids), []
-    num_masked = min(num_masked, n - 1)  # keep at least one visible token
+    # at least one token (a short text, or a small ratio, would otherwise hand the model its answer
+    # unmasked), and at least one left visible where there are two or more
+    num_masked = max(1, round(n * mask_ratio)) if n == 1 else min(max(1, round(n * mask_ratio)), n - 1)
     num_spans = max(1, min(round(num_masked / mean_span), num_masked, n - num_masked,
                            tokenizer.num_sentinels))
     # Split the masked count into num_spans positive lengths, and the kept count into
