@@ -38,7 +38,8 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--flavour", default="tiny", help="model flavour of a fresh model (default tiny)")
     parser.add_argument("--model", help="a saved model directory instead of a fresh model")
-    parser.add_argument("--tasks", nargs="+", default=DEFAULT_TASKS)
+    parser.add_argument("--tasks", nargs="+", help=f"preset tasks (default: {' '.join(DEFAULT_TASKS)}; with "
+                        "--model, the model's own tasks that are presets)")
     parser.add_argument("--rows", type=int, default=32, help="test rows per task")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=9)
@@ -56,10 +57,14 @@ def main(argv=None) -> int:
     from moe_gen.tasks import Tokenizer, collate, load_preset
     from moe_gen.trainer.evaluation import evaluate
 
+    model = GeneralistModel.from_pretrained(args.model) if args.model else None
+    if args.tasks is None:  # a saved model knows only its own tasks (the demo's are not the defaults)
+        from moe_gen.registry import TASKS
+
+        known = set(TASKS.list())
+        args.tasks = [t for t in model.config.tasks if t in known] if model is not None else DEFAULT_TASKS
     tasks = [load_preset(name, "test", limit=args.rows) for name in args.tasks]
-    if args.model:
-        model = GeneralistModel.from_pretrained(args.model)
-    else:
+    if model is None:
         torch.manual_seed(0)
         model = GeneralistModel.build(flavour(args.flavour), tasks, Tokenizer.default())
     model.eval()

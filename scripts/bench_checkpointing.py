@@ -7,8 +7,10 @@ Usage:
 One step = forward + backward of the generative objective on a fixed mixed batch (``--per-task``
 rows of each task of ``bench_train.TASKS``), in one process. Peak memory is what the CPU
 allocator holds above its level before the step (the profiler's memory events, as in
-``bench_moe_layer.py``); "activations" subtracts the gradients the step allocates (one per
-parameter, the same with and without checkpointing). Time is the median of ``--runs`` steps. The
+``bench_moe_layer.py``); "activations" is what the forward leaves allocated for backward (measured
+after the forward with its graph held; until 2026-12-05, eighth session, the step's peak minus
+every gradient's bytes, which undercounted the plain step: its peak comes early in backward, when
+few gradients exist). Time is the median of ``--runs`` steps. The
 loss and every gradient are compared between the two (checkpointing must not change them).
 Prints a table and writes JSON (--out, default bench_results/checkpointing.json).
 """
@@ -23,7 +25,7 @@ import sys
 import time
 
 import torch
-from bench_moe_layer import peak_bytes
+from bench_moe_layer import allocator_trace, peak_bytes
 from bench_train import TASKS
 
 
@@ -48,10 +50,22 @@ def measure(model, batch, runs: int) -> dict:
     loss = objective(batch)["loss"]
     loss.backward()
     grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-    grad_bytes = sum(g.numel() * g.element_size() for g in grads.values())
     peak = peak_bytes(step, model, torch.zeros(1))
     return {"seconds": statistics.median(times), "peak_mb": peak / 2**20,
-            "activation_mb": (peak - grad_bytes) / 2**20, "loss": loss.item(), "grads": grads}
+            "activation_mb": _kept_for_backward(model, objective, batch) / 2**20, "loss": loss.item(), "grads": grads}
+
+
+def _kept_for_backward(model, objective, batch) -> int:
+    """Bytes a forward leaves allocated while its graph is held: the activations backward reads."""
+    model.zero_grad(set_to_none=True)
+    held = []
+
+    def forward():
+        torch.manual_seed(0)
+        held.append(objective(batch)["loss"])
+
+    memory, start = allocator_trace(forward)
+    return memory[-1]["args"]["Total Allocated"] - start if memory else 0
 
 
 def main(argv=None) -> int:

@@ -71,7 +71,7 @@ def main(argv=None) -> int:
     for inputs in INPUTS:
         rows = [r for r in results if r["inputs"] == inputs]
         wers = [r["wer"] for r in rows]
-        spread = statistics.pstdev(wers) if len(wers) > 1 else 0.0
+        spread = statistics.stdev(wers) if len(wers) > 1 else 0.0  # the sample std, as every report here
         print(f"| {inputs} | {', '.join(f'{w:.3f}' for w in wers)} | {statistics.fmean(wers):.3f} ± {spread:.3f} | "
               f"{statistics.fmean(r['train_seconds'] for r in rows):.0f} |")
     os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)

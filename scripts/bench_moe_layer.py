@@ -105,10 +105,17 @@ def quiet_stderr():
 
 def peak_bytes(step, module: nn.Module, x: torch.Tensor) -> int:
     """Peak bytes the CPU allocator held during one step, above its level at the start."""
-    from torch.profiler import ProfilerActivity, profile
-
     module.zero_grad(set_to_none=True)
     x.grad = None
+    memory, start = allocator_trace(step)
+    return max(e["args"]["Total Allocated"] for e in memory) - start if memory else 0
+
+
+def allocator_trace(step) -> tuple[list, int]:
+    """The CPU allocator's memory events during ``step()``, in time order, and its level just
+    before the first of them."""
+    from torch.profiler import ProfilerActivity, profile
+
     with quiet_stderr(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         step()
     with tempfile.TemporaryDirectory() as tmp:
@@ -117,12 +124,9 @@ def peak_bytes(step, module: nn.Module, x: torch.Tensor) -> int:
         with open(path) as f:
             events = json.load(f)["traceEvents"]
     memory = sorted((e for e in events if e.get("name") == "[memory]"), key=lambda e: e["ts"])
-    if not memory:
-        return 0
     # The allocator's running total persists across profiler sessions: measure from its value
     # just before this step's first event.
-    start = memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"]
-    return max(e["args"]["Total Allocated"] for e in memory) - start
+    return memory, (memory[0]["args"]["Total Allocated"] - memory[0]["args"]["Bytes"] if memory else 0)
 
 
 def cuda_peak_bytes(step, module: nn.Module, x: torch.Tensor) -> int:
@@ -231,13 +235,14 @@ def init_single_process_group() -> None:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096}, E=8, 5 runs")
-    parser.add_argument("--tokens", type=int, nargs="+", default=[1024, 4096, 16384])
-    parser.add_argument("--experts", type=int, nargs="+", default=[8, 64])
+    parser.add_argument("--quick", action="store_true", help="T ∈ {1024, 4096}, E=8, 5 runs (where --tokens, "
+                        "--experts and --runs are not given)")
+    parser.add_argument("--tokens", type=int, nargs="+", help="default 1024 4096 16384")
+    parser.add_argument("--experts", type=int, nargs="+", help="default 8 64")
     parser.add_argument("--topk", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--d-model", type=int, default=512)
     parser.add_argument("--d-hidden", type=int, default=1024)
-    parser.add_argument("--runs", type=int, default=5)
+    parser.add_argument("--runs", type=int, help="default 5")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", nargs="+", default=["moe_gen", "dense", "eager", "fairscale"])
     parser.add_argument("--gpu-impls", nargs="+", default=["moe_gen", "triton", "tutel", "dense"],
@@ -250,8 +255,10 @@ def main(argv=None) -> int:
                              "keep_freed_memory), for every implementation alike")
     parser.add_argument("--out", default="bench_results/moe_layer.json")
     args = parser.parse_args(argv)
-    if args.quick:
-        args.tokens, args.experts, args.runs = [1024, 4096], [8], 5
+    # --quick picks a small grid for what the command line leaves open (it overrode --runs too)
+    args.tokens = args.tokens or ([1024, 4096] if args.quick else [1024, 4096, 16384])
+    args.experts = args.experts or ([8] if args.quick else [8, 64])
+    args.runs = args.runs if args.runs is not None else 5
 
     if args.keep_freed_memory and not keep_freed_memory():
         print("--keep-freed-memory: not supported on this platform; using the system default",

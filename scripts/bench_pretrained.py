@@ -67,7 +67,9 @@ def load_one(name: str) -> dict:
 def part_load(names) -> list[dict]:
     rows = []
     for name in names:
-        out = subprocess.run([sys.executable, __file__, "--load-one", name], capture_output=True, text=True)
+        # the parent's thread count (--threads), which the child process would not inherit otherwise
+        out = subprocess.run([sys.executable, __file__, "--load-one", name, "--threads", str(torch.get_num_threads())],
+                             capture_output=True, text=True)
         if out.returncode != 0:
             rows.append({"checkpoint": name, "error": out.stderr.strip().splitlines()[-1]})
             continue
@@ -278,11 +280,11 @@ def main(argv=None) -> int:
     parser.add_argument("--json", default="runs/bench_pretrained.json")
     parser.add_argument("--load-one", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.load_one:
         print(json.dumps(load_one(args.load_one)))
         return 0
-    if args.threads:
-        torch.set_num_threads(args.threads)
     results: dict = {"threads": torch.get_num_threads(), "torch": torch.__version__}
     if args.part in ("load", "all"):
         results["load"] = part_load(["minilm", "smollm2", "whisper-tiny.en"])

@@ -41,20 +41,27 @@ PARTS = ["data", "routing", "dispatch", "experts", "attention", "other forward",
 
 
 class Timers:
-    """Exclusive wall time per category: a timed call nested in another is not counted twice."""
+    """Exclusive wall time per category: a timed call nested in another is not counted twice, and
+    whatever runs inside backward (the forward that activation checkpointing recomputes there)
+    counts as backward, so the forward parts are forward only."""
 
     def __init__(self) -> None:
         self.total: dict[str, float] = collections.defaultdict(float)
         self._stack: list[float] = []
+        self._in_backward = 0
 
     def wrap(self, category: str, fn):
         def timed(*args, **kwargs):
+            if self._in_backward and category != "backward":
+                return fn(*args, **kwargs)
+            self._in_backward += category == "backward"
             self._stack.append(0.0)
             start = time.perf_counter()
             try:
                 return fn(*args, **kwargs)
             finally:
                 elapsed = time.perf_counter() - start
+                self._in_backward -= category == "backward"
                 nested = self._stack.pop()
                 self.total[category] += elapsed - nested
                 if self._stack:
@@ -93,15 +100,16 @@ def instrument(timers: Timers) -> None:
 
 
 def _state_bytes(trainer) -> int:
-    """Bytes this process holds of parameters, gradients and AdamW state (FSDP shards: the local part)."""
+    """Bytes this process holds of parameters, gradients and AdamW state (FSDP shards: the local
+    part). A trainable parameter's gradient counts as its size: the step ends with
+    ``zero_grad(set_to_none=True)``, so reading ``p.grad`` after it counted none (until
+    2026-12-05, eighth session, when the column was parameters + AdamW only)."""
     def local(t):
         return t.to_local() if hasattr(t, "to_local") else t
 
     total = 0
     for p in trainer.model.parameters():
-        total += local(p).numel() * p.element_size()
-        if p.grad is not None:
-            total += local(p.grad).numel() * p.grad.element_size()
+        total += local(p).numel() * p.element_size() * (2 if p.requires_grad else 1)
     for state in trainer.optimizer.state.values():
         total += sum(local(v).numel() * v.element_size() for v in state.values() if torch.is_tensor(v))
     return total

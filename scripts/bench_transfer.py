@@ -6,7 +6,7 @@ Usage:
     python scripts/bench_transfer.py               # wine and counting held out, dense and attribute, 3 seeds
     python scripts/bench_transfer.py --quick       # one seed, a few steps: the report's shape only
     python scripts/bench_transfer.py --held table_breast_cancer --systems dense attribute instruction
-    python scripts/bench_transfer.py --trainable experts      # fine-tune the experts alone
+    python scripts/bench_transfer.py --systems attribute --trainable experts   # the experts alone (dense has none)
     python scripts/bench_transfer.py --replay 0 0.25          # and again replaying a quarter of each batch
     python scripts/bench_transfer.py --merge a/transfer.json b/transfer.json --out c   # both runs in one report
     make bench-transfer
