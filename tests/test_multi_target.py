@@ -474,8 +474,8 @@ def _advance(grammar: TargetGrammar, state, token: int):
 @pytest.mark.parametrize("template, rows", [
     ("[TEXT:q] -> [TEXT:label,closed_set]", [{"q": "a", "label": "new"}, {"q": "b", "label": "new york"},
                                               {"q": "c", "label": "old"}]),
-    ("[TEXT:q] -> [TEXT:label,closed_set] [TEXT:note]", [{"q": "a", "label": "new", "note": "x y"},
-                                                          {"q": "b", "label": "new york", "note": "z"}]),
+    # (such a closed set right before free text, which could begin with "york", is refused:
+    # test_text_audit_fixes)
     ("[TEXT:q] -> ( [TEXT:labels,closed_set] )*", [{"q": "a", "labels": ["new", "old"]},
                                                    {"q": "b", "labels": ["new york"]}]),
     # after "new" the next closed set's first token competes with "york": the whole vocabulary

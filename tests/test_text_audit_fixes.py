@@ -132,3 +132,15 @@ def test_an_instructions_literal_text_may_name_the_checkpoints_special_tokens():
     token = whisper.backend.token_to_id("<|notimestamps|>")
     assert whisper.encode_literal("<|notimestamps|>") == [token]
     assert token not in whisper.encode("<|notimestamps|>")
+
+
+def test_adjacent_slots_whose_boundary_cannot_be_read_back_are_refused(tok):
+    rows = [{"q": "a", "city": "new york", "state": "ohio"}, {"q": "b", "city": "new", "state": "york"}]
+    with pytest.raises(ValueError, match=r"slot \[TEXT:city,closed_set\]'s labels go on past shorter ones, and "
+                                         r"\[TEXT:state,closed_set\] after it"):
+        Task("t", "[TEXT:q] -> [TEXT:city,closed_set] [TEXT:state,closed_set]", rows).plan(tok)
+    with pytest.raises(ValueError, match="labels go on past shorter ones"):  # free text may begin with anything
+        Task("t", "[TEXT:q] -> [TEXT:city,closed_set] [TEXT:state]", rows).plan(tok)
+    Task("t", "[TEXT:q] -> [TEXT:city,closed_set] , state [TEXT:state,closed_set]", rows).plan(tok)  # a literal
+    prefix_free = [{"q": "a", "city": "boston", "state": "ohio"}, {"q": "b", "city": "new york", "state": "york"}]
+    Task("t", "[TEXT:q] -> [TEXT:city,closed_set] [TEXT:state,closed_set]", prefix_free).plan(tok)

@@ -182,6 +182,21 @@ def build_trie(sequences: Sequence[Sequence[int]]) -> dict:
     return root
 
 
+def _closed(plan: SlotPlan) -> bool:
+    return plan.decode is not None and plan.decode.kind == "closed_set"
+
+
+def _continuations_at_label_ends(trie: dict, eos: int) -> set[int]:
+    """The tokens that continue a label where a shorter label of the trie ends."""
+    out, stack = set(), [trie]
+    while stack:
+        node = stack.pop()
+        if eos in node and len(node) > 1:
+            out |= set(node) - {eos}
+        stack.extend(child for token, child in node.items() if token != eos)
+    return out
+
+
 def slot_followers(slots: Sequence[SlotPlan], i: int) -> list[Optional[int]]:
     """The slots of a side that may come right after slot ``i``: the next one; or, after the last
     slot of a repetition group, the group's first slot (another item) and what follows the group.
@@ -277,8 +292,37 @@ class TaskPlan:
             decoder = [self._plan_slot(s, "decoder", options) for s in template.decoder]
             self._check_answers_hidden(encoder, decoder)
             self._check_answer_ends(decoder)
+            self._check_label_boundaries(decoder)
             self.templates.append((encoder, decoder))
         self._warn_unapplied()
+
+    def _check_label_boundaries(self, decoder: list[SlotPlan]) -> None:
+        """A closed set whose labels go on past a shorter one ("new", "new york") right before a
+        slot that may begin with the same token ("york", or free text: any token) could not be read
+        back: "new" + "york" and "new york" + ... are the same tokens, and decoding takes one reading
+        even when the model wrote the other. Refused, naming both slots: literal text between them
+        tells them apart."""
+        eos = self.tokenizer.eos_id
+        for i, p in enumerate(decoder):
+            going_on = _continuations_at_label_ends(p.decode.trie, eos) if _closed(p) else set()
+            for f in slot_followers(decoder, i) if going_on else ():
+                starts = self._first_tokens(decoder[f]) if f is not None else set()
+                if starts is None or going_on & starts:
+                    raise ValueError(f"task {self.name!r}: slot {p.slot}'s labels go on past shorter ones, and "
+                                     f"{decoder[f].slot} after it may begin with the token that goes on; the answer "
+                                     "could not be read back (\"new\" + \"york\" or \"new york\" + ...): put literal "
+                                     "text between them")
+
+    def _first_tokens(self, plan: SlotPlan) -> Optional[set[int]]:
+        """The tokens a decoder slot may begin with: None for free text (any), none for a given
+        prompt or location bins (which no label holds)."""
+        if plan.slot.is_literal:
+            return set(self.tokenizer.encode_literal(plan.slot.text)[:1])
+        if plan.decode is None:
+            return set()
+        if _closed(plan):
+            return set(plan.decode.trie) - {self.tokenizer.eos_id}
+        return None if plan.decode.kind == "text" else set()
 
     def _check_answer_ends(self, decoder: list[SlotPlan]) -> None:
         """``disable_auto_boseos`` on a decoder slot drops the answer's end marker, which decoding
