@@ -144,3 +144,12 @@ def test_adjacent_slots_whose_boundary_cannot_be_read_back_are_refused(tok):
     Task("t", "[TEXT:q] -> [TEXT:city,closed_set] , state [TEXT:state,closed_set]", rows).plan(tok)  # a literal
     prefix_free = [{"q": "a", "city": "boston", "state": "ohio"}, {"q": "b", "city": "new york", "state": "york"}]
     Task("t", "[TEXT:q] -> [TEXT:city,closed_set] [TEXT:state,closed_set]", prefix_free).plan(tok)
+
+
+def test_span_masking_without_sentinels_is_refused_when_planned():
+    from moe_gen.tasks.tokenizer import default_corpus
+
+    small = Tokenizer.train(default_corpus()[:3000], vocab_size=1500, num_bins=16, num_sentinels=0)
+    with pytest.raises(ValueError, match=r"slot \[TEXT:text,mask_ratio=0.3\]: mask_ratio replaces spans by "
+                                         r"sentinel tokens, and the tokenizer has none"):
+        Task("fill", "[TEXT:text,mask_ratio=0.3] -> [TEXT:text]", [{"text": "a b c"}]).plan(small)

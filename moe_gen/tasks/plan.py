@@ -423,6 +423,9 @@ class TaskPlan:
         if "feature_noise" in slot.attrs and preprocess != "pose_summary":
             raise ValueError(f"{where}: feature_noise perturbs window statistics; it applies to "
                              "preprocess=pose_summary only")
+        if slot.attrs.get("mask_ratio") and preprocess == "text" and not self.tokenizer.num_sentinels:
+            raise ValueError(f"{where}: mask_ratio replaces spans by sentinel tokens, and the tokenizer has none "
+                             "(num_sentinels=0); build it with sentinels, or corrupt with noise_ratio")
         # A preprocessor whose rows only one adapter reads (a frozen encoder's states) names it.
         own = getattr(self._preprocessors[preprocess], "adaptor", None)
         if own is not None and side != "encoder":
