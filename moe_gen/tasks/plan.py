@@ -307,8 +307,8 @@ class TaskPlan:
             going_on = _continuations_at_label_ends(p.decode.trie, eos) if _closed(p) else set()
             for f in slot_followers(decoder, i) if going_on else ():
                 starts = self._first_tokens(decoder[f]) if f is not None else set()
-                if starts is None or going_on & starts:
-                    raise ValueError(f"task {self.name!r}: slot {p.slot}'s labels go on past shorter ones, and "
+                if starts is None or going_on & starts:  # the labels come from the data: a data error
+                    raise TaskDataError(f"task {self.name!r}: slot {p.slot}'s labels go on past shorter ones, and "
                                      f"{decoder[f].slot} after it may begin with the token that goes on; the answer "
                                      "could not be read back (\"new\" + \"york\" or \"new york\" + ...): put literal "
                                      "text between them")
@@ -503,7 +503,7 @@ class TaskPlan:
             for label in map(str, labels):
                 ids = tuple(slot_token_ids(label, slot.attrs, self.tokenizer))
                 if ids in label_of:  # one answer for two classes: one of them could never be told
-                    raise ValueError(f"task {self.name!r}: slot {slot}: labels {label_of[ids]!r} and {label!r} "
+                    raise TaskDataError(f"task {self.name!r}: slot {slot}: labels {label_of[ids]!r} and {label!r} "
                                      f"are the same tokens once the slot's attributes ({_attrs_text(slot)}) and "
                                      "the tokenizer's normalisation apply; merge them in the data, or drop the "
                                      "attribute that makes them alike")
