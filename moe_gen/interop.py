@@ -223,6 +223,7 @@ def from_hf_moe(block: nn.Module, *, backend: str = "torch", activation: str | N
         backend=backend,
     )
     moe = MoE(config).to(device=down_EDH.device, dtype=down_EDH.dtype)
+    moe.router.to(dtype=router_weight_ED.dtype)  # transformers keeps some gates in fp32 beside bf16 experts
     with torch.no_grad():
         moe.router.weight.copy_(router_weight_ED)
         moe.experts.w_in.copy_(gate_up_EXD.transpose(1, 2))  # [E, D, 2H] = [gate | up]

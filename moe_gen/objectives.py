@@ -89,7 +89,7 @@ class GenerativeObjective(Objective):
         """The losses of a forward pass ``out`` (``ModelOutput``) over ``batch``."""
         parts: dict[str, torch.Tensor] = {}
         scored = batch.labels != IGNORE_INDEX
-        zero = out.logits.sum() * 0.0
+        zero = out.logits.reshape(-1)[:1].float().sum() * 0.0  # (a sum of all fp16 logits can overflow: inf·0)
         logits = out.logits.float()
         if batch.allowed_index.numel():
             # Closed-set targets: a softmax over the tokens the label trie allows, as decoding uses.
@@ -241,7 +241,7 @@ class ContrastiveObjective(Objective):
         contrastive = 0.5 * (_multi_positive_nce(logits_BB, same_BB) + _multi_positive_nce(logits_BB.t(), same_BB))
         # Every routing loss counts once, unweighted: the encoder's and the causal decoder pass's
         # (in ``out``, also inside the caption loss, taken out of it here) and the contrastive pass's.
-        routing = sum(out.aux_losses.values(), logits_BB.sum() * 0.0)
+        routing = sum(out.aux_losses.values(), logits_BB.reshape(-1)[:1].float().sum() * 0.0)
         aux = sum((o.aux_loss for o in text.moe_outputs), routing)
         loss = self.caption_weight * (caption["loss"] - routing) + self.contrastive_weight * contrastive + aux
         parts = {**caption, "loss": loss, "caption_loss": caption["loss"].detach(),

@@ -11,6 +11,8 @@ import os
 import shutil
 import warnings
 
+import torch
+
 from moe_gen.model.config import ModelConfig
 from moe_gen.tasks.tokenizer import Tokenizer
 
@@ -99,6 +101,9 @@ def load_model(cls, directory: str):
         weights = load_file(weights_path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a torn file
         raise ValueError(f"{weights_path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+    saved = {weights[name].dtype for name, _ in model.named_parameters() if name in weights}
+    if len(saved) == 1 and (dtype := saved.pop()).is_floating_point and dtype != torch.float32:
+        model.to(dtype)  # a bf16 (fp64) model comes back as saved, not upcast (rounded) to fp32
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:

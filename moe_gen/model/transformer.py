@@ -231,8 +231,9 @@ class BlockCache:
         if rope is not None:
             k_new = rotate(k_new, rope)
         rows = torch.arange(h_BSD.shape[0], device=h_BSD.device).unsqueeze(1)
-        self.k[rows, :, self.write] = k_new.transpose(1, 2)  # [B, S, G, D/H] at (row, position)
-        self.v[rows, :, self.write] = v_new.transpose(1, 2)
+        # in the cache's dtype (the weights'): under autocast the projections come out in bf16
+        self.k[rows, :, self.write] = k_new.transpose(1, 2).to(self.k.dtype)  # [B, S, G, D/H] at (row, position)
+        self.v[rows, :, self.write] = v_new.transpose(1, 2).to(self.v.dtype)
         return self.k, self.v
 
 

@@ -167,7 +167,7 @@ class Router(nn.Module):
         """
         if not self.weight.requires_grad:
             return
-        load_E = self._routed_load(routing).to(self.balance_bias.dtype)
+        load_E = self._routed_load(routing).float()  # counts in fp32 (fp16 overflows at 65504)
         if balance.defer_to_sync():
             self._pending_load = load_E if self._pending_load is None else self._pending_load + load_E
         else:
@@ -193,7 +193,14 @@ class Router(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         self._routes = collections.OrderedDict()  # moved or cast: cached routes hold tensors of the old device/dtype
-        return super()._apply(fn, *args, **kwargs)
+        out = super()._apply(fn, *args, **kwargs)
+        # The balance state stays fp32 in a model cast to bf16/fp16: its steps (rate × a load share) are
+        # rounded away in bf16, and fp16 token counts overflow to inf above 65504 (a NaN bias).
+        for name in ("balance_bias", "load_average", "load_weight"):
+            buffer = getattr(self, name)
+            if buffer is not None and buffer.is_floating_point() and buffer.dtype != torch.float32:
+                setattr(self, name, buffer.float())
+        return out
 
     def set_route_cache(self, enabled: bool) -> None:
         """Keeps routes per set of tag groups at inference (``enabled``; see ``_route_cache_key``) or

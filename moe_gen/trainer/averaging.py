@@ -41,9 +41,21 @@ def weight_average(model: GeneralistModel, config: TrainConfig, *, sharded: bool
         logger.warning("ema_decay %g averages over about %d steps, more than half of this run's %d: the average "
                        "will lean on the first steps' weights (choose 1 / (1 - ema_decay) well below the steps)",
                        config.ema_decay, round(horizon), config.steps)
-    average = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(config.ema_decay), use_buffers=False)
+    average = AveragedModel(model, multi_avg_fn=_ema_in_average_dtype(config.ema_decay), use_buffers=False)
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in average.module.parameters()):
+        average.module.float()  # bf16 would round each step's (1 - decay)·change away: the average kept in fp32
     average.module.eval()  # its parameters keep requires_grad, so analysis can take gradients of it
     return average
+
+
+def _ema_in_average_dtype(decay: float):
+    """PyTorch's EMA update, given the model's parameters in the average's dtype (fp32 for a bf16 model)."""
+    ema = get_ema_multi_avg_fn(decay)
+
+    def update(averaged, current, num_averaged):
+        ema(averaged, [c.to(a.dtype) for a, c in zip(averaged, current)], num_averaged)
+
+    return update
 
 
 @torch.no_grad()

@@ -271,15 +271,15 @@ class ImageCodePreprocessor(Preprocessor):
             images = images_to_tensor([value], self.vq.config.size)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
-        device = self.vq.codebook.device  # a model's copy may sit on its accelerator
-        ids = self.vq.encode(images.to(device))[0].tolist()
+        codebook = self.vq.codebook  # a model's copy may sit on its accelerator, or be cast to bf16
+        ids = self.vq.encode(images.to(codebook.device, codebook.dtype))[0].tolist()
         tokens = self.code_tokens(ctx.tokenizer)
         return SlotEncoding(self.modality, tokens=[tokens[k] for k in ids], meta={"codes": ids})
 
     def to_image(self, codes: Sequence[int]) -> np.ndarray:
         """Code ids → the decoded image, ``uint8 [S, S, 3]``."""
         pixels = self.vq.decode(torch.as_tensor([list(codes)], device=self.vq.codebook.device))[0].cpu()
-        return (pixels.permute(1, 2, 0).numpy() * 255).round().astype(np.uint8)
+        return (pixels.permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8)  # (numpy has no bf16)
 
 
 PREPROCESSORS.register("image_vqgan")(ImageCodePreprocessor)  # OFASys's name for its image tokenizer

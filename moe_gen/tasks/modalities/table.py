@@ -336,7 +336,7 @@ class StructCellsAdapter(Adapter):
 
     def forward(self, features_NF: torch.Tensor, positions_N3: torch.Tensor) -> torch.Tensor:
         column_N = features_NF[:, 0].round().long().clamp(0, MAX_COLUMNS - 1)
-        z_N1 = features_NF[:, 1:2].float()
+        z_N1 = features_NF[:, 1:2].to(self.number_in.weight.dtype)  # (fp32 unless the model was cast)
         kind_N = features_NF[:, 2].round().long().clamp(0, 2)
         text_N = features_NF[:, 3].round().long().clamp(0, MAX_TEXT_VALUES - 1)
         angle_NK = 2 * math.pi * z_N1 * self.frequencies_K

@@ -1,0 +1,144 @@
+"""What an audit of low-precision paths found (2026-12-05, eighth session), each pinned: a model
+cast to bf16/fp16/fp64 runs every kind of input, keeps its routing balance state in fp32, decodes
+under bf16 autocast, keeps its EMA and its saved dtype, and an fp16 loss is not NaN where every
+term is finite."""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+
+import pytest
+import torch
+from helpers import flavour_with, random_tags
+
+from moe_gen import MoE, MoEConfig, RouterConfig
+from moe_gen.model import GeneralistModel
+from moe_gen.tasks import Tokenizer, collate, load_preset
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+def _model(tok, names, limit=4, **overrides):
+    tasks = [load_preset(n, "train", limit=limit) for n in names]
+    torch.manual_seed(0)
+    overrides.setdefault("router", RouterConfig(strategy="attribute"))
+    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok), tasks
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_cast_model_reads_images_tables_and_motion(tok, dtype):
+    model, tasks = _model(tok, ["digit_classification", "table_species", "motion_classification"])
+    model = model.to(dtype)
+    for task in tasks:  # the batches' feature rows are fp32; the adapters were not
+        assert torch.isfinite(model(collate([task.encode(0, tok)], tok, model.task_ids)).logits).all()
+        assert model.infer(task, task.data[:1])[0].text in set(sum(task.closed_sets().values(), []))
+
+
+def test_the_routing_balance_state_stays_fp32(tok):
+    moe = MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=8, top_k=2,
+                        router=RouterConfig(strategy="modality", tag_balance="loss+bias",
+                                                   tag_balance_window=4))).train()
+    moe = moe.to(torch.float16)
+    assert {moe.router.balance_bias.dtype, moe.router.load_average.dtype, moe.router.load_weight.dtype} == \
+        {torch.float32}
+    T = 70_000  # one tag group's count beyond fp16's 65504: was inf, then a NaN bias for good
+    tags = dataclasses.replace(random_tags((T,)), modality=torch.zeros(T, dtype=torch.long))
+    with torch.no_grad():
+        for _ in range(2):
+            out = moe(torch.randn(T, 8).to(torch.float16), tags=tags)
+    assert torch.isfinite(moe.router.balance_bias).all() and torch.isfinite(out.output).all()
+
+
+def test_decoding_under_bf16_autocast(tok):
+    model, tasks = _model(tok, ["language_identification"])
+    expected = [p.text for p in model.infer(tasks[0], tasks[0].data[:2])]
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the caches are fp32, the projections bf16
+        for options in ({}, {"beams": 2}, {"merged": False}):
+            assert len(model.infer(tasks[0], tasks[0].data[:2], **options)) == len(expected)
+
+
+def test_image_codes_in_bf16(tok):
+    model, tasks = _model(tok, ["text_to_image_maskgit"], limit=2)
+    task = tasks[0]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model.infer(task, task.data[:1])[0].image.dtype.name == "uint8"
+    cast = copy.deepcopy(model).to(torch.bfloat16)
+    assert cast.infer(task, task.data[:1])[0].image is not None
+    assert cast.plan(task).encode(task.data[0], 0, training=True) is not None  # its VQ copy is bf16 too
+
+
+def test_an_fp16_loss_is_finite_when_its_terms_are(tok):
+    from moe_gen.objectives import GenerativeObjective
+
+    model, tasks = _model(tok, ["doc_topic"], limit=8)
+    model = model.to(torch.float16)
+    batch = collate([tasks[0].encode(i, tok) for i in range(8)], tok, model.task_ids)
+    with torch.no_grad():
+        out = model(batch)
+        shifted = dataclasses.replace(out, logits=out.logits - 2.0)  # the same softmax; their sum overflows fp16
+        assert not torch.isfinite(shifted.logits.sum())
+        assert torch.isfinite(GenerativeObjective(model).loss(batch, shifted)["loss"])
+
+
+def test_a_bf16_models_weight_average_follows_it(tok, tmp_path):
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    model, tasks = _model(tok, ["table_species"], limit=8)
+    model = model.to(torch.bfloat16)
+    trainer = Trainer(model, tasks, TrainConfig(steps=12, batch_size=4, ema_decay=0.5, lr=1e-2, progress=False,
+                                                tensorboard=False), output_dir=str(tmp_path))
+    for step in range(1, 4):
+        trainer.train_step(step)
+    average = trainer.trained_model()
+    before = {n: p.detach().clone() for n, p in average.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    trainer.train_step(4)
+    moved = sum(int((p.detach() != before[n]).sum()) for n, p in average.named_parameters())
+    changed = sum(int((p.detach() != weights[n]).sum()) for n, p in model.named_parameters())
+    # in bf16, 0.5·change rounded the average back: it moved where a few percent of the model did
+    assert next(average.parameters()).dtype == torch.float32 and changed > 0 and moved >= changed
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float64])
+def test_a_model_loads_in_the_dtype_it_was_saved_in(tok, tmp_path, dtype):
+    model, _ = _model(tok, ["table_species"])
+    model = model.to(dtype)
+    with torch.no_grad():
+        model.token_embedding.weight[5, 0] = 1 + 2 ** -40  # lost in fp32
+    model.save_pretrained(str(tmp_path))
+    back = GeneralistModel.from_pretrained(str(tmp_path))
+    assert back.token_embedding.weight.dtype == dtype
+    assert torch.equal(back.token_embedding.weight, model.token_embedding.weight)
+
+
+def test_a_bf16_deepseek_block_keeps_its_fp32_gate_and_routes_as_transformers_does():
+    from transformers import DeepseekV3Config
+    from transformers.models.deepseek_v3.modeling_deepseek_v3 import DeepseekV3MoE
+
+    from moe_gen import from_hf_moe
+
+    torch.manual_seed(0)
+    config = DeepseekV3Config(hidden_size=32, moe_intermediate_size=16, n_routed_experts=16, num_experts_per_tok=3,
+                              n_group=4, topk_group=2, norm_topk_prob=True, routed_scaling_factor=2.5,
+                              n_shared_experts=2)
+    block = DeepseekV3MoE(config).eval()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.normal_(0, 0.2)
+    block = block.to(torch.bfloat16)
+    block.gate.float()  # as transformers loads it
+    with torch.no_grad():
+        block.gate.weight.normal_(0, 0.2)
+        block.gate.e_score_correction_bias.normal_(0, 0.2)
+    moe = from_hf_moe(block)
+    assert moe.router.weight.dtype == torch.float32 and moe.router.balance_bias.dtype == torch.float32
+    x = torch.randn(4096, 32).to(torch.bfloat16)
+    with torch.no_grad():
+        out = block.gate(x)
+        theirs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.dtype == torch.long][0]
+        ours = moe(x).routing.topk_ids
+    assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)  # 11 of 4096 differed
