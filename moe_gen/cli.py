@@ -411,10 +411,10 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
     # The run directory stays locked until the model and eval.json are written.
     with Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
                  overwrite=overwrite) as trainer:
-        baseline = None
+        baseline = trainer.baseline  # a resumed run's, from its checkpoint
         if config.baseline and trainer.resumed_from is None:
             _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
-            baseline = trainer.evaluate()
+            baseline = trainer.baseline = trainer.evaluate()
         summary = _fit(trainer, model, tasks, output_dir)
         results = trainer.evaluate()
         _say(metric_table(results, baseline))

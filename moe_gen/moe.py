@@ -107,6 +107,10 @@ class MoE(nn.Module):
             self.shared_gate = nn.Linear(config.d_model, 1, bias=False)
         self.frozen = False  # set by freeze_for_inference
         self.recomputing = False  # set while activation checkpointing recomputes this layer in backward
+        # the windowed load shares a checkpointed forward read, in order, replayed by its recomputation
+        # (``moe_gen.model.transformer._contexts``): None outside those
+        self.noted_shares: list | None = None
+        self.replayed_shares: list | None = None
         self._in_place: _InPlace | None = None  # while merged_in_place blocks run it merged
 
     def freeze_for_inference(self) -> None:
@@ -244,7 +248,7 @@ class MoE(nn.Module):
             self.router.update_balance_bias(routing)
         load_share = None  # the running load a windowed tag-balance loss reads (training only)
         if self.training and self.router.load_average is not None and torch.is_grad_enabled():
-            load_share = self.router.running_share(routing, update=not self.recomputing)
+            load_share = self._windowed_share(routing)
         aux_losses = self.router.losses(routing, batch, load_share)
 
         dispatched = backend.dispatch(x_TD, routing)
@@ -254,6 +258,17 @@ class MoE(nn.Module):
             y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
         y_TD = self._add_shared(x_TD, y_TD, batch.valid)
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
+
+    def _windowed_share(self, routing):
+        """The running load share the windowed tag-balance loss reads; while activation checkpointing
+        recomputes a forward, the one that forward read (the contrastive objective's second pass
+        may have moved the average since: other gradients)."""
+        if self.recomputing and self.replayed_shares:
+            return self.replayed_shares.pop(0)
+        share = self.router.running_share(routing, update=not self.recomputing)
+        if self.noted_shares is not None:
+            self.noted_shares.append(share)
+        return share
 
     def _add_shared(self, x_TD, y_TD, valid_T):
         """The experts' output plus the shared expert's (if any; zero for padding)."""

@@ -316,7 +316,8 @@ def _contexts(block: Block):
     (the contrastive objective's two passes) recomputes each pass with its own biases."""
     layers = [m for m in block.modules() if isinstance(m, MoE)]
     used: dict[MoE, torch.Tensor] = {}
-    return _NoteBiases(layers, used), _Recomputing(layers, used)
+    shares: dict[MoE, list] = {layer: [] for layer in layers if layer.router.load_average is not None}
+    return _NoteBiases(layers, used, shares), _Recomputing(layers, used, shares)
 
 
 def _biased(layers: list[MoE]):
@@ -324,30 +325,36 @@ def _biased(layers: list[MoE]):
 
 
 class _NoteBiases:
-    """Notes the balance bias of each of ``layers`` as the forward finds it (into ``used``)."""
+    """Notes the balance bias of each of ``layers`` as the forward finds it (into ``used``), and
+    the windowed load shares the forward reads (into ``shares``)."""
 
-    def __init__(self, layers: list[MoE], used: dict) -> None:
-        self.layers, self.used = _biased(layers), used
+    def __init__(self, layers: list[MoE], used: dict, shares: dict) -> None:
+        self.layers, self.used, self.shares = _biased(layers), used, shares
 
     def __enter__(self):
         for layer in self.layers:
             self.used[layer] = layer.router.balance_bias.detach().clone()
+        for layer, noted in self.shares.items():
+            layer.noted_shares = noted
 
     def __exit__(self, *exc):
-        return None
+        for layer in self.shares:
+            layer.noted_shares = None
 
 
 class _Recomputing:
     """Marks ``layers`` as recomputing while the context is open, their balance biases set back to
     what the forward used (``used``) and restored after."""
 
-    def __init__(self, layers: list[MoE], used: dict) -> None:
-        self.layers, self.used = layers, used
+    def __init__(self, layers: list[MoE], used: dict, shares: dict) -> None:
+        self.layers, self.used, self.shares = layers, used, shares
         self.current: dict[MoE, torch.Tensor] = {}
 
     def __enter__(self):
         for layer in self.layers:
             layer.recomputing = True
+        for layer, noted in self.shares.items():
+            layer.replayed_shares = list(noted)
         with torch.no_grad():
             for layer, bias in self.used.items():
                 self.current[layer] = layer.router.balance_bias.clone()
@@ -360,3 +367,4 @@ class _Recomputing:
         self.current.clear()
         for layer in self.layers:
             layer.recomputing = False
+            layer.replayed_shares = None

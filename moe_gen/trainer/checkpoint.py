@@ -151,6 +151,7 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
         if len(current) != len(saved):
             raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameter groups and this run "
                              f"{len(current)} (did `lr_scales` change?); resume with the same settings")
+        _check_same_scales(current, saved, optimizer.param_groups, meta["param_groups"])
         # the same parameters grouped otherwise (weight decay left expert bias stacks and adapters'
         # embedding tables before 2026-12-05): moments load by name, each group's decay is this run's
         logger.warning("the checkpoint groups the same parameters otherwise (an older weight-decay rule); its AdamW "
@@ -178,6 +179,23 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
         logger.warning("the checkpoint's AdamW settings differ from this run's (%s): training continues with "
                        "this run's", ", ".join(sorted(changed)))
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _check_same_scales(current: list, saved: list, groups: list, saved_groups: list) -> None:
+    """Refuses a regrouping that moves a parameter to another learning-rate multiplier (new
+    ``lr_scales`` prefixes giving as many groups: taken for an older weight-decay rule, the encoder
+    trained at another rate with only that warning)."""
+    def scales(names, hypers):
+        rates = [float(h.get("initial_lr", h["lr"])) for h in hypers]
+        top = max(rates) or 1.0
+        return {n: rate / top for group, rate in zip(names, rates) for n in group}
+
+    before, now = scales(saved, saved_groups), scales(current, groups)
+    moved = [n for n in now if abs(now[n] - before.get(n, now[n])) > 1e-9 * max(1.0, now[n])]
+    if moved:
+        raise ValueError(f"the checkpoint trained {moved[0]!r} (and {len(moved) - 1} more) at ×{before[moved[0]]:g} "
+                         f"of the learning rate, this run at ×{now[moved[0]]:g} (did `lr_scales` change?); resume "
+                         "with the same settings")
 
 
 # AdamW settings a resumed run takes from its own config (a warning names those that differ)

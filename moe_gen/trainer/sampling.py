@@ -166,13 +166,17 @@ class TaskSampler:
     def state_dict(self) -> dict:
         """Cursor positions (JSON-serialisable) for exact resume."""
         return {"rank": self.rank, "world": self.world,
-                "cursors": {c.task.name: [c.epoch, c.position] for c in self.cursors}}
+                "cursors": {c.task.name: [c.epoch, c.position] for c in self.cursors},
+                "rows": {c.task.name: len(c.task) for c in self.cursors}, "seed": self.config.seed}
 
     def load_state_dict(self, state: dict) -> None:
         """Restores the cursors. Saved by another number of processes, each task's rows were
         sharded otherwise: this process continues at the same epoch and the same share of its
         (new) shard, with a warning that the data order is not the uninterrupted run's."""
         positions = state["cursors"]
+        if state.get("seed", self.config.seed) != self.config.seed:  # positions in another seed's orders
+            raise ValueError(f"the checkpoint's data positions are in the row orders of seed {state['seed']}, and "
+                             f"this run's seed is {self.config.seed}; resume with the same seed")
         saved_world = int(state.get("world", self.world))
         if saved_world != self.world:
             logger.warning("the checkpoint's data positions were saved by %d processes and this run has %d: each "
@@ -182,6 +186,11 @@ class TaskSampler:
             if cursor.task.name not in positions:
                 raise ValueError(f"the checkpoint has no sampler position for task {cursor.task.name!r}; it was "
                                  f"written for tasks {sorted(positions)}")
+            rows = state.get("rows", {}).get(cursor.task.name)
+            if rows is not None and int(rows) != len(cursor.task):  # its epochs' orders would be others
+                raise ValueError(f"task {cursor.task.name!r} had {rows} rows when the checkpoint was written and "
+                                 f"has {len(cursor.task)} now; its data changed since: resume with the same data, "
+                                 "or start over")
             cursor.epoch, cursor.position = map(int, positions[cursor.task.name])
             if saved_world != self.world:
                 saved_rows = len(_shard_of(len(cursor.task), state.get("rank", self.rank), saved_world))

@@ -44,6 +44,7 @@ from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, expert_utilisation
+from moe_gen.trainer.resume import check_same_model, check_same_training
 from moe_gen.trainer.sampling import TaskSampler
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
@@ -295,6 +296,8 @@ class Trainer:
             if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
                 raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
                                  f"{[t.name for t in self.tasks]}")
+            if state.get("config") is not None:
+                check_same_training(path, state["config"], self.config.to_dict())
             if step > self.config.steps:
                 raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {self.config.steps}; "
                                  "set steps (--train.steps) to at least that to train further, or start over "
@@ -304,14 +307,23 @@ class Trainer:
         if distributed.any_true(refusal is not None):
             raise refusal or ValueError(f"checkpoint {path} cannot be resumed (another process refused it)")
 
+    def _add_tasks(self, resumed: Optional[str]) -> list[str]:
+        """Adds the tasks the model does not know; returns the adapters that needed (``trainable=
+        "new_adapters"``). A resumed run whose model knows its tasks already (the model the first run
+        trained, or its saved copy) takes those the checkpoint's run added."""
+        unknown = [t for t in self.tasks if t.name not in self.model.task_ids]
+        if unknown:
+            return self.model.add_tasks(unknown)
+        saved = read_trainer_state(resumed).get("new_adapters") or [] if resumed is not None else []
+        return [a for a in saved if a in self.model.adapters]
+
     def _build(self, resume: bool, overwrite: bool) -> None:
         config, model = self.config, self.model
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
         # An earlier run's checkpoints are resumed or, with overwrite, removed: decided before the model changes.
         earlier, leftovers = self._earlier_run(resume, overwrite)
-        unknown = [t for t in self.tasks if t.name not in model.task_ids]
-        self.new_adapters = model.add_tasks(unknown) if unknown else []
+        self.new_adapters = self._add_tasks(earlier if resume else None)
         for task in self.tasks:
             if task.objective not in OBJECTIVES:
                 raise ValueError(f"task {task.name!r}: unknown objective {task.objective!r}; known: "
@@ -357,6 +369,7 @@ class Trainer:
         self.failed_checkpoints_in_a_row = 0
         torch.manual_seed(config.seed * 1000 + self.rank)
         self.resumed_from: Optional[str] = None
+        self.baseline: Optional[dict] = None  # evaluation before training (the CLI's), kept in checkpoints
         if resume and earlier is not None:
             self._resume(earlier)
         elif leftovers:
@@ -385,6 +398,9 @@ class Trainer:
         return {name: OBJECTIVES.get(name).from_train_config(self.model, cfg) for name in names}
 
     def _resume(self, path: str) -> None:
+        saved_model = read_trainer_state(path).get("model_config")
+        if saved_model is not None:  # after add_tasks: the model as the run that saved it had it
+            check_same_model(path, saved_model, self.model.config.to_dict())
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                 sampler=self.sampler, plan=self.plan, average=self.average)
         if self.average is not None and int(self.average.n_averaged) == 0:  # a checkpoint without an average
@@ -392,6 +408,7 @@ class Trainer:
         self.step = int(state["step"])
         for key in self.state:
             self.state[key] = state.get(key, self.state[key])
+        self.baseline = state.get("baseline")
         self.resumed_from = path
 
     # ---- training ----------------------------------------------------------------------------
@@ -564,7 +581,8 @@ class Trainer:
         ``config.max_failed_checkpoints`` failed writes in a row, or a failed write while the run
         directory holds no checkpoint at all."""
         state = {**self.state, "tasks": [t.name for t in self.tasks], "config": self.config.to_dict(),
-                 "model_config": self.model.config.to_dict()}
+                 "model_config": self.model.config.to_dict(), "new_adapters": self.new_adapters,
+                 "baseline": self.baseline}
         try:
             path = save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, sampler=self.sampler, trainer_state=state, plan=self.plan,

@@ -1,0 +1,94 @@
+"""Whether a checkpoint continues *this* run: its saved training and model configurations against
+the run's own (``trainer.json`` holds both).
+
+A resumed run that draws other batches than the run it continues (another seed, batch size,
+mixing...) or trains another model (other routing, width, tasks' statistics) would be a new run
+that says it is the old one: refused. Settings a user changes on purpose when extending a run
+(steps, learning rates, logging, checkpoint cadence, threads, device, layout across processes)
+pass, as do those the optimizer and schedule loads check and warn about themselves; any other
+change is named in a warning.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from typing import Any, Mapping
+
+from moe_gen.tasks.modalities.base import brief
+
+__all__ = ["check_same_training", "check_same_model"]
+
+logger = logging.getLogger("moe_gen")
+
+# TrainConfig fields that decide which rows each step draws.
+FIXED = ("seed", "batch_size", "accumulate", "mixing", "temperature", "batch_tasks", "task_weights")
+# Fields a run may change when it resumes without a word here: bookkeeping, placement and speed;
+# the schedule and AdamW settings (the loads warn of them); trainable parameters, lr_scales and
+# layouts across processes (the loads refuse what they cannot continue).
+FREE = ("steps", "lr", "warmup_steps", "min_lr_ratio", "lr_scales", "weight_decay", "betas", "eps",
+        "checkpoint_every", "keep_checkpoints", "max_failed_checkpoints", "log_every", "progress", "tensorboard",
+        "eval_limit", "eval_batch_size", "num_threads", "device", "activation_checkpointing", "fsdp_unit",
+        "expert_parallel", "sharding", "shard_size", "trainable", "max_bad_steps")
+# ModelConfig fields (dotted) that change how the model is run, not what it is.
+MODEL_FREE = ("moe.backend",)
+MODEL_WARNED = ("dropout", "label_smoothing")
+
+
+def _json(value: Any) -> Any:
+    return json.loads(json.dumps(value))  # tuples as lists, as trainer.json holds them
+
+
+def _flat(config: Mapping, prefix: str = "") -> dict:
+    out = {}
+    for key, value in config.items():
+        if isinstance(value, Mapping) and key != "preprocessor_statistics":
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
+def _described(changed: dict, keys) -> str:
+    return ", ".join(f"{k} {brief(changed[k][0])} → {brief(changed[k][1])}" for k in keys)
+
+
+def _changes(saved: Mapping, current: Mapping) -> dict:
+    saved, current = _flat(_json(saved)), _flat(_json(current))
+    keys = sorted(set(saved) | set(current))
+    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+
+
+def check_same_training(path: str, saved: Mapping, current: Mapping) -> None:
+    """Raises if the checkpoint at ``path`` was trained with other ``FIXED`` settings than
+    ``current`` (``TrainConfig.to_dict()``); warns of other changes outside ``FREE``."""
+    changed = _changes(saved, current)
+    fixed = [k for k in changed if k in FIXED]
+    if fixed:
+        raise ValueError(f"checkpoint {path} was trained with other settings than this run "
+                         f"({_described(changed, fixed)}): the "
+                         "resumed run would draw other batches than the run it continues; resume with the same "
+                         "settings, or start over (overwrite=True, --overwrite)")
+    warned = [k for k in changed if k not in FREE]
+    if warned:
+        logger.warning("resuming %s with settings that differ from its run's (%s): training continues with this "
+                       "run's", path, _described(changed, warned))
+
+
+def check_same_model(path: str, saved: Mapping, current: Mapping) -> None:
+    """Raises if the checkpoint's model (``ModelConfig.to_dict()``, as saved) is another model than
+    ``current``: other routing, sizes, tasks or the statistics its inputs are encoded with (a
+    task's rows changed); warns of ``MODEL_WARNED`` changes; the dispatch backend may differ."""
+    changed = {k: v for k, v in _changes(saved, current).items() if k not in MODEL_FREE}
+    refused = [k for k in changed if k not in MODEL_WARNED]
+    if refused:
+        shown = _described(changed, refused[:3])
+        more = f" and {len(refused) - 3} more" if len(refused) > 3 else ""
+        flags = [f"--model.{k} {json.dumps(changed[k][0])}" for k in refused
+                 if isinstance(changed[k][0], (int, float, str, bool))]
+        how = f"the checkpoint resumes with {' '.join(flags)}" if len(flags) == len(refused) else \
+            "resume with the model and data it was trained with"
+        raise ValueError(f"checkpoint {path} trained another model than this run's ({shown}{more}): {how}, or "
+                         "fine-tune from its saved model instead")
+    if changed:
+        logger.warning("resuming %s with %s: training continues with this run's", path, _described(changed, changed))

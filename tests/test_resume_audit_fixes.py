@@ -1,0 +1,135 @@
+"""What an audit of checkpoints and resume found (2026-12-05, eighth session), each pinned: a
+resumed run must be the run it continues (same batches, same model, same multipliers), a
+fine-tuning run resumes with the model it trained, and checkpointing keeps gradients equal with
+the windowed balance loss under the contrastive objective."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from helpers import flavour_with
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel
+from moe_gen.tasks import Tokenizer, load_preset
+from moe_gen.trainer import TaskSampler, TrainConfig, Trainer
+from moe_gen.trainer.logs import read_jsonl_log
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+def _config(**kwargs) -> TrainConfig:
+    return TrainConfig(**{"progress": False, "tensorboard": False, "batch_size": 4, "log_every": 1,
+                          "warmup_steps": 2, **kwargs})
+
+
+def _build(tok, tasks, **overrides):
+    torch.manual_seed(0)
+    overrides.setdefault("router", RouterConfig(strategy="attribute"))
+    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
+
+
+def _two_steps(tok, tasks, directory, config=None, **overrides):
+    with Trainer(_build(tok, tasks, **overrides), tasks, config or _config(steps=4), output_dir=directory) as t:
+        for step in (1, 2):
+            t.train_step(step)
+            t.step = step
+        t.save_checkpoint()
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [load_preset(n, "train", limit=6) for n in ("digit_classification", "table_species")]
+
+
+def test_checkpointing_keeps_the_windowed_balance_gradients_under_the_contrastive_objective(tok, tmp_path):
+    retrieval = [load_preset("image_text_retrieval", "train", limit=6)]
+    norms = []
+    for checkpointing in (False, True):
+        router = RouterConfig(strategy="attribute", tag_balance="loss", tag_balance_window=3)
+        trainer = Trainer(_build(tok, retrieval, router=router), retrieval,
+                          _config(steps=2, activation_checkpointing=checkpointing),
+                          output_dir=str(tmp_path / str(checkpointing)))
+        trainer.fit()
+        norms.append([r["grad_norm"] for r in read_jsonl_log(str(tmp_path / str(checkpointing) / "logs" /
+                                                                  "train.jsonl"))])
+    assert norms[0] == norms[1]  # the recomputation read the average the second pass had moved
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"seed": 7}, r"seed 0 → 7\): the resumed run would draw other batches"),
+    ({"batch_size": 2}, r"batch_size 4 → 2"),
+    ({"mixing": "uniform"}, r"mixing 'temperature' → 'uniform'"),
+])
+def test_a_resume_that_would_draw_other_batches_is_refused(tok, tasks, tmp_path, change, message):
+    _two_steps(tok, tasks, str(tmp_path))
+    with pytest.raises(ValueError, match=message):
+        Trainer(_build(tok, tasks), tasks, _config(steps=4, **change), output_dir=str(tmp_path), resume=True)
+
+
+def test_a_resume_with_another_model_is_refused_with_the_flag_that_resumes_it(tok, tasks, tmp_path, caplog):
+    _two_steps(tok, tasks, str(tmp_path))
+    message = r"another model than this run's \(moe.router.noise 'none' → 'gaussian'\): the checkpoint resumes with "
+    with pytest.raises(ValueError, match=message + r"--model.moe.router.noise \"none\""):
+        Trainer(_build(tok, tasks, router=RouterConfig(strategy="attribute", noise="gaussian")), tasks,
+                _config(steps=4), output_dir=str(tmp_path), resume=True)
+    with caplog.at_level(logging.WARNING, logger="moe_gen"):  # what a run may change: warned, or not at all
+        resumed = Trainer(_build(tok, tasks, dropout=0.2), tasks, _config(steps=4, log_every=2, loss_weights={
+            "table_species": 2.0}), output_dir=str(tmp_path), resume=True)
+    assert resumed.step == 2
+    assert "dropout 0.0 → 0.2" in caplog.text and "loss_weights" in caplog.text and "log_every" not in caplog.text
+    resumed.close()
+
+
+def test_a_task_whose_rows_changed_is_refused(tok, tasks, tmp_path):
+    _two_steps(tok, tasks, str(tmp_path))
+    more = [tasks[0], load_preset("table_species", "train", limit=7)]
+    with pytest.raises(ValueError, match="trained another model|had 6 rows when the checkpoint was written"):
+        Trainer(_build(tok, more), more, _config(steps=4), output_dir=str(tmp_path), resume=True)
+    sampler = TaskSampler(more, tok, _config(steps=4))
+    state = TaskSampler(tasks, tok, _config(steps=4)).state_dict()
+    with pytest.raises(ValueError, match="task 'table_species' had 6 rows when the checkpoint was written and has 7"):
+        sampler.load_state_dict(state)
+    with pytest.raises(ValueError, match="row orders of seed 0, and this run's seed is 7"):
+        TaskSampler(tasks, tok, _config(steps=4, seed=7)).load_state_dict(state)
+
+
+def test_new_lr_scales_prefixes_with_as_many_groups_are_refused(tok, tasks, tmp_path):
+    _two_steps(tok, tasks, str(tmp_path), _config(steps=4, lr_scales={"encoder.": 0.5}))
+    with pytest.raises(ValueError, match=r"at ×0.5 of the learning rate, this run at ×1 \(did `lr_scales` change"):
+        Trainer(_build(tok, tasks), tasks, _config(steps=4, lr_scales={"decoder.": 0.5}), output_dir=str(tmp_path),
+                resume=True)
+
+
+def test_fine_tuning_new_adapters_resumes_with_the_model_it_trained(tok, tmp_path):
+    pre = [load_preset("digit_classification", "train", limit=6)]
+    _build(tok, pre).save_pretrained(str(tmp_path / "pre"))
+    new = [load_preset("table_species", "train", limit=6)]
+    model = GeneralistModel.from_pretrained(str(tmp_path / "pre"))
+    config = _config(steps=4, checkpoint_every=2, trainable="new_adapters")
+    with Trainer(model, new, config, output_dir=str(tmp_path / "ft")) as first:
+        for step in (1, 2):
+            first.train_step(step)
+            first.step = step
+        first.save_checkpoint()
+    with Trainer(model, new, config, output_dir=str(tmp_path / "ft"), resume=True) as again:  # knows the task now
+        assert again.step == 2 and again.new_adapters == first.new_adapters == ["struct_cells"]
+
+
+def test_a_resumed_command_line_run_keeps_its_before_training_scores(tmp_path):
+    import json
+
+    from moe_gen.cli import main
+
+    run = str(tmp_path / "run")
+    flags = ["--config", "debug", "--output", run, "--train.eval_limit", "2", "--baseline", "true",
+             "--train.tensorboard", "false"]
+    assert main(["pretrain", *flags, "--train.steps", "2"]) == 0
+    before = json.load(open(f"{run}/eval.json"))["before_training"]
+    assert main(["pretrain", *flags, "--train.steps", "3", "--resume"]) == 0
+    assert before is not None and json.load(open(f"{run}/eval.json"))["before_training"] == before  # was None
