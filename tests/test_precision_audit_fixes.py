@@ -142,3 +142,18 @@ def test_a_bf16_deepseek_block_keeps_its_fp32_gate_and_routes_as_transformers_do
         theirs = [t for t in (out if isinstance(out, tuple) else (out,)) if t.dtype == torch.long][0]
         ours = moe(x).routing.topk_ids
     assert torch.equal(ours.sort(-1).values, theirs.sort(-1).values)  # 11 of 4096 differed
+
+
+@pytest.mark.parametrize("kind", ["mlp", "glu", "linear"])
+def test_every_backend_returns_one_dtype_under_bf16_autocast(kind):
+    from helpers import with_backend
+
+    from moe_gen import ExpertsConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=2, router="attribute",
+                        experts=ExpertsConfig(kind=kind)))
+    x, tags = torch.randn(2, 5, 16), random_tags((2, 5))
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # eager added fp32 biases to bf16 matmuls: fp32 out
+        dtypes = {b: with_backend(moe, b)(x, tags=tags).output.dtype for b in ("eager", "torch", "einsum", "merged")}
+    assert set(dtypes.values()) == {torch.bfloat16}, dtypes

@@ -104,20 +104,20 @@ class StackedExperts(nn.Module):
         """Expert e on its tokens, plain autograd (the reference computation)."""
         h = x_nD @ self.w_in[e]
         if self.b_in is not None:
-            h = h + self.b_in[e]
+            h = h + self.b_in[e].to(h.dtype)  # biases in the matmul's dtype (autocast's), as the grouped path adds them
         y = activate(h, self.activation, self.gated) @ self.w_out[e]
         if self.b_out is not None:
-            y = y + self.b_out[e]
+            y = y + self.b_out[e].to(y.dtype)
         return y
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """All experts on a padded ``[E, C, D]`` batch with batched matmuls."""
         h = torch.bmm(x_ECD, self.w_in)
         if self.b_in is not None:
-            h = h + self.b_in.unsqueeze(1)
+            h = h + self.b_in.unsqueeze(1).to(h.dtype)
         y = torch.bmm(activate(h, self.activation, self.gated), self.w_out)
         if self.b_out is not None:
-            y = y + self.b_out.unsqueeze(1)
+            y = y + self.b_out.unsqueeze(1).to(y.dtype)
         return y
 
     def merged_weights(self, ids_K: torch.Tensor, weights_K: torch.Tensor):
@@ -278,16 +278,16 @@ class LinearExperts(nn.Module):
                 torch.arange(self.num_experts, device=x_ND.device),
                 torch.as_tensor(counts, device=x_ND.device),
             )
-            y = y + self.bias[expert_N]
+            y = y + self.bias[expert_N].to(y.dtype)  # in the matmul's dtype (autocast's): one output dtype
         return y
 
     def forward_expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         y = x_nD @ self.weight[e]
-        return y if self.bias is None else y + self.bias[e]
+        return y if self.bias is None else y + self.bias[e].to(y.dtype)
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         y = torch.bmm(x_ECD, self.weight)
-        return y if self.bias is None else y + self.bias.unsqueeze(1)
+        return y if self.bias is None else y + self.bias.unsqueeze(1).to(y.dtype)
 
     def merged_weights(self, ids_K: torch.Tensor, weights_K: torch.Tensor):
         """``(W [D, H], b [H] or None)`` with W = Σ_k w_k · W_{ids_k}: exact for linear experts."""
