@@ -157,3 +157,15 @@ def test_every_backend_returns_one_dtype_under_bf16_autocast(kind):
     with torch.autocast("cpu", dtype=torch.bfloat16):  # eager added fp32 biases to bf16 matmuls: fp32 out
         dtypes = {b: with_backend(moe, b)(x, tags=tags).output.dtype for b in ("eager", "torch", "einsum", "merged")}
     assert set(dtypes.values()) == {torch.bfloat16}, dtypes
+
+
+@pytest.mark.parametrize("kind", ["mlp", "glu", "linear"])
+def test_an_fp32_layer_takes_bf16_hidden_states_on_every_backend(kind):
+    from moe_gen import ExpertsConfig
+
+    x, tags = torch.randn(2, 5, 16, dtype=torch.bfloat16), random_tags((2, 5))
+    for backend in ("torch", "eager", "einsum", "merged"):  # eager/einsum, and linear experts, raised
+        torch.manual_seed(0)
+        moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=2, router="attribute", backend=backend,
+                            experts=ExpertsConfig(kind=kind)))
+        assert moe(x, tags=tags).output.dtype == torch.bfloat16, backend

@@ -101,21 +101,24 @@ class StackedExperts(nn.Module):
                                self.activation, self.gated)
 
     def forward_expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
-        """Expert e on its tokens, plain autograd (the reference computation)."""
-        h = x_nD @ self.w_in[e]
+        """Expert e on its tokens, plain autograd (the reference computation); the weights in the
+        input's dtype (autocast's when it is on), as the grouped path casts them."""
+        dtype = _autocast_dtype(x_nD)
+        h = x_nD.to(dtype) @ self.w_in[e].to(dtype)
         if self.b_in is not None:
             h = h + self.b_in[e].to(h.dtype)  # biases in the matmul's dtype (autocast's), as the grouped path adds them
-        y = activate(h, self.activation, self.gated) @ self.w_out[e]
+        y = activate(h, self.activation, self.gated) @ self.w_out[e].to(dtype)
         if self.b_out is not None:
             y = y + self.b_out[e].to(y.dtype)
         return y
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
         """All experts on a padded ``[E, C, D]`` batch with batched matmuls."""
-        h = torch.bmm(x_ECD, self.w_in)
+        dtype = _autocast_dtype(x_ECD)
+        h = torch.bmm(x_ECD.to(dtype), self.w_in.to(dtype))
         if self.b_in is not None:
             h = h + self.b_in.unsqueeze(1).to(h.dtype)
-        y = torch.bmm(activate(h, self.activation, self.gated), self.w_out)
+        y = torch.bmm(activate(h, self.activation, self.gated), self.w_out.to(dtype))
         if self.b_out is not None:
             y = y + self.b_out.unsqueeze(1).to(y.dtype)
         return y
@@ -267,8 +270,9 @@ class LinearExperts(nn.Module):
 
     def forward_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
         # One matmul per expert; unbind() (not w[e]) so backward stacks the grads once.
+        dtype = _autocast_dtype(x_ND)  # the weights in the input's dtype, as the other experts cast theirs
         pieces = [
-            x @ w for x, w, n in zip(x_ND.split(counts), self.weight.unbind(0), counts) if n
+            x @ w for x, w, n in zip(x_ND.to(dtype).split(counts), self.weight.to(dtype).unbind(0), counts) if n
         ]
         if not pieces:
             return x_ND.new_zeros(0, self.d_hidden)
@@ -282,11 +286,13 @@ class LinearExperts(nn.Module):
         return y
 
     def forward_expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
-        y = x_nD @ self.weight[e]
+        dtype = _autocast_dtype(x_nD)
+        y = x_nD.to(dtype) @ self.weight[e].to(dtype)
         return y if self.bias is None else y + self.bias[e].to(y.dtype)
 
     def forward_padded(self, x_ECD: torch.Tensor) -> torch.Tensor:
-        y = torch.bmm(x_ECD, self.weight)
+        dtype = _autocast_dtype(x_ECD)
+        y = torch.bmm(x_ECD.to(dtype), self.weight.to(dtype))
         return y if self.bias is None else y + self.bias.unsqueeze(1).to(y.dtype)
 
     def merged_weights(self, ids_K: torch.Tensor, weights_K: torch.Tensor):
@@ -296,8 +302,7 @@ class LinearExperts(nn.Module):
         return (w.view(-1, 1, 1) * self.weight[ids_K]).sum(0), bias
 
     def forward_merged(self, x_nD, ids_K, weights_K):
-        weight, bias = self.merged_weights(ids_K, weights_K)
-        return x_nD @ weight if bias is None else torch.addmm(bias, x_nD, weight)
+        return self.run_merged(x_nD, self.merged_weights(ids_K, weights_K))
 
     merges_expert_sets = False  # a weighted sum of linear maps is one [D, H] matrix per route
 
@@ -309,13 +314,18 @@ class LinearExperts(nn.Module):
         ``merges_expert_sets``)."""
         if scale_NK is not None:
             raise ValueError("linear experts merge each route into one matrix; rows are not scaled per expert")
-        weight, bias = merged
-        return x_ND @ weight if bias is None else torch.addmm(bias, x_ND, weight)
+        return _merged_linear(x_ND, *merged)
 
     def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], merged: list) -> torch.Tensor:
-        pieces = [x @ w if b is None else torch.addmm(b, x, w)
-                  for x, (w, b), n in zip(x_ND.split(counts), merged, counts) if n]
+        pieces = [_merged_linear(x, w, b) for x, (w, b), n in zip(x_ND.split(counts), merged, counts) if n]
         return torch.cat(pieces) if pieces else x_ND.new_zeros(0, self.d_hidden)
+
+
+def _merged_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """``x @ weight + bias`` in the input's dtype (autocast's when on), as the experts cast theirs."""
+    dtype = _autocast_dtype(x)
+    x, weight, bias = x.to(dtype), weight.to(dtype), _cast(bias, dtype)
+    return x @ weight if bias is None else torch.addmm(bias, x, weight)
 
 
 class DenseFFN(nn.Module):
