@@ -63,7 +63,11 @@ def main(argv=None) -> int:
 
         known = set(TASKS.list())
         args.tasks = [t for t in model.config.tasks if t in known] if model is not None else DEFAULT_TASKS
-    tasks = [load_preset(name, "test", limit=args.rows) for name in args.tasks]
+    from moe_gen.trainer.evaluation import spaced_indices
+
+    splits = [load_preset(name, "test") for name in args.tasks]  # rows spread over each split: a prefix is
+    tasks = [t.with_rows([t.data[i] for i in spaced_indices(len(t), min(args.rows, len(t)))])  # one class
+             for t in splits]
     if model is None:
         torch.manual_seed(0)
         model = GeneralistModel.build(flavour(args.flavour), tasks, Tokenizer.default())

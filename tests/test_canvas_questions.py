@@ -30,3 +30,29 @@ def test_presets_and_their_classical_baselines():
         cv = scores.pop("cv")  # cross-validated on the training rows
         assert set(scores) == {"majority", "logreg", "knn"} and all(0 <= v <= 1 for v in scores.values())
         assert set(cv) == {"logreg", "knn"} and all(0 <= v <= 1 for v in cv.values())
+
+
+def test_a_hypothesis_alone_does_not_tell_its_answer():
+    # the questions drew from the canvas's own random stream (seed·7919 + k = k for seed 0): whether a
+    # hypothesis stated the true count followed the count (0.64 / 0.62 / 0.26 entailed for one / two / three)
+    import collections
+
+    from moe_gen.tasks.sources.vision import canvas_questions
+
+    rows = canvas_questions("train", count=600)
+    entailed = collections.defaultdict(list)
+    for row in rows:
+        entailed[row["count"]].append(row["relation"] == "entailment")
+    shares = {count: sum(v) / len(v) for count, v in entailed.items()}
+    assert all(0.4 < share < 0.6 for share in shares.values()), shares
+
+
+def test_canvases_that_cannot_hold_their_digits_are_refused():
+    import pytest
+
+    from moe_gen.tasks.sources.vision import make_canvases
+
+    with pytest.raises(ValueError, match="max_digits must be 1 to 9"):
+        make_canvases(max_digits=10, count=1)
+    with pytest.raises(ValueError, match="do not fit on a 32 px canvas"):  # looped forever
+        make_canvases(size=32, max_digits=5, count=3)

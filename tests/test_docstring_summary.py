@@ -18,16 +18,18 @@ def test_rows_are_docstrings_split_at_their_summary_line():
     assert rows["glob.glob"]["summary"] == head == "Return a list of paths matching a pathname pattern."
     assert rows["glob.glob"]["document"] == " ".join(rest.split())
     assert rows["glob.glob"]["document"].startswith("The pattern may contain simple shell-style wildcards")
-    removesuffix = rows["builtins.str.removesuffix"]
-    assert removesuffix["summary"] == "Return a str with the given suffix string removed if present."
+    # str, bytes and bytearray share a docstring but for the type's name: one row of them (the first seen)
+    assert "builtins.bytearray.removesuffix" in rows and "builtins.str.removesuffix" not in rows
+    assert len({r["document"] for r in rows.values()}) == len(rows)
     if sys.version_info[:2] == (3, 11):  # the rows follow the interpreter's docstrings
-        assert len(rows) == 682
+        assert len(rows) == 652
 
 
 def test_splits_are_disjoint_and_deterministic():
     train, test = docstring_rows("train"), docstring_rows("test")
     assert docstring_rows("test") == test and len(test) == (len(train) + len(test) + 4) // 5
     assert not {r["summary"] for r in train} & {r["summary"] for r in test}
+    assert not {r["document"] for r in train} & {r["document"] for r in test}  # 5 shared before 2026-12-05
     assert not {r["name"] for r in train} & {r["name"] for r in test}
     for row in train + test:
         assert row["summary"][0].isupper() and row["summary"].endswith(".") and len(row["document"].split()) >= 10

@@ -8,7 +8,14 @@ import pytest
 from moe_gen.quality.baselines import classical_scores
 from moe_gen.quality.suite import suite_tasks
 from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset, preset_info
-from moe_gen.tasks.sources.dialog import LANGUAGES, PER_LANGUAGE, dialog_pairs, language_rows, language_turns
+from moe_gen.tasks.sources.dialog import (
+    LANGUAGES,
+    PER_LANGUAGE,
+    dialog_pairs,
+    language_rows,
+    language_turns,
+    turn_key,
+)
 
 
 def test_turns_are_distinct_per_language_and_never_shared_between_languages():
@@ -32,12 +39,12 @@ def test_every_fifth_turn_is_test_and_the_splits_are_disjoint():
     train, test = language_rows("train"), language_rows("test")
     assert language_rows("train") == train  # deterministic
     assert len(train) + len(test) == sum(len(t) for t in language_turns().values())
-    assert not {r["text"] for r in train} & {r["text"] for r in test}
+    assert not {turn_key(r["text"]) for r in train} & {turn_key(r["text"]) for r in test}  # "Hola!" / "Hola"
     assert {r["language"] for r in train} == {r["language"] for r in test} == set(LANGUAGES)
     assert all(int(r["id"].split("/")[1]) % 5 == 0 for r in test)
     assert sorted(language_rows("all"), key=lambda r: r["id"]) == sorted(train + test, key=lambda r: r["id"])
     counts = collections.Counter(r["language"] for r in test)
-    assert max(counts.values()) / len(test) == pytest.approx(0.12)  # majority baseline
+    assert max(counts.values()) / len(test) == pytest.approx(0.12, abs=0.001)  # majority baseline
     with pytest.raises(ValueError, match="unknown split"):
         language_rows("dev")
 
@@ -58,4 +65,4 @@ def test_the_classical_baseline_reads_the_turn():
     assert suite.text_features and suite.label_column == "language"
     train, test = language_rows("train"), language_rows("test")
     scores = classical_scores(suite, train, test)
-    assert scores["majority"] == pytest.approx(0.12) and scores["logreg"] > 0.5
+    assert scores["majority"] == pytest.approx(0.12, abs=0.001) and scores["logreg"] > 0.5

@@ -8,7 +8,7 @@ import pytest
 from moe_gen.quality.baselines import classical_scores
 from moe_gen.quality.suite import suite_tasks
 from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset, preset_info
-from moe_gen.tasks.sources.dialog import dialog_pairs, reply_rows
+from moe_gen.tasks.sources.dialog import dialog_pairs, reply_rows, turn_key
 
 
 def test_pairs_are_the_consecutive_turns_of_the_dialogs():
@@ -23,7 +23,8 @@ def test_pairs_are_the_consecutive_turns_of_the_dialogs():
 def test_every_pair_has_a_true_and_a_false_reply_and_the_splits_are_disjoint():
     train, test = reply_rows("train"), reply_rows("test")
     assert reply_rows("train") == train  # deterministic
-    assert len(train) + len(test) == 2 * 1176 and len(test) == 448
+    assert len(train) + len(test) == 2 * 1176 and len(test) == 454
+    assert not {turn_key(r["first"]) for r in train} & {turn_key(r["first"]) for r in test}  # "Yes." / "Yes?"
     true = collections.defaultdict(set)
     for first, second in dialog_pairs():
         true[first].add(second)

@@ -60,7 +60,9 @@ def preset_names(values: Sequence[str]) -> list[str]:
 
 
 def load_preset(name: str, split: str = "train", limit: Optional[int] = None, **task_kwargs) -> Task:
-    """The preset's ``Task`` on ``split`` (``train``/``test``), at most ``limit`` rows."""
+    """The preset's ``Task`` on ``split`` (``train``/``test``), at most ``limit`` rows: its first
+    ones, and splits are often in class order (the first 10 test rows of ``table_species`` are all
+    setosa), so score a whole split, or rows spread over it (``Task.with_rows``), not a prefix."""
     info = preset_info(name)
     rows = info.build(split)
     if limit is not None:
@@ -192,7 +194,8 @@ preset("table_to_text", "[STRUCT:table] describe the flower. -> [TEXT:descriptio
 preset("table_species", "[STRUCT:table] which species is it? -> [CATEGORY:species]", _IRIS,
        ("accuracy",), licence=_L_IRIS)(_iris)
 preset("table_qa", "[STRUCT:table] which is longer, the sepal width or the petal length? -> [TEXT:longer,closed_set]",
-       _IRIS, ("accuracy",), licence=_L_IRIS)(_iris)
+       _IRIS + "; the answer follows the species exactly (sepal width for every setosa, petal length for the "
+       "others): a species classifier under another name", ("accuracy",), licence=_L_IRIS)(_iris)
 
 # ---- puzzles -----------------------------------------------------------------------------------
 
@@ -222,9 +225,9 @@ def _sql(split):
 preset("text_to_sql", "[TEXT:question] write the SQL query. -> [TEXT:query,max_length=48]", _SQL,
        ("execution_accuracy", "exact_match"), licence=_L_IRIS + "; questions and SQL: " + _OWN)(_sql)
 
-_DIALOG = ("chatterbot-corpus 1.3.3: consecutive turns of its 2,026 English dialogs (1,176 distinct pairs), each "
+_DIALOG = ("chatterbot-corpus 1.3.3: consecutive turns of its 2,025 English dialogs (1,176 distinct pairs), each "
            "with its real reply and a reply of another pair (moe_gen.tasks.sources.dialog); test = the pairs of "
-           "every 5th distinct first turn")
+           "every 5th distinct first turn (case and punctuation aside)")
 _FEW_SHOT = ("7 exactly computed word tasks (reverse, first, last, initials, count, sort, longest), each row a "
              "definition, 2 worked examples and a query of 2-4 words from CPython's pydoc_data.topics "
              "(moe_gen.tasks.sources.fewshot); test queries use held-out words only")
@@ -332,7 +335,10 @@ preset("video_qa", "[VIDEO:video] [TEXT:question] -> [TEXT:answer,closed_set]", 
        licence=_L_DIGITS + "; clips and questions: " + _OWN)(_moving)
 preset("motion_classification", "[MOTION:motion] what is the person doing? -> [TEXT:label,closed_set]",
        _MOTION, ("accuracy",), licence=_L_MOTION)(_motion_windows)
-preset("text_to_motion", "[TEXT:text] -> [MOTION:motion,adaptor=motion_tgt,max_length=24]", _MOTION,
+_MOTION_PARTS = ("pybullet's 20 motion-capture clips (moe_gen/tasks/data/motion_clips.npz), each cut in time: its "
+                 "first 70% is the training row, its last 30% the test row, under the same text (12-93 frames): "
+                 "held out is a later stretch of a described motion, not an unseen description")
+preset("text_to_motion", "[TEXT:text] -> [MOTION:motion,adaptor=motion_tgt,max_length=24]", _MOTION_PARTS,
        ("l1",), licence=_L_MOTION)(_motion_parts)
 preset("video_classification", "[VIDEO:video] what kind of footage is this? -> [TEXT:label,closed_set]",
        _VIDEO, ("accuracy",), licence=_L_VIDEO)(_video)

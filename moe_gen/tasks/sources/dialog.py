@@ -1,7 +1,7 @@
 """Real dialog text from ``chatterbot-corpus`` (a dependency of moe_gen; BSD-3-Clause), for two presets.
 
 ``reply_matching`` (GLUE-like pair classification) reads the English part: 21 YAML files under
-``chatterbot_corpus/data/english``, 2,026 dialogs of two or more turns (greetings, trivia, technical
+``chatterbot_corpus/data/english``, 2,025 dialogs of two or more turns (greetings, trivia, technical
 support, ...). Every two consecutive turns ``(A, B)`` of a dialog are a pair whose ``B`` answers
 ``A``; repeated pairs count once (1,176 distinct pairs, 1,015 distinct first turns).
 Each pair gives two rows with the same first sentence: the real reply (``answer`` "yes") and a reply
@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import random
+import re
 import types
 from pathlib import Path
 from typing import Mapping
@@ -84,7 +85,7 @@ def reply_rows(split: str = "train", seed: int = 0) -> list[dict]:
     if split not in SPLITS:
         raise ValueError(f"unknown split {split!r}; known: {', '.join(SPLITS)}")
     pairs = dialog_pairs()
-    firsts = list(dict.fromkeys(first for first, _ in pairs))
+    firsts = list(dict.fromkeys(turn_key(first) for first, _ in pairs))  # "Yes." and "Yes?" on one side
     test_firsts = set(firsts[::5])
     replies_of: dict[str, set[str]] = {}
     for first, second in pairs:
@@ -92,7 +93,7 @@ def reply_rows(split: str = "train", seed: int = 0) -> list[dict]:
     rows = []
     for part in ("train", "test") if split == "all" else (split,):
         kept = [(i, first, second) for i, (first, second) in enumerate(pairs)
-                if (first in test_firsts) == (part == "test")]
+                if (turn_key(first) in test_firsts) == (part == "test")]
         pool = sorted({second for _, _, second in kept})
         for i, first, second in kept:
             rng = random.Random(seed * 100003 + i)
@@ -104,16 +105,32 @@ def reply_rows(split: str = "train", seed: int = 0) -> list[dict]:
     return rows
 
 
+def turn_key(text: str) -> str:
+    """What turns that are "the same" share: case, punctuation, apostrophes' shape and spacing
+    aside ("Comment vas-tu ?" and "Comment vas-tu?", "Hola!" and "Hola"): splits and languages are
+    kept apart by it (before 2026-12-05's eighth session by the exact text: 12 of 500 held-out
+    language-identification turns were training turns but for such marks)."""
+    return " ".join(re.sub(r"[^\w\s]", " ", text.casefold()).split())
+
+
+def _first_of_each(turns) -> list[str]:
+    """The first of each set of turns alike (``turn_key``), in order."""
+    first: dict[str, str] = {}
+    for turn in turns:
+        first.setdefault(turn_key(turn), turn)
+    return list(first.values())
+
+
 @functools.lru_cache(maxsize=1)
 def language_turns() -> Mapping[str, tuple[str, ...]]:
     """Per language of ``LANGUAGES`` (a read-only mapping): its first ``PER_LANGUAGE`` distinct turns
     in file order that no other language's dialogs contain."""
-    distinct = {lang: list(dict.fromkeys(t for dialog in _dialogs(lang) for t in dialog)) for lang in LANGUAGES}
+    distinct = {lang: _first_of_each(t for dialog in _dialogs(lang) for t in dialog) for lang in LANGUAGES}
     seen_in: dict[str, set[str]] = {}
     for lang, turns in distinct.items():
         for turn in turns:
-            seen_in.setdefault(turn.casefold(), set()).add(lang)
-    kept = {lang: tuple([t for t in turns if len(seen_in[t.casefold()]) == 1][:PER_LANGUAGE])
+            seen_in.setdefault(turn_key(turn), set()).add(lang)
+    kept = {lang: tuple([t for t in turns if len(seen_in[turn_key(t)]) == 1][:PER_LANGUAGE])
             for lang, turns in distinct.items()}
     return types.MappingProxyType(kept)
 

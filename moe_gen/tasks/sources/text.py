@@ -65,7 +65,7 @@ def load_doc_paragraphs(split: str = "train", limit: int | None = None) -> list[
     rows = [{"text": text, "topic": topic, "id": f"pydoc/{i}"}
             for i, (topic, text, held_out) in enumerate(_paragraphs())
             if split == "all" or held_out == (split == "test")]
-    return rows[:limit] if limit else rows
+    return rows[:limit] if limit is not None else rows
 
 
 _FEATURES = ("sepal length", "sepal width", "petal length", "petal width")
