@@ -419,7 +419,10 @@ def from_hf(source, tasks: Sequence = (), *, tokenizer=None, gguf_file: Optional
     if tokenizer is None:
         if checkpoint.tokenizer is None:
             raise ValueError("the checkpoint came without a tokenizer; pass tokenizer=HFTokenizer.from_pretrained(...)")
-        tokenizer = HFTokenizer.from_pretrained(checkpoint.tokenizer)
+        # Whisper's transformers tokenizer names <|endoftext|> its BOS; its decoder starts with
+        # <|startoftranscript|> (the wrong start token gave wrong transcripts)
+        start = {"bos_token": "<|startoftranscript|>"} if checkpoint.family == "whisper" else {}
+        tokenizer = HFTokenizer.from_pretrained(checkpoint.tokenizer, **start)
     config = dense_config(checkpoint, decoder_layers=decoder_layers, **overrides)
     model = GeneralistModel.build(config, list(tasks), tokenizer)
     unused = load_weights(model, checkpoint)

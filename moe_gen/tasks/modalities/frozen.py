@@ -74,7 +74,28 @@ def _checkpoint_folder(checkpoint: str, family: str) -> str:
     if not os.path.isdir(checkpoint):
         raise ValueError(f"checkpoint {checkpoint!r} is neither a shipped checkpoint ({', '.join(CHECKPOINTS)}) "
                          "nor a folder")
+    found = _folder_family(checkpoint)
+    if found is not None and found != family:  # a Llama folder as bert_states gave a decoder's states silently
+        raise ValueError(f"checkpoint folder {checkpoint!r} holds a {found} checkpoint, not {family}")
     return checkpoint
+
+
+def _folder_family(folder: str) -> Optional[str]:
+    """The family of a checkpoint folder among those moe_gen converts (``whisper`` for
+    CTranslate2's ``model.bin``, else its ``config.json``'s model type), or None (another type,
+    such as an encoder AutoModel reads as well: not refused)."""
+    import json
+
+    from moe_gen.pretrained.hf import _MODEL_TYPES
+
+    if os.path.exists(os.path.join(folder, "model.bin")):
+        return "whisper"
+    try:
+        with open(os.path.join(folder, "config.json"), encoding="utf-8") as f:
+            model_type = json.load(f).get("model_type")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return _MODEL_TYPES.get(model_type)
 
 
 @functools.lru_cache(maxsize=4)
