@@ -21,6 +21,7 @@ adapter.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Any, Optional, Sequence
 
 import torch
@@ -119,7 +120,8 @@ class Sampling:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        if not isinstance(self.temperature, (int, float)) or self.temperature < 0:
+        if not isinstance(self.temperature, (int, float)) or not math.isfinite(self.temperature) \
+                or self.temperature < 0:  # (nan < 0 is False: NaN and inf reached torch's sampler)
             raise ValueError(f"temperature must be a number >= 0 (0: greedy), got {self.temperature!r}")
         if self.top_k is not None and (not isinstance(self.top_k, int) or self.top_k < 1):
             raise ValueError(f"top_k must be a positive integer (or None: every token), got {self.top_k!r}")
@@ -211,11 +213,30 @@ def check_search(plan, *, beams: int = 1, candidates: Optional[Sequence[str]] = 
     wrong = [c for c in candidates if not isinstance(c, str)]
     if wrong:
         raise ValueError(f"task {plan.name!r}: candidates must be strings, got {wrong[0]!r}")
-    targets = [p for p in plan.templates[0][1] if p.loss]
-    if len(targets) != 1 or targets[0].decode is None or targets[0].decode.kind not in ("text", "closed_set"):
+    decoder = plan.templates[0][1]
+    targets = [p for p in decoder if p.loss]
+    if len(targets) != 1 or targets[0].decode is None or targets[0].decode.kind not in ("text", "closed_set") \
+            or targets[0].slot.repeat is not None:
         kinds = ", ".join(f"{p.slot} ({p.decode.kind if p.decode is not None else 'given'})" for p in targets)
-        raise ValueError(f"task {plan.name!r}: candidates rank answers of one text target; this task's targets "
-                         f"are {kinds}: decode it with generation or beams instead")
+        raise ValueError(f"task {plan.name!r}: candidates rank answers of one text target (not a repeated one); "
+                         f"this task's targets are {kinds}: decode it with generation or beams instead")
+    after = decoder[decoder.index(targets[0]) + 1:]
+    if after:  # a candidate is scored as its text and the end marker: training writes this text first
+        raise ValueError(f"task {plan.name!r}: candidates score an answer that ends the decoder, and "
+                         f"{after[0].slot} follows the target {targets[0].slot}; decode it with generation or "
+                         "beams instead")
+
+
+def check_rules(plan, rules: TextRules, candidates, max_new_tokens) -> TextRules:
+    """``rules``, refused where they could do nothing: with ``candidates`` (given, not generated),
+    or a ``min_length`` above ``max_new_tokens`` (no answer could keep both)."""
+    if rules != _NO_RULES and candidates is not None:
+        raise ValueError(f"task {plan.name!r}: no_repeat_ngram and min_length shape generated text; candidates are "
+                         "given, not generated (the rules would do nothing)")
+    if isinstance(max_new_tokens, int) and rules.min_length > max_new_tokens:
+        raise ValueError(f"task {plan.name!r}: min_length {rules.min_length} is more than max_new_tokens "
+                         f"{max_new_tokens}: no answer could keep both")
+    return rules
 
 
 @torch.no_grad()
@@ -421,7 +442,8 @@ def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int,
         if len(kept) == beams:
             break
         state = grammar.advance(hyp.state, option, token)
-        free = hyp.free + (choices_of(hyp.state) is None)
+        # tokens read over the whole vocabulary and scored (a forced literal token is neither)
+        free = hyp.free + (option.scored and choices_of(hyp.state) is None)
         child = _Hypothesis(state, score, rank, hyp.row, hyp.tokens + (token,), free)
         (retired if state.done else kept).append(child)
     return kept, retired
@@ -478,6 +500,8 @@ def _prediction(grammar: TargetGrammar, hyp: _Hypothesis, sample: Sample, eos_id
 
 def _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name: str) -> list[Prediction]:
     """One row per step from the frame head, fed back through the adapter, until the stop head fires."""
+    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
+        raise ValueError(f"max_frames must be a whole number >= 1, got {max_frames!r}")
     adaptor = str(target.adaptor)
     width = int(model.config.adapters[adaptor])
     B = len(samples)
@@ -531,7 +555,10 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
         start = sum(len(c) for c in sample.decoder)  # positions before the candidate
         scores = [_candidate_score(logp[b, start:start + len(ids)], ids, grammar) for b, ids in enumerate(encoded)]
         best = max(range(len(candidates)), key=scores.__getitem__)
-        predictions.append(Prediction(text=candidates[best], score=scores[best], scores=scores))
+        # the chosen answer as every answer is (its target by column, its tokens: chain() reads them)
+        predictions.append(Prediction(text=candidates[best], score=scores[best], scores=scores,
+                                      tokens=encoded[best][:len(encoded[best]) - len(end)],
+                                      targets={target.slot.column or "0": candidates[best]}))
     return predictions
 
 

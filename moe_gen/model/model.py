@@ -593,14 +593,14 @@ class GeneralistModel(nn.Module):
         answers are the unmerged layers' within float rounding. ``merged=False`` runs the layers
         as they train.
         """
-        from moe_gen.model.generate import TextRules, check_search
+        from moe_gen.model.generate import TextRules, check_rules, check_search
         from moe_gen.moe import merged_in_place
 
         task = self._known_task(task)
         plan = self.plan(task)  # as trained, whatever rows task holds
         check_search(plan, beams=beams, candidates=candidates)  # before "beams 0" could mean greedy
         sampling = _sampling(temperature, top_k, top_p, seed, beams, candidates)
-        rules = TextRules(no_repeat_ngram, min_length)
+        rules = check_rules(plan, TextRules(no_repeat_ngram, min_length), candidates, max_new_tokens)
         samples, failed = self._encode_rows(task, plan, rows, indices)
         self._check_features(task.name, samples)
         with eval_mode(self), merged_in_place(self) if merged else contextlib.nullcontext():

@@ -1,0 +1,74 @@
+"""What an audit of decoding found (2026-12-05, eighth session), each pinned: ranked candidates
+answer like every answer (targets, tokens; usable in a chain) and only where their score is the
+answer's; length normalisation counts the tokens it says; arguments that could do nothing, or
+crashed inside torch, are refused."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import build
+
+import moe_gen.model.generate as generate
+from moe_gen.model.chain import Link, chain
+from moe_gen.tasks import Task, Tokenizer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+ROWS = [{"q": "red apple", "a": "fruit"}, {"q": "blue car", "a": "vehicle thing"}]
+
+
+def test_a_ranked_answer_has_its_target_and_tokens_and_chains(tok):
+    closed = Task("cls", "[TEXT:q] -> [TEXT:a,closed_set]", ROWS)
+    model = build([closed], tok).eval()
+    ranked = model.infer(closed, ROWS[:1], candidates=["fruit", "vehicle thing"])[0]
+    assert ranked.targets == {"a": ranked.text} and tok.decode(ranked.tokens) == ranked.text  # were {} and []
+    out = chain(model, [{"q": "red apple"}], [Link(closed, {"a": "x"}, {"candidates": ["fruit", "vehicle thing"]})])
+    assert out[0]["x"] == ranked.text
+
+
+@pytest.mark.parametrize("instruction, message", [
+    ("[TEXT:q] -> [TEXT:a,closed_set] done .", "candidates score an answer that ends the decoder, and done ."),
+    ("[TEXT:q] -> ( [TEXT:a,closed_set] )*", r"one text target \(not a repeated one\)"),
+])
+def test_candidates_are_refused_where_their_score_is_not_the_answers(tok, instruction, message):
+    rows = [{"q": "red apple", "a": "fruit" if "*" not in instruction else ["fruit"]}]
+    task = Task("t", instruction, rows)
+    model = build([task], tok).eval()
+    with pytest.raises(ValueError, match=message):
+        model.infer(task, rows, candidates=["fruit"])
+
+
+def test_length_normalisation_counts_the_tokens_read_over_the_vocabulary(tok, monkeypatch):
+    rows = [{"q": "red apple", "a": "fruit", "b": "x"}]
+    task = Task("lit", "[TEXT:q] -> [TEXT:a] and then some more words here [TEXT:b]", rows)
+    model = build([task], tok).eval()
+    finished = []
+    original = generate._prediction
+
+    def spy(grammar, hypothesis, sample, eos):
+        finished.append((grammar, hypothesis))
+        return original(grammar, hypothesis, sample, eos)
+
+    monkeypatch.setattr(generate, "_prediction", spy)
+    model.infer(task, rows, beams=2, max_new_tokens=2)
+    grammar, hypothesis = finished[-1]
+    literal = len(grammar.literals[1])
+    assert hypothesis.free == len(hypothesis.tokens) - literal  # counted the 6 forced literal tokens too
+
+
+def test_arguments_that_could_do_nothing_or_crashed_are_refused(tok):
+    free = Task("free", "[TEXT:q] -> [TEXT:a]", ROWS)
+    model = build([free], tok).eval()
+    for temperature in (float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="temperature must be a number >= 0"):
+            model.infer(free, ROWS, temperature=temperature)
+    with pytest.raises(ValueError, match="min_length 10 is more than max_new_tokens 3"):
+        model.infer(free, ROWS, min_length=10, max_new_tokens=3)
+    with pytest.raises(ValueError, match="candidates are given, not generated"):
+        model.infer(free, ROWS, candidates=["fruit"], min_length=2)
+    with pytest.raises(ValueError, match="max_frames must be a whole number >= 1"):
+        generate._generate_frames(None, [], None, None, None, 0, "generative")  # (max_frames=0: torch.stack of [])
