@@ -72,3 +72,13 @@ def test_arguments_that_could_do_nothing_or_crashed_are_refused(tok):
         model.infer(free, ROWS, candidates=["fruit"], min_length=2)
     with pytest.raises(ValueError, match="max_frames must be a whole number >= 1"):
         generate._generate_frames(None, [], None, None, None, 0, "generative")  # (max_frames=0: torch.stack of [])
+
+
+def test_a_drawn_answer_does_not_depend_on_the_rows_beside_it(tok):
+    rows = [{"q": "hello there how are you", "a": "x"}, {"q": "hi", "a": "y"}, {"q": "what now", "a": "z"}]
+    task = Task("echo", "[TEXT:q] -> [TEXT:a]", rows)
+    model = build([task], tok).eval()
+    options = {"temperature": 1.0, "seed": 0, "max_new_tokens": 5}
+    together = [p.tokens for p in model.infer(task, rows, **options)]
+    assert [model.infer(task, [row], **options)[0].tokens for row in rows] == together  # one stream per batch
+    assert model.infer(task, rows, **options)[2].tokens == together[2]  # and reproducible

@@ -325,7 +325,10 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     alive = [[_Hypothesis(grammar.start(), 0.0, 0.0, s * beams)] for s in range(len(samples))]
     finished: list[list[_Hypothesis]] = [[] for _ in samples]
     tensors: dict[tuple[int, ...], torch.Tensor] = {}  # allowed token sets as tensors, made once
-    draws = None if sampling is None else torch.Generator().manual_seed(sampling.seed)
+    # one stream per row, seeded by the seed and the row's input: a drawn answer does not depend on
+    # the rows beside it (one stream for the batch made it)
+    draws = None if sampling is None else [torch.Generator().manual_seed(_row_seed(sampling.seed, sample))
+                                           for sample in samples]
     # Answers compete as training reads them (``trained_choices``) where several are kept: one beam
     # (greedy, sampling) renormalises all of a step's options alike, which changes no choice. The
     # masked objective reads the whole vocabulary everywhere (its samples carry no label sets).
@@ -336,7 +339,7 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
         for s in range(len(samples)):
             expansions = _expansions(grammar, alive[s], logp_RV, candidates, tensors, rules, choices_of)
             if sampling is not None and expansions:  # one draw (greedy keeps the first)
-                expansions = [_draw(expansions, sampling, draws)]
+                expansions = [_draw(expansions, sampling, draws[s])]
             kept, retired = _keep_best(grammar, expansions, beams, choices_of)
             finished[s].extend(retired)
             alive[s] = []
@@ -404,6 +407,19 @@ def _as_trained(logp_V: torch.Tensor, choices: Optional[tuple[int, ...]], tensor
     if choices not in tensors:
         tensors[choices] = torch.tensor(choices)
     return logp_V - logp_V[tensors[choices]].logsumexp(0)
+
+
+def _row_seed(seed: int, sample: Sample) -> int:
+    """A row's own sampling seed: ``seed`` mixed with a checksum of its encoded input."""
+    import zlib
+
+    check = zlib.crc32(str(int(seed)).encode())
+    for chunk in sample.encoder + sample.decoder:
+        if chunk.tokens is not None:
+            check = zlib.crc32(torch.as_tensor(chunk.tokens, dtype=torch.int64).numpy().tobytes(), check)
+        if chunk.rows is not None:
+            check = zlib.crc32(chunk.rows.detach().cpu().contiguous().numpy().tobytes(), check)
+    return check
 
 
 def _draw(expansions: list[tuple[float, float, int, _Hypothesis, Option]], sampling: Sampling,
