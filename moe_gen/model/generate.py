@@ -325,10 +325,7 @@ def _search(model, grammar: TargetGrammar, samples: Sequence[Sample], *, beams: 
     alive = [[_Hypothesis(grammar.start(), 0.0, 0.0, s * beams)] for s in range(len(samples))]
     finished: list[list[_Hypothesis]] = [[] for _ in samples]
     tensors: dict[tuple[int, ...], torch.Tensor] = {}  # allowed token sets as tensors, made once
-    # one stream per row, seeded by the seed and the row's input: a drawn answer does not depend on
-    # the rows beside it (one stream for the batch made it)
-    draws = None if sampling is None else [torch.Generator().manual_seed(_row_seed(sampling.seed, sample))
-                                           for sample in samples]
+    draws = None if sampling is None else _row_streams(sampling.seed, samples)
     # Answers compete as training reads them (``trained_choices``) where several are kept: one beam
     # (greedy, sampling) renormalises all of a step's options alike, which changes no choice. The
     # masked objective reads the whole vocabulary everywhere (its samples carry no label sets).
@@ -407,6 +404,12 @@ def _as_trained(logp_V: torch.Tensor, choices: Optional[tuple[int, ...]], tensor
     if choices not in tensors:
         tensors[choices] = torch.tensor(choices)
     return logp_V - logp_V[tensors[choices]].logsumexp(0)
+
+
+def _row_streams(seed: int, samples: Sequence[Sample]) -> list[torch.Generator]:
+    """One random stream per row, seeded by ``seed`` and the row's input: a drawn answer does not
+    depend on the rows beside it (one stream for the batch made it)."""
+    return [torch.Generator().manual_seed(_row_seed(seed, sample)) for sample in samples]
 
 
 def _row_seed(seed: int, sample: Sample) -> int:
