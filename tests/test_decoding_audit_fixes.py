@@ -82,3 +82,12 @@ def test_a_drawn_answer_does_not_depend_on_the_rows_beside_it(tok):
     together = [p.tokens for p in model.infer(task, rows, **options)]
     assert [model.infer(task, [row], **options)[0].tokens for row in rows] == together  # one stream per batch
     assert model.infer(task, rows, **options)[2].tokens == together[2]  # and reproducible
+
+
+def test_a_drawn_image_does_not_depend_on_the_rows_beside_it(tok):
+    from moe_gen.tasks import load_preset
+
+    images = load_preset("text_to_image_maskgit", "train", limit=3)
+    model = build([images], tok).eval()
+    together = [p.tokens for p in model.infer(images, images.data, temperature=1.0, seed=0)]
+    assert [model.infer(images, [row], temperature=1.0, seed=0)[0].tokens for row in images.data] == together

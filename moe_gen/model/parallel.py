@@ -88,12 +88,13 @@ def mask_code_targets(batch: Batch, samples: Sequence[Sample], tokenizer, code_i
 
 
 def _choose(logp_BNK: torch.Tensor, temperature: float,
-            generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
-    """Code indices ``[B, N]`` (best, or drawn at ``temperature``) and their log-probabilities."""
+            generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Code indices ``[B, N]`` (best, or drawn at ``temperature``, each row from its own stream)
+    and their log-probabilities."""
     if temperature > 0:
         probs = (logp_BNK / temperature).softmax(-1)
-        flat = torch.multinomial(probs.reshape(-1, probs.shape[-1]), 1, generator=generator)
-        choice = flat.view(probs.shape[:-1])
+        choice = torch.stack([torch.multinomial(probs[b], 1, generator=g).squeeze(-1)
+                              for b, g in enumerate(generators)])
     else:
         choice = logp_BNK.argmax(-1)
     return choice, logp_BNK.gather(-1, choice.unsqueeze(-1)).squeeze(-1)
@@ -106,7 +107,7 @@ def parallel_generate(model, plan, samples: Sequence[Sample], *, steps: int = 4,
     pass); ``temperature`` > 0 draws each code (reproducibly by ``seed``) instead of taking the
     most likely. Returns ``Prediction`` objects with ``.image``, ``.tokens`` (the code tokens)
     and ``.score`` (the sum of the chosen codes' log-probabilities when they were fixed)."""
-    from moe_gen.model.generate import Prediction
+    from moe_gen.model.generate import Prediction, _row_streams
     from moe_gen.model.grammar import TargetGrammar
 
     if model.config.decoder_only:
@@ -124,7 +125,9 @@ def parallel_generate(model, plan, samples: Sequence[Sample], *, steps: int = 4,
     offsets = torch.tensor([sum(map(len, s.decoder)) for s in samples], device=device)
     batch = _masked_batch(model, samples, spec.length, mask, eos, grammar.slots[slot].slot.column).to(device)
     code_tokens = torch.tensor(spec.tokens, device=device)
-    codes, scores = _iterate(model, batch, offsets, code_tokens, spec.length, mask, steps, temperature, seed)
+    # one stream per row (seed and input): a drawn image does not depend on the rows beside it
+    codes, scores = _iterate(model, batch, offsets, code_tokens, spec.length, mask, steps, temperature,
+                             _row_streams(seed, samples))
     render = grammar.renderers[slot]
     out = []
     for row, score in zip(codes.cpu(), scores.tolist()):
@@ -135,7 +138,7 @@ def parallel_generate(model, plan, samples: Sequence[Sample], *, steps: int = 4,
 
 
 def _iterate(model, batch: Batch, offsets: torch.Tensor, code_tokens: torch.Tensor, N: int, mask: int, steps: int,
-             temperature: float, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+             temperature: float, generators: Sequence[torch.Generator]) -> tuple[torch.Tensor, torch.Tensor]:
     """The decoding passes over ``N`` codes a row: code indices ``[B, N]`` and the summed
     log-probabilities ``[B]``."""
     B, device = len(offsets), offsets.device
@@ -145,13 +148,12 @@ def _iterate(model, batch: Batch, offsets: torch.Tensor, code_tokens: torch.Tens
     undecided = torch.ones(B, N, dtype=torch.bool, device=device)
     codes = torch.zeros(B, N, dtype=torch.long, device=device)
     scores = torch.zeros(B, dtype=torch.float64, device=device)
-    generator = torch.Generator().manual_seed(seed)  # drawn on the CPU: the same answers on any device
     tokens = batch.decoder.tokens.clone()
     for left in masked_counts(N, steps):
         side = dataclasses.replace(batch.decoder, tokens=tokens)
         hidden = model.decode(side, batch.encoder, memory, causal=False).hidden
         logp = model.output_logits(hidden[rows, positions])[..., code_tokens].float().log_softmax(-1)
-        choice, confidence = _choose(logp.cpu(), temperature, generator)
+        choice, confidence = _choose(logp.cpu(), temperature, generators)  # drawn on the CPU: any device alike
         choice, confidence = choice.to(device), confidence.to(device)
         fix = undecided.sum(1) - left  # codes to fix in this pass, per row: the most confident undecided ones
         ranks = confidence.masked_fill(~undecided, float("-inf")).argsort(dim=1, descending=True).argsort(dim=1)
