@@ -133,3 +133,16 @@ def test_a_resumed_command_line_run_keeps_its_before_training_scores(tmp_path):
     before = json.load(open(f"{run}/eval.json"))["before_training"]
     assert main(["pretrain", *flags, "--train.steps", "3", "--resume"]) == 0
     assert before is not None and json.load(open(f"{run}/eval.json"))["before_training"] == before  # was None
+
+
+def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tok, tasks, tmp_path):
+    import json
+    import os
+
+    _two_steps(tok, tasks, str(tmp_path), router=RouterConfig(strategy="attribute"))
+    state_file = os.path.join(str(tmp_path), "checkpoints", "step-0000002", "trainer.json")
+    state = json.load(open(state_file))
+    del state["config"]["batch_tasks"], state["model_config"]["moe"]["router"]["tag_balance_window"]
+    json.dump(state, open(state_file, "w"))  # as an older package wrote it
+    with Trainer(_build(tok, tasks), tasks, _config(steps=4), output_dir=str(tmp_path), resume=True) as resumed:
+        assert resumed.step == 2

@@ -39,11 +39,16 @@ def _json(value: Any) -> Any:
     return json.loads(json.dumps(value))  # tuples as lists, as trainer.json holds them
 
 
-def _flat(config: Mapping, prefix: str = "") -> dict:
+# ModelConfig's nested configurations (typed sections, whose fields are compared one by one; other
+# mappings, such as loss_weights or adapters, are values compared whole)
+SECTIONS = ("moe", "moe.router", "moe.experts")
+
+
+def _flat(config: Mapping, sections: tuple = (), prefix: str = "") -> dict:
     out = {}
     for key, value in config.items():
-        if isinstance(value, Mapping) and key != "preprocessor_statistics":
-            out.update(_flat(value, f"{prefix}{key}."))
+        if isinstance(value, Mapping) and f"{prefix}{key}" in sections:
+            out.update(_flat(value, sections, f"{prefix}{key}."))
         else:
             out[f"{prefix}{key}"] = value
     return out
@@ -53,10 +58,11 @@ def _described(changed: dict, keys) -> str:
     return ", ".join(f"{k} {brief(changed[k][0])} → {brief(changed[k][1])}" for k in keys)
 
 
-def _changes(saved: Mapping, current: Mapping) -> dict:
-    saved, current = _flat(_json(saved)), _flat(_json(current))
-    keys = sorted(set(saved) | set(current))
-    return {k: (saved.get(k), current.get(k)) for k in keys if saved.get(k) != current.get(k)}
+def _changes(saved: Mapping, current: Mapping, sections: tuple = ()) -> dict:
+    """Settings both configurations hold whose values differ: a field one of them lacks (added to
+    the package after the checkpoint was written, or since removed) is no change."""
+    saved, current = _flat(_json(saved), sections), _flat(_json(current), sections)
+    return {k: (saved[k], current[k]) for k in sorted(set(saved) & set(current)) if saved[k] != current[k]}
 
 
 def check_same_training(path: str, saved: Mapping, current: Mapping) -> None:
@@ -79,7 +85,7 @@ def check_same_model(path: str, saved: Mapping, current: Mapping) -> None:
     """Raises if the checkpoint's model (``ModelConfig.to_dict()``, as saved) is another model than
     ``current``: other routing, sizes, tasks or the statistics its inputs are encoded with (a
     task's rows changed); warns of ``MODEL_WARNED`` changes; the dispatch backend may differ."""
-    changed = {k: v for k, v in _changes(saved, current).items() if k not in MODEL_FREE}
+    changed = {k: v for k, v in _changes(saved, current, SECTIONS).items() if k not in MODEL_FREE}
     refused = [k for k in changed if k not in MODEL_WARNED]
     if refused:
         shown = _described(changed, refused[:3])
