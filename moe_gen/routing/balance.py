@@ -35,7 +35,7 @@ its own experts and cannot see the experts the other tasks crowd. ``RouterConfig
 = W`` makes it read a running average of each expert's share of the load instead (weights decaying
 by 1 − 1/W per update, the current forward's share included; one update per forward in one process,
 one per optimizer step from the mean of the processes' shares under several, applied by
-``sync_bias_updates``). Measured on one-task batches (README, "One task per batch"): W of 4–16 raised
+``sync_bias_updates``). Measured on one-task batches (docs/learning_quality.md, "One task per batch"): W of 4–16 raised
 utilisation, W = 64 lowered it (every task then chases the same experts the lagging average shows
 idle).
 

@@ -54,7 +54,7 @@ def demo() -> RunConfig:
         # for 8 experts, top-2), which no tag balancing spreads evenly: it routes by tags and
         # content (hybrid, with the content balance loss). The encoder's attribute-routed layers
         # balance by the tag-group loss at 5x the default weight plus the selection bias, which
-        # revives experts the loss no longer reaches (README: utilisation over two seeds).
+        # revives experts the loss no longer reaches (docs/demo.md: utilisation over two seeds).
         model={"flavour": "tiny", "dropout": 0.1,
                "moe": {"router": {"strategy": "attribute", "balance_loss_weight": 0.05, "tag_balance": "loss+bias"},
                        "decoder_router": {"strategy": "hybrid"}}},

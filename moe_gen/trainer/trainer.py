@@ -659,7 +659,7 @@ def _warn_of_batch_local_balance(model, config: TrainConfig) -> None:
     """One task per micro-batch (``batch_tasks="single"``) with the tag-balance loss reading each
     forward's own load (``tag_balance_window=0``): it spreads each task over its own experts and
     cannot see the experts other tasks crowd (measured: utilisation 0.90 → 0.71 per layer; ``bias``
-    kept 0.92; README, "One task per batch")."""
+    kept 0.92; docs/learning_quality.md, "One task per batch")."""
     from moe_gen.routing.router import Router
 
     if config.batch_tasks != "single":
