@@ -134,6 +134,17 @@ def merged_over_processes(means: Mapping[str, float], counts: Mapping[str, int])
     return {key: sum(v) / len(v) for key, v in values.items()}, dict(sorted(summed.items()))
 
 
+def summed_over_processes(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` (on the CPU) summed over the processes; itself in one process. Every process must
+    call it with the same shape."""
+    if not _active():
+        return tensor
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    summed = tensor.to(device)
+    dist.all_reduce(summed)
+    return summed.cpu()
+
+
 def any_true(flag: bool) -> bool:
     """Whether ``flag`` is True on any process (every process gets the same answer)."""
     if not _active():
@@ -197,8 +208,10 @@ class LossModule(nn.Module):
         self.model = model
         self.objectives = objectives  # not modules (each holds ``model``); the mapping is shared, not copied
 
-    def forward(self, name: str, batch) -> dict:
-        return self.objectives[name](batch)
+    def forward(self, name: str, batch, scales=None) -> dict:
+        """Objective ``name`` on ``batch``; ``scales`` (``LossScales``) only when it has some (an
+        objective written before them is called as it was)."""
+        return self.objectives[name](batch) if scales is None else self.objectives[name](batch, scales=scales)
 
 
 def replicate(model: nn.Module, objectives: Mapping[str, object], plan: ExpertParallelPlan | None = None,

@@ -20,16 +20,33 @@ from moe_gen.routing.tags import PASSES
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
 
 __all__ = ["OBJECTIVES", "Objective", "GenerativeObjective", "ContrastiveObjective", "MaskedObjective",
-           "contrastive_side", "smoothed_cross_entropy"]
+           "LossScales", "contrastive_side", "smoothed_cross_entropy"]
 
 OBJECTIVES: Registry = Registry("objective")
 LOSS_AVERAGES = ("token", "sample")  # how GenerativeObjective averages token cross-entropy over a batch
 
 
+@dataclasses.dataclass(frozen=True)
+class LossScales:
+    """Factors on an objective's token and frame losses, each a mean over its own batch, that make
+    a step of several micro-batches (gradient accumulation) and processes average them as one large
+    batch would. A micro-batch holding ``n`` of the ``N`` scored tokens (or samples, with
+    ``loss_average="sample"``) that the step's ``A`` micro-batches on ``W`` processes hold gets
+    ``token = n·A·W/N``: the trainer divides each micro-batch's loss by ``A`` and data parallelism
+    averages over ``W``, so every token weighs ``1/N`` whichever micro-batch it fell in. ``frame``
+    does the same with target frame rows. Both are 1 for one micro-batch in one process."""
+
+    token: float = 1.0
+    frame: float = 1.0
+
+
 class Objective:
     """The interface the trainer uses: ``from_train_config`` builds the objective from a
-    ``TrainConfig``, ``prepare`` turns a group of samples into a ``Batch``, calling it returns a
-    dict with ``"loss"`` and its named parts. No objective is special-cased by name."""
+    ``TrainConfig``, ``prepare`` turns a group of samples into a ``Batch``, ``loss_counts`` says
+    what its token and frame losses average over, and calling it (with optional ``LossScales``)
+    returns a dict with ``"loss"`` and its named parts. No objective is special-cased by name."""
+
+    loss_average: str = "token"
 
     model: GeneralistModel
 
@@ -44,7 +61,19 @@ class Objective:
 
         return collate(samples, self.model.tokenizer, self.model.task_ids, modality_ids=self.model.modality_ids)
 
-    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def loss_counts(self, batch: Batch) -> tuple[int, int]:
+        """(scored tokens — samples with scored tokens under ``loss_average="sample"`` —, target
+        frame rows) of ``batch``: what its token and frame losses are means over."""
+        scored_BL = batch.labels != IGNORE_INDEX
+        if self.loss_average == "sample":
+            sample_BL = batch.decoder.tags.sample
+            row_BL = torch.arange(scored_BL.shape[0], device=scored_BL.device).unsqueeze(1).expand_as(scored_BL)
+            tokens = int(torch.unique((row_BL * (int(sample_BL.max()) + 1) + sample_BL)[scored_BL]).numel())
+        else:
+            tokens = int(scored_BL.sum())
+        return tokens, sum(int(t.shape[0]) for t in batch.frame_targets.values())
+
+    def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
 
@@ -82,11 +111,12 @@ class GenerativeObjective(Objective):
         return cls(model, frame_weight=config.frame_weight, task_weights=config.loss_weights or None,
                    loss_average=config.loss_average)
 
-    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
-        return self.loss(batch, self.model(batch))
+    def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
+        return self.loss(batch, self.model(batch), scales)
 
-    def loss(self, batch: Batch, out) -> dict[str, torch.Tensor]:
-        """The losses of a forward pass ``out`` (``ModelOutput``) over ``batch``."""
+    def loss(self, batch: Batch, out, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
+        """The losses of a forward pass ``out`` (``ModelOutput``) over ``batch``; ``scales`` multiply
+        the token and frame terms of ``"loss"`` (the parts logged stay this batch's own means)."""
         parts: dict[str, torch.Tensor] = {}
         scored = batch.labels != IGNORE_INDEX
         zero = out.logits.reshape(-1)[:1].float().sum() * 0.0  # (a sum of all fp16 logits can overflow: inf·0)
@@ -133,7 +163,9 @@ class GenerativeObjective(Objective):
             # per task: mean token cross-entropy plus mean L1 of its frame rows (for logs)
             parts[f"task_loss/{names[task_id]}"] = torch.stack(values).sum()
         aux = sum(out.aux_losses.values(), zero)
-        loss = parts.get("token_loss", zero) + self.frame_weight * parts.get("frame_loss", zero) + aux
+        scales = scales or LossScales()
+        loss = (_scaled(parts.get("token_loss", zero), scales.token)
+                + self.frame_weight * _scaled(parts.get("frame_loss", zero), scales.frame) + aux)
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
 
@@ -159,6 +191,10 @@ class GenerativeObjective(Objective):
             count = len(ce_N) if self.loss_average == "token" else int(counts.numel())
             return (ce_N * base_N).sum() / count
         return ce_N.mean() if base_N is None else (ce_N * base_N).sum() / base_N.sum()
+
+
+def _scaled(value: torch.Tensor, scale: float) -> torch.Tensor:
+    return value if scale == 1.0 else value * scale
 
 
 def smoothed_cross_entropy(logits_NV: torch.Tensor, labels_N: torch.Tensor, smoothing: float) -> torch.Tensor:
@@ -215,18 +251,19 @@ class ContrastiveObjective(Objective):
                  task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
         self.model = model
         self.generative = GenerativeObjective(model, task_weights=task_weights, loss_average=loss_average)
+        self.loss_average = loss_average
         self.caption_weight, self.contrastive_weight = caption_weight, contrastive_weight
 
     @classmethod
     def from_train_config(cls, model: GeneralistModel, config) -> "ContrastiveObjective":
         return cls(model, task_weights=config.loss_weights or None, loss_average=config.loss_average)
 
-    def __call__(self, batch: Batch) -> dict[str, torch.Tensor]:
+    def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         if int(batch.encoder.tags.sample.max()) > 0:
             raise ValueError("the contrastive objective pools one sample per row; collate without pack=True")
         model = self.model
         out = model(batch)  # the encoder runs once: its states serve the caption and the pooled input
-        caption = self.generative.loss(batch, out)
+        caption = self.generative.loss(batch, out, scales)
         side = contrastive_side(batch, model.tokenizer.pad_id)
         text = model.decode_bidirectional(side)
         pooled_image = _masked_mean(out.encoder_hidden, ~batch.encoder.padding_mask)

@@ -75,7 +75,7 @@ def test_routing_json_holds_no_nan_and_one_task_has_no_interference_between_task
     with torch.no_grad():  # a diverged expert: its cosine similarities are NaN
         model.encoder.blocks[0].ffn.experts.w_in[3, 0, 0] = float("inf")
     analysis.similarity = stats.expert_similarity(model)
-    assert report._json_ready(torch.tensor([float("nan"), 1.0])) == [None, 1.0]
+    assert stats.json_ready(torch.tensor([float("nan"), 1.0])) == [None, 1.0]
     report.write_report(analysis, str(tmp_path))
     text = (tmp_path / "routing.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"routing.json holds {c}"))

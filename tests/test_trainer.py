@@ -303,12 +303,15 @@ def test_evaluate_scores_every_task_kind(tok):
 
 
 def test_one_step_equals_a_hand_written_step_with_accumulation_and_clipping(tasks, tok, tmp_path):
-    """accumulate=2: the mean of two micro-batch losses, clipped to norm 0.5, one AdamW step at the
-    warm-up learning rate — computed by hand on a copy of the model."""
+    """accumulate=2: every scored token of the step weighs alike (the two micro-batches' token
+    cross-entropy summed over the step's tokens) and each micro-batch's routing losses by a half,
+    clipped to norm 0.5, one AdamW step at the warm-up learning rate — computed by hand on a copy
+    of the model."""
     import copy
 
     from moe_gen.objectives import GenerativeObjective
     from moe_gen.tasks import collate
+    from moe_gen.tasks.batch import IGNORE_INDEX
     from moe_gen.trainer.trainer import WarmupCosine, _param_groups
 
     model = build(tasks, tok)
@@ -321,8 +324,14 @@ def test_one_step_equals_a_hand_written_step_with_accumulation_and_clipping(task
     record = trainer.train_step(1)
 
     objective = GenerativeObjective(twin)
-    losses = [objective(collate(samples, tok, twin.task_ids))["loss"] for samples in micro]
-    (sum(losses) / 2).backward()
+    batches = [collate(samples, tok, twin.task_ids) for samples in micro]
+    outs = [objective(batch) for batch in batches]
+    counts = [int((batch.labels != IGNORE_INDEX).sum()) for batch in batches]
+    assert counts[0] != counts[1]  # the micro-batches' token means weigh differently
+    token_sum = sum(out["token_loss"] * n for out, n in zip(outs, counts))
+    losses = [token_sum / sum(counts) + sum(out["loss"] - out["token_loss"] for out in outs) / 2]
+    losses[0].backward()
+    losses = [2 * losses[0].detach()]  # the record's loss is the step's: compared below as sum / 2
     norm = torch.nn.utils.clip_grad_norm_(twin.parameters(), 0.5)
     optimizer = torch.optim.AdamW(_param_groups(twin, config.weight_decay), lr=config.lr, betas=config.betas,
                                   eps=config.eps)
@@ -332,6 +341,44 @@ def test_one_step_equals_a_hand_written_step_with_accumulation_and_clipping(task
     assert record["grad_norm"] == pytest.approx(float(norm), rel=1e-5) and record["lr"] == pytest.approx(2.5e-4)
     for (name, a), b in zip(model.named_parameters(), twin.parameters()):
         torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("loss_average", ["token", "sample"])
+def test_accumulated_micro_batches_give_one_large_batchs_gradient(tok, tmp_path, loss_average):
+    """Two micro-batches of 4 rows and one batch of the same 8 rows give the same gradient when the
+    rows' answers differ in length (1 to 12 words): each token (sample) weighs alike whichever
+    micro-batch it fell in. Before, each micro-batch's mean counted a half, so a token of the
+    short micro-batch weighed 9× one of the long (46% off)."""
+    import random
+
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa lambda".split()
+    r = random.Random(3)
+    rows = [{"a": " ".join(r.choices(words, k=r.randint(1, 4))),
+             "b": " ".join(r.choices(words, k=12 if i % 4 == 3 and i < 4 else 1 + i % 2))} for i in range(8)]
+    task = Task("t", "[TEXT:a] -> [TEXT:b]", rows)
+    grads, losses = [], []
+    for batch_size, accumulate in ((8, 1), (4, 2)):
+        torch.manual_seed(0)
+        model = GeneralistModel.build(flavour_with("debug", every=0, dropout=0.0), [task], tok)
+        trainer = Trainer(model, [task], quiet(steps=1, batch_size=batch_size, accumulate=accumulate, clip_norm=0,
+                                               loss_average=loss_average, lr=1e-3),
+                          output_dir=str(tmp_path / f"{loss_average}{accumulate}"))
+        drawn = [sorted(s.index for s in trainer.sampler.next_batch(1, m)) for m in range(accumulate)]
+        trainer.sampler.load_state_dict(TaskSampler([task], tok, trainer.config).state_dict())
+        seen = {}
+
+        def clip(clip=trainer._clip, seen=seen, model=model):  # the gradient the optimizer steps with
+            seen.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+            return clip()
+
+        trainer._clip = clip
+        losses.append(trainer.train_step(1)["loss"])
+        trainer.close()
+        grads.append(seen)
+        assert sorted(sum(drawn, [])) == list(range(8))
+    assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_bf16_autocast_trains(tasks, tok, tmp_path):

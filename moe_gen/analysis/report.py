@@ -279,20 +279,6 @@ def _table(header: Sequence[str], rows: Sequence[Sequence]) -> list[str]:
     return lines
 
 
-def _json_ready(value):
-    """``value`` as JSON can hold it: tensors and arrays as lists, non-finite numbers as null (JSON
-    has no NaN or Infinity), at any depth."""
-    if isinstance(value, (torch.Tensor, np.ndarray)):
-        return _json_ready(value.tolist())
-    if isinstance(value, dict):
-        return {str(k): _json_ready(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_json_ready(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
-
-
 def _plots(analysis: Analysis, out_dir: str) -> dict[str, str]:
     """Writes the PNGs; returns plot name → file name (relative to ``out_dir``)."""
     files: dict[str, str] = {}
@@ -326,7 +312,7 @@ def _plots(analysis: Analysis, out_dir: str) -> dict[str, str]:
 def _to_json(analysis: Analysis, files: dict[str, str]) -> dict:
     affinity = analysis.affinity
     interference = analysis.interference
-    return _json_ready({
+    return stats.json_ready({
         "label": analysis.label, "tasks": analysis.tasks, "rows": analysis.rows, "mode": analysis.mode,
         "model": analysis.model_info, "key_numbers": key_numbers(analysis), "evaluation": analysis.evaluation,
         "summary": analysis.summary,
@@ -447,7 +433,7 @@ def write_comparison(a: Analysis, b: Analysis, out_dir: str) -> dict[str, str]:
     with open(os.path.join(out_dir, "report.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     with open(os.path.join(out_dir, "routing.json"), "w") as f:
-        json.dump(_json_ready({"a": {"label": a.label, "key_numbers": keys_a, "report": "a/report.md"},
+        json.dump(stats.json_ready({"a": {"label": a.label, "key_numbers": keys_a, "report": "a/report.md"},
                                "b": {"label": b.label, "key_numbers": keys_b, "report": "b/report.md"},
                                "tasks": tasks}), f, indent=1, allow_nan=False)
     return {"markdown": os.path.join(out_dir, "report.md"), "json": os.path.join(out_dir, "routing.json"),

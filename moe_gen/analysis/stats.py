@@ -49,7 +49,7 @@ from moe_gen.model.model import eval_mode
 
 __all__ = [
     "GROUP_AXES", "expert_load", "group_counts", "group_load", "imbalance", "utilisation", "routing_entropy",
-    "drop_rate",
+    "drop_rate", "json_ready",
     "entropy_bits", "mutual_information", "specialisation_index", "route_agreement", "cosine_similarity_matrix",
     "expert_similarity", "task_usage", "task_affinity", "task_gradients", "interference_matrix",
     "shared_parameters", "summarize",
@@ -432,3 +432,17 @@ def summarize(tables: RoutingTables) -> dict:
     total_tokens = float(tokens_L.sum())
     out["overall_drop_rate"] = float(tables.dropped_LTMR.sum()) / total_tokens if total_tokens else 0.0
     return out
+
+
+def json_ready(value):
+    """``value`` as JSON can hold it: tensors and arrays as lists, non-finite numbers as null (JSON
+    has no NaN or Infinity), at any depth."""
+    if isinstance(value, (torch.Tensor, np.ndarray)):
+        return json_ready(value.tolist())
+    if isinstance(value, dict):
+        return {str(k): json_ready(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [json_ready(v) for v in value]
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    return value

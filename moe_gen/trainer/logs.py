@@ -14,7 +14,7 @@ from typing import Optional
 
 import torch
 
-from moe_gen.analysis.stats import utilisation
+from moe_gen.analysis.stats import json_ready, utilisation
 
 __all__ = ["RunLogger", "read_jsonl_log", "expert_utilisation"]
 
@@ -92,7 +92,8 @@ class RunLogger:
             return
         if record.get("expert_load") and "expert_utilisation" not in record:
             record = {**record, **expert_utilisation(record["expert_load"])}
-        self._file.write(json.dumps(record) + "\n")
+        # strict JSON (any parser reads it): a skipped step's NaN loss or norm is written as null
+        self._file.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
         self._file.flush()
         if self._tb is not None:
             step = record["step"]

@@ -29,7 +29,8 @@ from moe_gen import distributed
 from moe_gen.analysis.recorder import RoutingRecorder
 from moe_gen.model.model import GeneralistModel
 from moe_gen.moe import MoE
-from moe_gen.objectives import OBJECTIVES
+from moe_gen.objectives import OBJECTIVES, LossScales
+from moe_gen.registry import did_you_mean
 from moe_gen.tasks.task import Task
 from moe_gen.trainer.averaging import update_average, weight_average
 from moe_gen.trainer.checkpoint import (
@@ -51,7 +52,19 @@ __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
 
 
 class TrainingDiverged(RuntimeError):
-    """``TrainConfig.max_bad_steps`` steps in a row had a non-finite loss or gradient norm."""
+    """``TrainConfig.max_bad_steps`` steps in a row had a non-finite loss or gradient norm;
+    ``record`` is the log record of the step that stopped the run (``Trainer.fit`` logs it)."""
+
+    def __init__(self, message: str, record: Optional[dict] = None) -> None:
+        super().__init__(message)
+        self.record = record
+
+
+def _loss_counts(objective, batch) -> tuple[int, int]:
+    """``objective.loss_counts(batch)``; (0, 0) — losses left as they are — for an objective
+    written without it (a plain callable with ``prepare``)."""
+    counts = getattr(objective, "loss_counts", None)
+    return (0, 0) if counts is None else counts(batch)
 
 
 class WarmupCosine:
@@ -115,8 +128,6 @@ def _param_groups(model: GeneralistModel, weight_decay: float, lr: Optional[floa
     names = [name for name, _ in model.named_parameters()]
     unmatched = [prefix for prefix in lr_scales if not any(name.startswith(prefix) for name in names)]
     if unmatched:  # a typo would train everything at lr without a word
-        from moe_gen.registry import did_you_mean
-
         heads = sorted({".".join(name.split(".")[:depth]) + "." for name in names for depth in (1, 2)})
         raise ValueError(f"TrainConfig.lr_scales: no parameter name starts with {', '.join(map(repr, unmatched))}"
                          f"{did_you_mean(unmatched, heads)}; names start with e.g. "
@@ -313,7 +324,9 @@ class Trainer:
         trained, or its saved copy) takes those the checkpoint's run added."""
         unknown = [t for t in self.tasks if t.name not in self.model.task_ids]
         if unknown:
-            return self.model.add_tasks(unknown)
+            with torch.random.fork_rng(devices=[]):  # new adapters and heads start from the run's seed
+                torch.manual_seed(self.config.seed)
+                return self.model.add_tasks(unknown)
         saved = read_trainer_state(resumed).get("new_adapters") or [] if resumed is not None else []
         return [a for a in saved if a in self.model.adapters]
 
@@ -383,6 +396,10 @@ class Trainer:
     def _objectives(self) -> dict:
         names = sorted({t.objective for t in self.tasks})
         cfg = self.config
+        unknown = sorted(set(cfg.loss_weights or {}) - set(self.model.task_ids))
+        if unknown:  # (the objectives' own check names their argument, task_weights, which users did not set)
+            raise ValueError(f"TrainConfig.loss_weights names tasks the model does not know: {unknown}"
+                             f"{did_you_mean(unknown, self.model.task_ids)}; known: {', '.join(self.model.task_ids)}")
         every_task_everywhere = cfg.mixing == "all" and not cfg.modality_budget and cfg.max_tokens is None
         if len(names) > 1 and self.world > 1 and (cfg.expert_parallel > 1 or cfg.sharding != "replicate") \
                 and not every_task_everywhere:
@@ -419,33 +436,63 @@ class Trainer:
             return torch.autocast(device_type=device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _micro_batch(self, step: int, micro: int) -> tuple[dict, collections.Counter, bool]:
-        """Forward + backward of one micro-batch, one objective group after the other (each group's
-        graph is freed before the next is built; under DDP only the step's last backward
-        communicates); returns its loss parts, modality positions and whether every process's
-        loss was finite (a step with a non-finite micro-batch is skipped on every process)."""
-        cfg = self.config
+    def _prepare_micro_batch(self, step: int, micro: int) -> tuple[int, list[tuple[str, list, object]]]:
+        """Micro-batch ``micro`` of ``step`` drawn and collated: its sample count and, per
+        objective (sorted by name), (name, samples, batch on the trainer's device)."""
         samples = self.sampler.next_batch(step, micro)
         objective_of = {t.name: t.objective for t in self.tasks}
         groups: dict[str, list] = collections.defaultdict(list)
         for sample in samples:
             groups[objective_of[sample.task]].append(sample)
+        prepared = []
+        for name in sorted(groups):
+            # the same draws on a resumed run (the stream is named by seed, process and step)
+            rng = random.Random(zlib.crc32(f"{self.config.seed}/mask/{self.rank}/{step}/{micro}".encode()))
+            prepared.append((name, groups[name], self.objectives[name].prepare(groups[name], rng).to(self.device)))
+        return len(samples), prepared
+
+    def _loss_scales(self, micro_batches: list) -> list[dict[str, Optional[LossScales]]]:
+        """Per micro-batch and objective, the ``LossScales`` that weigh every scored token (frame
+        row) of the step alike over its micro-batches and processes, as one large batch would
+        (None where both are 1: one micro-batch in one process)."""
+        names = sorted(self.objectives)
+        counts = [{name: _loss_counts(self.objectives[name], batch) for name, _, batch in groups}
+                  for _, groups in micro_batches]
+        totals = torch.zeros(len(names), 2, dtype=torch.float64)
+        for per_name in counts:
+            for name, (tokens, frames) in per_name.items():
+                totals[names.index(name)] += torch.tensor([tokens, frames], dtype=torch.float64)
+        totals = distributed.summed_over_processes(totals)
+        factor = len(micro_batches) * self.world
+        scales = []
+        for per_name in counts:
+            scales.append({})
+            for name, (tokens, frames) in per_name.items():
+                token_total, frame_total = totals[names.index(name)].tolist()
+                token = tokens * factor / token_total if token_total else 1.0
+                frame = frames * factor / frame_total if frame_total else 1.0
+                scales[-1][name] = None if token == 1.0 and frame == 1.0 else LossScales(token, frame)
+        return scales
+
+    def _micro_batch(self, micro: int, size: int, groups: list,
+                     scales: dict[str, Optional[LossScales]]) -> tuple[dict, collections.Counter, bool]:
+        """Forward + backward of one prepared micro-batch (``size`` samples), one objective group
+        after the other (each group's graph is freed before the next is built; under DDP only the
+        step's last backward communicates); returns its loss parts, modality positions and whether
+        every process's loss was finite (a step with a non-finite micro-batch is skipped on every
+        process)."""
+        cfg = self.config
         parts: dict[str, float] = {}
         shares: dict[str, float] = {}  # of the groups that returned each part
         positions: collections.Counter = collections.Counter()
         loss = torch.zeros((), device=self.device)
-        names = sorted(groups)
-        for i, name in enumerate(names):
-            # the same draws on a resumed run (the stream is named by seed, process and step)
-            rng = random.Random(zlib.crc32(f"{cfg.seed}/mask/{self.rank}/{step}/{micro}".encode()))
-            group = groups[name]
-            batch = self.objectives[name].prepare(group, rng).to(self.device)
+        for i, (name, group, batch) in enumerate(groups):
             positions.update(batch.tokens_per_modality)
-            last = micro == cfg.accumulate - 1 and i == len(names) - 1
+            last = micro == cfg.accumulate - 1 and i == len(groups) - 1
             with contextlib.nullcontext() if last else distributed.no_sync(self.loss_module):
                 with self._autocast():
-                    out = self.loss_module(name, batch)
-                share = len(group) / len(samples)
+                    out = self.loss_module(name, batch, scales[name])
+                share = len(group) / size
                 group_loss = out["loss"].float() * share
                 if group_loss.requires_grad:
                     (group_loss / cfg.accumulate).backward()
@@ -482,8 +529,10 @@ class Trainer:
         values: dict[str, list[float]] = collections.defaultdict(list)
         positions: collections.Counter = collections.Counter()
         finite = True
-        for micro in range(cfg.accumulate):
-            parts, counts, ok = self._micro_batch(step, micro)
+        micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(cfg.accumulate)]
+        scales = self._loss_scales(micro_batches)
+        for micro, (size, groups) in enumerate(micro_batches):
+            parts, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
             finite &= ok
             positions.update(counts)
             for key, value in parts.items():
@@ -526,7 +575,7 @@ class Trainer:
             raise TrainingDiverged(
                 f"{self.state['bad_in_a_row']} steps in a row (up to step {step}) had a non-finite loss or gradient "
                 f"norm (last loss {record['loss']}, norm {norm}); lower TrainConfig.lr, keep clip_norm > 0, or check "
-                f"the data of the tasks in these batches ({', '.join(sorted(record['task_loss']) or ['?'])})")
+                f"the data of the tasks in these batches ({', '.join(sorted(record['task_loss']) or ['?'])})", record)
         return record
 
     def fit(self) -> dict:
@@ -548,7 +597,12 @@ class Trainer:
                 while self.step < cfg.steps:
                     step = self.step + 1
                     log_now = step % cfg.log_every == 0 or step == cfg.steps
-                    record = self.train_step(step, recorder if log_now else None)
+                    try:
+                        record = self.train_step(step, recorder if log_now else None)
+                    except TrainingDiverged as error:  # the step that stopped the run is logged too
+                        if log_now and error.record is not None:
+                            logger.log(error.record)
+                        raise
                     self.step = step
                     if log_now:
                         logger.log(record)
