@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from helpers import load_script
@@ -514,6 +515,13 @@ def test_specialists_from_an_earlier_report_are_reused_when_their_settings_match
         reused_specialists(BenchConfig(specialists_from=str(corrupt)), {"table_wine": 4})
     with pytest.raises(ValueError, match="is this run's own output, which the run would overwrite"):
         BenchConfig(specialists_from=earlier, output_dir=str(tmp_path / "a"))
+    # a report whose classical baselines differ was scored on other held-out rows (as --merge refuses)
+    stale = json.loads(Path(earlier).read_text())
+    stale["classical"]["table_wine"]["logreg"] = 0.5
+    (tmp_path / "stale.json").write_text(json.dumps(stale))
+    with pytest.raises(ValueError, match="other classical baselines for table_wine"):
+        reused_specialists(BenchConfig(**tiny, specialists_from=str(tmp_path / "stale.json")), {"table_wine": 4},
+                           json.loads(Path(earlier).read_text())["classical"])
     assert second["seconds"] == {"attribute": second["runs"][0]["seconds"]}  # reused runs took no time here
     assert all(r["reused_from"] == earlier for r in second["runs"] if r["system"] == "specialist")
     # a specialist's steps are its task's share of the task set: from a two-task report, a

@@ -412,11 +412,13 @@ SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "t
                        "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads", "lr_scales")
 
 
-def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]:
+def reused_specialists(cfg: BenchConfig, per_task: dict[str, int], classical: Optional[dict] = None) -> list[dict]:
     """The specialist runs of ``cfg.specialists_from`` for the tasks of ``per_task`` (task → the
     steps its specialist takes here) and ``cfg.seeds``, marked ``reused_from``; raises
-    ``ValueError`` when that report was made with other specialist settings, lacks a run, or
-    trained one for other steps (its task's share of another task set)."""
+    ``ValueError`` when that report was made with other specialist settings, lacks a run, trained
+    one for other steps (its task's share of another task set), or — given this run's
+    ``classical`` baselines — scored a task's classical baselines otherwise (other held-out rows:
+    ``--merge`` refuses the same)."""
     path = cfg.specialists_from
     earlier = _read_report(path)
     config, runs = earlier["config"], earlier["runs"]
@@ -425,6 +427,12 @@ def reused_specialists(cfg: BenchConfig, per_task: dict[str, int]) -> list[dict]
               if config.get(k, defaults[k]) != getattr(cfg, k)]
     if differ:
         raise ValueError(f"specialists_from {path!r} trained its specialists with other settings: {'; '.join(differ)}")
+    if classical is not None:
+        theirs, ours = _held_out_scores(earlier["classical"]), _held_out_scores(classical)
+        other = sorted(n for n in per_task if n in theirs and n in ours and theirs[n] != ours[n])
+        if other:
+            raise ValueError(f"specialists_from {path!r} has other classical baselines for {', '.join(other)} "
+                             "(other held-out rows?): its specialists were scored on other rows")
     found = {(r["tasks"][0], r["seed"]): r for r in runs if r.get("system") == "specialist"}
     missing = [f"{n} seed {s}" for s in cfg.seeds for n in per_task if (n, s) not in found]
     if missing:
@@ -492,7 +500,7 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
                 classical[task.name][FROZEN_STATES] = frozen_states_score(task, train, scored)
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
     per_task = specialist_steps(cfg, train_tasks)
-    reused = reused_specialists(cfg, per_task) if cfg.specialists_from else []  # checked before any training
+    reused = reused_specialists(cfg, per_task, classical) if cfg.specialists_from else []  # checked before any training
     jobs = _jobs(cfg, names, per_task)
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
     results = _run_jobs(jobs, cfg.workers, say) + reused
