@@ -28,6 +28,7 @@ full disk: the message says what was and was not saved); 2 for configuration and
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import re
@@ -166,8 +167,6 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
 
 def _run_config(config: dict):
     """The ``RunConfig`` of a merged dict; errors name the key at fault."""
-    import dataclasses
-
     from moe_gen.trainer import RunConfig
 
     names = sorted(f.name for f in dataclasses.fields(RunConfig))
@@ -194,6 +193,12 @@ def _model_config(section: dict):
 
     section = dict(section)
     name = section.pop("flavour", "debug")
+    known = sorted({f.name for f in dataclasses.fields(ModelConfig)} | {"flavour", "init", "upcycle"})
+    unknown = sorted(set(section) - set(known))
+    if unknown:  # (ModelConfig's own message left out flavour, init and upcycle, and guessed nothing)
+        from moe_gen.registry import did_you_mean
+
+        raise ValueError(f"unknown model keys {unknown}{did_you_mean(unknown, known)}; known: {', '.join(known)}")
     config = ModelConfig.from_dict(merge(flavour(name).to_dict(), section))
     if config.moe.every or config.moe.layers:  # the MoE layers' settings (strategy, gate, capacity) too
         from moe_gen.registry import BACKENDS, GATES, ROUTERS
@@ -563,7 +568,8 @@ def _cmd_analyze(args, overrides) -> int:
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="moe-gen", description="Generalist multimodal MoE models: train, "
-                                     "fine-tune, evaluate, infer.", epilog=__doc__.split("\n\n")[1])
+                                     "fine-tune, evaluate, infer.", epilog=__doc__.split("\n\n")[1],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)  # one example a line
     sub = parser.add_subparsers(dest="command", required=True)
     sub_kwargs = {"allow_abbrev": False}
     overrides = ("Any key of the run configuration can be set with a dotted flag: --train.steps 100, --train.lr 1e-3, "

@@ -13,6 +13,7 @@ package (modalities, tasks, objectives, metrics) use the same class.
 from __future__ import annotations
 
 import difflib
+import importlib
 from typing import Callable, Generic, Iterable, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -36,11 +37,20 @@ class Registry(Generic[T]):
 
     Args:
         kind: what the entries are, used in error messages ("router strategy", "dispatch backend").
+        builtins: the module that registers the built-in entries, imported on the first lookup (the
+            task layer's registries fill when ``moe_gen.tasks`` loads, which ``import moe_gen``
+            leaves for later; without it ``moe_gen.TASKS.list()`` was empty).
     """
 
-    def __init__(self, kind: str) -> None:
+    def __init__(self, kind: str, builtins: str | None = None) -> None:
         self.kind = kind
         self._entries: dict[str, T] = {}
+        self._builtins = builtins
+
+    def _load_builtins(self) -> None:
+        if self._builtins is not None:
+            module, self._builtins = self._builtins, None  # once (and not again while it imports)
+            importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[T], T]:
         """Decorator that registers ``obj`` under ``name``; duplicate names are rejected."""
@@ -65,6 +75,7 @@ class Registry(Generic[T]):
 
     def get(self, name: str) -> T:
         """Returns the entry for ``name``; unknown names are answered with the known ones."""
+        self._load_builtins()
         try:
             return self._entries[name]
         except (KeyError, TypeError):
@@ -75,15 +86,18 @@ class Registry(Generic[T]):
 
     def list(self) -> list[str]:
         """The registered names, sorted."""
+        self._load_builtins()
         return sorted(self._entries)
 
     def __contains__(self, name: object) -> bool:
+        self._load_builtins()
         return name in self._entries
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.list())
 
     def __len__(self) -> int:
+        self._load_builtins()
         return len(self._entries)
 
     def __repr__(self) -> str:
@@ -99,11 +113,11 @@ EXPERTS: Registry = Registry("expert kind")
 # Dispatch backends: how tokens reach their experts and come back.
 BACKENDS: Registry = Registry("dispatch backend")
 # Modalities (TEXT, IMAGE, ...): their defaults and which attributes their slots accept.
-MODALITIES: Registry = Registry("modality")
+MODALITIES: Registry = Registry("modality", builtins="moe_gen.tasks")
 # Preprocessors: raw slot value -> token ids or feature rows (chosen by `preprocess=` or default).
-PREPROCESSORS: Registry = Registry("preprocessor")
+PREPROCESSORS: Registry = Registry("preprocessor", builtins="moe_gen.tasks")
 # Adapters: feature rows -> embeddings of width D (chosen by `adaptor=` or default).
-ADAPTERS: Registry = Registry("adapter")
+ADAPTERS: Registry = Registry("adapter", builtins="moe_gen.tasks")
 # Built-in tasks (presets) and metrics.
-TASKS: Registry = Registry("task")
-METRICS: Registry = Registry("metric")
+TASKS: Registry = Registry("task", builtins="moe_gen.tasks")
+METRICS: Registry = Registry("metric", builtins="moe_gen.tasks")

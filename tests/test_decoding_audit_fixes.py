@@ -6,6 +6,7 @@ crashed inside torch, are refused."""
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import build
 
 import moe_gen.model.generate as generate
@@ -91,3 +92,46 @@ def test_a_drawn_image_does_not_depend_on_the_rows_beside_it(tok):
     model = build([images], tok).eval()
     together = [p.tokens for p in model.infer(images, images.data, temperature=1.0, seed=0)]
     assert [model.infer(images, [row], temperature=1.0, seed=0)[0].tokens for row in images.data] == together
+
+
+@pytest.mark.parametrize("token", ["pad_id", "bos_id", "unk_id"])
+def test_free_text_never_takes_pad_bos_or_unk(tok, token):
+    """A second decoding audit (ninth session): with such a token's logit 50 above the rest, greedy,
+    beam and sampled free text took it at every step (PAD and BOS decoded to '', UNK to ' ⁇ ',
+    each spending the length budget); no training target holds them."""
+    task = Task("t", "[TEXT:q] -> [TEXT:a]", ROWS)
+    model = build([task], tok).eval()
+    boosted = getattr(tok, token)
+    original = model.output_logits
+
+    def output_logits(hidden):
+        out = original(hidden)
+        return out + 50.0 * (torch.arange(out.shape[-1], device=out.device) == boosted)
+
+    model.output_logits = output_logits
+    for options in ({}, {"beams": 3}, {"temperature": 1.0, "seed": 1}):
+        answer = model.infer(task, ROWS[:1], max_new_tokens=4, **options)[0]
+        assert answer.tokens and boosted not in answer.tokens, options
+
+
+def test_min_length_is_checked_against_a_slots_own_max_length(tok):
+    """A slot's ``max_length`` sets how long its values decode (not ``max_new_tokens``), so a
+    ``min_length`` above it was accepted and silently not kept."""
+    task = Task("t", "[TEXT:q] -> [TEXT:a,max_length=3]", ROWS)
+    model = build([task], tok).eval()
+    with pytest.raises(ValueError, match=r"min_length 5 is more than \[TEXT:a,max_length=3\]'s max_length 3"):
+        model.infer(task, ROWS[:1], max_new_tokens=40, min_length=5)
+    assert len(model.infer(task, ROWS[:1], max_new_tokens=40, min_length=2)[0].tokens) >= 2
+
+
+def test_a_draw_does_not_depend_on_the_rank_order_of_near_ties():
+    """A row sampled alone and in a batch drew other tokens: batch rounding (~5e-6) swapped two
+    near-tied candidates in the best-first list, and the same uniform draw landed on the other.
+    Drawn in token order, the same seed picks the same token whichever ranks first."""
+    sampling = generate.Sampling(temperature=1.0)
+    ranks, swapped = [-1.0, -1.0 - 1e-6, -3.0], [-1.0, -1.0 - 1e-6, -3.0]
+    keys, swapped_keys = [7, 3, 9], [3, 7, 9]  # candidates 7 and 3 trade places
+    for seed in range(200):
+        first = keys[sampling.choose(ranks, torch.Generator().manual_seed(seed), keys)]
+        second = swapped_keys[sampling.choose(swapped, torch.Generator().manual_seed(seed), swapped_keys)]
+        assert first == second, seed

@@ -128,8 +128,12 @@ class Sampling:
         if self.top_p is not None and (not isinstance(self.top_p, (int, float)) or not 0 < self.top_p <= 1):
             raise ValueError(f"top_p must lie in (0, 1] (or None: every token), got {self.top_p!r}")
 
-    def choose(self, ranks: Sequence[float], generator: torch.Generator) -> int:
-        """The index of the drawn candidate among ``ranks`` (sorted best first)."""
+    def choose(self, ranks: Sequence[float], generator: torch.Generator, keys: Optional[Sequence] = None) -> int:
+        """The index of the drawn candidate among ``ranks`` (sorted best first). With ``keys``
+        (one sortable key per candidate, e.g. its token id) the draw walks the kept candidates in
+        key order instead of rank order, so that two candidates within rounding of each other
+        (a row decoded alone or in a batch: ~1e-6 apart) take the same share of the draw whichever
+        ranks first; in rank order the same draw landed on the other one."""
         if self.temperature == 0 or len(ranks) == 1:
             return 0
         logits = torch.tensor(ranks, dtype=torch.float64) / self.temperature
@@ -139,7 +143,8 @@ class Sampling:
         if self.top_p is not None:  # the smallest best-first prefix holding top_p of the mass
             keep = int((probs.cumsum(0) < self.top_p).sum()) + 1
             probs = probs[:keep] / probs[:keep].sum()
-        return int(torch.multinomial(probs, 1, generator=generator))
+        order = list(range(len(probs))) if keys is None else sorted(range(len(probs)), key=lambda i: keys[i])
+        return order[int(torch.multinomial(probs[order], 1, generator=generator))]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -229,13 +234,20 @@ def check_search(plan, *, beams: int = 1, candidates: Optional[Sequence[str]] = 
 
 def check_rules(plan, rules: TextRules, candidates, max_new_tokens) -> TextRules:
     """``rules``, refused where they could do nothing: with ``candidates`` (given, not generated),
-    or a ``min_length`` above ``max_new_tokens`` (no answer could keep both)."""
+    or a ``min_length`` above the most tokens a free-text value may take (``max_new_tokens``, or
+    the slot's ``max_length`` where it declares one: no answer could keep both)."""
     if rules != _NO_RULES and candidates is not None:
         raise ValueError(f"task {plan.name!r}: no_repeat_ngram and min_length shape generated text; candidates are "
                          "given, not generated (the rules would do nothing)")
-    if isinstance(max_new_tokens, int) and rules.min_length > max_new_tokens:
-        raise ValueError(f"task {plan.name!r}: min_length {rules.min_length} is more than max_new_tokens "
-                         f"{max_new_tokens}: no answer could keep both")
+    if isinstance(max_new_tokens, int) and rules.min_length:
+        for p in plan.templates[0][1]:
+            if p.loss and p.decode is not None and p.decode.kind == "text":
+                limit, name = int(p.slot.attrs.get("max_length") or max_new_tokens), "max_new_tokens"
+                if p.slot.attrs.get("max_length"):
+                    name = f"{p.slot}'s max_length"
+                if rules.min_length > limit:
+                    raise ValueError(f"task {plan.name!r}: min_length {rules.min_length} is more than {name} "
+                                     f"{limit}: no answer could keep both")
     return rules
 
 
@@ -446,9 +458,16 @@ def _draw(expansions: list[tuple[float, float, int, _Hypothesis, Option]], sampl
             members[key] = []
             items.append(expansion)  # the option's best token stands for it
         members[key].append(expansion)
-    chosen = items[sampling.choose([e[0] for e in items], generator)]
+    chosen = items[sampling.choose([e[0] for e in items], generator, [_draw_key(e) for e in items])]
     tokens = members.get((id(chosen[3]), id(chosen[4])))
-    return chosen if tokens is None else tokens[sampling.choose([e[0] for e in tokens], generator)]
+    return chosen if tokens is None else tokens[sampling.choose([e[0] for e in tokens], generator,
+                                                                [_draw_key(e) for e in tokens])]
+
+
+def _draw_key(expansion: tuple[float, float, int, _Hypothesis, Option]) -> tuple:
+    """What fixes an expansion's place in a draw, whatever its rank: its token, then its option."""
+    option = expansion[4]
+    return expansion[2], option.slot, option.action
 
 
 def _keep_best(grammar: TargetGrammar, expansions: list[tuple[float, float, int, _Hypothesis, Option]],

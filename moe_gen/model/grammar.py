@@ -145,10 +145,13 @@ class TargetGrammar:
         self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
         self.renderers = {i: plan.preprocessor(p).to_image for i, p in enumerate(self.slots)
                           if self.kinds[i] == "codes"}
-        # Free text never takes EOS (it ends the text), nor location tokens when they would be read
-        # as a box or image codes.
+        # Free text never takes EOS (it ends the text), PAD, BOS or UNK (no target holds them: a
+        # value of them decoded to '' or ' ⁇ ' and spent the length budget), nor location tokens
+        # when they would be read as a box or image codes. (Sentinels and location tokens written
+        # out in a text value are text a task may train on.)
         discrete = "box" in self.kinds or "codes" in self.kinds
-        self.reserved = frozenset({tokenizer.eos_id, *(self.bins if discrete else ())})
+        never = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id, getattr(tokenizer, "unk_id", None)}
+        self.reserved = frozenset({t for t in never if t is not None} | set(self.bins if discrete else ()))
         self.keys = [p.slot.column or str(i) for i, p in enumerate(self.slots)]
         self.groups = sorted({p.slot.repeat for p in self.slots if p.slot.repeat is not None})
         for i in range(self.first, len(self.slots)):  # free text takes any token: two could not be told apart

@@ -570,7 +570,8 @@ class GeneralistModel(nn.Module):
         """Answers for ``rows`` of a task the model knows (a ``Task`` or a preset name).
 
         Every target slot of the instruction is decoded, repetition groups item by item (at most
-        ``max_items``; ``max_new_tokens`` per free-text value). ``beams > 1`` uses beam search
+        ``max_items``; ``max_new_tokens`` per free-text value, except a slot that declares
+        ``max_length``, which decodes up to that many: training cut its values there). ``beams > 1`` uses beam search
         (token targets); ``candidates`` ranks the given answers by likelihood instead of
         generating (retrieval, multiple choice; ``.scores`` holds them all). Returns
         ``Prediction`` objects (``temperature``, ``top_k``, ``top_p``: draw token answers instead,
