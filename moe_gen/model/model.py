@@ -168,11 +168,18 @@ def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_
     """Adapter name → feature width for every feature slot of ``tasks`` (sized from each task's
     first rows that encode, one per template: ``Task.probe``), and the adapters whose rows are
     decoder targets."""
+    fed_by: dict[str, str] = {}  # adapter → the first of these tasks that feeds it
     for task in tasks:
         for sample in task.probe(tokenizer):
             for chunk in sample.encoder + sample.decoder:
                 if chunk.rows is not None:
-                    adapters[chunk.adaptor] = int(chunk.rows.shape[1])
+                    width, first = int(chunk.rows.shape[1]), fed_by.setdefault(chunk.adaptor, task.name)
+                    if first != task.name and adapters[chunk.adaptor] != width:
+                        raise ValueError(f"tasks {first!r} and {task.name!r} feed the {chunk.adaptor!r} adapter "
+                                         f"features of width {adapters[chunk.adaptor]} and {width}: one adapter takes "
+                                         "one width (give the slots the same preprocessing options, or another "
+                                         "adaptor=)")
+                    adapters[chunk.adaptor] = width
             for chunk in sample.decoder:
                 if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
                     frame_adapters.append(chunk.adaptor)

@@ -242,6 +242,12 @@ class _SideBuilder:
                 at += n
         tags = TokenTags(task=fields["task"], modality=fields["modality"], role=fields["role"],
                          task_modalities=used, causal=causal, pass_id=fields["pass_id"], sample=fields["sample"])
+        for name, parts in rows.items():
+            widths = sorted({int(p.shape[1]) for p in parts})
+            if len(widths) > 1:  # (torch.cat's message named neither the adapter nor the samples)
+                raise ValueError(f"the samples of this batch feed the {name!r} adapter features of widths "
+                                 f"{widths}: one adapter takes one width (tasks whose slots share an adapter need "
+                                 "the same preprocessing options, or another adaptor=)")
         return Side(
             tokens=tokens, is_token=is_token,
             rows={k: torch.cat(v) for k, v in rows.items()},
@@ -275,6 +281,8 @@ def collate(
     """
     _check_samples(samples, task_ids)
     groups = _row_groups(samples, pack, max_length)
+    if pass_name not in PASSES:
+        raise ValueError(f"collate: unknown pass {pass_name!r}; known: {', '.join(PASSES)}")
     pass_id = PASSES.index(pass_name)
     modality_id = dict(modality_ids) if modality_ids is not None else _modality_ids()
     _check_modalities(samples, modality_id)
@@ -387,6 +395,8 @@ def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, fram
     previous = ("token", torch.tensor([tokenizer.bos_id]), None)  # the last item of the run before
     for chunk in sample.decoder:
         n = len(chunk)
+        if n == 0:  # an empty given value (a no_loss text ""): no position, and the next chunk reads
+            continue  # what came before it (one lead position here shifted every later label and frame)
         counts[chunk.modality] += n
         start = dec.length(row)
         tags = dict(modality=modality_id[chunk.modality], role=chunk.role, causal=True, **common)

@@ -645,6 +645,10 @@ class TaskPlan:
             if len(sizes) > 1:
                 raise TaskDataError(f"task {self.name!r}, row {index}: the columns of repetition group "
                                     f"{group} have different lengths {sorted(sizes)}")
+            if sizes == {0} and any(p.loss for p, _ in values if p.slot.repeat == group):
+                # (it encoded to an answer with nothing scored, not even its end)
+                raise TaskDataError(f"task {self.name!r}, row {index}: the answer's repetition group {group} has no "
+                                    "items; an answer holds one or more (decoding generates at least one)")
         # Literals inside a group repeat as often as the group's data slots.
         for i, (plan, items) in enumerate(values):
             if plan.slot.is_literal and plan.slot.repeat is not None:

@@ -63,6 +63,8 @@ def load_preset(name: str, split: str = "train", limit: Optional[int] = None, **
     """The preset's ``Task`` on ``split`` (``train``/``test``), at most ``limit`` rows: its first
     ones, and splits are often in class order (the first 10 test rows of ``table_species`` are all
     setosa), so score a whole split, or rows spread over it (``Task.with_rows``), not a prefix."""
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
+        raise ValueError(f"load_preset({name!r}): limit must be None or a whole number >= 0, got {limit!r}")
     info = preset_info(name)
     rows = info.build(split)
     if limit is not None:
@@ -100,6 +102,8 @@ def _digits(split):
 def _canvases(split):
     from moe_gen.tasks.sources.vision import make_canvases
 
+    if split == "all":  # the training canvases and the test ones (a split of its own drew the test seeds again)
+        return _canvases("train") + _canvases("test")
     return make_canvases(split, count=300 if split == "train" else 100)
 
 
@@ -133,6 +137,8 @@ _CANVAS_QA = _CANVAS + "; questions and answers fixed by the canvas contents (ca
 def _canvas_questions(split):
     from moe_gen.tasks.sources.vision import canvas_questions
 
+    if split == "all":  # as _canvases: train + test
+        return _canvas_questions("train") + _canvas_questions("test")
     return canvas_questions(split, count=600 if split == "train" else 100)
 
 

@@ -35,7 +35,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 
-from moe_gen.registry import MODALITIES, PREPROCESSORS
+from moe_gen.registry import MODALITIES, PREPROCESSORS, did_you_mean
 from moe_gen.tasks.instruction import Instruction, InstructionError
 from moe_gen.tasks.modalities.base import SlotValueError, label_text
 from moe_gen.tasks.modalities.signals import motion_frames
@@ -61,8 +61,10 @@ def media_columns(instruction: Instruction) -> set[str]:
 
 
 def load_jsonl(path: str, media: Iterable[str] = (), *, root: Optional[str] = None,
-               line_numbers: Optional[list] = None) -> list[dict]:
-    """Rows of a JSONL file (``line_numbers``, when given, gets each row's 1-based line appended).
+               line_numbers: Optional[list] = None, skipped: Optional[list] = None) -> list[dict]:
+    """Rows of a JSONL file (``line_numbers``, when given, gets each row's 1-based line appended;
+    ``skipped``, when given, gets the message of each line that fails, which is then left out
+    instead of raised: ``Task(on_error="skip")``).
 
     ``{"base64": s}`` values become bytes. String values of the ``media`` columns (``media_columns``
     of the task's instruction; or lists of strings,
@@ -83,31 +85,44 @@ def load_jsonl(path: str, media: Iterable[str] = (), *, root: Optional[str] = No
     rows = []
     with open(path, "rb") as f:
         for number, raw in enumerate(f, 1):
-            where = f"{path}, line {number}"
             try:
-                line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
-            except UnicodeDecodeError as exc:
-                raise TaskDataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte "
-                                    f"{exc.start + 1} of the line)") from None
-            if not line.strip():
+                row = _jsonl_row(raw, number, f"{path}, line {number}", columns, base, confine)
+            except TaskDataError as exc:
+                if skipped is None:
+                    raise
+                skipped.append(str(exc))
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise TaskDataError(f"{where}: not JSON ({exc.msg} at character {exc.colno})") from None
-            if not isinstance(row, dict):
-                raise TaskDataError(f"{where}: a row must be a JSON object")
-            for key, value in row.items():
-                if isinstance(value, dict) and set(value) == {"base64"}:
-                    row[key] = _base64_bytes(value["base64"], f"{where}, column {key!r}")
-                elif key in columns and isinstance(value, str):
-                    row[key] = _media_path(value, base, confine, f"{where}, column {key!r}")
-                elif key in columns and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-                    row[key] = [_media_path(v, base, confine, f"{where}, column {key!r}") for v in value]
+            if row is None:  # a blank line
+                continue
             rows.append(row)
             if line_numbers is not None:
                 line_numbers.append(number)
     return rows
+
+
+def _jsonl_row(raw: bytes, number: int, where: str, columns: set, base: str, confine) -> Optional[dict]:
+    """One line of a JSONL file as a row (None for a blank line); ``TaskDataError`` naming ``where``."""
+    try:
+        line = raw.decode("utf-8-sig" if number == 1 else "utf-8")
+    except UnicodeDecodeError as exc:
+        raise TaskDataError(f"{where}: not UTF-8 text (byte {raw[exc.start]:#04x} at byte "
+                            f"{exc.start + 1} of the line)") from None
+    if not line.strip():
+        return None
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TaskDataError(f"{where}: not JSON ({exc.msg} at character {exc.colno})") from None
+    if not isinstance(row, dict):
+        raise TaskDataError(f"{where}: a row must be a JSON object")
+    for key, value in row.items():
+        if isinstance(value, dict) and set(value) == {"base64"}:
+            row[key] = _base64_bytes(value["base64"], f"{where}, column {key!r}")
+        elif key in columns and isinstance(value, str):
+            row[key] = _media_path(value, base, confine, f"{where}, column {key!r}")
+        elif key in columns and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+            row[key] = [_media_path(v, base, confine, f"{where}, column {key!r}") for v in value]
+    return row
 
 
 def _base64_bytes(text: Any, where: str) -> bytes:
@@ -138,6 +153,19 @@ def _media_path(value: str, base: str, confine: Optional[str], where: str) -> st
         kind = next((name for test, name in _FILE_KINDS if test(mode)), "not a regular file")
         raise TaskDataError(f"{where}: {value!r} is {kind}, not a regular file ({resolved})")
     return resolved
+
+
+def _metric_names(task: str, metrics) -> tuple[str, ...]:
+    """``metrics`` as a tuple of registered metric names (one name alone is one metric: a string was
+    split into its letters, and the task failed only when evaluated, after training)."""
+    from moe_gen.registry import METRICS
+
+    names = (metrics,) if isinstance(metrics, str) else tuple(metrics)
+    unknown = [m for m in names if m not in METRICS]
+    if unknown:
+        raise ValueError(f"task {task!r}: unknown metrics {unknown}{did_you_mean(unknown, METRICS.list())}; "
+                         f"known: {', '.join(METRICS.list())}")
+    return names
 
 
 def _rows_of(task: str, data: Any) -> Any:
@@ -205,16 +233,24 @@ class Task:
         except InstructionError as exc:
             raise InstructionError(f"task {name!r}: {exc.message}", exc.instruction, exc.position) from None
         self._lines: Optional[tuple[str, list[int], Any]] = None  # (JSONL path, line of each row, its rows)
+        failed: list[str] = []  # messages of the JSONL lines left out (on_error="skip")
         if isinstance(data, (str, os.PathLike)):
             path, numbers = os.fspath(data), []
-            data = load_jsonl(path, media_columns(self.instruction), root=data_root, line_numbers=numbers)
+            data = load_jsonl(path, media_columns(self.instruction), root=data_root, line_numbers=numbers,
+                              skipped=failed if on_error == "skip" else None)
             self._lines = (path, numbers, data)
         self.data = _rows_of(name, data)
-        self.objective, self.metrics, self.weight = objective, tuple(metrics), float(weight)
+        self.objective, self.metrics, self.weight = objective, _metric_names(name, metrics), float(weight)
         self.on_error = on_error
         self.preprocessor_options = preprocessor_options or {}
-        self.skipped = 0  # distinct rows that failed to encode
-        self.errors: list[str] = []  # the first MAX_ERRORS of their messages
+        unknown = sorted(set(self.preprocessor_options) - set(PREPROCESSORS.list()))
+        if unknown:  # (a misspelt name's options were silently not applied)
+            raise ValueError(f"task {name!r}: preprocessor_options names no preprocessor: {unknown}"
+                             f"{did_you_mean(unknown, PREPROCESSORS.list())}; known: {', '.join(PREPROCESSORS.list())}")
+        # distinct rows that failed to encode, and lines of a JSONL file left out (on_error="skip")
+        self._skipped_lines = len(failed)
+        self.skipped = self._skipped_lines
+        self.errors: list[str] = failed[:MAX_ERRORS]  # the first MAX_ERRORS messages
         self._skipped_rows: set[int] = set()
         self._plans: list[tuple[Tokenizer, Any, TaskPlan]] = []  # (tokenizer, statistics, plan)
         self._statistics: Optional[dict] = None
@@ -408,8 +444,10 @@ class Task:
                 ``TaskDataError`` met while encoding the row is wrapped in one naming the task and
                 row, with its type and message, and kept as ``__cause__``.
         """
+        # a task-level error (no closed-set label at all, labels that clash) is no row's: raised
+        # whatever on_error says (skipped, it failed every row, re-planning the task for each one)
+        plan = self.plan(tokenizer, statistics)
         try:
-            plan = self.plan(tokenizer, statistics)
             row = self._row(index)
             try:
                 return plan.encode(row, index, rng=self._rng(index, seed), training=training)
@@ -433,7 +471,7 @@ class Task:
         while fewer than ``MAX_ERRORS`` are kept."""
         if index not in self._skipped_rows:
             self._skipped_rows.add(index)
-            self.skipped = len(self._skipped_rows)
+            self.skipped = self._skipped_lines + len(self._skipped_rows)
             if len(self.errors) < MAX_ERRORS:
                 self.errors.append(str(error))
 

@@ -67,6 +67,8 @@ def _read_wav(source) -> tuple[np.ndarray, int]:
             rate, data = wavfile.read(source)
     except Exception as exc:  # ValueError of unknown formats, EOFError, OSError, broken headers
         raise SlotValueError(f"cannot read the WAV audio: {exc}") from None
+    if len(data) == 0:  # (numpy's reshape error spoke for it)
+        raise SlotValueError("the WAV file holds no samples (the waveform is empty)")
     return _pcm_to_float(np.asarray(data)).reshape(len(data), -1).mean(axis=1), int(rate)
 
 

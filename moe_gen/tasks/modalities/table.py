@@ -302,6 +302,10 @@ class StructPreprocessor(Preprocessor):
         limit = slot.attrs.get("max_length")
         if limit is not None:
             features, positions = features[:int(limit)], positions[:int(limit)]
+        rows = 1 + max(r for _, r, _ in positions)
+        if rows > MAX_TABLE_ROWS:  # (the adapter's row embedding held row 127 for every row after it)
+            raise SlotValueError(f"{ctx.where(slot.column)}: the table has {rows} rows; the table adapter tells "
+                                 f"{MAX_TABLE_ROWS} apart (split the table, or cut it with max_length=)")
         return SlotEncoding("STRUCT", features=torch.tensor(features, dtype=torch.float32),
                             positions=torch.tensor(positions, dtype=torch.long),
                             meta={"cells": len(features)})

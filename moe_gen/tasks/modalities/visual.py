@@ -85,6 +85,10 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
         return array
     if not np.isfinite(array).all():
         raise SlotValueError(f"{what} has non-finite values")
+    low = float(array.min())
+    if low < 0:  # (clipped, an ImageNet-normalised image came out two-thirds black)
+        raise SlotValueError(f"{what} has negative pixel values (down to {low:.3g}): pixels are expected in [0, 1] "
+                             "or [0, 255]; undo a normalisation such as (x - mean) / std before passing the image")
     high = float(array.max())
     scale = 255.0 if high <= 1.0 else 255.0 / max(high, 1.0) if high > 255 else 1.0
     with np.errstate(over="ignore"):  # float16 pixels times 255 may overflow; the clip bounds them
@@ -205,7 +209,8 @@ def _tiling_problem(size: int, patch: int, stride: int) -> Optional[str]:
                 f"0 < stride <= patch <= size and (size - patch) divisible by the stride")
     if (size - patch) // stride + 1 > MAX_GRID_SIDE:
         return (f"image size {size}, patch {patch} and stride {stride} give {(size - patch) // stride + 1} "
-                f"patches a side; the patch adapters hold {MAX_GRID_SIDE} (use a larger stride or a smaller size)")
+                f"patches a side; the patch adapters hold {MAX_GRID_SIDE} (use a larger patch, with a stride "
+                f"up to it, or a smaller size: the stride cannot pass the patch)")
     return None
 
 
