@@ -20,10 +20,14 @@ equivalent ``MoE`` (token router, SwiGLU experts without biases, dropless):
 Expert weights come either stacked (transformers 5: ``gate_up_proj [E, X, D]`` with the gate rows
 first, ``down_proj [E, D, H]``) or as a ModuleList of per-expert MLPs (older releases: ``w1, w3,
 w2`` for Mixtral, ``gate_proj, up_proj, down_proj`` for the others). In eval mode the layer and the
-block give the same outputs. In training, Mixtral's ``router_jitter_noise`` scales the hidden
-states seen by both router and experts, while moe_gen's jitter only perturbs the router input, so
-noisy training steps are not bit-comparable; DeepSeek-V3's correction bias is imported as a fixed
-selection bias (transformers does not update it either).
+block give the same outputs in fp32. A bf16 block computes its router logits in bf16, while
+moe_gen's router always scores in fp32 (so that near-ties do not flip with the batch): there a
+token whose top-k experts are within bf16 rounding of each other may route otherwise (measured: 1
+token in 1,024 of a bf16 Mixtral block, its output then differing by O(1)). In training, Mixtral's
+``router_jitter_noise`` scales the hidden states seen by both router and experts, while moe_gen's
+jitter only perturbs the router input, so noisy training steps are not bit-comparable;
+DeepSeek-V3's correction bias is imported as a fixed selection bias (transformers does not update
+it either).
 """
 
 from __future__ import annotations

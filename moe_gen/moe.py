@@ -24,7 +24,7 @@ from torch import nn
 
 from moe_gen.config import MoEConfig
 from moe_gen.experts.dispatch import DispatchBackend, MergedDispatch, make_backend
-from moe_gen.experts.experts import DenseFFN
+from moe_gen.experts.experts import DenseFFN, _autocast_dtype
 from moe_gen.registry import EXPERTS
 from moe_gen.routing.output import RouterOutput
 from moe_gen.routing.router import Router
@@ -255,7 +255,7 @@ class MoE(nn.Module):
         expert_outputs = backend.run(self.experts, dispatched)
         y_TD = backend.combine(expert_outputs, dispatched, x_TD)
         if y_TD is None:  # no assignment computed at all (every token padding or dropped)
-            y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out)
+            y_TD = x_TD.new_zeros(x_TD.shape[0], self.experts.d_out, dtype=_autocast_dtype(x_TD))
         y_TD = self._add_shared(x_TD, y_TD, batch.valid)
         return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
 

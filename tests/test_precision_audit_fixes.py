@@ -169,3 +169,59 @@ def test_an_fp32_layer_takes_bf16_hidden_states_on_every_backend(kind):
         moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=2, router="attribute", backend=backend,
                             experts=ExpertsConfig(kind=kind)))
         assert moe(x, tags=tags).output.dtype == torch.bfloat16, backend
+
+
+# ---- a second routing audit (2026-12-05, ninth session) -------------------------------------------
+
+@pytest.mark.parametrize("backend", ["eager", "torch", "einsum"])
+def test_a_shared_expert_takes_bf16_states_into_an_fp32_layer(backend):
+    """The routed experts computed in the input's dtype; the shared expert's plain nn.Linear
+    refused bf16 rows against fp32 weights."""
+    from moe_gen.config import ExpertsConfig
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=2, backend=backend,
+                        experts=ExpertsConfig(kind="mlp", shared_expert=True))).eval()
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        y = moe(x.to(torch.bfloat16)).output
+        assert y.dtype == torch.bfloat16
+        torch.testing.assert_close(y.float(), moe(x).output, atol=0.05, rtol=0.05)
+
+
+def test_merged_routes_of_unequal_expert_counts_take_bf16_states():
+    """expert_choice gives tokens 0, 1 or 2 experts: the merged backend's per-route FFNs (and a
+    merge_for_inference copy) multiplied bf16 rows by fp32 weights."""
+    from moe_gen import TokenTags, merge_for_inference
+
+    T = 12
+    tags = TokenTags(task=torch.arange(T) % 3, modality=(torch.arange(T) // 3) % 3,
+                     role=torch.zeros(T, dtype=torch.long), task_modalities=torch.ones(T, 9, dtype=torch.bool),
+                     causal=torch.zeros(T, dtype=torch.bool), pass_id=torch.zeros(T, dtype=torch.long))
+    x = torch.randn(T, 16)
+    torch.manual_seed(1)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=1, backend="torch",
+                        router=RouterConfig(strategy="attribute", gate="expert_choice"))).eval()
+    with torch.no_grad():
+        reference = moe(x, tags=tags).output
+        assert len(set(moe(x, tags=tags).routing.mask.sum(-1).tolist())) > 1  # unequal counts
+        for layer in (merge_for_inference(moe), moe):
+            if layer is moe:
+                moe.set_backend("merged")
+            y = layer(x.to(torch.bfloat16), tags=tags).output
+            assert y.dtype == torch.bfloat16
+            torch.testing.assert_close(y.float(), reference, atol=0.02, rtol=0.02)
+
+
+@pytest.mark.parametrize("backend", ["eager", "torch", "einsum", "merged"])
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_an_all_padding_batch_comes_back_in_the_autocast_dtype(backend, kind):
+    from moe_gen import TokenTags
+
+    tags = TokenTags.constant((2, 4), task=1, modality="IMAGE")
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=2, backend=backend, experts=kind,
+                        router=RouterConfig(strategy="attribute"))).eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        out = moe(torch.randn(2, 4, 16), tags=tags, padding_mask=torch.ones(2, 4, dtype=torch.bool)).output
+    assert out.dtype == torch.bfloat16 and not out.any()

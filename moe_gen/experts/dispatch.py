@@ -487,8 +487,10 @@ class MergedDispatch(DispatchBackend):
                 token_N = None
         # token_N None: no padding, every row in order
         N = x_TD.shape[0] if token_N is None else token_N.numel()
-        if N == 0:  # every token is padding
-            return x_TD.new_zeros(x_TD.shape[0], experts.d_out)
+        if N == 0:  # every token is padding (in the dtype the experts would have computed in)
+            from moe_gen.experts.experts import _autocast_dtype
+
+            return x_TD.new_zeros(x_TD.shape[0], experts.d_out, dtype=_autocast_dtype(x_TD))
         if plan.scale_GU is not None and (N * plan.extra_per_row > self.UNION_MAX_EXTRA_MACS
                                           or not self._union_allowed(x_TD)):
             return None

@@ -197,8 +197,8 @@ class StackedExperts(nn.Module):
                 return grouped_ffn(_cast(x_ND, dtype), counts, *(_cast(t, dtype) for t in stacked), self.activation,
                                    self.gated)
         pieces, start = [], 0
-        for n, merged in zip(counts, stacked):
-            pieces.append(self._merged_ffn(x_ND[start:start + n], *merged))
+        for n, merged in zip(counts, stacked):  # (run_merged casts as the stacked branch does)
+            pieces.append(self.run_merged(x_ND[start:start + n], merged))
             start += n
         return torch.cat(pieces)
 
@@ -275,7 +275,7 @@ class LinearExperts(nn.Module):
             x @ w for x, w, n in zip(x_ND.to(dtype).split(counts), self.weight.to(dtype).unbind(0), counts) if n
         ]
         if not pieces:
-            return x_ND.new_zeros(0, self.d_hidden)
+            return x_ND.new_zeros(0, self.d_hidden, dtype=dtype)
         y = torch.cat(pieces)
         if self.bias is not None:
             expert_N = torch.repeat_interleave(
@@ -318,7 +318,7 @@ class LinearExperts(nn.Module):
 
     def forward_merged_groups(self, x_ND: torch.Tensor, counts: list[int], merged: list) -> torch.Tensor:
         pieces = [_merged_linear(x, w, b) for x, (w, b), n in zip(x_ND.split(counts), merged, counts) if n]
-        return torch.cat(pieces) if pieces else x_ND.new_zeros(0, self.d_hidden)
+        return torch.cat(pieces) if pieces else x_ND.new_zeros(0, self.d_hidden, dtype=_autocast_dtype(x_ND))
 
 
 def _merged_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -351,7 +351,17 @@ class DenseFFN(nn.Module):
             self.fc_out = nn.Linear(d_hidden, d_model, bias=config.bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype != self.fc_in.weight.dtype and not torch.is_autocast_enabled(x.device.type):
+            # in the input's dtype, as the routed experts compute (bf16 states into an fp32 layer)
+            return self._in_dtype(x)
         h = self.fc_in(x)
         if self.fc_out is None:
             return h
         return self.fc_out(activate(h, self.activation, self.kind == "glu"))
+
+    def _in_dtype(self, x: torch.Tensor) -> torch.Tensor:
+        def linear(layer: nn.Linear, v: torch.Tensor) -> torch.Tensor:
+            return nn.functional.linear(v, layer.weight.to(v.dtype), _cast(layer.bias, v.dtype))
+
+        h = linear(self.fc_in, x)
+        return h if self.fc_out is None else linear(self.fc_out, activate(h, self.activation, self.kind == "glu"))

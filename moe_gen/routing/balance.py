@@ -26,8 +26,8 @@ inputs), leaving capacity idle and making hot spots under expert parallelism. Tw
   few coarse tag groups the sign rule keeps moving groups between experts even when the load is
   nearly even; the error rule moves experts near the mean load little, and reached full
   utilisation more reliably (tests/test_tag_balance.py set-ups). The bias is fixed outside
-  training and when the router is frozen, so merged inference and the route cache see a constant
-  route (an update is an in-place write, which the cache's version stamp notices).
+  training and when the router is frozen, so merged inference sees a constant
+  route (``merge_for_inference`` folds the route in as it is when called).
 
 The loss reads the load of the forward it is computed in, which with one task per micro-batch
 (``TrainConfig.batch_tasks="single"``) holds one task's groups only: it then spreads each task over
