@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch
 import torch.nn.functional as F
@@ -28,16 +28,18 @@ LOSS_AVERAGES = ("token", "sample")  # how GenerativeObjective averages token cr
 
 @dataclasses.dataclass(frozen=True)
 class LossScales:
-    """Factors on an objective's token and frame losses, each a mean over its own batch, that make
-    a step of several micro-batches (gradient accumulation) and processes average them as one large
-    batch would. A micro-batch holding ``n`` of the ``N`` scored tokens (or samples, with
-    ``loss_average="sample"``) that the step's ``A`` micro-batches on ``W`` processes hold gets
-    ``token = n·A·W/N``: the trainer divides each micro-batch's loss by ``A`` and data parallelism
-    averages over ``W``, so every token weighs ``1/N`` whichever micro-batch it fell in. ``frame``
-    does the same with target frame rows. Both are 1 for one micro-batch in one process."""
+    """Factors on an objective's token loss and on each adapter's frame loss (each a mean over its
+    own batch) that make a step of several micro-batches (gradient accumulation) on several
+    processes weigh every scored token, and every frame row, alike, as one large batch would. The
+    trainer computes them (``moe_gen.trainer.scales``): for a micro-batch holding ``n`` of the ``N``
+    scored tokens of its objective over the step, ``token = c·n/N``, where ``c`` turns the
+    trainer's weighting of the micro-batch (its samples' share of the micro-batch, over ``A``
+    micro-batches, averaged over ``W`` processes) into the objective's share of the whole step's
+    samples; ``frame`` does the same per frame adapter. Both are 1 for one micro-batch in one
+    process."""
 
     token: float = 1.0
-    frame: float = 1.0
+    frame: Mapping[str, float] = dataclasses.field(default_factory=dict)  # adapter → factor (absent: 1)
 
 
 class Objective:
@@ -61,9 +63,9 @@ class Objective:
 
         return collate(samples, self.model.tokenizer, self.model.task_ids, modality_ids=self.model.modality_ids)
 
-    def loss_counts(self, batch: Batch) -> tuple[int, int]:
+    def loss_counts(self, batch: Batch) -> tuple[int, dict[str, int]]:
         """(scored tokens — samples with scored tokens under ``loss_average="sample"`` —, target
-        frame rows) of ``batch``: what its token and frame losses are means over."""
+        frame rows per adapter) of ``batch``: what its token and frame losses are means over."""
         scored_BL = batch.labels != IGNORE_INDEX
         if self.loss_average == "sample":
             sample_BL = batch.decoder.tags.sample
@@ -71,7 +73,7 @@ class Objective:
             tokens = int(torch.unique((row_BL * (int(sample_BL.max()) + 1) + sample_BL)[scored_BL]).numel())
         else:
             tokens = int(scored_BL.sum())
-        return tokens, sum(int(t.shape[0]) for t in batch.frame_targets.values())
+        return tokens, {name: int(t.shape[0]) for name, t in batch.frame_targets.items()}
 
     def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
@@ -140,7 +142,8 @@ class GenerativeObjective(Objective):
             parts["token_loss"] = self._token_mean(batch, scored, task_N, ce_N)
             parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
             _add_per_task(per_task, task_N, ce_N.detach())
-        frame_terms = []
+        frame_terms, scaled_frames = [], []  # per adapter: its L1 + stop loss, and times its scale
+        frame_scales = (scales or LossScales()).frame
         for name, predicted in out.frames.items():
             target = batch.frame_targets[name]
             task_R = task_BL.reshape(-1)[batch.frame_index[name]]
@@ -149,11 +152,12 @@ class GenerativeObjective(Objective):
                 l1_R = (predicted.float() - target.float()).abs().mean(-1)
                 stop_R = F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name],
                                                             reduction="none")
-                frame_terms += [(w_R * l1_R).mean(), (w_R * stop_R).mean()]
+                terms = [(w_R * l1_R).mean(), (w_R * stop_R).mean()]
             else:
-                frame_terms.append(F.l1_loss(predicted.float(), target.float()))
-                frame_terms.append(F.binary_cross_entropy_with_logits(out.stop_logits[name].float(),
-                                                                      batch.frame_stop[name]))
+                terms = [F.l1_loss(predicted.float(), target.float()),
+                         F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name])]
+            frame_terms.append(torch.stack(terms).sum())
+            scaled_frames.append(_scaled(frame_terms[-1], frame_scales.get(name, 1.0)))
             row_error = (predicted.detach().float() - target.float()).abs().mean(-1)
             _add_per_task(per_task, task_R, row_error)
         if frame_terms:
@@ -163,9 +167,9 @@ class GenerativeObjective(Objective):
             # per task: mean token cross-entropy plus mean L1 of its frame rows (for logs)
             parts[f"task_loss/{names[task_id]}"] = torch.stack(values).sum()
         aux = sum(out.aux_losses.values(), zero)
-        scales = scales or LossScales()
-        loss = (_scaled(parts.get("token_loss", zero), scales.token)
-                + self.frame_weight * _scaled(parts.get("frame_loss", zero), scales.frame) + aux)
+        token_scale = (scales or LossScales()).token
+        frames = torch.stack(scaled_frames).sum() if scaled_frames else zero
+        loss = _scaled(parts.get("token_loss", zero), token_scale) + self.frame_weight * frames + aux
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
 
@@ -281,7 +285,10 @@ class ContrastiveObjective(Objective):
         routing = sum(out.aux_losses.values(), logits_BB.reshape(-1)[:1].float().sum() * 0.0)
         aux = sum((o.aux_loss for o in text.moe_outputs), routing)
         loss = self.caption_weight * (caption["loss"] - routing) + self.contrastive_weight * contrastive + aux
-        parts = {**caption, "loss": loss, "caption_loss": caption["loss"].detach(),
+        # (logged unscaled: this batch's own caption loss, as the other parts are)
+        caption_loss = (caption.get("token_loss", 0.0) + self.generative.frame_weight
+                        * caption.get("frame_loss", 0.0) + routing).detach()
+        parts = {**caption, "loss": loss, "caption_loss": caption_loss,
                  "contrastive_loss": contrastive.detach(), "aux_loss": aux.detach(),
                  **{f"aux/contrastive_pass/{k}": v.detach() for k, v in summed_aux_losses(text.moe_outputs).items()}}
         if len(torch.unique(side.tokens, dim=0)) > 1:  # with one distinct text every retrieval is right

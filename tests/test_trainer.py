@@ -356,7 +356,7 @@ def test_accumulated_micro_batches_give_one_large_batchs_gradient(tok, tmp_path,
     rows = [{"a": " ".join(r.choices(words, k=r.randint(1, 4))),
              "b": " ".join(r.choices(words, k=12 if i % 4 == 3 and i < 4 else 1 + i % 2))} for i in range(8)]
     task = Task("t", "[TEXT:a] -> [TEXT:b]", rows)
-    grads, losses = [], []
+    grads, losses, token_losses = [], [], []
     for batch_size, accumulate in ((8, 1), (4, 2)):
         torch.manual_seed(0)
         model = GeneralistModel.build(flavour_with("debug", every=0, dropout=0.0), [task], tok)
@@ -372,11 +372,15 @@ def test_accumulated_micro_batches_give_one_large_batchs_gradient(tok, tmp_path,
             return clip()
 
         trainer._clip = clip
-        losses.append(trainer.train_step(1)["loss"])
+        record = trainer.train_step(1)
+        losses.append(record["loss"])
+        token_losses.append(record["token_loss"])
         trainer.close()
         grads.append(seen)
         assert sorted(sum(drawn, [])) == list(range(8))
     assert losses[0] == pytest.approx(losses[1], rel=1e-5)
+    # the logged token loss is the step's too (it was the mean of the micro-batches' means)
+    assert token_losses[0] == pytest.approx(token_losses[1], rel=1e-5)
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
 

@@ -4,7 +4,9 @@ adapters of a fine-tuning run initialised from its seed."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import math
 
 import pytest
 import torch
@@ -78,3 +80,116 @@ def test_new_tasks_adapters_start_from_the_runs_seed(tok, tmp_path):
     first, second, other_seed = new_adapter(0, 0), new_adapter(1, 0), new_adapter(0, 1)
     assert first and all(torch.equal(first[k], second[k]) for k in first)
     assert any(not torch.equal(first[k], other_seed[k]) for k in first)
+
+
+# ---- accumulation as one large batch, where a step holds several objectives or frame adapters ----
+
+def _grads_of_one_step(tasks, tok, tmp_path, micro_batches, **config):
+    """Loss and gradient of one step whose micro-batches hold exactly ``micro_batches`` (lists of
+    (task, row index)), on a dense debug model without dropout."""
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour_with("debug", every=0, dropout=0.0), tasks, tok)
+    trainer = Trainer(model, tasks, TrainConfig(steps=1, batch_size=len(micro_batches[0]),
+                                                accumulate=len(micro_batches), clip_norm=0, lr=1e-3, progress=False,
+                                                tensorboard=False, **config),
+                      output_dir=str(tmp_path / f"run{len(micro_batches)}"))
+    by_key = {(t.name, i): s for t in tasks for i, s in enumerate(t.samples(tok))}
+    trainer.sampler.next_batch = lambda step, micro: [by_key[k] for k in micro_batches[micro]]
+    seen = {}
+
+    def clip(clip=trainer._clip):
+        seen.update({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+        return clip()
+
+    trainer._clip = clip
+    record = trainer.train_step(1)
+    trainer.close()
+    return record, seen
+
+
+def _assert_same_step(one, two):
+    assert one[0]["loss"] == pytest.approx(two[0]["loss"], rel=1e-5)
+    for name, grad in one[1].items():
+        torch.testing.assert_close(two[1][name], grad, atol=1e-6, rtol=1e-4, msg=name)
+
+
+def test_accumulation_equals_one_batch_with_two_objectives(tok, tmp_path):
+    """A second objective's group was weighed by its micro-batch share times its token share:
+    41.8% off one batch (2.8% before the token weighting)."""
+    from moe_gen.objectives import OBJECTIVES, GenerativeObjective
+
+    if "generative_copy" not in OBJECTIVES:
+        OBJECTIVES.register("generative_copy")(type("GenerativeCopy", (GenerativeObjective,), {}))
+    words = "alpha beta gamma delta epsilon zeta".split()
+    a = Task("a", "[TEXT:q] -> [TEXT:x]", [{"q": w, "x": " ".join(words)} for w in words[:4]])
+    b = Task("b", "[TEXT:q] -> [TEXT:x]", [{"q": w, "x": w} for w in words[:4]], objective="generative_copy")
+    rows = [("a", 0), ("b", 0), ("b", 1), ("b", 2), ("a", 1), ("a", 2), ("a", 3), ("b", 3)]
+    _assert_same_step(_grads_of_one_step([a, b], tok, tmp_path, [rows]),
+                      _grads_of_one_step([a, b], tok, tmp_path, [rows[:4], rows[4:]]))
+
+
+def test_accumulation_equals_one_batch_with_two_frame_adapters(tok, tmp_path):
+    """The frame loss is a sum of per-adapter means; one scale for all rows left it 55% off."""
+    from moe_gen.tasks import load_preset
+
+    tasks = [load_preset("text_to_motion", "train", limit=3), load_preset("text_to_speech", "train", limit=1)]
+    rows = [("text_to_motion", 0), ("text_to_motion", 1), ("text_to_motion", 2), ("text_to_speech", 0)]
+    _assert_same_step(_grads_of_one_step(tasks, tok, tmp_path, [rows]),
+                      _grads_of_one_step(tasks, tok, tmp_path, [rows[:2], rows[2:]]))
+
+
+def test_an_objective_without_scales_trains_with_accumulation(tok, tmp_path):
+    """A user objective written to ``__call__(self, batch)`` got ``scales=`` and raised TypeError."""
+    from moe_gen.objectives import OBJECTIVES, GenerativeObjective, Objective
+
+    class Plain(Objective):
+        def __init__(self, model):
+            self.model, self.inner = model, GenerativeObjective(model)
+
+        @classmethod
+        def from_train_config(cls, model, config):
+            return cls(model)
+
+        def __call__(self, batch):
+            return self.inner(batch)
+
+    if "plain_objective" not in OBJECTIVES:
+        OBJECTIVES.register("plain_objective")(Plain)
+    task = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"row {i}", "b": "yes " * (1 + i % 5)} for i in range(8)],
+                objective="plain_objective")
+    record, grads = _grads_of_one_step([task], tok, tmp_path, [[("t", 0), ("t", 1)], [("t", 2), ("t", 3)]])
+    assert math.isfinite(record["loss"]) and grads
+
+
+def test_a_diverged_run_logs_its_last_step_between_logging_steps(tok, tmp_path):
+    trainer = _diverging_trainer(tok, tmp_path, steps=5, max_bad_steps=2)
+    trainer.config = dataclasses.replace(trainer.config, log_every=10)
+    with pytest.raises(TrainingDiverged):
+        trainer.fit()
+    lines = (tmp_path / "logs" / "train.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in lines] == [2]
+
+
+def test_the_logged_caption_loss_is_its_batchs_own_under_accumulation(tok, tmp_path):
+    """Contrastive rows in one of two micro-batches: the logged caption loss was multiplied by that
+    batch's loss scale (2 here)."""
+    import random
+
+    from moe_gen.tasks import load_preset
+
+    tasks = [load_preset("image_text_retrieval", "train", limit=2), load_preset("digit_captioning", "train", limit=6)]
+    rows = [("image_text_retrieval", 0), ("image_text_retrieval", 1), ("digit_captioning", 0), ("digit_captioning", 1)]
+    later = [("digit_captioning", i) for i in range(2, 6)]
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour_with("debug", every=0, dropout=0.0), tasks, tok)
+    trainer = Trainer(model, tasks, TrainConfig(steps=1, batch_size=4, accumulate=2, clip_norm=0, progress=False,
+                                                tensorboard=False), output_dir=str(tmp_path))
+    by_key = {(t.name, i): s for t in tasks for i, s in enumerate(t.samples(tok))}
+    micro = [[by_key[k] for k in rows], [by_key[k] for k in later]]
+    trainer.sampler.next_batch = lambda step, m: micro[m]
+    contrastive = trainer.objectives["contrastive"]
+    with torch.no_grad():
+        own = float(contrastive(contrastive.prepare(micro[0][:2], random.Random(0)))["caption_loss"])
+    record = trainer.train_step(1)
+    trainer.close()
+    assert record["caption_loss"] == pytest.approx(own, rel=1e-4)

@@ -47,6 +47,7 @@ from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, expert_utilisation
 from moe_gen.trainer.resume import check_same_model, check_same_training
 from moe_gen.trainer.sampling import TaskSampler
+from moe_gen.trainer.scales import step_loss_scales
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
 
@@ -60,11 +61,28 @@ class TrainingDiverged(RuntimeError):
         self.record = record
 
 
-def _loss_counts(objective, batch) -> tuple[int, int]:
-    """``objective.loss_counts(batch)``; (0, 0) — losses left as they are — for an objective
-    written without it (a plain callable with ``prepare``)."""
-    counts = getattr(objective, "loss_counts", None)
-    return (0, 0) if counts is None else counts(batch)
+def _log_counts(batch, task_names, objective) -> dict[str, int]:
+    """What a batch's logged means are over: what its objective's token loss averages (scored
+    tokens, or samples: ``loss_counts``), scored tokens (``token_accuracy``), target frame rows
+    (``frame_loss``) and each task's tokens and rows (``task_loss/<task>``), so that micro-batches
+    combine as one large batch would (exactly for one objective and one frame adapter)."""
+    from moe_gen.tasks.batch import IGNORE_INDEX
+
+    scored = batch.labels != IGNORE_INDEX
+    task_BL = batch.decoder.tags.task
+    ids = [task_BL[scored]] + [task_BL.reshape(-1)[index] for index in batch.frame_index.values()]
+    rows = sum(int(index.numel()) for index in batch.frame_index.values())
+    averaged = objective.loss_counts(batch)[0] if hasattr(objective, "loss_counts") else int(scored.sum())
+    out = {"token_loss": averaged, "token_accuracy": int(scored.sum()), "frame_loss": rows}
+    per_task = torch.bincount(torch.cat(ids).cpu(), minlength=len(task_names)).tolist()
+    out.update({f"task_loss/{task_names[t]}": n for t, n in enumerate(per_task) if n})
+    return out
+
+
+def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
+    """Mean of the values, each by its weight (a plain mean where the weights sum to 0)."""
+    total = sum(w for _, w in pairs)
+    return sum(v * w for v, w in pairs) / total if total else sum(v for v, _ in pairs) / len(pairs)
 
 
 class WarmupCosine:
@@ -451,47 +469,26 @@ class Trainer:
             prepared.append((name, groups[name], self.objectives[name].prepare(groups[name], rng).to(self.device)))
         return len(samples), prepared
 
-    def _loss_scales(self, micro_batches: list) -> list[dict[str, Optional[LossScales]]]:
-        """Per micro-batch and objective, the ``LossScales`` that weigh every scored token (frame
-        row) of the step alike over its micro-batches and processes, as one large batch would
-        (None where both are 1: one micro-batch in one process)."""
-        names = sorted(self.objectives)
-        counts = [{name: _loss_counts(self.objectives[name], batch) for name, _, batch in groups}
-                  for _, groups in micro_batches]
-        totals = torch.zeros(len(names), 2, dtype=torch.float64)
-        for per_name in counts:
-            for name, (tokens, frames) in per_name.items():
-                totals[names.index(name)] += torch.tensor([tokens, frames], dtype=torch.float64)
-        totals = distributed.summed_over_processes(totals)
-        factor = len(micro_batches) * self.world
-        scales = []
-        for per_name in counts:
-            scales.append({})
-            for name, (tokens, frames) in per_name.items():
-                token_total, frame_total = totals[names.index(name)].tolist()
-                token = tokens * factor / token_total if token_total else 1.0
-                frame = frames * factor / frame_total if frame_total else 1.0
-                scales[-1][name] = None if token == 1.0 and frame == 1.0 else LossScales(token, frame)
-        return scales
-
     def _micro_batch(self, micro: int, size: int, groups: list,
-                     scales: dict[str, Optional[LossScales]]) -> tuple[dict, collections.Counter, bool]:
+                     scales: dict[str, Optional[LossScales]]) -> tuple[dict, dict, collections.Counter, bool]:
         """Forward + backward of one prepared micro-batch (``size`` samples), one objective group
         after the other (each group's graph is freed before the next is built; under DDP only the
-        step's last backward communicates); returns its loss parts, modality positions and whether
-        every process's loss was finite (a step with a non-finite micro-batch is skipped on every
-        process)."""
+        step's last backward communicates); returns its loss parts, what each part is a mean over
+        (``_log_counts``), modality positions and whether every process's loss was finite (a step
+        with a non-finite micro-batch is skipped on every process)."""
         cfg = self.config
         parts: dict[str, float] = {}
+        counts: collections.Counter = collections.Counter()
         shares: dict[str, float] = {}  # of the groups that returned each part
         positions: collections.Counter = collections.Counter()
         loss = torch.zeros((), device=self.device)
         for i, (name, group, batch) in enumerate(groups):
             positions.update(batch.tokens_per_modality)
+            counts.update(_log_counts(batch, self.model.config.tasks, self.objectives[name]))
             last = micro == cfg.accumulate - 1 and i == len(groups) - 1
             with contextlib.nullcontext() if last else distributed.no_sync(self.loss_module):
                 with self._autocast():
-                    out = self.loss_module(name, batch, scales[name])
+                    out = self.loss_module(name, batch, scales.get(name))
                 share = len(group) / size
                 group_loss = out["loss"].float() * share
                 if group_loss.requires_grad:
@@ -507,7 +504,7 @@ class Trainer:
         parts = {key: value / shares[key] for key, value in parts.items()}
         finite = not distributed.any_true(not bool(torch.isfinite(loss)))
         parts["loss"] = float(loss)
-        return parts, positions, finite
+        return parts, counts, positions, finite
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -526,19 +523,19 @@ class Trainer:
         cfg = self.config
         start = time.perf_counter()
         self.model.train()
-        values: dict[str, list[float]] = collections.defaultdict(list)
+        values: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         positions: collections.Counter = collections.Counter()
         finite = True
         micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(cfg.accumulate)]
-        scales = self._loss_scales(micro_batches)
+        scales = step_loss_scales(self.objectives, micro_batches, list(self.model.frame_heads), self.world)
         for micro, (size, groups) in enumerate(micro_batches):
-            parts, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
+            parts, over, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
             finite &= ok
             positions.update(counts)
             for key, value in parts.items():
-                values[key].append(value)
-        # each part averaged over the micro-batches it occurred in
-        totals = {key: sum(v) / len(v) for key, v in values.items()}
+                values[key].append((value, over.get(key, 1.0)))
+        # each part averaged over the micro-batches it occurred in, by what it is a mean over
+        totals = {key: _weighted_mean(v) for key, v in values.items()}
         norm = self._clip()
         finite = finite and not distributed.any_true(not math.isfinite(norm))
         lr = self.optimizer.param_groups[0]["lr"]
@@ -599,8 +596,8 @@ class Trainer:
                     log_now = step % cfg.log_every == 0 or step == cfg.steps
                     try:
                         record = self.train_step(step, recorder if log_now else None)
-                    except TrainingDiverged as error:  # the step that stopped the run is logged too
-                        if log_now and error.record is not None:
+                    except TrainingDiverged as error:  # the step that stopped the run is logged, always
+                        if error.record is not None:
                             logger.log(error.record)
                         raise
                     self.step = step
