@@ -80,3 +80,44 @@ def test_routing_json_holds_no_nan_and_one_task_has_no_interference_between_task
     text = (tmp_path / "routing.json").read_text()
     json.loads(text, parse_constant=lambda c: pytest.fail(f"routing.json holds {c}"))
     assert os.path.exists(tmp_path / "report.md")
+
+
+# ---- a second audit (2026-12-05, ninth session) ----------------------------------------------------
+
+def test_forward_mode_routes_a_masked_task_as_its_training_does():
+    """Forward mode collated every task as a generative one: a masked-modeling task's tokens were
+    routed with another pass tag and unmasked inputs, so the report described routes the model
+    never uses (its encoder experts differed from training's)."""
+    import random
+
+    from moe_gen.analysis import RoutingRecorder
+    from moe_gen.config import RouterConfig
+    from moe_gen.objectives import MaskedObjective
+
+    torch.manual_seed(0)
+    train = load_preset("digit_masked_modeling", "train", limit=8)
+    model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute"), "top_k": 1}),
+                                  [train], Tokenizer.default()).eval()
+    test = load_preset("digit_masked_modeling", "test")
+    analysis = report.analyze(model, [test], limit=4, interference_rows=0)
+    objective = MaskedObjective(model)
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        objective(objective.prepare(report._samples(model, test, 4), random.Random(0)))
+    torch.testing.assert_close(analysis.tables.counts_LETMR, recorder.tables().counts_LETMR)
+
+
+def test_a_one_expert_layer_has_no_max_off_diagonal_similarity(tmp_path):
+    torch.manual_seed(0)
+    train = load_preset("table_species", "train", limit=8)
+    model = GeneralistModel.build(flavour("debug", moe={"num_experts": 1, "top_k": 1}), [train], Tokenizer.default())
+    analysis = report.analyze(model, [load_preset("table_species", "test")], limit=4, interference_rows=0)
+    report.write_report(analysis, str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert "| encoder.blocks.0.ffn | 0 | — |" in text  # read -1 (1 - 2), a cosine no pair had
+
+
+def test_a_link_whose_outputs_are_not_a_mapping_is_refused_when_made():
+    from moe_gen.model.chain import Link
+
+    with pytest.raises(ValueError, match=r"outputs maps the task's target columns to row columns"):
+        Link("text_to_image", "image")  # failed with AttributeError after the link's inference had run

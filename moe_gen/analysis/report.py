@@ -137,19 +137,30 @@ def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int], ba
     return rows
 
 
-def _held_out_loss(model, samples: list, batch_size: int) -> float:
-    """Mean teacher-forced loss of ``samples`` (one task's): the token cross-entropy averaged over
-    all their scored tokens plus the frame loss averaged over all their target frames, whatever
-    the batch size (each batch's means weighted by its tokens and frames)."""
+def _task_batch(model, task, samples: list, seed: int = 0):
+    """``samples`` of ``task`` collated as its objective collates them in training (a masked or
+    parallel task's masking and ``pass`` tag: collated as generative ones, their tokens were routed
+    as the model never routes them), with the objective's draws seeded."""
+    import random
+
+    from moe_gen.objectives import OBJECTIVES
+
+    return OBJECTIVES.get(task.objective)(model).prepare(samples, random.Random(seed))
+
+
+def _held_out_loss(model, task, samples: list, batch_size: int) -> float:
+    """Mean teacher-forced loss of ``samples`` (one task's, collated as its objective does): the
+    token cross-entropy averaged over all their scored tokens plus the frame loss averaged over all
+    their target frames, whatever the batch size (each batch's means weighted by its tokens and
+    frames)."""
     from moe_gen.objectives import GenerativeObjective
-    from moe_gen.tasks import IGNORE_INDEX, collate
+    from moe_gen.tasks import IGNORE_INDEX
 
     objective = GenerativeObjective(model)
     sums = {"token_loss": 0.0, "frame_loss": 0.0}
     counts = {"token_loss": 0, "frame_loss": 0}
     for start in range(0, len(samples), batch_size):
-        batch = collate(samples[start:start + batch_size], model.tokenizer, model.task_ids,
-                        modality_ids=model.modality_ids)
+        batch = _task_batch(model, task, samples[start:start + batch_size], seed=start)
         out = objective(batch)
         weights = {"token_loss": int((batch.labels != IGNORE_INDEX).sum()),
                    "frame_loss": sum(int(index.numel()) for index in batch.frame_index.values())}
@@ -175,8 +186,6 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
         batch_size: rows per forward pass (or per ``infer`` call).
         interference_rows: rows of each task in its gradient batch; 0 skips interference.
     """
-    from moe_gen.tasks import collate
-
     rows = _rows_to_analyse(model, tasks, mode, limit, batch_size, interference_rows)
     with eval_mode(model):
         with RoutingRecorder(model) as recorder, torch.no_grad():
@@ -185,7 +194,7 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
                 for task in tasks:
                     samples = _samples(model, task, rows[task.name])
                     rows[task.name] = len(samples)  # the rows recorded: unknown labels and failed rows left out
-                    evaluation[task.name] = {"loss": _held_out_loss(model, samples, batch_size)}
+                    evaluation[task.name] = {"loss": _held_out_loss(model, task, samples, batch_size)}
             else:
                 from moe_gen.trainer.evaluation import evaluate
 
@@ -193,8 +202,8 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
         tables = recorder.tables()
         interference = None
         if interference_rows > 0:
-            batches = {task.name: collate(_samples(model, task, min(interference_rows, rows[task.name])),
-                                          model.tokenizer, model.task_ids, modality_ids=model.modality_ids)
+            batches = {task.name: _task_batch(model, task, _samples(model, task, min(interference_rows,
+                                                                                      rows[task.name])))
                        for task in tasks}
             interference = stats.interference_matrix(stats.task_gradients(model, batches))
     summary = stats.summarize(tables)
@@ -268,6 +277,8 @@ def key_numbers(analysis: Analysis) -> dict:
 # ---- writing ----------------------------------------------------------------------------------
 
 def _fmt(value) -> str:
+    if value is None:
+        return "—"
     if isinstance(value, float):
         return "nan" if math.isnan(value) else f"{value:.4g}"
     return str(value)
@@ -382,7 +393,8 @@ def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:
                               r["normalised"]] for r in s["route_agreement"]])
         lines += ["", "## Expert similarity (cosine of flattened weights)", ""]
         lines += _table(["layer", "mean off-diagonal", "max off-diagonal"],
-                        [[name, _offdiag_mean(m), float((m - 2 * torch.eye(m.shape[0])).max())]
+                        [[name, _offdiag_mean(m),  # (one expert has no pair: no value, not -1)
+                          float((m - 2 * torch.eye(m.shape[0])).max()) if m.shape[0] > 1 else None]
                          for name, m in a.similarity.items()])
     lines += ["", "## Task affinity", ""]
     if "dendrogram" in files:

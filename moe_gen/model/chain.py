@@ -34,6 +34,9 @@ class Link:
     options: Mapping[str, Any] = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        if not isinstance(self.outputs, Mapping):  # (a name or list failed after the link's inference ran)
+            raise ValueError(f"a chain link ({self.task!r}): outputs maps the task's target columns to row columns, "
+                             f"e.g. {{'image': 'image'}}; got {type(self.outputs).__name__} {self.outputs!r}")
         if not self.outputs:
             raise ValueError(f"a chain link ({self.task!r}) must name at least one target column to pass on")
 
