@@ -255,6 +255,8 @@ def _init_section(section: dict) -> tuple[str, Optional[dict], dict]:
             raise ValueError(f"{owner}: unknown keys {unknown}{did_you_mean(unknown, known)}; "
                              f"known: {', '.join(known)}")
         for key, value in values.items():
+            if owner == "model" and key == "moe" and isinstance(value, dict):
+                continue  # MoE fields to change, as from_hf takes them (checked when the config is made)
             values[key] = _typed(owner, key, hints[key], value)
     if recipe is not None:
         if "num_experts" not in recipe:

@@ -82,10 +82,16 @@ def load_model(cls, directory: str):
         with open(config_path, encoding="utf-8") as f:
             data = json.load(f)
     except (OSError, ValueError) as exc:  # missing, unreadable, not JSON, not UTF-8
-        raise ValueError(f"{config_path}: cannot read the model configuration ({exc})") from None
+        inner = os.path.join(directory, "model")
+        hint = (f"; {directory} looks like a run directory: its model is {inner}"
+                if os.path.isfile(os.path.join(inner, "config.json")) else "")
+        raise ValueError(f"{config_path}: cannot read the model configuration ({exc}){hint}") from None
     try:
         config = ModelConfig.from_dict(data)
     except (ValueError, TypeError, ArithmeticError) as exc:
+        if isinstance(data, dict) and "model_type" in data:  # (a transformers checkpoint)
+            raise ValueError(f"{directory} is a transformers checkpoint ({data['model_type']}): load it with "
+                             "moe_gen.pretrained.from_hf (model.init: hf:PATH on the command line)") from None
         raise ValueError(f"{config_path}: not a valid model configuration ({exc})") from None
     try:
         tokenizer = Tokenizer.load(directory)
@@ -101,14 +107,27 @@ def load_model(cls, directory: str):
         weights = load_file(weights_path)
     except Exception as exc:  # noqa: BLE001 - safetensors raises its own error type for a torn file
         raise ValueError(f"{weights_path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
-    saved = {weights[name].dtype for name, _ in model.named_parameters() if name in weights}
-    if len(saved) == 1 and (dtype := saved.pop()).is_floating_point and dtype != torch.float32:
-        model.to(dtype)  # a bf16 (fp64) model comes back as saved, not upcast (rounded) to fp32
+    _as_saved(model, weights)
     try:
         model.load_state_dict(weights)
     except RuntimeError as exc:
         raise ValueError(f"{weights_path} does not fit the model of {config_path}: {exc}") from None
     return model
+
+
+def _as_saved(model, weights: dict) -> None:
+    """``model`` in the dtypes its weights were saved in: a bf16 (fp64) model comes back as saved,
+    not upcast (rounded) to fp32, and a mixed one (bf16 with fp32 routers) as well: the model in
+    the dtype most of its weights have, then each parameter saved otherwise in its own."""
+    sizes: dict = {}
+    for name, param in model.named_parameters():
+        if name in weights and weights[name].is_floating_point():
+            sizes[weights[name].dtype] = sizes.get(weights[name].dtype, 0) + param.numel()
+    if sizes and (dtype := max(sizes, key=sizes.get)) != torch.float32:
+        model.to(dtype)
+    for name, param in model.named_parameters():
+        if name in weights and weights[name].is_floating_point() and weights[name].dtype != param.dtype:
+            param.data = param.data.to(weights[name].dtype)
 
 
 def _holds_cwd(directory: str) -> bool:

@@ -164,6 +164,9 @@ def _task_words(names: Sequence[str], tasks: Sequence, known: Sequence[str],
     return tuple(given.get(name, before.get(name, ())) for name in names)
 
 
+NEW_HEADS = ":heads"  # add_tasks' name for new frame and stop heads of an adapter the model had
+
+
 def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_adapters: list):
     """Adapter name → feature width for every feature slot of ``tasks`` (sized from each task's
     first rows that encode, one per template: ``Task.probe``), and the adapters whose rows are
@@ -309,8 +312,9 @@ class GeneralistModel(nn.Module):
         """Makes room for new tasks (fine-tuning): their names join the task vocabulary, and slots
         whose features no adapter embeds yet get a new adapter (and frame heads for continuous
         targets), fitted on their rows as the model's encoding statistics (tasks the model already
-        knows keep theirs). Returns the names of the new adapters
-        (``TrainConfig(trainable="new_adapters")`` trains just those)."""
+        knows keep theirs). Returns the names of the new adapters, and ``<adapter>:heads`` for new
+        frame and stop heads of an adapter the model had (``TrainConfig(trainable="new_adapters")``
+        trains just those)."""
         if any(getattr(m, "frozen", False) for m in self.modules()):
             raise ValueError("this model's MoE layers are frozen for inference (merge_for_inference): add the "
                              "tasks to the model it was merged from, train it, and merge again")
@@ -336,6 +340,8 @@ class GeneralistModel(nn.Module):
             if name not in self.frame_heads:
                 self.frame_heads[name] = nn.Linear(D, int(adapters[name])).to(device)
                 self.stop_heads[name] = nn.Linear(D, 1).to(device)
+                if name not in added:  # new heads of an adapter the model has: "<adapter>:heads"
+                    added.append(f"{name}{NEW_HEADS}")
         new_tasks = [t for t in tasks if t.name not in self.config.tasks]
         statistics = _fitted_statistics(new_tasks, self.config.preprocessor_statistics)
         rc = self.config.moe.router

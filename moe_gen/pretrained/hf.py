@@ -99,7 +99,13 @@ def read_checkpoint(source, *, gguf_file: Optional[str] = None) -> HFCheckpoint:
     if path.endswith(".gguf") and gguf_file is None:
         path, gguf_file = os.path.dirname(path) or ".", os.path.basename(path)
     if not os.path.exists(path):
-        raise ValueError(f"checkpoint {path} does not exist")
+        from moe_gen.pretrained.checkpoints import CHECKPOINTS
+
+        raise ValueError(f"checkpoint {path} does not exist (a folder or .gguf file; shipped checkpoints are "
+                         f"named hf:{', hf:'.join(CHECKPOINTS)} on the command line, "
+                         "moe_gen.pretrained.locate(name) from Python)")
+    if gguf_file is not None and not os.path.isfile(os.path.join(path, gguf_file)):
+        raise ValueError(f"checkpoint {os.path.join(path, gguf_file)} does not exist")
     if gguf_file is not None:
         from transformers import AutoModelForCausalLM
 
@@ -117,13 +123,35 @@ def read_checkpoint(source, *, gguf_file: Optional[str] = None) -> HFCheckpoint:
 
         model, tokenizer, _ = load_whisper(path)
         return HFCheckpoint("whisper", model.config, _strip(model.state_dict(), "whisper"), tokenizer, path)
-    if not os.path.isfile(os.path.join(path, "config.json")):
-        raise ValueError(f"{path} holds no config.json (nor a CTranslate2 model.bin): not a checkpoint folder")
+    _check_checkpoint_folder(path)
     config = AutoConfig.from_pretrained(path)
     family = _family(config)
     weights = _read_weights(path)
     tokenizer = AutoTokenizer.from_pretrained(path)
     return HFCheckpoint(family, config, _strip(weights, family), tokenizer, path)
+
+
+def _check_checkpoint_folder(path: str) -> None:
+    """Refuses a folder that is not a transformers checkpoint, naming what it is instead."""
+    ggufs = sorted(f for f in os.listdir(path) if f.endswith(".gguf")) if os.path.isdir(path) else []
+    if not os.path.isfile(os.path.join(path, "config.json")):
+        hint = f"; pass the GGUF file itself ({os.path.join(path, ggufs[0])}) or gguf_file=" if ggufs else ""
+        raise ValueError(f"{path} holds no config.json (nor a CTranslate2 model.bin): not a checkpoint folder{hint}")
+    if _is_moe_gen_config(os.path.join(path, "config.json")):
+        raise ValueError(f"{path} is a moe_gen model folder (save_pretrained's): load it with "
+                         "GeneralistModel.from_pretrained, not from_hf")
+
+
+def _is_moe_gen_config(config_path: str) -> bool:
+    """Whether ``config_path`` is a moe_gen ``ModelConfig`` (its fields; no transformers ``model_type``)."""
+    import json
+
+    try:
+        with open(config_path) as f:
+            data = json.load(f)
+    except (OSError, ValueError):
+        return False
+    return isinstance(data, dict) and "model_type" not in data and {"d_model", "moe"} <= set(data)
 
 
 def _read_weights(path: str) -> dict[str, torch.Tensor]:
@@ -202,9 +230,19 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
     if checkpoint.family != "bert" and decoder_layers is not None:
         overrides["decoder_layers"] = decoder_layers  # BERT's decoder is new; the others' are the checkpoint's
     _refuse_contradictions(checkpoint, {**dataclasses.asdict(base), **fields}, overrides)
-    moe = {**fields.pop("moe"), **(overrides.pop("moe", None) or {})}
+    moe = _dense_moe(checkpoint, {**fields.pop("moe"), **(overrides.pop("moe", None) or {})})
     fields.update(overrides)
     return base.replace(**fields, moe={**base.moe.to_dict(), **moe})  # ModelConfig names unknown moe keys
+
+
+def _dense_moe(checkpoint: HFCheckpoint, moe: dict) -> dict:
+    """The MoE fields of a loaded checkpoint's config: refused where they would make MoE layers
+    (the dense weights then met an MoE layer: AttributeError 'fc_in')."""
+    if moe.get("every") or moe.get("layers"):
+        raise ValueError(f"{checkpoint.source}: a checkpoint loads as a dense model (moe every=0, no layers); "
+                         "make MoE layers of its FFNs with moe_gen.pretrained.upcycle(model, num_experts=..., "
+                         "layers=...) after loading (model.upcycle on the command line)")
+    return moe
 
 
 def _refuse_contradictions(checkpoint: HFCheckpoint, implied: dict, overrides: dict) -> None:

@@ -27,7 +27,7 @@ import torch
 
 from moe_gen import distributed
 from moe_gen.analysis.recorder import RoutingRecorder
-from moe_gen.model.model import GeneralistModel
+from moe_gen.model.model import NEW_HEADS, GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES, LossScales
 from moe_gen.registry import did_you_mean
@@ -119,9 +119,10 @@ def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[s
     elif what == "adapters":
         modules = list(model.adapters.values())
     elif what == "new_adapters":
-        modules = [model.adapters[n] for n in new_adapters]
-        modules += [model.frame_heads[n] for n in new_adapters if n in model.frame_heads]
-        modules += [model.stop_heads[n] for n in new_adapters if n in model.stop_heads]
+        heads = [n.removesuffix(NEW_HEADS) for n in new_adapters]  # a new adapter's heads are new too
+        modules = [model.adapters[n] for n in new_adapters if not n.endswith(NEW_HEADS)]
+        modules += [model.frame_heads[n] for n in heads if n in model.frame_heads]
+        modules += [model.stop_heads[n] for n in heads if n in model.stop_heads]
     else:
         raise ValueError(f"trainable must be all, experts, routers, adapters or new_adapters; got {what!r}")
     for module in modules:
@@ -346,7 +347,7 @@ class Trainer:
                 torch.manual_seed(self.config.seed)
                 return self.model.add_tasks(unknown)
         saved = read_trainer_state(resumed).get("new_adapters") or [] if resumed is not None else []
-        return [a for a in saved if a in self.model.adapters]
+        return [a for a in saved if a in self.model.adapters or a.removesuffix(NEW_HEADS) in self.model.frame_heads]
 
     def _build(self, resume: bool, overwrite: bool) -> None:
         config, model = self.config, self.model
