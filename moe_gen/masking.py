@@ -72,8 +72,10 @@ def _gather(modality: str, stream: list[tuple[Chunk, int]], chosen: list[int], r
                              position_ids=places))
         else:
             rows = torch.tensor(index, dtype=torch.long)
+            # the padding of the source's last row stays marked when that row is this chunk's last
+            padded = chunk.padded_values if index[-1] == len(chunk) - 1 else 0
             out.append(Chunk(modality, role, loss, rows=chunk.rows[rows], positions=chunk.positions[rows],
-                             adaptor=chunk.adaptor, column=chunk.column, position_ids=places))
+                             adaptor=chunk.adaptor, column=chunk.column, position_ids=places, padded_values=padded))
     return out
 
 

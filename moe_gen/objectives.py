@@ -147,19 +147,19 @@ class GenerativeObjective(Objective):
         for name, predicted in out.frames.items():
             target = batch.frame_targets[name]
             task_R = task_BL.reshape(-1)[batch.frame_index[name]]
+            valid = batch.frame_valid.get(name)  # (the zeros that pad a run's last row are no target)
+            error_RF = (predicted.float() - target.float()).abs()
             if self.task_weights:  # each row's L1 and stop loss times its task's weight, over the rows
                 w_R = self._weight_of_task.to(task_R.device)[task_R]
-                l1_R = (predicted.float() - target.float()).abs().mean(-1)
                 stop_R = F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name],
                                                             reduction="none")
-                terms = [(w_R * l1_R).mean(), (w_R * stop_R).mean()]
+                terms = [(w_R * _row_means(error_RF, valid)).mean(), (w_R * stop_R).mean()]
             else:
-                terms = [F.l1_loss(predicted.float(), target.float()),
-                         F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name])]
+                l1 = error_RF.mean() if valid is None else (error_RF * valid).sum() / valid.sum()
+                terms = [l1, F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name])]
             frame_terms.append(torch.stack(terms).sum())
             scaled_frames.append(_scaled(frame_terms[-1], frame_scales.get(name, 1.0)))
-            row_error = (predicted.detach().float() - target.float()).abs().mean(-1)
-            _add_per_task(per_task, task_R, row_error)
+            _add_per_task(per_task, task_R, _row_means(error_RF.detach(), valid))
         if frame_terms:
             parts["frame_loss"] = torch.stack(frame_terms).sum()
         names = self.model.config.tasks
@@ -195,6 +195,11 @@ class GenerativeObjective(Objective):
             count = len(ce_N) if self.loss_average == "token" else int(counts.numel())
             return (ce_N * base_N).sum() / count
         return ce_N.mean() if base_N is None else (ce_N * base_N).sum() / base_N.sum()
+
+
+def _row_means(error_RF: torch.Tensor, valid_RF: Optional[torch.Tensor]) -> torch.Tensor:
+    """Each row's mean error over its target values (all of them where ``valid_RF`` is None)."""
+    return error_RF.mean(-1) if valid_RF is None else (error_RF * valid_RF).sum(-1) / valid_RF.sum(-1)
 
 
 def _scaled(value: torch.Tensor, scale: float) -> torch.Tensor:

@@ -116,3 +116,35 @@ def test_split_all_of_the_canvas_presets_is_train_and_test():
         assert len(load_preset(name, "all").data) == train + test  # was the test count, from the test seeds
     detection = load_preset("digit_detection", "all").data
     assert detection[300]["image"].tolist() == load_preset("digit_detection", "test").data[0]["image"].tolist()
+
+
+def test_the_zeros_that_pad_a_stacked_frame_row_are_no_target(tok):
+    """Audio stacks 4 frames a row and fills the last row with zeros: the loss regressed those
+    zeros and the metric counted them as reference frames (a decoding audit, ninth session)."""
+    import torch
+
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.objectives import GenerativeObjective
+    from moe_gen.tasks.metrics import l1
+
+    task = load_preset("text_to_speech", "train", limit=4)
+    samples = list(task.samples(tok))
+    chunks = [next(c for c in s.decoder if c.rows is not None) for s in samples]
+    assert any(c.padded_values for c in chunks)
+    for c in chunks:
+        frames = int(c.rows.numel() - c.padded_values) // 80  # 80 filterbank values a frame
+        assert c.padded_values == c.rows.numel() - frames * 80 and c.padded_values < c.rows.shape[1]
+    batch = collate(samples, tok, {task.name: 0})
+    (valid,) = batch.frame_valid.values()
+    assert int((~valid).sum()) == sum(c.padded_values for c in chunks)
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok).eval()
+    objective = GenerativeObjective(model)
+    with torch.no_grad():
+        before = float(objective(batch)["frame_loss"])
+        (name,) = batch.frame_targets
+        batch.frame_targets[name][~valid] = 100.0  # what stands in the padding does not matter
+        assert float(objective(batch)["frame_loss"]) == pytest.approx(before, rel=1e-6)
+    reference = np.array([[1.0, 2.0], [3.0, np.nan]])  # NaN: a value that only pads the row
+    assert l1([np.array([[1.0, 2.0], [3.0, 9.0]])], [reference]) == 0.0
+    assert l1([np.zeros((2, 2))], [reference]) == pytest.approx(6 / 3)

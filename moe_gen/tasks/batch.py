@@ -107,7 +107,9 @@ class Batch:
         encoder, decoder: the two sides (decoder inputs are the previous items).
         labels: long ``[B, L]`` next-token targets, ``IGNORE_INDEX`` where nothing is scored.
         frame_targets: adapter name → float ``[N, F]`` regression targets at ``frame_index``
-            (flat decoder positions), with ``frame_stop`` float ``[N]`` (1 on a run's last row).
+            (flat decoder positions), with ``frame_stop`` float ``[N]`` (1 on a run's last row);
+            ``frame_valid`` bool ``[N, F]`` for adapters whose rows end in padding (the zeros that
+            fill a run's last row of stacked frames: not targets).
         allowed_index: long ``[P]`` flat decoder positions of closed-set targets, with
             ``allowed_tokens`` long ``[P, A]`` the tokens the label trie allows there (-1 pads).
         tasks: the task name of each sample, in row-then-sample order.
@@ -129,6 +131,7 @@ class Batch:
     tokens_per_modality: dict[str, int]
     padding_fraction: float
     causal: bool = True
+    frame_valid: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
 
     def to(self, device) -> "Batch":
         """The batch on ``device`` (a no-op copy-free return when it is already there)."""
@@ -138,6 +141,7 @@ class Batch:
         return dataclasses.replace(self, encoder=self.encoder.to(device), decoder=self.decoder.to(device),
                                    labels=self.labels.to(device), frame_targets=move(self.frame_targets),
                                    frame_index=move(self.frame_index), frame_stop=move(self.frame_stop),
+                                   frame_valid=move(self.frame_valid),
                                    allowed_index=self.allowed_index.to(device),
                                    allowed_tokens=self.allowed_tokens.to(device))
 
@@ -290,7 +294,7 @@ def collate(
     enc, dec = _SideBuilder(len(groups)), _SideBuilder(len(groups))
     labels_rows: list[list[torch.Tensor]] = [[] for _ in groups]
     allowed: list[tuple[int, int, list[int]]] = []  # (row, position, allowed tokens)
-    frames = defaultdict(lambda: ([], [], []))  # adaptor -> (targets, flat (row, t) lists, stop flags)
+    frames = defaultdict(lambda: ([], [], [], []))  # adaptor -> (targets, flat (row, t) lists, stop flags, valid)
     counts: Counter = Counter()
     tasks = []
     for row, group in enumerate(groups):
@@ -307,12 +311,12 @@ def collate(
     encoder, decoder = enc.build(tokenizer.pad_id, M), dec.build(tokenizer.pad_id, M)
     B, L = decoder.padding_mask.shape
     labels = _labels(labels_rows, B, L)
-    frame_targets, frame_index, frame_stop = _frame_targets(frames, L)
+    frame_targets, frame_index, frame_stop, frame_valid = _frame_targets(frames, L)
     allowed_index, allowed_tokens = _allowed_tensors(allowed, L)
     total = encoder.padding_mask.numel() + decoder.padding_mask.numel()
     padded = int(encoder.padding_mask.sum() + decoder.padding_mask.sum())
     return Batch(encoder, decoder, labels, frame_targets, frame_index, frame_stop, allowed_index, allowed_tokens, tasks,
-                 dict(counts), padded / total if total else 0.0)
+                 dict(counts), padded / total if total else 0.0, frame_valid=frame_valid)
 
 
 def _check_samples(samples: Sequence[Sample], task_ids: Mapping[str, int]) -> None:
@@ -368,14 +372,17 @@ def _labels(labels_rows: list[list[torch.Tensor]], B: int, L: int) -> torch.Tens
     return labels
 
 
-def _frame_targets(frames, L: int) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Per adaptor: the regression targets ``[N, F]``, their flat decoder positions ``[N]`` and stop flags ``[N]``."""
-    frame_targets, frame_index, frame_stop = {}, {}, {}
-    for adaptor, (targets, where, stops) in frames.items():
+def _frame_targets(frames, L: int) -> tuple[dict, dict, dict, dict]:
+    """Per adaptor: the regression targets ``[N, F]``, their flat decoder positions ``[N]``, stop
+    flags ``[N]`` and, where some value only pads its row, which values are targets ``[N, F]``."""
+    frame_targets, frame_index, frame_stop, frame_valid = {}, {}, {}, {}
+    for adaptor, (targets, where, stops, valid) in frames.items():
         frame_targets[adaptor] = torch.cat(targets)
         frame_index[adaptor] = torch.cat([b * L + t for b, t in where])
         frame_stop[adaptor] = torch.cat(stops)
-    return frame_targets, frame_index, frame_stop
+        if not all(bool(v.all()) for v in valid):
+            frame_valid[adaptor] = torch.cat(valid)
+    return frame_targets, frame_index, frame_stop, frame_valid
 
 
 def _allowed_tensors(allowed: list[tuple[int, int, list[int]]], L: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -424,8 +431,11 @@ def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, fram
         else:
             labels.append(torch.full((n,), IGNORE_INDEX, dtype=torch.long))
             if chunk.loss:
-                targets, where, stops = frames[chunk.adaptor]
+                targets, where, stops, valid = frames[chunk.adaptor]
                 targets.append(chunk.rows)
+                valid.append(torch.ones_like(chunk.rows, dtype=torch.bool))
+                if chunk.padded_values:
+                    valid[-1][-1, -chunk.padded_values:] = False
                 where.append((row, torch.arange(start, start + n)))
                 stop = torch.zeros(n)
                 stop[-1] = 1.0

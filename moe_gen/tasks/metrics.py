@@ -202,7 +202,9 @@ def _frames_error(predictions, references, power: int) -> float:
     by the reference's values (its frames × the values a frame holds): a frame the answer lacks, or
     one it adds, counts against the zero frame (the normalised mean), so an answer that stops early
     or runs on is not scored on its overlap alone, and extra frames cannot dilute the error (divided
-    by the longer sequence, 64 zero frames scored 0.14 against a 12-frame reference's 0.78)."""
+    by the longer sequence, 64 zero frames scored 0.14 against a 12-frame reference's 0.78). NaN in
+    a reference marks a value that is no target (the zeros that pad a last row of stacked frames:
+    evaluation writes them so), left out of both the error and the count."""
     _check(predictions, references)
     errors = []
     for p, r in zip(predictions, references):
@@ -214,7 +216,11 @@ def _frames_error(predictions, references, power: int) -> float:
             raise ValueError(f"predicted frames of shape {p.shape[1:]} against reference frames of {r.shape[1:]}")
         padded_p, padded_r = np.zeros((n, *r.shape[1:])), np.zeros((n, *r.shape[1:]))
         padded_p[:len(p)], padded_r[:len(r)] = p.reshape(len(p), *r.shape[1:]), r
-        errors.append(float(np.sum(np.abs(padded_p - padded_r) ** power)) / r.size)
+        target = np.isfinite(padded_r)
+        if not np.isfinite(r).any():
+            raise ValueError("a reference frame sequence holds no target value")
+        error = np.where(target, np.abs(padded_p - np.where(target, padded_r, 0.0)) ** power, 0.0)
+        errors.append(float(error.sum()) / int(np.isfinite(r).sum()))
     return float(np.mean(errors))
 
 

@@ -138,6 +138,9 @@ class Chunk:
         position_ids: the position of each item in its sample, where it is not its place in the
             sequence (a masked sample's items keep their place in the whole sample: which image
             code a position holds or predicts); None: in sequence.
+        padded_values: values at the end of the last row that only pad it (frames stacked
+            ``frames_per_row`` a row, the last row filled with zeros): no target, neither in the
+            loss nor in the metric.
     """
 
     modality: str
@@ -151,6 +154,7 @@ class Chunk:
     allowed: Optional[list[Optional[list[int]]]] = None
     lead: Optional[tuple[str, int]] = None
     position_ids: Optional[list[int]] = None
+    padded_values: int = 0
 
     def __len__(self) -> int:
         return len(self.tokens) if self.tokens is not None else int(self.rows.shape[0])
@@ -722,7 +726,8 @@ class TaskPlan:
                                  allowed=allowed))
             else:
                 out.append(Chunk(plan.modality.name, plan.role, plan.loss, rows=enc.features,
-                                 positions=enc.positions, adaptor=str(plan.adaptor), column=column))
+                                 positions=enc.positions, adaptor=str(plan.adaptor), column=column,
+                                 padded_values=int(enc.meta.get("padded_values", 0))))
         return out
 
     def closing_eos(self, template: int = 0) -> frozenset[int]:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 from typing import Any, Optional, Sequence
 
+import numpy as np
+
 from moe_gen.tasks import metrics as metric_fns
 from moe_gen.tasks.plan import TaskDataError
 from moe_gen.tasks.task import Task
@@ -109,6 +111,16 @@ def spaced_indices(n: int, count: int) -> list[int]:
     return [(i * n) // count for i in range(count)]
 
 
+def _frame_reference(sample) -> np.ndarray:
+    """The target frame rows of an encoded sample, NaN where a value only pads the last row (the
+    metrics leave those out)."""
+    target = next(c for c in sample.decoder if c.loss and c.rows is not None)
+    reference = target.rows.numpy().copy()
+    if target.padded_values:
+        reference[-1, -target.padded_values:] = np.nan
+    return reference
+
+
 def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64,
                   pairs: Optional[list] = None) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s rows: all of them, or ``limit`` rows evenly spaced over them
@@ -143,9 +155,8 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                 if sample is None:  # its target failed (on_error="skip")
                     skipped += 1
                     continue
-                reference = next(c.rows for c in sample.decoder if c.loss and c.rows is not None)
                 predictions.append(prediction.frames.numpy())
-                references.append(reference.numpy())
+                references.append(_frame_reference(sample))
                 continue
             missing = [c for c in columns if not isinstance(row, dict) or c not in row]
             if missing:

@@ -211,6 +211,11 @@ def _stack(frames_TF: torch.Tensor, k: int) -> torch.Tensor:
     return padded.reshape(rows, k * F)
 
 
+def _padded_values(rows: torch.Tensor, frames_TF: torch.Tensor) -> int:
+    """Values that only pad the last of ``rows`` (``_stack`` of ``frames_TF``, maybe cut shorter)."""
+    return max(0, rows.numel() - frames_TF.numel())
+
+
 def _frame_positions(n: int) -> torch.Tensor:
     return torch.stack([torch.arange(n), torch.zeros(n, dtype=torch.long), torch.zeros(n, dtype=torch.long)], -1)
 
@@ -296,7 +301,8 @@ class AudioPreprocessor(Preprocessor):
         if max_rows is not None:
             rows = rows[: int(max_rows)]
         return SlotEncoding("AUDIO", features=rows, positions=_frame_positions(rows.shape[0]),
-                            meta={"frames": int(feats.shape[0]), "seconds": wav.numel() / SAMPLE_RATE})
+                            meta={"frames": int(feats.shape[0]), "seconds": wav.numel() / SAMPLE_RATE,
+                                  "padded_values": _padded_values(rows, feats)})
 
 
 def _check_frames_per_row(name: str, frames_per_row) -> None:
@@ -383,9 +389,10 @@ class MotionPreprocessor(Preprocessor):
         std = std if std is not None else frames.std(0)
         frames = motion_window((frames - mean) / feature_scale(std), slot, ctx.rng if ctx.training else None)
         self.width = frames.shape[1]
-        rows = _stack(torch.from_numpy(np.ascontiguousarray(frames)), self.frames_per_row)
+        frames_TF = torch.from_numpy(np.ascontiguousarray(frames))
+        rows = _stack(frames_TF, self.frames_per_row)
         return SlotEncoding("MOTION", features=rows, positions=_frame_positions(rows.shape[0]),
-                            meta={"frames": int(len(frames))})
+                            meta={"frames": int(len(frames)), "padded_values": _padded_values(rows, frames_TF)})
 
 
 class ConvSubsampleAdapter(Adapter):
