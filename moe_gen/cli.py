@@ -42,18 +42,37 @@ __all__ = ["main", "load_run_config", "apply_overrides", "RunIncomplete"]
 
 # YAML 1.1 (PyYAML's) reads a float only with a dot: ``1e-3`` and ``1e3`` would stay strings. This
 # pattern adds the YAML 1.2 (JSON) forms, so ``lr: 1e-3`` in a run file is the number it looks like.
-_YAML_FLOAT = re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$")
+# YAML 1.2 (core schema) numbers, where PyYAML reads YAML 1.1: 1e-3 and .5e3 are floats, 010 is ten
+# (1.1: eight, octal), 0o10 is eight
+_YAML_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
+                         r"|^\.(?:nan|NaN|NAN)$")
+_YAML_INT = re.compile(r"^[-+]?[0-9]+$|^0o[0-7]+$|^0x[0-9a-fA-F]+$")
 
 
 def yaml_load(stream):
-    """``yaml.safe_load`` that also reads exponent-only floats (``1e-3``, ``2E5``) as numbers."""
+    """``yaml.safe_load`` with YAML 1.2's numbers (``1e-3``, ``.5e3`` floats; ``010`` ten, not
+    eight), as the dotted flags read them."""
     import yaml
 
     class _Loader(yaml.SafeLoader):
         pass
 
-    _Loader.add_implicit_resolver("tag:yaml.org,2002:float", _YAML_FLOAT, list("-+0123456789"))
+    _Loader.yaml_implicit_resolvers = {  # every resolver but 1.1's int and float
+        first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
+        for first, resolvers in yaml.SafeLoader.yaml_implicit_resolvers.items()}
+    _Loader.add_implicit_resolver(_INT_TAG, _YAML_INT, list("-+0123456789"))
+    _Loader.add_implicit_resolver(_FLOAT_TAG, _YAML_FLOAT, list("-+.0123456789"))
+    _Loader.add_constructor(_INT_TAG, lambda loader, node: _yaml12_int(loader.construct_scalar(node)))
     return yaml.load(stream, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+
+
+_INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+def _yaml12_int(text: str) -> int:
+    if text.startswith("0o"):
+        return int(text[2:], 8)
+    return int(text, 16) if text.startswith("0x") else int(text, 10)
 
 
 def _parse_value(key: str, text: str):
@@ -378,6 +397,27 @@ def _save_run(trainer, summary: dict, results: dict, baseline, output_dir: str, 
     return checkpoint
 
 
+def _check_task_settings(config, model) -> None:
+    """The training settings that name tasks, checked against the run's task names before any
+    data is read (they were refused only after every split had loaded and the model was built)."""
+    from moe_gen.registry import did_you_mean
+
+    names, train = list(config.tasks), config.train
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise ValueError(f"tasks {repeated} are named more than once")
+    known = set(names) | (set(model.task_ids) if model is not None else set())
+    for field, allowed in (("task_weights", set(names)), ("loss_weights", known)):
+        unknown = sorted(set(getattr(train, field)) - allowed)
+        if unknown:
+            what = "not being trained" if field == "task_weights" else "the model does not know"
+            raise ValueError(f"TrainConfig.{field} names tasks {what}: {unknown}"
+                             f"{did_you_mean(unknown, sorted(allowed))}; training: {', '.join(names)}")
+    if train.mixing == "all" and train.batch_size < len(names):
+        raise ValueError(f"mixing='all' puts every task in each micro-batch: batch_size {train.batch_size} is below "
+                         f"the {len(names)} tasks")
+
+
 def _train(config, model=None, resume: bool = False, overwrite: bool = False) -> dict:
     """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save. Raises
     ``RunIncomplete`` (saying what was and was not saved) when the model or the last step's
@@ -402,6 +442,7 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
             pass
     for name in config.eval_tasks or ():
         preset_info(name)
+    _check_task_settings(config, model)
     known = set(config.tasks) | (set(model.task_ids) if model is not None else set())
     strangers = [name for name in config.eval_tasks or () if name not in known]
     if strangers:  # before any data is read (evaluation would fail after the whole run)

@@ -12,6 +12,7 @@ and the model builds each MoE layer's ``MoEConfig`` from them.
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 import typing
 from typing import Any, TypeVar, Union
@@ -289,8 +290,8 @@ class RouterConfig(ConfigBase):
                 f"router expert_groups must be >= 1 and topk_groups in [1, expert_groups]; got "
                 f"expert_groups={self.expert_groups}, topk_groups={self.topk_groups}"
             )
-        if self.noise_std is not None and self.noise_std < 0:
-            raise ValueError(f"router noise_std must be >= 0, got {self.noise_std}")
+        if self.noise_std is not None and not 0 <= self.noise_std < math.inf:
+            raise ValueError(f"router noise_std must be a finite number >= 0, got {self.noise_std}")
         if not 0 <= self.jitter_eps < 1:
             raise ValueError(f"router jitter_eps must be in [0, 1), got {self.jitter_eps}")
         self.balance_loss_groups = tuple(self.balance_loss_groups)
@@ -318,8 +319,8 @@ class RouterConfig(ConfigBase):
                              f"{', '.join(TAG_BALANCE_RULES)}")
         for name in ("balance_loss_weight", "z_loss_weight", "importance_loss_weight", "tag_balance_rate",
                      "tag_balance_window"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"router {name} must be >= 0, got {getattr(self, name)}")
+            if not 0 <= getattr(self, name) < math.inf:  # (NaN passed "< 0" and switched its loss off)
+                raise ValueError(f"router {name} must be a finite number >= 0, got {getattr(self, name)}")
 
 
 @dataclasses.dataclass(kw_only=True)

@@ -102,3 +102,50 @@ def test_a_diverged_run_says_what_was_saved(tmp_path, monkeypatch):
     monkeypatch.setattr(trainer, "train_step", diverge)
     with pytest.raises(RunIncomplete, match="training stopped: 3 steps in a row.*no checkpoint was written"):
         _fit(trainer, model, [task], str(tmp_path / "run"))
+
+
+# ---- a second configuration audit (2026-12-05, ninth session) ---------------------------------------
+
+def test_yaml_reads_numbers_as_yaml_1_2_and_the_flags_do():
+    """YAML read 010 as eight (1.1's octal) where the flag read ten, and refused .5e3."""
+    from moe_gen.cli import _parse_value, yaml_load
+
+    assert yaml_load("a: 010\nb: .5e3\nc: -.5e-3\nd: 1e-3\ne: 0o10\nf: name\ng: 1.5.2") == \
+        {"a": 10, "b": 500.0, "c": -0.0005, "d": 0.001, "e": 8, "f": "name", "g": "1.5.2"}
+    assert _parse_value("train.modality_budget", "{AUDIO: 0600}") == {"AUDIO": 600}  # was 384
+
+
+def test_non_finite_weights_and_scales_are_refused():
+    from moe_gen.config import RouterConfig
+
+    for field in ("lr_scales", "loss_weights", "task_weights"):  # inf trained a step, then every loss was NaN
+        key = "encoder." if field == "lr_scales" else "t"
+        with pytest.raises(ValueError, match="finite"):
+            TrainConfig(**{field: {key: float("inf")}})
+    for field in ("balance_loss_weight", "z_loss_weight", "noise_std"):  # NaN switched the loss off
+        with pytest.raises(ValueError, match="finite number >= 0"):
+            RouterConfig(**{field: float("nan")})
+
+
+def test_settings_that_name_tasks_are_checked_before_any_data_is_read(tmp_path, monkeypatch):
+    import moe_gen.cli as cli
+
+    def no_data(*args, **kwargs):
+        raise AssertionError("data was read before the settings were checked")
+
+    monkeypatch.setattr(cli, "_tasks", no_data)
+    out = str(tmp_path / "run")
+    for flags, message in ((["--train.mixing", "weights", "--train.task_weights", "{digit_clasification: 2}"],
+                            r"task_weights names tasks not being trained: \['digit_clasification'\] \(did you mean"),
+                           (["--train.loss_weights", "{table_specis: 2}"], "loss_weights names tasks"),
+                           (["--train.mixing", "all", "--train.batch_size", "2"], "batch_size 2 is below the 3 tasks"),
+                           (["--tasks", "table_species,table_species"], "named more than once")):
+        with pytest.raises(ValueError, match=message):
+            cli._train(cli.load_run_config("debug", ["--output_dir", out, *flags]))
+
+
+def test_a_misspelt_decoder_router_field_gets_a_guess():
+    from moe_gen.model.config import MoELayers
+
+    with pytest.raises(ValueError, match=r"stratgy \(did you mean 'strategy'\?\)"):
+        MoELayers(decoder_router={"stratgy": "token"}).router_for("decoder")

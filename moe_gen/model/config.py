@@ -97,8 +97,10 @@ class MoELayers(ConfigBase):
         fields = {f.name for f in dataclasses.fields(RouterConfig)}
         unknown = sorted(set(self.decoder_router) - fields)
         if unknown:
-            raise ValueError(f"MoELayers.decoder_router names unknown router field(s) {', '.join(unknown)}; "
-                             f"known: {', '.join(sorted(fields))}")
+            from moe_gen.registry import did_you_mean
+
+            raise ValueError(f"MoELayers.decoder_router names unknown router field(s) {', '.join(unknown)}"
+                             f"{did_you_mean(unknown, fields)}; known: {', '.join(sorted(fields))}")
         fixed = sorted(set(self.decoder_router) & set(_TAG_VOCABULARY))
         if fixed:
             raise ValueError(f"MoELayers.decoder_router cannot set {', '.join(fixed)}: the tag vocabularies "

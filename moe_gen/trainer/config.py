@@ -227,12 +227,12 @@ class TrainConfig(ConfigBase):
         """The values of the fields keyed by task, parameter prefix or modality."""
         for name in ("task_weights", "loss_weights"):
             for task, weight in getattr(self, name).items():
-                if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not weight >= 0:
-                    raise ValueError(f"TrainConfig.{name}[{task!r}] must be a number >= 0, got {weight!r}")
+                if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+                    raise ValueError(f"TrainConfig.{name}[{task!r}] must be a finite number >= 0, got {weight!r}")
         for prefix, scale in self.lr_scales.items():
             if not isinstance(prefix, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
-                    or not scale >= 0:
-                raise ValueError(f"TrainConfig.lr_scales maps parameter-name prefixes to multipliers >= 0, got "
+                    or not 0 <= scale < math.inf:  # (inf trained one step, then every loss was NaN)
+                raise ValueError(f"TrainConfig.lr_scales maps parameter-name prefixes to finite multipliers >= 0, got "
                                  f"{prefix!r}: {scale!r}")
         for name in ("masked_alpha", "masked_target_alpha"):
             alpha = getattr(self, name)
