@@ -73,9 +73,11 @@ def _gather(modality: str, stream: list[tuple[Chunk, int]], chosen: list[int], r
         else:
             rows = torch.tensor(index, dtype=torch.long)
             # the padding of the source's last row stays marked when that row is this chunk's last
-            padded = chunk.padded_values if index[-1] == len(chunk) - 1 else 0
+            # and the stop flag's target with it (rows picked from the middle of a signal do not end it)
+            last = index[-1] == len(chunk) - 1
             out.append(Chunk(modality, role, loss, rows=chunk.rows[rows], positions=chunk.positions[rows],
-                             adaptor=chunk.adaptor, column=chunk.column, position_ids=places, padded_values=padded))
+                             adaptor=chunk.adaptor, column=chunk.column, position_ids=places,
+                             padded_values=chunk.padded_values if last else 0, ends=last and chunk.ends))
     return out
 
 

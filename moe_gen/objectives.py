@@ -283,7 +283,7 @@ class ContrastiveObjective(Objective):
         # Rows with the same target text are each other's positives (a caption given to several
         # images is not a negative of itself): each direction's loss is −log of the softmax mass
         # on the row's positives, which is the plain InfoNCE when every text is distinct.
-        same_BB = _same_rows(side.tokens)
+        same_BB = _same_rows(side.tokens, side.is_token)
         contrastive = 0.5 * (_multi_positive_nce(logits_BB, same_BB) + _multi_positive_nce(logits_BB.t(), same_BB))
         # Every routing loss counts once, unweighted: the encoder's and the causal decoder pass's
         # (in ``out``, also inside the caption loss, taken out of it here) and the contrastive pass's.
@@ -296,15 +296,21 @@ class ContrastiveObjective(Objective):
         parts = {**caption, "loss": loss, "caption_loss": caption_loss,
                  "contrastive_loss": contrastive.detach(), "aux_loss": aux.detach(),
                  **{f"aux/contrastive_pass/{k}": v.detach() for k, v in summed_aux_losses(text.moe_outputs).items()}}
-        if len(torch.unique(side.tokens, dim=0)) > 1:  # with one distinct text every retrieval is right
+        if not bool(same_BB.all()):  # with one distinct text every retrieval is right
             # right when the retrieved text is the row's own, or the same text as another row's
             parts["retrieval_accuracy"] = same_BB.gather(1, logits_BB.argmax(1, keepdim=True)).float().mean().detach()
         return parts
 
 
-def _same_rows(tokens_BL: torch.Tensor) -> torch.Tensor:
-    """``[B, B]``: True where rows ``i`` and ``j`` hold the same tokens."""
-    return (tokens_BL.unsqueeze(1) == tokens_BL.unsqueeze(0)).all(-1)
+def _same_rows(tokens_BL: torch.Tensor, scored_BL: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """``[B, B]``: True where rows ``i`` and ``j`` hold the same scored tokens, wherever in the row
+    they start (a template with literal text before the answer shifts them: compared position by
+    position, one caption was its own negative)."""
+    scored_BL = torch.ones_like(tokens_BL, dtype=torch.bool) if scored_BL is None else scored_BL
+    texts = [tuple(row[keep].tolist()) for row, keep in zip(tokens_BL, scored_BL)]
+    ids = {text: i for i, text in enumerate(dict.fromkeys(texts))}
+    key = torch.tensor([ids[text] for text in texts], device=tokens_BL.device)
+    return key.unsqueeze(1) == key.unsqueeze(0)
 
 
 def _multi_positive_nce(logits_BB: torch.Tensor, positive_BB: torch.Tensor) -> torch.Tensor:

@@ -446,7 +446,8 @@ def test_lr_scales_apply_to_every_system():
         "the parameters)" in line
     assert ("Text read as a bag of words (TF-IDF over a vocabulary of the training rows): doc_topic (bag_of_words). "
             "Pose windows read as per-feature window statistics: motion_classification (pose_summary).") in line
-    with pytest.raises(ValueError, match="lr_scales maps parameter-name prefixes to finite multipliers >= 0, got 'a': -1"):
+    with pytest.raises(ValueError, match="lr_scales maps parameter-name prefixes to finite multipliers >= 0, "
+                                         "got 'a': -1"):
         BenchConfig(lr_scales={"a": -1})
 
 

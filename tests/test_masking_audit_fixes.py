@@ -51,3 +51,37 @@ def test_an_activation_override_also_covers_the_shared_expert():
     expected = block(x)
     expected = expected[0] if isinstance(expected, tuple) else expected  # (older transformers add router logits)
     torch.testing.assert_close(from_hf_moe(block, activation="gelu_tanh")(x).output, expected, atol=1e-5, rtol=1e-4)
+
+
+# ---- a second objectives audit (2026-12-05, ninth session) ------------------------------------------
+
+def test_a_masked_frame_target_stops_only_at_the_signals_end():
+    """Every masked target chunk got stop = 1 on its last picked row, though rows picked from the
+    middle of the audio do not end it (the stop head learned to stop at random rows)."""
+    import random
+
+    from moe_gen.masking import _streams, mask_sample
+    from moe_gen.tasks import collate
+
+    tok = Tokenizer.default()
+    task = load_preset("text_to_speech", "train", limit=2)
+    sample = next(iter(task.samples(tok)))
+    last = len(_streams(sample)["AUDIO"]) - 1
+    stops_at_end = 0
+    for seed in range(8):
+        masked = mask_sample(sample, input_budget=4, target_budget=6, alpha=1.0, rng=random.Random(seed))
+        batch = collate([masked], tok, {task.name: 0}, pass_name="masked")
+        rows = [p for c in masked.decoder if c.rows is not None for p in c.position_ids]
+        for stop in batch.frame_stop.values():
+            flagged = [row for row, flag in zip(rows, stop.tolist()) if flag == 1.0]
+            assert flagged == ([last] if last in rows else []), seed
+            stops_at_end += bool(flagged)
+    assert 0 < stops_at_end < 8  # both cases were drawn
+
+
+def test_a_caption_is_its_own_positive_wherever_its_template_starts_it():
+    from moe_gen.objectives import _same_rows
+
+    tokens = torch.tensor([[5, 6, 3, 0, 0], [0, 0, 5, 6, 3], [7, 8, 9, 3, 0]])  # rows 0 and 1: one caption
+    scored = tokens != 0
+    assert _same_rows(tokens, scored).tolist() == [[True, True, False], [True, True, False], [False, False, True]]

@@ -438,6 +438,6 @@ def _add_decoder(sample: Sample, row: int, dec: _SideBuilder, labels: list, fram
                     valid[-1][-1, -chunk.padded_values:] = False
                 where.append((row, torch.arange(start, start + n)))
                 stop = torch.zeros(n)
-                stop[-1] = 1.0
+                stop[-1] = 1.0 if chunk.ends else 0.0
                 stops.append(stop)
             previous = ("feature", None, (chunk.adaptor, chunk.rows[-1:], chunk.positions[-1:]))

@@ -141,6 +141,8 @@ class Chunk:
         padded_values: values at the end of the last row that only pad it (frames stacked
             ``frames_per_row`` a row, the last row filled with zeros): no target, neither in the
             loss nor in the metric.
+        ends: its last row ends the signal (the stop flag's target); False for a masked sample's
+            rows picked from the middle of one.
     """
 
     modality: str
@@ -155,6 +157,7 @@ class Chunk:
     lead: Optional[tuple[str, int]] = None
     position_ids: Optional[list[int]] = None
     padded_values: int = 0
+    ends: bool = True
 
     def __len__(self) -> int:
         return len(self.tokens) if self.tokens is not None else int(self.rows.shape[0])
