@@ -44,9 +44,10 @@ __all__ = ["main", "load_run_config", "apply_overrides", "RunIncomplete"]
 # pattern adds the YAML 1.2 (JSON) forms, so ``lr: 1e-3`` in a run file is the number it looks like.
 # YAML 1.2 (core schema) numbers, where PyYAML reads YAML 1.1: 1e-3 and .5e3 are floats, 010 is ten
 # (1.1: eight, octal), 0o10 is eight
-_YAML_FLOAT = re.compile(r"^[-+]?(?:\.[0-9]+|[0-9]+(?:\.[0-9]*)?)(?:[eE][-+]?[0-9]+)?$|^[-+]?\.(?:inf|Inf|INF)$"
-                         r"|^\.(?:nan|NaN|NAN)$")
-_YAML_INT = re.compile(r"^[-+]?[0-9]+$|^0o[0-7]+$|^0x[0-9a-fA-F]+$")
+# (digits may be grouped with underscores, 1_000, as the flags' int() and float() read them)
+_YAML_FLOAT = re.compile(r"^[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?$"
+                         r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
+_YAML_INT = re.compile(r"^[-+]?[0-9][0-9_]*$|^0o[0-7]+$|^0x[0-9a-fA-F]+$")
 
 
 def yaml_load(stream):
@@ -70,6 +71,7 @@ _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
 
 
 def _yaml12_int(text: str) -> int:
+    text = text.replace("_", "")
     if text.startswith("0o"):
         return int(text[2:], 8)
     return int(text, 16) if text.startswith("0x") else int(text, 10)
