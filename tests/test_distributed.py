@@ -72,6 +72,10 @@ def _entry(rank: int, world: int, port: int, scenario: str, out_dir: str, args: 
         with open(os.path.join(out_dir, f"rank{rank}.error"), "w") as f:
             f.write(traceback.format_exc())
         os._exit(1)  # skip interpreter teardown, which could wait on a broken process group
+    # The results are written: skip interpreter teardown here too, where a library's thread can
+    # abort the process ("terminate called without an active exception": exit -6 after a run that
+    # had succeeded, seen once in CI on 2026-12-05).
+    os._exit(0)
 
 
 class Launch:
