@@ -402,22 +402,13 @@ def _save_run(trainer, summary: dict, results: dict, baseline, output_dir: str, 
 def _check_task_settings(config, model) -> None:
     """The training settings that name tasks, checked against the run's task names before any
     data is read (they were refused only after every split had loaded and the model was built)."""
-    from moe_gen.registry import did_you_mean
+    from moe_gen.trainer.sampling import check_task_settings
 
-    names, train = list(config.tasks), config.train
+    names = list(config.tasks)
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:
         raise ValueError(f"tasks {repeated} are named more than once")
-    known = set(names) | (set(model.task_ids) if model is not None else set())
-    for field, allowed in (("task_weights", set(names)), ("loss_weights", known)):
-        unknown = sorted(set(getattr(train, field)) - allowed)
-        if unknown:
-            what = "not being trained" if field == "task_weights" else "the model does not know"
-            raise ValueError(f"TrainConfig.{field} names tasks {what}: {unknown}"
-                             f"{did_you_mean(unknown, sorted(allowed))}; training: {', '.join(names)}")
-    if train.mixing == "all" and train.batch_size < len(names):
-        raise ValueError(f"mixing='all' puts every task in each micro-batch: batch_size {train.batch_size} is below "
-                         f"the {len(names)} tasks")
+    check_task_settings(config.train, names, model.task_ids if model is not None else ())
 
 
 def _train(config, model=None, resume: bool = False, overwrite: bool = False) -> dict:

@@ -35,6 +35,29 @@ def _rng(*parts) -> random.Random:
     return random.Random(zlib.crc32("/".join(map(str, parts)).encode()))
 
 
+def check_task_settings(config: TrainConfig, names: Sequence[str],
+                        model_tasks: Optional[Sequence[str]] = None) -> None:
+    """The settings of ``config`` that name tasks, against the run's task ``names``: ``task_weights``
+    names tasks being trained, ``loss_weights`` tasks the model knows (``names`` and
+    ``model_tasks``; not checked when None: the sampler does not know the model), and
+    ``mixing="all"`` has room for every task. The command line calls it before any data is read,
+    the trainer and the sampler when they start."""
+    from moe_gen.registry import did_you_mean
+
+    fields = [("task_weights", set(names))]
+    if model_tasks is not None:
+        fields.append(("loss_weights", set(names) | set(model_tasks)))
+    for field, allowed in fields:
+        unknown = sorted(set(getattr(config, field) or {}) - allowed)
+        if unknown:
+            what = "not being trained" if field == "task_weights" else "the model does not know"
+            raise ValueError(f"TrainConfig.{field} names tasks {what}: {unknown}"
+                             f"{did_you_mean(unknown, sorted(allowed))}; training: {', '.join(names)}")
+    if config.mixing == "all" and config.batch_size < len(names):
+        raise ValueError(f"mixing='all' puts every task in each micro-batch: batch_size {config.batch_size} is "
+                         f"below the {len(names)} tasks")
+
+
 def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
     """Probability of each task per draw (summing to 1).
 
@@ -44,9 +67,7 @@ def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
     """
     if not tasks:
         raise ValueError("training needs at least one task")
-    unknown = sorted(set(config.task_weights) - {t.name for t in tasks})
-    if unknown:
-        raise ValueError(f"TrainConfig.task_weights names tasks that are not being trained: {unknown}")
+    check_task_settings(config, [t.name for t in tasks])
     weighted = sorted(t.name for t in tasks if t.weight != 1.0) + sorted(config.task_weights)
     if weighted and config.mixing != "weights":
         warnings.warn(f"task weights are given ({', '.join(dict.fromkeys(weighted))}) but mixing is "
@@ -156,10 +177,7 @@ class TaskSampler:
                  rank: int = 0, world: int = 1, statistics: Optional[Mapping] = None) -> None:
         self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
         self.rank, self.world = rank, world
-        self.weights = mixing_weights(self.tasks, config)
-        if config.mixing == "all" and config.batch_size < len(self.tasks):
-            raise ValueError(f"mixing='all' puts every task in each micro-batch: batch_size {config.batch_size} is "
-                             f"below the {len(self.tasks)} tasks")
+        self.weights = mixing_weights(self.tasks, config)  # (checks the task settings, check_task_settings)
         self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
         check_modality_keys(config)
 

@@ -46,7 +46,7 @@ from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, expert_utilisation
 from moe_gen.trainer.resume import check_same_model, check_same_training
-from moe_gen.trainer.sampling import TaskSampler
+from moe_gen.trainer.sampling import TaskSampler, check_task_settings
 from moe_gen.trainer.scales import step_loss_scales
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
@@ -415,10 +415,8 @@ class Trainer:
     def _objectives(self) -> dict:
         names = sorted({t.objective for t in self.tasks})
         cfg = self.config
-        unknown = sorted(set(cfg.loss_weights or {}) - set(self.model.task_ids))
-        if unknown:  # (the objectives' own check names their argument, task_weights, which users did not set)
-            raise ValueError(f"TrainConfig.loss_weights names tasks the model does not know: {unknown}"
-                             f"{did_you_mean(unknown, self.model.task_ids)}; known: {', '.join(self.model.task_ids)}")
+        # (before the objectives, whose own check names their argument, task_weights, not loss_weights)
+        check_task_settings(cfg, [t.name for t in self.tasks], self.model.task_ids)
         every_task_everywhere = cfg.mixing == "all" and not cfg.modality_budget and cfg.max_tokens is None
         if len(names) > 1 and self.world > 1 and (cfg.expert_parallel > 1 or cfg.sharding != "replicate") \
                 and not every_task_everywhere:
