@@ -591,6 +591,30 @@ def test_cached_frame_generation_matches_full_forward(tok, positions):
         torch.testing.assert_close(predicted[: len(generated)], generated, atol=1e-4, rtol=1e-4)
 
 
+def test_fed_back_frame_adapters_drop_units_in_training_only():
+    """The decoder-side frame adapters are FrameMLPAdapter with pre-net dropout: the same weights
+    (a checkpoint of either loads into the other), the same output at inference, and in training
+    half the hidden units dropped, each step afresh."""
+    from moe_gen.registry import ADAPTERS
+    from moe_gen.tasks.modalities.signals import FedBackFrameAdapter, FrameMLPAdapter
+
+    assert ADAPTERS.get("audio_tgt_fbank") is FedBackFrameAdapter and ADAPTERS.get("motion_tgt") is FedBackFrameAdapter
+    torch.manual_seed(0)
+    fed_back, plain = FedBackFrameAdapter(6, 16), FrameMLPAdapter(6, 16)
+    plain.load_state_dict(fed_back.state_dict())
+    rows, positions = torch.randn(5, 6), torch.zeros(5, 3, dtype=torch.long)
+    positions[:, 0] = torch.arange(5)
+    torch.testing.assert_close(fed_back.eval()(rows, positions), plain.eval()(rows, positions), rtol=0, atol=0)
+    fed_back.train()
+    hidden = []
+    handle = fed_back.mlp[2].register_forward_hook(lambda module, inputs, output: hidden.append(inputs[0]))
+    first, second = fed_back(rows, positions), fed_back(rows, positions)
+    handle.remove()
+    assert not torch.equal(first, second)
+    dropped = torch.stack([(h == 0).float().mean() for h in hidden])
+    assert ((dropped > 0.3) & (dropped < 0.7)).all()  # about half of the 5 x 16 units, each call
+
+
 @pytest.fixture
 def sensor_modality():
     """A user modality (3-axis sensor readings) registered for one test, then removed."""
