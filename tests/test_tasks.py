@@ -175,6 +175,24 @@ def test_bad_data_names_task_column_and_row(tok, tmp_path):
     assert len(samples) == 1 and skipping.skipped == 1 and "cannot decode the image" in skipping.errors[0]
 
 
+def test_positional_rows_give_one_value_per_slot_without_a_column(tok):
+    plan = TaskPlan("pos", "[TEXT] what? -> [TEXT]", tok)
+    assert plan.encode(("a b", "c"), 3).lengths() == plan.encode(["a b", "c"], 3).lengths()
+    for row in [("a b", "c", "extra"), ["a b", "c", "x", "y"]]:  # were silently dropped
+        with pytest.raises(TaskDataError, match=rf"task 'pos', row 3: the instruction takes 2 values by position, "
+                                                rf"the row gives {len(row)}"):
+            plan.encode(row, 3)
+    with pytest.raises(TaskDataError, match=r"task 'pos', row 3: no value for slot \[TEXT\] \(position 1; the "
+                                            r"instruction takes 2 values by position, the row gives 1\)"):
+        plan.encode(("a b",), 3)
+    # at inference the target may be left off, but a row still holds no more than the template takes
+    assert plan.encode(("a b",), 3, inference=True).lengths() == plan.encode(("a b", "c"), 3, inference=True).lengths()
+    with pytest.raises(TaskDataError, match="the instruction takes 2 values by position, the row gives 3"):
+        plan.encode(("a b", "c", "x"), 3, inference=True)
+    with pytest.raises(TaskDataError, match="rows must be dicts by column, got tuple"):
+        TaskPlan("col", "[TEXT:a] -> [TEXT:b]", tok).encode(("x", "y"), 1)
+
+
 def test_unknown_preprocessor_or_adaptor_is_a_planning_error(tok):
     with pytest.raises(ValueError, match="unknown preprocessor 'image_dalle'; known: "):
         TaskPlan("t", "[IMAGE:img,preprocess=image_dalle] -> [TEXT:c]", tok)

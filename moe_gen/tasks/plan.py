@@ -545,7 +545,7 @@ class TaskPlan:
         ctx = EncodeContext(self.tokenizer, rng, training, row if isinstance(row, Mapping) else {},
                             task=self.name, index=index, max_positions=self.max_slot_positions,
                             predicted=frozenset(p.slot.column for p in full_decoder if p.loss and p.slot.column))
-        values = self._slot_values(row, encoder_plan + decoder_plan, index)
+        values = self._slot_values(row, encoder_plan + decoder_plan, index, full_encoder + full_decoder)
         # Non-text slots first, so a BOX can read the size of its sample's IMAGE.
         encoded: dict[int, list[SlotEncoding]] = {}
         order = sorted(range(len(values)), key=lambda i: values[i][0].modality.text_like)
@@ -603,8 +603,15 @@ class TaskPlan:
         except SlotValueError as exc:
             raise TaskDataError(str(exc)) from None
 
-    def _slot_values(self, row, plans: list[SlotPlan], index: int):
-        """(plan, [values]) per slot; repetition groups expand to one value per item."""
+    def _slot_values(self, row, plans: list[SlotPlan], index: int, template: list[SlotPlan]):
+        """(plan, [values]) per slot of ``plans`` (those of ``template`` encoded); repetition groups
+        expand to one value per item. A sequence row fills the slots without a column in order: one
+        value each of the whole template's at most (at inference the targets' may be left off); a
+        value more would be silently dropped, so it fails the row."""
+        takes = sum(1 for p in template if p.slot.column is None and not p.slot.is_literal)
+        if takes and isinstance(row, (list, tuple)) and len(row) > takes:  # (takes 0: rows by column)
+            raise TaskDataError(f"task {self.name!r}, row {index}: the instruction takes {takes} values by "
+                                f"position, the row gives {len(row)}; the extra values would be ignored")
         positional = 0
         out = []
         for plan in plans:
@@ -619,8 +626,9 @@ class TaskPlan:
                         f"sequences filled by position, got {type(row).__name__}; name a column or pass tuples"
                     )
                 if positional >= len(row):
-                    raise TaskDataError(f"task {self.name!r}, row {index}: no value for slot {slot} "
-                                        f"(position {positional}; the row has {len(row)})")
+                    raise TaskDataError(f"task {self.name!r}, row {index}: no value for slot {slot} (position "
+                                        f"{positional}; the instruction takes {takes} values by position, the "
+                                        f"row gives {len(row)})")
                 value = row[positional]
                 positional += 1
             else:
