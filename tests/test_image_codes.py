@@ -169,6 +169,9 @@ def test_parallel_objective_masks_codes_and_parallel_decoding_takes_steps_passes
     model.decode = lambda *a, **k: calls.append(k.get("causal", True)) or decode(*a, **k)
     predictions = model.infer(task, rows[:3], parallel_steps=4)
     assert calls == [False] * 4  # four bidirectional decoder passes for 16 codes
+    calls.clear()
+    assert len(model.infer(task, rows[:1], parallel_steps=40)[0].tokens) == 16
+    assert calls == [False] * 16  # one code a pass at the least: no pass for nothing
     for prediction in predictions:
         assert prediction.image.shape == (16, 16, 3) and len(prediction.tokens) == 16
         assert prediction.targets["image"] is prediction.image

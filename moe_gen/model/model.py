@@ -593,7 +593,7 @@ class GeneralistModel(nn.Module):
         ``.frames`` for single-target tasks,
         ``.targets`` (by column, shaped like a data row) and ``.groups`` (per repetition group,
         one dict per item) for every token answer, and ``.score``. ``parallel_steps=T`` decodes an
-        image-code target (``preprocess=image_vq``) in T bidirectional decoder passes (MaskGIT;
+        image-code target (``preprocess=image_vq``) in T bidirectional decoder passes, at most its codes (MaskGIT;
         train the task with the ``parallel`` objective, whose tasks decode this way by default
         with T = 4; ``temperature`` draws the codes, ``seed`` fixes the draws) and answers
         ``.image``. Raises ``ValueError`` for

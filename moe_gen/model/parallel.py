@@ -10,9 +10,10 @@ batch is tagged with the ``masked`` pass, so tag-routed layers can route it apar
 left-to-right decoding.
 
 Decoding (``parallel_generate``): all N codes start masked; each of ``steps`` decoder passes
-predicts every masked position, keeps the most confident predictions and leaves
-N · cos(π/2 · (t+1) / steps) positions masked for the next pass, none after the last. With 4
-steps a 16-code image takes 4 decoder passes instead of 16.
+(at most N: one code a pass at the least) predicts every masked position, keeps the most
+confident predictions and leaves ⌊N · cos(π/2 · (t+1) / steps)⌋ positions masked for the next
+pass (fewer than before it: each pass fixes at least one; ``masked_counts``), none after the
+last. With 4 steps a 16-code image takes 4 decoder passes instead of 16.
 
 The mask token is the vocabulary's last sentinel (``<extra_id_{S-1}>``); span corruption of
 text uses sentinels from the first one up, so the two meet only in a text with S spans.
@@ -62,10 +63,23 @@ def code_span(sample: Sample, code_ids: frozenset) -> tuple[int, int]:
 
 
 def masked_counts(length: int, steps: int) -> list[int]:
-    """Codes still masked after each of ``steps`` passes: ⌊N · cos(π/2 · (t+1)/steps)⌋, ending at 0."""
+    """Codes still masked after each of T = min(steps, N) passes: ⌊N · cos(π/2 · (t+1)/T)⌋, ending
+    at 0, and fewer after every pass than before it (each pass fixes at least one code), as
+    MaskGIT's own decoder clips it. The floor alone could leave a count unchanged (16 codes in 10
+    passes: 15, 15, ...), and a pass that fixes no code reads the same input again: a decoder pass
+    for nothing. Past one code a pass (steps > N), more passes could only fix none.
+
+    The clip never runs the schedule dry: with k passes to go, N · cos(π/2 · (T-k)/T) =
+    N · sin(π/2 · k/T) ≥ N · k/T ≥ k codes are left (sin is concave there), one for each pass.
+    """
     if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise ValueError(f"parallel decoding needs a whole number of steps >= 1 (parallel_steps), got {steps!r}")
-    return [int(math.floor(length * math.cos(math.pi / 2 * (t + 1) / steps))) for t in range(steps - 1)] + [0]
+    passes = max(1, min(steps, length))
+    left, out = length, []
+    for t in range(passes - 1):
+        left = min(left - 1, math.floor(length * math.cos(math.pi / 2 * (t + 1) / passes)))
+        out.append(left)
+    return out + [0]
 
 
 def mask_code_targets(batch: Batch, samples: Sequence[Sample], tokenizer, code_ids: frozenset,
