@@ -13,6 +13,7 @@ import moe_gen.model.generate as generate_module
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.model.grammar import TargetGrammar
+from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
 from moe_gen.tasks.metrics import METRICS, detection_counts, detection_f1
 from moe_gen.tasks.modalities.base import modality_tag_names
@@ -204,6 +205,59 @@ def test_scripted_two_text_targets_decode_both(tok, scripted, between):
     prediction = model.infer(task, task.data)[0]
     assert prediction.targets == {"a": "one two", "b": "three"}
     assert prediction.groups == [] and prediction.text is None
+
+
+EMPTY_ROWS = [{"q": "hi", "a": "one two", "b": "", "c": "x"}, {"q": "hi", "a": "", "b": "three", "c": ""},
+              {"q": "ho", "a": "", "b": "", "c": ""}]
+
+
+@pytest.mark.parametrize("instruction", ["[TEXT:q] -> [TEXT:a] and [TEXT:b]", "[TEXT:q] -> [TEXT:a] [TEXT:b] [TEXT:c]",
+                                         "[TEXT:q] -> [TEXT:a] [TEXT:b] [BOX:c]"])
+def test_an_empty_text_target_after_the_first_trains_its_end_and_decodes_as_trained(tok, scripted, instruction):
+    """An empty free-text value trains the end of its value right where it begins (its EOS, or the
+    box after it), the first target's as any other's; decoding let only the first one be empty
+    (after a slot the next free text had to begin with a token), so a model could never write
+    the b = "" it was trained on, and inference went off the script."""
+    rows = EMPTY_ROWS if "BOX" not in instruction else [dict(r, c=[1, 2, 5, 6], width=10, height=10)
+                                                        for r in EMPTY_ROWS]
+    task = Task("two", instruction, rows)
+    model = build([task], tok)
+    batch = collate([task.plan(tok).encode(r, i, training=False) for i, r in enumerate(rows)], tok, model.task_ids)
+    for b, script in enumerate(_training_tokens(task, tok, rows)):
+        valid = ~batch.decoder.padding_mask[b]
+        fed, labels = batch.decoder.tokens[b][valid].tolist(), batch.labels[b][valid].tolist()
+        assert fed[1:] == script[:-1]  # one position per item: the empty values take none
+        literal = tok.encode_literal(" and")
+        assert [t for t in labels if t != -100] == [t for t in script if t not in literal]  # every EOS scored
+    model.train()
+    loss = GenerativeObjective(model)(batch)["loss"]
+    assert torch.isfinite(loss)
+    model.eval()
+    for i, row in enumerate(rows):
+        scripted.scripts = _training_tokens(task, tok, [row])
+        prediction = model.infer(task, [row])[0]
+        assert prediction.tokens == scripted.scripts[0][:-1]
+        assert {k: v for k, v in prediction.targets.items() if k != "c" or "BOX" not in instruction} == {
+            k: row[k] for k in prediction.targets if k != "c" or "BOX" not in instruction}
+        tags, trained = scripted.last.tags[0], _training_tags(task, tok, row, i, model)
+        assert tags == trained[:len(tags)] and len(trained) - len(tags) == ("BOX" in instruction)  # (no EOS step)
+
+
+def test_min_length_keeps_a_later_text_target_from_being_empty(tok):
+    from moe_gen.model.generate import TextRules
+
+    task = Task("two", "[TEXT:q] -> [TEXT:a] and [TEXT:b]", EMPTY_ROWS[:1])
+    grammar = TargetGrammar(task.plan(tok), tok)
+    state = grammar.start()
+    for token in tok.encode("one two") + [tok.eos_id] + tok.encode_literal(" and"):
+        options = grammar.options(state)
+        option = next((o for o in options if o.tokens is not None and token in o.tokens), options[0])
+        state = grammar.advance(state, option, token)
+    options = grammar.options(state)  # b's first token, or the answer's EOS: b empty
+    assert [(o.action, o.tokens, o.empty) for o in options] == [("start", None, None), ("end", (tok.eos_id,), 2)]
+    end = grammar.advance(state, options[1], tok.eos_id)
+    assert end.done and grammar.parse(end)[0] == {"a": "one two", "b": ""}
+    assert TextRules(min_length=1).allowed(grammar, state, options) == options[:1]
 
 
 def test_grammar_walk_parses_structure_exactly(tok):

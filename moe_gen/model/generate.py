@@ -169,10 +169,11 @@ class TextRules:
     def allowed(self, grammar: TargetGrammar, state: State, options: list[Option]) -> list[Option]:
         """``options`` without those ending a free-text value shorter than ``min_length``: of an
         unfinished value, every option but its next token (``content``) ends it, a ``start`` of
-        the next slot as much as an EOS."""
-        if not self.min_length or state.complete or grammar.kinds[state.slot] != "text" \
-                or state.length >= self.min_length:
+        the next slot as much as an EOS; after a value, those that leave the next one empty."""
+        if not self.min_length:
             return options
+        if state.complete or grammar.kinds[state.slot] != "text" or state.length >= self.min_length:
+            return [o for o in options if o.empty is None]  # (the next value's first token remains)
         going_on = [o for o in options if o.action == "content"]
         return going_on or options  # never a dead end (a value at its max_length ends anyway)
 

@@ -16,7 +16,9 @@ EOS after every value of a free-text target that something other than a box foll
 - after a slot: the first token of the next slot; after the last slot of a repetition group, the
   group's first slot again (another item, while fewer than ``max_items``) or what follows the
   group; after the last slot, EOS. Groups decode at least one item (a training sequence without
-  items has no answer to learn from).
+  items has no answer to learn from). A free-text value may be empty, wherever it comes (training
+  scores its EOS, or the slot after it, right there): a next slot of free text may also begin with
+  what would follow its value (``Option.empty``), unless another option takes that token.
 
 Every state has one tag for the position that predicts its next token (``tag``), as in
 training: the tag of the item it predicts where the layout fixes it, the tag of the slot before
@@ -54,12 +56,15 @@ class Option:
         action: ``"content"`` (a token of the slot being decoded), ``"start"`` (the first token
             of the next slot), ``"close"`` (the EOS ending a free-text value) or ``"end"``
             (the answer's EOS).
+        empty: a free-text slot whose value the option leaves empty, begun and complete before its
+            token (then ``slot`` and ``action`` say what the token does after that value), or None.
     """
 
     slot: int
     tokens: Optional[tuple[int, ...]]
     scored: bool
     action: str
+    empty: Optional[int] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -236,14 +241,14 @@ class TargetGrammar:
 
     def advance(self, state: State, option: Option, token: int) -> State:
         """The state after ``token``, chosen under ``option`` (one of ``options(state)``)."""
+        if option.empty is not None:  # the value the token skips: begun, and complete without a token
+            state = dataclasses.replace(self._begin(state, option.empty), complete=True)
         if option.action == "end":
             return dataclasses.replace(state, done=True)
         if option.action == "close":
             return dataclasses.replace(state, complete=True)
         if option.action == "start":
-            item = self._item(state, option.slot)
-            state = State(option.slot, node=self._root(option.slot), item=item, pieces=state.pieces,
-                          values=state.values + ((option.slot, item),))
+            state = self._begin(state, option.slot)
         i = state.slot
         node = state.node[token] if self.kinds[i] == "closed_set" else None
         state = dataclasses.replace(state, length=state.length + 1, node=node,
@@ -333,8 +338,21 @@ class TargetGrammar:
             return Option(slot, tuple(sorted(set(node) - {self.tok.eos_id})), True, action)
         return Option(slot, None, True, action)
 
-    def _starts(self, slot: int) -> list[Option]:
-        return [self._content(slot, 0, "start")]
+    def _begin(self, state: State, slot: int) -> State:
+        """A value of ``slot`` begun after ``state``, without a token yet."""
+        item = self._item(state, slot)
+        return State(slot, node=self._root(slot), item=item, pieces=state.pieces, values=state.values + ((slot, item),))
+
+    def _starts(self, state: State, slot: int) -> list[Option]:
+        """How a value of ``slot`` after ``state`` may begin: its first token; for free text also what
+        follows it, the value left empty (as the first target's may be: ``options`` of ``start``)."""
+        out = [self._content(slot, 0, "start")]
+        if self.kinds[slot] == "text":
+            empty = dataclasses.replace(self._begin(state, slot), complete=True)
+            # (free text not closed by its own EOS comes before a box or the end only: no recursion)
+            after = [Option(slot, (self.tok.eos_id,), True, "close")] if slot in self.closing else self._after(empty)
+            out += [dataclasses.replace(o, empty=slot) for o in after]
+        return out
 
     def _wraps(self, slot: int, follower: int) -> bool:
         """Whether going from ``slot`` to ``follower`` starts another item of the same group."""
@@ -355,8 +373,11 @@ class TargetGrammar:
             if follower is None:  # scored where training scores the answer's EOS
                 out.append(Option(i, (self.tok.eos_id,), self.slots[i].role == TARGET, "end"))
             elif not (self._wraps(i, follower) and state.item + 1 >= self.max_items):
-                out.extend(self._starts(follower))
-        return out
+                out.extend(self._starts(state, follower))
+        # an empty value's token that another option takes (the answer's EOS, after a group whose
+        # next item would begin with an empty text closed by EOS) is read as that option: one reading
+        taken = {t for o in out if o.empty is None and o.tokens is not None for t in o.tokens}
+        return [o for o in out if o.empty is None or not taken.intersection(o.tokens)]
 
 
 def _depth(trie: dict) -> int:
