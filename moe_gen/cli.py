@@ -206,20 +206,29 @@ def _run_config(config: dict):
             continue
         if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
             raise ValueError(f"run configuration key {key!r} must be {wanted[kind]}, got {value!r}")
+    _check_model_keys(config.get("model") or {})  # a misspelt model key is named now, not when the run starts
     return RunConfig.from_dict({k: v for k, v in config.items() if v is not None})
 
 
-def _model_config(section: dict):
-    from moe_gen.model import ModelConfig, flavour
+def _check_model_keys(section: dict) -> None:
+    """Refuses a key of a run's ``model`` section that is neither a ``ModelConfig`` field nor
+    ``flavour``, ``init`` or ``upcycle``, naming it with a guess (``flavor``: did you mean ``flavour``)."""
+    from moe_gen.model import ModelConfig
 
-    section = dict(section)
-    name = section.pop("flavour", "debug")
     known = sorted({f.name for f in dataclasses.fields(ModelConfig)} | {"flavour", "init", "upcycle"})
     unknown = sorted(set(section) - set(known))
     if unknown:  # (ModelConfig's own message left out flavour, init and upcycle, and guessed nothing)
         from moe_gen.registry import did_you_mean
 
         raise ValueError(f"unknown model keys {unknown}{did_you_mean(unknown, known)}; known: {', '.join(known)}")
+
+
+def _model_config(section: dict):
+    from moe_gen.model import ModelConfig, flavour
+
+    _check_model_keys(section)
+    section = dict(section)
+    name = section.pop("flavour", "debug")
     config = ModelConfig.from_dict(merge(flavour(name).to_dict(), section))
     if config.moe.every or config.moe.layers:  # the MoE layers' settings (strategy, gate, capacity) too
         from moe_gen.registry import BACKENDS, GATES, ROUTERS
@@ -258,6 +267,7 @@ def _init_section(section: dict) -> tuple[str, Optional[dict], dict]:
     from moe_gen.pretrained import upcycle
     from moe_gen.registry import did_you_mean
 
+    _check_model_keys(section)
     section = dict(section)
     init = section.pop("init")
     if not isinstance(init, str) or not init.startswith("hf:") or len(init) == 3:

@@ -51,6 +51,30 @@ def test_recipes_and_yaml_files_load_and_unknown_keys_fail(tmp_path):
         load_run_config("debug", ["--trian.lr", "1"])
 
 
+def test_a_misspelt_model_key_is_refused_when_the_run_configuration_loads(tmp_path, monkeypatch):
+    """``model: {flavor: tiny}`` in a YAML file, a recipe or a ``--model.flavor`` flag loaded without a
+    word: the key was refused only when the run started."""
+    from moe_gen.trainer import RunConfig
+    from moe_gen.trainer.recipes import RECIPES
+
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: debug\nmodel:\n  flavor: tiny\n")
+    misspelt = r"unknown model keys \['flavor'\] \(did you mean 'flavour'\?\); known: .*flavour.*init.*upcycle"
+    with pytest.raises(ValueError, match=misspelt):
+        load_run_config(str(path))
+    with pytest.raises(ValueError, match=misspelt):
+        load_run_config("debug", ["--model.flavor", "tiny"])
+    monkeypatch.setitem(RECIPES._entries, "misspelt", lambda: RunConfig(model={"flavor": "tiny"}))
+    with pytest.raises(ValueError, match=misspelt):
+        load_run_config("misspelt")
+    with pytest.raises(ValueError, match=r"unknown model keys \['d_modle'\] \(did you mean 'd_model'\?\)"):
+        load_run_config("demo-pretrained", ["--model.d_modle", "32"])  # a model.init section too
+    # the keys beside ModelConfig's fields (flavour, init, upcycle) and an emptied section still load
+    assert load_run_config("debug", ["--model.flavour", "tiny", "--model.d_model", "96"]).model["d_model"] == 96
+    assert load_run_config("demo-pretrained", ["--model.upcycle", "{num_experts: 4}"]).model["init"] == "hf:minilm"
+    assert load_run_config("debug", ["--model", "null"]).model == {}
+
+
 def test_yaml_files_and_flags_merge_by_one_rule(tmp_path):
     """A nested key set in YAML keeps its siblings from the recipe, as the same key given as a
     dotted flag does."""

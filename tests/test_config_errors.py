@@ -172,6 +172,51 @@ def test_model_config_checks_sizes_when_built():
         flavour("debug", moe={"layers": ["encoder.blocks.7"]})
 
 
+def test_configs_built_in_python_check_types_as_yaml_and_flags_do():
+    """A config made in Python skipped the type checks ``from_dict`` applies to YAML and flags:
+    ``selection_bias="false"`` was accepted (and truthy), ``tasks="abc"`` became three tasks, and
+    ``d_model="64"`` failed later in a comparison with a bare TypeError."""
+    import re
+
+    from moe_gen.config import ExpertsConfig, MoEConfig
+    from moe_gen.model import ModelConfig, MoELayers
+
+    layer = dict(d_model=8, d_hidden=8, num_experts=4)
+    for make, message in [
+        (lambda: RouterConfig(selection_bias="false"),
+         "RouterConfig.selection_bias must be true or false, got 'false'"),
+        (lambda: RouterConfig(normalize="false"), "RouterConfig.normalize must be true or false or null (None), got"),
+        (lambda: RouterConfig(num_tasks="8"), "RouterConfig.num_tasks must be an integer, got '8'"),
+        (lambda: RouterConfig(jitter_eps="0.1"), "RouterConfig.jitter_eps must be a number, got '0.1'"),
+        (lambda: ExpertsConfig(bias="false"), "ExpertsConfig.bias must be true or false, got 'false'"),
+        (lambda: ExpertsConfig(shared_hidden=True), "ExpertsConfig.shared_hidden must be an integer or null"),
+        (lambda: MoEConfig(**layer, check_finite="no"), "MoEConfig.check_finite must be true or false, got 'no'"),
+        (lambda: MoEConfig(**layer, capacity_factor="1.25"), "MoEConfig.capacity_factor must be a number or null"),
+        (lambda: MoELayers(attention="false"), "MoELayers.attention must be true or false, got 'false'"),
+        (lambda: MoELayers(top_k=True), "MoELayers.top_k must be an integer, got True"),
+        (lambda: ModelConfig(tie_embeddings="false"), "ModelConfig.tie_embeddings must be true or false, got 'false'"),
+        (lambda: ModelConfig(d_model="64"), "ModelConfig.d_model must be an integer, got '64'"),
+        (lambda: ModelConfig(dropout="0.1"), "ModelConfig.dropout must be a number, got '0.1'"),
+        (lambda: flavour("debug").replace(tasks="abc"), "ModelConfig.tasks must be a list of strings, got 'abc'"),
+        (lambda: flavour("debug").with_moe(every="1"), "MoELayers.every must be an integer, got '1'"),
+    ]:
+        with pytest.raises(ValueError, match=re.escape(message)):
+            make()
+    # what the code accepted and still does: ints for floats, None where optional, lists for tuples,
+    # the shorthands (a strategy name, a dict of fields, the decoder's router as a RouterConfig)
+    router = RouterConfig(weight_scale=2, jitter_eps=0, noise_std=None, normalize=None,
+                          balance_loss_groups=["modality"], task_words=[["a", "b"]])
+    assert router.balance_loss_groups == ("modality",) and router.task_words == (("a", "b"),)
+    assert MoEConfig(**layer, router="task", experts="glu", capacity_factor=2).router.strategy == "task"
+    layers = MoELayers(router={"strategy": "attribute"}, experts="glu", layers=["encoder.blocks.1"],
+                       decoder_router=RouterConfig(strategy="hybrid"), capacity_factor=1)
+    assert layers.layers == ("encoder.blocks.1",) and layers.decoder_router == {"strategy": "hybrid"}
+    config = ModelConfig(dropout=0, rotary_base=10000, num_kv_heads=None, tasks=["a", "b"], frame_adapters=[],
+                         moe={"router": "attribute", "num_experts": 8})
+    assert config.tasks == ("a", "b") and config.frame_adapters == () and config.moe.num_experts == 8
+    assert ModelConfig.from_dict(config.to_dict()) == config
+
+
 # ---- from_pretrained -----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -68,6 +68,18 @@ class MoELayers(ConfigBase):
     backend: str = "torch"
 
     def __post_init__(self) -> None:
+        if isinstance(self.router, str):
+            self.router = RouterConfig(strategy=self.router)
+        elif isinstance(self.router, dict):
+            self.router = RouterConfig.from_dict(self.router)
+        if isinstance(self.experts, str):
+            self.experts = ExpertsConfig(kind=self.experts)
+        elif isinstance(self.experts, dict):
+            self.experts = ExpertsConfig.from_dict(self.experts)
+        if isinstance(self.decoder_router, RouterConfig) and isinstance(self.router, RouterConfig):
+            mine, base = self.decoder_router.to_dict(), self.router.to_dict()  # the fields where it differs
+            self.decoder_router = {k: v for k, v in mine.items() if v != base[k] and k not in _TAG_VOCABULARY}
+        self.check_types()  # after the shorthands above (a strategy name, a dict of fields) became configs
         for name in ("num_experts", "top_k", "expert_hidden"):
             if getattr(self, name) < 1:
                 raise ValueError(f"MoELayers.{name} must be >= 1, got {getattr(self, name)}")
@@ -75,20 +87,8 @@ class MoELayers(ConfigBase):
             raise ValueError(f"MoELayers.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.every not in (0, 1, 2):
             raise ValueError(f"MoELayers.every must be 0 (dense), 1 or 2, got {self.every}")
-        self.layers = tuple(self.layers)
-        if isinstance(self.router, str):
-            self.router = RouterConfig(strategy=self.router)
-        elif isinstance(self.router, dict):
-            self.router = RouterConfig.from_dict(self.router)
-        if isinstance(self.decoder_router, RouterConfig):  # the fields where it differs from `router`
-            mine, base = self.decoder_router.to_dict(), self.router.to_dict()
-            self.decoder_router = {k: v for k, v in mine.items() if v != base[k] and k not in _TAG_VOCABULARY}
         self.decoder_router = dict(self.decoder_router)
         self.router_for("decoder")  # unknown fields and bad values are refused here, not at build
-        if isinstance(self.experts, str):
-            self.experts = ExpertsConfig(kind=self.experts)
-        elif isinstance(self.experts, dict):
-            self.experts = ExpertsConfig.from_dict(self.experts)
 
     def router_for(self, stack: str = "encoder") -> RouterConfig:
         """The router settings of ``stack``'s MoE layers (``decoder_router`` applied to the decoder's)."""
@@ -204,6 +204,8 @@ class ModelConfig(ConfigBase):
     preprocessor_statistics: dict = dataclasses.field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._read_moe()
+        self.check_types()  # "false" for a bool, "64" for an int: named here, before any comparison below
         for name in ("d_model", "num_heads", "ffn_hidden", "max_positions"):
             if getattr(self, name) < 1:
                 raise ValueError(f"ModelConfig.{name} must be >= 1, got {getattr(self, name)}")
@@ -229,6 +231,11 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide num_heads={self.num_heads}")
         if not self.norm_eps > 0:
             raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+        self._check_moe_layers()
+        self._check_shapes()
+
+    def _read_moe(self) -> None:
+        """``moe`` as a ``MoELayers``: a dict of its fields is built into one (unknown keys refused)."""
         if isinstance(self.moe, dict):
             known = sorted(f.name for f in dataclasses.fields(MoELayers))
             unknown = sorted(set(self.moe) - set(known))
@@ -241,10 +248,6 @@ class ModelConfig(ConfigBase):
         elif not isinstance(self.moe, MoELayers):
             raise ValueError(f"ModelConfig.moe must be a MoELayers (or a dict of its fields), got "
                              f"{type(self.moe).__name__}")
-        self._check_moe_layers()
-        self._check_shapes()
-        self.tasks = tuple(self.tasks)
-        self.frame_adapters = tuple(self.frame_adapters)
 
     def _check_shapes(self) -> None:
         """What the blocks need to be able to run and to see their input."""
