@@ -60,6 +60,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="each expert's hidden width (default: the flavour's); dense systems get k times it")
     parser.add_argument("--moe-attention", action="store_true",
                         help="the MoE systems' attention output projections are routed mixtures of linear experts too")
+    parser.add_argument("--shared-expert", action="store_true",
+                        help="the MoE systems give half their active FFN width to a shared expert every token uses "
+                             "(routed experts half as wide; active size unchanged)")
     parser.add_argument("--upcycle-at", type=float,
                         help="two stages: every generalist trains dense for this share of the steps, then the MoE "
                              "systems are upcycled (experts = copies of the dense FFN) and all train the rest")
@@ -141,6 +144,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     if args.lr_scale:
         fields["lr_scales"] = _lr_scales(parser, args.lr_scale)
     fields["moe_attention"] = args.moe_attention
+    fields["shared_expert"] = args.shared_expert
     if args.specialists_from:
         fields["specialists_from"] = args.specialists_from
     try:

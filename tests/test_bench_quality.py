@@ -396,6 +396,24 @@ def test_moe_attention_routes_the_attention_projections_of_the_moe_systems_only(
     assert "route their attention output projections too." in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
 
 
+def test_shared_expert_takes_half_the_active_width_of_the_moe_systems_only():
+    from moe_gen.quality.report import _run_line
+    from moe_gen.quality.runner import BenchConfig, _model_config
+
+    cfg = BenchConfig(shared_expert=True)
+    shared, plain = _model_config(cfg, "attribute"), _model_config(BenchConfig(), "attribute")
+    assert shared.moe.experts.shared_expert and not plain.moe.experts.shared_expert
+    k, hidden = plain.moe.top_k, plain.moe.expert_hidden
+    assert (shared.moe.expert_hidden, shared.moe.experts.shared_hidden) == (hidden // 2, k * hidden // 2)
+    # the same active FFN width: the dense systems (dense twins) are unchanged
+    assert shared.dense_twin().ffn_hidden == plain.dense_twin().ffn_hidden == k * hidden
+    assert _model_config(cfg, "dense") == _model_config(BenchConfig(), "dense")
+    assert _model_config(cfg, "specialist") == _model_config(BenchConfig(), "specialist")
+    assert "half their active FFN width to a shared expert" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
+    with pytest.raises(ValueError, match="does not combine with moe_attention, shared_expert"):
+        BenchConfig(upcycle_at=0.5, shared_expert=True)
+
+
 def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypatch):
     import torch
 
@@ -600,7 +618,8 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
     argv = ["--systems", "dense", "attribute", "--no-specialists", "--seeds", "6", "7", "--steps", "120",
             "--mixing", "uniform", "--temperature", "3", "--batch-size", "8", "--lr", "1e-3",
             "--lr-scale", "adapters.bag_of_words=6", "--lr-scale", "adapters.pose_summary=3", "--flavour", "tiny",
-            "--num-experts", "4", "--expert-hidden", "96", "--moe-attention", "--loss-average", "sample",
+            "--num-experts", "4", "--expert-hidden", "96", "--moe-attention", "--shared-expert",
+            "--loss-average", "sample",
             "--batch-tasks", "single", "--tag-balance", "bias", "--ema-decay", "0.99", "--bag-of-words",
             "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
             "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
@@ -608,7 +627,8 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
     config = bench.config_from_args(parser, parser.parse_args(argv))
     expected = dict(systems=("dense", "attribute"), specialists=False, seeds=(6, 7), steps=120, mixing="uniform",
                     temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
-                    moe_attention=True, loss_average="sample", batch_tasks="single", tag_balance="bias",
+                    moe_attention=True, shared_expert=True, loss_average="sample", batch_tasks="single",
+                    tag_balance="bias",
                     ema_decay=0.99,
                     bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
                     fit_rows=10, workers=2,

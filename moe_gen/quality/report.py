@@ -480,6 +480,9 @@ def _run_line(config: dict) -> str:
         model += f" Expert hidden width {config['expert_hidden']} (dense FFNs k times it)."
     if config.get("moe_attention"):
         model += " The MoE systems route their attention output projections too."
+    if config.get("shared_expert"):
+        model += (" The MoE systems give half their active FFN width to a shared expert every token uses "
+                  "(routed experts half as wide).")
     if config.get("lr_scales"):
         scaled = ", ".join(f"{prefix} × {scale:g}" for prefix, scale in config["lr_scales"].items())
         model += f" Learning rate scaled for {scaled} (every system; a specialist where its model has the parameters)."

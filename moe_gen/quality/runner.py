@@ -52,7 +52,10 @@ class BenchConfig:
             ``expert_hidden`` (None: the flavour's) each expert's hidden width, so the active FFN
             width of every system (the dense ones: FFN hidden = k · expert_hidden);
             ``moe_attention``: the MoE systems' attention output projections are mixtures of linear
-            experts too, routed like the FFNs (``MoEConfig.attention``; the dense ones keep theirs).
+            experts too, routed like the FFNs (``MoEConfig.attention``; the dense ones keep theirs);
+            ``shared_expert``: the MoE systems give half their active FFN width to a shared expert
+            every token uses (DeepSeek-MoE): the routed experts half as wide, the shared one
+            k · expert_hidden / 2, so the active size, and the dense systems, are unchanged.
         upcycle_at: two-stage generalists (0: one stage, from scratch). Every generalist first
             trains as the dense model for this fraction of ``steps``; then the MoE systems are
             sparsely upcycled (``moe_gen.pretrained.upcycle``: every FFN becomes ``num_experts``
@@ -114,6 +117,7 @@ class BenchConfig:
     num_experts: int = 8
     expert_hidden: Optional[int] = None
     moe_attention: bool = False
+    shared_expert: bool = False
     upcycle_at: float = 0.0
     upcycle_top_k: int = 1
     steps: int = 4000
@@ -166,8 +170,8 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.expert_hidden must be >= 1 (None: the flavour's), got {self.expert_hidden}")
         if not 0 <= self.upcycle_at < 1:
             raise ValueError(f"BenchConfig.upcycle_at must be in [0, 1) (0: no upcycling), got {self.upcycle_at}")
-        if self.upcycle_at and (self.moe_attention or self.ema_decay):
-            raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention or ema_decay")
+        if self.upcycle_at and (self.moe_attention or self.ema_decay or self.shared_expert):
+            raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention, shared_expert or ema_decay")
         if self.upcycle_at and self.steps < 2:
             raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
         if self.lr_scales:
@@ -212,7 +216,15 @@ def _model_config(cfg: BenchConfig, system: str):
     if cfg.expert_hidden is not None:  # dense blocks of every=2 flavours as wide as a dense twin's
         config = config.with_moe(expert_hidden=cfg.expert_hidden).replace(
             ffn_hidden=config.moe.top_k * cfg.expert_hidden)
-    return config.dense_twin() if system in ("dense", "specialist") else config
+    if system in ("dense", "specialist"):
+        return config.dense_twin()
+    if cfg.shared_expert:  # half the active width shared: k routed experts of H/2 plus one of k·H/2
+        hidden, k = config.moe.expert_hidden, config.moe.top_k
+        if hidden % 2:
+            raise ValueError(f"BenchConfig.shared_expert halves the experts' hidden width, which is {hidden} (odd)")
+        experts = dataclasses.replace(config.moe.experts, shared_expert=True, shared_hidden=k * hidden // 2)
+        config = config.with_moe(expert_hidden=hidden // 2, experts=experts)
+    return config
 
 
 def held_out(task, limit: int):
