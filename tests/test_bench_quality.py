@@ -412,6 +412,11 @@ def test_shared_expert_takes_half_the_active_width_of_the_moe_systems_only():
     assert "half their active FFN width to a shared expert" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
     with pytest.raises(ValueError, match="does not combine with moe_attention, shared_expert"):
         BenchConfig(upcycle_at=0.5, shared_expert=True)
+    # refused before any job trains (the dense systems train first)
+    with pytest.raises(ValueError, match="shared_expert does not combine with moe_attention"):
+        BenchConfig(shared_expert=True, moe_attention=True)
+    with pytest.raises(ValueError, match="which is 65 .odd."):
+        BenchConfig(shared_expert=True, expert_hidden=65)
 
 
 def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypatch):
@@ -618,7 +623,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
     argv = ["--systems", "dense", "attribute", "--no-specialists", "--seeds", "6", "7", "--steps", "120",
             "--mixing", "uniform", "--temperature", "3", "--batch-size", "8", "--lr", "1e-3",
             "--lr-scale", "adapters.bag_of_words=6", "--lr-scale", "adapters.pose_summary=3", "--flavour", "tiny",
-            "--num-experts", "4", "--expert-hidden", "96", "--moe-attention", "--shared-expert",
+            "--num-experts", "4", "--expert-hidden", "96", "--moe-attention",
             "--loss-average", "sample",
             "--batch-tasks", "single", "--tag-balance", "bias", "--ema-decay", "0.99", "--bag-of-words",
             "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
@@ -627,7 +632,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
     config = bench.config_from_args(parser, parser.parse_args(argv))
     expected = dict(systems=("dense", "attribute"), specialists=False, seeds=(6, 7), steps=120, mixing="uniform",
                     temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
-                    moe_attention=True, shared_expert=True, loss_average="sample", batch_tasks="single",
+                    moe_attention=True, loss_average="sample", batch_tasks="single",
                     tag_balance="bias",
                     ema_decay=0.99,
                     bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
@@ -637,6 +642,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
     assert {k: getattr(config, k) for k in expected} == expected
     upcycled = bench.config_from_args(parser, parser.parse_args(["--upcycle-at", "0.5", "--upcycle-top-k", "2"]))
     assert (upcycled.upcycle_at, upcycled.upcycle_top_k) == (0.5, 2)
+    assert bench.config_from_args(parser, parser.parse_args(["--shared-expert"])).shared_expert
     # options left out keep BenchConfig's defaults
     defaults = bench.config_from_args(parser, parser.parse_args(["--out", str(tmp_path)]))
     assert dataclasses.replace(defaults, output_dir=None) == dataclasses.replace(

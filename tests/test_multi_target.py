@@ -243,6 +243,31 @@ def test_an_empty_text_target_after_the_first_trains_its_end_and_decodes_as_trai
         assert tags == trained[:len(tags)] and len(trained) - len(tags) == ("BOX" in instruction)  # (no EOS step)
 
 
+_BOXES = dict(b=[[1, 2, 5, 6], [2, 2, 4, 4]], width=10, height=10)
+
+
+@pytest.mark.parametrize("instruction, rows", [
+    ("[TEXT:q] -> [CATEGORY:k] [TEXT:a]", [dict(q="x", k="red", a=""), dict(q="y", k="red", a="sky")]),
+    ("[TEXT:q] -> ( [TEXT:t] [BOX:b] )*",
+     [dict(q="x", t=["one", ""], **_BOXES), dict(q="y", t=["one", "two"], **_BOXES)]),
+])
+def test_an_empty_value_after_an_open_ended_slot_is_decided_under_the_tag_decoding_gives_it(
+        tok, scripted, instruction, rows):
+    """After a slot that leaves what comes next open (a category that may go on, a group's last
+    slot), the position deciding whether a free-text value is empty is tagged like that slot, as
+    decoding tags it; an empty value had lost the lead (its chunk has no position), so training
+    tagged the deciding position by its outcome and a tag-routed model never saw the empty
+    choice under the tag it decodes with."""
+    task = Task("open", instruction, rows)
+    model = build([task], tok).eval()
+    for i, row in enumerate(rows):
+        scripted.scripts = _training_tokens(task, tok, [row])
+        prediction = model.infer(task, [row])[0]
+        assert prediction.tokens == scripted.scripts[0][:-1]
+        tags, trained = scripted.last.tags[0], _training_tags(task, tok, row, i, model)
+        assert tags == trained[:len(tags)] and len(trained) - len(tags) <= 1
+
+
 def test_min_length_keeps_a_later_text_target_from_being_empty(tok):
     from moe_gen.model.generate import TextRules
 

@@ -172,6 +172,16 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.upcycle_at must be in [0, 1) (0: no upcycling), got {self.upcycle_at}")
         if self.upcycle_at and (self.moe_attention or self.ema_decay or self.shared_expert):
             raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention, shared_expert or ema_decay")
+        if self.shared_expert and self.moe_attention:
+            raise ValueError("BenchConfig.shared_expert does not combine with moe_attention (the routed attention "
+                             "projections would get a shared expert too, which the dense systems lack)")
+        if self.shared_expert:
+            from moe_gen.model import flavour
+
+            hidden = self.expert_hidden or flavour(self.flavour).moe.expert_hidden
+            if hidden % 2:
+                raise ValueError(f"BenchConfig.shared_expert halves the experts' hidden width, which is {hidden} "
+                                 "(odd); choose an even expert_hidden")
         if self.upcycle_at and self.steps < 2:
             raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
         if self.lr_scales:
@@ -219,9 +229,7 @@ def _model_config(cfg: BenchConfig, system: str):
     if system in ("dense", "specialist"):
         return config.dense_twin()
     if cfg.shared_expert:  # half the active width shared: k routed experts of H/2 plus one of k·H/2
-        hidden, k = config.moe.expert_hidden, config.moe.top_k
-        if hidden % 2:
-            raise ValueError(f"BenchConfig.shared_expert halves the experts' hidden width, which is {hidden} (odd)")
+        hidden, k = config.moe.expert_hidden, config.moe.top_k  # (even: BenchConfig checks it)
         experts = dataclasses.replace(config.moe.experts, shared_expert=True, shared_hidden=k * hidden // 2)
         config = config.with_moe(expert_hidden=hidden // 2, experts=experts)
     return config

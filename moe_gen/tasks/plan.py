@@ -235,9 +235,14 @@ def _in_order(plans: Sequence[SlotPlan], chunks: Sequence[list[Chunk]], closing=
                     if before is not None:
                         chunk = dataclasses.replace(chunk, lead=(before.modality.name, before.role))
                     out.append(chunk)
+                    # an empty value has no position: what follows it takes the position that decided
+                    # it was empty, and that position's lead (the tag decoding gives it either way)
+                    empty = chunk.tokens is not None and not chunk.tokens
                     if k in closing:  # column None: an EOS marker carries no content (masking)
-                        out.append(Chunk(chunk.modality, chunk.role, chunk.loss, tokens=[eos_id]))
-                    before = plans[k] if k in open_ends else None
+                        out.append(Chunk(chunk.modality, chunk.role, chunk.loss, tokens=[eos_id],
+                                         lead=chunk.lead if empty else None))
+                    if not (empty and before is not None and k not in closing):
+                        before = plans[k] if k in open_ends else None
         i = end
     return out
 
@@ -578,7 +583,7 @@ class TaskPlan:
             last = decoder[-1]
             if last.tokens is not None:  # text-like target ends with EOS; frames end with a stop flag
                 decoder.append(Chunk(last.modality, last.role, last.loss, tokens=[self.tokenizer.eos_id],
-                                     allowed=eos_allowed))
+                                     allowed=eos_allowed, lead=None if last.tokens else last.lead))
         # the task's modalities (a routing tag): the whole template's, at inference as in training
         used = {p.modality.name for p in full_encoder + full_decoder if not p.slot.is_literal}
         if any(p.slot.is_literal for p in full_encoder + full_decoder):
