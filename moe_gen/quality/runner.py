@@ -166,24 +166,7 @@ class BenchConfig:
         if self.batch_tasks not in BATCH_TASKS:
             raise ValueError(f"BenchConfig.batch_tasks must be one of {', '.join(BATCH_TASKS)}, "
                              f"got {self.batch_tasks!r}")
-        if self.expert_hidden is not None and self.expert_hidden < 1:
-            raise ValueError(f"BenchConfig.expert_hidden must be >= 1 (None: the flavour's), got {self.expert_hidden}")
-        if not 0 <= self.upcycle_at < 1:
-            raise ValueError(f"BenchConfig.upcycle_at must be in [0, 1) (0: no upcycling), got {self.upcycle_at}")
-        if self.upcycle_at and (self.moe_attention or self.ema_decay or self.shared_expert):
-            raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention, shared_expert or ema_decay")
-        if self.shared_expert and self.moe_attention:
-            raise ValueError("BenchConfig.shared_expert does not combine with moe_attention (the routed attention "
-                             "projections would get a shared expert too, which the dense systems lack)")
-        if self.shared_expert:
-            from moe_gen.model import flavour
-
-            hidden = self.expert_hidden or flavour(self.flavour).moe.expert_hidden
-            if hidden % 2:
-                raise ValueError(f"BenchConfig.shared_expert halves the experts' hidden width, which is {hidden} "
-                                 "(odd); choose an even expert_hidden")
-        if self.upcycle_at and self.steps < 2:
-            raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
+        self._check_model_options()
         if self.lr_scales:
             from moe_gen.trainer import TrainConfig
 
@@ -204,15 +187,36 @@ class BenchConfig:
                 os.path.join(self.output_dir, "quality.json")):
             raise ValueError(f"specialists_from {self.specialists_from!r} is this run's own output, which the run "
                              "would overwrite; write to another output_dir (--out)")
+        if self.fit_rows < 0:
+            raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
+        if self.mixing not in ("temperature", "uniform"):
+            raise ValueError(f"BenchConfig.mixing must be 'temperature' or 'uniform', got {self.mixing!r}")
+
+    def _check_model_options(self) -> None:
+        """The model options: expert width, upcycling, routed attention, a shared expert."""
+        if self.expert_hidden is not None and self.expert_hidden < 1:
+            raise ValueError(f"BenchConfig.expert_hidden must be >= 1 (None: the flavour's), got {self.expert_hidden}")
+        if not 0 <= self.upcycle_at < 1:
+            raise ValueError(f"BenchConfig.upcycle_at must be in [0, 1) (0: no upcycling), got {self.upcycle_at}")
+        if self.upcycle_at and (self.moe_attention or self.ema_decay or self.shared_expert):
+            raise ValueError("BenchConfig.upcycle_at does not combine with moe_attention, shared_expert or ema_decay")
+        if self.shared_expert and self.moe_attention:
+            raise ValueError("BenchConfig.shared_expert does not combine with moe_attention (the routed attention "
+                             "projections would get a shared expert too, which the dense systems lack)")
+        if self.shared_expert:
+            from moe_gen.model import flavour
+
+            hidden = self.expert_hidden or flavour(self.flavour).moe.expert_hidden
+            if hidden % 2:
+                raise ValueError(f"BenchConfig.shared_expert halves the experts' hidden width, which is {hidden} "
+                                 "(odd); choose an even expert_hidden")
+        if self.upcycle_at and self.steps < 2:
+            raise ValueError(f"BenchConfig.upcycle_at needs steps >= 2 (a step in each stage), got {self.steps}")
         if self.upcycle_top_k != 1 and not self.upcycle_at:
             raise ValueError("BenchConfig.upcycle_top_k applies to upcycled systems; set upcycle_at too")
         if not 1 <= self.upcycle_top_k <= self.num_experts:
             raise ValueError(f"BenchConfig.upcycle_top_k must be in [1, num_experts = {self.num_experts}], "
                              f"got {self.upcycle_top_k}")
-        if self.fit_rows < 0:
-            raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
-        if self.mixing not in ("temperature", "uniform"):
-            raise ValueError(f"BenchConfig.mixing must be 'temperature' or 'uniform', got {self.mixing!r}")
 
 
 def _model_config(cfg: BenchConfig, system: str):
