@@ -31,6 +31,16 @@ def test_infer_refuses_a_row_count_below_one(tmp_path, capsys):
     assert exit_info.value.code == 2 and "expected a whole number >= 1, got 0" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["eval", "MODEL", "--limit", "0"], ["infer", "MODEL", "--task", "table_species",
+                                                                      "--beams", "0"]])
+def test_eval_limit_and_beams_below_one_are_refused_before_the_model_loads(tmp_path, capsys, argv):
+    """(``eval --limit 0`` loaded the model and failed in the first task's evaluation.)"""
+    argv = [str(tmp_path / "missing") if a == "MODEL" else a for a in argv]
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2 and "expected a whole number >= 1, got 0" in capsys.readouterr().err
+
+
 def test_a_yaml_recipe_that_is_not_a_name_is_refused(tmp_path, capsys):
     path = tmp_path / "run.yaml"
     path.write_text("recipe: 5\ntasks: [table_species]\n")
