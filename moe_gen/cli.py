@@ -115,7 +115,8 @@ def apply_overrides(config: dict, overrides: Sequence[str]) -> dict:
     """Applies ``--a.b.c value`` pairs to a nested dict (in place; returns it): each sets one key,
     as ``merge`` of ``{a: {b: {c: value}}}`` would, so a mapping value merges into the section it
     names key by key, as YAML over a recipe does; ``--a null`` empties section ``a`` for the flags
-    after it (``--model null --model.init hf:PATH``)."""
+    after it (``--model null --model.init hf:PATH``), or mapping field ``a`` (``--train.modality_budget
+    null``: a ``{}`` would merge into the recipe's and leave it as it was)."""
     items = list(overrides)
     i = 0
     while i < len(items):

@@ -111,6 +111,8 @@ def _fit(hint: Any, value: Any) -> tuple[bool, Any]:
     """(whether ``value`` fits ``hint``, the value converted). Hints this does not know pass."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, _UnionType):
+        if value is None and type(None) in args:  # (None, not an emptied mapping, where None is allowed)
+            return True, None
         for arg in args:
             fits, converted = _fit(arg, value)
             if fits:
@@ -130,8 +132,8 @@ def _fit(hint: Any, value: Any) -> tuple[bool, Any]:
         return isinstance(value, numbers.Real), value
     if hint is str:
         return isinstance(value, str), value
-    if hint is dict or origin is dict:
-        return isinstance(value, dict), value
+    if hint is dict or origin is dict:  # null empties a mapping, as --section null empties a section
+        return (True, {}) if value is None else (isinstance(value, dict), value)
     if hint is tuple or origin is tuple:
         if not isinstance(value, (tuple, list)):
             return False, value

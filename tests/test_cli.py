@@ -241,3 +241,18 @@ def test_analyze_command_writes_a_report(tmp_path):
     report = (tmp_path / "report" / "report.md").read_text()
     assert "MI(expert; modality)" in report and (tmp_path / "report" / "routing.json").exists()
     assert main(["analyze", str(tmp_path / "nope"), "--tasks", "table_species", "--out", str(tmp_path / "x")]) == 2
+
+
+def test_null_empties_a_mapping_field_that_an_empty_mapping_cannot():
+    """``{}`` merges into the recipe's mapping key by key, leaving it as it was; ``null`` empties it
+    (it was refused: "must be a mapping, got None"), as ``--section null`` empties a section. A
+    field where None means something else keeps None."""
+    from moe_gen.cli import load_run_config
+    from moe_gen.trainer import TrainConfig
+
+    assert load_run_config("demo", ["--train.modality_budget", "{}"]).train.modality_budget == {"AUDIO": 600,
+                                                                                               "VIDEO": 600}
+    assert load_run_config("demo", ["--train.modality_budget", "null"]).train.modality_budget == {}
+    assert load_run_config("demo", ["--train.modality_budget", "null", "--train.modality_budget.AUDIO",
+                                    "100"]).train.modality_budget == {"AUDIO": 100}
+    assert TrainConfig(masked_target_alpha=None).masked_target_alpha is None  # None: masked_alpha's
