@@ -18,6 +18,8 @@ import numbers
 import typing
 from typing import Any, TypeVar, Union
 
+import numpy as np
+
 __all__ = ["ConfigBase", "RouterConfig", "ExpertsConfig", "MoEConfig"]
 
 C = TypeVar("C", bound="ConfigBase")
@@ -120,9 +122,9 @@ def _fit(hint: Any, value: Any) -> tuple[bool, Any]:
         return False, value
     if hint is type(None):
         return value is None, value
-    if hint is bool:
-        return isinstance(value, bool), value
-    if isinstance(value, bool):  # bool is an int subclass, but True is no count or rate
+    if hint is bool:  # (numpy's bool too, as numpy's integers are integers)
+        return isinstance(value, (bool, np.bool_)), bool(value) if isinstance(value, np.bool_) else value
+    if isinstance(value, (bool, np.bool_)):  # bool is an int subclass, but True is no count or rate
         return hint is Any or hint is object, value
     if hint is int:
         if isinstance(value, float) and value.is_integer():

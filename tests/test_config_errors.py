@@ -336,3 +336,15 @@ def test_fsdp_sharding_outside_torchrun_is_refused_clearly():
 
     with pytest.raises(ValueError, match="sharding='fsdp' needs torch.distributed; launch with torchrun"):
         shard_dense(nn.Linear(2, 2))
+
+
+def test_numpy_bools_and_integers_fill_config_fields_as_python_ones_do():
+    """(numpy integers were accepted, numpy bools refused: a flag read from an array failed.)"""
+    import numpy as np
+
+    from moe_gen.config import RouterConfig
+
+    router = RouterConfig(selection_bias=np.bool_(True), num_tasks=np.int64(32))
+    assert router.selection_bias is True and router.num_tasks == 32 and type(router.num_tasks) is int
+    with pytest.raises(ValueError, match="num_tasks"):
+        RouterConfig(num_tasks=np.bool_(True))  # a bool is no count, numpy's neither
