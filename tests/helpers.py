@@ -84,6 +84,18 @@ def flavour_with(name: str, **overrides):
     return flavour(name, **overrides, moe=moe)
 
 
+MIXED = ["digit_classification", "speech_recognition", "motion_classification", "visual_grounding",
+         "text_to_speech", "video_classification", "table_to_text"]
+
+
+def mixed_tasks(tok):
+    """(tasks, samples): three training rows of each of seven presets over many modalities."""
+    from moe_gen.tasks import load_preset
+
+    tasks = [load_preset(n, "train", limit=3) for n in MIXED]
+    return tasks, [s for t in tasks for s in t.samples(tok)]
+
+
 def build(tasks, tok, **overrides) -> GeneralistModel:
     """A debug-flavour model for ``tasks`` (``flavour_with`` overrides), seeded."""
     torch.manual_seed(0)
