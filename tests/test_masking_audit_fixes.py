@@ -1,5 +1,5 @@
 """Masked-objective, interop and FSDP defects found by an audit (2026-12-05, seventh session); each
-test failed before its fix (the FSDP one is in test_distributed.py)."""
+test failed before its fix (the FSDP one is in test_distributed_runs.py)."""
 
 from __future__ import annotations
 

@@ -1,0 +1,181 @@
+"""Several gloo processes (127.0.0.1) beyond one step's equivalence: a failing rank stops its peer
+with an error; expert-shard checkpoints load across layouts; the single-process defaults and errors;
+the ``Trainer`` on 2 processes (objectives whose collectives cannot pair are refused, the logged loss
+and its parts are the processes' mean, an unsharded copy leaves the RNG alone, only-expert training
+needs no DDP, resuming with more processes is refused on every process). Split from
+test_distributed.py; the launch machinery is ``distributed_scenarios``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+
+import pytest
+import torch
+from distributed_scenarios import LAUNCH_LIMIT_S, D, Launch, _ckpt_model, _ckpt_tensors, _expert_slice, _trainer_tasks
+from torch import nn
+
+from moe_gen import MoE, MoEConfig
+from moe_gen.distributed import (
+    clip_grad_norm_,
+    init_distributed,
+    load_shards,
+    save_shards,
+    sync_gradients,
+    world_info,
+)
+from moe_gen.experts.parallel import expert_plan, shard_experts
+
+pytestmark = pytest.mark.distributed
+
+
+@pytest.mark.parametrize("sharding", ["replicate", "ddp", "fsdp"], ids=["expert-parallel", "ddp", "fsdp"])
+def test_a_failing_rank_stops_its_peer_with_an_error(tmp_path, sharding):
+    launch = Launch("failure", tmp_path, sharding)
+    assert not launch.hung, f"ranks {launch.hung} hung until killed after {LAUNCH_LIMIT_S}s"
+    assert launch.exitcodes == [1, 1], launch.errors
+    assert "rank 1 fails on purpose" in launch.errors[1]
+    assert "fails on purpose" not in launch.errors[0] and "Error" in launch.errors[0], launch.errors[0]
+    assert launch.seconds < LAUNCH_LIMIT_S
+
+
+def test_expert_shards_load_across_layouts(tmp_path):
+    full_model = _ckpt_model()
+    full = _ckpt_tensors(full_model)
+    written = save_shards(str(tmp_path / "single"), "model", full, full_model)
+    assert sorted(os.path.basename(p) for p in written) == [
+        "model-dense.safetensors", "model-experts-0000-0002.safetensors", "model-experts-0000-0004.safetensors"]
+
+    (r0, info0), (r1, info1) = Launch("checkpoint", tmp_path).results()
+    assert info0["round_trip_equal"] and info1["round_trip_equal"]
+    # Rank 0 writes the dense file and its shards; rank 1 only its shards.
+    assert info0["written"] == ["model-dense.safetensors", "model-experts-0000-0001.safetensors",
+                                "model-experts-0000-0002.safetensors"]
+    assert info1["written"] == ["model-experts-0001-0001.safetensors", "model-experts-0002-0002.safetensors"]
+    assert not [f for f in os.listdir(tmp_path / "ep2") if f.startswith(".tmp")]
+
+    # Written on 1 process, read with EP 2: each rank gets its slice.
+    for rank, (tensors, info) in enumerate([(r0, info0), (r1, info1)]):
+        assert sorted(tensors) == sorted(f"single/{k}" for k in full)
+        for key, value in full.items():
+            shard = info["shards"].get(key.split("::")[0])
+            expected = value if shard is None or value.dim() == 0 else _expert_slice(value, *shard)
+            assert torch.equal(tensors[f"single/{key}"], expected), (rank, key)
+
+    # Written with EP 2, read on 1 process: the full tensors, bit for bit.
+    back = load_shards(str(tmp_path / "ep2"), "model", full_model)
+    assert sorted(back) == sorted(full)
+    for key, value in full.items():
+        assert torch.equal(back[key], value), key
+    full_model.load_state_dict({k: v for k, v in back.items() if "::" not in k})
+
+    # A missing shard file is named, with the experts it held.
+    broken = tmp_path / "broken"
+    shutil.copytree(tmp_path / "ep2", broken)
+    os.remove(broken / "model-experts-0002-0002.safetensors")
+    with pytest.raises(FileNotFoundError, match=r"model-experts-0002-0002.*experts 2\.\.3 of the 4-expert layers"):
+        load_shards(str(broken), "model", full_model)
+    with pytest.raises(FileNotFoundError, match="optimizer-dense.safetensors is missing"):
+        load_shards(str(broken), "optimizer", full_model)
+
+
+# ---- single-process checks (no launch) ------------------------------------------------------------
+
+
+def test_single_process_defaults_and_clear_errors(monkeypatch):
+    for name in ("RANK", "WORLD_SIZE"):
+        monkeypatch.delenv(name, raising=False)
+    info = init_distributed()
+    assert (info.rank, info.world_size, info.backend) == (0, 1, None) and world_info() == info
+
+    model = _ckpt_model()
+    with pytest.raises(ValueError, match=r"'ffn' has E=4 experts, which is not divisible by ep_size P=3"):
+        shard_experts(model, 3)
+    with pytest.raises(ValueError, match="must divide the number of processes, which is 1"):
+        shard_experts(model, 2)
+    merged = nn.ModuleDict({"moe": MoE(MoEConfig(d_model=D, d_hidden=8, num_experts=4, router="modality",
+                                                 backend="merged"))})
+    with pytest.raises(ValueError, match="'moe' uses backend 'merged'.*cannot run with expert parallelism"):
+        shard_experts(merged, 2)
+
+    # ep_size 1 in one process: nothing changes, and the layout is the unsharded one.
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = shard_experts(model, 1)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert plan.layers == expert_plan(_ckpt_model()).layers
+    assert plan.expert_params["ffn.experts.w_in"].count == 4 and "head.weight" not in plan.expert_params
+    # Clipping without processes equals torch's.
+    x = torch.randn(5, D)
+    model["head"](model["proj"](model["ffn"](x).output).output).sum().backward()
+    grads = [p.grad.clone() for p in model.parameters() if p.grad is not None]
+    norm = clip_grad_norm_(model, 0.1, plan)
+    assert float(norm) == pytest.approx(float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(g) for g in grads]))), rel=1e-5)
+    sync_gradients(model, plan)  # a no-op in one process
+
+
+@pytest.mark.parametrize("settings", [{"expert_parallel": 2}, {"sharding": "fsdp"}], ids=["ep", "fsdp"])
+def test_tasks_of_several_objectives_are_refused_where_the_processes_collectives_must_pair(tmp_path, settings):
+    """Each process runs the objectives its own batch holds: with a contrastive and a generative
+    task, expert parallelism crashed (gloo: collective mismatch) and FSDP hung until the timeout."""
+    (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification", "image_text_retrieval"),
+                                    settings).results()
+    for info in (info0, info1):
+        assert "tasks of several objectives (contrastive, generative) cannot train" in info["error"]
+
+
+def test_every_task_in_every_batch_trains_several_objectives_under_expert_parallelism(tmp_path):
+    """With mixing="all" every process runs every objective each micro-batch: allowed."""
+    (r0, info0), (r1, info1) = Launch("trainer", tmp_path, ("digit_classification", "image_text_retrieval"),
+                                      {"expert_parallel": 2, "mixing": "all"}).results()
+    assert info0["error"] is None and info1["error"] is None
+    assert all(torch.equal(r0[name], r1[name]) for name in r0 if ".experts." not in name)
+
+
+def test_the_logged_loss_is_the_processes_mean(tmp_path):
+    """Each process logged its own batch's loss (rank 0's in train.jsonl), not the step's."""
+    (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification", "table_species"),
+                                    {"batch_tasks": "single"}).results()
+    assert info0["loss"] == info1["loss"]
+
+
+def test_an_unsharded_copy_draws_nothing_from_the_runs_random_numbers(tmp_path):
+    """Its throwaway initialisation consumed the global RNG, so an FSDP run's later draws depended
+    on whether an evaluation (which copies) ran before."""
+    (_, info0), (_, info1) = Launch("unsharded_copy_rng", tmp_path).results()
+    assert info0["rng_untouched"] and info1["rng_untouched"]
+
+
+def test_every_logged_part_is_merged_over_the_processes(tmp_path):
+    """Only the loss was the processes' mean: with one task per batch, each process logged its own
+    task's loss and modality share, so train.jsonl (rank 0's) showed one task of the two."""
+    (_, info0), (_, info1) = Launch("step_record", tmp_path, ("digit_classification", "table_species"),
+                                    {"batch_tasks": "single", "seed": 0}).results()  # ranks draw different tasks
+    assert info0 == info1
+    assert set(info0["task_loss"]) == {"digit_classification", "table_species"}
+    assert set(info0["modality_share"]) >= {"IMAGE", "STRUCT"}
+    assert sum(info0["modality_share"].values()) == pytest.approx(1.0, abs=1e-3)
+
+
+def test_only_experts_training_under_expert_parallelism_needs_no_ddp(tmp_path):
+    """trainable="experts" with expert_parallel=2 stopped at start with DDP's "not needed when a
+    module doesn't have any parameter that requires a gradient"."""
+    (r0, info0), (r1, info1) = Launch("trainer", tmp_path, ("digit_classification",),
+                                      {"expert_parallel": 2, "trainable": "experts"}).results()
+    assert info0["error"] is None and info1["error"] is None
+    assert all(torch.equal(r0[name], r1[name]) for name in r0 if ".experts." not in name)
+
+
+def test_resuming_with_more_processes_than_wrote_the_checkpoint_is_refused_on_every_process(tmp_path):
+    """The new process refused and the old one went on into the step, then died on a closed
+    connection (or waited for the timeout)."""
+    model, tasks = _trainer_tasks(("digit_classification",))
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    Trainer(model, tasks, TrainConfig(steps=2, batch_size=4, progress=False, tensorboard=False),
+            output_dir=str(tmp_path / "run")).fit()
+    (_, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification",), {"steps": 4},
+                                    True).results()
+    assert "has no state for process 1" in info1["error"]
+    assert "has no state for process 1" in info0["error"] or "another process refused" in info0["error"]
