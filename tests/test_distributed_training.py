@@ -6,24 +6,18 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import sys
 
 import pytest
 import torch
+from distributed_scenarios import _free_port
 
 from moe_gen import distributed
 from moe_gen.model import GeneralistModel
 
 pytestmark = pytest.mark.distributed
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_torchrun_expert_parallel_pretraining_saves_shards_that_load_on_one_process(tmp_path):
