@@ -419,6 +419,22 @@ def test_shared_expert_takes_half_the_active_width_of_the_moe_systems_only():
         BenchConfig(shared_expert=True, expert_hidden=65)
 
 
+def test_label_smoothing_reaches_every_system_and_the_report():
+    from moe_gen.quality.report import _run_line
+    from moe_gen.quality.runner import BenchConfig, _model_config
+
+    cfg = BenchConfig(label_smoothing=0.1)
+    for system in ("dense", "specialist", "attribute", "token"):
+        assert _model_config(cfg, system).label_smoothing == 0.1
+        assert _model_config(BenchConfig(), system).label_smoothing == 0.0
+        assert _model_config(cfg, system).replace(label_smoothing=0.0) == _model_config(BenchConfig(), system)
+    assert "Label smoothing 0.1" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
+    assert "Label smoothing" not in _run_line({**dataclasses.asdict(BenchConfig()), "seeds": [0]})
+    for bad in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="label_smoothing must be in"):
+            BenchConfig(label_smoothing=bad)
+
+
 def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypatch):
     import torch
 
@@ -625,7 +641,8 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
             "--lr-scale", "adapters.bag_of_words=6", "--lr-scale", "adapters.pose_summary=3", "--flavour", "tiny",
             "--num-experts", "4", "--expert-hidden", "96", "--moe-attention",
             "--loss-average", "sample",
-            "--batch-tasks", "single", "--tag-balance", "bias", "--ema-decay", "0.99", "--bag-of-words",
+            "--batch-tasks", "single", "--tag-balance", "bias", "--ema-decay", "0.99", "--label-smoothing", "0.1",
+            "--bag-of-words",
             "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
             "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
             "--threads", "1", "--tasks", "doc_topic", "motion_classification", "--out", str(tmp_path)]
@@ -634,7 +651,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
                     temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
                     moe_attention=True, loss_average="sample", batch_tasks="single",
                     tag_balance="bias",
-                    ema_decay=0.99,
+                    ema_decay=0.99, label_smoothing=0.1,
                     bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
                     fit_rows=10, workers=2,
                     threads=1, tasks=("doc_topic", "motion_classification"), output_dir=str(tmp_path),

@@ -65,6 +65,8 @@ class BenchConfig:
             the dense model's. Each copy is the dense FFN's width (k · ``expert_hidden``), not
             ``expert_hidden``. Specialists train in one stage.
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
+        label_smoothing: ``ModelConfig.label_smoothing`` of every system, specialists included (the
+            token cross-entropy's; 0: none).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
         loss_average: ``TrainConfig.loss_average`` of every run (``token`` or ``sample``).
@@ -125,6 +127,7 @@ class BenchConfig:
     lr: float = 2e-3
     lr_scales: dict = dataclasses.field(default_factory=dict)
     warmup_steps: int = 50
+    label_smoothing: float = 0.0
     mixing: str = "temperature"
     temperature: float = 2.0
     ema_decay: float = 0.0
@@ -187,6 +190,8 @@ class BenchConfig:
                 os.path.join(self.output_dir, "quality.json")):
             raise ValueError(f"specialists_from {self.specialists_from!r} is this run's own output, which the run "
                              "would overwrite; write to another output_dir (--out)")
+        if not 0 <= self.label_smoothing < 1:
+            raise ValueError(f"BenchConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.fit_rows < 0:
             raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
         if self.mixing not in ("temperature", "uniform"):
@@ -230,6 +235,8 @@ def _model_config(cfg: BenchConfig, system: str):
     if cfg.expert_hidden is not None:  # dense blocks of every=2 flavours as wide as a dense twin's
         config = config.with_moe(expert_hidden=cfg.expert_hidden).replace(
             ffn_hidden=config.moe.top_k * cfg.expert_hidden)
+    if cfg.label_smoothing:
+        config = config.replace(label_smoothing=cfg.label_smoothing)
     if system in ("dense", "specialist"):
         return config.dense_twin()
     if cfg.shared_expert:  # half the active width shared: k routed experts of H/2 plus one of k·H/2
@@ -431,9 +438,9 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 
 
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
-SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "mixing", "temperature", "loss_average",
-                       "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary", "pose_noise",
-                       "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads", "lr_scales")
+SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "label_smoothing", "mixing", "temperature",
+                       "loss_average", "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary",
+                       "pose_noise", "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads", "lr_scales")
 
 
 def reused_specialists(cfg: BenchConfig, per_task: dict[str, int], classical: Optional[dict] = None) -> list[dict]:
