@@ -83,6 +83,20 @@ def test_integer_pcm_is_scaled_by_its_type_and_a_list_of_whole_numbers_is_refuse
     _audio_rows(tok, [0.0, 1.0, -1.0] * 400)  # floats in [-1, 1] that happen to be whole: read as they are
 
 
+def test_a_64_bit_integer_waveform_is_read_as_a_list_is(tok):
+    # np.array of Python ints is int64: no PCM format has 64-bit samples, so int16-scale samples held in
+    # it were scaled by 2^63 into silence; they are refused as a list of whole numbers is
+    int16 = np.round(TONE * 32768).astype(np.int16)
+    for dtype in (np.int64, np.uint64):
+        with pytest.raises(TaskDataError, match=rf"row 0: the waveform {np.dtype(dtype)} array holds whole numbers "
+                                                r"up to \d+: integer PCM samples"):
+            _audio_rows(tok, np.abs(int16).astype(dtype) if dtype == np.uint64 else int16.astype(dtype))
+    whole = np.array([0, 1, -1] * 400)  # whole numbers within [-1, 1]: read as floats, as a list of them is
+    torch.testing.assert_close(read_waveform(whole)[0], read_waveform([0.0, 1.0, -1.0] * 400)[0])
+    int32 = int16.astype(np.int32) << 16  # 32-bit PCM is still scaled by its type's range
+    torch.testing.assert_close(read_waveform(int32)[0], read_waveform(TONE)[0], atol=1e-4, rtol=0)
+
+
 def test_frames_per_row_and_video_frames_must_be_usable_counts(tok):
     for instruction, options, message in [
         ("[AUDIO:x] -> [TEXT:y]", {"audio_fbank": {"frames_per_row": 0}}, "frames_per_row must be a whole number"),

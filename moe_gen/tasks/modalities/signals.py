@@ -84,6 +84,16 @@ def _pcm_to_float(data: np.ndarray) -> np.ndarray:
     return data
 
 
+def _refuse_unscaled_pcm(value: np.ndarray, given: str) -> None:
+    """Whole numbers beyond ±1 in a waveform whose type does not give their range (a list, a 64-bit
+    integer array) are integer PCM samples of an unknown width: refused rather than guessed."""
+    peak = float(np.abs(value).max()) if value.size and np.isfinite(value).all() else 0.0
+    if peak > 1.0 and np.array_equal(value, np.round(value)):
+        raise SlotValueError(f"the waveform {given} holds whole numbers up to {peak:.0f}: integer PCM samples, "
+                             f"whose range its type does not say; give floats in [-1, 1] or a numpy integer "
+                             "array (int16, int32, uint8), which is scaled by its type's range")
+
+
 def check_sample_rate(rate: Any) -> int:
     """A sample rate, rounded to whole samples per second, in [``MIN_SAMPLE_RATE``,
     ``MAX_SAMPLE_RATE``] (None: ``SAMPLE_RATE``).
@@ -128,11 +138,12 @@ def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, in
         except (ValueError, TypeError, OverflowError):
             raise SlotValueError("an audio waveform given as a list must be a list of numbers (or of equally long "
                                  "channel lists)") from None
-        peak = float(np.abs(value).max()) if value.size and np.isfinite(value).all() else 0.0
-        if peak > 1.0 and np.array_equal(value, np.round(value)):  # e.g. int16 samples written to JSONL
-            raise SlotValueError(f"the waveform list holds whole numbers up to {peak:.0f}: integer PCM samples, "
-                                 "which a list cannot say the range of; give floats in [-1, 1] or a numpy integer "
-                                 "array (int16, int32, uint8), which is scaled by its type's range")
+        _refuse_unscaled_pcm(value, "list")  # e.g. int16 samples written to JSONL
+    if isinstance(value, np.ndarray) and value.dtype.kind in "iu" and value.dtype.itemsize == 8:
+        # numpy's default integer (np.array of Python ints): no PCM format has 64-bit samples, so the
+        # type's range says nothing of the samples' (int16 samples scaled by 2^63 were silence)
+        given, value = f"{value.dtype} array", value.astype(np.float32)
+        _refuse_unscaled_pcm(value, given)
     if isinstance(value, np.ndarray):
         if value.dtype.kind in "iu":
             value = _pcm_to_float(value)
