@@ -206,3 +206,9 @@ def test_min_length_summarises_a_random_stretch_of_the_window_in_training_only(t
     with pytest.raises(ValueError, match=r"task 'moves': slot \[MOTION:motion,max_length=4,min_length=9\]: "
                                          r"min_length 9 is above max_length 4"):
         Task("moves", "[MOTION:motion,min_length=9,max_length=4] what? -> [TEXT:label]", TRAIN).plan(tok)
+    # a target read at a random length would end there in training (its stop flag set at random cut
+    # points) and whole at evaluation: refused where it is planned
+    with pytest.raises(ValueError, match=r"slot \[MOTION:motion,adaptor=motion_tgt,max_length=8,min_length=3\]: "
+                                         r"min_length draws "
+                                         r"shorter training windows of an input; a target \(after ->\) is read whole"):
+        Task("act", "[TEXT:label] -> [MOTION:motion,adaptor=motion_tgt,min_length=3,max_length=8]", TRAIN).plan(tok)

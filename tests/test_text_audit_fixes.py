@@ -153,3 +153,10 @@ def test_span_masking_without_sentinels_is_refused_when_planned():
     with pytest.raises(ValueError, match=r"slot \[TEXT:text,mask_ratio=0.3\]: mask_ratio replaces spans by "
                                          r"sentinel tokens, and the tokenizer has none"):
         Task("fill", "[TEXT:text,mask_ratio=0.3] -> [TEXT:text]", [{"text": "a b c"}]).plan(small)
+    # a table read as text masks spans with sentinels too (it planned, then every row failed); a table
+    # read as cells masks cells as missing, which needs no sentinels
+    with pytest.raises(ValueError, match=r"slot \[STRUCT:t,mask_ratio=0.3,preprocess=struct_text\]: mask_ratio "
+                                         r"replaces spans by sentinel tokens, and the tokenizer has none"):
+        Task("fill", "[STRUCT:t,preprocess=struct_text,mask_ratio=0.3] -> [TEXT:y]",
+             [{"t": {"a": 0, "b": "x"}, "y": "z"}]).plan(small)
+    Task("cells", "[STRUCT:t,mask_ratio=0.3] -> [TEXT:y]", [{"t": {"a": 0, "b": "x"}, "y": "z"}]).plan(small)

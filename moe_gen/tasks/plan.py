@@ -429,15 +429,7 @@ class TaskPlan:
                              "and values)")
         if "vocab_size" in slot.attrs and preprocess != "bag_of_words":
             raise ValueError(f"{where}: vocab_size sizes a bag of words; it applies to preprocess=bag_of_words only")
-        if slot.modality == "MOTION" and slot.attrs.get("min_length", 0) > slot.attrs.get("max_length", math.inf):
-            raise ValueError(f"{where}: min_length {slot.attrs['min_length']} is above max_length "
-                             f"{slot.attrs['max_length']}")
-        if "feature_noise" in slot.attrs and preprocess != "pose_summary":
-            raise ValueError(f"{where}: feature_noise perturbs window statistics; it applies to "
-                             "preprocess=pose_summary only")
-        if slot.attrs.get("mask_ratio") and preprocess == "text" and not self.tokenizer.num_sentinels:
-            raise ValueError(f"{where}: mask_ratio replaces spans by sentinel tokens, and the tokenizer has none "
-                             "(num_sentinels=0); build it with sentinels, or corrupt with noise_ratio")
+        self._check_windows_and_masks(where, slot, side, preprocess)
         # A preprocessor whose rows only one adapter reads (a frozen encoder's states) names it.
         own = getattr(self._preprocessors[preprocess], "adaptor", None)
         if own is not None and side != "encoder":
@@ -453,6 +445,22 @@ class TaskPlan:
         no_loss = bool(slot.attrs.get("no_loss"))
         return SlotPlan(slot, side, modality, preprocess, adaptor, PROMPT if no_loss else TARGET,
                         not no_loss, None if no_loss else self._decode_spec(slot, modality, preprocess))
+
+    def _check_windows_and_masks(self, where: str, slot: Slot, side: str, preprocess: str) -> None:
+        if slot.modality == "MOTION" and slot.attrs.get("min_length", 0) > slot.attrs.get("max_length", math.inf):
+            raise ValueError(f"{where}: min_length {slot.attrs['min_length']} is above max_length "
+                             f"{slot.attrs['max_length']}")
+        if slot.modality == "MOTION" and "min_length" in slot.attrs and side != "encoder":
+            # a target cut at a random length would end there, teaching its stop flag random cut points
+            raise ValueError(f"{where}: min_length draws shorter training windows of an input; a target "
+                             "(after ->) is read whole, up to max_length")
+        if "feature_noise" in slot.attrs and preprocess != "pose_summary":
+            raise ValueError(f"{where}: feature_noise perturbs window statistics; it applies to "
+                             "preprocess=pose_summary only")
+        sentinels = self._preprocessors[preprocess].masks_with_sentinels
+        if slot.attrs.get("mask_ratio") and sentinels and not self.tokenizer.num_sentinels:
+            raise ValueError(f"{where}: mask_ratio replaces spans by sentinel tokens, and the tokenizer has none "
+                             "(num_sentinels=0); build it with sentinels, or corrupt with noise_ratio")
 
     def _check_augment(self, where: str, slot: Slot, side: str, preprocess: str) -> None:
         """``augment=`` is for image inputs patched by the ``image`` preprocessor, in tasks whose

@@ -218,6 +218,8 @@ class Preprocessor:
     # slot attributes this preprocessor reads as corruption of its input (applied in training, and
     # at inference to a slot reading the sample's answer: EncodeContext.corrupts)
     corruptions: tuple[str, ...] = ()
+    # whether its mask_ratio replaces token spans by the tokenizer's sentinels (which it must have)
+    masks_with_sentinels: bool = False
 
     def __call__(self, value: Any, slot, ctx: EncodeContext) -> SlotEncoding:
         raise NotImplementedError

@@ -104,6 +104,7 @@ class TextPreprocessor(Preprocessor):
 
     modality = "TEXT"
     corruptions = ("mask_ratio", "noise_ratio")
+    masks_with_sentinels = True
     check_slot = _check_span_masking
 
     def __call__(self, value, slot, ctx):
@@ -117,6 +118,7 @@ class CategoryPreprocessor(Preprocessor):
 
     modality = "CATEGORY"
     corruptions = ("mask_ratio", "noise_ratio")
+    masks_with_sentinels = True
     check_slot = _check_span_masking
 
     def __call__(self, value, slot, ctx):
@@ -145,6 +147,7 @@ class StructTextPreprocessor(Preprocessor):
 
     modality = "STRUCT"
     corruptions = ("mask_ratio", "noise_ratio")
+    masks_with_sentinels = True
     check_slot = _check_span_masking
 
     def __call__(self, value, slot, ctx):
