@@ -130,12 +130,13 @@ def _fit(hint: Any, value: Any) -> tuple[bool, Any]:
         if isinstance(value, float) and value.is_integer():
             value = int(value)
         return isinstance(value, numbers.Integral), int(value) if isinstance(value, numbers.Integral) else value
-    if hint is float:
-        return isinstance(value, numbers.Real), value
+    if hint is float:  # (numpy's as Python's: a np.float32 setting failed where it was written as JSON)
+        real = isinstance(value, numbers.Real)
+        return real, float(value) if real and type(value) not in (int, float) else value
     if hint is str:
         return isinstance(value, str), value
     if hint is dict or origin is dict:  # null empties a mapping, as --section null empties a section
-        return (True, {}) if value is None else (isinstance(value, dict), value)
+        return (True, {}) if value is None else (isinstance(value, dict), _plain(value))
     if hint is tuple or origin is tuple:
         if not isinstance(value, (tuple, list)):
             return False, value
@@ -152,6 +153,18 @@ def _fit(hint: Any, value: Any) -> tuple[bool, Any]:
     if isinstance(hint, type) and issubclass(hint, ConfigBase):
         return isinstance(value, hint), value
     return True, value
+
+
+def _plain(value: Any) -> Any:
+    """``value`` with numpy scalars inside mappings and lists as Python numbers and bools (what a
+    checkpoint's JSON can hold)."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {key: _plain(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(item) for item in value)
+    return value
 
 
 def _describe(hint: Any) -> str:

@@ -49,6 +49,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
+from moe_gen.durable import fsync_file
 from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
 from moe_gen.routing.balance import sync_bias_updates
 
@@ -448,6 +449,7 @@ def _write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        fsync_file(tmp)  # on disk before the rename makes it the file (a crash left torn weights)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

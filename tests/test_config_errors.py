@@ -348,3 +348,20 @@ def test_numpy_bools_and_integers_fill_config_fields_as_python_ones_do():
     assert router.selection_bias is True and router.num_tasks == 32 and type(router.num_tasks) is int
     with pytest.raises(ValueError, match="num_tasks"):
         RouterConfig(num_tasks=np.bool_(True))  # a bool is no count, numpy's neither
+
+
+def test_numpy_numbers_in_train_config_are_stored_as_python_ones():
+    """(a np.float32 lr or a np.int64 modality budget was accepted, then the first log line or
+    checkpoint failed with a TypeError from JSON, and the run lost everything since its start)"""
+    import json
+
+    import numpy as np
+
+    config = TrainConfig(lr=np.float32(1e-3), frame_weight=np.float64(2.0),
+                         modality_budget={"IMAGE": np.int64(200)}, task_weights={"a": np.float32(0.5)})
+    assert type(config.lr) is float and type(config.frame_weight) is float
+    assert type(config.modality_budget["IMAGE"]) is int and type(config.task_weights["a"]) is float
+    json.dumps(config.to_dict())  # what checkpoints and logs write
+    assert config.lr == pytest.approx(1e-3) and config.modality_budget == {"IMAGE": 200}
+    with pytest.raises(ValueError, match="frame_weight must be >= 0, got -1"):
+        TrainConfig(frame_weight=-1.0)  # (it trained the frame loss upwards)

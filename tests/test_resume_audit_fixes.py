@@ -65,6 +65,9 @@ def test_checkpointing_keeps_the_windowed_balance_gradients_under_the_contrastiv
     ({"seed": 7}, r"seed 0 → 7\): the resumed run would draw other batches"),
     ({"batch_size": 2}, r"batch_size 4 → 2"),
     ({"mixing": "uniform"}, r"mixing 'temperature' → 'uniform'"),
+    # a modality budget and a token cap decide which rows a step keeps (they were only warned of)
+    ({"modality_budget": {"IMAGE": 40}}, r"modality_budget \{\} → \{'IMAGE': 40\}"),
+    ({"max_tokens": 300}, r"max_tokens None → 300"),
 ])
 def test_a_resume_that_would_draw_other_batches_is_refused(tok, tasks, tmp_path, change, message):
     _two_steps(tok, tasks, str(tmp_path))
@@ -146,3 +149,40 @@ def test_a_checkpoint_written_before_a_setting_existed_still_resumes(tok, tasks,
     json.dump(state, open(state_file, "w"))  # as an older package wrote it
     with Trainer(_build(tok, tasks), tasks, _config(steps=4), output_dir=str(tmp_path), resume=True) as resumed:
         assert resumed.step == 2
+
+
+def test_a_checkpoint_is_on_disk_before_latest_names_it(tok, tasks, tmp_path, monkeypatch):
+    """Every file of a checkpoint is flushed (fsync) before the renames that publish it, and the
+    folders holding those renames before ``latest`` names it: after a machine crash ``latest`` named
+    a checkpoint whose weights and optimizer state had never been flushed."""
+    import os
+
+    events, real_fsync, real_replace = [], os.fsync, os.replace
+
+    def fsync(fd):
+        events.append(("fsync", os.path.realpath(f"/proc/self/fd/{fd}")))
+        return real_fsync(fd)
+
+    def replace(source, target, *args, **kwargs):
+        events.append(("replace", os.path.realpath(str(source)), os.path.realpath(str(target))))
+        return real_replace(source, target, *args, **kwargs)
+
+    if not os.path.isdir("/proc/self/fd"):
+        pytest.skip("names an fsynced descriptor through /proc")
+    with Trainer(_build(tok, tasks), tasks, _config(steps=4), output_dir=str(tmp_path)) as t:
+        t.train_step(1)
+        t.step = 1
+        monkeypatch.setattr(os, "fsync", fsync)
+        monkeypatch.setattr(os, "replace", replace)
+        final = t.save_checkpoint()
+    monkeypatch.undo()
+    root = os.path.realpath(os.path.dirname(final))
+    published = next(i for i, e in enumerate(events) if e[0] == "replace" and e[2] == os.path.join(root, "latest"))
+    synced = {e[1] for e in events[:published] if e[0] == "fsync"}
+    renamed_to = {e[2]: e[1] for e in events[:published] if e[0] == "replace"}
+    partial = os.path.realpath(final) + ".partial"
+    for name in os.listdir(final):  # each file flushed under the name it was written as, before its rename
+        written = renamed_to.get(os.path.join(partial, name), os.path.join(partial, name))
+        assert written in synced, f"{name} was not flushed before latest named its checkpoint"
+    assert partial in synced and root in synced  # the folder's entries, and the rename of the folder
+    assert events[-1] == ("fsync", root)  # latest's own rename

@@ -32,6 +32,7 @@ import numpy as np
 import torch
 
 from moe_gen import distributed
+from moe_gen.durable import fsync_dir
 from moe_gen.fsdp import full_tensors, like_model, shard_like
 
 logger = logging.getLogger("moe_gen")
@@ -284,7 +285,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
             write_json_atomic(os.path.join(partial, "trainer.json"),
                               {**trainer_state, "step": step, "scheduler": scheduler.state_dict()})
             _publish(root, name)
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - as above (a value JSON cannot write raised TypeError)
             error = exc
     if distributed.any_true(error is not None):
         if rank == 0:
@@ -314,12 +315,15 @@ def _publish(root: str, name: str) -> None:
         shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     try:
+        fsync_dir(partial)  # its files' names, then its own, on disk before latest names it
         os.replace(partial, final)
+        fsync_dir(root)
         with open(tmp, "w") as f:
             f.write(name)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, pointer)
+        fsync_dir(root)
     except OSError:
         with contextlib.suppress(OSError):
             os.remove(tmp)

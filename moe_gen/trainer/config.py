@@ -201,6 +201,7 @@ class TrainConfig(ConfigBase):
              f"max_tokens must be >= 1 or None, got {self.max_tokens}"),
             (self.clip_norm >= 0, f"clip_norm must be >= 0 (0 disables), got {self.clip_norm}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
+            (self.frame_weight >= 0, f"frame_weight must be >= 0, got {self.frame_weight}"),
             (self.eps > 0, f"eps must be > 0, got {self.eps}"),
         ]
         for ok, message in checks:

@@ -22,7 +22,8 @@ __all__ = ["check_same_training", "check_same_model"]
 logger = logging.getLogger("moe_gen")
 
 # TrainConfig fields that decide which rows each step draws.
-FIXED = ("seed", "batch_size", "accumulate", "mixing", "temperature", "batch_tasks", "task_weights")
+FIXED = ("seed", "batch_size", "accumulate", "mixing", "temperature", "batch_tasks", "task_weights",
+         "modality_budget", "max_tokens")
 # Fields a run may change when it resumes without a word here: bookkeeping, placement and speed;
 # the schedule and AdamW settings (the loads warn of them); trainable parameters, lr_scales and
 # layouts across processes (the loads refuse what they cannot continue).

@@ -1,0 +1,32 @@
+"""Writes that survive a machine crash, not only a killed process.
+
+A rename makes a finished file visible in one step, so a process killed mid-write never leaves a
+torn file under the final name. After a power loss, though, the file's data and the rename itself
+may not have reached the disk unless they were flushed: ``fsync_file`` flushes a written file
+before it is renamed into place, and ``fsync_dir`` flushes a folder's entries (the renames in it)
+before anything that points at them (a checkpoint's ``latest``) is written.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+
+__all__ = ["fsync_file", "fsync_dir"]
+
+
+def fsync_file(path: str) -> None:
+    """Flushes a written file's data to disk."""
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def fsync_dir(path: str) -> None:
+    """Flushes a folder's entries (files created or renamed in it) to disk. Best effort: where a
+    folder cannot be opened for that (Windows), it does nothing."""
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
