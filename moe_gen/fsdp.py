@@ -93,7 +93,11 @@ def shard_dense(model: nn.Module, shard_size: int | None = None, unit: str = "bl
         for part in (blocks if unit == "block" else [stack] if blocks else []):
             fully_shard(part, mesh=mesh, ignored_params=(replicated & set(part.parameters())) or None,
                         mp_policy=policy)
-    fully_shard(model, mesh=mesh, ignored_params=replicated or None, mp_policy=policy)
+    # The root's inputs are batches: their feature rows stay fp32 (FSDP2 would cast them to param_dtype, merging
+    # the integer ids of exact_features adapters, STRUCT text ids above 256 in bf16); embed casts the others.
+    root_policy = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=policy.reduce_dtype,
+                                       cast_forward_inputs=False)
+    fully_shard(model, mesh=mesh, ignored_params=replicated or None, mp_policy=root_policy)
     if hasattr(model, "touch_all_adapters"):
         model.touch_all_adapters = True
     for name in _FORWARD_METHODS:

@@ -313,6 +313,30 @@ def _scenario_fsdp_bf16(rank: int, out_dir: str):
     return {}, {"loss": loss.item(), "dtypes": dtypes, "moments": moments}
 
 
+def _scenario_fsdp_bf16_struct_ids(rank: int, out_dir: str):
+    """FSDP2 gathering parameters in bf16 with STRUCT cells whose text-value ids pass 256: the text
+    ids the table adapter looks up, and those in the batch's rows."""
+    from moe_gen.fsdp import shard_dense
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.objectives import GenerativeObjective
+    from moe_gen.tasks import Task, Tokenizer, collate
+
+    tok = Tokenizer.default()
+    task = Task("cities", "[STRUCT:t] which city? -> [TEXT:y]",
+                [{"t": {"city": f"town{i:03d}"}, "y": "yes"} for i in range(600)] * 2)
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok)
+    shard_dense(model, param_dtype=torch.bfloat16)
+    seen = []
+    model.adapters["struct_cells"].text.register_forward_pre_hook(lambda m, a: seen.append(a[0].tolist()))
+    plan = model.plan(task)
+    samples = [plan.encode({"t": {"city": f"town{i}"}, "y": "yes"}, 0, training=False)
+               for i in range(500 + 2 * rank, 502 + 2 * rank)]
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        GenerativeObjective(model)(collate(samples, tok, model.task_ids))["loss"].backward()
+    return {}, {"rows": [int(s.encoder[0].rows[0, 3]) for s in samples], "looked_up": seen}
+
+
 def _scenario_fsdp_step(rank: int, out_dir: str, shard_size: int | None = None, unit: str = "block",
                         mixed: bool = False):
     """The same step with the dense parameters sharded by FSDP2 (no expert parallelism): every
@@ -472,6 +496,7 @@ SCENARIOS = {
     "fsdp_step": _scenario_fsdp_step,
     "ddp_step": _scenario_ddp_step,
     "fsdp_bf16": _scenario_fsdp_bf16,
+    "fsdp_bf16_struct_ids": _scenario_fsdp_bf16_struct_ids,
     "replicas": _scenario_replicas,
     "uneven": _scenario_uneven,
     "failure": _scenario_failure,

@@ -151,6 +151,15 @@ def test_fsdp_with_bf16_parameters_keeps_fp32_state_and_a_close_loss(tmp_path):
         assert info["loss"] == pytest.approx(loss.item(), rel=0.02)
 
 
+def test_fsdp_with_bf16_parameters_looks_up_struct_text_ids_above_256(tmp_path):
+    """FSDP2 cast the root's inputs, the batch's fp32 feature rows, to bf16: STRUCT text ids 501-504
+    were looked up as 500, 502, 504, 504. The root's inputs now keep their dtype."""
+    results = Launch("fsdp_bf16_struct_ids", tmp_path).results()
+    for rank, (_, info) in enumerate(results):
+        assert info["rows"] == [501 + 2 * rank, 502 + 2 * rank]
+        assert info["looked_up"] == [info["rows"]]
+
+
 @pytest.mark.parametrize("world, ep_size", [(4, 2), (2, 1)], ids=["ep2-x-dp2", "dp2"])
 def test_replicas_of_a_shard_average_expert_gradients(tmp_path, world, ep_size):
     """World > ep_size: ranks holding the same experts sum their expert gradients (÷ world), so

@@ -225,3 +225,32 @@ def test_an_all_padding_batch_comes_back_in_the_autocast_dtype(backend, kind):
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         out = moe(torch.randn(2, 4, 16), tags=tags, padding_mask=torch.ones(2, 4, dtype=torch.bool)).output
     assert out.dtype == torch.bfloat16 and not out.any()
+
+
+# ---- exact feature rows (2026-12, STRUCT text ids in a cast model) --------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_a_cast_model_looks_up_struct_text_ids_above_256(tok, dtype):
+    """STRUCT rows hold text-value ids as floats: embed cast them to a bf16 model's dtype, which holds
+    integers exactly only up to 256, so towns 500-503 (ids 501-504) embedded as ids 500, 502, 504, 504.
+    The rows now reach the adapter in fp32 (``Adapter.exact_features``)."""
+    from helpers import build
+
+    from moe_gen.tasks import Task
+
+    rows = [{"t": {"city": f"town{i:03d}"}, "y": "yes"} for i in range(600)] * 2  # 600 text values, each seen twice
+    task = Task("cities", "[STRUCT:t] which city? -> [TEXT:y]", rows)
+    model = build([task], tok).eval()
+    plan = model.plan(task)
+    samples = [plan.encode({"t": {"city": f"town{i}"}, "y": "yes"}, 0, training=False) for i in range(500, 504)]
+    ids = [int(s.encoder[0].rows[0, 3]) for s in samples]
+    assert min(ids) > 256 and len(set(ids)) == 4
+    side = collate(samples, tok, model.task_ids).encoder
+    cast = copy.deepcopy(model).to(dtype)
+    seen = []
+    cast.adapters["struct_cells"].text.register_forward_pre_hook(lambda m, a: seen.append(a[0].tolist()))
+    with torch.no_grad():
+        reference, embedded = model.embed(side), cast.embed(side)
+    assert seen == [ids]
+    cells = ~side.is_token & ~side.padding_mask  # the STRUCT positions
+    torch.testing.assert_close(embedded[cells].float(), reference[cells], atol=0.03, rtol=0.02)

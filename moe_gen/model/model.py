@@ -440,11 +440,13 @@ class GeneralistModel(nn.Module):
                 raise ValueError(f"the batch has {name!r} features but the model has no such adapter "
                                  f"(adapters: {', '.join(self.adapters) or 'none'}); build the model with this task")
             # batches hold fp32 rows: in the adapter's dtype for a model cast to bf16/fp16/fp64 (autocast casts
-            # itself); with FSDP gathering parameters in bf16 the token embedding may differ in dtype from an
-            # adapter's output
+            # itself), except for adapters whose rows hold integer ids (``Adapter.exact_features``: bf16 would
+            # merge STRUCT text ids above 256); with FSDP gathering parameters in bf16 the token embedding may
+            # differ in dtype from an adapter's output
             adapter = self.adapters[name]
             weight = next((p for p in adapter.parameters() if p.is_floating_point()), None)
-            if weight is not None and rows.is_floating_point() and not torch.is_autocast_enabled(rows.device.type):
+            if weight is not None and rows.is_floating_point() and not getattr(adapter, "exact_features", False) \
+                    and not torch.is_autocast_enabled(rows.device.type):
                 rows = rows.to(weight.dtype)
             flat = flat.index_add(0, side.index[name], adapter(rows, side.positions[name]).to(flat.dtype))
         x = flat.view(B, S, -1) + self.modality_embedding(side.tags.modality)

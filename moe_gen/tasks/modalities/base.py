@@ -241,7 +241,17 @@ class Preprocessor:
 
 
 class Adapter(nn.Module):
-    """Feature rows ``[N, F]`` (+ positions ``[N, 3]``) → embeddings ``[N, D]``."""
+    """Feature rows ``[N, F]`` (+ positions ``[N, 3]``) → embeddings ``[N, D]``.
+
+    Attributes:
+        exact_features: its rows carry values a narrower float would change, such as integer ids
+            (bf16 holds integers exactly only up to 256, fp16 up to 2048): the model hands them over
+            in fp32 whatever its own dtype, and the adapter casts what it computes with to its
+            weights' dtype itself. False (the default): a model cast to bf16/fp16/fp64 casts the
+            rows to the adapter's dtype first (``GeneralistModel.embed``).
+    """
+
+    exact_features: bool = False
 
     def __init__(self, feature_dim: int, d_model: int) -> None:
         super().__init__()

@@ -318,7 +318,13 @@ class StructCellsAdapter(Adapter):
 
     The column bias inside the MLP lets one shared MLP bend each column's scale differently (a
     per-column nonlinearity at the cost of one embedding table).
+
+    Its rows hold column, kind and text-value ids as floats (text ids up to ``MAX_TEXT_VALUES``,
+    past bf16's exact 256), so they reach it in fp32 in a cast model (``exact_features``) and it casts
+    only z to its weights' dtype.
     """
+
+    exact_features = True
 
     def __init__(self, feature_dim: int, d_model: int, frequencies: int = 16, sigma: float = 1.0) -> None:
         super().__init__(feature_dim, d_model)
