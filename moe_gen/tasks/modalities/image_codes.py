@@ -13,6 +13,12 @@ code stays in use. ``scripts/train_image_vq.py`` trains the one the package ship
 (``moe_gen/tasks/data/image_vq_digits.safetensors``, on the scikit-learn digits' training split)
 and prints its reconstruction error.
 
+The tokenizer encodes and decodes in float32 whatever the dtype around it: a model cast to bf16
+(``model.to(torch.bfloat16)``) keeps its copy's weights in float32 (``ImageVQ._apply``), and
+``encode``/``decode`` run with autocast off, on float32 inputs. The nearest-code lookup is a
+discrete choice: with bf16 weights or arithmetic about 3% of the codes of the digits came out
+different, changing a bf16 model's inputs and image targets against the fp32 model's.
+
 Codes share the vocabulary's discrete-value block with box coordinates: code k is the token
 ``<bin_k>`` (so K ≤ the tokenizer's bins). The slot's IMAGE modality tag tells the model which
 reading applies, as OFASys's image codes and location tokens both sit after the text pieces.
@@ -23,6 +29,7 @@ and ``model.infer`` returns the decoded image (``uint8 [S, S, 3]``).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
 import os
@@ -106,21 +113,48 @@ class ImageVQ(nn.Module):
         grid = q_MZ.reshape(batch, G, G, Z).permute(0, 3, 1, 2)
         return torch.sigmoid(self.decoder(grid))
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves between devices as any module does, but float32 weights stay float32 when a cast
+        (``.to(torch.bfloat16)``, ``.half()``, a model's ``.to(dtype)``) reaches the tokenizer: it is
+        frozen, small, and its codes are a nearest-entry choice that lower precision changes."""
+        def keep_fp32(t: torch.Tensor) -> torch.Tensor:
+            applied = fn(t)
+            if t.dtype == torch.float32 and applied.is_floating_point() and applied.dtype != torch.float32:
+                return t.to(applied.device)
+            return applied
+
+        return super()._apply(keep_fp32, recurse)
+
+    def _fp32(self) -> "ImageVQ":
+        """This tokenizer with float32 weights: itself, or a float32 copy where its weights are held
+        in another dtype (set by hand, or a model saved in bf16 before casts left its copy in fp32)."""
+        if all(p.dtype == torch.float32 for p in self.parameters()):
+            return self
+        return copy.deepcopy(self).float()
+
     @torch.no_grad()
     def encode(self, images_BCSS: torch.Tensor) -> torch.Tensor:
-        """Code ids ``[B, N]`` (long), grid row-major."""
-        return self._nearest(self._vectors(images_BCSS)).reshape(images_BCSS.shape[0], -1)
+        """Code ids ``[B, N]`` (long), grid row-major; in float32 (on the tokenizer's device)
+        whatever the images' dtype, the weights' and any autocast around the call."""
+        vq = self._fp32()
+        images_BCSS = images_BCSS.to(vq.codebook.device, torch.float32)
+        with torch.autocast(images_BCSS.device.type, enabled=False):
+            return vq._nearest(vq._vectors(images_BCSS)).reshape(images_BCSS.shape[0], -1)
 
     @torch.no_grad()
     def decode(self, codes_BN: torch.Tensor) -> torch.Tensor:
-        """Images ``[B, 3, S, S]`` in [0, 1] from code ids ``[B, N]``."""
+        """Images ``[B, 3, S, S]`` (float32, on the tokenizer's device) in [0, 1] from code ids
+        ``[B, N]``; in float32 as ``encode`` is."""
         codes_BN = torch.as_tensor(codes_BN, dtype=torch.long)
         if codes_BN.dim() != 2 or codes_BN.shape[1] != self.config.grid ** 2:
             raise ValueError(f"expected code ids of shape [B, {self.config.grid ** 2}], got {tuple(codes_BN.shape)}")
         if codes_BN.numel() and not 0 <= int(codes_BN.min()) <= int(codes_BN.max()) < self.config.codes:
             raise ValueError(f"code ids must lie in [0, {self.config.codes}), got {int(codes_BN.min())}.."
                              f"{int(codes_BN.max())}")
-        return self._pixels(self.codebook[codes_BN.reshape(-1)], codes_BN.shape[0])
+        vq = self._fp32()
+        codes_BN = codes_BN.to(vq.codebook.device)
+        with torch.autocast(codes_BN.device.type, enabled=False):
+            return vq._pixels(vq.codebook[codes_BN.reshape(-1)], codes_BN.shape[0])
 
     def forward(self, images_BCSS: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         z = self._vectors(images_BCSS)
@@ -267,19 +301,25 @@ class ImageCodePreprocessor(Preprocessor):
                              f"{', '.join(unread)}; drop {'it' if len(unread) == 1 else 'them'}")
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
+        """The image's codes as tokens; its meta holds the codes and, as ``ImagePreprocessor``'s
+        does, the image's ``original_size`` (width, height) that a BOX slot beside it measures
+        pixel boxes against and the resize ``scale`` (S / width, S / height)."""
         try:
-            images = images_to_tensor([value], self.vq.config.size)
+            img = load_image(value)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
-        codebook = self.vq.codebook  # a model's copy may sit on its accelerator, or be cast to bf16
-        ids = self.vq.encode(images.to(codebook.device, codebook.dtype))[0].tolist()
+        width, height = img.size
+        size = self.vq.config.size
+        ids = self.vq.encode(images_to_tensor([img], size))[0].tolist()  # fp32 even in a bf16 model's copy
         tokens = self.code_tokens(ctx.tokenizer)
-        return SlotEncoding(self.modality, tokens=[tokens[k] for k in ids], meta={"codes": ids})
+        return SlotEncoding(self.modality, tokens=[tokens[k] for k in ids],
+                            meta={"codes": ids, "original_size": (float(width), float(height)),
+                                  "scale": (size / width, size / height)})
 
     def to_image(self, codes: Sequence[int]) -> np.ndarray:
         """Code ids → the decoded image, ``uint8 [S, S, 3]``."""
-        pixels = self.vq.decode(torch.as_tensor([list(codes)], device=self.vq.codebook.device))[0].cpu()
-        return (pixels.permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8)  # (numpy has no bf16)
+        pixels = self.vq.decode(torch.as_tensor([list(codes)]))[0].cpu()
+        return (pixels.permute(1, 2, 0).float().numpy() * 255).round().astype(np.uint8)
 
 
 PREPROCESSORS.register("image_vqgan")(ImageCodePreprocessor)  # OFASys's name for its image tokenizer
