@@ -468,7 +468,10 @@ class MoEConfig(ConfigBase):
         if rc.gate == "expert_choice" and rc.selection_bias:
             raise ValueError("router selection_bias shifts which experts a token selects; gate 'expert_choice' lets "
                              "experts select tokens by the clean probabilities, so it would change nothing")
-        if rc.gate == "hash" and rc.noise in ("gaussian", "gumbel"):
+        if rc.gate != "topk" and rc.normalize:
+            raise ValueError(f"router normalize=True renormalises the top-k gate's weights; gate {rc.gate!r} sets its "
+                             "own weights and would ignore it; leave normalize None")
+        if rc.gate == "hash" and rc.noise != "none":  # (jitter too: it scales the input the fixed hash reads)
             raise ValueError(f"router noise {rc.noise!r} would make the fixed 'hash' gate route tokens at random in "
                              "training and differently at inference; use noise 'none'")
         if experts.kind == "linear" and experts.shared_expert and experts.shared_hidden not in (None, self.d_hidden):

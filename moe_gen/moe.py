@@ -278,7 +278,12 @@ class MoE(nn.Module):
         shared_TD = self.shared(x_TD)
         if self.shared_gate is not None:
             # Qwen2-MoE: each token takes a sigmoid-gated share of the shared expert
-            shared_TD = torch.sigmoid(self.shared_gate(x_TD)) * shared_TD
+            # (in the input's dtype, as the experts and the shared FFN are: an fp32 layer takes bf16 states)
+            gate = self.shared_gate
+            logit_T1 = gate(x_TD) if torch.is_autocast_enabled(x_TD.device.type) or gate.weight.dtype == x_TD.dtype \
+                else nn.functional.linear(x_TD, gate.weight.to(x_TD.dtype),
+                                          None if gate.bias is None else gate.bias.to(x_TD.dtype))
+            shared_TD = torch.sigmoid(logit_T1) * shared_TD
         return y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
 
     def _frozen_output(self, x, x_TD, y_TD, batch, routing=None) -> MoEOutput:

@@ -360,6 +360,23 @@ def test_bf16_inputs_route_in_fp32(strategy):
 
 
 @pytest.mark.parametrize("backend", ["torch", "eager", "einsum"])
+def test_a_gated_shared_expert_takes_hidden_states_of_another_dtype(backend):
+    """(Qwen2-MoE's shared-expert gate was a plain Linear left in the layer's dtype: bf16 states into an
+    fp32 layer, or fp32 states into a bf16 one, raised where the experts and the shared FFN cast.)"""
+    from moe_gen.config import ExpertsConfig
+
+    config = MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, backend=backend,
+                       experts=ExpertsConfig(shared_expert=True, shared_gate=True))
+    moe = MoE(config)
+    x = torch.randn(2, 5, D)
+    reference = moe(x).output
+    out = moe(x.bfloat16()).output
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), reference, atol=0.1, rtol=0.05)
+    assert moe.to(torch.bfloat16)(x).output.dtype == torch.float32
+
+
+@pytest.mark.parametrize("backend", ["torch", "eager", "einsum"])
 def test_nan_in_padding_never_reaches_real_tokens(backend):
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, backend=backend))
     x = torch.randn(2, 6, D)

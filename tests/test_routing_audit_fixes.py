@@ -30,11 +30,16 @@ def test_gate_options_that_would_change_nothing_or_route_at_random_are_refused()
     with pytest.raises(ValueError, match="selection_bias.*'expert_choice'.*would change nothing"):
         MoEConfig(d_model=8, d_hidden=16, num_experts=4, top_k=2,
                   router=RouterConfig(strategy="token", gate="expert_choice", selection_bias=True))
-    for noise in ("gaussian", "gumbel"):
+    for noise in ("gaussian", "gumbel", "jitter"):  # (jitter scales the input the fixed hash reads: it was accepted)
         with pytest.raises(ValueError, match=f"noise '{noise}' would make the fixed 'hash' gate route"):
             MoEConfig(d_model=8, d_hidden=16, num_experts=4, top_k=2,
                       router=RouterConfig(strategy="token", gate="hash", noise=noise))
     MoEConfig(d_model=8, d_hidden=16, num_experts=4, top_k=2, router=RouterConfig(strategy="token", gate="hash"))
+    for gate in ("expert_choice", "balanced", "hash"):  # they set their own weights: normalize=True was ignored
+        with pytest.raises(ValueError, match=f"normalize=True renormalises the top-k gate's weights; gate '{gate}'"):
+            MoEConfig(d_model=8, d_hidden=16, num_experts=4, top_k=2,
+                      router=RouterConfig(strategy="token", gate=gate, normalize=True))
+        MoEConfig(d_model=8, d_hidden=16, num_experts=4, top_k=2, router=RouterConfig(strategy="token", gate=gate))
 
 
 def test_a_linear_shared_expert_of_another_width_is_refused_when_configured():
