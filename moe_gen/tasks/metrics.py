@@ -141,12 +141,23 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
 
 @METRICS.register("wer")
 def wer(predictions: Sequence[str], references: Sequence[str]) -> float:
-    """Word error rate (jiwer) over the corpus; lower is better."""
+    """Word error rate over the corpus (jiwer's alignment, after lower-casing and white-space
+    folding): (substitutions + deletions + insertions) / the references' words; lower is better.
+    Every word predicted for an empty reference is an insertion (before 2026-12-06 an empty text
+    stood for a placeholder word, which added a word to the count, made an insertion a substitution,
+    and scored a prediction of that placeholder perfect). When no reference has a word, the rate is
+    0 if no prediction has one either, else ``inf``."""
     import jiwer
 
     _check(predictions, references)
-    return float(jiwer.wer([_norm(r) or "<empty>" for r in references],
-                          [_norm(p) or "<empty>" for p in predictions]))
+    pairs = [(_norm(r), _norm(p)) for p, r in zip(predictions, references)]
+    spoken = [(r, p) for r, p in pairs if r]
+    inserted = sum(len(p.split()) for r, p in pairs if not r)
+    if not spoken:
+        return 0.0 if inserted == 0 else float("inf")
+    out = jiwer.process_words([r for r, _ in spoken], [p for _, p in spoken])
+    words = sum(len(r.split()) for r, _ in spoken)
+    return (out.substitutions + out.deletions + out.insertions + inserted) / words
 
 
 @METRICS.register("iou_accuracy")

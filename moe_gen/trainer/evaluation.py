@@ -5,8 +5,10 @@ closed-set targets, the box for box targets, and the encoded target rows (the mo
 space) for continuous targets (audio, motion). Detection (a repetition group with one box slot,
 e.g. ``( [BOX:boxes] [TEXT:labels] )*``) compares per row the lists of ``(box, label)`` pairs of
 the prediction's items and of the row (``detection_f1``). Other tasks with several target slots
-compare ``Prediction.targets`` with the row's target columns, as dicts. Tasks without declared
-metrics get a default per target kind.
+compare ``Prediction.targets`` with the row's target columns, as dicts (a box as its location
+bins decode on the row's image, as a right answer does). Tasks without declared metrics get a
+default per target kind. Answers are decoded with room for the longest reference scored: its
+tokens, its items (above ``infer``'s 8) and its frame rows (above 64).
 
 Rows that fail to encode (or have no reference to score against) raise ``TaskDataError`` naming
 the row, or, for tasks with ``on_error="skip"``, are left out and counted: their metrics then
@@ -58,18 +60,51 @@ def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
     return None
 
 
-def _structured(prediction, row: dict, scored: list, kind: str, tokenizer) -> tuple[Any, Any]:
-    """(prediction, reference) of a multi-target row: text values as the slots train them."""
+def _structured(prediction, row: dict, scored: list, kind: str, tokenizer,
+                image_size=None) -> tuple[Any, Any]:
+    """(prediction, reference) of a multi-target row: text values as the slots train them, and
+    (``structured``) boxes as their location tokens decode on an image of ``image_size``."""
     texts = {p.slot.column: p for p in scored if p.decode.kind in ("text", "closed_set")}
     if kind == "structured":  # in slot order
         columns = [p.slot.column for p in scored]
-        reference = {c: _reference(texts[c], row[c], tokenizer) if c in texts else row[c] for c in columns}
+        boxes = {p.slot.column for p in scored if p.decode.kind == "box"}
+        reference = {c: _reference(texts[c], row[c], tokenizer) if c in texts
+                     else _box_reference(row[c], image_size, tokenizer) if c in boxes else row[c] for c in columns}
         return {c: prediction.targets.get(c) for c in columns}, reference
     position, box, label = _detection_slots(scored)
     items = prediction.groups[position] if position < len(prediction.groups) else []
     predicted = [(item.get(box), item.get(label) if label else None) for item in items]
     labels = _reference(texts[label], row[label], tokenizer) if label else [None] * len(row[box])
     return predicted, list(zip(row[box], labels))
+
+
+def _box_reference(value: Any, image_size, tokenizer) -> Any:
+    """A box (or, for a repeated column, each box) as a right answer decodes: quantised to its
+    location bins and mapped back to pixels of the image (exact match compares it with the
+    decoded box, which a raw integer box never equals)."""
+    from moe_gen.tasks.modalities.box import dequantize_box, quantize_box
+
+    if image_size is None or value is None:
+        return value
+    width, height = image_size
+    if len(value) and isinstance(value[0], (list, tuple, np.ndarray)):
+        return [_box_reference(box, image_size, tokenizer) for box in value]
+    return dequantize_box(quantize_box(value, width, height, tokenizer.num_bins), width, height, tokenizer.num_bins)
+
+
+def _item_budget(rows: Sequence, scored: list) -> int:
+    """Items a repetition group may decode for evaluation: ``infer``'s default of 8, or the longest
+    reference list among the rows scored where that is more (answers were cut at 8 items before
+    2026-12-06, however long the references)."""
+    longest = 0
+    for p in scored:
+        if p.slot.repeat is None:
+            continue
+        for row in rows:
+            value = row.get(p.slot.column) if isinstance(row, dict) else None
+            if isinstance(value, (list, tuple)):
+                longest = max(longest, len(value))
+    return max(8, longest)
 
 
 def _text_budget(rows: Sequence, scored: list, tokenizer) -> int:
@@ -121,6 +156,39 @@ def _frame_reference(sample) -> np.ndarray:
     return reference
 
 
+def _encoded_targets(model, task: Task, kind: str, scored: list, indices: list[int]) -> tuple[dict, set]:
+    """``{index: encoded sample}`` of the rows whose reference needs the training encoding (frame
+    targets: the target rows; structured answers with a box: the image size its bins decode on),
+    and the indices whose targets failed to encode (``on_error="skip"``; ``task.encode`` counts them)."""
+    boxes = kind == "structured" and any(p.decode.kind == "box" for p in scored)
+    if kind != "frames" and not boxes:
+        return {}, set()
+    samples, dropped = {}, set()
+    statistics = model.encoding_statistics(task)
+    for index in indices:
+        sample = task.encode(index, model.tokenizer, training=False, statistics=statistics)
+        if sample is None:
+            dropped.add(index)
+        else:
+            samples[index] = sample
+    return samples, dropped
+
+
+def _budgets(rows: Sequence, scored: list, tokenizer, samples: dict) -> dict[str, int]:
+    """``infer``'s length limits fitted to the references scored: ``max_new_tokens`` always, and
+    ``max_items`` and ``max_frames`` where the longest reference list or frame target is longer
+    than ``infer``'s defaults (8 items, 64 frame rows)."""
+    budgets = {"max_new_tokens": _text_budget(rows, scored, tokenizer)}
+    items = _item_budget(rows, scored)
+    if items > 8:
+        budgets["max_items"] = items
+    frames = max((len(_frame_reference(sample)) for sample in samples.values()
+                  if any(c.loss and c.rows is not None for c in sample.decoder)), default=0)
+    if frames > 64:
+        budgets["max_frames"] = frames
+    return budgets
+
+
 def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size: int = 64,
                   pairs: Optional[list] = None) -> dict[str, float]:
     """Metrics of ``model`` on ``task``'s rows: all of them, or ``limit`` rows evenly spaced over them
@@ -139,24 +207,23 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     columns = [p.slot.column for p in scored]
     rows, indices, skipped = _read_rows(task, spaced_indices(len(task), count))
-    budget = _text_budget(rows, scored, model.tokenizer)
+    samples, dropped = _encoded_targets(model, task, kind, scored, indices)
+    if dropped:  # their targets failed to encode (on_error="skip"; counted in task.skipped)
+        kept = [i for i, index in enumerate(indices) if index not in dropped]
+        rows, indices, skipped = [rows[i] for i in kept], [indices[i] for i in kept], skipped + len(dropped)
+    budgets = _budgets(rows, scored, model.tokenizer, samples)
     predictions, references = [], []
     for start in range(0, len(rows), batch_size):
         chunk, chunk_indices = rows[start:start + batch_size], indices[start:start + batch_size]
         # (parallel-objective tasks decode in parallel)
-        answers = model.infer(task, chunk, indices=chunk_indices, max_new_tokens=budget)
+        answers = model.infer(task, chunk, indices=chunk_indices, **budgets)
         for row, index, prediction in zip(chunk, chunk_indices, answers):
             if prediction is None:  # it failed to encode (on_error="skip"; counted in task.skipped)
                 skipped += 1
                 continue
             if kind == "frames":
-                sample = task.encode(index, model.tokenizer, training=False,
-                                     statistics=model.encoding_statistics(task))
-                if sample is None:  # its target failed (on_error="skip")
-                    skipped += 1
-                    continue
-                predictions.append(prediction.frames.numpy())
-                references.append(_frame_reference(sample))
+                predictions.append(prediction.frames.float().numpy())  # (a bf16 model answers bf16)
+                references.append(_frame_reference(samples[index]))
                 continue
             missing = [c for c in columns if not isinstance(row, dict) or c not in row]
             if missing:
@@ -166,7 +233,8 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                 task.skip_row(index, error)
                 skipped += 1
                 continue
-            predicted, expected = _pair(kind, prediction, row, scored, model.tokenizer)
+            size = samples[index].meta.get("image_size") if index in samples else None
+            predicted, expected = _pair(kind, prediction, row, scored, model.tokenizer, size)
             predictions.append(predicted)
             references.append(expected)
     if not predictions:
@@ -180,10 +248,11 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     return results
 
 
-def _pair(kind: str, prediction, row, scored: list, tokenizer) -> tuple:
-    """(what the metric compares, its reference) for a token answer of ``kind``."""
+def _pair(kind: str, prediction, row, scored: list, tokenizer, image_size=None) -> tuple:
+    """(what the metric compares, its reference) for a token answer of ``kind`` (``image_size``:
+    what a structured answer's boxes decode on)."""
     if kind in ("detection", "structured"):
-        return _structured(prediction, row, scored, kind, tokenizer)
+        return _structured(prediction, row, scored, kind, tokenizer, image_size)
     if kind == "box":
         return prediction.box, row[scored[0].slot.column]
     if kind == "codes":
