@@ -52,7 +52,15 @@ def test_evaluation_decodes_as_many_items_as_the_longest_reference(tok):
 
     model.infer = perfect
     assert evaluate_task(model, task) == {"exact_match": 1.0}
-    assert seen[0]["max_items"] == 12
+    assert seen[0]["max_items"] == 13  # one past the longest reference: an answer running on shows it
+
+    def running_on(task, rows, **kwargs):  # right items, then one too many: cut at the reference's length it
+        cap = kwargs.get("max_items", 8)  # would have scored as right
+        answers = [list(row["w"]) + [WORDS[0]] for row in rows]
+        return [Prediction(targets={"w": a[:cap]}, groups=[[{"w": w} for w in a[:cap]]]) for a in answers]
+
+    model.infer = running_on
+    assert evaluate_task(model, task)["exact_match"] == 0.0  # every answer runs on (cut at 12, the long two passed)
     short = Task("short", "[TEXT:q] -> ( [TEXT:w,closed_set] )*", rows[2:] * 2, metrics=("exact_match",))
     seen.clear()
     model.infer = perfect
@@ -74,7 +82,7 @@ def test_evaluation_decodes_as_many_frames_as_the_longest_reference(tok):
 
     model.infer = spy
     assert math.isfinite(evaluate_task(model, task)["l1"])
-    assert seen[0]["max_frames"] == longest
+    assert seen[0]["max_frames"] == longest + 8  # room for an answer that runs on to count against it
     seen.clear()
     evaluate_task(model, _motion_task([20, 24]))
     assert "max_frames" not in seen[0]

@@ -93,9 +93,10 @@ def _box_reference(value: Any, image_size, tokenizer) -> Any:
 
 
 def _item_budget(rows: Sequence, scored: list) -> int:
-    """Items a repetition group may decode for evaluation: ``infer``'s default of 8, or the longest
-    reference list among the rows scored where that is more (answers were cut at 8 items before
-    2026-12-06, however long the references)."""
+    """Items a repetition group may decode for evaluation: ``infer``'s default of 8, or one more than
+    the longest reference list among the rows scored where that is more (one more, so an answer that
+    runs past its reference shows it and is not cut to the right length; answers were cut at 8 items
+    before 2026-12-06, however long the references)."""
     longest = 0
     for p in scored:
         if p.slot.repeat is None:
@@ -104,7 +105,7 @@ def _item_budget(rows: Sequence, scored: list) -> int:
             value = row.get(p.slot.column) if isinstance(row, dict) else None
             if isinstance(value, (list, tuple)):
                 longest = max(longest, len(value))
-    return max(8, longest)
+    return max(8, longest + 1)
 
 
 def _text_budget(rows: Sequence, scored: list, tokenizer) -> int:
@@ -177,15 +178,16 @@ def _encoded_targets(model, task: Task, kind: str, scored: list, indices: list[i
 def _budgets(rows: Sequence, scored: list, tokenizer, samples: dict) -> dict[str, int]:
     """``infer``'s length limits fitted to the references scored: ``max_new_tokens`` always, and
     ``max_items`` and ``max_frames`` where the longest reference list or frame target is longer
-    than ``infer``'s defaults (8 items, 64 frame rows)."""
+    than ``infer``'s defaults (8 items, 64 frame rows), with room past it (an item, 8 rows) for an
+    answer that runs on to be scored as running on."""
     budgets = {"max_new_tokens": _text_budget(rows, scored, tokenizer)}
     items = _item_budget(rows, scored)
     if items > 8:
         budgets["max_items"] = items
     frames = max((len(_frame_reference(sample)) for sample in samples.values()
                   if any(c.loss and c.rows is not None for c in sample.decoder)), default=0)
-    if frames > 64:
-        budgets["max_frames"] = frames
+    if frames + 8 > 64:
+        budgets["max_frames"] = frames + 8
     return budgets
 
 
