@@ -8,7 +8,7 @@ from helpers import build
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.model.generate import TextRules, beam_search, rank
 from moe_gen.model.grammar import TargetGrammar
-from moe_gen.tasks import Task, Tokenizer, load_preset
+from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset
 
 
 @pytest.fixture(scope="module")
@@ -175,3 +175,66 @@ def test_infer_refuses_search_arguments_before_choosing_a_search():
     for kwargs in ({"candidates": "seven"}, {"candidates": []}, {"beams": 0}, {"beams": -3}):
         with pytest.raises(ValueError, match="task 'digit_classification'"):
             model.infer(task, task.data[:1], **kwargs)
+
+
+# ---- 5. answers that training laid out but decoding could never write back -------------------------
+
+@pytest.mark.parametrize("template, rows", [
+    # a closed set after another slot: its empty label is no token, then the answer's EOS
+    ("[TEXT:q] -> [TEXT:a] [TEXT:b,closed_set]",
+     [{"q": "x", "a": "red", "b": ""}, {"q": "y", "a": "blue", "b": "yes"}]),
+    # after a box, in a repetition group: then the next box, or the answer's EOS
+    ("[TEXT:q] -> ( [BOX:boxes] [TEXT:labels,closed_set] )*",
+     [{"q": "x", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "labels": ["", "yes"], "width": 32, "height": 32},
+      {"q": "y", "boxes": [[1, 2, 3, 4], [5, 6, 7, 8]], "labels": ["yes", ""], "width": 32, "height": 32}]),
+    # two in a row, both empty: one token (the answer's EOS) skips both
+    ("[TEXT:q] -> [TEXT:p] [TEXT:a,closed_set] [TEXT:b,closed_set]",
+     [{"q": "x", "p": "red", "a": "", "b": ""}, {"q": "y", "p": "blue", "a": "one", "b": ""},
+      {"q": "z", "p": "pink", "a": "", "b": "yes"}]),
+])
+def test_an_empty_closed_set_label_after_another_slot_reads_back(tok, template, rows):
+    """A closed set holding "" that starts after another slot: decoding offers the empty label (what
+    follows it, at once), so the tokens training writes for every row parse back to the row."""
+    task = Task("empty_label", template, rows)
+    plan = task.plan(tok)
+    grammar = TargetGrammar(plan, tok)
+    for i, row in enumerate(rows):
+        sample = plan.encode(row, i, training=False)
+        state = _walk(grammar, [t for chunk in sample.decoder for t in chunk.tokens])
+        assert state.done
+        targets = grammar.parse(state, sample.meta.get("image_size", (1.0, 1.0)))[0]
+        assert {k: v for k, v in targets.items() if k != "boxes"} == {
+            k: v for k, v in row.items() if k in ("p", "a", "b", "labels")}
+
+
+def test_an_empty_item_after_the_first_closed_only_by_the_answers_eos_is_refused(tok):
+    """In ``( [TEXT:labels] )*`` an empty value is laid out as its closing EOS alone, which after the
+    first item decoding reads as the answer's end: the row is refused, naming task, column and row. An
+    empty first item (a group decodes at least one) is a value, and reads back."""
+    rows = [{"q": "x", "labels": ["", "sun"]}, {"q": "y", "labels": ["cat", "", "dog"]}]
+    task = Task("lists", "[TEXT:q] -> ( [TEXT:labels] )*", rows)
+    plan = task.plan(tok)
+    sample = plan.encode(rows[0], 0, training=False)
+    grammar = TargetGrammar(plan, tok)
+    state = _walk(grammar, [t for chunk in sample.decoder for t in chunk.tokens])
+    assert state.done and grammar.parse(state)[0] == {"labels": ["", "sun"]}
+    with pytest.raises(TaskDataError, match=r"task 'lists', column 'labels', row 1: item 2 of repetition group 0 "
+                                            r"begins with an empty value .* lone EOS"):
+        plan.encode(rows[1], 1)
+    # a box after the label tells the items apart: accepted
+    boxes = Task("boxed", "[TEXT:q] -> ( [TEXT:labels] [BOX:boxes] )*",
+                 [{"q": "x", "labels": ["cat", ""], "boxes": [[1, 2, 3, 4]] * 2, "width": 9, "height": 9}])
+    boxes.plan(tok).encode(boxes.data[0], 0)
+
+
+def test_location_tokens_in_the_text_of_a_box_template_are_refused(tok):
+    """'<bin_3>' in a text value encodes as a location token, which free text in a template with boxes
+    never decodes: the row is refused, naming task, column and row. Without boxes it is text."""
+    import numpy as np
+
+    row = {"img": np.zeros((32, 32, 3), np.uint8), "boxes": [[1, 2, 10, 12]], "labels": ["a <bin_3>"]}
+    with pytest.raises(TaskDataError, match=r"task 'det', column 'labels', row 0: the text holds location tokens "
+                                            r"\(<bin_3>\)"):
+        Task("det", "[IMAGE:img] -> ( [BOX:boxes] [TEXT:labels] )*", [row]).plan(tok).encode(row, 0)
+    plain = Task("plain", "[TEXT:q] -> [TEXT:a]", [{"q": "x", "a": "a <bin_3>"}])
+    assert tok.bin_id(3) in [t for c in plain.plan(tok).encode(plain.data[0], 0).decoder for t in c.tokens]

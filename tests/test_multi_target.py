@@ -561,6 +561,14 @@ def _advance(grammar: TargetGrammar, state, token: int):
     ("[TEXT:q] -> [TEXT:c,closed_set] [TEXT:d,closed_set]", [{"q": "a", "c": "new", "d": "red"},
                                                               {"q": "b", "c": "new york", "d": "blue"},
                                                               {"q": "c", "c": "boston", "d": "red"}]),
+    # the empty label "" of a closed set after another slot: no token, then what follows
+    ("[TEXT:q] -> [TEXT:a] [TEXT:b,closed_set]", [{"q": "a", "a": "red", "b": ""}, {"q": "b", "a": "x", "b": "yes"}]),
+    ("[TEXT:q] -> [TEXT:p] [TEXT:c,closed_set] [TEXT:d,closed_set]", [
+        {"q": "a", "p": "x", "c": "", "d": ""}, {"q": "b", "p": "y", "c": "new", "d": ""},
+        {"q": "c", "p": "z", "c": "", "d": "red"}]),
+    ("[TEXT:q] -> ( [BOX:boxes] [TEXT:labels,closed_set] )*", [
+        {"q": "a", "boxes": [[1, 2, 3, 4]] * 2, "labels": ["", "new"], "width": 9, "height": 9},
+        {"q": "b", "boxes": [[1, 2, 3, 4]] * 2, "labels": ["new", ""], "width": 9, "height": 9}]),
 ])
 def test_scores_read_every_position_over_the_tokens_training_reads_it_over(tok, template, rows):
     """Beam search and ranked candidates compare answers with log-probabilities over what training's

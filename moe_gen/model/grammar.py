@@ -9,7 +9,8 @@ EOS after every value of a free-text target that something other than a box foll
   orders the corners);
 - image codes: exactly the image tokenizer's N code tokens;
 - closed set: a path of the label trie; the label may end where the trie allows EOS (inside the
-  answer no EOS is written there, as in training, so what follows decides);
+  answer no EOS is written there, as in training, so what follows decides); the empty label ""
+  (EOS at the trie's root) is no token at all, as free text's empty value below;
 - free text: any token no other option claims (and no location token when the template has
   boxes), at most ``max_new_tokens`` per value;
 - literal text: its tokens, forced;
@@ -18,7 +19,8 @@ EOS after every value of a free-text target that something other than a box foll
   group; after the last slot, EOS. Groups decode at least one item (a training sequence without
   items has no answer to learn from). A free-text value may be empty, wherever it comes (training
   scores its EOS, or the slot after it, right there): a next slot of free text may also begin with
-  what would follow its value (``Option.empty``), unless another option takes that token.
+  what would follow its value (``Option.empty``), unless another option takes that token. So may a
+  next closed set holding the empty label (then what follows may be empty too: ``Option.more_empty``).
 
 Every state has one tag for the position that predicts its next token (``tag``), as in
 training: the tag of the item it predicts where the layout fixes it, the tag of the slot before
@@ -56,8 +58,11 @@ class Option:
         action: ``"content"`` (a token of the slot being decoded), ``"start"`` (the first token
             of the next slot), ``"close"`` (the EOS ending a free-text value) or ``"end"``
             (the answer's EOS).
-        empty: a free-text slot whose value the option leaves empty, begun and complete before its
-            token (then ``slot`` and ``action`` say what the token does after that value), or None.
+        empty: a free-text slot whose value the option leaves empty (or a closed set it gives the
+            empty label ""), begun and complete before its token (then ``slot`` and ``action`` say
+            what the token does after that value), or None.
+        more_empty: the slots after ``empty`` whose values the option leaves empty too, in order
+            (closed sets with the empty label, and free text closed by the token).
     """
 
     slot: int
@@ -65,6 +70,7 @@ class Option:
     scored: bool
     action: str
     empty: Optional[int] = None
+    more_empty: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -188,17 +194,22 @@ class TargetGrammar:
             return None
         i = state.slot
         if not state.complete:
-            if self.kinds[i] != "closed_set" or not state.node:
-                return None
-            if self.tok.eos_id in state.node and len(state.node) > 1 and self.followers[i] != [None]:
-                return None  # a label that may end, then the next slot begins, or go on: any token
-            return tuple(sorted(state.node))
+            return self._label_choices(i, state.node) if self.kinds[i] == "closed_set" else None
         if len(self.followers[i]) > 1:
             return None
         follower = self.followers[i][0]
         if follower is None:
             return (self.tok.eos_id,) if self.kinds[i] == "closed_set" else None
-        return tuple(sorted(self._root(follower))) if self.kinds[follower] == "closed_set" else None
+        return self._label_choices(follower, self._root(follower)) if self.kinds[follower] == "closed_set" else None
+
+    def _label_choices(self, slot: int, node: Optional[dict]) -> Optional[tuple[int, ...]]:
+        """``trained_choices`` at a label trie node of closed set ``slot``: its tokens, but None
+        where a label may end (the empty label "" at the root) and the next slot begin, or go on."""
+        if not node:
+            return None
+        if self.tok.eos_id in node and len(node) > 1 and self.followers[slot] != [None]:
+            return None  # a label that may end, then the next slot begins, or go on: any token
+        return tuple(sorted(node))
 
     def max_steps(self) -> int:
         """An upper bound on the tokens of one answer (the length of the decoder's cache)."""
@@ -241,8 +252,9 @@ class TargetGrammar:
 
     def advance(self, state: State, option: Option, token: int) -> State:
         """The state after ``token``, chosen under ``option`` (one of ``options(state)``)."""
-        if option.empty is not None:  # the value the token skips: begun, and complete without a token
-            state = dataclasses.replace(self._begin(state, option.empty), complete=True)
+        for slot in (option.empty, *option.more_empty) if option.empty is not None else ():
+            # the values the token skips: begun, and complete without a token
+            state = dataclasses.replace(self._begin(state, slot), complete=True)
         if option.action == "end":
             return dataclasses.replace(state, done=True)
         if option.action == "close":
@@ -344,14 +356,18 @@ class TargetGrammar:
         return State(slot, node=self._root(slot), item=item, pieces=state.pieces, values=state.values + ((slot, item),))
 
     def _starts(self, state: State, slot: int) -> list[Option]:
-        """How a value of ``slot`` after ``state`` may begin: its first token; for free text also what
-        follows it, the value left empty (as the first target's may be: ``options`` of ``start``)."""
-        out = [self._content(slot, 0, "start")]
-        if self.kinds[slot] == "text":
+        """How a value of ``slot`` after ``state`` may begin: its first token; for free text, and a
+        closed set holding the empty label "", also what follows it, the value left empty (as the
+        first target's may be: ``options`` of ``start``)."""
+        kind, root = self.kinds[slot], self._root(slot) or {}
+        out = [self._content(slot, 0, "start")] if kind != "closed_set" or set(root) - {self.tok.eos_id} else []
+        if kind == "text" or self.tok.eos_id in root:
             empty = dataclasses.replace(self._begin(state, slot), complete=True)
-            # (free text not closed by its own EOS comes before a box or the end only: no recursion)
+            # (free text not closed by its own EOS comes before a box or the end only; after an empty
+            # label the next value may be empty too: a chain, which ends at the group's max_items)
             after = [Option(slot, (self.tok.eos_id,), True, "close")] if slot in self.closing else self._after(empty)
-            out += [dataclasses.replace(o, empty=slot) for o in after]
+            out += [dataclasses.replace(o, empty=slot, more_empty=() if o.empty is None else (o.empty, *o.more_empty))
+                    for o in after]
         return out
 
     def _wraps(self, slot: int, follower: int) -> bool:
@@ -377,7 +393,7 @@ class TargetGrammar:
         # an empty value's token that another option takes (the answer's EOS, after a group whose
         # next item would begin with an empty text closed by EOS) is read as that option: one reading
         taken = {t for o in out if o.empty is None and o.tokens is not None for t in o.tokens}
-        return [o for o in out if o.empty is None or not taken.intersection(o.tokens)]
+        return [o for o in out if o.empty is None or not taken.intersection(o.tokens or ())]
 
 
 def _depth(trie: dict) -> int:
