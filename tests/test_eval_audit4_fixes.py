@@ -7,10 +7,9 @@ import math
 import numpy as np
 import pytest
 import torch
-from helpers import flavour_with
+from helpers import build
 
 from moe_gen.config import RouterConfig
-from moe_gen.model import GeneralistModel
 from moe_gen.model.generate import Prediction
 from moe_gen.tasks import Task, Tokenizer
 from moe_gen.tasks.metrics import wer
@@ -26,8 +25,7 @@ def tok():
 
 
 def _model(task, tok):
-    torch.manual_seed(0)
-    return GeneralistModel.build(flavour_with("debug", router=RouterConfig(strategy="attribute")), [task], tok)
+    return build([task], tok, router=RouterConfig(strategy="attribute"))
 
 
 def _motion_task(lengths):
