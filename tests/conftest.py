@@ -19,6 +19,22 @@ def _seed():
     yield
 
 
+@pytest.fixture(scope="session")
+def tok():
+    """The package's default tokenizer (a module may define its own ``tok``, which wins there)."""
+    from moe_gen.tasks import Tokenizer
+
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def mixed(tok):
+    """(tasks, samples) of seven presets over many modalities (``helpers.mixed_tasks``)."""
+    from helpers import mixed_tasks
+
+    return mixed_tasks(tok)
+
+
 # Property tests draw the same examples on every run, so CI results do not depend on luck; run
 # with HYPOTHESIS_PROFILE=explore to search with fresh random examples.
 from hypothesis import settings  # noqa: E402

@@ -8,21 +8,11 @@ import random
 
 import pytest
 import torch
-from helpers import build, mixed_tasks
+from helpers import build
 
 from moe_gen.config import RouterConfig
-from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+from moe_gen.tasks import Task, collate, load_preset
 from moe_gen.tasks.modalities.base import modality_tag_names
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def mixed(tok):
-    return mixed_tasks(tok)
 
 
 def test_masked_modeling_budgets_and_loss(mixed, tok):

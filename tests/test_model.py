@@ -10,23 +10,13 @@ import warnings
 
 import pytest
 import torch
-from helpers import MIXED, build, mixed_tasks
+from helpers import MIXED, build
 
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.moe import MoE, merge_for_inference
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, collate, load_preset
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
-
-
-@pytest.fixture(scope="module")
-def mixed(tok):
-    return mixed_tasks(tok)
 
 
 def test_forward_backward_over_many_modalities_reaches_every_adapter_and_used_expert(mixed, tok):
