@@ -44,6 +44,9 @@ def test_iou():
     assert box_iou([0, 0, 2, 2], [0, 0, 2, 2]) == 1.0
     assert box_iou([0, 0, 2, 2], [1, 0, 3, 2]) == pytest.approx(1 / 3)
     assert box_iou([0, 0, 1, 1], [2, 2, 3, 3]) == 0.0
+    # boxes of no area (a point, a line): the same box matches, another does not
+    assert box_iou([3, 4, 3, 4], [3.0, 4.0, 3.0, 4.0]) == 1.0 and box_iou([0, 1, 5, 1], [0, 1, 5, 1]) == 1.0
+    assert box_iou([3, 4, 3, 4], [3, 5, 3, 5]) == 0.0 and box_iou([3, 4, 3, 4], [0, 0, 8, 8]) == 0.0
 
 
 def test_a_box_target_sized_by_the_rows_width_and_height_decodes_in_its_pixels():

@@ -97,6 +97,20 @@ def test_min_length_holds_back_the_next_box_after_a_short_label(tok, monkeypatch
     assert [o.action for o in TextRules(min_length=3).allowed(grammar, state, options)] == ["content"]
 
 
+def test_min_length_keeps_a_closed_sets_empty_label(tok):
+    """``min_length`` is about free text: after a long enough value, a next closed set's empty label
+    "" (a trained label) may still be answered; an empty free-text value may not."""
+    rows = [{"q": "hi", "a": "one two", "b": ""}, {"q": "hi", "a": "three", "b": "yes"}]
+    grammar = TargetGrammar(Task("t", "[TEXT:q] -> [TEXT:a] label [TEXT:b,closed_set]", rows).plan(tok), tok)
+    state = _walk(grammar, tok.encode("one two") + [tok.eos_id] + tok.encode_literal(" label"))
+    options = grammar.options(state)
+    assert [(o.action, o.empty) for o in options] == [("start", None), ("end", 2)]  # "yes", or ""
+    assert TextRules(min_length=2).allowed(grammar, state, options) == options
+    free = TargetGrammar(Task("f", "[TEXT:q] -> [TEXT:a] label [TEXT:b]", rows).plan(tok), tok)
+    state = _walk(free, tok.encode("one two") + [tok.eos_id] + tok.encode_literal(" label"))
+    assert [o.empty for o in TextRules(min_length=2).allowed(free, state, free.options(state))] == [None]
+
+
 # ---- 3. boxes are never inverted -----------------------------------------------------------------
 
 def test_a_decoded_box_is_ordered_and_re_encodes(tok, monkeypatch):

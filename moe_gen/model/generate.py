@@ -169,11 +169,13 @@ class TextRules:
     def allowed(self, grammar: TargetGrammar, state: State, options: list[Option]) -> list[Option]:
         """``options`` without those ending a free-text value shorter than ``min_length``: of an
         unfinished value, every option but its next token (``content``) ends it, a ``start`` of
-        the next slot as much as an EOS; after a value, those that leave the next one empty."""
+        the next slot as much as an EOS; after a value, those that leave a next free-text value empty
+        (a closed set's empty label "" stays: the rule is about free text)."""
         if not self.min_length:
             return options
         if state.complete or grammar.kinds[state.slot] != "text" or state.length >= self.min_length:
-            return [o for o in options if o.empty is None]  # (the next value's first token remains)
+            # (the next value's first token remains)
+            return [o for o in options if not any(grammar.kinds[s] == "text" for s in _left_empty(o))]
         going_on = [o for o in options if o.action == "content"]
         return going_on or options  # never a dead end (a value at its max_length ends anyway)
 
@@ -187,6 +189,11 @@ class TextRules:
             return []
         prefix = tuple(value[len(value) - n + 1:])
         return sorted({value[i + n - 1] for i in range(len(value) - n + 1) if tuple(value[i:i + n - 1]) == prefix})
+
+
+def _left_empty(option: Option) -> tuple[int, ...]:
+    """The slots whose values ``option`` leaves empty."""
+    return () if option.empty is None else (option.empty, *option.more_empty)
 
 
 _NO_RULES = TextRules()

@@ -67,9 +67,12 @@ def scale_box(box: Sequence[float], scale_x: float, scale_y: float) -> list[floa
 
 
 def box_iou(a: Sequence[float], b: Sequence[float]) -> float:
-    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes (0 when both are empty)."""
+    """Intersection over union of two ``(x0, y0, x1, y1)`` boxes. Two boxes of no area (a point or a
+    line, which a box may be) have no union: 1 when they are the same box, else 0."""
     ix = max(0.0, min(a[2], b[2]) - max(a[0], b[0]))
     iy = max(0.0, min(a[3], b[3]) - max(a[1], b[1]))
     inter = ix * iy
     union = (a[2] - a[0]) * (a[3] - a[1]) + (b[2] - b[0]) * (b[3] - b[1]) - inter
-    return inter / union if union > 0 else 0.0
+    if union > 0:
+        return inter / union
+    return 1.0 if [float(v) for v in a] == [float(v) for v in b] else 0.0
