@@ -74,7 +74,7 @@ def _check_empty_items(plan: Any, decoder: list[Any], group: int, encodings: lis
     as what may follow the group (``_check_decodable``) are refused."""
     members = [k for k in range(len(encodings)) if decoder[k].slot.repeat == group]
     after = slot_followers(decoder, members[-1])[-1]
-    ends = {plan.tokenizer.eos_id} if after is None else (plan._first_tokens(decoder[after]) or set())
+    ends = {plan.tokenizer.eos_id} if after is None else (plan.first_tokens(decoder[after]) or set())
     for item in range(1, max(len(encodings[k]) for k in members)):
         first, empty = _item_start(plan, members, encodings, closing, item)
         if empty is None or (first is not None and first not in ends):

@@ -304,14 +304,14 @@ class TaskPlan:
         for i, p in enumerate(decoder):
             going_on = _continuations_at_label_ends(p.decode.trie, eos) if _closed(p) else set()
             for f in slot_followers(decoder, i) if going_on else ():
-                starts = self._first_tokens(decoder[f]) if f is not None else set()
+                starts = self.first_tokens(decoder[f]) if f is not None else set()
                 if starts is None or going_on & starts:  # the labels come from the data: a data error
                     raise TaskDataError(f"task {self.name!r}: slot {p.slot}'s labels go on past shorter ones, and "
                                      f"{decoder[f].slot} after it may begin with the token that goes on; the answer "
                                      "could not be read back (\"new\" + \"york\" or \"new york\" + ...): put literal "
                                      "text between them")
 
-    def _first_tokens(self, plan: SlotPlan) -> Optional[set[int]]:
+    def first_tokens(self, plan: SlotPlan) -> Optional[set[int]]:
         """The tokens a decoder slot may begin with: None for free text (any), none for a given
         prompt or location bins (which no label holds)."""
         if plan.slot.is_literal:
