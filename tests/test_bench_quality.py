@@ -282,6 +282,34 @@ def test_evaluation_limit_takes_rows_evenly_spaced_over_the_split():
     assert pairs == [("a", "a" if i < 50 else "b") for i in range(0, 100, 10)]
 
 
+def test_interference_reads_rows_spread_over_each_split(monkeypatch):
+    """A split ordered by label: the interference matrix's gradients come from rows spread over it
+    (its first rows would hold one label), collated as the task's objective collates them."""
+    from helpers import build
+
+    import moe_gen.analysis.report as report
+    from moe_gen.quality.runner import _interference
+    from moe_gen.tasks import Task, Tokenizer
+
+    tok = Tokenizer.default()
+    tasks = [Task(name, "[TEXT:text] -> [TEXT:label,closed_set]",
+                  [{"text": f"{name} row {i}", "label": "a" if i < 20 else "b"} for i in range(40)])
+             for name in ("first", "second")]
+    model = build(tasks, tok)
+    seen = {}
+    original = report._task_batch
+
+    def recorded(model, task, samples, seed=0):
+        seen[task.name] = [s.index for s in samples]
+        return original(model, task, samples, seed)
+
+    monkeypatch.setattr(report, "_task_batch", recorded)
+    result = _interference(model, tasks, rows=4)
+    assert seen == {"first": [0, 10, 20, 30], "second": [0, 10, 20, 30]}
+    assert result["tasks"] == ["first", "second"] and len(result["matrix"]) == 2
+    assert result["matrix"][0][1] == result["matrix"][1][0] and -1 <= result["mean_off_diagonal"] <= 1
+
+
 def test_specialists_get_their_tasks_share_of_the_generalists_steps():
     from moe_gen.quality.runner import BenchConfig, specialist_steps
     from moe_gen.tasks import Task
@@ -360,6 +388,9 @@ def test_expert_hidden_sets_the_active_ffn_width_of_every_system():
     assert "Expert hidden width 16 (dense FFNs k times it)." in line
     with pytest.raises(ValueError, match="BenchConfig.expert_hidden must be >= 1"):
         BenchConfig(expert_hidden=0)
+    for limit in (0, -5):  # (was accepted, then every baseline failed: "a metric needs at least one reference")
+        with pytest.raises(ValueError, match=f"BenchConfig.eval_limit must be >= 1 .*got {limit}"):
+            BenchConfig(eval_limit=limit)
 
 
 def test_digit_successor_asks_digit_classifications_images_for_the_next_digit():

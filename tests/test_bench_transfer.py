@@ -148,6 +148,7 @@ def test_reports_of_other_seeds_and_replay_shares_merge_into_one(tmp_path):
     ({"replay": (1.0,)}, "TransferConfig.replay"),
     ({"replay": (0.25, 0.25)}, "TransferConfig.replay"),
     ({"replay": ()}, "TransferConfig.replay"),
+    ({"eval_limit": 0}, "TransferConfig.eval_limit must be >= 1"),
 ])
 def test_config_refuses_what_it_cannot_run(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -36,7 +36,7 @@ from moe_gen.analysis.recorder import RoutingRecorder, RoutingTables
 from moe_gen.model.model import eval_mode
 from moe_gen.tasks.modalities.base import label_text
 
-__all__ = ["Analysis", "analyze", "write_report", "write_comparison", "key_numbers", "main"]
+__all__ = ["Analysis", "analyze", "task_interference", "write_report", "write_comparison", "key_numbers", "main"]
 
 MODES = ("forward", "generate")
 
@@ -137,6 +137,16 @@ def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int], ba
     return rows
 
 
+def task_interference(model, tasks: Sequence, rows) -> dict:
+    """The task interference matrix (``stats.interference_matrix``: cosines of per-task gradients on
+    the shared transformer) on ``rows`` rows per task (a number, or task name → number), spread
+    evenly over each task's rows (a split may be ordered by label: its first rows would hold a few
+    labels only) and collated as each task's objective collates them in training."""
+    counts = rows if isinstance(rows, dict) else {task.name: rows for task in tasks}
+    batches = {task.name: _task_batch(model, task, _samples(model, task, counts[task.name])) for task in tasks}
+    return stats.interference_matrix(stats.task_gradients(model, batches))
+
+
 def _task_batch(model, task, samples: list, seed: int = 0):
     """``samples`` of ``task`` collated as its objective collates them in training (a masked or
     parallel task's masking and ``pass`` tag: collated as generative ones, their tokens were routed
@@ -202,10 +212,8 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
         tables = recorder.tables()
         interference = None
         if interference_rows > 0:
-            batches = {task.name: _task_batch(model, task, _samples(model, task, min(interference_rows,
-                                                                                      rows[task.name])))
-                       for task in tasks}
-            interference = stats.interference_matrix(stats.task_gradients(model, batches))
+            interference = task_interference(model, tasks, {t.name: min(interference_rows, rows[t.name])
+                                                            for t in tasks})
     summary = stats.summarize(tables)
     moe = model.config.moe
     decoder = moe.router_for("decoder").strategy

@@ -192,6 +192,9 @@ class BenchConfig:
                              "would overwrite; write to another output_dir (--out)")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"BenchConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.eval_limit < 1:
+            raise ValueError(f"BenchConfig.eval_limit must be >= 1 (held-out rows scored per task), "
+                             f"got {self.eval_limit}")
         if self.fit_rows < 0:
             raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
         if self.mixing not in ("temperature", "uniform"):
@@ -274,22 +277,14 @@ def _utilisation(tables) -> dict:
 
 
 def _interference(model, tasks, rows: int = 16) -> dict:
-    """The task interference matrix of the trained model on ``rows`` held-out rows per task (cosine of
-    per-task gradients on the shared transformer), with its mean off-diagonal value and the share of
-    negative (conflicting) pairs."""
+    """The task interference matrix of the trained model on ``rows`` held-out rows per task, spread
+    over each split (``analysis.report.task_interference``), with its mean off-diagonal value and the
+    share of negative (conflicting) pairs."""
     import torch
 
-    from moe_gen.analysis import stats
-    from moe_gen.tasks import collate
+    from moe_gen.analysis.report import task_interference
 
-    batches = {}
-    for task in tasks:
-        # encoded with the model's saved statistics, as in training (not refitted on these rows)
-        statistics = model.encoding_statistics(task)
-        samples = [s for s in (task.encode(i, model.tokenizer, training=False, statistics=statistics)
-                               for i in range(min(rows, len(task)))) if s is not None]
-        batches[task.name] = collate(samples, model.tokenizer, model.task_ids, modality_ids=model.modality_ids)
-    result = stats.interference_matrix(stats.task_gradients(model, batches))
+    result = task_interference(model, tasks, rows)
     matrix = result["matrix"]
     N = matrix.shape[0]
     off = matrix[~torch.eye(N, dtype=torch.bool)]

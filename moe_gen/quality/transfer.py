@@ -103,6 +103,9 @@ class TransferConfig:
         if not self.systems or bad:
             raise ValueError(f"TransferConfig.systems: name one or more of {', '.join(GENERALISTS + EXTRA_SYSTEMS)}; "
                              f"got {list(self.systems)}")
+        if self.eval_limit < 1:
+            raise ValueError(f"TransferConfig.eval_limit must be >= 1 (held-out rows scored per task), "
+                             f"got {self.eval_limit}")
         budgets = self.finetune_steps
         if not budgets or min(budgets) < 1 or list(budgets) != sorted(set(budgets)):
             raise ValueError(f"TransferConfig.finetune_steps must be ascending distinct step counts >= 1, "
