@@ -105,6 +105,64 @@ def test_specials_map_to_the_checkpoint_tokens_or_are_appended():
         HFTokenizer.from_pretrained(_checkpoint("minilm"), pad_token="<nothing>")
 
 
+def test_whisper_starts_with_startoftranscript_from_every_source(tmp_path):
+    """Whisper's transformers tokenizer (and its files) name <|endoftext|> the BOS; its decoder starts
+    with <|startoftranscript|>, which every source now gives (the other start transcribed wrongly);
+    ``bos_token`` still wins."""
+    from moe_gen.pretrained.ctranslate2 import load_whisper
+
+    _, hf, _ = load_whisper(_checkpoint("whisper-tiny.en"))  # transformers' WhisperTokenizer
+    assert hf.bos_token == "<|endoftext|>"
+    folder = tmp_path / "saved"
+    hf.save_pretrained(str(folder))  # a transformers-format folder: its files name <|endoftext|> too
+    for source in (hf, str(folder), hf.backend_tokenizer):
+        assert HFTokenizer.from_pretrained(source, num_bins=500).pieces([50257]) == ["<|startoftranscript|>"]
+        assert HFTokenizer.from_pretrained(source, num_bins=500).bos_id == 50257
+    assert HFTokenizer.from_pretrained(hf, bos_token="<|endoftext|>").bos_id == 50256
+
+
+def test_appended_role_tokens_typed_in_text_stay_text(tmp_path):
+    """A pad (Whisper) or BOS / EOS (a vocabulary without them) that moe_gen appends is a special
+    token: "<pad>" or "</s>" in a user's text is that text, not the role (mid-target it would train
+    an EOS, or vanish when decoded); a folder saved before the change is read the same way."""
+    import json
+
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    whisper = HFTokenizer.from_pretrained(_checkpoint("whisper-tiny.en"))
+    ids = whisper.encode("use the <pad> tag")
+    assert whisper.pad_id not in ids and whisper.decode(ids) == "use the <pad> tag"
+    vocab = {"[UNK]": 0, **{c: i + 1 for i, c in enumerate("abcdefghijklmnopqrstuvwxyz<>/")}}
+    backend = RustTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Split("", "isolated")
+    bare = HFTokenizer.from_pretrained(backend, num_bins=4, num_sentinels=2, extra_symbols=())
+    assert bare.pieces([bare.pad_id, bare.bos_id, bare.eos_id]) == ["<pad>", "<s>", "</s>"]
+    ids = bare.encode("a<s>b</s>c")
+    assert not {bare.bos_id, bare.eos_id} & set(ids) and bare.decode(ids).replace(" ", "") == "a<s>b</s>c"
+    assert bare.encode("<bin_2>") == [bare.bin_id(2)]  # moe_gen's other appended tokens still match
+    # a tokenizer.json written when the role tokens were not special
+    bare.save(str(tmp_path))
+    saved = json.loads((tmp_path / "tokenizer.json").read_text())
+    for entry in saved["added_tokens"]:
+        entry["special"] = False
+    (tmp_path / "tokenizer.json").write_text(json.dumps(saved))
+    old = HFTokenizer.load(str(tmp_path))
+    assert old.encode("a<s>b</s>c") == ids
+
+
+def test_ids_outside_the_vocabulary_are_refused(minilm):
+    """An id past the vocabulary decoded to nothing (or None as a piece), silently: a model of
+    another vocabulary's output. It is refused, naming the ids."""
+    size = minilm.vocab_size
+    for bad in ([size], [5, size + 7], [-1]):
+        with pytest.raises(ValueError, match=r"token ids \[.*\] are outside this tokenizer's vocabulary of"):
+            minilm.decode(bad)
+        with pytest.raises(ValueError, match="outside this tokenizer's vocabulary"):
+            minilm.pieces(bad)
+    assert minilm.pieces([size - 1]) == [minilm.backend.id_to_token(size - 1)]
+
+
 def test_every_source_gives_the_same_tokenizer(minilm):
     from transformers import AutoTokenizer
 

@@ -339,3 +339,27 @@ def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(ValueError, match=r"word_embeddings.weight has 30522 rows but the tokenizer has 50363 "
                                          r"tokens of its own: use the checkpoint's tokenizer"):
         from_hf(shipped("minilm"), tokenizer=HFTokenizer.from_pretrained(shipped("whisper-tiny.en")))
+
+
+def test_a_token_type_embedding_of_another_width_is_named():
+    """BERT's first token-type row is added to the position rows: a checkpoint whose token-type rows
+    have another width gets an error naming both tensors (it was torch's bare broadcast error)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import BertConfig, BertModel
+
+    from moe_gen.pretrained import from_hf
+    from moe_gen.tasks import HFTokenizer
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 64)}}
+    backend = RustTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
+                                intermediate_size=48, max_position_embeddings=40))
+    tokenizer = HFTokenizer.from_pretrained(backend, num_bins=4, num_sentinels=2, extra_symbols=())
+    from_hf(bert, tokenizer=tokenizer)  # as it is: converts
+    bert.embeddings.token_type_embeddings = torch.nn.Embedding(2, 16)
+    with pytest.raises(ValueError, match=r"embeddings.token_type_embeddings.weight has shape \(2, 16\); its rows "
+                                         r"must be as wide as embeddings.position_embeddings.weight's \(40, 32\)"):
+        from_hf(bert, tokenizer=tokenizer)
+

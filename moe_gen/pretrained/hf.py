@@ -362,7 +362,12 @@ def load_weights(model, checkpoint: HFCheckpoint) -> list[str]:
 
 def _load_bert(model, w: _Weights, c) -> None:
     _token_rows(model, w, "embeddings.word_embeddings.weight")
-    positions = w("embeddings.position_embeddings.weight") + w("embeddings.token_type_embeddings.weight")[0]
+    positions, types = w("embeddings.position_embeddings.weight"), w("embeddings.token_type_embeddings.weight")
+    if types.dim() != 2 or types.shape[1:] != positions.shape[1:]:
+        raise ValueError(f"checkpoint weight embeddings.token_type_embeddings.weight has shape {tuple(types.shape)}; "
+                         f"its rows must be as wide as embeddings.position_embeddings.weight's "
+                         f"{tuple(positions.shape)}")
+    positions = positions + types[0]
     _set(model.position_embedding.weight, positions, "embeddings.position_embeddings+token_type_embeddings[0]")
     _norm(model.embedding_norm, w, "embeddings.LayerNorm")
     for i, block in enumerate(model.encoder.blocks):
@@ -457,10 +462,7 @@ def from_hf(source, tasks: Sequence = (), *, tokenizer=None, gguf_file: Optional
     if tokenizer is None:
         if checkpoint.tokenizer is None:
             raise ValueError("the checkpoint came without a tokenizer; pass tokenizer=HFTokenizer.from_pretrained(...)")
-        # Whisper's transformers tokenizer names <|endoftext|> its BOS; its decoder starts with
-        # <|startoftranscript|> (the wrong start token gave wrong transcripts)
-        start = {"bos_token": "<|startoftranscript|>"} if checkpoint.family == "whisper" else {}
-        tokenizer = HFTokenizer.from_pretrained(checkpoint.tokenizer, **start)
+        tokenizer = HFTokenizer.from_pretrained(checkpoint.tokenizer)  # (Whisper's BOS: <|startoftranscript|>)
     config = dense_config(checkpoint, decoder_layers=decoder_layers, **overrides)
     model = GeneralistModel.build(config, list(tasks), tokenizer)
     unused = load_weights(model, checkpoint)

@@ -47,6 +47,7 @@ _KNOWN_NAMES = {
     "eos": ("[SEP]", "</s>", "<|end_of_text|>", "<|endoftext|>"),
     "unk": ("[UNK]", "<unk>", "<|unk|>"),
 }
+_WHISPER_START = "<|startoftranscript|>"
 # Appended when the checkpoint has no token for the role (no unknown: byte-level BPE needs none).
 _APPENDED_NAMES = {"pad": "<pad>", "bos": "<s>", "eos": "</s>"}
 # transformers' attribute names for each role, first found wins (BERT defines cls/sep, not bos/eos).
@@ -81,6 +82,13 @@ class HFTokenizer(BaseTokenizer):
         self.num_bins, self.num_sentinels = int(num_bins), int(num_sentinels)
         self.extra_symbols = tuple(extra_symbols)
         self.pad_id, self.bos_id, self.eos_id = (self._id_of(self.specials[r], r) for r in ("pad", "bos", "eos"))
+        # A pad / BOS / EOS appended for a checkpoint that had none is special too: "<pad>" or "</s>"
+        # typed in a user's text stays text (as a role token it would end a target in its middle,
+        # or vanish when decoded). (A flag update: the ids stay; folders saved before are upgraded.)
+        roles = {self.specials[r] for r in ("pad", "bos", "eos")
+                 if getattr(self, f"{r}_id") >= self.base_vocab_size}
+        backend.add_special_tokens([AddedToken(t, single_word=False, lstrip=False, rstrip=False, normalized=False,
+                                               special=True) for t in sorted(roles)])
         self.unk_id = None if self.specials["unk"] is None else self._id_of(self.specials["unk"], "unk")
         self._first_bin = self._block_start([f"<bin_{k}>" for k in range(self.num_bins)])
         self._first_sentinel = self._block_start([f"<extra_id_{k}>" for k in range(self.num_sentinels)])
@@ -133,7 +141,10 @@ class HFTokenizer(BaseTokenizer):
 
         A role nothing names is looked for among well-known names ([PAD], <pad>, [CLS], <s>,
         <|startoftranscript|>, [SEP], </s>, <|endoftext|>, [UNK], <unk> …); a missing pad, BOS or
-        EOS is appended as ``<pad>``, ``<s>``, ``</s>``; a missing unknown token stays None.
+        EOS is appended as ``<pad>``, ``<s>``, ``</s>`` (special tokens: typed in text they stay
+        text); a missing unknown token stays None. A Whisper vocabulary's BOS is
+        ``<|startoftranscript|>`` whatever its files name (``<|endoftext|>``), unless ``bos_token``
+        says otherwise.
         """
         backend, named = _read_source(source)
         # Our own copy: moe_gen encodes whole texts, so the checkpoint's truncation and padding go.
@@ -151,6 +162,10 @@ class HFTokenizer(BaseTokenizer):
             model_unk = getattr(backend.model, "unk_token", None) if role == "unk" else None
             known = next((t for t in _KNOWN_NAMES[role] if t in vocab), None)
             specials[role] = given or (model_unk if model_unk in vocab else None) or known
+        if bos_token is None and _WHISPER_START in vocab:
+            # Whisper's files and transformers tokenizer name <|endoftext|> its BOS; its decoder
+            # starts with <|startoftranscript|> (the other start gives wrong transcripts)
+            specials["bos"] = _WHISPER_START
         missing = [_APPENDED_NAMES[r] for r in ("pad", "bos", "eos") if specials[r] is None]
         for role in ("pad", "bos", "eos"):
             specials[role] = specials[role] or _APPENDED_NAMES[role]
@@ -224,7 +239,7 @@ class HFTokenizer(BaseTokenizer):
         tell where spaces were, so it writes "1.4" as "1. 4": a point between digits is joined
         back (decimal numbers are what generated text holds most; "step 1. 4 apples" is rare)."""
         drop = (self.pad_id, self.bos_id, self.eos_id)
-        text = self.backend.decode([int(i) for i in ids if int(i) not in drop], skip_special_tokens=False)
+        text = self.backend.decode([i for i in self._checked(ids) if i not in drop], skip_special_tokens=False)
         if type(self.backend.decoder).__name__ == "WordPiece":
             text = _DECIMAL_POINT.sub(".", text)
         return text
@@ -237,7 +252,16 @@ class HFTokenizer(BaseTokenizer):
         return token
 
     def pieces(self, ids: Iterable[int]) -> list[str]:
-        return [self.backend.id_to_token(int(i)) for i in ids]
+        return [self.backend.id_to_token(i) for i in self._checked(ids)]
+
+    def _checked(self, ids: Iterable[int]) -> list[int]:
+        """``ids`` as ints, refusing any outside the vocabulary (ids of a model with another
+        vocabulary would decode to nothing, or to other tokens, silently)."""
+        ids = [int(i) for i in ids]
+        bad = [i for i in ids if not 0 <= i < self._vocab_size]
+        if bad:
+            raise ValueError(f"token ids {bad[:5]} are outside this tokenizer's vocabulary of {self._vocab_size}")
+        return ids
 
     def _key(self) -> tuple:
         return (self.backend.to_str(), self.base_vocab_size, tuple(self.specials.items()), self.num_bins,
