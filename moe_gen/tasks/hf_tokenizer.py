@@ -153,19 +153,8 @@ class HFTokenizer(BaseTokenizer):
         backend.no_padding()
         vocab = backend.get_vocab(with_added_tokens=True)
         base_vocab_size = max(vocab.values()) + 1
-        overrides = {"pad": pad_token, "bos": bos_token, "eos": eos_token, "unk": unk_token}
-        specials: dict[str, Optional[str]] = {}
-        for role in ROLES:
-            given = overrides[role] or named.get(role)
-            if given is not None and given not in vocab:
-                raise ValueError(f"the {role} token {given!r} is not in the checkpoint's vocabulary")
-            model_unk = getattr(backend.model, "unk_token", None) if role == "unk" else None
-            known = next((t for t in _KNOWN_NAMES[role] if t in vocab), None)
-            specials[role] = given or (model_unk if model_unk in vocab else None) or known
-        if bos_token is None and _WHISPER_START in vocab:
-            # Whisper's files and transformers tokenizer name <|endoftext|> its BOS; its decoder
-            # starts with <|startoftranscript|> (the other start gives wrong transcripts)
-            specials["bos"] = _WHISPER_START
+        specials = _resolve_roles(backend, vocab, named,
+                                  {"pad": pad_token, "bos": bos_token, "eos": eos_token, "unk": unk_token})
         missing = [_APPENDED_NAMES[r] for r in ("pad", "bos", "eos") if specials[r] is None]
         for role in ("pad", "bos", "eos"):
             specials[role] = specials[role] or _APPENDED_NAMES[role]
@@ -275,6 +264,25 @@ class HFTokenizer(BaseTokenizer):
 
 
 _DECIMAL_POINT = re.compile(r"(?<=\d) ?\. ?(?=\d)")
+
+
+def _resolve_roles(backend: RustTokenizer, vocab: Mapping[str, int], named: Mapping[str, str],
+                   overrides: Mapping[str, Optional[str]]) -> dict[str, Optional[str]]:
+    """Role → the checkpoint's token for it (None where it has none): the one given, else the one
+    its files name, else a well-known name in its vocabulary; a Whisper vocabulary's BOS is
+    <|startoftranscript|> unless given (its files and transformers tokenizer name <|endoftext|>,
+    which is not what its decoder starts with: that start gave wrong transcripts)."""
+    specials: dict[str, Optional[str]] = {}
+    for role in ROLES:
+        given = overrides[role] or named.get(role)
+        if given is not None and given not in vocab:
+            raise ValueError(f"the {role} token {given!r} is not in the checkpoint's vocabulary")
+        model_unk = getattr(backend.model, "unk_token", None) if role == "unk" else None
+        known = next((t for t in _KNOWN_NAMES[role] if t in vocab), None)
+        specials[role] = given or (model_unk if model_unk in vocab else None) or known
+    if overrides["bos"] is None and _WHISPER_START in vocab:
+        specials["bos"] = _WHISPER_START
+    return specials
 
 
 def _read_source(source: Any) -> tuple[RustTokenizer, dict[str, str]]:
