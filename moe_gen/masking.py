@@ -4,7 +4,11 @@ Every sample gets the same input budget and target budget, whatever its number o
 per sample, a Dirichlet(α) draw over the sample's modalities splits each budget; a modality takes
 at most the positions it has, and what is left over goes to the modality with the largest share
 (as 4M does). Inputs and targets are disjoint random subsets of each modality's positions, kept in
-their original order. ``α`` may be a number or a dict by modality (``{"IMAGE": 1000, "TEXT": 1e-3}``
+their original order. As in 4M the inputs are chosen first and the targets among the positions
+left; 4M's budgets (128 + 128) are far below the positions its samples hold, and where a sample
+holds no more positions than the input budget, it shows all but one, which is its target (before
+2026-12-06 it showed them all and predicted nothing: the default 128 on a 17-position digit trained
+on the routing loss alone). ``α`` may be a number or a dict by modality (``{"IMAGE": 1000, "TEXT": 1e-3}``
 approximates 4M's RGB-to-all mixture).
 
 moe_gen's decoder predicts the target positions in order, teacher-forced: token targets with the
@@ -86,10 +90,20 @@ def mask_sample(sample: Sample, *, input_budget: int = 128, target_budget: int =
                 target_alpha: Union[None, float, Mapping[str, float]] = None, rng: random.Random) -> Sample:
     """A 4M training sample: ``input_budget`` positions in, split across the sample's modalities by
     Dirichlet(``alpha``), and ``target_budget`` other positions to predict, split by
-    Dirichlet(``target_alpha``; default ``alpha``)."""
+    Dirichlet(``target_alpha``; default ``alpha``). A sample of ``input_budget`` positions or fewer
+    shows all but one: every sample has a target, and one input unless ``input_budget`` is 0.
+
+    Raises:
+        ValueError: naming the task and the row, when the sample has too few data positions for
+            that (none; or one, with an ``input_budget`` of 1 or more).
+    """
     streams = _streams(sample)
     available = {m: len(v) for m, v in streams.items()}
-    inputs = split_budget(input_budget, available, alpha, rng)
+    total = sum(available.values())
+    if total < 1 + min(input_budget, 1):
+        raise ValueError(f"task {sample.task!r}: row {sample.index} holds {total} data position(s); the masked "
+                         f"objective needs one to predict and, with masked_input_budget {input_budget}, one to show")
+    inputs = split_budget(min(input_budget, total - 1), available, alpha, rng)
     remaining = {m: available[m] - inputs[m] for m in available}
     targets = split_budget(target_budget, remaining, alpha if target_alpha is None else target_alpha, rng)
     encoder, decoder = [], []

@@ -75,7 +75,9 @@ class TrainConfig(ConfigBase):
             left for a later batch (a lone over-budget sample is still taken).
         max_tokens: at most this many positions (encoder + decoder) in a micro-batch.
         frame_weight: weight of the continuous-target (L1 + stop) loss.
-        masked_input_budget, masked_target_budget: the 4M budgets of ``masked`` tasks.
+        masked_input_budget, masked_target_budget: the 4M budgets of ``masked`` tasks: inputs are
+            drawn first, targets among the positions left, and a sample of no more positions than
+            the input budget shows all but one, its target (``moe_gen.masking.mask_sample``).
         masked_alpha: the Dirichlet α that splits the input budget across a sample's modalities: a
             number, or one per modality (``{"IMAGE": 1.0, "TEXT": 0.1}``: text is seldom an input;
             a modality not named gets 1.0; unknown names are refused when training starts). 4M's

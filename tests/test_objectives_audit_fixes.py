@@ -1,0 +1,48 @@
+"""Objective and batching defects found by an audit (2026-12-06, twelfth session); each test failed
+before its fix."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+from helpers import build
+
+from moe_gen.objectives import MaskedObjective
+from moe_gen.tasks import Task, load_preset
+from moe_gen.trainer import TrainConfig
+
+
+def test_masked_samples_smaller_than_the_input_budget_keep_a_target(tok):
+    """At the default budgets (128 in, 128 out) a digit's 17 positions all became inputs: nothing
+    was scored and the masked task trained on the routing loss alone."""
+    from moe_gen.masking import mask_sample
+
+    task = load_preset("digit_masked_modeling", "train", limit=8)
+    samples = list(task.samples(tok))
+    model = build([task], tok, predict_all_features=True)
+    batch = MaskedObjective.from_train_config(model, TrainConfig()).prepare(samples, random.Random(0))
+    positions = [sum(len(c) for c in s.encoder + s.decoder if c.column is not None) for s in samples]
+    scored = (batch.labels != -100).sum(1)
+    shown = (~batch.encoder.padding_mask).sum(1)
+    assert min(positions) == 17  # 16 codes and a label of one token or more
+    assert scored.tolist() == [1] * len(samples) and shown.tolist() == [n - 1 for n in positions]
+    assert "token_loss" in MaskedObjective.from_train_config(model, TrainConfig())(batch)
+    # budgets that fit are kept: the image_generation recipe's 12 in, 8 out leaves 5 targets of 17
+    fitted = mask_sample(samples[0], input_budget=12, target_budget=8, rng=random.Random(0))
+    assert fitted.lengths() == (12, 5)
+    # an input budget of 0 shows nothing and predicts up to the target budget
+    assert mask_sample(samples[0], input_budget=0, target_budget=8, rng=random.Random(0)).lengths() == (0, 8)
+
+
+def test_a_masked_sample_without_room_for_an_input_and_a_target_is_refused(tok):
+    from moe_gen.masking import mask_sample
+
+    task = Task("one_word", "[TEXT:q] -> [TEXT:a]", [{"q": "", "a": "no"}], objective="masked")
+    sample = next(iter(task.samples(tok)))
+    positions = sum(len(c) for c in sample.encoder + sample.decoder if c.column is not None)
+    assert positions == 1
+    with pytest.raises(ValueError, match=r"task 'one_word': row 0 holds 1 data position\(s\).*"
+                                         r"masked_input_budget 4"):
+        mask_sample(sample, input_budget=4, target_budget=4, rng=random.Random(0))
+    assert mask_sample(sample, input_budget=0, target_budget=4, rng=random.Random(0)).lengths() == (0, 1)
