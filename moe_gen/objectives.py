@@ -253,7 +253,10 @@ class ContrastiveObjective(Objective):
     """MaMMUT's two passes in one step: the generative loss (captioning) plus a symmetric InfoNCE
     between the pooled encoder output and the pooled bidirectional decoder pass over the target
     text, with a learned temperature. Weights default to CoCa's: caption 2.0, contrastive 1.0.
-    Rows must hold one sample each (no packing): pooling is per row.
+    Rows must hold one sample each (no packing): pooling is per row. ``task_weights`` multiply a
+    task's caption losses, as ``GenerativeObjective``'s, and each of its rows' InfoNCE terms (both
+    directions) inside the batch's mean, whose count stays unweighted; a row of weight 0 still
+    serves as a negative of the others.
     """
 
     def __init__(self, model: GeneralistModel, caption_weight: float = 2.0, contrastive_weight: float = 1.0,
@@ -284,7 +287,11 @@ class ContrastiveObjective(Objective):
         # images is not a negative of itself): each direction's loss is −log of the softmax mass
         # on the row's positives, which is the plain InfoNCE when every text is distinct.
         same_BB = _same_rows(side.tokens, side.is_token)
-        contrastive = 0.5 * (_multi_positive_nce(logits_BB, same_BB) + _multi_positive_nce(logits_BB.t(), same_BB))
+        weight_B = None  # each row's task weight: row i's image query and text query both weigh w_i
+        if self.generative.task_weights:
+            weight_B = self.generative._weight_of_task.to(logits_BB.device)[batch.decoder.tags.task[:, 0]]
+        contrastive = 0.5 * (_multi_positive_nce(logits_BB, same_BB, weight_B)
+                             + _multi_positive_nce(logits_BB.t(), same_BB, weight_B))
         # Every routing loss counts once, unweighted: the encoder's and the causal decoder pass's
         # (in ``out``, also inside the caption loss, taken out of it here) and the contrastive pass's.
         routing = sum(out.aux_losses.values(), logits_BB.reshape(-1)[:1].float().sum() * 0.0)
@@ -313,10 +320,13 @@ def _same_rows(tokens_BL: torch.Tensor, scored_BL: Optional[torch.Tensor] = None
     return key.unsqueeze(1) == key.unsqueeze(0)
 
 
-def _multi_positive_nce(logits_BB: torch.Tensor, positive_BB: torch.Tensor) -> torch.Tensor:
-    """Mean over rows of ``−log Σ_{j positive} softmax(logits_i)_j``."""
+def _multi_positive_nce(logits_BB: torch.Tensor, positive_BB: torch.Tensor,
+                        weight_B: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Mean over rows of ``−log Σ_{j positive} softmax(logits_i)_j``, each row's term times
+    ``weight_B`` when given (the count stays the rows')."""
     log_p = logits_BB.float().log_softmax(-1)
-    return -(log_p.masked_fill(~positive_BB, float("-inf")).logsumexp(-1)).mean()
+    loss_B = -log_p.masked_fill(~positive_BB, float("-inf")).logsumexp(-1)
+    return loss_B.mean() if weight_B is None else (loss_B * weight_B).sum() / loss_B.shape[0]
 
 
 @OBJECTIVES.register("masked")

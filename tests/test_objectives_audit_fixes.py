@@ -46,3 +46,22 @@ def test_a_masked_sample_without_room_for_an_input_and_a_target_is_refused(tok):
                                          r"masked_input_budget 4"):
         mask_sample(sample, input_budget=4, target_budget=4, rng=random.Random(0))
     assert mask_sample(sample, input_budget=0, target_budget=4, rng=random.Random(0)).lengths() == (0, 1)
+
+
+def test_a_contrastive_tasks_loss_weight_scales_its_infonce_term(tok):
+    """loss_weights weighted only the caption loss: at 0 the contrastive term still trained, and a
+    weight of 3 left it as it was."""
+    from moe_gen.objectives import ContrastiveObjective
+    from moe_gen.tasks import collate
+
+    task = load_preset("image_text_retrieval", "train", limit=8)
+    model = build([task], tok).eval()
+    batch = collate(list(task.samples(tok))[:6], tok, model.task_ids)
+    plain = float(ContrastiveObjective(model)(batch)["contrastive_loss"])
+    tripled = float(ContrastiveObjective(model, task_weights={task.name: 3.0})(batch)["contrastive_loss"])
+    assert plain > 0.1 and tripled == pytest.approx(3 * plain, rel=1e-5)
+    model.zero_grad()
+    left_out = ContrastiveObjective(model, task_weights={task.name: 0.0})(batch)
+    left_out["loss"].backward()
+    assert float(left_out["contrastive_loss"]) == 0.0
+    assert not model.contrastive_image.weight.grad.any()  # the projection only the InfoNCE term trains

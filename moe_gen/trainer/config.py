@@ -60,9 +60,10 @@ class TrainConfig(ConfigBase):
         task_weights: sampling weight per task name for ``weights`` mixing (default 1; a ``Task``'s
             own ``weight`` is used when the name is absent).
         loss_weights: loss weight per task name: a task's token cross-entropy (and its frame
-            rows' L1 and stop losses) is multiplied by it inside the batch's mean, whose count stays
-            unweighted, so the weight acts whatever else the batch holds (one-task batches and
-            tasks alone in their objective included). 0 leaves the task's loss out.
+            rows' L1 and stop losses, and a contrastive task's rows' InfoNCE terms) is multiplied by
+            it inside the batch's mean, whose count stays unweighted, so the weight acts whatever
+            else the batch holds (one-task batches and tasks alone in their objective included). 0
+            leaves the task's loss out.
         loss_average: how the token cross-entropy is averaged over a micro-batch: ``token`` (every
             scored token once: long answers, such as a detection's boxes, outweigh one-token
             labels) or ``sample`` (each sample's mean first, then the samples': every sample weighs
