@@ -270,6 +270,22 @@ class ContrastiveObjective(Objective):
     def from_train_config(cls, model: GeneralistModel, config) -> "ContrastiveObjective":
         return cls(model, task_weights=config.loss_weights or None, loss_average=config.loss_average)
 
+    def prepare(self, samples, rng) -> Batch:
+        """The samples collated as ``Objective.prepare`` collates them.
+
+        Raises:
+            ValueError: naming the task and row, when a sample has no token target (text): the
+                contrastive pass reads only scored tokens, so continuous targets (motion, audio
+                rows) would leave each row the EOS alone, every row the others' positive and the
+                InfoNCE term 0 in every batch.
+        """
+        for sample in samples:
+            if not any(c.loss and c.column is not None and c.tokens is not None for c in sample.decoder):
+                slots = sorted({f"{c.modality}:{c.column}" for c in sample.decoder if c.loss and c.column})
+                raise ValueError(f"task {sample.task!r}: the contrastive objective needs a token target (text) to "
+                                 f"compare with the input; row {sample.index} has only {slots or 'no targets'}")
+        return super().prepare(samples, rng)
+
     def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         if int(batch.encoder.tags.sample.max()) > 0:
             raise ValueError("the contrastive objective pools one sample per row; collate without pack=True")

@@ -65,3 +65,16 @@ def test_a_contrastive_tasks_loss_weight_scales_its_infonce_term(tok):
     left_out["loss"].backward()
     assert float(left_out["contrastive_loss"]) == 0.0
     assert not model.contrastive_image.weight.grad.any()  # the projection only the InfoNCE term trains
+
+
+def test_a_contrastive_task_without_a_token_target_is_refused(tok):
+    """A motion target left every row's contrastive pass the EOS alone: every row was every other's
+    positive and the InfoNCE term 0 in every batch, without a word."""
+    from moe_gen.objectives import ContrastiveObjective
+
+    base = load_preset("text_to_motion", "train", limit=4)
+    task = Task("motion_retrieval", base.instruction, base.data, objective="contrastive")
+    model = build([task], tok)
+    with pytest.raises(ValueError, match=r"task 'motion_retrieval': the contrastive objective needs a token "
+                                         r"target \(text\).*row 0 has only \['MOTION:"):
+        ContrastiveObjective(model).prepare(list(task.samples(tok)), random.Random(0))
