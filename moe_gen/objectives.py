@@ -299,10 +299,11 @@ class ContrastiveObjective(Objective):
         text_BD = F.normalize(model.contrastive_text(_masked_mean(text.hidden, side.is_token)), dim=-1)
         scale = model.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the temperature
         logits_BB = scale * image_BD @ text_BD.t()
-        # Rows with the same target text are each other's positives (a caption given to several
-        # images is not a negative of itself): each direction's loss is −log of the softmax mass
-        # on the row's positives, which is the plain InfoNCE when every text is distinct.
-        same_BB = _same_rows(side.tokens, side.is_token)
+        # Rows with the same target text, or the same input, are each other's positives (a caption
+        # given to several images is not a negative of itself, nor an image given several captions:
+        # its pooled states are the same, so no model could tell them apart): each direction's loss
+        # is −log of the softmax mass on the row's positives, the plain InfoNCE when all are distinct.
+        same_BB = _same_rows(side.tokens, side.is_token) | _same_inputs(batch.encoder)
         weight_B = None  # each row's task weight: row i's image query and text query both weigh w_i
         if self.generative.task_weights:
             weight_B = self.generative._weight_of_task.to(logits_BB.device)[batch.decoder.tags.task[:, 0]]
@@ -330,10 +331,31 @@ def _same_rows(tokens_BL: torch.Tensor, scored_BL: Optional[torch.Tensor] = None
     they start (a template with literal text before the answer shifts them: compared position by
     position, one caption was its own negative)."""
     scored_BL = torch.ones_like(tokens_BL, dtype=torch.bool) if scored_BL is None else scored_BL
-    texts = [tuple(row[keep].tolist()) for row, keep in zip(tokens_BL, scored_BL)]
-    ids = {text: i for i, text in enumerate(dict.fromkeys(texts))}
-    key = torch.tensor([ids[text] for text in texts], device=tokens_BL.device)
-    return key.unsqueeze(1) == key.unsqueeze(0)
+    return _same_keys([tuple(row[keep].tolist()) for row, keep in zip(tokens_BL, scored_BL)], tokens_BL.device)
+
+
+def _same_inputs(encoder: Side) -> torch.Tensor:
+    """``[B, B]``: True where rows ``i`` and ``j`` give the encoder the same input: the same tokens,
+    tags and feature rows at the same places (one image with several captions, say)."""
+    B, S = encoder.tokens.shape
+    keep_BS = ~encoder.padding_mask
+    keys: list[list] = [[tuple(encoder.tokens[b][keep_BS[b]].tolist()), tuple(encoder.is_token[b][keep_BS[b]].tolist()),
+                         tuple(encoder.tags.task[b][keep_BS[b]].tolist())] for b in range(B)]
+    for name in sorted(encoder.rows):
+        row_N = encoder.index[name] // S
+        for b in range(B):
+            mine = row_N == b
+            # (a bf16 row is exact in fp32; numpy has no bf16)
+            keys[b] += [encoder.rows[name][mine].float().cpu().numpy().tobytes(),
+                        tuple(encoder.index[name][mine].remainder(S).tolist())]
+    return _same_keys([tuple(key) for key in keys], encoder.tokens.device)
+
+
+def _same_keys(keys: list, device) -> torch.Tensor:
+    """``[B, B]``: True where the hashable ``keys`` of rows ``i`` and ``j`` are equal."""
+    ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
+    key_B = torch.tensor([ids[key] for key in keys], device=device)
+    return key_B.unsqueeze(1) == key_B.unsqueeze(0)
 
 
 def _multi_positive_nce(logits_BB: torch.Tensor, positive_BB: torch.Tensor,

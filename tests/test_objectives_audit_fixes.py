@@ -6,6 +6,7 @@ from __future__ import annotations
 import random
 
 import pytest
+import torch
 from helpers import build
 
 from moe_gen.objectives import MaskedObjective
@@ -78,3 +79,25 @@ def test_a_contrastive_task_without_a_token_target_is_refused(tok):
     with pytest.raises(ValueError, match=r"task 'motion_retrieval': the contrastive objective needs a token "
                                          r"target \(text\).*row 0 has only \['MOTION:"):
         ContrastiveObjective(model).prepare(list(task.samples(tok)), random.Random(0))
+
+
+def test_rows_with_the_same_input_are_each_others_contrastive_positives(tok):
+    """Two captions of one image were each other's negatives: their pooled image states are the
+    same, so the loss of an ideal model had a floor (log 2 · 2/3 in three rows) and
+    retrieval_accuracy could not reach 1."""
+    from moe_gen.objectives import ContrastiveObjective, _same_inputs
+    from moe_gen.tasks import collate
+
+    base = load_preset("image_text_retrieval", "train", limit=3)
+    rows = [dict(base.data[0]), dict(base.data[0]), dict(base.data[1])]
+    rows[1]["label"] = "seven" if rows[0]["label"] != "seven" else "eight"  # the same image, another caption
+    task = Task("retrieval", base.instruction, rows, objective="contrastive")
+    model = build([task], tok).eval()
+    batch = collate(list(task.samples(tok)), tok, model.task_ids)
+    assert batch.encoder.rows  # the images are feature rows, compared with the tokens
+    assert _same_inputs(batch.encoder).tolist() == [[True, True, False], [True, True, False], [False, False, True]]
+    pair = collate(list(task.samples(tok))[:2], tok, model.task_ids)
+    with torch.no_grad():
+        out = ContrastiveObjective(model)(pair)
+    # every retrieval is right and all the softmax mass is on positives, whatever the model
+    assert float(out["contrastive_loss"]) == pytest.approx(0.0, abs=1e-6) and "retrieval_accuracy" not in out
