@@ -380,10 +380,12 @@ class MaskedObjective(GenerativeObjective):
                  alpha=0.5, target_alpha=None, frame_weight: float = 1.0,
                  task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
         from moe_gen.trainer.config import TrainConfig
+        from moe_gen.trainer.sampling import check_modality_keys
 
-        # the budgets and alphas checked as a training run's are (a target budget of 0 trained nothing)
-        TrainConfig(masked_input_budget=input_budget, masked_target_budget=target_budget, masked_alpha=alpha,
-                    masked_target_alpha=target_alpha)
+        # the budgets and alphas checked as a training run's are (a target budget of 0 trained nothing;
+        # an α for a modality moe_gen does not know, "image" or 4M's "RGB", left every modality at 1.0)
+        check_modality_keys(TrainConfig(masked_input_budget=input_budget, masked_target_budget=target_budget,
+                                        masked_alpha=alpha, masked_target_alpha=target_alpha))
         super().__init__(model, frame_weight, task_weights, loss_average)
         self.input_budget, self.target_budget, self.alpha = input_budget, target_budget, alpha
         self.target_alpha = alpha if target_alpha is None else target_alpha

@@ -101,3 +101,15 @@ def test_rows_with_the_same_input_are_each_others_contrastive_positives(tok):
         out = ContrastiveObjective(model)(pair)
     # every retrieval is right and all the softmax mass is on positives, whatever the model
     assert float(out["contrastive_loss"]) == pytest.approx(0.0, abs=1e-6) and "retrieval_accuracy" not in out
+
+
+def test_a_masked_objective_built_from_python_refuses_unknown_modalities_in_alpha(tok):
+    """{"image": 1000, "text": 0} was ignored (every modality at α 1.0), where a Trainer refuses it."""
+    task = load_preset("digit_masked_modeling", "train", limit=2)
+    model = build([task], tok, predict_all_features=True)
+    with pytest.raises(ValueError, match=r"TrainConfig.masked_alpha names unknown modalities \['image', 'text'\] "
+                                         r"\(did you mean 'IMAGE', 'TEXT'\?\)"):
+        MaskedObjective(model, alpha={"image": 1000.0, "text": 0.0})
+    with pytest.raises(ValueError, match=r"TrainConfig.masked_target_alpha names unknown modalities \['RGB'\]"):
+        MaskedObjective(model, alpha=0.5, target_alpha={"RGB": 1.0})
+    MaskedObjective(model, alpha={"IMAGE": 1000.0, "TEXT": 0.0})

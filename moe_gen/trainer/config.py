@@ -81,8 +81,9 @@ class TrainConfig(ConfigBase):
             the input budget shows all but one, its target (``moe_gen.masking.mask_sample``).
         masked_alpha: the Dirichlet α that splits the input budget across a sample's modalities: a
             number, or one per modality (``{"IMAGE": 1.0, "TEXT": 0.1}``: text is seldom an input;
-            a modality not named gets 1.0; unknown names are refused when training starts). 4M's
-            RGB-to-all mixture is ``{"IMAGE": 1000, "TEXT": 0, ...}``: 0 for every other modality.
+            a modality not named gets 1.0; unknown names are refused when training starts, and by
+            ``MaskedObjective``). 4M's RGB-to-all mixture is ``{"IMAGE": 1000, "TEXT": 0, ...}``: 0
+            for every other modality.
         masked_target_alpha: the same for the target budget; None: ``masked_alpha``.
         checkpoint_every: write a checkpoint every N steps (0: only at the end).
         keep_checkpoints: how many recent checkpoints to keep.
