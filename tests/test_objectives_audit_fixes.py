@@ -113,3 +113,20 @@ def test_a_masked_objective_built_from_python_refuses_unknown_modalities_in_alph
     with pytest.raises(ValueError, match=r"TrainConfig.masked_target_alpha names unknown modalities \['RGB'\]"):
         MaskedObjective(model, alpha=0.5, target_alpha={"RGB": 1.0})
     MaskedObjective(model, alpha={"IMAGE": 1000.0, "TEXT": 0.0})
+
+
+def test_the_parallel_decoder_pass_is_tagged_bidirectional_in_training_and_decoding(tok):
+    """The batch attended bidirectionally but every decoder token stayed tagged causal=True, so
+    tag-read routers saw it as left-to-right decoding (the contrastive pass was tagged False)."""
+    from moe_gen.objectives import ParallelObjective
+
+    task = load_preset("text_to_image_maskgit", "train", limit=4)
+    model = build([task], tok)
+    batch = ParallelObjective(model).prepare(list(task.samples(tok)), random.Random(0))
+    assert not batch.causal and not batch.decoder.tags.causal[~batch.decoder.padding_mask].any()
+    model.eval()
+    tagged = []
+    decode = model.decode
+    model.decode = lambda side, *a, **k: tagged.append(side.tags.causal[~side.padding_mask]) or decode(side, *a, **k)
+    model.infer(task, task.data[:2], parallel_steps=2)
+    assert len(tagged) == 2 and not torch.cat(tagged).any()

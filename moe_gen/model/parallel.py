@@ -6,8 +6,9 @@ Training (the ``parallel`` objective, ``moe_gen.objectives.ParallelObjective``):
 of a sample's code tokens, cos(π/2 · u) for u ~ U(0, 1) (MaskGIT's cosine schedule), is replaced
 by a mask token; the decoder reads the whole code sequence at once (bidirectional self-attention,
 cross-attending to the encoder as usual) and each masked position predicts its own code. The
-batch is tagged with the ``masked`` pass, so tag-routed layers can route it apart from
-left-to-right decoding.
+batch is tagged with the ``masked`` pass and ``causal=False`` (as the contrastive pass is), so
+tag-routed layers can route it apart from left-to-right decoding; decoding tags it alike (before
+2026-12-06 both tagged every decoder position ``causal=True``).
 
 Decoding (``parallel_generate``): all N codes start masked; each of ``steps`` decoder passes
 (at most N: one code a pass at the least) predicts every masked position, keeps the most
@@ -86,7 +87,8 @@ def mask_code_targets(batch: Batch, samples: Sequence[Sample], tokenizer, code_i
                       rng: random.Random) -> Batch:
     """A padded teacher-forcing batch (one sample a row) turned into a MaskGIT batch: in each row
     a cosine-schedule share of the codes (at least one) is masked in the decoder input and scored
-    at its own position; nothing else is scored; the decoder attends bidirectionally."""
+    at its own position; nothing else is scored; the decoder attends bidirectionally
+    (``_bidirectional``)."""
     tokens = batch.decoder.tokens.clone()
     labels = torch.full_like(batch.labels, IGNORE_INDEX)
     mask = mask_token(tokenizer)
@@ -97,8 +99,15 @@ def mask_code_targets(batch: Batch, samples: Sequence[Sample], tokenizer, code_i
             position = offset + j + 1  # decoder input position t reads item t - 1 (BOS at 0)
             labels[b, position] = tokens[b, position]
             tokens[b, position] = mask
-    return dataclasses.replace(batch, decoder=dataclasses.replace(batch.decoder, tokens=tokens), labels=labels,
-                               causal=False)
+    return _bidirectional(dataclasses.replace(batch, decoder=dataclasses.replace(batch.decoder, tokens=tokens),
+                                              labels=labels))
+
+
+def _bidirectional(batch: Batch) -> Batch:
+    """``batch`` with its decoder attending bidirectionally and its tokens tagged so (``causal``
+    False), for training and decoding alike: routers read the tag."""
+    tags = dataclasses.replace(batch.decoder.tags, causal=torch.zeros_like(batch.decoder.tags.causal))
+    return dataclasses.replace(batch, decoder=dataclasses.replace(batch.decoder, tags=tags), causal=False)
 
 
 def _choose(logp_BNK: torch.Tensor, temperature: float,
@@ -181,8 +190,9 @@ def _iterate(model, batch: Batch, offsets: torch.Tensor, code_tokens: torch.Tens
 
 def _masked_batch(model, samples: Sequence[Sample], length: int, mask: int, eos: int, column) -> Batch:
     """The inference samples with a target of ``length`` mask tokens (and an EOS item, so that every
-    mask is a decoder input), collated for the ``masked`` pass."""
+    mask is a decoder input), collated for the ``masked`` pass and tagged as training tags it."""
     targets = [dataclasses.replace(s, decoder=[*s.decoder, Chunk("IMAGE", TARGET, True, tokens=[mask] * length,
                                                                  column=column),
                                                Chunk("IMAGE", TARGET, True, tokens=[eos])]) for s in samples]
-    return collate(targets, model.tokenizer, model.task_ids, pass_name="masked", modality_ids=model.modality_ids)
+    return _bidirectional(collate(targets, model.tokenizer, model.task_ids, pass_name="masked",
+                                  modality_ids=model.modality_ids))
