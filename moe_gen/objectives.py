@@ -1,7 +1,8 @@
 """Objectives wrap model + loss and return a dict with ``"loss"`` and its named parts.
 
 Generative: token cross-entropy over scored positions (label smoothing optional), L1 on continuous
-target rows plus a binary stop-flag loss, and the routing auxiliary losses of every MoE layer.
+target rows (a mean over rows of each row's mean, as ``LossScales`` count rows) plus a binary
+stop-flag loss, and the routing auxiliary losses of every MoE layer.
 """
 
 from __future__ import annotations
@@ -148,18 +149,21 @@ class GenerativeObjective(Objective):
             target = batch.frame_targets[name]
             task_R = task_BL.reshape(-1)[batch.frame_index[name]]
             valid = batch.frame_valid.get(name)  # (the zeros that pad a run's last row are no target)
-            error_RF = (predicted.float() - target.float()).abs()
+            # L1 is a mean over rows of each row's mean over its values, with task weights or without
+            # (a mean over all values weighed a row with padded values less, and micro-batches, whose
+            # LossScales count rows, did not combine to one batch's mean)
+            l1_R = _row_means((predicted.float() - target.float()).abs(), valid)
             if self.task_weights:  # each row's L1 and stop loss times its task's weight, over the rows
                 w_R = self._weight_of_task.to(task_R.device)[task_R]
                 stop_R = F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name],
                                                             reduction="none")
-                terms = [(w_R * _row_means(error_RF, valid)).mean(), (w_R * stop_R).mean()]
+                terms = [(w_R * l1_R).mean(), (w_R * stop_R).mean()]
             else:
-                l1 = error_RF.mean() if valid is None else (error_RF * valid).sum() / valid.sum()
-                terms = [l1, F.binary_cross_entropy_with_logits(out.stop_logits[name].float(), batch.frame_stop[name])]
+                terms = [l1_R.mean(), F.binary_cross_entropy_with_logits(out.stop_logits[name].float(),
+                                                                         batch.frame_stop[name])]
             frame_terms.append(torch.stack(terms).sum())
             scaled_frames.append(_scaled(frame_terms[-1], frame_scales.get(name, 1.0)))
-            _add_per_task(per_task, task_R, _row_means(error_RF.detach(), valid))
+            _add_per_task(per_task, task_R, l1_R.detach())
         if frame_terms:
             parts["frame_loss"] = torch.stack(frame_terms).sum()
         names = self.model.config.tasks
