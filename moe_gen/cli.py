@@ -52,11 +52,13 @@ _YAML_INT = re.compile(r"^[-+]?[0-9][0-9_]*$|^0o[0-7]+$|^0x[0-9a-fA-F]+$")
 
 def yaml_load(stream):
     """``yaml.safe_load`` with YAML 1.2's numbers (``1e-3``, ``.5e3`` floats; ``010`` ten, not
-    eight), as the dotted flags read them."""
+    eight), as the dotted flags read them, and a key repeated in a mapping refused."""
     import yaml
 
     class _Loader(yaml.SafeLoader):
-        pass
+        def construct_mapping(self, node, deep=False):
+            _refuse_repeated_keys(self, node)
+            return super().construct_mapping(node, deep=deep)
 
     _Loader.yaml_implicit_resolvers = {  # every resolver but 1.1's int and float
         first: [(tag, regexp) for tag, regexp in resolvers if tag not in (_INT_TAG, _FLOAT_TAG)]
@@ -68,6 +70,27 @@ def yaml_load(stream):
 
 
 _INT_TAG, _FLOAT_TAG = "tag:yaml.org,2002:int", "tag:yaml.org,2002:float"
+
+
+def _refuse_repeated_keys(loader, node) -> None:
+    """Raises a YAML error at a mapping's second ``key`` (PyYAML keeps the last of two silently: a
+    run file naming ``train:`` twice lost the first section). Keys a ``<<`` merge brings in may be
+    overridden, as YAML has it."""
+    import yaml
+
+    seen = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        try:
+            first = seen.setdefault(key, key_node.start_mark)
+        except TypeError:  # an unhashable key: PyYAML's own error names it
+            continue
+        if first is not key_node.start_mark:
+            raise yaml.constructor.ConstructorError(
+                "while constructing a mapping", node.start_mark,
+                f"found the key {key!r} a second time (first at line {first.line + 1})", key_node.start_mark)
 
 
 def _yaml12_int(text: str) -> int:

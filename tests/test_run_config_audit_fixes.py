@@ -1,0 +1,23 @@
+"""Run-configuration defects found by an audit of instructions, configuration and the command
+line (twelfth session); each test failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+
+from moe_gen.cli import load_run_config, yaml_load
+
+
+def test_a_run_file_naming_a_section_twice_is_refused_with_both_lines(tmp_path):
+    """(PyYAML kept the second ``train:`` and dropped the first's lr and steps silently.)"""
+    path = tmp_path / "run.yaml"
+    path.write_text("recipe: debug\ntrain:\n  lr: 1.0e-4\n  steps: 500\ntasks: [table_species]\ntrain:\n"
+                    "  batch_size: 4\n")
+    with pytest.raises(ValueError, match=r"found the key 'train' a second time \(first at line 2\) at line 6"):
+        load_run_config(str(path))
+
+
+def test_a_repeated_key_in_a_flag_mapping_is_refused_and_a_merge_key_may_be_overridden():
+    with pytest.raises(ValueError, match=r"--train: .*found the key 'lr' a second time"):
+        load_run_config("debug", ["--train", "{lr: 1.0e-4, lr: 5.0e-2}"])
+    assert yaml_load("base: &b {lr: 1, steps: 2}\nrun:\n  <<: *b\n  lr: 3\n")["run"] == {"lr": 3, "steps": 2}
