@@ -310,8 +310,8 @@ class RouterConfig(ConfigBase):
             raise ValueError("router noise 'gumbel' perturbs which experts a token selects; gate 'expert_choice' "
                              "lets experts select tokens by the clean probabilities, so it would change nothing: "
                              "use noise 'gaussian' or 'jitter'")
-        if not self.weight_scale > 0:
-            raise ValueError(f"router weight_scale must be > 0, got {self.weight_scale}")
+        if not 0 < self.weight_scale < math.inf:  # (inf passed "> 0" and every loss was NaN)
+            raise ValueError(f"router weight_scale must be a finite number > 0, got {self.weight_scale}")
         if self.expert_groups < 1 or not 1 <= self.topk_groups <= self.expert_groups:
             raise ValueError(
                 f"router expert_groups must be >= 1 and topk_groups in [1, expert_groups]; got "
@@ -434,10 +434,9 @@ class MoEConfig(ConfigBase):
             raise ValueError(
                 f"MoEConfig.top_k={self.top_k} is larger than num_experts={self.num_experts}"
             )
-        if self.capacity_factor is not None and not self.capacity_factor > 0:
-            raise ValueError(
-                f"MoEConfig.capacity_factor must be > 0 or None (dropless), got {self.capacity_factor}"
-            )
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:  # (inf: OverflowError)
+            raise ValueError(f"MoEConfig.capacity_factor must be a finite number > 0 or None (dropless), got "
+                             f"{self.capacity_factor}")
         if self.min_capacity < 0:
             raise ValueError(f"MoEConfig.min_capacity must be >= 0, got {self.min_capacity}")
         if self.drop_policy not in DROP_POLICIES:

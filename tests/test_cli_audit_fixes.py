@@ -58,7 +58,7 @@ def test_non_finite_numbers_and_unknown_devices_are_refused_by_the_config():
 def test_moe_layer_settings_are_checked_with_the_model_section():
     with pytest.raises(ValueError, match="unknown router strategy 'tokn'"):
         _model_config({"moe": {"every": 1, "router": {"strategy": "tokn"}}})
-    with pytest.raises(ValueError, match="capacity_factor must be > 0"):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0"):
         _model_config({"moe": {"every": 1, "capacity_factor": -1}})
 
 

@@ -238,7 +238,7 @@ def test_bad_group_settings_raise_clear_errors(kwargs, message):
     (lambda: RouterConfig(score="sigmoid", noise="gumbel"), "samples from the softmax"),
     # experts pick tokens by the clean probabilities: the noise changed nothing, without a word
     (lambda: RouterConfig(gate="expert_choice", noise="gumbel"), "gate 'expert_choice' lets experts select"),
-    (lambda: RouterConfig(weight_scale=0.0), "weight_scale must be > 0"),
+    (lambda: RouterConfig(weight_scale=0.0), "weight_scale must be a finite number > 0"),
     (lambda: RouterConfig(expert_groups=2, topk_groups=3), "topk_groups in"),
     (lambda: ExpertsConfig(shared_gate=True), "set shared_expert=True"),
 ])

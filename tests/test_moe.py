@@ -239,7 +239,7 @@ def test_bad_configs_raise_clear_errors():
         MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, router=RouterConfig(gate="top2")))
     with pytest.raises(ValueError, match="unknown expert activation 'tanh'"):
         MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, experts=ExpertsConfig(activation="tanh")))
-    with pytest.raises(ValueError, match="capacity_factor must be > 0 or None"):
+    with pytest.raises(ValueError, match="capacity_factor must be a finite number > 0 or None"):
         MoEConfig(d_model=D, d_hidden=H, num_experts=4, capacity_factor=0.0)
     with pytest.raises(ValueError, match="unknown drop_policy"):
         MoEConfig(d_model=D, d_hidden=H, num_experts=4, drop_policy="random")

@@ -3,9 +3,12 @@ line (twelfth session); each test failed before its fix."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 
-from moe_gen.cli import load_run_config, yaml_load
+from moe_gen.cli import _model_config, load_run_config, yaml_load
+from moe_gen.config import MoEConfig
 
 
 def test_a_run_file_naming_a_section_twice_is_refused_with_both_lines(tmp_path):
@@ -21,3 +24,20 @@ def test_a_repeated_key_in_a_flag_mapping_is_refused_and_a_merge_key_may_be_over
     with pytest.raises(ValueError, match=r"--train: .*found the key 'lr' a second time"):
         load_run_config("debug", ["--train", "{lr: 1.0e-4, lr: 5.0e-2}"])
     assert yaml_load("base: &b {lr: 1, steps: 2}\nrun:\n  <<: *b\n  lr: 3\n")["run"] == {"lr": 3, "steps": 2}
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--model.moe.capacity_factor", ".inf"], "MoELayers.capacity_factor must be a finite number > 0"),
+    (["--model.norm_eps", ".inf"], "ModelConfig.norm_eps must be a finite number > 0, got inf"),
+    (["--model.moe.router.weight_scale", ".inf"], "router weight_scale must be a finite number > 0, got inf"),
+])
+def test_non_finite_model_settings_are_refused_with_the_model_section(flag, message):
+    """(inf passed "> 0": capacity_factor raised OverflowError at the first forward, norm_eps trained
+    on zeros, weight_scale gave NaN losses whose steps were skipped while the run "succeeded".)"""
+    with pytest.raises(ValueError, match=message):
+        _model_config(load_run_config("debug", flag).model)
+
+
+def test_a_moe_layer_refuses_an_infinite_capacity_factor():
+    with pytest.raises(ValueError, match="MoEConfig.capacity_factor must be a finite number > 0 or None"):
+        MoEConfig(d_model=8, d_hidden=16, num_experts=4, capacity_factor=math.inf)

@@ -87,6 +87,9 @@ class MoELayers(ConfigBase):
             raise ValueError(f"MoELayers.top_k={self.top_k} exceeds num_experts={self.num_experts}")
         if self.every not in (0, 1, 2):
             raise ValueError(f"MoELayers.every must be 0 (dense), 1 or 2, got {self.every}")
+        if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
+            raise ValueError(f"MoELayers.capacity_factor must be a finite number > 0 or None (dropless), got "
+                             f"{self.capacity_factor}")
         self.decoder_router = dict(self.decoder_router)
         self.router_for("decoder")  # unknown fields and bad values are refused here, not at build
 
@@ -229,8 +232,8 @@ class ModelConfig(ConfigBase):
                                  f"got {getattr(self, name)!r}")
         if self.num_kv_heads is not None and (self.num_kv_heads < 1 or self.num_heads % self.num_kv_heads):
             raise ValueError(f"num_kv_heads={self.num_kv_heads} must be >= 1 and divide num_heads={self.num_heads}")
-        if not self.norm_eps > 0:
-            raise ValueError(f"ModelConfig.norm_eps must be > 0, got {self.norm_eps}")
+        if not 0 < self.norm_eps < math.inf:  # (inf normalised every hidden state to zero)
+            raise ValueError(f"ModelConfig.norm_eps must be a finite number > 0, got {self.norm_eps}")
         self._check_moe_layers()
         self._check_shapes()
 
