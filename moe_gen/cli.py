@@ -18,7 +18,8 @@
 Dotted overrides set any key of the run configuration: ``--train.<TrainConfig field>``,
 ``--model.<ModelConfig field>`` (``--model.moe.router.strategy token``,
 ``--model.moe.num_experts 8``), ``--tasks a,b,c``. Values are read as YAML (numbers, booleans,
-lists ``[a, b]``, mappings ``{AUDIO: 600}``). Settings are checked before anything trains.
+lists ``[a, b]``, mappings ``{AUDIO: 600}``), as the same text in a run file is. Settings are checked
+before anything trains.
 
 Exit status: 0 when the run finished with its model and last checkpoint saved; 1 when it stopped or
 could not save everything (the run directory in use by another run, checkpoint writes failing, a
@@ -44,7 +45,7 @@ __all__ = ["main", "load_run_config", "apply_overrides", "RunIncomplete"]
 # pattern adds the YAML 1.2 (JSON) forms, so ``lr: 1e-3`` in a run file is the number it looks like.
 # YAML 1.2 (core schema) numbers, where PyYAML reads YAML 1.1: 1e-3 and .5e3 are floats, 010 is ten
 # (1.1: eight, octal), 0o10 is eight
-# (digits may be grouped with underscores, 1_000, as the flags' int() and float() read them)
+# (digits may be grouped with underscores, 1_000, as Python's int() and float() read them)
 _YAML_FLOAT = re.compile(r"^[-+]?(?:\.[0-9][0-9_]*|[0-9][0-9_]*(?:\.[0-9_]*)?)(?:[eE][-+]?[0-9]+)?$"
                          r"|^[-+]?\.(?:inf|Inf|INF)$|^\.(?:nan|NaN|NAN)$")
 _YAML_INT = re.compile(r"^[-+]?[0-9][0-9_]*$|^0o[0-7]+$|^0x[0-9a-fA-F]+$")
@@ -101,13 +102,10 @@ def _yaml12_int(text: str) -> int:
 
 
 def _parse_value(key: str, text: str):
+    """A flag's value read as the same text in a run file is (Python's int() and float(), tried
+    first, made ``inf``, ``nan`` and ``Infinity`` numbers on the command line and strings in a file)."""
     import yaml
 
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
     try:
         return yaml_load(text)
     except yaml.YAMLError as exc:

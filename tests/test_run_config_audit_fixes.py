@@ -41,3 +41,21 @@ def test_non_finite_model_settings_are_refused_with_the_model_section(flag, mess
 def test_a_moe_layer_refuses_an_infinite_capacity_factor():
     with pytest.raises(ValueError, match="MoEConfig.capacity_factor must be a finite number > 0 or None"):
         MoEConfig(d_model=8, d_hidden=16, num_experts=4, capacity_factor=math.inf)
+
+
+def _output_dir_or_error(*args) -> str:
+    try:
+        return load_run_config(*args).output_dir
+    except ValueError as exc:
+        return str(exc)
+
+
+@pytest.mark.parametrize("text", ["inf", "-Infinity", "nan", "١٢", "1e-3", "1_000"])
+def test_a_flag_value_reads_as_the_same_text_in_a_run_file(tmp_path, text):
+    """(Flags tried Python's int() and float() first: ``--output_dir inf`` was the number inf, refused
+    as no string, where ``output_dir: inf`` in a file was the folder ``inf``.)"""
+    path = tmp_path / "run.yaml"
+    path.write_text(f"recipe: debug\noutput_dir: {text}\n", encoding="utf-8")
+    assert _output_dir_or_error("debug", ["--output_dir", text]) == _output_dir_or_error(str(path))
+    if text[-1].isalpha():
+        assert load_run_config("debug", ["--output_dir", text]).output_dir == text
