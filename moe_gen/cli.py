@@ -252,6 +252,7 @@ def _model_config(section: dict):
     section = dict(section)
     name = section.pop("flavour", "debug")
     config = ModelConfig.from_dict(merge(flavour(name).to_dict(), section))
+    _check_names(config)
     if config.moe.every or config.moe.layers:  # the MoE layers' settings (strategy, gate, capacity) too
         from moe_gen.registry import BACKENDS, GATES, ROUTERS
 
@@ -262,6 +263,23 @@ def _model_config(section: dict):
         if config.moe.backend != "auto":
             BACKENDS.get(config.moe.backend)
     return config
+
+
+def _check_names(config) -> None:
+    """Refuses an unknown ``model.moe.experts`` kind or activation (of the MoE layers and the dense
+    FFNs) or ``model.adapters`` name now: the model that looks them up is built after every task's
+    splits are read."""
+    from moe_gen.experts.grouped import ACTIVATIONS
+    from moe_gen.registry import ADAPTERS, EXPERTS, did_you_mean
+
+    experts = config.moe.experts
+    names = [("moe.experts.kind", "expert kind", experts.kind, EXPERTS.list()),
+             ("moe.experts.activation", "expert activation", experts.activation, list(ACTIVATIONS))]
+    names += [("adapters", "adapter", name, ADAPTERS.list()) for name in config.adapters]
+    for key, kind, name, known in names:
+        if name not in known:
+            raise ValueError(f"model.{key}: unknown {kind} {name!r}{did_you_mean([name], known)}; "
+                             f"known: {', '.join(known)}")
 
 
 def _pretrained_model(section: dict, tasks, seed: int):

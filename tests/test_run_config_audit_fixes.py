@@ -4,9 +4,11 @@ line (twelfth session); each test failed before its fix."""
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
+from moe_gen import cli
 from moe_gen.cli import _model_config, load_run_config, yaml_load
 from moe_gen.config import MoEConfig
 
@@ -59,3 +61,18 @@ def test_a_flag_value_reads_as_the_same_text_in_a_run_file(tmp_path, text):
     assert _output_dir_or_error("debug", ["--output_dir", text]) == _output_dir_or_error(str(path))
     if text[-1].isalpha():
         assert load_run_config("debug", ["--output_dir", text]).output_dir == text
+
+
+@pytest.mark.parametrize("flag, message", [
+    (["--model.moe.experts.kind", "mlpp"],
+     r"model.moe.experts.kind: unknown expert kind 'mlpp' \(did you mean 'mlp'\?\); known: glu, linear, mlp"),
+    (["--model.moe.experts.activation", "gelo"], "model.moe.experts.activation: unknown expert activation 'gelo'"),
+    (["--model.adapters", "{image_patchh: 48}"], "model.adapters: unknown adapter 'image_patchh'"),
+])
+def test_unknown_expert_and_adapter_names_are_refused_before_any_data_is_read(tmp_path, monkeypatch, capsys, flag,
+                                                                               message):
+    """(They were looked up when the model was built, after every task's train and test split was read.)"""
+    read = []
+    monkeypatch.setattr(cli, "_tasks", lambda names, split: read.append(split))
+    assert cli.main(["pretrain", "--config", "debug", "--output", str(tmp_path), *flag]) == 2
+    assert re.search(message, capsys.readouterr().err) and read == []
