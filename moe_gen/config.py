@@ -113,8 +113,8 @@ def _fit(hint: Any, value: Any) -> tuple[bool, Any]:
     """(whether ``value`` fits ``hint``, the value converted). Hints this does not know pass."""
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (Union, _UnionType):
-        if value is None and type(None) in args:  # (None, not an emptied mapping, where None is allowed)
-            return True, None
+        if value is None:  # None where None is allowed; never an emptied mapping (masked_alpha: a number or a
+            return type(None) in args, None  # mapping; null became {}, α 1.0 for every modality)
         for arg in args:
             fits, converted = _fit(arg, value)
             if fits:

@@ -11,6 +11,7 @@ import pytest
 from moe_gen import cli
 from moe_gen.cli import _model_config, load_run_config, yaml_load
 from moe_gen.config import MoEConfig
+from moe_gen.trainer import TrainConfig
 
 
 def test_a_run_file_naming_a_section_twice_is_refused_with_both_lines(tmp_path):
@@ -76,3 +77,12 @@ def test_unknown_expert_and_adapter_names_are_refused_before_any_data_is_read(tm
     monkeypatch.setattr(cli, "_tasks", lambda names, split: read.append(split))
     assert cli.main(["pretrain", "--config", "debug", "--output", str(tmp_path), *flag]) == 2
     assert re.search(message, capsys.readouterr().err) and read == []
+
+
+def test_masked_alpha_null_is_refused_and_masked_target_alpha_null_follows_masked_alpha():
+    """(null emptied any mapping-typed field, masked_alpha's "a number or a mapping" too: {} gave every
+    modality the α 1.0 of a modality not named, not the default 0.5.)"""
+    with pytest.raises(ValueError, match="TrainConfig.masked_alpha must be a number or a mapping, got None"):
+        load_run_config("image_generation", ["--train.masked_alpha", "null"])
+    assert TrainConfig(masked_target_alpha=None).masked_target_alpha is None
+    assert TrainConfig(modality_budget=None).modality_budget == {}  # (a plain mapping still empties)
