@@ -6,11 +6,13 @@ from __future__ import annotations
 import math
 import re
 
+import numpy as np
 import pytest
 
 from moe_gen import cli
 from moe_gen.cli import _model_config, load_run_config, yaml_load
 from moe_gen.config import MoEConfig
+from moe_gen.tasks import Task, Tokenizer
 from moe_gen.trainer import TrainConfig
 
 
@@ -86,3 +88,22 @@ def test_masked_alpha_null_is_refused_and_masked_target_alpha_null_follows_maske
         load_run_config("image_generation", ["--train.masked_alpha", "null"])
     assert TrainConfig(masked_target_alpha=None).masked_target_alpha is None
     assert TrainConfig(modality_budget=None).modality_budget == {}  # (a plain mapping still empties)
+
+
+@pytest.mark.parametrize("instruction, message", [
+    ("[TEXT:q,adaptor=bag_of_words] -> [TEXT:a]",
+     r"task 't': slot \[TEXT:q,adaptor=bag_of_words\]: preprocess=text makes tokens.*use preprocess=bag_of_words"),
+    ("[IMAGE:img,preprocess=image_vq,adaptor=image_conv] -> [TEXT:a]", "preprocess=image_vq makes tokens"),
+    ("[TEXT:q] -> [TEXT:a,adaptor=struct_cells]", r"task 't': slot \[TEXT:a,adaptor=struct_cells\]: preprocess=text"),
+])
+def test_an_adaptor_on_a_slot_that_makes_tokens_is_refused(instruction, message):
+    """(The plan kept the adaptor and the model built no adapter: the slot was read as tokens.)"""
+    rows = [{"q": "the cat sat", "a": "cat", "img": np.zeros((32, 32, 3), np.uint8)}]
+    with pytest.raises(ValueError, match=message):
+        Task("t", instruction, rows).plan(Tokenizer.default())
+
+
+def test_an_adaptor_on_a_slot_of_feature_rows_still_picks_its_adapter():
+    rows = [{"q": "the cat sat", "a": "cat", "img": np.zeros((32, 32, 3), np.uint8)}]
+    plan = Task("t", "[IMAGE:img,adaptor=image_conv] -> [TEXT:a]", rows).plan(Tokenizer.default())
+    assert plan.encode(rows[0], 0, training=False).encoder[0].adaptor == "image_conv"

@@ -423,6 +423,11 @@ class TaskPlan:
                              "on an input slot (before ->)")
         if hasattr(self._preprocessors[preprocess], "check_slot"):
             self._preprocessors[preprocess].check_slot(where, slot)
+        if "adaptor" in slot.attrs and self._preprocessors[preprocess].makes_tokens:
+            hint = f"preprocess={slot.attrs['adaptor']}" if str(slot.attrs["adaptor"]) in PREPROCESSORS else \
+                "a preprocess= that makes feature rows"
+            raise ValueError(f"{where}: preprocess={preprocess} makes tokens, which no adapter reads; adaptor= "
+                             f"picks the adapter of feature rows (use {hint}, or drop adaptor=)")
         adaptor = slot.attrs.get("adaptor", own or modality.adaptor)
         if adaptor is not None and str(adaptor) not in ADAPTERS:
             raise ValueError(f"{where}: unknown adaptor {adaptor!r}; known: {', '.join(ADAPTERS.list())}")

@@ -220,6 +220,9 @@ class Preprocessor:
     corruptions: tuple[str, ...] = ()
     # whether its mask_ratio replaces token spans by the tokenizer's sentinels (which it must have)
     masks_with_sentinels: bool = False
+    # whether it makes token ids, which the model embeds itself: no adapter reads them, so an
+    # adaptor= on its slot is refused (it was ignored)
+    makes_tokens: bool = False
 
     def __call__(self, value: Any, slot, ctx: EncodeContext) -> SlotEncoding:
         raise NotImplementedError

@@ -270,6 +270,7 @@ class ImageCodePreprocessor(Preprocessor):
     """
 
     modality = "IMAGE"
+    makes_tokens = True
 
     def __init__(self, tokenizer: Optional[str] = None) -> None:
         self.path = tokenizer or default_image_vq_path()

@@ -103,6 +103,7 @@ class TextPreprocessor(Preprocessor):
     """str → token ids (attributes: uncased, no_punctuation, max_length, mask_ratio, noise_ratio)."""
 
     modality = "TEXT"
+    makes_tokens = True
     corruptions = ("mask_ratio", "noise_ratio")
     masks_with_sentinels = True
     check_slot = _check_span_masking
@@ -117,6 +118,7 @@ class CategoryPreprocessor(Preprocessor):
     """A label (str or int) → token ids of its text; decoding is restricted to the label set."""
 
     modality = "CATEGORY"
+    makes_tokens = True
     corruptions = ("mask_ratio", "noise_ratio")
     masks_with_sentinels = True
     check_slot = _check_span_masking
@@ -146,6 +148,7 @@ class StructTextPreprocessor(Preprocessor):
     cell encoding for numeric tables."""
 
     modality = "STRUCT"
+    makes_tokens = True
     corruptions = ("mask_ratio", "noise_ratio")
     masks_with_sentinels = True
     check_slot = _check_span_masking
@@ -192,6 +195,7 @@ class PhonePreprocessor(Preprocessor):
     """English text → ARPAbet phones → their ``<ph_*>`` tokens (``text_phone`` is an alias)."""
 
     modality = "PHONE"
+    makes_tokens = True
 
     def __call__(self, value, slot, ctx):
         text = _as_text(value, self.modality, slot, ctx)
@@ -218,6 +222,7 @@ class BoxPreprocessor(Preprocessor):
     """
 
     modality = "BOX"
+    makes_tokens = True
 
     def __call__(self, value, slot, ctx):
         width, height = box_image_size(ctx, slot)
