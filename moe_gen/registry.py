@@ -53,9 +53,12 @@ class Registry(Generic[T]):
             importlib.import_module(module)
 
     def register(self, name: str) -> Callable[[T], T]:
-        """Decorator that registers ``obj`` under ``name``; duplicate names are rejected."""
+        """Decorator that registers ``obj`` under ``name``; duplicate names are rejected, built-in
+        ones too (they load first: a metric named ``accuracy`` registered before ``moe_gen.tasks``
+        loaded made the built-in's registration fail, and with it every import of the tasks)."""
         if not isinstance(name, str) or not name:
             raise ValueError(f"{self.kind} names must be non-empty strings, got {name!r}")
+        self._load_builtins()
 
         def add(obj: T) -> T:
             if name in self._entries:

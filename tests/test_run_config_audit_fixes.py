@@ -4,7 +4,10 @@ line (twelfth session); each test failed before its fix."""
 from __future__ import annotations
 
 import math
+import os
 import re
+import subprocess
+import sys
 
 import numpy as np
 import pytest
@@ -14,6 +17,8 @@ from moe_gen.cli import _model_config, load_run_config, yaml_load
 from moe_gen.config import MoEConfig
 from moe_gen.tasks import Task, Tokenizer
 from moe_gen.trainer import TrainConfig
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def test_a_run_file_naming_a_section_twice_is_refused_with_both_lines(tmp_path):
@@ -107,3 +112,20 @@ def test_an_adaptor_on_a_slot_of_feature_rows_still_picks_its_adapter():
     rows = [{"q": "the cat sat", "a": "cat", "img": np.zeros((32, 32, 3), np.uint8)}]
     plan = Task("t", "[IMAGE:img,adaptor=image_conv] -> [TEXT:a]", rows).plan(Tokenizer.default())
     assert plan.encode(rows[0], 0, training=False).encoder[0].adaptor == "image_conv"
+
+
+def test_a_built_in_name_registered_before_the_tasks_load_is_refused_and_the_tasks_still_load():
+    """(register did not load the built-ins first: the user's ``accuracy`` went in, then the built-in's
+    registration raised inside ``import moe_gen.tasks``, and every task and metric lookup failed.)
+    A fresh interpreter, where ``moe_gen.tasks`` has not loaded."""
+    code = ("from moe_gen.registry import METRICS\n"
+            "try:\n    METRICS.register('accuracy')(lambda *a, **k: 1.0)\n"
+            "except ValueError as exc:\n    print('refused:', exc)\n"
+            "from moe_gen.tasks import load_preset\n"
+            "print(METRICS.get('accuracy').__module__, len(load_preset('table_species', 'train', limit=2)))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PYTHONPATH": ROOT, "HF_HUB_OFFLINE": "1"})
+    assert done.returncode == 0, done.stderr
+    refused, loaded = done.stdout.strip().splitlines()
+    assert refused.startswith("refused: metric 'accuracy' is already registered (by <function accuracy")
+    assert loaded == "moe_gen.tasks.metrics 2"
