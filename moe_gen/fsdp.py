@@ -136,14 +136,20 @@ def _replicated(model: nn.Module) -> set:
 
 
 def drop_unused_adapter_grads(model: nn.Module) -> None:
-    """Sets ``grad=None`` on the sharded parameters of every adapter that no process's batch used
-    since the last call (``model.adapters_in_step``, which it then clears; those adapters were only
-    touched with weight 0), so that the optimizer skips them as it would in one process. One small
-    all-reduce; every process must call it."""
+    """Sets ``grad=None`` on the parameters of every adapter, and of every adapter's frame and stop
+    heads, that no process's batch used since the last call (``model.adapters_in_step``, which it
+    then clears; they were only touched with weight 0, ``touch_all_adapters``), so that the
+    optimizer skips them as it would in one process. One small all-reduce; every process must call
+    it. A no-op for a model that does not touch its adapters."""
+    from moe_gen.model.model import NEW_HEADS
+
     adapters = getattr(model, "adapters", None)
-    if adapters is None or not len(adapters) or not is_sharded(model):
+    if adapters is None or not len(adapters) or not getattr(model, "touch_all_adapters", False):
         return
-    names = sorted(adapters.keys())
+    parts = {name: [adapter] for name, adapter in adapters.items()}
+    for name in getattr(model, "frame_heads", {}):
+        parts[f"{name}{NEW_HEADS}"] = [model.frame_heads[name], model.stop_heads[name]]
+    names = sorted(parts)
     used_here = getattr(model, "adapters_in_step", set())
     used = torch.tensor([name in used_here for name in names], dtype=torch.int32,
                         device=next(model.parameters()).device)
@@ -152,7 +158,7 @@ def drop_unused_adapter_grads(model: nn.Module) -> None:
     dist.all_reduce(used)
     for name, flag in zip(names, used.tolist()):
         if not flag:
-            for p in adapters[name].parameters():
+            for p in (p for module in parts[name] for p in module.parameters()):
                 p.grad = None
     used_here.clear()
 

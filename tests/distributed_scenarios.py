@@ -120,15 +120,17 @@ class Launch:
 # ---- shared set-ups (built identically by the workers and by the single-process reference) -------
 
 
-def _debug_setup(mixed: bool = False):
+def _debug_setup(mixed: bool | str = False):
     """The debug model (seed 0) and two batches of different sizes, one per rank. ``mixed``: a
     model of three tasks with an adapter each, rank 0 holding image rows only, rank 1 table rows
-    only, and the motion adapter used by neither."""
+    only, and the motion adapter used by neither; ``"text"``: rank 1 holds text rows (no adapter)."""
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, collate, load_preset
 
     tok = Tokenizer.default()
     names = ("digit_classification", "table_species", "motion_classification") if mixed else ("digit_classification",)
+    if mixed == "text":
+        names = ("digit_classification", "doc_topic", "motion_classification")
     tasks = [load_preset(name, "train", limit=8) for name in names]
     torch.manual_seed(0)
     model = GeneralistModel.build(flavour("debug"), tasks, tok)
@@ -261,15 +263,21 @@ def _scenario_train_step(rank: int, out_dir: str, sharding: str = "replicate"):
     return tensors, info
 
 
-def _scenario_ddp_step(rank: int, out_dir: str, ep_size: int = 2, mixed: bool = False, accumulate: bool = False):
+def _scenario_ddp_step(rank: int, out_dir: str, ep_size: int = 2, mixed: bool | str = False, accumulate: bool = False,
+                       trainable: str = "all"):
     """The step with the replicated parameters under DDP (``replicate``), experts sharded over
     ``ep_size`` ranks. ``accumulate``: two backward passes, the first under ``no_sync`` on half of
     this rank's loss, the second (synchronised) on half of the other rank's, so that each rank's
     loss is the mean of both and parameters one rank uses only in the unsynchronised pass (mixed:
-    its adapter) still have their gradients averaged."""
+    its adapter) still have their gradients averaged. ``trainable`` other than "all": the rest is
+    frozen, and the model touches its adapters, as the Trainer on several processes has it."""
     from moe_gen.objectives import GenerativeObjective
+    from moe_gen.trainer.trainer import select_trainable
 
     model, batches = _debug_setup(mixed)
+    if trainable != "all":
+        select_trainable(model, trainable)
+        model.touch_all_adapters = True
     plan = shard_experts(model, ep_size) if ep_size > 1 else None
     ddp = replicate(model, {"generative": GenerativeObjective(model)}, plan)
     optimizer = _optimizer(model)

@@ -32,12 +32,15 @@ from distributed_scenarios import (
 pytestmark = pytest.mark.distributed
 
 
-def _single_process_step(mixed: bool = False):
+def _single_process_step(mixed: bool | str = False, trainable: str = "all"):
     """The reference: one process, every expert, one step on the mean of the two ranks' losses.
     Returns the updated model, the two losses, the norm before clipping and the clipped gradients."""
     from moe_gen.objectives import GenerativeObjective
+    from moe_gen.trainer.trainer import select_trainable
 
     model, batches = _debug_setup(mixed)
+    if trainable != "all":
+        select_trainable(model, trainable)
     objective = GenerativeObjective(model)
     losses = [objective(batch)["loss"] for batch in batches]
     torch.stack(losses).mean().backward()
@@ -99,6 +102,29 @@ def test_training_step_with_ddp_equals_single_process_step(tmp_path, ep_size, mi
         if grad is not None:
             torch.testing.assert_close(grad, grads[name], atol=1e-7, rtol=1e-5, msg=f"gradient of {name}")
         torch.testing.assert_close(weight, p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
+
+
+def test_adapters_only_training_equals_single_process_step_when_a_rank_uses_no_adapter(tmp_path):
+    """trainable="adapters", rank 1's batch text only: its loss needed no gradient, so the Trainer
+    skipped its backward while rank 0's ran DDP's all-reduce and the all-to-alls (a gloo abort, or
+    both waiting for the timeout). Touched with weight 0 it runs backward; the step is still one
+    process's: the adapter no rank used keeps no gradient."""
+    (r0, info0), (r1, info1) = Launch("ddp_step", tmp_path, 2, "text", False, "adapters").results()
+
+    model, losses, norm, grads = _single_process_step("text", "adapters")
+
+    assert not losses[1].requires_grad  # rank 1 used no trainable parameter
+    assert info0["loss"] == pytest.approx(losses[0].item(), abs=1e-5)
+    assert info1["loss"] == pytest.approx(losses[1].item(), abs=1e-5)
+    assert info0["norm"] == pytest.approx(float(norm), rel=1e-5) and info1["norm"] == info0["norm"]
+    assert {n for n in r0 if n.startswith("grad/")} == {f"grad/{n}" for n in grads}
+    assert grads and all(n.startswith("adapters.image_patch") for n in grads)
+    for name, p in model.named_parameters():
+        if name not in info0["shards"]:
+            assert torch.equal(r0[name], r1[name]), f"{name} differs between ranks"
+        if name in grads:
+            torch.testing.assert_close(r0[f"grad/{name}"], grads[name], atol=1e-7, rtol=1e-5, msg=f"gradient of {name}")
+            torch.testing.assert_close(r0[name], p.detach(), atol=1e-5, rtol=0, msg=f"updated {name}")
 
 
 @pytest.mark.parametrize("shard_size, unit, mixed", [(None, "block", False), (1, "block", False),

@@ -115,6 +115,38 @@ def test_single_process_defaults_and_clear_errors(monkeypatch):
     sync_gradients(model, plan)  # a no-op in one process
 
 
+def test_touching_the_adapters_reaches_new_frame_and_stop_heads():
+    """On several processes with only new heads training (trainable="new_adapters"), a batch of
+    another task's rows must still give a loss that needs a gradient: the heads are touched too,
+    and recorded as "<adapter>:heads" only where a batch used them."""
+    from helpers import flavour_with
+
+    from moe_gen.model import GeneralistModel
+    from moe_gen.objectives import GenerativeObjective
+    from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+    from moe_gen.trainer.trainer import select_trainable
+
+    tok = Tokenizer.default()
+    old = load_preset("spoken_word_classification", "train", limit=4)
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour_with("debug"), [old], tok)
+    new = Task("say_word", "[TEXT:text] say it -> [AUDIO:audio]",
+               [{"text": r["text"], "audio": r["audio"]} for r in old.data[:4]])
+    added = model.add_tasks([new])
+    assert added == ["audio_conv:heads"]
+    select_trainable(model, "new_adapters", added)
+    model.touch_all_adapters = True
+    objective = GenerativeObjective(model)
+    loss = objective(collate(list(old.samples(tok))[:2], tok, model.task_ids))["loss"]
+    assert loss.requires_grad
+    loss.backward()
+    heads = [p for n, p in model.named_parameters() if p.requires_grad]
+    assert len(heads) == 4 and all(p.grad is not None and not p.grad.any() for p in heads)
+    assert model.adapters_in_step == {"audio_conv"}
+    objective(collate(list(new.samples(tok))[:2], tok, model.task_ids))
+    assert model.adapters_in_step == {"audio_conv", "audio_conv:heads"}
+
+
 @pytest.mark.parametrize("settings", [{"expert_parallel": 2}, {"sharding": "fsdp"}], ids=["ep", "fsdp"])
 def test_tasks_of_several_objectives_are_refused_where_the_processes_collectives_must_pair(tmp_path, settings):
     """Each process runs the objectives its own batch holds: with a contrastive and a generative
@@ -165,6 +197,21 @@ def test_only_experts_training_under_expert_parallelism_needs_no_ddp(tmp_path):
                                       {"expert_parallel": 2, "trainable": "experts"}).results()
     assert info0["error"] is None and info1["error"] is None
     assert all(torch.equal(r0[name], r1[name]) for name in r0 if ".experts." not in name)
+
+
+@pytest.mark.parametrize("settings", [{}, {"expert_parallel": 2}], ids=["ddp", "ep"])
+def test_adapters_train_on_every_process_when_one_batch_uses_none(tmp_path, settings):
+    """trainable="adapters" and a process drawing text rows only (seed 0: rank 1 draws doc_topic): its
+    loss needed no gradient and its backward was skipped, while the other's ran DDP's all-reduce (gloo
+    aborted) or the all-to-alls (both waited for the timeout)."""
+    settings = {"trainable": "adapters", "batch_tasks": "single", "seed": 0, **settings}
+    model, _ = _trainer_tasks(("digit_classification", "doc_topic"))
+    (r0, info0), (r1, info1) = Launch("trainer", tmp_path, ("digit_classification", "doc_topic"), settings).results()
+    assert info0["error"] is None and info1["error"] is None
+    for name, p in model.named_parameters():
+        if ".experts." not in name:
+            assert torch.equal(r0[name], r1[name]), name
+            assert torch.equal(r0[name], p.detach()) != name.startswith("adapters."), name  # adapters alone trained
 
 
 def test_resuming_with_more_processes_than_wrote_the_checkpoint_is_refused_on_every_process(tmp_path):

@@ -252,10 +252,12 @@ class GeneralistModel(nn.Module):
         nn.init.normal_(self.token_embedding.weight, std=D ** -0.5)
         self.image_tokenizers = nn.ModuleDict({_tokenizer_module(key): _frozen_vq(fields)
                                                for key, fields in sorted(config.image_tokenizers.items())})
-        # FSDP (moe_gen.fsdp.shard_dense) sets it: every adapter parameter joins every forward with
-        # weight 0 (FSDP reduces a sharded unit's gradients only when every process has them all),
-        # and the names of the adapters a batch really used collect in adapters_in_step until
-        # moe_gen.fsdp.drop_unused_adapter_grads reads and clears them
+        # FSDP (moe_gen.fsdp.shard_dense) and the Trainer on several processes set it: every trainable
+        # adapter and frame/stop head parameter joins every forward with weight 0 (FSDP reduces a sharded
+        # unit's gradients only when every process has them all; DDP and expert parallelism need every
+        # process to run backward, also one whose batch uses no adapter while only adapters train), and
+        # the names of the adapters (and "<adapter>:heads") a batch really used collect in
+        # adapters_in_step until moe_gen.fsdp.drop_unused_adapter_grads reads and clears them
         self.touch_all_adapters = False
         self.adapters_in_step: set[str] = set()
         self.location_embedding = None
@@ -450,7 +452,7 @@ class GeneralistModel(nn.Module):
                 rows = rows.to(weight.dtype)
             flat = flat.index_add(0, side.index[name], adapter(rows, side.positions[name]).to(flat.dtype))
         x = flat.view(B, S, -1) + self.modality_embedding(side.tags.modality)
-        if self.touch_all_adapters:
+        if self.touch_all_adapters and torch.is_grad_enabled():  # (an evaluation between steps uses none)
             self.adapters_in_step.update(side.rows)
             x = x + self._adapters_times_zero()
         if self.config.positions == "learned":
@@ -467,10 +469,10 @@ class GeneralistModel(nn.Module):
         return x
 
     def _adapters_times_zero(self):
-        """0 · a weight of every trainable adapter parameter: each gets a gradient (zero where the
-        batch did not use it), on every process alike (``touch_all_adapters``)."""
-        terms = [p.reshape(-1)[0].float() for adapter in self.adapters.values()
-                 for p in adapter.parameters() if p.requires_grad]
+        """0 · a weight of every trainable adapter, frame head and stop head parameter: each gets a
+        gradient (zero where the batch did not use it), on every process alike (``touch_all_adapters``)."""
+        parts = [*self.adapters.values(), *self.frame_heads.values(), *self.stop_heads.values()]
+        terms = [p.reshape(-1)[0].float() for part in parts for p in part.parameters() if p.requires_grad]
         return 0.0 * torch.stack(terms).sum() if terms else 0.0
 
     def rope(self, side: Side, positions: Optional[torch.Tensor] = None):
@@ -571,6 +573,8 @@ class GeneralistModel(nn.Module):
         for name, index in batch.frame_index.items():
             frames[name] = self.frame_heads[name](flat[index])
             stops[name] = self.stop_heads[name](flat[index]).squeeze(-1).clone()  # not a view: FSDP2 hooks outputs
+        if self.touch_all_adapters and torch.is_grad_enabled():
+            self.adapters_in_step.update(f"{name}{NEW_HEADS}" for name in batch.frame_index)
         output = ModelOutput(logits, frames, stops, memory.moe_outputs + out.moe_outputs, memory.hidden)
         if torch.is_grad_enabled():
             _ = output.aux_losses  # summed now, in the graph (a later read under no_grad must not cut it)

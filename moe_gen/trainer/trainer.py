@@ -27,6 +27,7 @@ import torch
 
 from moe_gen import distributed
 from moe_gen.analysis.recorder import RoutingRecorder
+from moe_gen.experts.parallel import ExpertParallelPlan
 from moe_gen.model.model import NEW_HEADS, GeneralistModel
 from moe_gen.moe import MoE
 from moe_gen.objectives import OBJECTIVES, LossScales
@@ -362,20 +363,7 @@ class Trainer:
                                  f"{', '.join(OBJECTIVES.list())}")
         self.device = _resolve_device(config.device)
         model.to(self.device)
-        self.plan = None
-        if config.expert_parallel > 1:
-            from moe_gen.experts.parallel import shard_experts
-
-            if config.expert_parallel > self.world:
-                raise ValueError(f"expert_parallel={config.expert_parallel} needs at least that many processes; "
-                                 f"this run has {self.world} (launch with torchrun --nproc_per_node "
-                                 f"{config.expert_parallel})")
-            self.plan = shard_experts(model, config.expert_parallel)
-        if config.sharding in ("fsdp", "hsdp") and self.world > 1:
-            from moe_gen.fsdp import shard_dense
-
-            shard_dense(model, config.shard_size if config.sharding == "hsdp" else None, config.fsdp_unit,
-                        param_dtype=torch.bfloat16 if config.precision == "bf16" else None)
+        self.plan = self._shard()
         if config.activation_checkpointing:
             model.set_activation_checkpointing(True)
         self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
@@ -411,6 +399,28 @@ class Trainer:
             distributed.barrier()
 
     # ---- building ----------------------------------------------------------------------------
+
+    def _shard(self) -> Optional[ExpertParallelPlan]:
+        """Expert parallelism and FSDP/HSDP as configured; returns the experts' plan (None without)."""
+        config, model, plan = self.config, self.model, None
+        if config.expert_parallel > 1:
+            from moe_gen.experts.parallel import shard_experts
+
+            if config.expert_parallel > self.world:
+                raise ValueError(f"expert_parallel={config.expert_parallel} needs at least that many processes; "
+                                 f"this run has {self.world} (launch with torchrun --nproc_per_node "
+                                 f"{config.expert_parallel})")
+            plan = shard_experts(model, config.expert_parallel)
+        if config.sharding in ("fsdp", "hsdp") and self.world > 1:
+            from moe_gen.fsdp import shard_dense
+
+            shard_dense(model, config.shard_size if config.sharding == "hsdp" else None, config.fsdp_unit,
+                        param_dtype=torch.bfloat16 if config.precision == "bf16" else None)
+        if self.world > 1:  # every process runs backward (DDP's all-reduce, the all-to-alls, FSDP's reductions),
+            # also one whose batch uses no adapter while only adapters train: its loss touches them all with
+            # weight 0 (the gradients of those no process used are dropped again by sync_gradients)
+            model.touch_all_adapters = True
+        return plan
 
     def _objectives(self) -> dict:
         names = sorted({t.objective for t in self.tasks})
