@@ -276,12 +276,16 @@ def _split_params(
 
 
 def _check_plan(model: nn.Module, plan: ExpertParallelPlan | None) -> ExpertParallelPlan:
-    if plan is None:
-        return expert_plan(model)
+    """``plan``, or the one ``shard_experts`` attached to the model's MoE layers when None, after
+    checking that its parameter names are the model's: given a wrapper of the sharded model (what
+    ``replicate`` returns), the attached plan's names miss and the expert shards would pass for dense
+    parameters (gradients of different experts averaged, half the experts saved as the whole)."""
+    which = "the plan" if plan is not None else "the plan shard_experts attached to its MoE layers"
+    plan = expert_plan(model) if plan is None else plan
     names = {name for name, _ in model.named_parameters()}
     unknown = sorted(set(plan.expert_params) - names)
     if unknown:
-        raise ValueError(f"the plan names expert parameters the model does not have, e.g. {unknown[:3]}; pass the "
+        raise ValueError(f"{which} names expert parameters the model does not have, e.g. {unknown[:3]}; pass the "
                          "model that shard_experts sharded (not a wrapper or a submodule)")
     return plan
 
@@ -341,7 +345,7 @@ def sync_gradients(model: nn.Module, plan: ExpertParallelPlan | None = None, den
     layers (``moe_gen.routing.balance``) take their update here, from the loads of all ranks.
 
     Args:
-        model: the model ``shard_experts`` sharded (parameter names must match the plan).
+        model: the model ``shard_experts`` sharded (parameter names must match the plan: not a wrapper).
         plan: its plan; ``None`` reads it from the model (an unsharded model: plain data
             parallelism).
         dense_synced: the replicated gradients were averaged already (the model trains under
@@ -378,7 +382,7 @@ def clip_grad_norm_(model: nn.Module, max_norm: float, plan: ExpertParallelPlan 
     ``torch.nn.utils.clip_grad_norm_``.
 
     Args:
-        model: the model.
+        model: the model (the one ``shard_experts`` sharded, not a wrapper of it).
         max_norm: the largest allowed norm (``float("inf")`` only measures).
         plan: its plan (``None``: read from the model).
 
@@ -423,7 +427,7 @@ def _as_plan(model_or_plan: Union[nn.Module, ExpertParallelPlan]) -> ExpertParal
     if isinstance(model_or_plan, ExpertParallelPlan):
         return model_or_plan
     if isinstance(model_or_plan, nn.Module):
-        return expert_plan(model_or_plan)
+        return _check_plan(model_or_plan, None)
     raise ValueError(f"expected a model or an ExpertParallelPlan, got {type(model_or_plan).__name__}")
 
 
@@ -477,7 +481,7 @@ def save_shards(
         tensors: key → tensor; keys are parameter or buffer names (``state_dict`` names), or
             ``"<parameter name>::<suffix>"``. Tensors of expert parameters hold this rank's local
             experts on dim 0.
-        model_or_plan: the model (sharded or not) or its ``ExpertParallelPlan``.
+        model_or_plan: the model (sharded or not; not a wrapper) or its ``ExpertParallelPlan``.
 
     Returns:
         Paths of the files this rank wrote.
@@ -530,7 +534,7 @@ def load_shards(
     Args:
         directory: the checkpoint directory.
         prefix: the prefix given to ``save_shards``.
-        model_or_plan: the model that will receive them (sharded or not) or its plan. Expert
+        model_or_plan: the model that will receive them (sharded or not; not a wrapper) or its plan. Expert
             parameters the model does not shard come back with all E experts.
 
     Returns:

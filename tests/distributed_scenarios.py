@@ -444,6 +444,29 @@ def _scenario_checkpoint(rank: int, out_dir: str):
     return tensors, info
 
 
+def _scenario_wrapper_plan(rank: int, out_dir: str):
+    """Each helper given a wrapper of the expert-sharded model and no plan: its error (None: accepted);
+    then the same on the model itself: its norm."""
+    model = _replica_model()
+    shard_experts(model, 2)
+    _replica_loss(model, rank).backward()
+    wrapper = nn.ModuleDict({"inner": model})  # as LossModule and DDP hold it
+    directory = os.path.join(out_dir, f"rank{rank}")
+    calls = {"sync_gradients": lambda: sync_gradients(wrapper),
+             "clip_grad_norm_": lambda: clip_grad_norm_(wrapper, 1.0),
+             "save_shards": lambda: save_shards(directory, "model", wrapper.state_dict(), wrapper),
+             "load_shards": lambda: load_shards(directory, "model", wrapper)}
+    errors = {}
+    for name, call in calls.items():
+        try:
+            call()
+            errors[name] = None
+        except (ValueError, FileNotFoundError) as exc:
+            errors[name] = f"{type(exc).__name__}: {exc}"
+    sync_gradients(model)
+    return {}, {"errors": errors, "norm": clip_grad_norm_(model, 1.0).item()}
+
+
 def _trainer_tasks(names):
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, load_preset
@@ -509,4 +532,5 @@ SCENARIOS = {
     "uneven": _scenario_uneven,
     "failure": _scenario_failure,
     "checkpoint": _scenario_checkpoint,
+    "wrapper_plan": _scenario_wrapper_plan,
 }

@@ -80,6 +80,22 @@ def test_expert_shards_load_across_layouts(tmp_path):
         load_shards(str(broken), "optimizer", full_model)
 
 
+def test_a_wrapper_of_the_expert_sharded_model_is_refused_without_a_plan(tmp_path):
+    """Only an explicit plan was checked against the names: given a wrapper and no plan, the plan read
+    from the MoE layers named none of the wrapper's parameters, so expert shards passed for dense ones
+    (sync_gradients averaged rank 0's experts 0-1 with rank 1's 2-3, clip_grad_norm_ measured another
+    norm, save_shards wrote rank 0's two experts as the whole layer)."""
+    (_, info0), (_, info1) = Launch("wrapper_plan", tmp_path).results()
+    for info in (info0, info1):
+        assert set(info["errors"]) == {"sync_gradients", "clip_grad_norm_", "save_shards", "load_shards"}
+        for name, error in info["errors"].items():
+            assert error is not None and error.startswith("ValueError: the plan shard_experts attached to its "
+                                                          "MoE layers names expert parameters"), (name, error)
+            assert "pass the model that shard_experts sharded (not a wrapper or a submodule)" in error
+    assert info0["norm"] == info1["norm"]  # the model itself is accepted
+    assert not (tmp_path / "rank0").exists()  # refused before anything was written
+
+
 # ---- single-process checks (no launch) ------------------------------------------------------------
 
 
