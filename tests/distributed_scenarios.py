@@ -467,6 +467,25 @@ def _scenario_wrapper_plan(rank: int, out_dir: str):
     return {}, {"errors": errors, "norm": clip_grad_norm_(model, 1.0).item()}
 
 
+def _scenario_save_pretrained_sharded(rank: int, out_dir: str):
+    """save_pretrained of the debug model with its experts spread over the processes, and of one with
+    FSDP-sharded parameters: each one's error (None: saved) and whether its folder exists."""
+    from moe_gen.fsdp import shard_dense
+
+    info = {}
+    for how in ("experts", "fsdp"):
+        model, _ = _debug_setup()
+        shard_experts(model, 2) if how == "experts" else shard_dense(model)
+        directory = os.path.join(out_dir, f"{how}-{rank}")
+        try:
+            model.save_pretrained(directory)
+            info[how] = None
+        except ValueError as exc:
+            info[how] = str(exc)
+        info[f"{how}_written"] = os.path.exists(directory)
+    return {}, info
+
+
 def _trainer_tasks(names):
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, load_preset
@@ -533,4 +552,5 @@ SCENARIOS = {
     "failure": _scenario_failure,
     "checkpoint": _scenario_checkpoint,
     "wrapper_plan": _scenario_wrapper_plan,
+    "save_pretrained_sharded": _scenario_save_pretrained_sharded,
 }

@@ -96,6 +96,16 @@ def test_a_wrapper_of_the_expert_sharded_model_is_refused_without_a_plan(tmp_pat
     assert not (tmp_path / "rank0").exists()  # refused before anything was written
 
 
+def test_save_pretrained_refuses_a_model_this_process_holds_a_part_of(tmp_path):
+    """With its experts spread over 2 processes, save_pretrained wrote rank 0's 2 experts of every
+    layer under a config of 4 (the folder failed only when loaded)."""
+    for _, info in Launch("save_pretrained_sharded", tmp_path).results():
+        assert "experts are spread over processes (shard_experts" in info["experts"]
+        assert "save with Trainer.save_model, or moe_gen.distributed.save_shards" in info["experts"]
+        assert "parameters are FSDP shards" in info["fsdp"] and "moe_gen.fsdp.unsharded_copy" in info["fsdp"]
+        assert not info["experts_written"] and not info["fsdp_written"]
+
+
 # ---- single-process checks (no launch) ------------------------------------------------------------
 
 

@@ -35,6 +35,7 @@ def save_model(model, directory: str) -> None:
     holds) the working directory, which a whole-folder swap would leave deleted."""
     from safetensors.torch import save_file
 
+    _check_whole(model)
     directory = os.path.abspath(directory)
     tmp = f"{directory}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
@@ -66,6 +67,24 @@ def save_model(model, directory: str) -> None:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _check_whole(model) -> None:
+    """Raises unless this process holds every weight of ``model``: with experts spread over processes
+    (``shard_experts``) or parameters sharded by FSDP its ``state_dict`` holds one process's slices,
+    written under a config naming every expert (a folder that failed only when loaded)."""
+    from torch.distributed.tensor import DTensor
+
+    split = sorted({name for name, m in model.named_modules() if getattr(m, "expert_parallel", None) is not None})
+    if split:
+        raise ValueError(f"the model's experts are spread over processes (shard_experts; layers {', '.join(split[:3])}"
+                         f"{', ...' if len(split) > 3 else ''}): this process holds some of them only; save with "
+                         "Trainer.save_model, or moe_gen.distributed.save_shards and load_shards into an unsharded "
+                         "model, then save_pretrained")
+    if any(isinstance(p, DTensor) for p in model.parameters()):
+        raise ValueError("the model's parameters are FSDP shards: this process holds a part of each; save with "
+                         "Trainer.save_model, or save_pretrained an unsharded copy (moe_gen.fsdp.unsharded_copy, on "
+                         "every process)")
 
 
 def load_model(cls, directory: str):
