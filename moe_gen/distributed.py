@@ -54,7 +54,7 @@ from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_pla
 from moe_gen.routing.balance import sync_bias_updates
 
 __all__ = [
-    "WorldInfo", "init_distributed", "world_info", "is_main_process", "barrier", "shutdown", "LossModule",
+    "WorldInfo", "init_distributed", "world_info", "local_rank", "is_main_process", "barrier", "shutdown", "LossModule",
     "replicate", "no_sync", "sync_gradients", "clip_grad_norm_", "save_shards", "load_shards",
 ]
 
@@ -84,8 +84,16 @@ def world_info() -> WorldInfo:
     """This process's ``WorldInfo`` (rank 0 of 1 when torch.distributed is not initialised)."""
     if not _active():
         return WorldInfo(rank=0, world_size=1, local_rank=0, backend=None)
-    return WorldInfo(rank=dist.get_rank(), world_size=dist.get_world_size(),
-                     local_rank=int(os.environ.get("LOCAL_RANK", 0)), backend=str(dist.get_backend()))
+    return WorldInfo(rank=dist.get_rank(), world_size=dist.get_world_size(), local_rank=local_rank(),
+                     backend=str(dist.get_backend()))
+
+
+def local_rank() -> int:
+    """This process's GPU index on its machine: ``LOCAL_RANK``, or, where a launcher sets ``RANK``
+    but not ``LOCAL_RANK``, the global rank (one process per GPU of one machine), else 0. The one
+    rule that ``init_distributed`` (its ``cuda.set_device`` on NCCL), ``world_info`` and the
+    ``Trainer``'s device follow (they disagreed: rank 1 set cuda:1 and put its model on cuda:0)."""
+    return int(os.environ.get("LOCAL_RANK", os.environ.get("RANK", 0)))
 
 
 def is_main_process() -> bool:
@@ -156,7 +164,7 @@ def any_true(flag: bool) -> bool:
 def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> WorldInfo:
     """Joins the process group described by torchrun's environment variables.
 
-    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``, ``MASTER_ADDR`` and ``MASTER_PORT``. Without
+    Reads ``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK`` (``local_rank()``), ``MASTER_ADDR`` and ``MASTER_PORT``. Without
     ``RANK``/``WORLD_SIZE`` (not launched by torchrun) it does nothing and returns rank 0 of 1;
     when the group already exists it returns its info.
 
@@ -180,19 +188,19 @@ def init_distributed(backend: str | None = None, timeout_s: float = 600.0) -> Wo
     if timeout_s <= 0:
         raise ValueError(f"timeout_s must be > 0, got {timeout_s}")
     rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
-    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    gpu = local_rank()
     if backend is None:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
     if backend == "nccl":
-        if local_rank >= torch.cuda.device_count():
-            raise ValueError(f"LOCAL_RANK={local_rank} but this machine has {torch.cuda.device_count()} CUDA "
+        if gpu >= torch.cuda.device_count():
+            raise ValueError(f"LOCAL_RANK={gpu} but this machine has {torch.cuda.device_count()} CUDA "
                              "device(s); launch at most one process per GPU")
-        torch.cuda.set_device(local_rank)
+        torch.cuda.set_device(gpu)
         # Let the NCCL watchdog abort on a timeout rather than leave the process hanging.
         os.environ.setdefault("TORCH_NCCL_ASYNC_ERROR_HANDLING", "1")
     dist.init_process_group(backend=backend, rank=rank, world_size=world,
                             timeout=datetime.timedelta(seconds=timeout_s))
-    return WorldInfo(rank=rank, world_size=world, local_rank=local_rank, backend=backend)
+    return WorldInfo(rank=rank, world_size=world, local_rank=gpu, backend=backend)
 
 
 # ---- gradients --------------------------------------------------------------------------------

@@ -486,6 +486,14 @@ def _scenario_save_pretrained_sharded(rank: int, out_dir: str):
     return {}, info
 
 
+def _scenario_without_local_rank(rank: int, out_dir: str):
+    """A launcher that sets RANK but not LOCAL_RANK: the GPU index world_info reports."""
+    from moe_gen.distributed import world_info
+
+    os.environ.pop("LOCAL_RANK")
+    return {}, {"local_rank": world_info().local_rank}
+
+
 def _trainer_tasks(names):
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, load_preset
@@ -553,4 +561,5 @@ SCENARIOS = {
     "checkpoint": _scenario_checkpoint,
     "wrapper_plan": _scenario_wrapper_plan,
     "save_pretrained_sharded": _scenario_save_pretrained_sharded,
+    "without_local_rank": _scenario_without_local_rank,
 }

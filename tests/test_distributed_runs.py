@@ -106,6 +106,24 @@ def test_save_pretrained_refuses_a_model_this_process_holds_a_part_of(tmp_path):
         assert not info["experts_written"] and not info["fsdp_written"]
 
 
+def test_without_local_rank_every_choice_of_gpu_is_the_global_rank(tmp_path, monkeypatch):
+    """init_distributed took the global rank for the GPU (cuda.set_device on NCCL), world_info said 0
+    and the Trainer put the model on cuda:0: rank 1 of a launcher without LOCAL_RANK (srun, a
+    hand-written spawn) set cuda:1 and trained on cuda:0."""
+    from moe_gen.trainer.trainer import _resolve_device
+
+    assert [info["local_rank"] for _, info in Launch("without_local_rank", tmp_path).results()] == [0, 1]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    monkeypatch.setenv("RANK", "1")
+    assert _resolve_device("auto") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert _resolve_device("auto") == torch.device("cuda", 0)
+    monkeypatch.delenv("RANK")
+    monkeypatch.delenv("LOCAL_RANK")
+    assert _resolve_device("auto") == torch.device("cuda", 0)
+
+
 # ---- single-process checks (no launch) ------------------------------------------------------------
 
 

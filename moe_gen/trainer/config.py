@@ -114,7 +114,7 @@ class TrainConfig(ConfigBase):
         eval_batch_size: rows per ``infer`` call in ``evaluate`` (>= 1).
         num_threads: torch intra-op threads (>= 1; None: torch's default).
         device: ``auto`` (the process's GPU when CUDA is available — ``cuda:LOCAL_RANK`` under
-            torchrun — else the CPU), or a torch device string.
+            torchrun, ``moe_gen.distributed.local_rank()`` — else the CPU), or a torch device string.
     """
 
     steps: int = 200

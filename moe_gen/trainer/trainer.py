@@ -746,5 +746,5 @@ def _resolve_device(name: str) -> torch.device:
             raise ValueError(f"TrainConfig.device is {name!r}, but CUDA is not available here (use 'auto' or 'cpu')")
         return device
     if torch.cuda.is_available():
-        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", 0)))
+        return torch.device("cuda", distributed.local_rank())  # the GPU init_distributed chose
     return torch.device("cpu")
