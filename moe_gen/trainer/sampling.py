@@ -65,6 +65,18 @@ def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
     ``uniform``; ``weights``: ``config.task_weights[name]`` or the task's own ``weight``; ``all``
     gives every task a fixed share of every micro-batch, reported here as uniform.
     """
+    return _shares(raw_mixing_weights(tasks, config))
+
+
+def _shares(raw: Sequence[float]) -> list[float]:
+    total = sum(raw)
+    if total <= 0:
+        raise ValueError(f"mixing weights sum to {total}; give at least one task a positive weight")
+    return [w / total for w in raw]
+
+
+def raw_mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
+    """The weights ``mixing_weights`` normalises: rows, rows^(1/τ), 1, or each task's weight."""
     if not tasks:
         raise ValueError("training needs at least one task")
     check_task_settings(config, [t.name for t in tasks])
@@ -87,10 +99,7 @@ def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
                 raise ValueError(f"task {task.name!r}: its mixing weight must be a finite number >= 0, got {weight}")
     else:
         raw = [1.0] * len(tasks)
-    total = sum(raw)
-    if total <= 0:
-        raise ValueError(f"mixing weights sum to {total}; give at least one task a positive weight")
-    return [w / total for w in raw]
+    return raw
 
 
 def sample_modality_tokens(sample: Sample) -> collections.Counter:
@@ -177,15 +186,33 @@ class TaskSampler:
                  rank: int = 0, world: int = 1, statistics: Optional[Mapping] = None) -> None:
         self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
         self.rank, self.world = rank, world
-        self.weights = mixing_weights(self.tasks, config)  # (checks the task settings, check_task_settings)
+        # (checks the task settings, check_task_settings)
+        self.raw_weights = raw_mixing_weights(self.tasks, config)
+        self.weights = _shares(self.raw_weights)
         self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
         check_modality_keys(config)
 
     def state_dict(self) -> dict:
-        """Cursor positions (JSON-serialisable) for exact resume."""
+        """Cursor positions and mixing weights (JSON-serialisable) for exact resume."""
         return {"rank": self.rank, "world": self.world,
                 "cursors": {c.task.name: [c.epoch, c.position] for c in self.cursors},
-                "rows": {c.task.name: len(c.task) for c in self.cursors}, "seed": self.config.seed}
+                "rows": {c.task.name: len(c.task) for c in self.cursors}, "seed": self.config.seed,
+                "weights": {t.name: w for t, w in zip(self.tasks, self.raw_weights)}}
+
+    def _check_weights(self, saved: Optional[Mapping]) -> None:
+        """Refuses mixing weights other than the checkpoint's (a task's own ``weight`` may change
+        where ``TrainConfig.task_weights`` does not name it): the run would draw other tasks. Weights
+        scaled together draw the same; a checkpoint saved without weights (before 2026-12-06) passes."""
+        names = [t.name for t in self.tasks]
+        if not saved or not set(names) <= set(saved) or sum(float(saved[n]) for n in names) <= 0:
+            return  # (a task the checkpoint lacks is refused with the cursors)
+        old = _shares([float(saved[n]) for n in names])
+        if all(math.isclose(a, b, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(old, self.weights)):
+            return
+        changed = [f"{n} {float(saved[n]):g} → {w:g}" for n, w in zip(names, self.raw_weights) if float(saved[n]) != w]
+        raise ValueError(f"the checkpoint's run drew its tasks with other mixing weights ({', '.join(changed)}): the "
+                         "resumed run would draw other batches than the run it continues; resume with the same "
+                         "weights (Task(weight=...), TrainConfig.task_weights), or start over")
 
     def load_state_dict(self, state: dict) -> None:
         """Restores the cursors. Saved by another number of processes, each task's rows were
@@ -217,6 +244,7 @@ class TaskSampler:
             if cursor.position >= len(cursor.shard):
                 raise ValueError(f"task {cursor.task.name!r}: the checkpoint's sampler position {cursor.position} is "
                                  f"past its {len(cursor.shard)} rows; the task's data changed since")
+        self._check_weights(state.get("weights"))  # (after the rows: with other rows, other weights)
 
     def next_batch(self, step: int, micro: int = 0) -> list[Sample]:
         """The samples of micro-batch ``micro`` of ``step``."""
