@@ -49,3 +49,21 @@ def test_a_resume_with_another_task_weight_is_refused(tok, tmp_path):
         "digit_classification": 3.0, "table_species": 3.0})).load_state_dict(state)
     TaskSampler(heavier, tok, _config(mixing="weights")).load_state_dict({k: v for k, v in state.items()
                                                                           if k != "weights"})
+
+
+def test_all_mixing_under_a_budget_squeezes_every_task_alike(tok):
+    """Each micro-batch was filled task by task: the first task used the budget up and the next one,
+    of the same modality, had no row in any step."""
+    import collections
+
+    from moe_gen.tasks import Task
+    from moe_gen.trainer.sampling import sample_modality_tokens
+
+    tasks = [Task(name, "[TEXT:a] -> [TEXT:b]", [{"a": f"{name} row", "b": "y"}] * 20) for name in ("p", "q")]
+    budget = sum(2 * sample_modality_tokens(task.encode(0, tok))["TEXT"] for task in tasks)  # two rows of each
+    sampler = TaskSampler(tasks, tok, _config(mixing="all", batch_size=8, modality_budget={"TEXT": budget}))
+    for step in range(1, 6):
+        batch = sampler.next_batch(step)
+        assert [s.task for s in batch] == ["p", "p", "q", "q"]  # listed task by task, as without a budget
+    unlimited = TaskSampler(tasks, tok, _config(mixing="all", batch_size=5))
+    assert collections.Counter(s.task for s in unlimited.next_batch(1)) == {"p": 2, "q": 3}

@@ -254,14 +254,19 @@ class TaskSampler:
         samples: list[Sample] = []
         if cfg.mixing == "all":
             # batch_size rows shared as evenly as the tasks allow; the tasks given the remainder's
-            # extra row take turns from step to step
+            # extra row take turns from step to step. Rows are taken one per task in turn (from task
+            # step % n), so budgets squeeze every task alike (taken task by task, the first tasks used
+            # a budget up and a later one of the same modality had no row, every step); the batch
+            # lists them task by task
             n = len(self.tasks)
-            extra = {(step + k) % n for k in range(cfg.batch_size % n)}
-            for i in range(n):
-                for _ in range(cfg.batch_size // n + (i in extra)):
-                    if not self._take(i, samples, used):
-                        break
-            return samples
+            quota = {(step + k) % n: cfg.batch_size // n + (k < cfg.batch_size % n) for k in range(n)}
+            while quota:
+                for i in list(quota):
+                    quota[i] -= 1
+                    if not self._take(i, samples, used) or not quota[i]:
+                        del quota[i]
+            order = {t.name: i for i, t in enumerate(self.tasks)}
+            return sorted(samples, key=lambda sample: order[sample.task])
         # tasks of weight 0 are never drawn (left among the open ones, they were all that was left once
         # the others no longer fitted the budgets, and random.choices refused weights summing to 0)
         open_tasks = [i for i in range(len(self.tasks)) if self.weights[i] > 0]
