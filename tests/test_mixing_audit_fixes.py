@@ -67,3 +67,14 @@ def test_all_mixing_under_a_budget_squeezes_every_task_alike(tok):
         assert [s.task for s in batch] == ["p", "p", "q", "q"]  # listed task by task, as without a budget
     unlimited = TaskSampler(tasks, tok, _config(mixing="all", batch_size=5))
     assert collections.Counter(s.task for s in unlimited.next_batch(1)) == {"p": 2, "q": 3}
+
+
+def test_split_all_is_train_and_test_and_a_wrong_split_names_the_preset():
+    """video_qa's "all" drew 100 clips of its own (neither split's; test seeds over every digit) and
+    few_shot_instructions refused "all" without naming itself."""
+    for name in ("video_qa", "few_shot_instructions"):
+        ids = [row["id"] for split in ("train", "test") for row in load_preset(name, split).data]
+        assert [row["id"] for row in load_preset(name, "all").data] == ids
+    with pytest.raises(ValueError, match=r"load_preset\('few_shot_instructions'\): unknown split 'validation'; "
+                                         r"known: train, test"):
+        load_preset("few_shot_instructions", "validation")

@@ -60,13 +60,18 @@ def preset_names(values: Sequence[str]) -> list[str]:
 
 
 def load_preset(name: str, split: str = "train", limit: Optional[int] = None, **task_kwargs) -> Task:
-    """The preset's ``Task`` on ``split`` (``train``/``test``), at most ``limit`` rows: its first
+    """The preset's ``Task`` on ``split`` (``train``/``test``, or ``all``: both), at most ``limit`` rows: its first
     ones, and splits are often in class order (the first 10 test rows of ``table_species`` are all
     setosa), so score a whole split, or rows spread over it (``Task.with_rows``), not a prefix."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"load_preset({name!r}): limit must be None or a whole number >= 0, got {limit!r}")
     info = preset_info(name)
-    rows = info.build(split)
+    try:
+        rows = info.build(split)
+    except ValueError as error:
+        if str(error).startswith("unknown split"):  # (the sources do not know which preset asked)
+            raise ValueError(f"load_preset({name!r}): {error}") from error
+        raise
     if limit is not None:
         rows = rows[:limit]
     return Task(name, info.instruction, rows, objective=info.objective, metrics=info.metrics, **task_kwargs)
@@ -261,6 +266,8 @@ def _replies(split):
 def _few_shot(split):
     from moe_gen.tasks.sources.fewshot import few_shot_rows
 
+    if split == "all":  # as _canvases: train + test
+        return few_shot_rows("train") + few_shot_rows("test")
     return few_shot_rows(split)
 
 
@@ -334,6 +341,8 @@ _MOVING = ("16-picture clips rendered from scikit-learn digits, one digit slidin
 def _moving(split):
     from moe_gen.tasks.sources.moving_digits import moving_digit_rows
 
+    if split == "all":  # as _canvases: train + test (a split of its own drew 100 clips of neither)
+        return _moving("train") + _moving("test")
     return moving_digit_rows(split, count=600 if split == "train" else 100)
 
 
