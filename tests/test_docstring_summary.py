@@ -9,6 +9,7 @@ import pytest
 
 from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset, preset_info
 from moe_gen.tasks.metrics import compute
+from moe_gen.tasks.sources import docstrings
 from moe_gen.tasks.sources.docstrings import docstring_rows, split_docstring
 
 
@@ -23,6 +24,10 @@ def test_rows_are_docstrings_split_at_their_summary_line():
     assert len({r["document"] for r in rows.values()}) == len(rows)
     if sys.version_info[:2] == (3, 11):  # the rows follow the interpreter's docstrings
         assert len(rows) == 652
+        # and the preset's description and the source's docstring say so (they said 682, a count from
+        # before a docstring met on another object or string type was left out)
+        assert "652 rows on CPython 3.11" in preset_info("docstring_summary").source
+        assert "CPython 3.11: 652 rows" in docstrings.__doc__
 
 
 def test_splits_are_disjoint_and_deterministic():

@@ -9,7 +9,7 @@ the rest (at least 10 words), which is the ``document`` (white space collapsed);
 its ``summary``. A summary seen before is skipped, so every summary is in one row only.
 
 The rows come from the running interpreter's own docstrings, so they depend on the Python version
-(the counts in the docs are for CPython 3.11: 682 rows); modules whose contents depend on the
+(the counts in the docs are for CPython 3.11: 652 rows); modules whose contents depend on the
 platform (``os``, ``signal``, ``ssl``) are left out, and so is ``sys``, whose hooks programs replace
 at run time (pytest replaces ``sys.unraisablehook``). Every 5th row in walking order is ``test``.
 """
