@@ -163,19 +163,14 @@ def test_touching_the_adapters_reaches_new_frame_and_stop_heads():
     """On several processes with only new heads training (trainable="new_adapters"), a batch of
     another task's rows must still give a loss that needs a gradient: the heads are touched too,
     and recorded as "<adapter>:heads" only where a batch used them."""
-    from helpers import flavour_with
+    from helpers import spoken_words_and_a_new_speaking_task
 
-    from moe_gen.model import GeneralistModel
     from moe_gen.objectives import GenerativeObjective
-    from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+    from moe_gen.tasks import Tokenizer, collate
     from moe_gen.trainer.trainer import select_trainable
 
     tok = Tokenizer.default()
-    old = load_preset("spoken_word_classification", "train", limit=4)
-    torch.manual_seed(0)
-    model = GeneralistModel.build(flavour_with("debug"), [old], tok)
-    new = Task("say_word", "[TEXT:text] say it -> [AUDIO:audio]",
-               [{"text": r["text"], "audio": r["audio"]} for r in old.data[:4]])
+    old, model, new = spoken_words_and_a_new_speaking_task(tok)
     added = model.add_tasks([new])
     assert added == ["audio_conv:heads"]
     select_trainable(model, "new_adapters", added)

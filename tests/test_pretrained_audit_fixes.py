@@ -55,19 +55,11 @@ def test_new_heads_of_an_adapter_the_model_has_train_with_new_adapters(tmp_path)
     """A new task predicting audio frames through an adapter the model read audio with got new
     frame and stop heads that trainable="new_adapters" left frozen (and the run was refused for
     "no task needed a new adapter")."""
-    import torch
-    from helpers import flavour_with
+    from helpers import spoken_words_and_a_new_speaking_task
 
-    from moe_gen.model import GeneralistModel
-    from moe_gen.tasks import load_preset
     from moe_gen.trainer import TrainConfig, Trainer
 
-    tok = Tokenizer.default()
-    old = load_preset("spoken_word_classification", "train", limit=4)
-    torch.manual_seed(0)
-    model = GeneralistModel.build(flavour_with("debug"), [old], tok)
-    new = Task("say_word", "[TEXT:text] say it -> [AUDIO:audio]",
-               [{"text": r["text"], "audio": r["audio"]} for r in old.data[:4]])
+    old, model, new = spoken_words_and_a_new_speaking_task(Tokenizer.default())
     trainer = Trainer(model, [old, new], TrainConfig(steps=1, batch_size=4, trainable="new_adapters", progress=False,
                                                      tensorboard=False, device="cpu"), output_dir=str(tmp_path))
     adapter = next(iter(model.frame_heads))
