@@ -2,7 +2,7 @@
 
 Usage:
     python scripts/bench_moe_layer.py                 # full grid (~15 min on 2 CPU cores)
-    python scripts/bench_moe_layer.py --quick         # small grid (what `make demo` runs)
+    python scripts/bench_moe_layer.py --quick         # small grid (what `make bench` runs)
     python scripts/bench_moe_layer.py --tokens 4096 --experts 64 --topk 2 --runs 7
     python scripts/bench_moe_layer.py --quick --no-cpu  # GPU rows only (needs a CUDA device)
 

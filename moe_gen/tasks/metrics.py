@@ -22,7 +22,7 @@ __all__ = ["accuracy", "exact_match", "bleu", "chrf", "rouge_l", "wer", "iou_acc
 def _check(predictions: Sequence, references: Sequence) -> None:
     if len(predictions) != len(references):
         raise ValueError(f"{len(predictions)} predictions for {len(references)} references")
-    if not references:
+    if len(references) == 0:  # (not "not references": a numpy array of several has no truth value)
         raise ValueError("a metric needs at least one reference")
 
 
@@ -90,7 +90,7 @@ def execution_accuracy(predictions: Sequence, references: Sequence) -> float:
     _check(predictions, references)
     conn = flowers_database()
     try:
-        return float(np.mean([same_result(conn, str(p), str(r)) for p, r in zip(predictions, references)]))
+        return float(np.mean([same_result(conn, _text(p), _text(r)) for p, r in zip(predictions, references)]))
     finally:
         conn.close()
 
@@ -101,7 +101,7 @@ def bleu(predictions: Sequence[str], references: Sequence[str]) -> float:
     import sacrebleu
 
     _check(predictions, references)
-    return float(sacrebleu.corpus_bleu(list(map(str, predictions)), [list(map(str, references))]).score)
+    return float(sacrebleu.corpus_bleu(list(map(_text, predictions)), [list(map(_text, references))]).score)
 
 
 @METRICS.register("chrf")
@@ -110,7 +110,7 @@ def chrf(predictions: Sequence[str], references: Sequence[str]) -> float:
     import sacrebleu
 
     _check(predictions, references)
-    return float(sacrebleu.corpus_chrf(list(map(str, predictions)), [list(map(str, references))]).score)
+    return float(sacrebleu.corpus_chrf(list(map(_text, predictions)), [list(map(_text, references))]).score)
 
 
 def _lcs_length(a: Sequence[str], b: Sequence[str]) -> int:
@@ -133,7 +133,7 @@ def rouge_l(predictions: Sequence[str], references: Sequence[str]) -> float:
     _check(predictions, references)
     scores = []
     for prediction, reference in zip(predictions, references):
-        got, want = re.findall(r"[a-z0-9]+", str(prediction).lower()), re.findall(r"[a-z0-9]+", str(reference).lower())
+        got, want = (re.findall(r"[a-z0-9]+", _text(value).lower()) for value in (prediction, reference))
         common = _lcs_length(got, want)
         scores.append(0.0 if common == 0 else 2 * common / (len(got) + len(want)))  # F1 = 2PR / (P + R)
     return 100.0 * float(np.mean(scores))
@@ -179,7 +179,7 @@ def _matches(predicted: Sequence, expected: Sequence, threshold: float) -> int:
     iou_PR = np.zeros((len(predicted), len(expected)))
     for i, (box, label) in enumerate(predicted):
         for j, (ref_box, ref_label) in enumerate(expected):
-            same = label is None or ref_label is None or str(label) == str(ref_label)
+            same = label is None or ref_label is None or _text(label) == _text(ref_label)
             if box is not None and same:
                 iou_PR[i, j] = box_iou(box, ref_box)
     valid_PR = iou_PR >= threshold
