@@ -82,3 +82,44 @@ def test_model_shapes_that_cannot_run_or_see_their_input_are_refused():
     with pytest.raises(ValueError, match=r"\{'moe.expert_hidden': 32\}"):
         flavour("debug", moe={"experts": "linear", "expert_hidden": 32})
     flavour("debug", encoder_layers=0)  # an encoder is optional
+
+
+# ---- the model-core audit (2026-12-06, twelfth session) ---------------------------------------------
+
+def test_add_tasks_builds_new_heads_in_a_bf16_models_dtype(tok, tmp_path):
+    """A bf16 model (as from_pretrained gives one saved in bf16) got fp32 frame and stop heads from
+    add_tasks: the new speaking task's first forward failed on mixed dtypes."""
+    from helpers import build
+
+    from moe_gen.objectives import GenerativeObjective
+
+    build([load_preset("digit_classification", "train", limit=3)], tok).to(torch.bfloat16).save_pretrained(
+        str(tmp_path))
+    model = GeneralistModel.from_pretrained(str(tmp_path))
+    new = load_preset("text_to_speech", "train", limit=3)
+    added = model.add_tasks([new])
+    assert {p.dtype for n, p in model.named_parameters() if n.startswith(("frame_heads", "stop_heads", "adapters"))
+            } == {torch.bfloat16}, added
+    loss = GenerativeObjective(model)(collate([new.encode(0, tok)], tok, model.task_ids))["loss"]
+    assert torch.isfinite(loss)
+    assert model.infer(new, new.data[:1], max_frames=4)[0].frames.shape[0] >= 1
+
+
+def test_a_small_bf16_model_with_an_image_tokenizer_loads_in_bf16(tok, tmp_path):
+    """The image tokenizer, kept fp32 by design, outweighed the rest of a small bf16 model: the load
+    took the model for fp32, set the weights back one by one and left the (unsaved) location basis
+    fp32 beside a bf16 location embedding, so every forward of the loaded model failed."""
+    from helpers import build
+
+    tasks = [load_preset("text_to_image", "train", limit=2), load_preset("visual_grounding", "train", limit=2)]
+    model = build(tasks, tok, d_model=16, num_heads=2, encoder_layers=1, decoder_layers=1, ffn_hidden=16,
+                  location_frequencies=8).to(torch.bfloat16).eval()
+    tokenizer_weights = sum(p.numel() for n, p in model.named_parameters() if n.startswith("image_tokenizers"))
+    assert 2 * tokenizer_weights > sum(p.numel() for p in model.parameters())  # the case: the tokenizer outweighs
+    model.save_pretrained(str(tmp_path))
+    loaded = GeneralistModel.from_pretrained(str(tmp_path)).eval()
+    assert loaded.location_embedding.weight.dtype == loaded.token_embedding.weight.dtype == torch.bfloat16
+    batch = collate([s for t in tasks for s in t.samples(tok)], tok, model.task_ids)
+    with torch.no_grad():
+        assert torch.equal(loaded(batch).logits, model(batch).logits)
+    assert loaded.infer(tasks[1], tasks[1].data[:1])[0].box == model.infer(tasks[1], tasks[1].data[:1])[0].box

@@ -140,7 +140,8 @@ def _as_saved(model, weights: dict) -> None:
     the dtype most of its weights have, then each parameter saved otherwise in its own."""
     sizes: dict = {}
     for name, param in model.named_parameters():
-        if name in weights and weights[name].is_floating_point():
+        # (image tokenizers stay fp32 by design, ImageVQ._apply: they do not say the model's dtype)
+        if name in weights and weights[name].is_floating_point() and not name.startswith("image_tokenizers."):
             sizes[weights[name].dtype] = sizes.get(weights[name].dtype, 0) + param.numel()
     if sizes and (dtype := max(sizes, key=sizes.get)) != torch.float32:
         model.to(dtype)

@@ -333,15 +333,16 @@ class GeneralistModel(nn.Module):
             if known is not None and int(known) != int(width):
                 raise ValueError(f"a new task feeds {name!r} features of width {width}, the model's adapter "
                                  f"takes {known}")
-        device = self.token_embedding.weight.device
+        # in the model's device and dtype (fp32 heads in a bf16 model failed its first forward)
+        like = {"device": self.token_embedding.weight.device, "dtype": self.token_embedding.weight.dtype}
         D = self.config.d_model
         added = sorted(set(adapters) - set(self.adapters))
         for name in added:
-            self.adapters[name] = ADAPTERS.get(name)(int(adapters[name]), D).to(device)
+            self.adapters[name] = ADAPTERS.get(name)(int(adapters[name]), D).to(**like)
         for name in frame_adapters:
             if name not in self.frame_heads:
-                self.frame_heads[name] = nn.Linear(D, int(adapters[name])).to(device)
-                self.stop_heads[name] = nn.Linear(D, 1).to(device)
+                self.frame_heads[name] = nn.Linear(D, int(adapters[name])).to(**like)
+                self.stop_heads[name] = nn.Linear(D, 1).to(**like)
                 if name not in added:  # new heads of an adapter the model has: "<adapter>:heads"
                     added.append(f"{name}{NEW_HEADS}")
         new_tasks = [t for t in tasks if t.name not in self.config.tasks]
@@ -498,7 +499,8 @@ class GeneralistModel(nn.Module):
         if self.location_embedding is None:
             return table
         first, count = self.tokenizer.bin_id(0), self.location_basis.shape[0]
-        smooth = self.location_embedding(self.location_basis).to(table.dtype)
+        weight = self.location_embedding.weight  # (the basis is not saved: a load may leave it in another dtype)
+        smooth = self.location_embedding(self.location_basis.to(weight.dtype)).to(table.dtype)
         return torch.cat([table[:first], table[first:first + count] + smooth, table[first + count:]])
 
     def prefix_lengths(self, dec: Side, enc: Side) -> torch.Tensor:
