@@ -353,7 +353,8 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
     experts, run as one FFN with the experts' merged weights, and routes and merged weights are
     computed once per set of tag groups and kept. Outputs equal ``model``'s. Layers routed by
     content keep their backend. The copy is a snapshot in eval mode without gradients: train the
-    original and merge again. ``model`` itself is left as it was.
+    original and merge again (a ``GeneralistModel`` copy refuses ``train()``, leaving every module in
+    eval mode, whatever its routers). ``model`` itself is left as it was.
     """
     merged = copy.deepcopy(model).eval().requires_grad_(False)
     layers = [m for m in merged.modules() if isinstance(m, MoE)]
@@ -364,6 +365,7 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
     for layer in layers:
         if not layer.router.content_dependent:
             layer.freeze_for_inference()
+    merged.inference_copy = True  # (GeneralistModel.train refuses it, before any module changes mode)
     config = getattr(merged, "config", None)
     if layers and all(layer.frozen for layer in layers) and hasattr(config, "with_moe"):
         merged.config = config.with_moe(backend="merged")  # a saved copy (ModelConfig) reloads merged

@@ -131,6 +131,22 @@ def test_a_frozen_copy_refuses_new_tasks(tok):
     assert model.add_tasks(tasks[1:]) is not None  # the model it was merged from takes them
 
 
+@pytest.mark.parametrize("strategy", ["attribute", "token"])
+def test_a_merged_copy_refuses_training_mode_and_stays_in_eval(tok, strategy):
+    """The refusal came from the first frozen layer in the middle of nn.Module.train's walk, after
+    23 of 92 modules had switched to training mode (dropout on: two forwards of the copy differed);
+    a copy whose layers route by content (none frozen) did not refuse at all."""
+    task = load_preset("digit_classification", "train", limit=2)
+    fast = merge_for_inference(build([task], tok, router=RouterConfig(strategy=strategy)))
+    with pytest.raises(ValueError, match="copy for inference .* train the original model and merge it again"):
+        fast.train()
+    assert not any(m.training for m in fast.modules())
+    fast.eval()  # eval mode stays allowed
+    batch = collate(list(task.samples(tok, training=False)), tok, fast.task_ids)
+    with torch.no_grad():
+        assert torch.equal(fast(batch).logits, fast(batch).logits)
+
+
 def test_a_stack_takes_a_tag_batch_only_for_its_tokens(tok):
     # Stack.forward accepts the TagBatch itself (decoding keeps one per distinct step): the same
     # output as from the tags and padding it was built from; one for other tokens is refused

@@ -469,6 +469,18 @@ class GeneralistModel(nn.Module):
             x = self.embedding_norm(x)
         return x
 
+    def train(self, mode: bool = True) -> "GeneralistModel":
+        """As ``nn.Module.train``, refusing training mode for a model ``merge_for_inference`` made
+        (or one whose MoE layers it froze, ``merged_in_place``) before any module changes mode: a
+        frozen layer refused from inside the walk, after a quarter of the modules had switched to
+        training mode (dropout on in a copy meant for inference), and a copy whose layers are all
+        routed by content (none frozen) did not refuse at all."""
+        frozen = any(getattr(m, "frozen", False) for m in self.modules())
+        if mode and (getattr(self, "inference_copy", False) or frozen):
+            raise ValueError("this model is a copy for inference (merge_for_inference) or has MoE layers frozen for "
+                             "it: train the original model and merge it again")
+        return super().train(mode)
+
     def _adapters_times_zero(self):
         """0 · a weight of every trainable adapter, frame head and stop head parameter: each gets a
         gradient (zero where the batch did not use it), on every process alike (``touch_all_adapters``)."""
