@@ -123,3 +123,25 @@ def test_a_small_bf16_model_with_an_image_tokenizer_loads_in_bf16(tok, tmp_path)
     with torch.no_grad():
         assert torch.equal(loaded(batch).logits, model(batch).logits)
     assert loaded.infer(tasks[1], tasks[1].data[:1])[0].box == model.infer(tasks[1], tasks[1].data[:1])[0].box
+
+
+@pytest.mark.parametrize("decoder_only", [False, True])
+def test_a_row_past_the_position_table_is_named_and_skippable_in_infer(tok, decoder_only):
+    """One long row among short ones failed the whole infer call with an error naming neither task nor
+    row, and on_error="skip" did not skip it: it is a TaskDataError of its row now."""
+    from helpers import build
+
+    from moe_gen.tasks import TaskDataError
+
+    rows = [{"text": "a short note", "label": "a"}, {"text": "another short note", "label": "b"}]
+    long_row = {"text": " ".join(["word"] * 200), "label": "a"}
+    layout = {"layout": "decoder-only"} if decoder_only else {}
+    strict = Task("notes", "[TEXT:text] topic? -> [TEXT:label,closed_set]", rows)
+    model = build([strict], tok, max_positions=64, **layout).eval()
+    short = [p.text for p in model.infer(strict, rows)]
+    with pytest.raises(TaskDataError, match=r"task 'notes', row 1: a sample reaches position \d+, past the learned "
+                                            r"position table \(ModelConfig.max_positions=64\)"):
+        model.infer(strict, [rows[0], long_row, rows[1]])
+    lenient = Task("notes", "[TEXT:text] topic? -> [TEXT:label,closed_set]", rows, on_error="skip")
+    answers = model.infer(lenient, [rows[0], long_row, rows[1]])
+    assert answers[1] is None and [answers[0].text, answers[2].text] == short and lenient.skipped == 1

@@ -673,9 +673,9 @@ class GeneralistModel(nn.Module):
                              f"{', '.join(self.config.tasks)}")
         return task
 
-    @staticmethod
-    def _encode_rows(task, plan, rows: Sequence, indices: Optional[Sequence[int]]) -> tuple[list, set[int]]:
-        """The rows encoded for inference, and the positions of those skipped under ``on_error="skip"``."""
+    def _encode_rows(self, task, plan, rows: Sequence, indices: Optional[Sequence[int]]) -> tuple[list, set[int]]:
+        """The rows encoded for inference, and the positions of those skipped under ``on_error="skip"``
+        (a row that fails to encode, or reaches past the learned position table)."""
         if isinstance(rows, (Mapping, str)):
             raise ValueError(f"task {task.name!r}: infer takes a list of rows, got one {type(rows).__name__}; "
                              "pass [row] for a single row")
@@ -685,13 +685,38 @@ class GeneralistModel(nn.Module):
         samples, failed = [], set()
         for i, (row, index) in enumerate(zip(rows, indices)):
             try:
-                samples.append(plan.encode(row, index, training=False, inference=True, template=0))
+                sample = plan.encode(row, index, training=False, inference=True, template=0)
+                self._check_reach(task.name, sample)
+                samples.append(sample)
             except TaskDataError as exc:
                 if task.on_error != "skip":
                     raise
                 task.skip_row(index, exc)
                 failed.add(i)
         return samples, failed
+
+    def _check_reach(self, task_name: str, sample) -> None:
+        """Raises ``TaskDataError`` naming task and row for a sample that reaches past the learned
+        position table (raised from the batch's forward, it failed every row of the call and named
+        none, and ``on_error="skip"`` could not skip it). Only a sample as long as the table, or one
+        whose chunks give their own positions, can: those are collated alone and checked as
+        ``forward`` checks them."""
+        from moe_gen.tasks.batch import collate
+
+        limit = self.config.max_positions
+        given = any(c.position_ids is not None for c in (*sample.encoder, *sample.decoder))
+        if self.config.positions != "learned" or (sum(sample.lengths()) < limit and not given):
+            return
+        batch = collate([sample], self.tokenizer, self.task_ids, modality_ids=self.modality_ids)
+        enc, dec = batch.encoder, batch.decoder
+        try:
+            _check_positions(_side_positions(enc), enc, self.config)
+            if self.config.decoder_only:
+                positions = dec.position_ids if dec.position_ids is not None else \
+                    _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
+                _check_positions(positions, dec, self.config)
+        except ValueError as exc:
+            raise TaskDataError(f"task {task_name!r}, row {sample.index}: {exc}") from None
 
     def _check_features(self, task_name: str, samples: Sequence) -> None:
         """Raises ``ValueError`` for feature chunks the model has no adapter for, or of the wrong width."""
