@@ -340,19 +340,21 @@ def _same_rows(tokens_BL: torch.Tensor, scored_BL: Optional[torch.Tensor] = None
 
 def _same_inputs(encoder: Side) -> torch.Tensor:
     """``[B, B]``: True where rows ``i`` and ``j`` give the encoder the same input: the same tokens,
-    tags and feature rows at the same places (one image with several captions, say)."""
+    tags and feature rows at the same places (one image with several captions, say). One key row per
+    sample, compared bit for bit on the device by ``torch.unique`` (a loop over the rows copied each
+    row's features to the host every step)."""
     B, S = encoder.tokens.shape
-    keep_BS = ~encoder.padding_mask
-    keys: list[list] = [[tuple(encoder.tokens[b][keep_BS[b]].tolist()), tuple(encoder.is_token[b][keep_BS[b]].tolist()),
-                         tuple(encoder.tags.task[b][keep_BS[b]].tolist())] for b in range(B)]
+    pad_BS = encoder.padding_mask
+    parts = [pad_BS.long(), encoder.tokens.masked_fill(pad_BS, 0), encoder.is_token.long().masked_fill(pad_BS, 0),
+             encoder.tags.task.long().masked_fill(pad_BS, 0)]
     for name in sorted(encoder.rows):
-        row_N = encoder.index[name] // S
-        for b in range(B):
-            mine = row_N == b
-            # (a bf16 row is exact in fp32; numpy has no bf16)
-            keys[b] += [encoder.rows[name][mine].float().cpu().numpy().tobytes(),
-                        tuple(encoder.index[name][mine].remainder(S).tolist())]
-    return _same_keys([tuple(key) for key in keys], encoder.tokens.device)
+        rows_NF = encoder.rows[name].float()  # (a bf16 row is exact in fp32)
+        placed = rows_NF.new_zeros(B * S, rows_NF.shape[1]).index_copy(0, encoder.index[name], rows_NF)
+        present = torch.zeros(B * S, dtype=torch.long, device=placed.device).index_fill(0, encoder.index[name], 1)
+        parts += [placed.view(torch.int32).long().view(B, -1), present.view(B, S)]
+    keys_BK = torch.cat([part.to(encoder.tokens.device) for part in parts], dim=1)
+    _, group_B = torch.unique(keys_BK, dim=0, return_inverse=True)
+    return group_B[:, None] == group_B[None, :]
 
 
 def _same_keys(keys: list, device) -> torch.Tensor:

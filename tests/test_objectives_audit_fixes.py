@@ -153,3 +153,29 @@ def test_the_frame_l1_is_a_mean_of_row_means_with_or_without_task_weights(tok):
         losses = [float(GenerativeObjective(model)(part)["frame_loss"]) for part in parts]
         whole = float(GenerativeObjective(model)(collate(samples[:6], tok, model.task_ids))["frame_loss"])
     assert whole == pytest.approx(sum(n * loss for n, loss in zip(rows, losses)) / sum(rows), rel=1e-6)
+
+
+def test_same_inputs_compares_every_token_tag_and_feature_value():
+    """Rows are the same input when tokens, tags and feature rows all agree (computed on the device for
+    the whole batch at once; it looped over the rows, copying their features to the host): repeated
+    rows pair up, and one feature value changed in a repeat tells it apart."""
+    from helpers import build
+
+    from moe_gen.objectives import _same_inputs
+    from moe_gen.tasks import Tokenizer, collate, load_preset
+
+    tok = Tokenizer.default()
+    tasks = [load_preset(n, "train", limit=6) for n in ("spoken_word_classification", "table_species")]
+    model = build(tasks, tok)
+    samples = [s for t in tasks for s in t.samples(tok, training=False)]
+    batch = collate(samples + samples[:3], tok, model.task_ids)  # rows 12, 13, 14 repeat rows 0, 1, 2
+    ids = list(range(len(samples))) + [0, 1, 2]
+    expected = torch.tensor([[a == b for b in ids] for a in ids])
+    assert torch.equal(_same_inputs(batch.encoder), expected)
+    name = next(iter(batch.encoder.rows))
+    S = batch.encoder.tokens.shape[1]
+    first_of_row_13 = int((batch.encoder.index[name] // S == 13).nonzero()[0])
+    batch.encoder.rows[name][first_of_row_13, 0] += 1.0
+    changed = expected.clone()
+    changed[1, 13] = changed[13, 1] = False
+    assert torch.equal(_same_inputs(batch.encoder), changed)
