@@ -37,6 +37,7 @@ from typing import Optional
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "moe_gen")
 ROOT = os.path.normpath(ROOT)
+MAX_HOPS, MAX_LINES = 8, 60  # issue 15: hops from GeneralistModel.forward to the expert matmul; lines a function
 MATMUL_FUNCTIONS = ("forward_sorted", "forward_merged_groups", "forward_merged_sets", "forward_padded",
                     "forward_expert")
 MUTATORS = {"append", "update", "pop", "setdefault", "clear", "add", "extend", "insert", "popitem"}
@@ -275,6 +276,20 @@ def main() -> None:
         with open(args.json, "w") as f:
             json.dump({"hops": hops, "longest_functions": longest, "import_cycles": cycles,
                        "module_state": state}, f, indent=1)
+    broken = over_limits(hops, longest, cycles, state)
+    if broken:  # (it printed and exited 0: a 66-line function went unnoticed until the test suite ran)
+        sys.exit("LIMITS EXCEEDED: " + "; ".join(broken))
+
+
+def over_limits(hops: dict, longest: list, cycles: list, state: list) -> list[str]:
+    """The structure limits of issue 15 that these figures break (none: an empty list)."""
+    broken = []
+    if hops["num_hops"] > MAX_HOPS or hops["num_reentries"]:
+        broken.append(f"{hops['num_hops']} hops (at most {MAX_HOPS}), {hops['num_reentries']} re-entries (none)")
+    broken += [f"{where} has {n} lines (at most {MAX_LINES})" for n, where in longest if n > MAX_LINES]
+    broken += [f"import cycle {' → '.join(cycle)}" for cycle in cycles]
+    broken += [f"module-level mutable state {where}" for where in state]
+    return broken
 
 
 if __name__ == "__main__":

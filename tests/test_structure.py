@@ -45,3 +45,15 @@ def test_the_forward_reaches_the_expert_matmul_in_at_most_8_hops(router, backend
     assert hops["path"][0].endswith("GeneralistModel.forward")
     # control never comes back into a module by another way than the one that first led there
     assert hops["reentries"] == [], hops["reentries"]
+
+
+def test_the_script_fails_when_a_limit_is_broken():
+    """It printed the figures and exited 0 whatever they were (a 66-line function went unnoticed until
+    the test suite ran): now each broken limit is named, and main exits non-zero."""
+    hops = {"num_hops": 4, "num_reentries": 0}
+    assert check.over_limits(hops, [(60, "a.py:1 f")], [], []) == []
+    broken = check.over_limits({"num_hops": 9, "num_reentries": 1}, [(66, "b.py:3 g"), (60, "a.py:1 f")],
+                               [["moe_gen.a", "moe_gen.b"]], ["moe_gen/a.py:2 _CACHE"])
+    assert broken == ["9 hops (at most 8), 1 re-entries (none)", "b.py:3 g has 66 lines (at most 60)",
+                      "import cycle moe_gen.a → moe_gen.b", "module-level mutable state moe_gen/a.py:2 _CACHE"]
+
