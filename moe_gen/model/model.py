@@ -20,6 +20,7 @@ from torch import nn
 
 from moe_gen.model.config import ModelConfig
 from moe_gen.model.files import MODEL_FILES
+from moe_gen.model.positions import check_positions, location_basis, positions_in_sample, side_positions
 from moe_gen.model.transformer import Stack, StackOutput, make_norm
 from moe_gen.registry import ADAPTERS
 from moe_gen.routing.inputs import InstructionInput
@@ -117,42 +118,6 @@ def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
     from moe_gen.model.generate import Sampling
 
     return Sampling(1.0 if temperature is None else temperature, top_k, top_p, seed)
-
-
-def location_basis(num_bins: int, frequencies: int) -> torch.Tensor:
-    """``[num_bins, 2F]``: ``sin`` and ``cos`` of ``2^j·π·u`` for the coordinate ``u = k / (num_bins - 1)``
-    of each location bin ``k`` (wavelengths from 2 down to ``2^(2-F)``: the coarsest separates the
-    two halves of the image, the finest neighbouring pixels of a 2^(F-1)-pixel side)."""
-    u = torch.arange(num_bins, dtype=torch.float32) / max(num_bins - 1, 1)
-    angles = u[:, None] * (math.pi * 2.0 ** torch.arange(frequencies, dtype=torch.float32))
-    return torch.cat([angles.sin(), angles.cos()], dim=-1)
-
-
-def _side_positions(side: Side) -> torch.Tensor:
-    """long ``[B, S]``: the positions a side's samples give (``Side.position_ids``), or each
-    position's index within its packed sample."""
-    return side.position_ids if side.position_ids is not None else _positions_in_sample(side.tags.sample)
-
-
-def _check_positions(positions_BS: torch.Tensor, side: Side, config: ModelConfig) -> None:
-    """Refuses a batch whose samples reach past the learned position table (they read its last
-    row); padding does not count, nor features where only tokens get learned positions."""
-    limit = config.max_positions
-    unread_BS = side.padding_mask if config.positions_on_features else side.padding_mask | ~side.is_token
-    top = int(positions_BS.masked_fill(unread_BS, 0).max()) if positions_BS.numel() else 0
-    if top >= limit:
-        raise ValueError(f"a sample reaches position {top}, past the learned position table "
-                         f"(ModelConfig.max_positions={limit}); shorten its inputs (e.g. max_length=) or build the "
-                         "model with a larger max_positions")
-
-
-def _positions_in_sample(sample_BS: torch.Tensor) -> torch.Tensor:
-    """Index of each position within its packed sample (restarts where the sample id changes)."""
-    B, S = sample_BS.shape
-    arange = torch.arange(S, device=sample_BS.device).expand(B, S)
-    starts = torch.ones_like(sample_BS, dtype=torch.bool)
-    starts[:, 1:] = sample_BS[:, 1:] != sample_BS[:, :-1]
-    return arange - torch.where(starts, arange, 0).cummax(dim=1).values
 
 
 def _task_words(names: Sequence[str], tasks: Sequence, known: Sequence[str],
@@ -459,9 +424,9 @@ class GeneralistModel(nn.Module):
         if self.config.positions == "learned":
             limit = self.config.max_positions
             if positions is None:
-                positions = _side_positions(side)
+                positions = side_positions(side)
                 if S > limit or side.position_ids is not None:  # else no sample can reach the limit
-                    _check_positions(positions, side, self.config)
+                    check_positions(positions, side, self.config)
             # (padding may run past the table: it reads its last row; decoding steps pass their positions)
             table = self.position_embedding(positions.clamp_max(limit - 1))
             x = x + (table if self.config.positions_on_features else table * side.is_token.unsqueeze(-1))
@@ -495,7 +460,7 @@ class GeneralistModel(nn.Module):
         from moe_gen.model.transformer import rotary_tables
 
         if positions is None:
-            positions = _side_positions(side)
+            positions = side_positions(side)
         return rotary_tables(positions, self.config.d_model // self.config.num_heads, self.config.rotary_base)
 
     def output_logits(self, hidden: torch.Tensor) -> torch.Tensor:
@@ -551,16 +516,16 @@ class GeneralistModel(nn.Module):
         (B, S), L = enc.tokens.shape, dec.tokens.shape[1]
         # (positions given by the samples, the masked objective's, are places in the whole sample already)
         dec_positions = dec.position_ids if dec.position_ids is not None else \
-            _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
+            positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
         if self.config.positions == "learned" and (S + L > self.config.max_positions or dec.position_ids is not None):
-            _check_positions(dec_positions, dec, self.config)
+            check_positions(dec_positions, dec, self.config)
         x = torch.cat([self.embed(enc), self.embed(dec, dec_positions)], dim=1)
         inputs_see_no_targets = torch.zeros(B, S, L, dtype=torch.bool, device=x.device)
         top = torch.cat([self._prefix_mask(enc), inputs_see_no_targets], dim=2)
         bottom = torch.cat([dec.cross_attention_mask(enc), dec.attention_mask(causal=True)], dim=2)
         rope = None
         if self.config.positions == "rotary":
-            rope = self.rope(enc, torch.cat([_side_positions(enc), dec_positions], dim=1))
+            rope = self.rope(enc, torch.cat([side_positions(enc), dec_positions], dim=1))
         out = self.decoder(x, torch.cat([top, bottom], dim=1), TokenTags.cat([enc.tags, dec.tags], dim=1),
                            torch.cat([enc.padding_mask, dec.padding_mask], dim=1), rope=rope)
         # Each MoE call routed both parts at once: its output is reported once, with the targets'.
@@ -710,11 +675,11 @@ class GeneralistModel(nn.Module):
         batch = collate([sample], self.tokenizer, self.task_ids, modality_ids=self.modality_ids)
         enc, dec = batch.encoder, batch.decoder
         try:
-            _check_positions(_side_positions(enc), enc, self.config)
+            check_positions(side_positions(enc), enc, self.config)
             if self.config.decoder_only:
                 positions = dec.position_ids if dec.position_ids is not None else \
-                    _positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
-                _check_positions(positions, dec, self.config)
+                    positions_in_sample(dec.tags.sample) + self.prefix_lengths(dec, enc)
+                check_positions(positions, dec, self.config)
         except ValueError as exc:
             raise TaskDataError(f"task {task_name!r}, row {sample.index}: {exc}") from None
 
