@@ -334,8 +334,13 @@ def _same_rows(tokens_BL: torch.Tensor, scored_BL: Optional[torch.Tensor] = None
     """``[B, B]``: True where rows ``i`` and ``j`` hold the same scored tokens, wherever in the row
     they start (a template with literal text before the answer shifts them: compared position by
     position, one caption was its own negative)."""
-    scored_BL = torch.ones_like(tokens_BL, dtype=torch.bool) if scored_BL is None else scored_BL
-    return _same_keys([tuple(row[keep].tolist()) for row, keep in zip(tokens_BL, scored_BL)], tokens_BL.device)
+    scored_BL = torch.ones_like(tokens_BL, dtype=torch.bool) if scored_BL is None else scored_BL.bool()
+    # each row's scored tokens moved to its front in their order (a stable sort), the rest −1: equal
+    # key rows are equal token sequences, compared on the device by ``torch.unique``
+    order_BL = torch.argsort((~scored_BL).to(torch.int8), dim=1, stable=True)
+    keys_BL = tokens_BL.long().gather(1, order_BL).masked_fill(~scored_BL.gather(1, order_BL), -1)
+    _, group_B = torch.unique(keys_BL, dim=0, return_inverse=True)
+    return group_B[:, None] == group_B[None, :]
 
 
 def _same_inputs(encoder: Side) -> torch.Tensor:
@@ -355,13 +360,6 @@ def _same_inputs(encoder: Side) -> torch.Tensor:
     keys_BK = torch.cat([part.to(encoder.tokens.device) for part in parts], dim=1)
     _, group_B = torch.unique(keys_BK, dim=0, return_inverse=True)
     return group_B[:, None] == group_B[None, :]
-
-
-def _same_keys(keys: list, device) -> torch.Tensor:
-    """``[B, B]``: True where the hashable ``keys`` of rows ``i`` and ``j`` are equal."""
-    ids = {key: i for i, key in enumerate(dict.fromkeys(keys))}
-    key_B = torch.tensor([ids[key] for key in keys], device=device)
-    return key_B.unsqueeze(1) == key_B.unsqueeze(0)
 
 
 def _multi_positive_nce(logits_BB: torch.Tensor, positive_BB: torch.Tensor,

@@ -52,6 +52,18 @@ def test_duplicate_captions_are_positives_not_negatives():
     torch.testing.assert_close(_multi_positive_nce(logits, distinct), F.cross_entropy(logits, torch.arange(3)))
 
 
+def test_same_rows_compares_the_scored_tokens_in_order_wherever_they_sit():
+    """The vectorised comparison equals comparing each row's scored tokens as Python tuples, over
+    random rows whose scored spans start at different places and have different lengths."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randint(0, 3, (64, 5), generator=g)
+    scored = torch.rand(64, 5, generator=g) < 0.5
+    keys = [tuple(row[keep].tolist()) for row, keep in zip(tokens, scored)]
+    expected = [[a == b for b in keys] for a in keys]
+    assert _same_rows(tokens, scored).tolist() == expected
+    assert _same_rows(tokens).tolist() == [[a.tolist() == b.tolist() for b in tokens] for a in tokens]
+
+
 def test_contrastive_parts_report_what_the_loss_holds(tok):
     task = load_preset("image_text_retrieval", "train", limit=40)
     model = _build([task], tok).eval()
