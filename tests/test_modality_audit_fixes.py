@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from moe_gen.tasks import Task, TaskDataError, Tokenizer
+from moe_gen.tasks.modalities.box import quantize_box
 from moe_gen.tasks.modalities.signals import read_waveform
 from moe_gen.tasks.modalities.text_like import to_phones
 
@@ -226,3 +227,76 @@ def test_a_video_file_is_resized_as_it_is_decoded_with_the_same_features(tok, tm
     from moe_gen.tasks.modalities.visual import load_video_frames
 
     assert load_video_frames(str(path), size=32).shape == (9, 32, 32, 3)  # what is held while decoding
+
+
+# ---- found by the thirteenth session's audit (2026-12-06) -------------------------------------------
+
+
+def test_a_box_finds_its_image_in_slots_filled_by_position(tok):
+    """Slots without a column were not recorded for the BOX: every row was refused as if the
+    instruction had no IMAGE slot."""
+    image, box = np.zeros((48, 64, 3), np.uint8), [8, 4, 40, 36]
+    by_column = Task("g", "[IMAGE:img] where is it? -> [BOX:box]", [{"img": image, "box": box}])
+    by_position = Task("g", "[IMAGE] where is it? -> [BOX]", [(image, box)])
+    expected = by_column.encode(0, tok, training=False)
+    got = by_position.encode(0, tok, training=False)
+    assert got.decoder[0].tokens == expected.decoder[0].tokens
+    assert got.meta["image_size"] == expected.meta["image_size"] == (64, 48)
+
+
+def test_a_repeated_group_of_images_of_different_sizes_is_refused_for_its_boxes(tok):
+    """Every box of `( [IMAGE] [BOX] )*` was measured against the first item's image: a later box on
+    a larger image became 'the whole image', silently."""
+    small, large = np.zeros((20, 30, 3), np.uint8), np.zeros((40, 60, 3), np.uint8)
+    ins = "( [IMAGE:crops] [BOX:boxes] )* what are these? -> [TEXT:y]"
+    task = Task("t", ins, [{"crops": [small, large], "boxes": [[0, 0, 30, 20], [0, 0, 30, 20]], "y": "a"}])
+    with pytest.raises(TaskDataError, match=r"row 0: the sample's images differ in size \('crops'\[0\] 30x20, "
+                                            r"'crops'\[1\] 60x40\)"):
+        task.encode(0, tok, training=False)
+    alike = Task("t", ins, [{"crops": [large, large], "boxes": [[0, 0, 30, 20], [0, 0, 60, 40]], "y": "a"}])
+    boxes = [c for c in alike.encode(0, tok, training=False).encoder if c.modality == "BOX"]
+    assert [tok.bin_index(t) for t in boxes[0].tokens] == quantize_box([0, 0, 30, 20], 60, 40, tok.num_bins)
+    assert [tok.bin_index(t) for t in boxes[1].tokens] == quantize_box([0, 0, 60, 40], 60, 40, tok.num_bins)
+
+
+@pytest.mark.parametrize("top", [1.0, 1.001, 1.2, 1.5])
+def test_a_float_image_that_overshoots_one_is_read_as_a_unit_image(tok, top):
+    """A [0, 1] image a bicubic resize took to 1.001 was read as [0, 255] pixels: all black."""
+    ramp = np.linspace(0.0, top, 64 * 64, dtype=np.float32).reshape(64, 64, 1).repeat(3, axis=2)
+    clipped = np.clip(ramp, 0.0, 1.0)
+    task = Task("c", "[IMAGE:img] what is it? -> [TEXT:y]", [{"img": ramp, "y": "a"}, {"img": clipped, "y": "a"}])
+    features = [task.encode(i, tok, training=False).encoder[0].rows for i in (0, 1)]
+    torch.testing.assert_close(features[0], features[1])
+    brighter = Task("c", "[IMAGE:img] what is it? -> [TEXT:y]", [{"img": ramp * 100, "y": "a"}])
+    assert not torch.allclose(brighter.encode(0, tok, training=False).encoder[0].rows, features[1])
+
+
+def test_decimal_cells_are_numbers(tok):
+    """SQL NUMERIC columns arrive as ``decimal.Decimal``: refused as 'not a number' before."""
+    from decimal import Decimal
+
+    from moe_gen.tasks.modalities.table import MISSING, NUMERIC, read_cell
+
+    assert read_cell(Decimal("2.50")) == (NUMERIC, 2.5)
+    assert read_cell(Decimal("NaN"))[0] == read_cell(Decimal("sNaN"))[0] == MISSING
+    with pytest.raises(Exception, match="numbers must be finite"):
+        read_cell(Decimal("Infinity"))
+    rows = [{"t": {"price": Decimal(str(v))}, "y": "a"} for v in (1, 2, 3)]
+    floats = [{"t": {"price": float(v)}, "y": "a"} for v in (1, 2, 3)]
+    a, b = (Task("t", "[STRUCT:t] which? -> [TEXT:y]", r) for r in (rows, floats))
+    assert a.fit_statistics() == b.fit_statistics()
+    torch.testing.assert_close(a.encode(1, tok, training=False).encoder[0].rows,
+                               b.encode(1, tok, training=False).encoder[0].rows)
+
+
+def test_a_box_target_beside_images_of_different_sizes_is_refused_at_inference_too(tok):
+    """Inference encodes no target, so the size check never ran: the box was decoded onto the first
+    image's size, whichever came first."""
+    square = lambda n: np.zeros((n, n, 3), np.uint8)  # noqa: E731
+    rows = [{"a": square(32), "b": square(32), "box": [1, 2, 10, 12]}]
+    plan = Task("two", "[IMAGE:a] [IMAGE:b] where? -> [BOX:box]", rows).plan(tok)
+    alike = plan.encode({"a": square(32), "b": square(32)}, 0, training=False, inference=True)
+    assert alike.meta["image_size"] == (32, 32)
+    for row in ({"a": square(32), "b": square(64)}, {"a": square(64), "b": square(32)}):
+        with pytest.raises(TaskDataError, match=r"column 'box', row 0: the sample's images differ in size"):
+            plan.encode(row, 0, training=False, inference=True)

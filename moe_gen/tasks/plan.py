@@ -550,14 +550,7 @@ class TaskPlan:
                             task=self.name, index=index, max_positions=self.max_slot_positions,
                             predicted=frozenset(p.slot.column for p in full_decoder if p.loss and p.slot.column))
         values = self._slot_values(row, encoder_plan + decoder_plan, index, full_encoder + full_decoder)
-        # Non-text slots first, so a BOX can read the size of its sample's IMAGE.
-        encoded: dict[int, list[SlotEncoding]] = {}
-        order = sorted(range(len(values)), key=lambda i: values[i][0].modality.text_like)
-        for i in order:
-            plan, items = values[i]
-            encoded[i] = [self._encode_slot(plan, item, ctx) for item in items]
-            if plan.slot.column is not None and encoded[i]:
-                ctx.encoded[plan.slot.column] = encoded[i][0]
+        encoded = self._encode_slots(values, ctx)
         n_enc = len(encoder_plan)
         auto_eos = not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan)
         check_decodable(self, t, [encoded[i] for i in range(n_enc, len(values))], ctx, auto_eos)
@@ -589,16 +582,28 @@ class TaskPlan:
         meta = {"template": t, **self._image_size(ctx, full_decoder)}
         return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), meta)
 
+    def _encode_slots(self, values: list, ctx: EncodeContext) -> dict[int, list[SlotEncoding]]:
+        """Each slot's items encoded, by slot index. Non-text slots first, so a BOX can read the
+        size of its sample's IMAGE: every item of every slot goes into ``ctx.encoded`` by column
+        (or place), so slots filled by position and a group's later items count too."""
+        encoded: dict[int, list[SlotEncoding]] = {}
+        for i in sorted(range(len(values)), key=lambda i: values[i][0].modality.text_like):
+            plan, items = values[i]
+            encoded[i] = [self._encode_slot(plan, item, ctx) for item in items]
+            name = repr(plan.slot.column) if plan.slot.column is not None else f"slot {i + 1}"
+            for k, encoding in enumerate(encoded[i]):
+                ctx.encoded[name if len(encoded[i]) == 1 else f"{name}[{k}]"] = encoding
+        return encoded
+
     @staticmethod
     def _image_size(ctx: EncodeContext, decoder: list[SlotPlan]) -> dict[str, Any]:
-        """``{"image_size": (width, height)}`` that decoded boxes map back to: the original size of
-        the sample's image, else (for box targets) the row's ``width`` and ``height``; ``{}``."""
-        for encoding in ctx.encoded.values():
-            if "original_size" in encoding.meta:
-                return {"image_size": encoding.meta["original_size"]}
+        """``{"image_size": (width, height)}`` that decoded boxes map back to: for box targets, the
+        size ``box_image_size`` gives (the sample's images, refused where they differ in size as
+        in training, else the row's ``width`` and ``height``); else the first image's; ``{}``."""
         boxes = [p for p in decoder if p.decode is not None and p.decode.kind == "box"]
         if not boxes:
-            return {}
+            sizes = [e.meta["original_size"] for e in ctx.encoded.values() if "original_size" in e.meta]
+            return {"image_size": sizes[0]} if sizes else {}
         from moe_gen.tasks.modalities.text_like import box_image_size
 
         try:

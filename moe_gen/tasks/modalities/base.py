@@ -181,7 +181,8 @@ class EncodeContext:
             the decoder); augmentation applies to encoder inputs only. Set per slot by the plan.
         predicted: the columns of the sample's scored decoder slots (its answers).
         row: the whole data row (some slots depend on others, e.g. boxes on their image).
-        encoded: slots of this sample already encoded, by column.
+        encoded: slots of this sample already encoded, by ``repr(column)`` (``"slot N"`` for a slot
+            without one; ``[k]`` appended for each item of a repeated slot).
         task: task name, and index: row index, for error messages.
         max_positions: the most positions one slot may take (``TaskPlan`` checks every slot;
             a preprocessor with costly work, such as resampling audio, refuses earlier).

@@ -44,6 +44,7 @@ long column lists, or a dict of single values (a one-row table: ``{"sepal length
 from __future__ import annotations
 
 import collections
+import decimal
 import math
 import numbers
 from typing import Any, Iterable, Mapping, Optional
@@ -131,11 +132,13 @@ def read_cell(value: Any) -> tuple[int, Any]:
         return MISSING, None
     if isinstance(value, (bool, np.bool_)):
         return TEXT, str(bool(value))
-    if isinstance(value, numbers.Real):  # int, float, numpy numbers
+    if isinstance(value, (numbers.Real, decimal.Decimal)):  # int, float, numpy numbers; SQL NUMERIC cells
         try:
             number = float(value)
         except OverflowError:
             raise SlotValueError(f"the number {brief(value)} does not fit a float") from None
+        except ValueError:  # Decimal("sNaN"): a not-a-number that refuses float()
+            return MISSING, None
         if math.isnan(number):
             return MISSING, None
         if math.isinf(number):

@@ -240,7 +240,7 @@ def box_image_size(ctx: EncodeContext, slot) -> tuple[float, float]:
     when the sample has images of different sizes: which one the box is on cannot be told)."""
     sizes = {column: e.meta["original_size"] for column, e in ctx.encoded.items() if "original_size" in e.meta}
     if len(set(sizes.values())) > 1:
-        described = ", ".join(f"{column!r} {w:g}x{h:g}" for column, (w, h) in sizes.items())
+        described = ", ".join(f"{name} {w:g}x{h:g}" for name, (w, h) in sizes.items())
         raise SlotValueError(f"{ctx.where(slot.column)}: the sample's images differ in size ({described}), so "
                              "a BOX slot cannot tell which one its pixel coordinates are on; give boxes with one "
                              "image per task, or resize the images alike")

@@ -37,6 +37,9 @@ register_modality(ModalitySpec("VIDEO", text_like=False, preprocess="video", ada
 # Rows and columns, and frames, the patch adapters have position embeddings for.
 MAX_GRID_SIDE = 64
 MAX_FRAMES = 64
+# a float image whose maximum is at most this is a [0, 1] image (bicubic resizing overshoots 1 by up to
+# ~15%); above it, pixels are read as [0, 255]
+FLOAT_OVERSHOOT = 1.5
 
 # ``augment=`` of an IMAGE input slot: label-preserving geometric changes drawn per sample in
 # training (PIL ``Image.Transpose`` names; None is the image as it is). ``mirror``: left-right or not;
@@ -75,8 +78,9 @@ def _from_lists(value: Any, what: str) -> np.ndarray:
 
 
 def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
-    """Pixels as uint8: uint8 as they are; other numbers scaled (floats in [0, 1] by 255, values
-    beyond 255 down to the array's maximum) and clipped to [0, 255]."""
+    """Pixels as uint8: uint8 as they are; other numbers scaled (floats up to ``FLOAT_OVERSHOOT``
+    and 0/1 integers by 255, values beyond 255 down to the array's maximum) and clipped to
+    [0, 255]."""
     if array.dtype.kind not in "biuf":
         raise SlotValueError(f"{what} must hold numbers, got dtype {array.dtype}")
     if array.size == 0:
@@ -90,7 +94,10 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
         raise SlotValueError(f"{what} has negative pixel values (down to {low:.3g}): pixels are expected in [0, 1] "
                              "or [0, 255]; undo a normalisation such as (x - mean) / std before passing the image")
     high = float(array.max())
-    scale = 255.0 if high <= 1.0 else 255.0 / max(high, 1.0) if high > 255 else 1.0
+    if array.dtype.kind == "f" and high <= FLOAT_OVERSHOOT:
+        scale = 255.0  # a [0, 1] image; what a resampling filter overshoots past 1 is clipped
+    else:
+        scale = 255.0 if high <= 1.0 else 255.0 / high if high > 255 else 1.0
     with np.errstate(over="ignore"):  # float16 pixels times 255 may overflow; the clip bounds them
         return np.clip(array * scale, 0, 255).astype(np.uint8)
 
@@ -102,7 +109,8 @@ def _rgb(image):
     from PIL import Image
 
     if image.mode in ("I", "F") or image.mode.startswith("I;"):
-        image = Image.fromarray(_as_uint8(np.asarray(image).astype(np.float32), f"a {image.mode} image"))
+        pixels = np.asarray(image).astype(np.float32 if image.mode == "F" else np.int64)
+        image = Image.fromarray(_as_uint8(pixels, f"a {image.mode} image"))
     return image.convert("RGB")
 
 
