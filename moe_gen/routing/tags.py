@@ -158,12 +158,18 @@ class TokenTags:
         num_passes: int,
         num_tasks: int,
     ) -> None:
-        """Raises ``ValueError`` naming the tag at fault: shape, dtype or out-of-range value."""
+        """Raises ``ValueError`` naming the tag at fault: shape, dtype or out-of-range value.
+
+        ``causal`` and ``task_modalities`` must be bool or hold only 0 and 1: ``group_key`` packs
+        each into one bit, so a 2 would carry into the next tag and give two different tag
+        combinations one tag group (one route)."""
         shape = tuple(shape)
-        limits = {
-            "task": num_tasks, "modality": num_modalities, "role": num_roles, "pass_id": num_passes,
+        bounds = {  # [low, high) of each tag's values
+            "task": (0, num_tasks), "modality": (0, num_modalities), "role": (0, num_roles),
+            "causal": (0, 2), "pass_id": (0, num_passes),
         }
-        ranges = _value_ranges([getattr(self, name) for name in _RANGED], shape) or {}
+        # one reduction for all the integer tags of one dtype (bool ones need none: a bool is 0 or 1)
+        ranges = _value_ranges({name: getattr(self, name) for name in bounds}, shape)
         for name in ("task", "modality", "role", "causal", "pass_id", "sample"):
             t = getattr(self, name)
             if t is None:
@@ -176,20 +182,14 @@ class TokenTags:
                 )
             if t.is_floating_point() or t.is_complex():
                 raise ValueError(f"tags.{name} must be an integer or bool tensor, got {t.dtype}")
-            if name in limits and t.numel():
-                # one reduction for all four, unless their dtypes differ
-                lo, hi = ranges.get(name) or (int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
-                if lo < 0 or hi >= limits[name]:
-                    raise ValueError(
-                        f"tags.{name} values must lie in [0, {limits[name]}), got [{lo}, {hi}]"
-                    )
-        tm = self.task_modalities
-        if not isinstance(tm, torch.Tensor) or tuple(tm.shape) != shape + (num_modalities,):
-            got = tuple(tm.shape) if isinstance(tm, torch.Tensor) else type(tm).__name__
-            raise ValueError(
-                f"tags.task_modalities must have shape {shape + (num_modalities,)} "
-                f"(tokens x num_modalities), got {got}"
-            )
+            if name not in bounds or not t.numel() or (t.dtype == torch.bool and bounds[name][1] >= 2):
+                continue
+            lo, hi = ranges.get(name) or (int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
+            low, high = bounds[name]
+            if lo < low or hi >= high:
+                raise ValueError(f"tags.{name} values must lie in [{low}, {high}), got [{lo}, {hi}]"
+                                 + (" (a bool tensor, or 0 and 1)" if name == "causal" else ""))
+        _check_task_modalities(self.task_modalities, shape, num_modalities)
 
     def group_key(self) -> torch.Tensor:
         """One long id per distinct combination of (task, modality, role, causal, pass,
@@ -321,21 +321,36 @@ class TagBatch:
                 self.valid_rows = _valid_rows(self.valid, self.group_ids)
 
 
-_RANGED = ("task", "modality", "role", "pass_id")  # the tags with a vocabulary, in TokenTags.validate's order
+def _value_ranges(tensors: dict[str, torch.Tensor | None], shape: tuple[int, ...]) -> dict[str, tuple[int, int]]:
+    """(min, max) of each integer (not bool) tag shaped like the tokens and of ``task``'s dtype (the
+    usual one: long), from one reduction; ``validate`` reduces any other one by itself, or names
+    what is wrong with it."""
+    dtype = getattr(tensors["task"], "dtype", None)
+    if dtype in (None, torch.bool) or dtype.is_floating_point or dtype.is_complex or not math.prod(shape):
+        return {}
+    same = {name: t for name, t in tensors.items()
+            if isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == dtype}
+    if not same:
+        return {}
+    lo, hi = torch.stack(list(same.values())).reshape(len(same), -1).aminmax(dim=1)
+    return dict(zip(same, zip(lo.tolist(), hi.tolist())))
 
 
-def _value_ranges(tensors: list, shape: tuple[int, ...]) -> dict[str, tuple[int, int]] | None:
-    """(min, max) of each tag in ``tensors`` (named as ``_RANGED``) from one reduction, or None
-    when they are not integer tensors of one dtype shaped like the tokens (``validate`` then
-    checks them one by one and names what is wrong)."""
-    first = tensors[0]
-    if not all(isinstance(t, torch.Tensor) and tuple(t.shape) == shape and t.dtype == first.dtype
-               for t in tensors) or first.is_floating_point() or first.is_complex() or first.dtype == torch.bool:
-        return None
-    if not first.numel():
-        return None
-    lo, hi = torch.stack(tensors).reshape(len(tensors), -1).aminmax(dim=1)
-    return dict(zip(_RANGED, zip(lo.tolist(), hi.tolist())))
+def _check_task_modalities(tm, shape: tuple[int, ...], num_modalities: int) -> None:
+    """``task_modalities``: a multi-hot ``[..., M]``, bool or 0/1 integers (``group_key`` packs each
+    entry into one bit, so a 0.5 or a 2 would merge tag groups)."""
+    if not isinstance(tm, torch.Tensor) or tuple(tm.shape) != shape + (num_modalities,):
+        got = tuple(tm.shape) if isinstance(tm, torch.Tensor) else type(tm).__name__
+        raise ValueError(
+            f"tags.task_modalities must have shape {shape + (num_modalities,)} "
+            f"(tokens x num_modalities), got {got}"
+        )
+    if tm.is_floating_point() or tm.is_complex():
+        raise ValueError(f"tags.task_modalities must be a bool (or 0/1 integer) multi-hot, got {tm.dtype}")
+    if tm.dtype != torch.bool and tm.numel():
+        lo, hi = (int(v) for v in torch.aminmax(tm))
+        if lo < 0 or hi > 1:
+            raise ValueError(f"tags.task_modalities must hold only 0 and 1 (a multi-hot), got values in [{lo}, {hi}]")
 
 
 def _well_formed(tags: TokenTags, shape: tuple[int, ...]) -> bool:

@@ -1,0 +1,91 @@
+"""Tag values that group_key cannot pack, or routers cannot read, are refused by TokenTags.validate
+(audit 13): causal and task_modalities outside 0/1."""
+
+import dataclasses
+
+import pytest
+import torch
+from helpers import random_tags
+
+from moe_gen import MoE
+from moe_gen.config import MoEConfig, RouterConfig
+from moe_gen.routing.tags import TokenTags
+
+VOCAB = dict(num_modalities=9, num_roles=3, num_passes=3, num_tasks=3)
+
+
+def _moe(strategy: str) -> MoE:
+    torch.manual_seed(0)
+    return MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=8, top_k=2, router=RouterConfig(strategy=strategy))).eval()
+
+
+@pytest.mark.parametrize("values", [[2, 0], [-1, 0], [0, 3]])
+def test_causal_outside_0_1_is_refused(values):
+    # causal=2 with role input would carry into the role bit of group_key: the tag group of
+    # (role target, causal 0), whose tokens would then take the bad token's route
+    tags = dataclasses.replace(TokenTags.constant(2), causal=torch.tensor(values))
+    with pytest.raises(ValueError, match=r"tags\.causal values must lie in \[0, 2\)"):
+        tags.validate((2,), **VOCAB)
+    with pytest.raises(ValueError, match=r"tags\.causal"):
+        _moe("attribute")(torch.randn(2, 8), tags=tags)
+    # the same with another integer dtype than the other tags' (checked by itself)
+    tags = dataclasses.replace(tags, causal=torch.tensor(values, dtype=torch.int8))
+    with pytest.raises(ValueError, match=r"tags\.causal values must lie in \[0, 2\)"):
+        tags.validate((2,), **VOCAB)
+
+
+def test_causal_0_1_integers_and_bools_pass():
+    tags = random_tags((2, 5))
+    tags.validate((2, 5), **VOCAB)
+    for dtype in (torch.long, torch.int32):
+        as_int = dataclasses.replace(tags, causal=tags.causal.to(dtype))
+        as_int.validate((2, 5), **VOCAB)
+        assert torch.equal(as_int.group_key(), tags.group_key())
+
+
+@pytest.mark.parametrize("value,match", [
+    (0.5, r"tags\.task_modalities must be a bool \(or 0/1 integer\) multi-hot, got torch\.float32"),
+    (2, r"tags\.task_modalities must hold only 0 and 1 \(a multi-hot\), got values in \[0, 2\]"),
+    (-1, r"tags\.task_modalities must hold only 0 and 1 \(a multi-hot\), got values in \[-1, 1\]"),
+])
+def test_task_modalities_outside_0_1_are_refused(value, match):
+    # group_key packs each entry into one bit: 0.5 would read as 0 (the group of "TEXT not used")
+    # while the attribute vector reads 0.5
+    tm = torch.zeros(2, 9, dtype=torch.float32 if isinstance(value, float) else torch.long)
+    tm[0, 0] = value
+    tm[1, 1] = 1
+    tags = dataclasses.replace(TokenTags.constant(2), task_modalities=tm)
+    with pytest.raises(ValueError, match=match):
+        tags.validate((2,), **VOCAB)
+    with pytest.raises(ValueError, match=r"tags\.task_modalities"):
+        _moe("attribute")(torch.randn(2, 8), tags=tags)
+
+
+def test_task_modalities_as_0_1_integers_route_like_bools():
+    tags = random_tags((2, 5))
+    as_int = dataclasses.replace(tags, task_modalities=tags.task_modalities.long())
+    as_int.validate((2, 5), **VOCAB)
+    assert torch.equal(as_int.group_key(), tags.group_key())
+    moe, x = _moe("attribute"), torch.randn(2, 5, 8)
+    with torch.no_grad():
+        assert torch.equal(moe(x, tags=as_int).output, moe(x, tags=tags).output)
+
+
+def test_usual_tags_are_checked_in_one_reduction(monkeypatch):
+    # long task/modality/role/pass/sample tags, bool causal and task_modalities: one aminmax over
+    # the stacked long tags (validate runs every forward), no reduction of its own for any tag
+    tags = dataclasses.replace(random_tags((2, 5)), sample=torch.zeros(2, 5, dtype=torch.long))
+    calls = []
+    real = torch.Tensor.aminmax
+
+    def counted(self, *args, **kwargs):
+        calls.append(tuple(self.shape))
+        return real(self, *args, **kwargs)
+
+    def refused(*args, **kwargs):
+        raise AssertionError("validate reduced a tag by itself")
+
+    monkeypatch.setattr(torch.Tensor, "aminmax", counted)
+    monkeypatch.setattr(torch, "aminmax", refused)
+    tags.validate((2, 5), **VOCAB)
+    assert len(calls) == 1
