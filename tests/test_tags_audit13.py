@@ -1,5 +1,6 @@
 """Tag values that group_key cannot pack, or routers cannot read, are refused by TokenTags.validate
-(audit 13): causal and task_modalities outside 0/1."""
+(audit 13): causal and task_modalities outside 0/1; a 0/1 integer causal routes as the bool one in
+every router (the context router crashed on it)."""
 
 import dataclasses
 
@@ -7,7 +8,7 @@ import pytest
 import torch
 from helpers import random_tags
 
-from moe_gen import MoE
+from moe_gen import ROUTERS, MoE
 from moe_gen.config import MoEConfig, RouterConfig
 from moe_gen.routing.tags import TokenTags
 
@@ -89,3 +90,26 @@ def test_usual_tags_are_checked_in_one_reduction(monkeypatch):
     monkeypatch.setattr(torch, "aminmax", refused)
     tags.validate((2, 5), **VOCAB)
     assert len(calls) == 1
+
+
+@pytest.mark.parametrize("strategy", ROUTERS.list())
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32])
+def test_integer_causal_routes_like_the_bool_one(strategy, dtype):
+    # packed rows (two samples in row 0), padding and causal tokens, for the context router's
+    # causal prefix; cached decoding (carry) too, as a decoder reads the tags step by step
+    tags = dataclasses.replace(random_tags((2, 6)), sample=torch.tensor([[0, 0, 0, 1, 1, 1], [0] * 6]))
+    as_int = dataclasses.replace(tags, causal=tags.causal.to(dtype))
+    padding = torch.zeros(2, 6, dtype=torch.bool)
+    padding[1, 4:] = True
+    moe, x = _moe(strategy), torch.randn(2, 6, 8)
+    with torch.no_grad():
+        expected = moe(x, tags=tags, padding_mask=padding)
+        got = moe(x, tags=as_int, padding_mask=padding)
+        assert torch.equal(got.output, expected.output)
+        assert torch.equal(got.routing.topk_ids, expected.routing.topk_ids)
+        steps = {}
+        for name, t in (("bool", tags), ("int", as_int)):
+            carry: dict = {}
+            steps[name] = [moe(x[:, i:i + 2], tags=t.select((slice(None), slice(i, i + 2))),
+                               padding_mask=padding[:, i:i + 2], carry=carry).output for i in (0, 2, 4)]
+        assert all(torch.equal(a, b) for a, b in zip(steps["int"], steps["bool"]))

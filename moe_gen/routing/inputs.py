@@ -125,7 +125,7 @@ class ContextInput(RouterInput):
 
     def forward(self, x_TD, tags, segment_T, valid_T, carry: dict | None = None):
         num_segments = int(segment_T.max()) + 1 if segment_T.numel() else 1
-        causal_T = None if tags is None else tags.causal.reshape(-1) & valid_T
+        causal_T = None if tags is None else tags.causal.reshape(-1).bool() & valid_T  # (0/1 integers read as bools)
         causal_T = causal_T if causal_T is not None and bool(causal_T.any()) else None
         if carry:
             num_segments = max(num_segments, carry["sum"].shape[0])
