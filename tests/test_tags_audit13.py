@@ -1,6 +1,6 @@
 """Tag values that group_key cannot pack, or routers cannot read, are refused by TokenTags.validate
 (audit 13): causal and task_modalities outside 0/1; a 0/1 integer causal routes as the bool one in
-every router (the context router crashed on it)."""
+every router (the context router crashed on it); negative sample ids."""
 
 import dataclasses
 
@@ -113,3 +113,17 @@ def test_integer_causal_routes_like_the_bool_one(strategy, dtype):
             steps[name] = [moe(x[:, i:i + 2], tags=t.select((slice(None), slice(i, i + 2))),
                                padding_mask=padding[:, i:i + 2], carry=carry).output for i in (0, 2, 4)]
         assert all(torch.equal(a, b) for a, b in zip(steps["int"], steps["bool"]))
+
+
+@pytest.mark.parametrize("dtype", [torch.long, torch.int32])
+def test_negative_sample_is_refused(dtype):
+    # row 1's sample -1 fell into row 0's last sample (segments are row·(max+1) + sample): the
+    # context router pooled another example's tokens; all -1 crashed with a bare IndexError
+    tags = random_tags((2, 3))
+    for sample in ([[0, 0, 0], [-1, -1, -1]], [[-1] * 3] * 2, [[0, 1, 1], [0, -2, 0]]):
+        bad = dataclasses.replace(tags, sample=torch.tensor(sample, dtype=dtype))
+        with pytest.raises(ValueError, match=r"tags\.sample values must be >= 0, got \[-"):
+            bad.validate((2, 3), **VOCAB)
+        with pytest.raises(ValueError, match=r"tags\.sample values must be >= 0"):
+            _moe("context")(torch.randn(2, 3, 8), tags=bad)
+    dataclasses.replace(tags, sample=torch.tensor([[0, 0, 1], [0, 0, 0]], dtype=dtype)).validate((2, 3), **VOCAB)

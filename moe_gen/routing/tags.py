@@ -162,15 +162,16 @@ class TokenTags:
 
         ``causal`` and ``task_modalities`` must be bool or hold only 0 and 1: ``group_key`` packs
         each into one bit, so a 2 would carry into the next tag and give two different tag
-        combinations one tag group (one route)."""
+        combinations one tag group (one route). ``sample`` ids must be >= 0: a -1 would fall into
+        the previous row's last sample when ``TagBatch`` numbers the sequences to pool."""
         shape = tuple(shape)
-        bounds = {  # [low, high) of each tag's values
+        bounds = {  # [low, high) of each tag's values (None: no upper bound)
             "task": (0, num_tasks), "modality": (0, num_modalities), "role": (0, num_roles),
-            "causal": (0, 2), "pass_id": (0, num_passes),
+            "causal": (0, 2), "pass_id": (0, num_passes), "sample": (0, None),
         }
         # one reduction for all the integer tags of one dtype (bool ones need none: a bool is 0 or 1)
         ranges = _value_ranges({name: getattr(self, name) for name in bounds}, shape)
-        for name in ("task", "modality", "role", "causal", "pass_id", "sample"):
+        for name, (low, high) in bounds.items():
             t = getattr(self, name)
             if t is None:
                 continue
@@ -182,12 +183,12 @@ class TokenTags:
                 )
             if t.is_floating_point() or t.is_complex():
                 raise ValueError(f"tags.{name} must be an integer or bool tensor, got {t.dtype}")
-            if name not in bounds or not t.numel() or (t.dtype == torch.bool and bounds[name][1] >= 2):
+            if not t.numel() or (t.dtype == torch.bool and (high is None or high >= 2)):
                 continue
             lo, hi = ranges.get(name) or (int(v) for v in torch.aminmax(t.long() if t.dtype == torch.bool else t))
-            low, high = bounds[name]
-            if lo < low or hi >= high:
-                raise ValueError(f"tags.{name} values must lie in [{low}, {high}), got [{lo}, {hi}]"
+            if lo < low or (high is not None and hi >= high):
+                allowed = f"lie in [{low}, {high})" if high is not None else f"be >= {low}"
+                raise ValueError(f"tags.{name} values must {allowed}, got [{lo}, {hi}]"
                                  + (" (a bool tensor, or 0 and 1)" if name == "causal" else ""))
         _check_task_modalities(self.task_modalities, shape, num_modalities)
 
