@@ -138,7 +138,10 @@ def _optimizer_tensors(model, optimizer) -> tuple[dict[str, torch.Tensor], dict]
                                                               for g in optimizer.param_groups], "scalars": scalars}
 
 
-def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
+def _load_optimizer(model, optimizer, tensors: dict, meta: dict, rescaled: bool = False) -> None:
+    """Loads the saved AdamW moments and hyper-parameters into ``optimizer``. ``rescaled``: this run
+    has the checkpoint's ``lr_scales`` prefixes with other values, so its groups may split, merge or
+    reorder; the moments then load by parameter name (each parameter trains at its new multiplier)."""
     names = {id(p): n for n, p in model.named_parameters()}
     params = dict(model.named_parameters())
     current = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
@@ -146,17 +149,7 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
     saved = [[n for n in group if not n.startswith("image_tokenizers.")] for group in meta["group_params"]]
     regrouped = current != saved
     if regrouped:
-        if sorted(n for g in current for n in g) != sorted(n for g in saved for n in g):
-            raise ValueError("the checkpoint's optimizer trains a different set of parameters than this run "
-                             "(did `trainable` or the model change?); resume with the same settings")
-        if len(current) != len(saved):
-            raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameter groups and this run "
-                             f"{len(current)} (did `lr_scales` change?); resume with the same settings")
-        _check_same_scales(current, saved, optimizer.param_groups, meta["param_groups"])
-        # the same parameters grouped otherwise (weight decay left expert bias stacks and adapters'
-        # embedding tables before 2026-12-05): moments load by name, each group's decay is this run's
-        logger.warning("the checkpoint groups the same parameters otherwise (an older weight-decay rule); its AdamW "
-                       "moments are loaded by parameter name and this run's weight decay per group applies")
+        _check_regrouping(current, saved, optimizer.param_groups, meta["param_groups"], rescaled)
     order = [n for group in current for n in group]
     state: dict[int, dict] = {}
     for index, name in enumerate(order):
@@ -167,10 +160,13 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
                       if key.split("::", 1)[0] == name})
         if entry:
             state[index] = entry
+    saved_group = {n: hyper for group, hyper in zip(saved, meta["param_groups"]) for n in group}
     groups, changed = [], set()
-    for group, hyper in zip(optimizer.param_groups, meta["param_groups"]):
-        # the update's implementation (fused kernel or not) and AdamW's settings as this run has them,
-        # like its learning rates (``_load_schedule``); the rest as saved
+    for group, names_in_group in zip(optimizer.param_groups, current):
+        # the saved hyper-parameters of the group that held this group's first parameter (its own,
+        # unless regrouped); the update's implementation (fused kernel or not) and AdamW's settings as
+        # this run has them, like its learning rates (``_load_schedule``)
+        hyper = saved_group[names_in_group[0]]
         kept = {key: group[key] for key in ("fused", "foreach") + RUN_SETTINGS if key in group}
         changed.update(f"{key} {hyper[key]} → {group[key]}" for key in RUN_SETTINGS
                        if key in hyper and key in group and _plain(hyper[key]) != _plain(group[key])
@@ -180,6 +176,26 @@ def _load_optimizer(model, optimizer, tensors: dict, meta: dict) -> None:
         logger.warning("the checkpoint's AdamW settings differ from this run's (%s): training continues with "
                        "this run's", ", ".join(sorted(changed)))
     optimizer.load_state_dict({"state": state, "param_groups": groups})
+
+
+def _check_regrouping(current: list, saved: list, groups: list, saved_groups: list, rescaled: bool) -> None:
+    """Accepts the same parameters grouped otherwise by other ``lr_scales`` values (``rescaled``) or
+    by the older weight-decay rule (the same groups at the same multipliers); refuses the rest."""
+    if sorted(n for g in current for n in g) != sorted(n for g in saved for n in g):
+        raise ValueError("the checkpoint's optimizer trains a different set of parameters than this run "
+                         "(did `trainable` or the model change?); resume with the same settings")
+    if rescaled:
+        logger.warning("this run's `lr_scales` values group the parameters otherwise than the checkpoint's; its "
+                       "AdamW moments are loaded by parameter name and each parameter trains at its new multiplier")
+        return
+    if len(current) != len(saved):
+        raise ValueError(f"the checkpoint's optimizer has {len(saved)} parameter groups and this run "
+                         f"{len(current)} (did `lr_scales` change?); resume with the same settings")
+    _check_same_scales(current, saved, groups, saved_groups)
+    # the same parameters grouped otherwise (weight decay left expert bias stacks and adapters'
+    # embedding tables before 2026-12-05): moments load by name, each group's decay is this run's
+    logger.warning("the checkpoint groups the same parameters otherwise (an older weight-decay rule); its AdamW "
+                   "moments are loaded by parameter name and this run's weight decay per group applies")
 
 
 def _check_same_scales(current: list, saved: list, groups: list, saved_groups: list) -> None:
@@ -209,8 +225,8 @@ def _plain(value):
 
 def _load_schedule(optimizer, scheduler, saved: dict) -> None:
     """Continues at the checkpoint's step on this run's schedule and learning rates (the config's
-    ``steps``, ``warmup_steps``, ``min_lr_ratio``, ``lr`` and the values of ``lr_scales``; other
-    ``lr_scales`` prefixes regroup the parameters, which ``_load_optimizer`` refuses): a run
+    ``steps``, ``warmup_steps``, ``min_lr_ratio``, ``lr`` and the values of ``lr_scales``, which may
+    regroup the parameters; new ``lr_scales`` prefixes are refused by ``_load_optimizer``): a run
     resumed with more ``steps`` decays over the longer run instead of staying at the floor its
     first length reached. With the same settings the rates are the saved ones, bit for bit."""
     current = scheduler.state_dict()
@@ -218,9 +234,11 @@ def _load_schedule(optimizer, scheduler, saved: dict) -> None:
         logger.warning("the checkpoint's learning-rate schedule differs from this run's (%s, base rates %s; now "
                        "%s, %s): training continues at step %d on this run's", saved.get("lr_lambdas"),
                        saved.get("base_lrs"), current["lr_lambdas"], current["base_lrs"], saved["last_epoch"])
-    scheduler.load_state_dict({**saved, "lr_lambdas": current["lr_lambdas"], "base_lrs": current["base_lrs"]})
-    for group, base, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
-        group["initial_lr"], group["lr"] = base, base * factor(scheduler.last_epoch)
+    rates = [base * factor(saved["last_epoch"]) for base, factor in zip(scheduler.base_lrs, scheduler.lr_lambdas)]
+    scheduler.load_state_dict({**saved, "lr_lambdas": current["lr_lambdas"], "base_lrs": current["base_lrs"],
+                               "_last_lr": rates})  # one rate per group of this run (lr_scales may regroup)
+    for group, base, rate in zip(optimizer.param_groups, scheduler.base_lrs, rates):
+        group["initial_lr"], group["lr"] = base, rate
 
 
 def _rng_state() -> dict:
@@ -340,10 +358,13 @@ def _is_checkpoint_name(name: str) -> bool:
     return name.startswith("step-") and name[5:].isdigit()
 
 
-def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=None, average=None) -> dict:
+def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=None, average=None,
+                    lr_scales: Optional[dict] = None) -> dict:
     """Restores weights, optimizer, scheduler, sampler cursors and RNG states (and the weight
     ``average``, when given and kept; from a checkpoint without one it starts again from the
-    resumed weights); returns the trainer state dict (with ``step``, the last completed step)."""
+    resumed weights); returns the trainer state dict (with ``step``, the last completed step).
+    ``lr_scales``: this run's ``TrainConfig.lr_scales``; with the checkpoint's prefixes and other
+    values, AdamW's groups may split, merge or reorder (the moments load by parameter name)."""
     rank = distributed.world_info().rank
     trainer_state = read_trainer_state(path)
     weights = like_model(model, _read_shards(path, "model", plan if plan is not None else model))
@@ -357,7 +378,11 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
         raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
                          f"{unexpected[:5]}{hint}")
     meta = read_json_object(os.path.join(path, "optimizer.json"), ("group_params", "param_groups", "scalars"))
-    _load_optimizer(model, optimizer, _read_shards(path, "optimizer", plan if plan is not None else model), meta)
+    saved_scales = (trainer_state.get("config") or {}).get("lr_scales")
+    rescaled = (lr_scales is not None and isinstance(saved_scales, dict) and saved_scales.keys() == lr_scales.keys()
+                and saved_scales != lr_scales)
+    _load_optimizer(model, optimizer, _read_shards(path, "optimizer", plan if plan is not None else model), meta,
+                    rescaled)
     _load_schedule(optimizer, scheduler, trainer_state["scheduler"])
     rank_state = read_json_object(rank_state_file(path, rank), ("sampler", "rng"))
     sampler.load_state_dict(rank_state["sampler"])

@@ -446,7 +446,8 @@ class Trainer:
         if saved_model is not None:  # after add_tasks: the model as the run that saved it had it
             check_same_model(path, saved_model, self.model.config.to_dict())
         state = load_checkpoint(path, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
-                                sampler=self.sampler, plan=self.plan, average=self.average)
+                                sampler=self.sampler, plan=self.plan, average=self.average,
+                                lr_scales=self.config.lr_scales)
         if self.average is not None and int(self.average.n_averaged) == 0:  # a checkpoint without an average
             self.average.module.load_state_dict(self.model.state_dict())  # starts from the resumed weights
         self.step = int(state["step"])

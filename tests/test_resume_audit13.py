@@ -1,0 +1,75 @@
+"""What the thirteenth audit found in checkpoints and resume, each pinned: other values of the same
+``lr_scales`` prefixes resume whatever groups they make."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import flavour_with
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel
+from moe_gen.tasks import Tokenizer, load_preset
+from moe_gen.trainer import TrainConfig, Trainer
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [load_preset(n, "train", limit=6) for n in ("digit_classification", "table_species")]
+
+
+def _config(**kwargs) -> TrainConfig:
+    return TrainConfig(**{"progress": False, "tensorboard": False, "batch_size": 4, "log_every": 1,
+                          "warmup_steps": 2, "num_threads": 1, **kwargs})
+
+
+def _build(tok, tasks):
+    torch.manual_seed(0)
+    return GeneralistModel.build(flavour_with("debug", router=RouterConfig(strategy="attribute")), tasks, tok)
+
+
+def _moments(trainer) -> dict[str, dict]:
+    return {name: {k: v.clone() for k, v in trainer.optimizer.state[p].items()}
+            for name, p in trainer.model.named_parameters() if p in trainer.optimizer.state}
+
+
+def _scale(name: str, lr_scales: dict) -> float:
+    matches = [prefix for prefix in lr_scales if name.startswith(prefix)]
+    return float(lr_scales[max(matches, key=len)]) if matches else 1.0
+
+
+@pytest.mark.parametrize("first, second", [
+    ({"encoder.": 0.1, "decoder.": 0.5}, {"encoder.": 0.1, "decoder.": 0.05}),  # the groups reorder
+    ({"encoder.": 0.5, "decoder.": 0.5}, {"encoder.": 1.0, "decoder.": 1.0}),  # merge (with lr's own)
+    ({"encoder.": 0.1, "decoder.": 0.1}, {"encoder.": 0.1, "decoder.": 0.2}),  # split
+])
+def test_other_lr_scales_values_resume_with_each_parameters_moments_at_its_new_rate(tok, tasks, tmp_path, first,
+                                                                                   second):
+    with Trainer(_build(tok, tasks), tasks, _config(steps=4, lr_scales=first), output_dir=str(tmp_path)) as run:
+        for step in (1, 2):
+            run.train_step(step)
+            run.step = step
+        run.save_checkpoint()
+        saved = _moments(run)
+    with Trainer(_build(tok, tasks), tasks, _config(steps=4, lr_scales=second), output_dir=str(tmp_path),
+                 resume=True) as resumed:
+        assert resumed.step == 2
+        loaded = _moments(resumed)
+        assert loaded.keys() == saved.keys()
+        for name, entry in saved.items():
+            assert entry.keys() == loaded[name].keys()
+            assert all(torch.equal(entry[key], loaded[name][key]) for key in entry), name
+        factor = resumed.scheduler.lr_lambdas[0](2)
+        names = {id(p): n for n, p in resumed.model.named_parameters()}
+        for group in resumed.optimizer.param_groups:
+            for p in group["params"]:
+                expected = resumed.config.lr * _scale(names[id(p)], second) * factor
+                assert group["lr"] == pytest.approx(expected, rel=1e-12), names[id(p)]
+        assert resumed.scheduler.get_last_lr() == [g["lr"] for g in resumed.optimizer.param_groups]
+        resumed.fit()  # AdamW steps on with the loaded moments
+        assert resumed.step == 4
