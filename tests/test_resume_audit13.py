@@ -1,7 +1,11 @@
 """What the thirteenth audit found in checkpoints and resume, each pinned: other values of the same
-``lr_scales`` prefixes resume whatever groups they make."""
+``lr_scales`` prefixes resume whatever groups they make, and a run killed while saving its step
+again resumes from the earlier copy."""
 
 from __future__ import annotations
+
+import os
+import shutil
 
 import pytest
 import torch
@@ -73,3 +77,36 @@ def test_other_lr_scales_values_resume_with_each_parameters_moments_at_its_new_r
         assert resumed.scheduler.get_last_lr() == [g["lr"] for g in resumed.optimizer.param_groups]
         resumed.fit()  # AdamW steps on with the loaded moments
         assert resumed.step == 4
+
+
+class _Killed(BaseException):
+    """The process dies here: nothing after it runs (no ``except Exception`` clean-up)."""
+
+
+def test_a_run_killed_while_saving_its_step_again_resumes_from_the_earlier_copy(tok, tasks, tmp_path, monkeypatch,
+                                                                               caplog):
+    checkpoints = tmp_path / "checkpoints"
+    with Trainer(_build(tok, tasks), tasks, _config(steps=2), output_dir=str(tmp_path)) as run:
+        run.fit()
+        weights = {k: v.clone() for k, v in run.model.state_dict().items()}
+        real = os.replace
+
+        def killed_after_moving_the_old_copy(src, dst):
+            real(src, dst)
+            if str(dst).endswith("step-0000002.old"):
+                raise _Killed()
+
+        monkeypatch.setattr(os, "replace", killed_after_moving_the_old_copy)
+        with pytest.raises(_Killed):
+            run.save_checkpoint()  # the same step again (as save_model does under expert parallelism)
+        monkeypatch.setattr(os, "replace", real)
+    assert (checkpoints / "latest").read_text() == "step-0000002" and not (checkpoints / "step-0000002").exists()
+    with caplog.at_level("WARNING", logger="moe_gen"), Trainer(
+            _build(tok, tasks), tasks, _config(steps=2), output_dir=str(tmp_path), resume=True) as resumed:
+        assert resumed.step == 2 and "step-0000002.old, is renamed back" in caplog.text
+        assert all(torch.equal(weights[k], v) for k, v in resumed.model.state_dict().items())
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000002", "step-0000002.partial"]
+        # a stale earlier copy (killed after the new copy was in) goes with the next save of the step
+        shutil.copytree(checkpoints / "step-0000002", checkpoints / "step-0000002.old")
+        resumed.save_checkpoint()
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000002"]

@@ -61,7 +61,9 @@ def write_json_atomic(path: str, data: Any) -> None:
 def latest_checkpoint(root: str) -> Optional[str]:
     """The newest complete checkpoint directory under ``root`` (None if there is none): the one
     ``latest`` names, or without that file (a run stopped between a checkpoint's rename and the
-    pointer's write, folders copied without it) the highest ``step-N`` holding ``trainer.json``."""
+    pointer's write, folders copied without it) the highest ``step-N`` holding ``trainer.json``. The
+    folder ``latest`` names, if a process killed while saving its step again left it as
+    ``<name>.old``, is renamed back first (with a warning)."""
     pointer = os.path.join(root, LATEST)
     if not os.path.exists(pointer):
         complete = sorted((name for name in (os.listdir(root) if os.path.isdir(root) else ())
@@ -75,8 +77,26 @@ def latest_checkpoint(root: str) -> Optional[str]:
         name = f.read().strip()
     path = os.path.join(root, name)
     if not os.path.isfile(os.path.join(path, "trainer.json")):
+        _restore_earlier_copy(path)
+    if not os.path.isfile(os.path.join(path, "trainer.json")):
         raise ValueError(f"{pointer} names {name!r}, which is not a complete checkpoint (no trainer.json)")
     return path
+
+
+def _restore_earlier_copy(path: str) -> None:
+    """Renames ``<path>.old`` back to ``path`` when it is complete: a process killed while saving the
+    same step again (``_publish``) left the earlier copy there, and ``latest`` still names ``path``.
+    Several processes may try at once: the first renames, the others find ``path`` in place."""
+    old = path + ".old"
+    if os.path.exists(path) or not os.path.isfile(os.path.join(old, "trainer.json")):
+        return
+    try:
+        os.replace(old, path)
+        fsync_dir(os.path.dirname(path))
+    except OSError:
+        return  # another process renamed it first (the caller checks ``path`` again)
+    logger.warning("%s was missing (a process stopped while saving that step again): its complete earlier copy, "
+                   "%s, is renamed back", path, os.path.basename(old))
 
 
 def read_trainer_state(path: str) -> dict:
@@ -314,6 +334,7 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
         done = sorted(d for d in os.listdir(root) if _is_checkpoint_name(d))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
+            shutil.rmtree(os.path.join(root, old + ".old"), ignore_errors=True)
     distributed.barrier()
     return final
 
@@ -327,10 +348,11 @@ def _publish(root: str, name: str) -> None:
     it was (``latest`` names the previous checkpoint, which is intact) and the error is raised."""
     final, partial = os.path.join(root, name), os.path.join(root, name + ".partial")
     pointer, tmp = os.path.join(root, LATEST), os.path.join(root, f"{LATEST}.tmp-{os.getpid()}")
-    # The same step again (a model assembled after the last checkpoint): keep the old copy until the new is in.
+    # The same step again (a model assembled after the last checkpoint): keep the old copy until the new is in
+    # (killed between the two renames, ``latest`` names a missing folder: ``latest_checkpoint`` renames it back)
     old = final + ".old" if os.path.exists(final) else None
+    shutil.rmtree(final + ".old", ignore_errors=True)  # a stale copy of an earlier kill, if any
     if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
         os.replace(final, old)
     try:
         fsync_dir(partial)  # its files' names, then its own, on disk before latest names it
@@ -350,8 +372,7 @@ def _publish(root: str, name: str) -> None:
         if old is not None:
             os.replace(old, final)
         raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    shutil.rmtree(final + ".old", ignore_errors=True)
 
 
 def _is_checkpoint_name(name: str) -> bool:
