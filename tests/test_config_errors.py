@@ -41,6 +41,7 @@ def build(tasks, tok) -> GeneralistModel:
     (["--train.num_threads", "-1"], "num_threads"),
     (["--train.steps", "ten"], "TrainConfig.steps must be an integer"),
     (["--train.betas", "[0.9]"], "TrainConfig.betas"),
+    (["--train.betas", "[1.5, 0.9]"], "TrainConfig: betas must be two numbers in [0, 1), got [1.5, 0.9]"),
     (["--train.modality_budget", "{AUDIO: 600"], "--train.modality_budget: cannot read"),
     (["--train.checkpoint_every", "-5"], "checkpoint_every"),
     (["--train.max_failed_checkpoints", "0"], "max_failed_checkpoints"),
@@ -150,6 +151,14 @@ def test_train_config_checks_types_and_ranges_when_built():
         TrainConfig.from_dict({"progress": "yes please"})
     assert TrainConfig.from_dict({"steps": 1e3}).steps == 1000  # YAML reads 1e3 as a float
     assert TrainConfig(eval_limit=None, num_threads=None).eval_limit is None
+
+
+@pytest.mark.parametrize("betas", [(1.5, 0.9), (0.9, 1.0), (-0.1, 0.9), (0.9, float("nan"))])
+def test_betas_outside_zero_to_one_are_refused_when_built(betas):
+    # (torch's AdamW refused them only once the Trainer was built: after the data was read)
+    with pytest.raises(ValueError, match=r"TrainConfig: betas must be two numbers in \[0, 1\)"):
+        TrainConfig(betas=betas)
+    assert TrainConfig(betas=(0, 0.999)).betas == (0, 0.999)
 
 
 def test_model_config_checks_sizes_when_built():

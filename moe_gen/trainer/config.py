@@ -37,7 +37,8 @@ class TrainConfig(ConfigBase):
             warm-up at ``lr · (i + 1) / warmup_steps``), then cosine decay from ``lr`` that reaches
             ``lr · min_lr_ratio`` at step ``steps``, one past the last (the last step runs just
             above it, as transformers' cosine schedule does).
-        weight_decay, betas, eps: AdamW settings (no decay on biases, norms and embeddings).
+        weight_decay, betas, eps: AdamW settings (no decay on biases, norms and embeddings; betas two
+            numbers in [0, 1)).
         clip_norm: global gradient-norm clipping (0 disables).
         ema_decay: d in [0, 1): keep an exponential moving average of the weights,
             ``avg ← d·avg + (1 − d)·w`` after every optimizer step (PyTorch's ``AveragedModel``;
@@ -207,6 +208,8 @@ class TrainConfig(ConfigBase):
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.frame_weight >= 0, f"frame_weight must be >= 0, got {self.frame_weight}"),
             (self.eps > 0, f"eps must be > 0, got {self.eps}"),
+            (all(0 <= beta < 1 for beta in self.betas),  # (AdamW refused 1.5 only when the run was built)
+             f"betas must be two numbers in [0, 1), got {list(self.betas)}"),
         ]
         for ok, message in checks:
             if not ok:
