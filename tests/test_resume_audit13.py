@@ -1,6 +1,6 @@
 """What the thirteenth audit found in checkpoints and resume, each pinned: other values of the same
-``lr_scales`` prefixes resume whatever groups they make, and a run killed while saving its step
-again resumes from the earlier copy."""
+``lr_scales`` prefixes resume whatever groups they make, a run killed while saving its step again
+resumes from the earlier copy, and a run resumed at its last step reports that step's loss."""
 
 from __future__ import annotations
 
@@ -110,3 +110,13 @@ def test_a_run_killed_while_saving_its_step_again_resumes_from_the_earlier_copy(
         shutil.copytree(checkpoints / "step-0000002", checkpoints / "step-0000002.old")
         resumed.save_checkpoint()
         assert sorted(p.name for p in checkpoints.iterdir()) == ["latest", "step-0000002"]
+
+
+def test_a_run_resumed_at_its_last_step_reports_the_loss_of_that_step(tok, tasks, tmp_path):
+    with Trainer(_build(tok, tasks), tasks, _config(steps=2), output_dir=str(tmp_path)) as run:
+        first = run.fit()
+    with Trainer(_build(tok, tasks), tasks, _config(steps=2), output_dir=str(tmp_path), resume=True) as resumed:
+        again = resumed.fit()  # no step left to run
+    assert first["loss"] is not None and again["loss"] == first["loss"]
+    assert {k: again[k] for k in ("step", "skipped_steps", "checkpoint_step")} == \
+        {k: first[k] for k in ("step", "skipped_steps", "checkpoint_step")}

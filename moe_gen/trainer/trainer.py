@@ -45,7 +45,7 @@ from moe_gen.trainer.checkpoint import (
 from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
-from moe_gen.trainer.logs import RunLogger, expert_utilisation
+from moe_gen.trainer.logs import RunLogger, expert_utilisation, read_jsonl_log
 from moe_gen.trainer.resume import check_same_model, check_same_training
 from moe_gen.trainer.sampling import TaskSampler, check_task_settings
 from moe_gen.trainer.scales import step_loss_scales
@@ -586,11 +586,12 @@ class Trainer:
         return record
 
     def fit(self) -> dict:
-        """Trains to ``config.steps``; returns a summary: last step and loss, skipped steps, time, the
-        latest checkpoint (``checkpoint``, ``checkpoint_step``: None when there is none; a step before
-        ``step`` when the last writes failed) and ``failed_checkpoints`` (failed writes in this run
-        and the runs it resumed). Raises ``CheckpointError`` when checkpoint writes keep failing
-        (see the class docstring)."""
+        """Trains to ``config.steps``; returns a summary: last step and loss (resumed at its last
+        step, the loss the log holds for it), skipped steps, time, the latest checkpoint
+        (``checkpoint``, ``checkpoint_step``: None when there is none; a step before ``step`` when
+        the last writes failed) and ``failed_checkpoints`` (failed writes in this run and the runs
+        it resumed). Raises ``CheckpointError`` when checkpoint writes keep failing (see the class
+        docstring)."""
         cfg = self.config
         if not self._claimed:  # an earlier fit released the directory
             self._lock_output_dir()
@@ -623,7 +624,8 @@ class Trainer:
             if not self._in_context:
                 self.close()
         checkpoint = self.latest_checkpoint()
-        return {"step": self.step, "loss": record["loss"] if record else None,
+        # no step ran (resumed at the last step): the loss the run it continues logged at this step
+        return {"step": self.step, "loss": record["loss"] if record else _logged_loss(logger.path, self.step),
                 "skipped_steps": self.state["skipped_steps"], "seconds": time.perf_counter() - start,
                 "checkpoint": checkpoint, "checkpoint_step": _checkpoint_step(checkpoint),
                 "failed_checkpoints": self.state["failed_checkpoints"]}
@@ -733,6 +735,12 @@ def _warn_of_batch_local_balance(model, config: TrainConfig) -> None:
                       "micro-batch and cannot move a task off experts other tasks crowd; set "
                       "RouterConfig.tag_balance_window (e.g. 8: a running load) or tag_balance='bias'",
                       UserWarning, stacklevel=4)
+
+
+def _logged_loss(path: str, step: int) -> Optional[float]:
+    """The loss the run log at ``path`` holds for ``step`` (None without that record, or no log)."""
+    records = read_jsonl_log(path) if os.path.exists(path) else []
+    return next((record.get("loss") for record in reversed(records) if record.get("step") == step), None)
 
 
 def _checkpoint_step(path: Optional[str]) -> Optional[int]:
