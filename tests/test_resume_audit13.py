@@ -1,6 +1,7 @@
 """What the thirteenth audit found in checkpoints and resume, each pinned: other values of the same
 ``lr_scales`` prefixes resume whatever groups they make, a run killed while saving its step again
-resumes from the earlier copy, and a run resumed at its last step reports that step's loss."""
+resumes from the earlier copy, a run resumed at its last step reports that step's loss, and a
+process that sees fewer GPUs than the saving one restores the CUDA random states it can."""
 
 from __future__ import annotations
 
@@ -120,3 +121,25 @@ def test_a_run_resumed_at_its_last_step_reports_the_loss_of_that_step(tok, tasks
     assert first["loss"] is not None and again["loss"] == first["loss"]
     assert {k: again[k] for k in ("step", "skipped_steps", "checkpoint_step")} == \
         {k: first[k] for k in ("step", "skipped_steps", "checkpoint_step")}
+
+
+def test_cuda_random_states_of_more_devices_than_this_process_sees_restore_those_it_has(monkeypatch, caplog):
+    """A checkpoint written where a process saw 2 GPUs, resumed where it sees 1 (torch's
+    ``set_rng_state_all`` sets device i's generator for the i-th state: an IndexError past them)."""
+    from moe_gen.trainer import checkpoint
+
+    generators = [[]]  # one visible device: its generator's states, as set
+
+    def set_rng_state_all(states):
+        for i, state in enumerate(states):
+            generators[i].append(state)  # (torch.cuda.default_generators[i].set_state)
+
+    state = checkpoint._rng_state()
+    state["cuda"] = [[1, 2, 3], [4, 5, 6]]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", set_rng_state_all)
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        checkpoint._set_rng_state(state)
+    assert len(generators[0]) == 1 and generators[0][0].tolist() == [1, 2, 3]
+    assert "CUDA random states of 2 devices and this process sees 1" in caplog.text

@@ -275,7 +275,13 @@ def _rng_state() -> dict:
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(torch.tensor(state["torch"], dtype=torch.uint8))
     if state.get("cuda") and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"]])
+        # one state per GPU the saving process saw; this one may see fewer (another machine, fewer
+        # visible devices), and torch.cuda.set_rng_state_all indexes past them (IndexError)
+        count = torch.cuda.device_count()
+        if len(state["cuda"]) > count:
+            logger.warning("the checkpoint holds the CUDA random states of %d devices and this process sees %d: "
+                           "those of the first %d are restored", len(state["cuda"]), count, count)
+        torch.cuda.set_rng_state_all([torch.tensor(s, dtype=torch.uint8) for s in state["cuda"][:count]])
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     kind, keys, *rest = state["numpy"]
