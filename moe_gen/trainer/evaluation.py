@@ -10,7 +10,8 @@ bins decode on the row's image, as a right answer does). Tasks without declared 
 default per target kind. Answers are decoded with room for the longest reference scored: its
 tokens, its items (above ``infer``'s 8) and its frame rows (above 64).
 
-Rows that fail to encode (or have no reference to score against) raise ``TaskDataError`` naming
+Rows that fail to encode (or have no reference to score against, or a repetition group whose
+reference columns are not lists of one length, as training refuses them) raise ``TaskDataError`` naming
 the row, or, for tasks with ``on_error="skip"``, are left out and counted: their metrics then
 include ``skipped`` (rows left out of the ``limit`` chosen), and ``task.skipped`` / ``task.errors``
 say which failed and why.
@@ -207,7 +208,6 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     count = len(task) if limit is None else min(limit, len(task))
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
-    columns = [p.slot.column for p in scored]
     rows, indices, skipped = _read_rows(task, spaced_indices(len(task), count))
     samples, dropped = _encoded_targets(model, task, kind, scored, indices)
     if dropped:  # their targets failed to encode (on_error="skip"; counted in task.skipped)
@@ -227,9 +227,9 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                 predictions.append(prediction.frames.float().numpy())  # (a bf16 model answers bf16)
                 references.append(_frame_reference(samples[index]))
                 continue
-            missing = [c for c in columns if not isinstance(row, dict) or c not in row]
-            if missing:
-                error = TaskDataError(f"task {task.name!r}, row {index}: no {missing[0]!r} column to score against")
+            problem = _reference_problem(row, scored)
+            if problem:
+                error = TaskDataError(f"task {task.name!r}, row {index}: {problem}")
                 if task.on_error != "skip":
                     raise error
                 task.skip_row(index, error)
@@ -248,6 +248,31 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if task.on_error == "skip":
         results["skipped"] = skipped
     return results
+
+
+def _reference_problem(row, scored: list) -> Optional[str]:
+    """Why ``row`` cannot be scored against (None when it can): a scored column missing, or a
+    repetition group whose columns are not lists of one length (inference encodes the inputs only,
+    so the targets are checked here as training's ``TaskPlan._check_groups`` checks them: a box
+    list longer than its labels would otherwise lose its last boxes, a label string would split
+    into characters)."""
+    missing = [p.slot.column for p in scored if not isinstance(row, dict) or p.slot.column not in row]
+    if missing:
+        return f"no {missing[0]!r} column to score against"
+    lengths: dict[int, dict[str, int]] = {}
+    for p in scored:
+        if p.slot.repeat is None:
+            continue
+        value = row[p.slot.column]
+        if not isinstance(value, (list, tuple)):
+            return (f"column {p.slot.column!r} is in repetition group {p.slot.repeat}, so it needs a list to "
+                    f"score against, got {type(value).__name__}")
+        lengths.setdefault(p.slot.repeat, {})[p.slot.column] = len(value)
+    for group, sizes in lengths.items():
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{column!r}: {size}" for column, size in sizes.items())
+            return f"the columns of repetition group {group} have different lengths ({listed})"
+    return None
 
 
 def _pair(kind: str, prediction, row, scored: list, tokenizer, image_size=None) -> tuple:
