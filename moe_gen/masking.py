@@ -28,7 +28,7 @@ import torch
 
 from moe_gen.tasks.plan import INPUT, TARGET, Chunk, Sample
 
-__all__ = ["split_budget", "mask_sample", "masked_view", "masked_place"]
+__all__ = ["split_budget", "mask_sample", "masked_view", "masked_place", "check_masked_answer"]
 
 
 def split_budget(budget: int, available: Mapping[str, int], alpha: Union[float, Mapping[str, float]],
@@ -145,3 +145,38 @@ def masked_place(sample: Sample, modality: str) -> int:
     """Where a ``masked_view`` sample places a target of ``modality``: after its modality's
     inputs, as ``mask_sample`` numbers each modality's positions."""
     return sum(len(c) for c in sample.encoder if c.modality == modality)
+
+
+def check_masked_answer(plan, template: int = 0) -> None:
+    """Checks that a task trained with the masked objective can be decoded as it trains: a masked
+    sample's targets are data positions only, of one modality, numbered along its stream back to
+    back, with no literal text and no EOS between them. Decoding follows the template's layout
+    (``moe_gen.model.grammar``), so a second modality's targets, or literal text or a free-text
+    value's closing EOS before a later target value (another slot, or the next item of a
+    repetition group), would have the targets after it read where training never put them.
+    Literal text before the first target, or after the last, is never fed (``masked_view``).
+
+    Raises:
+        ValueError: naming the task and what stands between its targets.
+    """
+    decoder = plan.templates[template][1]
+    scored = [i for i, p in enumerate(decoder) if p.loss]
+    modalities = sorted({decoder[i].modality.name for i in scored})
+    if len(modalities) > 1:  # each modality's items are numbered apart in training (masking)
+        raise ValueError(f"task {plan.name!r} trained with the masked objective has targets in "
+                         f"{len(modalities)} modalities ({', '.join(modalities)}); decoding it reads one "
+                         "modality's answer: declare one target modality, or decode each as its own task")
+    closing = plan.closing_eos(template)
+    grouped = {decoder[i].slot.repeat for i in scored if decoder[i].slot.repeat is not None}
+    for i, p in enumerate(decoder):
+        if not p.slot.is_literal and i not in closing:
+            continue
+        before_a_target = i >= scored[0] and any(j > i for j in scored)
+        if not before_a_target and p.slot.repeat not in grouped:  # (None never is)
+            continue  # before the first target or after the last: never fed before a target
+        what = f"literal text {p.slot.text!r}" if p.slot.is_literal else f"the EOS that closes {p.slot}"
+        raise ValueError(f"task {plan.name!r} trained with the masked objective has {what} between its target "
+                         "values; its masked samples hold the targets' data positions back to back, without "
+                         "literal text or EOS, so decoding would read the targets after it where training never "
+                         "put them: leave the text out of the answer (or put it in the input), declare one "
+                         "target, or train the task with the generative objective")

@@ -700,18 +700,14 @@ class GeneralistModel(nn.Module):
         """The answers to encoded samples: ranked candidates, beam search or greedy generation.
         ``masked``: the task trained with the masked objective, so it is decoded as that objective
         shows samples (``moe_gen.masking.masked_view``, the ``masked`` pass tag)."""
-        from moe_gen.masking import masked_view
+        from moe_gen.masking import check_masked_answer, masked_view
         from moe_gen.model.generate import beam_search, generate, rank
 
         if not samples:
             return []
         pass_name = "masked" if masked else "generative"
-        if masked:
-            targets = sorted({p.modality.name for p in plan.templates[0][1] if p.loss})
-            if len(targets) > 1:  # each modality's items are numbered apart in training (masking)
-                raise ValueError(f"task {plan.name!r} trained with the masked objective has targets in "
-                                 f"{len(targets)} modalities ({', '.join(targets)}); decoding it reads one "
-                                 "modality's answer: declare one target modality, or decode each as its own task")
+        if masked:  # (targets of one modality, back to back, as the masked objective trains them)
+            check_masked_answer(plan)
             samples = [masked_view(sample) for sample in samples]
         if candidates is not None:
             return rank(self, plan, samples, list(candidates), pass_name=pass_name)
