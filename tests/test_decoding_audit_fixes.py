@@ -71,8 +71,8 @@ def test_arguments_that_could_do_nothing_or_crashed_are_refused(tok):
         model.infer(free, ROWS, min_length=10, max_new_tokens=3)
     with pytest.raises(ValueError, match="candidates are given, not generated"):
         model.infer(free, ROWS, candidates=["fruit"], min_length=2)
-    with pytest.raises(ValueError, match="max_frames must be a whole number >= 1"):
-        generate._generate_frames(None, [], None, None, None, 0, "generative")  # (max_frames=0: torch.stack of [])
+    with pytest.raises(ValueError, match="task 'free': max_frames must be a whole number >= 1"):
+        model.infer(free, ROWS, max_frames=0)  # (max_frames=0 stacked no rows: torch.stack of [])
 
 
 def test_a_drawn_answer_does_not_depend_on_the_rows_beside_it(tok):

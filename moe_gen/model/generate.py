@@ -27,7 +27,7 @@ from typing import Any, Optional, Sequence
 import torch
 
 from moe_gen.masking import masked_place
-from moe_gen.model.grammar import Option, State, TargetGrammar
+from moe_gen.model.grammar import Option, State, TargetGrammar, check_limits
 from moe_gen.model.transformer import BlockCache
 from moe_gen.routing.tags import TokenTags
 from moe_gen.tasks.batch import Side, collate
@@ -275,6 +275,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
         pass_name: the ``pass`` tag of every position (``masked`` for tasks trained with the
             masked objective, whose samples ``moe_gen.masking.masked_view`` gives).
     """
+    (max_frames,) = check_limits(plan.name, max_frames=max_frames)
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
                             modality_ids=model.modality_ids)
     target = grammar.slots[grammar.first]
@@ -546,8 +547,6 @@ def _prediction(grammar: TargetGrammar, hyp: _Hypothesis, sample: Sample, eos_id
 
 def _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name: str) -> list[Prediction]:
     """One row per step from the frame head, fed back through the adapter, until the stop head fires."""
-    if isinstance(max_frames, bool) or not isinstance(max_frames, int) or max_frames < 1:
-        raise ValueError(f"max_frames must be a whole number >= 1, got {max_frames!r}")
     adaptor = str(target.adaptor)
     width = int(model.config.adapters[adaptor])
     B = len(samples)

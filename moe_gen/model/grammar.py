@@ -35,15 +35,31 @@ its 4th location token, text at ``max_new_tokens`` tokens, without an EOS step.
 from __future__ import annotations
 
 import dataclasses
+import numbers
 from typing import Any, Mapping, Optional
 
 from moe_gen.tasks.modalities.base import modality_tag_names
 from moe_gen.tasks.modalities.box import dequantize_box
 from moe_gen.tasks.plan import TARGET, TaskPlan, slot_followers
 
-__all__ = ["Option", "State", "TargetGrammar"]
+__all__ = ["Option", "State", "TargetGrammar", "check_limits"]
 
 Tag = tuple[int, int]  # (modality tag id, role) of a decoder position
+
+
+def check_limits(task: str, **limits) -> list[int]:
+    """The length limits given by name (``max_new_tokens=32``, ...) as ints, in order.
+
+    Raises:
+        ValueError: naming the task and the limit, for a value that is not a whole number >= 1
+            (a bool, 2.5 or "8"; NumPy integers are whole numbers).
+    """
+    out = []
+    for name, value in limits.items():
+        if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            raise ValueError(f"task {task!r}: {name} must be a whole number >= 1, got {value!r}")
+        out.append(int(value))
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
@@ -115,13 +131,12 @@ class TargetGrammar:
 
     Raises:
         ValueError: for templates it cannot decode (frames next to other targets, ``no_loss``
-            slots after the first target).
+            slots after the first target), and limits that are not whole numbers >= 1.
     """
 
     def __init__(self, plan: TaskPlan, tokenizer, template: int = 0, *, max_new_tokens: int = 32,
                  max_items: int = 8, modality_ids: Optional[Mapping[str, int]] = None) -> None:
-        if max_items < 1 or max_new_tokens < 1:
-            raise ValueError(f"max_items and max_new_tokens must be at least 1, got {max_items}, {max_new_tokens}")
+        max_new_tokens, max_items = check_limits(plan.name, max_new_tokens=max_new_tokens, max_items=max_items)
         self.tok = tokenizer
         self.slots = plan.templates[template][1]
         self.max_new_tokens, self.max_items = max_new_tokens, max_items

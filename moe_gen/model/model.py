@@ -581,8 +581,8 @@ class GeneralistModel(nn.Module):
         image-code target (``preprocess=image_vq``) in T bidirectional decoder passes, at most its codes (MaskGIT;
         train the task with the ``parallel`` objective, whose tasks decode this way by default
         with T = 4; ``temperature`` draws the codes, ``seed`` fixes the draws) and answers
-        ``.image``. Raises ``ValueError`` for
-        tasks outside the model's vocabulary, modalities it has no adapter for, and rows that do
+        ``.image``. Raises ``ValueError`` for tasks outside the model's vocabulary, length limits
+        that are not whole numbers >= 1, modalities it has no adapter for, and rows that do
         not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
         default its position); under the task's ``on_error="skip"`` such a row's answer is None
         instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
@@ -593,11 +593,14 @@ class GeneralistModel(nn.Module):
         as they train.
         """
         from moe_gen.model.generate import TextRules, check_rules, check_search
+        from moe_gen.model.grammar import check_limits
         from moe_gen.moe import merged_in_place
 
         task = self._known_task(task)
         plan = self.plan(task)  # as trained, whatever rows task holds
         check_search(plan, beams=beams, candidates=candidates)  # before "beams 0" could mean greedy
+        max_new_tokens, max_items, max_frames = check_limits(plan.name, max_new_tokens=max_new_tokens,
+                                                             max_items=max_items, max_frames=max_frames)
         sampling = _sampling(temperature, top_k, top_p, seed, beams, candidates)
         rules = check_rules(plan, TextRules(no_repeat_ngram, min_length), candidates, max_new_tokens)
         samples, failed = self._encode_rows(task, plan, rows, indices)
