@@ -299,9 +299,9 @@ def test_interference_reads_rows_spread_over_each_split(monkeypatch):
     seen = {}
     original = report._task_batch
 
-    def recorded(model, task, samples, seed=0):
+    def recorded(model, task, samples, rng=None):
         seen[task.name] = [s.index for s in samples]
-        return original(model, task, samples, seed)
+        return original(model, task, samples, rng)
 
     monkeypatch.setattr(report, "_task_batch", recorded)
     result = _interference(model, tasks, rows=4)

@@ -24,6 +24,7 @@ import dataclasses
 import json
 import math
 import os
+import random
 import sys
 import warnings
 from typing import Optional, Sequence
@@ -147,30 +148,37 @@ def task_interference(model, tasks: Sequence, rows) -> dict:
     return stats.interference_matrix(stats.task_gradients(model, batches))
 
 
-def _task_batch(model, task, samples: list, seed: int = 0):
+def _task_batch(model, task, samples: list, rng: Optional[random.Random] = None):
     """``samples`` of ``task`` collated as its objective collates them in training (a masked or
     parallel task's masking and ``pass`` tag: collated as generative ones, their tokens were routed
-    as the model never routes them), with the objective's draws seeded."""
-    import random
-
+    as the model never routes them), with the objective's draws taken from ``rng`` (default: seeded
+    0)."""
     from moe_gen.objectives import OBJECTIVES
 
-    return OBJECTIVES.get(task.objective)(model).prepare(samples, random.Random(seed))
+    return OBJECTIVES.get(task.objective)(model).prepare(samples, random.Random(0) if rng is None else rng)
 
 
 def _held_out_loss(model, task, samples: list, batch_size: int) -> float:
     """Mean teacher-forced loss of ``samples`` (one task's, collated as its objective does): the
     token cross-entropy averaged over all their scored tokens plus the frame loss averaged over all
     their target frames, whatever the batch size (each batch's means weighted by its tokens and
-    frames)."""
+    frames).
+
+    The batches draw from one stream, seeded 0, in row order: the objectives that draw (masks of
+    ``masked`` and ``parallel`` tasks) draw sample by sample, so each row gets the draws it would
+    get in one batch of all the rows, and the loss and the routes recorded do not depend on
+    ``batch_size`` (a stream seeded per batch, by its first row's place, gave a row other masks at
+    another batch size).
+    """
     from moe_gen.objectives import GenerativeObjective
     from moe_gen.tasks import IGNORE_INDEX
 
     objective = GenerativeObjective(model)
+    rng = random.Random(0)
     sums = {"token_loss": 0.0, "frame_loss": 0.0}
     counts = {"token_loss": 0, "frame_loss": 0}
     for start in range(0, len(samples), batch_size):
-        batch = _task_batch(model, task, samples[start:start + batch_size], seed=start)
+        batch = _task_batch(model, task, samples[start:start + batch_size], rng)
         out = objective(batch)
         weights = {"token_loss": int((batch.labels != IGNORE_INDEX).sum()),
                    "frame_loss": sum(int(index.numel()) for index in batch.frame_index.values())}
