@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import warnings
 
 import pytest
@@ -60,11 +61,15 @@ def test_the_held_out_loss_does_not_depend_on_the_batch_size(species, tok):
 
 def test_arguments_that_would_record_nothing_or_twice_are_refused(species):
     model, split = species
-    for kwargs, message in [({"batch_size": 0}, "batch_size must be a whole number >= 1"),
-                            ({"batch_size": -1}, "batch_size must be a whole number >= 1"),
-                            ({"interference_rows": -1}, "interference_rows must be a whole number >= 0")]:
+    cases = [({"batch_size": 0}, "batch_size must be a whole number >= 1"),
+             ({"batch_size": -1}, "batch_size must be a whole number >= 1"),
+             ({"interference_rows": -1}, "interference_rows must be a whole number >= 0")]
+    # a limit of True read 1 row; 2.5 and "3" failed with TypeErrors from deep inside
+    cases += [({"limit": bad}, rf"limit must be a whole number >= 1 or None \(every row\), got {re.escape(repr(bad))}")
+              for bad in (0, True, 2.5, "3")]
+    for kwargs, message in cases:
         with pytest.raises(ValueError, match=message):
-            report.analyze(model, [split], limit=4, **kwargs)
+            report.analyze(model, [split], **{"limit": 4, **kwargs})
     with pytest.raises(ValueError, match=r"tasks \['table_species'\] are given more than once"):
         report.analyze(model, [split, split], limit=4, interference_rows=0)
 

@@ -129,8 +129,8 @@ def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int], ba
     unknown = [t.name for t in tasks if t.name not in model.task_ids]
     if unknown:
         raise ValueError(f"the model was not built for tasks {unknown}; it knows: {', '.join(model.config.tasks)}")
-    if limit is not None and limit < 1:
-        raise ValueError(f"limit must be >= 1 or None, got {limit}")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"limit must be a whole number >= 1 or None (every row), got {limit!r}")
     rows = {t.name: len(t) if limit is None else min(limit, len(t)) for t in tasks}
     empty = [t.name for t in tasks if rows[t.name] == 0]
     if empty:
