@@ -486,6 +486,36 @@ def _scenario_save_pretrained_sharded(rank: int, out_dir: str):
     return {}, info
 
 
+def _scenario_analyze_sharded(rank: int, out_dir: str):
+    """The routing analysis of the debug model with its experts spread over the processes, and of one
+    with FSDP-sharded parameters: each entry point's error (None: it ran); and the held-out loss of
+    the unsharded copy the FSDP error points to, next to the loss of the model before sharding."""
+    import copy
+
+    from moe_gen.analysis import report, stats
+    from moe_gen.fsdp import shard_dense, unsharded_copy
+    from moe_gen.tasks import load_preset
+
+    tasks = [load_preset("digit_classification", "test")]
+    info = {}
+    for how in ("experts", "fsdp"):
+        model, _ = _debug_setup()
+        whole = copy.deepcopy(model)
+        shard_experts(model, 2) if how == "experts" else shard_dense(model)
+        calls = {"analyze": lambda m: report.analyze(m, tasks, limit=4, interference_rows=2),
+                 "expert_similarity": stats.expert_similarity,
+                 "task_gradients": lambda m: report.task_interference(m, tasks, 2)}
+        for name, call in calls.items():
+            try:
+                call(model)
+                info[f"{how}/{name}"] = None
+            except ValueError as exc:
+                info[f"{how}/{name}"] = str(exc)
+    loss = [report.analyze(m, tasks, limit=4, interference_rows=2).evaluation["digit_classification"]["loss"]
+            for m in (whole, unsharded_copy(model))]
+    return {}, {**info, "whole_loss": loss[0], "copy_loss": loss[1]}
+
+
 def _scenario_without_local_rank(rank: int, out_dir: str):
     """A launcher that sets RANK but not LOCAL_RANK: the GPU index world_info reports."""
     from moe_gen.distributed import world_info
@@ -562,4 +592,5 @@ SCENARIOS = {
     "wrapper_plan": _scenario_wrapper_plan,
     "save_pretrained_sharded": _scenario_save_pretrained_sharded,
     "without_local_rank": _scenario_without_local_rank,
+    "analyze_sharded": _scenario_analyze_sharded,
 }

@@ -219,7 +219,12 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
             statistics and closed label sets the model saved from its training rows.
         batch_size: rows per forward pass (or per ``infer`` call).
         interference_rows: rows of each task in its gradient batch; 0 skips interference.
+
+    Raises:
+        ValueError: for bad arguments, or a model sharded over processes (FSDP, expert parallelism):
+            pass the whole model (``stats.check_whole_model`` says how to get it).
     """
+    stats.check_whole_model(model, "analyze")
     rows = _rows_to_analyse(model, tasks, mode, limit, batch_size, interference_rows)
     with eval_mode(model):
         with RoutingRecorder(model) as recorder, torch.no_grad():

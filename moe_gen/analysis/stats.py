@@ -52,7 +52,7 @@ __all__ = [
     "drop_rate", "json_ready",
     "entropy_bits", "mutual_information", "specialisation_index", "route_agreement", "cosine_similarity_matrix",
     "expert_similarity", "task_usage", "task_affinity", "task_gradients", "interference_matrix",
-    "shared_parameters", "summarize",
+    "shared_parameters", "summarize", "check_whole_model",
 ]
 
 # Axis of each group kind in a [L, E, Tk, M, R] table.
@@ -214,11 +214,41 @@ def cosine_similarity_matrix(w_EP: torch.Tensor) -> torch.Tensor:
     return unit @ unit.t()
 
 
-def expert_similarity(model: nn.Module) -> dict[str, torch.Tensor]:
-    """For every MoE layer of ``model``, the cosine similarity ``[E, E]`` of its experts' weights,
-    each expert flattened to one vector over all its stacked parameters (leading dim E)."""
+def check_whole_model(model: nn.Module, caller: str) -> None:
+    """Raises unless this process holds every weight of ``model``, as the weight and gradient
+    statistics need: with experts spread over processes (``shard_experts``) a layer holds some of
+    its experts only (``expert_similarity`` silently left such layers out), and FSDP's shards are
+    ``DTensor`` parameters and gradients (PyTorch failed on them, mixed with plain tensors).
+
+    Raises:
+        ValueError: naming ``caller``, the kind of sharding (and the expert-parallel layers), and
+            the whole model to pass instead.
+    """
+    from moe_gen.fsdp import is_sharded
     from moe_gen.moe import MoE
 
+    split = sorted(name for name, m in model.named_modules() if isinstance(m, MoE) and m.expert_parallel is not None)
+    if split:
+        raise ValueError(f"{caller}: the model's experts are spread over processes (shard_experts; layers "
+                         f"{', '.join(split[:3])}{', ...' if len(split) > 3 else ''}): this process holds some of "
+                         "them only; analyse the whole model: save it (Trainer.save_model) and load it with "
+                         "GeneralistModel.from_pretrained, or moe_gen.distributed.load_shards into an unsharded model")
+    if is_sharded(model):
+        raise ValueError(f"{caller}: the model's parameters are FSDP shards: this process holds a part of each; "
+                         "analyse the whole model: trainer.trained_model() or moe_gen.fsdp.unsharded_copy(model), "
+                         "called on every process")
+
+
+def expert_similarity(model: nn.Module) -> dict[str, torch.Tensor]:
+    """For every MoE layer of ``model``, the cosine similarity ``[E, E]`` of its experts' weights,
+    each expert flattened to one vector over all its stacked parameters (leading dim E).
+
+    Raises:
+        ValueError: for a model sharded over processes (``check_whole_model``).
+    """
+    from moe_gen.moe import MoE
+
+    check_whole_model(model, "expert_similarity")
     out = {}
     for name, module in model.named_modules():
         if isinstance(module, MoE):
@@ -298,7 +328,11 @@ def task_gradients(model: nn.Module, batches: Mapping[str, object],
         batches: task name → batch of that task.
         loss_fn: ``(model, batch) -> scalar``; default the generative token + frame loss.
         params: ``(name, parameter)`` pairs to differentiate; default ``shared_parameters(model)``.
+
+    Raises:
+        ValueError: for a model sharded over processes (``check_whole_model``).
     """
+    check_whole_model(model, "task_gradients")
     loss_fn = loss_fn or _generative_task_loss
     params = list(params if params is not None else shared_parameters(model))
     if not params:
