@@ -260,19 +260,23 @@ class ContrastiveObjective(Objective):
     Rows must hold one sample each (no packing): pooling is per row. ``task_weights`` multiply a
     task's caption losses, as ``GenerativeObjective``'s, and each of its rows' InfoNCE terms (both
     directions) inside the batch's mean, whose count stays unweighted; a row of weight 0 still
-    serves as a negative of the others.
+    serves as a negative of the others. ``frame_weight`` weighs the caption's continuous targets
+    (L1 + stop) as ``GenerativeObjective``'s does.
     """
 
     def __init__(self, model: GeneralistModel, caption_weight: float = 2.0, contrastive_weight: float = 1.0,
-                 task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
+                 task_weights: Optional[dict[str, float]] = None, loss_average: str = "token",
+                 frame_weight: float = 1.0) -> None:
         self.model = model
-        self.generative = GenerativeObjective(model, task_weights=task_weights, loss_average=loss_average)
+        self.generative = GenerativeObjective(model, frame_weight=frame_weight, task_weights=task_weights,
+                                              loss_average=loss_average)
         self.loss_average = loss_average
         self.caption_weight, self.contrastive_weight = caption_weight, contrastive_weight
 
     @classmethod
     def from_train_config(cls, model: GeneralistModel, config) -> "ContrastiveObjective":
-        return cls(model, task_weights=config.loss_weights or None, loss_average=config.loss_average)
+        return cls(model, task_weights=config.loss_weights or None, loss_average=config.loss_average,
+                   frame_weight=config.frame_weight)
 
     def prepare(self, samples, rng) -> Batch:
         """The samples collated as ``Objective.prepare`` collates them.

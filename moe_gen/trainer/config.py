@@ -76,7 +76,8 @@ class TrainConfig(ConfigBase):
             so long audio or video samples do not crowd out text; a sample that would exceed it is
             left for a later batch (a lone over-budget sample is still taken).
         max_tokens: at most this many positions (encoder + decoder) in a micro-batch.
-        frame_weight: weight of the continuous-target (L1 + stop) loss.
+        frame_weight: weight of the continuous-target (L1 + stop) loss, in every objective (the
+            contrastive one's caption loss included).
         masked_input_budget, masked_target_budget: the 4M budgets of ``masked`` tasks: inputs are
             drawn first, targets among the positions left, and a sample of no more positions than
             the input budget shows all but one, its target (``moe_gen.masking.mask_sample``).

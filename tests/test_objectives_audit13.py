@@ -1,0 +1,38 @@
+"""Audit 13 of the objectives: the contrastive caption loss reads ``frame_weight``; the parallel
+objective refuses targets besides the image codes; a masked task's feature rows need frame heads,
+checked when the trainer is built; the contrastive parts are logged by what they average over."""
+
+import random
+
+import pytest
+import torch
+from helpers import build
+
+from moe_gen.objectives import OBJECTIVES
+from moe_gen.tasks import Task, Tokenizer, load_preset
+from moe_gen.trainer import TrainConfig
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return Tokenizer.default()
+
+
+def test_contrastive_caption_loss_weighs_frames_by_frame_weight(tok):
+    """The contrastive objective built its caption loss with frame_weight 1 whatever
+    ``TrainConfig.frame_weight`` said (the generative and masked objectives read it)."""
+    base = load_preset("text_to_motion", "train", limit=4)
+    task = Task("motion_caption", "[TEXT:text] -> [TEXT:label] [MOTION:motion,adaptor=motion_tgt,max_length=24]",
+                base.data, objective="contrastive")
+    model = build([task], tok, every=0, dropout=0.0).eval()
+    outs = {}
+    for weight in (0.0, 3.0):
+        objective = OBJECTIVES.get("contrastive").from_train_config(model, TrainConfig(frame_weight=weight))
+        batch = objective.prepare(list(task.samples(tok)), random.Random(0))
+        with torch.no_grad():
+            outs[weight] = {k: float(v) for k, v in objective(batch).items() if torch.is_tensor(v) and v.numel() == 1}
+    frame = outs[0.0]["frame_loss"]
+    assert frame > 0 and outs[3.0]["frame_loss"] == pytest.approx(frame, rel=1e-6)
+    # caption_loss = token_loss + frame_weight · frame_loss + routing; the total holds it twice (caption_weight 2)
+    assert outs[3.0]["caption_loss"] - outs[0.0]["caption_loss"] == pytest.approx(3.0 * frame, rel=1e-4)
+    assert outs[3.0]["loss"] - outs[0.0]["loss"] == pytest.approx(2.0 * 3.0 * frame, rel=1e-4)
