@@ -46,8 +46,9 @@ class LossScales:
 class Objective:
     """The interface the trainer uses: ``from_train_config`` builds the objective from a
     ``TrainConfig``, ``prepare`` turns a group of samples into a ``Batch``, ``loss_counts`` says
-    what its token and frame losses average over, and calling it (with optional ``LossScales``)
-    returns a dict with ``"loss"`` and its named parts. No objective is special-cased by name."""
+    what its token and frame losses average over, ``check_task`` refuses a task it cannot train,
+    and calling it (with optional ``LossScales``) returns a dict with ``"loss"`` and its named
+    parts. No objective is special-cased by name."""
 
     loss_average: str = "token"
 
@@ -57,6 +58,12 @@ class Objective:
     def from_train_config(cls, model: GeneralistModel, config) -> "Objective":
         """The objective with the settings of ``config`` (a ``TrainConfig``) that apply to it."""
         return cls(model, task_weights=config.loss_weights or None)
+
+    def check_task(self, plan) -> None:
+        """Raises ``ValueError`` naming the task when this objective cannot train the task of
+        ``plan`` (its ``TaskPlan`` as the model encodes it): the trainer asks for every task when
+        it is built, so that a task is refused before the first step, not when a draw first meets
+        what the objective cannot do. Every task passes by default."""
 
     def prepare(self, samples, rng) -> Batch:
         """``samples`` collated into one batch (``rng``: for objectives that draw, e.g. masks)."""
@@ -424,7 +431,21 @@ class ParallelObjective(GenerativeObjective):
     """MaskGIT training of image-code targets (``moe_gen.model.parallel``): a cosine-schedule share
     of each sample's codes is masked and predicted at once by the decoder reading bidirectionally;
     ``model.infer`` decodes such a task that way (4 passes; ``parallel_steps=T`` for others). Every
-    sample of the objective needs exactly one ``[IMAGE:...,preprocess=image_vq]`` target."""
+    sample of the objective needs exactly one ``[IMAGE:...,preprocess=image_vq]`` target and no
+    other (``check_task``; ``moe_gen.model.parallel.code_span``)."""
+
+    def check_task(self, plan) -> None:
+        """Raises ``ValueError`` naming the task and its targets unless each of its templates has
+        exactly one target, image codes: only the codes are scored (a closed-set label after them
+        kept its allowed tokens where the last code is predicted, an infinite loss), and parallel
+        decoding reads a single image-code target."""
+        for _, decoder in plan.templates:
+            targets = [p for p in decoder if p.loss]
+            if len(targets) != 1 or targets[0].decode is None or targets[0].decode.kind != "codes":
+                raise ValueError(f"task {plan.name!r}: the parallel objective trains exactly one target, image codes "
+                                 f"([IMAGE:...,preprocess=image_vq]); the task's targets are "
+                                 f"{', '.join(str(p.slot) for p in targets) or 'none'}: keep the image codes as "
+                                 "its one target and train any other in a task of its own (e.g. generative)")
 
     @functools.cached_property
     def _code_ids(self) -> frozenset:

@@ -10,7 +10,7 @@ from helpers import build
 
 from moe_gen.objectives import OBJECTIVES
 from moe_gen.tasks import Task, Tokenizer, load_preset
-from moe_gen.trainer import TrainConfig
+from moe_gen.trainer import TrainConfig, Trainer
 
 
 @pytest.fixture(scope="module")
@@ -36,3 +36,29 @@ def test_contrastive_caption_loss_weighs_frames_by_frame_weight(tok):
     # caption_loss = token_loss + frame_weight · frame_loss + routing; the total holds it twice (caption_weight 2)
     assert outs[3.0]["caption_loss"] - outs[0.0]["caption_loss"] == pytest.approx(3.0 * frame, rel=1e-4)
     assert outs[3.0]["loss"] - outs[0.0]["loss"] == pytest.approx(2.0 * 3.0 * frame, rel=1e-4)
+
+
+def _trainer(model, tasks, tmp_path, **overrides):
+    config = TrainConfig(steps=2, batch_size=2, progress=False, tensorboard=False, checkpoint_every=0, **overrides)
+    return Trainer(model, tasks, config, output_dir=str(tmp_path / "run"))
+
+
+def _draw_and_name(tok):
+    base = load_preset("text_to_image_maskgit", "train", limit=6)
+    return Task("draw_and_name", "draw digit [TEXT:id] -> [IMAGE:image,preprocess=image_vq] [TEXT:label,closed_set]",
+                [dict(r, id=str(r["id"])) for r in base.data], objective="parallel")
+
+
+def test_parallel_objective_refuses_a_target_besides_the_image_codes(tok, tmp_path):
+    """A closed-set label after the image codes kept its allowed tokens where the last code is
+    predicted: whenever that code was masked the loss was infinite, and the run ended in
+    TrainingDiverged advising a lower learning rate (parallel decoding refuses such a task anyway)."""
+    task = _draw_and_name(tok)
+    model = build([task], tok, every=0, dropout=0.0)
+    with pytest.raises(ValueError, match=r"task 'draw_and_name': the parallel objective trains exactly one target.*"
+                                         r"\[TEXT:label,closed_set\]"):
+        _trainer(model, [task], tmp_path)
+    objective = OBJECTIVES.get("parallel").from_train_config(model, TrainConfig())
+    with pytest.raises(ValueError, match=r"task 'draw_and_name': .* image codes alone; row 0 also has the "
+                                         r"target\(s\) \['TEXT:label'\]"):
+        objective.prepare(list(task.samples(tok)), random.Random(0))

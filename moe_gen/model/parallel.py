@@ -46,17 +46,25 @@ def code_span(sample: Sample, code_ids: frozenset) -> tuple[int, int]:
     """(offset, length) of the sample's image-code target among its decoder items.
 
     Raises:
-        ValueError: naming the task, when the sample has no such target (or more than one).
+        ValueError: naming the task and row, when the sample has no such target, more than one, or
+            another target besides (only the codes are scored: a closed-set label after them kept
+            its allowed tokens where the last code is predicted, an infinite loss).
     """
-    offset, spans = 0, []
+    offset, spans, others = 0, [], []
     for chunk in sample.decoder:
-        if (chunk.loss and chunk.column is not None and chunk.modality == "IMAGE" and chunk.tokens
-                and set(chunk.tokens) <= code_ids):
-            spans.append((offset, len(chunk)))
+        if chunk.loss and chunk.column is not None:
+            if chunk.modality == "IMAGE" and chunk.tokens and set(chunk.tokens) <= code_ids:
+                spans.append((offset, len(chunk)))
+            else:
+                others.append(f"{chunk.modality}:{chunk.column}")
         offset += len(chunk)
     if len(spans) != 1:
         raise ValueError(f"task {sample.task!r}: the parallel objective needs exactly one image-code target "
                          f"(an [IMAGE:...,preprocess=image_vq] target slot); row {sample.index} has {len(spans)}")
+    if others:
+        raise ValueError(f"task {sample.task!r}: the parallel objective trains the image codes alone; row "
+                         f"{sample.index} also has the target(s) {sorted(set(others))}: train them as a task of "
+                         "their own (e.g. with the generative objective)")
     if spans[0][0] + spans[0][1] >= offset:  # the last code is a decoder input only if an item follows
         raise ValueError(f"task {sample.task!r}: the parallel objective needs an item after the image codes "
                          "(the answer's EOS, which disable_auto_boseos removes)")

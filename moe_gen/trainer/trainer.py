@@ -439,7 +439,10 @@ class Trainer:
                              "calls would not match (a crash or a hang); use sharding='replicate' with "
                              "expert_parallel=1, mixing='all' (every task in every batch), or train each "
                              "objective's tasks in their own run")
-        return {name: OBJECTIVES.get(name).from_train_config(self.model, cfg) for name in names}
+        objectives = {name: OBJECTIVES.get(name).from_train_config(self.model, cfg) for name in names}
+        for task in self.tasks:  # refused now, not when a draw first meets what its objective cannot train
+            objectives[task.objective].check_task(self.model.plan(task))
+        return objectives
 
     def _resume(self, path: str) -> None:
         saved_model = read_trainer_state(path).get("model_config")
