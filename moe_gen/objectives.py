@@ -388,7 +388,8 @@ class MaskedObjective(GenerativeObjective):
     by Dirichlet(α) across each sample's modalities (``moe_gen.masking``; ``target_alpha`` splits
     the target budget, default ``alpha``, as 4M samples inputs and targets apart) and collates them with
     ``pass=masked``; the loss is the generative one on the chosen targets. Build the model with
-    ``ModelConfig(predict_all_features=True)`` so feature targets have regression heads.
+    ``ModelConfig(predict_all_features=True)`` so feature targets have regression heads
+    (``check_task`` refuses a task whose feature rows have none).
     """
 
     def __init__(self, model: GeneralistModel, *, input_budget: int = 128, target_budget: int = 128,
@@ -411,6 +412,23 @@ class MaskedObjective(GenerativeObjective):
                    alpha=config.masked_alpha, target_alpha=config.masked_target_alpha, frame_weight=config.frame_weight,
                    task_weights=config.loss_weights or None, loss_average=config.loss_average)
 
+    def check_task(self, plan) -> None:
+        """Raises ``ValueError`` naming the task and slot when a data slot of the task (input or
+        target) makes feature rows that the model has no frame head for: masking makes any data
+        position a target, whatever ``masked_target_alpha`` says (the part of a budget that the
+        modalities drawn cannot hold goes to any modality with positions left, one of α 0 too), so
+        the first draw that picks such a row stopped the run mid-way."""
+        for encoder, decoder in plan.templates:
+            for p in encoder + decoder:
+                if (p.slot.is_literal or p.preprocess is None or plan.preprocessor_named(p.preprocess).makes_tokens
+                        or p.adaptor in self.model.frame_heads):
+                    continue
+                raise ValueError(f"task {plan.name!r} trained with the masked objective: slot {p.slot} makes "
+                                 f"{p.adaptor!r} feature rows, which masking may draw as targets, and the model has no "
+                                 "frame head to predict them; build the model with "
+                                 "ModelConfig(predict_all_features=True) (a frame head for every adapter), or train "
+                                 "the task with another objective")
+
     def prepare(self, samples, rng) -> Batch:
         from moe_gen.masking import mask_sample
         from moe_gen.tasks.batch import collate
@@ -420,8 +438,9 @@ class MaskedObjective(GenerativeObjective):
         for sample in masked:
             for chunk in sample.decoder:
                 if chunk.rows is not None and chunk.adaptor not in self.model.frame_heads:
-                    raise ValueError(f"masked modeling targets {chunk.adaptor!r} rows but the model has no frame head "
-                                     "for them; build it with ModelConfig(predict_all_features=True)")
+                    raise ValueError(f"task {sample.task!r}: masking made {chunk.modality}:{chunk.column} rows of "
+                                     f"row {sample.index} targets, but the model has no frame head for "
+                                     f"{chunk.adaptor!r} rows; build it with ModelConfig(predict_all_features=True)")
         return collate(masked, self.model.tokenizer, self.model.task_ids, pass_name="masked",
                        modality_ids=self.model.modality_ids)
 

@@ -2,13 +2,14 @@
 objective refuses targets besides the image codes; a masked task's feature rows need frame heads,
 checked when the trainer is built; the contrastive parts are logged by what they average over."""
 
+import math
 import random
 
 import pytest
 import torch
 from helpers import build
 
-from moe_gen.objectives import OBJECTIVES
+from moe_gen.objectives import OBJECTIVES, MaskedObjective
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.trainer import TrainConfig, Trainer
 
@@ -62,3 +63,28 @@ def test_parallel_objective_refuses_a_target_besides_the_image_codes(tok, tmp_pa
     with pytest.raises(ValueError, match=r"task 'draw_and_name': .* image codes alone; row 0 also has the "
                                          r"target\(s\) \['TEXT:label'\]"):
         objective.prepare(list(task.samples(tok)), random.Random(0))
+
+
+def _masked_patches(tok):
+    base = load_preset("digit_classification", "train", limit=16)
+    return Task("digit_masked_patches", base.instruction, base.data, objective="masked")
+
+
+def test_masked_task_with_feature_rows_needs_frame_heads_when_the_trainer_is_built(tok, tmp_path):
+    """Image patches of a masked task on a model without their frame head trained until a draw
+    first made a patch a target, then stopped the run with a message naming no task."""
+    task = _masked_patches(tok)
+    model = build([task], tok, every=0)
+    with pytest.raises(ValueError, match=r"task 'digit_masked_patches' trained with the masked objective: slot "
+                                         r"\[IMAGE:image\] makes 'image_patch' feature rows.*"
+                                         r"predict_all_features=True"):
+        _trainer(model, [task], tmp_path, masked_target_alpha={"IMAGE": 0.0, "TEXT": 3.0})
+    # drawn anyway (as the objective alone may be used): the error names the task and the row
+    objective = MaskedObjective(model, input_budget=0, target_budget=64)
+    with pytest.raises(ValueError, match=r"task 'digit_masked_patches': masking made IMAGE:image rows of row 0 "
+                                         r"targets.*'image_patch'"):
+        objective.prepare(list(task.samples(tok))[:2], random.Random(0))
+    with_heads = build([task], tok, every=0, predict_all_features=True)
+    trainer = _trainer(with_heads, [task], tmp_path / "heads", masked_input_budget=4, masked_target_budget=4)
+    assert math.isfinite(trainer.train_step(1)["loss"])
+    trainer.close()
