@@ -83,6 +83,12 @@ class Objective:
             tokens = int(scored_BL.sum())
         return tokens, {name: int(t.shape[0]) for name, t in batch.frame_targets.items()}
 
+    def part_counts(self, batch: Batch) -> dict[str, int]:
+        """What each of the objective's own logged parts (besides the token, frame and per-task
+        losses, which the trainer counts) is a mean over in ``batch``, so that the trainer combines
+        micro-batches as one large batch would; a part not named weighs 1 a micro-batch."""
+        return {}
+
     def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
@@ -300,6 +306,12 @@ class ContrastiveObjective(Objective):
                 raise ValueError(f"task {sample.task!r}: the contrastive objective needs a token target (text) to "
                                  f"compare with the input; row {sample.index} has only {slots or 'no targets'}")
         return super().prepare(samples, rng)
+
+    def part_counts(self, batch: Batch) -> dict[str, int]:
+        """The caption loss is a mean over what the token loss averages (``loss_counts``); the
+        InfoNCE term and the retrieval accuracy are means over the rows of the batch."""
+        rows = int(batch.labels.shape[0])
+        return {"caption_loss": self.loss_counts(batch)[0], "contrastive_loss": rows, "retrieval_accuracy": rows}
 
     def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         if int(batch.encoder.tags.sample.max()) > 0:

@@ -9,7 +9,7 @@ import pytest
 import torch
 from helpers import build
 
-from moe_gen.objectives import OBJECTIVES, MaskedObjective
+from moe_gen.objectives import OBJECTIVES, ContrastiveObjective, MaskedObjective
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.trainer import TrainConfig, Trainer
 
@@ -40,7 +40,8 @@ def test_contrastive_caption_loss_weighs_frames_by_frame_weight(tok):
 
 
 def _trainer(model, tasks, tmp_path, **overrides):
-    config = TrainConfig(steps=2, batch_size=2, progress=False, tensorboard=False, checkpoint_every=0, **overrides)
+    config = TrainConfig(**{"steps": 2, "batch_size": 2, "progress": False, "tensorboard": False,
+                            "checkpoint_every": 0, **overrides})
     return Trainer(model, tasks, config, output_dir=str(tmp_path / "run"))
 
 
@@ -88,3 +89,41 @@ def test_masked_task_with_feature_rows_needs_frame_heads_when_the_trainer_is_bui
     trainer = _trainer(with_heads, [task], tmp_path / "heads", masked_input_budget=4, masked_target_budget=4)
     assert math.isfinite(trainer.train_step(1)["loss"])
     trainer.close()
+
+
+def test_contrastive_parts_are_logged_by_what_they_average_over_under_accumulation(tok, tmp_path, monkeypatch):
+    """Under accumulate=2 the caption loss, InfoNCE term and retrieval accuracy were plain means
+    over the micro-batches: a contrastive group of 2 rows weighed as much as one of 4, and a
+    caption loss over 3 tokens as much as one over 30 (so caption_loss disagreed with token_loss)."""
+    words = "alpha beta gamma delta epsilon zeta eta theta iota kappa".split()
+    captions = ["alpha", "beta gamma", " ".join(words), "delta", " ".join(reversed(words)), "eta theta iota"]
+    contrastive = Task("c", "[TEXT:q] -> [TEXT:x]", [{"q": f"w{i}", "x": x} for i, x in enumerate(captions)],
+                       objective="contrastive")
+    generative = Task("g", "[TEXT:q] -> [TEXT:x]", [{"q": f"v{i}", "x": "yes"} for i in range(4)])
+    tasks = [contrastive, generative]
+    model = build(tasks, tok, every=0, dropout=0.0)
+    trainer = _trainer(model, tasks, tmp_path, steps=1, batch_size=5, accumulate=2, clip_norm=0.0)
+    by_key = {(t.name, i): s for t in tasks for i, s in enumerate(t.samples(tok))}
+    micro_batches = [[("c", 0), ("c", 1), ("g", 0), ("g", 1), ("g", 2)],
+                     [("c", 2), ("c", 3), ("c", 4), ("c", 5), ("g", 3)]]
+    trainer.sampler.next_batch = lambda step, micro: [by_key[k] for k in micro_batches[micro]]
+    seen = []
+    call = ContrastiveObjective.__call__
+
+    def spy(self, batch, scales=None):
+        out = call(self, batch, scales)
+        seen.append({"rows": len(batch.tasks), "tokens": self.loss_counts(batch)[0],
+                     **{k: float(out[k]) for k in ("caption_loss", "contrastive_loss", "retrieval_accuracy")}})
+        return out
+
+    monkeypatch.setattr(ContrastiveObjective, "__call__", spy)
+    record = trainer.train_step(1)
+    trainer.close()
+    assert [s["rows"] for s in seen] == [2, 4] and seen[0]["tokens"] != seen[1]["tokens"]
+
+    def mean(key, weight):
+        return sum(s[key] * s[weight] for s in seen) / sum(s[weight] for s in seen)
+
+    assert record["caption_loss"] == pytest.approx(mean("caption_loss", "tokens"), rel=1e-6)
+    assert record["contrastive_loss"] == pytest.approx(mean("contrastive_loss", "rows"), rel=1e-6)
+    assert record["retrieval_accuracy"] == pytest.approx(mean("retrieval_accuracy", "rows"), rel=1e-6)

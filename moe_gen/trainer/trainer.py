@@ -65,8 +65,10 @@ class TrainingDiverged(RuntimeError):
 def _log_counts(batch, task_names, objective) -> dict[str, int]:
     """What a batch's logged means are over: what its objective's token loss averages (scored
     tokens, or samples: ``loss_counts``), scored tokens (``token_accuracy``), target frame rows
-    (``frame_loss``) and each task's tokens and rows (``task_loss/<task>``), so that micro-batches
-    combine as one large batch would (exactly for one objective and one frame adapter)."""
+    (``frame_loss``), each task's tokens and rows (``task_loss/<task>``) and what the objective's
+    own parts are means over (``part_counts``: the contrastive caption loss, InfoNCE term and
+    retrieval accuracy), so that micro-batches combine as one large batch would (exactly for one
+    objective and one frame adapter)."""
     from moe_gen.tasks.batch import IGNORE_INDEX
 
     scored = batch.labels != IGNORE_INDEX
@@ -77,6 +79,7 @@ def _log_counts(batch, task_names, objective) -> dict[str, int]:
     out = {"token_loss": averaged, "token_accuracy": int(scored.sum()), "frame_loss": rows}
     per_task = torch.bincount(torch.cat(ids).cpu(), minlength=len(task_names)).tolist()
     out.update({f"task_loss/{task_names[t]}": n for t, n in enumerate(per_task) if n})
+    out.update(objective.part_counts(batch) if hasattr(objective, "part_counts") else {})
     return out
 
 
