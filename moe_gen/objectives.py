@@ -106,13 +106,17 @@ class GenerativeObjective(Objective):
             scored token counts once, so a sample with a 30-token answer weighs 30 times one with a
             one-token label) or ``sample`` (each sample's tokens are averaged first, then the
             samples: every sample weighs the same, whatever its answer's length).
+        label_smoothing: the token loss's smoothing; None: the model's ``config.label_smoothing``
+            (training), 0 for the plain cross-entropy (the analysis's held-out loss).
     """
 
     def __init__(self, model: GeneralistModel, frame_weight: float = 1.0,
-                 task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
+                 task_weights: Optional[dict[str, float]] = None, loss_average: str = "token",
+                 label_smoothing: Optional[float] = None) -> None:
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}; got {loss_average!r}")
         self.model, self.frame_weight, self.loss_average = model, frame_weight, loss_average
+        self.label_smoothing = label_smoothing
         self.task_weights = dict(task_weights or {})
         unknown = sorted(set(self.task_weights) - set(model.task_ids))
         if unknown:
@@ -151,7 +155,8 @@ class GenerativeObjective(Objective):
         task_BL = batch.decoder.tags.task
         per_task: dict[int, list[torch.Tensor]] = {}
         if scored.any():
-            ce_N = smoothed_cross_entropy(logits[scored], batch.labels[scored], self.model.config.label_smoothing)
+            smoothing = self.model.config.label_smoothing if self.label_smoothing is None else self.label_smoothing
+            ce_N = smoothed_cross_entropy(logits[scored], batch.labels[scored], smoothing)
             task_N = task_BL[scored]
             parts["token_loss"] = self._token_mean(batch, scored, task_N, ce_N)
             parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()

@@ -20,7 +20,6 @@ the task metrics; generation steps are recorded too.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
 import json
 import math
@@ -174,14 +173,13 @@ def _held_out_loss(model, task, samples: list, batch_size: int) -> float:
     from moe_gen.objectives import GenerativeObjective
     from moe_gen.tasks import IGNORE_INDEX
 
-    objective = GenerativeObjective(model)
+    objective = GenerativeObjective(model, label_smoothing=0.0)
     rng = random.Random(0)
     sums = {"token_loss": 0.0, "frame_loss": 0.0}
     counts = {"token_loss": 0, "frame_loss": 0}
     for start in range(0, len(samples), batch_size):
         batch = _task_batch(model, task, samples[start:start + batch_size], rng)
-        with _without_label_smoothing(model):
-            out = objective(batch)
+        out = objective(batch)
         weights = {"token_loss": int((batch.labels != IGNORE_INDEX).sum()),
                    "frame_loss": sum(int(index.numel()) for index in batch.frame_index.values())}
         for part, weight in weights.items():
@@ -189,20 +187,6 @@ def _held_out_loss(model, task, samples: list, batch_size: int) -> float:
                 sums[part] += float(out[part]) * weight
                 counts[part] += weight
     return sum(sums[part] / counts[part] for part in sums if counts[part])
-
-
-@contextlib.contextmanager
-def _without_label_smoothing(model):
-    """``model`` with ``config.label_smoothing`` 0 inside the block, put back after it. Smoothing is a
-    training setting, which ``GenerativeObjective`` reads from the model's config: the held-out loss
-    is the plain cross-entropy, whatever the model trained with (it was the smoothed one: the same
-    weights read another held-out loss at 0.1 than at 0)."""
-    config = model.config
-    model.config = config.replace(label_smoothing=0.0)
-    try:
-        yield
-    finally:
-        model.config = config
 
 
 def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forward", limit: Optional[int] = None,
