@@ -358,7 +358,8 @@ def metric_table(results: dict, baseline: Optional[dict] = None) -> str:
     lines = [header, "|---|---|---:|---:|" if baseline else "|---|---|---:|"]
     for task, metrics in results.items():
         for metric, value in metrics.items():
-            label = metric + (" (lower is better)" if metric in LOWER_IS_BETTER else "")
+            lower = metric.split("/")[0] in LOWER_IS_BETTER  # (``wer/title``: WER of one text column)
+            label = metric + (" (lower is better)" if lower else "")
             if baseline:
                 before = baseline.get(task, {}).get(metric)
                 lines.append(f"| {task} | {label} | {_number(before)} | {_number(value)} |")

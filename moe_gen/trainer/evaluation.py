@@ -6,9 +6,15 @@ space) for continuous targets (audio, motion). Detection (a repetition group wit
 e.g. ``( [BOX:boxes] [TEXT:labels] )*``) compares per row the lists of ``(box, label)`` pairs of
 the prediction's items and of the row (``detection_f1``). Other tasks with several target slots
 compare ``Prediction.targets`` with the row's target columns, as dicts (a box as its location
-bins decode on the row's image, as a right answer does). Tasks without declared metrics get a
-default per target kind. Answers are decoded with room for the longest reference scored: its
-tokens, its items (above ``infer``'s 8) and its frame rows (above 64).
+bins decode on the row's image, as a right answer does): ``accuracy`` and ``exact_match`` compare
+the dicts value by value; a metric of text (BLEU, chrF, ROUGE-L, WER, ...: ``TEXT_METRICS``) is
+computed per text column outside a repetition group, reported as ``<metric>/<column>`` with
+``<metric>`` their mean; the metrics of one box, frame sequence or image are refused with the task
+named; a metric registered outside moe_gen receives the dicts (before the thirteenth audit metrics
+of text scored the ``str()`` of the dicts, whose braces, quotes and column names every answer
+shares). Tasks without declared metrics get a default per target kind. Answers are decoded with
+room for the longest reference scored: its tokens, its items (above ``infer``'s 8) and its frame
+rows (above 64).
 
 Rows that fail to encode (or have no reference to score against, or a repetition group whose
 reference columns are not lists of one length, as training refuses them) raise ``TaskDataError`` naming
@@ -205,6 +211,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                          f"got limit={limit}, batch_size={batch_size}")
     kind, scored = _targets(task, model)
     names = task.metrics or DEFAULT_METRICS[kind]
+    columns = _text_columns(task, kind, names, scored)
     count = len(task) if limit is None else min(limit, len(task))
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
@@ -242,11 +249,58 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if not predictions:
         raise TaskDataError(f"task {task.name!r}: none of the {count} rows evaluated could be scored "
                             f"({skipped} skipped; first error: {task.errors[0] if task.errors else '?'})")
-    results = metric_fns.compute(names, predictions, references)
+    results = _scores(names, predictions, references, columns)
     if pairs is not None:
         pairs.extend(zip(predictions, references))
     if task.on_error == "skip":
         results["skipped"] = skipped
+    return results
+
+
+def _text_columns(task: Task, kind: str, names: Sequence[str], scored: list) -> Optional[list[str]]:
+    """For answers with several target slots (``kind`` detection or structured): the text and
+    closed-set columns outside a repetition group, which the metrics of text score one by one;
+    ValueError, the task and metric named, for a metric that cannot score such answers (a metric
+    of one box, frame sequence or image; a metric of text without a text column to score, or on
+    a detection task's item lists). None for single-target answers (scored whole)."""
+    if kind not in ("detection", "structured"):
+        return None
+    columns = [p.slot.column for p in scored if p.decode.kind in ("text", "closed_set") and p.slot.repeat is None]
+    targets = [p.slot.column for p in scored]
+    instead = "detection_f1, exact_match or accuracy" if kind == "detection" else "exact_match or accuracy"
+    for name in names:
+        if name in metric_fns.VALUE_METRICS and not (kind == "detection" and name == "detection_f1"):
+            raise ValueError(f"task {task.name!r}: metric {name!r} scores one {_VALUE_OF[name]} per answer, and this "
+                             f"task's answers have several target slots ({targets}); use {instead}, or a "
+                             "metric of text for its text columns")
+        if name in metric_fns.TEXT_METRICS and (kind == "detection" or not columns):
+            raise ValueError(f"task {task.name!r}: metric {name!r} scores text, one text column at a time, and "
+                             f"this task has no text or closed-set target outside a repetition group ({targets}); "
+                             f"use {instead}")
+    return columns
+
+
+_VALUE_OF = {"iou_accuracy": "box", "detection_f1": "detection list", "l1": "frame sequence", "mse": "frame sequence",
+             "pixel_mse": "image", "digit_accuracy": "image", "digit_fid": "image"}
+
+
+def _scores(names: Sequence[str], predictions: list, references: list,
+            columns: Optional[list[str]]) -> dict[str, float]:
+    """Every named metric: on the whole answers, or (``columns`` given: answers with several
+    target slots) a metric of text on each text column's values, as ``<metric>/<column>``, and
+    their mean as ``<metric>`` (an answer without a column's value wrote no text for it)."""
+    if columns is None:
+        return metric_fns.compute(names, predictions, references)
+    results = {}
+    for name in names:
+        if name not in metric_fns.TEXT_METRICS:  # exact_match, accuracy (value by value), metrics of one's own
+            results[name] = metric_fns.compute([name], predictions, references)[name]
+            continue
+        per_column = {f"{name}/{column}": metric_fns.compute(
+            [name], ["" if p.get(column) is None else p[column] for p in predictions],
+            [r[column] for r in references])[name] for column in columns}
+        results[name] = float(np.mean(list(per_column.values())))
+        results.update(per_column)
     return results
 
 
