@@ -119,7 +119,10 @@ def test_fine_tuning(tmp_path, monkeypatch):
     from moe_gen.trainer.recipes import DEMO_TASKS
 
     monkeypatch.chdir(tmp_path)
-    tasks = [load_preset(n, "train", limit=8) for n in DEMO_TASKS]
+    # the tasks the README replays whole: the model knows their every label, as make demo's does (a
+    # known task keeps its label set; labels it lacks are refused when the Trainer is built)
+    replayed = ("digit_classification", "grounded_captioning")
+    tasks = [load_preset(n, "train", limit=None if n in replayed else 8) for n in DEMO_TASKS]
     GeneralistModel.build(flavour("debug"), tasks, Tokenizer.default()).save_pretrained("runs/demo/model")
     ns = _run("from moe_gen.model import GeneralistModel\nfrom moe_gen.tasks import load_preset", {})
     assert (tmp_path / "runs" / "counting").is_dir()

@@ -27,7 +27,8 @@ from moe_gen.trainer.config import TrainConfig
 
 logger = logging.getLogger("moe_gen")
 
-__all__ = ["check_modality_budget", "check_modality_keys", "mixing_weights", "sample_modality_tokens", "TaskSampler"]
+__all__ = ["check_known_labels", "check_modality_budget", "check_modality_keys", "mixing_weights",
+           "sample_modality_tokens", "TaskSampler"]
 
 
 def _rng(*parts) -> random.Random:
@@ -56,6 +57,35 @@ def check_task_settings(config: TrainConfig, names: Sequence[str],
     if config.mixing == "all" and config.batch_size < len(names):
         raise ValueError(f"mixing='all' puts every task in each micro-batch: batch_size {config.batch_size} is "
                          f"below the {len(names)} tasks")
+
+
+def check_known_labels(model, tasks: Sequence[Task]) -> None:
+    """Refuses a task ``model`` knows whose rows hold closed-set labels that the model's label set
+    for it lacks (``ModelConfig.preprocessor_statistics``): a known task keeps the label set it was
+    built with (its decoding is tied to it), so a row with another label failed at whatever step
+    first drew it, after the steps before were spent (before the thirteenth audit). Under
+    ``on_error="skip"`` those rows are skipped as they are drawn: a warning says so. Reads a known
+    task's rows once, as fitting a new task does (only for tasks with closed sets)."""
+    from moe_gen.tasks.task import CLOSED_SETS
+
+    for task in tasks:
+        saved = model.encoding_statistics(task).get(CLOSED_SETS) if task.name in model.task_ids else None
+        if not saved:  # a new task (its labels are fitted), or a model saved before label sets were kept
+            continue
+        for column, labels in task.closed_sets().items():
+            known = set(saved.get(column, labels))
+            unseen = [label for label in labels if label not in known]
+            if not unseen:
+                continue
+            listed = ", ".join(map(repr, unseen[:5])) + (f", ... ({len(unseen)} in all)" if len(unseen) > 5 else "")
+            where = (f"task {task.name!r}, column {column!r}: {len(unseen)} label(s) of the rows are not in the "
+                     f"model's closed set for the column ({len(known)} labels, fixed when it met the task): {listed}")
+            if task.on_error == "skip":
+                warnings.warn(f"{where}; the rows holding them are skipped (on_error='skip')", stacklevel=3)
+                continue
+            raise ValueError(f"{where}. A task the model knows keeps the label set it was built with; train the "
+                             "new labels as a task of another name (it gets its own label set), or set "
+                             "on_error='skip' on the task to leave the rows holding them out")
 
 
 def mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:

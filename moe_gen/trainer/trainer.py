@@ -47,7 +47,7 @@ from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, expert_utilisation, read_jsonl_log
 from moe_gen.trainer.resume import check_same_model, check_same_training
-from moe_gen.trainer.sampling import TaskSampler, check_task_settings
+from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
 from moe_gen.trainer.scales import step_loss_scales
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
@@ -257,6 +257,7 @@ class Trainer:
         if strangers:  # refused before any folder is touched, not after the run, when evaluation would fail
             raise ValueError(f"eval_tasks {strangers} are neither trained in this run nor known to the model "
                              f"(training: {', '.join(names)}; the model knows: {', '.join(model.task_ids)})")
+        check_known_labels(model, self.tasks)  # before any folder is touched, not at the step that draws the row
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self._lock: Optional[RunLock] = None  # held by the main process only
         self._claimed = False  # whether this run holds the directory (the same on every process)
