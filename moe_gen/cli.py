@@ -348,6 +348,27 @@ def _tasks(names: Sequence[str], split: str):
     return [load_preset(name, split) for name in names]
 
 
+def _own_tasks(names: Sequence[str]) -> str:
+    """Why the command line cannot read the model's own tasks ``names`` (trained from Python, not
+    built in), and what to use instead (as ``GeneralistModel.infer`` says of them)."""
+    listed, first, one = ", ".join(map(repr, names)), names[0], len(names) == 1
+    return (f"the model's own {'task' if one else 'tasks'} {listed} {'is' if one else 'are'} not built in: the "
+            "command line reads built-in tasks only, and a task's instruction is not saved with the model by "
+            f"name; use Python: model.infer(Task({first!r}, instruction, rows), rows), or "
+            f"moe_gen.trainer.evaluate_task(model, Task({first!r}, instruction, rows))")
+
+
+def _model_tasks(model, names: Sequence[str], split: str) -> list:
+    """The built-in tasks ``names`` on ``split``, for ``model``: a name that is one of the model's own
+    tasks and no built-in one is refused, saying so (it was answered "unknown task", as if misspelt)."""
+    from moe_gen.registry import TASKS
+
+    own = [name for name in names if name in model.task_ids and name not in TASKS]
+    if own:
+        raise ValueError(_own_tasks(own))
+    return _tasks(names, split)
+
+
 # ---- output ------------------------------------------------------------------------------------
 
 def metric_table(results: dict, baseline: Optional[dict] = None) -> str:
@@ -552,14 +573,23 @@ def _cmd_finetune(args, overrides) -> int:
 
 def _cmd_eval(args, overrides) -> int:
     from moe_gen.model import GeneralistModel
+    from moe_gen.registry import TASKS
     from moe_gen.tasks.presets import preset_names
     from moe_gen.trainer.evaluation import evaluate
 
     if overrides:
         raise ValueError(f"eval takes no overrides, got {' '.join(overrides)}")
     model = GeneralistModel.from_pretrained(args.model_dir)
-    names = preset_names(args.tasks or ()) or list(model.config.tasks)
-    results = evaluate(model, _tasks(names, args.split), limit=args.limit)
+    names = preset_names(args.tasks or ())
+    if not names:  # every task of the model: the built-in ones (its own tasks cannot be read here)
+        names = [name for name in model.config.tasks if name in TASKS]
+        own = [name for name in model.config.tasks if name not in TASKS]
+        if own and not names:
+            raise ValueError(_own_tasks(own))
+        if own:
+            print(f"moe-gen eval: warning: evaluating the model's built-in tasks only; {_own_tasks(own)}",
+                  file=sys.stderr)
+    results = evaluate(model, _model_tasks(model, names, args.split), limit=args.limit)
     print(metric_table(results))
     if args.out:
         with open(args.out, "w") as f:
@@ -569,13 +599,12 @@ def _cmd_eval(args, overrides) -> int:
 
 def _cmd_infer(args, overrides) -> int:
     from moe_gen.model import GeneralistModel
-    from moe_gen.tasks import load_preset
     from moe_gen.tasks.task import load_jsonl, media_columns
 
     if overrides:
         raise ValueError(f"infer takes no overrides, got {' '.join(overrides)}")
     model = GeneralistModel.from_pretrained(args.model_dir)
-    task = load_preset(args.task, "test")
+    task = _model_tasks(model, [args.task], "test")[0]
     rows = (load_jsonl(args.input, media_columns(task.instruction)) if args.input
             else [task.data[i] for i in range(min(args.rows, len(task)))])
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
