@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from typing import Any, Optional, Sequence
 
 import torch
@@ -163,7 +164,30 @@ def _read_weights(path: str) -> dict[str, torch.Tensor]:
     weights: dict[str, torch.Tensor] = {}
     for name in files:
         weights.update(load_file(os.path.join(path, name)))
-    return weights
+    return _legacy_names(weights, path)
+
+
+# Names of checkpoints ported from TensorFlow (bert-base-cased's LayerNorm.gamma / .beta), renamed on
+# load as transformers' "legacy" conversion rule does (conversion_mapping.py; as a regex there, ending
+# on a name boundary). The rule's other entries (weight-norm ``.weight_g`` / ``.weight_v``, audio-LM
+# ``model.language_model``) name modules no family moe_gen converts has.
+_LEGACY_NAMES = ((re.compile(r"LayerNorm\.gamma(?!\w)"), "LayerNorm.weight"),
+                 (re.compile(r"LayerNorm\.beta(?!\w)"), "LayerNorm.bias"))
+
+
+def _legacy_names(weights: dict[str, torch.Tensor], path: str) -> dict[str, torch.Tensor]:
+    """``weights`` with legacy names renamed; refuses a folder holding a weight under both names."""
+    out: dict[str, torch.Tensor] = {}
+    origin: dict[str, str] = {}
+    for name, value in weights.items():
+        new = name
+        for pattern, replacement in _LEGACY_NAMES:
+            new = pattern.sub(replacement, new)
+        if new in out:
+            raise ValueError(f"{path}: weights {origin[new]} and {name} are both {new} (one of them under its "
+                             "legacy name)")
+        out[new], origin[new] = value, name
+    return out
 
 
 # ModelConfig fields a checkpoint's weights fix (an override must agree with the checkpoint)
