@@ -198,10 +198,10 @@ ARCHITECTURE = frozenset({
 
 
 def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = None, **overrides) -> ModelConfig:
-    """The dense ``ModelConfig`` of the checkpoint's architecture (``moe.every=0``); ``overrides``
-    replace fields the weights do not fix (``ARCHITECTURE`` fields must agree with the checkpoint),
-    ``moe`` being a dict of the ``MoELayers`` fields to change (``decoder_layers`` sizes BERT's new
-    decoder: 2 by default; other families' must be the checkpoint's)."""
+    """The dense ``ModelConfig`` of the checkpoint's architecture (``moe.every=0``); ``overrides`` replace
+    fields the weights do not fix (``ARCHITECTURE`` fields and the kind, activation and bias of ``moe.experts``
+    must agree with the checkpoint), ``moe`` being a dict of the ``MoELayers`` fields to change (``decoder_layers``
+    sizes BERT's new decoder: 2 by default; other families' must be the checkpoint's)."""
     c = checkpoint.config
     if checkpoint.family == "bert":
         if getattr(c, "position_embedding_type", "absolute") != "absolute":
@@ -254,19 +254,44 @@ def dense_config(checkpoint: HFCheckpoint, *, decoder_layers: Optional[int] = No
     if checkpoint.family != "bert" and decoder_layers is not None:
         overrides["decoder_layers"] = decoder_layers  # BERT's decoder is new; the others' are the checkpoint's
     _refuse_contradictions(checkpoint, {**dataclasses.asdict(base), **fields}, overrides)
-    moe = _dense_moe(checkpoint, {**fields.pop("moe"), **(overrides.pop("moe", None) or {})})
+    moe = _dense_moe(checkpoint, fields.pop("moe"), overrides.pop("moe", None) or {})
     fields.update(overrides)
     return base.replace(**fields, moe={**base.moe.to_dict(), **moe})  # ModelConfig names unknown moe keys
 
 
-def _dense_moe(checkpoint: HFCheckpoint, moe: dict) -> dict:
-    """The MoE fields of a loaded checkpoint's config: refused where they would make MoE layers
-    (the dense weights then met an MoE layer: AttributeError 'fc_in')."""
+def _dense_moe(checkpoint: HFCheckpoint, implied: dict, moe: dict) -> dict:
+    """The MoE fields of a loaded checkpoint's config (``implied``, the family's) with ``moe`` changed:
+    refused where they would make MoE layers (the dense weights then met an MoE layer: AttributeError
+    'fc_in') or change the dense FFNs' computation."""
     if moe.get("every") or moe.get("layers"):
         raise ValueError(f"{checkpoint.source}: a checkpoint loads as a dense model (moe every=0, no layers); "
                          "make MoE layers of its FFNs with moe_gen.pretrained.upcycle(model, num_experts=..., "
                          "layers=...) after loading (model.upcycle on the command line)")
-    return moe
+    if "experts" in moe:
+        moe = {**moe, "experts": _dense_experts(checkpoint, implied["experts"], moe["experts"])}
+    return {**implied, **moe}
+
+
+# ExpertsConfig fields the dense FFNs are built with (DenseFFN: kind, activation, bias); the shared-expert
+# fields only shape MoE layers, which upcycle builds from the dense FFNs
+_DENSE_EXPERTS = ("kind", "activation", "bias")
+
+
+def _dense_experts(checkpoint: HFCheckpoint, implied: ExpertsConfig, experts: Any) -> Any:
+    """An override of ``moe.experts``: a dict (or a kind name) changes those fields of the family's
+    ``implied`` experts; a kind, activation or bias other than the checkpoint's is refused."""
+    if isinstance(experts, str):
+        experts = {"kind": experts}
+    if isinstance(experts, dict):
+        experts = ExpertsConfig.from_dict({**implied.to_dict(), **experts})
+    if not isinstance(experts, ExpertsConfig):
+        return experts  # MoELayers names the wrong type
+    for key in _DENSE_EXPERTS:
+        if getattr(experts, key) != getattr(implied, key):
+            raise ValueError(f"{checkpoint.source}: moe.experts.{key}={getattr(experts, key)!r} contradicts the "
+                             f"checkpoint, whose weights fix moe.experts.{key}={getattr(implied, key)!r} (the dense "
+                             "FFNs compute with the checkpoint's kind, activation and bias)")
+    return experts
 
 
 def _refuse_contradictions(checkpoint: HFCheckpoint, implied: dict, overrides: dict) -> None:
@@ -470,7 +495,8 @@ def from_hf(source, tasks: Sequence = (), *, tokenizer=None, gguf_file: Optional
         tokenizer: an ``HFTokenizer`` (default: the checkpoint's, extended with moe_gen's tokens).
         decoder_layers: BERT's new decoder depth (other families keep theirs).
         overrides: ``ModelConfig`` fields (dropout, ``moe``: a dict of ``MoELayers`` fields, ...).
-            Architecture fields (``ARCHITECTURE``) that contradict the checkpoint are refused.
+            Architecture fields (``ARCHITECTURE``) and an FFN kind, activation or bias
+            (``moe.experts``) that contradict the checkpoint are refused.
 
     Returns:
         The dense model (``upcycle`` turns its FFNs into MoE layers); its ``pretrained_unused``
