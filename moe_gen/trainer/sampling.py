@@ -106,7 +106,8 @@ def _shares(raw: Sequence[float]) -> list[float]:
 
 
 def raw_mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float]:
-    """The weights ``mixing_weights`` normalises: rows, rows^(1/τ), 1, or each task's weight."""
+    """The weights ``mixing_weights`` normalises: rows, (rows / the largest task's rows)^(1/τ), 1, or
+    each task's weight."""
     if not tasks:
         raise ValueError("training needs at least one task")
     check_task_settings(config, [t.name for t in tasks])
@@ -121,7 +122,11 @@ def raw_mixing_weights(tasks: Sequence[Task], config: TrainConfig) -> list[float
     if config.mixing == "proportional":
         raw = [float(n) for n in sizes]
     elif config.mixing == "temperature":
-        raw = [n ** (1.0 / config.temperature) for n in sizes]
+        # n^(1/τ) divided by the largest task's, in log space: the same shares, at most 1 (n^(1/τ)
+        # itself overflowed a float for a small τ: 2000^(1/0.01) ≈ 1e330); a task far smaller than
+        # the largest gets a share that rounds to 0 (τ → 0: every draw goes to the largest tasks)
+        logs = [math.log(n) for n in sizes]
+        raw = [math.exp((x - max(logs)) / config.temperature) for x in logs]
     elif config.mixing == "weights":
         raw = [float(config.task_weights.get(t.name, t.weight)) for t in tasks]
         for task, weight in zip(tasks, raw):
