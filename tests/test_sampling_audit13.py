@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import collections
+import json
 import math
+import random
+import warnings
+import zlib
 
 import pytest
 
@@ -42,3 +47,67 @@ def test_a_small_temperature_gives_the_draws_to_the_largest_tasks(tok):
     assert math.isclose(shares[0], 0.5) and math.isclose(shares[2], 0.5) and shares[1] < 1e-100
     sampler = TaskSampler(tasks, tok, config)
     assert {s.task for step in range(1, 6) for s in sampler.next_batch(step)} == {"big", "also_big"}
+
+
+# ---- rows dealt out over processes ------------------------------------------------------------------
+
+def _draws(world: int, steps: int = 400) -> collections.Counter:
+    small, other = _task("small", 5), _task("other", 400)
+    config = _quiet(mixing="uniform", batch_size=4)
+    samplers = [TaskSampler([small, other], Tokenizer.default(), config, rank=r, world=world) for r in range(world)]
+    drawn: collections.Counter = collections.Counter()
+    for step in range(1, steps + 1):
+        for sampler in samplers:
+            drawn.update(s.index for s in sampler.next_batch(step) if s.task == "small")
+    return drawn
+
+
+def test_rows_of_a_task_that_does_not_divide_over_the_processes_are_drawn_equally_often():
+    """5 rows on 4 processes were sharded [[0, 4], [1], [2], [3]]: rows 1-3 drawn twice as often."""
+    drawn = _draws(world=4)
+    assert set(drawn) == set(range(5)) and max(drawn.values()) < 1.05 * min(drawn.values())
+
+
+def test_every_process_walks_as_many_rows_and_an_epoch_deals_out_every_row(tok):
+    task = _task("t", 5)
+    samplers = [TaskSampler([task], tok, _quiet(batch_size=2), rank=r, world=4) for r in range(4)]
+    epoch = [[s.index for s in sampler.next_batch(1)] for sampler in samplers]  # 2 rows: each one's epoch
+    assert all(len(rows) == 2 for rows in epoch) and set(sum(epoch, [])) == set(range(5))
+    assert all(sampler.state_dict()["cursors"]["t"] == [1, 0] for sampler in samplers)
+
+
+def test_one_process_draws_the_rows_in_the_order_it_always_did(tok):
+    task = _task("t", 7)
+    sampler = TaskSampler([task], tok, _quiet(batch_size=7))
+    for epoch in range(3):
+        order = list(range(7))
+        random.Random(zlib.crc32(f"0/order/t/{epoch}".encode())).shuffle(order)
+        assert [s.index for s in sampler.next_batch(epoch + 1)] == order
+
+
+def test_a_resume_mid_epoch_on_several_processes_continues_identically(tok):
+    tasks = [_task("small", 5), _task("other", 13)]
+    config = _quiet(mixing="uniform", batch_size=3)
+    for rank in range(4):
+        run = TaskSampler(tasks, tok, config, rank=rank, world=4)
+        for step in range(1, 8):
+            run.next_batch(step)
+        state = json.loads(json.dumps(run.state_dict()))
+        resumed = TaskSampler(tasks, tok, config, rank=rank, world=4)
+        resumed.load_state_dict(state)
+        expected = [[(s.task, s.index) for s in run.next_batch(step)] for step in range(8, 20)]
+        assert [[(s.task, s.index) for s in resumed.next_batch(step)] for step in range(8, 20)] == expected
+
+
+def test_a_process_whose_rows_fail_to_encode_this_epoch_finds_the_good_row_of_another():
+    """Each epoch deals a process other rows: one good row of four reaches every process in turn."""
+    rows = [{"a": "good", "b": "y"}] + [{"a": f"bad {i}"} for i in range(3)]  # rows 1-3 lack column b
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = Task("t", "[TEXT:a] -> [TEXT:b]", rows, on_error="skip")
+        for rank in (0, 1):
+            sampler = TaskSampler([task], Tokenizer.default(), _quiet(batch_size=1), rank=rank, world=2)
+            assert all(sampler.next_batch(step)[0].index == 0 for step in range(1, 20))
+        bad = Task("bad", "[TEXT:a] -> [TEXT:b]", rows[1:], on_error="skip")
+        with pytest.raises(ValueError, match="task 'bad': no row encodes"):
+            TaskSampler([bad], Tokenizer.default(), _quiet(batch_size=1), rank=1, world=2).next_batch(1)

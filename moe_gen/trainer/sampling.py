@@ -5,7 +5,7 @@ cursors, so a resumed run draws exactly the batches an uninterrupted run would h
 
     task_T   ~ mixing weights            (random.Random seeded by seed/rank/step/micro; once per
                                           micro-batch with ``batch_tasks="single"``)
-    row      = permutation(task, epoch)[cursor]   (each process walks its own shard of rows)
+    row      = permutation(task, epoch)[rank::world][cursor]   (padded so every process walks as many)
     keep row if the micro-batch's modality budgets and max_tokens still allow it; otherwise it
     stays first in line for a later batch.
 """
@@ -145,41 +145,53 @@ def sample_modality_tokens(sample: Sample) -> collections.Counter:
     return counts
 
 
-def _shard_of(rows: int, rank: int, world: int) -> list[int]:
-    """The row indices process ``rank`` of ``world`` walks (fewer rows than processes: all of them)."""
-    return list(range(rank, rows, world)) or list(range(rows))
+def _shard_size(rows: int, world: int) -> int:
+    """Rows each of ``world`` processes walks per epoch: the epoch's rows dealt out evenly, the last
+    round completed from the start of the epoch's order (as torch's ``DistributedSampler`` pads)."""
+    return -(-rows // world)
 
 
 class _Cursor:
-    """Walks one process's shard of a task's rows, one shuffled epoch after another."""
+    """Walks one process's share of a task's rows, one shuffled epoch after another.
+
+    Every process shuffles all the rows with the same seed each epoch and takes every ``world``-th
+    from its ``rank``, the order wrapped around to ``_shard_size`` rows apiece: every process walks
+    as many rows, so none draws its rows more often than another (fixed shards of unequal sizes drew
+    the rows of the short ones more often, every epoch, before the thirteenth audit), and the rows
+    drawn twice in an epoch are other ones each epoch. With one process: the shuffled rows."""
 
     def __init__(self, task: Task, seed: int, rank: int, world: int, statistics=None) -> None:
         self.task, self.seed, self.statistics = task, seed, statistics
-        self.shard = _shard_of(len(task), rank, world)
+        self.rank, self.world = rank, world
+        self.size = _shard_size(len(task), world)
         self.epoch, self.position = 0, 0
         self._order: Optional[list[int]] = None
         self._peeked: Optional[tuple[int, int, Optional[Sample]]] = None
 
     def _permutation(self) -> list[int]:
         if self._order is None:
-            order = list(self.shard)
+            order = list(range(len(self.task)))
             _rng(self.seed, "order", self.task.name, self.epoch).shuffle(order)
-            self._order = order
+            wrapped = order * -(-self.size * self.world // len(order))  # (fewer rows than processes: repeated)
+            self._order = wrapped[self.rank:self.size * self.world:self.world]
         return self._order
+
+    def index(self) -> int:
+        """The task row the cursor is at."""
+        return self._permutation()[self.position]
 
     def peek(self, tokenizer: Tokenizer) -> Optional[Sample]:
         """The next row encoded (None when it fails to encode under ``on_error="skip"``)."""
         if self._peeked is None or self._peeked[:2] != (self.epoch, self.position):
-            index = self._permutation()[self.position]
             # A different augmentation draw every epoch, the same one on a resumed run.
-            sample = self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
+            sample = self.task.encode(self.index(), tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
                                       statistics=self.statistics)
             self._peeked = (self.epoch, self.position, sample)
         return self._peeked[2]
 
     def advance(self) -> None:
         self.position += 1
-        if self.position == len(self.shard):
+        if self.position == self.size:
             self.epoch, self.position, self._order = self.epoch + 1, 0, None
 
 
@@ -211,8 +223,8 @@ class TaskSampler:
         tasks: the tasks being trained.
         tokenizer: the model's vocabulary.
         config: mixing, batch size, budgets and seed.
-        rank, world: this process and the data-parallel world; each process walks its own shard
-            of every task's rows.
+        rank, world: this process and the data-parallel world; each process walks its own share
+            of every task's rows each epoch, all as many rows (``_Cursor``).
         statistics: task name → the model's encoding statistics for it
             (``GeneralistModel.encoding_statistics``); a task without them fits its own rows.
     """
@@ -273,12 +285,12 @@ class TaskSampler:
                                  "or start over")
             cursor.epoch, cursor.position = map(int, positions[cursor.task.name])
             if saved_world != self.world:
-                saved_rows = len(_shard_of(len(cursor.task), state.get("rank", self.rank), saved_world))
-                cursor.position = cursor.position * len(cursor.shard) // max(saved_rows, 1)
+                saved_rows = _shard_size(len(cursor.task), saved_world)
+                cursor.position = cursor.position * cursor.size // max(saved_rows, 1)
             cursor._order, cursor._peeked = None, None
-            if cursor.position >= len(cursor.shard):
+            if cursor.position >= cursor.size:
                 raise ValueError(f"task {cursor.task.name!r}: the checkpoint's sampler position {cursor.position} is "
-                                 f"past its {len(cursor.shard)} rows; the task's data changed since")
+                                 f"past its {cursor.size} rows; the task's data changed since")
         self._check_weights(state.get("weights"))  # (after the rows: with other rows, other weights)
 
     def next_batch(self, step: int, micro: int = 0) -> list[Sample]:
@@ -321,14 +333,13 @@ class TaskSampler:
     def _take(self, i: int, samples: list, used: collections.Counter) -> bool:
         """Adds task ``i``'s next row if the budgets allow (False when they do not)."""
         cursor, cfg = self.cursors[i], self.config
-        for _ in range(2 * len(cursor.shard)):  # from anywhere in an epoch, a whole epoch's rows
-            sample = cursor.peek(self.tokenizer)
-            if sample is not None:
-                break
-            cursor.advance()  # rows that fail to encode (on_error="skip") are passed over
-        else:
-            raise ValueError(f"task {cursor.task.name!r}: no row of this process's shard encodes "
-                             f"({cursor.task.skipped} skipped; first error: {cursor.task.errors[:1]})")
+        failed: set[int] = set()
+        while (sample := cursor.peek(self.tokenizer)) is None:  # rows that fail (on_error="skip") are passed over
+            failed.add(cursor.index())
+            if len(failed) == len(cursor.task):  # (each epoch deals this process other rows: until all failed)
+                raise ValueError(f"task {cursor.task.name!r}: no row encodes ({cursor.task.skipped} skipped; "
+                                 f"first error: {cursor.task.errors[:1]})")
+            cursor.advance()
         counts = sample_modality_tokens(sample)
         if samples:
             for modality, budget in cfg.modality_budget.items():
