@@ -1,8 +1,13 @@
 """The docstring_summary preset: standard-library docstrings whose first line summarises the rest,
 scored by ROUGE-L, BLEU and chrF."""
 
+import difflib
 import glob
 import inspect
+import json
+import os
+import re
+import subprocess
 import sys
 
 import pytest
@@ -23,11 +28,12 @@ def test_rows_are_docstrings_split_at_their_summary_line():
     assert "builtins.bytearray.removesuffix" in rows and "builtins.str.removesuffix" not in rows
     assert len({r["document"] for r in rows.values()}) == len(rows)
     if sys.version_info[:2] == (3, 11):  # the rows follow the interpreter's docstrings
-        assert len(rows) == 652
+        assert len(rows) == 643 and len(docstring_rows("train")) == 514 and len(docstring_rows("test")) == 129
         # and the preset's description and the source's docstring say so (they said 682, a count from
-        # before a docstring met on another object or string type was left out)
-        assert "652 rows on CPython 3.11" in preset_info("docstring_summary").source
-        assert "CPython 3.11: 652 rows" in docstrings.__doc__
+        # before a docstring met on another object or string type was left out, then 652, from before
+        # a near copy was)
+        assert "643 rows on CPython 3.11" in preset_info("docstring_summary").source
+        assert "CPython 3.11: 643 rows, 514 train / 129 test" in docstrings.__doc__
 
 
 def test_splits_are_disjoint_and_deterministic():
@@ -40,6 +46,21 @@ def test_splits_are_disjoint_and_deterministic():
         assert row["summary"][0].isupper() and row["summary"].endswith(".") and len(row["document"].split()) >= 10
     with pytest.raises(ValueError, match="unknown split"):
         docstring_rows("dev")
+
+
+def test_no_held_out_document_is_a_near_copy_of_a_training_one():
+    """bytes.removeprefix ("a bytes object") was held out beside bytearray.removeprefix ("a
+    bytearray"), and mimetypes.guess_type beside mimetypes.MimeTypes.guess_type (99.5% alike)."""
+    type_words = re.compile(r"\b(?:str|strings?|bytes|bytearray|unicode)(?:\s+objects?)?\b")
+    train, test = [[type_words.sub("T", r["document"].lower()) for r in docstring_rows(split)]
+                   for split in ("train", "test")]
+    for document in test:
+        for other in train:
+            if 2 * min(len(document), len(other)) < 0.98 * (len(document) + len(other)):
+                continue  # (difflib's ratio is at most this)
+            assert difflib.SequenceMatcher(None, other, document, autojunk=False).ratio() < 0.98, (document, other)
+    names = {r["name"] for r in docstring_rows("test")}
+    assert not {"builtins.bytes.removeprefix", "mimetypes.guess_type"} & names
 
 
 def test_only_docstrings_that_open_with_a_summary_line_count():
@@ -65,3 +86,10 @@ def test_the_preset_encodes_and_bad_rows_are_task_data_errors():
     bad = Task("docstring_summary", info.instruction, [{"document": ["not", "text"], "summary": "A summary."}])
     with pytest.raises(TaskDataError, match="document"):
         bad.encode(0, tok)
+
+
+def test_rows_are_the_same_on_every_call_and_every_hash_seed():
+    script = "import json; from moe_gen.tasks.sources.docstrings import _rows; print(json.dumps(_rows()))"
+    env = {**os.environ, "PYTHONHASHSEED": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
+    other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
+    assert json.loads(other.stdout) == [list(row) for row in docstrings._rows.__wrapped__()]
