@@ -23,7 +23,7 @@ def test_motion_archive_has_no_pickles():
     assert motion.DATA_FILE.stat().st_size < 2_000_000
 
 
-@pytest.mark.parametrize("split", ["train", "test", "all"])
+@pytest.mark.parametrize("split", ["train", "test", "all", "whole"])
 def test_motion_rows_fields_and_ranges(split):
     rows = motion.load_motion_clips(split)
     assert rows
@@ -66,8 +66,11 @@ def test_motion_splits_disjoint_complete_and_deterministic():
 
 
 def test_motion_whole_parts_and_validation():
-    parts = motion.load_motion_clips("all", window=None)
+    parts = motion.load_motion_clips("whole", window=None)
     assert len(parts) == 20 and sum(len(p["motion"]) for p in parts) == 1209
+    assert len(motion.load_motion_clips("whole")) == 499  # windows across the split point too
+    split = motion.load_motion_clips("all", window=None)  # each clip's train part, then each one's test part
+    assert len(split) == 40 and sum(len(p["motion"]) for p in split) == 1209
     assert len(motion.motion_feature_names()) == motion.NUM_FEATURES
     for n in (25, 38, 133):
         assert 0 < motion.split_point(n) < n
@@ -105,7 +108,7 @@ def test_video_rows_fields_and_ranges(split):
 
 def test_video_splits_disjoint_complete_and_deterministic():
     counts = {split: len(video.load_video_clips(split)) for split in video.SPLITS}
-    assert counts == {"train": 17, "test": 8, "whole": 4, "all": 29}
+    assert counts == {"train": 17, "test": 8, "whole": 4, "all": 25}  # "all": train + test (29 before)
     train, test = video.load_video_clips("train"), video.load_video_clips("test")
     assert {r["label"] for r in train} == {r["label"] for r in test} == set(video.video_labels())
 

@@ -228,7 +228,7 @@ def unseen_clip_rows(split: str) -> list[dict]:
     its held-out windows are later frames of clips it trained on.)"""
     from moe_gen.tasks.sources.motion import load_motion_clips
 
-    rows = load_motion_clips("all")
+    rows = load_motion_clips("whole")  # windows of whole clips, across the train/test split point
     clips: dict[str, set] = {}
     for row in rows:
         clips.setdefault(row["label"], set()).add(row["clip"])

@@ -60,9 +60,10 @@ def preset_names(values: Sequence[str]) -> list[str]:
 
 
 def load_preset(name: str, split: str = "train", limit: Optional[int] = None, **task_kwargs) -> Task:
-    """The preset's ``Task`` on ``split`` (``train``/``test``, or ``all``: both), at most ``limit`` rows: its first
-    ones, and splits are often in class order (the first 10 test rows of ``table_species`` are all
-    setosa), so score a whole split, or rows spread over it (``Task.with_rows``), not a prefix."""
+    """The preset's ``Task`` on ``split`` (``train``/``test``, or ``all``: the rows of both, and only
+    those), at most ``limit`` rows: its first ones, and splits are often in class order (the first 10
+    test rows of ``table_species`` are all setosa), so score a whole split, or rows spread over it
+    (``Task.with_rows``), not a prefix."""
     if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 0):
         raise ValueError(f"load_preset({name!r}): limit must be None or a whole number >= 0, got {limit!r}")
     info = preset_info(name)
@@ -266,8 +267,6 @@ def _replies(split):
 def _few_shot(split):
     from moe_gen.tasks.sources.fewshot import few_shot_rows
 
-    if split == "all":  # as _canvases: train + test
-        return few_shot_rows("train") + few_shot_rows("test")
     return few_shot_rows(split)
 
 

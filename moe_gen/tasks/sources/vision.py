@@ -145,7 +145,11 @@ def hide_quadrant(image: np.ndarray, quadrant: int, fill: int = 128) -> np.ndarr
 
 def masked_digits(split: str = "train") -> list[dict]:
     """The digits of ``split`` for image infilling: ``masked`` is the digit with quadrant
-    ``i % 4`` of row i painted grey (``hidden`` names it), ``image`` the whole digit."""
+    ``i % 4`` of row i of its split painted grey (``hidden`` names it), ``image`` the whole digit;
+    ``"all"``: the train rows, then the test rows (numbered over all the digits before the
+    thirteenth audit, so most rows of ``"all"`` hid another quadrant than in their split)."""
+    if split == "all":
+        return masked_digits("train") + masked_digits("test")
     rows = []
     for i, row in enumerate(load_digit_images(split)):
         quadrant = i % 4
