@@ -288,11 +288,26 @@ class TaskPlan:
         for template in self.instruction.templates:
             encoder = [self._plan_slot(s, "encoder", options) for s in template.encoder]
             decoder = [self._plan_slot(s, "decoder", options) for s in template.decoder]
+            self._check_targets_distinct(decoder)
             self._check_answers_hidden(encoder, decoder)
             self._check_answer_ends(decoder)
             self._check_label_boundaries(decoder)
             self.templates.append((encoder, decoder))
         self._warn_unapplied()
+
+    def _check_targets_distinct(self, decoder: list[SlotPlan]) -> None:
+        """Refuses two scored decoder slots that name one column: training would score the value
+        twice, and the decoded answer (keyed by column) would keep only the second slot's value.
+        (A repetition group's slot names its column once; its items are the values of one list.)"""
+        seen: dict[str, Slot] = {}
+        for p in decoder:
+            if not p.loss or p.slot.is_literal or not p.slot.column:
+                continue
+            if p.slot.column in seen:
+                raise ValueError(f"task {self.name!r}: slots {seen[p.slot.column]} and {p.slot} both predict column "
+                                 f"{p.slot.column!r}; an answer holds one value per column: read another column "
+                                 "in one of them")
+            seen[p.slot.column] = p.slot
 
     def _check_label_boundaries(self, decoder: list[SlotPlan]) -> None:
         """A closed set whose labels go on past a shorter one ("new", "new york") right before a
