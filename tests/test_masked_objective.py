@@ -74,7 +74,7 @@ def test_masked_budgets_split_inputs_and_targets_by_their_own_alphas(tok):
     split = one.replace(masked_alpha={"IMAGE": 1.0, "TEXT": 0.0}, masked_target_alpha=1.0)
     assert label_in(split) == (0, 40)
     assert TrainConfig.from_dict(split.to_dict()).masked_alpha == {"IMAGE": 1.0, "TEXT": 0.0}
-    with pytest.raises(ValueError, match=r"masked_target_alpha\['TEXT'\] must be a number >= 0"):
+    with pytest.raises(ValueError, match=r"masked_target_alpha\['TEXT'\] must be a finite number >= 0"):
         one.replace(masked_target_alpha={"TEXT": -1})
     # a modality name moe_gen does not know (4M's "RGB", a lower-case typo) trained everything at α 1
     from moe_gen.trainer.sampling import TaskSampler

@@ -15,9 +15,9 @@ from moe_gen.trainer import TrainConfig
 
 def test_an_alpha_of_none_inside_a_mapping_is_refused():
     """It passed the check, then training failed in float(None)."""
-    with pytest.raises(ValueError, match=r"masked_alpha\['TEXT'\] must be a number >= 0, got None"):
+    with pytest.raises(ValueError, match=r"masked_alpha\['TEXT'\] must be a finite number >= 0, got None"):
         TrainConfig(masked_alpha={"TEXT": None})
-    with pytest.raises(ValueError, match=r"masked_target_alpha\['IMAGE'\] must be a number >= 0, got None"):
+    with pytest.raises(ValueError, match=r"masked_target_alpha\['IMAGE'\] must be a finite number >= 0, got None"):
         TrainConfig(masked_target_alpha={"IMAGE": None})
     TrainConfig(masked_target_alpha=None)  # the whole field: it follows masked_alpha
 
@@ -28,7 +28,7 @@ def test_the_masked_objective_checks_its_budgets_and_alphas():
     model = GeneralistModel.build(flavour("debug", predict_all_features=True), tasks, Tokenizer.default())
     for settings, field in (({"target_budget": 0}, "masked_target_budget >= 1"),
                             ({"input_budget": -3}, "masked_input_budget must be >= 0"),
-                            ({"alpha": -1.0}, "masked_alpha must be a number >= 0")):
+                            ({"alpha": -1.0}, "masked_alpha must be a finite number >= 0")):
         with pytest.raises(ValueError, match=field):
             MaskedObjective(model, **settings)
 

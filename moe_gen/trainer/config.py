@@ -249,9 +249,9 @@ class TrainConfig(ConfigBase):
                 # None only as the whole masked_target_alpha (it then follows masked_alpha)
                 allowed_none = value is None and not modality and name == "masked_target_alpha"
                 if not allowed_none and (isinstance(value, bool) or not isinstance(value, numbers.Real)
-                                         or not value >= 0):
+                                         or not 0 <= value < math.inf):  # (inf: NaN shares mid-step)
                     where = f"[{modality!r}]" if modality else ""
-                    raise ValueError(f"TrainConfig.{name}{where} must be a number >= 0, got {value!r}")
+                    raise ValueError(f"TrainConfig.{name}{where} must be a finite number >= 0, got {value!r}")
         for modality, budget in self.modality_budget.items():
             if isinstance(budget, bool) or not isinstance(budget, numbers.Integral) or budget < 1:
                 raise ValueError(f"TrainConfig.modality_budget[{modality!r}] must be an integer >= 1, got {budget!r}")
