@@ -329,13 +329,52 @@ def _init_section(section: dict) -> tuple[str, Optional[dict], dict]:
             if owner == "model" and key == "moe" and isinstance(value, dict):
                 continue  # MoE fields to change, as from_hf takes them (checked when the config is made)
             values[key] = _typed(owner, key, hints[key], value)
+    config = _init_stand_in(section)
     if recipe is not None:
         if "num_experts" not in recipe:
             raise ValueError("model.upcycle needs num_experts (the experts each upcycled FFN becomes)")
         if not 1 <= recipe.get("top_k", 2) <= recipe["num_experts"]:
             raise ValueError(f"model.upcycle: top_k must be between 1 and num_experts ({recipe['num_experts']}), "
                              f"got {recipe.get('top_k', 2)}")
+        _check_upcycle_names(recipe, config)
     return init, recipe, section
+
+
+def _init_stand_in(section: dict):
+    """The ``ModelConfig`` overrides beside ``model.init`` (typed), checked for ranges and names
+    (``dropout: 2.0``, an unknown expert activation) on a stand-in before the checkpoint is read: the
+    dense ``debug`` flavour ``from_hf`` starts from. Architecture fields are left out: the checkpoint's
+    weights fix them, and ``from_hf`` refuses one that contradicts it."""
+    from moe_gen.model import MoELayers, flavour
+    from moe_gen.pretrained.hf import ARCHITECTURE
+
+    base = flavour("debug").replace(location_frequencies=0)
+    moe = section.get("moe") or {}
+    moe = {**base.moe.to_dict(), "every": 0, **(moe.to_dict() if isinstance(moe, MoELayers) else moe)}
+    config = base.replace(**{k: v for k, v in section.items() if k not in ARCHITECTURE and k != "moe"}, moe=moe)
+    _check_names(config)
+    return config
+
+
+def _check_upcycle_names(recipe: dict, config) -> None:
+    """``model.upcycle``'s router strategy (or ``model.moe.router``'s, which it keeps without one) and
+    its ``layers``: a placement or block names (``encoder.blocks.1``), refused before any data is read."""
+    from moe_gen.pretrained.upcycle import PLACEMENTS
+    from moe_gen.registry import ROUTERS, did_you_mean
+
+    key, strategy = ("model.upcycle.router", recipe["router"]) if recipe.get("router") is not None else \
+        ("model.moe.router.strategy", config.moe.router.strategy)
+    if strategy not in ROUTERS:
+        raise ValueError(f"{key}: unknown router strategy {strategy!r}{did_you_mean([strategy], ROUTERS.list())}; "
+                         f"known: {', '.join(ROUTERS.list())}")
+    layers = recipe.get("layers", "all")
+    names = [layers] if isinstance(layers, str) else layers
+    block = re.compile(r"(encoder|decoder)\.blocks\.\d+(\.ffn)?")
+    if not (isinstance(layers, str) and layers in PLACEMENTS) and not (
+            isinstance(names, (list, tuple)) and names
+            and all(isinstance(n, str) and block.fullmatch(n) for n in names)):
+        raise ValueError(f"model.upcycle.layers must be {' or '.join(map(repr, PLACEMENTS))} or a list of block "
+                         f"names such as 'encoder.blocks.1' or 'decoder.blocks.0', got {layers!r}")
 
 
 def _tasks(names: Sequence[str], split: str):

@@ -1,0 +1,37 @@
+"""Run settings of ``moe-gen`` refused before any data is read, naming the setting (audit 13); each
+test failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+
+import moe_gen.cli as cli
+from moe_gen.cli import main
+
+
+def _no_data(names, split):
+    raise AssertionError(f"the {split} split of {list(names)} was read before the settings were checked")
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model.upcycle.router", "bogus"], "model.upcycle.router: unknown router strategy 'bogus'"),
+    (["--model.upcycle.router", "atribute"], "did you mean 'attribute'?"),
+    (["--model.upcycle.router", "null", "--model.moe", "{router: tokn}"],
+     "model.moe.router.strategy: unknown router strategy 'tokn'"),
+    (["--model.upcycle.layers", "bogus"], "model.upcycle.layers must be 'all' or 'every_other' or a list"),
+    (["--model.upcycle.layers", "[encoder.blocks.1, 3]"], "model.upcycle.layers must be"),
+    (["--model.dropout", "2.0"], "dropout and label_smoothing must be in [0, 1), got 2.0"),
+    (["--model.moe", "{experts: {activation: swish}}"], "model.moe.experts.activation: unknown expert activation"),
+])
+def test_a_model_init_section_is_checked_before_any_data(monkeypatch, tmp_path, capsys, flags, message):
+    """They passed the early check, and the run read every task's data (and the checkpoint) first."""
+    monkeypatch.setattr(cli, "_tasks", _no_data)
+    out = tmp_path / "run"
+    code = main(["pretrain", "--config", "demo-pretrained", "--tasks", "table_species", "--output", str(out), *flags])
+    assert code == 2 and message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_model_init_section_that_names_block_layers_passes_the_check():
+    init, recipe, overrides = cli._init_section({"init": "hf:minilm", "dropout": 0.1, "upcycle": {
+        "num_experts": 4, "layers": ["encoder.blocks.1", "decoder.blocks.0.ffn"]}})
+    assert recipe["layers"] == ["encoder.blocks.1", "decoder.blocks.0.ffn"] and overrides == {"dropout": 0.1}
