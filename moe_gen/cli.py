@@ -228,6 +228,8 @@ def _run_config(config: dict):
             continue
         if not isinstance(value, kind) or (kind is list and not all(isinstance(v, str) for v in value)):
             raise ValueError(f"run configuration key {key!r} must be {wanted[kind]}, got {value!r}")
+    if "output_dir" in config and not config["output_dir"]:  # (null fell back to runs/default)
+        raise ValueError(f"run configuration key 'output_dir' must name the run's folder, got {config['output_dir']!r}")
     _check_model_keys(config.get("model") or {})  # a misspelt model key is named now, not when the run starts
     return RunConfig.from_dict({k: v for k, v in config.items() if v is not None})
 
@@ -582,13 +584,22 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
 def _cmd_pretrain(args, overrides) -> int:
     from moe_gen import distributed
 
-    config = load_run_config(args.config, overrides)
-    if args.output:
-        config = config.replace(output_dir=args.output)
+    config = _with_output(load_run_config(args.config, overrides), args.output)
     distributed.init_distributed()
     _train(config, resume=args.resume, overwrite=args.overwrite)
     distributed.shutdown()
     return 0
+
+
+def _with_output(config, output: Optional[str]):
+    """``config`` with ``--output`` as its ``output_dir``, where given. An empty one (an unset shell
+    variable: ``--output "$RUN"``) is refused: it was ignored, and the run (and ``--overwrite``) went to
+    the recipe's own folder."""
+    if output is None:
+        return config
+    if not output:
+        raise ValueError("--output must name the run's folder, got an empty string")
+    return config.replace(output_dir=output)
 
 
 def _cmd_finetune(args, overrides) -> int:
@@ -599,8 +610,7 @@ def _cmd_finetune(args, overrides) -> int:
     config = load_run_config(args.config, overrides)
     if args.tasks:
         config = config.replace(tasks=tuple(preset_names(args.tasks)))
-    if args.output:
-        config = config.replace(output_dir=args.output)
+    config = _with_output(config, args.output)
     if config.model:
         raise ValueError("finetune takes the model from --from; drop the model: section / --model.* overrides")
     distributed.init_distributed()

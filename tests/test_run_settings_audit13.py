@@ -35,3 +35,28 @@ def test_a_model_init_section_that_names_block_layers_passes_the_check():
     init, recipe, overrides = cli._init_section({"init": "hf:minilm", "dropout": 0.1, "upcycle": {
         "num_experts": 4, "layers": ["encoder.blocks.1", "decoder.blocks.0.ffn"]}})
     assert recipe["layers"] == ["encoder.blocks.1", "decoder.blocks.0.ffn"] and overrides == {"dropout": 0.1}
+
+
+@pytest.mark.parametrize("command", [["pretrain", "--config", "debug"],
+                                     ["finetune", "--config", "finetune", "--from", "unused"]])
+@pytest.mark.parametrize("flags, message", [
+    (["--output", "", "--overwrite"], "--output must name the run's folder, got an empty string"),
+    (["--output_dir", ""], "run configuration key 'output_dir' must name the run's folder, got None"),
+    (["--output_dir", "''"], "run configuration key 'output_dir' must name the run's folder, got ''"),
+])
+def test_an_empty_output_folder_is_refused(monkeypatch, capsys, command, flags, message):
+    """``--output ""`` was ignored (the run, and --overwrite, went to the recipe's folder), and
+    ``--output_dir ""`` (null) fell back to runs/default."""
+    def no_run(*args, **kwargs):
+        raise AssertionError("the run started")
+
+    monkeypatch.setattr(cli, "_train", no_run)
+    assert main([*command, *flags]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_a_run_configuration_needs_an_output_folder():
+    from moe_gen.trainer import RunConfig
+
+    with pytest.raises(ValueError, match="RunConfig.output_dir must name the run's folder"):
+        RunConfig(output_dir="")

@@ -283,3 +283,5 @@ class RunConfig(ConfigBase):
 
     def __post_init__(self) -> None:
         self.check_types()
+        if not self.output_dir:
+            raise ValueError("RunConfig.output_dir must name the run's folder, got an empty string")
