@@ -230,28 +230,33 @@ def _run_config(config: dict):
             raise ValueError(f"run configuration key {key!r} must be {wanted[kind]}, got {value!r}")
     if "output_dir" in config and not config["output_dir"]:  # (null fell back to runs/default)
         raise ValueError(f"run configuration key 'output_dir' must name the run's folder, got {config['output_dir']!r}")
-    _check_model_keys(config.get("model") or {})  # a misspelt model key is named now, not when the run starts
+    if isinstance(config.get("model"), dict):  # (keys of run files written before model.moe: where they went)
+        config["model"] = _model_section(config["model"])  # a misspelt key is named now, not when the run starts
     return RunConfig.from_dict({k: v for k, v in config.items() if v is not None})
 
 
-def _check_model_keys(section: dict) -> None:
-    """Refuses a key of a run's ``model`` section that is neither a ``ModelConfig`` field nor
-    ``flavour``, ``init`` or ``upcycle``, naming it with a guess (``flavor``: did you mean ``flavour``)."""
+def _model_section(section: dict) -> dict:
+    """A run's ``model`` section with the flat MoE keys of configurations written before ``model.moe``
+    (``num_experts``, ``moe_every``, ``router``, ...) moved into ``moe``, as ``ModelConfig.from_dict``
+    reads them. Refuses a key that is neither a ``ModelConfig`` field nor ``flavour``, ``init`` or
+    ``upcycle``, naming it with a guess (``flavor``: did you mean ``flavour``)."""
     from moe_gen.model import ModelConfig
+    from moe_gen.model.config import nest_flat_moe_keys
 
+    section = nest_flat_moe_keys(section)
     known = sorted({f.name for f in dataclasses.fields(ModelConfig)} | {"flavour", "init", "upcycle"})
     unknown = sorted(set(section) - set(known))
     if unknown:  # (ModelConfig's own message left out flavour, init and upcycle, and guessed nothing)
         from moe_gen.registry import did_you_mean
 
         raise ValueError(f"unknown model keys {unknown}{did_you_mean(unknown, known)}; known: {', '.join(known)}")
+    return section
 
 
 def _model_config(section: dict):
     from moe_gen.model import ModelConfig, flavour
 
-    _check_model_keys(section)
-    section = dict(section)
+    section = dict(_model_section(section))
     name = section.pop("flavour", "debug")
     config = ModelConfig.from_dict(merge(flavour(name).to_dict(), section))
     _check_names(config)
@@ -309,8 +314,7 @@ def _init_section(section: dict) -> tuple[str, Optional[dict], dict]:
     from moe_gen.pretrained import upcycle
     from moe_gen.registry import did_you_mean
 
-    _check_model_keys(section)
-    section = dict(section)
+    section = dict(_model_section(section))
     init = section.pop("init")
     if not isinstance(init, str) or not init.startswith("hf:") or len(init) == 3:
         raise ValueError(f"model.init must be 'hf:PATH' (a checkpoint folder, .gguf file, or a shipped "

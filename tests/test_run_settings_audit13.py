@@ -60,3 +60,21 @@ def test_a_run_configuration_needs_an_output_folder():
 
     with pytest.raises(ValueError, match="RunConfig.output_dir must name the run's folder"):
         RunConfig(output_dir="")
+
+
+def test_flat_moe_keys_of_old_run_files_are_read_into_model_moe(tmp_path):
+    """ModelConfig.from_dict read them; the command line refused them as "unknown model keys"."""
+    from moe_gen.cli import _model_config, load_run_config
+    from moe_gen.model import ModelConfig
+
+    path = tmp_path / "old_run.yaml"
+    path.write_text("recipe: demo\nmodel:\n  flavour: tiny\n  router: {strategy: token}\n  num_experts: 8\n"
+                    "  moe_every: 1\n")
+    model = load_run_config(str(path)).model
+    assert "router" not in model and model["moe"]["every"] == 1 and model["moe"]["num_experts"] == 8
+    config = _model_config(model)
+    # the flat router merges into the recipe's key by key, as model.moe.router would
+    assert config.moe.router.strategy == "token" and config.moe.router.tag_balance == "loss+bias"
+    assert _model_config(load_run_config("debug", ["--model.moe_every", "2"]).model).moe.every == 2
+    flat = ModelConfig.from_dict({"num_experts": 8, "moe_every": 2, "router": {"strategy": "attribute"}})
+    assert (flat.moe.num_experts, flat.moe.every, flat.moe.router.strategy) == (8, 2, "attribute")

@@ -286,14 +286,7 @@ class ModelConfig(ConfigBase):
     def from_dict(cls, data: dict[str, Any]) -> "ModelConfig":
         """``ConfigBase.from_dict``; configurations saved before the MoE fields moved into ``moe``
         (flat ``num_experts``, ``moe_every``, ``router``, ...) are read into ``moe``."""
-        if isinstance(data, dict) and set(data) & set(_FLAT_MOE_KEYS):
-            data = dict(data)
-            moe = dict(data.pop("moe", None) or {})
-            for old, new in _FLAT_MOE_KEYS.items():
-                if old in data:
-                    moe[new] = data.pop(old)
-            data["moe"] = moe
-        return super().from_dict(data)
+        return super().from_dict(nest_flat_moe_keys(data) if isinstance(data, dict) else data)
 
     def with_moe(self, **changes: Any) -> "ModelConfig":
         """A copy with some ``MoELayers`` fields changed: ``config.with_moe(num_experts=8)``."""
@@ -340,6 +333,27 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"dense_twin: the dense blocks' ffn_hidden={self.ffn_hidden} differs from the MoE "
                              f"blocks' active width {width}; one dense width cannot match both")
         return self.replace(moe=moe.replace(every=0, layers=(), attention=False), ffn_hidden=width)
+
+
+def nest_flat_moe_keys(data: dict) -> dict:
+    """``data`` (``ModelConfig`` fields) with the keys of configurations written before the MoE fields
+    moved into ``moe`` (flat ``num_experts``, ``moe_every``, ``router``, ...: ``_FLAT_MOE_KEYS``) moved
+    there under their new names; a mapping merges into the one ``moe`` holds key by key, and a flat key
+    wins over the field it names. ``ModelConfig.from_dict`` and the command line's run files read them so."""
+    if not set(data) & set(_FLAT_MOE_KEYS):
+        return data
+    data = dict(data)
+    moe = data.pop("moe", None) or {}
+    moe = moe.to_dict() if isinstance(moe, MoELayers) else moe
+    if not isinstance(moe, dict):
+        raise ValueError(f"ModelConfig.moe must be a MoELayers (or a dict of its fields), got {type(moe).__name__}")
+    moe = dict(moe)
+    for old, new in _FLAT_MOE_KEYS.items():
+        if old in data:
+            value = data.pop(old)
+            moe[new] = {**moe[new], **value} if isinstance(value, dict) and isinstance(moe.get(new), dict) else value
+    data["moe"] = moe
+    return data
 
 
 FLAVOURS = {
