@@ -210,10 +210,11 @@ def load_run_config(name_or_path: str, overrides: Sequence[str] = ()):
 
 def _run_config(config: dict):
     """The ``RunConfig`` of a merged dict; errors name the key at fault."""
+    from moe_gen.config import unknown_keys
     from moe_gen.trainer import RunConfig
 
     names = sorted(f.name for f in dataclasses.fields(RunConfig))
-    unknown = sorted(set(config) - set(names))
+    unknown = unknown_keys("run configuration", config, names)
     if unknown:
         from moe_gen.registry import did_you_mean
 
@@ -240,12 +241,13 @@ def _model_section(section: dict) -> dict:
     (``num_experts``, ``moe_every``, ``router``, ...) moved into ``moe``, as ``ModelConfig.from_dict``
     reads them. Refuses a key that is neither a ``ModelConfig`` field nor ``flavour``, ``init`` or
     ``upcycle``, naming it with a guess (``flavor``: did you mean ``flavour``)."""
+    from moe_gen.config import unknown_keys
     from moe_gen.model import ModelConfig
     from moe_gen.model.config import nest_flat_moe_keys
 
     section = nest_flat_moe_keys(section)
     known = sorted({f.name for f in dataclasses.fields(ModelConfig)} | {"flavour", "init", "upcycle"})
-    unknown = sorted(set(section) - set(known))
+    unknown = unknown_keys("model", section, known)
     if unknown:  # (ModelConfig's own message left out flavour, init and upcycle, and guessed nothing)
         from moe_gen.registry import did_you_mean
 
@@ -309,7 +311,7 @@ def _init_section(section: dict) -> tuple[str, Optional[dict], dict]:
     num_experts``) and the ``ModelConfig`` overrides (known fields, value types)."""
     import typing
 
-    from moe_gen.config import _typed
+    from moe_gen.config import _typed, unknown_keys
     from moe_gen.model import ModelConfig
     from moe_gen.pretrained import upcycle
     from moe_gen.registry import did_you_mean
@@ -327,7 +329,7 @@ def _init_section(section: dict) -> tuple[str, Optional[dict], dict]:
     for owner, values, hints in (("model.upcycle", recipe or {}, typing.get_type_hints(upcycle)),
                                  ("model", section, typing.get_type_hints(ModelConfig))):
         known = sorted(set(hints) - {"model", "seed", "return"})
-        unknown = sorted(set(values) - set(known))
+        unknown = unknown_keys(owner, values, known)
         if unknown:
             raise ValueError(f"{owner}: unknown keys {unknown}{did_you_mean(unknown, known)}; "
                              f"known: {', '.join(known)}")

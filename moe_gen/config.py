@@ -25,6 +25,16 @@ __all__ = ["ConfigBase", "RouterConfig", "ExpertsConfig", "MoEConfig"]
 C = TypeVar("C", bound="ConfigBase")
 
 
+def unknown_keys(owner: str, data: dict, known) -> list[str]:
+    """The keys of the settings ``data`` that are not in ``known``, sorted. A key that is not a string
+    (YAML reads ``1:`` as an int) is refused, naming ``owner`` (sorting it beside names failed with a
+    bare TypeError)."""
+    odd = [key for key in data if not isinstance(key, str)]
+    if odd:
+        raise ValueError(f"{owner} keys must be names (strings), got {odd[0]!r}")
+    return sorted(set(data) - set(known))
+
+
 @dataclasses.dataclass(kw_only=True)
 class ConfigBase:
     """Shared dict conversion for config dataclasses."""
@@ -47,7 +57,7 @@ class ConfigBase:
         if not isinstance(data, dict):
             raise ValueError(f"{cls.__name__}.from_dict expects a dict, got {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - set(fields))
+        unknown = unknown_keys(cls.__name__, data, fields)
         if unknown:
             from moe_gen.registry import did_you_mean
 

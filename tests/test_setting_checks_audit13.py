@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import math
+import re
 
 import pytest
 
-from moe_gen.model import GeneralistModel, flavour
+from moe_gen.cli import load_run_config, main
+from moe_gen.model import GeneralistModel, ModelConfig, MoELayers, flavour
 from moe_gen.objectives import MaskedObjective
 from moe_gen.tasks import Tokenizer, load_preset
 from moe_gen.trainer import TrainConfig
@@ -25,3 +27,41 @@ def test_the_masked_objective_refuses_an_infinite_alpha():
     model = GeneralistModel.build(flavour("debug", predict_all_features=True), tasks, Tokenizer.default())
     with pytest.raises(ValueError, match=r"masked_alpha\['IMAGE'\] must be a finite number >= 0, got inf"):
         MaskedObjective(model, alpha={"IMAGE": math.inf})
+
+
+@pytest.mark.parametrize("build, message", [
+    (lambda: TrainConfig.from_dict({1: 2, "stpes": 3}), "TrainConfig keys must be names (strings), got 1"),
+    (lambda: ModelConfig.from_dict({"moe": {"num_expert": 2, 3: 4}}), "MoELayers keys must be names (strings), got 3"),
+    (lambda: ModelConfig(moe={"num_expert": 2, 3: 4}), "ModelConfig.moe keys must be names (strings), got 3"),
+    (lambda: MoELayers(decoder_router={1: "hybrid"}), "MoELayers.decoder_router keys must be names (strings), got 1"),
+    (lambda: flavour(["tiny"]), "a model flavour is a name (debug, tiny, small, base), got ['tiny']"),
+])
+def test_a_key_or_flavour_that_is_not_a_name_is_refused(build, message):
+    """Each failed with a bare TypeError (sorting an int beside names, hashing a list)."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        build()
+
+
+@pytest.mark.parametrize("text, message", [
+    ("recipe: debug\nmodel: {1: x, flavor: tiny}\n", "model keys must be names (strings), got 1"),
+    ("recipe: debug\n1: x\ntask: [a]\n", "run configuration keys must be names (strings), got 1"),
+    ("recipe: debug\ntrain: {1: 2, stpes: 3}\n", "TrainConfig keys must be names (strings), got 1"),
+])
+def test_a_run_file_key_that_is_not_a_name_is_refused(tmp_path, text, message):
+    path = tmp_path / "run.yaml"
+    path.write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_run_config(str(path))
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--model.flavour", "[tiny]"], "a model flavour is a name"),
+    (["--model.moe.decoder_router", "{1: hybrid}"], "MoELayers.decoder_router keys must be names (strings), got 1"),
+    (["--model", "null", "--model.init", "hf:minilm", "--model.upcycle", "{num_experts: 4, 2: x}"],
+     "model.upcycle keys must be names (strings), got 2"),
+])
+def test_a_flag_with_a_key_or_flavour_that_is_not_a_name_exits_2(tmp_path, capsys, flags, message):
+    """``moe-gen`` printed a traceback and exited 1."""
+    code = main(["pretrain", "--config", "debug", "--tasks", "table_species", "--output", str(tmp_path / "run"),
+                 "--train.steps", "1", *flags])
+    assert code == 2 and message in capsys.readouterr().err

@@ -16,7 +16,7 @@ import dataclasses
 import math
 from typing import Any, Optional, Union
 
-from moe_gen.config import ConfigBase, ExpertsConfig, MoEConfig, RouterConfig
+from moe_gen.config import ConfigBase, ExpertsConfig, MoEConfig, RouterConfig, unknown_keys
 
 __all__ = ["ModelConfig", "MoELayers", "flavour", "FLAVOURS"]
 
@@ -98,7 +98,7 @@ class MoELayers(ConfigBase):
         if stack != "decoder" or not self.decoder_router:
             return self.router
         fields = {f.name for f in dataclasses.fields(RouterConfig)}
-        unknown = sorted(set(self.decoder_router) - fields)
+        unknown = unknown_keys("MoELayers.decoder_router", self.decoder_router, fields)
         if unknown:
             from moe_gen.registry import did_you_mean
 
@@ -241,7 +241,7 @@ class ModelConfig(ConfigBase):
         """``moe`` as a ``MoELayers``: a dict of its fields is built into one (unknown keys refused)."""
         if isinstance(self.moe, dict):
             known = sorted(f.name for f in dataclasses.fields(MoELayers))
-            unknown = sorted(set(self.moe) - set(known))
+            unknown = unknown_keys("ModelConfig.moe", self.moe, known)
             if unknown:
                 from moe_gen.registry import did_you_mean
 
@@ -372,6 +372,8 @@ def flavour(name: str, **overrides) -> ModelConfig:
     """A named model flavour, with ``ModelConfig`` fields overridden; ``moe`` may be a dict of the
     ``MoELayers`` fields to change (``flavour("debug", moe={"router": "attribute"})``) or a whole
     ``MoELayers``."""
+    if not isinstance(name, str):
+        raise ValueError(f"a model flavour is a name ({', '.join(FLAVOURS)}), got {name!r}")
     if name not in FLAVOURS:
         from moe_gen.registry import did_you_mean
 
