@@ -16,14 +16,13 @@ import torch
 import torch.nn.functional as F
 
 from moe_gen.model.model import GeneralistModel, summed_aux_losses
-from moe_gen.registry import Registry
+from moe_gen.registry import OBJECTIVES
 from moe_gen.routing.tags import PASSES
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
 
 __all__ = ["OBJECTIVES", "Objective", "GenerativeObjective", "ContrastiveObjective", "MaskedObjective",
            "LossScales", "contrastive_side", "smoothed_cross_entropy"]
 
-OBJECTIVES: Registry = Registry("objective")
 LOSS_AVERAGES = ("token", "sample")  # how GenerativeObjective averages token cross-entropy over a batch
 
 

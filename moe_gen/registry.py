@@ -20,7 +20,7 @@ T = TypeVar("T")
 
 __all__ = [
     "Registry", "ROUTERS", "GATES", "EXPERTS", "BACKENDS", "MODALITIES", "PREPROCESSORS", "ADAPTERS",
-    "TASKS", "METRICS", "did_you_mean",
+    "TASKS", "METRICS", "OBJECTIVES", "did_you_mean",
 ]
 
 
@@ -124,3 +124,6 @@ ADAPTERS: Registry = Registry("adapter", builtins="moe_gen.tasks")
 # Built-in tasks (presets) and metrics.
 TASKS: Registry = Registry("task", builtins="moe_gen.tasks")
 METRICS: Registry = Registry("metric", builtins="moe_gen.tasks")
+# Training objectives (generative, contrastive, masked, parallel): a Task names one, and checks it
+# here without importing the model code that ``moe_gen.objectives`` (which fills it) needs.
+OBJECTIVES: Registry = Registry("objective", builtins="moe_gen.objectives")

@@ -6,12 +6,13 @@ import math
 import re
 
 import pytest
+import torch
 
 from moe_gen.cli import load_run_config, main
 from moe_gen.model import GeneralistModel, ModelConfig, MoELayers, flavour
 from moe_gen.objectives import MaskedObjective
-from moe_gen.tasks import Tokenizer, load_preset
-from moe_gen.trainer import TrainConfig
+from moe_gen.tasks import Task, Tokenizer, load_preset
+from moe_gen.trainer import TrainConfig, Trainer
 
 
 @pytest.mark.parametrize("name", ["masked_alpha", "masked_target_alpha"])
@@ -65,3 +66,30 @@ def test_a_flag_with_a_key_or_flavour_that_is_not_a_name_exits_2(tmp_path, capsy
     code = main(["pretrain", "--config", "debug", "--tasks", "table_species", "--output", str(tmp_path / "run"),
                  "--train.steps", "1", *flags])
     assert code == 2 and message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("settings, message", [
+    ({"objective": "maskd"}, "task 'typo': unknown objective 'maskd' (did you mean 'masked'?); known: contrastive"),
+    ({"objective": ["masked"]}, "task 'typo': unknown objective ['masked']"),
+    ({"weight": math.nan}, "task 'typo': weight must be a finite number >= 0, got nan"),
+    ({"weight": math.inf}, "task 'typo': weight must be a finite number >= 0, got inf"),
+    ({"weight": -1}, "task 'typo': weight must be a finite number >= 0, got -1"),
+    ({"weight": "2"}, "task 'typo': weight must be a finite number >= 0, got '2'"),
+])
+def test_a_task_checks_its_objective_and_weight(settings, message):
+    """A misspelt objective was run by infer and evaluation as a generative task without a word."""
+    with pytest.raises(ValueError, match=re.escape(message)):
+        Task("typo", "[TEXT:x] -> [TEXT:y]", [{"x": "a", "y": "b"}], **settings)
+
+
+def test_the_trainer_refuses_an_unknown_objective_before_the_model_changes(tmp_path):
+    """The Trainer refused it only after adding the task to the model."""
+    torch.manual_seed(0)
+    train = load_preset("table_species", "train", limit=4)
+    model = GeneralistModel.build(flavour("debug"), [train], Tokenizer.default())
+    new = Task("new_task", "[TEXT:x] -> [TEXT:y]", [{"x": "a", "y": "b"}])
+    new.objective = "maskd"  # changed after Task checked it
+    with pytest.raises(ValueError, match="task 'new_task': unknown objective 'maskd'"):
+        Trainer(model, [train, new], TrainConfig(steps=1, progress=False, tensorboard=False),
+                output_dir=str(tmp_path / "run"))
+    assert model.config.tasks == ("table_species",)

@@ -27,6 +27,8 @@ import base64
 import binascii
 import collections
 import json
+import math
+import numbers
 import os
 import random
 import stat
@@ -168,6 +170,20 @@ def _metric_names(task: str, metrics) -> tuple[str, ...]:
     return names
 
 
+def _objective_and_weight(task: str, objective: Any, weight: Any) -> tuple[str, float]:
+    """A registered objective and a finite sampling weight >= 0 (a misspelt objective was run as a
+    generative task by ``infer`` and evaluation without a word, and the Trainer refused it only after
+    adding the task to the model)."""
+    from moe_gen.registry import OBJECTIVES
+
+    if not isinstance(objective, str) or objective not in OBJECTIVES:
+        raise ValueError(f"task {task!r}: unknown objective {objective!r}"
+                         f"{did_you_mean([objective], OBJECTIVES.list())}; known: {', '.join(OBJECTIVES.list())}")
+    if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
+        raise ValueError(f"task {task!r}: weight must be a finite number >= 0, got {weight!r}")
+    return objective, float(weight)
+
+
 def _rows_of(task: str, data: Any) -> Any:
     """The task's data as something indexed by row: columns (a dict of equally long lists, or a
     pandas DataFrame) become row dicts; lists, datasets and other sequences stay as they are."""
@@ -193,7 +209,8 @@ class Task:
         instruction: the instruction text (or a parsed ``Instruction``).
         data: rows (list of dicts, HF dataset, or JSONL path), or columns (a dict of equally long
             lists, a pandas DataFrame).
-        objective: ``generative``, ``contrastive`` or ``masked`` (issue 4 runs them).
+        objective: a registered objective (``moe_gen.registry.OBJECTIVES``): ``generative``,
+            ``contrastive``, ``masked`` or ``parallel``.
         metrics: metric names (``moe_gen.tasks.metrics``).
         weight: the task's sampling weight under ``TrainConfig(mixing="weights")`` where
             ``task_weights`` does not name it (other mixings do not read it, and warn; loss
@@ -240,7 +257,8 @@ class Task:
                               skipped=failed if on_error == "skip" else None)
             self._lines = (path, numbers, data)
         self.data = _rows_of(name, data)
-        self.objective, self.metrics, self.weight = objective, _metric_names(name, metrics), float(weight)
+        self.objective, self.weight = _objective_and_weight(name, objective, weight)
+        self.metrics = _metric_names(name, metrics)
         self.on_error = on_error
         self.preprocessor_options = preprocessor_options or {}
         unknown = sorted(set(self.preprocessor_options) - set(PREPROCESSORS.list()))

@@ -358,13 +358,13 @@ class Trainer:
         config, model = self.config, self.model
         if config.num_threads:
             torch.set_num_threads(config.num_threads)
-        # An earlier run's checkpoints are resumed or, with overwrite, removed: decided before the model changes.
-        earlier, leftovers = self._earlier_run(resume, overwrite)
-        self.new_adapters = self._add_tasks(earlier if resume else None)
-        for task in self.tasks:
+        for task in self.tasks:  # (Task refuses one too) before the model or an earlier run changes
             if task.objective not in OBJECTIVES:
                 raise ValueError(f"task {task.name!r}: unknown objective {task.objective!r}; known: "
                                  f"{', '.join(OBJECTIVES.list())}")
+        # An earlier run's checkpoints are resumed or, with overwrite, removed: decided before the model changes.
+        earlier, leftovers = self._earlier_run(resume, overwrite)
+        self.new_adapters = self._add_tasks(earlier if resume else None)
         self.device = _resolve_device(config.device)
         model.to(self.device)
         self.plan = self._shard()
