@@ -654,13 +654,12 @@ def _cmd_eval(args, overrides) -> int:
 
 def _cmd_infer(args, overrides) -> int:
     from moe_gen.model import GeneralistModel
-    from moe_gen.tasks.task import load_jsonl, media_columns
 
     if overrides:
         raise ValueError(f"infer takes no overrides, got {' '.join(overrides)}")
     model = GeneralistModel.from_pretrained(args.model_dir)
     task = _model_tasks(model, [args.task], "test")[0]
-    rows = (load_jsonl(args.input, media_columns(task.instruction)) if args.input
+    rows = (_input_rows(args.input, task) if args.input is not None
             else [task.data[i] for i in range(min(args.rows, len(task)))])
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
                 if v is not None}
@@ -678,6 +677,18 @@ def _cmd_infer(args, overrides) -> int:
                             else list(prediction.image.shape))
         print(json.dumps({k: v for k, v in out.items() if v is not None}))
     return 0
+
+
+def _input_rows(path: str, task) -> list:
+    """The rows of ``infer --input``; a file that cannot be read (missing, a folder) is a configuration
+    error naming ``--input`` (an OSError exited 1, the status of a run that stopped, naming neither)."""
+    from moe_gen.tasks.task import load_jsonl, media_columns
+
+    try:
+        return load_jsonl(path, media_columns(task.instruction))
+    except OSError as exc:
+        raise ValueError(f"--input {path!r}: cannot read the rows of task {task.name!r}: "
+                         f"{exc.strerror or exc}") from None
 
 
 def _jsonable(value):

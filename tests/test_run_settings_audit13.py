@@ -78,3 +78,22 @@ def test_flat_moe_keys_of_old_run_files_are_read_into_model_moe(tmp_path):
     assert _model_config(load_run_config("debug", ["--model.moe_every", "2"]).model).moe.every == 2
     flat = ModelConfig.from_dict({"num_experts": 8, "moe_every": 2, "router": {"strategy": "attribute"}})
     assert (flat.moe.num_experts, flat.moe.every, flat.moe.router.strategy) == (8, 2, "attribute")
+
+
+@pytest.mark.parametrize("where", ["missing.jsonl", "folder", ""])
+def test_infer_input_that_cannot_be_read_exits_2_naming_it(tmp_path, capsys, where):
+    """It exited 1 (a run that stopped) with only "[Errno 2] No such file or directory"; an empty one
+    was ignored, and the command answered the task's own test rows."""
+    import torch
+
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+
+    torch.manual_seed(0)
+    tasks = [load_preset("table_species", "train", limit=4)]
+    GeneralistModel.build(flavour("debug"), tasks, Tokenizer.default()).save_pretrained(str(tmp_path / "model"))
+    (tmp_path / "folder").mkdir()
+    path = str(tmp_path / where) if where else ""
+    assert main(["infer", str(tmp_path / "model"), "--task", "table_species", "--input", path]) == 2
+    out = capsys.readouterr()
+    assert f"--input {path!r}: cannot read the rows of task 'table_species'" in out.err and not out.out
