@@ -93,3 +93,16 @@ def test_the_trainer_refuses_an_unknown_objective_before_the_model_changes(tmp_p
         Trainer(model, [train, new], TrainConfig(steps=1, progress=False, tensorboard=False),
                 output_dir=str(tmp_path / "run"))
     assert model.config.tasks == ("table_species",)
+
+
+def test_a_decoder_router_with_a_sequence_round_trips_through_json():
+    """A tuple stayed a tuple through to_dict, came back from config.json as a list, and the configs
+    differed; the same settings given as a RouterConfig stored lists."""
+    import json
+
+    from moe_gen.config import RouterConfig
+
+    config = ModelConfig(moe=MoELayers(decoder_router={"balance_loss_groups": ("task",)}))
+    assert ModelConfig.from_dict(json.loads(json.dumps(config.to_dict()))) == config
+    assert ModelConfig(moe=MoELayers(decoder_router=RouterConfig(balance_loss_groups=("task",)))) == config
+    assert config.moe.router_for("decoder").balance_loss_groups == ("task",)

@@ -90,7 +90,8 @@ class MoELayers(ConfigBase):
         if self.capacity_factor is not None and not 0 < self.capacity_factor < math.inf:
             raise ValueError(f"MoELayers.capacity_factor must be a finite number > 0 or None (dropless), got "
                              f"{self.capacity_factor}")
-        self.decoder_router = dict(self.decoder_router)
+        # as JSON holds it (lists, not tuples), so a config equals itself read back from config.json
+        self.decoder_router = _as_json(dict(self.decoder_router))
         self.router_for("decoder")  # unknown fields and bad values are refused here, not at build
 
     def router_for(self, stack: str = "encoder") -> RouterConfig:
@@ -333,6 +334,15 @@ class ModelConfig(ConfigBase):
             raise ValueError(f"dense_twin: the dense blocks' ffn_hidden={self.ffn_hidden} differs from the MoE "
                              f"blocks' active width {width}; one dense width cannot match both")
         return self.replace(moe=moe.replace(every=0, layers=(), attention=False), ffn_hidden=width)
+
+
+def _as_json(value: Any) -> Any:
+    """``value`` with its tuples, at any depth, as lists (what JSON gives back)."""
+    if isinstance(value, dict):
+        return {key: _as_json(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_as_json(item) for item in value]
+    return value
 
 
 def nest_flat_moe_keys(data: dict) -> dict:
