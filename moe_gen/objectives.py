@@ -433,7 +433,13 @@ class MaskedObjective(GenerativeObjective):
         target) makes feature rows that the model has no frame head for: masking makes any data
         position a target, whatever ``masked_target_alpha`` says (the part of a budget that the
         modalities drawn cannot hold goes to any modality with positions left, one of α 0 too), so
-        the first draw that picks such a row stopped the run mid-way."""
+        the first draw that picks such a row stopped the run mid-way. Also refuses, as decoding
+        would after the run (``moe_gen.masking.check_masked_answer``), targets in several
+        modalities or literal text / a closing EOS between target values."""
+        from moe_gen.masking import check_masked_answer
+
+        for t in range(len(plan.templates)):
+            check_masked_answer(plan, t)
         for encoder, decoder in plan.templates:
             for p in encoder + decoder:
                 if (p.slot.is_literal or p.preprocess is None or plan.preprocessor_named(p.preprocess).makes_tokens

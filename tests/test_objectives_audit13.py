@@ -127,3 +127,15 @@ def test_contrastive_parts_are_logged_by_what_they_average_over_under_accumulati
     assert record["caption_loss"] == pytest.approx(mean("caption_loss", "tokens"), rel=1e-6)
     assert record["contrastive_loss"] == pytest.approx(mean("contrastive_loss", "rows"), rel=1e-6)
     assert record["retrieval_accuracy"] == pytest.approx(mean("retrieval_accuracy", "rows"), rel=1e-6)
+
+
+def test_a_masked_task_that_could_not_be_decoded_is_refused_before_it_trains(tok, tmp_path):
+    """Decoding refuses a masked task with an EOS (or literal text) between its target values
+    (``check_masked_answer``); the trainer used to train it first and the run failed at its
+    evaluation."""
+    rows = [{"q": "hello there", "a": "one", "b": "red"}, {"q": "hi", "a": "two", "b": "blue"}] * 4
+    task = Task("m", "[TEXT:q] -> [TEXT:a] [TEXT:b,closed_set]", rows, objective="masked")
+    model = build([task], tok, every=0)
+    with pytest.raises(ValueError, match=r"task 'm' trained with the masked objective has the EOS that closes "
+                                         r"\[TEXT:a\] between its target values"):
+        _trainer(model, [task], tmp_path)
