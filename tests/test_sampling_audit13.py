@@ -111,3 +111,33 @@ def test_a_process_whose_rows_fail_to_encode_this_epoch_finds_the_good_row_of_an
         bad = Task("bad", "[TEXT:a] -> [TEXT:b]", rows[1:], on_error="skip")
         with pytest.raises(ValueError, match="task 'bad': no row encodes"):
             TaskSampler([bad], Tokenizer.default(), _quiet(batch_size=1), rank=1, world=2).next_batch(1)
+
+
+def test_a_task_whose_rows_all_fail_is_refused_after_a_bounded_number_of_encodes():
+    """A shuffled walk meets every row only after ~N ln N tries (2,134 encodes for 400 rows on 4
+    processes): after two epochs' worth of its own rows, the rows not yet met are tried once."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = Task("bad", "[TEXT:a] -> [TEXT:b]", [{"a": f"bad {i}"} for i in range(400)], on_error="skip")
+        calls, encode = [0], task.encode
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return encode(*args, **kwargs)
+
+        task.encode = counted
+        with pytest.raises(ValueError, match="task 'bad': no row encodes"):
+            TaskSampler([task], Tokenizer.default(), _quiet(batch_size=1), rank=1, world=4).next_batch(1)
+    assert calls[0] <= 2 * 100 + 400
+
+
+def test_a_state_dealt_before_every_process_walked_as_many_rows_goes_on_with_the_next_epoch():
+    """With fewer rows than processes, the sampler before this session gave a process with no rows
+    of its own all of them: its saved position (2 of 3 rows) is past the one row it walks now."""
+    task = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"t {i}", "b": "y"} for i in range(3)])
+    sampler = TaskSampler([task], Tokenizer.default(), _quiet(batch_size=1), rank=3, world=4)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    state["cursors"]["t"] = [0, 2]
+    sampler.load_state_dict(state)
+    assert sampler.state_dict()["cursors"]["t"] == [1, 0]
+    assert sampler.next_batch(1)[0].task == "t"

@@ -13,6 +13,7 @@ cursors, so a resumed run draws exactly the batches an uninterrupted run would h
 from __future__ import annotations
 
 import collections
+import itertools
 import logging
 import math
 import random
@@ -189,6 +190,12 @@ class _Cursor:
             self._peeked = (self.epoch, self.position, sample)
         return self._peeked[2]
 
+    def some_row_encodes(self, tokenizer: Tokenizer, failed: set[int]) -> bool:
+        """Whether a row of the task outside ``failed`` encodes (tried in order, up to the first)."""
+        return any(self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
+                                    statistics=self.statistics) is not None
+                   for index in range(len(self.task)) if index not in failed)
+
     def advance(self) -> None:
         self.position += 1
         if self.position == self.size:
@@ -288,9 +295,13 @@ class TaskSampler:
                 saved_rows = _shard_size(len(cursor.task), saved_world)
                 cursor.position = cursor.position * cursor.size // max(saved_rows, 1)
             cursor._order, cursor._peeked = None, None
-            if cursor.position >= cursor.size:
-                raise ValueError(f"task {cursor.task.name!r}: the checkpoint's sampler position {cursor.position} is "
-                                 f"past its {cursor.size} rows; the task's data changed since")
+            if cursor.position >= cursor.size:  # (the rows are the checkpoint's: checked above)
+                # dealt before every process walked as many rows: with fewer rows than processes, a
+                # process with none of its own walked them all, and its position may be past this share
+                logger.warning("task %r: the checkpoint's sampler position %d is past the %d rows this process walks "
+                               "an epoch (a checkpoint dealt by an earlier version): it goes on with the next epoch",
+                               cursor.task.name, cursor.position, cursor.size)
+                cursor.epoch, cursor.position = cursor.epoch + 1, 0
         self._check_weights(state.get("weights"))  # (after the rows: with other rows, other weights)
 
     def next_batch(self, step: int, micro: int = 0) -> list[Sample]:
@@ -334,9 +345,14 @@ class TaskSampler:
         """Adds task ``i``'s next row if the budgets allow (False when they do not)."""
         cursor, cfg = self.cursors[i], self.config
         failed: set[int] = set()
-        while (sample := cursor.peek(self.tokenizer)) is None:  # rows that fail (on_error="skip") are passed over
+        for tries in itertools.count(1):  # rows that fail to encode (on_error="skip") are passed over
+            if (sample := cursor.peek(self.tokenizer)) is not None:
+                break
             failed.add(cursor.index())
-            if len(failed) == len(cursor.task):  # (each epoch deals this process other rows: until all failed)
+            # Each epoch deals this process other rows, so a walk meets every row only after ~N ln N
+            # tries: after two epochs' worth of its own, the rows not yet met are tried once in order.
+            if (len(failed) == len(cursor.task) or tries > 2 * cursor.size + 20 * len(cursor.task)
+                    or (tries == 2 * cursor.size and not cursor.some_row_encodes(self.tokenizer, failed))):
                 raise ValueError(f"task {cursor.task.name!r}: no row encodes ({cursor.task.skipped} skipped; "
                                  f"first error: {cursor.task.errors[:1]})")
             cursor.advance()
