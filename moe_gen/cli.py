@@ -358,7 +358,11 @@ def _init_stand_in(section: dict):
 
     base = flavour("debug").replace(location_frequencies=0)
     moe = section.get("moe") or {}
-    moe = {**base.moe.to_dict(), "every": 0, **(moe.to_dict() if isinstance(moe, MoELayers) else moe)}
+    moe = moe.to_dict() if isinstance(moe, MoELayers) else moe
+    if moe.get("every") or moe.get("layers"):  # (the stand-in's blocks are not the checkpoint's)
+        raise ValueError("model.moe: a checkpoint (model.init) loads as a dense model (moe every=0, no layers); make "
+                         "MoE layers of its FFNs with model.upcycle (layers: all, every_other or block names)")
+    moe = {**base.moe.to_dict(), "every": 0, **moe}
     config = base.replace(**{k: v for k, v in section.items() if k not in ARCHITECTURE and k != "moe"}, moe=moe)
     _check_names(config)
     return config

@@ -22,6 +22,9 @@ def _no_data(names, split):
     (["--model.upcycle.layers", "[encoder.blocks.1, 3]"], "model.upcycle.layers must be"),
     (["--model.dropout", "2.0"], "dropout and label_smoothing must be in [0, 1), got 2.0"),
     (["--model.moe", "{experts: {activation: swish}}"], "model.moe.experts.activation: unknown expert activation"),
+    # block names of the checkpoint (MiniLM has 12 encoder blocks) were judged by the stand-in's 2 + 2
+    (["--model.moe", "{layers: [encoder.blocks.5]}"], "model.moe: a checkpoint (model.init) loads as a dense model"),
+    (["--model.moe", "{every: 2}"], "make MoE layers of its FFNs with model.upcycle"),
 ])
 def test_a_model_init_section_is_checked_before_any_data(monkeypatch, tmp_path, capsys, flags, message):
     """They passed the early check, and the run read every task's data (and the checkpoint) first."""
