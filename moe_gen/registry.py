@@ -124,6 +124,7 @@ ADAPTERS: Registry = Registry("adapter", builtins="moe_gen.tasks")
 # Built-in tasks (presets) and metrics.
 TASKS: Registry = Registry("task", builtins="moe_gen.tasks")
 METRICS: Registry = Registry("metric", builtins="moe_gen.tasks")
-# Training objectives (generative, contrastive, masked, parallel): a Task names one, and checks it
-# here without importing the model code that ``moe_gen.objectives`` (which fills it) needs.
+# Training objectives (generative, contrastive, masked, parallel): a Task names one and checks it
+# here; the first lookup imports ``moe_gen.objectives`` (which fills it, and imports the model code),
+# so ``moe_gen.tasks`` itself does not import it at load time (no import cycle).
 OBJECTIVES: Registry = Registry("objective", builtins="moe_gen.objectives")
