@@ -83,9 +83,12 @@ def test_a_task_weight_that_is_negative_or_not_a_number_is_refused(tok):
     rows = [{"a": "x", "b": "y"}]
     config = TrainConfig(mixing="weights", progress=False, tensorboard=False)
     for weight in (-0.5, float("nan")):
-        tasks = [Task("good", "[TEXT:a] -> [TEXT:b]", rows), Task("bad", "[TEXT:a] -> [TEXT:b]", rows, weight=weight)]
+        with pytest.raises(ValueError, match="task 'bad': weight must be a finite number >= 0"):
+            Task("bad", "[TEXT:a] -> [TEXT:b]", rows, weight=weight)  # refused when made (thirteenth audit)
+        bad = Task("bad", "[TEXT:a] -> [TEXT:b]", rows)
+        bad.weight = weight  # set afterwards: mixing refuses it
         with pytest.raises(ValueError, match="task 'bad': its mixing weight must be a finite number >= 0"):
-            mixing_weights(tasks, config)
+            mixing_weights([Task("good", "[TEXT:a] -> [TEXT:b]", rows), bad], config)
 
 
 def test_all_mixing_fills_the_batch_size_it_is_given(tok):
