@@ -66,3 +66,36 @@ def test_structured_group_of_unequal_lists_is_refused(tok):
     with pytest.raises(TaskDataError, match=r"task 'pairs', row 1: the columns of repetition group 0 have "
                                             r"different lengths \('w': 1, 'v': 2\)"):
         evaluate_task(model, task)
+
+
+def test_a_caption_beside_a_detection_group_is_scored(tok):
+    """A text target beside the detection group made the task 'detection': the caption was never
+    scored (exact match 1.0 with every caption wrong) and BLEU on it was refused."""
+    ins = "[IMAGE:img] describe and locate -> [TEXT:caption] ( [BOX:boxes] [TEXT:labels] )*"
+    rows = [dict(GOOD, caption="two digits on black"), dict(GOOD, caption="one digit")]
+    model = build([Task("capdet", ins, rows)], tok, router=RouterConfig(strategy="attribute"))
+
+    def wrong_captions(task, rows, **kwargs):
+        return [Prediction(targets={"caption": "completely wrong", "boxes": r["boxes"], "labels": r["labels"]},
+                           groups=[[{"boxes": b, "labels": label} for b, label in zip(r["boxes"], r["labels"])]])
+                for r in rows]
+
+    model.infer = wrong_captions
+    assert evaluate_task(model, Task("capdet", ins, rows, metrics=("exact_match",))) == {"exact_match": 0.0}
+    assert evaluate_task(model, Task("capdet", ins, rows, metrics=("bleu",))) == {"bleu": 0.0, "bleu/caption": 0.0}
+
+
+@pytest.mark.parametrize("instruction, row, column", [
+    ("[TEXT:q] echo -> [TEXT:a]", {"q": "hello", "a": None}, "a"),
+    ("[TEXT:q] echo -> [TEXT:a]", {"q": "hello", "a": float("nan")}, "a"),
+    ("[IMAGE:img] where? -> [BOX:box]", {"img": IMG, "box": None}, "box"),
+])
+def test_a_missing_reference_value_is_a_named_data_error_or_skipped(tok, instruction, row, column):
+    """Training refuses such a row; evaluation scored a text target against the text "None" and
+    crashed on a box with a bare TypeError, also under on_error="skip"."""
+    good = {"q": "world", "a": "world"} if "q" in row else {"img": IMG, "box": [2, 16, 18, 32]}
+    model = build([Task("t", instruction, [good])], tok, router=RouterConfig(strategy="attribute"))
+    with pytest.raises(TaskDataError, match=rf"row 1: column '{column}' has a missing value"):
+        evaluate_task(model, Task("t", instruction, [good, row]))
+    skipping = Task("t", instruction, [good, row], on_error="skip")
+    assert evaluate_task(model, skipping)["skipped"] == 1

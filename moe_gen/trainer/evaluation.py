@@ -25,6 +25,8 @@ say which failed and why.
 
 from __future__ import annotations
 
+import math
+import numbers
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -51,7 +53,9 @@ def _targets(task: Task, model) -> tuple[str, list]:
         raise ValueError(f"task {task.name!r} has no scored decoder slot to evaluate")
     if len(scored) == 1 and scored[0].slot.repeat is None:
         return scored[0].decode.kind, scored
-    return ("detection" if _detection_slots(scored) else "structured"), scored
+    # detection: the group's items are the whole answer (a caption beside the group went unscored)
+    alone = len({p.slot.repeat for p in scored}) == 1
+    return ("detection" if alone and _detection_slots(scored) else "structured"), scored
 
 
 def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
@@ -315,9 +319,12 @@ def _reference_problem(row, scored: list) -> Optional[str]:
         return f"no {missing[0]!r} column to score against"
     lengths: dict[int, dict[str, int]] = {}
     for p in scored:
-        if p.slot.repeat is None:
-            continue
         value = row[p.slot.column]
+        if p.slot.repeat is None:
+            problem = _value_problem(p, value)
+            if problem:
+                return f"column {p.slot.column!r} {problem} to score against"
+            continue
         if not isinstance(value, (list, tuple)):
             return (f"column {p.slot.column!r} is in repetition group {p.slot.repeat}, so it needs a list to "
                     f"score against, got {type(value).__name__}")
@@ -326,6 +333,24 @@ def _reference_problem(row, scored: list) -> Optional[str]:
         if len(set(sizes.values())) > 1:
             listed = ", ".join(f"{column!r}: {size}" for column, size in sizes.items())
             return f"the columns of repetition group {group} have different lengths ({listed})"
+    for p in scored:  # each item of a group's columns, as training checks each
+        problem = next((_value_problem(p, item) for item in (row[p.slot.column] if p.slot.repeat is not None else ())
+                        if _value_problem(p, item)), None)
+        if problem:
+            return f"an item of column {p.slot.column!r} {problem} to score against"
+    return None
+
+
+def _value_problem(plan, value) -> Optional[str]:
+    """Why one target value cannot be a reference (None when it can): missing (None, NaN: training
+    refuses the row; scored, it became the text "None"), or a box that is not 4 numbers (the IoU
+    failed with a bare TypeError)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return f"has a missing value ({value})"
+    if plan.decode is not None and plan.decode.kind == "box":
+        corners = np.asarray(value, dtype=object).reshape(-1) if isinstance(value, (list, tuple, np.ndarray)) else ()
+        if len(corners) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in corners):
+            return f"holds {value!r}, not a box of 4 finite numbers (x0, y0, x1, y1)"
     return None
 
 
