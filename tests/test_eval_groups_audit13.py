@@ -89,13 +89,15 @@ def test_a_caption_beside_a_detection_group_is_scored(tok):
     ("[TEXT:q] echo -> [TEXT:a]", {"q": "hello", "a": None}, "a"),
     ("[TEXT:q] echo -> [TEXT:a]", {"q": "hello", "a": float("nan")}, "a"),
     ("[IMAGE:img] where? -> [BOX:box]", {"img": IMG, "box": None}, "box"),
+    ("[IMAGE:img] where? -> [BOX:box]", {"img": IMG, "box": [10, 10, 2, 2]}, "box"),
 ])
 def test_a_missing_reference_value_is_a_named_data_error_or_skipped(tok, instruction, row, column):
     """Training refuses such a row; evaluation scored a text target against the text "None" and
     crashed on a box with a bare TypeError, also under on_error="skip"."""
     good = {"q": "world", "a": "world"} if "q" in row else {"img": IMG, "box": [2, 16, 18, 32]}
     model = build([Task("t", instruction, [good])], tok, router=RouterConfig(strategy="attribute"))
-    with pytest.raises(TaskDataError, match=rf"row 1: column '{column}' has a missing value"):
+    why = "holds no box" if isinstance(row.get(column), list) else "has a missing value"
+    with pytest.raises(TaskDataError, match=rf"row 1: column '{column}' {why}"):
         evaluate_task(model, Task("t", instruction, [good, row]))
     skipping = Task("t", instruction, [good, row], on_error="skip")
     assert evaluate_task(model, skipping)["skipped"] == 1

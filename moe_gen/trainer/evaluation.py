@@ -26,7 +26,7 @@ say which failed and why.
 from __future__ import annotations
 
 import math
-import numbers
+import sys
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -309,8 +309,9 @@ def _scores(names: Sequence[str], predictions: list, references: list,
 
 
 def _reference_problem(row, scored: list) -> Optional[str]:
-    """Why ``row`` cannot be scored against (None when it can): a scored column missing, or a
-    repetition group whose columns are not lists of one length (inference encodes the inputs only,
+    """Why ``row`` cannot be scored against (None when it can): a scored column missing, a value
+    missing or not a box where one is scored (``_value_problem``), or a repetition group whose
+    columns are not lists of one length (inference encodes the inputs only,
     so the targets are checked here as training's ``TaskPlan._check_groups`` checks them: a box
     list longer than its labels would otherwise lose its last boxes, a label string would split
     into characters)."""
@@ -334,23 +335,26 @@ def _reference_problem(row, scored: list) -> Optional[str]:
             listed = ", ".join(f"{column!r}: {size}" for column, size in sizes.items())
             return f"the columns of repetition group {group} have different lengths ({listed})"
     for p in scored:  # each item of a group's columns, as training checks each
-        problem = next((_value_problem(p, item) for item in (row[p.slot.column] if p.slot.repeat is not None else ())
-                        if _value_problem(p, item)), None)
-        if problem:
-            return f"an item of column {p.slot.column!r} {problem} to score against"
+        for item in row[p.slot.column] if p.slot.repeat is not None else ():
+            problem = _value_problem(p, item)
+            if problem:
+                return f"an item of column {p.slot.column!r} {problem} to score against"
     return None
 
 
 def _value_problem(plan, value) -> Optional[str]:
     """Why one target value cannot be a reference (None when it can): missing (None, NaN: training
-    refuses the row; scored, it became the text "None"), or a box that is not 4 numbers (the IoU
-    failed with a bare TypeError)."""
+    refuses the row; scored, it became the text "None"), or a box training would refuse (not 4
+    finite numbers, corners reversed: the IoU failed with a bare TypeError)."""
+    from moe_gen.tasks.modalities.box import check_box
+
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"has a missing value ({value})"
     if plan.decode is not None and plan.decode.kind == "box":
-        corners = np.asarray(value, dtype=object).reshape(-1) if isinstance(value, (list, tuple, np.ndarray)) else ()
-        if len(corners) != 4 or not all(isinstance(v, numbers.Real) and math.isfinite(v) for v in corners):
-            return f"holds {value!r}, not a box of 4 finite numbers (x0, y0, x1, y1)"
+        try:  # (the image's size is checked where the answer is decoded: any size here)
+            check_box(value, sys.float_info.max, sys.float_info.max)
+        except ValueError as exc:
+            return f"holds no box ({exc})"
     return None
 
 
