@@ -18,7 +18,6 @@ hooks programs replace at run time (pytest replaces ``sys.unraisablehook``). Eve
 
 from __future__ import annotations
 
-import collections
 import difflib
 import functools
 import importlib
@@ -79,31 +78,18 @@ def _typeless(text: str) -> str:
     return _TYPE_WORDS.sub("T", text.lower())
 
 
-class _Kept:
-    """The documents kept so far, type names aside, for ``near_copy``."""
-
-    def __init__(self) -> None:
-        self.texts: list[str] = []
-        self.letters: list[collections.Counter] = []
-
-    def add(self, text: str) -> None:
-        self.texts.append(text)
-        self.letters.append(collections.Counter(text))
-
-    def near_copy(self, text: str) -> bool:
-        """Whether ``text`` is at least ``NEAR_COPY`` similar to a kept document. The lengths and the
-        letter counts bound difflib's ratio from above (``real_quick_ratio``, ``quick_ratio``), so the
-        full ratio is computed for the few documents of about the same letters only."""
-        letters = collections.Counter(text)
-        for kept, kept_letters in zip(self.texts, self.letters):
-            total = len(kept) + len(text)
-            if 2 * min(len(kept), len(text)) < NEAR_COPY * total:
-                continue
-            if 2 * sum((letters & kept_letters).values()) < NEAR_COPY * total:
-                continue
-            if difflib.SequenceMatcher(None, kept, text, autojunk=False).ratio() >= NEAR_COPY:
-                return True
-        return False
+def _near_copy(text: str, kept: list[str]) -> bool:
+    """Whether ``text`` is at least ``NEAR_COPY`` similar to a ``kept`` document: difflib's own upper
+    bounds (``real_quick_ratio``: lengths, ``quick_ratio``: letter counts) pass over the documents
+    that cannot be, so the full ratio is computed for the few of about the same letters only."""
+    matcher = difflib.SequenceMatcher(None, autojunk=False)
+    matcher.set_seq2(text)  # (the side difflib indexes, once for every kept document)
+    for document in kept:
+        matcher.set_seq1(document)
+        if (matcher.real_quick_ratio() >= NEAR_COPY and matcher.quick_ratio() >= NEAR_COPY
+                and matcher.ratio() >= NEAR_COPY):
+            return True
+    return False
 
 
 @functools.lru_cache(maxsize=1)
@@ -116,7 +102,7 @@ def _rows() -> tuple[tuple[str, str, str], ...]:
     thirteenth audit documents were compared as written: ``bytes.removeprefix`` ("a bytes object")
     was held out beside ``bytearray.removeprefix`` ("a bytearray"), and ``mimetypes.guess_type``
     beside ``mimetypes.MimeTypes.guess_type``, 99.5% alike."""
-    seen, kept, out = set(), _Kept(), []
+    seen, kept, out = set(), [], []
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # reading some members (typing.io, ...) warns of deprecation
         for module_name in MODULES:
@@ -126,9 +112,9 @@ def _rows() -> tuple[tuple[str, str, str], ...]:
                     continue
                 document = _typeless(parts[1])
                 keys = {("summary", parts[0]), ("document", document), ("typeless", _typeless(parts[0]))}
-                if not keys & seen and not kept.near_copy(document):
+                if not keys & seen and not _near_copy(document, kept):
                     seen |= keys
-                    kept.add(document)
+                    kept.append(document)
                     out.append((qualname, *parts))
     return tuple(out)
 
