@@ -20,9 +20,22 @@ from typing import Any, TypeVar, Union
 
 import numpy as np
 
-__all__ = ["ConfigBase", "RouterConfig", "ExpertsConfig", "MoEConfig"]
+__all__ = ["ConfigBase", "RouterConfig", "ExpertsConfig", "MoEConfig", "merge", "unknown_keys"]
 
 C = TypeVar("C", bound="ConfigBase")
+
+
+def merge(base: dict, override: dict) -> dict:
+    """``override`` laid over ``base`` key by key at every depth (a nested mapping in both is
+    merged; anything else is replaced) — the one rule for a YAML file over its recipe, a run's
+    ``model`` section over its flavour, and dotted flags over either. Returns a new dict."""
+    out = dict(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
 
 
 def unknown_keys(owner: str, data: dict, known) -> list[str]:

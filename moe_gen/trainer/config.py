@@ -261,7 +261,7 @@ class TrainConfig(ConfigBase):
 class RunConfig(ConfigBase):
     """One training run, as a recipe (``moe_gen.trainer.recipes``) or a YAML file describes it and
     ``moe-gen pretrain`` / ``finetune`` carry it out. YAML over a recipe and ``--a.b value`` flags
-    merge into its dict form by one rule (``moe_gen.cli.merge``); ``from_dict`` then checks every key.
+    merge into its dict form by one rule (``moe_gen.config.merge``); ``from_dict`` then checks every key.
 
     Attributes:
         model: how the model is made: ``flavour`` plus ``ModelConfig`` overrides (``{"flavour":
