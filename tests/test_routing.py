@@ -217,6 +217,19 @@ def test_expert_choice_gives_each_expert_capacity_tokens():
     assert int(routing.dropped_tokens) == int((~routing.mask.any(-1)).sum())
 
 
+def test_expert_choice_gives_each_expert_at_least_min_capacity_tokens():
+    # The documented floor max(min_capacity, ceil(f·k·N/E)) holds for expert choice too (it gave
+    # ceil(f·k·N/E) = 2 slots for 10 tokens of 8 experts, dropping tokens min_capacity=4 would keep).
+    moe = make_moe(num_experts=8, top_k=1, capacity_factor=1.0, min_capacity=4,
+                   router=RouterConfig(gate="expert_choice"))
+    routing = moe(torch.randn(10, D)).routing
+    assert routing.capacity == 4
+    assert torch.equal(routing.expert_counts, torch.full((8,), 4))
+    # never more slots than valid tokens
+    assert make_moe(num_experts=8, top_k=1, min_capacity=16,
+                    router=RouterConfig(gate="expert_choice"))(torch.randn(10, D)).routing.capacity == 10
+
+
 def test_expert_choice_never_picks_padding():
     moe = make_moe(top_k=2, router=RouterConfig(gate="expert_choice"))
     pad = torch.zeros(2, 8, dtype=torch.bool)

@@ -19,6 +19,7 @@ import torch
 
 from moe_gen.config import MoEConfig
 from moe_gen.registry import GATES
+from moe_gen.routing.capacity import capacity_for
 
 __all__ = ["GateChoice", "Gate", "TopKGate", "ExpertChoiceGate", "BalancedGate", "HashGate"]
 
@@ -135,19 +136,24 @@ class TopKGate(Gate):
 class ExpertChoiceGate(Gate):
     """Expert-choice routing (Zhou et al. 2022): each expert takes its C highest-probability tokens.
 
-    C = ceil(f·k·N/E) for N valid tokens (f = capacity factor, 1 when dropless is asked for,
-    since expert choice has a fixed capacity by definition). A token may get 0..E experts, so the
+    C = min(N, max(min_capacity, ceil(f·k·N/E))) for N valid tokens (f = capacity factor, 1 when
+    dropless is asked for, since expert choice has a fixed capacity by definition; the floor
+    ``MoEConfig.min_capacity`` as for every other gate). A token may get 0..E experts, so the
     assignment layout is ``[T, E]`` with ``ids[t, e] = e``; tokens no expert picks are dropped and
     counted like capacity drops.
     """
 
     balanced_by_construction = True
 
+    def __init__(self, config: MoEConfig) -> None:
+        super().__init__(config)
+        self.min_capacity = config.min_capacity
+
     def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
         T, E = probs_TE.shape
         num_valid = int(valid_T.sum())
         factor = 1.0 if capacity_factor is None else capacity_factor
-        capacity = min(num_valid, math.ceil(factor * self.top_k * num_valid / E))
+        capacity = min(num_valid, capacity_for(num_valid, self.top_k, E, factor, self.min_capacity))
         # Padding scores -1 (< any probability) so no expert picks padding while valid tokens remain.
         affinity_TE = torch.where(valid_T.unsqueeze(1), probs_TE, -1.0)
         chosen_CE = affinity_TE.topk(capacity, dim=0).indices
