@@ -217,6 +217,11 @@ def unsharded_copy(model: nn.Module) -> nn.Module:
     original = next(c for c in type(model).__mro__ if issubclass(c, nn.Module) and not issubclass(c, FSDPModule))
     with torch.random.fork_rng(devices=[]):  # its initial weights are overwritten: draw nothing from the run's RNG
         copy = original(model.config, model.tokenizer)
+    # on the sharded model's device (built on the CPU, a GPU run's copy evaluated there and sent CPU
+    # tensors through NCCL's all-to-alls under expert parallelism)
+    device = next((v.device for v in weights.values() if v.is_floating_point()), None)
+    if device is not None:
+        copy.to(device)
     mine = dict(copy.named_modules())
     for name, layer in model.named_modules():  # expert slices stay where they are, exchanged as before
         if isinstance(layer, MoE) and layer.expert_parallel is not None:

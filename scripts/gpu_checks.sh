@@ -5,7 +5,7 @@
 #    eager oracle, forward and backward, every routing case (tests/test_gpu_backends.py, -m gpu too);
 # 2. `make demo`'s run on the GPU (TrainConfig.device "auto" picks it): trains, evaluates, saves;
 # 3. bench_moe_layer.py's GPU rows (--quick grid);
-# 4. model, merged-inference, trainer and golden-curve tests with the GPU visible.
+# 4. model, merged-inference, trainer, golden-curve and FSDP tests with the GPU visible (gpu-marked ones too).
 # Each stage has its own time limit and writes its log under OUT_DIR; a table of exit codes ends it.
 # Expects torch, triton and the package's dependencies importable by python3 (see setup.py).
 set -uo pipefail
@@ -34,7 +34,7 @@ stage demo 200 $py -m moe_gen.cli pretrain --config demo --overwrite --output /t
 cp /tmp/moe_gen_demo_gpu/logs/train.jsonl "$out/demo_train.jsonl" 2>/dev/null
 stage bench_moe_layer 70 $py scripts/bench_moe_layer.py --quick --no-cpu --out "$out/moe_layer.json"
 stage model_tests 120 $py -m pytest -q -p no:cacheprovider tests/test_model.py tests/test_merged_inference.py \
-    tests/test_trainer.py tests/test_golden.py
+    tests/test_trainer.py tests/test_golden.py tests/test_gpu_fsdp.py -m "not slow"
 
 echo "=== summary"
 for name in gpu_backends demo bench_moe_layer model_tests; do
