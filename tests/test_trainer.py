@@ -242,8 +242,9 @@ def test_trainable_selection_freezes_the_rest(tasks, tok):
         trainable = [n for n, p in model.named_parameters() if p.requires_grad]
         assert trainable and all(marker in n for n in trainable)
         assert count == sum(p.numel() for p in model.parameters() if p.requires_grad)
-    select_trainable(model, "adapters")
-    assert all(n.startswith("adapters.") for n, p in model.named_parameters() if p.requires_grad)
+    select_trainable(model, "adapters")  # with their frame and stop heads
+    assert all(n.startswith(("adapters.", "frame_heads.", "stop_heads.")) for n, p in model.named_parameters()
+               if p.requires_grad)
     with pytest.raises(ValueError, match="leaves nothing to train"):
         select_trainable(build(tasks, tok, every=0), "experts")
 

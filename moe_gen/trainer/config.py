@@ -96,8 +96,9 @@ class TrainConfig(ConfigBase):
         log_every: steps between log lines (JSONL, TensorBoard, progress bar postfix).
         progress: show a progress bar.
         tensorboard: write TensorBoard scalars (needs the ``tensorboard`` package).
-        trainable: what trains: ``all``, ``experts``, ``routers``, ``adapters`` or ``new_adapters``
-            (those ``GeneralistModel.add_tasks`` created).
+        trainable: what trains: ``all``, ``experts``, ``routers``, ``adapters`` (with the frame and
+            stop heads) or ``new_adapters`` (those ``GeneralistModel.add_tasks`` created). A refused
+            ``Trainer`` leaves the model as it was given (no tasks added, flags unchanged).
         expert_parallel: size of the expert-parallel group under ``torchrun`` (1: experts replicated).
         sharding: how dense parameters live on several processes: ``replicate`` (every process holds
             them all; PyTorch's DDP averages their gradients in buckets during backward; see

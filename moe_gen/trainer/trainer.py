@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import logging
 import math
 import os
 import random
@@ -49,8 +50,11 @@ from moe_gen.trainer.logs import RunLogger, expert_utilisation, read_jsonl_log
 from moe_gen.trainer.resume import check_same_model, check_same_training
 from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
 from moe_gen.trainer.scales import step_loss_scales
+from moe_gen.trainer.undo import model_undo
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
+
+logger = logging.getLogger("moe_gen")
 
 
 class TrainingDiverged(RuntimeError):
@@ -120,8 +124,8 @@ def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[s
         modules += [m.shared_gate for m in moes if m.shared_gate is not None]
     elif what == "routers":
         modules = [m.router for m in moes]
-    elif what == "adapters":
-        modules = list(model.adapters.values())
+    elif what == "adapters":  # with their frame and stop heads (a new task's heads start random)
+        modules = [*model.adapters.values(), *model.frame_heads.values(), *model.stop_heads.values()]
     elif what == "new_adapters":
         heads = [n.removesuffix(NEW_HEADS) for n in new_adapters]  # a new adapter's heads are new too
         modules = [model.adapters[n] for n in new_adapters if not n.endswith(NEW_HEADS)]
@@ -263,9 +267,11 @@ class Trainer:
         self._claimed = False  # whether this run holds the directory (the same on every process)
         self._in_context = False
         self._lock_output_dir()
+        undo = model_undo(model)
         try:
             self._build(resume, overwrite)
         except BaseException:
+            undo()  # a refused build leaves the model as it was given (a corrected retry starts clean)
             self.close()
             raise
 
@@ -384,6 +390,10 @@ class Trainer:
                                            fused=_fusable(groups) or None)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
             self.optimizer, WarmupCosine(config.warmup_steps, config.steps, config.min_lr_ratio))
+        if config.warmup_steps > config.steps:  # (not refused: a resumed run may raise steps)
+            logger.warning("TrainConfig.warmup_steps=%d is longer than the run's steps=%d: the learning rate reaches "
+                           "%.3g of lr at the last step and never decays; set warmup_steps below steps",
+                           config.warmup_steps, config.steps, config.steps / config.warmup_steps)
         for task in self.tasks:  # the plans the sampler encodes with use the model's own image tokenizers
             model.plan(task)
         self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world,

@@ -1,0 +1,74 @@
+"""Building a Trainer: what a refused build leaves on the model, which parameters ``trainable="adapters"``
+trains, and the warning for a warm-up as long as the run (fourteenth session's optimisation audit)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from helpers import flavour_with
+
+from moe_gen.config import RouterConfig
+from moe_gen.model import GeneralistModel
+from moe_gen.tasks import Tokenizer, load_preset
+from moe_gen.trainer import TrainConfig, Trainer
+
+QUIET = dict(steps=2, batch_size=4, warmup_steps=1, progress=False, tensorboard=False, device="cpu")
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+def _table_model(tok) -> GeneralistModel:
+    torch.manual_seed(0)
+    return GeneralistModel.build(flavour_with("debug", router=RouterConfig(strategy="attribute")),
+                                 [load_preset("table_species", "train", limit=8)], tok)
+
+
+@pytest.mark.parametrize("bad", [{"lr_scales": {"adapter.": 0.1}}, {"loss_weights": {"digit_clasification": 2.0}}])
+def test_a_refused_trainer_leaves_the_model_as_it_was_given(tok, tmp_path, bad):
+    """The refusal came after the new task and its adapter had joined the model, so the corrected
+    retry found no new adapter ("trainable='new_adapters' leaves nothing to train")."""
+    model = _table_model(tok)
+    digits = load_preset("digit_classification", "train", limit=8)
+    config, adapters = model.config, sorted(model.adapters)
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    with pytest.raises(ValueError):
+        Trainer(model, [digits], TrainConfig(**QUIET, trainable="new_adapters", **bad), output_dir=str(tmp_path / "a"))
+    assert model.config == config and sorted(model.adapters) == adapters
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with Trainer(model, [digits], TrainConfig(**QUIET, trainable="new_adapters", lr_scales={"adapters.": 0.1}),
+                 output_dir=str(tmp_path / "b")) as trainer:
+        assert trainer.new_adapters == ["image_patch"]
+        assert "digit_classification" in model.task_ids
+
+
+def test_trainable_adapters_trains_a_new_tasks_frame_and_stop_heads(tok, tmp_path):
+    """They stayed frozen at their random start under "adapters" (while "new_adapters" trained them)."""
+    model = _table_model(tok)
+    speech = load_preset("text_to_speech", "train", limit=8)
+    config = TrainConfig(**{**QUIET, "steps": 1, "warmup_steps": 0, "batch_size": 2}, trainable="adapters")
+    with Trainer(model, [speech], config, output_dir=str(tmp_path)) as trainer:
+        heads = {n: p.detach().clone() for n, p in model.named_parameters()
+                 if n.startswith(("frame_heads.", "stop_heads."))}
+        assert heads and all(p.requires_grad for n, p in model.named_parameters() if n in heads)
+        trainer.fit()
+    after = dict(model.named_parameters())
+    assert all(not torch.equal(before, after[n].detach()) for n, before in heads.items())
+
+
+def test_a_warm_up_longer_than_the_run_is_warned_of(tok, tmp_path, caplog):
+    """The rate never reached lr (0.5 of it at the last of 10 steps under the default 20 warm-up
+    steps) and never decayed, without a word."""
+    model = _table_model(tok)
+    tables = load_preset("table_species", "train", limit=8)
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        Trainer(model, [tables], TrainConfig(**{**QUIET, "steps": 10, "warmup_steps": 20}),
+                output_dir=str(tmp_path / "a")).close()
+    assert "warmup_steps=20 is longer than the run's steps=10: the learning rate reaches 0.5 of lr" in caplog.text
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        Trainer(model, [tables], TrainConfig(**{**QUIET, "steps": 10, "warmup_steps": 10}),
+                output_dir=str(tmp_path / "b")).close()
+    assert "warmup_steps" not in caplog.text
