@@ -172,6 +172,42 @@ def test_attribute_minus_dense_is_paired_by_seed_with_an_interval_and_a_t_test()
     assert _paired_difference({"dense": learned["dense"]}, "attribute", "dense") is None
 
 
+def _made_up_report(runs: list[dict], systems: tuple, seeds: tuple, classical: dict | None = None) -> dict:
+    """``build_report`` over made-up runs ``{"system", "seed", "scores"}`` of the tasks they score
+    (``l1`` lower-is-better, every task a classification task), no training."""
+    import types
+
+    from moe_gen.quality.report import build_report
+    from moe_gen.quality.runner import BenchConfig
+
+    metrics = {task: "l1" if task == "speech" else "accuracy" for r in runs for task in r["scores"]}
+    suite = [types.SimpleNamespace(name=name, modality="X", metric=metric, higher_is_better=metric != "l1",
+                                   classification=True) for name, metric in metrics.items()]
+    results = [{"tasks": list(r["scores"]), "parameters": 2, "active_parameters": 1, "seconds": 1.0, **r}
+               for r in runs]
+    return build_report(BenchConfig(systems=systems, seeds=seeds), suite, classical or {}, results, wall_seconds=1.0)
+
+
+def test_a_system_of_one_seed_shows_no_spread_beside_systems_of_three():
+    """A merged report whose attribute runs cover one seed of dense's three printed "± 0.000" for
+    attribute and a caption "over 3 seeds": a spread never measured, shown as zero."""
+    from moe_gen.quality.report import markdown
+
+    runs = [{"system": "specialist", "seed": seed, "scores": {"wine": 0.5}} for seed in (0, 1, 2)]
+    runs += [{"system": "dense", "seed": seed, "scores": {"wine": 0.25 * (seed + 1)}} for seed in (0, 1, 2)]
+    runs += [{"system": "attribute", "seed": 0, "scores": {"wine": 0.25}}]
+    text = markdown(_made_up_report(runs, ("dense", "attribute"), (0, 1, 2)))
+    assert "| wine | X | accuracy | — | — | — | 0.500 ± 0.000 | 0.500 ± 0.250 | 0.250 |" in text
+    assert ("mean over tasks (± sample std over each system's seeds: dense 3, attribute 1; a mean over one seed "
+            "has no ±):") in text
+    assert "| attribute | 0.500 | 0.500 | 0.500 |" in text and "| dense | 1.000 ± 0.500 | 1.000 ± 0.500 |" in text
+    alone = [r for r in runs if r["seed"] == 0]
+    assert "mean over tasks (one seed: no spread):" in markdown(_made_up_report(alone, ("dense", "attribute"), (0,)))
+    both = runs + [{"system": "attribute", "seed": seed, "scores": {"wine": 0.5}} for seed in (1, 2)]
+    assert "mean over tasks (± sample std over 3 seeds):" in markdown(_made_up_report(both, ("dense", "attribute"),
+                                                                                     (0, 1, 2)))
+
+
 def test_quick_report_shape(tmp_path):
     out = tmp_path / "quality"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

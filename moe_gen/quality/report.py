@@ -333,10 +333,27 @@ def _paired_summary(paired: Optional[dict]) -> str:
     return text + (f" (p = {paired['p_value']:.2g})" if paired["p_value"] is not None else "")
 
 
-def _cell(entry: Optional[dict], seeds: int) -> str:
+def _cell(entry: Optional[dict]) -> str:
+    """Mean ± sample std of ``entry``, the ± only where it rests on two values or more (in a merged
+    report one system may have run on fewer seeds than another: no spread was measured)."""
     if entry is None:
         return "—"
-    return f"{entry['mean']:.3f}" if seeds <= 1 else f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+    return f"{entry['mean']:.3f}" if len(entry["values"]) <= 1 else f"{entry['mean']:.3f} ± {entry['std']:.3f}"
+
+
+def _spread_words(report: dict) -> str:
+    """The summary table's caption words for its ±: the seeds each generalist's means rest on
+    (counted from their values, as ``_cell`` does, so the caption claims no more than a row has)."""
+    counts = {}
+    for s in report["systems"]:
+        entries = (report["mean_relative"].get(s), report.get("mean_relative_learned", {}).get(s))
+        if any(entries):
+            counts[s] = "/".join(str(n) for n in sorted({len(e["values"]) for e in entries if e}))
+    if len(set(counts.values())) > 1:
+        return ("± sample std over each system's seeds: " + ", ".join(f"{s} {n}" for s, n in counts.items())
+                + "; a mean over one seed has no ±")
+    n = next(iter(counts.values()), "1")
+    return "one seed: no spread" if n == "1" else f"± sample std over {n} seeds"
 
 
 def _learned_lines(report: dict) -> list[str]:
@@ -360,7 +377,7 @@ def _learned_lines(report: dict) -> list[str]:
     return lines
 
 
-def _system_rows(report: dict, seeds: int) -> list[str]:
+def _system_rows(report: dict) -> list[str]:
     """The per-system summary table: relative scores, parameters, worst task vs classical."""
     lines = ["| system | mean relative score | mean, tasks the specialist learned | median over tasks | "
              "parameters (total) | without unrouted experts (every modality's adapters counted) | "
@@ -373,8 +390,8 @@ def _system_rows(report: dict, seeds: int) -> list[str]:
         worst = min(versus.items(), key=lambda kv: kv[1]) if versus else None
         median = report.get("median_relative", {}).get(s)
         learned = report.get("mean_relative_learned", {}).get(s)
-        lines.append(f"| {s} | {_cell(rel, seeds) if rel else '1 (reference)' if s == 'specialist' else '—'} | "
-                     f"{'1' if s == 'specialist' else _cell(learned, seeds) if learned else '—'} | "
+        lines.append(f"| {s} | {_cell(rel) if rel else '1 (reference)' if s == 'specialist' else '—'} | "
+                     f"{'1' if s == 'specialist' else _cell(learned) if learned else '—'} | "
                      f"{'1' if s == 'specialist' else '—' if median is None else f'{median:.3f}'} | "
                      f"{params.get('total', 0):,}{' (all tasks)' if s == 'specialist' else ''} | "
                      f"{params.get('active', 0):,} | {f'{worst[0]} {worst[1]:.2f}' if worst else '—'} |")
@@ -384,7 +401,6 @@ def _system_rows(report: dict, seeds: int) -> list[str]:
 def markdown(report: dict) -> str:
     """The report as Markdown: the task × system table, then the summary lines."""
     systems = report["systems"]
-    seeds = len(report["config"]["seeds"])
     extra = [FROZEN_STATES] if any(FROZEN_STATES in base for base in report["classical"].values()) else []
     header = ["task", "input", "metric", *CLASSICAL, *extra, *systems]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * 3 + "---:|" * (len(header) - 3)]
@@ -393,11 +409,11 @@ def markdown(report: dict) -> str:
         base = report["classical"].get(name, {})
         row = [name, task["modality"], task["metric"] + ("" if task["higher_is_better"] else " ↓")]
         row += [f"{base[c]:.3f}" if c in base else "—" for c in CLASSICAL + tuple(extra)]
-        row += [_cell(report["scores"][s].get(name), seeds) for s in systems]
+        row += [_cell(report["scores"][s].get(name)) for s in systems]
         lines.append("| " + " | ".join(row) + " |")
     lines += ["", "Relative score (generalist / specialist; > 1: the generalist is better), mean over tasks "
-              f"(± sample std over {seeds} seed{'s' if seeds > 1 else ''}):", ""]
-    lines += _system_rows(report, seeds)
+              f"({_spread_words(report)}):", ""]
+    lines += _system_rows(report)
     if report["no_relative_score"]:
         lines += ["", "No relative score (a zero denominator: the specialist scored 0 on a higher-is-better metric, or "
                   f"a generalist had no error on a lower-is-better one): {', '.join(report['no_relative_score'])}."]
