@@ -208,6 +208,28 @@ def test_a_system_of_one_seed_shows_no_spread_beside_systems_of_three():
                                                                                      (0, 1, 2)))
 
 
+def test_a_task_one_generalist_has_no_ratio_on_leaves_every_generalists_mean():
+    """Attribute without error on speech (lower is better) on seed 0 left speech out of its own means
+    only: dense's kept it, and attribute − dense (-50 points on every seed) compared means over other
+    tasks, a system penalised for being better."""
+    from moe_gen.quality.report import markdown
+
+    runs = []
+    for seed in (0, 1):
+        runs += [{"system": "specialist", "seed": seed, "scores": {"digits": 0.8, "speech": 0.5}},
+                 {"system": "dense", "seed": seed, "scores": {"digits": 0.8, "speech": 0.25}},
+                 {"system": "attribute", "seed": seed, "scores": {"digits": 0.8, "speech": 0.25 * seed}}]
+    report = _made_up_report(runs, ("dense", "attribute"), (0, 1))
+    assert report["no_relative_score"] == ["speech"]
+    assert report["attribute_minus_dense_learned"]["points"] == pytest.approx([0.0, 0.0])
+    assert report["criteria"]["attribute_minus_dense_points"] == pytest.approx(0.0)
+    for key in ("mean_relative", "mean_relative_learned"):
+        assert {s: (m["mean"], m["tasks"]) for s, m in report[key].items()} == {
+            "dense": (1.0, ["digits"]), "attribute": (1.0, ["digits"])}, key
+    assert report["relative"]["dense"]["speech"] == pytest.approx(2.0)  # the per-task ratio stays
+    assert "so left out of every generalist's mean over tasks: speech." in markdown(report)
+
+
 def test_quick_report_shape(tmp_path):
     out = tmp_path / "quality"
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}

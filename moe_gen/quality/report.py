@@ -5,7 +5,8 @@ expert utilisation of every MoE layer; written as JSON, Markdown and a PNG.
 Relative score of a generalist on a task: generalist / specialist for higher-is-better metrics,
 specialist / generalist for errors and losses (so > 1 means the generalist is better), on the
 seed means. A task whose denominator is 0 has no relative score and is listed as such. The mean
-relative score of a seed averages that seed's generalist scores over the seed-mean specialists.
+relative score of a seed averages that seed's generalist scores over the seed-mean specialists, on
+the tasks every generalist has a relative score on, on every seed: one task set for every system.
 """
 
 from __future__ import annotations
@@ -44,27 +45,54 @@ def learned(metric: str, higher_is_better: bool, specialist_score: float) -> boo
 
 def _learned_mean(suite, systems, raw: dict, scores: dict) -> dict:
     """Per system: the mean relative score over the tasks whose specialist learned them (``learned``)
-    and that have a relative score on every seed, mean ± spread over seeds."""
+    and that every generalist has a relative score on, on every seed (``_seed_ratios``), mean ±
+    spread over seeds, with the seeds and those tasks (the same for every system)."""
     specialist = scores.get("specialist", {})
-    kept = [t for t in suite if t.name in specialist and learned(t.metric, t.higher_is_better,
-                                                                 specialist[t.name]["mean"])]
-    out = {}
+    ratios, excluded = _seed_ratios(suite, systems, raw, scores)
+    tasks = [t.name for t in _common_tasks(suite, ratios, excluded)
+             if learned(t.metric, t.higher_is_better, specialist[t.name]["mean"])]
+    return {s: mean for s in ratios if (mean := _mean_over_tasks(ratios[s], tasks))}
+
+
+def _seed_ratios(suite, systems, raw: dict, scores: dict) -> tuple[dict, set]:
+    """Per generalist and task, each seed's relative score to the specialist's seed mean; and the
+    tasks some generalist has no relative score on, on some seed (a zero denominator). Those leave
+    every generalist's means over tasks, not only that one's: the means, and attribute − dense on
+    them, average the same tasks (and no generalist is marked down for having no error on one)."""
+    specialist = scores.get("specialist", {})
+    ratios: dict[str, dict[str, dict]] = {}
+    excluded = set()
     for s in systems:
-        if s == "specialist":
+        if s == "specialist" or not specialist:
             continue
-        per_seed: dict[int, list[float]] = {}
-        tasks = []
-        for t in kept:
-            rels = _seed_relatives(raw[s][t.name], specialist[t.name]["mean"], t.higher_is_better)
-            if rels is None:
-                continue
-            tasks.append(t.name)
-            for seed, rel in rels.items():
-                per_seed.setdefault(seed, []).append(rel)
-        if per_seed:
-            out[s] = {**_mean_std([statistics.fmean(v) for _, v in sorted(per_seed.items())]),
-                      "seeds": sorted(per_seed), "tasks": tasks}
-    return out
+        ratios[s] = {}
+        for t in suite:
+            if t.name in specialist and t.name in scores[s]:
+                rels = _seed_relatives(raw[s][t.name], specialist[t.name]["mean"], t.higher_is_better)
+                if rels is None:
+                    excluded.add(t.name)
+                else:
+                    ratios[s][t.name] = rels
+    return ratios, excluded
+
+
+def _common_tasks(suite, ratios: dict, excluded: set) -> list:
+    """The suite tasks every generalist of ``ratios`` has relative scores on, less ``excluded`` (none
+    without generalists)."""
+    return [t for t in suite if ratios and t.name not in excluded and all(t.name in r for r in ratios.values())]
+
+
+def _mean_over_tasks(ratios: dict, tasks: list[str]) -> Optional[dict]:
+    """Per seed, the mean over ``tasks`` of ``ratios`` (task → {seed: relative score}); their mean ±
+    spread over seeds, with the seeds and tasks (None without tasks)."""
+    per_seed: dict[int, list[float]] = {}
+    for name in tasks:
+        for seed, rel in ratios[name].items():
+            per_seed.setdefault(seed, []).append(rel)
+    if not per_seed:
+        return None
+    return {**_mean_std([statistics.fmean(v) for _, v in sorted(per_seed.items())]), "seeds": sorted(per_seed),
+            "tasks": list(tasks)}
 
 
 def _relative(score: float, reference: float, higher_is_better: bool) -> Optional[float]:
@@ -207,30 +235,16 @@ def _fit_lines(report: dict) -> list[str]:
 
 
 def _relative_to_specialists(suite, systems, raw: dict, scores: dict):
-    """Each system's score relative to the specialist's, per task and as a mean over tasks (its
-    spread over seeds); and the tasks where no relative score exists."""
-    by_task = {t.name: t for t in suite}
+    """Each generalist's score relative to the specialist's, per task (on the seed means), and as a
+    mean over the tasks every generalist has a relative score on, on every seed (its spread over
+    seeds); and the tasks left out of those means for a zero denominator (``_seed_ratios``)."""
     specialist = scores.get("specialist", {})
-    relative, mean_relative, excluded = {}, {}, set()
-    for s in systems:
-        if s == "specialist" or not specialist:
-            continue
-        relative[s] = {}
-        per_seed: dict[int, list[float]] = {}
-        for name, task in by_task.items():
-            if name not in specialist or name not in scores[s]:
-                continue
-            rel = _relative(scores[s][name]["mean"], specialist[name]["mean"], task.higher_is_better)
-            relative[s][name] = rel
-            rels = _seed_relatives(raw[s][name], specialist[name]["mean"], task.higher_is_better)
-            if rel is None or rels is None:
-                excluded.add(name)
-                continue
-            for seed, seed_rel in rels.items():
-                per_seed.setdefault(seed, []).append(seed_rel)
-        seed_means = [statistics.fmean(v) for _, v in sorted(per_seed.items()) if v]
-        if seed_means:
-            mean_relative[s] = _mean_std(seed_means)
+    ratios, excluded = _seed_ratios(suite, systems, raw, scores)
+    relative = {s: {t.name: _relative(scores[s][t.name]["mean"], specialist[t.name]["mean"], t.higher_is_better)
+                    for t in suite if t.name in specialist and t.name in scores[s]} for s in ratios}
+    excluded |= {name for rel in relative.values() for name, value in rel.items() if value is None}
+    tasks = [t.name for t in _common_tasks(suite, ratios, excluded)]
+    mean_relative = {s: mean for s in ratios if (mean := _mean_over_tasks(ratios[s], tasks))}
     return relative, mean_relative, excluded
 
 
@@ -363,8 +377,8 @@ def _learned_lines(report: dict) -> list[str]:
         return []
     left_out = [t["name"] for t in report["tasks"] if any(t["name"] not in m["tasks"] for m in learned.values())]
     lines = ["", f"The second mean leaves out tasks whose specialist scored below {SPECIALIST_FLOOR} of the "
-             f"metric's range (or has no score, or a generalist had no error on a lower-is-better metric): "
-             f"{', '.join(left_out) or 'none'}."]
+             f"metric's range (or has no score, or a generalist had no error on a lower-is-better metric; left out "
+             f"for every system): {', '.join(left_out) or 'none'}."]
     paired = report.get("attribute_minus_dense_learned")
     if paired:
         per_seed = ", ".join(f"{d:+.1f} (seed {seed})" for seed, d in zip(paired["seeds"], paired["points"]))
@@ -416,7 +430,8 @@ def markdown(report: dict) -> str:
     lines += _system_rows(report)
     if report["no_relative_score"]:
         lines += ["", "No relative score (a zero denominator: the specialist scored 0 on a higher-is-better metric, or "
-                  f"a generalist had no error on a lower-is-better one): {', '.join(report['no_relative_score'])}."]
+                  "a generalist had no error on a lower-is-better one, on some seed), so left out of every "
+                  f"generalist's mean over tasks: {', '.join(report['no_relative_score'])}."]
     lines += _learned_lines(report)
     lines += _fit_lines(report)
     lines += _error_lines(report)
