@@ -14,6 +14,7 @@ import pytest
 from moe_gen.quality.suite import SUITE
 from moe_gen.quality.transfer import (
     TransferConfig,
+    _counted,
     _retained,
     build_transfer_report,
     finetuning_mixture,
@@ -30,17 +31,43 @@ def test_retained_share_counts_learned_tasks_and_inverts_losses():
     after = {"a": 0.4, "unlearned": 0.0, "loss": 1.0}
     suite = {name: types.SimpleNamespace(metric=metric, higher_is_better=metric != "l1")
              for name, metric in (("a", "accuracy"), ("unlearned", "accuracy"), ("loss", "l1"))}
-    share, kept = _retained(before, after, suite)
+    kept = _counted([{"before": before, "after": {"held": after}}], "held", suite)
     # a keeps half its accuracy; the loss doubled, so it keeps half too; the unlearned task is not counted
-    assert kept == ["a", "loss"] and share == pytest.approx(0.5)
+    assert kept == ["a", "loss"] and _retained(before, after, suite, kept) == pytest.approx(0.5)
 
 
 def test_a_percent_metric_counts_as_learned_by_its_range():
     """ROUGE-L, BLEU and chrF run 0-100: a specialist at 0.5 (0.5%) had passed the 0.1 floor."""
     suite = {"summary": types.SimpleNamespace(metric="rouge_l", higher_is_better=True),
              "a": types.SimpleNamespace(metric="accuracy", higher_is_better=True)}
-    share, kept = _retained({"summary": 0.5, "a": 0.8}, {"summary": 5.0, "a": 0.8}, suite)
-    assert kept == ["a"] and share == pytest.approx(1.0)
+    before, after = {"summary": 0.5, "a": 0.8}, {"summary": 5.0, "a": 0.8}
+    kept = _counted([{"before": before, "after": {"held": after}}], "held", suite)
+    assert kept == ["a"] and _retained(before, after, suite, kept) == pytest.approx(1.0)
+
+
+def test_every_system_and_seed_keeps_its_share_of_the_same_tasks():
+    """Attribute had learned counting before fine-tuning and dense had not: attribute's share averaged
+    a task it then forgot, dense's did not, and attribute came out 50 points worse at keeping what it
+    knew under a line naming dense's one task."""
+    cfg = TransferConfig(held=("table_wine",), systems=("dense", "attribute"), seeds=(0, 1), finetune_steps=(10,))
+    after = {"table_wine": {"digit_classification": 0.9, "digit_counting": 0.0, "text_to_speech": 0.0}}
+    results = [_run(system, seed, {"table_wine": {"10": 0.5}},
+                    {"digit_classification": 0.9, "digit_counting": counting, "text_to_speech": 0.5}, after)
+               for system, counting in (("dense", 0.05), ("attribute", 0.8)) for seed in (0, 1)]
+    report = build_transfer_report(cfg, results, wall_seconds=1.0)
+    retained = report["retained"]["table_wine"]
+    # text_to_speech has no error after fine-tuning: no ratio, so no system counts it either
+    assert retained["dense"]["tasks"] == retained["attribute"]["tasks"] == ["digit_classification"]
+    assert retained["attribute"]["mean"] == retained["dense"]["mean"] == pytest.approx(1.0)
+    assert retained["attribute_minus_dense"]["points"] == pytest.approx([0.0, 0.0])
+    assert ("mean over the 1 tasks that every system and seed scored ≥ 0.1 of their metric's range on before "
+            "fine-tuning: digit_classification): dense 1.000 ± 0.000, attribute 1.000 ± 0.000;") in transfer_markdown(
+        report)
+    unlearned = [{**r, "before": {**r["before"], "digit_classification": 0.05}} for r in results]
+    report = build_transfer_report(cfg, unlearned, wall_seconds=1.0)
+    assert report["retained"]["table_wine"]["dense"] is None and "| digit_counting |" in transfer_markdown(report)
+    assert "no pretraining task scored ≥ 0.1 of its metric's range before on every system and seed" in (
+        transfer_markdown(report))
 
 
 def _run(system, seed, finetuned, before=None, after=None):

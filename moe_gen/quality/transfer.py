@@ -20,7 +20,8 @@ Protocol (one job per generalist system × seed, one per seed for the specialist
 The report gives, per held task and budget, each system's held-out score (mean ± std over seeds)
 with its paired difference to the specialist from scratch, and per held task how much of the
 pretraining tasks' scores each generalist kept (*retained*: the mean over those tasks of after /
-before, lower-is-better metrics inverted, over tasks that scored as learned before: ``report.learned``),
+before, lower-is-better metrics inverted, over the tasks every system and seed scored as learned
+before, ``report.learned``: one task set for all, so systems are compared on the same tasks),
 with attribute − dense paired by seed; and, per replay variant, its difference to fine-tuning
 without replay (held-out score per budget, and the share kept), paired by seed.
 """
@@ -246,14 +247,22 @@ def run_transfer(cfg: TransferConfig, *, say=print) -> dict:
     return report
 
 
-def _retained(before: dict, after: dict, suite: dict) -> tuple[Optional[float], list[str]]:
-    """Mean over the tasks that scored as learned before (``report.learned``: every lower-is-better
-    task) of after / before (before / after when lower is better), and those tasks; ``suite`` maps
-    task names to their ``SuiteTask``."""
-    kept = [n for n in before if learned(suite[n].metric, suite[n].higher_is_better, before[n])]
-    ratios = [_relative(after[n], before[n], suite[n].higher_is_better) for n in kept]
-    ratios = [r for r in ratios if r is not None]
-    return (statistics.fmean(ratios) if ratios else None), kept
+def _counted(runs: list[dict], held: str, suite: dict) -> list[str]:
+    """The pretraining tasks whose share kept after fine-tuning on ``held`` counts, one set for every
+    system and seed of ``runs``: those every run scored as learned before (``report.learned``: every
+    lower-is-better task) and that have a ratio after / before in every run (a lower-is-better task
+    without error after has none). ``suite`` maps task names to their ``SuiteTask``."""
+    def counts(run, n):
+        task = suite[n]
+        return (learned(task.metric, task.higher_is_better, run["before"][n])
+                and _relative(run["after"][held][n], run["before"][n], task.higher_is_better) is not None)
+
+    return [n for n in (runs[0]["before"] if runs else ()) if all(counts(r, n) for r in runs)]
+
+
+def _retained(before: dict, after: dict, suite: dict, tasks: list[str]) -> float:
+    """Mean over ``tasks`` (``_counted``) of after / before (before / after when lower is better)."""
+    return statistics.fmean(_relative(after[n], before[n], suite[n].higher_is_better) for n in tasks)
 
 
 def _by_seed(values: dict) -> dict:
@@ -263,19 +272,18 @@ def _by_seed(values: dict) -> dict:
 
 
 def _forgetting(cfg: TransferConfig, results: list[dict], held: str, suite: dict) -> tuple[dict, dict]:
-    """For ``held``: per system the retained share (mean ± std over seeds, with the tasks counted)
-    and attribute − dense on it paired by seed; and per system and pretraining task the change of
-    score (after − before)."""
+    """For ``held``: per system the retained share (mean ± std over seeds) over the tasks counted for
+    every system and seed alike (``_counted``; under ``"tasks"``), and attribute − dense on it paired
+    by seed; and per system and pretraining task the change of score (after − before)."""
     retained: dict = {}
     changes: dict = {}
     by_seed: dict = {}
-    for s in variants(cfg):
-        runs = [r for r in results if r["system"] == s]
+    runs_of = {s: [r for r in results if r["system"] == s] for s in variants(cfg)}
+    counted = _counted([r for runs in runs_of.values() for r in runs], held, suite)
+    for s, runs in runs_of.items():
         if not runs:
             continue
-        per_seed = {r["seed"]: _retained(r["before"], r["after"][held], suite) for r in runs}
-        by_seed[s] = {seed: value for seed, (value, _) in per_seed.items() if value is not None}
-        counted = list(dict.fromkeys(n for _, tasks in per_seed.values() for n in tasks))  # counted on any seed
+        by_seed[s] = {r["seed"]: _retained(r["before"], r["after"][held], suite, counted) for r in runs if counted}
         retained[s] = {**_mean_std(list(by_seed[s].values())), "tasks": counted} if by_seed[s] else None
         changes[s] = {n: _mean_std([r["after"][held][n] - r["before"][n] for r in runs]) for n in runs[0]["before"]}
     pair = ("attribute", "dense")
@@ -363,14 +371,10 @@ def _held_lines(report: dict, held: str) -> list[str]:
         cells = [_cell(scores[s].get(b)) + ("" if s == "specialist" else _difference(versus.get(s, {}).get(b)))
                  for s in systems]
         lines.append(f"| {b} | " + " | ".join(cells) + " |")
-    retained = report["retained"][held]
-    generalists = [s for s in systems if s != "specialist" and retained.get(s)]
+    changes = report["changes"][held]
+    generalists = [s for s in systems if s != "specialist" and s in changes]
     if generalists:
-        counted = retained[generalists[0]]["tasks"]
-        lines += ["", f"Pretraining tasks' scores kept after {budgets[-1]} steps on {held} alone (after / before, "
-                  f"mean over the {len(counted)} tasks scoring ≥ {SPECIALIST_FLOOR} of their metric's range before): "
-                  + ", ".join(f"{s} {_cell(retained[s])}" for s in generalists) + _versus_dense(retained) + ".", ""]
-        changes = report["changes"][held]
+        lines += ["", _kept_line(report, held, generalists), ""]
         lines += ["| task | " + " | ".join(f"{s} before → change" for s in generalists) + " |",
                   "|---|" + "---:|" * len(generalists)]
         for name in changes[generalists[0]]:
@@ -380,6 +384,20 @@ def _held_lines(report: dict, held: str) -> list[str]:
                 row.append(f"{before:.3f} → {changes[s][name]['mean']:+.3f}")
             lines.append(f"| {name} | " + " | ".join(row) + " |")
     return lines + [""] + _replay_lines(report, held)
+
+
+def _kept_line(report: dict, held: str, generalists: list[str]) -> str:
+    """How much of the pretraining tasks' scores each generalist kept, over the tasks counted for
+    every system and seed (named)."""
+    retained = report["retained"][held]
+    counted = next((retained[s]["tasks"] for s in generalists if retained.get(s)), [])
+    line = f"Pretraining tasks' scores kept after {report['budgets'][-1]} steps on {held} alone (after / before"
+    if not counted:
+        return line + (f"): no pretraining task scored ≥ {SPECIALIST_FLOOR} of its metric's range before on every "
+                       "system and seed.")
+    return (line + f", mean over the {len(counted)} tasks that every system and seed scored ≥ {SPECIALIST_FLOOR} of "
+            f"their metric's range on before fine-tuning: {', '.join(counted)}): "
+            + ", ".join(f"{s} {_cell(retained.get(s))}" for s in generalists) + _versus_dense(retained) + ".")
 
 
 def _replay_lines(report: dict, held: str) -> list[str]:
