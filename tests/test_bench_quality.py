@@ -759,7 +759,10 @@ def test_command_line_refuses_what_the_bench_config_refuses(monkeypatch, capsys)
     bench = _bench_script(monkeypatch)
     parser = bench.make_parser()
     for argv, message in ((["--pose-noise", "1"], "it needs pose_summary"),
-                          (["--lr-scale", "adapters.bag_of_words"], "--lr-scale takes PREFIX=SCALE")):
+                          (["--lr-scale", "adapters.bag_of_words"], "--lr-scale takes PREFIX=SCALE"),
+                          # a repeat ran every job twice and the report counted the copies as other seeds
+                          (["--seeds", "0", "1", "0"], "BenchConfig.seeds names 0 more than once"),
+                          (["--systems", "dense", "attribute", "dense"], "BenchConfig.systems names dense more than")):
         with pytest.raises(SystemExit) as exit_info:
             bench.config_from_args(parser, parser.parse_args(argv))
         assert exit_info.value.code == 2

@@ -176,6 +176,9 @@ def test_reports_of_other_seeds_and_replay_shares_merge_into_one(tmp_path):
     ({"replay": (0.25, 0.25)}, "TransferConfig.replay"),
     ({"replay": ()}, "TransferConfig.replay"),
     ({"eval_limit": 0}, "TransferConfig.eval_limit must be >= 1"),
+    ({"seeds": (1, 1)}, "TransferConfig.seeds names 1 more than once"),
+    ({"held": ("table_wine", "table_wine")}, "TransferConfig.held names table_wine more than once"),
+    ({"systems": ("dense", "attribute", "dense")}, "TransferConfig.systems names dense more than once"),
 ])
 def test_config_refuses_what_it_cannot_run(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -148,12 +148,7 @@ class BenchConfig:
     output_dir: str = "bench_results/quality"
 
     def __post_init__(self) -> None:
-        unknown = [s for s in self.systems if s not in GENERALISTS + EXTRA_SYSTEMS]
-        if unknown:
-            known = ", ".join(GENERALISTS + EXTRA_SYSTEMS)
-            raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {known}")
-        if not self.seeds:
-            raise ValueError("BenchConfig.seeds must name at least one seed")
+        self._check_runs()
         from moe_gen.objectives import LOSS_AVERAGES
 
         if self.loss_average not in LOSS_AVERAGES:
@@ -200,6 +195,20 @@ class BenchConfig:
         if self.mixing not in ("temperature", "uniform"):
             raise ValueError(f"BenchConfig.mixing must be 'temperature' or 'uniform', got {self.mixing!r}")
 
+    def _check_runs(self) -> None:
+        """The systems and seeds: known systems, at least one seed, none named twice (a repeat would
+        train every job twice, and the report would count the copies as runs of other seeds)."""
+        unknown = [s for s in self.systems if s not in GENERALISTS + EXTRA_SYSTEMS]
+        if unknown:
+            known = ", ".join(GENERALISTS + EXTRA_SYSTEMS)
+            raise ValueError(f"unknown system(s) {', '.join(unknown)}; known: {known}")
+        if not self.seeds:
+            raise ValueError("BenchConfig.seeds must name at least one seed")
+        for name in ("systems", "seeds"):
+            if twice := repeated(getattr(self, name)):
+                raise ValueError(f"BenchConfig.{name} names {', '.join(map(str, twice))} more than once; name each "
+                                 "once")
+
     def _check_model_options(self) -> None:
         """The model options: expert width, upcycling, routed attention, a shared expert."""
         if self.expert_hidden is not None and self.expert_hidden < 1:
@@ -225,6 +234,11 @@ class BenchConfig:
         if not 1 <= self.upcycle_top_k <= self.num_experts:
             raise ValueError(f"BenchConfig.upcycle_top_k must be in [1, num_experts = {self.num_experts}], "
                              f"got {self.upcycle_top_k}")
+
+
+def repeated(values: Sequence) -> list:
+    """The values that ``values`` holds more than once, in order of first appearance."""
+    return [v for v, n in collections.Counter(values).items() if n > 1]
 
 
 def _model_config(cfg: BenchConfig, system: str):

@@ -87,12 +87,16 @@ class TransferConfig:
     output_dir: str = "bench_results/transfer"
 
     def __post_init__(self) -> None:
-        from moe_gen.quality.runner import EXTRA_SYSTEMS, GENERALISTS
+        from moe_gen.quality.runner import EXTRA_SYSTEMS, GENERALISTS, repeated
         from moe_gen.quality.suite import SUITE
         from moe_gen.trainer.config import TRAINABLE
 
         self.held, self.systems = tuple(self.held), tuple(self.systems)
         self.seeds, self.finetune_steps = tuple(self.seeds), tuple(int(s) for s in self.finetune_steps)
+        for name in ("held", "systems", "seeds"):  # a repeat would run its jobs twice, counted as other runs
+            if twice := repeated(getattr(self, name)):
+                raise ValueError(f"TransferConfig.{name} names {', '.join(map(str, twice))} more than once; name "
+                                 "each once")
         suite = [t.name for t in SUITE]
         unknown = [n for n in self.held if n not in suite]
         if not self.held or unknown:
