@@ -80,6 +80,11 @@ def test_the_95_percent_criterion_is_also_read_against_the_baseline_cross_valida
                      "training rows on 2 of 2; below on: none",
                      "  - digits: cross-validation picks knn (0.750 against 0.700 for logreg), held out 0.800 "
                      "against 0.900"]
+    # the majority class is never cross-validated: its line says so instead of printing nan
+    spoken = {"spoken": {"majority": 1.0, "logreg": 0.75, "knn": 0.5, "cv": {"logreg": 0.892, "knn": 0.7}}}
+    assert _cv_criterion_lines({"criteria": criteria, "classical": spoken})[1] == (
+        "  - spoken: cross-validation picks logreg (0.892; majority has no cross-validated score), held out 0.750 "
+        "against 1.000")
     del classical["digits"]["cv"], classical["wine"]["cv"]  # a report made before: no such line
     by_cv = _versus_classical(scores, classical, by_cv=True)
     assert by_cv == {} and _cv_criterion_lines(

@@ -485,9 +485,11 @@ def _cv_criterion_lines(report: dict) -> list[str]:
     for name, base in report["classical"].items():
         pick, best = cv_choice(base), max(CLASSICAL, key=lambda k: base[k])
         if pick is not None and base[pick] < base[best]:
-            lines.append(f"  - {name}: cross-validation picks {pick} ({base['cv'][pick]:.3f} against "
-                         f"{base['cv'].get(best, float('nan')):.3f} for {best}), held out {base[pick]:.3f} "
-                         f"against {base[best]:.3f}")
+            # cross-validation scores the models it can pick (logreg, knn): never the majority class
+            versus = (f" against {base['cv'][best]:.3f} for {best}" if best in base["cv"] else
+                      f"; {best} has no cross-validated score")
+            lines.append(f"  - {name}: cross-validation picks {pick} ({base['cv'][pick]:.3f}{versus}), held out "
+                         f"{base[pick]:.3f} against {base[best]:.3f}")
     return lines
 
 
