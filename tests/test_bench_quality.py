@@ -72,7 +72,7 @@ def test_the_95_percent_criterion_is_also_read_against_the_baseline_cross_valida
     versus, by_cv = _versus_classical(scores, classical), _versus_classical(scores, classical, by_cv=True)
     assert versus == pytest.approx({"digits": 0.80 / 0.90, "wine": 0.96})
     assert by_cv == pytest.approx({"digits": 1.0, "wine": 0.96})  # digits: k-NN's held-out 0.80 is the bar
-    criteria = _criteria(classical, {"attribute": versus}, {"attribute": by_cv}, {}, {})
+    criteria = _criteria(classical, {"attribute": scores}, {"attribute": versus}, {}, {})
     assert criteria["attribute_below_95pct_of_classical_on"] == ["digits"]
     assert criteria["attribute_reaches_95pct_of_cv_choice_on"] == ["digits", "wine"]
     lines = _cv_criterion_lines({"criteria": criteria, "classical": classical})
@@ -88,8 +88,26 @@ def test_the_95_percent_criterion_is_also_read_against_the_baseline_cross_valida
     del classical["digits"]["cv"], classical["wine"]["cv"]  # a report made before: no such line
     by_cv = _versus_classical(scores, classical, by_cv=True)
     assert by_cv == {} and _cv_criterion_lines(
-        {"criteria": _criteria(classical, {"attribute": versus}, {"attribute": by_cv}, {}, {}),
+        {"criteria": _criteria(classical, {"attribute": scores}, {"attribute": versus}, {}, {}),
          "classical": classical}) == []
+
+
+def test_a_classical_bar_of_zero_is_reached_by_any_score():
+    """Every classical baseline at 0 on the scored rows gave no ratio, counted as 0: a generalist at 0.5
+    was listed as below 95% of the best classical baseline, and the minimum ratio became 0."""
+    from moe_gen.quality.report import markdown
+
+    classical = {"b": {"majority": 0.0, "logreg": 0.0, "knn": 0.0, "cv": {"logreg": 0.0, "knn": 0.0}},
+                 "c": {"majority": 0.5, "logreg": 1.0, "knn": 0.5, "cv": {"logreg": 0.9, "knn": 0.8}}}
+    runs = [{"system": "attribute", "seed": 0, "scores": {"b": 0.5, "c": 0.9}}]
+    report = _made_up_report(runs, ("attribute",), (0,), classical)
+    criteria = report["criteria"]
+    assert report["versus_classical"]["attribute"] == {"b": None, "c": pytest.approx(0.9)}
+    assert criteria["attribute_reaches_95pct_of_classical_on"] == ["b"]
+    assert criteria["attribute_below_95pct_of_classical_on"] == ["c"]
+    assert criteria["attribute_reaches_95pct_of_cv_choice_on"] == ["b"]
+    assert criteria["attribute_vs_best_classical_min"] == pytest.approx(0.9)  # b has no ratio, not 0
+    assert "≥ 95% of the best classical baseline on 1 of 2 classification tasks; below on: c" in markdown(report)
 
 
 def test_relative_score_direction():
