@@ -27,6 +27,7 @@ from moe_gen.quality.runner import (  # noqa: E402
     EXTRA_SYSTEMS,
     GENERALISTS,
     BenchConfig,
+    SpecialistsFromError,
     default_output,
     merge_reports,
     run_benchmark,
@@ -122,7 +123,10 @@ def main(argv=None) -> int:
         return 0
 
     config = config_from_args(parser, args)
-    report = run_benchmark(config, say=lambda line: print(line, flush=True))
+    try:
+        report = run_benchmark(config, say=lambda line: print(line, flush=True))
+    except SpecialistsFromError as exc:  # refused before any model trains, as --merge refuses its reports
+        parser.error(str(exc))
     print()
     print(markdown(report))
     print(f"written to {config.output_dir}/quality.{{json,md,png}}")

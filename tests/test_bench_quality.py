@@ -792,6 +792,40 @@ def test_command_line_refuses_what_the_bench_config_refuses(monkeypatch, capsys)
         assert message in capsys.readouterr().err
 
 
+def test_command_line_refuses_a_specialists_report_that_cannot_stand_in_as_a_usage_error(monkeypatch, tmp_path,
+                                                                                         capsys):
+    """A --specialists-from report of other settings ended in a traceback (exit 1), after the classical
+    baselines (40 s on the suite), where --merge answers the same kind of error as a usage error."""
+    from moe_gen.quality import baselines
+
+    bench = _bench_script(monkeypatch)
+    path = tmp_path / "earlier.json"
+    argv = ["--tasks", "table_wine", "--systems", "dense", "--seeds", "0", "--steps", "5", "--workers", "1",
+            "--specialists-from", str(path), "--out", str(tmp_path / "out")]
+
+    def refused(earlier, message):
+        path.write_text(earlier if isinstance(earlier, str) else json.dumps(earlier))
+        with pytest.raises(SystemExit) as exit_info:
+            bench.main(argv)
+        assert exit_info.value.code == 2 and message in capsys.readouterr().err
+
+    def fitted(*args, **kwargs):
+        raise AssertionError("the classical baselines were fitted before the refusal")
+
+    earlier = {"config": {**dataclasses.asdict(bench.BenchConfig()), "steps": 26}, "runs": [], "classical": {}}
+    with monkeypatch.context() as patch:  # these refusals come before anything trains
+        patch.setattr(baselines, "classical_scores", fitted)
+        refused(earlier, "trained its specialists with other settings: steps 26 there, 5 here")
+        refused("{", "earlier.json: not a readable quality.json")
+        earlier["config"]["steps"] = 5
+        refused(earlier, "has no specialist for table_wine seed 0")
+    # other classical baselines need this run's: refused after them, before any model trains
+    run = {"system": "specialist", "seed": 0, "tasks": ["table_wine"], "steps": 5, "scores": {"table_wine": 0.5}}
+    earlier.update(runs=[run], classical={"table_wine": {"majority": 0.0, "logreg": 0.0, "knn": 0.0}})
+    refused(earlier, "has other classical baselines for table_wine")
+    assert not (tmp_path / "out").exists()
+
+
 def test_wrong_answers_are_counted_per_pair_and_summed_over_seeds():
     from moe_gen.quality.report import _error_lines, _errors
     from moe_gen.quality.runner import held_out_errors

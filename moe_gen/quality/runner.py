@@ -32,7 +32,8 @@ from typing import Optional, Sequence
 
 from moe_gen.config import TAG_BALANCE
 
-__all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score", "specialist_steps"]
+__all__ = ["BenchConfig", "run_benchmark", "GENERALISTS", "train_and_score", "specialist_steps",
+           "SpecialistsFromError"]
 
 GENERALISTS = ("dense", "token", "modality", "task", "attribute", "hybrid")
 # systems trained only when named (``--systems``): the default table keeps its columns
@@ -452,37 +453,61 @@ SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "label_smoot
                        "pose_noise", "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads", "lr_scales")
 
 
+class SpecialistsFromError(ValueError):
+    """``BenchConfig.specialists_from`` cannot stand in for this run's specialists (other settings, a
+    missing run, other steps or classical baselines, an unreadable file): a user error, raised before
+    any model trains, that ``scripts/bench_quality.py`` answers as a usage error."""
+
+
 def reused_specialists(cfg: BenchConfig, per_task: dict[str, int], classical: Optional[dict] = None) -> list[dict]:
     """The specialist runs of ``cfg.specialists_from`` for the tasks of ``per_task`` (task → the
     steps its specialist takes here) and ``cfg.seeds``, marked ``reused_from``; raises
-    ``ValueError`` when that report was made with other specialist settings, lacks a run, trained
-    one for other steps (its task's share of another task set), or — given this run's
-    ``classical`` baselines — scored a task's classical baselines otherwise (other held-out rows:
-    ``--merge`` refuses the same)."""
+    ``SpecialistsFromError`` when that report cannot be read, was made with other specialist settings,
+    lacks a run, trained one for other steps (its task's share of another task set), or — given this
+    run's ``classical`` baselines (``check_reused_classical``) — scored a task's classical baselines
+    otherwise."""
     path = cfg.specialists_from
-    earlier = _read_report(path)
+    earlier = _specialists_report(path)
     config, runs = earlier["config"], earlier["runs"]
     defaults = dataclasses.asdict(BenchConfig())
     differ = [f"{k} {config.get(k, defaults[k])!r} there, {getattr(cfg, k)!r} here" for k in SPECIALIST_SETTINGS
               if config.get(k, defaults[k]) != getattr(cfg, k)]
     if differ:
-        raise ValueError(f"specialists_from {path!r} trained its specialists with other settings: {'; '.join(differ)}")
+        raise SpecialistsFromError(f"specialists_from {path!r} trained its specialists with other settings: "
+                                   f"{'; '.join(differ)}")
     if classical is not None:
-        theirs, ours = _held_out_scores(earlier["classical"]), _held_out_scores(classical)
-        other = sorted(n for n in per_task if n in theirs and n in ours and theirs[n] != ours[n])
-        if other:
-            raise ValueError(f"specialists_from {path!r} has other classical baselines for {', '.join(other)} "
-                             "(other held-out rows?): its specialists were scored on other rows")
+        check_reused_classical(cfg, classical, per_task, earlier)
     found = {(r["tasks"][0], r["seed"]): r for r in runs if r.get("system") == "specialist"}
     missing = [f"{n} seed {s}" for s in cfg.seeds for n in per_task if (n, s) not in found]
     if missing:
-        raise ValueError(f"specialists_from {path!r} has no specialist for {', '.join(missing)}")
+        raise SpecialistsFromError(f"specialists_from {path!r} has no specialist for {', '.join(missing)}")
     other_steps = sorted({f"{n} ({found[n, s]['steps']} steps there, {k} here)" for s in cfg.seeds
                           for n, k in per_task.items() if found[n, s]["steps"] != k})
     if other_steps:
-        raise ValueError(f"specialists_from {path!r} trained specialists for other steps, their tasks' shares of "
-                         f"another task set: {', '.join(other_steps)}")
+        raise SpecialistsFromError(f"specialists_from {path!r} trained specialists for other steps, their tasks' "
+                                   f"shares of another task set: {', '.join(other_steps)}")
     return [{**found[n, s], "reused_from": path} for s in cfg.seeds for n in per_task]
+
+
+def check_reused_classical(cfg: BenchConfig, classical: dict, names, earlier: Optional[dict] = None) -> None:
+    """Raises ``SpecialistsFromError`` when ``cfg.specialists_from`` (``earlier``: that report, if
+    already read) scored the classical baselines of a task of ``names`` otherwise than this run's
+    ``classical``: other held-out rows, so its specialists were scored on other rows (``--merge``
+    refuses the same)."""
+    path = cfg.specialists_from
+    theirs, ours = _held_out_scores((earlier or _specialists_report(path))["classical"]), _held_out_scores(classical)
+    other = sorted(n for n in names if n in theirs and n in ours and theirs[n] != ours[n])
+    if other:
+        raise SpecialistsFromError(f"specialists_from {path!r} has other classical baselines for {', '.join(other)} "
+                                   "(other held-out rows?): its specialists were scored on other rows")
+
+
+def _specialists_report(path: str) -> dict:
+    """The ``quality.json`` at ``path``; an unreadable one refused as ``SpecialistsFromError``."""
+    try:
+        return _read_report(path)
+    except ValueError as exc:
+        raise SpecialistsFromError(f"specialists_from: {exc}") from None
 
 
 def _jobs(cfg: BenchConfig, names: Sequence[str], per_task: dict[str, int]) -> list[dict]:
@@ -518,8 +543,9 @@ def _run_jobs(jobs: list[dict], workers: int, say) -> list[dict]:
 
 
 def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
-    """Runs every system and returns the report (also written to ``cfg.output_dir``)."""
-    from moe_gen.quality.baselines import FROZEN_STATES, classical_scores, frozen_states_score
+    """Runs every system and returns the report (also written to ``cfg.output_dir``); a
+    ``specialists_from`` that cannot stand in is refused (``SpecialistsFromError``) before any model
+    trains, and before the classical baselines unless it is theirs that differ."""
     from moe_gen.quality.report import build_report, write_report
     from moe_gen.quality.suite import suite_tasks
 
@@ -528,25 +554,35 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
                         pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
                         pose_min_length=cfg.pose_min_length)
     names = [t.name for t in suite]
-    classical, train_tasks = {}, []
-    for task in suite:
-        train_tasks.append(task.build("train"))
-        if task.classification:
-            train, test = train_tasks[-1], task.build("test")
-            scored = held_out(test, cfg.eval_limit)
-            classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))],
-                                                    [scored.data[i] for i in range(len(scored))])
-            if task.frozen_states:
-                classical[task.name][FROZEN_STATES] = frozen_states_score(task, train, scored)
-    say(f"classical baselines: {time.perf_counter() - start:.0f} s")
+    train_tasks = [task.build("train") for task in suite]
     per_task = specialist_steps(cfg, train_tasks)
-    reused = reused_specialists(cfg, per_task, classical) if cfg.specialists_from else []  # checked before any training
+    reused = reused_specialists(cfg, per_task) if cfg.specialists_from else []  # settings, runs and steps
+    classical = _classical_baselines(cfg, suite, train_tasks)
+    say(f"classical baselines: {time.perf_counter() - start:.0f} s")
+    if cfg.specialists_from:
+        check_reused_classical(cfg, classical, per_task)
     jobs = _jobs(cfg, names, per_task)
     jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
     results = _run_jobs(jobs, cfg.workers, say) + reused
     report = build_report(cfg, suite, classical, results, wall_seconds=time.perf_counter() - start)
     write_report(report, cfg.output_dir)
     return report
+
+
+def _classical_baselines(cfg: BenchConfig, suite, train_tasks) -> dict:
+    """Per classification task, the classical baselines' scores on its ``cfg.eval_limit`` held-out
+    rows (and the frozen-states one where the task has it)."""
+    from moe_gen.quality.baselines import FROZEN_STATES, classical_scores, frozen_states_score
+
+    classical = {}
+    for task, train in zip(suite, train_tasks):
+        if task.classification:
+            scored = held_out(task.build("test"), cfg.eval_limit)
+            classical[task.name] = classical_scores(task, [train.data[i] for i in range(len(train))],
+                                                    [scored.data[i] for i in range(len(scored))])
+            if task.frozen_states:
+                classical[task.name][FROZEN_STATES] = frozen_states_score(task, train, scored)
+    return classical
 
 
 # BenchConfig fields that may differ between reports merged into one: which seeds and systems ran,
