@@ -64,8 +64,9 @@ def test_a_bytes_target_is_scored_as_the_text_it_trains_on(tok):
     from moe_gen.trainer.evaluation import _reference
 
     task = Task("t", "[TEXT:q] -> [TEXT:a]", [{"q": "x", "a": "café au lait".encode()}])
-    plan = [p for p in task.plan(tok).templates[0][1] if p.decode is not None][0]
-    assert _reference(plan, "café au lait".encode(), tok) == "café au lait"  # was "b'caf\\xc3\\xa9 au lait'"
+    plan = task.plan(tok)
+    target = [p for p in plan.templates[0][1] if p.decode is not None][0]
+    assert _reference(plan, target, "café au lait".encode(), 0) == "café au lait"  # was "b'caf\\xc3\\xa9 au lait'"
 
 
 def test_values_that_are_no_label_do_not_join_the_label_set(tok):

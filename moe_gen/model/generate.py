@@ -576,7 +576,8 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
     ``text`` is the best candidate, ``scores`` all of them (retrieval, multiple choice).
     ``pass_name``: as in ``generate``; with ``masked`` a candidate is scored without EOS, which
     the masked objective never predicts. Raises ``ValueError`` for candidates ``check_search``
-    refuses (a single string, none, a task whose answer is not one text value)."""
+    refuses (a single string, none, a task whose answer is not one text value), ``TaskDataError``
+    for a candidate the target slot cannot encode (naming it)."""
     from moe_gen.tasks.modalities.text import slot_token_ids
 
     check_search(plan, candidates=candidates)
@@ -584,7 +585,10 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
     tok = model.tokenizer
     target = next(p for p in plan.templates[0][1] if p.loss)
     end = [] if pass_name == "masked" else [tok.eos_id]
-    encoded = [slot_token_ids(c, target.slot.attrs, tok) + end for c in candidates]  # as the slot trains its text
+    # each candidate as the slot trains its answers: a closed set's label pieces (as its trie holds
+    # them; a text outside the set too), free text by the slot's own preprocessor (a PHONE target's phones)
+    encoded = [(slot_token_ids(c, target.slot.attrs, tok) if target.decode.kind == "closed_set"
+                else plan.target_tokens(target, c, place=f"candidate {k}")) + end for k, c in enumerate(candidates)]
     # a closed set's label tokens are read over its labels alone, as training reads them (the
     # masked objective reads the whole vocabulary)
     grammar = None

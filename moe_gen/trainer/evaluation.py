@@ -1,20 +1,21 @@
 """Per-task evaluation: decode every row with ``model.infer`` and score it with the task's metrics.
 
-The reference of a single-target row is its scored decoder slot: the column's text for text and
-closed-set targets, the box for box targets, and the encoded target rows (the model's own feature
-space) for continuous targets (audio, motion). Detection (a repetition group with one box slot,
-e.g. ``( [BOX:boxes] [TEXT:labels] )*``) compares per row the lists of ``(box, label)`` pairs of
-the prediction's items and of the row (``detection_f1``). Other tasks with several target slots
-compare ``Prediction.targets`` with the row's target columns, as dicts (a box as its location
-bins decode on the row's image, as a right answer does): ``accuracy`` and ``exact_match`` compare
-the dicts value by value; a metric of text (BLEU, chrF, ROUGE-L, WER, ...: ``TEXT_METRICS``) is
-computed per text column outside a repetition group, reported as ``<metric>/<column>`` with
-``<metric>`` their mean; the metrics of one box, frame sequence or image are refused with the task
-named; a metric registered outside moe_gen receives the dicts (before the thirteenth audit metrics
-of text scored the ``str()`` of the dicts, whose braces, quotes and column names every answer
-shares). Tasks without declared metrics get a default per target kind. Answers are decoded with
-room for the longest reference scored: its tokens, its items (above ``infer``'s 8) and its frame
-rows (above 64).
+The reference of a single-target row is its scored decoder slot: the label for closed-set targets,
+the column's value as the slot's preprocessor trains it, decoded, for free text (a PHONE target's
+phones, a ``struct_text`` table's linearised text), the box for box targets, and the encoded target
+rows (the model's own feature space) for continuous targets (audio, motion). Detection (a repetition
+group with one box slot, e.g. ``( [BOX:boxes] [TEXT:labels] )*``) compares per row the lists of
+``(box, label)`` pairs of the prediction's items and of the row (``detection_f1``). Other tasks with
+several target slots compare ``Prediction.targets`` with the row's target columns, as dicts (a box
+as its location bins decode on the row's image, as a right answer does): ``accuracy`` and
+``exact_match`` compare the dicts value by value; a metric of text (BLEU, chrF, ROUGE-L, WER, ...:
+``TEXT_METRICS``) is computed per text column outside a repetition group, reported as
+``<metric>/<column>`` with ``<metric>`` their mean; the metrics of one box, frame sequence or image
+are refused with the task named; a metric registered outside moe_gen receives the dicts (before the
+thirteenth audit metrics of text scored the ``str()`` of the dicts, whose braces, quotes and column
+names every answer shares). Tasks without declared metrics get a default per target kind. Answers
+are decoded with room for the longest reference scored: its tokens, its items (above ``infer``'s 8)
+and its frame rows (above 64).
 
 Rows that fail to encode (or have no reference to score against, or a repetition group whose
 reference columns are not lists of one length, as training refuses them) raise ``TaskDataError`` naming
@@ -32,7 +33,8 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from moe_gen.tasks import metrics as metric_fns
-from moe_gen.tasks.plan import TaskDataError
+from moe_gen.tasks.modalities.base import brief
+from moe_gen.tasks.plan import TaskDataError, TaskPlan
 from moe_gen.tasks.task import Task
 
 __all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
@@ -43,19 +45,19 @@ DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box":
 LOWER_IS_BETTER = {"wer", "l1", "mse", "digit_fid", "pixel_mse"}
 
 
-def _targets(task: Task, model) -> tuple[str, list]:
-    """The kind of answer to score (a decode kind, ``detection`` or ``structured``) and the
-    scored decoder slots of the first template (of the plan ``model.infer`` uses: nothing is
-    fitted on the rows scored)."""
-    decoder = model.plan(task).templates[0][1]
-    scored = [p for p in decoder if p.loss]
+def _targets(task: Task, model) -> tuple[str, list, TaskPlan]:
+    """The kind of answer to score (a decode kind, ``detection`` or ``structured``), the scored
+    decoder slots of the first template and the plan (the one ``model.infer`` uses: nothing is
+    fitted on the rows scored; its preprocessors make the references of free text)."""
+    plan = model.plan(task)
+    scored = [p for p in plan.templates[0][1] if p.loss]
     if not scored:
         raise ValueError(f"task {task.name!r} has no scored decoder slot to evaluate")
     if len(scored) == 1 and scored[0].slot.repeat is None:
-        return scored[0].decode.kind, scored
+        return scored[0].decode.kind, scored, plan
     # detection: the group's items are the whole answer (a caption beside the group went unscored)
     alone = len({p.slot.repeat for p in scored}) == 1
-    return ("detection" if alone and _detection_slots(scored) else "structured"), scored
+    return ("detection" if alone and _detection_slots(scored) else "structured"), scored, plan
 
 
 def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
@@ -71,7 +73,7 @@ def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
     return None
 
 
-def _structured(prediction, row: dict, scored: list, kind: str, tokenizer,
+def _structured(prediction, row: dict, index: int, scored: list, kind: str, plan: TaskPlan,
                 image_size=None) -> tuple[Any, Any]:
     """(prediction, reference) of a multi-target row: text values as the slots train them, and
     (``structured``) boxes as their location tokens decode on an image of ``image_size``."""
@@ -79,13 +81,14 @@ def _structured(prediction, row: dict, scored: list, kind: str, tokenizer,
     if kind == "structured":  # in slot order
         columns = [p.slot.column for p in scored]
         boxes = {p.slot.column for p in scored if p.decode.kind == "box"}
-        reference = {c: _reference(texts[c], row[c], tokenizer) if c in texts
-                     else _box_reference(row[c], image_size, tokenizer) if c in boxes else row[c] for c in columns}
+        reference = {c: _reference(plan, texts[c], row[c], index) if c in texts
+                     else _box_reference(row[c], image_size, plan.tokenizer) if c in boxes else row[c]
+                     for c in columns}
         return {c: prediction.targets.get(c) for c in columns}, reference
     position, box, label = _detection_slots(scored)
     items = prediction.groups[position] if position < len(prediction.groups) else []
     predicted = [(item.get(box), item.get(label) if label else None) for item in items]
-    labels = _reference(texts[label], row[label], tokenizer) if label else [None] * len(row[box])
+    labels = _reference(plan, texts[label], row[label], index) if label else [None] * len(row[box])
     return predicted, list(zip(row[box], labels))
 
 
@@ -119,20 +122,24 @@ def _item_budget(rows: Sequence, scored: list) -> int:
     return max(8, longest + 1)
 
 
-def _text_budget(rows: Sequence, scored: list, tokenizer) -> int:
+def _text_budget(rows: Sequence, indices: Sequence[int], scored: list, plan: TaskPlan) -> int:
     """Tokens a free-text value may take when decoded for evaluation: ``infer``'s default of 32,
     or the longest reference among the rows scored plus 8 where that is more (a length budget
     only; before 2026-12-05 answers were cut at 32 tokens, and a perfect model scored BLEU 75 on
-    video captioning, whose captions run to 53). A slot's ``max_length`` rules where declared."""
+    video captioning, whose captions run to 53). A reference counts the tokens its slot trains on
+    (``TaskPlan.target_tokens``: a PHONE target's phones, not its text's pieces). A slot's
+    ``max_length`` rules where declared."""
     longest = 0
     for p in scored:
         if p.decode.kind != "text" or p.slot.attrs.get("max_length"):
             continue
-        for row in rows:
+        for row, index in zip(rows, indices):
             value = row.get(p.slot.column) if isinstance(row, dict) else None
-            for item in value if isinstance(value, (list, tuple)) else [value]:
-                if item is not None:
-                    longest = max(longest, len(tokenizer.encode(str(item))))
+            for item in value if p.slot.repeat is not None and isinstance(value, (list, tuple)) else [value]:
+                try:
+                    longest = max(longest, len(plan.target_tokens(p, item, index)))
+                except TaskDataError:  # (no reference: the row fails, or is skipped, where it is scored)
+                    continue
     return max(32, longest + 8)
 
 
@@ -186,12 +193,12 @@ def _encoded_targets(model, task: Task, kind: str, scored: list, indices: list[i
     return samples, dropped
 
 
-def _budgets(rows: Sequence, scored: list, tokenizer, samples: dict) -> dict[str, int]:
+def _budgets(rows: Sequence, indices: Sequence[int], scored: list, plan: TaskPlan, samples: dict) -> dict[str, int]:
     """``infer``'s length limits fitted to the references scored: ``max_new_tokens`` always, and
     ``max_items`` and ``max_frames`` where the longest reference list or frame target is longer
     than ``infer``'s defaults (8 items, 64 frame rows), with room past it (an item, 8 rows) for an
     answer that runs on to be scored as running on."""
-    budgets = {"max_new_tokens": _text_budget(rows, scored, tokenizer)}
+    budgets = {"max_new_tokens": _text_budget(rows, indices, scored, plan)}
     items = _item_budget(rows, scored)
     if items > 8:
         budgets["max_items"] = items
@@ -213,7 +220,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if (limit is not None and limit < 1) or batch_size < 1:
         raise ValueError(f"task {task.name!r}: evaluation needs limit >= 1 (or None: every row) and batch_size >= 1, "
                          f"got limit={limit}, batch_size={batch_size}")
-    kind, scored = _targets(task, model)
+    kind, scored, plan = _targets(task, model)
     names = task.metrics or DEFAULT_METRICS[kind]
     columns = _text_columns(task, kind, names, scored)
     count = len(task) if limit is None else min(limit, len(task))
@@ -224,7 +231,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if dropped:  # their targets failed to encode (on_error="skip"; counted in task.skipped)
         kept = [i for i, index in enumerate(indices) if index not in dropped]
         rows, indices, skipped = [rows[i] for i in kept], [indices[i] for i in kept], skipped + len(dropped)
-    budgets = _budgets(rows, scored, model.tokenizer, samples)
+    budgets = _budgets(rows, indices, scored, plan, samples)
     predictions, references = [], []
     for start in range(0, len(rows), batch_size):
         chunk, chunk_indices = rows[start:start + batch_size], indices[start:start + batch_size]
@@ -234,20 +241,14 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
             if prediction is None:  # it failed to encode (on_error="skip"; counted in task.skipped)
                 skipped += 1
                 continue
-            if kind == "frames":
-                predictions.append(prediction.frames.float().numpy())  # (a bf16 model answers bf16)
-                references.append(_frame_reference(samples[index]))
-                continue
-            problem = _reference_problem(row, scored)
-            if problem:
-                error = TaskDataError(f"task {task.name!r}, row {index}: {problem}")
+            try:
+                predicted, expected = _pair(kind, prediction, row, index, scored, plan, samples)
+            except TaskDataError as error:  # no reference to score against
                 if task.on_error != "skip":
-                    raise error
+                    raise
                 task.skip_row(index, error)
                 skipped += 1
                 continue
-            size = samples[index].meta.get("image_size") if index in samples else None
-            predicted, expected = _pair(kind, prediction, row, scored, model.tokenizer, size)
             predictions.append(predicted)
             references.append(expected)
     if not predictions:
@@ -344,12 +345,16 @@ def _reference_problem(row, scored: list) -> Optional[str]:
 
 def _value_problem(plan, value) -> Optional[str]:
     """Why one target value cannot be a reference (None when it can): missing (None, NaN: training
-    refuses the row; scored, it became the text "None"), or a box training would refuse (not 4
-    finite numbers, corners reversed: the IoU failed with a bare TypeError)."""
+    refuses the row; scored, it became the text "None"), a closed set's value that is no label
+    (a list, outside a repetition group), or a box training would refuse (not 4 finite numbers,
+    corners reversed: the IoU failed with a bare TypeError)."""
+    from moe_gen.tasks.modalities.base import label_text
     from moe_gen.tasks.modalities.box import check_box
 
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return f"has a missing value ({value})"
+    if plan.decode is not None and plan.decode.kind == "closed_set" and label_text(value) is None:
+        return f"holds no label ({brief(value)})"
     if plan.decode is not None and plan.decode.kind == "box":
         try:  # (the image's size is checked where the answer is decoded: any size here)
             check_box(value, sys.float_info.max, sys.float_info.max)
@@ -358,29 +363,46 @@ def _value_problem(plan, value) -> Optional[str]:
     return None
 
 
-def _pair(kind: str, prediction, row, scored: list, tokenizer, image_size=None) -> tuple:
-    """(what the metric compares, its reference) for a token answer of ``kind`` (``image_size``:
-    what a structured answer's boxes decode on)."""
+def _pair(kind: str, prediction, row, index: int, scored: list, plan: TaskPlan, samples: dict) -> tuple:
+    """(what the metric compares, its reference) for a token answer of ``kind`` to row ``index``
+    (``samples``: its encoded targets, where ``_encoded_targets`` encoded them).
+
+    Raises:
+        TaskDataError: naming task and row, for a row without a reference to score against.
+    """
+    if kind == "frames":
+        return prediction.frames.float().numpy(), _frame_reference(samples[index])  # (a bf16 model answers bf16)
+    problem = _reference_problem(row, scored)
+    if problem:
+        raise TaskDataError(f"task {plan.name!r}, row {index}: {problem}")
     if kind in ("detection", "structured"):
-        return _structured(prediction, row, scored, kind, tokenizer, image_size)
+        size = samples[index].meta.get("image_size") if index in samples else None
+        return _structured(prediction, row, index, scored, kind, plan, size)
     if kind == "box":
         return prediction.box, row[scored[0].slot.column]
     if kind == "codes":
         return prediction.image, row[scored[0].slot.column]
-    return prediction.text, _reference(scored[0], row[scored[0].slot.column], tokenizer)
+    return prediction.text, _reference(plan, scored[0], row[scored[0].slot.column], index)
 
 
-def _reference(plan, value: Any, tokenizer) -> Any:
-    """A text or closed-set target's value as the slot trains it (``uncased``, ``no_punctuation``,
-    ``max_length`` applied; each item of a repeated column): what a right answer writes."""
+def _reference(plan: TaskPlan, target, value: Any, index: int) -> Any:
+    """A text or closed-set target's value (of row ``index``) as a right answer writes it: a closed
+    set's label itself (its labels are distinct as the slot writes them); free text as the slot's
+    own preprocessor encodes it for training (``TaskPlan.target_tokens``: ``uncased``,
+    ``max_length``...; a PHONE slot's phones, a ``struct_text`` table's linearised text),
+    decoded as inference decodes it. Each item of a repetition group's column.
+
+    Raises:
+        TaskDataError: naming task, column and row, for a value the slot refuses.
+    """
     from moe_gen.tasks.modalities.base import label_text
-    from moe_gen.tasks.modalities.text import slot_text
 
-    def one(item):  # a closed set answers with its labels themselves (distinct as the slot writes them)
-        closed = plan.decode is not None and plan.decode.kind == "closed_set"
-        return label_text(item) if closed else slot_text(item, plan.slot.attrs, tokenizer)
+    def one(item):
+        if target.decode.kind == "closed_set":
+            return label_text(item)
+        return plan.tokenizer.decode(plan.target_tokens(target, item, index))
 
-    return [one(item) for item in value] if isinstance(value, (list, tuple)) else one(value)
+    return [one(item) for item in value] if target.slot.repeat is not None else one(value)
 
 
 def evaluate(model, tasks: Sequence[Task], *, limit: Optional[int] = None, batch_size: int = 64) -> dict:

@@ -183,7 +183,8 @@ class EncodeContext:
         row: the whole data row (some slots depend on others, e.g. boxes on their image).
         encoded: slots of this sample already encoded, by ``repr(column)`` (``"slot N"`` for a slot
             without one; ``[k]`` appended for each item of a repeated slot).
-        task: task name, and index: row index, for error messages.
+        task: task name, and index: row index, for error messages (``place``, where given, is named
+            instead of the row: a value that is no data row, such as a ranked candidate).
         max_positions: the most positions one slot may take (``TaskPlan`` checks every slot;
             a preprocessor with costly work, such as resampling audio, refuses earlier).
     """
@@ -198,6 +199,7 @@ class EncodeContext:
     max_positions: Optional[int] = None
     target: bool = False
     predicted: frozenset = frozenset()
+    place: Optional[str] = None
 
     def corrupts(self, column: Optional[str]) -> bool:
         """Whether corruption attributes apply to the slot reading ``column``: to inputs only (a
@@ -209,7 +211,7 @@ class EncodeContext:
 
     def where(self, column: Optional[str]) -> str:
         """"task 'x', column 'c', row 3": the place named in error messages."""
-        return f"task {self.task!r}, column {column!r}, row {self.index}"
+        return f"task {self.task!r}, column {column!r}, {self.place or f'row {self.index}'}"
 
 
 class Preprocessor:

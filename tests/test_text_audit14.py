@@ -1,0 +1,91 @@
+"""Text targets, tokenizers and closed sets (audit 14); each test failed before its fix."""
+
+from __future__ import annotations
+
+import pytest
+from helpers import build
+
+from moe_gen.model.generate import Prediction
+from moe_gen.model.grammar import TargetGrammar
+from moe_gen.tasks import Task
+from moe_gen.tasks.plan import TaskDataError
+from moe_gen.trainer.evaluation import evaluate_task
+
+SENTENCE = "the quick brown fox jumps over the lazy dog and then it runs far away into the dark forest again"
+
+
+def _trained(plan, row, index: int) -> list[int]:
+    """The decoder tokens a row's answer trains on, its EOS included."""
+    return [t for c in plan.encode(row, index, training=False).decoder if c.loss for t in c.tokens]
+
+
+def _perfect_text(plan, row, index: int, tok) -> str:
+    """What decoding returns when the model writes exactly what it was trained to write."""
+    grammar = TargetGrammar(plan, tok, max_new_tokens=500)
+    state = grammar.start()
+    for token in _trained(plan, row, index):
+        if state.done:
+            break
+        option = next(o for o in grammar.options(state) if o.tokens is None or token in o.tokens)
+        state = grammar.advance(state, option, token)
+    return next(iter(grammar.parse(state)[0].values()))
+
+
+def _answer_perfectly(model, task, tok, monkeypatch) -> list[int]:
+    """Makes ``model.infer`` answer every row of ``task`` perfectly; returns the ``max_new_tokens`` asked."""
+    plan, asked = model.plan(task), []
+
+    def infer(task, rows, indices, max_new_tokens=32, **options):
+        asked.append(max_new_tokens)
+        return [Prediction(text=_perfect_text(plan, row, index, tok)) for row, index in zip(rows, indices)]
+
+    monkeypatch.setattr(model, "infer", infer)
+    return asked
+
+
+def test_a_phone_target_is_scored_against_the_phones_it_trains_on(tok, monkeypatch):
+    """The reference was the English text: a perfect grapheme-to-phoneme answer scored 0, and its
+    length budget counted the text's pieces (50 tokens for an answer of 88 phones)."""
+    rows = [{"text": "hello world"}, {"text": SENTENCE}]
+    task = Task("g2p", "[TEXT:text] -> [PHONE:text]", rows)
+    model = build([task], tok)
+    asked = _answer_perfectly(model, task, tok, monkeypatch)
+    pairs = []
+    assert evaluate_task(model, task, pairs=pairs) == {"exact_match": 1.0}
+    assert pairs[0][1].startswith("<ph_HH><ph_AH><ph_L><ph_OW><ph_|>")
+    assert asked == [len(_trained(model.plan(task), rows[1], 1)) - 1 + 8]  # 88 phones (EOS left out), plus 8
+
+
+def test_a_struct_text_target_is_scored_against_its_linearised_table(tok, monkeypatch):
+    """The reference was the table's repr (a list of row dicts: a list of reprs, which BLEU refused)."""
+    rows = [{"q": "two rows", "table": [{"a": 1, "b": 2}, {"a": 3, "b": 4}]},
+            {"q": "columns", "table": {"a": [5, 6], "b": [7, 8]}}]
+    task = Task("t2t", "[TEXT:q] -> [STRUCT:table,preprocess=struct_text]", rows, metrics=["exact_match", "bleu"])
+    model = build([task], tok)
+    _answer_perfectly(model, task, tok, monkeypatch)
+    pairs = []
+    assert evaluate_task(model, task, pairs=pairs) == {"exact_match": 1.0, "bleu": pytest.approx(100.0)}
+    assert [reference for _, reference in pairs] == ["a | b ; 1 | 2 ; 3 | 4", "a | b ; 5 | 7 ; 6 | 8"]
+
+
+def test_a_reference_the_target_slot_refuses_fails_its_row_or_is_skipped(tok, monkeypatch):
+    """A PHONE reference with no letter to speak: training refuses the row, so evaluation does too."""
+    rows = [{"text": "hello"}, {"text": "?!"}]
+    task = Task("g2p", "[TEXT:text] -> [PHONE:text]", rows)
+    model = build([task], tok)
+    monkeypatch.setattr(model, "infer", lambda task, rows, indices, **options: [Prediction(text="x") for _ in rows])
+    with pytest.raises(TaskDataError, match=r"task 'g2p', column 'text', row 1: .* no letter or digit"):
+        evaluate_task(model, task)
+    skipping = Task("g2p", "[TEXT:text] -> [PHONE:text]", rows, on_error="skip")
+    assert evaluate_task(model, skipping) == {"exact_match": 0.0, "skipped": 1}
+
+
+def test_ranked_candidates_of_a_phone_target_are_scored_as_its_phones(tok):
+    """A candidate was scored as text pieces ('▁he', 'll', 'o'), never what the target trains on."""
+    task = Task("g2p", "[TEXT:text] -> [PHONE:text]", [{"text": "hello world"}])
+    model = build([task], tok).eval()
+    answer = model.infer(task, [{"text": "hello world"}], candidates=["hello world"])[0]
+    assert answer.text == "hello world"
+    assert answer.tokens == _trained(model.plan(task), {"text": "hello world"}, 0)[:-1]
+    with pytest.raises(TaskDataError, match=r"task 'g2p', column 'text', candidate 1: .* no letter or digit"):
+        model.infer(task, [{"text": "hello"}], candidates=["hello", "?!"])
