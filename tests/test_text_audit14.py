@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+import torch
 from helpers import build
 
 from moe_gen.model.generate import Prediction
@@ -89,3 +90,36 @@ def test_ranked_candidates_of_a_phone_target_are_scored_as_its_phones(tok):
     assert answer.tokens == _trained(model.plan(task), {"text": "hello world"}, 0)[:-1]
     with pytest.raises(TaskDataError, match=r"task 'g2p', column 'text', candidate 1: .* no letter or digit"):
         model.infer(task, [{"text": "hello"}], candidates=["hello", "?!"])
+
+
+def _minilm():
+    from moe_gen.pretrained import CheckpointMissing, locate
+    from moe_gen.tasks.hf_tokenizer import HFTokenizer
+
+    try:
+        return HFTokenizer.from_pretrained(locate("minilm"))
+    except CheckpointMissing as exc:
+        pytest.skip(str(exc))
+
+
+def test_free_text_writes_the_unknown_token_that_a_wordpiece_target_trains_on():
+    """WordPiece encodes an emoji as [UNK]: "🤖 robot" trained on [UNK] ▁robot, and decoding never wrote [UNK]."""
+    bert = _minilm()
+    rows = [{"q": "what is this", "a": "🤖 robot"}]
+    task = Task("t", "[TEXT:q] -> [TEXT:a]", rows)
+    trained = _trained(task.plan(bert), rows[0], 0)
+    assert trained[0] == bert.unk_id
+    model = build([task], bert).eval()
+    original = model.output_logits
+
+    def output_logits(hidden):  # a model sure of [UNK]
+        out = original(hidden)
+        return out + 50.0 * (torch.arange(out.shape[-1], device=out.device) == bert.unk_id)
+
+    model.output_logits = output_logits
+    assert model.infer(task, rows, max_new_tokens=3)[0].tokens == [bert.unk_id] * 3
+    assert bert.encodes_unknown
+
+
+def test_the_package_tokenizer_never_encodes_the_unknown_token(tok):
+    assert not tok.encodes_unknown and tok.unk_id not in tok.encode("🤖 robot " + "x" * 300)

@@ -11,8 +11,9 @@ EOS after every value of a free-text target that something other than a box foll
 - closed set: a path of the label trie; the label may end where the trie allows EOS (inside the
   answer no EOS is written there, as in training, so what follows decides); the empty label ""
   (EOS at the trie's root) is no token at all, as free text's empty value below;
-- free text: any token no other option claims (and no location token when the template has
-  boxes), at most ``max_new_tokens`` per value;
+- free text: any token no other option claims (no location token when the template has boxes,
+  no unknown token where the tokenizer never encodes text as it), at most ``max_new_tokens`` per
+  value;
 - literal text: its tokens, forced;
 - after a slot: the first token of the next slot; after the last slot of a repetition group, the
   group's first slot again (another item, while fewer than ``max_items``) or what follows the
@@ -171,12 +172,15 @@ class TargetGrammar:
         self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
         self.renderers = {i: plan.preprocessor(p).to_image for i, p in enumerate(self.slots)
                           if self.kinds[i] == "codes"}
-        # Free text never takes EOS (it ends the text), PAD, BOS or UNK (no target holds them: a
-        # value of them decoded to '' or ' ⁇ ' and spent the length budget), nor location tokens
-        # when they would be read as a box or image codes. (Sentinels and location tokens written
-        # out in a text value are text a task may train on.)
+        # Free text never takes EOS (it ends the text), PAD, BOS or UNK where the tokenizer never
+        # encodes text as UNK (no target holds them: a value of them decoded to '' or ' ⁇ ' and spent
+        # the length budget), nor location tokens when they would be read as a box or image codes.
+        # (Sentinels and location tokens written out in a text value are text a task may train on,
+        # and so is WordPiece's [UNK] for an emoji: before the fourteenth audit it was refused, and
+        # such an answer could never be written.)
         discrete = "box" in self.kinds or "codes" in self.kinds
-        never = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id, getattr(tokenizer, "unk_id", None)}
+        unknown = None if getattr(tokenizer, "encodes_unknown", False) else getattr(tokenizer, "unk_id", None)
+        never = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id, unknown}
         self.reserved = frozenset({t for t in never if t is not None} | set(self.bins if discrete else ()))
         self.keys = [p.slot.column or str(i) for i, p in enumerate(self.slots)]
         self.groups = sorted({p.slot.repeat for p in self.slots if p.slot.repeat is not None})

@@ -252,6 +252,12 @@ class HFTokenizer(BaseTokenizer):
             raise ValueError(f"token ids {bad[:5]} are outside this tokenizer's vocabulary of {self._vocab_size}")
         return ids
 
+    @property
+    def encodes_unknown(self) -> bool:
+        """Whether ``encode`` may give ``unk_id``: where the checkpoint has an unknown token and its
+        model no byte fallback (WordPiece: an emoji, a word over 100 characters)."""
+        return self.unk_id is not None and not getattr(self.backend.model, "byte_fallback", False)
+
     def _key(self) -> tuple:
         return (self.backend.to_str(), self.base_vocab_size, tuple(self.specials.items()), self.num_bins,
                 self.num_sentinels, self.extra_symbols)

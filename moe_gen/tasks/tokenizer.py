@@ -51,9 +51,10 @@ def default_corpus() -> list[str]:
 class BaseTokenizer(abc.ABC):
     """The interface every moe_gen vocabulary offers (what tasks, batches, grammars and the model use).
 
-    A subclass sets ``pad_id``, ``unk_id`` (None when any text encodes without one), ``bos_id``,
-    ``eos_id``, ``num_bins``, ``num_sentinels`` and the first ids of its two contiguous blocks,
-    ``_first_bin`` (``<bin_0>`` …) and ``_first_sentinel`` (``<extra_id_0>`` …).
+    A subclass sets ``pad_id``, ``unk_id`` (the unknown token, or None), ``bos_id``, ``eos_id``,
+    ``num_bins``, ``num_sentinels`` and the first ids of its two contiguous blocks, ``_first_bin``
+    (``<bin_0>`` …) and ``_first_sentinel`` (``<extra_id_0>`` …), and says whether ``encode`` may
+    give ``unk_id`` (``encodes_unknown``).
     """
 
     pad_id: int
@@ -64,6 +65,12 @@ class BaseTokenizer(abc.ABC):
     num_sentinels: int
     _first_bin: int
     _first_sentinel: int
+
+    @property
+    @abc.abstractmethod
+    def encodes_unknown(self) -> bool:
+        """Whether ``encode`` may give ``unk_id``, for text its vocabulary does not cover (WordPiece
+        writes an emoji as ``[UNK]``): targets then train on it, and free text decodes it."""
 
     @property
     @abc.abstractmethod
@@ -134,6 +141,7 @@ class Tokenizer(BaseTokenizer):
     """
 
     pad_id, unk_id, bos_id, eos_id = PAD_ID, UNK_ID, BOS_ID, EOS_ID
+    encodes_unknown = False  # byte fallback: any character encodes as pieces or bytes, never <unk>
 
     def __init__(self, model_proto: bytes, num_bins: int, num_sentinels: int) -> None:
         self.model_proto = bytes(model_proto)
