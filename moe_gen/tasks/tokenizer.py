@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import abc
 import functools
+import hashlib
 import io
 import json
 import os
@@ -106,6 +107,15 @@ class BaseTokenizer(abc.ABC):
     @abc.abstractmethod
     def save(self, directory: str) -> list[str]:
         """Writes the tokenizer into ``directory``; returns the names of the files written."""
+
+    def fingerprint(self) -> str:
+        """A short hash of the vocabulary: every id's piece, in id order, and the ids of the special
+        tokens and blocks. A checkpoint records it, and a run resumed with a tokenizer of another
+        fingerprint is refused (its token rows would be read under other texts, silently)."""
+        specials = [self.pad_id, self.unk_id, self.bos_id, self.eos_id, self.num_bins, self.num_sentinels,
+                    self._first_bin, self._first_sentinel]
+        text = json.dumps([specials, self.pieces(range(self.vocab_size))])  # (ASCII: non-ASCII escaped)
+        return hashlib.sha256(text.encode("ascii")).hexdigest()[:16]
 
     def bin_id(self, k: int) -> int:
         """Id of ``<bin_k>``."""

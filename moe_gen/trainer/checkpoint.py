@@ -8,7 +8,8 @@ Layout of ``<output_dir>/checkpoints``::
         optimizer-*.safetensors                                 AdamW moments by parameter name
         optimizer.json                                          param-group hyper-parameters
         rank-00000.json                                         sampler cursors, RNG states of a rank
-        trainer.json                                            step, scheduler, counters, config
+        trainer.json                                            step, scheduler, counters, config,
+                                                                the tokenizer's fingerprint
     latest                                                      name of the newest complete one
 
 A checkpoint is written into ``step-N.partial`` and renamed when every file is in place; ``latest``

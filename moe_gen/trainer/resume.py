@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import json
 import logging
-from typing import Any, Mapping
+from typing import Any, Mapping, Optional
 
 from moe_gen.tasks.modalities.base import brief
 
-__all__ = ["check_same_training", "check_same_model"]
+__all__ = ["check_same_training", "check_same_model", "check_same_tokenizer"]
 
 logger = logging.getLogger("moe_gen")
 
@@ -99,3 +99,16 @@ def check_same_model(path: str, saved: Mapping, current: Mapping) -> None:
                          "fine-tune from its saved model instead")
     if changed:
         logger.warning("resuming %s with %s: training continues with this run's", path, _described(changed, changed))
+
+
+def check_same_tokenizer(path: str, saved: Optional[str], current: str) -> None:
+    """Raises if the checkpoint at ``path`` was trained with another tokenizer than this run's
+    (``saved`` and ``current``: their ``fingerprint()``): its embedding and output rows would be
+    read under other texts' ids. A checkpoint written before the fourteenth audit records none, and
+    resumes unchecked (as it did: then another vocabulary of the same size resumed silently)."""
+    if saved is not None and saved != current:
+        raise ValueError(f"checkpoint {path} was trained with another tokenizer than this run's (fingerprint "
+                         f"{saved} → {current}): its token rows belong to other texts; resume with the tokenizer "
+                         "the run was trained with (Tokenizer.default() is trained on this Python's pydoc "
+                         "topics, which change between releases: resume under the same Python), or start over "
+                         "(overwrite=True, --overwrite)")

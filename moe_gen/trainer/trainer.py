@@ -47,7 +47,7 @@ from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, expert_utilisation, read_jsonl_log
-from moe_gen.trainer.resume import check_same_model, check_same_training
+from moe_gen.trainer.resume import check_same_model, check_same_tokenizer, check_same_training
 from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
 from moe_gen.trainer.scales import step_loss_scales
 from moe_gen.trainer.undo import model_undo
@@ -339,6 +339,7 @@ class Trainer:
                                  f"{[t.name for t in self.tasks]}")
             if state.get("config") is not None:
                 check_same_training(path, state["config"], self.config.to_dict())
+            check_same_tokenizer(path, state.get("tokenizer"), self.model.tokenizer.fingerprint())
             if step > self.config.steps:
                 raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {self.config.steps}; "
                                  "set steps (--train.steps) to at least that to train further, or start over "
@@ -662,7 +663,7 @@ class Trainer:
         directory holds no checkpoint at all."""
         state = {**self.state, "tasks": [t.name for t in self.tasks], "config": self.config.to_dict(),
                  "model_config": self.model.config.to_dict(), "new_adapters": self.new_adapters,
-                 "baseline": self.baseline}
+                 "baseline": self.baseline, "tokenizer": self.model.tokenizer.fingerprint()}
         try:
             path = save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, sampler=self.sampler, trainer_state=state, plan=self.plan,
