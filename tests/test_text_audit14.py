@@ -143,3 +143,17 @@ def test_letters_with_no_ascii_form_are_refused_naming_the_word_and_the_row(tok)
     task.encode(0, tok)
     with pytest.raises(TaskDataError, match="task 'tts', column 'text', row 1: the word '東京' has letters outside"):
         task.encode(1, tok)
+
+
+def test_a_label_boundary_reached_past_an_empty_label_is_refused(tok):
+    """b may be "" (no token), so c may begin right after a: rows (new, "", york) and (new york, "", "")
+    trained on the same tokens, and the plan was accepted."""
+    rows = [{"q": "one", "a": "new", "b": "", "c": "york"}, {"q": "two", "a": "new york", "b": "", "c": ""},
+            {"q": "three", "a": "new", "b": "x", "c": "york"}]
+    instruction = "[TEXT:q] -> [TEXT:a,closed_set] [TEXT:b,closed_set] [TEXT:c,closed_set]"
+    with pytest.raises(TaskDataError, match=r"slot \[TEXT:a,closed_set\]'s labels go on past shorter ones, and "
+                                            r"\[TEXT:c,closed_set\] after it \(past \[TEXT:b,closed_set\], which "
+                                            "may be empty\\) may begin with the token that goes on"):
+        Task("t", instruction, rows).plan(tok)
+    never_empty = [dict(row, b="x") for row in rows]  # b always writes a token: c never follows a directly
+    Task("t", instruction, never_empty).plan(tok)
