@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from decimal import Decimal
+
 import pytest
 import torch
 from helpers import build
@@ -157,3 +159,20 @@ def test_a_label_boundary_reached_past_an_empty_label_is_refused(tok):
         Task("t", instruction, rows).plan(tok)
     never_empty = [dict(row, b="x") for row in rows]  # b always writes a token: c never follows a directly
     Task("t", instruction, never_empty).plan(tok)
+
+
+def test_a_decimal_label_is_the_same_text_in_the_closed_set_and_in_its_rows(tok):
+    """Decimal("1.50") joined the closed set as '1.50', and every row holding it was refused ("a TEXT
+    slot needs text, got Decimal"); a Decimal input was refused too."""
+    rows = [{"q": "a", "price": Decimal("1.50")}, {"q": "b", "price": Decimal("2.25")},
+            {"q": "c", "price": Decimal("NaN")}]
+    task = Task("t", "[TEXT:q] -> [TEXT:price,closed_set]", rows)
+    assert task.closed_sets() == {"price": ["1.50", "2.25"]}  # the NaN is a missing value, no label
+    plan = task.plan(tok)
+    assert tok.decode(_trained(plan, rows[0], 0)) == "1.50"
+    with pytest.raises(TaskDataError, match=r"task 't', column 'price', row 2: the label is a missing value \(NaN\)"):
+        plan.encode(rows[2], 2)
+    inputs = Task("u", "[TEXT:price] -> [TEXT:q]", rows)
+    assert tok.decode(inputs.encode(0, tok).encoder[0].tokens) == "1.50"
+    with pytest.raises(TaskDataError, match=r"task 'u', column 'price', row 2: a TEXT slot got a missing value"):
+        inputs.encode(2, tok)

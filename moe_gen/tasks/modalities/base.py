@@ -18,6 +18,7 @@ video, audio and motion without knowing the modality.
 from __future__ import annotations
 
 import dataclasses
+import decimal
 import numbers
 import os
 import random
@@ -33,8 +34,13 @@ from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = [
     "modality_tag_names", "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
-    "register_modality", "brief", "tensor_to_numpy", "regular_file", "is_missing",
+    "register_modality", "brief", "tensor_to_numpy", "regular_file", "is_missing", "WRITTEN_NUMBERS",
 ]
+
+# The numbers a text slot writes out as their ``str()`` (a closed set's labels and its rows alike):
+# Python's and numpy's numbers and booleans, and Decimal (what SQL NUMERIC columns read as). Before
+# the fourteenth audit a Decimal label joined the closed set but every row holding it was refused.
+WRITTEN_NUMBERS = (numbers.Real, decimal.Decimal, np.bool_)
 
 
 class SlotValueError(ValueError):
@@ -42,7 +48,9 @@ class SlotValueError(ValueError):
 
 
 def is_missing(value: Any) -> bool:
-    """Whether a raw value is a missing one: None, or a NaN (Python's, numpy's)."""
+    """Whether a raw value is a missing one: None, or a NaN (Python's, numpy's, Decimal's)."""
+    if isinstance(value, decimal.Decimal):
+        return value.is_nan()  # (a signalling NaN raises when compared)
     return value is None or (isinstance(value, numbers.Real) and value != value)
 
 
@@ -52,7 +60,7 @@ def label_text(label: Any) -> Optional[str]:
     or NaN; bytes that are not UTF-8; ints too long to write out; lone surrogates): their rows fail
     when encoded, instead of every row failing when the label set is tokenised (or a missing value
     becoming the class "nan")."""
-    if is_missing(label) or not isinstance(label, (str, bytes, bytearray, numbers.Number, np.bool_)):
+    if is_missing(label) or not isinstance(label, (str, bytes, bytearray, *WRITTEN_NUMBERS)):
         return None  # a list, dict or object is no label (its repr, an address even, would become one)
     try:
         text = bytes(label).decode("utf-8") if isinstance(label, (bytes, bytearray)) else str(label)

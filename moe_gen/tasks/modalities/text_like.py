@@ -10,15 +10,13 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import re
 import unicodedata
 from typing import Any
 
-import numpy as np
-
 from moe_gen.registry import PREPROCESSORS
 from moe_gen.tasks.modalities.base import (
+    WRITTEN_NUMBERS,
     EncodeContext,
     ModalitySpec,
     Preprocessor,
@@ -58,8 +56,9 @@ def _text_tokens(text: str, slot, ctx: EncodeContext) -> list[int]:
 
 
 def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
-    """The value as valid Unicode text: str, UTF-8 bytes, or a number or boolean (numpy's too)
-    written out; None and NaN are missing values, refused."""
+    """The value as valid Unicode text: str, UTF-8 bytes, or a number or boolean (numpy's and
+    Decimal's too: ``WRITTEN_NUMBERS``, as a closed set writes its labels) written out; None and NaN
+    are missing values, refused."""
     where = ctx.where(slot.column)
     if isinstance(value, (bytes, bytearray)):
         try:
@@ -69,7 +68,7 @@ def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
                                  f"at byte {exc.start})") from None
     if is_missing(value):
         raise SlotValueError(f"{where}: a {modality} slot got a missing value ({value})")
-    if isinstance(value, (numbers.Real, np.bool_)):  # numbers (numpy's too) and booleans written out
+    if isinstance(value, WRITTEN_NUMBERS):  # numbers and booleans written out
         try:
             value = str(value)
         except ValueError:  # ints past sys.get_int_max_str_digits()
