@@ -176,3 +176,13 @@ def test_a_decimal_label_is_the_same_text_in_the_closed_set_and_in_its_rows(tok)
     assert tok.decode(inputs.encode(0, tok).encoder[0].tokens) == "1.50"
     with pytest.raises(TaskDataError, match=r"task 'u', column 'price', row 2: a TEXT slot got a missing value"):
         inputs.encode(2, tok)
+
+
+def test_a_closed_set_of_another_preprocessor_than_text_is_refused(tok):
+    """Its label trie held text pieces while training wrote phones: every trained token after the
+    first was outside the allowed lists (a NaN loss, answers that could never be decoded). (A PHONE
+    slot refuses closed_set when the instruction is parsed.)"""
+    task = Task("say", "[TEXT:q] say it. -> [TEXT:w,preprocess=phone,closed_set]",
+                [{"q": "a", "w": "hello"}, {"q": "b", "w": "world"}])
+    with pytest.raises(ValueError, match=r"task 'say': .*closed set read by the 'phone' preprocessor"):
+        task.plan(tok)

@@ -475,6 +475,10 @@ class TaskPlan:
         if modality.name == "BOX":
             return DecodeSpec("box")
         if slot.attrs.get("closed_set") or modality.name == "CATEGORY":
+            if preprocess not in ("text", "category"):  # its trie holds text pieces; training wrote others
+                raise ValueError(f"task {self.name!r}: slot {slot} is a closed set read by the {preprocess!r} "
+                                 "preprocessor; a closed set's labels are decoded as text pieces, so answers "
+                                 "trained as other tokens could never be written: drop closed_set or preprocess=")
             labels = self.closed_sets.get(slot.column or "")
             if not labels:
                 raise ValueError(
