@@ -1,8 +1,8 @@
-"""The launch machinery of the multi-process tests (test_distributed.py, test_distributed_runs.py):
-``Launch`` spawns fresh gloo processes (127.0.0.1) that each run one scenario function of this module
-(``SCENARIOS``) and write their results to a safetensors file; the set-ups are built identically by
-the workers and by the tests' single-process references. Every launch is bounded by
-``LAUNCH_LIMIT_S`` (a hang fails the test, it does not stall the suite).
+"""The launch machinery of the multi-process tests (test_distributed.py, test_distributed_runs.py,
+test_distributed_audit14.py): ``Launch`` spawns fresh gloo processes (127.0.0.1) that each run one
+scenario function of this module (``SCENARIOS``) and write their results to a safetensors file;
+the set-ups are built identically by the workers and by the tests' single-process references.
+Every launch is bounded by ``LAUNCH_LIMIT_S`` (a hang fails the test, it does not stall the suite).
 
 The workers import this module by name (``multiprocessing`` spawn), so it stays a top-level module
 of tests/ next to the test files (pytest puts tests/ on ``sys.path``; the children inherit it).
@@ -576,6 +576,48 @@ def _scenario_step_record(rank: int, out_dir: str, names: tuple, settings: dict)
     return {}, {key: record[key] for key in ("loss", "task_loss", "modality_share")}
 
 
+def _scenario_checkpoint_write_fails(rank: int, out_dir: str, settings: dict, where: str):
+    """A ``Trainer`` of 2 steps checkpointing every step, one write of step 2's checkpoint failing on
+    one process (``where``: rank 0's ``makedirs`` of its folder, rank 0's ``model-dense`` file, rank 1's
+    first ``model-experts`` file): the fit summary (or error) and the checkpoint folder's entries."""
+    from moe_gen import distributed
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    failing = {"makedirs": (0, "step-0000002.partial"), "dense": (0, "model-dense.safetensors"),
+               "experts": (1, ".safetensors")}[where]
+    state = {"failed": False}
+
+    def fail_once(path: str) -> None:
+        if rank == failing[0] and "step-0000002" in path and path.endswith(failing[1]) and not state["failed"]:
+            state["failed"] = True
+            raise OSError(28, f"No space left on device (simulated, rank {rank})")
+
+    real_write, real_makedirs = distributed._write_atomic, os.makedirs
+
+    def write(path, tensors, metadata):
+        fail_once(path)
+        real_write(path, tensors, metadata)
+
+    def makedirs(path, *args, **kwargs):
+        fail_once(str(path))
+        real_makedirs(path, *args, **kwargs)
+
+    if where == "makedirs":
+        os.makedirs = makedirs  # this spawned process's own os module
+    else:
+        distributed._write_atomic = write
+    model, tasks = _trainer_tasks(("digit_classification",))
+    config = TrainConfig(steps=2, batch_size=2, checkpoint_every=1, progress=False, tensorboard=False, **settings)
+    run = os.path.join(out_dir, "run")
+    try:
+        summary = Trainer(model, tasks, config, output_dir=run, overwrite=True).fit()
+    except Exception as exc:  # noqa: BLE001 - reported to the test
+        return {}, {"error": f"{type(exc).__name__}: {exc}"}
+    return {}, {"error": None, "failed": state["failed"], "step": summary["step"],
+                "checkpoint_step": summary["checkpoint_step"], "failed_checkpoints": summary["failed_checkpoints"],
+                "entries": sorted(os.listdir(os.path.join(run, "checkpoints")))}
+
+
 SCENARIOS = {
     "unsharded_copy_rng": _scenario_unsharded_copy_rng,
     "step_record": _scenario_step_record,
@@ -593,4 +635,5 @@ SCENARIOS = {
     "save_pretrained_sharded": _scenario_save_pretrained_sharded,
     "without_local_rank": _scenario_without_local_rank,
     "analyze_sharded": _scenario_analyze_sharded,
+    "checkpoint_write_fails": _scenario_checkpoint_write_fails,
 }

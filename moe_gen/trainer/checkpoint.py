@@ -310,21 +310,17 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
     except OSError as exc:
         error = exc
     distributed.barrier()
+    # Every collective of the save first, on every process, whatever failed above (FSDP's gathers): a
+    # process that skipped them after a failed write would leave the others waiting in them until the
+    # process group's timeout. Only the writes below may fail on one process alone.
+    parts, meta = _gathered(model, optimizer, average)
     if error is None:
         try:
-            distributed.save_shards(partial, "model", _cpu(full_tensors(model.state_dict())),
-                                    plan if plan is not None else model)
-            tensors, meta = _optimizer_tensors(model, optimizer)
-            distributed.save_shards(partial, "optimizer", tensors, plan if plan is not None else model)
-            if average is not None:
-                distributed.save_shards(partial, "average", _cpu(average.module.state_dict()), model)
-                trainer_state = {**trainer_state, "averaged_steps": int(average.n_averaged)}
-            if rank == 0:
-                write_json_atomic(os.path.join(partial, "optimizer.json"), meta)
-            write_json_atomic(os.path.join(partial, f"rank-{rank:05d}.json"),
-                              {"sampler": sampler.state_dict(), "rng": _rng_state()})
+            _write_files(partial, parts, meta, plan if plan is not None else model, model, sampler)
         except Exception as exc:  # noqa: BLE001 - any failure must leave the old checkpoint usable
             error = exc
+    if average is not None:
+        trainer_state = {**trainer_state, "averaged_steps": int(average.n_averaged)}
     if not distributed.any_true(error is not None) and rank == 0:
         try:
             write_json_atomic(os.path.join(partial, "trainer.json"),
@@ -344,6 +340,31 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
             shutil.rmtree(os.path.join(root, old + ".old"), ignore_errors=True)
     distributed.barrier()
     return final
+
+
+def _gathered(model, optimizer, average) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
+    """A checkpoint's tensors by file prefix (``model``, ``optimizer``, ``average`` when kept), whole
+    and on the CPU, and the optimizer's JSON-able rest. FSDP gathers its shards: collectives, which
+    every process runs in the same order whatever failed on it (the cost: weights and moments are
+    held whole at once)."""
+    parts = {"model": _cpu(full_tensors(model.state_dict()))}
+    parts["optimizer"], meta = _optimizer_tensors(model, optimizer)
+    if average is not None:
+        parts["average"] = _cpu(full_tensors(average.module.state_dict()))
+    return parts, meta
+
+
+def _write_files(partial: str, parts: dict, meta: dict, layout, model, sampler) -> None:
+    """Writes this process's files of a checkpoint into ``partial``: its shards of ``parts``
+    (``layout``: the plan or the model; the average is a whole model on every process), the
+    optimizer's hyper-parameters (rank 0) and its own sampler and RNG state. No collectives."""
+    rank = distributed.world_info().rank
+    for prefix, tensors in parts.items():
+        distributed.save_shards(partial, prefix, tensors, model if prefix == "average" else layout)
+    if rank == 0:
+        write_json_atomic(os.path.join(partial, "optimizer.json"), meta)
+    write_json_atomic(os.path.join(partial, f"rank-{rank:05d}.json"),
+                      {"sampler": sampler.state_dict(), "rng": _rng_state()})
 
 
 def _cpu(tensors: dict) -> dict[str, torch.Tensor]:
