@@ -444,6 +444,18 @@ def _param_name(key: str) -> str:
     return key.split("::", 1)[0]
 
 
+def _wrapped_expert_param(key: str, plan: ExpertParallelPlan) -> str | None:
+    """The plan's expert parameter that ``key`` names behind a prefix, when ``key``'s own parameter
+    is not one of the plan's (``"model.ffn.experts.w_in"``, a wrapper's name for ``"ffn.experts.w_in"``);
+    None otherwise."""
+    name = _param_name(key)
+    if name in plan.expert_params:
+        return None
+    parts = name.split(".")
+    return next((tail for tail in (".".join(parts[i:]) for i in range(1, len(parts))) if tail in plan.expert_params),
+                None)
+
+
 def _expert_file(prefix: str, offset: int, count: int) -> str:
     return f"{prefix}-experts-{offset:04d}-{count:04d}.safetensors"
 
@@ -495,23 +507,12 @@ def save_shards(
         Paths of the files this rank wrote.
 
     Raises:
-        ValueError: an expert tensor's dim 0 is not this rank's number of local experts.
+        ValueError: an expert tensor's dim 0 is not this rank's number of local experts, or a key is
+            not one of the plan's expert parameters but ends with one (``"model.ffn.experts.w_in"``:
+            a wrapper's ``state_dict``, whose expert slices would pass for the whole layers).
     """
     plan = _as_plan(model_or_plan)
-    dense: dict[str, torch.Tensor] = {}
-    by_shard: dict[ExpertShard, dict[str, torch.Tensor]] = {}
-    for key, tensor in tensors.items():
-        if not isinstance(tensor, torch.Tensor):
-            raise ValueError(f"save_shards stores tensors only; {key!r} is a {type(tensor).__name__}")
-        shard = plan.expert_params.get(_param_name(key))
-        value = tensor.detach().to("cpu").contiguous()
-        if shard is None or value.dim() == 0:
-            dense[key] = value
-        elif value.shape[0] != shard.count:
-            raise ValueError(f"{key!r} belongs to an expert parameter of which this rank holds {shard.count} experts "
-                             f"(of {shard.total}), but its dim 0 is {value.shape[0]} (shape {tuple(value.shape)})")
-        else:
-            by_shard.setdefault(shard, {})[key] = value
+    dense, by_shard = _split_by_shard(tensors, plan)
     os.makedirs(directory, exist_ok=True)
     written = []
     if plan.replica_rank == 0:
@@ -529,6 +530,31 @@ def save_shards(
         _write_atomic(path, dense, {"format": FORMAT, "ep_size": str(plan.ep_size), "experts": json.dumps(manifest)})
         written.append(path)
     return written
+
+
+def _split_by_shard(tensors: dict[str, torch.Tensor], plan: ExpertParallelPlan
+                    ) -> tuple[dict[str, torch.Tensor], dict[ExpertShard, dict[str, torch.Tensor]]]:
+    """``save_shards``' tensors (on the CPU) parted into the dense ones and each expert shard's."""
+    dense: dict[str, torch.Tensor] = {}
+    by_shard: dict[ExpertShard, dict[str, torch.Tensor]] = {}
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"save_shards stores tensors only; {key!r} is a {type(tensor).__name__}")
+        wrapped = _wrapped_expert_param(key, plan)
+        if wrapped is not None:  # its expert slice would pass for a dense tensor: saved as the whole layer
+            raise ValueError(f"save_shards got {key!r}, which is not a parameter of the sharded model but ends with "
+                             f"its expert parameter {wrapped!r}: a wrapper's state_dict (what replicate or LossModule "
+                             "hold)? pass the sharded model's own state_dict()")
+        shard = plan.expert_params.get(_param_name(key))
+        value = tensor.detach().to("cpu").contiguous()
+        if shard is None or value.dim() == 0:
+            dense[key] = value
+        elif value.shape[0] != shard.count:
+            raise ValueError(f"{key!r} belongs to an expert parameter of which this rank holds {shard.count} experts "
+                             f"(of {shard.total}), but its dim 0 is {value.shape[0]} (shape {tuple(value.shape)})")
+        else:
+            by_shard.setdefault(shard, {})[key] = value
+    return dense, by_shard
 
 
 def load_shards(
@@ -552,11 +578,20 @@ def load_shards(
     Raises:
         FileNotFoundError: the dense file, or an expert file holding needed experts, is missing
             (the message names the expert range).
-        ValueError: the files are not from ``save_shards``, or a layer's E differs from the model's.
+        ValueError: the files are not from ``save_shards``, a layer's E differs from the model's, or
+            they hold a key that ends with one of the plan's expert parameters without being one
+            (saved from a wrapper's ``state_dict``).
     """
     plan = _as_plan(model_or_plan)
     metadata, out = _read_dense(directory, prefix)
-    for group in json.loads(metadata["experts"]):
+    groups = json.loads(metadata["experts"])
+    for key in [*out, *(key for group in groups for key in group["keys"])]:
+        wrapped = _wrapped_expert_param(key, plan)
+        if wrapped is not None:  # saved from a wrapper's state_dict: some rank's experts stood for the layer
+            raise ValueError(f"the {prefix!r} shards in {directory} hold {key!r}, which is not a parameter of the "
+                             f"sharded model but ends with its expert parameter {wrapped!r}: they were saved from a "
+                             "wrapper's state_dict; save them from the sharded model's own state_dict()")
+    for group in groups:
         total, count, keys = int(group["total"]), int(group["count"]), list(group["keys"])
         for (lo, hi), span_keys in _needed_spans(keys, total, plan).items():
             out.update(_read_expert_span(directory, prefix, total, count, lo, hi, span_keys))

@@ -618,6 +618,37 @@ def _scenario_checkpoint_write_fails(rank: int, out_dir: str, settings: dict, wh
                 "entries": sorted(os.listdir(os.path.join(run, "checkpoints")))}
 
 
+def _scenario_wrapper_keys_with_plan(rank: int, out_dir: str):
+    """save_shards given the plan and a wrapper's tensors (keys ``model.ffn.experts.w_in``, as
+    LossModule and DDP hold them), then load_shards of the files the helper wrote from them before
+    the fourteenth audit (rank 0's expert slices as dense tensors): each one's error (None: accepted)."""
+    from moe_gen.distributed import FORMAT
+
+    model = _ckpt_model()
+    plan = shard_experts(model, 2)
+    wrapped = _ckpt_tensors(nn.ModuleDict({"model": model}))
+    errors = {}
+    try:
+        save_shards(os.path.join(out_dir, "saved"), "model", wrapped, plan)
+        errors["save_shards"] = None
+    except ValueError as exc:
+        errors["save_shards"] = str(exc)
+    old = os.path.join(out_dir, "old")
+    if rank == 0:
+        from safetensors.torch import save_file
+
+        os.makedirs(old)
+        save_file({k: v.contiguous() for k, v in wrapped.items()}, os.path.join(old, "model-dense.safetensors"),
+                  metadata={"format": FORMAT, "ep_size": "2", "experts": "[]"})
+    barrier()
+    try:
+        load_shards(old, "model", plan)
+        errors["load_shards"] = None
+    except ValueError as exc:
+        errors["load_shards"] = str(exc)
+    return {}, {"errors": errors}
+
+
 SCENARIOS = {
     "unsharded_copy_rng": _scenario_unsharded_copy_rng,
     "step_record": _scenario_step_record,
@@ -636,4 +667,5 @@ SCENARIOS = {
     "without_local_rank": _scenario_without_local_rank,
     "analyze_sharded": _scenario_analyze_sharded,
     "checkpoint_write_fails": _scenario_checkpoint_write_fails,
+    "wrapper_keys_with_plan": _scenario_wrapper_keys_with_plan,
 }
