@@ -310,15 +310,8 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
     except OSError as exc:
         error = exc
     distributed.barrier()
-    # Every collective of the save first, on every process, whatever failed above (FSDP's gathers): a
-    # process that skipped them after a failed write would leave the others waiting in them until the
-    # process group's timeout. Only the writes below may fail on one process alone.
-    parts, meta = _gathered(model, optimizer, average)
-    if error is None:
-        try:
-            _write_files(partial, parts, meta, plan if plan is not None else model, model, sampler)
-        except Exception as exc:  # noqa: BLE001 - any failure must leave the old checkpoint usable
-            error = exc
+    error = _gather_and_write(partial, model, optimizer, average, plan if plan is not None else model, sampler,
+                              error)
     if average is not None:
         trainer_state = {**trainer_state, "averaged_steps": int(average.n_averaged)}
     if not distributed.any_true(error is not None) and rank == 0:
@@ -342,29 +335,40 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
     return final
 
 
-def _gathered(model, optimizer, average) -> tuple[dict[str, dict[str, torch.Tensor]], dict]:
-    """A checkpoint's tensors by file prefix (``model``, ``optimizer``, ``average`` when kept), whole
-    and on the CPU, and the optimizer's JSON-able rest. FSDP gathers its shards: collectives, which
-    every process runs in the same order whatever failed on it (the cost: weights and moments are
-    held whole at once)."""
-    parts = {"model": _cpu(full_tensors(model.state_dict()))}
-    parts["optimizer"], meta = _optimizer_tensors(model, optimizer)
-    if average is not None:
-        parts["average"] = _cpu(full_tensors(average.module.state_dict()))
-    return parts, meta
-
-
-def _write_files(partial: str, parts: dict, meta: dict, layout, model, sampler) -> None:
-    """Writes this process's files of a checkpoint into ``partial``: its shards of ``parts``
-    (``layout``: the plan or the model; the average is a whole model on every process), the
-    optimizer's hyper-parameters (rank 0) and its own sampler and RNG state. No collectives."""
+def _gather_and_write(partial: str, model, optimizer, average, layout, sampler,
+                      error: Optional[BaseException]) -> Optional[BaseException]:
+    """Gathers each part of a checkpoint (``model``, ``optimizer``, ``average`` when kept: whole and
+    on the CPU) and writes this process's shards of it into ``partial`` (``layout``: the plan or the
+    model; the average is a whole model on every process), then the optimizer's hyper-parameters
+    (rank 0) and this process's sampler and RNG state; returns the first error, ``error`` if given.
+    FSDP's gathers are collectives: every process runs every one of them, in the same order, even
+    after a write failed on it (one that skipped them left the others waiting until the process
+    group's timeout, before the fourteenth audit), and stops writing instead. One part is held whole
+    at a time."""
     rank = distributed.world_info().rank
-    for prefix, tensors in parts.items():
-        distributed.save_shards(partial, prefix, tensors, model if prefix == "average" else layout)
-    if rank == 0:
-        write_json_atomic(os.path.join(partial, "optimizer.json"), meta)
-    write_json_atomic(os.path.join(partial, f"rank-{rank:05d}.json"),
-                      {"sampler": sampler.state_dict(), "rng": _rng_state()})
+    gathers = [("model", lambda: (_cpu(full_tensors(model.state_dict())), None)),
+               ("optimizer", lambda: _optimizer_tensors(model, optimizer))]
+    if average is not None:
+        gathers.append(("average", lambda: (_cpu(full_tensors(average.module.state_dict())), None)))
+    meta = None
+    for prefix, gather in gathers:
+        tensors, extra = gather()
+        meta = extra if extra is not None else meta
+        if error is None:
+            try:
+                distributed.save_shards(partial, prefix, tensors, model if prefix == "average" else layout)
+            except Exception as exc:  # noqa: BLE001 - any failure must leave the old checkpoint usable
+                error = exc
+        del tensors
+    if error is None:
+        try:
+            if rank == 0:
+                write_json_atomic(os.path.join(partial, "optimizer.json"), meta)
+            write_json_atomic(os.path.join(partial, f"rank-{rank:05d}.json"),
+                              {"sampler": sampler.state_dict(), "rng": _rng_state()})
+        except Exception as exc:  # noqa: BLE001 - as above
+            error = exc
+    return error
 
 
 def _cpu(tensors: dict) -> dict[str, torch.Tensor]:
