@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -227,3 +228,25 @@ def test_numeric_table_is_learned(tmp_path):
     seconds = time.perf_counter() - start
     accuracy = trainer.evaluate()["wine"]["accuracy"]
     assert accuracy >= 0.9, (accuracy, seconds)
+
+
+def test_tables_wider_than_the_adapter_tells_apart_are_warned_of_and_every_column_is_standardised(tok):
+    """Columns after the 127th and text values past the 1,023 most frequent read silently as unseen,
+    and the later columns' numbers were log-scaled instead of standardised (fourteenth session's
+    README audit)."""
+    rows = [{"t": {f"c{j}": 1000.0 + 10 * i + j for j in range(130)}, "label": "ab"[i % 2]} for i in range(20)]
+    wide = Task("wide", "[STRUCT:t] which? -> [TEXT:label,closed_set]", rows)
+    with pytest.warns(UserWarning, match=r"task 'wide', column 't': the tables have 130 columns .* tells 127 "
+                                         r"columns \(the first seen\)"):
+        statistics = wide.fit_statistics()
+    encoded = next(c for c in wide.encode(0, tok, training=False, statistics=statistics).encoder
+                   if c.rows is not None).rows
+    assert float(encoded[126, 0]) == 127 and float(encoded[127, 0]) == 0  # the 128th column has no id of its own
+    assert float(encoded[127, 1]) == pytest.approx(float(encoded[0, 1]), abs=1e-5)  # but its z is standardised
+    cities = [{"t": {"city": f"city{i // 2}"}, "label": "ab"[i % 2]} for i in range(2200)]
+    with pytest.warns(UserWarning, match=r"1100 text values seen 2\+ times"):
+        Task("cities", "[STRUCT:t] which? -> [TEXT:label,closed_set]", cities).fit_statistics()
+    with warnings.catch_warnings():  # a table the adapter tells apart: no warning
+        warnings.simplefilter("error")
+        Task("narrow", "[STRUCT:t] which? -> [TEXT:label,closed_set]",
+             [{"t": {"a": float(i)}, "label": "ab"[i % 2]} for i in range(8)]).fit_statistics()

@@ -15,9 +15,9 @@ The token-count losses (balance, importance) are skipped for content-independent
 (modality, task, attribute): every token of a tag group shares one route, so the only thing such
 a loss could change is which experts each *group* uses. They are also skipped for gates that
 balance by construction (expert choice, BASE) or learn nothing (hash). Tag-routed layers are
-balanced by ``RouterConfig.tag_balance`` instead (``moe_gen.routing.balance``): a selection bias
-by default, or, with ``tag_balance="loss"``, ``tag_balance`` here: the Switch loss over tag groups
-weighted by their token counts (at ``balance_loss_weight``).
+balanced by ``RouterConfig.tag_balance`` instead: by default (``"loss"``) ``tag_balance`` here, the
+Switch loss over tag groups weighted by their token counts (at ``balance_loss_weight``), or, with
+``"bias"``, a selection bias (``moe_gen.routing.balance``).
 """
 
 from __future__ import annotations

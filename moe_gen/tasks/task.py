@@ -32,6 +32,7 @@ import numbers
 import os
 import random
 import stat
+import warnings
 import zlib
 from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -378,10 +379,15 @@ class Task:
             # lazily: a preprocessor that learns nothing reads no rows
             values = self._column_values(column, slot.repeat is not None, max_rows)
             try:
-                fitted = PREPROCESSORS.get(name).fit(slot, values)
+                with warnings.catch_warnings(record=True) as caught:  # re-issued naming task and column
+                    warnings.simplefilter("always")
+                    fitted = PREPROCESSORS.get(name).fit(slot, values)
             except Exception as exc:  # a fit that fails on some value fails every row: name the column
                 raise TaskDataError(f"task {self.name!r}, column {column!r}: the {name!r} preprocessor cannot "
                                     f"learn from the rows ({type(exc).__name__}: {exc})") from exc
+            for warning in caught:
+                warnings.warn(f"task {self.name!r}, column {column!r}: {warning.message}", warning.category,
+                              stacklevel=2)
             if fitted is not None:
                 statistics.setdefault(name, {})[column] = fitted
         labels = self.closed_sets()

@@ -47,6 +47,7 @@ import collections
 import decimal
 import math
 import numbers
+import warnings
 from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
@@ -190,8 +191,9 @@ def fit_table_statistics(tables: Iterable[Any], *, uncased: bool = False) -> dic
     Returns:
         ``{"columns": [names in first-seen order], "mean": {column: float}, "std": {column: float},
         "values": {column: [text values, most frequent first]}}``, JSON-serialisable. Only numeric
-        cells count towards mean and std; a constant column gets std 1. At most ``MAX_COLUMNS − 1``
-        columns and ``MAX_TEXT_VALUES − 1`` text values (the most frequent) get ids.
+        cells count towards mean and std (kept for every column); a constant column gets std 1. At
+        most ``MAX_COLUMNS − 1`` columns (the first seen) and ``MAX_TEXT_VALUES − 1`` text values (the
+        most frequent) get ids; a warning says when there are more.
     """
     columns: dict[str, None] = {}
     numbers_by_column: dict[str, list[float]] = collections.defaultdict(list)
@@ -209,7 +211,7 @@ def fit_table_statistics(tables: Iterable[Any], *, uncased: bool = False) -> dic
                 counts[column, value] += 1
     names = list(columns)[:MAX_COLUMNS - 1]
     mean, std = {}, {}
-    for column in names:
+    for column in columns:  # every column's numbers standardised, those without an id too
         values = np.asarray(numbers_by_column.get(column, ()), dtype=np.float64)
         if len(values):
             mean[column], std[column] = _mean_and_scale(values)
@@ -218,6 +220,12 @@ def fit_table_statistics(tables: Iterable[Any], *, uncased: bool = False) -> dic
     vocab: dict[str, list[str]] = {}
     for _, i, value in frequent[:MAX_TEXT_VALUES - 1]:
         vocab.setdefault(names[i], []).append(value)
+    if len(columns) > len(names) or len(frequent) > MAX_TEXT_VALUES - 1:
+        warnings.warn(f"the tables have {len(columns)} columns and {len(frequent)} text values seen "
+                      f"{MIN_TEXT_COUNT}+ times; the table adapter tells {MAX_COLUMNS - 1} columns (the first "
+                      f"seen) and {MAX_TEXT_VALUES - 1} text values (the most frequent) apart, and reads the "
+                      "others as one unseen column or value (their numbers are still standardised per column)",
+                      UserWarning, stacklevel=2)
     return {"columns": names, "mean": mean, "std": std, "values": {c: vocab[c] for c in names if c in vocab}}
 
 
