@@ -79,8 +79,9 @@ def test_model(tmp_path, monkeypatch):
 
 
 def test_image_generation(tmp_path, monkeypatch):
-    """The README takes ``model`` from `moe-gen pretrain --recipe image_generation`; an untrained
-    debug model on the same tasks stands in (the block checks the calls, not the pictures)."""
+    """The README takes ``model`` from `moe-gen pretrain --config image_generation` with
+    digit_classification added (the chain's second link); an untrained debug model on the same
+    tasks stands in (the block checks the calls, not the pictures)."""
     from moe_gen.model import GeneralistModel, flavour
     from moe_gen.tasks import Tokenizer, load_preset
 
