@@ -64,3 +64,16 @@ def test_the_preset_encodes_and_scores_by_exact_match():
     bad = Task("few_shot_instructions", info.instruction, [{"definition": "x", "examples": "y", "answer": "z"}])
     with pytest.raises(TaskDataError, match="query"):
         bad.encode(0, tok)
+
+
+@pytest.mark.parametrize("limit", [40, 50, 100])
+def test_every_task_is_among_the_evenly_spaced_rows_evaluation_scores(limit):
+    """Row k asked task k mod 7, so the 100 rows evaluation spaces over the 350 test rows (3.5 apart)
+    held two tasks, reverse and initials, and 50 rows one (fourteenth session's split audit)."""
+    from moe_gen.trainer.evaluation import spaced_indices
+
+    for split in ("train", "test"):
+        rows = few_shot_rows(split)
+        counts = collections.Counter(rows[i]["task"] for i in spaced_indices(len(rows), limit))
+        assert set(counts) == {key for key, _, _ in FEW_SHOT_TASKS}, (split, counts)
+        assert min(counts.values()) >= limit // 20 and max(counts.values()) <= limit // 4, (split, counts)

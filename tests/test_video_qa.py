@@ -49,8 +49,10 @@ def test_answers_follow_the_rendering():
         dx, dy = steps[row["direction"]]
         assert (x1 - x0) * dx + (y1 - y0) * dy >= 15, (row["id"], x0, y0, x1, y1)  # 20-40 px that way
         assert abs((x1 - x0) * dy) + abs((y1 - y0) * dx) < 1e-6  # and not across
-        question, answer = (DIRECTION_QUESTION, row["direction"]) if k % 2 == 0 else (DIGIT_QUESTION, row["mover"])
-        assert (row["question"], row["answer"]) == (question, answer)
+        answers = {DIRECTION_QUESTION: row["direction"], DIGIT_QUESTION: row["mover"]}
+        assert row["answer"] == answers[row["question"]]
+    for k in range(0, len(rows) - 1, 2):  # each pair of rows asks both questions
+        assert {rows[k]["question"], rows[k + 1]["question"]} == {DIRECTION_QUESTION, DIGIT_QUESTION}
 
 
 def test_splits_use_their_own_digits_and_are_deterministic():
@@ -81,3 +83,14 @@ def test_the_preset_encodes_its_baseline_runs_and_bad_videos_are_task_data_error
     cv = scores.pop("cv")  # cross-validated on the training rows
     assert set(scores) == {"majority", "logreg", "knn"} and all(0 <= v <= 1 for v in scores.values())
     assert set(cv) == {"logreg", "knn"} and all(0 <= v <= 1 for v in cv.values())
+
+
+@pytest.mark.parametrize("limit", [20, 25, 50])
+def test_both_questions_are_among_the_evenly_spaced_rows_evaluation_scores(limit):
+    """Even rows asked the direction and odd rows the digit: 50 rows spaced over 100 asked only the
+    direction (fourteenth session's split audit)."""
+    from moe_gen.trainer.evaluation import spaced_indices
+
+    questions = [row["question"] for row in moving_digit_rows("test", count=100)]
+    asked = collections.Counter(questions[i] for i in spaced_indices(len(questions), limit))
+    assert min(asked[DIRECTION_QUESTION], asked[DIGIT_QUESTION]) >= limit // 4, asked

@@ -11,7 +11,8 @@ holds the task's ``definition``, two worked ``examples`` (``input: ... output: .
 The words are the lower-case words of 3-8 letters in CPython's ``pydoc_data.topics`` (1,957
 words, sorted). Every 5th of them is held out: test queries use held-out words only and train
 queries never do, so a test query shares no word with any training query; the worked examples of
-both splits use training words. Row ``k`` of a split asks task ``k mod 7`` and is drawn from
+both splits use training words. Each block of 7 rows asks every task once, in an order drawn per
+block (``order.shuffled_cycle``); row ``k`` is drawn from
 ``random.Random(seed · 100003 + k + split offset)``: 3,500 train and 350 test rows by default;
 ``"all"`` is the train rows, then the test rows.
 """
@@ -22,6 +23,8 @@ import functools
 import random
 import re
 from typing import Callable
+
+from moe_gen.tasks.sources.order import shuffled_cycle
 
 __all__ = ["FEW_SHOT_TASKS", "few_shot_rows", "task_words", "SPLITS"]
 
@@ -105,7 +108,7 @@ def few_shot_rows(split: str = "train", count: int | None = None, seed: int = 0)
     count = count if count is not None else (3500 if split == "train" else 350)
     rows = []
     for k in range(count):
-        key, definition, answer = FEW_SHOT_TASKS[k % len(FEW_SHOT_TASKS)]
+        key, definition, answer = FEW_SHOT_TASKS[shuffled_cycle(k, len(FEW_SHOT_TASKS), f"fewshot/{split}/{seed}")]
         rng = random.Random(seed * 100003 + k + (0 if split == "train" else 50000))
         shots = [_draw(shot_words, key, rng) for _ in range(SHOTS)]
         query = _draw(query_words, key, rng)

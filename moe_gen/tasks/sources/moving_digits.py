@@ -8,8 +8,9 @@ pixels in each picture). Digits are scikit-learn's 8 x 8 digits (``sources.visio
 the still one never overlaps the moving one's path. Telling which digit moves, or which way, takes
 more than one picture: a single picture shows two digits and no motion.
 
-Questions alternate by row: ``DIRECTION_QUESTION`` (answers: left, right, up, down) and
-``DIGIT_QUESTION`` (answer: the moving digit's name). Clips of a split only use that split's digits
+Each pair of rows asks both questions, in an order drawn per pair (``order.shuffled_cycle``):
+``DIRECTION_QUESTION`` (answers: left, right, up, down) and ``DIGIT_QUESTION`` (answer: the moving
+digit's name). Clips of a split only use that split's digits
 (every 5th digit is ``test``); clip ``k`` is drawn from ``random.Random(seed · 100003 + k + split offset)``.
 """
 
@@ -18,6 +19,8 @@ from __future__ import annotations
 import random
 
 import numpy as np
+
+from moe_gen.tasks.sources.order import shuffled_cycle
 
 __all__ = ["DIRECTIONS", "DIRECTION_QUESTION", "DIGIT_QUESTION", "moving_digit_rows", "render_clip"]
 
@@ -69,7 +72,7 @@ def render_clip(mover: np.ndarray, still: np.ndarray, path: list[tuple[int, int]
 def moving_digit_rows(split: str = "train", count: int = 600, seed: int = 0) -> list[dict]:
     """Rows ``{"video", "question", "answer", "direction", "mover", "still", "digit_ids", "id"}``:
     ``video`` uint8 [16, 64, 64, 3]; ``digit_ids`` the ids of the moving and the still digit
-    (``load_digit_images``); even rows ask the direction, odd rows the moving digit."""
+    (``load_digit_images``); each pair of rows asks the direction once and the moving digit once."""
     from moe_gen.tasks.sources.vision import load_digit_images
 
     digits = load_digit_images(split)  # checks the split
@@ -83,7 +86,8 @@ def moving_digit_rows(split: str = "train", count: int = 600, seed: int = 0) -> 
         direction = rng.choice(DIRECTIONS)
         path = _path(direction, rng)
         video = render_clip(mover["image"], still["image"], path, _still_place(path, rng), rng.randrange(2**32))
-        question, answer = (DIRECTION_QUESTION, direction) if k % 2 == 0 else (DIGIT_QUESTION, mover["label"])
+        asks_direction = shuffled_cycle(k, 2, f"moving/{split}/{seed}") == 0
+        question, answer = (DIRECTION_QUESTION, direction) if asks_direction else (DIGIT_QUESTION, mover["label"])
         rows.append({"video": video, "question": question, "answer": answer, "direction": direction,
                      "mover": mover["label"], "still": still["label"], "digit_ids": (mover["id"], still["id"]),
                      "id": f"moving/{split}/{k}"})
