@@ -863,3 +863,8 @@ def test_unseen_clip_motion_holds_out_whole_clips_of_every_kind_it_asks_about():
     assert task.classification and len(task.build("test")) == len(test)
     with pytest.raises(ValueError, match="holds out clips whose first 70% motion_classification trains on"):
         suite_tasks(["motion_classification", "motion_unseen_clips"])
+    # "all" is both splits; another split is refused (any split but "test" read as "train" before)
+    assert [r["id"] for r in unseen_clip_rows("all")] == [r["id"] for r in train + test]
+    for split in ("validation", "Test"):
+        with pytest.raises(ValueError, match=f"unknown split '{split}'; known: train, test, all"):
+            unseen_clip_rows(split)

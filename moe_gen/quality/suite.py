@@ -225,9 +225,14 @@ def unseen_clip_rows(split: str) -> list[dict]:
     """Motion windows of the kinds that have two or more source clips (dance, getup, turn_left,
     turn_right, walk), each kind's last clip by name held out whole: "test" holds only windows of
     clips no training window comes from. (``motion_classification`` splits every clip by time, so
-    its held-out windows are later frames of clips it trained on.)"""
+    its held-out windows are later frames of clips it trained on.) "all": the training windows, then
+    the held-out ones."""
     from moe_gen.tasks.sources.motion import load_motion_clips
 
+    if split not in ("train", "test", "all"):  # (any other split read as "train" before the fourteenth audit)
+        raise ValueError(f"unknown split {split!r}; known: train, test, all")
+    if split == "all":
+        return unseen_clip_rows("train") + unseen_clip_rows("test")
     rows = load_motion_clips("whole")  # windows of whole clips, across the train/test split point
     clips: dict[str, set] = {}
     for row in rows:
