@@ -15,6 +15,7 @@ from moe_gen.tasks.sources.dialog import (
     language_rows,
     language_turns,
     turn_key,
+    unaccented_key,
 )
 
 
@@ -40,6 +41,10 @@ def test_every_fifth_turn_is_test_and_the_splits_are_disjoint():
     assert language_rows("train") == train  # deterministic
     assert len(train) + len(test) == sum(len(t) for t in language_turns().values())
     assert not {turn_key(r["text"]) for r in train} & {turn_key(r["text"]) for r in test}  # "Hola!" / "Hola"
+    # nor a turn typed without its accents ("Voie Lactee" / "Voie Lactée") within one language
+    seen = {(r["language"], unaccented_key(r["text"])) for r in train}
+    assert not [r["text"] for r in test if (r["language"], unaccented_key(r["text"])) in seen]
+    assert unaccented_key("Le téléscope spatial Hubble, lancé") == unaccented_key("Le telescope spatial Hubble lance")
     assert {r["language"] for r in train} == {r["language"] for r in test} == set(LANGUAGES)
     assert all(int(r["id"].split("/")[1]) % 5 == 0 for r in test)
     assert sorted(language_rows("all"), key=lambda r: r["id"]) == sorted(train + test, key=lambda r: r["id"])
