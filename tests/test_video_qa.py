@@ -43,7 +43,7 @@ def test_a_clip_by_hand():
 def test_answers_follow_the_rendering():
     rows = moving_digit_rows("train", count=80) + moving_digit_rows("test", count=40)
     steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
-    for k, row in enumerate(rows):
+    for row in rows:
         assert row["video"].shape == (16, 64, 64, 3) and row["mover"] != row["still"]
         (x0, y0), (x1, y1) = _centre_of_change(row["video"])
         dx, dy = steps[row["direction"]]
