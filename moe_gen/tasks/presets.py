@@ -244,7 +244,7 @@ _FEW_SHOT = ("7 exactly computed word tasks (reverse, first, last, initials, cou
              "definition, 2 worked examples and a query of 2-4 words from CPython's pydoc_data.topics "
              "(moe_gen.tasks.sources.fewshot); test queries use held-out words only")
 _DOCSTRINGS = ("docstrings of 102 standard-library modules whose first line summarises the rest "
-               "(moe_gen.tasks.sources.docstrings; 643 rows on CPython 3.11, other versions differ; a "
+               "(moe_gen.tasks.sources.docstrings; 625 rows on CPython 3.11, other versions differ; a "
                "near copy of a document met before is left out); test = every 5th")
 
 
