@@ -3,6 +3,8 @@ trains, and the warning for a warm-up as long as the run (fourteenth session's o
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 from helpers import flavour_with
@@ -72,3 +74,16 @@ def test_a_warm_up_longer_than_the_run_is_warned_of(tok, tmp_path, caplog):
         Trainer(model, [tables], TrainConfig(**{**QUIET, "steps": 10, "warmup_steps": 10}),
                 output_dir=str(tmp_path / "b")).close()
     assert "warmup_steps" not in caplog.text
+
+
+def test_checkpoints_past_step_ten_million_are_kept_in_step_order(tok, tmp_path):
+    """Names sorted as text put step-10000000 (past the 7-digit padding) before step-9999500, so
+    the checkpoint just written was removed as the oldest (fourteenth session's long-run audit)."""
+    model = _table_model(tok)
+    tables = load_preset("table_species", "train", limit=8)
+    with Trainer(model, [tables], TrainConfig(**{**QUIET, "steps": 20_000_000}), output_dir=str(tmp_path)) as trainer:
+        for step in (9_999_000, 9_999_500, 10_000_000):
+            trainer.step = step
+            trainer.save_checkpoint()
+        assert sorted(os.listdir(trainer.checkpoint_dir)) == ["latest", "step-10000000", "step-9999500"]
+        assert trainer.latest_checkpoint().endswith("step-10000000")

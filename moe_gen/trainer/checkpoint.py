@@ -327,7 +327,8 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
         raise CheckpointError(f"the checkpoint of step {step} was not written "
                               f"({error or 'it failed on another process'})")
     if rank == 0:
-        done = sorted(d for d in os.listdir(root) if _is_checkpoint_name(d))
+        # by step number (as text, step-10000000 sorted before step-9999500 and was removed as the oldest)
+        done = sorted((d for d in os.listdir(root) if _is_checkpoint_name(d)), key=lambda d: int(d[5:]))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
             shutil.rmtree(os.path.join(root, old + ".old"), ignore_errors=True)
