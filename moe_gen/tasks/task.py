@@ -50,6 +50,7 @@ __all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES", "CLOSED_SE
 
 MEDIA_MODALITIES = ("IMAGE", "AUDIO", "VIDEO")  # modalities whose values may name files
 MAX_ERRORS = 100  # error messages a task keeps (task.skipped counts them all)
+MAX_PLANS = 8  # plans a task keeps, one per (tokenizer, statistics) pair, the most recently used
 # Entries of ``fit_statistics`` that are not a preprocessor's: the label sets of closed-set slots,
 # and the per-feature mean and std that normalise MOTION frames.
 CLOSED_SETS = "closed_sets"
@@ -433,8 +434,9 @@ class Task:
                 where they hold any, replace the labels of this task's rows (statistics saved
                 before closed sets were kept hold none).
         """
-        for known, known_statistics, plan in self._plans:  # by identity (the entry holds both objects)
+        for i, (known, known_statistics, plan) in enumerate(self._plans):  # by identity (the entry holds both)
             if known is tokenizer and known_statistics is statistics:
+                self._plans.append(self._plans.pop(i))  # the most recently used last
                 return plan
         options = {name: dict(value) for name, value in self.preprocessor_options.items()}
         fitted = self.fit_statistics() if statistics is None else statistics
@@ -456,6 +458,10 @@ class Task:
         plan = TaskPlan(self.name, self.instruction, tokenizer, closed_sets=labels,
                         preprocessor_options=options, max_slot_positions=self.max_slot_positions)
         self._plans.append((tokenizer, statistics, plan))
+        # the MAX_PLANS most recently used: every model loaded or merged brings its own tokenizer and
+        # statistics objects, and a task scored on each checkpoint of a run kept one plan per model
+        # (and its encoders' caches) for good before the fourteenth audit
+        del self._plans[:-MAX_PLANS]
         return plan
 
     def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True,
