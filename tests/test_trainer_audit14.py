@@ -101,3 +101,27 @@ def test_a_task_keeps_the_plans_of_its_most_recently_used_models_only(tok):
     assert len(task._plans) == MAX_PLANS
     assert task.plan(tok, statistics[-1]) is plans[-1]  # a recent one is still reused
     assert task.plan(tok, statistics[0]) is not plans[0]  # an old one was let go, and is made again
+
+
+def test_a_resumed_log_is_cut_one_record_at_a_time(tmp_path):
+    """The resume read the whole train.jsonl into memory before rewriting it (1.4 GB for 80,000
+    logged steps of a 12-layer, 32-expert model; fourteenth session's long-run audit)."""
+    import json
+    import tracemalloc
+
+    from moe_gen.trainer.logs import RunLogger
+
+    log = tmp_path / "logs" / "train.jsonl"
+    log.parent.mkdir()
+    load = {f"layer{i}": [1 / 32] * 32 for i in range(12)}  # about 10 kB a record
+    with open(log, "w") as f:
+        f.writelines(json.dumps({"step": step, "loss": 1.0 / step, "expert_load": load}) + "\n"
+                     for step in range(1, 1001))
+        f.write('{"step": 1001, "lo')  # torn by a kill
+    tracemalloc.start()
+    RunLogger(str(tmp_path), 2000, 600, progress=False, tensorboard=False, resume_step=600).close()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    records = [json.loads(line) for line in open(log)]
+    assert [r["step"] for r in records] == list(range(1, 601)) and records[-1]["loss"] == 1.0 / 600
+    assert peak < 1_000_000, peak  # the log is 10 MB

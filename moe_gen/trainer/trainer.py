@@ -46,7 +46,7 @@ from moe_gen.trainer.checkpoint import (
 from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
-from moe_gen.trainer.logs import RunLogger, expert_utilisation, read_jsonl_log
+from moe_gen.trainer.logs import RunLogger, expert_utilisation, iter_jsonl_log
 from moe_gen.trainer.resume import check_same_model, check_same_tokenizer, check_same_training
 from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
 from moe_gen.trainer.scales import step_loss_scales
@@ -757,8 +757,11 @@ def _warn_of_batch_local_balance(model, config: TrainConfig) -> None:
 
 def _logged_loss(path: str, step: int) -> Optional[float]:
     """The loss the run log at ``path`` holds for ``step`` (None without that record, or no log)."""
-    records = read_jsonl_log(path) if os.path.exists(path) else []
-    return next((record.get("loss") for record in reversed(records) if record.get("step") == step), None)
+    loss = None
+    for record in iter_jsonl_log(path) if os.path.exists(path) else ():  # (one record at a time)
+        if record.get("step") == step:
+            loss = record.get("loss")
+    return loss
 
 
 def _checkpoint_step(path: Optional[str]) -> Optional[int]:
