@@ -11,7 +11,7 @@ import torch
 from helpers import random_tags
 
 from moe_gen import ROUTERS, MoE, MoEConfig, RouterConfig, TokenTags
-from moe_gen.routing import attribute_dim, balance_loss, importance_loss, slot_positions, z_loss
+from moe_gen.routing import attribute_dim, balance_loss, capacity_for, importance_loss, slot_positions, z_loss
 from moe_gen.routing.tags import TagBatch
 
 D, E = 16, 8
@@ -354,6 +354,27 @@ def test_slot_positions_by_hand():
     # first choices: t0→e0 (0), t1→e0 (1), t2→e1 (0); then second: t0→e1 (1), t1→e2 (0)
     assert positions.tolist() == [[0, 1], [1, 0], [0, 0]]
     assert counts.tolist() == [2, 2, 1]
+
+
+def test_capacity_rounds_a_fraction_of_a_slot_up():
+    # f·k·N/E: 0.3·2·5/4 = 0.75 → 1 slot (rounded down, every assignment would be dropped)
+    assert capacity_for(5, 2, 4, 0.3, 0) == 1
+    assert capacity_for(10, 2, 4, 1.25, 1) == 7  # 6.25 → 7
+    assert capacity_for(8, 2, 4, 1.0, 0) == 4  # whole: no extra slot
+    assert capacity_for(8, 2, 4, 1.0, 5) == 5  # min_capacity wins
+    x = torch.tensor([[4.0, 3.0, 0.0, 0.0]] * 5)
+    routing = fixed_router_moe(0.3)(x).routing
+    assert routing.capacity == 1
+    assert routing.mask.tolist() == [[True, True]] + [[False, False]] * 4
+
+
+def test_slot_positions_of_absent_assignments_are_zero():
+    ids = torch.tensor([[2, 1], [2, 0], [2, 1]])
+    mask = torch.tensor([[False, True], [False, False], [True, False]])
+    positions, counts = slot_positions(ids, mask, 3)
+    # the present ones: t0→e1 (0), t2→e2 (0); the absent ones take no slot and read 0
+    assert positions.tolist() == [[0, 0], [0, 0], [0, 0]]
+    assert counts.tolist() == [0, 1, 1]
 
 
 # ---- auxiliary losses ------------------------------------------------------------------------
