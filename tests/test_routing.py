@@ -396,6 +396,54 @@ def test_z_and_importance_losses_by_hand():
     assert float(importance_loss(probs)) == pytest.approx(1.0)
 
 
+def test_importance_loss_divides_by_the_squared_mean():
+    probs = torch.tensor([[1.0, 0.0]] * 4)  # importance (4, 0): var 4, mean 2, CV² = 4 / 2² = 1
+    assert float(importance_loss(probs)) == pytest.approx(1.0)
+    probs = torch.tensor([[0.75, 0.25], [0.25, 0.75], [1.0, 0.0]])  # (2, 1): var 0.25, mean 1.5
+    assert float(importance_loss(probs)) == pytest.approx(0.25 / 1.5**2)
+
+
+def test_every_loss_of_a_batch_without_valid_tokens_is_zero():
+    assert float(balance_loss(torch.zeros(0, 4), torch.zeros(0, 2, dtype=torch.long))) == 0.0
+    assert float(importance_loss(torch.zeros(0, 4))) == 0.0
+    assert float(z_loss(torch.zeros(0, 4))) == 0.0
+    moe = make_moe(router=RouterConfig(balance_loss_weight=0.5, importance_loss_weight=1.0, z_loss_weight=0.1))
+    x = torch.randn(2, 3, D, requires_grad=True)
+    out = moe(x, padding_mask=torch.ones(2, 3, dtype=torch.bool))
+    assert set(out.aux_losses) == {"balance", "importance", "z"}
+    assert all(loss.item() == 0.0 for loss in out.aux_losses.values())
+    out.aux_loss.backward()
+    assert all(torch.isfinite(p.grad).all() for p in moe.router.parameters() if p.grad is not None)
+
+
+@pytest.mark.parametrize("strategy", ["modality", "task", "attribute"])
+@pytest.mark.parametrize("capacity_factor", [None, 100.0], ids=["group-routes", "token-routes"])
+def test_tag_routed_losses_equal_the_token_losses_of_their_valid_tokens(strategy, capacity_factor):
+    """Group routes (dropless) weight each group's z-loss by its valid members; routes expanded to
+    tokens (capacity) compute it token by token: both equal the ST-MoE loss over the valid tokens."""
+    torch.manual_seed(0)
+    moe = make_moe(capacity_factor=capacity_factor,
+                   router=RouterConfig(strategy=strategy, balance_loss_weight=0.5, z_loss_weight=0.25))
+    x, tags = torch.randn(3, 12, D), random_tags((3, 12))
+    pad = torch.zeros(3, 12, dtype=torch.bool)
+    pad[1, 5:] = pad[2, 2:] = True
+    out = moe(x, tags=tags, padding_mask=pad)
+    r = out.routing
+    assert (r.groups is None) == (capacity_factor is not None)
+    valid = r.valid
+    torch.testing.assert_close(out.aux_losses["z"], 0.25 * z_loss(r.logits[valid]))
+    torch.testing.assert_close(out.aux_losses["tag_balance"], 0.5 * balance_loss(r.probs[valid], r.topk_ids[valid]))
+
+
+def test_count_losses_are_skipped_for_expanded_tag_routes_and_balanced_gates():
+    cfg = dict(balance_loss_weight=0.5, importance_loss_weight=2.0, z_loss_weight=0.25)
+    x, tags = torch.randn(40, D), random_tags((40,))
+    expanded = make_moe(capacity_factor=100.0, router=RouterConfig(strategy="task", **cfg))(x, tags=tags)
+    assert expanded.routing.groups is None and set(expanded.aux_losses) == {"tag_balance", "z"}
+    chosen = make_moe(router=RouterConfig(gate="expert_choice", **cfg))(x, tags=tags)
+    assert set(chosen.aux_losses) == {"z"}
+
+
 def test_aux_losses_are_weighted_and_tag_routing_skips_count_losses():
     cfg = dict(balance_loss_weight=0.5, z_loss_weight=0.25, importance_loss_weight=2.0)
     x, tags = torch.randn(40, D), random_tags((40,))

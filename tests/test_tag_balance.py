@@ -304,6 +304,21 @@ def test_a_windowed_loss_reads_the_running_load_share():
     assert _moe("bias", tag_balance_window=W).router.load_average is None  # no loss to read it
 
 
+def test_a_windowed_loss_reads_the_running_load_share_with_capacity_too():
+    """Routes expanded to tokens (capacity) read the same running share as group routes."""
+    moe = _moe("loss", tag_balance_window=4, balance_loss_weight=0.01).train()
+    capped = _moe("loss", tag_balance_window=4, balance_loss_weight=0.01).train()
+    capped.load_state_dict(moe.state_dict())
+    capped.config = capped.config.replace(capacity_factor=100.0)  # nothing dropped
+    capped.router.config = capped.config
+    for task, seed in ((0, 0), (5, 1)):
+        tags, x = _one_task(task, seed)
+        grouped, expanded = moe(x, tags=tags), capped(x, tags=tags)
+        assert grouped.routing.groups is not None and expanded.routing.groups is None
+        torch.testing.assert_close(expanded.aux_losses["tag_balance"], grouped.aux_losses["tag_balance"])
+    torch.testing.assert_close(capped.router.load_average, moe.router.load_average)
+
+
 # ---- utilisation in the analysis and the training log -----------------------------------------
 
 
