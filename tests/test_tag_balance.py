@@ -425,6 +425,27 @@ def _spawn(body: str, tmp_path) -> list[dict]:
     assert not errors and all(p.exitcode == 0 for p in procs), "\n".join(errors)
     return [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
 
+@pytest.mark.parametrize("rule", ["error", "sign"])
+def test_no_load_moves_no_bias(rule):
+    bias_E = torch.tensor([0.5, -0.25, 0.0, 0.125])
+    balance.nudge_bias_(bias_E, torch.zeros(4), 0.1, rule)
+    assert torch.equal(bias_E, torch.tensor([0.5, -0.25, 0.0, 0.125]))
+
+
+def test_a_sync_after_no_forward_changes_nothing():
+    """One process: routers that ran no forward since the last sync contribute zeros, which move
+    neither a selection bias nor a running load share; a model without such routers is left alone."""
+    biased = _moe("bias", tag_balance_rate=0.1)
+    windowed = _moe("loss", tag_balance_window=4)
+    model = torch.nn.ModuleList([biased, windowed])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    balance.sync_bias_updates(model)
+    after = model.state_dict()
+    assert all(torch.equal(after[k], v) for k, v in before.items())
+    balance.sync_bias_updates(_moe("loss"))  # neither kind of router: nothing to do
+    balance.sync_bias_updates(torch.nn.Linear(2, 2))
+
+
 
 @pytest.mark.distributed
 def test_processes_advance_one_running_load_from_their_mean_share(tmp_path):
