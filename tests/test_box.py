@@ -49,6 +49,16 @@ def test_iou():
     assert box_iou([3, 4, 3, 4], [3, 5, 3, 5]) == 0.0 and box_iou([3, 4, 3, 4], [0, 0, 8, 8]) == 0.0
 
 
+def test_iou_accuracy_counts_a_box_at_the_threshold_as_a_hit():
+    from moe_gen.tasks.metrics import iou_accuracy
+
+    reference = [0, 0, 10, 10]
+    assert iou_accuracy([[0, 0, 10, 5]], [reference]) == 1.0  # IoU 50 / 100, exactly 0.5
+    assert iou_accuracy([[0, 0, 10, 4]], [reference]) == 0.0
+    assert iou_accuracy([[0, 0, 10, 5], None], [reference, reference]) == 0.5  # a box cut short: a miss
+    assert iou_accuracy([[0, 0, 10, 8]], [reference], threshold=0.8) == 1.0
+
+
 def test_a_box_target_sized_by_the_rows_width_and_height_decodes_in_its_pixels():
     """Without an IMAGE slot a box is measured against the row's ``width`` and ``height``; decoding
     mapped it back to the unit square (a perfect answer scored IoU 0) before 2026-12-05."""

@@ -89,6 +89,13 @@ def test_rouge_l_is_the_f1_of_the_longest_common_subsequence():
     assert scores["rouge_l"] == pytest.approx(100 * (5 / 6 + 0 + 1) / 3)  # LCS 5 of 6 and 6 words; empty: 0
 
 
+def test_rouge_l_weighs_precision_and_recall_alike():
+    # LCS 2 of a 2-word and a 6-word text: P = 1, R = 1/3 (or the other way round), F1 = 2·2 / (2 + 6)
+    short, long = "The cat", "the cat sat on the mat"
+    assert compute(("rouge_l",), [short], [long])["rouge_l"] == pytest.approx(50.0)
+    assert compute(("rouge_l",), [long], [short])["rouge_l"] == pytest.approx(50.0)
+
+
 def test_the_preset_encodes_and_bad_rows_are_task_data_errors():
     info = preset_info("docstring_summary")
     assert info.metrics == ("rouge_l", "bleu", "chrf") and "3.11" in info.source and "PSF" in info.licence

@@ -110,6 +110,15 @@ def test_generated_image_metrics(digits):
     assert pixel_mse([np.full((16, 16, 3), 255, np.uint8)], [np.zeros((8, 8), np.uint8)]) == 1.0
 
 
+def test_colour_images_are_read_as_the_mean_of_their_red_green_and_blue():
+    grey = np.full((8, 8), 60, np.uint8)
+    colour = np.zeros((8, 8, 3), np.uint8) + np.array([30, 60, 90], np.uint8)
+    assert pixel_mse([colour], [grey]) == 0.0
+    with_alpha = np.concatenate([colour, np.full((8, 8, 1), 255, np.uint8)], axis=-1)  # alpha is no colour
+    assert pixel_mse([with_alpha], [grey]) == 0.0
+    assert pixel_mse([np.zeros((8, 8), np.uint8)], [colour]) == pytest.approx((60 / 255) ** 2)
+
+
 def test_pixel_mse_reads_image_files_as_slots_take_them(digits, tmp_path):
     from PIL import Image
 

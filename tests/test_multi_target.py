@@ -399,6 +399,22 @@ def test_detection_f1_hand_computed():
     assert detection_f1([[(A, None)]], [[(A, "one")]]) == 1.0  # no label: class-agnostic
 
 
+def test_detection_matches_as_many_pairs_as_possible_then_the_larger_iou():
+    # Pairing by the largest total IoU would take P1-R2 (0.89) and P2-R1 (0.875) and leave P3 (which
+    # only R2 matches) out: 2 hits. The most pairs: P3-R2 (0.5), P1-R1 (0.55), P2-R3 (0.57).
+    P = [[3, 0, 12, 10], [2, 0, 9, 10], [6, 0, 16, 10]]
+    R = [[1, 0, 9, 10], [4, 0, 12, 10], [3, 0, 7, 10]]
+    assert box_iou(P[0], R[1]) + box_iou(P[1], R[0]) > box_iou(P[2], R[1]) + box_iou(P[0], R[0]) + box_iou(P[1], R[2])
+    assert detection_counts([[(p, "x") for p in P]], [[(r, "x") for r in R]]) == (3, 0, 0)
+
+
+def test_detection_hits_at_the_threshold_and_a_reference_without_label_matches_any():
+    assert detection_f1([[([0, 0, 10, 5], "one")]], [[(A, "one")]]) == 1.0  # IoU 50 / 100, exactly 0.5
+    assert detection_f1([[([0, 0, 10, 4], "one")]], [[(A, "one")]]) == 0.0  # 0.4
+    assert detection_f1([[(A, "one")]], [[(A, None)]]) == 1.0
+    assert detection_f1([[(A, b"one")]], [[(A, "one")]]) == 1.0
+
+
 def test_detection_matching_is_one_to_one_and_optimal():
     # P overlaps R1 (IoU 80/120) and R2 (70/130); Q overlaps R1 (60/100) and R2 (30/130). Greedy by IoU
     # pairs P with R1 and leaves Q and R2 unmatched (F1 1/2); the assignment pairs P-R2 and Q-R1 (F1 1).

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from moe_gen import MODALITIES, TASKS
+from moe_gen.registry import METRICS
 from moe_gen.routing.tags import MODALITIES as TAG_MODALITIES
 from moe_gen.routing.tags import ROLES
 from moe_gen.tasks import (
@@ -20,6 +21,7 @@ from moe_gen.tasks import (
     Tokenizer,
     collate,
     load_preset,
+    metrics,
     pack_rows,
     preset_info,
 )
@@ -450,6 +452,25 @@ def test_frame_errors_count_missing_and_extra_frames():
     assert l1([np.zeros((0, 2))], [reference]) == pytest.approx(8 / 6)  # nothing generated
     with pytest.raises(ValueError, match="reference frames"):
         l1([np.zeros((3, 5))], [reference])
+
+
+def test_frame_errors_leave_nan_reference_values_out():
+    """NaN marks a reference value that is no target (the padding of a last row of stacked frames)."""
+    from moe_gen.tasks.metrics import l1, mse
+
+    reference = np.array([[1.0, 2.0], [3.0, np.nan]])
+    assert l1([np.array([[1.0, 2.0], [3.0, 7.0]])], [reference]) == 0.0
+    assert l1([np.array([[0.0, 2.0], [3.0, 7.0]])], [reference]) == pytest.approx(1 / 3)  # 3 target values
+    assert mse([np.array([[1.0, 2.0]])], [reference]) == pytest.approx(9 / 3)  # the missing frame's 3 only
+
+
+@pytest.mark.parametrize("name", sorted(metrics.TEXT_METRICS | metrics.ANSWER_METRICS | metrics.VALUE_METRICS))
+def test_every_built_in_metric_refuses_unpaired_or_no_references(name):
+    metric = METRICS.get(name)
+    with pytest.raises(ValueError, match="2 predictions for 1 references"):
+        metric(["1", "2"], ["1"])
+    with pytest.raises(ValueError, match="at least one reference"):
+        metric([], [])
 
 
 @pytest.mark.parametrize("instruction", [
