@@ -185,6 +185,64 @@ def test_processes_walk_disjoint_shards(tok):
     assert not seen[0] & seen[1] and seen[0] | seen[1] == set(range(12))
 
 
+def test_mixing_weights_that_sum_to_zero_are_refused(tasks):
+    with pytest.raises(ValueError, match="give at least one task a positive weight"):
+        mixing_weights(tasks, quiet(mixing="weights", task_weights={n: 0.0 for n in NAMES}))
+
+
+def _same_length_rows_task() -> Task:
+    return Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"row {i}", "b": "y"} for i in range(10)])
+
+
+def test_a_micro_batchs_first_row_is_taken_whatever_the_budgets(tok):
+    """Budgets cap what joins a micro-batch; a row larger than a budget still makes a batch of one
+    (refused, it would leave every micro-batch empty)."""
+    task = _same_length_rows_task()
+    for config in (quiet(batch_size=3, modality_budget={"TEXT": 1}), quiet(batch_size=3, max_tokens=1)):
+        sampler = TaskSampler([task], tok, config)
+        assert [len(sampler.next_batch(step)) for step in range(3)] == [1, 1, 1]
+
+
+def test_max_tokens_admits_a_batch_of_exactly_that_many_positions(tok):
+    task = _same_length_rows_task()
+    drawn = TaskSampler([task], tok, quiet(batch_size=10)).next_batch(0)
+    sizes = {sum(sample_modality_tokens(s).values()) for s in drawn}
+    assert len(sizes) == 1  # every row holds as many positions
+    sampler = TaskSampler([task], tok, quiet(batch_size=3, max_tokens=2 * sizes.pop()))
+    assert [len(sampler.next_batch(step)) for step in range(3)] == [2, 2, 2]
+
+
+def test_a_budget_leaves_rows_without_that_modality_alone(tasks, tok):
+    """Once the first row has gone over the IMAGE budget, rows without images still join."""
+    sampler = TaskSampler([tasks[0], _same_length_rows_task()], tok,
+                          quiet(mixing="all", batch_size=4, modality_budget={"IMAGE": 1}))
+    for step in (0, 2):  # the digits task takes the first turn
+        assert [s.task for s in sampler.next_batch(step)] == ["digit_classification", "t", "t"]
+
+
+def test_the_micro_batches_of_a_step_draw_their_tasks_independently(tasks, tok):
+    sampler = TaskSampler(tasks, tok, quiet(batch_size=1, batch_tasks="single"))
+    drawn = [(sampler.next_batch(step, 0)[0].task, sampler.next_batch(step, 1)[0].task) for step in range(10)]
+    assert any(first != second for first, second in drawn)
+
+
+def test_every_epoch_draws_another_augmentation(tok):
+    counting = load_preset("digit_counting", "train", limit=1)  # augment=dihedral, one row: an epoch a step
+    sampler = TaskSampler([counting], tok, quiet(batch_size=1))
+    images = [next(c for c in sampler.next_batch(step)[0].encoder if c.tokens is None).rows for step in range(6)]
+    assert len({tuple(rows.flatten().tolist()) for rows in images}) > 1
+
+
+def test_a_state_of_another_seed_or_other_rows_is_refused(tok):
+    task = _same_length_rows_task()
+    state = TaskSampler([task], tok, quiet(batch_size=2)).state_dict()
+    with pytest.raises(ValueError, match="row orders of seed 0.*resume with the same seed"):
+        TaskSampler([task], tok, quiet(batch_size=2, seed=1)).load_state_dict(dict(state, seed=0))
+    longer = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"row {i}", "b": "y"} for i in range(11)])
+    with pytest.raises(ValueError, match="had 10 rows when the checkpoint was written and has 11 now"):
+        TaskSampler([longer], tok, quiet(batch_size=2)).load_state_dict(state)
+
+
 # ---- training ------------------------------------------------------------------------------------
 
 def test_training_lowers_the_loss_and_logs_per_task(tasks, tok, tmp_path):
