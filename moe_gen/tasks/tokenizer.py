@@ -67,11 +67,10 @@ class BaseTokenizer(abc.ABC):
     _first_bin: int
     _first_sentinel: int
 
-    @property
-    @abc.abstractmethod
-    def encodes_unknown(self) -> bool:
-        """Whether ``encode`` may give ``unk_id``, for text its vocabulary does not cover (WordPiece
-        writes an emoji as ``[UNK]``): targets then train on it, and free text decodes it."""
+    # Whether ``encode`` may give ``unk_id``, for text its vocabulary does not cover (WordPiece writes
+    # an emoji as ``[UNK]``): targets then train on it, and free text decodes it. False (the unknown
+    # token is never written) unless a subclass says otherwise, as before it was asked.
+    encodes_unknown: bool = False
 
     @property
     @abc.abstractmethod
