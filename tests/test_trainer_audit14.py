@@ -125,3 +125,38 @@ def test_a_resumed_log_is_cut_one_record_at_a_time(tmp_path):
     records = [json.loads(line) for line in open(log)]
     assert [r["step"] for r in records] == list(range(1, 601)) and records[-1]["loss"] == 1.0 / 600
     assert peak < 1_000_000, peak  # the log is 10 MB
+
+
+def test_the_sampler_keeps_encoding_with_the_models_image_tokenizer_whatever_else_plans_the_task(tok, tmp_path):
+    """The trainer bound the model's own image tokenizer to the task's cached plan, and the sampler
+    found that plan through the cache; once the cache let old plans go (8 kept), 8 other models
+    planning the same task made the sampler encode with the task's own tokenizer, silently (the
+    review of the fourteenth session's diff)."""
+    from moe_gen.model import flavour
+    from moe_gen.tasks import Task
+    from moe_gen.tasks.modalities.image_codes import VQConfig, images_to_tensor, train_image_vq
+    from moe_gen.tasks.sources.vision import load_digit_images
+    from moe_gen.tasks.task import MAX_PLANS
+
+    instruction = "draw a handwritten [TEXT:label] -> [IMAGE:image,preprocess=image_vq]"
+    digits = load_digit_images("train")[:32]
+    config = VQConfig(size=8, codes=16, code_dim=4, hidden=16)  # 4 codes an image; the shipped one gives 16
+    own = str(tmp_path / "own_vq.safetensors")
+    train_image_vq(images_to_tensor([r["image"] for r in digits], config.size), config, steps=2, batch_size=16,
+                   seed=1).save(own)
+    rows = [{"label": r["label"], "image": r["image"]} for r in digits[:6]]
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [Task("draw", instruction, rows,
+                                                          preprocessor_options={"image_vq": {"tokenizer": own}})], tok)
+    fresh = Task("draw", instruction, rows)  # names no tokenizer: the model's own copy must be used
+    with Trainer(model, [fresh], TrainConfig(**QUIET), output_dir=str(tmp_path / "run")) as trainer:
+        cursor = trainer.sampler.cursors[0]
+
+        def code_tokens() -> int:
+            cursor._peeked = None
+            return len(next(c for c in cursor.peek(tok).decoder if c.column == "image").tokens)
+
+        assert code_tokens() == 4
+        for _ in range(MAX_PLANS):  # other models (their own tokenizer and statistics objects) plan the task
+            fresh.plan(Tokenizer.default(), dict(model.encoding_statistics(fresh)))
+        assert code_tokens() == 4

@@ -465,9 +465,11 @@ class Task:
         return plan
 
     def encode(self, index: int, tokenizer: Tokenizer, *, seed: int = 0, training: bool = True,
-               statistics: Optional[Mapping[str, Mapping]] = None) -> Optional[Sample]:
+               statistics: Optional[Mapping[str, Mapping]] = None, plan: Optional[TaskPlan] = None) -> Optional[Sample]:
         """Row ``index`` encoded, or None when it fails and ``on_error="skip"`` (``statistics``: as
-        for ``plan``).
+        for ``plan``; ``plan``: one of this task's plans to encode with instead, such as the model's,
+        ``GeneralistModel.plan``, which holds the model's own image tokenizers: the trainer's sampler
+        keeps it, since the task's cache keeps only its most recently used plans).
 
         Raises:
             TaskDataError: for a row that fails (``on_error="raise"``); any exception other than
@@ -476,7 +478,7 @@ class Task:
         """
         # a task-level error (no closed-set label at all, labels that clash) is no row's: raised
         # whatever on_error says (skipped, it failed every row, re-planning the task for each one)
-        plan = self.plan(tokenizer, statistics)
+        plan = plan if plan is not None else self.plan(tokenizer, statistics)
         try:
             row = self._row(index)
             try:

@@ -161,8 +161,8 @@ class _Cursor:
     the rows of the short ones more often, every epoch, before the thirteenth audit), and the rows
     drawn twice in an epoch are other ones each epoch. With one process: the shuffled rows."""
 
-    def __init__(self, task: Task, seed: int, rank: int, world: int, statistics=None) -> None:
-        self.task, self.seed, self.statistics = task, seed, statistics
+    def __init__(self, task: Task, seed: int, rank: int, world: int, statistics=None, plan=None) -> None:
+        self.task, self.seed, self.statistics, self.plan = task, seed, statistics, plan
         self.rank, self.world = rank, world
         self.size = _shard_size(len(task), world)
         self.epoch, self.position = 0, 0
@@ -186,14 +186,14 @@ class _Cursor:
         if self._peeked is None or self._peeked[:2] != (self.epoch, self.position):
             # A different augmentation draw every epoch, the same one on a resumed run.
             sample = self.task.encode(self.index(), tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
-                                      statistics=self.statistics)
+                                      statistics=self.statistics, plan=self.plan)
             self._peeked = (self.epoch, self.position, sample)
         return self._peeked[2]
 
     def some_row_encodes(self, tokenizer: Tokenizer, failed: set[int]) -> bool:
         """Whether a row of the task outside ``failed`` encodes (tried in order, up to the first)."""
         return any(self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
-                                    statistics=self.statistics) is not None
+                                    statistics=self.statistics, plan=self.plan) is not None
                    for index in range(len(self.task)) if index not in failed)
 
     def advance(self) -> None:
@@ -234,16 +234,21 @@ class TaskSampler:
             of every task's rows each epoch, all as many rows (``_Cursor``).
         statistics: task name → the model's encoding statistics for it
             (``GeneralistModel.encoding_statistics``); a task without them fits its own rows.
+        plans: task name → the plan to encode it with (``GeneralistModel.plan``: the model's own
+            image tokenizers), kept for the sampler's life; a task without one encodes with the
+            plan ``Task.plan`` returns for the tokenizer and its statistics.
     """
 
     def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, config: TrainConfig,
-                 rank: int = 0, world: int = 1, statistics: Optional[Mapping] = None) -> None:
+                 rank: int = 0, world: int = 1, statistics: Optional[Mapping] = None,
+                 plans: Optional[Mapping] = None) -> None:
         self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
         self.rank, self.world = rank, world
         # (checks the task settings, check_task_settings)
         self.raw_weights = raw_mixing_weights(self.tasks, config)
         self.weights = _shares(self.raw_weights)
-        self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name)) for t in self.tasks]
+        self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name), (plans or {}).get(t.name))
+                        for t in self.tasks]
         check_modality_keys(config)
 
     def state_dict(self) -> dict:

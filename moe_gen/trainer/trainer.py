@@ -395,10 +395,11 @@ class Trainer:
             logger.warning("TrainConfig.warmup_steps=%d is longer than the run's steps=%d: the learning rate reaches "
                            "%.3g of lr at the last step and never decays; set warmup_steps below steps",
                            config.warmup_steps, config.steps, config.steps / config.warmup_steps)
-        for task in self.tasks:  # the plans the sampler encodes with use the model's own image tokenizers
-            model.plan(task)
+        # the sampler encodes with the model's plans, which hold its own image tokenizers (kept by the
+        # sampler: a task's plan cache lets old plans go)
         self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world,
-                                   statistics={t.name: model.encoding_statistics(t) for t in self.tasks})
+                                   statistics={t.name: model.encoding_statistics(t) for t in self.tasks},
+                                   plans={t.name: model.plan(t) for t in self.tasks})
         self.step = 0
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0}
         self.failed_checkpoints_in_a_row = 0
