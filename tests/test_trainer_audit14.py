@@ -160,3 +160,19 @@ def test_the_sampler_keeps_encoding_with_the_models_image_tokenizer_whatever_els
         for _ in range(MAX_PLANS):  # other models (their own tokenizer and statistics objects) plan the task
             fresh.plan(Tokenizer.default(), dict(model.encoding_statistics(fresh)))
         assert code_tokens() == 4
+
+
+def test_a_refused_resume_leaves_the_given_models_weights_alone(tok, tmp_path):
+    """load_checkpoint loaded the weights before the sampler refused the changed data, so the model
+    given to the refused Trainer held the checkpoint's weights (94 of 97 tensors; the review of the
+    fourteenth session's diff)."""
+    tables = load_preset("table_species", "train", limit=8)
+    config = {**QUIET, "steps": 4, "checkpoint_every": 2}
+    with Trainer(_table_model(tok), [tables], TrainConfig(**config, lr=1e-2), output_dir=str(tmp_path)) as trainer:
+        trainer.fit()
+    given = _table_model(tok)  # the weights the first run started from, not its checkpoint's
+    before = {k: v.clone() for k, v in given.state_dict().items()}
+    with pytest.raises(ValueError, match="had 8 rows when the checkpoint was written and has 12 now"):
+        Trainer(given, [load_preset("table_species", "train", limit=12)], TrainConfig(**{**config, "steps": 6}),
+                output_dir=str(tmp_path), resume=True)
+    assert all(torch.equal(v, before[k]) for k, v in given.state_dict().items())

@@ -408,6 +408,24 @@ def _publish(root: str, name: str) -> None:
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
+def _check_fits(model, weights: dict, path: str) -> None:
+    """Raises ``ValueError`` unless ``weights`` have exactly the model's keys, each of its shape
+    (checked before anything loads)."""
+    current = model.state_dict()
+    missing = [k for k in current if k not in weights]
+    unexpected = [k for k in weights if k not in current]
+    if missing or unexpected:
+        hint = ("; a run started before location features were in the flavours resumes with "
+                "--model.location_frequencies 0" if "location_embedding.weight" in missing else "")
+        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
+                         f"{unexpected[:5]}{hint}")
+    shapes = [f"{k}: {tuple(weights[k].shape)} against {tuple(v.shape)}" for k, v in current.items()
+              if tuple(weights[k].shape) != tuple(v.shape)]
+    if shapes:
+        raise ValueError(f"checkpoint {path} does not fit this model: tensors of another shape "
+                         f"({'; '.join(shapes[:3])})")
+
+
 def _is_checkpoint_name(name: str) -> bool:
     return name.startswith("step-") and name[5:].isdigit()
 
@@ -422,15 +440,9 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
     rank = distributed.world_info().rank
     trainer_state = read_trainer_state(path)
     weights = like_model(model, _read_shards(path, "model", plan if plan is not None else model))
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:  # a tensor of another shape
-        raise ValueError(f"checkpoint {path} does not fit this model: {exc}") from None
-    if missing or unexpected:
-        hint = ("; a run started before location features were in the flavours resumes with "
-                "--model.location_frequencies 0" if "location_embedding.weight" in missing else "")
-        raise ValueError(f"checkpoint {path} does not fit this model: missing {missing[:5]}, unexpected "
-                         f"{unexpected[:5]}{hint}")
+    _check_fits(model, weights, path)
+    # what may still be refused (the optimizer's groups, the sampler's data) before the caller's model
+    # changes: a refused resume left the checkpoint's weights in it before the fourteenth session
     meta = read_json_object(os.path.join(path, "optimizer.json"), ("group_params", "param_groups", "scalars"))
     saved_scales = (trainer_state.get("config") or {}).get("lr_scales")
     rescaled = (lr_scales is not None and isinstance(saved_scales, dict) and saved_scales.keys() == lr_scales.keys()
@@ -440,6 +452,7 @@ def load_checkpoint(path: str, *, model, optimizer, scheduler, sampler, plan=Non
     _load_schedule(optimizer, scheduler, trainer_state["scheduler"])
     rank_state = read_json_object(rank_state_file(path, rank), ("sampler", "rng"))
     sampler.load_state_dict(rank_state["sampler"])
+    model.load_state_dict(weights)
     _set_rng_state(rank_state["rng"])
     if average is not None and "averaged_steps" in trainer_state:
         average.module.load_state_dict(_read_shards(path, "average", model))
