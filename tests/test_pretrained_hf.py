@@ -123,7 +123,7 @@ def test_llama_family_logits_match_transformers(smollm):
     reference, hf_tokenizer = smollm
     model = from_hf(reference, tokenizer=HFTokenizer.from_pretrained(hf_tokenizer)).eval()
     c = model.config
-    assert (c.layout, c.norm, c.num_kv_heads, c.experts.kind, c.tie_embeddings) == \
+    assert (c.layout, c.norm, c.num_kv_heads, c.moe.experts.kind, c.tie_embeddings) == \
         ("decoder-only", "rms", 3, "glu", True)
     ids = [hf_tokenizer(s, add_special_tokens=False).input_ids for s in SENTENCES]
     side = text_side(model, ids)
@@ -246,7 +246,9 @@ def test_upcycled_llama_equals_dense(smollm, strategy):
     reference, hf_tokenizer = smollm
     model = from_hf(reference, tokenizer=HFTokenizer.from_pretrained(hf_tokenizer)).eval()
     side = text_side(model, [hf_tokenizer(s, add_special_tokens=False).input_ids for s in SENTENCES])
-    _upcycled_equals_dense(model, lambda m: m.output_logits(m.encode(side).hidden)[~side.padding_mask], strategy)
+    # the logits reach 71 (one fp32 ulp there: 8e-6): one of 1.9 M differed by 1.7e-5 at an absolute 1e-5
+    _upcycled_equals_dense(model, lambda m: m.output_logits(m.encode(side).hidden)[~side.padding_mask], strategy,
+                           scale=True)
 
 
 @pytest.mark.parametrize("strategy", ["token", "attribute"])
