@@ -174,6 +174,10 @@ def _cmudict() -> dict[str, list[str]]:
 # Apostrophes as edited English text writes them (right and left single quotation marks, the
 # modifier letter apostrophe): the dictionary spells "don't" with the ASCII one.
 _APOSTROPHES = str.maketrans({"\u2019": "'", "\u2018": "'", "\u02bc": "'"})
+# Latin letters that Unicode does not decompose into a-z and a mark, written as English spells them
+# in loanwords and names ("Æsop", "hors d'œuvre", "Straße", "Łódź", "5 µm"); applied after lower-casing.
+_LATIN_LETTERS = str.maketrans({"æ": "ae", "œ": "oe", "ß": "ss", "ø": "o", "ł": "l", "đ": "d", "ð": "d",
+                                "þ": "th", "ı": "i", "ŋ": "ng", "µ": "u", "μ": "u"})
 
 
 def to_phones(text: str) -> list[str]:
@@ -183,22 +187,25 @@ def to_phones(text: str) -> list[str]:
     Quotes around a word (``'cat'``) are not part of it; inner apostrophes are (``don't``).
 
     The text is first normalised (NFKD, combining marks dropped, typographic apostrophes made
-    ASCII), so "café" is read as "cafe", "don’t" as "don't", "ﬁsh" as "fish" (before the
-    fourteenth audit such letters ended the word and vanished: "café" was spelled "C A F").
+    ASCII), so "café" is read as "cafe", "don’t" as "don't", "ﬁsh" as "fish", and Latin letters
+    without a decomposition as English writes them: "Æsop" as "aesop", "Straße" as "strasse",
+    "Łódź" as "lodz" (before the fourteenth audit such letters ended the word and vanished: "café"
+    was spelled "C A F").
 
     Raises:
-        ValueError: naming the word, for a letter that has no a-z form ("smørrebrød", "東京").
+        ValueError: naming the word, for a letter of another script ("東京", "Москва").
     """
     decomposed = unicodedata.normalize("NFKD", text)
     text = "".join(c for c in decomposed if not unicodedata.combining(c)).translate(_APOSTROPHES).lower()
+    text = text.translate(_LATIN_LETTERS)
     phones: list[str] = []
     for word in re.findall(r"(?:[^\W\d_]|')+|[0-9]+", text):
         word = word.strip("'")
         if not word:
             continue
         if not re.fullmatch(r"[a-z']+|[0-9]+", word):
-            raise ValueError(f"the word {word!r} has letters outside a-z, which have no English phones "
-                             "(spell it in Latin letters)")
+            raise ValueError(f"the word {word!r} has letters of another script than the Latin one, which have no "
+                             "English phones (write it in Latin letters)")
         pron = _cmudict().get(word)
         if pron:
             phones.extend(re.sub(r"\d", "", p) for p in pron[0])
