@@ -15,6 +15,7 @@ import torch
 
 from moe_gen import MoE, TokenTags
 from moe_gen.model import GeneralistModel, MoELayers, flavour
+from moe_gen.trainer import TrainConfig
 
 _MOE_FIELDS = {f.name for f in dataclasses.fields(MoELayers)}
 
@@ -100,6 +101,13 @@ def build(tasks, tok, **overrides) -> GeneralistModel:
     """A debug-flavour model for ``tasks`` (``flavour_with`` overrides), seeded."""
     torch.manual_seed(0)
     return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
+
+
+def quiet(**kwargs) -> TrainConfig:
+    """A ``TrainConfig`` without a progress bar or TensorBoard (``kwargs`` as given)."""
+    kwargs.setdefault("progress", False)
+    kwargs.setdefault("tensorboard", False)
+    return TrainConfig(**kwargs)
 
 
 def end_first_while_second_runs(block, inside_second):
