@@ -49,7 +49,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from moe_gen.durable import fsync_file
+from moe_gen.durable import fsync_file, shareable
 from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
 from moe_gen.routing.balance import sync_bias_updates
 
@@ -473,6 +473,7 @@ def _write_atomic(path: str, tensors: dict[str, torch.Tensor], metadata: dict[st
     os.close(fd)
     try:
         save_file(tensors, tmp, metadata=metadata)
+        shareable(tmp)  # (mkstemp made it owner-only)
         fsync_file(tmp)  # on disk before the rename makes it the file (a crash left torn weights)
         os.replace(tmp, path)
     except BaseException:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextlib
 import os
 
-__all__ = ["fsync_file", "fsync_dir"]
+__all__ = ["fsync_file", "fsync_dir", "shareable"]
 
 
 def fsync_file(path: str) -> None:
@@ -30,3 +30,12 @@ def fsync_dir(path: str) -> None:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+def shareable(path: str) -> None:
+    """Gives a file written through a private temporary file (``mkstemp``, safetensors: owner-only,
+    0600) the permissions the process's umask gives a file it creates (0644 under umask 022, 0664
+    under 002), so that whoever may read the other files of a model or checkpoint may read it too."""
+    mask = os.umask(0)  # (reading the umask means setting it: put straight back)
+    os.umask(mask)
+    os.chmod(path, 0o666 & ~mask)

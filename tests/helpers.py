@@ -8,6 +8,8 @@ import copy
 import dataclasses
 import importlib.util
 import os
+import shutil
+import subprocess
 import sys
 import threading
 
@@ -173,3 +175,15 @@ def spoken_words_and_a_new_speaking_task(tok):
                [{"text": r["text"], "audio": r["audio"]} for r in old.data[:4]])
     return old, model, new
 
+
+def mount_command(directory: str, size: str) -> list[str] | None:
+    """A command prefix running its argument in a private mount namespace with a tmpfs of ``size`` on
+    ``directory``, or None when this machine does not allow it."""
+    if shutil.which("unshare") is None:
+        return None
+    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
+        probe = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {directory}"],
+                               capture_output=True)
+        if probe.returncode == 0:
+            return prefix
+    return None

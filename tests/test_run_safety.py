@@ -7,7 +7,6 @@ import errno
 import fcntl
 import json
 import os
-import shutil
 import subprocess
 import sys
 import threading
@@ -15,6 +14,7 @@ import time
 
 import pytest
 import torch
+from helpers import mount_command
 
 from moe_gen import distributed
 from moe_gen.config import RouterConfig
@@ -279,24 +279,11 @@ def test_pretrain_that_cannot_save_its_model_says_what_is_saved(tmp_path, monkey
     assert f"the latest checkpoint is {tmp_path / 'checkpoints' / 'step-0000002'} (step 2)" in err
 
 
-def _mount_command(directory: str, size: str) -> list[str] | None:
-    """A command prefix running its argument in a private mount namespace with a tmpfs of ``size`` on
-    ``directory``, or None when this machine does not allow it."""
-    if shutil.which("unshare") is None:
-        return None
-    for prefix in (["unshare", "--mount"], ["unshare", "--user", "--map-root-user", "--mount"]):
-        probe = subprocess.run([*prefix, "sh", "-c", f"mount -t tmpfs -o size={size} tmpfs {directory}"],
-                               capture_output=True)
-        if probe.returncode == 0:
-            return prefix
-    return None
-
-
 def test_pretrain_on_a_full_disk_ends_non_zero_and_names_what_it_kept(tmp_path):
     """A real full disk: a 16 MiB tmpfs holds one debug checkpoint (12 MiB) and not a second."""
     disk = tmp_path / "disk"
     disk.mkdir()
-    prefix = _mount_command(str(disk), "16m")
+    prefix = mount_command(str(disk), "16m")
     if prefix is None:
         pytest.skip("cannot mount a tmpfs here (needs unshare and mount rights)")
     run = disk / "run"

@@ -6,6 +6,7 @@ tokenizer's files. Saving is atomic where it can be; loading names the file at f
 
 from __future__ import annotations
 
+import glob
 import json
 import os
 import shutil
@@ -13,6 +14,7 @@ import warnings
 
 import torch
 
+from moe_gen.durable import fsync_dir, fsync_file, shareable
 from moe_gen.model.config import ModelConfig
 from moe_gen.tasks.tokenizer import Tokenizer
 
@@ -28,45 +30,96 @@ def save_model(model, directory: str) -> None:
     files the tokenizer saves.
 
     Atomic where it can be: the files are written (and synced) into ``<directory>.tmp-<pid>``,
-    which then replaces ``directory`` whole, so a failed save (full disk) leaves ``directory`` as
-    it was and raises. A ``directory`` holding other files too keeps them; there the model's
-    files are replaced one by one (each atomically), and those of a tokenizer of another kind
-    saved there before are removed (``MODEL_FILES``), and so are they where ``directory`` is (or
-    holds) the working directory, which a whole-folder swap would leave deleted."""
-    from safetensors.torch import save_file
-
+    which then replaces ``directory`` whole, so a failed save (full disk, Ctrl-C) leaves
+    ``directory`` as it was and raises. A ``directory`` holding other files too keeps them; there
+    (and where ``directory`` is or holds the working directory, which a whole-folder swap would
+    leave deleted, or is a mount point, which cannot be renamed) the model's files are replaced
+    one by one: the old weights are removed first and the new ones put in last, so a save stopped
+    in between leaves a folder that is refused when loaded (no weights) rather than one that mixes
+    two models; the files of a tokenizer of another kind saved there before are removed
+    (``MODEL_FILES``). A symbolic link is followed: the folder it points to receives the model.
+    Weight files get the permissions the umask gives other files."""
     _check_whole(model)
-    directory = os.path.abspath(directory)
-    tmp = f"{directory}.tmp-{os.getpid()}"
+    directory = os.path.realpath(directory)
+    in_place = os.path.ismount(directory)  # (a mount point cannot be renamed, nor written across)
+    tmp = os.path.join(directory, f".tmp-{os.getpid()}") if in_place else f"{directory}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        os.makedirs(tmp)
-        with open(os.path.join(tmp, "config.json"), "w") as f:
-            json.dump(model.config.to_dict(), f, indent=2)
-        state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-        save_file(state, os.path.join(tmp, "model.safetensors"))
-        written = ["config.json", "model.safetensors", *model.tokenizer.save(tmp)]
-        for name in written:  # on disk before any rename makes them the model
-            with open(os.path.join(tmp, name), "rb") as f:
-                os.fsync(f.fileno())
+        written = _write_files(model, tmp)
         if not os.path.exists(directory):
             os.replace(tmp, directory)
-        elif set(os.listdir(directory)) <= {*MODEL_FILES, *written} and not _holds_cwd(directory):
-            old = f"{directory}.old-{os.getpid()}"
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(directory, old)
-            os.replace(tmp, directory)
-            shutil.rmtree(old, ignore_errors=True)
+        elif (not in_place and set(os.listdir(directory)) <= {*MODEL_FILES, *written}
+              and not _holds_cwd(directory)):
+            _swap_folders(directory, tmp)
         else:
-            for name in written:
-                os.replace(os.path.join(tmp, name), os.path.join(directory, name))
-            for name in set(MODEL_FILES) - set(written):
-                if os.path.exists(stale := os.path.join(directory, name)):
-                    os.remove(stale)
-            os.rmdir(tmp)
+            _replace_files(directory, tmp, written)
+        fsync_dir(os.path.dirname(directory))
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def _write_files(model, tmp: str) -> list[str]:
+    """Writes the model's files into the new folder ``tmp`` and flushes them to disk; returns their
+    names, the weights last."""
+    from safetensors.torch import save_file
+
+    os.makedirs(tmp)
+    with open(os.path.join(tmp, "config.json"), "w") as f:
+        json.dump(model.config.to_dict(), f, indent=2)
+    others = ["config.json", *model.tokenizer.save(tmp)]
+    state = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
+    weights = os.path.join(tmp, "model.safetensors")
+    save_file(state, weights)
+    shareable(weights)  # (safetensors creates it owner-only: others could read the config but not load the model)
+    written = [*others, "model.safetensors"]
+    for name in written:  # on disk before any rename makes them the model
+        fsync_file(os.path.join(tmp, name))
+    return written
+
+
+def _swap_folders(directory: str, tmp: str) -> None:
+    """Replaces the folder ``directory`` by ``tmp`` with two renames. Stopped between them, it puts
+    the earlier folder back (killed there, ``load_model`` does)."""
+    old = f"{directory}.old-{os.getpid()}"
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(directory, old)
+    try:
+        os.replace(tmp, directory)
+    except BaseException:
+        if not os.path.exists(directory):
+            os.replace(old, directory)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _replace_files(directory: str, tmp: str, written: list[str]) -> None:
+    """Moves the files of ``tmp`` into ``directory`` one at a time (each rename atomic), removes
+    model files no longer written, then ``tmp``. The old weights go first and the new ones (last in
+    ``written``) come last: until the save is complete the folder holds no weights to load."""
+    if os.path.exists(weights := os.path.join(directory, "model.safetensors")):
+        os.remove(weights)
+    for name in written:
+        os.replace(os.path.join(tmp, name), os.path.join(directory, name))
+    for name in set(MODEL_FILES) - set(written):
+        if os.path.exists(stale := os.path.join(directory, name)):
+            os.remove(stale)
+    os.rmdir(tmp)
+
+
+def _recover_swap(directory: str) -> None:
+    """Renames a complete ``<directory>.old-<pid>`` back to ``directory`` when ``directory`` is
+    missing: a save killed between its two renames (``_swap_folders``) left the earlier model
+    there."""
+    if os.path.exists(directory):
+        return
+    olds = sorted(glob.glob(glob.escape(directory) + ".old-*"), key=os.path.getmtime)
+    complete = [old for old in olds if os.path.isfile(os.path.join(old, "model.safetensors"))]
+    if not complete:
+        return
+    os.replace(complete[-1], directory)
+    warnings.warn(f"{directory} was missing (a save stopped between its renames): its earlier copy, "
+                  f"{os.path.basename(complete[-1])}, is renamed back", UserWarning, stacklevel=3)
 
 
 def _check_whole(model) -> None:
@@ -93,6 +146,7 @@ def load_model(cls, directory: str):
     missing, unreadable or does not fit."""
     from safetensors.torch import load_file
 
+    _recover_swap(os.path.realpath(directory))
     if not os.path.isdir(directory):
         raise ValueError(f"{directory} is not a model directory (save_pretrained writes one)")
     config_path = os.path.join(directory, "config.json")

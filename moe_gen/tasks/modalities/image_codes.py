@@ -40,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from moe_gen.durable import fsync_file, shareable
 from moe_gen.registry import PREPROCESSORS
 from moe_gen.tasks.modalities.base import EncodeContext, Preprocessor, SlotEncoding, SlotValueError
 from moe_gen.tasks.modalities.visual import load_image
@@ -176,6 +177,8 @@ class ImageVQ(nn.Module):
         tensors = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
         tmp = f"{path}.tmp"
         save_file(tensors, tmp, metadata={"config": json.dumps(dataclasses.asdict(self.config))})
+        shareable(tmp)  # (safetensors creates it owner-only)
+        fsync_file(tmp)
         os.replace(tmp, path)
 
     @classmethod
