@@ -277,7 +277,7 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
     """
     (max_frames,) = check_limits(plan.name, max_frames=max_frames)
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
-                            modality_ids=model.modality_ids)
+                            modality_ids=model.modality_ids, score_end=pass_name != "masked")
     target = grammar.slots[grammar.first]
     if target.decode.kind == "frames" and sampling is not None:
         raise ValueError(f"task {plan.name!r}: sampling draws tokens; its target {target.slot} is frames "
@@ -302,7 +302,7 @@ def beam_search(model, plan, samples: Sequence[Sample], *, beams: int = 4, max_n
     Raises ``ValueError`` for ``beams`` below 1 (``check_search``) and frame targets."""
     check_search(plan, beams=beams)
     grammar = TargetGrammar(plan, model.tokenizer, max_new_tokens=max_new_tokens, max_items=max_items,
-                            modality_ids=model.modality_ids)
+                            modality_ids=model.modality_ids, score_end=pass_name != "masked")
     kind = grammar.slots[grammar.first].decode.kind
     if kind == "frames":
         raise ValueError(f"beam search decodes text, closed-set and box targets, not {kind!r}; use generate")
@@ -629,6 +629,10 @@ def _candidate_score(logp_LV: torch.Tensor, ids: list[int], grammar: Optional[Ta
     return total
 
 
+class PastPositionTable(ValueError):
+    """Decoding reached a position past the learned position table (``ModelConfig.max_positions``)."""
+
+
 class _CachedDecoder:
     """Incremental decoding with per-layer key/value caches.
 
@@ -699,7 +703,7 @@ class _CachedDecoder:
             unread = ~active_BS if model.config.positions_on_features else ~active_BS | ~side.is_token
             top = int(positions.masked_fill(unread, 0).max())
             if top >= model.config.max_positions:
-                raise ValueError(f"decoding reached position {top}, past the learned position table "
+                raise PastPositionTable(f"decoding reached position {top}, past the learned position table "
                                  f"(ModelConfig.max_positions={model.config.max_positions}); ask for fewer new "
                                  "tokens or frames, or shorten the inputs")
         write = self.base + steps_BS

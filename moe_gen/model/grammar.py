@@ -136,9 +136,11 @@ class TargetGrammar:
     """
 
     def __init__(self, plan: TaskPlan, tokenizer, template: int = 0, *, max_new_tokens: int = 32,
-                 max_items: int = 8, modality_ids: Optional[Mapping[str, int]] = None) -> None:
+                 max_items: int = 8, modality_ids: Optional[Mapping[str, int]] = None,
+                 score_end: bool = True) -> None:
         max_new_tokens, max_items = check_limits(plan.name, max_new_tokens=max_new_tokens, max_items=max_items)
         self.tok = tokenizer
+        self.score_end = score_end  # False for the masked pass, whose objective never predicts the EOS
         self.slots = plan.templates[template][1]
         self.max_new_tokens, self.max_items = max_new_tokens, max_items
         # a free-text target that declares max_length (training cuts its values there) may decode
@@ -406,7 +408,7 @@ class TargetGrammar:
         out = []
         for follower in self.followers[i]:
             if follower is None:  # scored where training scores the answer's EOS
-                out.append(Option(i, (self.tok.eos_id,), self.slots[i].role == TARGET, "end"))
+                out.append(Option(i, (self.tok.eos_id,), self.slots[i].role == TARGET and self.score_end, "end"))
             elif not (self._wraps(i, follower) and state.item + 1 >= self.max_items):
                 out.extend(self._starts(state, follower))
         # an empty value's token that another option takes (the answer's EOS, after a group whose

@@ -255,6 +255,7 @@ class GeneralistModel(nn.Module):
     def build(cls, config: ModelConfig, tasks: Sequence, tokenizer: Tokenizer) -> "GeneralistModel":
         """A model for ``tasks`` (``moe_gen.tasks.Task``): the task vocabulary, and an adapter for
         every feature slot, sized from the first rows of each task that encode (``Task.probe``)."""
+        _check_distinct(tasks, "build")
         adapters, frame_adapters = _task_features(tasks, tokenizer, dict(config.adapters),
                                                   list(config.frame_adapters))
         if config.predict_all_features:
@@ -285,6 +286,7 @@ class GeneralistModel(nn.Module):
         if any(getattr(m, "frozen", False) for m in self.modules()):
             raise ValueError("this model's MoE layers are frozen for inference (merge_for_inference): add the "
                              "tasks to the model it was merged from, train it, and merge again")
+        _check_distinct(tasks, "add_tasks")
         names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
         if len(names) > self.config.moe.router.num_tasks:
             raise ValueError(f"the model's routers were built for {self.config.moe.router.num_tasks} tasks; "
@@ -584,7 +586,7 @@ class GeneralistModel(nn.Module):
         ``.image``. Raises ``ValueError`` for tasks outside the model's vocabulary, length limits
         that are not whole numbers >= 1, modalities it has no adapter for, and rows that do
         not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
-        default its position); under the task's ``on_error="skip"`` such a row's answer is None
+        default its position) or whose answer runs past the learned position table; under the task's ``on_error="skip"`` such a row's answer is None
         instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
         ``merged`` (default): for the call, the MoE layers routed by tags alone run merged, as
         ``merge_for_inference``'s copy would (``moe_gen.moe.merged_in_place``: merged weights,
@@ -611,9 +613,10 @@ class GeneralistModel(nn.Module):
             if parallel_steps is not None:
                 answers = self._parallel(plan, samples, parallel_steps, sampling, beams, candidates)
             else:
-                answers = self._answer(plan, samples, candidates=candidates, beams=beams, sampling=sampling,
-                                       rules=rules, max_new_tokens=max_new_tokens, max_frames=max_frames,
-                                       max_items=max_items, masked=task.objective == "masked")
+                answers = self._answer_rows(task, plan, samples, candidates=candidates, beams=beams,
+                                            sampling=sampling, rules=rules, max_new_tokens=max_new_tokens,
+                                            max_frames=max_frames, max_items=max_items,
+                                            masked=task.objective == "masked")
         if not failed:
             return answers
         answered = iter(answers)
@@ -698,6 +701,29 @@ class GeneralistModel(nn.Module):
                                      f"{chunk.rows.shape[1]}, the model's {chunk.adaptor} adapter expects "
                                      f"{self.config.adapters[chunk.adaptor]}")
 
+    def _answer_rows(self, task, plan, samples: Sequence, **options) -> list:
+        """``_answer``; where decoding runs past the learned position table (a long answer), the
+        samples are decoded one by one, so that only the rows that reach it fail: ``TaskDataError``
+        naming task and row, or, under the task's ``on_error="skip"``, None for them (counted in
+        ``task.skipped``) and the other rows answered as they would be alone."""
+        from moe_gen.model.generate import PastPositionTable
+
+        try:
+            return self._answer(plan, samples, **options)
+        except PastPositionTable:
+            pass
+        answers = []
+        for sample in samples:
+            try:
+                answers.extend(self._answer(plan, [sample], **options))
+            except PastPositionTable as exc:
+                error = TaskDataError(f"task {task.name!r}, row {sample.index}: {exc}")
+                if task.on_error != "skip":
+                    raise error from None
+                task.skip_row(sample.index, error)
+                answers.append(None)
+        return answers
+
     def _answer(self, plan, samples: Sequence, *, candidates: Optional[Sequence[str]], beams: int, sampling, rules,
                 max_new_tokens: int, max_frames: int, max_items: int, masked: bool) -> list:
         """The answers to encoded samples: ranked candidates, beam search or greedy generation.
@@ -737,11 +763,19 @@ class GeneralistModel(nn.Module):
     def set_backend(self, name: str) -> None:
         """Switches every MoE layer to dispatch backend ``name`` (``merged`` for tag-routed
         inference) and records it in ``config.moe.backend``, so a saved model reloads with it."""
+        from moe_gen.experts.dispatch import make_backend
         from moe_gen.moe import MoE
 
-        for module in self.modules():
-            if isinstance(module, MoE):
+        make_backend(name)  # (an unknown name or one this machine cannot run is refused as it is)
+        layers = [(path, m) for path, m in self.named_modules() if isinstance(m, MoE)]
+        before = [m.config.backend for _, m in layers]
+        for i, (path, module) in enumerate(layers):
+            try:
                 module.set_backend(name)
+            except ValueError as exc:  # (put back the layers already switched: none is left half-way)
+                for (_, switched), old in zip(layers[:i], before):
+                    switched.set_backend(old)
+                raise ValueError(f"layer {path}: {exc}; no layer was switched") from None
         self.config = self.config.with_moe(backend=name)
 
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
@@ -766,3 +800,12 @@ class GeneralistModel(nn.Module):
         return total
 
 
+def _check_distinct(tasks: Sequence, method: str) -> None:
+    """Refuses two different task objects of one name: they would share a task id, and the last
+    one's closed sets and fitted statistics would serve both (as ``Trainer`` refuses them)."""
+    seen: dict = {}
+    for task in tasks:
+        first = seen.setdefault(task.name, task)
+        if first is not task:
+            raise ValueError(f"{method}: two different tasks are named {task.name!r} ({first!r} and {task!r}); "
+                             "task names must be distinct")
