@@ -586,8 +586,9 @@ class GeneralistModel(nn.Module):
         ``.image``. Raises ``ValueError`` for tasks outside the model's vocabulary, length limits
         that are not whole numbers >= 1, modalities it has no adapter for, and rows that do
         not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
-        default its position) or whose answer runs past the learned position table; under the task's ``on_error="skip"`` such a row's answer is None
-        instead (counted by that index in ``task.skipped``, its message in ``task.errors``).
+        default its position) or whose answer runs past the learned position table; under the
+        task's ``on_error="skip"`` such a row's answer is None instead (counted by that index in
+        ``task.skipped``, its message in ``task.errors``).
         ``merged`` (default): for the call, the MoE layers routed by tags alone run merged, as
         ``merge_for_inference``'s copy would (``moe_gen.moe.merged_in_place``: merged weights,
         routes and plans kept for the call only, the model itself unchanged afterwards); the
