@@ -328,15 +328,14 @@ class Task:
             TaskDataError: when the rows read hold MOTION values but none of them is usable (it
                 says how many were passed over, and why the first one was).
         """
-        columns = self._motion_columns() if column is None else {column}
+        motion = self._motion_columns()
+        columns = motion if column is None else {column: motion.get(column, False)}
         frames, bad, first_error = [], 0, None
         rows = min(len(self.data), max_rows) if columns else 0
-        for i, row in self._readable_rows(rows):
-            for column in sorted(columns):
-                if not isinstance(row, Mapping) or column not in row:
-                    continue
+        for column, repeated in sorted(columns.items()):
+            for i, value in self._column_values(column, repeated, rows):  # a repetition group's clips one by one
                 try:
-                    frames.append(motion_frames(row[column], np.float64))
+                    frames.append(motion_frames(value, np.float64))
                 except SlotValueError as exc:
                     bad += 1
                     first_error = first_error or f"row {i}: {exc}"
@@ -378,7 +377,7 @@ class Task:
         statistics: dict[str, dict] = {}
         for (name, column), slot in slots.items():
             # lazily: a preprocessor that learns nothing reads no rows
-            values = self._column_values(column, slot.repeat is not None, max_rows)
+            values = (value for _, value in self._column_values(column, slot.repeat is not None, max_rows))
             try:
                 with warnings.catch_warnings(record=True) as caught:  # re-issued naming task and column
                     warnings.simplefilter("always")
@@ -400,9 +399,15 @@ class Task:
         self._statistics = statistics
         return statistics
 
-    def _motion_columns(self) -> set[str]:
-        return {s.column for t in self.instruction.templates for s in t.encoder + t.decoder
-                if s.modality == "MOTION" and s.column}
+    def _motion_columns(self) -> dict[str, bool]:
+        """The columns of the task's MOTION slots, each with whether a repetition group reads it (a
+        list of clips a row: the first template's slot says, where several read the column)."""
+        columns: dict[str, bool] = {}
+        for template in self.instruction.templates:
+            for slot in template.encoder + template.decoder:
+                if slot.modality == "MOTION" and slot.column:
+                    columns.setdefault(slot.column, slot.repeat is not None)
+        return columns
 
     def _motion_normalisation(self) -> Optional[dict]:
         """``MOTION_NORMALISATION``: ``{"mean", "std"}`` for a task with one MOTION column; with
@@ -415,13 +420,14 @@ class Task:
         per_column = {c: self.motion_statistics(column=c) for c in columns}
         return {"columns": {c: {k: v.tolist() for k, v in m.items()} for c, m in per_column.items() if m is not None}}
 
-    def _column_values(self, column: str, repeated: bool, max_rows: int) -> Iterator[Any]:
-        """The column's values over ``max_rows`` rows spread evenly over the data (a repetition group's
-        items one by one)."""
-        for _, row in self._readable_rows(max_rows):
+    def _column_values(self, column: str, repeated: bool, max_rows: int) -> Iterator[tuple[int, Any]]:
+        """``(row index, value)`` of the column over ``max_rows`` rows spread evenly over the data (a
+        repetition group's items one by one)."""
+        for i, row in self._readable_rows(max_rows):
             if isinstance(row, Mapping) and column in row:
                 value = row[column]
-                yield from value if repeated and isinstance(value, (list, tuple)) else [value]
+                for item in value if repeated and isinstance(value, (list, tuple)) else [value]:
+                    yield i, item
 
     def plan(self, tokenizer: Tokenizer, statistics: Optional[Mapping[str, Mapping]] = None) -> TaskPlan:
         """The task plan for this vocabulary (cached).
