@@ -166,13 +166,13 @@ class ModelConfig(ConfigBase):
             that task's image-code slots use (``preprocess=image_vq``); the model keeps a frozen copy of each
             (``GeneralistModel.image_tokenizers``, saved with its weights), so it encodes and
             decodes those images as it was trained, wherever the tokenizer file went.
-        preprocessor_statistics: task name → preprocessor name → slot column → what that
-            preprocessor learned from the task's training rows when the model met the task
-            (``Task.fit_statistics``; e.g. the STRUCT cell encoding's column ids, means, stds and
-            text vocabularies), and under ``"closed_sets"`` the label sets of its closed-set
-            slots. JSON-serialisable, saved with the model, and used to encode the task and
-            decode its closed sets in training and at inference, whatever rows (or none) a later
-            ``Task`` object holds.
+        preprocessor_statistics: task name → preprocessor name → slot column (``"slot N"`` for a
+            slot filled by position) → what that preprocessor learned from the task's training
+            rows when the model met the task (``Task.fit_statistics``; e.g. the STRUCT cell
+            encoding's column ids, means, stds and text vocabularies), and under ``"closed_sets"``
+            the label sets of its closed-set slots. JSON-serialisable, saved with the model, and
+            used to encode the task and decode its closed sets in training and at inference,
+            whatever rows (or none) a later ``Task`` object holds.
     """
 
     d_model: int = 64

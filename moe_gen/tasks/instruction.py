@@ -320,6 +320,25 @@ class Template:
         """Column names read by the data slots of both sides."""
         return frozenset(s.column for s in self.encoder + self.decoder if s.column is not None)
 
+    def positions(self) -> tuple[Optional[int], ...]:
+        """Per slot of ``encoder + decoder``: the index of its value in a row filled by position (the
+        data slots without a column take the row's values in order), None for a slot with a column
+        and for literal text."""
+        out, taken = [], 0
+        for slot in self.encoder + self.decoder:
+            by_position = slot.column is None and not slot.is_literal
+            out.append(taken if by_position else None)
+            taken += by_position
+        return tuple(out)
+
+    def slot_names(self) -> tuple[Optional[str], ...]:
+        """Per slot of ``encoder + decoder``: the name its values go by, its column or, for a slot
+        filled by position, ``"slot N"`` (the N-th value of the row; no column name holds a space),
+        None for literal text. What a slot learns from the training rows is kept under this name
+        (``Task.fit_statistics``), so a model saved and loaded reads it back for the same slot."""
+        return tuple(slot.column if position is None else f"slot {position + 1}"
+                     for slot, position in zip(self.encoder + self.decoder, self.positions()))
+
     def __str__(self) -> str:
         return f"{_sentence(self.encoder)} -> {_sentence(self.decoder)}".strip()
 

@@ -115,6 +115,8 @@ class SlotPlan:
     role: int
     loss: bool
     decode: Optional[DecodeSpec]
+    # its column, or "slot N" for a slot filled by position (Template.slot_names); None for literals
+    name: Optional[str] = None
 
 
 def build_trie(sequences: Sequence[Sequence[int]]) -> dict:
@@ -226,8 +228,10 @@ class TaskPlan:
         self._preprocessors: dict[str, Any] = {}
         self.templates: list[tuple[list[SlotPlan], list[SlotPlan]]] = []
         for template in self.instruction.templates:
-            encoder = [self._plan_slot(s, "encoder", options) for s in template.encoder]
-            decoder = [self._plan_slot(s, "decoder", options) for s in template.decoder]
+            names = template.slot_names()
+            encoder = [self._plan_slot(s, "encoder", options, n) for s, n in zip(template.encoder, names)]
+            decoder = [self._plan_slot(s, "decoder", options, n)
+                       for s, n in zip(template.decoder, names[len(template.encoder):])]
             self._check_targets_distinct(decoder)
             self._check_answers_hidden(encoder, decoder)
             self._check_answer_ends(decoder)
@@ -359,7 +363,7 @@ class TaskPlan:
 
     # ---- planning ----------------------------------------------------------------------------
 
-    def _plan_slot(self, slot: Slot, side: str, options) -> SlotPlan:
+    def _plan_slot(self, slot: Slot, side: str, options, name: Optional[str]) -> SlotPlan:
         where = f"task {self.name!r}: slot {slot}"
         try:
             modality = MODALITIES.get(slot.modality)
@@ -367,7 +371,7 @@ class TaskPlan:
             raise ValueError(f"{where}: {exc}") from None
         if slot.is_literal:
             role = PROMPT
-            return SlotPlan(slot, side, modality, None, None, role, False, None)
+            return SlotPlan(slot, side, modality, None, None, role, False, None, name)
         preprocess = str(slot.attrs.get("preprocess", modality.preprocess))
         if preprocess not in PREPROCESSORS:
             raise ValueError(f"{where}: unknown preprocessor {preprocess!r}; known: "
@@ -406,10 +410,10 @@ class TaskPlan:
         if adaptor is not None and str(adaptor) not in ADAPTERS:
             raise ValueError(f"{where}: unknown adaptor {adaptor!r}; known: {', '.join(ADAPTERS.list())}")
         if side == "encoder":
-            return SlotPlan(slot, side, modality, preprocess, adaptor, INPUT, False, None)
+            return SlotPlan(slot, side, modality, preprocess, adaptor, INPUT, False, None, name)
         no_loss = bool(slot.attrs.get("no_loss"))
         return SlotPlan(slot, side, modality, preprocess, adaptor, PROMPT if no_loss else TARGET,
-                        not no_loss, None if no_loss else self._decode_spec(slot, modality, preprocess))
+                        not no_loss, None if no_loss else self._decode_spec(slot, modality, preprocess), name)
 
     def _check_windows_and_masks(self, where: str, slot: Slot, side: str, preprocess: str) -> None:
         if slot.modality == "MOTION" and slot.attrs.get("min_length", 0) > slot.attrs.get("max_length", math.inf):
@@ -579,13 +583,16 @@ class TaskPlan:
 
     def _encode_slots(self, values: list, ctx: EncodeContext) -> dict[int, list[SlotEncoding]]:
         """Each slot's items encoded, by slot index. Non-text slots first, so a BOX can read the
-        size of its sample's IMAGE: every item of every slot goes into ``ctx.encoded`` by column
-        (or place), so slots filled by position and a group's later items count too."""
+        size of its sample's IMAGE: every item of every data slot goes into ``ctx.encoded`` by
+        column (or ``"slot N"``, ``Template.slot_names``), so slots filled by position and a group's
+        later items count too."""
         encoded: dict[int, list[SlotEncoding]] = {}
         for i in sorted(range(len(values)), key=lambda i: values[i][0].modality.text_like):
             plan, items = values[i]
             encoded[i] = [self._encode_slot(plan, item, ctx) for item in items]
-            name = repr(plan.slot.column) if plan.slot.column is not None else f"slot {i + 1}"
+            if plan.name is None:  # literal text
+                continue
+            name = repr(plan.name) if plan.slot.column is not None else plan.name
             for k, encoding in enumerate(encoded[i]):
                 ctx.encoded[name if len(encoded[i]) == 1 else f"{name}[{k}]"] = encoding
         return encoded
@@ -686,7 +693,7 @@ class TaskPlan:
         if plan.slot.is_literal:
             return SlotEncoding("TEXT", tokens=self.tokenizer.encode_literal(value))
         where = ctx.where(plan.slot.column)
-        ctx.target = plan.side == "decoder"
+        ctx.target, ctx.slot_name = plan.side == "decoder", plan.name
         try:
             closed = plan.decode is not None and plan.decode.kind == "closed_set"
             if closed and label_text(value) not in plan.decode.labels:

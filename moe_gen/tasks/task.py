@@ -39,7 +39,7 @@ from typing import Any, Iterable, Iterator, Mapping, Optional, Sequence
 import numpy as np
 
 from moe_gen.registry import MODALITIES, PREPROCESSORS, did_you_mean
-from moe_gen.tasks.instruction import Instruction, InstructionError
+from moe_gen.tasks.instruction import Instruction, InstructionError, Slot
 from moe_gen.tasks.modalities.base import SlotValueError, label_text
 from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
@@ -55,6 +55,12 @@ MAX_PLANS = 8  # plans a task keeps, one per (tokenizer, statistics) pair, the m
 # and the per-feature mean and std that normalise MOTION frames.
 CLOSED_SETS = "closed_sets"
 MOTION_NORMALISATION = "motion_normalisation"
+
+
+def _place(name: str, slot: Slot) -> str:
+    """Where a slot's trouble is, for error messages: ``column 'x'``, or ``slot N`` for a slot filled
+    by position."""
+    return f"column {name!r}" if slot.column is not None else name
 
 
 def media_columns(instruction: Instruction) -> set[str]:
@@ -316,33 +322,39 @@ class Task:
         return {c: sorted(v) for c, v in labels.items()}
 
     def motion_statistics(self, max_rows: int = 256, column: Optional[str] = None) -> Optional[dict]:
-        """Per-feature mean and std of the task's MOTION columns (or of ``column`` alone) over up to
-        ``max_rows`` rows spread evenly over the data, so every clip is normalised alike (a task with
-        several MOTION columns saves each column's own: ``fit_statistics``).
+        """Per-feature mean and std of the task's MOTION slots (or of ``column`` alone: a column, or
+        ``"slot N"`` for a slot filled by position, ``Template.slot_names``) over up to ``max_rows``
+        rows spread evenly over the data, so every clip is normalised alike (a task with several
+        MOTION slots saves each one's own: ``fit_statistics``); a repetition group's clips count
+        one by one.
 
         Values that are not frames ``[T, J]`` of finite numbers are passed over (their rows fail
         when encoded). None when there are no frames; when clips differ in width J, the statistics of
         the most common width (a clip of another width is refused when encoded).
 
         Raises:
+            ValueError: for a ``column`` that no MOTION slot of the task reads.
             TaskDataError: when the rows read hold MOTION values but none of them is usable (it
                 says how many were passed over, and why the first one was).
         """
-        motion = self._motion_columns()
-        columns = motion if column is None else {column: motion.get(column, False)}
+        motion = self._motion_slots()
+        if column is not None and column not in motion:
+            raise ValueError(f"task {self.name!r}: no MOTION slot reads {column!r}; its MOTION slots read "
+                             f"{', '.join(map(repr, motion)) or 'nothing'}")
+        chosen = motion if column is None else {column: motion[column]}
         frames, bad, first_error = [], 0, None
-        rows = min(len(self.data), max_rows) if columns else 0
-        for column, repeated in sorted(columns.items()):
-            for i, value in self._column_values(column, repeated, rows):  # a repetition group's clips one by one
+        rows = min(len(self.data), max_rows) if chosen else 0
+        for _, (slot, position) in sorted(chosen.items()):
+            for i, value in self._slot_values(slot, position, rows):
                 try:
                     frames.append(motion_frames(value, np.float64))
                 except SlotValueError as exc:
                     bad += 1
                     first_error = first_error or f"row {i}: {exc}"
         if bad and not frames:
-            raise TaskDataError(f"task {self.name!r}, column {', '.join(map(repr, sorted(columns)))}: none of the "
-                                f"{bad} MOTION values in the {rows} rows read is usable for the normalisation "
-                                f"statistics ({first_error})")
+            where = ", ".join(_place(name, slot) for name, (slot, _) in sorted(chosen.items()))
+            raise TaskDataError(f"task {self.name!r}, {where}: none of the {bad} MOTION values in the {rows} rows "
+                                f"read is usable for the normalisation statistics ({first_error})")
         if not frames:
             return None
         # the usual frame width: a clip of another width is refused when it is encoded
@@ -352,44 +364,43 @@ class Task:
 
     def fit_statistics(self, max_rows: int = 10_000) -> dict[str, dict]:
         """What the task's slots learn from its rows, JSON-serialisable (cached; empty when no slot
-        learns anything): preprocessor name → slot column → statistics (``Preprocessor.fit`` over
-        ``max_rows`` rows spread evenly over the data; slots without a column are not fitted), and under
-        ``CLOSED_SETS`` the label sets of closed-set slots (``closed_sets``, all rows) and under
+        learns anything): preprocessor name → slot name → statistics (``Preprocessor.fit`` over
+        ``max_rows`` rows spread evenly over the data; a slot's name is its column, or ``"slot N"``
+        for a slot filled by position, ``Template.slot_names``), and under ``CLOSED_SETS`` the
+        label sets of closed-set slots (``closed_sets``, all rows) and under
         ``MOTION_NORMALISATION`` the MOTION frames' mean and std (``motion_statistics``). A model
         saves them, so it encodes new rows and decodes closed sets as it was trained, whatever
         rows (or none) a task holds at inference: held-out clips are normalised with the training
         clips' statistics, not their own.
 
         Raises:
-            TaskDataError: naming the task and column when a preprocessor's ``fit`` fails (it
-                should pass over values it cannot read; their rows then fail on their own).
+            TaskDataError: naming the task and column (or slot) when a preprocessor's ``fit`` fails
+                (it should pass over values it cannot read; their rows then fail on their own).
         """
         if self._statistics is not None:
             return self._statistics
-        slots: dict[tuple[str, str], Any] = {}
-        for template in self.instruction.templates:
-            for slot in template.encoder + template.decoder:
-                if slot.is_literal or slot.column is None or slot.modality not in MODALITIES:
-                    continue
+        slots: dict[tuple[str, str], tuple[Slot, Optional[int]]] = {}
+        for slot_name, slot, position in self._data_slots():
+            if slot.modality in MODALITIES:
                 name = str(slot.attrs.get("preprocess", MODALITIES.get(slot.modality).preprocess))
                 if name in PREPROCESSORS:
-                    slots.setdefault((name, slot.column), slot)
+                    slots.setdefault((name, slot_name), (slot, position))
         statistics: dict[str, dict] = {}
-        for (name, column), slot in slots.items():
+        for (name, slot_name), (slot, position) in slots.items():
             # lazily: a preprocessor that learns nothing reads no rows
-            values = (value for _, value in self._column_values(column, slot.repeat is not None, max_rows))
+            values = (value for _, value in self._slot_values(slot, position, max_rows))
+            where = f"task {self.name!r}, {_place(slot_name, slot)}"
             try:
                 with warnings.catch_warnings(record=True) as caught:  # re-issued naming task and column
                     warnings.simplefilter("always")
                     fitted = PREPROCESSORS.get(name).fit(slot, values)
             except Exception as exc:  # a fit that fails on some value fails every row: name the column
-                raise TaskDataError(f"task {self.name!r}, column {column!r}: the {name!r} preprocessor cannot "
-                                    f"learn from the rows ({type(exc).__name__}: {exc})") from exc
+                raise TaskDataError(f"{where}: the {name!r} preprocessor cannot learn from the rows "
+                                    f"({type(exc).__name__}: {exc})") from exc
             for warning in caught:
-                warnings.warn(f"task {self.name!r}, column {column!r}: {warning.message}", warning.category,
-                              stacklevel=2)
+                warnings.warn(f"{where}: {warning.message}", warning.category, stacklevel=2)
             if fitted is not None:
-                statistics.setdefault(name, {})[column] = fitted
+                statistics.setdefault(name, {})[slot_name] = fitted
         labels = self.closed_sets()
         if labels:
             statistics[CLOSED_SETS] = labels
@@ -399,35 +410,51 @@ class Task:
         self._statistics = statistics
         return statistics
 
-    def _motion_columns(self) -> dict[str, bool]:
-        """The columns of the task's MOTION slots, each with whether a repetition group reads it (a
-        list of clips a row: the first template's slot says, where several read the column)."""
-        columns: dict[str, bool] = {}
+    def _data_slots(self) -> Iterator[tuple[str, Slot, Optional[int]]]:
+        """``(name, slot, position)`` of every data slot of every template: its name
+        (``Template.slot_names``: its column, or ``"slot N"``) and, for a slot filled by position,
+        the index of its value in a row."""
         for template in self.instruction.templates:
-            for slot in template.encoder + template.decoder:
-                if slot.modality == "MOTION" and slot.column:
-                    columns.setdefault(slot.column, slot.repeat is not None)
-        return columns
+            slots = template.encoder + template.decoder
+            for name, slot, position in zip(template.slot_names(), slots, template.positions()):
+                if name is not None:
+                    yield name, slot, position
+
+    def _motion_slots(self) -> dict[str, tuple[Slot, Optional[int]]]:
+        """The task's MOTION slots by name, each with its position in a row filled by position (the
+        first template's slot, where several read one column)."""
+        slots: dict[str, tuple[Slot, Optional[int]]] = {}
+        for name, slot, position in self._data_slots():
+            if slot.modality == "MOTION":
+                slots.setdefault(name, (slot, position))
+        return slots
 
     def _motion_normalisation(self) -> Optional[dict]:
-        """``MOTION_NORMALISATION``: ``{"mean", "std"}`` for a task with one MOTION column; with
-        several, ``{"columns": {column: {"mean", "std"}}}`` (pooled, a column of other widths failed
+        """``MOTION_NORMALISATION``: ``{"mean", "std"}`` for a task with one MOTION slot name; with
+        several, ``{"columns": {name: {"mean", "std"}}}`` (pooled, a column of other widths failed
         every row and one of another scale was read in the other's units)."""
-        columns = sorted(self._motion_columns())
-        if len(columns) <= 1:
+        names = sorted(self._motion_slots())
+        if len(names) <= 1:
             motion = self.motion_statistics()
             return None if motion is None else {k: v.tolist() for k, v in motion.items()}
-        per_column = {c: self.motion_statistics(column=c) for c in columns}
-        return {"columns": {c: {k: v.tolist() for k, v in m.items()} for c, m in per_column.items() if m is not None}}
+        per_name = {c: self.motion_statistics(column=c) for c in names}
+        return {"columns": {c: {k: v.tolist() for k, v in m.items()} for c, m in per_name.items() if m is not None}}
 
-    def _column_values(self, column: str, repeated: bool, max_rows: int) -> Iterator[tuple[int, Any]]:
-        """``(row index, value)`` of the column over ``max_rows`` rows spread evenly over the data (a
-        repetition group's items one by one)."""
+    def _slot_values(self, slot: Slot, position: Optional[int], max_rows: int) -> Iterator[tuple[int, Any]]:
+        """``(row index, value)`` of ``slot`` over ``max_rows`` rows spread evenly over the data: its
+        column's value, or for a slot filled by position the value at ``position`` of a sequence
+        row (a repetition group's items one by one)."""
         for i, row in self._readable_rows(max_rows):
-            if isinstance(row, Mapping) and column in row:
-                value = row[column]
-                for item in value if repeated and isinstance(value, (list, tuple)) else [value]:
-                    yield i, item
+            if slot.column is not None:
+                if not isinstance(row, Mapping) or slot.column not in row:
+                    continue
+                value = row[slot.column]
+            elif isinstance(row, (list, tuple)) and position is not None and position < len(row):
+                value = row[position]
+            else:
+                continue
+            for item in value if slot.repeat is not None and isinstance(value, (list, tuple)) else [value]:
+                yield i, item
 
     def plan(self, tokenizer: Tokenizer, statistics: Optional[Mapping[str, Mapping]] = None) -> TaskPlan:
         """The task plan for this vocabulary (cached).

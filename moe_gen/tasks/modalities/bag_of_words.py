@@ -61,9 +61,10 @@ class BagOfWords(Preprocessor):
     """Text → one row ``[1, vocab_size]`` of TF-IDF weights (see the module docstring).
 
     Args:
-        statistics: slot column → ``fit`` result (``{"words": [...], "idf": [...]}``); a column
-            without them cannot be encoded (``SlotValueError``: fit the task's statistics first,
-            as ``GeneralistModel.build`` does).
+        statistics: slot name (its column, or ``"slot N"`` for a slot filled by position:
+            ``EncodeContext.slot_name``) → ``fit`` result (``{"words": [...], "idf": [...]}``); a
+            slot without them cannot be encoded (``SlotValueError``: fit the task's statistics
+            first, as ``GeneralistModel.build`` does).
     """
 
     modality = "TEXT"
@@ -102,7 +103,7 @@ class BagOfWords(Preprocessor):
     def __call__(self, value: Any, slot, ctx: EncodeContext) -> SlotEncoding:
         if not isinstance(value, str):
             raise SlotValueError(f"{ctx.where(slot.column)}: bag_of_words needs a str, got {brief(value)}")
-        table = self._tables.get(slot.column)
+        table = self._tables.get(ctx.slot_name)
         if table is None:
             raise SlotValueError(f"{ctx.where(slot.column)}: bag_of_words has no vocabulary for this column; fit "
                                  "it on the training rows first (Task.fit_statistics, which a model runs when "

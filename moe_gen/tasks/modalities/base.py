@@ -188,6 +188,9 @@ class EncodeContext:
         target: whether the slot being encoded is on the decoder side (predicted, or fed back to
             the decoder); augmentation applies to encoder inputs only. Set per slot by the plan.
         predicted: the columns of the sample's scored decoder slots (its answers).
+        slot_name: the name of the slot being encoded (``Template.slot_names``: its column, or
+            ``"slot N"`` for one filled by position), which its fitted statistics are kept under.
+            Set per slot by the plan.
         row: the whole data row (some slots depend on others, e.g. boxes on their image).
         encoded: slots of this sample already encoded, by ``repr(column)`` (``"slot N"`` for a slot
             without one; ``[k]`` appended for each item of a repeated slot).
@@ -208,6 +211,7 @@ class EncodeContext:
     target: bool = False
     predicted: frozenset = frozenset()
     place: Optional[str] = None
+    slot_name: Optional[str] = None
 
     def corrupts(self, column: Optional[str]) -> bool:
         """Whether corruption attributes apply to the slot reading ``column``: to inputs only (a
@@ -247,9 +251,10 @@ class Preprocessor:
         """What this preprocessor learns from a task's training values of ``slot`` (items of a
         repetition group one by one), or None when it learns nothing (the default).
 
-        The result must be JSON-serialisable: ``Task.fit_statistics`` collects it per slot column,
+        The result must be JSON-serialisable: ``Task.fit_statistics`` collects it per slot name
+        (its column, or ``"slot N"`` for a slot filled by position: ``EncodeContext.slot_name``),
         the model saves it (``ModelConfig.preprocessor_statistics``), and plans pass it back as
-        the constructor keyword ``statistics={column: result}``, in training and after reloading.
+        the constructor keyword ``statistics={name: result}``, in training and after reloading.
         """
         return None
 

@@ -57,9 +57,10 @@ class PoseSummary(Preprocessor):
     module docstring).
 
     Args:
-        statistics: slot column → ``fit`` result (``{"mean": [...], "std": [...]}``, 3·J each);
-            a column without them cannot be encoded (``SlotValueError``: fit the task's statistics
-            first, as ``GeneralistModel.build`` does).
+        statistics: slot name (its column, or ``"slot N"`` for a slot filled by position:
+            ``EncodeContext.slot_name``) → ``fit`` result (``{"mean": [...], "std": [...]}``, 3·J
+            each); a slot without them cannot be encoded (``SlotValueError``: fit the task's
+            statistics first, as ``GeneralistModel.build`` does).
     """
 
     modality = "MOTION"
@@ -103,7 +104,7 @@ class PoseSummary(Preprocessor):
             frames = motion_frames(value, np.float64)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
-        scale = self._scales.get(slot.column)
+        scale = self._scales.get(ctx.slot_name)
         if scale is None:
             raise SlotValueError(f"{ctx.where(slot.column)}: pose_summary has no statistics for this column; fit "
                                  "them on the training rows first (Task.fit_statistics, which a model runs when "

@@ -380,7 +380,8 @@ class MotionPreprocessor(Preprocessor):
         _check_frames_per_row("motion", frames_per_row)
         self.frames_per_row = frames_per_row
         self.mean, self.std = mean, std
-        # column -> {"mean", "std"}: a task's own per MOTION column (these win over mean and std)
+        # slot name -> {"mean", "std"}: a task's own per MOTION column, or "slot N" for a slot filled
+        # by position (EncodeContext.slot_name; these win over mean and std)
         self.columns = {c: (np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32))
                         for c, m in dict(columns or {}).items()}
         self.width: Optional[int] = None
@@ -393,7 +394,7 @@ class MotionPreprocessor(Preprocessor):
             frames = motion_frames(value)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
-        mean, std = self.columns.get(slot.column, (self.mean, self.std))
+        mean, std = self.columns.get(ctx.slot_name, (self.mean, self.std))
         if mean is not None and np.shape(mean) != (frames.shape[1],):
             raise SlotValueError(f"{ctx.where(slot.column)}: the clip has {frames.shape[1]} features a frame, the "
                                  f"task's motion statistics {np.shape(mean)[-1]}")

@@ -275,8 +275,9 @@ class StructPreprocessor(Preprocessor):
     (``no_punctuation`` and ``noise_ratio`` apply to ``preprocess=struct_text`` only.)
 
     Args:
-        statistics: slot column → ``fit_table_statistics`` result; a slot column without them reads
-            every table column as unseen.
+        statistics: slot name (its column, or ``"slot N"`` for a slot filled by position:
+            ``EncodeContext.slot_name``) → ``fit_table_statistics`` result; a slot without them
+            reads every table column as unseen.
     """
 
     modality = "STRUCT"
@@ -295,7 +296,7 @@ class StructPreprocessor(Preprocessor):
         return CELL_FEATURES
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
-        lookup = self._lookups.get(slot.column, self._unfitted)
+        lookup = self._lookups.get(ctx.slot_name, self._unfitted)
         mask_ratio = float(slot.attrs.get("mask_ratio", 0.0)) if ctx.corrupts(slot.column) else 0.0
         features, positions = [], []
         try:
