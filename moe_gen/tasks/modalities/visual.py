@@ -62,6 +62,8 @@ def unknown_augmentations(kind: str) -> list[str]:
     """The parts of an ``augment=`` value (``+``-separated) that name no augmentation."""
     return [part for part in kind.split("+") if part not in AUGMENT_KINDS]
 
+# PIL modes with an alpha channel ("a": premultiplied); _rgb composites them onto white.
+_ALPHA_MODES = ("RGBA", "LA", "PA", "RGBa", "La")
 # ImageNet statistics: the usual normalisation of RGB inputs.
 _MEAN = torch.tensor([0.485, 0.456, 0.406]).view(3, 1, 1)
 _STD = torch.tensor([0.229, 0.224, 0.225]).view(3, 1, 1)
@@ -105,18 +107,26 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
 def _rgb(image):
     """A PIL image as RGB. Modes of more than 8 bits a channel (16-bit PNGs: ``I;16``, ``I``;
     ``F``) are scaled as arrays are (``_as_uint8``): PIL's own conversion clips them at 255, so a
-    16-bit image came out nearly white and a float one in [0, 1] nearly black."""
+    16-bit image came out nearly white and a float one in [0, 1] nearly black. An image with
+    transparency (an alpha channel: ``RGBA``, ``LA``, ``PA``; a transparent colour of a ``P``,
+    ``L`` or ``RGB`` image) is composited onto white: dropping the alpha kept whatever colour
+    transparent pixels hold, so a black stroke on transparent black (how icons and sketches are
+    saved) came out all black."""
     from PIL import Image
 
     if image.mode in ("I", "F") or image.mode.startswith("I;"):
         pixels = np.asarray(image).astype(np.float32 if image.mode == "F" else np.int64)
         image = Image.fromarray(_as_uint8(pixels, f"a {image.mode} image"))
+    if image.mode in _ALPHA_MODES or "transparency" in image.info:
+        white = Image.new("RGBA", image.size, (255, 255, 255, 255))
+        image = Image.alpha_composite(white, image.convert("RGBA"))
     return image.convert("RGB")
 
 
 def load_image(value: Any):
-    """A PIL RGB image from a PIL image, an array ``[H, W]``/``[H, W, C]`` (uint8, or float in
-    [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes. Raises ``SlotValueError``."""
+    """A PIL RGB image from a PIL image, an array ``[H, W]``/``[H, W, C]`` (C = 1, 3 or 4 for RGBA;
+    uint8, or float in [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes; transparent
+    pixels are composited onto white. Raises ``SlotValueError``."""
     from PIL import Image
 
     if isinstance(value, str) and not os.path.exists(value):
@@ -132,7 +142,8 @@ def load_image(value: Any):
         if value.ndim == 3 and value.shape[-1] == 1:
             value = value[..., 0]
         if value.ndim not in (2, 3) or (value.ndim == 3 and value.shape[-1] not in (3, 4)):
-            raise SlotValueError(f"an image array must be [H, W] or [H, W, 3], got shape {value.shape}")
+            raise SlotValueError(f"an image array must be [H, W] or [H, W, 3] (or [H, W, 4]: RGBA), got shape "
+                                 f"{value.shape}")
         value = Image.fromarray(_as_uint8(value, "an image array"))
     try:
         if isinstance(value, Image.Image):
