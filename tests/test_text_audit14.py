@@ -189,3 +189,27 @@ def test_a_closed_set_of_another_preprocessor_than_text_is_refused(tok):
                 [{"q": "a", "w": "hello"}, {"q": "b", "w": "world"}])
     with pytest.raises(ValueError, match=r"task 'say': .*closed set read by the 'phone' preprocessor"):
         task.plan(tok)
+
+
+def test_a_byte_level_vocabulary_never_encodes_its_unknown_token_so_answers_never_write_it():
+    """GPT-2 style byte-level BPE (SmolLM2 names <|endoftext|> its unknown token) covers every byte:
+    the unknown token is reserved from free-text answers, as for sentencepiece with byte fallback."""
+    from tokenizers import Tokenizer as Backend
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    from moe_gen.model.grammar import TargetGrammar
+    from moe_gen.tasks import Task
+    from moe_gen.tasks.hf_tokenizer import HFTokenizer
+
+    for pre_tokenizer in (pre_tokenizers.ByteLevel(add_prefix_space=False),
+                          pre_tokenizers.Sequence([pre_tokenizers.Digits(), pre_tokenizers.ByteLevel()])):
+        backend = Backend(models.BPE(unk_token="<|endoftext|>"))
+        backend.pre_tokenizer, backend.decoder = pre_tokenizer, decoders.ByteLevel()
+        backend.train_from_iterator(["hello world"] * 10, trainers.BpeTrainer(
+            vocab_size=300, special_tokens=["<|endoftext|>", "<s>", "</s>", "<pad>"],
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+        tok = HFTokenizer.from_pretrained(backend, unk_token="<|endoftext|>", num_bins=8, num_sentinels=2)
+        assert tok.unk_id not in tok.encode("🤖 ☃ 𝔘 \x00 robot")
+        assert not tok.encodes_unknown
+        plan = Task("chat", "[TEXT:q] -> [TEXT:a]", [{"q": "hi", "a": "hello"}]).plan(tok)
+        assert tok.unk_id in TargetGrammar(plan, tok).reserved

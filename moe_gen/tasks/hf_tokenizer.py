@@ -255,8 +255,12 @@ class HFTokenizer(BaseTokenizer):
     @property
     def encodes_unknown(self) -> bool:
         """Whether ``encode`` may give ``unk_id``: where the checkpoint has an unknown token and its
-        model no byte fallback (WordPiece: an emoji, a word over 100 characters)."""
-        return self.unk_id is not None and not getattr(self.backend.model, "byte_fallback", False)
+        model no byte fallback (WordPiece: an emoji, a word over 100 characters). A byte-level
+        vocabulary (GPT-2 style BPE: SmolLM2, whose "unknown" token is ``<|endoftext|>``) covers
+        every byte and never does."""
+        if self.unk_id is None or getattr(self.backend.model, "byte_fallback", False):
+            return False
+        return not _byte_level(json.loads(self.backend.to_str()).get("pre_tokenizer"))
 
     def _key(self) -> tuple:
         return (self.backend.to_str(), self.base_vocab_size, tuple(self.specials.items()), self.num_bins,
@@ -384,3 +388,10 @@ def resize_token_rows(weight: torch.Tensor, new_vocab_size: int, *, noise: float
     z_ND = torch.randn(new_vocab_size - V_old, D, generator=generator, dtype=torch.float64)
     new_ND = mean_D + (noise ** 0.5) * (z_ND * eigenvalues_D.clamp_min(0).sqrt()) @ q_DD.T
     return torch.cat([weight.detach().clone(), new_ND.to(weight.dtype).to(weight.device)])
+
+
+def _byte_level(pre_tokenizer) -> bool:
+    """Whether a tokenizer.json ``pre_tokenizer`` (or one of a ``Sequence`` of them) maps text to bytes."""
+    if not isinstance(pre_tokenizer, dict):
+        return False
+    return pre_tokenizer.get("type") == "ByteLevel" or any(map(_byte_level, pre_tokenizer.get("pretokenizers") or ()))
