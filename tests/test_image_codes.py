@@ -326,8 +326,10 @@ def test_parallel_decoding_places_codes_after_a_literal_decoder_prefix(digits, t
 
     plan = model.plan(task)
     encoded = [plan.encode(row, i, training=False, inference=True) for i, row in enumerate(rows[:2])]
-    spec = [p for p in plan.templates[0][1] if p.loss][0].decode
-    masked = _masked_batch(model, encoded, spec.length, mask_token(tok), tok.eos_id, "image")
+    grammar = TargetGrammar(plan, tok, modality_ids=model.modality_ids)
+    slot = grammar.first
+    spec = grammar.slots[slot].decode
+    masked = _masked_batch(model, grammar, slot, encoded, mask_token(tok))
     with torch.no_grad():
         hidden = model.decode(masked.decoder, masked.encoder, model.encode(masked.encoder), causal=False).hidden
         codes = torch.tensor(spec.tokens)

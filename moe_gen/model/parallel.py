@@ -14,7 +14,9 @@ Decoding (``parallel_generate``): all N codes start masked; each of ``steps`` de
 (at most N: one code a pass at the least) predicts every masked position, keeps the most
 confident predictions and leaves ⌊N · cos(π/2 · (t+1) / steps)⌋ positions masked for the next
 pass (fewer than before it: each pass fixes at least one; ``masked_counts``), none after the
-last. With 4 steps a 16-code image takes 4 decoder passes instead of 16.
+last. With 4 steps a 16-code image takes 4 decoder passes instead of 16. The decoder reads the
+sequence training reads: the forced text before the codes, the codes, and the template's literal
+text and EOS after them (``_masked_batch``).
 
 The mask token is the vocabulary's last sentinel (``<extra_id_{S-1}>``); span corruption of
 text uses sentinels from the first one up, so the two meet only in a text with S spans.
@@ -150,11 +152,11 @@ def parallel_generate(model, plan, samples: Sequence[Sample], *, steps: int = 4,
                          f"([IMAGE:...,preprocess=image_vq]); its targets are {[grammar.kinds[i] for i in scored]}")
     slot = scored[0]
     spec = grammar.slots[slot].decode
-    mask, eos = mask_token(model.tokenizer), model.tokenizer.eos_id
+    mask = mask_token(model.tokenizer)
     device = model.token_embedding.weight.device
     # the codes follow each sample's forced decoder prefix (literal text before the image)
     offsets = torch.tensor([sum(map(len, s.decoder)) for s in samples], device=device)
-    batch = _masked_batch(model, samples, spec.length, mask, eos, grammar.slots[slot].slot.column).to(device)
+    batch = _masked_batch(model, grammar, slot, samples, mask).to(device)
     code_tokens = torch.tensor(spec.tokens, device=device)
     # one stream per row (seed and input): a drawn image does not depend on the rows beside it
     codes, scores = _iterate(model, batch, offsets, code_tokens, spec.length, mask, steps, temperature,
@@ -196,11 +198,25 @@ def _iterate(model, batch: Batch, offsets: torch.Tensor, code_tokens: torch.Tens
     return codes, scores
 
 
-def _masked_batch(model, samples: Sequence[Sample], length: int, mask: int, eos: int, column) -> Batch:
-    """The inference samples with a target of ``length`` mask tokens (and an EOS item, so that every
-    mask is a decoder input), collated for the ``masked`` pass and tagged as training tags it."""
-    targets = [dataclasses.replace(s, decoder=[*s.decoder, Chunk("IMAGE", TARGET, True, tokens=[mask] * length,
-                                                                 column=column),
-                                               Chunk("IMAGE", TARGET, True, tokens=[eos])]) for s in samples]
+def _masked_batch(model, grammar, slot: int, samples: Sequence[Sample], mask: int) -> Batch:
+    """The inference samples laid out as training lays out their decoder (``mask_code_targets``
+    with every code masked): the forced prefix, a mask token for each code of target ``slot``, then
+    what the template puts after the codes, its literal text (forced) and the answer's EOS (also
+    where ``disable_auto_boseos`` leaves nothing after the codes: every mask must be a decoder
+    input); collated for the ``masked`` pass and tagged as training tags it. Before the fifteenth
+    audit the literal text after the codes was left out: the bidirectional decoder read it in
+    training, never in decoding."""
+    target = grammar.slots[slot]
+    codes = Chunk(target.modality.name, TARGET, True, tokens=[mask] * target.decode.length, column=target.slot.column)
+    after = []
+    for i in range(slot + 1, len(grammar.slots)):  # TargetGrammar: literal text alone follows the one target
+        assert grammar.kinds[i] == "literal", (grammar.slots[i].slot, grammar.kinds[i])
+        p = grammar.slots[i]
+        after.append(Chunk(p.modality.name, p.role, p.loss, tokens=list(grammar.literals[i])))
+    auto_eos = not any(p.slot.attrs.get("disable_auto_boseos") for p in grammar.slots)
+    if auto_eos or not after:  # (TaskPlan.encode: the answer's EOS, tagged like the item before it)
+        last = after[-1] if after else codes
+        after.append(Chunk(last.modality, last.role, last.loss, tokens=[model.tokenizer.eos_id]))
+    targets = [dataclasses.replace(s, decoder=[*s.decoder, codes, *after]) for s in samples]
     return _bidirectional(collate(targets, model.tokenizer, model.task_ids, pass_name="masked",
                                   modality_ids=model.modality_ids))
