@@ -56,3 +56,25 @@ def test_parallel_decoding_reads_the_literal_text_after_the_codes_as_training_di
     assert tok.decode(tokens[0, -len(tok.encode_literal("done")):].tolist()).strip() == "done"
     for field in dataclasses.fields(tags):
         assert torch.equal(getattr(tags, field.name), getattr(trained.decoder.tags, field.name)), field.name
+
+
+def test_beams_on_a_parallel_objective_task_are_refused_naming_it(tok, rows):
+    """beams=2 silently decoded a parallel-objective task left to right (causal, generative pass),
+    a way it never trained; parallel_steps with beams was refused, without naming the task."""
+    task = Task("draw_parallel", "draw [TEXT:label] -> [IMAGE:image,preprocess=image_vq]", rows,
+                objective="parallel")
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok).eval()
+    calls = []
+    hook = model.decoder.register_forward_pre_hook(lambda module, args: calls.append(args))
+    try:
+        for kwargs in ({"beams": 2}, {"beams": 2, "parallel_steps": 4}):
+            with pytest.raises(ValueError, match="task 'draw_parallel': parallel decoding .* does not combine "
+                                                 "with beams > 1 or candidates"):
+                model.infer(task, [{"label": "seven"}], **kwargs)
+        with pytest.raises(ValueError, match="task 'draw_parallel': parallel decoding .* temperature only"):
+            model.infer(task, [{"label": "seven"}], top_k=5)
+    finally:
+        hook.remove()
+    assert calls == []  # refused before any decoder pass
+    assert len(model.infer(task, [{"label": "seven"}], beams=1)[0].tokens) == 16

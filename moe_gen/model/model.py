@@ -120,6 +120,30 @@ def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
     return Sampling(1.0 if temperature is None else temperature, top_k, top_p, seed)
 
 
+def _parallel_steps(task, steps: Optional[int], sampling, beams: int, candidates) -> Optional[int]:
+    """The decoder passes of parallel decoding for ``infer``'s arguments: ``steps`` as given, a
+    ``parallel``-objective task's default (it trained to fill masked codes at once: decoded that
+    way), or None (left to right).
+
+    Raises:
+        ValueError: naming the task, for arguments parallel decoding cannot honour (before the
+            fifteenth audit ``beams > 1`` on a parallel-objective task silently decoded it left to
+            right, a way it never trained).
+    """
+    if steps is None and task.objective == "parallel":
+        steps = PARALLEL_STEPS
+    if steps is None:
+        return None
+    where = f"task {task.name!r}: parallel decoding (parallel_steps={steps!r}" + \
+        ("; the parallel objective's tasks decode this way)" if task.objective == "parallel" else ")")
+    if beams > 1 or candidates is not None:
+        raise ValueError(f"{where} fixes all image codes at once (MaskGIT); it does not combine with beams > 1 or "
+                         "candidates (draw several images with temperature and seed instead)")
+    if sampling is not None and (sampling.top_k is not None or sampling.top_p is not None):
+        raise ValueError(f"{where} draws codes at a temperature only (no top_k/top_p)")
+    return steps
+
+
 def _task_words(names: Sequence[str], tasks: Sequence, known: Sequence[str],
                 known_words: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
     """The prompt words of each task name, by task id (the ``instruction`` router's input): from
@@ -571,17 +595,18 @@ class GeneralistModel(nn.Module):
 
         Every target slot of the instruction is decoded, repetition groups item by item (at most
         ``max_items``; ``max_new_tokens`` per free-text value, except a slot that declares
-        ``max_length``, which decodes up to that many: training cut its values there). ``beams > 1`` uses beam search
-        (token targets); ``candidates`` ranks the given answers by likelihood instead of
-        generating (retrieval, multiple choice; ``.scores`` holds them all). Returns
-        ``Prediction`` objects (``temperature``, ``top_k``, ``top_p``: draw token answers instead,
-        reproducibly by ``seed``; see ``moe_gen.model.generate.Sampling``; ``no_repeat_ngram`` and
-        ``min_length`` rule free-text values, see ``TextRules``): ``.text``, ``.box`` or
-        ``.frames`` for single-target tasks, ``.targets`` (by column, shaped like a data row) and
-        ``.groups`` (per repetition group, one dict per item) for every token answer, and ``.score``. ``parallel_steps=T`` decodes an
-        image-code target (``preprocess=image_vq``) in T bidirectional decoder passes, at most its codes (MaskGIT;
-        train the task with the ``parallel`` objective, whose tasks decode this way by default
-        with T = 4; ``temperature`` draws the codes, ``seed`` fixes the draws) and answers
+        ``max_length``, which decodes up to that many: training cut its values there).
+        ``beams > 1`` uses beam search (token targets); ``candidates`` ranks the given answers by
+        likelihood instead of generating (retrieval, multiple choice; ``.scores`` holds them all).
+        Returns ``Prediction`` objects (``temperature``, ``top_k``, ``top_p``: draw token answers
+        instead, reproducibly by ``seed``; see ``moe_gen.model.generate.Sampling``;
+        ``no_repeat_ngram`` and ``min_length`` rule free-text values, see ``TextRules``): ``.text``,
+        ``.box`` or ``.frames`` for single-target tasks, ``.targets`` (by column, shaped like a data
+        row) and ``.groups`` (per repetition group, one dict per item) for every token answer, and
+        ``.score``. ``parallel_steps=T`` decodes an image-code target (``preprocess=image_vq``) in T
+        bidirectional decoder passes, at most its codes (MaskGIT; train the task with the
+        ``parallel`` objective, whose tasks decode this way by default with T = 4, refusing
+        beams > 1 and candidates; ``temperature`` and ``seed`` draw the codes) and answers
         ``.image``. Raises ``ValueError`` for tasks outside the model's vocabulary, length limits
         that are not whole numbers >= 1, modalities it has no adapter for, and rows that do
         not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
@@ -605,13 +630,12 @@ class GeneralistModel(nn.Module):
                                                              max_items=max_items, max_frames=max_frames)
         sampling = _sampling(temperature, top_k, top_p, seed, beams, candidates)
         rules = check_rules(plan, TextRules(no_repeat_ngram, min_length), candidates, max_new_tokens)
+        parallel_steps = _parallel_steps(task, parallel_steps, sampling, beams, candidates)
         samples, failed = self._encode_rows(task, plan, rows, indices)
         self._check_features(task.name, samples)
         with eval_mode(self), merged_in_place(self) if merged else contextlib.nullcontext():
-            if parallel_steps is None and task.objective == "parallel" and beams == 1 and candidates is None:
-                parallel_steps = PARALLEL_STEPS  # trained to fill masked codes at once: decoded that way
             if parallel_steps is not None:
-                answers = self._parallel(plan, samples, parallel_steps, sampling, beams, candidates)
+                answers = self._parallel(plan, samples, parallel_steps, sampling)
             else:
                 answers = self._answer_rows(task, plan, samples, candidates=candidates, beams=beams,
                                             sampling=sampling, rules=rules, max_new_tokens=max_new_tokens,
@@ -746,15 +770,11 @@ class GeneralistModel(nn.Module):
         return generate(self, plan, samples, max_new_tokens=max_new_tokens, max_frames=max_frames,
                         max_items=max_items, sampling=sampling, rules=rules, pass_name=pass_name)
 
-    def _parallel(self, plan, samples: Sequence, steps: int, sampling, beams: int, candidates) -> list:
-        """Parallel iterative decoding of an image-code target (``moe_gen.model.parallel``)."""
+    def _parallel(self, plan, samples: Sequence, steps: int, sampling) -> list:
+        """Parallel iterative decoding of an image-code target (``moe_gen.model.parallel``;
+        arguments checked by ``_parallel_steps``)."""
         from moe_gen.model.parallel import parallel_generate
 
-        if beams > 1 or candidates is not None:
-            raise ValueError("parallel_steps decodes all codes at once; it does not combine with beams > 1 or "
-                             "candidates")
-        if sampling is not None and (sampling.top_k is not None or sampling.top_p is not None):
-            raise ValueError("parallel decoding draws codes at a temperature only (no top_k/top_p)")
         if not samples:
             return []
         return parallel_generate(self, plan, samples, steps=steps, seed=sampling.seed if sampling else 0,
