@@ -78,3 +78,37 @@ def test_beams_on_a_parallel_objective_task_are_refused_naming_it(tok, rows):
         hook.remove()
     assert calls == []  # refused before any decoder pass
     assert len(model.infer(task, [{"label": "seven"}], beams=1)[0].tokens) == 16
+
+
+def test_an_image_code_target_beside_another_is_scored_against_its_reconstruction(tok):
+    """With a caption beside the image, exact_match / accuracy compared the decoded image with the
+    row's raw 8x8 image, which no answer equals: a perfect answer scored 0.0, as a wrong one."""
+    from moe_gen.model.generate import Prediction
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    rows = [{"label": r["label"], "image": r["image"], "caption": f"a handwritten {r['label']}"}
+            for r in load_digit_images("test")[:4]]
+    task = Task("draw_and_say", "draw [TEXT:label] -> [IMAGE:image,preprocess=image_vq] [TEXT:caption]", rows,
+                metrics=("exact_match", "accuracy"))
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok).eval()
+    plan = model.plan(task)
+    target = next(p for p in plan.templates[0][1] if p.slot.column == "image")
+
+    def drawn(row):  # the image tokenizer's own codes of the row's image, decoded
+        codes = next(c.tokens for c in plan.encode(row, 0, training=True).decoder if c.column == "image")
+        return plan.preprocessor(target).to_image([tok.bin_index(t) for t in codes])
+
+    def answers(blank: bool):
+        def infer(task_, rows_, **kwargs):
+            return [Prediction(targets={"image": drawn({**row, "image": row["image"] * (not blank)}),
+                                        "caption": row["caption"]}) for row in rows_]
+        return infer
+
+    model.infer = answers(blank=False)
+    pairs = []
+    assert evaluate_task(model, task, pairs=pairs) == {"exact_match": 1.0, "accuracy": 1.0}
+    predicted, reference = pairs[0]
+    assert reference["image"].shape == predicted["image"].shape == (16, 16, 3)
+    model.infer = answers(blank=True)  # a blank image, the right captions
+    assert evaluate_task(model, task) == {"exact_match": 0.0, "accuracy": 0.0}

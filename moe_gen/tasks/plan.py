@@ -565,18 +565,18 @@ class TaskPlan:
         return Sample(self.name, index, encoder, decoder, tuple(sorted(used)), meta)
 
     def target_tokens(self, plan: SlotPlan, value: Any, index: int = -1, *, place: Optional[str] = None) -> list[int]:
-        """The tokens a free-text target slot trains on for ``value`` (without the EOS that ends
-        it): encoded by the slot's own preprocessor, as training encodes the answer (``uncased``,
-        ``max_length``...; a PHONE slot's phones, a ``struct_text`` table's linearised text). What a
-        right answer writes: evaluation decodes them into its reference and sizes its length budget
-        by them, ranking scores candidates as them (before the fourteenth audit both read the
-        value as TEXT, so a perfect phone or table answer scored 0).
+        """The tokens a free-text or image-code target slot trains on for ``value`` (without the
+        EOS that ends it): encoded by the slot's own preprocessor, as training encodes the answer
+        (``uncased``, ``max_length``...; a PHONE slot's phones, a ``struct_text`` table's linearised
+        text; an image's code tokens). What a right answer writes: evaluation decodes them into its
+        reference and sizes its length budget by them, ranking scores candidates as them (before
+        the fourteenth audit both read the value as TEXT, so a perfect phone or table answer scored 0).
 
         Raises:
             TaskDataError: naming task, column and row (or ``place``), for a value the slot refuses.
         """
-        if plan.decode is None or plan.decode.kind != "text":
-            raise ValueError(f"task {self.name!r}: slot {plan.slot} is not a free-text target")
+        if plan.decode is None or plan.decode.kind not in ("text", "codes"):
+            raise ValueError(f"task {self.name!r}: slot {plan.slot} is not a free-text or image-code target")
         ctx = EncodeContext(self.tokenizer, random.Random(index), training=False, task=self.name, index=index,
                             max_positions=self.max_slot_positions, place=place)
         return list(self._encode_slot(plan, value, ctx).tokens)

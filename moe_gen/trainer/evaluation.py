@@ -7,7 +7,8 @@ rows (the model's own feature space) for continuous targets (audio, motion). Det
 group with one box slot, e.g. ``( [BOX:boxes] [TEXT:labels] )*``) compares per row the lists of
 ``(box, label)`` pairs of the prediction's items and of the row (``detection_f1``). Other tasks with
 several target slots compare ``Prediction.targets`` with the row's target columns, as dicts (a box
-as its location bins decode on the row's image, as a right answer does): ``accuracy`` and
+as its location bins decode on the row's image, an image-code target as the slot's image
+tokenizer reconstructs the row's image: as a right answer does): ``accuracy`` and
 ``exact_match`` compare the dicts value by value; a metric of text (BLEU, chrF, ROUGE-L, WER, ...:
 ``TEXT_METRICS``) is computed per text column outside a repetition group, reported as
 ``<metric>/<column>`` with ``<metric>`` their mean; the metrics of one box, frame sequence or image
@@ -76,20 +77,50 @@ def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
 def _structured(prediction, row: dict, index: int, scored: list, kind: str, plan: TaskPlan,
                 image_size=None) -> tuple[Any, Any]:
     """(prediction, reference) of a multi-target row: text values as the slots train them, and
-    (``structured``) boxes as their location tokens decode on an image of ``image_size``."""
+    (``structured``) boxes as their location tokens decode on an image of ``image_size``, images
+    as their codes decode (``_target_reference``)."""
     texts = {p.slot.column: p for p in scored if p.decode.kind in ("text", "closed_set")}
     if kind == "structured":  # in slot order
-        columns = [p.slot.column for p in scored]
-        boxes = {p.slot.column for p in scored if p.decode.kind == "box"}
-        reference = {c: _reference(plan, texts[c], row[c], index) if c in texts
-                     else _box_reference(row[c], image_size, plan.tokenizer) if c in boxes else row[c]
-                     for c in columns}
-        return {c: prediction.targets.get(c) for c in columns}, reference
+        reference = {p.slot.column: _target_reference(plan, p, row[p.slot.column], index, image_size)
+                     for p in scored}
+        return {p.slot.column: prediction.targets.get(p.slot.column) for p in scored}, reference
     position, box, label = _detection_slots(scored)
     items = prediction.groups[position] if position < len(prediction.groups) else []
     predicted = [(item.get(box), item.get(label) if label else None) for item in items]
     labels = _reference(plan, texts[label], row[label], index) if label else [None] * len(row[box])
     return predicted, list(zip(row[box], labels))
+
+
+def _target_reference(plan: TaskPlan, target, value: Any, index: int, image_size) -> Any:
+    """One target column's reference in a multi-target row, as a right answer decodes it: text
+    as the slot trains it (``_reference``), a box quantised (``_box_reference``), an image as the
+    slot's image tokenizer reconstructs it (``_image_reference``)."""
+    kind = target.decode.kind
+    if kind in ("text", "closed_set"):
+        return _reference(plan, target, value, index)
+    if kind == "box":
+        return _box_reference(value, image_size, plan.tokenizer)
+    if kind == "codes":
+        return _image_reference(plan, target, value, index)
+    return value
+
+
+def _image_reference(plan: TaskPlan, target, value: Any, index: int) -> Any:
+    """An image-code target's image (each item of a repetition group's column) as a right answer
+    decodes: its codes as training encodes them (``TaskPlan.target_tokens``), decoded by the slot's
+    image tokenizer, ``uint8 [S, S, 3]``. Before the fifteenth audit exact match compared the
+    decoded answer with the row's raw image (another size: never equal), so a perfect answer
+    scored 0.0.
+
+    Raises:
+        TaskDataError: naming task, column and row, for a value the slot refuses.
+    """
+    render = plan.preprocessor(target).to_image
+
+    def one(item):
+        return render([plan.tokenizer.bin_index(t) for t in plan.target_tokens(target, item, index)])
+
+    return [one(item) for item in value] if target.slot.repeat is not None else one(value)
 
 
 def _box_reference(value: Any, image_size, tokenizer) -> Any:
