@@ -336,10 +336,10 @@ def _fit(trainer, model, tasks, output_dir: str) -> dict:
     return summary
 
 
-def _save_run(trainer, summary: dict, results: dict, baseline, output_dir: str, model_dir: str) -> str:
-    """Saves the model and ``eval.json``; returns what the latest checkpoint is (for messages).
-    Raises ``RunIncomplete`` saying what was saved when a write fails."""
-    from moe_gen import distributed
+def _save_model(trainer, summary: dict, model_dir: str) -> str:
+    """Saves the trained model (before the final evaluation: an error there keeps it); returns
+    what the latest checkpoint is (for messages). Raises ``RunIncomplete`` saying what was saved
+    when the write fails."""
     from moe_gen.trainer.checkpoint import CheckpointError
 
     checkpoint = (f"the latest checkpoint is {summary['checkpoint']} (step {summary['checkpoint_step']})"
@@ -349,6 +349,24 @@ def _save_run(trainer, summary: dict, results: dict, baseline, output_dir: str, 
     except (OSError, CheckpointError) as exc:
         raise RunIncomplete(f"the model was not saved to {model_dir} ({exc}); {checkpoint}") from None
     summary["model"] = model_dir
+    return checkpoint
+
+
+def _final_evaluation(trainer, output_dir: str, model_dir: str) -> dict:
+    """``trainer.evaluate()`` after training, the model already saved: an error (a metric that
+    cannot score the rows chosen, a row without a reference) raises ``RunIncomplete`` saying so.
+    Before the fifteenth audit the model was saved after this evaluation, and its error lost it."""
+    try:
+        return trainer.evaluate()
+    except ValueError as exc:
+        raise RunIncomplete(f"the model is saved to {model_dir}, but the evaluation after training failed "
+                            f"({exc}); {output_dir}/eval.json was not written") from exc
+
+
+def _save_results(summary: dict, results: dict, baseline, output_dir: str, model_dir: str) -> None:
+    """Writes ``eval.json`` (the main process). Raises ``RunIncomplete`` when the write fails."""
+    from moe_gen import distributed
+
     if distributed.is_main_process():
         try:
             with open(os.path.join(output_dir, "eval.json"), "w") as f:
@@ -356,7 +374,6 @@ def _save_run(trainer, summary: dict, results: dict, baseline, output_dir: str, 
         except OSError as exc:
             raise RunIncomplete(f"the model is saved to {model_dir}, but {output_dir}/eval.json was not "
                                 f"written ({exc})") from None
-    return checkpoint
 
 
 def _check_task_settings(config, model) -> None:
@@ -372,9 +389,9 @@ def _check_task_settings(config, model) -> None:
 
 
 def _train(config, model=None, resume: bool = False, overwrite: bool = False) -> dict:
-    """Shared by pretrain and finetune: build (or take) the model, train, evaluate, save. Raises
-    ``RunIncomplete`` (saying what was and was not saved) when the model or the last step's
-    checkpoint could not be written."""
+    """Shared by pretrain and finetune: build (or take) the model, train, save the model, evaluate,
+    save the results. Raises ``RunIncomplete`` (saying what was and was not saved) when the model
+    or the last step's checkpoint could not be written, or the final evaluation failed."""
     import torch
 
     from moe_gen import distributed
@@ -417,10 +434,11 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
             _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
             baseline = trainer.baseline = trainer.evaluate()
         summary = _fit(trainer, model, tasks, output_dir)
-        results = trainer.evaluate()
+        checkpoint = _save_model(trainer, summary, model_dir)
+        _say(f"saved the model to {model_dir} (load it with GeneralistModel.from_pretrained)")
+        results = _final_evaluation(trainer, output_dir, model_dir)
         _say(metric_table(results, baseline))
-        checkpoint = _save_run(trainer, summary, results, baseline, output_dir, model_dir)
-    _say(f"saved the model to {model_dir} (load it with GeneralistModel.from_pretrained)")
+        _save_results(summary, results, baseline, output_dir, model_dir)
     if summary["checkpoint_step"] != summary["step"]:
         raise RunIncomplete(f"the model is saved to {model_dir}, but the checkpoint of the last step "
                             f"({summary['step']}) was not written ({summary['failed_checkpoints']} failed "

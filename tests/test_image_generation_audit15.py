@@ -112,3 +112,45 @@ def test_an_image_code_target_beside_another_is_scored_against_its_reconstructio
     assert reference["image"].shape == predicted["image"].shape == (16, 16, 3)
     model.infer = answers(blank=True)  # a blank image, the right captions
     assert evaluate_task(model, task) == {"exact_match": 0.0, "accuracy": 0.0}
+
+
+def test_digit_fid_of_a_single_image_is_nan_and_a_one_row_evaluation_saves_the_run(tmp_path):
+    """eval_limit 1 (documented valid) on an image task: digit_fid raised "needs at least two images",
+    every task's results were lost, and `moe-gen pretrain` exited 2 without saving the model."""
+    import json
+    import math
+
+    from moe_gen.cli import main
+    from moe_gen.tasks.metrics import digit_fid
+
+    digits = [r["image"] for r in load_digit_images("test")[:2]]
+    assert math.isnan(digit_fid(digits[:1], digits[:1]))
+    assert math.isfinite(digit_fid(digits, digits[::-1]))
+    run = tmp_path / "run"
+    code = main(["pretrain", "--config", "image_generation", "--output", str(run), "--train.steps", "2",
+                 "--train.warmup_steps", "0", "--train.eval_limit", "1", "--baseline", "false",
+                 "--train.progress", "false", "--train.tensorboard", "false"])
+    assert code == 0 and (run / "model").is_dir()
+    trained = json.loads((run / "eval.json").read_text())["trained"]
+    assert math.isnan(trained["text_to_image"]["digit_fid"]) and "pixel_mse" in trained["text_to_image"]
+
+
+def test_an_evaluation_error_after_training_keeps_the_saved_model(tmp_path, monkeypatch, capsys):
+    """The model was saved only after the final evaluation, so any error there lost the trained model."""
+    from moe_gen.cli import main
+    from moe_gen.model import GeneralistModel
+    from moe_gen.trainer import Trainer
+
+    def failing(self, *args, **kwargs):
+        raise ValueError("task 'x': a metric that cannot score these rows")
+
+    monkeypatch.setattr(Trainer, "evaluate", failing)
+    run = tmp_path / "run"
+    code = main(["pretrain", "--config", "debug", "--output", str(run), "--train.steps", "2", "--baseline", "false",
+                 "--train.progress", "false", "--train.tensorboard", "false"])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert f"the model is saved to {run / 'model'}, but the evaluation after training failed" in err
+    assert "a metric that cannot score these rows" in err and "eval.json was not written" in err
+    GeneralistModel.from_pretrained(str(run / "model"))
+    assert not (run / "eval.json").exists()
