@@ -154,3 +154,48 @@ def test_an_evaluation_error_after_training_keeps_the_saved_model(tmp_path, monk
     assert "a metric that cannot score these rows" in err and "eval.json was not written" in err
     GeneralistModel.from_pretrained(str(run / "model"))
     assert not (run / "eval.json").exists()
+
+
+def test_digit_accuracy_reads_image_file_references_as_the_other_image_metrics_do(tmp_path, tok):
+    """A reference given as an image file (as a JSONL task's media column holds it) failed digit_accuracy
+    with numpy's "invalid literal for int()", where pixel_mse and digit_fid read it as an IMAGE slot
+    does; the metrics' refusals named neither the metric nor the image."""
+    import io
+    import json
+
+    from PIL import Image
+
+    from moe_gen.tasks.metrics import digit_accuracy, digit_fid, pixel_mse
+    from moe_gen.trainer.evaluation import evaluate_task
+
+    digits = load_digit_images("test")[:6]
+    images = [r["image"] for r in digits]
+    with open(tmp_path / "test.jsonl", "w") as f:
+        for i, r in enumerate(digits):
+            Image.fromarray(r["image"]).save(tmp_path / f"{i}.png")  # lossless 8x8 grey PNG
+            f.write(json.dumps({"label": r["label"], "image": f"{i}.png"}) + "\n")
+    task = Task("draw_files", "draw a handwritten [TEXT:label] -> [IMAGE:image,preprocess=image_vq]",
+                str(tmp_path / "test.jsonl"), metrics=("digit_accuracy", "digit_fid", "pixel_mse"))
+    files = [task.data[i]["image"] for i in range(len(task))]
+    encoded = []
+    for image in images:
+        buffer = io.BytesIO()
+        Image.fromarray(image).save(buffer, format="PNG")
+        encoded.append(buffer.getvalue())
+    expected = digit_accuracy(images, images)
+    assert digit_accuracy(images, files) == digit_accuracy(images, encoded) == expected > 0
+    assert pixel_mse(images, files) == 0.0 and digit_fid(images, files) == pytest.approx(0.0, abs=1e-6)
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), [task], tok)
+    assert set(evaluate_task(model, task, limit=2)) == {"digit_accuracy", "digit_fid", "pixel_mse"}
+    missing = str(tmp_path / "missing.png")
+    for metric, call in (("digit_accuracy: reference 1", lambda: digit_accuracy(images[:2], [files[0], missing])),
+                         ("digit_accuracy: prediction 1", lambda: digit_accuracy([None, missing], files[:2])),
+                         ("pixel_mse: reference 1", lambda: pixel_mse(images[:2], [files[0], missing])),
+                         ("pixel_mse: prediction 0", lambda: pixel_mse([missing], files[:1])),
+                         ("digit_fid: reference 1", lambda: digit_fid(images[:2], [files[0], missing])),
+                         ("digit_fid: prediction 0", lambda: digit_fid([missing, images[1]], files[:2]))):
+        with pytest.raises(ValueError, match=f"^{metric}: cannot read the image"):
+            call()
+    with pytest.raises(ValueError, match="^digit_fid: prediction 1 is missing"):
+        digit_fid([images[0], None], files[:2])
