@@ -186,6 +186,9 @@ class TrainConfig(ConfigBase):
             (self.precision in PRECISIONS, f"precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}"),
             (self.trainable in TRAINABLE, f"trainable must be one of {', '.join(TRAINABLE)}; got {self.trainable!r}"),
             (self.max_bad_steps >= 1, f"max_bad_steps must be >= 1, got {self.max_bad_steps}"),
+            (abs(self.seed) < 2**40,  # (seed · 1000 + rank seeds torch, whose seeds are 64-bit)
+             f"seed must be between -2**40 and 2**40 (torch's generators take 64-bit seeds derived from it), "
+             f"got {self.seed}"),
             (self.expert_parallel >= 1, f"expert_parallel must be >= 1, got {self.expert_parallel}"),
             (self.sharding in SHARDING, f"sharding must be one of {', '.join(SHARDING)}; got {self.sharding!r}"),
             (self.shard_size >= 1, f"shard_size must be >= 1, got {self.shard_size}"),

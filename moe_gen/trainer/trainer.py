@@ -54,6 +54,8 @@ from moe_gen.trainer.undo import model_undo
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
 
+# a router's buffers that its forward passes change in training (bias balancing, running loads)
+_BALANCE_STATE = ("balance_bias", "load_average", "load_weight")
 logger = logging.getLogger("moe_gen")
 
 
@@ -483,6 +485,44 @@ class Trainer:
             return torch.autocast(device_type=device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
+    def _accumulate(self, step: int) -> tuple[dict, collections.Counter, bool]:
+        """Forward and backward of the step's micro-batches: every loss part with what it is a mean
+        over, the positions per modality, and whether every loss was finite."""
+        values: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
+        positions: collections.Counter = collections.Counter()
+        finite = True
+        micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(self.config.accumulate)]
+        scales = step_loss_scales(self.objectives, micro_batches, list(self.model.frame_heads), self.world)
+        for micro, (size, groups) in enumerate(micro_batches):
+            parts, over, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
+            finite &= ok
+            positions.update(counts)
+            for key, value in parts.items():
+                values[key].append((value, over.get(key, 1.0)))
+        return values, positions, finite
+
+    @contextlib.contextmanager
+    def _undone_if_stopped(self):
+        """Puts back, when the block raises, what a step changes before its optimizer step: the
+        gradients (cleared: a retried step would add to the stopped one's), the sampler's position
+        (its rows are drawn again, not skipped) and the routers' balancing state (bias, running
+        loads), then re-raises."""
+        from moe_gen.routing.router import Router
+
+        sampler = self.sampler.state_dict()
+        routers = {f"{path}.{name}": b.detach().clone() for path, m in self.model.named_modules()
+                   if isinstance(m, Router) for name, b in m.named_buffers(recurse=False) if name in _BALANCE_STATE}
+        try:
+            yield
+        except BaseException:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.sampler.load_state_dict(sampler)
+            buffers = dict(self.model.named_buffers())
+            with torch.no_grad():
+                for name, value in routers.items():
+                    buffers[name].copy_(value)
+            raise
+
     def _prepare_micro_batch(self, step: int, micro: int) -> tuple[int, list[tuple[str, list, object]]]:
         """Micro-batch ``micro`` of ``step`` drawn and collated: its sample count and, per
         objective (sorted by name), (name, samples, batch on the trainer's device)."""
@@ -545,24 +585,17 @@ class Trainer:
 
     def train_step(self, step: int, recorder: Optional[RoutingRecorder] = None) -> dict:
         """One optimizer step (``accumulate`` micro-batches); returns its log record (with routing
-        numbers when a ``RoutingRecorder`` of the model is given)."""
+        numbers when a ``RoutingRecorder`` of the model is given). Stopped before its optimizer
+        step (Ctrl-C, an error in a later micro-batch), it is undone (``_undone_if_stopped``), so
+        that calling ``fit`` again runs the step as it would have run."""
         if recorder is not None:
             recorder.reset()
             recorder.start()
         cfg = self.config
         start = time.perf_counter()
         self.model.train()
-        values: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
-        positions: collections.Counter = collections.Counter()
-        finite = True
-        micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(cfg.accumulate)]
-        scales = step_loss_scales(self.objectives, micro_batches, list(self.model.frame_heads), self.world)
-        for micro, (size, groups) in enumerate(micro_batches):
-            parts, over, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
-            finite &= ok
-            positions.update(counts)
-            for key, value in parts.items():
-                values[key].append((value, over.get(key, 1.0)))
+        with self._undone_if_stopped():
+            values, positions, finite = self._accumulate(step)
         # each part averaged over the micro-batches it occurred in, by what it is a mean over
         totals = {key: _weighted_mean(v) for key, v in values.items()}
         norm = self._clip()
