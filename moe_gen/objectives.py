@@ -295,6 +295,21 @@ class ContrastiveObjective(Objective):
         return cls(model, task_weights=config.loss_weights or None, loss_average=config.loss_average,
                    frame_weight=config.frame_weight)
 
+    def check_task(self, plan) -> None:
+        """Raises ``ValueError`` naming the task when a template of it has no token target (text,
+        a closed set, boxes, image codes): the contrastive pass reads only scored tokens, so
+        ``prepare`` refuses such rows (below); checked here too, so that the trainer refuses the
+        task when it is built, not at the first step that draws one of its rows."""
+        super().check_task(plan)
+        for t, (_, decoder) in enumerate(plan.templates):
+            targets = [p for p in decoder if p.loss and not p.slot.is_literal]
+            if any(plan.preprocessor(p).makes_tokens for p in targets):
+                continue
+            where = f"template {t}" if len(plan.templates) > 1 else "its answer"
+            slots = sorted({f"{p.modality.name}:{p.name}" for p in targets})
+            raise ValueError(f"task {plan.name!r}: the contrastive objective needs a token target (text) to compare "
+                             f"with the input; {where} has only {slots or 'no targets'}")
+
     def prepare(self, samples, rng) -> Batch:
         """The samples collated as ``Objective.prepare`` collates them.
 
