@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+import numbers
 from typing import Mapping, Optional
 
 import torch
@@ -107,6 +108,10 @@ class GenerativeObjective(Objective):
             samples: every sample weighs the same, whatever its answer's length).
         label_smoothing: the token loss's smoothing; None: the model's ``config.label_smoothing``
             (training), 0 for the plain cross-entropy (the analysis's held-out loss).
+
+    Raises:
+        ValueError: for settings ``TrainConfig`` or ``ModelConfig`` would refuse (a weight that is
+            not a finite number >= 0, ``label_smoothing`` outside [0, 1)), naming the setting.
     """
 
     def __init__(self, model: GeneralistModel, frame_weight: float = 1.0,
@@ -114,6 +119,10 @@ class GenerativeObjective(Objective):
                  label_smoothing: Optional[float] = None) -> None:
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}; got {loss_average!r}")
+        _check_weights(type(self).__name__, task_weights, frame_weight=frame_weight)
+        if label_smoothing is not None and not _number_in(label_smoothing, 0.0, 1.0):
+            raise ValueError(f"{type(self).__name__}: label_smoothing must be None (the model's) or a number in "
+                             f"[0, 1), as ModelConfig.label_smoothing, got {label_smoothing!r}")
         self.model, self.frame_weight, self.loss_average = model, frame_weight, loss_average
         self.label_smoothing = label_smoothing
         self.task_weights = dict(task_weights or {})
@@ -218,6 +227,32 @@ class GenerativeObjective(Objective):
         return ce_N.mean() if base_N is None else (ce_N * base_N).sum() / base_N.sum()
 
 
+def _check_weights(owner: str, task_weights: Optional[Mapping[str, float]] = None, **weights: float) -> None:
+    """Refuses the loss weights ``TrainConfig`` refuses (``frame_weight``, ``loss_weights``), given to
+    an objective built from Python: each a finite number >= 0 (a negative weight trained the task
+    to raise its loss, a NaN made every loss NaN).
+
+    Args:
+        owner: who is given them, for the message (the objective's class name).
+        task_weights: loss weight per task name.
+        weights: other weights by argument name (``frame_weight``, ``caption_weight``, ...).
+
+    Raises:
+        ValueError: naming the owner, the argument (and task) and the value.
+    """
+    for name, value in weights.items():
+        if not _number_in(value, 0.0, math.inf):
+            raise ValueError(f"{owner}: {name} must be a finite number >= 0, got {value!r}")
+    for task, weight in (task_weights or {}).items():
+        if not _number_in(weight, 0.0, math.inf):
+            raise ValueError(f"{owner}.task_weights[{task!r}] must be a finite number >= 0, got {weight!r}")
+
+
+def _number_in(value, low: float, high: float) -> bool:
+    """Whether ``value`` is a real number (not a bool) in ``[low, high)``; NaN never is."""
+    return not isinstance(value, bool) and isinstance(value, numbers.Real) and low <= value < high
+
+
 def _row_means(error_RF: torch.Tensor, valid_RF: Optional[torch.Tensor]) -> torch.Tensor:
     """Each row's mean error over its target values (all of them where ``valid_RF`` is None)."""
     return error_RF.mean(-1) if valid_RF is None else (error_RF * valid_RF).sum(-1) / valid_RF.sum(-1)
@@ -284,6 +319,8 @@ class ContrastiveObjective(Objective):
     def __init__(self, model: GeneralistModel, caption_weight: float = 2.0, contrastive_weight: float = 1.0,
                  task_weights: Optional[dict[str, float]] = None, loss_average: str = "token",
                  frame_weight: float = 1.0) -> None:
+        _check_weights(type(self).__name__, task_weights, caption_weight=caption_weight,
+                      contrastive_weight=contrastive_weight, frame_weight=frame_weight)
         self.model = model
         self.generative = GenerativeObjective(model, frame_weight=frame_weight, task_weights=task_weights,
                                               loss_average=loss_average)

@@ -2,9 +2,12 @@
 refused when the ``Trainer`` is built (``Objective.check_task``), and the objectives' own settings,
 given from Python, are checked as ``TrainConfig`` checks them; each test failed before its fix."""
 
+import math
+
 import pytest
 from helpers import build
 
+from moe_gen.objectives import ContrastiveObjective, GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.trainer import TrainConfig, Trainer
 
@@ -29,3 +32,44 @@ def test_a_contrastive_task_without_a_token_target_is_refused_when_the_trainer_i
     with pytest.raises(ValueError, match=r"task 'motion_retrieval': the contrastive objective needs a token "
                                          r"target \(text\).*its answer has only \['MOTION:motion'\]"):
         _trainer(model, [motion], tmp_path)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"task_weights": {"digit_classification": -1.0}},
+     r"GenerativeObjective.task_weights\['digit_classification'\] must be a finite number >= 0, got -1.0"),
+    ({"task_weights": {"digit_classification": math.nan}},
+     r"GenerativeObjective.task_weights\['digit_classification'\] must be a finite number >= 0, got nan"),
+    ({"label_smoothing": 1.5}, r"GenerativeObjective: label_smoothing must be None .* in \[0, 1\).*got 1.5"),
+    ({"label_smoothing": -0.5}, r"GenerativeObjective: label_smoothing must be None .*got -0.5"),
+    ({"frame_weight": -1.0}, r"GenerativeObjective: frame_weight must be a finite number >= 0, got -1.0"),
+    ({"frame_weight": math.inf}, r"GenerativeObjective: frame_weight must be a finite number >= 0, got inf"),
+])
+def test_the_generative_objective_refuses_settings_train_config_refuses(tok, kwargs, message):
+    """Built from Python, as the README shows, the objective took negative or NaN task weights,
+    label smoothing outside [0, 1) and a negative frame weight, and trained on the losses they made
+    (a negative weight: a loss of -0.75 for a task it taught to answer wrongly)."""
+    model = build([load_preset("digit_classification", "train", limit=6)], tok)
+    with pytest.raises(ValueError, match=message):
+        GenerativeObjective(model, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"caption_weight": -2.0}, r"ContrastiveObjective: caption_weight must be a finite number >= 0, got -2.0"),
+    ({"contrastive_weight": math.nan}, r"ContrastiveObjective: contrastive_weight must be a finite number >= 0"),
+    ({"contrastive_weight": math.inf}, r"ContrastiveObjective: contrastive_weight must be a finite number >= 0"),
+    ({"frame_weight": -1.0}, r"ContrastiveObjective: frame_weight must be a finite number >= 0, got -1.0"),
+    ({"task_weights": {"digit_classification": -1.0}}, r"ContrastiveObjective.task_weights\['digit_classification'\]"),
+])
+def test_the_contrastive_objective_refuses_settings_train_config_refuses(tok, kwargs, message):
+    model = build([load_preset("digit_classification", "train", limit=6)], tok)
+    with pytest.raises(ValueError, match=message):
+        ContrastiveObjective(model, **kwargs)
+
+
+def test_objective_settings_within_range_are_kept(tok):
+    model = build([load_preset("digit_classification", "train", limit=6)], tok)
+    generative = GenerativeObjective(model, frame_weight=0, task_weights={"digit_classification": 0},
+                                     label_smoothing=0.0)
+    contrastive = ContrastiveObjective(model, caption_weight=0.0, contrastive_weight=3)
+    assert generative.frame_weight == 0 and generative.task_weights == {"digit_classification": 0}
+    assert (contrastive.caption_weight, contrastive.contrastive_weight) == (0.0, 3)
