@@ -157,10 +157,12 @@ def check_masked_answer(plan, template: int = 0) -> None:
     Literal text before the first target, or after the last, is never fed (``masked_view``).
 
     Raises:
-        ValueError: naming the task and what stands between its targets.
+        ValueError: naming the task, when it has no target, or what stands between its targets.
     """
     decoder = plan.templates[template][1]
     scored = [i for i, p in enumerate(decoder) if p.loss]
+    if not scored:  # (as the grammar says it: nothing to decode, and masking has no target to draw)
+        raise ValueError(f"task {plan.name!r} has no scored decoder slot to decode")
     modalities = sorted({decoder[i].modality.name for i in scored})
     if len(modalities) > 1:  # each modality's items are numbered apart in training (masking)
         raise ValueError(f"task {plan.name!r} trained with the masked objective has targets in "

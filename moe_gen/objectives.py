@@ -16,6 +16,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from moe_gen.model.grammar import check_answer_layout
 from moe_gen.model.model import GeneralistModel, summed_aux_losses
 from moe_gen.registry import OBJECTIVES
 from moe_gen.routing.tags import PASSES
@@ -63,7 +64,12 @@ class Objective:
         """Raises ``ValueError`` naming the task when this objective cannot train the task of
         ``plan`` (its ``TaskPlan`` as the model encodes it): the trainer asks for every task when
         it is built, so that a task is refused before the first step, not when a draw first meets
-        what the objective cannot do. Every task passes by default."""
+        what the objective cannot do. By default a task is refused whose answer ``model.infer``
+        could not decode (``moe_gen.model.grammar.check_answer_layout``, every template): one with
+        no scored decoder slot trained on the routing loss alone; objectives that override this
+        call it too."""
+        for template in range(len(plan.templates)):
+            check_answer_layout(plan, template)
 
     def prepare(self, samples, rng) -> Batch:
         """``samples`` collated into one batch (``rng``: for objectives that draw, e.g. masks)."""
@@ -490,6 +496,7 @@ class MaskedObjective(GenerativeObjective):
         modalities or literal text / a closing EOS between target values."""
         from moe_gen.masking import check_masked_answer
 
+        super().check_task(plan)
         for t in range(len(plan.templates)):
             check_masked_answer(plan, t)
         for encoder, decoder in plan.templates:
@@ -539,6 +546,7 @@ class ParallelObjective(GenerativeObjective):
                                  f"([IMAGE:...,preprocess=image_vq]); the task's targets are "
                                  f"{', '.join(str(p.slot) for p in targets) or 'none'}: keep the image codes as "
                                  "its one target and train any other in a task of its own (e.g. generative)")
+        super().check_task(plan)
 
     @functools.cached_property
     def _code_ids(self) -> frozenset:

@@ -73,3 +73,26 @@ def test_objective_settings_within_range_are_kept(tok):
     contrastive = ContrastiveObjective(model, caption_weight=0.0, contrastive_weight=3)
     assert generative.frame_weight == 0 and generative.task_weights == {"digit_classification": 0}
     assert (contrastive.caption_weight, contrastive.contrastive_weight) == (0.0, 3)
+
+
+@pytest.mark.parametrize("instruction", ["[TEXT:a] -> just text", "[TEXT:a] -> [TEXT:b,no_loss]",
+                                         "[TEXT:a] -> [TEXT:b] ||| [TEXT:a] again -> [TEXT:b,no_loss]"])
+def test_a_task_with_no_scored_decoder_slot_is_refused_when_the_trainer_is_built(tok, tmp_path, instruction):
+    """Such a task trained on the routing loss alone, without a word; infer and evaluation refused
+    it only after the run."""
+    task = Task("t", instruction, [{"a": "hello there", "b": "x y"}, {"a": "foo bar", "b": "z"}])
+    model = build([task], tok)
+    with pytest.raises(ValueError, match=r"^task 't' has no scored decoder slot to decode$"):
+        _trainer(model, [task], tmp_path)
+
+
+def test_a_masked_task_with_no_scored_decoder_slot_is_refused_by_name(tok, tmp_path):
+    """check_masked_answer indexed the first target: the Trainer, and infer, failed with a bare
+    IndexError."""
+    rows = [{"q": "hello there", "p": "x y"}, {"q": "foo bar", "p": "z"}]
+    task = Task("given_only", "[TEXT:q] -> [TEXT:p,no_loss] done", rows, objective="masked")
+    model = build([task], tok, predict_all_features=True)
+    with pytest.raises(ValueError, match=r"^task 'given_only' has no scored decoder slot to decode$"):
+        _trainer(model, [task], tmp_path)
+    with pytest.raises(ValueError, match=r"^task 'given_only' has no scored decoder slot to decode$"):
+        model.infer(task, rows[:1])

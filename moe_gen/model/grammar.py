@@ -43,7 +43,7 @@ from moe_gen.tasks.modalities.base import modality_tag_names
 from moe_gen.tasks.modalities.box import dequantize_box
 from moe_gen.tasks.plan import TARGET, TaskPlan, slot_followers
 
-__all__ = ["Option", "State", "TargetGrammar", "check_limits"]
+__all__ = ["Option", "State", "TargetGrammar", "check_answer_layout", "check_limits"]
 
 Tag = tuple[int, int]  # (modality tag id, role) of a decoder position
 
@@ -117,6 +117,23 @@ class State:
     values: tuple[tuple[int, int], ...] = ()
 
 
+def check_answer_layout(plan: TaskPlan, template: int = 0) -> int:
+    """Checks that decoding can give back the answer of template ``template`` as training lays it
+    out, and returns the index of its first target slot. ``TargetGrammar`` runs it for the template
+    it decodes, and ``Objective.check_task`` for every template when the ``Trainer`` is built, so
+    that a task is refused before it trains, not after, in ``infer`` or evaluation.
+
+    Raises:
+        ValueError: naming the task, for a template without a scored decoder slot (it would train
+            on the routing loss alone).
+    """
+    slots = plan.templates[template][1]
+    scored = [i for i, p in enumerate(slots) if p.loss]
+    if not scored:
+        raise ValueError(f"task {plan.name!r} has no scored decoder slot to decode")
+    return scored[0]
+
+
 class TargetGrammar:
     """The answers a plan's template allows, for constrained decoding.
 
@@ -147,10 +164,8 @@ class TargetGrammar:
         # that many tokens; the others max_new_tokens
         self.limits = [int(p.slot.attrs.get("max_length") or max_new_tokens)
                        if p.decode is not None and p.decode.kind == "text" else max_new_tokens for p in self.slots]
+        self.first = check_answer_layout(plan, template)
         scored = [i for i, p in enumerate(self.slots) if p.loss]
-        if not scored:
-            raise ValueError(f"task {plan.name!r} has no scored decoder slot to decode")
-        self.first = scored[0]
         for p in self.slots[self.first:]:
             if not p.slot.is_literal and not p.loss:
                 raise ValueError(f"task {plan.name!r}: decoder slot {p.slot} (no_loss) comes after the first "
