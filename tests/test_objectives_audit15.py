@@ -1,12 +1,16 @@
 """Audit 15 of the objectives: what an objective cannot train, or the answer infer cannot decode, is
 refused when the ``Trainer`` is built (``Objective.check_task``), and the objectives' own settings,
-given from Python, are checked as ``TrainConfig`` checks them; each test failed before its fix."""
+given from Python, are checked as ``TrainConfig`` checks them. Each test of a defect failed before its
+fix; the preset and suite tests show that the new layout check refuses none of the built-in tasks."""
 
 import math
 
+import numpy as np
 import pytest
 from helpers import build
 
+from moe_gen import TASKS
+from moe_gen.model.grammar import check_answer_layout
 from moe_gen.objectives import ContrastiveObjective, GenerativeObjective
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.trainer import TrainConfig, Trainer
@@ -96,3 +100,49 @@ def test_a_masked_task_with_no_scored_decoder_slot_is_refused_by_name(tok, tmp_p
         _trainer(model, [task], tmp_path)
     with pytest.raises(ValueError, match=r"^task 'given_only' has no scored decoder slot to decode$"):
         model.infer(task, rows[:1])
+
+
+@pytest.mark.parametrize("instruction, message", [
+    ("[TEXT:w] say it, then name it -> [AUDIO:clip] [TEXT:label]",
+     r"task 'x': frames \(\[AUDIO:clip\]\) decode only as the single target"),
+    ("[TEXT:w] describe it as a table -> [STRUCT:table]",
+     r"task 'x': target \[STRUCT:table\] is feature rows of the 'struct' preprocessor, which cannot be generated"),
+    ("[TEXT:w] -> [TEXT:label] ||| [TEXT:w] say it -> [AUDIO:clip] [TEXT:label]",
+     r"task 'x': frames \(\[AUDIO:clip\]\) decode only as the single target"),
+    ("[TEXT:w] -> ( [TEXT:label] )* [TEXT:w2]", r"task 'x': after \[TEXT:label\] two free-text slots may start"),
+])
+def test_a_task_whose_answer_infer_cannot_decode_is_refused_when_the_trainer_is_built(tok, tmp_path, instruction,
+                                                                                    message):
+    """A frame target beside another target, or a STRUCT target of the default cell encoding, passed
+    Task, build, Trainer and fit, and failed only afterwards, in infer and evaluate."""
+    rng = np.random.default_rng(0)
+    rows = [{"w": w, "w2": w + "!", "clip": (0.1 * rng.standard_normal(4800)).astype(np.float32),
+             "label": [w + " tone"] if "(" in instruction else w + " tone",
+             "table": {"freq": f, "loud": i}} for i, (w, f) in enumerate([("low", 300), ("high", 2000)] * 2)]
+    task = Task("x", instruction, rows)
+    model = build([task], tok)
+    with pytest.raises(ValueError, match=message):
+        _trainer(model, [task], tmp_path)
+
+
+def _every_template_decodes(task, tok):
+    plan = task.plan(tok)
+    for template in range(len(plan.templates)):
+        check_answer_layout(plan, template)
+
+
+@pytest.mark.parametrize("name", TASKS.list())
+def test_every_preset_passes_the_answer_layout_check(tok, name):
+    """What the Trainer now checks when it is built (besides each objective's own checks, which
+    were there before) holds for every template of every built-in task."""
+    _every_template_decodes(load_preset(name, "train", limit=4), tok)
+
+
+def test_every_suite_task_passes_the_answer_layout_check(tok):
+    from moe_gen.quality.suite import EXTRA, SUITE, suite_tasks
+
+    variants = [suite_tasks(["doc_topic", "spoken_word_classification"], pretrained_inputs=True),
+                suite_tasks(["doc_topic"], bag_of_words=True),
+                suite_tasks(["motion_classification"], pose_summary=True)]
+    for suite_task in [*SUITE, *EXTRA, *(t for tasks in variants for t in tasks)]:
+        _every_template_decodes(suite_task.build("train"), tok)

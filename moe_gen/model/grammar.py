@@ -41,7 +41,7 @@ from typing import Any, Mapping, Optional
 
 from moe_gen.tasks.modalities.base import modality_tag_names
 from moe_gen.tasks.modalities.box import dequantize_box
-from moe_gen.tasks.plan import TARGET, TaskPlan, slot_followers
+from moe_gen.tasks.plan import TARGET, SlotPlan, TaskPlan, slot_followers
 
 __all__ = ["Option", "State", "TargetGrammar", "check_answer_layout", "check_limits"]
 
@@ -124,14 +124,40 @@ def check_answer_layout(plan: TaskPlan, template: int = 0) -> int:
     that a task is refused before it trains, not after, in ``infer`` or evaluation.
 
     Raises:
-        ValueError: naming the task, for a template without a scored decoder slot (it would train
-            on the routing loss alone).
+        ValueError: naming the task (and slot), for a template without a scored decoder slot (it
+            would train on the routing loss alone), a ``no_loss`` slot after the first target, a
+            target of feature rows (not generated: the default STRUCT cells, image patches), frames
+            beside another target or in a repetition group (frames decode only as the single
+            target), and a slot after which two free-text slots may start.
     """
     slots = plan.templates[template][1]
     scored = [i for i, p in enumerate(slots) if p.loss]
     if not scored:
         raise ValueError(f"task {plan.name!r} has no scored decoder slot to decode")
-    return scored[0]
+    first = scored[0]
+    for p in slots[first:]:
+        if not p.slot.is_literal and not p.loss:
+            raise ValueError(f"task {plan.name!r}: decoder slot {p.slot} (no_loss) comes after the first "
+                             "target; inference cannot fill it")
+        if p.decode is not None and p.decode.kind == "features":
+            fix = (f"; an image target needs an image tokenizer: [IMAGE:{p.slot.column},preprocess=image_vq]"
+                   if p.modality.name == "IMAGE" else f"; {p.modality.name} targets are not generated")
+            raise ValueError(f"task {plan.name!r}: target {p.slot} is feature rows of the {p.preprocess!r} "
+                             f"preprocessor, which cannot be generated{fix}")
+        if p.decode is not None and p.decode.kind == "frames" and (len(scored) > 1 or p.slot.repeat is not None):
+            raise ValueError(f"task {plan.name!r}: frames ({p.slot}) decode only as the single target")
+    kinds = [_slot_kind(p) for p in slots]
+    for i in range(first, len(slots)):  # free text takes any token: two could not be told apart
+        if sum(f is not None and kinds[f] == "text" for f in slot_followers(slots, i)) > 1:
+            raise ValueError(f"task {plan.name!r}: after {slots[i].slot} two free-text slots may start; "
+                             "put literal text before one of them")
+    return first
+
+
+def _slot_kind(p: SlotPlan) -> str:
+    """What decoding does at a decoder slot: its ``DecodeSpec`` kind, ``literal`` (forced text) or
+    ``given`` (a ``no_loss`` value of the forced prefix, never decoded)."""
+    return "literal" if p.slot.is_literal else p.decode.kind if p.decode is not None else "given"
 
 
 class TargetGrammar:
@@ -148,8 +174,9 @@ class TargetGrammar:
             tag vocabulary of this process.
 
     Raises:
-        ValueError: for templates it cannot decode (frames next to other targets, ``no_loss``
-            slots after the first target), and limits that are not whole numbers >= 1.
+        ValueError: for templates it cannot decode (``check_answer_layout``: frames next to other
+            targets, ``no_loss`` slots after the first target, ...), and limits that are not whole
+            numbers >= 1.
     """
 
     def __init__(self, plan: TaskPlan, tokenizer, template: int = 0, *, max_new_tokens: int = 32,
@@ -165,25 +192,12 @@ class TargetGrammar:
         self.limits = [int(p.slot.attrs.get("max_length") or max_new_tokens)
                        if p.decode is not None and p.decode.kind == "text" else max_new_tokens for p in self.slots]
         self.first = check_answer_layout(plan, template)
-        scored = [i for i, p in enumerate(self.slots) if p.loss]
-        for p in self.slots[self.first:]:
-            if not p.slot.is_literal and not p.loss:
-                raise ValueError(f"task {plan.name!r}: decoder slot {p.slot} (no_loss) comes after the first "
-                                 "target; inference cannot fill it")
-            if p.decode is not None and p.decode.kind == "features":
-                fix = (f"; an image target needs an image tokenizer: [IMAGE:{p.slot.column},preprocess=image_vq]"
-                       if p.modality.name == "IMAGE" else f"; {p.modality.name} targets are not generated")
-                raise ValueError(f"task {plan.name!r}: target {p.slot} is feature rows of the {p.preprocess!r} "
-                                 f"preprocessor, which cannot be generated{fix}")
-            if p.decode is not None and p.decode.kind == "frames" and (len(scored) > 1 or p.slot.repeat is not None):
-                raise ValueError(f"task {plan.name!r}: frames ({p.slot}) decode only as the single target")
         self.closing, self.open_ends = plan.closing_eos(template), plan.open_ends(template)
         self.followers = [slot_followers(self.slots, i) for i in range(len(self.slots))]
         ids = modality_ids if modality_ids is not None else {n: i for i, n in enumerate(modality_tag_names())}
         self.tags: list[Tag] = [(ids[p.modality.name], p.role) for p in self.slots]
         # (a no_loss slot before the first target is part of the forced prefix, never decoded)
-        self.kinds = ["literal" if p.slot.is_literal else p.decode.kind if p.decode is not None else "given"
-                      for p in self.slots]
+        self.kinds = [_slot_kind(p) for p in self.slots]
         self.literals = {i: tuple(tokenizer.encode_literal(p.slot.text)) for i, p in enumerate(self.slots)
                          if p.slot.is_literal}
         self.bins = tuple(tokenizer.bin_id(k) for k in range(tokenizer.num_bins))
@@ -201,10 +215,6 @@ class TargetGrammar:
         self.reserved = frozenset({t for t in never if t is not None} | set(self.bins if discrete else ()))
         self.keys = [p.slot.column or str(i) for i, p in enumerate(self.slots)]
         self.groups = sorted({p.slot.repeat for p in self.slots if p.slot.repeat is not None})
-        for i in range(self.first, len(self.slots)):  # free text takes any token: two could not be told apart
-            if sum(f is not None and self.kinds[f] == "text" for f in self.followers[i]) > 1:
-                raise ValueError(f"task {plan.name!r}: after {self.slots[i].slot} two free-text slots may start; "
-                                 "put literal text before one of them")
 
     # ---- the state machine ---------------------------------------------------------------
 
