@@ -34,7 +34,8 @@ from moe_gen.tasks.tokenizer import Tokenizer
 
 __all__ = [
     "modality_tag_names", "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
-    "register_modality", "brief", "tensor_to_numpy", "regular_file", "is_missing", "WRITTEN_NUMBERS",
+    "register_modality", "brief", "tensor_to_numpy", "regular_file", "undecoded_media", "is_missing",
+    "WRITTEN_NUMBERS",
 ]
 
 # The numbers a text slot writes out as their ``str()`` (a closed set's labels and its rows alike):
@@ -96,6 +97,32 @@ def regular_file(path, kind: str) -> str:
         what = "a directory" if stat.S_ISDIR(mode) else "a FIFO, device or socket"
         raise SlotValueError(f"the {kind} path {brief(path)} is {what}, not a regular file")
     return path
+
+
+def undecoded_media(value: Mapping, kind: str, decoded: str = "") -> Any:
+    """The encoded file a Hugging Face media dict ``{"bytes": ..., "path": ...}`` stands for: its
+    bytes, else its path (``datasets``' ``Audio``, ``Image`` and ``Video`` features with
+    ``decode=False`` give such dicts, and a dataset's Arrow rows hold them).
+
+    Args:
+        value: the dict.
+        kind: what the slot reads (``"an IMAGE slot"``), for the message.
+        decoded: the other dict the slot reads, for the message (``"{'array', 'sampling_rate'}"``).
+
+    Raises:
+        SlotValueError: for a dict with neither, naming the keys read and the keys it has.
+    """
+    data, path = value.get("bytes"), value.get("path")
+    if isinstance(data, (bytes, bytearray)):
+        return data
+    if data is None and isinstance(path, (str, os.PathLike)):
+        return path
+    other = f"{decoded} or " if decoded else ""
+    keys = ", ".join(brief(k, 30) for k in value) or "none"
+    held = f" ('bytes' holds a {type(data).__name__})" if data is not None else \
+        f" ('path' holds a {type(path).__name__})" if path is not None else ""
+    raise SlotValueError(f"{kind} reads a dict {other}{{'bytes', 'path'}} (a Hugging Face media dict: its bytes, "
+                         f"else its path); this one has keys {keys}{held}")
 
 
 def tensor_to_numpy(value: torch.Tensor):

@@ -20,7 +20,7 @@ import numbers
 import os
 import random
 import warnings
-from typing import Any, Optional
+from typing import Any, Mapping, Optional
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from moe_gen.tasks.modalities.base import (
     register_modality,
     regular_file,
     tensor_to_numpy,
+    undecoded_media,
 )
 
 __all__ = ["load_waveform", "read_waveform", "resample", "check_sample_rate", "fbank", "motion_frames",
@@ -122,11 +123,14 @@ _MAX_CHANNELS = 8
 def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, int]:
     """Mono float32 waveform ``[S]`` at its own rate, and that rate, from an array or tensor of
     floats ``[S]``, ``[C, S]`` or ``[S, C]`` (channels averaged; at ``sample_rate``, default
-    16 kHz), a ``{"array", "sampling_rate"}`` dict, a WAV path
-    or WAV bytes. Raises ``SlotValueError`` for anything else, empty or non-finite waveforms and
-    bad sample rates."""
-    if isinstance(value, dict) and "array" in value:  # its own rate, else the one given (the row's)
+    16 kHz), a ``{"array", "sampling_rate"}`` dict, a WAV path or WAV bytes, or a Hugging Face
+    ``{"bytes", "path"}`` dict of a WAV file (``Audio(decode=False)``: the bytes, else the path).
+    Raises ``SlotValueError`` for anything else, empty or non-finite waveforms and bad sample
+    rates."""
+    if isinstance(value, Mapping) and "array" in value:  # its own rate, else the one given (the row's)
         value, sample_rate = value["array"], value.get("sampling_rate", value.get("sample_rate", sample_rate))
+    elif isinstance(value, Mapping):  # undecoded (before the fifteenth audit "needs ... a dict, got dict")
+        value = undecoded_media(value, "an AUDIO slot", "{'array', 'sampling_rate'}")
     if isinstance(value, (str, os.PathLike)):
         value, sample_rate = _read_wav(regular_file(value, "audio"))
     elif isinstance(value, (bytes, bytearray)):
@@ -153,7 +157,8 @@ def read_waveform(value: Any, sample_rate: Any = None) -> tuple[torch.Tensor, in
             value = torch.from_numpy(np.ascontiguousarray(value, dtype=np.float32))
     if not isinstance(value, torch.Tensor) or not value.is_floating_point() or value.dim() not in (1, 2):
         raise SlotValueError(
-            f"an AUDIO slot needs a float waveform [S] or [C, S], a dict, a WAV path or bytes, got "
+            f"an AUDIO slot needs a float waveform [S] or [C, S], a {{'array', 'sampling_rate'}} or {{'bytes', "
+            f"'path'}} dict, a WAV path or bytes, got "
             f"{type(value).__name__}{tuple(value.shape) if isinstance(value, torch.Tensor) else ''}"
         )
     wav = value.detach().cpu().float()
