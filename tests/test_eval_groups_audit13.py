@@ -38,7 +38,8 @@ LABEL_STRING = dict(GOOD, labels="tw")  # a string, not a list: it was zipped as
 
 @pytest.mark.parametrize("bad, why", [
     (MORE_BOXES, r"the columns of repetition group 0 have different lengths \('boxes': 3, 'labels': 2\)"),
-    (LABEL_STRING, r"column 'labels' is in repetition group 0, so it needs a list to score against, got str"),
+    (LABEL_STRING, r"column 'labels' is in repetition group 0, so it needs a list \(or a numpy array or tensor"
+                   r".*\) to score against, got str"),
 ])
 def test_detection_refuses_a_reference_training_refuses(tok, bad, why):
     """A row with more boxes than labels was scored against its first two boxes, and a labels string

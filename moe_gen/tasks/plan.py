@@ -41,11 +41,13 @@ from moe_gen.tasks.decodable import check_decodable, slot_followers
 from moe_gen.tasks.errors import TaskDataError
 from moe_gen.tasks.instruction import Instruction, Slot
 from moe_gen.tasks.modalities.base import (
+    GROUP_VALUES,
     EncodeContext,
     ModalitySpec,
     SlotEncoding,
     SlotValueError,
     brief,
+    group_items,
     is_missing,
     label_text,
 )
@@ -117,6 +119,12 @@ class SlotPlan:
     decode: Optional[DecodeSpec]
     # its column, or "slot N" for a slot filled by position (Template.slot_names); None for literals
     name: Optional[str] = None
+
+
+def _kind(value: Any) -> str:
+    """A value's type for messages, with its shape where it has one (a 0-d array holds no items)."""
+    shape = getattr(value, "shape", None)
+    return type(value).__name__ + (f" of shape {tuple(shape)}" if isinstance(shape, tuple) else "")
 
 
 def build_trie(sequences: Sequence[Sequence[int]]) -> dict:
@@ -652,10 +660,11 @@ class TaskPlan:
                     )
                 value = row[slot.column]
             if slot.repeat is not None:
-                if not isinstance(value, (list, tuple)):
-                    raise TaskDataError(f"task {self.name!r}, column {slot.column!r}, row {index}: a slot "
-                                        f"in a repetition group needs a list, got {type(value).__name__}")
-                out.append((plan, list(value)))
+                items = group_items(value)
+                if items is None:
+                    raise TaskDataError(f"task {self.name!r}, column {slot.column!r}, row {index}: a slot in a "
+                                        f"repetition group needs {GROUP_VALUES}, got {_kind(value)}")
+                out.append((plan, items))
             else:
                 out.append((plan, [value]))
         self._check_groups(out, index)

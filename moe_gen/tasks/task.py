@@ -40,7 +40,7 @@ import numpy as np
 
 from moe_gen.registry import MODALITIES, PREPROCESSORS, did_you_mean
 from moe_gen.tasks.instruction import Instruction, InstructionError, Slot
-from moe_gen.tasks.modalities.base import SlotValueError, label_text
+from moe_gen.tasks.modalities.base import GROUP_VALUES, SlotValueError, group_items, label_text
 from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
@@ -308,17 +308,18 @@ class Task:
         for _, row in self._readable_rows(len(self.data) if repeated else 0):
             for c in repeated:
                 if isinstance(row, Mapping) and c in row:
-                    value = row[c]
-                    # a repetition group's column holds one label per item
-                    for label in value if repeated[c] and isinstance(value, (list, tuple)) else [value]:
+                    # a repetition group's column holds one label per item (group_items: a list or an array)
+                    items = group_items(row[c]) if repeated[c] else None
+                    for label in [row[c]] if items is None else items:
                         text = label_text(label)
                         if text is not None:
                             labels[c].add(text)
         for c in repeated:
             if len(self.data) and not labels[c]:
+                held = f"; a repetition group's column holds {GROUP_VALUES} of labels" if repeated[c] else ""
                 raise TaskDataError(f"task {self.name!r}, column {c!r}: none of the {len(self.data)} rows holds a "
                                     "valid label for this closed set (text or a number; missing values, ints too long "
-                                    "to write out and lone surrogates are not)")
+                                    f"to write out and lone surrogates are not{held})")
         return {c: sorted(v) for c, v in labels.items()}
 
     def motion_statistics(self, max_rows: int = 256, column: Optional[str] = None) -> Optional[dict]:
@@ -453,7 +454,8 @@ class Task:
                 value = row[position]
             else:
                 continue
-            for item in value if slot.repeat is not None and isinstance(value, (list, tuple)) else [value]:
+            items = group_items(value) if slot.repeat is not None else None
+            for item in [value] if items is None else items:
                 yield i, item
 
     def plan(self, tokenizer: Tokenizer, statistics: Optional[Mapping[str, Mapping]] = None) -> TaskPlan:

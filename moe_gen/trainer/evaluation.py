@@ -34,7 +34,7 @@ from typing import Any, Optional, Sequence
 import numpy as np
 
 from moe_gen.tasks import metrics as metric_fns
-from moe_gen.tasks.modalities.base import brief
+from moe_gen.tasks.modalities.base import GROUP_VALUES, brief, group_items
 from moe_gen.tasks.plan import TaskDataError, TaskPlan
 from moe_gen.tasks.task import Task
 
@@ -191,6 +191,21 @@ def _read_rows(task: Task, indices: list[int]) -> tuple[list, list[int], int]:
     return rows, kept, skipped
 
 
+def _listed_groups(row: Any, scored: list) -> Any:
+    """``row`` with its repetition groups' scored columns as lists where ``group_items`` reads them
+    (labels or boxes given as a numpy array or tensor), so the references are read, checked and
+    budgeted as training reads them; a row without such a column as it is."""
+    columns = [p.slot.column for p in scored if p.slot.repeat is not None]
+    if not isinstance(row, dict) or not any(c in row for c in columns):
+        return row
+    listed = dict(row)
+    for column in columns:
+        items = group_items(row[column]) if column in row else None
+        if items is not None:
+            listed[column] = items
+    return listed
+
+
 def spaced_indices(n: int, count: int) -> list[int]:
     """``count`` indices (``count <= n``) evenly spaced over ``range(n)``, starting at 0."""
     return [(i * n) // count for i in range(count)]
@@ -258,6 +273,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     rows, indices, skipped = _read_rows(task, spaced_indices(len(task), count))
+    rows = [_listed_groups(row, scored) for row in rows]
     samples, dropped = _encoded_targets(model, task, kind, scored, indices)
     if dropped:  # their targets failed to encode (on_error="skip"; counted in task.skipped)
         kept = [i for i, index in enumerate(indices) if index not in dropped]
@@ -358,9 +374,9 @@ def _reference_problem(row, scored: list) -> Optional[str]:
             if problem:
                 return f"column {p.slot.column!r} {problem} to score against"
             continue
-        if not isinstance(value, (list, tuple)):
-            return (f"column {p.slot.column!r} is in repetition group {p.slot.repeat}, so it needs a list to "
-                    f"score against, got {type(value).__name__}")
+        if not isinstance(value, (list, tuple)):  # (_listed_groups made lists of the arrays group_items reads)
+            return (f"column {p.slot.column!r} is in repetition group {p.slot.repeat}, so it needs {GROUP_VALUES} "
+                    f"to score against, got {type(value).__name__}")
         lengths.setdefault(p.slot.repeat, {})[p.slot.column] = len(value)
     for group, sizes in lengths.items():
         if len(set(sizes.values())) > 1:

@@ -35,13 +35,15 @@ from moe_gen.tasks.tokenizer import Tokenizer
 __all__ = [
     "modality_tag_names", "ModalitySpec", "SlotEncoding", "EncodeContext", "Preprocessor", "Adapter", "SlotValueError",
     "register_modality", "brief", "tensor_to_numpy", "regular_file", "undecoded_media", "is_missing",
-    "WRITTEN_NUMBERS",
+    "group_items", "GROUP_VALUES", "WRITTEN_NUMBERS",
 ]
 
 # The numbers a text slot writes out as their ``str()`` (a closed set's labels and its rows alike):
 # Python's and numpy's numbers and booleans, and Decimal (what SQL NUMERIC columns read as). Before
 # the fourteenth audit a Decimal label joined the closed set but every row holding it was refused.
 WRITTEN_NUMBERS = (numbers.Real, decimal.Decimal, np.bool_)
+# What a repetition group's column may hold (``group_items``), as messages name it.
+GROUP_VALUES = "a list (or a numpy array or tensor: one item per entry of its first dimension)"
 
 
 class SlotValueError(ValueError):
@@ -53,6 +55,25 @@ def is_missing(value: Any) -> bool:
     if isinstance(value, decimal.Decimal):
         return value.is_nan()  # (a signalling NaN raises when compared)
     return value is None or (isinstance(value, numbers.Real) and value != value)
+
+
+def group_items(value: Any) -> Optional[list]:
+    """The items a repetition group's column holds, one per entry: a list or tuple as it is, a numpy
+    array or tensor of one or more dimensions along its first (labels ``[K]``, boxes ``[K, 4]``, as
+    detection datasets and torchvision give them); None for anything else (a text would split into
+    characters, a 0-d array holds no items). Training, the label sets and evaluation all read a
+    group's columns through it (before the fifteenth audit only lists and tuples were read, and a
+    closed set's labels given as an array were refused as "no row holds a valid label")."""
+    if isinstance(value, (list, tuple)):
+        return list(value)
+    if isinstance(value, torch.Tensor):
+        try:
+            value = tensor_to_numpy(value)
+        except SlotValueError:  # (sparse, quantized: no items to read)
+            return None
+    if isinstance(value, np.ndarray) and value.ndim >= 1:
+        return list(value)
+    return None
 
 
 def label_text(label: Any) -> Optional[str]:
