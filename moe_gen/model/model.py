@@ -156,21 +156,40 @@ def _task_words(names: Sequence[str], tasks: Sequence, known: Sequence[str],
 NEW_HEADS = ":heads"  # add_tasks' name for new frame and stop heads of an adapter the model had
 
 
+def _refuse_widths(adaptor: str, first: tuple[str, Optional[str]], other: tuple[str, Optional[str]],
+                   width: int, other_width: int) -> None:
+    """Raises ``ValueError`` for two slots, ``(task, column)`` each, that feed ``adaptor`` features of two
+    widths: of two tasks, naming both; of one task, naming it and both slots (before the fifteenth
+    audit two MOTION inputs of one task built, and every step then failed in collate naming neither)."""
+
+    def slot(column: Optional[str]) -> str:
+        return f"column {column!r}" if column is not None else "a slot filled by position"
+
+    if first[0] != other[0]:
+        raise ValueError(f"tasks {first[0]!r} and {other[0]!r} feed the {adaptor!r} adapter features of width "
+                         f"{width} and {other_width}: one adapter takes one width (give the slots the same "
+                         "preprocessing options, or another adaptor=)")
+    named = other[1] if other[1] is not None else "x"
+    raise ValueError(f"task {first[0]!r}: its slots of {slot(first[1])} and {slot(other[1])} feed the {adaptor!r} "
+                     f"adapter features of width {width} and {other_width}: one adapter takes one width. Give one "
+                     f"slot an adapter of its own, e.g. ADAPTERS.register('{named}_{adaptor}')(ADAPTERS.get("
+                     f"'{adaptor}')) and adaptor={named}_{adaptor} on that slot, or give both the same "
+                     "preprocessing options")
+
+
 def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_adapters: list):
     """Adapter name → feature width for every feature slot of ``tasks`` (sized from each task's
     first rows that encode, one per template: ``Task.probe``), and the adapters whose rows are
     decoder targets."""
-    fed_by: dict[str, str] = {}  # adapter → the first of these tasks that feeds it
+    fed_by: dict[str, tuple[str, Optional[str]]] = {}  # adapter → the first (task, column) of these that feeds it
     for task in tasks:
         for sample in task.probe(tokenizer):
             for chunk in sample.encoder + sample.decoder:
                 if chunk.rows is not None:
-                    width, first = int(chunk.rows.shape[1]), fed_by.setdefault(chunk.adaptor, task.name)
-                    if first != task.name and adapters[chunk.adaptor] != width:
-                        raise ValueError(f"tasks {first!r} and {task.name!r} feed the {chunk.adaptor!r} adapter "
-                                         f"features of width {adapters[chunk.adaptor]} and {width}: one adapter takes "
-                                         "one width (give the slots the same preprocessing options, or another "
-                                         "adaptor=)")
+                    width, fed = int(chunk.rows.shape[1]), (task.name, chunk.column)
+                    if chunk.adaptor in fed_by and adapters[chunk.adaptor] != width:
+                        _refuse_widths(chunk.adaptor, fed_by[chunk.adaptor], fed, adapters[chunk.adaptor], width)
+                    fed_by.setdefault(chunk.adaptor, fed)
                     adapters[chunk.adaptor] = width
             for chunk in sample.decoder:
                 if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
