@@ -164,14 +164,14 @@ def load_script(name: str, monkeypatch):
 
 def spoken_words_and_a_new_speaking_task(tok):
     """(spoken_word_classification's first 4 rows, a seeded debug model built for them, a new task
-    that says those rows' words as audio: the model's audio adapter needs new frame and stop heads
-    for it)."""
+    that says those rows' words as audio through the model's input adapter, ``adaptor=audio_conv``:
+    that adapter needs new frame and stop heads for it)."""
     from moe_gen.tasks import Task, load_preset
 
     old = load_preset("spoken_word_classification", "train", limit=4)
     torch.manual_seed(0)
     model = GeneralistModel.build(flavour_with("debug"), [old], tok)
-    new = Task("say_word", "[TEXT:text] say it -> [AUDIO:audio]",
+    new = Task("say_word", "[TEXT:text] say it -> [AUDIO:audio,adaptor=audio_conv]",
                [{"text": r["text"], "audio": r["audio"]} for r in old.data[:4]])
     return old, model, new
 

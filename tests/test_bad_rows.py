@@ -209,8 +209,8 @@ def test_build_sizes_adapters_from_the_first_rows_that_encode(tok, on_error):
                   on_error=on_error)
     audio = Task("a", "[AUDIO:x] -> [TEXT:y]", [{"x": [1, "a"], "y": "a"}, {"x": CLIP, "y": "b"}], on_error=on_error)
     model = GeneralistModel.build(flavour("debug"), [motion, audio], tok)
-    assert model.config.adapters == {"motion_mlp": 6, "audio_conv": 320}
-    assert list(model.frame_heads) == ["motion_mlp"]
+    assert model.config.adapters == {"motion_tgt": 6, "audio_conv": 320}
+    assert list(model.frame_heads) == ["motion_tgt"]
     assert motion.skipped == audio.skipped == 0  # building does not count as skipping
 
 

@@ -414,7 +414,8 @@ class TaskPlan:
                 "a preprocess= that makes feature rows"
             raise ValueError(f"{where}: preprocess={preprocess} makes tokens, which no adapter reads; adaptor= "
                              f"picks the adapter of feature rows (use {hint}, or drop adaptor=)")
-        adaptor = slot.attrs.get("adaptor", own or modality.adaptor)
+        default = modality.target_adaptor if side != "encoder" and modality.target_adaptor else modality.adaptor
+        adaptor = slot.attrs.get("adaptor", own or default)
         if adaptor is not None and str(adaptor) not in ADAPTERS:
             raise ValueError(f"{where}: unknown adaptor {adaptor!r}; known: {', '.join(ADAPTERS.list())}")
         if side == "encoder":

@@ -173,6 +173,10 @@ class ModalitySpec:
         adaptor: default adapter name (``None`` for text-like modalities: the token embedding).
         continuous_target: on the decoder side it is predicted as feature frames (regression with
             a stop flag) rather than tokens.
+        target_adaptor: the default adapter of its decoder-side slots (None: ``adaptor``): frames
+            fed back to the decoder get an adapter of their own, not the one every input of the
+            modality shares (AUDIO ``audio_tgt_fbank``, MOTION ``motion_tgt``: Tacotron 2's
+            pre-net dropout, ``FedBackFrameAdapter``).
         attributes: slot attributes the instruction parser accepts for it (name →
             ``moe_gen.tasks.instruction.AttrSpec``); ``None`` means ``preprocess``, ``adaptor`` and
             ``no_loss``. Built-in modalities use the parser's own table.
@@ -184,6 +188,7 @@ class ModalitySpec:
     adaptor: Optional[str] = None
     continuous_target: bool = False
     attributes: Optional[Mapping[str, Any]] = None
+    target_adaptor: Optional[str] = None
 
 
 def modality_tag_names() -> list[str]:

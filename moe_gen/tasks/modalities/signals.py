@@ -51,10 +51,13 @@ SAMPLE_RATE, MEL_BINS = 16000, 80
 # highest rate audio interfaces record.
 MIN_SAMPLE_RATE, MAX_SAMPLE_RATE = 1000, 384_000
 
+# A frame target (or other decoder-side slot) defaults to its own fed-back adapter, not the input one
+# (before the fifteenth audit `-> [AUDIO:clip]` shared audio_conv with every audio input, without the
+# pre-net dropout; only the presets, which spell adaptor=audio_tgt_fbank / motion_tgt, had it).
 register_modality(ModalitySpec("AUDIO", text_like=False, preprocess="audio_fbank", adaptor="audio_conv",
-                               continuous_target=True))
+                               continuous_target=True, target_adaptor="audio_tgt_fbank"))
 register_modality(ModalitySpec("MOTION", text_like=False, preprocess="motion", adaptor="motion_mlp",
-                               continuous_target=True))
+                               continuous_target=True, target_adaptor="motion_tgt"))
 
 
 def _read_wav(source) -> tuple[np.ndarray, int]:
