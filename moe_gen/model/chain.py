@@ -8,7 +8,9 @@ next task, and so on, through ``model.infer``.
     rows[0]["image"], rows[0]["read_back"]
 
 Each link answers every row with ``model.infer`` and copies the chosen target columns of its
-answers into the rows, under new names where asked, so the next link reads them as inputs. Every
+answers into the rows, under new names where asked, so the next link reads them as inputs (a
+frame target's as ``Prediction.targets`` holds it: a MOTION clip ``[T, J]`` in the data's units,
+which a MOTION input reads; AUDIO filterbank features, which no AUDIO input reads). Every
 link is checked (the task known to the model, the columns it passes on among the task's targets,
 its options among ``infer``'s) before any runs: a mistake in the last link costs no inference.
 """
@@ -79,8 +81,8 @@ def chain(model, rows: Sequence[Mapping[str, Any]], links: Sequence[Link]) -> li
 def _check_link(model, link: Link, number: int) -> None:
     """Raises ``ValueError`` naming link ``number`` and its task for a task the model does not know,
     options ``infer`` does not take, or an output column that is not one of the task's target
-    columns (the keys of ``Prediction.targets``: a slot's column, or its index without one; frame
-    targets are answered as ``.frames``, not by column)."""
+    columns (the keys of ``Prediction.targets``: a slot's column, or its index without one; a frame
+    target's too, since the fifteenth audit: a motion clip in the data's units, audio features)."""
     where = f"chain link {number} ({getattr(link.task, 'name', link.task)!r})"
     try:
         task = model._known_task(link.task)
@@ -94,7 +96,7 @@ def _check_link(model, link: Link, number: int) -> None:
             raise ValueError(f"{where}: infer takes no option {', '.join(map(repr, unknown))}; its options are "
                              f"{', '.join(known)}")
     decoder = model.plan(task).templates[0][1]
-    columns = [p.slot.column or str(i) for i, p in enumerate(decoder) if p.loss and p.decode.kind != "frames"]
+    columns = [p.slot.column or str(i) for i, p in enumerate(decoder) if p.loss]
     for column in link.outputs:
         if column not in columns:
             raise ValueError(f"{where}: the task has no target column {column!r} to pass on; its target columns "

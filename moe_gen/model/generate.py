@@ -48,14 +48,19 @@ class Prediction:
         box: ``[x0, y0, x1, y1]`` in the original image's pixels, when the one target is a box.
         image: the decoded image (``uint8 [S, S, 3]``), when the one target is an image tokenizer's
             codes (``preprocess=image_vq``).
-        frames: float ``[T, F]`` rows (continuous targets).
+        frames: float ``[N, F]`` rows of a frame target (audio, motion), as the frame head gives them
+            in the target's encoding (``frames_per_row`` frames a row; motion standardised by the
+            task's statistics): what evaluation scores. ``targets`` holds them read back as the
+            column's value (``Preprocessor.rows_to_value``).
         tokens: the token ids decoded after the forced prefix (literal decoder text and the EOS
             ending a free-text value included, the answer's final EOS not).
         score: sum of log-probabilities of the chosen tokens (forced literal text excluded).
         scores: for ranking, the log-likelihood of every candidate (best first is ``argmax``).
         targets: every target slot's value by column, shaped like a data row: a column of a
             repetition group holds a list with one value per item, e.g. ``{"boxes": [[x0, y0, x1,
-            y1], ...], "labels": ["seven", ...]}`` (a slot without a column is keyed by its index).
+            y1], ...], "labels": ["seven", ...]}`` (a slot without a column is keyed by its index);
+            a frame target's float32 numpy frames (a MOTION clip ``[T, J]`` in the data's units,
+            AUDIO log-mel filterbank features ``[T, 80]``, not a waveform).
         groups: per repetition group of the template, one dict per item, e.g.
             ``[[{"boxes": [x0, y0, x1, y1], "labels": "seven"}, ...]]``.
     """
@@ -288,7 +293,8 @@ def generate(model, plan, samples: Sequence[Sample], *, max_new_tokens: int = 32
         enc_batch = collate(list(samples), tok, model.task_ids, pass_name=pass_name,
                             modality_ids=model.modality_ids).to(dev)
         memory = model.encode(enc_batch.encoder, keep=True)
-        return _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name)
+        frames = _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name)
+        return [_frame_answer(plan, target, grammar.keys[grammar.first], rows) for rows in frames]
     return _search(model, grammar, samples, beams=1, sampling=sampling, rules=rules, pass_name=pass_name)
 
 
@@ -545,8 +551,27 @@ def _prediction(grammar: TargetGrammar, hyp: _Hypothesis, sample: Sample, eos_id
     return prediction
 
 
-def _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name: str) -> list[Prediction]:
-    """One row per step from the frame head, fed back through the adapter, until the stop head fires."""
+def _frame_answer(plan, target, key: str, rows_NF: torch.Tensor) -> Prediction:
+    """A frame answer: the frame head's rows as ``.frames`` (what evaluation scores against the
+    target's encoded rows) and, under the target's column in ``.targets``, the value its
+    preprocessor reads them back as (``Preprocessor.rows_to_value``: a MOTION clip ``[T, J]`` in the
+    data's units, AUDIO filterbank frames ``[T, 80]``), so ``chain`` can pass it on. Before the
+    fifteenth audit ``.targets`` was empty and ``.frames`` alone held the rows, stacked and
+    standardised.
+
+    Raises:
+        ValueError: naming the task and column, for rows its preprocessor cannot read back.
+    """
+    try:
+        value = plan.preprocessor(target).rows_to_value(rows_NF, target.name)
+    except ValueError as exc:
+        raise ValueError(f"task {plan.name!r}, column {key!r}: {exc}") from None
+    return Prediction(frames=rows_NF, targets={key: value})
+
+
+def _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass_name: str) -> list[torch.Tensor]:
+    """Rows ``[T, F]`` per sample, one per step from the frame head, fed back through the adapter,
+    until the stop head fires."""
     adaptor = str(target.adaptor)
     width = int(model.config.adapters[adaptor])
     B = len(samples)
@@ -565,7 +590,7 @@ def _generate_frames(model, samples, target, enc_batch, memory, max_frames, pass
         if all(done) or step == max_frames - 1:
             break
         hidden = decoder.step_rows(adaptor, rows, torch.full((B,), step, device=rows.device), [not d for d in done])
-    return [Prediction(frames=torch.stack(f).cpu()) for f in frames]
+    return [torch.stack(f).cpu() for f in frames]
 
 
 @torch.no_grad()

@@ -621,7 +621,7 @@ class GeneralistModel(nn.Module):
         instead, reproducibly by ``seed``; see ``moe_gen.model.generate.Sampling``;
         ``no_repeat_ngram`` and ``min_length`` rule free-text values, see ``TextRules``): ``.text``,
         ``.box`` or ``.frames`` for single-target tasks, ``.targets`` (by column, shaped like a data
-        row) and ``.groups`` (per repetition group, one dict per item) for every token answer, and
+        row; a frame target's read back: a pose clip, audio features) and ``.groups`` (per group), and
         ``.score``. ``parallel_steps=T`` decodes an image-code target (``preprocess=image_vq``) in T
         bidirectional decoder passes, at most its codes (MaskGIT; train the task with the
         ``parallel`` objective, whose tasks decode this way by default with T = 4, refusing

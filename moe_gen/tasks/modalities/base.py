@@ -299,6 +299,17 @@ class Preprocessor:
         """Width F of the feature rows (None for token slots)."""
         return None
 
+    def rows_to_value(self, rows_NF: torch.Tensor, slot_name: Optional[str]) -> Any:
+        """A generated frame target's rows ``[N, F]`` (the frame head's, in this preprocessor's
+        encoding) as a value of the slot's column: what ``Prediction.targets`` holds, and the next
+        link of a chain reads. The default is the rows themselves, float32 ``[N, F]``; preprocessors
+        whose encoding can be undone (stacking, standardisation) undo it.
+
+        Raises:
+            ValueError: where the rows cannot be read back (statistics missing or of another width).
+        """
+        return rows_NF.detach().float().cpu().numpy()
+
     @classmethod
     def fit(cls, slot, values: Iterable[Any]) -> Optional[dict]:
         """What this preprocessor learns from a task's training values of ``slot`` (items of a

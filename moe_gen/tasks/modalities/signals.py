@@ -231,6 +231,11 @@ def _stack(frames_TF: torch.Tensor, k: int) -> torch.Tensor:
     return padded.reshape(rows, k * F)
 
 
+def _unstack(rows_NF: torch.Tensor, width: int) -> np.ndarray:
+    """``_stack`` undone: rows ``[N, k·width]`` → float32 frames ``[N·k, width]``."""
+    return rows_NF.detach().float().cpu().reshape(-1, width).numpy()
+
+
 def _padded_values(rows: torch.Tensor, frames_TF: torch.Tensor) -> int:
     """Values that only pad the last of ``rows`` (``_stack`` of ``frames_TF``, maybe cut shorter)."""
     return max(0, rows.numel() - frames_TF.numel())
@@ -266,6 +271,13 @@ class AudioPreprocessor(Preprocessor):
 
     def feature_dim(self) -> int:
         return self.frames_per_row * MEL_BINS
+
+    def rows_to_value(self, rows_NF: torch.Tensor, slot_name: Optional[str]) -> np.ndarray:
+        """Generated rows unstacked to log-mel filterbank frames ``[N·k, 80]``, each utterance's
+        standardised as ``fbank`` makes them: features, not a waveform (the fbank drops the phase,
+        so no waveform can be read back), and an AUDIO input reads waveforms only. The last row's k
+        frames are all kept: its padding is not learned, so the model does not mark it."""
+        return _unstack(rows_NF, MEL_BINS)
 
     def _perturb(self, wav: torch.Tensor, ctx: EncodeContext) -> torch.Tensor:
         """Speed perturbation (by default ×0.9, ×1.0, ×1.1 by resampling, Ko et al. 2015): new
@@ -396,6 +408,27 @@ class MotionPreprocessor(Preprocessor):
 
     def feature_dim(self) -> Optional[int]:
         return None if self.width is None else self.frames_per_row * self.width
+
+    def rows_to_value(self, rows_NF: torch.Tensor, slot_name: Optional[str]) -> np.ndarray:
+        """Generated rows as pose frames ``[N·k, J]`` in the data's own units: unstacked, and the
+        standardisation with the task's statistics for ``slot_name`` undone, so another task's
+        MOTION input reads them as it reads data. The frames are every ``sample_rate``-th of the
+        clip, as the slot trained on them; the last row's k frames are all kept (its padding is not
+        learned, so the model does not mark it).
+
+        Raises:
+            ValueError: without statistics (a task that had no rows when its model was built, and a
+                model that saved none), or with statistics of another width than the rows'.
+        """
+        mean, std = self.columns.get(slot_name, (self.mean, self.std))
+        if mean is None or std is None:
+            raise ValueError("its generated frames are standardised, and the task has no motion statistics to undo "
+                             "that with (fit on its rows when the model is built, and saved with it)")
+        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        if mean.ndim != 1 or mean.shape != std.shape or rows_NF.shape[1] != self.frames_per_row * mean.size:
+            raise ValueError(f"the generated rows have {rows_NF.shape[1]} values, not {self.frames_per_row} frames of "
+                             f"the task's motion statistics (mean of shape {mean.shape}, std {std.shape})")
+        return _unstack(rows_NF, mean.size) * feature_scale(std) + mean
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         try:
