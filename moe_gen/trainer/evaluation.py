@@ -88,7 +88,7 @@ def _structured(prediction, row: dict, index: int, scored: list, kind: str, plan
     items = prediction.groups[position] if position < len(prediction.groups) else []
     predicted = [(item.get(box), item.get(label) if label else None) for item in items]
     labels = _reference(plan, texts[label], row[label], index) if label else [None] * len(row[box])
-    return predicted, list(zip(row[box], labels))
+    return predicted, list(zip([_box_reference(item, image_size, plan.tokenizer) for item in row[box]], labels))
 
 
 def _target_reference(plan: TaskPlan, target, value: Any, index: int, image_size) -> Any:
@@ -126,7 +126,9 @@ def _image_reference(plan: TaskPlan, target, value: Any, index: int) -> Any:
 def _box_reference(value: Any, image_size, tokenizer) -> Any:
     """A box (or, for a repeated column, each box) as a right answer decodes: quantised to its
     location bins and mapped back to pixels of the image (exact match compares it with the
-    decoded box, which a raw integer box never equals)."""
+    decoded box, which a raw integer box never equals; a point or line box, of no area, has IoU 0
+    with anything but itself, so before the fifteenth audit a right answer scored 0 against the raw
+    box in IoU accuracy and detection F1)."""
     from moe_gen.tasks.modalities.box import dequantize_box, quantize_box
 
     if image_size is None or value is None:
@@ -221,16 +223,19 @@ def _frame_reference(sample) -> np.ndarray:
     return reference
 
 
-def _encoded_targets(model, task: Task, kind: str, scored: list, indices: list[int]) -> tuple[dict, set]:
+def _encoded_targets(model, task: Task, kind: str, scored: list, rows: list, indices: list[int]) -> tuple[dict, set]:
     """``{index: encoded sample}`` of the rows whose reference needs the training encoding (frame
-    targets: the target rows; structured answers with a box: the image size its bins decode on),
-    and the indices whose targets failed to encode (``on_error="skip"``; ``task.encode`` counts them)."""
-    boxes = kind == "structured" and any(p.decode.kind == "box" for p in scored)
+    targets: the target rows; answers with a box: the image size its bins decode on), and the
+    indices whose targets failed to encode (``on_error="skip"``; ``task.encode`` counts them). A
+    row without a reference to score is left to ``_pair``, which names what it lacks."""
+    boxes = kind in ("box", "detection") or (kind == "structured" and any(p.decode.kind == "box" for p in scored))
     if kind != "frames" and not boxes:
         return {}, set()
     samples, dropped = {}, set()
     statistics = model.encoding_statistics(task)
-    for index in indices:
+    for row, index in zip(rows, indices):
+        if kind != "frames" and _reference_problem(row, scored):
+            continue
         sample = task.encode(index, model.tokenizer, training=False, statistics=statistics)
         if sample is None:
             dropped.add(index)
@@ -274,7 +279,7 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     rows, indices, skipped = _read_rows(task, spaced_indices(len(task), count))
     rows = [_listed_groups(row, scored) for row in rows]
-    samples, dropped = _encoded_targets(model, task, kind, scored, indices)
+    samples, dropped = _encoded_targets(model, task, kind, scored, rows, indices)
     if dropped:  # their targets failed to encode (on_error="skip"; counted in task.skipped)
         kept = [i for i, index in enumerate(indices) if index not in dropped]
         rows, indices, skipped = [rows[i] for i in kept], [indices[i] for i in kept], skipped + len(dropped)
@@ -425,8 +430,9 @@ def _pair(kind: str, prediction, row, index: int, scored: list, plan: TaskPlan, 
     if kind in ("detection", "structured"):
         size = samples[index].meta.get("image_size") if index in samples else None
         return _structured(prediction, row, index, scored, kind, plan, size)
-    if kind == "box":
-        return prediction.box, row[scored[0].slot.column]
+    if kind == "box":  # as the reference's location tokens decode on the sample's image
+        size = samples[index].meta.get("image_size") if index in samples else None
+        return prediction.box, _box_reference(row[scored[0].slot.column], size, plan.tokenizer)
     if kind == "codes":
         return prediction.image, row[scored[0].slot.column]
     return prediction.text, _reference(plan, scored[0], row[scored[0].slot.column], index)
