@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from helpers import build
 
 from moe_gen.config import RouterConfig
@@ -53,3 +54,40 @@ def test_detection_boxes_of_no_area_answered_with_their_exact_tokens_score_one(t
     pairs = []
     assert evaluate_task(model, task, pairs=pairs) == {"detection_f1": 1.0}
     assert pairs[0][1] == [(_decoded([5, 5, 5, 5], tok), "dot"), (_decoded([2, 2, 2, 8], tok), "line")]
+
+
+# ---- 2: MOTION features far outside the training range are clipped, as table numbers are -----------
+
+def _motion_rows(scale=1.0, offset=0.0, dtype=np.float32):
+    rs = np.random.RandomState(0)
+    return [{"m": (offset + scale * rs.randn(6, 3)).astype(dtype), "w": "x" if i % 2 else "y"} for i in range(8)]
+
+
+def _held_out(task, instruction, frames, tok):
+    """``frames`` encoded as a held-out row of ``instruction``, with ``task``'s statistics."""
+    held_out = Task(task.name, instruction, [{"m": frames, "w": "x"}])
+    return held_out.encode(0, tok, training=False, statistics=task.fit_statistics()).encoder[0].rows
+
+
+@pytest.mark.parametrize("preprocess", ["motion", "pose_summary"])
+def test_motion_far_outside_the_training_range_is_clipped(tok, preprocess):
+    """(frames - mean) / std was unbounded: a clip of 1e37 fed the adapter 1e37 (NaN scores), one of
+    3e38 made pose_summary statistics beyond float32 (a refused row)."""
+    instruction = f"[MOTION:m,preprocess={preprocess}] which? -> [TEXT:w,closed_set]"
+    task = Task("mot", instruction, _motion_rows())
+    for value in (1e5, 1e37, 3e38, -3e38):
+        features = _held_out(task, instruction, np.full((6, 3), value, np.float32), tok)
+        assert bool(torch.isfinite(features).all()) and float(features.abs().max()) == 10.0
+    inside = _held_out(task, instruction, _motion_rows()[0]["m"], tok)
+    assert float(inside.abs().max()) < 10.0  # a clip like the training ones is not touched
+
+
+@pytest.mark.parametrize("dtype, value", [(torch.float32, 1e37), (torch.float32, 3e38), (torch.float16, 1e5)])
+def test_a_model_scores_motion_far_outside_the_training_range(tok, dtype, value):
+    """The score was NaN and the answer arbitrary, silently."""
+    tasks = [Task(name, f"[MOTION:m,preprocess={name}] which? -> [TEXT:w,closed_set]", _motion_rows())
+             for name in ("motion", "pose_summary")]
+    model = build(tasks, tok, router=RouterConfig(strategy="attribute")).to(dtype).eval()
+    for task in tasks:
+        answer = model.infer(task, [{"m": np.full((6, 3), value, np.float32), "w": "x"}])[0]
+        assert np.isfinite(answer.score) and answer.text in ("x", "y")

@@ -10,15 +10,15 @@ standard deviation and mean absolute frame-to-frame change over the window does 
 preprocessor gives the model that representation: the three statistics of every feature (row
 ``[1, 3·J]`` for J features a frame), each standardised with its mean and standard deviation over
 the task's training rows (``Preprocessor.fit``, saved with the model, so held-out windows are
-scaled as the training windows were). The order of the frames within the window is not kept
-beyond the mean change. ``sample_rate`` and ``max_length`` select the frames as for
-``preprocess=motion`` (a random window of ``max_length`` frames in training, the first one
-otherwise). ``feature_noise=σ`` adds independent Gaussian noise of standard deviation σ to every
-standardised statistic of a training row (drawn afresh each time the row is read; evaluation reads
-the exact row): with a few hundred windows, a network that fits them exactly generalises worse
-than a linear model, and input noise is a smoothness penalty much like L2 weight decay (Bishop,
-1995). The ``pose_summary`` adapter (an MLP) projects the row to one position of the model's
-width.
+scaled as the training windows were) and clipped to ±10 (``MOTION_Z_CLIP``, as MOTION frames).
+The order of the frames within the window is not kept beyond the mean change. ``sample_rate`` and
+``max_length`` select the frames as for ``preprocess=motion`` (a random window of ``max_length``
+frames in training, the first one otherwise). ``feature_noise=σ`` adds independent Gaussian noise
+of standard deviation σ to every standardised statistic of a training row (drawn afresh each time
+the row is read; evaluation reads the exact row): with a few hundred windows, a network that fits
+them exactly generalises worse than a linear model, and input noise is a smoothness penalty much
+like L2 weight decay (Bishop, 1995). The ``pose_summary`` adapter (an MLP) projects the row to one
+position of the model's width.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from moe_gen.tasks.modalities.base import (
     SlotEncoding,
     SlotValueError,
 )
-from moe_gen.tasks.modalities.signals import feature_scale, motion_frames, motion_window
+from moe_gen.tasks.modalities.signals import MOTION_Z_CLIP, feature_scale, motion_frames, motion_window
 
 __all__ = ["PoseSummary", "PoseSummaryAdapter", "pose_summary"]
 
@@ -114,7 +114,7 @@ class PoseSummary(Preprocessor):
             raise SlotValueError(f"{ctx.where(slot.column)}: the clip has {frames.shape[1]} features a frame, the "
                                  f"task's pose_summary statistics {mean.size // 3}")
         frames = motion_window(frames, slot, ctx.rng if ctx.training else None)
-        row = (pose_summary(frames) - mean) / std
+        row = np.clip((pose_summary(frames) - mean) / std, -MOTION_Z_CLIP, MOTION_Z_CLIP)
         noise = float(slot.attrs.get("feature_noise", 0.0))
         if ctx.training and noise > 0:
             row = row + noise * np.random.default_rng(ctx.rng.getrandbits(64)).standard_normal(row.shape)

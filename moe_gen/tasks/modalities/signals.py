@@ -342,6 +342,13 @@ def _check_frames_per_row(name: str, frames_per_row) -> None:
         raise ValueError(f"{name}: frames_per_row must be a whole number >= 1, got {frames_per_row!r}")
 
 
+# Standardised MOTION features (frames and pose_summary statistics) are clipped to ±MOTION_Z_CLIP,
+# as table numbers are (table.Z_CLIP): a held-out clip far outside the training range (1e5 in an fp16
+# model, 1e37 in fp32) overflowed the adapter's activations to inf and gave NaN scores and arbitrary
+# answers. The built-in motion data stays within ±9.3 (motion_classification, text_to_motion).
+MOTION_Z_CLIP = 10.0
+
+
 def feature_scale(std) -> np.ndarray:
     """What per-feature standardisation divides by: the standard deviation, or 1 where the feature
     hardly varied in the rows it was fitted on (a constant one would divide a held-out clip's small
@@ -391,8 +398,8 @@ def motion_window(frames: np.ndarray, slot, rng: Optional[random.Random] = None)
 @PREPROCESSORS.register("motion")
 class MotionPreprocessor(Preprocessor):
     """Pose frames ``[T, J]`` → normalised with the task's per-feature statistics (``meta`` of the
-    plan, else the clip's own) → every ``sample_rate``-th frame → at most ``max_length`` frames
-    (a random window in training) → ``frames_per_row`` frames a row."""
+    plan, else the clip's own) and clipped to ±``MOTION_Z_CLIP`` → every ``sample_rate``-th frame →
+    at most ``max_length`` frames (a random window in training) → ``frames_per_row`` frames a row."""
 
     modality = "MOTION"
 
@@ -441,7 +448,8 @@ class MotionPreprocessor(Preprocessor):
                                  f"task's motion statistics {np.shape(mean)[-1]}")
         mean = mean if mean is not None else frames.mean(0)
         std = std if std is not None else frames.std(0)
-        frames = motion_window((frames - mean) / feature_scale(std), slot, ctx.rng if ctx.training else None)
+        frames = np.clip((frames - mean) / feature_scale(std), -MOTION_Z_CLIP, MOTION_Z_CLIP)
+        frames = motion_window(frames, slot, ctx.rng if ctx.training else None)
         self.width = frames.shape[1]
         frames_TF = torch.from_numpy(np.ascontiguousarray(frames))
         rows = _stack(frames_TF, self.frames_per_row)
