@@ -91,3 +91,26 @@ def test_a_model_scores_motion_far_outside_the_training_range(tok, dtype, value)
     for task in tasks:
         answer = model.infer(task, [{"m": np.full((6, 3), value, np.float32), "w": "x"}])[0]
         assert np.isfinite(answer.score) and answer.text in ("x", "y")
+
+
+# ---- 3: MOTION standardisation takes a feature as constant relative to its magnitude ---------------
+
+@pytest.mark.parametrize("preprocess", ["motion", "pose_summary"])
+@pytest.mark.parametrize("unit", [1e-7, 1e-20, 1e20])
+def test_motion_data_in_any_unit_encodes_alike(tok, preprocess, unit):
+    """A std under an absolute 1e-6 was taken as constant and divided by 1: data in units 10x
+    smaller than 1e-6 was encoded near 0, and the model could not tell its clips apart."""
+    instruction = f"[MOTION:m,preprocess={preprocess}] which? -> [TEXT:w,closed_set]"
+
+    def encoded(scale):
+        task = Task("mot", instruction, _motion_rows(scale))
+        return torch.cat([task.encode(i, tok, training=False).encoder[0].rows for i in range(len(task))])
+
+    torch.testing.assert_close(encoded(unit), encoded(1.0), rtol=1e-4, atol=1e-5)
+
+
+def test_a_motion_feature_constant_for_its_magnitude_is_divided_by_one(tok):
+    """Relative to the feature: 1000 ± 1e-10 is constant (divided by 1), 1e-12 ± 1e-12 is not."""
+    from moe_gen.tasks.modalities.signals import feature_scale
+
+    np.testing.assert_array_equal(feature_scale([1e-10, 1e-12, 0.0], [1000.0, 1e-12, 0.0]), [1.0, 1e-12, 1.0])

@@ -82,7 +82,8 @@ class PoseSummary(Preprocessor):
         read as in evaluation (the first ``max_length`` frames), for the most common number of
         features a frame (as the MOTION statistics do); values that are not pose frames, or have
         another width, are passed over (encoding them names their row). A statistic that hardly
-        varies gets 1 (``feature_scale``), so a held-out clip's small difference stays small."""
+        varies for its magnitude gets 1 (``feature_scale``), so a held-out clip's small difference
+        stays small."""
         by_width: dict[int, list[np.ndarray]] = {}
         for value in values:
             try:
@@ -93,7 +94,7 @@ class PoseSummary(Preprocessor):
         if not by_width:
             return None
         table = np.stack(max(by_width.values(), key=len))  # the first-seen width wins a tie
-        return {"mean": table.mean(0).tolist(), "std": feature_scale(table.std(0)).tolist()}
+        return {"mean": table.mean(0).tolist(), "std": feature_scale(table.std(0), table.mean(0)).tolist()}
 
     def check_slot(self, where: str, slot) -> None:
         if slot.modality != "MOTION":

@@ -349,12 +349,16 @@ def _check_frames_per_row(name: str, frames_per_row) -> None:
 MOTION_Z_CLIP = 10.0
 
 
-def feature_scale(std) -> np.ndarray:
+def feature_scale(std, mean) -> np.ndarray:
     """What per-feature standardisation divides by: the standard deviation, or 1 where the feature
     hardly varied in the rows it was fitted on (a constant one would divide a held-out clip's small
-    difference by ~0 and feed the model values of 1e4 and more; as table columns do)."""
+    difference by ~0). "Hardly" is relative to the feature's magnitude, its root mean square
+    sqrt(mean² + std²): a deviation under 1e-9 of it, as table columns are tested
+    (``table._mean_and_scale``). Before the fifteenth audit the test was an absolute std > 1e-6, so
+    data in small units (1e-7 m) was taken as constant and fed to the model unscaled, near 0."""
     std = np.asarray(std)
-    return np.where(std > 1e-6, std, 1.0).astype(std.dtype)
+    magnitude = np.hypot(np.asarray(mean, np.float64), std.astype(np.float64))
+    return np.where(std > 1e-9 * magnitude, std, 1.0).astype(std.dtype)
 
 
 def motion_frames(value: Any, dtype=np.float32) -> np.ndarray:
@@ -448,7 +452,7 @@ class MotionPreprocessor(Preprocessor):
                                  f"task's motion statistics {np.shape(mean)[-1]}")
         mean = mean if mean is not None else frames.mean(0)
         std = std if std is not None else frames.std(0)
-        frames = np.clip((frames - mean) / feature_scale(std), -MOTION_Z_CLIP, MOTION_Z_CLIP)
+        frames = np.clip((frames - mean) / feature_scale(std, mean), -MOTION_Z_CLIP, MOTION_Z_CLIP)
         frames = motion_window(frames, slot, ctx.rng if ctx.training else None)
         self.width = frames.shape[1]
         frames_TF = torch.from_numpy(np.ascontiguousarray(frames))
