@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -114,3 +116,19 @@ def test_a_motion_feature_constant_for_its_magnitude_is_divided_by_one(tok):
     from moe_gen.tasks.modalities.signals import feature_scale
 
     np.testing.assert_array_equal(feature_scale([1e-10, 1e-12, 0.0], [1000.0, 1e-12, 0.0]), [1.0, 1e-12, 1.0])
+
+
+# ---- 4: float64 MOTION frames on a large offset keep their variation -------------------------------
+
+@pytest.mark.parametrize("offset", [1e5, 1e6, -1e7])
+def test_float64_motion_frames_on_a_large_offset_are_standardised_exactly(tok, offset):
+    """The frames were cast to float32 before the mean was subtracted (and the mean stored as
+    float32): at an offset of 1e6, steps of 0.0625 against a std of 0.05 left a few coarse values."""
+    rows = _motion_rows(scale=0.05, offset=offset, dtype=np.float64)
+    task = Task("mot", "[MOTION:m] which? -> [TEXT:w,closed_set]", rows)
+    every_frame = np.concatenate([row["m"] for row in rows])
+    saved = json.loads(json.dumps(task.fit_statistics()))  # as a model saves them
+    for statistics in (None, saved):
+        got = task.encode(0, tok, training=False, statistics=statistics).encoder[0].rows.reshape(-1, 3)
+        exact = (rows[0]["m"] - every_frame.mean(0)) / every_frame.std(0)
+        np.testing.assert_allclose(got.numpy(), exact, rtol=1e-5, atol=1e-5)

@@ -361,7 +361,9 @@ class Task:
         # the usual frame width: a clip of another width is refused when it is encoded
         width = collections.Counter(f.shape[1] for f in frames).most_common(1)[0][0]
         stacked = np.concatenate([f for f in frames if f.shape[1] == width])
-        return {"mean": stacked.mean(0).astype(np.float32), "std": stacked.std(0).astype(np.float32)}
+        # float64, as the frames are standardised: in float32 a mean of 1e6 rounded to 0.0625 (and the
+        # frames as well), so data on a large offset lost its variation before the fifteenth audit
+        return {"mean": stacked.mean(0), "std": stacked.std(0)}
 
     def fit_statistics(self, max_rows: int = 10_000) -> dict[str, dict]:
         """What the task's slots learn from its rows, JSON-serialisable (cached; empty when no slot
@@ -479,9 +481,9 @@ class Task:
         if saved is None:
             saved = self._motion_normalisation()
         if saved is not None:  # under the user's own motion options (their mean and std win)
-            stats = ({"columns": {c: {k: np.asarray(v, np.float32) for k, v in m.items()}
+            stats = ({"columns": {c: {k: np.asarray(v, np.float64) for k, v in m.items()}
                                   for c, m in saved["columns"].items()}} if "columns" in saved
-                     else {k: np.asarray(v, np.float32) for k, v in saved.items()})
+                     else {k: np.asarray(v, np.float64) for k, v in saved.items()})
             own = options.get("motion", {})
             if "mean" in own or "std" in own:
                 stats.pop("columns", None)

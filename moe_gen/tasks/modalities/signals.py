@@ -413,7 +413,7 @@ class MotionPreprocessor(Preprocessor):
         self.mean, self.std = mean, std
         # slot name -> {"mean", "std"}: a task's own per MOTION column, or "slot N" for a slot filled
         # by position (EncodeContext.slot_name; these win over mean and std)
-        self.columns = {c: (np.asarray(m["mean"], np.float32), np.asarray(m["std"], np.float32))
+        self.columns = {c: (np.asarray(m["mean"], np.float64), np.asarray(m["std"], np.float64))
                         for c, m in dict(columns or {}).items()}
         self.width: Optional[int] = None
 
@@ -442,20 +442,20 @@ class MotionPreprocessor(Preprocessor):
         return _unstack(rows_NF, mean.size) * feature_scale(std) + mean
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
-        try:
-            frames = motion_frames(value)
+        try:  # float64 until standardised: float32 frames on an offset of 1e6 keep steps of 0.0625
+            frames = motion_frames(value, np.float64)
         except SlotValueError as exc:
             raise SlotValueError(f"{ctx.where(slot.column)}: {exc}") from None
         mean, std = self.columns.get(ctx.slot_name, (self.mean, self.std))
         if mean is not None and np.shape(mean) != (frames.shape[1],):
             raise SlotValueError(f"{ctx.where(slot.column)}: the clip has {frames.shape[1]} features a frame, the "
                                  f"task's motion statistics {np.shape(mean)[-1]}")
-        mean = mean if mean is not None else frames.mean(0)
-        std = std if std is not None else frames.std(0)
+        mean = np.asarray(mean, np.float64) if mean is not None else frames.mean(0)
+        std = np.asarray(std, np.float64) if std is not None else frames.std(0)
         frames = np.clip((frames - mean) / feature_scale(std, mean), -MOTION_Z_CLIP, MOTION_Z_CLIP)
         frames = motion_window(frames, slot, ctx.rng if ctx.training else None)
         self.width = frames.shape[1]
-        frames_TF = torch.from_numpy(np.ascontiguousarray(frames))
+        frames_TF = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.float32))
         rows = _stack(frames_TF, self.frames_per_row)
         return SlotEncoding("MOTION", features=rows, positions=_frame_positions(rows.shape[0]),
                             meta={"frames": int(len(frames)), "padded_values": _padded_values(rows, frames_TF)})
