@@ -132,3 +132,16 @@ def test_float64_motion_frames_on_a_large_offset_are_standardised_exactly(tok, o
         got = task.encode(0, tok, training=False, statistics=statistics).encoder[0].rows.reshape(-1, 3)
         exact = (rows[0]["m"] - every_frame.mean(0)) / every_frame.std(0)
         np.testing.assert_allclose(got.numpy(), exact, rtol=1e-5, atol=1e-5)
+
+
+# ---- 5: a table column of subnormal numbers divides by 1 --------------------------------------------
+
+@pytest.mark.parametrize("tiny", [[0.0, 5e-324], [5e-324, 1e-323]])
+def test_a_table_column_of_subnormal_numbers_encodes_every_row(tok, tiny):
+    """Its deviation, spread × scale, rounded to 0.0: every row failed with a ZeroDivisionError."""
+    rows = [{"t": {"a": tiny[i % 2], "b": float(i)}, "w": "x" if i % 2 else "y"} for i in range(4)]
+    task = Task("tab", "[STRUCT:t] which? -> [TEXT:w,closed_set]", rows)
+    assert task.fit_statistics()["struct"]["t"]["std"]["a"] > 0.0
+    for i in range(len(rows)):
+        cells = task.encode(i, tok, training=False).encoder[0].rows
+        assert bool(torch.isfinite(cells).all())

@@ -233,13 +233,16 @@ def _mean_and_scale(values: np.ndarray) -> tuple[float, float]:
     """Mean and standard deviation of a column's numbers, computed on the numbers divided by their
     largest magnitude, so that neither columns on a 1e-13 scale (taken as constant by an absolute
     test) nor ones near 1e160 (whose squares overflow to an infinite deviation) lose their scale;
-    a column constant to 1e-9 of its magnitude gets deviation 1."""
+    a column constant to 1e-9 of its magnitude gets deviation 1, and so does one whose deviation
+    underflows to 0 (subnormal numbers such as 0 and 5e-324: before the fifteenth audit every row
+    then failed with a ZeroDivisionError)."""
     scale = float(np.abs(values).max())
     if scale == 0.0:
         return 0.0, 1.0
     unit = values / scale
     spread = float(unit.std())
-    return float(unit.mean()) * scale, (spread * scale if spread > 1e-9 else 1.0)
+    deviation = spread * scale
+    return float(unit.mean()) * scale, (deviation if spread > 1e-9 and deviation > 0.0 else 1.0)
 
 
 class _TableLookup:
