@@ -166,3 +166,90 @@ def test_a_given_decoder_slot_is_an_input_of_a_masked_objective_task(tok):
     assert [c.column for c in view.encoder] == ["q", "p"] and not view.decoder
     model = build([task], tok, predict_all_features=True).eval()
     assert all(a.text in ("one", "two") for a in model.infer(task, rows))
+
+
+# ---- mutation-testing audit (r15): budgets, order and frame flags pinned down -------------------------------
+
+def _two_modality_sample(padded_values: int = 3):
+    """A hand-made sample: 5 text tokens in the encoder, then 6 audio rows (the last padded) in the decoder."""
+    from moe_gen.tasks.plan import INPUT, TARGET
+    from moe_gen.tasks.sample import Chunk, Sample
+
+    text = Chunk("TEXT", INPUT, False, tokens=[11, 12, 13, 14, 15], column="q")
+    audio = Chunk("AUDIO", TARGET, True, rows=torch.arange(24.0).reshape(6, 4), positions=torch.zeros(6, 3,
+                  dtype=torch.long), adaptor="audio", column="a", padded_values=padded_values, ends=True)
+    return Sample("hand", 0, encoder=[text], decoder=[audio], task_modalities=("TEXT", "AUDIO"))
+
+
+def test_split_budget_spends_exactly_the_budget_and_defaults_unnamed_alphas_to_one():
+    """Shares are floored, then the remainder handed out: the counts sum to the budget exactly
+    (rounding shares could spend one more); a modality the α mapping leaves out gets α 1.0,
+    as ``TrainConfig.masked_alpha`` documents: the same draw as naming it with 1.0."""
+    from moe_gen.masking import split_budget
+
+    available = {"AUDIO": 50, "IMAGE": 50, "TEXT": 50}
+    for seed in range(40):
+        split = split_budget(10, available, 1.0, random.Random(seed))
+        assert sum(split.values()) == 10 and all(0 <= n <= 50 for n in split.values()), (seed, split)
+        partial = split_budget(10, available, {"IMAGE": 5.0}, random.Random(seed))
+        named = split_budget(10, available, {"AUDIO": 1.0, "IMAGE": 5.0, "TEXT": 1.0}, random.Random(seed))
+        assert partial == named, seed
+    # all of a modality, and no more, when the budget exceeds what the sample holds
+    assert split_budget(500, {"TEXT": 3, "IMAGE": 4, "AUDIO": 0}, 1.0, random.Random(0)) == \
+        {"TEXT": 3, "IMAGE": 4, "AUDIO": 0}
+
+
+def test_the_target_budget_is_split_by_the_target_alpha(tok):
+    """With every input an image code (input α) and a target α that favours text, the digit's
+    label is a target of every sample; with the input α for both it never is."""
+    from moe_gen.masking import mask_sample
+
+    task = load_preset("digit_masked_modeling", "train", limit=4)
+    alpha = {"IMAGE": 1.0, "TEXT": 0.0}
+    for i in range(4):
+        full = task.encode(i, tok, training=False)
+        label = sum(len(c) for c in full.decoder if c.column == "label")  # the whole label, then codes
+        split = mask_sample(full, input_budget=4, target_budget=4, alpha=alpha,
+                            target_alpha={"IMAGE": 0.0, "TEXT": 1.0}, rng=random.Random(i))
+        assert 1 <= label < 4 and split.meta["budgets"]["target"] == {"IMAGE": 4 - label, "TEXT": label}
+        assert [c.modality for c in split.decoder] == ["TEXT", "IMAGE"]
+        same = mask_sample(full, input_budget=4, target_budget=4, alpha=alpha, rng=random.Random(i))
+        assert same.meta["budgets"]["target"] == {"IMAGE": 4, "TEXT": 0}
+        assert {c.modality for c in same.decoder} == {"IMAGE"}
+
+
+def test_masked_inputs_and_targets_keep_their_stream_order_and_frame_flags():
+    """Each modality's picked positions stay in stream order (inputs and targets); a frame chunk
+    keeps the source's padding and stop flag only where its last row is the signal's last row."""
+    from moe_gen.masking import mask_sample
+
+    sample = _two_modality_sample(padded_values=3)
+    drawn = set()
+    for seed in range(30):
+        masked = mask_sample(sample, input_budget=6, target_budget=4, alpha=1.0, rng=random.Random(seed))
+        for chunks in (masked.encoder, masked.decoder):
+            for modality in ("TEXT", "AUDIO"):
+                places = [p for c in chunks if c.modality == modality for p in c.position_ids]
+                assert places == sorted(set(places)), (seed, modality, places)
+        for c in masked.encoder + masked.decoder:
+            if c.rows is None:
+                assert c.tokens == [11 + p for p in c.position_ids]
+                continue
+            assert c.rows.tolist() == [sample.decoder[0].rows[p].tolist() for p in c.position_ids]
+            last = c.position_ids[-1] == 5
+            assert (c.padded_values, c.ends) == ((3, True) if last else (0, False)), (seed, c.position_ids)
+            drawn.add(last)
+    assert drawn == {True, False}  # both cases were drawn
+
+
+def test_masked_view_orders_modalities_as_training_does():
+    """The inference view lists modalities by name, as ``mask_sample`` does, whatever order the
+    template gives them (text first here): decoding reads inputs in training's layout."""
+    from moe_gen.masking import mask_sample, masked_view
+
+    sample = _two_modality_sample(padded_values=0)
+    view = masked_view(sample)
+    assert [c.modality for c in view.encoder] == ["AUDIO", "TEXT"] and not view.decoder
+    assert [c.position_ids for c in view.encoder] == [list(range(6)), list(range(5))]
+    trained = mask_sample(sample, input_budget=10, target_budget=1, alpha=1.0, rng=random.Random(0))
+    assert list(dict.fromkeys(c.modality for c in trained.encoder)) == ["AUDIO", "TEXT"]
