@@ -250,3 +250,67 @@ def test_tables_wider_than_the_adapter_tells_apart_are_warned_of_and_every_colum
         warnings.simplefilter("error")
         Task("narrow", "[STRUCT:t] which? -> [TEXT:label,closed_set]",
              [{"t": {"a": float(i)}, "label": "ab"[i % 2]} for i in range(8)]).fit_statistics()
+
+
+# ---- mutation-testing audit (r15): clipping, signs, booleans, the row limit, ids, cased text ---------------
+
+def test_z_is_clipped_both_ways_and_the_log_scale_keeps_the_sign(tok):
+    """z = (x − mean) / std clipped to ±10 on both sides; a column without numeric statistics reads
+    sign(x)·log(1 + |x|), so -99 and 99 are told apart."""
+    train = [{"table": {"a": a, "b": "x"}, "label": "p"} for a in (-1.0, 1.0)]
+    fitted = Task("t", INSTRUCTION, train).fit_statistics()
+    test = Task("t", INSTRUCTION, [{"table": {"a": a, "b": b}, "label": "p"}
+                                   for a, b in ((-1000.0, -99), (1000.0, 99), (-3.0, 0))])
+    z = [z for i in range(3) for z in cells(test, i, tok, statistics=fitted)[0][:, 1].tolist()]
+    assert z == pytest.approx([-10.0, -math.log1p(99.0), 10.0, math.log1p(99.0), -3.0, 0.0])
+
+
+def test_booleans_are_text_cells():
+    """True/False (and NumPy's) are text "True"/"False", not the numbers 1 and 0."""
+    from moe_gen.tasks.modalities.table import read_cell
+
+    assert [read_cell(v) for v in (True, False, np.bool_(True), 1, 0.0)] == [
+        (TEXT, "True"), (TEXT, "False"), (TEXT, "True"), (NUMERIC, 1.0), (NUMERIC, 0.0)]
+
+
+def test_a_table_of_as_many_rows_as_the_adapter_tells_apart_is_taken(tok):
+    from moe_gen.tasks.modalities.table import MAX_TABLE_ROWS
+
+    def table(n: int) -> Task:
+        return Task("t", INSTRUCTION, [{"table": {"a": [float(i) for i in range(n)]}, "label": "p"}])
+
+    _, positions = cells(table(MAX_TABLE_ROWS), 0, tok)
+    assert positions[:, 1].tolist() == list(range(MAX_TABLE_ROWS))
+    with pytest.raises(TaskDataError, match=rf"the table has {MAX_TABLE_ROWS + 1} rows; the table adapter tells "
+                                            rf"{MAX_TABLE_ROWS} apart"):
+        cells(table(MAX_TABLE_ROWS + 1), 0, tok)
+
+
+def test_cell_adapter_embeds_the_table_row_not_the_column_index():
+    """A cell's row embedding is its table row (positions[:, 1]); its column is read from the column
+    id feature, so the column index in positions changes nothing."""
+    torch.manual_seed(0)
+    adapter = ADAPTERS.get("struct_cells")(4, 32)
+    features = torch.tensor([[2.0, 0.5, NUMERIC, 0.0]] * 3)
+    out = adapter(features, torch.tensor([[0, 0, 0], [0, 0, 5], [0, 3, 0]]))
+    assert torch.equal(out[0], out[1])
+    torch.testing.assert_close(out[2] - out[0], adapter.row.weight[3] - adapter.row.weight[0])
+
+
+def test_text_value_ids_fit_the_adapter_and_uncased_statistics_are_lower_cased():
+    """At most MAX_TEXT_VALUES − 1 values get ids 1.. (id 0 is unseen), so every id has its own row
+    of the adapter's table; an ``uncased`` slot counts "Red" and "RED" as one value."""
+    from moe_gen.tasks.modalities.table import MAX_TEXT_VALUES, fit_table_statistics
+
+    tables = [{"city": f"city{i // 2}"} for i in range(2 * MAX_TEXT_VALUES)]  # 1024 values seen twice
+    with pytest.warns(UserWarning, match=rf"{MAX_TEXT_VALUES} text values seen 2\+ times"):
+        stats = fit_table_statistics(tables)
+    assert len(stats["values"]["city"]) == MAX_TEXT_VALUES - 1
+    cased = [{"c": "Red"}, {"c": "RED"}, {"c": "blue"}]
+    assert fit_table_statistics(cased, uncased=True)["values"] == {"c": ["red"]}
+    assert fit_table_statistics(cased)["values"] == {}
+    tok = Tokenizer.default()
+    rows = [{"table": t, "label": "p"} for t in cased]
+    task = Task("t", "[STRUCT:table,uncased] which class is this? -> [TEXT:label,closed_set]", rows)
+    assert task.fit_statistics()["struct"]["table"]["values"] == {"c": ["red"]}
+    assert [cells(task, i, tok)[0][0, 3].item() for i in range(3)] == [1.0, 1.0, 0.0]
