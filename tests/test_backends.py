@@ -88,3 +88,24 @@ def test_expert_kinds_equal_eager(backend, kind, activation, bias):
 def test_every_registered_backend_is_covered():
     # triton and tutel have their equivalence tests in test_gpu_backends.py
     assert set(BACKENDS.list()) == {"eager", "torch", "einsum", "merged", "triton", "tutel"}
+
+
+def test_sort_assignments_counts_every_expert_and_orders_rows_stably():
+    """``sort_assignments`` (what expert parallelism moves rows by): rows per expert for all E
+    experts, the last ones unused included (the all-to-all splits by them), and the computed
+    assignments grouped by expert, in token order within one; dropped assignments left out
+    (mutation audit r15)."""
+    from moe_gen.experts.dispatch import EagerDispatch
+    from moe_gen.routing.output import RouterOutput
+
+    ids = torch.tensor([[2, 0], [0, 1], [2, 1], [0, 2]])
+    mask = torch.tensor([[True, True], [True, False], [True, True], [True, True]])
+    probs = torch.full((4, 6), 1 / 6)
+    routing = RouterOutput(valid=torch.ones(4, dtype=torch.bool), dropped_assignments=torch.tensor(1),
+                           dropped_tokens=torch.tensor(0), content_dependent=False, balanced_by_construction=False,
+                           learned_gate=True, capacity=4, expert_counts=torch.tensor([3, 1, 3, 0, 0, 0]),
+                           topk_ids=ids, topk_weights=torch.full((4, 2), 0.5) * mask, mask=mask, probs=probs,
+                           logits=probs.log())
+    flat, counts = EagerDispatch().sort_assignments(routing)
+    assert counts.tolist() == [3, 1, 3, 0, 0, 0]
+    assert flat.tolist() == [1, 2, 6, 5, 0, 4, 7]  # t·K + k: expert 0 (tokens 0, 1, 3), 1 (token 2), 2 (0, 2, 3)

@@ -289,3 +289,30 @@ def test_a_copy_made_inside_an_in_place_block_is_the_model_as_it_is_outside(tok)
         for a, b in zip(expected, other.infer(task, task.data, max_new_tokens=4)):
             assert a.tokens == b.tokens and a.score == pytest.approx(b.score, abs=1e-4)
         other.train()
+
+
+def test_a_kept_plan_is_not_used_with_autograd_on(tok):
+    """Merged weights kept for a frozen layer were built without autograd: with autograd on (in a
+    ``merged_in_place`` block the weights still require gradients) the layer routes and runs its
+    experts, so the loss reaches the expert weights as outside the block (mutation audit r15)."""
+    task = load_preset("doc_topic", "train", limit=2)
+    model = build([task], tok, router=RouterConfig(strategy="attribute")).eval()
+    enc = collate(list(task.samples(tok, training=False)), tok, model.task_ids).encoder
+    torch.manual_seed(0)
+    x = torch.randn(*enc.tokens.shape, model.config.d_model)
+    mask = (~enc.padding_mask).unsqueeze(1).expand(-1, enc.tokens.shape[1], -1)
+    experts = next(p for n, p in model.encoder.named_parameters() if "experts" in n)
+
+    def grad() -> torch.Tensor:
+        model.zero_grad(set_to_none=True)
+        model.encoder(x, mask, enc.tags, enc.padding_mask).hidden.square().sum().backward()
+        return experts.grad
+
+    plain = grad().clone()
+    with merged_in_place(model):
+        with torch.no_grad():  # keeps the plan for these tag groups
+            model.encoder(x, mask, enc.tags, enc.padding_mask)
+        assert any(layer.backend._plans for layer in model.modules() if isinstance(layer, MoE))
+        merged = grad()
+    assert merged is not None
+    torch.testing.assert_close(merged, plain)
