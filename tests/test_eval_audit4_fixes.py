@@ -129,3 +129,52 @@ def test_wer_counts_real_reference_words_only():
     assert wer(["Hello  World", "a"], ["hello world", "a b c"]) == pytest.approx(2 / 5)  # folded; 2 deletions
     assert wer(["", ""], ["", ""]) == 0.0  # nothing to say, nothing said
     assert wer(["<empty>"], [""]) == math.inf  # words where none were due
+
+
+# ---- mutation-testing audit (r15): spacing, the frame budget's margin, padded frames, skipped targets -------
+
+def test_spaced_indices_spread_over_every_row():
+    from moe_gen.trainer.evaluation import spaced_indices
+
+    assert spaced_indices(10, 4) == [0, 2, 5, 7]
+    assert spaced_indices(350, 100)[-1] == 346  # (3.5 apart: not 3, which stopped at row 297)
+    assert spaced_indices(7, 7) == list(range(7))
+
+
+def test_frame_budget_leaves_room_past_a_reference_just_under_the_default(tok):
+    """A frame reference of 57-64 rows fits infer's 64, but an answer running on past it would be cut
+    there: the budget is the longest reference plus 8 as soon as that passes 64."""
+    task = _motion_task([120, 10])
+    longest = max(len(next(c for c in task.encode(i, tok, training=False).decoder if c.loss).rows) for i in (0, 1))
+    assert 56 < longest <= 64
+    model = _model(task, tok).eval()
+    infer, seen = model.infer, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return infer(*args, **kwargs)
+
+    model.infer = spy
+    evaluate_task(model, task)
+    assert seen[0]["max_frames"] == longest + 8
+
+
+def test_a_frame_reference_leaves_out_the_values_that_only_pad_its_last_row():
+    from moe_gen.tasks.plan import TARGET, Chunk
+    from moe_gen.tasks.sample import Sample
+    from moe_gen.trainer.evaluation import _frame_reference
+
+    rows = torch.arange(12.0).reshape(3, 4)
+    target = Chunk("MOTION", TARGET, True, rows=rows, positions=torch.zeros(3, 3, dtype=torch.long), padded_values=3)
+    reference = _frame_reference(Sample("m", 0, encoder=[], decoder=[target], task_modalities=("MOTION",)))
+    assert np.isnan(reference[-1, 1:]).all() and not np.isnan(reference[:-1]).any() and reference[-1, 0] == 8.0
+    assert rows[-1, -1] == 11.0  # (a copy: the sample's own rows keep their values)
+
+
+def test_rows_whose_frame_targets_fail_to_encode_are_counted_as_skipped(tok):
+    rng = np.random.default_rng(0)
+    rows = [{"y": f"move {i}", "x": rng.normal(size=(n, 3)).astype(np.float32)} for i, n in enumerate([12, 10])]
+    rows.append({"y": "bad", "x": np.full((5, 3), np.nan, dtype=np.float32)})  # refused when encoded
+    task = Task("m", "[TEXT:y] -> [MOTION:x]", rows, on_error="skip")
+    results = evaluate_task(_model(task, tok).eval(), task)
+    assert results["skipped"] == 1 and math.isfinite(results["l1"])
