@@ -319,8 +319,6 @@ def test_the_answers_eos_is_scored_as_training_scores_it(tok, template, scored):
         assert [o.scored for o in ends] == [expected], (template, score_end)
 
 
-@pytest.mark.xfail(strict=True, reason="known bug (r15 mutation audit): at the root of a closed set whose only "
-                   "label is '', trained_choices is (EOS,), not the next slot's labels that training limits to")
 def test_trained_choices_after_an_always_empty_closed_set_are_the_next_slots_labels(tok):
     """Training limits the position after an empty label to what may come next (here the next closed
     set's first label tokens); beam search renormalises over ``trained_choices`` there."""

@@ -253,8 +253,14 @@ class TargetGrammar:
         where a label may end (the empty label "" at the root) and the next slot begin, or go on."""
         if not node:
             return None
-        if self.tok.eos_id in node and len(node) > 1 and self.followers[slot] != [None]:
-            return None  # a label that may end, then the next slot begins, or go on: any token
+        if self.tok.eos_id in node and self.followers[slot] != [None]:
+            if len(node) > 1:
+                return None  # a label that may end, then the next slot begins, or go on: any token
+            # only the empty label: nothing of this slot is written, the position starts what follows
+            follower = self.followers[slot][0] if len(self.followers[slot]) == 1 else None
+            if follower is None or self.kinds[follower] != "closed_set":
+                return None
+            return self._label_choices(follower, self._root(follower))
         return tuple(sorted(node))
 
     def max_steps(self) -> int:
