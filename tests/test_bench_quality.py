@@ -189,9 +189,9 @@ def test_interference_reads_rows_spread_over_each_split(monkeypatch):
     seen = {}
     original = report._task_batch
 
-    def recorded(model, task, samples, rng=None):
+    def recorded(model, task, samples, rng=None, settings=None):
         seen[task.name] = [s.index for s in samples]
-        return original(model, task, samples, rng)
+        return original(model, task, samples, rng, settings)
 
     monkeypatch.setattr(report, "_task_batch", recorded)
     result = _interference(model, tasks, rows=4)

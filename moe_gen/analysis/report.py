@@ -40,6 +40,8 @@ from moe_gen.tasks.modalities.base import label_text
 __all__ = ["Analysis", "analyze", "task_interference", "write_report", "write_comparison", "key_numbers", "main"]
 
 MODES = ("forward", "generate")
+# The TrainConfig settings of masked (4M) tasks, which the analysis collates them with as training did.
+MASKED_SETTINGS = ("masked_input_budget", "masked_target_budget", "masked_alpha", "masked_target_alpha")
 
 
 @dataclasses.dataclass
@@ -58,6 +60,9 @@ class Analysis:
         affinity: ``stats.task_affinity`` result.
         interference: ``stats.interference_matrix`` result, or None when disabled.
         model_info: router strategy, experts, top-k, MoE layers, parameters.
+        masking: for analysed masked tasks whose batches were collated (forward mode, interference):
+            ``{"tasks": names, "settings": MASKED_SETTINGS → value used, "defaults": names of the
+            settings not given, which took TrainConfig's defaults}``; None when there is none.
     """
 
     label: str
@@ -71,6 +76,7 @@ class Analysis:
     affinity: dict
     interference: Optional[dict]
     model_info: dict
+    masking: Optional[dict] = None
 
 
 # ---- analysis ---------------------------------------------------------------------------------
@@ -138,27 +144,65 @@ def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int], ba
     return rows
 
 
-def task_interference(model, tasks: Sequence, rows) -> dict:
+def task_interference(model, tasks: Sequence, rows, settings=None) -> dict:
     """The task interference matrix (``stats.interference_matrix``: cosines of per-task gradients on
     the shared transformer) on ``rows`` rows per task (a number, or task name → number), spread
     evenly over each task's rows (a split may be ordered by label: its first rows would hold a few
-    labels only) and collated as each task's objective collates them in training."""
+    labels only) and collated as each task's objective collates them in training (``settings``: the
+    ``TrainConfig`` whose objective settings, such as the masked budgets, it trained with)."""
     counts = rows if isinstance(rows, dict) else {task.name: rows for task in tasks}
-    batches = {task.name: _task_batch(model, task, _samples(model, task, counts[task.name])) for task in tasks}
+    batches = {task.name: _task_batch(model, task, _samples(model, task, counts[task.name]), settings=settings)
+               for task in tasks}
     return stats.interference_matrix(stats.task_gradients(model, batches))
 
 
-def _task_batch(model, task, samples: list, rng: Optional[random.Random] = None):
+def _task_batch(model, task, samples: list, rng: Optional[random.Random] = None, settings=None):
     """``samples`` of ``task`` collated as its objective collates them in training (a masked or
     parallel task's masking and ``pass`` tag: collated as generative ones, their tokens were routed
     as the model never routes them), with the objective's draws taken from ``rng`` (default: seeded
-    0)."""
+    0). The objective is built as the trainer builds it, from ``settings`` (a ``TrainConfig``;
+    default ``TrainConfig()``): a masked task's budgets and α are those of its training run, not
+    ``MaskedObjective``'s defaults (a task trained with budgets 12 + 8 was analysed with 128 + 128)."""
     from moe_gen.objectives import OBJECTIVES
+    from moe_gen.trainer.config import TrainConfig
 
-    return OBJECTIVES.get(task.objective)(model).prepare(samples, random.Random(0) if rng is None else rng)
+    objective = OBJECTIVES.get(task.objective).from_train_config(model, settings or TrainConfig())
+    return objective.prepare(samples, random.Random(0) if rng is None else rng)
 
 
-def _held_out_loss(model, task, samples: list, batch_size: int) -> float:
+def _masked_tasks(tasks: Sequence) -> list[str]:
+    """The names of ``tasks`` trained by the masked (4M) objective or one derived from it."""
+    from moe_gen.objectives import OBJECTIVES, MaskedObjective
+
+    return [t.name for t in tasks if t.objective in OBJECTIVES and issubclass(OBJECTIVES.get(t.objective),
+                                                                               MaskedObjective)]
+
+
+def _masked_settings(tasks: Sequence, given: dict, collated: bool):
+    """The ``TrainConfig`` the analysis builds objectives from: ``given`` (``MASKED_SETTINGS`` →
+    value, None where not given) on TrainConfig's defaults, checked as a training run's are; and
+    ``Analysis.masking`` (None without masked tasks, or when no batch is ``collated``). Warns, naming
+    the tasks and settings, when a masked task is analysed with defaults for its budgets or α (an
+    absent ``masked_target_alpha`` follows ``masked_alpha``, as TrainConfig's None does)."""
+    from moe_gen.trainer.config import TrainConfig
+    from moe_gen.trainer.sampling import check_modality_keys
+
+    settings = TrainConfig(**{name: value for name, value in given.items() if value is not None})
+    check_modality_keys(settings)
+    masked = _masked_tasks(tasks)
+    if not masked or not collated:
+        return settings, None
+    defaults = [name for name in MASKED_SETTINGS[:3] if given.get(name) is None]
+    used = {name: getattr(settings, name) for name in MASKED_SETTINGS}
+    if defaults:
+        warnings.warn(f"masked tasks {masked} are analysed with TrainConfig's default "
+                      f"{', '.join(f'{name}={used[name]!r}' for name in defaults)}, not necessarily the settings "
+                      "they trained with: pass them (analyze(masked_input_budget=...), moe-gen analyze "
+                      "--masked-input-budget ...)", stacklevel=3)
+    return settings, {"tasks": masked, "settings": used, "defaults": defaults}
+
+
+def _held_out_loss(model, task, samples: list, batch_size: int, settings=None) -> float:
     """Mean teacher-forced loss of ``samples`` (one task's, collated as its objective does): the
     token cross-entropy (without label smoothing) averaged over all their scored tokens plus the
     frame loss averaged over all their target frames, whatever the batch size (each batch's means
@@ -178,7 +222,7 @@ def _held_out_loss(model, task, samples: list, batch_size: int) -> float:
     sums = {"token_loss": 0.0, "frame_loss": 0.0}
     counts = {"token_loss": 0, "frame_loss": 0}
     for start in range(0, len(samples), batch_size):
-        batch = _task_batch(model, task, samples[start:start + batch_size], rng)
+        batch = _task_batch(model, task, samples[start:start + batch_size], rng, settings)
         out = objective(batch)
         weights = {"token_loss": int((batch.labels != IGNORE_INDEX).sum()),
                    "frame_loss": sum(int(index.numel()) for index in batch.frame_index.values())}
@@ -190,7 +234,8 @@ def _held_out_loss(model, task, samples: list, batch_size: int) -> float:
 
 
 def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forward", limit: Optional[int] = None,
-            batch_size: int = 16, interference_rows: int = 16) -> Analysis:
+            batch_size: int = 16, interference_rows: int = 16, masked_input_budget: Optional[int] = None,
+            masked_target_budget: Optional[int] = None, masked_alpha=None, masked_target_alpha=None) -> Analysis:
     """Records ``model`` on the rows of ``tasks`` (``moe_gen.tasks.Task``, usually test splits) and
     computes every statistic.
 
@@ -203,6 +248,10 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
             statistics and closed label sets the model saved from its training rows.
         batch_size: rows per forward pass (or per ``infer`` call).
         interference_rows: rows of each task in its gradient batch; 0 skips interference.
+        masked_input_budget, masked_target_budget, masked_alpha, masked_target_alpha: the
+            ``TrainConfig`` settings the model's masked (4M) tasks trained with, which their batches
+            are masked with; None: not given, TrainConfig's default (a warning names those a masked
+            task is analysed with; an absent ``masked_target_alpha`` follows ``masked_alpha``).
 
     Raises:
         ValueError: for bad arguments, or a model sharded over processes (FSDP, expert parallelism):
@@ -210,34 +259,46 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
     """
     stats.check_whole_model(model, "analyze")
     rows = _rows_to_analyse(model, tasks, mode, limit, batch_size, interference_rows)
+    given = dict(zip(MASKED_SETTINGS, (masked_input_budget, masked_target_budget, masked_alpha, masked_target_alpha)))
+    settings, masking = _masked_settings(tasks, given, collated=mode == "forward" or interference_rows > 0)
     with eval_mode(model):
-        with RoutingRecorder(model) as recorder, torch.no_grad():
-            if mode == "forward":
-                evaluation = {}
-                for task in tasks:
-                    samples = _samples(model, task, rows[task.name])
-                    rows[task.name] = len(samples)  # the rows recorded: unknown labels and failed rows left out
-                    evaluation[task.name] = {"loss": _held_out_loss(model, task, samples, batch_size)}
-            else:
-                from moe_gen.trainer.evaluation import evaluate
-
-                evaluation = evaluate(model, tasks, limit=limit, batch_size=batch_size)
-        tables = recorder.tables()
+        tables, evaluation = _record(model, tasks, rows, mode, limit, batch_size, settings)
         interference = None
         if interference_rows > 0:
             interference = task_interference(model, tasks, {t.name: min(interference_rows, rows[t.name])
-                                                            for t in tasks})
-    summary = stats.summarize(tables)
+                                                            for t in tasks}, settings)
+    return Analysis(label=label, tasks=[t.name for t in tasks], rows=rows, mode=mode,
+                    tables=tables, summary=stats.summarize(tables), evaluation=evaluation,
+                    similarity=stats.expert_similarity(model),
+                    affinity=stats.task_affinity(tables.counts_LETMR, tables.task_names), interference=interference,
+                    model_info=_model_info(model, tables), masking=masking)
+
+
+def _record(model, tasks: Sequence, rows: dict, mode: str, limit: Optional[int], batch_size: int, settings):
+    """The routing tables of ``mode``'s passes over the rows and the evaluation per task; ``rows``
+    becomes the rows recorded (unknown labels and failed rows left out)."""
+    with RoutingRecorder(model) as recorder, torch.no_grad():
+        if mode == "forward":
+            evaluation = {}
+            for task in tasks:
+                samples = _samples(model, task, rows[task.name])
+                rows[task.name] = len(samples)
+                evaluation[task.name] = {"loss": _held_out_loss(model, task, samples, batch_size, settings)}
+        else:
+            from moe_gen.trainer.evaluation import evaluate
+
+            evaluation = evaluate(model, tasks, limit=limit, batch_size=batch_size)
+    return recorder.tables(), evaluation
+
+
+def _model_info(model, tables: RoutingTables) -> dict:
+    """Router strategy, gate, experts, top-k, MoE layers, parameters (all and active), width."""
     moe = model.config.moe
     decoder = moe.router_for("decoder").strategy
     router = moe.router.strategy if decoder == moe.router.strategy else f"{moe.router.strategy} (decoder {decoder})"
-    info = {"router": router, "gate": moe.router.gate, "experts": moe.num_experts, "top_k": moe.top_k,
+    return {"router": router, "gate": moe.router.gate, "experts": moe.num_experts, "top_k": moe.top_k,
             "moe_layers": len(tables.layer_names), "parameters": model.num_parameters(),
             "active_parameters": model.num_parameters(active=True), "d_model": model.config.d_model}
-    return Analysis(label=label, tasks=[t.name for t in tasks], rows=rows, mode=mode,
-                    tables=tables, summary=summary, evaluation=evaluation, similarity=stats.expert_similarity(model),
-                    affinity=stats.task_affinity(tables.counts_LETMR, tables.task_names), interference=interference,
-                    model_info=info)
 
 
 def _task_columns(analysis: Analysis) -> list[int]:
@@ -346,6 +407,7 @@ def _to_json(analysis: Analysis, files: dict[str, str]) -> dict:
     interference = analysis.interference
     return stats.json_ready({
         "label": analysis.label, "tasks": analysis.tasks, "rows": analysis.rows, "mode": analysis.mode,
+        "masking": analysis.masking,
         "model": analysis.model_info, "key_numbers": key_numbers(analysis), "evaluation": analysis.evaluation,
         "summary": analysis.summary,
         "expert_similarity": {name: {"matrix": m, "mean_offdiagonal": _offdiag_mean(m)}
@@ -378,12 +440,27 @@ def write_report(analysis: Analysis, out_dir: str) -> dict[str, str]:
     return written
 
 
-def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:
-    s, t = a.summary, a.tables
+def _header(a: Analysis) -> list[str]:
+    """The report's title, what it analysed and how (masked settings included)."""
     lines = [f"# Routing report: {a.label}", "",
              f"Tasks: {', '.join(f'{n} ({a.rows[n]} rows)' for n in a.tasks)}. Mode: `{a.mode}` "
              f"({'teacher-forced forward passes' if a.mode == 'forward' else 'decoding with model.infer'}). "
-             "Definitions of every number: `moe_gen.analysis.stats`.", "", "## Key numbers", ""]
+             "Definitions of every number: `moe_gen.analysis.stats`."]
+    if a.masking is not None:
+        used = ", ".join(f"{name}={value!r}" for name, value in a.masking["settings"].items())
+        used += " (masked_alpha's)" if a.masking["settings"]["masked_target_alpha"] is None else ""
+        lines += ["", f"Masked tasks ({', '.join(a.masking['tasks'])}) are masked with {used}."]
+        if a.masking["defaults"]:
+            lines += ["", f"**Warning:** {', '.join(a.masking['defaults'])} were not given: these are TrainConfig's "
+                      "defaults, not necessarily the settings the model trained with (pass them: "
+                      "`analyze(masked_...=)`, `--masked-...`; `moe-gen analyze` reads them from the run directory "
+                      "of a `moe-gen pretrain`/`finetune` model)."]
+    return lines
+
+
+def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:
+    s, t = a.summary, a.tables
+    lines = [*_header(a), "", "## Key numbers", ""]
     lines += _table(["", a.label], [[k, v] for k, v in key_numbers(a).items()])
     lines += ["", "## Held-out evaluation", ""]
     metric_names = sorted({m for v in a.evaluation.values() for m in v})
@@ -490,7 +567,61 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--interference-rows", type=int, default=16,
                         help="rows per task in the gradient batch for the interference matrix (0: skip)")
+    masked = ("masked tasks: the TrainConfig.{} they trained with (default: the one saved in the run directory of a "
+              "moe-gen pretrain/finetune model, MODEL_DIR/../checkpoints; else TrainConfig's{})")
+    parser.add_argument("--masked-input-budget", type=int, help=masked.format("masked_input_budget", ""))
+    parser.add_argument("--masked-target-budget", type=int, help=masked.format("masked_target_budget", ""))
+    parser.add_argument("--masked-alpha", type=_yaml_value, help=masked.format("masked_alpha", "") +
+                        ": a number or a mapping such as '{IMAGE: 1.0, TEXT: 0.1}'")
+    parser.add_argument("--masked-target-alpha", type=_yaml_value,
+                        help=masked.format("masked_target_alpha", "; absent: --masked-alpha's"))
     return parser
+
+
+def _yaml_value(text: str):
+    """A flag's value read as YAML, as the run configuration's dotted flags read theirs."""
+    from moe_gen.cli import yaml_load
+
+    try:
+        return yaml_load(text)
+    except Exception as exc:  # noqa: BLE001 - any YAML error: argparse names the flag and the text
+        raise argparse.ArgumentTypeError(f"not a YAML value: {text!r} ({exc})") from None
+
+
+def _run_masked_settings(model_dir: str) -> tuple[dict, Optional[str], list]:
+    """The masked settings saved by the run that wrote ``model_dir``, when it is the ``model`` folder
+    of a ``moe-gen pretrain``/``finetune`` run directory: its latest checkpoint's ``trainer.json``
+    holds the run's ``TrainConfig``. Returns (``MASKED_SETTINGS`` → value, that file, the run's
+    tasks); ``({}, None, [])`` for a model saved elsewhere or a run that saved no checkpoint."""
+    from moe_gen.trainer.checkpoint import latest_checkpoint, read_trainer_state
+
+    path = os.path.normpath(os.path.abspath(model_dir))
+    checkpoint = (latest_checkpoint(os.path.join(os.path.dirname(path), "checkpoints"))
+                  if os.path.basename(path) == "model" else None)
+    if checkpoint is None:
+        return {}, None, []
+    state = read_trainer_state(checkpoint)
+    config = state.get("config") if isinstance(state.get("config"), dict) else {}
+    return ({name: config[name] for name in MASKED_SETTINGS if name in config},
+            os.path.join(checkpoint, "trainer.json"), list(state.get("tasks") or []))
+
+
+def _masked_options(args, model_dir: str, tasks: Sequence) -> dict:
+    """``analyze``'s masked settings for the model in ``model_dir``: each flag given, else the value
+    its run saved (``_run_masked_settings``), else None (TrainConfig's default, with a warning)."""
+    masked = _masked_tasks(tasks)
+    saved, source, trained = _run_masked_settings(model_dir) if masked else ({}, None, [])
+    options = {name: getattr(args, name) if getattr(args, name) is not None else saved.get(name)
+               for name in MASKED_SETTINGS}
+    if source is not None:
+        untrained = [name for name in masked if name not in trained]
+        if untrained:
+            warnings.warn(f"{source}: that run did not train the masked tasks {untrained} (it trained "
+                          f"{', '.join(trained)}): the masked settings it saved may not be theirs; pass the ones "
+                          "they trained with (--masked-input-budget, ...)", stacklevel=2)
+        print(f"{model_dir}: masked settings read from {source}: "
+              f"{', '.join(f'{name}={saved[name]!r}' for name in saved)}")
+    return options
 
 
 def _load(model_dir: str):
@@ -514,9 +645,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tasks = [load_preset(name, "test") for name in preset_names(args.tasks)]  # whole splits: see analyze(limit=)
         options = dict(mode=args.mode, limit=args.limit, batch_size=args.batch_size,
                        interference_rows=args.interference_rows)
-        first = analyze(_load(args.model_dir), tasks, label=_label(args.model_dir), **options)
+        first = analyze(_load(args.model_dir), tasks, label=_label(args.model_dir), **options,
+                        **_masked_options(args, args.model_dir, tasks))
         if args.compare:
-            second = analyze(_load(args.compare), tasks, label=_label(args.compare, avoid=first.label), **options)
+            second = analyze(_load(args.compare), tasks, label=_label(args.compare, avoid=first.label), **options,
+                             **_masked_options(args, args.compare, tasks))
             written = write_comparison(first, second, args.out)
         else:
             written = write_report(first, args.out)

@@ -1,0 +1,86 @@
+"""Defects a fifteenth audit found in the routing analysis (``moe-gen analyze``): the
+masked settings a masked task is collated with, interference over the parameters ``requires_grad``
+happened to mark, undefined interference cosines counted as zeros, per-task batches under routing
+that depends on the batch, modality load pooled over layers, and ``--compare`` refusing late."""
+
+from __future__ import annotations
+
+import json
+import random
+
+import pytest
+import torch
+
+from moe_gen.analysis import RoutingRecorder, report
+from moe_gen.model import GeneralistModel, flavour
+from moe_gen.tasks import Tokenizer, load_preset
+
+MASKED = "digit_masked_modeling"
+# the image_generation recipe's settings (moe_gen.trainer.recipes)
+RECIPE = {"masked_input_budget": 12, "masked_target_budget": 8, "masked_alpha": {"IMAGE": 1.0, "TEXT": 0.1}}
+
+
+@pytest.fixture(scope="module")
+def masked_model():
+    torch.manual_seed(0)
+    return GeneralistModel.build(flavour("debug", moe={"router": "attribute", "top_k": 1}),
+                                 [load_preset(MASKED, "test")], Tokenizer.default()).eval()  # every label known
+
+
+def test_a_masked_task_is_analysed_with_the_masked_settings_it_trained_with(masked_model):
+    """analyze collated a masked task with MaskedObjective's defaults (budgets 128 + 128, α 0.5): a
+    model trained with the image_generation recipe's 12 + 8 was recorded on 136 encoder tokens
+    instead of 96, and its loss was another task's."""
+    from moe_gen.objectives import GenerativeObjective, MaskedObjective
+    from moe_gen.trainer.config import TrainConfig
+
+    test = load_preset(MASKED, "test")
+    analysis = report.analyze(masked_model, [test], limit=8, interference_rows=2, **RECIPE)
+    objective = MaskedObjective.from_train_config(masked_model, TrainConfig(**RECIPE))
+    batch = objective.prepare(report._samples(masked_model, test, 8), random.Random(0))
+    with RoutingRecorder(masked_model) as recorder, torch.no_grad():
+        loss = GenerativeObjective(masked_model, label_smoothing=0.0)(batch)["token_loss"]
+    torch.testing.assert_close(analysis.tables.counts_LETMR, recorder.tables().counts_LETMR)
+    assert analysis.evaluation[MASKED]["loss"] == pytest.approx(float(loss), rel=1e-5)
+    assert analysis.masking == {"tasks": [MASKED], "settings": {**RECIPE, "masked_target_alpha": None},
+                                "defaults": []}
+    default = r"default masked_input_budget=128, masked_target_budget=128, masked_alpha=0.5"
+    with pytest.warns(UserWarning, match=r"masked tasks \['digit_masked_modeling'\] are analysed with TrainConfig's "
+                      + default):
+        defaults = report.analyze(masked_model, [test], limit=8, interference_rows=0)
+    assert defaults.masking["defaults"] == ["masked_input_budget", "masked_target_budget", "masked_alpha"]
+    with pytest.raises(ValueError, match=r"masked_alpha names unknown modalities \['IMAGES'\]"):
+        report.analyze(masked_model, [test], limit=8, masked_alpha={"IMAGES": 1.0})
+
+
+def test_the_command_reads_the_masked_settings_of_the_run_that_wrote_the_model(tmp_path, capsys):
+    """``moe-gen analyze RUN/model`` takes the masked settings from the run's saved TrainConfig (its
+    latest checkpoint's trainer.json); a flag overrides one; a model saved outside a run directory
+    gets TrainConfig's defaults, which its report says."""
+    import shutil
+
+    from moe_gen.cli import main
+
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "debug", "--tasks", MASKED, "--output", str(run), "--train.steps", "1",
+                 "--train.eval_limit", "2", "--train.tensorboard", "false", "--train.masked_input_budget", "12",
+                 "--train.masked_target_budget", "8", "--train.masked_alpha", "{IMAGE: 1.0, TEXT: 0.1}"]) == 0
+
+    def masking(model_dir, *flags):
+        out = tmp_path / "out"
+        assert main(["analyze", str(model_dir), "--tasks", MASKED, "--out", str(out), "--limit", "4",
+                     "--interference-rows", "0", *flags]) == 0
+        return json.loads((out / "routing.json").read_text())["masking"], (out / "report.md").read_text()
+
+    saved, text = masking(run / "model")
+    assert saved["settings"] == {**RECIPE, "masked_target_alpha": None} and saved["defaults"] == []
+    assert "masked with masked_input_budget=12, masked_target_budget=8" in text and "Warning" not in text
+    trainer_json = run / "checkpoints" / "step-0000001" / "trainer.json"
+    assert f"masked settings read from {trainer_json}" in capsys.readouterr().out
+    flagged, _ = masking(run / "model", "--masked-target-budget", "4", "--masked-target-alpha", "{IMAGE: 2.0}")
+    assert flagged["settings"] == {**RECIPE, "masked_target_budget": 4, "masked_target_alpha": {"IMAGE": 2.0}}
+    shutil.copytree(run / "model", tmp_path / "elsewhere")
+    with pytest.warns(UserWarning, match="analysed with TrainConfig's default"):
+        alone, text = masking(tmp_path / "elsewhere")
+    assert alone["defaults"] == ["masked_input_budget", "masked_target_budget", "masked_alpha"]
+    assert "**Warning:** masked_input_budget, masked_target_budget, masked_alpha were not given" in text
