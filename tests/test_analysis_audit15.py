@@ -84,3 +84,39 @@ def test_the_command_reads_the_masked_settings_of_the_run_that_wrote_the_model(t
         alone, text = masking(tmp_path / "elsewhere")
     assert alone["defaults"] == ["masked_input_budget", "masked_target_budget", "masked_alpha"]
     assert "**Warning:** masked_input_budget, masked_target_budget, masked_alpha were not given" in text
+
+
+@pytest.fixture(scope="module")
+def two_tasks():
+    tests = [load_preset(name, "test") for name in ("digit_classification", "table_species")]
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug", moe={"router": "attribute"}), tests, Tokenizer.default())
+    return model, tests
+
+
+def test_interference_takes_the_shared_parameters_whatever_requires_grad_says(two_tasks, monkeypatch):
+    """Interference took gradients of the parameters marked requires_grad only: after fine-tuning
+    with trainable="experts" the same weights gave another matrix (-0.026 against -0.0004), and
+    after trainable="adapters", or on a merge_for_inference copy, analyze failed with "no trainable
+    parameters" once every row was recorded."""
+    import copy
+
+    from moe_gen.moe import merge_for_inference
+    from moe_gen.trainer.trainer import select_trainable
+
+    model, tests = two_tasks
+    full = report.task_interference(model, tests, 4)
+    for trainable in ("experts", "adapters"):
+        tuned = copy.deepcopy(model)
+        select_trainable(tuned, trainable)
+        flags = [p.requires_grad for p in tuned.parameters()]
+        part = report.task_interference(tuned, tests, 4)
+        torch.testing.assert_close(part["matrix"], full["matrix"], msg=trainable)
+        torch.testing.assert_close(part["norms"], full["norms"], msg=trainable)
+        assert [p.requires_grad for p in tuned.parameters()] == flags  # put back
+    merged = merge_for_inference(model)
+    assert report.analyze(merged, tests, limit=2, interference_rows=0).interference is None
+    monkeypatch.setattr(report, "_samples", lambda *a: pytest.fail("recorded rows before refusing"))
+    with pytest.raises(ValueError, match=r"analyze: MoE layers encoder.blocks.0.ffn, .* are frozen for inference "
+                                         r"\(merge_for_inference\).*\(interference_rows=0, --interference-rows 0\)"):
+        report.analyze(merged, tests, limit=2)

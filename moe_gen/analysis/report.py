@@ -128,6 +128,8 @@ def _rows_to_analyse(model, tasks: Sequence, mode: str, limit: Optional[int], ba
     if isinstance(interference_rows, bool) or not isinstance(interference_rows, int) or interference_rows < 0:
         raise ValueError(f"interference_rows must be a whole number >= 0 (0 skips interference), got "
                          f"{interference_rows!r}")
+    if interference_rows > 0:  # refused now, not after every row is recorded
+        stats.check_differentiable(model, "analyze")
     names = [t.name for t in tasks]
     repeated = sorted({n for n in names if names.count(n) > 1})
     if repeated:

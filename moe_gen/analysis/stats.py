@@ -52,7 +52,7 @@ __all__ = [
     "drop_rate", "json_ready",
     "entropy_bits", "mutual_information", "specialisation_index", "route_agreement", "cosine_similarity_matrix",
     "expert_similarity", "task_usage", "task_affinity", "task_gradients", "interference_matrix",
-    "shared_parameters", "summarize", "check_whole_model",
+    "shared_parameters", "summarize", "check_whole_model", "check_differentiable",
 ]
 
 # Axis of each group kind in a [L, E, Tk, M, R] table.
@@ -301,11 +301,14 @@ def task_affinity(counts_LETMR: torch.Tensor, task_names: Sequence[str], method:
 def shared_parameters(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     """The parameters every task goes through: for a ``GeneralistModel`` the encoder and decoder
     stacks (attention, FFNs, experts, routers), without the per-modality adapters and heads whose
-    gradients only their own tasks touch; for other modules every trainable parameter."""
+    gradients only their own tasks touch; for other modules every parameter. Whatever their
+    ``requires_grad``: that flag says what a fine-tuning run trained (``trainable="experts"`` kept
+    only the experts'), not which parameters the tasks share, so the same weights gave other
+    interference after such a run, and none at all after ``trainable="adapters"``."""
     if hasattr(model, "encoder") and hasattr(model, "decoder"):
         return [(f"{side}.{n}", p) for side in ("encoder", "decoder")
-                for n, p in getattr(model, side).named_parameters() if p.requires_grad]
-    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+                for n, p in getattr(model, side).named_parameters()]
+    return list(model.named_parameters())
 
 
 def _generative_task_loss(model: nn.Module, batch) -> torch.Tensor:
@@ -329,26 +332,56 @@ def task_gradients(model: nn.Module, batches: Mapping[str, object],
         loss_fn: ``(model, batch) -> scalar``; default the generative token + frame loss.
         params: ``(name, parameter)`` pairs to differentiate; default ``shared_parameters(model)``.
 
+    Parameters that do not require gradients (frozen by a fine-tuning run's ``trainable``) are
+    differentiated all the same: ``requires_grad`` is set for the call and put back after it.
+
     Raises:
-        ValueError: for a model sharded over processes (``check_whole_model``).
+        ValueError: for a model sharded over processes (``check_whole_model``) or with MoE layers
+            frozen for inference (``check_differentiable``).
     """
     check_whole_model(model, "task_gradients")
+    check_differentiable(model, "task_gradients")
     loss_fn = loss_fn or _generative_task_loss
     params = list(params if params is not None else shared_parameters(model))
     if not params:
-        raise ValueError("no trainable parameters to take task gradients of")
+        raise ValueError("the model has no parameters to take task gradients of")
     tensors = [p for _, p in params]
+    frozen = [p for p in tensors if not p.requires_grad]
     grads = {}
-    with eval_mode(model):
-        for name, batch in batches.items():
-            with torch.enable_grad():
-                loss = loss_fn(model, batch)
-                if not loss.requires_grad:
-                    raise ValueError(f"task {name!r}: its loss does not depend on the chosen parameters")
-                parts = torch.autograd.grad(loss, tensors, allow_unused=True)
-            grads[name] = torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1).double()
-                                     for g, p in zip(parts, tensors)])
+    try:
+        for p in frozen:
+            p.requires_grad_(True)
+        with eval_mode(model):
+            for name, batch in batches.items():
+                with torch.enable_grad():
+                    loss = loss_fn(model, batch)
+                    if not loss.requires_grad:
+                        raise ValueError(f"task {name!r}: its loss does not depend on the chosen parameters")
+                    parts = torch.autograd.grad(loss, tensors, allow_unused=True)
+                grads[name] = torch.cat([(torch.zeros_like(p) if g is None else g).detach().reshape(-1).double()
+                                         for g, p in zip(parts, tensors)])
+    finally:
+        for p in frozen:
+            p.requires_grad_(False)
     return grads
+
+
+def check_differentiable(model: nn.Module, caller: str) -> None:
+    """Raises unless gradients can be taken through every MoE layer of ``model``: a layer frozen for
+    inference (``merge_for_inference``, ``MoE.freeze_for_inference``) runs on merged weights and
+    routes it keeps, computed without autograd, so its experts and router would get no gradient.
+
+    Raises:
+        ValueError: naming ``caller``, the frozen layers, and what to do instead.
+    """
+    from moe_gen.moe import MoE
+
+    frozen = [name for name, m in model.named_modules() if isinstance(m, MoE) and m.frozen]
+    if frozen:
+        raise ValueError(f"{caller}: MoE layers {', '.join(frozen[:3])}{', ...' if len(frozen) > 3 else ''} are "
+                         "frozen for inference (merge_for_inference): they run on merged weights kept without "
+                         "gradients, so task gradients (interference) cannot be taken; analyse the model the copy "
+                         "was merged from, or skip interference (interference_rows=0, --interference-rows 0)")
 
 
 def interference_matrix(grads: Mapping[str, torch.Tensor]) -> dict:
