@@ -120,3 +120,35 @@ def test_interference_takes_the_shared_parameters_whatever_requires_grad_says(tw
     with pytest.raises(ValueError, match=r"analyze: MoE layers encoder.blocks.0.ffn, .* are frozen for inference "
                                          r"\(merge_for_inference\).*\(interference_rows=0, --interference-rows 0\)"):
         report.analyze(merged, tests, limit=2)
+
+
+def test_an_undefined_interference_cosine_is_neither_a_zero_nor_counted(tmp_path):
+    """A task whose loss has a zero gradient (every row the one label the model knows) has no cosine
+    with any task: the matrix showed 0 there and the key numbers averaged those zeros in (0.042 for
+    the one measured pair's 0.127; with two tasks 0 and 0 instead of a dash)."""
+    import warnings
+
+    torch.manual_seed(0)
+    names = ("digit_classification", "motion_classification", "table_species")
+    train = [load_preset(name, "test") for name in names[:2]] + [load_preset("table_species", "train", limit=10)]
+    model = GeneralistModel.build(flavour("debug"), train, Tokenizer.default())  # one species only
+    tests = [load_preset(name, "test") for name in names]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # (the rows of the species it never saw are left out)
+        three = report.analyze(model, tests, limit=8, interference_rows=8)
+        two = report.analyze(model, tests[1:], limit=8, interference_rows=8)
+    matrix = three.interference["matrix"]
+    assert three.interference["norms"][2] == 0 and matrix[2].isnan().all() and matrix[:, 2].isnan().all()
+    measured = float(matrix[0, 1])
+    assert not matrix[:2, :2].isnan().any() and measured != 0
+    keys = report.key_numbers(three)
+    assert keys["mean interference (off-diagonal)"] == pytest.approx(measured)
+    assert keys["most negative interference"] == pytest.approx(measured)
+    keys = report.key_numbers(two)
+    assert keys["mean interference (off-diagonal)"] == "–" and keys["most negative interference"] == "–"
+    report.write_report(three, str(tmp_path))
+    text = (tmp_path / "report.md").read_text()
+    assert "| table_species | – | – | – |" in text and "its cosines are undefined (–)" in text
+    saved = json.loads((tmp_path / "routing.json").read_text())["interference"]["matrix"]
+    assert saved[2] == [None, None, None] and saved[0][1] == pytest.approx(measured)
+    assert (tmp_path / "interference.png").is_file()

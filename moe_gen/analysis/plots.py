@@ -134,16 +134,21 @@ def plot_entropy_by_layer(series: dict[str, Sequence[float]], max_bits: Sequence
 def plot_interference(matrix_NN: np.ndarray, task_names: Sequence[str], path: str, *,
                       title: Optional[str] = None) -> str:
     """Heatmap of the interference matrix I[i, j] (row i: the task whose loss changes; column j:
-    the task whose gradient step is taken), on a diverging scale from -1 (hurts) to 1 (helps)."""
+    the task whose gradient step is taken), on a diverging scale from -1 (hurts) to 1 (helps);
+    undefined cells (NaN: a task with a zero gradient) are grey and marked "–", not drawn as 0."""
+    from matplotlib import colormaps
+
     matrix_NN = np.asarray(matrix_NN, dtype=float)
     N = len(task_names)
     fig = _figure(1.0 * N + 3.0, 0.8 * N + 2.4)
     ax = fig.subplots()
-    image = ax.imshow(matrix_NN, cmap="RdBu", vmin=-1.0, vmax=1.0)
+    cmap = colormaps["RdBu"].with_extremes(bad="lightgrey")
+    image = ax.imshow(np.ma.masked_invalid(matrix_NN), cmap=cmap, vmin=-1.0, vmax=1.0)
     for i in range(N):
         for j in range(N):
-            ax.text(j, i, f"{matrix_NN[i, j]:.2f}", ha="center", va="center", fontsize=7,
-                    color="white" if abs(matrix_NN[i, j]) > 0.6 else "black")
+            value = matrix_NN[i, j]
+            ax.text(j, i, "–" if np.isnan(value) else f"{value:.2f}", ha="center", va="center", fontsize=7,
+                    color="white" if abs(value) > 0.6 else "black")
     ax.set_xticks(range(N))
     ax.set_xticklabels(task_names, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(N))

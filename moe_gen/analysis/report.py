@@ -348,11 +348,11 @@ def key_numbers(analysis: Analysis) -> dict:
         "mean expert cosine similarity": sum(similarity) / len(similarity) if similarity else dash,
     }
     if analysis.interference is not None:
-        matrix = analysis.interference["matrix"]
-        # between two tasks or more (with one there is only its self-similarity, 1)
-        off_diagonal = matrix[~torch.eye(len(matrix), dtype=torch.bool)] if len(matrix) >= 2 else None
-        out["mean interference (off-diagonal)"] = float(off_diagonal.mean()) if off_diagonal is not None else dash
-        out["most negative interference"] = float(off_diagonal.min()) if off_diagonal is not None else dash
+        # between two tasks that both have a gradient (one task has only its self-similarity, 1; a
+        # task with a zero gradient has no defined cosine, not a cosine of 0)
+        off_diagonal = stats.defined_off_diagonal(analysis.interference["matrix"])
+        out["mean interference (off-diagonal)"] = float(off_diagonal.mean()) if off_diagonal.numel() else dash
+        out["most negative interference"] = float(off_diagonal.min()) if off_diagonal.numel() else dash
     if losses:
         out["mean held-out loss"] = sum(losses) / len(losses)
     return out
@@ -512,9 +512,10 @@ def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:
         zero = [n for n, norm in zip(inter["tasks"], inter["norms"].tolist()) if norm == 0]
         if zero:
             lines += [f"The loss of {', '.join(zero)} has a zero gradient on its batch (e.g. every row has the "
-                      "same closed-set label), so its row and column are 0.", ""]
+                      "same closed-set label): its cosines are undefined (–), and left out of the key numbers.", ""]
         lines += _table(["task i \\ step along j", *inter["tasks"]],
-                        [[n, *inter["matrix"][i].tolist()] for i, n in enumerate(inter["tasks"])])
+                        [[n, *("–" if math.isnan(v) else v for v in inter["matrix"][i].tolist())]
+                         for i, n in enumerate(inter["tasks"])])
     lines += ["", "Raw tables and every statistic: [routing.json](routing.json)."]
     return lines
 

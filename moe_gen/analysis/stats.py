@@ -51,7 +51,7 @@ __all__ = [
     "GROUP_AXES", "expert_load", "group_counts", "group_load", "imbalance", "utilisation", "routing_entropy",
     "drop_rate", "json_ready",
     "entropy_bits", "mutual_information", "specialisation_index", "route_agreement", "cosine_similarity_matrix",
-    "expert_similarity", "task_usage", "task_affinity", "task_gradients", "interference_matrix",
+    "expert_similarity", "task_usage", "task_affinity", "task_gradients", "interference_matrix", "defined_off_diagonal",
     "shared_parameters", "summarize", "check_whole_model", "check_differentiable",
 ]
 
@@ -391,8 +391,10 @@ def interference_matrix(grads: Mapping[str, torch.Tensor]) -> dict:
         grads: task name → flattened gradient ``[P]`` (``task_gradients``).
 
     Returns:
-        ``{"tasks": names [N], "matrix": [N, N] I[i, j] = g_i·g_j / (‖g_i‖ ‖g_j‖) (0 for a zero
-        gradient), "dot": [N, N] g_i·g_j, "norms": [N] ‖g_i‖}``.
+        ``{"tasks": names [N], "matrix": [N, N] I[i, j] = g_i·g_j / (‖g_i‖ ‖g_j‖), "dot": [N, N]
+        g_i·g_j, "norms": [N] ‖g_i‖}``. A task whose gradient is zero (every row the one label the
+        model knows, say) has no direction: its row and column are NaN, undefined, not a measured
+        0 (``defined_off_diagonal`` leaves them out of means and minima).
     """
     names = list(grads)
     if not names:
@@ -401,8 +403,16 @@ def interference_matrix(grads: Mapping[str, torch.Tensor]) -> dict:
     dot_NN = g_NP @ g_NP.t()
     norms_N = g_NP.norm(dim=1)
     denom = norms_N.unsqueeze(1) * norms_N.unsqueeze(0)
-    matrix = torch.where(denom > 0, dot_NN / denom.clamp_min(1e-300), torch.zeros_like(dot_NN))
+    matrix = torch.where(denom > 0, dot_NN / denom.clamp_min(1e-300), torch.full_like(dot_NN, math.nan))
     return {"tasks": names, "matrix": matrix, "dot": dot_NN, "norms": norms_N}
+
+
+def defined_off_diagonal(matrix_NN: torch.Tensor) -> torch.Tensor:
+    """The defined (not NaN) off-diagonal cosines of an interference matrix ``[K]``: the pairs of
+    two different tasks that both have a gradient (empty with fewer than two such tasks)."""
+    N = matrix_NN.shape[0]
+    values = matrix_NN[~torch.eye(N, dtype=torch.bool)]
+    return values[~values.isnan()]
 
 
 # ---- summary ----------------------------------------------------------------------------------

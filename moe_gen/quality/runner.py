@@ -294,18 +294,20 @@ def _utilisation(tables) -> dict:
 def _interference(model, tasks, rows: int = 16) -> dict:
     """The task interference matrix of the trained model on ``rows`` held-out rows per task, spread
     over each split (``analysis.report.task_interference``), with its mean off-diagonal value and the
-    share of negative (conflicting) pairs."""
-    import torch
+    share of negative (conflicting) pairs, over the pairs whose cosine is defined (a task with a zero
+    gradient has none: None in the matrix; NaN for both numbers when no pair is left)."""
+    import math
 
     from moe_gen.analysis.report import task_interference
+    from moe_gen.analysis.stats import defined_off_diagonal
 
     result = task_interference(model, tasks, rows)
     matrix = result["matrix"]
-    N = matrix.shape[0]
-    off = matrix[~torch.eye(N, dtype=torch.bool)]
-    return {"tasks": result["tasks"], "matrix": [[round(float(v), 4) for v in row] for row in matrix],
-            "mean_off_diagonal": float(off.mean()) if N > 1 else 0.0,
-            "negative_pairs": float((off < 0).double().mean()) if N > 1 else 0.0}
+    off = defined_off_diagonal(matrix)
+    return {"tasks": result["tasks"],
+            "matrix": [[None if math.isnan(v) else round(float(v), 4) for v in row] for row in matrix.tolist()],
+            "mean_off_diagonal": float(off.mean()) if off.numel() else math.nan,
+            "negative_pairs": float((off < 0).double().mean()) if off.numel() else math.nan}
 
 
 def _ema_decay(cfg: BenchConfig, steps: int) -> float:
