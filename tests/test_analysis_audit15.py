@@ -152,3 +152,46 @@ def test_an_undefined_interference_cosine_is_neither_a_zero_nor_counted(tmp_path
     saved = json.loads((tmp_path / "routing.json").read_text())["interference"]["matrix"]
     assert saved[2] == [None, None, None] and saved[0][1] == pytest.approx(measured)
     assert (tmp_path / "interference.png").is_file()
+
+
+def test_rows_of_the_tasks_share_batches_where_routing_depends_on_the_batch():
+    """Forward mode batched each task's rows alone: under the expert-choice gate every expert took
+    its share of every task, so MI(expert; task) was exactly 0 whatever the model learned, and with a
+    capacity factor drops and loss changed with the batch size. Where routing depends on the batch,
+    the tasks' rows now share batches (as training mixes them) and are counted by task."""
+    from moe_gen.tasks import collate
+
+    tests = [load_preset(name, "test") for name in ("digit_classification", "table_species")]
+    built = {}
+    for name, moe in (("expert_choice", {"router": {"strategy": "token", "gate": "expert_choice"}}),
+                      ("capacity", {"capacity_factor": 1.0}), ("dropless", {})):
+        torch.manual_seed(0)
+        built[name] = GeneralistModel.build(flavour("debug", moe=moe), tests, Tokenizer.default()).eval()
+    model = built["expert_choice"]
+    analysis = report.analyze(model, tests, limit=16, batch_size=32, interference_rows=0)
+    first, second = (report._samples(model, task, 16) for task in tests)
+    with RoutingRecorder(model) as recorder, torch.no_grad():  # one batch, the tasks' rows alternating
+        model(collate([s for pair in zip(first, second) for s in pair], model.tokenizer, model.task_ids,
+                      modality_ids=model.modality_ids))
+    torch.testing.assert_close(analysis.tables.counts_LETMR, recorder.tables().counts_LETMR)
+    assert min(analysis.summary["mi_task_bits"]) > 0  # was 0.0 in every layer
+    assert analysis.batch_dependent == [f"{name}: gate expert_choice" for name in analysis.tables.layer_names]
+    capacity = report.analyze(built["capacity"], tests, limit=4, interference_rows=0)
+    assert capacity.batch_dependent[0] == "encoder.blocks.0.ffn: capacity_factor 1.0"
+    assert "Routing depends on the batch in 4 MoE layers (capacity_factor 1.0)" in "\n".join(report._header(capacity))
+    dropless = report.analyze(built["dropless"], tests, limit=4, interference_rows=0)
+    assert dropless.batch_dependent == [] and "Routing is per token" in "\n".join(report._header(dropless))
+
+
+def test_a_batch_of_several_tasks_gives_each_task_its_own_loss():
+    """The held-out loss of a task is the same from batches of its own rows and from batches shared
+    with another task's rows (token and frame targets), where routing is per token."""
+    tests = [load_preset(name, "test") for name in ("text_to_motion", "digit_classification")]
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug"), tests, Tokenizer.default()).eval()
+    samples = {task.name: report._samples(model, task, 6) for task in tests}
+    with torch.no_grad():
+        mixed = report._held_out_losses(model, tests, samples, 4)
+        alone = {task.name: report._held_out_losses(model, [task], samples, 4)[task.name] for task in tests}
+    for task in tests:
+        assert mixed[task.name]["loss"] == pytest.approx(alone[task.name]["loss"], rel=1e-5), task.name

@@ -37,7 +37,8 @@ from moe_gen.analysis.recorder import RoutingRecorder, RoutingTables
 from moe_gen.model.model import eval_mode
 from moe_gen.tasks.modalities.base import label_text
 
-__all__ = ["Analysis", "analyze", "task_interference", "write_report", "write_comparison", "key_numbers", "main"]
+__all__ = ["Analysis", "analyze", "task_interference", "batch_dependent_layers", "write_report", "write_comparison",
+           "key_numbers", "main"]
 
 MODES = ("forward", "generate")
 # The TrainConfig settings of masked (4M) tasks, which the analysis collates them with as training did.
@@ -63,6 +64,8 @@ class Analysis:
         masking: for analysed masked tasks whose batches were collated (forward mode, interference):
             ``{"tasks": names, "settings": MASKED_SETTINGS → value used, "defaults": names of the
             settings not given, which took TrainConfig's defaults}``; None when there is none.
+        batch_dependent: ``batch_dependent_layers(model)``: the MoE layers whose routing depends on
+            the batch; when there is one, forward mode batched the tasks' rows together.
     """
 
     label: str
@@ -77,6 +80,7 @@ class Analysis:
     interference: Optional[dict]
     model_info: dict
     masking: Optional[dict] = None
+    batch_dependent: list[str] = dataclasses.field(default_factory=list)
 
 
 # ---- analysis ---------------------------------------------------------------------------------
@@ -204,35 +208,94 @@ def _masked_settings(tasks: Sequence, given: dict, collated: bool):
     return settings, {"tasks": masked, "settings": used, "defaults": defaults}
 
 
-def _held_out_loss(model, task, samples: list, batch_size: int, settings=None) -> float:
-    """Mean teacher-forced loss of ``samples`` (one task's, collated as its objective does): the
-    token cross-entropy (without label smoothing) averaged over all their scored tokens plus the
-    frame loss averaged over all their target frames, whatever the batch size (each batch's means
-    weighted by its tokens and frames).
+def batch_dependent_layers(model) -> list[str]:
+    """The MoE layers of ``model`` whose route for a token depends on the other tokens of its batch
+    in eval mode, each as ``"name: reason"``: a capacity factor (what a token keeps depends on the
+    batch's load) or a gate that weighs tokens against each other (expert choice). Rows of such a
+    model batched task by task are routed as training, which mixes the tasks' rows in a batch
+    (``batch_tasks="mixed"``), never routes them: under expert choice every expert takes its share
+    of each task, so MI(expert; task) was exactly 0."""
+    from moe_gen.moe import MoE
+
+    out = []
+    for name, module in model.named_modules():
+        if not isinstance(module, MoE):
+            continue
+        reasons = [] if type(module.router.gate).rowwise_in_eval else [f"gate {module.config.router.gate}"]
+        if module.config.capacity_factor is not None:
+            reasons.append(f"capacity_factor {module.config.capacity_factor}")
+        if reasons:
+            out.append(f"{name}: {', '.join(reasons)}")
+    return out
+
+
+def _batch_groups(tasks: Sequence, mixed: bool) -> list[list]:
+    """The tasks whose rows share batches: with ``mixed``, those of one objective (as training
+    collates a micro-batch's rows objective by objective), else each task alone."""
+    if not mixed:
+        return [[task] for task in tasks]
+    groups: dict[str, list] = {}
+    for task in tasks:
+        groups.setdefault(task.objective, []).append(task)
+    return list(groups.values())
+
+
+def _interleaved(samples: Sequence[list]) -> list:
+    """The samples of several tasks in one sequence, each task's rows spread evenly over it (the
+    i-th of n rows at (i + 1/2) / n), so every batch holds the tasks in proportion to their rows."""
+    keyed = [((i + 0.5) / len(rows), t, sample) for t, rows in enumerate(samples) for i, sample in enumerate(rows)]
+    return [sample for *_, sample in sorted(keyed, key=lambda k: k[:2])]
+
+
+def _task_part(batch, out, task_id: int):
+    """``batch`` and the forward pass ``out`` over it cut to what task ``task_id`` is scored on: its
+    labels (others ignored) and its target frame rows, so a mixed batch's loss is taken per task."""
+    from moe_gen.tasks import IGNORE_INDEX
+
+    task_BL = batch.decoder.tags.task
+    keep = {name: task_BL.reshape(-1)[index] == task_id for name, index in batch.frame_index.items()}
+    pick = lambda rows: {name: value[keep[name]] for name, value in rows.items() if bool(keep[name].any())}
+    part = dataclasses.replace(batch, labels=batch.labels.masked_fill(task_BL != task_id, IGNORE_INDEX),
+                               frame_targets=pick(batch.frame_targets), frame_index=pick(batch.frame_index),
+                               frame_stop=pick(batch.frame_stop), frame_valid=pick(batch.frame_valid))
+    return part, dataclasses.replace(out, frames=pick(out.frames), stop_logits=pick(out.stop_logits))
+
+
+def _held_out_losses(model, group: Sequence, samples: dict, batch_size: int, settings=None) -> dict:
+    """Mean teacher-forced loss of each task of ``group`` (tasks of one objective, whose rows share
+    batches: ``_batch_groups``) on its ``samples`` (task name → rows): the token cross-entropy
+    (without label smoothing) averaged over all its scored tokens plus the frame loss averaged over
+    all its target frames, whatever the batch size (each batch's means weighted by the task's
+    tokens and frames in it). Returns task name → ``{"loss": ...}``.
 
     The batches draw from one stream, seeded 0, in row order: the objectives that draw (masks of
     ``masked`` and ``parallel`` tasks) draw sample by sample, so each row gets the draws it would
     get in one batch of all the rows, and the loss and the routes recorded do not depend on
-    ``batch_size`` (a stream seeded per batch, by its first row's place, gave a row other masks at
-    another batch size).
+    ``batch_size`` where routing is per token (a stream seeded per batch, by its first row's place,
+    gave a row other masks at another batch size).
     """
     from moe_gen.objectives import GenerativeObjective
     from moe_gen.tasks import IGNORE_INDEX
 
     objective = GenerativeObjective(model, label_smoothing=0.0)
     rng = random.Random(0)
-    sums = {"token_loss": 0.0, "frame_loss": 0.0}
-    counts = {"token_loss": 0, "frame_loss": 0}
-    for start in range(0, len(samples), batch_size):
-        batch = _task_batch(model, task, samples[start:start + batch_size], rng, settings)
-        out = objective(batch)
-        weights = {"token_loss": int((batch.labels != IGNORE_INDEX).sum()),
-                   "frame_loss": sum(int(index.numel()) for index in batch.frame_index.values())}
-        for part, weight in weights.items():
-            if part in out:
-                sums[part] += float(out[part]) * weight
-                counts[part] += weight
-    return sum(sums[part] / counts[part] for part in sums if counts[part])
+    sums = {task.name: {"token_loss": 0.0, "frame_loss": 0.0} for task in group}
+    counts = {task.name: {"token_loss": 0, "frame_loss": 0} for task in group}
+    rows = _interleaved([samples[task.name] for task in group])
+    for start in range(0, len(rows), batch_size):
+        batch = _task_batch(model, group[0], rows[start:start + batch_size], rng, settings)
+        out = model(batch)
+        for name in dict.fromkeys(batch.tasks):
+            part, part_out = _task_part(batch, out, model.task_ids[name])
+            losses = objective.loss(part, part_out)
+            weights = {"token_loss": int((part.labels != IGNORE_INDEX).sum()),
+                       "frame_loss": sum(int(index.numel()) for index in part.frame_index.values())}
+            for kind, weight in weights.items():
+                if kind in losses:
+                    sums[name][kind] += float(losses[kind]) * weight
+                    counts[name][kind] += weight
+    return {name: {"loss": sum(sums[name][k] / counts[name][k] for k in sums[name] if counts[name][k])}
+            for name in sums}
 
 
 def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forward", limit: Optional[int] = None,
@@ -263,8 +326,9 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
     rows = _rows_to_analyse(model, tasks, mode, limit, batch_size, interference_rows)
     given = dict(zip(MASKED_SETTINGS, (masked_input_budget, masked_target_budget, masked_alpha, masked_target_alpha)))
     settings, masking = _masked_settings(tasks, given, collated=mode == "forward" or interference_rows > 0)
+    dependent = batch_dependent_layers(model)
     with eval_mode(model):
-        tables, evaluation = _record(model, tasks, rows, mode, limit, batch_size, settings)
+        tables, evaluation = _record(model, tasks, rows, mode, limit, batch_size, settings, mixed=bool(dependent))
         interference = None
         if interference_rows > 0:
             interference = task_interference(model, tasks, {t.name: min(interference_rows, rows[t.name])
@@ -273,19 +337,23 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
                     tables=tables, summary=stats.summarize(tables), evaluation=evaluation,
                     similarity=stats.expert_similarity(model),
                     affinity=stats.task_affinity(tables.counts_LETMR, tables.task_names), interference=interference,
-                    model_info=_model_info(model, tables), masking=masking)
+                    model_info=_model_info(model, tables), masking=masking, batch_dependent=dependent)
 
 
-def _record(model, tasks: Sequence, rows: dict, mode: str, limit: Optional[int], batch_size: int, settings):
+def _record(model, tasks: Sequence, rows: dict, mode: str, limit: Optional[int], batch_size: int, settings,
+            mixed: bool):
     """The routing tables of ``mode``'s passes over the rows and the evaluation per task; ``rows``
-    becomes the rows recorded (unknown labels and failed rows left out)."""
+    becomes the rows recorded (unknown labels and failed rows left out). Forward passes batch each
+    task's rows alone, unless ``mixed`` (routing depends on the batch: ``batch_dependent_layers``):
+    then the rows of the tasks of one objective share batches, as in training, counted by task."""
     with RoutingRecorder(model) as recorder, torch.no_grad():
         if mode == "forward":
+            samples = {task.name: _samples(model, task, rows[task.name]) for task in tasks}
+            rows.update({name: len(rows_of) for name, rows_of in samples.items()})
             evaluation = {}
-            for task in tasks:
-                samples = _samples(model, task, rows[task.name])
-                rows[task.name] = len(samples)
-                evaluation[task.name] = {"loss": _held_out_loss(model, task, samples, batch_size, settings)}
+            for group in _batch_groups(tasks, mixed):
+                evaluation.update(_held_out_losses(model, group, samples, batch_size, settings))
+            evaluation = {task.name: evaluation[task.name] for task in tasks}
         else:
             from moe_gen.trainer.evaluation import evaluate
 
@@ -409,7 +477,7 @@ def _to_json(analysis: Analysis, files: dict[str, str]) -> dict:
     interference = analysis.interference
     return stats.json_ready({
         "label": analysis.label, "tasks": analysis.tasks, "rows": analysis.rows, "mode": analysis.mode,
-        "masking": analysis.masking,
+        "masking": analysis.masking, "batch_dependent": analysis.batch_dependent,
         "model": analysis.model_info, "key_numbers": key_numbers(analysis), "evaluation": analysis.evaluation,
         "summary": analysis.summary,
         "expert_similarity": {name: {"matrix": m, "mean_offdiagonal": _offdiag_mean(m)}
@@ -447,7 +515,7 @@ def _header(a: Analysis) -> list[str]:
     lines = [f"# Routing report: {a.label}", "",
              f"Tasks: {', '.join(f'{n} ({a.rows[n]} rows)' for n in a.tasks)}. Mode: `{a.mode}` "
              f"({'teacher-forced forward passes' if a.mode == 'forward' else 'decoding with model.infer'}). "
-             "Definitions of every number: `moe_gen.analysis.stats`."]
+             "Definitions of every number: `moe_gen.analysis.stats`.", "", _batching(a)]
     if a.masking is not None:
         used = ", ".join(f"{name}={value!r}" for name, value in a.masking["settings"].items())
         used += " (masked_alpha's)" if a.masking["settings"]["masked_target_alpha"] is None else ""
@@ -458,6 +526,21 @@ def _header(a: Analysis) -> list[str]:
                       "`analyze(masked_...=)`, `--masked-...`; `moe-gen analyze` reads them from the run directory "
                       "of a `moe-gen pretrain`/`finetune` model)."]
     return lines
+
+
+def _batching(a: Analysis) -> str:
+    """How the rows were batched, and whether the numbers depend on the batch."""
+    if not a.tables.layer_names:
+        return "The rows of each task were batched alone."
+    if not a.batch_dependent:
+        return ("Routing is per token: the rows of each task were batched alone, and the numbers do not depend on "
+                "the batch size.")
+    reasons = ", ".join(dict.fromkeys(line.split(": ", 1)[1] for line in a.batch_dependent))
+    how = ("the rows of the tasks of one objective were batched together, each task's rows spread evenly over the "
+           "batches, as training's `batch_tasks=\"mixed\"` batches them, and counted by task"
+           if a.mode == "forward" else "`model.infer` decoded each task's rows in batches of their own")
+    return (f"Routing depends on the batch in {len(a.batch_dependent)} MoE layers ({reasons}): {how}; the numbers "
+            "change with the batch size (interference: each task's gradient on a batch of its own rows).")
 
 
 def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:

@@ -58,11 +58,14 @@ class Gate:
         rowwise: each token's choice depends on its own scores only (top-k, hash), so tokens with
             identical scores can share one decision; False for gates that weigh tokens against
             each other (expert choice, balanced assignment).
+        rowwise_in_eval: the same in eval mode (``training=False``): True where ``rowwise`` is, and
+            for the balanced gate, which picks each token's best expert at inference.
     """
 
     balanced_by_construction = False
     learned = True
     rowwise = False
+    rowwise_in_eval = False
 
     def __init__(self, config: MoEConfig) -> None:
         self.num_experts = config.num_experts
@@ -99,7 +102,7 @@ class TopKGate(Gate):
     can be picked.
     """
 
-    rowwise = True
+    rowwise = rowwise_in_eval = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -181,6 +184,7 @@ class BalancedGate(Gate):
     """
 
     balanced_by_construction = True
+    rowwise_in_eval = True  # (at inference each token takes its best expert)
 
     def __init__(self, config: MoEConfig) -> None:
         if config.top_k != 1:
@@ -217,7 +221,7 @@ class HashGate(Gate):
 
     balanced_by_construction = True
     learned = False
-    rowwise = True
+    rowwise = rowwise_in_eval = True
 
     def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
         ids_TK = scores_TE.topk(self.top_k, dim=-1).indices
