@@ -195,3 +195,37 @@ def test_a_batch_of_several_tasks_gives_each_task_its_own_loss():
         alone = {task.name: report._held_out_losses(model, [task], samples, 4)[task.name] for task in tests}
     for task in tests:
         assert mixed[task.name]["loss"] == pytest.approx(alone[task.name]["loss"], rel=1e-5), task.name
+
+
+def test_the_modality_plot_shows_each_layer_on_its_own(tmp_path, monkeypatch):
+    """modality_load.png split each modality's bar by expert id summed over every MoE layer, though
+    expert ids of different layers are unrelated: under modality routing (top-1), which sends a
+    modality to one expert per layer, TEXT was drawn spread over three experts."""
+    from moe_gen.analysis import plots, stats
+
+    names = ("digit_classification", "table_species", "motion_classification")
+    tests = [load_preset(name, "test") for name in names]
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour("debug", moe={"router": "modality", "top_k": 1}), tests, Tokenizer.default())
+    analysis = report.analyze(model, tests, limit=8, interference_rows=0)
+    drawn = {}
+    original = plots.plot_expert_heatmaps
+
+    def spy(share_LGE, layer_names, group_names, path, **kwargs):
+        drawn[kwargs.get("title", "tasks")] = (share_LGE, list(group_names))
+        return original(share_LGE, layer_names, group_names, path, **kwargs)
+
+    monkeypatch.setattr(plots, "plot_expert_heatmaps", spy)
+    files = report.write_report(analysis, str(tmp_path))
+    share_LME, modalities = drawn["share of each modality's assignments per expert"]
+    t = analysis.tables
+    columns = [t.modality_names.index(name) for name in modalities]
+    assert {"TEXT", "IMAGE", "MOTION", "STRUCT"} <= set(modalities)
+    expected = stats.group_load(t.counts_LETMR, "modality")[:, columns].numpy()
+    assert share_LME.shape == (len(t.layer_names), len(modalities), 4) and (share_LME == expected).all()
+    for layer in range(len(t.layer_names)):
+        for m, column in enumerate(columns):
+            if t.tokens_LTMR[layer, :, column].sum() > 0:  # every layer sends a modality to one expert
+                assert sorted(share_LME[layer, m].tolist())[-1] == 1.0, (t.layer_names[layer], modalities[m])
+    assert files["modality_load"].endswith("modality_load.png") and "## Experts by modality" in (
+        tmp_path / "report.md").read_text()

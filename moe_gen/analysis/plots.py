@@ -15,7 +15,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = [
-    "plot_expert_heatmaps", "plot_modality_load", "plot_entropy_by_layer", "plot_interference",
+    "plot_expert_heatmaps", "plot_entropy_by_layer", "plot_interference",
     "plot_dendrogram", "plot_heatmaps_side_by_side",
 ]
 
@@ -55,7 +55,10 @@ def _heatmap(ax, share_EG: np.ndarray, groups: Sequence[str], title: str, *, vma
 
 def plot_expert_heatmaps(share_LGE: np.ndarray, layer_names: Sequence[str], group_names: Sequence[str], path: str,
                          *, title: str = "share of each task's assignments per expert") -> str:
-    """One expert × group heatmap per layer (a grid of panels).
+    """One expert × group heatmap per layer (a grid of panels): groups are tasks or modalities.
+    Layer by layer, never summed over layers: expert ids of different layers are unrelated (a
+    modality that every layer sends to one expert, a different one in each, pooled over layers
+    looked spread over several).
 
     Args:
         share_LGE: ``[L, G, E]`` share of each group's assignments that each expert took.
@@ -75,40 +78,6 @@ def plot_expert_heatmaps(share_LGE: np.ndarray, layer_names: Sequence[str], grou
         _heatmap(ax, share_LGE[layer].T, group_names, layer_names[layer], vmax=_vmax(share_LGE),
                  colorbar=(layer % cols == cols - 1 or layer == share_LGE.shape[0] - 1))
     return _save(fig, path)
-
-
-def plot_modality_load(tokens_G: np.ndarray, share_GE: np.ndarray, group_names: Sequence[str], path: str) -> str:
-    """Bars of assignments per modality, each bar split by the experts that took them.
-
-    Args:
-        tokens_G: ``[G]`` assignments (or tokens) per modality, summed over layers.
-        share_GE: ``[G, E]`` share of the modality's assignments per expert (averaged over layers).
-    """
-    tokens_G, share_GE = np.asarray(tokens_G, dtype=float), np.asarray(share_GE, dtype=float)
-    fig = _figure(max(4.0, 0.9 * len(group_names) + 2.5), 3.4)
-    ax = fig.subplots()
-    total = tokens_G.sum() or 1.0
-    bottom = np.zeros(len(group_names))
-    E = share_GE.shape[1] if share_GE.ndim == 2 else 0
-    colors = _expert_colors(E)
-    for e in range(E):
-        height = tokens_G / total * share_GE[:, e]
-        ax.bar(range(len(group_names)), height, bottom=bottom, color=colors[e], label=f"expert {e}")
-        bottom += height
-    ax.set_xticks(range(len(group_names)))
-    ax.set_xticklabels(group_names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("share of all assignments")
-    ax.set_title("load by modality, split by expert", fontsize=10)
-    if E:
-        ax.legend(fontsize=7, ncol=2 if E > 4 else 1, loc="upper right")
-    return _save(fig, path)
-
-
-def _expert_colors(E: int):
-    from matplotlib import colormaps
-
-    cmap = colormaps["tab20" if E > 10 else "tab10"]
-    return [cmap(e % cmap.N) for e in range(E)]
 
 
 def plot_entropy_by_layer(series: dict[str, Sequence[float]], max_bits: Sequence[float], layer_names: Sequence[str],

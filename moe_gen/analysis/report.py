@@ -450,13 +450,15 @@ def _plots(analysis: Analysis, out_dir: str) -> dict[str, str]:
         files["heatmaps"] = "expert_task_heatmaps.png"
         plots.plot_expert_heatmaps(task_shares(analysis), t.layer_names, analysis.tasks,
                                    os.path.join(out_dir, files["heatmaps"]))
-        by_modality_ME = stats.group_counts(t.counts_LETMR, "modality").sum(0)  # [M, E]
-        used = [m for m in range(by_modality_ME.shape[0]) if by_modality_ME[m].sum() > 0]
+        # per layer: expert ids of different layers are unrelated, so their counts do not add up
+        by_modality_LME = stats.group_load(t.counts_LETMR, "modality")
+        used = [m for m in range(by_modality_LME.shape[1]) if by_modality_LME[:, m].sum() > 0]
         if used:
-            counts = by_modality_ME[used]
             files["modality_load"] = "modality_load.png"
-            plots.plot_modality_load(counts.sum(1).numpy(), (counts / counts.sum(1, keepdim=True)).numpy(),
-                                     [t.modality_names[m] for m in used], os.path.join(out_dir, files["modality_load"]))
+            modalities = [t.modality_names[m] for m in used]
+            plots.plot_expert_heatmaps(by_modality_LME[:, used].numpy(), t.layer_names, modalities,
+                                       os.path.join(out_dir, files["modality_load"]),
+                                       title="share of each modality's assignments per expert")
         files["entropy"] = "entropy_by_layer.png"
         s = analysis.summary
         plots.plot_entropy_by_layer({analysis.label: s["entropy_bits"]}, s["max_entropy_bits"], t.layer_names,
@@ -563,7 +565,8 @@ def _markdown(a: Analysis, files: dict[str, str]) -> list[str]:
         lines += ["", "## Experts by task", "", "Share of each task's assignments that each expert took, per layer.",
                   "", f"![expert x task heatmaps]({files['heatmaps']})"]
         if "modality_load" in files:
-            lines += ["", "## Load by modality", "", f"![modality load]({files['modality_load']})", ""]
+            lines += ["", "## Experts by modality", "", "Share of each modality's assignments that each expert "
+                      "took, per layer.", "", f"![expert x modality heatmaps]({files['modality_load']})", ""]
             lines += _table(["modality", "tokens per layer", "drop rate per layer"],
                             [[m, ", ".join(_fmt(v) for v in s["tokens_by_modality"][m]),
                               ", ".join(_fmt(v) for v in s["drop_rate_by_modality"][m])]
