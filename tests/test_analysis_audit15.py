@@ -229,3 +229,22 @@ def test_the_modality_plot_shows_each_layer_on_its_own(tmp_path, monkeypatch):
                 assert sorted(share_LME[layer, m].tolist())[-1] == 1.0, (t.layer_names[layer], modalities[m])
     assert files["modality_load"].endswith("modality_load.png") and "## Experts by modality" in (
         tmp_path / "report.md").read_text()
+
+
+def test_compare_checks_both_models_before_recording_and_names_the_one_it_refuses(tmp_path, monkeypatch, capsys):
+    """With --compare, a task the second model was not built for was refused only after the first
+    model's whole analysis, by "the model was not built for tasks [...]", which did not say which."""
+    names = ("digit_classification", "table_species")
+    torch.manual_seed(0)
+    GeneralistModel.build(flavour("debug"), [load_preset(n, "test") for n in names],
+                          Tokenizer.default()).save_pretrained(str(tmp_path / "both"))
+    GeneralistModel.build(flavour("debug"), [load_preset("table_species", "test")],
+                          Tokenizer.default()).save_pretrained(str(tmp_path / "species"))
+    monkeypatch.setattr(report, "_record", lambda *a, **k: pytest.fail("a model was recorded before the refusal"))
+    for first, second in (("both", "species"), ("species", "both")):
+        code = report.main([str(tmp_path / first), "--tasks", *names, "--out", str(tmp_path / "out"), "--limit", "4",
+                            "--compare", str(tmp_path / second)])
+        err = capsys.readouterr().err
+        assert code == 2 and not (tmp_path / "out").exists()
+        role = " (--compare)" if second == "species" else ""
+        assert f"{tmp_path / 'species'}{role}: the model was not built for tasks ['digit_classification']" in err

@@ -734,11 +734,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         tasks = [load_preset(name, "test") for name in preset_names(args.tasks)]  # whole splits: see analyze(limit=)
         options = dict(mode=args.mode, limit=args.limit, batch_size=args.batch_size,
                        interference_rows=args.interference_rows)
-        first = analyze(_load(args.model_dir), tasks, label=_label(args.model_dir), **options,
-                        **_masked_options(args, args.model_dir, tasks))
+        models = _checked_models(args, tasks, options)  # both, before either is recorded
+        first = analyze(models[0][0], tasks, label=_label(args.model_dir), **options, **models[0][1])
         if args.compare:
-            second = analyze(_load(args.compare), tasks, label=_label(args.compare, avoid=first.label), **options,
-                             **_masked_options(args, args.compare, tasks))
+            second = analyze(models[1][0], tasks, label=_label(args.compare, avoid=first.label), **options,
+                             **models[1][1])
             written = write_comparison(first, second, args.out)
         else:
             written = write_report(first, args.out)
@@ -747,6 +747,31 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         return 2
     print(f"wrote {written['markdown']} and {written['json']}")
     return 0
+
+
+def _checked_models(args, tasks: Sequence, options: dict) -> list[tuple]:
+    """The model of ``MODEL_DIR`` (and of ``--compare``), each with its masked settings
+    (``_masked_options``), loaded and checked against the tasks and options before any row is
+    recorded: a second model that cannot be analysed was refused only after the first one's whole
+    analysis, by a message that did not say which model it was.
+
+    Raises:
+        ValueError: naming the model directory (and ``--compare``) and what is wrong.
+    """
+    out = []
+    for directory, role in ((args.model_dir, ""), (args.compare, " (--compare)")):
+        if directory is None:
+            continue
+        model = _load(directory)  # (its message names the directory)
+        try:
+            masked = _masked_options(args, directory, tasks)
+            _rows_to_analyse(model, tasks, options["mode"], options["limit"], options["batch_size"],
+                             options["interference_rows"])
+            _masked_settings(tasks, masked, collated=False)  # checked as a training run's are
+        except ValueError as exc:
+            raise ValueError(f"{directory}{role}: {exc}") from None
+        out.append((model, masked))
+    return out
 
 
 def _label(model_dir: str, avoid: Optional[str] = None) -> str:
