@@ -435,11 +435,12 @@ class MotionPreprocessor(Preprocessor):
         if mean is None or std is None:
             raise ValueError("its generated frames are standardised, and the task has no motion statistics to undo "
                              "that with (fit on its rows when the model is built, and saved with it)")
-        mean, std = np.asarray(mean, np.float32), np.asarray(std, np.float32)
+        mean, std = np.asarray(mean, np.float64), np.asarray(std, np.float64)
         if mean.ndim != 1 or mean.shape != std.shape or rows_NF.shape[1] != self.frames_per_row * mean.size:
             raise ValueError(f"the generated rows have {rows_NF.shape[1]} values, not {self.frames_per_row} frames of "
                              f"the task's motion statistics (mean of shape {mean.shape}, std {std.shape})")
-        return _unstack(rows_NF, mean.size) * feature_scale(std) + mean
+        frames = _unstack(rows_NF, mean.size).astype(np.float64) * feature_scale(std, mean) + mean
+        return frames.astype(np.float32)  # (in float64 until then, as the frames were standardised)
 
     def __call__(self, value, slot, ctx: EncodeContext) -> SlotEncoding:
         try:  # float64 until standardised: float32 frames on an offset of 1e6 keep steps of 0.0625
