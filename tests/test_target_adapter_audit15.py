@@ -61,3 +61,21 @@ def test_the_presets_spelling_adaptor_plan_as_before(tok):
     for name, adaptor in [("text_to_speech", "audio_tgt_fbank"), ("text_to_motion", "motion_tgt")]:
         task = load_preset(name, "train", limit=1)
         assert [p.adaptor for p in task.plan(tok).templates[0][1]] == [adaptor]
+
+
+def test_a_model_saved_when_targets_took_the_input_adapter_answers_as_it_trained(tok, tmp_path):
+    """Before the target adapter was the default, `-> [MOTION:pose]` trained through motion_mlp: such
+    a saved model (it has no motion_tgt) reads the slot as it was trained, not a KeyError."""
+    rng = np.random.default_rng(0)
+    rows = [{"desc": f"motion {i % 2}", "pose": (40 + 15 * rng.standard_normal((12, 6))).astype(np.float32)}
+            for i in range(8)]
+    old = Task("t2m", "[TEXT:desc] -> [MOTION:pose,adaptor=motion_mlp]", rows)  # what the default was
+    torch.manual_seed(0)
+    GeneralistModel.build(flavour("debug"), [old], tok).save_pretrained(str(tmp_path / "model"))
+    model = GeneralistModel.from_pretrained(str(tmp_path / "model")).eval()
+    assert "motion_tgt" not in model.config.adapters
+    task = Task("t2m", "[TEXT:desc] -> [MOTION:pose]", rows)
+    assert model.plan(task).templates[0][1][0].adaptor == "motion_mlp"
+    assert task.plan(tok).templates[0][1][0].adaptor == "motion_tgt"  # (the task's own plan is untouched)
+    answer, expected = model.infer(task, rows[:1], max_frames=3)[0], model.infer(old, rows[:1], max_frames=3)[0]
+    assert np.array_equal(answer.targets["pose"], expected.targets["pose"])

@@ -8,12 +8,13 @@ rows of one adapter, F their width.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 import math
 import threading
 import types
-from typing import Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -394,7 +395,8 @@ class GeneralistModel(nn.Module):
     def plan(self, task):
         """``task``'s plan as this model encodes it: the preprocessor statistics it was trained
         with (``encoding_statistics``) and its own copies of image tokenizers."""
-        plan = task.plan(self.tokenizer, self.encoding_statistics(task))
+        plan = _with_saved_target_adapters(task.plan(self.tokenizer, self.encoding_statistics(task)),
+                                           self.config.adapters)
         for name in _image_code_preprocessors(plan):
             key = f"{task.name}/{name}"
             own = self.image_tokenizers[_tokenizer_module(key)] if key in self.config.image_tokenizers else None
@@ -848,3 +850,22 @@ def _check_distinct(tasks: Sequence, method: str) -> None:
         if first is not task:
             raise ValueError(f"{method}: two different tasks are named {task.name!r} ({first!r} and {task!r}); "
                              "task names must be distinct")
+
+
+def _with_saved_target_adapters(plan, adapters) -> Any:
+    """``plan`` (a copy where it changes) with each decoder-side AUDIO/MOTION slot that names no
+    ``adaptor=`` read by the modality's input adapter where the model has that one and not the
+    target adapter: models saved before the fifteenth audit trained such targets through the input
+    adapter (``ModalitySpec.target_adaptor`` is the default since), and load and answer as trained."""
+    def as_trained(p):
+        if ("adaptor" in p.slot.attrs or p.adaptor in adapters or p.adaptor != p.modality.target_adaptor
+                or p.modality.adaptor not in adapters):
+            return p
+        return dataclasses.replace(p, adaptor=p.modality.adaptor)
+
+    templates = [(encoder, [as_trained(p) for p in decoder]) for encoder, decoder in plan.templates]
+    if all(new is old for (_, d), (_, n) in zip(plan.templates, templates) for old, new in zip(d, n)):
+        return plan
+    plan = copy.copy(plan)
+    plan.templates = templates
+    return plan
