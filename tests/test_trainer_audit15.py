@@ -18,12 +18,12 @@ def tok() -> Tokenizer:
     return Tokenizer.default()
 
 
-def _run(tok, tasks, output, stop_at_call=None):
+def _run(tok, tasks, output, stop_at_call=None, dropout=0.0):
     """A 4-step run (2 micro-batches a step; balancing by bias with a running window, so the routers
     change in every forward); the ``stop_at_call``-th loss forward raises KeyboardInterrupt once,
     then fit() is called again. Returns the logged losses and the final weights."""
     router = RouterConfig(strategy="attribute", tag_balance="loss+bias", tag_balance_window=4)
-    model = build(tasks, tok, router=router, dropout=0.0)
+    model = build(tasks, tok, router=router, dropout=dropout)
     trainer = Trainer(model, tasks, quiet(steps=4, batch_size=4, accumulate=2, log_every=1, warmup_steps=0),
                       output_dir=str(output))
     calls, real = [0], trainer.loss_module.forward
@@ -44,10 +44,11 @@ def _run(tok, tasks, output, stop_at_call=None):
     return losses, {k: v.clone() for k, v in model.state_dict().items()}
 
 
-def test_a_step_stopped_in_its_second_micro_batch_is_retried_as_it_would_have_run(tok, tmp_path):
+@pytest.mark.parametrize("dropout", [0.0, 0.1])  # (with dropout the retried step draws the same masks again)
+def test_a_step_stopped_in_its_second_micro_batch_is_retried_as_it_would_have_run(tok, tmp_path, dropout):
     tasks = [load_preset(n, "train", limit=8) for n in ("digit_classification", "table_species")]
-    straight, weights = _run(tok, tasks, tmp_path / "straight")
-    retried, retried_weights = _run(tok, tasks, tmp_path / "retried", stop_at_call=4)  # step 2, micro-batch 2
+    straight, weights = _run(tok, tasks, tmp_path / "straight", dropout=dropout)
+    retried, retried_weights = _run(tok, tasks, tmp_path / "retried", stop_at_call=4, dropout=dropout)
     assert retried == pytest.approx(straight, rel=1e-6) and len(straight) == 4
     for name, value in weights.items():
         torch.testing.assert_close(retried_weights[name], value, msg=name)

@@ -505,11 +505,12 @@ class Trainer:
     def _undone_if_stopped(self):
         """Puts back, when the block raises, what a step changes before its optimizer step: the
         gradients (cleared: a retried step would add to the stopped one's), the sampler's position
-        (its rows are drawn again, not skipped) and the routers' balancing state (bias, running
-        loads), then re-raises."""
+        (its rows are drawn again, not skipped), torch's random state (dropout and router noise draw
+        alike) and the routers' balancing state (bias, running loads), then re-raises."""
         from moe_gen.routing.router import Router
 
         sampler = self.sampler.state_dict()
+        draws = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
         routers = {f"{path}.{name}": b.detach().clone() for path, m in self.model.named_modules()
                    if isinstance(m, Router) for name, b in m.named_buffers(recurse=False) if name in _BALANCE_STATE}
         try:
@@ -517,6 +518,9 @@ class Trainer:
         except BaseException:
             self.optimizer.zero_grad(set_to_none=True)
             self.sampler.load_state_dict(sampler)
+            torch.set_rng_state(draws[0])  # (dropout and router noise draw the same again)
+            if draws[1] is not None:
+                torch.cuda.set_rng_state_all(draws[1])
             buffers = dict(self.model.named_buffers())
             with torch.no_grad():
                 for name, value in routers.items():
