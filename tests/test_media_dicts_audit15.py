@@ -88,3 +88,27 @@ def test_a_dict_of_other_keys_is_refused_naming_the_keys_read(tok, modality, val
     task = Task("t", f"[{modality}:x] what? -> [TEXT:y]", [{"x": value, "y": "z"}])
     with pytest.raises(TaskDataError, match="^" + re.escape(f"task 't', column 'x', row 0: {message}")):
         task.encode(0, tok)
+
+
+def test_a_jsonl_media_dict_path_resolves_beside_the_file_and_stays_inside_the_data_root(tok, tmp_path):
+    """In a JSONL file the dict's path is read as a string path is: relative to the file, and refused
+    outside ``data_root`` (it escaped both)."""
+    import json
+
+    data = tmp_path / "data"
+    data.mkdir()
+    Image.fromarray(np.full((8, 8, 3), 200, np.uint8)).save(tmp_path / "outside.png")
+    Image.fromarray(np.full((8, 8, 3), 50, np.uint8)).save(data / "inside.png")
+    instruction = "[IMAGE:image] what is it? -> [TEXT:label]"
+
+    def task(value):
+        (data / "rows.jsonl").write_text(json.dumps({"image": value, "label": "x"}) + "\n")
+        return Task("t", instruction, str(data / "rows.jsonl"), data_root=str(data))
+
+    inside = task({"bytes": None, "path": "inside.png"})
+    assert inside.data[0]["image"]["path"] == str(data / "inside.png")
+    assert inside.encode(0, tok, training=False) is not None
+    with pytest.raises(TaskDataError, match="lies outside the data root"):
+        task({"bytes": None, "path": str(tmp_path / "outside.png")})
+    with pytest.raises(TaskDataError, match="lies outside the data root"):
+        task([{"bytes": None, "path": "../outside.png"}])

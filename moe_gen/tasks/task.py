@@ -128,11 +128,26 @@ def _jsonl_row(raw: bytes, number: int, where: str, columns: set, base: str, con
     for key, value in row.items():
         if isinstance(value, dict) and set(value) == {"base64"}:
             row[key] = _base64_bytes(value["base64"], f"{where}, column {key!r}")
-        elif key in columns and isinstance(value, str):
-            row[key] = _media_path(value, base, confine, f"{where}, column {key!r}")
-        elif key in columns and isinstance(value, list) and value and all(isinstance(v, str) for v in value):
-            row[key] = [_media_path(v, base, confine, f"{where}, column {key!r}") for v in value]
+        elif key in columns and (isinstance(value, str) or _path_dict(value)):
+            row[key] = _media_value(value, base, confine, f"{where}, column {key!r}")
+        elif key in columns and isinstance(value, list) and value and all(
+                isinstance(v, str) or _path_dict(v) for v in value):
+            row[key] = [_media_value(v, base, confine, f"{where}, column {key!r}") for v in value]
     return row
+
+
+def _path_dict(value: Any) -> bool:
+    """Whether ``value`` is Hugging Face's undecoded media ``{"bytes": null, "path": "..."}`` (JSON
+    holds no bytes: the file is read from the path)."""
+    return (isinstance(value, dict) and set(value) <= {"bytes", "path"} and isinstance(value.get("path"), str)
+            and value.get("bytes") is None)
+
+
+def _media_value(value: Any, base: str, confine: Optional[str], where: str) -> Any:
+    """A media path, or the path of an undecoded media dict, resolved and checked by ``_media_path``."""
+    if isinstance(value, str):
+        return _media_path(value, base, confine, where)
+    return {**value, "path": _media_path(value["path"], base, confine, where)}
 
 
 def _base64_bytes(text: Any, where: str) -> bytes:
