@@ -28,6 +28,22 @@ def _model(task, tok):
     return build([task], tok, router=RouterConfig(strategy="attribute"))
 
 
+def _spied_motion_model(lengths, tok):
+    """(a motion task of clips of ``lengths`` frames, its longest reference in rows, an untrained model
+    whose ``infer`` records the options it is called with, that record)."""
+    task = _motion_task(lengths)
+    longest = max(len(next(c for c in task.encode(i, tok, training=False).decoder if c.loss).rows) for i in (0, 1))
+    model = _model(task, tok).eval()
+    infer, seen = model.infer, []
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs)
+        return infer(*args, **kwargs)
+
+    model.infer = spy
+    return task, longest, model, seen
+
+
 def _motion_task(lengths):
     rng = np.random.default_rng(0)
     rows = [{"y": f"move {i}", "x": rng.normal(size=(n, 3)).astype(np.float32)} for i, n in enumerate(lengths)]
@@ -68,17 +84,8 @@ def test_evaluation_decodes_as_many_items_as_the_longest_reference(tok):
 
 def test_evaluation_decodes_as_many_frames_as_the_longest_reference(tok):
     """max_frames stayed at infer's default of 64 rows, however long the frame targets."""
-    task = _motion_task([160, 10])
-    longest = max(len(next(c for c in task.encode(i, tok, training=False).decoder if c.loss).rows) for i in (0, 1))
+    task, longest, model, seen = _spied_motion_model([160, 10], tok)
     assert longest > 64
-    model = _model(task, tok).eval()
-    infer, seen = model.infer, []
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return infer(*args, **kwargs)
-
-    model.infer = spy
     assert math.isfinite(evaluate_task(model, task)["l1"])
     assert seen[0]["max_frames"] == longest + 8  # room for an answer that runs on to count against it
     seen.clear()
@@ -144,17 +151,8 @@ def test_spaced_indices_spread_over_every_row():
 def test_frame_budget_leaves_room_past_a_reference_just_under_the_default(tok):
     """A frame reference of 57-64 rows fits infer's 64, but an answer running on past it would be cut
     there: the budget is the longest reference plus 8 as soon as that passes 64."""
-    task = _motion_task([120, 10])
-    longest = max(len(next(c for c in task.encode(i, tok, training=False).decoder if c.loss).rows) for i in (0, 1))
+    task, longest, model, seen = _spied_motion_model([120, 10], tok)
     assert 56 < longest <= 64
-    model = _model(task, tok).eval()
-    infer, seen = model.infer, []
-
-    def spy(*args, **kwargs):
-        seen.append(kwargs)
-        return infer(*args, **kwargs)
-
-    model.infer = spy
     evaluate_task(model, task)
     assert seen[0]["max_frames"] == longest + 8
 
