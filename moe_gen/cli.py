@@ -29,10 +29,12 @@ full disk: the message says what was and was not saved); 2 for configuration and
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
 import re
+import shutil
 import sys
 from typing import Optional, Sequence
 
@@ -370,10 +372,31 @@ def _save_results(summary: dict, results: dict, baseline, output_dir: str, model
     if distributed.is_main_process():
         try:
             with open(os.path.join(output_dir, "eval.json"), "w") as f:
-                json.dump({"trained": results, "before_training": baseline, "summary": summary}, f, indent=2)
+                _dump_json({"trained": results, "before_training": baseline, "summary": summary}, f)
         except OSError as exc:
             raise RunIncomplete(f"the model is saved to {model_dir}, but {output_dir}/eval.json was not "
                                 f"written ({exc})") from None
+
+
+def _dump_json(value, f) -> None:
+    """Strict JSON, as the logs are: a metric with no value (``digit_fid`` of one image: NaN) is null."""
+    from moe_gen.analysis.stats import json_ready
+
+    json.dump(json_ready(value), f, indent=2, allow_nan=False)
+
+
+def _clear_earlier_results(output_dir: str, model_dir: str, overwrite: bool) -> None:
+    """Removes what an earlier run left that this one replaces (the main process): its ``eval.json``
+    (it would stand beside this run's logs, naming another model, if this run stops before writing
+    its own), and under ``--overwrite`` its model too (its checkpoints are already gone)."""
+    from moe_gen import distributed
+
+    if not distributed.is_main_process():
+        return
+    with contextlib.suppress(FileNotFoundError):
+        os.remove(os.path.join(output_dir, "eval.json"))
+    if overwrite and os.path.isdir(model_dir):
+        shutil.rmtree(model_dir)
 
 
 def _check_task_settings(config, model) -> None:
@@ -429,6 +452,7 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
     # The run directory stays locked until the model and eval.json are written.
     with Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
                  overwrite=overwrite) as trainer:
+        _clear_earlier_results(output_dir, model_dir, overwrite)
         baseline = trainer.baseline  # a resumed run's, from its checkpoint
         if config.baseline and trainer.resumed_from is None:
             _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
@@ -507,7 +531,7 @@ def _cmd_eval(args, overrides) -> int:
     print(metric_table(results))
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(results, f, indent=2)
+            _dump_json(results, f)
     return 0
 
 

@@ -132,7 +132,9 @@ def test_digit_fid_of_a_single_image_is_nan_and_a_one_row_evaluation_saves_the_r
                  "--train.progress", "false", "--train.tensorboard", "false"])
     assert code == 0 and (run / "model").is_dir()
     trained = json.loads((run / "eval.json").read_text())["trained"]
-    assert math.isnan(trained["text_to_image"]["digit_fid"]) and "pixel_mse" in trained["text_to_image"]
+    # (strict JSON, as the logs: the metric with no value is null)
+    assert trained["text_to_image"]["digit_fid"] is None and "pixel_mse" in trained["text_to_image"]
+    json.loads((run / "eval.json").read_text(), parse_constant=lambda name: pytest.fail(f"{name} in eval.json"))
 
 
 def test_an_evaluation_error_after_training_keeps_the_saved_model(tmp_path, monkeypatch, capsys):
@@ -199,3 +201,28 @@ def test_digit_accuracy_reads_image_file_references_as_the_other_image_metrics_d
             call()
     with pytest.raises(ValueError, match="^digit_fid: prediction 1 is missing"):
         digit_fid([images[0], None], files[:2])
+
+
+def test_a_later_run_that_fails_leaves_no_earlier_results_in_the_run_folder(tmp_path, monkeypatch, capsys):
+    """An earlier run's eval.json (and, under --overwrite, its model) stayed beside a later run's logs
+    when that run failed, naming another model's checkpoint and metrics."""
+    from moe_gen.cli import main
+    from moe_gen.trainer import Trainer
+
+    run = tmp_path / "run"
+    common = ["pretrain", "--config", "debug", "--output", str(run), "--train.progress", "false",
+              "--train.tensorboard", "false", "--train.eval_limit", "2", "--train.warmup_steps", "0",
+              "--baseline", "false"]
+    assert main([*common, "--train.steps", "2"]) == 0 and (run / "eval.json").exists()
+    diverging = ["--overwrite", "--train.steps", "6", "--train.lr", "1e30", "--train.max_bad_steps", "1"]
+    assert main([*common, *diverging]) == 1
+    assert not (run / "eval.json").exists() and not (run / "model").exists()
+    assert main([*common, "--overwrite", "--train.steps", "2"]) == 0 and (run / "eval.json").exists()
+
+    def failing(self, *args, **kwargs):
+        raise ValueError("task 'x': a metric that cannot score these rows")
+
+    monkeypatch.setattr(Trainer, "evaluate", failing)
+    assert main([*common, "--resume", "--train.steps", "4"]) == 1
+    assert not (run / "eval.json").exists() and (run / "model").is_dir()  # the resumed run's model, saved
+    capsys.readouterr()
