@@ -385,18 +385,25 @@ def _dump_json(value, f) -> None:
     json.dump(json_ready(value), f, indent=2, allow_nan=False)
 
 
-def _clear_earlier_results(output_dir: str, model_dir: str, overwrite: bool) -> None:
+def _clear_earlier_results(output_dir: str, model_dir: str, overwrite: bool, source: Optional[str]) -> None:
     """Removes what an earlier run left that this one replaces (the main process): its ``eval.json``
     (it would stand beside this run's logs, naming another model, if this run stops before writing
-    its own), and under ``--overwrite`` its model too (its checkpoints are already gone)."""
+    its own), and under ``--overwrite`` its model too (its checkpoints are already gone), unless
+    that model is the one this run fine-tunes (``source``, ``finetune --from``): a run that fails
+    must not take the model it was given with it."""
     from moe_gen import distributed
 
     if not distributed.is_main_process():
         return
     with contextlib.suppress(FileNotFoundError):
         os.remove(os.path.join(output_dir, "eval.json"))
-    if overwrite and os.path.isdir(model_dir):
+    given = source is not None and _inside(os.path.realpath(source), os.path.realpath(model_dir))
+    if overwrite and os.path.isdir(model_dir) and not given:
         shutil.rmtree(model_dir)
+
+
+def _inside(path: str, folder: str) -> bool:
+    return path == folder or path.startswith(folder.rstrip(os.sep) + os.sep)
 
 
 def _check_task_settings(config, model) -> None:
@@ -411,7 +418,7 @@ def _check_task_settings(config, model) -> None:
     check_task_settings(config.train, names, model.task_ids if model is not None else ())
 
 
-def _train(config, model=None, resume: bool = False, overwrite: bool = False) -> dict:
+def _train(config, model=None, resume: bool = False, overwrite: bool = False, source: Optional[str] = None) -> dict:
     """Shared by pretrain and finetune: build (or take) the model, train, save the model, evaluate,
     save the results. Raises ``RunIncomplete`` (saying what was and was not saved) when the model
     or the last step's checkpoint could not be written, or the final evaluation failed."""
@@ -452,7 +459,7 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False) ->
     # The run directory stays locked until the model and eval.json are written.
     with Trainer(model, tasks, train_config, output_dir=output_dir, eval_tasks=eval_tasks, resume=resume,
                  overwrite=overwrite) as trainer:
-        _clear_earlier_results(output_dir, model_dir, overwrite)
+        _clear_earlier_results(output_dir, model_dir, overwrite, source)
         baseline = trainer.baseline  # a resumed run's, from its checkpoint
         if config.baseline and trainer.resumed_from is None:
             _say(f"evaluating the model before training on {len(eval_tasks)} tasks ...")
@@ -504,7 +511,7 @@ def _cmd_finetune(args, overrides) -> int:
         raise ValueError("finetune takes the model from --from; drop the model: section / --model.* overrides")
     distributed.init_distributed()
     model = GeneralistModel.from_pretrained(getattr(args, "from"))
-    _train(config, model=model, resume=args.resume, overwrite=args.overwrite)
+    _train(config, model=model, resume=args.resume, overwrite=args.overwrite, source=getattr(args, "from"))
     distributed.shutdown()
     return 0
 

@@ -226,3 +226,19 @@ def test_a_later_run_that_fails_leaves_no_earlier_results_in_the_run_folder(tmp_
     assert main([*common, "--resume", "--train.steps", "4"]) == 1
     assert not (run / "eval.json").exists() and (run / "model").is_dir()  # the resumed run's model, saved
     capsys.readouterr()
+
+
+def test_finetune_overwrite_into_its_source_run_keeps_the_model_it_was_given_when_it_fails(tmp_path, capsys):
+    """--overwrite removes the earlier run's model when a run starts, but not the model a finetune
+    reads (--from RUN/model --output RUN): a failed finetune deleted it."""
+    from moe_gen.cli import main
+
+    run = tmp_path / "run"
+    quiet_flags = ["--train.progress", "false", "--train.tensorboard", "false", "--baseline", "false",
+                   "--train.eval_limit", "2", "--train.warmup_steps", "0"]
+    assert main(["pretrain", "--config", "debug", "--output", str(run), "--train.steps", "1", *quiet_flags]) == 0
+    code = main(["finetune", "--from", str(run / "model"), "--output", str(run), "--overwrite", "--tasks",
+                 "table_species", "--train.steps", "4", "--train.lr", "1e30", "--train.max_bad_steps", "1",
+                 *quiet_flags])
+    assert code == 1 and (run / "model" / "model.safetensors").exists()
+    capsys.readouterr()

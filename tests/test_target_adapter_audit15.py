@@ -79,3 +79,6 @@ def test_a_model_saved_when_targets_took_the_input_adapter_answers_as_it_trained
     assert task.plan(tok).templates[0][1][0].adaptor == "motion_tgt"  # (the task's own plan is untouched)
     answer, expected = model.infer(task, rows[:1], max_frames=3)[0], model.infer(old, rows[:1], max_frames=3)[0]
     assert np.array_equal(answer.targets["pose"], expected.targets["pose"])
+    from moe_gen.analysis.report import analyze, key_numbers  # (the analysis encodes with the model's plan too)
+
+    assert key_numbers(analyze(model, [task], limit=4, interference_rows=2))

@@ -102,7 +102,8 @@ def _samples(model, task, count: int) -> list:
     if len(known) < len(task):
         warnings.warn(f"task {task.name!r}: {len(task) - len(known)} of {len(task)} rows hold a label the model never "
                       "trained on; the analysis leaves them out", stacklevel=3)
-    samples = (task.encode(known[i], model.tokenizer, training=False, statistics=statistics)
+    plan = model.plan(task)  # (the model's own: its image tokenizers, the adapters it trained slots with)
+    samples = (task.encode(known[i], model.tokenizer, training=False, statistics=statistics, plan=plan)
                for i in spaced_indices(len(known), min(count, len(known))))
     return [s for s in samples if s is not None]
 

@@ -232,11 +232,11 @@ def _encoded_targets(model, task: Task, kind: str, scored: list, rows: list, ind
     if kind != "frames" and not boxes:
         return {}, set()
     samples, dropped = {}, set()
-    statistics = model.encoding_statistics(task)
+    statistics, plan = model.encoding_statistics(task), model.plan(task)
     for row, index in zip(rows, indices):
         if kind != "frames" and _reference_problem(row, scored):
             continue
-        sample = task.encode(index, model.tokenizer, training=False, statistics=statistics)
+        sample = task.encode(index, model.tokenizer, training=False, statistics=statistics, plan=plan)
         if sample is None:
             dropped.add(index)
         else:
