@@ -105,6 +105,14 @@ def build(tasks, tok, **overrides) -> GeneralistModel:
     return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
 
 
+def build_attribute(tasks, tok, **overrides) -> GeneralistModel:
+    """``build`` with attribute routing unless ``router`` is given."""
+    from moe_gen.config import RouterConfig
+
+    overrides.setdefault("router", RouterConfig(strategy="attribute"))
+    return build(tasks, tok, **overrides)
+
+
 def quiet(**kwargs) -> TrainConfig:
     """A ``TrainConfig`` without a progress bar or TensorBoard (``kwargs`` as given)."""
     kwargs.setdefault("progress", False)

@@ -8,11 +8,10 @@ import json
 import warnings
 
 import pytest
-import torch
-from helpers import flavour_with, quiet
+from helpers import build_attribute as build
+from helpers import quiet
 
 from moe_gen.config import RouterConfig
-from moe_gen.model import GeneralistModel
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.trainer import TaskSampler, TrainConfig, Trainer, mixing_weights
 from moe_gen.trainer.sampling import sample_modality_tokens
@@ -23,12 +22,6 @@ NAMES = ["digit_classification", "table_species", "motion_classification"]
 @pytest.fixture(scope="module")
 def tasks():
     return [load_preset(n, "train", limit=40) for n in NAMES]
-
-
-def build(tasks, tok, **overrides) -> GeneralistModel:
-    torch.manual_seed(0)
-    overrides.setdefault("router", RouterConfig(strategy="attribute"))
-    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
 
 
 def test_mixing_weights_follow_the_configured_rule():

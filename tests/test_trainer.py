@@ -10,6 +10,7 @@ import re
 import numpy as np
 import pytest
 import torch
+from helpers import build_attribute as build
 from helpers import flavour_with, quiet
 
 from moe_gen.config import RouterConfig
@@ -29,12 +30,6 @@ def tok() -> Tokenizer:
 @pytest.fixture(scope="module")
 def tasks():
     return [load_preset(n, "train", limit=40) for n in NAMES]
-
-
-def build(tasks, tok, **overrides) -> GeneralistModel:
-    torch.manual_seed(0)
-    overrides.setdefault("router", RouterConfig(strategy="attribute"))
-    return GeneralistModel.build(flavour_with("debug", **overrides), tasks, tok)
 
 
 # ---- training ------------------------------------------------------------------------------------
