@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from moe_gen.model.model import _task_features
+from moe_gen.model.task_setup import _task_features
 from moe_gen.tasks import Task, TaskDataError, Tokenizer, collate, load_preset
 from moe_gen.tasks.batch import IGNORE_INDEX
 

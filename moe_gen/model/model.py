@@ -14,7 +14,7 @@ import functools
 import math
 import threading
 import types
-from typing import Any, Mapping, Optional, Sequence
+from typing import Mapping, Optional, Sequence
 
 import torch
 from torch import nn
@@ -22,6 +22,13 @@ from torch import nn
 from moe_gen.model.config import ModelConfig
 from moe_gen.model.files import MODEL_FILES
 from moe_gen.model.positions import check_positions, location_basis, positions_in_sample, side_positions
+from moe_gen.model.task_setup import (
+    _check_distinct,
+    _fitted_statistics,
+    _task_features,
+    _task_words,
+    _with_saved_target_adapters,
+)
 from moe_gen.model.transformer import Stack, StackOutput, make_norm
 from moe_gen.registry import ADAPTERS
 from moe_gen.routing.inputs import InstructionInput
@@ -145,67 +152,7 @@ def _parallel_steps(task, steps: Optional[int], sampling, beams: int, candidates
     return steps
 
 
-def _task_words(names: Sequence[str], tasks: Sequence, known: Sequence[str],
-                known_words: Sequence[Sequence[str]]) -> tuple[tuple[str, ...], ...]:
-    """The prompt words of each task name, by task id (the ``instruction`` router's input): from
-    the given ``tasks``' instructions, else what the model knew for that name, else none."""
-    given = {t.name: t.instruction.prompt_words() for t in tasks}
-    before = {name: tuple(words) for name, words in zip(known, known_words)}
-    return tuple(given.get(name, before.get(name, ())) for name in names)
-
-
 NEW_HEADS = ":heads"  # add_tasks' name for new frame and stop heads of an adapter the model had
-
-
-def _refuse_widths(adaptor: str, first: tuple[str, Optional[str]], other: tuple[str, Optional[str]],
-                   width: int, other_width: int) -> None:
-    """Raises ``ValueError`` for two slots, ``(task, column)`` each, that feed ``adaptor`` features of two
-    widths: of two tasks, naming both; of one task, naming it and both slots (before the fifteenth
-    audit two MOTION inputs of one task built, and every step then failed in collate naming neither)."""
-
-    def slot(column: Optional[str]) -> str:
-        return f"column {column!r}" if column is not None else "a slot filled by position"
-
-    if first[0] != other[0]:
-        raise ValueError(f"tasks {first[0]!r} and {other[0]!r} feed the {adaptor!r} adapter features of width "
-                         f"{width} and {other_width}: one adapter takes one width (give the slots the same "
-                         "preprocessing options, or another adaptor=)")
-    named = other[1] if other[1] is not None else "x"
-    raise ValueError(f"task {first[0]!r}: its slots of {slot(first[1])} and {slot(other[1])} feed the {adaptor!r} "
-                     f"adapter features of width {width} and {other_width}: one adapter takes one width. Give one "
-                     f"slot an adapter of its own, e.g. ADAPTERS.register('{named}_{adaptor}')(ADAPTERS.get("
-                     f"'{adaptor}')) and adaptor={named}_{adaptor} on that slot, or give both the same "
-                     "preprocessing options")
-
-
-def _task_features(tasks: Sequence, tokenizer: Tokenizer, adapters: dict, frame_adapters: list):
-    """Adapter name → feature width for every feature slot of ``tasks`` (sized from each task's
-    first rows that encode, one per template: ``Task.probe``), and the adapters whose rows are
-    decoder targets."""
-    fed_by: dict[str, tuple[str, Optional[str]]] = {}  # adapter → the first (task, column) of these that feeds it
-    for task in tasks:
-        for sample in task.probe(tokenizer):
-            for chunk in sample.encoder + sample.decoder:
-                if chunk.rows is not None:
-                    width, fed = int(chunk.rows.shape[1]), (task.name, chunk.column)
-                    if chunk.adaptor in fed_by and adapters[chunk.adaptor] != width:
-                        _refuse_widths(chunk.adaptor, fed_by[chunk.adaptor], fed, adapters[chunk.adaptor], width)
-                    fed_by.setdefault(chunk.adaptor, fed)
-                    adapters[chunk.adaptor] = width
-            for chunk in sample.decoder:
-                if chunk.rows is not None and chunk.loss and chunk.adaptor not in frame_adapters:
-                    frame_adapters.append(chunk.adaptor)
-    return adapters, frame_adapters
-
-
-def _fitted_statistics(tasks: Sequence, known: Mapping) -> dict:
-    """``known`` plus each task's ``fit_statistics()`` (tasks whose slots learn nothing are left out)."""
-    statistics = dict(known)
-    for task in tasks:
-        fitted = task.fit_statistics()
-        if fitted:
-            statistics[task.name] = fitted
-    return statistics
 
 
 def _tokenizer_module(key: str) -> str:
@@ -409,7 +356,6 @@ class GeneralistModel(nn.Module):
         """Keeps a frozen copy of the image tokenizer of every image-code preprocessor of ``tasks``
         (on the model's device), records its shape in ``config.image_tokenizers`` under
         ``"task/preprocessor"`` and binds the tasks' plans to the copies."""
-        import copy
 
         known = dict(self.config.image_tokenizers)
         device = self.token_embedding.weight.device
@@ -839,33 +785,3 @@ class GeneralistModel(nn.Module):
                 expert_params = sum(p.numel() for p in module.experts.parameters())
                 total -= expert_params - expert_params * module.config.top_k // module.config.num_experts
         return total
-
-
-def _check_distinct(tasks: Sequence, method: str) -> None:
-    """Refuses two different task objects of one name: they would share a task id, and the last
-    one's closed sets and fitted statistics would serve both (as ``Trainer`` refuses them)."""
-    seen: dict = {}
-    for task in tasks:
-        first = seen.setdefault(task.name, task)
-        if first is not task:
-            raise ValueError(f"{method}: two different tasks are named {task.name!r} ({first!r} and {task!r}); "
-                             "task names must be distinct")
-
-
-def _with_saved_target_adapters(plan, adapters) -> Any:
-    """``plan`` (a copy where it changes) with each decoder-side AUDIO/MOTION slot that names no
-    ``adaptor=`` read by the modality's input adapter where the model has that one and not the
-    target adapter: models saved before the fifteenth audit trained such targets through the input
-    adapter (``ModalitySpec.target_adaptor`` is the default since), and load and answer as trained."""
-    def as_trained(p):
-        if ("adaptor" in p.slot.attrs or p.adaptor in adapters or p.adaptor != p.modality.target_adaptor
-                or p.modality.adaptor not in adapters):
-            return p
-        return dataclasses.replace(p, adaptor=p.modality.adaptor)
-
-    templates = [(encoder, [as_trained(p) for p in decoder]) for encoder, decoder in plan.templates]
-    if all(new is old for (_, d), (_, n) in zip(plan.templates, templates) for old, new in zip(d, n)):
-        return plan
-    plan = copy.copy(plan)
-    plan.templates = templates
-    return plan
