@@ -448,7 +448,7 @@ def test_a_run_saved_under_the_old_weight_decay_rule_resumes(tasks, tok, tmp_pat
     """Before 2026-12-05 expert bias stacks and adapters' embedding tables took weight decay: the same
     parameters, grouped otherwise. Such a run resumes with its moments loaded by name and this run's
     decay per group (a warning says so)."""
-    from moe_gen.trainer import trainer as trainer_module
+    from moe_gen.trainer import optim as trainer_module  # (where the optimizer groups are made)
 
     new_rule = trainer_module._never_decayed
     monkeypatch.setattr(trainer_module, "_never_decayed",
