@@ -12,7 +12,7 @@ from helpers import flavour_with
 
 from moe_gen.config import ExpertsConfig, RouterConfig
 from moe_gen.model import GeneralistModel, flavour
-from moe_gen.model.generate import _with_target
+from moe_gen.model.cached_decoder import with_target
 from moe_gen.objectives import GenerativeObjective
 from moe_gen.tasks import Tokenizer, collate, load_preset
 
@@ -63,7 +63,7 @@ def test_cached_greedy_decoding_matches_full_forward(name, arch, tok):
         sample = plan.encode(task.data[i], i, training=False, inference=True, template=0)
         tokens = prediction.tokens
         fed = tokens + ([tok.eos_id] if spec.kind == "closed_set" or len(tokens) < 5 else [])
-        batch = collate([_with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
+        batch = collate([with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
         with torch.no_grad():
             logp = model(batch).logits.float().log_softmax(-1)[0]
         start = sum(len(c) for c in sample.decoder)
@@ -116,7 +116,7 @@ def test_decoder_only_frame_generation_matches_full_forward(tok):
     for i, prediction in enumerate(model.infer(task, task.data[:2], max_frames=4)):
         sample = plan.encode(task.data[i], i, training=False, inference=True, template=0)
         rows = torch.cat([prediction.frames, torch.zeros(1, prediction.frames.shape[1])])
-        batch = collate([_with_target(sample, "AUDIO", rows=rows, adaptor="audio_tgt_fbank")], tok, model.task_ids)
+        batch = collate([with_target(sample, "AUDIO", rows=rows, adaptor="audio_tgt_fbank")], tok, model.task_ids)
         with torch.no_grad():
             predicted = model(batch).frames["audio_tgt_fbank"]
         torch.testing.assert_close(predicted[: len(prediction.frames)], prediction.frames, atol=1e-4, rtol=1e-4)
@@ -171,7 +171,7 @@ def test_decoder_only_beam_search_scores_are_teacher_forced_likelihoods(tok):
     wide = model.infer(task, task.data[:1], beams=3, max_new_tokens=5)[0]
     sample = task.plan(tok).encode(task.data[0], 0, training=False, inference=True, template=0)
     fed = wide.tokens + [tok.eos_id]  # a closed-set answer ends with EOS
-    batch = collate([_with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
+    batch = collate([with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
     with torch.no_grad():
         logp = model(batch).logits.float().log_softmax(-1)[0]
     start = sum(len(c) for c in sample.decoder)

@@ -66,8 +66,8 @@ def test_adjacent_masked_targets_decode_as_they_train(tok, monkeypatch):
     batch = collate([trained], tok, model.task_ids, pass_name="masked", modality_ids=model.modality_ids)
     with torch.no_grad():
         logp = model(batch).logits.float().log_softmax(-1)[0]
-    recorded, log_probs = [], generate_module._CachedDecoder.log_probs
-    monkeypatch.setattr(generate_module._CachedDecoder, "log_probs",
+    recorded, log_probs = [], generate_module.CachedDecoder.log_probs
+    monkeypatch.setattr(generate_module.CachedDecoder, "log_probs",
                         lambda self, h: recorded.append(log_probs(self, h)) or recorded[-1])
     answer = model.infer(task, [row])[0]
     assert answer.targets["a"] == "one"  # the only label a has

@@ -252,7 +252,7 @@ def test_decoding_steps_share_a_tag_batch_only_when_their_tags_are_equal(name, t
     kept = model.infer(task, task.data[:4], max_new_tokens=6)
     kept_count = len(built)
     built.clear()
-    monkeypatch.setattr(generate._CachedDecoder, "_step_tags",
+    monkeypatch.setattr(generate.CachedDecoder, "_step_tags",
                         lambda self, side, key: self.model.decoder.tag_batch(side.tags, side.padding_mask,
                                                                              side.tokens.shape, self.device))
     fresh = model.infer(task, task.data[:4], max_new_tokens=6)

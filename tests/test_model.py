@@ -318,14 +318,14 @@ def test_cached_greedy_decoding_matches_full_forward(name, positions, tok, locat
     plan = task.plan(tok)
     spec = plan.decode_specs()[0]
     target = next(p for p in plan.templates[0][1] if p.loss)
-    from moe_gen.model.generate import _with_target
+    from moe_gen.model.cached_decoder import with_target
 
     for i, prediction in enumerate(predictions):
         sample = plan.encode(task.data[i], i, training=False, inference=True, template=0)
         tokens = prediction.tokens
         ends_with_eos = spec.kind == "closed_set" or (spec.kind == "text" and len(tokens) < 6)
         fed = tokens + ([tok.eos_id] if ends_with_eos else [])
-        batch = collate([_with_target(sample, target.modality.name, fed + [tok.pad_id])], tok, model.task_ids)
+        batch = collate([with_target(sample, target.modality.name, fed + [tok.pad_id])], tok, model.task_ids)
         with torch.no_grad():
             logp = model(batch).logits.float().log_softmax(-1)[0]
         start = sum(len(c) for c in sample.decoder)
@@ -381,11 +381,11 @@ def test_beam_search_with_one_beam_is_greedy_and_scores_are_likelihoods(tok, str
         assert g.tokens == b.tokens and g.score == pytest.approx(b.score, abs=1e-4)
     wide = model.infer(task, task.data[:1], beams=3, max_new_tokens=5)[0]
     plan = task.plan(tok)
-    from moe_gen.model.generate import _with_target
+    from moe_gen.model.cached_decoder import with_target
 
     sample = plan.encode(task.data[0], 0, training=False, inference=True, template=0)
     fed = wide.tokens + ([tok.eos_id] if len(wide.tokens) < 5 else [])
-    batch = collate([_with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
+    batch = collate([with_target(sample, "TEXT", fed + [tok.pad_id])], tok, model.task_ids)
     with torch.no_grad():
         logp = model(batch).logits.float().log_softmax(-1)[0]
     start = sum(len(c) for c in sample.decoder)
@@ -411,13 +411,13 @@ def test_cached_frame_generation_matches_full_forward(tok, positions):
     model = build([task], tok, positions=positions).eval()
     frames = model.infer(task, task.data[:2], max_frames=4)
     plan = task.plan(tok)
-    from moe_gen.model.generate import _with_target
+    from moe_gen.model.cached_decoder import with_target
 
     for i, prediction in enumerate(frames):
         generated = prediction.frames
         sample = plan.encode(task.data[i], i, training=False, inference=True, template=0)
         rows = torch.cat([generated, torch.zeros(1, generated.shape[1])])
-        batch = collate([_with_target(sample, "AUDIO", rows=rows, adaptor="audio_tgt_fbank")], tok, model.task_ids)
+        batch = collate([with_target(sample, "AUDIO", rows=rows, adaptor="audio_tgt_fbank")], tok, model.task_ids)
         with torch.no_grad():
             predicted = model(batch).frames["audio_tgt_fbank"]
         torch.testing.assert_close(predicted[: len(generated)], generated, atol=1e-4, rtol=1e-4)

@@ -105,7 +105,7 @@ class ScriptedDecoder:
 
 @pytest.fixture
 def scripted(monkeypatch):
-    monkeypatch.setattr(generate_module, "_CachedDecoder", ScriptedDecoder)
+    monkeypatch.setattr(generate_module, "CachedDecoder", ScriptedDecoder)
     return ScriptedDecoder
 
 

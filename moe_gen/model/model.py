@@ -697,7 +697,7 @@ class GeneralistModel(nn.Module):
         samples are decoded one by one, so that only the rows that reach it fail: ``TaskDataError``
         naming task and row, or, under the task's ``on_error="skip"``, None for them (counted in
         ``task.skipped``) and the other rows answered as they would be alone."""
-        from moe_gen.model.generate import PastPositionTable
+        from moe_gen.model.cached_decoder import PastPositionTable
 
         try:
             return self._answer(plan, samples, **options)
