@@ -1,6 +1,7 @@
 """The checks a ``TaskPlan`` runs on its instruction when it is built (``moe_gen.tasks.plan``).
 
-Each takes the plan (its name, tokenizer and preprocessors) and the resolved slots, and raises
+Each takes the plan (its name, tokenizer and preprocessors) and the resolved slots (lists of
+``SlotPlan``; this module does not import ``plan``, which imports it), and raises
 ``ValueError`` (the instruction cannot work) or ``TaskDataError`` (the data's labels cannot be read
 back), naming the task and slot; ``warn_unapplied`` warns of attributes parsed but not applied.
 """
@@ -9,20 +10,17 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from moe_gen.tasks.decodable import slot_followers
 from moe_gen.tasks.errors import TaskDataError
 from moe_gen.tasks.instruction import Slot
 
-if TYPE_CHECKING:
-    from moe_gen.tasks.plan import SlotPlan
-
 __all__ = ["check_template", "check_windows_and_masks", "check_augment", "warn_unapplied", "is_closed",
            "continuations_at_label_ends", "same_tokens_as"]
 
 
-def is_closed(plan: SlotPlan) -> bool:
+def is_closed(plan) -> bool:
     return plan.decode is not None and plan.decode.kind == "closed_set"
 
 
@@ -42,7 +40,7 @@ def same_tokens_as(preprocess: str) -> str:
     return {"category": "text", "text_phone": "phone"}.get(preprocess, preprocess)
 
 
-def check_template(plan, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
+def check_template(plan, encoder: list, decoder: list) -> None:
     """The checks of one resolved template of ``plan``: no column predicted twice, no input that
     hands the model its answer, an answer that can end, and labels that can be read back."""
     check_targets_distinct(plan, decoder)
@@ -51,7 +49,7 @@ def check_template(plan, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> No
     check_label_boundaries(plan, decoder)
 
 
-def check_targets_distinct(plan, decoder: list[SlotPlan]) -> None:
+def check_targets_distinct(plan, decoder: list) -> None:
     """Refuses two scored decoder slots that name one column: training would score the value
     twice, and the decoded answer (keyed by column) would keep only the second slot's value.
     (A repetition group's slot names its column once; its items are the values of one list.)"""
@@ -66,7 +64,7 @@ def check_targets_distinct(plan, decoder: list[SlotPlan]) -> None:
         seen[p.slot.column] = p.slot
 
 
-def check_label_boundaries(plan, decoder: list[SlotPlan]) -> None:
+def check_label_boundaries(plan, decoder: list) -> None:
     """A closed set whose labels go on past a shorter one ("new", "new york") right before a
     slot that may begin with the same token ("york", or free text: any token) could not be read
     back: "new" + "york" and "new york" + ... are the same tokens, and decoding takes one reading
@@ -87,7 +85,7 @@ def check_label_boundaries(plan, decoder: list[SlotPlan]) -> None:
                                     "...): put literal text between them")
 
 
-def next_values(plan, decoder: list[SlotPlan], i: int) -> list[tuple[int, tuple[int, ...]]]:
+def next_values(plan, decoder: list, i: int) -> list[tuple[int, tuple[int, ...]]]:
     """The slots whose value may come right after slot ``i``'s, each with the slots left empty
     on the way: its followers, and the followers of a follower that is a closed set holding the
     empty label "" (no token: the chain decoding follows, ``Option.more_empty``), in turn. (Before
@@ -104,7 +102,7 @@ def next_values(plan, decoder: list[SlotPlan], i: int) -> list[tuple[int, tuple[
     return out
 
 
-def check_answer_ends(plan, decoder: list[SlotPlan]) -> None:
+def check_answer_ends(plan, decoder: list) -> None:
     """``disable_auto_boseos`` on a decoder slot drops the answer's end marker, which decoding
     stops at: refused where the answer ends in a slot of no fixed length (text, a closed set,
     frames), which then never learns to stop ("one" could not be told from "one hundred")."""
@@ -141,7 +139,7 @@ def warn_unapplied(name: str, instruction, specs: dict[str, Any]) -> None:
                               stacklevel=3)
 
 
-def check_answers_hidden(plan, encoder: list[SlotPlan], decoder: list[SlotPlan]) -> None:
+def check_answers_hidden(plan, encoder: list, decoder: list) -> None:
     """Refuses an input that hands the model its answer: an encoder slot, or a given ``no_loss``
     decoder slot (decoding is handed it as its prefix), encoding a column as the decoder
     predicts it (a scored slot whose preprocessor gives the same tokens: the same one, or TEXT
