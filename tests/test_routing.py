@@ -273,6 +273,17 @@ def test_hash_gate_is_fixed_and_uniform():
     assert torch.equal(a.routing.topk_ids, moe(x).routing.topk_ids)
 
 
+@pytest.mark.parametrize("capacity_factor", [None, 100.0], ids=["group-routes", "token-routes"])
+def test_hash_gate_tag_routes_get_no_losses(capacity_factor):
+    """A hash gate learns nothing: tag routes through it get no z-loss (its logits come from a fixed
+    projection of a trainable tag input) and no balance loss, whether kept per group or per token."""
+    moe = make_moe(capacity_factor=capacity_factor,
+                   router=RouterConfig(strategy="modality", gate="hash", z_loss_weight=0.25, balance_loss_weight=0.5))
+    out = moe(torch.randn(30, D), tags=random_tags((30,)))
+    assert (out.routing.groups is None) == (capacity_factor is not None)
+    assert out.aux_losses == {}
+
+
 # ---- capacity -------------------------------------------------------------------------------
 
 
