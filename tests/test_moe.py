@@ -475,6 +475,21 @@ def test_frozen_layer_keeps_one_route_entry_per_set_of_tag_groups():
     assert not merged.router._routes and not merged.backend._cache
 
 
+def test_a_frozen_layers_route_cache_keeps_at_most_its_limit_evicting_the_oldest():
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    merged = merge_for_inference(moe)
+    merged.router.MAX_CACHED_ROUTES = 2  # an instance attribute, so three sets of tag groups overflow it
+    x = torch.randn(20, D)
+    keys = []
+    with torch.no_grad():
+        for seed in range(3):
+            tags = random_tags((20,), generator=torch.Generator().manual_seed(seed))
+            torch.testing.assert_close(merged(x, tags=tags).output, moe(x, tags=tags).output, atol=1e-5, rtol=1e-5)
+            keys.append(list(merged.router._routes)[-1])
+    assert len(set(keys)) == 3
+    assert list(merged.router._routes) == keys[1:]  # the first set was evicted, the newest two kept
+
+
 def test_a_frozen_layer_forgets_what_it_kept_when_a_part_of_it_loads_weights(tmp_path):
     import copy
     import pickle

@@ -191,6 +191,19 @@ def test_noise_only_in_training(noise):
         torch.testing.assert_close(c.probs, a.probs)
 
 
+def test_jitter_scales_the_router_input_by_uniform_factors_around_one():
+    # Switch: z·U(1-ε, 1+ε). With an identity projection the logits are z itself, so logits / x
+    # shows the factors: within [1-ε, 1+ε] and spread to both sides of 1.
+    moe = MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=4, top_k=1,
+                        router=RouterConfig(noise="jitter", jitter_eps=0.5))).train()
+    moe.router.weight.data.copy_(torch.eye(4))
+    x = torch.rand(500, 4) + 0.5
+    factors = moe(x).routing.logits.detach() / x
+    assert float(factors.min()) >= 0.5 - 1e-6 and float(factors.max()) <= 1.5 + 1e-6
+    assert float(factors.min()) < 0.6 and float(factors.max()) > 1.4
+    assert abs(float(factors.mean()) - 1.0) < 0.05
+
+
 def test_gaussian_noise_default_sigma_is_one_over_e():
     moe = make_moe(router=RouterConfig(noise="gaussian")).train()
     moe.router.weight.data.zero_()  # clean logits are 0, so noisy probs reveal the noise scale
@@ -333,6 +346,19 @@ def test_capacity_min_and_positions():
     assert routing.capacity == 2  # ceil(0.1·2·6/4) = 1 < min_capacity
     assert routing.mask[:, 0].tolist() == [True, True, False, False, False, False]
     assert routing.positions[:2, 0].tolist() == [0, 1]
+
+
+def test_capacity_and_drops_count_valid_tokens_only():
+    # 4 valid tokens and 2 padding, all preferring expert 0 then expert 1: capacity is
+    # ceil(0.5·2·4/4) = 1 from the valid tokens (2 if padding counted); of the 8 valid assignments
+    # 2 are kept and 6 dropped, and the 4 assignments padding never had are not drops.
+    x = torch.tensor([[[4.0, 3.0, 0.0, 0.0]] * 6])
+    pad = torch.tensor([[False, False, False, False, True, True]])
+    routing = fixed_router_moe(0.5)(x, padding_mask=pad).routing
+    assert routing.capacity == 1
+    assert routing.mask.tolist() == [[True, True]] + [[False, False]] * 5
+    assert int(routing.dropped_assignments) == 6
+    assert int(routing.dropped_tokens) == 3
 
 
 def test_dropped_token_outputs_zero_and_shared_expert_still_applies():
