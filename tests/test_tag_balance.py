@@ -447,6 +447,39 @@ def test_a_sync_after_no_forward_changes_nothing():
 
 
 
+@pytest.mark.parametrize("rule", ["error", "sign"])
+def test_a_deferred_bias_update_applies_the_configured_rule_to_the_summed_load(rule, monkeypatch):
+    """What several processes do, in one: forwards only add their load to the pending total, and
+    ``sync_bias_updates`` applies one step of the router's own rule from it."""
+    moe = _moe("bias", tag_balance_rate=0.1, tag_balance_rule=rule).train()
+    gen = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(balance, "defer_to_sync", lambda: True)
+    load_E = sum(moe(x, tags=tags).routing.expert_counts.double() for tags, x, _ in (_batch(gen), _batch(gen)))
+    assert torch.equal(moe.router.balance_bias, torch.zeros(E))  # nothing moved yet
+    monkeypatch.undo()  # one process: the sync has nothing to all-reduce
+    balance.sync_bias_updates(moe)
+    mean = load_E.mean()
+    step = torch.sign(mean - load_E) if rule == "sign" else ((mean - load_E) / mean).clamp(-1, 1)
+    torch.testing.assert_close(moe.router.balance_bias, (0.1 * step).float())
+    assert moe.router.take_pending_load() is None
+
+
+def test_one_process_group_of_one_moves_the_bias_at_each_forward(tmp_path):
+    """Only several processes defer the bias update to the sync: a process group of one (torchrun
+    with one process) moves it at every forward, as without torch.distributed."""
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        assert not balance.defer_to_sync()
+        moe = _moe("bias", tag_balance_rate=0.1).train()
+        tags, x, _ = _batch(torch.Generator().manual_seed(0))
+        moe(x, tags=tags)
+        assert moe.router.take_pending_load() is None and bool(moe.router.balance_bias.abs().sum() > 0)
+    finally:
+        dist.destroy_process_group()
+
+
 @pytest.mark.distributed
 def test_processes_advance_one_running_load_from_their_mean_share(tmp_path):
     results = _spawn("_window_steps", tmp_path)
