@@ -49,6 +49,18 @@ def test_packed_rows_average_each_packed_sample_on_its_own(setup):
     torch.testing.assert_close(_loss(model, packed, "sample"), _loss(model, plain, "sample"), rtol=1e-4, atol=1e-5)
 
 
+
+def test_loss_counts_under_the_sample_average_count_the_packed_samples(setup):
+    """What the sample average divides by (``loss_counts``, which the trainer combines micro-batches
+    with) is the number of samples with scored tokens, also when a packed row holds several."""
+    tok, model, samples = setup
+    packed = collate(samples, tok, model.task_ids, pack=True, max_length=400)
+    assert packed.labels.shape[0] < len(samples)
+    scored = int((packed.labels != -100).sum())
+    assert GenerativeObjective(model, loss_average="sample").loss_counts(packed)[0] == len(samples)
+    assert GenerativeObjective(model, loss_average="token").loss_counts(packed)[0] == scored
+
+
 def test_task_weights_combine_with_the_sample_average(setup):
     tok, model, samples = setup
     batch = collate(samples, tok, model.task_ids)
@@ -145,3 +157,27 @@ def test_closed_set_loss_with_label_smoothing_is_on_the_allowed_tokens_scale(set
     # the untrained model is near uniform over each row's allowed tokens, where the smoothed term
     # (mean −log p over them) is close to the label's own −log p
     assert abs(losses[0.1] - losses[0.0]) < 0.5, losses
+
+
+def test_the_objective_smooths_by_the_models_label_smoothing_unless_told_otherwise(setup):
+    """``label_smoothing=None`` (training) reads ``ModelConfig.label_smoothing``: the token loss is
+    ``F.cross_entropy(label_smoothing=ε)`` over the scored positions of a batch with no closed set;
+    a given value, 0 included, overrides it."""
+    tok, model, samples = setup
+    batch = collate([s for s in samples if s.task == "visual_grounding"], tok, model.task_ids)
+    assert not batch.allowed_index.numel()  # (a closed set would restrict the softmax: no plain F.cross_entropy)
+    scored = batch.labels != -100
+    model.config.label_smoothing = 0.1
+    try:
+        with torch.no_grad():
+            logits = model(batch).logits.float()[scored]
+            own = GenerativeObjective(model)(batch)["token_loss"]
+            plain = GenerativeObjective(model, label_smoothing=0.0)(batch)["token_loss"]
+    finally:
+        model.config.label_smoothing = 0.0
+    labels = batch.labels[scored]
+    torch.testing.assert_close(own, torch.nn.functional.cross_entropy(logits, labels, label_smoothing=0.1),
+                               rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(plain, torch.nn.functional.cross_entropy(logits, labels),
+                               rtol=1e-5, atol=1e-6)
+    assert abs(float(own - plain)) > 1e-3

@@ -218,6 +218,36 @@ def test_the_target_budget_is_split_by_the_target_alpha(tok):
         assert {c.modality for c in same.decoder} == {"IMAGE"}
 
 
+
+def test_the_masked_objective_splits_its_target_budget_by_its_target_alpha(tok):
+    """``MaskedObjective(target_alpha=...)`` reaches the masking: every input an image code (the
+    input α) and a target α for text make the digit's label a target of every row; without a
+    target α (the input α for both) no row predicts it. ``prepare`` is ``mask_sample`` with the
+    objective's budgets and alphas, then ``collate``."""
+    from moe_gen.masking import mask_sample
+    from moe_gen.objectives import MaskedObjective
+
+    task = load_preset("digit_masked_modeling", "train", limit=4)
+    model = build([task], tok, predict_all_features=True)
+    samples = list(task.samples(tok))
+    alpha, target_alpha = {"IMAGE": 1.0, "TEXT": 0.0}, {"IMAGE": 0.0, "TEXT": 1.0}
+    text = model.modality_ids["TEXT"]
+
+    def text_targets(objective):
+        batch = objective.prepare(samples, random.Random(0))
+        return int(((batch.decoder.tags.modality == text) & (batch.labels != -100)).any(1).sum()), batch
+
+    split = MaskedObjective(model, input_budget=4, target_budget=4, alpha=alpha, target_alpha=target_alpha)
+    same = MaskedObjective(model, input_budget=4, target_budget=4, alpha=alpha)
+    (with_label, batch), (without, _) = text_targets(split), text_targets(same)
+    assert (with_label, without) == (len(samples), 0)
+    rng = random.Random(0)
+    masked = [mask_sample(s, input_budget=4, target_budget=4, alpha=alpha, target_alpha=target_alpha, rng=rng)
+              for s in samples]
+    expected = collate(masked, tok, model.task_ids, pass_name="masked", modality_ids=model.modality_ids)
+    assert torch.equal(batch.labels, expected.labels) and torch.equal(batch.encoder.tokens, expected.encoder.tokens)
+
+
 def test_masked_inputs_and_targets_keep_their_stream_order_and_frame_flags():
     """Each modality's picked positions stay in stream order (inputs and targets); a frame chunk
     keeps the source's padding and stop flag only where its last row is the signal's last row."""

@@ -39,6 +39,63 @@ def test_frame_rows_take_their_tasks_loss_weight(tok):
             torch.testing.assert_close(weighted, weight * plain, rtol=1e-5, atol=1e-6)
 
 
+
+def test_loss_scales_multiply_the_token_and_each_adapters_frame_term(tok):
+    """``LossScales`` (the trainer's micro-batch weighting) multiply the token loss and each frame
+    adapter's L1 + stop loss inside ``"loss"``; the routing losses stay as they are."""
+    from moe_gen.objectives import LossScales
+
+    motion = load_preset("text_to_motion", "train", limit=3)
+    digits = load_preset("digit_classification", "train", limit=3)
+    model = _build([motion, digits], tok).eval()
+    batch = collate([s for t in (motion, digits) for s in t.samples(tok)], tok, model.task_ids)
+    (name,) = batch.frame_targets
+    objective = GenerativeObjective(model, frame_weight=2.0)
+    with torch.no_grad():
+        out = model(batch)
+        plain = objective.loss(batch, out)
+        scaled = objective.loss(batch, out, LossScales(token=0.5, frame={name: 3.0}))
+    assert float(plain["frame_loss"]) > 0 and float(plain["token_loss"]) > 0
+    expected = 0.5 * plain["token_loss"] + 2.0 * 3.0 * plain["frame_loss"] + plain["aux_loss"]
+    torch.testing.assert_close(scaled["loss"], expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scaled["frame_loss"], plain["frame_loss"])  # (logged unscaled)
+
+
+def test_the_contrastive_loss_is_the_symmetric_infonce_at_a_temperature_capped_at_100(tok):
+    """With distinct captions and inputs the contrastive term is CLIP's: the mean of the image→text
+    and text→image cross-entropies of ``scale·image·textᵀ``, the pooled encoder output against the
+    pooled bidirectional pass over the target text, each projected and normalised; the scale
+    ``exp(logit_scale)`` is capped at 100 (a learned scale of 1000 gives the loss of 100)."""
+    from moe_gen.objectives import contrastive_side
+
+    task = load_preset("image_text_retrieval", "train", limit=40)
+    model = _build([task], tok).eval()
+    rows, labels = [], set()
+    for sample in task.samples(tok):
+        if (label := task.data[sample.index]["label"]) not in labels:
+            rows.append(sample)
+            labels.add(label)
+    batch = collate(rows[:4], tok, model.task_ids)
+    assert len(rows) >= 4
+    model.logit_scale.data.fill_(math.log(1000.0))
+
+    def pooled(hidden, valid):
+        return (hidden * valid.unsqueeze(-1)).sum(1) / valid.sum(1, keepdim=True)
+
+    with torch.no_grad():
+        got = ContrastiveObjective(model)(batch)["contrastive_loss"]
+        side = contrastive_side(batch, tok.pad_id)
+        image = F.normalize(model.contrastive_image(pooled(model(batch).encoder_hidden,
+                                                           ~batch.encoder.padding_mask)), dim=-1)
+        text = F.normalize(model.contrastive_text(pooled(model.decode_bidirectional(side).hidden, side.is_token)),
+                           dim=-1)
+    logits = 100.0 * image @ text.t()
+    rows_ = torch.arange(len(logits))
+    expected = 0.5 * (F.cross_entropy(logits, rows_) + F.cross_entropy(logits.t(), rows_))
+    assert abs(float(F.cross_entropy(logits, rows_) - F.cross_entropy(logits.t(), rows_))) > 1e-4
+    torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+
 def test_duplicate_captions_are_positives_not_negatives():
     """Identical captions embed identically, so InfoNCE over the diagonal alone held a perfect
     model's loss above 0 and scored its retrieval of the duplicate wrong."""
