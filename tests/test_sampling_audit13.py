@@ -85,6 +85,19 @@ def test_one_process_draws_the_rows_in_the_order_it_always_did(tok):
         assert [s.index for s in sampler.next_batch(epoch + 1)] == order
 
 
+
+def test_each_process_walks_every_world_th_row_of_the_epochs_shuffled_order(tok):
+    """``row = permutation(task, epoch)[rank::world][cursor]`` (as torch's ``DistributedSampler``
+    deals): 7 rows on 3 processes, the order wrapped around so each walks 3 rows an epoch."""
+    task = _task("t", 7)
+    for rank in range(3):
+        sampler = TaskSampler([task], tok, _quiet(batch_size=3), rank=rank, world=3)
+        for epoch in range(2):
+            order = list(range(7))
+            random.Random(zlib.crc32(f"0/order/t/{epoch}".encode())).shuffle(order)
+            assert [s.index for s in sampler.next_batch(epoch + 1)] == (order + order)[rank:9:3], (rank, epoch)
+
+
 def test_a_resume_mid_epoch_on_several_processes_continues_identically(tok):
     tasks = [_task("small", 5), _task("other", 13)]
     config = _quiet(mixing="uniform", batch_size=3)
@@ -131,6 +144,25 @@ def test_a_task_whose_rows_all_fail_is_refused_after_a_bounded_number_of_encodes
     assert calls[0] <= 2 * 100 + 400
 
 
+
+def test_one_process_refuses_a_task_whose_rows_all_fail_after_one_pass_over_them():
+    """On one process an epoch meets every row: once each has failed the task is refused, without
+    encoding any row a second time."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        task = Task("bad", "[TEXT:a] -> [TEXT:b]", [{"a": f"bad {i}"} for i in range(30)], on_error="skip")
+        calls, encode = [0], task.encode
+
+        def counted(*args, **kwargs):
+            calls[0] += 1
+            return encode(*args, **kwargs)
+
+        task.encode = counted
+        with pytest.raises(ValueError, match="task 'bad': no row encodes"):
+            TaskSampler([task], Tokenizer.default(), _quiet(batch_size=1)).next_batch(1)
+    assert calls[0] == 30
+
+
 def test_a_state_dealt_before_every_process_walked_as_many_rows_goes_on_with_the_next_epoch():
     """With fewer rows than processes, the sampler before this session gave a process with no rows
     of its own all of them: its saved position (2 of 3 rows) is past the one row it walks now."""
@@ -138,6 +170,19 @@ def test_a_state_dealt_before_every_process_walked_as_many_rows_goes_on_with_the
     sampler = TaskSampler([task], Tokenizer.default(), _quiet(batch_size=1), rank=3, world=4)
     state = json.loads(json.dumps(sampler.state_dict()))
     state["cursors"]["t"] = [0, 2]
+    sampler.load_state_dict(state)
+    assert sampler.state_dict()["cursors"]["t"] == [1, 0]
+    assert sampler.next_batch(1)[0].task == "t"
+
+
+def test_a_state_at_the_end_of_this_processs_share_goes_on_with_the_next_epoch():
+    """A saved position equal to the rows a process walks an epoch (one row of three on rank 3 of
+    4, position 1) is past its last row: it goes on at the next epoch's first row, not past the end
+    of the order."""
+    task = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"t {i}", "b": "y"} for i in range(3)])
+    sampler = TaskSampler([task], Tokenizer.default(), _quiet(batch_size=1), rank=3, world=4)
+    state = json.loads(json.dumps(sampler.state_dict()))
+    state["cursors"]["t"] = [0, 1]
     sampler.load_state_dict(state)
     assert sampler.state_dict()["cursors"]["t"] == [1, 0]
     assert sampler.next_batch(1)[0].task == "t"

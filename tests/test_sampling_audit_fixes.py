@@ -82,7 +82,7 @@ def test_evaluation_skips_a_row_the_dataset_cannot_read(tok):
 def test_a_task_weight_that_is_negative_or_not_a_number_is_refused(tok):
     rows = [{"a": "x", "b": "y"}]
     config = TrainConfig(mixing="weights", progress=False, tensorboard=False)
-    for weight in (-0.5, float("nan")):
+    for weight in (-0.5, float("nan"), float("inf")):
         with pytest.raises(ValueError, match="task 'bad': weight must be a finite number >= 0"):
             Task("bad", "[TEXT:a] -> [TEXT:b]", rows, weight=weight)  # refused when made (thirteenth audit)
         bad = Task("bad", "[TEXT:a] -> [TEXT:b]", rows)
