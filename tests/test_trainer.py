@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import collections
 import json
+import math
 import re
 
 import numpy as np
@@ -94,6 +95,22 @@ def test_trainable_selection_freezes_the_rest(tasks, tok):
                if p.requires_grad)
     with pytest.raises(ValueError, match="leaves nothing to train"):
         select_trainable(build(tasks, tok, every=0), "experts")
+
+
+
+def test_trainable_experts_includes_the_shared_expert_and_its_gate(tasks, tok):
+    """``trainable="experts"``: the routed experts' stacks, the shared expert and the gate on it
+    (every MoE layer's), nothing else."""
+    from moe_gen.config import ExpertsConfig
+
+    model = build(tasks, tok, experts=ExpertsConfig(shared_expert=True, shared_gate=True))
+    select_trainable(model, "experts")
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    moes = [(name, m) for name, m in model.named_modules() if isinstance(m, MoE)]
+    assert moes and all(m.shared is not None and m.shared_gate is not None for _, m in moes)
+    expected = {f"{name}.{part}.{leaf}" for name, m in moes for part in ("experts", "shared", "shared_gate")
+                for leaf, _ in getattr(m, part).named_parameters()}
+    assert trainable == expected
 
 
 def test_lr_scales_set_the_learning_rate_by_parameter_name_prefix(tasks, tok, tmp_path):
@@ -473,6 +490,20 @@ def test_a_run_saved_under_the_old_weight_decay_rule_resumes(tasks, tok, tmp_pat
         assert moments.keys() == saved.keys() and all(torch.equal(moments[n], saved[n]) for n in saved)
         resumed.fit()
         assert resumed.step == 4
+
+
+
+def test_the_schedule_warms_up_linearly_then_decays_by_a_cosine_to_its_floor():
+    """``WarmupCosine(2, 10, 0.1)`` worked by hand: step i of the warm-up at (i + 1) / 2, then
+    0.1 + 0.9·½(1 + cos(π·(step − 2) / 8)): 1 at step 2, 0.55 half-way (step 6), the floor 0.1
+    at step 10 and every step after (a run resumed with more steps stays at the floor)."""
+    from moe_gen.trainer.optim import WarmupCosine
+
+    schedule = WarmupCosine(2, 10, 0.1)
+    expected = {0: 0.5, 1: 1.0, 2: 1.0, 4: 0.1 + 0.45 * (1 + math.cos(math.pi / 4)), 6: 0.55, 10: 0.1, 14: 0.1}
+    for step, factor in expected.items():
+        assert schedule(step) == pytest.approx(factor, abs=1e-12), step
+    assert WarmupCosine(0, 4, 0.0)(0) == 1.0 and WarmupCosine(0, 4, 0.0)(4) == pytest.approx(0.0, abs=1e-12)
 
 
 def test_location_embedding_takes_no_weight_decay_and_old_checkpoints_name_the_flag(tasks, tok, tmp_path):
