@@ -391,3 +391,23 @@ def test_valid_instructions_parse_to_their_parts_and_round_trip(case):
     expected, text = case
     assert Instruction.parse(text, modalities=CUSTOM) == expected
     assert Instruction.parse(str(expected), modalities=CUSTOM) == expected
+
+
+def test_attribute_bounds_are_the_documented_ones():
+    """Each bound of a builtin attribute is pinned at its edge: the edge itself parses, one step past
+    it is refused (the error tests above only try values far outside)."""
+    assert Instruction.parse("[TEXT:t,noise_ratio=1.0,mask_ratio=0] ->").encoder_slots[0].attrs == {
+        "noise_ratio": 1.0, "mask_ratio": 0.0}
+    assert "expected float in [0, 1]" in fault("[TEXT:t,noise_ratio=1.5] ->").message
+    assert "expected float in [0, 1]" in fault("[TEXT:t,noise_ratio=-0.1] ->").message
+    # a bag-of-words vocabulary holds at most 2**16 words
+    assert Instruction.parse("[TEXT:t,vocab_size=65536] ->").encoder_slots[0].attrs == {"vocab_size": 65536}
+    assert "expected int in [1, 65536]" in fault("[TEXT:t,vocab_size=65537] ->").message
+    assert "expected int in [1, 65536]" in fault("[TEXT:t,vocab_size=0] ->").message
+
+
+def test_a_modality_own_attribute_wins_over_an_alias():
+    """'adapter' becomes 'adaptor' only for a modality that has no attribute 'adapter' of its own."""
+    mods = {"X": {"adapter": AttrSpec("name"), "adaptor": AttrSpec("name")}}
+    slot = Instruction.parse("[X,adapter=a,adaptor=b] ->", modalities=mods).encoder_slots[0]
+    assert slot.attrs == {"adapter": "a", "adaptor": "b"}

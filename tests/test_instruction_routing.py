@@ -28,6 +28,8 @@ def test_prompt_words_are_the_literal_words_of_every_template():
     assert instruction.prompt_words() == ("a", "caption", "describe", "does", "handwritten", "image", "it", "the",
                                           "what")
     assert Instruction.parse("[IMAGE:img] -> [TEXT:caption]").prompt_words() == ()
+    # words are runs of letters and digits: '_' and other punctuation split them, case is folded
+    assert Instruction.parse("Is_it 2nd-hand? [IMAGE:img] -> [TEXT:y]").prompt_words() == ("2nd", "hand", "is", "it")
 
 
 def test_word_table_sets_the_crc32_bucket_of_each_word():
