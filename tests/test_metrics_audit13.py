@@ -79,6 +79,8 @@ def test_metrics_of_text_refuse_dicts_and_lists():
             metrics.compute([metric], [{"title": ""}], [{"title": "a fox"}])
         with pytest.raises(ValueError, match="a metric of text got a list"):
             metrics.compute([metric], [["a", "fox"]], [["a", "fox"]])
+        with pytest.raises(ValueError, match="a metric of text got a ndarray"):  # a 1-D array too
+            metrics.compute([metric], [np.array(["a", "fox"])], ["a fox"])
 
 
 def test_exact_match_and_accuracy_compare_structured_answers_value_by_value():
@@ -90,6 +92,9 @@ def test_exact_match_and_accuracy_compare_structured_answers_value_by_value():
     assert metrics.exact_match([dict(answer, labels=["one"])], [reference]) == 0.0
     assert metrics.exact_match([dict(answer, title=None)], [dict(reference, title="None")]) == 0.0
     assert metrics.exact_match([{"title": "a fox"}], [reference]) == 0.0  # a column missing
+    # no answer (None) equals only no answer, in a column as for a whole answer
+    assert metrics.accuracy([{"title": None}, None, None], [{"title": None}, None, "x"]) == pytest.approx(2 / 3)
+    assert metrics.exact_match([{"title": "a"}], [{"title": None}]) == 0.0
 
 
 def test_every_built_in_metric_is_sorted_for_structured_answers():

@@ -384,6 +384,9 @@ def test_detection_f1_hand_computed():
     # one wrong class: TP 2, FP 1, FN 1 -> 4 / 6
     assert detection_f1([[(A, "one"), (B, "seven")], [(C, "three")]], truth) == pytest.approx(4 / 6)
     assert detection_counts([[(A, "one"), (B, "seven")], [(C, "three")]], truth) == (2, 1, 1)
+    # extra predictions are false positives, unmatched references misses (not the other way round)
+    assert detection_counts([[(A, "one"), (B, "one"), (C, "one")]], [[(A, "one")]]) == (1, 2, 0)
+    assert detection_counts([[(A, "one")]], [[(A, "one"), (B, "two"), (C, "three")]]) == (1, 0, 2)
     # duplicates: the second copy is a false positive: TP 3, FP 2 -> 6 / 8
     doubled = [[(A, "one"), (A, "one"), (B, "two")], [(C, "three"), (C, "three")]]
     assert detection_f1(doubled, truth) == pytest.approx(6 / 8)

@@ -37,6 +37,8 @@ def test_metrics_score_exact_answers_cells_and_validity():
                      [SOLVED] * 4)
     assert scores["exact_match"] == 0.25 and scores["sudoku_valid"] == 0.5
     assert scores["sudoku_cells"] == pytest.approx((1.0 + 0.0 + 0.0 + 0.0) / 4)
+    # a complete, valid grid of another size (1x1 here) is no answer to a 4x4 puzzle
+    assert compute(("sudoku_valid", "sudoku_cells"), ["1"], [SOLVED]) == {"sudoku_valid": 0.0, "sudoku_cells": 0.0}
 
 
 def test_the_preset_encodes_and_decodes(tmp_path):
