@@ -273,6 +273,94 @@ def test_interference_is_the_relative_first_order_loss_change():
             assert change == pytest.approx(-eps * float(result["matrix"][i, j]) * float(grads[ti].norm()))
 
 
+
+def test_route_agreement_reads_successors_and_the_next_layers_entropy():
+    # rows: the first layer's expert; its most common successor takes 3 of 4 and 2 of 2 tokens
+    pairs = torch.tensor([[3.0, 1.0], [2.0, 0.0]])
+    agreement = stats.route_agreement(pairs)
+    assert agreement["consistency"] == pytest.approx(5 / 6)  # not 4 / 6, the most common predecessor
+    assert agreement["tokens"] == 6.0
+    h_next = -(5 / 6) * math.log2(5 / 6) - (1 / 6) * math.log2(1 / 6)  # H(e') of the columns 5, 1
+    assert agreement["normalised"] == pytest.approx(agreement["mutual_information"] / h_next)
+    assert agreement["mutual_information"] > 0
+
+
+def test_specialisation_divides_by_the_entropy_of_the_groups():
+    # four experts, two groups: experts 0, 1 serve group 0, experts 2, 3 group 1: I = H(G) = 1 bit
+    joint_EG = torch.tensor([[4.0, 0.0], [4.0, 0.0], [0.0, 4.0], [0.0, 4.0]])
+    assert stats.mutual_information(joint_EG) == pytest.approx(1.0)
+    assert stats.specialisation_index(joint_EG) == pytest.approx(1.0)  # not I / H(E) = 0.5
+    assert stats.specialisation_index(joint_EG.t()) == pytest.approx(0.5)
+    # independent variables: H(X) + H(Y) - H(X, Y) rounds to -4e-16 here; information is never negative
+    independent = torch.outer(torch.tensor([1.0, 1.0, 1.0]), torch.tensor([1.0, 2.0, 3.0, 1.0]))
+    assert stats.mutual_information(independent) == 0.0 and stats.specialisation_index(independent) == 0.0
+
+
+def test_utilisation_counts_an_expert_at_the_floor_and_reads_counts_as_shares():
+    # E = 4, total 16: the floor is a quarter of the balanced share, 0.25 * 16 / 4 = 1 assignment
+    counts_LE = torch.tensor([[1.0, 5.0, 5.0, 5.0], [0.5, 10.0, 10.0, 10.0], [0.0, 0.0, 0.0, 0.0]])
+    assert stats.utilisation(counts_LE).tolist() == [1.0, 0.75, 0.0]
+    assert stats.utilisation(counts_LE / counts_LE.sum(1, keepdim=True).clamp_min(1)).tolist() == [1.0, 0.75, 0.0]
+
+
+def test_balance_statistics_read_only_the_experts_a_layer_has():
+    # a layer of 2 experts in a table 4 columns wide (its columns 2, 3 are padding)
+    counts_LE = torch.tensor([[2.0, 2.0, 0.0, 0.0]])
+    balance = stats.imbalance(counts_LE, num_experts=[2])
+    assert balance["cv"].tolist() == [0.0] and balance["max_over_mean"].tolist() == [1.0]
+    assert stats.utilisation(counts_LE, num_experts=[2]).tolist() == [1.0]
+    assert stats.imbalance(counts_LE)["max_over_mean"].tolist() == [2.0]  # read 4 wide, half sit idle
+
+
+def test_task_usage_and_affinity_on_a_hand_table():
+    counts = torch.zeros(2, 2, 3, 1, 1, dtype=torch.float64)  # [L, E, Tk, M, R]
+    counts[:, 0, 0] = 3.0  # task a: expert 0 in both layers
+    counts[:, 1, 1] = 5.0  # task b: expert 1 in both layers; task c: no token
+    usage = stats.task_usage(counts)
+    assert usage.tolist() == [[0.5, 0.0, 0.5, 0.0], [0.0, 0.5, 0.0, 0.5], [0.0, 0.0, 0.0, 0.0]]  # rows sum to 1
+    affinity = stats.task_affinity(counts, ["a", "b", "c"])
+    assert affinity["tasks"] == ["a", "b"]  # a task without tokens is left out
+    assert affinity["distance"].ravel().tolist() == pytest.approx([0.0, 1.0, 1.0, 0.0])  # disjoint: JS distance 1
+    assert affinity["linkage"].shape == (1, 4)
+
+
+def test_json_ready_writes_every_non_finite_number_as_null():
+    assert stats.json_ready({"a": [float("inf"), -float("inf"), float("nan"), 1.5], 2: (torch.tensor([1.0]),)}) == {
+        "a": [None, None, None, 1.5], "2": [[1.0]]}
+
+
+def test_summary_means_over_the_layers_and_pairs_that_saw_tokens():
+    """Three layers, the last of which saw no token: means leave it out, the drop rate is pooled over
+    tokens, and specialisation is read from each layer's expert x task table."""
+    L, E, Tk = 3, 4, 2
+    counts = torch.zeros(L, E, Tk, 1, 1, dtype=torch.float64)
+    counts[0, 0:2, 0] = 4.0  # layer 0: experts 0, 1 serve task 0, experts 2, 3 task 1 (balanced)
+    counts[0, 2:4, 1] = 4.0
+    counts[1, 0, :] = 8.0  # layer 1: every assignment to expert 0
+    tokens = torch.zeros(L, Tk, 1, 1, dtype=torch.float64)
+    tokens[0], tokens[1] = 8.0, 12.0
+    dropped = torch.zeros_like(tokens)
+    dropped[1, 0] = 6.0
+    pairs = torch.zeros(2, E, E, dtype=torch.float64)
+    pairs[0, 0, 0], pairs[0, 0, 1], pairs[0, 1, 0] = 3.0, 1.0, 2.0  # pair (1, 2) saw no token
+    tables = RoutingTables(
+        layer_names=["blocks.0", "blocks.1", "blocks.2"], num_experts=[E] * L, task_names=["t0", "t1"],
+        modality_names=["TEXT"], role_names=["input"], counts_LETMR=counts, weights_LETMR=counts.clone(),
+        probs_LETMR=counts.clone(), tokens_LTMR=tokens, dropped_LTMR=dropped, entropy_LTMR=torch.zeros_like(tokens),
+        dropped_assignments_L=torch.zeros(L, dtype=torch.float64), calls_L=[1] * L, pair_layers=[(0, 1), (1, 2)],
+        pairs_PEE=pairs)
+    summary = stats.summarize(tables)
+    assert summary["cv"] == pytest.approx([0.0, math.sqrt(3), 0.0])
+    assert summary["mean_cv"] == pytest.approx(math.sqrt(3) / 2)  # over layers 0 and 1
+    assert summary["mean_max_over_mean"] == pytest.approx((1.0 + 4.0) / 2)
+    assert summary["mean_utilisation"] == pytest.approx((1.0 + 0.25) / 2)
+    assert summary["specialisation_task"] == pytest.approx([1.0, 0.0, 0.0])
+    assert summary["mean_specialisation_task"] == pytest.approx(0.5)
+    assert summary["drop_rate"] == pytest.approx([0.0, 0.25, 0.0])
+    assert summary["overall_drop_rate"] == pytest.approx(6 / 40)  # pooled over tokens, not a mean of rates
+    assert summary["mean_route_consistency"] == pytest.approx(5 / 6)  # the empty pair (1, 2) left out
+
+
 # ---- trained generalist models --------------------------------------------------------------------
 
 TASKS = ["digit_classification", "spoken_word_classification", "table_species", "motion_classification"]
