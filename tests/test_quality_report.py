@@ -223,3 +223,74 @@ def test_wrong_answers_are_counted_per_pair_and_summed_over_seeds():
     # a long free-text answer is cut in the table, kept whole in the report
     errors["dense"]["digit_counting"]["errors"] = [["two", "x" * 50, 1]]
     assert _error_lines(report)[5].startswith(f"| digit_counting | two → {'x' * 31}…: 1 (1 of 1) |")
+
+
+def test_the_thresholds_count_a_score_at_the_bar():
+    """A specialist at exactly the floor has learned its task; a score at exactly 95% of the bar reaches it."""
+    from moe_gen.quality.report import SPECIALIST_FLOOR, _reaches_95, learned
+
+    assert learned("accuracy", True, SPECIALIST_FLOOR) and not learned("accuracy", True, 0.099)
+    assert learned("bleu", True, 100 * SPECIALIST_FLOOR) and not learned("bleu", True, 9.9)  # a 0-100 metric
+    assert learned("l1", False, 0.0)  # every lower-is-better score counts
+    assert _reaches_95(0.95, 1.0) and not _reaches_95(0.949, 1.0)
+
+
+def test_seed_means_keep_each_value_beside_its_seed():
+    """Runs listed seed 1 first: the values must follow the sorted seeds they are reported with
+    (attribute − dense pairs them by seed)."""
+    from moe_gen.quality.report import _mean_over_tasks
+
+    mean = _mean_over_tasks({"a": {1: 2.0, 0: 1.0}, "b": {1: 4.0, 0: 3.0}}, ["a", "b"])
+    assert mean["seeds"] == [0, 1] and mean["values"] == [2.0, 3.0] and mean["tasks"] == ["a", "b"]
+    assert _mean_over_tasks({"a": {0: 1.0}}, []) is None
+
+
+def test_two_seeds_give_an_interval_and_equal_differences_no_p_value():
+    from moe_gen.quality.report import _paired_difference
+
+    two = _paired_difference({"attribute": {"seeds": [0, 1], "values": [1.02, 1.00]},
+                              "dense": {"seeds": [0, 1], "values": [1.00, 1.00]}}, "attribute", "dense")
+    # mean 1, sd sqrt(2), t(0.975, 1 df) = 12.706 -> half-width 12.706 * sqrt(2) / sqrt(2) = 12.706
+    assert two["ci95"] == pytest.approx([1.0 - 12.706, 1.0 + 12.706], abs=1e-3)
+    assert two["p_value"] == pytest.approx(0.5, abs=1e-6)  # t = 1 on 1 df
+    # the same difference on every seed: no spread, so no t-test (scipy would give nan or 0)
+    same = _paired_difference({"attribute": {"seeds": [0, 1, 2], "values": [1.5, 1.25, 1.75]},
+                               "dense": {"seeds": [0, 1, 2], "values": [1.0, 0.75, 1.25]}}, "attribute", "dense")
+    assert same["points"] == [50.0, 50.0, 50.0] and same["p_value"] is None  # (exact in binary)
+    assert same["ci95"] == [50.0, 50.0]
+
+
+def test_specialists_count_their_total_and_their_largest_active_size():
+    import types
+
+    from moe_gen.quality.report import _parameters
+
+    results = [{"system": "specialist", "seed": 0, "parameters": p, "active_parameters": a}
+               for p, a in ((10, 8), (20, 12), (30, 9))]
+    parameters = _parameters(types.SimpleNamespace(seeds=[0]), results)["specialist"]
+    assert parameters == {"total": 60, "active": 12, "runs": 3}  # a token goes through one specialist
+
+
+def test_criteria_compare_parameters_strictly_and_subtract_dense_from_attribute():
+    from moe_gen.quality.report import _criteria
+
+    mean_relative = {"attribute": {"mean": 1.10}, "dense": {"mean": 1.00}}
+    equal = {"attribute": {"total": 30}, "specialist": {"total": 30}}
+    criteria = _criteria({}, {}, {}, mean_relative, equal)
+    assert criteria["attribute_fewer_parameters_than_specialists"] is False
+    assert criteria["attribute_minus_dense_points"] == pytest.approx(10.0)
+    assert criteria["attribute_mean_relative"] == pytest.approx(1.10)
+    fewer = _criteria({}, {}, {}, mean_relative, {"attribute": {"total": 29}, "specialist": {"total": 30}})
+    assert fewer["attribute_fewer_parameters_than_specialists"] is True
+
+
+def test_the_median_over_tasks_and_means_over_the_tasks_every_generalist_has():
+    runs = [{"system": "specialist", "seed": 0, "scores": {"a": 0.2, "b": 0.2, "c": 0.2}},
+            {"system": "dense", "seed": 0, "scores": {"a": 0.2, "b": 0.2, "c": 0.8}},
+            {"system": "attribute", "seed": 0, "scores": {"a": 0.2, "b": 0.4}}]  # no score on c
+    report = _made_up_report(runs, ("dense", "attribute"), (0,))
+    assert report["relative"]["dense"] == pytest.approx({"a": 1.0, "b": 1.0, "c": 4.0})
+    assert report["median_relative"] == pytest.approx({"dense": 1.0, "attribute": 1.5})  # not the mean, 2.0
+    # c is left out of both means: attribute has no score on it
+    assert {s: (m["mean"], m["tasks"]) for s, m in report["mean_relative"].items()} == {
+        "dense": (pytest.approx(1.0), ["a", "b"]), "attribute": (pytest.approx(1.5), ["a", "b"])}
