@@ -135,3 +135,28 @@ def test_a_draw_does_not_depend_on_the_rank_order_of_near_ties():
         first = keys[sampling.choose(ranks, torch.Generator().manual_seed(seed), keys)]
         second = swapped_keys[sampling.choose(swapped, torch.Generator().manual_seed(seed), swapped_keys)]
         assert first == second, seed
+
+
+def test_min_length_may_equal_the_most_tokens_a_value_may_take(tok):
+    """The bound is inclusive: a value of exactly its slot's ``max_length`` (or ``max_new_tokens``)
+    tokens keeps both, so such a ``min_length`` is accepted and kept."""
+    capped = Task("t", "[TEXT:q] -> [TEXT:a,max_length=3]", ROWS)
+    plain = Task("p", "[TEXT:q] -> [TEXT:a]", ROWS)
+    model = build([capped, plain], tok).eval()
+    assert len(model.infer(capped, ROWS[:1], max_new_tokens=40, min_length=3)[0].tokens) == 3
+    assert len(model.infer(plain, ROWS[:1], max_new_tokens=4, min_length=4)[0].tokens) == 4
+
+
+def test_rows_that_differ_only_in_their_image_draw_from_streams_of_their_own(tok):
+    """A row's sampling seed mixes in its whole encoded input, media rows as well as tokens: the rows
+    of an image task share one prompt, and read from the tokens alone they would all draw alike."""
+    from moe_gen.tasks import load_preset
+
+    task = load_preset("digit_classification", "train", limit=3)
+    plan = task.plan(tok)
+    samples = [plan.encode(row, i, training=False, inference=True, template=0) for i, row in enumerate(task.data)]
+    texts = [[c.tokens for c in s.encoder + s.decoder if c.tokens is not None] for s in samples]
+    assert texts[0] == texts[1] == texts[2]  # the same prompt: only the pictures differ
+    assert len({generate._row_seed(0, s) for s in samples}) == 3
+    again = plan.encode(task.data[0], 0, training=False, inference=True, template=0)
+    assert generate._row_seed(0, again) == generate._row_seed(0, samples[0]) != generate._row_seed(1, samples[0])

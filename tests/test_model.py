@@ -652,3 +652,43 @@ def test_candidates_are_read_as_the_slot_trains_its_text(tok):
     raw = model.infer(task, rows, candidates=["Cat", "Dog"])
     trained = model.infer(task, rows, candidates=["cat", "dog"])
     assert [p.scores for p in raw] == [p.scores for p in trained]
+
+
+@pytest.mark.parametrize("stop, rows", [(0.6, 1), (0.4, 5)])
+def test_a_frame_answer_ends_where_the_stop_probability_passes_a_half_or_at_max_frames(tok, stop, rows):
+    """The stop head's sigmoid above 0.5 ends the answer after the row it fires on (that row kept);
+    below it, the answer runs to exactly ``max_frames`` rows."""
+    import math
+
+    task = load_preset("text_to_speech", "train", limit=2)
+    model = build([task], tok).eval()
+    head = model.stop_heads["audio_tgt_fbank"]
+    with torch.no_grad():  # the same stop probability at every step
+        head.weight.zero_()
+        head.bias.fill_(math.log(stop / (1 - stop)))
+    assert [len(p.frames) for p in model.infer(task, task.data[:2], max_frames=5)] == [rows, rows]
+
+
+def test_a_reordered_row_reads_its_parents_keys_under_its_parents_mask(tok):
+    """Beam search hands a cache row on: row j takes over row ``parents[j]``'s keys, values, valid
+    keys and next position. A row that idled a step (a beam left empty) and then continues a parent
+    must read the parent's history, as the parent itself does."""
+    from moe_gen.model.cached_decoder import CachedDecoder
+    from moe_gen.model.grammar import TargetGrammar
+
+    task = load_preset("doc_topic", "train", limit=1)
+    model = build([task], tok).eval()
+    plan = task.plan(tok)
+    sample = plan.encode(task.data[0], 0, training=False, inference=True, template=0)
+    rows = [sample, sample]
+    tag = TargetGrammar(plan, tok, modality_ids=model.modality_ids).tag(
+        TargetGrammar(plan, tok, modality_ids=model.modality_ids).start())
+    words = tok.encode("the news")
+    with torch.no_grad():
+        enc = collate(rows, tok, model.task_ids, modality_ids=model.modality_ids)
+        decoder = CachedDecoder(model, rows, "TEXT", enc, model.encode(enc.encoder, keep=True), 4)
+        decoder.prefill()
+        decoder.step([words[0], tok.pad_id], [tag, tag], [True, False])  # row 1 idles
+        decoder.reorder([0, 0])  # and then continues row 0
+        logp = decoder.step([words[1], words[1]], [tag, tag], [True, True])
+    torch.testing.assert_close(logp[1], logp[0], atol=1e-5, rtol=1e-5)

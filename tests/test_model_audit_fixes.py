@@ -55,6 +55,21 @@ def test_decoding_past_the_position_table_is_refused(tok, layout, limit):
     model.infer(task, task.data[:1], max_new_tokens=4)  # within the table
 
 
+def test_decoding_exactly_to_the_end_of_the_position_table_is_allowed(tok):
+    """The learned table has positions 0 .. max_positions - 1: an answer whose last fed token sits at
+    max_positions - 1 decodes, one token more is refused (it would read the last row again)."""
+    task = load_preset("digit_captioning", "train", limit=2)
+    limit = 24
+    model = _build([task], tok, max_positions=limit).eval()
+    sample = model.plan(task).encode(task.data[0], 0, training=False, inference=True, template=0)
+    first = sum(len(c) for c in sample.decoder) + 1  # the decoder position of the first generated token fed back
+    fits = limit - first + 1  # tokens fed at positions first .. limit - 1, and the answer's EOS, never fed
+    answer = model.infer(task, task.data[:1], max_new_tokens=fits, min_length=fits)[0]
+    assert len(answer.tokens) == fits
+    with pytest.raises(ValueError, match=f"past the learned position table \\(ModelConfig.max_positions={limit}\\)"):
+        model.infer(task, task.data[:1], max_new_tokens=fits + 1, min_length=fits + 1)
+
+
 def test_the_dense_twin_matches_what_it_can_and_refuses_what_it_cannot():
     dense = flavour("debug", moe={"every": 0}, ffn_hidden=512)
     assert dense.dense_twin() == dense  # already dense: unchanged (it was shrunk to 128)

@@ -608,3 +608,27 @@ def test_scores_read_every_position_over_the_tokens_training_reads_it_over(tok, 
             token = int(batch.labels[0, position])
             state = _advance(grammar, state, token)
         assert state.done
+
+
+class _CostlyScript(ScriptedDecoder):
+    """A script whose every token has log-probability -1 (the rest -50)."""
+
+    def _log_probs(self) -> torch.Tensor:
+        logp = super()._log_probs()
+        return torch.where(logp == 0.0, torch.tensor(-1.0), logp)
+
+
+def test_literal_text_between_targets_is_not_part_of_the_score(tok, monkeypatch):
+    """``score`` sums the log-probabilities training scores: every target token and EOS, not the
+    literal decoder text between the targets (forced, or chosen as the end of the value before it)."""
+    monkeypatch.setattr(generate_module, "CachedDecoder", _CostlyScript)
+    task = Task("two", "[TEXT:q] -> [TEXT:a] and then [TEXT:b]", [{"q": "hi", "a": "one two", "b": "three"}])
+    model = build([task], tok)
+    _CostlyScript.scripts = _training_tokens(task, tok, task.data)
+    prediction = model.infer(task, task.data)[0]
+    assert prediction.targets == {"a": "one two", "b": "three"}
+    batch = collate([task.plan(tok).encode(task.data[0], 0, training=False)], tok, model.task_ids)
+    scored = int((batch.labels[0] != -100).sum())
+    literal = tok.encode_literal(" and then")
+    assert scored == len(_CostlyScript.scripts[0]) - len(literal) and len(literal) >= 2
+    assert prediction.score == pytest.approx(-1.0 * scored)

@@ -1,6 +1,9 @@
 """Sampling decoding (issue 17): reproducible by seed, greedy at top_k=1 / temperature 0 / tiny top_p,
 within the answer grammar, and clear errors for bad settings."""
 
+import math
+from collections import Counter
+
 import pytest
 import torch
 
@@ -166,3 +169,50 @@ def test_an_option_that_starts_a_value_is_drawn_with_its_total_probability():
     assert len({e[2] for e in started}) > 50  # the box's first token is drawn among its own
     greedy = [_draw(expansions, Sampling(temperature=0), generator) for _ in range(3)]
     assert all(e == expansions[0] for e in greedy)
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_a_draw_follows_the_softmax_of_the_ranks_divided_by_the_temperature(temperature):
+    """p ∝ exp(rank / T), worked out by hand: T = 0.5 sharpens ranks 0, -1, -3 to p ≈ (0.88, 0.12, 0.002),
+    T = 2 flattens them to p ≈ (0.55, 0.33, 0.12) (the ranks multiplied by T swap the two)."""
+    ranks = [0.0, -1.0, -3.0]
+    weights = [math.exp(r / temperature) for r in ranks]
+    expected = [w / sum(weights) for w in weights]
+    generator = torch.Generator().manual_seed(0)
+    n = 4000
+    counts = Counter(Sampling(temperature=temperature).choose(ranks, generator) for _ in range(n))
+    assert [counts[i] / n for i in range(3)] == pytest.approx(expected, abs=0.025)
+
+
+def test_top_p_keeps_the_smallest_best_first_prefix_that_holds_top_p():
+    """Two equally likely candidates: the first alone holds half the mass, so top_p = 0.5 keeps it
+    alone (a draw is then greedy); any top_p above a half keeps both."""
+    generator = torch.Generator().manual_seed(0)
+    assert {Sampling(top_p=0.5).choose([0.0, 0.0], generator) for _ in range(200)} == {0}
+    assert {Sampling(top_p=0.51).choose([0.0, 0.0], generator) for _ in range(200)} == {0, 1}
+    assert {Sampling(top_p=0.7).choose([0.0, 0.0, -50.0], generator) for _ in range(200)} == {0, 1}
+
+
+def test_top_k_draws_among_the_k_best_tokens_of_a_free_text_step(setup):
+    """A free-text value's first token is drawn among the ``top_k`` best tokens of the step, not only
+    among each option's best one (its best token and the end of the value: at most two)."""
+    model, tasks = setup
+    task = tasks[TASKS.index("table_to_text")]
+    firsts = [set() for _ in task.data]
+    for seed in range(12):
+        for row, p in enumerate(model.infer(task, task.data, max_new_tokens=2, top_k=4, temperature=100.0, seed=seed)):
+            firsts[row].add(p.tokens[0] if p.tokens else None)
+    assert all(3 <= len(drawn) <= 4 for drawn in firsts), firsts
+
+
+def test_with_every_token_equally_likely_each_step_takes_the_lowest_id(setup, monkeypatch):
+    """Ties go to the lowest token id, across options as within one (greedy decoding always did):
+    with uniform log-probabilities a free-text value takes the lowest id it may write."""
+    model, tasks = setup
+    task = tasks[TASKS.index("table_to_text")]
+    tok = model.tokenizer
+    monkeypatch.setattr(model, "output_logits", lambda hidden: torch.zeros(*hidden.shape[:-1], tok.vocab_size))
+    predictions = model.infer(task, task.data[:2], max_new_tokens=3)
+    lowest = min(i for i in range(tok.vocab_size) if i not in (tok.pad_id, tok.bos_id, tok.unk_id))
+    for p in predictions:
+        assert p.tokens == ([] if lowest == tok.eos_id else [lowest] * 3), (lowest, p.tokens)
