@@ -80,3 +80,23 @@ def test_a_box_target_sized_by_the_rows_width_and_height_decodes_in_its_pixels()
     assert box == pytest.approx(rows[0]["box"], abs=0.2) and iou_accuracy([box], [rows[0]["box"]]) == 1.0
     with pytest.raises(TaskDataError, match="width"):
         plan.encode({"q": "no size"}, 1, training=False, inference=True, template=0)
+
+
+def test_a_box_past_the_edge_by_float_rounding_is_accepted_relative_to_the_image_size():
+    """Coordinates read back from normalised ones (x · width) overshoot an edge by rounding: the
+    tolerance scales with the image (1e-6 of its longer side), so 640.0001 on a 640-pixel image is
+    the edge, while a whole pixel past it is refused."""
+    from moe_gen.tasks.modalities.box import check_box
+
+    assert check_box([0, 0, 640.0001, 480.0001], 640, 480) == (0.0, 0.0, 640.0001, 480.0001)
+    assert quantize_box([-0.0001, 0, 640.0001, 480], 640, 480) == [0, 0, 999, 999]
+    with pytest.raises(ValueError, match="lies outside the 640x480 image"):
+        check_box([0, 0, 641, 480], 640, 480)
+
+
+@pytest.mark.parametrize("box", [[5, 2, 1, 8], [1, 8, 5, 2]])
+def test_a_box_with_its_corners_swapped_on_either_axis_is_refused(box):
+    from moe_gen.tasks.modalities.box import check_box
+
+    with pytest.raises(ValueError, match="has x1 < x0 or y1 < y0"):
+        check_box(box, 10, 10)

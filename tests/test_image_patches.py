@@ -223,3 +223,111 @@ def test_augments_combine_left_to_right_and_only_in_training():
     assert len(dihedral_only) <= 8 < len(draws)  # shifts add draws beyond the 8 symmetries
     assert torch.equal(_image_rows(both.encode(0, tok, seed=5, training=True)),
                        _image_rows(both.encode(0, tok, seed=5, training=True)))  # exact resume
+
+
+def test_a_grid_of_exactly_64_patches_a_side_is_accepted_and_65_refused():
+    """The patch adapters hold rows and columns 0 .. 63: 64 patches a side fit, side by side or overlapping."""
+    assert ImagePreprocessor(512, 8).size == 512  # (512 - 8) / 8 + 1 = 64
+    assert ImagePreprocessor(260, 8, 4).stride == 4  # (260 - 8) / 4 + 1 = 64
+    with pytest.raises(ValueError, match="give 65 patches a side; the patch adapters hold 64"):
+        ImagePreprocessor(520, 8)
+
+
+def test_mask_ratio_drops_that_share_of_the_patches_and_keeps_the_rest_at_their_places():
+    """mask_ratio=0.75 of a 4x4 grid keeps round(16 * 0.25) = 4 patches in training, each the same
+    row, at the same grid position, as in the unmasked encoding; evaluation keeps all 16."""
+    tok = Tokenizer.default()
+    rows = load_preset("digit_classification", "train", limit=1).data
+    masked = Task("masked", "[IMAGE:image,mask_ratio=0.75] what digit? -> [TEXT:label]", rows)
+    whole = _image_chunk(masked.encode(0, tok, training=False))
+    assert whole.rows.shape == (16, 192)
+    grid = {tuple(p.tolist()): r for p, r in zip(whole.positions, whole.rows)}
+    kept_sets = set()
+    for seed in range(6):
+        chunk = _image_chunk(masked.encode(0, tok, seed=seed, training=True))
+        assert chunk.rows.shape == (4, 192)
+        for position, row in zip(chunk.positions, chunk.rows):
+            assert torch.equal(grid[tuple(position.tolist())], row)
+        kept_sets.add(tuple(map(tuple, chunk.positions.tolist())))
+    assert len(kept_sets) > 1  # a fresh draw per seed
+
+
+def _image_chunk(sample):
+    return next(c for c in sample.encoder if c.tokens is None)
+
+
+def test_a_region_crop_covers_every_pixel_its_box_touches_and_a_corner_point_takes_the_corner_pixel():
+    """The crop runs from floor(x0), floor(y0) to ceil(x1), ceil(y1) (a box's fractional edge keeps
+    its pixel), and a zero-size box at the far corner of the image crops that corner's pixel."""
+    import math
+
+    from PIL import Image
+
+    from moe_gen.tasks.modalities.visual import _to_tensor, load_image
+
+    task = load_preset("grounded_captioning", "train", limit=1)
+    row = task.data[0]
+    image = load_image(row["image"])
+    width, height = image.size
+    x0, y0, x1, y1 = row["query_box"]
+    fractional = [x0 + 0.6, y0 + 0.6, x1 - 0.3, y1 - 0.3]
+    for box, pixels in ((fractional, (math.floor(fractional[0]), math.floor(fractional[1]), math.ceil(fractional[2]),
+                                      math.ceil(fractional[3]))),
+                        ([width, height, width, height], (width - 1, height - 1, width, height))):
+        encoded = Task("grounded", str(task.instruction), [dict(row, query_box=box)])
+        chunk = _image_chunk(encoded.encode(0, Tokenizer.default(), training=False))
+        expected = patchify(_to_tensor(image.crop(pixels), 32), 8)
+        assert torch.equal(chunk.rows[16:], expected), box
+    assert isinstance(image, Image.Image)
+
+
+def test_video_frames_are_the_middle_of_each_stride_at_evaluation_and_drawn_within_it_in_training():
+    """8 frames read as 4: evaluation takes frames 1, 3, 5, 7 (the middle of each stride of 2),
+    training one of each stride's two; a draw at the top of [0, 1) still picks a frame of the clip."""
+    import random
+    from types import SimpleNamespace
+
+    import numpy as np
+    from PIL import Image
+
+    from moe_gen.tasks.modalities.base import EncodeContext
+    from moe_gen.tasks.modalities.visual import VideoPreprocessor, _to_tensor
+
+    tok = Tokenizer.default()
+    video = np.stack([np.full((16, 16, 3), 25 * k, np.uint8) for k in range(8)])
+    video[:, :4, :4] = 255  # not a constant frame
+    preprocessor = VideoPreprocessor(frames=4, size=16, patch=8)
+    slot = SimpleNamespace(attrs={}, column="video")
+    evaluated = preprocessor(video, slot, EncodeContext(tok, random.Random(0), training=False))
+    assert evaluated.meta["frames"] == [1, 3, 5, 7]
+    expected = torch.cat([patchify(_to_tensor(Image.fromarray(video[p]), 16), 8) for p in (1, 3, 5, 7)])
+    assert torch.equal(evaluated.features, expected)
+    assert evaluated.positions[:, 0].tolist() == [0] * 4 + [1] * 4 + [2] * 4 + [3] * 4
+    drawn = set()
+    for seed in range(20):
+        picks = preprocessor(video, slot, EncodeContext(tok, random.Random(seed), training=True)).meta["frames"]
+        assert all(p in (2 * i, 2 * i + 1) for i, p in enumerate(picks)), picks
+        drawn.add(tuple(picks))
+    assert len(drawn) > 1
+
+    class Top(random.Random):
+        def random(self) -> float:
+            return 1 - 2 ** -53
+
+    picks = preprocessor(video[:3], SimpleNamespace(attrs={"length": 3}, column="video"),
+                         EncodeContext(tok, Top(), training=True)).meta["frames"]
+    assert len(picks) == 3 and all(0 <= p < 3 for p in picks)
+
+
+def test_image_tensors_are_normalised_by_the_imagenet_statistics():
+    """A plain colour, resized, is that colour / 255, less the ImageNet mean, over its deviation."""
+    from PIL import Image
+
+    from moe_gen.tasks.modalities.visual import _to_tensor
+
+    colour = (255, 128, 0)
+    x = _to_tensor(Image.new("RGB", (8, 8), colour), 16)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    for channel in range(3):
+        want = (colour[channel] / 255 - mean[channel]) / std[channel]
+        assert torch.allclose(x[channel], torch.full((16, 16), want), atol=1e-5)

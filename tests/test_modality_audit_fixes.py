@@ -107,6 +107,10 @@ def test_frames_per_row_and_video_frames_must_be_usable_counts(tok):
     ]:
         with pytest.raises(ValueError, match=message):
             Task("t", instruction, [], preprocessor_options=options).plan(tok)
+    for size, patch in ((20, 8), (33, 8)):  # the grid would silently drop the pixels past the last patch
+        with pytest.raises(ValueError, match=f"video size {size} must be a multiple of the patch size {patch}"):
+            options = {"video": {"size": size, "patch": patch}}
+            Task("t", "[VIDEO:x] -> [TEXT:y]", [], preprocessor_options=options).plan(tok)
 
 
 # ---- motion -----------------------------------------------------------------------------------------
@@ -300,3 +304,15 @@ def test_a_box_target_beside_images_of_different_sizes_is_refused_at_inference_t
     for row in ({"a": square(32), "b": square(64)}, {"a": square(64), "b": square(32)}):
         with pytest.raises(TaskDataError, match=r"column 'box', row 0: the sample's images differ in size"):
             plan.encode(row, 0, training=False, inference=True)
+
+
+@pytest.mark.parametrize("pixels, dtype, expected", [
+    ([[0, 1], [1, 0]], "int64", [[0, 255], [255, 0]]),  # a 0/1 mask: scaled by 255
+    ([[0, 500], [1000, 250]], "int32", [[0, 127], [255, 63]]),  # past 255 (16-bit): by 255 over the maximum
+    ([[0, 100], [255, 7]], "int64", [[0, 100], [255, 7]]),  # within [0, 255]: as they are
+])
+def test_integer_pixels_are_scaled_by_their_range(pixels, dtype, expected):
+    from moe_gen.tasks.modalities.visual import load_image
+
+    image = load_image(np.asarray(pixels, dtype=dtype))
+    assert np.asarray(image)[..., 0].tolist() == expected
