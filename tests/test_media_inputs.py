@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from moe_gen.tasks import Task, TaskDataError, TaskPlan, Tokenizer
+from moe_gen.tasks import Task, TaskDataError, TaskPlan, Tokenizer, load_preset
 
 OFASYS_PRESETS = [
     "[IMAGE:img] what does the image describe? -> [TEXT:cap]",
@@ -132,3 +132,151 @@ def test_a_row_may_name_its_audio_rate_as_hugging_face_datasets_do(tok):
     task = Task("rates", "[AUDIO:clip] -> [TEXT:t]", rows)
     lengths = [task.encode(i, tok, training=False).encoder[0].rows.shape[0] for i in range(3)]
     assert lengths[0] == lengths[1] > lengths[2]
+
+
+# ---- rates, filterbank, SpecAugment (pinned by the sixteenth round of mutation checks) -----------------
+
+
+def test_sample_rates_at_either_end_of_the_accepted_range_are_accepted():
+    from moe_gen.tasks.modalities.base import SlotValueError
+    from moe_gen.tasks.modalities.signals import MAX_SAMPLE_RATE, MIN_SAMPLE_RATE, check_sample_rate
+
+    assert (MIN_SAMPLE_RATE, MAX_SAMPLE_RATE) == (1000, 384_000)
+    assert check_sample_rate(1000) == 1000 and check_sample_rate(384_000) == 384_000
+    assert check_sample_rate(999.6) == 1000  # rounded to whole samples per second
+    for rate in (999, 384_001):
+        with pytest.raises(SlotValueError, match="between 1000 and 384000"):
+            check_sample_rate(rate)
+
+
+def test_a_co_prime_rate_is_resampled_by_a_near_ratio_keeping_the_length_within_a_tenth_of_a_percent():
+    from moe_gen.tasks.modalities.signals import resample
+
+    second = torch.randn(44101) * 0.1  # one second at 44101 Hz: co-prime with 16 kHz
+    assert abs(resample(second, 44101).numel() - 16000) <= 16
+
+
+def test_the_filterbank_is_standardised_per_mel_bin_and_a_clip_shorter_than_a_window_gives_one_frame():
+    from moe_gen.tasks.modalities.signals import fbank
+
+    torch.manual_seed(0)
+    t = torch.arange(8000) / 16000
+    feats = fbank(0.3 * torch.sin(2 * torch.pi * 440 * t) * torch.linspace(0, 1, 8000) + 0.01 * torch.randn(8000))
+    assert feats.shape == (48, 80)  # (8000 - 400) // 160 + 1 frames of 25 ms every 10 ms
+    torch.testing.assert_close(feats.mean(0), torch.zeros(80), atol=1e-4, rtol=0)
+    torch.testing.assert_close(feats.std(0, unbiased=False), torch.ones(80), atol=1e-3, rtol=0)
+    assert fbank(0.1 * torch.randn(200)).shape == (1, 80)  # 12.5 ms, padded to one 25 ms window
+
+
+def test_spec_augment_masks_one_band_of_mel_bins_and_one_span_of_frames():
+    """Up to 10 whole mel bins (columns) and up to a tenth of the frames (rows), each one contiguous
+    run; nothing else changes (Park et al. 2019)."""
+    import random
+
+    from moe_gen.tasks.modalities.base import EncodeContext
+    from moe_gen.tasks.modalities.signals import AudioPreprocessor
+
+    feats = torch.ones(200, 80)
+    banded = 0
+    for seed in range(12):
+        out = AudioPreprocessor._spec_augment(feats, EncodeContext(Tokenizer.default(), random.Random(seed)))
+        zero = out == 0
+        columns = zero.all(0).nonzero().flatten().tolist()
+        rows = zero.all(1).nonzero().flatten().tolist()
+        assert len(columns) <= 10 and columns == list(range(min(columns, default=0), max(columns, default=-1) + 1))
+        assert len(rows) <= 20 and rows == list(range(min(rows, default=0), max(rows, default=-1) + 1))
+        expected = torch.ones(200, 80)
+        expected[:, columns] = 0
+        expected[rows] = 0
+        assert torch.equal(out, expected)
+        banded += bool(columns)
+    assert banded >= 6
+    assert torch.equal(feats, torch.ones(200, 80))  # the input is left alone
+
+
+def test_padded_values_count_the_zeros_of_the_last_row_and_none_once_max_length_cuts_it():
+    """One second: 98 fbank frames, stacked 4 a row into 25 rows whose last holds 2 frames of
+    padding (2 · 80 values); cut to 3 rows by max_length, no row is padding."""
+    import random
+    from types import SimpleNamespace
+
+    from moe_gen.tasks.modalities.base import EncodeContext
+    from moe_gen.tasks.modalities.signals import AudioPreprocessor
+
+    wav = 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    ctx = EncodeContext(Tokenizer.default(), random.Random(0), training=False)
+    whole = AudioPreprocessor()(wav, SimpleNamespace(attrs={}, column="a"), ctx)
+    assert whole.features.shape == (25, 320) and whole.meta["frames"] == 98 and whole.meta["padded_values"] == 160
+    cut = AudioPreprocessor()(wav, SimpleNamespace(attrs={"max_length": 3}, column="a"), ctx)
+    assert cut.features.shape == (3, 320) and cut.meta["padded_values"] == 0
+
+
+def test_the_position_estimate_of_a_clip_never_undercounts_its_stacked_rows():
+    """The cap is checked before resampling and speed perturbation from the clip's length: the estimate
+    (one frame every 10 ms, k a row, rounded up) is never below the rows the filterbank then gives."""
+    from moe_gen.tasks.modalities.signals import AudioPreprocessor, fbank
+
+    preprocessor = AudioPreprocessor()
+    for samples in range(4800, 9600, 160 + 37):
+        rows = -(-fbank(0.1 * torch.randn(samples)).shape[0] // 4)
+        assert preprocessor._rows(samples / 16000) >= rows, samples
+
+
+def test_an_audio_target_is_never_perturbed_or_masked_in_training():
+    """Speed perturbation and SpecAugment apply to inputs: a target is the regression label, encoded
+    in training exactly as in evaluation."""
+    tok = Tokenizer.default()
+    task = load_preset("text_to_speech", "train", limit=1)
+    plain = next(c for c in task.encode(0, tok, training=False).decoder if c.rows is not None).rows
+    for seed in range(4):
+        trained = next(c for c in task.encode(0, tok, seed=seed, training=True).decoder if c.rows is not None).rows
+        assert torch.equal(trained, plain), seed
+
+
+def test_generated_motion_rows_read_back_in_the_datas_units_a_constant_feature_unscaled():
+    """Rows are standardised frames: read back they are row · scale + mean, the scale being the std,
+    or 1 for a feature that did not vary (as it was standardised)."""
+    from moe_gen.tasks.modalities.signals import MotionPreprocessor
+
+    preprocessor = MotionPreprocessor(frames_per_row=2, mean=[1.0, 5.0], std=[2.0, 0.0])
+    rows = torch.tensor([[0.5, -1.0, 1.5, 2.0]])  # two frames of two features
+    assert preprocessor.rows_to_value(rows, None).tolist() == [[2.0, 4.0], [4.0, 7.0]]
+
+
+def test_a_dict_waveform_may_name_its_rate_sample_rate():
+    from moe_gen.tasks.modalities.signals import read_waveform
+
+    wav, rate = read_waveform({"array": np.zeros(800, np.float32), "sample_rate": 8000})
+    assert rate == 8000 and wav.shape == (800,)
+    assert read_waveform({"array": np.zeros(800, np.float32), "sampling_rate": 22050, "sample_rate": 8000})[1] == 22050
+
+
+@pytest.mark.parametrize("speeds", [(0.4,), (0.9, 2.5), ()])
+def test_speed_factors_outside_half_to_double_are_refused(speeds):
+    from moe_gen.tasks.modalities.signals import AudioPreprocessor
+
+    with pytest.raises(ValueError, match=r"speeds must be factors in \[0.5, 2\]"):
+        AudioPreprocessor(speeds=speeds)
+    assert AudioPreprocessor(speeds=(0.5, 2)).speeds == (0.5, 2)
+
+
+def test_a_clip_of_another_width_than_the_tasks_motion_statistics_is_refused_by_name():
+    import random
+    from types import SimpleNamespace
+
+    from moe_gen.tasks.modalities.base import EncodeContext, SlotValueError
+    from moe_gen.tasks.modalities.signals import MotionPreprocessor
+
+    preprocessor = MotionPreprocessor(mean=[0.0, 0.0], std=[1.0, 1.0])
+    ctx = EncodeContext(Tokenizer.default(), random.Random(0), training=False)
+    with pytest.raises(SlotValueError, match="the clip has 3 features a frame, the task's motion statistics 2"):
+        preprocessor(np.zeros((4, 3)), SimpleNamespace(attrs={}, column="pose"), ctx)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_a_waveform_with_a_non_finite_sample_is_refused(bad):
+    from moe_gen.tasks.modalities.base import SlotValueError
+    from moe_gen.tasks.modalities.signals import read_waveform
+
+    with pytest.raises(SlotValueError, match="non-finite samples"):
+        read_waveform(np.array([0.0, bad, 0.1], np.float32))
