@@ -222,6 +222,28 @@ def test_the_position_estimate_of_a_clip_never_undercounts_its_stacked_rows():
         assert preprocessor._rows(samples / 16000) >= rows, samples
 
 
+def test_a_clip_that_fits_the_position_cap_is_accepted_and_one_over_it_refused_by_its_rows():
+    """0.41 s at 16 kHz gives 40 filterbank frames, 10 rows of 4: it fits a cap of 10 (until
+    2026-12-06 the estimate of one frame every 10 ms said 11 and refused it). The rows the
+    filterbank gives are checked too, so a clip the estimate misjudges cannot pass the cap."""
+    import random
+    from types import SimpleNamespace
+
+    from moe_gen.tasks.modalities.base import EncodeContext, SlotValueError
+    from moe_gen.tasks.modalities.signals import AudioPreprocessor
+
+    slot = SimpleNamespace(attrs={}, column="a")
+    wav = 0.1 * torch.randn(6560, generator=torch.Generator().manual_seed(0))
+    ctx = EncodeContext(Tokenizer.default(), random.Random(0), training=False, max_positions=10)
+    assert AudioPreprocessor()(wav, slot, ctx).features.shape == (10, 320)
+    with pytest.raises(SlotValueError, match=r"0.425 s long \(about 11 positions\), over the cap of 10"):
+        AudioPreprocessor()(0.1 * torch.randn(6800), slot, ctx)
+    misjudged = AudioPreprocessor()
+    misjudged._rows = lambda seconds: 1
+    with pytest.raises(SlotValueError, match=r"\(11 positions after resampling from 16000 Hz\), over the cap of 10"):
+        misjudged(0.1 * torch.randn(6800), slot, ctx)
+
+
 def test_an_audio_target_is_never_perturbed_or_masked_in_training():
     """Speed perturbation and SpecAugment apply to inputs: a target is the regression label, encoded
     in training exactly as in evaluation."""

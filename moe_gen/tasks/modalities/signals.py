@@ -289,8 +289,14 @@ class AudioPreprocessor(Preprocessor):
         return resample(wav, int(SAMPLE_RATE * factor))
 
     def _rows(self, seconds: float) -> int:
-        """Positions a clip of ``seconds`` takes: one fbank frame every 10 ms, stacked."""
-        return math.ceil(seconds * 100 / self.frames_per_row)
+        """Positions a clip of ``seconds`` at 16 kHz takes: the filterbank's frames (25 ms windows
+        every 10 ms inside the clip; one for a clip under a window), ``frames_per_row`` to a row.
+        Exact for a clip at 16 kHz or an integer ratio of it (before 2026-12-06 one frame every
+        10 ms of the whole clip: about 1.5 frames more, so a clip that fits could be refused)."""
+        samples = math.ceil(seconds * SAMPLE_RATE - 1e-6)  # resampling rounds the length up
+        window, shift = int(0.025 * SAMPLE_RATE), int(0.010 * SAMPLE_RATE)
+        frames = 1 + max(0, samples - window) // shift
+        return math.ceil(frames / self.frames_per_row)
 
     def _over_cap(self, seconds: float, ctx: EncodeContext) -> bool:
         return ctx.max_positions is not None and self._rows(seconds) > ctx.max_positions
@@ -332,6 +338,11 @@ class AudioPreprocessor(Preprocessor):
         rows = _stack(feats, self.frames_per_row)
         if max_rows is not None:
             rows = rows[: int(max_rows)]
+        if ctx.max_positions is not None and rows.shape[0] > ctx.max_positions:
+            # a rate resampled by the nearest ratio (co-prime ones) may lengthen the clip by 0.2%
+            raise SlotValueError(f"{ctx.where(slot.column)}: the clip is {seconds:.3g} s long ({rows.shape[0]} "
+                                 f"positions after resampling from {rate} Hz), over the cap of {ctx.max_positions} "
+                                 "positions per slot; cut it, or raise Task(max_slot_positions=...)")
         return SlotEncoding("AUDIO", features=rows, positions=_frame_positions(rows.shape[0]),
                             meta={"frames": int(feats.shape[0]), "seconds": wav.numel() / SAMPLE_RATE,
                                   "padded_values": _padded_values(rows, feats)})
