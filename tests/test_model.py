@@ -692,3 +692,73 @@ def test_a_reordered_row_reads_its_parents_keys_under_its_parents_mask(tok):
         decoder.reorder([0, 0])  # and then continues row 0
         logp = decoder.step([words[1], words[1]], [tag, tag], [True, True])
     torch.testing.assert_close(logp[1], logp[0], atol=1e-5, rtol=1e-5)
+
+
+def _reference_attention(attn, x_BSD, positions_BS, mask_BSK, base):
+    """Grouped-query self-attention with Llama's rotary convention, head by head: query head h
+    reads key/value head h // (H / G) (as ``repeat_interleave`` groups them), each half-pair of a
+    head rotated by position · base^(-2i/d); a query without any key reads every key."""
+    B, S, D = x_BSD.shape
+    H, G = attn.num_heads, attn.num_kv_heads
+    d = D // H
+    q = attn.q(x_BSD).view(B, S, H, d)
+    k, v = attn.kv(x_BSD).view(B, S, 2, G, d).unbind(2)
+    inv_freq = 1.0 / base ** (torch.arange(0, d, 2, dtype=torch.float32) / d)
+    angles = positions_BS.float()[..., None] * inv_freq
+    cos, sin = torch.cat([angles, angles], -1).cos()[:, :, None], torch.cat([angles, angles], -1).sin()[:, :, None]
+
+    def rotate_half(t):
+        return torch.cat([-t[..., d // 2:], t[..., : d // 2]], -1)
+
+    q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
+    mask = mask_BSK | ~mask_BSK.any(-1, keepdim=True)
+    heads = []
+    for h in range(H):
+        g = h // (H // G)
+        scores = torch.einsum("bsd,bkd->bsk", q[:, :, h], k[:, :, g]) / d ** 0.5
+        heads.append(scores.masked_fill(~mask, float("-inf")).softmax(-1) @ v[:, :, g])
+    return attn.out(torch.cat(heads, -1))
+
+
+def test_grouped_query_attention_with_rotary_positions_matches_a_head_by_head_reference():
+    """Query heads share their key/value head in consecutive groups (as Llama checkpoints expect),
+    rotary positions follow Llama's half-split convention and base, and attention dropout is off in
+    eval mode (while a training forward drops)."""
+    from moe_gen.model.transformer import Attention, rotary_tables
+
+    torch.manual_seed(0)
+    config = flavour("debug", num_heads=4, num_kv_heads=2, dropout=0.5, attention_bias=True)
+    attn = Attention(config).eval()
+    B, S, base = 2, 5, 500.0
+    x = torch.randn(B, S, config.d_model)
+    positions = torch.tensor([[0, 1, 2, 3, 4], [3, 4, 5, 6, 7]])
+    mask = torch.ones(S, S).tril().bool().expand(B, S, S).clone()
+    mask[1, :, 3:] = False  # row 1: its last two positions are padding ...
+    mask[1, 4] = False  # ... and one of them sees no key at all
+    rope = rotary_tables(positions, config.d_model // config.num_heads, base)
+    with torch.no_grad():
+        ours, _ = attn(x, x, mask, None, rope=rope)
+        expected = _reference_attention(attn, x, positions, mask, base)
+        torch.testing.assert_close(ours, expected, atol=1e-5, rtol=1e-5)
+        assert not torch.allclose(attn.train()(x, x, mask, None, rope=rope)[0], expected, atol=1e-3)
+
+
+def test_routed_attention_projections_hand_their_moe_outputs_up_in_layer_order():
+    """Every MoE call of a stack (the routed attention output projection, then the FFN, block by
+    block) is in ``StackOutput.moe_outputs``: their auxiliary losses and routing reach the model."""
+    from helpers import random_tags
+
+    from moe_gen.model.transformer import Stack
+
+    torch.manual_seed(0)
+    config = flavour("debug", moe={"attention": True, "every": 1})
+    stack = Stack(config, 2, cross=False)
+    assert len(stack.moe_layers) == 4
+    called = []
+    for layer in stack.moe_layers:
+        layer.register_forward_hook(lambda module, args, output: called.append((module, output)))
+    x = torch.randn(2, 6, config.d_model)
+    out = stack(x, torch.ones(2, 6, 6, dtype=torch.bool), random_tags((2, 6)), torch.zeros(2, 6, dtype=torch.bool))
+    blocks = stack.blocks
+    assert [m for m, _ in called] == [blocks[0].self_attn.out, blocks[0].ffn, blocks[1].self_attn.out, blocks[1].ffn]
+    assert [id(o) for o in out.moe_outputs] == [id(o) for _, o in called]
