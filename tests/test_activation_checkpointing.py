@@ -151,3 +151,27 @@ def test_trainer_switch_gives_the_same_losses(tasks, tok, tmp_path):
         assert model.encoder.checkpoint_blocks == switch
     assert len(losses[0]) == 3
     assert losses[1] == pytest.approx(losses[0], abs=1e-6)
+
+
+def test_recomputation_adds_no_load_to_the_bias_updates_that_wait_for_other_processes(tasks, tok, monkeypatch):
+    """With several processes the balance-bias loads wait for ``sync_bias_updates`` instead of
+    nudging the bias (which ``_Recomputing`` puts back): the recomputation in backward must not add
+    its routes' load a second time (simulated here by deferring in one process)."""
+    from moe_gen.routing import balance
+
+    monkeypatch.setattr(balance, "defer_to_sync", lambda: True)
+    rc = RouterConfig(strategy="attribute", tag_balance="bias")
+    plain, recomputed = build(tasks, tok, router=rc), build(tasks, tok, router=rc)
+    recomputed.set_activation_checkpointing(True)
+    batch = collate([s for t in tasks for s in t.samples(tok)], tok, plain.task_ids)
+    step(plain, batch)
+    step(recomputed, batch)
+
+    def pending(model):
+        return [m.router.take_pending_load() for m in model.modules() if getattr(m, "router", None) is not None
+                and getattr(m.router, "balance_bias", None) is not None]
+
+    expected, got = pending(plain), pending(recomputed)
+    assert len(expected) == 4 and all(load is not None and float(load.sum()) > 0 for load in expected)
+    for a, b in zip(expected, got):
+        torch.testing.assert_close(b, a, rtol=0, atol=0)

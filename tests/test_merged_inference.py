@@ -316,3 +316,22 @@ def test_a_kept_plan_is_not_used_with_autograd_on(tok):
         merged = grad()
     assert merged is not None
     torch.testing.assert_close(merged, plain)
+
+
+def test_a_merged_copy_with_content_routed_layers_keeps_their_backend_in_its_config_and_reloads(tok, tmp_path):
+    """Only a copy whose every MoE layer froze records ``backend='merged'`` in its config: the
+    decoder's content-routed layers could not be built with it, so the saved copy would not load."""
+    from moe_gen.model import GeneralistModel
+
+    task = load_preset("digit_classification", "train", limit=2)
+    tags_only = merge_for_inference(build([task], tok, router=RouterConfig(strategy="attribute")))
+    assert tags_only.config.moe.backend == "merged"
+    model = build([task], tok, router=RouterConfig(strategy="attribute"), decoder_router={"strategy": "token"})
+    merged = merge_for_inference(model)
+    assert any(m.frozen for m in merged.modules() if isinstance(m, MoE))
+    assert merged.config.moe.backend == model.config.moe.backend != "merged"
+    merged.save_pretrained(str(tmp_path))
+    again = GeneralistModel.from_pretrained(str(tmp_path)).eval()
+    batch = collate(list(task.samples(tok, training=False)), tok, again.task_ids)
+    with torch.no_grad():
+        torch.testing.assert_close(again(batch).logits, merged(batch).logits, atol=1e-4, rtol=1e-4)

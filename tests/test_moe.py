@@ -729,3 +729,24 @@ def test_a_frozen_layer_gives_zeros_for_a_batch_of_padding_only_and_routing_of_i
         merged.load_state_dict(other.state_dict())
         assert torch.equal(out.routing.topk_ids, expected.topk_ids)
         torch.testing.assert_close(out.routing.topk_weights, expected.topk_weights)
+
+
+def test_freezing_a_layer_alone_takes_its_gradients_and_training_mode():
+    """``freeze_for_inference`` on its own (not through ``merge_for_inference``, whose copy already
+    has no gradients) leaves no parameter of the layer requiring a gradient, in eval mode."""
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, router="attribute",
+                        experts=ExpertsConfig(shared_expert=True, shared_gate=True)))
+    moe.freeze_for_inference()
+    assert not moe.training and moe.frozen
+    assert [n for n, p in moe.named_parameters() if p.requires_grad] == []
+
+
+@pytest.mark.parametrize("vocab", [None, (9, 3, 3, 64)])  # checked against nothing, or another layer's sizes
+def test_a_tag_batch_is_checked_against_the_layers_own_vocabularies(vocab):
+    from moe_gen.routing.tags import TagBatch
+
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4,
+                        router=RouterConfig(strategy="attribute", num_tasks=4)))
+    tags = TokenTags.constant((2, 5), task=5)
+    with pytest.raises(ValueError, match=r"tags.task values must lie in \[0, 4\)"):
+        moe(torch.randn(2, 5, D), tags=TagBatch(tags, shape=(2, 5), vocab=vocab))
