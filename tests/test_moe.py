@@ -94,6 +94,24 @@ def test_grouped_ffn_matches_per_expert_loop(gated, activation):
         grouped_ffn(x, [1, 2], w_in, b_in, w_out, b_out, activation, gated)
 
 
+def test_grouped_relu_passes_no_gradient_where_the_pre_activation_is_exactly_zero():
+    """relu'(0) = 0, as autograd (and so the eager backend) has it: a token whose hidden states are
+    all zero (a zero input row, experts without biases) gets no input gradient."""
+    counts = [3, 2]
+    x = torch.randn(5, D)
+    x[1] = 0.0
+    x.requires_grad_(True)
+    w_in, w_out = torch.randn(2, D, H, requires_grad=True), torch.randn(2, H, D, requires_grad=True)
+    y = grouped_ffn(x, counts, w_in, None, w_out, None, "relu", False)
+    ref = torch.cat([torch.relu(x[:3] @ w_in[0]) @ w_out[0], torch.relu(x[3:] @ w_in[1]) @ w_out[1]])
+    probe = torch.randn_like(y)
+    grads = torch.autograd.grad((y * probe).sum(), (x, w_in, w_out))
+    ref_grads = torch.autograd.grad((ref * probe).sum(), (x, w_in, w_out))
+    assert torch.equal(grads[0][1], torch.zeros(D))
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
 @pytest.mark.parametrize("backend", ["torch", "eager", "einsum"])
 def test_mixtral_block_equivalence(backend):
     from transformers import MixtralConfig
