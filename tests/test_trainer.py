@@ -590,6 +590,39 @@ def test_an_average_longer_than_half_the_run_is_warned_about(tasks, tok, caplog)
     assert "about 1000 steps, more than half of this run's 300" in caplog.text
 
 
+def test_the_warning_starts_just_past_half_the_run(tasks, tok, caplog):
+    """ema_decay 0.5 averages over exactly 2 steps: half of a 4-step run is not "more than half";
+    0.99 (about 100 steps) in a 150-step run is, though it is shorter than the run."""
+    from moe_gen.trainer.averaging import weight_average
+
+    model = build(tasks, tok)
+    with caplog.at_level("WARNING", logger="moe_gen"):
+        weight_average(model, quiet(steps=4, ema_decay=0.5), sharded=False)
+        assert not caplog.records
+        weight_average(model, quiet(steps=150, ema_decay=0.99), sharded=False)
+    assert "about 100 steps, more than half of this run's 150" in caplog.text
+
+
+def test_a_bf16_model_is_averaged_in_fp32_and_the_average_is_in_eval_mode(tasks, tok):
+    """Hand-worked EMA of a bf16 model: (1 - 0.9)·change would round away in bf16; the average keeps
+    fp32 copies, updated as 0.9·average + 0.1·weights, and evaluates without dropout."""
+    from moe_gen.trainer.averaging import update_average, weight_average
+
+    model = build(tasks, tok).to(torch.bfloat16)
+    average = weight_average(model, quiet(steps=100, ema_decay=0.9), sharded=False)
+    assert not average.module.training
+    assert all(p.dtype == torch.float32 for p in average.module.parameters())
+    update_average(average, model)  # the first update copies the weights
+    first = {n: p.detach().float().clone() for n, p in model.named_parameters()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.ones_like(p))
+    update_average(average, model)
+    now = {n: p.detach().float() for n, p in model.named_parameters()}
+    for name, p in average.module.named_parameters():
+        torch.testing.assert_close(p, 0.9 * first[name] + 0.1 * now[name], atol=1e-6, rtol=1e-6, msg=name)
+
+
 def test_a_resumed_run_continues_the_same_weight_average(tasks, tok, tmp_path):
     config = quiet(steps=6, batch_size=4, ema_decay=0.8, checkpoint_every=3)
     straight = Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path / "straight"))
