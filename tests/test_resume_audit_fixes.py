@@ -186,3 +186,46 @@ def test_a_checkpoint_is_on_disk_before_latest_names_it(tok, tasks, tmp_path, mo
         assert written in synced, f"{name} was not flushed before latest named its checkpoint"
     assert partial in synced and root in synced  # the folder's entries, and the rename of the folder
     assert events[-1] == ("fsync", root)  # latest's own rename
+
+
+# the settings a resume may not change (they decide which rows each step draws), and those it may
+# change without a word: written out here, not read from the module, so a dropped name is caught
+_DRAWING = ("seed", "batch_size", "accumulate", "mixing", "temperature", "batch_tasks", "task_weights",
+            "modality_budget", "max_tokens")
+_EXTENDING = ("steps", "lr", "warmup_steps", "min_lr_ratio", "lr_scales", "weight_decay", "betas", "eps",
+              "checkpoint_every", "keep_checkpoints", "max_failed_checkpoints", "log_every", "progress",
+              "tensorboard", "eval_limit", "eval_batch_size", "num_threads", "device", "activation_checkpointing",
+              "fsdp_unit", "expert_parallel", "sharding", "shard_size", "trainable", "max_bad_steps")
+
+
+def test_every_setting_that_draws_batches_is_refused_and_every_extending_one_passes_silently(caplog):
+    from moe_gen.trainer.resume import check_same_training
+
+    saved = _config(steps=4).to_dict()
+    assert set(_DRAWING) | set(_EXTENDING) <= set(saved)
+    for key in _DRAWING:
+        with pytest.raises(ValueError, match=rf"\({key} .* → 'changed'\): the resumed run would draw other batches"):
+            check_same_training("ckpt", saved, {**saved, key: "changed"})
+    with caplog.at_level(logging.WARNING, logger="moe_gen"):
+        for key in _EXTENDING:
+            check_same_training("ckpt", saved, {**saved, key: "changed"})
+    assert not caplog.records
+
+
+def test_a_model_refusal_names_three_changes_and_counts_the_rest_and_the_backend_may_change(caplog):
+    import json
+
+    from moe_gen.trainer.resume import check_same_model
+
+    saved = flavour_with("debug").to_dict()
+    three = json.loads(json.dumps(saved))
+    three.update(d_model=saved["d_model"] * 2, encoder_layers=9, ffn_hidden=7)
+    with pytest.raises(ValueError, match=r"\(d_model .*, encoder_layers .*, ffn_hidden \S+ → 7\): the checkpoint"):
+        check_same_model("ckpt", saved, three)
+    with pytest.raises(ValueError, match=r"ffn_hidden \S+ → 7 and 1 more\): "):
+        check_same_model("ckpt", saved, {**three, "num_heads": 5})  # sorted: d_model, encoder_layers, ffn_hidden
+    other_backend = json.loads(json.dumps(saved))
+    other_backend["moe"]["backend"] = "eager"
+    with caplog.at_level(logging.WARNING, logger="moe_gen"):
+        check_same_model("ckpt", saved, other_backend)  # how the model is run, not what it is
+    assert not caplog.records
