@@ -176,3 +176,25 @@ def test_a_refused_resume_leaves_the_given_models_weights_alone(tok, tmp_path):
         Trainer(given, [load_preset("table_species", "train", limit=12)], TrainConfig(**{**config, "steps": 6}),
                 output_dir=str(tmp_path), resume=True)
     assert all(torch.equal(v, before[k]) for k, v in given.state_dict().items())
+
+
+def test_a_refused_build_removes_every_added_head_and_tokenizer_and_restores_routing_and_checkpointing(tok, tmp_path):
+    """New tasks add frame and stop heads (speech), an image tokenizer (text to image) and prompt
+    words to the instruction router; the build turns checkpointing on: a refusal puts all of it back."""
+    from moe_gen.routing.inputs import InstructionInput
+
+    torch.manual_seed(0)
+    model = GeneralistModel.build(flavour_with("debug", router=RouterConfig(strategy="instruction")),
+                                  [load_preset("table_species", "train", limit=8)], tok)
+    new = [load_preset(n, "train", limit=8) for n in ("text_to_image", "text_to_speech")]
+    added = ("adapters", "frame_heads", "stop_heads", "image_tokenizers")
+    before = {name: sorted(getattr(model, name)) for name in added}
+    words = [m.words_TkW.clone() for m in model.modules() if isinstance(m, InstructionInput)]
+    assert words
+    with pytest.raises(ValueError, match="lr_scales"):
+        Trainer(model, new, TrainConfig(**QUIET, activation_checkpointing=True, lr_scales={"adapter.": 0.1}),
+                output_dir=str(tmp_path / "a"))
+    assert {name: sorted(getattr(model, name)) for name in added} == before
+    assert not model.encoder.checkpoint_blocks and not model.decoder.checkpoint_blocks
+    now = [m.words_TkW for m in model.modules() if isinstance(m, InstructionInput)]
+    assert all(torch.equal(a, b) for a, b in zip(words, now, strict=True))
