@@ -229,3 +229,35 @@ def test_a_model_refusal_names_three_changes_and_counts_the_rest_and_the_backend
     with caplog.at_level(logging.WARNING, logger="moe_gen"):
         check_same_model("ckpt", saved, other_backend)  # how the model is run, not what it is
     assert not caplog.records
+
+
+def test_a_checkpoint_of_another_shape_is_refused_before_anything_loads(tok, tasks, tmp_path):
+    """Checked by the checkpoint itself (a checkpoint whose trainer.json predates the model check):
+    a ValueError naming the tensors, with the optimizer and weights untouched, not PyTorch's size
+    error from ``load_state_dict`` after the optimizer had loaded."""
+    from moe_gen.trainer.checkpoint import latest_checkpoint, load_checkpoint
+
+    _two_steps(tok, tasks, str(tmp_path / "run"))
+    path = latest_checkpoint(str(tmp_path / "run" / "checkpoints"))
+    with Trainer(_build(tok, tasks, d_model=32), tasks, _config(steps=4), output_dir=str(tmp_path / "b")) as t:
+        weights = {n: p.detach().clone() for n, p in t.model.named_parameters()}
+        with pytest.raises(ValueError, match=r"does not fit this model: tensors of another shape \(.*against"):
+            load_checkpoint(path, model=t.model, optimizer=t.optimizer, scheduler=t.scheduler, sampler=t.sampler)
+        assert not t.optimizer.state
+        assert all(torch.equal(p, weights[n]) for n, p in t.model.named_parameters())
+
+
+def test_a_resume_restores_the_python_numpy_and_torch_random_states_of_the_save(tok, tasks, tmp_path):
+    import random
+
+    import numpy as np
+
+    with Trainer(_build(tok, tasks), tasks, _config(steps=4), output_dir=str(tmp_path)) as first:
+        first.train_step(1)
+        first.step = 1
+        random.seed(5), np.random.seed(5), torch.manual_seed(5)
+        first.save_checkpoint()
+        expected = (random.random(), float(np.random.rand()), float(torch.rand(())))
+    random.seed(9), np.random.seed(9), torch.manual_seed(9)
+    with Trainer(_build(tok, tasks), tasks, _config(steps=4), output_dir=str(tmp_path), resume=True):
+        assert (random.random(), float(np.random.rand()), float(torch.rand(()))) == expected
