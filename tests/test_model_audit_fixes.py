@@ -160,3 +160,23 @@ def test_a_row_past_the_position_table_is_named_and_skippable_in_infer(tok, deco
     lenient = Task("notes", "[TEXT:text] topic? -> [TEXT:label,closed_set]", rows, on_error="skip")
     answers = model.infer(lenient, [rows[0], long_row, rows[1]])
     assert answers[1] is None and [answers[0].text, answers[2].text] == short and lenient.skipped == 1
+
+
+@pytest.mark.parametrize("on_features", [True, False])
+def test_frame_rows_count_against_the_position_table_only_where_they_read_it(tok, on_features):
+    """With ``positions_on_features=False`` feature rows take no row of the learned position table
+    (their adapter positions them), so a frame answer may run past ``max_positions``; with it, the
+    same answer is refused where its rows would read past the table."""
+    import math
+
+    task = load_preset("text_to_speech", "train", limit=1)
+    model = _build([task], tok, max_positions=24, positions_on_features=on_features).eval()
+    head = model.stop_heads["audio_tgt_fbank"]
+    with torch.no_grad():  # never stops: the answer runs to max_frames
+        head.weight.zero_()
+        head.bias.fill_(math.log(0.4 / 0.6))
+    if on_features:
+        with pytest.raises(ValueError, match=r"past the learned position table \(ModelConfig.max_positions=24\)"):
+            model.infer(task, task.data[:1], max_frames=40)
+    else:
+        assert len(model.infer(task, task.data[:1], max_frames=40)[0].frames) == 40
