@@ -403,6 +403,27 @@ def _scenario_uneven(rank: int, out_dir: str):
     return tensors, info
 
 
+def _scenario_release(rank: int, out_dir: str):
+    """Shards three layers in turn, releasing each plan (twice), and counts this process's groups."""
+    groups = torch.distributed.distributed_c10d._world.pg_map
+    counts, outputs = [len(groups)], {}
+    for turn in range(3):
+        moe = _routed_layer("mlp")
+        plan = shard_experts(moe, 2)
+        counts.append(len(groups))
+        outputs[f"y{turn}"], _ = _run_round(moe, 0, rank)
+        plan.release()
+        plan.release()
+        counts.append(len(groups))
+    try:
+        _run_round(moe, 0, rank)
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    barrier()  # the default group still works
+    return outputs, {"counts": counts, "error": error, "groups": [plan.ep_group, plan.replica_group, plan.mesh]}
+
+
 def _scenario_failure(rank: int, out_dir: str, sharding: str = "replicate"):
     if sharding == "fsdp":  # the peer waits in FSDP's all-gather of the next forward
         from moe_gen.fsdp import shard_dense
@@ -661,6 +682,7 @@ SCENARIOS = {
     "replicas": _scenario_replicas,
     "uneven": _scenario_uneven,
     "failure": _scenario_failure,
+    "release": _scenario_release,
     "checkpoint": _scenario_checkpoint,
     "wrapper_plan": _scenario_wrapper_plan,
     "save_pretrained_sharded": _scenario_save_pretrained_sharded,

@@ -209,6 +209,21 @@ def test_replicas_of_a_shard_average_expert_gradients(tmp_path, world, ep_size):
             torch.testing.assert_close(tensors[name], expected, atol=1e-5, rtol=0, msg=f"rank {rank}: {name}")
 
 
+def test_released_plans_leave_no_process_groups_behind_and_their_layers_refuse_to_run(tmp_path):
+    """Each shard_experts call creates groups; release() destroys them (not the default group),
+    so sharding layer after layer keeps the count flat, and a released layer raises."""
+    (r0, info0), (r1, info1) = Launch("release", tmp_path).results()
+    for rank, (tensors, info) in enumerate([(r0, info0), (r1, info1)]):
+        before, *after = info["counts"]
+        assert all(n > before for n in after[0::2]), info["counts"]  # sharding created groups
+        assert after[1::2] == [before] * 3, info["counts"]  # released: back to the default group alone
+        assert "were destroyed by ExpertParallelPlan.release()" in info["error"]
+        assert info["groups"] == [None, None, None]
+        y, _ = _run_round(_routed_layer("mlp"), 0, rank)
+        for turn in range(3):
+            torch.testing.assert_close(tensors[f"y{turn}"], y, atol=1e-5, rtol=1e-5)
+
+
 def test_uneven_and_empty_token_counts_match_the_single_process_layer(tmp_path):
     launch = Launch("uneven", tmp_path)
     (r0, info0), (r1, info1) = launch.results()

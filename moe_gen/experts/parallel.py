@@ -74,6 +74,7 @@ class ExpertParallelPlan:
         expert_params: parameter name → ``ExpertShard``, for every expert parameter (dim 0 = the
             layer's local experts). Names are those of ``model.named_parameters()``.
         mesh: the ``(dp, ep)`` ``DeviceMesh`` the groups come from (None in a single process).
+        released: ``release()`` has destroyed the groups; the sharded layers refuse to run.
     """
 
     ep_size: int
@@ -85,6 +86,7 @@ class ExpertParallelPlan:
     layers: dict[str, ExpertShard]
     expert_params: dict[str, ExpertShard]
     mesh: DeviceMesh | None = None
+    released: bool = False
 
     @property
     def ep_rank(self) -> int:
@@ -95,6 +97,21 @@ class ExpertParallelPlan:
     def replica_rank(self) -> int:
         """Which data-parallel replica of the EP group this rank belongs to (0 writes checkpoints)."""
         return self.rank // self.ep_size
+
+    def release(self) -> None:
+        """Destroys the process groups ``shard_experts`` created for this plan (the default group,
+        which a mesh dimension spanning the world reuses, is left to ``shutdown()``). Every process
+        calls it, once it is done with the sharded model: each ``shard_experts`` call creates new
+        groups, and a process that shards many models would otherwise keep all of them (threads and
+        sockets with gloo, communicators with NCCL) until it ends. Afterwards the model's sharded
+        layers raise instead of running; save or gather what you need first. Calling it again does
+        nothing."""
+        if self.released:
+            return
+        if self.mesh is not None:
+            destroy_mesh_groups(self.mesh)
+        self.ep_group = self.replica_group = self.mesh = None
+        self.released = True
 
     def __deepcopy__(self, memo) -> "ExpertParallelPlan":
         # Process groups cannot be copied, and a copied model still lives on the same processes.
@@ -167,6 +184,11 @@ class ExpertParallel(DispatchBackend):
     def dispatch(self, x_TD: torch.Tensor, routing: RouterOutput) -> Dispatched:
         """Sends each computed assignment's row to the rank holding its expert; the rows this rank
         receives (ordered by source rank, then local expert) are the ``inputs``."""
+        if self.plan.released:
+            raise RuntimeError(
+                "this MoE layer's expert-parallel process groups were destroyed by ExpertParallelPlan.release(); "
+                "it cannot run any more (load the saved shards into a model sharded again with shard_experts)"
+            )
         P, L, E = self.plan.ep_size, self.shard.count, self.shard.total
         group = self.plan.ep_group
         assert routing.num_experts == E, (routing.num_experts, E)
@@ -333,6 +355,17 @@ def _new_groups(device_type: str, ep_size: int, dp_size: int):
     ep_group = mesh.get_group("ep") if ep_size > 1 else None
     replica_group = mesh.get_group("dp") if dp_size > 1 else None
     return mesh, ep_group, replica_group
+
+
+def destroy_mesh_groups(mesh: DeviceMesh) -> None:
+    """Destroys the process groups of ``mesh``'s dimensions on this process, except the default
+    group (a dimension spanning the whole world uses it; ``moe_gen.distributed.shutdown`` ends it).
+    Nothing to do once the default group is gone: destroying it destroyed every group."""
+    if not dist.is_initialized():
+        return
+    for group in mesh.get_all_groups():
+        if group is not dist.group.WORLD:
+            dist.destroy_process_group(group)
 
 
 def _record_shard(plan: ExpertParallelPlan, name: str, moe: MoE, shard: ExpertShard) -> None:
