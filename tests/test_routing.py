@@ -557,6 +557,41 @@ def test_group_key_distinguishes_every_tag():
     assert len(set(keys)) == len(keys)
 
 
+def test_constant_tags_default_to_the_tokens_own_modality_and_refuse_modalities_outside_the_vocabulary():
+    # task_modalities defaults to the token's own modality alone, on every token of the shape
+    tags = TokenTags.constant((2, 3), modality="AUDIO")
+    expected = torch.zeros(2, 3, 9, dtype=torch.bool)
+    expected[..., 2] = True
+    assert torch.equal(tags.task_modalities, expected)
+    listed = TokenTags.constant(2, modality="IMAGE", task_modalities=("TEXT", "BOX"), num_modalities=6)
+    assert listed.task_modalities.tolist() == [[True, False, False, False, False, True]] * 2
+    # -1 would set the last modality's bit (Python indexing), 9 would index past the multi-hot
+    for bad in (-1, 9):
+        with pytest.raises(ValueError, match=rf"task modality index {bad} is outside \[0, 9\)"):
+            TokenTags.constant(2, task_modalities=("TEXT", bad))
+
+
+def test_cat_keeps_sample_only_when_every_part_has_it():
+    with_sample = dataclasses.replace(TokenTags.constant(2, task=1), sample=torch.tensor([0, 1]))
+    without = TokenTags.constant(3, task=2, modality="IMAGE")
+    mixed = TokenTags.cat([with_sample, without])
+    assert mixed.sample is None
+    assert mixed.task.tolist() == [1, 1, 2, 2, 2] and mixed.modality.tolist() == [0, 0, 1, 1, 1]
+    assert mixed.task_modalities.shape == (5, 9)
+    both = TokenTags.cat([with_sample, dataclasses.replace(without, sample=torch.tensor([0, 0, 1]))])
+    assert both.sample.tolist() == [0, 1, 0, 0, 1]
+
+
+def test_group_key_packs_at_most_40_modalities():
+    # 17 bits of modality, role, causal and pass, then M bits: with 40 modalities the 64 tasks that
+    # RouterConfig allows still fit a signed 64-bit key; one modality more does not
+    keys = TokenTags.cat([TokenTags.constant(1, task=t, task_modalities=range(40), num_modalities=40)
+                          for t in range(64)]).group_key()
+    assert (keys >= 0).all() and len(torch.unique(keys)) == 64
+    with pytest.raises(ValueError, match="group_key supports at most 40 modalities, got 41"):
+        TokenTags.constant(1, num_modalities=41).group_key()
+
+
 @pytest.mark.parametrize("padded", [True, False])
 def test_tag_batch_groups_and_derived_attributes_match_a_per_token_reference(padded):
     B, S = 4, 9
