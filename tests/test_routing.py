@@ -127,6 +127,86 @@ def test_context_pools_what_each_token_sees_and_carries_it_across_calls():
     assert carry["count"].view(-1).tolist() == [7, 4]
 
 
+def test_context_without_causal_tokens_adds_the_projected_mean_of_each_sequence():
+    # the path taken when no token is causal (encoders) and outside cached decoding: every valid
+    # token adds the projection of its sequence's mean; padding and the other sequences stay out
+    from moe_gen.routing.inputs import ContextInput
+    from moe_gen.routing.tags import _segments
+
+    torch.manual_seed(0)
+    ctx = ContextInput(D, RouterConfig(strategy="context"))
+    x = torch.randn(2, 6, D)
+    valid = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
+    sample = torch.tensor([[0, 0, 0, 1, 1, 1], [0] * 6])  # row 0 packs two samples
+    tags = dataclasses.replace(TokenTags.constant((2, 6)), sample=sample).flatten()
+    segment, flat_valid = _segments((2, 6), tags, None), valid.reshape(-1)
+    x[~valid] = float("nan")
+    with torch.no_grad():
+        z = ctx(x.reshape(-1, D), tags, segment, flat_valid)
+        expected = _context_reference(ctx, x.reshape(-1, D), segment, torch.zeros(12, dtype=torch.bool), flat_valid)
+        torch.testing.assert_close(z[flat_valid], expected[flat_valid])
+        # by hand for row 1: the mean of its 3 valid tokens
+        row1 = x[1, :3]
+        torch.testing.assert_close(z.view(2, 6, D)[1, :3], row1 + ctx.context_proj(row1.mean(0)))
+
+
+def test_context_causal_prefixes_are_summed_in_float64_outside_training():
+    # prompt tokens of +1e4 then -1e4 that cancel: summed in float32 the running sum (~1e5) rounds
+    # their small parts away (errors of ~1e-4 in z), so cached decoding's carried sums and the full
+    # forward would route the answer tokens differently; in float64 both give the exact mean
+    from moe_gen.routing.inputs import ContextInput
+    from moe_gen.routing.tags import _segments
+
+    torch.manual_seed(0)
+    ctx = ContextInput(D, RouterConfig(strategy="context"))
+    P, L = 32, 4
+    x = torch.rand(1, P + L, D)
+    x[0, :P] += torch.tensor([1e4] * (P // 2) + [-1e4] * (P // 2)).unsqueeze(1)
+    causal = torch.tensor([[False] * P + [True] * L])
+    tags = dataclasses.replace(TokenTags.constant((1, P + L)), causal=causal).flatten()
+    valid = torch.ones(P + L, dtype=torch.bool)
+    segment = _segments((1, P + L), tags, None)
+    with torch.no_grad():
+        z = ctx(x.reshape(-1, D), tags, segment, valid)
+        expected = _context_reference(ctx, x.reshape(-1, D), segment, causal.reshape(-1), valid)
+    torch.testing.assert_close(z[P:], expected[P:], rtol=0, atol=1e-5)
+
+
+def test_context_carry_survives_a_call_without_tokens():
+    # a decoding call with no tokens (a layer that gets none) keeps every sequence's carried sums
+    from moe_gen.routing.inputs import ContextInput
+    from moe_gen.routing.tags import _segments
+
+    torch.manual_seed(0)
+    ctx = ContextInput(D, RouterConfig(strategy="context"))
+    B, P = 2, 3
+    x = torch.randn(B, P + 1, D)
+    tags = dataclasses.replace(TokenTags.constant((B, P + 1)), causal=torch.tensor([[False] * P + [True]] * B))
+    valid = torch.ones(B * (P + 1), dtype=torch.bool)
+    with torch.no_grad():
+        whole = ctx(x.reshape(-1, D), tags.flatten(), _segments((B, P + 1), tags.flatten(), None), valid)
+        carry: dict = {}
+        for part in (slice(0, P), slice(P, P), slice(P, P + 1)):
+            part_tags = tags.select((slice(None), part)).flatten()
+            width = part.stop - part.start
+            z = ctx(x[:, part].reshape(-1, D), part_tags, _segments((B, width), part_tags, None),
+                    torch.ones(B * width, dtype=torch.bool), carry=carry)
+            assert carry["count"].view(-1).tolist() == [part.stop] * B
+        torch.testing.assert_close(z, whole.view(B, P + 1, D)[:, P])
+
+
+def test_hybrid_input_is_the_token_plus_the_attribute_input():
+    from moe_gen.routing.inputs import AttributeInput, HybridInput
+
+    torch.manual_seed(0)
+    config = RouterConfig(strategy="hybrid")
+    hybrid, attribute = HybridInput(D, config), AttributeInput(D, config)
+    attribute.load_state_dict(hybrid.state_dict())
+    x, tags = torch.randn(12, D), random_tags((12,))
+    with torch.no_grad():
+        torch.testing.assert_close(hybrid(x, tags, None, None), x + attribute(x, tags, None, None))
+
+
 @pytest.mark.parametrize("k", [1, 2, 3, 4, 8])
 def test_topk_weights_normalisation(k):
     x = torch.randn(32, D)
