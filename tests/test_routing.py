@@ -494,6 +494,51 @@ def test_slot_positions_of_absent_assignments_are_zero():
     assert counts.tolist() == [0, 1, 1]
 
 
+def _group_routes_by_hand():
+    from moe_gen.routing.output import GroupRoutes, RouterOutput
+
+    # 6 tokens in 3 tag groups, the last one padding; E = 4, K = 2
+    group_T = torch.tensor([0, 1, 1, 2, 0, 2])
+    valid = torch.tensor([True, True, True, True, True, False])
+    ids_GK = torch.tensor([[0, 1], [1, 2], [3, 1]])
+    weights_GK = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]])
+    logits_GE = torch.randn(3, 4)
+    groups = GroupRoutes(group_T, ids_GK, weights_GK, logits_GE.softmax(-1), logits_GE,
+                         count_G=torch.tensor([2, 2, 1]))
+    none = torch.zeros((), dtype=torch.long)
+    return RouterOutput(valid=valid, dropped_assignments=none, dropped_tokens=none, content_dependent=False,
+                        balanced_by_construction=False, learned_gate=True, groups=groups)
+
+
+def test_router_output_expands_group_routes_by_hand():
+    routing = _group_routes_by_hand()
+    g = routing.groups
+    assert (routing.num_experts, routing.top_k) == (4, 2)
+    # each valid member computes its group's K experts: e0 by group 0 (2), e1 by groups 0, 1, 2
+    # (2 + 2 + 1), e2 by group 1 (2), e3 by group 2 (1); dropless, the capacity is the largest load
+    assert routing.expert_counts.tolist() == [2, 5, 2, 1]
+    assert routing.capacity == 5
+    assert routing.topk_ids.tolist() == [[0, 1], [1, 2], [1, 2], [3, 1], [0, 1], [3, 1]]
+    assert routing.mask.tolist() == [[True, True]] * 5 + [[False, False]]
+    expected_weights = torch.tensor([[0.6, 0.4], [0.7, 0.3], [0.7, 0.3], [0.5, 0.5], [0.6, 0.4], [0.0, 0.0]])
+    assert torch.equal(routing.topk_weights, expected_weights)  # 0 for padding
+    torch.testing.assert_close(routing.probs[:5], g.probs_GE[g.group_T[:5]])
+    assert torch.equal(routing.probs[5], torch.zeros(4))
+    assert torch.equal(routing.logits, g.logits_GE[g.group_T])  # logits kept for padding too
+    assert repr(routing) == "RouterOutput(T=6, K=2, E=4, capacity=5, 3 tag groups)"
+
+
+def test_router_output_without_groups_needs_every_per_token_tensor():
+    from moe_gen.routing.output import RouterOutput
+
+    none = torch.zeros((), dtype=torch.long)
+    with pytest.raises(ValueError, match=r"RouterOutput needs probs, logits, capacity \(or groups= to expand"):
+        RouterOutput(valid=torch.ones(2, dtype=torch.bool), dropped_assignments=none, dropped_tokens=none,
+                     content_dependent=True, balanced_by_construction=False, learned_gate=True,
+                     topk_ids=torch.zeros(2, 1, dtype=torch.long), topk_weights=torch.ones(2, 1),
+                     mask=torch.ones(2, 1, dtype=torch.bool), expert_counts=torch.tensor([2]))
+
+
 # ---- auxiliary losses ------------------------------------------------------------------------
 
 
