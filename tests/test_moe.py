@@ -195,6 +195,41 @@ def test_linear_experts_change_width():
     assert moe(torch.randn(2, 5, D)).output.shape == (2, 5, 3 * D)
 
 
+@pytest.mark.parametrize("kind", ["mlp", "glu", "linear"])
+def test_expert_weights_start_like_nn_linear_of_each_expert(kind):
+    # nn.Linear's default, U(-1/sqrt(fan_in), 1/sqrt(fan_in)) for weights and biases, with the
+    # fan-in of each projection: D into the hidden units, H out of them (D and H far apart here)
+    torch.manual_seed(0)
+    d_model, d_hidden = 64, 16
+    experts = EXPERTS.get(kind)(d_model, d_hidden, 8, ExpertsConfig(kind=kind))
+    fan_in = {"w_in": d_model, "b_in": d_model, "w_out": d_hidden, "b_out": d_hidden,
+              "weight": d_model, "bias": d_model}
+    names = [name for name, _ in experts.named_parameters()]
+    assert names == (["weight", "bias"] if kind == "linear" else ["w_in", "w_out", "b_in", "b_out"])
+    for name, p in experts.named_parameters():
+        bound = 1.0 / fan_in[name] ** 0.5
+        assert 0.9 * bound < float(p.detach().abs().max()) <= bound, name
+
+
+@pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("glu", "silu")])
+def test_merged_groups_run_each_route_through_its_own_merged_ffn(kind, activation):
+    # rows sorted by route (3 rows of route 0, 2 of route 1): each equals Σ_k w_k · expert_k(row),
+    # with autograd and without it (inference may take a shortcut for a single route only)
+    torch.manual_seed(0)
+    experts = EXPERTS.get(kind)(D, H, 4, ExpertsConfig(kind=kind, activation=activation))
+    routes = [(torch.tensor([0, 2]), torch.tensor([0.7, 0.3])), (torch.tensor([3, 1]), torch.tensor([0.4, 0.6]))]
+    x = torch.randn(5, D)
+    with torch.no_grad():
+        expected = torch.cat([sum(w * experts.forward_expert(int(e), rows) for e, w in zip(ids, weights))
+                              for (ids, weights), rows in zip(routes, (x[:3], x[3:]))])
+    stacked = experts.stack_merged([experts.merged_weights(ids, weights) for ids, weights in routes])
+    torch.testing.assert_close(experts.forward_merged_groups(x, [3, 2], stacked), expected)
+    with torch.no_grad():
+        torch.testing.assert_close(experts.forward_merged_groups(x, [3, 2], stacked), expected)
+        one = experts.stack_merged([experts.merged_weights(*routes[1])])
+        torch.testing.assert_close(experts.forward_merged_groups(x[3:], [2], one), expected[3:])
+
+
 def test_empty_and_all_padding_inputs():
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, router="attribute"))
     out = moe(torch.randn(0, D), tags=TokenTags.constant(0))
