@@ -46,10 +46,11 @@ FAMILIES = {
 }
 
 
-def hf_block(name: str) -> nn.Module:
-    """The family's block with random weights (routers start at zero in transformers), in eval mode."""
+def hf_block(name: str, **overrides) -> nn.Module:
+    """The family's block with random weights (routers start at zero in transformers), in eval mode;
+    ``overrides`` are further config settings (``hidden_act``)."""
     module_name, config_name, block_name, settings = FAMILIES[name]
-    config = getattr(importlib.import_module("transformers"), config_name)(hidden_size=D, **settings)
+    config = getattr(importlib.import_module("transformers"), config_name)(hidden_size=D, **settings, **overrides)
     module = importlib.import_module(f"transformers.models.{module_name}.modeling_{module_name}")
     block = getattr(module, block_name)(config).eval()
     with torch.no_grad():
@@ -182,6 +183,65 @@ def test_modulelist_experts_import_like_stacked_ones(name):
     listed = from_hf_moe(block)
     for key, value in stacked.state_dict().items():
         assert torch.equal(listed.state_dict()[key], value), key
+
+
+@pytest.mark.parametrize("hidden_act", ["gelu_pytorch_tanh", "gelu_new", "gelu", "relu"])
+def test_blocks_of_other_activations_give_the_same_outputs(hidden_act):
+    """Each activation class transformers builds is named as the moe_gen activation that computes it
+    (gelu_pytorch_tanh's GELUTanh is the tanh approximation, not the exact gelu)."""
+    block = hf_block("qwen3_moe", hidden_act=hidden_act)
+    x = torch.randn(3, 11, D)
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf_moe(block)(x).output, block_output(block, x.clone()), atol=1e-5, rtol=0)
+
+
+def test_the_imported_layer_is_in_the_blocks_train_or_eval_mode():
+    block = hf_block("qwen2_moe")
+    assert not any(m.training for m in from_hf_moe(block.eval()).modules())
+    assert all(m.training for m in from_hf_moe(block.train()).modules())
+
+
+def test_a_subclass_of_a_known_block_imports_as_its_family():
+    block = hf_block("mixtral")
+    block.__class__ = type("MyMixtralBlock", (type(block),), {})
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf_moe(block)(x).output, block_output(block, x.clone()), atol=1e-5, rtol=0)
+
+
+def test_a_shared_expert_is_imported_only_with_the_routed_experts_activation():
+    """moe_gen gives the routed and shared experts one activation: another class computing the same
+    function (torch's SiLU for transformers' SiLUActivation) is accepted, a different function refused."""
+    block = hf_block("qwen2_moe")
+    block.shared_expert.act_fn = nn.SiLU()
+    x = torch.randn(2, 5, D)
+    with torch.no_grad():
+        torch.testing.assert_close(from_hf_moe(block)(x).output, block_output(block, x.clone()), atol=1e-5, rtol=0)
+    block.shared_expert.act_fn = nn.ReLU()
+    with pytest.raises(ValueError, match="shared expert uses ReLU and its routed experts SiLUActivation"):
+        from_hf_moe(block)
+
+
+@pytest.mark.parametrize("flag, value, what", [
+    ("is_transposed", True, "transposed weights"),
+    ("is_concatenated", False, "interleaved gate/up rows"),
+    ("has_post_expert_norm", True, "a norm after each expert"),
+])
+def test_stacked_expert_layouts_moe_gen_cannot_hold_are_refused(flag, value, what):
+    block = hf_block("qwen3_moe")
+    setattr(block.experts, flag, value)
+    with pytest.raises(ValueError, match=f"has {what}, which moe_gen's glu experts cannot hold"):
+        from_hf_moe(block)
+
+
+def test_per_expert_mlps_with_biases_are_refused():
+    block = hf_block("mixtral")
+    H = block.experts.down_proj.shape[2]
+    mlps = nn.ModuleList(_MixtralExpertMLP(D, H) for _ in range(block.experts.down_proj.shape[0]))
+    mlps[1].w2 = nn.Linear(H, D, bias=True)
+    block.experts = mlps
+    with pytest.raises(ValueError, match="_MixtralExpertMLP has biases; moe_gen imports bias-free SwiGLU MLPs only"):
+        from_hf_moe(block)
 
 
 def test_moe_from_mixtral_is_from_hf_moe():
