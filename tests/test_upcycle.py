@@ -127,6 +127,97 @@ def test_reinit_fraction_redraws_that_many_units_per_expert_and_keeps_the_rest(e
     assert len(set(redrawn)) > 1  # each expert draws its own subset
 
 
+def test_redrawn_units_follow_the_statistics_of_the_dense_matrix_they_belong_to():
+    """Drop-Upcycling draws a unit's gate columns from N(mean, std) of the dense gate half, its up
+    columns from the up half's, its ``b_in`` entries from the matching half of the bias and its
+    ``w_out`` row from ``w_out``'s: each dense matrix here has its own mean and std, set by hand."""
+    torch.manual_seed(0)
+    D, H, E = 16, 64, 4
+    dense = DenseFFN(D, H, ExpertsConfig(kind="glu", activation="silu", bias=True))
+    with torch.no_grad():  # nn.Linear keeps [out, in]: gate rows first, then up rows
+        dense.fc_in.weight[:H].normal_(2.0, 0.1)
+        dense.fc_in.weight[H:].normal_(-1.0, 0.3)
+        dense.fc_in.bias[:H].normal_(3.0, 0.2)
+        dense.fc_in.bias[H:].normal_(-3.0, 0.4)
+        dense.fc_out.weight.normal_(0.5, 0.05)
+    w_in_DX, b_in_X = dense.fc_in.weight.detach().t().clone(), dense.fc_in.bias.detach().clone()
+    w_out_HD = dense.fc_out.weight.detach().t().clone()
+    tree = nn.ModuleList([dense])
+    upcycle(tree, num_experts=E, top_k=2, reinit_fraction=0.5, seed=0)
+    experts = tree[0].experts
+    units_EH = torch.stack([(experts.w_out[e] != w_out_HD).any(1) for e in range(E)])
+    assert units_EH.sum(1).tolist() == [H // 2] * E
+
+    def check(new, old):  # the redrawn values against the dense matrix (population std)
+        assert abs(float(new.mean() - old.mean())) < 0.25 * float(old.std(correction=0))
+        assert float(new.std()) == pytest.approx(float(old.std(correction=0)), rel=0.25)
+
+    with torch.no_grad():
+        for columns in (slice(0, H), slice(H, 2 * H)):  # gate half, up half
+            new_w = torch.cat([experts.w_in[e][:, columns][:, units_EH[e]].flatten() for e in range(E)])
+            check(new_w, w_in_DX[:, columns])
+            new_b = torch.cat([experts.b_in[e][columns][units_EH[e]] for e in range(E)])
+            check(new_b, b_in_X[columns])
+        check(torch.cat([experts.w_out[e][units_EH[e]].flatten() for e in range(E)]), w_out_HD)
+
+
+def test_a_reinit_fraction_of_one_redraws_every_unit():
+    torch.manual_seed(0)
+    dense = DenseFFN(16, 32, ExpertsConfig())
+    w_out_HD = dense.fc_out.weight.detach().t().clone()
+    tree = nn.ModuleList([dense])
+    upcycle(tree, num_experts=2, top_k=1, reinit_fraction=1.0, seed=0)
+    assert all(bool((tree[0].experts.w_out[e] != w_out_HD).any(1).all()) for e in range(2))
+
+
+def test_every_expert_may_be_active_and_the_layer_still_equals_the_dense_ffn():
+    torch.manual_seed(0)
+    tree = nn.ModuleList([DenseFFN(16, 32, GLU)])
+    dense = copy.deepcopy(tree[0])
+    upcycle(tree, num_experts=3, top_k=3, seed=0)
+    x = torch.randn(2, 5, 16)
+    with torch.no_grad():
+        torch.testing.assert_close(tree[0](x).output, dense(x), atol=1e-6, rtol=1e-5)
+
+
+def test_router_std_sets_the_new_routers_initial_weights():
+    torch.manual_seed(0)
+    tree = nn.ModuleList([DenseFFN(64, 32, ExpertsConfig()) for _ in range(2)])
+    upcycle(tree, num_experts=8, top_k=2, layers=["0"], router_std=0.0, seed=0)
+    upcycle(tree, num_experts=8, top_k=2, layers=["1"], router_std=0.5, seed=0)
+    assert torch.equal(tree[0].router.weight, torch.zeros_like(tree[0].router.weight))
+    assert float(tree[1].router.weight.detach().std()) == pytest.approx(0.5, rel=0.2)  # 512 draws
+
+
+def test_the_new_layers_take_the_dense_ffns_train_or_eval_mode():
+    torch.manual_seed(0)
+    tree = nn.ModuleList([DenseFFN(16, 32, ExpertsConfig()) for _ in range(2)])
+    tree[0].eval()
+    upcycle(tree, num_experts=4, top_k=2, seed=0)
+    assert not any(m.training for m in tree[0].modules()) and all(m.training for m in tree[1].modules())
+
+
+def test_a_linear_ffn_has_no_units_to_redraw():
+    tree = nn.ModuleList([DenseFFN(16, 16, ExpertsConfig(kind="linear"))])
+    with pytest.raises(ValueError, match="is a linear FFN: it has no hidden units for reinit_fraction"):
+        upcycle(tree, num_experts=4, top_k=2, reinit_fraction=0.5)
+    assert isinstance(tree[0], DenseFFN)
+
+
+def test_a_given_router_config_takes_the_models_tag_vocabularies_and_task_words(data, tok):
+    """Tag embeddings sized by a RouterConfig's defaults (64 tasks, 9 modalities...) would not cover
+    the model's tag ids; the new routers take the model's sizes and its tasks' prompt words."""
+    tasks, samples = data
+    model = dense_model(tasks, tok, router={"num_tasks": 80, "num_roles": 5, "num_passes": 4, "num_modalities": 12})
+    ours = model.config.moe.router
+    assert ours.task_words  # the model's tasks' words
+    _, summary = upcycle(model, num_experts=4, top_k=2, router=RouterConfig(strategy="instruction"), seed=0)
+    fields = ("num_tasks", "num_roles", "num_passes", "num_modalities", "task_words")
+    for router in [summary.router, model.config.moe.router, *(b.ffn.config.router for b in blocks(model))]:
+        assert router.strategy == "instruction"
+        assert [getattr(router, f) for f in fields] == [getattr(ours, f) for f in fields]
+
+
 def test_a_seed_makes_upcycling_reproducible_and_spares_the_global_rng():
     torch.manual_seed(0)
     tree = nn.ModuleList([DenseFFN(16, 32, ExpertsConfig())])
@@ -235,6 +326,8 @@ def test_a_bare_module_tree_upcycles_its_dense_ffns_in_their_dtype(router):
     (dict(top_k=5), "top_k=5 exceeds num_experts=4"),
     (dict(noise=-0.1), "noise must be >= 0"),
     (dict(reinit_fraction=1.5), r"reinit_fraction must be in \[0, 1\]"),
+    (dict(router_std=-0.01), "router_std must be >= 0"),
+    (dict(top_k=True), "top_k must be a positive int, got True"),
 ], ids=lambda value: None if isinstance(value, dict) else value[:24])
 def test_bad_settings_raise_and_leave_the_model_as_it_was(data, tok, kwargs, message):
     tasks, _ = data
