@@ -1,5 +1,7 @@
 """Several gloo processes (127.0.0.1) beyond one step's equivalence: a failing rank stops its peer
-with an error; expert-shard checkpoints load across layouts; the single-process defaults and errors;
+with an error; expert-shard checkpoints load across layouts (also in one process, with hand-made
+layouts: a rank reads only the files it needs; stale, incomplete, misfit or wrapper files are refused);
+the single-process defaults and errors (clipping equals torch's; the merging arithmetic by hand);
 the ``Trainer`` on 2 processes (objectives whose collectives cannot pair are refused, the logged loss
 and its parts are the processes' mean, an unsharded copy leaves the RNG alone, only-expert training
 needs no DDP, resuming with more processes is refused on every process). Split from
@@ -265,3 +267,153 @@ def test_resuming_with_more_processes_than_wrote_the_checkpoint_is_refused_on_ev
                                     True).results()
     assert "has no state for process 1" in info1["error"]
     assert "has no state for process 1" in info0["error"] or "another process refused" in info0["error"]
+
+
+# ---- the same helpers in one process: hand-made layouts, the merging arithmetic ---------------------
+
+
+def _ep_plan(model: nn.Module, rank: int, ep_size: int):
+    """The plan ``shard_experts(model, ep_size)`` gives rank ``rank`` (no process groups: save_shards and
+    load_shards use none)."""
+    import dataclasses
+
+    from moe_gen.experts.parallel import ExpertShard
+
+    full = expert_plan(model)
+
+    def shard(s):
+        count = s.total // ep_size
+        return ExpertShard(offset=rank * count, count=count, total=s.total)
+
+    return dataclasses.replace(full, ep_size=ep_size, dp_size=1, rank=rank, world_size=ep_size, replica_group=None,
+                               layers={n: shard(s) for n, s in full.layers.items()},
+                               expert_params={n: shard(s) for n, s in full.expert_params.items()})
+
+
+def _local(tensors: dict, plan) -> dict:
+    """Each expert tensor cut to the plan's experts (what that rank holds)."""
+    out = {}
+    for key, value in tensors.items():
+        s = plan.expert_params.get(key.split("::")[0])
+        out[key] = value if s is None or value.dim() == 0 else _expert_slice(value, s.offset, s.count)
+    return out
+
+
+def test_a_rank_loads_its_experts_when_only_the_files_it_needs_are_there(tmp_path):
+    """Written by 2 ranks, read by one process (the full tensors) and by rank 0 alone after rank 1's
+    files are gone: rank 0 reads only the files holding its experts."""
+    model = _ckpt_model()
+    full = _ckpt_tensors(model)
+    plans = [_ep_plan(model, rank, 2) for rank in (0, 1)]
+    for plan in plans:
+        save_shards(str(tmp_path), "model", _local(full, plan), plan)
+    back = load_shards(str(tmp_path), "model", model)
+    assert sorted(back) == sorted(full) and all(torch.equal(back[k], v) for k, v in full.items())
+    for name in ("model-experts-0002-0002.safetensors", "model-experts-0001-0001.safetensors"):
+        os.remove(tmp_path / name)
+    mine = load_shards(str(tmp_path), "model", plans[0])
+    expected = _local(full, plans[0])
+    assert sorted(mine) == sorted(expected) and all(torch.equal(mine[k], v) for k, v in expected.items())
+
+
+def test_shards_of_another_layer_size_or_another_save_are_refused(tmp_path):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    model = _ckpt_model()
+    full = _ckpt_tensors(model)
+    save_shards(str(tmp_path), "model", full, model)
+    wider = nn.ModuleDict({"ffn": MoE(MoEConfig(d_model=D, d_hidden=12, num_experts=8, top_k=2)),
+                           "proj": model["proj"], "head": model["head"]})
+    with pytest.raises(ValueError, match=r"'ffn\.experts\.\w+(::\w+)?': the checkpoint's layer has 4 experts, "
+                                         "this model's 8"):
+        load_shards(str(tmp_path), "model", wider)
+    path = str(tmp_path / "model-experts-0000-0004.safetensors")
+    with safe_open(path, framework="pt") as f:
+        metadata, tensors = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
+    save_file(tensors, path, metadata={**metadata, "total": "8"})  # a file of another save under the same name
+    with pytest.raises(ValueError, match="model-experts-0000-0004.safetensors does not match the manifest"):
+        load_shards(str(tmp_path), "model", model)
+    save_file({k: v for k, v in tensors.items() if k != "ffn.experts.w_in"}, path, metadata=metadata)
+    with pytest.raises(ValueError, match="model-experts-0000-0004.safetensors lacks 'ffn.experts.w_in', which the "
+                                         "manifest lists"):
+        load_shards(str(tmp_path), "model", model)
+
+
+def test_a_manifest_naming_a_wrappers_expert_key_is_refused(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    from moe_gen.distributed import FORMAT
+
+    model = _ckpt_model()
+    manifest = [{"total": 4, "count": 4, "keys": ["model.ffn.experts.w_in"]}]
+    save_file({"head.weight": torch.zeros(3, D)}, str(tmp_path / "model-dense.safetensors"),
+              metadata={"format": FORMAT, "ep_size": "1", "experts": json.dumps(manifest)})
+    with pytest.raises(ValueError, match="hold 'model.ffn.experts.w_in', which is not a parameter of the sharded "
+                                         "model but ends with its expert parameter 'ffn.experts.w_in'"):
+        load_shards(str(tmp_path), "model", model)
+
+
+def test_an_expert_tensor_not_holding_the_ranks_experts_is_refused(tmp_path):
+    model = _ckpt_model()
+    tensors = _ckpt_tensors(model)
+    tensors["ffn.experts.w_in::exp_avg"] = tensors["ffn.experts.w_in::exp_avg"][:3]
+    with pytest.raises(ValueError, match=r"'ffn.experts.w_in::exp_avg' belongs to an expert parameter of which this "
+                                         r"rank holds 4 experts \(of 4\), but its dim 0 is 3"):
+        save_shards(str(tmp_path), "model", tensors, model)
+
+
+def test_a_failed_shard_write_leaves_no_temporary_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    def torn(tensors, path, metadata=None):
+        with open(path, "wb") as f:
+            f.write(b"half")
+        raise OSError(28, "No space left on device")
+
+    model = _ckpt_model()
+    monkeypatch.setattr(safetensors.torch, "save_file", torn)
+    with pytest.raises(OSError, match="No space left"):
+        save_shards(str(tmp_path), "model", _ckpt_tensors(model), model)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("max_norm", [0.05, 1e4])
+def test_clipping_in_one_process_equals_torchs(max_norm):
+    """Above max_norm the gradients are scaled down as torch does; below it they are left alone
+    (the factor is at most 1)."""
+    import copy
+
+    model = _ckpt_model()
+    twin = copy.deepcopy(model)
+    x = torch.randn(5, D, generator=torch.Generator().manual_seed(0))
+    for m in (model, twin):
+        m["head"](m["proj"](m["ffn"](x).output).output).sum().backward()
+    norm = clip_grad_norm_(model, max_norm)
+    expected = torch.nn.utils.clip_grad_norm_(twin.parameters(), max_norm)
+    torch.testing.assert_close(norm, expected)
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, msg=name)
+
+
+def test_merged_over_processes_averages_each_mean_over_its_reporters_and_sums_counts(monkeypatch):
+    """Hand-worked: 'a' reported by 3 processes (1, 2, 6: mean 3), 'b' by one (4: not 4/3); positions
+    summed per modality."""
+    import torch.distributed as dist
+
+    from moe_gen import distributed
+
+    parts = [({"a": 1.0}, {"IMAGE": 3}), ({"a": 2.0, "b": 4.0}, {"TEXT": 7, "IMAGE": 5}), ({"a": 6.0}, {})]
+
+    def all_gather_object(out, mine):
+        assert mine == parts[0]
+        out[:] = parts
+
+    monkeypatch.setattr(distributed, "_active", lambda: True)
+    monkeypatch.setattr(dist, "get_world_size", lambda *args: 3)
+    monkeypatch.setattr(dist, "all_gather_object", all_gather_object)
+    means, counts = distributed.merged_over_processes(*parts[0])
+    assert means == {"a": 3.0, "b": 4.0}
+    assert counts == {"IMAGE": 8, "TEXT": 7} and list(counts) == ["IMAGE", "TEXT"]
