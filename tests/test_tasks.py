@@ -489,3 +489,83 @@ def test_text_masked_whole_is_refused_when_the_task_is_planned(tok):
     with pytest.raises(ValueError, match=r"slot \[TEXT:text,mask_ratio=1.0\]: mask_ratio must be below 1 on text"):
         Task("all_masked", "[TEXT:text,mask_ratio=1.0] -> [TEXT:text]", [{"text": "a b c"}]).plan(tok)
     Task("most_masked", "[TEXT:text,mask_ratio=0.9] -> [TEXT:text]", [{"text": "a b c"}]).plan(tok)
+
+
+# ---- mutation-testing audit (r17): collate on hand-made samples ----------------------------------------------
+
+def _hand_sample(enc: list[int], dec: list, index: int = 0):
+    """A sample of one TEXT input chunk of tokens ``enc`` and the decoder chunks ``dec`` (``Chunk``s, or
+    token lists: scored TEXT targets)."""
+    from moe_gen.tasks.sample import Chunk, Sample
+
+    chunks = [c if isinstance(c, Chunk) else Chunk("TEXT", TARGET, True, tokens=list(c)) for c in dec]
+    return Sample("hand", index, encoder=[Chunk("TEXT", INPUT, False, tokens=list(enc))], decoder=chunks,
+                  task_modalities=("TEXT", "AUDIO"))
+
+
+def test_padding_fraction_and_masks_of_a_padded_batch_by_hand(tok):
+    """Encoder lengths 3 and 1, decoder lengths 2 and 4: 2 + 2 of the 6 + 8 positions pad. Padding
+    queries see nothing, in self- and in cross-attention, as ``Side.attention_mask`` documents."""
+    batch = collate([_hand_sample([11, 12, 13], [[21, 22]]), _hand_sample([14], [[23, 24, 25, 26]], 1)],
+                    tok, {"hand": 0})
+    assert batch.padding_fraction == pytest.approx(4 / 14)
+    assert batch.decoder.tokens.tolist() == [[tok.bos_id, 21, tok.pad_id, tok.pad_id], [tok.bos_id, 23, 24, 25]]
+    assert batch.labels.tolist() == [[21, 22, IGNORE_INDEX, IGNORE_INDEX], [23, 24, 25, 26]]
+    cross = batch.decoder.cross_attention_mask(batch.encoder)
+    assert cross.int().tolist() == [[[1, 1, 1], [1, 1, 1], [0, 0, 0], [0, 0, 0]],
+                                    [[1, 0, 0], [1, 0, 0], [1, 0, 0], [1, 0, 0]]]
+    causal = batch.decoder.attention_mask(causal=True)
+    assert causal[0].int().tolist() == [[1, 0, 0, 0], [1, 1, 0, 0], [0, 0, 0, 0], [0, 0, 0, 0]]
+    assert causal[1].int().tolist() == torch.ones(4, 4, dtype=torch.int).tril().tolist()
+
+
+def test_packing_measures_a_sample_by_its_longer_side(tok):
+    """Samples of 1 encoder and 5 decoder positions take 5 of a packed row's 6 places: each gets a
+    row of its own (packed by the shorter side, the three decoders shared a row of 15)."""
+    samples = [_hand_sample([11], [[21, 22, 23, 24, 25]], i) for i in range(3)]
+    batch = collate(samples, tok, {"hand": 0}, pack=True, max_length=6)
+    assert batch.decoder.tokens.shape == (3, 5) and batch.encoder.tokens.shape == (3, 1)
+    assert not batch.decoder.tags.sample.any()
+
+
+def test_packed_position_ids_restart_in_each_sample(tok):
+    """A packed row whose first sample gives its positions (a masked sample's) and whose second does not:
+    the second one's positions count from 0 in its own sample, not on from the first's."""
+    from moe_gen.tasks.sample import Chunk
+
+    given = _hand_sample([11], [Chunk("TEXT", TARGET, True, tokens=[21, 22], position_ids=[4, 7])])
+    plain = _hand_sample([12], [[23, 24, 25]], 1)
+    batch = collate([given, plain], tok, {"hand": 0}, pack=True, max_length=5)
+    assert batch.decoder.tags.sample.tolist() == [[0, 0, 1, 1, 1]]
+    assert batch.decoder.position_ids.tolist() == [[4, 7, 0, 1, 2]]
+    assert batch.encoder.position_ids is None
+
+
+def test_frame_targets_mark_the_padded_values_at_the_end_of_the_last_row(tok):
+    """An AUDIO target of 3 rows of 4 values, the last 3 of which pad: those 3 are no target, the stop
+    flag is on the last row, and the rows sit after the text target's 2 decoder positions."""
+    from moe_gen.tasks.sample import Chunk
+
+    rows = torch.arange(12.0).reshape(3, 4)
+    audio = Chunk("AUDIO", TARGET, True, rows=rows, positions=torch.zeros(3, 3, dtype=torch.long), adaptor="audio",
+                  padded_values=3, ends=True)
+    batch = collate([_hand_sample([11], [[21, 22]]), _hand_sample([12], [[23, 24], audio], 1)], tok, {"hand": 0})
+    L = batch.decoder.tokens.shape[1]
+    assert L == 5
+    assert torch.equal(batch.frame_targets["audio"], rows)
+    assert batch.frame_index["audio"].tolist() == [L + 2, L + 3, L + 4]
+    assert batch.frame_stop["audio"].tolist() == [0.0, 0.0, 1.0]
+    assert batch.frame_valid["audio"].int().tolist() == [[1, 1, 1, 1], [1, 1, 1, 1], [1, 0, 0, 0]]
+
+
+def test_allowed_tokens_are_given_at_scored_closed_set_positions_only(tok):
+    """A given (no-loss) closed-set chunk, then a scored one: only the scored position gets its
+    allowed tokens, and its label is one of them."""
+    from moe_gen.tasks.sample import Chunk
+
+    given = Chunk("TEXT", PROMPT, False, tokens=[20, 21], allowed=[[20, 30], [21]])
+    scored = Chunk("TEXT", TARGET, True, tokens=[22], allowed=[[22, 23]])
+    batch = collate([_hand_sample([11], [given, scored])], tok, {"hand": 0})
+    assert batch.labels.tolist() == [[IGNORE_INDEX, IGNORE_INDEX, 22]]
+    assert batch.allowed_index.tolist() == [2]
+    assert batch.allowed_tokens.tolist() == [[22, 23]]
