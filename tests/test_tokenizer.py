@@ -52,3 +52,50 @@ def test_training_errors():
         Tokenizer.train(["a b c"], vocab_size=1200)
     with pytest.raises(ValueError, match="non-empty corpus"):
         Tokenizer.train(["", "  "], vocab_size=2000)
+
+
+# ---- mutation-testing audit (r17): boundaries of the blocks, flags, equality and fingerprint ------------------
+
+_SMALL_CORPUS = ["hello world", "the cat sat on the mat", "a b c d e f g"]
+
+
+def test_bos_and_eos_are_added_each_by_its_own_flag(tok):
+    plain = tok.encode("the cat")
+    assert tok.encode("the cat", add_bos=True) == [BOS_ID, *plain]
+    assert tok.encode("the cat", add_eos=True) == [*plain, EOS_ID]
+
+
+def test_sentinel_and_piece_blocks_end_where_they_should(tok):
+    """The last sentinel is ``<extra_id_99>``; the ordinary pieces start right after it, and none of
+    them is special (token noise draws replacements from them)."""
+    assert tok.pieces([tok.sentinel_id(99)]) == ["<extra_id_99>"]
+    with pytest.raises(ValueError, match="sentinel 100 is outside"):
+        tok.sentinel_id(100)
+    pieces = tok.piece_ids
+    assert pieces.start == tok.sentinel_id(99) + 1 and pieces.stop == tok.vocab_size
+    assert not any(tok.is_special(i) for i in pieces[:5])
+
+
+def test_piece_ids_without_sentinels_or_bins_start_after_the_last_special():
+    bins_only = Tokenizer.train(_SMALL_CORPUS, vocab_size=300, num_bins=10, num_sentinels=0)
+    assert bins_only.piece_ids.start == bins_only.bin_id(9) + 1 == 14
+    bare = Tokenizer.train(_SMALL_CORPUS, vocab_size=300, num_bins=0, num_sentinels=0)
+    assert bare.piece_ids.start == 4 and EOS_ID not in bare.piece_ids
+    with pytest.raises(ValueError, match="the sentencepiece model has no <bin_0> piece"):
+        Tokenizer(bare.model_proto, num_bins=10, num_sentinels=0)
+
+
+def test_vocab_size_equal_to_the_reserved_ids_leaves_no_room():
+    reserved = 4 + 10 + 5 + 256  # specials, bins, sentinels, bytes
+    with pytest.raises(ValueError, match=f"{reserved} ids are reserved"):
+        Tokenizer.train(_SMALL_CORPUS, vocab_size=reserved, num_bins=10, num_sentinels=5)
+    assert Tokenizer.train(_SMALL_CORPUS, vocab_size=reserved + 20, num_bins=10, num_sentinels=5).vocab_size > reserved
+
+
+def test_tokenizers_with_another_sentinel_count_differ(tok):
+    """The same sentencepiece model read with fewer sentinels is another vocabulary: not equal, and
+    of another fingerprint (a resume under it is refused)."""
+    fewer = Tokenizer(tok.model_proto, tok.num_bins, 50)
+    assert fewer != tok and tok != fewer
+    assert fewer.fingerprint() != tok.fingerprint()
+    assert Tokenizer(tok.model_proto, tok.num_bins, tok.num_sentinels).fingerprint() == tok.fingerprint()
