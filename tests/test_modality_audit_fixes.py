@@ -316,3 +316,27 @@ def test_integer_pixels_are_scaled_by_their_range(pixels, dtype, expected):
 
     image = load_image(np.asarray(pixels, dtype=dtype))
     assert np.asarray(image)[..., 0].tolist() == expected
+
+
+# ---- mutation-testing audit (r17): phone length limit, image sizes of BOX rows -----------------------------
+
+
+def test_phones_read_by_a_text_slot_keep_its_max_length(tok):
+    """``[TEXT:t,preprocess=phone,max_length=3]``: the first 3 phone tokens of the whole sequence."""
+    rows = [{"t": "the cat sat", "y": "a"}]
+    whole = Task("p", "[PHONE:t] -> [TEXT:y]", rows).encode(0, tok).encoder[0].tokens
+    assert len(whole) == 10  # DH AH | K AE T | S AE T
+    cut = Task("p", "[TEXT:t,preprocess=phone,max_length=3] -> [TEXT:y]", rows).encode(0, tok).encoder[0].tokens
+    assert cut == whole[:3] == [tok.symbol_id(f"<ph_{p}>") for p in ("DH", "AH", "|")]
+
+
+@pytest.mark.parametrize("width", [0, -1, float("inf"), float("nan"), "wide"])
+def test_a_box_row_needs_a_positive_finite_image_size(tok, width):
+    """An image width of 0 or infinity is no size to measure pixel coordinates against (with infinity
+    every coordinate fell into bin 0)."""
+    task = Task("b", "[TEXT:q] -> [BOX:box]", [{"q": "where", "box": [0, 0, 5, 5], "width": width, "height": 10}])
+    with pytest.raises(TaskDataError, match=r"the row's 'width' and 'height' must be positive numbers \(the image "
+                                            r"size in pixels\)"):
+        task.encode(0, tok)
+    fine = Task("b", "[TEXT:q] -> [BOX:box]", [{"q": "where", "box": [0, 0, 5, 5], "width": 10, "height": 10}])
+    assert fine.encode(0, tok).decoder[0].tokens == [tok.bin_id(b) for b in (0, 0, 500, 500)]

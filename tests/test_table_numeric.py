@@ -314,3 +314,9 @@ def test_text_value_ids_fit_the_adapter_and_uncased_statistics_are_lower_cased()
     task = Task("t", "[STRUCT:table,uncased] which class is this? -> [TEXT:label,closed_set]", rows)
     assert task.fit_statistics()["struct"]["table"]["values"] == {"c": ["red"]}
     assert [cells(task, i, tok)[0][0, 3].item() for i in range(3)] == [1.0, 1.0, 0.0]
+
+
+def test_linearised_tables_write_missing_cells_as_nothing():
+    """(mutation-testing audit r17) ``None`` is an empty cell, not the word "None"; a cell 0 stays "0"."""
+    assert linearize_table([{"a": None, "b": 2}, {"a": "x", "b": None}, {"a": 0, "b": ""}]) == \
+        "a | b ;  | 2 ; x |  ; 0 | "
