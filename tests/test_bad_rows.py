@@ -330,3 +330,34 @@ def test_data_given_as_columns_is_read_as_rows(tok):
     assert task.closed_sets() == {"y": ["p", "q"]} and len(list(task.samples(tok))) == 3
     with pytest.raises(ValueError, match=r"task 'bad': data given as a dict must map each column to a list"):
         Task("bad", "[TEXT:x] -> [TEXT:y]", {"x": ["a", "b"], "y": ["p"]})
+
+
+# ---- mutation-testing audit (r17): the helpers that name and read raw values ------------------------------
+
+
+def test_brief_cuts_long_reprs_to_the_limit_with_an_ellipsis():
+    from moe_gen.tasks.modalities.base import brief
+
+    assert brief("x" * 58) == repr("x" * 58)  # 60 characters: kept whole
+    cut = brief("x" * 59)
+    assert len(cut) == 60 and cut == repr("x" * 59)[:57] + "..."
+    assert brief(list(range(100)), limit=10) == "[0, 1, ..."
+
+
+def test_label_text_decodes_utf8_bytes_and_refuses_other_bytes():
+    from moe_gen.tasks.modalities.base import label_text
+
+    assert label_text(b"caf\xc3\xa9") == label_text(bytearray(b"caf\xc3\xa9")) == "café"
+    assert label_text(b"\xff") is None
+    assert label_text(np.int64(3)) == "3" and label_text(None) is None and label_text([1]) is None
+
+
+def test_tensor_to_numpy_keeps_the_float_types_numpy_has():
+    """float16, float32 and float64 stay as they are; bfloat16, which numpy lacks, becomes float32."""
+    from moe_gen.tasks.modalities.base import tensor_to_numpy
+
+    for dtype, expected in ((torch.float16, np.float16), (torch.float32, np.float32), (torch.float64, np.float64),
+                            (torch.bfloat16, np.float32), (torch.int64, np.int64)):
+        array = tensor_to_numpy(torch.tensor([1.5, -2.0]).to(dtype))
+        assert array.dtype == expected, dtype
+        assert array.tolist() == ([1, -2] if dtype == torch.int64 else [1.5, -2.0]), dtype

@@ -76,3 +76,14 @@ def test_a_group_value_that_holds_no_items_is_refused_naming_its_type(tok, value
     with pytest.raises(TaskDataError, match=r"column 'labels': none of the 1 rows holds a valid label .*; a "
                                             r"repetition group's column holds a list \(or a numpy array"):
         Task("find", FIND, [dict(LISTS[0], labels={"red": 1})]).closed_sets()
+
+
+def test_group_items_reads_tuples_like_lists_and_nothing_else():
+    """(mutation-testing audit r17) A tuple's items, as a list's; texts, dicts and 0-d arrays hold no items."""
+    from moe_gen.tasks.modalities.base import group_items
+
+    assert group_items(("cat", "dog")) == group_items(["cat", "dog"]) == ["cat", "dog"]
+    assert [b.tolist() for b in group_items(np.zeros((2, 4)))] == [[0.0] * 4] * 2
+    assert group_items(torch.tensor([3, 5])) == [3, 5]
+    for value in ("cat", {"a": 1}, np.array(3), 7):
+        assert group_items(value) is None, value

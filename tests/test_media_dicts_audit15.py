@@ -112,3 +112,15 @@ def test_a_jsonl_media_dict_path_resolves_beside_the_file_and_stays_inside_the_d
         task({"bytes": None, "path": str(tmp_path / "outside.png")})
     with pytest.raises(TaskDataError, match="lies outside the data root"):
         task([{"bytes": None, "path": "../outside.png"}])
+
+
+def test_a_media_dict_whose_bytes_are_no_bytes_is_refused_even_with_a_path():
+    """(mutation-testing audit r17) The path stands in only where ``bytes`` is null: a dict whose
+    ``bytes`` holds something else (a str, say) is refused, naming what it holds."""
+    from moe_gen.tasks.modalities.base import SlotValueError, undecoded_media
+
+    assert undecoded_media({"bytes": b"\x89PNG", "path": "a.png"}, "an IMAGE slot") == b"\x89PNG"
+    assert undecoded_media({"bytes": None, "path": "a.png"}, "an IMAGE slot") == "a.png"
+    with pytest.raises(SlotValueError, match=r"an IMAGE slot reads a dict \{'bytes', 'path'\} .*this one has keys "
+                                             r"'bytes', 'path' \('bytes' holds a str\)"):
+        undecoded_media({"bytes": "iVBOR", "path": "a.png"}, "an IMAGE slot")
