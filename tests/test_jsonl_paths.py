@@ -131,3 +131,14 @@ def test_a_bad_row_of_a_jsonl_task_is_named_by_its_line(tmp_path):
     with pytest.raises(TaskDataError) as raised:
         task.encode(0, tok)
     assert "line" not in str(raised.value)
+
+
+def test_a_byte_order_mark_opens_only_the_first_line(tmp_path):
+    """(mutation-testing audit r17) Editors on Windows write a UTF-8 BOM before the first line: it is no
+    part of the JSON there; on a later line it is (that line is not JSON)."""
+    path = tmp_path / "rows.jsonl"
+    path.write_bytes(b'\xef\xbb\xbf{"q": "a"}\n{"q": "b"}\n')
+    assert load_jsonl(str(path)) == [{"q": "a"}, {"q": "b"}]
+    path.write_bytes(b'{"q": "a"}\n\xef\xbb\xbf{"q": "b"}\n')
+    with pytest.raises(TaskDataError, match=r"line 2: not JSON"):
+        load_jsonl(str(path))

@@ -148,3 +148,18 @@ def test_the_zeros_that_pad_a_stacked_frame_row_are_no_target(tok):
     reference = np.array([[1.0, 2.0], [3.0, np.nan]])  # NaN: a value that only pads the row
     assert l1([np.array([[1.0, 2.0], [3.0, 9.0]])], [reference]) == 0.0
     assert l1([np.zeros((2, 2))], [reference]) == pytest.approx(6 / 3)
+
+
+def test_a_task_weight_of_zero_is_allowed_and_a_closed_set_task_needs_no_rows(tok):
+    """(mutation-testing audit r17) Weight 0 leaves a task out of ``mixing="weights"`` sampling (kept for
+    evaluation); a closed-set task built with no rows (for inference, its labels from a model's saved
+    statistics) has empty label sets instead of failing as if its rows held no label."""
+    assert Task("t", "[TEXT:q] -> [TEXT:a]", [], weight=0).weight == 0.0
+    with pytest.raises(ValueError, match="weight must be a finite number >= 0, got -0.5"):
+        Task("t", "[TEXT:q] -> [TEXT:a]", [], weight=-0.5)
+    empty = Task("t", "[TEXT:q] -> [TEXT:a,closed_set]", [])
+    assert empty.closed_sets() == {"a": []} and empty.fit_statistics() == {"closed_sets": {"a": []}}
+    plan = empty.plan(tok, {"closed_sets": {"a": ["no", "yes"]}})
+    assert plan.closed_sets == {"a": ("no", "yes")}
+    with pytest.raises(TaskDataError, match="none of the 1 rows holds a valid label"):
+        Task("t", "[TEXT:q] -> [TEXT:a,closed_set]", [{"q": "x", "a": None}]).closed_sets()
