@@ -33,6 +33,9 @@ CORE = [
 EXTRAS = {
     "dev": [
         "pytest>=8",
+        # a test that hangs (a blocked read, a stuck collective) fails after pyproject's timeout
+        # instead of holding CI until its own limit
+        "pytest-timeout>=2.3",
         "hypothesis>=6.100",
         "ruff>=0.5",
         # fairscale's GShard MOELayer is the reference baseline in benchmarks.
