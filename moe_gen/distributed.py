@@ -50,11 +50,12 @@ from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
 from moe_gen.durable import fsync_file, shareable
-from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, expert_plan
+from moe_gen.experts.parallel import ExpertParallelPlan, ExpertShard, destroy_mesh_groups, expert_plan
 from moe_gen.routing.balance import sync_bias_updates
 
 __all__ = [
-    "WorldInfo", "init_distributed", "world_info", "local_rank", "is_main_process", "barrier", "shutdown", "LossModule",
+    "WorldInfo", "init_distributed", "world_info", "local_rank", "is_main_process", "barrier", "shutdown",
+    "release_groups", "LossModule",
     "replicate", "no_sync", "sync_gradients", "clip_grad_norm_", "save_shards", "load_shards",
 ]
 
@@ -114,6 +115,33 @@ def shutdown() -> None:
     if _active():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def release_groups(model: nn.Module) -> None:
+    """Destroys the process groups that ``shard_experts`` and ``moe_gen.fsdp.shard_dense`` created
+    for ``model`` (not the default group, which ``shutdown()`` ends). Every process calls it, once
+    it is done with the model: each sharding call creates new groups, and a process that trains
+    several models in turn would otherwise keep all of them (threads and sockets with gloo,
+    communicators with NCCL) until it ends. Save or gather what you need first: afterwards the
+    model's forward and its sharded MoE layers raise instead of running. A model sharded by
+    neither is left as it is; calling it again does nothing."""
+    plan = expert_plan(model)
+    meshes = {id(p.device_mesh): p.device_mesh for p in model.parameters() if isinstance(p, DTensor)}
+    if plan.mesh is None and not meshes:
+        return
+    plan.release()
+    for mesh in meshes.values():
+        destroy_mesh_groups(mesh)
+    if meshes and not getattr(model, "_groups_released", False):
+        model._groups_released = True
+        # first among the forward pre-hooks, so before FSDP2's, which would gather over a destroyed group
+        model.register_forward_pre_hook(_refuse_released, prepend=True)
+
+
+def _refuse_released(module: nn.Module, args) -> None:
+    raise RuntimeError(f"{type(module).__name__}: the process groups its parameters are sharded over were destroyed "
+                       "by moe_gen.distributed.release_groups(); it cannot run any more (load its checkpoint into "
+                       "a new model)")
 
 
 def _reduced(value: float, op) -> float:

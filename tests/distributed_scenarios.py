@@ -424,6 +424,36 @@ def _scenario_release(rank: int, out_dir: str):
     return outputs, {"counts": counts, "error": error, "groups": [plan.ep_group, plan.replica_group, plan.mesh]}
 
 
+def _scenario_release_fsdp(rank: int, out_dir: str):
+    """Shards the debug model's experts and dense parameters three times in turn, releasing each
+    model's groups (twice), and counts this process's groups."""
+    from moe_gen.distributed import release_groups
+    from moe_gen.fsdp import shard_dense
+    from moe_gen.objectives import GenerativeObjective
+
+    groups = torch.distributed.distributed_c10d._world.pg_map
+    counts, losses = [len(groups)], []
+    for _ in range(3):
+        model, batches = _debug_setup()
+        shard_experts(model, 2)
+        shard_dense(model)
+        counts.append(len(groups))
+        losses.append(GenerativeObjective(model)(batches[rank])["loss"].item())
+        release_groups(model)
+        release_groups(model)
+        counts.append(len(groups))
+    try:
+        GenerativeObjective(model)(batches[rank])
+        error = None
+    except RuntimeError as exc:
+        error = str(exc)
+    unsharded, _ = _debug_setup()
+    release_groups(unsharded)  # nothing to release: left as it was
+    loss = GenerativeObjective(unsharded)(batches[rank])["loss"].item()
+    barrier()  # the default group still works
+    return {}, {"counts": counts, "losses": losses, "error": error, "unsharded_loss": loss}
+
+
 def _scenario_failure(rank: int, out_dir: str, sharding: str = "replicate"):
     if sharding == "fsdp":  # the peer waits in FSDP's all-gather of the next forward
         from moe_gen.fsdp import shard_dense
@@ -683,6 +713,7 @@ SCENARIOS = {
     "uneven": _scenario_uneven,
     "failure": _scenario_failure,
     "release": _scenario_release,
+    "release_fsdp": _scenario_release_fsdp,
     "checkpoint": _scenario_checkpoint,
     "wrapper_plan": _scenario_wrapper_plan,
     "save_pretrained_sharded": _scenario_save_pretrained_sharded,

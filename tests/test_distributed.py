@@ -224,6 +224,17 @@ def test_released_plans_leave_no_process_groups_behind_and_their_layers_refuse_t
             torch.testing.assert_close(tensors[f"y{turn}"], y, atol=1e-5, rtol=1e-5)
 
 
+def test_release_groups_frees_what_expert_parallelism_and_fsdp_created_and_the_model_refuses_to_run(tmp_path):
+    results = Launch("release_fsdp", tmp_path).results()
+    for rank, (_, info) in enumerate(results):
+        before, *after = info["counts"]
+        assert all(n > before for n in after[0::2]), info["counts"]
+        assert after[1::2] == [before] * 3, info["counts"]
+        assert "were destroyed by moe_gen.distributed.release_groups()" in info["error"]
+        # the same model and batch each time: the same loss, and an unsharded model's (one process holds it all)
+        assert info["losses"] == pytest.approx([info["unsharded_loss"]] * 3, rel=1e-5), rank
+
+
 def test_uneven_and_empty_token_counts_match_the_single_process_layer(tmp_path):
     launch = Launch("uneven", tmp_path)
     (r0, info0), (r1, info1) = launch.results()
