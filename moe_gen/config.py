@@ -425,7 +425,8 @@ class MoEConfig(ConfigBase):
         drop_policy: which assignments win slots when an expert is full: ``in_order`` (first
             choices before second choices, then token order; GShard/tutel) or
             ``batch_prioritized`` (first choices before second, then by gate weight; V-MoE BPR).
-        backend: dispatch backend (registry ``BACKENDS``): ``torch`` (default), ``eager``,
+        backend: dispatch backend (registry ``BACKENDS``): ``torch`` (default), ``grouped`` (one
+            grouped GEMM per projection, nothing read back to the host), ``eager``,
             ``einsum``, ``merged``, ``triton`` (GPU kernels; CPU only under ``TRITON_INTERPRET=1``),
             ``tutel`` (when tutel is installed), or ``auto`` (tutel, then triton on CUDA, else torch).
         check_finite: raise ``ValueError`` on non-finite inputs (costs a reduction per call).

@@ -8,6 +8,8 @@ Usage:
 
 Rows, for each (T tokens, E experts, k):
     moe_gen     moe_gen.MoE, token router, dropless, `torch` backend (the default layer)
+    grouped     the same layer with the `grouped` backend (one grouped_mm per projection, the rows
+                per expert kept on the device; --impls only on CPU)
     dense       the dense FFN with the same active FLOPs: D → k·H → D (the floor)
     eager       moe_gen.MoE with the `eager` per-expert loop backend (the oracle)
     fairscale   fairscale's GShard MOELayer with Top2Gate (k=2 only, its gate is top-2;
@@ -16,6 +18,7 @@ Rows, for each (T tokens, E experts, k):
 GPU rows (when a CUDA device is present; otherwise a note says they were skipped), the same grid
 on the device:
     moe_gen     the `torch` backend on CUDA
+    grouped     the `grouped` backend on CUDA (no host synchronisation in dispatch and experts)
     triton      the `triton` backend (Triton kernels for the routing metadata, gather and combine)
     tutel       the `tutel` backend (tutel's fast dispatcher; rows skipped if tutel is not
                 installed with its CUDA extension)
@@ -50,7 +53,7 @@ from moe_gen import DenseFFN, ExpertsConfig, MoE, MoEConfig  # noqa: E402
 from moe_gen.runtime import keep_freed_memory  # noqa: E402
 
 # implementation → dispatch backend of the moe_gen layer it times
-MOE_BACKENDS = {"moe_gen": "torch", "eager": "eager", "triton": "triton", "tutel": "tutel"}
+MOE_BACKENDS = {"moe_gen": "torch", "grouped": "grouped", "eager": "eager", "triton": "triton", "tutel": "tutel"}
 
 
 def build(impl: str, d_model: int, d_hidden: int, num_experts: int, top_k: int) -> nn.Module:
@@ -222,6 +225,83 @@ def run_grid(impls, args, device) -> list[dict]:
     return rows
 
 
+# aten operations that move no data (views, metadata, allocation) are not counted as work
+_NO_WORK = {"view", "reshape", "_reshape_alias", "as_strided", "empty", "empty_like", "empty_strided", "resize_",
+            "t", "transpose", "expand", "expand_as", "permute", "unsqueeze", "squeeze", "select", "slice", "split",
+            "split_with_sizes", "chunk", "unbind", "detach", "detach_", "alias", "lift_fresh", "narrow", "unflatten",
+            "flatten", "view_as", "numpy_T", "result_type", "is_nonzero", "contiguous", "to", "_unsafe_view",
+            "set_", "stride", "size"}
+# reads that make the host wait for the device on a GPU: a value (item, int(), bool()), or an output
+# whose size depends on values
+_HOST_READS = {"_local_scalar_dense", "nonzero", "bincount", "unique", "_unique", "_unique2", "unique_consecutive",
+               "masked_select", "unique_dim"}
+_MATMULS = {"mm", "addmm", "bmm", "baddbmm", "_grouped_mm", "addmm_", "mm_out", "addmm_out"}
+
+
+def count_ops(impl: str, tokens: int, d_model: int, d_hidden: int, num_experts: int, top_k: int) -> dict:
+    """Operations of one forward + backward (after a warm-up pass), counted by ``torch.profiler``:
+    aten operations that do work (leaf operations, views and allocations left out; on a GPU each is
+    about one kernel launch), the matmuls among them, and the host reads (a value read back, an
+    output sized by values, or ``tolist``), each of which makes the host wait for a GPU."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.manual_seed(0)
+    module = build(impl, d_model, d_hidden, num_experts, top_k)
+    x = torch.randn(tokens, d_model, requires_grad=True)
+    step = step_fn(impl, module, x)
+    step()
+    real_tolist, tolists = torch.Tensor.tolist, []
+
+    def counting_tolist(t):
+        tolists.append(t.shape)
+        return real_tolist(t)
+
+    torch.Tensor.tolist = counting_tolist
+    try:
+        with quiet_stderr(), profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+    finally:
+        torch.Tensor.tolist = real_tolist
+    work = matmuls = reads = 0
+    for event in prof.events():
+        name = event.name.removeprefix("aten::")
+        if not event.name.startswith("aten::") or _inside_matmul(event):
+            continue  # a matmul counts once: what its CPU kernel calls inside is one kernel on a GPU
+        reads += name in _HOST_READS
+        leaf = not any(c.name.startswith("aten::") for c in event.cpu_children)
+        if name in _MATMULS or (leaf and name not in _NO_WORK):
+            work += 1
+            matmuls += name in _MATMULS
+    return {"impl": impl, "tokens": tokens, "num_experts": num_experts, "top_k": top_k, "ops": work,
+            "matmuls": matmuls, "host_reads": reads + len(tolists)}
+
+
+def _inside_matmul(event) -> bool:
+    parent = event.cpu_parent
+    while parent is not None:
+        if parent.name.removeprefix("aten::") in _MATMULS:
+            return True
+        parent = parent.cpu_parent
+    return False
+
+
+def run_op_counts(impls, args) -> list[dict]:
+    """``count_ops`` over the grid, printed as a table."""
+    header = f"{'T':>6} {'E':>3} {'k':>2} {'impl':>10} {'ops':>6} {'matmuls':>8} {'host reads':>11}"
+    print(header)
+    print("-" * len(header))
+    rows = []
+    for tokens in args.tokens:
+        for num_experts in args.experts:
+            for top_k in args.topk:
+                for impl in impls:
+                    row = count_ops(impl, tokens, args.d_model, args.d_hidden, num_experts, top_k)
+                    print(f"{tokens:>6} {num_experts:>3} {top_k:>2} {impl:>10} {row['ops']:>6} {row['matmuls']:>8} "
+                          f"{row['host_reads']:>11}", flush=True)
+                    rows.append(row)
+    return rows
+
+
 def init_single_process_group() -> None:
     """fairscale's MOELayer needs a process group; one gloo rank on the loopback address."""
     import torch.distributed as dist
@@ -245,7 +325,7 @@ def main(argv=None) -> int:
     parser.add_argument("--runs", type=int, help="default 5")
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--impls", nargs="+", default=["moe_gen", "dense", "eager", "fairscale"])
-    parser.add_argument("--gpu-impls", nargs="+", default=["moe_gen", "triton", "tutel", "dense"],
+    parser.add_argument("--gpu-impls", nargs="+", default=["moe_gen", "grouped", "triton", "tutel", "dense"],
                         help="implementations timed on CUDA (when a CUDA device is present)")
     parser.add_argument("--no-cpu", action="store_true", help="skip the CPU rows")
     parser.add_argument("--no-gpu", action="store_true", help="skip the GPU rows")
@@ -253,12 +333,24 @@ def main(argv=None) -> int:
     parser.add_argument("--keep-freed-memory", action="store_true",
                         help="tell glibc malloc to reuse freed memory (moe_gen.runtime."
                              "keep_freed_memory), for every implementation alike")
+    parser.add_argument("--count-ops", action="store_true",
+                        help="instead of timing: count the operations, matmuls and host reads of one forward + "
+                             "backward per implementation (CPU, torch.profiler; --impls without fairscale)")
     parser.add_argument("--out", default="bench_results/moe_layer.json")
     args = parser.parse_args(argv)
     # --quick picks a small grid for what the command line leaves open (it overrode --runs too)
     args.tokens = args.tokens or ([1024, 4096] if args.quick else [1024, 4096, 16384])
     args.experts = args.experts or ([8] if args.quick else [8, 64])
     args.runs = args.runs if args.runs is not None else 5
+
+    if args.count_ops:
+        impls = [i for i in args.impls if i != "fairscale"]
+        print(f"CPU: torch {torch.__version__}, D={args.d_model}, H={args.d_hidden}, one forward+backward counted")
+        rows = run_op_counts(impls, args)
+        os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
+        with open(args.out, "w") as f:
+            json.dump({"benchmark": "moe_layer_op_counts", "torch": torch.__version__, "rows": rows}, f, indent=2)
+        return 0
 
     if args.keep_freed_memory and not keep_freed_memory():
         print("--keep-freed-memory: not supported on this platform; using the system default",

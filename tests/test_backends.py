@@ -13,7 +13,7 @@ CONTENT_FREE = [s for s in ROUTERS.list() if not ROUTERS.get(s).content_dependen
 
 
 def _cases():
-    for backend in ("torch", "einsum", "merged"):
+    for backend in ("torch", "grouped", "einsum", "merged"):
         for strategy in ROUTERS.list():
             if backend == "merged" and strategy not in CONTENT_FREE:
                 continue  # merged needs shared routes; MoE refuses it (tested in test_moe)
@@ -51,7 +51,7 @@ def test_backend_equals_eager(backend, strategy, k, cf):
     assert any(name.startswith("router.") for name in reference[3])
 
 
-@pytest.mark.parametrize("backend", ["torch", "einsum"])
+@pytest.mark.parametrize("backend", ["torch", "grouped", "einsum"])
 @pytest.mark.parametrize("gate,k", [("expert_choice", 1), ("expert_choice", 2), ("balanced", 1),
                                     ("hash", 1), ("hash", 2), ("hash", 4)])
 @pytest.mark.parametrize("cf", [None, 0.75])
@@ -65,7 +65,7 @@ def test_gates_equal_eager(backend, gate, k, cf):
     assert_same(run_with_grads(eager, x, None), run_with_grads(with_backend(eager, backend), x, None))
 
 
-@pytest.mark.parametrize("backend", ["torch", "einsum", "merged"])
+@pytest.mark.parametrize("backend", ["torch", "grouped", "einsum", "merged"])
 @pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("mlp", "relu"), ("glu", "silu"),
                                              ("glu", "gelu_tanh"), ("linear", "gelu")])
 @pytest.mark.parametrize("bias", [True, False])
@@ -87,7 +87,7 @@ def test_expert_kinds_equal_eager(backend, kind, activation, bias):
 
 def test_every_registered_backend_is_covered():
     # triton and tutel have their equivalence tests in test_gpu_backends.py
-    assert set(BACKENDS.list()) == {"eager", "torch", "einsum", "merged", "triton", "tutel"}
+    assert set(BACKENDS.list()) == {"eager", "torch", "grouped", "einsum", "merged", "triton", "tutel"}
 
 
 def test_sort_assignments_counts_every_expert_and_orders_rows_stably():
@@ -109,3 +109,113 @@ def test_sort_assignments_counts_every_expert_and_orders_rows_stably():
     flat, counts = EagerDispatch().sort_assignments(routing)
     assert counts.tolist() == [3, 1, 3, 0, 0, 0]
     assert flat.tolist() == [1, 2, 6, 5, 0, 4, 7]  # t·K + k: expert 0 (tokens 0, 1, 3), 1 (token 2), 2 (0, 2, 3)
+
+
+def _on_meta(routing):
+    """``routing`` with every tensor on the meta device (shapes and dtypes, no values); gate weights
+    become leaves that take a gradient."""
+    import dataclasses
+
+    from moe_gen.routing.output import GroupRoutes, RouterOutput
+
+    def meta(t):
+        return t.detach().to("meta").requires_grad_(t.is_floating_point()) if isinstance(t, torch.Tensor) else t
+
+    common = dict(valid=meta(routing.valid), dropped_assignments=meta(routing.dropped_assignments),
+                  dropped_tokens=meta(routing.dropped_tokens), content_dependent=routing.content_dependent,
+                  balanced_by_construction=routing.balanced_by_construction, learned_gate=routing.learned_gate)
+    if routing.groups is not None:
+        g = routing.groups
+        return RouterOutput(groups=GroupRoutes(**{f.name: meta(getattr(g, f.name)) for f in dataclasses.fields(g)}),
+                            **common)
+    return RouterOutput(**common, capacity=routing.capacity, expert_counts=meta(routing.expert_counts),
+                        topk_ids=meta(routing.topk_ids), topk_weights=meta(routing.topk_weights),
+                        mask=meta(routing.mask), probs=meta(routing.probs), logits=meta(routing.logits))
+
+
+@pytest.mark.parametrize("strategy,cf,kind", [("token", None, "mlp"), ("token", 1.0, "glu"),
+                                              ("attribute", None, "mlp"), ("token", None, "linear")])
+def test_grouped_backend_reads_nothing_back_to_the_host(strategy, cf, kind):
+    """A meta tensor has a shape and no values, so any read back to the host (``tolist``, ``item``,
+    ``nonzero``, an output size that depends on values) raises on it. The ``grouped`` backend's
+    dispatch, experts and combine run there, forward and backward, for dropless and capacity routing,
+    per-token and per-group routes; the ``torch`` backend, which reads the rows per expert, does not."""
+    import copy
+
+    from moe_gen import ExpertsConfig
+    from moe_gen.experts.dispatch import GroupedDispatch, TorchDispatch
+
+    config = MoEConfig(d_model=D, d_hidden=H, num_experts=E, top_k=2, capacity_factor=cf, min_capacity=1,
+                       router=strategy, backend="eager", experts=ExpertsConfig(kind=kind, bias=True))
+    moe = MoE(config)
+    padding = torch.zeros(2, T // 2, dtype=torch.bool)
+    padding[1, -5:] = True
+    routing = moe(torch.randn(2, T // 2, D), tags=random_tags((2, T // 2)), padding_mask=padding).routing
+    assert (routing.groups is not None) == (strategy == "attribute")
+    experts = copy.deepcopy(moe.experts).to(device="meta", dtype=torch.bfloat16)  # meta grouped_mm: bf16
+    x_TD = torch.empty(T, D, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    meta_routing = _on_meta(routing)
+    backend = GroupedDispatch()
+    dispatched = backend.dispatch(x_TD, meta_routing)
+    y_TD = backend.combine(backend.run(experts, dispatched), dispatched, x_TD)
+    assert y_TD.shape == (T, experts.d_out) and y_TD.device.type == "meta"
+    y_TD.sum().backward()
+    assert x_TD.grad.shape == x_TD.shape
+    assert all(p.grad is not None for p in experts.parameters())
+    with pytest.raises((RuntimeError, NotImplementedError)):
+        TorchDispatch().dispatch(x_TD, meta_routing)
+
+
+def test_grouped_backend_runs_each_projection_as_one_grouped_gemm(monkeypatch):
+    """The ``grouped`` backend's experts are two ``grouped_mm`` calls (not a matmul per expert), and
+    widths ``grouped_mm`` cannot take (rows not a multiple of 16 bytes) fall back to the loop with
+    the same result."""
+    import torch.nn.functional as F
+
+    calls = []
+    real = F.grouped_mm
+    monkeypatch.setattr(F, "grouped_mm", lambda *a, **k: calls.append(a[1].shape) or real(*a, **k))
+    x, tags = torch.randn(T, D), random_tags((T,))
+    for d_hidden, expected in ((H, [(E, D, H), (E, H, D)]), (H + 2, [])):  # 26 · 4 bytes: not a multiple of 16
+        eager = MoE(MoEConfig(d_model=D, d_hidden=d_hidden, num_experts=E, top_k=2, router="token",
+                              backend="eager"))
+        calls.clear()
+        candidate = run_with_grads(with_backend(eager, "grouped"), x, tags)
+        assert [tuple(s) for s in calls] == expected
+        assert_same(run_with_grads(eager, x, tags), candidate)
+
+
+def test_a_grouped_layer_reads_nothing_back_and_its_matmuls_do_not_grow_with_experts():
+    """The benchmark's count (``bench_moe_layer.py --count-ops``: one forward + backward of the token-
+    routed, dropless layer under ``torch.profiler``): with the ``grouped`` backend the whole layer,
+    router and auxiliary losses included, makes no host read, and runs 9 matmuls whatever E is (the
+    gate forward and backward, and per projection one grouped GEMM forward and two backward); the
+    ``torch`` backend reads the rows per expert back and runs a matmul per expert and projection."""
+    import importlib.util
+    import os
+
+    path = os.path.join(os.path.dirname(__file__), os.pardir, "scripts", "bench_moe_layer.py")
+    spec = importlib.util.spec_from_file_location("bench_moe_layer", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    for num_experts in (4, 16):
+        grouped = bench.count_ops("grouped", 64, D, H, num_experts, 2)
+        loop = bench.count_ops("moe_gen", 64, D, H, num_experts, 2)
+        assert (grouped["host_reads"], grouped["matmuls"]) == (0, 9)
+        assert loop["host_reads"] > 0 and loop["matmuls"] > 3 + 3 * num_experts
+
+
+@pytest.mark.parametrize("kind", ["mlp", "linear"])
+def test_an_empty_batch_gives_the_grouped_backend_zero_gradients(kind):
+    """No token at all: ``grouped_mm`` refuses empty operands in backward, so the grouped layer takes a
+    plain empty matmul instead; output ``[0, D']`` and zero expert gradients, as the ``torch`` backend."""
+    from moe_gen import ExpertsConfig
+
+    for backend in ("torch", "grouped"):
+        torch.manual_seed(0)
+        moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, backend=backend,
+                            experts=ExpertsConfig(kind=kind)))
+        out = moe(torch.randn(0, D, requires_grad=True))
+        (out.output.sum() + out.aux_loss).backward()
+        assert out.output.shape == (0, moe.experts.d_out)
+        assert all(p.grad is None or not p.grad.any() for p in moe.experts.parameters()), backend

@@ -312,7 +312,7 @@ def re_search(pattern, text):
 
 @pytest.mark.gpu
 @needs_cuda
-@pytest.mark.parametrize("backend", ["triton", "tutel", "auto"])
+@pytest.mark.parametrize("backend", ["triton", "tutel", "grouped", "auto"])
 @pytest.mark.parametrize("k,cf,strategy,kind", CASES)
 def test_gpu_backend_equals_eager_on_cuda(backend, k, cf, strategy, kind):
     if backend == "tutel" and TutelDispatch.unavailable_reason(torch.device("cuda")) is not None:
@@ -329,13 +329,14 @@ def test_gpu_backend_equals_eager_on_cuda(backend, k, cf, strategy, kind):
 
 @pytest.mark.gpu
 @needs_cuda
-def test_triton_bf16_autocast_on_cuda_is_close_to_eager():
+def test_triton_and_grouped_bf16_autocast_on_cuda_are_close_to_eager():
     eager = layer(2, None).cuda()
     x, tags, padding = inputs("cuda")
     with torch.autocast("cuda", dtype=torch.bfloat16):
         reference = run_on_device(eager, x, tags, padding)
-        candidate = run_on_device(with_backend(eager, "triton"), x, tags, padding)
-    assert_same(reference, candidate, atol=3e-2, rtol=3e-2)
+        for backend in ("triton", "grouped"):
+            candidate = run_on_device(with_backend(eager, backend), x, tags, padding)
+            assert_same(reference, candidate, atol=3e-2, rtol=3e-2)
 
 
 @pytest.mark.gpu

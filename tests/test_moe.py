@@ -28,7 +28,7 @@ D, H = 16, 24
 
 
 @pytest.mark.parametrize("kind,activation", [("mlp", "gelu"), ("glu", "silu"), ("linear", "gelu")])
-@pytest.mark.parametrize("backend", ["eager", "torch", "einsum"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "grouped", "einsum"])
 def test_one_expert_equals_dense_ffn(kind, activation, backend):
     cfg = ExpertsConfig(kind=kind, activation=activation)
     dense = DenseFFN(D, H, cfg)
@@ -109,7 +109,7 @@ def test_grouped_relu_passes_no_gradient_where_the_pre_activation_is_exactly_zer
         torch.testing.assert_close(g, r)
 
 
-@pytest.mark.parametrize("backend", ["torch", "eager", "einsum"])
+@pytest.mark.parametrize("backend", ["torch", "grouped", "eager", "einsum"])
 def test_mixtral_block_equivalence(backend):
     from transformers import MixtralConfig
     from transformers.models.mixtral.modeling_mixtral import MixtralSparseMoeBlock
@@ -281,7 +281,7 @@ def test_bad_configs_raise_clear_errors():
         MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=5)
     with pytest.raises(ValueError, match=r"unknown router strategy 'tokn' \(did you mean 'token'\?\); known: attr"):
         MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, router="tokn"))
-    with pytest.raises(ValueError, match="unknown dispatch backend 'fast'; known: eager, einsum, merged"):
+    with pytest.raises(ValueError, match="unknown dispatch backend 'fast'; known: eager, einsum, grouped, merged"):
         MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, backend="fast"))
     with pytest.raises(ValueError, match="unknown expert kind 'moe'; known: glu, linear, mlp"):
         MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, experts="moe"))
@@ -345,7 +345,7 @@ def test_registries_hold_the_built_in_parts():
     assert ROUTERS.list() == ["attribute", "context", "hybrid", "instruction", "modality", "task", "token"]
     assert GATES.list() == ["balanced", "expert_choice", "hash", "topk"]
     assert EXPERTS.list() == ["glu", "linear", "mlp"]
-    assert BACKENDS.list() == ["eager", "einsum", "merged", "torch", "triton", "tutel"]
+    assert BACKENDS.list() == ["eager", "einsum", "grouped", "merged", "torch", "triton", "tutel"]
 
 
 @pytest.mark.parametrize("strategy", ROUTERS.list())
@@ -378,7 +378,7 @@ def test_bf16_inputs_route_in_fp32(strategy):
     assert out.routing.logits.dtype == torch.float32 and torch.isfinite(out.output.float()).all()
 
 
-@pytest.mark.parametrize("backend", ["torch", "eager", "einsum"])
+@pytest.mark.parametrize("backend", ["torch", "grouped", "eager", "einsum"])
 def test_a_gated_shared_expert_takes_hidden_states_of_another_dtype(backend):
     """(Qwen2-MoE's shared-expert gate was a plain Linear left in the layer's dtype: bf16 states into an
     fp32 layer, or fp32 states into a bf16 one, raised where the experts and the shared FFN cast.)"""
@@ -395,7 +395,7 @@ def test_a_gated_shared_expert_takes_hidden_states_of_another_dtype(backend):
     assert moe.to(torch.bfloat16)(x).output.dtype == torch.float32
 
 
-@pytest.mark.parametrize("backend", ["torch", "eager", "einsum"])
+@pytest.mark.parametrize("backend", ["torch", "grouped", "eager", "einsum"])
 def test_nan_in_padding_never_reaches_real_tokens(backend):
     moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=4, top_k=2, backend=backend))
     x = torch.randn(2, 6, D)

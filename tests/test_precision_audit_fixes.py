@@ -155,7 +155,8 @@ def test_every_backend_returns_one_dtype_under_bf16_autocast(kind):
                         experts=ExpertsConfig(kind=kind)))
     x, tags = torch.randn(2, 5, 16), random_tags((2, 5))
     with torch.autocast("cpu", dtype=torch.bfloat16):  # eager added fp32 biases to bf16 matmuls: fp32 out
-        dtypes = {b: with_backend(moe, b)(x, tags=tags).output.dtype for b in ("eager", "torch", "einsum", "merged")}
+        dtypes = {b: with_backend(moe, b)(x, tags=tags).output.dtype
+                  for b in ("eager", "torch", "grouped", "einsum", "merged")}
     assert set(dtypes.values()) == {torch.bfloat16}, dtypes
 
 
@@ -164,7 +165,7 @@ def test_an_fp32_layer_takes_bf16_hidden_states_on_every_backend(kind):
     from moe_gen import ExpertsConfig
 
     x, tags = torch.randn(2, 5, 16, dtype=torch.bfloat16), random_tags((2, 5))
-    for backend in ("torch", "eager", "einsum", "merged"):  # eager/einsum, and linear experts, raised
+    for backend in ("torch", "grouped", "eager", "einsum", "merged"):  # eager/einsum, and linear experts, raised
         torch.manual_seed(0)
         moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=2, router="attribute", backend=backend,
                             experts=ExpertsConfig(kind=kind)))
@@ -173,7 +174,7 @@ def test_an_fp32_layer_takes_bf16_hidden_states_on_every_backend(kind):
 
 # ---- a second routing audit (2026-12-05, ninth session) -------------------------------------------
 
-@pytest.mark.parametrize("backend", ["eager", "torch", "einsum"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "grouped", "einsum"])
 def test_a_shared_expert_takes_bf16_states_into_an_fp32_layer(backend):
     """The routed experts computed in the input's dtype; the shared expert's plain nn.Linear
     refused bf16 rows against fp32 weights."""
@@ -213,7 +214,7 @@ def test_merged_routes_of_unequal_expert_counts_take_bf16_states():
             torch.testing.assert_close(y.float(), reference, atol=0.02, rtol=0.02)
 
 
-@pytest.mark.parametrize("backend", ["eager", "torch", "einsum", "merged"])
+@pytest.mark.parametrize("backend", ["eager", "torch", "grouped", "einsum", "merged"])
 @pytest.mark.parametrize("kind", ["mlp", "linear"])
 def test_an_all_padding_batch_comes_back_in_the_autocast_dtype(backend, kind):
     from moe_gen import TokenTags

@@ -529,14 +529,24 @@ def test_router_output_expands_group_routes_by_hand():
 
 
 def test_router_output_without_groups_needs_every_per_token_tensor():
+    """Every per-token tensor is required; capacity may be left out (dropless: the largest expert
+    load, computed from ``expert_counts`` when first read, so the router never waits for it)."""
     from moe_gen.routing.output import RouterOutput
 
     none = torch.zeros((), dtype=torch.long)
-    with pytest.raises(ValueError, match=r"RouterOutput needs probs, logits, capacity \(or groups= to expand"):
-        RouterOutput(valid=torch.ones(2, dtype=torch.bool), dropped_assignments=none, dropped_tokens=none,
-                     content_dependent=True, balanced_by_construction=False, learned_gate=True,
-                     topk_ids=torch.zeros(2, 1, dtype=torch.long), topk_weights=torch.ones(2, 1),
-                     mask=torch.ones(2, 1, dtype=torch.bool), expert_counts=torch.tensor([2]))
+    common = dict(valid=torch.ones(2, dtype=torch.bool), dropped_assignments=none, dropped_tokens=none,
+                  content_dependent=True, balanced_by_construction=False, learned_gate=True,
+                  topk_ids=torch.zeros(2, 1, dtype=torch.long), topk_weights=torch.ones(2, 1),
+                  mask=torch.ones(2, 1, dtype=torch.bool))
+    with pytest.raises(ValueError, match=r"RouterOutput needs probs, logits \(or groups= to expand"):
+        RouterOutput(**common, expert_counts=torch.tensor([2]))
+    probs = torch.full((2, 3), 1 / 3)
+    routing = RouterOutput(**common, expert_counts=torch.tensor([2, 0, 5]), probs=probs, logits=probs.log())
+    assert routing.capacity == 5
+    assert RouterOutput(**common, expert_counts=torch.tensor([2, 0, 5]), probs=probs, logits=probs.log(),
+                        capacity=7).capacity == 7
+    assert RouterOutput(**common, expert_counts=torch.zeros(0, dtype=torch.long), probs=probs[:, :0],
+                        logits=probs[:, :0]).capacity == 0
 
 
 # ---- auxiliary losses ------------------------------------------------------------------------

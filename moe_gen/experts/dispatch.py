@@ -14,6 +14,9 @@ experts), ``run`` (compute the experts), ``combine`` (weight and scatter back to
   tested against.
 - ``torch``: assignments sorted by expert into contiguous rows, grouped matmuls, weighted
   scatter-add back; the default on CPU and GPU.
+- ``grouped``: the ``torch`` layout over every assignment slot, with one grouped GEMM per
+  projection (``grouped_mm``) and the rows per expert kept on the device: no host
+  synchronisation; meant for GPUs.
 - ``einsum``: GShard's one-hot dispatch/combine tensors ``[T, E, C]``; O(T·E·C·D), a reference
   for tests and benchmarks.
 - ``merged``: tokens grouped by identical route, each group one dense FFN with merged weights;
@@ -40,8 +43,8 @@ import torch
 from moe_gen.registry import BACKENDS
 from moe_gen.routing.output import RouterOutput
 
-__all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "EinsumDispatch", "MergedDispatch", "AutoDispatch",
-           "AUTO_PREFERENCE", "make_backend"]
+__all__ = ["DispatchBackend", "EagerDispatch", "TorchDispatch", "GroupedDispatch", "EinsumDispatch", "MergedDispatch",
+           "AutoDispatch", "AUTO_PREFERENCE", "make_backend"]
 
 logger = logging.getLogger("moe_gen")
 
@@ -174,10 +177,70 @@ class TorchDispatch(DispatchBackend):
         return experts.forward_sorted(dispatched.inputs, dispatched.plan.counts)
 
     def combine(self, y_ND, dispatched, x_TD):
-        plan = dispatched.plan
-        weighted_ND = y_ND * plan.weight_N.unsqueeze(1).to(y_ND.dtype)
-        # in place on fresh zeros: the out-of-place index_add would copy them first
-        return weighted_ND.new_zeros(x_TD.shape[0], y_ND.shape[1]).index_add_(0, plan.token_N, weighted_ND)
+        return _weighted_scatter(y_ND, dispatched.plan, x_TD.shape[0])
+
+
+def _weighted_scatter(y_ND: torch.Tensor, plan, num_tokens: int) -> torch.Tensor:
+    """``y[t] = Σ`` over the rows n of token t of ``plan.weight_N[n] · y_ND[n]`` (``plan.token_N``)."""
+    weighted_ND = y_ND * plan.weight_N.unsqueeze(1).to(y_ND.dtype)
+    # in place on fresh zeros: the out-of-place index_add would copy them first
+    return weighted_ND.new_zeros(num_tokens, y_ND.shape[1]).index_add_(0, plan.token_N, weighted_ND)
+
+
+@dataclasses.dataclass
+class _DevicePlan:
+    token_N: torch.Tensor  # long [T·K]: the token of each row, rows sorted by expert
+    weight_N: torch.Tensor  # gate weight of each row; 0 for an assignment that is not computed
+    counts_E: torch.Tensor  # long [E] rows per expert, on the device; the last expert's block ends with
+    #                         the rows of assignments not computed (dropped, padding), weighted 0
+
+
+def _every_slot(routing: RouterOutput) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``[T, K]`` expert ids, gate weights and whether each assignment is computed; routes kept per
+    tag group are read per token with one gather each (every valid member computes its group's K)."""
+    groups = routing.groups
+    if groups is None:
+        return routing.topk_ids, routing.topk_weights, routing.mask
+    ids_TK = groups.ids_GK.index_select(0, groups.group_T)
+    return ids_TK, groups.weights_GK.index_select(0, groups.group_T), routing.valid.unsqueeze(1).expand_as(ids_TK)
+
+
+@BACKENDS.register("grouped")
+class GroupedDispatch(DispatchBackend):
+    """The ``torch`` backend's layout with every size kept on the device: all T·K assignment slots
+    are sorted by expert (those not computed after the last expert's rows, inputs zeroed for
+    padding, weight 0), and the experts run one grouped GEMM per projection (torch's
+    ``grouped_mm``) from the rows per expert as a tensor. Nothing is read back to the host, so a
+    GPU need not wait for the routing before it launches the experts, and a projection is one
+    kernel launch instead of one per expert. It computes the slots that capacity dropped (and
+    padding) as well, so it does more work than ``torch`` when many are dropped.
+    """
+
+    @classmethod
+    def unavailable_reason(cls, device=None):
+        if not hasattr(torch.nn.functional, "grouped_mm"):
+            return f"needs torch.nn.functional.grouped_mm (PyTorch 2.9 or later; this is {torch.__version__})"
+        return None
+
+    def dispatch(self, x_TD, routing):
+        E = routing.num_experts
+        ids_TK, weights_TK, computed_TK = _every_slot(routing)
+        K = ids_TK.shape[1]
+        key_sorted_N, order_N = torch.sort(torch.where(computed_TK, ids_TK, E).reshape(-1), stable=True)
+        ends_E = torch.searchsorted(key_sorted_N, torch.arange(1, E + 1, device=key_sorted_N.device))
+        ends_E[-1] = key_sorted_N.shape[0]  # the slots not computed join the last expert's block
+        counts_E = torch.diff(ends_E, prepend=ends_E.new_zeros(1))
+        weight_N = torch.where(computed_TK, weights_TK, 0.0).reshape(-1).index_select(0, order_N)
+        plan = _DevicePlan(order_N // K, weight_N, counts_E)
+        # padding may hold anything, and 0 · NaN = NaN: its rows go through the last expert as zeros
+        x_TD = torch.where(routing.valid.unsqueeze(1), x_TD, 0.0)
+        return Dispatched(x_TD.index_select(0, plan.token_N), plan)
+
+    def run(self, experts, dispatched):
+        return experts.forward_sorted(dispatched.inputs, dispatched.plan.counts_E)
+
+    def combine(self, y_ND, dispatched, x_TD):
+        return _weighted_scatter(y_ND, dispatched.plan, x_TD.shape[0])
 
 
 @BACKENDS.register("einsum")

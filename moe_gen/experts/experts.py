@@ -7,7 +7,9 @@ Weights are stored stacked, ``w_in [E, D, H]`` and ``w_out [E, H, D]`` (``[E, D,
 ``[gate | up]`` for gated experts), so that experts can be sliced, sharded and merged without a
 ModuleList. Each expert kind offers the entry points the dispatch backends need:
 
-- ``forward_sorted(x_ND, counts)``: rows already grouped by expert (the fast path);
+- ``forward_sorted(x_ND, counts)``: rows already grouped by expert (the fast path): ``counts``
+  as Python ints runs one matmul per expert and projection; as a long tensor on the rows' device
+  (the ``grouped`` backend), one grouped GEMM per projection, with nothing read back to the host;
 - ``forward_expert(e, x)``: one expert, plain autograd (the eager oracle);
 - ``forward_padded(x_ECD)``: a padded ``[E, C, D]`` batch (GShard's einsum layout);
 - ``forward_merged(x, ids_K, weights_K)``: one dense layer equal to Σ_k w_k · expert_k(x);
@@ -24,7 +26,16 @@ import torch
 from torch import nn
 
 from moe_gen.config import ExpertsConfig
-from moe_gen.experts.grouped import ACTIVATIONS, activate, grouped_ffn, grouped_ffn_scaled, scaled_ffn
+from moe_gen.experts.grouped import (
+    ACTIVATIONS,
+    activate,
+    expert_of_rows,
+    grouped_ffn,
+    grouped_ffn_scaled,
+    grouped_mm_fits,
+    grouped_mm_linear,
+    scaled_ffn,
+)
 from moe_gen.registry import EXPERTS
 
 __all__ = ["StackedExperts", "MLPExperts", "GLUExperts", "LinearExperts", "DenseFFN"]
@@ -33,9 +44,14 @@ __all__ = ["StackedExperts", "MLPExperts", "GLUExperts", "LinearExperts", "Dense
 def _autocast_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype matmuls would run in: the autocast dtype when autocast is on, else x's."""
     device = x.device.type
-    if torch.is_autocast_enabled(device):
+    if _autocast_on(device):
         return torch.get_autocast_dtype(device)
     return x.dtype
+
+
+def _autocast_on(device: str) -> bool:
+    """Autocast is on for ``device`` (a device type autocast does not know, e.g. meta, never has it)."""
+    return torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device)
 
 
 def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
@@ -46,7 +62,7 @@ def _cast(t: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
 def _no_autocast(x: torch.Tensor):
     """A context with autocast off on ``x``'s device (nothing to enter when it is off already)."""
     device = x.device.type
-    return torch.autocast(device, enabled=False) if torch.is_autocast_enabled(device) else contextlib.nullcontext()
+    return torch.autocast(device, enabled=False) if _autocast_on(device) else contextlib.nullcontext()
 
 
 class StackedExperts(nn.Module):
@@ -91,14 +107,21 @@ class StackedExperts(nn.Module):
     def _params(self, dtype: torch.dtype):
         return tuple(_cast(p, dtype) for p in (self.w_in, self.b_in, self.w_out, self.b_out))
 
-    def forward_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        """Rows grouped by expert (``counts[e]`` rows for expert e, in expert order)."""
+    def forward_sorted(self, x_ND: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
+        """Rows grouped by expert (``counts[e]`` rows for expert e, in expert order); ``counts`` a
+        list of ints (one matmul per expert) or a long tensor on the rows' device (grouped GEMMs)."""
         dtype = _autocast_dtype(x_ND)
         w_in, b_in, w_out, b_out = self._params(dtype)
-        # Autocast off: the grouped function runs its matmuls in `dtype` as cast here.
-        with torch.autocast(x_ND.device.type, enabled=False):
-            return grouped_ffn(x_ND.to(dtype), counts, w_in, b_in, w_out, b_out,
-                               self.activation, self.gated)
+        if isinstance(counts, torch.Tensor) and not grouped_mm_fits(dtype, self.d_model, w_in.shape[2],
+                                                                    self.d_hidden):
+            counts = counts.tolist()  # widths grouped_mm cannot take: the loop, at one host read
+        # Autocast off: the grouped functions run their matmuls in `dtype` as cast here.
+        with _no_autocast(x_ND):
+            if isinstance(counts, list):
+                return grouped_ffn(x_ND.to(dtype), counts, w_in, b_in, w_out, b_out, self.activation, self.gated)
+            expert_N = None if b_in is None else expert_of_rows(counts, x_ND.shape[0])
+            h_NH = grouped_mm_linear(x_ND.to(dtype), counts, w_in, b_in, expert_N)
+            return grouped_mm_linear(activate(h_NH, self.activation, self.gated), counts, w_out, b_out, expert_N)
 
     def forward_expert(self, e: int, x_nD: torch.Tensor) -> torch.Tensor:
         """Expert e on its tokens, plain autograd (the reference computation); the weights in the
@@ -268,9 +291,14 @@ class LinearExperts(nn.Module):
     def d_out(self) -> int:
         return self.d_hidden
 
-    def forward_sorted(self, x_ND: torch.Tensor, counts: list[int]) -> torch.Tensor:
-        # One matmul per expert; unbind() (not w[e]) so backward stacks the grads once.
+    def forward_sorted(self, x_ND: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
         dtype = _autocast_dtype(x_ND)  # the weights in the input's dtype, as the other experts cast theirs
+        if isinstance(counts, torch.Tensor):  # a device tensor: one grouped GEMM (the loop where it cannot)
+            if grouped_mm_fits(dtype, self.d_model, self.d_hidden):
+                return grouped_mm_linear(x_ND.to(dtype), counts, self.weight.to(dtype),
+                                         None if self.bias is None else self.bias.to(dtype))
+            counts = counts.tolist()
+        # One matmul per expert; unbind() (not w[e]) so backward stacks the grads once.
         pieces = [
             x @ w for x, w, n in zip(x_ND.to(dtype).split(counts), self.weight.to(dtype).unbind(0), counts) if n
         ]

@@ -19,7 +19,8 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-__all__ = ["ACTIVATIONS", "activate", "grouped_ffn", "grouped_ffn_scaled", "scaled_ffn"]
+__all__ = ["ACTIVATIONS", "activate", "expert_of_rows", "grouped_ffn", "grouped_ffn_scaled", "grouped_mm_fits",
+           "grouped_mm_linear", "scaled_ffn"]
 
 # name -> (forward, backward(grad_out, pre_activation) -> grad_in)
 ACTIVATIONS: dict[str, tuple[Callable, Callable]] = {
@@ -251,3 +252,54 @@ def scaled_ffn(
     if w_out_YD.shape[0] == X:
         return a_NX @ w_out_YD
     return torch.mm(scale_NK, w_out_YD[X:]).addmm_(a_NX, w_out_YD[:X])
+
+
+# One grouped GEMM per projection (torch's ``grouped_mm``), the rows per expert as a device tensor:
+# nothing is read back to the host, and a projection is one kernel launch on a GPU instead of one
+# per expert. ``grouped_mm`` needs every row stride to be a multiple of 16 bytes and fp32, bf16 or
+# fp16; callers check ``grouped_mm_fits`` and use the loop above otherwise.
+_GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def grouped_mm_fits(dtype: torch.dtype, *widths: int) -> bool:
+    """Whether ``grouped_mm`` takes matrices of ``dtype`` whose rows are ``widths`` wide."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return dtype in _GROUPED_MM_DTYPES and all(w * size % 16 == 0 for w in widths)
+
+
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward hands on a contiguous gradient: ``grouped_mm``'s backward refuses
+    expanded ones (the gradient of a ``sum()`` has stride 0)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
+def grouped_mm_linear(x_ND: torch.Tensor, counts_E: torch.Tensor, w_EIO: torch.Tensor,
+                      b_EO: torch.Tensor | None, expert_N: torch.Tensor | None = None) -> torch.Tensor:
+    """Rows of expert e (``counts_E[e]`` consecutive rows, in expert order) times ``w_EIO[e]``
+    (+ ``b_EO[e]``) as one grouped GEMM. ``counts_E`` (long ``[E]``, on the rows' device) must sum
+    to the number of rows: rows past the last expert's block would be left unwritten, and checking
+    it would read the counts back to the host. ``expert_N``: each row's expert, when the caller has
+    it (needed for biases only; derived from the counts otherwise)."""
+    if x_ND.shape[0] == 0:  # grouped_mm's backward refuses empty operands: a plain [0, I] matmul, gradient 0
+        return x_ND @ w_EIO[0]
+    offsets_E = counts_E.cumsum(0).to(torch.int32)
+    y_NO = _ContiguousGrad.apply(F.grouped_mm(x_ND.contiguous(), w_EIO, offs=offsets_E))
+    if b_EO is None:
+        return y_NO
+    if expert_N is None:
+        expert_N = expert_of_rows(counts_E, x_ND.shape[0])
+    return y_NO + b_EO.index_select(0, expert_N)
+
+
+def expert_of_rows(counts_E: torch.Tensor, rows: int) -> torch.Tensor:
+    """Each row's expert for rows sorted by expert, ``counts_E[e]`` of them for expert e (``rows``
+    their sum, given so that nothing is read back to the host)."""
+    return torch.repeat_interleave(torch.arange(counts_E.shape[0], device=counts_E.device), counts_E,
+                                   output_size=rows)

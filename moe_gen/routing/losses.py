@@ -34,29 +34,45 @@ from moe_gen.routing.tags import TokenTags
 __all__ = ["balance_loss", "z_loss", "importance_loss", "auxiliary_losses"]
 
 
+def _row_weights(rows_NX: torch.Tensor, valid_N: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """``rows_NX`` with the rows outside ``valid_N`` zeroed (``where``, so padding holding NaN adds
+    nothing, gradient included), and each row's weight 1 or 0: masks instead of selecting the valid
+    rows, whose number would have to be read back from the device."""
+    if valid_N is None:
+        return rows_NX, rows_NX.new_ones(rows_NX.shape[0])
+    return torch.where(valid_N.unsqueeze(1), rows_NX, 0.0), valid_N.to(rows_NX.dtype)
+
+
 def balance_loss(probs_NE: torch.Tensor, ids_NK: torch.Tensor,
-                 fraction_E: Optional[torch.Tensor] = None) -> torch.Tensor:
+                 fraction_E: Optional[torch.Tensor] = None, valid_N: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Switch/GShard load-balance loss for N tokens (probs fp32 ``[N, E]``, ids ``[N, K]``;
-    ``fraction_E``: the load shares to use instead of these tokens' own)."""
+    ``fraction_E``: the load shares to use instead of these tokens' own; ``valid_N``: bool, the rows
+    that count, the others left out as if absent)."""
     N, E = probs_NE.shape
     if N == 0:
         return probs_NE.sum() * 0.0
+    probs_NE, weight_N = _row_weights(probs_NE, valid_N)
     if fraction_E is None:
-        counts_E = torch.bincount(ids_NK.reshape(-1), minlength=E).to(probs_NE.dtype)
-        fraction_E = counts_E / counts_E.sum()
-    return E * (fraction_E.to(probs_NE.dtype) * probs_NE.mean(0)).sum()
+        K = ids_NK.shape[1]
+        ids = ids_NK if valid_N is None else torch.where(valid_N.unsqueeze(1), ids_NK, 0)
+        counts_E = probs_NE.new_zeros(E).index_add_(0, ids.reshape(-1), weight_N.repeat_interleave(K))
+        fraction_E = counts_E / counts_E.sum().clamp_min(1.0)
+    mean_E = probs_NE.sum(0) / weight_N.sum().clamp_min(1.0)
+    return E * (fraction_E.to(probs_NE.dtype) * mean_E).sum()
 
 
-def z_loss(logits_NE: torch.Tensor) -> torch.Tensor:
-    """Router z-loss (ST-MoE eq. 5): mean of logsumexp(logits)²."""
+def z_loss(logits_NE: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Router z-loss (ST-MoE eq. 5): mean of logsumexp(logits)² (over the ``valid_N`` rows)."""
     if logits_NE.shape[0] == 0:
         return logits_NE.sum() * 0.0
-    return torch.logsumexp(logits_NE, dim=-1).square().mean()
+    logits_NE, weight_N = _row_weights(logits_NE, valid_N)
+    return (torch.logsumexp(logits_NE, dim=-1).square() * weight_N).sum() / weight_N.sum().clamp_min(1.0)
 
 
-def importance_loss(probs_NE: torch.Tensor) -> torch.Tensor:
-    """Importance loss (Shazeer et al. 2017): CV² = Var / Mean² of per-expert probability sums."""
-    importance_E = probs_NE.sum(0)
+def importance_loss(probs_NE: torch.Tensor, valid_N: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Importance loss (Shazeer et al. 2017): CV² = Var / Mean² of per-expert probability sums
+    (over the ``valid_N`` rows)."""
+    importance_E = _row_weights(probs_NE, valid_N)[0].sum(0)
     mean = importance_E.mean()
     return importance_E.var(unbiased=False) / mean.square().clamp_min(1e-20)
 
@@ -103,14 +119,12 @@ def auxiliary_losses(
             mean = (torch.logsumexp(g.logits_GE, dim=-1).square() * count_G).sum() / count_G.sum().clamp_min(1.0)
             losses["z"] = config.z_loss_weight * mean
         return losses
-    valid_T = routing.valid
-    logits_NE = routing.logits[valid_T]
-    probs_NE = routing.probs[valid_T]
-    ids_NK = routing.topk_ids[valid_T]
+    # over all T rows, padding masked out: selecting the valid rows would read their number back
+    valid_T, probs_TE, ids_TK = routing.valid, routing.probs, routing.topk_ids
     losses: dict[str, torch.Tensor] = {}
 
     if count_losses_apply and config.balance_loss_weight > 0:
-        losses["balance"] = config.balance_loss_weight * balance_loss(probs_NE, ids_NK)
+        losses["balance"] = config.balance_loss_weight * balance_loss(probs_TE, ids_TK, valid_N=valid_T)
         for group in config.balance_loss_groups:
             if tags is None:
                 raise ValueError(
@@ -118,12 +132,12 @@ def auxiliary_losses(
                 )
             group_N = (tags.modality if group == "modality" else tags.task)[valid_T]
             losses[f"balance_{group}"] = config.balance_loss_weight * _grouped_balance(
-                probs_NE, ids_NK, group_N
+                probs_TE[valid_T], ids_TK[valid_T], group_N
             )
     if tag_loss_applies:  # routes expanded to tokens (capacity): the same loss, token by token
-        losses["tag_balance"] = config.balance_loss_weight * balance_loss(probs_NE, ids_NK, load_share)
+        losses["tag_balance"] = config.balance_loss_weight * balance_loss(probs_TE, ids_TK, load_share, valid_T)
     if count_losses_apply and config.importance_loss_weight > 0:
-        losses["importance"] = config.importance_loss_weight * importance_loss(probs_NE)
+        losses["importance"] = config.importance_loss_weight * importance_loss(probs_TE, valid_T)
     if config.z_loss_weight > 0 and routing.learned_gate:
-        losses["z"] = config.z_loss_weight * z_loss(logits_NE)
+        losses["z"] = config.z_loss_weight * z_loss(routing.logits, valid_T)
     return losses

@@ -55,7 +55,9 @@ class RouterOutput:
         positions: long ``[T, K]`` slot of the assignment in its expert (for padded layouts);
             None for dropless routing until ``slot_positions()`` computes it (only padded layouts
             need it, and it costs a sort).
-        capacity: slots per expert (for dropless: the largest expert load in this call).
+        capacity: slots per expert (for dropless: the largest expert load in this call, which
+            may be given as None and is then computed from ``expert_counts`` when first read:
+            reading it waits for the device, which the ``torch`` and ``grouped`` backends never do).
         probs: float32 ``[T, E]`` router probabilities (zero rows for padding); per-expert
             affinities in (0, 1) with ``RouterConfig.score="sigmoid"``, which need not sum to 1.
         logits: float32 ``[T, E]`` router logits, before noise.
@@ -101,14 +103,16 @@ class RouterOutput:
         groups: Optional[GroupRoutes] = None,
     ) -> None:
         given = dict(topk_ids=topk_ids, topk_weights=topk_weights, mask=mask, probs=probs, logits=logits,
-                     expert_counts=expert_counts, capacity=capacity)
+                     expert_counts=expert_counts)
         if groups is None and any(v is None for v in given.values()):
             missing = [k for k, v in given.items() if v is None]
             raise ValueError(f"RouterOutput needs {', '.join(missing)} (or groups= to expand them from)")
-        if groups is None:  # plain attributes
+        if groups is None:  # plain attributes; capacity None (dropless) is read from the counts when asked for
             for name, value in given.items():
                 setattr(self, name, value)
+            self._capacity = capacity
         else:  # _GroupedRouterOutput: what is not given is expanded from the groups when read
+            given["capacity"] = capacity
             self._tensors = {k: v for k, v in given.items() if v is not None}
         self.positions = positions
         self.valid = valid
@@ -121,6 +125,13 @@ class RouterOutput:
         # experts and assignment slots per token, as plain numbers
         self.num_experts = (groups.probs_GE if groups is not None else probs).shape[1]
         self.top_k = (groups.ids_GK if groups is not None else topk_ids).shape[1]
+
+    @property
+    def capacity(self) -> int:
+        """Slots per expert; for dropless routing the largest expert load (read when first asked for)."""
+        if self._capacity is None:
+            self._capacity = int(self.expert_counts.max()) if self.expert_counts.numel() else 0
+        return self._capacity
 
     def slot_positions(self) -> torch.Tensor:
         """``positions``, computed in token order on first use when routing was dropless."""

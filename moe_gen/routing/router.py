@@ -390,11 +390,11 @@ class Router(nn.Module):
         valid_T: torch.Tensor,
     ) -> RouterOutput:
         """The decision per token: the kept assignments (``_apply_capacity``), their expert counts,
-        and what capacity dropped. ``capacity`` None (dropless) becomes the largest expert load."""
+        and what capacity dropped. ``capacity`` None (dropless): the largest expert load, computed
+        when read. Nothing here reads a value back to the host (no boolean indexing, no bincount)."""
         ids_TK, mask_TK = choice.ids_TK, choice.mask_TK
-        expert_counts_E = torch.bincount(ids_TK[keep_TK], minlength=self.num_experts)
-        if capacity is None:
-            capacity = int(expert_counts_E.max()) if expert_counts_E.numel() else 0
+        expert_counts_E = torch.zeros(self.num_experts, dtype=torch.long, device=ids_TK.device).index_add_(
+            0, torch.where(keep_TK, ids_TK, 0).reshape(-1), keep_TK.reshape(-1).long())
         return RouterOutput(
             topk_ids=ids_TK,
             topk_weights=torch.where(keep_TK, choice.weights_TK, 0.0),
