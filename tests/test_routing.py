@@ -802,3 +802,36 @@ def test_padding_that_holds_nan_leaves_every_gradient_finite(strategy, shared):
     torch.testing.assert_close(out.output[~padding], clean)
     (out.output[~padding].sum() + out.aux_loss).backward()
     assert all(torch.isfinite(p.grad).all() for p in moe.parameters() if p.grad is not None)
+
+
+def test_a_row_wise_gate_that_may_choose_fewer_than_k_is_checked_before_routes_stay_per_group():
+    """The router keeps tag routes per group (every valid member computes all K) without reading the
+    gate's mask back only for gates that declare ``k_per_valid_row``; a registered row-wise gate that
+    leaves some rows' second choice out keeps per-token routes, and only what it chose is computed."""
+    from moe_gen.registry import GATES
+    from moe_gen.routing.gates import GateChoice, TopKGate
+
+    class FirstChoiceForEvenExperts(TopKGate):
+        k_per_valid_row = False  # rows whose first expert is even drop their second assignment
+
+        def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
+            choice = super().choose(scores_TE, probs_TE, valid_T, capacity_factor=capacity_factor,
+                                    training=training)
+            mask_TK = choice.mask_TK.clone()
+            mask_TK[:, 1] &= choice.ids_TK[:, 0] % 2 == 1
+            return GateChoice(choice.ids_TK, torch.where(mask_TK, choice.weights_TK, 0.0), mask_TK)
+
+    GATES.register("first_for_even_experts")(FirstChoiceForEvenExperts)
+    try:
+        x, tags = torch.randn(40, 16), random_tags((40,))
+        for gate, per_group in (("first_for_even_experts", False), ("topk", True)):
+            torch.manual_seed(0)
+            moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=6, top_k=2,
+                                router=RouterConfig(strategy="attribute", gate=gate)))
+            routing = moe(x, tags=tags).routing
+            assert (routing.groups is not None) == per_group, gate
+            if not per_group:
+                assert not routing.mask.all()  # (the inputs give some rows an even first expert)
+                assert torch.equal(routing.mask[:, 1], routing.topk_ids[:, 0] % 2 == 1)
+    finally:
+        GATES.unregister("first_for_even_experts")

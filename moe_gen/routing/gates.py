@@ -60,12 +60,16 @@ class Gate:
             each other (expert choice, balanced assignment).
         rowwise_in_eval: the same in eval mode (``training=False``): True where ``rowwise`` is, and
             for the balanced gate, which picks each token's best expert at inference.
+        k_per_valid_row: where it decides row by row, every valid row gets all its K assignments
+            (the router then keeps the routes per tag group without reading the mask back to
+            check); False makes the router check.
     """
 
     balanced_by_construction = False
     learned = True
     rowwise = False
     rowwise_in_eval = False
+    k_per_valid_row = False
 
     def __init__(self, config: MoEConfig) -> None:
         self.num_experts = config.num_experts
@@ -102,7 +106,7 @@ class TopKGate(Gate):
     can be picked.
     """
 
-    rowwise = rowwise_in_eval = True
+    rowwise = rowwise_in_eval = k_per_valid_row = True
 
     def __init__(self, config: MoEConfig) -> None:
         super().__init__(config)
@@ -184,7 +188,7 @@ class BalancedGate(Gate):
     """
 
     balanced_by_construction = True
-    rowwise_in_eval = True  # (at inference each token takes its best expert)
+    rowwise_in_eval = k_per_valid_row = True  # (at inference each token takes its best expert)
 
     def __init__(self, config: MoEConfig) -> None:
         if config.top_k != 1:
@@ -221,7 +225,7 @@ class HashGate(Gate):
 
     balanced_by_construction = True
     learned = False
-    rowwise = rowwise_in_eval = True
+    rowwise = rowwise_in_eval = k_per_valid_row = True
 
     def choose(self, scores_TE, probs_TE, valid_T, *, capacity_factor, training):
         ids_TK = scores_TE.topk(self.top_k, dim=-1).indices

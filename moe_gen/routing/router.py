@@ -256,7 +256,8 @@ class Router(nn.Module):
                 # A row-wise gate decides each group from its one row; members take that choice
                 # (padding members none): equal to gating every token, at G rows of work.
                 choice = self._choose(scores_RE, probs_RE, torch.ones_like(valid_R))
-                if self.config.capacity_factor is None and bool(choice.mask_TK.all()):
+                if self.config.capacity_factor is None and (type(self.gate).k_per_valid_row
+                                                            or bool(choice.mask_TK.all())):
                     # dropless, and the gate chose K experts for every group: routes stay per group
                     routes = (choice.ids_TK, choice.weights_TK, probs_RE, logits_RE)
                     self._cache_routes(store, cache_key, routes)
