@@ -265,6 +265,25 @@ def test_a_long_clip_is_refused_before_it_is_resampled(tok):
     assert time.perf_counter() - start < 1
 
 
+def test_a_value_of_exactly_the_cap_is_kept_and_one_position_more_fails(tok):
+    """``max_slot_positions`` is the most positions a slot may take: a value of exactly that many
+    encodes, the cap one lower fails the row naming the count."""
+    row = {"x": "one two three four", "y": "a"}
+    n = len(Task("t", "[TEXT:x] -> [TEXT:y]", [row]).encode(0, tok).encoder[0])
+    assert n > 1
+    assert len(Task("t", "[TEXT:x] -> [TEXT:y]", [row], max_slot_positions=n).encode(0, tok).encoder[0]) == n
+    with pytest.raises(TaskDataError, match=f"the value takes {n} positions, over the cap of {n - 1} positions"):
+        Task("t", "[TEXT:x] -> [TEXT:y]", [row], max_slot_positions=n - 1).encode(0, tok)
+
+
+@pytest.mark.parametrize("cap", [0, -1, True, 2.0])
+def test_a_task_plan_built_directly_refuses_a_cap_that_is_not_a_positive_int(tok, cap):
+    from moe_gen.tasks import TaskPlan
+
+    with pytest.raises(ValueError, match=f"max_slot_positions must be a positive int, got {cap!r}"):
+        TaskPlan("t", "[TEXT:x] -> [TEXT:y]", tok, max_slot_positions=cap)
+
+
 def test_any_other_error_while_encoding_a_row_names_task_and_row(tok, monkeypatch):
     from moe_gen.tasks.plan import TaskPlan
 

@@ -60,6 +60,20 @@ def test_repetition_groups_interleave_and_free_text_before_text_is_closed(tok, d
     assert detection.plan(tok).closing_eos() == frozenset()
 
 
+def test_only_slots_that_leave_the_next_item_open_lend_their_tags(tok, detection):
+    """``open_ends``: free text without its own EOS, closed sets, a group's last slot. After a text
+    value closed by its own EOS the next item is settled, so it keeps its own tags (``Chunk.lead``
+    None); after a category that may go on, the next value leads with the category's tags."""
+    closed = Task("two", "[TEXT:q] -> [TEXT:a] and [TEXT:b]", [{"q": "hi", "a": "one two", "b": "three"}])
+    assert closed.plan(tok).open_ends() == {2}  # a (0) ends with its EOS; b (2, after the literal) runs on
+    assert [c.lead for c in closed.encode(0, tok, training=False).decoder] == [None] * 5
+    category = Task("k", "[TEXT:q] -> [CATEGORY:k] [TEXT:a]", [{"q": "hi", "k": "red", "a": "sky"}])
+    assert category.plan(tok).open_ends() == {0, 1}
+    chunks = category.encode(0, tok, training=False).decoder  # k, a, EOS
+    assert [c.lead for c in chunks] == [None, ("CATEGORY", TARGET), None]  # (the EOS: a's own tags)
+    assert detection.plan(tok).open_ends() == {1}  # ( [BOX] [TEXT,closed_set] )*: the labels, the group's last
+
+
 # ---- decoding, scripted ----------------------------------------------------------------------
 
 
@@ -250,6 +264,8 @@ _BOXES = dict(b=[[1, 2, 5, 6], [2, 2, 4, 4]], width=10, height=10)
     ("[TEXT:q] -> [CATEGORY:k] [TEXT:a]", [dict(q="x", k="red", a=""), dict(q="y", k="red", a="sky")]),
     ("[TEXT:q] -> ( [TEXT:t] [BOX:b] )*",
      [dict(q="x", t=["one", ""], **_BOXES), dict(q="y", t=["one", "two"], **_BOXES)]),
+    ("[TEXT:q] -> [CATEGORY:k] [TEXT:a] [TEXT:b]",  # a's EOS alone decides it is empty, after the category
+     [dict(q="x", k="red", a="", b="sky"), dict(q="y", k="red", a="sea", b="sky")]),
 ])
 def test_an_empty_value_after_an_open_ended_slot_is_decided_under_the_tag_decoding_gives_it(
         tok, scripted, instruction, rows):

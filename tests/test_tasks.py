@@ -123,6 +123,17 @@ def test_grounding_example_by_hand(tok):
     assert task.plan(tok).decode_specs()[0].kind == "box"
 
 
+def test_without_box_targets_a_sample_keeps_the_size_of_its_first_image(tok):
+    """``Sample.meta["image_size"]`` is the first image's (width, height) where no box target
+    says which image boxes map back to, and absent without images."""
+    wide, tall = np.zeros((8, 24, 3), dtype=np.uint8), np.zeros((20, 12, 3), dtype=np.uint8)
+    two = Task("two", "[IMAGE:a] [IMAGE:b] same? -> [TEXT:y]", [{"a": wide, "b": tall, "y": "no"},
+                                                                 {"a": tall, "b": wide, "y": "no"}])
+    assert two.encode(0, tok, training=False).meta["image_size"] == (24, 8)
+    assert two.encode(1, tok, training=False).meta["image_size"] == (12, 20)
+    assert "image_size" not in Task("t", "[TEXT:x] -> [TEXT:y]", [{"x": "a", "y": "b"}]).encode(0, tok).meta
+
+
 def test_closed_set_trie_and_forced_prefix(tok):
     rows = [{"sentence": "great film", "label": "positive"}, {"sentence": "dull", "label": "negative"}]
     instruction = ('is the sentiment of text " [TEXT:sentence] " positive or negative? -> is the sentiment '
