@@ -59,6 +59,17 @@ def test_the_row_is_the_classical_pose_features_standardised_with_the_training_r
     np.testing.assert_allclose(one_frame[0, 8:].numpy(), (0 - mean[8:]) / std[8:], atol=1e-5)  # no change
 
 
+def test_a_motion_window_may_be_fixed_with_min_length_equal_to_max_length(tok):
+    """min_length == max_length is a fixed window, not an empty range: planned, and with the
+    clip's own length (6 frames) every training read is the whole clip, as evaluation reads it."""
+    fixed = Task("moves", INSTRUCTION.replace("pose_summary", "pose_summary,min_length=6,max_length=6"), TRAIN)
+    row = dict(TRAIN[0])
+    whole = summary(Task("moves", INSTRUCTION, TRAIN), row, tok)
+    assert torch.equal(summary(fixed, row, tok), whole)
+    for seed in range(3):
+        assert torch.equal(summary(fixed, row, tok, training=True, seed=seed), whole)
+
+
 def test_windows_follow_max_length_random_in_training_and_first_otherwise(tok):
     instruction = INSTRUCTION.replace("pose_summary", "pose_summary,max_length=3")
     task = Task("moves", instruction, TRAIN)

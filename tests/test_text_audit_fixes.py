@@ -122,6 +122,18 @@ def test_attributes_on_the_wrong_side_of_the_arrow(tok):
             Task("p", f"[TEXT:q,{attribute}] -> [TEXT:a]", [{"q": "a", "a": "b"}]).plan(tok)
 
 
+def test_disable_auto_boseos_is_refused_by_the_slot_the_answer_ends_in(tok):
+    """The answer's end marker is needed where its last scored slot has no fixed length (text, a
+    closed set, frames), wherever the flag sits; an answer ending in a box (4 location tokens)
+    ends without it."""
+    Task("t", "[TEXT:q] -> [TEXT:t] [BOX:b,disable_auto_boseos]", []).plan(tok)  # ends in a box: fine
+    with pytest.raises(ValueError, match=r"slot \[BOX:b,disable_auto_boseos\] sets disable_auto_boseos, .*"
+                                         r"the answer ends in \[TEXT:t\]"):
+        Task("t", "[TEXT:q] -> [BOX:b,disable_auto_boseos] [TEXT:t]", []).plan(tok)
+    with pytest.raises(ValueError, match=r"the answer ends in \[MOTION:m,adaptor=motion_tgt\]"):
+        Task("t", "[TEXT:q] -> [BOX:b,disable_auto_boseos] [MOTION:m,adaptor=motion_tgt]", []).plan(tok)
+
+
 def test_an_instructions_literal_text_may_name_the_checkpoints_special_tokens():
     # data cannot inject them (above), but an instruction's author can: Whisper's prompt
     from moe_gen.pretrained import locate
