@@ -269,6 +269,37 @@ def _longest(grammar: TargetGrammar, text_token: int) -> int:
     return steps
 
 
+def test_location_tokens_in_the_text_of_an_image_code_template_are_refused(tok):
+    """Image codes are location tokens too: a free-text value holding '<bin_3>' in a template with
+    image codes could never be decoded back as text, so the row is refused, naming its place."""
+    import numpy as np
+
+    row = {"q": "x", "label": "a <bin_3>", "image": np.zeros((28, 28, 3), np.uint8)}
+    task = Task("draw", "[TEXT:q] -> [TEXT:label] [IMAGE:image,preprocess=image_vq]", [row])
+    with pytest.raises(TaskDataError, match=r"task 'draw', column 'label', row 0: the text holds location tokens "
+                                            r"\(<bin_3>\), which in a template with image codes are read only as "
+                                            r"image codes"):
+        task.plan(tok).encode(row, 0)
+
+
+def test_an_empty_item_is_refused_only_where_its_start_reads_as_what_follows_the_group(tok):
+    """After ``( [TEXT:t] )*`` comes literal text: an empty later item (its EOS alone) is not the
+    literal's first token, so it is accepted and reads back. Where the answer carries no EOS
+    markers (``disable_auto_boseos``) the same empty item has no token at all: refused."""
+    rows = [{"q": "x", "t": ["a", ""]}]
+    task = Task("lists", "[TEXT:q] -> ( [TEXT:t] )* done", rows)
+    plan = task.plan(tok)
+    sample = plan.encode(rows[0], 0, training=False)
+    grammar = TargetGrammar(plan, tok)
+    state = _walk(grammar, [t for chunk in sample.decoder for t in chunk.tokens])
+    assert state.done and grammar.parse(state)[0] == {"t": ["a", ""]}
+    boxed = {"q": "x", "t": ["a", ""], "b": [1, 2, 3, 4], "width": 9, "height": 9}
+    bare = Task("bare", "[TEXT:q] -> ( [TEXT:t] )* [BOX:b,disable_auto_boseos]", [boxed])
+    with pytest.raises(TaskDataError, match=r"task 'bare', column 't', row 0: item 2 of repetition group 0 begins "
+                                            r"with an empty value of \[TEXT:t\], laid out as no token at all"):
+        bare.plan(tok).encode(boxed, 0)
+
+
 def test_a_slots_max_length_bounds_its_values_and_max_steps_bounds_the_longest_answer(tok):
     """A free-text target's ``max_length`` (not ``max_new_tokens``) caps its values: after that many
     tokens only its closing EOS may come; ``max_steps`` (the decoder cache's length) holds the
