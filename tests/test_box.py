@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -47,6 +49,30 @@ def test_iou():
     # boxes of no area (a point, a line): the same box matches, another does not
     assert box_iou([3, 4, 3, 4], [3.0, 4.0, 3.0, 4.0]) == 1.0 and box_iou([0, 1, 5, 1], [0, 1, 5, 1]) == 1.0
     assert box_iou([3, 4, 3, 4], [3, 5, 3, 5]) == 0.0 and box_iou([3, 4, 3, 4], [0, 0, 8, 8]) == 0.0
+
+
+def test_boxes_apart_on_one_axis_have_no_intersection_however_much_the_other_overlaps():
+    # side by side (same rows, columns apart) and stacked (same columns, rows apart): IoU 0, never negative
+    assert box_iou([0, 0, 1, 1], [2, 0, 3, 1]) == 0.0
+    assert box_iou([0, 0, 1, 1], [0, 2, 1, 3]) == 0.0
+    assert box_iou([0, 0, 4, 4], [5, 1, 9, 3]) == 0.0
+
+
+def test_scale_box_scales_x_by_scale_x_and_y_by_scale_y():
+    assert scale_box([1, 2, 3, 4], 2.0, 3.0) == [2.0, 6.0, 6.0, 12.0]
+    assert scale_box([1, 2, 3, 4], 0.5, 1.0) == [0.5, 2.0, 1.5, 4.0]
+
+
+def test_an_image_of_infinite_size_is_refused():
+    for width, height in ((math.inf, 10), (10, math.inf)):
+        with pytest.raises(ValueError, match="positive and finite"):
+            quantize_box([0, 0, 1, 1], width, height)
+
+
+def test_bins_stay_in_range_on_a_long_thin_image_where_the_edge_tolerance_spans_a_bin():
+    """The edge tolerance is relative to the image's longer side (1e-3 px on a 1x1000 image): on the
+    short side it reaches past half a bin, so the clamp to ``[0, num_bins)`` is what keeps the bins."""
+    assert quantize_box([-1e-3, 0, 1 + 1e-3, 1000], 1, 1000) == [0, 0, 999, 999]
 
 
 def test_iou_accuracy_counts_a_box_at_the_threshold_as_a_hit():
