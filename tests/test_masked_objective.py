@@ -199,6 +199,45 @@ def test_split_budget_spends_exactly_the_budget_and_defaults_unnamed_alphas_to_o
         {"TEXT": 3, "IMAGE": 4, "AUDIO": 0}
 
 
+def test_a_modality_of_alpha_zero_takes_no_share_of_the_budget():
+    """α 0 is allowed (``masked_target_alpha={"IMAGE": 0.0}``: predict no image rows unless nothing
+    else is left); the draw floors it at 1e-6: NumPy before 1.25 refuses α 0 in a Dirichlet, later
+    ones draw all zeros where every α is 0, and the remainder then always went to the first name."""
+    from moe_gen.masking import split_budget
+
+    for seed in range(10):
+        assert split_budget(10, {"IMAGE": 20, "TEXT": 15}, {"IMAGE": 0.0}, random.Random(seed)) == \
+            {"IMAGE": 0, "TEXT": 10}, seed
+    # what the other modality cannot hold still goes to it
+    assert split_budget(10, {"IMAGE": 20, "TEXT": 4}, {"IMAGE": 0.0}, random.Random(0)) == {"IMAGE": 6, "TEXT": 4}
+    # α 0 for all: each draw gives the whole budget to one modality, either one
+    drawn = [split_budget(10, {"IMAGE": 20, "TEXT": 15}, 0.0, random.Random(seed)) for seed in range(20)]
+    assert all(sorted(split.values()) == [0, 10] for split in drawn)
+    assert {max(split, key=split.get) for split in drawn} == {"IMAGE", "TEXT"}
+
+
+def test_a_modality_without_positions_leaves_the_split_of_the_others_as_if_it_were_absent():
+    """The target split of a sample whose inputs took all of one modality: that modality, with no
+    position left, takes no part in the Dirichlet draw, so the others' split is the one drawn
+    without it (given a share, it handed it on to the largest other share, skewing the split)."""
+    from moe_gen.masking import split_budget
+
+    alpha = {"AUDIO": 5.0, "IMAGE": 1.0, "TEXT": 1.0}
+    for seed in range(20):
+        with_empty = split_budget(12, {"AUDIO": 0, "IMAGE": 30, "TEXT": 30}, alpha, random.Random(seed))
+        without = split_budget(12, {"IMAGE": 30, "TEXT": 30}, alpha, random.Random(seed))
+        assert with_empty == {"AUDIO": 0, **without}, seed
+
+
+def test_a_masked_task_with_no_scored_decoder_slot_is_refused_by_name(tok):
+    from moe_gen.masking import check_masked_answer
+
+    for instruction in ("[TEXT:q] -> [TEXT:a,no_loss]", "[TEXT:q] -> answer: [TEXT:a,no_loss] done"):
+        task = Task("m", instruction, [{"q": "hi", "a": "x"}], objective="masked")
+        with pytest.raises(ValueError, match="task 'm' has no scored decoder slot to decode"):
+            check_masked_answer(task.plan(tok))
+
+
 def test_the_target_budget_is_split_by_the_target_alpha(tok):
     """With every input an image code (input α) and a target α that favours text, the digit's
     label is a target of every sample; with the input α for both it never is."""
