@@ -70,6 +70,16 @@ def test_a_motion_window_may_be_fixed_with_min_length_equal_to_max_length(tok):
         assert torch.equal(summary(fixed, row, tok, training=True, seed=seed), whole)
 
 
+def test_window_statistics_by_hand():
+    """Mean, population std, then mean |frame-to-frame change|, feature by feature; two frames have
+    one change, one frame none."""
+    from moe_gen.tasks.modalities.pose_summary import pose_summary
+
+    np.testing.assert_allclose(pose_summary([[0.0, 1.0], [2.0, -1.0]]), [1.0, 0.0, 1.0, 1.0, 2.0, 2.0])
+    np.testing.assert_allclose(pose_summary([[0.0], [3.0], [1.0]]), [4 / 3, np.sqrt(14) / 3, 2.5])
+    np.testing.assert_allclose(pose_summary([[5.0, 6.0]]), [5.0, 6.0, 0.0, 0.0, 0.0, 0.0])
+
+
 def test_windows_follow_max_length_random_in_training_and_first_otherwise(tok):
     instruction = INSTRUCTION.replace("pose_summary", "pose_summary,max_length=3")
     task = Task("moves", instruction, TRAIN)
@@ -128,6 +138,10 @@ def test_bad_values_slots_and_statistics_are_refused_naming_them(tok):
     with pytest.raises(ValueError, match=r"preprocessor 'pose_summary': pose_summary statistics of column "
                                          r"'motion': need equal-length mean and std"):
         Task("moves", INSTRUCTION, HELD_OUT).plan(tok, corrupt)
+    not_three = {"pose_summary": {"motion": {"mean": [0.0] * 4, "std": [1.0] * 4}}}  # 3 statistics a feature
+    with pytest.raises(ValueError, match=r"pose_summary statistics of column 'motion': need equal-length mean and "
+                                         r"std of 3·J values"):
+        Task("moves", INSTRUCTION, HELD_OUT).plan(tok, not_three)
 
 
 def test_the_suite_declares_motion_as_window_statistics_on_request():
