@@ -82,6 +82,8 @@ def test_bad_values_and_slots_are_refused_naming_them(tok):
                                             r"3\.5"):
         task.encode(4, tok)
     assert task.fit_statistics()["bag_of_words"]["text"]["words"]  # the bad row is passed over when fitting
+    numbered = Task("topics", INSTRUCTION, TRAIN + [{"text": 20240, "topic": "money"}])
+    assert numbered.fit_statistics() == Task("topics", INSTRUCTION, TRAIN).fit_statistics()  # not read as "20240"
     masked = Task("topics", INSTRUCTION.replace("bag_of_words", "bag_of_words,mask_ratio=0.2"), TRAIN)
     with pytest.raises(ValueError, match=r"task 'topics': slot .*bag_of_words reads whole words, not tokens; drop "
                                          r"mask_ratio"):
@@ -96,6 +98,14 @@ def test_bad_values_and_slots_are_refused_naming_them(tok):
     target = Task("topics", "[TEXT:text] what is this about? -> [TEXT:topic,preprocess=bag_of_words]", TRAIN)
     with pytest.raises(ValueError, match="only the encoder reads; use it on an input slot"):
         target.plan(tok)
+
+
+@pytest.mark.parametrize("edit", ["mask_ratio=0.2", "noise_ratio=0.1", "no_punctuation", "max_length=5"])
+def test_every_attribute_that_edits_tokens_is_refused_on_a_bag_of_words(tok, edit):
+    name = edit.split("=")[0]
+    task = Task("topics", INSTRUCTION.replace("bag_of_words", f"bag_of_words,{edit}"), TRAIN)
+    with pytest.raises(ValueError, match=rf"bag_of_words reads whole words, not tokens; drop {name}$"):
+        task.plan(tok)
 
 
 def test_statistics_that_do_not_fit_the_slot_are_refused_and_wordless_text_fits_an_empty_vocabulary(tok):
