@@ -136,6 +136,94 @@ def test_without_flock_the_lock_file_is_the_lock_and_stale_ones_are_taken_over(t
         RunLock(str(tmp_path)).acquire()
 
 
+def _without_flock(monkeypatch):
+    def no_flock(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(fcntl, "flock", no_flock)
+
+
+@pytest.mark.parametrize("host, alive", [("another-host", "gone"), ("here", "another user's")])
+def test_without_flock_a_lock_file_is_taken_over_only_when_its_process_is_gone_from_this_host(tmp_path, monkeypatch,
+                                                                                            host, alive):
+    """A pid of another host says nothing of this one's processes; one that ``os.kill`` may not signal
+    (another user's) still runs."""
+    import socket
+
+    _without_flock(monkeypatch)
+    if alive == "another user's":
+        def kill(pid, signal):
+            raise PermissionError(errno.EPERM, "Operation not permitted")
+
+        monkeypatch.setattr(os, "kill", kill)
+    holder = {"pid": 999_999_999, "host": socket.gethostname() if host == "here" else host, "started": "x"}
+    (tmp_path / LOCK_FILE).write_text(json.dumps(holder))
+    with pytest.raises(RunDirectoryInUse, match="process 999999999 on"):
+        RunLock(str(tmp_path)).acquire()
+    assert json.loads((tmp_path / LOCK_FILE).read_text()) == holder
+
+
+def test_a_lock_taken_over_holds_only_its_own_record(tmp_path):
+    """The stale holder's record was longer than the new one: the file must not keep its tail."""
+    (tmp_path / LOCK_FILE).write_text(json.dumps({"pid": 999_999_999, "host": "elsewhere", "started": "x" * 500}))
+    with RunLock(str(tmp_path)):
+        assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+
+
+def test_a_lock_holds_the_file_at_its_path_when_the_file_it_locked_was_replaced_meanwhile(tmp_path, monkeypatch):
+    """Between opening the lock file and locking it, its holder released (removing the file) and
+    another run created a new one: the lock must be on the file at the path, or two runs hold it."""
+    path, real, raced = tmp_path / LOCK_FILE, fcntl.flock, []
+
+    def racing(fd, operation):
+        if not raced:
+            raced.append(True)
+            path.unlink()
+            path.write_text("{}")
+        return real(fd, operation)
+
+    monkeypatch.setattr(fcntl, "flock", racing)
+    with RunLock(str(tmp_path)):
+        assert raced and json.loads(path.read_text())["pid"] == os.getpid()
+        with pytest.raises(RunDirectoryInUse):
+            RunLock(str(tmp_path)).acquire()
+
+
+def test_releasing_leaves_a_lock_file_another_run_made_since(tmp_path):
+    """The holder's file was removed by hand and a second run took the directory: the first one's
+    release must neither remove the second's file nor drop its lock."""
+    first, second = RunLock(str(tmp_path)), RunLock(str(tmp_path))
+    first.acquire()
+    (tmp_path / LOCK_FILE).unlink()
+    second.acquire()
+    first.release()
+    assert json.loads((tmp_path / LOCK_FILE).read_text())["pid"] == os.getpid()
+    with pytest.raises(RunDirectoryInUse):
+        RunLock(str(tmp_path)).acquire()
+    second.release()
+    assert not (tmp_path / LOCK_FILE).exists()
+
+
+def test_a_lock_is_taken_once_and_released_without_leaking_its_file(tmp_path):
+    lock = RunLock(str(tmp_path))
+    before = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else None
+    lock.acquire()
+    with pytest.raises(RuntimeError, match="already held by this RunLock"):
+        lock.acquire()
+    lock.release()
+    if before is not None:
+        assert len(os.listdir("/proc/self/fd")) == before
+    RunLock(str(tmp_path)).acquire()
+
+
+def test_the_refusal_names_a_holder_of_another_host_with_our_pid_as_another_process(tmp_path):
+    with RunLock(str(tmp_path)):
+        holder = {"pid": os.getpid(), "host": "another-host", "started": "x"}
+        (tmp_path / LOCK_FILE).write_text(json.dumps(holder))  # the record a run elsewhere would write
+        with pytest.raises(RunDirectoryInUse, match=f"process {os.getpid()} on another-host, started x"):
+            RunLock(str(tmp_path)).acquire()
+
+
 def _pretrain(output, *extra):
     return [sys.executable, "-m", "moe_gen.cli", "pretrain", "--config", "debug", "--output", str(output),
             "--train.tensorboard", "false", "--train.eval_limit", "2", *extra]
