@@ -161,6 +161,22 @@ def test_betas_outside_zero_to_one_are_refused_when_built(betas):
     assert TrainConfig(betas=(0, 0.999)).betas == (0, 0.999)
 
 
+@pytest.mark.parametrize("field, refused, accepted", [
+    ("steps", 0, 1),
+    ("eval_limit", 0, 1),
+    ("max_tokens", 0, 1),
+    ("min_lr_ratio", 1.01, 1.0),  # 1: a constant learning rate after the warm-up
+    ("modality_budget", {"AUDIO": 0}, {"AUDIO": 1}),
+    ("lr_scales", {1: 0.5}, {"encoder.": 0.0}),  # prefixes are names; 0 freezes
+    ("loss_weights", {"t": -0.5}, {"t": 0}),  # 0 leaves the task's loss out
+    ("task_weights", {"t": -0.5}, {"t": 0.0}),
+])
+def test_train_config_refuses_the_first_value_past_each_bound_and_takes_the_bound(field, refused, accepted):
+    with pytest.raises(ValueError, match=f"TrainConfig[:.] ?{field}"):
+        TrainConfig(**{field: refused})
+    assert getattr(TrainConfig(**{field: accepted}), field) == accepted
+
+
 def test_model_config_checks_sizes_when_built():
     from moe_gen.model import ModelConfig
 
