@@ -38,6 +38,47 @@ def test_classical_baselines_on_wine():
     assert scores["logreg"] >= 0.9 and scores["majority"] < 0.5  # standardised logistic regression separates wine
 
 
+@pytest.mark.parametrize("name", ["table_diabetes", "reply_matching"])
+def test_classical_baselines_are_the_documented_pipelines(name):
+    """Numbers standardised with the training rows' statistics, text as TF-IDF of word uni- and bigrams
+    (sublinear tf); logistic regression at C = 1 and 5-NN (cosine on text): the held-out scores are
+    those of the same scikit-learn pipelines built here."""
+    from sklearn.feature_extraction.text import TfidfVectorizer
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.neighbors import KNeighborsClassifier
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    from moe_gen.tasks import metrics
+    from moe_gen.tasks.sources.dialog import reply_rows
+
+    task = suite_tasks([name])[0]
+    if task.text_features:
+        train, test = reply_rows("train")[:200], reply_rows("test")[:60]
+    else:
+        train, test = table_rows("diabetes", "train"), table_rows("diabetes", "test")
+    x_train, x_test = task.features(train), task.features(test)
+    y_train, y_test = [str(r[task.label_column]) for r in train], [str(r[task.label_column]) for r in test]
+
+    def prep():
+        return TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True) if task.text_features else StandardScaler()
+
+    models = {"logreg": LogisticRegression(max_iter=5000, C=1.0),
+              "knn": KNeighborsClassifier(5, metric="cosine" if task.text_features else "euclidean")}
+    scores = classical_scores(task, train, test)
+    for model_name, model in models.items():
+        predicted = [str(p) for p in make_pipeline(prep(), model).fit(x_train, y_train).predict(x_test)]
+        expected = metrics.compute([task.metric], predicted, y_test)[task.metric]
+        assert scores[model_name] == pytest.approx(expected), model_name
+
+
+def test_the_cross_validated_choice_takes_the_first_listed_baseline_on_a_tie():
+    from moe_gen.quality.baselines import cv_choice
+
+    assert cv_choice({"cv": {"logreg": 0.7, "knn": 0.7}}) == "logreg"
+    assert cv_choice({"cv": {"logreg": 0.6, "knn": 0.7}}) == "knn"
+
+
 def test_cross_validated_scores_use_the_training_rows_alone():
     """``cross_validated_scores`` is scikit-learn's 5-fold score (folds shuffled with seed 0) of the
     same pipelines, weighted by fold size; ``cv_choice`` picks the better of them, which may be
