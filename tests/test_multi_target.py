@@ -14,7 +14,7 @@ from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.model.grammar import TargetGrammar
 from moe_gen.objectives import GenerativeObjective
-from moe_gen.tasks import Task, Tokenizer, collate, load_preset
+from moe_gen.tasks import Task, TaskDataError, Tokenizer, collate, load_preset
 from moe_gen.tasks.metrics import METRICS, detection_counts, detection_f1
 from moe_gen.tasks.modalities.base import modality_tag_names
 from moe_gen.tasks.modalities.box import box_iou
@@ -282,6 +282,31 @@ def test_an_empty_value_after_an_open_ended_slot_is_decided_under_the_tag_decodi
         assert prediction.tokens == scripted.scripts[0][:-1]
         tags, trained = scripted.last.tags[0], _training_tags(task, tok, row, i, model)
         assert tags == trained[:len(tags)] and len(trained) - len(tags) <= 1
+
+
+def test_a_lone_eos_after_a_group_is_the_empty_label_after_it_and_an_empty_item_there_is_refused(tok, scripted):
+    """After ``( [TEXT:t] )*`` a category holding the empty label "" writes no token, so k = "" and
+    the answer's end are a lone EOS, as is another item of t left empty (its closing EOS). Decoding
+    reads it one way, as k's empty label and the end: greedy decoding of each row's training tokens
+    gives the row back, under the tags training gives them, and a row with an empty later item is
+    refused, naming task, column and row. (Before, decoding read it as another empty item: a row
+    with k = "" went on past its answer, and the empty item was trained.)"""
+    rows = [dict(q="x", t=["a"], k=""), dict(q="y", t=["", "b"], k=""), dict(q="z", t=["a", "b"], k="yes")]
+    task = Task("lists", "[TEXT:q] -> ( [TEXT:t] )* [CATEGORY:k]", rows)
+    model = build([task], tok)
+    for i, row in enumerate(rows):
+        scripted.scripts = _training_tokens(task, tok, [row])
+        prediction = model.infer(task, [row])[0]
+        assert prediction.tokens == scripted.scripts[0][:-1]
+        assert prediction.targets == {"t": row["t"], "k": row["k"]}
+        tags, trained = scripted.last.tags[0], _training_tags(task, tok, row, i, model)
+        assert tags == trained[:len(tags)] and len(trained) - len(tags) <= 1
+    for k in ("", "yes"):
+        with pytest.raises(TaskDataError, match=r"task 'lists', column 't', row 3: item 2 of repetition group 0 "
+                                                r"begins with an empty value of \[TEXT:t\], laid out as a lone EOS, "
+                                                r"the token that ends the answer after the group \(past the empty "
+                                                r"label \"\" of \[CATEGORY:k\]\)"):
+            task.plan(tok).encode(dict(q="w", t=["a", ""], k=k), 3)
 
 
 def test_min_length_keeps_a_later_text_target_from_being_empty(tok):

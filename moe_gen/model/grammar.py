@@ -443,9 +443,16 @@ class TargetGrammar:
             elif not (self._wraps(i, follower) and state.item + 1 >= self.max_items):
                 out.extend(self._starts(state, follower))
         # an empty value's token that another option takes (the answer's EOS, after a group whose
-        # next item would begin with an empty text closed by EOS) is read as that option: one reading
-        taken = {t for o in out if o.empty is None and o.tokens is not None for t in o.tokens}
-        return [o for o in out if o.empty is None or not taken.intersection(o.tokens or ())]
+        # next item would begin with an empty text closed by EOS) is read as that option: one reading.
+        # So is that of another item left empty where an option leaving the group takes it past an
+        # empty value of its own (the answer's EOS after a closed set's empty label ""): training
+        # refuses such an item (``check_decodable``), as it refuses one read as the answer's end.
+        def tokens(options) -> set[int]:
+            return {t for o in options if o.tokens is not None for t in o.tokens}
+        taken = tokens(o for o in out if o.empty is None)
+        leaving = taken | tokens(o for o in out if o.empty is not None and not self._wraps(i, o.empty))
+        return [o for o in out if o.empty is None
+                or not (leaving if self._wraps(i, o.empty) else taken).intersection(o.tokens or ())]
 
 
 def _depth(trie: dict) -> int:

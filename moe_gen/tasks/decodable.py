@@ -37,8 +37,8 @@ def check_decodable(plan: Any, template: int, encodings: list[list[SlotEncoding]
       read as coordinates or codes, and decoded free text never takes them.
     - An item after the first of a repetition group that begins with an empty value whose first
       token (the EOS closing it, or what follows it) is one that what follows the group may begin
-      with: a lone EOS reads as the answer's end (this item and all after it lost); an item of no
-      tokens at all vanishes.
+      with, past closed sets left at their empty label "": a lone EOS reads as the answer's end
+      (this item and all after it lost); an item of no tokens at all vanishes.
 
     Args:
         template: the template's index.
@@ -74,18 +74,42 @@ def _check_empty_items(plan: Any, decoder: list[Any], group: int, encodings: lis
     as what may follow the group (``_check_decodable``) are refused."""
     members = [k for k in range(len(encodings)) if decoder[k].slot.repeat == group]
     after = slot_followers(decoder, members[-1])[-1]
-    ends = {plan.tokenizer.eos_id} if after is None else (plan.first_tokens(decoder[after]) or set())
+    eos, ends = plan.tokenizer.eos_id, _starts_after(plan, decoder, after)
+    direct = {eos} if after is None else (plan.first_tokens(decoder[after]) or set())
     for item in range(1, max(len(encodings[k]) for k in members)):
         first, empty = _item_start(plan, members, encodings, closing, item)
         if empty is None or (first is not None and first not in ends):
             continue
+        past = "" if first in direct else f' (past the empty label "" of {decoder[after].slot})'
         what = ("no token at all, so decoding could not tell it was there" if first is None else
-                "a lone EOS, the token that ends the answer after the group, so decoding would read it as "
-                "the answer's end, losing this item and all after it" if first == plan.tokenizer.eos_id else
-                f"{decoder[after].slot}'s first token, which decoding would read as the group's end")
+                f"a lone EOS, the token that ends the answer after the group{past}, so decoding would read it "
+                "as the answer's end, losing this item and all after it" if first == eos else
+                f"{decoder[after].slot}'s first token{past}, which decoding would read as the group's end")
         raise TaskDataError(f"{ctx.where(decoder[empty].slot.column)}: item {item + 1} of repetition group "
                             f"{group} begins with an empty value of {decoder[empty].slot}, laid out as {what}; "
                             "give the value text (e.g. a placeholder such as 'none') or drop the item")
+
+
+def _starts_after(plan: Any, decoder: list[Any], after: Optional[int]) -> set[int]:
+    """The tokens decoding reads as the answer going on past a repetition group, slot ``after``
+    following it: that slot's first tokens (EOS at the answer's end) and, past a closed set holding
+    the empty label "" (no token), those of what follows it in turn (``TargetGrammar`` offers the
+    empty label, then what follows, at once). Before the eighteenth audit only the first: an empty
+    item's lone EOS after ``( [TEXT:t] )* [CATEGORY:k]`` passed, and read as k's "" and the end."""
+    eos, out = plan.tokenizer.eos_id, set()
+    queue, seen = [after], set()
+    while queue:
+        f = queue.pop()
+        if f is None or f in seen:
+            out |= {eos} if f is None else set()
+            continue
+        seen.add(f)
+        out |= plan.first_tokens(decoder[f]) or set()
+        decode = decoder[f].decode
+        if decode is not None and decode.kind == "closed_set" and eos in decode.trie:
+            queue.extend(slot_followers(decoder, f))
+    return out
+
 
 def _item_start(plan: Any, members: list[int], encodings: list[list[SlotEncoding]], closing: frozenset[int],
                 item: int) -> tuple[Optional[int], Optional[int]]:
