@@ -283,21 +283,21 @@ def test_location_tokens_in_the_text_of_an_image_code_template_are_refused(tok):
 
 
 def test_an_empty_item_is_refused_only_where_its_start_reads_as_what_follows_the_group(tok):
-    """After ``( [TEXT:t] )*`` comes literal text: an empty later item (its EOS alone) is not the
-    literal's first token, so it is accepted and reads back. Where the answer carries no EOS
-    markers (``disable_auto_boseos``) the same empty item has no token at all: refused."""
-    rows = [{"q": "x", "t": ["a", ""]}]
-    task = Task("lists", "[TEXT:q] -> ( [TEXT:t] )* done", rows)
-    plan = task.plan(tok)
-    sample = plan.encode(rows[0], 0, training=False)
-    grammar = TargetGrammar(plan, tok)
-    state = _walk(grammar, [t for chunk in sample.decoder for t in chunk.tokens])
-    assert state.done and grammar.parse(state)[0] == {"t": ["a", ""]}
+    """After ``( [TEXT:t] )*`` comes literal text, or a box: an empty later item (its EOS alone, kept
+    under ``disable_auto_boseos``, which drops the answer's EOS only) is not what follows the group
+    begins with, so it is accepted and reads back. An item of no token at all (a category whose one
+    label is "") is refused."""
     boxed = {"q": "x", "t": ["a", ""], "b": [1, 2, 3, 4], "width": 9, "height": 9}
-    bare = Task("bare", "[TEXT:q] -> ( [TEXT:t] )* [BOX:b,disable_auto_boseos]", [boxed])
-    with pytest.raises(TaskDataError, match=r"task 'bare', column 't', row 0: item 2 of repetition group 0 begins "
-                                            r"with an empty value of \[TEXT:t\], laid out as no token at all"):
-        bare.plan(tok).encode(boxed, 0)
+    for template in ("[TEXT:q] -> ( [TEXT:t] )* done", "[TEXT:q] -> ( [TEXT:t] )* [BOX:b,disable_auto_boseos]"):
+        plan = Task("lists", template, [boxed]).plan(tok)
+        sample = plan.encode(boxed, 0, training=False)
+        grammar = TargetGrammar(plan, tok)
+        state = _walk(grammar, [t for chunk in sample.decoder for t in chunk.tokens])
+        assert state.done and grammar.parse(state, (9, 9))[0]["t"] == ["a", ""]
+    bare = Task("bare", "[TEXT:q] -> ( [CATEGORY:c] )* [BOX:b]", [dict(boxed, c=["", ""])])
+    with pytest.raises(TaskDataError, match=r"task 'bare', column 'c', row 0: item 2 of repetition group 0 begins "
+                                            r"with an empty value of \[CATEGORY:c\], laid out as no token at all"):
+        bare.plan(tok).encode(bare.data[0], 0)
 
 
 def test_a_slots_max_length_bounds_its_values_and_max_steps_bounds_the_longest_answer(tok):

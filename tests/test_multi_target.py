@@ -309,6 +309,31 @@ def test_a_lone_eos_after_a_group_is_the_empty_label_after_it_and_an_empty_item_
             task.plan(tok).encode(dict(q="w", t=["a", ""], k=k), 3)
 
 
+@pytest.mark.parametrize("instruction, row", [
+    ("[TEXT:q] -> [TEXT:a] [TEXT:b] [BOX:c,disable_auto_boseos]", dict(q="x", a="one", b="two")),
+    ("[TEXT:q] -> [TEXT:a] and [BOX:c,disable_auto_boseos]", dict(q="x", a="one")),
+    ("[TEXT:q] -> ( [TEXT:t] )* [BOX:c,disable_auto_boseos]", dict(q="x", t=["one", "two", ""])),
+])
+def test_disable_auto_boseos_drops_the_answers_eos_and_keeps_the_eos_closing_each_text(tok, scripted, instruction,
+                                                                                         row):
+    """``disable_auto_boseos`` drops the answer's end marker only: a free-text value that more text
+    follows keeps the EOS that closes it, which decoding waits for, so greedy decoding of the
+    training tokens gives the row back, under the tags training gives them. (Before, training dropped
+    those EOS too: "one" and "two" ran together, and decoding read them, the literal and the box's
+    location tokens as one text value that never ended.)"""
+    row = dict(row, c=[1, 2, 5, 6], width=10, height=10)
+    task = Task("boseos", instruction, [row])
+    model = build([task], tok)
+    scripted.scripts = _training_tokens(task, tok, [row])
+    assert scripted.scripts[0].count(tok.eos_id) == len(row.get("t", [None]))  # one per text value, none at the end
+    prediction = model.infer(task, [row])[0]
+    assert prediction.tokens == scripted.scripts[0]
+    assert {k: v for k, v in prediction.targets.items() if k != "c"} == {k: row[k] for k in ("a", "b", "t") if k in row}
+    assert prediction.targets["c"] == pytest.approx(row["c"], abs=0.01)
+    tags, trained = scripted.last.tags[0], _training_tags(task, tok, row, 0, model)
+    assert tags == trained
+
+
 def test_min_length_keeps_a_later_text_target_from_being_empty(tok):
     from moe_gen.model.generate import TextRules
 

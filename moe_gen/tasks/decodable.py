@@ -27,8 +27,7 @@ def slot_followers(slots: Sequence[Any], i: int) -> list[Optional[int]]:
     return [first, after]
 
 
-def check_decodable(plan: Any, template: int, encodings: list[list[SlotEncoding]], ctx: EncodeContext,
-                     auto_eos: bool) -> None:
+def check_decodable(plan: Any, template: int, encodings: list[list[SlotEncoding]], ctx: EncodeContext) -> None:
     """Refuses a row whose answer, as laid out for training, decoding (``moe_gen.model.grammar``)
     could never write back: the model would learn an answer it cannot give.
 
@@ -45,7 +44,6 @@ def check_decodable(plan: Any, template: int, encodings: list[list[SlotEncoding]
         encodings: the encoded values of the template's decoder slots, by slot (at inference only
             its forced prefix's).
         ctx: the row's encode context (for the place named).
-        auto_eos: whether the answer carries its EOS markers (``closing_eos``).
 
     Raises:
         TaskDataError: naming task, column and row, and what to do.
@@ -64,7 +62,7 @@ def check_decodable(plan: Any, template: int, encodings: list[list[SlotEncoding]
                                     f"{'box coordinates' if 'box' in kinds else 'image codes'}: decoded free "
                                     "text never takes them, so the answer could not be given back; write them "
                                     "another way (e.g. 'bin 3')")
-    closing = plan.closing_eos(template) if auto_eos else frozenset()
+    closing = plan.closing_eos(template)
     for group in sorted({p.slot.repeat for p in decoder[:len(encodings)] if p.slot.repeat is not None and p.loss}):
         _check_empty_items(plan, decoder, group, encodings, ctx, closing)
 

@@ -14,10 +14,10 @@ literal text is a forced prefix: it is fed, never scored.
 
 Layout of a side: slots in order, except that the slots of a repetition group take turns item by
 item (``( [BOX:boxes] [TEXT:labels] )*`` gives box 1, label 1, box 2, label 2, ...). The answer
-ends with EOS. A free-text target followed by anything but a box also ends each of its values
-with EOS (``closing_eos``): nothing else would say where such text stops, since literal text after
-it is never scored and text after text runs on. Decoding (``moe_gen.model.grammar``) follows the
-same layout.
+ends with EOS (unless a slot sets ``disable_auto_boseos``). A free-text target followed by anything
+but a box also ends each of its values with EOS (``closing_eos``), whatever the slots set: nothing
+else would say where such text stops, since literal text after it is never scored and text after
+text runs on. Decoding (``moe_gen.model.grammar``) follows the same layout.
 
 A decoder position is tagged like the item it predicts, except where the layout leaves the next
 item open (``open_ends``: after text that may run on, or after the last slot of a repetition
@@ -374,14 +374,16 @@ class TaskPlan:
         values = self._slot_values(row, encoder_plan + decoder_plan, index, full_encoder + full_decoder)
         encoded = self._encode_slots(values, ctx)
         n_enc = len(encoder_plan)
+        # disable_auto_boseos drops the answer's end marker only: the EOS closing a free-text value
+        # (closing_eos) is what tells it from the next one, and decoding reads it (before the eighteenth
+        # audit both were dropped, and the values ran together where decoding waits for the EOS)
         auto_eos = not inference and not any(p.slot.attrs.get("disable_auto_boseos") for p in decoder_plan)
-        check_decodable(self, t, [encoded[i] for i in range(n_enc, len(values))], ctx, auto_eos)
+        check_decodable(self, t, [encoded[i] for i in range(n_enc, len(values))], ctx)
         open_from = self.choice_starts(t)
         ends = [i >= n_enc and slot_followers(full_decoder, i - n_enc) == [None] for i in range(len(values))]
         chunks = [self._chunks(values[i][0], encoded[i], open_from.get(i - n_enc), ends[i]) for i in range(len(values))]
         encoder = _in_order(encoder_plan, chunks[:n_enc])
-        decoder = _in_order(decoder_plan, chunks[n_enc:], self.closing_eos(t) if auto_eos else frozenset(),
-                            self.open_ends(t), self.tokenizer.eos_id)
+        decoder = _in_order(decoder_plan, chunks[n_enc:], self.closing_eos(t), self.open_ends(t), self.tokenizer.eos_id)
         # Closed-set chunks carry one allowed list per token plus one for the EOS that ends a label;
         # that last list belongs to the EOS chunk appended below, or to nothing.
         eos_allowed = None
