@@ -359,3 +359,20 @@ def test_trained_choices_after_an_always_empty_closed_set_are_the_next_slots_lab
     grammar = TargetGrammar(plan, tok)
     assert [o.tokens for o in grammar.options(grammar.start())] == [tuple(trained)]
     assert grammar.trained_choices(grammar.start()) == tuple(trained)
+
+
+def test_an_empty_text_item_laid_out_as_its_boxs_bins_is_refused_before_a_box_after_the_group(tok):
+    """``( [TEXT:t] [BOX:b] )* [BOX:z]``: text before a box has no closing EOS, so an empty later t
+    is laid out as b's location bins, which decoding reads as z's (item lost, z wrong). It is
+    refused like the other empty items, naming the column and item; items with text pass (a missed
+    case of the eighteenth audit: the check took a box to begin with no token)."""
+    def row(t):
+        return {"q": "x", "t": t, "b": [[1, 2, 3, 4], [2, 3, 4, 5]], "z": [1, 1, 6, 6], "width": 9, "height": 9}
+
+    plan = Task("side", "[TEXT:q] -> ( [TEXT:t] [BOX:b] )* [BOX:z]", [row(["a", "c"])]).plan(tok)
+    with pytest.raises(TaskDataError, match=r"task 'side', column 't', row 0: item 2 of repetition group 0 begins "
+                                            r"with an empty value of \[TEXT:t\], laid out as \[BOX:z\]'s first token, "
+                                            r"which decoding would read as the group's end"):
+        plan.encode(row(["a", ""]), 0)
+    for fine in (["a", "c"], ["", "c"]):  # an empty *first* item is no item boundary
+        assert plan.encode(row(fine), 0).decoder

@@ -73,7 +73,7 @@ def _check_empty_items(plan: Any, decoder: list[Any], group: int, encodings: lis
     members = [k for k in range(len(encodings)) if decoder[k].slot.repeat == group]
     after = slot_followers(decoder, members[-1])[-1]
     eos, ends = plan.tokenizer.eos_id, _starts_after(plan, decoder, after)
-    direct = {eos} if after is None else (plan.first_tokens(decoder[after]) or set())
+    direct = {eos} if after is None else _slot_starts(plan, decoder[after])
     for item in range(1, max(len(encodings[k]) for k in members)):
         first, empty = _item_start(plan, members, encodings, closing, item)
         if empty is None or (first is not None and first not in ends):
@@ -92,8 +92,10 @@ def _starts_after(plan: Any, decoder: list[Any], after: Optional[int]) -> set[in
     """The tokens decoding reads as the answer going on past a repetition group, slot ``after``
     following it: that slot's first tokens (EOS at the answer's end) and, past a closed set holding
     the empty label "" (no token), those of what follows it in turn (``TargetGrammar`` offers the
-    empty label, then what follows, at once). Before the eighteenth audit only the first: an empty
-    item's lone EOS after ``( [TEXT:t] )* [CATEGORY:k]`` passed, and read as k's "" and the end."""
+    empty label, then what follows, at once); a box or image codes after it begins with any location
+    bin. Before the eighteenth audit only the first, without bins: an empty item's lone EOS after
+    ``( [TEXT:t] )* [CATEGORY:k]`` passed, and read as k's "" and the end; an empty text item of
+    ``( [TEXT:t] [BOX:b] )* [BOX:z]``, laid out as its box's bins, passed and read as z."""
     eos, out = plan.tokenizer.eos_id, set()
     queue, seen = [after], set()
     while queue:
@@ -102,11 +104,20 @@ def _starts_after(plan: Any, decoder: list[Any], after: Optional[int]) -> set[in
             out |= {eos} if f is None else set()
             continue
         seen.add(f)
-        out |= plan.first_tokens(decoder[f]) or set()
+        out |= _slot_starts(plan, decoder[f])
         decode = decoder[f].decode
         if decode is not None and decode.kind == "closed_set" and eos in decode.trie:
             queue.extend(slot_followers(decoder, f))
     return out
+
+
+def _slot_starts(plan: Any, slot_plan: Any) -> set[int]:
+    """The tokens a decoder slot may begin with, location bins for a box or image codes included
+    (``first_tokens`` leaves them out: no label holds them)."""
+    if slot_plan.decode is not None and slot_plan.decode.kind in ("box", "codes"):
+        first_bin = plan.tokenizer.bin_id(0)
+        return set(range(first_bin, first_bin + plan.tokenizer.num_bins))
+    return plan.first_tokens(slot_plan) or set()
 
 
 def _item_start(plan: Any, members: list[int], encodings: list[list[SlotEncoding]], closing: frozenset[int],
