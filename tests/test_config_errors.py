@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from moe_gen.cli import main
-from moe_gen.config import RouterConfig
+from moe_gen.config import ExpertsConfig, MoEConfig, RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset
 from moe_gen.trainer import TrainConfig, Trainer, evaluate_task
@@ -175,6 +175,78 @@ def test_train_config_refuses_the_first_value_past_each_bound_and_takes_the_boun
     with pytest.raises(ValueError, match=f"TrainConfig[:.] ?{field}"):
         TrainConfig(**{field: refused})
     assert getattr(TrainConfig(**{field: accepted}), field) == accepted
+
+
+@pytest.mark.parametrize("make, refused, accepted, message", [
+    # (config class, its fields, message): the first value past each bound is refused, the bound is taken
+    (RouterConfig, {"weight_scale": 0.0}, {"weight_scale": 1e-3}, "weight_scale must be a finite number > 0"),
+    (RouterConfig, {"expert_groups": 0, "topk_groups": 0}, {"expert_groups": 1, "topk_groups": 1},
+     "expert_groups must be >= 1 and topk_groups in"),
+    (RouterConfig, {"expert_groups": 2, "topk_groups": 0}, {"expert_groups": 2, "topk_groups": 1},
+     "topk_groups in \\[1, expert_groups\\]"),
+    (RouterConfig, {"expert_groups": 2, "topk_groups": 3}, {"expert_groups": 2, "topk_groups": 2},
+     "topk_groups in \\[1, expert_groups\\]"),
+    (RouterConfig, {"jitter_eps": 1.0}, {"jitter_eps": 0.0}, "jitter_eps must be in \\[0, 1\\)"),
+    (RouterConfig, {"noise_std": -0.1}, {"noise_std": 0.0}, "noise_std must be a finite number >= 0"),
+    (RouterConfig, {"word_buckets": 0}, {"word_buckets": 1}, "word_buckets must be >= 1"),
+    (RouterConfig, {"tag_balance_window": -1}, {"tag_balance_window": 0}, "tag_balance_window must be a finite"),
+    (RouterConfig, {"balance_loss_weight": float("nan")}, {"balance_loss_weight": 0.0}, "balance_loss_weight must"),
+    (RouterConfig, {"num_roles": 17}, {"num_roles": 16}, "num_roles must be <= 16"),
+    (RouterConfig, {"num_modalities": 41}, {"num_modalities": 40, "num_tasks": 64}, "num_modalities must be <= 40"),
+    (RouterConfig, {"num_modalities": 40, "num_tasks": 65}, {"num_modalities": 40, "num_tasks": 64},
+     "num_tasks must be <= 64 with 40 modalities"),
+    (RouterConfig, {"num_tasks": 1, "task_words": (("a",), ("b",))}, {"num_tasks": 2, "task_words": (("a",), ("b",))},
+     "task_words lists 2 tasks but num_tasks is 1"),
+    (ExpertsConfig, {"shared_expert": True, "shared_hidden": 0}, {"shared_expert": True, "shared_hidden": 1},
+     "shared_hidden must be >= 1"),
+    (ExpertsConfig, {"shared_gate": True}, {"shared_gate": True, "shared_expert": True}, "set shared_expert=True"),
+    (MoEConfig, {"top_k": 5}, {"top_k": 4}, "top_k=5 is larger than num_experts=4"),
+    (MoEConfig, {"min_capacity": -1}, {"min_capacity": 0}, "min_capacity must be >= 0"),
+    (MoEConfig, {"capacity_factor": 0.0}, {"capacity_factor": 1e-3}, "capacity_factor must be a finite number > 0"),
+])
+def test_moe_configs_refuse_the_first_value_past_each_bound_and_take_the_bound(make, refused, accepted, message):
+    layer = dict(d_model=8, d_hidden=8, num_experts=4)
+    with pytest.raises(ValueError, match=message):
+        make(**refused) if make is not MoEConfig else make(**layer, **refused)
+    config = make(**accepted) if make is not MoEConfig else make(**layer, **accepted)
+    assert {name: getattr(config, name) for name in accepted} == accepted
+
+
+def test_moe_config_refuses_router_settings_its_gate_would_ignore():
+    """Each pair a layer could not honour is refused by name, and the pair it can is built."""
+    layer = dict(d_model=8, d_hidden=8)
+
+    def moe(num_experts=4, top_k=2, **router):
+        return MoEConfig(**layer, num_experts=num_experts, top_k=top_k, router=RouterConfig(**router))
+
+    # group-limited routing: a token may use topk_groups · E / expert_groups experts (here 1 · 8 / 4 = 2)
+    with pytest.raises(ValueError, match="top_k=3 is larger than the 2 experts of the topk_groups=1 groups"):
+        moe(num_experts=8, top_k=3, expert_groups=4, topk_groups=1)
+    assert moe(num_experts=8, top_k=3, expert_groups=4, topk_groups=2).top_k == 3
+    with pytest.raises(ValueError, match="does not split into expert_groups=3"):
+        moe(num_experts=8, expert_groups=3, topk_groups=3)
+    for gate in ("expert_choice", "balanced", "hash"):
+        with pytest.raises(ValueError, match=f"apply to the 'topk' gate only, got gate '{gate}'"):
+            moe(top_k=1, gate=gate, weight_scale=2.0)
+    assert moe(weight_scale=2.0).router.weight_scale == 2.0
+    for noise in ("gaussian", "jitter", "gumbel"):
+        with pytest.raises(ValueError, match=f"router noise '{noise}' would make the fixed 'hash' gate"):
+            moe(gate="hash", noise=noise)
+    assert moe(gate="hash").router.noise == "none"
+    with pytest.raises(ValueError, match="selection_bias shifts which experts a token selects; gate 'expert_choice'"):
+        moe(gate="expert_choice", selection_bias=True)
+    assert moe(gate="topk", selection_bias=True).router.selection_bias
+    with pytest.raises(ValueError, match="normalize=True renormalises the top-k gate's weights; gate 'expert_choice'"):
+        moe(gate="expert_choice", normalize=True)
+
+
+def test_a_null_in_a_field_that_takes_no_null_is_refused_by_name():
+    """``None`` fits a union only where the union holds ``None`` (``router: RouterConfig | str`` does not)."""
+    with pytest.raises(ValueError, match=r"MoEConfig.router must be a RouterConfig or a string, got None"):
+        MoEConfig(d_model=8, d_hidden=8, num_experts=4, router=None)
+    with pytest.raises(ValueError, match=r"MoEConfig.experts must be a ExpertsConfig or a string, got None"):
+        MoEConfig.from_dict({"d_model": 8, "d_hidden": 8, "num_experts": 4, "experts": None})
+    assert RouterConfig(noise_std=None, normalize=None).noise_std is None
 
 
 def test_model_config_checks_sizes_when_built():
