@@ -269,6 +269,23 @@ def test_model_config_checks_sizes_when_built():
         flavour("debug", moe={"layers": ["encoder.blocks.7"]})
 
 
+@pytest.mark.parametrize("refused, accepted, message", [
+    ({"positions": "rotary", "d_model": 12}, {"positions": "rotary", "d_model": 16},  # 4 heads of 3, then 4
+     "rotary positions need an even head width"),
+    ({"norm_eps": 0.0}, {"norm_eps": 1e-12}, "norm_eps must be a finite number > 0"),
+    ({"moe": {"layers": ["encoder.blocks.2"]}}, {"moe": {"layers": ["encoder.blocks.1"]}},  # 2 encoder blocks
+     "moe.layers names 'encoder.blocks.2', which is not a block"),
+    ({"moe": {"layers": ["decoder.blocks.2"]}}, {"moe": {"layers": ["decoder.blocks.1"]}},
+     "moe.layers names 'decoder.blocks.2', which is not a block"),
+    ({"num_kv_heads": 3}, {"num_kv_heads": 2}, "num_kv_heads=3 must be >= 1 and divide num_heads=4"),
+])
+def test_model_config_refuses_the_first_value_past_each_bound_and_takes_the_bound(refused, accepted, message):
+    with pytest.raises(ValueError, match=message):
+        flavour("debug", **refused)
+    config = flavour("debug", **accepted)
+    assert config.norm_eps == accepted.get("norm_eps", 1e-5) and config.d_model == accepted.get("d_model", 64)
+
+
 def test_configs_built_in_python_check_types_as_yaml_and_flags_do():
     """A config made in Python skipped the type checks ``from_dict`` applies to YAML and flags:
     ``selection_bias="false"`` was accepted (and truthy), ``tasks="abc"`` became three tasks, and
