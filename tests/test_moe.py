@@ -23,6 +23,7 @@ from moe_gen import (
     moe_from_mixtral,
 )
 from moe_gen.experts import grouped_ffn
+from moe_gen.registry import did_you_mean
 
 D, H = 16, 24
 
@@ -339,6 +340,49 @@ def test_registry_rejects_duplicates_and_lists_known_names():
         reg.get("b")
     reg.unregister("a")
     assert len(reg) == 0
+
+
+def test_registry_answers_misuse_with_value_errors_naming_the_known_entries():
+    reg = Registry("widget")
+    with pytest.raises(ValueError, match="unknown widget 'a'; known: \\(none\\)"):
+        reg.get("a")
+    reg.register("token")(int)
+    for name in ("", 3, None):
+        with pytest.raises(ValueError, match=f"widget names must be non-empty strings, got {name!r}"):
+            reg.register(name)
+    with pytest.raises(ValueError, match="unknown widget 'tokn' \\(did you mean 'token'\\?\\); known: token$"):
+        reg.unregister("tokn")  # (and nothing is removed)
+    with pytest.raises(ValueError, match=r"unknown widget \['token'\]; known: token"):
+        reg.get(["token"])  # an unhashable name is an unknown one, not a TypeError
+    assert reg.list() == ["token"]
+
+
+def test_did_you_mean_suggests_close_names_only_and_each_once():
+    # difflib's ratio 2·M / (|a| + |b|): 'tokn'/'token' 0.89 is close, 'tk'/'token' 0.57 is not (cutoff 0.75)
+    assert did_you_mean(["tokn"], ["token", "task"]) == " (did you mean 'token'?)"
+    assert did_you_mean(["tk"], ["token"]) == ""
+    assert did_you_mean(["tokn", "tokne", 7], ["token", "task"]) == " (did you mean 'token'?)"
+    assert did_you_mean(["tokn", "tsk"], ["token", "task"]) == " (did you mean 'token', 'task'?)"
+
+
+def test_a_registry_loads_its_built_ins_on_the_first_use_of_any_lookup(tmp_path, monkeypatch):
+    """``len``, ``in``, ``list``, ``get`` and iteration each import the module that fills the registry
+    (``len(moe_gen.TASKS)`` was 0 until something else had listed it)."""
+    import sys
+    import types
+
+    lookups = {"len": lambda r: len(r) == 1, "in": lambda r: "built_in" in r,
+               "list": lambda r: r.list() == ["built_in"], "get": lambda r: r.get("built_in") is int,
+               "iter": lambda r: list(r) == ["built_in"]}
+    holder = types.ModuleType("widget_registry_holder")
+    monkeypatch.setitem(sys.modules, holder.__name__, holder)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    for name, lookup in lookups.items():
+        module = f"widget_builtins_{name}"
+        (tmp_path / f"{module}.py").write_text(f"import {holder.__name__} as h\nh.REG.register('built_in')(int)\n")
+        monkeypatch.delitem(sys.modules, module, raising=False)
+        holder.REG = Registry("widget", builtins=module)
+        assert lookup(holder.REG), name
 
 
 def test_registries_hold_the_built_in_parts():
