@@ -212,6 +212,86 @@ def test_layers_with_other_gates_and_expert_counts():
     assert a.dropped_assignments_L[2] > 0  # the capacity-limited layer dropped some
 
 
+# Pinned by mutation testing (round 18): what a mutant of recorder.py got away with.
+
+def test_stack_of_reads_the_last_numeric_part_and_pairs_layers_of_one_stack():
+    """Pairs are consecutive MoE layers of one stack, two of one block included; the last layer of
+    one stack and the first of the next are not a pair, whatever their block indices."""
+    from moe_gen.analysis.recorder import stack_of
+
+    assert stack_of("encoder.blocks.3.ffn") == ("encoder.blocks", 3)
+    assert stack_of("stages.1.blocks.2.moe") == ("stages.1.blocks", 2)  # the block index is the last number
+    assert stack_of("head") == ("head", 0)
+
+    def moe() -> MoE:
+        return MoE(MoEConfig(d_model=4, d_hidden=4, num_experts=2, top_k=1))
+
+    class Block(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.first, self.second = moe(), moe()
+
+    class Stacks(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.encoder = nn.ModuleList([moe(), moe()])
+            self.decoder = nn.ModuleList([nn.Identity(), Block()])
+            self.head = moe()
+
+    recorder = RoutingRecorder(Stacks())
+    assert recorder.layer_names == ["encoder.0", "encoder.1", "decoder.1.first", "decoder.1.second", "head"]
+    assert recorder.pair_layers == [(0, 1), (2, 3)]
+
+
+def test_the_top1_route_of_a_top2_layer_is_its_largest_gate_weight():
+    """Pairs of two dropless top-2 layers count each token at the expert of its largest router
+    probability in each layer (the computed assignment with the largest gate weight), however flushed."""
+    torch.manual_seed(0)
+    blocks = nn.ModuleList([MoE(MoEConfig(d_model=8, d_hidden=8, num_experts=4, top_k=2)) for _ in range(2)]).eval()
+    x = torch.randn(40, 8)
+    eager, lazy = RoutingRecorder(blocks, flush_tokens=1), RoutingRecorder(blocks)
+    with eager, lazy, torch.no_grad():
+        first, second = (block(x) for block in blocks)
+    expected = torch.zeros(4, 4, dtype=torch.float64)
+    expected.index_put_((first.routing.probs.argmax(1), second.routing.probs.argmax(1)),
+                        torch.ones(40, dtype=torch.float64), accumulate=True)
+    assert torch.equal(eager.tables().pairs_PEE[0], expected) and torch.equal(lazy.tables().pairs_PEE[0], expected)
+
+
+def test_pairs_span_neither_a_change_of_length_under_flushing_nor_two_recordings():
+    """A flush between two layers keeps the pairing only for the same tokens; a recording stopped
+    and started again does not pair its first call with the last call before the stop."""
+    model = TwoLayers()
+    x, tags, padding = _inputs()
+    with RoutingRecorder(model, flush_tokens=1) as recorder:
+        model.blocks[0](x, tags=tags, padding_mask=padding)
+        model.blocks[1](x[:3], tags=tags.select(torch.arange(3)), padding_mask=padding[:3])
+    assert recorder.tables().pairs_PEE.sum() == 0
+    recorder = RoutingRecorder(model)
+    with recorder:
+        model.blocks[0](x, tags=tags, padding_mask=padding)
+    with recorder:
+        model.blocks[1](x, tags=tags, padding_mask=padding)
+    t = recorder.tables()
+    assert t.calls_L == [1, 1] and t.pairs_PEE.sum() == 0
+    with pytest.raises(ValueError, match="flush_tokens must be >= 1, got 0"):
+        RoutingRecorder(model, flush_tokens=0)
+
+
+def test_tags_given_positionally_are_recorded_as_tags_given_by_keyword():
+    model = TwoLayers()
+    x, tags, padding = _inputs()
+    keyword, positional = (RoutingRecorder(model, task_names=["t0", "t1"]) for _ in range(2))
+    with keyword:
+        model(x, tags, padding)  # (TwoLayers passes tags by keyword)
+    with positional:
+        for block in model.blocks:
+            block(x, tags, padding)
+    for field in RoutingTables._TENSORS:
+        torch.testing.assert_close(getattr(positional.tables(), field), getattr(keyword.tables(), field), msg=field)
+    assert torch.equal(positional.tables().counts_LETMR, _hand_tables()[0])
+
+
 # ---- statistics ---------------------------------------------------------------------------------
 
 def test_information_measures_on_known_tables():
