@@ -553,6 +553,72 @@ def test_attribute_routing_specialises_experts_by_modality(trained, held_out):
     assert ratio >= 1.5, f"MI(expert; modality) attribute {mi['attribute']} vs token {mi['token']} bits"
 
 
+# ---- the report's numbers on a hand-made analysis (pinned by mutation testing, round 18) ---------
+
+def _hand_analysis(**changes):
+    """An ``Analysis`` of one layer of 2 experts and tasks a, b (the tables' order), analysed as
+    [b, a]: task a took experts 0 and 1 three times and once, task b expert 1 twice."""
+    from moe_gen.analysis.report import Analysis
+
+    counts = torch.zeros(1, 2, 2, 1, 1, dtype=torch.float64)
+    counts[0, :, 0, 0, 0] = torch.tensor([3.0, 1.0])
+    counts[0, :, 1, 0, 0] = torch.tensor([0.0, 2.0])
+    tokens = counts.sum(dim=1)
+    tables = RoutingTables(["blocks.0"], [2], ["a", "b"], ["TEXT"], ["input"], counts, counts * 0.5, counts,
+                           tokens, tokens * 0, tokens * 0.3, torch.zeros(1, dtype=torch.float64), [1], [],
+                           torch.zeros(0, 2, 2, dtype=torch.float64))
+    fields = dict(label="hand", tasks=["b", "a"], rows={"b": 2, "a": 4}, mode="forward", tables=tables,
+                  summary=stats.summarize(tables), evaluation={"b": {"loss": 1.0}, "a": {"loss": 2.0}},
+                  similarity={"blocks.0": torch.tensor([[1.0, 0.2], [0.2, 1.0]], dtype=torch.float64),
+                              "blocks.1": torch.tensor([[1.0, 0.6, -0.3], [0.6, 1.0, 0.0], [-0.3, 0.0, 1.0]],
+                                                       dtype=torch.float64)},
+                  affinity=stats.task_affinity(counts, ["a", "b"]), interference=None,
+                  model_info={"router": "token", "gate": "topk", "experts": 2, "top_k": 1, "moe_layers": 1,
+                              "parameters": 10, "active_parameters": 8, "d_model": 4})
+    return Analysis(**{**fields, **changes})
+
+
+def test_task_shares_follow_the_analysed_tasks_not_the_tables_order():
+    from moe_gen.analysis.report import task_shares
+
+    assert task_shares(_hand_analysis()).tolist() == [[[0.0, 1.0], [0.75, 0.25]]]  # b, then a
+
+
+def test_key_numbers_and_the_similarity_table_on_hand_values(tmp_path):
+    """Mean held-out loss over the tasks; expert similarity: mean of each layer's off-diagonal
+    mean (0.2 and (0.6 - 0.3 + 0) / 3 = 0.1), the report's max off-diagonal 0.2 and 0.6; interference:
+    mean and min of the off-diagonal cosines (0.5, -0.2, 0.1 each twice), not the diagonal's 1."""
+    from moe_gen.analysis import report
+
+    matrix = torch.tensor([[1.0, 0.5, -0.2], [0.5, 1.0, 0.1], [-0.2, 0.1, 1.0]], dtype=torch.float64)
+    interference = {"tasks": ["b", "a", "c"], "matrix": matrix, "dot": matrix, "norms": torch.ones(3)}
+    analysis = _hand_analysis(interference=interference)
+    keys = report.key_numbers(analysis)
+    assert keys["mean held-out loss"] == pytest.approx(1.5)
+    assert keys["mean expert cosine similarity"] == pytest.approx(0.15)
+    assert keys["mean interference (off-diagonal)"] == pytest.approx(0.4 / 3)
+    assert keys["most negative interference"] == pytest.approx(-0.2)
+    text = "\n".join(report._markdown(analysis, {"heatmaps": "h.png", "entropy": "e.png", "interference": "i.png"}))
+    assert "| blocks.0 | 0.2 | 0.2 |" in text and "| blocks.1 | 0.1 | 0.6 |" in text
+
+
+def test_interleaved_spreads_each_tasks_rows_evenly():
+    """The i-th of n rows sits at (i + 1/2) / n: two rows at 1/4, 3/4 and three at 1/6, 1/2, 5/6."""
+    from moe_gen.analysis.report import _interleaved
+
+    assert _interleaved([["a0", "a1"], ["b0", "b1", "b2"]]) == ["b0", "a0", "b1", "a1", "b2"]
+    assert _interleaved([["a0", "a1"], ["b0", "b1"]]) == ["a0", "b0", "a1", "b1"]  # ties: task order
+
+
+def test_a_row_is_left_out_when_any_of_its_closed_set_labels_is_unknown():
+    from types import SimpleNamespace
+
+    from moe_gen.analysis.report import _labels_known
+
+    task = SimpleNamespace(data=[{"tags": ["red", "blue"]}, {"tags": ["red"]}, {"tags": "blue"}, {"other": 1}])
+    assert [_labels_known(task, i, {"tags": {"red"}}) for i in range(4)] == [False, True, False, True]
+
+
 def _markdown_links(path: str) -> list[str]:
     with open(path) as f:
         return re.findall(r"\]\(([^)\s]+)\)", f.read())
