@@ -76,3 +76,30 @@ def test_token_noise_keeps_specials_and_ratio(tok):
     assert 0.35 < changed < 0.6
     assert all(not tok.is_special(t) for t, o in zip(noisy, ids) if t != o)
     assert add_token_noise(ids, 0.0, tok, random.Random(0)) == ids
+
+
+def test_truncate_to_zero_is_empty_and_negative_is_refused():
+    assert truncate([1, 2, 3], 0) == [] and truncate([1, 2, 3], 5) == [1, 2, 3]
+    with pytest.raises(ValueError, match="max_length must be >= 0"):
+        truncate([1, 2, 3], -1)
+
+
+@pytest.mark.parametrize("n, ratio", [(2, 0.9), (3, 0.9), (10, 0.95)])
+def test_span_mask_leaves_one_token_visible_when_the_ratio_rounds_to_all(tok, n, ratio):
+    # round(n * ratio) == n here: without the cap at n - 1 the input would be a lone sentinel
+    ids = [tok.encode("word")[-1] + i for i in range(n)]
+    inputs, targets = span_mask(ids, ratio, tok, random.Random(0))
+    assert round(n * ratio) == n
+    assert len(targets) - sum(tok.is_special(t) for t in targets) == n - 1
+    assert [t for t in inputs if not tok.is_special(t)] != [] and reconstruct(inputs, targets, tok) == ids
+
+
+def test_span_mask_uses_at_most_the_tokenizers_sentinels():
+    # 60 tokens at 0.5 would be 10 spans of mean 3; a vocabulary with 2 sentinels caps them at 2
+    small = Tokenizer.default(num_sentinels=2)
+    ids = [small.encode("word")[-1] + (i % 50) for i in range(60)]
+    for seed in range(5):
+        inputs, targets = span_mask(ids, 0.5, small, random.Random(seed))
+        sentinels = [t for t in inputs if small.is_special(t)]
+        assert sentinels == [small.sentinel_id(0), small.sentinel_id(1)]
+        assert reconstruct(inputs, targets, small) == ids
