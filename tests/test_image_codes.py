@@ -440,3 +440,105 @@ def test_the_tokenizer_encodes_in_fp32_under_autocast_and_with_low_precision_wei
     decoded = held.decode(codes)
     assert decoded.dtype == torch.float32 and torch.equal(decoded, upcast.decode(codes))
     assert {p.dtype for p in held.parameters()} == {torch.bfloat16}  # encoding leaves the module as it was
+
+
+@pytest.mark.parametrize("size", [2, 6, 10, 18])
+def test_vq_config_refuses_a_side_two_stride_2_stages_do_not_divide(size):
+    with pytest.raises(ValueError, match="multiple of 4"):
+        VQConfig(size=size)
+    assert VQConfig(size=size + 2).grid == (size + 2) // 4  # the multiples of 4 beside it are taken
+
+
+def _small_vq(seed: int = 0, beta: float = 0.25) -> tuple[ImageVQ, torch.Tensor]:
+    torch.manual_seed(seed)
+    vq = ImageVQ(VQConfig(size=8, codes=16, code_dim=4, hidden=16, beta=beta))
+    return vq, torch.rand(4, 3, 8, 8)
+
+
+def test_vq_loss_is_reconstruction_plus_codebook_plus_beta_commitment():
+    vq, images = _small_vq(beta=0.3)
+    recon, loss, ids = vq(images)
+    z = vq._vectors(images)
+    q = vq.codebook[torch.cdist(z, vq.codebook).argmin(-1)]
+    gap = ((q - z) ** 2).mean()  # codebook and commitment terms have the same value; only gradients differ
+    expected = ((recon - images) ** 2).mean() + gap + 0.3 * gap
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=1e-7)
+    assert torch.equal(ids.flatten(), torch.cdist(z, vq.codebook).argmin(-1))
+
+
+def test_vq_gradients_are_straight_through_and_the_codebook_learns_only_from_its_term():
+    """Encoder: the reconstruction's gradient at the chosen codes, passed to the encoder outputs
+    unchanged (straight-through), plus β·commitment; codebook: only ‖q - sg(z)‖²."""
+    vq, images = _small_vq(beta=0.25)
+    _, loss, _ = vq(images)
+    loss.backward()
+    got = {name: p.grad.clone() for name, p in vq.named_parameters()}
+
+    ref, _ = _small_vq(beta=0.25)
+    z = ref._vectors(images)
+    ids = torch.cdist(z.detach(), ref.codebook).argmin(-1)
+    q_leaf = ref.codebook[ids].detach().requires_grad_()
+    recon_loss = ((ref._pixels(q_leaf, len(images)) - images) ** 2).mean()
+    grad_q, = torch.autograd.grad(recon_loss, q_leaf, retain_graph=True)
+    recon_loss.backward()  # the decoder's own gradient
+    q = ref.codebook[ids]
+    (((q - z.detach()) ** 2).mean() + 0.25 * ((z - q.detach()) ** 2).mean()).backward(retain_graph=True)
+    z.backward(grad_q)  # straight-through: dL/dz = dL/dq
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got[name], p.grad, rtol=1e-5, atol=1e-8, msg=name)
+    assert float(got["encoder.0.weight"].abs().sum()) > 0
+
+
+def test_dead_codes_are_exactly_the_unchosen_ones_and_move_onto_batch_vectors():
+    from moe_gen.tasks.modalities.image_codes import _restart_dead_codes
+
+    torch.manual_seed(0)
+    vq = ImageVQ(VQConfig(size=8, codes=4, code_dim=3, hidden=8))
+    before = vq.codebook.detach().clone()
+    z = torch.randn(5, 3) + 10  # far from the initial entries, so a moved entry is recognisable
+    ids = torch.tensor([0, 0, 2, 2, 0])  # code 0 chosen thrice, 2 twice, 1 and 3 never
+    assert _restart_dead_codes(vq, z, ids, torch.Generator().manual_seed(0)) == 2
+    after = vq.codebook.detach()
+    assert torch.equal(after[[0, 2]], before[[0, 2]])
+    for k in (1, 3):
+        assert any(torch.equal(after[k], row) for row in z)
+    assert _restart_dead_codes(vq, z, torch.tensor([0, 1, 2, 3, 3]), torch.Generator()) == 0
+
+
+def test_dead_code_restarts_stop_for_the_last_fifth_of_training(digits, monkeypatch):
+    from moe_gen.tasks.modalities import image_codes
+
+    calls = []
+    real = image_codes._restart_dead_codes
+    monkeypatch.setattr(image_codes, "_restart_dead_codes", lambda *a: calls.append(1) or real(*a))
+    config = VQConfig(size=8, codes=4, code_dim=2, hidden=4)
+    images = images_to_tensor([r["image"] for r in digits[0][:8]], config.size)
+    train_image_vq(images, config, steps=10, batch_size=4, restart_every=1)
+    assert len(calls) == 8  # steps 0..7: step < 0.8 · 10
+    calls.clear()
+    train_image_vq(images, config, steps=10, batch_size=4, restart_every=3)
+    assert len(calls) == 3  # steps 0, 3, 6
+    calls.clear()
+    train_image_vq(images, config, steps=3, batch_size=4, restart_every=0)
+    assert calls == []
+
+
+def test_to_image_rounds_the_decoded_pixels():
+    from moe_gen.tasks.modalities.image_codes import ImageCodePreprocessor
+
+    pre = ImageCodePreprocessor()
+    codes = list(range(pre.code_length))
+    pixels = pre.vq.decode(torch.tensor([codes]))[0].permute(1, 2, 0).numpy().astype(np.float64)
+    expected = np.round(pixels * 255).astype(np.uint8)
+    assert np.array_equal(pre.to_image(codes), expected)
+
+
+def test_code_tokens_fill_a_vocabulary_with_exactly_as_many_bins_as_codes():
+    from moe_gen.tasks.modalities.image_codes import ImageCodePreprocessor
+
+    pre = ImageCodePreprocessor()
+    codes = pre.vq.config.codes
+    exact = Tokenizer.default(num_bins=codes)
+    assert pre.code_tokens(exact) == tuple(exact.bin_id(k) for k in range(codes))
+    with pytest.raises(ValueError, match=f"{codes} codes but the vocabulary only {codes - 1} location bins"):
+        pre.code_tokens(Tokenizer.default(num_bins=codes - 1))
