@@ -182,3 +182,125 @@ def test_the_suite_declares_pretrained_inputs_and_scores_a_linear_model_on_the_s
     train = Task("doc_topic", TEXT_TASK, ROWS * 3)
     test = Task("doc_topic", TEXT_TASK, ROWS)
     assert frozen_states_score(dataclasses.replace(topic, label_column="topic"), train, test) == 1.0
+
+
+def _context(task: str = "t", row=None):
+    import random
+
+    from moe_gen.tasks.modalities.base import EncodeContext
+
+    return EncodeContext(Tokenizer.default(), random.Random(0), training=False, task=task, index=0, row=row or {})
+
+
+def _counting_states(folder: str, cache_size: int, rows_of=None):
+    """A FrozenStates whose "encoder" counts its calls (no checkpoint needed: a plain folder)."""
+    from moe_gen.tasks.modalities.frozen import FrozenStates
+
+    class Counting(FrozenStates):
+        modality = "TEXT"
+        family = "bert"
+
+        def key(self, value, slot, ctx):
+            return value, value
+
+        def states(self, prepared):
+            self.calls.append(prepared)
+            return rows_of(prepared) if rows_of else torch.full((2, 3), float(len(prepared)))
+
+    pre = Counting(checkpoint=folder, cache_size=cache_size)
+    pre.calls = []
+    return pre
+
+
+def test_the_cache_drops_the_least_recently_used_value_not_the_oldest(tmp_path):
+    from moe_gen.tasks.instruction import Slot
+
+    pre = _counting_states(str(tmp_path), cache_size=2)
+    slot, ctx = Slot("TEXT", "text"), _context()
+    for value in ("a", "bb", "a", "ccc"):  # reading "a" again makes "bb" the least recently used
+        pre(value, slot, ctx)
+    assert pre.calls == ["a", "bb", "ccc"] and list(pre._cache) == ["a", "ccc"]
+    assert torch.equal(pre("a", slot, ctx).features, torch.full((2, 3), 1.0)) and pre.calls == ["a", "bb", "ccc"]
+    pre("bb", slot, ctx)
+    assert pre.calls == ["a", "bb", "ccc", "bb"] and list(pre._cache) == ["a", "bb"]
+
+
+def test_non_finite_encoder_states_are_refused_naming_the_row(tmp_path):
+    from moe_gen.tasks.instruction import Slot
+    from moe_gen.tasks.modalities.base import SlotValueError
+
+    pre = _counting_states(str(tmp_path), cache_size=4, rows_of=lambda v: torch.tensor([[0.0, float("nan")]]))
+    with pytest.raises(SlotValueError, match=r"task 'docs', column 'text', row 0: .*not finite"):
+        pre("x", Slot("TEXT", "text"), _context("docs"))
+    assert not pre._cache
+
+
+@pytest.mark.parametrize("cache_size", [True, 1.5, "8", -1])
+def test_cache_size_must_be_a_non_negative_int(cache_size):
+    from moe_gen.tasks.modalities.frozen import BertStates
+
+    with pytest.raises(ValueError, match="cache_size must be an int >= 0"):
+        BertStates(cache_size=cache_size)
+
+
+def test_a_ctranslate2_folder_is_a_whisper_checkpoint_not_a_bert_one(tmp_path):
+    from moe_gen.tasks.modalities.frozen import BertStates
+
+    (tmp_path / "model.bin").write_bytes(b"")
+    with pytest.raises(ValueError, match="holds a whisper checkpoint, not bert"):
+        BertStates(checkpoint=str(tmp_path))
+
+
+def test_whisper_encoder_states_refuse_an_odd_or_out_of_range_frame_count():
+    from moe_gen.tasks.modalities.frozen import whisper_encoder_states
+
+    for frames in (51, 1, 0, 3002):  # checked before the encoder is touched
+        with pytest.raises(ValueError, match="even number of mel frames from 2 to 3000"):
+            whisper_encoder_states(None, torch.zeros(1, 80, frames))
+
+
+@pytest.mark.parametrize("edit", ["mask_ratio=0.3", "noise_ratio=0.2", "uncased", "no_punctuation"])
+def test_bert_states_refuse_every_attribute_that_edits_the_text(edit):
+    shipped("minilm")
+    name = edit.split("=")[0]
+    with pytest.raises(ValueError, match=rf"bert_states reads the text as written; drop {name}"):
+        Task("e", TEXT_TASK.replace("bert_states", f"bert_states,{edit}"), ROWS).plan(Tokenizer.default())
+
+
+def test_bert_states_take_max_length_up_to_the_checkpoint_positions():
+    shipped("minilm")
+    for length in (3, 512):  # [CLS] + one token + [SEP]; MiniLM's 512 positions
+        Task("ok", TEXT_TASK.replace("bert_states", f"bert_states,max_length={length}"), ROWS).plan(Tokenizer.default())
+
+
+def test_whisper_states_take_a_30_s_clip_and_key_the_clip_with_its_rate():
+    from moe_gen.tasks.instruction import Slot
+    from moe_gen.tasks.modalities.base import SlotValueError
+    from moe_gen.tasks.modalities.frozen import WhisperStates
+
+    shipped("whisper-tiny.en")
+    pre, slot = WhisperStates(), Slot("AUDIO", "audio")
+    wav = np.random.default_rng(0).standard_normal(16000 * 30).astype(np.float32) * 0.1
+    key16, (raw, rate) = pre.key(wav, slot, _context(row={"sample_rate": 16000}))
+    assert rate == 16000 and raw.numel() == 16000 * 30
+    with pytest.raises(SlotValueError, match=r"30 s long"):
+        pre.key(np.concatenate([wav, wav[:16]]), slot, _context(row={"sample_rate": 16000}))
+    # the same samples at 8 kHz are another clip (twice as long once resampled): another cache key
+    key8, _ = pre.key(wav[:16000 * 15], slot, _context(row={"sample_rate": 8000}))
+    key16_short, _ = pre.key(wav[:16000 * 15], slot, _context(row={"sample_rate": 16000}))
+    assert len({key16, key8, key16_short}) == 3
+
+
+def test_whisper_states_round_an_odd_frame_count_up():
+    from moe_gen.tasks.modalities.frozen import WhisperStates, _whisper, whisper_encoder_states
+
+    shipped("whisper-tiny.en")
+    pre = WhisperStates(cache_size=0)
+    extractor, encoder = _whisper(pre.folder)
+    wav = np.random.default_rng(1).standard_normal(8000 + 160).astype(np.float32) * 0.1  # 51 hops of 160
+    rows = pre.states((torch.from_numpy(wav), 16000))
+    mel = extractor(wav, sampling_rate=16000, return_tensors="pt").input_features
+    with torch.no_grad():
+        expected = whisper_encoder_states(encoder, mel[..., :52])[0]
+    assert rows.shape == (26, 384)
+    torch.testing.assert_close(rows, expected)
