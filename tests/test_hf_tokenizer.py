@@ -266,3 +266,45 @@ def test_wordpiece_decoding_keeps_decimal_numbers_whole():
     assert tok.decode(tok.encode(text)) == text
     assert tok.decode(tok.encode("it ends. 4 more")) == "it ends. 4 more"
 
+
+
+def _word_level(unk: str = "<oov>"):
+    """A four-word vocabulary whose unknown token is named only by its model (no checkpoint needed)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+
+    backend = RustTokenizer(models.WordLevel({unk: 0, "a": 1, "b": 2, "c": 3}, unk_token=unk))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    return backend
+
+
+def test_the_models_own_unknown_token_is_the_unk_role_and_never_a_noise_piece():
+    tok = HFTokenizer.from_pretrained(_word_level("<oov>"), num_bins=2, num_sentinels=1, extra_symbols=())
+    assert tok.specials["unk"] == "<oov>" and tok.unk_id == 0  # not a well-known name: the model names it
+    assert tok.encode("a zzz c") == [1, 0, 3]
+    assert (tok.pad_id, tok.bos_id, tok.eos_id) == (4, 5, 6)  # appended, before the bins
+    assert tok.piece_ids == [1, 2, 3]  # the unknown token is no ordinary piece (it is not an added special)
+
+
+def test_tokenizer_config_names_the_roles_over_special_tokens_map(tmp_path):
+    import json
+
+    _word_level().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({"bos_token": "a", "eos_token": "c"}))
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": {"content": "b"}, "eos_token": None}))
+    tok = HFTokenizer.from_pretrained(str(tmp_path), num_bins=2, num_sentinels=1, extra_symbols=())
+    assert tok.pieces([tok.bos_id, tok.eos_id]) == ["b", "c"]  # the config wins; a null there does not erase
+
+
+def test_appended_blocks_must_lie_after_the_checkpoint_vocabulary():
+    tok = HFTokenizer.from_pretrained(_word_level(), num_bins=2, num_sentinels=1, extra_symbols=())
+    with pytest.raises(ValueError, match=r"<bin_0> … <bin_1> are not consecutive ids after the checkpoint's 10"):
+        HFTokenizer(tok.backend, base_vocab_size=tok.vocab_size, specials=tok.specials, num_bins=2, num_sentinels=1)
+
+
+def test_new_token_rows_follow_a_correlated_covariance():
+    g = torch.Generator().manual_seed(0)
+    mix = torch.tensor([[1.0, 0.8, 0.0], [0.0, 0.5, -0.7], [0.3, 0.0, 0.2]], dtype=torch.float64)
+    old = torch.randn(3000, 3, generator=g, dtype=torch.float64) @ mix
+    new = resize_token_rows(old, 3000 + 20000, noise=1.0)[3000:]
+    torch.testing.assert_close(torch.cov(new.T), torch.cov(old.T), atol=0.03, rtol=0)
