@@ -263,8 +263,7 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def grouped_mm_fits(dtype: torch.dtype, *widths: int) -> bool:
     """Whether ``grouped_mm`` takes matrices of ``dtype`` whose rows are ``widths`` wide."""
-    size = torch.empty((), dtype=dtype).element_size()
-    return dtype in _GROUPED_MM_DTYPES and all(w * size % 16 == 0 for w in widths)
+    return dtype in _GROUPED_MM_DTYPES and all(w * dtype.itemsize % 16 == 0 for w in widths)
 
 
 class _ContiguousGrad(torch.autograd.Function):
