@@ -73,6 +73,19 @@ def run_with_grads(moe: MoE, x: torch.Tensor, tags, padding_mask=None, seed: int
     return out.output.detach(), {k: v.detach() for k, v in out.aux_losses.items()}, x.grad, grads
 
 
+def routing_moe(d_model: int = 16, num_experts: int = 8, **kwargs) -> MoE:
+    """A small MoE layer for router tests: d_hidden 12, top-2, ``router`` a strategy name or a
+    ``RouterConfig`` (default token routing); other ``MoEConfig`` fields as given."""
+    from moe_gen import MoEConfig, RouterConfig
+
+    router = kwargs.pop("router", "token")
+    if isinstance(router, str):
+        router = RouterConfig(strategy=router)
+    defaults = dict(d_model=d_model, d_hidden=12, num_experts=num_experts, top_k=2, router=router)
+    defaults.update(kwargs)
+    return MoE(MoEConfig(**defaults))
+
+
 def with_backend(moe: MoE, backend: str) -> MoE:
     """A deep copy of ``moe`` (same weights) using another dispatch backend."""
     other = copy.deepcopy(moe)
