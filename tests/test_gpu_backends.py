@@ -19,7 +19,7 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest  # noqa: E402
-from helpers import balance_bias_kept, random_tags, run_with_grads, with_backend  # noqa: E402
+from helpers import balance_bias_kept, load_script, random_tags, run_with_grads, with_backend  # noqa: E402
 
 from moe_gen import BACKENDS, ExpertsConfig, MoE, MoEConfig, RouterConfig  # noqa: E402
 from moe_gen.experts import triton_dispatch, tutel_dispatch  # noqa: E402
@@ -120,6 +120,35 @@ def test_routing_plan_is_the_stable_sort_by_expert(T_, K, E_, keep):
     row = torch.full((T_ * K,), -1, dtype=torch.long)
     row[flat[order]] = torch.arange(flat.numel())
     assert torch.equal(plan.row_A.long().cpu(), row)
+
+
+@needs_triton
+@pytest.mark.parametrize("T_,K,E_", [(37, 2, 8), (0, 2, 4), (300, 2, 64)])
+def test_a_routing_plan_of_every_slot_reads_nothing_back(T_, K, E_, monkeypatch):
+    """``mask_TK=None``: every slot is a row (T·K of them, known without the counts), in the stable
+    order by expert; the counts stay a device tensor and nothing is read back to the host."""
+    ids = torch.randint(0, E_, (T_, K), generator=torch.Generator().manual_seed(T_))
+    expected_rows = torch.sort(ids.reshape(-1), stable=True)[1]
+    expected_counts = torch.bincount(ids.reshape(-1), minlength=E_)
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda t: pytest.fail("read back to the host"))
+    monkeypatch.setattr(torch.Tensor, "item", lambda t: pytest.fail("read back to the host"))
+    plan = routing_plan(ids.to(KERNEL_DEVICE), None, E_)
+    monkeypatch.undo()
+    assert plan.counts is None and plan.source_N.shape == (T_ * K,)
+    assert torch.equal(plan.source_N.long().cpu(), expected_rows)
+    assert torch.equal(plan.counts_E.cpu(), expected_counts)
+    assert torch.equal(plan.row_A.long().cpu()[expected_rows], torch.arange(T_ * K))
+
+
+@needs_triton
+def test_a_triton_layer_reads_nothing_back_and_its_matmuls_do_not_grow_with_experts(monkeypatch):
+    """As the ``grouped`` backend (``bench_moe_layer.py --count-ops``, one forward + backward of the
+    token-routed, dropless layer): no host read, and 9 matmuls whatever E is — the gate's forward and
+    backward, and per projection one grouped GEMM forward and two backward."""
+    bench = load_script("bench_moe_layer", monkeypatch)
+    for num_experts in (4, 16):
+        counted = bench.count_ops("triton", 64, D, H, num_experts, 2)
+        assert (counted["host_reads"], counted["matmuls"]) == (0, 9)
 
 
 def test_routing_plan_refuses_too_many_experts():

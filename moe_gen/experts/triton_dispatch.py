@@ -4,9 +4,12 @@ Shape legend: T tokens, K assignment slots per token, A = T·K flat assignments 
 N computed assignments (rows, sorted by expert), D width of the rows moved (D for inputs, D' for
 expert outputs), E experts, B blocks of assignments, E' = E padded to a power of two.
 
-The layout is the ``torch`` backend's: computed assignments as rows sorted by expert (stable, so
-within an expert in flat-assignment order), the experts' grouped matmul ``forward_sorted`` on
-them, and a gate-weighted sum back into tokens. Only the data movement changes:
+The layout is the ``grouped`` backend's: every assignment slot is a row, sorted by expert (stable,
+so within an expert in flat-assignment order; slots not computed, dropped by capacity or padding,
+join the last expert's rows with weight 0 and padding inputs zeroed), the experts'
+``forward_sorted`` runs on them from the rows per expert kept on the device (one grouped GEMM per
+projection), and a gate-weighted sum goes back into tokens. Nothing is read back to the host. Only
+the data movement differs from ``grouped``:
 
     routing metadata    _histogram_kernel    block_counts[B, E'] = computed assignments per (block, expert)
                         _offsets_kernel      counts[E]; block_offsets[b, e] = first row of (b, e)
@@ -51,7 +54,7 @@ import os
 
 import torch
 
-from moe_gen.experts.dispatch import DispatchBackend, Dispatched
+from moe_gen.experts.dispatch import DispatchBackend, Dispatched, _every_slot
 from moe_gen.registry import BACKENDS
 
 # Imported on first use (_import_triton): an optional dependency, and one whose interpreter mode is
@@ -284,7 +287,8 @@ class TritonPlan:
         row_A: int32 ``[T·K]`` row of each assignment in expert order; -1 if not computed.
         source_N: int32 ``[N]`` flat assignment (t·K + k) of each row; its token is ``// K``.
         counts_E: int64 ``[E]`` rows per expert (on the device).
-        counts: the same as Python ints (what ``forward_sorted`` takes; one device sync).
+        counts: the same as Python ints (one device sync), or None for a plan of every slot
+            (``mask_TK=None``), which reads nothing back.
         num_tokens: T.
         top_k: K.
     """
@@ -292,18 +296,20 @@ class TritonPlan:
     row_A: torch.Tensor
     source_N: torch.Tensor
     counts_E: torch.Tensor
-    counts: list[int]
+    counts: list[int] | None
     num_tokens: int
     top_k: int
 
 
-def routing_plan(ids_TK: torch.Tensor, mask_TK: torch.Tensor, num_experts: int) -> TritonPlan:
+def routing_plan(ids_TK: torch.Tensor, mask_TK: torch.Tensor | None, num_experts: int) -> TritonPlan:
     """The expert-order permutation of the computed assignments (a stable sort by expert, as
-    ``torch.sort(..., stable=True)`` gives it), from three kernels and one host sync for the counts.
+    ``torch.sort(..., stable=True)`` gives it), from three kernels and one host sync for the counts
+    (none when every assignment is computed: then there are T·K rows whatever the experts).
 
     Args:
         ids_TK: long expert of each assignment.
-        mask_TK: bool, which assignments are computed (the router's capacity decisions included).
+        mask_TK: bool, which assignments are computed (the router's capacity decisions included);
+            None: all of them.
         num_experts: E (at most ``MAX_EXPERTS``).
 
     Returns:
@@ -319,11 +325,15 @@ def routing_plan(ids_TK: torch.Tensor, mask_TK: torch.Tensor, num_experts: int) 
     A, device = T * K, ids_TK.device
     row_A = torch.full((A,), -1, dtype=torch.int32, device=device)
     counts_E = torch.zeros(num_experts, dtype=torch.int64, device=device)
+    every_slot = mask_TK is None
     if A == 0:
-        return TritonPlan(row_A, row_A[:0], counts_E, [0] * num_experts, T, K)
+        return TritonPlan(row_A, row_A[:0], counts_E, None if every_slot else [0] * num_experts, T, K)
     kernels = _kernels()
     ids_A = ids_TK.reshape(-1).contiguous()
-    keep_A = mask_TK.reshape(-1).contiguous().view(torch.uint8)
+    if every_slot:
+        keep_A = torch.ones(A, dtype=torch.uint8, device=device)
+    else:
+        keep_A = mask_TK.reshape(-1).contiguous().view(torch.uint8)
     e_pad = _pow2(num_experts)
     block = max(16, min(_pow2(A), _ONE_HOT_VALUES // e_pad))
     num_blocks = _cdiv(A, block)
@@ -334,8 +344,9 @@ def routing_plan(ids_TK: torch.Tensor, mask_TK: torch.Tensor, num_experts: int) 
         kernels["histogram_kernel"][(num_blocks,)](ids_A, keep_A, block_counts, A, E_PAD=e_pad, BLOCK=block)
         kernels["offsets_kernel"][(1,)](block_counts, block_offsets, counts_E, num_blocks, num_experts,
                                         E_PAD=e_pad, CHUNK=chunk)
-        counts = counts_E.tolist()  # row counts on the host: the grouped matmul splits by them
-        source_N = torch.empty(sum(counts), dtype=torch.int32, device=device)
+        # the rows: every slot, or as many as were computed (read back: the host sizes source_N)
+        counts = None if every_slot else counts_E.tolist()
+        source_N = torch.empty(A if every_slot else sum(counts), dtype=torch.int32, device=device)
         kernels["permute_kernel"][(num_blocks,)](ids_A, keep_A, block_offsets, row_A, source_N, A,
                                                  E_PAD=e_pad, BLOCK=block)
     return TritonPlan(row_A, source_N, counts_E, counts, T, K)
@@ -439,9 +450,10 @@ class _TritonDispatchPlan:
 
 @BACKENDS.register("triton")
 class TritonDispatch(DispatchBackend):
-    """Assignments sorted by expert with Triton kernels; grouped matmuls; Triton weighted combine.
+    """Every assignment slot sorted by expert with Triton kernels; one grouped GEMM per projection;
+    Triton weighted combine; no host reads.
 
-    Same function and same row layout as ``torch``; see the module docstring for the kernels.
+    Same function and same row layout as ``grouped``; see the module docstring for the kernels.
 
     Raises:
         ValueError: when built on a machine where it cannot run (no triton, or no CUDA device and
@@ -458,12 +470,20 @@ class TritonDispatch(DispatchBackend):
             raise ValueError(reason)
 
     def dispatch(self, x_TD, routing):
-        plan = routing_plan(routing.topk_ids, routing.mask, routing.num_experts)
-        x_ND = _DispatchRows.apply(x_TD, plan)
-        return Dispatched(x_ND, _TritonDispatchPlan(plan, routing.topk_weights.reshape(-1)))
+        ids_TK, weights_TK, computed_TK = _every_slot(routing)
+        # slots not computed go to the last expert (its rows, in flat order), with gate weight 0
+        last = routing.num_experts - 1
+        plan = routing_plan(torch.where(computed_TK, ids_TK, last), None, routing.num_experts)
+        # padding may hold anything, and 0 · NaN = NaN: its rows go through the last expert as zeros
+        x_TD = torch.where(routing.valid.unsqueeze(1), x_TD, 0.0)
+        weights_A = torch.where(computed_TK, weights_TK, 0.0).reshape(-1)
+        return Dispatched(_DispatchRows.apply(x_TD, plan), _TritonDispatchPlan(plan, weights_A))
 
     def run(self, experts, dispatched):
-        return experts.forward_sorted(dispatched.inputs, dispatched.plan.plan.counts)
+        counts_E = dispatched.plan.plan.counts_E
+        if not hasattr(torch.nn.functional, "grouped_mm"):  # PyTorch < 2.9: the per-expert loop
+            counts_E = counts_E.tolist()
+        return experts.forward_sorted(dispatched.inputs, counts_E)
 
     def combine(self, y_ND, dispatched, x_TD):
         return _CombineRows.apply(y_ND, dispatched.plan.weights_A, dispatched.plan.plan)
