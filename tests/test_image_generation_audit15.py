@@ -72,8 +72,9 @@ def test_beams_on_a_parallel_objective_task_are_refused_naming_it(tok, rows):
             with pytest.raises(ValueError, match="task 'draw_parallel': parallel decoding .* does not combine "
                                                  "with beams > 1 or candidates"):
                 model.infer(task, [{"label": "seven"}], **kwargs)
-        with pytest.raises(ValueError, match="task 'draw_parallel': parallel decoding .* temperature only"):
-            model.infer(task, [{"label": "seven"}], top_k=5)
+        for cut in ({"top_k": 5}, {"top_p": 0.9}):
+            with pytest.raises(ValueError, match="task 'draw_parallel': parallel decoding .* temperature only"):
+                model.infer(task, [{"label": "seven"}], **cut)
     finally:
         hook.remove()
     assert calls == []  # refused before any decoder pass

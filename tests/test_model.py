@@ -501,6 +501,18 @@ def test_user_registered_modality_gets_its_own_tag(tok, sensor_modality):
         Task("bad", "[SENSOR:s,mask_ratio=0.5] -> [TEXT:y]", rows)
 
 
+def test_a_feature_prompt_given_in_the_decoder_gets_no_frame_head(tok, sensor_modality):
+    """A ``no_loss`` feature slot before the target is given, never predicted: its adapter embeds it
+    and no frame or stop head is built for it."""
+    rows = [{"q": "a", "s": [[0.1, 0.2, 0.3]] * 4, "y": "still"},
+            {"q": "b", "s": [[1.0, -1.0, 0.5]] * 6, "y": "moving"}]
+    task = Task("prompted", "[TEXT:q] -> [SENSOR:s,no_loss] so: [TEXT:y,closed_set]", rows)
+    model = build([task], tok)
+    assert model.config.adapters == {"sensor_linear": 3} and model.config.frame_adapters == ()
+    assert not model.frame_heads and not model.stop_heads
+    assert {p.text for p in model.eval().infer(task, rows)} <= {"still", "moving"}
+
+
 def test_a_model_keeps_its_modality_ids_when_the_process_registers_more(tok, sensor_modality, tmp_path):
     """The modality vocabulary is saved with the model: a modality registered later that sorts
     before SENSOR shifts SENSOR's id in the process's vocabulary, not in the model's tags."""

@@ -53,6 +53,14 @@ def test_sampling_is_reproducible_by_seed_and_draws_other_answers(setup):
     assert first != answers(model, task)  # and not the greedy one
 
 
+def test_top_k_or_top_p_alone_draws_at_temperature_one(setup):
+    model, tasks = setup
+    task = tasks[TASKS.index("table_to_text")]
+    greedy = answers(model, task)
+    for cut in ({"top_k": 50}, {"top_p": 0.99}):
+        assert answers(model, task, seed=1, **cut) == answers(model, task, temperature=1.0, seed=1, **cut) != greedy
+
+
 def test_sampled_answers_stay_within_the_grammar(setup):
     model, tasks = setup
     topics, grounding = tasks[TASKS.index("doc_topic")], tasks[TASKS.index("visual_grounding")]
@@ -70,6 +78,8 @@ def test_sampled_answers_stay_within_the_grammar(setup):
     ({"temperature": -1.0}, "temperature must be a number >= 0"),
     ({"top_k": 0}, "top_k must be a positive integer"),
     ({"temperature": 1.0, "beams": 3}, "do not combine with beams"),
+    ({"top_k": 3, "beams": 2}, "do not combine with beams > 1"),
+    ({"top_p": 0.5, "candidates": ["sports"]}, "do not combine with beams > 1 or candidates"),
 ])
 def test_bad_sampling_settings_fail_clearly(setup, kwargs, message):
     model, tasks = setup
