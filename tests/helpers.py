@@ -208,3 +208,21 @@ def mount_command(directory: str, size: str) -> list[str] | None:
         if probe.returncode == 0:
             return prefix
     return None
+
+
+def wordlevel_tokenizers(size: int = 64):
+    """A whitespace WordLevel tokenizer of ``size`` ids (``[PAD] [UNK] [CLS] [SEP] w4 …``) for tiny
+    random checkpoints: (transformers' ``PreTrainedTokenizerFast``, to save into a checkpoint folder;
+    moe_gen's ``HFTokenizer`` of it, few added tokens)."""
+    from tokenizers import Tokenizer as RustTokenizer
+    from tokenizers import models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from moe_gen.tasks import HFTokenizer
+
+    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, size)}}
+    backend = RustTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
+                                 cls_token="[CLS]", sep_token="[SEP]")
+    return hf, HFTokenizer.from_pretrained(backend, num_bins=4, num_sentinels=2, extra_symbols=())

