@@ -256,3 +256,174 @@ def test_null_empties_a_mapping_field_that_an_empty_mapping_cannot():
     assert load_run_config("demo", ["--train.modality_budget", "null", "--train.modality_budget.AUDIO",
                                     "100"]).train.modality_budget == {"AUDIO": 100}
     assert TrainConfig(masked_target_alpha=None).masked_target_alpha is None  # None: masked_alpha's
+
+
+# ---- a mutation test of cli.py: behaviours no test held (each test failed with its mutant) ------------
+
+QUIET = ["--train.progress", "false", "--train.tensorboard", "false", "--baseline", "false", "--train.eval_limit", "2",
+         "--train.warmup_steps", "0"]
+
+
+@pytest.fixture(scope="module")
+def species_model(tmp_path_factory, tok):
+    """(directory, model): a debug model of ``table_species`` saved where the commands read it."""
+    from helpers import build
+
+    from moe_gen.tasks import load_preset
+
+    path = tmp_path_factory.mktemp("species") / "model"
+    model = build([load_preset("table_species", "train")], tok)  # (every label: the test rows hold all three)
+    model.save_pretrained(str(path))
+    return path, model
+
+
+def test_a_flag_below_a_value_that_is_not_a_section_is_refused_by_name(tmp_path, capsys):
+    """(Without the check, ``--train.steps.x`` failed with a TypeError, exit status 1, naming no flag.)"""
+    with pytest.raises(ValueError, match=r"^--train\.lr\.x: 'lr' is not a section \(it holds 1\.0\)$"):
+        apply_overrides({"train": {"lr": 1.0}}, ["--train.lr.x", "1"])
+    assert main(["pretrain", "--config", "debug", "--train.steps.x", "1", "--output", str(tmp_path / "run")]) == 2
+    assert "--train.steps.x: 'steps' is not a section (it holds 20)" in capsys.readouterr().err
+
+
+def test_a_run_with_no_tasks_is_refused_before_its_folder_is_made(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "debug", "--tasks", "[]", "--output", str(run)]) == 2
+    assert "the run configuration names no tasks (set tasks: or --tasks a,b)" in capsys.readouterr().err
+    assert not run.exists()
+
+
+def test_metric_table_marks_lower_is_better_keeps_counts_whole_and_dashes_a_missing_baseline():
+    from moe_gen.cli import metric_table
+
+    results = {"a": {"accuracy": 0.5, "wer/title": 0.25, "skipped": 2}, "b": {"accuracy": 1.0}}
+    assert metric_table(results, {"a": {"accuracy": 0.125, "skipped": 0}}) == "\n".join([
+        "| task | metric | before training | trained |", "|---|---|---:|---:|",
+        "| a | accuracy | 0.125 | 0.500 |", "| a | wer/title (lower is better) | - | 0.250 |",
+        "| a | skipped | 0 | 2 |", "| b | accuracy | - | 1.000 |"])
+    assert metric_table({"b": {"skipped": 3}}) == "| task | metric | value |\n|---|---|---:|\n| b | skipped | 3 |"
+
+
+def test_finetune_refuses_model_overrides_before_reading_the_model(tmp_path, capsys):
+    code = main(["finetune", "--from", str(tmp_path / "missing"), "--model.flavour", "tiny", "--output",
+                 str(tmp_path / "ft")])
+    assert code == 2 and "finetune takes the model from --from; drop the model: section" in capsys.readouterr().err
+    assert not (tmp_path / "ft").exists()
+
+
+@pytest.mark.parametrize("argv", [["eval", "MODEL"], ["infer", "MODEL", "--task", "table_species"]])
+def test_eval_and_infer_refuse_overrides_before_reading_the_model(tmp_path, capsys, argv):
+    """(Unchecked, ``eval m --train.eval_limit 5`` would score every row without a word.)"""
+    argv = [str(tmp_path / "missing") if a == "MODEL" else a for a in argv]
+    assert main([*argv, "--train.lr", "1"]) == 2
+    assert f"moe-gen {argv[0]}: error: {argv[0]} takes no overrides, got --train.lr 1" in capsys.readouterr().err
+
+
+def test_eval_limit_scores_the_rows_evaluate_scores_with_that_limit(species_model, tmp_path, capsys):
+    from moe_gen.tasks import load_preset
+    from moe_gen.trainer.evaluation import evaluate
+
+    path, model = species_model
+    out = tmp_path / "eval.json"
+    assert main(["eval", str(path), "--tasks", "table_species", "--limit", "2", "--out", str(out)]) == 0
+    test = load_preset("table_species", "test")
+    expected = evaluate(model, [test], limit=2)
+    assert expected != evaluate(model, [test])  # (else the limit could not be told from every row)
+    assert json.loads(out.read_text()) == expected
+    assert f"| table_species | accuracy | {expected['table_species']['accuracy']:.3f} |" in capsys.readouterr().out
+
+
+def test_infer_prints_the_first_rows_answers_without_targets_for_a_single_target(species_model, capsys):
+    from moe_gen.tasks import load_preset
+
+    path, model = species_model
+    assert main(["infer", str(path), "--task", "table_species", "--rows", "2"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    test = load_preset("table_species", "test")
+    answers = model.infer(test, [test.data[0], test.data[1]])
+    assert [sorted(line) for line in lines] == [["row", "score", "text"]] * 2
+    assert [(line["row"], line["text"]) for line in lines] == [(0, answers[0].text), (1, answers[1].text)]
+
+
+def test_finetune_overwrite_removes_the_run_s_model_when_it_reads_a_sibling_folder(species_model, tmp_path, capsys):
+    """--overwrite keeps RUN/model when the finetune reads it (or a folder inside it), not when it reads
+    RUN/model_before, whose path merely starts with the same letters."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(species_model[0], run / "model")
+    shutil.copytree(species_model[0], run / "model_before")
+    code = main(["finetune", "--from", str(run / "model_before"), "--output", str(run), "--overwrite", "--tasks",
+                 "table_species", "--train.steps", "4", "--train.lr", "1e30", "--train.max_bad_steps", "1", *QUIET])
+    assert code == 1 and "training stopped" in capsys.readouterr().err
+    assert not (run / "model").exists() and (run / "model_before" / "model.safetensors").exists()
+
+
+def test_the_final_evaluation_scores_the_eval_tasks_only(tmp_path, capsys):
+    run = tmp_path / "run"
+    assert main(["pretrain", "--config", "debug", "--output", str(run), "--tasks", "table_species",
+                 "digit_classification", "--eval_tasks", "table_species", "--train.steps", "1", *QUIET]) == 0
+    assert set(json.load(open(run / "eval.json"))["trained"]) == {"table_species"}
+    capsys.readouterr()
+
+
+def test_a_run_whose_last_checkpoint_failed_saves_its_model_and_results_and_exits_1(tmp_path, monkeypatch, capsys):
+    """A checkpoint write that fails at the last step (not enough failures in a row to stop the run)."""
+    import errno
+
+    from moe_gen import distributed
+
+    original = distributed.save_shards
+
+    def failing(directory, prefix, tensors, plan):
+        if os.path.basename(directory).startswith("step-0000002"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return original(directory, prefix, tensors, plan)
+
+    monkeypatch.setattr(distributed, "save_shards", failing)
+    run = tmp_path / "run"
+    code = main(["pretrain", "--config", "debug", "--output", str(run), "--tasks", "table_species", "--train.steps",
+                 "2", "--train.checkpoint_every", "1", *QUIET])
+    err = capsys.readouterr().err
+    assert code == 1, err
+    assert (f"the model is saved to {run / 'model'}, but the checkpoint of the last step (2) was not written (1 "
+            f"failed checkpoint writes); the latest checkpoint is {run / 'checkpoints' / 'step-0000001'} (step 1)"
+            ) in err
+    assert (run / "model" / "model.safetensors").exists() and (run / "eval.json").exists()
+
+
+def test_a_run_that_diverges_after_a_checkpoint_names_it(tmp_path, tok):
+    from helpers import build, quiet
+
+    from moe_gen.cli import RunIncomplete, _fit
+    from moe_gen.tasks import load_preset
+    from moe_gen.trainer import Trainer
+    from moe_gen.trainer.trainer import TrainingDiverged
+
+    task = load_preset("table_species", "train", limit=8)
+    model = build([task], tok)
+    run = tmp_path / "run"
+    trainer = Trainer(model, [task], quiet(steps=4, batch_size=2, checkpoint_every=1), output_dir=str(run))
+    train_step, calls = trainer.train_step, []
+
+    def diverge_at_the_third(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise TrainingDiverged("1 step in a row (up to step 3) had a non-finite loss")
+        return train_step(*args, **kwargs)
+
+    trainer.train_step = diverge_at_the_third
+    with trainer, pytest.raises(RunIncomplete) as stopped:
+        _fit(trainer, model, [task], str(run))
+    assert f"the model was not saved; the latest checkpoint is {run / 'checkpoints' / 'step-0000002'}" in str(
+        stopped.value)
+
+
+def test_infer_lines_give_tensors_as_their_shapes():
+    import numpy as np
+    import torch
+
+    from moe_gen.cli import _jsonable
+
+    value = {"frames": torch.zeros(2, 3), 1: (np.zeros((4, 5, 3), dtype=np.uint8), "a", [0.5, None])}
+    assert _jsonable(value) == {"frames": {"shape": [2, 3]}, "1": [{"shape": [4, 5, 3]}, "a", [0.5, None]]}
+    assert json.loads(json.dumps(_jsonable(value))) == _jsonable(value)
