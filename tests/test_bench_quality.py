@@ -273,6 +273,7 @@ def test_a_weight_averaged_run_is_scored_with_its_average_and_keeps_its_last_sco
            "seed": 0, "steps": 6}
     result = train_and_score(job)
     assert set(result["scores_last"]) == set(result["scores"]) == {"table_wine", "table_species"}
+    assert result["interference"]["tasks"] == ["table_species", "table_wine"]  # (the suite's order)
     plain = train_and_score({**job, "config": dataclasses.asdict(dataclasses.replace(small, ema_decay=0.0))})
     assert "scores_last" not in plain
     assert plain["scores"] == result["scores_last"]  # the average does not change what trains
@@ -553,6 +554,11 @@ def test_reports_of_other_seeds_merge_into_the_report_of_all_of_them(tmp_path):
     for key in ("scores", "relative", "mean_relative_learned", "classical", "fit", "errors"):
         assert merged[key] == both[key], key
     assert merged["errors"]["dense"]["table_wine"]["rows"] == 8  # 4 held-out rows, two seeds
+    assert merged["wall_seconds"] == pytest.approx(sum(json.loads(Path(p).read_text())["wall_seconds"] for p in paths))
+    busier = json.loads(Path(paths[1]).read_text())  # how many processes ran the jobs may differ
+    busier["config"]["workers"] = 4
+    (tmp_path / "busier.json").write_text(json.dumps(busier))
+    assert merge_reports([paths[0], str(tmp_path / "busier.json")], str(tmp_path / "m4"))["scores"] == both["scores"]
     # one row in the score table and one in the wrong-answer table
     assert (tmp_path / "merged" / "quality.md").read_text().count("| table_wine |") == 2
     with pytest.raises(ValueError, match=r"both hold the dense run of seed 0 \(table_wine\)"):
