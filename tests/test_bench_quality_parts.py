@@ -23,6 +23,8 @@ def test_numeric_tables_hold_out_every_fifth_row_and_bin_diabetes_at_the_trainin
     assert [r["id"] for r in table_rows("wine", "test")] == [f"wine/{i}" for i in range(0, 178, 5)]
     with pytest.raises(ValueError, match="unknown split 'validation'; known: train, test"):
         table_rows("wine", "validation")  # (not read as the training rows)
+    with pytest.raises(ValueError, match="unknown scikit-learn table 'iris'; known: diabetes, breast_cancer, wine"):
+        table_rows("iris", "train")  # (not read as wine's rows)
     # thresholds at the tertiles of the training rows: a third of them in each class
     labels = collections.Counter(r["label"] for r in table_rows("diabetes", "train"))
     assert labels == {"low": 118, "medium": 117, "high": 118}

@@ -188,7 +188,10 @@ def _sklearn_table(name: str) -> tuple[list[str], np.ndarray, list[str]]:
         low, high = np.quantile(data.target[train], [1 / 3, 2 / 3])  # tertiles of the training rows
         labels = ["low" if y <= low else "high" if y > high else "medium" for y in data.target]
         return list(data.feature_names), data.data, labels
-    data = datasets.load_breast_cancer() if name == "breast_cancer" else datasets.load_wine()
+    loaders = {"breast_cancer": datasets.load_breast_cancer, "wine": datasets.load_wine}
+    if name not in loaders:
+        raise ValueError(f"unknown scikit-learn table {name!r}; known: diabetes, {', '.join(loaders)}")
+    data = loaders[name]()
     return list(data.feature_names), data.data, [str(data.target_names[t]) for t in data.target]
 
 
