@@ -127,3 +127,141 @@ def test_video_splits_disjoint_complete_and_deterministic():
     assert all(np.array_equal(a["video"], b["video"]) for a, b in zip(again, train))
     with pytest.raises(ValueError, match="known splits"):
         video.load_video_clips("valid")
+
+
+# --------------------------------------------------------------------------- from mutation testing
+
+
+def _fake_motion_archive(path, clip_lengths=(10, 30), **override):
+    """A tiny archive in the committed layout: clips of the given lengths, every frame standing still."""
+    num = sum(clip_lengths)
+    frame = np.zeros(motion.NUM_FEATURES, np.float32)
+    frame[1] = 0.9
+    for sl in motion.QUATERNION_SLICES.values():
+        frame[sl.start] = 1.0
+    arrays = {
+        "format_version": np.int64(motion.FORMAT_VERSION),
+        "fps": np.float32(motion.FPS),
+        "frames": np.tile(frame, (num, 1)),
+        "offsets": np.cumsum([0, *clip_lengths]).astype(np.int64),
+        "names": np.array([f"clip{i}" for i in range(len(clip_lengths))]),
+        "labels": np.array(["walk"] * len(clip_lengths)),
+        "texts": np.array(["a person walks"] * len(clip_lengths)),
+        "feature_names": np.array([f"f{i}" for i in range(motion.NUM_FEATURES)]),
+    }
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.fixture
+def motion_archive(tmp_path, monkeypatch):
+    """Point the loader at a fake archive written by the returned function (the cache cleared around)."""
+
+    def use(**override):
+        monkeypatch.setattr(motion, "DATA_FILE", _fake_motion_archive(tmp_path / "m.npz", **override))
+        motion._read.cache_clear()
+
+    yield use
+    motion._read.cache_clear()
+
+
+def test_motion_all_is_train_then_test_for_any_window_and_stride():
+    for window, stride in ((motion.WINDOW, motion.STRIDE), (20, 5), (None, 1)):
+        rows = motion.load_motion_clips("all", window=window, stride=stride)
+        parts = [motion.load_motion_clips(s, window=window, stride=stride) for s in ("train", "test")]
+        assert [r["id"] for r in rows] == [r["id"] for r in parts[0] + parts[1]], (window, stride)
+
+
+def test_motion_split_point_and_argument_checks():
+    # The last max(12, ceil(0.3 n)) frames are "test"; a clip of 12 frames or fewer is all "test".
+    assert [motion.split_point(n) for n in (5, 12, 13, 25, 40, 41, 100)] == [0, 0, 1, 13, 28, 28, 70]
+    with pytest.raises(ValueError, match="window must be a positive number of frames or None, got 0"):
+        motion.load_motion_clips("train", window=0)
+    with pytest.raises(ValueError, match="stride must be a positive number of frames, got 0"):
+        motion.load_motion_clips("train", stride=0)
+    with pytest.raises(ValueError, match="known splits: train, test, all, whole"):
+        motion.load_motion_clips("valid")
+
+
+def test_motion_ids_texts_and_labels():
+    for row in motion.load_motion_clips("train", stride=7):
+        assert row["id"] == f"{row['clip']}/{row['start']:03d}"
+    for split in ("train", "test", "whole"):
+        for row in motion.load_motion_clips(split, window=None):
+            assert row["id"] == f"{row['clip']}/{split}"
+    # the text is the clip's English description, not its name or kind
+    walk = [r for r in motion.load_motion_clips("whole", window=None) if r["clip"] == "humanoid3d_walk"]
+    assert len(walk) == 1 and walk[0]["label"] == "walk"
+    assert walk[0]["text"].startswith("a person ") and "walk" in walk[0]["text"]
+    labels = motion.motion_labels()
+    assert labels == sorted(labels) and labels[:2] == ["backflip", "cartwheel"] and labels[-1] == "walk"
+
+
+def test_motion_archive_checks_and_clips_shorter_than_the_test_part(motion_archive):
+    motion_archive()  # clip0: 10 frames, all "test"; clip1: 30 frames, 18 + 12
+    parts = {s: motion.load_motion_clips(s, window=None) for s in ("train", "test")}
+    assert [(r["id"], len(r["motion"])) for r in parts["train"]] == [("clip1/train", 18)]
+    assert [(r["id"], len(r["motion"])) for r in parts["test"]] == [("clip0/test", 10), ("clip1/test", 12)]
+    assert [r["start"] for r in motion.load_motion_clips("test", window=10, stride=10)] == [0, 18]
+    motion_archive(format_version=np.int64(2))
+    with pytest.raises(ValueError, match="format 2 at 30.0 fps, this loader reads format 1"):
+        motion.load_motion_clips("train")
+    motion_archive(fps=np.float32(25.0))
+    with pytest.raises(ValueError, match="format 1 at 25.0 fps"):
+        motion.load_motion_clips("train")
+    motion_archive(offsets=np.array([0, 10, 39]))
+    with pytest.raises(ValueError, match="do not match; the file is damaged"):
+        motion.load_motion_clips("train")
+
+
+def _fake_video_archive(path, num_frames=2, side=video.SIDE, index_max=1, version=video.FORMAT_VERSION):
+    sample_frames = np.zeros((1, video.NUM_PICTURES), np.int32)
+    sample_frames[0, -1] = index_max
+    frames = np.zeros((num_frames, side, side, 3), np.uint8)
+    np.savez(path, format_version=np.int64(version), frames=frames, sample_frames=sample_frames)
+    return path
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"version": 2}, "format 2, this loader reads format 1"),
+        ({"index_max": 2}, "pictures and sample indices do not match"),  # one past the last picture
+        ({"side": 32}, "pictures and sample indices do not match"),
+    ],
+    ids=["format", "index", "shape"],
+)
+def test_video_damaged_archives_are_refused(tmp_path, monkeypatch, kwargs, message):
+    monkeypatch.setattr(video, "DATA_FILE", _fake_video_archive(tmp_path / "v.npz", **kwargs))
+    video._read.cache_clear()
+    try:
+        with pytest.raises(ValueError, match=message):
+            video.load_video_clips("train")
+    finally:
+        video._read.cache_clear()
+
+
+def test_video_all_ids_captions_and_labels():
+    train, test = video.load_video_clips("train"), video.load_video_clips("test")
+    assert [r["id"] for r in video.load_video_clips("all")] == [r["id"] for r in train + test]
+    for row in train + test:
+        assert row["id"] == f"{row['clip']}/{row['start']:03d}"
+        assert row["text"] != row["label"] and len(row["text"].split()) >= 5  # a caption, not the label
+    assert [r["id"] for r in video.load_video_clips("whole")] == [
+        f"{c}/whole" for c in ("bigbuckbunny", "bikes", "carphone_pristine", "carphone_distorted")
+    ]
+    assert video.video_labels() == ["animation", "street", "talking_head"]
+    with pytest.raises(ValueError, match="known splits: train, test, whole, all"):
+        video.load_video_clips("valid")
+
+
+def test_video_windows_hold_every_second_source_frame_in_time_order():
+    # A window starting d (even) source frames after another of its clip is that one shifted by d/2 pictures.
+    rows = video.load_video_clips("all")
+    pairs = [(a, b, (b["start"] - a["start"]) // 2) for a in rows for b in rows
+             if a["clip"] == b["clip"] and 0 < b["start"] - a["start"] < 32 and b["start"] % 2 == a["start"] % 2]
+    assert len(pairs) >= 10
+    for a, b, k in pairs:
+        assert np.array_equal(a["video"][k:], b["video"][: video.NUM_PICTURES - k]), (a["id"], b["id"])
+    assert len({r["video"].tobytes() for r in rows}) == len(rows)

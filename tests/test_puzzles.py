@@ -6,7 +6,7 @@ import torch
 
 from moe_gen.tasks import Tokenizer, load_preset, preset_info
 from moe_gen.tasks.metrics import compute
-from moe_gen.tasks.sources.puzzles import count_solutions, is_valid_solution, parse_grid, sudoku_rows
+from moe_gen.tasks.sources.puzzles import count_solutions, grid_text, is_valid_solution, parse_grid, sudoku_rows
 
 SOLVED = "1 2 3 4 | 3 4 1 2 | 2 1 4 3 | 4 3 2 1"
 
@@ -54,3 +54,39 @@ def test_the_preset_encodes_and_decodes(tmp_path):
     model = GeneralistModel.build(flavour("debug"), [task], tok)
     scores = evaluate_task(model, load_preset("sudoku_4x4", "test", limit=3))
     assert set(scores) == {"exact_match", "sudoku_cells", "sudoku_valid"}
+
+
+def test_splits_take_every_fifth_of_a_pool_of_distinct_puzzles():
+    every = sudoku_rows("all")
+    assert len(every) == 1500 and len({r["puzzle"] for r in every}) == 1500
+    assert sudoku_rows("test") == every[::5]
+    assert sudoku_rows("train") == [r for i, r in enumerate(every) if i % 5]
+    for row in every[:50]:
+        assert row["puzzle"] == grid_text(parse_grid(row["puzzle"]))  # digits, " " within a row, " | " between
+        assert len(row["puzzle"]) == len("0 0 0 0 | ") * 4 - len(" | ")
+
+
+def test_solutions_include_every_grid_with_its_transpose():
+    # transposition is one of the shuffling symmetries: the set of solution grids is closed under it
+    grids = {r["solution"] for r in sudoku_rows("all")}
+    transposed = {grid_text([list(col) for col in zip(*parse_grid(g))]) for g in grids}
+    assert transposed == grids and len(grids) > 100
+
+
+def test_grid_checks_of_other_sizes_and_counting_two_solutions():
+    assert grid_text([[1, 2], [3, 4]]) == "1 2 | 3 4"
+    latin5 = [[(r + c) % 5 + 1 for c in range(5)] for r in range(5)]  # rows and columns fine, not a sudoku
+    assert not is_valid_solution(latin5) and not is_valid_solution([[1, 2], [2, 1]]) and not is_valid_solution(None)
+    assert is_valid_solution([[1]])
+    # blanking a 2x2 rectangle of 1s and 2s across two boxes leaves two completions
+    two = parse_grid("0 0 3 4 | 3 4 1 2 | 0 0 4 3 | 4 3 2 1")
+    assert count_solutions(two) == 2 and count_solutions(two, limit=1) == 1
+    with pytest.raises(ValueError, match="a sudoku's size is a square"):
+        sudoku_rows("train", size=5, count=2)
+
+
+def test_the_generator_makes_9x9_puzzles_too():
+    (row,) = sudoku_rows("all", size=9, count=1, seed=1)  # seed 1: one puzzle in milliseconds
+    puzzle, solution = parse_grid(row["puzzle"]), parse_grid(row["solution"])
+    assert len(puzzle) == 9 and is_valid_solution(solution)
+    assert all(p in (0, s) for prow, srow in zip(puzzle, solution) for p, s in zip(prow, srow))

@@ -145,3 +145,60 @@ def test_encoder_and_decoder_round_trip_exactly(tmp_path, monkeypatch):
     assert [r["id"] for r in rows] == ["s/a", "s/b_c", "s/d"]
     for row, clip in zip(rows, clips):
         assert np.array_equal(np.round(row["audio"] * 32768.0).astype(np.int16), clip)
+
+
+def _fake_archive(path: Path, **override) -> Path:
+    """Two clips of two samples each, in the committed layout; `override` replaces arrays."""
+    arrays = {
+        "format_version": np.int64(speech.FORMAT_VERSION),
+        "sample_rate": np.int64(SAMPLE_RATE),
+        "offsets": np.array([0, 2, 4], dtype=np.int64),
+        "pcm_delta_lo": np.array([1, 1, 0, 1], dtype=np.uint8),
+        "pcm_delta_hi": np.zeros(4, dtype=np.uint8),
+        "text": np.array(["yes", "no"]),
+        "speaker": np.array(["s", "s"]),
+        "engine": np.array(["flite", "flite"]),
+    }
+    arrays.update(override)
+    np.savez(path, **arrays)
+    return path
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ({}, None),
+        ({"format_version": np.int64(2)}, "format 2 at 16000 Hz, this loader reads format 1 at 16000 Hz"),
+        ({"sample_rate": np.int64(8000)}, "format 1 at 8000 Hz"),
+        ({"offsets": np.array([0, 2, 5])}, "offsets and labels do not match the audio"),  # past the end
+        ({"text": np.array(["yes"])}, "offsets and labels do not match the audio"),  # a label short
+    ],
+    ids=["sound", "format", "rate", "offsets", "labels"],
+)
+def test_foreign_or_damaged_files_are_refused(tmp_path, monkeypatch, override, message):
+    _fake_archive(tmp_path / "x.npz", **override)
+    monkeypatch.setattr(speech, "DATA_DIR", tmp_path)
+    speech._read.cache_clear()
+    try:
+        if message is None:
+            rows = speech._rows("x.npz")
+            assert [r["id"] for r in rows] == ["s/yes", "s/no"]
+            assert [np.round(r["audio"] * 32768).tolist() for r in rows] == [[1, 2], [2, 3]]
+        else:
+            with pytest.raises(ValueError, match=message):
+                speech._rows("x.npz")
+    finally:
+        speech._read.cache_clear()
+
+
+def test_errors_name_the_unknown_words_and_the_known_splits():
+    with pytest.raises(ValueError, match=r"unknown words \['eleven', 'twelve'\]; known words: zero, one, "):
+        load_spoken_words("train", words=["twelve", "go", "eleven"])
+    with pytest.raises(ValueError, match="unknown split 'dev'; known splits: train, test, all"):
+        load_spoken_words("dev")
+
+
+def test_words_filter_every_split():
+    rows = load_spoken_words("all", words=["go"])
+    assert len(rows) == 21 and {r["text"] for r in rows} == {"go"}
+    assert [r["id"] for r in rows] == [r["id"] for r in load_spoken_words("all") if r["text"] == "go"]
