@@ -81,8 +81,9 @@ def test_grid_checks_of_other_sizes_and_counting_two_solutions():
     # blanking a 2x2 rectangle of 1s and 2s across two boxes leaves two completions
     two = parse_grid("0 0 3 4 | 3 4 1 2 | 0 0 4 3 | 4 3 2 1")
     assert count_solutions(two) == 2 and count_solutions(two, limit=1) == 1
-    with pytest.raises(ValueError, match="a sudoku's size is a square"):
-        sudoku_rows("train", size=5, count=2)
+    for size in (5, 1):  # (1: random's "empty range in randrange" before)
+        with pytest.raises(ValueError, match=f"a sudoku's size is a square of at least 4 .*got {size}"):
+            sudoku_rows("train", size=size, count=2)
 
 
 def test_the_generator_makes_9x9_puzzles_too():

@@ -132,8 +132,8 @@ def sudoku_rows(split: str, size: int = 4, count: int = 1500, seed: int = 0) -> 
     pool of ``count`` distinct puzzles is ``test``)."""
     if split not in ("train", "test", "all"):
         raise ValueError(f"unknown split {split!r}; known: train, test, all")
-    if math.isqrt(size) ** 2 != size:
-        raise ValueError(f"a sudoku's size is a square (4, 9, ...), got {size}")
+    if size < 4 or math.isqrt(size) ** 2 != size:
+        raise ValueError(f"a sudoku's size is a square of at least 4 (4, 9, ...), got {size}")
     pool = _pool(size, count, seed)
     return [{"puzzle": p, "solution": s} for i, (p, s) in enumerate(pool)
             if split == "all" or (i % 5 == 0) == (split == "test")]

@@ -3,7 +3,8 @@
 boxes for grounding, grounded captioning, counting and detection.
 
 Splits are deterministic: digit i is in "test" when i % 5 == 0 (20%), else "train"; canvases of
-a split only use that split's digits, and canvas k of a split is drawn from ``Random(seed + k)``.
+a split only use that split's digits, and canvas k of a split is drawn from
+``Random(seed · 100003 + k)``, plus 50,000 for the test split's.
 """
 
 from __future__ import annotations
