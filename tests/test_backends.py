@@ -185,6 +185,23 @@ def test_grouped_backend_runs_each_projection_as_one_grouped_gemm(monkeypatch):
         assert_same(run_with_grads(eager, x, tags), candidate)
 
 
+def test_grouped_mm_is_taken_on_cuda_only_where_it_is_one_kernel(monkeypatch):
+    """On CUDA, PyTorch runs ``grouped_mm`` as one kernel for bf16 on capability 9.x and 10.x; in
+    fp32 its fallback reads the offsets back at every call and in fp16 it may refuse, so there the
+    experts take the loop after one read. Elsewhere (CPU, meta) any of the three dtypes, aligned."""
+    from moe_gen.experts import grouped
+
+    assert grouped.grouped_mm_fits(torch.float32, 16, 24) and grouped.grouped_mm_fits(torch.float16, 8, device="meta")
+    assert not grouped.grouped_mm_fits(torch.float32, 16, 26) and not grouped.grouped_mm_fits(torch.int32, 16)
+    for major, expected in ((8, False), (9, True), (10, True), (12, False)):
+        grouped._cuda_major.cache_clear()
+        monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None, m=major: (m, 0))
+        assert grouped.grouped_mm_fits(torch.bfloat16, 16, 24, device="cuda:0") is expected
+        assert not grouped.grouped_mm_fits(torch.float32, 16, 24, device="cuda:0")
+        assert not grouped.grouped_mm_fits(torch.float16, 16, 24, device="cuda:0")
+    grouped._cuda_major.cache_clear()
+
+
 def test_a_grouped_layer_reads_nothing_back_and_its_matmuls_do_not_grow_with_experts():
     """The benchmark's count (``bench_moe_layer.py --count-ops``: one forward + backward of the token-
     routed, dropless layer under ``torch.profiler``): with the ``grouped`` backend the whole layer,

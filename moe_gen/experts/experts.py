@@ -113,8 +113,8 @@ class StackedExperts(nn.Module):
         dtype = _autocast_dtype(x_ND)
         w_in, b_in, w_out, b_out = self._params(dtype)
         if isinstance(counts, torch.Tensor) and not grouped_mm_fits(dtype, self.d_model, w_in.shape[2],
-                                                                    self.d_hidden):
-            counts = counts.tolist()  # widths grouped_mm cannot take: the loop, at one host read
+                                                                    self.d_hidden, device=x_ND.device):
+            counts = counts.tolist()  # what grouped_mm cannot take in one kernel: the loop, at one host read
         # Autocast off: the grouped functions run their matmuls in `dtype` as cast here.
         with _no_autocast(x_ND):
             if isinstance(counts, list):
@@ -294,7 +294,7 @@ class LinearExperts(nn.Module):
     def forward_sorted(self, x_ND: torch.Tensor, counts: list[int] | torch.Tensor) -> torch.Tensor:
         dtype = _autocast_dtype(x_ND)  # the weights in the input's dtype, as the other experts cast theirs
         if isinstance(counts, torch.Tensor):  # a device tensor: one grouped GEMM (the loop where it cannot)
-            if grouped_mm_fits(dtype, self.d_model, self.d_hidden):
+            if grouped_mm_fits(dtype, self.d_model, self.d_hidden, device=x_ND.device):
                 return grouped_mm_linear(x_ND.to(dtype), counts, self.weight.to(dtype),
                                          None if self.bias is None else self.bias.to(dtype))
             counts = counts.tolist()

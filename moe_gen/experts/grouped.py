@@ -14,6 +14,7 @@ FFN plus a few microseconds per expert.
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import torch
@@ -257,13 +258,27 @@ def scaled_ffn(
 # One grouped GEMM per projection (torch's ``grouped_mm``), the rows per expert as a device tensor:
 # nothing is read back to the host, and a projection is one kernel launch on a GPU instead of one
 # per expert. ``grouped_mm`` needs every row stride to be a multiple of 16 bytes and fp32, bf16 or
-# fp16; callers check ``grouped_mm_fits`` and use the loop above otherwise.
+# fp16; callers check ``grouped_mm_fits`` and use the loop above otherwise. On CUDA, PyTorch runs it
+# as one kernel only for bf16 on compute capability 9.x and 10.x (its CUTLASS kernels); elsewhere
+# its fallback reads the offsets back at every call (fp32), or refuses fp16 without cuBLASLt's
+# grouped GEMM, so there the loop after one read of the counts is the better path.
 _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def grouped_mm_fits(dtype: torch.dtype, *widths: int) -> bool:
-    """Whether ``grouped_mm`` takes matrices of ``dtype`` whose rows are ``widths`` wide."""
-    return dtype in _GROUPED_MM_DTYPES and all(w * dtype.itemsize % 16 == 0 for w in widths)
+def grouped_mm_fits(dtype: torch.dtype, *widths: int, device: torch.device | str | None = None) -> bool:
+    """Whether ``grouped_mm`` takes matrices of ``dtype`` whose rows are ``widths`` wide, on
+    ``device`` (None: the CPU) without reading its offsets back."""
+    if dtype not in _GROUPED_MM_DTYPES or any(w * dtype.itemsize % 16 for w in widths):
+        return False
+    device = torch.device("cpu" if device is None else device)
+    if device.type != "cuda":
+        return True
+    return dtype == torch.bfloat16 and torch.version.hip is None and _cuda_major(device) in (9, 10)
+
+
+@functools.cache
+def _cuda_major(device: torch.device) -> int:
+    return torch.cuda.get_device_capability(device)[0]
 
 
 class _ContiguousGrad(torch.autograd.Function):
