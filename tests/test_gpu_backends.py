@@ -166,6 +166,27 @@ def test_triton_equals_eager(k, cf, strategy, kind):
 
 
 @needs_triton
+@pytest.mark.parametrize("k,cf,strategy,kind", [CASES[1], CASES[3], CASES[5]])
+def test_triton_plans_only_the_computed_assignments_where_grouped_mm_is_no_single_kernel(k, cf, strategy, kind,
+                                                                                        monkeypatch):
+    """Where ``grouped_mm`` would not be one kernel (fp32 on CUDA, say) the backend plans the computed
+    assignments only (their counts read back once for the per-expert loop): the same outputs and
+    gradients as eager, and fewer rows than slots when padding and capacity leave some out."""
+    monkeypatch.setattr(triton_dispatch, "grouped_mm_fits", lambda *a, **k: False)
+    plans = []
+    real_plan = triton_dispatch.routing_plan
+
+    def planning(ids, mask, num_experts):
+        plans.append((mask is None, ids.numel(), real_plan(ids, mask, num_experts)))
+        return plans[-1][2]
+
+    monkeypatch.setattr(triton_dispatch, "routing_plan", planning)
+    check_backend("triton", k, cf, strategy, kind, device=KERNEL_DEVICE)
+    assert plans and not any(every_slot for every_slot, _, _ in plans)
+    assert all(plan.source_N.numel() == sum(plan.counts) < slots for _, slots, plan in plans)  # 4 padding tokens
+
+
+@needs_triton
 @pytest.mark.parametrize("gate,k,cf,policy", [("expert_choice", 2, None, "in_order"),
                                                ("topk", 2, 0.5, "batch_prioritized")])
 def test_triton_equals_eager_for_other_gates_and_drop_policies(gate, k, cf, policy):

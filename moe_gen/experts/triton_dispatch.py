@@ -4,12 +4,15 @@ Shape legend: T tokens, K assignment slots per token, A = T·K flat assignments 
 N computed assignments (rows, sorted by expert), D width of the rows moved (D for inputs, D' for
 expert outputs), E experts, B blocks of assignments, E' = E padded to a power of two.
 
-The layout is the ``grouped`` backend's: every assignment slot is a row, sorted by expert (stable,
-so within an expert in flat-assignment order; slots not computed, dropped by capacity or padding,
-join the last expert's rows with weight 0 and padding inputs zeroed), the experts'
-``forward_sorted`` runs on them from the rows per expert kept on the device (one grouped GEMM per
-projection), and a gate-weighted sum goes back into tokens. Nothing is read back to the host. Only
-the data movement differs from ``grouped``:
+Where ``grouped_mm`` runs as one kernel (``grouped_mm_fits``: bf16 on CUDA capability 9.x/10.x, or
+the CPU through the interpreter) the layout is the ``grouped`` backend's: every assignment slot is a
+row, sorted by expert (stable, so within an expert in flat-assignment order; slots not computed,
+dropped by capacity or padding, join the last expert's rows with weight 0 and padding inputs
+zeroed), the experts' ``forward_sorted`` runs on them from the rows per expert kept on the device
+(one grouped GEMM per projection), and nothing is read back to the host. Elsewhere it is the
+``torch`` backend's: the computed assignments only, the counts read back once for the experts'
+per-expert loop. Either way a gate-weighted sum goes back into tokens, and only the data movement
+differs from those backends:
 
     routing metadata    _histogram_kernel    block_counts[B, E'] = computed assignments per (block, expert)
                         _offsets_kernel      counts[E]; block_offsets[b, e] = first row of (b, e)
@@ -55,6 +58,8 @@ import os
 import torch
 
 from moe_gen.experts.dispatch import DispatchBackend, Dispatched, _every_slot
+from moe_gen.experts.experts import _autocast_dtype
+from moe_gen.experts.grouped import grouped_mm_fits
 from moe_gen.registry import BACKENDS
 
 # Imported on first use (_import_triton): an optional dependency, and one whose interpreter mode is
@@ -450,10 +455,11 @@ class _TritonDispatchPlan:
 
 @BACKENDS.register("triton")
 class TritonDispatch(DispatchBackend):
-    """Every assignment slot sorted by expert with Triton kernels; one grouped GEMM per projection;
-    Triton weighted combine; no host reads.
+    """Assignments sorted by expert with Triton kernels (every slot, for one grouped GEMM per projection
+    and no host reads, where ``grouped_mm`` is one kernel; the computed ones, for the per-expert loop,
+    elsewhere); Triton weighted combine.
 
-    Same function and same row layout as ``grouped``; see the module docstring for the kernels.
+    Same function and row layout as ``grouped`` or ``torch``; see the module docstring for the kernels.
 
     Raises:
         ValueError: when built on a machine where it cannot run (no triton, or no CUDA device and
@@ -471,6 +477,12 @@ class TritonDispatch(DispatchBackend):
 
     def dispatch(self, x_TD, routing):
         ids_TK, weights_TK, computed_TK = _every_slot(routing)
+        if not (hasattr(torch.nn.functional, "grouped_mm")
+                and grouped_mm_fits(_autocast_dtype(x_TD), device=x_TD.device)):
+            # no one-kernel grouped GEMM here (fp32 on CUDA, ...): the experts loop after one read
+            # of the counts, so plan only the computed assignments (padding and drops cost nothing)
+            plan = routing_plan(ids_TK, computed_TK, routing.num_experts)
+            return Dispatched(_DispatchRows.apply(x_TD, plan), _TritonDispatchPlan(plan, weights_TK.reshape(-1)))
         # slots not computed go to the last expert (its rows, in flat order), with gate weight 0
         last = routing.num_experts - 1
         plan = routing_plan(torch.where(computed_TK, ids_TK, last), None, routing.num_experts)
@@ -480,10 +492,8 @@ class TritonDispatch(DispatchBackend):
         return Dispatched(_DispatchRows.apply(x_TD, plan), _TritonDispatchPlan(plan, weights_A))
 
     def run(self, experts, dispatched):
-        counts_E = dispatched.plan.plan.counts_E
-        if not hasattr(torch.nn.functional, "grouped_mm"):  # PyTorch < 2.9: the per-expert loop
-            counts_E = counts_E.tolist()
-        return experts.forward_sorted(dispatched.inputs, counts_E)
+        plan = dispatched.plan.plan  # counts as ints (computed assignments) or on the device (every slot)
+        return experts.forward_sorted(dispatched.inputs, plan.counts_E if plan.counts is None else plan.counts)
 
     def combine(self, y_ND, dispatched, x_TD):
         return _CombineRows.apply(y_ND, dispatched.plan.weights_A, dispatched.plan.plan)
