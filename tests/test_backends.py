@@ -200,6 +200,8 @@ def test_grouped_mm_is_taken_on_cuda_only_where_it_is_one_kernel(monkeypatch):
         assert not grouped.grouped_mm_fits(torch.float32, 16, 24, device="cuda:0")
         assert not grouped.grouped_mm_fits(torch.float16, 16, 24, device="cuda:0")
     grouped._cuda_major.cache_clear()
+    monkeypatch.delattr(torch.nn.functional, "grouped_mm")  # PyTorch < 2.9: the loop everywhere
+    assert not grouped.grouped_mm_fits(torch.float32, 16, 24)
 
 
 def test_a_grouped_layer_reads_nothing_back_and_its_matmuls_do_not_grow_with_experts():

@@ -268,6 +268,8 @@ _GROUPED_MM_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 def grouped_mm_fits(dtype: torch.dtype, *widths: int, device: torch.device | str | None = None) -> bool:
     """Whether ``grouped_mm`` takes matrices of ``dtype`` whose rows are ``widths`` wide, on
     ``device`` (None: the CPU) without reading its offsets back."""
+    if not hasattr(F, "grouped_mm"):  # PyTorch < 2.9
+        return False
     if dtype not in _GROUPED_MM_DTYPES or any(w * dtype.itemsize % 16 for w in widths):
         return False
     device = torch.device("cpu" if device is None else device)

@@ -1,8 +1,9 @@
 """The ``triton`` dispatch backend: routing metadata, gather and combine as Triton kernels.
 
 Shape legend: T tokens, K assignment slots per token, A = T·K flat assignments (a = t·K + k),
-N computed assignments (rows, sorted by expert), D width of the rows moved (D for inputs, D' for
-expert outputs), E experts, B blocks of assignments, E' = E padded to a power of two.
+N rows sorted by expert (the computed assignments, or every slot: N = A), D width of the rows moved
+(D for inputs, D' for expert outputs), E experts, B blocks of assignments, E' = E padded to a power
+of two.
 
 Where ``grouped_mm`` runs as one kernel (``grouped_mm_fits``: bf16 on CUDA capability 9.x/10.x, or
 the CPU through the interpreter) the layout is the ``grouped`` backend's: every assignment slot is a
@@ -477,8 +478,7 @@ class TritonDispatch(DispatchBackend):
 
     def dispatch(self, x_TD, routing):
         ids_TK, weights_TK, computed_TK = _every_slot(routing)
-        if not (hasattr(torch.nn.functional, "grouped_mm")
-                and grouped_mm_fits(_autocast_dtype(x_TD), device=x_TD.device)):
+        if not grouped_mm_fits(_autocast_dtype(x_TD), device=x_TD.device):
             # no one-kernel grouped GEMM here (fp32 on CUDA, ...): the experts loop after one read
             # of the counts, so plan only the computed assignments (padding and drops cost nothing)
             plan = routing_plan(ids_TK, computed_TK, routing.num_experts)
