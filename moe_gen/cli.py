@@ -431,9 +431,7 @@ def _train(config, model=None, resume: bool = False, overwrite: bool = False, so
     from moe_gen.trainer.sampling import check_modality_keys
 
     train_config, output_dir = config.train, config.output_dir
-    if resume and overwrite:
-        raise ValueError("--resume and --overwrite exclude each other: resume continues the run directory's "
-                         "checkpoints, overwrite deletes them")
+    _check_run_flags(train_config, resume, overwrite)
     if model is None:  # settings first: no data read, no folder made
         _init_section(config.model) if "init" in config.model else _model_config(config.model)
     check_modality_keys(train_config)
@@ -485,6 +483,18 @@ def _cmd_pretrain(args, overrides) -> int:
     _train(config, resume=args.resume, overwrite=args.overwrite)
     distributed.shutdown()
     return 0
+
+
+def _check_run_flags(train_config, resume: bool, overwrite: bool) -> None:
+    """Settings that a run of this command cannot carry out as asked, refused before anything is read."""
+    if resume and overwrite:
+        raise ValueError("--resume and --overwrite exclude each other: resume continues the run directory's "
+                         "checkpoints, overwrite deletes them")
+    if train_config.keep_best:  # eval.json would report the chosen step's test scores, which are optimistic
+        raise ValueError("train.keep_best chooses a step by its scores on the eval tasks, which moe-gen evaluates "
+                         "on the presets' test splits: the scores it reported would be those of the step chosen "
+                         "on them. Use train.eval_every alone to follow the test scores while training, or "
+                         "choose the step on a validation split from Python (Trainer(..., eval_tasks=...))")
 
 
 def _with_output(config, output: Optional[str]):

@@ -157,6 +157,24 @@ def test_eval_tasks_the_run_does_not_train_are_refused_before_it_starts(tmp_path
     assert not (tmp_path / "run").exists()
 
 
+def test_keep_best_is_refused_since_the_cli_evaluates_on_test_splits(tmp_path, capsys):
+    """Choosing the step on the rows eval.json reports would report optimistic scores."""
+    code = main(["pretrain", "--config", "debug", "--output", str(tmp_path / "run"), "--train.steps", "2",
+                 "--train.eval_every", "1", "--train.keep_best", "true"])
+    assert code == 2 and "on the presets' test splits" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_eval_every_logs_the_eval_tasks_while_training(tmp_path):
+    run = tmp_path / "run"
+    code = main(["pretrain", "--config", "debug", "--output", str(run), "--train.steps", "4", "--train.eval_every",
+                 "2", "--train.eval_limit", "2", "--tasks", "table_species", "--train.progress", "false"])
+    assert code == 0
+    records = [json.loads(line) for line in (run / "logs" / "eval.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [2, 4] and list(records[0]["eval"]) == ["table_species"]
+    assert records[-1]["eval"] == json.loads((run / "eval.json").read_text())["trained"]
+
+
 def _pretrain(output, *extra):
     return [sys.executable, "-m", "moe_gen.cli", "pretrain", "--config", "debug", "--output", str(output),
             "--train.steps", "12", "--train.checkpoint_every", "3", "--train.log_every", "1",

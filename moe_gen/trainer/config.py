@@ -115,6 +115,19 @@ class TrainConfig(ConfigBase):
             more compute per step, the same gradients.
         eval_limit: rows per task that ``evaluate`` scores, evenly spaced over its rows (>= 1; None: all).
         eval_batch_size: rows per ``infer`` call in ``evaluate`` (>= 1).
+        eval_every: evaluate the trainer's ``eval_tasks`` every N steps and at the last step, on
+            ``eval_limit`` rows each, while training (0: only when asked, ``Trainer.evaluate``). Each
+            evaluation is a line of ``logs/eval.jsonl`` (``{"step", "eval": {task: {metric: value}},
+            "eval_score"}``) and TensorBoard scalars ``eval/<task>/<metric>``; it does not change the
+            training (its random draws are its own). ``eval_score`` is what ``best_metric`` names.
+        keep_best: with ``eval_every``, save the weights of the evaluation with the best
+            ``eval_score`` so far to ``<output_dir>/best`` (``save_pretrained``, atomic; checkpoints
+            keep its step and score, so a resumed run goes on comparing with it); ``fit``'s summary
+            names it (``best_step``, ``best_score``, ``best_model``). Choose it on validation rows,
+            not on the rows you report: the score of the step chosen on them is optimistic.
+        best_metric: what ``eval_score`` is: ``mean`` (the mean over the eval tasks of each one's
+            first metric, losses and error rates negated so that higher is better) or
+            ``<task>/<metric>`` (that one, negated when lower is better).
         num_threads: torch intra-op threads (>= 1; None: torch's default).
         device: ``auto`` (the process's GPU when CUDA is available — ``cuda:LOCAL_RANK`` under
             torchrun, ``moe_gen.distributed.local_rank()`` — else the CPU), or a torch device string.
@@ -162,6 +175,9 @@ class TrainConfig(ConfigBase):
     activation_checkpointing: bool = False
     eval_limit: Optional[int] = 100
     eval_batch_size: int = 64
+    eval_every: int = 0
+    keep_best: bool = False
+    best_metric: str = "mean"
     num_threads: Optional[int] = None
     device: str = "auto"
 
@@ -221,6 +237,18 @@ class TrainConfig(ConfigBase):
                 raise ValueError(f"TrainConfig: {message}")
         self._check_finite_and_device()
         self._check_mappings()
+        self._check_evaluation()
+
+    def _check_evaluation(self) -> None:
+        """The settings of evaluation while training."""
+        if self.eval_every < 0:
+            raise ValueError(f"TrainConfig: eval_every must be >= 0 (0: no evaluation while training), got "
+                             f"{self.eval_every}")
+        if self.keep_best and not self.eval_every:
+            raise ValueError("TrainConfig: keep_best keeps the best of the evaluations while training: set "
+                             "eval_every > 0 too")
+        if self.best_metric != "mean" and "/" not in self.best_metric.strip("/"):
+            raise ValueError(f"TrainConfig: best_metric must be 'mean' or '<task>/<metric>', got {self.best_metric!r}")
 
     def _check_finite_and_device(self) -> None:
         """Every number finite (``lr=inf`` passed ``lr > 0`` and trained NaN weights) and ``device`` a

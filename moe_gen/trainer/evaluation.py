@@ -38,7 +38,7 @@ from moe_gen.tasks.modalities.base import GROUP_VALUES, brief, group_items
 from moe_gen.tasks.plan import TaskDataError, TaskPlan
 from moe_gen.tasks.task import Task
 
-__all__ = ["evaluate_task", "evaluate", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
+__all__ = ["evaluate_task", "evaluate", "eval_score", "spaced_indices", "DEFAULT_METRICS", "LOWER_IS_BETTER"]
 
 DEFAULT_METRICS = {"text": ("exact_match",), "closed_set": ("accuracy",), "box": ("iou_accuracy",),
                    "frames": ("l1",), "codes": ("pixel_mse",), "features": (), "detection": ("detection_f1",),
@@ -461,3 +461,28 @@ def _reference(plan: TaskPlan, target, value: Any, index: int) -> Any:
 def evaluate(model, tasks: Sequence[Task], *, limit: Optional[int] = None, batch_size: int = 64) -> dict:
     """``{task name: {metric: value}}`` for every task."""
     return {task.name: evaluate_task(model, task, limit=limit, batch_size=batch_size) for task in tasks}
+
+
+def _signed(metric: str, value: float) -> float:
+    """``value`` with higher better: losses and error rates (``LOWER_IS_BETTER``) negated."""
+    return -float(value) if metric.split("/")[0] in LOWER_IS_BETTER else float(value)
+
+
+def eval_score(results: dict, metric: str = "mean") -> float:
+    """One number, higher better, from ``evaluate``'s ``{task: {metric: value}}``: ``mean`` (each
+    task's first metric, negated for losses and error rates, averaged over the tasks) or
+    ``<task>/<metric>`` (that value, negated likewise). Raises ``ValueError`` naming what the
+    results hold when the task or metric is not among them."""
+    if metric == "mean":
+        firsts = [_signed(*next((k, v) for k, v in scores.items() if k != "skipped")) for scores in results.values()]
+        if not firsts:
+            raise ValueError("eval_score: the results hold no task")
+        return sum(firsts) / len(firsts)
+    task, name = metric.split("/", 1)
+    if task not in results:
+        raise ValueError(f"best_metric {metric!r}: task {task!r} is not evaluated; the eval tasks are "
+                         f"{', '.join(results)}")
+    if name not in results[task]:
+        raise ValueError(f"best_metric {metric!r}: task {task!r} has no metric {name!r}; it has "
+                         f"{', '.join(k for k in results[task] if k != 'skipped')}")
+    return _signed(name, results[task][name])

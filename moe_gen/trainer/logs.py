@@ -1,5 +1,6 @@
-"""Run logs: one JSON object per logged step (``logs/train.jsonl``), TensorBoard scalars
-(``tensorboard/``) and a tqdm progress bar with loss, tokens/s, modality shares and ETA.
+"""Run logs: one JSON object per logged step (``logs/train.jsonl``), one per evaluation while
+training (``logs/eval.jsonl``, ``TrainConfig.eval_every``), TensorBoard scalars (``tensorboard/``)
+and a tqdm progress bar with loss, tokens/s, modality shares and ETA.
 
 Records with per-layer expert loads (``expert_load``: layer → shares) are written with the
 utilisation of each layer beside them (``expert_utilisation``: share of the layer's experts taking
@@ -76,14 +77,16 @@ class RunLogger:
                  progress: bool = True, tensorboard: bool = True, resume_step: Optional[int] = None) -> None:
         self.enabled = enabled
         self.path = os.path.join(output_dir, "logs", "train.jsonl")
+        self.eval_path = os.path.join(output_dir, "logs", "eval.jsonl")
         self._bar = self._tb = self._file = None
         if not enabled:
             return
         os.makedirs(os.path.dirname(self.path), exist_ok=True)
-        if resume_step is not None and os.path.exists(self.path):
-            _keep_records_up_to(self.path, resume_step)
-        elif resume_step is None and os.path.exists(self.path):
-            os.remove(self.path)  # a fresh run starts a fresh log
+        for path in (self.path, self.eval_path):
+            if resume_step is not None and os.path.exists(path):
+                _keep_records_up_to(path, resume_step)
+            elif resume_step is None and os.path.exists(path):
+                os.remove(path)  # a fresh run starts fresh logs
         self._file = open(self.path, "a")
         if tensorboard:
             try:
@@ -120,6 +123,23 @@ class RunLogger:
                               for m, s in sorted(record.get("modality_share", {}).items(), key=lambda kv: -kv[1]))
             self._bar.set_postfix_str(f"loss {record['loss']:.3f} {record['tokens_per_s']:.0f} tok/s "
                                       f"imb {record.get('expert_imbalance', 0):.2f} {shares}", refresh=False)
+
+    def log_eval(self, record: dict) -> None:
+        """Writes one evaluation while training (``{"step", "eval": {task: {metric: value}},
+        "eval_score", ...}``) to ``logs/eval.jsonl`` and TensorBoard (``eval/<task>/<metric>``,
+        ``eval/score``), and prints its score above the progress bar."""
+        if not self.enabled:
+            return
+        with open(self.eval_path, "a") as f:
+            f.write(json.dumps(json_ready(record), allow_nan=False) + "\n")
+        if self._tb is not None:
+            for task, scores in record["eval"].items():
+                for metric, value in scores.items():
+                    self._tb.add_scalar(f"eval/{task}/{metric}", value, record["step"])
+            self._tb.add_scalar("eval/score", record["eval_score"], record["step"])
+        if self._bar is not None:
+            self._bar.write(f"[moe_gen] step {record['step']}: eval_score {record['eval_score']:.4f}"
+                            + (f" (best: step {record['best_step']})" if record.get("best_step") else ""))
 
     def advance(self, steps: int = 1) -> None:
         if self._bar is not None:

@@ -42,6 +42,7 @@ from moe_gen.trainer.checkpoint import (
     save_checkpoint,
 )
 from moe_gen.trainer.config import TrainConfig
+from moe_gen.trainer.evaluation import eval_score
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, expert_utilisation, iter_jsonl_log
@@ -162,6 +163,7 @@ class Trainer:
                              f"(training: {', '.join(names)}; the model knows: {', '.join(model.task_ids)})")
         check_known_labels(model, self.tasks)  # before any folder is touched, not at the step that draws the row
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
+        self.best_dir = os.path.join(output_dir, "best")  # TrainConfig.keep_best
         self._lock: Optional[RunLock] = None  # held by the main process only
         self._claimed = False  # whether this run holds the directory (the same on every process)
         self._in_context = False
@@ -300,7 +302,8 @@ class Trainer:
                                    statistics={t.name: model.encoding_statistics(t) for t in self.tasks},
                                    plans={t.name: model.plan(t) for t in self.tasks})
         self.step = 0
-        self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0}
+        # best: the step and eval_score of the best evaluation while training (keep_best)
+        self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0, "best": None}
         self.failed_checkpoints_in_a_row = 0
         torch.manual_seed(config.seed * 1000 + self.rank)
         self.resumed_from: Optional[str] = None
@@ -312,6 +315,8 @@ class Trainer:
             if self.rank == 0:
                 shutil.rmtree(self.checkpoint_dir)
             distributed.barrier()
+        if self.resumed_from is None and self.rank == 0:  # an earlier run's best weights are not this run's
+            shutil.rmtree(self.best_dir, ignore_errors=True)
 
     # ---- building ----------------------------------------------------------------------------
 
@@ -568,6 +573,8 @@ class Trainer:
                     if log_now:
                         logger.log(record)
                     logger.advance()
+                    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
+                        self._evaluate_while_training(step, logger)
                     if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
                         self.save_checkpoint()
             finally:
@@ -581,7 +588,38 @@ class Trainer:
         return {"step": self.step, "loss": record["loss"] if record else _logged_loss(logger.path, self.step),
                 "skipped_steps": self.state["skipped_steps"], "seconds": time.perf_counter() - start,
                 "checkpoint": checkpoint, "checkpoint_step": _checkpoint_step(checkpoint),
-                "failed_checkpoints": self.state["failed_checkpoints"]}
+                "failed_checkpoints": self.state["failed_checkpoints"], **self._best_summary()}
+
+    def _evaluate_while_training(self, step: int, logger: RunLogger) -> None:
+        """``eval_every``: evaluates the eval tasks, logs the result and, with ``keep_best``, saves the
+        weights to ``best/`` when its ``eval_score`` beats every earlier one (every process calls it:
+        FSDP's gathers and the experts' all-to-all are collectives). Its random draws are its own,
+        so the training after it is the same as without it. An evaluation that fails stops the run
+        after a checkpoint of the step."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        try:
+            with torch.random.fork_rng(devices=devices):
+                results = self.evaluate()
+            score = eval_score(results, self.config.best_metric)
+        except Exception as exc:  # the steps trained so far are kept before the run stops
+            path = self.save_checkpoint()
+            exc.add_note(f"[moe_gen] the evaluation at step {step} (TrainConfig.eval_every) failed; training "
+                         f"stopped" + (f", its checkpoint is {path}" if path else ", and its checkpoint failed"))
+            raise
+        best = self.state["best"]
+        if self.config.keep_best and (best is None or score > best["score"]):
+            self.save_model(self.best_dir)
+            self.state["best"] = best = {"step": step, "score": score}
+        logger.log_eval({"step": step, "eval": results, "eval_score": score,
+                         **({"best_step": best["step"], "best_score": best["score"]} if best else {})})
+
+    def _best_summary(self) -> dict:
+        """``fit``'s summary of ``keep_best``: the best evaluation's step, score and saved weights."""
+        if not self.config.keep_best:
+            return {}
+        best = self.state["best"] or {}
+        return {"best_step": best.get("step"), "best_score": best.get("score"),
+                "best_model": self.best_dir if best else None}
 
     def latest_checkpoint(self) -> Optional[str]:
         """The newest complete checkpoint in the run directory (None when there is none, or when its

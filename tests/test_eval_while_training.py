@@ -1,0 +1,162 @@
+"""Evaluation while training (``TrainConfig.eval_every``) and keeping the best weights
+(``keep_best``, ``best_metric``): what is logged, that training is the same with it, what is kept
+and resumed, and the refusals."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from helpers import build_attribute as build
+from helpers import quiet
+
+from moe_gen.model import GeneralistModel
+from moe_gen.tasks import Tokenizer, load_preset
+from moe_gen.trainer import TrainConfig, Trainer
+from moe_gen.trainer.evaluation import eval_score, evaluate
+from moe_gen.trainer.logs import read_jsonl_log
+
+NAMES = ["digit_classification", "table_qa"]
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [load_preset(n, "train", limit=12) for n in NAMES]
+
+
+@pytest.fixture(scope="module")
+def valid():
+    return [load_preset(n, "test", limit=6) for n in NAMES]
+
+
+def _config(**kwargs) -> TrainConfig:
+    kwargs.setdefault("steps", 6)
+    return quiet(batch_size=4, lr=3e-3, warmup_steps=0, eval_limit=6, log_every=1, **kwargs)
+
+
+def _weights(model) -> dict:
+    return {k: v.clone() for k, v in model.state_dict().items()}
+
+
+# ---- the score ----------------------------------------------------------------------------------
+
+def test_eval_score_averages_first_metrics_with_losses_negated():
+    results = {"a": {"accuracy": 0.5, "exact_match": 0.0}, "b": {"l1": 0.25}, "c": {"skipped": 3, "accuracy": 1.0}}
+    assert eval_score(results) == pytest.approx((0.5 - 0.25 + 1.0) / 3)
+    assert eval_score(results, "a/exact_match") == 0.0
+    assert eval_score(results, "b/l1") == -0.25
+
+
+def test_eval_score_names_what_the_results_hold_when_the_metric_is_not_there():
+    results = {"a": {"accuracy": 0.5, "skipped": 1}}
+    with pytest.raises(ValueError, match=r"task 'z' is not evaluated; the eval tasks are a"):
+        eval_score(results, "z/accuracy")
+    with pytest.raises(ValueError, match=r"task 'a' has no metric 'bleu'; it has accuracy$"):
+        eval_score(results, "a/bleu")
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"eval_every": -1}, "eval_every must be >= 0"),
+    ({"keep_best": True}, "keep_best keeps the best of the evaluations while training: set eval_every > 0"),
+    ({"eval_every": 2, "best_metric": "accuracy"}, "best_metric must be 'mean' or '<task>/<metric>'"),
+    ({"eval_every": 2, "best_metric": "/accuracy/"}, "best_metric must be 'mean' or '<task>/<metric>'"),
+])
+def test_bad_settings_are_refused_naming_them(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        TrainConfig(**kwargs)
+
+
+# ---- evaluation while training ------------------------------------------------------------------
+
+def test_evaluations_are_logged_and_leave_the_training_as_it_was(tasks, valid, tok, tmp_path):
+    """Every eval_every steps and at the last step: a line of eval.jsonl with the same scores as
+    evaluating those weights afterwards; the weights and losses equal a run without evaluations."""
+    plain = build(tasks, tok, dropout=0.1)  # dropout: training draws random numbers after each evaluation
+    with Trainer(plain, tasks, _config(), output_dir=str(tmp_path / "plain")) as trainer:
+        trainer.fit()
+    model = build(tasks, tok, dropout=0.1)
+    with Trainer(model, tasks, _config(eval_every=4), output_dir=str(tmp_path / "eval"), eval_tasks=valid) as trainer:
+        summary = trainer.fit()
+    assert "best_step" not in summary  # (keep_best off)
+    records = read_jsonl_log(str(tmp_path / "eval" / "logs" / "eval.jsonl"))
+    assert [r["step"] for r in records] == [4, 6]
+    assert records[-1]["eval"] == evaluate(model, valid, limit=6)
+    assert records[-1]["eval_score"] == pytest.approx(eval_score(records[-1]["eval"]))
+    assert set(records[0]["eval"]) == set(NAMES) and "best_step" not in records[0]
+    losses = [r["loss"] for r in read_jsonl_log(str(tmp_path / "eval" / "logs" / "train.jsonl"))]
+    assert losses == [r["loss"] for r in read_jsonl_log(str(tmp_path / "plain" / "logs" / "train.jsonl"))]
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name
+
+
+def test_keep_best_saves_the_weights_of_the_best_evaluation(tasks, valid, tok, tmp_path, monkeypatch):
+    """Scores 0.2, 0.9, 0.5 at steps 2, 4, 6: best/ holds step 4's weights, the summary and the log say so."""
+    import moe_gen.trainer.trainer as trainer_module
+
+    scores = iter([0.2, 0.9, 0.5])
+    monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))
+    at_step = {}
+    model = build(tasks, tok)
+    with Trainer(model, tasks, _config(eval_every=2, keep_best=True), output_dir=str(tmp_path),
+                 eval_tasks=valid) as trainer:
+        original = trainer._evaluate_while_training
+
+        def remember(step, logger):
+            at_step[step] = _weights(model)
+            original(step, logger)
+
+        trainer._evaluate_while_training = remember
+        summary = trainer.fit()
+    assert (summary["best_step"], summary["best_score"], summary["best_model"]) == (4, 0.9, str(tmp_path / "best"))
+    best = GeneralistModel.from_pretrained(str(tmp_path / "best"))
+    for name, value in best.state_dict().items():
+        assert torch.equal(value, at_step[4][name]), name
+    assert any(not torch.equal(value, at_step[6][name]) for name, value in at_step[4].items())  # (steps 5-6 trained)
+    records = read_jsonl_log(str(tmp_path / "logs" / "eval.jsonl"))
+    assert [(r["step"], r["eval_score"], r["best_step"]) for r in records] == [(2, 0.2, 2), (4, 0.9, 4), (6, 0.5, 4)]
+
+
+def test_a_resumed_run_goes_on_comparing_with_the_best_before_it(tasks, valid, tok, tmp_path, monkeypatch):
+    """The checkpoint keeps the best step and score: a resumed run's worse evaluations keep the
+    earlier best weights; the log is that of one run."""
+    import moe_gen.trainer.trainer as trainer_module
+
+    scores = iter([0.2, 0.9, 0.5, 0.4])
+    monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))
+    with Trainer(build(tasks, tok), tasks, _config(steps=4, eval_every=2, keep_best=True, checkpoint_every=2),
+                 output_dir=str(tmp_path), eval_tasks=valid) as trainer:
+        trainer.fit()
+    kept = GeneralistModel.from_pretrained(str(tmp_path / "best")).state_dict()
+    with Trainer(build(tasks, tok), tasks, _config(steps=8, eval_every=2, keep_best=True, checkpoint_every=2),
+                 output_dir=str(tmp_path), eval_tasks=valid, resume=True) as trainer:
+        summary = trainer.fit()
+    assert (summary["best_step"], summary["best_score"]) == (4, 0.9)
+    for name, value in GeneralistModel.from_pretrained(str(tmp_path / "best")).state_dict().items():
+        assert torch.equal(value, kept[name]), name
+    records = read_jsonl_log(str(tmp_path / "logs" / "eval.jsonl"))
+    assert [(r["step"], r["best_step"]) for r in records] == [(2, 2), (4, 4), (6, 4), (8, 4)]
+
+
+def test_a_fresh_run_removes_an_earlier_runs_best_weights(tasks, valid, tok, tmp_path):
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "config.json").write_text("{}")
+    with Trainer(build(tasks, tok), tasks, _config(steps=2), output_dir=str(tmp_path)) as trainer:
+        summary = trainer.fit()
+    assert not (tmp_path / "best").exists() and "best_model" not in summary
+
+
+def test_a_failed_evaluation_stops_the_run_after_a_checkpoint_of_its_step(tasks, tok, tmp_path):
+    """A best_metric the results lack fails at the first evaluation: the steps trained are checkpointed."""
+    config = _config(steps=6, eval_every=3, keep_best=True, best_metric="table_qa/bleu")
+    with pytest.raises(ValueError, match=r"task 'table_qa' has no metric 'bleu'; it has accuracy") as info:
+        with Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path)) as trainer:
+            trainer.fit()
+    assert any("the evaluation at step 3" in note and "step-0000003" in note for note in info.value.__notes__)
+    assert trainer.latest_checkpoint().endswith("step-0000003")
+    assert json.loads((tmp_path / "checkpoints" / "step-0000003" / "trainer.json").read_text())["step"] == 3
