@@ -96,6 +96,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="with --pose-summary: each training read summarises a random stretch of at least this "
                              "many frames of the window (the slot's min_length)")
     parser.add_argument("--eval-limit", type=int)
+    parser.add_argument("--eval-every", type=int, help="also score the held-out rows every N steps (each run's "
+                        "curve in quality.json, means in quality.md; the training is the same)")
     parser.add_argument("--fit-rows", type=int, help="training rows scored per classification task (default 50; 0: "
                         "none): tells under-fitting from over-fitting")
     parser.add_argument("--specialists-from", metavar="QUALITY_JSON",
@@ -137,7 +139,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """The ``BenchConfig`` the parsed options ask for (``parser.error`` on a malformed one)."""
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
-                 "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length",
+                 "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length", "eval_every",
                  "eval_limit", "fit_rows", "ema_decay", "label_smoothing", "loss_average", "batch_tasks", "tag_balance",
                  "tag_balance_window", "workers", "threads"):
         if getattr(args, name) is not None:

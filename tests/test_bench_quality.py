@@ -698,3 +698,31 @@ def test_unseen_clip_motion_holds_out_whole_clips_of_every_kind_it_asks_about():
     for split in ("validation", "Test"):
         with pytest.raises(ValueError, match=f"unknown split '{split}'; known: train, test, all"):
             unseen_clip_rows(split)
+
+
+def test_held_out_curves_are_scored_while_training_and_leave_the_last_scores_as_they_were():
+    """``eval_every``: each run's curve ends at the step that is scored, with the same scores, and
+    the run trains as it does without it; the report tables the mean over runs per step."""
+    import dataclasses
+
+    from moe_gen.quality.report import curve_lines
+    from moe_gen.quality.runner import BenchConfig, train_and_score
+
+    small = BenchConfig(steps=6, batch_size=4, eval_limit=6, threads=1, eval_every=4)
+    job = {"config": dataclasses.asdict(small), "system": "attribute", "tasks": ["table_wine", "table_species"],
+           "seed": 0, "steps": 6}
+    result = train_and_score(job)
+    assert [point["step"] for point in result["curve"]] == [4, 6]
+    assert result["curve"][-1]["scores"] == result["scores"]
+    plain = train_and_score({**job, "config": dataclasses.asdict(dataclasses.replace(small, eval_every=0))})
+    assert "curve" not in plain and plain["scores"] == result["scores"]
+
+    runs = [{"system": "dense", "curve": [{"step": 2, "scores": {"a": a2}}, {"step": 4, "scores": {"a": a4, "b": 0.5}}]}
+            for a2, a4 in [(0.2, 0.6), (0.4, 0.8)]]
+    lines = curve_lines({"systems": ["dense", "attribute"], "runs": runs + [{"system": "attribute"}],
+                         "tasks": [{"name": "a"}, {"name": "b"}, {"name": "c"}]})
+    assert "Held-out scores while training, dense (mean over 2 runs):" in lines
+    assert "| a | 0.300 | 0.700 |" in lines and "| b | — | 0.500 |" in lines
+    assert not any("attribute" in line or "| c |" in line for line in lines)
+    with pytest.raises(ValueError, match="eval_every must be >= 0 and does not combine with upcycle_at"):
+        BenchConfig(eval_every=100, upcycle_at=0.5)

@@ -214,6 +214,28 @@ def _error_lines(report: dict, top: int = 2) -> list[str]:
     return lines
 
 
+def curve_lines(report: dict) -> list[str]:
+    """With ``eval_every``: per system, each task's held-out score at every evaluation while
+    training, the mean over the runs (seeds) that have that step."""
+    lines = []
+    for system in report["systems"] + ["specialist"]:
+        runs = [r["curve"] for r in report["runs"] if r["system"] == system and r.get("curve")]
+        if not runs:
+            continue
+        steps = sorted({point["step"] for curve in runs for point in curve})
+        lines += ["", f"Held-out scores while training, {system} (mean over {len(runs)} runs):", "",
+                  "| task | " + " | ".join(str(step) for step in steps) + " |", "|---|" + "---:|" * len(steps)]
+        for task in report["tasks"]:
+            cells = []
+            for step in steps:
+                values = [p["scores"][task["name"]] for curve in runs for p in curve
+                          if p["step"] == step and task["name"] in p["scores"]]
+                cells.append(f"{sum(values) / len(values):.3f}" if values else "—")
+            if any(cell != "—" for cell in cells):
+                lines.append(f"| {task['name']} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _fit_lines(report: dict) -> list[str]:
     """The training-row table: per task and system, training rows / held-out rows."""
     fit = report.get("fit") or {}
@@ -441,7 +463,7 @@ def markdown(report: dict) -> str:
                   f"generalist's mean over tasks: {', '.join(report['no_relative_score'])}."]
     lines += _learned_lines(report)
     lines += _fit_lines(report)
-    lines += _error_lines(report)
+    lines += _error_lines(report) + curve_lines(report)
     if report["utilisation"]:
         lines += ["", "Expert utilisation on held-out rows (share of experts with ≥ 1/(4E) of the assignments), "
                   "per MoE layer, mean over seeds:", ""]

@@ -101,6 +101,10 @@ class BenchConfig:
             the whole window; needs ``pose_summary``).
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
+        eval_every: also score the held-out rows every N steps while training
+            (``TrainConfig.eval_every``; it does not change the training): each run's ``curve`` in
+            ``quality.json``, ``[{"step", "scores": {task: metric}}]``, and a table of the mean
+            over seeds in ``quality.md``. 0: the last step only. Not with ``upcycle_at``.
         fit_rows: training rows scored per classification task (evenly spaced over the train split,
             without augmentation; ``scores_train`` in ``quality.json``): a model that scores low on
             them as well as held out under-fits its task, one that scores high on them only
@@ -142,6 +146,7 @@ class BenchConfig:
     pose_noise: float = 0.0
     pose_min_length: int = 0
     eval_limit: int = 100
+    eval_every: int = 0
     fit_rows: int = 50
     specialists_from: Optional[str] = None
     workers: int = 2
@@ -191,6 +196,9 @@ class BenchConfig:
         if self.eval_limit < 1:
             raise ValueError(f"BenchConfig.eval_limit must be >= 1 (held-out rows scored per task), "
                              f"got {self.eval_limit}")
+        if self.eval_every < 0 or (self.eval_every and self.upcycle_at):
+            raise ValueError(f"BenchConfig.eval_every must be >= 0 and does not combine with upcycle_at (two runs), "
+                             f"got {self.eval_every}")
         if self.fit_rows < 0:
             raise ValueError(f"BenchConfig.fit_rows must be >= 0 (0: no training-row scores), got {self.fit_rows}")
         if self.mixing not in ("temperature", "uniform"):
@@ -346,7 +354,7 @@ def train_and_score(job: dict) -> dict:
         model, summary, last = _two_stage(cfg, system, train, steps, job["seed"])
     else:
         model = GeneralistModel.build(_model_config(cfg, system), train, Tokenizer.default())
-        model, summary, last = _fit(cfg, model, train, steps, job["seed"])
+        model, summary, last = _fit(cfg, model, train, steps, job["seed"], eval_tasks=test)
     trained = time.perf_counter()
     answers = {task.name: [] for task in suite if task.classification}
     with RoutingRecorder(model) as recorder:
@@ -369,6 +377,7 @@ def train_and_score(job: dict) -> dict:
             "scores_train": scores_train,
             "errors": {t.name: held_out_errors(answers[t.name], t.metric) for t in suite if t.name in answers},
             **({"scores_last": scores_last} if scores_last is not None else {}),
+            **({"curve": summary["curve"]} if "curve" in summary else {}),
             "parameters": model.num_parameters(), "active_parameters": model.num_parameters(active=True),
             "utilisation": _utilisation(tables) if tables.layer_names else {},
             "routing": routing, "interference": interference,
@@ -392,12 +401,13 @@ def held_out_errors(pairs: Sequence[tuple], metric: str = "accuracy") -> dict:
 
 
 def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str = "all",
-         task_weights: dict | None = None):
+         task_weights: dict | None = None, eval_tasks=None):
     """Trains ``model`` on ``train`` for ``steps`` (with the ``cfg.lr_scales`` whose prefix ``model``
     has: a specialist lacks the other tasks' adapters); ``trainable``:
     ``TrainConfig.trainable``; ``task_weights``: sample the tasks by these weights instead of
     ``cfg.mixing``); returns the model to score (the weight average with ``ema_decay``), the
-    trainer's summary and the last weights."""
+    trainer's summary and the last weights. With ``cfg.eval_every`` and ``eval_tasks`` the summary
+    holds their ``curve``: each evaluation's step and every task's first metric."""
     from moe_gen.trainer import TrainConfig, Trainer
 
     mixing = {"mixing": "weights", "task_weights": dict(task_weights)} if task_weights else {"mixing": cfg.mixing}
@@ -409,10 +419,17 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str =
                                loss_average=cfg.loss_average, seed=seed,
                                progress=False, tensorboard=False,
                                checkpoint_every=0, ema_decay=_ema_decay(cfg, steps), trainable=trainable,
-                               log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads)
+                               log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads,
+                               eval_every=cfg.eval_every if eval_tasks else 0)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
-        trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True)
+        trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True, eval_tasks=eval_tasks)
         summary = trainer.fit()
+        if train_config.eval_every:
+            from moe_gen.trainer.logs import read_jsonl_log
+
+            records = read_jsonl_log(os.path.join(run_dir, "logs", "eval.jsonl"))
+            summary["curve"] = [{"step": r["step"], "scores": {task: next(iter(m.values())) for task, m in
+                                                               r["eval"].items()}} for r in records]
         return trainer.trained_model(), summary, model
 
 
