@@ -490,11 +490,12 @@ def _check_run_flags(train_config, resume: bool, overwrite: bool) -> None:
     if resume and overwrite:
         raise ValueError("--resume and --overwrite exclude each other: resume continues the run directory's "
                          "checkpoints, overwrite deletes them")
-    if train_config.keep_best:  # eval.json would report the chosen step's test scores, which are optimistic
-        raise ValueError("train.keep_best chooses a step by its scores on the eval tasks, which moe-gen evaluates "
-                         "on the presets' test splits: the scores it reported would be those of the step chosen "
-                         "on them. Use train.eval_every alone to follow the test scores while training, or "
-                         "choose the step on a validation split from Python (Trainer(..., eval_tasks=...))")
+    for name in ("keep_best", "patience"):  # eval.json would report the chosen step's test scores: optimistic
+        if getattr(train_config, name):
+            raise ValueError(f"train.{name} chooses a step by its scores on the eval tasks, which moe-gen evaluates "
+                             "on the presets' test splits: the scores it reported would be those of the step "
+                             "chosen on them. Use train.eval_every alone to follow the test scores while training, "
+                             "or choose the step on a validation split from Python (Trainer(..., eval_tasks=...))")
 
 
 def _with_output(config, output: Optional[str]):

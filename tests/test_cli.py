@@ -157,11 +157,12 @@ def test_eval_tasks_the_run_does_not_train_are_refused_before_it_starts(tmp_path
     assert not (tmp_path / "run").exists()
 
 
-def test_keep_best_is_refused_since_the_cli_evaluates_on_test_splits(tmp_path, capsys):
+@pytest.mark.parametrize("flag, value", [("keep_best", "true"), ("patience", "2")])
+def test_choosing_a_step_is_refused_since_the_cli_evaluates_on_test_splits(flag, value, tmp_path, capsys):
     """Choosing the step on the rows eval.json reports would report optimistic scores."""
     code = main(["pretrain", "--config", "debug", "--output", str(tmp_path / "run"), "--train.steps", "2",
-                 "--train.eval_every", "1", "--train.keep_best", "true"])
-    assert code == 2 and "on the presets' test splits" in capsys.readouterr().err
+                 "--train.eval_every", "1", f"--train.{flag}", value])
+    assert code == 2 and f"train.{flag} chooses a step" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 

@@ -63,7 +63,9 @@ def test_eval_score_names_what_the_results_hold_when_the_metric_is_not_there():
 
 @pytest.mark.parametrize("kwargs, message", [
     ({"eval_every": -1}, "eval_every must be >= 0"),
-    ({"keep_best": True}, "keep_best keeps the best of the evaluations while training: set eval_every > 0"),
+    ({"keep_best": True}, "keep_best reads the evaluations while training: set eval_every > 0"),
+    ({"patience": 2}, "patience reads the evaluations while training: set eval_every > 0"),
+    ({"eval_every": 2, "patience": -1}, "patience must be >= 0"),
     ({"eval_every": 2, "best_metric": "accuracy"}, "best_metric must be 'mean' or '<task>/<metric>'"),
     ({"eval_every": 2, "best_metric": "/accuracy/"}, "best_metric must be 'mean' or '<task>/<metric>'"),
 ])
@@ -83,12 +85,12 @@ def test_evaluations_are_logged_and_leave_the_training_as_it_was(tasks, valid, t
     model = build(tasks, tok, dropout=0.1)
     with Trainer(model, tasks, _config(eval_every=4), output_dir=str(tmp_path / "eval"), eval_tasks=valid) as trainer:
         summary = trainer.fit()
-    assert "best_step" not in summary  # (keep_best off)
+    assert "best_model" not in summary and "stopped_early" not in summary  # (keep_best, patience off)
     records = read_jsonl_log(str(tmp_path / "eval" / "logs" / "eval.jsonl"))
     assert [r["step"] for r in records] == [4, 6]
     assert records[-1]["eval"] == evaluate(model, valid, limit=6)
     assert records[-1]["eval_score"] == pytest.approx(eval_score(records[-1]["eval"]))
-    assert set(records[0]["eval"]) == set(NAMES) and "best_step" not in records[0]
+    assert set(records[0]["eval"]) == set(NAMES) and summary["best_step"] == records[-1]["best_step"]
     losses = [r["loss"] for r in read_jsonl_log(str(tmp_path / "eval" / "logs" / "train.jsonl"))]
     assert losses == [r["loss"] for r in read_jsonl_log(str(tmp_path / "plain" / "logs" / "train.jsonl"))]
     for name, value in plain.state_dict().items():
@@ -160,3 +162,28 @@ def test_a_failed_evaluation_stops_the_run_after_a_checkpoint_of_its_step(tasks,
     assert any("the evaluation at step 3" in note and "step-0000003" in note for note in info.value.__notes__)
     assert trainer.latest_checkpoint().endswith("step-0000003")
     assert json.loads((tmp_path / "checkpoints" / "step-0000003" / "trainer.json").read_text())["step"] == 3
+
+
+def test_patience_stops_the_run_after_that_many_evaluations_without_a_better_score(tasks, valid, tok, tmp_path,
+                                                                                   monkeypatch):
+    """Scores 0.5, 0.4, 0.3 with patience 2: the run stops at step 6 of 10, checkpointed there; resumed
+    with the same settings it stays stopped, with more patience it trains on."""
+    import moe_gen.trainer.trainer as trainer_module
+
+    scores = iter([0.5, 0.4, 0.3, 0.6, 0.1])
+    monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))
+    config = _config(steps=10, eval_every=2, patience=2)
+    with Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path), eval_tasks=valid) as trainer:
+        summary = trainer.fit()
+    assert (summary["step"], summary["checkpoint_step"], summary["stopped_early"]) == (6, 6, True)
+    assert (summary["best_step"], summary["best_score"]) == (2, 0.5)
+    assert [r["step"] for r in read_jsonl_log(str(tmp_path / "logs" / "train.jsonl"))] == list(range(1, 7))
+    with Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path), eval_tasks=valid, resume=True) as trainer:
+        assert trainer.fit()["step"] == 6  # (no evaluation drawn from the scores either)
+    with Trainer(build(tasks, tok), tasks, _config(steps=10, eval_every=2, patience=3), output_dir=str(tmp_path),
+                 eval_tasks=valid, resume=True) as trainer:
+        summary = trainer.fit()
+    assert (summary["step"], summary["best_step"], summary["stopped_early"]) == (10, 8, False)
+    records = read_jsonl_log(str(tmp_path / "logs" / "eval.jsonl"))
+    assert [(r["step"], r["eval_score"], r["best_step"]) for r in records] == [
+        (2, 0.5, 2), (4, 0.4, 2), (6, 0.3, 2), (8, 0.6, 8), (10, 0.1, 8)]

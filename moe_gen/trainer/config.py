@@ -125,6 +125,9 @@ class TrainConfig(ConfigBase):
             keep its step and score, so a resumed run goes on comparing with it); ``fit``'s summary
             names it (``best_step``, ``best_score``, ``best_model``). Choose it on validation rows,
             not on the rows you report: the score of the step chosen on them is optimistic.
+        patience: with ``eval_every``: stop the run when this many evaluations in a row have not
+            beaten the best ``eval_score`` (early stopping; its last step is checkpointed, a resumed
+            run stays stopped, and ``fit``'s summary says ``stopped_early``). 0: train to ``steps``.
         best_metric: what ``eval_score`` is: ``mean`` (the mean over the eval tasks of each one's
             first metric, losses and error rates negated so that higher is better) or
             ``<task>/<metric>`` (that one, negated when lower is better).
@@ -177,6 +180,7 @@ class TrainConfig(ConfigBase):
     eval_batch_size: int = 64
     eval_every: int = 0
     keep_best: bool = False
+    patience: int = 0
     best_metric: str = "mean"
     num_threads: Optional[int] = None
     device: str = "auto"
@@ -244,9 +248,11 @@ class TrainConfig(ConfigBase):
         if self.eval_every < 0:
             raise ValueError(f"TrainConfig: eval_every must be >= 0 (0: no evaluation while training), got "
                              f"{self.eval_every}")
-        if self.keep_best and not self.eval_every:
-            raise ValueError("TrainConfig: keep_best keeps the best of the evaluations while training: set "
-                             "eval_every > 0 too")
+        if self.patience < 0:
+            raise ValueError(f"TrainConfig: patience must be >= 0 (0: train to steps), got {self.patience}")
+        for name in ("keep_best", "patience"):
+            if getattr(self, name) and not self.eval_every:
+                raise ValueError(f"TrainConfig: {name} reads the evaluations while training: set eval_every > 0 too")
         if self.best_metric != "mean" and "/" not in self.best_metric.strip("/"):
             raise ValueError(f"TrainConfig: best_metric must be 'mean' or '<task>/<metric>', got {self.best_metric!r}")
 

@@ -29,8 +29,9 @@ FIXED = ("seed", "batch_size", "accumulate", "mixing", "temperature", "batch_tas
 # layouts across processes (the loads refuse what they cannot continue).
 FREE = ("steps", "lr", "warmup_steps", "min_lr_ratio", "lr_scales", "weight_decay", "betas", "eps",
         "checkpoint_every", "keep_checkpoints", "max_failed_checkpoints", "log_every", "progress", "tensorboard",
-        "eval_limit", "eval_batch_size", "eval_every", "num_threads", "device", "activation_checkpointing", "fsdp_unit",
-        "expert_parallel", "sharding", "shard_size", "trainable", "max_bad_steps")
+        "eval_limit", "eval_batch_size", "eval_every", "patience", "num_threads", "device",
+        "activation_checkpointing", "fsdp_unit", "expert_parallel", "sharding", "shard_size", "trainable",
+        "max_bad_steps")
 # ModelConfig fields (dotted) that change how the model is run, not what it is.
 MODEL_FREE = ("moe.backend",)
 MODEL_WARNED = ("dropout", "label_smoothing")

@@ -302,8 +302,10 @@ class Trainer:
                                    statistics={t.name: model.encoding_statistics(t) for t in self.tasks},
                                    plans={t.name: model.plan(t) for t in self.tasks})
         self.step = 0
-        # best: the step and eval_score of the best evaluation while training (keep_best)
-        self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0, "best": None}
+        # best: the step and eval_score of the best evaluation while training (eval_every), and the
+        # evaluations since it (patience)
+        self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0, "best": None,
+                      "evals_since_best": 0}
         self.failed_checkpoints_in_a_row = 0
         torch.manual_seed(config.seed * 1000 + self.rank)
         self.resumed_from: Optional[str] = None
@@ -560,7 +562,7 @@ class Trainer:
             recorder = RoutingRecorder(self.model)  # hooks only during logged steps
             start, record = time.perf_counter(), None
             try:
-                while self.step < cfg.steps:
+                while self.step < cfg.steps and not self._out_of_patience():
                     step = self.step + 1
                     log_now = step % cfg.log_every == 0 or step == cfg.steps
                     try:
@@ -575,7 +577,8 @@ class Trainer:
                     logger.advance()
                     if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
                         self._evaluate_while_training(step, logger)
-                    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps:
+                    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps \
+                            or self._out_of_patience():  # (a stopped run's last step is kept)
                         self.save_checkpoint()
             finally:
                 recorder.stop()
@@ -607,19 +610,29 @@ class Trainer:
                          f"stopped" + (f", its checkpoint is {path}" if path else ", and its checkpoint failed"))
             raise
         best = self.state["best"]
-        if self.config.keep_best and (best is None or score > best["score"]):
-            self.save_model(self.best_dir)
+        if best is None or score > best["score"]:
+            if self.config.keep_best:
+                self.save_model(self.best_dir)
             self.state["best"] = best = {"step": step, "score": score}
-        logger.log_eval({"step": step, "eval": results, "eval_score": score,
-                         **({"best_step": best["step"], "best_score": best["score"]} if best else {})})
+            self.state["evals_since_best"] = 0
+        else:
+            self.state["evals_since_best"] += 1
+        logger.log_eval({"step": step, "eval": results, "eval_score": score, "best_step": best["step"],
+                         "best_score": best["score"]})
+
+    def _out_of_patience(self) -> bool:
+        """Whether ``patience`` evaluations in a row have not beaten the best one (the run stops)."""
+        return 0 < self.config.patience <= self.state["evals_since_best"]
 
     def _best_summary(self) -> dict:
-        """``fit``'s summary of ``keep_best``: the best evaluation's step, score and saved weights."""
-        if not self.config.keep_best:
+        """``fit``'s summary of the evaluations while training: the best one's step and score, the
+        weights kept of it (``keep_best``) and whether the run stopped early (``patience``)."""
+        if not self.config.eval_every:
             return {}
         best = self.state["best"] or {}
         return {"best_step": best.get("step"), "best_score": best.get("score"),
-                "best_model": self.best_dir if best else None}
+                **({"best_model": self.best_dir if best else None} if self.config.keep_best else {}),
+                **({"stopped_early": self._out_of_patience()} if self.config.patience else {})}
 
     def latest_checkpoint(self) -> Optional[str]:
         """The newest complete checkpoint in the run directory (None when there is none, or when its
