@@ -309,6 +309,15 @@ class Task:
                     weight=self.weight, on_error=self.on_error, preprocessor_options=self.preprocessor_options,
                     max_slot_positions=self.max_slot_positions)
 
+    def split_off(self, fraction: float, *, seed: int = 0, group: Optional[str] = None,
+                  stratify: Optional[str] = None) -> tuple["Task", "Task"]:
+        """``(rest, held)``: validation rows split off this task (``moe_gen.tasks.splits``): about
+        ``fraction`` of the rows at random, each ``stratify`` value keeping its share, or whole
+        ``group``s (a column whose rows stay on one side, e.g. the clip of a motion window)."""
+        from moe_gen.tasks.splits import split_off
+
+        return split_off(self, fraction, seed=seed, group=group, stratify=stratify)
+
     def closed_sets(self) -> dict[str, list[str]]:
         """Label sets of closed-set slots (``closed_set`` or CATEGORY), collected from the data.
 

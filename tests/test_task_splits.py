@@ -1,0 +1,70 @@
+"""Validation rows split off a task (``Task.split_off``): sizes, disjoint sides, whole groups,
+label shares, the seed, and the refusals."""
+
+from __future__ import annotations
+
+import collections
+
+import pytest
+
+from moe_gen.tasks import Task, TaskDataError, load_preset
+
+INSTRUCTION = "[TEXT:text] which class is this? -> [TEXT:label,closed_set]"
+
+
+def _task(n: int = 40, **extra) -> Task:
+    rows = [{"text": f"row {i}", "label": "ab"[i % 4 == 0], "clip": f"c{i // 5}", **extra} for i in range(n)]
+    return Task("toy", INSTRUCTION, rows, metrics=("accuracy",))
+
+
+def _texts(task: Task) -> list[str]:
+    return [row["text"] for row in task.data]
+
+
+def test_the_two_sides_part_the_rows_in_order_and_keep_the_declaration():
+    task = _task()
+    rest, held = task.split_off(0.25, seed=3)
+    assert len(held) == 10 and len(rest) == 30
+    assert sorted(_texts(rest) + _texts(held), key=lambda t: int(t.split()[1])) == _texts(task)
+    assert _texts(held) == sorted(_texts(held), key=lambda t: int(t.split()[1]))  # row order kept
+    assert (rest.name, str(rest.instruction), held.metrics) == ("toy", str(task.instruction), ("accuracy",))
+    again, _ = task.split_off(0.25, seed=3)
+    other, _ = task.split_off(0.25, seed=4)
+    assert _texts(again) == _texts(rest) and _texts(other) != _texts(rest)
+
+
+def test_groups_stay_on_one_side():
+    rest, held = _task().split_off(0.25, group="clip")
+    clips = {row["clip"] for row in held.data}
+    assert len(clips) == 2 and len(held) == 10  # two of the eight clips, all five rows of each
+    assert not clips & {row["clip"] for row in rest.data}
+
+
+def test_stratify_keeps_each_labels_share():
+    rest, held = _task().split_off(0.2, stratify="label", seed=1)
+    assert collections.Counter(r["label"] for r in held.data) == {"a": 6, "b": 2}
+    assert collections.Counter(r["label"] for r in rest.data) == {"a": 24, "b": 8}
+
+
+def test_a_motion_presets_windows_split_by_clip():
+    task = load_preset("motion_classification", "train", limit=60)
+    rest, held = task.split_off(0.3, group="clip", seed=0)
+    assert len(rest) + len(held) == len(task) and len(held) > 0
+    assert not {r["clip"] for r in held.data} & {r["clip"] for r in rest.data}
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    ({"fraction": 0}, ValueError, r"task 'toy': split_off's fraction must be in \(0, 1\), got 0"),
+    ({"fraction": 1.5}, ValueError, "fraction must be in"),
+    ({"fraction": 0.2, "group": "clip", "stratify": "label"}, ValueError, "group or stratify"),
+    ({"fraction": 0.2, "group": "speaker"}, TaskDataError, r"task 'toy', row 0: no column 'speaker' to group by"),
+    ({"fraction": 0.5, "stratify": "text"}, ValueError, r"task 'toy' \(40 rows\): cannot split off 0.5 of it"),
+])
+def test_bad_requests_are_refused_naming_the_task(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        _task().split_off(**kwargs)
+
+
+def test_too_few_rows_are_refused():
+    with pytest.raises(ValueError, match=r"task 'toy' \(1 rows\)"):
+        _task(1).split_off(0.5)
