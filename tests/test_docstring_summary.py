@@ -112,3 +112,27 @@ def test_rows_are_the_same_on_every_call_and_every_hash_seed():
     env = {**os.environ, "PYTHONHASHSEED": "1", "PYTHONPATH": os.pathsep.join(sys.path)}
     other = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, check=True)
     assert json.loads(other.stdout) == [list(row) for row in docstrings._rows.__wrapped__()]
+
+
+def test_a_summary_line_has_three_to_twenty_words():
+    rest = "\n\n" + "word " * 12
+    for n, kept in ((2, False), (3, True), (20, True), (21, False)):
+        head = " ".join(["Do"] + ["thing"] * (n - 2) + ["well."])
+        assert (split_docstring(head + rest) is not None) == kept, n
+    assert split_docstring("Do a thing well.\n\n" + "word " * 9) is None  # a document of 10 words at least
+
+
+def test_a_near_copy_is_at_least_as_alike_as_the_bounds():
+    """98% alike letter by letter (49 of 50 letters) or 90% word by word (9 of 10 words) is a near copy."""
+    assert docstrings._near_copy("x" * 49 + "a", ["x" * 49 + "b"])
+    assert not docstrings._near_copy("x" * 48 + "aa", ["x" * 48 + "bb"])
+    words = "one two three four five six seven eight nine ten".split()
+    assert docstrings._near_copy(" ".join(words), [" ".join(words[:9] + ["elephantine"])])  # letters: 0.90
+    assert not docstrings._near_copy(" ".join(words), [" ".join(words[:8] + ["elephantine", "hippopotamus"])])
+
+
+def test_the_test_split_is_every_fifth_row_from_the_first_and_all_is_in_walking_order():
+    every = docstring_rows("all")
+    assert [r["id"] for r in every] == [f"docstring/{i}" for i in range(len(every))]
+    assert docstring_rows("test") == every[::5]
+    assert docstring_rows("train") == [r for i, r in enumerate(every) if i % 5]

@@ -77,3 +77,35 @@ def test_every_task_is_among_the_evenly_spaced_rows_evaluation_scores(limit):
         counts = collections.Counter(rows[i]["task"] for i in spaced_indices(len(rows), limit))
         assert set(counts) == {key for key, _, _ in FEW_SHOT_TASKS}, (split, counts)
         assert min(counts.values()) >= limit // 20 and max(counts.values()) <= limit // 4, (split, counts)
+
+
+def test_rows_follow_the_documented_draws():
+    """Queries of 2, 3 and 4 words; two worked examples; test queries from every 5th word of the
+    sorted vocabulary, the first included; "all" with a seed is that seed's train then test rows."""
+    from moe_gen.tasks.sources.fewshot import _vocabulary
+
+    rows = few_shot_rows("train", count=70)
+    assert {len(r["query"].split()) for r in rows} == {2, 3, 4}
+    assert all(r["examples"].count("input: ") == 2 for r in rows)
+    assert task_words("test") == _vocabulary()[::5] and task_words("train")[0] == _vocabulary()[1]
+    assert few_shot_rows("all", count=14, seed=3) == few_shot_rows("train", 14, 3) + few_shot_rows("test", 14, 3)
+
+
+def test_the_seed_and_the_split_draw_other_rows():
+    train, test = few_shot_rows("train", count=70), few_shot_rows("test", count=70)
+    other = few_shot_rows("train", count=70, seed=1)
+    assert sum(a["query"] != b["query"] for a, b in zip(train, other)) > 60
+    # the test rows draw from their own stream: no row replays the worked examples of its training twin
+    assert not [k for k, (a, b) in enumerate(zip(train, test)) if a["examples"] == b["examples"]]
+
+
+def test_the_order_of_kinds_is_fixed_by_the_seed_text_alone():
+    """``shuffled_cycle`` hashes with crc32, not ``hash``, so rows are the same in every process; each
+    block of ``period`` rows holds every kind once."""
+    from moe_gen.tasks.sources.order import shuffled_cycle
+
+    assert [shuffled_cycle(k, 7, "fewshot/test/0") for k in range(14)] == [0, 1, 3, 6, 2, 4, 5, 3, 5, 0, 4, 6, 1, 2]
+    assert [shuffled_cycle(k, 2, "moving/train/0") for k in range(8)] == [0, 1, 0, 1, 1, 0, 1, 0]
+    for seed in ("a", "b"):
+        kinds = [shuffled_cycle(k, 5, seed) for k in range(50)]
+        assert all(sorted(kinds[i:i + 5]) == list(range(5)) for i in range(0, 50, 5))

@@ -70,3 +70,31 @@ def test_the_classical_baseline_reads_both_sentences():
     assert suite.features([{"first": "Hello", "second": "Hi"}]) == ["Hello ||| Hi"]
     scores = classical_scores(suite, reply_rows("train")[:200], reply_rows("test")[:60])
     assert scores["majority"] == pytest.approx(0.5) and 0 <= scores["logreg"] <= 1
+
+
+def test_a_false_reply_is_redrawn_until_it_answers_another_sentence(monkeypatch):
+    """Nine of the training split's twelve replies answer "b": one redraw is not enough, the
+    negative is drawn again until it is not a reply to the first sentence."""
+    from moe_gen.tasks.sources import dialog
+
+    pairs = (("a", "a1"), *(("b", f"b{j}") for j in range(9)), ("c", "c1"), ("d", "d1"), ("e", "e1"))
+    monkeypatch.setattr(dialog, "dialog_pairs", lambda: pairs)  # first sentence "a" (every 5th) is test
+    rows = dialog.reply_rows("train")
+    assert [r["second"] for r in rows if r["answer"] == "yes"] == [second for _, second in pairs[1:]]
+    assert all(r["second"] in {"c1", "d1", "e1"} for r in rows if r["first"] == "b" and r["answer"] == "no")
+
+
+def test_split_all_is_train_then_test_ids_are_distinct_and_the_seed_draws_the_false_replies():
+    train, test = reply_rows("train"), reply_rows("test")
+    assert reply_rows("all") == train + test
+    assert len({r["id"] for r in train + test}) == len(train + test)
+    other = reply_rows("train", seed=1)
+    assert [r for r in other if r["answer"] == "yes"] == [r for r in train if r["answer"] == "yes"]
+    changed = sum(a["second"] != b["second"] for a, b in zip(other, train) if a["answer"] == "no")
+    assert changed > len(train) // 4
+
+
+def test_turns_are_one_line_strings_and_empty_turns_are_dropped():
+    from moe_gen.tasks.sources.dialog import _turns
+
+    assert _turns(["Hi", None, "  ", 42, "two\n  lines "]) == ["Hi", "42", "two lines"]

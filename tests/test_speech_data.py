@@ -202,3 +202,40 @@ def test_words_filter_every_split():
     rows = load_spoken_words("all", words=["go"])
     assert len(rows) == 21 and {r["text"] for r in rows} == {"go"}
     assert [r["id"] for r in rows] == [r["id"] for r in load_spoken_words("all") if r["text"] == "go"]
+
+
+def test_write_npz_writes_the_same_bytes_in_the_given_order_without_pickles(tmp_path):
+    import zipfile
+
+    from moe_gen.tasks.sources.npz import write_npz
+
+    arrays = {"b": np.arange(6, dtype=np.int16).reshape(2, 3), "a": np.array(["x", "yz"])}
+    write_npz(tmp_path / "one.npz", arrays)
+    write_npz(tmp_path / "two.npz", arrays)
+    assert (tmp_path / "one.npz").read_bytes() == (tmp_path / "two.npz").read_bytes()
+    with np.load(tmp_path / "one.npz", allow_pickle=False) as z:
+        assert z.files == ["b", "a"] and all(np.array_equal(z[key], arrays[key]) for key in arrays)
+    with zipfile.ZipFile(tmp_path / "one.npz") as zf:
+        infos = zf.infolist()
+    assert [i.filename for i in infos] == ["b.npy", "a.npy"]
+    assert all(i.date_time == (1980, 1, 1, 0, 0, 0) and i.compress_type == zipfile.ZIP_DEFLATED for i in infos)
+    assert [i.external_attr >> 16 for i in infos] == [0o644, 0o644]
+    for mode, recorded in ((0o640, 0o640), (None, 0o600)):  # None: zipfile's default, as the speech files
+        write_npz(tmp_path / "mode.npz", arrays, file_mode=mode)
+        with zipfile.ZipFile(tmp_path / "mode.npz") as zf:
+            assert {i.external_attr >> 16 for i in zf.infolist()} == {recorded}
+    with pytest.raises(ValueError, match="allow_pickle"):
+        write_npz(tmp_path / "objects.npz", {"o": np.array([{}, []], dtype=object)})
+
+
+def test_matches_fresh_build_compares_bytes_and_leaves_the_file_alone(tmp_path):
+    from moe_gen.tasks.sources.npz import matches_fresh_build, write_npz
+
+    out = tmp_path / "data.npz"
+    build = lambda path: write_npz(path, {"x": np.arange(4)})  # noqa: E731
+    assert not matches_fresh_build(out, build)  # nothing committed yet
+    build(out)
+    assert matches_fresh_build(out, build)
+    before = out.read_bytes()
+    assert not matches_fresh_build(out, lambda path: write_npz(path, {"x": np.arange(5)}))
+    assert out.read_bytes() == before

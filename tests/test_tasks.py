@@ -354,6 +354,41 @@ def test_doc_paragraphs_are_distinct_and_their_split_holds_no_training_text():
     assert load_doc_paragraphs("all") == sorted(train + test, key=lambda r: int(r["id"].split("/")[1]))
 
 
+
+def test_doc_paragraphs_are_prose_under_their_most_specific_topic():
+    """Paragraphs of 12-60 words that are not code or grammar; one in both "compound" and "while"
+    is a "while" paragraph; ``limit`` keeps the first rows; a split other than train, test or all is
+    an error (it read as train)."""
+    import sys
+
+    from moe_gen.tasks.sources.text import load_doc_paragraphs
+
+    every = load_doc_paragraphs("all")
+    for row in every:
+        assert 12 <= len(row["text"].split()) <= 60 and "::=" not in row["text"], row
+        assert not row["text"].startswith((">>>", "::")), row
+    if sys.version_info[:2] == (3, 11):  # pydoc's topics follow the interpreter
+        assert len(every) == 996 and "(996)" in preset_info("doc_topic").source
+    topic = {r["text"]: r["topic"] for r in every}
+    assert topic['The "while" statement is used for repeated execution as long as an expression is true:'] == "while"
+    assert load_doc_paragraphs("train", limit=5) == load_doc_paragraphs("train")[:5]
+    with pytest.raises(ValueError, match="unknown split 'dev'; known: train, test, all"):
+        load_doc_paragraphs("dev")
+
+
+def test_iris_tables_split_every_fifth_flower_and_describe_it():
+    from moe_gen.tasks.sources.text import load_iris_tables
+
+    train, test = load_iris_tables("train"), load_iris_tables("test")
+    assert len(train) == 120 and [r["id"] for r in test] == [f"iris/{i}" for i in range(0, 150, 5)]
+    assert test[0] == {"table": {"sepal length": 5.1, "sepal width": 3.5, "petal length": 1.4, "petal width": 0.2},
+                       "species": "setosa", "longer": "sepal width", "id": "iris/0",
+                       "description": "an iris setosa flower with petals 1.4 cm long and 0.2 cm wide"}
+    assert (test[10]["id"], test[10]["longer"], test[10]["description"]) == (
+        "iris/50", "petal length", "an iris versicolor flower with petals 4.7 cm long and 1.4 cm wide")
+    with pytest.raises(ValueError, match="unknown split 'dev'; known: train, test, all"):
+        load_iris_tables("dev")
+
 def test_an_input_that_copies_the_answer_is_corrupted_at_inference_too(tok):
     """text_infilling reads its answer column through ``mask_ratio``: masking only in training left
     the whole answer in the inference input (copying it scored BLEU 100). Now the inference input is

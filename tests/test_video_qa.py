@@ -94,3 +94,45 @@ def test_both_questions_are_among_the_evenly_spaced_rows_evaluation_scores(limit
     questions = [row["question"] for row in moving_digit_rows("test", count=100)]
     asked = collections.Counter(questions[i] for i in spaced_indices(len(questions), limit))
     assert min(asked[DIRECTION_QUESTION], asked[DIGIT_QUESTION]) >= limit // 4, asked
+
+
+def test_paths_move_20_to_40_pixels_inside_the_picture_and_the_still_digit_stays_off_them():
+    import random
+
+    from moe_gen.tasks.sources.moving_digits import _path, _still_place
+
+    steps = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+    distances = set()
+    for seed in range(100):
+        rng = random.Random(seed)
+        for direction in DIRECTIONS:
+            path = _path(direction, rng)
+            (x0, y0), (x1, y1) = path[0], path[-1]
+            dx, dy = steps[direction]
+            distance = (x1 - x0) * dx + (y1 - y0) * dy
+            assert len(path) == 16 and 20 <= distance <= 40 and (x1 - x0) * dy == (y1 - y0) * dx == 0
+            assert all(0 <= c <= 48 for corner in path for c in corner)  # a 16-pixel digit inside 64
+            distances.add(distance)
+            sx, sy = _still_place(path, rng)
+            assert all(abs(sx - x) >= 16 or abs(sy - y) >= 16 for x, y in path), (direction, seed)
+    assert {20, 40} <= distances
+
+
+def test_the_background_is_the_noise_seeds_and_dark_digits_leave_it_alone():
+    blank = np.zeros((8, 8), np.uint8)
+    video = render_clip(blank, blank, [(0, 0), (30, 10), (48, 48)], (40, 0), noise_seed=5)
+    assert (video == video[0]).all() and 20 <= video.min() and video.max() < 30  # no box drawn
+    assert (render_clip(blank, blank, [(0, 0)], (40, 0), noise_seed=5) == video[:1]).all()
+    assert (render_clip(blank, blank, [(0, 0)], (40, 0), noise_seed=6) != video[:1]).any()
+
+
+def test_clip_k_draws_from_the_documented_seed():
+    """Clip ``k`` of a split is drawn from ``random.Random(seed * 100003 + k + offset)`` (offset 0 for
+    train, 50000 for test): its moving digit is the stream's first draw from the split's digits."""
+    import random
+
+    for split, offset in (("train", 0), ("test", 50000)):
+        digits = load_digit_images(split)
+        for row, k in zip(moving_digit_rows(split, count=6, seed=2), range(6)):
+            rng = random.Random(2 * 100003 + k + offset)
+            assert row["digit_ids"][0] == digits[rng.randrange(len(digits))]["id"], (split, k)
