@@ -23,8 +23,9 @@ def write_npz(path: Path, arrays: dict[str, np.ndarray], *, file_mode: Optional[
     Args:
         path: output file.
         arrays: name -> array; no object arrays (the file must load with allow_pickle=False).
-        file_mode: Unix permissions recorded for each member (None records none; the committed
-            speech files were written that way).
+        file_mode: Unix permissions recorded for each member (None leaves zipfile's default,
+            0o600, which it records when none is set; the committed speech files were written
+            that way).
     """
     with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_DEFLATED, compresslevel=9) as zf:
         for name, value in arrays.items():
