@@ -599,8 +599,8 @@ def _scenario_trainer(rank: int, out_dir: str, names: tuple, settings: dict, res
     except ValueError as exc:
         return {}, {"error": str(exc)}
     summary = trainer.fit()
-    return full_tensors({name: p.detach() for name, p in model.named_parameters()}), {"error": None,
-                                                                                      "loss": summary["loss"]}
+    return full_tensors({name: p.detach() for name, p in model.named_parameters()}), {
+        "error": None, "loss": summary["loss"], **{k: summary[k] for k in ("best_step", "best_model") if k in summary}}
 
 
 def _scenario_unsharded_copy_rng(rank: int, out_dir: str):

@@ -255,6 +255,24 @@ def test_adapters_train_on_every_process_when_one_batch_uses_none(tmp_path, sett
             assert torch.equal(r0[name], p.detach()) != name.startswith("adapters."), name  # adapters alone trained
 
 
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_evaluations_while_training_agree_over_processes_and_keep_the_best_weights_once(tmp_path, sharding):
+    """Every process evaluates (FSDP's gathers are collectives) and takes process 0's decision; the
+    main process writes the log and the best weights, which are the trained model's at that step."""
+    from moe_gen.model import GeneralistModel
+    from moe_gen.trainer.logs import read_jsonl_log
+
+    settings = {"steps": 4, "eval_every": 2, "keep_best": True, "eval_limit": 4, "sharding": sharding}
+    (r0, info0), (_, info1) = Launch("trainer", tmp_path, ("digit_classification",), settings).results()
+    assert info0["error"] is None and info0 == {**info1, "loss": info0["loss"]}
+    records = read_jsonl_log(str(tmp_path / "run" / "logs" / "eval.jsonl"))
+    assert [r["step"] for r in records] == [2, 4] and info0["best_step"] == records[-1]["best_step"]
+    best = GeneralistModel.from_pretrained(info0["best_model"])
+    # four steps score 0 at both evaluations: an equal score does not replace the first step's weights
+    assert info0["best_step"] == 2 and [r["eval_score"] for r in records] == [0.0, 0.0]
+    assert not all(torch.equal(p.detach(), r0[name]) for name, p in best.named_parameters())
+
+
 def test_resuming_with_more_processes_than_wrote_the_checkpoint_is_refused_on_every_process(tmp_path):
     """The new process refused and the old one went on into the step, then died on a closed
     connection (or waited for the timeout)."""

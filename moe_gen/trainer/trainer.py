@@ -610,7 +610,8 @@ class Trainer:
                          f"stopped" + (f", its checkpoint is {path}" if path else ", and its checkpoint failed"))
             raise
         best = self.state["best"]
-        if best is None or score > best["score"]:
+        # process 0's decision for all (their scores agree, and keep_best's save is collective)
+        if distributed.any_true(self.rank == 0 and (best is None or score > best["score"])):
             if self.config.keep_best:
                 self.save_model(self.best_dir)
             self.state["best"] = best = {"step": step, "score": score}
