@@ -3,8 +3,10 @@ aggregates, on made-up runs, the settings it refuses, and the shape of a --quick
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -164,15 +166,63 @@ def test_reports_of_other_seeds_and_replay_shares_merge_into_one(tmp_path):
         merge_transfer_reports([paths[0], str(tmp_path / "broken.json")], str(tmp_path / "bad"))
 
 
+def test_markdown_of_one_seed_names_the_largest_budget_replay_and_a_lower_is_better_task():
+    cfg = TransferConfig(held=("text_to_speech",), systems=("dense",), seeds=(0,), finetune_steps=(10, 20),
+                         replay=(0.0, 0.5))
+    before, after = {"digit_classification": 0.8}, {"text_to_speech": {"digit_classification": 0.4}}
+    results = [_run("specialist", 0, {"text_to_speech": {"10": 0.5, "20": 0.25}}),
+               _run("dense", 0, {"text_to_speech": {"10": 0.25, "20": 0.125}}, before, after),
+               _run("dense replay 0.5", 0, {"text_to_speech": {"10": 0.375, "20": 0.25}}, before, after)]
+    report = build_transfer_report(cfg, results, wall_seconds=60.0)
+    # the specialist is the baseline, not a system compared with itself; replay 0 is no replay variant
+    assert set(report["versus_scratch"]["text_to_speech"]) == {"dense", "dense replay 0.5"}
+    assert set(report["replay"]["text_to_speech"]) == {"dense replay 0.5"}
+    markdown = transfer_markdown(report)
+    assert "### text_to_speech ↓" in markdown  # lower is better
+    rows = [line for line in markdown.splitlines() if line.startswith(("| 10 |", "| 20 |"))]
+    assert rows[0].startswith("| 10 | 0.500 | 0.250 (") and "±" not in "".join(rows)  # one seed: no spread to show
+    assert "(trainable: all; and again with 0.5 of each batch's samples replayed from the pretraining tasks)" in (
+        markdown)
+    assert "Pretraining tasks' scores kept after 20 steps on text_to_speech alone" in markdown
+
+
+def test_merging_refuses_one_report_conflicting_runs_and_other_settings_naming_the_files(tmp_path):
+    before, after = {"digit_classification": 0.8}, {"table_wine": {"digit_classification": 0.4}}
+
+    def written(name, seeds, score=0.5, steps=4000):
+        cfg = TransferConfig(held=("table_wine",), systems=("dense",), seeds=seeds, finetune_steps=(10,), steps=steps)
+        runs = [_run("dense", seed, {"table_wine": {"10": score}}, before, after) for seed in seeds]
+        runs += [_run("specialist", seed, {"table_wine": {"10": 0.25}}) for seed in seeds]
+        write_transfer_report(build_transfer_report(cfg, runs, wall_seconds=1.0), str(tmp_path / name))
+        return str(tmp_path / name / "transfer.json")
+
+    late, early = written("late", (2,)), written("early", (0, 1))
+    merged = merge_transfer_reports([late, early], str(tmp_path / "merged"))
+    assert list(merged["config"]["seeds"]) == [0, 1, 2] and "over seeds 0, 1, 2;" in transfer_markdown(merged)
+    with pytest.raises(ValueError, match="merging needs at least two reports, got 1"):
+        merge_transfer_reports([late], str(tmp_path / "one"))
+    other = written("other", (2,), score=0.75)
+    with pytest.raises(ValueError, match=re.escape(f"{other!r} and {late!r} hold different dense runs of seed 2")):
+        merge_transfer_reports([late, other], str(tmp_path / "conflict"))
+    short = written("short", (3,), steps=10)
+    with pytest.raises(ValueError, match=re.escape(f"{short!r} was made with other settings: steps 4000 in "
+                                                   f"{late!r}, 10 here")):
+        merge_transfer_reports([late, short], str(tmp_path / "steps"))
+
+
 @pytest.mark.parametrize("fields, message", [
     ({"held": ("no_such_task",)}, "TransferConfig.held"),
     ({"held": tuple(t.name for t in SUITE)}, "at least one suite task must remain"),
     ({"systems": ("gpt",)}, "TransferConfig.systems"),
     ({"finetune_steps": (50, 10)}, "ascending"),
     ({"finetune_steps": (0, 10)}, ">= 1"),
+    ({"finetune_steps": (10, 10)}, "ascending distinct step counts"),
     ({"trainable": "everything"}, "TransferConfig.trainable"),
     ({"trainable": "experts"}, "leaves the dense system nothing to train"),
+    ({"trainable": "routers"}, "trainable='routers' leaves the dense system nothing to train"),
     ({"replay": (1.0,)}, "TransferConfig.replay"),
+    ({"replay": (-0.25,)}, "TransferConfig.replay"),
+    ({"steps": 0}, r"needs seeds and steps >= 1, got seeds \[0, 1, 2\], steps 0"),
     ({"replay": (0.25, 0.25)}, "TransferConfig.replay"),
     ({"replay": ()}, "TransferConfig.replay"),
     ({"eval_limit": 0}, "TransferConfig.eval_limit must be >= 1"),
@@ -233,3 +283,61 @@ def test_finetuning_the_experts_alone_leaves_every_other_weight_as_it_was():
     tuned, _, _ = _fit(cfg.bench(4), model, train, 4, seed=0, trainable="experts")
     changed = {name for name, p in tuned.named_parameters() if not torch.equal(p, before[name])}
     assert changed and all(".experts." in name for name in changed), sorted(changed)
+
+
+def test_a_job_finetunes_copies_of_one_pretrained_model_and_scores_after_the_largest_budget(monkeypatch):
+    """``transfer_job`` with model building, training and scoring replaced by a model that counts the
+    steps it trained (its score on any task): every budget starts again from the pretrained model,
+    the pretraining tasks are scored after the largest budget, fine-tuning trains what ``trainable``
+    names, replay mixes in the pretraining tasks, and each specialist is built under its seed."""
+    import torch
+
+    import moe_gen.model
+    import moe_gen.quality.runner as runner
+    import moe_gen.tasks
+    import moe_gen.trainer.evaluation
+    from moe_gen.quality import transfer
+
+    built, fits = [], []
+
+    class Counting:
+        def __init__(self, system):
+            self.system, self.steps = system, 0
+
+    def build(config, tasks, tokenizer):
+        built.append((config, torch.initial_seed()))
+        return Counting(config)
+
+    def fit(bench, model, tasks, steps, seed, trainable="all", task_weights=None):
+        model.steps += steps
+        fits.append((model.system, steps, trainable, list(tasks), task_weights))
+        return model, None, None
+
+    names = ["table_wine", "digit_classification", "table_species"]
+    suite = [t for t in SUITE if t.name in names]
+    monkeypatch.setattr(transfer, "_suite_splits", lambda cfg: (suite, {n: n for n in names}, {n: n for n in names}))
+    monkeypatch.setattr(moe_gen.model.GeneralistModel, "build", staticmethod(build))
+    monkeypatch.setattr(moe_gen.tasks.Tokenizer, "default", staticmethod(lambda: None))
+    monkeypatch.setattr(runner, "_model_config", lambda bench, system: system)
+    monkeypatch.setattr(runner, "_fit", fit)
+    monkeypatch.setattr(moe_gen.trainer.evaluation, "evaluate_task", lambda model, task: {"accuracy": model.steps})
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    cfg = TransferConfig(held=("table_wine",), systems=("attribute",), seeds=(3,), steps=100, finetune_steps=(2, 4),
+                         trainable="experts", replay=(0.0, 0.5))
+    config = dataclasses.asdict(cfg)
+
+    plain, replayed = transfer.transfer_job({"config": config, "system": "attribute", "seed": 3})
+    assert plain["before"] == {"digit_classification": 100, "table_species": 100}
+    assert plain["finetuned"] == replayed["finetuned"] == {"table_wine": {"2": 102, "4": 104}}
+    assert plain["after"] == {"table_wine": {"digit_classification": 104, "table_species": 104}}
+    assert replayed["system"] == "attribute replay 0.5" and built == [("attribute", 3)]
+    finetuning = fits[1:]
+    assert all(trainable == "experts" for _, _, trainable, _, _ in finetuning)
+    assert [tasks for _, _, _, tasks, _ in finetuning] == [["table_wine"]] * 2 + [names] * 2
+    assert finetuning[-1][4] == {"table_wine": 0.5, "digit_classification": 0.25, "table_species": 0.25}
+
+    built.clear()
+    (specialist,) = transfer.transfer_job({"config": config, "system": "specialist", "seed": 3})
+    assert specialist["finetuned"] == {"table_wine": {"2": 2, "4": 4}} and built == [("specialist", 3)] * 2
+    jobs = [(job["system"], job["seed"]) for job in transfer._jobs(dataclasses.replace(cfg, seeds=(0, 1)))]
+    assert jobs == [("attribute", 0), ("attribute", 1), ("specialist", 0), ("specialist", 1)]
