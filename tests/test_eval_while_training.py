@@ -187,3 +187,35 @@ def test_patience_stops_the_run_after_that_many_evaluations_without_a_better_sco
     records = read_jsonl_log(str(tmp_path / "logs" / "eval.jsonl"))
     assert [(r["step"], r["eval_score"], r["best_step"]) for r in records] == [
         (2, 0.5, 2), (4, 0.4, 2), (6, 0.3, 2), (8, 0.6, 8), (10, 0.1, 8)]
+
+
+def test_a_nan_score_never_counts_as_the_best_unless_nothing_came_before():
+    from moe_gen.trainer.trainer import _better
+
+    nan = float("nan")
+    assert _better(nan, None) and not _better(nan, {"score": 0.1})
+    assert _better(0.0, {"score": nan}) and _better(0.2, {"score": 0.1}) and not _better(0.1, {"score": 0.1})
+
+
+def test_best_weights_that_cannot_be_saved_leave_the_run_going(tasks, valid, tok, tmp_path, monkeypatch, capsys):
+    """A full disk at the first (best) evaluation: the run trains on, and the next better one is kept."""
+    import moe_gen.trainer.trainer as trainer_module
+
+    scores = iter([0.5, 0.4, 0.6])
+    monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))
+    original, calls = Trainer.save_model, []
+
+    def save_model(self, directory):
+        calls.append(directory)
+        if len(calls) == 1:
+            raise OSError(28, "No space left on device")
+        original(self, directory)
+
+    monkeypatch.setattr(Trainer, "save_model", save_model)
+    with Trainer(build(tasks, tok), tasks, _config(steps=6, eval_every=2, keep_best=True), output_dir=str(tmp_path),
+                 eval_tasks=valid) as trainer:
+        summary = trainer.fit()
+    assert "the weights of step 2, the best evaluation so far, were not saved" in capsys.readouterr().out
+    assert (summary["step"], summary["best_step"], summary["best_score"]) == (6, 6, 0.6)
+    records = read_jsonl_log(str(tmp_path / "logs" / "eval.jsonl"))
+    assert [r.get("best_step") for r in records] == [None, 4, 6]  # step 4 (0.4) became the first one kept

@@ -611,15 +611,26 @@ class Trainer:
             raise
         best = self.state["best"]
         # process 0's decision for all (their scores agree, and keep_best's save is collective)
-        if distributed.any_true(self.rank == 0 and (best is None or score > best["score"])):
-            if self.config.keep_best:
-                self.save_model(self.best_dir)
+        if distributed.any_true(self.rank == 0 and _better(score, best)) and self._keep(step):
             self.state["best"] = best = {"step": step, "score": score}
             self.state["evals_since_best"] = 0
         else:
             self.state["evals_since_best"] += 1
-        logger.log_eval({"step": step, "eval": results, "eval_score": score, "best_step": best["step"],
-                         "best_score": best["score"]})
+        logger.log_eval({"step": step, "eval": results, "eval_score": score,
+                         **({"best_step": best["step"], "best_score": best["score"]} if best else {})})
+
+    def _keep(self, step: int) -> bool:
+        """With ``keep_best``, saves the weights to ``best/``; False when that failed (a full disk):
+        the run goes on, and the next better evaluation tries again."""
+        if not self.config.keep_best:
+            return True
+        try:
+            self.save_model(self.best_dir)
+        except (OSError, CheckpointError) as exc:
+            print(f"[moe_gen] the weights of step {step}, the best evaluation so far, were not saved to "
+                  f"{self.best_dir} ({exc}); training goes on", flush=True)
+            return False
+        return True
 
     def _out_of_patience(self) -> bool:
         """Whether ``patience`` evaluations in a row have not beaten the best one (the run stops)."""
@@ -740,6 +751,14 @@ def _warn_of_batch_local_balance(model, config: TrainConfig) -> None:
                       "micro-batch and cannot move a task off experts other tasks crowd; set "
                       "RouterConfig.tag_balance_window (e.g. 8: a running load) or tag_balance='bias'",
                       UserWarning, stacklevel=4)
+
+
+def _better(score: float, best: Optional[dict]) -> bool:
+    """Whether ``score`` beats the best evaluation so far (a NaN score never does, and any number
+    beats a NaN best)."""
+    if math.isnan(score):
+        return best is None
+    return best is None or math.isnan(best["score"]) or score > best["score"]
 
 
 def _logged_loss(path: str, step: int) -> Optional[float]:
