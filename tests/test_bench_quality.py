@@ -612,7 +612,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
             "--batch-tasks", "single", "--tag-balance", "bias", "--ema-decay", "0.99", "--label-smoothing", "0.1",
             "--bag-of-words",
             "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
-            "--eval-limit", "20", "--fit-rows", "10", "--workers", "2",
+            "--eval-limit", "20", "--eval-every", "40", "--fit-rows", "10", "--workers", "2",
             "--threads", "1", "--tasks", "doc_topic", "motion_classification", "--out", str(tmp_path)]
     config = bench.config_from_args(parser, parser.parse_args(argv))
     expected = dict(systems=("dense", "attribute"), specialists=False, seeds=(6, 7), steps=120, mixing="uniform",
@@ -621,7 +621,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
                     tag_balance="bias",
                     ema_decay=0.99, label_smoothing=0.1,
                     bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
-                    fit_rows=10, workers=2,
+                    eval_every=40, fit_rows=10, workers=2,
                     threads=1, tasks=("doc_topic", "motion_classification"), output_dir=str(tmp_path),
                     lr_scales={"adapters.bag_of_words": 6.0, "adapters.pose_summary": 3.0})
     assert {k: getattr(config, k) for k in expected} == expected
