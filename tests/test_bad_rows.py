@@ -143,6 +143,37 @@ def test_any_other_preprocessor_error_is_wrapped_with_its_type_and_cause(tok):
     assert isinstance(caught.value.__cause__, ZeroDivisionError)
 
 
+@PREPROCESSORS.register("test_bad_rows_value_error")
+class _RaisingValueError(Preprocessor):
+    """A preprocessor with a bug that raises a plain ValueError (TaskDataError's base class)."""
+
+    modality = "IMAGE"
+
+    def __call__(self, value, slot, ctx):
+        raise ValueError("a bug")
+
+
+def test_a_plain_value_error_while_encoding_is_wrapped_not_taken_for_a_row_error(tok, monkeypatch):
+    """A ValueError is no TaskDataError: it gets the task, column and row like any other exception
+    (were TaskDataError ValueError itself, ``except TaskDataError: raise`` passed it on bare)."""
+    from moe_gen.tasks.plan import TaskPlan
+
+    task = Task("t", "[IMAGE:x,preprocess=test_bad_rows_value_error] -> [TEXT:y]", [{"x": 1, "y": "a"}])
+    with pytest.raises(TaskDataError, match=r"^task 't', column 'x', row 0: the 'test_bad_rows_value_error' "
+                                            r"preprocessor failed on .*: ValueError: a bug$") as caught:
+        task.encode(0, tok)
+    assert type(caught.value.__cause__) is ValueError
+
+    def broken(self, values, index):
+        raise ValueError("another bug")
+
+    monkeypatch.setattr(TaskPlan, "_check_groups", broken)
+    task = Task("t", "[TEXT:x] -> [TEXT:y]", [{"x": "a", "y": "b"}])
+    with pytest.raises(TaskDataError, match=r"^task 't', row 0: encoding failed: ValueError: another bug$") as caught:
+        task.encode(0, tok)
+    assert type(caught.value.__cause__) is ValueError
+
+
 def test_a_dataset_row_that_cannot_be_read_is_a_task_data_error(tok):
     class Broken:
         def __len__(self):

@@ -561,6 +561,32 @@ def test_attribute_vector_layout():
     assert torch.equal(vec[0], expected)
 
 
+def test_attribute_vector_places_every_tag_with_vocabularies_of_different_sizes():
+    # M=5, R=4, P=3 and [B, S] tokens whose role and pass differ: a width or an index taken from the
+    # wrong vocabulary, or one tag read for another, moves a bit (the built-in R = P = 3 hides it)
+    M, R, P = 5, 4, 3
+    modality = torch.tensor([[4, 0, 3], [1, 2, 4]])
+    role = torch.tensor([[0, 1, 2], [3, 2, 1]])
+    causal = torch.tensor([[True, False, True], [False, False, True]])
+    pass_id = torch.tensor([[2, 0, 1], [1, 2, 0]])
+    used = torch.zeros(2, 3, M, dtype=torch.bool)
+    used[0, :, 0] = used[0, :, 4] = used[1, :, 3] = True
+    tags = TokenTags(task=torch.zeros(2, 3, dtype=torch.long), modality=modality, role=role,
+                     task_modalities=used, causal=causal, pass_id=pass_id)
+    vec = tags.attribute_vector(M, R, P)
+    assert vec.dtype == torch.float32 and vec.shape == (2, 3, attribute_dim(M, R, P)) == (2, 3, 18)
+    # token [0, 0]: task uses modalities 0 and 4 | modality 4 | role 0 | causal | pass 2
+    assert vec[0, 0].tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 0, 1, 1, 0, 0, 0, 1, 0, 0, 1]
+    for b, s in itertools.product(range(2), range(3)):
+        expected = torch.zeros(18)
+        expected[:M] = used[b, s].float()
+        expected[M + modality[b, s]] = 1
+        expected[2 * M + role[b, s]] = 1
+        expected[2 * M + R] = float(causal[b, s])
+        expected[2 * M + R + 1 + pass_id[b, s]] = 1
+        assert torch.equal(vec[b, s], expected), (b, s)
+
+
 def test_group_key_distinguishes_every_tag():
     base = dict(task=1, modality="IMAGE", role="input", causal=False, pass_="generative")
     variants = [dict(base), {**base, "task": 2}, {**base, "modality": "TEXT"},
