@@ -8,8 +8,10 @@ with the plain greedy loop giving exactly transformers' ``generate`` tokens.
 
 from __future__ import annotations
 
+import json
 import re
 import struct
+import types
 
 import numpy as np
 import pytest
@@ -24,6 +26,7 @@ from moe_gen.pretrained.ctranslate2 import (
     prompt_ids,
     read_ctranslate2,
     transcribe,
+    whisper_generation_config,
     whisper_state_dict,
 )
 from moe_gen.tasks.sources.speech import load_real_clips, load_spoken_words
@@ -39,10 +42,13 @@ def _string(text: str) -> bytes:
 
 
 def _model_bin(
-    variables: dict[str, torch.Tensor], aliases: dict[str, str] | None = None, spec: str = "WhisperSpec"
+    variables: dict[str, torch.Tensor],
+    aliases: dict[str, str] | None = None,
+    spec: str = "WhisperSpec",
+    version: int = 6,
 ) -> bytes:
     type_ids = {dtype: i for i, dtype in CT2_DTYPES.items()}
-    out = [struct.pack("<I", 6), _string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
+    out = [struct.pack("<I", version), _string(spec), struct.pack("<I", 3), struct.pack("<I", len(variables))]
     for name, value in variables.items():
         raw = value.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
         out += [_string(name), struct.pack("<B", value.dim()), *(struct.pack("<I", n) for n in value.shape)]
@@ -107,6 +113,46 @@ def test_reader_bad_dtype_and_version(tmp_path):
         read_ctranslate2(str(path))
 
 
+@pytest.mark.parametrize("version", [4, 5, 6])
+def test_reader_reads_binary_versions_4_to_6(tmp_path, version):
+    path = tmp_path / "model.bin"
+    path.write_bytes(_model_bin({"x": torch.arange(6.0).view(2, 3)}, version=version))
+    assert torch.equal(read_ctranslate2(str(path))[1]["x"], torch.arange(6.0).view(2, 3))
+
+
+@pytest.mark.parametrize("version", [3, 7])
+def test_reader_refuses_the_versions_next_to_the_ones_it_knows(tmp_path, version):
+    path = tmp_path / "model.bin"
+    path.write_bytes(_model_bin({"x": torch.ones(2)}, version=version))
+    with pytest.raises(ValueError, match=rf"binary version {version} at byte 0; this reader knows versions 4-6"):
+        read_ctranslate2(str(path))
+
+
+def test_reader_names_a_corrupt_string_and_its_offset(tmp_path):
+    """The spec name "Spec": a uint16 length 5 at byte 4, then "Spec" and its NUL from byte 6."""
+    data = bytearray(_model_bin({"x": torch.ones(1)}, spec="Spec"))
+    path = tmp_path / "model.bin"
+    for byte, value, message in ((10, ord("!"), "no trailing NUL"), (6, 0xFF, "'utf-8' codec can't decode")):
+        corrupt = bytearray(data)
+        corrupt[byte] = value
+        path.write_bytes(bytes(corrupt))
+        where = rf"{re.escape(str(path))}: corrupt string \(spec name\) at byte 6"
+        with pytest.raises(ValueError, match=f"{where}: {message}"):
+            read_ctranslate2(str(path))
+
+
+def test_reader_refuses_a_byte_count_that_disagrees_with_the_shape(tmp_path):
+    data = bytearray(_model_bin({"x": torch.ones(2, 3)}))
+    where = 4 + len(_string("WhisperSpec")) + 4 + 4 + len(_string("x")) + 1 + 2 * 4  # the dtype id of x
+    assert struct.unpack_from("<I", data, where + 1)[0] == 24
+    struct.pack_into("<I", data, where + 1, 20)
+    path = tmp_path / "model.bin"
+    path.write_bytes(bytes(data[: where + 5 + 20] + data[where + 5 + 24 :]))  # and 20 bytes of data
+    message = rf"'x' at byte {where}: 20 bytes for shape \[2, 3\] of torch.float32 \(expected 24\); the file is corrupt"
+    with pytest.raises(ValueError, match=message):
+        read_ctranslate2(str(path))
+
+
 # ----------------------------------------------------------------------------------------------------
 # The name mapping, on a small random Whisper written in CTranslate2's layout
 # ----------------------------------------------------------------------------------------------------
@@ -157,16 +203,21 @@ def _to_ct2(model: transformers.WhisperForConditionalGeneration) -> dict[str, to
 
 @pytest.fixture(scope="module")
 def small_whisper(tmp_path_factory):
-    """A random Whisper whose sizes differ from every real one: 2 heads of 32 (so the d_model/64
-    fallback would be wrong), 2 encoder and 1 decoder layers, 16 mel bins, vocabulary 100."""
+    """A random Whisper whose sizes differ from every real one: 2 encoder heads and 4 decoder heads (so
+    the d_model/64 fallback, or one side's count for the other, would be wrong), 2 encoder and 1 decoder
+    layers, 16 mel bins, vocabulary 100. Every parameter is random, biases and norms included
+    (transformers initialises biases to 0, which would hide a bias taken from the wrong slice)."""
     config = transformers.WhisperConfig(
         vocab_size=100, num_mel_bins=16, d_model=64, encoder_layers=2, decoder_layers=1,
-        encoder_attention_heads=2, decoder_attention_heads=2, encoder_ffn_dim=96, decoder_ffn_dim=80,
+        encoder_attention_heads=2, decoder_attention_heads=4, encoder_ffn_dim=96, decoder_ffn_dim=80,
         max_source_positions=20, max_target_positions=12,
         pad_token_id=97, eos_token_id=97, bos_token_id=98, decoder_start_token_id=98,
     )  # fmt: skip
     torch.manual_seed(1)
     model = transformers.WhisperForConditionalGeneration(config).eval()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(torch.randn(p.shape) * 0.2)
     folder = tmp_path_factory.mktemp("small_whisper")
     tied = {"decoder/projection/weight": "decoder/embeddings/weight"}
     (folder / "model.bin").write_bytes(_model_bin(_to_ct2(model), tied))
@@ -217,6 +268,103 @@ def test_not_a_whisper(small_whisper, tmp_path):
     (tmp_path / "model.bin").write_bytes(_model_bin(variables))
     with pytest.raises(ValueError, match="no variable 'decoder/layer_norm/gamma'; this is not the WhisperSpec"):
         whisper_state_dict(str(tmp_path))
+
+
+def test_int16_weights_with_one_scale_are_dequantised(small_whisper, tmp_path):
+    """CTranslate2's int16 scheme: one scalar scale (shape ()) for the whole matrix."""
+    original, _ = small_whisper
+    variables = _to_ct2(original)
+    w_DF = variables["decoder/layer_0/ffn/linear_1/weight"]
+    scale = torch.tensor(1000.0)
+    variables["decoder/layer_0/ffn/linear_1/weight"] = torch.round(w_DF * scale).to(torch.int16)
+    variables["decoder/layer_0/ffn/linear_1/weight_scale"] = scale
+    (tmp_path / "model.bin").write_bytes(_model_bin(variables))
+    got = whisper_state_dict(str(tmp_path))[1]["model.decoder.layers.0.fc2.weight"]
+    assert got.dtype == torch.float32 and got.shape == w_DF.shape
+    assert ((got - w_DF).abs() <= 0.5 / 1000 + 1e-7).all()
+
+
+def test_a_variable_stored_as_a_chain_of_aliases_converts(small_whisper, tmp_path):
+    original, _ = small_whisper
+    variables = _to_ct2(original)
+    embed_VD = variables.pop("decoder/embeddings/weight")
+    variables["shared/embeddings"] = embed_VD
+    chain = {"decoder/embeddings/weight": "a", "a": "b", "b": "shared/embeddings"}  # alias -> alias -> alias -> data
+    (tmp_path / "model.bin").write_bytes(_model_bin(variables, chain))
+    _, sd = whisper_state_dict(str(tmp_path))
+    assert torch.equal(sd["model.decoder.embed_tokens.weight"], embed_VD)
+    assert sd["proj_out.weight"] is sd["model.decoder.embed_tokens.weight"]
+
+
+def test_heads_default_to_one_per_64_channels_without_num_heads(small_whisper, tmp_path):
+    variables = _to_ct2(small_whisper[0])
+    del variables["encoder/num_heads"], variables["decoder/num_heads"]
+    (tmp_path / "model.bin").write_bytes(_model_bin(variables))
+    config, _ = whisper_state_dict(str(tmp_path))
+    assert (config.encoder_attention_heads, config.decoder_attention_heads) == (1, 1)  # d_model 64
+
+
+def test_special_tokens_come_from_tokenizer_json_or_whispers_defaults(small_whisper, tmp_path):
+    """Without ``vocabulary.txt``: the added tokens of ``tokenizer.json``; without either, GPT-2's end of
+    text 50256 and the start of transcript after it. Suppression comes from ``config.json``, else a blank
+    (220) and end of text at the first step."""
+    (tmp_path / "model.bin").write_bytes((small_whisper[1] / "model.bin").read_bytes())
+    added = [{"id": 90, "content": "<|endoftext|>"}, {"id": 91, "content": "<|startoftranscript|>"}]
+    (tmp_path / "tokenizer.json").write_text(json.dumps({"added_tokens": added}))
+    config, _ = whisper_state_dict(str(tmp_path))
+    ids = (config.eos_token_id, config.pad_token_id, config.bos_token_id, config.decoder_start_token_id)
+    assert ids == (90, 90, 91, 91)
+    assert config.suppress_tokens is None and config.begin_suppress_tokens == [220, 90]
+    (tmp_path / "tokenizer.json").unlink()
+    (tmp_path / "config.json").write_text(json.dumps({"suppress_ids": [1, 2], "suppress_ids_begin": [3]}))
+    config, _ = whisper_state_dict(str(tmp_path))
+    assert (config.eos_token_id, config.decoder_start_token_id) == (50256, 50257)
+    assert (config.suppress_tokens, config.begin_suppress_tokens) == ([1, 2], [3])
+
+
+_MULTILINGUAL = ["<|endoftext|>", "<|startoftranscript|>", "<|en|>", "<|de|>", "<|translate|>", "<|transcribe|>",
+                 "<|startoflm|>", "<|startofprev|>", "<|nospeech|>", "<|notimestamps|>"]  # ids 10-19
+
+
+@pytest.mark.parametrize("vocab_size", [51864, 51865])
+def test_generation_config_and_prompt_of_english_only_and_multilingual_checkpoints(tmp_path, vocab_size):
+    """51865 tokens (one language token more than the .en vocabularies) make a checkpoint multilingual: its
+    language tokens are the ``lang_ids`` of ``config.json`` (not every ``<|...|>``), and the prompt names the
+    language and transcription."""
+    (tmp_path / "vocabulary.txt").write_text("\n".join([f"t{i}" for i in range(10)] + _MULTILINGUAL) + "\n")
+    extra = {"lang_ids": [12, 13], "alignment_heads": [[1, 0], [2, 3]]}
+    (tmp_path / "config.json").write_text(json.dumps(extra))
+    config = transformers.WhisperConfig(vocab_size=vocab_size, max_target_positions=300, eos_token_id=10,
+                                        pad_token_id=10, bos_token_id=11, decoder_start_token_id=11)
+    gen = whisper_generation_config(str(tmp_path), config)
+    assert gen.max_length == 300 and gen.alignment_heads == [[1, 0], [2, 3]]
+    assert (gen.no_timestamps_token_id, gen.prev_sot_token_id) == (19, 17)
+    model = types.SimpleNamespace(generation_config=gen)
+    if vocab_size == 51864:
+        assert not gen.is_multilingual and prompt_ids(model) == [11, 19]
+        return
+    assert gen.is_multilingual
+    assert gen.lang_to_id == {"<|en|>": 12, "<|de|>": 13}
+    assert gen.task_to_id == {"transcribe": 15, "translate": 14}
+    assert prompt_ids(model) == [11, 12, 15, 19] and prompt_ids(model, "de") == [11, 13, 15, 19]
+
+
+def test_greedy_decode_never_picks_a_suppressed_token(small_whisper, monkeypatch):
+    """``suppress_tokens`` at every step, ``begin_suppress_tokens`` at the first: the unsuppressed first
+    choice suppressed either way gives another first token."""
+    model, _ = small_whisper
+    features_1MT = torch.randn(1, 16, 40, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(model.config, "suppress_tokens", None)
+    monkeypatch.setattr(model.config, "begin_suppress_tokens", None)
+    free = greedy_decode(model, features_1MT, [98], max_new_tokens=3)
+    assert free == greedy_decode(model, features_1MT, [98], max_new_tokens=3)  # deterministic
+    for always, first in (([free[0]], None), (None, [free[0]])):
+        monkeypatch.setattr(model.config, "suppress_tokens", always)
+        monkeypatch.setattr(model.config, "begin_suppress_tokens", first)
+        got = greedy_decode(model, features_1MT, [98], max_new_tokens=3)
+        assert got[0] != free[0]
+        if always:
+            assert free[0] not in got
 
 
 # ----------------------------------------------------------------------------------------------------
