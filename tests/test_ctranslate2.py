@@ -268,6 +268,15 @@ def test_not_a_whisper(small_whisper, tmp_path):
     (tmp_path / "model.bin").write_bytes(_model_bin(variables))
     with pytest.raises(ValueError, match="no variable 'decoder/layer_norm/gamma'; this is not the WhisperSpec"):
         whisper_state_dict(str(tmp_path))
+    # a variable inside a layer, and a layer 0 whose FFN is stored otherwise, are named in full (they were
+    # named 'linear_1/bias', and refused by a bare KeyError of 'model.encoder.layers.0.fc1.weight')
+    for missing in ("encoder/layer_1/self_attention/linear_1/bias", "encoder/layer_0/ffn/linear_0/weight",
+                    "decoder/layer_0/attention/layer_norm/beta"):
+        variables = _to_ct2(small_whisper[0])
+        variables[missing + "_lowrank"] = variables.pop(missing)
+        (tmp_path / "model.bin").write_bytes(_model_bin(variables))
+        with pytest.raises(ValueError, match=f"no variable '{missing}'; this is not the WhisperSpec"):
+            whisper_state_dict(str(tmp_path))
 
 
 def test_int16_weights_with_one_scale_are_dequantised(small_whisper, tmp_path):

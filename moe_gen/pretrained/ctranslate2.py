@@ -237,9 +237,21 @@ def _linear(prefix: str, weights: dict[str, torch.Tensor], ct2: str) -> dict[str
     return {f"{prefix}.weight": weights[f"{ct2}/weight"], f"{prefix}.bias": weights[f"{ct2}/bias"]}
 
 
+class _Scope(dict):
+    """The variables under ``scope/``, with the scope stripped; a missing one raises KeyError with its
+    full name (``encoder/layer_1/self_attention/linear_1/bias``, not ``linear_1/bias``)."""
+
+    def __init__(self, weights: dict[str, torch.Tensor], scope: str):
+        super().__init__({k[len(scope) + 1 :]: v for k, v in weights.items() if k.startswith(scope + "/")})
+        self.scope = f"{weights.scope}/{scope}" if isinstance(weights, _Scope) else scope
+
+    def __missing__(self, key: str):
+        raise KeyError(f"{self.scope}/{key}")
+
+
 def _scope(weights: dict[str, torch.Tensor], scope: str) -> dict[str, torch.Tensor]:
-    """The variables under ``scope/``, with the scope stripped."""
-    return {k[len(scope) + 1 :]: v for k, v in weights.items() if k.startswith(scope + "/")}
+    """The variables under ``scope/``, with the scope stripped (a missing one is named in full)."""
+    return _Scope(weights, scope)
 
 
 def _num_layers(weights: dict[str, torch.Tensor], side: str) -> int:
@@ -299,6 +311,8 @@ def _hf_state_dict(w: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         "proj_out.weight": embed_VD,  # tied; CTranslate2 stores it as the alias decoder/projection
     }
     for side in ("encoder", "decoder"):
+        if not _num_layers(w, side):  # (the config's FFN widths read layer 0: name it, not a KeyError of sd)
+            raise KeyError(f"{side}/layer_0/ffn/linear_0/weight")
         for i in range(_num_layers(w, side)):
             ct2, hf = _scope(w, f"{side}/layer_{i}"), f"model.{side}.layers.{i}"
             sd.update(_attention(f"{hf}.self_attn", _scope(ct2, "self_attention"), "self"))
