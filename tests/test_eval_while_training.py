@@ -5,6 +5,7 @@ and resumed, and the refusals."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -219,3 +220,85 @@ def test_best_weights_that_cannot_be_saved_leave_the_run_going(tasks, valid, tok
     assert (summary["step"], summary["best_step"], summary["best_score"]) == (6, 6, 0.6)
     records = read_jsonl_log(str(tmp_path / "logs" / "eval.jsonl"))
     assert [r.get("best_step") for r in records] == [None, 4, 6]  # step 4 (0.4) became the first one kept
+
+
+def test_the_empty_results_are_refused_naming_it():
+    with pytest.raises(ValueError, match="the results hold no task"):
+        eval_score({})
+
+
+def test_each_evaluation_is_a_line_and_tensorboard_scalars_per_task_and_metric(tmp_path):
+    from moe_gen.trainer.logs import RunLogger
+
+    class Writer:
+        def __init__(self):
+            self.scalars = []
+
+        def add_scalar(self, key, value, step):
+            self.scalars.append((key, value, step))
+
+        def close(self):
+            pass
+
+    logger = RunLogger(str(tmp_path), 10, progress=False, tensorboard=False)
+    logger._tb = writer = Writer()
+    logger.log_eval({"step": 4, "eval": {"a": {"accuracy": 0.5}, "b": {"l1": 0.25}}, "eval_score": 0.125})
+    logger.close()
+    assert writer.scalars == [("eval/a/accuracy", 0.5, 4), ("eval/b/l1", 0.25, 4), ("eval/score", 0.125, 4)]
+    assert [r["step"] for r in read_jsonl_log(str(tmp_path / "logs" / "eval.jsonl"))] == [4]
+
+
+def test_a_resumed_run_drops_the_evaluations_after_its_checkpoint_and_a_fresh_run_all(tasks, valid, tok, tmp_path):
+    """Step 6's checkpoint lost: resumed from step 4, eval.jsonl reads like one run (step 6 once);
+    a fresh run in the directory starts without the earlier evaluations."""
+    config = _config(steps=6, eval_every=2, checkpoint_every=2)
+    with Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path), eval_tasks=valid) as trainer:
+        trainer.fit()
+    path = tmp_path / "logs" / "eval.jsonl"
+    assert [r["step"] for r in read_jsonl_log(str(path))] == [2, 4, 6]
+    shutil.rmtree(tmp_path / "checkpoints" / "step-0000006")
+    (tmp_path / "checkpoints" / "latest").write_text("step-0000004")  # (as if killed before step 6's)
+    with Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path), eval_tasks=valid, resume=True) as trainer:
+        assert trainer.fit()["step"] == 6
+    assert [r["step"] for r in read_jsonl_log(str(path))] == [2, 4, 6]
+    with Trainer(build(tasks, tok), tasks, _config(steps=1), output_dir=str(tmp_path), overwrite=True) as trainer:
+        trainer.fit()
+    assert not path.exists()
+
+
+def test_no_best_kept_when_every_save_fails(tasks, valid, tok, tmp_path, monkeypatch):
+    """keep_best with every save failing: the summary names no best step, score or weights."""
+    def save_model(self, directory):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Trainer, "save_model", save_model)
+    with Trainer(build(tasks, tok), tasks, _config(steps=4, eval_every=2, keep_best=True), output_dir=str(tmp_path),
+                 eval_tasks=valid) as trainer:
+        summary = trainer.fit()
+    assert summary["step"] == 4
+    assert (summary["best_step"], summary["best_score"], summary["best_model"]) == (None, None, None)
+    assert not (tmp_path / "best").exists()
+
+
+def test_an_evaluation_that_draws_random_numbers_leaves_the_training_as_it_was(tasks, valid, tok, tmp_path,
+                                                                               monkeypatch):
+    """The evaluation's draws come from a forked generator: the losses and weights after it equal a
+    run without evaluations (dropout draws after each one)."""
+    plain = build(tasks, tok, dropout=0.1)
+    with Trainer(plain, tasks, _config(steps=4), output_dir=str(tmp_path / "plain")) as trainer:
+        trainer.fit()
+    original = Trainer.evaluate
+
+    def evaluate_drawing(self, *args, **kwargs):
+        torch.rand(8)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", evaluate_drawing)
+    model = build(tasks, tok, dropout=0.1)
+    with Trainer(model, tasks, _config(steps=4, eval_every=1), output_dir=str(tmp_path / "eval"),
+                 eval_tasks=valid) as trainer:
+        trainer.fit()
+    losses = [r["loss"] for r in read_jsonl_log(str(tmp_path / "eval" / "logs" / "train.jsonl"))]
+    assert losses == [r["loss"] for r in read_jsonl_log(str(tmp_path / "plain" / "logs" / "train.jsonl"))]
+    for name, value in plain.state_dict().items():
+        assert torch.equal(value, model.state_dict()[name]), name

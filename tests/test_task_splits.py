@@ -56,9 +56,11 @@ def test_a_motion_presets_windows_split_by_clip():
 @pytest.mark.parametrize("kwargs, error, message", [
     ({"fraction": 0}, ValueError, r"task 'toy': split_off's fraction must be in \(0, 1\), got 0"),
     ({"fraction": 1.5}, ValueError, "fraction must be in"),
+    ({"fraction": 1}, ValueError, r"split_off's fraction must be in \(0, 1\), got 1"),
     ({"fraction": 0.2, "group": "clip", "stratify": "label"}, ValueError, "group or stratify"),
     ({"fraction": 0.2, "group": "speaker"}, TaskDataError, r"task 'toy', row 0: no column 'speaker' to group by"),
-    ({"fraction": 0.5, "stratify": "text"}, ValueError, r"task 'toy' \(40 rows\): cannot split off 0.5 of it"),
+    ({"fraction": 0.5, "stratify": "text"}, ValueError,
+     r"task 'toy' \(40 rows\): cannot split off 0.5 of it \(.+\)$"),
 ])
 def test_bad_requests_are_refused_naming_the_task(kwargs, error, message):
     with pytest.raises(error, match=message):
@@ -68,3 +70,35 @@ def test_bad_requests_are_refused_naming_the_task(kwargs, error, message):
 def test_too_few_rows_are_refused():
     with pytest.raises(ValueError, match=r"task 'toy' \(1 rows\)"):
         _task(1).split_off(0.5)
+
+
+def test_the_seed_draws_the_groups():
+    task = _task()
+    clips = [{row["clip"] for row in task.split_off(0.25, group="clip", seed=seed)[1].data} for seed in range(4)]
+    assert clips[0] == {row["clip"] for row in task.split_off(0.25, group="clip", seed=0)[1].data}
+    assert len({frozenset(c) for c in clips}) > 1
+
+
+@pytest.mark.parametrize("column, what", [("clip", "group"), ("label", "stratify")])
+def test_a_row_without_the_column_is_named(column, what):
+    task = _task(8)
+    rows = list(task.data)
+    del rows[3][column]
+    with pytest.raises(TaskDataError, match=rf"task 'toy', row 3: no column '{column}' to {what} by"):
+        task.with_rows(rows).split_off(0.5, **{what: column})
+
+
+class _Lazy(list):
+    """Rows with ``select`` (as a ``datasets.Dataset``): the split asks it for the rows of each side."""
+
+    def select(self, indices):
+        return _Lazy(self[i] for i in indices)
+
+
+def test_rows_with_select_are_selected_in_row_order():
+    task = _task()
+    lazy = task.with_rows(_Lazy(task.data))
+    rest, held = lazy.split_off(0.25, seed=3)
+    assert isinstance(held.data, _Lazy) and isinstance(rest.data, _Lazy)
+    plain_rest, plain_held = task.split_off(0.25, seed=3)
+    assert (_texts(rest), _texts(held)) == (_texts(plain_rest), _texts(plain_held))
