@@ -102,3 +102,31 @@ def test_rows_with_select_are_selected_in_row_order():
     assert isinstance(held.data, _Lazy) and isinstance(rest.data, _Lazy)
     plain_rest, plain_held = task.split_off(0.25, seed=3)
     assert (_texts(rest), _texts(held)) == (_texts(plain_rest), _texts(plain_held))
+
+
+def test_a_datasets_column_is_read_whole_not_row_by_row():
+    """A dataset with ``column_names`` gives the group column in one read; its rows (images to
+    decode, say) are not read to split it."""
+
+    class Dataset:
+        column_names = ["text", "label", "clip"]
+
+        def __init__(self, rows):
+            self.rows, self.row_reads = rows, 0
+
+        def __len__(self):
+            return len(self.rows)
+
+        def __getitem__(self, key):
+            if isinstance(key, str):
+                return [row[key] for row in self.rows]
+            self.row_reads += 1
+            return self.rows[key]
+
+        def select(self, indices):
+            return Dataset([self.rows[i] for i in indices])
+
+    data = Dataset(list(_task().data))
+    rest, held = Task("toy", INSTRUCTION, data).split_off(0.25, group="clip")
+    assert data.row_reads == 0 and len(held) == 10 and len(rest) == 30
+    assert not {r["clip"] for r in held.data.rows} & {r["clip"] for r in rest.data.rows}
