@@ -357,7 +357,11 @@ def _save_model(trainer, summary: dict, model_dir: str) -> str:
 def _final_evaluation(trainer, output_dir: str, model_dir: str) -> dict:
     """``trainer.evaluate()`` after training, the model already saved: an error (a metric that
     cannot score the rows chosen, a row without a reference) raises ``RunIncomplete`` saying so.
-    Before the fifteenth audit the model was saved after this evaluation, and its error lost it."""
+    Before the fifteenth audit the model was saved after this evaluation, and its error lost it.
+    With ``train.eval_every``, the evaluation of the last step is the one made while training (the
+    same tasks and rows; it was computed twice before)."""
+    if trainer.last_evaluation is not None and trainer.last_evaluation[0] == trainer.step:
+        return trainer.last_evaluation[1]
     try:
         return trainer.evaluate()
     except ValueError as exc:

@@ -166,7 +166,16 @@ def test_choosing_a_step_is_refused_since_the_cli_evaluates_on_test_splits(flag,
     assert not (tmp_path / "run").exists()
 
 
-def test_eval_every_logs_the_eval_tasks_while_training(tmp_path):
+def test_eval_every_logs_the_eval_tasks_while_training(tmp_path, monkeypatch):
+    from moe_gen.trainer.trainer import Trainer
+
+    evaluated_at, evaluate = [], Trainer.evaluate
+
+    def counted(self, *args, **kwargs):
+        evaluated_at.append(self.step)
+        return evaluate(self, *args, **kwargs)
+
+    monkeypatch.setattr(Trainer, "evaluate", counted)
     run = tmp_path / "run"
     code = main(["pretrain", "--config", "debug", "--output", str(run), "--train.steps", "4", "--train.eval_every",
                  "2", "--train.eval_limit", "2", "--tasks", "table_species", "--train.progress", "false"])
@@ -174,6 +183,8 @@ def test_eval_every_logs_the_eval_tasks_while_training(tmp_path):
     records = [json.loads(line) for line in (run / "logs" / "eval.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4] and list(records[0]["eval"]) == ["table_species"]
     assert records[-1]["eval"] == json.loads((run / "eval.json").read_text())["trained"]
+    # steps 2 and 4; eval.json reuses step 4's evaluation (it ran twice before)
+    assert evaluated_at == [2, 4]
 
 
 def _pretrain(output, *extra):

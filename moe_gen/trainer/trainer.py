@@ -164,6 +164,8 @@ class Trainer:
         check_known_labels(model, self.tasks)  # before any folder is touched, not at the step that draws the row
         self.checkpoint_dir = os.path.join(output_dir, "checkpoints")
         self.best_dir = os.path.join(output_dir, "best")  # TrainConfig.keep_best
+        # (step, results) of the latest evaluation while training (eval_every), in this process's fit
+        self.last_evaluation: Optional[tuple[int, dict]] = None
         self._lock: Optional[RunLock] = None  # held by the main process only
         self._claimed = False  # whether this run holds the directory (the same on every process)
         self._in_context = False
@@ -609,6 +611,7 @@ class Trainer:
             exc.add_note(f"[moe_gen] the evaluation at step {step} (TrainConfig.eval_every) failed; training "
                          f"stopped" + (f", its checkpoint is {path}" if path else ", and its checkpoint failed"))
             raise
+        self.last_evaluation = (step, results)
         best = self.state["best"]
         # process 0's decision for all (their scores agree, and keep_best's save is collective)
         if distributed.any_true(self.rank == 0 and _better(score, best)) and self._keep(step):
