@@ -82,6 +82,9 @@ def make_parser() -> argparse.ArgumentParser:
                              "(RouterConfig.tag_balance_window; default 0: each forward's own)")
     parser.add_argument("--label-smoothing", type=float,
                         help="the token cross-entropy's label smoothing, every system (ModelConfig.label_smoothing)")
+    parser.add_argument("--sam-rho", type=float,
+                        help="sharpness-aware minimisation's rho, every system (TrainConfig.sam_rho; two passes "
+                             "a step)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
@@ -140,8 +143,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
                  "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length", "eval_every",
-                 "eval_limit", "fit_rows", "ema_decay", "label_smoothing", "loss_average", "batch_tasks", "tag_balance",
-                 "tag_balance_window", "workers", "threads"):
+                 "eval_limit", "fit_rows", "ema_decay", "label_smoothing", "sam_rho", "loss_average", "batch_tasks",
+                 "tag_balance", "tag_balance_window", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)
     if args.seeds:

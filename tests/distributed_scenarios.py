@@ -603,6 +603,29 @@ def _scenario_trainer(rank: int, out_dir: str, names: tuple, settings: dict, res
         "error": None, "loss": summary["loss"], **{k: summary[k] for k in ("best_step", "best_model") if k in summary}}
 
 
+def _scenario_sam_balance(rank: int, out_dir: str, settings: dict):
+    """One ``Trainer.train_step`` of an attribute-routed model balanced by a bias, without and with
+    sharpness-aware minimisation (``sam_rho``): the routers' biases after it, by ρ."""
+    from moe_gen.config import RouterConfig
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+    from moe_gen.trainer import TrainConfig, Trainer
+
+    tok = Tokenizer.default()
+    tasks = [load_preset(name, "train", limit=8) for name in ("digit_classification", "table_species")]
+    biases = {}
+    for rho in (0.0, 0.5):
+        torch.manual_seed(0)
+        model = GeneralistModel.build(flavour("debug", moe={"router": RouterConfig(strategy="attribute",
+                                                                                   tag_balance="bias")}), tasks, tok)
+        config = TrainConfig(steps=1, batch_size=4, progress=False, tensorboard=False, sam_rho=rho, **settings)
+        with Trainer(model, tasks, config, output_dir=os.path.join(out_dir, f"run{rho}"), overwrite=True) as trainer:
+            trainer.train_step(1)
+        biases.update({f"{rho}/{name}": b.clone() for name, b in model.named_buffers()
+                       if name.endswith("balance_bias")})
+    return biases, {}
+
+
 def _scenario_unsharded_copy_rng(rank: int, out_dir: str):
     """Whether ``unsharded_copy`` of an FSDP model draws from the global torch RNG."""
     from moe_gen.fsdp import shard_dense, unsharded_copy
@@ -701,6 +724,7 @@ def _scenario_wrapper_keys_with_plan(rank: int, out_dir: str):
 
 
 SCENARIOS = {
+    "sam_balance": _scenario_sam_balance,
     "unsharded_copy_rng": _scenario_unsharded_copy_rng,
     "step_record": _scenario_step_record,
     "trainer": _scenario_trainer,

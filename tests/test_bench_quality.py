@@ -398,6 +398,34 @@ def test_label_smoothing_reaches_every_system_and_the_report():
             BenchConfig(label_smoothing=bad)
 
 
+def test_sam_reaches_every_runs_trainer_the_report_and_the_specialist_settings(monkeypatch):
+    import torch
+
+    import moe_gen.trainer
+    from moe_gen.quality import runner
+    from moe_gen.quality.report import _run_line
+
+    seen = []
+
+    class Recorder:
+        def __init__(self, model, tasks, config, **kwargs):
+            seen.append(config.sam_rho)
+            raise RuntimeError("stop here")
+
+    monkeypatch.setattr(moe_gen.trainer, "Trainer", Recorder)
+    for rho in (0.2, 0.0):
+        with pytest.raises(RuntimeError, match="stop here"):
+            runner._fit(runner.BenchConfig(sam_rho=rho), torch.nn.Linear(1, 1), [], 3, 0)
+    assert seen == [0.2, 0.0]
+    assert "Sharpness-aware minimisation (rho 0.2)" in _run_line(
+        {**dataclasses.asdict(runner.BenchConfig(sam_rho=0.2)), "seeds": [0]})
+    assert "Sharpness-aware" not in _run_line({**dataclasses.asdict(runner.BenchConfig()), "seeds": [0]})
+    assert "sam_rho" in runner.SPECIALIST_SETTINGS  # specialists trained without it are not reused
+    for bad in (-0.1, float("inf")):
+        with pytest.raises(ValueError, match="sam_rho must be a finite number >= 0"):
+            runner.BenchConfig(sam_rho=bad)
+
+
 def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypatch):
     import torch
 
@@ -610,7 +638,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
             "--num-experts", "4", "--expert-hidden", "96", "--moe-attention",
             "--loss-average", "sample",
             "--batch-tasks", "single", "--tag-balance", "bias", "--ema-decay", "0.99", "--label-smoothing", "0.1",
-            "--bag-of-words",
+            "--sam-rho", "0.2", "--bag-of-words",
             "--pose-summary", "--pose-noise", "1.5", "--pose-min-length", "9",
             "--eval-limit", "20", "--eval-every", "40", "--fit-rows", "10", "--workers", "2",
             "--threads", "1", "--tasks", "doc_topic", "motion_classification", "--out", str(tmp_path)]
@@ -619,7 +647,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
                     temperature=3.0, batch_size=8, lr=1e-3, flavour="tiny", num_experts=4, expert_hidden=96,
                     moe_attention=True, loss_average="sample", batch_tasks="single",
                     tag_balance="bias",
-                    ema_decay=0.99, label_smoothing=0.1,
+                    ema_decay=0.99, label_smoothing=0.1, sam_rho=0.2,
                     bag_of_words=True, pose_summary=True, pose_noise=1.5, pose_min_length=9, eval_limit=20,
                     eval_every=40, fit_rows=10, workers=2,
                     threads=1, tasks=("doc_topic", "motion_classification"), output_dir=str(tmp_path),

@@ -273,6 +273,17 @@ def test_evaluations_while_training_agree_over_processes_and_keep_the_best_weigh
     assert not all(torch.equal(p.detach(), r0[name]) for name, p in best.named_parameters())
 
 
+@pytest.mark.parametrize("sharding", ["replicate", "fsdp"])
+def test_sharpness_aware_steps_advance_the_balance_bias_once(tmp_path, sharding):
+    """Several processes sum their routers' loads when gradients are synchronised: the loads of a SAM
+    step's second pass are dropped, so the bias moves as in a step without SAM, the same on both."""
+    (b0, _), (b1, _) = Launch("sam_balance", tmp_path, {"sharding": sharding}).results()
+    names = [name.split("/", 1)[1] for name in b0 if name.startswith("0.0/")]
+    assert names and any(b0[f"0.0/{name}"].abs().sum() > 0 for name in names)
+    for name in names:
+        assert torch.equal(b0[f"0.5/{name}"], b0[f"0.0/{name}"]) and torch.equal(b1[f"0.5/{name}"], b0[f"0.0/{name}"])
+
+
 def test_resuming_with_more_processes_than_wrote_the_checkpoint_is_refused_on_every_process(tmp_path):
     """The new process refused and the old one went on into the step, then died on a closed
     connection (or waited for the timeout)."""

@@ -547,6 +547,8 @@ def _run_line(config: dict) -> str:
                   "(routed experts half as wide).")
     if config.get("label_smoothing"):
         model += f" Label smoothing {config['label_smoothing']:g} in every system's token cross-entropy."
+    if config.get("sam_rho"):
+        model += f" Sharpness-aware minimisation (rho {config['sam_rho']:g}) in every system's training."
     if config.get("lr_scales"):
         scaled = ", ".join(f"{prefix} × {scale:g}" for prefix, scale in config["lr_scales"].items())
         model += f" Learning rate scaled for {scaled} (every system; a specialist where its model has the parameters)."

@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import math
 import multiprocessing
 import os
 import tempfile
@@ -68,6 +69,8 @@ class BenchConfig:
         steps, batch_size, lr, warmup_steps: generalist training (specialists: ``steps · weight``).
         label_smoothing: ``ModelConfig.label_smoothing`` of every system, specialists included (the
             token cross-entropy's; 0: none).
+        sam_rho: ``TrainConfig.sam_rho`` of every run, specialists included (sharpness-aware
+            minimisation: two forward and backward passes a step; 0: off).
         mixing, temperature: how the generalists share steps among tasks (``TrainConfig.mixing``:
             ``temperature`` or ``uniform``); a specialist gets its task's expected share.
         loss_average: ``TrainConfig.loss_average`` of every run (``token`` or ``sample``).
@@ -133,6 +136,7 @@ class BenchConfig:
     lr_scales: dict = dataclasses.field(default_factory=dict)
     warmup_steps: int = 50
     label_smoothing: float = 0.0
+    sam_rho: float = 0.0
     mixing: str = "temperature"
     temperature: float = 2.0
     ema_decay: float = 0.0
@@ -193,6 +197,8 @@ class BenchConfig:
                              "would overwrite; write to another output_dir (--out)")
         if not 0 <= self.label_smoothing < 1:
             raise ValueError(f"BenchConfig.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if not 0 <= self.sam_rho < math.inf:
+            raise ValueError(f"BenchConfig.sam_rho must be a finite number >= 0 (0: off), got {self.sam_rho}")
         if self.eval_limit < 1:
             raise ValueError(f"BenchConfig.eval_limit must be >= 1 (held-out rows scored per task), "
                              f"got {self.eval_limit}")
@@ -416,7 +422,7 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str =
     train_config = TrainConfig(steps=steps, batch_size=cfg.batch_size, lr=cfg.lr, lr_scales=scales,
                                warmup_steps=min(cfg.warmup_steps, steps // 10), **mixing,
                                temperature=cfg.temperature, batch_tasks=cfg.batch_tasks,
-                               loss_average=cfg.loss_average, seed=seed,
+                               loss_average=cfg.loss_average, sam_rho=cfg.sam_rho, seed=seed,
                                progress=False, tensorboard=False,
                                checkpoint_every=0, ema_decay=_ema_decay(cfg, steps), trainable=trainable,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads,
@@ -467,9 +473,10 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 
 
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
-SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "label_smoothing", "mixing", "temperature",
-                       "loss_average", "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words", "pose_summary",
-                       "pose_noise", "pose_min_length", "eval_limit", "fit_rows", "ema_decay", "threads", "lr_scales")
+SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "label_smoothing", "sam_rho", "mixing",
+                       "temperature", "loss_average", "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words",
+                       "pose_summary", "pose_noise", "pose_min_length", "eval_limit", "fit_rows", "ema_decay",
+                       "threads", "lr_scales")
 
 
 class SpecialistsFromError(ValueError):

@@ -40,6 +40,12 @@ class TrainConfig(ConfigBase):
         weight_decay, betas, eps: AdamW settings (no decay on biases, norms and embeddings; betas two
             numbers in [0, 1)).
         clip_norm: global gradient-norm clipping (0 disables).
+        sam_rho: ρ of sharpness-aware minimisation (SAM, Foret et al. 2021; 0: off). Each step
+            takes the gradient g of its micro-batches, moves the weights by ρ·g/‖g‖ (the norm over
+            every trainable parameter, before clipping), takes the gradient of the same micro-batches
+            there, moves the weights back and steps with that one (clipped as usual): two forward
+            and backward passes a step. The step's logged loss is the first pass's; routing
+            balance advances once per step, from the first pass.
         ema_decay: d in [0, 1): keep an exponential moving average of the weights,
             ``avg ← d·avg + (1 − d)·w`` after every optimizer step (PyTorch's ``AveragedModel``;
             buffers such as routing biases are copied, not averaged), which ``evaluate`` and
@@ -146,6 +152,7 @@ class TrainConfig(ConfigBase):
     betas: tuple[float, float] = (0.9, 0.98)
     eps: float = 1e-8
     clip_norm: float = 1.0
+    sam_rho: float = 0.0
     ema_decay: float = 0.0
     precision: str = "fp32"
     seed: int = 0
@@ -230,6 +237,7 @@ class TrainConfig(ConfigBase):
             (self.max_tokens is None or self.max_tokens >= 1,
              f"max_tokens must be >= 1 or None, got {self.max_tokens}"),
             (self.clip_norm >= 0, f"clip_norm must be >= 0 (0 disables), got {self.clip_norm}"),
+            (self.sam_rho >= 0, f"sam_rho must be >= 0 (0: no sharpness-aware minimisation), got {self.sam_rho}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.frame_weight >= 0, f"frame_weight must be >= 0, got {self.frame_weight}"),
             (self.eps > 0, f"eps must be > 0, got {self.eps}"),

@@ -391,13 +391,16 @@ class Trainer:
             return torch.autocast(device_type=device, dtype=torch.bfloat16)
         return contextlib.nullcontext()
 
-    def _accumulate(self, step: int) -> tuple[dict, collections.Counter, bool]:
-        """Forward and backward of the step's micro-batches: every loss part with what it is a mean
-        over, the positions per modality, and whether every loss was finite."""
+    def _accumulate(self, step: int,
+                    micro_batches: Optional[list] = None) -> tuple[dict, collections.Counter, bool, list]:
+        """Forward and backward of the step's micro-batches (drawn, unless given): every loss part
+        with what it is a mean over, the positions per modality, whether every loss was finite, and
+        the micro-batches."""
         values: dict[str, list[tuple[float, float]]] = collections.defaultdict(list)
         positions: collections.Counter = collections.Counter()
         finite = True
-        micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(self.config.accumulate)]
+        if micro_batches is None:
+            micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(self.config.accumulate)]
         scales = step_loss_scales(self.objectives, micro_batches, list(self.model.frame_heads), self.world)
         for micro, (size, groups) in enumerate(micro_batches):
             parts, over, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
@@ -405,7 +408,53 @@ class Trainer:
             positions.update(counts)
             for key, value in parts.items():
                 values[key].append((value, over.get(key, 1.0)))
-        return values, positions, finite
+        return values, positions, finite, micro_batches
+
+    def _sharpness_aware(self, step: int, micro_batches: list) -> bool:
+        """``sam_rho``: replaces the step's gradient g by the gradient of the same micro-batches at
+        the weights moved by ρ·g/‖g‖ (‖g‖ over every process's parameters, before clipping), then
+        moves the weights back. The routers' balancing state (bias, running loads) keeps what the
+        first pass made of it: it advances once per step. Returns whether every loss was finite."""
+        norm = self._clip(clip=False)
+        if not math.isfinite(norm):
+            return False
+        scale = self.config.sam_rho / max(norm, 1e-12)
+        moved = [p for p in self.model.parameters() if p.grad is not None]
+        with torch.no_grad():
+            kept = [p.detach().clone() for p in moved]  # (restored by copy: w + e − e is not w to the bit)
+            for p in moved:
+                p.add_(p.grad, alpha=scale)
+        self.optimizer.zero_grad(set_to_none=True)
+        balance = self._balance_state()
+        try:
+            _, _, finite, _ = self._accumulate(step, micro_batches)
+        finally:
+            with torch.no_grad():
+                for p, weight in zip(moved, kept):
+                    p.copy_(weight)
+            self._restore_balance(balance)
+        return finite
+
+    def _balance_state(self) -> dict[str, torch.Tensor]:
+        """Copies of the routers' balancing buffers (``_BALANCE_STATE``), by their names in the model."""
+        from moe_gen.routing.router import Router
+
+        return {f"{path}.{name}": b.detach().clone() for path, m in self.model.named_modules()
+                if isinstance(m, Router) for name, b in m.named_buffers(recurse=False) if name in _BALANCE_STATE}
+
+    def _restore_balance(self, saved: dict[str, torch.Tensor]) -> None:
+        """Puts back ``_balance_state``'s copies and drops the loads routers keep for the next
+        synchronisation (several processes), which the forwards since then added."""
+        from moe_gen.routing.router import Router
+
+        buffers = dict(self.model.named_buffers())
+        with torch.no_grad():
+            for name, value in saved.items():
+                buffers[name].copy_(value)
+        for module in self.model.modules():
+            if isinstance(module, Router):
+                module.take_pending_load()
+                module.take_pending_share()
 
     @contextlib.contextmanager
     def _undone_if_stopped(self):
@@ -413,12 +462,9 @@ class Trainer:
         gradients (cleared: a retried step would add to the stopped one's), the sampler's position
         (its rows are drawn again, not skipped), torch's random state (dropout and router noise draw
         alike) and the routers' balancing state (bias, running loads), then re-raises."""
-        from moe_gen.routing.router import Router
-
         sampler = self.sampler.state_dict()
         draws = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        routers = {f"{path}.{name}": b.detach().clone() for path, m in self.model.named_modules()
-                   if isinstance(m, Router) for name, b in m.named_buffers(recurse=False) if name in _BALANCE_STATE}
+        routers = self._balance_state()
         try:
             yield
         except BaseException:
@@ -427,10 +473,7 @@ class Trainer:
             torch.set_rng_state(draws[0])  # (dropout and router noise draw the same again)
             if draws[1] is not None:
                 torch.cuda.set_rng_state_all(draws[1])
-            buffers = dict(self.model.named_buffers())
-            with torch.no_grad():
-                for name, value in routers.items():
-                    buffers[name].copy_(value)
+            self._restore_balance(routers)
             raise
 
     def _prepare_micro_batch(self, step: int, micro: int) -> tuple[int, list[tuple[str, list, object]]]:
@@ -485,9 +528,11 @@ class Trainer:
         parts["loss"] = float(loss)
         return parts, counts, positions, finite
 
-    def _clip(self) -> float:
+    def _clip(self, clip: bool = True) -> float:
+        """The gradients made whole (summed over the processes where they are not yet) and their
+        global norm, returned; with ``clip``, scaled down to ``clip_norm`` when above it."""
         params = [p for p in self.model.parameters() if p.requires_grad]
-        max_norm = self.config.clip_norm if self.config.clip_norm > 0 else float("inf")
+        max_norm = self.config.clip_norm if self.config.clip_norm > 0 and clip else float("inf")
         if self.world > 1:
             distributed.sync_gradients(self.model, self.plan, dense_synced=self.ddp is not None)
             return float(distributed.clip_grad_norm_(self.model, max_norm, self.plan))
@@ -505,7 +550,11 @@ class Trainer:
         start = time.perf_counter()
         self.model.train()
         with self._undone_if_stopped():
-            values, positions, finite = self._accumulate(step)
+            values, positions, finite, micro_batches = self._accumulate(step)
+            if cfg.sam_rho > 0 and finite:
+                if recorder is not None:  # the routing of the weights the step starts from
+                    recorder.stop()
+                finite = self._sharpness_aware(step, micro_batches)
         # each part averaged over the micro-batches it occurred in, by what it is a mean over
         totals = {key: _weighted_mean(v) for key, v in values.items()}
         norm = self._clip()
