@@ -90,6 +90,9 @@ def make_parser() -> argparse.ArgumentParser:
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
     parser.add_argument("--bag-of-words", action="store_true",
                         help="doc_topic reads its text as TF-IDF weights of a vocabulary fitted on its training rows")
+    parser.add_argument("--subword-sampling", type=float, metavar="ALPHA",
+                        help="doc_topic's text input draws segmentations into pieces in training (subword "
+                             "regularisation; the TEXT slot's subword_sampling), every system")
     parser.add_argument("--pose-summary", action="store_true",
                         help="motion classification reads each pose window as one row of per-feature statistics")
     parser.add_argument("--pose-noise", type=float,
@@ -142,7 +145,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     """The ``BenchConfig`` the parsed options ask for (``parser.error`` on a malformed one)."""
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
-                 "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length", "eval_every",
+                 "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length", "subword_sampling", "eval_every",
                  "eval_limit", "fit_rows", "ema_decay", "label_smoothing", "sam_rho", "loss_average", "batch_tasks",
                  "tag_balance", "tag_balance_window", "workers", "threads"):
         if getattr(args, name) is not None:

@@ -398,25 +398,32 @@ def test_label_smoothing_reaches_every_system_and_the_report():
             BenchConfig(label_smoothing=bad)
 
 
-def test_sam_reaches_every_runs_trainer_the_report_and_the_specialist_settings(monkeypatch):
+def _train_config_of_fit(monkeypatch, cfg):
+    """The ``TrainConfig`` that ``runner._fit`` gives the trainer for ``cfg``."""
     import torch
 
     import moe_gen.trainer
     from moe_gen.quality import runner
-    from moe_gen.quality.report import _run_line
 
     seen = []
 
     class Recorder:
         def __init__(self, model, tasks, config, **kwargs):
-            seen.append(config.sam_rho)
+            seen.append(config)
             raise RuntimeError("stop here")
 
     monkeypatch.setattr(moe_gen.trainer, "Trainer", Recorder)
-    for rho in (0.2, 0.0):
-        with pytest.raises(RuntimeError, match="stop here"):
-            runner._fit(runner.BenchConfig(sam_rho=rho), torch.nn.Linear(1, 1), [], 3, 0)
-    assert seen == [0.2, 0.0]
+    with pytest.raises(RuntimeError, match="stop here"):
+        runner._fit(cfg, torch.nn.Linear(1, 1), [], 3, 0)
+    return seen[0]
+
+
+def test_sam_reaches_every_runs_trainer_the_report_and_the_specialist_settings(monkeypatch):
+    from moe_gen.quality import runner
+    from moe_gen.quality.report import _run_line
+
+    assert [_train_config_of_fit(monkeypatch, runner.BenchConfig(sam_rho=rho)).sam_rho for rho in (0.2, 0.0)] == \
+        [0.2, 0.0]
     assert "Sharpness-aware minimisation (rho 0.2)" in _run_line(
         {**dataclasses.asdict(runner.BenchConfig(sam_rho=0.2)), "seeds": [0]})
     assert "Sharpness-aware" not in _run_line({**dataclasses.asdict(runner.BenchConfig()), "seeds": [0]})
@@ -427,24 +434,11 @@ def test_sam_reaches_every_runs_trainer_the_report_and_the_specialist_settings(m
 
 
 def test_one_task_batches_reach_the_generalists_trainer_and_the_report(monkeypatch):
-    import torch
-
-    import moe_gen.trainer
     from moe_gen.quality import runner
     from moe_gen.quality.report import _run_line
 
-    seen = []
-
-    class Recorder:
-        def __init__(self, model, tasks, config, **kwargs):
-            seen.append(config.batch_tasks)
-            raise RuntimeError("stop here")
-
-    monkeypatch.setattr(moe_gen.trainer, "Trainer", Recorder)
     cfg = runner.BenchConfig(batch_tasks="single")
-    with pytest.raises(RuntimeError, match="stop here"):
-        runner._fit(cfg, torch.nn.Linear(1, 1), [], 3, 0)
-    assert seen == ["single"]
+    assert _train_config_of_fit(monkeypatch, cfg).batch_tasks == "single"
     assert "one task per batch" in _run_line({**dataclasses.asdict(cfg), "seeds": [0]})
     assert "one task per batch" not in _run_line({**dataclasses.asdict(runner.BenchConfig()), "seeds": [0]})
     with pytest.raises(ValueError, match="batch_tasks must be one of mixed, single"):
@@ -656,6 +650,7 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
     upcycled = bench.config_from_args(parser, parser.parse_args(["--upcycle-at", "0.5", "--upcycle-top-k", "2"]))
     assert (upcycled.upcycle_at, upcycled.upcycle_top_k) == (0.5, 2)
     assert bench.config_from_args(parser, parser.parse_args(["--shared-expert"])).shared_expert
+    assert bench.config_from_args(parser, parser.parse_args(["--subword-sampling", "0.25"])).subword_sampling == 0.25
     # options left out keep BenchConfig's defaults
     defaults = bench.config_from_args(parser, parser.parse_args(["--out", str(tmp_path)]))
     assert dataclasses.replace(defaults, output_dir=None) == dataclasses.replace(

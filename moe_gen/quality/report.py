@@ -567,24 +567,29 @@ def _run_line(config: dict) -> str:
 
 
 def _inputs_line(config: dict) -> str:
-    from moe_gen.quality.suite import BAG_OF_WORDS_INPUTS, POSE_SUMMARY_INPUTS, PRETRAINED_INPUTS
+    from moe_gen.quality import suite
 
     def read(inputs):
         return ", ".join(f"{name} ({preprocess})" for name, (_, preprocess) in inputs.items()
                          if not config.get("tasks") or name in config["tasks"])
 
     line = ""
-    if config.get("pretrained_inputs") and read(PRETRAINED_INPUTS):
-        line += f" Read through frozen pretrained encoders: {read(PRETRAINED_INPUTS)}."
-    if config.get("bag_of_words") and read(BAG_OF_WORDS_INPUTS):
+    if config.get("pretrained_inputs") and read(suite.PRETRAINED_INPUTS):
+        line += f" Read through frozen pretrained encoders: {read(suite.PRETRAINED_INPUTS)}."
+    if config.get("bag_of_words") and read(suite.BAG_OF_WORDS_INPUTS):
         line += (f" Text read as a bag of words (TF-IDF over a vocabulary of the training rows): "
-                 f"{read(BAG_OF_WORDS_INPUTS)}.")
-    if config.get("pose_summary") and read(POSE_SUMMARY_INPUTS):
+                 f"{read(suite.BAG_OF_WORDS_INPUTS)}.")
+    sampled = ", ".join(name for name in suite.SUBWORD_SAMPLING_INPUTS
+                        if not config.get("tasks") or name in config["tasks"])
+    if config.get("subword_sampling") and sampled:
+        line += (f" Text inputs cut into pieces by segmentations drawn in training (subword sampling, alpha "
+                 f"{config['subword_sampling']:g}): {sampled}.")
+    if config.get("pose_summary") and read(suite.POSE_SUMMARY_INPUTS):
         noise = config.get("pose_noise")
         noisy = f", Gaussian noise of std {noise:g} added in training" if noise else ""
         if config.get("pose_min_length"):
             noisy += f", training windows of {config['pose_min_length']} frames or more"
-        line += f" Pose windows read as per-feature window statistics{noisy}: {read(POSE_SUMMARY_INPUTS)}."
+        line += f" Pose windows read as per-feature window statistics{noisy}: {read(suite.POSE_SUMMARY_INPUTS)}."
     return line
 
 

@@ -102,6 +102,9 @@ class BenchConfig:
         pose_min_length: the shortest training window of those rows, in frames: each training read
             summarises a random stretch of that many frames or more (the slot's ``min_length``; 0:
             the whole window; needs ``pose_summary``).
+        subword_sampling: alpha of the segmentations doc_topic's text input draws in training
+            (``suite.SUBWORD_SAMPLING_INPUTS``; the TEXT slot's ``subword_sampling``), for every
+            system; 0: the tokenizer's own pieces. Not with ``pretrained_inputs`` or ``bag_of_words``.
         eval_limit: held-out rows scored per task, evenly spaced over the test split (every system
             sees the same rows).
         eval_every: also score the held-out rows every N steps while training
@@ -149,6 +152,7 @@ class BenchConfig:
     pose_summary: bool = False
     pose_noise: float = 0.0
     pose_min_length: int = 0
+    subword_sampling: float = 0.0
     eval_limit: int = 100
     eval_every: int = 0
     fit_rows: int = 50
@@ -179,9 +183,11 @@ class BenchConfig:
             from moe_gen.trainer import TrainConfig
 
             TrainConfig(lr_scales=dict(self.lr_scales))  # refuses a multiplier that is not a number >= 0
-        if self.pretrained_inputs and self.bag_of_words:
-            raise ValueError("BenchConfig.pretrained_inputs and bag_of_words both redeclare doc_topic's input; "
-                             "choose one")
+        if sum(map(bool, (self.pretrained_inputs, self.bag_of_words, self.subword_sampling))) > 1:
+            raise ValueError("BenchConfig.pretrained_inputs, bag_of_words and subword_sampling each redeclare "
+                             "doc_topic's input; choose one")
+        if not 0 <= self.subword_sampling <= 1:
+            raise ValueError(f"BenchConfig.subword_sampling must be in [0, 1] (0: off), got {self.subword_sampling}")
         if self.pose_noise < 0 or (self.pose_noise and not self.pose_summary):
             raise ValueError(f"BenchConfig.pose_noise must be >= 0 and perturbs the pose-summary rows (it needs "
                              f"pose_summary), got {self.pose_noise}")
@@ -278,6 +284,15 @@ def _model_config(cfg: BenchConfig, system: str):
     return config
 
 
+def bench_suite(cfg: BenchConfig, names) -> list:
+    """``suite_tasks(names)`` with the inputs ``cfg`` redeclares."""
+    from moe_gen.quality.suite import suite_tasks
+
+    return suite_tasks(names, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
+                       pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
+                       pose_min_length=cfg.pose_min_length, subword_sampling=cfg.subword_sampling)
+
+
 def held_out(task, limit: int):
     """``task`` restricted to ``limit`` rows evenly spaced over its rows (all when it has fewer): test
     splits may be ordered by label (pydoc topics are alphabetical), so the first rows would not be
@@ -342,15 +357,12 @@ def train_and_score(job: dict) -> dict:
 
     from moe_gen.analysis import RoutingRecorder
     from moe_gen.model import GeneralistModel
-    from moe_gen.quality.suite import suite_tasks
     from moe_gen.tasks import Tokenizer
     from moe_gen.trainer.evaluation import evaluate_task
 
     cfg = BenchConfig(**job["config"])
     torch.set_num_threads(cfg.threads)
-    suite = suite_tasks(job["tasks"], pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
-                        pose_min_length=cfg.pose_min_length)
+    suite = bench_suite(cfg, job["tasks"])
     train = [t.build("train") for t in suite]
     test = [held_out(t.build("test"), cfg.eval_limit) for t in suite]
     start = time.perf_counter()
@@ -475,8 +487,8 @@ def specialist_steps(cfg: BenchConfig, train_tasks) -> dict[str, int]:
 # BenchConfig fields a specialist's result depends on (``specialists_from`` must match them all)
 SPECIALIST_SETTINGS = ("steps", "batch_size", "lr", "warmup_steps", "label_smoothing", "sam_rho", "mixing",
                        "temperature", "loss_average", "flavour", "expert_hidden", "pretrained_inputs", "bag_of_words",
-                       "pose_summary", "pose_noise", "pose_min_length", "eval_limit", "fit_rows", "ema_decay",
-                       "threads", "lr_scales")
+                       "pose_summary", "pose_noise", "pose_min_length", "subword_sampling", "eval_limit", "fit_rows",
+                       "ema_decay", "threads", "lr_scales")
 
 
 class SpecialistsFromError(ValueError):
@@ -573,12 +585,9 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     ``specialists_from`` that cannot stand in is refused (``SpecialistsFromError``) before any model
     trains, and before the classical baselines unless it is theirs that differ."""
     from moe_gen.quality.report import build_report, write_report
-    from moe_gen.quality.suite import suite_tasks
 
     start = time.perf_counter()
-    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
-                        pose_min_length=cfg.pose_min_length)
+    suite = bench_suite(cfg, cfg.tasks)
     names = [t.name for t in suite]
     train_tasks = [task.build("train") for task in suite]
     per_task = specialist_steps(cfg, train_tasks)
@@ -653,7 +662,6 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
     setting other than ``MERGE_FREE`` differs, the classical baselines differ (other held-out
     rows) or a system's seed is in two reports."""
     from moe_gen.quality.report import build_report, write_report
-    from moe_gen.quality.suite import suite_tasks
 
     if len(paths) < 2:
         raise ValueError(f"merging needs at least two reports, got {len(paths)}")
@@ -684,9 +692,7 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
                          "output_dir": output_dir,
                          "specialists": any(report["config"].get("specialists", True) for report in reports),
                          "specialists_from": None})
-    suite = suite_tasks(cfg.tasks, pretrained_inputs=cfg.pretrained_inputs, bag_of_words=cfg.bag_of_words,
-                        pose_summary=cfg.pose_summary, pose_noise=cfg.pose_noise,
-                        pose_min_length=cfg.pose_min_length)
+    suite = bench_suite(cfg, cfg.tasks)
     classical = next((rep["classical"] for rep in reports if all("cv" in b for b in rep["classical"].values())),
                      None) or _with_cross_validation(suite, reports[0]["classical"])
     report = build_report(cfg, suite, classical, [r for rep in reports for r in rep["runs"]],

@@ -332,6 +332,10 @@ PRETRAINED_INPUTS: dict[str, tuple[str, str]] = {
 # the training rows (``moe_gen.tasks.modalities.bag_of_words``) instead of as sentencepiece tokens.
 BAG_OF_WORDS_INPUTS: dict[str, tuple[str, str]] = {"doc_topic": ("[TEXT:text]", "bag_of_words")}
 
+# ``subword_sampling``: the text input of these tasks is read as pieces of segmentations drawn in
+# training (the TEXT slot's ``subword_sampling=alpha``; subword regularisation).
+SUBWORD_SAMPLING_INPUTS: dict[str, tuple[str, str]] = {"doc_topic": ("[TEXT:text]", "text")}
+
 # ``pose_summary``: the pose windows of these tasks are read as one row of per-feature window
 # statistics (``moe_gen.tasks.modalities.pose_summary``) instead of frame by frame.
 POSE_SUMMARY_INPUTS: dict[str, tuple[str, str]] = {"motion_classification": ("[MOTION:motion]", "pose_summary")}
@@ -354,7 +358,7 @@ def _with_preprocess(task: SuiteTask, slot: str, preprocess: str, frozen: bool) 
 
 def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: bool = False,
                 bag_of_words: bool = False, pose_summary: bool = False, pose_noise: float = 0.0,
-                pose_min_length: int = 0) -> list[SuiteTask]:
+                pose_min_length: int = 0, subword_sampling: float = 0.0) -> list[SuiteTask]:
     """The suite, or the named tasks (of the suite or ``EXTRA``, in that order); unknown names are
     an error. With ``pretrained_inputs`` the tasks of ``PRETRAINED_INPUTS`` read their input
     through a frozen pretrained encoder; with ``bag_of_words`` those of ``BAG_OF_WORDS_INPUTS``
@@ -362,9 +366,11 @@ def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: boo
     ``pose_summary`` those of ``POSE_SUMMARY_INPUTS`` read their pose windows as window statistics,
     perturbed in training by Gaussian noise of std ``pose_noise`` (the slot's ``feature_noise``)
     and, with ``pose_min_length``, taken over a training window of a random length of that many
-    frames or more (the slot's ``min_length``)."""
-    if pretrained_inputs and bag_of_words:
-        raise ValueError("pretrained_inputs and bag_of_words both redeclare doc_topic's text input; choose one")
+    frames or more (the slot's ``min_length``); with ``subword_sampling`` (alpha) those of
+    ``SUBWORD_SAMPLING_INPUTS`` draw segmentations of their text in training."""
+    if sum(map(bool, (pretrained_inputs, bag_of_words, subword_sampling))) > 1:
+        raise ValueError("pretrained_inputs, bag_of_words and subword_sampling each redeclare doc_topic's text input; "
+                         "choose one")
     if (pose_noise or pose_min_length) and not pose_summary:
         raise ValueError("pose_noise and pose_min_length change the pose-summary rows; they need pose_summary")
     options = (f",feature_noise={float(pose_noise)!r}" if pose_noise else "") + \
@@ -381,9 +387,11 @@ def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: boo
         raise ValueError("motion_unseen_clips holds out clips whose first 70% motion_classification trains on: "
                          "a generalist of both would have seen them; run motion_unseen_clips without "
                          "motion_classification")
+    sampled = {name: (slot, f"{preprocess},subword_sampling={float(subword_sampling)!r}")
+               for name, (slot, preprocess) in SUBWORD_SAMPLING_INPUTS.items()}
     redeclared = [(inputs, frozen) for inputs, frozen, wanted in (
         (PRETRAINED_INPUTS, True, pretrained_inputs), (BAG_OF_WORDS_INPUTS, False, bag_of_words),
-        (summary, False, pose_summary)) if wanted]
+        (summary, False, pose_summary), (sampled, False, subword_sampling)) if wanted]
     for inputs, frozen in redeclared:  # each redeclares other tasks' slots
         chosen = [_with_preprocess(t, *inputs[t.name], frozen) if t.name in inputs else t for t in chosen]
     return chosen

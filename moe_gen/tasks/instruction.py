@@ -176,6 +176,9 @@ _OFASYS_ONLY = AttrSpec("flag", help="OFASys's; parsed, not applied", applied=Fa
 
 BUILTIN_SLOT_ATTRIBUTES: dict[str, dict[str, AttrSpec]] = {
     "TEXT": _modality(**_TEXTUAL, closed_set=_FLAG, is_label=_OFASYS_ONLY,
+                      subword_sampling=AttrSpec("float", 0.0, 1.0, help="alpha: each training read of an input "
+                                                "draws a segmentation into pieces (subword regularisation; "
+                                                "smaller: more varied)"),
                       vocab_size=AttrSpec("int", 1, 1 << 16, help="words of the vocabulary (preprocess=bag_of_words)")),
     "STRUCT": _modality(**_TEXTUAL),
     "BOX": _modality(**_TOKENS),

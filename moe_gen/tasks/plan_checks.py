@@ -167,7 +167,10 @@ def check_answers_hidden(plan, encoder: list, decoder: list) -> None:
 
 
 def check_windows_and_masks(plan, where: str, slot: Slot, side: str, preprocess: str) -> None:
-    """Refuses motion windows, ``feature_noise`` and ``mask_ratio`` where they cannot apply."""
+    """Refuses motion windows, ``feature_noise``, ``mask_ratio`` and ``subword_sampling`` where they
+    cannot apply."""
+    if "subword_sampling" in slot.attrs:
+        _check_subword_sampling(plan, where, side, preprocess)
     if slot.modality == "MOTION" and slot.attrs.get("min_length", 0) > slot.attrs.get("max_length", math.inf):
         raise ValueError(f"{where}: min_length {slot.attrs['min_length']} is above max_length "
                          f"{slot.attrs['max_length']}")
@@ -182,6 +185,19 @@ def check_windows_and_masks(plan, where: str, slot: Slot, side: str, preprocess:
     if slot.attrs.get("mask_ratio") and sentinels and not plan.tokenizer.num_sentinels:
         raise ValueError(f"{where}: mask_ratio replaces spans by sentinel tokens, and the tokenizer has none "
                          "(num_sentinels=0); build it with sentinels, or corrupt with noise_ratio")
+
+
+def _check_subword_sampling(plan, where: str, side: str, preprocess: str) -> None:
+    """``subword_sampling`` draws segmentations of text inputs read as pieces of a vocabulary that can."""
+    if side != "encoder":
+        raise ValueError(f"{where}: subword_sampling draws segmentations of an input in training; an answer "
+                         "(after ->) is written and scored in the tokenizer's own segmentation")
+    if preprocess != "text":
+        raise ValueError(f"{where}: subword_sampling applies to text read as tokens (preprocess=text), not "
+                         f"preprocess={preprocess}")
+    if not plan.tokenizer.samples_segmentations:
+        raise ValueError(f"{where}: subword_sampling needs a tokenizer that draws segmentations (the package's "
+                         f"sentencepiece Tokenizer); this model's is {type(plan.tokenizer).__name__}")
 
 
 def check_augment(plan, where: str, slot: Slot, side: str, preprocess: str) -> None:

@@ -23,7 +23,9 @@ import functools
 import hashlib
 import io
 import json
+import math
 import os
+import random
 from typing import Iterable, Optional, Sequence
 
 import sentencepiece as spm
@@ -31,6 +33,7 @@ import sentencepiece as spm
 __all__ = ["BaseTokenizer", "Tokenizer", "default_corpus", "PHONE_SYMBOLS"]
 
 PAD_ID, UNK_ID, BOS_ID, EOS_ID = 0, 1, 2, 3
+_WHITE_SPACE = str.maketrans("\t\n\r\f", "    ")  # what sentencepiece reads as spaces between words ("\v" not)
 
 _ARPABET = ("AA AE AH AO AW AY B CH D DH EH ER EY F G HH IH IY JH K L M N NG OW OY P R S SH T TH "
             "UH UW V W Y Z ZH").split()
@@ -90,6 +93,15 @@ class BaseTokenizer(abc.ABC):
         """Token ids of an instruction's literal text, whose author may name the vocabulary's own
         special tokens (``<|notimestamps|>``), unlike data (``encode``)."""
         return self.encode(text)
+
+    # Whether ``encode_sampled`` can draw segmentations (a TEXT slot's ``subword_sampling``).
+    samples_segmentations: bool = False
+
+    def encode_sampled(self, text: str, alpha: float, seed: int) -> list[int]:
+        """Token ids of one segmentation of ``text`` drawn at random (subword regularisation), the
+        same for the same ``seed``. Only vocabularies that say ``samples_segmentations``."""
+        raise ValueError(f"{type(self).__name__} cannot draw segmentations of a text (subword_sampling needs the "
+                         f"package's sentencepiece tokenizer, moe_gen.tasks.Tokenizer)")
 
     @abc.abstractmethod
     def decode(self, ids: Iterable[int]) -> str:
@@ -249,6 +261,40 @@ class Tokenizer(BaseTokenizer):
         """Token ids of ``text`` (location and sentinel tokens written out are recognised)."""
         ids = self.sp.encode(text)
         return ([BOS_ID] if add_bos else []) + ids + ([EOS_ID] if add_eos else [])
+
+    samples_segmentations = True
+
+    def encode_sampled(self, text: str, alpha: float, seed: int) -> list[int]:
+        """Token ids of a segmentation of ``text`` drawn from the unigram model's distribution over
+        segmentations, sharpened by ``alpha`` in [0, 1]: a segmentation of probability p is drawn
+        with weight p^alpha (Kudo 2018; 0 draws uniformly, 1 by the model's probabilities, and the
+        most likely one, ``encode``'s, is drawn most often). Location and sentinel tokens stay whole.
+
+        Pieces never span white space, so each word is drawn on its own, among its
+        ``SAMPLED_SEGMENTATIONS`` most likely segmentations (every one, for most words) with their
+        log-probabilities, by ``random.Random(seed)``: the same seed draws the same pieces in every
+        process (sentencepiece's own sampling draws from a generator seeded once per thread)."""
+        rng = random.Random(seed)
+        ids: list[int] = []
+        for word in text.translate(_WHITE_SPACE).split(" "):
+            if word:
+                options, scores = self._segmentations(word)
+                top = max(scores)
+                ids.extend(rng.choices(options, weights=[math.exp(alpha * (s - top)) for s in scores])[0])
+        return ids
+
+    SAMPLED_SEGMENTATIONS = 64
+
+    def _segmentations(self, word: str) -> tuple[list[list[int]], list[float]]:
+        """The most likely segmentations of ``word`` and their log-probabilities (sums of the pieces'
+        scores), kept for the next draws of the word (up to 65,536 words)."""
+        cache = self.__dict__.setdefault("_segmentation_cache", {})
+        if word not in cache:
+            if len(cache) >= 1 << 16:
+                cache.clear()
+            options = self.sp.nbest_encode_as_ids(word, nbest_size=self.SAMPLED_SEGMENTATIONS)
+            cache[word] = options, [sum(self.sp.get_score(i) for i in option) for option in options]
+        return cache[word]
 
     def decode(self, ids: Iterable[int]) -> str:
         """Text of ``ids``; padding, BOS and EOS are dropped."""

@@ -1,9 +1,11 @@
 """Text preprocessing: normalisation, span masking with sentinels, token noise.
 
 These are the operations behind the TEXT slot attributes ``uncased``, ``no_punctuation``,
-``max_length``, ``mask_ratio`` and ``noise_ratio``. They work on token ids of the shared
-``Tokenizer`` and take an explicit ``random.Random`` so a sample encodes the same way every
-time it is drawn with the same seed.
+``max_length``, ``mask_ratio``, ``noise_ratio`` and ``subword_sampling`` (subword regularisation,
+Kudo 2018: a training read of an input is cut into pieces by a segmentation drawn from the unigram
+model's distribution over them, not always the most likely one; smaller alpha, more varied
+pieces). They work on token ids of the shared ``Tokenizer`` and take an explicit ``random.Random``
+(or a seed drawn from it) so a sample encodes the same way every time it is drawn with the same seed.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import random
 import string
 import unicodedata
+from typing import Optional
 
 from moe_gen.tasks.tokenizer import Tokenizer
 
@@ -46,13 +49,17 @@ def truncate(ids: list[int], max_length: int | None) -> list[int]:
     return list(ids[:max_length])
 
 
-def slot_token_ids(text: str, attrs, tokenizer: Tokenizer) -> list[int]:
+def slot_token_ids(text: str, attrs, tokenizer: Tokenizer, sampling_seed: Optional[int] = None) -> list[int]:
     """The token ids a text slot with attributes ``attrs`` trains on for ``text`` (before masking
     and noise): normalised (``uncased``, ``no_punctuation``), tokenised, cut at ``max_length``
     (and then before a character the cut split: byte pieces of half a "漢" or "🙂" decode to
-    "\ufffd", and a lone word-start piece to a trailing space)."""
+    "\ufffd", and a lone word-start piece to a trailing space). With ``sampling_seed`` and the
+    slot's ``subword_sampling=alpha``, tokenised into a segmentation drawn by that seed."""
     text = normalize_text(text, uncased=bool(attrs.get("uncased")), no_punctuation=bool(attrs.get("no_punctuation")))
-    ids = tokenizer.encode(text)
+    if sampling_seed is not None and attrs.get("subword_sampling") is not None:
+        ids = tokenizer.encode_sampled(text, float(attrs["subword_sampling"]), sampling_seed)
+    else:
+        ids = tokenizer.encode(text)
     kept = truncate(ids, attrs.get("max_length"))
     if len(kept) < len(ids):
         while kept and _cut_short(tokenizer.decode(kept)):

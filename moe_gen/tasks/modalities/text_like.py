@@ -43,10 +43,13 @@ for _spec in (
 
 
 def _text_tokens(text: str, slot, ctx: EncodeContext) -> list[int]:
-    """Normalise, tokenise, truncate, then mask spans and add noise (``EncodeContext.corrupts``: in
-    training, and at inference too when the slot's column is the sample's answer)."""
+    """Normalise, tokenise (an input read in training with ``subword_sampling``: into a segmentation
+    drawn by the sample's generator), truncate, then mask spans and add noise
+    (``EncodeContext.corrupts``: in training, and at inference too when the slot's column is the
+    sample's answer)."""
     attrs = slot.attrs
-    ids = slot_token_ids(text, attrs, ctx.tokenizer)
+    sampled = "subword_sampling" in attrs and ctx.training and not ctx.target
+    ids = slot_token_ids(text, attrs, ctx.tokenizer, ctx.rng.getrandbits(31) if sampled else None)
     corrupts = ctx.corrupts(slot.column)
     if corrupts and attrs.get("mask_ratio"):
         ids, _ = span_mask(ids, float(attrs["mask_ratio"]), ctx.tokenizer, ctx.rng)
