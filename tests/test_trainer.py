@@ -655,7 +655,7 @@ def test_logged_utilisation_counts_shares_before_rounding():
     from types import SimpleNamespace
 
     from moe_gen.analysis.stats import utilisation
-    from moe_gen.trainer.trainer import _routing_summary
+    from moe_gen.trainer.logs import routing_summary as _routing_summary
 
     counts_E = torch.tensor([1.0, 3, 4, 4, 5, 5, 5, 5], dtype=torch.float64)
     tables = SimpleNamespace(counts_LETMR=counts_E.view(1, 8, 1, 1, 1), layer_names=["encoder.0"], num_experts=[8],

@@ -171,7 +171,7 @@ def test_evaluate_passes_its_tasks_and_limit_and_defaults_to_the_configs(tasks, 
 # ---- log helpers ---------------------------------------------------------------------------------
 
 def test_routing_summary_gives_each_modalitys_max_over_mean_load():
-    from moe_gen.trainer.trainer import _routing_summary
+    from moe_gen.trainer.logs import routing_summary as _routing_summary
 
     # one layer, two experts, modalities TEXT (1 and 3 assignments) and IMAGE (2 and 2)
     counts_EM = torch.tensor([[1.0, 2.0], [3.0, 2.0]], dtype=torch.float64)

@@ -63,7 +63,8 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-__all__ = ["group_balance_loss", "nudge_bias_", "defer_to_sync", "sync_bias_updates"]
+__all__ = ["group_balance_loss", "nudge_bias_", "defer_to_sync", "sync_bias_updates", "balance_state",
+           "restore_balance_state"]
 
 
 def group_balance_loss(probs_GE: torch.Tensor, ids_GK: torch.Tensor, count_G: torch.Tensor,
@@ -155,3 +156,33 @@ def sync_bias_updates(model: nn.Module) -> None:
     for router, piece in zip(windowed, pieces[len(biased):]):
         if float(piece[-1]) > 0:
             router.advance_load_average(piece[:-1] / piece[-1])
+
+
+# The routers' buffers that balancing changes as the model trains (``bias``, and the windowed loss's
+# running load).
+BALANCE_BUFFERS = ("balance_bias", "load_average", "load_weight")
+
+
+def balance_state(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Copies of the balancing buffers of ``model``'s routers (``BALANCE_BUFFERS``), by their names in
+    the model: what ``restore_balance_state`` puts back (a training step undone, the second pass of a
+    sharpness-aware step)."""
+    from moe_gen.routing.router import Router
+
+    return {f"{path}.{name}": b.detach().clone() for path, m in model.named_modules()
+            if isinstance(m, Router) for name, b in m.named_buffers(recurse=False) if name in BALANCE_BUFFERS}
+
+
+def restore_balance_state(model: nn.Module, saved: dict[str, torch.Tensor]) -> None:
+    """Puts back ``balance_state``'s copies and drops the loads the routers keep for the next
+    ``sync_bias_updates`` (several processes), which the forwards since then added."""
+    from moe_gen.routing.router import Router
+
+    buffers = dict(model.named_buffers())
+    with torch.no_grad():
+        for name, value in saved.items():
+            buffers[name].copy_(value)
+    for module in model.modules():
+        if isinstance(module, Router):
+            module.take_pending_load()
+            module.take_pending_share()

@@ -17,7 +17,7 @@ import torch
 
 from moe_gen.analysis.stats import json_ready, utilisation
 
-__all__ = ["RunLogger", "iter_jsonl_log", "read_jsonl_log", "expert_utilisation"]
+__all__ = ["RunLogger", "iter_jsonl_log", "read_jsonl_log", "expert_utilisation", "routing_summary"]
 
 # Short names for the progress bar.
 _SHORT = {"TEXT": "txt", "IMAGE": "img", "AUDIO": "aud", "VIDEO": "vid", "MOTION": "mot", "BOX": "box",
@@ -152,3 +152,26 @@ class RunLogger:
             self._tb.close()
         if self._file is not None:
             self._file.close()
+
+
+def routing_summary(tables) -> dict:
+    """Per-step routing numbers for the log from a ``RoutingRecorder``'s tables: expert-load shares per
+    layer, their mean imbalance (max/mean), per modality the imbalance of its own assignments
+    (averaged over layers), and dropped tokens."""
+    counts_LEM = tables.counts_LETMR.sum((2, 4))
+    load, exact, imbalance = {}, {}, []
+    by_modality: dict[str, list[float]] = {}
+    for layer, (name, E) in enumerate(zip(tables.layer_names, tables.num_experts)):
+        counts_E = counts_LEM[layer, :E].sum(-1)
+        if counts_E.sum() > 0:
+            exact[name] = [float(c) for c in counts_E / counts_E.sum()]
+            load[name] = [round(c, 4) for c in exact[name]]  # the log's shares; utilisation from the exact ones
+            imbalance.append(float(counts_E.max() / counts_E.mean()))
+        for m, modality in enumerate(tables.modality_names):
+            counts_e = counts_LEM[layer, :E, m]
+            if counts_e.sum() > 0:
+                by_modality.setdefault(modality, []).append(float(counts_e.max() / counts_e.mean()))
+    return {"expert_load": load, **expert_utilisation(exact),
+            "expert_imbalance": sum(imbalance) / len(imbalance) if imbalance else 0.0,
+            "modality_expert_imbalance": {m: round(sum(v) / len(v), 4) for m, v in by_modality.items()},
+            "dropped_tokens": int(tables.dropped_LTMR.sum())}

@@ -31,6 +31,7 @@ from moe_gen.analysis.recorder import RoutingRecorder
 from moe_gen.experts.parallel import ExpertParallelPlan
 from moe_gen.model.model import NEW_HEADS, GeneralistModel
 from moe_gen.objectives import OBJECTIVES, LossScales
+from moe_gen.routing.balance import balance_state, restore_balance_state
 from moe_gen.tasks.task import Task
 from moe_gen.trainer.averaging import update_average, weight_average
 from moe_gen.trainer.checkpoint import (
@@ -45,7 +46,7 @@ from moe_gen.trainer.config import TrainConfig
 from moe_gen.trainer.evaluation import eval_score
 from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
-from moe_gen.trainer.logs import RunLogger, expert_utilisation, iter_jsonl_log
+from moe_gen.trainer.logs import RunLogger, iter_jsonl_log, routing_summary
 from moe_gen.trainer.optim import WarmupCosine, _fusable, _param_groups, select_trainable  # noqa: F401
 from moe_gen.trainer.resume import check_same_model, check_same_tokenizer, check_same_training
 from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
@@ -55,7 +56,6 @@ from moe_gen.trainer.undo import model_undo
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
 
 # a router's buffers that its forward passes change in training (bias balancing, running loads)
-_BALANCE_STATE = ("balance_bias", "load_average", "load_weight")
 logger = logging.getLogger("moe_gen")
 
 
@@ -93,29 +93,6 @@ def _weighted_mean(pairs: list[tuple[float, float]]) -> float:
     """Mean of the values, each by its weight (a plain mean where the weights sum to 0)."""
     total = sum(w for _, w in pairs)
     return sum(v * w for v, w in pairs) / total if total else sum(v for v, _ in pairs) / len(pairs)
-
-
-def _routing_summary(tables) -> dict:
-    """Per-step routing numbers for the log from a ``RoutingRecorder``'s tables: expert-load shares per
-    layer, their mean imbalance (max/mean), per modality the imbalance of its own assignments
-    (averaged over layers), and dropped tokens."""
-    counts_LEM = tables.counts_LETMR.sum((2, 4))
-    load, exact, imbalance = {}, {}, []
-    by_modality: dict[str, list[float]] = {}
-    for layer, (name, E) in enumerate(zip(tables.layer_names, tables.num_experts)):
-        counts_E = counts_LEM[layer, :E].sum(-1)
-        if counts_E.sum() > 0:
-            exact[name] = [float(c) for c in counts_E / counts_E.sum()]
-            load[name] = [round(c, 4) for c in exact[name]]  # the log's shares; utilisation from the exact ones
-            imbalance.append(float(counts_E.max() / counts_E.mean()))
-        for m, modality in enumerate(tables.modality_names):
-            counts_e = counts_LEM[layer, :E, m]
-            if counts_e.sum() > 0:
-                by_modality.setdefault(modality, []).append(float(counts_e.max() / counts_e.mean()))
-    return {"expert_load": load, **expert_utilisation(exact),
-            "expert_imbalance": sum(imbalance) / len(imbalance) if imbalance else 0.0,
-            "modality_expert_imbalance": {m: round(sum(v) / len(v), 4) for m, v in by_modality.items()},
-            "dropped_tokens": int(tables.dropped_LTMR.sum())}
 
 
 class Trainer:
@@ -425,36 +402,15 @@ class Trainer:
             for p in moved:
                 p.add_(p.grad, alpha=scale)
         self.optimizer.zero_grad(set_to_none=True)
-        balance = self._balance_state()
+        balance = balance_state(self.model)
         try:
             _, _, finite, _ = self._accumulate(step, micro_batches)
         finally:
             with torch.no_grad():
                 for p, weight in zip(moved, kept):
                     p.copy_(weight)
-            self._restore_balance(balance)
+            restore_balance_state(self.model, balance)
         return finite
-
-    def _balance_state(self) -> dict[str, torch.Tensor]:
-        """Copies of the routers' balancing buffers (``_BALANCE_STATE``), by their names in the model."""
-        from moe_gen.routing.router import Router
-
-        return {f"{path}.{name}": b.detach().clone() for path, m in self.model.named_modules()
-                if isinstance(m, Router) for name, b in m.named_buffers(recurse=False) if name in _BALANCE_STATE}
-
-    def _restore_balance(self, saved: dict[str, torch.Tensor]) -> None:
-        """Puts back ``_balance_state``'s copies and drops the loads routers keep for the next
-        synchronisation (several processes), which the forwards since then added."""
-        from moe_gen.routing.router import Router
-
-        buffers = dict(self.model.named_buffers())
-        with torch.no_grad():
-            for name, value in saved.items():
-                buffers[name].copy_(value)
-        for module in self.model.modules():
-            if isinstance(module, Router):
-                module.take_pending_load()
-                module.take_pending_share()
 
     @contextlib.contextmanager
     def _undone_if_stopped(self):
@@ -464,7 +420,7 @@ class Trainer:
         alike) and the routers' balancing state (bias, running loads), then re-raises."""
         sampler = self.sampler.state_dict()
         draws = torch.get_rng_state(), torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
-        routers = self._balance_state()
+        routers = balance_state(self.model)
         try:
             yield
         except BaseException:
@@ -473,7 +429,7 @@ class Trainer:
             torch.set_rng_state(draws[0])  # (dropout and router noise draw the same again)
             if draws[1] is not None:
                 torch.cuda.set_rng_state_all(draws[1])
-            self._restore_balance(routers)
+            restore_balance_state(self.model, routers)
             raise
 
     def _prepare_micro_batch(self, step: int, micro: int) -> tuple[int, list[tuple[str, list, object]]]:
@@ -588,7 +544,7 @@ class Trainer:
         }
         if recorder is not None:
             recorder.stop()
-            record.update(_routing_summary(recorder.tables()))
+            record.update(routing_summary(recorder.tables()))
         if not finite and self.state["bad_in_a_row"] >= cfg.max_bad_steps:
             raise TrainingDiverged(
                 f"{self.state['bad_in_a_row']} steps in a row (up to step {step}) had a non-finite loss or gradient "
