@@ -12,16 +12,11 @@ from helpers import build, quiet
 
 from moe_gen.analysis.recorder import RoutingRecorder
 from moe_gen.config import RouterConfig
-from moe_gen.tasks import Tokenizer, load_preset
+from moe_gen.tasks import load_preset
 from moe_gen.trainer import TrainConfig, Trainer
 from moe_gen.trainer.optim import _param_groups
 
 NAMES = ["digit_classification", "table_qa"]
-
-
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
 
 
 @pytest.fixture(scope="module")

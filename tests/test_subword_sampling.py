@@ -19,11 +19,6 @@ ROWS = [{"text": "The assignment statement binds names to objects in the namespa
         {"text": "A for loop repeats its block once for every item of the sequence.", "label": "loops"}] * 3
 
 
-@pytest.fixture(scope="module")
-def tok() -> Tokenizer:
-    return Tokenizer.default()
-
-
 def _input(task, tok, seed, training=True) -> list[int]:
     return task.encode(0, tok, seed=seed, training=training).encoder[0].tokens
 
