@@ -7,6 +7,7 @@ Usage:
     python scripts/bench_quality.py --seeds 0 --systems dense attribute --steps 800
     python scripts/bench_quality.py --systems dense attribute --pretrained-inputs   # frozen MiniLM / Whisper inputs
     python scripts/bench_quality.py --merge a/quality.json b/quality.json --out c   # both runs in one report
+    python scripts/bench_quality.py --compare a/quality.json:dense b/quality.json:attribute   # b against a, by seed
     python scripts/bench_quality.py --tasks digit_classification digit_successor --systems task instruction --steps 200
     make bench-quality
 
@@ -22,6 +23,7 @@ import sys
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+from moe_gen.quality.compare import compare_markdown, compare_reports  # noqa: E402
 from moe_gen.quality.report import markdown  # noqa: E402
 from moe_gen.quality.runner import (  # noqa: E402
     EXTRA_SYSTEMS,
@@ -113,6 +115,10 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--merge", nargs="+", metavar="QUALITY_JSON",
                         help="train nothing: merge reports of the same settings on other seeds or systems into "
                              "one report written to --out (every other option is ignored)")
+    parser.add_argument("--compare", nargs="+", metavar="QUALITY_JSON[:SYSTEM]",
+                        help="train nothing: compare two runs (BASE OTHER; a report's system after a colon) "
+                             "seed by seed, per task, written to --out as compare.{md,json} (every other option is "
+                             "ignored)")
     parser.add_argument("--out")
     return parser
 
@@ -128,6 +134,14 @@ def main(argv=None) -> int:
             parser.error(str(exc))
         print(markdown(report))
         print(f"written to {out}/quality.{{json,md,png}}")
+        return 0
+
+    if args.compare:
+        try:
+            result = compare_reports(args.compare, args.out or os.path.join("bench_results", "quality_compare"))
+        except ValueError as exc:
+            parser.error(str(exc))
+        print(compare_markdown(result))
         return 0
 
     config = config_from_args(parser, args)

@@ -345,18 +345,12 @@ def _criteria(classical: dict, scores: dict, versus_classical: dict, mean_relati
     }
 
 
-def _paired_difference(learned: dict, system: str, baseline: str) -> Optional[dict]:
-    """``system`` − ``baseline`` on the mean relative score over learned tasks, in points, paired by
-    seed: per seed, their mean, a 95% confidence interval of the mean (Student's t over the seeds)
-    and the two-sided p-value of a paired t-test (scipy); interval and p need ≥ 2 seeds."""
-    if system not in learned or baseline not in learned:
-        return None
-    a, b = ({seed: v for seed, v in zip(learned[s]["seeds"], learned[s]["values"])} for s in (system, baseline))
-    seeds = sorted(a.keys() & b.keys())
-    if not seeds:
-        return None
-    diffs = [100 * (a[seed] - b[seed]) for seed in seeds]
-    out = {"seeds": seeds, "points": diffs, "mean": statistics.fmean(diffs), "ci95": None, "p_value": None}
+def paired_test(a: Sequence[float], b: Sequence[float]) -> dict:
+    """``a`` − ``b``, paired by position (seed): the differences, their mean, a 95% confidence
+    interval of the mean (Student's t) and the two-sided p-value of a paired t-test (scipy); interval
+    and p need ≥ 2 pairs, p also differences that are not all equal (else None)."""
+    diffs = [float(x) - float(y) for x, y in zip(a, b)]
+    out = {"points": diffs, "mean": statistics.fmean(diffs), "ci95": None, "p_value": None}
     if len(diffs) >= 2:
         from scipy import stats
 
@@ -364,9 +358,20 @@ def _paired_difference(learned: dict, system: str, baseline: str) -> Optional[di
         half = float(stats.t.ppf(0.975, len(diffs) - 1)) * spread / len(diffs) ** 0.5
         out["ci95"] = [out["mean"] - half, out["mean"] + half]
         if spread > 0:
-            out["p_value"] = float(stats.ttest_rel([100 * a[seed] for seed in seeds],
-                                                   [100 * b[seed] for seed in seeds]).pvalue)
+            out["p_value"] = float(stats.ttest_rel(list(a), list(b)).pvalue)
     return out
+
+
+def _paired_difference(learned: dict, system: str, baseline: str) -> Optional[dict]:
+    """``system`` − ``baseline`` on the mean relative score over learned tasks, in points, paired by
+    seed (``paired_test``), with the seeds."""
+    if system not in learned or baseline not in learned:
+        return None
+    a, b = ({seed: v for seed, v in zip(learned[s]["seeds"], learned[s]["values"])} for s in (system, baseline))
+    seeds = sorted(a.keys() & b.keys())
+    if not seeds:
+        return None
+    return {"seeds": seeds, **paired_test([100 * a[seed] for seed in seeds], [100 * b[seed] for seed in seeds])}
 
 
 def _paired_summary(paired: Optional[dict]) -> str:

@@ -1,0 +1,124 @@
+"""``bench_quality.py --compare``: two runs of the learning-quality benchmark side by side, paired by
+seed, on reports written the way ``run_benchmark`` writes them (no model trains here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import pytest
+from helpers import load_script
+from scipy import stats
+
+from moe_gen.quality.compare import compare_markdown, compare_reports
+from moe_gen.quality.runner import BenchConfig
+
+TASKS = [
+    {"name": "table_wine", "modality": "STRUCT", "metric": "accuracy", "higher_is_better": True,
+     "classification": True},
+    {"name": "digit_counting", "modality": "IMAGE", "metric": "accuracy", "higher_is_better": True,
+     "classification": True},
+    {"name": "text_to_speech", "modality": "PHONE", "metric": "l1", "higher_is_better": False, "classification": False},
+]
+CLASSICAL = {"table_wine": {"majority": 0.4, "logreg": 1.0, "knn": 0.9},
+             "digit_counting": {"majority": 0.37, "logreg": 0.85, "knn": 0.38}}
+
+
+def _report(path, runs: dict, classical=None, drop=(), **settings):
+    """A quality.json with ``runs`` ({system: {seed: scores}}) made with BenchConfig(**settings)."""
+    config = {k: v for k, v in dataclasses.asdict(BenchConfig(**settings)).items() if k not in drop}
+    records = [{"system": system, "seed": seed, "tasks": [t["name"] for t in TASKS], "scores": scores}
+               for system, by_seed in runs.items() for seed, scores in by_seed.items()]
+    path.write_text(json.dumps({"config": config, "runs": records, "classical": classical or CLASSICAL,
+                                "tasks": TASKS}))
+    return str(path)
+
+
+def _scores(wine, counting, tts):
+    return {"table_wine": wine, "digit_counting": counting, "text_to_speech": tts}
+
+
+BASE = {0: _scores(0.90, 0.80, 0.70), 1: _scores(0.95, 0.70, 0.75), 2: _scores(0.92, 0.84, 0.72)}
+OTHER = {0: _scores(0.97, 0.79, 0.65), 1: _scores(1.00, 0.66, 0.71), 2: _scores(0.96, 0.80, 0.70), 3: _scores(1, 1, 0)}
+
+
+def test_runs_are_paired_by_the_seeds_both_ran_task_by_task_and_over_the_classification_tasks(tmp_path):
+    base = _report(tmp_path / "a.json", {"attribute": BASE})
+    other = _report(tmp_path / "b.json", {"attribute": OTHER}, sam_rho=0.2, workers=1)
+    result = compare_reports([base, other], str(tmp_path / "out"))
+    assert result["seeds"] == [0, 1, 2]  # seed 3 ran in one report only
+    # what differs: the setting that changes the runs, not how many processes ran them
+    assert result["settings_changed"] == {"sam_rho": [0.0, 0.2]}
+    wine = result["tasks"]["table_wine"]
+    assert wine["difference"]["points"] == pytest.approx([0.07, 0.05, 0.04])
+    assert wine["difference"]["p_value"] == pytest.approx(stats.ttest_rel([0.97, 1.0, 0.96], [0.90, 0.95, 0.92]).pvalue)
+    assert wine["base"]["mean"] == pytest.approx(0.92333, abs=1e-5) and wine["better_on_every_seed"]
+    counting = result["tasks"]["digit_counting"]
+    assert counting["difference"]["points"] == pytest.approx([-0.01, -0.04, -0.04]) and counting["worse_on_every_seed"]
+    # a lower-is-better metric: the L1 fell on every seed, which is better
+    speech = result["tasks"]["text_to_speech"]
+    assert speech["difference"]["points"] == pytest.approx([-0.05, -0.04, -0.02])
+    assert speech["better_on_every_seed"] and not speech["worse_on_every_seed"]
+    # the mean over the classification tasks (not text-to-speech), in points, paired by seed
+    mean = result["classification_mean"]
+    assert mean["tasks"] == ["table_wine", "digit_counting"]
+    assert mean["difference"]["points"] == pytest.approx([3.0, 0.5, 0.0])
+    assert mean["base"]["values"] == pytest.approx([0.85, 0.825, 0.88])
+    # 95% of the best classical score: wine's bar 1.0 (0.923 short, 0.977 past), counting's 0.85 (0.8075)
+    assert result["reach_95pct_of_classical"] == {"base": [], "other": ["table_wine"]}
+    text = (tmp_path / "out" / "compare.md").read_text()
+    assert text == compare_markdown(result)
+    assert "sam_rho 0.0 → 0.2" in text and "| table_wine | accuracy | 0.923 ± 0.025 | 0.977 ± 0.021 |" in text
+    assert "| text_to_speech | l1 ↓ |" in text and "| mean of 2 classification tasks |" in text
+    assert "Better on every seed: table_wine, text_to_speech; worse on every seed: digit_counting." in text
+    assert "base 0, other 1 (only base: none; only other: table_wine)" in text
+    assert json.loads((tmp_path / "out" / "compare.json").read_text())["seeds"] == [0, 1, 2]
+
+
+def test_a_report_of_two_systems_compares_the_systems_named_after_a_colon(tmp_path):
+    both = _report(tmp_path / "both.json", {"specialist": {0: _scores(1, 1, 1)}, "dense": BASE, "attribute": OTHER})
+    result = compare_reports([f"{both}:dense", f"{both}:attribute"])
+    assert (result["base"]["system"], result["other"]["system"]) == ("dense", "attribute")
+    assert result["settings_changed"] == {} and result["seeds"] == [0, 1, 2]
+    assert result["tasks"]["table_wine"]["difference"]["mean"] == pytest.approx(0.05333, abs=1e-5)
+    # one generalist beside the specialists needs no name
+    single = _report(tmp_path / "single.json", {"specialist": {0: _scores(1, 1, 1)}, "dense": BASE})
+    assert compare_reports([single, f"{both}:attribute"])["base"]["system"] == "dense"
+    with pytest.raises(ValueError, match=r"holds the runs of specialist, dense, attribute: name the one to compare"):
+        compare_reports([both, single])
+    with pytest.raises(ValueError, match=r"single.json' has no token runs \(it holds specialist, dense\)"):
+        compare_reports([f"{single}:token", both + ":dense"])
+
+
+def test_a_setting_an_older_report_lacks_is_read_at_its_default(tmp_path):
+    older = _report(tmp_path / "older.json", {"attribute": BASE}, drop=("sam_rho", "subword_sampling"))
+    newer = _report(tmp_path / "newer.json", {"attribute": OTHER}, subword_sampling=0.3)
+    assert compare_reports([older, newer])["settings_changed"] == {"subword_sampling": [0.0, 0.3]}
+
+
+def test_runs_that_cannot_be_paired_are_refused_naming_the_report(tmp_path):
+    base = _report(tmp_path / "a.json", {"attribute": BASE})
+    with pytest.raises(ValueError, match=r"share no seed to pair"):
+        compare_reports([base, _report(tmp_path / "b.json", {"attribute": {5: _scores(1, 1, 1)}})])
+    with pytest.raises(ValueError, match=r"c.json' scored 50 held-out rows per task, .*a.json' 100"):
+        compare_reports([base, _report(tmp_path / "c.json", {"attribute": OTHER}, eval_limit=50)])
+    other_rows = {**CLASSICAL, "digit_counting": {"majority": 0.3, "logreg": 0.85, "knn": 0.38}}
+    with pytest.raises(ValueError, match=r"d.json' has other classical baselines for digit_counting"):
+        compare_reports([base, _report(tmp_path / "d.json", {"attribute": OTHER}, classical=other_rows)])
+    with pytest.raises(ValueError, match=r"takes two runs \(BASE OTHER\), got 1"):
+        compare_reports([base])
+    (tmp_path / "broken.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"broken.json'?: not a readable quality.json"):
+        compare_reports([base, str(tmp_path / "broken.json")])
+
+
+def test_the_command_line_compares_and_refuses_as_a_usage_error(monkeypatch, tmp_path, capsys):
+    script = load_script("bench_quality", monkeypatch)
+    base = _report(tmp_path / "a.json", {"attribute": BASE})
+    other = _report(tmp_path / "b.json", {"attribute": OTHER}, sam_rho=0.2)
+    assert script.main(["--compare", base, other, "--out", str(tmp_path / "out")]) == 0
+    printed = capsys.readouterr().out
+    assert printed == (tmp_path / "out" / "compare.md").read_text() + "\n"
+    with pytest.raises(SystemExit) as exit_info:
+        script.main(["--compare", base, f"{other}:dense"])
+    assert exit_info.value.code == 2 and "has no dense runs" in capsys.readouterr().err
