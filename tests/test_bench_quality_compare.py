@@ -96,6 +96,17 @@ def test_a_setting_an_older_report_lacks_is_read_at_its_default(tmp_path):
     assert compare_reports([older, newer])["settings_changed"] == {"subword_sampling": [0.0, 0.3]}
 
 
+def test_a_report_without_task_descriptions_reads_them_from_the_suite(tmp_path):
+    _report(tmp_path / "a.json", {"attribute": BASE})
+    older = json.loads((tmp_path / "a.json").read_text())
+    del older["tasks"]
+    (tmp_path / "older.json").write_text(json.dumps(older))
+    result = compare_reports([str(tmp_path / "older.json"), _report(tmp_path / "b.json", {"attribute": OTHER})])
+    assert result["classification_mean"]["tasks"] == ["table_wine", "digit_counting"]
+    speech = result["tasks"]["text_to_speech"]
+    assert (speech["metric"], speech["higher_is_better"], speech["better_on_every_seed"]) == ("l1", False, True)
+
+
 def test_runs_that_cannot_be_paired_are_refused_naming_the_report(tmp_path):
     base = _report(tmp_path / "a.json", {"attribute": BASE})
     with pytest.raises(ValueError, match=r"share no seed to pair"):

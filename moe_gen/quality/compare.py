@@ -76,8 +76,13 @@ def _check_same_rows(base: dict, other: dict, tasks: Sequence[str]) -> None:
 
 
 def _task_info(base: dict) -> dict:
-    """name → the report's description of the task (metric, direction, classification)."""
-    return {t["name"]: t for t in base["report"].get("tasks", [])}
+    """name → the report's description of the task (metric, direction, classification); the suite's
+    own for a task the report does not describe."""
+    from moe_gen.quality.suite import EXTRA, SUITE
+
+    known = {t.name: {"metric": t.metric, "higher_is_better": t.higher_is_better,
+                      "classification": t.classification} for t in SUITE + EXTRA}
+    return {**known, **{t["name"]: t for t in base["report"].get("tasks", [])}}
 
 
 def _task_row(name: str, info: dict, seeds: list, base: dict, other: dict) -> Optional[dict]:
@@ -129,13 +134,13 @@ def compare_reports(specs: Sequence[str], output_dir: Optional[str] = None) -> d
                            for i in range(len(seeds))] for side in ("base", "other")}
         mean = {"tasks": classification, "base": _mean_std(per_seed["base"]), "other": _mean_std(per_seed["other"]),
                 "difference": paired_test([100 * v for v in per_seed["other"]], [100 * v for v in per_seed["base"]])}
-    classical = base["report"]["classical"]
     result = {
         "base": {"path": base["path"], "system": base["system"]},
         "other": {"path": other["path"], "system": other["system"]},
         "seeds": seeds, "settings_changed": _settings_changed(base, other), "tasks": rows,
         "classification_mean": mean,
-        "reach_95pct_of_classical": {side: _reaching(rows, classical, side) for side in ("base", "other")},
+        "reach_95pct_of_classical": {side: _reaching(rows, base["report"]["classical"], side)
+                                     for side in ("base", "other")},
     }
     if output_dir is not None:
         write_files(result, output_dir, "compare", compare_markdown(result))
