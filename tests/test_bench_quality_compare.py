@@ -24,13 +24,14 @@ CLASSICAL = {"table_wine": {"majority": 0.4, "logreg": 1.0, "knn": 0.9},
              "digit_counting": {"majority": 0.37, "logreg": 0.85, "knn": 0.38}}
 
 
-def _report(path, runs: dict, classical=None, drop=(), **settings):
-    """A quality.json with ``runs`` ({system: {seed: scores}}) made with BenchConfig(**settings)."""
+def _report(path, runs: dict, classical=None, drop=(), scores=None, **settings):
+    """A quality.json with ``runs`` ({system: {seed: scores}}) made with BenchConfig(**settings);
+    ``scores``: its per-system summary (the specialists' seed means)."""
     config = {k: v for k, v in dataclasses.asdict(BenchConfig(**settings)).items() if k not in drop}
     records = [{"system": system, "seed": seed, "tasks": [t["name"] for t in TASKS], "scores": scores}
                for system, by_seed in runs.items() for seed, scores in by_seed.items()]
     path.write_text(json.dumps({"config": config, "runs": records, "classical": classical or CLASSICAL,
-                                "tasks": TASKS}))
+                                "tasks": TASKS, "scores": scores or {}}))
     return str(path)
 
 
@@ -88,6 +89,25 @@ def test_a_report_of_two_systems_compares_the_systems_named_after_a_colon(tmp_pa
         compare_reports([both, single])
     with pytest.raises(ValueError, match=r"single.json' has no token runs \(it holds specialist, dense\)"):
         compare_reports([f"{single}:token", both + ":dense"])
+
+
+def test_the_mean_relative_score_reads_both_runs_against_one_reports_specialists(tmp_path):
+    """Relative to the specialists' seed mean (the base report's, else the other's), over the tasks
+    they learned: a specialist below the floor (counting at 0.05) leaves its task out; L1 inverts."""
+    base = _report(tmp_path / "a.json", {"dense": BASE})
+    specialists = {"table_wine": {"mean": 0.8}, "digit_counting": {"mean": 0.05}, "text_to_speech": {"mean": 0.7}}
+    other = _report(tmp_path / "b.json", {"attribute": OTHER}, scores={"specialist": specialists})
+    relative = compare_reports([base, other])["relative_mean"]
+    assert relative["specialists_from"] == other and relative["tasks"] == ["table_wine", "text_to_speech"]
+    expect_base = [(0.90 / 0.8 + 0.7 / 0.70) / 2, (0.95 / 0.8 + 0.7 / 0.75) / 2, (0.92 / 0.8 + 0.7 / 0.72) / 2]
+    expect_other = [(0.97 / 0.8 + 0.7 / 0.65) / 2, (1.00 / 0.8 + 0.7 / 0.71) / 2, (0.96 / 0.8 + 0.7 / 0.70) / 2]
+    assert relative["base"]["values"] == pytest.approx(expect_base)
+    assert relative["difference"]["points"] == pytest.approx([100 * (o - b) for o, b in zip(expect_other, expect_base)])
+    assert "| mean relative score, 2 learned tasks |" in compare_markdown(compare_reports([base, other]))
+    theirs = {**specialists, "table_wine": {"mean": 1.0}}
+    own = _report(tmp_path / "c.json", {"dense": BASE}, scores={"specialist": theirs})
+    assert compare_reports([own, other])["relative_mean"]["specialists_from"] == own  # the base's when it has them
+    assert compare_reports([base, base])["relative_mean"] == {}  # no specialists anywhere
 
 
 def test_a_setting_an_older_report_lacks_is_read_at_its_default(tmp_path):

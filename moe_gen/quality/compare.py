@@ -15,7 +15,15 @@ import json
 import statistics
 from typing import Optional, Sequence
 
-from moe_gen.quality.report import _classical_bar, _mean_std, _reaches_95, paired_test, write_files
+from moe_gen.quality.report import (
+    _classical_bar,
+    _mean_std,
+    _reaches_95,
+    _relative,
+    learned,
+    paired_test,
+    write_files,
+)
 from moe_gen.quality.runner import (
     EXTRA_SYSTEMS,
     GENERALISTS,
@@ -111,6 +119,30 @@ def _reaching(rows: dict, classical: dict, side: str) -> list[str]:
     return out
 
 
+def _relative_mean(base: dict, other: dict, rows: dict) -> dict:
+    """The mean relative score (score / the specialist's seed mean, over the tasks the specialist
+    learned and every seed of both runs has a ratio on) of both runs per seed, paired; the
+    specialists are the base report's, else the other's (one reference for both: the difference
+    reads the runs, not the references); empty when neither report has specialists."""
+    source = next((side for side in (base, other) if side["report"].get("scores", {}).get("specialist")), None)
+    if source is None:
+        return {}
+    reference = {n: entry["mean"] for n, entry in source["report"]["scores"]["specialist"].items()}
+    ratios = {}
+    for name, row in rows.items():
+        if name in reference and learned(row["metric"], row["higher_is_better"], reference[name]):
+            pair = [[_relative(v, reference[name], row["higher_is_better"]) for v in row[side]["values"]]
+                    for side in ("base", "other")]
+            if None not in pair[0] + pair[1]:
+                ratios[name] = pair
+    if not ratios:
+        return {}
+    per_seed = [[statistics.fmean(r[i][s] for r in ratios.values()) for s in range(len(pair[0]))] for i in (0, 1)]
+    return {"specialists_from": source["path"], "tasks": list(ratios), "base": _mean_std(per_seed[0]),
+            "other": _mean_std(per_seed[1]),
+            "difference": paired_test([100 * v for v in per_seed[1]], [100 * v for v in per_seed[0]])}
+
+
 def compare_reports(specs: Sequence[str], output_dir: Optional[str] = None) -> dict:
     """Compares two runs (``path[:system]`` each; the second against the first, the base), paired
     by the seeds both ran; writes ``compare.md`` and ``compare.json`` to ``output_dir`` when given.
@@ -138,7 +170,7 @@ def compare_reports(specs: Sequence[str], output_dir: Optional[str] = None) -> d
         "base": {"path": base["path"], "system": base["system"]},
         "other": {"path": other["path"], "system": other["system"]},
         "seeds": seeds, "settings_changed": _settings_changed(base, other), "tasks": rows,
-        "classification_mean": mean,
+        "classification_mean": mean, "relative_mean": _relative_mean(base, other, rows),
         "reach_95pct_of_classical": {side: _reaching(rows, base["report"]["classical"], side)
                                      for side in ("base", "other")},
     }
@@ -175,9 +207,18 @@ def compare_markdown(result: dict) -> str:
         lines.append(f"| mean of {len(mean['tasks'])} classification tasks | | {_value(mean['base'])} | "
                      f"{_value(mean['other'])} | {', '.join(f'{d:+.1f}' for d in test['points'])} points | "
                      f"{test['mean']:+.1f} | {_p(test)} |")
+    relative = result["relative_mean"]
+    if relative:
+        test = relative["difference"]
+        lines.append(f"| mean relative score, {len(relative['tasks'])} learned tasks | | {_value(relative['base'])} | "
+                     f"{_value(relative['other'])} | {', '.join(f'{d:+.1f}' for d in test['points'])} points | "
+                     f"{test['mean']:+.1f} | {_p(test)} |")
     up = [n for n, row in result["tasks"].items() if row["better_on_every_seed"]]
     down = [n for n, row in result["tasks"].items() if row["worse_on_every_seed"]]
     reach = result["reach_95pct_of_classical"]
+    if relative:
+        lines += ["", f"Relative scores are to the specialists of {relative['specialists_from']} (their seed mean), "
+                      f"over the tasks they learned: {', '.join(relative['tasks'])}."]
     lines += ["", f"- Better on every seed: {', '.join(up) or 'none'}; worse on every seed: "
                   f"{', '.join(down) or 'none'}.",
               f"- At ≥ 95% of the best classical score: base {len(reach['base'])}, other {len(reach['other'])}"
