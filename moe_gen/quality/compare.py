@@ -201,18 +201,14 @@ def compare_markdown(result: dict) -> str:
         arrow = "" if row["higher_is_better"] else " ↓"
         lines.append(f"| {name} | {row['metric']}{arrow} | {_value(row['base'])} | {_value(row['other'])} | "
                      f"{', '.join(f'{d:+.3f}' for d in test['points'])} | {test['mean']:+.3f} | {_p(test)} |")
-    mean = result["classification_mean"]
-    if mean:
-        test = mean["difference"]
-        lines.append(f"| mean of {len(mean['tasks'])} classification tasks | | {_value(mean['base'])} | "
-                     f"{_value(mean['other'])} | {', '.join(f'{d:+.1f}' for d in test['points'])} points | "
-                     f"{test['mean']:+.1f} | {_p(test)} |")
-    relative = result["relative_mean"]
-    if relative:
-        test = relative["difference"]
-        lines.append(f"| mean relative score, {len(relative['tasks'])} learned tasks | | {_value(relative['base'])} | "
-                     f"{_value(relative['other'])} | {', '.join(f'{d:+.1f}' for d in test['points'])} points | "
-                     f"{test['mean']:+.1f} | {_p(test)} |")
+    mean, relative = result["classification_mean"], result["relative_mean"]
+    for label, entry in ((f"mean of {len(mean.get('tasks', []))} classification tasks", mean),
+                         (f"mean relative score, {len(relative.get('tasks', []))} learned tasks", relative)):
+        if entry:
+            test = entry["difference"]
+            points = ", ".join(f"{d:+.1f}" for d in test["points"])
+            lines.append(f"| {label} | | {_value(entry['base'])} | {_value(entry['other'])} | {points} points | "
+                         f"{test['mean']:+.1f} | {_p(test)} |")
     up = [n for n, row in result["tasks"].items() if row["better_on_every_seed"]]
     down = [n for n, row in result["tasks"].items() if row["worse_on_every_seed"]]
     reach = result["reach_95pct_of_classical"]
