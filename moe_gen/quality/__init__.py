@@ -7,7 +7,7 @@ models do on held-out rows, and does tag routing help?
 ``suite`` declares the tasks (built-in presets plus numeric tables from scikit-learn, declared
 through the public ``Task`` API as a user would), ``baselines`` the classical models on raw
 features, ``runner`` trains specialists and generalists and scores them, ``report`` writes the
-Markdown table, JSON and plot.
+Markdown table, JSON and plot, ``compare`` sets two runs side by side, paired by seed.
 """
 
 from moe_gen.quality.runner import BenchConfig, run_benchmark
