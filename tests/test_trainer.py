@@ -655,12 +655,12 @@ def test_logged_utilisation_counts_shares_before_rounding():
     from types import SimpleNamespace
 
     from moe_gen.analysis.stats import utilisation
-    from moe_gen.trainer.logs import routing_summary as _routing_summary
+    from moe_gen.trainer.logs import routing_summary
 
     counts_E = torch.tensor([1.0, 3, 4, 4, 5, 5, 5, 5], dtype=torch.float64)
     tables = SimpleNamespace(counts_LETMR=counts_E.view(1, 8, 1, 1, 1), layer_names=["encoder.0"], num_experts=[8],
                              modality_names=["TEXT"], dropped_LTMR=torch.zeros(1, 1, 1, 1))
-    summary = _routing_summary(tables)
+    summary = routing_summary(tables)
     assert float(utilisation(counts_E.view(1, 8))[0]) == 1.0
     assert summary["expert_utilisation"] == {"encoder.0": 1.0} and summary["mean_expert_utilisation"] == 1.0
     assert summary["expert_load"]["encoder.0"][0] == 0.0312

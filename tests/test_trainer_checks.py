@@ -171,13 +171,13 @@ def test_evaluate_passes_its_tasks_and_limit_and_defaults_to_the_configs(tasks, 
 # ---- log helpers ---------------------------------------------------------------------------------
 
 def test_routing_summary_gives_each_modalitys_max_over_mean_load():
-    from moe_gen.trainer.logs import routing_summary as _routing_summary
+    from moe_gen.trainer.logs import routing_summary
 
     # one layer, two experts, modalities TEXT (1 and 3 assignments) and IMAGE (2 and 2)
     counts_EM = torch.tensor([[1.0, 2.0], [3.0, 2.0]], dtype=torch.float64)
     tables = SimpleNamespace(counts_LETMR=counts_EM.view(1, 2, 1, 2, 1), layer_names=["encoder.0"],
                              num_experts=[2], modality_names=["TEXT", "IMAGE"], dropped_LTMR=torch.zeros(1, 1, 2, 1))
-    summary = _routing_summary(tables)
+    summary = routing_summary(tables)
     assert summary["modality_expert_imbalance"] == {"TEXT": 1.5, "IMAGE": 1.0}
     assert summary["expert_imbalance"] == pytest.approx(5 / 4)  # loads 3 and 5
     assert summary["expert_load"] == {"encoder.0": [0.375, 0.625]}

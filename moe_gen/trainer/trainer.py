@@ -55,7 +55,6 @@ from moe_gen.trainer.undo import model_undo
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
 
-# a router's buffers that its forward passes change in training (bias balancing, running loads)
 logger = logging.getLogger("moe_gen")
 
 
