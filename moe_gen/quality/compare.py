@@ -10,7 +10,6 @@ which the comparison lists; reports scored on other held-out rows are refused.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import statistics
 from typing import Optional, Sequence
@@ -27,10 +26,9 @@ from moe_gen.quality.report import (
 from moe_gen.quality.runner import (
     EXTRA_SYSTEMS,
     GENERALISTS,
-    MERGE_FREE,
-    BenchConfig,
     _held_out_scores,
     _read_report,
+    settings_changed,
 )
 
 __all__ = ["compare_reports", "compare_markdown"]
@@ -57,16 +55,6 @@ def _side(spec: str) -> dict:
         raise ValueError(f"{path!r} has no {system} runs (it holds {', '.join(held) or 'none'})")
     runs = {run["seed"]: run for run in report["runs"] if run["system"] == system}
     return {"path": path, "system": system, "report": report, "runs": runs}
-
-
-def _settings_changed(base: dict, other: dict) -> dict:
-    """The settings (``BenchConfig`` fields but the ones that never change a run's scores) that the
-    two reports were made with and that differ: name → [base value, other value]. A setting a report
-    was made before is read at its default, as ``--merge`` reads it."""
-    defaults = json.loads(json.dumps(dataclasses.asdict(BenchConfig())))  # (as JSON holds them: lists)
-    a, b = ({**defaults, **side["report"]["config"]} for side in (base, other))
-    return {k: [a.get(k), b.get(k)] for k in sorted(a.keys() | b.keys())
-            if k not in MERGE_FREE and a.get(k) != b.get(k)}
 
 
 def _check_same_rows(base: dict, other: dict, tasks: Sequence[str]) -> None:
@@ -169,7 +157,8 @@ def compare_reports(specs: Sequence[str], output_dir: Optional[str] = None) -> d
     result = {
         "base": {"path": base["path"], "system": base["system"]},
         "other": {"path": other["path"], "system": other["system"]},
-        "seeds": seeds, "settings_changed": _settings_changed(base, other), "tasks": rows,
+        "seeds": seeds, "settings_changed": settings_changed(base["report"]["config"], other["report"]["config"]),
+        "tasks": rows,
         "classification_mean": mean, "relative_mean": _relative_mean(base, other, rows),
         "reach_95pct_of_classical": {side: _reaching(rows, base["report"]["classical"], side)
                                      for side in ("base", "other")},

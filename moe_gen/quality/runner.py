@@ -24,6 +24,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import json
 import math
 import multiprocessing
 import os
@@ -654,6 +655,16 @@ def _with_cross_validation(suite, classical: dict) -> dict:
     return out
 
 
+def settings_changed(first: dict, second: dict) -> dict:
+    """The ``BenchConfig`` settings, less ``MERGE_FREE`` (which never change a run's scores), in which
+    two reports' configurations differ: name → [first's value, second's]. A setting a report was made
+    before is read at its default (as JSON holds it: tuples as lists)."""
+    defaults = json.loads(json.dumps(dataclasses.asdict(BenchConfig())))
+    fields = {f.name for f in dataclasses.fields(BenchConfig)} - set(MERGE_FREE)
+    return {k: [first.get(k, defaults[k]), second.get(k, defaults[k])] for k in sorted(fields)
+            if first.get(k, defaults[k]) != second.get(k, defaults[k])}
+
+
 def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
     """One report from several ``quality.json`` of the same settings on other seeds or systems
     (e.g. a run of ``--seeds 0 1 2`` and one of ``--seeds 3 4 5``, or a dense run and an attribute
@@ -667,12 +678,10 @@ def merge_reports(paths: Sequence[str], output_dir: str) -> dict:
         raise ValueError(f"merging needs at least two reports, got {len(paths)}")
     reports = [_read_report(p) for p in paths]
     fields = {f.name for f in dataclasses.fields(BenchConfig)}
-    defaults = dataclasses.asdict(BenchConfig())
     first = {k: v for k, v in reports[0]["config"].items() if k in fields}
     for path, report in zip(paths[1:], reports[1:]):
-        config = report["config"]
-        differ = [f"{k} {first.get(k, defaults[k])!r} in {paths[0]!r}, {config.get(k, defaults[k])!r} here"
-                  for k in sorted(fields - set(MERGE_FREE)) if config.get(k, defaults[k]) != first.get(k, defaults[k])]
+        differ = [f"{k} {a!r} in {paths[0]!r}, {b!r} here"
+                  for k, (a, b) in settings_changed(first, report["config"]).items()]
         if differ:
             raise ValueError(f"{path!r} was made with other settings: {'; '.join(differ)}")
         if _held_out_scores(report["classical"]) != _held_out_scores(reports[0]["classical"]):
