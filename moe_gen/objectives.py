@@ -21,6 +21,7 @@ from moe_gen.model.model import GeneralistModel, summed_aux_losses
 from moe_gen.registry import OBJECTIVES
 from moe_gen.routing.tags import PASSES
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, Side
+from moe_gen.teachers import Teachers, soft_cross_entropy
 
 __all__ = ["OBJECTIVES", "Objective", "GenerativeObjective", "ContrastiveObjective", "MaskedObjective",
            "LossScales", "contrastive_side", "smoothed_cross_entropy"]
@@ -52,6 +53,7 @@ class Objective:
     parts. No objective is special-cased by name."""
 
     loss_average: str = "token"
+    distils = False  # whether it learns from TrainConfig.distill_from's teachers (moe_gen.teachers)
 
     model: GeneralistModel
 
@@ -114,23 +116,37 @@ class GenerativeObjective(Objective):
             samples: every sample weighs the same, whatever its answer's length).
         label_smoothing: the token loss's smoothing; None: the model's ``config.label_smoothing``
             (training), 0 for the plain cross-entropy (the analysis's held-out loss).
+        teachers: ``moe_gen.teachers.Teachers`` to distil from (None: none): ``prepare`` puts
+            their distributions in the batch, and each scored token of a task with a teacher costs
+            ``(1 − distill_weight) · CE + distill_weight · τ² · H(teacher, student)``.
+        distill_weight: α in [0, 1], the teachers' share of those tokens' loss.
 
     Raises:
         ValueError: for settings ``TrainConfig`` or ``ModelConfig`` would refuse (a weight that is
             not a finite number >= 0, ``label_smoothing`` outside [0, 1)), naming the setting.
     """
 
+    distils = True
+
     def __init__(self, model: GeneralistModel, frame_weight: float = 1.0,
                  task_weights: Optional[dict[str, float]] = None, loss_average: str = "token",
-                 label_smoothing: Optional[float] = None) -> None:
+                 label_smoothing: Optional[float] = None, teachers: Optional[Teachers] = None,
+                 distill_weight: float = 0.5) -> None:
         if loss_average not in LOSS_AVERAGES:
             raise ValueError(f"loss_average must be one of {', '.join(LOSS_AVERAGES)}; got {loss_average!r}")
         _check_weights(type(self).__name__, task_weights, frame_weight=frame_weight)
         if label_smoothing is not None and not _number_in(label_smoothing, 0.0, 1.0):
             raise ValueError(f"{type(self).__name__}: label_smoothing must be None (the model's) or a number in "
                              f"[0, 1), as ModelConfig.label_smoothing, got {label_smoothing!r}")
+        if isinstance(distill_weight, bool) or not isinstance(distill_weight, numbers.Real) \
+                or not 0 <= distill_weight <= 1:
+            raise ValueError(f"{type(self).__name__}: distill_weight must be a number in [0, 1], "
+                             f"got {distill_weight!r}")
         self.model, self.frame_weight, self.loss_average = model, frame_weight, loss_average
         self.label_smoothing = label_smoothing
+        self.teachers, self.distill_weight = teachers, float(distill_weight)
+        if teachers is not None:
+            teachers.check(model)
         self.task_weights = dict(task_weights or {})
         unknown = sorted(set(self.task_weights) - set(model.task_ids))
         if unknown:
@@ -142,8 +158,24 @@ class GenerativeObjective(Objective):
 
     @classmethod
     def from_train_config(cls, model: GeneralistModel, config) -> "GenerativeObjective":
+        distil = config.distill_from and cls.distils
+        teachers = Teachers.load(config.distill_from, config.distill_temperature) if distil else None
         return cls(model, frame_weight=config.frame_weight, task_weights=config.loss_weights or None,
-                   loss_average=config.loss_average)
+                   loss_average=config.loss_average, teachers=teachers, distill_weight=config.distill_weight)
+
+    def prepare(self, samples, rng) -> Batch:
+        """``samples`` collated, with the teachers' distributions (``Batch.soft_labels``) when there
+        are teachers."""
+        batch = super().prepare(samples, rng)
+        if self.teachers is not None:
+            self.teachers.to(next(self.model.parameters()).device)
+            batch.soft_labels = self.teachers.soft_labels(samples, batch)
+        return batch
+
+    def part_counts(self, batch: Batch) -> dict[str, int]:
+        if batch.soft_labels is None:
+            return {}
+        return {"distill_loss": int((batch.soft_labels.sum(-1) > 0).sum())}
 
     def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         return self.loss(batch, self.model(batch), scales)
@@ -154,23 +186,15 @@ class GenerativeObjective(Objective):
         parts: dict[str, torch.Tensor] = {}
         scored = batch.labels != IGNORE_INDEX
         zero = out.logits.reshape(-1)[:1].float().sum() * 0.0  # (a sum of all fp16 logits can overflow: inf·0)
-        logits = out.logits.float()
-        if batch.allowed_index.numel():
-            # Closed-set targets: a softmax over the tokens the label trie allows, as decoding uses.
-            flat = logits.reshape(-1, logits.shape[-1])
-            rows = flat[batch.allowed_index]
-            keep = torch.zeros_like(rows, dtype=torch.bool)
-            valid = batch.allowed_tokens >= 0
-            row_index = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(valid)
-            keep[row_index[valid], batch.allowed_tokens[valid]] = True
-            # -inf removes the other tokens exactly (label smoothing then spreads over the allowed ones)
-            flat = flat.index_put((batch.allowed_index,), rows.masked_fill(~keep, float("-inf")))
-            logits = flat.view_as(logits)
+        # Closed-set targets: a softmax over the tokens the label trie allows, as decoding uses.
+        logits = batch.restrict_to_allowed(out.logits.float())
         task_BL = batch.decoder.tags.task
         per_task: dict[int, list[torch.Tensor]] = {}
         if scored.any():
             smoothing = self.model.config.label_smoothing if self.label_smoothing is None else self.label_smoothing
             ce_N = smoothed_cross_entropy(logits[scored], batch.labels[scored], smoothing)
+            if batch.soft_labels is not None and self.teachers is not None:
+                ce_N = self._with_teachers(logits[scored], batch.soft_labels, ce_N, parts)
             task_N = task_BL[scored]
             parts["token_loss"] = self._token_mean(batch, scored, task_N, ce_N)
             parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
@@ -208,6 +232,19 @@ class GenerativeObjective(Objective):
         loss = _scaled(parts.get("token_loss", zero), token_scale) + self.frame_weight * frames + aux
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
+
+    def _with_teachers(self, logits_NV: torch.Tensor, soft_NV: torch.Tensor, ce_N: torch.Tensor,
+                       parts: dict) -> torch.Tensor:
+        """``ce_N`` with the teachers' term mixed in at the tokens they speak for (``distill_loss``
+        in ``parts``: its mean there)."""
+        taught_N = soft_NV.sum(-1) > 0
+        if not taught_N.any():
+            return ce_N
+        soft_N = soft_cross_entropy(logits_NV[taught_N], soft_NV[taught_N], self.teachers.temperature)
+        parts["distill_loss"] = soft_N.detach().mean()
+        mixed_N = ce_N.clone()
+        mixed_N[taught_N] = (1 - self.distill_weight) * ce_N[taught_N] + self.distill_weight * soft_N
+        return mixed_N
 
     def _token_mean(self, batch: Batch, scored_BL: torch.Tensor, task_N: torch.Tensor,
                     ce_N: torch.Tensor) -> torch.Tensor:
@@ -466,6 +503,8 @@ class MaskedObjective(GenerativeObjective):
     (``check_task`` refuses a task whose feature rows have none).
     """
 
+    distils = False  # (its targets are masked positions of inputs, which no task's teacher predicts)
+
     def __init__(self, model: GeneralistModel, *, input_budget: int = 128, target_budget: int = 128,
                  alpha=0.5, target_alpha=None, frame_weight: float = 1.0,
                  task_weights: Optional[dict[str, float]] = None, loss_average: str = "token") -> None:
@@ -533,6 +572,8 @@ class ParallelObjective(GenerativeObjective):
     ``model.infer`` decodes such a task that way (4 passes; ``parallel_steps=T`` for others). Every
     sample of the objective needs exactly one ``[IMAGE:...,preprocess=image_vq]`` target and no
     other (``check_task``; ``moe_gen.model.parallel.code_span``)."""
+
+    distils = False  # (its targets are image codes drawn per step; a teacher would see other masks)
 
     def check_task(self, plan) -> None:
         """Raises ``ValueError`` naming the task and its targets unless each of its templates has

@@ -87,6 +87,11 @@ def make_parser() -> argparse.ArgumentParser:
     parser.add_argument("--sam-rho", type=float,
                         help="sharpness-aware minimisation's rho, every system (TrainConfig.sam_rho; two passes "
                              "a step)")
+    parser.add_argument("--distill", type=float, metavar="ALPHA",
+                        help="the generalists also learn each task from its specialist of the same seed, with this "
+                             "weight (TrainConfig.distill_weight; the specialists train first)")
+    parser.add_argument("--distill-temperature", type=float, metavar="TAU",
+                        help="temperature of that distillation (TrainConfig.distill_temperature; default 1)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
@@ -160,7 +165,8 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     fields = dict(QUICK) if args.quick else {}
     for name in ("steps", "mixing", "temperature", "batch_size", "lr", "flavour", "num_experts", "expert_hidden",
                  "upcycle_at", "upcycle_top_k", "pose_noise", "pose_min_length", "subword_sampling", "eval_every",
-                 "eval_limit", "fit_rows", "ema_decay", "label_smoothing", "sam_rho", "loss_average", "batch_tasks",
+                 "eval_limit", "fit_rows", "ema_decay", "label_smoothing", "sam_rho", "distill", "distill_temperature",
+                 "loss_average", "batch_tasks",
                  "tag_balance", "tag_balance_window", "workers", "threads"):
         if getattr(args, name) is not None:
             fields[name] = getattr(args, name)

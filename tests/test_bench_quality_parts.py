@@ -103,6 +103,10 @@ def test_a_redeclared_slot_must_appear_once_in_the_instruction(monkeypatch):
     (dict(tag_balance_window=-1), "BenchConfig.tag_balance_window must be >= 0, got -1"),
     (dict(pose_summary=True, pose_min_length=-1), "BenchConfig.pose_min_length must be >= 0"),
     (dict(upcycle_at=0.5, steps=1), r"upcycle_at needs steps >= 2 \(a step in each stage\), got 1"),
+    (dict(distill=1.5), r"BenchConfig.distill must be in \[0, 1\]"),
+    (dict(distill=0.5, distill_temperature=0), r"and distill_temperature > 0, got 0.5 and 0"),
+    (dict(distill=0.5, specialists=False), "does not combine with specialists=False"),
+    (dict(distill=0.5, specialists_from="a/quality.json"), "specialists_from"),
 ])
 def test_bench_config_refuses(fields, message):
     with pytest.raises(ValueError, match=message):
@@ -194,3 +198,21 @@ def test_reused_specialists_compare_classical_baselines_without_their_cross_vali
     runner.check_reused_classical(cfg, ours, ["table_wine"])
     with pytest.raises(ValueError, match="other classical baselines for table_wine"):
         runner.check_reused_classical(cfg, {"table_wine": {**held, "knn": 0.7}}, ["table_wine"])
+
+
+def test_distillation_trains_the_specialists_first_and_teaches_each_generalist_its_seeds(tmp_path):
+    from moe_gen.quality.runner import _jobs
+
+    cfg = BenchConfig(tasks=("table_wine", "digit_counting"), systems=("dense", "attribute"), seeds=(0, 1),
+                      distill=0.5)
+    jobs = _jobs(cfg, ["table_wine", "digit_counting"], {"table_wine": 10, "digit_counting": 20}, str(tmp_path))
+    specialists = [j for j in jobs if j["system"] == "specialist"]
+    generalists = [j for j in jobs if j["system"] != "specialist"]
+    assert len(specialists) == 4 and len(generalists) == 4
+    saved = {(j["tasks"][0], j["seed"]): j["save_to"] for j in specialists}
+    assert len(set(saved.values())) == 4 and all(p.startswith(str(tmp_path)) for p in saved.values())
+    for job in generalists:
+        assert job["teachers"] == {task: saved[(task, job["seed"])] for task in ("table_wine", "digit_counting")}
+        assert "save_to" not in job
+    plain = _jobs(dataclasses.replace(cfg, distill=0.0), ["table_wine"], {"table_wine": 10})
+    assert not any("teachers" in j or "save_to" in j for j in plain)

@@ -554,6 +554,9 @@ def _run_line(config: dict) -> str:
         model += f" Label smoothing {config['label_smoothing']:g} in every system's token cross-entropy."
     if config.get("sam_rho"):
         model += f" Sharpness-aware minimisation (rho {config['sam_rho']:g}) in every system's training."
+    if config.get("distill"):
+        model += (f" The generalists learn every task from its specialist of the same seed too (weight "
+                  f"{config['distill']:g}, temperature {config.get('distill_temperature', 1.0):g}).")
     if config.get("lr_scales"):
         scaled = ", ".join(f"{prefix} × {scale:g}" for prefix, scale in config["lr_scales"].items())
         model += f" Learning rate scaled for {scaled} (every system; a specialist where its model has the parameters)."

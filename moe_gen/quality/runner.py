@@ -116,6 +116,12 @@ class BenchConfig:
             without augmentation; ``scores_train`` in ``quality.json``): a model that scores low on
             them as well as held out under-fits its task, one that scores high on them only
             over-fits it. 0: not scored.
+        distill: α of distillation from the specialists (``TrainConfig.distill_weight``; 0: off):
+            every generalist learns each task's scored tokens from that task's specialist of the
+            same seed as well as from the reference (``moe_gen.teachers``). The specialists then
+            train first, in this run (not with ``specialists_from`` or ``specialists=False``), and
+            are kept in a temporary folder until the generalists are done.
+        distill_temperature: τ of that distillation (``TrainConfig.distill_temperature``).
         specialists_from: a ``quality.json`` whose specialist runs are reused instead of training
             them again (every task and seed of this run must be in it, trained with the same
             settings: ``SPECIALIST_SETTINGS``; a mismatch is refused, naming the settings).
@@ -141,6 +147,8 @@ class BenchConfig:
     warmup_steps: int = 50
     label_smoothing: float = 0.0
     sam_rho: float = 0.0
+    distill: float = 0.0
+    distill_temperature: float = 1.0
     mixing: str = "temperature"
     temperature: float = 2.0
     ema_decay: float = 0.0
@@ -180,6 +188,7 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.batch_tasks must be one of {', '.join(BATCH_TASKS)}, "
                              f"got {self.batch_tasks!r}")
         self._check_model_options()
+        self._check_distill()
         if self.lr_scales:
             from moe_gen.trainer import TrainConfig
 
@@ -256,6 +265,17 @@ class BenchConfig:
         if not 1 <= self.upcycle_top_k <= self.num_experts:
             raise ValueError(f"BenchConfig.upcycle_top_k must be in [1, num_experts = {self.num_experts}], "
                              f"got {self.upcycle_top_k}")
+
+
+    def _check_distill(self) -> None:
+        """Distillation's settings: α in [0, 1], τ > 0, and specialists trained in this run to learn from."""
+        if not 0 <= self.distill <= 1 or not self.distill_temperature > 0:
+            raise ValueError(f"BenchConfig.distill must be in [0, 1] (0: off) and distill_temperature > 0, got "
+                             f"{self.distill} and {self.distill_temperature}")
+        if self.distill and (not self.specialists or self.specialists_from or self.upcycle_at):
+            raise ValueError("BenchConfig.distill teaches the generalists with the specialists this run trains: it "
+                             "does not combine with specialists=False (--no-specialists), specialists_from (their "
+                             "weights were not kept) or upcycle_at")
 
 
 def repeated(values: Sequence) -> list:
@@ -373,7 +393,10 @@ def train_and_score(job: dict) -> dict:
         model, summary, last = _two_stage(cfg, system, train, steps, job["seed"])
     else:
         model = GeneralistModel.build(_model_config(cfg, system), train, Tokenizer.default())
-        model, summary, last = _fit(cfg, model, train, steps, job["seed"], eval_tasks=test)
+        model, summary, last = _fit(cfg, model, train, steps, job["seed"], eval_tasks=test,
+                                    distill_from=job.get("teachers"))
+    if job.get("save_to"):  # (a teacher for the generalists: BenchConfig.distill)
+        model.save_pretrained(job["save_to"])
     trained = time.perf_counter()
     answers = {task.name: [] for task in suite if task.classification}
     with RoutingRecorder(model) as recorder:
@@ -420,13 +443,14 @@ def held_out_errors(pairs: Sequence[tuple], metric: str = "accuracy") -> dict:
 
 
 def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str = "all",
-         task_weights: dict | None = None, eval_tasks=None):
+         task_weights: dict | None = None, eval_tasks=None, distill_from: dict | None = None):
     """Trains ``model`` on ``train`` for ``steps`` (with the ``cfg.lr_scales`` whose prefix ``model``
     has: a specialist lacks the other tasks' adapters); ``trainable``:
     ``TrainConfig.trainable``; ``task_weights``: sample the tasks by these weights instead of
     ``cfg.mixing``); returns the model to score (the weight average with ``ema_decay``), the
     trainer's summary and the last weights. With ``cfg.eval_every`` and ``eval_tasks`` the summary
-    holds their ``curve``: each evaluation's step and every task's first metric."""
+    holds their ``curve``: each evaluation's step and every task's first metric. ``distill_from``:
+    task → a teacher's folder (``BenchConfig.distill``)."""
     from moe_gen.trainer import TrainConfig, Trainer
 
     mixing = {"mixing": "weights", "task_weights": dict(task_weights)} if task_weights else {"mixing": cfg.mixing}
@@ -439,7 +463,8 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str =
                                progress=False, tensorboard=False,
                                checkpoint_every=0, ema_decay=_ema_decay(cfg, steps), trainable=trainable,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads,
-                               eval_every=cfg.eval_every if eval_tasks else 0)
+                               eval_every=cfg.eval_every if eval_tasks else 0, distill_from=dict(distill_from or {}),
+                               distill_weight=cfg.distill, distill_temperature=cfg.distill_temperature)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True, eval_tasks=eval_tasks)
         summary = trainer.fit()
@@ -549,13 +574,20 @@ def _specialists_report(path: str) -> dict:
         raise SpecialistsFromError(f"specialists_from: {exc}") from None
 
 
-def _jobs(cfg: BenchConfig, names: Sequence[str], per_task: dict[str, int]) -> list[dict]:
+def _jobs(cfg: BenchConfig, names: Sequence[str], per_task: dict[str, int],
+          teachers: Optional[str] = None) -> list[dict]:
+    """Every run to train, longest first; with ``teachers`` (a folder; ``BenchConfig.distill``) the
+    specialists save themselves under it and the generalists of their seed learn from them."""
     base = dataclasses.asdict(cfg)
-    jobs = [{"config": base, "system": s, "tasks": list(names), "seed": seed, "steps": cfg.steps}
+    taught = (lambda seed: {n: os.path.join(teachers, f"seed{seed}", n) for n in names}) if teachers else None
+    jobs = [{"config": base, "system": s, "tasks": list(names), "seed": seed, "steps": cfg.steps,
+             **({"teachers": taught(seed)} if taught else {})}
             for seed in cfg.seeds for s in cfg.systems]
     if cfg.specialists and not cfg.specialists_from:
-        jobs += [{"config": base, "system": "specialist", "tasks": [n], "seed": seed, "steps": per_task[n]}
+        jobs += [{"config": base, "system": "specialist", "tasks": [n], "seed": seed, "steps": per_task[n],
+                  **({"save_to": taught(seed)[n]} if taught else {})}
                  for seed in cfg.seeds for n in names]
+    jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
     return jobs
 
 
@@ -597,9 +629,13 @@ def run_benchmark(cfg: BenchConfig, *, say=print) -> dict:
     say(f"classical baselines: {time.perf_counter() - start:.0f} s")
     if cfg.specialists_from:
         check_reused_classical(cfg, classical, per_task)
-    jobs = _jobs(cfg, names, per_task)
-    jobs.sort(key=lambda j: -j["steps"] * len(j["tasks"]))  # longest first: the pool ends together
-    results = _run_jobs(jobs, cfg.workers, say) + reused
+    if cfg.distill:  # the specialists first: the generalists learn from them
+        with tempfile.TemporaryDirectory(prefix="moe_gen_teachers_") as teachers:
+            jobs = _jobs(cfg, names, per_task, teachers)
+            results = _run_jobs([j for j in jobs if "save_to" in j], cfg.workers, say)
+            results += _run_jobs([j for j in jobs if "save_to" not in j], cfg.workers, say)
+    else:
+        results = _run_jobs(_jobs(cfg, names, per_task), cfg.workers, say) + reused
     report = build_report(cfg, suite, classical, results, wall_seconds=time.perf_counter() - start)
     write_report(report, cfg.output_dir)
     return report

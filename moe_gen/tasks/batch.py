@@ -117,6 +117,9 @@ class Batch:
         padding_fraction: share of padded positions over both sides.
         causal: the decoder attends left to right (False: bidirectionally, for parallel decoding
             of masked targets, ``moe_gen.model.parallel``).
+        soft_labels: float ``[N, V]``, one row per scored token (``labels``' scored positions in
+            row-major order): a teacher's distribution over the vocabulary there, to distil from
+            (``moe_gen.teachers``); a row of zeros where no teacher speaks. None: no teacher.
     """
 
     encoder: Side
@@ -132,6 +135,23 @@ class Batch:
     padding_fraction: float
     causal: bool = True
     frame_valid: dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
+    soft_labels: Optional[torch.Tensor] = None
+
+    def restrict_to_allowed(self, logits_BLV: torch.Tensor) -> torch.Tensor:
+        """``logits_BLV`` with −inf on every token a closed-set target position does not allow (its
+        label trie's tokens stay), so a softmax there is over the allowed tokens, as decoding is;
+        other positions unchanged."""
+        if not self.allowed_index.numel():
+            return logits_BLV
+        flat = logits_BLV.reshape(-1, logits_BLV.shape[-1])
+        rows = flat[self.allowed_index]
+        keep = torch.zeros_like(rows, dtype=torch.bool)
+        valid = self.allowed_tokens >= 0
+        row_index = torch.arange(rows.shape[0], device=rows.device).unsqueeze(1).expand_as(valid)
+        keep[row_index[valid], self.allowed_tokens[valid]] = True
+        # -inf removes the other tokens exactly (label smoothing then spreads over the allowed ones)
+        flat = flat.index_put((self.allowed_index,), rows.masked_fill(~keep, float("-inf")))
+        return flat.view_as(logits_BLV)
 
     def to(self, device) -> "Batch":
         """The batch on ``device`` (a no-op copy-free return when it is already there)."""
@@ -143,7 +163,8 @@ class Batch:
                                    frame_index=move(self.frame_index), frame_stop=move(self.frame_stop),
                                    frame_valid=move(self.frame_valid),
                                    allowed_index=self.allowed_index.to(device),
-                                   allowed_tokens=self.allowed_tokens.to(device))
+                                   allowed_tokens=self.allowed_tokens.to(device),
+                                   soft_labels=None if self.soft_labels is None else self.soft_labels.to(device))
 
 
 def _modality_ids() -> dict[str, int]:

@@ -46,6 +46,12 @@ class TrainConfig(ConfigBase):
             there, moves the weights back and steps with that one (clipped as usual): two forward
             and backward passes a step. The step's logged loss is the first pass's; routing
             balance advances once per step, from the first pass.
+        distill_from: task name → a teacher model for it, a ``save_pretrained`` folder (e.g. a
+            specialist trained on that task alone): each scored token of the task also learns the
+            teacher's distribution there (``moe_gen.teachers``; the generative objective only).
+        distill_weight: α in [0, 1], the teacher's share of those tokens' loss:
+            ``(1 − α)·CE + α·τ²·H(teacher, student)``.
+        distill_temperature: τ > 0, both distributions softened by it.
         ema_decay: d in [0, 1): keep an exponential moving average of the weights,
             ``avg ← d·avg + (1 − d)·w`` after every optimizer step (PyTorch's ``AveragedModel``;
             buffers such as routing biases are copied, not averaged), which ``evaluate`` and
@@ -154,6 +160,9 @@ class TrainConfig(ConfigBase):
     clip_norm: float = 1.0
     sam_rho: float = 0.0
     ema_decay: float = 0.0
+    distill_from: dict = dataclasses.field(default_factory=dict)
+    distill_weight: float = 0.5
+    distill_temperature: float = 1.0
     precision: str = "fp32"
     seed: int = 0
     mixing: str = "temperature"
@@ -237,6 +246,8 @@ class TrainConfig(ConfigBase):
             (self.max_tokens is None or self.max_tokens >= 1,
              f"max_tokens must be >= 1 or None, got {self.max_tokens}"),
             (self.clip_norm >= 0, f"clip_norm must be >= 0 (0 disables), got {self.clip_norm}"),
+            (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
+            (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
             (self.sam_rho >= 0, f"sam_rho must be >= 0 (0: no sharpness-aware minimisation), got {self.sam_rho}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.frame_weight >= 0, f"frame_weight must be >= 0, got {self.frame_weight}"),
@@ -284,6 +295,10 @@ class TrainConfig(ConfigBase):
             for task, weight in getattr(self, name).items():
                 if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
                     raise ValueError(f"TrainConfig.{name}[{task!r}] must be a finite number >= 0, got {weight!r}")
+        for task, path in self.distill_from.items():
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"TrainConfig.distill_from[{task!r}] must be the folder of a saved teacher model, "
+                                 f"got {path!r}")
         for prefix, scale in self.lr_scales.items():
             if not isinstance(prefix, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
                     or not 0 <= scale < math.inf:  # (inf trained one step, then every loss was NaN)

@@ -46,13 +46,13 @@ def check_task_settings(config: TrainConfig, names: Sequence[str],
     the trainer and the sampler when they start."""
     from moe_gen.registry import did_you_mean
 
-    fields = [("task_weights", set(names))]
+    fields = [("task_weights", set(names)), ("distill_from", set(names))]
     if model_tasks is not None:
         fields.append(("loss_weights", set(names) | set(model_tasks)))
     for field, allowed in fields:
         unknown = sorted(set(getattr(config, field) or {}) - allowed)
         if unknown:
-            what = "not being trained" if field == "task_weights" else "the model does not know"
+            what = "the model does not know" if field == "loss_weights" else "not being trained"
             raise ValueError(f"TrainConfig.{field} names tasks {what}: {unknown}"
                              f"{did_you_mean(unknown, sorted(allowed))}; training: {', '.join(names)}")
     if config.mixing == "all" and config.batch_size < len(names):

@@ -341,6 +341,9 @@ class Trainer:
                              "objective's tasks in their own run")
         objectives = {name: OBJECTIVES.get(name).from_train_config(self.model, cfg) for name in names}
         for task in self.tasks:  # refused now, not when a draw first meets what its objective cannot train
+            if task.name in cfg.distill_from and not objectives[task.objective].distils:
+                raise ValueError(f"TrainConfig.distill_from[{task.name!r}]: task {task.name!r} trains with the "
+                                 f"{task.objective!r} objective, which does not learn from teachers")
             objectives[task.objective].check_task(self.model.plan(task))
         return objectives
 

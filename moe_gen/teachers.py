@@ -1,0 +1,135 @@
+"""Distillation from teachers: a trained model per task whose distribution over each scored token
+the model being trained learns as well as the reference token.
+
+A generalist that learns a task less well than a model trained on that task alone (a specialist)
+can be given the specialist's solution: besides the reference, each scored token of the task is
+also fitted to the specialist's softened distribution there (Hinton, Vinyals and Dean 2015), as
+Clark et al. (2019, "BAM! Born-again multi-task networks") distil one single-task teacher per task
+into a multi-task student. ``TrainConfig.distill_from`` maps task names to teachers saved with
+``save_pretrained``; ``distill_weight`` α and ``distill_temperature`` τ set each such token's loss:
+
+    (1 − α) · CE(reference) + α · τ² · H(p_teacher(τ), p_student(τ))
+
+where ``p(τ)`` is the softmax of the logits divided by τ (over the allowed tokens only, for a
+closed-set target) and H the cross-entropy (the teacher's entropy, a constant, is in the logged
+``distill_loss`` too). Tokens of tasks without a teacher keep the plain loss.
+
+A teacher reads the very samples the student is given (augmented alike), collated with its own
+task ids, after the student's batch is prepared; its distributions travel in
+``Batch.soft_labels``. It must share the student's vocabulary (``Tokenizer.fingerprint``), know the
+task it teaches, and compute the same reference tokens for it; anything else is refused, naming
+the task.
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Optional, Sequence
+
+import torch
+
+from moe_gen.tasks.batch import IGNORE_INDEX, Batch, collate
+
+__all__ = ["Teachers", "soft_cross_entropy"]
+
+
+class Teachers:
+    """One frozen teacher model per task name, used in evaluation mode without gradients.
+
+    Args:
+        models: task name → its teacher (a ``GeneralistModel``).
+        temperature: τ > 0; the teachers' distributions are softened by it.
+    """
+
+    def __init__(self, models: Mapping[str, object], temperature: float = 1.0) -> None:
+        if not temperature > 0:
+            raise ValueError(f"Teachers: temperature must be > 0, got {temperature!r}")
+        self.models = dict(models)
+        self.temperature = float(temperature)
+        for model in self.models.values():
+            model.eval()
+            model.requires_grad_(False)
+
+    @classmethod
+    def load(cls, paths: Mapping[str, str], temperature: float = 1.0) -> "Teachers":
+        """The teachers saved at ``paths`` (task → ``save_pretrained`` folder); a folder that cannot
+        be read is named with its task."""
+        from moe_gen.model import GeneralistModel
+
+        models = {}
+        for task, path in paths.items():
+            try:
+                models[task] = GeneralistModel.from_pretrained(path)
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"distill_from[{task!r}]: cannot load the teacher at {path!r}: {exc}") from None
+        return cls(models, temperature)
+
+    def check(self, student) -> None:
+        """Refuses a teacher that cannot teach ``student``: a task the student does not know, a
+        teacher that does not know its task, or another vocabulary."""
+        mine = student.tokenizer.fingerprint()
+        for task, teacher in self.models.items():
+            if task not in student.task_ids:
+                raise ValueError(f"distill_from names task {task!r}, which the model does not know; known: "
+                                 f"{', '.join(student.task_ids)}")
+            if task not in teacher.task_ids:
+                raise ValueError(f"distill_from[{task!r}]: the teacher does not know task {task!r} (it knows "
+                                 f"{', '.join(teacher.task_ids)})")
+            if teacher.tokenizer.fingerprint() != mine:
+                raise ValueError(f"distill_from[{task!r}]: the teacher's vocabulary is not the model's (tokenizer "
+                                 f"fingerprints {teacher.tokenizer.fingerprint()} and {mine}): its distributions "
+                                 "would be over other tokens")
+
+    def soft_labels(self, samples: Sequence, batch: Batch) -> Optional[torch.Tensor]:
+        """``Batch.soft_labels`` for ``batch``, the student's collation of ``samples`` (one sample a
+        row): every teacher's distribution at the scored tokens of its task's samples, zeros
+        elsewhere; None when no sample has a teacher or nothing is scored."""
+        scored_BL = batch.labels != IGNORE_INDEX
+        rows_of = {task: [i for i, s in enumerate(samples) if s.task == task] for task in self.models}
+        rows_of = {task: rows for task, rows in rows_of.items() if rows}
+        if not rows_of or not scored_BL.any():
+            return None
+        if batch.labels.shape[0] != len(samples):
+            raise ValueError(f"distillation needs one sample a row: {len(samples)} samples in "
+                             f"{batch.labels.shape[0]} rows (packed batches are not supported)")
+        counts_B = scored_BL.sum(1)
+        starts_B = torch.cumsum(counts_B, 0) - counts_B  # where each row's scored tokens begin, flat
+        out = torch.zeros(int(counts_B.sum()), self._vocab_size(), device=batch.labels.device)
+        for task, rows in rows_of.items():
+            probs_NV = self._task_probs(task, [samples[i] for i in rows], batch.labels[rows][scored_BL[rows]])
+            if probs_NV is not None:
+                index = torch.cat([starts_B[r] + torch.arange(int(counts_B[r]), device=out.device) for r in rows])
+                out[index] = probs_NV.to(out.device)
+        return out
+
+    def _vocab_size(self) -> int:
+        return next(iter(self.models.values())).tokenizer.vocab_size
+
+    @torch.no_grad()
+    def _task_probs(self, task: str, samples: list, labels_N: torch.Tensor) -> Optional[torch.Tensor]:
+        """The teacher of ``task``'s softened distribution at each scored token of ``samples``, which
+        the student scores as ``labels_N``; None when nothing is scored."""
+        teacher = self.models[task]
+        device = next(teacher.parameters()).device
+        batch = collate(samples, teacher.tokenizer, teacher.task_ids, modality_ids=teacher.modality_ids).to(device)
+        scored_BL = batch.labels != IGNORE_INDEX
+        if not scored_BL.any():
+            return None
+        if not torch.equal(batch.labels[scored_BL].cpu(), labels_N.cpu()):
+            raise ValueError(f"distill_from[{task!r}]: the teacher's reference tokens differ from the model's for "
+                             "the same samples (another closed label set or answer layout?)")
+        logits_BLV = batch.restrict_to_allowed(teacher(batch).logits.float())
+        return (logits_BLV[scored_BL] / self.temperature).softmax(-1)
+
+    def to(self, device) -> "Teachers":
+        """Moves every teacher to ``device``; returns self."""
+        for model in self.models.values():
+            model.to(device)
+        return self
+
+
+def soft_cross_entropy(logits_NV: torch.Tensor, soft_NV: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Per row, ``τ² · H(soft, softmax(logits / τ))``: the cross-entropy of the student's softened
+    distribution under a teacher's (``soft_NV``, rows summing to 1). Tokens the teacher gives no
+    mass (−inf logits of closed-set rows among them) add nothing."""
+    logp_NV = (logits_NV / temperature).log_softmax(-1)
+    return -(soft_NV * logp_NV.masked_fill(soft_NV <= 0, 0.0)).sum(-1) * temperature ** 2

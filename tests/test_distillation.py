@@ -1,0 +1,175 @@
+"""Distillation from per-task teachers (``TrainConfig.distill_from``, ``moe_gen.teachers``): the
+teachers' distributions line up with the student's scored tokens of their tasks in a mixed batch,
+the loss mixes them in by ``distill_weight``, a teacher equal to the student adds no gradient, and
+what cannot teach is refused naming the task."""
+
+from __future__ import annotations
+
+import copy
+import math
+
+import pytest
+import torch
+from helpers import build, flavour_with, quiet
+
+from moe_gen.model import GeneralistModel
+from moe_gen.objectives import GenerativeObjective
+from moe_gen.tasks import Task, Tokenizer, load_preset
+from moe_gen.tasks.batch import IGNORE_INDEX, collate
+from moe_gen.teachers import Teachers, soft_cross_entropy
+from moe_gen.trainer import TrainConfig, Trainer
+
+NAMES = ["digit_classification", "table_qa"]
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [load_preset(n, "train", limit=12) for n in NAMES]
+
+
+@pytest.fixture(scope="module")
+def teacher_dirs(tasks, tok, tmp_path_factory):
+    """A specialist per task, each built on its one task (other weights than the student's)."""
+    dirs = {}
+    for i, task in enumerate(tasks):
+        torch.manual_seed(100 + i)
+        model = GeneralistModel.build(flavour_with("debug"), [task], tok)
+        dirs[task.name] = str(tmp_path_factory.mktemp("teacher") / task.name)
+        model.save_pretrained(dirs[task.name])
+    return dirs
+
+
+def _config(**kwargs) -> TrainConfig:
+    kwargs.setdefault("steps", 2)
+    return quiet(batch_size=8, lr=3e-3, warmup_steps=0, log_every=1, **kwargs)
+
+
+def test_soft_cross_entropy_is_the_tempered_cross_entropy_and_skips_tokens_without_mass():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(5, 7, generator=g)
+    logits[:, 5:] = float("-inf")  # a closed set of 5 tokens
+    teacher = torch.randn(5, 7, generator=g)
+    teacher[:, 5:] = float("-inf")
+    soft = (teacher / 2.0).softmax(-1)
+    expected = -(soft[:, :5] * (logits[:, :5] / 2.0).log_softmax(-1)).sum(-1) * 4.0
+    logits.requires_grad_(True)
+    got = soft_cross_entropy(logits, soft, 2.0)
+    torch.testing.assert_close(got, expected)
+    got.sum().backward()
+    assert torch.isfinite(logits.grad).all() and (logits.grad[:, 5:] == 0).all()
+
+
+def test_teachers_speak_at_their_tasks_scored_tokens_of_a_mixed_batch(tasks, tok, teacher_dirs, tmp_path):
+    student = build(tasks, tok)
+    trainer = Trainer(student, tasks, _config(distill_from={"table_qa": teacher_dirs["table_qa"]}),
+                      output_dir=str(tmp_path))
+    (_, [(_, samples, batch)]) = trainer._prepare_micro_batch(1, 0)
+    assert {s.task for s in samples} == set(NAMES)  # both tasks in the batch
+    scored = batch.labels != IGNORE_INDEX
+    task_N = batch.decoder.tags.task[scored]
+    soft = batch.soft_labels
+    assert soft.shape == (int(scored.sum()), tok.vocab_size)
+    taught = task_N == student.task_ids["table_qa"]
+    assert taught.any() and (~taught).any()
+    assert (soft[~taught] == 0).all()
+    torch.testing.assert_close(soft[taught].sum(-1), torch.ones(int(taught.sum())))
+    # the same as the teacher gives on its task's samples collated alone
+    teacher = trainer.objectives["generative"].teachers.models["table_qa"]
+    alone = collate([s for s in samples if s.task == "table_qa"], teacher.tokenizer, teacher.task_ids,
+                    modality_ids=teacher.modality_ids)
+    with torch.no_grad():
+        expected = alone.restrict_to_allowed(teacher(alone).logits)[alone.labels != IGNORE_INDEX].softmax(-1)
+    torch.testing.assert_close(soft[taught], expected)
+
+
+def test_closed_set_teachers_give_mass_only_to_the_allowed_tokens(tasks, tok, teacher_dirs, tmp_path):
+    student = build(tasks, tok)
+    trainer = Trainer(student, tasks, _config(distill_from={"digit_classification":
+                                                            teacher_dirs["digit_classification"]}),
+                      output_dir=str(tmp_path))
+    (_, [(_, _, batch)]) = trainer._prepare_micro_batch(1, 0)
+    scored = batch.labels != IGNORE_INDEX
+    allowed = torch.isfinite(batch.restrict_to_allowed(torch.zeros(*batch.labels.shape, tok.vocab_size)))[scored]
+    taught = batch.soft_labels.sum(-1) > 0
+    assert taught.any() and (batch.soft_labels[taught] > 0).eq(allowed[taught]).all()
+
+
+def test_the_loss_mixes_the_teachers_in_by_their_weight(tasks, tok, teacher_dirs, tmp_path):
+    student = build(tasks, tok)
+    teachers = Teachers.load({"table_qa": teacher_dirs["table_qa"]})
+    plain = GenerativeObjective(student)
+    batch = Trainer(student, tasks, _config(), output_dir=str(tmp_path))._prepare_micro_batch(1, 0)[1][0][2]
+    samples = Trainer(student, tasks, _config(), output_dir=str(tmp_path / "b"),
+                      )._prepare_micro_batch(1, 0)[1][0][1]
+    batch.soft_labels = teachers.soft_labels(samples, batch)
+    student.eval()  # (no dropout: the passes compare)
+    with torch.no_grad():
+        out = student(batch)
+        base = plain.loss(batch, out)
+        scored = batch.labels != IGNORE_INDEX
+        logits = batch.restrict_to_allowed(out.logits.float())[scored]
+        ce = torch.nn.functional.cross_entropy(logits, batch.labels[scored], reduction="none")
+        taught = batch.soft_labels.sum(-1) > 0
+        soft = soft_cross_entropy(logits[taught], batch.soft_labels[taught], 1.0)
+        for alpha in (0.0, 0.3, 1.0):
+            parts = GenerativeObjective(student, teachers=teachers, distill_weight=alpha).loss(batch, out)
+            mixed = ce.clone()
+            mixed[taught] = (1 - alpha) * ce[taught] + alpha * soft
+            torch.testing.assert_close(parts["token_loss"], mixed.mean())
+            torch.testing.assert_close(parts["distill_loss"], soft.mean())
+        assert "distill_loss" not in base
+        batch.soft_labels = None
+        torch.testing.assert_close(GenerativeObjective(student, teachers=teachers).loss(batch, out)["token_loss"],
+                                   base["token_loss"])
+
+
+def test_a_teacher_equal_to_the_student_adds_no_gradient(tasks, tok, tmp_path):
+    table = [t for t in tasks if t.name == "table_qa"]
+    student = build(table, tok, dropout=0.0)
+    student.eval()
+    teachers = Teachers({"table_qa": copy.deepcopy(student)})
+    trainer = Trainer(student, table, _config(), output_dir=str(tmp_path))
+    samples, batch = trainer._prepare_micro_batch(1, 0)[1][0][1:]
+    batch.soft_labels = teachers.soft_labels(samples, batch)
+    out = student(batch)
+    loss = GenerativeObjective(student, teachers=teachers, distill_weight=1.0).loss(batch, out)["token_loss"]
+    grads = torch.autograd.grad(loss, [p for p in student.parameters() if p.requires_grad], allow_unused=True)
+    assert max(float(g.abs().max()) for g in grads if g is not None) < 1e-6
+
+
+def test_a_run_distils_and_logs_the_teachers_loss(tasks, tok, teacher_dirs, tmp_path):
+    cfg = _config(steps=3, distill_from=teacher_dirs, distill_weight=0.5, distill_temperature=2.0)
+    trainer = Trainer(build(tasks, tok), tasks, cfg, output_dir=str(tmp_path))
+    records = [trainer.train_step(step) for step in range(1, 4)]
+    assert all(math.isfinite(r["distill_loss"]) and r["distill_loss"] > 0 for r in records)
+    plain = Trainer(build(tasks, tok), tasks, _config(steps=3), output_dir=str(tmp_path / "plain"))
+    assert "distill_loss" not in plain.train_step(1)
+
+
+def test_what_cannot_teach_is_refused_naming_the_task(tasks, tok, teacher_dirs, tmp_path):
+    student = build(tasks, tok)
+    with pytest.raises(ValueError, match=r"distill_from names tasks not being trained: \['iris'\]"):
+        Trainer(student, tasks, _config(distill_from={"iris": teacher_dirs["table_qa"]}), output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: the teacher does not know task 'table_qa'"):
+        Trainer(student, tasks, _config(distill_from={"table_qa": teacher_dirs["digit_classification"]}),
+                output_dir=str(tmp_path))
+    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: cannot load the teacher at"):
+        Trainer(student, tasks, _config(distill_from={"table_qa": str(tmp_path / "missing")}),
+                output_dir=str(tmp_path))
+    other = Tokenizer.default(vocab_size=3000)
+    table = [t for t in tasks if t.name == "table_qa"]
+    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: the teacher's vocabulary is not the model's"):
+        GenerativeObjective(build(table, other), teachers=Teachers.load({"table_qa": teacher_dirs["table_qa"]}))
+    for bad, message in [({"distill_weight": 1.5}, "distill_weight must be in"),
+                         ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
+                         ({"distill_from": {"table_qa": 3}}, r"distill_from\['table_qa'\] must be the folder")]:
+        with pytest.raises(ValueError, match=message):
+            TrainConfig(**bad)
+
+
+def test_an_objective_that_does_not_distil_is_refused(tok, teacher_dirs, tmp_path):
+    table = load_preset("table_qa", "train", limit=12)
+    masked = Task(table.name, table.instruction, table.data, objective="masked")
+    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: task 'table_qa' trains with the 'masked'"):
+        Trainer(build([masked], tok), [masked], _config(distill_from={"table_qa": teacher_dirs["table_qa"]}),
+                output_dir=str(tmp_path))
