@@ -39,10 +39,12 @@ class LossScales:
     trainer's weighting of the micro-batch (its samples' share of the micro-batch, over ``A``
     micro-batches, averaged over ``W`` processes) into the objective's share of the whole step's
     samples; ``frame`` does the same per frame adapter. Both are 1 for one micro-batch in one
-    process."""
+    process. ``teacher`` multiplies the objective's ``distill_weight`` at this step (the schedule
+    of ``TrainConfig.distill_anneal``; 1 without one)."""
 
     token: float = 1.0
     frame: Mapping[str, float] = dataclasses.field(default_factory=dict)  # adapter → factor (absent: 1)
+    teacher: float = 1.0
 
 
 class Objective:
@@ -194,7 +196,8 @@ class GenerativeObjective(Objective):
             smoothing = self.model.config.label_smoothing if self.label_smoothing is None else self.label_smoothing
             ce_N = smoothed_cross_entropy(logits[scored], batch.labels[scored], smoothing)
             if batch.soft_labels is not None and self.teachers is not None:
-                ce_N = self._with_teachers(logits[scored], batch.soft_labels, ce_N, parts)
+                weight = self.distill_weight * (scales or LossScales()).teacher
+                ce_N = self._with_teachers(logits[scored], batch.soft_labels, ce_N, weight, parts)
             task_N = task_BL[scored]
             parts["token_loss"] = self._token_mean(batch, scored, task_N, ce_N)
             parts["token_accuracy"] = (logits[scored].argmax(-1) == batch.labels[scored]).float().mean().detach()
@@ -233,17 +236,17 @@ class GenerativeObjective(Objective):
         return {"loss": loss, **parts, "aux_loss": aux.detach() if torch.is_tensor(aux) else aux,
                 **{f"aux/{k}": v.detach() for k, v in out.aux_losses.items()}}
 
-    def _with_teachers(self, logits_NV: torch.Tensor, soft_NV: torch.Tensor, ce_N: torch.Tensor,
+    def _with_teachers(self, logits_NV: torch.Tensor, soft_NV: torch.Tensor, ce_N: torch.Tensor, weight: float,
                        parts: dict) -> torch.Tensor:
-        """``ce_N`` with the teachers' term mixed in at the tokens they speak for (``distill_loss``
-        in ``parts``: its mean there)."""
+        """``ce_N`` with the teachers' term mixed in by ``weight`` at the tokens they speak for
+        (``distill_loss`` in ``parts``: its mean there)."""
         taught_N = soft_NV.sum(-1) > 0
         if not taught_N.any():
             return ce_N
         soft_N = soft_cross_entropy(logits_NV[taught_N], soft_NV[taught_N], self.teachers.temperature)
         parts["distill_loss"] = soft_N.detach().mean()
         mixed_N = ce_N.clone()
-        mixed_N[taught_N] = (1 - self.distill_weight) * ce_N[taught_N] + self.distill_weight * soft_N
+        mixed_N[taught_N] = (1 - weight) * ce_N[taught_N] + weight * soft_N
         return mixed_N
 
     def _token_mean(self, batch: Batch, scored_BL: torch.Tensor, task_N: torch.Tensor,

@@ -12,7 +12,9 @@ into a multi-task student. ``TrainConfig.distill_from`` maps task names to teach
 
 where ``p(τ)`` is the softmax of the logits divided by τ (over the allowed tokens only, for a
 closed-set target) and H the cross-entropy (the teacher's entropy, a constant, is in the logged
-``distill_loss`` too). Tokens of tasks without a teacher keep the plain loss.
+``distill_loss`` too). Tokens of tasks without a teacher keep the plain loss. With
+``distill_anneal`` α falls linearly to 0 at the last step (BAM's teacher annealing), so that the
+run ends on the references and a weak teacher does not cap its task.
 
 A teacher reads the very samples the student is given (augmented alike), collated with its own
 task ids, after the student's batch is prepared; its distributions travel in

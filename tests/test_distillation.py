@@ -13,7 +13,7 @@ import torch
 from helpers import build, flavour_with, quiet
 
 from moe_gen.model import GeneralistModel
-from moe_gen.objectives import GenerativeObjective
+from moe_gen.objectives import GenerativeObjective, LossScales
 from moe_gen.tasks import Task, Tokenizer, load_preset
 from moe_gen.tasks.batch import IGNORE_INDEX, collate
 from moe_gen.teachers import Teachers, soft_cross_entropy
@@ -118,6 +118,11 @@ def test_the_loss_mixes_the_teachers_in_by_their_weight(tasks, tok, teacher_dirs
             torch.testing.assert_close(parts["token_loss"], mixed.mean())
             torch.testing.assert_close(parts["distill_loss"], soft.mean())
         assert "distill_loss" not in base
+        halved = GenerativeObjective(student, teachers=teachers, distill_weight=0.6).loss(
+            batch, out, LossScales(teacher=0.5))
+        mixed = ce.clone()
+        mixed[taught] = 0.7 * ce[taught] + 0.3 * soft
+        torch.testing.assert_close(halved["token_loss"], mixed.mean())
         batch.soft_labels = None
         torch.testing.assert_close(GenerativeObjective(student, teachers=teachers).loss(batch, out)["token_loss"],
                                    base["token_loss"])
@@ -144,6 +149,30 @@ def test_a_run_distils_and_logs_the_teachers_loss(tasks, tok, teacher_dirs, tmp_
     assert all(math.isfinite(r["distill_loss"]) and r["distill_loss"] > 0 for r in records)
     plain = Trainer(build(tasks, tok), tasks, _config(steps=3), output_dir=str(tmp_path / "plain"))
     assert "distill_loss" not in plain.train_step(1)
+
+
+def _teacher_factors(trainer) -> list:
+    """Runs ``trainer`` and returns the ``LossScales.teacher`` its objective was given at each step."""
+    objective, seen = trainer.objectives["generative"], []
+    loss = objective.loss
+
+    def recorded(batch, out, scales=None):
+        seen.append(None if scales is None else scales.teacher)
+        return loss(batch, out, scales)
+
+    objective.loss = recorded
+    trainer.fit()
+    return seen
+
+
+def test_annealing_lowers_the_teachers_weight_linearly_to_zero_at_the_last_step(tasks, tok, teacher_dirs, tmp_path):
+    taught = {"table_qa": teacher_dirs["table_qa"]}
+    annealed = Trainer(build(tasks, tok), tasks, _config(steps=3, distill_from=taught, distill_anneal=True),
+                       output_dir=str(tmp_path / "annealed"))
+    assert _teacher_factors(annealed) == [1.0, 0.5, 0.0]
+    constant = Trainer(build(tasks, tok), tasks, _config(steps=3, distill_from=taught),
+                       output_dir=str(tmp_path / "constant"))
+    assert _teacher_factors(constant) == [None, None, None]  # (the objective's own weight every step)
 
 
 def test_what_cannot_teach_is_refused_naming_the_task(tasks, tok, teacher_dirs, tmp_path):

@@ -122,6 +122,8 @@ class BenchConfig:
             train first, in this run (not with ``specialists_from`` or ``specialists=False``), and
             are kept in a temporary folder until the generalists are done.
         distill_temperature: τ of that distillation (``TrainConfig.distill_temperature``).
+        distill_anneal: the teachers' weight falls from ``distill`` to 0 over the run
+            (``TrainConfig.distill_anneal``).
         specialists_from: a ``quality.json`` whose specialist runs are reused instead of training
             them again (every task and seed of this run must be in it, trained with the same
             settings: ``SPECIALIST_SETTINGS``; a mismatch is refused, naming the settings).
@@ -149,6 +151,7 @@ class BenchConfig:
     sam_rho: float = 0.0
     distill: float = 0.0
     distill_temperature: float = 1.0
+    distill_anneal: bool = False
     mixing: str = "temperature"
     temperature: float = 2.0
     ema_decay: float = 0.0
@@ -269,6 +272,8 @@ class BenchConfig:
 
     def _check_distill(self) -> None:
         """Distillation's settings: α in [0, 1], τ > 0, and specialists trained in this run to learn from."""
+        if self.distill_anneal and not self.distill:
+            raise ValueError("BenchConfig.distill_anneal schedules the weight of distill: set distill > 0 too")
         if not 0 <= self.distill <= 1 or not self.distill_temperature > 0:
             raise ValueError(f"BenchConfig.distill must be in [0, 1] (0: off) and distill_temperature > 0, got "
                              f"{self.distill} and {self.distill_temperature}")
@@ -464,7 +469,8 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str =
                                checkpoint_every=0, ema_decay=_ema_decay(cfg, steps), trainable=trainable,
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads,
                                eval_every=cfg.eval_every if eval_tasks else 0, distill_from=dict(distill_from or {}),
-                               distill_weight=cfg.distill, distill_temperature=cfg.distill_temperature)
+                               distill_weight=cfg.distill, distill_temperature=cfg.distill_temperature,
+                               distill_anneal=cfg.distill_anneal)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True, eval_tasks=eval_tasks)
         summary = trainer.fit()

@@ -52,6 +52,9 @@ class TrainConfig(ConfigBase):
         distill_weight: α in [0, 1], the teacher's share of those tokens' loss:
             ``(1 − α)·CE + α·τ²·H(teacher, student)``.
         distill_temperature: τ > 0, both distributions softened by it.
+        distill_anneal: teacher annealing (Clark et al. 2019): the teachers' weight falls linearly
+            from ``distill_weight`` at the first step to 0 at the last, so the run ends on the
+            references alone.
         ema_decay: d in [0, 1): keep an exponential moving average of the weights,
             ``avg ← d·avg + (1 − d)·w`` after every optimizer step (PyTorch's ``AveragedModel``;
             buffers such as routing biases are copied, not averaged), which ``evaluate`` and
@@ -163,6 +166,7 @@ class TrainConfig(ConfigBase):
     distill_from: dict = dataclasses.field(default_factory=dict)
     distill_weight: float = 0.5
     distill_temperature: float = 1.0
+    distill_anneal: bool = False
     precision: str = "fp32"
     seed: int = 0
     mixing: str = "temperature"

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import logging
 import math
 import os
@@ -381,6 +382,11 @@ class Trainer:
         if micro_batches is None:
             micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(self.config.accumulate)]
         scales = step_loss_scales(self.objectives, micro_batches, list(self.model.frame_heads), self.world)
+        if self.config.distill_from and self.config.distill_anneal:  # the teachers' share at this step
+            teacher = 1.0 - (step - 1) / max(self.config.steps - 1, 1)
+            scales = [{**group, **{name: dataclasses.replace(group.get(name) or LossScales(), teacher=teacher)
+                                   for name, objective in self.objectives.items() if objective.distils}}
+                      for group in scales]
         for micro, (size, groups) in enumerate(micro_batches):
             parts, over, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
             finite &= ok
