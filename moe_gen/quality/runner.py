@@ -269,7 +269,6 @@ class BenchConfig:
             raise ValueError(f"BenchConfig.upcycle_top_k must be in [1, num_experts = {self.num_experts}], "
                              f"got {self.upcycle_top_k}")
 
-
     def _check_distill(self) -> None:
         """Distillation's settings: α in [0, 1], τ > 0, and specialists trained in this run to learn from."""
         if self.distill_anneal and not self.distill:
