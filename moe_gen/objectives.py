@@ -149,6 +149,7 @@ class GenerativeObjective(Objective):
         self.teachers, self.distill_weight = teachers, float(distill_weight)
         if teachers is not None:
             teachers.check(model)
+            teachers.to(next(model.parameters()).device)  # (the trainer has put the model on its device)
         self.task_weights = dict(task_weights or {})
         unknown = sorted(set(self.task_weights) - set(model.task_ids))
         if unknown:
@@ -170,7 +171,6 @@ class GenerativeObjective(Objective):
         are teachers."""
         batch = super().prepare(samples, rng)
         if self.teachers is not None:
-            self.teachers.to(next(self.model.parameters()).device)
             batch.soft_labels = self.teachers.soft_labels(samples, batch)
         return batch
 

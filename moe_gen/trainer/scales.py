@@ -16,6 +16,7 @@ Routing losses stay per forward, weighed as before. Objectives without ``loss_co
 
 from __future__ import annotations
 
+import dataclasses
 import inspect
 from typing import Optional, Sequence
 
@@ -24,7 +25,7 @@ import torch
 from moe_gen import distributed
 from moe_gen.objectives import LossScales
 
-__all__ = ["step_loss_scales"]
+__all__ = ["step_loss_scales", "annealed_teachers"]
 
 
 def takes_scales(objective) -> bool:
@@ -69,3 +70,14 @@ def step_loss_scales(objectives: dict, micro_batches: Sequence, frame_adapters: 
             trivial = token == 1.0 and all(f == 1.0 for f in frame.values())
             out[-1][name] = None if trivial else LossScales(token, frame)
     return out
+
+
+def annealed_teachers(scales: list[dict[str, Optional[LossScales]]], objectives: dict, step: int,
+                      steps: int) -> list[dict[str, Optional[LossScales]]]:
+    """``scales`` (``step_loss_scales``' output) with the teachers' factor of step ``step`` of
+    ``steps`` (1-based) set for every objective that distils: ``TrainConfig.distill_anneal``'s
+    linear fall from 1 at the first step to 0 at the last."""
+    teacher = 1.0 - (step - 1) / max(steps - 1, 1)
+    return [{**group, **{name: dataclasses.replace(group.get(name) or LossScales(), teacher=teacher)
+                         for name, objective in objectives.items() if objective.distils}}
+            for group in scales]

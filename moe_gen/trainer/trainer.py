@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import contextlib
-import dataclasses
 import logging
 import math
 import os
@@ -51,7 +50,7 @@ from moe_gen.trainer.logs import RunLogger, iter_jsonl_log, routing_summary
 from moe_gen.trainer.optim import WarmupCosine, _fusable, _param_groups, select_trainable  # noqa: F401
 from moe_gen.trainer.resume import check_same_model, check_same_tokenizer, check_same_training
 from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
-from moe_gen.trainer.scales import step_loss_scales
+from moe_gen.trainer.scales import annealed_teachers, step_loss_scales
 from moe_gen.trainer.undo import model_undo
 
 __all__ = ["Trainer", "TrainingDiverged", "select_trainable", "WarmupCosine"]
@@ -382,11 +381,8 @@ class Trainer:
         if micro_batches is None:
             micro_batches = [self._prepare_micro_batch(step, micro) for micro in range(self.config.accumulate)]
         scales = step_loss_scales(self.objectives, micro_batches, list(self.model.frame_heads), self.world)
-        if self.config.distill_from and self.config.distill_anneal:  # the teachers' share at this step
-            teacher = 1.0 - (step - 1) / max(self.config.steps - 1, 1)
-            scales = [{**group, **{name: dataclasses.replace(group.get(name) or LossScales(), teacher=teacher)
-                                   for name, objective in self.objectives.items() if objective.distils}}
-                      for group in scales]
+        if self.config.distill_from and self.config.distill_anneal:
+            scales = annealed_teachers(scales, self.objectives, step, self.config.steps)
         for micro, (size, groups) in enumerate(micro_batches):
             parts, over, counts, ok = self._micro_batch(micro, size, groups, scales[micro])
             finite &= ok
