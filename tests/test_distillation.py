@@ -6,6 +6,7 @@ what cannot teach is refused naming the task."""
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -199,6 +200,24 @@ def test_what_cannot_teach_is_refused_naming_the_task(tasks, tok, teacher_dirs, 
                          ({"distill_from": {"table_qa": 3}}, r"distill_from\['table_qa'\] must be the folder")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
+
+
+def test_a_batch_the_teachers_cannot_line_up_with_is_refused(tasks, tok, teacher_dirs, tmp_path):
+    student = build(tasks, tok)
+    trainer = Trainer(student, tasks, _config(distill_from={"table_qa": teacher_dirs["table_qa"]}),
+                      output_dir=str(tmp_path))
+    teachers = trainer.objectives["generative"].teachers
+    samples, batch = trainer._prepare_micro_batch(1, 0)[1][0][1:]
+    table_rows = [i for i, s in enumerate(samples) if s.task == "table_qa"]
+    other = batch.labels.clone()
+    scored = other[table_rows[0]] != IGNORE_INDEX
+    other[table_rows[0], scored.nonzero()[0]] += 1  # another reference token than the teacher computes
+    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: the teacher's reference tokens differ"):
+        teachers.soft_labels(samples, dataclasses.replace(batch, labels=other))
+    packed = collate(samples, tok, student.task_ids, modality_ids=student.modality_ids, pack=True,
+                     max_length=10_000)  # (every sample in one row)
+    with pytest.raises(ValueError, match="distillation needs one sample a row"):
+        teachers.soft_labels(samples, packed)
 
 
 def test_an_objective_that_does_not_distil_is_refused(tok, teacher_dirs, tmp_path):
