@@ -112,14 +112,22 @@ class Teachers:
         the student scores as ``labels_N``; None when nothing is scored."""
         teacher = self.models[task]
         device = next(teacher.parameters()).device
-        batch = collate(samples, teacher.tokenizer, teacher.task_ids, modality_ids=teacher.modality_ids).to(device)
+        try:
+            batch = collate(samples, teacher.tokenizer, teacher.task_ids, modality_ids=teacher.modality_ids)
+        except (KeyError, ValueError) as exc:
+            raise ValueError(f"distill_from[{task!r}]: the teacher cannot read the task's samples: {exc}") from exc
+        batch = batch.to(device)
         scored_BL = batch.labels != IGNORE_INDEX
         if not scored_BL.any():
             return None
         if not torch.equal(batch.labels[scored_BL].cpu(), labels_N.cpu()):
             raise ValueError(f"distill_from[{task!r}]: the teacher's reference tokens differ from the model's for "
                              "the same samples (another closed label set or answer layout?)")
-        logits_BLV = batch.restrict_to_allowed(teacher(batch).logits.float())
+        try:
+            logits_BLV = batch.restrict_to_allowed(teacher(batch).logits.float())
+        except (KeyError, ValueError) as exc:  # (a teacher of another instruction: other inputs than it was built for)
+            raise ValueError(f"distill_from[{task!r}]: the teacher cannot read the task's samples (was it trained "
+                             f"on another instruction?): {exc}") from exc
         return (logits_BLV[scored_BL] / self.temperature).softmax(-1)
 
     def to(self, device) -> "Teachers":

@@ -220,6 +220,18 @@ def test_a_batch_the_teachers_cannot_line_up_with_is_refused(tasks, tok, teacher
         teachers.soft_labels(samples, packed)
 
 
+def test_a_teacher_of_another_instruction_is_refused_naming_the_task(tasks, tok, teacher_dirs, tmp_path):
+    digits = next(t for t in tasks if t.name == "digit_classification")
+    impostor = Task("table_qa", digits.instruction, digits.data)  # the name of one task, the inputs of another
+    torch.manual_seed(7)
+    folder = str(tmp_path / "impostor")
+    GeneralistModel.build(flavour_with("debug"), [impostor], tok).save_pretrained(folder)
+    trainer = Trainer(build(tasks, tok), tasks, _config(distill_from={"table_qa": folder}),
+                      output_dir=str(tmp_path / "run"))
+    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: the teacher cannot read the task's samples"):
+        trainer.fit()
+
+
 def test_an_objective_that_does_not_distil_is_refused(tok, teacher_dirs, tmp_path):
     table = load_preset("table_qa", "train", limit=12)
     masked = Task(table.name, table.instruction, table.data, objective="masked")
