@@ -162,7 +162,8 @@ class GenerativeObjective(Objective):
     @classmethod
     def from_train_config(cls, model: GeneralistModel, config) -> "GenerativeObjective":
         distil = config.distill_from and cls.distils
-        teachers = Teachers.load(config.distill_from, config.distill_temperature) if distil else None
+        teachers = Teachers.load(config.distill_from, config.distill_temperature,
+                                 config.distill_only_correct) if distil else None
         return cls(model, frame_weight=config.frame_weight, task_weights=config.loss_weights or None,
                    loss_average=config.loss_average, teachers=teachers, distill_weight=config.distill_weight)
 

@@ -14,7 +14,10 @@ where ``p(τ)`` is the softmax of the logits divided by τ (over the allowed tok
 closed-set target) and H the cross-entropy (the teacher's entropy, a constant, is in the logged
 ``distill_loss`` too). Tokens of tasks without a teacher keep the plain loss. With
 ``distill_anneal`` α falls linearly to 0 at the last step (BAM's teacher annealing), so that the
-run ends on the references and a weak teacher does not cap its task.
+run ends on the references and a weak teacher does not cap its task. With ``distill_only_correct`` a
+teacher speaks only at the tokens where its most likely token is the reference, so that a weak
+teacher teaches what it gets right and not its mistakes (in the spirit of Wen et al. 2019's
+"knowledge adjustment", which corrects a teacher's wrong predictions instead of dropping them).
 
 A teacher reads the very samples the student is given (augmented alike), collated with its own
 task ids, after the student's batch is prepared; its distributions travel in
@@ -40,19 +43,22 @@ class Teachers:
     Args:
         models: task name → its teacher (a ``GeneralistModel``).
         temperature: τ > 0; the teachers' distributions are softened by it.
+        only_correct: a teacher speaks only at the tokens where its most likely token is the
+            reference (its distribution is zeros at the others, which then keep the plain loss).
     """
 
-    def __init__(self, models: Mapping[str, object], temperature: float = 1.0) -> None:
+    def __init__(self, models: Mapping[str, object], temperature: float = 1.0, only_correct: bool = False) -> None:
         if not temperature > 0:
             raise ValueError(f"Teachers: temperature must be > 0, got {temperature!r}")
         self.models = dict(models)
         self.temperature = float(temperature)
+        self.only_correct = bool(only_correct)
         for model in self.models.values():
             model.eval()
             model.requires_grad_(False)
 
     @classmethod
-    def load(cls, paths: Mapping[str, str], temperature: float = 1.0) -> "Teachers":
+    def load(cls, paths: Mapping[str, str], temperature: float = 1.0, only_correct: bool = False) -> "Teachers":
         """The teachers saved at ``paths`` (task → ``save_pretrained`` folder); a folder that cannot
         be read is named with its task."""
         from moe_gen.model import GeneralistModel
@@ -63,7 +69,7 @@ class Teachers:
                 models[task] = GeneralistModel.from_pretrained(path)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"distill_from[{task!r}]: cannot load the teacher at {path!r}: {exc}") from None
-        return cls(models, temperature)
+        return cls(models, temperature, only_correct)
 
     def check(self, student) -> None:
         """Refuses a teacher that cannot teach ``student``: a task the student does not know, a
@@ -128,7 +134,11 @@ class Teachers:
         except (KeyError, ValueError) as exc:  # (a teacher of another instruction: other inputs than it was built for)
             raise ValueError(f"distill_from[{task!r}]: the teacher cannot read the task's samples (was it trained "
                              f"on another instruction?): {exc}") from exc
-        return (logits_BLV[scored_BL] / self.temperature).softmax(-1)
+        logits_NV = logits_BLV[scored_BL]
+        probs_NV = (logits_NV / self.temperature).softmax(-1)
+        if self.only_correct:  # (where the teacher's answer is wrong, its row stays zeros: the plain loss)
+            probs_NV = probs_NV * (logits_NV.argmax(-1) == batch.labels[scored_BL]).unsqueeze(-1)
+        return probs_NV
 
     def to(self, device) -> "Teachers":
         """Moves every teacher to ``device``; returns self."""

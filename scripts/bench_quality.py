@@ -94,6 +94,8 @@ def make_parser() -> argparse.ArgumentParser:
                         help="temperature of that distillation (TrainConfig.distill_temperature; default 1)")
     parser.add_argument("--distill-anneal", action="store_true",
                         help="the specialists' weight falls linearly to 0 over the run (TrainConfig.distill_anneal)")
+    parser.add_argument("--distill-only-correct", action="store_true",
+                        help="a specialist teaches only the tokens it answers right (TrainConfig.distill_only_correct)")
     parser.add_argument("--ema-decay", type=float, help="score the runs' weight averages (TrainConfig.ema_decay)")
     parser.add_argument("--pretrained-inputs", action="store_true",
                         help="doc_topic and spoken words read their input through frozen MiniLM / Whisper encoders")
@@ -178,6 +180,7 @@ def config_from_args(parser: argparse.ArgumentParser, args: argparse.Namespace) 
     fields["bag_of_words"] = args.bag_of_words
     fields["pose_summary"] = args.pose_summary
     fields["distill_anneal"] = args.distill_anneal
+    fields["distill_only_correct"] = args.distill_only_correct
     if args.lr_scale:
         fields["lr_scales"] = _lr_scales(parser, args.lr_scale)
     fields["moe_attention"] = args.moe_attention

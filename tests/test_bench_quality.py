@@ -651,8 +651,9 @@ def test_command_line_options_reach_the_bench_config(monkeypatch, tmp_path):
     assert (upcycled.upcycle_at, upcycled.upcycle_top_k) == (0.5, 2)
     assert bench.config_from_args(parser, parser.parse_args(["--shared-expert"])).shared_expert
     taught = bench.config_from_args(parser, parser.parse_args(["--distill", "0.4", "--distill-temperature", "2",
-                                                               "--distill-anneal"]))
-    assert (taught.distill, taught.distill_temperature, taught.distill_anneal) == (0.4, 2.0, True)
+                                                               "--distill-anneal", "--distill-only-correct"]))
+    assert (taught.distill, taught.distill_temperature, taught.distill_anneal, taught.distill_only_correct) == (
+        0.4, 2.0, True, True)
     assert bench.config_from_args(parser, parser.parse_args(["--subword-sampling", "0.25"])).subword_sampling == 0.25
     # options left out keep BenchConfig's defaults
     defaults = bench.config_from_args(parser, parser.parse_args(["--out", str(tmp_path)]))

@@ -107,7 +107,8 @@ def test_a_redeclared_slot_must_appear_once_in_the_instruction(monkeypatch):
     (dict(distill=0.5, distill_temperature=0), r"and distill_temperature > 0, got 0.5 and 0"),
     (dict(distill=0.5, specialists=False), "does not combine with specialists=False"),
     (dict(distill=0.5, specialists_from="a/quality.json"), "specialists_from"),
-    (dict(distill_anneal=True), "distill_anneal schedules the weight of distill: set distill > 0 too"),
+    (dict(distill_anneal=True), "distill_anneal is a setting of distill: set distill > 0 too"),
+    (dict(distill_only_correct=True), "distill_only_correct is a setting of distill: set distill > 0 too"),
 ])
 def test_bench_config_refuses(fields, message):
     with pytest.raises(ValueError, match=message):

@@ -95,6 +95,25 @@ def test_closed_set_teachers_give_mass_only_to_the_allowed_tokens(tasks, tok, te
     assert taught.any() and (batch.soft_labels[taught] > 0).eq(allowed[taught]).all()
 
 
+def test_a_teacher_only_correct_speaks_where_its_answer_is_the_reference(tasks, tok, teacher_dirs, tmp_path):
+    taught = {"digit_classification": teacher_dirs["digit_classification"]}
+    config = dataclasses.replace(_config(distill_from=taught, distill_only_correct=True), batch_size=48)
+    trainer = Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path))
+    samples, batch = trainer._prepare_micro_batch(1, 0)[1][0][1:]
+    everywhere = Teachers.load(taught).soft_labels(samples, batch)
+    teacher = trainer.objectives["generative"].teachers.models["digit_classification"]
+    alone = collate([s for s in samples if s.task == "digit_classification"], teacher.tokenizer, teacher.task_ids,
+                    modality_ids=teacher.modality_ids)
+    with torch.no_grad():
+        answers = alone.restrict_to_allowed(teacher(alone).logits)[alone.labels != IGNORE_INDEX].argmax(-1)
+    right = answers == alone.labels[alone.labels != IGNORE_INDEX]
+    assert right.any() and (~right).any(), right  # (an untrained teacher: right on some tokens, wrong on others)
+    spoken = everywhere.sum(-1) > 0
+    expected = everywhere.clone()
+    expected[spoken.nonzero()[~right].squeeze(-1)] = 0
+    torch.testing.assert_close(batch.soft_labels, expected)
+
+
 def test_the_loss_mixes_the_teachers_in_by_their_weight(tasks, tok, teacher_dirs, tmp_path):
     student = build(tasks, tok)
     teachers = Teachers.load({"digit_classification": teacher_dirs["digit_classification"]})

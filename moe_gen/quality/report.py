@@ -556,8 +556,9 @@ def _run_line(config: dict) -> str:
         model += f" Sharpness-aware minimisation (rho {config['sam_rho']:g}) in every system's training."
     if config.get("distill"):
         falling = ", falling linearly to 0 over the run" if config.get("distill_anneal") else ""
+        where = ", only at the tokens the specialist answers right" if config.get("distill_only_correct") else ""
         model += (f" The generalists learn every task from its specialist of the same seed too (weight "
-                  f"{config['distill']:g}{falling}, temperature {config.get('distill_temperature', 1.0):g}).")
+                  f"{config['distill']:g}{falling}, temperature {config.get('distill_temperature', 1.0):g}{where}).")
     if config.get("lr_scales"):
         scaled = ", ".join(f"{prefix} × {scale:g}" for prefix, scale in config["lr_scales"].items())
         model += f" Learning rate scaled for {scaled} (every system; a specialist where its model has the parameters)."

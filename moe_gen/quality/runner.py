@@ -124,6 +124,8 @@ class BenchConfig:
         distill_temperature: τ of that distillation (``TrainConfig.distill_temperature``).
         distill_anneal: the teachers' weight falls from ``distill`` to 0 over the run
             (``TrainConfig.distill_anneal``).
+        distill_only_correct: a specialist teaches only the tokens it answers right
+            (``TrainConfig.distill_only_correct``).
         specialists_from: a ``quality.json`` whose specialist runs are reused instead of training
             them again (every task and seed of this run must be in it, trained with the same
             settings: ``SPECIALIST_SETTINGS``; a mismatch is refused, naming the settings).
@@ -152,6 +154,7 @@ class BenchConfig:
     distill: float = 0.0
     distill_temperature: float = 1.0
     distill_anneal: bool = False
+    distill_only_correct: bool = False
     mixing: str = "temperature"
     temperature: float = 2.0
     ema_decay: float = 0.0
@@ -271,8 +274,9 @@ class BenchConfig:
 
     def _check_distill(self) -> None:
         """Distillation's settings: α in [0, 1], τ > 0, and specialists trained in this run to learn from."""
-        if self.distill_anneal and not self.distill:
-            raise ValueError("BenchConfig.distill_anneal schedules the weight of distill: set distill > 0 too")
+        for name in ("distill_anneal", "distill_only_correct"):
+            if getattr(self, name) and not self.distill:
+                raise ValueError(f"BenchConfig.{name} is a setting of distill: set distill > 0 too")
         if not 0 <= self.distill <= 1 or not self.distill_temperature > 0:
             raise ValueError(f"BenchConfig.distill must be in [0, 1] (0: off) and distill_temperature > 0, got "
                              f"{self.distill} and {self.distill_temperature}")
@@ -469,7 +473,7 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str =
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads,
                                eval_every=cfg.eval_every if eval_tasks else 0, distill_from=dict(distill_from or {}),
                                distill_weight=cfg.distill, distill_temperature=cfg.distill_temperature,
-                               distill_anneal=cfg.distill_anneal)
+                               distill_anneal=cfg.distill_anneal, distill_only_correct=cfg.distill_only_correct)
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True, eval_tasks=eval_tasks)
         summary = trainer.fit()

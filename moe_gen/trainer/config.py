@@ -55,6 +55,10 @@ class TrainConfig(ConfigBase):
         distill_anneal: teacher annealing (Clark et al. 2019): the teachers' weight falls linearly
             from ``distill_weight`` at the first step to 0 at the last, so the run ends on the
             references alone.
+        distill_only_correct: a scored token learns its teacher's distribution only where the
+            teacher's most likely token is the reference; elsewhere it keeps the plain loss, so a
+            teacher's wrong answers are not taught (a weak teacher then teaches only what it gets
+            right).
         ema_decay: d in [0, 1): keep an exponential moving average of the weights,
             ``avg ← d·avg + (1 − d)·w`` after every optimizer step (PyTorch's ``AveragedModel``;
             buffers such as routing biases are copied, not averaged), which ``evaluate`` and
@@ -167,6 +171,7 @@ class TrainConfig(ConfigBase):
     distill_weight: float = 0.5
     distill_temperature: float = 1.0
     distill_anneal: bool = False
+    distill_only_correct: bool = False
     precision: str = "fp32"
     seed: int = 0
     mixing: str = "temperature"
