@@ -178,7 +178,8 @@ class GenerativeObjective(Objective):
     def part_counts(self, batch: Batch) -> dict[str, int]:
         if batch.soft_labels is None:
             return {}
-        return {"distill_loss": int((batch.soft_labels.sum(-1) > 0).sum())}
+        return {"distill_loss": int((batch.soft_labels.sum(-1) > 0).sum()),
+                "reference_loss": int((batch.labels != IGNORE_INDEX).sum())}
 
     def __call__(self, batch: Batch, scales: Optional[LossScales] = None) -> dict[str, torch.Tensor]:
         return self.loss(batch, self.model(batch), scales)
@@ -240,7 +241,9 @@ class GenerativeObjective(Objective):
     def _with_teachers(self, logits_NV: torch.Tensor, soft_NV: torch.Tensor, ce_N: torch.Tensor, weight: float,
                        parts: dict) -> torch.Tensor:
         """``ce_N`` with the teachers' term mixed in by ``weight`` at the tokens they speak for
-        (``distill_loss`` in ``parts``: its mean there)."""
+        (``distill_loss`` in ``parts``: its mean there; ``reference_loss``: ``ce_N``'s mean, the loss
+        to the references alone, comparable with runs without teachers)."""
+        parts["reference_loss"] = ce_N.detach().mean()
         taught_N = soft_NV.sum(-1) > 0
         if not taught_N.any():
             return ce_N

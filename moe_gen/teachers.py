@@ -22,19 +22,26 @@ teacher teaches what it gets right and not its mistakes (in the spirit of Wen et
 A teacher reads the very samples the student is given (augmented alike), collated with its own
 task ids, after the student's batch is prepared; its distributions travel in
 ``Batch.soft_labels``. It must share the student's vocabulary (``Tokenizer.fingerprint``), know the
-task it teaches, and compute the same reference tokens for it; anything else is refused, naming
-the task.
+task it teaches, encode it with the same statistics (``encoding_statistics``: label sets, column
+scales, fitted on the same rows) and read its samples; anything else is refused, naming the task.
+With teachers the trainer also logs ``reference_loss``, the scored tokens' cross-entropy to the
+references alone (``token_loss`` then holds the mixed loss). A checkpoint records each teacher's
+``folder_fingerprint``: a run resumed after a teacher's folder was rewritten is refused.
 """
 
 from __future__ import annotations
 
+import hashlib
+import itertools
+import json
+import os
 from typing import Mapping, Optional, Sequence
 
 import torch
 
 from moe_gen.tasks.batch import IGNORE_INDEX, Batch, collate
 
-__all__ = ["Teachers", "soft_cross_entropy"]
+__all__ = ["Teachers", "soft_cross_entropy", "folder_fingerprint", "teacher_fingerprints"]
 
 
 class Teachers:
@@ -73,7 +80,8 @@ class Teachers:
 
     def check(self, student) -> None:
         """Refuses a teacher that cannot teach ``student``: a task the student does not know, a
-        teacher that does not know its task, or another vocabulary."""
+        teacher that does not know its task, another vocabulary, or a task it encodes with other
+        statistics (fitted on other training rows: other label sets, column scales or columns)."""
         mine = student.tokenizer.fingerprint()
         for task, teacher in self.models.items():
             if task not in student.task_ids:
@@ -86,6 +94,12 @@ class Teachers:
                 raise ValueError(f"distill_from[{task!r}]: the teacher's vocabulary is not the model's (tokenizer "
                                  f"fingerprints {teacher.tokenizer.fingerprint()} and {mine}): its distributions "
                                  "would be over other tokens")
+            theirs, ours = _as_json(teacher.encoding_statistics(task)), _as_json(student.encoding_statistics(task))
+            if theirs != ours:
+                differ = sorted(k for k in set(theirs) | set(ours) if theirs.get(k) != ours.get(k))
+                raise ValueError(f"distill_from[{task!r}]: the teacher encodes the task with other statistics than "
+                                 f"the model ({', '.join(differ)} differ: was it trained on other rows of the task?); "
+                                 "it would read the samples under other label sets or scales")
 
     def soft_labels(self, samples: Sequence, batch: Batch) -> Optional[torch.Tensor]:
         """``Batch.soft_labels`` for ``batch``, the student's collation of ``samples`` (one sample a
@@ -97,16 +111,18 @@ class Teachers:
         if not rows_of or not scored_BL.any():
             return None
         if batch.labels.shape[0] != len(samples):
-            raise ValueError(f"distillation needs one sample a row: {len(samples)} samples in "
-                             f"{batch.labels.shape[0]} rows (packed batches are not supported)")
-        counts_B = scored_BL.sum(1)
-        starts_B = torch.cumsum(counts_B, 0) - counts_B  # where each row's scored tokens begin, flat
-        out = torch.zeros(int(counts_B.sum()), self._vocab_size(), device=batch.labels.device)
+            raise ValueError(f"distillation ({', '.join(rows_of)}) needs one sample a row: {len(samples)} samples "
+                             f"in {batch.labels.shape[0]} rows (packed batches are not supported)")
+        counts_B = scored_BL.sum(1).tolist()
+        starts_B = [0, *itertools.accumulate(counts_B)]  # where each row's scored tokens begin, flat
+        # (on the teachers' device: the trainer moves the batch there next, so the distributions are not copied back)
+        device = next(next(iter(self.models.values())).parameters()).device
+        out = torch.zeros(sum(counts_B), self._vocab_size(), device=device)
         for task, rows in rows_of.items():
             probs_NV = self._task_probs(task, [samples[i] for i in rows], batch.labels[rows][scored_BL[rows]])
             if probs_NV is not None:
-                index = torch.cat([starts_B[r] + torch.arange(int(counts_B[r]), device=out.device) for r in rows])
-                out[index] = probs_NV.to(out.device)
+                index = torch.cat([torch.arange(starts_B[r], starts_B[r] + counts_B[r]) for r in rows])
+                out[index.to(device)] = probs_NV.to(device)
         return out
 
     def _vocab_size(self) -> int:
@@ -131,7 +147,7 @@ class Teachers:
                              "the same samples (another closed label set or answer layout?)")
         try:
             logits_BLV = batch.restrict_to_allowed(teacher(batch).logits.float())
-        except (KeyError, ValueError) as exc:  # (a teacher of another instruction: other inputs than it was built for)
+        except (KeyError, ValueError, RuntimeError) as exc:  # (a teacher of another instruction: other inputs, widths)
             raise ValueError(f"distill_from[{task!r}]: the teacher cannot read the task's samples (was it trained "
                              f"on another instruction?): {exc}") from exc
         logits_NV = logits_BLV[scored_BL]
@@ -145,6 +161,39 @@ class Teachers:
         for model in self.models.values():
             model.to(device)
         return self
+
+
+def folder_fingerprint(path: str) -> str:
+    """A short hash of every file under ``path`` (names and contents): a saved teacher's identity,
+    which a checkpoint records so that a resumed run learns from the teacher it began with."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError("no such folder")
+    digest = hashlib.sha256()
+    for root, dirs, files in os.walk(path):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(root, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                for chunk in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(chunk)
+    return digest.hexdigest()[:16]
+
+
+def teacher_fingerprints(paths: Mapping[str, str]) -> dict[str, str]:
+    """``folder_fingerprint`` of every teacher folder of ``paths`` (task → folder); a folder that
+    cannot be read is named with its task."""
+    out = {}
+    for task, path in paths.items():
+        try:
+            out[task] = folder_fingerprint(path)
+        except OSError as exc:
+            raise ValueError(f"distill_from[{task!r}]: cannot load the teacher at {path!r}: {exc}") from None
+    return out
+
+
+def _as_json(value) -> dict:
+    return json.loads(json.dumps(value))  # (tuples as lists, as a saved model's configuration holds them)
 
 
 def soft_cross_entropy(logits_NV: torch.Tensor, soft_NV: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -8,11 +8,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
+import shutil
 
 import pytest
 import torch
 from helpers import build, flavour_with, quiet
 
+from moe_gen.analysis.report import task_interference
 from moe_gen.model import GeneralistModel
 from moe_gen.objectives import GenerativeObjective, LossScales
 from moe_gen.tasks import Task, Tokenizer, load_preset
@@ -137,6 +139,7 @@ def test_the_loss_mixes_the_teachers_in_by_their_weight(tasks, tok, teacher_dirs
             mixed[taught] = (1 - alpha) * ce[taught] + alpha * soft
             torch.testing.assert_close(parts["token_loss"], mixed.mean())
             torch.testing.assert_close(parts["distill_loss"], soft.mean())
+            torch.testing.assert_close(parts["reference_loss"], ce.mean())  # (the references alone, comparable)
         assert "distill_loss" not in base
         halved = GenerativeObjective(student, teachers=teachers, distill_weight=0.6).loss(
             batch, out, LossScales(teacher=0.5))
@@ -172,8 +175,36 @@ def test_a_run_distils_and_logs_the_teachers_loss(tasks, tok, teacher_dirs, tmp_
     trainer = Trainer(build(tasks, tok), tasks, cfg, output_dir=str(tmp_path))
     records = [trainer.train_step(step) for step in range(1, 4)]
     assert all(math.isfinite(r["distill_loss"]) and r["distill_loss"] > 0 for r in records)
+    assert all(math.isfinite(r["reference_loss"]) and r["reference_loss"] > 0 for r in records)
     plain = Trainer(build(tasks, tok), tasks, _config(steps=3), output_dir=str(tmp_path / "plain"))
-    assert "distill_loss" not in plain.train_step(1)
+    assert not {"distill_loss", "reference_loss"} & set(plain.train_step(1))
+
+
+def test_micro_batches_log_the_teachers_and_references_losses_as_one_batch(tasks, tok, teacher_dirs, tmp_path):
+    config = dataclasses.replace(_config(steps=1, distill_from=teacher_dirs), accumulate=3)
+    trainer = Trainer(build(tasks, tok), tasks, config, output_dir=str(tmp_path))
+    objective, seen = trainer.objectives["generative"], []
+    loss = objective.loss
+
+    def recorded(batch, out, scales=None):
+        parts = loss(batch, out, scales)
+        counts = objective.part_counts(batch)
+        seen.append({name: (float(parts[name]), counts[name]) for name in ("distill_loss", "reference_loss")})
+        return parts
+
+    objective.loss = recorded
+    record = trainer.train_step(1)
+    assert len(seen) == 3
+    for name in ("distill_loss", "reference_loss"):
+        pairs = [micro[name] for micro in seen]
+        assert len({n for _, n in pairs}) > 1  # (micro-batches of different sizes: a plain mean would differ)
+        assert record[name] == pytest.approx(sum(v * n for v, n in pairs) / sum(n for _, n in pairs), rel=1e-5)
+
+
+def test_routing_analysis_of_a_distilled_run_loads_no_teacher(tasks, tok, tmp_path):
+    settings = _config(distill_from={"table_qa": str(tmp_path / "gone")})  # (the run's teachers since deleted)
+    matrix = task_interference(build(tasks, tok), tasks, 2, settings=settings)
+    assert set(matrix["tasks"]) == set(NAMES)
 
 
 def _teacher_factors(trainer) -> list:
@@ -216,7 +247,9 @@ def test_what_cannot_teach_is_refused_naming_the_task(tasks, tok, teacher_dirs, 
         GenerativeObjective(build(table, other), teachers=Teachers.load({"table_qa": teacher_dirs["table_qa"]}))
     for bad, message in [({"distill_weight": 1.5}, "distill_weight must be in"),
                          ({"distill_temperature": 0.0}, "distill_temperature must be > 0"),
-                         ({"distill_from": {"table_qa": 3}}, r"distill_from\['table_qa'\] must be the folder")]:
+                         ({"distill_from": {"table_qa": 3}}, r"distill_from\['table_qa'\] must be the folder"),
+                         ({"distill_anneal": True}, "distill_anneal is a setting of distillation: name the teachers"),
+                         ({"distill_only_correct": True}, "distill_only_correct is a setting of distillation")]:
         with pytest.raises(ValueError, match=message):
             TrainConfig(**bad)
 
@@ -235,20 +268,60 @@ def test_a_batch_the_teachers_cannot_line_up_with_is_refused(tasks, tok, teacher
         teachers.soft_labels(samples, dataclasses.replace(batch, labels=other))
     packed = collate(samples, tok, student.task_ids, modality_ids=student.modality_ids, pack=True,
                      max_length=10_000)  # (every sample in one row)
-    with pytest.raises(ValueError, match="distillation needs one sample a row"):
+    with pytest.raises(ValueError, match=r"distillation \(table_qa\) needs one sample a row"):
         teachers.soft_labels(samples, packed)
 
 
-def test_a_teacher_of_another_instruction_is_refused_naming_the_task(tasks, tok, teacher_dirs, tmp_path):
+def test_a_teacher_of_another_encoding_is_refused_naming_the_task(tasks, tok, teacher_dirs, tmp_path):
     digits = next(t for t in tasks if t.name == "digit_classification")
     impostor = Task("table_qa", digits.instruction, digits.data)  # the name of one task, the inputs of another
-    torch.manual_seed(7)
-    folder = str(tmp_path / "impostor")
-    GeneralistModel.build(flavour_with("debug"), [impostor], tok).save_pretrained(folder)
-    trainer = Trainer(build(tasks, tok), tasks, _config(distill_from={"table_qa": folder}),
-                      output_dir=str(tmp_path / "run"))
-    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: the teacher cannot read the task's samples"):
+    fewer = Task("table_qa", *next((t.instruction, t.data[:6]) for t in tasks if t.name == "table_qa"))
+    wider = Task(digits.name, digits.instruction, digits.data, preprocessor_options={"image": {"patch": 4}})
+    folders = {}
+    for task in (impostor, fewer, wider):
+        torch.manual_seed(7)
+        folders[task] = str(tmp_path / f"teacher{len(folders)}")
+        GeneralistModel.build(flavour_with("debug"), [task], tok).save_pretrained(folders[task])
+    for task, message in [(impostor, r"\['table_qa'\]: the teacher encodes the task with other statistics than the "
+                                     r"model \(closed_sets, struct differ"),
+                          (fewer, r"\['table_qa'\]: the teacher encodes the task with other statistics than the "
+                                  r"model \(struct differ")]:  # (column scales fitted on 6 rows, not 12)
+        with pytest.raises(ValueError, match=message):
+            Trainer(build(tasks, tok), tasks, _config(distill_from={"table_qa": folders[task]}),
+                    output_dir=str(tmp_path / "run"))
+    # the same statistics, other patches: its image adapter cannot read the task's images
+    trainer = Trainer(build(tasks, tok), tasks, _config(distill_from={digits.name: folders[wider]}),
+                      output_dir=str(tmp_path / "run"), overwrite=True)
+    with pytest.raises(ValueError, match=r"\['digit_classification'\]: the teacher cannot read the task's samples"):
         trainer.fit()
+
+
+def test_a_resumed_run_learns_from_the_teachers_it_began_with(tasks, tok, teacher_dirs, tmp_path):
+    folder = str(tmp_path / "teacher")
+    shutil.copytree(teacher_dirs["table_qa"], folder)
+    run = str(tmp_path / "run")
+
+    def trainer(steps: int, **kwargs):
+        config = _config(steps=steps, distill_from={"table_qa": folder}, **kwargs)
+        return Trainer(build(tasks, tok), tasks, config, output_dir=run, resume=True)
+
+    with trainer(2) as first:
+        first.fit()
+    with trainer(3) as resumed:
+        assert resumed.step == 2
+    torch.manual_seed(11)  # the folder rewritten with another teacher of the same task
+    GeneralistModel.build(flavour_with("debug"), [t for t in tasks if t.name == "table_qa"], tok).save_pretrained(
+        folder)
+    with pytest.raises(ValueError, match=r"learned 'table_qa' from other teachers than distill_from's folders hold"):
+        trainer(3)
+    shutil.rmtree(run)
+    with trainer(2, distill_anneal=True) as first:
+        first.fit()
+    with pytest.raises(ValueError, match="anneals its teachers' weight to 0 over steps = 2; resumed with steps = 3"):
+        trainer(3, distill_anneal=True)
+    shutil.rmtree(folder)
+    with pytest.raises(ValueError, match=r"distill_from\['table_qa'\]: cannot load the teacher at .*: no such folder"):
+        trainer(2, distill_anneal=True)
 
 
 def test_an_objective_that_does_not_distil_is_refused(tok, teacher_dirs, tmp_path):

@@ -173,7 +173,9 @@ def _task_batch(model, task, samples: list, rng: Optional[random.Random] = None,
     from moe_gen.objectives import OBJECTIVES
     from moe_gen.trainer.config import TrainConfig
 
-    objective = OBJECTIVES.get(task.objective).from_train_config(model, settings or TrainConfig())
+    settings = dataclasses.replace(settings or TrainConfig(), distill_from={}, distill_anneal=False,
+                                   distill_only_correct=False)  # (a teacher's distributions change no loss read here)
+    objective = OBJECTIVES.get(task.objective).from_train_config(model, settings)
     return objective.prepare(samples, random.Random(0) if rng is None else rng)
 
 

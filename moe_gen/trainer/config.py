@@ -255,8 +255,6 @@ class TrainConfig(ConfigBase):
             (self.max_tokens is None or self.max_tokens >= 1,
              f"max_tokens must be >= 1 or None, got {self.max_tokens}"),
             (self.clip_norm >= 0, f"clip_norm must be >= 0 (0 disables), got {self.clip_norm}"),
-            (0 <= self.distill_weight <= 1, f"distill_weight must be in [0, 1], got {self.distill_weight}"),
-            (self.distill_temperature > 0, f"distill_temperature must be > 0, got {self.distill_temperature}"),
             (self.sam_rho >= 0, f"sam_rho must be >= 0 (0: no sharpness-aware minimisation), got {self.sam_rho}"),
             (self.weight_decay >= 0, f"weight_decay must be >= 0, got {self.weight_decay}"),
             (self.frame_weight >= 0, f"frame_weight must be >= 0, got {self.frame_weight}"),
@@ -270,6 +268,23 @@ class TrainConfig(ConfigBase):
         self._check_finite_and_device()
         self._check_mappings()
         self._check_evaluation()
+        self._check_distillation()
+
+    def _check_distillation(self) -> None:
+        """The teachers' settings: α in [0, 1], τ > 0, teachers' folders, and no schedule or
+        selection without teachers."""
+        if not 0 <= self.distill_weight <= 1:
+            raise ValueError(f"TrainConfig: distill_weight must be in [0, 1], got {self.distill_weight}")
+        if not self.distill_temperature > 0:
+            raise ValueError(f"TrainConfig: distill_temperature must be > 0, got {self.distill_temperature}")
+        for task, path in self.distill_from.items():
+            if not isinstance(path, str) or not path:
+                raise ValueError(f"TrainConfig.distill_from[{task!r}] must be the folder of a saved teacher model, "
+                                 f"got {path!r}")
+        for name in ("distill_anneal", "distill_only_correct"):
+            if getattr(self, name) and not self.distill_from:
+                raise ValueError(f"TrainConfig: {name} is a setting of distillation: name the teachers in "
+                                 "distill_from too")
 
     def _check_evaluation(self) -> None:
         """The settings of evaluation while training."""
@@ -304,10 +319,6 @@ class TrainConfig(ConfigBase):
             for task, weight in getattr(self, name).items():
                 if isinstance(weight, bool) or not isinstance(weight, numbers.Real) or not 0 <= weight < math.inf:
                     raise ValueError(f"TrainConfig.{name}[{task!r}] must be a finite number >= 0, got {weight!r}")
-        for task, path in self.distill_from.items():
-            if not isinstance(path, str) or not path:
-                raise ValueError(f"TrainConfig.distill_from[{task!r}] must be the folder of a saved teacher model, "
-                                 f"got {path!r}")
         for prefix, scale in self.lr_scales.items():
             if not isinstance(prefix, str) or isinstance(scale, bool) or not isinstance(scale, (int, float)) \
                     or not 0 <= scale < math.inf:  # (inf trained one step, then every loss was NaN)

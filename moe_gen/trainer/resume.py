@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from moe_gen.tasks.modalities.base import brief
 
-__all__ = ["check_same_training", "check_same_model", "check_same_tokenizer"]
+__all__ = ["check_same_training", "check_same_model", "check_same_tokenizer", "check_same_teachers"]
 
 logger = logging.getLogger("moe_gen")
 
@@ -113,3 +113,22 @@ def check_same_tokenizer(path: str, saved: Optional[str], current: str) -> None:
                          "the run was trained with (Tokenizer.default() is trained on this Python's pydoc "
                          "topics, which change between releases: resume under the same Python), or start over "
                          "(overwrite=True, --overwrite)")
+
+
+def check_same_teachers(path: str, saved: Optional[Mapping], current: Mapping, saved_config: Mapping,
+                        current_config: Mapping) -> None:
+    """Raises if the checkpoint at ``path`` learned a task from another teacher than the one its
+    ``distill_from`` folder holds now (``saved`` and ``current``: task → ``folder_fingerprint``; a
+    folder rewritten since the run began), or if an annealed run resumes with other ``steps``
+    (the teachers' weight falls over the steps: it would jump at the resumed step). A checkpoint
+    written before teachers were recorded resumes unchecked."""
+    changed = sorted(t for t in set(saved or {}) & set(current) if saved[t] != current[t])
+    if changed:
+        raise ValueError(f"checkpoint {path} learned {', '.join(map(repr, changed))} from other teachers than "
+                         f"distill_from's folders hold now (their files changed since the run began): resume with "
+                         "the teachers it began with, or start over (overwrite=True, --overwrite)")
+    if saved_config.get("distill_anneal") and current_config.get("distill_anneal") and current_config.get(
+            "distill_from") and saved_config.get("steps") != current_config.get("steps"):
+        raise ValueError(f"checkpoint {path} anneals its teachers' weight to 0 over steps = "
+                         f"{saved_config.get('steps')}; resumed with steps = {current_config.get('steps')} the weight "
+                         "would jump back: resume with the same steps, or start over (overwrite=True, --overwrite)")

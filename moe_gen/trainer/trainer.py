@@ -33,6 +33,7 @@ from moe_gen.model.model import NEW_HEADS, GeneralistModel
 from moe_gen.objectives import OBJECTIVES, LossScales
 from moe_gen.routing.balance import balance_state, restore_balance_state
 from moe_gen.tasks.task import Task
+from moe_gen.teachers import teacher_fingerprints
 from moe_gen.trainer.averaging import update_average, weight_average
 from moe_gen.trainer.checkpoint import (
     CheckpointError,
@@ -48,7 +49,7 @@ from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, iter_jsonl_log, routing_summary
 from moe_gen.trainer.optim import WarmupCosine, _fusable, _param_groups, select_trainable  # noqa: F401
-from moe_gen.trainer.resume import check_same_model, check_same_tokenizer, check_same_training
+from moe_gen.trainer.resume import check_same_model, check_same_teachers, check_same_tokenizer, check_same_training
 from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
 from moe_gen.trainer.scales import annealed_teachers, step_loss_scales
 from moe_gen.trainer.undo import model_undo
@@ -219,6 +220,8 @@ class Trainer:
             if state.get("config") is not None:
                 check_same_training(path, state["config"], self.config.to_dict())
             check_same_tokenizer(path, state.get("tokenizer"), self.model.tokenizer.fingerprint())
+            check_same_teachers(path, state.get("teachers"), self.teacher_fingerprints, state.get("config") or {},
+                                self.config.to_dict())
             if step > self.config.steps:
                 raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {self.config.steps}; "
                                  "set steps (--train.steps) to at least that to train further, or start over "
@@ -248,6 +251,8 @@ class Trainer:
             if task.objective not in OBJECTIVES:
                 raise ValueError(f"task {task.name!r}: unknown objective {task.objective!r}; known: "
                                  f"{', '.join(OBJECTIVES.list())}")
+        # the teachers' files as the run begins, which its checkpoints record (a resumed run learns from the same)
+        self.teacher_fingerprints = teacher_fingerprints(config.distill_from)
         # An earlier run's checkpoints are resumed or, with overwrite, removed: decided before the model changes.
         earlier, leftovers = self._earlier_run(resume, overwrite)
         self.new_adapters = self._add_tasks(earlier if resume else None)
@@ -673,7 +678,8 @@ class Trainer:
         directory holds no checkpoint at all."""
         state = {**self.state, "tasks": [t.name for t in self.tasks], "config": self.config.to_dict(),
                  "model_config": self.model.config.to_dict(), "new_adapters": self.new_adapters,
-                 "baseline": self.baseline, "tokenizer": self.model.tokenizer.fingerprint()}
+                 "baseline": self.baseline, "tokenizer": self.model.tokenizer.fingerprint(),
+                 "teachers": self.teacher_fingerprints}
         try:
             path = save_checkpoint(self.checkpoint_dir, self.step, model=self.model, optimizer=self.optimizer,
                                    scheduler=self.scheduler, sampler=self.sampler, trainer_state=state, plan=self.plan,
