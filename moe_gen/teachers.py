@@ -193,7 +193,8 @@ def teacher_fingerprints(paths: Mapping[str, str]) -> dict[str, str]:
 
 
 def _as_json(value) -> dict:
-    return json.loads(json.dumps(value))  # (tuples as lists, as a saved model's configuration holds them)
+    # (tuples as lists and read-only mappings as dicts, as a saved model's configuration holds them)
+    return json.loads(json.dumps(value, default=dict))
 
 
 def soft_cross_entropy(logits_NV: torch.Tensor, soft_NV: torch.Tensor, temperature: float) -> torch.Tensor:

@@ -753,3 +753,18 @@ def test_held_out_curves_are_scored_while_training_and_leave_the_last_scores_as_
     assert not any("attribute" in line or "| c |" in line for line in lines)
     with pytest.raises(ValueError, match="eval_every must be >= 0 and does not combine with upcycle_at"):
         BenchConfig(eval_every=100, upcycle_at=0.5)
+
+
+def test_a_distilled_benchmark_with_every_teacher_setting_runs_to_its_report(tmp_path):
+    """The specialists train without teachers (annealing and selection are settings of the
+    generalists' distillation only), then teach the generalists of their seed."""
+    from moe_gen.quality.runner import BenchConfig, run_benchmark
+
+    report = run_benchmark(BenchConfig(tasks=("table_wine",), systems=("dense",), seeds=(0,), steps=4, batch_size=4,
+                                       warmup_steps=1, eval_limit=4, fit_rows=0, workers=1, threads=1, distill=0.5,
+                                       distill_anneal=True, distill_only_correct=True,
+                                       output_dir=str(tmp_path)), say=lambda _: None)
+    assert report["systems"] == ["specialist", "dense"]
+    text = (tmp_path / "quality.md").read_text()
+    assert "weight 0.5, falling linearly to 0 over the run, temperature 1, only at the tokens the specialist " \
+           "answers right" in text

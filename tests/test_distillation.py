@@ -296,6 +296,15 @@ def test_a_teacher_of_another_encoding_is_refused_naming_the_task(tasks, tok, te
         trainer.fit()
 
 
+def test_a_teacher_of_a_task_whose_inputs_learn_nothing_is_accepted(tok, tmp_path):
+    sudoku = load_preset("sudoku_4x4", "train", limit=4)  # (no statistics: the model keeps an empty mapping)
+    torch.manual_seed(3)
+    GeneralistModel.build(flavour_with("debug"), [sudoku], tok).save_pretrained(str(tmp_path / "teacher"))
+    teachers = Teachers.load({"sudoku_4x4": str(tmp_path / "teacher")})
+    teachers.check(build([sudoku], tok))  # no refusal
+    assert teachers.models["sudoku_4x4"].encoding_statistics("sudoku_4x4") == {}
+
+
 def test_a_resumed_run_learns_from_the_teachers_it_began_with(tasks, tok, teacher_dirs, tmp_path):
     folder = str(tmp_path / "teacher")
     shutil.copytree(teacher_dirs["table_qa"], folder)

@@ -473,7 +473,8 @@ def _fit(cfg: BenchConfig, model, train, steps: int, seed: int, trainable: str =
                                log_every=max(steps // 4, 1), eval_limit=cfg.eval_limit, num_threads=cfg.threads,
                                eval_every=cfg.eval_every if eval_tasks else 0, distill_from=dict(distill_from or {}),
                                distill_weight=cfg.distill, distill_temperature=cfg.distill_temperature,
-                               distill_anneal=cfg.distill_anneal, distill_only_correct=cfg.distill_only_correct)
+                               distill_anneal=cfg.distill_anneal and bool(distill_from),
+                               distill_only_correct=cfg.distill_only_correct and bool(distill_from))
     with tempfile.TemporaryDirectory(prefix="moe_gen_quality_") as run_dir:
         trainer = Trainer(model, train, train_config, output_dir=run_dir, overwrite=True, eval_tasks=eval_tasks)
         summary = trainer.fit()
