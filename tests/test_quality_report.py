@@ -157,6 +157,14 @@ def _made_up_report(runs: list[dict], systems: tuple, seeds: tuple, classical: d
     return build_report(BenchConfig(systems=systems, seeds=seeds), suite, classical or {}, results, wall_seconds=1.0)
 
 
+def test_scores_list_their_seeds_in_order_whichever_run_finished_first():
+    runs = [{"system": "specialist", "seed": seed, "scores": {"wine": value}} for seed, value in ((1, 0.9), (0, 0.7))]
+    runs += [{"system": "dense", "seed": seed, "scores": {"wine": value}} for seed, value in ((1, 0.8), (0, 0.6))]
+    report = _made_up_report(runs, ("dense",), (0, 1))
+    assert report["scores"]["specialist"]["wine"]["values"] == [0.7, 0.9]
+    assert report["scores"]["dense"]["wine"]["values"] == [0.6, 0.8]
+
+
 def test_a_system_of_one_seed_shows_no_spread_beside_systems_of_three():
     """A merged report whose attribute runs cover one seed of dense's three printed "± 0.000" for
     attribute and a caption "over 3 seeds": a spread never measured, shown as zero."""

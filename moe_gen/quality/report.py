@@ -110,7 +110,9 @@ def _seed_relatives(values: dict, reference: float, higher_is_better: bool) -> O
 
 
 def build_report(cfg, suite, classical: dict, results: list[dict], *, wall_seconds: float) -> dict:
-    """Aggregates the job results into the report dictionary (plain JSON types)."""
+    """Aggregates the job results into the report dictionary (plain JSON types). Runs are taken in
+    seed order, so each score's ``values`` list its seeds in order, whichever job finished first."""
+    results = sorted(results, key=lambda r: r["seed"])
     systems = [s for s in ("specialist", *cfg.systems) if any(r["system"] == s for r in results)]
     raw: dict[str, dict[str, dict[int, float]]] = {s: {t.name: {} for t in suite} for s in systems}
     for r in results:
