@@ -165,6 +165,18 @@ def test_scores_list_their_seeds_in_order_whichever_run_finished_first():
     assert report["scores"]["dense"]["wine"]["values"] == [0.6, 0.8]
 
 
+def test_a_run_without_attribute_routing_says_its_criteria_are_not_read():
+    from moe_gen.quality.report import markdown
+
+    runs = [{"system": system, "seed": 0, "scores": {"wine": 0.5}} for system in ("specialist", "dense")]
+    text = markdown(_made_up_report(runs, ("dense",), (0,)))
+    assert "Criteria (attribute-routed generalist): not read, this run has none." in text
+    assert "0 of 0" not in text
+    runs.append({"system": "attribute", "seed": 0, "scores": {"wine": 0.5}})
+    assert "- held-out score ≥ 95% of the best classical baseline on" in markdown(
+        _made_up_report(runs, ("dense", "attribute"), (0,)))
+
+
 def test_a_system_of_one_seed_shows_no_spread_beside_systems_of_three():
     """A merged report whose attribute runs cover one seed of dense's three printed "± 0.000" for
     attribute and a caption "over 3 seeds": a spread never measured, shown as zero."""
