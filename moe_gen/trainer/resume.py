@@ -17,7 +17,7 @@ from typing import Any, Mapping, Optional
 
 from moe_gen.tasks.modalities.base import brief
 
-__all__ = ["check_same_training", "check_same_model", "check_same_tokenizer", "check_same_teachers"]
+__all__ = ["check_resumable", "check_same_training", "check_same_model", "check_same_tokenizer", "check_same_teachers"]
 
 logger = logging.getLogger("moe_gen")
 
@@ -65,6 +65,25 @@ def _changes(saved: Mapping, current: Mapping, sections: tuple = ()) -> dict:
     the package after the checkpoint was written, or since removed) is no change."""
     saved, current = _flat(_json(saved), sections), _flat(_json(current), sections)
     return {k: (saved[k], current[k]) for k in sorted(set(saved) & set(current)) if saved[k] != current[k]}
+
+
+def check_resumable(path: str, state: Mapping, *, tasks: list, config: Mapping, tokenizer: str,
+                    teachers: Mapping) -> None:
+    """Raises unless the checkpoint at ``path``, whose trainer state is ``state``, can continue a
+    run of ``tasks`` (names, in order) with ``config`` (``TrainConfig.to_dict()``), the tokenizer
+    of fingerprint ``tokenizer`` and the teachers of ``teachers`` (``teacher_fingerprints``): the
+    same tasks, draws, vocabulary and teachers, and a step within ``steps``."""
+    saved_tasks, step = state.get("tasks"), int(state["step"])
+    if saved_tasks is not None and saved_tasks != tasks:
+        raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has {tasks}")
+    if state.get("config") is not None:
+        check_same_training(path, state["config"], config)
+    check_same_tokenizer(path, state.get("tokenizer"), tokenizer)
+    check_same_teachers(path, state.get("teachers"), teachers, state.get("config") or {}, config)
+    if step > config["steps"]:
+        raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {config['steps']}; "
+                         "set steps (--train.steps) to at least that to train further, or start over "
+                         "(overwrite=True, --overwrite)")
 
 
 def check_same_training(path: str, saved: Mapping, current: Mapping) -> None:

@@ -29,7 +29,7 @@ from moe_gen.trainer.config import TrainConfig
 logger = logging.getLogger("moe_gen")
 
 __all__ = ["check_known_labels", "check_modality_budget", "check_modality_keys", "mixing_weights",
-           "sample_modality_tokens", "TaskSampler"]
+           "sample_modality_tokens", "TaskSampler", "warn_of_batch_local_balance"]
 
 
 def _rng(*parts) -> random.Random:
@@ -378,3 +378,22 @@ def _known_modalities() -> set[str]:
     from moe_gen.registry import MODALITIES
 
     return set(MODALITIES.list())
+
+
+def warn_of_batch_local_balance(model, config: TrainConfig) -> None:
+    """One task per micro-batch (``batch_tasks="single"``) with the tag-balance loss reading each
+    forward's own load (``tag_balance_window=0``): it spreads each task over its own experts and
+    cannot see the experts other tasks crowd (measured: utilisation 0.90 → 0.71 per layer; ``bias``
+    kept 0.92; docs/learning_quality.md, "One task per batch")."""
+    from moe_gen.routing.router import Router
+
+    if config.batch_tasks != "single":
+        return
+    modes = sorted({m.router_config.tag_balance for m in model.modules() if isinstance(m, Router)
+                    and m.tag_balanced and m.router_config.tag_balance in ("loss", "loss+bias")
+                    and m.load_average is None})
+    if modes:
+        warnings.warn(f"batch_tasks='single' with tag_balance={modes[0]!r}: the balance loss reads one task's load per "
+                      "micro-batch and cannot move a task off experts other tasks crowd; set "
+                      "RouterConfig.tag_balance_window (e.g. 8: a running load) or tag_balance='bias'",
+                      UserWarning, stacklevel=4)

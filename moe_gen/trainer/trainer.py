@@ -20,7 +20,6 @@ import os
 import random
 import shutil
 import time
-import warnings
 import zlib
 from typing import Optional, Sequence
 
@@ -49,8 +48,8 @@ from moe_gen.trainer.evaluation import evaluate as evaluate_tasks
 from moe_gen.trainer.lock import RunDirectoryInUse, RunLock
 from moe_gen.trainer.logs import RunLogger, iter_jsonl_log, routing_summary
 from moe_gen.trainer.optim import WarmupCosine, _fusable, _param_groups, select_trainable  # noqa: F401
-from moe_gen.trainer.resume import check_same_model, check_same_teachers, check_same_tokenizer, check_same_training
-from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings
+from moe_gen.trainer.resume import check_resumable, check_same_model
+from moe_gen.trainer.sampling import TaskSampler, check_known_labels, check_task_settings, warn_of_batch_local_balance
 from moe_gen.trainer.scales import annealed_teachers, step_loss_scales
 from moe_gen.trainer.undo import model_undo
 
@@ -212,20 +211,9 @@ class Trainer:
         refusal: Optional[Exception] = None
         try:
             state = read_trainer_state(path)
-            saved_tasks, step = state.get("tasks"), int(state["step"])
             rank_state_file(path, self.rank)  # every process refuses together, before any loads
-            if saved_tasks is not None and saved_tasks != [t.name for t in self.tasks]:
-                raise ValueError(f"checkpoint {path} was trained on tasks {saved_tasks}; this run has "
-                                 f"{[t.name for t in self.tasks]}")
-            if state.get("config") is not None:
-                check_same_training(path, state["config"], self.config.to_dict())
-            check_same_tokenizer(path, state.get("tokenizer"), self.model.tokenizer.fingerprint())
-            check_same_teachers(path, state.get("teachers"), self.teacher_fingerprints, state.get("config") or {},
-                                self.config.to_dict())
-            if step > self.config.steps:
-                raise ValueError(f"checkpoint {path} is at step {step}, past this run's steps = {self.config.steps}; "
-                                 "set steps (--train.steps) to at least that to train further, or start over "
-                                 "(overwrite=True, --overwrite)")
+            check_resumable(path, state, tasks=[t.name for t in self.tasks], config=self.config.to_dict(),
+                            tokenizer=self.model.tokenizer.fingerprint(), teachers=self.teacher_fingerprints)
         except (OSError, ValueError, KeyError) as exc:
             refusal = exc
         if distributed.any_true(refusal is not None):
@@ -262,7 +250,7 @@ class Trainer:
         if config.activation_checkpointing:
             model.set_activation_checkpointing(True)
         self.num_trainable = select_trainable(model, config.trainable, self.new_adapters)
-        _warn_of_batch_local_balance(model, config)
+        warn_of_batch_local_balance(model, config)
         self.objectives = self._objectives()
         self.ddp = None  # replicated parameters on several processes: averaged by DDP during backward
         if self.world > 1 and config.sharding == "replicate":
@@ -750,25 +738,6 @@ class Trainer:
                 error = exc
         if distributed.any_true(error is not None):
             raise error or OSError(f"the model was not saved to {directory} (it failed on process 0)")
-
-
-def _warn_of_batch_local_balance(model, config: TrainConfig) -> None:
-    """One task per micro-batch (``batch_tasks="single"``) with the tag-balance loss reading each
-    forward's own load (``tag_balance_window=0``): it spreads each task over its own experts and
-    cannot see the experts other tasks crowd (measured: utilisation 0.90 → 0.71 per layer; ``bias``
-    kept 0.92; docs/learning_quality.md, "One task per batch")."""
-    from moe_gen.routing.router import Router
-
-    if config.batch_tasks != "single":
-        return
-    modes = sorted({m.router_config.tag_balance for m in model.modules() if isinstance(m, Router)
-                    and m.tag_balanced and m.router_config.tag_balance in ("loss", "loss+bias")
-                    and m.load_average is None})
-    if modes:
-        warnings.warn(f"batch_tasks='single' with tag_balance={modes[0]!r}: the balance loss reads one task's load per "
-                      "micro-batch and cannot move a task off experts other tasks crowd; set "
-                      "RouterConfig.tag_balance_window (e.g. 8: a running load) or tag_balance='bias'",
-                      UserWarning, stacklevel=4)
 
 
 def _better(score: float, best: Optional[dict]) -> bool:
