@@ -233,13 +233,9 @@ class MoE(nn.Module):
         routing = None
         backend = self.backend  # read once: another thread's merged_in_place block may switch it meanwhile
         if backend.keeps_plans:  # frozen: the plan kept for this set of tag groups (made now if need be)
-            y_TD = backend.run_kept(self.experts, x_TD, batch)
-            if y_TD is None:
-                routing = self.router(x_TD, batch, carry)
-                if backend.keep_plan(self.experts, x_TD, routing, batch):
-                    y_TD = backend.run_kept(self.experts, x_TD, batch)
-            if y_TD is not None:
-                return self._frozen_output(x, x_TD, y_TD, batch, routing)
+            out, routing = self._run_frozen(x, x_TD, batch, carry, backend)
+            if out is not None:
+                return out
 
         if routing is None:
             routing = self.router(x_TD, batch, carry)
@@ -286,20 +282,27 @@ class MoE(nn.Module):
             shared_TD = torch.sigmoid(logit_T1) * shared_TD
         return y_TD.to(shared_TD.dtype) + torch.where(valid_T.unsqueeze(1), shared_TD, 0.0)
 
-    def _frozen_output(self, x, x_TD, y_TD, batch, routing=None) -> MoEOutput:
-        """The output of a kept plan (``MergedDispatch.run_kept``); the routing (when the plan was
-        not made in this call, the routes the router keeps for these groups, taken now: the layer
-        may change before they are read) and the auxiliary losses from it are computed only if read."""
-        if routing is None:
-            routing = self.router.kept_routing(batch) or functools.partial(self.router, x_TD, batch)
-
-        def aux_losses():
-            losses = self.router.losses(out.routing, batch)  # a function of them without autograd
-            return losses() if callable(losses) else losses
-
-        y_TD = self._add_shared(x_TD, y_TD, batch.valid)
-        out = MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), aux_losses, routing)
-        return out  # (aux_losses reads out.routing: computed once for both)
+    def _run_frozen(self, x, x_TD, batch, carry, backend) -> tuple[MoEOutput | None, RouterOutput | None]:
+        """A frozen layer's output from the plan ``backend`` keeps for ``batch``'s set of tag groups
+        (``MergedDispatch.keep_plan``, made now if need be), and the routing the router computed on
+        the way (None when the plan was kept before: then the output's routing, and the auxiliary
+        losses from it, are built from the plan's routes if and when someone reads them); no output
+        when no plan runs this batch."""
+        plan, routing = backend.kept_plan(batch), None
+        y_TD = None if plan is None else backend.run_kept(self.experts, x_TD, batch, plan)
+        if y_TD is None:
+            routing = self.router(x_TD, batch, carry)
+            plan = None if plan is not None else backend.keep_plan(self.experts, x_TD, routing, batch)
+            y_TD = None if plan is None else backend.run_kept(self.experts, x_TD, batch, plan)
+            if y_TD is None:
+                return None, routing
+        router = self.router
+        routing = _Once(routing if routing is not None else functools.partial(router.routing_of, batch, plan.routes))
+        if self.shared is not None:
+            y_TD = self._add_shared(x_TD, y_TD, batch.valid)
+        # (no reference cycle through the output: it is freed, with its tensors, when the caller drops it)
+        return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]),
+                         functools.partial(_frozen_losses, router, batch, routing), routing), None
 
     def _tag_batch(self, x, tags, padding_mask) -> TagBatch:
         """The tags and padding of ``x``'s tokens as a ``TagBatch`` (the given one, or one built
@@ -332,6 +335,25 @@ class MoE(nn.Module):
                     f"balance_loss_groups={list(rc.balance_loss_groups)} needs tags; pass tags="
                 )
         return batch
+
+
+class _Once:
+    """A value, or a function computing it, computed at the first call and kept (the routing a
+    frozen layer's output and its auxiliary losses share)."""
+
+    def __init__(self, value) -> None:
+        self._value = value
+
+    def __call__(self):
+        if callable(self._value):
+            self._value = self._value()
+        return self._value
+
+
+def _frozen_losses(router: Router, batch: TagBatch, routing: _Once) -> dict[str, torch.Tensor]:
+    """A frozen layer's auxiliary losses, computed from its routing when read (no autograd)."""
+    losses = router.losses(routing(), batch)
+    return losses() if callable(losses) else losses
 
 
 class _ForgetKept:

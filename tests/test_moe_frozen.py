@@ -417,3 +417,32 @@ def test_a_tag_batch_is_checked_against_the_layers_own_vocabularies(vocab):
     tags = TokenTags.constant((2, 5), task=5)
     with pytest.raises(ValueError, match=r"tags.task values must lie in \[0, 4\)"):
         moe(torch.randn(2, 5, D), tags=TagBatch(tags, shape=(2, 5), vocab=vocab))
+
+
+@pytest.mark.parametrize("warm", [False, True])
+def test_a_frozen_layers_output_holds_no_reference_cycle_and_reads_its_routing_once(warm):
+    # (found 2026-12-07: the output's lazy auxiliary losses referred back to the output, so every
+    # frozen call left a cycle that held its tensors until the garbage collector ran; greedy
+    # generation then ran about 2% slower than it needs to)
+    import gc
+
+    moe = MoE(MoEConfig(d_model=D, d_hidden=H, num_experts=8, top_k=2, router="attribute")).eval()
+    merged = merge_for_inference(moe)
+    x, tags = torch.randn(3, 7, D), random_tags((3, 7))
+    with torch.no_grad():
+        if warm:
+            merged(x, tags=tags)  # the plan is kept: the next call runs it without the router
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)
+        try:
+            out = merged(x, tags=tags)
+            del out
+            assert gc.collect() == 0 and not gc.garbage
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+        out, reference = merged(x, tags=tags), moe(x, tags=tags)
+        losses = out.aux_losses  # computed from the routing, which is then kept for .routing
+        assert out.routing is out.routing
+        assert torch.equal(out.routing.topk_ids, reference.routing.topk_ids)
+        torch.testing.assert_close(losses, reference.aux_losses)

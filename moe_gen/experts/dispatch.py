@@ -292,6 +292,10 @@ class _KeptPlan:
     merged: tuple  # the merged FFN (``merged_weights`` of the one route, or of the union without gate weights)
     scale_GU: torch.Tensor | None  # union plans: each group's gate weights over the union's experts
     extra_per_row: int  # union plans: multiply-adds per row and projection beyond the groups' own K experts
+    # the routes it runs, per tag group and the same for every batch of this set of groups: ids,
+    # gate weights, probabilities and logits (``GroupRoutes``' G-row tensors); a call that ran the
+    # plan builds its routing from them if someone reads it (``Router.routing_of``)
+    routes: tuple = ()
 
 
 def _rows(t: torch.Tensor, index: torch.Tensor | None) -> torch.Tensor:
@@ -504,19 +508,24 @@ class MergedDispatch(DispatchBackend):
         self._partitions = collections.OrderedDict()  # (by_set, set of tag groups) → which groups share a route
         self._plans = collections.OrderedDict()  # set of tag groups (TagBatch.group_keys) → _KeptPlan
 
-    def keep_plan(self, experts, x_TD, routing, batch) -> bool:
+    def kept_plan(self, batch) -> _KeptPlan | None:
+        """The plan kept for ``batch``'s set of tag groups (``keep_plan``); None when there is none
+        or autograd is on."""
+        return None if torch.is_grad_enabled() else self._plans.get(batch.group_keys)
+
+    def keep_plan(self, experts, x_TD, routing, batch) -> _KeptPlan | None:
         """Keeps, for ``batch``'s set of tag groups, what ``run_kept`` needs to run them without
         the router or the grouping above (``cache`` only, without autograd, routes kept per tag
         group): one merged FFN with the gate weights folded in when every group has the same
         route, else (experts that merge sets of experts) one FFN over the union of the groups'
-        experts with each group's gate weights over it. Returns whether it kept a new plan (not when
-        one was kept already: ``run_kept`` declined that one for this batch)."""
+        experts with each group's gate weights over it. Returns the new plan; None when it keeps
+        none (also when one was kept already: ``run_kept`` declined that one for this batch)."""
         groups = routing.groups
         if not (self.cache and groups is not None and groups.key is not None and batch.group_keys == groups.key
                 and not torch.is_grad_enabled()):
-            return False
+            return None
         if groups.key in self._plans:
-            return False
+            return None
         ids_GK, weights_GK = groups.ids_GK, groups.weights_GK
         if bool((ids_GK == ids_GK[:1]).all() and (weights_GK == weights_GK[:1]).all()):
             key = (tuple(ids_GK[0].tolist()), tuple(weights_GK[0].tolist()))
@@ -525,23 +534,25 @@ class MergedDispatch(DispatchBackend):
             ids_U, scale_GU, key = self._union(groups)
             extra_per_row = experts.d_model * (ids_U.numel() - ids_GK.shape[1]) * experts.d_hidden
             if int(routing.valid.sum()) * extra_per_row > self.UNION_MAX_EXTRA_MACS or not self._union_allowed(x_TD):
-                return False  # batches of this size do not run as the union: keep nothing
+                return None  # batches of this size do not run as the union: keep nothing
             plan = _KeptPlan(self._merged(experts, True, key, ids_U, None), scale_GU, extra_per_row)
         else:
-            return False
+            return None
+        plan.routes = (groups.ids_GK, groups.weights_GK, groups.probs_GE, groups.logits_GE)
         if len(self._plans) >= self.MAX_STACKS:
             self._plans.popitem(last=False)
         self._plans[groups.key] = plan
-        return True
+        return plan
 
-    def run_kept(self, experts, x_TD, batch) -> torch.Tensor | None:
-        """The experts' output ``[T, D']`` for ``batch``'s tokens from the plan kept for its set of
-        tag groups (``keep_plan``), padding rows zero (only the valid rows are computed); None when
-        no plan is kept for them, autograd is on, or (union plans) the batch is too large for the
-        union (``_union_allowed``)."""
-        plan = self._plans.get(batch.group_keys)
-        if plan is None or torch.is_grad_enabled():
-            return None
+    def run_kept(self, experts, x_TD, batch, plan: _KeptPlan | None = None) -> torch.Tensor | None:
+        """The experts' output ``[T, D']`` for ``batch``'s tokens from ``plan`` (default: the one
+        kept for its set of tag groups, ``kept_plan``), padding rows zero (only the valid rows are
+        computed); None when no plan is kept for them, autograd is on, or (union plans) the batch
+        is too large for the union (``_union_allowed``)."""
+        if plan is None:
+            plan = self.kept_plan(batch)
+            if plan is None:
+                return None
         if batch.valid_rows is not None:  # found once for the batch's layers
             token_N, group_N = batch.valid_rows
         else:

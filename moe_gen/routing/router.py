@@ -23,7 +23,7 @@ import collections
 import dataclasses
 import functools
 import math
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from torch import nn
@@ -286,11 +286,11 @@ class Router(nn.Module):
             return None
         return batch.group_keys
 
-    def kept_routing(self, batch: TagBatch) -> Optional[Callable[[], RouterOutput]]:
-        """The routing this layer keeps for ``batch``'s tag groups now (route cache), as a function that
-        builds its ``RouterOutput`` when called; None when none is kept."""
-        key, routes = self._kept_routes(self._routes, batch)
-        return None if routes is None else functools.partial(self._grouped_output, batch, *routes, key=key)
+    def routing_of(self, batch: TagBatch, routes: tuple) -> RouterOutput:
+        """The routing of ``batch``'s tokens by ``routes``, its tag groups' routes as this router
+        gave them (ids, gate weights, probabilities and logits per group: what a frozen layer's
+        kept plan holds), named by the batch's set of tag groups."""
+        return self._grouped_output(batch, *routes, key=batch.group_keys)
 
     def _kept_routes(self, store: collections.OrderedDict, batch: TagBatch) -> tuple[tuple | None, tuple | None]:
         """``batch``'s route cache key (None where routes are not cached) and the routes ``store`` keeps
