@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
-import functools
 import math
 import threading
 
@@ -76,6 +75,33 @@ class MoEOutput:
         return torch.stack([v.float() for v in self.aux_losses.values()]).sum()
 
 
+class _FrozenOutput(MoEOutput):
+    """The output of a frozen layer's kept plan (``MoE._run_frozen``): its routing (computed in the
+    call, or built from the plan's per-group ``routes``) and the auxiliary losses from it are made
+    when first read. It refers to nothing that refers back to it, so it is freed, with its tensors,
+    as soon as the caller drops it (a lazy loss that read the output's routing had made each call a
+    reference cycle, left for the garbage collector)."""
+
+    def __init__(self, output: torch.Tensor, router: Router, batch: TagBatch, routing: RouterOutput | None,
+                 routes: tuple) -> None:
+        self.output = output
+        self._router, self._batch, self._routes = router, batch, routes
+        self._routing, self._aux_losses = routing, None
+
+    @property
+    def routing(self) -> RouterOutput:
+        if self._routing is None:
+            self._routing = self._router.routing_of(self._batch, self._routes)
+        return self._routing
+
+    @property
+    def aux_losses(self) -> dict[str, torch.Tensor]:
+        if self._aux_losses is None:
+            losses = self._router.losses(self.routing, self._batch)  # a function of them without autograd
+            self._aux_losses = losses() if callable(losses) else losses
+        return self._aux_losses
+
+
 class MoE(nn.Module):
     """A mixture-of-experts FFN routed by hidden states and/or per-token tags.
 
@@ -87,6 +113,8 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config)
+        rc = config.router  # what the tags are checked against (the router's vocabularies)
+        self._tag_vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
         self.experts = EXPERTS.get(config.experts.kind)(
             config.d_model, config.d_hidden, config.num_experts, config.experts
         )
@@ -296,21 +324,21 @@ class MoE(nn.Module):
             y_TD = None if plan is None else backend.run_kept(self.experts, x_TD, batch, plan)
             if y_TD is None:
                 return None, routing
-        router = self.router
-        routing = _Once(routing if routing is not None else functools.partial(router.routing_of, batch, plan.routes))
         if self.shared is not None:
             y_TD = self._add_shared(x_TD, y_TD, batch.valid)
-        # (no reference cycle through the output: it is freed, with its tensors, when the caller drops it)
-        return MoEOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]),
-                         functools.partial(_frozen_losses, router, batch, routing), routing), None
+        return _FrozenOutput(y_TD.view(*x.shape[:-1], y_TD.shape[-1]), self.router, batch, routing, plan.routes), None
 
     def _tag_batch(self, x, tags, padding_mask) -> TagBatch:
         """The tags and padding of ``x``'s tokens as a ``TagBatch`` (the given one, or one built
         here), checked against the tokens and the router's vocabularies; errors name what is wrong."""
+        if (type(tags) is TagBatch and padding_mask is None and tags.has_tags and tags.vocab == self._tag_vocab
+                and isinstance(x, torch.Tensor) and x.dim() in (2, 3) and x.shape[:-1] == tags.shape
+                and x.shape[-1] == self.config.d_model and x.is_floating_point()):
+            return tags  # a stack's TagBatch, checked against these vocabularies when built: nothing to check
         cfg, rc = self.config, self.config.router
         _check_input(x, cfg.d_model)
         token_shape = tuple(x.shape[:-1])
-        vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
+        vocab = self._tag_vocab
         if isinstance(tags, TagBatch):
             if padding_mask is not None:
                 raise ValueError("a TagBatch carries its padding; pass padding_mask= to TagBatch, not to the MoE")
@@ -335,25 +363,6 @@ class MoE(nn.Module):
                     f"balance_loss_groups={list(rc.balance_loss_groups)} needs tags; pass tags="
                 )
         return batch
-
-
-class _Once:
-    """A value, or a function computing it, computed at the first call and kept (the routing a
-    frozen layer's output and its auxiliary losses share)."""
-
-    def __init__(self, value) -> None:
-        self._value = value
-
-    def __call__(self):
-        if callable(self._value):
-            self._value = self._value()
-        return self._value
-
-
-def _frozen_losses(router: Router, batch: TagBatch, routing: _Once) -> dict[str, torch.Tensor]:
-    """A frozen layer's auxiliary losses, computed from its routing when read (no autograd)."""
-    losses = router.losses(routing(), batch)
-    return losses() if callable(losses) else losses
 
 
 class _ForgetKept:
