@@ -46,7 +46,8 @@ _INPLACE: dict[str, Callable] = {
 
 def activate(h: torch.Tensor, activation: str, gated: bool, inplace: bool = False) -> torch.Tensor:
     """act(h), or act(gate) * up for gated experts whose last dim holds ``[gate | up]``.
-    ``inplace`` (no autograd): a plain activation overwrites ``h`` instead of allocating its result."""
+    ``inplace`` (no autograd, ``h`` read by nothing else): a plain activation may overwrite ``h``
+    instead of allocating its result (those in ``_INPLACE``); use the returned tensor."""
     if gated:
         gate, up = h.chunk(2, dim=-1)
         return ACTIVATIONS[activation][0](gate) * up
