@@ -178,6 +178,9 @@ class MoE(nn.Module):
 
     def __setstate__(self, state):
         cache_routes = state.pop("_route_cache_outside", None)
+        if "_tag_vocab" not in state:  # pickled before the layer kept its vocabularies
+            rc = state["config"].router
+            state["_tag_vocab"] = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
         super().__setstate__(state)
         if cache_routes is not None:
             self.router.set_route_cache(cache_routes)

@@ -447,3 +447,22 @@ def test_nan_in_padding_never_reaches_real_tokens(backend):
     x[1, 3:], pad[1, 3:] = float("nan"), True
     out = moe(x, padding_mask=pad).output
     assert torch.isfinite(out[~pad]).all() and torch.equal(out[pad], torch.zeros(3, D))
+
+
+def test_a_layer_pickled_before_it_kept_its_tag_vocabularies_still_runs():
+    # (MoE keeps the router's vocabulary sizes since 2026-12-07; a layer pickled before has none)
+    import pickle
+
+    torch.manual_seed(0)
+    moe = MoE(MoEConfig(d_model=16, d_hidden=24, num_experts=4, top_k=2, router="attribute")).eval()
+    x, tags = torch.randn(2, 5, 16), TokenTags.constant((2, 5), task=1, modality="IMAGE",
+                                                         task_modalities=("IMAGE", "TEXT"))
+    state = moe.__getstate__()
+    del state["_tag_vocab"]
+    old = MoE.__new__(MoE)
+    old.__setstate__(state)
+    again = pickle.loads(pickle.dumps(old))
+    with torch.no_grad():
+        for layer in (old, again):
+            assert layer._tag_vocab == moe._tag_vocab
+            torch.testing.assert_close(layer(x, tags=tags).output, moe(x, tags=tags).output)

@@ -65,7 +65,7 @@ class DispatchBackend:
         needs_shared_routes: only exact and efficient when routes are shared by tag groups.
         shards_experts: the layer's experts are spread over processes (expert parallelism: the
             all-to-all dispatcher of ``moe_gen.experts.parallel``).
-        keeps_plans: ``keep_plan`` / ``run_kept`` work (a frozen layer's merged backend).
+        keeps_plans: ``kept_plan`` / ``keep_plan`` / ``run_kept`` work (a frozen layer's merged backend).
     """
 
     needs_shared_routes = False
@@ -547,8 +547,9 @@ class MergedDispatch(DispatchBackend):
     def run_kept(self, experts, x_TD, batch, plan: _KeptPlan | None = None) -> torch.Tensor | None:
         """The experts' output ``[T, D']`` for ``batch``'s tokens from ``plan`` (default: the one
         kept for its set of tag groups, ``kept_plan``), padding rows zero (only the valid rows are
-        computed); None when no plan is kept for them, autograd is on, or (union plans) the batch
-        is too large for the union (``_union_allowed``)."""
+        computed); None when (no ``plan`` given) none is kept for them or autograd is on, or (union
+        plans) the batch is too large for the union (``_union_allowed``). A given ``plan`` is one
+        ``kept_plan`` or ``keep_plan`` returned, under the same autograd mode."""
         if plan is None:
             plan = self.kept_plan(batch)
             if plan is None:
