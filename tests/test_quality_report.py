@@ -314,3 +314,24 @@ def test_the_median_over_tasks_and_means_over_the_tasks_every_generalist_has():
     # c is left out of both means: attribute has no score on it
     assert {s: (m["mean"], m["tasks"]) for s, m in report["mean_relative"].items()} == {
         "dense": (pytest.approx(1.0), ["a", "b"]), "attribute": (pytest.approx(1.5), ["a", "b"])}
+
+
+def test_the_95_percent_criterion_is_read_seed_by_seed_too():
+    # (twenty-fifth session: three seeds put a configuration at 10 of 12 tasks, six at 8: a task's mean
+    # passed or failed on one seed's draw; the report now says how many seeds reach each bar)
+    from moe_gen.quality.report import markdown
+
+    classical = {"motion": {"majority": 0.2, "logreg": 0.94, "knn": 0.8},
+                 "video": {"majority": 0.25, "logreg": 1.0, "knn": 1.0},
+                 "wine": {"majority": 0.4, "logreg": 1.0, "knn": 1.0}}
+    per_seed = {"motion": (0.87, 0.90, 0.93), "video": (1.0, 1.0, 0.625), "wine": (0.97, 1.0, 0.96)}
+    runs = [{"system": "attribute", "seed": i, "scores": {t: v[i] for t, v in per_seed.items()}} for i in range(3)]
+    report = _made_up_report(runs, ("attribute",), (0, 1, 2), classical)
+    c = report["criteria"]
+    # motion's mean (0.900) passes 0.95 · 0.94 = 0.893, but its first seed (0.87) does not
+    assert c["attribute_seeds_at_95pct_of_classical"] == {"motion": [2, 3], "video": [2, 3], "wine": [3, 3]}
+    assert c["attribute_below_95pct_of_classical_on"] == ["video"]
+    text = markdown(report)
+    assert "  - on every seed on 1 of 3; seeds that reach it elsewhere: motion 2 of 3, video 2 of 3" in text
+    one = _made_up_report(runs[:1], ("attribute",), (0,), classical)  # one seed: nothing to add
+    assert "on every seed" not in markdown(one)
