@@ -153,3 +153,15 @@ def test_the_command_line_compares_and_refuses_as_a_usage_error(monkeypatch, tmp
     with pytest.raises(SystemExit) as exit_info:
         script.main(["--compare", base, f"{other}:dense"])
     assert exit_info.value.code == 2 and "has no dense runs" in capsys.readouterr().err
+
+
+def test_the_95_percent_counts_are_also_read_on_every_seed(tmp_path):
+    # wine's mean passes its bar (0.95) on both runs, but one seed of the base run does not
+    base_runs = {0: _scores(0.99, 0.80, 0.7), 1: _scores(0.93, 0.70, 0.7), 2: _scores(1.00, 0.84, 0.7)}
+    other_runs = {0: _scores(0.97, 0.90, 0.7), 1: _scores(0.96, 0.86, 0.7), 2: _scores(1.00, 0.82, 0.7)}
+    base = _report(tmp_path / "a.json", {"attribute": base_runs})
+    other = _report(tmp_path / "b.json", {"dense": other_runs})
+    result = compare_reports([base, other], None)
+    assert result["reach_95pct_of_classical"] == {"base": ["table_wine"], "other": ["table_wine", "digit_counting"]}
+    assert result["reach_95pct_of_classical_on_every_seed"] == {"base": [], "other": ["table_wine", "digit_counting"]}
+    assert "- … on every seed: base 0, other 2." in compare_markdown(result)
