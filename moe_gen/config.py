@@ -312,6 +312,11 @@ class RouterConfig(ConfigBase):
     task_words: tuple[tuple[str, ...], ...] = ()
     word_buckets: int = 64
 
+    @property
+    def tag_vocab(self) -> tuple[int, int, int, int]:
+        """The vocabulary sizes ``(modalities, roles, passes, tasks)`` tags are checked against."""
+        return (self.num_modalities, self.num_roles, self.num_passes, self.num_tasks)
+
     def __post_init__(self) -> None:
         if isinstance(self.task_words, str) or any(isinstance(words, str) for words in self.task_words):
             raise ValueError("router task_words lists each task's words as a sequence of strings (one per task "

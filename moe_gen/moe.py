@@ -113,8 +113,7 @@ class MoE(nn.Module):
         super().__init__()
         self.config = config
         self.router = Router(config)
-        rc = config.router  # what the tags are checked against (the router's vocabularies)
-        self._tag_vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
+        self._tag_vocab = config.router.tag_vocab  # read on every call: kept, not rebuilt
         self.experts = EXPERTS.get(config.experts.kind)(
             config.d_model, config.d_hidden, config.num_experts, config.experts
         )
@@ -179,8 +178,7 @@ class MoE(nn.Module):
     def __setstate__(self, state):
         cache_routes = state.pop("_route_cache_outside", None)
         if "_tag_vocab" not in state:  # pickled before the layer kept its vocabularies
-            rc = state["config"].router
-            state["_tag_vocab"] = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
+            state["_tag_vocab"] = state["config"].router.tag_vocab
         super().__setstate__(state)
         if cache_routes is not None:
             self.router.set_route_cache(cache_routes)

@@ -252,8 +252,7 @@ class Stack(nn.Module):
         super().__init__()
         self.blocks = nn.ModuleList(Block(config, i, cross, name) for i in range(layers))
         self.norm = make_norm(config) if config.final_norm else nn.Identity()
-        rc = config.moe.router  # the tags are checked once per forward against its vocabularies
-        self.tag_vocab = (rc.num_modalities, rc.num_roles, rc.num_passes, rc.num_tasks)
+        self.tag_vocab = config.moe.router.tag_vocab  # the tags are checked once per forward against them
         # Activation checkpointing (set by GeneralistModel.set_activation_checkpointing): in training
         # each block keeps only its input and recomputes its activations during backward.
         self.checkpoint_blocks = False
