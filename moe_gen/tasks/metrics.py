@@ -18,7 +18,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from moe_gen.registry import METRICS
-from moe_gen.tasks.modalities.base import brief, label_text
+from moe_gen.tasks.modalities.base import brief, is_missing, label_text
 from moe_gen.tasks.modalities.box import box_iou
 
 __all__ = ["TEXT_METRICS", "ANSWER_METRICS", "VALUE_METRICS", "accuracy", "exact_match", "bleu", "chrf", "rouge_l",
@@ -43,8 +43,11 @@ def _check(predictions: Sequence, references: Sequence) -> None:
 
 
 def _text(value) -> str:
-    """A prediction or reference as text, as a TEXT slot reads it (UTF-8 bytes decoded). A dict or
-    list is no text: its ``str()`` would be scored (see the module's docstring)."""
+    """A prediction or reference as text, as a TEXT slot reads it (UTF-8 bytes decoded); None (no
+    answer: ``infer`` gives it for a row it skips) or a NaN is the empty text, not ``"None"``. A dict
+    or list is no text: its ``str()`` would be scored (see the module's docstring)."""
+    if is_missing(value):
+        return ""
     if isinstance(value, (dict, list, tuple, set)) or (isinstance(value, np.ndarray) and value.ndim > 0):
         raise ValueError(f"a metric of text got a {type(value).__name__} ({brief(value)}), not a text; answers "
                          "with several target slots are scored per text column (evaluate_task)")

@@ -411,7 +411,8 @@ class Task:
             if slot.modality in MODALITIES:
                 name = str(slot.attrs.get("preprocess", MODALITIES.get(slot.modality).preprocess))
                 if name in PREPROCESSORS:
-                    slots.setdefault((name, slot_name), (slot, position))
+                    first = slots.setdefault((name, slot_name), (slot, position))[0]
+                    self._check_shared_fit(name, slot_name, first, slot)
         statistics: dict[str, dict] = {}
         for (name, slot_name), (slot, position) in slots.items():
             # lazily: a preprocessor that learns nothing reads no rows
@@ -436,6 +437,21 @@ class Task:
             statistics[MOTION_NORMALISATION] = motion
         self._statistics = statistics
         return statistics
+
+    def _check_shared_fit(self, name: str, slot_name: str, first: Slot, slot: Slot) -> None:
+        """Two slots of one column (in two templates) share what the ``name`` preprocessor learns
+        from it: they must agree on the attributes its ``fit`` reads (a table's ``uncased``, a bag of
+        words' ``vocab_size``), or one of them would read every value against statistics fitted
+        another way (before the twenty-sixth session's audit, a second template's ``uncased`` table
+        read each text cell as unseen)."""
+        for attr in PREPROCESSORS.get(name).fit_attrs:
+            a, b = first.attrs.get(attr), slot.attrs.get(attr)
+            if a != b:
+                shown = [f"{attr}={v}" if v is not None else f"no {attr}" for v in (a, b)]
+                raise TaskDataError(f"task {self.name!r}, {_place(slot_name, slot)}: two slots of this column "
+                                    f"read it with the {name!r} preprocessor, one with {shown[0]} and one with "
+                                    f"{shown[1]}; they share the statistics it learns from the column, so give "
+                                    "both the same")
 
     def _data_slots(self) -> Iterator[tuple[str, Slot, Optional[int]]]:
         """``(name, slot, position)`` of every data slot of every template: its name

@@ -69,6 +69,7 @@ class BagOfWords(Preprocessor):
 
     modality = "TEXT"
     adaptor = "bag_of_words"
+    fit_attrs = ("vocab_size",)
 
     def __init__(self, statistics: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
         self.statistics = dict(statistics or {})

@@ -291,6 +291,9 @@ class Preprocessor:
     # whether it makes token ids, which the model embeds itself: no adapter reads them, so an
     # adaptor= on its slot is refused (it was ignored)
     makes_tokens: bool = False
+    # slot attributes its ``fit`` reads: the slots of one column that share its statistics (in
+    # several templates of a task) must agree on them (``Task.fit_statistics`` refuses them otherwise)
+    fit_attrs: tuple[str, ...] = ()
 
     def __call__(self, value: Any, slot, ctx: EncodeContext) -> SlotEncoding:
         raise NotImplementedError

@@ -65,6 +65,7 @@ class PoseSummary(Preprocessor):
 
     modality = "MOTION"
     adaptor = "pose_summary"
+    fit_attrs = ("sample_rate", "max_length", "min_length")  # (motion_window's)
 
     def __init__(self, statistics: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
         self.statistics = dict(statistics or {})

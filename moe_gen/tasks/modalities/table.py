@@ -88,7 +88,7 @@ def table_rows(table: Any) -> tuple[list[str], list[Mapping[str, Any]]]:
             column lists with single values, or column lists of different lengths.
     """
     if isinstance(table, Mapping):
-        columns = [_column_name(name) for name in table]
+        columns = _column_names(table)
         values = list(table.values())
         is_list = [isinstance(v, (list, tuple)) or (isinstance(v, np.ndarray) and v.ndim > 0) for v in values]
         if all(is_list):  # a dict of columns (an empty dict is an empty table)
@@ -109,10 +109,28 @@ def table_rows(table: Any) -> tuple[list[str], list[Mapping[str, Any]]]:
             if not isinstance(row, Mapping):
                 raise SlotValueError(f"table row {r} is a {type(row).__name__}; a table given as a list needs "
                                      "one dict per row")
-        rows = [{_column_name(k): v for k, v in row.items()} for row in table]
+        rows = []
+        for r, row in enumerate(table):
+            names = _column_names(row, f" in row {r}")
+            rows.append(dict(zip(names, row.values())))
         return list(dict.fromkeys(k for row in rows for k in row)), rows
     raise SlotValueError(f"a STRUCT value must be a list of row dicts, a dict of columns or a dict of single "
                          f"values, got {type(table).__name__}")
+
+
+def _column_names(mapping: Mapping, where: str = "") -> list[str]:
+    """The keys of ``mapping`` as column names (text); two keys that read the same (``1`` and
+    ``"1"``, as a pandas ``to_dict()`` mixed with JSON may give) would make one column of two."""
+    names = [_column_name(key) for key in mapping]
+    if len(set(names)) < len(names):
+        keys = list(mapping)
+        first = {}
+        for key, name in zip(keys, names):
+            if name in first:
+                raise SlotValueError(f"table columns {first[name]!r} and {key!r}{where} have the same name "
+                                     f"{name!r} as text; rename one")
+            first[name] = key
+    return names
 
 
 def _column_name(name: Any) -> str:
@@ -125,6 +143,8 @@ def _column_name(name: Any) -> str:
 
 def read_cell(value: Any) -> tuple[int, Any]:
     """``(kind, value)`` of one cell: ``(NUMERIC, float)``, ``(TEXT, str)`` or ``(MISSING, None)``.
+    Text that reads as a finite number is a number, unless it has ``_`` in it (``float`` would read
+    ``"12_34"`` as 1234); None, NaN and blank text are missing.
 
     Raises:
         SlotValueError: for nested lists/dicts, arrays, other objects and ±inf.
@@ -154,6 +174,8 @@ def read_cell(value: Any) -> tuple[int, Any]:
         text = value.strip()
         if not text:
             return MISSING, None
+        if "_" in text:  # float() reads "12_34" (Python's digit separators) as 1234: an id, not a number
+            return TEXT, text
         try:
             number = float(text)
         except ValueError:
@@ -285,6 +307,7 @@ class StructPreprocessor(Preprocessor):
 
     modality = "STRUCT"
     corruptions = ("mask_ratio",)
+    fit_attrs = ("uncased",)
 
     def __init__(self, statistics: Optional[Mapping[str, Mapping[str, Any]]] = None) -> None:
         self.statistics = dict(statistics or {})

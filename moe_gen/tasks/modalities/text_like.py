@@ -136,11 +136,11 @@ def linearize_table(table: Any) -> str:
     line of text.
 
     ``col_a | col_b ; v1 | v2 ; v3 | v4``: header, then rows, separated by `` ; ``. Cells are
-    written with ``str`` (``None`` as nothing).
+    written with ``str``; a missing one (None, or a NaN: pandas' missing value) as nothing.
     """
     columns, rows = table_rows(table)
     lines = [" | ".join(columns)]
-    lines += [" | ".join("" if r.get(c) is None else str(r.get(c)) for c in columns) for r in rows]
+    lines += [" | ".join("" if is_missing(r.get(c)) else str(r.get(c)) for c in columns) for r in rows]
     return " ; ".join(lines)
 
 
