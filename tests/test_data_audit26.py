@@ -11,10 +11,10 @@ import pytest
 
 from moe_gen.tasks import Task, Tokenizer
 from moe_gen.tasks.metrics import bleu, chrf, exact_match, rouge_l, wer
+from moe_gen.tasks.modalities.base import SlotValueError
 from moe_gen.tasks.modalities.table import MISSING, NUMERIC, TEXT, read_cell, table_rows
 from moe_gen.tasks.modalities.text_like import linearize_table
 from moe_gen.tasks.plan import TaskDataError
-from moe_gen.tasks.modalities.base import SlotValueError
 
 
 @pytest.fixture(scope="module")
