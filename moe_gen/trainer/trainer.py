@@ -273,6 +273,7 @@ class Trainer:
                                    statistics={t.name: model.encoding_statistics(t) for t in self.tasks},
                                    plans={t.name: model.plan(t) for t in self.tasks})
         self.step = 0
+        self._done_after = (0, 0)  # the last steps whose evaluation and checkpoint were done (_after_step)
         # best: the step and eval_score of the best evaluation while training (eval_every), and the
         # evaluations since it (patience)
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0, "best": None,
@@ -350,6 +351,7 @@ class Trainer:
         if self.average is not None and int(self.average.n_averaged) == 0:  # a checkpoint without an average
             self.average.module.load_state_dict(self.model.state_dict())  # starts from the resumed weights
         self.step = int(state["step"])
+        self._done_after = (self.step, self.step)  # (its checkpoint came after its evaluation)
         for key in self.state:
             self.state[key] = state.get(key, self.state[key])
         self.baseline = state.get("baseline")
@@ -566,6 +568,7 @@ class Trainer:
             recorder = RoutingRecorder(self.model)  # hooks only during logged steps
             start, record = time.perf_counter(), None
             try:
+                self._after_step(self.step, logger)  # what an interrupt (Ctrl-C) left undone of the last step
                 while self.step < cfg.steps and not self._out_of_patience():
                     step = self.step + 1
                     log_now = step % cfg.log_every == 0 or step == cfg.steps
@@ -579,11 +582,7 @@ class Trainer:
                     if log_now:
                         logger.log(record)
                     logger.advance()
-                    if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps):
-                        self._evaluate_while_training(step, logger)
-                    if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps \
-                            or self._out_of_patience():  # (a stopped run's last step is kept)
-                        self.save_checkpoint()
+                    self._after_step(step, logger)
             finally:
                 recorder.stop()
                 logger.close()
@@ -596,6 +595,21 @@ class Trainer:
                 "skipped_steps": self.state["skipped_steps"], "seconds": time.perf_counter() - start,
                 "checkpoint": checkpoint, "checkpoint_step": _checkpoint_step(checkpoint),
                 "failed_checkpoints": self.state["failed_checkpoints"], **self._best_summary()}
+
+    def _after_step(self, step: int, logger: RunLogger) -> None:
+        """A trained step's evaluation (``eval_every``) and checkpoint, each done once: a ``fit``
+        interrupted during them (Ctrl-C) and called again does what was left (before the twenty-sixth
+        session's audit the step counted as done, and both were skipped for good)."""
+        cfg = self.config
+        if step == 0 or self._done_after[1] >= step:
+            return
+        if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and self._done_after[0] < step:
+            self._evaluate_while_training(step, logger)
+        self._done_after = (step, self._done_after[1])
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps \
+                or self._out_of_patience():  # (a stopped run's last step is kept)
+            self.save_checkpoint()
+        self._done_after = (step, step)
 
     def _evaluate_while_training(self, step: int, logger: RunLogger) -> None:
         """``eval_every``: evaluates the eval tasks, logs the result and, with ``keep_best``, saves the

@@ -1,0 +1,88 @@
+"""The trainer, twenty-sixth audit: a fit() interrupted (Ctrl-C) during a step's evaluation or
+checkpoint, then called again, does what was left of that step (before, the step counted as done and
+both were skipped for good: at the last step the second fit() wrote no checkpoint at all)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from helpers import build, quiet
+
+from moe_gen.tasks import Tokenizer, load_preset
+from moe_gen.trainer import Trainer
+from moe_gen.trainer.logs import read_jsonl_log
+
+
+@pytest.fixture(scope="module")
+def tok() -> Tokenizer:
+    return Tokenizer.default()
+
+
+@pytest.fixture(scope="module")
+def tasks():
+    return [load_preset(n, "train", limit=8) for n in ("digit_classification", "table_species")]
+
+
+def _trainer(tok, tasks, output, **config) -> Trainer:
+    return Trainer(build(tasks, tok), tasks, quiet(steps=2, batch_size=4, warmup_steps=0, eval_every=2, eval_limit=2,
+                                                   checkpoint_every=0, **config), output_dir=str(output))
+
+
+def _interrupt_once(obj, name: str) -> list[int]:
+    """Makes ``obj.<name>`` raise KeyboardInterrupt on its first call; returns the list its real
+    calls are counted in."""
+    real, calls = getattr(obj, name), []
+
+    def stopping(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    setattr(obj, name, stopping)
+    return calls
+
+
+def _evaluations(output) -> list[dict]:
+    path = os.path.join(str(output), "logs", "eval.jsonl")
+    return read_jsonl_log(path) if os.path.exists(path) else []
+
+
+def test_ctrl_c_during_the_last_steps_evaluation_then_fit_again_evaluates_and_checkpoints(tok, tasks, tmp_path):
+    trainer = _trainer(tok, tasks, tmp_path / "run")
+    calls = _interrupt_once(trainer, "evaluate")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.step == 2 and trainer.latest_checkpoint() is None
+    summary = trainer.fit()
+    assert len(calls) == 2  # the evaluation ran again, once
+    assert trainer.last_evaluation is not None and trainer.last_evaluation[0] == 2
+    assert summary["checkpoint_step"] == 2
+    assert [e["step"] for e in _evaluations(tmp_path / "run")] == [2]
+
+
+def test_ctrl_c_during_the_checkpoint_then_fit_again_saves_it_without_evaluating_again(tok, tasks, tmp_path):
+    trainer = _trainer(tok, tasks, tmp_path / "run", patience=3)
+    evaluations = _interrupt_once(trainer, "evaluate")
+    evaluations.append(1)  # (the interrupt is meant for the checkpoint: the evaluation runs)
+    saves = _interrupt_once(trainer, "save_checkpoint")
+    with pytest.raises(KeyboardInterrupt):
+        trainer.fit()
+    assert trainer.step == 2 and len(evaluations) == 2
+    summary = trainer.fit()
+    assert len(evaluations) == 2 and len(saves) == 2  # evaluated once; the checkpoint written the second time
+    assert summary["checkpoint_step"] == 2
+    assert [e["step"] for e in _evaluations(tmp_path / "run")] == [2]
+    assert trainer.state["evals_since_best"] == 0  # the one evaluation is the best, counted once
+
+
+def test_a_finished_run_fit_again_does_nothing_more(tok, tasks, tmp_path):
+    trainer = _trainer(tok, tasks, tmp_path / "run")
+    calls = _interrupt_once(trainer, "evaluate")
+    calls.append(1)  # (never interrupts)
+    trainer.fit()
+    saves = _interrupt_once(trainer, "save_checkpoint")
+    saves.append(1)
+    trainer.fit()
+    assert len(calls) == 2 and len(saves) == 1  # one evaluation and one checkpoint, in the first fit
