@@ -86,3 +86,22 @@ def test_a_finished_run_fit_again_does_nothing_more(tok, tasks, tmp_path):
     saves.append(1)
     trainer.fit()
     assert len(calls) == 2 and len(saves) == 1  # one evaluation and one checkpoint, in the first fit
+
+
+def test_a_later_checkpoint_left_by_a_stopped_run_does_not_crowd_out_the_one_just_written(tok, tasks, tmp_path):
+    """A run stopped after renaming step 4's folder but before pointing ``latest`` at it resumes from
+    step 2; keeping one checkpoint, its save of step 3 must keep step 3 (``latest`` names it)."""
+    output = tmp_path / "run"
+    with Trainer(build(tasks, tok), tasks, quiet(steps=4, batch_size=4, warmup_steps=0, checkpoint_every=2),
+                 output_dir=str(output)) as first:
+        first.fit()
+    checkpoints = output / "checkpoints"
+    (checkpoints / "latest").write_text("step-0000002")  # (the pointer's write for step 4 never happened)
+    with Trainer(build(tasks, tok), tasks, quiet(steps=3, batch_size=4, warmup_steps=0, checkpoint_every=1,
+                                                keep_checkpoints=1), output_dir=str(output), resume=True) as resumed:
+        assert resumed.step == 2
+        summary = resumed.fit()
+        assert summary["checkpoint_step"] == 3
+        assert resumed.latest_checkpoint() == str(checkpoints / "step-0000003")
+    assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-")) == \
+        ["step-0000003", "step-0000004"]  # step 2 pruned; step 4 left for the run to replace

@@ -327,8 +327,13 @@ def save_checkpoint(root: str, step: int, *, model, optimizer, scheduler, sample
         raise CheckpointError(f"the checkpoint of step {step} was not written "
                               f"({error or 'it failed on another process'})")
     if rank == 0:
-        # by step number (as text, step-10000000 sorted before step-9999500 and was removed as the oldest)
-        done = sorted((d for d in os.listdir(root) if _is_checkpoint_name(d)), key=lambda d: int(d[5:]))
+        # by step number (as text, step-10000000 sorted before step-9999500 and was removed as the oldest);
+        # only those up to this one: a later step's folder is left by a run stopped after renaming it but
+        # before pointing ``latest`` at it, and this run (resumed before it) replaces it when it gets there.
+        # Counted in, it was kept as the newest and the checkpoint just written was removed, with
+        # ``latest`` naming it (before the twenty-sixth session's audit)
+        done = sorted((d for d in os.listdir(root) if _is_checkpoint_name(d) and int(d[5:]) <= step),
+                      key=lambda d: int(d[5:]))
         for old in done[:-keep]:
             shutil.rmtree(os.path.join(root, old), ignore_errors=True)
             shutil.rmtree(os.path.join(root, old + ".old"), ignore_errors=True)
