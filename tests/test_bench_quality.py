@@ -744,11 +744,12 @@ def test_held_out_curves_are_scored_while_training_and_leave_the_last_scores_as_
     plain = train_and_score({**job, "config": dataclasses.asdict(dataclasses.replace(small, eval_every=0))})
     assert "curve" not in plain and plain["scores"] == result["scores"]
 
-    runs = [{"system": "dense", "curve": [{"step": 2, "scores": {"a": a2}}, {"step": 4, "scores": {"a": a4, "b": 0.5}}]}
-            for a2, a4 in [(0.2, 0.6), (0.4, 0.8)]]
-    lines = curve_lines({"systems": ["dense", "attribute"], "runs": runs + [{"system": "attribute"}],
+    runs = [{"system": "dense", "seed": seed,
+             "curve": [{"step": 2, "scores": {"a": a2}}, {"step": 4, "scores": {"a": a4, "b": 0.5}}]}
+            for seed, (a2, a4) in enumerate([(0.2, 0.6), (0.4, 0.8)])]
+    lines = curve_lines({"systems": ["dense", "attribute"], "runs": runs + [{"system": "attribute", "seed": 0}],
                          "tasks": [{"name": "a"}, {"name": "b"}, {"name": "c"}]})
-    assert "Held-out scores while training, dense (mean over 2 runs):" in lines
+    assert "Held-out scores while training, dense (mean over 2 seeds):" in lines
     assert "| a | 0.300 | 0.700 |" in lines and "| b | — | 0.500 |" in lines
     assert not any("attribute" in line or "| c |" in line for line in lines)
     with pytest.raises(ValueError, match="eval_every must be >= 0 and does not combine with upcycle_at"):

@@ -165,3 +165,25 @@ def test_the_95_percent_counts_are_also_read_on_every_seed(tmp_path):
     assert result["reach_95pct_of_classical"] == {"base": ["table_wine"], "other": ["table_wine", "digit_counting"]}
     assert result["reach_95pct_of_classical_on_every_seed"] == {"base": [], "other": ["table_wine", "digit_counting"]}
     assert "- … on every seed: base 0, other 2." in compare_markdown(result)
+
+
+def test_specialists_compare_on_every_task_their_runs_of_a_seed_score(tmp_path):
+    """A report holds one specialist run per task and seed: ``path:specialist`` joins a seed's runs
+    (before the twenty-sixth session's audit the last task's run stood for the seed: one task compared)."""
+    records = [{"system": "specialist", "seed": seed, "tasks": [name], "scores": {name: scores[name]}}
+               for seed, scores in BASE.items() for name in scores]
+    records += [{"system": "attribute", "seed": seed, "tasks": list(scores), "scores": scores}
+                for seed, scores in OTHER.items()]
+    config = dataclasses.asdict(BenchConfig())
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"config": config, "runs": records, "classical": CLASSICAL, "tasks": TASKS,
+                                "scores": {}}))
+    result = compare_reports([f"{path}:specialist", f"{path}:attribute"])
+    assert sorted(result["tasks"]) == sorted(t["name"] for t in TASKS)
+    assert result["tasks"]["table_wine"]["base"]["values"] == pytest.approx([0.90, 0.95, 0.92])
+    assert result["classification_mean"]["tasks"] == ["table_wine", "digit_counting"]
+    records.append(dict(records[0]))  # two specialist runs of seed 0 scoring wine
+    path.write_text(json.dumps({"config": config, "runs": records, "classical": CLASSICAL, "tasks": TASKS,
+                                "scores": {}}))
+    with pytest.raises(ValueError, match=r"two specialist runs of seed 0 that score table_wine"):
+        compare_reports([f"{path}:specialist", f"{path}:attribute"])

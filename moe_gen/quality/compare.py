@@ -53,8 +53,24 @@ def _side(spec: str) -> dict:
         system = generalists[0]
     elif system not in held:
         raise ValueError(f"{path!r} has no {system} runs (it holds {', '.join(held) or 'none'})")
-    runs = {run["seed"]: run for run in report["runs"] if run["system"] == system}
-    return {"path": path, "system": system, "report": report, "runs": runs}
+    return {"path": path, "system": system, "report": report, "runs": _runs_by_seed(report, system, path)}
+
+
+def _runs_by_seed(report: dict, system: str, path: str) -> dict:
+    """seed → ``{"tasks", "scores"}`` of ``system``'s runs: a generalist's one run per seed, or the
+    specialists' runs of each seed (one per task) joined (before the twenty-sixth session's audit
+    the last task's run stood for the seed, and a comparison of specialists covered one task)."""
+    runs: dict = {}
+    for run in report["runs"]:
+        if run["system"] != system:
+            continue
+        joined = runs.setdefault(run["seed"], {"tasks": [], "scores": {}})
+        for name in run["tasks"]:
+            if name in joined["scores"] or name in joined["tasks"]:
+                raise ValueError(f"{path!r} holds two {system} runs of seed {run['seed']} that score {name}")
+            joined["tasks"].append(name)
+        joined["scores"].update(run["scores"])
+    return runs
 
 
 def _check_same_rows(base: dict, other: dict, tasks: Sequence[str]) -> None:
