@@ -66,13 +66,21 @@ def _gather(modality: str, stream: list[tuple[Chunk, int]], chosen: list[int], r
     """The positions ``chosen`` (sorted indices into the modality's ``stream``) as chunks, each
     item placed at its index in the stream (``Chunk.position_ids``: which image code, say, a
     position holds or predicts; in sequence they would all move up into the gaps); consecutive
-    picks from one source chunk stay one chunk."""
+    picks from one source chunk stay one chunk. A target of a closed-set slot keeps the label trie's
+    tokens (``Chunk.allowed``: its loss a softmax over them, as the generative one is and decoding
+    reads) where every position before it in the label is a target before it, the prefix the trie's
+    sets follow; elsewhere its softmax is over every token (before the twenty-sixth session's audit it
+    was everywhere)."""
     out: list[Chunk] = []
     for _, group in itertools.groupby(chosen, key=lambda p: id(stream[p][0])):
         places = list(group)
         chunk, index = stream[places[0]][0], [stream[p][1] for p in places]
         if chunk.tokens is not None:
+            # (index is sorted and distinct: index[k] == k holds when the label's first k + 1 positions are picked)
+            allowed = [chunk.allowed[j] if j == k else None for k, j in enumerate(index)] \
+                if loss and chunk.allowed is not None else None
             out.append(Chunk(modality, role, loss, tokens=[chunk.tokens[j] for j in index], column=chunk.column,
+                             allowed=allowed if allowed and any(a is not None for a in allowed) else None,
                              position_ids=places))
         else:
             rows = torch.tensor(index, dtype=torch.long)

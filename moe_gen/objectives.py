@@ -430,7 +430,12 @@ class ContrastiveObjective(Objective):
         pooled_image = _masked_mean(out.encoder_hidden, ~batch.encoder.padding_mask)
         image_BD = F.normalize(model.contrastive_image(pooled_image), dim=-1)
         text_BD = F.normalize(model.contrastive_text(_masked_mean(text.hidden, side.is_token)), dim=-1)
-        scale = model.logit_scale.clamp(max=math.log(100.0)).exp()  # CLIP's cap on the temperature
+        # CLIP's cap on the temperature, on the parameter (as CLIP clamps it after each step): a clamp in
+        # the forward gave no gradient at the cap, and the scale stayed there for good once Adam's
+        # momentum took it past (before the twenty-sixth session's audit)
+        with torch.no_grad():
+            model.logit_scale.clamp_(max=math.log(100.0))
+        scale = model.logit_scale.exp()
         logits_BB = scale * image_BD @ text_BD.t()
         # Rows with the same target text, or the same input, are each other's positives (a caption
         # given to several images is not a negative of itself, nor an image given several captions:
