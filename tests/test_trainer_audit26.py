@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 from helpers import build, quiet
 
 from moe_gen.tasks import Tokenizer, load_preset
@@ -105,3 +106,28 @@ def test_a_later_checkpoint_left_by_a_stopped_run_does_not_crowd_out_the_one_jus
         assert resumed.latest_checkpoint() == str(checkpoints / "step-0000003")
     assert sorted(p.name for p in checkpoints.iterdir() if p.name.startswith("step-")) == \
         ["step-0000003", "step-0000004"]  # step 2 pruned; step 4 left for the run to replace
+
+
+def test_saving_a_model_assembled_from_expert_shards_draws_nothing_from_the_runs_generator(tok, tasks, tmp_path,
+                                                                                           monkeypatch):
+    """With expert parallelism process 0 builds a whole model to load the shards into (``keep_best``
+    does it while training): its initialisation must leave the run's random stream alone, or process
+    0's dropout and router noise part from the other processes' (before the twenty-sixth audit)."""
+    from moe_gen import distributed
+    from moe_gen.model import GeneralistModel
+
+    trainer = _trainer(tok, tasks, tmp_path / "run")
+    shards = str(tmp_path / "shards")
+
+    def save_checkpoint():  # (what a checkpoint of sharded experts holds of the model, written by one process)
+        distributed.save_shards(shards, "model", trainer.model.state_dict(), trainer.model)
+        return shards
+
+    monkeypatch.setattr(trainer, "plan", object())  # (as shard_experts leaves it; read only as "is there one")
+    monkeypatch.setattr(trainer, "save_checkpoint", save_checkpoint)
+    before = torch.get_rng_state()
+    trainer.save_model(str(tmp_path / "best"))
+    assert torch.equal(torch.get_rng_state(), before)
+    saved = GeneralistModel.from_pretrained(str(tmp_path / "best"))
+    for name, value in trainer.model.state_dict().items():
+        torch.testing.assert_close(saved.state_dict()[name], value, msg=name)

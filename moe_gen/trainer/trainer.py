@@ -745,7 +745,11 @@ class Trainer:
                 if path is None:
                     model.save_pretrained(directory)
                 else:
-                    full = GeneralistModel(self.model.config, self.model.tokenizer)
+                    # (its initialisation draws nothing from the run's generator: keep_best saves it while training,
+                    # and process 0's dropout and router noise moved away from the others' before the twenty-sixth
+                    # session's audit)
+                    with torch.random.fork_rng(devices=[]):
+                        full = GeneralistModel(self.model.config, self.model.tokenizer)
                     full.load_state_dict(distributed.load_shards(path, "model", full))
                     full.save_pretrained(directory)
             except OSError as exc:
