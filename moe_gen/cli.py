@@ -559,19 +559,28 @@ def _cmd_eval(args, overrides) -> int:
 
 def _cmd_infer(args, overrides) -> int:
     from moe_gen.model import GeneralistModel
+    from moe_gen.tasks.errors import TaskDataError
 
     if overrides:
         raise ValueError(f"infer takes no overrides, got {' '.join(overrides)}")
     model = GeneralistModel.from_pretrained(args.model_dir)
     task = _model_tasks(model, [args.task], "test")[0]
-    rows = (_input_rows(args.input, task) if args.input is not None
+    lines: list[int] = []  # the line of each --input row in its file
+    rows = (_input_rows(args.input, task, lines) if args.input is not None
             else [task.data[i] for i in range(min(args.rows, len(task)))])
     sampling = {k: v for k, v in (("temperature", args.temperature), ("top_k", args.top_k), ("top_p", args.top_p))
                 if v is not None}
     if args.parallel_steps is not None:
         sampling["parallel_steps"] = args.parallel_steps
-    for i, prediction in enumerate(model.infer(task, rows, beams=args.beams, seed=args.seed, **sampling,
-                                               no_repeat_ngram=args.no_repeat_ngram, min_length=args.min_length)):
+    try:
+        predictions = model.infer(task, rows, beams=args.beams, seed=args.seed, **sampling,
+                                  no_repeat_ngram=args.no_repeat_ngram, min_length=args.min_length)
+    except TaskDataError as exc:
+        # "row N" counts the file's rows from 0: say where the row is written (blank lines moved it)
+        if args.input is not None and exc.row is not None and 0 <= exc.row < len(lines):
+            exc.args = (f"{exc} ({args.input}, line {lines[exc.row]})",)
+        raise
+    for i, prediction in enumerate(predictions):
         out = {"row": i, "text": prediction.text, "box": prediction.box, "score": round(prediction.score, 4)}
         if len(prediction.targets) > 1 or prediction.groups:  # several targets, or repeated ones
             out["targets"] = _jsonable(prediction.targets)
@@ -584,13 +593,14 @@ def _cmd_infer(args, overrides) -> int:
     return 0
 
 
-def _input_rows(path: str, task) -> list:
-    """The rows of ``infer --input``; a file that cannot be read (missing, a folder) is a configuration
-    error naming ``--input`` (an OSError exited 1, the status of a run that stopped, naming neither)."""
+def _input_rows(path: str, task, lines: list) -> list:
+    """The rows of ``infer --input`` (``lines`` gets each one's line in the file); a file that cannot be
+    read (missing, a folder) is a configuration error naming ``--input`` (an OSError exited 1, the
+    status of a run that stopped, naming neither)."""
     from moe_gen.tasks.task import load_jsonl, media_columns
 
     try:
-        return load_jsonl(path, media_columns(task.instruction))
+        return load_jsonl(path, media_columns(task.instruction), line_numbers=lines)
     except OSError as exc:
         raise ValueError(f"--input {path!r}: cannot read the rows of task {task.name!r}: "
                          f"{exc.strerror or exc}") from None

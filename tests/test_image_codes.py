@@ -144,8 +144,13 @@ def test_images_of_every_form_a_slot_takes_are_read_alike(digits, tmp_path):
     deep = image.astype(np.uint16) * 257
     Image.fromarray(deep).save(tmp_path / "deep.png")
     assert Image.open(tmp_path / "deep.png").mode == "I;16"
-    for other, same in ((str(tmp_path / "deep.png"), deep), (Image.fromarray(as_float), as_float)):
+    # a 16-bit PNG reads on its 16-bit range: the 8-bit picture it was made from (since the twenty-sixth
+    # session's audit; before, it was scaled by its brightest pixel, as the uint16 array still is)
+    for other, same in ((str(tmp_path / "deep.png"), image), (Image.fromarray(as_float), as_float)):
         np.testing.assert_array_equal(np.asarray(load_image(other)), np.asarray(load_image(same)))
+    dark = np.full((8, 8), 200, np.uint16)  # 200 of 65535: nearly black, not 200 of 255
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert np.asarray(load_image(str(tmp_path / "dark.png"))).max() == 1
 
 
 def test_parallel_objective_masks_codes_and_parallel_decoding_takes_steps_passes(digits, tok):

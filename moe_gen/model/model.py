@@ -651,6 +651,7 @@ class GeneralistModel(nn.Module):
                 self._check_reach(task.name, sample)
                 samples.append(sample)
             except TaskDataError as exc:
+                exc.row = index
                 if task.on_error != "skip":
                     raise
                 task.skip_row(index, exc)

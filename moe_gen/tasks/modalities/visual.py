@@ -106,8 +106,11 @@ def _as_uint8(array: np.ndarray, what: str) -> np.ndarray:
 
 
 def _rgb(image):
-    """A PIL image as RGB. Modes of more than 8 bits a channel (16-bit PNGs: ``I;16``, ``I``;
-    ``F``) are scaled as arrays are (``_as_uint8``): PIL's own conversion clips them at 255, so a
+    """A PIL image as RGB. A 16-bit image (a 16-bit PNG: ``I;16``) is read on its 16-bit range,
+    65535 as 255 (before the twenty-sixth session's audit it was scaled by its brightest pixel as an
+    array is, so a dark picture came out nearly white, and one below 256 read as 8-bit); the
+    other modes of more than 8 bits a channel (``I``, ``F``), whose range the image does not say,
+    are scaled as arrays are (``_as_uint8``): PIL's own conversion clips them at 255, so a
     16-bit image came out nearly white and a float one in [0, 1] nearly black. An image with
     transparency (an alpha channel: ``RGBA``, ``LA``, ``PA``; a transparent colour of a ``P``,
     ``L`` or ``RGB`` image) is composited onto white: dropping the alpha kept whatever colour
@@ -115,7 +118,10 @@ def _rgb(image):
     saved) came out all black."""
     from PIL import Image
 
-    if image.mode in ("I", "F") or image.mode.startswith("I;"):
+    if image.mode.startswith("I;16"):
+        pixels = np.asarray(image).astype(np.float64)
+        image = Image.fromarray(np.rint(np.clip(pixels, 0, 65535) * (255.0 / 65535.0)).astype(np.uint8))
+    elif image.mode in ("I", "F") or image.mode.startswith("I;"):
         pixels = np.asarray(image).astype(np.float32 if image.mode == "F" else np.int64)
         image = Image.fromarray(_as_uint8(pixels, f"a {image.mode} image"))
     if image.mode in _ALPHA_MODES or "transparency" in image.info:
@@ -128,8 +134,10 @@ def load_image(value: Any):
     """A PIL RGB image from a PIL image, an array ``[H, W]``/``[H, W, C]`` (C = 1, 3 or 4 for RGBA;
     uint8, or float in [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes, or a Hugging
     Face ``{"bytes", "path"}`` dict (``Image(decode=False)``: the bytes, else the path); transparent
-    pixels are composited onto white. Raises ``SlotValueError``."""
-    from PIL import Image
+    pixels are composited onto white. A file's (or bytes') EXIF orientation is applied, so the image
+    is upright as viewers show it and boxes drawn on it land where they were drawn (a phone photo was
+    read sideways before the twenty-sixth session's audit). Raises ``SlotValueError``."""
+    from PIL import Image, ImageOps
 
     if isinstance(value, Mapping):  # (before the fifteenth audit refused: "needs an image, ..., got dict")
         value = undecoded_media(value, "an IMAGE slot")
@@ -153,10 +161,10 @@ def load_image(value: Any):
         if isinstance(value, Image.Image):
             image = _rgb(value)
         elif isinstance(value, (bytes, bytearray)):
-            image = _rgb(Image.open(io.BytesIO(value)))
+            image = _rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(value))))
         elif isinstance(value, (str, os.PathLike)):
             with Image.open(regular_file(value, "image")) as img:
-                image = _rgb(img)
+                image = _rgb(ImageOps.exif_transpose(img))
         else:
             raise SlotValueError(f"an IMAGE slot needs an image, array, path, bytes or a {{'bytes', 'path'}} dict, got "
                                  f"{type(value).__name__}")

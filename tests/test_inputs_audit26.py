@@ -1,0 +1,46 @@
+"""Inputs, twenty-sixth audit: a JPEG's EXIF orientation is applied (a phone photo was read sideways,
+and boxes drawn on it landed elsewhere); ``moe-gen infer --input`` names the file's line of a row that
+does not fit (its "row N" counted rows, not lines: blank lines moved it)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from moe_gen.cli import main
+from moe_gen.tasks.modalities.visual import load_image
+
+
+@pytest.mark.parametrize("as_bytes", [False, True])
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, as_bytes):
+    stored = np.zeros((20, 30, 3), np.uint8)
+    stored[:, :10] = 255  # stored 30 wide and 20 high, its left third white
+    image = Image.fromarray(stored)
+    exif = image.getexif()
+    exif[0x0112] = 6  # Orientation: shown turned 90° clockwise (how phones save a portrait photo)
+    path = tmp_path / "photo.jpg"
+    image.save(path, exif=exif, quality=95)
+    loaded = load_image(path.read_bytes() if as_bytes else str(path))
+    assert loaded.size == (20, 30)  # as a viewer shows it: 20 wide, 30 high
+    pixels = np.asarray(loaded)
+    assert pixels[:10].mean() > 200 and pixels[-10:].mean() < 50  # the white third now on top
+    plain = tmp_path / "plain.jpg"
+    Image.fromarray(stored).save(plain, quality=95)  # no orientation: as stored
+    assert load_image(str(plain)).size == (30, 20)
+
+
+def test_infer_input_names_the_line_of_a_row_that_does_not_fit(tmp_path, capsys):
+    from moe_gen.model import GeneralistModel, flavour
+    from moe_gen.tasks import Tokenizer, load_preset
+
+    torch.manual_seed(0)
+    tasks = [load_preset("table_species", "train", limit=4)]
+    GeneralistModel.build(flavour("debug"), tasks, Tokenizer.default()).save_pretrained(str(tmp_path / "model"))
+    good = '{"table": {"sepal length": 5.1, "sepal width": 3.5, "petal length": 1.4, "petal width": 0.2}}'
+    path = tmp_path / "rows.jsonl"
+    path.write_text(f"{good}\n\n\n{good}\n" + '{"tabel": {"sepal length": 5.1}}\n')
+    assert main(["infer", str(tmp_path / "model"), "--task", "table_species", "--input", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "row 2: missing column 'table'" in err and f"({path}, line 5)" in err
