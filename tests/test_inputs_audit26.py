@@ -13,8 +13,8 @@ from moe_gen.cli import main
 from moe_gen.tasks.modalities.visual import load_image
 
 
-@pytest.mark.parametrize("as_bytes", [False, True])
-def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, as_bytes):
+@pytest.mark.parametrize("given", ["path", "bytes", "pil"])
+def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, given):
     stored = np.zeros((20, 30, 3), np.uint8)
     stored[:, :10] = 255  # stored 30 wide and 20 high, its left third white
     image = Image.fromarray(stored)
@@ -22,7 +22,7 @@ def test_a_photo_is_read_upright_as_its_exif_orientation_says(tmp_path, as_bytes
     exif[0x0112] = 6  # Orientation: shown turned 90° clockwise (how phones save a portrait photo)
     path = tmp_path / "photo.jpg"
     image.save(path, exif=exif, quality=95)
-    loaded = load_image(path.read_bytes() if as_bytes else str(path))
+    loaded = load_image({"path": str(path), "bytes": path.read_bytes(), "pil": Image.open(path)}[given])
     assert loaded.size == (20, 30)  # as a viewer shows it: 20 wide, 30 high
     pixels = np.asarray(loaded)
     assert pixels[:10].mean() > 200 and pixels[-10:].mean() < 50  # the white third now on top
@@ -44,3 +44,14 @@ def test_infer_input_names_the_line_of_a_row_that_does_not_fit(tmp_path, capsys)
     assert main(["infer", str(tmp_path / "model"), "--task", "table_species", "--input", str(path)]) == 2
     err = capsys.readouterr().err
     assert "row 2: missing column 'table'" in err and f"({path}, line 5)" in err
+
+
+def test_a_tensor_is_channels_first_whatever_its_width():
+    red = torch.zeros(3, 5, 3, dtype=torch.uint8)
+    red[0] = 255  # 3 channels, 5 high, 3 wide: was read as 3 high, 5 wide, white
+    image = load_image(red)
+    assert image.size == (3, 5) and image.getpixel((0, 0)) == (255, 0, 0)
+    rgba = torch.zeros(4, 5, 6, dtype=torch.uint8)  # torchvision's read_image of a PNG with alpha (was refused)
+    rgba[2], rgba[3] = 255, 255  # opaque blue
+    image = load_image(rgba)
+    assert image.size == (6, 5) and image.getpixel((0, 0)) == (0, 0, 255)

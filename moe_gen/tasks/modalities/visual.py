@@ -130,14 +130,22 @@ def _rgb(image):
     return image.convert("RGB")
 
 
+def _upright(image):
+    """``image`` turned as its EXIF orientation says (a copy), or itself when it has none to apply."""
+    from PIL import ImageOps
+
+    return ImageOps.exif_transpose(image) if image.getexif().get(0x0112, 1) not in (0, 1) else image
+
+
 def load_image(value: Any):
     """A PIL RGB image from a PIL image, an array ``[H, W]``/``[H, W, C]`` (C = 1, 3 or 4 for RGBA;
     uint8, or float in [0, 1]), a tensor ``[C, H, W]``, a file path or encoded bytes, or a Hugging
     Face ``{"bytes", "path"}`` dict (``Image(decode=False)``: the bytes, else the path); transparent
-    pixels are composited onto white. A file's (or bytes') EXIF orientation is applied, so the image
-    is upright as viewers show it and boxes drawn on it land where they were drawn (a phone photo was
-    read sideways before the twenty-sixth session's audit). Raises ``SlotValueError``."""
-    from PIL import Image, ImageOps
+    pixels are composited onto white. An image's EXIF orientation is applied (a file's, bytes' or PIL
+    image's), so the image is upright as viewers show it and boxes drawn on it land where they were
+    drawn (a phone photo was read sideways before the twenty-sixth session's audit). A tensor is
+    channels first (C = 1, 3 or 4). Raises ``SlotValueError``."""
+    from PIL import Image
 
     if isinstance(value, Mapping):  # (before the fifteenth audit refused: "needs an image, ..., got dict")
         value = undecoded_media(value, "an IMAGE slot")
@@ -146,10 +154,10 @@ def load_image(value: Any):
                              "existing file")
     if isinstance(value, (list, tuple)):  # nested lists, e.g. from JSONL
         value = _from_lists(value, "an image")
-    if isinstance(value, torch.Tensor):
+    if isinstance(value, torch.Tensor):  # channels first, as torch (and torchvision's read_image) has them
         value = tensor_to_numpy(value)
-        if value.ndim == 3 and value.shape[0] in (1, 3) and value.shape[-1] not in (1, 3):
-            value = value.transpose(1, 2, 0)
+        if value.ndim == 3 and value.shape[0] in (1, 3, 4):  # (before the twenty-sixth session's audit a
+            value = value.transpose(1, 2, 0)  # [3, H, 3] image read as [H, W, C], and [4, H, W] was refused)
     if isinstance(value, np.ndarray):
         if value.ndim == 3 and value.shape[-1] == 1:
             value = value[..., 0]
@@ -159,12 +167,12 @@ def load_image(value: Any):
         value = Image.fromarray(_as_uint8(value, "an image array"))
     try:
         if isinstance(value, Image.Image):
-            image = _rgb(value)
+            image = _rgb(_upright(value))
         elif isinstance(value, (bytes, bytearray)):
-            image = _rgb(ImageOps.exif_transpose(Image.open(io.BytesIO(value))))
+            image = _rgb(_upright(Image.open(io.BytesIO(value))))
         elif isinstance(value, (str, os.PathLike)):
             with Image.open(regular_file(value, "image")) as img:
-                image = _rgb(ImageOps.exif_transpose(img))
+                image = _rgb(_upright(img))
         else:
             raise SlotValueError(f"an IMAGE slot needs an image, array, path, bytes or a {{'bytes', 'path'}} dict, got "
                                  f"{type(value).__name__}")
