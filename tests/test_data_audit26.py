@@ -94,3 +94,23 @@ def test_a_missing_answer_scores_as_the_empty_text_in_every_text_metric():
         assert wer([None], ["a b"]) == wer([""], ["a b"])
     assert exact_match([None], ["None"]) == 0.0
     assert not math.isnan(rouge_l([None, "a b"], ["x", "a b"]))
+
+
+def test_a_suite_of_tasks_that_share_texts_across_their_splits_warns():
+    """language_identification's English test turns are chatterbot turns that reply_matching trains on."""
+    from moe_gen.quality.suite import suite_tasks
+
+    with pytest.warns(UserWarning, match=r"42 of its 60 also reply_matching training inputs"):
+        suite_tasks(["language_identification", "reply_matching"])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        suite_tasks(["language_identification", "doc_topic"])
+
+
+@pytest.mark.parametrize("preset, words", [("sudoku_4x4", "299 of the 300 test answers"),
+                                           ("doc_topic", "5 of the 170 test paragraphs are near copies"),
+                                           ("video_classification", "bigbuckbunny/084")])
+def test_presets_say_where_their_test_rows_are_close_to_training_rows(preset, words):
+    from moe_gen.tasks import preset_info
+
+    assert words in preset_info(preset).source

