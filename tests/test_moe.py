@@ -420,6 +420,9 @@ def test_bf16_inputs_route_in_fp32(strategy):
     x, tags = torch.randn(2, 5, D, dtype=torch.bfloat16), random_tags((2, 5))
     out = moe(x, tags=tags)
     assert out.routing.logits.dtype == torch.float32 and torch.isfinite(out.output.float()).all()
+    # the same routing as fp32 states of the same values (the gate reads them in fp32, not bf16)
+    reference = moe(x.float(), tags=tags).routing
+    torch.testing.assert_close(out.routing.logits, reference.logits, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("backend", ["torch", "grouped", "eager", "einsum"])

@@ -248,8 +248,11 @@ def test_gate_is_fp32_under_bf16_autocast():
     (out.output.float().sum() + out.aux_loss).backward()
     assert moe.router.weight.grad.dtype == torch.float32
     assert moe.experts.w_in.grad is not None and x.grad is not None
-    # The fp32 routing equals routing computed without autocast.
+    # The fp32 routing equals routing computed without autocast, and the token router's logits are
+    # x · Wᵀ in fp32 (in bf16 they would be off by up to ~1e-2)
     assert torch.equal(out.routing.topk_ids, moe(x).routing.topk_ids)
+    expected = torch.nn.functional.linear(x.detach().double(), moe.router.weight.detach().double())
+    torch.testing.assert_close(out.routing.logits.double(), expected, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("noise", ["gaussian", "gumbel", "jitter"])

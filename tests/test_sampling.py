@@ -10,7 +10,7 @@ import torch
 from moe_gen.config import RouterConfig
 from moe_gen.model import GeneralistModel, flavour
 from moe_gen.model.generate import Sampling
-from moe_gen.tasks import Tokenizer, load_preset
+from moe_gen.tasks import Tokenizer, collate, load_preset
 
 TASKS = ["doc_topic", "visual_grounding", "table_to_text", "digit_detection"]
 
@@ -211,8 +211,19 @@ def test_top_k_draws_among_the_k_best_tokens_of_a_free_text_step(setup):
     firsts = [set() for _ in task.data]
     for seed in range(12):
         for row, p in enumerate(model.infer(task, task.data, max_new_tokens=2, top_k=4, temperature=100.0, seed=seed)):
-            firsts[row].add(p.tokens[0] if p.tokens else None)
+            firsts[row].add(p.tokens[0] if p.tokens else model.tokenizer.eos_id)  # (no token: the value ended)
     assert all(3 <= len(drawn) <= 4 for drawn in firsts), firsts
+    # the 4 best first tokens, from a forward over each row's decoder prefix (the cached decoding's
+    # first step equals it): the draws are among them, not any 4
+    plan = model.plan(task)
+    samples = [plan.encode(row, i, training=False, inference=True, template=0) for i, row in enumerate(task.data)]
+    batch = collate(samples, model.tokenizer, model.task_ids)
+    with torch.no_grad():
+        logits = model(batch).logits
+    last = (~batch.decoder.padding_mask).sum(1) - 1
+    best = logits[torch.arange(len(samples)), last].topk(4).indices
+    for drawn, row_best in zip(firsts, best.tolist()):
+        assert drawn <= set(row_best), (drawn, row_best)
 
 
 def test_with_every_token_equally_likely_each_step_takes_the_lowest_id(setup, monkeypatch):

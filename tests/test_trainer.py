@@ -251,10 +251,23 @@ def test_accumulated_micro_batches_give_one_large_batchs_gradient(tok, tmp_path,
 
 
 def test_bf16_autocast_trains(tasks, tok, tmp_path):
-    model = build(tasks, tok)
-    trainer = Trainer(model, tasks, quiet(steps=2, batch_size=4, precision="bf16"), output_dir=str(tmp_path))
-    records = [trainer.train_step(step) for step in (1, 2)]
-    assert all(torch.isfinite(torch.tensor(r["loss"])) and not r["skipped"] for r in records)
+    """Its blocks run under bf16 autocast (their matmuls in bf16), and the step's loss is the fp32
+    step's within bf16's rounding, not the same bits."""
+    losses = {}
+    for precision in ("fp32", "bf16"):
+        model = build(tasks, tok)
+        seen = []
+        block = model.encoder.blocks[0]
+        block.register_forward_hook(lambda module, args, out, seen=seen: seen.append(
+            (torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu"))))
+        trainer = Trainer(model, tasks, quiet(steps=2, batch_size=4, precision=precision),
+                          output_dir=str(tmp_path / precision))
+        records = [trainer.train_step(step) for step in (1, 2)]
+        assert all(torch.isfinite(torch.tensor(r["loss"])) and not r["skipped"] for r in records)
+        assert seen and all(on == (precision == "bf16") for on, _ in seen)
+        assert precision == "fp32" or all(dtype == torch.bfloat16 for _, dtype in seen)
+        losses[precision] = records[0]["loss"]
+    assert losses["bf16"] != losses["fp32"] and losses["bf16"] == pytest.approx(losses["fp32"], rel=2e-2)
 
 
 def test_a_failed_checkpoint_write_leaves_the_previous_one_intact(tasks, tok, tmp_path, monkeypatch, capsys):

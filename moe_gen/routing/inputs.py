@@ -141,13 +141,16 @@ class ContextInput(RouterInput):
         weight_T1 = open_T.to(acc).unsqueeze(1)
         sums_SD = x_open_TD.new_zeros(num_segments, x_TD.shape[1]).index_add(0, segment_T, x_open_TD)
         counts_S1 = weight_T1.new_zeros(num_segments, 1).index_add(0, segment_T, weight_T1)
-        # The router runs with autocast off: match the projection's dtype (bf16 inputs, fp32 weights).
+        # The router runs with autocast off: match the projection's dtype (bf16 inputs, fp32 weights),
+        # and add in the wider of the two (bf16 states of an fp32 layer route as their fp32 values
+        # would: the sum was rounded to bf16 before the twenty-sixth session's audit)
         dtype = self.context_proj.weight.dtype
+        z_dtype = torch.promote_types(x_TD.dtype, dtype)
         if causal_T is None and carry is None:  # no causal token: every token pools its whole sequence
             mean_SD = sums_SD / counts_S1.clamp_min(1.0)
-            return x_TD + self.context_proj(mean_SD.to(dtype)).to(x_TD.dtype)[segment_T]
+            return x_TD.to(z_dtype) + self.context_proj(mean_SD.to(dtype)).to(z_dtype)[segment_T]
         mean_TD = self._causal_mean(x_TD.to(acc), segment_T, causal_T, sums_SD, counts_S1, carry)
-        return x_TD + self.context_proj(mean_TD.to(dtype)).to(x_TD.dtype)
+        return x_TD.to(z_dtype) + self.context_proj(mean_TD.to(dtype)).to(z_dtype)
 
     @staticmethod
     def _causal_mean(x_TD, segment_T, causal_T, sums_SD, counts_S1, carry):
@@ -241,7 +244,9 @@ class HybridInput(RouterInput):
         self.attributes = _AttributeEmbedding(d_model, config)
 
     def forward(self, x_TD, tags, segment_T, valid_T):
-        return x_TD + self.attributes(tags).to(x_TD.dtype)
+        attributes = self.attributes(tags)  # (added in the wider dtype, as ContextInput adds its context)
+        z_dtype = torch.promote_types(x_TD.dtype, attributes.dtype)
+        return x_TD.to(z_dtype) + attributes.to(z_dtype)
 
 
 def word_table(task_words: Sequence[Sequence[str]], num_tasks: int, buckets: int) -> torch.Tensor:
