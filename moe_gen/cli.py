@@ -39,6 +39,7 @@ import sys
 from typing import Optional, Sequence
 
 from moe_gen.config import merge
+from moe_gen.durable import atomic_open
 from moe_gen.model_section import _init_section, _model_config, _model_section, _pretrained_model  # noqa: F401
 
 __all__ = ["main", "load_run_config", "apply_overrides", "RunIncomplete"]
@@ -375,7 +376,7 @@ def _save_results(summary: dict, results: dict, baseline, output_dir: str, model
 
     if distributed.is_main_process():
         try:
-            with open(os.path.join(output_dir, "eval.json"), "w") as f:
+            with atomic_open(os.path.join(output_dir, "eval.json")) as f:
                 _dump_json({"trained": results, "before_training": baseline, "summary": summary}, f)
         except OSError as exc:
             raise RunIncomplete(f"the model is saved to {model_dir}, but {output_dir}/eval.json was not "
@@ -552,7 +553,7 @@ def _cmd_eval(args, overrides) -> int:
     results = evaluate(model, _model_tasks(model, names, args.split), limit=args.limit)
     print(metric_table(results))
     if args.out:
-        with open(args.out, "w") as f:
+        with atomic_open(args.out) as f:
             _dump_json(results, f)
     return 0
 

@@ -11,8 +11,33 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
+from typing import IO, Iterator
 
-__all__ = ["fsync_file", "fsync_dir", "shareable"]
+__all__ = ["atomic_open", "fsync_file", "fsync_dir", "shareable"]
+
+
+@contextlib.contextmanager
+def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
+    """A file to write ``path``'s new content into: a temporary file beside it, flushed to disk and
+    renamed over ``path`` when the block ends without error (with the umask's permissions,
+    ``shareable``); removed, and ``path`` left as it was, when it raises or the process is stopped
+    (a report, a plot or ``eval.json`` written in place was left torn by a kill mid-write, the
+    earlier complete one gone, before the twenty-sixth session's audit). ``kwargs`` go to ``open``
+    (``encoding=``)."""
+    directory = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, mode, **kwargs) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        shareable(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
 
 
 def fsync_file(path: str) -> None:

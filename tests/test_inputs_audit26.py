@@ -55,3 +55,42 @@ def test_a_tensor_is_channels_first_whatever_its_width():
     rgba[2], rgba[3] = 255, 255  # opaque blue
     image = load_image(rgba)
     assert image.size == (6, 5) and image.getpixel((0, 0)) == (0, 0, 255)
+
+
+def test_an_atomic_write_stopped_part_way_leaves_the_earlier_file_and_no_temporary_one(tmp_path):
+    from moe_gen.durable import atomic_open
+
+    path = tmp_path / "eval.json"
+    path.write_text("earlier")
+    with pytest.raises(KeyboardInterrupt):
+        with atomic_open(str(path)) as f:
+            f.write("x" * 100_000)  # (past the write buffer: in place, the file was torn here)
+            raise KeyboardInterrupt
+    assert path.read_text() == "earlier" and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    with atomic_open(str(path)) as f:
+        f.write("new")
+    assert path.read_text() == "new" and sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
+    assert (path.stat().st_mode & 0o777) == (0o666 & ~_umask())  # as a file the process creates
+
+
+def _umask() -> int:
+    import os
+
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+def test_a_benchmark_report_that_fails_to_write_leaves_the_earlier_report(tmp_path):
+    """``quality.json`` (and the analysis report, ``eval.json``) were written in place: a failure or a
+    kill part-way left a torn file where the last complete report was (before the twenty-sixth audit)."""
+    import json
+
+    from moe_gen.quality.report import write_files
+
+    write_files({"runs": [1, 2, 3]}, str(tmp_path), "quality", "earlier")
+    with pytest.raises(TypeError):
+        write_files({"runs": list(range(20_000)), "zz": object()}, str(tmp_path), "quality", "new")
+    assert json.loads((tmp_path / "quality.json").read_text()) == {"runs": [1, 2, 3]}
+    assert (tmp_path / "quality.md").read_text() == "earlier"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["quality.json", "quality.md"]

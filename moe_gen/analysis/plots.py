@@ -14,6 +14,8 @@ from typing import Optional, Sequence
 
 import numpy as np
 
+from moe_gen.durable import atomic_open
+
 __all__ = [
     "plot_expert_heatmaps", "plot_entropy_by_layer", "plot_interference",
     "plot_dendrogram", "plot_heatmaps_side_by_side",
@@ -27,7 +29,8 @@ def _figure(width: float, height: float):
 
 
 def _save(fig, path: str) -> str:
-    fig.savefig(path, format="png")
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png")
     return path
 
 

@@ -34,6 +34,7 @@ import torch
 
 from moe_gen.analysis import plots, stats
 from moe_gen.analysis.recorder import RoutingRecorder, RoutingTables
+from moe_gen.durable import atomic_open
 from moe_gen.model.model import eval_mode
 from moe_gen.tasks.modalities.base import label_text
 
@@ -506,9 +507,9 @@ def write_report(analysis: Analysis, out_dir: str) -> dict[str, str]:
     """
     os.makedirs(out_dir, exist_ok=True)
     files = _plots(analysis, out_dir)
-    with open(os.path.join(out_dir, "routing.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "routing.json")) as f:
         json.dump(_to_json(analysis, files), f, indent=1, allow_nan=False)
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "report.md")) as f:
         f.write("\n".join(_markdown(analysis, files)) + "\n")
     written = {name: os.path.join(out_dir, file) for name, file in files.items()}
     written.update(json=os.path.join(out_dir, "routing.json"), markdown=os.path.join(out_dir, "report.md"))
@@ -632,9 +633,9 @@ def write_comparison(a: Analysis, b: Analysis, out_dir: str) -> dict[str, str]:
         if analysis.interference is not None:
             lines += ["", f"## Interference: {analysis.label}", "", f"![interference {sub}]({sub}/interference.png)"]
     lines += ["", "Both analyses' key numbers: [routing.json](routing.json)."]
-    with open(os.path.join(out_dir, "report.md"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "report.md")) as f:
         f.write("\n".join(lines) + "\n")
-    with open(os.path.join(out_dir, "routing.json"), "w") as f:
+    with atomic_open(os.path.join(out_dir, "routing.json")) as f:
         json.dump(stats.json_ready({"a": {"label": a.label, "key_numbers": keys_a, "report": "a/report.md"},
                                "b": {"label": b.label, "key_numbers": keys_b, "report": "b/report.md"},
                                "tasks": tasks}), f, indent=1, allow_nan=False)

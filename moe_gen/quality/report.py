@@ -17,6 +17,7 @@ import os
 import statistics
 from typing import Optional, Sequence
 
+from moe_gen.durable import atomic_open
 from moe_gen.quality.baselines import CLASSICAL, CV_FOLDS, FROZEN_STATES, cv_choice
 
 __all__ = ["build_report", "write_report", "markdown"]
@@ -666,7 +667,8 @@ def plot(report: dict, path: str) -> None:
     ax.set_title("Held-out score relative to the specialist")
     ax.legend(fontsize=7, ncols=3)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def write_files(report: dict, directory: str, stem: str, text: str, draw=None) -> dict[str, str]:
@@ -674,9 +676,9 @@ def write_files(report: dict, directory: str, stem: str, text: str, draw=None) -
     ``<stem>.png`` (``draw(report, path)``) into ``directory``; returns their paths."""
     os.makedirs(directory, exist_ok=True)
     paths = {kind: os.path.join(directory, f"{stem}.{kind}") for kind in ("json", "md", "png")}
-    with open(paths["json"], "w") as f:
+    with atomic_open(paths["json"]) as f:
         json.dump(report, f, indent=1)
-    with open(paths["md"], "w") as f:
+    with atomic_open(paths["md"]) as f:
         f.write(text)
     if draw is None:
         paths.pop("png")

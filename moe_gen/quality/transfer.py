@@ -36,6 +36,7 @@ import statistics
 import time
 from typing import Optional
 
+from moe_gen.durable import atomic_open
 from moe_gen.quality.report import SPECIALIST_FLOOR, _mean_std, _paired_difference, _relative, learned, write_files
 
 __all__ = ["TransferConfig", "run_transfer", "transfer_job", "build_transfer_report", "write_transfer_report",
@@ -462,7 +463,8 @@ def plot_transfer(report: dict, path: str) -> None:
     axes[0].set_ylabel("held-out score")
     axes[0].legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    with atomic_open(path, "wb") as f:
+        fig.savefig(f, format="png", dpi=110)
 
 
 def merge_transfer_reports(paths: list[str], output_dir: str) -> dict:
