@@ -323,7 +323,11 @@ class TaskPlan:
                 raise ValueError(f"task {self.name!r}: slot {slot} is a closed set read by the {preprocess!r} "
                                  "preprocessor; a closed set's labels are decoded as text pieces, so answers "
                                  "trained as other tokens could never be written: drop closed_set or preprocess=")
-            labels = self.closed_sets.get(slot.column or "")
+            if slot.column is None:  # (the message below said Task collects them, which it never did for one)
+                raise ValueError(f"task {self.name!r}: slot {slot} is a closed set filled by position; a closed "
+                                 "set's labels are collected from its column, so name one ([TEXT:answer,closed_set], "
+                                 "rows as dicts)")
+            labels = self.closed_sets.get(slot.column)
             if not labels:
                 raise ValueError(
                     f"task {self.name!r}: slot {slot} is a closed set but no labels were given for "

@@ -105,13 +105,23 @@ def next_values(plan, decoder: list, i: int) -> list[tuple[int, tuple[int, ...]]
 def check_answer_ends(plan, decoder: list) -> None:
     """``disable_auto_boseos`` on a decoder slot drops the answer's end marker, which decoding
     stops at: refused where the answer ends in a slot of no fixed length (text, a closed set,
-    frames), which then never learns to stop ("one" could not be told from "one hundred")."""
+    frames), which then never learns to stop ("one" could not be told from "one hundred"), or in a
+    repetition group, whose last item only that marker tells from one more (before the twenty-sixth
+    session's audit a group of boxes passed, and every answer ran on to ``max_items``)."""
     flagged = [p.slot for p in decoder if p.slot.attrs.get("disable_auto_boseos")]
-    last = next((p for p in reversed(decoder) if p.decode is not None), None)
-    if flagged and last is not None and last.decode.kind in ("text", "closed_set", "frames"):
+    i = next((i for i in reversed(range(len(decoder))) if decoder[i].decode is not None), None)
+    if not flagged or i is None:
+        return
+    last = decoder[i]
+    if last.decode.kind in ("text", "closed_set", "frames"):
         raise ValueError(f"task {plan.name!r}: slot {flagged[0]} sets disable_auto_boseos, which drops the "
                          f"answer's end marker; the answer ends in {last.slot}, whose length only that marker "
                          "ends (decoding could not stop, nor tell a label from a longer one)")
+    if len(slot_followers(decoder, i)) > 1:
+        raise ValueError(f"task {plan.name!r}: slot {flagged[0]} sets disable_auto_boseos, which drops the "
+                         f"answer's end marker; the answer ends in a repetition group (its last slot {last.slot}), "
+                         "whose last item only that marker tells from one more (decoding would add items up to "
+                         "max_items)")
 
 
 def warn_unapplied(name: str, instruction, specs: dict[str, Any]) -> None:

@@ -93,7 +93,9 @@ def span_mask(
 
     About ``mask_ratio`` of the tokens, in spans of mean length ``mean_span``, are replaced in
     the input by one sentinel each; the target lists each sentinel followed by the tokens it
-    hid. With ``mask_ratio=0`` the input is unchanged and the target empty.
+    hid. With ``mask_ratio=0`` the input is unchanged and the target empty. Sentinels the text
+    holds itself keep theirs: the spans take the sentinels after the highest of them (none left:
+    the text is not masked).
 
     Returns:
         (input ids, target ids).
@@ -103,11 +105,17 @@ def span_mask(
     n = len(ids)
     if n == 0 or mask_ratio == 0:
         return list(ids), []
+    # sentinels the text itself holds (written "<extra_id_0>" in the data) stay its own: the spans take
+    # the ones after them (before the twenty-sixth session's audit both read <extra_id_0>)
+    own = {tokenizer.sentinel_id(k): k for k in range(tokenizer.num_sentinels)}
+    first = max((own[i] for i in ids if i in own), default=-1) + 1
+    if first >= tokenizer.num_sentinels:  # none left to mark a span with: the text as it is
+        return list(ids), []
     # at least one token (a short text, or a small ratio, would otherwise hand the model its answer
     # unmasked), and at least one left visible where there are two or more
     num_masked = max(1, round(n * mask_ratio)) if n == 1 else min(max(1, round(n * mask_ratio)), n - 1)
     num_spans = max(1, min(round(num_masked / mean_span), num_masked, n - num_masked,
-                           tokenizer.num_sentinels))
+                           tokenizer.num_sentinels - first))
     # Split the masked count into num_spans positive lengths, and the kept count into
     # num_spans + 1 gaps (the first may be empty), each by a random composition.
     span_lengths = _random_composition(num_masked, num_spans, rng, allow_zero_first=False)
@@ -116,7 +124,7 @@ def span_mask(
     for k in range(num_spans):
         inputs.extend(ids[pos:pos + gap_lengths[k]])
         pos += gap_lengths[k]
-        sentinel = tokenizer.sentinel_id(k)
+        sentinel = tokenizer.sentinel_id(first + k)
         inputs.append(sentinel)
         targets.append(sentinel)
         targets.extend(ids[pos:pos + span_lengths[k]])

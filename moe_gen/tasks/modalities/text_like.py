@@ -225,6 +225,15 @@ class PhonePreprocessor(Preprocessor):
     modality = "PHONE"
     makes_tokens = True
 
+    def check_slot(self, where: str, slot) -> None:
+        # a PHONE slot's spec warns of these as parsed, not applied; a TEXT or CATEGORY slot's spec says
+        # they apply, so naming this preprocessor there dropped them silently (before the twenty-sixth
+        # session's audit)
+        ignored = [name for name in ("mask_ratio", "noise_ratio", "subword_sampling") if name in slot.attrs]
+        if ignored and slot.modality != "PHONE":
+            raise ValueError(f"{where}: preprocess={slot.attrs.get('preprocess')} writes phones, which it does not "
+                             f"corrupt or resample; drop {', '.join(ignored)}")
+
     def __call__(self, value, slot, ctx):
         text = _as_text(value, self.modality, slot, ctx)
         try:
