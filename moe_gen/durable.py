@@ -24,7 +24,12 @@ def atomic_open(path: str, mode: str = "w", **kwargs) -> Iterator[IO]:
     ``shareable``); removed, and ``path`` left as it was, when it raises or the process is stopped
     (a report, a plot or ``eval.json`` written in place was left torn by a kill mid-write, the
     earlier complete one gone, before the twenty-sixth session's audit). ``kwargs`` go to ``open``
-    (``encoding=``)."""
+    (``encoding=``). A path that is there but is no regular file (``/dev/stdout``, a pipe) is
+    written as it is: renaming over it would replace the device or pipe by a file."""
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, mode, **kwargs) as f:
+            yield f
+        return
     directory = os.path.dirname(os.path.abspath(path))
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
     try:

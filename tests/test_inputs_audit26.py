@@ -94,3 +94,21 @@ def test_a_benchmark_report_that_fails_to_write_leaves_the_earlier_report(tmp_pa
     assert json.loads((tmp_path / "quality.json").read_text()) == {"runs": [1, 2, 3]}
     assert (tmp_path / "quality.md").read_text() == "earlier"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["quality.json", "quality.md"]
+
+
+def test_an_atomic_write_to_a_pipe_writes_into_it(tmp_path):
+    """``--out /dev/stdout`` or a named pipe: written as it is (a rename would replace it by a file)."""
+    import os
+    import threading
+
+    from moe_gen.durable import atomic_open
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    got = []
+    reader = threading.Thread(target=lambda: got.append(fifo.read_text()))
+    reader.start()
+    with atomic_open(str(fifo)) as f:
+        f.write("through the pipe")
+    reader.join(timeout=10)
+    assert got == ["through the pipe"] and not fifo.is_file() and fifo.exists()
