@@ -474,8 +474,11 @@ def test_one_process_group_of_one_moves_the_bias_at_each_forward(tmp_path):
         assert not balance.defer_to_sync()
         moe = _moe("bias", tag_balance_rate=0.1).train()
         tags, x, _ = _batch(torch.Generator().manual_seed(0))
-        moe(x, tags=tags)
+        load_E = moe(x, tags=tags).routing.expert_counts.double()
         assert moe.router.take_pending_load() is None and bool(moe.router.balance_bias.abs().sum() > 0)
+        # the update a forward without torch.distributed makes: towards the underloaded experts
+        mean = load_E.mean()
+        torch.testing.assert_close(moe.router.balance_bias, (0.1 * ((mean - load_E) / mean).clamp(-1, 1)).float())
     finally:
         dist.destroy_process_group()
 

@@ -140,14 +140,18 @@ def test_finetuning_adds_a_task_and_trains_only_its_new_adapter(tok, tmp_path):
     model.save_pretrained(str(tmp_path / "pre"))
     loaded = GeneralistModel.from_pretrained(str(tmp_path / "pre"))
     digits = load_preset("digit_classification", "train", limit=20)  # images: needs a new adapter
-    before = {k: v.clone() for k, v in loaded.state_dict().items()}
     trainer = Trainer(loaded, [digits], quiet(steps=3, batch_size=4, trainable="new_adapters"),
                       output_dir=str(tmp_path / "ft"))
     assert trainer.new_adapters and "digit_classification" in loaded.task_ids
+    # (taken once the trainer added the adapter: taken before, its new keys counted as "changed" even
+    # if nothing trained)
+    before = {k: v.detach().cpu().clone() for k, v in loaded.named_parameters()}
     trainer.fit()
-    after = {k: v.cpu() for k, v in loaded.state_dict().items()}  # the trainer moved it to its device
-    changed = {k for k in after if k not in before or not torch.equal(before[k], after[k])}
-    assert changed and all(k.startswith(tuple(f"adapters.{a}." for a in trainer.new_adapters)) for k in changed)
+    after = {k: v.detach().cpu() for k, v in loaded.named_parameters()}  # the trainer moved it to its device
+    new = tuple(f"adapters.{a}." for a in trainer.new_adapters)
+    changed = {k for k in after if not torch.equal(before[k], after[k])}
+    trained = {k for k, v in loaded.named_parameters() if k.startswith(new) and v.requires_grad}
+    assert changed and changed == trained  # every weight of the new adapter moved, nothing else
     # the fine-tuned model saves with its new task and reloads
     loaded.save_pretrained(str(tmp_path / "ft_model"))
     again = GeneralistModel.from_pretrained(str(tmp_path / "ft_model"))

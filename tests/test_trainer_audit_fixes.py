@@ -157,8 +157,15 @@ def test_an_objective_without_scales_trains_with_accumulation(tok, tmp_path):
         OBJECTIVES.register("plain_objective")(Plain)
     task = Task("t", "[TEXT:a] -> [TEXT:b]", [{"a": f"row {i}", "b": "yes " * (1 + i % 5)} for i in range(8)],
                 objective="plain_objective")
-    record, grads = _grads_of_one_step([task], tok, tmp_path, [[("t", 0), ("t", 1)], [("t", 2), ("t", 3)]])
+    halves = [[("t", 0), ("t", 1)], [("t", 2), ("t", 3)]]
+    record, grads = _grads_of_one_step([task], tok, tmp_path / "both", halves)
     assert math.isfinite(record["loss"]) and grads
+    # without token counts each micro-batch's mean weighs the same: the step is the mean of the two
+    # micro-batches' own steps (its gradient, and its loss)
+    alone = [_grads_of_one_step([task], tok, tmp_path / f"half{i}", [half]) for i, half in enumerate(halves)]
+    assert record["loss"] == pytest.approx((alone[0][0]["loss"] + alone[1][0]["loss"]) / 2, rel=1e-5)
+    for name, grad in grads.items():
+        torch.testing.assert_close(grad, (alone[0][1][name] + alone[1][1][name]) / 2, atol=1e-6, rtol=1e-4, msg=name)
 
 
 def test_a_diverged_run_logs_its_last_step_between_logging_steps(tok, tmp_path):
