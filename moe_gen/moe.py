@@ -388,6 +388,8 @@ def merge_for_inference(model: nn.Module) -> nn.Module:
     original and merge again (a ``GeneralistModel`` copy refuses ``train()``, leaving every module in
     eval mode, whatever its routers). ``model`` itself is left as it was.
     """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"merge_for_inference takes a model (a torch module), got {type(model).__name__}")
     merged = copy.deepcopy(model).eval().requires_grad_(False)
     layers = [m for m in merged.modules() if isinstance(m, MoE)]
     for layer in layers:

@@ -228,6 +228,10 @@ class GenerativeObjective(Objective):
         if frame_terms:
             parts["frame_loss"] = torch.stack(frame_terms).sum()
         names = self.model.config.tasks
+        unknown = [t for t in per_task if not 0 <= t < len(names)]
+        if unknown:  # (collated with other task ids than the model's: an IndexError here before)
+            raise ValueError(f"the batch holds task id {unknown[0]}, which the model does not have (its tasks: "
+                             f"{', '.join(f'{i}: {n}' for i, n in enumerate(names))}); collate with model.task_ids")
         for task_id, values in sorted(per_task.items()):
             # per task: mean token cross-entropy plus mean L1 of its frame rows (for logs)
             parts[f"task_loss/{names[task_id]}"] = torch.stack(values).sum()

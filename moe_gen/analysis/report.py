@@ -326,6 +326,11 @@ def analyze(model, tasks: Sequence, *, label: str = "model", mode: str = "forwar
         ValueError: for bad arguments, or a model sharded over processes (FSDP, expert parallelism):
             pass the whole model (``stats.check_whole_model`` says how to get it).
     """
+    from moe_gen.tasks.task import task_list
+
+    tasks = task_list(tasks, "analyze")
+    if not tasks:
+        raise ValueError("analyze: no tasks given")
     stats.check_whole_model(model, "analyze")
     rows = _rows_to_analyse(model, tasks, mode, limit, batch_size, interference_rows)
     given = dict(zip(MASKED_SETTINGS, (masked_input_budget, masked_target_budget, masked_alpha, masked_target_alpha)))

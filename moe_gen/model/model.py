@@ -246,6 +246,15 @@ class GeneralistModel(nn.Module):
     def build(cls, config: ModelConfig, tasks: Sequence, tokenizer: Tokenizer) -> "GeneralistModel":
         """A model for ``tasks`` (``moe_gen.tasks.Task``): the task vocabulary, and an adapter for
         every feature slot, sized from the first rows of each task that encode (``Task.probe``)."""
+        from moe_gen.tasks.task import task_list
+
+        if not isinstance(config, ModelConfig):
+            raise ValueError(f"GeneralistModel.build takes a ModelConfig (flavour(...), ModelConfig.from_dict(...)), "
+                             f"got {type(config).__name__}")
+        if not isinstance(tokenizer, Tokenizer):
+            raise ValueError(f"GeneralistModel.build takes a Tokenizer (Tokenizer.default()), got "
+                             f"{type(tokenizer).__name__}")
+        tasks = task_list(tasks, "GeneralistModel.build")
         _check_distinct(tasks, "build")
         adapters, frame_adapters = _task_features(tasks, tokenizer, dict(config.adapters),
                                                   list(config.frame_adapters))
@@ -277,6 +286,9 @@ class GeneralistModel(nn.Module):
         if any(getattr(m, "frozen", False) for m in self.modules()):
             raise ValueError("this model's MoE layers are frozen for inference (merge_for_inference): add the "
                              "tasks to the model it was merged from, train it, and merge again")
+        from moe_gen.tasks.task import task_list
+
+        tasks = task_list(tasks, "add_tasks")
         _check_distinct(tasks, "add_tasks")
         names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
         if len(names) > self.config.moe.router.num_tasks:

@@ -305,6 +305,10 @@ def collate(
             default the modality tag vocabulary of this process.
     """
     _check_samples(samples, task_ids)
+    if not hasattr(tokenizer, "pad_id") or not hasattr(tokenizer, "bos_id"):
+        raise ValueError(f"collate takes the model's tokenizer (model.tokenizer), got {type(tokenizer).__name__}")
+    if max_length is not None and (isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1):
+        raise ValueError(f"collate: max_length must be a whole number >= 1 or None, got {max_length!r}")
     groups = _row_groups(samples, pack, max_length)
     if pass_name not in PASSES:
         raise ValueError(f"collate: unknown pass {pass_name!r}; known: {', '.join(PASSES)}")
@@ -341,10 +345,24 @@ def collate(
 
 
 def _check_samples(samples: Sequence[Sample], task_ids: Mapping[str, int]) -> None:
-    """Raises ``ValueError`` for no samples, or a sample of a task outside the vocabulary."""
+    """Raises ``ValueError`` for no samples, a sample that is none (a row ``Task.encode`` skipped: None),
+    a task outside the vocabulary, or a vocabulary that is no mapping of names to ids >= 0 (a raw
+    AttributeError or TypeError from inside, or ids the model does not have, before the twenty-sixth
+    session's audit)."""
+    if isinstance(samples, Sample) or not isinstance(samples, Sequence):
+        raise ValueError(f"collate takes a list of samples (Task.encode's), got {type(samples).__name__}")
     if not samples:
         raise ValueError("collate needs at least one sample")
-    for s in samples:
+    if not isinstance(task_ids, Mapping):
+        raise ValueError(f"collate's task_ids maps task names to ids (model.task_ids), got {type(task_ids).__name__}")
+    for name, task_id in task_ids.items():
+        if isinstance(task_id, bool) or not isinstance(task_id, int) or task_id < 0:
+            raise ValueError(f"collate's task_ids gives task {name!r} the id {task_id!r}; ids are whole numbers >= 0 "
+                             "(model.task_ids)")
+    for i, s in enumerate(samples):
+        if not isinstance(s, Sample):
+            raise ValueError(f"collate: item {i} is {type(s).__name__}, not a sample (Task.encode gives None for a "
+                             "row it skips: leave those out)")
         if s.task not in task_ids:
             raise ValueError(f"task {s.task!r} is not in the task vocabulary ({', '.join(task_ids)})")
 

@@ -45,7 +45,8 @@ from moe_gen.tasks.modalities.signals import motion_frames
 from moe_gen.tasks.plan import MAX_SLOT_POSITIONS, Sample, TaskDataError, TaskPlan, _modality_attributes
 from moe_gen.tasks.tokenizer import Tokenizer
 
-__all__ = ["Task", "load_jsonl", "media_columns", "MEDIA_MODALITIES", "CLOSED_SETS", "MOTION_NORMALISATION"]
+__all__ = ["Task", "task_list", "load_jsonl", "media_columns", "MEDIA_MODALITIES", "CLOSED_SETS",
+           "MOTION_NORMALISATION"]
 
 
 MEDIA_MODALITIES = ("IMAGE", "AUDIO", "VIDEO")  # modalities whose values may name files
@@ -55,6 +56,21 @@ MAX_PLANS = 8  # plans a task keeps, one per (tokenizer, statistics) pair, the m
 # and the per-feature mean and std that normalise MOTION frames.
 CLOSED_SETS = "closed_sets"
 MOTION_NORMALISATION = "motion_normalisation"
+
+
+def task_list(tasks: Any, what: str) -> list:
+    """``tasks`` as a list of ``Task`` objects, or a ``ValueError`` naming ``what`` took them and what
+    it got (one Task, a task name, None: a raw TypeError or AttributeError from inside before the
+    twenty-sixth session's audit)."""
+    if isinstance(tasks, (Task, str, bytes)) or not isinstance(tasks, Iterable):
+        hint = " (one task: pass [task])" if isinstance(tasks, Task) else ""
+        raise ValueError(f"{what} takes a list of Task objects, got {type(tasks).__name__}{hint}")
+    tasks = list(tasks)
+    for i, task in enumerate(tasks):
+        if not isinstance(task, Task):
+            hint = " (a preset name: load_preset(name, split) makes its Task)" if isinstance(task, str) else ""
+            raise ValueError(f"{what} takes a list of Task objects; item {i} is a {type(task).__name__}{hint}")
+    return tasks
 
 
 def _place(name: str, slot: Slot) -> str:
@@ -630,7 +646,7 @@ class Task:
         try:
             return self.data[index]
         except IndexError:  # an index past the end is the caller's mistake, not the row's
-            raise
+            raise IndexError(f"task {self.name!r} has {len(self.data)} rows; there is no row {index}") from None
         except Exception as exc:
             raise TaskDataError(f"task {self.name!r}, row {index}: cannot read the row "
                                 f"({type(exc).__name__}: {exc})") from exc

@@ -459,7 +459,16 @@ def _reference(plan: TaskPlan, target, value: Any, index: int) -> Any:
 
 
 def evaluate(model, tasks: Sequence[Task], *, limit: Optional[int] = None, batch_size: int = 64) -> dict:
-    """``{task name: {metric: value}}`` for every task."""
+    """``{task name: {metric: value}}`` for every task. ``ValueError`` for a ``limit`` or
+    ``batch_size`` that is not a whole number >= 1 (``True``, ``2.5`` and ``"3"`` raised TypeErrors
+    from inside, or scored one row, before the twenty-sixth session's audit)."""
+    from moe_gen.tasks.task import task_list
+
+    tasks = task_list(tasks, "evaluate")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
+        raise ValueError(f"evaluate: limit must be a whole number >= 1 or None (every row), got {limit!r}")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"evaluate: batch_size must be a whole number >= 1, got {batch_size!r}")
     return {task.name: evaluate_task(model, task, limit=limit, batch_size=batch_size) for task in tasks}
 
 

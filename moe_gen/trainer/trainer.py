@@ -122,8 +122,14 @@ class Trainer:
     def __init__(self, model: GeneralistModel, tasks: Sequence[Task], config: Optional[TrainConfig] = None, *,
                  output_dir: str = "runs/default", eval_tasks: Optional[Sequence[Task]] = None,
                  resume: bool = False, overwrite: bool = False) -> None:
+        from moe_gen.tasks.task import task_list
+
+        if config is not None and not isinstance(config, TrainConfig):
+            raise ValueError(f"Trainer takes a TrainConfig (TrainConfig(**settings)), got {type(config).__name__}")
+        if not isinstance(model, GeneralistModel):
+            raise ValueError(f"Trainer trains a GeneralistModel, got {type(model).__name__}")
         self.config = config = config or TrainConfig()
-        self.tasks = list(tasks)
+        self.tasks = task_list(tasks, "Trainer")
         names = [t.name for t in self.tasks]
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
@@ -132,6 +138,7 @@ class Trainer:
             raise ValueError("resume and overwrite exclude each other: resume continues the run directory's "
                              "checkpoints, overwrite deletes them")
         self.rank, self.world = distributed.world_info().rank, distributed.world_info().world_size
+        eval_tasks = self.tasks if eval_tasks is None else task_list(eval_tasks, "Trainer's eval_tasks")
         self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks or self.tasks)
         strangers = sorted({t.name for t in self.eval_tasks} - set(names) - set(model.task_ids))
         if strangers:  # refused before any folder is touched, not after the run, when evaluation would fail
