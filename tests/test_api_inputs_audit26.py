@@ -108,3 +108,24 @@ def test_a_batch_collated_with_other_task_ids_than_the_models_is_refused_by_the_
     with pytest.raises(ValueError, match=r"task id 5, which the model does not have \(its tasks: 0: t\)"):
         GenerativeObjective(model)(batch)
     assert torch.isfinite(GenerativeObjective(model)(collate([task.encode(0, tok)], tok, model.task_ids))["loss"])
+
+
+def test_saving_and_loading_need_a_folders_path(model, tmp_path):
+    for bad in (None, 5):
+        with pytest.raises(ValueError, match="save_pretrained takes a folder's path"):
+            model.save_pretrained(bad)
+        with pytest.raises(ValueError, match="from_pretrained takes a folder's path"):
+            GeneralistModel.from_pretrained(bad)
+    (tmp_path / "file").write_text("not a folder")
+    with pytest.raises(ValueError, match="is a file, not a folder"):
+        model.save_pretrained(str(tmp_path / "file"))
+
+
+def test_a_seed_or_a_fraction_of_the_wrong_kind_is_named(task, model):
+    import numpy as np
+
+    with pytest.raises(ValueError, match=r"infer: seed must be a whole number, got 'a'"):
+        model.infer(task, ROWS[:1], temperature=1.0, seed="a")
+    assert len(model.infer(task, ROWS[:1], temperature=1.0, seed=np.int64(3))) == 1  # a numpy int is a whole number
+    with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\), got '0.1'"):
+        task.split_off("0.1")

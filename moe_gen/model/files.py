@@ -40,6 +40,9 @@ def save_model(model, directory: str) -> None:
     (``MODEL_FILES``). A symbolic link is followed: the folder it points to receives the model.
     Weight files get the permissions the umask gives other files."""
     _check_whole(model)
+    directory = _model_dir(directory, "save_pretrained")
+    if os.path.exists(directory) and not os.path.isdir(directory):
+        raise ValueError(f"save_pretrained: {directory} is a file, not a folder to write the model into")
     directory = os.path.realpath(directory)
     in_place = os.path.ismount(directory)  # (a mount point cannot be renamed, nor written across)
     tmp = os.path.join(directory, f".tmp-{os.getpid()}") if in_place else f"{directory}.tmp-{os.getpid()}"
@@ -140,12 +143,21 @@ def _check_whole(model) -> None:
                          "every process)")
 
 
+def _model_dir(directory, caller: str) -> str:
+    """``directory`` as a path, or a ``ValueError`` naming ``caller`` (None or a number raised a bare
+    TypeError from ``os`` before the twenty-sixth session's audit)."""
+    if not isinstance(directory, (str, os.PathLike)):
+        raise ValueError(f"{caller} takes a folder's path, got {type(directory).__name__}")
+    return os.fspath(directory)
+
+
 def load_model(cls, directory: str):
     """``GeneralistModel.from_pretrained``: builds ``cls`` from a model written by
     ``save_pretrained`` (safetensors: no pickles). Raises ``ValueError`` naming the file that is
     missing, unreadable or does not fit."""
     from safetensors.torch import load_file
 
+    directory = _model_dir(directory, "from_pretrained")
     _recover_swap(os.path.realpath(directory))
     if not os.path.isdir(directory):
         raise ValueError(f"{directory} is not a model directory (save_pretrained writes one)")

@@ -12,6 +12,7 @@ import copy
 import dataclasses
 import functools
 import math
+import numbers
 import threading
 import types
 from typing import Mapping, Optional, Sequence
@@ -118,6 +119,8 @@ def eval_mode(module: nn.Module):
 
 def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
     """The ``Sampling`` that ``infer``'s arguments ask for (None: greedy, beam search or ranking)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise ValueError(f"infer: seed must be a whole number, got {seed!r}")
     if temperature is None and top_k is None and top_p is None:
         return None
     if beams > 1 or candidates is not None:
@@ -251,7 +254,7 @@ class GeneralistModel(nn.Module):
         if not isinstance(config, ModelConfig):
             raise ValueError(f"GeneralistModel.build takes a ModelConfig (flavour(...), ModelConfig.from_dict(...)), "
                              f"got {type(config).__name__}")
-        if not isinstance(tokenizer, Tokenizer):
+        if not all(hasattr(tokenizer, name) for name in ("vocab_size", "pad_id", "encode")):  # (an HFTokenizer too)
             raise ValueError(f"GeneralistModel.build takes a Tokenizer (Tokenizer.default()), got "
                              f"{type(tokenizer).__name__}")
         tasks = task_list(tasks, "GeneralistModel.build")

@@ -10,6 +10,7 @@ scored as held out.
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, Optional
 
 import numpy as np
@@ -51,8 +52,8 @@ def split_off(task, fraction: float, *, seed: int = 0, group: Optional[str] = No
     columns, or too few rows (groups, rows per label) to put some on each side."""
     from sklearn.model_selection import GroupShuffleSplit, train_test_split
 
-    if not 0 < fraction < 1:
-        raise ValueError(f"task {task.name!r}: split_off's fraction must be in (0, 1), got {fraction}")
+    if isinstance(fraction, bool) or not isinstance(fraction, numbers.Real) or not 0 < fraction < 1:
+        raise ValueError(f"task {task.name!r}: split_off's fraction must be in (0, 1), got {fraction!r}")
     if group is not None and stratify is not None:
         raise ValueError(f"task {task.name!r}: split_off keeps groups together or label shares, not both; give "
                          "group or stratify")
