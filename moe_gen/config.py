@@ -318,7 +318,8 @@ class RouterConfig(ConfigBase):
         return (self.num_modalities, self.num_roles, self.num_passes, self.num_tasks)
 
     def __post_init__(self) -> None:
-        if isinstance(self.task_words, str) or any(isinstance(words, str) for words in self.task_words):
+        if not isinstance(self.task_words, (list, tuple)) or any(
+                isinstance(words, str) or not isinstance(words, (list, tuple)) for words in self.task_words):
             raise ValueError("router task_words lists each task's words as a sequence of strings (one per task "
                              f"id), got {self.task_words!r}")
         self.task_words = tuple(tuple(str(w) for w in words) for words in self.task_words)

@@ -129,3 +129,29 @@ def test_a_seed_or_a_fraction_of_the_wrong_kind_is_named(task, model):
     assert len(model.infer(task, ROWS[:1], temperature=1.0, seed=np.int64(3))) == 1  # a numpy int is a whole number
     with pytest.raises(ValueError, match=r"fraction must be in \(0, 1\), got '0.1'"):
         task.split_off("0.1")
+
+
+def test_tags_built_by_hand_refuse_a_task_id_or_shape_of_the_wrong_kind():
+    from moe_gen.routing.tags import TokenTags
+
+    for task in ("t", 0.5, -1, True):
+        with pytest.raises(ValueError, match="TokenTags.constant: task is a task id"):
+            TokenTags.constant(3, task=task)
+    with pytest.raises(ValueError, match=r"shape takes token counts >= 0, got \(2, -5\)"):
+        TokenTags.constant((2, -5))
+    assert TokenTags.constant((2, 3), task=2).task.tolist() == [[2, 2, 2], [2, 2, 2]]
+
+
+def test_router_task_words_of_the_wrong_kind_are_named():
+    from moe_gen.config import RouterConfig
+
+    with pytest.raises(ValueError, match="router task_words lists each task's words"):
+        RouterConfig(strategy="instruction", task_words=5)
+    with pytest.raises(ValueError, match="router task_words lists each task's words"):
+        RouterConfig(strategy="instruction", task_words=[5])
+
+
+def test_a_missing_jsonl_file_names_its_task(tmp_path):
+    with pytest.raises(FileNotFoundError) as error:
+        Task("from_file", "[TEXT:q] -> [TEXT:a]", str(tmp_path / "missing.jsonl"))
+    assert any("task 'from_file'" in note for note in getattr(error.value, "__notes__", []))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 from typing import Sequence, Union
 
 import torch
@@ -85,6 +86,11 @@ class TokenTags:
         ``task_modalities`` defaults to just the token's own modality.
         """
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
+        if any(isinstance(n, bool) or not isinstance(n, numbers.Integral) or n < 0 for n in shape):
+            raise ValueError(f"TokenTags.constant: shape takes token counts >= 0, got {shape}")
+        if isinstance(task, bool) or not isinstance(task, numbers.Integral) or task < 0:  # (0.5 was read as task 0)
+            raise ValueError(f"TokenTags.constant: task is a task id, a whole number >= 0 (model.task_ids), "
+                             f"got {task!r}")
         mod = modality_index(modality)
         used = [mod] if task_modalities is None else [modality_index(m) for m in task_modalities]
         multi_hot = torch.zeros(num_modalities, dtype=torch.bool, device=device)

@@ -292,8 +292,12 @@ class Task:
         failed: list[str] = []  # messages of the JSONL lines left out (on_error="skip")
         if isinstance(data, (str, os.PathLike)):
             path, numbers = os.fspath(data), []
-            data = load_jsonl(path, media_columns(self.instruction), root=data_root, line_numbers=numbers,
-                              skipped=failed if on_error == "skip" else None)
+            try:
+                data = load_jsonl(path, media_columns(self.instruction), root=data_root, line_numbers=numbers,
+                                  skipped=failed if on_error == "skip" else None)
+            except OSError as exc:  # (the task was not named before the twenty-sixth session's audit)
+                exc.add_note(f"task {name!r}: its rows could not be read from {path}")
+                raise
             self._lines = (path, numbers, data)
         self.data = _rows_of(name, data)
         self.objective, self.weight = _objective_and_weight(name, objective, weight)
