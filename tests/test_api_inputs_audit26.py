@@ -155,3 +155,9 @@ def test_a_missing_jsonl_file_names_its_task(tmp_path):
     with pytest.raises(FileNotFoundError) as error:
         Task("from_file", "[TEXT:q] -> [TEXT:a]", str(tmp_path / "missing.jsonl"))
     assert any("task 'from_file'" in note for note in getattr(error.value, "__notes__", []))
+
+
+def test_candidates_outside_a_closed_set_are_refused_naming_them(task, model):
+    with pytest.raises(ValueError, match=r"candidates \['zzz'\] are not labels of the closed set .*'no', 'yes'"):
+        model.infer(task, ROWS[:1], candidates=["yes", "zzz"])
+    assert model.infer(task, ROWS[:1], candidates=["yes", "no"])[0].text in ("yes", "no")

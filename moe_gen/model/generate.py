@@ -220,6 +220,15 @@ def check_search(plan, *, beams: int = 1, candidates: Optional[Sequence[str]] = 
         kinds = ", ".join(f"{p.slot} ({p.decode.kind if p.decode is not None else 'given'})" for p in targets)
         raise ValueError(f"task {plan.name!r}: candidates rank answers of one text target (not a repeated one); "
                          f"this task's targets are {kinds}: decode it with generation or beams instead")
+    spec = targets[0].decode
+    if spec.kind == "closed_set":  # (scored without a word before the twenty-sixth session's audit)
+        fold = str.lower if targets[0].slot.attrs.get("uncased") else str
+        known = {fold(label) for label in spec.labels}
+        unknown = [c for c in candidates if fold(c) not in known]
+        if unknown:
+            shown = ", ".join(repr(label) for label in spec.labels[:8]) + (", ..." if len(spec.labels) > 8 else "")
+            raise ValueError(f"task {plan.name!r}: candidates {unknown} are not labels of the closed set "
+                             f"{targets[0].slot} ({shown}): its answer is one of them")
     after = decoder[decoder.index(targets[0]) + 1:]
     if after:  # a candidate is scored as its text and the end marker: training writes this text first
         raise ValueError(f"task {plan.name!r}: candidates score an answer that ends the decoder, and "
