@@ -92,6 +92,10 @@ def test_a_drawn_image_does_not_depend_on_the_rows_beside_it(tok):
     model = build([images], tok).eval()
     together = [p.tokens for p in model.infer(images, images.data, temperature=1.0, seed=0)]
     assert [model.infer(images, [row], temperature=1.0, seed=0)[0].tokens for row in images.data] == together
+    # and the codes are drawn: another seed, or greedy decoding, gives others (a decoder that never drew
+    # would pass the comparison above)
+    assert [p.tokens for p in model.infer(images, images.data, temperature=1.0, seed=1)] != together
+    assert [p.tokens for p in model.infer(images, images.data)] != together
 
 
 @pytest.mark.parametrize("token", ["pad_id", "bos_id", "unk_id"])

@@ -4,6 +4,8 @@ the words come from the tasks' instructions, are saved with the model and follow
 
 from __future__ import annotations
 
+import dataclasses
+
 import zlib
 
 import pytest
@@ -85,6 +87,14 @@ def test_instruction_routes_are_one_per_tag_group():
     for g in torch.unique(key):
         members = (key == g).nonzero().squeeze(1)
         assert torch.equal(routing.topk_ids[members], routing.topk_ids[members[:1]].expand(len(members), -1))
+    # the routes read each task's own words: the router's logits are the router input of the task's
+    # words times the gate, and another task's words give other logits
+    router = moe.router
+    with torch.no_grad():
+        z = router.input(x.reshape(-1, D), tags.flatten(), None, None)
+        torch.testing.assert_close(routing.logits, z.float() @ router.weight.float().t(), atol=1e-5, rtol=1e-5)
+        other = dataclasses.replace(tags.flatten(), task=(tags.flatten().task + 1) % len(words))
+        assert not torch.allclose(router.input(x.reshape(-1, D), other, None, None), z)
 
 
 @pytest.fixture(scope="module")

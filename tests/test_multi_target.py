@@ -497,11 +497,32 @@ def test_detection_matching_is_one_to_one_and_optimal():
 # ---- evaluation --------------------------------------------------------------------------------
 
 
-def test_evaluate_digit_detection_runs(tok):
-    held_out = load_preset("digit_detection", "test", limit=1)
+def test_evaluate_digit_detection_runs(tok, monkeypatch):
+    held_out = load_preset("digit_detection", "test", limit=4)
     model = build([held_out], tok)
     scores = evaluate(model, [held_out])["digit_detection"]
     assert set(scores) == {"detection_f1"} and 0.0 <= scores["detection_f1"] <= 1.0
+    # the score reads the predicted items: each row's own items score 1, and one label wrong of the
+    # n items scores the F1 of n - 1 matches among n predictions and n references
+    from moe_gen.model.generate import Prediction
+
+    def answers(wrong: int):
+        def infer(task, rows, **kwargs):
+            out = []
+            for i, row in enumerate(rows):
+                labels = list(row["labels"])
+                if i == 0:
+                    labels[:wrong] = ["nine" if label != "nine" else "eight" for label in labels[:wrong]]
+                out.append(Prediction(targets={}, groups=[[{"boxes": b, "labels": label}
+                                                           for b, label in zip(row["boxes"], labels)]]))
+            return out
+        return infer
+
+    n = sum(len(row["labels"]) for row in held_out.data)
+    monkeypatch.setattr(model, "infer", answers(0))
+    assert evaluate(model, [held_out])["digit_detection"] == {"detection_f1": 1.0}
+    monkeypatch.setattr(model, "infer", answers(1))
+    assert evaluate(model, [held_out])["digit_detection"]["detection_f1"] == pytest.approx((n - 1) / n)
 
 
 @pytest.mark.parametrize("answer", ["( [BOX:boxes] [TEXT:labels,closed_set] )*",
