@@ -5,7 +5,6 @@ the words come from the tasks' instructions, are saved with the model and follow
 from __future__ import annotations
 
 import dataclasses
-
 import zlib
 
 import pytest
