@@ -24,7 +24,8 @@ from moe_gen.model.config import ModelConfig
 from moe_gen.model.files import MODEL_FILES
 from moe_gen.model.positions import check_positions, location_basis, positions_in_sample, side_positions
 from moe_gen.model.task_setup import (
-    _check_distinct,
+    _build_inputs,
+    _distinct_tasks,
     _fitted_statistics,
     _task_features,
     _task_words,
@@ -249,16 +250,8 @@ class GeneralistModel(nn.Module):
     def build(cls, config: ModelConfig, tasks: Sequence, tokenizer: Tokenizer) -> "GeneralistModel":
         """A model for ``tasks`` (``moe_gen.tasks.Task``): the task vocabulary, and an adapter for
         every feature slot, sized from the first rows of each task that encode (``Task.probe``)."""
-        from moe_gen.tasks.task import task_list
-
-        if not isinstance(config, ModelConfig):
-            raise ValueError(f"GeneralistModel.build takes a ModelConfig (flavour(...), ModelConfig.from_dict(...)), "
-                             f"got {type(config).__name__}")
-        if not all(hasattr(tokenizer, name) for name in ("vocab_size", "pad_id", "encode")):  # (an HFTokenizer too)
-            raise ValueError(f"GeneralistModel.build takes a Tokenizer (Tokenizer.default()), got "
-                             f"{type(tokenizer).__name__}")
-        tasks = task_list(tasks, "GeneralistModel.build")
-        _check_distinct(tasks, "build")
+        _build_inputs(config, tokenizer)
+        tasks = _distinct_tasks(tasks, "GeneralistModel.build")
         adapters, frame_adapters = _task_features(tasks, tokenizer, dict(config.adapters),
                                                   list(config.frame_adapters))
         if config.predict_all_features:
@@ -289,10 +282,7 @@ class GeneralistModel(nn.Module):
         if any(getattr(m, "frozen", False) for m in self.modules()):
             raise ValueError("this model's MoE layers are frozen for inference (merge_for_inference): add the "
                              "tasks to the model it was merged from, train it, and merge again")
-        from moe_gen.tasks.task import task_list
-
-        tasks = task_list(tasks, "add_tasks")
-        _check_distinct(tasks, "add_tasks")
+        tasks = _distinct_tasks(tasks, "add_tasks")
         names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
         if len(names) > self.config.moe.router.num_tasks:
             raise ValueError(f"the model's routers were built for {self.config.moe.router.num_tasks} tasks; "

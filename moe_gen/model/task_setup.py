@@ -73,15 +73,33 @@ def _fitted_statistics(tasks: Sequence, known: Mapping) -> dict:
     return statistics
 
 
-def _check_distinct(tasks: Sequence, method: str) -> None:
-    """Refuses two different task objects of one name: they would share a task id, and the last
-    one's closed sets and fitted statistics would serve both (as ``Trainer`` refuses them)."""
+def _build_inputs(config, tokenizer) -> None:
+    """Refuses what ``GeneralistModel.build`` cannot build from, naming what it takes (a dict or no
+    tokenizer raised an AttributeError from inside before the twenty-sixth session's audit)."""
+    from moe_gen.model.config import ModelConfig
+
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"GeneralistModel.build takes a ModelConfig (flavour(...), ModelConfig.from_dict(...)), "
+                         f"got {type(config).__name__}")
+    if not all(hasattr(tokenizer, name) for name in ("vocab_size", "pad_id", "encode")):  # (an HFTokenizer too)
+        raise ValueError(f"GeneralistModel.build takes a Tokenizer (Tokenizer.default()), got "
+                         f"{type(tokenizer).__name__}")
+
+
+def _distinct_tasks(tasks: Any, method: str) -> list:
+    """``tasks`` as a list of ``Task`` objects (``task_list``: a ValueError naming ``method``
+    otherwise), refusing two different task objects of one name: they would share a task id, and
+    the last one's closed sets and fitted statistics would serve both (as ``Trainer`` refuses them)."""
+    from moe_gen.tasks.task import task_list
+
+    tasks = task_list(tasks, method)
     seen: dict = {}
     for task in tasks:
         first = seen.setdefault(task.name, task)
         if first is not task:
             raise ValueError(f"{method}: two different tasks are named {task.name!r} ({first!r} and {task!r}); "
                              "task names must be distinct")
+    return tasks
 
 
 def _with_saved_target_adapters(plan, adapters) -> Any:

@@ -267,10 +267,11 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     not be a fair sample). With ``on_error="skip"``, rows that fail are left out and the metrics
     include ``skipped``, their number. ``pairs``, when given, receives ``(prediction, reference)``
     of every scored row, in row order (what the metrics compared, e.g. the answer text and the
-    row's label)."""
-    if (limit is not None and limit < 1) or batch_size < 1:
+    row's label). ``limit`` and ``batch_size`` are whole numbers >= 1 (``True``, ``2.5`` and ``"3"``
+    raised TypeErrors from inside, or scored one row, before the twenty-sixth session's audit)."""
+    if (limit is not None and not _whole(limit)) or not _whole(batch_size):
         raise ValueError(f"task {task.name!r}: evaluation needs limit >= 1 (or None: every row) and batch_size >= 1, "
-                         f"got limit={limit}, batch_size={batch_size}")
+                         f"whole numbers; got limit={limit!r}, batch_size={batch_size!r}")
     kind, scored, plan = _targets(task, model)
     names = task.metrics or DEFAULT_METRICS[kind]
     columns = _text_columns(task, kind, names, scored)
@@ -459,17 +460,16 @@ def _reference(plan: TaskPlan, target, value: Any, index: int) -> Any:
 
 
 def evaluate(model, tasks: Sequence[Task], *, limit: Optional[int] = None, batch_size: int = 64) -> dict:
-    """``{task name: {metric: value}}`` for every task. ``ValueError`` for a ``limit`` or
-    ``batch_size`` that is not a whole number >= 1 (``True``, ``2.5`` and ``"3"`` raised TypeErrors
-    from inside, or scored one row, before the twenty-sixth session's audit)."""
+    """``{task name: {metric: value}}`` for every task (``evaluate_task``)."""
     from moe_gen.tasks.task import task_list
 
-    tasks = task_list(tasks, "evaluate")
-    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int) or limit < 1):
-        raise ValueError(f"evaluate: limit must be a whole number >= 1 or None (every row), got {limit!r}")
-    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
-        raise ValueError(f"evaluate: batch_size must be a whole number >= 1, got {batch_size!r}")
-    return {task.name: evaluate_task(model, task, limit=limit, batch_size=batch_size) for task in tasks}
+    return {task.name: evaluate_task(model, task, limit=limit, batch_size=batch_size)
+            for task in task_list(tasks, "evaluate")}
+
+
+def _whole(value) -> bool:
+    """Whether ``value`` is a whole number >= 1 (not a bool)."""
+    return not isinstance(value, bool) and isinstance(value, int) and value >= 1
 
 
 def _signed(metric: str, value: float) -> float:
