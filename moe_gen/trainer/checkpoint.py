@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from moe_gen import distributed
-from moe_gen.durable import fsync_dir
+from moe_gen.durable import atomic_open, fsync_dir
 from moe_gen.fsdp import full_tensors, like_model, shard_like
 
 logger = logging.getLogger("moe_gen")
@@ -50,13 +50,10 @@ class CheckpointError(RuntimeError):
 
 
 def write_json_atomic(path: str, data: Any) -> None:
-    """Writes JSON to a temporary file beside ``path``, then renames it over ``path``."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
+    """Writes JSON to a temporary file beside ``path``, then renames it over ``path``
+    (``durable.atomic_open``)."""
+    with atomic_open(path) as f:
         json.dump(data, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def latest_checkpoint(root: str) -> Optional[str]:
