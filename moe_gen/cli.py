@@ -540,6 +540,8 @@ def _cmd_eval(args, overrides) -> int:
 
     if overrides:
         raise ValueError(f"eval takes no overrides, got {' '.join(overrides)}")
+    if args.out:  # checked before the evaluation, which may take minutes, not after it
+        _json_destination(args.out)
     model = GeneralistModel.from_pretrained(args.model_dir)
     names = preset_names(args.tasks or ())
     if not names:  # every task of the model: the built-in ones (its own tasks cannot be read here)
@@ -616,6 +618,18 @@ def _jsonable(value):
     if hasattr(value, "shape") and hasattr(value, "dtype"):
         return {"shape": list(value.shape)}
     return value
+
+
+def _json_destination(path: str) -> None:
+    """Makes ``--out``'s folder (as ``analyze --out`` and ``--images`` do); refuses a path that is a
+    folder. A missing folder was found only when the metrics were written, after the evaluation."""
+    if os.path.isdir(path):
+        raise ValueError(f"--out must name a file to write the metrics to, got the folder {path!r}")
+    directory = os.path.dirname(os.path.abspath(path))
+    try:
+        os.makedirs(directory, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"--out {path!r}: cannot make its folder {directory!r}: {exc.strerror}") from None
 
 
 def _positive_int(text: str) -> int:

@@ -362,6 +362,20 @@ def test_eval_limit_scores_the_rows_evaluate_scores_with_that_limit(species_mode
     assert f"| table_species | accuracy | {expected['table_species']['accuracy']:.3f} |" in capsys.readouterr().out
 
 
+def test_eval_out_makes_its_folder(species_model, tmp_path):
+    """(``--out`` into a folder not yet made failed when the metrics were written, after the evaluation.)"""
+    path, _ = species_model
+    out = tmp_path / "new" / "deeper" / "eval.json"
+    assert main(["eval", str(path), "--tasks", "table_species", "--limit", "2", "--out", str(out)]) == 0
+    assert list(json.loads(out.read_text())) == ["table_species"]
+
+
+def test_eval_out_naming_a_folder_is_refused_before_reading_the_model(tmp_path, capsys):
+    assert main(["eval", str(tmp_path / "missing"), "--out", str(tmp_path)]) == 2
+    expected = f"--out must name a file to write the metrics to, got the folder {str(tmp_path)!r}"
+    assert expected in capsys.readouterr().err
+
+
 def test_infer_prints_the_first_rows_answers_without_targets_for_a_single_target(species_model, capsys):
     from moe_gen.tasks import load_preset
 
