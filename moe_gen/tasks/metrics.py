@@ -16,6 +16,7 @@ import functools
 from typing import Callable, Optional, Sequence
 
 import numpy as np
+import torch
 
 from moe_gen.registry import METRICS
 from moe_gen.tasks.modalities.base import brief, is_missing, label_text
@@ -102,7 +103,7 @@ def sudoku_valid(predictions: Sequence, references: Sequence) -> float:
     _check(predictions, references)
     valid = 0
     for prediction, reference in zip(predictions, references):
-        grid, expected = parse_grid(prediction), parse_grid(reference)
+        grid, expected = parse_grid(_text(prediction)), parse_grid(_text(reference))
         valid += grid is not None and expected is not None and len(grid) == len(expected) and is_valid_solution(grid)
     return valid / len(references)
 
@@ -115,7 +116,7 @@ def sudoku_cells(predictions: Sequence, references: Sequence) -> float:
     _check(predictions, references)
     scores = []
     for prediction, reference in zip(predictions, references):
-        grid, expected = parse_grid(prediction), parse_grid(reference)
+        grid, expected = parse_grid(_text(prediction)), parse_grid(_text(reference))
         if grid is None or expected is None or len(grid) != len(expected):
             scores.append(0.0)
             continue
@@ -251,6 +252,14 @@ def detection_f1(predictions: Sequence, references: Sequence, threshold: float =
     return 1.0 if tp + fp + fn == 0 else 2 * tp / (2 * tp + fp + fn)
 
 
+def _float_array(value) -> np.ndarray:
+    """Frames as float64 numpy: a tensor of any dtype (a bf16 model's frames are bf16, which numpy
+    cannot read: a raw TypeError before the twenty-seventh session's audit) or an array-like."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().float().cpu().numpy()
+    return np.asarray(value, dtype=np.float64)
+
+
 def _frames_error(predictions, references, power: int) -> float:
     """Mean over answers of the error summed over the longer of the two frame sequences and divided
     by the reference's values (its frames × the values a frame holds): a frame the answer lacks, or
@@ -262,7 +271,7 @@ def _frames_error(predictions, references, power: int) -> float:
     _check(predictions, references)
     errors = []
     for p, r in zip(predictions, references):
-        p, r = np.asarray(p, dtype=np.float64), np.asarray(r, dtype=np.float64)
+        p, r = _float_array(p), _float_array(r)
         n = max(len(p), len(r))
         if len(r) == 0:
             raise ValueError("an empty reference frame sequence cannot be scored")

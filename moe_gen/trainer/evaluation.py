@@ -286,6 +286,8 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
         rows, indices, skipped = [rows[i] for i in kept], [indices[i] for i in kept], skipped + len(dropped)
     budgets = _budgets(rows, indices, scored, plan, samples)
     predictions, references = [], []
+    # an image-code answer: whole-answer metrics compare it with what a right answer decodes to
+    rebuilt = [] if kind == "codes" and metric_fns.ANSWER_METRICS & set(names) else None
     for start in range(0, len(rows), batch_size):
         chunk, chunk_indices = rows[start:start + batch_size], indices[start:start + batch_size]
         # (parallel-objective tasks decode in parallel)
@@ -304,10 +306,12 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
                 continue
             predictions.append(predicted)
             references.append(expected)
+            if rebuilt is not None:
+                rebuilt.append(_image_reference(plan, scored[0], expected, index))
     if not predictions:
         raise TaskDataError(f"task {task.name!r}: none of the {count} rows evaluated could be scored "
                             f"({skipped} skipped; first error: {task.errors[0] if task.errors else '?'})")
-    results = _scores(names, predictions, references, columns)
+    results = _scores(names, predictions, references, columns, rebuilt)
     if pairs is not None:
         pairs.extend(zip(predictions, references))
     if task.on_error == "skip":
@@ -342,13 +346,22 @@ _VALUE_OF = {"iou_accuracy": "box", "detection_f1": "detection list", "l1": "fra
              "pixel_mse": "image", "digit_accuracy": "image", "digit_fid": "image"}
 
 
-def _scores(names: Sequence[str], predictions: list, references: list,
-            columns: Optional[list[str]]) -> dict[str, float]:
+def _scores(names: Sequence[str], predictions: list, references: list, columns: Optional[list[str]],
+            rebuilt: Optional[list] = None) -> dict[str, float]:
     """Every named metric: on the whole answers, or (``columns`` given: answers with several
     target slots) a metric of text on each text column's values, as ``<metric>/<column>``, and
-    their mean as ``<metric>`` (an answer without a column's value wrote no text for it)."""
+    their mean as ``<metric>`` (an answer without a column's value wrote no text for it).
+    ``rebuilt``: for image-code answers, the references as a right answer decodes them
+    (``_image_reference``), which ``exact_match`` and ``accuracy`` compare with; the image metrics
+    compare with the row's own image. (Before the twenty-seventh session's audit a single
+    image-code target was matched against the row's image, of another size: a right answer
+    scored 0.0.)"""
     if columns is None:
-        return metric_fns.compute(names, predictions, references)
+        if rebuilt is None:
+            return metric_fns.compute(names, predictions, references)
+        return {name: metric_fns.compute([name], predictions,
+                                         rebuilt if name in metric_fns.ANSWER_METRICS else references)[name]
+                for name in names}
     results = {}
     for name in names:
         if name not in metric_fns.TEXT_METRICS:  # exact_match, accuracy (value by value), metrics of one's own

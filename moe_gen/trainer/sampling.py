@@ -338,9 +338,10 @@ class TaskSampler:
             while len(samples) < cfg.batch_size and self._take(i, samples, used):
                 pass
             return samples
-        tries = 0
-        while len(samples) < cfg.batch_size and open_tasks and tries < 4 * cfg.batch_size:
-            tries += 1
+        # Every pass adds a row or closes a task, so this ends within batch_size + tasks passes. (A cap
+        # of 4 × batch_size passes, before the twenty-seventh session's audit, ended the draw while a
+        # task that fitted was still open once ~3 × batch_size tasks had no room: short batches.)
+        while len(samples) < cfg.batch_size and open_tasks:
             i = rng.choices(open_tasks, weights=[self.weights[j] for j in open_tasks])[0]
             if not self._take(i, samples, used):
                 open_tasks.remove(i)  # this task no longer fits this micro-batch

@@ -720,9 +720,10 @@ class Trainer:
 
     def evaluate(self, tasks: Optional[Sequence[Task]] = None, limit: Optional[int] = -1) -> dict:
         """``{task: {metric: value}}`` on ``tasks`` (default: ``eval_tasks``), at most ``limit`` rows each
-        (default ``config.eval_limit``)."""
+        (default ``config.eval_limit``). An empty list scores none (it scored every eval task
+        before the twenty-seventh session's audit)."""
         limit = self.config.eval_limit if limit == -1 else limit
-        return evaluate_tasks(self.trained_model(), list(tasks or self.eval_tasks), limit=limit,
+        return evaluate_tasks(self.trained_model(), self.eval_tasks if tasks is None else tasks, limit=limit,
                               batch_size=self.config.eval_batch_size)
 
     def trained_model(self) -> GeneralistModel:

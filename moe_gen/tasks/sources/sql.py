@@ -10,6 +10,7 @@ its result rows equal the gold query's (order-insensitive, numbers rounded to 6 
 
 from __future__ import annotations
 
+import collections
 import functools
 import sqlite3
 
@@ -59,8 +60,11 @@ def execute(conn: sqlite3.Connection, query: str):
         conn.set_progress_handler(None, 0)
 
 
-def _normal(rows) -> list:
-    return sorted(tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows)
+def _normal(rows) -> collections.Counter:
+    """The rows as a multiset (order ignored, repeats counted), floats to 6 places. A multiset, not
+    a sorted list: rows mixing NULL, numbers and text (a predicted ``union``) cannot be sorted, and
+    raised a TypeError that stopped the whole evaluation."""
+    return collections.Counter(tuple(round(v, 6) if isinstance(v, float) else v for v in row) for row in rows)
 
 
 def same_result(conn: sqlite3.Connection, predicted: str, gold: str) -> bool:
