@@ -96,14 +96,16 @@ def test_an_answer_that_cannot_pass_on_names_link_and_row(model, monkeypatch, an
 
 
 def test_the_columns_a_link_may_pass_on_are_the_keys_of_the_answers_targets():
-    """Positional target slots are keyed by their index ('0', '1', as ``Prediction.targets`` keys
-    them), and a copied prompt (``no_loss``) is not a target: it cannot be passed on."""
+    """Positional target slots are keyed by their slot names ('slot 2', 'slot 3', as
+    ``Prediction.targets`` keys them since the twenty-seventh session's audit; their index before),
+    and a copied prompt (``no_loss``) is not a target: it cannot be passed on."""
     tok = Tokenizer.default()
     positional = Task("pos", "[TEXT] -> [TEXT] [TEXT]", [("red apple", "fruit", "x")])
     prompted = Task("echo", "[TEXT:q] -> [TEXT:q,no_loss] [TEXT:a]", [{"q": "red apple", "a": "fruit"}])
     model = build([positional, prompted], tok).eval()
     for task, rows in ((positional, [("red apple",)]), (prompted, [{"q": "red apple"}])):
         keys = sorted(model.infer(task, rows)[0].targets)
+        assert task is prompted or keys == ["slot 2", "slot 3"]
         assert chain(model, [], [Link(task, {key: key for key in keys})]) == []  # every key passes the check
     assert keys == ["a"]
     with pytest.raises(ValueError, match=re.escape("no target column 'q' to pass on; its target columns are ['a']")):

@@ -96,7 +96,7 @@ def _check_link(model, link: Link, number: int) -> None:
             raise ValueError(f"{where}: infer takes no option {', '.join(map(repr, unknown))}; its options are "
                              f"{', '.join(known)}")
     decoder = model.plan(task).templates[0][1]
-    columns = [p.slot.column or str(i) for i, p in enumerate(decoder) if p.loss]
+    columns = [p.name for p in decoder if p.loss]  # a column, or "slot N" for a slot filled by position
     for column in link.outputs:
         if column not in columns:
             raise ValueError(f"{where}: the task has no target column {column!r} to pass on; its target columns "

@@ -623,7 +623,7 @@ def rank(model, plan, samples: Sequence[Sample], candidates: Sequence[str],
         # the chosen answer as every answer is (its target by column, its tokens: chain() reads them)
         predictions.append(Prediction(text=candidates[best], score=scores[best], scores=scores,
                                       tokens=encoded[best][:len(encoded[best]) - len(end)],
-                                      targets={target.slot.column or "0": candidates[best]}))
+                                      targets={target.name: candidates[best]}))
     return predictions
 
 

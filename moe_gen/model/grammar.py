@@ -213,7 +213,7 @@ class TargetGrammar:
         unknown = None if getattr(tokenizer, "encodes_unknown", False) else getattr(tokenizer, "unk_id", None)
         never = {tokenizer.eos_id, tokenizer.pad_id, tokenizer.bos_id, unknown}
         self.reserved = frozenset({t for t in never if t is not None} | set(self.bins if discrete else ()))
-        self.keys = [p.slot.column or str(i) for i, p in enumerate(self.slots)]
+        self.keys = [p.name or str(i) for i, p in enumerate(self.slots)]  # a column, or "slot N" by position
         self.groups = sorted({p.slot.repeat for p in self.slots if p.slot.repeat is not None})
 
     # ---- the state machine ---------------------------------------------------------------

@@ -30,6 +30,7 @@ from moe_gen.model.task_setup import (
     _task_features,
     _task_words,
     _with_saved_target_adapters,
+    row_indices,
 )
 from moe_gen.model.transformer import Stack, StackOutput, make_norm
 from moe_gen.registry import ADAPTERS
@@ -581,8 +582,9 @@ class GeneralistModel(nn.Module):
         beams > 1 and candidates; ``temperature`` and ``seed`` draw the codes) and answers
         ``.image``. Raises ``ValueError`` for tasks outside the model's vocabulary, length limits
         that are not whole numbers >= 1, modalities it has no adapter for, and rows that do
-        not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by
-        default its position) or whose answer runs past the learned position table; under the
+        not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by default
+        its position; it also seeds the row's input masking) or whose answer runs past the learned
+        position table; under the
         task's ``on_error="skip"`` such a row's answer is None instead (counted by that index in
         ``task.skipped``, its message in ``task.errors``).
         ``merged`` (default): for the call, the MoE layers routed by tags alone run merged, as
@@ -646,9 +648,7 @@ class GeneralistModel(nn.Module):
         if isinstance(rows, (Mapping, str)):
             raise ValueError(f"task {task.name!r}: infer takes a list of rows, got one {type(rows).__name__}; "
                              "pass [row] for a single row")
-        indices = range(len(rows)) if indices is None else indices
-        if len(indices) != len(rows):
-            raise ValueError(f"infer got {len(rows)} rows but {len(indices)} indices")
+        indices = row_indices(task.name, indices, len(rows))
         samples, failed = [], set()
         for i, (row, index) in enumerate(zip(rows, indices)):
             try:

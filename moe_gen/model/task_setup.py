@@ -119,3 +119,23 @@ def _with_saved_target_adapters(plan, adapters) -> Any:
     plan = copy.copy(plan)
     plan.templates = templates
     return plan
+
+
+def row_indices(task_name: str, indices: Optional[Sequence], count: int) -> Sequence[int]:
+    """``infer``'s ``indices`` as ints, one per row (default: the rows' positions). Numpy integers
+    are whole numbers too (``np.arange`` raised a TypeError from the row's random seed before the
+    twenty-seventh session's audit, and ``["a"]`` or ``[1.5]`` were taken as seeds)."""
+    import operator
+
+    if indices is None:
+        return range(count)
+    try:
+        if any(isinstance(i, bool) for i in indices):
+            raise TypeError("a bool is no row number")
+        out = [operator.index(i) for i in indices]
+    except TypeError:
+        raise ValueError(f"task {task_name!r}: infer's indices must be whole numbers, one per row (row "
+                         f"numbers in the task's data), got {list(indices)[:5]!r}") from None
+    if len(out) != count:
+        raise ValueError(f"infer got {count} rows but {len(out)} indices")
+    return out

@@ -2,7 +2,8 @@
 (lists) and returns a float, higher is better unless the name says otherwise (wer, l1, mse).
 
 Detection metrics take, per image, a list of ``(box, label)`` pairs (``label`` None matches any
-label; a ``box`` of None, as from an answer cut short, matches nothing).
+label, a tuple of labels, from an item with several text columns, matches as a whole; a ``box``
+of None, as from an answer cut short, matches nothing).
 
 The metrics of text (``TEXT_METRICS``) read one text per answer and refuse dicts and lists (their
 ``str()`` would share braces, quotes and column names with every reference: empty answers scored
@@ -212,6 +213,12 @@ def iou_accuracy(predictions: Sequence, references: Sequence, threshold: float =
     return float(np.mean([p is not None and box_iou(p, r) >= threshold for p, r in zip(predictions, references)]))
 
 
+def _label(value) -> str | tuple:
+    """A detection item's label as text; a tuple of labels (an item with several text columns)
+    as a tuple of texts, matched as a whole."""
+    return tuple(map(_text, value)) if isinstance(value, tuple) else _text(value)
+
+
 def _matches(predicted: Sequence, expected: Sequence, threshold: float) -> int:
     """True positives of one image: the most one-to-one pairs of a prediction and a reference with
     the same label and IoU >= threshold (Hungarian assignment; among equally many, the larger
@@ -223,7 +230,7 @@ def _matches(predicted: Sequence, expected: Sequence, threshold: float) -> int:
     iou_PR = np.zeros((len(predicted), len(expected)))
     for i, (box, label) in enumerate(predicted):
         for j, (ref_box, ref_label) in enumerate(expected):
-            same = label is None or ref_label is None or _text(label) == _text(ref_label)
+            same = label is None or ref_label is None or _label(label) == _label(ref_label)
             if box is not None and same:
                 iou_PR[i, j] = box_iou(box, ref_box)
     valid_PR = iou_PR >= threshold

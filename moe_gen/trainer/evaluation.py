@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import math
 import sys
+from collections.abc import Mapping
 from typing import Any, Optional, Sequence
 
 import numpy as np
@@ -61,17 +62,25 @@ def _targets(task: Task, model) -> tuple[str, list, TaskPlan]:
     return ("detection" if alone and _detection_slots(scored) else "structured"), scored, plan
 
 
-def _detection_slots(scored: list) -> Optional[tuple[int, str, Optional[str]]]:
+def _detection_slots(scored: list) -> Optional[tuple[int, str, list[str]]]:
     """For the first repetition group with exactly one box slot: its position among the groups,
-    the box column and the column of its first text or closed-set slot (None without one)."""
+    the box column and the columns of its text and closed-set slots, in slot order (each item's
+    label is all of them: before the twenty-seventh session's audit only the first was scored, and
+    a group's second text column went unchecked)."""
     groups = sorted({p.slot.repeat for p in scored if p.slot.repeat is not None})
     for position, group in enumerate(groups):
         members = [p for p in scored if p.slot.repeat == group]
         boxes = [p for p in members if p.decode.kind == "box"]
-        labels = [p for p in members if p.decode.kind in ("text", "closed_set")]
         if len(boxes) == 1:
-            return position, boxes[0].slot.column, labels[0].slot.column if labels else None
+            return position, boxes[0].name, [p.name for p in members
+                                                    if p.decode.kind in ("text", "closed_set")]
     return None
+
+
+def _item_label(values: Sequence) -> Any:
+    """A detection item's label from its text columns' values: None without one, the value with
+    one, their tuple with several (matched as a whole)."""
+    return None if not values else values[0] if len(values) == 1 else tuple(values)
 
 
 def _structured(prediction, row: dict, index: int, scored: list, kind: str, plan: TaskPlan,
@@ -79,16 +88,17 @@ def _structured(prediction, row: dict, index: int, scored: list, kind: str, plan
     """(prediction, reference) of a multi-target row: text values as the slots train them, and
     (``structured``) boxes as their location tokens decode on an image of ``image_size``, images
     as their codes decode (``_target_reference``)."""
-    texts = {p.slot.column: p for p in scored if p.decode.kind in ("text", "closed_set")}
+    texts = {p.name: p for p in scored if p.decode.kind in ("text", "closed_set")}
     if kind == "structured":  # in slot order
-        reference = {p.slot.column: _target_reference(plan, p, row[p.slot.column], index, image_size)
+        reference = {p.name: _target_reference(plan, p, row[p.name], index, image_size)
                      for p in scored}
-        return {p.slot.column: prediction.targets.get(p.slot.column) for p in scored}, reference
-    position, box, label = _detection_slots(scored)
+        return {p.name: prediction.targets.get(p.name) for p in scored}, reference
+    position, box, labels = _detection_slots(scored)
     items = prediction.groups[position] if position < len(prediction.groups) else []
-    predicted = [(item.get(box), item.get(label) if label else None) for item in items]
-    labels = _reference(plan, texts[label], row[label], index) if label else [None] * len(row[box])
-    return predicted, list(zip([_box_reference(item, image_size, plan.tokenizer) for item in row[box]], labels))
+    predicted = [(item.get(box), _item_label([item.get(label) for label in labels])) for item in items]
+    written = [_reference(plan, texts[label], row[label], index) for label in labels]
+    references = [_item_label([column[i] for column in written]) for i in range(len(row[box]))]
+    return predicted, list(zip([_box_reference(item, image_size, plan.tokenizer) for item in row[box]], references))
 
 
 def _target_reference(plan: TaskPlan, target, value: Any, index: int, image_size) -> Any:
@@ -149,7 +159,7 @@ def _item_budget(rows: Sequence, scored: list) -> int:
         if p.slot.repeat is None:
             continue
         for row in rows:
-            value = row.get(p.slot.column) if isinstance(row, dict) else None
+            value = row.get(p.name) if isinstance(row, Mapping) else None
             if isinstance(value, (list, tuple)):
                 longest = max(longest, len(value))
     return max(8, longest + 1)
@@ -167,7 +177,7 @@ def _text_budget(rows: Sequence, indices: Sequence[int], scored: list, plan: Tas
         if p.decode.kind != "text" or p.slot.attrs.get("max_length"):
             continue
         for row, index in zip(rows, indices):
-            value = row.get(p.slot.column) if isinstance(row, dict) else None
+            value = row.get(p.name) if isinstance(row, Mapping) else None
             for item in value if p.slot.repeat is not None and isinstance(value, (list, tuple)) else [value]:
                 try:
                     longest = max(longest, len(plan.target_tokens(p, item, index)))
@@ -197,8 +207,8 @@ def _listed_groups(row: Any, scored: list) -> Any:
     """``row`` with its repetition groups' scored columns as lists where ``group_items`` reads them
     (labels or boxes given as a numpy array or tensor), so the references are read, checked and
     budgeted as training reads them; a row without such a column as it is."""
-    columns = [p.slot.column for p in scored if p.slot.repeat is not None]
-    if not isinstance(row, dict) or not any(c in row for c in columns):
+    columns = [p.name for p in scored if p.slot.repeat is not None]
+    if not isinstance(row, Mapping) or not any(c in row for c in columns):
         return row
     listed = dict(row)
     for column in columns:
@@ -206,6 +216,20 @@ def _listed_groups(row: Any, scored: list) -> Any:
         if items is not None:
             listed[column] = items
     return listed
+
+
+def _by_name(row: Any, plan: TaskPlan) -> Any:
+    """``row`` as the references are read from it: by slot name (``SlotPlan.name``), a dict of its
+    columns, or, for a row filled by position (a tuple or list), of ``"slot N"`` for its N-th value.
+    (Before the twenty-seventh session's audit a task of rows by position could not be evaluated,
+    and rows that are mappings but no dict, ``UserDict``, had "no column to score against".)"""
+    if isinstance(row, Mapping):
+        return dict(row)
+    if not isinstance(row, (list, tuple)):
+        return row
+    encoder, decoder = plan.templates[0]
+    by_position = [p.name for p in encoder + decoder if p.slot.column is None and not p.slot.is_literal]
+    return dict(zip(by_position, row))
 
 
 def spaced_indices(n: int, count: int) -> list[int]:
@@ -284,15 +308,17 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if dropped:  # their targets failed to encode (on_error="skip"; counted in task.skipped)
         kept = [i for i, index in enumerate(indices) if index not in dropped]
         rows, indices, skipped = [rows[i] for i in kept], [indices[i] for i in kept], skipped + len(dropped)
-    budgets = _budgets(rows, indices, scored, plan, samples)
+    views = [_by_name(row, plan) for row in rows]
+    budgets = _budgets(views, indices, scored, plan, samples)
     predictions, references = [], []
     # an image-code answer: whole-answer metrics compare it with what a right answer decodes to
     rebuilt = [] if kind == "codes" and metric_fns.ANSWER_METRICS & set(names) else None
     for start in range(0, len(rows), batch_size):
         chunk, chunk_indices = rows[start:start + batch_size], indices[start:start + batch_size]
+        chunk_views = views[start:start + batch_size]
         # (parallel-objective tasks decode in parallel)
         answers = model.infer(task, chunk, indices=chunk_indices, **budgets)
-        for row, index, prediction in zip(chunk, chunk_indices, answers):
+        for row, index, prediction in zip(chunk_views, chunk_indices, answers):
             if prediction is None:  # it failed to encode (on_error="skip"; counted in task.skipped)
                 skipped += 1
                 continue
@@ -327,8 +353,8 @@ def _text_columns(task: Task, kind: str, names: Sequence[str], scored: list) -> 
     a detection task's item lists). None for single-target answers (scored whole)."""
     if kind not in ("detection", "structured"):
         return None
-    columns = [p.slot.column for p in scored if p.decode.kind in ("text", "closed_set") and p.slot.repeat is None]
-    targets = [p.slot.column for p in scored]
+    columns = [p.name for p in scored if p.decode.kind in ("text", "closed_set") and p.slot.repeat is None]
+    targets = [p.name for p in scored]
     instead = "detection_f1, exact_match or accuracy" if kind == "detection" else "exact_match or accuracy"
     for name in names:
         if name in metric_fns.VALUE_METRICS and not (kind == "detection" and name == "detection_f1"):
@@ -382,30 +408,30 @@ def _reference_problem(row, scored: list) -> Optional[str]:
     so the targets are checked here as training's ``TaskPlan._check_groups`` checks them: a box
     list longer than its labels would otherwise lose its last boxes, a label string would split
     into characters)."""
-    missing = [p.slot.column for p in scored if not isinstance(row, dict) or p.slot.column not in row]
+    missing = [p.name for p in scored if not isinstance(row, Mapping) or p.name not in row]
     if missing:
         return f"no {missing[0]!r} column to score against"
     lengths: dict[int, dict[str, int]] = {}
     for p in scored:
-        value = row[p.slot.column]
+        value = row[p.name]
         if p.slot.repeat is None:
             problem = _value_problem(p, value)
             if problem:
-                return f"column {p.slot.column!r} {problem} to score against"
+                return f"column {p.name!r} {problem} to score against"
             continue
         if not isinstance(value, (list, tuple)):  # (_listed_groups made lists of the arrays group_items reads)
-            return (f"column {p.slot.column!r} is in repetition group {p.slot.repeat}, so it needs {GROUP_VALUES} "
+            return (f"column {p.name!r} is in repetition group {p.slot.repeat}, so it needs {GROUP_VALUES} "
                     f"to score against, got {type(value).__name__}")
-        lengths.setdefault(p.slot.repeat, {})[p.slot.column] = len(value)
+        lengths.setdefault(p.slot.repeat, {})[p.name] = len(value)
     for group, sizes in lengths.items():
         if len(set(sizes.values())) > 1:
             listed = ", ".join(f"{column!r}: {size}" for column, size in sizes.items())
             return f"the columns of repetition group {group} have different lengths ({listed})"
     for p in scored:  # each item of a group's columns, as training checks each
-        for item in row[p.slot.column] if p.slot.repeat is not None else ():
+        for item in row[p.name] if p.slot.repeat is not None else ():
             problem = _value_problem(p, item)
             if problem:
-                return f"an item of column {p.slot.column!r} {problem} to score against"
+                return f"an item of column {p.name!r} {problem} to score against"
     return None
 
 
@@ -446,10 +472,10 @@ def _pair(kind: str, prediction, row, index: int, scored: list, plan: TaskPlan, 
         return _structured(prediction, row, index, scored, kind, plan, size)
     if kind == "box":  # as the reference's location tokens decode on the sample's image
         size = samples[index].meta.get("image_size") if index in samples else None
-        return prediction.box, _box_reference(row[scored[0].slot.column], size, plan.tokenizer)
+        return prediction.box, _box_reference(row[scored[0].name], size, plan.tokenizer)
     if kind == "codes":
-        return prediction.image, row[scored[0].slot.column]
-    return prediction.text, _reference(plan, scored[0], row[scored[0].slot.column], index)
+        return prediction.image, row[scored[0].name]
+    return prediction.text, _reference(plan, scored[0], row[scored[0].name], index)
 
 
 def _reference(plan: TaskPlan, target, value: Any, index: int) -> Any:
