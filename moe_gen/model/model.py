@@ -582,9 +582,8 @@ class GeneralistModel(nn.Module):
         beams > 1 and candidates; ``temperature`` and ``seed`` draw the codes) and answers
         ``.image``. Raises ``ValueError`` for tasks outside the model's vocabulary, length limits
         that are not whole numbers >= 1, modalities it has no adapter for, and rows that do
-        not fit the instruction (naming column and row: ``indices[i]`` for ``rows[i]``, by default
-        its position; it also seeds the row's input masking) or whose answer runs past the learned
-        position table; under the
+        not fit the instruction (naming column and row: ``indices[i]``, by default its position,
+        which also seeds its input masking) or whose answer runs past the learned position table; under the
         task's ``on_error="skip"`` such a row's answer is None instead (counted by that index in
         ``task.skipped``, its message in ``task.errors``).
         ``merged`` (default): for the call, the MoE layers routed by tags alone run merged, as
