@@ -652,7 +652,7 @@ class GeneralistModel(nn.Module):
         for i, (row, index) in enumerate(zip(rows, indices)):
             try:
                 sample = plan.encode(row, index, training=False, inference=True, template=0)
-                self._check_reach(task.name, sample)
+                self.check_reach(task.name, sample)
                 samples.append(sample)
             except TaskDataError as exc:
                 exc.row = index
@@ -662,10 +662,11 @@ class GeneralistModel(nn.Module):
                 failed.add(i)
         return samples, failed
 
-    def _check_reach(self, task_name: str, sample) -> None:
+    def check_reach(self, task_name: str, sample) -> None:
         """Raises ``TaskDataError`` naming task and row for a sample that reaches past the learned
         position table (raised from the batch's forward, it failed every row of the call and named
-        none, and ``on_error="skip"`` could not skip it). Only a sample as long as the table, or one
+        none, and ``on_error="skip"`` could not skip it; the trainer's sampler checks every training
+        row with it too). Only a sample as long as the table, or one
         whose chunks give their own positions, can: those are collated alone and checked as
         ``forward`` checks them."""
         from moe_gen.tasks.batch import collate

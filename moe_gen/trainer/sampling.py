@@ -19,9 +19,9 @@ import math
 import random
 import warnings
 import zlib
-from typing import Mapping, Optional, Sequence
+from typing import Callable, Mapping, Optional, Sequence
 
-from moe_gen.tasks.plan import Sample
+from moe_gen.tasks.plan import Sample, TaskDataError
 from moe_gen.tasks.task import Task
 from moe_gen.tasks.tokenizer import Tokenizer
 from moe_gen.trainer.config import TrainConfig
@@ -161,8 +161,9 @@ class _Cursor:
     the rows of the short ones more often, every epoch, before the thirteenth audit), and the rows
     drawn twice in an epoch are other ones each epoch. With one process: the shuffled rows."""
 
-    def __init__(self, task: Task, seed: int, rank: int, world: int, statistics=None, plan=None) -> None:
-        self.task, self.seed, self.statistics, self.plan = task, seed, statistics, plan
+    def __init__(self, task: Task, seed: int, rank: int, world: int, statistics=None, plan=None,
+                 check: Optional[Callable] = None) -> None:
+        self.task, self.seed, self.statistics, self.plan, self.check = task, seed, statistics, plan, check
         self.rank, self.world = rank, world
         self.size = _shard_size(len(task), world)
         self.epoch, self.position = 0, 0
@@ -185,16 +186,30 @@ class _Cursor:
         """The next row encoded (None when it fails to encode under ``on_error="skip"``)."""
         if self._peeked is None or self._peeked[:2] != (self.epoch, self.position):
             # A different augmentation draw every epoch, the same one on a resumed run.
-            sample = self.task.encode(self.index(), tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
-                                      statistics=self.statistics, plan=self.plan)
-            self._peeked = (self.epoch, self.position, sample)
+            self._peeked = (self.epoch, self.position, self._encode(self.index(), tokenizer))
         return self._peeked[2]
+
+    def _encode(self, index: int, tokenizer: Tokenizer) -> Optional[Sample]:
+        """Row ``index`` encoded for training and checked by ``check`` (the model's reach past its
+        position table), or None when it fails under ``on_error="skip"``. (Before the
+        twenty-seventh session's audit a row too long for the table was found in the batch's
+        forward: a bare ValueError naming no row stopped the run, ``on_error="skip"`` or not, and a
+        resumed run met it again at the same step.)"""
+        sample = self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
+                                  statistics=self.statistics, plan=self.plan)
+        if sample is not None and self.check is not None:
+            try:
+                self.check(self.task.name, sample)
+            except TaskDataError as exc:
+                if self.task.on_error != "skip":
+                    raise
+                self.task.skip_row(index, exc)
+                return None
+        return sample
 
     def some_row_encodes(self, tokenizer: Tokenizer, failed: set[int]) -> bool:
         """Whether a row of the task outside ``failed`` encodes (tried in order, up to the first)."""
-        return any(self.task.encode(index, tokenizer, seed=self.seed * 100_003 + self.epoch, training=True,
-                                    statistics=self.statistics, plan=self.plan) is not None
-                   for index in range(len(self.task)) if index not in failed)
+        return any(self._encode(index, tokenizer) is not None for index in range(len(self.task)) if index not in failed)
 
     def advance(self) -> None:
         self.position += 1
@@ -237,18 +252,21 @@ class TaskSampler:
         plans: task name → the plan to encode it with (``GeneralistModel.plan``: the model's own
             image tokenizers), kept for the sampler's life; a task without one encodes with the
             plan ``Task.plan`` returns for the tokenizer and its statistics.
+        check: ``check(task name, sample)`` raises ``TaskDataError`` for an encoded row the model
+            cannot take (``GeneralistModel.check_reach``); the row is skipped or raises as the
+            task's ``on_error`` says.
     """
 
     def __init__(self, tasks: Sequence[Task], tokenizer: Tokenizer, config: TrainConfig,
                  rank: int = 0, world: int = 1, statistics: Optional[Mapping] = None,
-                 plans: Optional[Mapping] = None) -> None:
+                 plans: Optional[Mapping] = None, check: Optional[Callable] = None) -> None:
         self.tasks, self.tokenizer, self.config = list(tasks), tokenizer, config
         self.rank, self.world = rank, world
         # (checks the task settings, check_task_settings)
         self.raw_weights = raw_mixing_weights(self.tasks, config)
         self.weights = _shares(self.raw_weights)
-        self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name), (plans or {}).get(t.name))
-                        for t in self.tasks]
+        self.cursors = [_Cursor(t, config.seed, rank, world, (statistics or {}).get(t.name), (plans or {}).get(t.name),
+                                check) for t in self.tasks]
         check_modality_keys(config)
 
     def state_dict(self) -> dict:

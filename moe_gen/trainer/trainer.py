@@ -139,7 +139,12 @@ class Trainer:
                              "checkpoints, overwrite deletes them")
         self.rank, self.world = distributed.world_info().rank, distributed.world_info().world_size
         eval_tasks = self.tasks if eval_tasks is None else task_list(eval_tasks, "Trainer's eval_tasks")
-        self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks or self.tasks)
+        # (an empty list fell back to the training tasks, scored on their training rows: eval_every,
+        # keep_best and patience chose "best" weights on them without a word)
+        self.model, self.output_dir, self.eval_tasks = model, output_dir, list(eval_tasks)
+        if not self.eval_tasks and config.eval_every:
+            raise ValueError(f"eval_every={config.eval_every} evaluates the eval_tasks, and eval_tasks is empty; "
+                             "give eval_tasks, or leave eval_every at 0 to train without evaluating")
         strangers = sorted({t.name for t in self.eval_tasks} - set(names) - set(model.task_ids))
         if strangers:  # refused before any folder is touched, not after the run, when evaluation would fail
             raise ValueError(f"eval_tasks {strangers} are neither trained in this run nor known to the model "
@@ -278,13 +283,14 @@ class Trainer:
         # sampler: a task's plan cache lets old plans go)
         self.sampler = TaskSampler(self.tasks, model.tokenizer, config, rank=self.rank, world=self.world,
                                    statistics={t.name: model.encoding_statistics(t) for t in self.tasks},
-                                   plans={t.name: model.plan(t) for t in self.tasks})
+                                   plans={t.name: model.plan(t) for t in self.tasks}, check=model.check_reach)
         self.step = 0
         self._done_after = (0, 0)  # the last steps whose evaluation and checkpoint were done (_after_step)
         # best: the step and eval_score of the best evaluation while training (eval_every), and the
-        # evaluations since it (patience)
+        # evaluations since it (patience); evaluated: the last step evaluated (a checkpoint written
+        # when its step's evaluation failed has an earlier one, and a resumed run evaluates it)
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0, "best": None,
-                      "evals_since_best": 0}
+                      "evals_since_best": 0, "evaluated": 0}
         self.failed_checkpoints_in_a_row = 0
         torch.manual_seed(config.seed * 1000 + self.rank)
         self.resumed_from: Optional[str] = None
@@ -358,9 +364,12 @@ class Trainer:
         if self.average is not None and int(self.average.n_averaged) == 0:  # a checkpoint without an average
             self.average.module.load_state_dict(self.model.state_dict())  # starts from the resumed weights
         self.step = int(state["step"])
-        self._done_after = (self.step, self.step)  # (its checkpoint came after its evaluation)
         for key in self.state:
             self.state[key] = state.get(key, self.state[key])
+        # (a checkpoint without "evaluated" predates it: its step's evaluation, if any, was done)
+        self._done_after = (int(state.get("evaluated", self.step)), self.step)
+        if self.config.keep_best and self.rank == 0:
+            self._check_best_dir()
         self.baseline = state.get("baseline")
         self.resumed_from = path
 
@@ -608,14 +617,19 @@ class Trainer:
         interrupted during them (Ctrl-C) and called again does what was left (before the twenty-sixth
         session's audit the step counted as done, and both were skipped for good)."""
         cfg = self.config
-        if step == 0 or self._done_after[1] >= step:
+        if step == 0:
             return
+        # a checkpoint written before its step's evaluation (which failed, the run resumed) is written
+        # again with the evaluation's result (before the twenty-seventh session's audit a resumed run
+        # skipped that evaluation, and its best)
+        again = False
         if cfg.eval_every and (step % cfg.eval_every == 0 or step == cfg.steps) and self._done_after[0] < step:
             self._evaluate_while_training(step, logger)
+            again = self._done_after[1] >= step
         self._done_after = (step, self._done_after[1])
-        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or step == cfg.steps \
-                or self._out_of_patience():  # (a stopped run's last step is kept)
-            self.save_checkpoint()
+        if again or (self._done_after[1] < step and ((cfg.checkpoint_every and step % cfg.checkpoint_every == 0)
+                                                     or step == cfg.steps or self._out_of_patience())):
+            self.save_checkpoint()  # (a stopped run's last step is kept)
         self._done_after = (step, step)
 
     def _evaluate_while_training(self, step: int, logger: RunLogger) -> None:
@@ -634,16 +648,41 @@ class Trainer:
             exc.add_note(f"[moe_gen] the evaluation at step {step} (TrainConfig.eval_every) failed; training "
                          f"stopped" + (f", its checkpoint is {path}" if path else ", and its checkpoint failed"))
             raise
-        self.last_evaluation = (step, results)
-        best = self.state["best"]
-        # process 0's decision for all (their scores agree, and keep_best's save is collective)
-        if distributed.any_true(self.rank == 0 and _better(score, best)) and self._keep(step):
-            self.state["best"] = best = {"step": step, "score": score}
-            self.state["evals_since_best"] = 0
+        self.last_evaluation, self.state["evaluated"] = (step, results), step
+        best, since = self.state["best"], self.state["evals_since_best"]
+        # process 0's decision for all (their scores agree, and keep_best's save is collective). The
+        # state says so before keep_best saves: with expert parallelism the save writes a checkpoint
+        # first, which recorded the earlier best before the twenty-seventh session's audit.
+        if distributed.any_true(self.rank == 0 and _better(score, best)):
+            self.state["best"], self.state["evals_since_best"] = {"step": step, "score": score}, 0
+            if not self._keep(step):
+                self.state["best"], self.state["evals_since_best"] = best, since + 1
         else:
             self.state["evals_since_best"] += 1
+        best = self.state["best"]
         logger.log_eval({"step": step, "eval": results, "eval_score": score,
                          **({"best_step": best["step"], "best_score": best["score"]} if best else {})})
+
+    def _check_best_dir(self) -> None:
+        """On resume with ``keep_best``: ``best/`` saved after the checkpoint resumed from (the run
+        log's evaluations past it name a later best) holds weights of steps this run trains again,
+        where it may train otherwise (another ``lr``, more ``steps``). It is moved aside to
+        ``best.discarded-step-N`` with a warning, and the summary names no best model until this run
+        saves one (before the twenty-seventh session's audit ``fit`` named ``best/`` for an earlier
+        step's best while it held the discarded step's weights)."""
+        path = os.path.join(self.output_dir, "logs", "eval.jsonl")
+        later = [record.get("best_step") for record in (iter_jsonl_log(path) if os.path.exists(path) else ())
+                 if record.get("step", 0) > self.step]
+        saved = max((b for b in later if isinstance(b, int) and b > self.step), default=None)
+        if saved is None or not os.path.isdir(self.best_dir):
+            return
+        aside = f"{self.best_dir}.discarded-step-{saved}"
+        shutil.rmtree(aside, ignore_errors=True)
+        os.replace(self.best_dir, aside)
+        print(f"[moe_gen] {self.best_dir} held step {saved}'s weights, saved after the checkpoint of step "
+              f"{self.step} this run resumes from; moved to {aside}. The best evaluation up to step {self.step} "
+              f"(step {(self.state['best'] or {}).get('step')}) has no weights kept; the next better one is saved",
+              flush=True)
 
     def _keep(self, step: int) -> bool:
         """With ``keep_best``, saves the weights to ``best/``; False when that failed (a full disk):
@@ -669,7 +708,8 @@ class Trainer:
             return {}
         best = self.state["best"] or {}
         return {"best_step": best.get("step"), "best_score": best.get("score"),
-                **({"best_model": self.best_dir if best else None} if self.config.keep_best else {}),
+                **({"best_model": self.best_dir if best and os.path.isdir(self.best_dir) else None}
+                   if self.config.keep_best else {}),
                 **({"stopped_early": self._out_of_patience()} if self.config.patience else {})}
 
     def latest_checkpoint(self) -> Optional[str]:
