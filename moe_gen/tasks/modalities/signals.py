@@ -219,7 +219,10 @@ def fbank(wav_S: torch.Tensor) -> torch.Tensor:
         wav_S = torch.nn.functional.pad(wav_S, (0, min_len - wav_S.numel()))
     feats = kaldi.fbank(wav_S.unsqueeze(0) * 32768.0, num_mel_bins=MEL_BINS,
                         sample_frequency=SAMPLE_RATE, dither=0.0)
-    return (feats - feats.mean(0)) / feats.std(0, unbiased=False).clamp_min(1e-5)
+    normalised = (feats - feats.mean(0)) / feats.std(0, unbiased=False).clamp_min(1e-5)
+    # a bin constant over the clip (digital silence) is 0: its mean rounds off its float32 values by
+    # ~1e-6, which the std floor made about -0.1, a value that changed with the clip's length
+    return normalised.masked_fill(feats.amax(0) == feats.amin(0), 0.0)
 
 
 def _stack(frames_TF: torch.Tensor, k: int) -> torch.Tensor:

@@ -345,19 +345,30 @@ def load_video_frames(value: Any, size: Optional[int] = None) -> np.ndarray:
     if isinstance(value, (list, tuple)):  # nested lists, e.g. from JSONL
         value = _from_lists(value, "a video")
     if isinstance(value, np.ndarray):
-        if value.ndim != 4 or value.shape[-1] != 3:
-            raise SlotValueError(f"a video array must be [T, H, W, 3], got shape {value.shape}")
+        if value.ndim != 4 or value.shape[-1] not in (3, 4):
+            raise SlotValueError(f"a video array must be [T, H, W, 3] (or [T, H, W, 4] with alpha), got shape "
+                                 f"{value.shape}")
         if value.shape[0] == 0:
             raise SlotValueError("the video has no frames")
-        return _as_uint8(value, "a video array")
+        frames = _as_uint8(value, "a video array")
+        if frames.shape[-1] == 4:  # transparent pixels onto white, as an IMAGE slot reads them
+            from PIL import Image
+
+            frames = np.stack([np.asarray(_rgb(Image.fromarray(frame, "RGBA"))) for frame in frames])
+        return frames
     if isinstance(value, (str, os.PathLike, bytes, bytearray)):
         import av
 
         source = io.BytesIO(value) if isinstance(value, (bytes, bytearray)) else regular_file(value, "video")
         try:
             with av.open(source) as container:
+                if not container.streams.video:  # (decode(video=0) raised "tuple index out of range")
+                    held = ", ".join(sorted({s.type for s in container.streams})) or "no streams"
+                    raise SlotValueError(f"the file has no video stream (it holds {held})")
                 frames = [_decoded_frame(f, size) for f in container.decode(video=0)]
             video = np.stack(frames) if frames else None
+        except SlotValueError:
+            raise
         except Exception as exc:  # FFmpeg errors, unreadable paths, frames of changing size
             raise SlotValueError(f"cannot decode the video: {exc}") from None
         if video is None:
@@ -370,11 +381,20 @@ def load_video_frames(value: Any, size: Optional[int] = None) -> np.ndarray:
 
 
 def _decoded_frame(frame, size: Optional[int]) -> np.ndarray:
-    if size is None:
-        return frame.to_ndarray(format="rgb24")
+    """A decoded frame as the video is shown: turned by the stream's display rotation (a phone's
+    portrait clip is stored sideways), transparent pixels onto white as an IMAGE slot reads them
+    (before the twenty-seventh session's audit both were ignored: the clip read sideways, and black
+    strokes on transparent black all black); resized to ``size``² where given."""
     from PIL import Image
 
-    return np.asarray(frame.to_image().convert("RGB").resize((size, size), Image.BICUBIC))
+    alpha = any(component.is_alpha for component in frame.format.components)  # (to_image drops it)
+    image = _rgb(Image.fromarray(frame.to_ndarray(format="rgba"), "RGBA") if alpha else frame.to_image())
+    rotation = getattr(frame, "rotation", 0) or 0  # degrees counter-clockwise (PyAV >= 13)
+    if rotation % 360:
+        image = image.rotate(rotation, expand=True)
+    if size is not None:
+        image = image.resize((size, size), Image.BICUBIC)
+    return np.asarray(image)
 
 
 @PREPROCESSORS.register("video")
@@ -388,6 +408,9 @@ class VideoPreprocessor(Preprocessor):
         if isinstance(frames, bool) or not isinstance(frames, int) or not 1 <= frames <= MAX_FRAMES:
             raise ValueError(f"video: frames must be a whole number from 1 to {MAX_FRAMES} (the patch adapters' "
                              f"frame embeddings), got {frames!r}")
+        if any(isinstance(n, bool) or not isinstance(n, int) for n in (size, patch)) or not 0 < patch <= size:
+            raise ValueError(f"video: size and patch must be whole numbers with 0 < patch <= size, got size={size!r}, "
+                             f"patch={patch!r}")
         if size % patch or size // patch > MAX_GRID_SIDE:
             raise ValueError(f"video size {size} must be a multiple of the patch size {patch}, "
                              f"at most {MAX_GRID_SIDE} patches a side")
