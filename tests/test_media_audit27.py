@@ -81,8 +81,10 @@ def test_digital_silence_gives_zero_features_whatever_its_length(samples):
 
 
 def test_audio_features_are_unchanged_where_no_bin_is_constant():
-    wave_S = torch.sin(torch.arange(16000) * 0.05) + 0.1 * torch.randn(16000, generator=torch.Generator().manual_seed(0))
     import torchaudio.compliance.kaldi as kaldi
+
+    noise = torch.randn(16000, generator=torch.Generator().manual_seed(0))
+    wave_S = torch.sin(torch.arange(16000) * 0.05) + 0.1 * noise
     feats = kaldi.fbank(wave_S.unsqueeze(0) * 32768.0, num_mel_bins=80, sample_frequency=16000, dither=0.0)
     expected = (feats - feats.mean(0)) / feats.std(0, unbiased=False).clamp_min(1e-5)
     assert torch.equal(fbank(wave_S), expected)

@@ -286,9 +286,8 @@ class Trainer:
                                    plans={t.name: model.plan(t) for t in self.tasks}, check=model.check_reach)
         self.step = 0
         self._done_after = (0, 0)  # the last steps whose evaluation and checkpoint were done (_after_step)
-        # best: the step and eval_score of the best evaluation while training (eval_every), and the
-        # evaluations since it (patience); evaluated: the last step evaluated (a checkpoint written
-        # when its step's evaluation failed has an earlier one, and a resumed run evaluates it)
+        # best: the best evaluation's step and eval_score (eval_every), evaluations since (patience);
+        # evaluated: the last step evaluated (earlier where the step's evaluation failed: redone on resume)
         self.state = {"skipped_steps": 0, "bad_in_a_row": 0, "tokens_seen": 0, "failed_checkpoints": 0, "best": None,
                       "evals_since_best": 0, "evaluated": 0}
         self.failed_checkpoints_in_a_row = 0
