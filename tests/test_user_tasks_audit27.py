@@ -79,3 +79,11 @@ def test_infer_takes_numpy_indices_and_refuses_other_ones():
             model.infer(task, rows[:2], indices=bad)
     with pytest.raises(ValueError, match="infer got 2 rows but 1 indices"):
         model.infer(task, rows[:2], indices=[0])
+
+
+def test_data_root_with_rows_from_python_is_refused(tmp_path):
+    """It confines the media paths of a JSONL file; rows from Python read any path, so it was
+    silently ignored."""
+    rows = [{"img": str(tmp_path / "outside.png"), "y": "cat"}]
+    with pytest.raises(ValueError, match="task 'r': data_root confines the media paths of a JSONL file"):
+        Task("r", "[IMAGE:img] -> [TEXT:y,closed_set]", rows, data_root=str(tmp_path / "root"))

@@ -260,7 +260,7 @@ class Task:
         max_slot_positions: the most positions (tokens or feature rows) one slot of a row may take
             (``moe_gen.tasks.plan.MAX_SLOT_POSITIONS``); a longer one fails its row.
         data_root: with a JSONL path as ``data``, media paths must lie under this folder
-            (``load_jsonl``'s ``root``).
+            (``load_jsonl``'s ``root``); refused with rows given otherwise.
     """
 
     def __init__(
@@ -290,6 +290,11 @@ class Task:
             raise InstructionError(f"task {name!r}: {exc.message}", exc.instruction, exc.position) from None
         self._lines: Optional[tuple[str, list[int], Any]] = None  # (JSONL path, line of each row, its rows)
         failed: list[str] = []  # messages of the JSONL lines left out (on_error="skip")
+        if data_root is not None and not isinstance(data, (str, os.PathLike)):
+            # (ignored before the twenty-seventh session's audit: rows from Python read any path)
+            raise ValueError(f"task {name!r}: data_root confines the media paths of a JSONL file given as data; "
+                             f"these rows ({type(data).__name__}) are read as given. Check their paths before, or "
+                             "write them to a JSONL file")
         if isinstance(data, (str, os.PathLike)):
             path, numbers = os.fspath(data), []
             try:
