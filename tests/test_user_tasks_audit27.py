@@ -87,3 +87,16 @@ def test_data_root_with_rows_from_python_is_refused(tmp_path):
     rows = [{"img": str(tmp_path / "outside.png"), "y": "cat"}]
     with pytest.raises(ValueError, match="task 'r': data_root confines the media paths of a JSONL file"):
         Task("r", "[IMAGE:img] -> [TEXT:y,closed_set]", rows, data_root=str(tmp_path / "root"))
+
+
+@pytest.mark.parametrize("make", [torch.tensor, np.array], ids=["tensor", "ndarray"])
+def test_labels_given_as_0d_tensors_or_arrays_read_as_their_values(make):
+    """(Refused before: "none of the rows holds a valid label"; a TEXT value so: "needs text".)"""
+    rows = [{"img": image, "y": make(i % 3), "t": make(i)} for i, image in enumerate(_images(6, 8))]
+    as_values = [{**r, "y": i % 3, "t": i} for i, r in enumerate(rows)]
+    task = Task("zd", "[IMAGE:img] [TEXT:t] -> [TEXT:y,closed_set]", rows)
+    plain = Task("zd", "[IMAGE:img] [TEXT:t] -> [TEXT:y,closed_set]", as_values)
+    assert task.closed_sets() == plain.closed_sets() == {"y": ["0", "1", "2"]}
+    assert [c.tokens for c in task.encode(4, TOK).encoder] == [c.tokens for c in plain.encode(4, TOK).encoder]
+    model = _model(task)
+    assert evaluate(model, [task]) == evaluate(model, [plain])

@@ -76,12 +76,24 @@ def group_items(value: Any) -> Optional[list]:
     return None
 
 
+def scalar_value(value: Any) -> Any:
+    """A 0-d numpy array or torch tensor as the Python value it holds (``torch.tensor(3)``: 3, as
+    torch datasets give labels; a label or text value so was refused before the twenty-seventh
+    session's audit); any other value as it is."""
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return value[()]  # a numpy scalar, written as numpy writes it
+    if isinstance(value, torch.Tensor) and value.ndim == 0:
+        return value.item()
+    return value
+
+
 def label_text(label: Any) -> Optional[str]:
     """A closed-set label as the text it is known by (the text a TEXT slot makes of it: UTF-8 bytes
     decoded, numbers written out), or None for values that have no valid text (missing values, None
     or NaN; bytes that are not UTF-8; ints too long to write out; lone surrogates): their rows fail
     when encoded, instead of every row failing when the label set is tokenised (or a missing value
     becoming the class "nan")."""
+    label = scalar_value(label)
     if is_missing(label) or not isinstance(label, (str, bytes, bytearray, *WRITTEN_NUMBERS)):
         return None  # a list, dict or object is no label (its repr, an address even, would become one)
     try:

@@ -25,6 +25,7 @@ from moe_gen.tasks.modalities.base import (
     brief,
     is_missing,
     register_modality,
+    scalar_value,
 )
 from moe_gen.tasks.modalities.box import quantize_box
 from moe_gen.tasks.modalities.table import table_rows
@@ -63,6 +64,7 @@ def _as_text(value: Any, modality: str, slot, ctx: EncodeContext) -> str:
     Decimal's too: ``WRITTEN_NUMBERS``, as a closed set writes its labels) written out; None and NaN
     are missing values, refused."""
     where = ctx.where(slot.column)
+    value = scalar_value(value)  # a 0-d array or tensor
     if isinstance(value, (bytes, bytearray)):
         try:
             value = value.decode("utf-8")
