@@ -546,6 +546,25 @@ def test_a_model_keeps_its_modality_ids_when_the_process_registers_more(tok, sen
         MODALITIES.unregister("ACCEL")
 
 
+def test_add_tasks_refuses_a_task_of_a_modality_the_model_cannot_tag(tok, sensor_modality):
+    """(Accepted before the twenty-seventh session's audit: a task id and an adapter were added, and
+    the first training step failed.)"""
+    from moe_gen.registry import MODALITIES
+    from moe_gen.tasks import ModalitySpec, register_modality
+
+    rows = [{"s": [[0.1, 0.2, 0.3]] * 4, "y": "still"}, {"s": [[1.0, -1.0, 0.5]] * 6, "y": "moving"}]
+    model = build([Task("sensing", "[SENSOR:s] what is it doing? -> [TEXT:y,closed_set]", rows)], tok)
+    register_modality(ModalitySpec("ACCEL", text_like=False, preprocess="sensor", adaptor="sensor_linear"))
+    try:
+        accel = Task("accel", "[ACCEL:s] what is it doing? -> [TEXT:y,closed_set]", rows)
+        config = model.config
+        with pytest.raises(ValueError, match="task 'accel' uses modality 'ACCEL', which is not in the model's"):
+            model.add_tasks([accel])
+        assert model.config is config and "accel" not in model.task_ids  # nothing changed
+    finally:
+        MODALITIES.unregister("ACCEL")
+
+
 def test_decoder_router_overrides_the_decoder_layers_only_and_is_saved(mixed, tok, tmp_path):
     tasks, samples = mixed
     model = build(tasks, tok, router=RouterConfig(strategy="attribute", balance_loss_weight=0.05),

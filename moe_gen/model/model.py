@@ -30,6 +30,7 @@ from moe_gen.model.task_setup import (
     _task_features,
     _task_words,
     _with_saved_target_adapters,
+    check_task_modalities,
     row_indices,
 )
 from moe_gen.model.transformer import Stack, StackOutput, make_norm
@@ -284,6 +285,7 @@ class GeneralistModel(nn.Module):
             raise ValueError("this model's MoE layers are frozen for inference (merge_for_inference): add the "
                              "tasks to the model it was merged from, train it, and merge again")
         tasks = _distinct_tasks(tasks, "add_tasks")
+        check_task_modalities(tasks, self.modality_ids)
         names = tuple(dict.fromkeys([*self.config.tasks, *(t.name for t in tasks)]))
         if len(names) > self.config.moe.router.num_tasks:
             raise ValueError(f"the model's routers were built for {self.config.moe.router.num_tasks} tasks; "

@@ -139,3 +139,18 @@ def row_indices(task_name: str, indices: Optional[Sequence], count: int) -> Sequ
     if len(out) != count:
         raise ValueError(f"infer got {count} rows but {len(out)} indices")
     return out
+
+
+def check_task_modalities(tasks: Sequence, modality_ids: Mapping[str, int]) -> None:
+    """Raises ``ValueError`` naming the task and modality for a task that uses a modality the
+    model's tag vocabulary lacks (one registered after the model was built): ``add_tasks`` accepted
+    it, and its first training step failed, the model holding a task it could never encode, before
+    the twenty-seventh session's audit."""
+    for task in tasks:
+        used = {"TEXT" if slot.is_literal else slot.modality
+                for template in task.instruction.templates for slot in template.encoder + template.decoder}
+        unknown = sorted(used - set(modality_ids))
+        if unknown:
+            raise ValueError(f"task {task.name!r} uses modality {unknown[0]!r}, which is not in the model's "
+                             f"modality vocabulary ({', '.join(modality_ids)}); the model was built before it was "
+                             "registered, and cannot tag its tokens")

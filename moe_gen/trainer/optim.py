@@ -4,6 +4,7 @@ groups (weight decay, ``lr_scales``) and the warm-up + cosine learning-rate sche
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Optional, Sequence
 
 import torch
@@ -42,8 +43,8 @@ def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[s
     if what == "experts":
         modules = [m.experts for m in moes] + [m.shared for m in moes if m.shared is not None]
         modules += [m.shared_gate for m in moes if m.shared_gate is not None]
-    elif what == "routers":
-        modules = [m.router for m in moes]
+    elif what == "routers":  # learned gates only: a fixed (hash) gate's router gets no gradient
+        modules = [m.router for m in moes if m.router.gate.learned]
     elif what == "adapters":  # with their frame and stop heads (a new task's heads start random)
         modules = [*model.adapters.values(), *model.frame_heads.values(), *model.stop_heads.values()]
     elif what == "new_adapters":
@@ -60,6 +61,7 @@ def select_trainable(model: GeneralistModel, what: str, new_adapters: Sequence[s
     if count == 0:
         hint = " (the model is dense)" if what in ("experts", "routers") and not moes else ""
         hint = hint or (" (no task needed a new adapter)" if what == "new_adapters" else "")
+        hint = hint or (" (every router's gate is fixed: hash)" if what == "routers" else "")
         raise ValueError(f"trainable={what!r} leaves nothing to train{hint}")
     return count
 
@@ -79,6 +81,11 @@ def _param_groups(model: GeneralistModel, weight_decay: float, lr: Optional[floa
         raise ValueError(f"TrainConfig.lr_scales: no parameter name starts with {', '.join(map(repr, unmatched))}"
                          f"{did_you_mean(unmatched, heads)}; names start with e.g. "
                          f"{', '.join(sorted({name.split('.')[0] + '.' for name in names}))}")
+    trained = [name for name, p in model.named_parameters() if p.requires_grad]
+    frozen = [prefix for prefix in lr_scales if not any(name.startswith(prefix) for name in trained)]
+    if frozen:  # (scaled nothing without a word before the twenty-seventh session's audit)
+        warnings.warn(f"TrainConfig.lr_scales: {', '.join(map(repr, frozen))} names only frozen parameters "
+                      "(TrainConfig.trainable leaves them out): it scales nothing", stacklevel=3)
     groups: dict[tuple[float, bool], list] = {}
     seen: set[int] = set()  # a parameter shared by two modules joins one group
     for module_name, module in model.named_modules():
