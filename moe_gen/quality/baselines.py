@@ -4,9 +4,9 @@
 Numbers are standardised with statistics of the training rows; text becomes TF-IDF of word
 uni- and bigrams (k-NN on it uses cosine distance).
 
-The best of two baselines *by held-out score* is a bar picked with the held-out rows, so it sits
-above what either model is expected to score there, most where those rows are few (89 for
-diabetes: one row is 1.1 points). Each baseline is therefore also scored by 5-fold
+The best baseline *by held-out score* (of the three: ``report._classical_bar``) is a bar picked
+with the held-out rows, so it sits above what either model is expected to score there, most
+where those rows are few (89 for diabetes: one row is 1.1 points). Each baseline is therefore also scored by 5-fold
 cross-validation on the training rows alone (``"cv"``): the model a user without held-out rows
 would choose (``cv_choice``).
 """
