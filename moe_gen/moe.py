@@ -226,7 +226,12 @@ class MoE(nn.Module):
                 f"{self.config.router.strategy!r} is content-dependent"
             )
         # with sharded experts the exchange stays; the new backend orders the assignments for it
-        self.backend = self.backend.with_sorter(backend) if self.expert_parallel is not None else backend
+        backend = self.backend.with_sorter(backend) if self.expert_parallel is not None else backend
+        with _IN_PLACE_LOCK:
+            if self._in_place is not None:  # merged for a running infer (merged_in_place): its own backend
+                self._in_place.backend = backend  # when the last block ends (it was put back, undoing this)
+            else:
+                self.backend = backend
         self.config = self.config.replace(backend=name)
 
     @property
@@ -429,7 +434,10 @@ def merged_in_place(model: nn.Module):
     has its own backend back and nothing kept survives the block. Layers frozen for good, routed by
     content, or with experts sharded over processes run as they are. Outputs equal the layers' own
     within float rounding. Blocks may overlap (nested, or ``infer`` called from several threads):
-    the layers stay merged, and share what they keep, until the last block ends."""
+    the layers stay merged, and share what they keep, until the last block ends; so weights changed
+    in place while any block runs (an optimizer step or ``copy_`` from another thread) are not seen
+    by calls that start before the last block ends (``load_state_dict`` is). ``set_backend`` inside
+    a block takes effect when it ends."""
     joined: list[tuple[MoE, _InPlace]] = []  # the layers this block runs merged, and their records
     try:
         with _IN_PLACE_LOCK:

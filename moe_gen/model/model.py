@@ -13,7 +13,6 @@ import dataclasses
 import functools
 import math
 import numbers
-import threading
 import types
 from typing import Mapping, Optional, Sequence
 
@@ -22,6 +21,7 @@ from torch import nn
 
 from moe_gen.model.config import ModelConfig
 from moe_gen.model.files import MODEL_FILES
+from moe_gen.model.modes import _EVAL_LOCK, eval_mode, mode_during_calls  # noqa: F401  (eval_mode: also imported from here)
 from moe_gen.model.positions import check_positions, location_basis, positions_in_sample, side_positions
 from moe_gen.model.task_setup import (
     _build_inputs,
@@ -78,46 +78,6 @@ def summed_aux_losses(moe_outputs) -> dict[str, torch.Tensor]:
         for name, value in moe_out.aux_losses.items():
             aux[name] = aux[name] + value if name in aux else value
     return aux
-
-
-@dataclasses.dataclass
-class _EvalBlock:
-    """The submodules an ``eval_mode`` block switched to eval mode, and how many blocks (of any
-    thread) run on that module now."""
-
-    training: list
-    blocks: int = 0
-
-
-# Entering and leaving eval_mode: the first block on a module switches it, the last gives the modes back.
-_EVAL_LOCK = threading.Lock()
-
-
-@contextlib.contextmanager
-def eval_mode(module: nn.Module):
-    """Every submodule of ``module`` in eval mode for the duration; afterwards each is back in the
-    mode it was in (a submodule kept in eval mode inside a training model stays so). A module
-    already wholly in eval mode is left alone: no pass over its submodules to switch them. Blocks on
-    one module may overlap (``infer`` from several threads): the modes come back when the last ends."""
-    joined = None
-    try:
-        with _EVAL_LOCK:
-            joined = module.__dict__.get("_eval_block")
-            if joined is None:
-                training = [m for m in module.modules() if m.training]
-                if training:
-                    module.eval()
-                joined = module.__dict__["_eval_block"] = _EvalBlock(training)
-            joined.blocks += 1
-        yield module
-    finally:
-        if joined is not None:
-            with _EVAL_LOCK:
-                joined.blocks -= 1
-                if joined.blocks == 0 and module.__dict__.get("_eval_block") is joined:
-                    del module.__dict__["_eval_block"]
-                    for m in joined.training:
-                        m.training = True
 
 
 def _sampling(temperature, top_k, top_p, seed: int, beams: int, candidates):
@@ -441,6 +401,7 @@ class GeneralistModel(nn.Module):
         frozen layer refused from inside the walk, after a quarter of the modules had switched to
         training mode (dropout on in a copy meant for inference), and a copy whose layers are all
         routed by content (none frozen) did not refuse at all."""
+        mode_during_calls(self, mode)
         frozen = any(getattr(m, "frozen", False) for m in self.modules())
         if mode and (getattr(self, "inference_copy", False) or frozen):
             raise ValueError("this model is a copy for inference (merge_for_inference) or has MoE layers frozen for "
