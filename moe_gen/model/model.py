@@ -192,18 +192,23 @@ class GeneralistModel(nn.Module):
 
     def __getstate__(self):
         # copied or pickled while eval_mode blocks run on it (another thread's infer): the copy comes
-        # out in the modes the model has outside them, with no block of its own to join
+        # out in the modes every module has outside them, with no block of its own to join. The modes
+        # are read here, under the lock, for every module: submodules are copied after this returns,
+        # and a block starting meanwhile put them in eval mode in the copy (before the
+        # twenty-seventh session's audit only the blocks running now were seen)
         with _EVAL_LOCK:
             state = dict(super().__getstate__())
             record = state.pop("_eval_block", None)
-            if record is not None:
-                state["_training_outside"] = list(record.training)
+            switched = {id(m) for m in record.training} if record is not None else set()
+            state["_modes_outside"] = [m.training or id(m) in switched for m in self.modules()]
         return state
 
     def __setstate__(self, state):
-        training = state.pop("_training_outside", None)
+        modes, training = state.pop("_modes_outside", None), state.pop("_training_outside", None)
         super().__setstate__(state)
-        for module in training or ():
+        for module, mode in zip(self.modules(), modes or ()):
+            module.training = mode
+        for module in training or ():  # (pickled by an earlier version)
             module.training = True
 
     # ---- building and saving -----------------------------------------------------------------
