@@ -100,7 +100,7 @@ def test_evaluations_are_logged_and_leave_the_training_as_it_was(tasks, valid, t
 
 def test_keep_best_saves_the_weights_of_the_best_evaluation(tasks, valid, tok, tmp_path, monkeypatch):
     """Scores 0.2, 0.9, 0.5 at steps 2, 4, 6: best/ holds step 4's weights, the summary and the log say so."""
-    import moe_gen.trainer.trainer as trainer_module
+    import moe_gen.trainer.best as trainer_module  # (where evaluations while training are scored)
 
     scores = iter([0.2, 0.9, 0.5])
     monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))
@@ -128,7 +128,7 @@ def test_keep_best_saves_the_weights_of_the_best_evaluation(tasks, valid, tok, t
 def test_a_resumed_run_goes_on_comparing_with_the_best_before_it(tasks, valid, tok, tmp_path, monkeypatch):
     """The checkpoint keeps the best step and score: a resumed run's worse evaluations keep the
     earlier best weights; the log is that of one run."""
-    import moe_gen.trainer.trainer as trainer_module
+    import moe_gen.trainer.best as trainer_module  # (where evaluations while training are scored)
 
     scores = iter([0.2, 0.9, 0.5, 0.4])
     monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))
@@ -169,7 +169,7 @@ def test_patience_stops_the_run_after_that_many_evaluations_without_a_better_sco
                                                                                    monkeypatch):
     """Scores 0.5, 0.4, 0.3 with patience 2: the run stops at step 6 of 10, checkpointed there; resumed
     with the same settings it stays stopped, with more patience it trains on."""
-    import moe_gen.trainer.trainer as trainer_module
+    import moe_gen.trainer.best as trainer_module  # (where evaluations while training are scored)
 
     scores = iter([0.5, 0.4, 0.3, 0.6, 0.1])
     monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))
@@ -191,7 +191,7 @@ def test_patience_stops_the_run_after_that_many_evaluations_without_a_better_sco
 
 
 def test_a_nan_score_never_counts_as_the_best_unless_nothing_came_before():
-    from moe_gen.trainer.trainer import _better
+    from moe_gen.trainer.best import _better
 
     nan = float("nan")
     assert _better(nan, None) and not _better(nan, {"score": 0.1})
@@ -200,7 +200,7 @@ def test_a_nan_score_never_counts_as_the_best_unless_nothing_came_before():
 
 def test_best_weights_that_cannot_be_saved_leave_the_run_going(tasks, valid, tok, tmp_path, monkeypatch, capsys):
     """A full disk at the first (best) evaluation: the run trains on, and the next better one is kept."""
-    import moe_gen.trainer.trainer as trainer_module
+    import moe_gen.trainer.best as trainer_module  # (where evaluations while training are scored)
 
     scores = iter([0.5, 0.4, 0.6])
     monkeypatch.setattr(trainer_module, "eval_score", lambda results, metric: next(scores))

@@ -10,7 +10,7 @@ import pytest
 import torch
 from helpers import build, quiet
 
-import moe_gen.trainer.trainer as trainer_module
+import moe_gen.trainer.best as trainer_module  # (where evaluations while training are scored)
 from moe_gen.model import GeneralistModel
 from moe_gen.tasks import Task, TaskDataError, Tokenizer, load_preset
 from moe_gen.trainer import Trainer
