@@ -100,3 +100,14 @@ def test_labels_given_as_0d_tensors_or_arrays_read_as_their_values(make):
     assert [c.tokens for c in task.encode(4, TOK).encoder] == [c.tokens for c in plain.encode(4, TOK).encoder]
     model = _model(task)
     assert evaluate(model, [task]) == evaluate(model, [plain])
+
+
+def test_a_repetition_group_filled_by_position_is_scored_from_arrays_as_from_lists():
+    """References are read by slot name, the group's arrays as lists (as training reads them)."""
+    boxes, labels = [[2, 3, 12, 14], [1, 1, 6, 6]], ["a", "b"]
+    rows = [(image, np.array(boxes), np.array(labels)) for image in _images(2)]
+    task = Task("posdet", "[IMAGE] find -> ( [BOX] [TEXT] )*", rows, metrics=("detection_f1",))
+    model = _model(task)
+    items = [{"slot 2": box, "slot 3": label} for box, label in zip(boxes, labels)]
+    model.infer = lambda t, batch, **kw: [Prediction(groups=[items]) for _ in batch]
+    assert evaluate_task(model, task)["detection_f1"] == 1.0

@@ -303,12 +303,11 @@ def evaluate_task(model, task: Task, *, limit: Optional[int] = None, batch_size:
     if count == 0:
         raise ValueError(f"task {task.name!r} has no rows to evaluate")
     rows, indices, skipped = _read_rows(task, spaced_indices(len(task), count))
-    rows = [_listed_groups(row, scored) for row in rows]
     samples, dropped = _encoded_targets(model, task, kind, scored, rows, indices)
     if dropped:  # their targets failed to encode (on_error="skip"; counted in task.skipped)
         kept = [i for i, index in enumerate(indices) if index not in dropped]
         rows, indices, skipped = [rows[i] for i in kept], [indices[i] for i in kept], skipped + len(dropped)
-    views = [_by_name(row, plan) for row in rows]
+    views = [_listed_groups(_by_name(row, plan), scored) for row in rows]  # the references, by slot name
     budgets = _budgets(views, indices, scored, plan, samples)
     predictions, references = [], []
     # an image-code answer: whole-answer metrics compare it with what a right answer decodes to
