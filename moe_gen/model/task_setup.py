@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import operator
 from typing import Any, Mapping, Optional, Sequence
 
 from moe_gen.tasks.tokenizer import Tokenizer
@@ -125,8 +126,6 @@ def row_indices(task_name: str, indices: Optional[Sequence], count: int) -> Sequ
     """``infer``'s ``indices`` as ints, one per row (default: the rows' positions). Numpy integers
     are whole numbers too (``np.arange`` raised a TypeError from the row's random seed before the
     twenty-seventh session's audit, and ``["a"]`` or ``[1.5]`` were taken as seeds)."""
-    import operator
-
     if indices is None:
         return range(count)
     try:
